@@ -1,0 +1,45 @@
+# keeper: the commands the README names. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+DEMO_DIR ?= keeper-demo
+PACKAGES := packages/core
+STAMP := $(VENV)/.keeper-installed
+
+.PHONY: help setup demo test lint format bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-8s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES))
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# pip 23 (what a fresh venv carries) lacks PEP 735 dependency groups.
+	$(PIP) install -q -U pip
+	$(PIP) install -q $(addprefix -e ,$(PACKAGES)) --group dev
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the workspace (editable) and the dev group
+
+demo: setup ## run the main job end to end, offline, on embedded defaults (writes $(DEMO_DIR)/)
+	$(PY) -m keeper_core.demo --out $(DEMO_DIR)
+
+lint: setup ## ruff check, ruff format --check, mypy on keeper_core
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: setup ## apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: setup lint ## lint, then the whole test suite (pytest exit 5 = no tests collected = failure)
+	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure"; exit 1; fi; \
+	exit $$rc
+
+clean: ## remove the venv, caches and demo output
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

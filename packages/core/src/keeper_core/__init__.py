@@ -1,0 +1,1 @@
+"""keeper_core."""

@@ -1,0 +1,204 @@
+"""Series ranking metrics, always reported beside the random baseline.
+
+The rank of a series' best image is ``1 + #(images scored strictly higher) + #(images scored
+equal with a lower index)``: ties are broken against the best image whenever the competitor
+comes first, so a constant scorer gets no credit for ties and the result is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from keeper_core.errors import DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesMetrics:
+    """Ranking quality over a set of series, with the expected values of a random ranking.
+
+    Attributes:
+        top1, top2, top3: fraction of series whose best image ranks in the top k.
+        mean_rank: mean rank of the best image (1 = first).
+        mrr: mean reciprocal rank of the best image.
+        random_top1: mean(1 / n) over series of n images.
+        random_top2, random_top3: mean(min(k, n) / n).
+        random_mean_rank: mean((n + 1) / 2).
+        random_mrr: mean(H_n / n), H_n the n-th harmonic number.
+        n_series: number of series.
+    """
+
+    top1: float
+    top2: float
+    top3: float
+    mean_rank: float
+    mrr: float
+    random_top1: float
+    random_top2: float
+    random_top3: float
+    random_mean_rank: float
+    random_mrr: float
+    n_series: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The fields as a plain dict (e.g. for MLflow ``log_metrics``)."""
+        return dataclasses.asdict(self)
+
+
+def best_ranks(scores: Sequence[np.ndarray], best: Sequence[int]) -> np.ndarray:
+    """1-based rank of the best image of each series (ties: see the module docstring).
+
+    Args:
+        scores: one 1-D array of scores per series.
+        best: index of the best image in each series.
+
+    Returns:
+        int64 array of ranks, one per series.
+
+    Raises:
+        DataError: no series, lengths disagree, an empty or non-1-D series, NaN scores, or a
+            best index out of range (``.rows`` names the series).
+    """
+    if len(scores) == 0:
+        raise DataError("no series to evaluate")
+    if len(scores) != len(best):
+        raise DataError(f"{len(scores)} score arrays but {len(best)} best indices")
+    ranks = np.empty(len(scores), dtype=np.int64)
+    for i, (s, b) in enumerate(zip(scores, best, strict=True)):
+        s = np.asarray(s, dtype=np.float64)
+        if s.ndim != 1 or len(s) == 0:
+            raise DataError(f"series {i}: scores must be a non-empty 1-D array", rows=[i])
+        if np.isnan(s).any():
+            raise DataError(f"series {i}: NaN scores", rows=[i])
+        if isinstance(b, bool) or int(b) != b or not 0 <= int(b) < len(s):
+            raise DataError(f"series {i}: best index {b!r} not an int in [0, {len(s)})", rows=[i])
+        b = int(b)
+        ranks[i] = 1 + int((s > s[b]).sum()) + int((s[:b] == s[b]).sum())
+    return ranks
+
+
+def series_metrics(scores: Sequence[np.ndarray], best: Sequence[int]) -> SeriesMetrics:
+    """Top-k accuracy, mean rank and MRR of the best image, with random baselines.
+
+    Args:
+        scores: one 1-D array of scores per series (higher = better).
+        best: index of the best image in each series.
+
+    Returns:
+        The metrics.
+
+    Raises:
+        DataError: see ``best_ranks``.
+    """
+    ranks = best_ranks(scores, best)
+    n = np.array([len(s) for s in scores], dtype=np.float64)
+    harmonic = np.array([np.sum(1.0 / np.arange(1, k + 1)) for k in n.astype(np.int64)])
+    return SeriesMetrics(
+        top1=float(np.mean(ranks <= 1)),
+        top2=float(np.mean(ranks <= 2)),
+        top3=float(np.mean(ranks <= 3)),
+        mean_rank=float(np.mean(ranks)),
+        mrr=float(np.mean(1.0 / ranks)),
+        random_top1=float(np.mean(1.0 / n)),
+        random_top2=float(np.mean(np.minimum(2, n) / n)),
+        random_top3=float(np.mean(np.minimum(3, n) / n)),
+        random_mean_rank=float(np.mean((n + 1) / 2)),
+        random_mrr=float(np.mean(harmonic / n)),
+        n_series=len(ranks),
+    )
+
+
+def series_metrics_from_padded(scores: Any, mask: Any, target: Any) -> SeriesMetrics:
+    """``series_metrics`` on a padded batch (numpy arrays or torch tensors).
+
+    Args:
+        scores: (B, L) scores; padded positions are ignored.
+        mask: (B, L) bool, True on real images.
+        target: (B,) index of the best image in each row (into L, on a real position).
+
+    Returns:
+        The metrics.
+
+    Raises:
+        DataError: shapes disagree, or a target is out of range or on padding.
+    """
+    s, m, t = (_numpy(a) for a in (scores, mask, target))
+    if s.ndim != 2 or m.shape != s.shape or t.shape != (s.shape[0],):
+        raise DataError(
+            f"expected scores (B, L), mask (B, L), target (B,); got {s.shape}, {m.shape}, {t.shape}"
+        )
+    m = m.astype(bool)
+    per_series, best = [], []
+    for i in range(len(s)):
+        real = np.flatnonzero(m[i])
+        pos = np.flatnonzero(real == t[i])
+        if len(pos) == 0:
+            raise DataError(f"row {i}: target {t[i]} is not a real image", rows=[i])
+        per_series.append(s[i, real])
+        best.append(int(pos[0]))
+    return series_metrics(per_series, best)
+
+
+def format_table(rows: Mapping[str, SeriesMetrics]) -> str:
+    """A fixed-width table: one row per method, then the random baseline.
+
+    Top-k are percentages; "vs random" is top-1 minus random top-1 in percentage points.
+    Methods evaluated on the same series share one "random" row; otherwise each gets its own.
+
+    Args:
+        rows: method name -> its metrics.
+
+    Returns:
+        The table, lines joined by newlines (no trailing newline).
+    """
+    if not rows:
+        raise DataError("format_table needs at least one row")
+    header = ("method", "series", "top1", "top2", "top3", "mean_rank", "MRR", "vs random (pts)")
+    lines = [
+        (
+            name,
+            *_cells(m.n_series, m.top1, m.top2, m.top3, m.mean_rank, m.mrr),
+            f"{100 * (m.top1 - m.random_top1):+.1f}",
+        )
+        for name, m in rows.items()
+    ]
+    first = next(iter(rows.values()))
+    shared = all(_random(m) == _random(first) for m in rows.values())
+    randoms = [("random", first)] if shared else [(f"random ({k})", m) for k, m in rows.items()]
+    lines += [(name, *_cells(*_random(m)), "-") for name, m in randoms]
+    widths = [max(len(r[c]) for r in [header, *lines]) for c in range(len(header))]
+
+    def fmt(row: tuple[str, ...]) -> str:
+        return "  ".join(
+            v.ljust(w) if c == 0 else v.rjust(w)
+            for c, (v, w) in enumerate(zip(row, widths, strict=True))
+        )
+
+    return "\n".join([fmt(header), "-" * len(fmt(header)), *(fmt(r) for r in lines)])
+
+
+def _cells(n: int, top1: float, top2: float, top3: float, rank: float, mrr: float) -> list[str]:
+    return [str(n), *(f"{100 * t:.1f}" for t in (top1, top2, top3)), f"{rank:.2f}", f"{mrr:.3f}"]
+
+
+def _random(m: SeriesMetrics) -> tuple[int, float, float, float, float, float]:
+    """The random baseline in ``_cells`` order."""
+    return (
+        m.n_series,
+        m.random_top1,
+        m.random_top2,
+        m.random_top3,
+        m.random_mean_rank,
+        m.random_mrr,
+    )
+
+
+def _numpy(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):  # a torch tensor, possibly on a GPU or in bf16
+        a = a.detach().cpu()
+        a = a.float() if a.is_floating_point() else a
+        return np.asarray(a.numpy())
+    return np.asarray(a)

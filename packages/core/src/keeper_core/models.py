@@ -1,0 +1,300 @@
+"""CLIP model specs and the one loader every stage uses.
+
+A ModelSpec is ``ARCH[:WEIGHTS]``:
+
+- ``ViT-B-32:laion2b_s34b_b79k``: an open_clip pretrained tag (open_clip fetches it from its hub).
+- ``ViT-B-32:/path/w.safetensors`` (or ``.pt``/``.bin``/``.pth``): a local checkpoint file.
+- ``ViT-B-32:s3://bucket/w.safetensors``: downloaded with boto3 into a cache keyed by ETag.
+- ``keeper-tiny:random``: random weights (tests and the offline demo). Random init is seeded, so
+  every process that loads the same ``ARCH:random`` spec gets the same model: embeddings from two
+  Ray workers are comparable.
+
+A spec that cannot load raises ModelLoadError naming the spec and the cause; there is no fallback.
+Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors, never with pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from keeper_core.errors import ModelLoadError
+
+WeightsKind = Literal["random", "tag", "file", "s3"]
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+#: Fixed seed for ``ARCH:random`` so random models are identical across processes.
+RANDOM_INIT_SEED = 0
+
+_register_lock = threading.Lock()
+_registered = False
+
+
+def register_keeper_configs() -> None:
+    """Register keeper's own open_clip model configs (``keeper-tiny``) once per process."""
+    global _registered
+    with _register_lock:
+        if _registered:
+            return
+        import open_clip
+
+        configs = resources.files("keeper_core") / "model_configs"
+        with resources.as_file(configs) as path:
+            open_clip.add_model_config(Path(path))
+        _registered = True
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed ``ARCH[:WEIGHTS]`` string. ``str(spec)`` gives the canonical form back."""
+
+    arch: str
+    weights: str = "random"
+
+    @classmethod
+    def parse(cls, spec: str | ModelSpec) -> ModelSpec:
+        """Parse ``ARCH[:WEIGHTS]``; WEIGHTS defaults to ``random``.
+
+        Raises:
+            ModelLoadError: empty arch or weights.
+        """
+        if isinstance(spec, ModelSpec):
+            return spec
+        if not isinstance(spec, str) or not spec.strip():
+            raise ModelLoadError(str(spec), "a model spec is a non-empty string ARCH[:WEIGHTS]")
+        arch, sep, weights = spec.strip().partition(":")
+        if not arch or (sep and not weights):
+            raise ModelLoadError(spec, "expected ARCH[:WEIGHTS], e.g. ViT-B-32:laion2b_s34b_b79k")
+        return cls(arch=arch, weights=weights or "random")
+
+    def __str__(self) -> str:
+        return f"{self.arch}:{self.weights}"
+
+    @property
+    def weights_kind(self) -> WeightsKind:
+        """How WEIGHTS is resolved: random init, a hub tag, a local file, or an S3 object."""
+        if self.weights == "random":
+            return "random"
+        if self.weights.startswith("s3://"):
+            return "s3"
+        if self.weights.endswith(CHECKPOINT_SUFFIXES) or "/" in self.weights:
+            return "file"
+        return "tag"
+
+    @property
+    def is_random(self) -> bool:
+        """True for random weights: every score made with them is meaningless."""
+        return self.weights_kind == "random"
+
+
+def _model_config(spec: ModelSpec) -> dict[str, Any]:
+    import open_clip
+
+    register_keeper_configs()
+    cfg = open_clip.get_model_config(spec.arch)
+    if cfg is None:
+        known = ", ".join(open_clip.list_models()[:8])
+        raise ModelLoadError(str(spec), f"unknown architecture {spec.arch!r} (e.g. {known}, ...)")
+    return dict(cfg)
+
+
+def _tag_config(spec: ModelSpec) -> dict[str, Any]:
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.weights)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+        raise ModelLoadError(
+            str(spec),
+            f"{spec.weights!r} is neither a checkpoint path nor a pretrained tag of {spec.arch} "
+            f"(known tags: {', '.join(tags) or 'none'})",
+        )
+    return dict(cfg)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What the image transform of a spec needs; known without loading any weights."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+
+def preprocess_config(spec: str | ModelSpec) -> PreprocessConfig:
+    """The preprocessing a spec expects (size, normalisation), from configs only (no weights).
+
+    This lets a CPU-only decode stage prepare model inputs without ever loading the model.
+    """
+    import open_clip
+
+    s = ModelSpec.parse(spec)
+    cfg = _model_config(s)
+    size = cfg["vision_cfg"].get("image_size", 224)
+    size = int(size[0] if isinstance(size, list | tuple) else size)
+    pre: dict[str, Any] = dict(cfg.get("preprocess_cfg", {}))
+    if s.weights_kind == "tag":
+        tag = _tag_config(s)
+        pre.update({k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag})
+    mean = tuple(pre.get("mean") or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(pre.get("std") or open_clip.OPENAI_DATASET_STD)
+    return PreprocessConfig(
+        image_size=size,
+        mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+        std=(float(std[0]), float(std[1]), float(std[2])),
+        interpolation=str(pre.get("interpolation") or "bicubic"),
+        resize_mode=str(pre.get("resize_mode") or "shortest"),
+    )
+
+
+def image_transform(spec: str | ModelSpec) -> Callable[[Any], torch.Tensor]:
+    """The eval transform (PIL RGB image -> float tensor (3, S, S)) of a spec, without weights."""
+    import open_clip
+
+    p = preprocess_config(spec)
+    return open_clip.image_transform(
+        p.image_size,
+        is_train=False,
+        mean=p.mean,
+        std=p.std,
+        interpolation=p.interpolation,
+        resize_mode=p.resize_mode,
+    )
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a device: bf16 (or fp16) on CUDA, none (fp32) on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@dataclass
+class LoadedClip:
+    """A CLIP model ready for inference, with what is needed to feed it."""
+
+    spec: ModelSpec
+    model: torch.nn.Module
+    transform: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    device: torch.device
+    embed_dim: int
+    image_size: int
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Mixed precision on CUDA, a no-op on CPU."""
+        dtype = autocast_dtype(self.device)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    # fork_rng keeps the caller's global RNG state untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _resolve_checkpoint(spec: ModelSpec, cache_dir: str | Path | None) -> str:
+    from keeper_core import storage
+    from keeper_core.errors import StorageError
+
+    if spec.weights_kind == "s3":
+        try:
+            return str(storage.download_cached(spec.weights, cache_dir=cache_dir))
+        except StorageError as e:
+            raise ModelLoadError(str(spec), f"cannot fetch checkpoint: {e}") from e
+    path = Path(spec.weights.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(str(spec), f"checkpoint file not found: {path}")
+    return str(path)
+
+
+def load_clip(
+    spec: str | ModelSpec,
+    device: str | torch.device | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+) -> LoadedClip:
+    """Load a CLIP model for inference.
+
+    Args:
+        spec: ``ARCH[:WEIGHTS]`` (see the module docstring).
+        device: ``cuda``/``cpu``/a torch device; default CUDA when present.
+        cache_dir: where S3 checkpoints and hub downloads are cached.
+
+    Returns:
+        The model in eval mode on ``device``, its eval transform and tokenizer.
+
+    Raises:
+        ModelLoadError: unknown arch or tag, missing or unreadable file, shape mismatch,
+            unreachable S3 object, a hub tag that cannot be fetched. Never falls back.
+    """
+    import open_clip
+
+    s = ModelSpec.parse(spec)
+    dev = torch.device(device) if device is not None else default_device()
+    cfg = _model_config(s)
+    kind = s.weights_kind
+    try:
+        if kind == "tag":
+            _tag_config(s)  # a clear error for unknown tags before any download is tried
+            model = open_clip.create_model(
+                s.arch,
+                pretrained=s.weights,
+                device=dev,
+                cache_dir=str(cache_dir) if cache_dir else None,
+                weights_only=True,
+            )
+        else:
+            with _seeded(RANDOM_INIT_SEED):
+                # pretrained_text=False: never let a config pull base tower weights from a hub.
+                model = open_clip.create_model(s.arch, device="cpu", pretrained_text=False)
+            if kind in ("file", "s3"):
+                path = _resolve_checkpoint(s, cache_dir)
+                open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+            model = model.to(dev)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # open_clip raises RuntimeError/OSError/pickle errors, all fatal here
+        raise ModelLoadError(str(s), f"{type(e).__name__}: {e}") from e
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(s.arch)
+    return LoadedClip(
+        spec=s,
+        model=model,
+        transform=image_transform(s),
+        tokenizer=tokenizer,
+        device=dev,
+        embed_dim=int(cfg["embed_dim"]),
+        image_size=preprocess_config(s).image_size,
+    )
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
+    """Save a model's state dict as safetensors (or ``.pt`` by suffix), for loading by spec."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if p.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(p))
+    else:
+        torch.save(state, p)
+    return p

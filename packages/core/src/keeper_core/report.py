@@ -1,0 +1,114 @@
+"""Self-contained HTML reports: a grid per series with thumbnails, the true keeper and each
+method's pick. Thumbnails are embedded as data URIs, so the file can be mailed or opened from S3."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+
+def thumbnail_data_uri(image: Image.Image, size: int = 160, quality: int = 80) -> str:
+    """A JPEG thumbnail (longest side ``size``) as a ``data:`` URI."""
+    thumb = image.convert("RGB")
+    thumb.thumbnail((size, size))
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class ShotView:
+    """One image of a series as the report shows it."""
+
+    uri: str
+    thumbnail: str | None  # a data URI, or None when the image could not be decoded
+    is_best: bool
+    scores: dict[str, float] = field(default_factory=dict)  # method -> score
+    note: str = ""  # e.g. the degradation, or the decode error
+
+
+@dataclass
+class SeriesView:
+    series_id: str
+    shots: list[ShotView]
+    picks: dict[str, int]  # method -> index into shots
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222}
+h1{font-size:20px} .warn{background:#fff3cd;border:1px solid #e0c060;padding:8px 12px;margin:12px 0}
+table.m{border-collapse:collapse;margin:12px 0} table.m td,table.m th{border:1px solid #ccc;padding:4px 10px;text-align:right}
+.series{border-top:1px solid #ddd;padding:10px 0} .sid{font-weight:600;margin-bottom:6px}
+.shots{display:flex;flex-wrap:wrap;gap:10px} .shot{width:170px;font-size:11px;border:3px solid transparent;padding:3px}
+.shot.best{border-color:#2a9d3a} .shot img{max-width:160px;display:block}
+.tag{display:inline-block;padding:1px 5px;border-radius:3px;margin:1px;color:#fff;font-size:10px}
+.keep{background:#2a9d3a} .pick{background:#3564c4} .miss{background:#c44}
+.legend span{margin-right:12px}
+"""
+
+
+def series_report_html(
+    title: str,
+    series: Sequence[SeriesView],
+    *,
+    metrics_rows: Mapping[str, Mapping[str, float]] | None = None,
+    warnings: Sequence[str] = (),
+    notes: Sequence[str] = (),
+) -> str:
+    """Render a series report.
+
+    Args:
+        title: page heading.
+        series: the series to show, in display order.
+        metrics_rows: method -> {metric: value} shown as a table at the top.
+        warnings: shown prominently (e.g. "random weights: prompt scores are meaningless").
+        notes: shown as plain paragraphs.
+    """
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"]
+    parts.append(f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>")
+    parts += [f"<div class='warn'>{esc(w)}</div>" for w in warnings]
+    parts += [f"<p>{esc(n)}</p>" for n in notes]
+    if metrics_rows:
+        cols = list(next(iter(metrics_rows.values())).keys())
+        parts.append("<table class='m'><tr><th>method</th>")
+        parts += [f"<th>{esc(c)}</th>" for c in cols]
+        parts.append("</tr>")
+        for name, row in metrics_rows.items():
+            cells = "".join(f"<td>{row.get(c, float('nan')):.3f}</td>" for c in cols)
+            parts.append(f"<tr><th>{esc(name)}</th>{cells}</tr>")
+        parts.append("</table>")
+    parts.append(
+        "<p class='legend'><span class='tag keep'>keeper</span> the true best shot "
+        "<span class='tag pick'>method</span> a method picked the keeper "
+        "<span class='tag miss'>method</span> a method picked another shot</p>"
+    )
+    for s in series:
+        parts.append(f"<div class='series'><div class='sid'>series {esc(s.series_id)}</div>")
+        parts.append("<div class='shots'>")
+        for i, shot in enumerate(s.shots):
+            cls = "shot best" if shot.is_best else "shot"
+            parts.append(f"<div class='{cls}' title='{esc(shot.uri)}'>")
+            if shot.thumbnail:
+                parts.append(f"<img src='{shot.thumbnail}' alt='{esc(shot.uri)}'>")
+            else:
+                parts.append("<div>(no image)</div>")
+            if shot.is_best:
+                parts.append("<span class='tag keep'>keeper</span>")
+            for method, idx in s.picks.items():
+                if idx == i:
+                    kind = "pick" if shot.is_best else "miss"
+                    parts.append(f"<span class='tag {kind}'>{esc(method)}</span>")
+            score_txt = ", ".join(f"{esc(k)} {v:.3f}" for k, v in shot.scores.items())
+            parts.append(f"<div>{score_txt}</div>")
+            if shot.note:
+                parts.append(f"<div>{esc(shot.note)}</div>")
+            parts.append("</div>")
+        parts.append("</div></div>")
+    parts.append("</body></html>")
+    return "".join(parts)

@@ -1,0 +1,589 @@
+"""Storage for local paths and ``s3://`` URIs, one small API for both.
+
+Every function takes a URI: a local path (``/data/x``, ``data/x``, ``file:///data/x``) or
+``s3://bucket/key``. S3 goes through boto3 against whatever endpoint the environment names
+(``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``: AWS, MinIO, Ceph, moto_server), with botocore's
+own retries plus :func:`with_retries` for the streaming-body failures botocore does not retry.
+Every failure raises :class:`~keeper_core.errors.StorageError` naming the URI and the cause;
+content that is not what it claims (a corrupt Parquet file) raises
+:class:`~keeper_core.errors.DataError`. No client is made at import time.
+
+Environment knobs (all optional): ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` (botocore's own names),
+``KEEPER_S3_CONNECT_TIMEOUT`` / ``KEEPER_S3_READ_TIMEOUT`` (seconds), ``KEEPER_CACHE_DIR`` (root of
+the download cache; objects go under ``<root>/s3``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import random
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import urllib3.exceptions
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from keeper_core.errors import ConfigError, DataError, StorageError
+
+T = TypeVar("T")
+
+#: Failures of a streaming body read that botocore's retry handler never sees (it retries the
+#: request, not the reading of a response already handed to us). Re-issuing the GET fixes them.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ResponseStreamingError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+    ConnectionError,  # builtin: ConnectionResetError / BrokenPipeError from the socket
+    urllib3.exceptions.ProtocolError,
+)
+
+_DEFAULT_MAX_ATTEMPTS = 5
+_DEFAULT_CONNECT_TIMEOUT_S = 5.0
+_DEFAULT_READ_TIMEOUT_S = 60.0
+_CHUNK = 1 << 20  # 1 MiB: few syscalls per GB without holding much in memory
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# Lenient on purpose: legacy buckets may hold upper case and underscores.
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """Size and version tag of one object; the tag changes whenever the content may have."""
+
+    size: int
+    etag: str
+
+
+# ---------------------------------------------------------------------------------------------
+# URIs
+
+
+def is_s3(uri: str) -> bool:
+    """True if ``uri`` is an ``s3://`` URI."""
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """Split ``s3://bucket/key`` into ``(bucket, key)``; the key may be empty (a bucket root).
+
+    Raises:
+        StorageError: not an ``s3://`` URI, or the bucket name is missing or malformed.
+    """
+    if not is_s3(uri):
+        raise StorageError(uri, "not an s3:// URI")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not _BUCKET.match(bucket):
+        raise StorageError(uri, f"malformed bucket name {bucket!r}")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or ``s3://`` prefix with ``/``.
+
+    Parts are always relative: their leading and trailing slashes are dropped, so
+    ``join("s3://b/runs/", "/a/", "x.pt") == "s3://b/runs/a/x.pt"`` (unlike ``os.path.join``, a
+    part starting with ``/`` does not discard the base).
+    """
+    if not base:
+        raise StorageError(base, "empty base path")
+    pieces = [p.strip("/") for p in parts if p.strip("/")]
+    if not pieces:
+        return base
+    head = base if base.endswith("://") else base.rstrip("/")
+    return "/".join([head, *pieces]) if head else "/" + "/".join(pieces)
+
+
+def _local_path(uri: str) -> Path:
+    if not uri:
+        raise StorageError(uri, "empty path")
+    m = _SCHEME.match(uri)
+    if m and m.group(1) != "file":
+        raise StorageError(uri, f"unsupported scheme {m.group(1)!r} (use a local path or s3://)")
+    return Path(uri.removeprefix("file://"))
+
+
+def _s3_object(uri: str) -> tuple[str, str]:
+    bucket, key = split_s3(uri)
+    if not key or key.endswith("/"):
+        raise StorageError(uri, "names a bucket or prefix, not an object")
+    return bucket, key
+
+
+# ---------------------------------------------------------------------------------------------
+# Client and errors
+
+
+def s3_client() -> Any:
+    """The S3 client for the current environment, cached per process.
+
+    The endpoint is ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (passed explicitly,
+    so it also works where botocore's own reading of those variables is switched off). Retries:
+    botocore ``standard`` mode (or ``AWS_RETRY_MODE``), ``AWS_MAX_ATTEMPTS`` total attempts
+    (default 5), connect/read timeouts 5 s / 60 s unless ``KEEPER_S3_*_TIMEOUT`` say otherwise.
+
+    Returns:
+        A botocore S3 client. Thread-safe, so threads of one process share it (and its pool).
+
+    Raises:
+        ConfigError: a malformed ``AWS_MAX_ATTEMPTS`` or ``KEEPER_S3_*_TIMEOUT`` value.
+    """
+    env = os.environ
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    try:
+        max_attempts = int(env.get("AWS_MAX_ATTEMPTS") or _DEFAULT_MAX_ATTEMPTS)
+        connect_s = float(env.get("KEEPER_S3_CONNECT_TIMEOUT") or _DEFAULT_CONNECT_TIMEOUT_S)
+        read_s = float(env.get("KEEPER_S3_READ_TIMEOUT") or _DEFAULT_READ_TIMEOUT_S)
+    except ValueError as e:
+        raise ConfigError(f"bad S3 setting in the environment: {e}") from e
+    if max_attempts < 1:
+        raise ConfigError(f"AWS_MAX_ATTEMPTS must be >= 1, got {max_attempts}")
+    # The pid is in the key because a client is not fork-safe: a forked child (a DataLoader
+    # worker, a multiprocessing pool) inherits the parent's pooled sockets, and two processes
+    # reading one TLS/HTTP connection corrupt each other's responses. A new pid gets a new client.
+    # The credential/region variables are in the key so a changed environment is not served by a
+    # client built for the old one.
+    return _cached_client(
+        endpoint,
+        env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+        env.get("AWS_PROFILE"),
+        env.get("AWS_ACCESS_KEY_ID"),
+        env.get("AWS_RETRY_MODE") or "standard",
+        max_attempts,
+        connect_s,
+        read_s,
+        os.getpid(),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_client(
+    endpoint: str | None,
+    region: str | None,
+    profile: str | None,
+    access_key_id: str | None,
+    retry_mode: str,
+    max_attempts: int,
+    connect_s: float,
+    read_s: float,
+    pid: int,
+) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"mode": retry_mode, "total_max_attempts": max_attempts},
+        connect_timeout=connect_s,
+        read_timeout=read_s,
+        # Threads share the client; the default pool of 10 would make an 16-thread reader queue.
+        max_pool_connections=32,
+        # Path style for custom endpoints: MinIO/Ceph/moto behind a plain hostname have no
+        # wildcard DNS for bucket.host, which virtual-host addressing needs.
+        s3={"addressing_style": "path"} if endpoint else None,
+    )
+    # A Session per client: boto3's default session is not safe to create clients from threads.
+    session = boto3.session.Session(profile_name=profile, region_name=region)
+    return session.client("s3", endpoint_url=endpoint, config=config)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code, msg = str(err.get("Code", "")), str(err.get("Message", ""))
+        if code in _NOT_FOUND:
+            return "no such object"
+        if code == "NoSuchBucket":
+            return "bucket does not exist"
+        if code in _DENIED:
+            return f"access denied ({code})"
+        if code in {"PreconditionFailed", "412"}:
+            return "object changed while it was being read; try again"
+        return f"{code}: {msg}" if msg else code
+    if isinstance(exc, BotoConnectionError):  # refused, DNS failure, connect timeout, proxy
+        return f"endpoint unreachable: {exc}"
+    if isinstance(exc, NoCredentialsError):
+        return "no AWS credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def _s3_errors(uri: str) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except (ClientError, BotoCoreError) as e:
+        raise StorageError(uri, _describe(e)) from e
+
+
+@contextlib.contextmanager
+def _local_errors(uri: str) -> Iterator[None]:
+    try:
+        yield
+    except StorageError:
+        raise
+    except FileNotFoundError as e:
+        raise StorageError(uri, f"no such file or directory: {e.filename or uri}") from e
+    except IsADirectoryError as e:
+        raise StorageError(uri, "is a directory, not a file") from e
+    except PermissionError as e:
+        raise StorageError(uri, f"permission denied: {e.filename or uri}") from e
+    except OSError as e:
+        raise StorageError(uri, f"{type(e).__name__}: {e}") from e
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 5,
+    base_delay: float = 0.2,
+    max_delay: float = 5.0,
+    retry_on: tuple[type[BaseException], ...] = TRANSIENT_ERRORS,
+) -> T:
+    """Call ``fn`` until it succeeds, retrying ``retry_on`` errors with jittered backoff.
+
+    For failures botocore's own retry does not cover (a truncated or reset streaming body): wrap
+    the whole request-and-read so a retry re-issues the request. The delay before retry ``i``
+    (0-based) is ``min(max_delay, base_delay * 2**i)`` scaled by a random factor in [0.5, 1], so
+    many workers hitting one hiccup do not retry in lockstep.
+
+    Args:
+        fn: the call to make, without arguments.
+        attempts: total calls, at least 1.
+        base_delay: seconds before the first retry.
+        max_delay: cap on any single delay.
+        retry_on: exception types worth another try; anything else propagates at once.
+
+    Returns:
+        What ``fn`` returned.
+
+    Raises:
+        The last exception once ``attempts`` calls have failed.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    for i in range(attempts):
+        try:
+            return fn()
+        except retry_on:
+            if i == attempts - 1:
+                raise
+            time.sleep(min(max_delay, base_delay * 2**i) * random.uniform(0.5, 1.0))
+    raise AssertionError("unreachable")
+
+
+def _retrying(uri: str, fn: Callable[[], T]) -> T:
+    try:
+        return with_retries(fn)
+    except StorageError:
+        raise
+    except (*TRANSIENT_ERRORS, BotoCoreError, OSError) as e:
+        raise StorageError(uri, f"transfer failed: {_describe(e)}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder as the target so os.replace is a rename, never a cross-device copy; the
+    # ".tmp" suffix keeps half-written files out of suffix-filtered listings.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # else a crash after the rename can leave an empty file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_bytes(uri: str) -> bytes:
+    """Read a whole file or object.
+
+    Raises:
+        StorageError: missing file/object/bucket, access denied, endpoint unreachable, or the
+            body read failed on every retry.
+    """
+    if not is_s3(uri):
+        with _local_errors(uri):
+            return _local_path(uri).read_bytes()
+    bucket, key = _s3_object(uri)
+    client = s3_client()
+
+    def fetch() -> bytes:
+        with _s3_errors(uri):  # request errors: botocore already retried them
+            body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        with contextlib.closing(body):  # body errors propagate to with_retries
+            data: bytes = body.read()
+        return data
+
+    return _retrying(uri, fetch)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` to a file or object, replacing it.
+
+    Local writes are atomic (a temporary file in the same folder, then ``os.replace``) and
+    create missing parent folders. S3 puts are atomic by nature.
+
+    Raises:
+        StorageError: the write failed (names the cause).
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"write_bytes({uri!r}) needs bytes, got {type(data).__name__}")
+    if not is_s3(uri):
+        with _local_errors(uri):
+            _atomic_write(_local_path(uri), lambda f: f.write(data))
+        return
+    bucket, key = _s3_object(uri)
+    with _s3_errors(uri):
+        s3_client().put_object(Bucket=bucket, Key=key, Body=bytes(data))
+
+
+def _head(uri: str) -> dict[str, Any] | None:
+    """HEAD an object: its response, or None when the object (not the bucket) is missing."""
+    bucket, key = _s3_object(uri)
+    client = s3_client()
+    try:
+        with _s3_errors(uri):
+            return dict(client.head_object(Bucket=bucket, Key=key))
+    except StorageError as e:
+        if e.cause != "no such object":
+            raise
+    # A HEAD has no error body, so a missing bucket also reads "404": ask the bucket to tell.
+    try:
+        with _s3_errors(uri):
+            client.head_bucket(Bucket=bucket)
+    except StorageError as e:
+        if e.cause == "no such object":
+            raise StorageError(uri, "bucket does not exist") from e.__cause__
+        raise
+    return None
+
+
+def exists(uri: str) -> bool:
+    """True if a file, folder, object or non-empty ``s3://`` prefix exists at ``uri``.
+
+    Raises:
+        StorageError: for S3, when the bucket is missing or unreachable (that is a setup error,
+            not an absent object).
+    """
+    if not is_s3(uri):
+        return _local_path(uri).exists()
+    bucket, key = split_s3(uri)
+    if key and not key.endswith("/") and _head(uri) is not None:
+        return True
+    prefix = key.rstrip("/") + "/" if key else ""
+    with _s3_errors(uri):
+        resp = s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+    return int(resp.get("KeyCount", 0)) > 0
+
+
+def object_info(uri: str) -> ObjectInfo:
+    """Size and version tag of a file or object.
+
+    For S3 the tag is the object's ETag (quotes stripped). For a local file it is the sha256 of
+    its mtime (ns) and size: cheap, and it changes whenever the file is rewritten.
+
+    Raises:
+        StorageError: missing file/object, or a folder.
+    """
+    if not is_s3(uri):
+        with _local_errors(uri):
+            path = _local_path(uri)
+            st = path.stat()
+            if path.is_dir():
+                raise StorageError(uri, "is a directory, not a file")
+        tag = hashlib.sha256(f"{st.st_mtime_ns}:{st.st_size}".encode()).hexdigest()
+        return ObjectInfo(size=st.st_size, etag=tag)
+    head = _head(uri)
+    if head is None:
+        raise StorageError(uri, "no such object")
+    return ObjectInfo(size=int(head["ContentLength"]), etag=str(head["ETag"]).strip('"'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Listings and Parquet
+
+
+def list_files(
+    uri: str, *, suffixes: Iterable[str] | None = None, page_size: int = 1000
+) -> list[str]:
+    """Every file under a folder or ``s3://`` prefix, recursively, as sorted full URIs.
+
+    The prefix is taken as a folder (``s3://b/data`` lists ``data/...``, never ``data2/...``).
+    S3 "folder marker" keys ending in ``/`` are skipped. A local folder that does not exist is an
+    error; an S3 prefix with no keys is simply empty (S3 has no folders to be missing).
+
+    Args:
+        uri: a local folder or an ``s3://bucket[/prefix]``.
+        suffixes: keep only names ending in one of these, case-insensitively (``[".jpg"]``).
+        page_size: keys per S3 list request (1..1000); small values are for tests.
+
+    Raises:
+        StorageError: missing local folder, missing bucket, access denied, unreachable endpoint.
+    """
+    if not 1 <= page_size <= 1000:
+        raise ValueError(f"page_size must be in 1..1000, got {page_size}")
+    ends = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+
+    def keep(name: str) -> bool:
+        return ends is None or name.lower().endswith(ends)
+
+    if not is_s3(uri):
+        root = _local_path(uri)
+        if not root.is_dir():
+            raise StorageError(uri, "not a directory" if root.exists() else "no such directory")
+        with _local_errors(uri):
+            rels = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+        return sorted(join(uri, r) for r in rels if keep(r))
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    out: list[str] = []
+    with _s3_errors(uri):
+        pages = s3_client().get_paginator("list_objects_v2")
+        for page in pages.paginate(
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+        ):
+            for obj in page.get("Contents", []):
+                k = str(obj["Key"])
+                if not k.endswith("/") and keep(k):
+                    out.append(f"s3://{bucket}/{k}")
+    return sorted(out)
+
+
+def _parquet_parts(uri: str) -> list[str]:
+    if not is_s3(uri):
+        path = _local_path(uri)
+        if path.is_file():
+            return [uri]
+        if not path.exists():
+            raise StorageError(uri, "no such file or directory")
+    elif not uri.endswith("/") and split_s3(uri)[1] and _head(uri) is not None:
+        return [uri]
+    parts = list_files(uri, suffixes=[".parquet"])
+    if not parts:
+        raise StorageError(uri, "no such object, and no *.parquet files under it")
+    return parts
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file, or every ``*.parquet`` under a folder/prefix, as one table.
+
+    Part files are concatenated in sorted-name order (``part-00000`` first) and must share one
+    schema. Hive-style partition folders are not turned back into columns.
+
+    Args:
+        uri: a ``.parquet`` file/object, or a folder/prefix holding them.
+        columns: read only these columns (all when None).
+
+    Raises:
+        StorageError: nothing readable at ``uri``.
+        DataError: a part is not valid Parquet, lacks a requested column, or the parts' schemas
+            differ (names the file).
+    """
+    tables = []
+    for part in _parquet_parts(uri):
+        try:
+            tables.append(pq.read_table(pa.BufferReader(read_bytes(part)), columns=columns))
+        except (pa.ArrowException, KeyError) as e:
+            raise DataError(f"cannot read Parquet: {e}", source=part) from e
+    try:
+        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    except pa.ArrowInvalid as e:
+        raise DataError(f"Parquet parts have different schemas: {e}", source=uri) from e
+
+
+def write_parquet(table: pa.Table, uri: str) -> None:
+    """Write ``table`` as one Parquet file or object (local writes atomic, parents made).
+
+    Raises:
+        StorageError: the write failed.
+    """
+    if not isinstance(table, pa.Table):
+        raise TypeError(f"write_parquet({uri!r}) needs a pyarrow.Table, got {type(table).__name__}")
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# Download cache
+
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get("KEEPER_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "keeper") / "s3"
+
+
+def download_cached(uri: str, *, cache_dir: str | Path | None = None) -> Path:
+    """A local file holding ``uri``'s content, downloading an S3 object once per version.
+
+    S3 objects land in ``<cache_dir>/<bucket>/<sha256(key)[:20]>/<etag>/<basename>``: a later call
+    costs one HEAD and reuses the file while the ETag is unchanged; a changed object gets a new
+    entry (old entries are left for whoever still has them open). Downloads go to a temporary
+    file and are renamed into place, with ``If-Match`` so the bytes are the version the ETag
+    names, so concurrent callers and crashes never expose a partial file. Local paths are
+    returned as they are, after checking they exist.
+
+    Args:
+        uri: a local path or ``s3://bucket/key``.
+        cache_dir: cache root; default ``$KEEPER_CACHE_DIR/s3`` or ``~/.cache/keeper/s3``.
+
+    Raises:
+        StorageError: missing file/object/bucket, or the download failed on every retry.
+    """
+    if not is_s3(uri):
+        path = _local_path(uri)
+        if not path.exists():
+            raise StorageError(uri, "no such file or directory")
+        return path
+    bucket, key = _s3_object(uri)
+    info = object_info(uri)
+    root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    version = re.sub(r"[^A-Za-z0-9-]", "_", info.etag) or "no-etag"
+    key_hash = hashlib.sha256(key.encode()).hexdigest()[:20]
+    dest = root / bucket / key_hash / version / key.rsplit("/", 1)[-1]
+    if dest.is_file() and dest.stat().st_size == info.size:
+        return dest
+    client = s3_client()
+
+    def fetch() -> None:
+        with _s3_errors(uri):
+            body = client.get_object(Bucket=bucket, Key=key, IfMatch=f'"{info.etag}"')["Body"]
+
+        def copy(f: IO[bytes]) -> None:
+            with contextlib.closing(body):
+                for chunk in body.iter_chunks(_CHUNK):
+                    f.write(chunk)
+
+        _atomic_write(dest, copy)
+
+    _retrying(uri, fetch)
+    return dest

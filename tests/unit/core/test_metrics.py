@@ -1,0 +1,166 @@
+"""Series metrics against hand-computed values, ties, random baselines, validation, table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from keeper_core.errors import DataError
+from keeper_core.metrics import (
+    SeriesMetrics,
+    best_ranks,
+    format_table,
+    series_metrics,
+    series_metrics_from_padded,
+)
+
+# Lengths 2, 3, 4 with the best ranked 1st, 3rd and 2nd.
+SCORES = [np.array([0.9, 0.1]), np.array([0.5, 0.2, 0.7]), np.array([0.1, 0.4, 0.3, 0.2])]
+BEST = [0, 1, 2]
+
+
+def test_metrics_by_hand() -> None:
+    m = series_metrics(SCORES, BEST)
+    assert best_ranks(SCORES, BEST).tolist() == [1, 3, 2]
+    assert m.n_series == 3
+    assert m.top1 == pytest.approx(1 / 3)
+    assert m.top2 == pytest.approx(2 / 3)
+    assert m.top3 == pytest.approx(1.0)
+    assert m.mean_rank == pytest.approx(2.0)
+    assert m.mrr == pytest.approx((1 + 1 / 3 + 1 / 2) / 3)
+
+
+def test_random_baselines_by_hand() -> None:
+    m = series_metrics(SCORES, BEST)
+    assert m.random_top1 == pytest.approx((1 / 2 + 1 / 3 + 1 / 4) / 3)
+    assert m.random_top2 == pytest.approx((1 + 2 / 3 + 2 / 4) / 3)
+    assert m.random_top3 == pytest.approx((1 + 1 + 3 / 4) / 3)
+    assert m.random_mean_rank == pytest.approx((1.5 + 2 + 2.5) / 3)
+    h2, h3, h4 = 1 + 1 / 2, 1 + 1 / 2 + 1 / 3, 1 + 1 / 2 + 1 / 3 + 1 / 4
+    assert m.random_mrr == pytest.approx((h2 / 2 + h3 / 3 + h4 / 4) / 3)
+
+
+def test_random_baseline_matches_random_scores() -> None:
+    # Averaged over many random rankings, the metrics approach the random baselines.
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 9, size=20_000)
+    m = series_metrics([rng.random(n) for n in lengths], [int(rng.integers(n)) for n in lengths])
+    assert m.top1 == pytest.approx(m.random_top1, abs=0.01)
+    assert m.mrr == pytest.approx(m.random_mrr, abs=0.01)
+    assert m.mean_rank == pytest.approx(m.random_mean_rank, abs=0.03)
+
+
+def test_ties_count_against_the_best_only_when_the_rival_comes_first() -> None:
+    scores = [np.array([1.0, 1.0, 1.0]), np.array([2.0, 1.0, 2.0, 2.0]), np.array([0.0, 5.0, 5.0])]
+    # Series 0: best=1 ties with index 0 -> rank 2. Series 1: best=2 ties with 0 (before) and 3
+    # (after) -> rank 2. Series 2: best=1 ties with 2 (after) and beats 0 -> rank 1.
+    assert best_ranks(scores, [1, 2, 1]).tolist() == [2, 2, 1]
+    # A constant scorer: the best ranks at its index + 1, never better.
+    assert best_ranks([np.zeros(4)] * 4, [0, 1, 2, 3]).tolist() == [1, 2, 3, 4]
+
+
+def test_infinite_scores_are_ranked() -> None:
+    assert best_ranks([np.array([-np.inf, 0.0, np.inf])], [1]).tolist() == [2]
+
+
+@pytest.mark.parametrize(
+    ("scores", "best", "match", "rows"),
+    [
+        ([], [], "no series", []),
+        ([np.zeros(2)], [0, 1], "1 score arrays but 2 best", []),
+        ([np.zeros(2), np.zeros(3)], [0, 3], r"series 1: best index 3 not an int in \[0, 3\)", [1]),
+        ([np.zeros(2)], [-1], "series 0: best index -1", [0]),
+        ([np.zeros(2)], [0.5], "series 0: best index 0.5", [0]),
+        ([np.zeros(2), np.array([0.0, np.nan])], [0, 0], "series 1: NaN scores", [1]),
+        ([np.zeros(0)], [0], "series 0: scores must be a non-empty 1-D", [0]),
+        ([np.zeros((2, 2))], [0], "non-empty 1-D", [0]),
+    ],
+)
+def test_validation(scores: list[np.ndarray], best: list[int], match: str, rows: list[int]) -> None:
+    with pytest.raises(DataError, match=match) as e:
+        series_metrics(scores, best)
+    assert e.value.rows == rows
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_padded_form_matches_the_list_form(as_torch: bool) -> None:
+    scores = np.full((3, 4), -np.inf)
+    mask = np.zeros((3, 4), dtype=bool)
+    for i, s in enumerate(SCORES):
+        scores[i, : len(s)] = s
+        mask[i, : len(s)] = True
+    scores[0, 3] = 99.0  # padding must be ignored whatever it holds
+    target = np.array(BEST)
+    if not as_torch:
+        assert series_metrics_from_padded(scores, mask, target) == series_metrics(SCORES, BEST)
+        return
+    # bf16 scores that require grad (straight from a head) are accepted as they are.
+    t_scores = torch.tensor(scores).to(torch.bfloat16).requires_grad_(True)
+    rounded = [torch.tensor(s).to(torch.bfloat16).float().numpy() for s in SCORES]
+    got = series_metrics_from_padded(t_scores, torch.tensor(mask), torch.tensor(target))
+    assert got == series_metrics(rounded, BEST)
+
+
+def test_padded_form_handles_holes_in_the_mask() -> None:
+    scores = np.array([[0.2, 9.0, 0.5, 0.1]])
+    mask = np.array([[True, False, True, True]])
+    m = series_metrics_from_padded(scores, mask, np.array([2]))
+    assert m.top1 == 1.0
+    assert m.random_top1 == pytest.approx(1 / 3)
+    with pytest.raises(DataError, match="row 0: target 1 is not a real image"):
+        series_metrics_from_padded(scores, mask, np.array([1]))
+    with pytest.raises(DataError, match="expected scores"):
+        series_metrics_from_padded(scores, mask[0], np.array([1]))
+
+
+def test_as_dict() -> None:
+    d = series_metrics(SCORES, BEST).as_dict()
+    assert d["n_series"] == 3
+    assert d["mean_rank"] == pytest.approx(2.0)
+    assert set(d) >= {"top1", "top2", "top3", "mean_rank", "mrr", "random_top1", "random_mrr"}
+
+
+def test_format_table() -> None:
+    m = series_metrics(SCORES, BEST)
+    perfect = series_metrics(SCORES, [int(np.argmax(s)) for s in SCORES])
+    table = format_table({"clip+mlp": perfect, "linear": m})
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "method", "series", "top1", "top2", "top3", "mean_rank", "MRR", "vs", "random", "(pts)",
+    ]  # fmt: skip
+    assert set(lines[1]) == {"-"}
+    assert len(lines[1]) == len(lines[0])
+    assert lines[2].split() == [
+        "clip+mlp",
+        "3",
+        "100.0",
+        "100.0",
+        "100.0",
+        "1.00",
+        "1.000",
+        "+63.9",
+    ]
+    assert lines[3].split() == ["linear", "3", "33.3", "66.7", "100.0", "2.00", "0.611", "-2.8"]
+    assert lines[4].split() == ["random", "3", "36.1", "72.2", "91.7", "2.00", "0.627", "-"]
+    assert len(lines) == 5
+    assert len({len(line) for line in lines}) == 1  # fixed width
+
+
+def test_format_table_with_different_series_gives_each_its_random_row() -> None:
+    a = series_metrics(SCORES, BEST)
+    b = series_metrics(SCORES[:2], BEST[:2])
+    lines = format_table({"a": a, "b": b}).splitlines()
+    assert [line.split()[:3] for line in lines[4:]] == [
+        ["random", "(a)", "3"],
+        ["random", "(b)", "2"],
+    ]
+    with pytest.raises(DataError, match="at least one row"):
+        format_table({})
+
+
+def test_metrics_are_frozen() -> None:
+    m = series_metrics(SCORES, BEST)
+    assert isinstance(m, SeriesMetrics)
+    with pytest.raises(AttributeError):
+        m.top1 = 1.0  # type: ignore[misc]

@@ -1,0 +1,163 @@
+"""ModelSpec parsing and load_clip: every weights kind, and every way a spec fails to load."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from keeper_core.embedding import ClipEmbedder
+from keeper_core.errors import ModelLoadError
+from keeper_core.models import ModelSpec, load_clip, preprocess_config, save_checkpoint
+
+TINY = "keeper-tiny:random"
+
+
+@pytest.mark.parametrize(
+    ("text", "arch", "weights", "kind"),
+    [
+        ("keeper-tiny", "keeper-tiny", "random", "random"),
+        ("keeper-tiny:random", "keeper-tiny", "random", "random"),
+        ("ViT-B-32:laion2b_s34b_b79k", "ViT-B-32", "laion2b_s34b_b79k", "tag"),
+        ("ViT-B-32:/models/w.safetensors", "ViT-B-32", "/models/w.safetensors", "file"),
+        ("ViT-B-32:w.pt", "ViT-B-32", "w.pt", "file"),
+        ("ViT-B-32:s3://bucket/k/w.safetensors", "ViT-B-32", "s3://bucket/k/w.safetensors", "s3"),
+    ],
+)
+def test_parse_spec(text: str, arch: str, weights: str, kind: str) -> None:
+    spec = ModelSpec.parse(text)
+    assert (spec.arch, spec.weights, spec.weights_kind) == (arch, weights, kind)
+    assert ModelSpec.parse(str(spec)) == spec
+
+
+@pytest.mark.parametrize("bad", ["", "  ", ":random", "ViT-B-32:"])
+def test_parse_spec_rejects(bad: str) -> None:
+    with pytest.raises(ModelLoadError):
+        ModelSpec.parse(bad)
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)) for _ in range(4)]
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """keeper-tiny with weights that differ from the seeded random init, saved both ways."""
+    clip = load_clip(TINY, "cpu")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(123)
+        for p in clip.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    d = tmp_path_factory.mktemp("ckpt")
+    return save_checkpoint(clip.model, d / "tiny.safetensors"), save_checkpoint(
+        clip.model, d / "tiny.pt"
+    )
+
+
+def test_random_is_deterministic_across_loads(images: list[Image.Image]) -> None:
+    a = ClipEmbedder(TINY).embed_images(images)
+    b = ClipEmbedder(TINY).embed_images(images)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_round_trip_file_and_s3(
+    trained_checkpoint: tuple[Path, Path],
+    images: list[Image.Image],
+    s3_bucket: str,
+    tmp_path: Path,
+) -> None:
+    st_path, pt_path = trained_checkpoint
+    from_st = ClipEmbedder(f"keeper-tiny:{st_path}").embed_images(images)
+    from_pt = ClipEmbedder(f"keeper-tiny:{pt_path}").embed_images(images)
+    random = ClipEmbedder(TINY).embed_images(images)
+    np.testing.assert_allclose(from_st, from_pt, atol=1e-6)
+    assert not np.allclose(from_st, random, atol=1e-3), "checkpoint weights were not applied"
+
+    boto3.client("s3").upload_file(str(st_path), s3_bucket, "models/tiny.safetensors")
+    uri = f"s3://{s3_bucket}/models/tiny.safetensors"
+    cache = tmp_path / "cache"
+    from_s3 = ClipEmbedder(f"keeper-tiny:{uri}", cache_dir=cache).embed_images(images)
+    np.testing.assert_allclose(from_s3, from_st, atol=1e-6)
+    cached = [p for p in cache.rglob("*") if p.is_file()]
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    ClipEmbedder(f"keeper-tiny:{uri}", cache_dir=cache)  # second load: from the cache
+    assert [p for p in cache.rglob("*") if p.is_file()] == cached
+    assert cached[0].stat().st_mtime_ns == mtime
+
+
+def test_unknown_arch() -> None:
+    with pytest.raises(ModelLoadError, match="unknown architecture 'NoSuchNet'"):
+        load_clip("NoSuchNet:random")
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="checkpoint file not found") as info:
+        load_clip(f"keeper-tiny:{tmp_path}/nope.safetensors")
+    assert info.value.spec.endswith("nope.safetensors")
+
+
+def test_shape_mismatch(tmp_path: Path) -> None:
+    clip = load_clip(TINY, "cpu")
+    state = {k: v.clone() for k, v in clip.model.state_dict().items()}
+    state["visual.conv1.weight"] = torch.zeros(7, 3, 8, 8)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ModelLoadError, match=r"size mismatch|shape"):
+        load_clip(f"keeper-tiny:{tmp_path}/bad.pt")
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("pickle code ran",))
+
+
+def test_pickle_payload_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    with path.open("wb") as f:
+        pickle.dump({"x": _Evil()}, f)
+    with pytest.raises(ModelLoadError, match=r"evil\.pt"):
+        load_clip(f"keeper-tiny:{path}")
+
+
+def test_unreachable_s3_object(s3_bucket: str, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="cannot fetch checkpoint"):
+        load_clip(f"keeper-tiny:s3://{s3_bucket}/missing.safetensors", cache_dir=tmp_path)
+
+
+def test_unknown_tag_names_known_tags() -> None:
+    with pytest.raises(ModelLoadError, match="laion2b_s34b_b79k"):
+        load_clip("ViT-B-32:no_such_tag")
+
+
+def test_hub_tag_offline_is_an_error(tmp_path: Path) -> None:
+    # huggingface_hub reads HF_HUB_OFFLINE at import time, so the check runs in a fresh process.
+    code = (
+        "from keeper_core.models import load_clip\n"
+        "from keeper_core.errors import ModelLoadError\n"
+        "try:\n"
+        f"    load_clip('ViT-B-32:laion2b_s34b_b79k', 'cpu', cache_dir={str(tmp_path)!r})\n"
+        "except ModelLoadError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert "REFUSED cannot load model 'ViT-B-32:laion2b_s34b_b79k'" in proc.stdout, proc.stderr
+
+
+def test_preprocess_config_without_weights() -> None:
+    assert preprocess_config(TINY).image_size == 64
+    cfg = preprocess_config("ViT-B-32:laion2b_s34b_b79k")
+    assert cfg.image_size == 224
+    assert len(cfg.mean) == 3
