@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_DIR ?= keeper-demo
-PACKAGES := packages/core
+PACKAGES := packages/core packages/train
 STAMP := $(VENV)/.keeper-installed
 
 .PHONY: help setup demo test lint format bench clean
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES))
 setup: $(STAMP) ## create .venv and install the workspace (editable) and the dev group
 
 demo: setup ## run the main job end to end, offline, on embedded defaults (writes $(DEMO_DIR)/)
-	$(PY) -m keeper_core.demo --out $(DEMO_DIR)
+	$(PY) -m keeper_train.jobs.demo --out $(DEMO_DIR)
 
 lint: setup ## ruff check, ruff format --check, mypy on keeper_core
 	$(VENV)/bin/ruff check .

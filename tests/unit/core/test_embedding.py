@@ -88,3 +88,19 @@ def test_mixing_specs_is_an_error() -> None:
 def test_l2_normalize_handles_zero_rows() -> None:
     out = l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
     np.testing.assert_allclose(out, [[0.6, 0.8], [0.0, 0.0]])
+
+
+def test_uint8_pixels_equal_full_transform(
+    embedder: ClipEmbedder, images: list[Image.Image]
+) -> None:
+    pixels = np.stack([embedder.preprocess_uint8(im) for im in images])
+    assert pixels.dtype == np.uint8
+    assert pixels.shape == (7, 3, 64, 64)
+    a = embedder({"pixel_values": pixels})["embedding"]
+    b = embedder.embed_images(images)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_wrong_pixel_size_is_refused(embedder: ClipEmbedder) -> None:
+    with pytest.raises(DataError, match=r"\(N, 3, 64, 64\)"):
+        embedder.embed_pixels(np.zeros((1, 3, 32, 32), dtype=np.uint8))

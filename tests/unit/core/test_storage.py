@@ -390,3 +390,20 @@ def test_truncated_body_is_retried(
     assert len(sleeps) == 4
     for i, d in enumerate(sleeps):
         assert 0.1 * 2**i <= d <= 0.2 * 2**i
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_read_head_and_delete(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        uri = f"s3://{bucket}/dir/blob.bin"
+    else:
+        uri = str(tmp_path / "dir" / "blob.bin")
+    storage.write_bytes(uri, bytes(range(200)))
+    assert storage.read_head(uri, 5) == bytes(range(5))
+    assert storage.read_head(uri, 1000) == bytes(range(200))
+    storage.delete(uri)
+    assert not storage.exists(uri)
+    storage.delete(uri)  # idempotent
+    with pytest.raises(StorageError):
+        storage.read_head(uri)

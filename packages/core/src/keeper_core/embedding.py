@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from keeper_core.errors import DataError
-from keeper_core.models import LoadedClip, ModelSpec, load_clip
+from keeper_core.models import LoadedClip, ModelSpec, load_clip, resize_transform
 
 #: Input columns ``__call__`` understands, in order of preference.
-PIXELS = "pixel_values"  # (N, 3, S, S) float tensors already made by the spec's transform
+PIXELS = "pixel_values"  # (N, 3, S, S): float (full transform) or uint8 (resize/crop only)
 IMAGES = "image"  # decoded RGB images: PIL images or (H, W, 3) uint8 arrays
 
 
@@ -65,6 +65,9 @@ class ClipEmbedder:
         self.batch_size = batch_size
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._text_cache_size = text_cache_size
+        self._resize = resize_transform(self.clip.spec)
+        self._mean = torch.tensor(self.clip.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.clip.std).view(1, 3, 1, 1)
 
     @property
     def embed_dim(self) -> int:
@@ -81,20 +84,34 @@ class ClipEmbedder:
             image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
         return self.clip.transform(image).numpy()
 
+    def preprocess_uint8(self, image: Image.Image | np.ndarray) -> np.ndarray:
+        """One RGB image -> resized, cropped uint8 (3, S, S); normalisation happens on device."""
+        if isinstance(image, np.ndarray):
+            image = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
+        return self._resize(image)
+
     @torch.inference_mode()
     def embed_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Preprocessed pixels (N, 3, S, S) -> embeddings (N, D), unit-norm float32."""
+        """Model inputs (N, 3, S, S) -> embeddings (N, D), unit-norm float32.
+
+        Takes either normalised float pixels (the spec's full transform) or uint8 pixels (its
+        resize/crop only), which are scaled and normalised here, on the model's device.
+        """
+        if isinstance(pixels, np.ndarray) and not pixels.flags.writeable:
+            pixels = pixels.copy()  # Ray hands out read-only views; torch wants writable memory
         x = torch.as_tensor(pixels)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise DataError(f"pixel_values must be (N, 3, S, S), got {tuple(x.shape)}")
+        s = self.clip.image_size
+        if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != (s, s):
+            raise DataError(f"pixel_values must be (N, 3, {s}, {s}), got {tuple(x.shape)}")
         out = np.empty((x.shape[0], self.embed_dim), dtype=np.float32)
         model: Any = self.clip.model
+        dev = self.clip.device
         for i in range(0, x.shape[0], self.batch_size):
-            chunk = x[i : i + self.batch_size].to(
-                self.clip.device, torch.float32, non_blocking=True
-            )
+            chunk = x[i : i + self.batch_size].to(dev, non_blocking=True)
+            if chunk.dtype == torch.uint8:
+                chunk = (chunk.float() / 255.0 - self._mean.to(dev)) / self._std.to(dev)
             with self.clip.autocast():
-                emb = model.encode_image(chunk)
+                emb = model.encode_image(chunk.float())
             out[i : i + len(chunk)] = emb.float().cpu().numpy()
         return l2_normalize(out)
 
@@ -142,7 +159,7 @@ class ClipEmbedder:
         """
         out = dict(batch)
         if PIXELS in out:
-            emb = self.embed_pixels(np.asarray(out.pop(PIXELS), dtype=np.float32))
+            emb = self.embed_pixels(np.asarray(out.pop(PIXELS)))
         elif IMAGES in out:
             emb = self.embed_images(list(out.pop(IMAGES)))
         else:

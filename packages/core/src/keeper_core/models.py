@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from keeper_core.errors import ModelLoadError
@@ -118,6 +119,11 @@ def _tag_config(spec: ModelSpec) -> dict[str, Any]:
     return dict(cfg)
 
 
+def embed_dim(spec: str | ModelSpec) -> int:
+    """The embedding width of a spec, from its config alone (no weights are loaded)."""
+    return int(_model_config(ModelSpec.parse(spec))["embed_dim"])
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """What the image transform of a spec needs; known without loading any weights."""
@@ -170,6 +176,28 @@ def image_transform(spec: str | ModelSpec) -> Callable[[Any], torch.Tensor]:
     )
 
 
+def resize_transform(spec: str | ModelSpec) -> Callable[[Any], np.ndarray]:
+    """The geometric half of the eval transform: PIL RGB image -> uint8 array (3, S, S).
+
+    Resize and crop run on CPU workers; scaling to [0, 1] and normalising happen on the model's
+    device (``ClipEmbedder.embed_pixels`` accepts uint8). Shipping uint8 instead of float32 moves
+    4x fewer bytes between a decode stage and a GPU actor, and the result equals the full transform
+    (ToTensor divides uint8 by 255 the same way).
+    """
+    full = image_transform(spec)
+    geometric = [t for t in full.transforms if type(t).__name__ not in _TENSOR_STEPS]  # type: ignore[attr-defined]
+
+    def apply(image: Any) -> np.ndarray:
+        for t in geometric:
+            image = t(image)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy()
+
+    return apply
+
+
+_TENSOR_STEPS = {"ToTensor", "MaybeToTensor", "Normalize"}
+
+
 def default_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -193,6 +221,8 @@ class LoadedClip:
     device: torch.device
     embed_dim: int
     image_size: int
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Mixed precision on CUDA, a no-op on CPU."""
@@ -275,6 +305,7 @@ def load_clip(
         raise ModelLoadError(str(s), f"{type(e).__name__}: {e}") from e
     model.eval()
     tokenizer = open_clip.get_tokenizer(s.arch)
+    pre = preprocess_config(s)
     return LoadedClip(
         spec=s,
         model=model,
@@ -282,7 +313,9 @@ def load_clip(
         tokenizer=tokenizer,
         device=dev,
         embed_dim=int(cfg["embed_dim"]),
-        image_size=preprocess_config(s).image_size,
+        image_size=pre.image_size,
+        mean=pre.mean,
+        std=pre.std,
     )
 
 

@@ -346,6 +346,45 @@ def read_bytes(uri: str) -> bytes:
     return _retrying(uri, fetch)
 
 
+def read_head(uri: str, n: int = 64) -> bytes:
+    """The first ``n`` bytes of a file or object (a ranged GET on S3): enough to sniff a format.
+
+    Raises:
+        StorageError: as ``read_bytes``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not is_s3(uri):
+        with _local_errors(uri), _local_path(uri).open("rb") as f:
+            return f.read(n)
+    bucket, key = _s3_object(uri)
+    client = s3_client()
+
+    def fetch() -> bytes:
+        with _s3_errors(uri):
+            body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{n - 1}")["Body"]
+        with contextlib.closing(body):
+            data: bytes = body.read()
+        return data
+
+    return _retrying(uri, fetch)
+
+
+def delete(uri: str) -> None:
+    """Remove a file or object; a missing one is not an error (deletes are idempotent).
+
+    Raises:
+        StorageError: the delete failed for another reason.
+    """
+    if not is_s3(uri):
+        with _local_errors(uri):
+            _local_path(uri).unlink(missing_ok=True)
+        return
+    bucket, key = _s3_object(uri)
+    with _s3_errors(uri):
+        s3_client().delete_object(Bucket=bucket, Key=key)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` to a file or object, replacing it.
 

@@ -1,0 +1,29 @@
+"""Connecting to Ray: one place that decides how a job driver finds its cluster."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None) -> str:
+    """Connect to (or start) Ray and return a one-line description of the cluster.
+
+    Args:
+        address: ``None`` uses ``RAY_ADDRESS`` when set (as under ``ray job submit``), else starts a
+            local Ray for this process; ``auto`` or ``HOST:PORT`` joins a running cluster. A local
+            Ray started here has token authentication on (Ray 2.60's default for ``ray.init``).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None)
+    res = ray.cluster_resources()
+    desc = (
+        f"ray {ray.__version__}: {int(res.get('CPU', 0))} CPU, {res.get('GPU', 0):g} GPU, "
+        f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s)"
+    )
+    log.info(desc)
+    return desc

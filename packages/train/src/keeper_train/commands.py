@@ -1,0 +1,78 @@
+"""keeper_train's subcommands for the ``keeper`` CLI (entry-point group ``keeper.commands``).
+
+Kept import-light: ray and torch are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+SubParsers = Any  # argparse._SubParsersAction is private
+
+
+def add_embed_parser(subparsers: SubParsers) -> None:
+    """``keeper embed``: the Ray Data embedding job (keeper_train.jobs.embed)."""
+    p = subparsers.add_parser(
+        "embed",
+        help="embed an image corpus with CLIP on Ray Data (resumable)",
+        description="Embed a folder, s3:// prefix or manifest of images into a Parquet table.",
+    )
+    p.add_argument("--input", required=True, help="folder, s3:// prefix, or CSV/Parquet manifest")
+    p.add_argument("--output", required=True, help="folder or s3:// prefix for the table")
+    p.add_argument("--model", default="keeper-tiny:random", help="ModelSpec ARCH[:WEIGHTS]")
+    p.add_argument("--config", help="YAML config; flags given here override it")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--concurrency", type=int, help="model actors")
+    p.add_argument("--num-gpus-per-worker", type=float)
+    p.add_argument("--max-failure-fraction", type=float)
+    p.add_argument("--retry-errors", action="store_true", default=None)
+    p.add_argument("--ray-address")
+    p.add_argument("overrides", nargs="*", help="any other EmbedConfig field as key=value")
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import embed
+
+        flags = {
+            "input": args.input,
+            "output": args.output,
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "concurrency": args.concurrency,
+            "num_gpus_per_worker": args.num_gpus_per_worker,
+            "max_failure_fraction": args.max_failure_fraction,
+            "retry_errors": args.retry_errors,
+            "ray_address": args.ray_address,
+        }
+        argv = ["--config", args.config] if args.config else []
+        argv += [f"{k}={v}" for k, v in flags.items() if v is not None]
+        return embed.main([*argv, *args.overrides])
+
+    p.set_defaults(func=run)
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo's flags (shared by ``keeper demo`` and ``python -m keeper_train.jobs.demo``)."""
+    p.add_argument(
+        "--out", default="keeper-demo", help="output folder (corpus, embeddings, report)"
+    )
+    p.add_argument("--model", default="keeper-tiny:random", help="ModelSpec ARCH[:WEIGHTS]")
+    p.add_argument("--series", type=int, default=150, help="series in the generated corpus")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--manifest", help="use this series manifest instead of generating a corpus")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--report-series", type=int, default=60, help="series shown in the report")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
+
+
+def add_demo_parser(subparsers: SubParsers) -> None:
+    """``keeper demo``: the offline end-to-end demo (keeper_train.jobs.demo)."""
+    p = subparsers.add_parser("demo", help="run the offline best-of-series demo end to end")
+    add_demo_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import demo
+
+        return demo.run_safely(args)
+
+    p.set_defaults(func=run)

@@ -1,0 +1,55 @@
+"""Job configs: a YAML file validated by a pydantic model, with ``key=value`` overrides.
+
+A bad config fails here, before a cluster is touched, naming the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from keeper_core.errors import ConfigError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {pair!r} is not key=value")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def load_config(model: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+    """Read ``path`` (YAML mapping, optional), apply overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file, not a mapping, or a field that fails validation (named).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping, got {type(loaded).__name__}")
+        data.update(loaded or {})
+    data.update(parse_overrides(overrides))
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in e.errors()
+        )
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid {model.__name__}{where}: {fields}") from e

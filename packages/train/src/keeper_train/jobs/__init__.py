@@ -1,0 +1,1 @@
+"""One module per Ray job: ``python -m keeper_train.jobs.<name> --config FILE [key=value ...]``."""

@@ -1,0 +1,583 @@
+"""Embed an image corpus with CLIP on Ray Data, resumably.
+
+    python -m keeper_train.jobs.embed --config packages/train/configs/embed.yaml \
+        input=s3://bucket/photos/ output=s3://bucket/emb/vit-b-32/ model=ViT-B-32:laion2b_s34b_b79k
+    keeper embed --input SRC --output DST --model SPEC [--batch-size N] [--concurrency N]
+
+The same line is the ``ray job submit ... --`` entrypoint and a KubeRay RayJob's entrypoint.
+
+Pipeline (streaming: every stage runs at once, so a GPU model stage is fed while CPUs decode):
+
+    driver    list SRC (folder, s3:// prefix or manifest); skip what DST already holds
+    tasks     read bytes -> safe decode -> quality features -> resize to uint8 model input;
+              a bad image becomes a row of the errors table, with its stage and reason
+    actors    keeper_core.ClipEmbedder: one model load per actor, num_gpus per actor
+    tasks     write a Parquet part (atomic, named by a hash of its image URIs)
+    driver    remove duplicates left by retried tasks, count, write _SUMMARY.json
+
+DST layout: ``embeddings/part-*.parquet``, ``errors/part-*.parquet``, ``_SUMMARY.json``, and
+``_KEEPER_TABLE.json`` naming the model spec (another spec into the same DST is refused). A re-run
+with the same SRC and DST embeds only images not yet there, so a killed job is resumed by running
+it again. Exit codes: 0 done, 2 bad config or input, 3 failed fraction above the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import cache
+from importlib.metadata import version
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from keeper_core import storage
+from keeper_core.embedding import ClipEmbedder
+from keeper_core.errors import DataError, ImageDecodeError, KeeperError, StorageError
+from keeper_core.images import DecodeLimits, decode_image, image_size, sniff_is_image
+from keeper_core.models import ModelSpec, embed_dim, preprocess_config, resize_transform
+from keeper_core.quality import FEATURE_NAMES, quality_features
+from keeper_train.config import load_config
+
+log = logging.getLogger("keeper.embed")
+
+EMBEDDINGS, ERRORS = "embeddings", "errors"
+SUMMARY, TABLE_META = "_SUMMARY.json", "_KEEPER_TABLE.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic")
+MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
+# Files that are certainly not photos: never sniffed, so listing a mixed prefix stays cheap.
+NOT_IMAGE_SUFFIXES = (".parquet", ".json", ".csv", ".txt", ".md", ".yaml", ".yml", ".xml", ".pq")
+# Quality features are computed at 256 px; drafting below that would blur what they measure.
+QUALITY_SIZE = 256
+EXIT_TOO_MANY_FAILURES = 3
+WORKER_BASELINE_BYTES = 512 * 1024**2
+
+
+class EmbedConfig(BaseModel):
+    """Everything the embed job takes. Unknown keys are errors (a typo fails before any work)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="folder, s3:// prefix, or CSV/Parquet manifest with image_uri")
+    output: str = Field(description="folder or s3:// prefix for the embedding table")
+    model: str = "keeper-tiny:random"
+    batch_size: int = Field(64, ge=1, description="images per model forward pass")
+    concurrency: int = Field(1, ge=1, description="model actors")
+    num_gpus_per_worker: float = Field(
+        0.0, ge=0, description="GPUs per model actor (fractional ok)"
+    )
+    num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per model actor")
+    decode_batch_size: int = Field(16, ge=1, description="images per decode task batch")
+    decode_concurrency: int | None = Field(None, ge=1, description="max decode tasks at once")
+    rows_per_file: int = Field(1024, ge=1, description="rows per Parquet part (resume granularity)")
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+    retry_errors: bool = Field(False, description="re-attempt images already in the errors table")
+    draft: bool = Field(True, description="JPEG draft-mode decode for images larger than needed")
+    max_pixels: int = Field(64_000_000, ge=1)
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    min_side: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1, description="embed only the first N inputs (smoke runs)")
+    ray_address: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        # Fails on an unknown arch or tag here, before a cluster is touched; loads no weights.
+        preprocess_config(v)
+        return str(ModelSpec.parse(v))
+
+    @field_validator("input", "output")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and what DST already holds
+
+
+def list_inputs(src: str, *, exclude: str | None = None) -> tuple[list[str], int]:
+    """The image URIs named by SRC, in a stable order, and the count of non-image files ignored.
+
+    SRC is a manifest (CSV/Parquet with an ``image_uri`` column; relative local paths resolve
+    against the manifest's folder) or a folder/prefix listed recursively. In a listing, files with
+    an image extension are taken as images (a corrupt one then fails decoding, with a reason);
+    files with another extension are taken when their first bytes are an image signature.
+    """
+    if src.lower().endswith(MANIFEST_SUFFIXES):
+        return _manifest_uris(src), 0
+    ignored = 0
+    uris = []
+    skip_prefix = exclude.rstrip("/") + "/" if exclude else None
+    for uri in storage.list_files(src):
+        if skip_prefix and uri.startswith(skip_prefix):
+            continue
+        name = uri.rsplit("/", 1)[-1].lower()
+        if name.startswith("."):
+            is_image = False  # hidden files: editor/OS droppings, never photos
+        elif name.endswith(IMAGE_SUFFIXES):
+            is_image = True
+        else:
+            is_image = not name.endswith(NOT_IMAGE_SUFFIXES) and sniff_is_image(
+                storage.read_head(uri, 32)
+            )
+        if is_image:
+            uris.append(uri)
+        else:
+            ignored += 1
+    return uris, ignored
+
+
+def _manifest_uris(src: str) -> list[str]:
+    import pandas as pd
+
+    raw = storage.read_bytes(src)
+    try:
+        if src.lower().endswith(".csv"):
+            df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+        else:
+            df = pd.read_parquet(io.BytesIO(raw))
+    except Exception as e:  # pandas raises many parser error types; all mean "not a manifest"
+        raise DataError(f"cannot read manifest: {e}", source=src) from e
+    if "image_uri" not in df.columns:
+        raise DataError(f"manifest has no image_uri column (has {list(df.columns)})", source=src)
+    col = df["image_uri"].astype(str).str.strip()
+    bad = [i for i, v in enumerate(col) if not v or v.lower() in ("nan", "none")]
+    if bad:
+        raise DataError(f"empty image_uri in rows {bad[:10]}", source=src, rows=bad)
+    base = src.rsplit("/", 1)[0] if "/" in src else "."
+    resolved = [
+        v if storage.is_s3(v) or v.startswith(("/", "file://")) else storage.join(base, v)
+        for v in col
+    ]
+    return list(dict.fromkeys(resolved))
+
+
+def _uris_in(folder: str) -> dict[str, list[str]]:
+    """part file -> the image URIs it holds, for every Parquet part under ``folder``."""
+    if storage.is_s3(folder) or _local_dir_exists(folder):
+        parts = storage.list_files(folder, suffixes=[".parquet"])
+    else:
+        parts = []
+    return {p: storage.read_parquet(p, columns=["image_uri"]).column(0).to_pylist() for p in parts}
+
+
+def _local_dir_exists(folder: str) -> bool:
+    from pathlib import Path
+
+    return Path(folder.removeprefix("file://")).is_dir()
+
+
+def dedupe_parts(folder: str) -> int:
+    """Make every image URI appear once under ``folder``; returns the rows removed.
+
+    Parts are named by a hash of their rows, so a retried task rewrites its own part; a retry that
+    formed a different batch can still leave a row in two parts. The first part (by name) keeps it.
+    """
+    import pyarrow.compute as pc
+
+    seen: set[str] = set()
+    removed = 0
+    for part, uris in sorted(_uris_in(folder).items()):
+        dup = [u in seen for u in uris]
+        seen.update(uris)
+        if not any(dup):
+            continue
+        removed += sum(dup)
+        if all(dup):
+            storage.delete(part)
+        else:
+            table = storage.read_parquet(part)
+            storage.write_parquet(table.filter(pc.invert(pa.array(dup))), part)
+    return removed
+
+
+def check_table_meta(dst: str, spec: str, embed_dim: int) -> None:
+    """Refuse to mix model specs in one DST; record the spec on first use."""
+    meta_uri = storage.join(dst, TABLE_META)
+    if storage.exists(meta_uri):
+        meta = json.loads(storage.read_bytes(meta_uri))
+        if meta.get("model_spec") != spec:
+            raise DataError(
+                f"{dst} holds embeddings of {meta.get('model_spec')!r}; this run uses {spec!r}. "
+                "Embeddings of two specs never mix: choose another output."
+            )
+        return
+    meta = {"model_spec": spec, "embed_dim": embed_dim, "format": 1, "created": _now()}
+    storage.write_bytes(meta_uri, json.dumps(meta, indent=2).encode())
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _part_name(uris: Sequence[str]) -> str:
+    # Deterministic: a retried task that sees the same rows overwrites its own part.
+    digest = hashlib.sha256("\n".join(sorted(uris)).encode()).hexdigest()[:32]
+    return f"part-{digest}.parquet"
+
+
+# --------------------------------------------------------------------------------------------
+# The stages (plain functions and callable classes: Ray Data runs them, tests can too)
+
+
+@cache
+def _resizer(spec: str) -> Any:
+    return resize_transform(spec)
+
+
+def prepare_batch(
+    batch: dict[str, np.ndarray],
+    *,
+    spec: str,
+    limits: dict[str, int],
+    draft: bool,
+    errors_dir: str,
+    run_id: str,
+) -> dict[str, np.ndarray]:
+    """Read, decode, measure and resize a batch of image URIs (a CPU task).
+
+    Bad images are written to ``errors_dir`` with their stage and reason, and left out of the
+    output: the model stage only sees images that decoded.
+    """
+    resize = _resizer(spec)
+    size = preprocess_config(spec).image_size
+    draft_size = (max(size, QUALITY_SIZE),) * 2 if draft else None
+    dec_limits = DecodeLimits(**limits)
+    ok_uris, ids, pixels, images, sizes, times = [], [], [], [], [], []
+    failed: list[dict[str, str]] = []
+    for uri in [str(u) for u in batch["image_uri"]]:
+        t0 = time.perf_counter()
+        stage = "read"
+        try:
+            data = storage.read_bytes(uri)
+            stage = "decode"
+            img = decode_image(data, limits=dec_limits, source=uri, draft_size=draft_size)
+            sizes.append(image_size(data))  # the original size, before any draft downscale
+            stage = "preprocess"
+            pixels.append(resize(img))
+        except StorageError as e:
+            failed.append({"stage": stage, "reason": "unreadable", "error": str(e)})
+        except ImageDecodeError as e:
+            failed.append({"stage": stage, "reason": e.reason, "error": str(e)})
+        except Exception as e:  # one image must never take the job down: record and go on
+            failed.append(
+                {"stage": stage, "reason": "internal", "error": f"{type(e).__name__}: {e}"}
+            )
+        else:
+            ok_uris.append(uri)
+            ids.append(hashlib.sha256(data).hexdigest())
+            images.append(img)
+            times.append(time.perf_counter() - t0)
+            continue
+        failed[-1].update(image_uri=uri, run_id=run_id, at=_now())
+        if len(sizes) > len(ok_uris):
+            sizes.pop()
+    if failed:
+        table = pa.Table.from_pylist(failed)
+        storage.write_parquet(
+            table, storage.join(errors_dir, _part_name(table["image_uri"].to_pylist()))
+        )
+    t0 = time.perf_counter()
+    feats = quality_features(images)
+    per_image = (time.perf_counter() - t0) / max(len(images), 1)
+    out: dict[str, np.ndarray] = {
+        "image_uri": np.array(ok_uris, dtype=object),
+        "image_id": np.array(ids, dtype=object),
+        "pixel_values": np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8),
+        "t_decode": np.array(times, dtype=np.float64) + per_image,
+    }
+    for j, name in enumerate(FEATURE_NAMES):
+        out[name] = feats[:, j].astype(np.float32)
+    out["width"] = np.array([w for w, _ in sizes], dtype=np.int32)
+    out["height"] = np.array([h for _, h in sizes], dtype=np.int32)
+    return out
+
+
+class EmbedStage:
+    """The actor-pool stage: keeper_core.ClipEmbedder, timed."""
+
+    def __init__(self, spec: str, batch_size: int) -> None:
+        self.embedder = ClipEmbedder(spec, batch_size=batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        n = len(batch["image_uri"])
+        out = self.embedder(batch) if n else {**batch, "embedding": np.zeros((0, 1), np.float32)}
+        out.pop("pixel_values", None)
+        out["t_embed"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+        return out
+
+
+def embedding_table(batch: dict[str, np.ndarray], spec: str) -> pa.Table:
+    """A batch as the embedding table's Arrow schema (embedding: fixed_size_list<float32>)."""
+    emb = np.ascontiguousarray(batch["embedding"], dtype=np.float32)
+    n, dim = emb.shape
+    cols: dict[str, pa.Array] = {
+        "image_id": pa.array([str(x) for x in batch["image_id"]], pa.string()),
+        "image_uri": pa.array([str(x) for x in batch["image_uri"]], pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+        "model_spec": pa.array([spec] * n, pa.string()),
+    }
+    for name in FEATURE_NAMES:
+        dtype = pa.int32() if name in ("width", "height") else pa.float32()
+        cols[name] = pa.array(np.asarray(batch[name]), dtype)
+    return pa.table(cols)
+
+
+def write_batch(batch: dict[str, np.ndarray], *, spec: str, embeddings_dir: str) -> dict[str, Any]:
+    """Write one Parquet part; return one tally row for the driver."""
+    n = len(batch["image_uri"])
+    t0 = time.perf_counter()
+    if n:
+        table = embedding_table(batch, spec)
+        storage.write_parquet(
+            table, storage.join(embeddings_dir, _part_name(table["image_uri"].to_pylist()))
+        )
+    return {
+        "rows": np.array([n]),
+        "t_decode": np.array([float(np.sum(batch["t_decode"]))]),
+        "t_embed": np.array([float(np.sum(batch["t_embed"]))]),
+        "t_write": np.array([time.perf_counter() - t0]),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+
+
+def run(cfg: EmbedConfig) -> dict[str, Any]:
+    """Run the job; returns the summary (also written to DST/_SUMMARY.json)."""
+    import ray
+    import ray.data
+
+    from keeper_train.cluster import init_ray
+
+    t_start = time.perf_counter()
+    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    dst = cfg.output.rstrip("/")
+    emb_dir, err_dir = storage.join(dst, EMBEDDINGS), storage.join(dst, ERRORS)
+    seconds: dict[str, float] = {}
+
+    inputs, ignored = list_inputs(cfg.input, exclude=dst)
+    if cfg.limit:
+        inputs = inputs[: cfg.limit]
+    size = preprocess_config(cfg.model).image_size
+    check_table_meta(dst, cfg.model, embed_dim=embed_dim(cfg.model))
+    if cfg.retry_errors:
+        for part in _uris_in(err_dir):
+            storage.delete(part)
+    dedupe_parts(emb_dir)  # a job killed after a retried write may have left a duplicate
+    done = {u for uris in _uris_in(emb_dir).values() for u in uris}
+    failed_before = {u for uris in _uris_in(err_dir).values() for u in uris}
+    todo = [u for u in inputs if u not in done and u not in failed_before]
+    seconds["list"] = time.perf_counter() - t_start
+    log.info(
+        "%d inputs, %d already done, %d to embed", len(inputs), len(inputs) - len(todo), len(todo)
+    )
+
+    tallies: list[dict[str, Any]] = []
+    t_first = t_pipe = time.perf_counter()
+    cluster = ""
+    if todo:
+        t0 = time.perf_counter()
+        cluster = init_ray(cfg.ray_address)
+        seconds["ray_init"] = time.perf_counter() - t0
+        limits = {
+            "max_pixels": cfg.max_pixels,
+            "max_bytes": cfg.max_bytes,
+            "min_side": cfg.min_side,
+        }
+        # Blocks of ~decode_batch_size URIs: enough shards to keep every CPU busy and to stream.
+        blocks = max(1, min(len(todo) // cfg.decode_batch_size, 10_000))
+        ds = ray.data.from_items([{"image_uri": u} for u in todo], override_num_blocks=blocks)
+        ds = ds.map_batches(
+            prepare_batch,
+            batch_size=cfg.decode_batch_size,
+            batch_format="numpy",
+            fn_kwargs={
+                "spec": cfg.model,
+                "limits": limits,
+                "draft": cfg.draft,
+                "errors_dir": err_dir,
+                "run_id": run_id,
+            },
+            compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
+            num_cpus=1,
+            # A decode task holds a worker's baseline (torch imported: ~0.5 GiB) plus up to a
+            # max_pixels image (3 bytes a pixel) beside its bytes.
+            # Requesting that memory also keeps Ray Data from fusing decode into the model
+            # actors (it fuses task->actor maps whose remote args match, as on a CPU-only
+            # cluster), which would serialise decode and inference in one process.
+            memory=WORKER_BASELINE_BYTES + 3 * cfg.max_pixels + cfg.max_bytes,
+        )
+        ds = ds.map_batches(
+            EmbedStage,
+            fn_constructor_kwargs={"spec": cfg.model, "batch_size": cfg.batch_size},
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+            num_gpus=cfg.num_gpus_per_worker,
+            num_cpus=cfg.num_cpus_per_worker,
+        )
+        ds = ds.map_batches(
+            write_batch,
+            batch_size=cfg.rows_per_file,
+            batch_format="numpy",
+            fn_kwargs={"spec": cfg.model, "embeddings_dir": emb_dir},
+            num_cpus=0.25,  # I/O bound: must not take a whole core from decode
+        )
+        t_pipe = time.perf_counter()
+        for i, row in enumerate(ds.iter_rows()):
+            if i == 0:
+                t_first = time.perf_counter()
+            tallies.append(row)
+        seconds["pipeline"] = time.perf_counter() - t_pipe
+
+    t0 = time.perf_counter()
+    removed = dedupe_parts(emb_dir) + dedupe_parts(err_dir)
+    emb_parts, err_parts = _uris_in(emb_dir), _uris_in(err_dir)
+    emb_all = {u for uris in emb_parts.values() for u in uris}
+    err_all = {u for uris in err_parts.values() for u in uris}
+    todo_set = set(todo)
+    embedded, failed = len(emb_all & todo_set), len(err_all & todo_set)
+    reasons = Counter(_error_reasons(err_parts, todo_set))
+    seconds["finalize"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+
+    attempted = len(todo)
+    lost = attempted - embedded - failed
+    frac = failed / attempted if attempted else 0.0
+    pipe_s = seconds.get("pipeline", 0.0)
+    first_s = t_first - t_pipe if tallies else None
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "status": "ok" if lost == 0 and frac <= cfg.max_failure_fraction else "failed",
+        "model_spec": cfg.model,
+        "image_size": size,
+        "input": cfg.input,
+        "output": dst,
+        "counts": {
+            "in": len(inputs),
+            "skipped": len(inputs) - attempted,
+            "attempted": attempted,
+            "embedded": embedded,
+            "failed": failed,
+            "lost": lost,
+            "duplicates_removed": removed,
+            "non_image_files_ignored": ignored,
+        },
+        "table": {"embedded": len(emb_all), "failed": len(err_all), "parts": len(emb_parts)},
+        "failed_fraction": round(frac, 6),
+        "max_failure_fraction": cfg.max_failure_fraction,
+        "errors_by_reason": dict(reasons),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "images_per_s": round(embedded / pipe_s, 2) if pipe_s else None,
+        # Start-up (workers, actors, model load) shows as the wait for the first written part.
+        "seconds_to_first_part": round(first_s, 3) if first_s is not None else None,
+        "worker_seconds": {
+            "read_decode_features": round(sum(float(t["t_decode"]) for t in tallies), 3),
+            "embed": round(sum(float(t["t_embed"]) for t in tallies), 3),
+            "write": round(sum(float(t["t_write"]) for t in tallies), 3),
+        },
+        "cluster": cluster,
+        "versions": {
+            "keeper_core": version("keeper-core"),
+            "keeper_train": version("keeper-train"),
+            "ray": ray.__version__,
+            "torch": version("torch"),
+            "open_clip": version("open_clip_torch"),
+        },
+        "finished": _now(),
+    }
+    if lost:
+        summary["status"] = "failed"
+    body = json.dumps(summary, indent=2).encode()
+    storage.write_bytes(storage.join(dst, SUMMARY), body)
+    storage.write_bytes(storage.join(dst, "_runs", f"{run_id}.json"), body)
+    return summary
+
+
+def _error_reasons(parts: dict[str, list[str]], todo: set[str]) -> list[str]:
+    out = []
+    for part in parts:
+        t = storage.read_parquet(part, columns=["image_uri", "reason"])
+        for uri, reason in zip(t["image_uri"].to_pylist(), t["reason"].to_pylist(), strict=True):
+            if uri in todo:
+                out.append(str(reason))
+    return out
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The one-screen summary printed at the end of a run."""
+    c = s["counts"]
+    lines = [
+        f"keeper embed  {s['status'].upper()}  run {s['run_id']}",
+        f"  model    {s['model_spec']}  ({s['image_size']} px)",
+        f"  input    {s['input']}",
+        f"  output   {s['output']}",
+        f"  images   {c['in']} in = {c['skipped']} skipped (already in output) + "
+        f"{c['embedded']} embedded + {c['failed']} failed"
+        + (f" + {c['lost']} LOST" if c["lost"] else ""),
+        f"  failed   {s['failed_fraction']:.1%} (limit {s['max_failure_fraction']:.1%})"
+        + (f"  by reason: {s['errors_by_reason']}" if s["errors_by_reason"] else ""),
+        f"  table    {s['table']['embedded']} embeddings in {s['table']['parts']} part(s), "
+        f"{s['table']['failed']} errors",
+    ]
+    sec = s["seconds"]
+    lines.append("  seconds  " + "  ".join(f"{k} {v:.1f}" for k, v in sec.items()))
+    if s["images_per_s"]:
+        lines.append(
+            f"  speed    {s['images_per_s']:.1f} img/s over the pipeline "
+            f"(first part written after {s['seconds_to_first_part']:.1f}s)"
+        )
+        w = s["worker_seconds"]
+        lines.append(
+            f"  workers  decode+features {w['read_decode_features']:.1f}s  "
+            f"embed {w['embed']:.1f}s  write {w['write']:.1f}s (summed over workers)"
+        )
+    if ModelSpec.parse(s["model_spec"]).is_random:
+        lines.append("  NOTE     random weights: these embeddings carry no meaning beyond tests")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m keeper_train.jobs.embed --config FILE [key=value ...]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m keeper_train.jobs.embed", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--config", help="YAML config (packages/train/configs/embed.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. model=ViT-B-32:random")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load_config(EmbedConfig, args.config, args.overrides)
+        summary = run(cfg)
+    except KeeperError as e:
+        print(f"keeper embed: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    if summary["status"] != "ok":
+        return EXIT_TOO_MANY_FAILURES
+    return 0
+
+
+if __name__ == "__main__":
+    # Re-import by module name so Ray pickles the stage functions by reference
+    # (keeper_train.jobs.embed.prepare_batch), not as attributes of __main__.
+    from keeper_train.jobs import embed
+
+    sys.exit(embed.main())

@@ -1,0 +1,142 @@
+"""Integration fixtures: one local Ray for the session, and a `ray start --head` cluster for the
+tests that go through `ray job submit`. Every process started here is stopped here."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from support import free_port
+
+pytestmark = pytest.mark.integration
+
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(moto_server: str) -> Iterator[str]:
+    """A local Ray (2 CPUs) shared by the integration tests; yields its GCS address.
+
+    Ray workers inherit the environment of the process that starts Ray, so the S3 endpoint of
+    the session's moto_server is exported first: jobs on this Ray read and write the test bucket.
+    """
+    import ray
+
+    os.environ.update({"AWS_ENDPOINT_URL": moto_server, **AWS_TEST_ENV})
+    ray.init(
+        num_cpus=2,
+        object_store_memory=500 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"AWS_ENDPOINT_URL": moto_server, **AWS_TEST_ENV}},
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _kill_tree(pgid: int, marker: str) -> None:
+    import psutil
+
+    with_marker = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if any(marker in part for part in (p.info["cmdline"] or []))
+    ]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    for p in with_marker:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(with_marker, timeout=10)
+    for p in alive:
+        p.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+@dataclass
+class HeadNode:
+    dashboard: str  # http://127.0.0.1:PORT, the address `ray job submit` takes
+    token: str
+    home: Path  # HOME of the cluster's processes (holds ~/.ray/auth_token)
+
+    def client_env(self, *, with_token: bool) -> dict[str, str]:
+        """Environment of a client on another machine: no token file; the token only if given."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env["HOME"] = str(self.home / "client")
+        if with_token:
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        return env
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[HeadNode]:
+    """`ray start --head` with token authentication on, on free loopback ports."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    home = Path(tempfile.mkdtemp(prefix="keeper-rayhome-"))
+    (home / "client").mkdir()
+    # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="krt", dir="/tmp")
+    token = secrets.token_hex(32)
+    ports = {name: free_port() for name in ("gcs", "dash", "client", "agent")}
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+    }
+    cmd = [
+        ray_bin, "start", "--head", "--block",
+        "--port", str(ports["gcs"]),
+        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dash"]),
+        "--ray-client-server-port", str(ports["client"]),
+        "--dashboard-agent-listen-port", str(ports["agent"]),
+        "--num-cpus", "2", "--object-store-memory", str(300 * 1024**2),
+        "--temp-dir", temp_dir, "--include-dashboard", "true",
+    ]  # fmt: skip
+    log = open(home / "ray-start.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    head = HeadNode(dashboard=f"http://127.0.0.1:{ports['dash']}", token=token, home=home)
+    try:
+        _wait_for_dashboard(head, proc, timeout_s=120)
+        yield head
+    finally:
+        _kill_tree(proc.pid, temp_dir)
+        log.close()
+
+
+def _wait_for_dashboard(head: HeadNode, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log = (head.home / "ray-start.log").read_text()[-3000:]
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log}")
+        try:
+            req = urllib.request.Request(
+                f"{head.dashboard}/api/version", headers={"Authorization": f"Bearer {head.token}"}
+            )
+            with urllib.request.urlopen(req, timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Ray dashboard at {head.dashboard} not up after {timeout_s}s")

@@ -1,0 +1,230 @@
+"""The Ray Data embed job end to end on a local Ray: S3 in and out (a real moto_server), bad
+input, kill and resume. Results are checked against ClipEmbedder run directly."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from keeper_core import storage
+from keeper_core.embedding import ClipEmbedder
+from keeper_core.images import decode_image
+from keeper_core.synthetic import generate_corpus
+from keeper_train.jobs import embed
+from keeper_train.jobs.embed import EmbedConfig
+
+pytestmark = pytest.mark.integration
+TINY = "keeper-tiny:random"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """~25 real-photo JPEGs from the benchmark corpus generator."""
+    manifest = generate_corpus(tmp_path_factory.mktemp("corpus"), n_series=7, seed=3)
+    return [Path(u) for u in pd.read_csv(manifest)["image_uri"]]
+
+
+@pytest.fixture(scope="module")
+def reference() -> ClipEmbedder:
+    return ClipEmbedder(TINY)
+
+
+def read_table(dst: str) -> pd.DataFrame:
+    return storage.read_parquet(storage.join(dst, embed.EMBEDDINGS)).to_pandas()
+
+
+def read_errors(dst: str) -> pd.DataFrame:
+    return storage.read_parquet(storage.join(dst, embed.ERRORS)).to_pandas()
+
+
+def assert_counts_add_up(summary: dict) -> None:
+    c = summary["counts"]
+    assert c["in"] == c["skipped"] + c["attempted"]
+    assert c["attempted"] == c["embedded"] + c["failed"]
+    assert c["lost"] == 0
+
+
+def test_s3_corpus_to_s3_table(
+    ray_cluster: str, s3_bucket: str, corpus: list[Path], reference: ClipEmbedder
+) -> None:
+    s3 = boto3.client("s3")
+    keys = []
+    for i, path in enumerate(corpus):
+        key = f"photos/{path.parent.name}/{path.name}"
+        if i == 0:
+            key = f"photos/{path.parent.name}/no-extension"  # found by sniffing its bytes
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=path.read_bytes())
+        keys.append(key)
+    s3.put_object(Bucket=s3_bucket, Key="photos/README.txt", Body=b"not a photo")
+    dst = f"s3://{s3_bucket}/embeddings/tiny"
+    cfg = EmbedConfig(
+        input=f"s3://{s3_bucket}/photos",
+        output=dst,
+        model=TINY,
+        batch_size=8,
+        rows_per_file=8,
+        ray_address=ray_cluster,
+    )
+    summary = embed.run(cfg)
+
+    assert summary["status"] == "ok"
+    assert_counts_add_up(summary)
+    assert summary["counts"]["embedded"] == len(corpus)
+    assert summary["counts"]["non_image_files_ignored"] == 1
+    table = read_table(dst)
+    uris = [f"s3://{s3_bucket}/{k}" for k in keys]
+    assert sorted(table["image_uri"]) == sorted(uris)  # every good image exactly once
+    assert set(table["model_spec"]) == {TINY}
+    emb = np.stack(table["embedding"].to_numpy()).astype(np.float32)
+    assert emb.shape == (len(corpus), 64)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+    by_uri = dict(zip(table["image_uri"], emb, strict=True))
+    images = [decode_image(p.read_bytes()) for p in corpus]
+    direct = reference.embed_images(images)
+    np.testing.assert_allclose(np.stack([by_uri[u] for u in uris]), direct, atol=1e-4)
+    for u, p in zip(uris, corpus, strict=True):
+        row = table[table["image_uri"] == u].iloc[0]
+        with Image.open(p) as im:
+            assert (row["width"], row["height"]) == im.size
+    stored = json.loads(storage.read_bytes(f"{dst}/_SUMMARY.json"))
+    assert stored["run_id"] == summary["run_id"]
+    assert stored["versions"]["ray"].startswith("2.")
+
+
+def _bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_recorded_and_the_rest_finishes(
+    ray_cluster: str, tmp_path: Path, corpus: list[Path]
+) -> None:
+    good = corpus[:6]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    jpeg = good[0].read_bytes()
+    bad = {
+        "empty.jpg": (b"", "empty"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "notimage.jpg": (b"this is a text file, not a photo\n" * 20, "not_image"),
+        "bomb.png": (_bomb_png(), "too_many_pixels"),
+        "tiny.png": (_png((8, 8)), "too_small"),
+    }
+    for name, (data, _) in bad.items():
+        (folder / name).write_bytes(data)
+    missing = str(folder / "gone.jpg")
+    rows = [str(p) for p in good] + [str(folder / n) for n in bad] + [missing]
+    manifest = tmp_path / "manifest.csv"
+    pd.DataFrame({"image_uri": rows}).to_csv(manifest, index=False)
+
+    dst = str(tmp_path / "out")
+    summary = embed.run(
+        EmbedConfig(
+            input=str(manifest),
+            output=dst,
+            model=TINY,
+            max_failure_fraction=1.0,
+            ray_address=ray_cluster,
+        )
+    )
+    assert_counts_add_up(summary)
+    assert summary["counts"]["embedded"] == len(good)
+    assert summary["counts"]["failed"] == len(bad) + 1
+    assert summary["status"] == "ok"
+    errors = read_errors(dst).set_index("image_uri")
+    assert len(errors) == len(bad) + 1
+    for name, (_, reason) in bad.items():
+        assert errors.loc[str(folder / name), "reason"] == reason, name
+        assert errors.loc[str(folder / name), "stage"] == "decode"
+    assert errors.loc[missing, "stage"] == "read"
+    assert errors.loc[missing, "reason"] == "unreadable"
+    assert sorted(read_table(dst)["image_uri"]) == sorted(str(p) for p in good)
+
+    # The same input against the default limit (5 %): the job finishes, says why, exits 3.
+    argv = [f"input={manifest}", f"output={tmp_path / 'out2'}", f"ray_address={ray_cluster}"]
+    assert embed.main(argv) == embed.EXIT_TOO_MANY_FAILURES
+    again = json.loads((tmp_path / "out2" / "_SUMMARY.json").read_text())
+    assert again["status"] == "failed"
+    assert again["counts"]["embedded"] == len(good)
+
+
+def test_other_model_spec_is_refused(ray_cluster: str, tmp_path: Path, corpus: list[Path]) -> None:
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"image_uri": [str(p) for p in corpus[:3]]}).to_csv(manifest, index=False)
+    dst = str(tmp_path / "out")
+    embed.run(EmbedConfig(input=str(manifest), output=dst, model=TINY, ray_address=ray_cluster))
+    argv = [f"input={manifest}", f"output={dst}", "model=ViT-B-32:random"]
+    assert embed.main(argv) == 2  # refused before any work, naming both specs
+
+
+def test_killed_job_resumes_with_every_image_once(ray_cluster: str, tmp_path: Path) -> None:
+    manifest = generate_corpus(tmp_path / "corpus", n_series=40, seed=11, min_shots=3)
+    total = len(pd.read_csv(manifest))
+    dst = tmp_path / "out"
+    emb_dir = dst / embed.EMBEDDINGS
+    cmd = [
+        sys.executable, "-m", "keeper_train.jobs.embed",
+        f"input={manifest}", f"output={dst}", f"model={TINY}",
+        "batch_size=4", "decode_batch_size=4", "rows_per_file=4", f"ray_address={ray_cluster}",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if emb_dir.is_dir() and any(emb_dir.glob("*.parquet")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before any output was seen"
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies mid-job
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    done_before = len(read_table(str(dst)))
+    assert 0 < done_before < total, "kill did not land mid-job"
+
+    summary = embed.run(
+        EmbedConfig(input=str(manifest), output=str(dst), model=TINY, ray_address=ray_cluster)
+    )
+    assert_counts_add_up(summary)
+    assert summary["counts"]["skipped"] >= done_before
+    table = read_table(str(dst))
+    assert len(table) == total
+    assert table["image_uri"].is_unique
+    assert table["image_id"].notna().all()
+
+    again = embed.run(
+        EmbedConfig(input=str(manifest), output=str(dst), model=TINY, ray_address=ray_cluster)
+    )
+    assert again["counts"]["attempted"] == 0
+    assert again["counts"]["skipped"] == total
+    assert len(read_table(str(dst))) == total
