@@ -50,22 +50,34 @@ def ray_cluster(moto_server: str) -> Iterator[str]:
         ray.shutdown()
 
 
-def _kill_tree(pgid: int, marker: str) -> None:
-    import psutil
+def _pids_with(marker: str) -> list[int]:
+    """Processes whose command line mentions ``marker`` (Ray's daemons name their temp dir)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker.encode() in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
 
-    with_marker = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if any(marker in part for part in (p.info["cmdline"] or []))
-    ]
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _kill_tree(pgid: int, marker: str) -> None:
+    """Stop a `ray start --block` process group and every Ray daemon of its temp dir."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
-    for p in with_marker:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(with_marker, timeout=10)
-    for p in alive:
-        p.kill()
+    _signal_all(_pids_with(marker), signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while _pids_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    _signal_all(_pids_with(marker), signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
 
@@ -97,6 +109,8 @@ def ray_head() -> Iterator[HeadNode]:
     ports = {name: free_port() for name in ("gcs", "dash", "client", "agent")}
     env = {
         **os.environ,
+        # As on a cluster node: `python` is the interpreter that has keeper installed.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "HOME": str(home),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,

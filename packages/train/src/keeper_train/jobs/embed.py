@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import cache
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
@@ -44,7 +44,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keeper_core import storage
 from keeper_core.embedding import ClipEmbedder
-from keeper_core.errors import DataError, ImageDecodeError, KeeperError, StorageError
+from keeper_core.errors import (
+    DataError,
+    ImageDecodeError,
+    KeeperError,
+    ModelLoadError,
+    StorageError,
+)
 from keeper_core.images import DecodeLimits, decode_image, image_size, sniff_is_image
 from keeper_core.models import ModelSpec, embed_dim, preprocess_config, resize_transform
 from keeper_core.quality import FEATURE_NAMES, quality_features
@@ -94,8 +100,11 @@ class EmbedConfig(BaseModel):
     @classmethod
     def _known_arch(cls, v: str) -> str:
         # Fails on an unknown arch or tag here, before a cluster is touched; loads no weights.
-        preprocess_config(v)
-        return str(ModelSpec.parse(v))
+        try:
+            preprocess_config(v)
+            return str(ModelSpec.parse(v))
+        except ModelLoadError as e:  # pydantic names the field only for ValueErrors
+            raise ValueError(str(e)) from e
 
     @field_validator("input", "output")
     @classmethod
@@ -154,7 +163,7 @@ def _manifest_uris(src: str) -> list[str]:
         raise DataError(f"cannot read manifest: {e}", source=src) from e
     if "image_uri" not in df.columns:
         raise DataError(f"manifest has no image_uri column (has {list(df.columns)})", source=src)
-    col = df["image_uri"].astype(str).str.strip()
+    col = df["image_uri"].fillna("").astype(str).str.strip()
     bad = [i for i, v in enumerate(col) if not v or v.lower() in ("nan", "none")]
     if bad:
         raise DataError(f"empty image_uri in rows {bad[:10]}", source=src, rows=bad)
@@ -192,8 +201,10 @@ def dedupe_parts(folder: str) -> int:
     seen: set[str] = set()
     removed = 0
     for part, uris in sorted(_uris_in(folder).items()):
-        dup = [u in seen for u in uris]
-        seen.update(uris)
+        dup = []
+        for u in uris:
+            dup.append(u in seen)
+            seen.add(u)
         if not any(dup):
             continue
         removed += sum(dup)
@@ -460,7 +471,11 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
 
     attempted = len(todo)
     lost = attempted - embedded - failed
-    frac = failed / attempted if attempted else 0.0
+    run_frac = failed / attempted if attempted else 0.0
+    # Judged on the whole table, so a re-run after exit 3 (which skips recorded errors) still
+    # reports the table as failing until the errors are dealt with (retry_errors, or new input).
+    table_n = len(emb_all) + len(err_all)
+    frac = len(err_all) / table_n if table_n else 0.0
     pipe_s = seconds.get("pipeline", 0.0)
     first_s = t_first - t_pipe if tallies else None
     summary: dict[str, Any] = {
@@ -482,6 +497,7 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
         },
         "table": {"embedded": len(emb_all), "failed": len(err_all), "parts": len(emb_parts)},
         "failed_fraction": round(frac, 6),
+        "failed_fraction_this_run": round(run_frac, 6),
         "max_failure_fraction": cfg.max_failure_fraction,
         "errors_by_reason": dict(reasons),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -495,11 +511,11 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
         },
         "cluster": cluster,
         "versions": {
-            "keeper_core": version("keeper-core"),
-            "keeper_train": version("keeper-train"),
+            "keeper_core": _version("keeper-core"),
+            "keeper_train": _version("keeper-train"),
             "ray": ray.__version__,
-            "torch": version("torch"),
-            "open_clip": version("open_clip_torch"),
+            "torch": _version("torch"),
+            "open_clip": _version("open_clip_torch"),
         },
         "finished": _now(),
     }
@@ -509,6 +525,14 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
     storage.write_bytes(storage.join(dst, SUMMARY), body)
     storage.write_bytes(storage.join(dst, "_runs", f"{run_id}.json"), body)
     return summary
+
+
+def _version(dist: str) -> str:
+    # keeper may run as uploaded source (a runtime_env working_dir) without package metadata.
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown (not installed as a package)"
 
 
 def _error_reasons(parts: dict[str, list[str]], todo: set[str]) -> list[str]:
@@ -532,7 +556,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  images   {c['in']} in = {c['skipped']} skipped (already in output) + "
         f"{c['embedded']} embedded + {c['failed']} failed"
         + (f" + {c['lost']} LOST" if c["lost"] else ""),
-        f"  failed   {s['failed_fraction']:.1%} (limit {s['max_failure_fraction']:.1%})"
+        f"  failed   {s['failed_fraction']:.1%} of the table (limit "
+        f"{s['max_failure_fraction']:.1%}), {s['failed_fraction_this_run']:.1%} of this run"
         + (f"  by reason: {s['errors_by_reason']}" if s["errors_by_reason"] else ""),
         f"  table    {s['table']['embedded']} embeddings in {s['table']['parts']} part(s), "
         f"{s['table']['failed']} errors",

@@ -1,0 +1,160 @@
+"""keeper_core.bestof: per-method series metrics and the HTML report, on hand-computed cases."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from keeper_core.bestof import compare_methods, write_report
+
+# Three series of 2, 3 and 4 shots; keepers at positions 1, 0 and 2.
+# Series ids sort differently from manifest order: results follow the sorted ids.
+MANIFEST = pd.DataFrame(
+    {
+        "series_id": ["s2", "s2", "s1", "s1", "s1", "s3", "s3", "s3", "s3"],
+        "image_uri": [f"img/{i}.jpg" for i in range(9)],
+        "is_best": [False, True, True, False, False, False, False, True, False],
+        "degradation": ["defocus", "", "", "noise", "haze", "jpeg", "motion", "", "noise"],
+    }
+)
+# good: s2 rank 1; s1 rank 2 (0.7 > 0.5); s3 rank 3 (0.8, 0.9 > 0.6).
+GOOD = np.array([0.1, 0.9, 0.5, 0.7, 0.2, 0.3, 0.8, 0.6, 0.9])
+# bad = -good: s2 rank 2; s1 rank 2 (-0.2 > -0.5); s3 rank 2 (-0.3 > -0.6).
+BAD = -GOOD
+# flat: ties count against the keeper when the competitor comes first:
+# s2 rank 2 (index 0 ties first); s1 rank 1 (keeper is first); s3 rank 3.
+FLAT = np.zeros(9)
+
+
+def test_compare_methods_hand_computed() -> None:
+    c = compare_methods(MANIFEST, {"good": GOOD, "bad": BAD, "flat": FLAT})
+    assert c.left_out == 0
+    assert [g["series_id"].iloc[0] for g in c.series] == ["s1", "s2", "s3"]
+    assert [list(g.index) for g in c.series] == [[2, 3, 4], [0, 1], [5, 6, 7, 8]]
+    assert c.best == [0, 1, 2]
+
+    good = c.results["good"]  # ranks (s1, s2, s3) = (2, 1, 3)
+    assert good.n_series == 3
+    assert good.top1 == pytest.approx(1 / 3)
+    assert good.top2 == pytest.approx(2 / 3)
+    assert good.top3 == pytest.approx(1.0)
+    assert good.mean_rank == pytest.approx(2.0)
+    assert good.mrr == pytest.approx((1 / 2 + 1 + 1 / 3) / 3)
+    assert good.random_top1 == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3)
+    assert good.random_mean_rank == pytest.approx((2 + 1.5 + 2.5) / 3)
+
+    bad = c.results["bad"]  # ranks (2, 2, 2)
+    assert (bad.top1, bad.top2, bad.mean_rank, bad.mrr) == (0.0, 1.0, 2.0, 0.5)
+
+    flat = c.results["flat"]  # ranks (1, 2, 3)
+    assert flat.top1 == pytest.approx(1 / 3)
+    assert flat.mrr == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
+    assert flat.mean_rank == pytest.approx(2.0)
+
+    table = c.table()
+    assert "good" in table
+    assert "bad" in table
+
+
+def test_nan_scores_leave_the_series_out_for_every_method() -> None:
+    good = GOOD.copy()
+    good[3] = np.nan  # s1 (not its keeper): the whole series goes, for both methods
+    bad = BAD.copy()
+    bad[5] = np.nan  # s3
+    c = compare_methods(MANIFEST, {"good": good, "bad": bad})
+    assert c.left_out == 2
+    assert [g["series_id"].iloc[0] for g in c.series] == ["s2"]
+    assert c.best == [1]
+    assert c.results["good"].n_series == 1
+    assert c.results["good"].top1 == 1.0
+    assert c.results["bad"].top1 == 0.0
+    assert c.results["bad"].mean_rank == 2.0
+
+    inf = GOOD.copy()
+    inf[0] = np.inf  # not finite either
+    c = compare_methods(MANIFEST, {"good": inf})
+    assert c.left_out == 1
+    assert c.results["good"].n_series == 2
+    assert c.results["good"].mean_rank == pytest.approx((2 + 3) / 2)
+
+
+def test_single_shot_series_is_left_out() -> None:
+    extra = pd.DataFrame(
+        {"series_id": ["s4"], "image_uri": ["img/9.jpg"], "is_best": [True], "degradation": [""]}
+    )
+    manifest = pd.concat([MANIFEST, extra], ignore_index=True)
+    c = compare_methods(manifest, {"good": np.append(GOOD, 1.0)})
+    assert c.left_out == 1
+    assert c.results["good"].n_series == 3
+    assert c.results["good"].mean_rank == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("bad", [np.zeros(8), np.zeros(10), np.zeros((9, 1)), np.zeros((3, 3))])
+def test_wrong_shaped_scores_raise(bad: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"'oops' have shape .* expected \(9,\)"):
+        compare_methods(MANIFEST, {"good": GOOD, "oops": bad})
+
+
+def _loader(missing: set[str]) -> tuple[list[str], Callable[[str], Image.Image | None]]:
+    calls: list[str] = []
+
+    def load(uri: str) -> Image.Image | None:
+        calls.append(uri)
+        if uri in missing:
+            return None
+        return Image.new("RGB", (40, 30), (10 * len(calls), 100, 200))
+
+    return calls, load
+
+
+def test_write_report(tmp_path: Path) -> None:
+    scores = {"good": GOOD, "bad": BAD}
+    c = compare_methods(MANIFEST, scores)
+    calls, load = _loader({"img/3.jpg"})
+    out = write_report(
+        tmp_path / "sub" / "report.html",
+        "My <report>",
+        c,
+        scores,
+        load,
+        max_series=2,
+        warnings=["weights are RANDOM"],
+        notes=["a note"],
+    )
+    assert out == tmp_path / "sub" / "report.html"
+    html = out.read_text()
+    # Only the first two series (sorted ids s1, s2): five shots, one without an image.
+    assert calls == ["img/2.jpg", "img/3.jpg", "img/4.jpg", "img/0.jpg", "img/1.jpg"]
+    assert html.count("<div class='series'>") == 2
+    assert "series s1" in html
+    assert "series s2" in html
+    assert "series s3" not in html
+    assert html.count("(no image)") == 1
+    assert html.count("src='data:image/jpeg;base64,") == 4
+    # The keeper tag: once in the legend, once per shown series.
+    assert html.count("<span class='tag keep'>keeper</span>") == 1 + 2
+    assert html.count("class='shot best'") == 2
+    # good picks the keeper in s2 (a "pick"); bad misses in both series.
+    assert html.count("<span class='tag pick'>good</span>") == 1
+    assert html.count("<span class='tag miss'>bad</span>") == 2
+    assert "My &lt;report&gt;" in html
+    assert "<div class='warn'>weights are RANDOM</div>" in html
+    assert "<p>a note</p>" in html
+    assert "noise" in html  # the degradation note of img/3
+    assert "good 0.700" in html
+
+
+def test_write_report_default_shows_every_series(tmp_path: Path) -> None:
+    scores = {"good": GOOD}
+    c = compare_methods(MANIFEST, scores)
+    calls, load = _loader(set())
+    html = write_report(tmp_path / "r.html", "t", c, scores, load, note_column=None).read_text()
+    assert html.count("<div class='series'>") == 3
+    assert len(calls) == 9
+    assert "(no image)" not in html
+    assert "defocus" not in html  # note_column=None: no degradation notes

@@ -1,0 +1,546 @@
+"""keeper_train.jobs.embed: the stage functions, called directly (Ray is never started)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import boto3
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from keeper_core import storage
+from keeper_core.embedding import ClipEmbedder
+from keeper_core.errors import DataError
+from keeper_core.images import decode_image
+from keeper_core.quality import FEATURE_NAMES, quality_features
+from keeper_train.jobs.embed import (
+    EmbedStage,
+    check_table_meta,
+    dedupe_parts,
+    format_summary,
+    list_inputs,
+    prepare_batch,
+    write_batch,
+)
+
+SPEC = "keeper-tiny:random"
+SIZE = 64  # keeper-tiny's image size
+LIMITS = {"max_pixels": 64_000_000, "max_bytes": 64 * 1024 * 1024, "min_side": 16}
+# What prepare_batch drafts to with draft=True: max(image size, QUALITY_SIZE=256) per side.
+DRAFT = (256, 256)
+FLOAT_FEATURES = [n for n in FEATURE_NAMES if n not in ("width", "height")]
+
+
+def encode(im: Image.Image, fmt: str, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def photo(w: int, h: int, seed: int) -> Image.Image:
+    """A smooth gradient with some noise: real structure, different per seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], axis=-1)
+    base = base * rng.uniform(0.4, 1.0, 3) + rng.normal(0, 12, (h, w, 3))
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid PNG header declaring width x height with a tiny IDAT (never decodable)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def run_prepare(uris: list[str], errors_dir: Path, run_id: str = "run-1") -> dict[str, np.ndarray]:
+    return prepare_batch(
+        {"image_uri": np.array(uris, dtype=object)},
+        spec=SPEC,
+        limits=LIMITS,
+        draft=True,
+        errors_dir=str(errors_dir),
+        run_id=run_id,
+    )
+
+
+def parts(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """name -> path of a mixed set of good and bad files (the 'missing' one is never written)."""
+    root = tmp_path_factory.mktemp("corpus")
+    noise = Image.fromarray(np.random.default_rng(9).integers(0, 256, (200, 300, 3), np.uint8))
+    files: dict[str, bytes] = {
+        "big.jpg": encode(photo(1200, 900, 0), "JPEG", quality=90),
+        "wide.png": encode(photo(80, 50, 1), "PNG"),
+        "tall.jpg": encode(photo(40, 120, 2), "JPEG", quality=90),
+        "rgba.png": encode(photo(70, 70, 3).convert("RGBA"), "PNG"),
+        "corrupt.jpg": encode(noise, "JPEG", quality=95)[:5000],
+        "text.jpg": b"this is not an image at all",
+        "empty.jpg": b"",
+        "tiny.png": encode(photo(10, 10, 4), "PNG"),
+        "bomb.png": png_declaring(30000, 30000),
+    }
+    out = {}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+        out[name] = str(root / name)
+    out["missing.jpg"] = str(root / "missing.jpg")
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage() -> EmbedStage:
+    return EmbedStage(SPEC, 8)
+
+
+@pytest.fixture(scope="module")
+def reference() -> ClipEmbedder:
+    return ClipEmbedder(SPEC)
+
+
+GOOD = ["big.jpg", "wide.png", "tall.jpg", "rgba.png"]
+BAD = {  # name -> (stage, reason)
+    "corrupt.jpg": ("decode", "truncated"),
+    "text.jpg": ("decode", "not_image"),
+    "empty.jpg": ("decode", "empty"),
+    "missing.jpg": ("read", "unreadable"),
+    "tiny.png": ("decode", "too_small"),
+    "bomb.png": ("decode", "too_many_pixels"),
+}
+SIZES = {"big.jpg": (1200, 900), "wide.png": (80, 50), "tall.jpg": (40, 120), "rgba.png": (70, 70)}
+# Good and bad interleaved: output order must follow input order.
+MIXED = [
+    "corrupt.jpg",
+    "big.jpg",
+    "text.jpg",
+    "wide.png",
+    "empty.jpg",
+    "missing.jpg",
+    "tall.jpg",
+    "tiny.png",
+    "bomb.png",
+    "rgba.png",
+]
+
+
+# ---------------------------------------------------------------- list_inputs
+
+
+def test_list_inputs_local_folder(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    png = encode(photo(20, 20, 0), "PNG")
+    jpg = encode(photo(20, 20, 1), "JPEG")
+    (src / "z.jpg").write_bytes(jpg)
+    (src / "a" / "one.PNG").write_bytes(png)
+    (src / "a" / "b" / "deep.jpeg").write_bytes(jpg)
+    (src / "a" / "noext_image").write_bytes(jpg)  # found by sniffing
+    (src / "a" / "noext_text").write_bytes(b"plain text, no extension")
+    (src / ".hidden.jpg").write_bytes(jpg)  # hidden: never a photo
+    (src / "notes.txt").write_bytes(jpg)  # a .txt is never sniffed, even holding JPEG bytes
+    (src / "meta.json").write_bytes(b"{}")
+    (src / "corrupt.jpg").write_bytes(b"garbage")  # image extension: taken, fails at decode
+    # The job's own output under SRC: skipped, not counted as ignored.
+    (src / "out" / "embeddings").mkdir(parents=True)
+    (src / "out" / "embeddings" / "part-x.parquet").write_bytes(b"PAR1")
+    (src / "out" / "thumb.jpg").write_bytes(jpg)
+    # A sibling that only shares the prefix string is not excluded.
+    (src / "outside").mkdir()
+    (src / "outside" / "keep.jpg").write_bytes(jpg)
+
+    uris, ignored = list_inputs(str(src), exclude=str(src / "out") + "/")
+    s = str(src)
+    assert uris == [
+        f"{s}/a/b/deep.jpeg",
+        f"{s}/a/noext_image",
+        f"{s}/a/one.PNG",
+        f"{s}/corrupt.jpg",
+        f"{s}/outside/keep.jpg",
+        f"{s}/z.jpg",
+    ]
+    assert ignored == 4  # noext_text, .hidden.jpg, notes.txt, meta.json
+    assert list_inputs(str(src), exclude=str(src / "out")) == (uris, ignored)  # stable
+
+    # Without the exclusion the output's thumbnail is an input, and its part file is ignored.
+    all_uris, all_ignored = list_inputs(str(src))
+    assert all_uris == sorted([*uris, f"{s}/out/thumb.jpg"])
+    assert all_ignored == 5
+
+
+def test_list_inputs_s3_prefix(s3_bucket: str) -> None:
+    s3 = boto3.client("s3")
+    jpg = encode(photo(20, 20, 1), "JPEG")
+    png = encode(photo(20, 20, 0), "PNG")
+    objects = {
+        "photos/a.jpg": jpg,
+        "photos/sub/B.PNG": png,
+        "photos/noext": png,
+        "photos/blob": b"not an image",
+        "photos/notes.txt": b"hi",
+        "photos/.hidden.jpg": jpg,
+        "photos2/other.jpg": jpg,  # another prefix that starts with the same string
+    }
+    for key, body in objects.items():
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=body)
+    uris, ignored = list_inputs(f"s3://{s3_bucket}/photos")
+    b = f"s3://{s3_bucket}/photos"
+    assert uris == [f"{b}/a.jpg", f"{b}/noext", f"{b}/sub/B.PNG"]
+    assert ignored == 3
+
+
+def test_list_inputs_s3_manifest_resolves_relative_keys(s3_bucket: str) -> None:
+    body = "image_uri\nimgs/a.jpg\ns3://other/x.jpg\nimgs/a.jpg\n"
+    boto3.client("s3").put_object(Bucket=s3_bucket, Key="sets/m.csv", Body=body.encode())
+    uris, ignored = list_inputs(f"s3://{s3_bucket}/sets/m.csv")
+    assert uris == [f"s3://{s3_bucket}/sets/imgs/a.jpg", "s3://other/x.jpg"]
+    assert ignored == 0
+
+
+def test_list_inputs_csv_manifest(tmp_path: Path) -> None:
+    mdir = tmp_path / "m"
+    mdir.mkdir()
+    m = mdir / "manifest.csv"
+    m.write_text(
+        "image_uri,label\n"
+        "imgs/a.jpg,x\n"
+        "/abs/b.jpg,y\n"
+        f"{mdir}/imgs/a.jpg,dup-after-resolving\n"
+        "s3://bucket/c.jpg,z\n"
+        "/abs/b.jpg,dup\n"
+        "file:///abs/d.jpg,w\n"
+    )
+    uris, ignored = list_inputs(str(m))
+    assert uris == [f"{mdir}/imgs/a.jpg", "/abs/b.jpg", "s3://bucket/c.jpg", "file:///abs/d.jpg"]
+    assert ignored == 0
+
+
+def test_list_inputs_parquet_manifest(tmp_path: Path) -> None:
+    m = tmp_path / "manifest.parquet"
+    pd.DataFrame(
+        {"image_uri": ["x/2.jpg", "x/1.jpg", "x/2.jpg", "/a/3.png"], "k": [1, 2, 3, 4]}
+    ).to_parquet(m)
+    uris, _ = list_inputs(str(m))
+    assert uris == [f"{tmp_path}/x/2.jpg", f"{tmp_path}/x/1.jpg", "/a/3.png"]
+
+
+def test_manifest_without_image_uri_column(tmp_path: Path) -> None:
+    m = tmp_path / "m.csv"
+    m.write_text("path,label\na.jpg,1\n")
+    with pytest.raises(DataError, match=r"no image_uri column.*'path', 'label'") as e:
+        list_inputs(str(m))
+    assert e.value.source == str(m)
+
+
+def test_manifest_with_empty_values_names_the_rows(tmp_path: Path) -> None:
+    m = tmp_path / "m.csv"
+    m.write_text("image_uri,label\na.jpg,x\n,y\nb.jpg,z\n   ,w\n")
+    with pytest.raises(DataError, match=r"empty image_uri in rows \[1, 3\]") as e:
+        list_inputs(str(m))
+    assert e.value.rows == [1, 3]
+    pq_m = tmp_path / "m.parquet"
+    pd.DataFrame({"image_uri": ["a.jpg", "c.jpg", " ", ""]}).to_parquet(pq_m)
+    with pytest.raises(DataError, match="empty image_uri") as e:
+        list_inputs(str(pq_m))
+    assert e.value.rows == [2, 3]
+
+
+def test_parquet_manifest_with_null_image_uri_is_a_data_error(tmp_path: Path) -> None:
+    pq_m = tmp_path / "m.parquet"
+    pd.DataFrame({"image_uri": ["a.jpg", None, "c.jpg"]}).to_parquet(pq_m)
+    with pytest.raises(DataError, match="empty image_uri") as e:
+        list_inputs(str(pq_m))
+    assert e.value.rows == [1]
+
+
+def test_manifest_that_is_not_a_table(tmp_path: Path) -> None:
+    m = tmp_path / "m.parquet"
+    m.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="cannot read manifest"):
+        list_inputs(str(m))
+
+
+# ---------------------------------------------------------------- prepare_batch
+
+
+def test_prepare_batch_good_and_bad_rows(corpus: dict[str, str], tmp_path: Path) -> None:
+    errors = tmp_path / "errors"
+    uris = [corpus[n] for n in MIXED]
+    out = run_prepare(uris, errors, run_id="run-42")
+
+    good = [corpus[n] for n in MIXED if n in GOOD]
+    assert list(out["image_uri"]) == good
+    n = len(good)
+    assert out["pixel_values"].shape == (n, 3, SIZE, SIZE)
+    assert out["pixel_values"].dtype == np.uint8
+    data = {u: Path(u).read_bytes() for u in good}
+    assert list(out["image_id"]) == [hashlib.sha256(data[u]).hexdigest() for u in good]
+    # Original sizes, although big.jpg (1200x900) was decoded drafted.
+    names = [Path(u).name for u in good]
+    assert list(zip(out["width"], out["height"], strict=True)) == [SIZES[k] for k in names]
+    assert out["width"].dtype == np.int32
+    assert out["height"].dtype == np.int32
+    assert out["t_decode"].shape == (n,)
+    assert (out["t_decode"] > 0).all()
+    # Quality features are those of the decoded (drafted) images, as float32.
+    images = [decode_image(data[u], draft_size=DRAFT) for u in good]
+    assert images[0].size[0] < 1200, "the 1200x900 JPEG must have been drafted"
+    expected = quality_features(images)
+    for j, name in enumerate(FEATURE_NAMES):
+        if name in FLOAT_FEATURES:
+            assert out[name].dtype == np.float32
+            np.testing.assert_allclose(out[name], expected[:, j], rtol=1e-6, err_msg=name)
+    assert len(set(out["sharpness"].tolist())) == n  # different images, different features
+
+    err_parts = parts(errors)
+    assert len(err_parts) == 1
+    table = pq.read_table(err_parts[0])
+    assert {"image_uri", "stage", "reason", "error", "run_id"} <= set(table.column_names)
+    rows = {r["image_uri"]: r for r in table.to_pylist()}
+    assert set(rows) == {corpus[k] for k in BAD}
+    for name, (stage_name, reason) in BAD.items():
+        row = rows[corpus[name]]
+        assert (row["stage"], row["reason"]) == (stage_name, reason), name
+        assert row["run_id"] == "run-42"
+        assert row["error"]
+    assert "missing.jpg" in rows[corpus["missing.jpg"]]["error"]
+    # Counts add up: every input is a good row or an error row, never both, never neither.
+    assert n + table.num_rows == len(uris)
+
+
+def test_prepare_batch_large_jpeg_without_draft_has_the_same_sizes(
+    corpus: dict[str, str], tmp_path: Path
+) -> None:
+    kw = {"spec": SPEC, "limits": LIMITS, "errors_dir": str(tmp_path), "run_id": "r"}
+    batch = {"image_uri": np.array([corpus["big.jpg"]], dtype=object)}
+    drafted = prepare_batch(batch, draft=True, **kw)
+    full = prepare_batch(batch, draft=False, **kw)
+    assert (int(drafted["width"][0]), int(drafted["height"][0])) == (1200, 900)
+    assert (int(full["width"][0]), int(full["height"][0])) == (1200, 900)
+    assert drafted["pixel_values"].shape == full["pixel_values"].shape == (1, 3, SIZE, SIZE)
+    # Same picture either way (drafting only changes the decode resolution).
+    diff = np.abs(drafted["pixel_values"].astype(int) - full["pixel_values"].astype(int))
+    assert diff.mean() < 8
+    assert parts(tmp_path) == []  # nothing failed: no error part
+
+
+def test_prepare_batch_all_bad(corpus: dict[str, str], tmp_path: Path) -> None:
+    uris = [corpus[n] for n in BAD]
+    out = run_prepare(uris, tmp_path / "errors")
+    assert out["pixel_values"].shape == (0, 3, SIZE, SIZE)
+    assert out["pixel_values"].dtype == np.uint8
+    for key in ("image_uri", "image_id", "width", "height", "t_decode", *FEATURE_NAMES):
+        assert len(out[key]) == 0, key
+    assert pq.read_table(parts(tmp_path / "errors")[0]).num_rows == len(uris)
+
+
+def test_prepare_batch_error_part_is_deterministic(corpus: dict[str, str], tmp_path: Path) -> None:
+    errors = tmp_path / "errors"
+    uris = [corpus[n] for n in ["big.jpg", "text.jpg", "empty.jpg"]]
+    run_prepare(uris, errors, run_id="first")
+    first = parts(errors)
+    run_prepare(uris, errors, run_id="second")  # a retried task
+    assert parts(errors) == first
+    assert len(first) == 1
+    assert pq.read_table(first[0]).column("run_id").to_pylist() == ["second", "second"]
+    run_prepare([corpus["tiny.png"]], errors)  # another batch: another part
+    assert len(parts(errors)) == 2
+
+
+# ---------------------------------------------------------------- EmbedStage + write_batch
+
+
+def test_embed_and_write_match_clip_embedder(
+    corpus: dict[str, str],
+    tmp_path: Path,
+    stage: EmbedStage,
+    reference: ClipEmbedder,
+) -> None:
+    # 11 good images: more than the stage's batch_size of 8, so chunking is exercised.
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    extra = []
+    for i in range(7):
+        p = folder / f"p{i}.jpg"
+        p.write_bytes(encode(photo(90 + 10 * i, 60 + 5 * i, 100 + i), "JPEG", quality=90))
+        extra.append(str(p))
+    uris = [*(corpus[n] for n in GOOD), *extra, corpus["text.jpg"]]
+    prepared = run_prepare(uris, tmp_path / "errors")
+    n = len(uris) - 1
+    embedded = stage(prepared)
+    assert "pixel_values" not in embedded
+    assert embedded["embedding"].shape == (n, 64)
+    assert embedded["t_embed"].shape == (n,)
+
+    tally = write_batch(embedded, spec=SPEC, embeddings_dir=str(tmp_path / "emb"))
+    assert int(tally["rows"][0]) == n
+    assert set(tally) == {"rows", "t_decode", "t_embed", "t_write"}
+    assert float(tally["t_decode"][0]) == pytest.approx(float(np.sum(prepared["t_decode"])))
+
+    files = parts(tmp_path / "emb")
+    assert len(files) == 1
+    table = pq.read_table(files[0])
+    schema = table.schema
+    assert schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    for name in ("image_id", "image_uri", "model_spec"):
+        assert schema.field(name).type == pa.string(), name
+    for name in FLOAT_FEATURES:
+        assert schema.field(name).type == pa.float32(), name
+    assert schema.field("width").type == pa.int32()
+    assert schema.field("height").type == pa.int32()
+    assert table.num_rows == n
+
+    assert table.column("image_uri").to_pylist() == uris[:n]
+    assert table.column("model_spec").to_pylist() == [SPEC] * n
+    assert table.column("image_id").to_pylist() == list(prepared["image_id"])
+    assert table.column("width").to_pylist()[0] == 1200
+    for name in FLOAT_FEATURES:
+        np.testing.assert_array_equal(table.column(name).to_numpy(), prepared[name])
+
+    emb = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # Mirror the job: decode with the same draft size, then embed with the plain embedder.
+    images = [decode_image(Path(u).read_bytes(), draft_size=DRAFT) for u in uris[:n]]
+    expected = reference.embed_images(images)
+    np.testing.assert_allclose(emb, expected, atol=1e-5)
+    assert not np.allclose(emb[0], emb[1])
+
+
+def test_empty_batch_writes_nothing(
+    corpus: dict[str, str], tmp_path: Path, stage: EmbedStage
+) -> None:
+    prepared = run_prepare([corpus["empty.jpg"]], tmp_path / "errors")
+    embedded = stage(prepared)
+    assert len(embedded["embedding"]) == 0
+    tally = write_batch(embedded, spec=SPEC, embeddings_dir=str(tmp_path / "emb"))
+    assert int(tally["rows"][0]) == 0
+    assert not (tmp_path / "emb").exists()
+
+
+# ---------------------------------------------------------------- dedupe_parts
+
+
+def write_part(folder: Path, name: str, uris: list[str]) -> None:
+    table = pa.table({"image_uri": uris, "v": [f"{name}:{u}" for u in uris]})
+    storage.write_parquet(table, str(folder / name))
+
+
+def test_dedupe_parts(tmp_path: Path) -> None:
+    # Sorted names decide who keeps a row: part-a first.
+    write_part(tmp_path, "part-c.parquet", ["u1", "u4"])  # all duplicates of a and b
+    write_part(tmp_path, "part-a.parquet", ["u1", "u2", "u3"])
+    write_part(tmp_path, "part-b.parquet", ["u2", "u4", "u5"])
+    assert dedupe_parts(str(tmp_path)) == 3  # u2 from b, u1 and u4 from c
+    assert [p.name for p in parts(tmp_path)] == ["part-a.parquet", "part-b.parquet"]
+    a = pq.read_table(tmp_path / "part-a.parquet").to_pydict()
+    b = pq.read_table(tmp_path / "part-b.parquet").to_pydict()
+    assert a == {
+        "image_uri": ["u1", "u2", "u3"],
+        "v": ["part-a.parquet:u1", "part-a.parquet:u2", "part-a.parquet:u3"],
+    }
+    assert b == {"image_uri": ["u4", "u5"], "v": ["part-b.parquet:u4", "part-b.parquet:u5"]}
+    assert dedupe_parts(str(tmp_path)) == 0
+    assert [p.name for p in parts(tmp_path)] == ["part-a.parquet", "part-b.parquet"]
+
+
+def test_dedupe_parts_of_a_missing_folder_is_zero(tmp_path: Path) -> None:
+    assert dedupe_parts(str(tmp_path / "nothing-here")) == 0
+
+
+def test_dedupe_parts_within_one_part(tmp_path: Path) -> None:
+    write_part(tmp_path, "part-a.parquet", ["u1", "u1", "u2"])
+    assert dedupe_parts(str(tmp_path)) == 1
+    assert pq.read_table(tmp_path / "part-a.parquet").column("image_uri").to_pylist() == [
+        "u1",
+        "u2",
+    ]
+
+
+# ---------------------------------------------------------------- table meta and summary
+
+
+def test_check_table_meta(tmp_path: Path) -> None:
+    dst = str(tmp_path / "dst")
+    check_table_meta(dst, SPEC, embed_dim=64)
+    meta = json.loads((tmp_path / "dst" / "_KEEPER_TABLE.json").read_text())
+    assert meta["model_spec"] == SPEC
+    assert meta["embed_dim"] == 64
+    before = (tmp_path / "dst" / "_KEEPER_TABLE.json").read_bytes()
+    check_table_meta(dst, SPEC, embed_dim=64)  # same spec: fine, file untouched
+    assert (tmp_path / "dst" / "_KEEPER_TABLE.json").read_bytes() == before
+    with pytest.raises(DataError, match=r"'keeper-tiny:random'.*'ViT-B-32:random'"):
+        check_table_meta(dst, "ViT-B-32:random", embed_dim=512)
+
+
+def summary(**over: Any) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "run_id": "20250101T000000Z-abcd1234",
+        "status": "ok",
+        "model_spec": SPEC,
+        "image_size": 64,
+        "input": "in/",
+        "output": "out/",
+        "counts": {"in": 10, "skipped": 2, "embedded": 7, "failed": 1, "lost": 0},
+        "table": {"embedded": 9, "failed": 1, "parts": 3},
+        "failed_fraction": 0.1,
+        "failed_fraction_this_run": 0.125,
+        "max_failure_fraction": 0.05,
+        "errors_by_reason": {"truncated": 1},
+        "seconds": {"list": 0.1, "pipeline": 2.0, "total": 2.5},
+        "images_per_s": 3.5,
+        "seconds_to_first_part": 1.25,
+        "worker_seconds": {"read_decode_features": 1.0, "embed": 0.5, "write": 0.1},
+    }
+    s.update(over)
+    return s
+
+
+def test_format_summary() -> None:
+    text = format_summary(summary())
+    assert "keeper embed  OK  run 20250101T000000Z-abcd1234" in text
+    assert "10 in = 2 skipped (already in output) + 7 embedded + 1 failed\n" in text
+    assert "LOST" not in text
+    assert "10.0% of the table (limit 5.0%), 12.5% of this run" in text
+    assert "{'truncated': 1}" in text
+    assert "9 embeddings in 3 part(s), 1 errors" in text
+    assert "3.5 img/s" in text
+    assert "NOTE     random weights" in text
+
+
+def test_format_summary_lost_and_real_weights() -> None:
+    counts = {"in": 5, "skipped": 0, "embedded": 3, "failed": 0, "lost": 2}
+    text = format_summary(
+        summary(
+            status="failed",
+            counts=counts,
+            model_spec="ViT-B-32:laion2b_s34b_b79k",
+            images_per_s=None,
+            errors_by_reason={},
+        )
+    )
+    assert "keeper embed  FAILED" in text
+    assert "5 in = 0 skipped (already in output) + 3 embedded + 0 failed + 2 LOST" in text
+    assert "random weights" not in text
+    assert "img/s" not in text
+    assert "by reason" not in text
