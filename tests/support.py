@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+import struct
 import subprocess
 import time
+import zlib
 
 
 def free_port() -> int:
@@ -34,3 +36,19 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid 1-bit greyscale PNG header declaring width x height, with a tiny IDAT.
+
+    If a decoder ever tried to load it, it would fail as truncated (the IDAT holds ~1 row),
+    so a "too_many_pixels" refusal proves the check ran before decoding.
+    """
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body)
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

@@ -7,11 +7,9 @@ import io
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import boto3
@@ -19,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from support import png_declaring
 
 from keeper_core import storage
 from keeper_core.embedding import ClipEmbedder
@@ -106,20 +105,6 @@ def test_s3_corpus_to_s3_table(
     assert stored["versions"]["ray"].startswith("2.")
 
 
-def _bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _png(size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 10, 10)).save(buf, format="PNG")
@@ -137,7 +122,7 @@ def test_bad_inputs_are_recorded_and_the_rest_finishes(
         "empty.jpg": (b"", "empty"),
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
         "notimage.jpg": (b"this is a text file, not a photo\n" * 20, "not_image"),
-        "bomb.png": (_bomb_png(), "too_many_pixels"),
+        "bomb.png": (png_declaring(30_000, 30_000), "too_many_pixels"),
         "tiny.png": (_png((8, 8)), "too_small"),
     }
     for name, (data, _) in bad.items():

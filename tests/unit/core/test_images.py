@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 from pydantic import ValidationError
+from support import png_declaring
 
 from keeper_core.errors import ConfigError, ImageDecodeError
 from keeper_core.images import DecodeLimits, decode_image, image_size, sniff_is_image
@@ -28,22 +28,6 @@ def noise(w: int, h: int, seed: int = 0) -> Image.Image:
     """Incompressible content, so a file cut in half really loses pixel data."""
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A valid 1-bit greyscale PNG header declaring width x height, with a tiny IDAT.
-
-    If a decoder ever tried to load it, it would fail as truncated (the IDAT holds ~1 row),
-    so a "too_many_pixels" refusal proves the check ran before decoding.
-    """
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body)
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64, 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def jpeg_with_orientation(w: int, h: int, orientation: int, block: int = 16) -> bytes:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from support import png_declaring
 
 from keeper_core import storage
 from keeper_core.embedding import ClipEmbedder
@@ -54,18 +53,6 @@ def photo(w: int, h: int, seed: int) -> Image.Image:
     base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], axis=-1)
     base = base * rng.uniform(0.4, 1.0, 3) + rng.normal(0, 12, (h, w, 3))
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A valid PNG header declaring width x height with a tiny IDAT (never decodable)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body)
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64, 9)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def run_prepare(uris: list[str], errors_dir: Path, run_id: str = "run-1") -> dict[str, np.ndarray]:
