@@ -76,3 +76,37 @@ def add_demo_parser(subparsers: SubParsers) -> None:
         return demo.run_safely(args)
 
     p.set_defaults(func=run)
+
+
+def add_train_head_parser(subparsers: SubParsers) -> None:
+    """``keeper train-head``: train a series-ranking head on Ray Train (jobs.train_head)."""
+    p = subparsers.add_parser("train-head", help="train a series-ranking head (Ray Train + MLflow)")
+    p.add_argument("--embeddings", required=True, help="output of keeper embed")
+    p.add_argument("--series", required=True, help="series manifest (CSV/Parquet)")
+    p.add_argument("--config", help="YAML config; flags given here override it")
+    p.add_argument("--head", choices=["linear", "mlp", "transformer"])
+    p.add_argument("--features", choices=["embedding", "embedding+quality", "quality"])
+    p.add_argument("--loss", choices=["series-softmax", "pairwise"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument("--storage", help="checkpoints: folder or s3:// prefix")
+    p.add_argument("--experiment")
+    p.add_argument("--register", help="registered model name (new version, alias challenger)")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("overrides", nargs="*", help="any other TrainHeadConfig field as key=value")
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import train_head
+
+        keys = ["embeddings", "series", "head", "features", "loss", "epochs", "lr", "batch_size"]
+        keys += ["seed", "num_workers", "use_gpu", "storage", "experiment", "register"]
+        argv = ["--config", args.config] if args.config else []
+        argv += ["--json", args.json] if args.json else []
+        argv += [f"{k}={getattr(args, k)}" for k in keys if getattr(args, k) is not None]
+        return train_head.main([*argv, *args.overrides])
+
+    p.set_defaults(func=run)

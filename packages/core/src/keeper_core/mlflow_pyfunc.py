@@ -1,0 +1,34 @@
+"""The MLflow pyfunc wrapper of a keeper series ranker, logged as "models from code".
+
+MLflow stores this file with the model instead of pickling an object, and the ranker itself is
+plain artifacts (``ranker.json`` + ``weights.safetensors``): loading a registered version runs no
+pickle and needs only keeper_core. Input: one row per image with ``series_id``, ``image_uri``,
+``embedding`` and the quality feature columns the ranker uses (the embedding table's columns).
+Output: ``series_id, image_uri, score, prob, rank`` (rank 1 = the keeper of its series).
+
+    model = mlflow.pyfunc.load_model("models:/keeper-ranker@champion")
+    ranked = model.predict(rows_of_the_embedding_table)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from keeper_core.ranker import SeriesRanker
+
+#: The artifact key the ranker folder is logged under.
+ARTIFACT_KEY = "ranker"
+
+
+class KeeperRankerModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+    def load_context(self, context: Any) -> None:
+        self.ranker = SeriesRanker.load(context.artifacts[ARTIFACT_KEY])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
+        return self.ranker.rank(model_input)
+
+
+mlflow.models.set_model(KeeperRankerModel())
