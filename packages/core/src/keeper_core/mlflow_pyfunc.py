@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlflow
 import pandas as pd
+from mlflow.models import set_model
+from mlflow.pyfunc.model import PythonModel
 
 from keeper_core.ranker import SeriesRanker
 
@@ -23,7 +24,7 @@ from keeper_core.ranker import SeriesRanker
 ARTIFACT_KEY = "ranker"
 
 
-class KeeperRankerModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
+class KeeperRankerModel(PythonModel):
     def load_context(self, context: Any) -> None:
         self.ranker = SeriesRanker.load(context.artifacts[ARTIFACT_KEY])
 
@@ -31,4 +32,4 @@ class KeeperRankerModel(mlflow.pyfunc.PythonModel):  # type: ignore[misc]
         return self.ranker.rank(model_input)
 
 
-mlflow.models.set_model(KeeperRankerModel())
+set_model(KeeperRankerModel())
