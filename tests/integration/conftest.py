@@ -154,3 +154,75 @@ def _wait_for_dashboard(head: HeadNode, proc: subprocess.Popen[bytes], timeout_s
         except OSError:
             time.sleep(1)
     raise TimeoutError(f"Ray dashboard at {head.dashboard} not up after {timeout_s}s")
+
+
+@dataclass
+class MlflowServer:
+    uri: str  # http://127.0.0.1:PORT, the tracking URI clients use
+    artifacts: str  # s3://bucket/prefix the server proxies artifacts to
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    moto_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlflowServer]:
+    """A real `mlflow server`: sqlite backend, artifacts proxied to a moto_server bucket.
+
+    It takes ~30 s to answer /health on this machine, so it is started once per session.
+    """
+    import boto3
+
+    d = tmp_path_factory.mktemp("mlflow")
+    bucket = "keeper-mlflow"
+    boto3.client(
+        "s3", endpoint_url=moto_server, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    ).create_bucket(Bucket=bucket)  # fmt: skip
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_S3_ENDPOINT_URL": moto_server,
+        "AWS_ENDPOINT_URL": moto_server,
+        **AWS_TEST_ENV,
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+        "--artifacts-destination", f"s3://{bucket}/artifacts",
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    log = open(d / "mlflow.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    server = MlflowServer(uri=f"http://127.0.0.1:{port}", artifacts=f"s3://{bucket}/artifacts")
+    try:
+        _wait_for_health(server.uri, proc, d / "mlflow.log", timeout_s=180)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+        log.close()
+
+
+def _wait_for_health(uri: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"mlflow server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"mlflow server at {uri} not healthy after {timeout_s}s")

@@ -35,7 +35,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keeper_core import storage
-from keeper_core.embedding import check_same_spec
 from keeper_core.errors import DataError, KeeperError
 from keeper_core.heads import HeadConfig, make_head
 from keeper_core.metrics import SeriesMetrics, format_table, series_metrics
@@ -48,9 +47,10 @@ from keeper_core.ranker import (
     fit_standardizer,
     series_arrays,
 )
-from keeper_core.series import read_series_manifest, split_series
+from keeper_core.series import split_series
 from keeper_core.training import LossKind, Series, evaluate, train_epoch
 from keeper_train.config import load_config
+from keeper_train.data import join_series
 
 log = logging.getLogger("keeper.train_head")
 
@@ -119,17 +119,7 @@ class Prepared(BaseModel):
 
 def prepare(cfg: TrainHeadConfig) -> Prepared:
     """Join, validate, split and featurise. Raises DataError naming what is wrong."""
-    manifest = read_series_manifest(cfg.series)
-    table = storage.read_parquet(storage.join(cfg.embeddings, "embeddings")).to_pandas()
-    spec = check_same_spec(*set(table["model_spec"].astype(str))) if len(table) else None
-    if spec is None:
-        raise DataError("the embedding table is empty", source=cfg.embeddings)
-    df = manifest.merge(table, on="image_uri", how="left", validate="one_to_one")
-    complete = df.groupby("series_id")["embedding"].transform(lambda s: s.notna().all())
-    dropped = int(df.loc[~complete, "series_id"].nunique())
-    df = df[complete.to_numpy()].reset_index(drop=True)
-    if df.empty:
-        raise DataError("no series has an embedding for every image", source=cfg.series)
+    df, spec, dropped, table = join_series(cfg.embeddings, cfg.series)
     df = _split(df, cfg)
     for name in ("train", "val", "test"):
         if not (df["split"] == name).any():
