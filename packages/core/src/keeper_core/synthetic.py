@@ -20,9 +20,15 @@ whatever order they were drawn in. Every series draws from ``np.random.default_r
 index])``, so a series is the same whatever ``n_series`` is, and the same arguments give
 byte-identical images and manifest.
 
+Base photos: 17 real photos that ship inside scikit-image (``PHOTOS``; 9 are greyscale and
+become grey RGB), one per series, round-robin. The default is the six colour photos the corpus
+started with (``DEFAULT_PHOTOS``); a split that holds whole photos out of training needs more,
+so pass ``photos=PHOTOS`` (``--photos all``).
+
 Run it (scikit-image is a demo/dev dependency: ``pip install 'keeper-core[demo]'``):
 
     python -m keeper_core.synthetic --out data/synth --series 150 --seed 0 --size 320x240
+    python -m keeper_core.synthetic --out data/synth17 --series 660 --photos all
 """
 
 from __future__ import annotations
@@ -39,7 +45,10 @@ from PIL import Image, ImageFilter
 
 from keeper_core.errors import ConfigError, KeeperError
 
-#: scikit-image photos usable as base photos (all ship inside the package: no download).
+#: Real photos inside scikit-image's wheel, usable as base photos (none is downloaded). Left
+#: out: drawings and synthetic images (logo, colorwheel, horse, phantom, chessboards), the
+#: already motion-blurred clock_motion, thumbnails (lfw faces, microaneurysms) and the right
+#: view of the stereo motorcycle (the left one, 5 cm away, would leak across a by-photo split).
 PHOTOS: tuple[str, ...] = (
     "astronaut",
     "chelsea",
@@ -47,7 +56,21 @@ PHOTOS: tuple[str, ...] = (
     "rocket",
     "hubble_deep_field",
     "immunohistochemistry",
+    "retina",
+    "motorcycle",
+    "camera",  # greyscale from here on, converted to RGB
+    "coins",
+    "moon",
+    "brick",
+    "grass",
+    "gravel",
+    "page",
+    "text",
+    "cell",
 )
+#: The default base photos: the six colour photos the corpus was first built from, so a
+#: corpus generated with default arguments stays the same as before the others were added.
+DEFAULT_PHOTOS: tuple[str, ...] = PHOTOS[:6]
 #: Degradation kinds, in the order they are applied.
 DEGRADATIONS: tuple[str, ...] = (
     "defocus",
@@ -92,7 +115,8 @@ def generate_corpus(
         min_shots: fewest shots per series (>= 2).
         max_shots: most shots per series (>= min_shots).
         image_size: ``(width, height)`` of every shot, each side >= 16.
-        photos: base photo names from ``PHOTOS``, used round-robin; default all of them.
+        photos: base photo names from ``PHOTOS``, used round-robin; default
+            ``DEFAULT_PHOTOS``.
         jpeg_quality: quality every shot is saved at (1-95).
 
     Returns:
@@ -113,7 +137,7 @@ def generate_corpus(
         raise ConfigError(f"image_size must be (width, height) with sides >= 16, got {image_size}")
     if not 1 <= jpeg_quality <= 95:
         raise ConfigError(f"jpeg_quality must be in 1..95, got {jpeg_quality}")
-    names = tuple(PHOTOS if photos is None else photos)
+    names = tuple(DEFAULT_PHOTOS if photos is None else photos)
     unknown = sorted(set(names) - set(PHOTOS))
     if not names or unknown:
         raise ConfigError(f"photos must be a non-empty subset of {PHOTOS}, unknown: {unknown}")
@@ -150,7 +174,13 @@ def _load_photos(names: Sequence[str]) -> dict[str, Image.Image]:
             "generate_corpus needs scikit-image for its base photos: "
             "pip install 'keeper-core[demo]' (or scikit-image)"
         ) from e
-    return {name: Image.fromarray(getattr(data, name)()).convert("RGB") for name in set(names)}
+
+    def load(name: str) -> np.ndarray:
+        if name == "motorcycle":
+            return data.stereo_motorcycle()[0]  # (left, right, disparity): the left view
+        return getattr(data, name)()
+
+    return {name: Image.fromarray(load(name)).convert("RGB") for name in set(names)}
 
 
 def _render_series(
@@ -307,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-shots", type=int, default=2)
     parser.add_argument("--max-shots", type=int, default=5)
     parser.add_argument("--size", type=_parse_size, default=(320, 240), help="WxH, e.g. 320x240")
-    parser.add_argument("--photos", nargs="+", choices=PHOTOS, help="base photos (default: all)")
+    parser.add_argument(
+        "--photos",
+        nargs="+",
+        choices=[*PHOTOS, "all"],
+        help=f"base photos, or 'all' (default: {' '.join(DEFAULT_PHOTOS)})",
+    )
     parser.add_argument("--jpeg-quality", type=int, default=92)
     args = parser.parse_args(argv)
     try:
@@ -318,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             min_shots=args.min_shots,
             max_shots=args.max_shots,
             image_size=args.size,
-            photos=args.photos,
+            photos=PHOTOS if args.photos and "all" in args.photos else args.photos,
             jpeg_quality=args.jpeg_quality,
         )
     except KeeperError as e:

@@ -58,7 +58,8 @@ log = logging.getLogger("keeper.train_head")
 class TrainHeadConfig(BaseModel):
     """Everything train_head takes; unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    # populate_by_name: the field is register_model (BaseModel has a `register`), the key "register".
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     embeddings: str = Field(description="output of keeper embed (folder or s3:// prefix)")
     series: str = Field(description="series manifest: series_id, image_uri, is_best")
@@ -84,7 +85,9 @@ class TrainHeadConfig(BaseModel):
     storage: str = Field("keeper-data/checkpoints", description="checkpoints: folder or s3://")
     max_failures: int = Field(2, ge=0, description="worker failures to recover from")
     experiment: str = "keeper-series-ranker"
-    register: str | None = Field(None, description="registered model name (alias challenger)")
+    register_model: str | None = Field(
+        None, alias="register", description="registered model name (alias challenger)"
+    )
     tracking_uri: str | None = None
     data_dir: str = Field("keeper-data", description="embedded MLflow store when none is set")
     baselines: bool = True
@@ -466,10 +469,10 @@ def run(cfg: TrainHeadConfig) -> dict[str, Any]:
             cols = ["series_id", "image_uri", "embedding", *ranker.config.quality_names]
             info = tracking.log_ranker(ranker_dir, example[[c for c in cols if c in example]])
         summary["model_uri"] = info.model_uri
-        if cfg.register:
+        if cfg.register_model:
             summary["registered"] = {
-                "name": cfg.register,
-                "version": tracking.register(client, info.model_uri, cfg.register, run_id),
+                "name": cfg.register_model,
+                "version": tracking.register(client, info.model_uri, cfg.register_model, run_id),
                 "alias": tracking.CHALLENGER,
             }
         summary["table"] = table_text
