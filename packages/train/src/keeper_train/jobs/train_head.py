@@ -385,9 +385,7 @@ def run(cfg: TrainHeadConfig) -> dict[str, Any]:
     run_name = f"{cfg.head}-{cfg.features}-{time.strftime('%Y%m%dT%H%M%S')}"
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as active:
         run_id = active.info.run_id
-        mlflow.log_params(
-            {k: v for k, v in cfg.model_dump().items() if k not in ("val_groups", "test_groups")}
-        )
+        mlflow.log_params(cfg.model_dump(by_alias=True, exclude={"val_groups", "test_groups"}))
         mlflow.set_tags({f"keeper.{k}": v for k, v in prepared.fingerprints.items()})
         mlflow.log_params({f"series_{k}": v for k, v in counts.items()})
         with tempfile.TemporaryDirectory() as d:
