@@ -110,3 +110,79 @@ def add_train_head_parser(subparsers: SubParsers) -> None:
         return train_head.main([*argv, *args.overrides])
 
     p.set_defaults(func=run)
+
+
+def _add_registry_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else embedded)"
+    )
+    p.add_argument(
+        "--data-dir", default="keeper-data", help="embedded MLflow store when none is set"
+    )
+    p.add_argument("--json", help="also write the results here (path or s3://)")
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``keeper evaluate`` and ``python -m keeper_train.jobs.evaluate``."""
+    p.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a logged model URI (runs:/..., models:/m-...)",
+    )
+    p.add_argument("--embeddings", required=True, help="output of keeper embed")
+    p.add_argument("--series", required=True, help="labelled series manifest (CSV/Parquet)")
+    p.add_argument("--html", help="write the series report (thumbnails, keeper, picks) here")
+    p.add_argument("--report-series", type=int, default=60, help="series shown in the report")
+    _add_registry_arguments(p)
+
+
+def add_evaluate_parser(subparsers: SubParsers) -> None:
+    """``keeper evaluate``: a logged or registered ranker vs the baselines (jobs.evaluate)."""
+    p = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a registered ranker version on a labelled series manifest",
+        description="Score every series with the model, beside the sharpness rule and random.",
+    )
+    add_evaluate_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import evaluate
+
+        return evaluate.run_cli(args)
+
+    p.set_defaults(func=run)
+
+
+def add_promote_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``keeper promote`` and ``python -m keeper_train.jobs.promote``."""
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--embeddings", help="output of keeper embed (to evaluate on)")
+    p.add_argument("--series", help="labelled series manifest (CSV/Parquet)")
+    p.add_argument(
+        "--min-gain",
+        type=float,
+        default=0.01,
+        help="top-1 gain over the champion needed, absolute (0.01 = 1 point)",
+    )
+    p.add_argument(
+        "--rollback", action="store_true", help="move @champion back to the previous champion"
+    )
+    _add_registry_arguments(p)
+
+
+def add_promote_parser(subparsers: SubParsers) -> None:
+    """``keeper promote``: gate @challenger against @champion, or roll back (jobs.promote)."""
+    p = subparsers.add_parser(
+        "promote",
+        help="promote @challenger to @champion if it is better, or --rollback",
+        description="Evaluate @challenger and @champion on the same series; move @champion to "
+        "the challenger only if top-1 gains at least --min-gain and MRR does not regress.",
+    )
+    add_promote_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import promote
+
+        return promote.run_cli(args)
+
+    p.set_defaults(func=run)
