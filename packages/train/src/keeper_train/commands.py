@@ -63,6 +63,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--report-series", type=int, default=60, help="series shown in the report")
     p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
+    p.add_argument("--epochs", type=int, default=40, help="training epochs of the ranking head")
+    p.add_argument("--model-name", default="keeper-demo-ranker", help="registered model name")
 
 
 def add_demo_parser(subparsers: SubParsers) -> None:

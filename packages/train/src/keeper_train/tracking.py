@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from keeper_core.errors import ConfigError, ModelLoadError
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -43,6 +45,14 @@ def log_ranker(ranker_dir: Path, input_example: Any) -> Any:
     from keeper_core.ranker import SeriesRanker
 
     ranker = SeriesRanker.load(ranker_dir)
+    # Declare float columns as double: the stored example comes back from JSON as float64, and
+    # float32 rows from an embedding table widen to double safely (the reverse would not).
+    example = input_example.copy()
+    if "embedding" in example.columns:
+        example["embedding"] = [np.asarray(e, dtype=np.float64) for e in example["embedding"]]
+    floats = example.select_dtypes(include=["float32"]).columns
+    example[floats] = example[floats].astype("float64")
+    input_example = example
     signature = infer_signature(input_example, ranker.rank(input_example))
     return mlflow.pyfunc.log_model(
         name="model",

@@ -9,7 +9,11 @@
    quality features, CLIP embeddings, Parquet;
 3. scores every image with the aesthetic prompt set, ranks every burst by (a) the sharpness rule
    and (b) the aesthetic prompt score, prints top-1/2/3, mean rank and MRR beside the random
-   baseline, and writes an HTML report.
+   baseline, and writes an HTML report;
+4. learns the keeper: trains an MLP head on embedding + quality features on Ray Train
+   (keeper_train.jobs.train_head, tracked in MLflow, registered as @challenger), promotes it through
+   the registry gate on the held-out test series (keeper_train.jobs.promote), and evaluates
+   @champion there with an HTML report of its picks (keeper_train.jobs.evaluate).
 
 With random weights (the default, ``keeper-tiny:random``) prompt scores are meaningless: it says so.
 """
@@ -23,8 +27,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from keeper_core import storage
@@ -34,7 +40,7 @@ from keeper_core.errors import KeeperError
 from keeper_core.images import decode_image
 from keeper_core.models import ModelSpec
 from keeper_core.scoring import AestheticConfig, aesthetic_scores
-from keeper_core.series import read_series_manifest
+from keeper_core.series import read_series_manifest, split_series
 from keeper_core.synthetic import generate_corpus
 from keeper_train.commands import add_demo_arguments
 from keeper_train.jobs import embed
@@ -124,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
         notes=notes,
     )
     timings["report"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    learned = learn_the_keeper(args, out, cfg.output, manifest_uri, manifest)
+    timings["train+promote+evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     result = {
@@ -133,19 +143,80 @@ def run(args: argparse.Namespace) -> int:
         "series_scored": len(comparison.series),
         "series_left_out": comparison.left_out,
         "metrics": {k: v.as_dict() for k, v in comparison.results.items()},
+        "learned": learned,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
 
     print()
+    print("All series, zero-shot rules:")
     print(comparison.table())
     print()
+    print("Held-out test series, the trained head beside its baselines:")
+    print(learned["train"]["table"])
+    print()
+    print(f"registry: {learned['promotion']}")
     print("  ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
     for w in warnings:
         print(f"WARNING: {w}")
     print(f"report:  {report.resolve()}")
+    print(f"ranker:  {learned['evaluation']['html']}")
     print(f"metrics: {(out / 'metrics.json').resolve()}")
     return 0 if summary["status"] == "ok" else embed.EXIT_TOO_MANY_FAILURES
+
+
+def learn_the_keeper(
+    args: argparse.Namespace, out: Path, embeddings: str, manifest_uri: str, manifest: pd.DataFrame
+) -> dict[str, Any]:
+    """Train (Ray Train) -> register @challenger -> promote on the test split -> evaluate @champion."""
+    from keeper_train import tracking
+    from keeper_train.jobs import evaluate, promote, train_head
+
+    uri = tracking.tracking_uri(None, out)
+    cfg = train_head.TrainHeadConfig(
+        embeddings=embeddings,
+        series=manifest_uri,
+        head="mlp",
+        features="embedding+quality",
+        epochs=args.epochs,
+        storage=str(out / "checkpoints"),
+        tracking_uri=uri,
+        data_dir=str(out),
+        register=args.model_name,
+        ray_address=args.ray_address,
+    )
+    trained = train_head.run(cfg)
+    # The same deterministic split train_head used: its test series, as a manifest of their own.
+    split = split_series(manifest, fractions=cfg.split_fractions, seed=cfg.seed, by=cfg.split_by)
+    test_manifest = out / "test-manifest.csv"
+    split[split["split"] == "test"].drop(columns="split").to_csv(test_manifest, index=False)
+    common = {"tracking_uri": uri, "data_dir": str(out), "json": None}
+    promoted = promote.run(
+        argparse.Namespace(
+            name=args.model_name,
+            embeddings=embeddings,
+            series=str(test_manifest),
+            min_gain=0.01,
+            rollback=False,
+            **common,
+        )
+    )
+    evaluated = evaluate.run(
+        argparse.Namespace(
+            model=f"models:/{args.model_name}@{tracking.CHAMPION}",
+            embeddings=embeddings,
+            series=str(test_manifest),
+            html=str((out / "ranker-report.html").resolve()),
+            report_series=args.report_series,
+            **common,
+        )
+    )
+    return {
+        "train": {k: trained[k] for k in ("run_id", "table", "test", "registered", "epochs_run")},
+        "promotion": f"{promoted['decision']} v{promoted['challenger']}: {promoted['reason']}",
+        "evaluation": {k: evaluated[k] for k in ("model", "metrics", "html")},
+        "tracking_uri": uri,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
