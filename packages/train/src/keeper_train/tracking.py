@@ -30,9 +30,12 @@ def experiment_id(client: Any, name: str, data_dir: str | Path) -> str:
     if exp is not None:
         return str(exp.experiment_id)
     location = None
-    if client.tracking_uri.startswith("sqlite:"):
-        # An embedded store keeps its artifacts next to it, not in the working directory.
-        location = (Path(data_dir).expanduser().resolve() / "mlartifacts").as_uri()
+    if client.tracking_uri.startswith("sqlite:///"):
+        # An embedded store keeps its artifacts next to its database file, not wherever the
+        # process happens to run (MLflow's default, ./mlruns).
+        db = Path(client.tracking_uri.removeprefix("sqlite:///"))
+        base = db.parent if db.is_absolute() else Path(data_dir).expanduser().resolve()
+        location = (base / "mlartifacts").as_uri()
     return str(client.create_experiment(name, artifact_location=location))
 
 
