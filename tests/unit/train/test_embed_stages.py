@@ -531,3 +531,14 @@ def test_format_summary_lost_and_real_weights() -> None:
     assert "random weights" not in text
     assert "img/s" not in text
     assert "by reason" not in text
+
+
+def test_embed_stage_sets_model_threads() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        EmbedStage(SPEC, 8, threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -84,6 +84,12 @@ class EmbedConfig(BaseModel):
         0.0, ge=0, description="GPUs per model actor (fractional ok)"
     )
     num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per model actor")
+    model_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads per model actor (default: Ray's, the actor's CPUs); "
+        "on a CPU-only node, its core count lets the model use cores decode leaves idle",
+    )
     decode_batch_size: int = Field(16, ge=1, description="images per decode task batch")
     decode_concurrency: int | None = Field(None, ge=1, description="max decode tasks at once")
     rows_per_file: int = Field(1024, ge=1, description="rows per Parquet part (resume granularity)")
@@ -321,7 +327,12 @@ def prepare_batch(
 class EmbedStage:
     """The actor-pool stage: keeper_core.ClipEmbedder, timed."""
 
-    def __init__(self, spec: str, batch_size: int) -> None:
+    def __init__(self, spec: str, batch_size: int, threads: int | None = None) -> None:
+        if threads:
+            # Ray pins a CPU actor's torch to floor(num_cpus) threads (OMP_NUM_THREADS).
+            import torch
+
+            torch.set_num_threads(threads)
         self.embedder = ClipEmbedder(spec, batch_size=batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -437,7 +448,11 @@ def run(cfg: EmbedConfig) -> dict[str, Any]:
         )
         ds = ds.map_batches(
             EmbedStage,
-            fn_constructor_kwargs={"spec": cfg.model, "batch_size": cfg.batch_size},
+            fn_constructor_kwargs={
+                "spec": cfg.model,
+                "batch_size": cfg.batch_size,
+                "threads": cfg.model_threads,
+            },
             batch_size=cfg.batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
