@@ -84,7 +84,10 @@ def test_corpus_with_zero_series_returns_2(
 def test_embed_with_a_bad_model_returns_2_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Config validation fails before the job lists inputs or touches Ray.
+    # Config validation fails before the job lists inputs or touches Ray. (In a full run the
+    # integration tests' session Ray may already be up in this process: compare, don't assume.)
+    ray = sys.modules.get("ray")
+    ray_was_up = ray is not None and ray.is_initialized()
     argv = ["embed", "--input", str(tmp_path), "--output", str(tmp_path / "o")]
     assert cli.main([*argv, "--model", "NoSuchNet:random"]) == 2
     err = capsys.readouterr().err
@@ -92,7 +95,7 @@ def test_embed_with_a_bad_model_returns_2_before_any_work(
     assert "NoSuchNet" in err
     assert not (tmp_path / "o").exists()
     ray = sys.modules.get("ray")
-    assert ray is None or not ray.is_initialized()
+    assert (ray is not None and ray.is_initialized()) == ray_was_up
 
 
 class _FakeEntryPoint:
