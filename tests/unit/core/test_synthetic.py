@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,14 @@ from PIL import Image
 
 from keeper_core.errors import ConfigError
 from keeper_core.quality import FEATURE_NAMES, quality_features
-from keeper_core.synthetic import DEGRADATIONS, MANIFEST_COLUMNS, PHOTOS, generate_corpus, main
+from keeper_core.synthetic import (
+    DEFAULT_PHOTOS,
+    DEGRADATIONS,
+    MANIFEST_COLUMNS,
+    PHOTOS,
+    generate_corpus,
+    main,
+)
 
 pytest.importorskip("skimage")
 
@@ -38,8 +46,10 @@ def test_manifest_layout_and_labels(corpus: Path) -> None:
     for sid, shots in series.items():
         assert 3 <= len(shots) <= 5
         assert sum(int(r["is_best"]) for r in shots) == 1
-        # Round-robin base photos, one per series.
-        assert {r["base_photo"] for r in shots} == {PHOTOS[int(sid[1:]) % len(PHOTOS)]}
+        # Round-robin over the default base photos, one per series.
+        assert {r["base_photo"] for r in shots} == {
+            DEFAULT_PHOTOS[int(sid[1:]) % len(DEFAULT_PHOTOS)]
+        }
         for shot, r in enumerate(shots):
             path = Path(r["image_uri"])
             assert path.is_absolute()
@@ -126,6 +136,34 @@ def test_keeper_is_sharper_than_blurred_shots(corpus: Path) -> None:
     assert all(gap > 0 for gap, noisy in blurred if not noisy)
 
 
+def test_every_photo_ships_locally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("generate_corpus tried to download a photo")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    assert len(set(PHOTOS)) == len(PHOTOS) == 17
+    assert set(DEFAULT_PHOTOS) < set(PHOTOS)
+    assert "clock_motion" not in PHOTOS  # already motion-blurred: no clean keeper
+    n = len(PHOTOS)
+    manifest = generate_corpus(
+        tmp_path, n_series=n, seed=0, min_shots=2, max_shots=2, image_size=(64, 48), photos=PHOTOS
+    )
+    rows = _read(manifest)
+    assert [r["base_photo"] for r in rows[::2]] == list(PHOTOS)
+    images = []
+    for r in rows:
+        with Image.open(r["image_uri"]) as img:
+            assert (img.mode, img.size) == ("RGB", (64, 48))
+            images.append(img.convert("RGB"))
+    # Greyscale photos become grey RGB: their clean keepers have (near) zero colourfulness,
+    # the colour photos' keepers do not.
+    colour = quality_features(images, size=32)[:, FEATURE_NAMES.index("colorfulness")]
+    keeper = {r["base_photo"]: c for r, c in zip(rows, colour, strict=True) if r["is_best"] == "1"}
+    grey = PHOTOS[PHOTOS.index("camera") :]
+    assert max(keeper[p] for p in grey) < 0.01, keeper
+    assert min(keeper[p] for p in PHOTOS if p not in grey) > 0.01, keeper
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
@@ -155,6 +193,11 @@ def test_main_prints_manifest_path(tmp_path: Path, capsys: pytest.CaptureFixture
     assert {r["base_photo"] for r in rows} == {"coffee"}
     with Image.open(rows[0]["image_uri"]) as img:
         assert img.size == (48, 32)
+    # "all" means every photo, round-robin in PHOTOS order.
+    argv = ["--out", str(tmp_path / "all"), "--series", "3", "--size", "32x32"]
+    assert main([*argv, "--photos", "all"]) == 0
+    rows = _read(Path(capsys.readouterr().out.strip()))
+    assert list(dict.fromkeys(r["base_photo"] for r in rows)) == list(PHOTOS[:3])
     # A ConfigError becomes exit code 2 with the message on stderr.
     assert main(["--out", str(out), "--series", "0"]) == 2
     assert "n_series" in capsys.readouterr().err
