@@ -17,10 +17,9 @@ same model, side by side in one process, for each model spec:
    N and 2N images in the same Ray session: end to end is 2N / pipeline seconds, steady state
    is N / (t_2N - t_N).
 
-4b (``--threads-variant``, on by default) repeats 4 in a fresh Ray session whose workers inherit
-``OMP_NUM_THREADS=<cores>``: Ray gives the model actor floor(num_cpus_per_worker) torch threads,
-which no job setting can raise on a machine this small. It is a diagnosis, not a configuration
-the job offers.
+``--keeper-set KEY=VALUE,...`` tunes 4 through ``EmbedConfig`` (on a small CPU-only box:
+``model_threads=<cores>``, ``num_cpus_per_worker=0.75``); 4b (``--defaults-variant``, on by
+default) runs the job again with nothing but the batch size set, for comparison.
 
 Each measurement waits for a quiet machine and is repeated (``--attempts``) when other
 processes took more than ``--quiet`` of the CPUs meanwhile; what they took is in the JSON.
@@ -485,27 +484,6 @@ def bench_keeper(
     }
 
 
-def keeper_threads_variant(
-    spec: str, manifest: Path, n_images: int, batch_size: int, workdir: Path, **overrides: Any
-) -> dict[str, Any]:
-    """Method 4 in a fresh Ray session whose workers get OMP_NUM_THREADS=<cores>."""
-    import ray
-
-    ray.shutdown()
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(CORES)  # ray.init's raylet, then its workers, inherit it
-    try:
-        res = bench_keeper(spec, manifest, n_images, batch_size, workdir, **overrides)
-    finally:
-        ray.shutdown()
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
-    res["env"] = {"OMP_NUM_THREADS": str(CORES)}
-    return res
-
-
 # --------------------------------------------------------------------------------------------
 # Driver
 
@@ -562,6 +540,11 @@ def bench_model(
         q,
         n,
     )
+    if args.defaults_variant:
+        print("  keeper with the job's defaults:", flush=True)
+        res["keeper_defaults"] = mon.measure(
+            "keeper_defaults", lambda: bench_keeper(spec, manifest, len(uris), bs, workdir), q, n
+        )
     return res
 
 
@@ -575,9 +558,9 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         "dataloader/ceiling": dl / ceil,
         "naive/ceiling": r["naive"]["images_per_s"] / ceil,
     }
-    if "keeper_threads" in r:
-        out["keeper_threads_steady/dataloader"] = r["keeper_threads"]["steady_images_per_s"] / dl
-        out["keeper_threads_steady/ceiling"] = r["keeper_threads"]["steady_images_per_s"] / ceil
+    if "keeper_defaults" in r:
+        out["keeper_defaults_steady/dataloader"] = r["keeper_defaults"]["steady_images_per_s"] / dl
+        out["keeper_defaults_steady/ceiling"] = r["keeper_defaults"]["steady_images_per_s"] / ceil
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -597,11 +580,11 @@ def table(spec: str, r: dict[str, Any]) -> str:
         ("4 keeper, end to end", k["images_per_s"], "keeper", f"{k['runs'][-1]['images']} images"),
         ("4 keeper, steady state", k["steady_images_per_s"], "keeper", "(2N - N) / (t2N - tN)"),
     ]
-    if "keeper_threads" in r:
-        kt = r["keeper_threads"]
+    if "keeper_defaults" in r:
+        kd = r["keeper_defaults"]
         rows += [
-            ("4b keeper + OMP env, end to end", kt["images_per_s"], "keeper_threads", ""),
-            ("4b keeper + OMP env, steady", kt["steady_images_per_s"], "keeper_threads", ""),
+            ("4b keeper, job defaults, end to end", kd["images_per_s"], "keeper_defaults", ""),
+            ("4b keeper, job defaults, steady", kd["steady_images_per_s"], "keeper_defaults", ""),
         ]
     lines = [
         f"{spec}",
@@ -657,10 +640,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--attempts", type=int, default=2, help="most tries per measurement")
     p.add_argument(
-        "--threads-variant",
+        "--defaults-variant",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run keeper with OMP_NUM_THREADS=<cores> in Ray's workers (diagnosis)",
+        help="also run keeper with the job's defaults (only batch_size, rows_per_file set)",
     )
     p.add_argument(
         "--keeper-set",
@@ -711,24 +694,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for spec in specs:
             report["models"][spec] = bench_model(spec, manifest, args, workdir, mon)
             save()
-        if args.threads_variant:
-            for spec in specs:
-                r = report["models"][spec]
-                print(f"\n== {spec}: keeper with OMP_NUM_THREADS={CORES}", flush=True)
-                r["keeper_threads"] = mon.measure(
-                    "keeper_threads",
-                    lambda r=r, spec=spec: keeper_threads_variant(
-                        spec,
-                        manifest,
-                        args.images,
-                        r["ceiling"]["batch_size"],
-                        workdir,
-                        **args.keeper_set,
-                    ),
-                    args.quiet,
-                    args.attempts,
-                )
-                save()
     finally:
         ray.shutdown()
         mon.stop()

@@ -120,23 +120,13 @@ def ray_fit(
     stamps = cache / f"{run_name}.stamps"
     trainer = TorchTrainer(
         train_head.train_loop_per_worker,
-        train_loop_config={
-            "head": p.ranker_config.head.model_dump(),
-            "train": p.splits["train"],
-            "val": p.splits["val"],
-            "epochs": cfg.epochs,
-            "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay,
-            "batch_size": cfg.batch_size,
-            "loss": cfg.loss,
-            "patience": cfg.patience,
-            "seed": cfg.seed,
-            "run_id": run_id,
-            "tracking_uri": tracking_uri,
-            "fail_at_epoch": None,
-            "storage": str(cache / "checkpoints"),
-            "run_name": run_name,
-        },
+        train_loop_config=train_head.loop_config(
+            cfg.model_copy(update={"fail_at_epoch": None, "storage": str(cache / "checkpoints")}),
+            p,
+            run_id=run_id,
+            tracking_uri=tracking_uri,
+            run_name=run_name,
+        ),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False),
         run_config=ray.train.RunConfig(
             name=run_name,

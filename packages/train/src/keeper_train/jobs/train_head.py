@@ -302,6 +302,29 @@ def _maybe_fail(config: dict[str, Any], epoch: int, rank: int) -> None:
 # The job
 
 
+def loop_config(
+    cfg: TrainHeadConfig, prepared: Prepared, *, run_id: str, tracking_uri: str, run_name: str
+) -> dict[str, Any]:
+    """What every worker's ``train_loop_per_worker`` receives."""
+    return {
+        "head": prepared.ranker_config.head.model_dump(),
+        "train": prepared.splits["train"],
+        "val": prepared.splits["val"],
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "batch_size": cfg.batch_size,
+        "loss": cfg.loss,
+        "patience": cfg.patience,
+        "seed": cfg.seed,
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "fail_at_epoch": cfg.fail_at_epoch,
+        "storage": cfg.storage,
+        "run_name": run_name,
+    }
+
+
 def _storage_for_ray(uri: str) -> tuple[str, Any]:
     """Ray Train's storage_path (+ filesystem): absolute local paths, or S3 via pyarrow."""
     if not storage.is_s3(uri):
@@ -397,23 +420,9 @@ def run(cfg: TrainHeadConfig) -> dict[str, Any]:
         storage_path, fs = _storage_for_ray(cfg.storage)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={
-                "head": prepared.ranker_config.head.model_dump(),
-                "train": prepared.splits["train"],
-                "val": prepared.splits["val"],
-                "epochs": cfg.epochs,
-                "lr": cfg.lr,
-                "weight_decay": cfg.weight_decay,
-                "batch_size": cfg.batch_size,
-                "loss": cfg.loss,
-                "patience": cfg.patience,
-                "seed": cfg.seed,
-                "run_id": run_id,
-                "tracking_uri": uri,
-                "fail_at_epoch": cfg.fail_at_epoch,
-                "storage": cfg.storage,
-                "run_name": run_name,
-            },
+            train_loop_config=loop_config(
+                cfg, prepared, run_id=run_id, tracking_uri=uri, run_name=run_name
+            ),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.num_workers, use_gpu=cfg.use_gpu
             ),
