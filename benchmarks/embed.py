@@ -473,7 +473,7 @@ def bench_keeper(
         "steady_images_per_s": steady,
         # Start-up as a cold run sees it: Ray started (unless up already), then its first part.
         "startup_s": cold["ray_init_s"] + cold["seconds_to_first_part"],
-        "config": {"batch_size": batch_size, "rows_per_file": batch_size, **overrides},
+        "config": cfg.model_dump(include={"batch_size", "rows_per_file", *overrides}),
         # Summed over workers, per image: where the time goes inside the job.
         "per_image_ms": {
             "read_decode_features": 1000 * w["read_decode_features"] / big["embedded"],
