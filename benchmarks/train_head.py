@@ -1,7 +1,7 @@
 """Head-training throughput: a plain PyTorch loop against Ray Train with 1 and 2 workers.
 
-    .venv/bin/python benchmarks/train_head.py [--epochs 30] [--heads mlp,transformer] \
-        [--workers 1,2] [--out benchmarks/results/train_head.json]
+    .venv/bin/python benchmarks/train_head.py [--epochs 20] [--heads mlp,transformer] \
+        [--workers 1,2] [--scale 16] [--out benchmarks/results/train_head.json]
 
 Same data (the quality bar's corpus, series split: 464 train and 87 val series, embedding +
 quality features, see benchmarks/quality_bar.py) and the same head config (the quality bar's
@@ -11,12 +11,17 @@ is one pass over the train series plus an evaluation on val, as in the job.
 1. plain: ``keeper_core.training.train_epoch`` + ``evaluate`` in this process (what
    ``train_head.train_single_process`` does), with 1 torch thread and with one per core.
 2. Ray Train: ``TorchTrainer(train_head.train_loop_per_worker)`` with 1 and 2 CPU workers on
-   the local Ray, exactly as ``keeper train-head`` runs it: data-parallel (DDP, gloo), a
+   a local Ray of its own, exactly as ``keeper train-head`` runs it: data-parallel (DDP, gloo), a
    checkpoint per epoch to local storage, per-epoch metrics to MLflow (sqlite under --cache).
    A controller callback stamps the wall time of every ``ray.train.report``, so start-up
-   (fit() called -> first epoch begins: worker group, process group, model, data shipped) is
-   split from the steady epoch time (median gap between reports) and teardown.
-3. The whole job, ``train_head.run`` with 1 worker and baselines off, for what MLflow set-up,
+   (fit() called -> first epoch begins: controller, worker group, process group, model, data
+   shipped) is split from the steady epoch time (median gap between reports) and teardown.
+   Each runs twice: with Ray's default controller poll (2 s) and with the job's
+   ``report_poll_s`` (0.2 s). The controller drains reports once per poll through a queue of
+   one, so no epoch is shorter than the poll.
+3. ``--scale``: the plain loops and the Ray runs (job's poll) once more on the train series
+   repeated 16 times, so an epoch's compute outlasts the poll and the workers' speed shows.
+4. The whole job, ``train_head.run`` with 1 worker and baselines off, for what MLflow set-up,
    model logging and registration add on top of ``fit``.
 
 Series/s is train series per steady epoch second. The machine is shared, so the JSON records
@@ -25,12 +30,14 @@ the 1-minute load average at start and end; run it when the load is low.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +110,30 @@ def plain(cfg: TrainHeadConfig, p: Prepared, threads: int) -> dict[str, Any]:
     return _row(name, 0, setup, epochs[0], epochs[1:], total, p)
 
 
+@contextlib.contextmanager
+def controller_poll(seconds: float | None) -> Iterator[None]:
+    """Ray Train's controller poll interval for fits started inside (None: Ray's default, 2 s).
+
+    Ray propagates the variable from the driver's environment to the controller at fit().
+    """
+    before = os.environ.pop(train_head.HEALTH_CHECK_ENV, None)
+    if seconds is not None:
+        os.environ[train_head.HEALTH_CHECK_ENV] = f"{seconds:g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(train_head.HEALTH_CHECK_ENV, None)
+        if before is not None:
+            os.environ[train_head.HEALTH_CHECK_ENV] = before
+
+
 def ray_fit(
-    cfg: TrainHeadConfig, p: Prepared, workers: int, cache: Path, tracking_uri: str
+    cfg: TrainHeadConfig,
+    p: Prepared,
+    workers: int,
+    cache: Path,
+    tracking_uri: str,
+    poll: float | None,
 ) -> dict[str, Any]:
     """One TorchTrainer.fit of the job's train loop, report times stamped by the controller."""
     import mlflow
@@ -136,7 +165,8 @@ def ray_fit(
         ),
     )
     t0 = time.time()
-    result = trainer.fit()
+    with controller_poll(poll):
+        result = trainer.fit()
     total = time.time() - t0
     client.set_terminated(run_id)
     if result.error:
@@ -149,7 +179,8 @@ def ray_fit(
     # The first report ends the first epoch: start-up is what came before it, less one epoch.
     startup = times[0] - t0 - steady
     teardown = t0 + total - times[-1]
-    row = _row(f"Ray Train, {workers} worker(s)", workers, startup, None, gaps, total, p)
+    how = "Ray's default poll 2 s" if poll is None else f"poll {poll:g} s"
+    row = _row(f"Ray Train, {workers} worker(s), {how}", workers, startup, None, gaps, total, p)
     row["teardown_s"] = round(teardown, 2)
     return row
 
@@ -199,11 +230,12 @@ def epoch_extras(p: Prepared, work: Path, tracking_uri: str, reps: int = 10) -> 
     )
     run_id = client.create_run(exp.experiment_id, run_name="epoch-extras").info.run_id
     ckpt, log = [], []
+    dest = Path(tempfile.mkdtemp(prefix="persisted-", dir=work))
     for i in range(reps):
         t = time.perf_counter()
         with tempfile.TemporaryDirectory(dir=work) as d:
             torch.save(state, Path(d) / "state.pt")
-            shutil.copytree(d, work / f"persisted-{i}")
+            shutil.copytree(d, dest / str(i))
         ckpt.append(time.perf_counter() - t)
         t = time.perf_counter()
         for key in ("train_loss", "val_top1", "val_mrr"):
@@ -213,7 +245,7 @@ def epoch_extras(p: Prepared, work: Path, tracking_uri: str, reps: int = 10) -> 
     return {
         "checkpoint_save_and_copy_s": round(float(np.median(ckpt)), 4),
         "mlflow_3_metrics_sqlite_s": round(float(np.median(log)), 4),
-        "checkpoint_bytes": (work / "persisted-0" / "state.pt").stat().st_size,
+        "checkpoint_bytes": (dest / "0" / "state.pt").stat().st_size,
     }
 
 
@@ -229,10 +261,11 @@ def job(cfg: TrainHeadConfig, cache: Path, tracking_uri: str) -> dict[str, Any]:
         }
     )
     t0 = time.perf_counter()
-    summary = train_head.run(TrainHeadConfig.model_validate(run_cfg.model_dump()))
+    with controller_poll(None):  # unset: the job applies its own report_poll_s
+        summary = train_head.run(TrainHeadConfig.model_validate(run_cfg.model_dump()))
     total = time.perf_counter() - t0
     return {
-        "method": "train_head.run (whole job), 1 worker",
+        "method": f"train_head.run (whole job), 1 worker, poll {cfg.report_poll_s:g} s",
         "total_s": round(total, 2),
         "fit_s": summary["fit_seconds"],
         "outside_fit_s": round(total - summary["fit_seconds"], 2),
@@ -249,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--no-job", action="store_true", help="skip the whole-job row")
     parser.add_argument(
-        "--poll-interval",
-        type=float,
-        default=0.1,
-        help="also run Ray Train with RAY_TRAIN_HEALTH_CHECK_INTERVAL_S at this value (0: skip)",
+        "--scale",
+        type=int,
+        default=16,
+        help="also train on the train series repeated this often, keeper's poll (1: skip)",
     )
     parser.add_argument("--cache", type=Path, default=Path("/tmp/keeper-bench/qb"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_head.json"))
@@ -280,9 +313,24 @@ def main(argv: list[str] | None = None) -> int:
     for head in args.heads.split(","):
         cfg, p = config_for(fold, head, args.epochs)
         rows = [plain(cfg, p, 1), plain(cfg, p, cores)]
-        for w in workers:
-            rows.append(ray_fit(cfg, p, w, work, tracking_uri))
-            print(rows[-1], flush=True)
+        # Ray's default controller poll (2 s) against the job's report_poll_s: the controller
+        # drains worker reports once per poll through a queue of one, so an epoch shorter than
+        # the poll waits for it.
+        for poll in (None, cfg.report_poll_s):
+            for w in workers:
+                rows.append(ray_fit(cfg, p, w, work, tracking_uri, poll))
+                print(rows[-1], flush=True)
+        if args.scale > 1:
+            # Epochs long enough that the workers' compute, not the poll, sets the pace: the
+            # train series repeated --scale times (the same work per series).
+            splits = {**p.splits, "train": p.splits["train"] * args.scale}
+            big = p.model_copy(update={"splits": splits})
+            scaled = [plain(cfg, big, 1), plain(cfg, big, cores)]
+            scaled += [ray_fit(cfg, big, w, work, tracking_uri, cfg.report_poll_s) for w in workers]
+            for row in scaled:
+                row["method"] += f", train x{args.scale}"
+                print(row, flush=True)
+            rows += scaled
         heads[head] = {
             "config": qb.CHOSEN[ROWS[head]],
             "rows": rows,
@@ -291,35 +339,20 @@ def main(argv: list[str] | None = None) -> int:
         if head == "mlp" and not args.no_job:
             heads[head]["job"] = job(cfg, work, tracking_uri)
 
-    if args.poll_interval:
-        # Ray Train's controller drains worker reports once per poll (2 s by default) through a
-        # queue of one, so an epoch shorter than that waits for it. A fresh Ray session whose
-        # controller inherits a shorter interval shows what that costs.
-        ray.shutdown()
-        env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(args.poll_interval)}
-        ray.init(address="local", runtime_env={"env_vars": env})
-        for head in args.heads.split(","):
-            cfg, p = config_for(fold, head, args.epochs)
-            for w in workers:
-                row = ray_fit(cfg, p, w, work, tracking_uri)
-                row["method"] += f", poll {args.poll_interval:g} s"
-                heads[head]["rows"].append(row)
-                print(row, flush=True)
-
     lines = [
         f"ray.init (a local Ray of its own): {ray_init_s:.1f} s; {cluster}",
         f"{args.epochs} epochs, {len(fold.prepared(ROWS['mlp'], {}).splits['train'])} train "
         f"series, val evaluated every epoch",
     ]
     header = (
-        f"{'head':12s} {'method':42s} {'start-up s':>10s} {'epoch s':>9s} "
+        f"{'head':12s} {'method':50s} {'start-up s':>10s} {'epoch s':>9s} "
         f"{'series/s':>9s} {'total s':>8s} {'series/s e2e':>12s}"
     )
     lines += [header, "-" * len(header)]
     for head, h in heads.items():
         for r in h["rows"]:
             lines.append(
-                f"{head:12s} {r['method']:42s} {r['startup_s']:10.2f} {r['steady_epoch_s']:9.3f} "
+                f"{head:12s} {r['method']:50s} {r['startup_s']:10.2f} {r['steady_epoch_s']:9.3f} "
                 f"{r['series_per_s']:9.0f} {r['total_s']:8.1f} {r['series_per_s_end_to_end']:12.0f}"
             )
         e = h["epoch_extras"]
@@ -331,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         if "job" in h:
             j = h["job"]
             lines.append(
-                f"{head:12s} {j['method']:42s} total {j['total_s']:.1f} s, fit {j['fit_s']:.1f} s, "
+                f"{head:12s} {j['method']:50s} total {j['total_s']:.1f} s, fit {j['fit_s']:.1f} s, "
                 f"outside fit {j['outside_fit_s']:.1f} s"
             )
     table = "\n".join(lines)
