@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_DIR ?= keeper-demo
-PACKAGES := packages/core packages/train
+PACKAGES := packages/core packages/train packages/serve
 STAMP := $(VENV)/.keeper-installed
 
 .PHONY: help setup demo test lint format bench clean

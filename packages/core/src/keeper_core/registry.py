@@ -1,0 +1,87 @@
+"""The MLflow registry as keeper reads it: where the tracking store is, and what a URI names.
+
+Shared by the batch jobs (keeper_train) and the Serve replicas (keeper_serve); needs the
+``mlflow`` extra, imported only when a function runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keeper_core.errors import ConfigError, ModelLoadError
+
+
+def tracking_uri(explicit: str | None, data_dir: str | Path) -> str:
+    """``explicit``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<data_dir>/mlflow.db``."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    d = Path(data_dir).expanduser().resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{d / 'mlflow.db'}"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model URI as given, and what it pins down in the registry.
+
+    Attributes:
+        uri: the URI as given, e.g. ``models:/keeper-ranker@champion``.
+        load_uri: what to load: ``models:/NAME/VERSION`` for a registered model (so an alias
+            moving while this process works cannot switch models under it), else ``uri``.
+        name, version, alias: the registered model, its version and the alias given (None
+            where the URI names no registered model, e.g. ``runs:/...`` or ``models:/m-...``).
+        run_id: the MLflow run that logged the model, where known.
+    """
+
+    uri: str
+    load_uri: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    run_id: str | None = None
+
+    def label(self) -> str:
+        """``NAME vN`` for a registered version, else the URI."""
+        return f"{self.name} v{self.version}" if self.name else self.uri
+
+
+def resolve_model(client: Any, uri: str) -> ModelRef:
+    """Resolve ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` to a registered version.
+
+    Other URIs (``runs:/RUN/model``, ``models:/m-...`` logged models, paths) are returned as they
+    are, with no registry information.
+
+    Raises:
+        ModelLoadError: the registered model, version or alias does not exist.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not uri.strip():
+        raise ConfigError("the model URI must not be empty")
+    if not uri.startswith("models:/"):
+        return ModelRef(uri=uri, load_uri=uri)
+    path = uri.removeprefix("models:/").strip("/")
+    name, at, alias = path.partition("@")
+    head, slash, version = path.rpartition("/")
+    try:
+        if at:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif slash and version.isdigit():
+            name, alias = head, ""
+            mv = client.get_model_version(name, version)
+        else:  # models:/m-<id>: a logged model that was not (necessarily) registered
+            return ModelRef(uri=uri, load_uri=uri)
+    except MlflowException as e:
+        raise ModelLoadError(uri, f"{e.message} (tracking URI {client.tracking_uri})") from e
+    return ModelRef(
+        uri=uri,
+        load_uri=f"models:/{mv.name}/{mv.version}",
+        name=str(mv.name),
+        version=str(mv.version),
+        alias=alias or None,
+        run_id=mv.run_id,
+    )

@@ -1,0 +1,52 @@
+"""``build_app(args)``: keeper's Serve application (import path ``keeper_serve.app:build_app``).
+
+Three deployments: ``KeeperIngress`` (FastAPI) composes ``ClipEncoder`` and ``SeriesRanker``
+through deployment handles. No replica counts, batch-independent concurrency or resources
+here: those come from the Serve config's ``deployments`` section (clusters/serve/*.yaml), or
+from :func:`bind` for local runs.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from ray.serve import Application
+
+from keeper_serve.config import ENCODER, INGRESS, RANKER, KeeperAppArgs
+from keeper_serve.encoder import ClipEncoder
+from keeper_serve.ingress import KeeperIngress
+from keeper_serve.ranker import SeriesRanker
+
+DEPLOYMENTS = (INGRESS, ENCODER, RANKER)
+
+
+def bind(
+    args: KeeperAppArgs, options: Mapping[str, Mapping[str, Any]] | None = None
+) -> Application:
+    """The bound application, with per-deployment options (``Deployment.options`` keywords).
+
+    Raises:
+        ValueError: options for a deployment that is not one of ``DEPLOYMENTS``.
+    """
+    opts = {k: dict(v) for k, v in (options or {}).items()}
+    unknown = set(opts) - set(DEPLOYMENTS)
+    if unknown:
+        raise ValueError(f"no deployments named {sorted(unknown)}; keeper has {DEPLOYMENTS}")
+    encoder = ClipEncoder.options(name=ENCODER, **opts.get(ENCODER, {})).bind(
+        args.clip_model, args.encoder
+    )
+    ranker = SeriesRanker.options(name=RANKER, **opts.get(RANKER, {})).bind(
+        args.ranker, args.clip_model, args.tracking_uri, args.data_dir
+    )
+    ingress: Application = KeeperIngress.options(name=INGRESS, **opts.get(INGRESS, {})).bind(
+        encoder, ranker, args
+    )
+    return ingress
+
+
+# No ``from __future__ import annotations`` in this module: Serve validates a config's ``args``
+# into the builder's parameter type only when the annotation is a class, not a string.
+def build_app(args: KeeperAppArgs) -> Application:
+    """The Serve config's builder: Serve validates ``args`` into KeeperAppArgs first."""
+    if not isinstance(args, KeeperAppArgs):  # a caller outside Serve passing a plain dict
+        args = KeeperAppArgs.model_validate(args)
+    return bind(args)

@@ -1,0 +1,140 @@
+"""The typed arguments of keeper's Serve application (``build_app(args)``).
+
+Everything here is *what* the app serves and *what it accepts*; how many replicas run, how
+many requests each takes and what resources they hold belong to the Serve config
+(``clusters/serve/*.yaml``, section ``deployments``), never to code. A Serve config's
+``applications[].args`` is validated against :class:`KeeperAppArgs` by Serve itself (the
+builder's argument is annotated) and by ``tests/unit/serve/test_cluster_configs.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from keeper_core.errors import ConfigError
+
+#: Deployment names, as the Serve config's ``deployments[].name`` must spell them.
+INGRESS, ENCODER, RANKER = "KeeperIngress", "ClipEncoder", "SeriesRanker"
+
+DEFAULT_TOKEN_ENV = "KEEPER_API_TOKEN"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AuthArgs(_Strict):
+    """Bearer-token authentication of every route but ``/healthz``.
+
+    The token comes from ``token_file`` when given, else from the environment variable
+    ``token_env`` (read in each ingress replica: set it in the Serve config's
+    ``runtime_env.env_vars`` or the cluster's environment, never in the YAML itself).
+    ``insecure_local`` serves without a token; ``keeper serve --insecure-local`` sets it and
+    binds to loopback only.
+    """
+
+    token_env: str = DEFAULT_TOKEN_ENV
+    token_file: str | None = None
+    insecure_local: bool = False
+
+    def token(self) -> str | None:
+        """The expected token, or None when running open.
+
+        Raises:
+            ConfigError: auth is on and no token is configured (an empty token is no token).
+        """
+        if self.insecure_local:
+            return None
+        if self.token_file:
+            try:
+                token = Path(self.token_file).expanduser().read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"cannot read the API token file {self.token_file}: {e}") from e
+            source = f"file {self.token_file}"
+        else:
+            token = os.environ.get(self.token_env, "").strip()
+            source = f"environment variable {self.token_env}"
+        if len(token) < 16:
+            raise ConfigError(
+                f"no usable API token in the {source} (need >= 16 characters); set one, "
+                "or run open for local development with keeper serve --insecure-local"
+            )
+        return token
+
+
+class LimitArgs(_Strict):
+    """What one request may carry. Over a limit: 413 (size) or 400 (counts, pixels)."""
+
+    max_request_bytes: int = Field(32 * 1024 * 1024, gt=0, description="whole body (413)")
+    max_image_bytes: int = Field(16 * 1024 * 1024, gt=0, description="one encoded image")
+    max_pixels: int = Field(40_000_000, gt=0, description="one image, from its header")
+    min_side: int = Field(16, ge=1, description="smallest accepted image side")
+    max_images: int = Field(64, ge=1, description="images in one request, all series together")
+    max_texts: int = Field(64, ge=1, description="texts (or prompts) in one request")
+    max_text_chars: int = Field(1000, ge=1)
+    max_series: int = Field(16, ge=1, description="series in one /v1/rank request")
+    max_series_len: int = Field(32, ge=2, description="images in one series")
+
+
+class EncoderArgs(_Strict):
+    """The ClipEncoder's model and dynamic batching (replica counts live in the Serve config)."""
+
+    max_batch_size: int = Field(16, ge=1, description="images per forward pass")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "intra-op threads on CPU; None: the replica's num_cpus (Ray sets OMP_NUM_THREADS to "
+            "it, 1 for a fractional CPU)"
+        ),
+    )
+    device: str | None = Field(None, description="torch device; None: CUDA when present")
+    text_cache_size: int = Field(4096, ge=0, description="prompt embeddings kept (LRU)")
+    cache_dir: str | None = Field(None, description="where s3:// weights are cached")
+
+
+class RankerArgs(_Strict):
+    """The series ranker: which registered model, and how often to look for a new version."""
+
+    model_uri: str | None = Field(
+        "models:/keeper-ranker@champion",
+        description="models:/NAME@ALIAS (followed), models:/NAME/VERSION, runs:/...; None: off",
+    )
+    poll_s: float = Field(5.0, gt=0, description="how often the alias is re-resolved")
+
+
+class KeeperAppArgs(_Strict):
+    """``build_app(args)``: the whole application."""
+
+    clip_model: str = Field("keeper-tiny:random", description="ModelSpec ARCH[:WEIGHTS]")
+    tracking_uri: str | None = Field(
+        None, description="MLflow; None: MLFLOW_TRACKING_URI, else sqlite under data_dir"
+    )
+    data_dir: str = Field("keeper-data", description="the embedded MLflow store's folder")
+    aesthetic_config: str | None = Field(None, description="prompt YAML; None: the built-in")
+    s3_allow_buckets: list[str] = Field(
+        default_factory=list, description="buckets whose s3:// URIs requests may name"
+    )
+    draft: bool = Field(True, description="JPEG draft decode, as keeper embed does")
+    auth: AuthArgs = Field(default_factory=AuthArgs)
+    limits: LimitArgs = Field(default_factory=LimitArgs)
+    encoder: EncoderArgs = Field(default_factory=EncoderArgs)
+    ranker: RankerArgs = Field(default_factory=RankerArgs)
+
+    @field_validator("s3_allow_buckets")
+    @classmethod
+    def _bucket_names(cls, v: list[str]) -> list[str]:
+        for b in v:
+            if not b or "/" in b or b.startswith("s3:"):
+                raise ValueError(f"s3_allow_buckets takes bare bucket names, got {b!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _limits_fit(self) -> KeeperAppArgs:
+        if self.limits.max_image_bytes > self.limits.max_request_bytes:
+            raise ValueError("limits.max_image_bytes exceeds limits.max_request_bytes")
+        return self

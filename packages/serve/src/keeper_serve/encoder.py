@@ -1,0 +1,108 @@
+"""``ClipEncoder``: images and texts to embeddings, with dynamic batching across requests.
+
+One replica holds one CLIP model (keeper_core's ClipEmbedder, the same code ``keeper embed``
+runs). Requests bring already resized uint8 pixels (the ingress decodes), so a replica's
+CPU or GPU time goes to the model. ``@serve.batch`` merges concurrent requests into forward
+passes of up to ``max_batch_size`` images (counted in images, not requests); the forward runs
+on a worker thread so the replica keeps queueing the next batch meanwhile. ``user_config``
+``{"max_batch_size": N, "batch_wait_timeout_s": T}`` retunes batching in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+from keeper_core.embedding import ClipEmbedder
+from keeper_serve.config import EncoderArgs
+
+log = logging.getLogger("keeper.serve")
+
+
+def _images(items: list[np.ndarray]) -> int:
+    return sum(len(x) for x in items)
+
+
+def torch_threads(requested: int | None) -> int:
+    """Intra-op threads: as asked, else what Ray granted the replica (OMP_NUM_THREADS)."""
+    if requested:
+        return requested
+    return max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+
+
+@serve.deployment
+class ClipEncoder:
+    def __init__(self, clip_model: str, encoder: EncoderArgs) -> None:
+        if not torch.cuda.is_available() or encoder.device == "cpu":
+            torch.set_num_threads(torch_threads(encoder.torch_threads))
+        self.embedder = ClipEmbedder(
+            clip_model,
+            device=encoder.device,
+            batch_size=encoder.max_batch_size,
+            text_cache_size=encoder.text_cache_size,
+            cache_dir=encoder.cache_dir,
+        )
+        self.max_batch_size = encoder.max_batch_size
+        self._embed_batch.set_max_batch_size(encoder.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(encoder.batch_wait_timeout_s)
+        self._text_lock = asyncio.Lock()
+        # Warm-up: the first forward pays for allocator and kernel selection, not a client.
+        s = self.embedder.clip.image_size
+        self.embedder.embed_pixels(np.zeros((1, 3, s, s), np.uint8))
+        log.info(
+            "ClipEncoder ready: %s on %s, %d torch threads, batch <= %d",
+            self.embedder.spec,
+            self.embedder.clip.device,
+            torch.get_num_threads(),
+            self.max_batch_size,
+        )
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, both optional."""
+        unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
+        if unknown:
+            raise ValueError(f"ClipEncoder user_config: unknown keys {sorted(unknown)}")
+        if "max_batch_size" in user_config:
+            n = int(user_config["max_batch_size"])
+            if n < 1:
+                raise ValueError(f"max_batch_size must be >= 1, got {n}")
+            self.max_batch_size = n
+            self.embedder.batch_size = n
+            self._embed_batch.set_max_batch_size(n)
+        if "batch_wait_timeout_s" in user_config:
+            self._embed_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "spec": self.embedder.spec,
+            "embed_dim": self.embedder.embed_dim,
+            "image_size": self.embedder.clip.image_size,
+            "random_weights": self.embedder.is_random,
+        }
+
+    async def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) uint8 -> (N, D) float32; N may exceed a batch (split, then batched)."""
+        if len(pixels) == 0:
+            return np.zeros((0, self.embedder.embed_dim), np.float32)
+        n = self.max_batch_size
+        parts = await asyncio.gather(
+            *(self._embed_batch(pixels[i : i + n]) for i in range(0, len(pixels), n))
+        )
+        return np.concatenate(parts)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_images)
+    async def _embed_batch(self, items: list[np.ndarray]) -> list[np.ndarray]:
+        sizes = [len(x) for x in items]
+        emb = await asyncio.to_thread(self.embedder.embed_pixels, np.concatenate(items))
+        return np.split(emb, np.cumsum(sizes)[:-1])
+
+    async def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Texts -> (N, D); repeats (prompt sets) come from the embedder's LRU cache."""
+        async with self._text_lock:  # the cache is a plain OrderedDict
+            return await asyncio.to_thread(self.embedder.embed_texts, texts)

@@ -1,0 +1,480 @@
+"""``KeeperIngress``: the FastAPI front door. Auth, limits, validation, then composition.
+
+The ingress decodes and resizes images itself (on a worker thread, so its event loop keeps
+taking requests) and sends uint8 pixels to ``ClipEncoder``, whose replicas batch them; it sends
+embeddings and quality features to ``SeriesRanker``. Scoring (aesthetic prompts, relevance)
+is keeper_core's, computed here from the embeddings. Errors are JSON
+``{"error": {"code", "message", "index"?}}``; see docs/http-api.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from keeper_core.errors import KeeperError
+from keeper_core.scoring import (
+    AestheticConfig,
+    aesthetic_scores,
+    clip_score,
+    prompt_softmax,
+    relevance_score,
+)
+from keeper_serve import api
+from keeper_serve.api import ApiError, ImageRef
+from keeper_serve.config import KeeperAppArgs
+
+log = logging.getLogger("keeper.serve")
+
+PUBLIC_PATHS = frozenset({"/healthz"})
+DOC_PATHS = frozenset({"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"})
+
+app = FastAPI(
+    title="keeper",
+    version="1",
+    summary="Find the keepers: CLIP embeddings, aesthetic and relevance scores, series ranking.",
+    description=(
+        "Every route but `/healthz` needs `Authorization: Bearer <token>`. Images travel as "
+        'base64 in JSON (`{"b64": ...}`), as `s3://` URIs in allow-listed buckets '
+        '(`{"uri": ...}`), or as multipart uploads. Errors: '
+        '`{"error": {"code", "message", "index"?}}`.'
+    ),
+)
+
+
+def _json_body(model: type[Any]) -> dict[str, Any]:
+    """OpenAPI for a route that reads its body itself (size limit, JSON or multipart)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
+                "multipart/form-data": {"schema": {"type": "object"}},
+            },
+        },
+        "x-keeper-schemas": {model.__name__: schema},
+    }
+
+
+# Middleware and handlers are registered before the class: @serve.ingress freezes (pickles) the
+# app when it decorates the class.
+
+
+# ------------------------------------------------------------------------------ middleware
+
+
+@app.middleware("http")
+async def _auth_and_metrics(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """Auth on every route but /healthz, then count and time the request."""
+    ingress = _ingress()
+    path = request.url.path
+    t0 = time.perf_counter()
+    if ingress is not None and path not in PUBLIC_PATHS and not ingress._authorised(request):
+        response: Response = JSONResponse(
+            status_code=401,
+            content=ApiError(401, "unauthorized", "a valid bearer token is required").body(),
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    else:
+        response = await call_next(request)
+    if ingress is not None:
+        route = path if path in ROUTES else "other"
+        ingress.requests.inc(tags={"route": route, "status": str(response.status_code)})
+        ingress.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
+    return response
+
+
+#: Routes named in metrics (anything else counts as "other": no unbounded label values).
+ROUTES = frozenset(
+    {
+        "/healthz",
+        "/v1/models",
+        "/v1/embed",
+        "/v1/score/aesthetic",
+        "/v1/score/relevance",
+        "/v1/rank",
+        *DOC_PATHS,
+    }
+)
+
+
+def _ingress() -> Any:
+    """This replica's KeeperIngress instance (None outside a replica)."""
+    try:
+        return serve.get_replica_context().servable_object
+    except Exception:  # RayServeException: not inside a replica
+        return None
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content=exc.body())
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
+    where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+    return JSONResponse(
+        status_code=422,
+        content=ApiError(422, "invalid_request", f"{where}: {first.get('msg')}").body(),
+    )
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(
+        status_code=exc.status_code,
+        content=ApiError(exc.status_code, code, str(exc.detail)).body(),
+        headers=getattr(exc, "headers", None),
+    )
+
+
+@app.exception_handler(KeeperError)
+async def _keeper(request: Request, exc: KeeperError) -> JSONResponse:
+    return JSONResponse(status_code=400, content=ApiError(400, "bad_input", str(exc)).body())
+
+
+@app.exception_handler(BackPressureError)
+async def _busy(request: Request, exc: BackPressureError) -> JSONResponse:
+    """A deployment behind the ingress is full (its max_queued_requests): retry later."""
+    return JSONResponse(
+        status_code=503,
+        content=ApiError(503, "overloaded", "the server is at capacity; retry shortly").body(),
+        headers={"Retry-After": "2"},
+    )
+
+
+@app.exception_handler(Exception)
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("keeper API: unhandled error on %s", request.url.path)
+    return JSONResponse(
+        status_code=500,
+        content=ApiError(500, "internal", f"internal error ({type(exc).__name__})").body(),
+    )
+
+
+@serve.deployment
+@serve.ingress(app)
+class KeeperIngress:
+    def __init__(
+        self, encoder: DeploymentHandle, ranker: DeploymentHandle, args: KeeperAppArgs
+    ) -> None:
+        self.args = args
+        self.encoder = encoder
+        self.ranker = ranker
+        self.token = args.auth.token()  # no usable token and not insecure: the replica fails
+        if self.token is None:
+            log.warning(
+                "keeper API running OPEN (auth.insecure_local): anyone who reaches the port can "
+                "call it. For local development on loopback only."
+            )
+        self.images = api.ImagePreparer(args)
+        self.aesthetic = (
+            AestheticConfig.from_yaml(args.aesthetic_config)
+            if args.aesthetic_config
+            else AestheticConfig.default()
+        )
+        self._prompts: dict[str, np.ndarray] = {}
+        self._clip_info: dict[str, Any] | None = None
+        self.requests = Counter(
+            "keeper_requests",
+            description="keeper API requests by route and status code",
+            tag_keys=("route", "status"),
+        )
+        self.latency = Histogram(
+            "keeper_request_latency_ms",
+            description="keeper API latency by route (ms), ingress view",
+            boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000],
+            tag_keys=("route",),
+        )
+        self.images_in = Counter(
+            "keeper_images", description="images accepted by route", tag_keys=("route",)
+        )
+
+    # ----------------------------------------------------------------------------- plumbing
+
+    def _authorised(self, request: Request) -> bool:
+        if self.token is None:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), self.token.encode()
+        )
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused with 413 past the limit before it is all read."""
+        limit = self.args.limits.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    raise ApiError(
+                        413, "request_too_large", f"{declared} bytes; the limit is {limit}"
+                    )
+            except ValueError as e:
+                raise ApiError(400, "bad_request", "invalid Content-Length") from e
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "request_too_large", f"over {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _parse(
+        self, request: Request, model: type[Any], image_key: str = "images"
+    ) -> tuple[Any, list[ImageRef | bytes]]:
+        """JSON or multipart -> (request model, image references in order)."""
+        body = await self._body(request)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype in ("application/json", ""):
+            req = api.parse_json(body, model)
+            return req, list(getattr(req, image_key, []) or [])
+        if ctype == "multipart/form-data":
+            return await self._parse_multipart(request, body, model)
+        raise ApiError(
+            415, "unsupported_media_type", f"Content-Type {ctype!r}: send JSON or multipart"
+        )
+
+    async def _parse_multipart(
+        self, request: Request, body: bytes, model: type[Any]
+    ) -> tuple[Any, list[ImageRef | bytes]]:
+        limits = self.args.limits
+
+        async def replay() -> dict[str, Any]:  # the body was read (and size-checked) already
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(
+                max_files=limits.max_images + 1, max_fields=limits.max_texts + 16
+            )
+        except Exception as e:  # starlette raises MultiPartException / HTTPException
+            raise ApiError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from e
+        files: list[ImageRef | bytes] = []
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if hasattr(value, "read"):
+                if key != "images":
+                    raise ApiError(422, "invalid_request", f"file field {key!r}: use 'images'")
+                files.append(await value.read())
+            elif key in ("texts", "positive", "negative"):
+                fields.setdefault(key, []).extend(api.form_list(value))
+            elif key == "temperature":
+                fields[key] = value
+            else:
+                raise ApiError(422, "invalid_request", f"unknown form field {key!r}")
+        if model is api.RankRequest:
+            raise ApiError(415, "unsupported_media_type", "/v1/rank takes JSON (series of images)")
+        if model is not api.EmbedRequest:
+            # The image list is validated as non-empty by the model: stand-ins for the files.
+            fields["images"] = [{"b64": ""} for _ in files]
+        req = api.parse_fields(fields, model)
+        if model is api.EmbedRequest and not files and not fields.get("texts"):
+            raise ApiError(422, "invalid_request", "give at least one image or text")
+        return req, files
+
+    async def _prepare(self, refs: list[ImageRef | bytes], *, quality: bool) -> api.Prepared:
+        self.images.check_count(len(refs))
+        return await asyncio.to_thread(self.images.prepare, refs, quality=quality)
+
+    async def _embed(self, prepared: api.Prepared) -> np.ndarray:
+        emb: np.ndarray = await self.encoder.embed_pixels.remote(prepared.pixels)
+        return emb
+
+    async def _texts(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 0), np.float32)
+        emb: np.ndarray = await self.encoder.embed_texts.remote(texts)
+        return emb
+
+    async def _prompt_embeddings(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """The aesthetic prompt set's embeddings, fetched once per replica."""
+        missing = [p for p in prompts if p not in self._prompts]
+        if missing:
+            for p, e in zip(missing, await self._texts(missing), strict=True):
+                self._prompts[p] = e
+        return {p: self._prompts[p] for p in prompts}
+
+    async def _clip(self) -> dict[str, Any]:
+        """The encoder's model (fixed for the app's lifetime: asked once per replica)."""
+        if self._clip_info is None:
+            self._clip_info = await self.encoder.info.remote()
+        return self._clip_info
+
+    # ----------------------------------------------------------------------------- routes
+
+    @app.get("/healthz", include_in_schema=True, summary="liveness (no auth)")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", response_model=api.ModelsResponse, summary="what is being served")
+    async def models(self) -> dict[str, Any]:
+        clip, ranker = await asyncio.gather(self._clip(), self.ranker.info.remote())
+        return {"clip": clip, "ranker": ranker}
+
+    @app.post(
+        "/v1/embed",
+        response_model=api.EmbedResponse,
+        openapi_extra=_json_body(api.EmbedRequest),
+        summary="images and/or texts -> L2-normalised embeddings",
+    )
+    async def embed(self, request: Request) -> dict[str, Any]:
+        req, refs = await self._parse(request, api.EmbedRequest)
+        self.images.check_texts(req.texts)
+        prepared = await self._prepare(refs, quality=False)
+        self.images_in.inc(len(refs), tags={"route": "/v1/embed"})
+        img_emb, txt_emb, clip = await asyncio.gather(
+            self._embed(prepared), self._texts(req.texts), self._clip()
+        )
+        return {
+            "model": clip["spec"],
+            "random_weights": clip["random_weights"],
+            "dim": clip["embed_dim"],
+            "image_embeddings": img_emb.tolist(),
+            "text_embeddings": txt_emb.tolist() if len(req.texts) else [],
+        }
+
+    @app.post(
+        "/v1/score/aesthetic",
+        response_model=api.AestheticResponse,
+        openapi_extra=_json_body(api.AestheticRequest),
+        summary="per image: aesthetic total in [0, 1] and one score per dimension",
+    )
+    async def score_aesthetic(self, request: Request) -> dict[str, Any]:
+        _, refs = await self._parse(request, api.AestheticRequest)
+        prepared = await self._prepare(refs, quality=False)
+        self.images_in.inc(len(refs), tags={"route": "/v1/score/aesthetic"})
+        emb, prompts, clip = await asyncio.gather(
+            self._embed(prepared),
+            self._prompt_embeddings(self.aesthetic.all_prompts()),
+            self._clip(),
+        )
+        scores = aesthetic_scores(emb, prompts, self.aesthetic)
+        return {
+            "model": clip["spec"],
+            "random_weights": clip["random_weights"],
+            "scores": [
+                {
+                    "index": i,
+                    "total": float(scores.total[i]),
+                    "dimensions": {k: float(v[i]) for k, v in scores.dimensions.items()},
+                }
+                for i in range(len(emb))
+            ],
+        }
+
+    @app.post(
+        "/v1/score/relevance",
+        response_model=api.RelevanceResponse,
+        openapi_extra=_json_body(api.RelevanceRequest),
+        summary="relevance to positive/negative prompts: S, CLIPScore and a prompt softmax",
+    )
+    async def score_relevance(self, request: Request) -> dict[str, Any]:
+        req, refs = await self._parse(request, api.RelevanceRequest)
+        prompts = list(dict.fromkeys([*req.positive, *req.negative]))
+        self.images.check_texts(prompts, "prompts")
+        prepared = await self._prepare(refs, quality=False)
+        self.images_in.inc(len(refs), tags={"route": "/v1/score/relevance"})
+        emb, txt, clip = await asyncio.gather(
+            self._embed(prepared), self._texts(prompts), self._clip()
+        )
+        by_text = dict(zip(prompts, txt, strict=True))
+        pos = np.stack([by_text[t] for t in req.positive])
+        neg = np.stack([by_text[t] for t in req.negative]) if req.negative else None
+        s = relevance_score(emb, pos, neg)
+        cs = clip_score(emb, txt)
+        sm = prompt_softmax(emb, txt, req.temperature)
+        return {
+            "model": clip["spec"],
+            "random_weights": clip["random_weights"],
+            "scores": [
+                {
+                    "index": i,
+                    "S": float(s[i]),
+                    "clip_score": {t: float(cs[i, j]) for j, t in enumerate(prompts)},
+                    "softmax": {t: float(sm[i, j]) for j, t in enumerate(prompts)},
+                }
+                for i in range(len(emb))
+            ],
+        }
+
+    @app.post(
+        "/v1/rank",
+        response_model=api.RankResponse,
+        openapi_extra=_json_body(api.RankRequest),
+        summary="series of images -> per-image scores, probabilities and the keeper",
+    )
+    async def rank(self, request: Request) -> dict[str, Any]:
+        req, _ = await self._parse(request, api.RankRequest, image_key="series")
+        limits = self.args.limits
+        if len(req.series) > limits.max_series:
+            raise ApiError(
+                400,
+                "too_many_series",
+                f"{len(req.series)} series; the limit is {limits.max_series}",
+            )
+        for i, s in enumerate(req.series):
+            if len(s.images) < 2:
+                raise ApiError(
+                    400,
+                    "series_too_short",
+                    f"series {i} has {len(s.images)} image(s); a series needs at least 2",
+                    index=i,
+                )
+            if len(s.images) > limits.max_series_len:
+                raise ApiError(
+                    400,
+                    "series_too_long",
+                    f"series {i} has {len(s.images)} images; the limit is {limits.max_series_len}",
+                    index=i,
+                )
+        refs: list[ImageRef | bytes] = [im for s in req.series for im in s.images]
+        lengths = [len(s.images) for s in req.series]
+        prepared = await self._prepare(refs, quality=True)
+        self.images_in.inc(len(refs), tags={"route": "/v1/rank"})
+        emb, clip = await asyncio.gather(self._embed(prepared), self._clip())
+        out = await self.ranker.rank.remote(emb, prepared.quality, lengths)
+        if "unavailable" in out:
+            raise ApiError(503, "model_unavailable", out["unavailable"])
+        model = out["model"]
+        return {
+            "model": {
+                "uri": model["uri"],
+                "name": model["name"],
+                "version": model["version"],
+                "alias": model["alias"],
+                "clip_model": clip["spec"],
+                "random_weights": clip["random_weights"],
+            },
+            "series": [
+                {
+                    "id": s.id if s.id is not None else str(i),
+                    "keeper_index": int(np.argmax(scores)),
+                    "scores": [float(x) for x in scores],
+                    "probabilities": [float(x) for x in probs],
+                }
+                for i, (s, (scores, probs)) in enumerate(
+                    zip(req.series, out["series"], strict=True)
+                )
+            ],
+        }

@@ -1,0 +1,183 @@
+"""Run keeper's Serve app from a Serve config file on this process's Ray (local or joined).
+
+``serve deploy FILE`` is how a cluster runs the app; this is the same file applied from
+Python, for ``keeper serve``, the demo, the tests and the benchmark: the application's
+``args`` go through :class:`KeeperAppArgs`, its ``deployments`` become ``Deployment.options``,
+and ``http_options`` / ``runtime_env.env_vars`` are honoured. Overrides are dotted keys::
+
+    {"clip_model": "ViT-B-32:random", "ranker.model_uri": None,
+     "deployments.ClipEncoder.autoscaling_config.max_replicas": 2, "http_options.port": 8001}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from keeper_core.errors import ConfigError
+from keeper_serve.config import KeeperAppArgs
+
+log = logging.getLogger("keeper.serve")
+
+#: The CPU dev-box config, shipped inside the package (clusters/serve/keeper.yaml links to it).
+DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
+
+
+def load_config(path: str | Path | None = None) -> dict[str, Any]:
+    """A Serve config file as a dict (``None``: the packaged dev-box config)."""
+    p = Path(path) if path else DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read the Serve config {p}: {e}") from e
+    if not isinstance(data, dict) or not data.get("applications"):
+        raise ConfigError(f"{p}: a Serve config needs an 'applications' list")
+    return data
+
+
+def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with dotted-key overrides applied to its (first) application.
+
+    ``deployments.NAME.KEY...`` edits that deployment's entry (created if missing),
+    ``http_options.KEY`` the HTTP options, anything else the application's ``args``.
+    """
+    out = copy.deepcopy(config)
+    app = out["applications"][0]
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if parts[0] == "deployments":
+            if len(parts) < 3:
+                raise ConfigError(f"override {key!r}: use deployments.NAME.OPTION")
+            deps = app.setdefault("deployments", [])
+            dep = next((d for d in deps if d.get("name") == parts[1]), None)
+            if dep is None:
+                dep = {"name": parts[1]}
+                deps.append(dep)
+            target, path = dep, parts[2:]
+        elif parts[0] == "http_options":
+            target, path = out.setdefault("http_options", {}), parts[1:]
+        else:
+            target, path = app.setdefault("args", {}), parts
+        for p in path[:-1]:
+            nxt = target.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {key!r}: {p} is not a mapping")
+            target = nxt
+        target[path[-1]] = value
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` strings; values are YAML scalars (``null``, ``2``, ``true``, text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def _options(app: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The application's ``deployments`` as ``Deployment.options`` keywords per name."""
+    env = dict((app.get("runtime_env") or {}).get("env_vars") or {})
+    opts: dict[str, dict[str, Any]] = {}
+    for dep in app.get("deployments") or []:
+        d = {k: v for k, v in dep.items() if k != "name"}
+        opts[dep["name"]] = d
+    if env:
+        for d in opts.values():
+            actor = d.setdefault("ray_actor_options", {})
+            renv = actor.setdefault("runtime_env", {})
+            renv["env_vars"] = {**env, **(renv.get("env_vars") or {})}
+    return opts
+
+
+def start(
+    config: str | Path | dict[str, Any] | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    ray_address: str | None = None,
+    wait_s: float = 300.0,
+) -> str:
+    """Deploy the app and wait until ``/healthz`` answers; returns the base URL.
+
+    Starts a local Ray for this process unless Ray is initialised or ``ray_address`` is given.
+    Replicas read the API token where the config says (``auth.token_file``, or the variable
+    ``auth.token_env`` in their own environment: a local Ray started here inherits this
+    process's). Tokens are never put into a runtime_env, which the dashboard shows.
+
+    Raises:
+        ConfigError: an invalid config (the message names the field).
+        TimeoutError: the app was not healthy within ``wait_s``.
+    """
+    import ray
+    from pydantic import ValidationError
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    from keeper_serve.app import bind
+
+    cfg = config if isinstance(config, dict) else load_config(config)
+    cfg = apply_overrides(cfg, overrides or {})
+    if host is not None:
+        cfg.setdefault("http_options", {})["host"] = host
+    if port is not None:
+        cfg.setdefault("http_options", {})["port"] = port
+    try:
+        ServeDeploySchema.model_validate(cfg)
+        app_cfg = cfg["applications"][0]
+        args = KeeperAppArgs.model_validate(app_cfg.get("args") or {})
+    except ValidationError as e:
+        raise ConfigError(f"invalid Serve config: {e}") from e
+    http = {"host": "127.0.0.1", "port": 8000, **(cfg.get("http_options") or {})}
+    opts = _options(app_cfg)
+
+    if not ray.is_initialized():
+        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or None)
+    serve.start(http_options=http, proxy_location=cfg.get("proxy_location"))
+    serve.run(
+        bind(args, opts),
+        name=app_cfg.get("name", "keeper"),
+        route_prefix=app_cfg.get("route_prefix", "/"),
+        blocking=False,
+    )
+    shown = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
+    url = f"http://{shown}:{int(http['port'])}{app_cfg.get('route_prefix', '/').rstrip('/')}"
+    wait_healthy(url, wait_s)
+    return url
+
+
+def wait_healthy(url: str, wait_s: float) -> None:
+    """Poll ``GET url/healthz`` until it answers 200 (bounded)."""
+    deadline = time.monotonic() + wait_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as r:
+                if r.status == 200 and json.loads(r.read()).get("status") == "ok":
+                    return
+                last = f"HTTP {r.status}"
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"keeper Serve app not healthy at {url} after {wait_s:.0f} s: {last}")
+
+
+def shutdown() -> None:
+    """Delete every Serve application and stop Serve (Ray itself stays up)."""
+    from ray import serve
+
+    serve.shutdown()
