@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from keeper_core import storage
 from keeper_core.errors import ImageDecodeError, StorageError
-from keeper_core.images import DecodeLimits, decode_image
+from keeper_core.images import DecodeLimits, decode_image, image_size
 from keeper_core.models import preprocess_config, resize_transform
-from keeper_core.quality import quality_features
+from keeper_core.quality import FEATURE_NAMES, quality_features
 from keeper_serve.config import KeeperAppArgs, LimitArgs
 
 #: The quality features' working size (as keeper embed computes them: same draft bound).
@@ -346,6 +346,7 @@ class ImagePreparer:
         """Every image or the first failure (an ApiError naming its index): a request is whole."""
         self.check_count(len(refs))
         images: list[Image.Image] = []
+        sizes: list[tuple[int, int]] = []  # displayed size before any draft downscale
         for i, ref in enumerate(refs):
             data = ref if isinstance(ref, bytes) else self.image_bytes(ref, i)
             if len(data) > self.limits.max_image_bytes:
@@ -356,11 +357,18 @@ class ImagePreparer:
                     index=i,
                 )
             images.append(self.decode(data, i))
+            sizes.append(image_size(data))
         s = self.image_size
         pixels = (
             np.stack([self._resize(im) for im in images])
             if images
             else np.zeros((0, 3, s, s), np.uint8)
         )
-        feats = quality_features(images).astype(np.float32) if quality and images else None
+        feats = None
+        if quality and images:
+            feats = quality_features(images).astype(np.float32)
+            # As keeper embed records them: the original size, not the draft-decoded one.
+            for j, name in enumerate(FEATURE_NAMES):
+                if name in ("width", "height"):
+                    feats[:, j] = [w if name == "width" else h for w, h in sizes]
         return Prepared(pixels=pixels, quality=feats)

@@ -42,6 +42,7 @@ def ensure_token(env: str, data_dir: str) -> tuple[str, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
     os.environ[env] = token
@@ -113,8 +114,8 @@ def add_serve_parser(subparsers: SubParsers) -> None:
             print(f"  token: TOKEN={src}")
         print(f"  curl{auth} {url}/v1/models")
         print(
-            f"  curl{auth} -H 'Content-Type: application/json' "
-            f'-d "{{\\"images\\": [{{\\"b64\\": \\"$(base64 -w0 photo.jpg)\\"}}]}}" '
+            '  printf \'{"images": [{"b64": "%s"}]}\' "$(base64 -w0 photo.jpg)" | '
+            f"curl{auth} -H 'Content-Type: application/json' --data-binary @- "
             f"{url}/v1/score/aesthetic"
         )
         print("Ctrl-C stops it.", flush=True)

@@ -93,7 +93,14 @@ async def _auth_and_metrics(
             headers={"WWW-Authenticate": "Bearer"},
         )
     else:
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # answered (and counted) here, not by Starlette's outer layer
+            log.exception("keeper API: unhandled error on %s", path)
+            response = JSONResponse(
+                status_code=500,
+                content=ApiError(500, "internal", f"internal error ({type(exc).__name__})").body(),
+            )
     if ingress is not None:
         route = path if path in ROUTES else "other"
         ingress.requests.inc(tags={"route": route, "status": str(response.status_code)})
@@ -285,12 +292,10 @@ class KeeperIngress:
                 raise ApiError(422, "invalid_request", f"unknown form field {key!r}")
         if model is api.RankRequest:
             raise ApiError(415, "unsupported_media_type", "/v1/rank takes JSON (series of images)")
-        if model is not api.EmbedRequest:
-            # The image list is validated as non-empty by the model: stand-ins for the files.
-            fields["images"] = [{"b64": ""} for _ in files]
+        # The model validates the image count (non-empty where required): stand-ins for the
+        # uploaded files, which are returned as bytes.
+        fields["images"] = [{"b64": ""} for _ in files]
         req = api.parse_fields(fields, model)
-        if model is api.EmbedRequest and not files and not fields.get("texts"):
-            raise ApiError(422, "invalid_request", "give at least one image or text")
         return req, files
 
     async def _prepare(self, refs: list[ImageRef | bytes], *, quality: bool) -> api.Prepared:

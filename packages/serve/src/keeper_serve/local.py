@@ -93,7 +93,7 @@ def _options(app: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     env = dict((app.get("runtime_env") or {}).get("env_vars") or {})
     opts: dict[str, dict[str, Any]] = {}
     for dep in app.get("deployments") or []:
-        d = {k: v for k, v in dep.items() if k != "name"}
+        d = copy.deepcopy({k: v for k, v in dep.items() if k != "name"})
         opts[dep["name"]] = d
     if env:
         for d in opts.values():

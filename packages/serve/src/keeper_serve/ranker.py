@@ -57,6 +57,21 @@ class Loaded:
         }
 
 
+def _ranker_folder(root: Path) -> Path | None:
+    """The ranker folder of a downloaded pyfunc model, as its MLmodel file names it."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load((root / "MLmodel").read_text())
+        rel = meta["flavors"]["python_function"]["artifacts"][ARTIFACT_KEY]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    folder = (root / str(rel)).resolve()
+    if root.resolve() not in folder.parents or not (folder / "ranker.json").is_file():
+        return None
+    return folder
+
+
 def load_version(client: Any, ref: ModelRef, clip_model: str) -> Loaded:
     """Download ``ref``'s artifacts and load its ranker (JSON + safetensors), then warm it.
 
@@ -68,18 +83,25 @@ def load_version(client: Any, ref: ModelRef, clip_model: str) -> Loaded:
 
     with tempfile.TemporaryDirectory(prefix="keeper-ranker-") as d:
         try:
+            # A registered version's own artifact location, from this client's registry (a
+            # models:/ URI would be resolved against the process-wide registry URI instead).
+            source = (
+                client.get_model_version_download_uri(ref.name, ref.version)
+                if ref.name and ref.version
+                else ref.load_uri
+            )
             root = Path(
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=ref.load_uri, dst_path=d, tracking_uri=client.tracking_uri
+                    artifact_uri=source, dst_path=d, tracking_uri=client.tracking_uri
                 )
             )
         except Exception as e:  # MlflowException, botocore, OSError: all mean "cannot fetch"
             raise ModelLoadError(ref.uri, f"cannot download {ref.load_uri}: {e}") from e
-        folders = [p.parent for p in root.rglob("ranker.json") if p.parent.name == ARTIFACT_KEY]
-        if len(folders) != 1:
-            raise ModelLoadError(ref.uri, f"{ref.load_uri} holds no keeper ranker folder")
+        folder = _ranker_folder(root)
+        if folder is None:
+            raise ModelLoadError(ref.uri, f"{ref.load_uri} is not a keeper ranker (MLmodel)")
         try:
-            ranker = CoreRanker.load(folders[0])
+            ranker = CoreRanker.load(folder)
         except KeeperError as e:
             raise ModelLoadError(ref.uri, str(e)) from e
     spec = ranker.config.embedding_spec

@@ -1,0 +1,356 @@
+"""keeper_serve.local (config file, overrides, deployment options), ensure_token, app.bind and
+``keeper serve``'s refusals. No Ray is started: every path here fails or returns before
+``local.start`` would."""
+
+from __future__ import annotations
+
+import copy
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from keeper_core.errors import ConfigError
+from keeper_serve import commands, local
+from keeper_serve.config import ENCODER, INGRESS, RANKER, KeeperAppArgs
+
+TOKEN_ENV = "KEEPER_TEST_API_TOKEN"
+
+
+def small_config() -> dict[str, Any]:
+    return {
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "applications": [
+            {
+                "name": "keeper",
+                "import_path": "keeper_serve.app:build_app",
+                "args": {"clip_model": "keeper-tiny:random", "ranker": {"poll_s": 5.0}},
+                "deployments": [
+                    {"name": ENCODER, "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
+                ],
+            }
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------- load_config
+
+
+def test_default_config_loads() -> None:
+    cfg = local.load_config()
+    assert cfg == local.load_config(local.DEFAULT_CONFIG)
+    app = cfg["applications"][0]
+    assert app["import_path"] == "keeper_serve.app:build_app"
+    KeeperAppArgs.model_validate(app["args"])
+    assert {d["name"] for d in app["deployments"]} == {INGRESS, ENCODER, RANKER}
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the Serve config"):
+        local.load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    "text", ["", "applications: []\n", "http_options: {port: 1}\n", "- a\n- b\n", "just text\n"]
+)
+def test_config_without_applications(tmp_path: Path, text: str) -> None:
+    p = tmp_path / "serve.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match="'applications' list"):
+        local.load_config(p)
+
+
+def test_config_that_is_not_yaml(tmp_path: Path) -> None:
+    p = tmp_path / "serve.yaml"
+    p.write_text("applications: [\n")
+    with pytest.raises(ConfigError, match="cannot read the Serve config"):
+        local.load_config(p)
+
+
+def test_config_from_a_file(tmp_path: Path) -> None:
+    p = tmp_path / "serve.yaml"
+    p.write_text(yaml.safe_dump(small_config()))
+    assert local.load_config(str(p)) == small_config()
+
+
+# ---------------------------------------------------------------------------- apply_overrides
+
+
+def test_overrides_of_args_deployments_and_http_options() -> None:
+    cfg = small_config()
+    before = copy.deepcopy(cfg)
+    out = local.apply_overrides(
+        cfg,
+        {
+            "clip_model": "ViT-B-32:random",
+            "ranker.model_uri": None,
+            "encoder.max_batch_size": 32,  # a new nested mapping under args
+            f"deployments.{ENCODER}.autoscaling_config.max_replicas": 2,
+            f"deployments.{RANKER}.ray_actor_options.num_cpus": 0.5,  # a new entry
+            "http_options.port": 8001,
+            "http_options.request_timeout_s": 30,
+        },
+    )
+    assert cfg == before  # the input is not mutated
+    app = out["applications"][0]
+    assert app["args"] == {
+        "clip_model": "ViT-B-32:random",
+        "ranker": {"poll_s": 5.0, "model_uri": None},
+        "encoder": {"max_batch_size": 32},
+    }
+    assert app["deployments"] == [
+        {"name": ENCODER, "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}},
+        {"name": RANKER, "ray_actor_options": {"num_cpus": 0.5}},
+    ]
+    assert out["http_options"] == {"host": "127.0.0.1", "port": 8001, "request_timeout_s": 30}
+    KeeperAppArgs.model_validate(app["args"])
+
+
+def test_overrides_create_missing_sections() -> None:
+    cfg = {"applications": [{"name": "keeper"}]}
+    out = local.apply_overrides(
+        cfg, {"data_dir": "/d", f"deployments.{INGRESS}.num_replicas": 2, "http_options.port": 9}
+    )
+    assert cfg == {"applications": [{"name": "keeper"}]}
+    assert out["applications"][0] == {
+        "name": "keeper",
+        "args": {"data_dir": "/d"},
+        "deployments": [{"name": INGRESS, "num_replicas": 2}],
+    }
+    assert out["http_options"] == {"port": 9}
+
+
+def test_no_overrides_is_a_copy() -> None:
+    cfg = small_config()
+    out = local.apply_overrides(cfg, {})
+    assert out == cfg
+    assert out is not cfg
+    assert out["applications"][0]["args"] is not cfg["applications"][0]["args"]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "clip_model.arch",  # a string on the path
+        "ranker.poll_s.x",  # a float on the path
+        f"deployments.{ENCODER}.autoscaling_config.max_replicas.x",
+        "http_options.port.x",
+    ],
+)
+def test_override_through_a_non_mapping(key: str) -> None:
+    with pytest.raises(ConfigError, match="is not a mapping"):
+        local.apply_overrides(small_config(), {key: 1})
+
+
+def test_override_of_a_deployment_needs_an_option() -> None:
+    with pytest.raises(ConfigError, match=r"deployments\.NAME\.OPTION"):
+        local.apply_overrides(small_config(), {f"deployments.{ENCODER}": 1})
+
+
+# ---------------------------------------------------------------------------- parse_overrides
+
+
+def test_parse_overrides_yaml_scalars() -> None:
+    assert local.parse_overrides(
+        [
+            "ranker.model_uri=null",
+            "encoder.max_batch_size=32",
+            "ranker.poll_s=2.5",
+            "draft=false",
+            "auth.insecure_local=true",
+            "clip_model=ViT-B-32:laion2b_s34b_b79k",
+            "ranker.model_uri2=models:/keeper-ranker@champion",
+            "data_dir=/data/keeper dir",
+            "aesthetic_config=",
+            "tracking_uri=http://h:5000/?a=b",
+            " http_options.port =8001",
+        ]
+    ) == {
+        "ranker.model_uri": None,
+        "encoder.max_batch_size": 32,
+        "ranker.poll_s": 2.5,
+        "draft": False,
+        "auth.insecure_local": True,
+        "clip_model": "ViT-B-32:laion2b_s34b_b79k",
+        "ranker.model_uri2": "models:/keeper-ranker@champion",
+        "data_dir": "/data/keeper dir",
+        "aesthetic_config": "",
+        "tracking_uri": "http://h:5000/?a=b",
+        "http_options.port": 8001,
+    }
+    assert local.parse_overrides([]) == {}
+
+
+@pytest.mark.parametrize("item", ["clip_model", "=x", ""])
+def test_parse_overrides_needs_key_and_equals(item: str) -> None:
+    with pytest.raises(ConfigError, match="expected key=value"):
+        local.parse_overrides([item])
+
+
+# ---------------------------------------------------------------------------- _options
+
+
+def test_options_from_deployments() -> None:
+    app = small_config()["applications"][0]
+    assert local._options(app) == {
+        ENCODER: {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}
+    }
+    assert local._options({"name": "keeper"}) == {}
+
+
+def test_options_merge_the_app_env_vars() -> None:
+    app = {
+        "runtime_env": {"env_vars": {"A": "1", "B": "2"}},
+        "deployments": [
+            {
+                "name": ENCODER,
+                "ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": {"B": "3"}}},
+            },
+            {"name": RANKER, "max_ongoing_requests": 4},
+        ],
+    }
+    assert local._options(app) == {
+        # a deployment's own env_vars win over the application's
+        ENCODER: {
+            "ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": {"A": "1", "B": "3"}}}
+        },
+        RANKER: {
+            "max_ongoing_requests": 4,
+            "ray_actor_options": {"runtime_env": {"env_vars": {"A": "1", "B": "2"}}},
+        },
+    }
+
+
+def test_options_of_the_packaged_config() -> None:
+    opts = local._options(local.load_config()["applications"][0])
+    assert set(opts) == {INGRESS, ENCODER, RANKER}
+    assert all("name" not in o for o in opts.values())
+    assert opts[ENCODER]["max_ongoing_requests"] >= 16
+
+
+def test_options_do_not_mutate_the_app() -> None:
+    app = {
+        "runtime_env": {"env_vars": {"A": "1"}},
+        "deployments": [{"name": ENCODER, "ray_actor_options": {"num_cpus": 1}}],
+    }
+    before = copy.deepcopy(app)
+    local._options(app)
+    assert app == before
+
+
+# ---------------------------------------------------------------------------- ensure_token
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(p.stat().st_mode)
+
+
+def test_ensure_token_generates_then_reuses(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    data = tmp_path / "keeper-data"
+    token, where = commands.ensure_token(TOKEN_ENV, str(data))
+    path = data / "api-token"
+    assert where == str(path)
+    assert len(token) >= 32
+    assert path.read_text().strip() == token
+    assert mode(path) == 0o600
+    assert os.environ[TOKEN_ENV] == token  # what a local Ray's replicas inherit
+
+    monkeypatch.delenv(TOKEN_ENV)
+    again, where = commands.ensure_token(TOKEN_ENV, str(data))
+    assert (again, where) == (token, str(path))
+
+
+def test_ensure_token_env_var_wins(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(TOKEN_ENV, "  " + "e" * 20 + " ")
+    assert commands.ensure_token(TOKEN_ENV, str(tmp_path)) == ("e" * 20, f"${TOKEN_ENV}")
+    assert not (tmp_path / "api-token").exists()
+
+
+def test_ensure_token_replaces_a_short_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    path = tmp_path / "api-token"
+    path.write_text("short\n")
+    path.chmod(0o600)
+    token, _ = commands.ensure_token(TOKEN_ENV, str(tmp_path))
+    assert len(token) >= 32
+    assert path.read_text().strip() == token
+
+
+def test_ensure_token_file_is_0600_even_when_it_existed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    path = tmp_path / "api-token"
+    path.write_text("")
+    path.chmod(0o644)
+    commands.ensure_token(TOKEN_ENV, str(tmp_path))
+    assert mode(path) == 0o600
+
+
+# ---------------------------------------------------------------------------- app.bind
+
+
+def test_bind_refuses_unknown_deployments() -> None:
+    import ray
+
+    from keeper_serve import app
+
+    with pytest.raises(ValueError, match="Nope"):
+        app.bind(KeeperAppArgs(), options={"Nope": {}})
+    assert app.DEPLOYMENTS == (INGRESS, ENCODER, RANKER)
+    assert not ray.is_initialized()
+
+
+# ---------------------------------------------------------------------------- keeper serve
+
+
+@pytest.fixture
+def no_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any attempt to start Serve fail the test."""
+
+    def start(*a: Any, **kw: Any) -> str:
+        raise AssertionError("keeper serve started Serve")
+
+    monkeypatch.setattr(local, "start", start)
+    monkeypatch.setattr(commands, "ensure_token", lambda *a: pytest.fail("token generated"))
+
+
+def test_serve_insecure_local_refuses_a_public_host(
+    no_start: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    from keeper_core.cli import main
+
+    assert main(["serve", "--insecure-local", "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "keeper serve:" in err
+    assert "--insecure-local" in err
+    assert "--host 0.0.0.0 is not loopback" in err
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["clip_model"], "expected key=value"),
+        (["limits.max_imagez=3"], "max_imagez"),
+        (["encoder.max_batch_size=0"], "max_batch_size"),
+        (["--config", "/nonexistent/serve.yaml"], "cannot read the Serve config"),
+    ],
+)
+def test_serve_bad_arguments_exit_2(
+    no_start: None, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    from keeper_core.cli import main
+
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
