@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -20,12 +19,20 @@ from support import free_port, stop_process, wait_for_port
 
 @pytest.fixture(scope="session")
 def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real moto_server on a free loopback port; yields its endpoint URL."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    """A real moto_server on a free loopback port; yields its endpoint URL.
+
+    It runs on this interpreter (``python -m moto.server``), never a ``moto_server`` found on
+    PATH: that may be another Python's older moto (e.g. a pyenv shim to moto 5.2.1, whose
+    CompleteMultipartUpload answer has the root ``CompleteMultipartUploadResponse`` instead of
+    S3's ``CompleteMultipartUploadResult``; pyarrow's S3 client then takes the 200 OK for an
+    embedded error and fails every multipart upload with INTERNAL_FAILURE).
+    """
     port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
     proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for_port(port, proc, timeout_s=60)
