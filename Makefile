@@ -26,6 +26,8 @@ setup: $(STAMP) ## create .venv and install the workspace (editable) and the dev
 
 demo: setup ## run the main job end to end, offline, on embedded defaults (writes $(DEMO_DIR)/)
 	$(PY) -m keeper_train.jobs.demo --out $(DEMO_DIR)
+	# then serve the champion it promoted and call the HTTP API (keeper_serve.demo)
+	$(PY) -m keeper_serve.demo --out $(DEMO_DIR)
 
 lint: setup ## ruff check, ruff format --check, mypy on keeper_core
 	$(VENV)/bin/ruff check .

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
@@ -167,6 +168,16 @@ async def _busy(request: Request, exc: BackPressureError) -> JSONResponse:
         status_code=503,
         content=ApiError(503, "overloaded", "the server is at capacity; retry shortly").body(),
         headers={"Retry-After": "2"},
+    )
+
+
+@app.exception_handler(RayActorError)
+async def _replica_lost(request: Request, exc: RayActorError) -> JSONResponse:
+    """A replica died with this request in flight (Serve replaces it): retry shortly."""
+    return JSONResponse(
+        status_code=503,
+        content=ApiError(503, "replica_unavailable", "a model replica was lost; retry").body(),
+        headers={"Retry-After": "1"},
     )
 
 
