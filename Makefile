@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES))
 
 setup: $(STAMP) ## create .venv and install the workspace (editable) and the dev group
 
+# The demo trains and promotes a champion (keeper_train), then serves it over HTTP (keeper_serve).
 demo: setup ## run the main job end to end, offline, on embedded defaults (writes $(DEMO_DIR)/)
 	$(PY) -m keeper_train.jobs.demo --out $(DEMO_DIR)
-	# then serve the champion it promoted and call the HTTP API (keeper_serve.demo)
 	$(PY) -m keeper_serve.demo --out $(DEMO_DIR)
 
 lint: setup ## ruff check, ruff format --check, mypy on keeper_core
