@@ -79,6 +79,16 @@ def _json_body(model: type[Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ middleware
 
 
+def error_response(
+    status: int, code: str, message: str, *, retry_after: int | None = None
+) -> JSONResponse:
+    """keeper's JSON error body with its status (and Retry-After where retrying helps)."""
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(
+        status_code=status, content=ApiError(status, code, message).body(), headers=headers
+    )
+
+
 @app.middleware("http")
 async def _auth_and_metrics(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
@@ -88,20 +98,14 @@ async def _auth_and_metrics(
     path = request.url.path
     t0 = time.perf_counter()
     if ingress is not None and path not in PUBLIC_PATHS and not ingress._authorised(request):
-        response: Response = JSONResponse(
-            status_code=401,
-            content=ApiError(401, "unauthorized", "a valid bearer token is required").body(),
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        response: Response = error_response(401, "unauthorized", "a valid bearer token is required")
+        response.headers["WWW-Authenticate"] = "Bearer"
     else:
         try:
             response = await call_next(request)
         except Exception as exc:  # answered (and counted) here, not by Starlette's outer layer
             log.exception("keeper API: unhandled error on %s", path)
-            response = JSONResponse(
-                status_code=500,
-                content=ApiError(500, "internal", f"internal error ({type(exc).__name__})").body(),
-            )
+            response = error_response(500, "internal", f"internal error ({type(exc).__name__})")
     if ingress is not None:
         route = path if path in ROUTES else "other"
         ingress.requests.inc(tags={"route": route, "status": str(response.status_code)})
@@ -140,54 +144,42 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid"}
     where = ".".join(str(p) for p in first.get("loc", ())) or "request"
-    return JSONResponse(
-        status_code=422,
-        content=ApiError(422, "invalid_request", f"{where}: {first.get('msg')}").body(),
-    )
+    return error_response(422, "invalid_request", f"{where}: {first.get('msg')}")
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(
-        status_code=exc.status_code,
-        content=ApiError(exc.status_code, code, str(exc.detail)).body(),
-        headers=getattr(exc, "headers", None),
-    )
+    response = error_response(exc.status_code, code, str(exc.detail))
+    response.headers.update(getattr(exc, "headers", None) or {})
+    return response
 
 
 @app.exception_handler(KeeperError)
 async def _keeper(request: Request, exc: KeeperError) -> JSONResponse:
-    return JSONResponse(status_code=400, content=ApiError(400, "bad_input", str(exc)).body())
+    return error_response(400, "bad_input", str(exc))
 
 
 @app.exception_handler(BackPressureError)
 async def _busy(request: Request, exc: BackPressureError) -> JSONResponse:
     """A deployment behind the ingress is full (its max_queued_requests): retry later."""
-    return JSONResponse(
-        status_code=503,
-        content=ApiError(503, "overloaded", "the server is at capacity; retry shortly").body(),
-        headers={"Retry-After": "2"},
+    return error_response(
+        503, "overloaded", "the server is at capacity; retry shortly", retry_after=2
     )
 
 
 @app.exception_handler(RayActorError)
 async def _replica_lost(request: Request, exc: RayActorError) -> JSONResponse:
     """A replica died with this request in flight (Serve replaces it): retry shortly."""
-    return JSONResponse(
-        status_code=503,
-        content=ApiError(503, "replica_unavailable", "a model replica was lost; retry").body(),
-        headers={"Retry-After": "1"},
+    return error_response(
+        503, "replica_unavailable", "a model replica was lost; retry", retry_after=1
     )
 
 
 @app.exception_handler(Exception)
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     log.exception("keeper API: unhandled error on %s", request.url.path)
-    return JSONResponse(
-        status_code=500,
-        content=ApiError(500, "internal", f"internal error ({type(exc).__name__})").body(),
-    )
+    return error_response(500, "internal", f"internal error ({type(exc).__name__})")
 
 
 @serve.deployment
@@ -313,6 +305,19 @@ class KeeperIngress:
         self.images.check_count(len(refs))
         return await asyncio.to_thread(self.images.prepare, refs, quality=quality)
 
+    async def _request_images(
+        self, request: Request, model: type[Any], route: str
+    ) -> tuple[Any, api.Prepared]:
+        """Parse the body, then fetch, check and resize its images (counted per route)."""
+        req, refs = await self._parse(request, model)
+        if model is api.RelevanceRequest:
+            self.images.check_texts(list(dict.fromkeys([*req.positive, *req.negative])), "prompts")
+        elif model is api.EmbedRequest:
+            self.images.check_texts(req.texts)
+        prepared = await self._prepare(refs, quality=False)
+        self.images_in.inc(len(refs), tags={"route": route})
+        return req, prepared
+
     async def _embed(self, prepared: api.Prepared) -> np.ndarray:
         emb: np.ndarray = await self.encoder.embed_pixels.remote(prepared.pixels)
         return emb
@@ -355,10 +360,7 @@ class KeeperIngress:
         summary="images and/or texts -> L2-normalised embeddings",
     )
     async def embed(self, request: Request) -> dict[str, Any]:
-        req, refs = await self._parse(request, api.EmbedRequest)
-        self.images.check_texts(req.texts)
-        prepared = await self._prepare(refs, quality=False)
-        self.images_in.inc(len(refs), tags={"route": "/v1/embed"})
+        req, prepared = await self._request_images(request, api.EmbedRequest, "/v1/embed")
         img_emb, txt_emb, clip = await asyncio.gather(
             self._embed(prepared), self._texts(req.texts), self._clip()
         )
@@ -377,9 +379,9 @@ class KeeperIngress:
         summary="per image: aesthetic total in [0, 1] and one score per dimension",
     )
     async def score_aesthetic(self, request: Request) -> dict[str, Any]:
-        _, refs = await self._parse(request, api.AestheticRequest)
-        prepared = await self._prepare(refs, quality=False)
-        self.images_in.inc(len(refs), tags={"route": "/v1/score/aesthetic"})
+        _, prepared = await self._request_images(
+            request, api.AestheticRequest, "/v1/score/aesthetic"
+        )
         emb, prompts, clip = await asyncio.gather(
             self._embed(prepared),
             self._prompt_embeddings(self.aesthetic.all_prompts()),
@@ -406,11 +408,10 @@ class KeeperIngress:
         summary="relevance to positive/negative prompts: S, CLIPScore and a prompt softmax",
     )
     async def score_relevance(self, request: Request) -> dict[str, Any]:
-        req, refs = await self._parse(request, api.RelevanceRequest)
+        req, prepared = await self._request_images(
+            request, api.RelevanceRequest, "/v1/score/relevance"
+        )
         prompts = list(dict.fromkeys([*req.positive, *req.negative]))
-        self.images.check_texts(prompts, "prompts")
-        prepared = await self._prepare(refs, quality=False)
-        self.images_in.inc(len(refs), tags={"route": "/v1/score/relevance"})
         emb, txt, clip = await asyncio.gather(
             self._embed(prepared), self._texts(prompts), self._clip()
         )
