@@ -1,0 +1,80 @@
+"""``keeper serve`` as a user runs it: its own local Ray, embedded defaults, a generated token."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from support import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, dict[str, object]]:
+    req = urllib.request.Request(url)
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_keeper_serve_starts_prints_how_to_call_and_stops(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("KEEPER_API_TOKEN", "RAY_ADDRESS")}
+    cmd = [
+        sys.executable, "-m", "keeper_core.cli", "serve", "--port", str(port),
+        "--ray-address", "local", f"data_dir={tmp_path / 'data'}",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while "Ctrl-C stops it." not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        text = log.read_text(errors="replace")
+        token_file = tmp_path / "data" / "api-token"
+        assert f"keeper API at {url}" in text
+        assert f"TOKEN=$(cat {token_file})" in text
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        token = token_file.read_text().strip()
+
+        assert _get(f"{url}/healthz") == (200, {"status": "ok"})
+        assert _get(f"{url}/v1/models")[0] == 401
+        status, models = _get(f"{url}/v1/models", token)
+        assert status == 200
+        assert models["clip"] == {  # embedded defaults
+            "spec": "keeper-tiny:random", "embed_dim": 64, "image_size": 64,
+            "random_weights": True,
+        }  # fmt: skip
+        ranker = models["ranker"]
+        assert isinstance(ranker, dict)
+        assert ranker["status"] == "unavailable"  # no champion in a fresh store: said, not hidden
+        assert "keeper-ranker" in str(ranker["error"])
+    finally:
+        proc.send_signal(signal.SIGTERM)  # what a service manager sends: Serve, then Ray, stop
+        try:
+            rc = proc.wait(timeout=90)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # anything it left behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                proc.wait(timeout=30)
+    assert rc == 0, log.read_text(errors="replace")[-3000:]
