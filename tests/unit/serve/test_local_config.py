@@ -303,10 +303,11 @@ def test_bind_refuses_unknown_deployments() -> None:
 
     from keeper_serve import app
 
+    was_up = ray.is_initialized()  # the integration tests' session Ray may be up already
     with pytest.raises(ValueError, match="Nope"):
         app.bind(KeeperAppArgs(), options={"Nope": {}})
     assert app.DEPLOYMENTS == (INGRESS, ENCODER, RANKER)
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == was_up, "bind must not start Ray"
 
 
 # ---------------------------------------------------------------------------- keeper serve
@@ -330,12 +331,13 @@ def test_serve_insecure_local_refuses_a_public_host(
 
     from keeper_core.cli import main
 
+    was_up = ray.is_initialized()  # the integration tests' session Ray may be up already
     assert main(["serve", "--insecure-local", "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err
     assert "keeper serve:" in err
     assert "--insecure-local" in err
     assert "--host 0.0.0.0 is not loopback" in err
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == was_up
 
 
 @pytest.mark.parametrize(
