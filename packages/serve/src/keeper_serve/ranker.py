@@ -141,7 +141,7 @@ def rank_table(
 
 @serve.deployment
 class SeriesRanker:
-    def __init__(
+    async def __init__(
         self, ranker: RankerArgs, clip_model: str, tracking_uri: str | None, data_dir: str
     ) -> None:
         self.clip_model = clip_model
@@ -153,7 +153,9 @@ class SeriesRanker:
         self._swap_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._refresh_sync()  # the first load happens before the replica takes traffic
+        # The first load happens before the replica takes traffic; then the alias is followed.
+        await asyncio.to_thread(self._refresh_sync)
+        self._ensure_poller()
 
     # -------------------------------------------------------------- following the registry
 
@@ -171,8 +173,8 @@ class SeriesRanker:
         try:
             ref = resolve_model(client, self.model_uri)
             cur = self.current
-            if cur is not None and cur.ref.load_uri == ref.load_uri and ref.name is not None:
-                return  # the alias still names the version being served
+            if cur is not None and cur.ref.load_uri == ref.load_uri:
+                return  # the alias still names the version being served (runs:/ never moves)
             loaded = load_version(client, ref, self.clip_model)
         except KeeperError as e:
             self.error = str(e)
