@@ -87,6 +87,7 @@ class HeadNode:
     dashboard: str  # http://127.0.0.1:PORT, the address `ray job submit` takes
     token: str
     home: Path  # HOME of the cluster's processes (holds ~/.ray/auth_token)
+    api_token: str  # KEEPER_API_TOKEN in the cluster's environment (keeper's HTTP API)
 
     def client_env(self, *, with_token: bool) -> dict[str, str]:
         """Environment of a client on another machine: no token file; the token only if given."""
@@ -106,6 +107,7 @@ def ray_head() -> Iterator[HeadNode]:
     # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
     temp_dir = tempfile.mkdtemp(prefix="krt", dir="/tmp")
     token = secrets.token_hex(32)
+    api_token = secrets.token_urlsafe(32)
     ports = {name: free_port() for name in ("gcs", "dash", "client", "agent")}
     env = {
         **os.environ,
@@ -114,6 +116,8 @@ def ray_head() -> Iterator[HeadNode]:
         "HOME": str(home),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
+        # As on a cluster node: Serve replicas inherit the API token from the node's environment.
+        "KEEPER_API_TOKEN": api_token,
     }
     cmd = [
         ray_bin, "start", "--head", "--block",
@@ -128,7 +132,9 @@ def ray_head() -> Iterator[HeadNode]:
     proc = subprocess.Popen(
         cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-    head = HeadNode(dashboard=f"http://127.0.0.1:{ports['dash']}", token=token, home=home)
+    head = HeadNode(
+        dashboard=f"http://127.0.0.1:{ports['dash']}", token=token, home=home, api_token=api_token
+    )
     try:
         _wait_for_dashboard(head, proc, timeout_s=120)
         yield head
