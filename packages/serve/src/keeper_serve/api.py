@@ -357,7 +357,8 @@ class ImagePreparer:
                     index=i,
                 )
             images.append(self.decode(data, i))
-            sizes.append(image_size(data))
+            if quality:
+                sizes.append(image_size(data))
         s = self.image_size
         pixels = (
             np.stack([self._resize(im) for im in images])
