@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import types
 from collections.abc import Iterator
@@ -533,6 +534,19 @@ def test_ingress_auth(served: tuple[Any, Any]) -> None:
     assert client.get("/docs", headers=AUTH).status_code == 200
     paths = client.get("/openapi.json", headers=AUTH).json()["paths"]
     assert {"/healthz", "/v1/models", "/v1/embed", "/v1/rank"} <= set(paths)
+
+
+def test_openapi_references_resolve(served: tuple[Any, Any]) -> None:
+    """Every $ref in /openapi.json names a schema in its components (request bodies too)."""
+    import re
+
+    client, _ = served
+    doc = client.get("/openapi.json", headers=AUTH).json()
+    refs = set(re.findall(r"#/components/schemas/([A-Za-z0-9_]+)", json.dumps(doc)))
+    assert {"EmbedRequest", "RankRequest", "ImageRef", "SeriesIn"} <= refs
+    assert refs <= set(doc["components"]["schemas"])
+    rank_body = doc["paths"]["/v1/rank"]["post"]["requestBody"]["content"]
+    assert set(rank_body) == {"application/json"}  # /v1/rank takes no multipart
 
 
 def test_ingress_models_and_routing_errors(served: tuple[Any, Any]) -> None:

@@ -13,7 +13,7 @@ import binascii
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -72,6 +72,13 @@ def validation_error(e: ValidationError) -> ApiError:
 class _Req(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    #: What the request's texts are called in errors ("texts[2] is empty").
+    texts_label: ClassVar[str] = "texts"
+
+    def checked_texts(self) -> list[str]:
+        """The texts the server embeds for this request (checked against the text limits)."""
+        return []
+
 
 class ImageRef(_Req):
     """One image: base64 bytes, or an ``s3://`` URI in an allow-listed bucket."""
@@ -90,6 +97,9 @@ class EmbedRequest(_Req):
     images: list[ImageRef] = Field(default_factory=list)
     texts: list[str] = Field(default_factory=list)
 
+    def checked_texts(self) -> list[str]:
+        return self.texts
+
     @model_validator(mode="after")
     def _something(self) -> EmbedRequest:
         if not self.images and not self.texts:
@@ -106,6 +116,12 @@ class RelevanceRequest(_Req):
     negative: list[str] = Field(default_factory=list, description="what is not wanted")
     images: list[ImageRef] = Field(min_length=1)
     temperature: float = Field(0.01, gt=0, le=10, description="softmax over the prompts")
+
+    texts_label: ClassVar[str] = "prompts"
+
+    def checked_texts(self) -> list[str]:
+        """Positive then negative prompts, each once (the order of the response's keys)."""
+        return list(dict.fromkeys([*self.positive, *self.negative]))
 
 
 class SeriesIn(_Req):

@@ -58,18 +58,36 @@ app = FastAPI(
 
 
 def _json_body(model: type[Any]) -> dict[str, Any]:
-    """OpenAPI for a route that reads its body itself (size limit, JSON or multipart)."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}},
-                "multipart/form-data": {"schema": {"type": "object"}},
-            },
-        },
-        "x-keeper-schemas": {model.__name__: schema},
+    """OpenAPI for a route that reads its body itself (size limit, JSON or multipart).
+
+    The schema itself goes into ``components`` (:func:`_openapi`), where the reference points.
+    """
+    content: dict[str, Any] = {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
     }
+    if model is not api.RankRequest:
+        content["multipart/form-data"] = {"schema": {"type": "object"}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+#: Bodies the routes parse themselves: their schemas are added to the OpenAPI components.
+REQUEST_MODELS = (api.EmbedRequest, api.AestheticRequest, api.RelevanceRequest, api.RankRequest)
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's schema plus the request models (and the models they nest)."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in REQUEST_MODELS:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
 
 
 # Middleware and handlers are registered before the class: @serve.ingress freezes (pickles) the
@@ -260,11 +278,10 @@ class KeeperIngress:
         if ctype in ("application/json", ""):
             req = api.parse_json(body, model)
             return req, list(getattr(req, image_key, []) or [])
-        if ctype == "multipart/form-data":
+        if ctype == "multipart/form-data" and model is not api.RankRequest:
             return await self._parse_multipart(request, body, model)
-        raise ApiError(
-            415, "unsupported_media_type", f"Content-Type {ctype!r}: send JSON or multipart"
-        )
+        accepted = "JSON" if model is api.RankRequest else "JSON or multipart"
+        raise ApiError(415, "unsupported_media_type", f"Content-Type {ctype!r}: send {accepted}")
 
     async def _parse_multipart(
         self, request: Request, body: bytes, model: type[Any]
@@ -293,8 +310,6 @@ class KeeperIngress:
                 fields[key] = value
             else:
                 raise ApiError(422, "invalid_request", f"unknown form field {key!r}")
-        if model is api.RankRequest:
-            raise ApiError(415, "unsupported_media_type", "/v1/rank takes JSON (series of images)")
         # The model validates the image count (non-empty where required): stand-ins for the
         # uploaded files, which are returned as bytes.
         fields["images"] = [{"b64": ""} for _ in files]
@@ -310,10 +325,7 @@ class KeeperIngress:
     ) -> tuple[Any, api.Prepared]:
         """Parse the body, then fetch, check and resize its images (counted per route)."""
         req, refs = await self._parse(request, model)
-        if model is api.RelevanceRequest:
-            self.images.check_texts(list(dict.fromkeys([*req.positive, *req.negative])), "prompts")
-        elif model is api.EmbedRequest:
-            self.images.check_texts(req.texts)
+        self.images.check_texts(req.checked_texts(), req.texts_label)
         prepared = await self._prepare(refs, quality=False)
         self.images_in.inc(len(refs), tags={"route": route})
         return req, prepared
@@ -411,7 +423,7 @@ class KeeperIngress:
         req, prepared = await self._request_images(
             request, api.RelevanceRequest, "/v1/score/relevance"
         )
-        prompts = list(dict.fromkeys([*req.positive, *req.negative]))
+        prompts = req.checked_texts()
         emb, txt, clip = await asyncio.gather(
             self._embed(prepared), self._texts(prompts), self._clip()
         )
