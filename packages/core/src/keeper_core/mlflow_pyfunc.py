@@ -18,10 +18,9 @@ import pandas as pd
 from mlflow.models import set_model
 from mlflow.pyfunc.model import PythonModel
 
-from keeper_core.ranker import SeriesRanker
+from keeper_core.ranker import ARTIFACT_KEY, SeriesRanker
 
-#: The artifact key the ranker folder is logged under.
-ARTIFACT_KEY = "ranker"
+__all__ = ["ARTIFACT_KEY", "KeeperRankerModel"]
 
 
 class KeeperRankerModel(PythonModel):

@@ -37,6 +37,8 @@ QUALITY_INPUTS = (
     "blockiness",
 )
 CONFIG_FILE, WEIGHTS_FILE = "ranker.json", "weights.safetensors"
+#: The key the ranker folder is logged under in the MLflow pyfunc (its artifacts/ entry).
+ARTIFACT_KEY = "ranker"
 
 
 class RankerConfig(BaseModel):

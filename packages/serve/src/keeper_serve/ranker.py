@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,8 @@ from ray import serve
 from keeper_core import registry
 from keeper_core.embedding import check_same_spec
 from keeper_core.errors import KeeperError, ModelLoadError
-from keeper_core.mlflow_pyfunc import ARTIFACT_KEY
 from keeper_core.quality import FEATURE_NAMES
+from keeper_core.ranker import ARTIFACT_KEY
 from keeper_core.ranker import SeriesRanker as CoreRanker
 from keeper_core.registry import ModelRef, resolve_model
 from keeper_serve.config import RankerArgs
@@ -42,7 +41,6 @@ log = logging.getLogger("keeper.serve")
 class Loaded:
     ref: ModelRef
     ranker: CoreRanker
-    loaded_at: float
 
     def describe(self) -> dict[str, Any]:
         cfg = self.ranker.config
@@ -117,7 +115,7 @@ def load_version(client: Any, ref: ModelRef, clip_model: str) -> Loaded:
     cfg = ranker.config
     warm = np.zeros((2, cfg.head.in_dim), np.float32)
     ranker.score([warm])
-    return Loaded(ref=ref, ranker=ranker, loaded_at=time.time())
+    return Loaded(ref=ref, ranker=ranker)
 
 
 def rank_table(
