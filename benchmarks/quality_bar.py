@@ -37,7 +37,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+
+# benchmarks/ is sys.path[0] when this runs as a script: embed.py's machine description.
+from embed import machine_info
 
 from keeper_core.heads import HeadConfig
 from keeper_core.metrics import SeriesMetrics, series_metrics
@@ -440,21 +442,6 @@ def fmt_row(name: str, r: dict[str, Any]) -> str:
     return f"{name:31s} {r['n_series']:6d}  " + "  ".join(f"{c:>14s}" for c in cells)
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--series", type=int, default=660)
@@ -492,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         "defaults": {k: TrainHeadConfig.model_fields[k].default for k in HP_KEYS},
         "tuning_source": tuning_source,
         "tuning": tuning,
-        "machine": machine(),
+        "machine": machine_info(),
         "loadavg_start": round(load_start, 2),
         "splits": {},
     }

@@ -30,14 +30,11 @@ the 1-minute load average at start and end; run it when the load is low.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +43,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_bar as qb  # the sibling benchmark: same data, same tuned heads
+from embed import machine_info
 
 from keeper_core.heads import make_head
 from keeper_core.training import evaluate, train_epoch
 from keeper_train.jobs import train_head
 from keeper_train.jobs.train_head import Prepared, TrainHeadConfig
 
+RAY_DEFAULT_POLL_S = 2.0  # ray.train.v2 DEFAULT_HEALTH_CHECK_INTERVAL_S
 ROWS = {"mlp": "MLP, embedding+quality", "transformer": "transformer, embedding+quality"}
 
 
@@ -110,23 +109,6 @@ def plain(cfg: TrainHeadConfig, p: Prepared, threads: int) -> dict[str, Any]:
     return _row(name, 0, setup, epochs[0], epochs[1:], total, p)
 
 
-@contextlib.contextmanager
-def controller_poll(seconds: float | None) -> Iterator[None]:
-    """Ray Train's controller poll interval for fits started inside (None: Ray's default, 2 s).
-
-    Ray propagates the variable from the driver's environment to the controller at fit().
-    """
-    before = os.environ.pop(train_head.HEALTH_CHECK_ENV, None)
-    if seconds is not None:
-        os.environ[train_head.HEALTH_CHECK_ENV] = f"{seconds:g}"
-    try:
-        yield
-    finally:
-        os.environ.pop(train_head.HEALTH_CHECK_ENV, None)
-        if before is not None:
-            os.environ[train_head.HEALTH_CHECK_ENV] = before
-
-
 def ray_fit(
     cfg: TrainHeadConfig,
     p: Prepared,
@@ -165,7 +147,8 @@ def ray_fit(
         ),
     )
     t0 = time.time()
-    with controller_poll(poll):
+    # poll None: Ray's own default (2 s), set explicitly so nothing inherited changes it.
+    with train_head.controller_poll(RAY_DEFAULT_POLL_S if poll is None else poll):
         result = trainer.fit()
     total = time.time() - t0
     client.set_terminated(run_id)
@@ -261,8 +244,7 @@ def job(cfg: TrainHeadConfig, cache: Path, tracking_uri: str) -> dict[str, Any]:
         }
     )
     t0 = time.perf_counter()
-    with controller_poll(None):  # unset: the job applies its own report_poll_s
-        summary = train_head.run(TrainHeadConfig.model_validate(run_cfg.model_dump()))
+    summary = train_head.run(TrainHeadConfig.model_validate(run_cfg.model_dump()))
     total = time.perf_counter() - t0
     return {
         "method": f"train_head.run (whole job), 1 worker, poll {cfg.report_poll_s:g} s",
@@ -375,10 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "ray_init_s": round(ray_init_s, 2),
         "cluster": cluster,
         "heads": heads,
-        "machine": {
-            **qb.machine(),
-            "platform": platform.platform(),
-        },
+        "machine": machine_info(),
         "loadavg_start": round(load_start, 2),
         "loadavg_end": round(os.getloadavg()[0], 2),
         "table": table,
