@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support import free_port
@@ -232,3 +233,38 @@ def _wait_for_health(uri: str, proc: subprocess.Popen[bytes], log: Path, timeout
         except OSError:
             time.sleep(1)
     raise TimeoutError(f"mlflow server at {uri} not healthy after {timeout_s}s")
+
+
+def register_ranker(
+    uri: str, name: str, ranker: Any, rows: Any, folder: Path, experiment: str
+) -> str:
+    """Log ``ranker`` in a new run as train-head does and register it (a new version, @challenger).
+
+    ``rows``: the embedding table joined to the manifest (its first rows are the input example).
+    """
+    import mlflow
+
+    from keeper_train import tracking
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    exp = tracking.experiment_id(client, experiment, folder)
+    cols = ["series_id", "image_uri", "embedding", *ranker.config.quality_names]
+    with mlflow.start_run(experiment_id=exp) as run:
+        info = tracking.log_ranker(ranker.save(folder / "ranker"), rows[cols].head(8))
+        return str(tracking.register(client, info.model_uri, name, run.info.run_id))
+
+
+def negated(ranker: Any) -> Any:
+    """A copy of ``ranker`` with its output layer negated: every series' order exactly reversed."""
+    import torch
+
+    from keeper_core.ranker import SeriesRanker
+
+    out = SeriesRanker(ranker.config)
+    out.head.load_state_dict(ranker.head.state_dict())
+    last = [m for m in out.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.neg_()
+        last.bias.neg_()
+    return out

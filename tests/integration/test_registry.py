@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from conftest import negated, register_ranker
 
 from keeper_core import storage
 from keeper_core.metrics import series_metrics
@@ -29,6 +29,7 @@ from keeper_train.jobs import embed, evaluate, promote, train_head
 pytestmark = pytest.mark.integration
 
 NAME = "keeper-ranker-test"
+EXPERIMENT = "keeper-registry-test"
 
 
 @dataclass
@@ -78,27 +79,6 @@ def trained(
     ranker_dir = next(Path(local).rglob("ranker.json")).parent
     rows = join_series(emb, manifest)[0]
     return Trained(manifest, emb, mlflow_server.uri, summary, rows, ranker_dir)
-
-
-def _register(t: Trained, ranker: SeriesRanker, folder: Path) -> str:
-    """Log ``ranker`` in a new run as the training does, and register it (-> @challenger)."""
-    mlflow.set_tracking_uri(t.uri)
-    client = mlflow.MlflowClient(t.uri)
-    exp = tracking.experiment_id(client, "keeper-registry-test", folder)
-    cols = ["series_id", "image_uri", "embedding", *ranker.config.quality_names]
-    with mlflow.start_run(experiment_id=exp) as run:
-        info = tracking.log_ranker(ranker.save(folder / "ranker"), t.rows[cols].head(8))
-        return tracking.register(client, info.model_uri, NAME, run.info.run_id)
-
-
-def _negated(ranker_dir: Path) -> SeriesRanker:
-    """The trained ranker with its output layer negated: every series' order exactly reversed."""
-    ranker = SeriesRanker.load(ranker_dir)
-    last = [m for m in ranker.head.modules() if isinstance(m, torch.nn.Linear)][-1]
-    with torch.no_grad():
-        last.weight.neg_()
-        last.bias.neg_()
-    return ranker
 
 
 def _promote(t: Trained, out: Path, *extra: str) -> dict[str, Any]:
@@ -159,7 +139,14 @@ def test_register_promote_gate_and_rollback(
     assert _promote(t, tmp_path / "p1b.json")["decision"] == "unchanged"
 
     # A deliberately worse challenger (reversed rankings) is rejected; the champion stays.
-    v2 = _register(t, _negated(t.ranker_dir), tmp_path / "worse")
+    v2 = register_ranker(
+        t.uri,
+        NAME,
+        negated(SeriesRanker.load(t.ranker_dir)),
+        t.rows,
+        tmp_path / "worse",
+        EXPERIMENT,
+    )
     worse = _promote(t, tmp_path / "p2.json")
     m2, champ = worse["metrics"][f"challenger v{v2}"], worse["metrics"]["champion v1"]
     assert champ == m1  # the champion's numbers are reproduced on the same data
@@ -177,7 +164,9 @@ def test_register_promote_gate_and_rollback(
     assert float(tags["keeper.promotion.challenger_mrr"]) == pytest.approx(m2["mrr"], abs=1e-6)
 
     # An equal challenger passes with min-gain 0 (ties do not regress); v1 is remembered.
-    v3 = _register(t, SeriesRanker.load(t.ranker_dir), tmp_path / "same")
+    v3 = register_ranker(
+        t.uri, NAME, SeriesRanker.load(t.ranker_dir), t.rows, tmp_path / "same", EXPERIMENT
+    )
     same = _promote(t, tmp_path / "p3.json", "--min-gain", "0")
     assert same["decision"] == "promoted"
     assert same["metrics"][f"challenger v{v3}"] == m1

@@ -25,13 +25,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from conftest import negated, register_ranker
 from support import free_port, png_declaring
 
 from keeper_core import storage
 from keeper_core.ranker import SeriesRanker
 from keeper_core.synthetic import generate_corpus
-from keeper_train import tracking
 from keeper_train.data import join_series
 from keeper_train.jobs import embed, promote, train_head
 
@@ -54,19 +53,6 @@ class Registry:
     bad: SeriesRanker
 
 
-def _log(uri: str, ranker: SeriesRanker, rows: pd.DataFrame, folder: Path) -> str:
-    """Log and register ``ranker`` as the training does (-> a new version @challenger)."""
-    client = mlflow.MlflowClient(uri)
-    mlflow.set_tracking_uri(uri)
-    exp = client.get_experiment_by_name("serve-test") or client.get_experiment(
-        client.create_experiment("serve-test")
-    )
-    cols = ["series_id", "image_uri", "embedding", *ranker.config.quality_names]
-    with mlflow.start_run(experiment_id=exp.experiment_id) as run:
-        info = tracking.log_ranker(ranker.save(folder), rows[cols].head(8))
-        return tracking.register(client, info.model_uri, NAME, run.info.run_id)
-
-
 @pytest.fixture(scope="module")
 def registry(
     ray_cluster: str, mlflow_server: Any, tmp_path_factory: pytest.TempPathFactory
@@ -81,16 +67,11 @@ def registry(
     prepared = train_head.prepare(cfg)
     head, _ = train_head.train_single_process(prepared, cfg, "series-softmax")
     good = SeriesRanker(prepared.ranker_config, head)
-    bad = SeriesRanker(prepared.ranker_config, head=None)
-    bad.head.load_state_dict(head.state_dict())
-    last = [m for m in bad.head.modules() if isinstance(m, torch.nn.Linear)][-1]
-    with torch.no_grad():  # every series' order reversed: a challenger must beat this
-        last.weight.neg_()
-        last.bias.neg_()
+    bad = negated(good)  # every series' order reversed: a challenger must beat this
     rows = join_series(emb, manifest)[0]
-    v1 = _log(mlflow_server.uri, bad, rows, d / "bad")
+    v1 = register_ranker(mlflow_server.uri, NAME, bad, rows, d / "bad", "serve-test")
     mlflow.MlflowClient(mlflow_server.uri).set_registered_model_alias(NAME, "champion", v1)
-    v2 = _log(mlflow_server.uri, good, rows, d / "good")
+    v2 = register_ranker(mlflow_server.uri, NAME, good, rows, d / "good", "serve-test")
     assert (v1, v2) == ("1", "2")
     return Registry(manifest, emb, mlflow_server.uri, rows, good, bad)
 
