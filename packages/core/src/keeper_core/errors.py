@@ -26,11 +26,19 @@ class ModelLoadError(KeeperError):
 
 
 class StorageError(KeeperError, OSError):
-    """Reading or writing a local path or s3:// URI failed."""
+    """Reading or writing a local path or s3:// URI failed.
 
-    def __init__(self, uri: str, cause: str) -> None:
+    Attributes:
+        retryable: whether trying again later may succeed (a timeout, a throttled or failed
+            request, an unreachable endpoint, missing credentials) or not (no such object, a
+            directory where a file was expected, a malformed URI). Batch jobs record it, and
+            the next run retries the retryable failures without being asked.
+    """
+
+    def __init__(self, uri: str, cause: str, *, retryable: bool = False) -> None:
         self.uri = uri
         self.cause = cause
+        self.retryable = retryable
         super().__init__(f"{uri}: {cause}")
 
 

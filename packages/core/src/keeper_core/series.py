@@ -60,13 +60,32 @@ def read_series_manifest(uri: str) -> pd.DataFrame:
 
     Returns:
         The manifest with ``series_id`` as str and ``is_best`` as int 0/1, extra columns kept,
-        rows in file order with a fresh RangeIndex.
+        rows in file order with a fresh RangeIndex; relative ``image_uri`` values are resolved
+        against the manifest's folder (``resolve_image_uris``).
 
     Raises:
         DataError: the file cannot be parsed or fails ``validate_series``.
         StorageError: the file cannot be read.
     """
-    return validate_series(_read_table(uri, ("series_id", "image_uri", "is_best")), source=uri)
+    df = _read_table(uri, ("series_id", "image_uri", "is_best"))
+    return validate_series(resolve_image_uris(df, uri), source=uri)
+
+
+def resolve_image_uris(df: pd.DataFrame, manifest_uri: str) -> pd.DataFrame:
+    """A copy of ``df`` whose relative ``image_uri`` values resolve against the manifest's folder.
+
+    The one resolution every job applies (``storage.resolve``): keeper embed records, and
+    train-head, evaluate and promote join on, the same strings.
+    """
+    if "image_uri" not in df.columns:
+        return df
+    base = storage.parent(manifest_uri)
+    out = df.copy()
+    out["image_uri"] = [
+        v if not isinstance(v, str) or not v.strip() else storage.resolve(v, base)
+        for v in out["image_uri"].tolist()
+    ]
+    return out
 
 
 def validate_series(df: pd.DataFrame, source: str | None = None) -> pd.DataFrame:

@@ -115,6 +115,29 @@ def join(base: str, *parts: str) -> str:
     return "/".join([head, *pieces]) if head else "/" + "/".join(pieces)
 
 
+def parent(uri: str) -> str:
+    """The folder or prefix holding ``uri`` (``"."`` for a bare local file name)."""
+    head, sep, _ = uri.rstrip("/").rpartition("/")
+    if not sep:
+        return "."
+    return head + "/" if head.endswith(":/") or head == "" else head
+
+
+def resolve(ref: str, base: str) -> str:
+    """``ref`` as written in a file that lives in folder ``base`` (e.g. a manifest's image_uri).
+
+    ``s3://`` URIs, ``file://`` URIs and absolute local paths stand as they are; a relative path is
+    joined onto ``base``. Every job that reads a manifest resolves its URIs with this one
+    function, so the strings keeper embed records are the strings train-head and evaluate join on.
+    """
+    ref = ref.strip()
+    if is_s3(ref) or ref.startswith(("/", "file://")) or _SCHEME.match(ref):
+        return ref
+    if base in ("", "."):
+        return ref
+    return join(base, ref.removeprefix("./"))
+
+
 def _local_path(uri: str) -> Path:
     if not uri:
         raise StorageError(uri, "empty path")
@@ -227,6 +250,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _retryable(exc: BaseException) -> bool:
+    """Whether an S3 failure may go away by itself: all but a missing object or bucket."""
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        return code not in _NOT_FOUND and code != "NoSuchBucket"
+    return True  # connection errors, timeouts, missing credentials: the next run may succeed
+
+
 @contextlib.contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
     try:
@@ -234,7 +265,7 @@ def _s3_errors(uri: str) -> Iterator[None]:
     except StorageError:
         raise
     except (ClientError, BotoCoreError) as e:
-        raise StorageError(uri, _describe(e)) from e
+        raise StorageError(uri, _describe(e), retryable=_retryable(e)) from e
 
 
 @contextlib.contextmanager
@@ -248,9 +279,9 @@ def _local_errors(uri: str) -> Iterator[None]:
     except IsADirectoryError as e:
         raise StorageError(uri, "is a directory, not a file") from e
     except PermissionError as e:
-        raise StorageError(uri, f"permission denied: {e.filename or uri}") from e
-    except OSError as e:
-        raise StorageError(uri, f"{type(e).__name__}: {e}") from e
+        raise StorageError(uri, f"permission denied: {e.filename or uri}", retryable=True) from e
+    except OSError as e:  # EIO, a stale NFS handle, a full disk: worth another run
+        raise StorageError(uri, f"{type(e).__name__}: {e}", retryable=True) from e
 
 
 def with_retries(
@@ -299,7 +330,7 @@ def _retrying(uri: str, fn: Callable[[], T]) -> T:
     except StorageError:
         raise
     except (*TRANSIENT_ERRORS, BotoCoreError, OSError) as e:
-        raise StorageError(uri, f"transfer failed: {_describe(e)}") from e
+        raise StorageError(uri, f"transfer failed: {_describe(e)}", retryable=True) from e
 
 
 # ---------------------------------------------------------------------------------------------

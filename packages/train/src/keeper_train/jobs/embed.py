@@ -51,9 +51,10 @@ from keeper_core.errors import (
     ModelLoadError,
     StorageError,
 )
-from keeper_core.images import DecodeLimits, decode_image, image_size, sniff_is_image
-from keeper_core.models import ModelSpec, embed_dim, preprocess_config, resize_transform
-from keeper_core.quality import FEATURE_NAMES, quality_features
+from keeper_core.images import DecodeLimits, sniff_is_image
+from keeper_core.models import ModelSpec, embed_dim, preprocess_config
+from keeper_core.preparation import ImagePreparation
+from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import load_config
 
 log = logging.getLogger("keeper.embed")
@@ -64,9 +65,21 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".ti
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 # Files that are certainly not photos: never sniffed, so listing a mixed prefix stays cheap.
 NOT_IMAGE_SUFFIXES = (".parquet", ".json", ".csv", ".txt", ".md", ".yaml", ".yml", ".xml", ".pq")
-# Quality features are computed at 256 px; drafting below that would blur what they measure.
-QUALITY_SIZE = 256
 EXIT_TOO_MANY_FAILURES = 3
+#: The errors table. ``retryable`` failures (a timeout, an unreachable endpoint) are retried by the
+#: next run; the others (a corrupt file) only with ``retry_errors``. Tables written before the
+#: column existed read as not retryable.
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("image_uri", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("error", pa.string()),
+        ("retryable", pa.bool_()),
+        ("run_id", pa.string()),
+        ("at", pa.string()),
+    ]
+)
 WORKER_BASELINE_BYTES = 512 * 1024**2
 
 
@@ -173,12 +186,8 @@ def _manifest_uris(src: str) -> list[str]:
     bad = [i for i, v in enumerate(col) if not v or v.lower() in ("nan", "none")]
     if bad:
         raise DataError(f"empty image_uri in rows {bad[:10]}", source=src, rows=bad)
-    base = src.rsplit("/", 1)[0] if "/" in src else "."
-    resolved = [
-        v if storage.is_s3(v) or v.startswith(("/", "file://")) else storage.join(base, v)
-        for v in col
-    ]
-    return list(dict.fromkeys(resolved))
+    base = storage.parent(src)
+    return list(dict.fromkeys(storage.resolve(v, base) for v in col))
 
 
 def _uris_in(folder: str) -> dict[str, list[str]]:
@@ -252,8 +261,8 @@ def _part_name(uris: Sequence[str]) -> str:
 
 
 @cache
-def _resizer(spec: str) -> Any:
-    return resize_transform(spec)
+def _preparation(spec: str, draft: bool, limits: tuple[tuple[str, int], ...]) -> ImagePreparation:
+    return ImagePreparation(spec, limits=DecodeLimits(**dict(limits)), draft=draft)
 
 
 def prepare_batch(
@@ -267,61 +276,68 @@ def prepare_batch(
 ) -> dict[str, np.ndarray]:
     """Read, decode, measure and resize a batch of image URIs (a CPU task).
 
-    Bad images are written to ``errors_dir`` with their stage and reason, and left out of the
+    keeper_core's ImagePreparation does the image work (the Serve ingress calls the same). Bad
+    images are written to ``errors_dir`` with their stage and reason, and left out of the
     output: the model stage only sees images that decoded.
     """
-    resize = _resizer(spec)
-    size = preprocess_config(spec).image_size
-    draft_size = (max(size, QUALITY_SIZE),) * 2 if draft else None
-    dec_limits = DecodeLimits(**limits)
-    ok_uris, ids, pixels, images, sizes, times = [], [], [], [], [], []
-    failed: list[dict[str, str]] = []
+    prep = _preparation(spec, draft, tuple(sorted(limits.items())))
+    ok_uris, ids, pixels, decoded, times = [], [], [], [], []
+    failed: list[dict[str, Any]] = []
     for uri in [str(u) for u in batch["image_uri"]]:
         t0 = time.perf_counter()
         stage = "read"
         try:
             data = storage.read_bytes(uri)
             stage = "decode"
-            img = decode_image(data, limits=dec_limits, source=uri, draft_size=draft_size)
-            sizes.append(image_size(data))  # the original size, before any draft downscale
+            image = prep.decode(data, source=uri)
             stage = "preprocess"
-            pixels.append(resize(img))
+            pixels.append(prep.resize(image))
         except StorageError as e:
-            failed.append({"stage": stage, "reason": "unreadable", "error": str(e)})
+            failed.append(_failure(uri, run_id, stage, "unreadable", e, retryable=e.retryable))
         except ImageDecodeError as e:
-            failed.append({"stage": stage, "reason": e.reason, "error": str(e)})
+            failed.append(_failure(uri, run_id, stage, e.reason, e, retryable=False))
         except Exception as e:  # one image must never take the job down: record and go on
-            failed.append(
-                {"stage": stage, "reason": "internal", "error": f"{type(e).__name__}: {e}"}
-            )
+            failed.append(_failure(uri, run_id, stage, "internal", e, retryable=False))
         else:
             ok_uris.append(uri)
             ids.append(hashlib.sha256(data).hexdigest())
-            images.append(img)
+            decoded.append(image)
             times.append(time.perf_counter() - t0)
-            continue
-        failed[-1].update(image_uri=uri, run_id=run_id, at=_now())
-        if len(sizes) > len(ok_uris):
-            sizes.pop()
     if failed:
-        table = pa.Table.from_pylist(failed)
+        table = pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA)
         storage.write_parquet(
             table, storage.join(errors_dir, _part_name(table["image_uri"].to_pylist()))
         )
     t0 = time.perf_counter()
-    feats = quality_features(images)
-    per_image = (time.perf_counter() - t0) / max(len(images), 1)
+    feats = prep.quality(decoded)
+    per_image = (time.perf_counter() - t0) / max(len(decoded), 1)
     out: dict[str, np.ndarray] = {
         "image_uri": np.array(ok_uris, dtype=object),
         "image_id": np.array(ids, dtype=object),
-        "pixel_values": np.stack(pixels) if pixels else np.zeros((0, 3, size, size), np.uint8),
+        "pixel_values": np.stack(pixels)
+        if pixels
+        else np.zeros((0, 3, prep.image_size, prep.image_size), np.uint8),
         "t_decode": np.array(times, dtype=np.float64) + per_image,
     }
     for j, name in enumerate(FEATURE_NAMES):
-        out[name] = feats[:, j].astype(np.float32)
-    out["width"] = np.array([w for w, _ in sizes], dtype=np.int32)
-    out["height"] = np.array([h for _, h in sizes], dtype=np.int32)
+        dtype = np.int32 if name in ("width", "height") else np.float32
+        out[name] = feats[:, j].astype(dtype)
     return out
+
+
+def _failure(
+    uri: str, run_id: str, stage: str, reason: str, e: Exception, *, retryable: bool
+) -> dict[str, Any]:
+    error = str(e) if isinstance(e, KeeperError) else f"{type(e).__name__}: {e}"
+    return {
+        "image_uri": uri,
+        "stage": stage,
+        "reason": reason,
+        "error": error,
+        "retryable": retryable,
+        "run_id": run_id,
+        "at": _now(),
+    }
 
 
 class EmbedStage:
