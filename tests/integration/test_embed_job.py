@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import boto3
 import numpy as np
@@ -50,11 +52,12 @@ def read_errors(dst: str) -> pd.DataFrame:
     return storage.read_parquet(storage.join(dst, embed.ERRORS)).to_pandas()
 
 
-def assert_counts_add_up(summary: dict) -> None:
-    c = summary["counts"]
-    assert c["in"] == c["skipped"] + c["attempted"]
-    assert c["attempted"] == c["embedded"] + c["failed"]
-    assert c["lost"] == 0
+def assert_counts_add_up(summary: embed.EmbedSummary) -> None:
+    c = summary.counts
+    assert c.in_ == c.skipped + c.attempted
+    assert c.skipped == c.already_embedded + c.failed_before
+    assert c.attempted == c.embedded + c.failed
+    assert c.lost == 0
 
 
 def test_s3_corpus_to_s3_table(
@@ -80,10 +83,10 @@ def test_s3_corpus_to_s3_table(
     )
     summary = embed.run(cfg)
 
-    assert summary["status"] == "ok"
+    assert summary.status == "ok"
     assert_counts_add_up(summary)
-    assert summary["counts"]["embedded"] == len(corpus)
-    assert summary["counts"]["non_image_files_ignored"] == 1
+    assert summary.counts.embedded == len(corpus)
+    assert summary.counts.non_image_files_ignored == 1
     table = read_table(dst)
     uris = [f"s3://{s3_bucket}/{k}" for k in keys]
     assert sorted(table["image_uri"]) == sorted(uris)  # every good image exactly once
@@ -101,7 +104,7 @@ def test_s3_corpus_to_s3_table(
         with Image.open(p) as im:
             assert (row["width"], row["height"]) == im.size
     stored = json.loads(storage.read_bytes(f"{dst}/_SUMMARY.json"))
-    assert stored["run_id"] == summary["run_id"]
+    assert stored["run_id"] == summary.run_id
     assert stored["versions"]["ray"].startswith("2.")
 
 
@@ -109,6 +112,14 @@ def _png(size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (200, 10, 10)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def operations_example() -> str:
+    """The python example in docs/operations.md (section "Reading the output")."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    assert len(blocks) == 1, "docs/operations.md should hold one python example"
+    return str(blocks[0])
 
 
 def test_bad_inputs_are_recorded_and_the_rest_finishes(
@@ -143,9 +154,9 @@ def test_bad_inputs_are_recorded_and_the_rest_finishes(
         )
     )
     assert_counts_add_up(summary)
-    assert summary["counts"]["embedded"] == len(good)
-    assert summary["counts"]["failed"] == len(bad) + 1
-    assert summary["status"] == "ok"
+    assert summary.counts.embedded == len(good)
+    assert summary.counts.failed == len(bad) + 1
+    assert summary.status == "ok"
     errors = read_errors(dst).set_index("image_uri")
     assert len(errors) == len(bad) + 1
     for name, (_, reason) in bad.items():
@@ -153,7 +164,19 @@ def test_bad_inputs_are_recorded_and_the_rest_finishes(
         assert errors.loc[str(folder / name), "stage"] == "decode"
     assert errors.loc[missing, "stage"] == "read"
     assert errors.loc[missing, "reason"] == "unreadable"
+    # Nothing here passes on a second try: a re-run leaves them alone unless retry_errors.
+    assert not errors["retryable"].any()
     assert sorted(read_table(dst)["image_uri"]) == sorted(str(p) for p in good)
+
+    # docs/operations.md's "Reading the output" example, as a user copies it, on this table.
+    code = operations_example()
+    assert 'dst = "s3://bucket/emb/vit-b-32"' in code
+    out: dict[str, Any] = {}
+    exec(code.replace('"s3://bucket/emb/vit-b-32"', repr(dst)), out)
+    assert out["X"].shape == (len(good), out["emb"].column("embedding").type.list_size)
+    assert len(out["errors"]) == len(bad) + 1
+    assert out["summary"]["run_id"] == summary.run_id
+    assert len(out["nearest"]) == min(10, len(good))
 
     # The same input against the default limit (5 %): the job finishes, says why, exits 3.
     argv = [f"input={manifest}", f"output={tmp_path / 'out2'}", f"ray_address={ray_cluster}"]
@@ -201,7 +224,7 @@ def test_killed_job_resumes_with_every_image_once(ray_cluster: str, tmp_path: Pa
         EmbedConfig(input=str(manifest), output=str(dst), model=TINY, ray_address=ray_cluster)
     )
     assert_counts_add_up(summary)
-    assert summary["counts"]["skipped"] >= done_before
+    assert summary.counts.skipped >= done_before
     table = read_table(str(dst))
     assert len(table) == total
     assert table["image_uri"].is_unique
@@ -210,6 +233,6 @@ def test_killed_job_resumes_with_every_image_once(ray_cluster: str, tmp_path: Pa
     again = embed.run(
         EmbedConfig(input=str(manifest), output=str(dst), model=TINY, ray_address=ray_cluster)
     )
-    assert again["counts"]["attempted"] == 0
-    assert again["counts"]["skipped"] == total
+    assert again.counts.attempted == 0
+    assert again.counts.skipped == total
     assert len(read_table(str(dst))) == total

@@ -140,12 +140,14 @@ def test_s3_missing_object_and_bucket(s3_bucket: str) -> None:
             fn(missing)
         assert e.value.uri == missing
         assert e.value.cause == "no such object"
+        assert not e.value.retryable  # another run will not find it either
     no_bucket = "s3://keeper-no-such-bucket/x.bin"
     for fn in (read_bytes, object_info, exists, list_files, download_cached):
         with pytest.raises(StorageError) as e:
             fn(no_bucket)
         assert e.value.uri == no_bucket
         assert e.value.cause == "bucket does not exist"
+        assert not e.value.retryable
     with pytest.raises(StorageError, match="not an object"):
         read_bytes(f"s3://{s3_bucket}/dir/")
 
@@ -164,6 +166,7 @@ def test_unreachable_endpoint_fails_fast(s3_bucket: str, monkeypatch: pytest.Mon
     assert e.value.uri == f"s3://{s3_bucket}/a.bin"
     assert e.value.cause.startswith("endpoint unreachable")
     assert str(port) in e.value.cause
+    assert e.value.retryable  # a later run may reach it: keeper embed retries it by default
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,14 +23,16 @@ from keeper_core.errors import DataError
 from keeper_core.images import decode_image
 from keeper_core.quality import FEATURE_NAMES, quality_features
 from keeper_train.jobs.embed import (
+    Counts,
     EmbedStage,
+    EmbedSummary,
     check_table_meta,
-    dedupe_parts,
     format_summary,
     list_inputs,
     prepare_batch,
     write_batch,
 )
+from keeper_train.table import EmbeddedParts
 
 SPEC = "keeper-tiny:random"
 SIZE = 64  # keeper-tiny's image size
@@ -438,7 +440,7 @@ def test_dedupe_parts(tmp_path: Path) -> None:
     write_part(tmp_path, "part-c.parquet", ["u1", "u4"])  # all duplicates of a and b
     write_part(tmp_path, "part-a.parquet", ["u1", "u2", "u3"])
     write_part(tmp_path, "part-b.parquet", ["u2", "u4", "u5"])
-    assert dedupe_parts(str(tmp_path)) == 3  # u2 from b, u1 and u4 from c
+    assert EmbeddedParts.read(str(tmp_path)).dedupe() == 3  # u2 from b, u1 and u4 from c
     assert [p.name for p in parts(tmp_path)] == ["part-a.parquet", "part-b.parquet"]
     a = pq.read_table(tmp_path / "part-a.parquet").to_pydict()
     b = pq.read_table(tmp_path / "part-b.parquet").to_pydict()
@@ -447,17 +449,17 @@ def test_dedupe_parts(tmp_path: Path) -> None:
         "v": ["part-a.parquet:u1", "part-a.parquet:u2", "part-a.parquet:u3"],
     }
     assert b == {"image_uri": ["u4", "u5"], "v": ["part-b.parquet:u4", "part-b.parquet:u5"]}
-    assert dedupe_parts(str(tmp_path)) == 0
+    assert EmbeddedParts.read(str(tmp_path)).dedupe() == 0
     assert [p.name for p in parts(tmp_path)] == ["part-a.parquet", "part-b.parquet"]
 
 
 def test_dedupe_parts_of_a_missing_folder_is_zero(tmp_path: Path) -> None:
-    assert dedupe_parts(str(tmp_path / "nothing-here")) == 0
+    assert EmbeddedParts.read(str(tmp_path / "nothing-here")).dedupe() == 0
 
 
 def test_dedupe_parts_within_one_part(tmp_path: Path) -> None:
     write_part(tmp_path, "part-a.parquet", ["u1", "u1", "u2"])
-    assert dedupe_parts(str(tmp_path)) == 1
+    assert EmbeddedParts.read(str(tmp_path)).dedupe() == 1
     assert pq.read_table(tmp_path / "part-a.parquet").column("image_uri").to_pylist() == [
         "u1",
         "u2",
@@ -480,7 +482,27 @@ def test_check_table_meta(tmp_path: Path) -> None:
         check_table_meta(dst, "ViT-B-32:random", embed_dim=512)
 
 
-def summary(**over: Any) -> dict[str, Any]:
+def counts(**over: int) -> dict[str, int]:
+    c = {
+        "in": 10,
+        "skipped": 2,
+        "already_embedded": 1,
+        "failed_before": 1,
+        "retried": 0,
+        "attempted": 8,
+        "embedded": 7,
+        "failed": 1,
+        "retryable_failed": 0,
+        "lost": 0,
+        "duplicates_removed": 0,
+        "errors_cleared": 0,
+        "non_image_files_ignored": 0,
+    }
+    c.update(over)
+    return c
+
+
+def summary(**over: Any) -> EmbedSummary:
     s: dict[str, Any] = {
         "run_id": "20250101T000000Z-abcd1234",
         "status": "ok",
@@ -488,7 +510,7 @@ def summary(**over: Any) -> dict[str, Any]:
         "image_size": 64,
         "input": "in/",
         "output": "out/",
-        "counts": {"in": 10, "skipped": 2, "embedded": 7, "failed": 1, "lost": 0},
+        "counts": counts(),
         "table": {"embedded": 9, "failed": 1, "parts": 3},
         "failed_fraction": 0.1,
         "failed_fraction_this_run": 0.125,
@@ -498,15 +520,19 @@ def summary(**over: Any) -> dict[str, Any]:
         "images_per_s": 3.5,
         "seconds_to_first_part": 1.25,
         "worker_seconds": {"read_decode_features": 1.0, "embed": 0.5, "write": 0.1},
+        "cluster": "",
+        "versions": {},
+        "finished": "2025-01-01T00:00:00+00:00",
     }
     s.update(over)
-    return s
+    return EmbedSummary.model_validate(s)
 
 
 def test_format_summary() -> None:
     text = format_summary(summary())
     assert "keeper embed  OK  run 20250101T000000Z-abcd1234" in text
-    assert "10 in = 2 skipped (already in output) + 7 embedded + 1 failed\n" in text
+    assert "10 in = 1 already embedded + 1 failed before (not retried) + 8 attempted\n" in text
+    assert "8 = 7 embedded + 1 failed\n" in text
     assert "LOST" not in text
     assert "10.0% of the table (limit 5.0%), 12.5% of this run" in text
     assert "{'truncated': 1}" in text
@@ -515,22 +541,30 @@ def test_format_summary() -> None:
     assert "NOTE     random weights" in text
 
 
-def test_format_summary_lost_and_real_weights() -> None:
-    counts = {"in": 5, "skipped": 0, "embedded": 3, "failed": 0, "lost": 2}
+def test_format_summary_lost_retryable_and_real_weights() -> None:
+    c = counts(skipped=0, already_embedded=0, failed_before=0, retried=2, attempted=5)
+    c.update({"in": 5, "embedded": 2, "failed": 1, "retryable_failed": 1, "lost": 2})
     text = format_summary(
         summary(
             status="failed",
-            counts=counts,
+            counts=c,
             model_spec="ViT-B-32:laion2b_s34b_b79k",
             images_per_s=None,
             errors_by_reason={},
         )
     )
     assert "keeper embed  FAILED" in text
-    assert "5 in = 0 skipped (already in output) + 3 embedded + 0 failed + 2 LOST" in text
+    assert "5 attempted, 2 of them retried" in text
+    assert "5 = 2 embedded + 1 failed (1 retryable: the next run tries them again) + 2 LOST" in text
     assert "random weights" not in text
     assert "img/s" not in text
     assert "by reason" not in text
+
+
+def test_summary_json_uses_the_key_in() -> None:
+    stored = json.loads(summary().to_json())
+    assert stored["counts"]["in"] == 10
+    assert Counts.model_validate(stored["counts"]).in_ == 10
 
 
 def test_embed_stage_sets_model_threads() -> None:

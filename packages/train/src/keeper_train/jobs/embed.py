@@ -8,12 +8,14 @@ The same line is the ``ray job submit ... --`` entrypoint and a KubeRay RayJob's
 
 Pipeline (streaming: every stage runs at once, so a GPU model stage is fed while CPUs decode):
 
-    driver    list SRC (folder, s3:// prefix or manifest); skip what DST already holds
+    plan      list SRC (folder, s3:// prefix or manifest); read DST's parts once; skip what is
+              embedded and the failures another try cannot fix (retryable ones are retried)
     tasks     read bytes -> safe decode -> quality features -> resize to uint8 model input;
               a bad image becomes a row of the errors table, with its stage and reason
     actors    keeper_core.ClipEmbedder: one model load per actor, num_gpus per actor
     tasks     write a Parquet part (atomic, named by a hash of its image URIs)
-    driver    remove duplicates left by retried tasks, count, write _SUMMARY.json
+    summarise read only the parts this run wrote; remove duplicates left by retried tasks and
+              the error rows of images a retry embedded; count; write _SUMMARY.json
 
 DST layout: ``embeddings/part-*.parquet``, ``errors/part-*.parquet``, ``_SUMMARY.json``, and
 ``_KEEPER_TABLE.json`` naming the model spec (another spec into the same DST is refused). A re-run
@@ -33,10 +35,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +60,7 @@ from keeper_core.models import ModelSpec, embed_dim, preprocess_config
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import load_config
+from keeper_train.table import EmbeddedParts, ErrorRows
 
 log = logging.getLogger("keeper.embed")
 
@@ -188,47 +193,6 @@ def _manifest_uris(src: str) -> list[str]:
         raise DataError(f"empty image_uri in rows {bad[:10]}", source=src, rows=bad)
     base = storage.parent(src)
     return list(dict.fromkeys(storage.resolve(v, base) for v in col))
-
-
-def _uris_in(folder: str) -> dict[str, list[str]]:
-    """part file -> the image URIs it holds, for every Parquet part under ``folder``."""
-    if storage.is_s3(folder) or _local_dir_exists(folder):
-        parts = storage.list_files(folder, suffixes=[".parquet"])
-    else:
-        parts = []
-    return {p: storage.read_parquet(p, columns=["image_uri"]).column(0).to_pylist() for p in parts}
-
-
-def _local_dir_exists(folder: str) -> bool:
-    from pathlib import Path
-
-    return Path(folder.removeprefix("file://")).is_dir()
-
-
-def dedupe_parts(folder: str) -> int:
-    """Make every image URI appear once under ``folder``; returns the rows removed.
-
-    Parts are named by a hash of their rows, so a retried task rewrites its own part; a retry that
-    formed a different batch can still leave a row in two parts. The first part (by name) keeps it.
-    """
-    import pyarrow.compute as pc
-
-    seen: set[str] = set()
-    removed = 0
-    for part, uris in sorted(_uris_in(folder).items()):
-        dup = []
-        for u in uris:
-            dup.append(u in seen)
-            seen.add(u)
-        if not any(dup):
-            continue
-        removed += sum(dup)
-        if all(dup):
-            storage.delete(part)
-        else:
-            table = storage.read_parquet(part)
-            storage.write_parquet(table.filter(pc.invert(pa.array(dup))), part)
-    return removed
 
 
 def check_table_meta(dst: str, spec: str, embed_dim: int) -> None:
@@ -394,167 +358,286 @@ def write_batch(batch: dict[str, np.ndarray], *, spec: str, embeddings_dir: str)
 
 
 # --------------------------------------------------------------------------------------------
-# The job
+# The job: plan -> execute -> summarise
 
 
-def run(cfg: EmbedConfig) -> dict[str, Any]:
-    """Run the job; returns the summary (also written to DST/_SUMMARY.json)."""
-    import ray
+class Counts(BaseModel):
+    """What happened to the inputs. ``in = skipped + attempted``; ``attempted = embedded + failed
+    + lost`` (lost: neither embedded nor recorded, which only a bug or a killed job leaves)."""
+
+    in_: int = Field(alias="in")
+    skipped: int = Field(description="already_embedded + failed_before (not retried)")
+    already_embedded: int
+    failed_before: int = Field(description="recorded failures this run did not retry")
+    retried: int = Field(description="earlier failures attempted again this run")
+    attempted: int
+    embedded: int
+    failed: int
+    retryable_failed: int = Field(description="failures of this run the next run retries")
+    lost: int
+    duplicates_removed: int
+    errors_cleared: int = Field(description="error rows removed because the image is embedded")
+    non_image_files_ignored: int
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class EmbedSummary(BaseModel):
+    """A run's outcome; written to DST/_SUMMARY.json and DST/_runs/RUN_ID.json."""
+
+    run_id: str
+    status: Literal["ok", "failed"]
+    model_spec: str
+    image_size: int
+    input: str
+    output: str
+    counts: Counts
+    table: dict[str, int] = Field(description="embedded, failed, parts: the whole table")
+    failed_fraction: float = Field(description="failed / (embedded + failed) over the table")
+    failed_fraction_this_run: float
+    max_failure_fraction: float
+    errors_by_reason: dict[str, int]
+    seconds: dict[str, float]
+    images_per_s: float | None
+    seconds_to_first_part: float | None = Field(
+        description="start-up (workers, actors, model load) shows as the wait for the first part"
+    )
+    worker_seconds: dict[str, float]
+    cluster: str
+    versions: dict[str, str]
+    finished: str
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2, by_alias=True).encode()
+
+
+@dataclass
+class Plan:
+    """What a run will do, from one read of what DST already holds."""
+
+    run_id: str
+    dst: str
+    inputs: list[str]
+    ignored: int
+    embedded: EmbeddedParts
+    errors: ErrorRows
+    todo: list[str]
+    retried: int
+    failed_before: int
+    duplicates_removed: int
+    errors_cleared: int
+    seconds: dict[str, float]
+
+
+@dataclass
+class Execution:
+    """What the pipeline did: a tally row per written part, and when the first one came."""
+
+    tallies: list[dict[str, Any]]
+    cluster: str = ""
+    seconds_to_first_part: float | None = None
+    seconds: dict[str, float] = dataclass_field(default_factory=dict)
+
+
+def plan(cfg: EmbedConfig) -> Plan:
+    """List SRC, read DST's parts once, and decide what to embed.
+
+    Embedded images are skipped. Recorded failures are retried when they were retryable (a
+    timeout, an unreachable store) or when ``retry_errors`` is set; a corrupt file is not read
+    again unless asked. Duplicates left by a killed run are removed first.
+    """
+    t0 = time.perf_counter()
+    dst = cfg.output.rstrip("/")
+    inputs, ignored = list_inputs(cfg.input, exclude=dst)
+    if cfg.limit:
+        inputs = inputs[: cfg.limit]
+    check_table_meta(dst, cfg.model, embed_dim=embed_dim(cfg.model))
+    embedded = EmbeddedParts.read(storage.join(dst, EMBEDDINGS))
+    removed = embedded.dedupe()  # a job killed after a retried write may have left a duplicate
+    done = embedded.uris()
+    errors = ErrorRows.read(storage.join(dst, ERRORS))
+    cleared = errors.remove(done)  # a table written before successes cleared their errors
+    removed += errors.dedupe()
+    rows = errors.rows()
+    retry = rows["retryable"].astype(bool) | cfg.retry_errors
+    keep_failed = set(rows.loc[~retry, "image_uri"].astype(str))
+    retried = set(rows.loc[retry, "image_uri"].astype(str))
+    todo = [u for u in inputs if u not in done and u not in keep_failed]
+    return Plan(
+        run_id=f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
+        dst=dst,
+        inputs=inputs,
+        ignored=ignored,
+        embedded=embedded,
+        errors=errors,
+        todo=todo,
+        retried=len(retried.intersection(todo)),
+        failed_before=sum(1 for u in inputs if u in keep_failed),
+        duplicates_removed=removed,
+        errors_cleared=cleared,
+        seconds={"plan": time.perf_counter() - t0},
+    )
+
+
+def execute(cfg: EmbedConfig, p: Plan) -> Execution:
+    """Stream ``p.todo`` through decode tasks -> model actors -> part writers on Ray Data."""
+    if not p.todo:
+        return Execution(tallies=[])
     import ray.data
 
     from keeper_train.cluster import init_ray
 
-    t_start = time.perf_counter()
-    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-    dst = cfg.output.rstrip("/")
-    emb_dir, err_dir = storage.join(dst, EMBEDDINGS), storage.join(dst, ERRORS)
-    seconds: dict[str, float] = {}
-
-    inputs, ignored = list_inputs(cfg.input, exclude=dst)
-    if cfg.limit:
-        inputs = inputs[: cfg.limit]
-    size = preprocess_config(cfg.model).image_size
-    check_table_meta(dst, cfg.model, embed_dim=embed_dim(cfg.model))
-    if cfg.retry_errors:
-        for part in _uris_in(err_dir):
-            storage.delete(part)
-    dedupe_parts(emb_dir)  # a job killed after a retried write may have left a duplicate
-    done = {u for uris in _uris_in(emb_dir).values() for u in uris}
-    failed_before = {u for uris in _uris_in(err_dir).values() for u in uris}
-    todo = [u for u in inputs if u not in done and u not in failed_before]
-    seconds["list"] = time.perf_counter() - t_start
-    log.info(
-        "%d inputs, %d already done, %d to embed", len(inputs), len(inputs) - len(todo), len(todo)
+    t0 = time.perf_counter()
+    cluster = init_ray(cfg.ray_address)
+    seconds = {"ray_init": time.perf_counter() - t0}
+    limits = {"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes, "min_side": cfg.min_side}
+    # Blocks of ~decode_batch_size URIs: enough shards to keep every CPU busy and to stream.
+    blocks = max(1, min(len(p.todo) // cfg.decode_batch_size, 10_000))
+    ds: ray.data.Dataset = ray.data.from_items(
+        [{"image_uri": u} for u in p.todo], override_num_blocks=blocks
     )
-
+    ds = ds.map_batches(
+        prepare_batch,  # type: ignore[arg-type]  # keyword-only stage arguments
+        batch_size=cfg.decode_batch_size,
+        batch_format="numpy",
+        fn_kwargs={
+            "spec": cfg.model,
+            "limits": limits,
+            "draft": cfg.draft,
+            "errors_dir": storage.join(p.dst, ERRORS),
+            "run_id": p.run_id,
+        },
+        compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
+        num_cpus=1,
+        # A decode task holds a worker's baseline (torch imported: ~0.5 GiB) plus up to a
+        # max_pixels image (3 bytes a pixel) beside its bytes.
+        # Requesting that memory also keeps Ray Data from fusing decode into the model
+        # actors (it fuses task->actor maps whose remote args match, as on a CPU-only
+        # cluster), which would serialise decode and inference in one process.
+        memory=WORKER_BASELINE_BYTES + 3 * cfg.max_pixels + cfg.max_bytes,
+    )
+    ds = ds.map_batches(
+        EmbedStage,
+        fn_constructor_kwargs={
+            "spec": cfg.model,
+            "batch_size": cfg.batch_size,
+            "threads": cfg.model_threads,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_gpus=cfg.num_gpus_per_worker,
+        num_cpus=cfg.num_cpus_per_worker,
+    )
+    ds = ds.map_batches(
+        write_batch,  # type: ignore[arg-type]  # keyword-only stage arguments
+        batch_size=cfg.rows_per_file,
+        batch_format="numpy",
+        fn_kwargs={"spec": cfg.model, "embeddings_dir": storage.join(p.dst, EMBEDDINGS)},
+        num_cpus=0.25,  # I/O bound: must not take a whole core from decode
+    )
     tallies: list[dict[str, Any]] = []
-    t_first = t_pipe = time.perf_counter()
-    cluster = ""
-    if todo:
-        t0 = time.perf_counter()
-        cluster = init_ray(cfg.ray_address)
-        seconds["ray_init"] = time.perf_counter() - t0
-        limits = {
-            "max_pixels": cfg.max_pixels,
-            "max_bytes": cfg.max_bytes,
-            "min_side": cfg.min_side,
-        }
-        # Blocks of ~decode_batch_size URIs: enough shards to keep every CPU busy and to stream.
-        blocks = max(1, min(len(todo) // cfg.decode_batch_size, 10_000))
-        ds = ray.data.from_items([{"image_uri": u} for u in todo], override_num_blocks=blocks)
-        ds = ds.map_batches(
-            prepare_batch,
-            batch_size=cfg.decode_batch_size,
-            batch_format="numpy",
-            fn_kwargs={
-                "spec": cfg.model,
-                "limits": limits,
-                "draft": cfg.draft,
-                "errors_dir": err_dir,
-                "run_id": run_id,
-            },
-            compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
-            num_cpus=1,
-            # A decode task holds a worker's baseline (torch imported: ~0.5 GiB) plus up to a
-            # max_pixels image (3 bytes a pixel) beside its bytes.
-            # Requesting that memory also keeps Ray Data from fusing decode into the model
-            # actors (it fuses task->actor maps whose remote args match, as on a CPU-only
-            # cluster), which would serialise decode and inference in one process.
-            memory=WORKER_BASELINE_BYTES + 3 * cfg.max_pixels + cfg.max_bytes,
-        )
-        ds = ds.map_batches(
-            EmbedStage,
-            fn_constructor_kwargs={
-                "spec": cfg.model,
-                "batch_size": cfg.batch_size,
-                "threads": cfg.model_threads,
-            },
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_gpus=cfg.num_gpus_per_worker,
-            num_cpus=cfg.num_cpus_per_worker,
-        )
-        ds = ds.map_batches(
-            write_batch,
-            batch_size=cfg.rows_per_file,
-            batch_format="numpy",
-            fn_kwargs={"spec": cfg.model, "embeddings_dir": emb_dir},
-            num_cpus=0.25,  # I/O bound: must not take a whole core from decode
-        )
-        t_pipe = time.perf_counter()
-        for i, row in enumerate(ds.iter_rows()):
-            if i == 0:
-                t_first = time.perf_counter()
-            tallies.append(row)
-        seconds["pipeline"] = time.perf_counter() - t_pipe
+    t_pipe = time.perf_counter()
+    first = None
+    for row in ds.iter_rows():
+        if first is None:
+            first = time.perf_counter() - t_pipe
+        tallies.append(row)
+    seconds["pipeline"] = time.perf_counter() - t_pipe
+    return Execution(tallies, cluster, first, seconds)
+
+
+def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> EmbedSummary:
+    """Read the parts written this run (only those), restore the table's invariants, count."""
+    import ray
 
     t0 = time.perf_counter()
-    removed = dedupe_parts(emb_dir) + dedupe_parts(err_dir)
-    emb_parts, err_parts = _uris_in(emb_dir), _uris_in(err_dir)
-    emb_all = {u for uris in emb_parts.values() for u in uris}
-    err_all = {u for uris in err_parts.values() for u in uris}
-    todo_set = set(todo)
-    embedded, failed = len(emb_all & todo_set), len(err_all & todo_set)
-    reasons = Counter(_error_reasons(err_parts, todo_set))
-    seconds["finalize"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - t_start
-
+    embedded = EmbeddedParts.read(p.embedded.folder, known=p.embedded)
+    removed = embedded.dedupe()
+    emb_all = embedded.uris()
+    errors = ErrorRows.read(p.errors.folder, known=p.errors)
+    cleared = errors.remove(emb_all)  # an image that failed once and then succeeded is embedded
+    removed += errors.dedupe()
+    rows = errors.rows()
+    todo = set(p.todo)
+    this_run = rows[(rows["run_id"] == p.run_id) & rows["image_uri"].isin(todo)]
+    n_embedded = len(emb_all & todo)
+    n_failed = len(this_run)
     attempted = len(todo)
-    lost = attempted - embedded - failed
-    run_frac = failed / attempted if attempted else 0.0
+    lost = attempted - n_embedded - n_failed
+    table_n = len(emb_all) + len(rows)
     # Judged on the whole table, so a re-run after exit 3 (which skips recorded errors) still
     # reports the table as failing until the errors are dealt with (retry_errors, or new input).
-    table_n = len(emb_all) + len(err_all)
-    frac = len(err_all) / table_n if table_n else 0.0
+    frac = len(rows) / table_n if table_n else 0.0
+    seconds = {**p.seconds, **ex.seconds, "finalize": time.perf_counter() - t0}
+    seconds["total"] = time.perf_counter() - t_start
     pipe_s = seconds.get("pipeline", 0.0)
-    first_s = t_first - t_pipe if tallies else None
-    summary: dict[str, Any] = {
-        "run_id": run_id,
-        "status": "ok" if lost == 0 and frac <= cfg.max_failure_fraction else "failed",
-        "model_spec": cfg.model,
-        "image_size": size,
-        "input": cfg.input,
-        "output": dst,
-        "counts": {
-            "in": len(inputs),
-            "skipped": len(inputs) - attempted,
-            "attempted": attempted,
-            "embedded": embedded,
-            "failed": failed,
-            "lost": lost,
-            "duplicates_removed": removed,
-            "non_image_files_ignored": ignored,
+    already = len(p.inputs) - attempted - p.failed_before
+    return EmbedSummary(
+        run_id=p.run_id,
+        status="ok" if lost == 0 and frac <= cfg.max_failure_fraction else "failed",
+        model_spec=cfg.model,
+        image_size=preprocess_config(cfg.model).image_size,
+        input=cfg.input,
+        output=p.dst,
+        counts=Counts(
+            in_=len(p.inputs),
+            skipped=len(p.inputs) - attempted,
+            already_embedded=already,
+            failed_before=p.failed_before,
+            retried=p.retried,
+            attempted=attempted,
+            embedded=n_embedded,
+            failed=n_failed,
+            retryable_failed=int(this_run["retryable"].astype(bool).sum()),
+            lost=lost,
+            duplicates_removed=p.duplicates_removed + removed,
+            errors_cleared=p.errors_cleared + cleared,
+            non_image_files_ignored=p.ignored,
+        ),
+        table={"embedded": len(emb_all), "failed": len(rows), "parts": len(embedded.by_part)},
+        failed_fraction=round(frac, 6),
+        failed_fraction_this_run=round(n_failed / attempted, 6) if attempted else 0.0,
+        max_failure_fraction=cfg.max_failure_fraction,
+        errors_by_reason=dict(Counter(this_run["reason"].astype(str))),
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+        images_per_s=round(n_embedded / pipe_s, 2) if pipe_s else None,
+        seconds_to_first_part=round(ex.seconds_to_first_part, 3)
+        if ex.seconds_to_first_part is not None
+        else None,
+        worker_seconds={
+            "read_decode_features": round(sum(float(t["t_decode"]) for t in ex.tallies), 3),
+            "embed": round(sum(float(t["t_embed"]) for t in ex.tallies), 3),
+            "write": round(sum(float(t["t_write"]) for t in ex.tallies), 3),
         },
-        "table": {"embedded": len(emb_all), "failed": len(err_all), "parts": len(emb_parts)},
-        "failed_fraction": round(frac, 6),
-        "failed_fraction_this_run": round(run_frac, 6),
-        "max_failure_fraction": cfg.max_failure_fraction,
-        "errors_by_reason": dict(reasons),
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        "images_per_s": round(embedded / pipe_s, 2) if pipe_s else None,
-        # Start-up (workers, actors, model load) shows as the wait for the first written part.
-        "seconds_to_first_part": round(first_s, 3) if first_s is not None else None,
-        "worker_seconds": {
-            "read_decode_features": round(sum(float(t["t_decode"]) for t in tallies), 3),
-            "embed": round(sum(float(t["t_embed"]) for t in tallies), 3),
-            "write": round(sum(float(t["t_write"]) for t in tallies), 3),
-        },
-        "cluster": cluster,
-        "versions": {
+        cluster=ex.cluster,
+        versions={
             "keeper_core": _version("keeper-core"),
             "keeper_train": _version("keeper-train"),
             "ray": ray.__version__,
             "torch": _version("torch"),
             "open_clip": _version("open_clip_torch"),
         },
-        "finished": _now(),
-    }
-    if lost:
-        summary["status"] = "failed"
-    body = json.dumps(summary, indent=2).encode()
-    storage.write_bytes(storage.join(dst, SUMMARY), body)
-    storage.write_bytes(storage.join(dst, "_runs", f"{run_id}.json"), body)
+        finished=_now(),
+    )
+
+
+def run(cfg: EmbedConfig) -> EmbedSummary:
+    """Run the job; returns the summary (also written to DST/_SUMMARY.json)."""
+    t_start = time.perf_counter()
+    p = plan(cfg)
+    log.info(
+        "%d inputs: %d to embed (%d retried), %d already embedded, %d failed before",
+        len(p.inputs),
+        len(p.todo),
+        p.retried,
+        len(p.inputs) - len(p.todo) - p.failed_before,
+        p.failed_before,
+    )
+    summary = summarise(cfg, p, execute(cfg, p), t_start)
+    body = summary.to_json()
+    storage.write_bytes(storage.join(p.dst, SUMMARY), body)
+    storage.write_bytes(storage.join(p.dst, "_runs", f"{p.run_id}.json"), body)
     return summary
 
 
@@ -566,46 +649,41 @@ def _version(dist: str) -> str:
         return "unknown (not installed as a package)"
 
 
-def _error_reasons(parts: dict[str, list[str]], todo: set[str]) -> list[str]:
-    out = []
-    for part in parts:
-        t = storage.read_parquet(part, columns=["image_uri", "reason"])
-        for uri, reason in zip(t["image_uri"].to_pylist(), t["reason"].to_pylist(), strict=True):
-            if uri in todo:
-                out.append(str(reason))
-    return out
-
-
-def format_summary(s: dict[str, Any]) -> str:
+def format_summary(s: EmbedSummary) -> str:
     """The one-screen summary printed at the end of a run."""
-    c = s["counts"]
+    c = s.counts
+    retried = f", {c.retried} of them retried" if c.retried else ""
     lines = [
-        f"keeper embed  {s['status'].upper()}  run {s['run_id']}",
-        f"  model    {s['model_spec']}  ({s['image_size']} px)",
-        f"  input    {s['input']}",
-        f"  output   {s['output']}",
-        f"  images   {c['in']} in = {c['skipped']} skipped (already in output) + "
-        f"{c['embedded']} embedded + {c['failed']} failed"
-        + (f" + {c['lost']} LOST" if c["lost"] else ""),
-        f"  failed   {s['failed_fraction']:.1%} of the table (limit "
-        f"{s['max_failure_fraction']:.1%}), {s['failed_fraction_this_run']:.1%} of this run"
-        + (f"  by reason: {s['errors_by_reason']}" if s["errors_by_reason"] else ""),
-        f"  table    {s['table']['embedded']} embeddings in {s['table']['parts']} part(s), "
-        f"{s['table']['failed']} errors",
+        f"keeper embed  {s.status.upper()}  run {s.run_id}",
+        f"  model    {s.model_spec}  ({s.image_size} px)",
+        f"  input    {s.input}",
+        f"  output   {s.output}",
+        f"  images   {c.in_} in = {c.already_embedded} already embedded + {c.failed_before} "
+        f"failed before (not retried) + {c.attempted} attempted{retried}",
+        f"  attempt  {c.attempted} = {c.embedded} embedded + {c.failed} failed"
+        + (
+            f" ({c.retryable_failed} retryable: the next run tries them again)"
+            if c.retryable_failed
+            else ""
+        )
+        + (f" + {c.lost} LOST" if c.lost else ""),
+        f"  failed   {s.failed_fraction:.1%} of the table (limit "
+        f"{s.max_failure_fraction:.1%}), {s.failed_fraction_this_run:.1%} of this run"
+        + (f"  by reason: {s.errors_by_reason}" if s.errors_by_reason else ""),
+        f"  table    {s.table['embedded']} embeddings in {s.table['parts']} part(s), "
+        f"{s.table['failed']} errors",
+        "  seconds  " + "  ".join(f"{k} {v:.1f}" for k, v in s.seconds.items()),
     ]
-    sec = s["seconds"]
-    lines.append("  seconds  " + "  ".join(f"{k} {v:.1f}" for k, v in sec.items()))
-    if s["images_per_s"]:
-        lines.append(
-            f"  speed    {s['images_per_s']:.1f} img/s over the pipeline "
-            f"(first part written after {s['seconds_to_first_part']:.1f}s)"
-        )
-        w = s["worker_seconds"]
-        lines.append(
+    if s.images_per_s:
+        first = s.seconds_to_first_part or 0.0
+        w = s.worker_seconds
+        lines += [
+            f"  speed    {s.images_per_s:.1f} img/s over the pipeline "
+            f"(first part written after {first:.1f}s)",
             f"  workers  decode+features {w['read_decode_features']:.1f}s  "
-            f"embed {w['embed']:.1f}s  write {w['write']:.1f}s (summed over workers)"
-        )
-    if ModelSpec.parse(s["model_spec"]).is_random:
+            f"embed {w['embed']:.1f}s  write {w['write']:.1f}s (summed over workers)",
+        ]
+    if ModelSpec.parse(s.model_spec).is_random:
         lines.append("  NOTE     random weights: these embeddings carry no meaning beyond tests")
     return "\n".join(lines)
 
@@ -626,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"keeper embed: error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))
-    if summary["status"] != "ok":
+    if summary.status != "ok":
         return EXIT_TOO_MANY_FAILURES
     return 0
 

@@ -1,0 +1,155 @@
+"""What an embedding table's output folder holds, read once per run.
+
+``keeper embed`` writes Parquet parts to ``DST/embeddings`` and ``DST/errors``. A run reads the
+URIs they hold once when it plans (what is done, what failed and whether it may be retried), and
+at the end reads only the parts written since: on S3 that is one LIST and one GET per new part,
+not a GET per part of the whole table, again and again.
+
+Invariants restored by every run (a task retried by Ray Data, or a job killed between writes,
+can break them): every image URI is in at most one embeddings part, in at most one errors row,
+and never in both (a later success removes its error row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+import pyarrow as pa
+
+from keeper_core import storage
+
+
+def _parts(folder: str) -> list[str]:
+    if storage.is_s3(folder):
+        return sorted(storage.list_files(folder, suffixes=[".parquet"]))
+    from pathlib import Path
+
+    if not Path(folder.removeprefix("file://")).is_dir():
+        return []
+    return sorted(storage.list_files(folder, suffixes=[".parquet"]))
+
+
+def _rewrite_without(part: str, keep: list[bool]) -> None:
+    """Drop the rows of ``part`` where ``keep`` is False (delete the part when none is left)."""
+    if not any(keep):
+        storage.delete(part)
+        return
+    table = storage.read_parquet(part)
+    storage.write_parquet(table.filter(pa.array(keep)), part)
+
+
+@dataclass
+class EmbeddedParts:
+    """part file -> the image URIs it holds, for every part under ``folder``."""
+
+    folder: str
+    by_part: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, folder: str, known: EmbeddedParts | None = None) -> EmbeddedParts:
+        """List ``folder``; read the URI column of the parts ``known`` does not hold yet."""
+        seen = known.by_part if known is not None else {}
+        by_part = {
+            p: seen[p]
+            if p in seen
+            else storage.read_parquet(p, columns=["image_uri"]).column(0).to_pylist()
+            for p in _parts(folder)
+        }
+        return cls(folder, by_part)
+
+    def uris(self) -> set[str]:
+        return {u for uris in self.by_part.values() for u in uris}
+
+    def dedupe(self) -> int:
+        """Make every URI appear once; the first part by name keeps it. Returns rows removed.
+
+        Parts are named by a hash of their rows, so a retried task rewrites its own part; a retry
+        that formed a different batch can still leave a row in two parts.
+        """
+        seen: set[str] = set()
+        removed = 0
+        for part in sorted(self.by_part):
+            uris = self.by_part[part]
+            keep = []
+            for u in uris:  # a row at a time: one part may hold a URI twice
+                keep.append(u not in seen)
+                seen.add(u)
+            if all(keep):
+                continue
+            removed += keep.count(False)
+            _rewrite_without(part, keep)
+            kept = [u for u, k in zip(uris, keep, strict=True) if k]
+            if kept:
+                self.by_part[part] = kept
+            else:
+                del self.by_part[part]
+        return removed
+
+
+@dataclass
+class ErrorRows:
+    """The errors table: one DataFrame per part (``image_uri, reason, retryable, run_id, at``)."""
+
+    folder: str
+    by_part: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    COLUMNS = ("image_uri", "reason", "retryable", "run_id", "at")
+
+    @classmethod
+    def read(cls, folder: str, known: ErrorRows | None = None) -> ErrorRows:
+        seen = known.by_part if known is not None else {}
+        return cls(folder, {p: seen[p] if p in seen else cls._read(p) for p in _parts(folder)})
+
+    @classmethod
+    def _read(cls, part: str) -> pd.DataFrame:
+        df = storage.read_parquet(part).to_pandas()
+        if "retryable" not in df.columns:  # written before failures said whether they may pass
+            df["retryable"] = False
+        for col in ("reason", "run_id", "at"):
+            if col not in df.columns:
+                df[col] = ""
+        return df[list(cls.COLUMNS)].reset_index(drop=True)
+
+    def rows(self) -> pd.DataFrame:
+        frames = [df for df in self.by_part.values() if len(df)]
+        if not frames:
+            return pd.DataFrame({c: pd.Series(dtype=object) for c in self.COLUMNS})
+        return pd.concat(frames, ignore_index=True)
+
+    def uris(self) -> set[str]:
+        return set(self.rows()["image_uri"].astype(str))
+
+    def remove(self, uris: set[str]) -> int:
+        """Delete the rows of ``uris`` (e.g. images embedded since). Returns rows removed."""
+        return sum(
+            self._keep(part, (~df["image_uri"].isin(uris)).tolist())
+            for part, df in sorted(self.by_part.items())
+        )
+
+    def dedupe(self) -> int:
+        """Keep one row per URI: the latest attempt's (by ``at``, then part name)."""
+        latest: dict[str, tuple[str, int]] = {}
+        order = sorted(
+            (str(at), part, i, str(uri))
+            for part, df in self.by_part.items()
+            for i, (uri, at) in enumerate(zip(df["image_uri"], df["at"], strict=True))
+        )
+        for _, part, i, uri in order:
+            latest[uri] = (part, i)
+        return sum(
+            self._keep(part, [latest[str(u)] == (part, i) for i, u in enumerate(df["image_uri"])])
+            for part, df in sorted(self.by_part.items())
+        )
+
+    def _keep(self, part: str, keep: list[bool]) -> int:
+        """Rewrite ``part`` with only the rows where ``keep``; returns rows dropped."""
+        if all(keep):
+            return 0
+        _rewrite_without(part, keep)
+        kept = self.by_part[part][keep].reset_index(drop=True)
+        if len(kept):
+            self.by_part[part] = kept
+        else:
+            del self.by_part[part]
+        return keep.count(False)

@@ -1,0 +1,163 @@
+"""keeper embed's plan and summary over a table written by earlier runs (Ray is never started).
+
+Counts add up after retries (a success removes the image's error row), retryable failures are
+retried by default, and a run reads each Parquet part of the table once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from keeper_core import storage
+from keeper_train import table as table_mod
+from keeper_train.jobs import embed
+from keeper_train.jobs.embed import EmbedConfig, Execution, plan, summarise
+
+SPEC = "keeper-tiny:random"
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> list[str]:
+    """Four small PNGs: u1..u4 (their paths are the image URIs)."""
+    uris = []
+    for i in range(4):
+        p = tmp_path / "in" / f"u{i + 1}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (32, 32), (60 * i, 10, 10)).save(p)
+        uris.append(str(p))
+    return uris
+
+
+def write_embedded(dst: Path, name: str, uris: list[str]) -> None:
+    storage.write_parquet(pa.table({"image_uri": uris}), str(dst / embed.EMBEDDINGS / name))
+
+
+def write_errors(dst: Path, name: str, rows: list[dict[str, Any]], *, legacy: bool = False) -> None:
+    full = [
+        {"stage": "read", "reason": "unreadable", "error": "x", "at": "2025-01-01T00:00:00+00:00"}
+        | r
+        for r in rows
+    ]
+    if legacy:  # written before the retryable column existed
+        for r in full:
+            r.pop("retryable", None)
+        table = pa.Table.from_pylist(full)
+    else:
+        table = pa.Table.from_pylist(full, schema=embed.ERRORS_SCHEMA)
+    storage.write_parquet(table, str(dst / embed.ERRORS / name))
+
+
+def config(corpus: list[str], dst: Path, **over: Any) -> EmbedConfig:
+    return EmbedConfig(input=str(Path(corpus[0]).parent), output=str(dst), model=SPEC, **over)
+
+
+def error_uris(dst: Path) -> list[str]:
+    folder = dst / embed.ERRORS
+    if not folder.is_dir() or not any(folder.glob("*.parquet")):
+        return []
+    return sorted(storage.read_parquet(str(folder)).column("image_uri").to_pylist())
+
+
+def test_success_after_failure_clears_the_error_and_counts_add_up(
+    corpus: list[str], tmp_path: Path
+) -> None:
+    u1, u2, u3, u4 = corpus
+    dst = tmp_path / "out"
+    write_embedded(dst, "part-a.parquet", [u1])
+    write_errors(
+        dst,
+        "part-e.parquet",
+        [
+            # u1 failed in an earlier run and was embedded later: the error row is stale.
+            {"image_uri": u1, "retryable": True, "run_id": "old"},
+            {"image_uri": u2, "retryable": False, "run_id": "old", "reason": "truncated"},
+            {"image_uri": u3, "retryable": True, "run_id": "old"},
+        ],
+    )
+    cfg = config(corpus, dst)
+    p = plan(cfg)
+    assert p.errors_cleared == 1
+    assert error_uris(dst) == [u2, u3]
+    assert p.todo == [u3, u4]  # u3's failure was retryable; u2's (a corrupt file) was not
+    assert (p.retried, p.failed_before) == (1, 1)
+
+    # This run: u3 fails in a first task attempt, then Ray retries the task and it succeeds;
+    # u4 is embedded at once.
+    write_errors(dst, "part-f.parquet", [{"image_uri": u3, "retryable": True, "run_id": p.run_id}])
+    write_embedded(dst, "part-b.parquet", [u3, u4])
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    c = s.counts
+    assert (c.in_, c.already_embedded, c.failed_before, c.attempted) == (4, 1, 1, 2)
+    assert (c.embedded, c.failed, c.lost) == (2, 0, 0)
+    assert c.in_ == c.already_embedded + c.failed_before + c.attempted
+    assert c.attempted == c.embedded + c.failed + c.lost
+    assert c.errors_cleared == 3  # u1's stale row, and both of u3's (old and this run's)
+    assert error_uris(dst) == [u2]  # never in both tables
+    assert s.table == {"embedded": 3, "failed": 1, "parts": 2}
+    assert s.status == "failed"  # 1 of 4 failed: above the 5 % limit
+
+
+def test_a_retried_failure_that_fails_again_is_counted_once(
+    corpus: list[str], tmp_path: Path
+) -> None:
+    u1, *_ = corpus
+    dst = tmp_path / "out"
+    write_errors(dst, "part-e.parquet", [{"image_uri": u1, "retryable": True, "run_id": "old"}])
+    cfg = config(corpus, dst, max_failure_fraction=0.5)
+    p = plan(cfg)
+    assert u1 in p.todo
+    row = {
+        "image_uri": u1,
+        "retryable": True,
+        "run_id": p.run_id,
+        "at": "2026-01-01T00:00:00+00:00",
+    }
+    write_errors(dst, "part-f.parquet", [row])
+    write_embedded(dst, "part-b.parquet", corpus[1:])
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    assert (s.counts.embedded, s.counts.failed, s.counts.lost) == (3, 1, 0)
+    assert s.counts.retryable_failed == 1
+    assert error_uris(dst) == [u1]  # the newer row stays, the older one is gone
+    assert s.table["failed"] == 1
+
+
+def test_permanent_failures_are_retried_only_when_asked(corpus: list[str], tmp_path: Path) -> None:
+    u1, u2, *_ = corpus
+    dst = tmp_path / "out"
+    write_errors(dst, "part-e.parquet", [{"image_uri": u1, "retryable": False, "run_id": "old"}])
+    write_errors(dst, "part-l.parquet", [{"image_uri": u2, "run_id": "old"}], legacy=True)
+    assert plan(config(corpus, dst)).todo == corpus[2:]  # a legacy row counts as permanent
+    assert plan(config(corpus, dst, retry_errors=True)).todo == corpus
+
+
+def test_a_run_reads_each_part_once(
+    corpus: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dst = tmp_path / "out"
+    for i, u in enumerate(corpus[:3]):
+        write_embedded(dst, f"part-{i}.parquet", [u])
+    write_errors(dst, "part-e.parquet", [{"image_uri": corpus[3], "retryable": False}])
+    reads: Counter[str] = Counter()
+    real = storage.read_parquet
+
+    def counting(uri: str, columns: list[str] | None = None) -> pa.Table:
+        reads[Path(uri).name] += 1
+        return real(uri, columns=columns)
+
+    monkeypatch.setattr(table_mod.storage, "read_parquet", counting)
+    cfg = config(corpus, dst)
+    p = plan(cfg)
+    assert p.todo == []
+    write_embedded(dst, "part-new.parquet", [str(tmp_path / "elsewhere.png")])
+    summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    # Every part once; the part written after the plan once, by the summary.
+    assert reads == Counter(
+        {f"part-{i}.parquet": 1 for i in range(3)} | {"part-e.parquet": 1, "part-new.parquet": 1}
+    )
