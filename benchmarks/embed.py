@@ -290,7 +290,7 @@ def draft_size(model_size: int) -> tuple[int, int]:
     The DataLoader drafts the same, so both decode the same pixels; for a model input far below
     256 px (keeper-tiny: 64) a loop that only embeds could draft further and decode faster.
     """
-    from keeper_train.jobs.embed import QUALITY_SIZE
+    from keeper_core.preparation import QUALITY_SIZE
 
     return (max(model_size, QUALITY_SIZE),) * 2
 
@@ -438,7 +438,7 @@ def bench_keeper(
             **overrides,
         )
         t0 = time.perf_counter()
-        summary = run(cfg)
+        summary = run(cfg).model_dump(by_alias=True)
         wall = time.perf_counter() - t0
         shutil.rmtree(out, ignore_errors=True)
         c, sec = summary["counts"], summary["seconds"]
