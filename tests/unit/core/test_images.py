@@ -13,7 +13,13 @@ from pydantic import ValidationError
 from support import png_declaring
 
 from keeper_core.errors import ConfigError, ImageDecodeError
-from keeper_core.images import DecodeLimits, decode_image, image_size, sniff_is_image
+from keeper_core.images import (
+    DecodeLimits,
+    decode_image,
+    decode_jpeg_band,
+    image_size,
+    sniff_is_image,
+)
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
@@ -458,3 +464,60 @@ def test_image_size_does_not_decode_pixels() -> None:
     assert image_size(cut) == (96, 64)
     with pytest.raises(ImageDecodeError, match="truncated"):
         decode_image(cut)
+
+
+# ---------------------------------------------------------------- full-resolution JPEG band
+
+
+def _luma(data: bytes) -> np.ndarray:
+    """A full decode of the same JPEG as greyscale: what the band must be the top rows of."""
+    im = Image.open(io.BytesIO(data))
+    im.draft("L", None)  # no-op for CMYK, converted below
+    im.load()
+    return np.asarray(im.convert("L"))
+
+
+@pytest.mark.parametrize(
+    ("mode", "kw"),
+    [
+        ("RGB", {}),  # baseline 4:2:0
+        ("RGB", {"progressive": True}),
+        ("RGB", {"subsampling": 0}),  # 4:4:4: 8-row MCUs
+        ("RGB", {"restart_marker_rows": 1}),  # RST markers in the skipped rest of the scan
+        ("L", {}),
+        ("CMYK", {}),
+    ],
+)
+def test_jpeg_band_is_the_top_rows_at_full_resolution(mode: str, kw: dict[str, object]) -> None:
+    data = encode(noise(1000, 700).convert(mode), "JPEG", quality=80, **kw)
+    full = _luma(data)
+    # 100_000 pixels of a 1000-wide image: 100 rows, rounded up to whole 16-row stripes.
+    band = decode_jpeg_band(data, pixels=100_000)
+    assert (band.mode, band.size) == ("L", (1000, 112))
+    np.testing.assert_array_equal(np.asarray(band), full[:112])
+    assert decode_jpeg_band(data, pixels=1).size == (1000, 64)  # at least 8 rows of blocks
+    assert decode_jpeg_band(data, pixels=10**9).size == (1000, 700)  # at most the image
+
+
+def test_jpeg_band_skips_a_frame_header_inside_another_segment() -> None:
+    data = encode(noise(300, 200), "JPEG", quality=80)
+    # An APP segment (an EXIF thumbnail, say) holding a SOF that declares 16 x 16: walking by
+    # segment lengths never reads it as the frame's.
+    fake_sof = b"\xff\xc0\x00\x11\x08\x00\x10\x00\x10\x03" + b"\x00" * 9
+    app = b"\xff\xe9" + struct.pack(">H", 2 + len(fake_sof)) + fake_sof
+    data = data[:2] + app + data[2:]
+    band = decode_jpeg_band(data, pixels=300 * 80)
+    assert band.size == (300, 80)
+    np.testing.assert_array_equal(np.asarray(band), _luma(data)[:80])
+
+
+def test_jpeg_band_refuses_what_it_cannot_band() -> None:
+    with pytest.raises(ImageDecodeError) as err:
+        decode_jpeg_band(encode(noise(64, 64), "PNG"), pixels=100, source="s3://b/x.png")
+    assert (err.value.reason, err.value.source) == ("unsupported", "s3://b/x.png")
+    data = bytearray(encode(noise(64, 64), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 7] = b"\x00\x00"  # height 0: deferred to a DNL marker
+    with pytest.raises(ImageDecodeError, match="DNL") as err:
+        decode_jpeg_band(bytes(data), pixels=100)
+    assert err.value.reason == "unsupported"

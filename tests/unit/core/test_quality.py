@@ -10,7 +10,13 @@ import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
 from keeper_core.errors import DataError
-from keeper_core.quality import FEATURE_NAMES, quality_features, quality_record
+from keeper_core.quality import (
+    FEATURE_NAMES,
+    block_grid_ratio,
+    image_blockiness,
+    quality_features,
+    quality_record,
+)
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -108,6 +114,29 @@ def test_blockiness_on_a_synthetic_block_grid() -> None:
     assert quality_record(shifted)["blockiness"] > 20.0
     # A tiny image has no interior boundary on both sides: neutral 1.
     assert quality_record(Image.fromarray(grid[:12, :12]))["blockiness"] == 1.0
+
+
+def test_block_grid_ratio_ignores_orientation(photo: Image.Image) -> None:
+    # What lets a JPEG's stored (un-rotated) pixels stand for the displayed image.
+    grey = np.asarray(_jpeg(photo, 10).convert("L"))[:296, :448]  # whole blocks both ways
+    value = block_grid_ratio(grey)
+    assert value > 1.5
+    assert block_grid_ratio(grey.T) == pytest.approx(value, rel=1e-6)
+    # A flip moves the grid phase (found again) and which edge steps the 8-phase trim drops.
+    for turned in (grey[::-1], grey[:, ::-1], np.rot90(grey)):
+        assert block_grid_ratio(turned) == pytest.approx(value, rel=0.02)
+    assert image_blockiness(Image.fromarray(grey)) == pytest.approx(value, rel=1e-6)
+
+
+def test_blockiness_measured_elsewhere_is_used_as_given(photo: Image.Image) -> None:
+    out = quality_features([photo, photo], blockiness=[3.5, None])
+    alone = quality_features([photo])[0]
+    assert out[0, COL["blockiness"]] == 3.5
+    np.testing.assert_array_equal(out[1], alone)  # None: measured on the pixels, as before
+    rest = [i for i in range(len(FEATURE_NAMES)) if i != COL["blockiness"]]
+    np.testing.assert_array_equal(out[0, rest], alone[rest])
+    with pytest.raises(DataError, match="1 blockiness values for 2 images"):
+        quality_features([photo, photo], blockiness=[1.0])
 
 
 def test_each_feature_moves_the_right_way(photo: Image.Image) -> None:

@@ -21,6 +21,7 @@ from keeper_core import storage
 from keeper_core.embedding import ClipEmbedder
 from keeper_core.errors import DataError
 from keeper_core.images import decode_image
+from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES, quality_features
 from keeper_train.jobs.embed import (
     Counts,
@@ -295,7 +296,9 @@ def test_prepare_batch_good_and_bad_rows(corpus: dict[str, str], tmp_path: Path)
     # Quality features are those of the decoded (drafted) images, as float32.
     images = [decode_image(data[u], draft_size=DRAFT) for u in good]
     assert images[0].size[0] < 1200, "the 1200x900 JPEG must have been drafted"
-    expected = quality_features(images)
+    # A drafted JPEG's blockiness is measured on full-resolution pixels (the draft lost the grid).
+    prep = ImagePreparation(SPEC)
+    expected = quality_features(images, blockiness=[prep.decode(data[u]).blockiness for u in good])
     for j, name in enumerate(FEATURE_NAMES):
         if name in FLOAT_FEATURES:
             assert out[name].dtype == np.float32

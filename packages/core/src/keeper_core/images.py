@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core.errors import ConfigError, ImageDecodeError
 
-__all__ = ["DecodeLimits", "decode_image", "image_size", "sniff_is_image"]
+__all__ = ["DecodeLimits", "decode_image", "decode_jpeg_band", "image_size", "sniff_is_image"]
 
 
 class DecodeLimits(BaseModel):
@@ -71,6 +71,15 @@ _CONVERTIBLE_MODES = frozenset(
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 _ISO_BMFF_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
+# JPEG start-of-frame markers (SOF0-3, 5-7, 9-11, 13-15: every coding process); C4, C8 and CC
+# share the range but are DHT, JPG and DAC segments.
+_JPEG_SOF = frozenset(
+    (*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), 0xCD, 0xCE, 0xCF)
+)
+# Markers without a length field: TEM, RST0-7 and SOI (EOI ends the walk).
+_JPEG_BARE = frozenset((0x01, *range(0xD0, 0xD9)))
+# A band is whole 16-row stripes: the tallest MCU of common (4:2:0) sampling.
+_BAND_STEP = 16
 
 
 def _sniff_format(head: bytes) -> str | None:
@@ -179,6 +188,69 @@ def image_size(data: bytes) -> tuple[int, int]:
     im = _open(data, None, None)
     w, h = im.size
     return (h, w) if _orientation(im) in _SWAPPED_ORIENTATIONS else (w, h)
+
+
+def _jpeg_frame_offset(data: bytes) -> int | None:
+    """Offset of the first SOF marker, walking the header segment by segment (None if absent).
+
+    Walking by segment lengths, not searching, skips an EXIF thumbnail's own SOF.
+    """
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        marker = data[i + 1]
+        if data[i] != 0xFF or marker == 0xFF:  # junk between segments (PIL skips it too), fill
+            i += 1
+        elif marker in _JPEG_SOF:
+            return i if i + 9 <= n else None
+        elif marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
+            return None
+        elif marker in _JPEG_BARE:
+            i += 2
+        else:
+            i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+    return None
+
+
+def decode_jpeg_band(data: bytes, *, pixels: int, source: str | None = None) -> Image.Image:
+    """Decode the top rows of a JPEG at full resolution, cheaply, as greyscale.
+
+    The frame header is rewritten to declare only the band's height, so libjpeg decodes those
+    rows and skips the rest of every scan as junk before the next marker: a baseline file is
+    read only as far as the band, a progressive one entropy-decodes the band of every scan.
+    On a 12 MP photo, 64 rows cost ~2 % of a full decode. The band is in stored coordinates (no
+    EXIF orientation) and is the luma (Y) channel libjpeg decodes, before colour conversion.
+    No limit is checked here: call it on bytes :func:`decode_image` accepted.
+
+    Args:
+        data: a JPEG (or MPO: its first picture).
+        pixels: at least this many pixels: the band is whole 16-row stripes, at least 64 rows
+            (8 rows of blocks), or the whole image when it is smaller.
+        source: where the bytes came from (a URI); carried into errors.
+
+    Returns:
+        A loaded image of the full stored width, mode "L" (or "L" converted from CMYK).
+
+    Raises:
+        ImageDecodeError: "unsupported" when no frame header gives the height (not a JPEG, or
+            the height is deferred to a DNL marker), "truncated" when the band does not decode.
+    """
+    data = bytes(data)
+    at = _jpeg_frame_offset(data) if data[:2] == b"\xff\xd8" else None
+    if at is None:
+        raise ImageDecodeError("unsupported", "no JPEG frame header", source=source)
+    height, width = struct.unpack_from(">HH", data, at + 5)
+    if height == 0 or width == 0:  # height 0: given by a DNL marker after the first scan
+        raise ImageDecodeError("unsupported", "JPEG height deferred to DNL", source=source)
+    rows = max(64, -(-pixels // width))
+    rows = min(height, -(-rows // _BAND_STEP) * _BAND_STEP)
+    band = data[: at + 5] + struct.pack(">H", rows) + data[at + 7 :]
+    try:
+        im = Image.open(io.BytesIO(band), formats=["JPEG"])
+        im.draft("L", None)  # grey straight from libjpeg: no chroma upsampling or conversion
+        im.load()
+    except _PIL_ERRORS as e:
+        raise ImageDecodeError("truncated", f"JPEG band: {e}", source=source) from e
+    return im if im.mode == "L" else im.convert("L")
 
 
 def _deep_to_l(im: Image.Image) -> Image.Image:

@@ -5,6 +5,24 @@ scored over HTTP gets exactly the features its ranker was trained on: the same d
 the same JPEG draft bound, the same resize/crop, the same quality features, and the original
 (displayed) width and height rather than the draft-decoded ones.
 
+Blockiness of a drafted JPEG. A draft decode downscales by 1/2..1/8 in the DCT domain, which
+erases the 8x8 block grid the blockiness feature looks for: measured on those pixels a
+quality-10 12 MP photo reads ~1.02, as clean as a quality-95 one. A full decode just to measure
+it would give back the draft's speed, so ``decode`` also decodes a band of the original at full
+resolution (``keeper_core.images.decode_jpeg_band``): the top 64 stored rows at full width (8
+rows of blocks; more on photos under 1024 wide), where the grid is measured as on an undrafted
+image's central crop. benchmarks/blockiness.py: decode + blockiness at 0.90-0.95x the draft's
+images/s (a full decode: 0.43-0.81x), and quality 10 reads 3.0-5.5 against 1.01-1.02 at 95.
+
+Not from the quantisation tables: that header-only estimate of the JPEG quality is free, but a
+crushed JPEG re-saved at high quality (blocks baked into the pixels, fine tables) reads as
+clean, and a camera's own tables only roughly map to a quality. What the band misses: blocking
+confined to the rest of the frame, and a flat top (a clipped sky) reads ~1 whatever the
+quality, as a flat centre does for an undrafted image. For one photo, drafted and undrafted
+values differ by the content of the two regions, not systematically. Images that were not
+drafted (every non-JPEG, a JPEG under twice the draft size) are measured on their decoded
+pixels as before.
+
     prep = ImagePreparation("ViT-B-32:laion2b_s34b_b79k")
     decoded = [prep.decode(data, source=uri) for data in blobs]   # ImageDecodeError per image
     pixels = np.stack([prep.resize(d) for d in decoded])          # (N, 3, S, S) uint8
@@ -20,14 +38,24 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from keeper_core.images import DecodeLimits, decode_image, image_size
+from keeper_core.errors import ImageDecodeError
+from keeper_core.images import DecodeLimits, decode_image, decode_jpeg_band, image_size
 from keeper_core.models import preprocess_config, resize_transform
-from keeper_core.quality import FEATURE_NAMES, quality_features
+from keeper_core.quality import (
+    BLOCK_CROP,
+    FEATURE_NAMES,
+    block_grid_ratio,
+    image_blockiness,
+    quality_features,
+)
 
 #: The quality features' working size. Drafting below it would blur what they measure.
 QUALITY_SIZE = 256
 
 _WIDTH, _HEIGHT = FEATURE_NAMES.index("width"), FEATURE_NAMES.index("height")
+# Full-resolution pixels a drafted JPEG's blockiness is measured on: with the band's floor of
+# 64 rows, the full width of a photo >= 1024 wide, and >= 1,024 blocks on a narrower one.
+_BAND_PIXELS = BLOCK_CROP * BLOCK_CROP // 4
 
 
 @dataclass(frozen=True)
@@ -37,11 +65,14 @@ class DecodedImage:
     Attributes:
         image: RGB pixels; a JPEG much larger than needed is draft-decoded (downscaled).
         width, height: the original displayed size (EXIF-oriented), before any draft.
+        blockiness: for a drafted JPEG, blockiness measured on full-resolution pixels (the
+            draft has lost the block grid); None when ``image`` is at full resolution.
     """
 
     image: Image.Image
     width: int
     height: int
+    blockiness: float | None = None
 
 
 class ImagePreparation:
@@ -63,14 +94,27 @@ class ImagePreparation:
         self._resize: Any = resize_transform(spec)
 
     def decode(self, data: bytes, *, source: str | None = None) -> DecodedImage:
-        """Decode one image safely.
+        """Decode one image safely; a drafted JPEG's blockiness is measured at full resolution.
 
         Raises:
             ImageDecodeError: with its reason (see ``keeper_core.images.decode_image``).
         """
         img = decode_image(data, limits=self.limits, source=source, draft_size=self.draft_size)
-        width, height = image_size(data) if self.draft_size else img.size
-        return DecodedImage(image=img, width=width, height=height)
+        if self.draft_size is None:
+            return DecodedImage(image=img, width=img.width, height=img.height)
+        width, height = image_size(data)
+        drafted = img.size != (width, height)
+        blockiness = self._full_resolution_blockiness(data, source) if drafted else None
+        return DecodedImage(image=img, width=width, height=height, blockiness=blockiness)
+
+    def _full_resolution_blockiness(self, data: bytes, source: str | None) -> float:
+        try:
+            band = decode_jpeg_band(data, pixels=_BAND_PIXELS, source=source)
+        except ImageDecodeError:
+            # A header the band's walk cannot follow, though the draft decode could: measure
+            # the slow, exact way rather than on pixels that have lost the grid.
+            return image_blockiness(decode_image(data, limits=self.limits, source=source))
+        return block_grid_ratio(np.asarray(band))
 
     def resize(self, decoded: DecodedImage) -> np.ndarray:
         """The model's input for one image: ``(3, S, S)`` uint8 (normalised on the device)."""
@@ -85,8 +129,15 @@ class ImagePreparation:
         return np.stack([self.resize(d) for d in decoded])
 
     def quality(self, decoded: Sequence[DecodedImage]) -> np.ndarray:
-        """Quality features ``(N, len(FEATURE_NAMES))`` float32, width/height as original."""
-        feats = quality_features([d.image for d in decoded], size=QUALITY_SIZE).astype(np.float32)
+        """Quality features ``(N, len(FEATURE_NAMES))`` float32.
+
+        Width, height and (for drafted JPEGs) blockiness are the original's, from ``decode``.
+        """
+        feats = quality_features(
+            [d.image for d in decoded],
+            size=QUALITY_SIZE,
+            blockiness=[d.blockiness for d in decoded],
+        ).astype(np.float32)
         if len(decoded):
             feats[:, _WIDTH] = [d.width for d in decoded]
             feats[:, _HEIGHT] = [d.height for d in decoded]

@@ -7,7 +7,10 @@ Every image is resized to one fixed ``size x size`` square first, because sharpn
 are resolution dependent: only at a common scale are they comparable across the shots of a
 series. The batch is then stacked to ``(N, size, size)`` so the maths is plain numpy over the
 whole batch. Blockiness is the exception: resizing destroys the 8x8 JPEG grid, so it is
-measured per image on (a central crop of) the original pixels.
+measured per image on (a central crop of) the pixels as given. That is only meaningful at full
+resolution: a JPEG draft-decoded at 1/2..1/8 has lost its grid (a quality-10 photo reads as
+clean), so a caller that drafted passes ``blockiness`` measured on full-resolution pixels
+(``keeper_core.preparation`` decodes a top band of the original for it).
 
     >>> feats = quality_features([img_a, img_b])  # (2, len(FEATURE_NAMES)) float32
 """
@@ -39,8 +42,8 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # Images per vectorised chunk: bounds peak memory (~64 x 256 x 256 x 4 B per temporary)
 # when a caller hands over a Ray Data batch of thousands.
 _CHUNK = 64
-# Central crop for blockiness: enough 8x8 blocks for a stable ratio, cheap on 12 MP photos.
-_BLOCK_CROP = 512
+#: Central crop for blockiness: enough 8x8 blocks for a stable ratio, cheap on 12 MP photos.
+BLOCK_CROP = 512
 # Immerkaer's noise mask: its response to smooth (planar) image content is zero, and to white
 # noise of std sigma it is white noise of std 6 * sigma (sqrt of the sum of squared taps = 36).
 _IMMERKAER = ((1, -2, 1), (-2, 4, -2), (1, -2, 1))
@@ -48,23 +51,37 @@ _IMMERKAER = ((1, -2, 1), (-2, 4, -2), (1, -2, 1))
 _MAD_TO_STD = 1.4826
 
 
-def quality_features(images: Sequence[Image.Image], *, size: int = 256) -> np.ndarray:
+def quality_features(
+    images: Sequence[Image.Image],
+    *,
+    size: int = 256,
+    blockiness: Sequence[float | None] | None = None,
+) -> np.ndarray:
     """Compute the handcrafted quality features of a batch of images.
 
     Args:
         images: PIL images of any mode (converted to RGB) and any size.
         size: side of the square every image is resized to before the resolution dependent
             features (everything except blockiness, width and height) are computed.
+        blockiness: per image, blockiness already measured on full-resolution pixels (see
+            ``block_grid_ratio``), for images that are downscaled decodes; None entries, or
+            no sequence, are measured here on the pixels given.
 
     Returns:
         A float32 array of shape ``(len(images), len(FEATURE_NAMES))``, columns in the order
         of ``FEATURE_NAMES``.
 
     Raises:
-        DataError: an item is not a PIL image (``rows`` names its index), or ``size`` < 8.
+        DataError: an item is not a PIL image (``rows`` names its index), ``size`` < 8, or
+            ``blockiness`` does not have one entry per image.
     """
     if size < 8:
         raise DataError(f"quality_features: size must be >= 8, got {size}")
+    known: list[float | None] = [None] * len(images) if blockiness is None else list(blockiness)
+    if len(known) != len(images):
+        raise DataError(
+            f"quality_features: {len(known)} blockiness values for {len(images)} images"
+        )
     for i, img in enumerate(images):
         if not isinstance(img, Image.Image):
             raise DataError(
@@ -74,7 +91,7 @@ def quality_features(images: Sequence[Image.Image], *, size: int = 256) -> np.nd
     out = np.zeros((len(images), len(FEATURE_NAMES)), dtype=np.float32)
     for start in range(0, len(images), _CHUNK):
         chunk = [_rgb(img) for img in images[start : start + _CHUNK]]
-        out[start : start + len(chunk)] = _features(chunk, size)
+        out[start : start + len(chunk)] = _features(chunk, size, known[start : start + _CHUNK])
     return out
 
 
@@ -88,7 +105,7 @@ def _rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _features(images: list[Image.Image], size: int) -> np.ndarray:
+def _features(images: list[Image.Image], size: int, known: list[float | None]) -> np.ndarray:
     # reducing_gap: a fast integer pre-reduction for big photos before the exact resample.
     rgb = (
         np.stack(
@@ -137,7 +154,10 @@ def _features(images: list[Image.Image], size: int) -> np.ndarray:
         rg.mean(axis=(1, 2)) ** 2 + yb.mean(axis=(1, 2)) ** 2
     )
 
-    blockiness = np.array([_blockiness(im) for im in images], dtype=np.float32)
+    blockiness = np.array(
+        [image_blockiness(im) if b is None else b for im, b in zip(images, known, strict=True)],
+        dtype=np.float32,
+    )
     width = np.array([im.width for im in images], dtype=np.float32)
     height = np.array([im.height for im in images], dtype=np.float32)
     return np.stack(
@@ -157,21 +177,38 @@ def _features(images: list[Image.Image], size: int) -> np.ndarray:
     )
 
 
-def _blockiness(img: Image.Image) -> float:
-    """Mean |gradient| across the 8-pixel block grid over mean |gradient| elsewhere.
+def image_blockiness(img: Image.Image) -> float:
+    """The blockiness feature of an image as given: see ``block_grid_ratio``.
 
-    The crop is aligned to the 8-pixel grid of the original. The grid phase is not assumed to
-    be 0: a crop or EXIF rotation after compression shifts it, so the phase (0..7) with the
-    largest mean gradient is taken as the grid, per direction. An unblocked image scores ~1
-    (slightly above, from taking that maximum); heavy JPEG compression scores 1.5 and more.
+    Measured on the central (up to) 512 x 512 crop, cut on the 8-pixel grid; 1.0 for an image
+    under 16 x 16. Meaningful only on pixels at the resolution they were compressed at.
     """
-    w = min(img.width, _BLOCK_CROP) // 8 * 8
-    h = min(img.height, _BLOCK_CROP) // 8 * 8
+    w = min(img.width, BLOCK_CROP) // 8 * 8
+    h = min(img.height, BLOCK_CROP) // 8 * 8
     if w < 16 or h < 16:
         return 1.0  # too small to hold a block boundary on both sides
     x0 = (img.width - w) // 2 // 8 * 8
     y0 = (img.height - h) // 2 // 8 * 8
-    grey = np.asarray(img.crop((x0, y0, x0 + w, y0 + h)).convert("L"), dtype=np.float32)
+    return block_grid_ratio(np.asarray(img.crop((x0, y0, x0 + w, y0 + h)).convert("L")))
+
+
+def block_grid_ratio(grey: np.ndarray) -> float:
+    """Mean |gradient| across the 8-pixel block grid over mean |gradient| elsewhere.
+
+    The grid phase is not assumed to be 0: a crop or EXIF rotation after compression shifts
+    it, so the phase (0..7) with the largest mean gradient is taken as the grid, per direction.
+    An unblocked image scores ~1 (slightly above, from taking that maximum); heavy JPEG
+    compression scores 1.5 and more. The ratio is symmetric in the two directions and the
+    phase is searched, so a transposed or flipped image scores the same (up to edge rows).
+
+    Args:
+        grey: a 2-D greyscale array on the 0..255 scale, at least 16 x 16, at the resolution
+            the image was compressed at (a downscaled image has lost its grid).
+
+    Returns:
+        The ratio, averaged over the horizontal and vertical directions.
+    """
+    grey = np.asarray(grey, dtype=np.float32)
     ratios = []
     for d in (np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0)).T):
         # d[:, j] is the step between columns j and j+1; trim to whole 8-column phases.
