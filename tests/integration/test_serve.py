@@ -12,6 +12,10 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
+import re
+import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import boto3
 import mlflow
 import numpy as np
 import pandas as pd
@@ -38,6 +43,8 @@ pytestmark = pytest.mark.integration
 
 NAME = "keeper-ranker-serve"
 TOKEN = "serve-test-token-" + "x" * 24
+DOCS_BUCKET, DOCS_KEY = "photos", "2024/a.jpg"  # as docs/http-api.md's examples name them
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -82,12 +89,19 @@ def app(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
     token_file = tmp_path_factory.mktemp("serve-token") / "token"
     token_file.write_text(TOKEN)
+    # The bucket and key docs/http-api.md's S3 example names, on the session's moto_server.
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    s3.create_bucket(Bucket=DOCS_BUCKET)
+    s3.put_object(
+        Bucket=DOCS_BUCKET, Key=DOCS_KEY, Body=storage.read_bytes(image_paths(registry)[0])
+    )
     enc = "deployments.ClipEncoder."
     overrides = {
         "tracking_uri": registry.uri,
         "ranker.model_uri": f"models:/{NAME}@champion",
         "ranker.poll_s": 1.0,
         "auth.token_file": str(token_file),
+        "s3_allow_buckets": [DOCS_BUCKET],
         "limits.max_images": 12,
         "limits.max_series_len": 6,
         "limits.max_request_bytes": 2 * 1024 * 1024,
@@ -156,6 +170,10 @@ def call(
 
 def b64_of(path: str) -> dict[str, str]:
     return {"b64": base64.b64encode(storage.read_bytes(path)).decode()}
+
+
+def image_paths(reg: Registry) -> list[str]:
+    return [str(u) for u in pd.read_csv(reg.manifest)["image_uri"]]
 
 
 def series_of(reg: Registry, n: int) -> list[tuple[str, list[str]]]:
@@ -471,3 +489,179 @@ def test_killed_encoder_replica_is_replaced_while_serving(app: str, registry: Re
     assert len(failed) <= 4, Counter((r[1], r[2].get("error", {}).get("code")) for r in failed)
     assert all(500 <= r[1] < 600 and "error" in r[2] for r in failed), failed[:3]
     assert call(app, "GET", "/healthz", token=None).status == 200
+
+
+# ----------------------------------------------------------------------------- the docs
+
+
+@dataclass
+class Example:
+    """A documented shell example: its commands, the statuses it documents, the response shown."""
+
+    where: str
+    script: str
+    statuses: list[int]
+    response: Any = None  # the JSON block that follows it, if any
+
+
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
+MARKER = re.compile(r"<!-- example: ([\d ]+) -->\s*$")
+
+
+def doc_examples(path: Path) -> list[Example]:
+    """Every ```bash block calling the API, with its ``<!-- example: STATUS ... -->`` marker.
+
+    A block calling the API without a marker is an error: every example is run.
+    """
+    text = path.read_text()
+    blocks = list(FENCE.finditer(text))
+    out: list[Example] = []
+    for i, m in enumerate(blocks):
+        lang, body = m.group(1), m.group(2)
+        if lang != "bash" or "127.0.0.1:8000/" not in body:
+            continue
+        line = text.count("\n", 0, m.start()) + 1
+        before = text[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        marker = MARKER.search(before)
+        assert marker, f"{path.name}:{line}: an API example without <!-- example: STATUS -->"
+        response = None
+        if i + 1 < len(blocks) and blocks[i + 1].group(1) == "json":
+            response = json.loads(blocks[i + 1].group(2))
+        statuses = [int(x) for x in marker.group(1).split()]
+        out.append(Example(f"{path.name}:{line}", body, statuses, response))
+    return out
+
+
+def readme_examples() -> list[Example]:
+    """README's HTTP examples (section "Serving over HTTP"): the token line and each curl."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Serving over HTTP") :]
+    body = FENCE.search(section)
+    assert body, "README: no example block under 'Serving over HTTP'"
+    commands = body.group(2).replace("\\\n", " ").splitlines()
+    run = [c for c in commands if c.startswith("TOKEN=") or "127.0.0.1:8000/" in c]
+    n = sum("127.0.0.1:8000/" in c for c in run)
+    assert n >= 2, run
+    return [Example("README.md", "\n".join(run), [200] * n)]
+
+
+# Each curl of an example: its status to $KEEPER_DOC_OUT/status, its body to body.N; the
+# command line itself runs as documented.
+CURL_PRELUDE = r"""
+curl() {
+  local n=$(( $(wc -l < "$KEEPER_DOC_OUT/status") + 1 ))
+  command curl -sS -o "$KEEPER_DOC_OUT/body.$n" -w '%{http_code}\n' "$@" >> "$KEEPER_DOC_OUT/status"
+}
+"""
+
+
+def run_example(app: str, ex: Example, cwd: Path) -> list[tuple[int, Any]]:
+    out = cwd / f"out-{abs(hash(ex.where))}"
+    out.mkdir()
+    (out / "status").write_text("")
+    script = CURL_PRELUDE + ex.script.replace("http://127.0.0.1:8000", app)
+    r = subprocess.run(
+        ["bash", "-c", script],
+        cwd=cwd,
+        env={**os.environ, "KEEPER_DOC_OUT": str(out), "TOKEN": TOKEN},  # as docs say to set
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, (ex.where, r.stderr)
+    statuses = [int(x) for x in (out / "status").read_text().split()]
+    bodies = []
+    for i in range(1, len(statuses) + 1):
+        raw = (out / f"body.{i}").read_bytes()
+        try:
+            bodies.append(json.loads(raw))
+        except json.JSONDecodeError:
+            bodies.append(raw.decode(errors="replace"))
+    return list(zip(statuses, bodies, strict=True))
+
+
+def shape_errors(doc: Any, got: Any, where: str = "") -> list[str]:
+    """Where ``got`` differs from the documented JSON: keys, nesting, JSON types (not values)."""
+    if doc is None or got is None:
+        return []
+    if isinstance(doc, dict):
+        if not isinstance(got, dict) or set(doc) != set(got):
+            keys = sorted(got) if isinstance(got, dict) else type(got).__name__
+            return [f"{where or '.'}: documented {sorted(doc)}, got {keys}"]
+        return [e for k in doc for e in shape_errors(doc[k], got[k], f"{where}.{k}")]
+    if isinstance(doc, list):
+        if not isinstance(got, list):
+            return [f"{where}: documented a list, got {type(got).__name__}"]
+        return shape_errors(doc[0], got[0], f"{where}[0]") if doc and got else []
+    number = (int, float)
+    if isinstance(doc, bool) or isinstance(got, bool):
+        same = isinstance(doc, bool) and isinstance(got, bool)
+    else:
+        same = isinstance(doc, number) == isinstance(got, number) and isinstance(
+            doc, str
+        ) == isinstance(got, str)
+    return [] if same else [f"{where}: documented {doc!r}, got {got!r}"]
+
+
+@pytest.fixture
+def doc_files(registry: Registry, tmp_path: Path) -> Path:
+    """The folder the examples run in: the images they name and keeper serve's token file."""
+    paths = image_paths(registry)
+    for i, name in enumerate(["photo.jpg", "a.jpg", "b.jpg", "1.jpg", "2.jpg"]):
+        (tmp_path / name).write_bytes(storage.read_bytes(paths[i]))
+    (tmp_path / "keeper-data").mkdir()
+    (tmp_path / "keeper-data" / "api-token").write_text(TOKEN + "\n")
+    return tmp_path
+
+
+def test_every_documented_example_runs_as_documented(app: str, doc_files: Path) -> None:
+    """docs/http-api.md's examples (each with the statuses it documents and the response it
+    shows) and README's, run with curl against the app."""
+    examples = doc_examples(REPO / "docs" / "http-api.md")
+    assert len(examples) >= 10, [e.where for e in examples]
+    for ex in [*examples, *readme_examples()]:
+        results = run_example(app, ex, doc_files)
+        assert [s for s, _ in results] == ex.statuses, (ex.where, results)
+        if ex.response is None:
+            continue
+        is_error = "error" in ex.response
+        checked = [b for s, b in results if (s >= 400) == is_error]
+        assert checked, ex.where
+        for body in checked:
+            assert not shape_errors(ex.response, body), (ex.where, shape_errors(ex.response, body))
+            if is_error:
+                assert body["error"]["code"] == ex.response["error"]["code"], (ex.where, body)
+                assert body["error"].get("index") == ex.response["error"].get("index")
+
+
+def raw_request(url: str, head: bytes) -> tuple[int, bytes, bytes]:
+    """Send bytes as they are (no client fixing headers up): (status, headers, body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    headers, _, body = data.partition(b"\r\n\r\n")
+    return int(headers.split()[1]), headers, body
+
+
+def test_what_the_http_layer_answers_itself(app: str) -> None:
+    """docs/http-api.md's promises about answers keeper's JSON handlers never see."""
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    # A non-numeric Content-Length never reaches the app: the proxy's HTTP server refuses it.
+    status, headers, body = raw_request(
+        app,
+        b"POST /v1/embed HTTP/1.1\r\nHost: x\r\n" + auth + b"Content-Type: application/json\r\n"
+        b"Content-Length: ten\r\nConnection: close\r\n\r\n{}",
+    )
+    assert status == 400, (headers, body)
+    assert b"text/plain" in headers.lower(), (headers, body)
+    assert body == b"Invalid HTTP request received.", body
+    # Serve's own routes, without keeper's auth.
+    assert call(app, "GET", "/-/healthz", token=None).status == 200
+    assert call(app, "GET", "/-/routes", token=None).status == 200
+    # 405 names the allowed method.
+    r = call(app, "GET", "/v1/embed")
+    assert (r.status, r.body["error"]["code"]) == (405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"

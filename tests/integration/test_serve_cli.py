@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,6 +69,15 @@ def test_keeper_serve_starts_prints_how_to_call_and_stops(tmp_path: Path) -> Non
         assert isinstance(ranker, dict)
         assert ranker["status"] == "unavailable"  # no champion in a fresh store: said, not hidden
         assert "keeper-ranker" in str(ranker["error"])
+        # ... once, in one line on the terminal, and not again at every registry poll.
+        time.sleep(12)  # > 2 polls (poll_s 5)
+        text = log.read_text(errors="replace")
+        notes = [ln for ln in text.splitlines() if "no ranker loaded" in ln]
+        assert len(notes) == 1, text[-3000:]
+        assert notes[0].startswith("keeper serve: no ranker loaded, /v1/rank answers 503")
+        assert "keeper-ranker" in notes[0]
+        assert "Traceback" not in text
+        assert "SeriesRanker: keeping" not in text  # replica logs stay in Ray's log files
     finally:
         proc.send_signal(signal.SIGTERM)  # what a service manager sends: Serve, then Ray, stop
         try:
@@ -78,3 +88,47 @@ def test_keeper_serve_starts_prints_how_to_call_and_stops(tmp_path: Path) -> Non
             if proc.poll() is None:
                 proc.wait(timeout=30)
     assert rc == 0, log.read_text(errors="replace")[-3000:]
+
+
+def _serve(
+    args: list[str], tmp_path: Path, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("KEEPER_API_TOKEN", "RAY_ADDRESS")}
+    cmd = [sys.executable, "-m", "keeper_core.cli", "serve", "--ray-address", "local", *args]
+    return subprocess.run(
+        cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _keeper_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("keeper serve:")]
+
+
+def test_keeper_serve_port_in_use_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _serve(["--port", str(port), f"data_dir={tmp_path / 'data'}"], tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = _keeper_lines(r.stderr)
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in lines[0]
+    assert "--port" in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert "Ctrl-C" not in r.stdout
+
+
+def test_keeper_serve_failed_deployment_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """A deployment whose replicas cannot start (here: an unreadable aesthetic prompt file) ends
+    keeper serve with the reason, instead of waiting out the health timeout."""
+    args = [f"data_dir={tmp_path / 'data'}", f"aesthetic_config={tmp_path / 'absent.yaml'}"]
+    t0 = time.monotonic()
+    r = _serve(["--port", str(free_port()), *args], tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = _keeper_lines(r.stderr)
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert "KeeperIngress failed to start" in lines[0]
+    assert "absent.yaml" in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert time.monotonic() - t0 < 200

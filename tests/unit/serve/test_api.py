@@ -23,7 +23,7 @@ from PIL import Image
 from pydantic import ValidationError
 from support import png_declaring
 
-from keeper_core.errors import ConfigError
+from keeper_core.errors import DECODE_REASONS, ConfigError
 from keeper_core.images import image_size
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.ranker import QUALITY_INPUTS
@@ -190,9 +190,8 @@ def test_api_error_body() -> None:
 
 
 def test_decode_status_covers_every_decode_reason() -> None:
-    # decode_image's documented reasons: a new one would be a KeyError (500) in the API.
-    reasons = {"empty", "too_large", "not_image", "unsupported", "truncated"}
-    assert set(api.DECODE_STATUS) == reasons | {"too_many_pixels", "too_small"}
+    # keeper_core's reasons: one without a status would be a KeyError (500) in the API.
+    assert set(api.DECODE_STATUS) == set(DECODE_REASONS)
     assert all(400 <= s < 500 for s, _ in api.DECODE_STATUS.values())
 
 
@@ -639,3 +638,82 @@ def test_ingress_metrics_count_internal_errors(served: tuple[Any, Any]) -> None:
     r = client.get("/v1/models", headers=AUTH)
     assert err(r) == (500, "internal")
     assert {"route": "/v1/models", "status": "500"} in inst.requests.tags
+
+
+def test_ingress_embed_texts_only(served: tuple[Any, Any]) -> None:
+    """The first example of docs/http-api.md: no images, so no image count (Ray's Counter raises
+    on 0; the fixture keeps the instance's real ``images_in`` Counter)."""
+    client, inst = served
+    assert type(inst.images_in).__module__.startswith("ray.")
+    r = client.post("/v1/embed", headers=AUTH, json={"texts": ["a cat", "a dog"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["image_embeddings"] == []
+    assert len(r.json()["text_embeddings"]) == 2
+
+
+@pytest.fixture
+def bare_app(ingress_mod: Any) -> Iterator[Any]:
+    """The FastAPI app with no replica context: ``serve.get_replica_context()`` raises."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(ingress_mod.app, raise_server_exceptions=False) as client:
+        yield client
+
+
+NON_PUBLIC = [
+    ("GET", "/v1/models"),
+    ("POST", "/v1/embed"),
+    ("POST", "/v1/score/aesthetic"),
+    ("POST", "/v1/score/relevance"),
+    ("POST", "/v1/rank"),
+    ("GET", "/docs"),
+    ("GET", "/openapi.json"),
+    ("GET", "/nowhere"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), NON_PUBLIC)
+def test_ingress_auth_fails_closed_without_a_replica_context(
+    bare_app: Any, method: str, path: str
+) -> None:
+    for headers in ({}, AUTH):
+        r = bare_app.request(method, path, headers=headers, json={"texts": ["a"]})
+        assert err(r) == (503, "auth_unavailable"), (path, r.text)
+        assert r.headers["retry-after"] == "1"
+
+
+def test_ingress_auth_fails_closed_when_only_the_lookup_fails(
+    served: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The middleware's lookup raises, the route's would succeed: the request is still refused.
+
+    Before failing closed, this served /v1/models with no token at all.
+    """
+    import ray.serve
+
+    client, inst = served
+    calls: list[int] = []
+
+    def flaky() -> Any:
+        calls.append(1)
+        if len(calls) % 2:  # the middleware asks first, then the route
+            raise RuntimeError("replica context unavailable")
+        return types.SimpleNamespace(servable_object=inst)
+
+    monkeypatch.setattr(ray.serve, "get_replica_context", flaky)
+    r = client.get("/v1/models")  # no token
+    assert err(r) == (503, "auth_unavailable")
+    calls.clear()
+    assert client.get("/healthz").json() == {"status": "ok"}  # public: still answered
+
+
+def test_ingress_auth_fails_closed_before_the_instance_exists(
+    served: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray.serve
+
+    client, _ = served
+    monkeypatch.setattr(
+        ray.serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=None)
+    )
+    assert err(client.get("/v1/models", headers=AUTH)) == (503, "auth_unavailable")

@@ -356,3 +356,56 @@ def test_serve_bad_arguments_exit_2(
 
     assert main(["serve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def _serve_parser() -> Any:
+    import argparse
+
+    from keeper_core.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["serve"]
+
+
+def test_every_serve_flag_has_help_and_defaults_to_not_given() -> None:
+    parser = _serve_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert (action.help or "").strip(), action.dest
+        assert action.default in (None, []), (action.dest, action.default)
+
+
+def _write(tmp_path: Path, cfg: dict[str, Any]) -> str:
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_serve_config_values_survive_when_flags_are_not_given(tmp_path: Path) -> None:
+    cfg = small_config()
+    cfg["http_options"] = {"host": "127.0.0.2", "port": 9001}
+    path = _write(tmp_path, cfg)
+    parser = _serve_parser()
+    plan = commands._plan(parser.parse_args(["--config", path]))
+    assert (plan.host, plan.port) == ("127.0.0.2", 9001)
+    assert plan.config["http_options"]["port"] == 9001
+    assert plan.args.auth.insecure_local is False
+    plan = commands._plan(parser.parse_args(["--config", path, "--port", "9002"]))
+    assert (plan.host, plan.port) == ("127.0.0.2", 9002)
+    assert plan.config["http_options"] == {"host": "127.0.0.2", "port": 9002}
+    plan = commands._plan(parser.parse_args(["--config", path, "--insecure-local"]))
+    assert plan.args.auth.insecure_local is True
+
+
+def test_serve_insecure_config_refuses_a_public_host(
+    no_start: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """auth.insecure_local from the config is held to the same loopback rule as the flag."""
+    from keeper_core.cli import main
+
+    cfg = small_config()
+    cfg["http_options"]["host"] = "0.0.0.0"
+    cfg["applications"][0]["args"]["auth"] = {"insecure_local": True}
+    assert main(["serve", "--config", _write(tmp_path, cfg)]) == 2
+    assert "auth.insecure_local" in capsys.readouterr().err

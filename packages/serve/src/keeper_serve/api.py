@@ -16,18 +16,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from keeper_core import storage
 from keeper_core.errors import ImageDecodeError, StorageError
-from keeper_core.images import DecodeLimits, decode_image, image_size
-from keeper_core.models import preprocess_config, resize_transform
-from keeper_core.quality import FEATURE_NAMES, quality_features
+from keeper_core.images import DecodeLimits
+from keeper_core.preparation import DecodedImage, ImagePreparation
 from keeper_serve.config import KeeperAppArgs, LimitArgs
-
-#: The quality features' working size (as keeper embed computes them: same draft bound).
-QUALITY_SIZE = 256
 
 # ----------------------------------------------------------------------------------- errors
 
@@ -265,23 +260,26 @@ class Prepared:
 
 
 class ImagePreparer:
-    """Fetches, checks, decodes and resizes request images, exactly as ``keeper embed`` does.
+    """Fetches and checks request images, then prepares them as ``keeper embed`` does.
 
-    The same decode limits, JPEG draft bound, resize/crop and quality features, so a series
-    scored over HTTP gets the features its ranker was trained on.
+    Decode, resize/crop and quality features are keeper_core's :class:`ImagePreparation`, the
+    one path ``keeper embed`` runs too, so a series scored over HTTP gets the features its
+    ranker was trained on. This class adds what only a request has: base64 and allow-listed
+    S3 references, counts, and errors as :class:`ApiError`.
     """
 
     def __init__(self, args: KeeperAppArgs) -> None:
         self.limits: LimitArgs = args.limits
-        self.decode_limits = DecodeLimits(
-            max_pixels=args.limits.max_pixels,
-            min_side=args.limits.min_side,
-            max_bytes=args.limits.max_image_bytes,
+        self.preparation = ImagePreparation(
+            args.clip_model,
+            limits=DecodeLimits(
+                max_pixels=args.limits.max_pixels,
+                min_side=args.limits.min_side,
+                max_bytes=args.limits.max_image_bytes,
+            ),
+            draft=args.draft,
         )
-        self.image_size = preprocess_config(args.clip_model).image_size
-        self.draft = (max(self.image_size, QUALITY_SIZE),) * 2 if args.draft else None
         self.allowed = frozenset(args.s3_allow_buckets)
-        self._resize = resize_transform(args.clip_model)
 
     def check_count(self, n: int) -> None:
         if n > self.limits.max_images:
@@ -351,9 +349,10 @@ class ImagePreparer:
         except StorageError as e:
             raise ApiError(400, "unreadable_uri", f"image {index}: {e}", index=index) from e
 
-    def decode(self, data: bytes, index: int) -> Image.Image:
+    def decode(self, data: bytes, index: int) -> DecodedImage:
+        """One image through keeper_core's decode; its refusal as the API's status and code."""
         try:
-            return decode_image(data, limits=self.decode_limits, draft_size=self.draft)
+            return self.preparation.decode(data)
         except ImageDecodeError as e:
             status, code = DECODE_STATUS[e.reason]
             raise ApiError(status, code, f"image {index}: {e.detail}", index=index) from e
@@ -361,8 +360,7 @@ class ImagePreparer:
     def prepare(self, refs: Sequence[ImageRef | bytes], *, quality: bool) -> Prepared:
         """Every image or the first failure (an ApiError naming its index): a request is whole."""
         self.check_count(len(refs))
-        images: list[Image.Image] = []
-        sizes: list[tuple[int, int]] = []  # displayed size before any draft downscale
+        decoded: list[DecodedImage] = []
         for i, ref in enumerate(refs):
             data = ref if isinstance(ref, bytes) else self.image_bytes(ref, i)
             if len(data) > self.limits.max_image_bytes:
@@ -372,20 +370,6 @@ class ImagePreparer:
                     f"image {i}: {len(data)} bytes > {self.limits.max_image_bytes}",
                     index=i,
                 )
-            images.append(self.decode(data, i))
-            if quality:
-                sizes.append(image_size(data))
-        s = self.image_size
-        pixels = (
-            np.stack([self._resize(im) for im in images])
-            if images
-            else np.zeros((0, 3, s, s), np.uint8)
-        )
-        feats = None
-        if quality and images:
-            feats = quality_features(images).astype(np.float32)
-            # As keeper embed records them: the original size, not the draft-decoded one.
-            for j, name in enumerate(FEATURE_NAMES):
-                if name in ("width", "height"):
-                    feats[:, j] = [w if name == "width" else h for w, h in sizes]
-        return Prepared(pixels=pixels, quality=feats)
+            decoded.append(self.decode(data, i))
+        feats = self.preparation.quality(decoded) if quality and decoded else None
+        return Prepared(pixels=self.preparation.pixels(decoded), quality=feats)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -36,6 +36,19 @@ def torch_threads(requested: int | None) -> int:
     return max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
 
 
+class _BatchTuning(Protocol):
+    """The setters ``@serve.batch`` attaches to the method it wraps (its stubs omit them)."""
+
+    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
+
+    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
+
+
+def batch_tuning(method: object) -> _BatchTuning:
+    """A ``@serve.batch`` method's batch-size and wait setters, typed."""
+    return cast(_BatchTuning, method)
+
+
 @serve.deployment
 class ClipEncoder:
     def __init__(self, clip_model: str, encoder: EncoderArgs) -> None:
@@ -49,8 +62,9 @@ class ClipEncoder:
             cache_dir=encoder.cache_dir,
         )
         self.max_batch_size = encoder.max_batch_size
-        self._embed_batch.set_max_batch_size(encoder.max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(encoder.batch_wait_timeout_s)
+        batching = batch_tuning(self._embed_batch)
+        batching.set_max_batch_size(encoder.max_batch_size)
+        batching.set_batch_wait_timeout_s(encoder.batch_wait_timeout_s)
         self._text_lock = asyncio.Lock()
         # Warm-up: the first forward pays for allocator and kernel selection, not a client.
         s = self.embedder.clip.image_size
@@ -74,9 +88,10 @@ class ClipEncoder:
                 raise ValueError(f"max_batch_size must be >= 1, got {n}")
             self.max_batch_size = n
             self.embedder.batch_size = n
-            self._embed_batch.set_max_batch_size(n)
+            batch_tuning(self._embed_batch).set_max_batch_size(n)
         if "batch_wait_timeout_s" in user_config:
-            self._embed_batch.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            wait = float(user_config["batch_wait_timeout_s"])
+            batch_tuning(self._embed_batch).set_batch_wait_timeout_s(wait)
 
     def info(self) -> dict[str, Any]:
         return {

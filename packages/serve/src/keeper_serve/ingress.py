@@ -14,7 +14,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -107,6 +107,27 @@ def error_response(
     )
 
 
+def _refusal(ingress: _Front | None, request: Request) -> Response | None:
+    """The answer to a request that must not reach its route, or None to let it through.
+
+    Fails closed: without this replica's ingress instance there is no token to check against,
+    so every route but the public ones is refused (503), never served unauthenticated.
+    """
+    path = request.url.path
+    if path in PUBLIC_PATHS:
+        return None
+    if ingress is None:
+        log.error("keeper API: no ingress instance in this replica; refusing %s", path)
+        return error_response(
+            503, "auth_unavailable", "the server cannot check credentials; retry", retry_after=1
+        )
+    if not ingress._authorised(request):
+        response = error_response(401, "unauthorized", "a valid bearer token is required")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    return None
+
+
 @app.middleware("http")
 async def _auth_and_metrics(
     request: Request, call_next: Callable[[Request], Awaitable[Response]]
@@ -115,10 +136,8 @@ async def _auth_and_metrics(
     ingress = _ingress()
     path = request.url.path
     t0 = time.perf_counter()
-    if ingress is not None and path not in PUBLIC_PATHS and not ingress._authorised(request):
-        response: Response = error_response(401, "unauthorized", "a valid bearer token is required")
-        response.headers["WWW-Authenticate"] = "Bearer"
-    else:
+    response = _refusal(ingress, request)
+    if response is None:
         try:
             response = await call_next(request)
         except Exception as exc:  # answered (and counted) here, not by Starlette's outer layer
@@ -145,12 +164,28 @@ ROUTES = frozenset(
 )
 
 
-def _ingress() -> Any:
-    """This replica's KeeperIngress instance (None outside a replica)."""
+def _tag_keys(*keys: str) -> tuple[str]:
+    """Metric tag keys as Ray annotates them (``Tuple[str]``, though it takes any number)."""
+    return cast("tuple[str]", keys)
+
+
+class _Front(Protocol):
+    """What the middleware needs of this replica's ``KeeperIngress``."""
+
+    requests: Counter
+    latency: Histogram
+
+    def _authorised(self, request: Request) -> bool: ...
+
+
+def _ingress() -> _Front | None:
+    """This replica's KeeperIngress instance; None outside a replica or before it is built."""
     try:
-        return serve.get_replica_context().servable_object
+        obj = serve.get_replica_context().servable_object
     except Exception:  # RayServeException: not inside a replica
         return None
+    # Anything else (None while the replica initialises) cannot check a token.
+    return cast(_Front, obj) if hasattr(obj, "_authorised") else None
 
 
 @app.exception_handler(ApiError)
@@ -226,7 +261,7 @@ class KeeperIngress:
         self.requests = Counter(
             "keeper_requests",
             description="keeper API requests by route and status code",
-            tag_keys=("route", "status"),
+            tag_keys=_tag_keys("route", "status"),
         )
         self.latency = Histogram(
             "keeper_request_latency_ms",
@@ -252,15 +287,11 @@ class KeeperIngress:
     async def _body(self, request: Request) -> bytes:
         """The body, refused with 413 past the limit before it is all read."""
         limit = self.args.limits.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                if int(declared) > limit:
-                    raise ApiError(
-                        413, "request_too_large", f"{declared} bytes; the limit is {limit}"
-                    )
-            except ValueError as e:
-                raise ApiError(400, "bad_request", "invalid Content-Length") from e
+        declared = request.headers.get("content-length", "")
+        # A non-numeric Content-Length never gets here (Serve's HTTP server answers a plain-text
+        # 400 first); under any other server the counted read below still enforces the limit.
+        if declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, "request_too_large", f"{declared} bytes; the limit is {limit}")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -327,8 +358,12 @@ class KeeperIngress:
         req, refs = await self._parse(request, model)
         self.images.check_texts(req.checked_texts(), req.texts_label)
         prepared = await self._prepare(refs, quality=False)
-        self.images_in.inc(len(refs), tags={"route": route})
+        self._count_images(len(refs), route)
         return req, prepared
+
+    def _count_images(self, n: int, route: str) -> None:
+        if n:  # Ray's Counter.inc raises on 0 (texts-only /v1/embed has no images)
+            self.images_in.inc(n, tags={"route": route})
 
     async def _embed(self, prepared: api.Prepared) -> np.ndarray:
         emb: np.ndarray = await self.encoder.embed_pixels.remote(prepared.pixels)
@@ -480,7 +515,7 @@ class KeeperIngress:
         refs: list[ImageRef | bytes] = [im for s in req.series for im in s.images]
         lengths = [len(s.images) for s in req.series]
         prepared = await self._prepare(refs, quality=True)
-        self.images_in.inc(len(refs), tags={"route": "/v1/rank"})
+        self._count_images(len(refs), "/v1/rank")
         emb, clip = await asyncio.gather(self._embed(prepared), self._clip())
         out = await self.ranker.rank.remote(emb, prepared.quality, lengths)
         if "unavailable" in out:

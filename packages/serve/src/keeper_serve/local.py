@@ -18,19 +18,23 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from keeper_core.errors import ConfigError
-from keeper_serve.config import KeeperAppArgs
+from keeper_core.errors import ConfigError, KeeperError
+from keeper_serve.config import RANKER, KeeperAppArgs
 
 log = logging.getLogger("keeper.serve")
 
 #: The CPU dev-box config, shipped inside the package (clusters/serve/keeper.yaml links to it).
 DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
+
+
+class StartError(KeeperError):
+    """Serve or the app could not start (port taken, a deployment failed); the message says why."""
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
@@ -111,16 +115,23 @@ def start(
     port: int | None = None,
     ray_address: str | None = None,
     wait_s: float = 300.0,
+    log_to_driver: bool = True,
 ) -> str:
     """Deploy the app and wait until ``/healthz`` answers; returns the base URL.
 
     Starts a local Ray for this process unless Ray is initialised or ``ray_address`` is given.
-    Replicas read the API token where the config says (``auth.token_file``, or the variable
-    ``auth.token_env`` in their own environment: a local Ray started here inherits this
-    process's). Tokens are never put into a runtime_env, which the dashboard shows.
+    ``host`` and ``port`` replace the config's ``http_options`` when given. Replicas read the
+    API token where the config says (``auth.token_file``, or the variable ``auth.token_env`` in
+    their own environment: a local Ray started here inherits this process's). Tokens are never
+    put into a runtime_env, which the dashboard shows.
+
+    Args:
+        log_to_driver: stream the replicas' logs to this process's stderr (when it starts or
+            joins Ray here); without, they stay in Ray's log files.
 
     Raises:
         ConfigError: an invalid config (the message names the field).
+        StartError: Serve's HTTP proxy could not listen, or a deployment failed to start.
         TimeoutError: the app was not healthy within ``wait_s``.
     """
     import ray
@@ -142,26 +153,87 @@ def start(
         args = KeeperAppArgs.model_validate(app_cfg.get("args") or {})
     except ValidationError as e:
         raise ConfigError(f"invalid Serve config: {e}") from e
-    http = {"host": "127.0.0.1", "port": 8000, **(cfg.get("http_options") or {})}
+    http = http_address(cfg)
     opts = _options(app_cfg)
+    name = app_cfg.get("name", "keeper")
 
     if not ray.is_initialized():
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or None)
-    serve.start(http_options=http, proxy_location=cfg.get("proxy_location"))
-    serve.run(
-        bind(args, opts),
-        name=app_cfg.get("name", "keeper"),
-        route_prefix=app_cfg.get("route_prefix", "/"),
-        blocking=False,
-    )
+        ray.init(
+            address=ray_address or os.environ.get("RAY_ADDRESS") or None,
+            log_to_driver=log_to_driver,
+            logging_level=logging.INFO if log_to_driver else logging.WARNING,
+        )
+    if not log_to_driver:  # Serve's own start-up lines, as the replicas' logs: in Ray's files
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    try:
+        serve.start(http_options=http, proxy_location=cfg.get("proxy_location"))
+    except Exception as e:  # RayTaskError from the proxy actor: one line, not its traceback
+        raise StartError(
+            f"Serve's HTTP proxy cannot listen on {http['host']}:{http['port']}: "
+            f"{_first_line(e)} (is the port in use? choose another with --port)"
+        ) from e
+    try:  # returns once every deployment runs; raises when one failed to deploy
+        serve.run(
+            bind(args, opts),
+            name=name,
+            route_prefix=app_cfg.get("route_prefix", "/"),
+            blocking=False,
+        )
+    except Exception as e:  # RuntimeError naming the deployments, not why: ask Serve why
+        raise StartError(deploy_failure(name) or _first_line(e)) from e
     shown = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
     url = f"http://{shown}:{int(http['port'])}{app_cfg.get('route_prefix', '/').rstrip('/')}"
-    wait_healthy(url, wait_s)
+    wait_healthy(url, wait_s, failed=lambda: deploy_failure(name))
     return url
 
 
-def wait_healthy(url: str, wait_s: float) -> None:
-    """Poll ``GET url/healthz`` until it answers 200 (bounded)."""
+def http_address(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The config's ``http_options`` with Serve's defaults for host (127.0.0.1) and port (8000)."""
+    return {"host": "127.0.0.1", "port": 8000, **(cfg.get("http_options") or {})}
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception's own message, first line: a RayTaskError's cause, not its traceback."""
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip() or type(cause).__name__
+    return text.splitlines()[0]
+
+
+def deploy_failure(app_name: str) -> str | None:
+    """Why the application failed to deploy (DEPLOY_FAILED), or None while it has not."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or app.status != "DEPLOY_FAILED":
+        return None
+    for dep_name, dep in app.deployments.items():
+        if dep.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            # Serve's message ends with the constructor's traceback: its last line is the error.
+            lines = [ln for ln in (dep.message or "").splitlines() if ln.strip()]
+            return f"deployment {dep_name} failed to start: {lines[-1] if lines else 'no message'}"
+    lines = [ln for ln in (app.message or "").splitlines() if ln.strip()]
+    return f"application {app_name} failed to deploy: {lines[-1] if lines else 'no message'}"
+
+
+def ranker_status(app_name: str = "keeper") -> dict[str, Any]:
+    """The running app's ``SeriesRanker.info()``: ``status`` (ready/unavailable/disabled), ``error``."""
+    from ray import serve
+
+    info: dict[str, Any] = (
+        serve.get_deployment_handle(RANKER, app_name).info.remote().result(timeout_s=60)
+    )
+    return info
+
+
+def wait_healthy(
+    url: str, wait_s: float, *, failed: Callable[[], str | None] | None = None
+) -> None:
+    """Poll ``GET url/healthz`` until it answers 200 (bounded).
+
+    Raises:
+        StartError: ``failed()`` returned a reason (a deployment failed: waiting cannot help).
+        TimeoutError: no healthy answer within ``wait_s``.
+    """
     deadline = time.monotonic() + wait_s
     last = "no answer"
     while time.monotonic() < deadline:
@@ -172,6 +244,9 @@ def wait_healthy(url: str, wait_s: float) -> None:
                 last = f"HTTP {r.status}"
         except (urllib.error.URLError, OSError, ValueError) as e:
             last = str(e)
+        reason = failed() if failed is not None else None
+        if reason:
+            raise StartError(reason)
         time.sleep(0.5)
     raise TimeoutError(f"keeper Serve app not healthy at {url} after {wait_s:.0f} s: {last}")
 

@@ -139,7 +139,7 @@ def rank_table(
 
 @serve.deployment
 class SeriesRanker:
-    async def __init__(
+    def __init__(
         self, ranker: RankerArgs, clip_model: str, tracking_uri: str | None, data_dir: str
     ) -> None:
         self.clip_model = clip_model
@@ -151,8 +151,10 @@ class SeriesRanker:
         self._swap_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        # The first load happens before the replica takes traffic; then the alias is followed.
-        await asyncio.to_thread(self._refresh_sync)
+        # The first load happens before the replica takes traffic (Serve runs the constructor on
+        # the replica's event loop, which serves nothing until it returns); then the alias is
+        # followed.
+        self._refresh_sync()
         self._ensure_poller()
 
     # -------------------------------------------------------------- following the registry
@@ -175,8 +177,9 @@ class SeriesRanker:
                 return  # the alias still names the version being served (runs:/ never moves)
             loaded = load_version(client, ref, self.clip_model)
         except KeeperError as e:
+            if str(e) != self.error:  # once per distinct failure, not at every poll
+                log.error("SeriesRanker: keeping %s: %s", self._label(), e)
             self.error = str(e)
-            log.error("SeriesRanker: keeping %s: %s", self._label(), e)
             return
         before = self._label()
         self.current, self.error = loaded, None  # the swap: one reference assignment
