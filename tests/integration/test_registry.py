@@ -1,5 +1,7 @@
 """The model registry end to end, on a real ``mlflow server`` (S3 artifacts on moto_server):
-train -> promote -> load @champion in a fresh process; the promotion gate; rollback; evaluate."""
+train -> promote on held-out series -> load @champion in a fresh process; the promotion gate
+(training data refused, the gain's interval); rollback, and a rolled-back version kept out of
+service; evaluate."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from conftest import negated, register_ranker
 from keeper_core import storage
 from keeper_core.metrics import series_metrics
 from keeper_core.ranker import SeriesRanker
+from keeper_core.series import read_series_manifest
 from keeper_core.synthetic import generate_corpus
 from keeper_train import tracking
 from keeper_train.data import join_series
@@ -34,16 +37,17 @@ EXPERIMENT = "keeper-registry-test"
 
 @dataclass
 class Trained:
-    manifest: str
+    manifest: str  # what the head was trained on (split into train / val / test)
+    holdout: str  # 24 series of another corpus: never seen in training
     embeddings: str
     uri: str  # the tracking URI
     summary: dict[str, Any]  # train_head.run's
     rows: pd.DataFrame  # the manifest joined to the embedding table
     ranker_dir: Path  # the ranker as the training run logged it (ranker.json + safetensors)
 
-    def data_args(self) -> list[str]:
+    def data_args(self, series: str | None = None) -> list[str]:
         return [
-            *("--embeddings", self.embeddings, "--series", self.manifest),
+            *("--embeddings", self.embeddings, "--series", series or self.holdout),
             *("--tracking-uri", self.uri),
         ]
 
@@ -52,11 +56,15 @@ class Trained:
 def trained(
     ray_cluster: str, mlflow_server: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Trained:
-    """40 series, embedded on Ray, one MLP head trained and registered (version 1 @challenger)."""
+    """40 series, embedded on Ray, one MLP head trained and registered (version 1 @challenger);
+    24 held-out series of another corpus embedded in the same table."""
     d = tmp_path_factory.mktemp("registry")
     manifest = str(generate_corpus(d / "corpus", n_series=40, seed=11))
+    holdout = str(generate_corpus(d / "holdout", n_series=24, seed=12))
+    both = pd.concat([read_series_manifest(manifest), read_series_manifest(holdout)])
+    both.to_csv(d / "both.csv", index=False)  # resolved URIs: one table for the two corpora
     emb = str(d / "emb")
-    embed.run(embed.EmbedConfig(input=manifest, output=emb, ray_address=ray_cluster))
+    embed.run(embed.EmbedConfig(input=str(d / "both.csv"), output=emb, ray_address=ray_cluster))
     summary = train_head.run(
         train_head.TrainHeadConfig(
             embeddings=emb,
@@ -78,12 +86,18 @@ def trained(
     )
     ranker_dir = next(Path(local).rglob("ranker.json")).parent
     rows = join_series(emb, manifest)[0]
-    return Trained(manifest, emb, mlflow_server.uri, summary, rows, ranker_dir)
+    return Trained(manifest, holdout, emb, mlflow_server.uri, summary, rows, ranker_dir)
 
 
 def _promote(t: Trained, out: Path, *extra: str) -> dict[str, Any]:
     assert promote.main([NAME, *t.data_args(), "--json", str(out), *extra]) == 0
     return dict(json.loads(out.read_text()))
+
+
+def _refused(t: Trained, capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    capsys.readouterr()
+    assert promote.main([NAME, *argv]) == 2
+    return capsys.readouterr().err
 
 
 def _version(t: Trained, version: str) -> Any:
@@ -97,18 +111,30 @@ def test_register_promote_gate_and_rollback(
     assert t.summary["registered"] == {"name": NAME, "version": "1", "alias": "challenger"}
     client = mlflow.MlflowClient(t.uri)
 
-    # No champion yet: the first challenger is promoted because it beats random.
+    # The training manifest holds v1's train and val series: refused, naming how many.
+    counts = t.summary["series"]
+    err = _refused(t, capsys, *t.data_args(t.manifest))
+    seen = counts["train"] + counts["val"]
+    assert f"{seen} of 40 series ({counts['train']} with train images" in err
+    assert "trained or validated on: promote on held-out series only" in err
+    assert tracking.aliases(client, NAME) == {"challenger": "1"}
+
+    # No champion yet: the first challenger is promoted because it surely beats random.
     first = _promote(t, tmp_path / "p1.json")
     m1 = first["metrics"]["challenger v1"]
-    assert m1["n_series"] == 40
-    assert m1["top1"] > m1["random_top1"]
-    assert (first["decision"], first["champion"]) == ("promoted", None)
+    assert m1["n_series"] == 24
+    assert first["gain"]["low"] > 0  # the interval's lower bound, over random
+    assert (first["decision"], first["champion"], first["gain_vs"]) == ("promoted", None, "random")
+    assert first["warnings"] == []
     assert tracking.aliases(client, NAME) == {"challenger": "1", "champion": "1"}
     tags = _version(t, "1").tags
     assert tags["keeper.promotion.decision"] == "promoted"
     assert "beats random" in tags["keeper.promotion.reason"]
+    assert "95% CI" in tags["keeper.promotion.reason"]
     assert float(tags["keeper.promotion.challenger_top1"]) == pytest.approx(m1["top1"], abs=1e-6)
+    assert float(tags["keeper.promotion.gain_ci_low"]) == pytest.approx(first["gain"]["low"])
     assert tags["keeper.promotion.champion_version"] == "none"
+    assert tags["keeper.promotion.overlap"] == "none with the recorded split (24 series checked)"
     assert "PROMOTED keeper-ranker-test v1" in capsys.readouterr().out
 
     # @champion in a fresh process (pyfunc from the registry, S3 artifacts through the server)
@@ -138,7 +164,8 @@ def test_register_promote_gate_and_rollback(
     # Promoting again is a no-op: the challenger already is the champion.
     assert _promote(t, tmp_path / "p1b.json")["decision"] == "unchanged"
 
-    # A deliberately worse challenger (reversed rankings) is rejected; the champion stays.
+    # A deliberately worse challenger (reversed rankings) is rejected; the champion stays. Its run
+    # recorded no split, which the outcome says.
     v2 = register_ranker(
         t.uri,
         NAME,
@@ -152,23 +179,33 @@ def test_register_promote_gate_and_rollback(
     assert champ == m1  # the champion's numbers are reproduced on the same data
     assert m2["top1"] < champ["top1"]
     assert m2["mrr"] < champ["mrr"]
+    assert worse["gain"]["high"] < 0
     assert worse["decision"] == "rejected"
+    assert worse["warnings"] == [
+        f"{NAME} v{v2}'s run recorded no split.csv: whether these series are held out could "
+        "not be checked"
+    ]
     assert tracking.aliases(client, NAME) == {"challenger": v2, "champion": "1"}
     tags = _version(t, v2).tags
     assert tags["keeper.promotion.decision"] == "rejected"
     assert "below the +1.0 required" in tags["keeper.promotion.reason"]
+    assert "not surely better" in tags["keeper.promotion.reason"]
     assert "MRR" in tags["keeper.promotion.reason"]
     assert tags["keeper.promotion.champion_version"] == "1"
+    assert tags["keeper.promotion.overlap"] == "not checked: no split recorded"
     assert float(tags["keeper.promotion.champion_top1"]) == pytest.approx(m1["top1"], abs=1e-6)
     assert float(tags["keeper.promotion.champion_mrr"]) == pytest.approx(m1["mrr"], abs=1e-6)
     assert float(tags["keeper.promotion.challenger_mrr"]) == pytest.approx(m2["mrr"], abs=1e-6)
 
-    # An equal challenger passes with min-gain 0 (ties do not regress); v1 is remembered.
+    # An equal challenger: not better, so not promoted at --min-gain 0; promoted when a drop of
+    # 5 points is allowed (its interval is exactly 0: the same keepers on every series).
     v3 = register_ranker(
         t.uri, NAME, SeriesRanker.load(t.ranker_dir), t.rows, tmp_path / "same", EXPERIMENT
     )
-    same = _promote(t, tmp_path / "p3.json", "--min-gain", "0")
+    assert _promote(t, tmp_path / "p3a.json", "--min-gain", "0")["decision"] == "rejected"
+    same = _promote(t, tmp_path / "p3.json", "--min-gain", "-0.05")
     assert same["decision"] == "promoted"
+    assert same["gain"] == {"estimate": 0.0, "low": 0.0, "high": 0.0, "confidence": 0.95, "n": 24}
     assert same["metrics"][f"challenger v{v3}"] == m1
     assert tracking.aliases(client, NAME) == {
         "challenger": v3,
@@ -177,15 +214,37 @@ def test_register_promote_gate_and_rollback(
     }
     assert _version(t, v3).tags["keeper.promotion.previous_champion"] == "1"
 
-    # Rollback restores v1 and says so on both versions; a second one has nowhere to go.
+    # Rollback restores v1, says so on both versions, and takes @challenger off v3.
     capsys.readouterr()
     assert promote.main([NAME, "--rollback", "--tracking-uri", t.uri]) == 0
-    assert f"@champion v{v3} -> v1" in capsys.readouterr().out
-    assert tracking.aliases(client, NAME) == {"challenger": v3, "champion": "1"}
+    assert f"@champion v{v3} -> v1 (v{v3} is no longer @challenger)" in capsys.readouterr().out
+    assert tracking.aliases(client, NAME) == {"champion": "1"}
     assert _version(t, "1").tags["keeper.rollback.restored_from"] == v3
     assert _version(t, v3).tags["keeper.rollback.rolled_back_to"] == "1"
-    assert promote.main([NAME, "--rollback", "--tracking-uri", t.uri]) == 2
-    assert "no previous champion to roll back to" in capsys.readouterr().err
+
+    # The next plain promote has nothing to promote; pointing @challenger at v3 again does not
+    # bring it back either; naming it without --force does not.
+    assert "has no @challenger version" in _refused(t, capsys, *t.data_args())
+    client.set_registered_model_alias(NAME, "challenger", v3)
+    for argv in ([], ["--version", v3]):
+        err = _refused(t, capsys, *t.data_args(), *argv)
+        assert f"{NAME} v{v3} was rolled back (keeper.rollback.rolled_back_at=" in err
+        assert "keeper.rollback.rolled_back_to=1)" in err
+        assert f"keeper promote {NAME} --version {v3} --force" in err
+    assert tracking.aliases(client, NAME) == {"challenger": v3, "champion": "1"}
+
+    # Named and forced, it goes through the gate again and is recorded as forced.
+    forced = _promote(t, tmp_path / "p4.json", "--version", v3, "--force", "--min-gain", "-0.05")
+    assert forced["decision"] == "promoted"
+    assert _version(t, v3).tags["keeper.promotion.forced_after_rollback"] == "true"
+    assert tracking.aliases(client, NAME)["champion"] == v3
+
+    # Two rollbacks walk back to v1; a third has nowhere to go.
+    assert promote.main([NAME, "--rollback", "--tracking-uri", t.uri]) == 0
+    assert tracking.aliases(client, NAME)["champion"] == "1"
+    assert "no previous champion to roll back to" in _refused(
+        t, capsys, "--rollback", "--tracking-uri", t.uri
+    )
 
 
 def test_evaluate_table_json_and_report(
@@ -198,7 +257,7 @@ def test_evaluate_table_json_and_report(
     gone = Path(t.rows["image_uri"].iloc[0])
     moved = gone.rename(tmp_path / "moved.jpg")
     try:
-        argv = ["--model", f"models:/{NAME}@evaluated", *t.data_args()]
+        argv = ["--model", f"models:/{NAME}@evaluated", *t.data_args(t.manifest)]
         argv += ["--json", str(tmp_path / "e.json"), "--html", str(tmp_path / "e.html")]
         assert evaluate.main(argv) == 0
     finally:
@@ -214,6 +273,9 @@ def test_evaluate_table_json_and_report(
     assert result["model"]["loaded"] == f"models:/{NAME}/1"
     assert result["model"]["embedding_spec"] == result["embedding_spec"] == "keeper-tiny:random"
     assert result["trained_on_this_manifest"] is True
+    counts = t.summary["series"]
+    assert result["series_seen_in_training"] == counts["train"] + counts["val"]
+    assert f"share images with {NAME} v1's training split" in result["warnings"][0]
     assert result["series_scored"] == 40
     # The numbers are the ones the logged ranker and the sharpness column give here.
     ranked = SeriesRanker.load(t.ranker_dir).rank(t.rows)

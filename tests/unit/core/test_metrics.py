@@ -1,6 +1,9 @@
-"""Series metrics against hand-computed values, ties, random baselines, validation, table."""
+"""Series metrics against hand-computed values, ties, random baselines, validation, table; the
+exact intervals the promotion gate uses."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -8,11 +11,15 @@ import torch
 
 from keeper_core.errors import DataError
 from keeper_core.metrics import (
+    Interval,
     SeriesMetrics,
     best_ranks,
+    binomial_interval,
     format_table,
+    paired_top1_gain,
     series_metrics,
     series_metrics_from_padded,
+    top1_gain_over_chance,
 )
 
 # Lengths 2, 3, 4 with the best ranked 1st, 3rd and 2nd.
@@ -164,3 +171,49 @@ def test_metrics_are_frozen() -> None:
     assert isinstance(m, SeriesMetrics)
     with pytest.raises(AttributeError):
         m.top1 = 1.0  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- exact intervals
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 24, 300])
+def test_binomial_interval_closed_forms(n: int) -> None:
+    alpha = 0.025
+    # 0 of n: the upper bound solves (1 - p)^n = alpha; n of n: p^n = alpha.
+    assert binomial_interval(0, n) == (0.0, pytest.approx(1 - alpha ** (1 / n), abs=1e-12))
+    assert binomial_interval(n, n) == (pytest.approx(alpha ** (1 / n), abs=1e-12), 1.0)
+    for k in range(0, n + 1, max(1, n // 5)):
+        lo, hi = binomial_interval(k, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0
+        mirror = binomial_interval(n - k, n)
+        assert (lo, hi) == (pytest.approx(1 - mirror[1]), pytest.approx(1 - mirror[0]))
+
+
+def test_binomial_interval_tails_are_exact() -> None:
+    # 3 of 10: each bound leaves exactly 2.5 % of binomial probability beyond the count.
+    lo, hi = binomial_interval(3, 10)
+    pmf = [lambda p, j=j: math.comb(10, j) * p**j * (1 - p) ** (10 - j) for j in range(11)]
+    assert sum(f(lo) for f in pmf[3:]) == pytest.approx(0.025, abs=1e-12)
+    assert sum(f(hi) for f in pmf[:4]) == pytest.approx(0.025, abs=1e-12)
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        binomial_interval(4, 3)
+
+
+def test_paired_gain_lower_bound_is_the_exact_sign_test() -> None:
+    # Lower bound > 0 exactly when P(Binomial(w + l, 1/2) >= w) < 2.5 %, for every split.
+    n = 40
+    for wins in range(0, 16):
+        for losses in range(0, 16 - wins):
+            gain = paired_top1_gain(wins, losses, n)
+            d = wins + losses
+            p = sum(math.comb(d, j) for j in range(wins, d + 1)) / 2**d if d else 1.0
+            assert (gain.low > 1e-12) is (p < 0.025), (wins, losses, gain, p)
+            assert gain.estimate == pytest.approx((wins - losses) / n)
+            assert gain.low <= gain.estimate <= gain.high
+
+
+def test_paired_gain_on_24_series_shows_one_series_is_4_points() -> None:
+    one = paired_top1_gain(1, 0, 24)
+    assert one.pts() == "+4.2 pts (95% CI -4.0 to +4.2)"
+    assert paired_top1_gain(0, 0, 24) == Interval(0.0, 0.0, 0.0, 0.95, 24)
+    assert top1_gain_over_chance(2, 2, 0.5).low < 0 < top1_gain_over_chance(12, 12, 0.5).low

@@ -1,4 +1,5 @@
-"""The promotion rule (a pure function of two metric sets), URI resolution and the CLI wiring.
+"""The promotion rule (a pure function of two metric sets and the gain's interval), the overlap
+and rollback refusals, URI resolution and the CLI wiring.
 
 No MLflow server, no Ray: the registry side is exercised in tests/integration/test_registry.py.
 """
@@ -8,13 +9,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from keeper_core.cli import build_parser
+from keeper_core.cli import main as keeper
 from keeper_core.errors import ConfigError, DataError
-from keeper_core.metrics import SeriesMetrics, series_metrics
+from keeper_core.metrics import SeriesMetrics, best_ranks, series_metrics
 from keeper_train.jobs import evaluate, promote
-from keeper_train.jobs.promote import Decision, decide
+from keeper_train.jobs.promote import Decision, decide, top1_gain
 from keeper_train.tracking import ModelRef, resolve_model
 
 
@@ -94,6 +97,107 @@ def test_decide_refuses_different_series_and_bad_min_gain() -> None:
             decide(metrics(0.5, 0.6), None, bad)
 
 
+# ------------------------------------------------------------------ the gain's interval
+
+
+def per_series(wins: int, losses: int, ties: int, *, size: int = 4) -> tuple[list[Any], list[int]]:
+    """Hand-built per-series scores for (challenger, champion) over wins + losses + ties series.
+
+    The keeper is image 0. A win: the challenger ranks it first, the champion second; a loss: the
+    reverse; a tie: both rank it first.
+    """
+    first, second = [4.0, 3.0, 2.0, 1.0][:size], [3.0, 4.0, 2.0, 1.0][:size]
+    chal = [first] * wins + [second] * losses + [first] * ties
+    champ = [second] * wins + [first] * losses + [first] * ties
+    return [chal, champ], [0] * (wins + losses + ties)
+
+
+def judged(wins: int, losses: int, ties: int, min_gain: float = 0.01) -> Decision:
+    (chal, champ), best = per_series(wins, losses, ties)
+    sizes = [len(s) for s in chal]
+    gain = top1_gain(best_ranks(chal, best), best_ranks(champ, best), sizes)
+    return decide(series_metrics(chal, best), series_metrics(champ, best), min_gain, gain)
+
+
+def test_one_series_of_24_is_four_points_and_not_enough() -> None:
+    # One more keeper found on 24 series is +4.2 points: the old rule (gain >= 1 point) promoted it.
+    (chal, champ), best = per_series(1, 0, 23)
+    m_chal, m_champ = series_metrics(chal, best), series_metrics(champ, best)
+    assert m_chal.top1 - m_champ.top1 == pytest.approx(1 / 24)
+    assert decide(m_chal, m_champ, 0.01).promote  # without the interval
+    gain = top1_gain(best_ranks(chal, best), best_ranks(champ, best), [4] * 24)
+    assert (gain.estimate, gain.high, gain.n) == (pytest.approx(1 / 24), pytest.approx(1 / 24), 24)
+    assert gain.low == pytest.approx((2 * 0.025 - 1) / 24)  # Clopper-Pearson of 1 win in 1
+    d = decide(m_chal, m_champ, 0.01, gain)
+    assert not d.promote
+    assert "not surely better: +4.2 pts (95% CI -4.0 to +4.2)" in d.reason
+    assert "one series is 4.2 pts" in d.reason
+
+
+@pytest.mark.parametrize(
+    ("wins", "losses", "ties", "min_gain", "expected"),
+    [
+        (1, 0, 23, 0.01, False),  # +4.2 pts: one series
+        (4, 0, 20, 0.01, False),  # +16.7 pts, but 4 wins of 4 happen by chance 1 time in 16
+        (6, 0, 18, 0.01, True),  # 6 of 6: 1 in 64, below the 2.5 % one-sided level
+        (12, 0, 12, 0.01, True),
+        (8, 4, 12, 0.01, False),  # +16.7 pts net, but losses too: the CI spans 0
+        (0, 0, 24, 0.0, False),  # identical: nothing to gain, not promoted even at min_gain 0
+        (0, 0, 24, -0.05, True),  # a drop the user allows: the bound is -5 pts, not 0
+        (0, 3, 21, -0.05, False),  # -12.5 pts: below the allowed drop
+        (1, 0, 23, -0.05, True),  # the interval's -4.0 stays above the allowed -5
+    ],
+)
+def test_gate_on_the_gains_interval(
+    wins: int, losses: int, ties: int, min_gain: float, expected: bool
+) -> None:
+    assert judged(wins, losses, ties, min_gain).promote is expected
+
+
+def test_first_challenger_must_surely_beat_random() -> None:
+    # 2 series of 2 shots, keeper found in both: top-1 100 % vs random 50 %, but 2 series cannot
+    # exclude luck; 12 such series can.
+    for n, expected in ((2, False), (12, True)):
+        scores, best = [[2.0, 1.0]] * n, [0] * n
+        m = series_metrics(scores, best)
+        gain = top1_gain(best_ranks(scores, best), None, [2] * n)
+        assert gain.estimate == pytest.approx(0.5)
+        d = decide(m, None, 0.01, gain)
+        assert d.promote is expected, d.reason
+        assert ("beats random" if expected else "not surely better than random") in d.reason
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def test_split_overlap_counts_series_sharing_images() -> None:
+    rows = pd.DataFrame(
+        {
+            "series_id": ["a", "a", "b", "b", "c", "c"],
+            "image_uri": ["/x/1", "/x/2", "/x/3", "/x/4", "/y/5", "/y/6"],
+        }
+    )
+    split = pd.DataFrame(
+        {
+            "series_id": ["s1", "s1", "s2", "s3"],
+            "image_uri": ["/x/1", "/q/9", "/x/4", "/y/5"],
+            "split": ["train", "train", "val", "test"],
+        }
+    )
+    got = evaluate.split_overlap(rows, split)
+    assert (got.series, got.of, got.by_split) == (2, 3, {"train": 1, "val": 1})
+    assert got.describe() == "2 of 3 series (1 with train images, 1 with val images)"
+    # Same series ids, other images (another corpus generated alike): no overlap.
+    other = split.assign(image_uri=["/z/1", "/z/2", "/z/3", "/z/4"])
+    assert evaluate.split_overlap(rows, other).series == 0
+
+
+def test_rolled_back_tags() -> None:
+    assert promote.rolled_back({"keeper.run_id": "r", "keeper.rollback.restored_at": "t"}) == {}
+    tags = {"keeper.rollback.rolled_back_at": "t", "keeper.rollback.rolled_back_to": "1"}
+    assert promote.rolled_back({**tags, "other": "x"}) == tags
+
+
 # ------------------------------------------------------------------ model URIs
 
 
@@ -140,11 +244,13 @@ def test_resolve_model(uri: str, expected: ModelRef) -> None:
 def test_cli_has_evaluate_and_promote() -> None:
     parser = build_parser()
     args = parser.parse_args(["promote", "keeper-ranker", "--rollback"])
-    assert (args.name, args.rollback, args.min_gain) == ("keeper-ranker", True, 0.01)
+    assert (args.name, args.rollback, args.min_gain) == ("keeper-ranker", True, None)
+    args = parser.parse_args(["promote", "k", "--version", "3", "--force", "--no-ci-gate"])
+    assert (args.version, args.force, args.ci_gate) == ("3", True, False)
     args = parser.parse_args(
         ["evaluate", "--model", "models:/k@champion", "--embeddings", "e", "--series", "s"]
     )
-    assert (args.model, args.html, args.report_series) == ("models:/k@champion", None, 60)
+    assert (args.model, args.html, args.report_series) == ("models:/k@champion", None, None)
     with pytest.raises(SystemExit):
         parser.parse_args(["evaluate", "--embeddings", "e", "--series", "s"])  # no --model
 
@@ -153,10 +259,14 @@ def test_promote_refuses_bad_arguments_before_touching_mlflow(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert promote.main(["keeper-ranker"]) == 2
-    assert "--embeddings and --series are required" in capsys.readouterr().err
+    assert "embeddings and series are required" in capsys.readouterr().err
     argv = ["keeper-ranker", "--embeddings", "e", "--series", "s", "--min-gain", "5"]
     assert promote.main(argv) == 2
     assert "min_gain must be in [-1, 1]" in capsys.readouterr().err
+    assert keeper(["promote", "k", "--embeddings", "e", "--series", "s", "--force"]) == 2
+    assert "force needs version" in capsys.readouterr().err
+    assert keeper(["promote", "k", "--rollback", "--version", "2"]) == 2
+    assert "rollback takes no version" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_a_missing_table(

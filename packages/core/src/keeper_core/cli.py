@@ -44,18 +44,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def add_corpus_parser(subparsers: Any) -> None:  # argparse._SubParsersAction is private
-    """``keeper corpus``: the best-of-series benchmark corpus generator."""
+    """``keeper corpus``: the best-of-series benchmark corpus generator (keeper_core.synthetic).
+
+    Flags not given are not passed on: synthetic's own defaults apply.
+    """
     p = subparsers.add_parser("corpus", help="generate a best-of-series benchmark corpus")
-    p.add_argument("--out", required=True)
-    p.add_argument("--series", type=int, default=150)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of every shot")
+    p.add_argument("--out", required=True, help="output folder (images and manifest.csv)")
+    p.add_argument("--series", type=int, help="number of series (default 150)")
+    p.add_argument("--seed", type=int, help="corpus seed (default 0)")
+    p.add_argument("--size", help="WIDTHxHEIGHT of every shot (default 320x240)")
+    p.add_argument(
+        "--photos", nargs="+", help="base photo names, or 'all' (default: the six colour photos)"
+    )
 
     def run(args: argparse.Namespace) -> int:
         from keeper_core import synthetic
 
-        argv = ["--out", args.out, "--series", str(args.series), "--seed", str(args.seed)]
-        return synthetic.main([*argv, "--size", args.size])
+        argv = ["--out", args.out, "--series", str(150 if args.series is None else args.series)]
+        for flag, value in (("--seed", args.seed), ("--size", args.size)):
+            argv += [flag, str(value)] if value is not None else []
+        argv += ["--photos", *args.photos] if args.photos else []
+        return synthetic.main(argv)
 
     p.set_defaults(func=run)
 

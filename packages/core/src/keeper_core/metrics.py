@@ -202,3 +202,103 @@ def _numpy(a: Any) -> np.ndarray:
         a = a.float() if a.is_floating_point() else a
         return np.asarray(a.numpy())
     return np.asarray(a)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A top-1 gain with its exact confidence interval.
+
+    Attributes:
+        estimate: the gain, e.g. challenger top-1 minus champion top-1.
+        low, high: the interval's bounds.
+        confidence: its coverage, e.g. 0.95.
+        n: number of series.
+    """
+
+    estimate: float
+    low: float
+    high: float
+    confidence: float
+    n: int
+
+    def pts(self) -> str:
+        """``+8.3 pts (95% CI -4.2 to +20.8)``: the estimate and bounds in percentage points."""
+        return (
+            f"{100 * self.estimate:+.1f} pts ({100 * self.confidence:g}% CI "
+            f"{100 * self.low:+.1f} to {100 * self.high:+.1f})"
+        )
+
+
+def binomial_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Clopper-Pearson (exact) interval of a proportion ``k / n``.
+
+    Each bound leaves at most ``(1 - confidence) / 2`` of binomial probability beyond it, so the
+    lower bound exceeds ``p0`` exactly when a one-sided binomial test rejects ``p <= p0`` at that
+    level.
+
+    Raises:
+        ValueError: not ``0 <= k <= n``, ``n < 1``, or confidence outside (0, 1).
+    """
+    if not 0 <= k <= n or n < 1 or not 0.0 < confidence < 1.0:
+        raise ValueError(
+            f"need 0 <= k <= n, n >= 1, 0 < confidence < 1; got {k}, {n}, {confidence}"
+        )
+    alpha = (1.0 - confidence) / 2
+    j = np.arange(n + 1)
+    logfact = np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1)))])
+    logc = logfact[n] - logfact[j] - logfact[n - j]
+
+    def tail(p: float, upper: bool) -> float:  # P(X >= k) if upper else P(X <= k), X ~ Bin(n, p)
+        logp = logc + j * np.log(p) + (n - j) * np.log1p(-p)
+        part = logp[k:] if upper else logp[: k + 1]
+        m = part.max()
+        return float(np.exp(m) * np.exp(part - m).sum())
+
+    def solve(upper: bool) -> float:  # the p where the tail equals alpha (tails are monotone)
+        lo, hi = 0.0, 1.0
+        for _ in range(64):  # 2**-64: below any printed digit
+            mid = (lo + hi) / 2
+            # P(X >= k) grows with p; P(X <= k) falls.
+            if (tail(mid, upper) < alpha) == upper:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    return (0.0 if k == 0 else solve(True)), (1.0 if k == n else solve(False))
+
+
+def paired_top1_gain(wins: int, losses: int, n: int, confidence: float = 0.95) -> Interval:
+    """Top-1 of A minus top-1 of B on the same ``n`` series, with an exact interval.
+
+    Only the series where the two disagree carry evidence: ``wins`` (A finds the keeper, B does
+    not) and ``losses`` (the reverse). Given ``d = wins + losses``, the gain is ``d / n * (2q - 1)``
+    with ``q`` the share of wins among them; the interval maps ``q``'s Clopper-Pearson interval,
+    so its lower bound is above 0 exactly when an exact one-sided sign test on wins vs losses
+    rejects "A is no better" at ``(1 - confidence) / 2``. On 24 series one series is 4.2 points:
+    one win and no loss gives -4.0 to +4.2, not a gain.
+
+    Raises:
+        ValueError: negative counts, more disagreements than series, or n < 1.
+    """
+    if wins < 0 or losses < 0 or wins + losses > n or n < 1:
+        raise ValueError(
+            f"need wins, losses >= 0 and wins + losses <= n; got {wins}, {losses}, {n}"
+        )
+    d = wins + losses
+    if d == 0:  # the same keepers found on every series: no evidence either way
+        return Interval(0.0, 0.0, 0.0, confidence, n)
+    q_lo, q_hi = binomial_interval(wins, d, confidence)
+    return Interval(
+        (wins - losses) / n, d / n * (2 * q_lo - 1), d / n * (2 * q_hi - 1), confidence, n
+    )
+
+
+def top1_gain_over_chance(hits: int, n: int, chance: float, confidence: float = 0.95) -> Interval:
+    """Top-1 (``hits / n``) minus a random ranking's expected top-1 (``chance``), exact interval.
+
+    ``chance`` is a known number (mean of 1 / series length), so the interval is the
+    Clopper-Pearson interval of top-1, shifted.
+    """
+    lo, hi = binomial_interval(hits, n, confidence)
+    return Interval(hits / n - chance, lo - chance, hi - chance, confidence, n)

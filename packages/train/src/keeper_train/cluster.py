@@ -15,11 +15,19 @@ def init_ray(address: str | None = None) -> str:
         address: ``None`` uses ``RAY_ADDRESS`` when set (as under ``ray job submit``), else starts a
             local Ray for this process; ``auto`` or ``HOST:PORT`` joins a running cluster. A local
             Ray started here has token authentication on (Ray 2.60's default for ``ray.init``).
+            Its workers' output (Ray Train's per-epoch reports and checkpoint lines, actor
+            start-up chatter) goes to Ray's log files (``/tmp/ray/session_latest/logs`` by
+            default), not to this terminal; their errors still
+            reach the driver as exceptions. A cluster joined keeps Ray's defaults.
     """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None)
+        target = address or os.environ.get("RAY_ADDRESS") or None
+        if target is None:
+            ray.init(log_to_driver=False, logging_level=logging.WARNING)
+        else:
+            ray.init(address=target)
     res = ray.cluster_resources()
     desc = (
         f"ray {ray.__version__}: {int(res.get('CPU', 0))} CPU, {res.get('GPU', 0):g} GPU, "

@@ -1,14 +1,79 @@
 """keeper_train's subcommands for the ``keeper`` CLI (entry-point group ``keeper.commands``).
 
-Kept import-light: ray and torch are imported only when a command runs.
+Every flag defaults to "not given" (``None``): a job's pydantic config holds the one default, so a
+``--config`` file's value is never replaced by a flag the user did not type. The parsers live here
+and only here; each job takes its typed config (``promote.run(PromoteConfig(...))``), and its
+``python -m keeper_train.jobs.<job>`` entry point goes through this same parser. Kept
+import-light: ray, torch and the jobs are imported only when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from keeper_core.errors import ConfigError
 
 SubParsers = Any  # argparse._SubParsersAction is private
+C = TypeVar("C", bound=BaseModel)
+
+_BOOL = argparse.BooleanOptionalAction  # --flag / --no-flag, None when neither is given
+
+
+def given(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:
+    """The flags among ``keys`` the user gave (not None), by destination name."""
+    return {k: v for k in keys if (v := getattr(args, k)) is not None}
+
+
+def as_overrides(values: dict[str, Any]) -> list[str]:
+    """Flags as a job's ``key=value`` overrides, each value written as the YAML scalar it is.
+
+    Strings are single-quoted, so a path such as ``on`` or ``123`` stays a string.
+    """
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, str):
+            return "'" + v.replace("'", "''") + "'"
+        return str(v)
+
+    return [f"{k}={scalar(v)}" for k, v in values.items()]
+
+
+def validated(model: type[C], values: dict[str, Any]) -> C:
+    """``model`` from the given flags, a failure named by field (as keeper_train.config does).
+
+    Raises:
+        ConfigError: a field fails validation or a required one is missing.
+    """
+    try:
+        return model.model_validate(values)
+    except ValidationError as e:
+        fields = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in e.errors()
+        )
+        raise ConfigError(f"invalid {model.__name__}: {fields}") from e
+
+
+# --------------------------------------------------------------------------------------------
+# keeper embed, keeper train-head: flags become key=value overrides of the job's YAML config
+
+EMBED_FLAGS = (
+    "input",
+    "output",
+    "model",
+    "batch_size",
+    "concurrency",
+    "num_gpus_per_worker",
+    "max_failure_fraction",
+    "retry_errors",
+    "ray_address",
+)
 
 
 def add_embed_parser(subparsers: SubParsers) -> None:
@@ -16,100 +81,127 @@ def add_embed_parser(subparsers: SubParsers) -> None:
     p = subparsers.add_parser(
         "embed",
         help="embed an image corpus with CLIP on Ray Data (resumable)",
-        description="Embed a folder, s3:// prefix or manifest of images into a Parquet table.",
+        description="Embed a folder, s3:// prefix or manifest of images into a Parquet table. "
+        "A flag given here overrides --config; one not given leaves the config's value (or "
+        "EmbedConfig's default) alone.",
     )
-    p.add_argument("--input", required=True, help="folder, s3:// prefix, or CSV/Parquet manifest")
-    p.add_argument("--output", required=True, help="folder or s3:// prefix for the table")
-    p.add_argument("--model", default="keeper-tiny:random", help="ModelSpec ARCH[:WEIGHTS]")
-    p.add_argument("--config", help="YAML config; flags given here override it")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--config", help="YAML config (EmbedConfig fields)")
+    p.add_argument("--input", help="folder, s3:// prefix, or CSV/Parquet manifest (required)")
+    p.add_argument("--output", help="folder or s3:// prefix for the table (required)")
+    p.add_argument("--model", help="ModelSpec ARCH[:WEIGHTS] (default keeper-tiny:random)")
+    p.add_argument("--batch-size", type=int, help="images per model forward pass")
     p.add_argument("--concurrency", type=int, help="model actors")
-    p.add_argument("--num-gpus-per-worker", type=float)
-    p.add_argument("--max-failure-fraction", type=float)
-    p.add_argument("--retry-errors", action="store_true", default=None)
-    p.add_argument("--ray-address")
+    p.add_argument("--num-gpus-per-worker", type=float, help="GPUs per model actor")
+    p.add_argument(
+        "--max-failure-fraction", type=float, help="failed share of the table that fails the job"
+    )
+    p.add_argument("--retry-errors", action=_BOOL, help="re-attempt every recorded failure")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
     p.add_argument("overrides", nargs="*", help="any other EmbedConfig field as key=value")
 
     def run(args: argparse.Namespace) -> int:
         from keeper_train.jobs import embed
 
-        flags = {
-            "input": args.input,
-            "output": args.output,
-            "model": args.model,
-            "batch_size": args.batch_size,
-            "concurrency": args.concurrency,
-            "num_gpus_per_worker": args.num_gpus_per_worker,
-            "max_failure_fraction": args.max_failure_fraction,
-            "retry_errors": args.retry_errors,
-            "ray_address": args.ray_address,
-        }
         argv = ["--config", args.config] if args.config else []
-        argv += [f"{k}={v}" for k, v in flags.items() if v is not None]
-        return embed.main([*argv, *args.overrides])
+        return embed.main([*argv, *as_overrides(given(args, EMBED_FLAGS)), *args.overrides])
 
     p.set_defaults(func=run)
 
 
-def add_demo_arguments(p: argparse.ArgumentParser) -> None:
-    """The demo's flags (shared by ``keeper demo`` and ``python -m keeper_train.jobs.demo``)."""
-    p.add_argument(
-        "--out", default="keeper-demo", help="output folder (corpus, embeddings, report)"
-    )
-    p.add_argument("--model", default="keeper-tiny:random", help="ModelSpec ARCH[:WEIGHTS]")
-    p.add_argument("--series", type=int, default=150, help="series in the generated corpus")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--manifest", help="use this series manifest instead of generating a corpus")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--report-series", type=int, default=60, help="series shown in the report")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster (default: local)")
-    p.add_argument("--epochs", type=int, default=40, help="training epochs of the ranking head")
-    p.add_argument("--model-name", default="keeper-demo-ranker", help="registered model name")
-
-
-def add_demo_parser(subparsers: SubParsers) -> None:
-    """``keeper demo``: the offline end-to-end demo (keeper_train.jobs.demo)."""
-    p = subparsers.add_parser("demo", help="run the offline best-of-series demo end to end")
-    add_demo_arguments(p)
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import demo
-
-        return demo.run_safely(args)
-
-    p.set_defaults(func=run)
+TRAIN_HEAD_FLAGS = (
+    "embeddings",
+    "series",
+    "head",
+    "features",
+    "loss",
+    "epochs",
+    "lr",
+    "batch_size",
+    "seed",
+    "split_by",
+    "num_workers",
+    "use_gpu",
+    "storage",
+    "experiment",
+    "register",
+    "tracking_uri",
+    "ray_address",
+)
 
 
 def add_train_head_parser(subparsers: SubParsers) -> None:
     """``keeper train-head``: train a series-ranking head on Ray Train (jobs.train_head)."""
-    p = subparsers.add_parser("train-head", help="train a series-ranking head (Ray Train + MLflow)")
-    p.add_argument("--embeddings", required=True, help="output of keeper embed")
-    p.add_argument("--series", required=True, help="series manifest (CSV/Parquet)")
-    p.add_argument("--config", help="YAML config; flags given here override it")
-    p.add_argument("--head", choices=["linear", "mlp", "transformer"])
-    p.add_argument("--features", choices=["embedding", "embedding+quality", "quality"])
-    p.add_argument("--loss", choices=["series-softmax", "pairwise"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--use-gpu", action="store_true", default=None)
+    p = subparsers.add_parser(
+        "train-head",
+        help="train a series-ranking head (Ray Train + MLflow)",
+        description="Train a ranking head on an embedding table and a labelled series manifest. "
+        "A flag given here overrides --config; one not given leaves the config's value alone.",
+    )
+    p.add_argument("--config", help="YAML config (TrainHeadConfig fields)")
+    p.add_argument("--embeddings", help="output of keeper embed (required)")
+    p.add_argument("--series", help="labelled series manifest, CSV/Parquet (required)")
+    p.add_argument("--head", choices=["linear", "mlp", "transformer"], help="head architecture")
+    p.add_argument(
+        "--features",
+        choices=["embedding", "embedding+quality", "quality"],
+        help="what the head sees",
+    )
+    p.add_argument("--loss", choices=["series-softmax", "pairwise"], help="training loss")
+    p.add_argument("--epochs", type=int, help="maximum epochs")
+    p.add_argument("--lr", type=float, help="learning rate (AdamW)")
+    p.add_argument("--batch-size", type=int, help="series per batch per worker")
+    p.add_argument("--seed", type=int, help="split and initialisation seed")
+    p.add_argument("--split-by", help="column that keeps rows in one split (e.g. base_photo)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers")
+    p.add_argument("--use-gpu", action=_BOOL, help="one GPU per worker")
     p.add_argument("--storage", help="checkpoints: folder or s3:// prefix")
-    p.add_argument("--experiment")
+    p.add_argument("--experiment", help="MLflow experiment name")
     p.add_argument("--register", help="registered model name (new version, alias challenger)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("overrides", nargs="*", help="any other TrainHeadConfig field as key=value")
 
     def run(args: argparse.Namespace) -> int:
         from keeper_train.jobs import train_head
 
-        keys = ["embeddings", "series", "head", "features", "loss", "epochs", "lr", "batch_size"]
-        keys += ["seed", "num_workers", "use_gpu", "storage", "experiment", "register"]
         argv = ["--config", args.config] if args.config else []
         argv += ["--json", args.json] if args.json else []
-        argv += [f"{k}={getattr(args, k)}" for k in keys if getattr(args, k) is not None]
-        return train_head.main([*argv, *args.overrides])
+        flags = as_overrides(given(args, TRAIN_HEAD_FLAGS))
+        return train_head.main([*argv, *flags, *args.overrides])
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------------------------
+# keeper demo, evaluate, promote: flags become the job's typed config
+
+
+def add_demo_parser(subparsers: SubParsers) -> None:
+    """``keeper demo``: the offline end-to-end demo (keeper_train.jobs.demo)."""
+    p = subparsers.add_parser(
+        "demo",
+        help="run the offline best-of-series demo end to end",
+        description="Generate a corpus, embed it on Ray Data, score it, train a head on Ray Train, "
+        "promote it through the registry gate and evaluate it (defaults: DemoConfig).",
+    )
+    p.add_argument("--out", help="output folder: corpus, embeddings, reports (default keeper-demo)")
+    p.add_argument("--model", help="ModelSpec ARCH[:WEIGHTS] (default keeper-tiny:random)")
+    p.add_argument("--series", type=int, help="series in the generated corpus (default 150)")
+    p.add_argument("--seed", type=int, help="corpus seed (default 0)")
+    p.add_argument("--manifest", help="use this series manifest instead of generating a corpus")
+    p.add_argument("--batch-size", type=int, help="images per embedding forward pass")
+    p.add_argument("--report-series", type=int, help="series shown in the reports (default 60)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
+    p.add_argument("--epochs", type=int, help="training epochs of the ranking head (default 40)")
+    p.add_argument("--model-name", help="registered model name (default keeper-demo-ranker)")
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import demo
+
+        keys = ["out", "model", "series", "seed", "manifest", "batch_size", "report_series"]
+        keys += ["ray_address", "epochs", "model_name"]
+        return demo.run(validated(demo.DemoConfig, given(args, keys)))
 
     p.set_defaults(func=run)
 
@@ -119,23 +211,14 @@ def _add_registry_arguments(p: argparse.ArgumentParser) -> None:
         "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else embedded)"
     )
     p.add_argument(
-        "--data-dir", default="keeper-data", help="embedded MLflow store when none is set"
+        "--data-dir", help="embedded MLflow store when no tracking URI is set (default keeper-data)"
     )
-    p.add_argument("--json", help="also write the results here (path or s3://)")
-
-
-def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``keeper evaluate`` and ``python -m keeper_train.jobs.evaluate``."""
     p.add_argument(
-        "--model",
-        required=True,
-        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a logged model URI (runs:/..., models:/m-...)",
+        "--json",
+        dest="json_out",
+        metavar="PATH",
+        help="also write the results here (path or s3://)",
     )
-    p.add_argument("--embeddings", required=True, help="output of keeper embed")
-    p.add_argument("--series", required=True, help="labelled series manifest (CSV/Parquet)")
-    p.add_argument("--html", help="write the series report (thumbnails, keeper, picks) here")
-    p.add_argument("--report-series", type=int, default=60, help="series shown in the report")
-    _add_registry_arguments(p)
 
 
 def add_evaluate_parser(subparsers: SubParsers) -> None:
@@ -145,46 +228,69 @@ def add_evaluate_parser(subparsers: SubParsers) -> None:
         help="evaluate a registered ranker version on a labelled series manifest",
         description="Score every series with the model, beside the sharpness rule and random.",
     )
-    add_evaluate_arguments(p)
+    p.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a logged model URI (runs:/..., models:/m-...)",
+    )
+    p.add_argument("--embeddings", required=True, help="output of keeper embed")
+    p.add_argument("--series", required=True, help="labelled series manifest (CSV/Parquet)")
+    p.add_argument("--html", help="write the series report (thumbnails, keeper, picks) here")
+    p.add_argument("--report-series", type=int, help="series shown in the report (default 60)")
+    _add_registry_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
         from keeper_train.jobs import evaluate
 
-        return evaluate.run_cli(args)
+        keys = ["model", "embeddings", "series", "html", "report_series"]
+        cfg = validated(evaluate.EvaluateConfig, given(args, [*keys, *_REGISTRY_KEYS]))
+        print(evaluate.format_summary(evaluate.run(cfg)))
+        return 0
 
     p.set_defaults(func=run)
 
 
-def add_promote_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``keeper promote`` and ``python -m keeper_train.jobs.promote``."""
-    p.add_argument("name", help="registered model name")
-    p.add_argument("--embeddings", help="output of keeper embed (to evaluate on)")
-    p.add_argument("--series", help="labelled series manifest (CSV/Parquet)")
-    p.add_argument(
-        "--min-gain",
-        type=float,
-        default=0.01,
-        help="top-1 gain over the champion needed, absolute (0.01 = 1 point)",
-    )
-    p.add_argument(
-        "--rollback", action="store_true", help="move @champion back to the previous champion"
-    )
-    _add_registry_arguments(p)
+_REGISTRY_KEYS = ("tracking_uri", "data_dir", "json_out")
 
 
 def add_promote_parser(subparsers: SubParsers) -> None:
     """``keeper promote``: gate @challenger against @champion, or roll back (jobs.promote)."""
     p = subparsers.add_parser(
         "promote",
-        help="promote @challenger to @champion if it is better, or --rollback",
-        description="Evaluate @challenger and @champion on the same series; move @champion to "
-        "the challenger only if top-1 gains at least --min-gain and MRR does not regress.",
+        help="promote @challenger to @champion if it is surely better, or --rollback",
+        description="Evaluate @challenger and @champion on the same held-out series; move "
+        "@champion to the challenger only if top-1 gains at least --min-gain, the 95% CI of the "
+        "gain (exact, from the series where the two disagree) excludes 0, and MRR does not "
+        "regress. Series the challenger was trained or validated on are refused.",
     )
-    add_promote_arguments(p)
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--embeddings", help="output of keeper embed (to evaluate on)")
+    p.add_argument("--series", help="held-out labelled series manifest (CSV/Parquet)")
+    p.add_argument(
+        "--min-gain",
+        type=float,
+        help="top-1 gain over the champion needed, absolute (default 0.01 = 1 point)",
+    )
+    p.add_argument(
+        "--ci-gate",
+        action=_BOOL,
+        help="require the gain's CI lower bound above 0 (default on)",
+    )
+    p.add_argument("--confidence", type=float, help="coverage of the gain's CI (default 0.95)")
+    p.add_argument("--version", help="judge this version instead of @challenger")
+    p.add_argument(
+        "--force", action=_BOOL, help="with --version: allow a version that was rolled back"
+    )
+    p.add_argument("--rollback", action=_BOOL, help="move @champion back to the previous champion")
+    _add_registry_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
         from keeper_train.jobs import promote
 
-        return promote.run_cli(args)
+        keys = ["name", "embeddings", "series", "min_gain", "ci_gate", "confidence", "version"]
+        keys += ["force", "rollback"]
+        cfg = validated(promote.PromoteConfig, given(args, [*keys, *_REGISTRY_KEYS]))
+        print(promote.format_outcome(promote.run(cfg)))
+        return 0
 
     p.set_defaults(func=run)

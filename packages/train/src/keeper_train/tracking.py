@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from keeper_core.errors import ConfigError
 from keeper_core.registry import ModelRef, resolve_model, tracking_uri
@@ -23,7 +25,11 @@ __all__ = [
     "register",
     "resolve_model",
     "tracking_uri",
+    "training_split",
 ]
+
+#: The artifact train_head logs in its run: ``series_id, image_uri, split`` of every row it used.
+SPLIT_ARTIFACT = "split.csv"
 
 
 def experiment_id(client: Any, name: str, data_dir: str | Path) -> str:
@@ -104,3 +110,26 @@ def aliases(client: Any, name: str) -> dict[str, str]:
             f"no registered model {name!r} at {client.tracking_uri}: {e.message}"
         ) from e
     return {str(k): str(v) for k, v in (model.aliases or {}).items()}
+
+
+def training_split(client: Any, run_id: str | None) -> pd.DataFrame | None:
+    """The ``series_id, image_uri, split`` rows a training run recorded, or None if it has none.
+
+    A model logged by other code than train_head (or whose run was deleted) has no split.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path=SPLIT_ARTIFACT,
+                dst_path=d,
+                tracking_uri=client.tracking_uri,
+            )
+        except (MlflowException, OSError):
+            return None
+        return pd.read_csv(path, dtype=str)

@@ -1,20 +1,21 @@
 """Evaluate any logged or registered ranker on a labelled series manifest, beside the baselines.
 
-    python -m keeper_train.jobs.evaluate --model models:/keeper-ranker@champion \
+    keeper evaluate --model models:/keeper-ranker@champion \
         --embeddings keeper-demo/embeddings/keeper-tiny_random \
-        --series keeper-demo/corpus/manifest.csv --json eval.json --html eval.html
+        --series keeper-demo/test-manifest.csv --json eval.json --html eval.html
     keeper evaluate --model models:/keeper-ranker/3 --embeddings ... --series ...
+    python -m keeper_train.jobs.evaluate ...       # the same command
 
 The model is loaded through MLflow's pyfunc flavour, as Serve loads it; an alias is resolved to
 its version first (and printed), so the version evaluated is the one reported. Every series of the
 manifest whose images all have an embedding is scored, and the table is the one training prints:
 the model, the sharpness rule, random. Embeddings of another ModelSpec than the model was trained
-on are refused, never scored.
+on are refused, never scored. Series the model was trained or validated on (its run's recorded
+split) are counted and warned about: those numbers are not held-out figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core import storage
 from keeper_core.bestof import Comparison, compare_methods, write_report
@@ -33,10 +35,64 @@ from keeper_core.errors import DataError, KeeperError, ModelLoadError
 from keeper_core.images import decode_image
 from keeper_core.ranker import RankerConfig, SeriesRanker
 from keeper_train import tracking
-from keeper_train.commands import add_evaluate_arguments
 from keeper_train.data import join_series
 
 SHARPNESS = "sharpness rule"
+
+
+class EvaluateConfig(BaseModel):
+    """What ``keeper evaluate`` takes; the CLI's flags map onto these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        description="models:/NAME@ALIAS, models:/NAME/VERSION, or a logged model URI"
+    )
+    embeddings: str = Field(description="output of keeper embed")
+    series: str = Field(description="labelled series manifest (CSV/Parquet)")
+    html: str | None = Field(None, description="write the series report here")
+    report_series: int = Field(60, ge=1, description="series shown in the report")
+    tracking_uri: str | None = None
+    data_dir: str = Field("keeper-data", description="embedded MLflow store when none is set")
+    json_out: str | None = Field(None, description="also write the summary here (path or s3://)")
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Series of an evaluation set that share an image with a model's train or val split."""
+
+    series: int  # series with at least one such image
+    of: int  # series checked
+    by_split: dict[str, int]  # split -> series with an image in it
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{n} with {split} images" for split, n in self.by_split.items() if n)
+        return f"{self.series} of {self.of} series ({parts})"
+
+
+def split_overlap(rows: pd.DataFrame, split: pd.DataFrame) -> Overlap:
+    """Which series of ``rows`` share an image with the train or val rows of a recorded split.
+
+    Images are matched by resolved ``image_uri``: series ids alone are not evidence (two corpora
+    generated alike both have an ``s00000``).
+
+    Args:
+        rows: the evaluation rows (``series_id, image_uri``).
+        split: a training run's ``series_id, image_uri, split`` rows (``tracking.training_split``).
+    """
+    by_split = {}
+    hit = np.zeros(len(rows), dtype=bool)
+    uris = rows["image_uri"].astype(str)
+    for name in ("train", "val"):
+        seen = set(split.loc[split["split"] == name, "image_uri"].astype(str))
+        in_split = uris.isin(seen).to_numpy()
+        by_split[name] = int(rows.loc[in_split, "series_id"].nunique())
+        hit |= in_split
+    return Overlap(
+        series=int(rows.loc[hit, "series_id"].nunique()),
+        of=int(rows["series_id"].nunique()),
+        by_split=by_split,
+    )
 
 
 @dataclass
@@ -201,23 +257,32 @@ def write_html(
     )
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate ``args.model`` on ``args.embeddings`` + ``args.series``; returns the summary."""
+def run(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` on ``cfg.embeddings`` + ``cfg.series``; ``format_summary`` prints it.
+
+    Raises:
+        KeeperError: the data cannot be read, the model cannot be loaded, or specs differ.
+    """
     import mlflow
 
-    uri = tracking.tracking_uri(args.tracking_uri, args.data_dir)
+    data = load_data(cfg.embeddings, cfg.series)  # a wrong path fails before the registry
+    uri = tracking.tracking_uri(cfg.tracking_uri, cfg.data_dir)
     mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the global tracking URI
     client = mlflow.MlflowClient(uri)
-    data = load_data(args.embeddings, args.series)
-    model = load_model(client, args.model)
-    if model.ref.version:
-        print(f"{args.model} -> {model.ref.name} version {model.ref.version}")
+    model = load_model(client, cfg.model)
     label = model.ref.label()
     preds = {label: predict(model, data)}
     comparison = compare(data, preds)
     warnings = []
     same = trained_on_same_manifest(client, model, data)
-    if same:
+    split = tracking.training_split(client, model.ref.run_id)
+    overlap = split_overlap(data.rows, split) if split is not None else None
+    if overlap is not None and overlap.series:
+        warnings.append(
+            f"{overlap.describe()} share images with {label}'s training split: "
+            "these numbers are not held-out figures"
+        )
+    elif same:
         warnings.append(
             f"{label} was trained on this manifest: these numbers include its training series"
         )
@@ -228,52 +293,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "series": data.series,
         "embedding_spec": data.spec,
         "trained_on_this_manifest": same,
+        "series_seen_in_training": overlap.series if overlap is not None else None,
         "series_scored": len(comparison.series),
         "series_left_out": comparison.left_out,
         "series_dropped": data.dropped,
         "metrics": {k: v.as_dict() for k, v in comparison.results.items()},
         "table": comparison.table(),
+        "warnings": warnings,
     }
-    if args.html:
+    if cfg.html:
         report = write_html(
-            args.html,
+            cfg.html,
             f"keeper evaluate: {label} on {len(comparison.series)} series",
             data,
             comparison,
             preds,
-            max_series=args.report_series,
-            notes=[f"model {args.model} ({model.ref.load_uri}); series {data.series}"],
+            max_series=cfg.report_series,
+            notes=[f"model {cfg.model} ({model.ref.load_uri}); series {data.series}"],
             warnings=warnings,
         )
         summary["html"] = str(report)
-    print(summary["table"])
-    for w in warnings:
-        print(f"WARNING: {w}")
-    if args.json:
-        storage.write_bytes(args.json, json.dumps(summary, indent=2).encode())
+    if cfg.json_out:
+        storage.write_bytes(cfg.json_out, json.dumps(summary, indent=2).encode())
     return summary
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """``run`` with keeper's exit codes: 0 done, 2 refused (the reason on stderr)."""
-    try:
-        run(args)
-    except KeeperError as e:
-        print(f"keeper evaluate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """What ``keeper evaluate`` prints: the version evaluated, the table, any warning."""
+    m = summary["model"]
+    lines = [f"{m['uri']} -> {m['name']} version {m['version']}"] if m["version"] else []
+    lines.append(summary["table"])
+    lines += [f"WARNING: {w}" for w in summary["warnings"]]
+    if "html" in summary:
+        lines.append(f"report: {summary['html']}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keeper_train.jobs.evaluate --model URI --embeddings DIR --series MANIFEST``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m keeper_train.jobs.evaluate", description=__doc__.split("\n")[0]
-    )
-    add_evaluate_arguments(parser)
-    return run_cli(parser.parse_args(argv))
+    """``python -m keeper_train.jobs.evaluate ARGS`` is ``keeper evaluate ARGS``."""
+    from keeper_core.cli import main as keeper
+
+    return keeper(["evaluate", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    from keeper_train.jobs import evaluate
-
-    sys.exit(evaluate.main())
+    sys.exit(main())

@@ -1,40 +1,100 @@
 """Gate a registered ranker: move @champion to @challenger only if it is measurably better.
 
-    python -m keeper_train.jobs.promote keeper-ranker --embeddings keeper-demo/embeddings/keeper-tiny_random \
-        --series keeper-demo/corpus/manifest.csv --min-gain 0.01
-    keeper promote keeper-ranker --embeddings ... --series ...
+    keeper promote keeper-ranker --embeddings keeper-demo/embeddings/keeper-tiny_random \
+        --series keeper-demo/test-manifest.csv --min-gain 0.01
     keeper promote keeper-ranker --rollback
+    keeper promote keeper-ranker --version 3 --force ...   # a rolled-back version, on purpose
+    python -m keeper_train.jobs.promote ...                # the same command
 
-Both versions are evaluated on the same series (jobs.evaluate), the table is printed, and ``decide``
-applies the rule: top-1 must gain at least ``--min-gain`` (absolute, 0.01 = 1 point) and MRR must
-not regress; with no champion yet, a challenger is promoted if its top-1 beats random. The
-decision and both versions' numbers are recorded as ``keeper.promotion.*`` tags on the challenger
-version. The replaced champion is kept as alias ``previous-champion`` (and as the new champion's
-``keeper.promotion.previous_champion`` tag, so rollbacks can walk back more than one step).
+Both versions are evaluated on the same series (jobs.evaluate) and ``decide`` applies the rule:
+
+- with a champion: the top-1 gain is at least ``min_gain`` (absolute, 0.01 = 1 point), the lower
+  bound of its exact 95 % confidence interval is above 0 (above ``min_gain`` when that is
+  negative, i.e. a drop the user allows), and MRR does not regress. The interval comes from the
+  series where the two disagree (``metrics.paired_top1_gain``): its lower bound is above 0 exactly
+  when a one-sided exact sign test on per-series wins vs losses says "better" at 2.5 %;
+- with none: the challenger's top-1 beats the random baseline, and so does the lower bound of its
+  exact (Clopper-Pearson) interval.
+
+The interval is what a small promotion set can show: on 24 series one series is 4.2 points, and
+a challenger that finds the keeper on 4 more series than the champion and loses none (+16.7
+points) is still within chance; 6 are not. ``ci_gate=False`` (``--no-ci-gate``) drops the test.
+
+Refused before anything is judged: promotion series that share images with the challenger's
+recorded train or val split (train_head's ``split.csv`` artifact), and a version that was rolled
+back (``keeper.rollback.*`` tags), unless it is named with ``--version N --force``.
+
+The decision, both versions' numbers and the interval are recorded as ``keeper.promotion.*`` tags
+on the version judged. The replaced champion is kept as alias ``previous-champion`` (and as the
+new champion's ``keeper.promotion.previous_champion`` tag, so rollbacks can walk back more than one
+step). A rollback tags the version it takes out of service and removes its @challenger alias.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
 from keeper_core import storage
-from keeper_core.errors import ConfigError, DataError, KeeperError
-from keeper_core.metrics import SeriesMetrics
+from keeper_core.errors import ConfigError, DataError
+from keeper_core.metrics import (
+    Interval,
+    SeriesMetrics,
+    best_ranks,
+    paired_top1_gain,
+    top1_gain_over_chance,
+)
 from keeper_train import tracking
-from keeper_train.commands import add_promote_arguments
 from keeper_train.jobs import evaluate
 
 TAG = "keeper.promotion."
+ROLLBACK_TAG = "keeper.rollback."
 # top-1 and MRR are ratios of small integers: a gain of exactly min_gain must not be lost to
 # float rounding (0.3 - 0.29 < 0.01 in floating point).
 _EPS = 1e-9
+
+
+class PromoteConfig(BaseModel):
+    """What ``keeper promote`` takes; the CLI's flags map onto these fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="registered model name")
+    embeddings: str | None = Field(None, description="output of keeper embed (to evaluate on)")
+    series: str | None = Field(None, description="held-out labelled series manifest")
+    min_gain: float = Field(0.01, description="top-1 gain needed, absolute (0.01 = 1 point)")
+    ci_gate: bool = Field(True, description="also require the gain's CI lower bound > 0")
+    confidence: float = Field(0.95, gt=0, lt=1, description="coverage of the gain's interval")
+    version: str | None = Field(None, description="judge this version instead of @challenger")
+    force: bool = Field(False, description="allow a rolled-back version (needs version)")
+    rollback: bool = Field(False, description="move @champion back to @previous-champion")
+    tracking_uri: str | None = None
+    data_dir: str = Field("keeper-data", description="embedded MLflow store when none is set")
+    json_out: str | None = Field(None, description="also write the outcome here (path or s3://)")
+
+    @field_validator("min_gain")
+    @classmethod
+    def _min_gain(cls, v: float) -> float:
+        check_min_gain(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PromoteConfig:
+        if self.rollback and (self.version or self.force):
+            raise ValueError("rollback takes no version or force")
+        if not self.rollback and not (self.embeddings and self.series):
+            raise ValueError("embeddings and series are required (except to roll back)")
+        if self.force and not self.version:
+            raise ValueError("force needs version: a rolled-back version is promoted by number")
+        return self
 
 
 @dataclass(frozen=True)
@@ -55,39 +115,85 @@ def check_min_gain(min_gain: float) -> None:
         raise ConfigError(f"min_gain must be in [-1, 1] (0.01 = 1 point), got {min_gain}")
 
 
-def decide(challenger: SeriesMetrics, champion: SeriesMetrics | None, min_gain: float) -> Decision:
-    """The promotion rule, on metrics of the same series.
+def top1_gain(
+    challenger_ranks: Sequence[int] | np.ndarray,
+    baseline_ranks: Sequence[int] | np.ndarray | None,
+    sizes: Sequence[int] | np.ndarray,
+    confidence: float = 0.95,
+) -> Interval:
+    """The challenger's top-1 gain with its exact interval over series.
 
-    With a champion: promote iff ``challenger.top1 - champion.top1 >= min_gain`` and
-    ``challenger.mrr >= champion.mrr``. Without one: promote iff the challenger's top-1 beats the
-    random baseline (mean 1/len(series)).
+    Args:
+        challenger_ranks: rank of each series' keeper under the challenger (1 = top).
+        baseline_ranks: the same under the champion (a paired sign-test interval, see
+            ``paired_top1_gain``); None compares with a random ranking (mean 1 / len).
+        sizes: images per series.
+        confidence: the interval's coverage.
+    """
+    hit = np.asarray(challenger_ranks) == 1
+    if baseline_ranks is None:
+        chance = float(np.mean(1.0 / np.asarray(sizes, dtype=np.float64)))
+        return top1_gain_over_chance(int(hit.sum()), len(hit), chance, confidence)
+    base = np.asarray(baseline_ranks) == 1
+    wins, losses = int((hit & ~base).sum()), int((~hit & base).sum())
+    return paired_top1_gain(wins, losses, len(hit), confidence)
+
+
+def decide(
+    challenger: SeriesMetrics,
+    champion: SeriesMetrics | None,
+    min_gain: float,
+    gain: Interval | None = None,
+) -> Decision:
+    """The promotion rule, on metrics of the same series (see the module docstring).
+
+    Args:
+        challenger, champion: metrics of the two on the same series (champion None: none yet).
+        min_gain: top-1 gain needed over the champion.
+        gain: the top-1 gain's interval (over the champion, else over random), from
+            ``top1_gain``; None skips the interval test.
 
     Raises:
         ConfigError: min_gain outside [-1, 1].
         DataError: the two were measured on different numbers of series.
     """
     check_min_gain(min_gain)
+    ci = f"; {gain.pts()}" if gain is not None else ""
     if champion is None:
-        vs = f"top-1 {_pct(challenger.top1)} vs random {_pct(challenger.random_top1)}"
-        if challenger.top1 > challenger.random_top1 + _EPS:
-            return Decision(True, f"no champion yet; {vs}: beats random")
-        return Decision(False, f"no champion yet; {vs}: does not beat random")
+        vs = f"top-1 {_pct(challenger.top1)} vs random {_pct(challenger.random_top1)}{ci}"
+        if challenger.top1 <= challenger.random_top1 + _EPS:
+            return Decision(False, f"no champion yet; {vs}: does not beat random")
+        if gain is not None and gain.low <= _EPS:
+            return Decision(False, f"no champion yet; {vs}: not surely better than random")
+        return Decision(True, f"no champion yet; {vs}: beats random")
     if champion.n_series != challenger.n_series:
         raise DataError(
             f"challenger and champion measured on {challenger.n_series} and "
             f"{champion.n_series} series: compare them on the same series"
         )
-    gain = challenger.top1 - champion.top1
+    point = challenger.top1 - champion.top1
     mrr = f"MRR {champion.mrr:.3f} -> {challenger.mrr:.3f}"
-    top1 = f"top-1 {_pct(champion.top1)} -> {_pct(challenger.top1)} ({100 * gain:+.1f} pts"
+    top1 = f"top-1 {_pct(champion.top1)} -> {_pct(challenger.top1)} ({100 * point:+.1f} pts"
     problems = []
-    if gain < min_gain - _EPS:
+    if point < min_gain - _EPS:
         problems.append(f"{top1}, below the {100 * min_gain:+.1f} required)")
+    # A drop the user allows (min_gain < 0) is the bound; otherwise the gain must exclude 0.
+    bound = min(min_gain, 0.0)
+    if gain is not None and gain.low <= bound + _EPS:
+        problems.append(
+            f"not surely better: {gain.pts()} reaches {100 * bound:+.1f} pts "
+            f"on {gain.n} series (one series is {100 / gain.n:.1f} pts)"
+        )
     if challenger.mrr < champion.mrr - _EPS:
         problems.append(f"{mrr} regressed")
     if problems:
         return Decision(False, "; ".join(problems))
-    return Decision(True, f"{top1}, >= {100 * min_gain:+.1f} required); {mrr}")
+    return Decision(True, f"{top1}, >= {100 * min_gain:+.1f} required){ci}; {mrr}")
+
+
+def rolled_back(tags: Mapping[str, str]) -> dict[str, str]:
+    """A version's ``keeper.rollback.rolled_back_*`` tags: non-empty if a rollback retired it."""
+    return {k: v for k, v in tags.items() if k.startswith(ROLLBACK_TAG + "rolled_back")}
 
 
 def _pct(x: float) -> str:
@@ -98,29 +204,90 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def promote(
-    client: Any, name: str, data: evaluate.EvalData, min_gain: float = 0.01
-) -> dict[str, Any]:
-    """Evaluate @challenger (and @champion, if any) on ``data`` and apply ``decide``.
-
-    Returns:
-        The outcome: ``decision`` (promoted, rejected, or unchanged when the challenger already is
-        the champion), ``reason``, the versions, metrics and table.
+def _candidate(client: Any, cfg: PromoteConfig, aliases: Mapping[str, str]) -> tuple[str, Any]:
+    """The version to judge (``cfg.version`` or @challenger) and its registry entry.
 
     Raises:
-        ConfigError: no such registered model, or it has no @challenger.
+        ConfigError: no such version, no @challenger, or a rolled-back version not forced.
+    """
+    from mlflow.exceptions import MlflowException
+
+    name = cfg.name
+    version = cfg.version or aliases.get(tracking.CHALLENGER)
+    if version is None:
+        raise ConfigError(
+            f"{name} has no @{tracking.CHALLENGER} version (train-head --register sets it; "
+            "a rollback removes it from the version it retires)"
+        )
+    try:
+        mv = client.get_model_version(name, version)
+    except MlflowException as e:
+        raise ConfigError(f"{name} has no version {version}: {e.message}") from e
+    retired = rolled_back(mv.tags or {})
+    if retired and not (cfg.version and cfg.force):
+        why = ", ".join(f"{k}={v}" for k, v in sorted(retired.items()))
+        raise ConfigError(
+            f"{name} v{version} was rolled back ({why}); it is promoted again only when named: "
+            f"keeper promote {name} --version {version} --force"
+        )
+    return str(version), mv
+
+
+def _check_overlap(client: Any, cand: Any, data: evaluate.EvalData) -> tuple[str, list[str]]:
+    """Refuse promotion data the candidate trained or validated on; returns (tag, warnings).
+
+    Raises:
+        DataError: the promotion series overlap its recorded train/val split, or (no split
+            recorded) the promotion manifest is the one its run trained on.
+    """
+    from mlflow.exceptions import MlflowException
+
+    label = f"{cand.name} v{cand.version}"
+    split = tracking.training_split(client, cand.run_id)
+    if split is not None:
+        overlap = evaluate.split_overlap(data.rows, split)
+        if overlap.series:
+            raise DataError(
+                f"{overlap.describe()} share images with the series {label} was trained or "
+                "validated on: promote on held-out series only",
+                source=data.series,
+            )
+        return f"none with the recorded split ({overlap.of} series checked)", []
+    try:
+        run_tags = client.get_run(cand.run_id).data.tags if cand.run_id else {}
+    except MlflowException:  # a deleted run: the model version outlives it
+        run_tags = {}
+    if run_tags.get("keeper.manifest_sha256") == data.manifest_sha256:
+        raise DataError(
+            f"{label} was trained on this very manifest: promote on held-out series only",
+            source=data.series,
+        )
+    return "not checked: no split recorded", [
+        f"{label}'s run recorded no {tracking.SPLIT_ARTIFACT}: whether these series are held out "
+        "could not be checked"
+    ]
+
+
+def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[str, Any]:
+    """Evaluate the candidate (and @champion, if any) on ``data`` and apply ``decide``.
+
+    Returns:
+        The outcome: ``decision`` (promoted, rejected, or unchanged when the candidate already is
+        the champion), ``reason``, the versions, metrics, interval and table.
+
+    Raises:
+        ConfigError: no such registered model or version, no @challenger, a rolled-back version.
+        DataError: the promotion series overlap the candidate's training split.
         KeeperError: a version cannot be loaded, or its embedding spec is not the table's.
     """
-    check_min_gain(min_gain)
+    name = cfg.name
     aliases = tracking.aliases(client, name)
-    chal_v, champ_v = aliases.get(tracking.CHALLENGER), aliases.get(tracking.CHAMPION)
-    if chal_v is None:
-        raise ConfigError(
-            f"{name} has no @{tracking.CHALLENGER} version (train-head --register sets it)"
-        )
+    chal_v, mv = _candidate(client, cfg, aliases)
+    champ_v = aliases.get(tracking.CHAMPION)
     out: dict[str, Any] = {"name": name, "challenger": chal_v, "champion": champ_v}
     if chal_v == champ_v:
         return {**out, "decision": "unchanged", "reason": f"v{chal_v} already is the champion"}
+    overlap_tag, warnings = _check_overlap(client, mv, data)
 
     challenger = evaluate.load_model(client, f"models:/{name}/{chal_v}")
     preds = {f"challenger v{chal_v}": evaluate.predict(challenger, data)}
@@ -130,20 +297,40 @@ def promote(
     comparison = evaluate.compare(data, preds)
     m_chal = comparison.results[f"challenger v{chal_v}"]
     m_champ = comparison.results.get(f"champion v{champ_v}")
-    decision = decide(m_chal, m_champ, min_gain)
+
+    def ranks(label: str) -> np.ndarray:
+        score = preds[label]["score"].to_numpy(dtype=np.float64)
+        return best_ranks([score[g.index.to_numpy()] for g in comparison.series], comparison.best)
+
+    gain = top1_gain(
+        ranks(f"challenger v{chal_v}"),
+        ranks(f"champion v{champ_v}") if champ_v is not None else None,
+        [len(g) for g in comparison.series],
+        cfg.confidence,
+    )
+    decision = decide(m_chal, m_champ, cfg.min_gain, gain if cfg.ci_gate else None)
 
     tags = {
         "decision": "promoted" if decision.promote else "rejected",
         "reason": decision.reason,
         "timestamp": _now(),
-        "min_gain": str(min_gain),
+        "min_gain": str(cfg.min_gain),
+        "ci_gate": str(cfg.ci_gate).lower(),
         "series": data.series,
         "n_series": str(m_chal.n_series),
         "challenger_top1": f"{m_chal.top1:.6f}",
         "challenger_mrr": f"{m_chal.mrr:.6f}",
         "random_top1": f"{m_chal.random_top1:.6f}",
         "champion_version": champ_v or "none",
+        "gain_vs": "champion" if champ_v is not None else "random",
+        "gain_top1": f"{gain.estimate:.6f}",
+        "gain_ci_low": f"{gain.low:.6f}",
+        "gain_ci_high": f"{gain.high:.6f}",
+        "gain_ci_confidence": f"{gain.confidence:g}",
+        "overlap": overlap_tag,
     }
+    if cfg.force:
+        tags["forced_after_rollback"] = "true"
     if m_champ is not None:
         tags |= {"champion_top1": f"{m_champ.top1:.6f}", "champion_mrr": f"{m_champ.mrr:.6f}"}
     if decision.promote:
@@ -157,8 +344,11 @@ def promote(
         **out,
         "decision": tags["decision"],
         "reason": decision.reason,
-        "min_gain": min_gain,
+        "min_gain": cfg.min_gain,
+        "gain": asdict(gain),
+        "gain_vs": tags["gain_vs"],
         "series_scored": len(comparison.series),
+        "warnings": warnings,
         "metrics": {k: v.as_dict() for k, v in comparison.results.items()},
         "table": comparison.table(),
     }
@@ -168,7 +358,9 @@ def rollback(client: Any, name: str) -> dict[str, Any]:
     """Move @champion back to @previous-champion, recording ``keeper.rollback.*`` tags.
 
     The version restored becomes the champion; @previous-champion then points to the champion
-    that one had replaced (its ``keeper.promotion.previous_champion`` tag), or is removed.
+    that one had replaced (its ``keeper.promotion.previous_champion`` tag), or is removed. The
+    version taken out of service is tagged ``keeper.rollback.rolled_back_at/_to`` and loses
+    @challenger if it held it, so no later ``keeper promote`` puts it back unasked.
 
     Raises:
         ConfigError: no such registered model, or no previous champion to go back to.
@@ -182,11 +374,15 @@ def rollback(client: Any, name: str) -> dict[str, Any]:
         )
     ts = _now()
     client.set_registered_model_alias(name, tracking.CHAMPION, prev)
-    client.set_model_version_tag(name, prev, "keeper.rollback.restored_at", ts)
-    client.set_model_version_tag(name, prev, "keeper.rollback.restored_from", current or "none")
+    client.set_model_version_tag(name, prev, ROLLBACK_TAG + "restored_at", ts)
+    client.set_model_version_tag(name, prev, ROLLBACK_TAG + "restored_from", current or "none")
+    challenger_removed = False
     if current is not None:
-        client.set_model_version_tag(name, current, "keeper.rollback.rolled_back_at", ts)
-        client.set_model_version_tag(name, current, "keeper.rollback.rolled_back_to", prev)
+        client.set_model_version_tag(name, current, ROLLBACK_TAG + "rolled_back_at", ts)
+        client.set_model_version_tag(name, current, ROLLBACK_TAG + "rolled_back_to", prev)
+        if aliases.get(tracking.CHALLENGER) == current:
+            client.delete_registered_model_alias(name, tracking.CHALLENGER)
+            challenger_removed = True
     earlier = client.get_model_version(name, prev).tags.get(TAG + "previous_champion")
     if earlier and earlier != current:
         client.set_registered_model_alias(name, tracking.PREVIOUS_CHAMPION, earlier)
@@ -199,59 +395,55 @@ def rollback(client: Any, name: str) -> dict[str, Any]:
         "champion": prev,
         "replaced": current,
         "previous_champion": earlier,
+        "challenger_removed": challenger_removed,
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """``keeper promote NAME ...`` (or ``--rollback``); prints and returns the outcome."""
+def run(cfg: PromoteConfig) -> dict[str, Any]:
+    """Promote (or roll back) as ``cfg`` says; returns the outcome (``format_outcome`` prints it).
+
+    Raises:
+        KeeperError: refused (see ``promote`` and ``rollback``), or the data cannot be read.
+    """
     import mlflow
 
-    check_min_gain(args.min_gain)
-    if not args.rollback and not (args.embeddings and args.series):
-        raise ConfigError("--embeddings and --series are required (except with --rollback)")
-    uri = tracking.tracking_uri(args.tracking_uri, args.data_dir)
-    mlflow.set_tracking_uri(uri)
+    # The data first: a wrong path fails before any registry is touched.
+    data = None if cfg.rollback else evaluate.load_data(str(cfg.embeddings), str(cfg.series))
+    uri = tracking.tracking_uri(cfg.tracking_uri, cfg.data_dir)
+    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the global tracking URI
     client = mlflow.MlflowClient(uri)
-    if args.rollback:
-        result = rollback(client, args.name)
-        was = f"v{result['replaced']}" if result["replaced"] else "none"
-        print(f"rolled back {args.name}: @champion {was} -> v{result['champion']}")
-    else:
-        data = evaluate.load_data(args.embeddings, args.series)
-        result = promote(client, args.name, data, args.min_gain)
-        if "table" in result:
-            print(result["table"])
-        verdict = {"promoted": "PROMOTED", "rejected": "REJECTED"}.get(result["decision"], "NO-OP")
-        was = f"v{result['champion']}" if result["champion"] else "none"
-        print(
-            f"{verdict} {args.name} v{result['challenger']} (champion was {was}): {result['reason']}"
-        )
+    result = rollback(client, cfg.name) if data is None else promote(client, cfg, data)
     result["tracking_uri"] = uri
-    if args.json:
-        storage.write_bytes(args.json, json.dumps(result, indent=2).encode())
+    if cfg.json_out:
+        storage.write_bytes(cfg.json_out, json.dumps(result, indent=2).encode())
     return result
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    """``run`` with keeper's exit codes: 0 decided (promoted or not), 2 refused."""
-    try:
-        run(args)
-    except KeeperError as e:
-        print(f"keeper promote: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def format_outcome(result: Mapping[str, Any]) -> str:
+    """What ``keeper promote`` prints: the table, any warning, and the verdict line."""
+    name = result["name"]
+    if result["decision"] == "rolled-back":
+        was = f"v{result['replaced']}" if result["replaced"] else "none"
+        line = f"rolled back {name}: @champion {was} -> v{result['champion']}"
+        if result["challenger_removed"]:
+            line += f" ({was} is no longer @{tracking.CHALLENGER})"
+        return line
+    lines = [result["table"]] if "table" in result else []
+    lines += [f"WARNING: {w}" for w in result.get("warnings", [])]
+    verdict = {"promoted": "PROMOTED", "rejected": "REJECTED"}.get(result["decision"], "NO-OP")
+    was = f"v{result['champion']}" if result["champion"] else "none"
+    lines.append(
+        f"{verdict} {name} v{result['challenger']} (champion was {was}): {result['reason']}"
+    )
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m keeper_train.jobs.promote NAME --embeddings DIR --series MANIFEST``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m keeper_train.jobs.promote", description=__doc__.split("\n")[0]
-    )
-    add_promote_arguments(parser)
-    return run_cli(parser.parse_args(argv))
+    """``python -m keeper_train.jobs.promote ARGS`` is ``keeper promote ARGS``."""
+    from keeper_core.cli import main as keeper
+
+    return keeper(["promote", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    from keeper_train.jobs import promote as job
-
-    sys.exit(job.main())
+    sys.exit(main())
