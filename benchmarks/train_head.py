@@ -14,8 +14,8 @@ is one pass over the train series plus an evaluation on val, as in the job.
    a local Ray of its own, exactly as ``keeper train-head`` runs it: data-parallel (DDP, gloo), a
    checkpoint per epoch to local storage, per-epoch metrics to MLflow (sqlite under --cache).
    A controller callback stamps the wall time of every ``ray.train.report``, so start-up
-   (fit() called -> first epoch begins: controller, worker group, process group, model, data
-   shipped) is split from the steady epoch time (median gap between reports) and teardown.
+   (fit() called -> first epoch begins: controller, worker group, process group, model, each
+   worker reading its Ray Data shard) is split from the steady epoch time (median gap between reports) and teardown.
    Each runs twice: with Ray's default controller poll (2 s) and with the job's
    ``report_poll_s`` (0.2 s). The controller drains reports once per poll through a queue of
    one, so no epoch is shorter than the poll.
@@ -138,6 +138,8 @@ def ray_fit(
             tracking_uri=tracking_uri,
             run_name=run_name,
         ),
+        datasets=train_head.datasets(p, workers, cfg.seed),
+        dataset_config=train_head.data_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -157,7 +159,7 @@ def ray_fit(
     times = [float(x) for x in stamps.read_text().split()]
     if len(times) != cfg.epochs:
         raise AssertionError(f"{len(times)} reports for {cfg.epochs} epochs")
-    gaps = list(np.diff(times))
+    gaps = [float(g) for g in np.diff(times)]
     steady = float(np.median(gaps))
     # The first report ends the first epoch: start-up is what came before it, less one epoch.
     startup = times[0] - t0 - steady

@@ -1,13 +1,28 @@
-"""Joining a series manifest to an embedding table (from ``keeper embed``)."""
+"""Joining a series manifest to an embedding table (from ``keeper embed``).
+
+Both sides name images by the URI keeper embed recorded: ``read_series_manifest`` resolves a
+manifest's relative ``image_uri`` against the manifest's folder with the same function keeper
+embed uses (``keeper_core.storage.resolve``). Local paths are compared normalised and absolute,
+so ``corpus/manifest.csv`` and ``./corpus/manifest.csv`` (or its absolute path) join the same
+table.
+"""
 
 from __future__ import annotations
+
+import logging
+import os
 
 import pandas as pd
 
 from keeper_core import storage
 from keeper_core.embedding import check_same_spec
-from keeper_core.errors import DataError
+from keeper_core.errors import DataError, StorageError
 from keeper_core.series import read_series_manifest
+
+log = logging.getLogger("keeper.data")
+
+_KEY = "_join_key"
+_EXAMPLES = 3
 
 
 def read_embeddings(embeddings: str) -> pd.DataFrame:
@@ -18,23 +33,78 @@ def read_embeddings(embeddings: str) -> pd.DataFrame:
     return table
 
 
+def join_key(uri: str) -> str:
+    """What ``uri`` is compared as: local paths absolute and normalised, other URIs as they are."""
+    if storage.is_s3(uri) or ("://" in uri and not uri.startswith("file://")):
+        return uri
+    return os.path.normpath(os.path.abspath(uri.removeprefix("file://")))
+
+
 def join_series(embeddings: str, series: str) -> tuple[pd.DataFrame, str, int, pd.DataFrame]:
     """Manifest rows with their embedding-table columns, for series whose images all have one.
 
+    A series with an image missing from the table is dropped, with a warning that says how
+    many series and images, and how many of those images keeper embed recorded as failed.
+
     Returns:
-        (rows in manifest order with a fresh index, the embedding model spec, the number of
-        series dropped because an image has no embedding, the raw embedding table).
+        (rows in manifest order with a fresh index and the manifest's resolved ``image_uri``,
+        the embedding model spec, the number of series dropped because an image has no
+        embedding, the raw embedding table).
 
     Raises:
-        DataError: empty table, mixed model specs, or no complete series at all.
+        DataError: empty table, mixed model specs, an image twice in the table, or no complete
+            series at all (naming how many images matched and examples of both sides).
     """
     manifest = read_series_manifest(series)
     table = read_embeddings(embeddings)
     spec = check_same_spec(*set(table["model_spec"].astype(str)))
-    df = manifest.merge(table, on="image_uri", how="left", validate="one_to_one")
-    complete = df.groupby("series_id")["embedding"].transform(lambda s: s.notna().all())
+    keyed = table.drop(columns=["image_uri"]).assign(
+        **{_KEY: [join_key(str(u)) for u in table["image_uri"]]}
+    )
+    dup = keyed[_KEY].duplicated(keep=False)
+    if dup.any():
+        raise DataError(
+            f"the embedding table holds {int(dup.sum())} rows for "
+            f"{keyed.loc[dup, _KEY].nunique()} images embedded twice, e.g. "
+            f"{keyed.loc[dup, _KEY].iloc[0]!r}",
+            source=embeddings,
+        )
+    df = manifest.assign(**{_KEY: [join_key(u) for u in manifest["image_uri"]]}).merge(
+        keyed, on=_KEY, how="left", validate="one_to_one"
+    )
+    missing = df["embedding"].isna()
+    complete = ~missing.groupby(df["series_id"]).transform("any")
     dropped = int(df.loc[~complete, "series_id"].nunique())
-    df = df[complete.to_numpy()].reset_index(drop=True)
-    if df.empty:
-        raise DataError("no series has an embedding for every image", source=series)
+    if missing.any():
+        why = _why_missing(df.loc[missing, "image_uri"].tolist(), embeddings)
+        n_series = df["series_id"].nunique()
+        if complete.any():
+            log.warning("dropped %d of %d series: %s", dropped, n_series, why)
+        else:
+            raise DataError(
+                f"no series has an embedding for every image: {why}; the table's URIs look "
+                f"like {table['image_uri'].head(_EXAMPLES).tolist()} (was it embedded from "
+                "this manifest?)",
+                source=series,
+            )
+    df = df[complete.to_numpy()].drop(columns=[_KEY]).reset_index(drop=True)
     return df, spec, dropped, table
+
+
+def _why_missing(uris: list[str], embeddings: str) -> str:
+    """How many images lack an embedding, how many keeper embed recorded as failed, examples."""
+    failed = _failed_keys(embeddings)
+    n_failed = sum(join_key(u) in failed for u in uris)
+    return (
+        f"{len(uris)} images have no embedding ({n_failed} recorded as failed under "
+        f"{storage.join(embeddings, 'errors')}, {len(uris) - n_failed} never embedded), "
+        f"e.g. {uris[:_EXAMPLES]}"
+    )
+
+
+def _failed_keys(embeddings: str) -> set[str]:
+    try:
+        errors = storage.read_parquet(storage.join(embeddings, "errors"), columns=["image_uri"])
+    except (StorageError, DataError):  # no errors table: nothing failed
+        return set()
+    return {join_key(str(u)) for u in errors.column(0).to_pylist()}

@@ -8,8 +8,10 @@
 The driver joins the embedding table (from ``keeper embed``) to the series manifest, splits by
 series (or by another column, e.g. ``base_photo``) deterministically, standardises the quality
 features with train statistics, and hands the train and val series to a Ray Train
-``TorchTrainer``: data-parallel workers, a checkpoint every epoch (local or ``s3://``), resumed
-from the latest one when a worker is lost, early stopping on val top-1. The best epoch's weights are
+``TorchTrainer`` as Ray Datasets (one Arrow row per series; the train set padded so every worker
+gets an equal shard and makes the same number of steps, see ``keeper_core.training``):
+data-parallel workers, a checkpoint every epoch (local or ``s3://``), resumed from the latest one
+when a worker is lost, early stopping on val top-1. The best epoch's weights are
 the model. One MLflow run holds everything: parameters, dataset fingerprints, per-epoch metrics
 (logged by rank 0 only), the test table beside its baselines (sharpness rule, aesthetic prompt
 score, a pairwise-loss head) and the model (a pyfunc over safetensors + JSON, no pickle),
@@ -23,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -50,7 +53,16 @@ from keeper_core.ranker import (
     series_arrays,
 )
 from keeper_core.series import split_series
-from keeper_core.training import LossKind, Series, evaluate, train_epoch
+from keeper_core.training import (
+    LossKind,
+    Series,
+    evaluate,
+    series_from_arrow,
+    series_to_arrow,
+    shard_order,
+    steps_per_epoch,
+    train_epoch,
+)
 from keeper_train.config import load_config
 from keeper_train.data import join_series
 
@@ -75,7 +87,9 @@ class TrainHeadConfig(BaseModel):
     epochs: int = Field(40, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(32, ge=1, description="series per batch per worker")
+    batch_size: int = Field(
+        32, ge=1, description="series per batch per worker (a step sees num_workers x this)"
+    )
     patience: int = Field(10, ge=1, description="epochs without val top-1 gain before stopping")
     seed: int = 0
     split_by: str = Field("series_id", description="column that keeps rows in one split")
@@ -238,16 +252,30 @@ def _state_path(d: str) -> Path:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Data-parallel training: each worker takes a shard of the train series every epoch."""
+    """Data-parallel training: each worker trains on its equal shard of the train series.
+
+    Every worker reads its shard once (``get_dataset_shard("train")``), checks it holds
+    ``ceil(train_series / world)`` series (so all make the same number of all-reduce steps; a
+    mismatch fails the run instead of hanging it), shuffles it every epoch with a generator seeded
+    by (seed, epoch, rank), and evaluates the whole val set, so every worker takes the same
+    early-stopping decision.
+    """
     import mlflow
     import ray.train
     import ray.train.torch
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train = _read_dataset("train")
+    val = _read_dataset("val")
+    expected = math.ceil(config["train_series"] / world)
+    if len(train) != expected:
+        raise DataError(
+            f"worker {rank} of {world} got {len(train)} train series, expected {expected}: "
+            "unequal shards would make unequal numbers of all-reduce steps"
+        )
     torch.manual_seed(config["seed"])
-    head_cfg = HeadConfig.model_validate(config["head"])
-    model = make_head(head_cfg)
+    model = make_head(HeadConfig.model_validate(config["head"]))
     opt = torch.optim.AdamW(
         model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"]
     )
@@ -262,36 +290,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start, best_top1, best_epoch = state["epoch"] + 1, state["best_top1"], state["best_epoch"]
         stale, best_state = state["stale"], state["best_model"]
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(model)
-    plain = model.module if hasattr(model, "module") else model
-    train: list[Series] = config["train"]
-    shard = train[rank::world]
+    # DDP wraps `model` itself (moved to the device in place), so `model` stays the plain head.
+    trained = ray.train.torch.prepare_model(model)
+    assert isinstance(trained, torch.nn.Module)
     client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
 
     for epoch in range(start, config["epochs"]):
         _maybe_fail(config, epoch, rank)
         rng = np.random.default_rng([config["seed"], epoch, rank])
         loss = train_epoch(
-            model,
+            trained,
             opt,
-            shard,
+            train,
             batch_size=config["batch_size"],
             loss=config["loss"],
             rng=rng,
             device=device,
         )
-        val = evaluate(plain, config["val"], device=str(device))
-        if val.top1 > best_top1:
-            best_top1, best_epoch, stale = val.top1, epoch, 0
-            best_state = {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}
+        loss = _mean_over_workers(loss, world, device)
+        metrics_val = evaluate(model, val, device=str(device))
+        if metrics_val.top1 > best_top1:
+            best_top1, best_epoch, stale = metrics_val.top1, epoch, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
         stop = stale >= config["patience"]
         metrics = {
             "epoch": epoch,
             "train_loss": loss,
-            "val_top1": val.top1,
-            "val_mrr": val.mrr,
+            "val_top1": metrics_val.top1,
+            "val_mrr": metrics_val.mrr,
             "best_val_top1": best_top1,
             "best_epoch": best_epoch,
         }
@@ -300,7 +328,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 torch.save(
                     {
-                        "model": plain.state_dict(),
+                        "model": model.state_dict(),
                         "optimizer": opt.state_dict(),
                         "epoch": epoch,
                         "best_top1": best_top1,
@@ -317,6 +345,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 client.log_metric(config["run_id"], key, float(metrics[key]), step=epoch)
         if stop:
             break
+
+
+def _read_dataset(name: str) -> list[Series]:
+    """This worker's part of a dataset passed to the trainer, read once, in series order."""
+    import ray.train
+
+    it = ray.train.get_dataset_shard(name)
+    return series_from_arrow(list(it.iter_batches(batch_size=None, batch_format="pyarrow")))
+
+
+def _mean_over_workers(value: float, world: int, device: torch.device) -> float:
+    """The mean of ``value`` over the workers (equal shards: the epoch's loss per series)."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL takes CUDA tensors
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / world
 
 
 def _maybe_fail(config: dict[str, Any], epoch: int, rank: int) -> None:
@@ -337,11 +382,10 @@ def _maybe_fail(config: dict[str, Any], epoch: int, rank: int) -> None:
 def loop_config(
     cfg: TrainHeadConfig, prepared: Prepared, *, run_id: str, tracking_uri: str, run_name: str
 ) -> dict[str, Any]:
-    """What every worker's ``train_loop_per_worker`` receives."""
+    """What every worker's ``train_loop_per_worker`` receives (the series go in ``datasets``)."""
     return {
         "head": prepared.ranker_config.head.model_dump(),
-        "train": prepared.splits["train"],
-        "val": prepared.splits["val"],
+        "train_series": len(prepared.splits["train"]),
         "epochs": cfg.epochs,
         "lr": cfg.lr,
         "weight_decay": cfg.weight_decay,
@@ -355,6 +399,45 @@ def loop_config(
         "storage": cfg.storage,
         "run_name": run_name,
     }
+
+
+BLOCK_SERIES = 1024  # series per Ray Data block: ~10 MB at 5 images x 516 float32 features
+
+
+def datasets(prepared: Prepared, num_workers: int, seed: int) -> dict[str, Any]:
+    """The trainer's ``datasets``: train padded for ``num_workers`` equal shards, val whole.
+
+    Val is not split: every worker evaluates all of it, so all take the same early-stopping
+    decision without a collective (and must, or some would report once more than others).
+    """
+    import ray.data
+
+    def dataset(table: Any) -> Any:
+        rows = range(0, table.num_rows, BLOCK_SERIES)
+        ds = ray.data.from_arrow([table.slice(i, BLOCK_SERIES) for i in rows])
+        # Read once per worker from memory: a progress bar per worker would be noise.
+        ds.context.enable_progress_bars = False
+        return ds
+
+    train = prepared.splits["train"]
+    return {
+        "train": dataset(series_to_arrow(train, shard_order(len(train), num_workers, seed))),
+        "val": dataset(series_to_arrow(prepared.splits["val"])),
+    }
+
+
+def data_config() -> Any:
+    """Split train equally (Ray's streaming_split(equal=True)), in order, deterministically.
+
+    preserve_order makes the split ignore locality, so each rank gets the same series on every
+    run and after every restart; equal=True gives each ``len / world`` rows, which
+    ``shard_order``'s padding makes exact (no row is truncated).
+    """
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options={"train": options})
 
 
 def _storage_for_ray(uri: str) -> tuple[str, Any]:
@@ -430,6 +513,11 @@ def run(cfg: TrainHeadConfig) -> dict[str, Any]:
     prepared = prepare(cfg)
     counts = {k: len(v) for k, v in prepared.splits.items()}
     log.info("series: %s (dropped %d without embeddings)", counts, prepared.dropped_series)
+    n, w = counts["train"], cfg.num_workers
+    log.info(
+        "%d worker(s) x %d train series (%d repeated for equal shards), %d steps an epoch",
+        w, math.ceil(n / w), w * math.ceil(n / w) - n, steps_per_epoch(n, w, cfg.batch_size),
+    )  # fmt: skip
 
     uri = tracking.tracking_uri(cfg.tracking_uri, cfg.data_dir)
     mlflow.set_tracking_uri(uri)
@@ -453,6 +541,8 @@ def run(cfg: TrainHeadConfig) -> dict[str, Any]:
             train_loop_config=loop_config(
                 cfg, prepared, run_id=run_id, tracking_uri=uri, run_name=run_name
             ),
+            datasets=datasets(prepared, cfg.num_workers, cfg.seed),
+            dataset_config=data_config(),
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.num_workers, use_gpu=cfg.use_gpu
             ),
