@@ -1,4 +1,4 @@
-"""The issue's quality bar: trained series heads against the sharpness rule and random.
+"""Series-ranking quality: trained heads against the sharpness rule and random.
 
     .venv/bin/python benchmarks/quality_bar.py [--series 660] [--seeds 0,1,2] [--tune] \
         [--ray-job] [--out benchmarks/results/quality_bar.json]
@@ -12,23 +12,26 @@ one process: same head, loss, batches, early stopping on val top-1), once per ``
 
 - ``series``: hash split by series, 0.7 / 0.15 / 0.15 (``split_by=series_id``). Every base photo
   is in train, val and test: it measures ranking new bursts of scenes the head has seen.
-- ``photo``: by base photo, as cross-validation. The 17 photos are dealt into 4 test folds; in a
-  fold, 3 photos of the next fold are val and the other 9-10 photos train (``split_by=base_photo``
-  with ``val_groups`` and ``test_groups``). Each photo is test once, so a seed's figures pool
-  all 660 series; per-fold figures are in the JSON.
+- ``photo``: by base photo, as cross-validation. The 17 photos are dealt into 4 groups; outer
+  fold k tests group k, validates (early stopping) on 3 photos of group k+1 and trains on the
+  other 9-10 photos (``split_by=base_photo`` with ``val_groups`` and ``test_groups``). Each photo
+  is test once, so a seed's figures pool all 660 series; per-fold figures are in the JSON.
 
 Rows: MLP and series transformer on embedding+quality, MLP on the embedding only and on the
 quality features only (mean +- sample std over seeds), then the untrained rules: sharpness (the
 highest log Laplacian variance), aesthetic prompts (``keeper_core.scoring`` on the same
 embeddings, as ``train_head.baseline_metrics``) and the random ranker's expected value.
 
-``--tune`` picks each row's hyper-parameters from a small grid by mean val top-1 over every fold
-of both splits (seed 0), never by test, and prints them; ``CHOSEN`` holds the last such choice
-(its full log: benchmarks/results/quality_bar_tuning.json) and is used without ``--tune``.
-Every run uses one torch thread, so the figures repeat exactly on the same machine. ``--ray-job`` also runs one real ``train_head.run`` (Ray Train,
-1 worker, MLflow in a sqlite file under --cache, baselines on) of the chosen MLP on the series
-split, seed 0: with one worker it follows the same recipe, so it should match the MLP's seed-0
-test figures.
+Hyper-parameters never see the series they are tested on. ``--tune`` picks each row's grid point
+by val top-1 (seed 0), separately for every outer fold: on the series split from its val series;
+on the photo split by nested cross-validation inside the outer fold's 12-13 non-test photos (3
+inner folds, each validating on 3 photos of another group and training on the rest; the outer
+fold's test photos are in no inner fold's train or val). The choices are printed and recorded
+(benchmarks/results/quality_bar_tuning.json); ``CHOSEN`` and ``CHOSEN_PHOTO`` hold them for runs
+without ``--tune``. Every run uses one torch thread, so the figures repeat exactly on the same
+machine. ``--ray-job`` also runs one real ``train_head.run`` (Ray Train, 1 worker, MLflow in a
+sqlite file under --cache, baselines on) of the chosen MLP on the series split, seed 0: with one
+worker it follows the same recipe, so it should match the MLP's seed-0 test figures.
 """
 
 from __future__ import annotations
@@ -70,34 +73,53 @@ HEADS: dict[str, tuple[str, str]] = {
 MAIN = "MLP, embedding+quality"
 #: Every run: up to 80 epochs, the best val top-1 epoch kept, stop after 20 without a gain.
 COMMON: dict[str, Any] = {"epochs": 80, "patience": 20}
-#: Per row, the grid point ``--tune`` chose on val (benchmarks/results/quality_bar_tuning.json).
-CHOSEN: dict[str, dict[str, Any]] = {
-    "MLP, embedding+quality": {
-        "hidden": 64, "layers": 2, "dropout": 0.1, "lr": 1e-3, "batch_size": 32,
-    },
-    "transformer, embedding+quality": {"hidden": 32, "layers": 2, "dropout": 0.1, "lr": 1e-3},
-    "MLP, embedding only": {
-        "hidden": 256, "layers": 2, "dropout": 0.1, "lr": 3e-3, "batch_size": 16,
-    },
-    "MLP, quality only": {"hidden": 64, "layers": 1, "dropout": 0.1, "lr": 3e-3, "batch_size": 32},
-}  # fmt: skip
-#: What ``--tune`` searches. weight_decay is left at its default: 1e-4 and 1e-2 gave the same val
-#: top-1 to the first decimal in a first pass (AdamW's decoupled decay is tiny at these lr).
+Choice = dict[str, dict[str, Any]]  # row -> the grid point chosen for it
+#: What ``--tune`` searches. Nested selection trains every grid point 13 times (1 series fold +
+#: 4 outer x 3 inner photo folds), so the grid is kept small (``--tune`` took 24 minutes on 2
+#: shared cores): dropout (0.1), batch_size (32), weight_decay (1e-4) and the transformer's
+#: layers (2) stay at the job's defaults.
 GRID: dict[str, dict[str, list[Any]]] = {
-    "mlp": {
-        "hidden": [32, 64, 256],
-        "layers": [1, 2],
-        "dropout": [0.1, 0.3],
-        "lr": [1e-3, 3e-3],
-        "batch_size": [16, 32],
-    },
-    "transformer": {
-        "hidden": [32, 64, 128],
-        "layers": [1, 2],
-        "dropout": [0.1, 0.3],
-        "lr": [3e-4, 1e-3],
-    },
+    "mlp": {"hidden": [32, 64, 256], "layers": [1, 2], "lr": [1e-3, 3e-3]},
+    "transformer": {"hidden": [32, 64], "lr": [3e-4, 1e-3]},
 }
+SELECTION = (
+    "per outer fold and row, the grid point with the best mean val top-1 (seed 0): series split "
+    "on its val series; photo split on 3 inner folds of the outer fold's non-test photos"
+)
+#: The choices of the last ``--tune`` (benchmarks/results/quality_bar_tuning.json): the series
+#: split's, and each photo fold's.
+CHOSEN: Choice = {
+    "MLP, embedding+quality": {"hidden": 256, "layers": 2, "lr": 0.003},
+    "transformer, embedding+quality": {"hidden": 32, "lr": 0.0003},
+    "MLP, embedding only": {"hidden": 32, "layers": 1, "lr": 0.003},
+    "MLP, quality only": {"hidden": 32, "layers": 2, "lr": 0.003},
+}  # fmt: skip
+CHOSEN_PHOTO: list[Choice] = [
+    {
+        "MLP, embedding+quality": {"hidden": 32, "layers": 1, "lr": 0.003},
+        "transformer, embedding+quality": {"hidden": 32, "lr": 0.001},
+        "MLP, embedding only": {"hidden": 32, "layers": 2, "lr": 0.003},
+        "MLP, quality only": {"hidden": 64, "layers": 1, "lr": 0.003},
+    },
+    {
+        "MLP, embedding+quality": {"hidden": 32, "layers": 2, "lr": 0.003},
+        "transformer, embedding+quality": {"hidden": 32, "lr": 0.001},
+        "MLP, embedding only": {"hidden": 256, "layers": 2, "lr": 0.003},
+        "MLP, quality only": {"hidden": 256, "layers": 1, "lr": 0.003},
+    },
+    {
+        "MLP, embedding+quality": {"hidden": 64, "layers": 2, "lr": 0.001},
+        "transformer, embedding+quality": {"hidden": 32, "lr": 0.0003},
+        "MLP, embedding only": {"hidden": 256, "layers": 2, "lr": 0.003},
+        "MLP, quality only": {"hidden": 64, "layers": 1, "lr": 0.003},
+    },
+    {
+        "MLP, embedding+quality": {"hidden": 64, "layers": 2, "lr": 0.003},
+        "transformer, embedding+quality": {"hidden": 32, "lr": 0.001},
+        "MLP, embedding only": {"hidden": 64, "layers": 2, "lr": 0.003},
+        "MLP, quality only": {"hidden": 256, "layers": 1, "lr": 0.003},
+    },
+]  # fmt: skip
 HP_KEYS = ("hidden", "layers", "heads", "dropout", "lr", "weight_decay", "batch_size")
 
 
@@ -115,16 +137,32 @@ def make_data(cache: Path, n_series: int, seed: int) -> tuple[str, str]:
     out = cache / f"emb-{corpus.name}-{MODEL.replace(':', '_')}"
     # The job resumes: on a finished table it finds nothing to do.
     summary = embed.run(embed.EmbedConfig(input=str(manifest), output=str(out), model=MODEL))
-    if summary["counts"]["failed"]:
-        raise SystemExit(f"embedding failed: {summary['counts']}")
+    if summary.counts.failed:
+        raise SystemExit(f"embedding failed: {summary.counts}")
     return str(out), str(manifest)
 
 
-def photo_folds() -> list[tuple[list[str], list[str]]]:
-    """(val photos, test photos) per fold; every photo is test exactly once."""
+def photo_groups() -> list[list[str]]:
+    """The photos dealt into ``N_FOLDS`` groups; outer fold k tests group k."""
     order = [PHOTOS[i] for i in np.random.default_rng(0).permutation(len(PHOTOS))]
-    tests = [order[k::N_FOLDS] for k in range(N_FOLDS)]
-    return [(tests[(k + 1) % N_FOLDS][:N_VAL_PHOTOS], tests[k]) for k in range(N_FOLDS)]
+    return [order[k::N_FOLDS] for k in range(N_FOLDS)]
+
+
+def photo_folds() -> list[tuple[list[str], list[str]]]:
+    """(val photos, test photos) per outer fold; every photo is test exactly once."""
+    g = photo_groups()
+    return [(g[(k + 1) % N_FOLDS][:N_VAL_PHOTOS], g[k]) for k in range(N_FOLDS)]
+
+
+def inner_folds(k: int) -> list[tuple[list[str], list[str]]]:
+    """(val photos, held-out photos) of the inner folds that choose outer fold k's settings.
+
+    Each validates on 3 photos of another group and trains on the rest of the non-test photos.
+    Outer fold k's test photos go to the inner fold's test split only to keep them out of its
+    train and val: tuning reads val alone.
+    """
+    g = photo_groups()
+    return [(g[j][:N_VAL_PHOTOS], g[k]) for j in range(N_FOLDS) if j != k]
 
 
 def split_fields(emb: str, manifest: str) -> dict[str, list[dict[str, Any]]]:
@@ -136,6 +174,22 @@ def split_fields(emb: str, manifest: str) -> dict[str, list[dict[str, Any]]]:
         for val, test in photo_folds()
     ]
     return {"series": series, "photo": photo}
+
+
+def tuning_folds(
+    emb: str, manifest: str, outer: dict[str, list[Fold]]
+) -> dict[str, list[list[Fold]]]:
+    """Split name -> per outer fold, the folds whose val top-1 chooses its settings.
+
+    The series split tunes on its own val series (its test series are never read); the photo
+    split on ``inner_folds``.
+    """
+    base = {"embeddings": emb, "series": manifest, "split_by": "base_photo"}
+    photo = [
+        [Fold({**base, "val_groups": val, "test_groups": held}) for val, held in inner_folds(k)]
+        for k in range(N_FOLDS)
+    ]
+    return {"series": [[f] for f in outer["series"]], "photo": photo}
 
 
 class Fold:
@@ -166,6 +220,19 @@ class Fold:
 
     def rows(self, split: str) -> list[np.ndarray]:
         return next(iter(self._prepared.values())).rows[split]
+
+    def series_ids(self, *splits: str) -> set[str]:
+        """The ids of the series in ``splits`` of this fold."""
+        t = self.prepared(MAIN, {}).table
+        return set(t.loc[t["split"].isin(splits), "series_id"].astype(str))
+
+
+def check_nested(outer: Fold, tuning: list[Fold]) -> None:
+    """Refuse to tune on series that the outer fold tests on (in train or in val)."""
+    test = outer.series_ids("test")
+    for f in tuning:
+        if seen := test & f.series_ids("train", "val"):
+            raise SystemExit(f"tuning fold {f.fields} sees {len(seen)} of the outer test series")
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,28 +293,43 @@ def grid(kind: str) -> list[dict[str, Any]]:
     return [dict(zip(keys, v, strict=True)) for v in itertools.product(*values)]
 
 
-def tune(folds: list[Fold]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """Per row, the grid point with the best mean val top-1 over ``folds`` (seed 0)."""
+def tune(
+    outer: dict[str, list[Fold]], tuning: dict[str, list[list[Fold]]]
+) -> tuple[dict[str, list[Choice]], list[dict[str, Any]]]:
+    """Per split, outer fold and row, the grid point with the best mean val top-1 (seed 0).
+
+    The mean is over that outer fold's tuning folds (``tuning_folds``), never its test series.
+    Returns the choices (split -> one ``Choice`` per outer fold) and every grid point's scores.
+    """
     log: list[dict[str, Any]] = []
-    chosen: dict[str, dict[str, Any]] = {}
-    for row, (kind, _) in HEADS.items():
-        best_score, best_hp = -1.0, {}
-        for hp in grid(kind):
-            t0 = time.perf_counter()
-            vals = []
-            for fold in folds:
-                v, _ = train(fold, row, hp, 0)
-                vals.append(series_metrics(v, fold.best("val")).top1)
-            score = float(np.mean(vals))
-            log.append({"row": row, **hp, "val_top1": round(score, 4), "per_fold": vals})
-            print(
-                f"  tune {row}: {hp} val top1 {100 * score:.1f} ({time.perf_counter() - t0:.0f}s)",
-                flush=True,
-            )
-            if score > best_score:  # ties keep the earlier, smaller point
-                best_score, best_hp = score, hp
-        chosen[row] = best_hp
-        print(f"chosen for {row}: {best_hp} (val top1 {100 * best_score:.1f})", flush=True)
+    chosen: dict[str, list[Choice]] = {}
+    for split, folds in outer.items():
+        chosen[split] = []
+        for k, (fold, inner) in enumerate(zip(folds, tuning[split], strict=True)):
+            check_nested(fold, inner)
+            choice: Choice = {}
+            for row, (kind, _) in HEADS.items():
+                best_score, best_hp = -1.0, {}
+                t0 = time.perf_counter()
+                for hp in grid(kind):
+                    vals = []
+                    for f in inner:
+                        v, _ = train(f, row, hp, 0)  # the inner fold's test is never scored
+                        vals.append(round(series_metrics(v, f.best("val")).top1, 4))
+                    score = float(np.mean(vals))
+                    log.append(
+                        {"split": split, "fold": k, "row": row, **hp,
+                         "val_top1": round(score, 4), "per_inner_fold": vals}
+                    )  # fmt: skip
+                    if score > best_score:  # ties keep the earlier, smaller point
+                        best_score, best_hp = score, hp
+                choice[row] = best_hp
+                print(
+                    f"  tune {split} fold {k} {row}: {best_hp} val top1 {100 * best_score:.1f} "
+                    f"({time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
+            chosen[split].append(choice)
     return chosen, log
 
 
@@ -305,22 +387,23 @@ def summarize(ms: list[SeriesMetrics]) -> dict[str, Any]:
 
 
 def evaluate_split(
-    name: str, folds: list[Fold], chosen: dict[str, dict[str, Any]], seeds: list[int]
+    name: str, folds: list[Fold], chosen: list[Choice], seeds: list[int]
 ) -> dict[str, Any]:
     head_scores_: dict[str, dict[int, list[list[np.ndarray]]]] = {
         row: {s: [] for s in seeds} for row in HEADS
     }
     fold_info: list[dict[str, Any]] = []
-    for i, fold in enumerate(folds):
+    for i, (fold, choice) in enumerate(zip(folds, chosen, strict=True)):
         info: dict[str, Any] = {
             "val_groups": fold.fields.get("val_groups"),
             "test_groups": fold.fields.get("test_groups"),
+            "hyperparameters": choice,
             "test_top1": {},
         }
         for row in HEADS:
             for seed in seeds:
                 t0 = time.perf_counter()
-                _, test = train(fold, row, chosen[row], seed)
+                _, test = train(fold, row, choice[row], seed)
                 head_scores_[row][seed].append(test)
                 top1 = series_metrics(test, fold.best("test")).top1
                 info["test_top1"].setdefault(row, []).append(round(top1, 4))
@@ -460,10 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     emb, manifest = make_data(args.cache, args.series, args.corpus_seed)
     splits = {name: [Fold(f) for f in fs] for name, fs in split_fields(emb, manifest).items()}
     tuning: list[dict[str, Any]] = []
-    chosen = CHOSEN
+    chosen = {"series": [CHOSEN], "photo": CHOSEN_PHOTO}
     tuning_source = "benchmarks/results/quality_bar_tuning.json"
     if args.tune:
-        chosen, tuning = tune([f for fs in splits.values() for f in fs])
+        chosen, tuning = tune(splits, tuning_folds(emb, manifest, splits))
         tuning_source = str(args.out)
     results: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
@@ -475,7 +558,10 @@ def main(argv: list[str] | None = None) -> int:
             "model": MODEL,
         },
         "training_seeds": seeds,
-        "hyperparameters": {row: {**COMMON, **hp} for row, hp in chosen.items()},
+        "common": COMMON,
+        "grid": GRID,
+        "selection": SELECTION,
+        "hyperparameters": chosen,
         "defaults": {k: TrainHeadConfig.model_fields[k].default for k in HP_KEYS},
         "tuning_source": tuning_source,
         "tuning": tuning,
@@ -488,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     lines = []
     for name, folds in splits.items():
-        res = evaluate_split(name, folds, chosen, seeds)
+        res = evaluate_split(name, folds, chosen[name], seeds)
         results["splits"][name] = res
         b = res["bar"]
         lines += [f"\nsplit: {name}", header, "-" * len(header)]
@@ -500,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             + ("holds" if b["holds"] else "MISSED")
         )
     if args.ray_job:
-        results["ray_job"] = ray_job(emb, manifest, args.cache, chosen[MAIN])
+        results["ray_job"] = ray_job(emb, manifest, args.cache, chosen["series"][0][MAIN])
         lines += ["\nRay Train job (1 worker), series split, seed 0:", results["ray_job"]["table"]]
     results["loadavg_end"] = round(os.getloadavg()[0], 2)
     results["seconds"] = round(time.perf_counter() - t_start, 1)
