@@ -13,9 +13,7 @@ import argparse
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
-
-from keeper_core.errors import ConfigError
+from pydantic import BaseModel
 
 SubParsers = Any  # argparse._SubParsersAction is private
 C = TypeVar("C", bound=BaseModel)
@@ -45,19 +43,14 @@ def as_overrides(values: dict[str, Any]) -> list[str]:
 
 
 def validated(model: type[C], values: dict[str, Any]) -> C:
-    """``model`` from the given flags, a failure named by field (as keeper_train.config does).
+    """``model`` from the given flags, a failure named by field (keeper_train.config.validate).
 
     Raises:
         ConfigError: a field fails validation or a required one is missing.
     """
-    try:
-        return model.model_validate(values)
-    except ValidationError as e:
-        fields = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
-            for err in e.errors()
-        )
-        raise ConfigError(f"invalid {model.__name__}: {fields}") from e
+    from keeper_train.config import validate
+
+    return validate(model, values)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,15 @@ def load_config(model: type[C], path: str | Path | None = None, overrides: Seque
             raise ConfigError(f"config {path} must be a mapping, got {type(loaded).__name__}")
         data.update(loaded or {})
     data.update(parse_overrides(overrides))
+    return validate(model, data, where=f" in {path}" if path else "")
+
+
+def validate(model: type[C], data: dict[str, Any], *, where: str = "") -> C:
+    """``model`` from ``data``; a failure is one ConfigError naming every bad field.
+
+    Raises:
+        ConfigError: a field fails validation or a required one is missing.
+    """
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -51,5 +60,4 @@ def load_config(model: type[C], path: str | Path | None = None, overrides: Seque
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
             for err in e.errors()
         )
-        where = f" in {path}" if path else ""
         raise ConfigError(f"invalid {model.__name__}{where}: {fields}") from e

@@ -501,13 +501,14 @@ def baseline_metrics(prepared: Prepared, cfg: TrainHeadConfig) -> dict[str, Seri
 
 
 def run(cfg: TrainHeadConfig) -> dict[str, Any]:
-    """Train, evaluate, log, register. Returns the results (also logged to MLflow)."""
+    """Train, evaluate, log, register. Returns the results (also logged to MLflow).
+
+    Reads as the job does: prepare the data, fit on Ray Train, then record (test metrics beside
+    the baselines, the model logged and registered), all inside one MLflow run.
+    """
     import mlflow
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from keeper_train import tracking
-    from keeper_train.cluster import init_ray
 
     t0 = time.perf_counter()
     prepared = prepare(cfg)
@@ -526,87 +527,118 @@ def run(cfg: TrainHeadConfig) -> dict[str, Any]:
     run_name = f"{cfg.head}-{cfg.features}-{time.strftime('%Y%m%dT%H%M%S')}"
     with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as active:
         run_id = active.info.run_id
-        mlflow.log_params(cfg.model_dump(by_alias=True, exclude={"val_groups", "test_groups"}))
-        mlflow.set_tags({f"keeper.{k}": v for k, v in prepared.fingerprints.items()})
-        mlflow.log_params({f"series_{k}": v for k, v in counts.items()})
-        with tempfile.TemporaryDirectory() as d:
-            split_csv = Path(d) / "split.csv"
-            prepared.table[["series_id", "image_uri", "split"]].to_csv(split_csv, index=False)
-            mlflow.log_artifact(str(split_csv))
-
-        init_ray(cfg.ray_address)
-        storage_path, fs = _storage_for_ray(cfg.storage)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop_config(
-                cfg, prepared, run_id=run_id, tracking_uri=uri, run_name=run_name
-            ),
-            datasets=datasets(prepared, cfg.num_workers, cfg.seed),
-            dataset_config=data_config(),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu
-            ),
-            run_config=ray.train.RunConfig(
-                name=run_name,
-                storage_path=storage_path,
-                storage_filesystem=fs,
-                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            ),
+        _log_inputs(cfg, prepared, counts)
+        state, fit_s = fit(cfg, prepared, run_id=run_id, tracking_uri=uri, run_name=run_name)
+        summary = record(cfg, prepared, state, client=client, run_id=run_id)
+        summary.update(
+            run_name=run_name,
+            tracking_uri=uri,
+            series=counts,
+            fit_seconds=round(fit_s, 2),
+            total_seconds=round(time.perf_counter() - t0, 2),
         )
-        t_fit = time.perf_counter()
-        # benchmarks/train_head.py: 230 series/s at Ray's 2 s poll, 2,256 at 0.2 s. A value the
-        # user exported wins.
-        poll = float(os.environ.get(HEALTH_CHECK_ENV) or cfg.report_poll_s)
-        with controller_poll(poll):
-            result = trainer.fit()
-        fit_s = time.perf_counter() - t_fit
-        if result.checkpoint is None:
-            raise KeeperError(f"training produced no checkpoint: {result.error}")
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(_state_path(d), weights_only=True)
-        ranker = SeriesRanker(prepared.ranker_config)
-        ranker.head.load_state_dict(state["best_model"])
-        ranker.head.eval()
-        test = evaluate(ranker.head, prepared.splits["test"])
-        results = {"trained head": test}
-        if cfg.baselines:
-            results.update(baseline_metrics(prepared, cfg))
-        table_text = format_table(results)
-        for name, m in results.items():
-            key = name.replace(" ", "_")
-            mlflow.log_metrics({f"test_{key}_{k}": float(v) for k, v in m.as_dict().items()})
-        mlflow.log_metrics({"best_epoch": state["best_epoch"], "epochs_run": state["epoch"] + 1})
-        summary = {
-            "run_id": run_id,
-            "run_name": run_name,
-            "tracking_uri": uri,
-            "series": counts,
-            "series_dropped": prepared.dropped_series,
-            "best_epoch": state["best_epoch"],
-            "epochs_run": state["epoch"] + 1,
-            "fit_seconds": round(fit_s, 2),
-            "total_seconds": round(time.perf_counter() - t0, 2),
-            "test": {k: v.as_dict() for k, v in results.items()},
-            "gain_over_random_pts": round(100 * (test.top1 - test.random_top1), 2),
-            "fingerprints": prepared.fingerprints,
+    return summary
+
+
+def _log_inputs(cfg: TrainHeadConfig, prepared: Prepared, counts: dict[str, int]) -> None:
+    """Parameters, data fingerprints and the split (promote refuses series trained on)."""
+    import mlflow
+
+    mlflow.log_params(cfg.model_dump(by_alias=True, exclude={"val_groups", "test_groups"}))
+    mlflow.set_tags({f"keeper.{k}": v for k, v in prepared.fingerprints.items()})
+    mlflow.log_params({f"series_{k}": v for k, v in counts.items()})
+    with tempfile.TemporaryDirectory() as d:
+        split_csv = Path(d) / "split.csv"
+        prepared.table[["series_id", "image_uri", "split"]].to_csv(split_csv, index=False)
+        mlflow.log_artifact(str(split_csv))
+
+
+def fit(
+    cfg: TrainHeadConfig, prepared: Prepared, *, run_id: str, tracking_uri: str, run_name: str
+) -> tuple[dict[str, Any], float]:
+    """Ray Train's fit; returns the last checkpoint's state (with the best epoch's weights)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from keeper_train.cluster import init_ray
+
+    init_ray(cfg.ray_address)
+    storage_path, fs = _storage_for_ray(cfg.storage)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config(
+            cfg, prepared, run_id=run_id, tracking_uri=tracking_uri, run_name=run_name
+        ),
+        datasets=datasets(prepared, cfg.num_workers, cfg.seed),
+        dataset_config=data_config(),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    t_fit = time.perf_counter()
+    # benchmarks/train_head.py: 230 series/s at Ray's 2 s poll, 2,256 at 0.2 s. A value the
+    # user exported wins.
+    poll = float(os.environ.get(HEALTH_CHECK_ENV) or cfg.report_poll_s)
+    with controller_poll(poll):
+        result = trainer.fit()
+    fit_s = time.perf_counter() - t_fit
+    if result.checkpoint is None:
+        raise KeeperError(f"training produced no checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as d:
+        state: dict[str, Any] = torch.load(_state_path(d), weights_only=True)
+    return state, fit_s
+
+
+def record(
+    cfg: TrainHeadConfig, prepared: Prepared, state: dict[str, Any], *, client: Any, run_id: str
+) -> dict[str, Any]:
+    """Test metrics beside the baselines, logged; the best epoch's ranker logged and registered."""
+    import mlflow
+
+    from keeper_train import tracking
+
+    ranker = SeriesRanker(prepared.ranker_config)
+    ranker.head.load_state_dict(state["best_model"])
+    ranker.head.eval()
+    test = evaluate(ranker.head, prepared.splits["test"])
+    results = {"trained head": test}
+    if cfg.baselines:
+        results.update(baseline_metrics(prepared, cfg))
+    table_text = format_table(results)
+    for name, m in results.items():
+        key = name.replace(" ", "_")
+        mlflow.log_metrics({f"test_{key}_{k}": float(v) for k, v in m.as_dict().items()})
+    mlflow.log_metrics({"best_epoch": state["best_epoch"], "epochs_run": state["epoch"] + 1})
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "series_dropped": prepared.dropped_series,
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"] + 1,
+        "test": {k: v.as_dict() for k, v in results.items()},
+        "gain_over_random_pts": round(100 * (test.top1 - test.random_top1), 2),
+        "fingerprints": prepared.fingerprints,
+    }
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "results.json").write_text(json.dumps(summary, indent=2))
+        (Path(d) / "results.txt").write_text(table_text + "\n")
+        mlflow.log_artifacts(d, artifact_path="evaluation")
+        ranker_dir = ranker.save(Path(d) / "ranker")
+        example = prepared.table[prepared.table["split"] == "test"].head(8)
+        cols = ["series_id", "image_uri", "embedding", *ranker.config.quality_names]
+        info = tracking.log_ranker(ranker_dir, example[[c for c in cols if c in example]])
+    summary["model_uri"] = info.model_uri
+    if cfg.register_model:
+        summary["registered"] = {
+            "name": cfg.register_model,
+            "version": tracking.register(client, info.model_uri, cfg.register_model, run_id),
+            "alias": tracking.CHALLENGER,
         }
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "results.json").write_text(json.dumps(summary, indent=2))
-            (Path(d) / "results.txt").write_text(table_text + "\n")
-            mlflow.log_artifacts(d, artifact_path="evaluation")
-            ranker_dir = ranker.save(Path(d) / "ranker")
-            example = prepared.table[prepared.table["split"] == "test"].head(8)
-            cols = ["series_id", "image_uri", "embedding", *ranker.config.quality_names]
-            info = tracking.log_ranker(ranker_dir, example[[c for c in cols if c in example]])
-        summary["model_uri"] = info.model_uri
-        if cfg.register_model:
-            summary["registered"] = {
-                "name": cfg.register_model,
-                "version": tracking.register(client, info.model_uri, cfg.register_model, run_id),
-                "alias": tracking.CHALLENGER,
-            }
-        summary["table"] = table_text
+    summary["table"] = table_text
     return summary
 
 
