@@ -6,6 +6,7 @@ No MLflow server, no Ray: the registry side is exercised in tests/integration/te
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -190,6 +191,16 @@ def test_split_overlap_counts_series_sharing_images() -> None:
     # Same series ids, other images (another corpus generated alike): no overlap.
     other = split.assign(image_uri=["/z/1", "/z/2", "/z/3", "/z/4"])
     assert evaluate.split_overlap(rows, other).series == 0
+
+
+def test_split_overlap_sees_one_file_spelled_two_ways(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Trained from ./corpus/manifest.csv, promoted with the absolute path: the same images.
+    monkeypatch.chdir(tmp_path)
+    rows = pd.DataFrame({"series_id": ["a", "a"], "image_uri": [f"{tmp_path}/corpus/1.jpg", "x"]})
+    split = pd.DataFrame({"series_id": ["s"], "image_uri": ["corpus/./1.jpg"], "split": ["train"]})
+    assert evaluate.split_overlap(rows, split).by_split == {"train": 1, "val": 0}
 
 
 def test_rolled_back_tags() -> None:

@@ -138,6 +138,19 @@ def resolve(ref: str, base: str) -> str:
     return join(base, ref.removeprefix("./"))
 
 
+def same_key(uri: str) -> str:
+    """What two image URIs are compared by: local paths absolute and normalised, others as given.
+
+    ``corpus/a.jpg``, ``./corpus/a.jpg``, ``file:///abs/corpus/a.jpg`` and ``/abs/corpus/a.jpg``
+    name one file; every join and overlap check between tables keeper wrote (embeddings, a
+    training split, a manifest) compares through this, so a manifest named another way still
+    matches the table embedded from it.
+    """
+    if is_s3(uri) or (_SCHEME.match(uri) and not uri.startswith("file://")):
+        return uri
+    return os.path.normpath(os.path.abspath(uri.removeprefix("file://")))
+
+
 def _local_path(uri: str) -> Path:
     if not uri:
         raise StorageError(uri, "empty path")

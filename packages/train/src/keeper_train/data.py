@@ -2,15 +2,14 @@
 
 Both sides name images by the URI keeper embed recorded: ``read_series_manifest`` resolves a
 manifest's relative ``image_uri`` against the manifest's folder with the same function keeper
-embed uses (``keeper_core.storage.resolve``). Local paths are compared normalised and absolute,
-so ``corpus/manifest.csv`` and ``./corpus/manifest.csv`` (or its absolute path) join the same
+embed uses (``keeper_core.storage.resolve``). Both sides are compared by
+``keeper_core.storage.same_key`` (local paths normalised and absolute), so ``corpus/manifest.csv`` and ``./corpus/manifest.csv`` (or its absolute path) join the same
 table.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import pandas as pd
 
@@ -33,13 +32,6 @@ def read_embeddings(embeddings: str) -> pd.DataFrame:
     return table
 
 
-def join_key(uri: str) -> str:
-    """What ``uri`` is compared as: local paths absolute and normalised, other URIs as they are."""
-    if storage.is_s3(uri) or ("://" in uri and not uri.startswith("file://")):
-        return uri
-    return os.path.normpath(os.path.abspath(uri.removeprefix("file://")))
-
-
 def join_series(embeddings: str, series: str) -> tuple[pd.DataFrame, str, int, pd.DataFrame]:
     """Manifest rows with their embedding-table columns, for series whose images all have one.
 
@@ -59,7 +51,7 @@ def join_series(embeddings: str, series: str) -> tuple[pd.DataFrame, str, int, p
     table = read_embeddings(embeddings)
     spec = check_same_spec(*set(table["model_spec"].astype(str)))
     keyed = table.drop(columns=["image_uri"]).assign(
-        **{_KEY: [join_key(str(u)) for u in table["image_uri"]]}
+        **{_KEY: [storage.same_key(str(u)) for u in table["image_uri"]]}
     )
     dup = keyed[_KEY].duplicated(keep=False)
     if dup.any():
@@ -69,7 +61,7 @@ def join_series(embeddings: str, series: str) -> tuple[pd.DataFrame, str, int, p
             f"{keyed.loc[dup, _KEY].iloc[0]!r}",
             source=embeddings,
         )
-    df = manifest.assign(**{_KEY: [join_key(u) for u in manifest["image_uri"]]}).merge(
+    df = manifest.assign(**{_KEY: [storage.same_key(u) for u in manifest["image_uri"]]}).merge(
         keyed, on=_KEY, how="left", validate="one_to_one"
     )
     missing = df["embedding"].isna()
@@ -94,7 +86,7 @@ def join_series(embeddings: str, series: str) -> tuple[pd.DataFrame, str, int, p
 def _why_missing(uris: list[str], embeddings: str) -> str:
     """How many images lack an embedding, how many keeper embed recorded as failed, examples."""
     failed = _failed_keys(embeddings)
-    n_failed = sum(join_key(u) in failed for u in uris)
+    n_failed = sum(storage.same_key(u) in failed for u in uris)
     return (
         f"{len(uris)} images have no embedding ({n_failed} recorded as failed under "
         f"{storage.join(embeddings, 'errors')}, {len(uris) - n_failed} never embedded), "
@@ -107,4 +99,4 @@ def _failed_keys(embeddings: str) -> set[str]:
         errors = storage.read_parquet(storage.join(embeddings, "errors"), columns=["image_uri"])
     except (StorageError, DataError):  # no errors table: nothing failed
         return set()
-    return {join_key(str(u)) for u in errors.column(0).to_pylist()}
+    return {storage.same_key(str(u)) for u in errors.column(0).to_pylist()}

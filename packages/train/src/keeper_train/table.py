@@ -13,6 +13,7 @@ and never in both (a later success removes its error row).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -21,11 +22,8 @@ from keeper_core import storage
 
 
 def _parts(folder: str) -> list[str]:
-    if storage.is_s3(folder):
-        return sorted(storage.list_files(folder, suffixes=[".parquet"]))
-    from pathlib import Path
-
-    if not Path(folder.removeprefix("file://")).is_dir():
+    """The Parquet parts under ``folder``, by name; none when a local folder does not exist yet."""
+    if not storage.is_s3(folder) and not Path(folder.removeprefix("file://")).is_dir():
         return []
     return sorted(storage.list_files(folder, suffixes=[".parquet"]))
 

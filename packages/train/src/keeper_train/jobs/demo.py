@@ -40,19 +40,17 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core import storage
 from keeper_core.bestof import RANDOM_WEIGHTS_WARNING, Comparison, compare_methods, write_report
 from keeper_core.embedding import ClipEmbedder
-from keeper_core.errors import DataError, KeeperError
-from keeper_core.images import decode_image
+from keeper_core.errors import DataError
 from keeper_core.models import ModelSpec
 from keeper_core.scoring import AestheticConfig, aesthetic_scores
 from keeper_core.series import read_series_manifest
 from keeper_core.synthetic import PHOTOS, generate_corpus
-from keeper_train.jobs import embed
+from keeper_train.jobs import embed, evaluate
 
 #: Base photos held out of training: every burst of these is val or test, never train. A mix of
 #: colour and greyscale scenes; with 150 series, 26 val and 35 test series.
@@ -123,13 +121,6 @@ def quiet_libraries() -> Iterator[None]:
 
 def _slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", spec).strip("_")[:80]
-
-
-def _thumbnail_source(uri: str) -> Image.Image | None:
-    try:
-        return decode_image(storage.read_bytes(uri), draft_size=(256, 256))
-    except KeeperError:
-        return None
 
 
 def zero_shot(
@@ -204,7 +195,7 @@ def _run(cfg: DemoConfig) -> int:
         f"keeper demo: best-of-series on {len(comparison.series)} series ({spec})",
         comparison,
         scores,
-        _thumbnail_source,
+        evaluate.thumbnail_source,
         max_series=cfg.report_series,
         warnings=warnings,
         notes=notes,
@@ -257,7 +248,7 @@ def learn_the_keeper(
     import mlflow
 
     from keeper_train import tracking
-    from keeper_train.jobs import evaluate, promote, train_head
+    from keeper_train.jobs import promote, train_head
 
     uri = tracking.tracking_uri(None, out)
     by_photo = cfg.manifest is None

@@ -59,6 +59,7 @@ from keeper_core.images import DecodeLimits, sniff_is_image
 from keeper_core.models import ModelSpec, embed_dim, preprocess_config
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
+from keeper_core.series import resolve_image_uris
 from keeper_train.config import load_config
 from keeper_train.table import EmbeddedParts, ErrorRows
 
@@ -191,8 +192,8 @@ def _manifest_uris(src: str) -> list[str]:
     bad = [i for i, v in enumerate(col) if not v or v.lower() in ("nan", "none")]
     if bad:
         raise DataError(f"empty image_uri in rows {bad[:10]}", source=src, rows=bad)
-    base = storage.parent(src)
-    return list(dict.fromkeys(storage.resolve(v, base) for v in col))
+    resolved = resolve_image_uris(pd.DataFrame({"image_uri": col}), src)["image_uri"]
+    return list(dict.fromkeys(resolved))
 
 
 def check_table_meta(dst: str, spec: str, embed_dim: int) -> None:

@@ -73,7 +73,8 @@ class Overlap:
 def split_overlap(rows: pd.DataFrame, split: pd.DataFrame) -> Overlap:
     """Which series of ``rows`` share an image with the train or val rows of a recorded split.
 
-    Images are matched by resolved ``image_uri``: series ids alone are not evidence (two corpora
+    Images are matched by ``storage.same_key`` of their resolved ``image_uri`` (as the join to the
+    embedding table matches them): series ids alone are not evidence (two corpora
     generated alike both have an ``s00000``).
 
     Args:
@@ -82,9 +83,9 @@ def split_overlap(rows: pd.DataFrame, split: pd.DataFrame) -> Overlap:
     """
     by_split = {}
     hit = np.zeros(len(rows), dtype=bool)
-    uris = rows["image_uri"].astype(str)
+    uris = rows["image_uri"].astype(str).map(storage.same_key)
     for name in ("train", "val"):
-        seen = set(split.loc[split["split"] == name, "image_uri"].astype(str))
+        seen = {storage.same_key(str(u)) for u in split.loc[split["split"] == name, "image_uri"]}
         in_split = uris.isin(seen).to_numpy()
         by_split[name] = int(rows.loc[in_split, "series_id"].nunique())
         hit |= in_split
