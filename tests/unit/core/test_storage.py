@@ -110,7 +110,10 @@ def test_s3_bytes_round_trip_exists_and_info(s3_bucket: str) -> None:
     write_bytes(uri, data)
     assert read_bytes(uri) == data
     # moto, like S3, gives a single-part object the MD5 of its bytes as ETag.
-    assert object_info(uri) == ObjectInfo(size=800, etag=hashlib.md5(data).hexdigest())
+    info = object_info(uri)
+    assert (info.size, info.etag) == (800, hashlib.md5(data).hexdigest())
+    assert info.mtime is not None
+    assert abs(info.mtime - time.time()) < 300
     assert exists(uri)
     assert exists(f"s3://{s3_bucket}/dir")  # a non-empty prefix, like a local folder
     assert exists(f"s3://{s3_bucket}/dir/")
@@ -123,7 +126,7 @@ def test_local_exists_and_info(tmp_path: Path) -> None:
     f.write_bytes(b"12345")
     st = f.stat()
     expected = hashlib.sha256(f"{st.st_mtime_ns}:5".encode()).hexdigest()
-    assert object_info(str(f)) == ObjectInfo(size=5, etag=expected)
+    assert object_info(str(f)) == ObjectInfo(size=5, etag=expected, mtime=st.st_mtime)
     assert exists(str(f))
     assert exists(str(tmp_path))
     assert not exists(str(tmp_path / "b.txt"))

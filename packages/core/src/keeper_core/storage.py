@@ -74,6 +74,8 @@ class ObjectInfo:
 
     size: int
     etag: str
+    #: Last modification, seconds since the epoch (UTC); None where the store gives none.
+    mtime: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,11 +506,16 @@ def object_info(uri: str) -> ObjectInfo:
             if path.is_dir():
                 raise StorageError(uri, "is a directory, not a file")
         tag = hashlib.sha256(f"{st.st_mtime_ns}:{st.st_size}".encode()).hexdigest()
-        return ObjectInfo(size=st.st_size, etag=tag)
+        return ObjectInfo(size=st.st_size, etag=tag, mtime=st.st_mtime)
     head = _head(uri)
     if head is None:
         raise StorageError(uri, "no such object")
-    return ObjectInfo(size=int(head["ContentLength"]), etag=str(head["ETag"]).strip('"'))
+    modified = head.get("LastModified")
+    return ObjectInfo(
+        size=int(head["ContentLength"]),
+        etag=str(head["ETag"]).strip('"'),
+        mtime=modified.timestamp() if modified is not None else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
