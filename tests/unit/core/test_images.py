@@ -318,16 +318,6 @@ def test_bad_input_reasons(case: str) -> None:
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # never flipped globally
 
 
-def test_heif_without_plugin_is_unsupported() -> None:
-    if "HEIF" in Image.OPEN:
-        pytest.skip("a HEIF plugin is registered here")
-    heic = struct.pack(">I", 24) + b"ftypheic" + b"\x00\x00\x00\x00mif1heic" + b"\x00" * 64
-    assert sniff_is_image(heic)
-    with pytest.raises(ImageDecodeError) as err:
-        decode_image(heic)
-    assert err.value.reason == "unsupported"
-
-
 def test_lab_is_unsupported_not_miscoloured() -> None:
     data = encode(Image.new("LAB", (20, 20), (50, 0, 0)), "TIFF")  # PIL's convert() garbles it
     with pytest.raises(ImageDecodeError) as err:

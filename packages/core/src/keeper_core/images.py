@@ -7,6 +7,15 @@ decoded (decompression bombs are refused without allocating them), forces a full
 truncated file is an error, never a grey-padded image), applies the EXIF orientation and
 converts every mode to 8-bit RGB (alpha composited on white).
 
+Phone and camera formats (``keeper_core.formats``). HEIC/HEIF decode through pillow-heif,
+registered on first use: it applies the HEIF rotation (irot/imir) itself and reports the EXIF
+orientation as 1, so the rotation happens exactly once. A camera RAW file is decoded as its
+embedded JPEG preview (libraw), whose bytes then go through this same path (byte and pixel
+limits, full decode). The RAW's orientation applies when the preview carries none but 1 (libraw
+writes it into a preview stored without an Exif block); a preview's own orientation wins, and
+neither is applied twice. Sizes, limits and errors are the preview's; the RAW file is only read,
+under its own byte limit (RAW files are 20-200 MB).
+
 Nothing here touches PIL's global settings (``Image.MAX_IMAGE_PIXELS``,
 ``ImageFile.LOAD_TRUNCATED_IMAGES``): the limits travel with each call in :class:`DecodeLimits`.
 """
@@ -23,8 +32,17 @@ from PIL import ExifTags, Image, ImageFile, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core.errors import ConfigError, ImageDecodeError
+from keeper_core.formats import RawPreview, extract_raw_preview, raw_format, register_heif
 
-__all__ = ["DecodeLimits", "decode_image", "decode_jpeg_band", "image_size", "sniff_is_image"]
+__all__ = [
+    "DecodeLimits",
+    "RawPreview",
+    "decode_image",
+    "decode_jpeg_band",
+    "image_size",
+    "raw_preview",
+    "sniff_is_image",
+]
 
 
 class DecodeLimits(BaseModel):
@@ -42,12 +60,25 @@ class DecodeLimits(BaseModel):
     min_side: int = Field(default=16, ge=1)
     # A compressed photo above 64 MiB is almost certainly not a photo (or a hostile one).
     max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # A camera RAW file is read whole, but only its embedded preview is decoded (and checked
+    # against the limits above). 256 MiB covers an uncompressed 102 MP Fujifilm GFX RAF.
+    max_raw_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
 
 
 _DEFAULT_LIMITS = DecodeLimits()
 _WHITE = (255, 255, 255)
 # EXIF orientations whose display size is the stored size with width and height swapped.
 _SWAPPED_ORIENTATIONS = frozenset({5, 6, 7, 8})
+# EXIF orientation -> the transpose that displays it (what ImageOps.exif_transpose applies).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 # What PIL raises on malformed data inside a recognised format (a plugin's header parser or
 # decoder). Anything else escaping PIL is a bug we want to see, not a bad image.
 _PIL_ERRORS: tuple[type[Exception], ...] = (
@@ -83,7 +114,13 @@ _BAND_STEP = 16
 
 
 def _sniff_format(head: bytes) -> str | None:
-    """Return the PIL format name the magic bytes announce, or None (reads <= 32 bytes)."""
+    """Return the PIL format name the magic bytes announce, "RAW", or None (reads <= 32 bytes).
+
+    A TIFF-based RAW (DNG, NEF, ARW...) reads as "TIFF" here: telling it apart needs IFD0,
+    which :func:`_source_format` looks at.
+    """
+    if raw_format(head) is not None:
+        return "RAW"
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"  # PIL's JPEG plugin also opens MPO (multi-picture JPEGs from phones)
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -111,9 +148,16 @@ def _sniff_format(head: bytes) -> str | None:
     return None
 
 
+def _source_format(data: bytes) -> str | None:
+    fmt = _sniff_format(bytes(data[:32]))
+    return "RAW" if fmt == "TIFF" and raw_format(data) is not None else fmt
+
+
 def _has_decoder(fmt: str) -> bool:
     if fmt not in Image.OPEN:
         Image.init()  # registers every installed plugin (what Image.open does lazily too)
+    if fmt == "HEIF" and fmt not in Image.OPEN:
+        register_heif()  # pillow-heif, on first use
     return fmt in Image.OPEN
 
 
@@ -129,20 +173,66 @@ def sniff_is_image(data: bytes) -> bool:
         data: the file's bytes, or at least its first 32 bytes.
 
     Returns:
-        True for JPEG/MPO, PNG/APNG, GIF, WebP, TIFF, BMP, AVIF and HEIF signatures.
+        True for JPEG/MPO, PNG/APNG, GIF, WebP, TIFF, BMP, AVIF and HEIF signatures, and for
+        camera RAW files (CR2, CR3, ORF, RW2, RAF by magic; DNG, NEF, ARW, PEF, SRW are TIFFs).
     """
     return _sniff_format(bytes(data[:32])) is not None
 
 
-def _open(data: bytes, source: str | None, max_bytes: int | None) -> ImageFile.ImageFile:
-    """Identify ``data`` and parse its header; no pixel is decoded here."""
+def _check_bytes(data: object, source: str | None, max_bytes: int | None) -> None:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"image data must be bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise ImageDecodeError("empty", "zero bytes", source=source)
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageDecodeError("too_large", f"{len(data)} bytes > limit {max_bytes}", source=source)
+
+
+def raw_preview(
+    data: bytes, *, limits: DecodeLimits | None = None, source: str | None = None
+) -> RawPreview | None:
+    """The embedded preview of a camera RAW file, or None when ``data`` is not a RAW file.
+
+    :func:`decode_image` and :func:`image_size` do this themselves; a caller that needs more
+    than one of them (or :func:`decode_jpeg_band` on the preview's JPEG) extracts once and
+    passes the :class:`RawPreview` on. Which bytes are a RAW: ``keeper_core.formats``.
+
+    Args:
+        data: the file's bytes.
+        limits: only ``max_raw_bytes`` applies here (the preview meets the others later);
+            None: no byte limit, as for :func:`image_size`.
+        source: where the bytes came from (a URI); carried into errors.
+
+    Returns:
+        The preview's bytes and the RAW's orientation, or None for any other file.
+
+    Raises:
+        ImageDecodeError: "empty", "too_large" (above ``max_raw_bytes``), and the reasons of
+            ``keeper_core.formats.extract_raw_preview``.
+    """
+    _check_bytes(data, source, None)
+    if _source_format(data) != "RAW":
+        return None
+    _check_bytes(data, source, None if limits is None else limits.max_raw_bytes)
+    return extract_raw_preview(bytes(data), source=source)
+
+
+def _resolve(
+    data: bytes | RawPreview, limits: DecodeLimits | None, source: str | None
+) -> tuple[bytes, int]:
+    """The bytes to decode and the orientation that applies when they carry none."""
+    if isinstance(data, RawPreview):
+        return data.data, data.orientation
+    preview = raw_preview(data, limits=limits, source=source)
+    return (data, 1) if preview is None else (preview.data, preview.orientation)
+
+
+def _open(data: bytes, source: str | None, max_bytes: int | None) -> ImageFile.ImageFile:
+    """Identify ``data`` and parse its header; no pixel is decoded here."""
+    _check_bytes(data, source, max_bytes)
     fmt = _sniff_format(bytes(data[:32]))
+    if fmt == "RAW":  # _resolve swaps a RAW for its preview: only a RawPreview of a RAW gets here
+        raise ImageDecodeError("unsupported", "a RAW file inside a RawPreview", source=source)
     if fmt is None:
         raise ImageDecodeError("not_image", "no known image signature", source=source)
     if not _has_decoder(fmt):
@@ -169,14 +259,22 @@ def _orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def image_size(data: bytes) -> tuple[int, int]:
+def _display_orientation(im: Image.Image, fallback: int) -> int:
+    """The image's own EXIF orientation, or ``fallback`` (a RAW's) when it has none but 1."""
+    own = _orientation(im)
+    return own if own != 1 else fallback
+
+
+def image_size(data: bytes | RawPreview) -> tuple[int, int]:
     """Return an image's displayed ``(width, height)`` reading only its header.
 
     The size is EXIF-oriented, so it equals the size :func:`decode_image` returns (without
-    ``draft_size``). No pixel is decoded and no byte or pixel limit applies.
+    ``draft_size``). No pixel is decoded and no byte or pixel limit applies. A camera RAW
+    file's size is its embedded preview's: libraw extracts it (~2 ms), and checking it against
+    the file's bytes costs up to ~0.5 ms per MB of RAW.
 
     Args:
-        data: the encoded image.
+        data: the encoded image, or a RAW file's :func:`raw_preview`.
 
     Returns:
         ``(width, height)`` after EXIF orientation.
@@ -185,9 +283,10 @@ def image_size(data: bytes) -> tuple[int, int]:
         ImageDecodeError: "empty", "not_image", "unsupported", "truncated" (damaged header),
             or "too_many_pixels" when PIL's own bomb guard refuses even to open it.
     """
-    im = _open(data, None, None)
+    encoded, fallback = _resolve(data, None, None)
+    im = _open(encoded, None, None)
     w, h = im.size
-    return (h, w) if _orientation(im) in _SWAPPED_ORIENTATIONS else (w, h)
+    return (h, w) if _display_orientation(im, fallback) in _SWAPPED_ORIENTATIONS else (w, h)
 
 
 def _jpeg_frame_offset(data: bytes) -> int | None:
@@ -296,7 +395,7 @@ def _check_draft_size(draft_size: tuple[int, int] | None) -> None:
 
 
 def decode_image(
-    data: bytes,
+    data: bytes | RawPreview,
     *,
     limits: DecodeLimits | None = None,
     source: str | None = None,
@@ -306,10 +405,11 @@ def decode_image(
 
     Order matters: byte limit, signature, header size checks (pixel count, shortest side),
     optional JPEG draft, then a full decode, EXIF orientation and RGB conversion. Animated
-    images (GIF, APNG, WebP) yield their first frame.
+    images (GIF, APNG, WebP) yield their first frame. A camera RAW file yields its embedded
+    preview (``max_raw_bytes`` applies to the RAW, every other limit to the preview).
 
     Args:
-        data: the encoded image.
+        data: the encoded image, or a RAW file's :func:`raw_preview`.
         limits: byte, pixel and minimum-side limits (defaults: :class:`DecodeLimits`).
             ``max_pixels`` above twice ``PIL.Image.MAX_IMAGE_PIXELS`` (~179 MP) is still
             refused by PIL's guard unless the process raises that setting.
@@ -329,7 +429,8 @@ def decode_image(
     """
     limits = _DEFAULT_LIMITS if limits is None else limits
     _check_draft_size(draft_size)
-    im = _open(data, source, limits.max_bytes)
+    encoded, fallback = _resolve(data, limits, source)
+    im = _open(encoded, source, limits.max_bytes)
     w, h = im.size
     # Image.open only parsed the header: refuse here, before a byte of pixels is allocated.
     if w * h > limits.max_pixels:
@@ -340,10 +441,12 @@ def decode_image(
         raise ImageDecodeError(
             "too_small", f"{w}x{h}: shortest side < {limits.min_side}", source=source
         )
+    own = _orientation(im)
+    orientation = _display_orientation(im, fallback)
     if draft_size is not None and im.format in ("JPEG", "MPO"):
         tw, th = draft_size
         # draft_size is in displayed coordinates; draft() works on the stored ones.
-        im.draft("RGB", (th, tw) if _orientation(im) in _SWAPPED_ORIENTATIONS else (tw, th))
+        im.draft("RGB", (th, tw) if orientation in _SWAPPED_ORIENTATIONS else (tw, th))
     try:
         im.load()  # the full decode: truncation surfaces here (LOAD_TRUNCATED_IMAGES stays off)
     except _BOMB_ERRORS as e:  # GIF/TIFF re-check frame and tile sizes while loading
@@ -353,6 +456,9 @@ def decode_image(
     # A corrupt EXIF block should not cost us good pixels: keep them as stored then.
     with contextlib.suppress(*_PIL_ERRORS):
         ImageOps.exif_transpose(im, in_place=True)  # in place: no copy when already upright
-    if im.mode not in _CONVERTIBLE_MODES:
-        raise ImageDecodeError("unsupported", f"{im.format} in mode {im.mode}", source=source)
-    return _to_rgb(im)
+    out: Image.Image = im
+    if own == 1 and orientation != 1:  # a RAW preview without its own: the RAW's, once
+        out = im.transpose(_TRANSPOSE[orientation])
+    if out.mode not in _CONVERTIBLE_MODES:
+        raise ImageDecodeError("unsupported", f"{im.format} in mode {out.mode}", source=source)
+    return _to_rgb(out)

@@ -23,6 +23,8 @@ values differ by the content of the two regions, not systematically. Images that
 drafted (every non-JPEG, a JPEG under twice the draft size) are measured on their decoded
 pixels as before.
 
+A camera RAW file is prepared from its embedded JPEG preview: width/height are its displayed size.
+
     prep = ImagePreparation("ViT-B-32:laion2b_s34b_b79k")
     decoded = [prep.decode(data, source=uri) for data in blobs]   # ImageDecodeError per image
     pixels = np.stack([prep.resize(d) for d in decoded])          # (N, 3, S, S) uint8
@@ -39,7 +41,14 @@ import numpy as np
 from PIL import Image
 
 from keeper_core.errors import ImageDecodeError
-from keeper_core.images import DecodeLimits, decode_image, decode_jpeg_band, image_size
+from keeper_core.images import (
+    DecodeLimits,
+    RawPreview,
+    decode_image,
+    decode_jpeg_band,
+    image_size,
+    raw_preview,
+)
 from keeper_core.models import preprocess_config, resize_transform
 from keeper_core.quality import (
     BLOCK_CROP,
@@ -96,24 +105,29 @@ class ImagePreparation:
     def decode(self, data: bytes, *, source: str | None = None) -> DecodedImage:
         """Decode one image safely; a drafted JPEG's blockiness is measured at full resolution.
 
+        A camera RAW file is decoded as its embedded preview (a JPEG: drafted and banded).
+
         Raises:
             ImageDecodeError: with its reason (see ``keeper_core.images.decode_image``).
         """
-        img = decode_image(data, limits=self.limits, source=source, draft_size=self.draft_size)
+        # A RAW's preview is extracted once, and the three calls below read the same JPEG.
+        src: bytes | RawPreview = raw_preview(data, limits=self.limits, source=source) or data
+        img = decode_image(src, limits=self.limits, source=source, draft_size=self.draft_size)
         if self.draft_size is None:
             return DecodedImage(image=img, width=img.width, height=img.height)
-        width, height = image_size(data)
+        width, height = image_size(src)
         drafted = img.size != (width, height)
-        blockiness = self._full_resolution_blockiness(data, source) if drafted else None
+        blockiness = self._full_resolution_blockiness(src, source) if drafted else None
         return DecodedImage(image=img, width=width, height=height, blockiness=blockiness)
 
-    def _full_resolution_blockiness(self, data: bytes, source: str | None) -> float:
+    def _full_resolution_blockiness(self, src: bytes | RawPreview, source: str | None) -> float:
+        jpeg = src.data if isinstance(src, RawPreview) else src
         try:
-            band = decode_jpeg_band(data, pixels=_BAND_PIXELS, source=source)
+            band = decode_jpeg_band(jpeg, pixels=_BAND_PIXELS, source=source)
         except ImageDecodeError:
             # A header the band's walk cannot follow, though the draft decode could: measure
             # the slow, exact way rather than on pixels that have lost the grid.
-            return image_blockiness(decode_image(data, limits=self.limits, source=source))
+            return image_blockiness(decode_image(src, limits=self.limits, source=source))
         return block_grid_ratio(np.asarray(band))
 
     def resize(self, decoded: DecodedImage) -> np.ndarray:
