@@ -20,6 +20,9 @@ whatever order they were drawn in. Every series draws from ``np.random.default_r
 index])``, so a series is the same whatever ``n_series`` is, and the same arguments give
 byte-identical images and manifest.
 
+``render_series`` (one burst) and ``load_photos`` are public: ``keeper_core.synthetic_library``
+builds a camera-card photo library out of the same bursts.
+
 Base photos: 17 real photos that ship inside scikit-image (``PHOTOS``; 9 are greyscale and
 become grey RGB), one per series, round-robin. The default is the six colour photos the corpus
 started with (``DEFAULT_PHOTOS``); a split that holds whole photos out of training needs more,
@@ -142,7 +145,7 @@ def generate_corpus(
     if not names or unknown:
         raise ConfigError(f"photos must be a non-empty subset of {PHOTOS}, unknown: {unknown}")
 
-    base = _load_photos(names)
+    base = load_photos(names)
     out = Path(out_dir).resolve()
     rows: list[tuple[str, str, int, str, str]] = []
     for index in range(n_series):
@@ -150,8 +153,12 @@ def generate_corpus(
         name = names[index % len(names)]
         folder = out / "images" / series_id
         folder.mkdir(parents=True, exist_ok=True)
-        shots = _render_series(
-            base[name], np.random.default_rng([seed, index]), min_shots, max_shots, image_size
+        shots = render_series(
+            base[name],
+            np.random.default_rng([seed, index]),
+            min_shots=min_shots,
+            max_shots=max_shots,
+            size=image_size,
         )
         for shot, (img, degradation) in enumerate(shots):
             path = folder / f"{shot:02d}.jpg"
@@ -166,7 +173,12 @@ def generate_corpus(
     return manifest
 
 
-def _load_photos(names: Sequence[str]) -> dict[str, Image.Image]:
+def load_photos(names: Sequence[str]) -> dict[str, Image.Image]:
+    """The named base photos (from ``PHOTOS``) as RGB images, read from scikit-image's wheel.
+
+    Raises:
+        ConfigError: scikit-image is not installed.
+    """
     try:
         from skimage import data
     except ImportError as e:
@@ -183,13 +195,28 @@ def _load_photos(names: Sequence[str]) -> dict[str, Image.Image]:
     return {name: Image.fromarray(load(name)).convert("RGB") for name in set(names)}
 
 
-def _render_series(
+def render_series(
     photo: Image.Image,
     rng: np.random.Generator,
+    *,
     min_shots: int,
     max_shots: int,
     size: tuple[int, int],
 ) -> list[tuple[Image.Image, str]]:
+    """Renders one burst of ``photo``: the shots in capture order with their degradation labels.
+
+    One crop window (``_AREA`` of the photo, the output's aspect), a small shift per shot, one
+    clean shot at a random position (label ``"none"``) and one or two degradations on every
+    other shot. ``min_shots=max_shots=1`` renders a single clean shot. Everything is drawn
+    from ``rng``, in a fixed order, so the same generator state gives the same pixels.
+
+    Args:
+        photo: the base photo (RGB).
+        rng: the series' generator; ``generate_corpus`` uses ``default_rng([seed, index])``.
+        min_shots: fewest shots (>= 1; not checked here).
+        max_shots: most shots (>= min_shots).
+        size: ``(width, height)`` of every shot.
+    """
     n = int(rng.integers(min_shots, max_shots + 1))
     keeper = int(rng.integers(n))
 
