@@ -1,0 +1,526 @@
+"""Hand the picks back to photo tools: XMP sidecars and copies or links of the keepers.
+
+Nothing here opens an original for writing. Sidecars are separate ``.xmp`` files that
+Lightroom, Capture One, darktable and digiKam read; the keepers are copied or linked into a
+folder of their own, under the same relative paths they had under the input root.
+
+    plans = plan_sidecars(uris, input_root="photos", mode="mirror", out_dir="out/xmp")
+    for plan in plans:  # one per sidecar; a RAW+JPEG pair's JPEG is in plan.skipped
+        write_sidecar(plan.sidecar_uri, rating=5, label="Green", keeper_fields={"rank": "1"})
+    export_keepers(keepers, input_root="photos", dest="out/keepers", mode="hardlink")
+
+Sidecars are written with pyexiv2 (the exiv2 library). An existing sidecar is merged:
+``xmp:Rating``, ``xmp:Label`` and keeper's own namespace (:data:`KEEPER_NS`, prefix
+``keeper``) change, every other field stays. Writes are atomic (:func:`storage.write_bytes`), and a
+sidecar whose content would not change is not rewritten, so re-runs leave its mtime alone
+(Lightroom takes a newer sidecar for an outside edit).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from numbers import Integral
+from pathlib import Path, PurePosixPath
+from types import ModuleType
+from typing import Any, Literal, NamedTuple
+
+from keeper_core import storage
+from keeper_core.errors import ConfigError, DataError, StorageError
+from keeper_core.formats import RAW_SUFFIXES
+
+#: keeper's XMP namespace; its fields are ``Xmp.keeper.<name>`` (``keeper:group`` in the file).
+#: A namespace URI is a name, never fetched; ``.invalid`` (RFC 2606) can never belong to anyone.
+KEEPER_NS = "https://keeper.invalid/ns/xmp/1.0/"
+KEEPER_PREFIX = "keeper"
+
+# What exiv2 writes for a sidecar that does not exist yet (its own header and footer).
+_EMPTY_PACKET = (
+    b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
+    b' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+    b" </rdf:RDF>\n"
+    b"</x:xmpmeta>\n"
+    b'<?xpacket end="w"?>'
+)
+_RDF = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}"
+_XMP_MIME = "application/rdf+xml"
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+# Characters XML 1.0 cannot hold at all (escaping does not help).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+_OWN_KEY = re.compile(rf"^Xmp\.{KEEPER_PREFIX}\.[^/\[]+$")
+# exiv2 keeps process-global state (the XMP toolkit's namespace registry, pyexiv2's error log):
+# one sidecar at a time per process.
+_EXIV2_LOCK = threading.Lock()
+
+#: An XMP value as pyexiv2 reads it: text, an array's items, or a language alternative's
+#: ``{'lang="x-default"': text}``.
+XmpValue = str | list[str] | dict[str, str]
+
+
+class SidecarPlan(NamedTuple):
+    """One sidecar to write, and the images of the list that it stands for without one.
+
+    Attributes:
+        image_uri: the image whose rating goes into the sidecar.
+        sidecar_uri: where the sidecar goes (``.xmp``).
+        skipped: ``(image_uri, reason)`` for each other image of the list that maps onto the
+            same sidecar name (the JPEG of a RAW+JPEG pair); they get no sidecar of their own.
+    """
+
+    image_uri: str
+    sidecar_uri: str
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+class ExportFailure(NamedTuple):
+    """An image :func:`export_keepers` could not export, and why."""
+
+    image_uri: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_keepers` did: each image is counted exactly once."""
+
+    exported: int = 0
+    already_there: int = 0
+    failed: list[ExportFailure] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative paths
+
+
+def _relative(uri: str, root: str) -> str | None:
+    """``uri``'s path under ``root`` (``a/b.jpg``), or None when it is not under it."""
+    if storage.is_s3(uri) != storage.is_s3(root):
+        return None
+    if storage.is_s3(uri):
+        prefix = root.rstrip("/") + "/"
+        rel = uri[len(prefix) :] if uri.startswith(prefix) else ""
+    else:
+        rel = os.path.relpath(storage.same_key(uri), storage.same_key(root))
+        rel = PurePosixPath(Path(rel)).as_posix()
+    parts = rel.split("/")
+    if not rel or rel == "." or ".." in parts or "" in parts:
+        return None
+    return rel
+
+
+def _relatives(uris: Sequence[str], root: str) -> list[str]:
+    rels = [_relative(u, root) for u in uris]
+    outside = [u for u, r in zip(uris, rels, strict=True) if r is None]
+    if outside:
+        shown = ", ".join(outside[:5]) + (
+            f" (+{len(outside) - 5} more)" if len(outside) > 5 else ""
+        )
+        raise ConfigError(
+            f"input_root {root!r}: {len(outside)} image(s) are not under it, so they have no "
+            f"relative path to mirror: {shown}"
+        )
+    return [r for r in rels if r is not None]
+
+
+def _local(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sidecar plans
+
+
+def _sidecar_name(name: str, naming: Literal["basename", "full"]) -> str:
+    if naming == "full":
+        return name + ".xmp"
+    stem, dot, _ = name.rpartition(".")
+    return (stem if dot and stem else name) + ".xmp"
+
+
+def _is_raw(uri: str) -> bool:
+    return uri.lower().endswith(RAW_SUFFIXES)
+
+
+def plan_sidecars(
+    image_uris: Sequence[str],
+    *,
+    input_root: str,
+    mode: Literal["mirror", "beside"],
+    out_dir: str | None,
+    naming: Literal["basename", "full"] = "basename",
+) -> list[SidecarPlan]:
+    """Where each image's XMP sidecar goes, one plan per sidecar, in the images' order.
+
+    Images whose sidecar names coincide (compared case-insensitively, as on macOS and Windows
+    disks) share one: with ``naming="basename"`` a RAW+JPEG pair ``IMG_1.CR2`` + ``IMG_1.JPG``
+    maps onto ``IMG_1.xmp``, which belongs to the RAW, as in Lightroom and Capture One. Among
+    two non-RAW files with one stem (``IMG_1.HEIC`` + ``IMG_1.JPG``) the first by name owns it.
+    The others are listed in the owner's ``skipped`` with the reason, so every input image is
+    either a plan's ``image_uri`` or in one plan's ``skipped``.
+
+    Args:
+        image_uris: the images (local paths or ``s3://`` URIs).
+        input_root: the folder or prefix the images are under; ``mirror`` keeps their paths
+            relative to it.
+        mode: ``mirror``: under ``out_dir`` at the image's relative path (local or ``s3://``);
+            ``beside``: next to the image (local images only).
+        out_dir: where ``mirror`` writes; must be None for ``beside``.
+        naming: ``basename``: ``IMG_1.CR2`` -> ``IMG_1.xmp`` (Lightroom, Capture One);
+            ``full``: ``IMG_1.CR2.xmp`` (darktable, digiKam).
+
+    Raises:
+        ConfigError: an unknown mode or naming, ``out_dir`` missing (mirror) or given
+            (beside), ``beside`` for an ``s3://`` image (keeper does not write into a source
+            bucket unasked; mirror with ``out_dir=input_root`` does that explicitly), an image
+            outside ``input_root`` (mirror), or an input that is itself an ``.xmp`` file.
+    """
+    if mode not in ("mirror", "beside"):
+        raise ConfigError(f"mode must be 'mirror' or 'beside', got {mode!r}")
+    if naming not in ("basename", "full"):
+        raise ConfigError(f"naming must be 'basename' or 'full', got {naming!r}")
+    xmps = [u for u in image_uris if u.lower().endswith(".xmp")]
+    if xmps:
+        raise ConfigError(f"image_uris holds sidecars, not images: {xmps[:5]}")
+    names = [u.rpartition("/")[2] for u in image_uris]
+    folders = [u for u, n in zip(image_uris, names, strict=True) if not n]
+    if folders:
+        raise ConfigError(f"image_uris holds folders, not files: {folders[:5]}")
+    if mode == "mirror":
+        if not out_dir:
+            raise ConfigError("mode='mirror' needs out_dir")
+        rels = _relatives(image_uris, input_root)
+        names = [PurePosixPath(r).name for r in rels]
+        sidecars = [
+            storage.join(out_dir, str(PurePosixPath(r).with_name(_sidecar_name(n, naming))))
+            for r, n in zip(rels, names, strict=True)
+        ]
+    else:
+        if out_dir is not None:
+            raise ConfigError("mode='beside' writes next to each image; out_dir must be None")
+        on_s3 = [u for u in image_uris if storage.is_s3(u)]
+        if on_s3:
+            raise ConfigError(
+                f"mode='beside' writes into the originals' folders, local ones only; "
+                f"{on_s3[0]} is on S3 (use mode='mirror', with out_dir=input_root to mean it)"
+            )
+        # The last path component replaced, so the sidecar URI is written the way the image's is.
+        sidecars = [
+            u[: len(u) - len(n)] + _sidecar_name(n, naming)
+            for u, n in zip(image_uris, names, strict=True)
+        ]
+
+    by_sidecar: dict[str, list[int]] = {}
+    for i, sidecar in enumerate(sidecars):
+        by_sidecar.setdefault(storage.same_key(sidecar).casefold(), []).append(i)
+
+    def owner_order(i: int) -> tuple[bool, str, str]:
+        return (not _is_raw(image_uris[i]), names[i].casefold(), image_uris[i])
+
+    plans: list[tuple[int, SidecarPlan]] = []
+    for members in by_sidecar.values():
+        owner, *others = sorted(members, key=owner_order)
+        skipped = tuple(
+            (image_uris[i], _skip_reason(image_uris[i], image_uris[owner], sidecars[owner]))
+            for i in others
+        )
+        plans.append((owner, SidecarPlan(image_uris[owner], sidecars[owner], skipped)))
+    return [plan for _, plan in sorted(plans, key=lambda p: p[0])]
+
+
+def _skip_reason(image: str, owner: str, sidecar: str) -> str:
+    if storage.same_key(image) == storage.same_key(owner):
+        return "listed more than once"
+    why = "the RAW of the pair" if _is_raw(owner) else "the first by name"
+    return f"shares sidecar {sidecar} with {owner} ({why}), which owns it"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sidecars
+
+
+@functools.cache
+def _exiv2() -> ModuleType:
+    import pyexiv2
+
+    # Level 3 ("error"), not 4 ("mute"): warnings are quiet, but pyexiv2 turns error-level
+    # messages into exceptions only when they are logged, so muting them would hide failures.
+    pyexiv2.set_log_level(3)
+    pyexiv2.registerNs(KEEPER_NS, KEEPER_PREFIX)
+    return pyexiv2
+
+
+def _check_text(what: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string, got {type(value).__name__}")
+    if _NOT_XML.search(value):
+        raise ConfigError(f"{what} holds a control character XML cannot store: {value!r}")
+    if value.startswith("type="):
+        # exiv2 reads a leading 'type=' as an array declaration and drops the text.
+        raise ConfigError(f"{what} must not start with 'type=': {value!r}")
+    return value
+
+
+def _has_properties(packet: bytes) -> bool:
+    """Whether an XMP packet holds any property: False only for a well-formed, empty one."""
+    try:
+        root = ET.fromstring(packet)
+    except ET.ParseError:
+        return True  # not even XML: cannot prove it empty
+    for desc in root.iter(f"{_RDF}Description"):
+        if len(desc) or any(k != f"{_RDF}about" for k in desc.attrib):
+            return True
+    return False
+
+
+def _parse(pyexiv2: ModuleType, data: bytes, uri: str) -> tuple[Any, dict[str, XmpValue]]:
+    try:
+        img = pyexiv2.ImageData(data)
+    except (RuntimeError, ValueError) as e:
+        raise DataError(f"not an XMP sidecar ({str(e).strip()}); left as it is", source=uri) from e
+    try:
+        if img.get_mime_type() != _XMP_MIME:
+            raise DataError(
+                f"is a {img.get_mime_type()} file, not an XMP sidecar; left as it is", source=uri
+            )
+        fields: dict[str, XmpValue] = img.read_xmp()
+        # exiv2 only warns when a packet does not parse and then reads it as empty; writing
+        # that back would wipe a sidecar some other tool half-wrote or we cannot read.
+        if not fields and data.strip() and _has_properties(data):
+            raise DataError("XMP that exiv2 cannot parse; left as it is", source=uri)
+    except BaseException:
+        img.close()
+        raise
+    return img, fields
+
+
+def write_sidecar(
+    sidecar_uri: str,
+    *,
+    rating: int,
+    label: str | None,
+    keeper_fields: Mapping[str, str] | None = None,
+) -> bool:
+    """Write or merge one XMP sidecar: rating, colour label and keeper's own fields.
+
+    A sidecar already there keeps every other field (keywords, titles, other namespaces, a
+    darktable history, camera EXIF). keeper owns ``xmp:Rating``, ``xmp:Label`` and its own
+    namespace: ``label=None`` removes ``xmp:Label``, and keeper fields not in ``keeper_fields``
+    are removed, so the sidecar says what this run decided whatever an earlier run wrote.
+    Writing the same values again leaves the file as it is (same bytes, same mtime).
+
+    Args:
+        sidecar_uri: a local path or ``s3://`` URI ending in ``.xmp``.
+        rating: -1 (rejected) to 5, as ``xmp:Rating``.
+        label: the colour label (``xmp:Label``, e.g. ``"Green"``), or None for none.
+        keeper_fields: ``keeper:<name>`` values, e.g. ``{"group": "g000003", "rank": "1"}``.
+
+    Returns:
+        True if the sidecar was written, False if it already held exactly this content.
+
+    Raises:
+        ConfigError: a rating outside -1..5, a bad label, field name or value, or a URI that
+            does not end in ``.xmp``.
+        DataError: a file is at ``sidecar_uri`` that is not XMP exiv2 can parse (it is left
+            untouched).
+        StorageError: reading or writing the sidecar failed.
+    """
+    if not sidecar_uri.lower().endswith(".xmp"):
+        raise ConfigError(f"sidecar_uri must end in .xmp: {sidecar_uri!r}")
+    # Integral, so a numpy integer from a picks frame is fine; bool is Integral but no rating.
+    if isinstance(rating, bool) or not isinstance(rating, Integral) or not -1 <= rating <= 5:
+        raise ConfigError(f"rating must be an int in -1..5, got {rating!r}")
+    if label is not None and not _check_text("label", label):
+        raise ConfigError("label must be a non-empty string or None, got ''")
+    own = dict(keeper_fields or {})
+    for name, value in own.items():
+        if not isinstance(name, str) or not _FIELD_NAME.match(name):
+            raise ConfigError(f"keeper field name {name!r} is not an XML name ([A-Za-z_][\\w-]*)")
+        _check_text(f"keeper field {name!r}", value)
+
+    old = storage.read_bytes(sidecar_uri) if storage.exists(sidecar_uri) else b""
+    pyexiv2 = _exiv2()
+    with _EXIV2_LOCK:
+        img, fields = _parse(pyexiv2, old if old.strip() else _EMPTY_PACKET, sidecar_uri)
+        try:
+            changes: dict[str, str | None] = {k: None for k in fields if _OWN_KEY.match(k)}
+            changes["Xmp.xmp.Rating"] = str(int(rating))
+            changes["Xmp.xmp.Label"] = label
+            changes.update({f"Xmp.{KEEPER_PREFIX}.{k}": v for k, v in own.items()})
+            # On write exiv2 re-derives Xmp.exif.* / Xmp.iptc* from the EXIF and IPTC it read
+            # out of the XMP, which rewrites GPS coordinates and drops all but one language of
+            # exif:UserComment. A sidecar has no EXIF or IPTC of its own: dropping them makes
+            # the write a pure XMP edit.
+            img.clear_exif()
+            img.clear_iptc()
+            img.modify_xmp(changes)
+            new: bytes = img.get_bytes()
+        except RuntimeError as e:
+            raise DataError(
+                f"exiv2 could not update the sidecar: {str(e).strip()}", source=sidecar_uri
+            ) from e
+        finally:
+            img.close()
+    if new == old:
+        return False
+    storage.write_bytes(sidecar_uri, new)
+    return True
+
+
+def read_sidecar(sidecar_uri: str) -> dict[str, XmpValue]:
+    """Every XMP field of a sidecar, as pyexiv2 reads it (``{"Xmp.xmp.Rating": "5", ...}``).
+
+    Arrays (``Xmp.dc.subject``) come as lists, language alternatives as dicts; structs as
+    their flattened paths (``Xmp.darktable.history[1]/darktable:operation``).
+
+    Raises:
+        StorageError: the sidecar cannot be read.
+        DataError: it is not XMP that exiv2 can parse.
+    """
+    data = storage.read_bytes(sidecar_uri)
+    pyexiv2 = _exiv2()
+    with _EXIV2_LOCK:
+        img, fields = _parse(pyexiv2, data, sidecar_uri)
+        img.close()
+    return fields
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeper export
+
+
+class _Refused(Exception):
+    """An image that cannot be exported; the message is the reason."""
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.samefile(a, b):
+        return True
+    return a.stat().st_size == b.stat().st_size and _sha256(a) == _sha256(b)
+
+
+def _copy_local(src: Path, dst: Path) -> None:
+    # A temporary name in the target folder, renamed into place: a killed run leaves no
+    # half-copied image under the keeper's name (the ".tmp" suffix keeps it out of listings).
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copy2(src, tmp)  # with the original's mtime: tools sort by it
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _export_local(src: Path, dst: Path, mode: str) -> bool:
+    """Export one local file; True if done now, False if an identical file was already there."""
+    if not src.is_file():
+        raise _Refused(f"original missing or not a file: {src}")
+    if dst.is_symlink() or dst.exists():
+        if not dst.exists():
+            raise _Refused(f"a broken symlink is already at {dst}; not replaced")
+        if dst.is_file() and _same_file(src, dst):
+            return False
+        raise _Refused(f"a different file is already at {dst}; not overwritten")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "copy":
+        _copy_local(src, dst)
+    elif mode == "symlink":
+        os.symlink(os.path.abspath(src), dst)  # absolute: valid wherever dest is read from
+    else:
+        try:
+            os.link(src, dst)
+        except OSError as e:
+            if e.errno == errno.EXDEV:
+                raise _Refused(
+                    f"cannot hard-link {src} into {dst.parent}: another filesystem "
+                    "(use copy or symlink)"
+                ) from e
+            raise _Refused(f"cannot hard-link {src} to {dst}: {e.strerror or e}") from e
+    return True
+
+
+def _export_s3(src: str, dst: str) -> bool:
+    """Copy one image where the original or the destination is on S3 (whole-object puts)."""
+    if storage.exists(dst):
+        # Sizes first (a HEAD each): a different file in the way is refused without downloads.
+        same_size = storage.object_info(dst).size == storage.object_info(src).size
+        if same_size and storage.read_bytes(dst) == storage.read_bytes(src):
+            return False
+        raise _Refused(f"a different file is already at {dst}; not overwritten")
+    storage.write_bytes(dst, storage.read_bytes(src))
+    return True
+
+
+def export_keepers(
+    image_uris: Sequence[str],
+    *,
+    input_root: str,
+    dest: str,
+    mode: Literal["copy", "hardlink", "symlink"],
+) -> ExportResult:
+    """Copy or link images under ``dest`` at their paths relative to ``input_root``.
+
+    Originals are only ever read. A file already at the target with the same bytes (or the
+    same file, a link made by an earlier run) counts as ``already_there``, so re-runs are
+    idempotent; a different file there is never overwritten (a failure naming it). Copies go
+    to a temporary file renamed into place, with the original's mtime. A hard link shares the
+    original's inode: editing the exported file in place edits the original too.
+
+    Args:
+        image_uris: the keepers (local paths or ``s3://`` URIs).
+        input_root: the folder or prefix the images are under.
+        dest: the folder or ``s3://`` prefix to export into.
+        mode: ``copy``, ``hardlink`` (same filesystem only: no silent copy instead) or
+            ``symlink`` (absolute targets). Links are local only.
+
+    Returns:
+        Counts, and a reason for each image that failed (a missing original, a different file
+        in the way, a hard link across filesystems, an S3 error).
+
+    Raises:
+        ConfigError: an unknown mode, a link mode with S3 on either side, or an image outside
+            ``input_root`` (checked before anything is exported).
+    """
+    if mode not in ("copy", "hardlink", "symlink"):
+        raise ConfigError(f"mode must be 'copy', 'hardlink' or 'symlink', got {mode!r}")
+    on_s3 = storage.is_s3(dest) or any(storage.is_s3(u) for u in image_uris)
+    if mode != "copy" and on_s3:
+        raise ConfigError(f"mode={mode!r} links files on a local disk; S3 supports copy only")
+    rels = _relatives(image_uris, input_root)
+    exported = already = 0
+    failed: list[ExportFailure] = []
+    for uri, rel in zip(image_uris, rels, strict=True):
+        target = storage.join(dest, rel)
+        try:
+            if storage.is_s3(uri) or storage.is_s3(target):
+                done = _export_s3(uri, target)
+            else:
+                done = _export_local(_local(uri), _local(target), mode)
+        except (_Refused, StorageError) as e:
+            failed.append(ExportFailure(uri, str(e)))
+            continue
+        except OSError as e:
+            failed.append(ExportFailure(uri, f"{type(e).__name__}: {e}"))
+            continue
+        if done:
+            exported += 1
+        else:
+            already += 1
+    return ExportResult(exported=exported, already_there=already, failed=failed)
