@@ -270,7 +270,18 @@ def test_parquet_bad_content_is_data_error(tmp_path: Path) -> None:
         read_parquet(str(bad))
     assert e.value.source == str(bad)
     write_parquet(_table(0, 2), str(tmp_path / "mixed" / "a.parquet"))
-    write_parquet(pa.table({"other": [1.0]}), str(tmp_path / "mixed" / "b.parquet"))
+    first = read_parquet(str(tmp_path / "mixed" / "a.parquet"))
+    # A part with a column the others lack (a newer writer): the rest read it as null.
+    write_parquet(
+        first.append_column("extra", pa.array([1.5, 2.5])), str(tmp_path / "mixed" / "b.parquet")
+    )
+    both = read_parquet(str(tmp_path / "mixed"))
+    assert both.num_rows == 4
+    assert both.column("extra").to_pylist() == [None, None, 1.5, 2.5]
+    # A column whose type differs between parts is not papered over.
+    first_col = first.schema.names[0]
+    clash = first.set_column(0, first_col, pa.array(["x"] * first.num_rows))
+    write_parquet(clash, str(tmp_path / "mixed" / "c.parquet"))
     with pytest.raises(DataError, match="different schemas"):
         read_parquet(str(tmp_path / "mixed"))
     with pytest.raises(DataError, match="missing"):

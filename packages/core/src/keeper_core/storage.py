@@ -586,8 +586,10 @@ def _parquet_parts(uri: str) -> list[str]:
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read one Parquet file, or every ``*.parquet`` under a folder/prefix, as one table.
 
-    Part files are concatenated in sorted-name order (``part-00000`` first) and must share one
-    schema. Hive-style partition folders are not turned back into columns.
+    Part files are concatenated in sorted-name order (``part-00000`` first). A column some parts
+    lack reads as null there (a table written before the column existed still reads, beside newer
+    parts); a column whose type differs between parts is an error. Hive-style partition folders
+    are not turned back into columns.
 
     Args:
         uri: a ``.parquet`` file/object, or a folder/prefix holding them.
@@ -605,8 +607,8 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
         except (pa.ArrowException, KeyError) as e:
             raise DataError(f"cannot read Parquet: {e}", source=part) from e
     try:
-        return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    except pa.ArrowInvalid as e:
+        return pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise DataError(f"Parquet parts have different schemas: {e}", source=uri) from e
 
 

@@ -287,3 +287,78 @@ def add_promote_parser(subparsers: SubParsers) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------------------------
+# keeper pick: flags become key=value overrides of the job's YAML config
+
+PICK_FLAGS = (
+    "input",
+    "output",
+    "embeddings",
+    "model",
+    "zero_shot",
+    "clip_model",
+    "xmp",
+    "xmp_naming",
+    "copy_keepers",
+    "link_keepers",
+    "link_mode",
+    "batch_size",
+    "concurrency",
+    "num_gpus_per_worker",
+    "limit",
+    "tracking_uri",
+    "data_dir",
+    "ray_address",
+)
+PICK_NESTED = {"max_gap_s": "grouping.max_gap_s", "min_similarity": "grouping.min_similarity"}
+
+
+def add_pick_parser(subparsers: SubParsers) -> None:
+    """``keeper pick``: cull a photo library (keeper_train.jobs.pick)."""
+    p = subparsers.add_parser(
+        "pick",
+        help="cull a photo library: group bursts, keep the best, flag duplicates and failures",
+        description="Embed a folder, s3:// prefix or manifest of photos (resumable), group them "
+        "into bursts/scenes by capture time and similarity, rank each group with the registered "
+        "champion (or a zero-shot rule, labelled as such), and write a picks table, an HTML "
+        "contact sheet and XMP sidecars. Originals are never modified. A flag given here "
+        "overrides --config; one not given leaves the config's value alone.",
+    )
+    p.add_argument("--config", help="YAML config (PickJobConfig fields)")
+    p.add_argument("--input", help="folder, s3:// prefix, or CSV/Parquet manifest (required)")
+    p.add_argument("--output", help="folder or s3:// prefix for the results (required)")
+    p.add_argument(
+        "--embeddings", help="embedding table to reuse and extend (default OUTPUT/table)"
+    )
+    p.add_argument(
+        "--model", help="ranker MODEL_URI (default models:/keeper-ranker@champion if it exists)"
+    )
+    p.add_argument("--zero-shot", action=_BOOL, help="rank with the zero-shot rule")
+    p.add_argument("--clip-model", help="ModelSpec to embed with (default: the ranker's)")
+    p.add_argument("--max-gap-s", type=float, help="longest gap between shots of one burst (s)")
+    p.add_argument("--min-similarity", type=float, help="lowest cosine between burst neighbours")
+    p.add_argument("--xmp", choices=["mirror", "beside", "none"], help="where sidecars go")
+    p.add_argument("--xmp-naming", choices=["basename", "full"], help="IMG_1.xmp or IMG_1.CR2.xmp")
+    p.add_argument("--copy-keepers", metavar="DIR", help="copy the keepers here")
+    p.add_argument("--link-keepers", metavar="DIR", help="link the keepers here (see --link-mode)")
+    p.add_argument("--link-mode", choices=["hardlink", "symlink"], help="default hardlink")
+    p.add_argument("--batch-size", type=int, help="images per model forward pass")
+    p.add_argument("--concurrency", type=int, help="model actors")
+    p.add_argument("--num-gpus-per-worker", type=float, help="GPUs per model actor")
+    p.add_argument("--limit", type=int, help="only the first N photos (smoke runs)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: embedded store)")
+    p.add_argument("--data-dir", help="embedded MLflow store when no tracking URI is set")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
+    p.add_argument("overrides", nargs="*", help="any other PickJobConfig field as key=value")
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import pick
+
+        argv = ["--config", args.config] if args.config else []
+        values = given(args, PICK_FLAGS)
+        values.update({PICK_NESTED[k]: v for k, v in given(args, PICK_NESTED).items()})
+        return pick.main([*argv, *as_overrides(values), *args.overrides])
+
+    p.set_defaults(func=run)

@@ -18,13 +18,35 @@ C = TypeVar("C", bound=BaseModel)
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; values are parsed as YAML scalars."""
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; values are parsed as YAML scalars.
+
+    A dotted key sets a nested field: ``grouping.max_gap_s=2`` -> ``{"grouping": {"max_gap_s": 2}}``.
+    """
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {pair!r} is not key=value")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        _set(out, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    return out
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for name in parents:
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {name!r} is not a mapping")
+        node = child
+    node[leaf] = value
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, nested mappings merged key by key (an override keeps siblings)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -43,7 +65,7 @@ def load_config(model: type[C], path: str | Path | None = None, overrides: Seque
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping, got {type(loaded).__name__}")
         data.update(loaded or {})
-    data.update(parse_overrides(overrides))
+    data = _merge(data, parse_overrides(overrides))
     return validate(model, data, where=f" in {path}" if path else "")
 
 

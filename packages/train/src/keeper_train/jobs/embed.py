@@ -34,7 +34,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
@@ -47,6 +47,8 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keeper_core import storage
+from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
+from keeper_core.contact_sheet import thumbnail_jpeg, thumbnail_name
 from keeper_core.embedding import ClipEmbedder
 from keeper_core.errors import (
     DataError,
@@ -55,6 +57,8 @@ from keeper_core.errors import (
     ModelLoadError,
     StorageError,
 )
+from keeper_core.formats import IMAGE_SUFFIXES
+from keeper_core.grouping import dhash
 from keeper_core.images import DecodeLimits, sniff_is_image
 from keeper_core.models import ModelSpec, embed_dim, preprocess_config
 from keeper_core.preparation import ImagePreparation
@@ -67,7 +71,6 @@ log = logging.getLogger("keeper.embed")
 
 EMBEDDINGS, ERRORS = "embeddings", "errors"
 SUMMARY, TABLE_META = "_SUMMARY.json", "_KEEPER_TABLE.json"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic")
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 # Files that are certainly not photos: never sniffed, so listing a mixed prefix stays cheap.
 NOT_IMAGE_SUFFIXES = (".parquet", ".json", ".csv", ".txt", ".md", ".yaml", ".yml", ".xml", ".pq")
@@ -117,8 +120,29 @@ class EmbedConfig(BaseModel):
     draft: bool = Field(True, description="JPEG draft-mode decode for images larger than needed")
     max_pixels: int = Field(64_000_000, ge=1)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_raw_bytes: int = Field(
+        256 * 1024**2,
+        ge=1,
+        description="byte limit for camera RAW files (their JPEG preview is read)",
+    )
     min_side: int = Field(16, ge=1)
     limit: int | None = Field(None, ge=1, description="embed only the first N inputs (smoke runs)")
+    capture: bool = Field(
+        True,
+        description="read capture metadata (EXIF capture time, camera body, burst tags; the "
+        "file's modification time when EXIF has no time) into the table",
+    )
+    thumbnails: str | None = Field(
+        None,
+        description="also write a JPEG thumbnail of every image under this folder or s3:// "
+        "prefix (named by image_id), from the pixels already decoded (keeper pick's contact "
+        "sheet links them)",
+    )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="folders or prefixes under input that are never listed (outputs written "
+        "inside the input folder); output is always excluded",
+    )
     ray_address: str | None = None
 
     @field_validator("model")
@@ -143,7 +167,7 @@ class EmbedConfig(BaseModel):
 # Inputs and what DST already holds
 
 
-def list_inputs(src: str, *, exclude: str | None = None) -> tuple[list[str], int]:
+def list_inputs(src: str, *, exclude: str | Sequence[str] | None = None) -> tuple[list[str], int]:
     """The image URIs named by SRC, in a stable order, and the count of non-image files ignored.
 
     SRC is a manifest (CSV/Parquet with an ``image_uri`` column; relative local paths resolve
@@ -155,9 +179,11 @@ def list_inputs(src: str, *, exclude: str | None = None) -> tuple[list[str], int
         return _manifest_uris(src), 0
     ignored = 0
     uris = []
-    skip_prefix = exclude.rstrip("/") + "/" if exclude else None
+    excluded = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    # Compared as same_key: an output named ./lib/out or /abs/lib/out is skipped either way.
+    skip = tuple(storage.same_key(e).rstrip("/") + "/" for e in excluded)
     for uri in storage.list_files(src):
-        if skip_prefix and uri.startswith(skip_prefix):
+        if skip and storage.same_key(uri).startswith(skip):
             continue
         name = uri.rsplit("/", 1)[-1].lower()
         if name.startswith("."):
@@ -238,15 +264,21 @@ def prepare_batch(
     draft: bool,
     errors_dir: str,
     run_id: str,
+    capture: bool = False,
+    thumbnails: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Read, decode, measure and resize a batch of image URIs (a CPU task).
 
     keeper_core's ImagePreparation does the image work (the Serve ingress calls the same). Bad
     images are written to ``errors_dir`` with their stage and reason, and left out of the
-    output: the model stage only sees images that decoded.
+    output: the model stage only sees images that decoded. With ``capture``, each image's
+    capture metadata is read from the bytes already in hand; with ``thumbnails``, a thumbnail
+    is written from the pixels already decoded (neither reads or decodes the file again).
     """
     prep = _preparation(spec, draft, tuple(sorted(limits.items())))
     ok_uris, ids, pixels, decoded, times = [], [], [], [], []
+    captures: list[dict[str, Any]] = []
+    hashes: list[int] = []
     failed: list[dict[str, Any]] = []
     for uri in [str(u) for u in batch["image_uri"]]:
         t0 = time.perf_counter()
@@ -257,15 +289,25 @@ def prepare_batch(
             image = prep.decode(data, source=uri)
             stage = "preprocess"
             pixels.append(prep.resize(image))
+            image_id = hashlib.sha256(data).hexdigest()
+            hashes.append(dhash(image.image))
+            if capture:
+                captures.append(capture_row(read_capture(data, mtime=_mtime(uri), source=uri)))
+            if thumbnails:
+                stage = "thumbnail"
+                storage.write_bytes(
+                    storage.join(thumbnails, thumbnail_name(image_id)), thumbnail_jpeg(image.image)
+                )
         except StorageError as e:
-            failed.append(_failure(uri, run_id, stage, "unreadable", e, retryable=e.retryable))
+            reason = "unreadable" if stage == "read" else "write_failed"
+            failed.append(_failure(uri, run_id, stage, reason, e, retryable=e.retryable))
         except ImageDecodeError as e:
             failed.append(_failure(uri, run_id, stage, e.reason, e, retryable=False))
         except Exception as e:  # one image must never take the job down: record and go on
             failed.append(_failure(uri, run_id, stage, "internal", e, retryable=False))
         else:
             ok_uris.append(uri)
-            ids.append(hashlib.sha256(data).hexdigest())
+            ids.append(image_id)
             decoded.append(image)
             times.append(time.perf_counter() - t0)
     if failed:
@@ -283,10 +325,41 @@ def prepare_batch(
         if pixels
         else np.zeros((0, 3, prep.image_size, prep.image_size), np.uint8),
         "t_decode": np.array(times, dtype=np.float64) + per_image,
+        "dhash": np.array(hashes, dtype=np.int64),
     }
     for j, name in enumerate(FEATURE_NAMES):
         dtype = np.int32 if name in ("width", "height") else np.float32
         out[name] = feats[:, j].astype(dtype)
+    if capture:
+        out.update(capture_arrays(captures))
+    return out
+
+
+def _mtime(uri: str) -> Callable[[], float | None]:
+    """The file's modification time, asked for only when EXIF has no capture time (S3: a HEAD)."""
+
+    def get() -> float | None:
+        try:
+            return storage.object_info(uri).mtime
+        except StorageError:
+            return None
+
+    return get
+
+
+def capture_arrays(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Capture rows as numpy columns that cross Ray Data's batches intact.
+
+    Missing strings travel as "" and a missing sequence number as NaN (object arrays of
+    None would become pickled Python objects in Arrow); ``embedding_table`` restores nulls.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, dtype in CAPTURE_COLUMNS.items():
+        values = [r[name] for r in rows]
+        if pa.types.is_string(dtype):
+            out[name] = np.array(["" if v is None else str(v) for v in values], dtype=object)
+        else:
+            out[name] = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     return out
 
 
@@ -338,6 +411,20 @@ def embedding_table(batch: dict[str, np.ndarray], spec: str) -> pa.Table:
     for name in FEATURE_NAMES:
         dtype = pa.int32() if name in ("width", "height") else pa.float32()
         cols[name] = pa.array(np.asarray(batch[name]), dtype)
+    if "dhash" in batch:  # absent from tables written before keeper pick (read as null)
+        cols["dhash"] = pa.array(np.asarray(batch["dhash"], dtype=np.int64), pa.int64())
+    for name, dtype in CAPTURE_COLUMNS.items():
+        if name not in batch:  # capture=False: the columns are absent, as in older tables
+            continue
+        values = np.asarray(batch[name])
+        if pa.types.is_string(dtype):
+            cols[name] = pa.array([str(v) or None for v in values], dtype)
+        else:
+            floats = values.astype(np.float64)
+            missing = np.isnan(floats)
+            if pa.types.is_integer(dtype):
+                floats = np.where(missing, 0, floats)
+            cols[name] = pa.array(floats.astype(dtype.to_pandas_dtype()), dtype, mask=missing)
     return pa.table(cols)
 
 
@@ -449,7 +536,7 @@ def plan(cfg: EmbedConfig) -> Plan:
     """
     t0 = time.perf_counter()
     dst = cfg.output.rstrip("/")
-    inputs, ignored = list_inputs(cfg.input, exclude=dst)
+    inputs, ignored = list_inputs(cfg.input, exclude=[dst, *cfg.exclude])
     if cfg.limit:
         inputs = inputs[: cfg.limit]
     check_table_meta(dst, cfg.model, embed_dim=embed_dim(cfg.model))
@@ -491,7 +578,12 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     t0 = time.perf_counter()
     cluster = init_ray(cfg.ray_address)
     seconds = {"ray_init": time.perf_counter() - t0}
-    limits = {"max_pixels": cfg.max_pixels, "max_bytes": cfg.max_bytes, "min_side": cfg.min_side}
+    limits = {
+        "max_pixels": cfg.max_pixels,
+        "max_bytes": cfg.max_bytes,
+        "max_raw_bytes": cfg.max_raw_bytes,
+        "min_side": cfg.min_side,
+    }
     # Blocks of ~decode_batch_size URIs: enough shards to keep every CPU busy and to stream.
     blocks = max(1, min(len(p.todo) // cfg.decode_batch_size, 10_000))
     ds: ray.data.Dataset = ray.data.from_items(
@@ -507,6 +599,8 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
             "draft": cfg.draft,
             "errors_dir": storage.join(p.dst, ERRORS),
             "run_id": p.run_id,
+            "capture": cfg.capture,
+            "thumbnails": cfg.thumbnails,
         },
         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
         num_cpus=1,
@@ -515,7 +609,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         # Requesting that memory also keeps Ray Data from fusing decode into the model
         # actors (it fuses task->actor maps whose remote args match, as on a CPU-only
         # cluster), which would serialise decode and inference in one process.
-        memory=WORKER_BASELINE_BYTES + 3 * cfg.max_pixels + cfg.max_bytes,
+        memory=WORKER_BASELINE_BYTES + 3 * cfg.max_pixels + max(cfg.max_bytes, cfg.max_raw_bytes),
     )
     ds = ds.map_batches(
         EmbedStage,

@@ -1,0 +1,235 @@
+"""Culling a photo library: group -> mark duplicates -> rank each group -> keep / alternate / reject.
+
+One function for both sides: ``keeper pick`` (a Ray job over an embedding table) and ``POST
+/v1/pick`` (a Serve request's images) call :func:`cull` with the same frame columns, so a burst
+gets the same groups, picks and reasons whichever way it came in. The ranking itself is a
+``Scorer``: a registered ranker (the MLflow pyfunc in the job, the ranker deployment in Serve)
+or, when none is given, keeper_core.picking's zero-shot rule, whose label then travels with every
+output.
+
+    result = cull(frame, scorer=None, grouping=GroupingConfig(), picking=PickConfig())
+    result.picks      # one row per image, in group (time) order; see PICK_COLUMNS
+    result.ranker     # the ranker's label, or picking.ZERO_SHOT_RULE
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from keeper_core.errors import DataError
+from keeper_core.grouping import GroupingConfig, find_duplicates, group_shots
+from keeper_core.picking import (
+    SIMILARITY_COLUMN,
+    ZERO_SHOT_RULE,
+    PickConfig,
+    decide,
+    rank_in_groups,
+    zero_shot_scores,
+)
+from keeper_core.quality import FEATURE_NAMES
+
+#: Scores one row per image. The frame it gets is sorted by ``series_id`` (each group's id,
+#: zero-padded so string order is group order) with each group's rows together, in capture
+#: order; it returns the scores in that row order.
+Scorer = Callable[[pd.DataFrame], np.ndarray]
+
+#: The columns :func:`cull` needs (``capture_ts`` may be NaN; ``camera`` "unknown"). A ``dhash``
+#: column (grouping.dhash), when every row has one, guards near-duplicate marks with pixels.
+REQUIRED = ("image_uri", "image_id", "embedding", "capture_ts", "camera", *FEATURE_NAMES)
+#: The picks table, in order (``embedding`` is left out: it is in the embedding table).
+PICK_COLUMNS = (
+    "group_id",
+    "group",
+    "group_size",
+    "rank",
+    "decision",
+    "rating",
+    "label",
+    "score",
+    "prob",
+    "reasons",
+    "duplicate_kind",
+    "duplicate_of",
+    "duplicate_cosine",
+    "image_uri",
+    "file_name",
+    "image_id",
+    "capture_time",
+    "capture_ts",
+    "time_source",
+    "camera",
+    "burst_id",
+    "sequence",
+    *FEATURE_NAMES,
+)
+
+
+@dataclass
+class CullResult:
+    """What :func:`cull` decided, and how long each step took."""
+
+    picks: pd.DataFrame
+    ranker: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """images, groups, keepers, alternates, rejects, duplicates (exact + near)."""
+        d = self.picks["decision"]
+        return {
+            "images": len(self.picks),
+            "groups": int(self.picks["group"].nunique()),
+            "keepers": int((d == "keep").sum()),
+            "alternates": int((d == "alternate").sum()),
+            "rejects": int((d == "reject").sum()),
+            "duplicates": int(self.picks["duplicate_kind"].notna().sum()),
+            "exact_duplicates": int((self.picks["duplicate_kind"] == "exact").sum()),
+            "near_duplicates": int((self.picks["duplicate_kind"] == "near").sum()),
+        }
+
+
+def group_ids(groups: np.ndarray) -> list[str]:
+    """``g000042``-style ids, zero-padded so their string order is the group order."""
+    width = max(6, len(str(int(groups.max()))) if len(groups) else 1)
+    return [f"g{int(g):0{width}d}" for g in groups]
+
+
+def cull(
+    frame: pd.DataFrame,
+    *,
+    scorer: Scorer | None,
+    ranker: str | None = None,
+    grouping: GroupingConfig | None = None,
+    picking: PickConfig | None = None,
+) -> CullResult:
+    """Group, mark duplicates, rank and decide, for one library or one request.
+
+    Args:
+        frame: one row per image with the ``REQUIRED`` columns (an embedding table's rows with
+            their capture columns); other columns are kept.
+        scorer: the trained ranker's scores (see ``Scorer``), or None for the zero-shot rule.
+        ranker: the scorer's label for outputs (required with a scorer).
+        grouping: burst/scene grouping and duplicate thresholds.
+        picking: decision rules, ratings and labels.
+
+    Returns:
+        The picks, one row per input image, ordered by group then capture time then URI.
+
+    Raises:
+        DataError: a required column is missing, or the scorer returns the wrong number of
+            scores or non-finite ones.
+    """
+    grouping = grouping or GroupingConfig()
+    picking = picking or PickConfig()
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise DataError(f"cull needs columns {missing}")
+    if scorer is not None and not ranker:
+        raise DataError("a scorer needs a label (the ranker's name) for the outputs")
+    seconds: dict[str, float] = {}
+    if frame.empty:
+        empty = pd.DataFrame({c: pd.Series(dtype=object) for c in PICK_COLUMNS})
+        return CullResult(empty, ranker or ZERO_SHOT_RULE, seconds)
+
+    t0 = time.perf_counter()
+    # A fixed input order (by URI) first: the same library gives the same table however it was
+    # listed or embedded.
+    df = frame.sort_values("image_uri", kind="stable").reset_index(drop=True)
+    emb = np.stack([np.asarray(e, dtype=np.float32) for e in df["embedding"]])
+    ts = pd.to_numeric(df["capture_ts"], errors="coerce").to_numpy(dtype=np.float64)
+    uris = df["image_uri"].astype(str).tolist()
+    groups = group_shots(ts, df["camera"].astype(str).tolist(), emb, uris, grouping)
+    prefer = df["width"].to_numpy(np.float64) * df["height"].to_numpy(np.float64)
+    hashes = None
+    if "dhash" in df.columns and df["dhash"].notna().all():
+        hashes = df["dhash"].to_numpy(dtype=np.int64)
+    dup_of, kind = find_duplicates(
+        df["image_id"].astype(str).tolist(),
+        emb,
+        groups,
+        uris,
+        grouping,
+        prefer=prefer,
+        hashes=hashes,
+    )
+    seconds["group"] = time.perf_counter() - t0
+
+    # Group order, then capture time, then URI: each group's rows together, as scorers want.
+    df = df.assign(group=groups, _ts=np.where(np.isnan(ts), np.inf, ts))
+    order = np.lexsort((np.arange(len(df)), df["_ts"].to_numpy(), groups))
+    position = np.empty(len(df), dtype=np.int64)
+    position[order] = np.arange(len(df))
+    dup_new = np.where(dup_of >= 0, position[np.maximum(dup_of, 0)], -1)
+    df = df.iloc[order].drop(columns=["_ts"]).reset_index(drop=True)
+    df["duplicate_of"] = dup_new
+    df["duplicate_kind"] = [kind[i] for i in order]
+    # The cosine behind a near-duplicate mark, for its reason ("near duplicate of X (cosine .97)").
+    emb = emb[order]
+    has = dup_new >= 0
+    cos = np.full(len(df), np.nan)
+    cos[has] = np.einsum("ij,ij->i", emb[has], emb[dup_new[has]])
+    df[SIMILARITY_COLUMN] = np.where(df["duplicate_kind"].to_numpy() == "near", cos, np.nan)
+    df["group_size"] = df.groupby("group")["group"].transform("size").astype(np.int64)
+    df["group_id"] = group_ids(df["group"].to_numpy())
+
+    t0 = time.perf_counter()
+    if scorer is None:
+        scores = zero_shot_scores(df)
+        label = ZERO_SHOT_RULE
+    else:
+        scores = np.asarray(scorer(df.assign(series_id=df["group_id"])), dtype=np.float64)
+        label = str(ranker)
+    if scores.shape != (len(df),) or not np.isfinite(scores).all():
+        raise DataError(
+            f"the ranker returned {scores.shape} scores for {len(df)} images"
+            if scores.shape != (len(df),)
+            else "the ranker returned non-finite scores"
+        )
+    ranked = rank_in_groups(df, scores)
+    df[["score", "prob", "rank"]] = ranked[["score", "prob", "rank"]].to_numpy()
+    df["rank"] = df["rank"].astype(np.int64)
+    seconds["rank"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    df = decide(df, picking)
+    seconds["decide"] = time.perf_counter() - t0
+    df["file_name"] = [PurePosixPath(u).name for u in df["image_uri"].astype(str)]
+    return CullResult(df, label, seconds)
+
+
+def picks_table(picks: pd.DataFrame) -> pa.Table:
+    """The picks as Arrow for Parquet: ``reasons`` a list of strings, ``duplicate_of`` the URI."""
+    df = _with_columns(picks)
+    uris = df["image_uri"].astype(str).to_numpy()
+    dup = df["duplicate_of"].to_numpy(dtype=np.int64)
+    cols: dict[str, pa.Array] = {}
+    for name in PICK_COLUMNS:
+        if name == "duplicate_of":
+            cols[name] = pa.array([uris[i] if i >= 0 else None for i in dup], pa.string())
+        elif name == "reasons":
+            cols[name] = pa.array([list(r) for r in df["reasons"]], pa.list_(pa.string()))
+        else:
+            cols[name] = pa.array(df[name].tolist(), from_pandas=True)
+    return pa.table(cols)
+
+
+def picks_csv(picks: pd.DataFrame) -> bytes:
+    """The picks as CSV: the Parquet table's columns, ``reasons`` joined with "; "."""
+    df = picks_table(picks).to_pandas()
+    df["reasons"] = ["; ".join(r) for r in df["reasons"]]
+    return df.to_csv(index=False).encode()
+
+
+def _with_columns(picks: pd.DataFrame) -> pd.DataFrame:
+    """Optional capture columns a frame may lack (a request without EXIF) as nulls."""
+    df = picks.copy()
+    for name in PICK_COLUMNS:
+        if name not in df.columns:
+            df[name] = None
+    return df

@@ -1,0 +1,659 @@
+"""Cull a photo library: find the bursts, keep the best of each, flag duplicates and failures.
+
+    keeper pick --input ~/Pictures/2026-06-wedding --output ~/culls/wedding
+    keeper pick --input s3://photos/trip/ --output s3://culls/trip/ --model models:/keeper-ranker@champion
+    python -m keeper_train.jobs.pick --config packages/train/configs/pick.yaml input=... output=...
+
+The last line is the ``ray job submit ... --`` and KubeRay RayJob entrypoint. No labels and no
+series ids are needed: photos are grouped into bursts/scenes by capture time (per camera body)
+and embedding similarity, each group is ranked by the registered ranker (``models:/NAME@champion``
+when one exists) or by a zero-shot rule on quality features that every output names as such, and
+each photo is kept, kept as an alternate, or rejected, with the reasons.
+
+    plan      resolve the ranker (before any work: its embedding spec is the one to embed with)
+    embed     keeper embed into OUTPUT/table (resumable: embeds only what is missing), reading
+              capture metadata and writing thumbnails from the bytes and pixels it already has
+    load      the table's rows for this input; images that failed, with their reasons; capture
+              metadata and thumbnails for rows of older tables that lack them
+    cull      keeper_core.culling.cull: group -> duplicates -> rank -> decide (what /v1/pick runs)
+    write     OUTPUT/picks.parquet + picks.csv, OUTPUT/failed.csv, OUTPUT/index.html (the contact
+              sheet, pages/ and thumbs/), XMP sidecars (mirrored under OUTPUT/xmp, or beside the
+              originals), optional copies or links of the keepers; OUTPUT/_SUMMARY.json
+
+Originals are never written, moved or renamed. Every output is written atomically and rebuilt
+whole from the table on every run, so a run killed at any point is completed by running it again.
+Exit codes: 0 done, 2 bad config or input, 3 embed failed more images than its limit allows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from keeper_core import storage
+from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
+from keeper_core.contact_sheet import SheetSummary, thumbnail_name, write_contact_sheet
+from keeper_core.culling import CullResult, Scorer, cull, picks_csv, picks_table
+from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadError, StorageError
+from keeper_core.grouping import GroupingConfig, dhash
+from keeper_core.handback import export_keepers, plan_sidecars, write_sidecar
+from keeper_core.images import decode_image
+from keeper_core.models import ModelSpec
+from keeper_core.picking import PickConfig
+from keeper_train.jobs import embed
+from keeper_train.table import ErrorRows
+
+log = logging.getLogger("keeper.pick")
+
+DEFAULT_RANKER = "keeper-ranker"
+TABLE, XMP, SUMMARY = "table", "xmp", "_SUMMARY.json"
+
+
+class PickJobConfig(BaseModel):
+    """Everything ``keeper pick`` takes. Unknown keys are errors (a typo fails before any work)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="folder, s3:// prefix, or CSV/Parquet manifest of photos")
+    output: str = Field(description="folder or s3:// prefix for the picks, sheet and sidecars")
+    embeddings: str | None = Field(
+        None, description="the embedding table to reuse and extend (default OUTPUT/table)"
+    )
+    model: str | None = Field(
+        None,
+        description="ranker: models:/NAME@ALIAS or models:/NAME/VERSION (default: "
+        "models:/<ranker_name>@champion when the registry has one, else the zero-shot rule)",
+    )
+    ranker_name: str = Field(DEFAULT_RANKER, description="registered model whose @champion ranks")
+    zero_shot: bool = Field(False, description="rank with the zero-shot rule even if one exists")
+    clip_model: str | None = Field(
+        None,
+        description="ModelSpec to embed with (default: the ranker's embedding spec, else "
+        "keeper-tiny:random)",
+    )
+    grouping: GroupingConfig = Field(default_factory=GroupingConfig)
+    picking: PickConfig = Field(default_factory=PickConfig)
+    xmp: Literal["mirror", "beside", "none"] = Field(
+        "mirror",
+        description="XMP sidecars: mirrored under OUTPUT/xmp, beside the originals (local "
+        "folders only; an existing sidecar is merged, its other fields kept), or none",
+    )
+    xmp_naming: Literal["basename", "full"] = Field(
+        "basename", description="IMG_1.xmp (Lightroom, Capture One) or IMG_1.CR2.xmp (darktable)"
+    )
+    copy_keepers: str | None = Field(None, description="copy the keepers here (mirrored paths)")
+    link_keepers: str | None = Field(None, description="hard-link the keepers here")
+    link_mode: Literal["hardlink", "symlink"] = "hardlink"
+    groups_per_page: int = Field(100, ge=1, description="contact sheet groups per page")
+    batch_size: int = Field(64, ge=1, description="images per model forward pass")
+    concurrency: int = Field(1, ge=1, description="model actors")
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    decode_concurrency: int | None = Field(None, ge=1)
+    max_failure_fraction: float = Field(0.05, ge=0, le=1)
+    limit: int | None = Field(None, ge=1, description="only the first N inputs (smoke runs)")
+    tracking_uri: str | None = None
+    data_dir: str = Field("keeper-data", description="embedded MLflow store when none is set")
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PickJobConfig:
+        if self.zero_shot and self.model:
+            raise ValueError("zero_shot and model exclude each other")
+        if self.copy_keepers and self.link_keepers:
+            raise ValueError("copy_keepers and link_keepers exclude each other")
+        if self.xmp == "beside" and storage.is_s3(self.input):
+            raise ValueError("xmp=beside writes next to the originals: local folders only")
+        return self
+
+    @property
+    def out(self) -> str:
+        return self.output.rstrip("/")
+
+    @property
+    def table(self) -> str:
+        return (self.embeddings or storage.join(self.out, TABLE)).rstrip("/")
+
+    def input_root(self, inputs: Sequence[str]) -> str:
+        """The folder relative paths (mirrored sidecars, copies) start from.
+
+        The input folder; for a manifest, the deepest folder holding every image it lists.
+        """
+        if not self.input.lower().endswith(embed.MANIFEST_SUFFIXES):
+            return self.input.rstrip("/")
+        return common_folder(inputs) if inputs else storage.parent(self.input)
+
+
+def common_folder(uris: Sequence[str]) -> str:
+    """The deepest folder or prefix holding every URI (all local, or all in one bucket)."""
+    import os.path
+
+    if all(storage.is_s3(u) for u in uris):
+        parts = [u.split("/") for u in uris]
+        common = []
+        for names in zip(*[p[:-1] for p in parts], strict=False):
+            if len(set(names)) != 1:
+                break
+            common.append(names[0])
+        if len(common) < 3:  # s3:, "", bucket
+            raise ConfigError("a manifest's images span several buckets: use xmp=none")
+        return "/".join(common)
+    if any(storage.is_s3(u) for u in uris):
+        raise ConfigError("a manifest mixes s3:// and local images: use xmp=none")
+    return os.path.commonpath([os.path.dirname(storage.same_key(u)) for u in uris])
+
+
+# --------------------------------------------------------------------------------------------
+# plan: the ranker
+
+
+@dataclass
+class Ranker:
+    """A registered ranker, ready to score the groups of a cull."""
+
+    uri: str
+    label: str
+    embedding_spec: str | None
+    scorer: Scorer
+    info: dict[str, Any]
+
+
+def resolve_ranker(cfg: PickJobConfig) -> tuple[Ranker | None, str]:
+    """The ranker to use, or None for the zero-shot rule, and a line saying which and why.
+
+    An explicit ``model`` that cannot load is an error. Without one, the registry's
+    ``@champion`` of ``ranker_name`` is used when it exists; when the registry has no such model
+    or alias, the zero-shot rule is used and the line says so (it is also in every output).
+
+    Raises:
+        ModelLoadError: ``model`` does not resolve or load, or the registry cannot be read.
+    """
+    if cfg.zero_shot:
+        return None, "ranker: the zero-shot rule (asked for with zero_shot)"
+    from keeper_core.registry import tracking_uri
+
+    explicit = cfg.model is not None
+    uri = cfg.model or f"models:/{cfg.ranker_name}@champion"
+    store = tracking_uri(cfg.tracking_uri, cfg.data_dir)
+    if not explicit and not _has_champion(store, cfg.ranker_name):
+        return None, (
+            f"ranker: the zero-shot rule: no {uri} in {store} "
+            "(train, register and promote one to rank with it)"
+        )
+    import mlflow
+
+    from keeper_train.jobs.evaluate import load_model
+
+    mlflow.set_tracking_uri(store)
+    loaded = load_model(mlflow.MlflowClient(store), uri)
+    cols = loaded.input_columns()
+    label = loaded.ref.label()
+
+    def score(frame: pd.DataFrame) -> np.ndarray:
+        missing = [c for c in cols if c not in frame.columns]
+        if missing:
+            raise DataError(f"{label} needs columns {missing}")
+        out = loaded.pyfunc.predict(frame[cols])
+        uris = frame["image_uri"].astype(str).to_numpy()
+        if len(out) != len(uris) or not (out["image_uri"].astype(str).to_numpy() == uris).all():
+            raise DataError(f"{label} returned rows out of input order")
+        return np.asarray(out["score"], dtype=np.float64)
+
+    spec = loaded.config.embedding_spec if loaded.config.features != "quality" else None
+    info = {"uri": uri, "name": loaded.ref.name, "version": loaded.ref.version}
+    ranker = Ranker(uri, f"{label} ({uri})", spec, score, info)
+    return ranker, f"ranker: {ranker.label}, trained on {loaded.config.embedding_spec}"
+
+
+def _has_champion(store: str, name: str) -> bool:
+    """Whether ``name@champion`` exists; a store that cannot be read is an error, not a no."""
+    if store.startswith("sqlite:///"):
+        from pathlib import Path
+
+        if not Path(store.removeprefix("sqlite:///")).is_file():
+            return False  # no store yet: nothing registered (and nothing created by asking)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(store)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise ModelLoadError(f"models:/{name}@champion", f"{e.message} ({store})") from e
+    return "champion" in (model.aliases or {})
+
+
+def embedding_spec(cfg: PickJobConfig, ranker: Ranker | None) -> str:
+    """The ModelSpec to embed with: the ranker's, or the one asked for (they must agree)."""
+    if ranker is not None and ranker.embedding_spec:
+        if cfg.clip_model and str(ModelSpec.parse(cfg.clip_model)) != ranker.embedding_spec:
+            raise ConfigError(
+                f"clip_model {cfg.clip_model!r} differs from {ranker.label}'s embedding spec "
+                f"{ranker.embedding_spec!r}: a ranker only scores embeddings of its own spec"
+            )
+        return ranker.embedding_spec
+    return cfg.clip_model or "keeper-tiny:random"
+
+
+# --------------------------------------------------------------------------------------------
+# load: the table's rows for this input, completed where an older table lacks columns
+
+
+@dataclass
+class Library:
+    """The photos of one input: the rows to cull and the files that failed."""
+
+    inputs: list[str]
+    frame: pd.DataFrame
+    failed: pd.DataFrame  # image_uri, stage, reason, error
+    backfilled: int
+    seconds: dict[str, float]
+
+    @property
+    def lost(self) -> int:
+        return len(self.inputs) - len(self.frame) - len(self.failed)
+
+
+def excluded(cfg: PickJobConfig) -> list[str]:
+    """Outputs that may sit inside the input folder and must never be listed as photos."""
+    return [p for p in (cfg.out, cfg.table, cfg.copy_keepers, cfg.link_keepers) if p]
+
+
+def load_library(cfg: PickJobConfig, spec: str) -> Library:
+    """This input's rows of the embedding table, with capture metadata and thumbnails."""
+    t0 = time.perf_counter()
+    inputs, _ = embed.list_inputs(cfg.input, exclude=excluded(cfg))
+    if cfg.limit:
+        inputs = inputs[: cfg.limit]
+    keys = {storage.same_key(u) for u in inputs}
+    table = storage.read_parquet(storage.join(cfg.table, embed.EMBEDDINGS)).to_pandas()
+    in_input = table["image_uri"].astype(str).map(storage.same_key).isin(keys)
+    frame = table[in_input.to_numpy()].reset_index(drop=True)
+    specs = set(frame["model_spec"].astype(str))
+    if specs - {spec}:
+        raise DataError(f"the table holds embeddings of {sorted(specs)}, not {spec!r}")
+    errors = ErrorRows.read(storage.join(cfg.table, embed.ERRORS)).rows()
+    failed = errors[errors["image_uri"].astype(str).map(storage.same_key).isin(keys)]
+    failed = _failed_details(cfg.table, failed)
+    seconds = {"load": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    frame, n = backfill(cfg, frame)
+    seconds["backfill"] = time.perf_counter() - t0
+    return Library(inputs, frame, failed, n, seconds)
+
+
+def _failed_details(table: str, failed: pd.DataFrame) -> pd.DataFrame:
+    """The errors table's rows with stage and error text (ErrorRows keeps only what plans need)."""
+    cols = ["image_uri", "stage", "reason", "error"]
+    if failed.empty:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
+    full = storage.read_parquet(storage.join(table, embed.ERRORS)).to_pandas()
+    full = full.drop_duplicates("image_uri", keep="last").set_index("image_uri")
+    out = failed[["image_uri", "reason"]].copy()
+    for c in ("stage", "error"):
+        out[c] = [full[c].get(u, "") if c in full.columns else "" for u in out["image_uri"]]
+    return out[cols].sort_values("image_uri").reset_index(drop=True)
+
+
+def backfill(cfg: PickJobConfig, frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Capture metadata and thumbnails for rows embedded before keeper pick wrote them.
+
+    Only those rows are read again (a Ray Data pass); returns the frame and how many were read.
+    """
+    if "time_source" not in frame.columns:
+        for name in CAPTURE_COLUMNS:
+            frame[name] = None
+    if "dhash" not in frame.columns:
+        frame["dhash"] = None
+    no_capture = frame["time_source"].isna().to_numpy()
+    no_hash = frame["dhash"].isna().to_numpy()
+    have = _thumbnails(cfg.out)
+    no_thumb = np.array([thumbnail_name(str(i)) not in have for i in frame["image_id"]], bool)
+    todo = no_capture | no_thumb | no_hash
+    if not todo.any():
+        return frame, 0
+    import ray.data
+
+    from keeper_train.cluster import init_ray
+
+    init_ray(cfg.ray_address)
+    uris = frame.loc[todo, "image_uri"].astype(str).tolist()
+    ds = ray.data.from_items([{"image_uri": u} for u in uris])
+    rows = ds.map_batches(
+        backfill_batch,  # type: ignore[arg-type]  # keyword-only stage arguments
+        batch_size=16,
+        batch_format="pandas",
+        fn_kwargs={"thumbnails": cfg.out},
+    ).to_pandas()
+    got = rows.set_index("image_uri")
+    for name, missing in [*((c, no_capture) for c in CAPTURE_COLUMNS), ("dhash", no_hash)]:
+        values = frame[name].astype(object).to_numpy()
+        for i in np.flatnonzero(missing):
+            values[i] = got[name].get(str(frame.at[i, "image_uri"]))
+        frame[name] = values
+    return frame, len(uris)
+
+
+def backfill_batch(batch: pd.DataFrame, *, thumbnails: str) -> pd.DataFrame:
+    """Read each file once: capture metadata, and a thumbnail (a Ray Data task).
+
+    A file that cannot be read now (it vanished since it was embedded) gets no capture time,
+    no dhash (its near-duplicate marks then rest on the cosine alone) and no thumbnail (the
+    contact sheet shows a placeholder).
+    """
+    from keeper_core.contact_sheet import thumbnail_jpeg
+
+    out = []
+    for uri in batch["image_uri"].astype(str):
+        try:
+            data = storage.read_bytes(uri)
+        except StorageError:
+            out.append({"image_uri": uri, **capture_row(read_capture(b"")), "dhash": None})
+            continue
+        row = {"image_uri": uri, **capture_row(read_capture(data, mtime=embed._mtime(uri)))}
+        row["dhash"] = None
+        try:
+            image = decode_image(data, draft_size=(256, 256))
+            row["dhash"] = dhash(image)
+            name = thumbnail_name(hashlib.sha256(data).hexdigest())
+            storage.write_bytes(storage.join(thumbnails, name), thumbnail_jpeg(image))
+        except KeeperError as e:
+            log.warning("no thumbnail for %s: %s", uri, e)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _thumbnails(out: str) -> set[str]:
+    folder = storage.join(out, "thumbs")
+    try:
+        files = storage.list_files(folder)
+    except StorageError:
+        return set()
+    prefix = out.rstrip("/") + "/"
+    return {f.removeprefix(prefix) for f in files}
+
+
+# --------------------------------------------------------------------------------------------
+# write: the picks, the sheet, the sidecars, the keepers
+
+
+class PickSummary(BaseModel):
+    """A run's outcome; written to OUTPUT/_SUMMARY.json."""
+
+    status: Literal["ok", "failed"]
+    input: str
+    output: str
+    table: str
+    ranker: str
+    zero_shot: bool
+    clip_model: str
+    random_weights: bool
+    counts: dict[str, int]
+    sidecars: dict[str, int]
+    keepers_exported: dict[str, int] | None
+    seconds: dict[str, float]
+    outputs: dict[str, str]
+    embed: dict[str, Any]
+    finished: str
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=2).encode()
+
+
+_DECISION_ORDER = {"keep": 0, "alternate": 1, "reject": 2}
+
+
+def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> dict[str, int]:
+    """One XMP sidecar per picked photo; counts written, unchanged and shared/skipped.
+
+    A RAW+JPEG pair shares the RAW's sidecar (photo tools show the pair as one photo): it gets
+    the better decision of the two, so a kept JPEG is not hidden behind a rejected RAW.
+    """
+    if cfg.xmp == "none" or picks.empty:
+        return {"written": 0, "unchanged": 0, "skipped": 0}
+    out_dir = storage.join(cfg.out, XMP) if cfg.xmp == "mirror" else None
+    rows = {str(r["image_uri"]): r for r in picks.to_dict("records")}
+    plans = plan_sidecars(
+        list(rows), input_root=root, mode=cfg.xmp, out_dir=out_dir, naming=cfg.xmp_naming
+    )
+    written = unchanged = 0
+    for plan in plans:
+        sharing = [plan.image_uri, *(u for u, _ in plan.skipped if u in rows)]
+        row = min(
+            (rows[u] for u in sharing),
+            key=lambda r: (_DECISION_ORDER[str(r["decision"])], int(r["rank"])),
+        )
+        changed = write_sidecar(
+            plan.sidecar_uri,
+            rating=int(row["rating"]),
+            label=row["label"] if isinstance(row["label"], str) else None,
+            keeper_fields={
+                "group": str(row["group_id"]),
+                "rank": str(int(row["rank"])),
+                "decision": str(row["decision"]),
+                "reasons": "; ".join(row["reasons"]),
+            },
+        )
+        written += int(changed)
+        unchanged += int(not changed)
+    return {"written": written, "unchanged": unchanged, "skipped": len(rows) - len(plans)}
+
+
+def write_outputs(
+    cfg: PickJobConfig, lib: Library, result: CullResult, summary: SheetSummary
+) -> tuple[dict[str, str], dict[str, float], dict[str, int], dict[str, int] | None]:
+    """Every output, each written atomically; returns paths, seconds, sidecar and export counts."""
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    paths = {
+        "picks_parquet": storage.join(cfg.out, "picks.parquet"),
+        "picks_csv": storage.join(cfg.out, "picks.csv"),
+        "failed_csv": storage.join(cfg.out, "failed.csv"),
+    }
+    storage.write_parquet(picks_table(result.picks), paths["picks_parquet"])
+    storage.write_bytes(paths["picks_csv"], picks_csv(result.picks))
+    storage.write_bytes(paths["failed_csv"], lib.failed.to_csv(index=False).encode())
+    seconds["write_tables"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    paths["contact_sheet"] = write_contact_sheet(
+        cfg.out,
+        result.picks,
+        summary,
+        failed=lib.failed,
+        groups_per_page=cfg.groups_per_page,
+        title=f"keeper pick: {cfg.input}",
+    )
+    seconds["write_sheet"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    root = cfg.input_root(lib.inputs)
+    sidecars = write_sidecars(cfg, result.picks, root)
+    if cfg.xmp == "mirror":
+        paths["xmp"] = storage.join(cfg.out, XMP)
+    seconds["write_xmp"] = time.perf_counter() - t0
+    exported = None
+    dest = cfg.copy_keepers or cfg.link_keepers
+    if dest:
+        t0 = time.perf_counter()
+        keepers = result.picks.loc[result.picks["decision"] == "keep", "image_uri"]
+        mode = "copy" if cfg.copy_keepers else cfg.link_mode
+        res = export_keepers(keepers.astype(str).tolist(), input_root=root, dest=dest, mode=mode)
+        exported = {"exported": res.exported, "already_there": res.already_there}
+        exported["failed"] = len(res.failed)
+        paths["keepers"] = dest
+        seconds["export_keepers"] = time.perf_counter() - t0
+    return paths, seconds, sidecars, exported
+
+
+# --------------------------------------------------------------------------------------------
+# The job: plan -> embed -> load -> cull -> write
+
+
+def run(cfg: PickJobConfig) -> PickSummary:
+    """Run ``keeper pick``; returns the summary (also written to OUTPUT/_SUMMARY.json)."""
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ranker, ranker_line = resolve_ranker(cfg)
+    spec = embedding_spec(cfg, ranker)
+    log.info(ranker_line)
+    seconds["plan"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    emb = embed.run(
+        embed.EmbedConfig(
+            input=cfg.input,
+            output=cfg.table,
+            model=spec,
+            batch_size=cfg.batch_size,
+            concurrency=cfg.concurrency,
+            num_gpus_per_worker=cfg.num_gpus_per_worker,
+            decode_concurrency=cfg.decode_concurrency,
+            max_failure_fraction=cfg.max_failure_fraction,
+            limit=cfg.limit,
+            capture=True,
+            thumbnails=cfg.out,
+            exclude=excluded(cfg),
+            ray_address=cfg.ray_address,
+        )
+    )
+    print(embed.format_summary(emb), flush=True)
+    seconds["embed"] = time.perf_counter() - t0
+
+    lib = load_library(cfg, spec)
+    seconds.update(lib.seconds)
+    result = cull(
+        lib.frame,
+        scorer=ranker.scorer if ranker else None,
+        ranker=ranker.label if ranker else None,
+        grouping=cfg.grouping,
+        picking=cfg.picking,
+    )
+    seconds.update({f"cull_{k}": v for k, v in result.seconds.items()})
+    counts = {
+        "in": len(lib.inputs),
+        "picked": len(result.picks),
+        "failed": len(lib.failed),
+        "lost": lib.lost,
+        **{k: v for k, v in result.counts().items() if k != "images"},
+        "capture_backfilled": lib.backfilled,
+    }
+    random_weights = ModelSpec.parse(spec).is_random
+    notes = [f"embeddings: {spec}"]
+    if random_weights:
+        notes.append(
+            "random CLIP weights: grouping similarities and near-duplicate marks rest on "
+            "embeddings that carry no meaning beyond tests"
+        )
+    sheet = SheetSummary(
+        images=len(result.picks),
+        groups=counts["groups"],
+        keepers=counts["keepers"],
+        alternates=counts["alternates"],
+        rejects=counts["rejects"],
+        duplicates=counts["duplicates"],
+        failed=counts["failed"],
+        seconds={k: round(v, 2) for k, v in seconds.items()},
+        ranker=result.ranker,
+        notes=notes,
+        warnings=[f"{lib.lost} input(s) neither picked nor failed"] if lib.lost else [],
+    )
+    paths, out_seconds, sidecars, exported = write_outputs(cfg, lib, result, sheet)
+    seconds.update(out_seconds)
+    seconds["total"] = time.perf_counter() - t_start
+    summary = PickSummary(
+        status="ok" if emb.status == "ok" and lib.lost == 0 else "failed",
+        input=cfg.input,
+        output=cfg.out,
+        table=cfg.table,
+        ranker=result.ranker,
+        zero_shot=ranker is None,
+        clip_model=spec,
+        random_weights=random_weights,
+        counts=counts,
+        sidecars=sidecars,
+        keepers_exported=exported,
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+        outputs=paths,
+        embed={"run_id": emb.run_id, "status": emb.status, **emb.counts.model_dump(by_alias=True)},
+        finished=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    storage.write_bytes(storage.join(cfg.out, SUMMARY), summary.to_json())
+    return summary
+
+
+def format_summary(s: PickSummary) -> str:
+    """The one-screen summary printed at the end of a run."""
+    c = s.counts
+    lines = [
+        f"keeper pick  {s.status.upper()}",
+        f"  input     {s.input}",
+        f"  ranker    {s.ranker}",
+        f"  photos    {c['in']} in = {c['picked']} picked + {c['failed']} failed (unreadable, "
+        f"listed with reasons)" + (f" + {c['lost']} LOST" if c["lost"] else ""),
+        f"  groups    {c['groups']} bursts/scenes: {c['keepers']} keepers, "
+        f"{c['alternates']} alternates, {c['rejects']} rejects",
+        f"  dupes     {c['exact_duplicates']} exact, {c['near_duplicates']} near",
+        f"  sidecars  {s.sidecars['written']} XMP written, {s.sidecars['unchanged']} unchanged"
+        + (
+            f", {s.sidecars['skipped']} shared (RAW+JPEG) or skipped"
+            if s.sidecars["skipped"]
+            else ""
+        ),
+    ]
+    if s.keepers_exported is not None:
+        e = s.keepers_exported
+        lines.append(
+            f"  keepers   {e['exported']} exported, {e['already_there']} already there, "
+            f"{e['failed']} failed -> {s.outputs['keepers']}"
+        )
+    lines += [
+        f"  table     {s.outputs['picks_parquet']} (+ picks.csv, failed.csv)",
+        f"  sheet     {s.outputs['contact_sheet']}",
+        "  seconds   " + "  ".join(f"{k} {v:.1f}" for k, v in s.seconds.items()),
+    ]
+    if s.zero_shot:
+        lines.append("  NOTE      zero-shot rule: no trained ranker was used")
+    if s.random_weights:
+        lines.append("  NOTE      random CLIP weights: similarities carry no meaning beyond tests")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m keeper_train.jobs.pick --config FILE [key=value ...]``."""
+    import argparse
+
+    from keeper_train.config import load_config
+
+    parser = argparse.ArgumentParser(
+        prog="python -m keeper_train.jobs.pick", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--config", help="YAML config (packages/train/configs/pick.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. grouping.max_gap_s=2")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        cfg = load_config(PickJobConfig, args.config, args.overrides)
+        summary = run(cfg)
+    except KeeperError as e:
+        print(f"keeper pick: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0 if summary.status == "ok" else embed.EXIT_TOO_MANY_FAILURES
+
+
+if __name__ == "__main__":
+    # Re-import by module name so Ray pickles the stage functions by reference.
+    from keeper_train.jobs import pick
+
+    sys.exit(pick.main())
