@@ -165,7 +165,8 @@ def cull(
     order = np.lexsort((np.arange(len(df)), df["_ts"].to_numpy(), groups))
     position = np.empty(len(df), dtype=np.int64)
     position[order] = np.arange(len(df))
-    dup_new = np.where(dup_of >= 0, position[np.maximum(dup_of, 0)], -1)
+    # Row i (new order) is old row order[i]; its duplicate target moves to position[target].
+    dup_new = np.where(dup_of >= 0, position[np.maximum(dup_of, 0)], -1)[order]
     df = df.iloc[order].drop(columns=["_ts"]).reset_index(drop=True)
     df["duplicate_of"] = dup_new
     df["duplicate_kind"] = [kind[i] for i in order]
