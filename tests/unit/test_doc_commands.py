@@ -80,7 +80,7 @@ JOBS = [(f"{p.name}:{no}", j) for p, no, c in COMMANDS if (j := job_argv(c)) is 
 
 def test_the_docs_show_keeper_commands() -> None:
     assert len(KEEPER) >= 10
-    assert {j for _, (j, _) in JOBS} >= {"embed", "train_head"}
+    assert {j for _, (j, _) in JOBS} >= {"embed", "train_head", "pick"}
 
 
 @pytest.mark.parametrize(("where", "argv"), KEEPER, ids=[w for w, _ in KEEPER])
@@ -96,10 +96,11 @@ def test_documented_keeper_command_parses(where: str, argv: list[str]) -> None:
 @pytest.mark.parametrize(("where", "job"), JOBS, ids=[w for w, _ in JOBS])
 def test_documented_job_command_names_real_fields(where: str, job: tuple[str, list[str]]) -> None:
     from keeper_train.jobs.embed import EmbedConfig
+    from keeper_train.jobs.pick import PickJobConfig
     from keeper_train.jobs.train_head import TrainHeadConfig
 
     name, argv = job
-    models = {"embed": EmbedConfig, "train_head": TrainHeadConfig}
+    models = {"embed": EmbedConfig, "train_head": TrainHeadConfig, "pick": PickJobConfig}
     if name not in models:  # demo, evaluate, promote: `python -m` runs `keeper <verb>` flags
         verb = name.replace("_", "-")
         try:
@@ -117,7 +118,7 @@ def test_documented_job_command_names_real_fields(where: str, job: tuple[str, li
             config = next(words)
             assert (ROOT / config).is_file(), f"{where}: no config file {config}"
         elif "=" in w and not w.startswith("-"):
-            key = w.split("=", 1)[0]
+            key = w.split("=", 1)[0].split(".")[0]  # grouping.max_gap_s: a nested field
             assert key in fields, f"{where}: {name} has no field {key!r}"
         elif w.startswith("-") and w not in ("--json",):
             pytest.fail(f"{where}: {name} takes --config, --json and key=value, not {w}")

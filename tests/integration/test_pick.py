@@ -1,0 +1,340 @@
+"""keeper pick end to end on a local Ray: a generated camera library (EXIF times, two bodies,
+duplicates, a HEIC, a DNG, a broken file), the zero-shot rule and a trained champion, XMP
+sidecars read back with exiv2, originals untouched, kill -9 and re-run."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from PIL import ExifTags, Image, ImageFilter
+from support_photos import make_dng, make_heic
+
+from keeper_core import storage
+from keeper_core.grouping import pairwise_scores
+from keeper_core.handback import read_sidecar, write_sidecar
+from keeper_core.picking import ZERO_SHOT_RULE
+from keeper_core.synthetic import load_photos
+from keeper_core.synthetic_library import generate_library
+from keeper_train.jobs import evaluate, pick, train_head
+
+pytestmark = pytest.mark.integration
+
+
+def _exif(when: str, subsec: str) -> Image.Exif:
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make] = "Apple"
+    exif[ExifTags.Base.Model] = "iPhone 15 Pro"
+    ifd = exif.get_ifd(ExifTags.IFD.Exif)
+    ifd[ExifTags.Base.DateTimeOriginal] = when
+    ifd[ExifTags.Base.SubsecTimeOriginal] = subsec
+    return exif
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    """~70 camera JPEGs in bursts + duplicates, a HEIC pair, a DNG, a broken file; the truth."""
+    root = tmp_path_factory.mktemp("pick") / "library"
+    manifest = generate_library(
+        root, n_bursts=14, seed=5, exact_duplicates=2, near_duplicates=1, image_size=(256, 192)
+    )
+    truth = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    phone = root / "PHONE"
+    phone.mkdir()
+    # Photos the library does not use, so neither is a duplicate of a library shot.
+    photos = load_photos(["coins", "camera"])
+    coins = photos["coins"].resize((256, 192))
+    for i, sub in enumerate(("100", "250")):  # a two-shot HEIC burst, 150 ms apart
+        exif = _exif("2024:05:01 10:00:00", sub)
+        shot = coins if i == 0 else coins.filter(ImageFilter.GaussianBlur(2))
+        (phone / f"IMG_{i:04d}.HEIC").write_bytes(make_heic(shot, exif=exif.tobytes()))
+    (root / "RAW").mkdir()
+    make_dng(
+        root / "RAW" / "_MG_0001.DNG",
+        preview=photos["camera"].resize((256, 192)),
+        datetime_original="2024:05:02 09:00:00",
+        subsec="5",
+        offset="+02:00",
+    )
+    (root / "RAW" / "BROKEN.JPG").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    return root, truth
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    return {
+        str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def read_picks(summary: pick.PickSummary) -> pd.DataFrame:
+    return storage.read_parquet(summary.outputs["picks_parquet"]).to_pandas()
+
+
+def truth_bursts(truth: pd.DataFrame) -> pd.DataFrame:
+    """Truth rows of bursts of >= 2 shots, planted duplicates left out."""
+    t = truth[truth["duplicate_of"] == ""]
+    return t[t.groupby("series_id")["series_id"].transform("size") > 1]
+
+
+def test_zero_shot_pick_end_to_end(
+    ray_cluster: str, library: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    root, truth = library
+    before = snapshot(root)
+    out = tmp_path / "out"
+    cfg = pick.PickJobConfig(
+        input=str(root), output=str(out), zero_shot=True, ray_address=ray_cluster
+    )
+    summary = pick.run(cfg)
+
+    c = summary.counts
+    n_files = len(truth) + 4  # + 2 HEIC, the DNG, the broken file
+    assert c["in"] == n_files
+    assert c["in"] == c["picked"] + c["failed"]
+    assert c["lost"] == 0
+    failed = pd.read_csv(summary.outputs["failed_csv"])
+    assert failed["image_uri"].str.endswith("BROKEN.JPG").tolist() == [True]
+    assert failed["reason"].iloc[0] in ("truncated", "not_image")
+    assert summary.ranker == ZERO_SHOT_RULE
+    assert summary.zero_shot
+
+    picks = read_picks(summary)
+    assert picks["image_uri"].is_unique
+    assert len(picks) == c["picked"]
+    by_name = picks.set_index("file_name")
+    # The phone's HEIC pair is one burst from its EXIF times; the DNG is read through its preview.
+    heic = picks[picks["file_name"].str.endswith(".HEIC")]
+    assert heic["group"].nunique() == 1
+    assert set(heic["time_source"]) == {"exif"}
+    assert heic["duplicate_kind"].isna().all()
+    # The sharp one is kept, the blurred one is not, whatever the (zero-shot) scores' scale.
+    assert heic.set_index("file_name")["decision"].to_dict()["IMG_0000.HEIC"] == "keep"
+    assert by_name.loc["_MG_0001.DNG", "time_source"] == "exif_offset"
+    assert by_name.loc["_MG_0001.DNG", "capture_time"].startswith("2024-05-02T09:00:00.5")
+    # One keeper per group at most, and every reject says why.
+    keepers = picks[picks["decision"] == "keep"].groupby("group").size()
+    assert keepers.max() == 1
+    assert all(len(r) > 0 for r in picks.loc[picks["decision"] == "reject", "reasons"])
+    # The planted byte copies are marked exact duplicates of their originals.
+    planted = truth[truth["duplicate_of"] != ""]
+    exact = picks[picks["duplicate_kind"] == "exact"]
+    exact_pairs = {
+        (storage.same_key(a), storage.same_key(b))
+        for a, b in zip(exact["image_uri"], exact["duplicate_of"], strict=True)
+    }
+    for _, row in planted.iterrows():
+        if "/export/web/" in row["image_uri"]:
+            continue  # the near copy (resized, EXIF stripped)
+        pair = (storage.same_key(row["image_uri"]), storage.same_key(row["duplicate_of"]))
+        assert pair in exact_pairs or pair[::-1] in exact_pairs
+    # Grouping against the generator's truth (never shown to keeper pick).
+    t = truth[truth["duplicate_of"] == ""].assign(_k=lambda d: d["image_uri"].map(storage.same_key))
+    both = t.merge(picks.assign(_k=picks["image_uri"].map(storage.same_key)), on="_k")
+    assert len(both) == len(t)
+    _, _, f1 = pairwise_scores(both["series_id"].tolist(), both["group"].tolist())
+    assert f1 >= 0.95
+
+    # XMP sidecars: one per photo (mirrored), parsed by exiv2, rating and label as in the table.
+    xmp = out / "xmp"
+    sidecars = sorted(xmp.rglob("*.xmp"))
+    assert len(sidecars) == summary.sidecars["written"] == c["picked"]
+    for _, row in picks.sample(10, random_state=0).iterrows():
+        rel = Path(row["image_uri"]).relative_to(root).with_suffix(".xmp")
+        fields = read_sidecar(str(xmp / rel))
+        assert int(str(fields["Xmp.xmp.Rating"])) == row["rating"]
+        assert fields.get("Xmp.xmp.Label") == row["label"]
+        assert fields["Xmp.keeper.decision"] == row["decision"]
+    # The contact sheet names the rule; thumbnails were written while embedding.
+    index = Path(summary.outputs["contact_sheet"]).read_text()
+    assert "zero-shot rule" in index
+    assert len(list((out / "thumbs").rglob("*.jpg"))) == picks["image_id"].nunique()
+    # Originals: not one byte or mtime changed.
+    assert snapshot(root) == before
+
+    # A second run embeds nothing and rewrites nothing that is already right.
+    again = pick.run(cfg)
+    assert again.embed["attempted"] == 0
+    assert again.sidecars == {"written": 0, "unchanged": c["picked"], "skipped": 0}
+    pd.testing.assert_frame_equal(read_picks(again), picks)
+    assert snapshot(root) == before
+
+
+def test_existing_sidecar_beside_the_original_keeps_its_fields(
+    ray_cluster: str, library: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    _, truth = library
+    shots = tmp_path / "shoot"
+    shots.mkdir()
+    burst = truth[truth["series_id"] == truth["series_id"].iloc[0]]
+    for uri in burst["image_uri"]:
+        shutil.copy2(uri, shots / Path(uri).name)
+    first = shots / Path(burst["image_uri"].iloc[0]).name
+    sidecar = first.with_suffix(".xmp")
+    # What a photo tool left: keywords and a headline; keeper must merge, not replace.
+    sidecar.write_text(
+        '<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        '<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+        'xmlns:photoshop="http://ns.adobe.com/photoshop/1.0/" photoshop:Headline="first dance">'
+        "<dc:subject><rdf:Bag><rdf:li>wedding</rdf:li><rdf:li>dance</rdf:li></rdf:Bag>"
+        "</dc:subject></rdf:Description></rdf:RDF></x:xmpmeta>"
+        '<?xpacket end="w"?>'
+    )
+    summary = pick.run(
+        pick.PickJobConfig(
+            input=str(shots),
+            output=str(tmp_path / "out"),
+            zero_shot=True,
+            xmp="beside",
+            ray_address=ray_cluster,
+        )
+    )
+    fields = read_sidecar(str(sidecar))
+    assert fields["Xmp.dc.subject"] == ["wedding", "dance"]
+    assert fields["Xmp.photoshop.Headline"] == "first dance"
+    picks = read_picks(summary).set_index("file_name")
+    assert int(str(fields["Xmp.xmp.Rating"])) == picks.loc[first.name, "rating"]
+    assert len(list(shots.glob("*.xmp"))) == len(burst)
+    # A later write by keeper still keeps them (the merge is not a one-off).
+    write_sidecar(str(sidecar), rating=5, label=None)
+    assert read_sidecar(str(sidecar))["Xmp.dc.subject"] == ["wedding", "dance"]
+
+
+def test_champion_picks_match_evaluate(
+    ray_cluster: str, library: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    """The registered champion ranks each burst in keeper pick exactly as keeper evaluate does."""
+    root, truth = library
+    out = tmp_path / "out"
+    table = str(tmp_path / "table")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bursts = truth_bursts(truth)
+    series = tmp_path / "bursts.csv"
+    bursts[["series_id", "image_uri", "is_best"]].to_csv(series, index=False)
+    # Embed through keeper pick (zero-shot), then train and register a head on that table.
+    pick.run(
+        pick.PickJobConfig(
+            input=str(root), output=str(out), embeddings=table, zero_shot=True, xmp="none",
+            ray_address=ray_cluster,
+        )
+    )  # fmt: skip
+    trained = train_head.run(
+        train_head.TrainHeadConfig.model_validate(
+            {
+                "embeddings": table, "series": str(series), "head": "mlp", "epochs": 4,
+                "patience": 4, "storage": str(tmp_path / "ckpt"), "tracking_uri": store,
+                "register": "pick-ranker", "baselines": False, "ray_address": ray_cluster,
+            }
+        )
+    )  # fmt: skip
+    client = mlflow.MlflowClient(store)
+    client.set_registered_model_alias("pick-ranker", "champion", trained["registered"]["version"])
+
+    summary = pick.run(
+        pick.PickJobConfig(
+            input=str(root), output=str(out), embeddings=table, ranker_name="pick-ranker",
+            tracking_uri=store, xmp="none", ray_address=ray_cluster,
+        )
+    )  # fmt: skip
+    assert not summary.zero_shot
+    assert summary.ranker.startswith("pick-ranker v")
+    picks = read_picks(summary).assign(_k=lambda d: d["image_uri"].map(storage.same_key))
+    rows = bursts.assign(_k=bursts["image_uri"].map(storage.same_key)).merge(picks, on="_k")
+    # Each true burst is one group here, so the per-burst top-1 is well defined.
+    assert (rows.groupby("series_id")["group"].nunique() == 1).all()
+    hits = rows[rows["is_best"] == "1"]["decision"].eq("keep")
+    assert len(hits) == bursts["series_id"].nunique()
+
+    result = evaluate.run(
+        evaluate.EvaluateConfig(
+            model="models:/pick-ranker@champion", embeddings=table, series=str(series),
+            tracking_uri=store,
+        )
+    )  # fmt: skip
+    label = next(k for k in result["metrics"] if k.startswith("pick-ranker"))
+    assert result["series_scored"] == len(hits)
+    assert result["metrics"][label]["top1"] == pytest.approx(hits.mean(), abs=1e-12)
+
+
+def test_killed_pick_reruns_to_complete_outputs(
+    ray_cluster: str, library: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    root, _ = library
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "keeper_train.jobs.pick", f"input={root}", f"output={out}",
+        "zero_shot=true", "batch_size=4", "decode_concurrency=1", f"ray_address={ray_cluster}",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "thumbs").is_dir() and any((out / "thumbs").rglob("*.jpg")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before any output was seen"
+        os.kill(proc.pid, signal.SIGKILL)  # mid-embed: thumbnails written, no picks yet
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert not (out / "picks.parquet").exists()
+
+    summary = pick.run(
+        pick.PickJobConfig(
+            input=str(root), output=str(out), zero_shot=True, ray_address=ray_cluster
+        )
+    )
+    c = summary.counts
+    assert c["lost"] == 0
+    assert c["in"] == c["picked"] + c["failed"]
+    picks = read_picks(summary)
+    assert picks["image_uri"].is_unique
+    assert len(picks) == c["picked"]
+    table = storage.read_parquet(str(out / "table" / "embeddings")).to_pandas()
+    assert table["image_uri"].is_unique
+    assert len(list((out / "xmp").rglob("*.xmp"))) == c["picked"]
+    leftovers = [p for p in out.rglob("*") if p.is_file() and ".tmp" in p.name]
+    assert leftovers == []
+
+
+def test_bad_config_fails_before_any_work(tmp_path: Path) -> None:
+    rc = pick.main([f"input={tmp_path}", f"output={tmp_path / 'o'}", "grouping.max_gap=3"])
+    assert rc == 2
+    assert not (tmp_path / "o").exists()
+    rc = pick.main(
+        [f"input={tmp_path}", f"output={tmp_path / 'o'}", "zero_shot=true", "model=models:/x@y"]
+    )
+    assert rc == 2
+    # An explicit model that does not exist is an error, never a quiet switch to the rule.
+    rc = pick.main(
+        [
+            f"input={tmp_path}",
+            f"output={tmp_path / 'o'}",
+            "model=models:/nothing-here@champion",
+            f"tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+        ]
+    )
+    assert rc == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_heic_fixture_keeps_its_exif_time() -> None:
+    # The HEIC fixture's EXIF survives the encoder (the grouping test above relies on it).
+    data = make_heic(Image.new("RGB", (64, 48)), exif=_exif("2024:05:01 10:00:00", "1").tobytes())
+    from keeper_core.capture import read_capture
+
+    cap = read_capture(data)
+    assert cap.time_source == "exif"
+    assert cap.time == "2024-05-01T10:00:00.1"
