@@ -499,3 +499,14 @@ def test_s3_sidecar_merge_and_export(
     res = export_keepers([str(files[1])], input_root=str(root), dest=dest, mode="copy")
     assert "different file" in res.failed[0].reason
     assert storage.read_bytes(f"{dest}/IMG_0001.JPG") == b"someone else's"
+
+
+def test_a_new_sidecar_is_stable_from_its_first_write(tmp_path: Path) -> None:
+    # exiv2 lays out a packet it created differently on its second write; the first write must
+    # already be the fixed point, or every re-run rewrites every sidecar (and bumps its mtime).
+    path = str(tmp_path / "IMG_0001.xmp")
+    fields = {"group": "g000001", "rank": "2", "decision": "reject", "reasons": "ranked 2 of 3"}
+    assert write_sidecar(path, rating=-1, label="Red", keeper_fields=fields)
+    first = Path(path).read_bytes()
+    assert not write_sidecar(path, rating=-1, label="Red", keeper_fields=fields)
+    assert Path(path).read_bytes() == first

@@ -350,30 +350,49 @@ def write_sidecar(
     old = storage.read_bytes(sidecar_uri) if storage.exists(sidecar_uri) else b""
     pyexiv2 = _exiv2()
     with _EXIV2_LOCK:
-        img, fields = _parse(pyexiv2, old if old.strip() else _EMPTY_PACKET, sidecar_uri)
-        try:
-            changes: dict[str, str | None] = {k: None for k in fields if _OWN_KEY.match(k)}
-            changes["Xmp.xmp.Rating"] = str(int(rating))
-            changes["Xmp.xmp.Label"] = label
-            changes.update({f"Xmp.{KEEPER_PREFIX}.{k}": v for k, v in own.items()})
-            # On write exiv2 re-derives Xmp.exif.* / Xmp.iptc* from the EXIF and IPTC it read
-            # out of the XMP, which rewrites GPS coordinates and drops all but one language of
-            # exif:UserComment. A sidecar has no EXIF or IPTC of its own: dropping them makes
-            # the write a pure XMP edit.
-            img.clear_exif()
-            img.clear_iptc()
-            img.modify_xmp(changes)
-            new: bytes = img.get_bytes()
-        except RuntimeError as e:
-            raise DataError(
-                f"exiv2 could not update the sidecar: {str(e).strip()}", source=sidecar_uri
-            ) from e
-        finally:
-            img.close()
+        new = _merged(
+            pyexiv2, old if old.strip() else _EMPTY_PACKET, sidecar_uri, rating, label, own
+        )
+        if not old.strip():
+            # exiv2 lays a packet it created out differently the second time it writes it: one
+            # more pass reaches the fixed point, so the next run finds the same bytes.
+            new = _merged(pyexiv2, new, sidecar_uri, rating, label, own)
     if new == old:
         return False
     storage.write_bytes(sidecar_uri, new)
     return True
+
+
+def _merged(
+    pyexiv2: Any,
+    data: bytes,
+    sidecar_uri: str,
+    rating: int,
+    label: str | None,
+    own: Mapping[str, str],
+) -> bytes:
+    """``data`` (an XMP packet) with keeper's fields set; the caller holds the exiv2 lock."""
+    img, fields = _parse(pyexiv2, data, sidecar_uri)
+    try:
+        changes: dict[str, str | None] = {k: None for k in fields if _OWN_KEY.match(k)}
+        changes["Xmp.xmp.Rating"] = str(int(rating))
+        changes["Xmp.xmp.Label"] = label
+        changes.update({f"Xmp.{KEEPER_PREFIX}.{k}": v for k, v in own.items()})
+        # On write exiv2 re-derives Xmp.exif.* / Xmp.iptc* from the EXIF and IPTC it read out
+        # of the XMP, which rewrites GPS coordinates and drops all but one language of
+        # exif:UserComment. A sidecar has no EXIF or IPTC of its own: dropping them makes the
+        # write a pure XMP edit.
+        img.clear_exif()
+        img.clear_iptc()
+        img.modify_xmp(changes)
+        out: bytes = img.get_bytes()
+    except RuntimeError as e:
+        raise DataError(
+            f"exiv2 could not update the sidecar: {str(e).strip()}", source=sidecar_uri
+        ) from e
+    finally:
+        img.close()
+    return out
 
 
 def read_sidecar(sidecar_uri: str) -> dict[str, XmpValue]:
