@@ -5,7 +5,7 @@ A bad config fails here, before a cluster is touched, naming the field.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from keeper_core.errors import ConfigError
 
 C = TypeVar("C", bound=BaseModel)
+S = TypeVar("S")
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -83,3 +84,41 @@ def validate(model: type[C], data: dict[str, Any], *, where: str = "") -> C:
             for err in e.errors()
         )
         raise ConfigError(f"invalid {model.__name__}{where}: {fields}") from e
+
+
+def job_main(
+    argv: Sequence[str] | None,
+    *,
+    job: str,
+    description: str,
+    model: type[C],
+    run: Callable[[C], S],
+    describe: Callable[[S], str],
+    exit_code: Callable[[S], int],
+    example: str,
+) -> int:
+    """``python -m keeper_train.jobs.<job> --config FILE [key=value ...]``: the shared entry point.
+
+    Parses, validates, runs, prints the job's summary. A ``KeeperError`` (a bad config or input)
+    prints one line and exits 2; otherwise the exit code is the job's own (``exit_code``).
+    """
+    import argparse
+    import logging
+    import sys
+
+    from keeper_core.errors import KeeperError
+
+    parser = argparse.ArgumentParser(
+        prog=f"python -m keeper_train.jobs.{job}", description=description
+    )
+    parser.add_argument("--config", help=f"YAML config (packages/train/configs/{job}.yaml)")
+    parser.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        summary = run(load_config(model, args.config, args.overrides))
+    except KeeperError as e:
+        print(f"keeper {job.replace('_', '-')}: error: {e}", file=sys.stderr)
+        return 2
+    print(describe(summary))
+    return exit_code(summary)

@@ -25,7 +25,6 @@ it again. Exit codes: 0 done, 2 bad config or input, 3 failed fraction above the
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -64,7 +63,7 @@ from keeper_core.models import ModelSpec, embed_dim, preprocess_config
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.series import resolve_image_uris
-from keeper_train.config import load_config
+from keeper_train.config import job_main
 from keeper_train.table import EmbeddedParts, ErrorRows
 
 log = logging.getLogger("keeper.embed")
@@ -785,23 +784,16 @@ def format_summary(s: EmbedSummary) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keeper_train.jobs.embed --config FILE [key=value ...]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m keeper_train.jobs.embed", description=__doc__.split("\n")[0]
+    return job_main(
+        argv,
+        job="embed",
+        description=__doc__.split("\n")[0],
+        model=EmbedConfig,
+        run=run,
+        describe=format_summary,
+        exit_code=lambda s: 0 if s.status == "ok" else EXIT_TOO_MANY_FAILURES,
+        example="model=ViT-B-32:random",
     )
-    parser.add_argument("--config", help="YAML config (packages/train/configs/embed.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. model=ViT-B-32:random")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        cfg = load_config(EmbedConfig, args.config, args.overrides)
-        summary = run(cfg)
-    except KeeperError as e:
-        print(f"keeper embed: error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    if summary.status != "ok":
-        return EXIT_TOO_MANY_FAILURES
-    return 0
 
 
 if __name__ == "__main__":

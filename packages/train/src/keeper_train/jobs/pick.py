@@ -631,25 +631,18 @@ def format_summary(s: PickSummary) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m keeper_train.jobs.pick --config FILE [key=value ...]``."""
-    import argparse
+    from keeper_train.config import job_main
 
-    from keeper_train.config import load_config
-
-    parser = argparse.ArgumentParser(
-        prog="python -m keeper_train.jobs.pick", description=__doc__.split("\n")[0]
+    return job_main(
+        argv,
+        job="pick",
+        description=__doc__.split("\n")[0],
+        model=PickJobConfig,
+        run=run,
+        describe=format_summary,
+        exit_code=lambda s: 0 if s.status == "ok" else embed.EXIT_TOO_MANY_FAILURES,
+        example="grouping.max_gap_s=2",
     )
-    parser.add_argument("--config", help="YAML config (packages/train/configs/pick.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. grouping.max_gap_s=2")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        cfg = load_config(PickJobConfig, args.config, args.overrides)
-        summary = run(cfg)
-    except KeeperError as e:
-        print(f"keeper pick: error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(summary))
-    return 0 if summary.status == "ok" else embed.EXIT_TOO_MANY_FAILURES
 
 
 if __name__ == "__main__":
