@@ -5,16 +5,22 @@ with test overrides: small CPU shares so it fits 2 cores, a 1 s registry poll, a
 autoscales 1 -> 2 quickly. The registry holds two rankers trained on an embedded corpus: v1
 (deliberately bad, @champion at the start) and v2 (trained, @challenger), so ``keeper promote``
 moves the alias mid-test.
+
+``/v1/pick`` is sent the corpus's JPEGs with EXIF capture times spliced in (the pixels are the
+embedded files' own), so its picks can be compared with ``cull`` run offline on the embedding
+table's rows.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -31,9 +37,16 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import negated, register_ranker
+from PIL import Image
 from support import free_port, png_declaring
 
 from keeper_core import storage
+from keeper_core.capture import capture_row, read_capture
+from keeper_core.culling import cull
+from keeper_core.grouping import dhash
+from keeper_core.images import decode_image
+from keeper_core.picking import ZERO_SHOT_RULE
+from keeper_core.quality import FEATURE_NAMES
 from keeper_core.ranker import SeriesRanker
 from keeper_core.synthetic import generate_corpus
 from keeper_train.data import join_series
@@ -106,6 +119,7 @@ def app(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "limits.max_series_len": 6,
         "limits.max_request_bytes": 2 * 1024 * 1024,
         "limits.max_image_bytes": 1024 * 1024,
+        "limits.max_pick_images": 20,  # above max_images: /v1/pick has its own cap
         "deployments.KeeperIngress.ray_actor_options.num_cpus": 0.25,
         "deployments.KeeperIngress.autoscaling_config.max_replicas": 1,
         "deployments.SeriesRanker.ray_actor_options.num_cpus": 0.25,
@@ -187,6 +201,62 @@ def series_of(reg: Registry, n: int) -> list[tuple[str, list[str]]]:
     return out
 
 
+def with_exif(
+    jpeg: bytes, seconds: float, *, make: str = "Canon", model: str = "Canon EOS R5"
+) -> bytes:
+    """The JPEG with an APP1 Exif segment as a camera writes it, its pixels untouched.
+
+    DateTimeOriginal + SubSecTimeOriginal (in the Exif IFD) ``seconds`` after 2024-05-01
+    10:00:00, Make and Model in IFD0.
+    """
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = make, model
+    whole, frac = divmod(round(seconds * 100), 100)
+    minutes, sec = divmod(whole, 60)
+    ifd = exif.get_ifd(0x8769)
+    ifd[0x9003] = f"2024:05:01 {10 + minutes // 60:02d}:{minutes % 60:02d}:{sec:02d}"
+    ifd[0x9291] = f"{frac:02d}"
+    payload = exif.tobytes()  # b"Exif\0\0" + the TIFF stream
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+@dataclass
+class Shoot:
+    """Corpus photos with EXIF times: ``paths[i]`` is the embedded file ``blobs[i]`` came from."""
+
+    paths: list[str]
+    blobs: list[bytes]
+    bursts: list[list[int]]  # request indices of each burst, then the single, in time order
+
+
+def clean_shot(reg: Registry, series: str) -> str:
+    """The series' undegraded shot: a single that no absolute check demotes to an alternate."""
+    m = pd.read_csv(reg.manifest)
+    return str(
+        m.loc[(m["series_id"].astype(str) == series) & (m["is_best"] == 1), "image_uri"].iloc[0]
+    )
+
+
+def shoot(reg: Registry, n_bursts: int) -> Shoot:
+    """Series 0..n_bursts-1 as bursts (0.4 s apart, 30 s between bursts), then a single an hour
+    later: the clean shot of the next series."""
+    paths, blobs, bursts = [], [], []
+    series = series_of(reg, n_bursts + 1)
+    for b, (_, burst) in enumerate(series[:n_bursts]):
+        bursts.append(list(range(len(paths), len(paths) + len(burst))))
+        for k, p in enumerate(burst):
+            paths.append(p)
+            blobs.append(with_exif(storage.read_bytes(p), 30 * b + 0.4 * k))
+    bursts.append([len(paths)])
+    paths.append(clean_shot(reg, series[n_bursts][0]))
+    blobs.append(with_exif(storage.read_bytes(paths[-1]), 3600))
+    return Shoot(paths, blobs, bursts)
+
+
+def b64_bytes(data: bytes, **kw: Any) -> dict[str, Any]:
+    return {"b64": base64.b64encode(data).decode(), **kw}
+
+
 def rank_body(reg: Registry, n: int = 2) -> dict[str, Any]:
     return {
         "series": [
@@ -256,6 +326,7 @@ def test_every_route_needs_the_token_but_healthz(app: str, registry: Registry) -
         ("POST", "/v1/score/aesthetic", {"images": [img]}),
         ("POST", "/v1/score/relevance", {"positive": ["a photo"], "images": [img]}),
         ("POST", "/v1/rank", rank_body(registry, 1)),
+        ("POST", "/v1/pick", {"images": [img, img]}),
         ("GET", "/openapi.json", None),
         ("GET", "/docs", None),
     ]
@@ -276,9 +347,13 @@ def test_every_route_needs_the_token_but_healthz(app: str, registry: Registry) -
     assert models["ranker"]["name"] == NAME
     assert models["ranker"]["alias"] == "champion"
     openapi = call(app, "GET", "/openapi.json").body
-    assert {"/v1/embed", "/v1/rank", "/v1/score/aesthetic", "/v1/score/relevance"} <= set(
-        openapi["paths"]
-    )
+    assert {
+        "/v1/embed",
+        "/v1/rank",
+        "/v1/pick",
+        "/v1/score/aesthetic",
+        "/v1/score/relevance",
+    } <= set(openapi["paths"])
 
 
 def test_rank_over_http_matches_the_batch_ranker(app: str, registry: Registry) -> None:
@@ -339,6 +414,15 @@ def _bad_requests(reg: Registry) -> list[tuple[str, str, dict[str, Any]]]:
           "expect": (400, "series_too_short", 1)}),
         ("series too long", "/v1/rank",
          {"body": {"series": [{"images": [good] * 7}]}, "expect": (400, "series_too_long", 0)}),
+        ("pick: bad capture time", "/v1/pick",
+         {"body": {"images": [good, {**good, "capture_time": "at noon"}]},
+          "expect": (422, "invalid_capture_time", 1)}),
+        ("pick: too many images", "/v1/pick",
+         {"body": {"images": [good] * 21}, "expect": (400, "too_many_images")}),
+        ("pick: knob out of range", "/v1/pick",
+         {"body": {"images": [good], "max_gap_s": 3600}, "expect": (422, "invalid_request")}),
+        ("pick: not an image", "/v1/pick",
+         {"body": {"images": [good, text]}, "expect": (415, "not_an_image", 1)}),
         ("wrong content type", "/v1/embed",
          {"raw": b"images=1", "ctype": "application/x-www-form-urlencoded",
           "expect": (415, "unsupported_media_type")}),
@@ -400,6 +484,139 @@ def test_multipart_upload(app: str, registry: Registry) -> None:
     assert len(r.body["text_embeddings"]) == 2
     as_json = call(app, "POST", "/v1/embed", {"images": [b64_of(p) for p in paths]}).body
     np.testing.assert_allclose(r.body["image_embeddings"], as_json["image_embeddings"], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- /v1/pick
+
+
+def groups_of(body: dict[str, Any]) -> list[list[int]]:
+    return [g["images"] for g in body["groups"]]
+
+
+def test_pick_groups_exif_timed_bursts_and_a_client_time_wins(app: str, registry: Registry) -> None:
+    s = shoot(registry, 2)
+    images = [b64_bytes(b) for b in s.blobs]
+    # Time only: the tiny random CLIP's cosines say nothing about scenes (GroupingConfig).
+    r = call(app, "POST", "/v1/pick", {"images": images, "min_similarity": -1})
+    assert r.status == 200, r
+    body = r.body
+    assert groups_of(body) == s.bursts
+    for g in body["groups"]:
+        keepers = [i for i in g["images"] if body["images"][i]["decision"] == "keep"]
+        assert keepers == [g["keeper_index"]], g
+    for im in body["images"]:
+        assert im["reasons"], im
+        assert all(isinstance(x, str) and x for x in im["reasons"])
+        assert (im["time_source"], im["camera"]) == ("exif", "Canon EOS R5")
+    assert body["images"][1]["capture_time"] == "2024-05-01T10:00:00.40"
+    served = call(app, "GET", "/v1/models").body["ranker"]
+    ranker = body["ranker"]
+    assert ranker["kind"] == "model"
+    assert (ranker["name"], ranker["version"], ranker["alias"]) == (
+        served["name"],
+        served["version"],
+        "champion",
+    )
+    assert ranker["label"] == f"{NAME} v{served['version']} (models:/{NAME}@champion)"
+    assert body["random_weights"] is True
+    assert body["counts"]["groups"] == len(s.bursts)
+
+    # The single, with a client time 0.4 s after the first burst's last shot, joins that burst.
+    single, first = s.bursts[-1][0], s.bursts[0]
+    when = f"2024-05-01T10:00:{0.4 * len(first):05.2f}"
+    images[single] = b64_bytes(s.blobs[single], capture_time=when)
+    r = call(app, "POST", "/v1/pick", {"images": images, "min_similarity": -1})
+    assert r.status == 200, r
+    assert groups_of(r.body) == [[*first, single], *s.bursts[1:-1]]
+    assert r.body["images"][single]["time_source"] == "given"
+    assert r.body["images"][single]["capture_time"] == when
+
+
+def offline_frame(reg: Registry, s: Shoot) -> pd.DataFrame:
+    """The frame keeper pick would cull: the embedding table's rows, the files' EXIF."""
+    from keeper_serve.api import REQUEST_INDEX, image_name
+
+    rows = reg.rows.assign(_key=[storage.same_key(str(u)) for u in reg.rows["image_uri"]])
+    rows = rows.set_index("_key")
+    n = len(s.paths)
+    records = []
+    for i, (path, blob) in enumerate(zip(s.paths, s.blobs, strict=True)):
+        row = rows.loc[storage.same_key(path)]
+        hashed = row.get("dhash")
+        records.append(
+            {
+                REQUEST_INDEX: i,
+                "image_uri": image_name(i, n),
+                "image_id": hashlib.sha256(blob).hexdigest(),
+                "embedding": np.asarray(row["embedding"], dtype=np.float32),
+                "dhash": int(hashed) if pd.notna(hashed) else dhash(decode_image(blob)),
+                **{f: row[f] for f in FEATURE_NAMES},
+                **capture_row(read_capture(blob)),
+            }
+        )
+    return pd.DataFrame(records)
+
+
+def test_pick_ranks_as_cull_does_offline_with_the_served_champion(
+    app: str, registry: Registry
+) -> None:
+    """Over /v1/pick's own image cap (above max_images), default knobs: the same picks as
+    keeper_core.culling.cull on the embedding table's rows, scored by the same version."""
+    s = next(sh for n in range(3, 8) if len((sh := shoot(registry, n)).paths) > 12)
+    assert len(s.paths) <= 20
+    r = call(app, "POST", "/v1/pick", {"images": [b64_bytes(b) for b in s.blobs]})
+    assert r.status == 200, r
+    version = r.body["ranker"]["version"]
+    ranker = registry.bad if version == "1" else registry.good
+    result = cull(
+        offline_frame(registry, s),
+        scorer=lambda df: ranker.rank(df)["score"].to_numpy(),
+        ranker=f"v{version} offline",
+    )
+    got = r.body["images"]
+    assert len(got) == len(result.picks)
+    for row in result.picks.to_dict("records"):
+        im = got[row["request_index"]]
+        assert im["group"] == row["group_id"], (im, row)
+        assert (im["rank"], im["decision"]) == (row["rank"], row["decision"]), (im, row)
+        assert im["duplicate_kind"] == row["duplicate_kind"]
+        np.testing.assert_allclose(im["score"], row["score"], atol=1e-4)
+        np.testing.assert_allclose(im["prob"], row["prob"], atol=1e-4)
+    assert r.body["counts"] == result.counts()
+
+
+def test_pick_says_zero_shot_while_the_app_has_no_ranker(app: str, registry: Registry) -> None:
+    from ray import serve
+
+    body = {"images": [b64_bytes(b) for b in shoot(registry, 1).blobs]}
+    handle = serve.get_deployment_handle("SeriesRanker", app_name="keeper")
+    # The hook Serve calls when a deployment's user_config changes (docs/serving.md).
+    handle.reconfigure.remote({"model_uri": None}).result(timeout_s=30)
+    try:
+        rank = rank_body(registry, 1)
+        wait_until(
+            lambda: call(app, "POST", "/v1/rank", rank).status == 503, 30, "the ranker unloaded"
+        )
+        r = call(app, "POST", "/v1/pick", body)
+        assert r.status == 200, r
+        ranker = r.body["ranker"]
+        assert (ranker["kind"], ranker["label"]) == ("zero-shot", ZERO_SHOT_RULE)
+        assert ranker["name"] is None
+        assert ranker["version"] is None
+        assert "no ranker configured" in ranker["reason"]
+        for g in r.body["groups"]:
+            assert [i for i in g["images"] if r.body["images"][i]["decision"] == "keep"] == [
+                g["keeper_index"]
+            ]
+    finally:
+        handle.reconfigure.remote({"model_uri": f"models:/{NAME}@champion"}).result(timeout_s=30)
+        wait_until(
+            lambda: call(app, "GET", "/v1/models").body["ranker"]["status"] == "ready",
+            120,
+            "the champion loaded again",
+        )
+    r = call(app, "POST", "/v1/pick", body)
+    assert r.body["ranker"]["kind"] == "model"
 
 
 def test_promotion_under_load_switches_versions_with_no_failures(
@@ -609,6 +826,14 @@ def doc_files(registry: Registry, tmp_path: Path) -> Path:
     paths = image_paths(registry)
     for i, name in enumerate(["photo.jpg", "a.jpg", "b.jpg", "1.jpg", "2.jpg"]):
         (tmp_path / name).write_bytes(storage.read_bytes(paths[i]))
+    # /v1/pick's examples: a burst of two (0.4 s apart) and a shot two minutes later.
+    (_, burst), (other, _) = series_of(registry, 2)
+    for name, path, at in [
+        ("IMG_0001.jpg", burst[0], 0.0),
+        ("IMG_0002.jpg", burst[1], 0.4),
+        ("IMG_0003.jpg", clean_shot(registry, other), 120.0),
+    ]:
+        (tmp_path / name).write_bytes(with_exif(storage.read_bytes(path), at))
     (tmp_path / "keeper-data").mkdir()
     (tmp_path / "keeper-data" / "api-token").write_text(TOKEN + "\n")
     return tmp_path

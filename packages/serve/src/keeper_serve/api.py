@@ -4,24 +4,36 @@ Nothing here imports Ray: the ingress deployment uses it, and so do unit tests. 
 client can cause is an :class:`ApiError`, rendered as ``{"error": {"code", "message", "index"?}}``
 with a 4xx status; ``index`` names the offending image (its position in the request, counting
 across all series for ``/v1/rank``) or series.
+
+``/v1/pick`` is ``keeper pick`` on one request's images: :func:`pick_frame` builds the frame
+``keeper_core.culling.cull`` takes (the batch job's columns, capture metadata from each image's
+EXIF or the client), and :func:`cull_request` runs ``cull`` with the ranker deployment's scores,
+or with the zero-shot rule, named as such, when the app has no ranker loaded.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+import pandas as pd
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from keeper_core import storage
-from keeper_core.errors import ImageDecodeError, StorageError
+from keeper_core.capture import CAPTURE_COLUMNS, Capture, capture_row, given_capture, read_capture
+from keeper_core.culling import CullResult, cull
+from keeper_core.errors import ConfigError, DataError, ImageDecodeError, StorageError
+from keeper_core.grouping import GroupingConfig, dhash
 from keeper_core.images import DecodeLimits
+from keeper_core.picking import PickConfig
 from keeper_core.preparation import DecodedImage, ImagePreparation
+from keeper_core.quality import FEATURE_NAMES
 from keeper_serve.config import KeeperAppArgs, LimitArgs
 
 # ----------------------------------------------------------------------------------- errors
@@ -128,6 +140,70 @@ class RankRequest(_Req):
     series: list[SeriesIn] = Field(min_length=1)
 
 
+#: Bounds of /v1/pick's knobs, from the server's grouping: a gap longer than a group may span
+#: (``max_group_s``) could join nothing more, and a group never has more alternates than shots.
+_GROUPING = GroupingConfig()
+
+
+def _time_value(v: Any) -> Any:
+    # One message for a wrong type (a union reports one error per member), and no bool as 1.0.
+    if v is None or (isinstance(v, str | int | float) and not isinstance(v, bool)):
+        return v
+    raise ValueError(f"an ISO 8601 string or epoch seconds, not {v!r}")
+
+
+CaptureTime = Annotated[str | int | float | None, BeforeValidator(_time_value)]
+
+
+class PickImage(ImageRef):
+    """One image to cull, with what the client knows of its capture (else read from its EXIF)."""
+
+    capture_time: CaptureTime = Field(
+        None,
+        description="ISO 8601 ('2024-05-01T10:00:00.25+02:00'; without an offset: the camera's "
+        "local clock, as EXIF) or epoch seconds; replaces the EXIF time",
+    )
+    camera: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="camera key: shots of different cameras never share a group; replaces the "
+        "EXIF Make/Model/serial",
+    )
+
+
+class PickRequest(_Req):
+    images: list[PickImage] = Field(min_length=1)
+    max_gap_s: float | None = Field(
+        None,
+        gt=0,
+        le=_GROUPING.max_group_s,
+        description=f"shots further apart never share a group (default {_GROUPING.max_gap_s})",
+    )
+    min_similarity: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="neighbours with a lower embedding cosine never share a group; -1: time "
+        f"only (default {_GROUPING.min_similarity})",
+    )
+    alternates: int | None = Field(
+        None,
+        ge=0,
+        le=_GROUPING.max_group_len,
+        description=f"at most this many alternates per group (default {PickConfig().alternates})",
+    )
+
+    def grouping(self) -> GroupingConfig:
+        """The server's grouping with this request's knobs."""
+        knobs = {"max_gap_s": self.max_gap_s, "min_similarity": self.min_similarity}
+        return GroupingConfig(**{k: v for k, v in knobs.items() if v is not None})
+
+    def picking(self) -> PickConfig:
+        """The server's decision rules with this request's ``alternates``."""
+        return PickConfig() if self.alternates is None else PickConfig(alternates=self.alternates)
+
+
 # ----------------------------------------------------------------------------------- responses
 
 
@@ -209,6 +285,50 @@ class RankResponse(BaseModel):
     series: list[RankedSeries]
 
 
+class PickRanker(BaseModel):
+    kind: Literal["model", "zero-shot"] = Field(
+        description="model: the app's ranker scored every group; zero-shot: none was loaded"
+    )
+    label: str = Field(description="'NAME vN (URI)', or keeper_core.picking.ZERO_SHOT_RULE")
+    uri: str | None = None
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+    reason: str | None = Field(None, description="zero-shot: why no ranker was used")
+
+
+class PickedGroup(BaseModel):
+    id: str
+    images: list[int] = Field(description="request indices, in capture order")
+    keeper_index: int | None = Field(description="null: no keeper (a flawed single, duplicates)")
+
+
+class PickedImage(BaseModel):
+    index: int
+    group: str
+    rank: int = Field(description="1 = best of its group; duplicates rank last")
+    score: float
+    prob: float = Field(description="softmax of the scores over the group's non-duplicates")
+    decision: Literal["keep", "alternate", "reject"]
+    reasons: list[str]
+    rating: int
+    label: str | None
+    duplicate_of: int | None = Field(description="index of the copy that stays in competition")
+    duplicate_kind: Literal["exact", "near"] | None
+    capture_time: str | None
+    time_source: str = Field(description="exif_offset | exif | given | none")
+    camera: str
+
+
+class PickResponse(BaseModel):
+    clip_model: str
+    random_weights: bool
+    ranker: PickRanker
+    counts: dict[str, int]
+    groups: list[PickedGroup] = Field(description="in time order")
+    images: list[PickedImage] = Field(description="in request order")
+
+
 # ----------------------------------------------------------------------------------- bodies
 
 
@@ -248,6 +368,17 @@ def form_list(value: str) -> list[str]:
     return [value]
 
 
+def form_values(value: str, field: str) -> list[Any]:
+    """A multipart field holding one JSON list (``capture_times``, ``cameras``)."""
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ApiError(422, "invalid_request", f"form field {field!r}: invalid JSON ({e})") from e
+    if not isinstance(out, list):
+        raise ApiError(422, "invalid_request", f"form field {field!r}: expected a JSON list")
+    return out
+
+
 # ----------------------------------------------------------------------------------- images
 
 
@@ -257,6 +388,15 @@ class Prepared:
 
     pixels: np.ndarray  # (N, 3, S, S) uint8: the model's resize + crop, normalised on device
     quality: np.ndarray | None  # (N, F) float32, keeper_core.quality.FEATURE_NAMES order
+
+
+@dataclass
+class PickImages(Prepared):
+    """Request images ready for ``cull``: what ``keeper embed`` records of a file, too."""
+
+    image_ids: list[str]  # sha256 of the bytes: the same file twice is an exact duplicate
+    captures: list[Capture]
+    hashes: list[int]  # keeper_core.grouping.dhash, the near-duplicate pixel guard
 
 
 class ImagePreparer:
@@ -281,12 +421,12 @@ class ImagePreparer:
         )
         self.allowed = frozenset(args.s3_allow_buckets)
 
-    def check_count(self, n: int) -> None:
-        if n > self.limits.max_images:
+    def check_count(self, n: int, limit: int | None = None) -> None:
+        """``n`` images against ``limit`` (default ``max_images``): 400 over it."""
+        limit = self.limits.max_images if limit is None else limit
+        if n > limit:
             raise ApiError(
-                400,
-                "too_many_images",
-                f"{n} images in one request; the limit is {self.limits.max_images}",
+                400, "too_many_images", f"{n} images in one request; the limit is {limit}"
             )
 
     def check_texts(self, texts: Sequence[str], what: str = "texts") -> None:
@@ -357,19 +497,254 @@ class ImagePreparer:
             status, code = DECODE_STATUS[e.reason]
             raise ApiError(status, code, f"image {index}: {e.detail}", index=index) from e
 
+    def fetch(self, ref: ImageRef | bytes, index: int) -> bytes:
+        """The bytes of one image (an upload as it is), checked against ``max_image_bytes``."""
+        data = ref if isinstance(ref, bytes) else self.image_bytes(ref, index)
+        if len(data) > self.limits.max_image_bytes:
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"image {index}: {len(data)} bytes > {self.limits.max_image_bytes}",
+                index=index,
+            )
+        return data
+
     def prepare(self, refs: Sequence[ImageRef | bytes], *, quality: bool) -> Prepared:
         """Every image or the first failure (an ApiError naming its index): a request is whole."""
         self.check_count(len(refs))
-        decoded: list[DecodedImage] = []
-        for i, ref in enumerate(refs):
-            data = ref if isinstance(ref, bytes) else self.image_bytes(ref, i)
-            if len(data) > self.limits.max_image_bytes:
-                raise ApiError(
-                    413,
-                    "image_too_large",
-                    f"image {i}: {len(data)} bytes > {self.limits.max_image_bytes}",
-                    index=i,
-                )
-            decoded.append(self.decode(data, i))
+        decoded = [self.decode(self.fetch(ref, i), i) for i, ref in enumerate(refs)]
         feats = self.preparation.quality(decoded) if quality and decoded else None
         return Prepared(pixels=self.preparation.pixels(decoded), quality=feats)
+
+    def prepare_pick(
+        self,
+        refs: Sequence[ImageRef | bytes],
+        images: Sequence[PickImage],
+        given: Sequence[Capture | None],
+    ) -> PickImages:
+        """``prepare`` plus what culling needs: content hash, capture metadata, dHash.
+
+        Args:
+            refs: the images (references, or uploaded bytes), in request order.
+            images: the request's items (for uploads, stand-ins carrying the form's times and
+                cameras): what the client said of each capture.
+            given: :func:`given_captures` of ``images``.
+        """
+        self.check_count(len(refs), self.limits.max_pick_images)
+        decoded: list[DecodedImage] = []
+        ids: list[str] = []
+        captures: list[Capture] = []
+        hashes: list[int] = []
+        for i, ref in enumerate(refs):
+            data = self.fetch(ref, i)
+            d = self.decode(data, i)
+            decoded.append(d)
+            ids.append(hashlib.sha256(data).hexdigest())
+            captures.append(request_capture(data, images[i], given[i]))
+            hashes.append(dhash(d.image))  # on the decoded pixels, as keeper embed takes it
+        return PickImages(
+            pixels=self.preparation.pixels(decoded),
+            quality=self.preparation.quality(decoded),
+            image_ids=ids,
+            captures=captures,
+            hashes=hashes,
+        )
+
+
+# ----------------------------------------------------------------------------------- /v1/pick
+
+#: The pick frame's column holding each row's position in the request.
+REQUEST_INDEX = "request_index"
+#: What ``cull`` is told the scorer is; the response names the version that answered instead.
+_RANKER_DEPLOYMENT = "the app's SeriesRanker"
+
+#: ``SeriesRanker.rank`` as a blocking call: (embeddings, quality, series lengths) -> its answer.
+RankCall = Callable[[np.ndarray, np.ndarray, list[int]], dict[str, Any]]
+
+
+def given_captures(images: Sequence[PickImage]) -> list[Capture | None]:
+    """What the client gave of each capture (None: nothing), checked before any image is read.
+
+    Raises:
+        ApiError: 422 ``invalid_capture_time`` naming the first image whose time is not an ISO
+            8601 date-time or a finite epoch.
+    """
+    out: list[Capture | None] = []
+    for i, im in enumerate(images):
+        if im.capture_time is None and im.camera is None:
+            out.append(None)
+            continue
+        try:
+            out.append(given_capture(im.capture_time, im.camera))
+        except ConfigError as e:
+            raise ApiError(422, "invalid_capture_time", f"image {i}: {e}", index=i) from e
+    return out
+
+
+def request_capture(data: bytes, image: PickImage, given: Capture | None) -> Capture:
+    """One request image's capture: its EXIF, with the client's time and camera in their place.
+
+    Never a file modification time: over HTTP that is the client's copy, not the shot. An image
+    with neither an EXIF nor a given time has ``time_source`` "none" (a group of its own).
+    """
+    exif = read_capture(data)
+    if given is None:
+        return exif
+    out = exif
+    if image.capture_time is not None:
+        out = replace(out, time=given.time, timestamp=given.timestamp, time_source="given")
+    if image.camera is not None:
+        out = replace(out, make=None, model=given.model, serial=None)
+    return out
+
+
+def image_name(index: int, n: int) -> str:
+    """A request image's name in the frame and in reasons: ``image-07`` is index 7.
+
+    Zero-padded to the request's width, so names sort as indices (``cull`` breaks time ties by
+    name) and are unique (the same URI may be sent twice).
+    """
+    return f"image-{index:0{len(str(max(n - 1, 0)))}d}"
+
+
+def pick_frame(images: PickImages, embeddings: np.ndarray) -> pd.DataFrame:
+    """The frame ``cull`` takes, one row per request image (the batch job's columns).
+
+    Raises:
+        DataError: embeddings or quality features that do not fit the images.
+    """
+    n = len(images.image_ids)
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != n or images.quality is None:
+        raise DataError(f"{n} images but embeddings {emb.shape} / quality features missing")
+    rows = [capture_row(c) for c in images.captures]
+    frame = pd.DataFrame(
+        {
+            REQUEST_INDEX: np.arange(n, dtype=np.int64),
+            "image_uri": [image_name(i, n) for i in range(n)],
+            "image_id": images.image_ids,
+            "embedding": list(emb),
+            "dhash": np.asarray(images.hashes, dtype=np.int64),
+        }
+    )
+    for j, name in enumerate(FEATURE_NAMES):
+        frame[name] = images.quality[:, j]
+    for name in CAPTURE_COLUMNS:
+        frame[name] = pd.Series([r[name] for r in rows], dtype=object)
+    frame["capture_ts"] = np.array(
+        [np.nan if r["capture_ts"] is None else r["capture_ts"] for r in rows], dtype=np.float64
+    )
+    return frame
+
+
+class _NoRanker(Exception):
+    """The ranker deployment answered "unavailable": nothing loaded (the reason is the message)."""
+
+
+def group_scorer(rank: RankCall, served: dict[str, Any]) -> Callable[[pd.DataFrame], np.ndarray]:
+    """``cull``'s scorer over the ranker deployment: every group one series, groups of one too.
+
+    A group of one gets the head's score like any other (its prob is 1 whatever it is), so one
+    call scores a request and a single shot's score means what a burst's does.
+    ``served`` receives the version that answered (its ``describe()``).
+    """
+
+    def score(df: pd.DataFrame) -> np.ndarray:
+        ids = df["series_id"].astype(str).to_numpy()
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        lengths = np.diff(np.r_[starts, len(ids)]).tolist()
+        if len(set(ids)) != len(lengths):  # cull gives each group's rows together
+            raise DataError("a group's rows are not contiguous")
+        emb = np.stack([np.asarray(e, dtype=np.float32) for e in df["embedding"]])
+        quality = df[list(FEATURE_NAMES)].to_numpy(dtype=np.float32)
+        out = rank(emb, quality, lengths)
+        if "unavailable" in out:
+            raise _NoRanker(str(out["unavailable"]))
+        served.update(out["model"])
+        return np.concatenate([np.asarray(s, dtype=np.float64) for s, _ in out["series"]])
+
+    return score
+
+
+def cull_request(
+    frame: pd.DataFrame, rank: RankCall, *, grouping: GroupingConfig, picking: PickConfig
+) -> tuple[CullResult, PickRanker]:
+    """``keeper_core.culling.cull`` on a request, ranked by the app's ranker when it has one.
+
+    When the ranker deployment has no version loaded, the request is culled with the zero-shot
+    rule instead, and the returned :class:`PickRanker` says so (kind, label and the reason):
+    never a silent switch.
+    """
+    served: dict[str, Any] = {}
+    try:
+        result = cull(
+            frame,
+            scorer=group_scorer(rank, served),
+            ranker=_RANKER_DEPLOYMENT,
+            grouping=grouping,
+            picking=picking,
+        )
+    except _NoRanker as e:
+        result = cull(frame, scorer=None, grouping=grouping, picking=picking)
+        return result, PickRanker(kind="zero-shot", label=result.ranker, reason=str(e))
+    name, uri = served.get("name"), served.get("uri")
+    # As keeper pick labels a registered ranker: "NAME vN (URI)".
+    label = f"{name} v{served.get('version')} ({uri})" if name else str(uri)
+    ranker = PickRanker(
+        kind="model",
+        label=label,
+        uri=uri,
+        name=name,
+        version=served.get("version"),
+        alias=served.get("alias"),
+    )
+    return result, ranker
+
+
+def _text(value: Any) -> str | None:
+    """A nullable text cell (pandas may hold None or NaN) as str or None."""
+    return value if isinstance(value, str) else None
+
+
+def pick_response(result: CullResult, ranker: PickRanker, clip: dict[str, Any]) -> dict[str, Any]:
+    """``/v1/pick``'s answer (a :class:`PickResponse`): groups in time order, images by index."""
+    picks = result.picks
+    index = picks[REQUEST_INDEX].to_numpy(dtype=np.int64)
+    dup = picks["duplicate_of"].to_numpy(dtype=np.int64)
+    images: list[dict[str, Any]] = [{} for _ in range(len(picks))]
+    for pos, row in enumerate(picks.to_dict("records")):
+        images[index[pos]] = {
+            "index": int(index[pos]),
+            "group": str(row["group_id"]),
+            "rank": int(row["rank"]),
+            "score": float(row["score"]),
+            "prob": float(row["prob"]),
+            "decision": row["decision"],
+            "reasons": [str(r) for r in row["reasons"]],
+            "rating": int(row["rating"]),
+            "label": _text(row["label"]),
+            "duplicate_of": int(index[dup[pos]]) if dup[pos] >= 0 else None,
+            "duplicate_kind": _text(row["duplicate_kind"]),
+            "capture_time": _text(row["capture_time"]),
+            "time_source": str(row["time_source"]),
+            "camera": str(row["camera"]),
+        }
+    groups = []
+    # Rows come in group order, each group's in capture order; group ids sort as group order.
+    for gid, rows in picks.groupby("group_id", sort=True):
+        keep = rows.loc[rows["decision"] == "keep", REQUEST_INDEX]
+        groups.append(
+            {
+                "id": str(gid),
+                "images": [int(i) for i in rows[REQUEST_INDEX]],
+                "keeper_index": int(keep.iloc[0]) if len(keep) else None,
+            }
+        )
+    return {
+        "clip_model": clip["spec"],
+        "random_weights": clip["random_weights"],
+        "ranker": ranker.model_dump(),
+        "counts": result.counts(),
+        "groups": groups,
+        "images": images,
+    }

@@ -77,6 +77,9 @@ class LimitArgs(_Strict):
     max_text_chars: int = Field(1000, ge=1)
     max_series: int = Field(16, ge=1, description="series in one /v1/rank request")
     max_series_len: int = Field(32, ge=2, description="images in one series")
+    # A shoot to cull is larger than a request to score: a burst alone can be 30 frames, so
+    # /v1/pick has its own count (its bytes and pixels are still bounded by the limits above).
+    max_pick_images: int = Field(256, ge=1, description="images in one /v1/pick request")
 
 
 class EncoderArgs(_Strict):

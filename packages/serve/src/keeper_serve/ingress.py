@@ -3,8 +3,9 @@
 The ingress decodes and resizes images itself (on a worker thread, so its event loop keeps
 taking requests) and sends uint8 pixels to ``ClipEncoder``, whose replicas batch them; it sends
 embeddings and quality features to ``SeriesRanker``. Scoring (aesthetic prompts, relevance)
-is keeper_core's, computed here from the embeddings. Errors are JSON
-``{"error": {"code", "message", "index"?}}``; see docs/http-api.md.
+is keeper_core's, computed here from the embeddings; so is culling (``/v1/pick`` runs
+``keeper_core.culling.cull`` on a worker thread, its scorer calling ``SeriesRanker`` back on the
+event loop). Errors are JSON ``{"error": {"code", "message", "index"?}}``; see docs/http-api.md.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ DOC_PATHS = frozenset({"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redo
 app = FastAPI(
     title="keeper",
     version="1",
-    summary="Find the keepers: CLIP embeddings, aesthetic and relevance scores, series ranking.",
+    summary=(
+        "Find the keepers: CLIP embeddings, aesthetic and relevance scores, series ranking, "
+        "culling."
+    ),
     description=(
         "Every route but `/healthz` needs `Authorization: Bearer <token>`. Images travel as "
         'base64 in JSON (`{"b64": ...}`), as `s3://` URIs in allow-listed buckets '
@@ -71,7 +75,13 @@ def _json_body(model: type[Any]) -> dict[str, Any]:
 
 
 #: Bodies the routes parse themselves: their schemas are added to the OpenAPI components.
-REQUEST_MODELS = (api.EmbedRequest, api.AestheticRequest, api.RelevanceRequest, api.RankRequest)
+REQUEST_MODELS = (
+    api.EmbedRequest,
+    api.AestheticRequest,
+    api.RelevanceRequest,
+    api.RankRequest,
+    api.PickRequest,
+)
 
 
 def _openapi() -> dict[str, Any]:
@@ -159,6 +169,7 @@ ROUTES = frozenset(
         "/v1/score/aesthetic",
         "/v1/score/relevance",
         "/v1/rank",
+        "/v1/pick",
         *DOC_PATHS,
     }
 )
@@ -233,6 +244,10 @@ async def _replica_lost(request: Request, exc: RayActorError) -> JSONResponse:
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     log.exception("keeper API: unhandled error on %s", request.url.path)
     return error_response(500, "internal", f"internal error ({type(exc).__name__})")
+
+
+#: /v1/pick's multipart fields holding one JSON value per uploaded image -> the item's key.
+_PICK_LISTS = {"capture_times": "capture_time", "cameras": "camera"}
 
 
 @serve.deployment
@@ -322,14 +337,17 @@ class KeeperIngress:
         async def replay() -> dict[str, Any]:  # the body was read (and size-checked) already
             return {"type": "http.request", "body": body, "more_body": False}
 
+        pick = model is api.PickRequest
+        max_images = limits.max_pick_images if pick else limits.max_images
         try:
             form = await Request(request.scope, replay).form(
-                max_files=limits.max_images + 1, max_fields=limits.max_texts + 16
+                max_files=max_images + 1, max_fields=limits.max_texts + 16
             )
         except Exception as e:  # starlette raises MultiPartException / HTTPException
             raise ApiError(400, "bad_multipart", f"cannot parse the multipart body: {e}") from e
         files: list[ImageRef | bytes] = []
         fields: dict[str, Any] = {}
+        per_image: dict[str, list[Any]] = {}
         for key, value in form.multi_items():
             if hasattr(value, "read"):
                 if key != "images":
@@ -337,13 +355,25 @@ class KeeperIngress:
                 files.append(await value.read())
             elif key in ("texts", "positive", "negative"):
                 fields.setdefault(key, []).extend(api.form_list(value))
-            elif key == "temperature":
-                fields[key] = value
+            elif key in ("temperature", "max_gap_s", "min_similarity", "alternates"):
+                fields[key] = value  # the model refuses those that are not its own
+            elif pick and key in _PICK_LISTS and key not in per_image:
+                per_image[key] = api.form_values(value, key)
             else:
-                raise ApiError(422, "invalid_request", f"unknown form field {key!r}")
+                raise ApiError(422, "invalid_request", f"unknown or repeated form field {key!r}")
         # The model validates the image count (non-empty where required): stand-ins for the
-        # uploaded files, which are returned as bytes.
-        fields["images"] = [{"b64": ""} for _ in files]
+        # uploaded files, which are returned as bytes; /v1/pick's carry each file's time/camera.
+        items: list[dict[str, Any]] = [{"b64": ""} for _ in files]
+        for key, values in per_image.items():
+            if len(values) != len(files):
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    f"form field {key!r}: {len(values)} values for {len(files)} images",
+                )
+            for item, v in zip(items, values, strict=True):
+                item[_PICK_LISTS[key]] = v
+        fields["images"] = items
         req = api.parse_fields(fields, model)
         return req, files
 
@@ -542,3 +572,35 @@ class KeeperIngress:
                 )
             ],
         }
+
+    @app.post(
+        "/v1/pick",
+        response_model=api.PickResponse,
+        openapi_extra=_json_body(api.PickRequest),
+        summary="a shoot's images -> bursts/scenes, duplicates, and keep / alternate / reject",
+    )
+    async def pick(self, request: Request) -> dict[str, Any]:
+        req, refs = await self._parse(request, api.PickRequest)
+        self.images.check_count(len(refs), self.args.limits.max_pick_images)
+        given = api.given_captures(req.images)  # a bad time fails before any image is read
+        images = await asyncio.to_thread(self.images.prepare_pick, refs, req.images, given)
+        self._count_images(len(refs), "/v1/pick")
+        emb, clip = await asyncio.gather(self._embed(images), self._clip())
+        frame = api.pick_frame(images, emb)
+        loop = asyncio.get_running_loop()
+
+        def rank(embeddings: np.ndarray, quality: np.ndarray, lengths: list[int]) -> dict[str, Any]:
+            # cull runs on a worker thread; the handle is awaited on this replica's event loop.
+            call = self._rank(embeddings, quality, lengths)
+            return asyncio.run_coroutine_threadsafe(call, loop).result()
+
+        result, ranker = await asyncio.to_thread(
+            api.cull_request, frame, rank, grouping=req.grouping(), picking=req.picking()
+        )
+        return api.pick_response(result, ranker, clip)
+
+    async def _rank(
+        self, embeddings: np.ndarray, quality: np.ndarray, lengths: list[int]
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = await self.ranker.rank.remote(embeddings, quality, lengths)
+        return out
