@@ -117,3 +117,17 @@ def test_tables_and_missing_columns() -> None:
         cull(frame().drop(columns=["camera"]), scorer=None)
     empty = cull(frame().iloc[:0], scorer=None)
     assert empty.picks.empty
+
+
+def test_a_scene_shot_again_later_is_not_a_duplicate() -> None:
+    # The near copy of s2_0 is a re-shoot whose camera recorded another moment: not a copy.
+    df = frame().assign(time_source="exif")
+    cfg = GroupingConfig(near_duplicate_similarity=0.95)
+    p = cull(df, scorer=None, grouping=cfg).picks.set_index("image_uri")
+    assert pd.isna(p.loc["/lib/export/web.jpg", "duplicate_kind"])
+    # An export that kept only its file time (EXIF stripped) is still found.
+    df.loc[df["image_uri"] == "/lib/export/web.jpg", "time_source"] = "mtime"
+    p = cull(df, scorer=None, grouping=cfg).picks.set_index("image_uri")
+    assert p.loc["/lib/export/web.jpg", "duplicate_kind"] == "near"
+    # The exact copy is the same bytes: marked whatever the times say.
+    assert p.loc["/lib/export/s0_1.jpg", "duplicate_kind"] == "exact"

@@ -43,6 +43,8 @@ Scorer = Callable[[pd.DataFrame], np.ndarray]
 #: The columns :func:`cull` needs (``capture_ts`` may be NaN; ``camera`` "unknown"). A ``dhash``
 #: column (grouping.dhash), when every row has one, guards near-duplicate marks with pixels.
 REQUIRED = ("image_uri", "image_id", "embedding", "capture_ts", "camera", *FEATURE_NAMES)
+#: Capture-time sources that name the moment a photo was taken (not a file's mtime).
+RECORDED_TIMES = ("exif_offset", "exif", "given")
 #: The picks table, in order (``embedding`` is left out: it is in the embedding table).
 PICK_COLUMNS = (
     "group_id",
@@ -149,6 +151,10 @@ def cull(
     hashes = None
     if "dhash" in df.columns and df["dhash"].notna().all():
         hashes = df["dhash"].to_numpy(dtype=np.int64)
+    # Times the camera (or a client) recorded; a file's mtime says nothing about the moment.
+    moments = None
+    if "time_source" in df.columns:
+        moments = np.where(df["time_source"].isin(RECORDED_TIMES).to_numpy(), ts, np.nan)
     dup_of, kind = find_duplicates(
         df["image_id"].astype(str).tolist(),
         emb,
@@ -157,6 +163,7 @@ def cull(
         grouping,
         prefer=prefer,
         hashes=hashes,
+        moments=moments,
     )
     seconds["group"] = time.perf_counter() - t0
 

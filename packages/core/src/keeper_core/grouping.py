@@ -243,6 +243,7 @@ def find_duplicates(
     *,
     prefer: np.ndarray | None = None,
     hashes: np.ndarray | None = None,
+    moments: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[str | None]]:
     """Marks exact duplicates (same bytes) and near duplicates (similar shots of other groups).
 
@@ -270,6 +271,11 @@ def find_duplicates(
         prefer: (N,) finite numbers, larger is kept (e.g. pixel count); default all equal.
         hashes: (N,) 64-bit ``dhash`` values; with them a near pair must also be within
             ``near_duplicate_max_hamming`` bits. Without them the cosine alone decides.
+        moments: (N,) capture times the camera recorded (EXIF or a client's; NaN where the
+            time is a file's mtime or unknown). Two shots whose recorded times are more than
+            ``max_gap_s`` apart are different moments, never copies of one another, however
+            alike: a scene re-shot minutes later is not a duplicate. A copy keeps its
+            original's EXIF time or has none (an export that stripped it).
 
     Returns:
         ``(duplicate_of, kind)``: (N,) int64 row positions of the row each duplicate points at
@@ -312,12 +318,20 @@ def find_duplicates(
         if hsh.shape != (n,):
             raise DataError(f"hashes: expected ({n},) integers, got shape {hsh.shape}")
         hsh = hsh[reps]
+    when = None
+    if moments is not None:
+        when = np.asarray(moments, dtype=np.float64)
+        if when.shape != (n,):
+            raise DataError(f"moments: expected ({n},) numbers, got shape {when.shape}")
+        when = when[reps]
     comp = _near_components(
         emb[reps],
         grp[reps],
         config.near_duplicate_similarity,
         hsh,
         config.near_duplicate_max_hamming,
+        when,
+        config.max_gap_s,
     )
     best_in = np.full(len(reps), n, dtype=np.int64)
     np.minimum.at(best_in, comp, rank[reps])
@@ -339,6 +353,8 @@ def _near_components(
     threshold: float,
     hashes: np.ndarray | None = None,
     max_hamming: int = 64,
+    moments: np.ndarray | None = None,
+    max_gap_s: float = np.inf,
 ) -> np.ndarray:
     """Connected components of "cosine >= threshold, hashes within max_hamming bits, and
     different group"; labels 0..M-1 roots."""
@@ -364,6 +380,8 @@ def _near_components(
         keep = (b > a) & (groups[a] != groups[b])
         if hashes is not None and max_hamming < 64:
             keep &= np.bitwise_count(hashes[a] ^ hashes[b]) <= max_hamming
+        if moments is not None:  # NaN - x is NaN, and NaN > gap is False: kept
+            keep &= ~(np.abs(moments[a] - moments[b]) > max_gap_s)
         if keep.any():
             labels = _union(labels, a[keep], b[keep])
     return labels
