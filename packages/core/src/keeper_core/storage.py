@@ -352,7 +352,9 @@ def _retrying(uri: str, fn: Callable[[], T]) -> T:
 # Bytes
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+def _atomic_write(
+    path: Path, write: Callable[[IO[bytes]], object], *, durable: bool = True
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the target so os.replace is a rename, never a cross-device copy; the
     # ".tmp" suffix keeps half-written files out of suffix-filtered listings.
@@ -361,7 +363,8 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())  # else a crash after the rename can leave an empty file
+            if durable:
+                os.fsync(f.fileno())  # else a crash after the rename can leave an empty file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -431,11 +434,18 @@ def delete(uri: str) -> None:
         s3_client().delete_object(Bucket=bucket, Key=key)
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` to a file or object, replacing it.
 
     Local writes are atomic (a temporary file in the same folder, then ``os.replace``) and
     create missing parent folders. S3 puts are atomic by nature.
+
+    Args:
+        uri: a local path or ``s3://`` URI.
+        data: the bytes.
+        durable: fsync a local file before the rename (default). False for files that can be
+            made again (thumbnails): a killed process still leaves the old file or the whole
+            new one, only a machine crash can leave an empty one; the fsync is ~15x the write.
 
     Raises:
         StorageError: the write failed (names the cause).
@@ -444,7 +454,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise TypeError(f"write_bytes({uri!r}) needs bytes, got {type(data).__name__}")
     if not is_s3(uri):
         with _local_errors(uri):
-            _atomic_write(_local_path(uri), lambda f: f.write(data))
+            _atomic_write(_local_path(uri), lambda f: f.write(data), durable=durable)
         return
     bucket, key = _s3_object(uri)
     with _s3_errors(uri):

@@ -295,7 +295,9 @@ def prepare_batch(
             if thumbnails:
                 stage = "thumbnail"
                 storage.write_bytes(
-                    storage.join(thumbnails, thumbnail_name(image_id)), thumbnail_jpeg(image.image)
+                    storage.join(thumbnails, thumbnail_name(image_id)),
+                    thumbnail_jpeg(image.image),
+                    durable=False,  # a cache: only a machine crash could leave it empty
                 )
         except StorageError as e:
             reason = "unreadable" if stage == "read" else "write_failed"

@@ -367,7 +367,9 @@ def backfill_batch(batch: pd.DataFrame, *, thumbnails: str) -> pd.DataFrame:
             image = decode_image(data, draft_size=(256, 256))
             row["dhash"] = dhash(image)
             name = thumbnail_name(hashlib.sha256(data).hexdigest())
-            storage.write_bytes(storage.join(thumbnails, name), thumbnail_jpeg(image))
+            storage.write_bytes(
+                storage.join(thumbnails, name), thumbnail_jpeg(image), durable=False
+            )
         except KeeperError as e:
             log.warning("no thumbnail for %s: %s", uri, e)
         out.append(row)
