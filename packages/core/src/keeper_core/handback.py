@@ -309,6 +309,7 @@ def write_sidecar(
     rating: int,
     label: str | None,
     keeper_fields: Mapping[str, str] | None = None,
+    durable: bool = True,
 ) -> bool:
     """Write or merge one XMP sidecar: rating, colour label and keeper's own fields.
 
@@ -323,6 +324,8 @@ def write_sidecar(
         rating: -1 (rejected) to 5, as ``xmp:Rating``.
         label: the colour label (``xmp:Label``, e.g. ``"Green"``), or None for none.
         keeper_fields: ``keeper:<name>`` values, e.g. ``{"group": "g000003", "rank": "1"}``.
+        durable: fsync before the rename (``storage.write_bytes``). Keep it for sidecars beside
+            originals (they may hold a user's edits); a mirror keeper rebuilds can skip it.
 
     Returns:
         True if the sidecar was written, False if it already held exactly this content.
@@ -359,7 +362,7 @@ def write_sidecar(
             new = _merged(pyexiv2, new, sidecar_uri, rating, label, own)
     if new == old:
         return False
-    storage.write_bytes(sidecar_uri, new)
+    storage.write_bytes(sidecar_uri, new, durable=durable)
     return True
 
 

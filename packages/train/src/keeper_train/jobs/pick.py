@@ -446,6 +446,9 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> dict[s
                 "decision": str(row["decision"]),
                 "reasons": "; ".join(row["reasons"]),
             },
+            # Beside the originals a sidecar may hold the user's edits: fsync it. The mirror
+            # under OUTPUT is keeper's own, rebuilt by any run.
+            durable=cfg.xmp == "beside",
         )
         written += int(changed)
         unchanged += int(not changed)
