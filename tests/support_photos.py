@@ -277,3 +277,22 @@ def make_heic(
     buf = io.BytesIO()
     pillow_heif.encode("RGB", rgb.size, rgb.tobytes(), buf, **kw)
     return buf.getvalue()
+
+
+def camera_exif(
+    when: str | None,
+    subsec: str | None = None,
+    *,
+    make: str = "Canon",
+    model: str = "Canon EOS R5",
+) -> Image.Exif:
+    """EXIF as a camera writes it: Make/Model in IFD0, DateTimeOriginal (``"YYYY:MM:DD
+    HH:MM:SS"``) and SubSecTimeOriginal in the Exif IFD. ``.tobytes()`` is an APP1 payload."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = make, model
+    if when is not None:
+        ifd = exif.get_ifd(0x8769)
+        ifd[0x9003] = when  # DateTimeOriginal
+        if subsec is not None:
+            ifd[0x9291] = subsec  # SubSecTimeOriginal
+    return exif

@@ -16,8 +16,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from PIL import ExifTags, Image, ImageFilter
-from support_photos import make_dng, make_heic
+from PIL import Image, ImageFilter
+from support_photos import camera_exif, make_dng, make_heic
 
 from keeper_core import storage
 from keeper_core.grouping import pairwise_scores
@@ -31,13 +31,7 @@ pytestmark = pytest.mark.integration
 
 
 def _exif(when: str, subsec: str) -> Image.Exif:
-    exif = Image.Exif()
-    exif[ExifTags.Base.Make] = "Apple"
-    exif[ExifTags.Base.Model] = "iPhone 15 Pro"
-    ifd = exif.get_ifd(ExifTags.IFD.Exif)
-    ifd[ExifTags.Base.DateTimeOriginal] = when
-    ifd[ExifTags.Base.SubsecTimeOriginal] = subsec
-    return exif
+    return camera_exif(when, subsec, make="Apple", model="iPhone 15 Pro")
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import negated, register_ranker
-from PIL import Image
 from support import free_port, png_declaring
+from support_photos import camera_exif
 
 from keeper_core import storage
 from keeper_core.capture import capture_row, read_capture
@@ -209,14 +209,10 @@ def with_exif(
     DateTimeOriginal + SubSecTimeOriginal (in the Exif IFD) ``seconds`` after 2024-05-01
     10:00:00, Make and Model in IFD0.
     """
-    exif = Image.Exif()
-    exif[0x010F], exif[0x0110] = make, model
     whole, frac = divmod(round(seconds * 100), 100)
     minutes, sec = divmod(whole, 60)
-    ifd = exif.get_ifd(0x8769)
-    ifd[0x9003] = f"2024:05:01 {10 + minutes // 60:02d}:{minutes % 60:02d}:{sec:02d}"
-    ifd[0x9291] = f"{frac:02d}"
-    payload = exif.tobytes()  # b"Exif\0\0" + the TIFF stream
+    when = f"2024:05:01 {10 + minutes // 60:02d}:{minutes % 60:02d}:{sec:02d}"
+    payload = camera_exif(when, f"{frac:02d}", make=make, model=model).tobytes()
     return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
 
 

@@ -443,7 +443,7 @@ def test_hardlink_across_filesystems_fails_clearly(
 def test_hardlink_across_real_filesystems(library: tuple[Path, list[Path]]) -> None:
     root, files = library
     if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == root.stat().st_dev:
-        pytest.skip("no second filesystem at /dev/shm")
+        pytest.skip("needs /dev/shm on another filesystem than the temp folder to hardlink across")
     with tempfile.TemporaryDirectory(dir="/dev/shm") as other:
         res = export_keepers([str(files[2])], input_root=str(root), dest=other, mode="hardlink")
         assert res.exported == 0

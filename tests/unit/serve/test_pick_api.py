@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
+from support_photos import camera_exif
 
 from keeper_core.capture import read_capture
 from keeper_core.culling import REQUIRED, cull
@@ -63,15 +64,8 @@ def jpeg(
     model: str = "Canon EOS R5",
 ) -> bytes:
     """A JPEG with EXIF as a camera writes it: Make/Model in IFD0, times in the Exif IFD."""
-    exif = Image.Exif()
-    exif[0x010F], exif[0x0110] = make, model
-    if when is not None:
-        ifd = exif.get_ifd(0x8769)
-        ifd[0x9003] = when  # DateTimeOriginal
-        if subsec is not None:
-            ifd[0x9291] = subsec  # SubSecTimeOriginal
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=92, exif=exif)
+    im.save(buf, "JPEG", quality=92, exif=camera_exif(when, subsec, make=make, model=model))
     return buf.getvalue()
 
 
