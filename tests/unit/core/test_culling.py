@@ -131,3 +131,16 @@ def test_a_scene_shot_again_later_is_not_a_duplicate() -> None:
     assert p.loc["/lib/export/web.jpg", "duplicate_kind"] == "near"
     # The exact copy is the same bytes: marked whatever the times say.
     assert p.loc["/lib/export/s0_1.jpg", "duplicate_kind"] == "exact"
+
+
+def test_a_shot_without_pixels_hashed_is_never_a_near_duplicate() -> None:
+    # The export's file vanished before its dHash was taken: no pixel evidence, no near mark,
+    # and the other rows keep their pixel guard (the random-weight cosine alone marks anything).
+    df = frame()
+    df["dhash"] = df["dhash"].astype(object)
+    df.loc[df["image_uri"] == "/lib/export/web.jpg", "dhash"] = None
+    p = cull(df, scorer=None, grouping=GroupingConfig(near_duplicate_similarity=0.95))
+    by = p.picks.set_index("image_uri")
+    assert pd.isna(by.loc["/lib/export/web.jpg", "duplicate_kind"])
+    assert by.loc["/lib/export/s0_1.jpg", "duplicate_kind"] == "exact"
+    assert (p.picks["duplicate_kind"] == "near").sum() == 0

@@ -41,7 +41,8 @@ from keeper_core.quality import FEATURE_NAMES
 Scorer = Callable[[pd.DataFrame], np.ndarray]
 
 #: The columns :func:`cull` needs (``capture_ts`` may be NaN; ``camera`` "unknown"). A ``dhash``
-#: column (grouping.dhash), when every row has one, guards near-duplicate marks with pixels.
+#: column (grouping.dhash) guards near-duplicate marks with pixels; a row without one is never
+#: marked near. Without the column the cosine alone decides.
 REQUIRED = ("image_uri", "image_id", "embedding", "capture_ts", "camera", *FEATURE_NAMES)
 #: Capture-time sources that name the moment a photo was taken (not a file's mtime).
 RECORDED_TIMES = ("exif_offset", "exif", "given")
@@ -148,9 +149,10 @@ def cull(
     uris = df["image_uri"].astype(str).tolist()
     groups = group_shots(ts, df["camera"].astype(str).tolist(), emb, uris, grouping)
     prefer = df["width"].to_numpy(np.float64) * df["height"].to_numpy(np.float64)
-    hashes = None
-    if "dhash" in df.columns and df["dhash"].notna().all():
-        hashes = df["dhash"].to_numpy(dtype=np.int64)
+    hashes, hashed = None, np.ones(len(df), dtype=bool)
+    if "dhash" in df.columns:
+        hashed = df["dhash"].notna().to_numpy()
+        hashes = df["dhash"].fillna(0).to_numpy(dtype=np.int64)
     # Times the camera (or a client) recorded; a file's mtime says nothing about the moment.
     moments = None
     if "time_source" in df.columns:
@@ -165,6 +167,11 @@ def cull(
         hashes=hashes,
         moments=moments,
     )
+    # A shot whose pixels could not be hashed (a file gone since it was embedded) has no pixel
+    # evidence: it is never a near duplicate, nor the shot one is said to duplicate.
+    unproven = (dup_of >= 0) & (~hashed | ~hashed[np.maximum(dup_of, 0)])
+    for i in np.flatnonzero(unproven & (np.array(kind, dtype=object) == "near")):
+        dup_of[i], kind[i] = -1, None
     seconds["group"] = time.perf_counter() - t0
 
     # Group order, then capture time, then URI: each group's rows together, as scorers want.

@@ -265,6 +265,7 @@ def extract_raw_preview(data: bytes, *, source: str | None = None) -> RawPreview
             f"{kind} file without an embedded preview (or cut short before it)",
             source=source,
         ) from e
+    # rawpy raises NotImplementedError itself for a thumbnail format it has no branch for.
     except (rawpy.LibRawUnsupportedThumbnailError, NotImplementedError) as e:
         raise ImageDecodeError(
             "unsupported",

@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keeper_core import storage
@@ -291,14 +292,10 @@ def prepare_batch(
             image_id = hashlib.sha256(data).hexdigest()
             hashes.append(dhash(image.image))
             if capture:
-                captures.append(capture_row(read_capture(data, mtime=_mtime(uri), source=uri)))
+                captures.append(capture_row(read_capture(data, mtime=file_mtime(uri), source=uri)))
             if thumbnails:
                 stage = "thumbnail"
-                storage.write_bytes(
-                    storage.join(thumbnails, thumbnail_name(image_id)),
-                    thumbnail_jpeg(image.image),
-                    durable=False,  # a cache: only a machine crash could leave it empty
-                )
+                write_thumbnail(thumbnails, image_id, image.image)
         except StorageError as e:
             reason = "unreadable" if stage == "read" else "write_failed"
             failed.append(_failure(uri, run_id, stage, reason, e, retryable=e.retryable))
@@ -336,7 +333,16 @@ def prepare_batch(
     return out
 
 
-def _mtime(uri: str) -> Callable[[], float | None]:
+def write_thumbnail(folder: str, image_id: str, image: Image.Image) -> None:
+    """The contact sheet's thumbnail of one decoded image, under ``folder``, named by its id."""
+    storage.write_bytes(
+        storage.join(folder, thumbnail_name(image_id)),
+        thumbnail_jpeg(image),
+        durable=False,  # a cache: only a machine crash could leave it empty
+    )
+
+
+def file_mtime(uri: str) -> Callable[[], float | None]:
     """The file's modification time, asked for only when EXIF has no capture time (S3: a HEAD)."""
 
     def get() -> float | None:

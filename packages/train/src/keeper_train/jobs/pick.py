@@ -349,11 +349,9 @@ def backfill_batch(batch: pd.DataFrame, *, thumbnails: str) -> pd.DataFrame:
     """Read each file once: capture metadata, and a thumbnail (a Ray Data task).
 
     A file that cannot be read now (it vanished since it was embedded) gets no capture time,
-    no dhash (its near-duplicate marks then rest on the cosine alone) and no thumbnail (the
-    contact sheet shows a placeholder).
+    no dhash (it is then never marked a near duplicate: no pixels, no evidence) and no thumbnail
+    (the contact sheet shows a placeholder).
     """
-    from keeper_core.contact_sheet import thumbnail_jpeg
-
     out = []
     for uri in batch["image_uri"].astype(str):
         try:
@@ -361,15 +359,12 @@ def backfill_batch(batch: pd.DataFrame, *, thumbnails: str) -> pd.DataFrame:
         except StorageError:
             out.append({"image_uri": uri, **capture_row(read_capture(b"")), "dhash": None})
             continue
-        row = {"image_uri": uri, **capture_row(read_capture(data, mtime=embed._mtime(uri)))}
+        row = {"image_uri": uri, **capture_row(read_capture(data, mtime=embed.file_mtime(uri)))}
         row["dhash"] = None
         try:
             image = decode_image(data, draft_size=(256, 256))
             row["dhash"] = dhash(image)
-            name = thumbnail_name(hashlib.sha256(data).hexdigest())
-            storage.write_bytes(
-                storage.join(thumbnails, name), thumbnail_jpeg(image), durable=False
-            )
+            embed.write_thumbnail(thumbnails, hashlib.sha256(data).hexdigest(), image)
         except KeeperError as e:
             log.warning("no thumbnail for %s: %s", uri, e)
         out.append(row)
