@@ -39,6 +39,7 @@ from typing import Any
 import pyarrow as pa
 
 from keeper_core.errors import ConfigError
+from keeper_core.images import HEIF_BRANDS
 
 __all__ = [
     "CAPTURE_COLUMNS",
@@ -144,7 +145,6 @@ _TIFF_TYPE_SIZES = {
     13: 4,
 }
 _JPEG_BARE = frozenset((0x01, *range(0xD0, 0xD9)))  # markers without a length field
-_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 _RAW_TIFF_MAGIC = (42, 0x4F52, 0x5352, 0x55)  # TIFF, ORF "RO" / "RS", RW2 "U"
 _RAF_JPEG = 84  # a RAF header's (offset, length) of its embedded JPEG, big-endian
 # What pybind11 turns exiv2's C++ exceptions into.
@@ -539,7 +539,7 @@ def _metadata_stream(data: bytes) -> bytes | None:
             return _bmff_before_mdat(data)
         if brand in (b"avif", b"avis") or (brand in (b"mif1", b"msf1") and b"avif" in data[16:32]):
             return _pil_exif(data, "AVIF")
-        if brand in _HEIF_BRANDS:
+        if brand in HEIF_BRANDS:
             return _heif_exif(data)
         return None
     if head[:2] in (b"II", b"MM") and len(data) >= 8:

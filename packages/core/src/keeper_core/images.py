@@ -100,7 +100,8 @@ _CONVERTIBLE_MODES = frozenset(
     ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", *_DEEP_MODES)
 )
 _BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
-_ISO_BMFF_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+#: ISO-BMFF brands of HEIF files (HEIC, HEVC sequences, the generic mif1/msf1).
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 _BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
 # JPEG start-of-frame markers (SOF0-3, 5-7, 9-11, 13-15: every coding process); C4, C8 and CC
 # share the range but are DHT, JPG and DAC segments.
@@ -142,7 +143,7 @@ def _sniff_format(head: bytes) -> str | None:
         brand = head[8:12]
         if brand in (b"avif", b"avis"):
             return "AVIF"
-        if brand in _ISO_BMFF_HEIF_BRANDS:
+        if brand in HEIF_BRANDS:
             # mif1/msf1 are generic HEIF brands: AVIF files name "avif" among the compatible ones.
             return "AVIF" if brand in (b"mif1", b"msf1") and b"avif" in head[16:32] else "HEIF"
     return None
