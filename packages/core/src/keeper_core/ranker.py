@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keeper_core.errors import DataError
 from keeper_core.heads import HeadConfig, make_head, pad_series
+from keeper_core.tower import TowerConfig
 
 FeatureSet = Literal["embedding", "embedding+quality", "quality"]
 #: Quality features a ranker may use. Width and height are left out: within a burst they are
@@ -55,9 +56,18 @@ class RankerConfig(BaseModel):
     quality_names: list[str] = Field(default_factory=list)
     quality_mean: list[float] = Field(default_factory=list)
     quality_std: list[float] = Field(default_factory=list)
+    tower: TowerConfig | None = Field(
+        None,
+        description=(
+            "a fine-tuned ranker's own vision tower (base spec + what trained); embedding_spec "
+            "then names that tower, so embeddings of any other model are refused"
+        ),
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> RankerConfig:
+        if self.tower is not None and self.features == "quality":
+            raise ValueError("a fine-tuned tower needs features with the embedding")
         uses_emb = self.features != "quality"
         uses_q = self.features != "embedding"
         if uses_emb and (self.embed_dim <= 0 or not self.embedding_spec):
@@ -123,6 +133,28 @@ def series_arrays(
     return ids, xs, rows
 
 
+def ranked_frame(
+    table: pd.DataFrame, rows: Sequence[np.ndarray], scores: Sequence[np.ndarray]
+) -> pd.DataFrame:
+    """``series_id, image_uri, score, prob, rank`` in ``table``'s order from per-series scores.
+
+    ``prob`` is the softmax of the scores within each series; ``rank`` 1 is the pick.
+    """
+    score = np.empty(len(table))
+    prob = np.empty(len(table))
+    rank = np.empty(len(table), dtype=np.int64)
+    for r, s in zip(rows, scores, strict=True):
+        p = np.exp(s - s.max())
+        score[r], prob[r] = s, p / p.sum()
+        order = np.argsort(-s, kind="stable")  # ties: the earlier row ranks first
+        rank[r[order]] = np.arange(1, len(s) + 1)
+    out = pd.DataFrame({"series_id": table["series_id"].astype(str).to_numpy()})
+    if "image_uri" in table.columns:
+        out["image_uri"] = table["image_uri"].astype(str).to_numpy()
+    out["score"], out["prob"], out["rank"] = score, prob, rank
+    return out
+
+
 class SeriesRanker:
     """A head in eval mode with its feature recipe. ``rank(table)`` scores series."""
 
@@ -148,19 +180,7 @@ class SeriesRanker:
         """
         x = feature_matrix(table, self.config)
         _, xs, rows = series_arrays(table, x)
-        score = np.empty(len(table))
-        prob = np.empty(len(table))
-        rank = np.empty(len(table), dtype=np.int64)
-        for r, s in zip(rows, self.score(xs), strict=True):
-            p = np.exp(s - s.max())
-            score[r], prob[r] = s, p / p.sum()
-            order = np.argsort(-s, kind="stable")  # ties: the earlier row ranks first
-            rank[r[order]] = np.arange(1, len(s) + 1)
-        out = pd.DataFrame({"series_id": table["series_id"].astype(str).to_numpy()})
-        if "image_uri" in table.columns:
-            out["image_uri"] = table["image_uri"].astype(str).to_numpy()
-        out["score"], out["prob"], out["rank"] = score, prob, rank
-        return out
+        return ranked_frame(table, rows, self.score(xs))
 
     def save(self, folder: str | Path) -> Path:
         """Write ``ranker.json`` and ``weights.safetensors`` into ``folder``."""
@@ -184,10 +204,39 @@ class SeriesRanker:
 
         d = Path(folder)
         try:
-            config = RankerConfig.model_validate(json.loads((d / CONFIG_FILE).read_text()))
+            config = read_config(d)
+            if config.tower is not None:
+                raise ValueError(
+                    f"a fine-tuned ranker (its own {config.tower.base_spec} tower): load it with "
+                    "keeper_core.ranker.load_ranker"
+                )
             ranker = cls(config)
             ranker.head.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
         except (OSError, ValueError, RuntimeError) as e:
             raise DataError(f"cannot load ranker: {e}", source=str(d)) from e
         ranker.head.eval()
         return ranker
+
+
+def read_config(folder: str | Path) -> RankerConfig:
+    """A saved ranker's ``ranker.json``, validated."""
+    return RankerConfig.model_validate(json.loads((Path(folder) / CONFIG_FILE).read_text()))
+
+
+def load_ranker(folder: str | Path, *, device: str | None = None) -> Any:
+    """A saved ranker of either kind: a ``SeriesRanker`` over embeddings, or a fine-tuned
+    ``keeper_core.finetune.TunedRanker`` that embeds with its own tower (``device`` is its).
+
+    Raises:
+        DataError: missing files, an invalid config, weights that do not fit.
+        ModelLoadError: a fine-tuned ranker's base tower cannot load.
+    """
+    try:
+        config = read_config(folder)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot load ranker: {e}", source=str(folder)) from e
+    if config.tower is None:
+        return SeriesRanker.load(folder)
+    from keeper_core.finetune import TunedRanker
+
+    return TunedRanker.load(folder, device=device)

@@ -1,0 +1,326 @@
+"""Fine-tuning an open_clip vision tower: which weights train, and how they are saved and merged.
+
+Three methods (``TowerConfig.method``), each touching whole residual blocks of the ViT:
+
+- ``lora``: LoRA (peft) on ``lora_modules`` of the last ``lora_blocks`` blocks (default every
+  block's ``attn``, ``mlp.c_fc`` and ``mlp.c_proj``); the tower itself stays frozen.
+- ``last-blocks``: the last ``unfreeze_blocks`` blocks, ``ln_post`` and ``proj`` train in full.
+- ``last-blocks+lora``: the last ``unfreeze_blocks`` train in full, LoRA on the ``lora_blocks``
+  below them. A block is either trained in full or adapted, never both.
+
+peft adapts an ``nn.MultiheadAttention`` (open_clip's ``attn``) through both ``in_proj`` and
+``out_proj`` (peft >= 0.16; targeting ``attn.out_proj`` alone would do nothing: its forward is
+never called); ``c_fc`` / ``c_proj`` are plain ``nn.Linear``. Targets are checked against the
+tower before anything trains: a name it lacks is a ConfigError naming it.
+
+What is saved is only what trained (``tower_state``): the LoRA tensors under peft's own key names
+and the unfrozen tensors under the base tower's names, so a fine-tuned ranker is a few MB beside
+its base ModelSpec, never a copy of the frozen backbone. ``merged_visual_state`` folds the
+adapters into plain weights: a full open_clip checkpoint that loads as ``ARCH:PATH``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from keeper_core.errors import ConfigError, ModelLoadError
+
+TuneMethod = Literal["lora", "last-blocks", "last-blocks+lora"]
+TUNE_METHODS: tuple[TuneMethod, ...] = ("lora", "last-blocks", "last-blocks+lora")
+#: The parts of a residual block LoRA adapts by default: attention (in_proj + out_proj) and MLP.
+LORA_MODULES = ("attn", "mlp.c_fc", "mlp.c_proj")
+#: Tower parameters outside the blocks that train with the unfrozen blocks: the final norm and
+#: the projection into the embedding space.
+HEAD_OF_TOWER = ("ln_post", "proj")
+_BLOCKS = "transformer.resblocks"
+_BASE = ".base_layer"
+
+
+class TowerConfig(BaseModel):
+    """Which weights of the vision tower train. Validated at construction; saved with a model.
+
+    Attributes:
+        base_spec: the ModelSpec of the frozen tower (``ARCH[:WEIGHTS]``).
+        method: see the module docstring.
+        lora_blocks: LoRA on the last N blocks (of those not unfrozen); None = all of them.
+        unfreeze_blocks: blocks trained in full (``last-blocks`` and ``last-blocks+lora``).
+        lora_modules: the sub-modules of a LoRA block that get adapters.
+        targets: explicit module names inside the tower (e.g. ``transformer.resblocks.11.attn``);
+            replaces ``lora_blocks`` x ``lora_modules`` when given.
+        rank, alpha, dropout: LoRA rank r, scale numerator (the update is ``alpha / r * B A``)
+            and dropout on the adapter's input.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_spec: str
+    method: TuneMethod = "lora"
+    lora_blocks: int | None = Field(None, ge=1)
+    unfreeze_blocks: int = Field(1, ge=1)
+    lora_modules: tuple[str, ...] = LORA_MODULES
+    targets: tuple[str, ...] | None = None
+    rank: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sensible(self) -> TowerConfig:
+        if self.method == "last-blocks" and self.targets:
+            raise ValueError("method last-blocks has no LoRA: targets do not apply")
+        if not self.lora_modules:
+            raise ValueError("lora_modules must name at least one module")
+        return self
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method != "last-blocks"
+
+    @property
+    def unfreezes(self) -> bool:
+        return self.method != "lora"
+
+
+def vision_blocks(visual: nn.Module) -> nn.ModuleList:
+    """The residual blocks of an open_clip ViT tower.
+
+    Raises:
+        ConfigError: the tower is not an open_clip VisionTransformer (e.g. a ModifiedResNet).
+    """
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        raise ConfigError(
+            f"fine-tuning needs an open_clip ViT tower with transformer.resblocks; "
+            f"{type(visual).__name__} has none"
+        )
+    return blocks
+
+
+def unfrozen_block_indices(visual: nn.Module, config: TowerConfig) -> list[int]:
+    """Indices of the blocks trained in full (empty for ``lora``)."""
+    n = len(vision_blocks(visual))
+    if not config.unfreezes:
+        return []
+    if config.unfreeze_blocks > n:
+        raise ConfigError(f"unfreeze_blocks={config.unfreeze_blocks}, but the tower has {n} blocks")
+    return list(range(n - config.unfreeze_blocks, n))
+
+
+def lora_targets(visual: nn.Module, config: TowerConfig) -> list[str]:
+    """Module names (inside the tower) that get LoRA adapters, checked to exist and be adaptable.
+
+    Raises:
+        ConfigError: a target the tower does not have (named, with what it does have), a target
+            of a kind LoRA cannot adapt, or more ``lora_blocks`` than there are.
+    """
+    if not config.uses_lora:
+        return []
+    modules = dict(visual.named_modules())
+    if config.targets:
+        names = list(config.targets)
+    else:
+        n = len(vision_blocks(visual))
+        free = n - len(unfrozen_block_indices(visual, config))
+        want = free if config.lora_blocks is None else config.lora_blocks
+        if want > free or free == 0:
+            raise ConfigError(
+                f"lora_blocks={want}, but {free} of the tower's {n} blocks are not unfrozen"
+            )
+        names = [
+            f"{_BLOCKS}.{i}.{m}" for i in range(free - want, free) for m in config.lora_modules
+        ]
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            block0 = [
+                k.removeprefix(f"{_BLOCKS}.0.") for k in modules if k.startswith(f"{_BLOCKS}.0.")
+            ]
+            raise ConfigError(
+                f"LoRA target {name!r} is not a module of {config.base_spec}'s vision tower "
+                f"(a block holds {block0}; blocks are {_BLOCKS}.0..{len(vision_blocks(visual)) - 1})"
+            )
+        if not isinstance(module, nn.Linear | nn.MultiheadAttention | nn.Conv2d):
+            raise ConfigError(
+                f"LoRA target {name!r} is a {type(module).__name__}; LoRA adapts Linear, "
+                "MultiheadAttention and Conv2d modules"
+            )
+    unfrozen = {f"{_BLOCKS}.{i}." for i in unfrozen_block_indices(visual, config)}
+    clash = [t for t in names if any(t.startswith(u) for u in unfrozen)]
+    if clash:
+        raise ConfigError(f"LoRA targets {clash} lie in blocks that train in full")
+    return names
+
+
+@dataclass
+class TrainableParts:
+    """What ``apply_tuning`` made trainable, by parameter group (for per-group learning rates)."""
+
+    lora: dict[str, nn.Parameter] = field(default_factory=dict)
+    backbone: dict[str, nn.Parameter] = field(default_factory=dict)
+    targets: list[str] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+
+    def count(self) -> int:
+        return sum(p.numel() for p in (*self.lora.values(), *self.backbone.values()))
+
+
+def base_name(name: str) -> str:
+    """A parameter name of an adapted tower as the plain tower names it."""
+    return name.replace(_BASE, "")
+
+
+def _is_lora(name: str) -> bool:
+    return ".lora_" in name
+
+
+def apply_tuning(visual: nn.Module, config: TowerConfig) -> TrainableParts:
+    """Freeze ``visual``, then add adapters and unfreeze blocks as ``config`` says (in place).
+
+    Returns:
+        The trainable parameters by group, names as ``visual.named_parameters()`` gives them.
+
+    Raises:
+        ConfigError: see ``lora_targets`` and ``unfrozen_block_indices``; checked before any
+            module is changed.
+    """
+    targets = lora_targets(visual, config)
+    blocks = unfrozen_block_indices(visual, config)
+    visual.requires_grad_(False)
+    if targets:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=targets,
+            bias="none",
+        )
+        inject_adapter_in_model(lora, visual)  # adapters are created trainable, the rest stays
+    prefixes = tuple(f"{_BLOCKS}.{i}." for i in blocks) + (HEAD_OF_TOWER if blocks else ())
+    parts = TrainableParts(targets=targets, blocks=blocks)
+    for name, p in visual.named_parameters():
+        if _is_lora(name):
+            p.requires_grad_(True)
+            parts.lora[name] = p
+        elif base_name(name).startswith(prefixes):
+            p.requires_grad_(True)
+            parts.backbone[name] = p
+    return parts
+
+
+def lora_parameter_count(visual: nn.Module, targets: list[str], rank: int) -> int:
+    """What LoRA adds: ``r * (in + out)`` per adapted Linear; an MHA adapts in_proj (d -> 3d) and
+    out_proj (d -> d). Computed from the plain tower's shapes (for checks and reports)."""
+    modules = dict(visual.named_modules())
+    total = 0
+    for t in targets:
+        m = modules[t]
+        if isinstance(m, nn.MultiheadAttention):
+            d = m.embed_dim
+            total += rank * (d + 3 * d) + rank * (d + d)
+        elif isinstance(m, nn.Linear):
+            total += rank * (m.in_features + m.out_features)
+        elif isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1]
+            total += rank * (m.in_channels * k) + m.out_channels * rank
+    return total
+
+
+def tower_state(visual: nn.Module, parts: TrainableParts) -> dict[str, dict[str, torch.Tensor]]:
+    """What trained, to save: ``{"adapter": peft-named LoRA tensors, "blocks": base-named}``."""
+    adapter: dict[str, torch.Tensor] = {}
+    if parts.lora:
+        from peft import get_peft_model_state_dict
+
+        adapter = dict(get_peft_model_state_dict(visual))
+    blocks = {base_name(n): p.detach() for n, p in parts.backbone.items()}
+    return {
+        "adapter": {k: v.detach().cpu().contiguous() for k, v in adapter.items()},
+        "blocks": {k: v.detach().cpu().contiguous() for k, v in blocks.items()},
+    }
+
+
+def load_tower_state(
+    visual: nn.Module, parts: TrainableParts, adapter: dict[str, torch.Tensor],
+    blocks: dict[str, torch.Tensor], *, source: str,
+) -> None:  # fmt: skip
+    """Put saved tensors back into a tower prepared by ``apply_tuning`` with the same config.
+
+    Raises:
+        ModelLoadError: a tensor is missing, unexpected or of the wrong shape.
+    """
+    expected = tower_state(visual, parts)
+    for kind, given in (("adapter", adapter), ("blocks", blocks)):
+        want = expected[kind]
+        missing, extra = sorted(set(want) - set(given)), sorted(set(given) - set(want))
+        bad = [k for k in want if k in given and given[k].shape != want[k].shape]
+        if missing or extra or bad:
+            raise ModelLoadError(
+                source,
+                f"{kind} tensors do not fit the tower: missing {missing[:4]}, unexpected "
+                f"{extra[:4]}, wrong shape {bad[:4]}",
+            )
+    if adapter:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(visual, adapter)
+    by_base = {base_name(n): p for n, p in parts.backbone.items()}
+    with torch.no_grad():
+        for k, v in blocks.items():
+            by_base[k].copy_(v)
+
+
+def merged_visual_state(visual: nn.Module) -> dict[str, torch.Tensor]:
+    """The tower's weights with every adapter folded in, under the plain tower's names.
+
+    Works on a copy (the adapted tower is left as it is). peft merges an adapted MHA's in_proj
+    and its nested out_proj together; its nested out_proj layer then reports itself merged.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    merged = copy.deepcopy(visual).cpu()
+    for module in _outermost(merged, LoraLayer):
+        module.merge(safe_merge=True)
+    return {
+        base_name(k): v.detach().contiguous()
+        for k, v in merged.state_dict().items()
+        if not _is_lora(k)
+    }
+
+
+def _outermost(root: nn.Module, kind: type) -> Iterator[Any]:
+    """Modules of ``kind`` not nested inside another of ``kind`` (an MHA merges its out_proj)."""
+    seen: list[str] = []
+    for name, module in root.named_modules():
+        if isinstance(module, kind) and not any(name.startswith(s + ".") for s in seen):
+            seen.append(name)
+            yield module
+
+
+class TunedTower(nn.Module):
+    """A (possibly adapted) vision tower: uint8 or normalised pixels -> unit-norm embeddings."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, visual: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.visual = visual
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels
+        if x.dtype == torch.uint8:
+            x = (x.float() / 255.0 - self.mean) / self.std
+        emb = self.visual(x.float())
+        if isinstance(emb, tuple):  # towers configured to also return tokens
+            emb = emb[0]
+        return torch.nn.functional.normalize(emb.float(), dim=-1)
