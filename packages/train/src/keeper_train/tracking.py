@@ -53,9 +53,9 @@ def log_ranker(ranker_dir: Path, input_example: Any) -> Any:
     from mlflow.models import infer_signature
 
     from keeper_core import mlflow_pyfunc
-    from keeper_core.ranker import SeriesRanker
+    from keeper_core.ranker import load_ranker
 
-    ranker = SeriesRanker.load(ranker_dir)
+    ranker = load_ranker(ranker_dir, device="cpu")
     # Declare float columns as double: the stored example comes back from JSON as float64, and
     # float32 rows from an embedding table widen to double safely (the reverse would not).
     example = input_example.copy()
@@ -72,7 +72,7 @@ def log_ranker(ranker_dir: Path, input_example: Any) -> Any:
         signature=signature,
         input_example=input_example,
         # Explicit, so MLflow does not import-trace the model to guess them.
-        pip_requirements=["keeper-core[mlflow]"],
+        pip_requirements=["keeper-core[mlflow,finetune]"],
     )
 
 
