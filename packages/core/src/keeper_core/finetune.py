@@ -322,3 +322,25 @@ class TunedRanker:
             pixels[order], None if quality is None else quality[order], [len(r) for r in rows]
         )
         return ranked_frame(table, rows, scores)
+
+
+def augment_series(
+    pixels: torch.Tensor, rng: np.random.Generator, *, max_shift: int, flip: bool
+) -> torch.Tensor:
+    """One random flip and shift, the same for every shot of a series: (L, 3, S, S) uint8.
+
+    Only geometry changes: the shift moves the frame by whole pixels (reflected at the border)
+    and the flip mirrors it, so no resampling touches the sharpness, exposure or noise that tell
+    the keeper from the rest, and the shots of a burst stay aligned with each other.
+    """
+    out = pixels
+    if flip and rng.random() < 0.5:
+        out = out.flip(-1)
+    if max_shift > 0:
+        dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
+        if dy or dx:
+            s = out.shape[-1]
+            m = max_shift
+            padded = torch.nn.functional.pad(out.float(), (m, m, m, m), mode="reflect")
+            out = padded[..., m + dy : m + dy + s, m + dx : m + dx + s].round().to(pixels.dtype)
+    return out

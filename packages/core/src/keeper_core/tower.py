@@ -145,6 +145,12 @@ def lora_targets(visual: nn.Module, config: TowerConfig) -> list[str]:
                 f"LoRA target {name!r} is not a module of {config.base_spec}'s vision tower "
                 f"(a block holds {block0}; blocks are {_BLOCKS}.0..{len(vision_blocks(visual)) - 1})"
             )
+        owner = modules.get(name.rpartition(".")[0])
+        if isinstance(owner, nn.MultiheadAttention) and module is owner.out_proj:
+            raise ConfigError(
+                f"LoRA target {name!r} is the out_proj of a MultiheadAttention, whose forward "
+                f"never calls it: target {name.rpartition('.')[0]!r} (adapts in_proj and out_proj)"
+            )
         if not isinstance(module, nn.Linear | nn.MultiheadAttention | nn.Conv2d):
             raise ConfigError(
                 f"LoRA target {name!r} is a {type(module).__name__}; LoRA adapts Linear, "
@@ -202,6 +208,8 @@ def apply_tuning(visual: nn.Module, config: TowerConfig) -> TrainableParts:
             target_modules=targets,
             bias="none",
         )
+        # peft's documented hook for custom layers ("dynamic dispatch"): see _functional_mha.
+        lora._register_custom_module({nn.MultiheadAttention: _functional_mha()})
         inject_adapter_in_model(lora, visual)  # adapters are created trainable, the rest stays
     prefixes = tuple(f"{_BLOCKS}.{i}." for i in blocks) + (HEAD_OF_TOWER if blocks else ())
     parts = TrainableParts(targets=targets, blocks=blocks)
@@ -213,6 +221,69 @@ def apply_tuning(visual: nn.Module, config: TowerConfig) -> TrainableParts:
             p.requires_grad_(True)
             parts.backbone[name] = p
     return parts
+
+
+def _functional_mha() -> type:
+    """peft's LoRA MultiheadAttention, with a forward that never writes the frozen weights.
+
+    peft (0.21) runs an adapted ``nn.MultiheadAttention`` by adding the LoRA delta into
+    ``in_proj_weight`` and ``out_proj.weight``, calling the module, then subtracting it again: in
+    float32 ``(W + d) - d`` is not ``W``, so every forward moved the "frozen" weights by rounding
+    noise (and two threads scoring at once would race on them); it also added the out_proj delta
+    twice, in the forward and in the merge alike. Here ``W + d`` is computed into temporaries and
+    passed to ``F.multi_head_attention_forward``; ``merge`` adds each delta once. Key names and
+    saved files are peft's own. (LoRA dropout has no place in a weight-space update: it applies to
+    Linear targets only.)
+    """
+    import torch.nn.functional as F
+    from peft.tuners.lora.layer import MultiheadAttention as PeftMHA
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    class FunctionalLoraMHA(PeftMHA):
+        def _weights(self) -> tuple[Any, torch.Tensor, torch.Tensor]:
+            base: Any = self.get_base_layer()
+            out: Any = base.out_proj
+            w_in, w_out = base.in_proj_weight, out.get_base_layer().weight
+            if not (self.disable_adapters or self.merged):
+                for a in self.active_adapters:
+                    if a in self.lora_A:
+                        w_in = w_in + self.get_delta_weight(a)
+                        w_out = w_out + out.get_delta_weight(a)
+            return base, w_in, w_out
+
+        def forward(  # type: ignore[override]  # nn.MultiheadAttention.forward's signature
+            self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+            attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+            is_causal: bool = False,
+        ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+            base, w_in, w_out = self._weights()
+            q, k, v = (query, key, value)
+            if base.batch_first:
+                q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+            o, w = F.multi_head_attention_forward(
+                q, k, v, base.embed_dim, base.num_heads, w_in, base.in_proj_bias,
+                base.bias_k, base.bias_v, base.add_zero_attn, base.dropout, w_out,
+                base.out_proj.get_base_layer().bias, training=self.training,
+                key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )  # fmt: skip
+            return (o.transpose(0, 1) if base.batch_first else o), w
+
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            names = check_adapters_to_merge(self, adapter_names)
+            base: Any = self.get_base_layer()
+            with torch.no_grad():
+                for a in names:
+                    merged = base.in_proj_weight + self.get_delta_weight(a)
+                    if safe_merge and not torch.isfinite(merged).all():
+                        raise ValueError(f"NaNs merging adapter {a!r} into {type(base).__name__}")
+                    base.in_proj_weight.copy_(merged)
+                    self.merged_adapters.append(a)
+            base.out_proj.merge(safe_merge=safe_merge, adapter_names=names)  # its own, once
+
+    return FunctionalLoraMHA
 
 
 def lora_parameter_count(visual: nn.Module, targets: list[str], rank: int) -> int:
