@@ -166,6 +166,92 @@ def add_train_head_parser(subparsers: SubParsers) -> None:
     p.set_defaults(func=run)
 
 
+FINETUNE_FLAGS = (
+    "series",
+    "model",
+    "method",
+    "rank",
+    "alpha",
+    "lora_dropout",
+    "lora_blocks",
+    "unfreeze_blocks",
+    "head",
+    "features",
+    "lr_backbone",
+    "lr_lora",
+    "lr_head",
+    "weight_decay",
+    "warmup_epochs",
+    "epochs",
+    "grad_accum",
+    "batch_size",
+    "seed",
+    "split_by",
+    "num_workers",
+    "use_gpu",
+    "storage",
+    "experiment",
+    "register",
+    "tracking_uri",
+    "ray_address",
+)
+
+
+def add_finetune_parser(subparsers: SubParsers) -> None:
+    """``keeper finetune``: LoRA / last-blocks fine-tune of the CLIP tower (jobs.finetune)."""
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune the CLIP vision tower with a ranking head (LoRA / last blocks, Ray Train)",
+        description="Fine-tune the vision tower and a series-ranking head on a labelled series "
+        "manifest of images. A flag given here overrides --config; one not given leaves the "
+        "config's value alone.",
+    )
+    p.add_argument("--config", help="YAML config (FinetuneConfig fields)")
+    p.add_argument("--series", help="labelled series manifest of images, CSV/Parquet (required)")
+    p.add_argument("--model", help="base CLIP ModelSpec ARCH[:WEIGHTS]")
+    p.add_argument(
+        "--method", choices=["lora", "last-blocks", "last-blocks+lora"], help="what trains"
+    )
+    p.add_argument("--rank", type=int, help="LoRA rank")
+    p.add_argument("--alpha", type=int, help="LoRA alpha")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout")
+    p.add_argument("--lora-blocks", type=int, help="LoRA on the last N blocks (default all)")
+    p.add_argument("--unfreeze-blocks", type=int, help="blocks trained in full (last-blocks*)")
+    p.add_argument("--head", choices=["linear", "mlp", "transformer"], help="head architecture")
+    p.add_argument(
+        "--features", choices=["embedding", "embedding+quality"], help="what the head sees"
+    )
+    p.add_argument("--lr-backbone", type=float, help="learning rate of unfrozen blocks")
+    p.add_argument("--lr-lora", type=float, help="learning rate of the LoRA adapters")
+    p.add_argument("--lr-head", type=float, help="learning rate of the head")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (matrices only)")
+    p.add_argument("--warmup-epochs", type=float, help="linear warm-up, then cosine")
+    p.add_argument("--epochs", type=int, help="maximum epochs")
+    p.add_argument("--grad-accum", type=int, help="batches per optimizer step")
+    p.add_argument("--batch-size", type=int, help="series per batch per worker")
+    p.add_argument("--seed", type=int, help="split and initialisation seed")
+    p.add_argument("--split-by", help="column that keeps rows in one split (e.g. base_photo)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers")
+    p.add_argument("--use-gpu", action=_BOOL, help="one GPU per worker (bf16 autocast)")
+    p.add_argument("--storage", help="checkpoints: folder or s3:// prefix")
+    p.add_argument("--experiment", help="MLflow experiment name")
+    p.add_argument("--register", help="registered model name (new version, alias challenger)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("overrides", nargs="*", help="any other FinetuneConfig field as key=value")
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import finetune
+
+        argv = ["--config", args.config] if args.config else []
+        argv += ["--json", args.json] if args.json else []
+        flags = as_overrides(given(args, FINETUNE_FLAGS))
+        return finetune.main([*argv, *flags, *args.overrides])
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------------------------
 # keeper demo, evaluate, promote: flags become the job's typed config
 

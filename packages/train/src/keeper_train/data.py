@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pandas as pd
 
 from keeper_core import storage
 from keeper_core.embedding import check_same_spec
 from keeper_core.errors import DataError, StorageError
-from keeper_core.series import read_series_manifest
+from keeper_core.series import read_series_manifest, split_series
 
 log = logging.getLogger("keeper.data")
 
@@ -100,3 +101,34 @@ def _failed_keys(embeddings: str) -> set[str]:
     except (StorageError, DataError):  # no errors table: nothing failed
         return set()
     return {storage.same_key(str(u)) for u in errors.column(0).to_pylist()}
+
+
+def assign_split(
+    df: pd.DataFrame,
+    *,
+    by: str = "series_id",
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    seed: int = 0,
+    val_groups: list[str] | None = None,
+    test_groups: list[str] | None = None,
+) -> pd.DataFrame:
+    """A copy of ``df`` with a ``split`` column: named groups of column ``by`` go to val / test
+    and the rest to train; without named groups, ``split_series``'s deterministic hash split.
+
+    Raises:
+        DataError: ``by`` is not a column, or a named group does not occur.
+    """
+    if not (val_groups or test_groups):
+        return split_series(df, fractions=fractions, seed=seed, by=by)
+    if by not in df.columns:
+        raise DataError(f"split_by column {by!r} is not in the manifest")
+    key = df[by].astype(str)
+    known = set(key)
+    unknown = [g for g in (val_groups or []) + (test_groups or []) if g not in known]
+    if unknown:
+        raise DataError(f"{by} values {unknown} do not occur (have {sorted(known)})")
+    out = df.copy()
+    out["split"] = np.where(
+        key.isin(test_groups or []), "test", np.where(key.isin(val_groups or []), "val", "train")
+    )
+    return out

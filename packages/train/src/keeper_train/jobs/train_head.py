@@ -52,7 +52,6 @@ from keeper_core.ranker import (
     fit_standardizer,
     series_arrays,
 )
-from keeper_core.series import split_series
 from keeper_core.training import (
     LossKind,
     Series,
@@ -64,7 +63,7 @@ from keeper_core.training import (
     train_epoch,
 )
 from keeper_train.config import load_config
-from keeper_train.data import join_series
+from keeper_train.data import assign_split, join_series
 
 log = logging.getLogger("keeper.train_head")
 
@@ -169,7 +168,10 @@ class Prepared(BaseModel):
 def prepare(cfg: TrainHeadConfig) -> Prepared:
     """Join, validate, split and featurise. Raises DataError naming what is wrong."""
     df, spec, dropped, table = join_series(cfg.embeddings, cfg.series)
-    df = _split(df, cfg)
+    df = assign_split(
+        df, by=cfg.split_by, fractions=cfg.split_fractions, seed=cfg.seed,
+        val_groups=cfg.val_groups, test_groups=cfg.test_groups,
+    )  # fmt: skip
     for name in ("train", "val", "test"):
         if not (df["split"] == name).any():
             raise DataError(f"the {name} split is empty (split_by={cfg.split_by})")
@@ -212,25 +214,6 @@ def prepare(cfg: TrainHeadConfig) -> Prepared:
         fingerprints=_fingerprints(cfg, table, spec),
         dropped_series=dropped,
     )
-
-
-def _split(df: pd.DataFrame, cfg: TrainHeadConfig) -> pd.DataFrame:
-    if not (cfg.val_groups or cfg.test_groups):
-        return split_series(df, fractions=cfg.split_fractions, seed=cfg.seed, by=cfg.split_by)
-    if cfg.split_by not in df.columns:
-        raise DataError(f"split_by column {cfg.split_by!r} is not in the manifest")
-    key = df[cfg.split_by].astype(str)
-    known = set(key)
-    unknown = [g for g in (cfg.val_groups or []) + (cfg.test_groups or []) if g not in known]
-    if unknown:
-        raise DataError(f"{cfg.split_by} values {unknown} do not occur (have {sorted(known)})")
-    out = df.copy()
-    out["split"] = np.where(
-        key.isin(cfg.test_groups or []),
-        "test",
-        np.where(key.isin(cfg.val_groups or []), "val", "train"),
-    )
-    return out
 
 
 def _fingerprints(cfg: TrainHeadConfig, table: pd.DataFrame, spec: str) -> dict[str, str]:
