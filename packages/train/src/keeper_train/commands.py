@@ -252,6 +252,67 @@ def add_finetune_parser(subparsers: SubParsers) -> None:
     p.set_defaults(func=run)
 
 
+EXPORT_FLAGS = ("model", "output", "merge", "tracking_uri", "data_dir")
+
+
+def _is_override(arg: str) -> bool:
+    """``key=value`` (a field name before the ``=``), not a model URI such as ``models:/m@a``."""
+    key, sep, _ = arg.partition("=")
+    return bool(sep) and key.replace("_", "").replace(".", "").isalnum()
+
+
+def add_export_parser(subparsers: SubParsers) -> None:
+    """``keeper export``: a registered ranker as one checkpoint or a folder (jobs.export)."""
+    p = subparsers.add_parser(
+        "export",
+        help="export a registered ranker: a fine-tuned tower merged into one open_clip "
+        "checkpoint (--merge), or its ranker folder",
+        description="Resolve MODEL_URI, download its ranker and write it to --output. With "
+        "--merge a fine-tuned tower is folded into one open_clip safetensors checkpoint, verified "
+        "against the adapter-on tower, and the ModelSpec that loads it is printed. A flag given "
+        "here overrides --config; one not given leaves the config's value (or ExportConfig's "
+        "default) alone.",
+    )
+    p.add_argument("--config", help="YAML config (ExportConfig fields)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION or a logged model URI (required)",
+    )
+    p.add_argument(
+        "--output",
+        help="--merge: a .safetensors file (path or s3://); else a folder or s3:// prefix "
+        "(required)",
+    )
+    p.add_argument(
+        "--merge",
+        action=_BOOL,
+        help="fold a fine-tuned tower into one open_clip checkpoint (default: copy the folder)",
+    )
+    p.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else embedded)"
+    )
+    p.add_argument(
+        "--data-dir", help="embedded MLflow store when no tracking URI is set (default keeper-data)"
+    )
+    p.add_argument("overrides", nargs="*", help="any other ExportConfig field as key=value")
+
+    def run_export(args: argparse.Namespace) -> int:
+        from keeper_train.config import load_config
+        from keeper_train.jobs import export
+
+        overrides = list(args.overrides)
+        if args.model is not None and _is_override(args.model):  # `--config F key=value` only
+            overrides.insert(0, args.model)
+            args.model = None
+        flags = as_overrides(given(args, EXPORT_FLAGS))
+        cfg = load_config(export.ExportConfig, args.config, [*flags, *overrides])
+        print(export.format_result(export.run(cfg)))
+        return 0
+
+    p.set_defaults(func=run_export)
+
+
 # --------------------------------------------------------------------------------------------
 # keeper demo, evaluate, promote: flags become the job's typed config
 

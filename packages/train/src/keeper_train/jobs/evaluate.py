@@ -10,8 +10,10 @@ The model is loaded through MLflow's pyfunc flavour, as Serve loads it; an alias
 its version first (and printed), so the version evaluated is the one reported. Every series of the
 manifest whose images all have an embedding is scored, and the table is the one training prints:
 the model, the sharpness rule, random. Embeddings of another ModelSpec than the model was trained
-on are refused, never scored. Series the model was trained or validated on (its run's recorded
-split) are counted and warned about: those numbers are not held-out figures.
+on are refused, never scored. A fine-tuned ranker (its own vision tower) reads and embeds each
+``image_uri`` itself, so the table gives it only the rows and quality columns; it is judged by the
+same numbers and the same promotion gate. Series the model was trained or validated on (its run's
+recorded split) are counted and warned about: those numbers are not held-out figures.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from keeper_core import storage
 from keeper_core.bestof import Comparison, compare_methods, write_report
 from keeper_core.errors import DataError, KeeperError, ModelLoadError
+from keeper_core.finetune import TunedRanker
 from keeper_core.images import decode_image
 from keeper_core.ranker import RankerConfig, SeriesRanker
 from keeper_train import tracking
@@ -116,12 +119,22 @@ class LoadedModel:
     pyfunc: Any  # mlflow.pyfunc.PyFuncModel
     config: RankerConfig
 
+    @property
+    def tuned(self) -> bool:
+        """A fine-tuned ranker: it embeds ``image_uri`` with its own tower."""
+        return self.config.tower is not None
+
+    @property
+    def kind(self) -> str:
+        return "fine-tuned" if self.tuned else "head"
+
     def input_columns(self) -> list[str]:
         """The columns the model's signature takes (the ranker's own if it has none)."""
         schema = self.pyfunc.metadata.get_input_schema()
         if schema is not None and schema.has_input_names():
             return [str(c) for c in schema.input_names()]
-        return ["series_id", "image_uri", "embedding", *self.config.quality_names]
+        quality = self.config.quality_names if self.config.features != "embedding" else []
+        return ["series_id", "image_uri", *([] if self.tuned else ["embedding"]), *quality]
 
 
 def load_data(embeddings: str, series: str) -> EvalData:
@@ -141,7 +154,8 @@ def load_model(client: Any, uri: str) -> LoadedModel:
     """Resolve ``uri`` (alias -> version) and load it with ``mlflow.pyfunc.load_model``.
 
     Raises:
-        ModelLoadError: the URI does not resolve or load, or it is not a keeper series ranker.
+        ModelLoadError: the URI does not resolve or load, or it is not a keeper series ranker
+            (a head or a fine-tuned one).
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -152,12 +166,12 @@ def load_model(client: Any, uri: str) -> LoadedModel:
     except (MlflowException, OSError) as e:
         raise ModelLoadError(uri, str(e)) from e
     # A models-from-code pyfunc wraps keeper_core.mlflow_pyfunc.KeeperRankerModel, whose
-    # load_context built a SeriesRanker from ranker.json + safetensors.
+    # load_context built the ranker from ranker.json + safetensors (load_ranker: either kind).
     try:
         ranker = getattr(model.unwrap_python_model(), "ranker", None)
     except MlflowException:
         ranker = None
-    if not isinstance(ranker, SeriesRanker):
+    if not isinstance(ranker, SeriesRanker | TunedRanker):
         raise ModelLoadError(uri, "not a keeper series ranker (keeper_core.mlflow_pyfunc)")
     return LoadedModel(ref=ref, pyfunc=model, config=ranker.config)
 
@@ -165,12 +179,15 @@ def load_model(client: Any, uri: str) -> LoadedModel:
 def predict(model: LoadedModel, data: EvalData) -> pd.DataFrame:
     """The model's ``series_id, image_uri, score, prob, rank`` for every row, in row order.
 
+    A fine-tuned ranker embeds the images itself: the table's embeddings (of whatever spec) are
+    not its input, only its rows and quality columns are.
+
     Raises:
-        DataError: the table's embeddings come from another ModelSpec than the model's, or the
-            table lacks a column the model needs.
+        DataError: a head's embeddings come from another ModelSpec than the table's, the table
+            lacks a column the model needs, or (fine-tuned) an image cannot be read.
     """
     cfg = model.config
-    if cfg.features != "quality" and cfg.embedding_spec != data.spec:
+    if not model.tuned and cfg.features != "quality" and cfg.embedding_spec != data.spec:
         raise DataError(
             f"the embeddings are from {data.spec!r} but {model.ref.label()} was trained on "
             f"{cfg.embedding_spec!r}: embed the corpus with that spec (specs never mix)",
@@ -197,6 +214,7 @@ def compare(data: EvalData, predictions: Mapping[str, pd.DataFrame]) -> Comparis
 def model_info(model: LoadedModel) -> dict[str, Any]:
     """What was evaluated, for JSON output and printing."""
     r = model.ref
+    tower = model.config.tower
     return {
         "uri": r.uri,
         "loaded": r.load_uri,
@@ -204,6 +222,9 @@ def model_info(model: LoadedModel) -> dict[str, Any]:
         "version": r.version,
         "alias": r.alias,
         "run_id": r.run_id,
+        "kind": model.kind,
+        "method": tower.method if tower is not None else None,
+        "base_spec": tower.base_spec if tower is not None else None,
         "embedding_spec": model.config.embedding_spec,
         "features": model.config.features,
         "head": model.config.head.kind,
@@ -323,6 +344,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     """What ``keeper evaluate`` prints: the version evaluated, the table, any warning."""
     m = summary["model"]
     lines = [f"{m['uri']} -> {m['name']} version {m['version']}"] if m["version"] else []
+    if m.get("kind") == "fine-tuned":
+        lines.append(f"fine-tuned ranker ({m['method']} on {m['base_spec']}): embeds the images")
     lines.append(summary["table"])
     lines += [f"WARNING: {w}" for w in summary["warnings"]]
     if "html" in summary:

@@ -327,14 +327,14 @@ def prepare(cfg: FinetuneConfig, p: Plan) -> Prepared:
     t0 = time.perf_counter()
     rows = p.rows.copy()
     fn: Any = prepare_images  # Ray's stubs know no UDF with keyword arguments
-    images = ray.data.from_pandas(rows).map_batches(
+    lazy = ray.data.from_pandas(rows).map_batches(
         fn,
         fn_kwargs={"spec": cfg.model},
         batch_size=cfg.decode_batch,
         batch_format="pandas",
         num_cpus=cfg.decode_cpus,
     )
-    images = images.materialize()
+    images = lazy.materialize()
     meta = images.select_columns(["series_id", "image_uri", "split", "quality", "error"])
     info = meta.to_pandas()
     failed = info["error"].notna().to_numpy()
@@ -364,12 +364,23 @@ def prepare(cfg: FinetuneConfig, p: Plan) -> Prepared:
 
     train_q = np.stack(info.loc[keep & (info["split"] == "train").to_numpy(), "quality"].to_numpy())
     mean, std = fit_standardizer(train_q)
-    grouped = images.groupby("series_id").map_groups(
-        series_rows, fn_kwargs={"slots": slots}, batch_format="pandas"
+    source = images if cfg.cache_pixels else lazy  # uncached: every epoch decodes again
+    # Hash-shuffle partitions sized to the pixels (~256 MB each), not Ray's default of 200:
+    # on a small corpus 200 partitions cost more scheduling than the data costs to move.
+    pixel_bytes = len(info) * 3 * p.image_size**2
+    partitions = int(np.clip(math.ceil(pixel_bytes / 2**28), 1, 200))
+    group_fn: Any = series_rows
+    grouped = source.groupby("series_id", num_partitions=partitions).map_groups(
+        group_fn, fn_kwargs={"slots": slots}, batch_format="pandas"
     )
+    if cfg.cache_pixels:
+        grouped = grouped.materialize()  # the pixel cache: grouped once, read every epoch
     datasets = {}
     for name in SPLITS:
-        ds = grouped.filter(expr=f"split == '{name}'").sort("slot")
+        ds = grouped.filter(expr=f"split == '{name}'")
+        # Train in slot order: with preserve_order, the equal split then gives each rank the
+        # same series on every run and after every restart. Val and test are read whole.
+        ds = ds.sort("slot") if name == "train" else ds
         datasets[name] = ds.materialize() if cfg.cache_pixels else ds
     test_rows = info.loc[keep & (info["split"] == "test").to_numpy()].head(8)
     example = pd.DataFrame(
