@@ -447,6 +447,9 @@ def test_route_says_zero_shot_when_the_app_has_no_ranker(client_with: Any) -> No
         "version": None,
         "alias": None,
         "reason": "no ranker loaded",
+        "model_kind": None,
+        "method": None,
+        "base_spec": None,
     }
     assert [g["images"] for g in r.json()["groups"]] == [[0, 1, 2], [3, 4], [5]]
 

@@ -21,7 +21,17 @@ from keeper_train.jobs.evaluate import EvaluateConfig
 from keeper_train.jobs.promote import PromoteConfig
 from keeper_train.jobs.train_head import TrainHeadConfig
 
-OURS = ("corpus", "embed", "train-head", "demo", "evaluate", "promote", "pick", "finetune", "export")
+OURS = (
+    "corpus",
+    "embed",
+    "train-head",
+    "demo",
+    "evaluate",
+    "promote",
+    "pick",
+    "finetune",
+    "export",
+)
 JOBS = Path(commands.__file__).parent / "jobs"
 
 

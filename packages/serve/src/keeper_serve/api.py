@@ -19,7 +19,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -214,6 +214,14 @@ class ClipInfo(BaseModel):
     random_weights: bool = Field(description="true: scores from this model mean nothing")
 
 
+#: What a served ranker is: a head over the encoder's embeddings, or a fine-tuned ranker that
+#: scores pixels with its own adapted vision tower (keeper_core.finetune.TunedRanker).
+RankerKind = Literal["head", "fine-tuned"]
+_KIND = "head: over the encoder's embeddings; fine-tuned: its own adapted vision tower"
+_METHOD = "fine-tuned: lora | last-blocks | last-blocks+lora; null for a head"
+_BASE = "fine-tuned: the ModelSpec its tower was tuned from; null for a head"
+
+
 class RankerInfo(BaseModel):
     uri: str | None = Field(description="as configured, e.g. models:/keeper-ranker@champion")
     status: str = Field(description="ready | unavailable | disabled")
@@ -221,6 +229,9 @@ class RankerInfo(BaseModel):
     version: str | None = None
     alias: str | None = None
     run_id: str | None = None
+    kind: RankerKind | None = Field(None, description=_KIND)
+    method: str | None = Field(None, description=_METHOD)
+    base_spec: str | None = Field(None, description=_BASE)
     features: str | None = None
     head: str | None = None
     error: str | None = None
@@ -276,6 +287,9 @@ class RankModel(BaseModel):
     name: str | None
     version: str | None
     alias: str | None
+    kind: RankerKind = Field(description=_KIND)
+    method: str | None = Field(description=_METHOD)
+    base_spec: str | None = Field(description=_BASE)
     clip_model: str
     random_weights: bool
 
@@ -294,6 +308,9 @@ class PickRanker(BaseModel):
     name: str | None = None
     version: str | None = None
     alias: str | None = None
+    model_kind: RankerKind | None = Field(None, description=f"kind model: {_KIND}")
+    method: str | None = Field(None, description=_METHOD)
+    base_spec: str | None = Field(None, description=_BASE)
     reason: str | None = Field(None, description="zero-shot: why no ranker was used")
 
 
@@ -558,8 +575,16 @@ REQUEST_INDEX = "request_index"
 #: What ``cull`` is told the scorer is; the response names the version that answered instead.
 _RANKER_DEPLOYMENT = "the app's SeriesRanker"
 
-#: ``SeriesRanker.rank`` as a blocking call: (embeddings, quality, series lengths) -> its answer.
-RankCall = Callable[[np.ndarray, np.ndarray, list[int]], dict[str, Any]]
+
+class RankCall(Protocol):
+    """``SeriesRanker.rank`` as a blocking call: (embeddings, quality, series lengths[, pixels])
+    -> its answer. ``pixels`` (rows as the other arrays') is given when the request's are known:
+    a fine-tuned ranker scores them."""
+
+    def __call__(
+        self, embeddings: np.ndarray, quality: np.ndarray, lengths: list[int],
+        pixels: np.ndarray | None = None, /,
+    ) -> dict[str, Any]: ...  # fmt: skip
 
 
 def given_captures(images: Sequence[PickImage]) -> list[Capture | None]:
@@ -641,12 +666,15 @@ class _NoRanker(Exception):
     """The ranker deployment answered "unavailable": nothing loaded (the reason is the message)."""
 
 
-def group_scorer(rank: RankCall, served: dict[str, Any]) -> Callable[[pd.DataFrame], np.ndarray]:
+def group_scorer(
+    rank: RankCall, served: dict[str, Any], pixels: np.ndarray | None = None
+) -> Callable[[pd.DataFrame], np.ndarray]:
     """``cull``'s scorer over the ranker deployment: every group one series, groups of one too.
 
     A group of one gets the head's score like any other (its prob is 1 whatever it is), so one
     call scores a request and a single shot's score means what a burst's does.
-    ``served`` receives the version that answered (its ``describe()``).
+    ``served`` receives the version that answered (its ``describe()``). ``pixels``: the request's
+    images in request order (:class:`Prepared`), passed on in the rows' order.
     """
 
     def score(df: pd.DataFrame) -> np.ndarray:
@@ -657,7 +685,10 @@ def group_scorer(rank: RankCall, served: dict[str, Any]) -> Callable[[pd.DataFra
             raise DataError("a group's rows are not contiguous")
         emb = np.stack([np.asarray(e, dtype=np.float32) for e in df["embedding"]])
         quality = df[list(FEATURE_NAMES)].to_numpy(dtype=np.float32)
-        out = rank(emb, quality, lengths)
+        if pixels is None:
+            out = rank(emb, quality, lengths)
+        else:
+            out = rank(emb, quality, lengths, pixels[df[REQUEST_INDEX].to_numpy(dtype=np.int64)])
         if "unavailable" in out:
             raise _NoRanker(str(out["unavailable"]))
         served.update(out["model"])
@@ -667,19 +698,20 @@ def group_scorer(rank: RankCall, served: dict[str, Any]) -> Callable[[pd.DataFra
 
 
 def cull_request(
-    frame: pd.DataFrame, rank: RankCall, *, grouping: GroupingConfig, picking: PickConfig
-) -> tuple[CullResult, PickRanker]:
+    frame: pd.DataFrame, rank: RankCall, *, grouping: GroupingConfig, picking: PickConfig,
+    pixels: np.ndarray | None = None,
+) -> tuple[CullResult, PickRanker]:  # fmt: skip
     """``keeper_core.culling.cull`` on a request, ranked by the app's ranker when it has one.
 
     When the ranker deployment has no version loaded, the request is culled with the zero-shot
     rule instead, and the returned :class:`PickRanker` says so (kind, label and the reason):
-    never a silent switch.
+    never a silent switch. ``pixels``: the request's, for a fine-tuned ranker (``group_scorer``).
     """
     served: dict[str, Any] = {}
     try:
         result = cull(
             frame,
-            scorer=group_scorer(rank, served),
+            scorer=group_scorer(rank, served, pixels),
             ranker=_RANKER_DEPLOYMENT,
             grouping=grouping,
             picking=picking,
@@ -697,6 +729,9 @@ def cull_request(
         name=name,
         version=served.get("version"),
         alias=served.get("alias"),
+        model_kind=served.get("kind"),
+        method=served.get("method"),
+        base_spec=served.get("base_spec"),
     )
     return result, ranker
 

@@ -2,7 +2,11 @@
 
 The ingress decodes and resizes images itself (on a worker thread, so its event loop keeps
 taking requests) and sends uint8 pixels to ``ClipEncoder``, whose replicas batch them; it sends
-embeddings and quality features to ``SeriesRanker``. Scoring (aesthetic prompts, relevance)
+quality features to ``SeriesRanker`` with what the current ranker version scores from: the
+encoder's embeddings for a head, the same uint8 pixels for a fine-tuned ranker (its own tower;
+``/v1/rank`` then skips the encoder). Which one it is, the ingress learns from the ranker's
+answers; after a promotion changes the kind, the ranker answers "needs" and the call is made once
+more with both, so no request fails (``_rank``). Scoring (aesthetic prompts, relevance)
 is keeper_core's, computed here from the embeddings; so is culling (``/v1/pick`` runs
 ``keeper_core.culling.cull`` on a worker thread, its scorer calling ``SeriesRanker`` back on the
 event loop). Errors are JSON ``{"error": {"code", "message", "index"?}}``; see docs/http-api.md.
@@ -273,6 +277,8 @@ class KeeperIngress:
         )
         self._prompts: dict[str, np.ndarray] = {}
         self._clip_info: dict[str, Any] | None = None
+        # What the ranker's last answer said it is (a hint: _rank copes when it is stale).
+        self._ranker_tuned = False
         self.requests = Counter(
             "keeper_requests",
             description="keeper API requests by route and status code",
@@ -413,6 +419,43 @@ class KeeperIngress:
                 self._prompts[p] = e
         return {p: self._prompts[p] for p in prompts}
 
+    async def _rank(
+        self, prepared: api.Prepared, lengths: list[int], embeddings: np.ndarray | None = None
+    ) -> dict[str, Any]:
+        """``SeriesRanker.rank`` for series laid end to end, sent what its version scores from.
+
+        A head gets the encoder's embeddings (``embeddings``, else embedded here); a fine-tuned
+        ranker gets the pixels, and no embeddings are computed for it. When the version changed
+        kind since the last answer, the ranker answers ``{"needs": ...}`` and the call is made
+        once more with both: at most two calls, and no request fails over a promotion.
+        """
+        tuned = self._ranker_tuned
+        if embeddings is None and not tuned:
+            embeddings = await self._embed(prepared)
+        out = await self._call_ranker(
+            embeddings, prepared.quality, lengths, prepared.pixels if tuned else None
+        )
+        if "needs" in out:
+            if embeddings is None:
+                embeddings = await self._embed(prepared)
+            out = await self._call_ranker(embeddings, prepared.quality, lengths, prepared.pixels)
+        if "model" in out:
+            self._ranker_tuned = out["model"].get("kind") == "fine-tuned"
+        if "needs" in out:  # both were sent: cannot happen, but never a KeyError on "series"
+            return {"unavailable": f"the ranker asked for {out['needs']} it was sent"}
+        return out
+
+    async def _call_ranker(
+        self,
+        embeddings: np.ndarray | None,
+        quality: np.ndarray | None,
+        lengths: list[int],
+        pixels: np.ndarray | None,
+    ) -> dict[str, Any]:
+        args = (embeddings, quality, lengths) + (() if pixels is None else (pixels,))
+        out: dict[str, Any] = await self.ranker.rank.remote(*args)
+        return out
+
     async def _clip(self) -> dict[str, Any]:
         """The encoder's model (fixed for the app's lifetime: asked once per replica)."""
         if self._clip_info is None:
@@ -428,6 +471,8 @@ class KeeperIngress:
     @app.get("/v1/models", response_model=api.ModelsResponse, summary="what is being served")
     async def models(self) -> dict[str, Any]:
         clip, ranker = await asyncio.gather(self._clip(), self.ranker.info.remote())
+        if ranker.get("kind"):
+            self._ranker_tuned = ranker["kind"] == "fine-tuned"
         return {"clip": clip, "ranker": ranker}
 
     @app.post(
@@ -546,8 +591,7 @@ class KeeperIngress:
         lengths = [len(s.images) for s in req.series]
         prepared = await self._prepare(refs, quality=True)
         self._count_images(len(refs), "/v1/rank")
-        emb, clip = await asyncio.gather(self._embed(prepared), self._clip())
-        out = await self.ranker.rank.remote(emb, prepared.quality, lengths)
+        out, clip = await asyncio.gather(self._rank(prepared, lengths), self._clip())
         if "unavailable" in out:
             raise ApiError(503, "model_unavailable", out["unavailable"])
         model = out["model"]
@@ -557,6 +601,9 @@ class KeeperIngress:
                 "name": model["name"],
                 "version": model["version"],
                 "alias": model["alias"],
+                "kind": model["kind"],
+                "method": model["method"],
+                "base_spec": model["base_spec"],
                 "clip_model": clip["spec"],
                 "random_weights": clip["random_weights"],
             },
@@ -589,18 +636,21 @@ class KeeperIngress:
         frame = api.pick_frame(images, emb)
         loop = asyncio.get_running_loop()
 
-        def rank(embeddings: np.ndarray, quality: np.ndarray, lengths: list[int]) -> dict[str, Any]:
+        def rank(
+            embeddings: np.ndarray, quality: np.ndarray, lengths: list[int],
+            pixels: np.ndarray | None = None, /,
+        ) -> dict[str, Any]:  # fmt: skip
             # cull runs on a worker thread; the handle is awaited on this replica's event loop.
-            call = self._rank(embeddings, quality, lengths)
+            assert pixels is not None  # cull_request is given the request's pixels below
+            call = self._rank(api.Prepared(pixels, quality), lengths, embeddings)
             return asyncio.run_coroutine_threadsafe(call, loop).result()
 
         result, ranker = await asyncio.to_thread(
-            api.cull_request, frame, rank, grouping=req.grouping(), picking=req.picking()
+            api.cull_request,
+            frame,
+            rank,
+            grouping=req.grouping(),
+            picking=req.picking(),
+            pixels=images.pixels,
         )
         return api.pick_response(result, ranker, clip)
-
-    async def _rank(
-        self, embeddings: np.ndarray, quality: np.ndarray, lengths: list[int]
-    ) -> dict[str, Any]:
-        out: dict[str, Any] = await self.ranker.rank.remote(embeddings, quality, lengths)
-        return out

@@ -1,13 +1,23 @@
-"""``SeriesRanker``: the registry's champion head, followed through promotions with no downtime.
+"""``SeriesRanker``: the registry's champion ranker, followed through promotions with no downtime.
 
 The replica resolves its model URI (``models:/keeper-ranker@champion`` by default) to a
 registered version, downloads that version's artifacts and loads only the ranker folder inside
-them (``ranker.json`` + ``weights.safetensors``): no pickle, and no code from the artifact
-store runs here (the pyfunc wrapper is not imported). Every ``poll_s`` seconds it resolves the
-alias again; a new version is loaded and warmed on a worker thread while the current one keeps
-answering, then swapped in with one reference assignment, so no request fails or waits for a
-load. A version that fails to load (or was trained on another CLIP model) is refused and the
-current one stays; with none loaded yet, ``rank`` answers "unavailable" with the reason.
+them (``ranker.json`` + safetensors): no pickle, and no code from the artifact store runs here
+(the pyfunc wrapper is not imported). Every ``poll_s`` seconds it resolves the alias again; a new
+version is loaded and warmed on a worker thread while the current one keeps answering, then
+swapped in with one reference assignment, so no request fails or waits for a load. A version
+that fails to load is refused and the current one stays; with none loaded yet, ``rank`` answers
+"unavailable" with the reason.
+
+Two kinds of version load (``keeper_core.ranker.load_ranker``):
+
+- ``head``: a head over the encoder's embeddings (``SeriesRanker``); refused when it was trained
+  on embeddings of another CLIP model than the encoder serves.
+- ``fine-tuned``: its own adapted vision tower (``keeper_core.finetune.TunedRanker``: base spec +
+  adapter + head) that scores the ingress's pixels. Each replica holds that tower, so a
+  fine-tuned champion needs the resources of an encoder replica (docs/serving.md). It is
+  refused when its base model prepares images differently (size, normalisation, interpolation,
+  resize mode) from the encoder's: the ingress resizes pixels for the encoder's model.
 
 ``user_config`` ``{"model_uri": ..., "poll_s": ...}`` changes what it follows, in place.
 """
@@ -23,33 +33,52 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from ray import serve
 
 from keeper_core import registry
 from keeper_core.embedding import check_same_spec
 from keeper_core.errors import KeeperError, ModelLoadError
+from keeper_core.finetune import TunedRanker
+from keeper_core.models import default_device, preprocess_config
 from keeper_core.quality import FEATURE_NAMES
-from keeper_core.ranker import ARTIFACT_KEY
+from keeper_core.ranker import ARTIFACT_KEY, RankerConfig, ranked_frame, read_config
 from keeper_core.ranker import SeriesRanker as CoreRanker
 from keeper_core.registry import ModelRef, resolve_model
+from keeper_serve.api import RankerKind
 from keeper_serve.config import RankerArgs
+from keeper_serve.encoder import torch_threads
 
 log = logging.getLogger("keeper.serve")
+
+#: What a ranker scores from: ``rank`` answers ``{"needs": ...}`` when a call lacks it.
+PIXELS, EMBEDDINGS = "pixels", "embeddings"
 
 
 @dataclass(frozen=True)
 class Loaded:
     ref: ModelRef
-    ranker: CoreRanker
+    ranker: CoreRanker | TunedRanker
+
+    @property
+    def config(self) -> RankerConfig:
+        return self.ranker.config
+
+    @property
+    def kind(self) -> RankerKind:
+        return "head" if self.config.tower is None else "fine-tuned"
 
     def describe(self) -> dict[str, Any]:
-        cfg = self.ranker.config
+        cfg = self.config
         return {
             "uri": self.ref.uri,
             "name": self.ref.name,
             "version": self.ref.version,
             "alias": self.ref.alias,
             "run_id": self.ref.run_id,
+            "kind": self.kind,
+            "method": cfg.tower.method if cfg.tower else None,
+            "base_spec": cfg.tower.base_spec if cfg.tower else None,
             "features": cfg.features,
             "head": cfg.head.kind,
         }
@@ -70,12 +99,35 @@ def _ranker_folder(root: Path) -> Path | None:
     return folder
 
 
-def load_version(client: Any, ref: ModelRef, clip_model: str) -> Loaded:
-    """Download ``ref``'s artifacts and load its ranker (JSON + safetensors), then warm it.
+def check_preprocessing(ref: ModelRef, base_spec: str, clip_model: str) -> None:
+    """A fine-tuned tower must take the pixels the ingress prepares for the encoder's model.
 
     Raises:
-        ModelLoadError: the download or the load failed, or the ranker was trained on
-            embeddings of another CLIP model than the encoder serves.
+        ModelLoadError: the two specs' preprocessing differs (named), or a spec is unknown.
+    """
+    try:
+        want, served = preprocess_config(base_spec), preprocess_config(clip_model)
+    except KeeperError as e:
+        raise ModelLoadError(ref.uri, f"{ref.label()}: {e}") from e
+    if want != served:
+        raise ModelLoadError(
+            ref.uri,
+            f"{ref.label()} is fine-tuned from {base_spec}, which prepares images as {want}; "
+            f"the ingress prepares them for {clip_model} ({served})",
+        )
+
+
+def load_version(
+    client: Any, ref: ModelRef, clip_model: str, device: str | torch.device | None = None
+) -> Loaded:
+    """Download ``ref``'s artifacts, load its ranker (either kind), then warm it.
+
+    ``device`` is a fine-tuned ranker's (its tower); default: CUDA when present.
+
+    Raises:
+        ModelLoadError: the download or the load failed; a head trained on embeddings of another
+            CLIP model than the encoder serves; a fine-tuned tower whose base model prepares
+            images differently from the encoder's.
     """
     import mlflow
 
@@ -99,9 +151,20 @@ def load_version(client: Any, ref: ModelRef, clip_model: str) -> Loaded:
         if folder is None:
             raise ModelLoadError(ref.uri, f"{ref.load_uri} is not a keeper ranker (MLmodel)")
         try:
+            config = read_config(folder)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(ref.uri, f"cannot read {ref.label()}'s ranker.json: {e}") from e
+        if config.tower is not None:
+            # Checked from configs alone, before the base tower is loaded.
+            check_preprocessing(ref, config.tower.base_spec, clip_model)
+        try:
+            if config.tower is not None:
+                return _warm(ref, TunedRanker.load(folder, device=device or default_device()))
             ranker = CoreRanker.load(folder)
         except KeeperError as e:
             raise ModelLoadError(ref.uri, str(e)) from e
+        except ImportError as e:  # peft: keeper-core[finetune] is not installed here
+            raise ModelLoadError(ref.uri, f"{ref.label()} needs keeper-core[finetune]: {e}") from e
     spec = ranker.config.embedding_spec
     if spec is not None:
         try:
@@ -111,11 +174,40 @@ def load_version(client: Any, ref: ModelRef, clip_model: str) -> Loaded:
                 ref.uri,
                 f"{ref.label()} ranks embeddings of {spec}, but the encoder serves {clip_model}",
             ) from e
-    # Warm-up: the first forward of a fresh head allocates; do it before any request can.
-    cfg = ranker.config
-    warm = np.zeros((2, cfg.head.in_dim), np.float32)
-    ranker.score([warm])
+    return _warm(ref, ranker)
+
+
+def _warm(ref: ModelRef, ranker: CoreRanker | TunedRanker) -> Loaded:
+    """The first forward allocates (and picks kernels): done here, before any request can."""
+    if isinstance(ranker, TunedRanker):
+        s, q = ranker.image_size, len(FEATURE_NAMES)
+        rank_pixels(ranker, np.zeros((2, 3, s, s), np.uint8), np.zeros((2, q), np.float32), [2])
+    else:
+        ranker.score([np.zeros((2, ranker.config.head.in_dim), np.float32)])
     return Loaded(ref=ref, ranker=ranker)
+
+
+def replica_device() -> torch.device:
+    """CUDA when Ray granted this replica a GPU (``num_gpus`` in the Serve config), else CPU.
+
+    Not ``torch.cuda.is_available()``: a replica without ``num_gpus`` still sees its node's GPUs
+    (Ray leaves CUDA_VISIBLE_DEVICES alone at zero), but none of them is its to use.
+    """
+    import ray
+
+    granted = ray.get_runtime_context().get_accelerator_ids().get("GPU") or []
+    return torch.device("cuda" if granted and torch.cuda.is_available() else "cpu")
+
+
+def _per_series(
+    lengths: list[int], scores: list[np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Series laid end to end and their raw scores -> (scores, probabilities) per series,
+    through keeper_core's ``ranked_frame`` (the softmax every ranker's ``rank`` uses)."""
+    ids = np.repeat(np.arange(len(lengths)), lengths).astype(str)
+    rows = np.split(np.arange(len(ids)), np.cumsum(lengths)[:-1])
+    ranked = ranked_frame(pd.DataFrame({"series_id": ids}), rows, scores)
+    return [(ranked["score"].to_numpy()[r], ranked["prob"].to_numpy()[r]) for r in rows]
 
 
 def rank_table(
@@ -137,11 +229,29 @@ def rank_table(
     return out
 
 
+def rank_pixels(
+    ranker: TunedRanker, pixels: np.ndarray, quality: np.ndarray | None, lengths: list[int]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The same for a fine-tuned ranker: uint8 pixels (the ingress's) and raw quality features
+    (``FEATURE_NAMES`` order; the ranker picks and standardises its own)."""
+    q = None
+    if ranker.config.features == "embedding+quality" and quality is not None:
+        q = np.asarray(quality, np.float32)[
+            :, [FEATURE_NAMES.index(n) for n in ranker.config.quality_names]
+        ]
+    return _per_series(lengths, ranker.score(pixels, q, lengths))
+
+
 @serve.deployment
 class SeriesRanker:
     def __init__(
         self, ranker: RankerArgs, clip_model: str, tracking_uri: str | None, data_dir: str
     ) -> None:
+        self.device = replica_device()  # a fine-tuned champion's tower runs there
+        if self.device.type == "cpu":
+            # As ClipEncoder on CPU: Ray sets the replica's OMP_NUM_THREADS from its num_cpus (1
+            # for a fractional CPU); torch is told so explicitly.
+            torch.set_num_threads(torch_threads(None))
         self.clip_model = clip_model
         self.tracking_uri = registry.tracking_uri(tracking_uri, data_dir)
         self.model_uri = ranker.model_uri
@@ -174,8 +284,11 @@ class SeriesRanker:
             ref = resolve_model(client, self.model_uri)
             cur = self.current
             if cur is not None and cur.ref.load_uri == ref.load_uri:
-                return  # the alias still names the version being served (runs:/ never moves)
-            loaded = load_version(client, ref, self.clip_model)
+                # The alias still names the version being served (runs:/ never moves): nothing
+                # is pending, so an earlier failure (a refused version, a registry hiccup) is over.
+                self.error = None
+                return
+            loaded = load_version(client, ref, self.clip_model, self.device)
         except KeeperError as e:
             if str(e) != self.error:  # once per distinct failure, not at every poll
                 log.error("SeriesRanker: keeping %s: %s", self._label(), e)
@@ -236,17 +349,34 @@ class SeriesRanker:
         return {**cur.describe(), "uri": self.model_uri, "status": "ready", "error": self.error}
 
     async def rank(
-        self, embeddings: np.ndarray, quality: np.ndarray | None, lengths: list[int]
+        self,
+        embeddings: np.ndarray | None,
+        quality: np.ndarray | None,
+        lengths: list[int],
+        pixels: np.ndarray | None = None,
     ) -> dict[str, Any]:
         """Series laid end to end -> per-series scores and probabilities, and the version.
 
+        A head scores ``embeddings`` (the encoder's) and ignores ``pixels``; a fine-tuned ranker
+        scores ``pixels`` ((N, 3, S, S) uint8, as the ingress sends them to the encoder) with its
+        own tower and ignores ``embeddings``. Either may be None when the current version does
+        not need it; a call lacking what it needs is answered ``{"needs": "pixels" |
+        "embeddings"}`` (the version just changed kind: the caller sends it again, with both).
         With no ranker loaded: ``{"unavailable": reason}`` (the ingress answers 503).
         """
         self._ensure_poller()
         cur = self.current  # this request uses one version from start to end
         if cur is None:
             return {"unavailable": self.error or "no ranker loaded"}
-        if cur.ranker.config.features != "embedding" and quality is None:
+        if cur.config.features != "embedding" and quality is None:
             return {"unavailable": "the ranker needs quality features and none were sent"}
-        results = rank_table(cur.ranker, embeddings, quality, lengths)
+        if isinstance(cur.ranker, TunedRanker):
+            if pixels is None:
+                return {"needs": PIXELS, "model": cur.describe()}
+            # A tower forward: off the event loop, which keeps answering info() and polling.
+            results = await asyncio.to_thread(rank_pixels, cur.ranker, pixels, quality, lengths)
+        else:
+            if embeddings is None:
+                return {"needs": EMBEDDINGS, "model": cur.describe()}
+            results = rank_table(cur.ranker, embeddings, quality, lengths)
         return {"model": cur.describe(), "series": results}
