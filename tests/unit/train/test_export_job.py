@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from keeper_core import registry
 from keeper_core.errors import ConfigError, ModelLoadError
 from keeper_core.finetune import TunedRanker
 from keeper_core.heads import HeadConfig
@@ -135,8 +136,8 @@ def test_ranker_folder_follows_mlmodel_and_stays_inside(tmp_path: Path) -> None:
     (root / "artifacts" / "ranker" / "ranker.json").write_text("{}")
     mlmodel = "flavors:\n  python_function:\n    artifacts:\n      ranker:\n        path: {}\n"
     (root / "MLmodel").write_text(mlmodel.format("artifacts/ranker"))
-    assert export.ranker_folder(root) == (root / "artifacts" / "ranker").resolve()
+    assert registry.ranker_folder(root) == (root / "artifacts" / "ranker").resolve()
     (root / "MLmodel").write_text(mlmodel.format("../elsewhere"))
-    assert export.ranker_folder(root) is None
+    assert registry.ranker_folder(root) is None
     (root / "MLmodel").write_text("flavors: {}\n")
-    assert export.ranker_folder(root) is None
+    assert registry.ranker_folder(root) is None

@@ -85,3 +85,54 @@ def resolve_model(client: Any, uri: str) -> ModelRef:
         alias=alias or None,
         run_id=mv.run_id,
     )
+
+
+def ranker_folder(root: Path) -> Path | None:
+    """The ranker folder of a downloaded pyfunc model, as its MLmodel file names it.
+
+    None when MLmodel names none, or names a folder outside ``root`` or without ``ranker.json``.
+    """
+    import yaml
+
+    from keeper_core.ranker import ARTIFACT_KEY, CONFIG_FILE
+
+    try:
+        meta = yaml.safe_load((root / "MLmodel").read_text())
+        rel = meta["flavors"]["python_function"]["artifacts"][ARTIFACT_KEY]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    folder = (root / str(rel)).resolve()
+    if root.resolve() not in folder.parents or not (folder / CONFIG_FILE).is_file():
+        return None
+    return folder
+
+
+def download_ranker(client: Any, ref: ModelRef, dst: str | Path) -> Path:
+    """Download ``ref``'s model artifacts into ``dst``; returns its ranker folder.
+
+    Only the files are fetched: no code from the artifact store is imported or run.
+
+    Raises:
+        ModelLoadError: the download failed, or the model is not a keeper ranker.
+    """
+    import mlflow
+
+    try:
+        # A registered version's own artifact location, from this client's registry (a models:/
+        # URI would be resolved against the process-wide registry URI instead).
+        source = (
+            client.get_model_version_download_uri(ref.name, ref.version)
+            if ref.name and ref.version
+            else ref.load_uri
+        )
+        root = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=str(dst), tracking_uri=client.tracking_uri
+            )
+        )
+    except Exception as e:  # MlflowException, botocore, OSError: all mean "cannot fetch"
+        raise ModelLoadError(ref.uri, f"cannot download {ref.load_uri}: {e}") from e
+    folder = ranker_folder(root)
+    if folder is None:
+        raise ModelLoadError(ref.uri, f"{ref.load_uri} is not a keeper ranker (MLmodel)")
+    return folder

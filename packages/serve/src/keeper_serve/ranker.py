@@ -28,7 +28,6 @@ import asyncio
 import logging
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,7 +41,7 @@ from keeper_core.errors import KeeperError, ModelLoadError
 from keeper_core.finetune import TunedRanker
 from keeper_core.models import default_device, preprocess_config
 from keeper_core.quality import FEATURE_NAMES
-from keeper_core.ranker import ARTIFACT_KEY, RankerConfig, ranked_frame, read_config
+from keeper_core.ranker import RankerConfig, ranked_frame, read_config
 from keeper_core.ranker import SeriesRanker as CoreRanker
 from keeper_core.registry import ModelRef, resolve_model
 from keeper_serve.api import RankerKind
@@ -84,21 +83,6 @@ class Loaded:
         }
 
 
-def _ranker_folder(root: Path) -> Path | None:
-    """The ranker folder of a downloaded pyfunc model, as its MLmodel file names it."""
-    import yaml
-
-    try:
-        meta = yaml.safe_load((root / "MLmodel").read_text())
-        rel = meta["flavors"]["python_function"]["artifacts"][ARTIFACT_KEY]["path"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return None
-    folder = (root / str(rel)).resolve()
-    if root.resolve() not in folder.parents or not (folder / "ranker.json").is_file():
-        return None
-    return folder
-
-
 def check_preprocessing(ref: ModelRef, base_spec: str, clip_model: str) -> None:
     """A fine-tuned tower must take the pixels the ingress prepares for the encoder's model.
 
@@ -129,27 +113,8 @@ def load_version(
             CLIP model than the encoder serves; a fine-tuned tower whose base model prepares
             images differently from the encoder's.
     """
-    import mlflow
-
     with tempfile.TemporaryDirectory(prefix="keeper-ranker-") as d:
-        try:
-            # A registered version's own artifact location, from this client's registry (a
-            # models:/ URI would be resolved against the process-wide registry URI instead).
-            source = (
-                client.get_model_version_download_uri(ref.name, ref.version)
-                if ref.name and ref.version
-                else ref.load_uri
-            )
-            root = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=source, dst_path=d, tracking_uri=client.tracking_uri
-                )
-            )
-        except Exception as e:  # MlflowException, botocore, OSError: all mean "cannot fetch"
-            raise ModelLoadError(ref.uri, f"cannot download {ref.load_uri}: {e}") from e
-        folder = _ranker_folder(root)
-        if folder is None:
-            raise ModelLoadError(ref.uri, f"{ref.load_uri} is not a keeper ranker (MLmodel)")
+        folder = registry.download_ranker(client, ref, d)
         try:
             config = read_config(folder)
         except (OSError, ValueError) as e:

@@ -103,55 +103,6 @@ class ExportResult:
 # the registered version's ranker
 
 
-def ranker_folder(root: Path) -> Path | None:
-    """The ranker folder of a downloaded pyfunc model, as its MLmodel file names it.
-
-    The same lookup as ``keeper_serve.ranker._ranker_folder`` (a folder that escapes ``root`` or
-    has no ``ranker.json`` is not one).
-    """
-    import yaml
-
-    from keeper_core.ranker import ARTIFACT_KEY, CONFIG_FILE
-
-    try:
-        meta = yaml.safe_load((root / "MLmodel").read_text())
-        rel = meta["flavors"]["python_function"]["artifacts"][ARTIFACT_KEY]["path"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
-        return None
-    folder = (root / str(rel)).resolve()
-    if root.resolve() not in folder.parents or not (folder / CONFIG_FILE).is_file():
-        return None
-    return folder
-
-
-def download_ranker(client: Any, ref: Any, dst: Path) -> Path:
-    """Download ``ref``'s model artifacts into ``dst``; returns its ranker folder.
-
-    Raises:
-        ModelLoadError: the download failed, or the model is not a keeper ranker.
-    """
-    import mlflow
-
-    try:
-        # The version's own artifact location, from this client's registry.
-        source = (
-            client.get_model_version_download_uri(ref.name, ref.version)
-            if ref.name and ref.version
-            else ref.load_uri
-        )
-        root = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=source, dst_path=str(dst), tracking_uri=client.tracking_uri
-            )
-        )
-    except Exception as e:  # MlflowException, botocore, OSError: all mean "cannot fetch"
-        raise ModelLoadError(ref.uri, f"cannot download {ref.load_uri}: {e}") from e
-    folder = ranker_folder(root)
-    if folder is None:
-        raise ModelLoadError(ref.uri, f"{ref.load_uri} is not a keeper ranker (MLmodel)")
-    return folder
-
-
 # --------------------------------------------------------------------------------------------
 # merging
 
@@ -340,6 +291,7 @@ def run(cfg: ExportConfig) -> ExportResult:
 
     import mlflow
 
+    from keeper_core import registry
     from keeper_core.ranker import load_ranker
     from keeper_train import tracking
 
@@ -347,7 +299,7 @@ def run(cfg: ExportConfig) -> ExportResult:
     client = mlflow.MlflowClient(uri)
     ref = tracking.resolve_model(client, cfg.model)
     with tempfile.TemporaryDirectory(prefix="keeper-export-") as d:
-        folder = download_ranker(client, ref, Path(d))
+        folder = registry.download_ranker(client, ref, Path(d))
         ranker = load_ranker(folder, device="cpu")
         if cfg.merge:
             return export_merged(ref, ranker, cfg.output)
