@@ -261,7 +261,7 @@ def test_cli_has_evaluate_and_promote() -> None:
     args = parser.parse_args(
         ["evaluate", "--model", "models:/k@champion", "--embeddings", "e", "--series", "s"]
     )
-    assert (args.model, args.html, args.report_series) == ("models:/k@champion", None, None)
+    assert (args.model, args.html, args.report_series) == (["models:/k@champion"], None, None)
     with pytest.raises(SystemExit):
         parser.parse_args(["evaluate", "--embeddings", "e", "--series", "s"])  # no --model
 

@@ -362,20 +362,27 @@ def _add_registry_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_evaluate_parser(subparsers: SubParsers) -> None:
-    """``keeper evaluate``: a logged or registered ranker vs the baselines (jobs.evaluate)."""
+    """``keeper evaluate``: logged or registered rankers vs the baselines (jobs.evaluate)."""
     p = subparsers.add_parser(
         "evaluate",
-        help="evaluate a registered ranker version on a labelled series manifest",
-        description="Score every series with the model, beside the sharpness rule and random.",
+        help="evaluate registered ranker versions on a labelled series manifest, in one table",
+        description="Score every series with each model, beside the sharpness rule and random: "
+        "one table, one row per model.",
     )
     p.add_argument(
         "--model",
+        action="append",
         required=True,
-        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a logged model URI (runs:/..., models:/m-...)",
+        metavar="URI",
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, or a logged model URI (runs:/..., "
+        "models:/m-...); repeat it to compare several models on the same series (a version "
+        "named twice is evaluated once)",
     )
     p.add_argument("--embeddings", required=True, help="output of keeper embed")
     p.add_argument("--series", required=True, help="labelled series manifest (CSV/Parquet)")
-    p.add_argument("--html", help="write the series report (thumbnails, keeper, picks) here")
+    p.add_argument(
+        "--html", help="write the series report (thumbnails, keeper, every model's pick) here"
+    )
     p.add_argument("--report-series", type=int, help="series shown in the report (default 60)")
     _add_registry_arguments(p)
 

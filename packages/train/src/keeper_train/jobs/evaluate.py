@@ -1,19 +1,22 @@
-"""Evaluate any logged or registered ranker on a labelled series manifest, beside the baselines.
+"""Evaluate logged or registered rankers on labelled series: one table, beside the baselines.
 
     keeper evaluate --model models:/keeper-ranker@champion \
         --embeddings keeper-demo/embeddings/keeper-tiny_random \
         --series keeper-demo/test-manifest.csv --json eval.json --html eval.html
-    keeper evaluate --model models:/keeper-ranker/3 --embeddings ... --series ...
+    keeper evaluate --model models:/keeper-ranker@champion --model models:/keeper-ranker/7 \
+        --embeddings ... --series ...        # several models, one row each, on the same series
     python -m keeper_train.jobs.evaluate ...       # the same command
 
-The model is loaded through MLflow's pyfunc flavour, as Serve loads it; an alias is resolved to
-its version first (and printed), so the version evaluated is the one reported. Every series of the
-manifest whose images all have an embedding is scored, and the table is the one training prints:
-the model, the sharpness rule, random. Embeddings of another ModelSpec than the model was trained
-on are refused, never scored. A fine-tuned ranker (its own vision tower) reads and embeds each
-``image_uri`` itself, so the table gives it only the rows and quality columns; it is judged by the
-same numbers and the same promotion gate. Series the model was trained or validated on (its run's
-recorded split) are counted and warned about: those numbers are not held-out figures.
+Each model is loaded through MLflow's pyfunc flavour, as Serve loads it; an alias is resolved to
+its version first (and printed), so the version evaluated is the one reported, and two URIs that
+name the same version are evaluated once. Every series of the manifest whose images all have an
+embedding is scored by every model, and the table is the one training prints: one row per model
+(``keeper-ranker v3 (mlp, embedding+quality)``), the sharpness rule, random. Embeddings of another
+ModelSpec than a head was trained on are refused, never scored (before any model is scored). A
+fine-tuned ranker (its own vision tower) reads and embeds each ``image_uri`` itself, so the table
+gives it only the rows and quality columns; it is judged by the same numbers and the same
+promotion gate. Series a model was trained or validated on (its run's recorded split) are counted
+and warned about, model by model: those numbers are not held-out figures.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keeper_core import storage
 from keeper_core.bestof import Comparison, compare_methods, write_report
 from keeper_core.errors import DataError, KeeperError, ModelLoadError
 from keeper_core.finetune import TunedRanker
 from keeper_core.images import decode_image
+from keeper_core.metrics import format_table
 from keeper_core.ranker import RankerConfig, SeriesRanker
 from keeper_train import tracking
 from keeper_train.data import join_series
@@ -48,8 +52,10 @@ class EvaluateConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(
-        description="models:/NAME@ALIAS, models:/NAME/VERSION, or a logged model URI"
+    model: list[str] = Field(
+        min_length=1,
+        description="models:/NAME@ALIAS, models:/NAME/VERSION, or a logged model URI; one or a "
+        "list of them (one table row per model, the first one's picks in the report first)",
     )
     embeddings: str = Field(description="output of keeper embed")
     series: str = Field(description="labelled series manifest (CSV/Parquet)")
@@ -58,6 +64,18 @@ class EvaluateConfig(BaseModel):
     tracking_uri: str | None = None
     data_dir: str = Field("keeper-data", description="embedded MLflow store when none is set")
     json_out: str | None = Field(None, description="also write the summary here (path or s3://)")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # one URI stays valid
+
+    @field_validator("model")
+    @classmethod
+    def _not_blank(cls, value: list[str]) -> list[str]:
+        if any(not uri.strip() for uri in value):
+            raise ValueError("a model URI must not be empty")
+        return value
 
 
 @dataclass(frozen=True)
@@ -128,6 +146,19 @@ class LoadedModel:
     def kind(self) -> str:
         return "fine-tuned" if self.tuned else "head"
 
+    @property
+    def label(self) -> str:
+        """``NAME vN`` (or the URI): its key in metrics, predictions and the report."""
+        return self.ref.label()
+
+    @property
+    def title(self) -> str:
+        """Its row in the table: ``NAME vN (mlp, embedding+quality)``, ``NAME vN (fine-tuned
+        lora, embedding)``."""
+        tower = self.config.tower
+        what = f"fine-tuned {tower.method}" if tower is not None else self.config.head.kind
+        return f"{self.label} ({what}, {self.config.features})"
+
     def input_columns(self) -> list[str]:
         """The columns the model's signature takes (the ranker's own if it has none)."""
         schema = self.pyfunc.metadata.get_input_schema()
@@ -157,10 +188,15 @@ def load_model(client: Any, uri: str) -> LoadedModel:
         ModelLoadError: the URI does not resolve or load, or it is not a keeper series ranker
             (a head or a fine-tuned one).
     """
+    return load_ref(tracking.resolve_model(client, uri))
+
+
+def load_ref(ref: tracking.ModelRef) -> LoadedModel:
+    """Load a resolved model (see ``load_model``)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    ref = tracking.resolve_model(client, uri)
+    uri = ref.uri
     try:
         model = mlflow.pyfunc.load_model(ref.load_uri)
     except (MlflowException, OSError) as e:
@@ -176,6 +212,42 @@ def load_model(client: Any, uri: str) -> LoadedModel:
     return LoadedModel(ref=ref, pyfunc=model, config=ranker.config)
 
 
+@dataclass
+class Candidate:
+    """A model to evaluate, loaded once however many of the URIs given name it."""
+
+    model: LoadedModel
+    uris: list[str]  # every URI given that resolved to it, in the order given
+
+
+def load_models(client: Any, uris: Sequence[str]) -> list[Candidate]:
+    """Resolve every URI (alias -> version), then load each distinct model once, in order.
+
+    Raises:
+        ModelLoadError: see ``load_model``; every URI is resolved before any model loads.
+    """
+    named: dict[str, list[tracking.ModelRef]] = {}
+    for ref in [tracking.resolve_model(client, uri) for uri in uris]:
+        named.setdefault(ref.load_uri, []).append(ref)
+    return [Candidate(load_ref(refs[0]), [r.uri for r in refs]) for refs in named.values()]
+
+
+def check_inputs(model: LoadedModel, data: EvalData) -> list[str]:
+    """The columns of ``data.rows`` the model takes (see ``predict`` for what is refused)."""
+    cfg = model.config
+    if not model.tuned and cfg.features != "quality" and cfg.embedding_spec != data.spec:
+        raise DataError(
+            f"the embeddings are from {data.spec!r} but {model.label} was trained on "
+            f"{cfg.embedding_spec!r}: embed the corpus with that spec (specs never mix)",
+            source=data.embeddings,
+        )
+    cols = model.input_columns()
+    missing = [c for c in cols if c not in data.rows.columns]
+    if missing:
+        raise DataError(f"{model.label} needs columns {missing}", source=data.embeddings)
+    return cols
+
+
 def predict(model: LoadedModel, data: EvalData) -> pd.DataFrame:
     """The model's ``series_id, image_uri, score, prob, rank`` for every row, in row order.
 
@@ -186,21 +258,11 @@ def predict(model: LoadedModel, data: EvalData) -> pd.DataFrame:
         DataError: a head's embeddings come from another ModelSpec than the table's, the table
             lacks a column the model needs, or (fine-tuned) an image cannot be read.
     """
-    cfg = model.config
-    if not model.tuned and cfg.features != "quality" and cfg.embedding_spec != data.spec:
-        raise DataError(
-            f"the embeddings are from {data.spec!r} but {model.ref.label()} was trained on "
-            f"{cfg.embedding_spec!r}: embed the corpus with that spec (specs never mix)",
-            source=data.embeddings,
-        )
-    cols = model.input_columns()
-    missing = [c for c in cols if c not in data.rows.columns]
-    if missing:
-        raise DataError(f"{model.ref.label()} needs columns {missing}", source=data.embeddings)
+    cols = check_inputs(model, data)
     out = model.pyfunc.predict(data.rows[cols])
     uris = data.rows["image_uri"].astype(str).to_numpy()
     if len(out) != len(uris) or not (out["image_uri"].astype(str).to_numpy() == uris).all():
-        raise DataError(f"{model.ref.label()} returned rows out of input order")
+        raise DataError(f"{model.label} returned rows out of input order")
     return out.reset_index(drop=True)
 
 
@@ -216,6 +278,8 @@ def model_info(model: LoadedModel) -> dict[str, Any]:
     r = model.ref
     tower = model.config.tower
     return {
+        "label": model.label,
+        "title": model.title,
         "uri": r.uri,
         "loaded": r.load_uri,
         "name": r.name,
@@ -242,6 +306,35 @@ def trained_on_same_manifest(client: Any, model: LoadedModel, data: EvalData) ->
     except MlflowException:  # a deleted run: the model version outlives it
         return False
     return bool(tags.get("keeper.manifest_sha256") == data.manifest_sha256)
+
+
+@dataclass(frozen=True)
+class TrainingCheck:
+    """Whether a model's numbers on the evaluation series are held-out figures."""
+
+    same_manifest: bool  # its training run read this very manifest
+    overlap: Overlap | None  # series sharing images with its recorded split; None: none recorded
+
+    def warning(self, label: str) -> str | None:
+        if self.overlap is not None and self.overlap.series:
+            return (
+                f"{self.overlap.describe()} share images with {label}'s training split: "
+                "these numbers are not held-out figures"
+            )
+        if self.same_manifest:
+            return (
+                f"{label} was trained on this manifest: these numbers include its training series"
+            )
+        return None
+
+
+def training_check(client: Any, model: LoadedModel, data: EvalData) -> TrainingCheck:
+    """Check ``data`` against what ``model``'s training run recorded (split, manifest hash)."""
+    split = tracking.training_split(client, model.ref.run_id)
+    return TrainingCheck(
+        same_manifest=trained_on_same_manifest(client, model, data),
+        overlap=split_overlap(data.rows, split) if split is not None else None,
+    )
 
 
 def thumbnail_source(uri: str) -> Image.Image | None:
@@ -280,10 +373,17 @@ def write_html(
 
 
 def run(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.model`` on ``cfg.embeddings`` + ``cfg.series``; ``format_summary`` prints it.
+    """Evaluate every model of ``cfg.model`` on ``cfg.embeddings`` + ``cfg.series``, in one table.
+
+    Returns:
+        The summary ``format_summary`` prints: ``models`` (each one's info, the URIs that named
+        it, its metrics and warnings), ``metrics`` by model label (``NAME vN``) and for the
+        sharpness rule, the ``table``, every ``warning``; ``model`` and the top-level
+        ``trained_on_this_manifest`` / ``series_seen_in_training`` are the first model's.
 
     Raises:
-        KeeperError: the data cannot be read, the model cannot be loaded, or specs differ.
+        KeeperError: the data cannot be read, a model cannot be loaded, or a head's embedding
+            spec is not the table's (refused before any model is scored).
     """
     import mlflow
 
@@ -291,48 +391,26 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     uri = tracking.tracking_uri(cfg.tracking_uri, cfg.data_dir)
     mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the global tracking URI
     client = mlflow.MlflowClient(uri)
-    model = load_model(client, cfg.model)
-    label = model.ref.label()
-    preds = {label: predict(model, data)}
+    candidates = load_models(client, cfg.model)
+    for c in candidates:
+        check_inputs(c.model, data)
+    preds = {c.model.label: predict(c.model, data) for c in candidates}
     comparison = compare(data, preds)
-    warnings = []
-    same = trained_on_same_manifest(client, model, data)
-    split = tracking.training_split(client, model.ref.run_id)
-    overlap = split_overlap(data.rows, split) if split is not None else None
-    if overlap is not None and overlap.series:
-        warnings.append(
-            f"{overlap.describe()} share images with {label}'s training split: "
-            "these numbers are not held-out figures"
-        )
-    elif same:
-        warnings.append(
-            f"{label} was trained on this manifest: these numbers include its training series"
-        )
-    summary: dict[str, Any] = {
-        "model": model_info(model),
-        "tracking_uri": uri,
-        "embeddings": data.embeddings,
-        "series": data.series,
-        "embedding_spec": data.spec,
-        "trained_on_this_manifest": same,
-        "series_seen_in_training": overlap.series if overlap is not None else None,
-        "series_scored": len(comparison.series),
-        "series_left_out": comparison.left_out,
-        "series_dropped": data.dropped,
-        "metrics": {k: v.as_dict() for k, v in comparison.results.items()},
-        "table": comparison.table(),
-        "warnings": warnings,
-    }
+    checks = [training_check(client, c.model, data) for c in candidates]
+    summary = summarise(data, candidates, checks, comparison, tracking_uri=uri)
     if cfg.html:
+        notes = [
+            f"{c.model.title}: {', '.join(c.uris)} ({c.model.ref.load_uri})" for c in candidates
+        ]
         report = write_html(
             cfg.html,
-            f"keeper evaluate: {label} on {len(comparison.series)} series",
+            f"keeper evaluate: {', '.join(preds)} on {len(comparison.series)} series",
             data,
             comparison,
             preds,
             max_series=cfg.report_series,
-            notes=[f"model {cfg.model} ({model.ref.load_uri}); series {data.series}"],
-            warnings=warnings,
+            notes=[*notes, f"series {data.series}"],
+            warnings=summary["warnings"],
         )
         summary["html"] = str(report)
     if cfg.json_out:
@@ -340,12 +418,60 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     return summary
 
 
+def summarise(
+    data: EvalData,
+    candidates: Sequence[Candidate],
+    checks: Sequence[TrainingCheck],
+    comparison: Comparison,
+    *,
+    tracking_uri: str,
+) -> dict[str, Any]:
+    """The summary ``run`` returns (see there); the table's rows are the models' titles."""
+    models = []
+    for c, check in zip(candidates, checks, strict=True):
+        warning = check.warning(c.model.label)
+        models.append(
+            {
+                **model_info(c.model),
+                "uris": list(c.uris),
+                "trained_on_this_manifest": check.same_manifest,
+                "series_seen_in_training": check.overlap.series if check.overlap else None,
+                "metrics": comparison.results[c.model.label].as_dict(),
+                "warnings": [warning] if warning else [],
+            }
+        )
+    titles = {c.model.label: c.model.title for c in candidates}
+    return {
+        "model": model_info(candidates[0].model),
+        "models": models,
+        "tracking_uri": tracking_uri,
+        "embeddings": data.embeddings,
+        "series": data.series,
+        "embedding_spec": data.spec,
+        "trained_on_this_manifest": models[0]["trained_on_this_manifest"],
+        "series_seen_in_training": models[0]["series_seen_in_training"],
+        "series_scored": len(comparison.series),
+        "series_left_out": comparison.left_out,
+        "series_dropped": data.dropped,
+        "metrics": {k: v.as_dict() for k, v in comparison.results.items()},
+        "table": format_table({titles.get(k, k): v for k, v in comparison.results.items()}),
+        "warnings": [w for m in models for w in m["warnings"]],
+    }
+
+
 def format_summary(summary: Mapping[str, Any]) -> str:
-    """What ``keeper evaluate`` prints: the version evaluated, the table, any warning."""
-    m = summary["model"]
-    lines = [f"{m['uri']} -> {m['name']} version {m['version']}"] if m["version"] else []
-    if m.get("kind") == "fine-tuned":
-        lines.append(f"fine-tuned ranker ({m['method']} on {m['base_spec']}): embeds the images")
+    """What ``keeper evaluate`` prints: the versions evaluated, the table, any warning."""
+    lines = []
+    for m in summary["models"]:
+        if m["version"]:
+            lines += [f"{uri} -> {m['name']} version {m['version']}" for uri in m["uris"]]
+        if len(m["uris"]) > 1:
+            lines.append(f"{m['label']}: named {len(m['uris'])} times, evaluated once")
+        if m["kind"] == "fine-tuned":
+            lines.append(
+                f"{m['label']}: fine-tuned ranker ({m['method']} on {m['base_spec']}): "
+                "embeds the images"
+            )
     lines.append(summary["table"])
     lines += [f"WARNING: {w}" for w in summary["warnings"]]
     if "html" in summary:
