@@ -19,8 +19,9 @@ Every row trains with the job's recipe in one process (``keeper_train.jobs.finet
 ``param_groups``, ``warmup_cosine``, ``unpack`` with series-wide flip and shift, series-softmax
 loss, early stopping on val top-1: the best val epoch's test figures), keeper-tiny:random, seed 0:
 
-- frozen: the tower frozen, an MLP head on its embedding (what ``keeper train-head`` over an
-  embedding table of the same pixels does), with and without the quality features;
+- frozen (MLP) and frozen-transformer (the series transformer head): the tower frozen, a head on
+  its embedding (what ``keeper train-head`` over an embedding table of the same pixels does), with
+  and without the quality features;
 - lora, last-blocks, last-blocks+lora: ``keeper_core.tower`` methods, with and without the
   quality features;
 - the sharpness rule and random, on the same test series.
@@ -60,10 +61,12 @@ N_FOLDS, N_VAL_PHOTOS = 4, 3
 QI = [FEATURE_NAMES.index(n) for n in QUALITY_INPUTS]
 ROWS = [
     ("frozen", "embedding"),
+    ("frozen-transformer", "embedding"),
     ("lora", "embedding"),
     ("last-blocks", "embedding"),
     ("last-blocks+lora", "embedding"),
     ("frozen", "embedding+quality"),
+    ("frozen-transformer", "embedding+quality"),
     ("lora", "embedding+quality"),
     ("last-blocks", "embedding+quality"),
     ("last-blocks+lora", "embedding+quality"),
@@ -165,16 +168,20 @@ def train_one(
     """(best val metrics, test metrics at the best val epoch, trainable params, seconds)."""
     s = SETTINGS
     uses_q = features == "embedding+quality"
+    frozen = method.startswith("frozen")
+    kind = "transformer" if method == "frozen-transformer" else "mlp"
     mean, std = fit_standardizer(train_q)
     tower = TowerConfig(
         base_spec=MODEL,
-        method="lora" if method == "frozen" else method,  # type: ignore[arg-type]
+        method="lora" if frozen else method,  # type: ignore[arg-type]
         rank=s["rank"],
         alpha=s["alpha"],
         unfreeze_blocks=s["unfreeze_blocks"],
     )
     rc = RankerConfig(
-        head=HeadConfig(kind="mlp", in_dim=64 + (8 if uses_q else 0), hidden=s["hidden"], layers=2),
+        head=HeadConfig(
+            kind=kind, in_dim=64 + (8 if uses_q else 0), hidden=s["hidden"], layers=2, heads=4
+        ),
         features=features,  # type: ignore[arg-type]
         embedding_spec=MODEL,
         embed_dim=64,
@@ -184,7 +191,7 @@ def train_one(
         tower=tower,
     )
     ranker = TunedRanker.build(rc, device="cpu", seed=seed)
-    if method == "frozen":  # a head over the frozen tower's embedding
+    if frozen:  # a head over the frozen tower's embedding
         for p in ranker.parts.lora.values():
             p.requires_grad_(False)
         ranker.parts.lora = {}
@@ -253,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", type=int, default=660)
     parser.add_argument("--cache", default="/tmp/keeper-finetune-quality")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=SETTINGS["epochs"], help="smoke runs: fewer")
+    parser.add_argument("--epochs", type=int, default=SETTINGS["epochs"], help="the epoch budget")
+    parser.add_argument(
+        "--features", choices=["embedding", "embedding+quality"], help="only the rows of these"
+    )
     parser.add_argument("--out", default="benchmarks/results/finetune_quality.json")
     parser.add_argument("--merge", nargs="*", help="merge these per-fold JSON parts into --out")
     args = parser.parse_args(argv)
@@ -280,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         sharp = [r["quality"].reshape(r["length"], -1)[:, j] for r in test]
         fold["rows"]["sharpness rule"] = {"test": series_metrics(sharp, best).as_dict()}
         for method, features in ROWS:
+            if args.features and features != args.features:
+                continue
             val, tst, trainable, secs = train_one(method, features, data, train_q, seed=0)
             name = f"{method}, {features}"
             fold["rows"][name] = {
@@ -320,21 +332,20 @@ def merge(parts: list[str], out: str) -> int:
     for name in names:
         table[name] = pooled([SeriesMetrics(**f["rows"][name]["test"]) for f in folds_.values()])
     text = format_table(table)
-    frozen_e = table["frozen, embedding"].top1
-    frozen_q = table["frozen, embedding+quality"].top1
-    tuned_e = {
-        m: table[f"{m}, embedding"].top1 for m in ("lora", "last-blocks", "last-blocks+lora")
-    }
-    tuned_q = {
-        m: table[f"{m}, embedding+quality"].top1
-        for m in ("lora", "last-blocks", "last-blocks+lora")
-    }
-    bar = {
-        "embedding_gain_pts": {m: round(100 * (v - frozen_e), 1) for m, v in tuned_e.items()},
-        "quality_gain_pts": {m: round(100 * (v - frozen_q), 1) for m, v in tuned_q.items()},
-    }
-    bar["embedding_holds"] = {m: g >= 15 for m, g in bar["embedding_gain_pts"].items()}
-    bar["quality_holds"] = {m: g >= 0 for m, g in bar["quality_gain_pts"].items()}
+    bar: dict[str, Any] = {}
+    for features, key, need in (
+        ("embedding", "embedding", 15),
+        ("embedding+quality", "quality", 0),
+    ):
+        if f"frozen, {features}" not in table:
+            continue
+        frozen = table[f"frozen, {features}"].top1
+        gain = {
+            m: round(100 * (table[f"{m}, {features}"].top1 - frozen), 1)
+            for m in ("lora", "last-blocks", "last-blocks+lora")
+        }
+        bar[f"{key}_gain_pts"] = gain
+        bar[f"{key}_holds"] = {m: g >= need for m, g in gain.items()}
     result = {
         **first,
         "folds": folds_,
