@@ -106,7 +106,7 @@ def test_demo_end_to_end(
     assert f"{NAME} v3 (fine-tuned lora, embedding+quality)" in printed
     assert "sharpness rule" in printed
     sidecar = json.loads((tmp_path / "tuned-tower.safetensors.json").read_text())
-    assert sidecar["version"] == "3"
+    assert sidecar["registered_version"] == "3"
     adapters = (tmp_path / "mlartifacts").rglob("ranker/adapter.safetensors")
     tuned = [r for f in adapters if isinstance(r := load_ranker(f.parent), TunedRanker)]
     assert len(tuned) == 1

@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import resource
 import sys
 import tempfile
@@ -61,6 +60,7 @@ from keeper_core.ranker import QUALITY_INPUTS, RankerConfig, fit_standardizer
 from keeper_core.series import read_series_manifest
 from keeper_core.tower import LORA_MODULES, TowerConfig, TuneMethod
 from keeper_core.training import shard_order
+from keeper_train import raytrain
 from keeper_train.config import load_config
 from keeper_train.data import assign_split
 
@@ -567,7 +567,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shift = round(config["max_shift"] * image_size)
 
     for epoch in range(start, config["epochs"]):
-        _maybe_fail(config, epoch, rank)
+        raytrain.maybe_fail(config, epoch, rank)
         model.train()
         t_epoch = time.perf_counter()
         wait, n_images, loss_sum, n_series, seen = 0.0, 0, 0.0, 0, 0
@@ -604,7 +604,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if seen != steps:
             raise DataError(f"worker {rank} made {seen} steps, expected {steps}: unequal shards")
         seconds = time.perf_counter() - t_epoch
-        train_loss = _mean_over_workers(loss_sum / max(n_series, 1), world, device)
+        train_loss = raytrain.mean_over_workers(loss_sum / max(n_series, 1), world, device)
         val = _evaluate(model, val_it, image_size, device, autocast)
         if val.top1 > best_top1:
             best_top1, best_epoch, stale = val.top1, epoch, 0
@@ -669,25 +669,6 @@ def _evaluate(
     return series_metrics(scores, best)
 
 
-def _mean_over_workers(value: float, world: int, device: torch.device) -> float:
-    if world == 1 or not torch.distributed.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return float(t.item()) / world
-
-
-def _maybe_fail(config: dict[str, Any], epoch: int, rank: int) -> None:
-    """Fault drill: rank 0 fails once at ``fail_at_epoch`` (a marker makes it one-shot)."""
-    if config.get("fail_at_epoch") != epoch or rank != 0:
-        return
-    marker = storage.join(config["storage"], config["run_name"], "_injected_failure")
-    if storage.exists(marker):
-        return
-    storage.write_bytes(marker, b"failed once\n")
-    raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
-
-
 # --------------------------------------------------------------------------------------------
 # The job
 
@@ -700,14 +681,7 @@ def fit(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from keeper_train.jobs.train_head import (
-        HEALTH_CHECK_ENV,
-        _storage_for_ray,
-        controller_poll,
-        data_config,
-    )
-
-    storage_path, fs = _storage_for_ray(cfg.storage)
+    storage_path, fs = raytrain.storage_for_ray(cfg.storage)
     loop = {
         "ranker": rc.model_dump(),
         "train_series": prepared.counts["train"],
@@ -727,7 +701,7 @@ def fit(
         train_loop_per_worker,
         train_loop_config=loop,
         datasets={"train": prepared.datasets["train"], "val": prepared.datasets["val"]},
-        dataset_config=data_config(),
+        dataset_config=raytrain.data_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -738,7 +712,7 @@ def fit(
         ),
     )
     t = time.perf_counter()
-    with controller_poll(float(os.environ.get(HEALTH_CHECK_ENV) or cfg.report_poll_s)):
+    with raytrain.controller_poll(cfg.report_poll_s):
         result = trainer.fit()
     if result.checkpoint is None:
         raise KeeperError(f"training produced no checkpoint: {result.error}")

@@ -21,16 +21,14 @@ registered as a new version with alias ``challenger``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +60,7 @@ from keeper_core.training import (
     steps_per_epoch,
     train_epoch,
 )
+from keeper_train import raytrain
 from keeper_train.config import load_config
 from keeper_train.data import assign_split, join_series
 
@@ -124,28 +123,6 @@ class TrainHeadConfig(BaseModel):
         if self.head == "transformer" and self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         return self
-
-
-HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-
-
-@contextlib.contextmanager
-def controller_poll(seconds: float) -> Iterator[None]:
-    """Ray Train's controller poll interval for the fits started inside the block.
-
-    The controller takes one worker report per poll (a queue of one), so with Ray's default of
-    2 s no epoch of a small head is shorter than 2 s. Ray copies the variable from the driver's
-    environment to the controller at ``fit()``; the environment is restored afterwards.
-    """
-    before = os.environ.get(HEALTH_CHECK_ENV)
-    os.environ[HEALTH_CHECK_ENV] = f"{seconds:g}"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(HEALTH_CHECK_ENV, None)
-        else:
-            os.environ[HEALTH_CHECK_ENV] = before
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,7 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
 
     for epoch in range(start, config["epochs"]):
-        _maybe_fail(config, epoch, rank)
+        raytrain.maybe_fail(config, epoch, rank)
         rng = np.random.default_rng([config["seed"], epoch, rank])
         loss = train_epoch(
             trained,
@@ -290,7 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rng=rng,
             device=device,
         )
-        loss = _mean_over_workers(loss, world, device)
+        loss = raytrain.mean_over_workers(loss, world, device)
         metrics_val = evaluate(model, val, device=str(device))
         if metrics_val.top1 > best_top1:
             best_top1, best_epoch, stale = metrics_val.top1, epoch, 0
@@ -336,26 +313,6 @@ def _read_dataset(name: str) -> list[Series]:
 
     it = ray.train.get_dataset_shard(name)
     return series_from_arrow(list(it.iter_batches(batch_size=None, batch_format="pyarrow")))
-
-
-def _mean_over_workers(value: float, world: int, device: torch.device) -> float:
-    """The mean of ``value`` over the workers (equal shards: the epoch's loss per series)."""
-    if world == 1 or not torch.distributed.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL takes CUDA tensors
-    torch.distributed.all_reduce(t)
-    return float(t.item()) / world
-
-
-def _maybe_fail(config: dict[str, Any], epoch: int, rank: int) -> None:
-    """Fault drill: rank 0 fails once at ``fail_at_epoch`` (a marker makes it one-shot)."""
-    if config.get("fail_at_epoch") != epoch or rank != 0:
-        return
-    marker = storage.join(config["storage"], config["run_name"], "_injected_failure")
-    if storage.exists(marker):
-        return
-    storage.write_bytes(marker, b"failed once\n")
-    raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,34 +364,6 @@ def datasets(prepared: Prepared, num_workers: int, seed: int) -> dict[str, Any]:
         "train": dataset(series_to_arrow(train, shard_order(len(train), num_workers, seed))),
         "val": dataset(series_to_arrow(prepared.splits["val"])),
     }
-
-
-def data_config() -> Any:
-    """Split train equally (Ray's streaming_split(equal=True)), in order, deterministically.
-
-    preserve_order makes the split ignore locality, so each rank gets the same series on every
-    run and after every restart; equal=True gives each ``len / world`` rows, which
-    ``shard_order``'s padding makes exact (no row is truncated).
-    """
-    from ray.train import DataConfig
-
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return DataConfig(datasets_to_split=["train"], execution_options={"train": options})
-
-
-def _storage_for_ray(uri: str) -> tuple[str, Any]:
-    """Ray Train's storage_path (+ filesystem): absolute local paths, or S3 via pyarrow."""
-    if not storage.is_s3(uri):
-        return str(Path(uri).expanduser().resolve()), None
-    import pyarrow.fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if not endpoint:
-        return uri, None
-    scheme, _, host = endpoint.partition("://")
-    fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme)
-    return uri.removeprefix("s3://"), fs
 
 
 def train_single_process(
@@ -546,14 +475,14 @@ def fit(
     from keeper_train.cluster import init_ray
 
     init_ray(cfg.ray_address)
-    storage_path, fs = _storage_for_ray(cfg.storage)
+    storage_path, fs = raytrain.storage_for_ray(cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config(
             cfg, prepared, run_id=run_id, tracking_uri=tracking_uri, run_name=run_name
         ),
         datasets=datasets(prepared, cfg.num_workers, cfg.seed),
-        dataset_config=data_config(),
+        dataset_config=raytrain.data_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -564,10 +493,7 @@ def fit(
         ),
     )
     t_fit = time.perf_counter()
-    # benchmarks/train_head.py: 230 series/s at Ray's 2 s poll, 2,256 at 0.2 s. A value the
-    # user exported wins.
-    poll = float(os.environ.get(HEALTH_CHECK_ENV) or cfg.report_poll_s)
-    with controller_poll(poll):
+    with raytrain.controller_poll(cfg.report_poll_s):
         result = trainer.fit()
     fit_s = time.perf_counter() - t_fit
     if result.checkpoint is None:

@@ -1,0 +1,87 @@
+"""What the Ray Train jobs (train_head, finetune) share: data ingest, storage, polling, drills.
+
+Imported by a job's driver and by its ``train_loop_per_worker`` on the workers; Ray is imported
+only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from keeper_core import storage
+
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+@contextlib.contextmanager
+def controller_poll(seconds: float) -> Iterator[None]:
+    """Ray Train's controller poll interval for the fits started inside the block.
+
+    The controller takes one worker report per poll (a queue of one), so with Ray's default of
+    2 s no epoch of a small model is shorter than 2 s (benchmarks/train_head.py: 230 series/s at
+    2 s, 2,256 at 0.2 s). Ray copies the variable from the driver's environment to the controller
+    at ``fit()``; a value the user exported wins; the environment is restored afterwards.
+    """
+    before = os.environ.get(HEALTH_CHECK_ENV)
+    os.environ[HEALTH_CHECK_ENV] = before or f"{seconds:g}"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(HEALTH_CHECK_ENV, None)
+        else:
+            os.environ[HEALTH_CHECK_ENV] = before
+
+
+def data_config() -> Any:
+    """Split train equally (Ray's streaming_split(equal=True)), in order, deterministically.
+
+    preserve_order makes the split ignore locality, so each rank gets the same series on every
+    run and after every restart; equal=True gives each ``len / world`` rows, which
+    ``keeper_core.training.shard_order``'s padding makes exact (no row is truncated).
+    """
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(datasets_to_split=["train"], execution_options={"train": options})
+
+
+def storage_for_ray(uri: str) -> tuple[str, Any]:
+    """Ray Train's storage_path (+ filesystem): absolute local paths, or S3 via pyarrow."""
+    if not storage.is_s3(uri):
+        return str(Path(uri).expanduser().resolve()), None
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return uri, None
+    scheme, _, host = endpoint.partition("://")
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme)
+    return uri.removeprefix("s3://"), fs
+
+
+def mean_over_workers(value: float, world: int, device: torch.device) -> float:
+    """The mean of ``value`` over the workers (equal shards: the epoch's loss per series)."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL takes CUDA tensors
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / world
+
+
+def maybe_fail(config: dict[str, Any], epoch: int, rank: int) -> None:
+    """Fault drill: rank 0 fails once at ``fail_at_epoch`` (a marker makes it one-shot)."""
+    if config.get("fail_at_epoch") != epoch or rank != 0:
+        return
+    marker = storage.join(config["storage"], config["run_name"], "_injected_failure")
+    if storage.exists(marker):
+        return
+    storage.write_bytes(marker, b"failed once\n")
+    raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
