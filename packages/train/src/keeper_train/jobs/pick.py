@@ -209,6 +209,10 @@ def resolve_ranker(cfg: PickJobConfig) -> tuple[Ranker | None, str]:
         return np.asarray(out["score"], dtype=np.float64)
 
     spec = loaded.config.embedding_spec if loaded.config.features != "quality" else None
+    if loaded.config.tower is not None:
+        # A fine-tuned ranker embeds each image with its own tower (its pyfunc reads image_uri);
+        # the library is embedded with its base model, for grouping and duplicates.
+        spec = loaded.config.tower.base_spec
     info = {"uri": uri, "name": loaded.ref.name, "version": loaded.ref.version}
     ranker = Ranker(uri, f"{label} ({uri})", spec, score, info)
     return ranker, f"ranker: {ranker.label}, trained on {loaded.config.embedding_spec}"
