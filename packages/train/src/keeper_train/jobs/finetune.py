@@ -215,13 +215,11 @@ def plan(cfg: FinetuneConfig) -> Plan:
         ConfigError: a LoRA target or block count the tower does not have (named).
         DataError: a bad manifest or an empty split.
     """
-    from keeper_core.models import ModelSpec, preprocess_config
+    from keeper_core.models import ModelSpec, load_clip, preprocess_config
     from keeper_core.tower import apply_tuning
 
     tower = cfg.tower_config()
     # The structure check builds the architecture with random weights: nothing is downloaded.
-    from keeper_core.models import load_clip
-
     arch = ModelSpec.parse(cfg.model).arch
     probe = load_clip(f"{arch}:random", "cpu").model.visual
     assert isinstance(probe, torch.nn.Module)
