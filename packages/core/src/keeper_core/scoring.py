@@ -89,8 +89,8 @@ def check_scores(x: Any, name: str, *, n: int | None = None) -> np.ndarray:
     return arr
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    # exp of -|x| never overflows, whatever the logit scale.
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function, elementwise, in ``x``'s dtype (exp of -|x| never overflows)."""
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
 
@@ -324,12 +324,12 @@ def aesthetic_scores(
 
     dims: dict[str, np.ndarray] = {}
     for p in config.pairs:
-        dims[p.name] = _sigmoid(s * (cos[:, col[p.positive]] - cos[:, col[p.negative]]))
+        dims[p.name] = sigmoid(s * (cos[:, col[p.positive]] - cos[:, col[p.negative]]))
     pos = cos[:, [col[t] for t in config.positive]]
     neg = cos[:, [col[t] for t in config.negative]]
     anchor = np.concatenate([pos, neg], axis=1).mean(axis=1, keepdims=True)
-    dims["positive"] = _sigmoid(s * (pos - anchor)).mean(axis=1)
-    dims["negative"] = 1.0 - _sigmoid(s * (neg - anchor)).mean(axis=1)
+    dims["positive"] = sigmoid(s * (pos - anchor)).mean(axis=1)
+    dims["negative"] = 1.0 - sigmoid(s * (neg - anchor)).mean(axis=1)
 
     w = config.weights
     pair_mean = np.mean([dims[p.name] for p in config.pairs], axis=0)

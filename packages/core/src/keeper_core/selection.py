@@ -155,7 +155,7 @@ def select(
     if config.dedup_threshold is not None:
         if embeddings is None:
             raise DataError("embeddings are required when dedup_threshold is set")
-        kept, dup_of, done = _dedup(order, embeddings, config.dedup_threshold, config.top_k)
+        kept, dup_of, done = dedup_in_order(order, embeddings, config.dedup_threshold, config.top_k)
         dropped.update({i: f"near_duplicate_of:{j}" for i, j in dup_of.items()})
         rest = order[done:]
     else:
@@ -165,7 +165,7 @@ def select(
     return Selection(kept=kept, dropped=dropped)
 
 
-def _dedup(
+def dedup_in_order(
     order: np.ndarray, emb: np.ndarray, threshold: float, limit: int | None
 ) -> tuple[list[int], dict[int, int], int]:
     """Greedy dedup of ``order`` (rank order).
