@@ -17,6 +17,7 @@ from keeper_core.cascade import (
     CascadeLimits,
     CascadeResult,
     CascadeStageError,
+    VlmScores,
     check_limits,
     run_cascade,
 )
@@ -297,6 +298,37 @@ def test_the_vlm_can_lift_the_last_of_the_top_n_to_first() -> None:
     assert res.picks[0] == last
     assert res.candidates.vlm[last] == 1.0
     assert res.candidates.final[last] == pytest.approx(0.5 * res.candidates.clip[last] + 0.5)
+
+
+def test_candidates_the_judge_could_not_judge_leave_at_the_vlm_stage_with_the_reason() -> None:
+    img, pos, neg = corpus(20, seed=8, noise=1.0)
+    cfg = CascadeConfig(top_n=6, top_k=6, dedup_threshold=None, logit_scale=10.0)
+    asked: list[int] = []
+
+    def judge(idx: np.ndarray) -> VlmScores:
+        asked.extend(idx.tolist())
+        scores = np.linspace(1.0, 0.5, len(idx))
+        scores[1] = np.nan  # a failed candidate's score is never read
+        return VlmScores(scores, {int(idx[1]): "image unreadable: truncated"})
+
+    res = run_cascade(img, pos, neg, config=cfg, vlm=judge)
+    bad = asked[1]
+    assert res.candidates.dropped_at[bad] == "vlm"
+    assert res.candidates.reason[bad] == "vlm_failed: image unreadable: truncated"
+    assert bad not in res.picks
+    assert len(res.picks) == 5
+    vlm = res.stages[STAGES.index("vlm")]
+    assert (vlm.n_in, vlm.n_kept, vlm.n_dropped) == (6, 5, 1)
+    assert res.stages[STAGES.index("top_k")].n_in == 5
+    assert res.vlm_calls == 6
+    assert math.isnan(res.candidates.vlm[bad])
+    assert math.isnan(res.candidates.final[bad])
+
+    def stray(idx: np.ndarray) -> VlmScores:
+        return VlmScores(np.ones(len(idx)), {999: "never asked"})
+
+    with pytest.raises(CascadeStageError, match="not asked"):
+        run_cascade(img, pos, neg, config=cfg, vlm=stray)
 
 
 def test_stage_one_and_heuristics_name_their_reasons() -> None:

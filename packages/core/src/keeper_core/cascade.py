@@ -15,7 +15,8 @@
    Skipped when ``dedup_threshold`` is None.
 4. ``rerank``: the ``top_n`` best by ``alpha * S_clip + gamma * S_head`` (``beyond_top_n``).
 5. ``vlm``: one call of the ``vlm`` callback with the top-N indices; ``S = alpha * S_clip +
-   beta * S_vlm + gamma * S_head``. Skipped (final = stage-4 score) when ``beta == 0`` or no
+   beta * S_vlm + gamma * S_head``; a candidate the judge could not judge (a batch job's
+   unreadable image) leaves with ``vlm_failed: <why>``. Skipped (final = stage-4 score) when ``beta == 0`` or no
    callback is given.
 6. ``top_k``: the ``top_k`` best by the final score (``beyond_top_k``).
 
@@ -68,8 +69,24 @@ STAGES = ("clip", "heuristics", "dedup", "rerank", "vlm", "top_k")
 #: The anchor prompt whose embedding stands in for the negatives when a query has none.
 NEUTRAL_PROMPT = "a photo"
 
-#: The VLM judge: candidate indices (rank order) -> one score in [0, 1] per index.
-VlmScorer = Callable[[np.ndarray], npt.ArrayLike]
+
+@dataclass(frozen=True)
+class VlmScores:
+    """A judge's answer where some candidates could not be judged (a batch job's bad items).
+
+    Attributes:
+        scores: one per candidate asked about; a failed candidate's entry is not read.
+        failed: candidate index -> why it could not be judged (e.g. its image is unreadable).
+            Those leave at the ``vlm`` stage with reason ``vlm_failed: <why>``.
+    """
+
+    scores: npt.ArrayLike
+    failed: Mapping[int, str]
+
+
+#: The VLM judge: candidate indices (rank order) -> one score in [0, 1] per index, or VlmScores
+#: when some candidates could not be judged. A server's judge fails whole (CascadeStageError).
+VlmScorer = Callable[[np.ndarray], "npt.ArrayLike | VlmScores"]
 
 # select() names stage-1 drops after its own knobs; the cascade names them after its own.
 _CLIP_REASONS = {"below_threshold": "below_relevance", "beyond_top_k": "beyond_clip_keep"}
@@ -283,7 +300,7 @@ class CascadeResult:
         picks: indices of the picks, best first.
         candidates: every candidate's scores, stage and reason.
         stages: one report per stage, in ``STAGES`` order.
-        vlm_calls: candidates the VLM judged (its cost unit: one forward pass each).
+        vlm_calls: candidates sent to the VLM (its cost unit: one forward pass each).
     """
 
     picks: list[int]
@@ -323,12 +340,26 @@ def _split(
     return alive[~out[alive]], {i: reasons[i] for i in gone.tolist()}
 
 
-def _call_vlm(vlm: VlmScorer, idx: np.ndarray) -> np.ndarray:
-    """Calls the judge once and checks its answer; any failure is a CascadeStageError."""
+def _call_vlm(vlm: VlmScorer, idx: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    """Calls the judge once and checks its answer: (scores, failed candidates -> why).
+
+    Any failure of the judge itself is a CascadeStageError; only candidates it names as failed
+    (VlmScores) leave without a score.
+    """
     try:
         out = vlm(idx.copy())  # a copy: the callback cannot edit the ranking
     except Exception as e:
         raise CascadeStageError("vlm", f"the VLM scorer raised {type(e).__name__}: {e}") from e
+    failed: dict[int, str] = {}
+    if isinstance(out, VlmScores):
+        asked = set(idx.tolist())
+        failed = {int(i): str(why) for i, why in out.failed.items()}
+        stray = sorted(set(failed) - asked)
+        if stray:
+            raise CascadeStageError(
+                "vlm", f"the VLM scorer reported failures for candidates it was not asked: {stray}"
+            )
+        out = out.scores
     try:
         s = np.asarray(out, dtype=np.float64)
     except (TypeError, ValueError, OverflowError) as e:
@@ -337,7 +368,8 @@ def _call_vlm(vlm: VlmScorer, idx: np.ndarray) -> np.ndarray:
         raise CascadeStageError(
             "vlm", f"the VLM scorer returned shape {s.shape} for {len(idx)} candidates"
         )
-    bad = np.flatnonzero(~((s >= 0) & (s <= 1)))  # NaN fails both comparisons
+    judged = ~np.isin(idx, np.fromiter(failed, dtype=np.int64, count=len(failed)))
+    bad = np.flatnonzero(~((s >= 0) & (s <= 1)) & judged)  # NaN fails both comparisons
     if bad.size:
         j = int(bad[0])
         raise CascadeStageError(
@@ -345,7 +377,7 @@ def _call_vlm(vlm: VlmScorer, idx: np.ndarray) -> np.ndarray:
             f"{bad.size} VLM score(s) are not finite numbers in [0, 1] "
             f"(candidate {int(idx[j])} got {s[j]!r})",
         )
-    return s
+    return np.where(judged, s, np.nan), failed
 
 
 class _Ledger:
@@ -401,7 +433,8 @@ def run_cascade(
             They choose the kept member of a near-duplicate group and count with ``gamma``.
         vlm: the judge, called at most once with the top-N indices (int64, rank order; never
             empty); it returns their ``S_vlm`` in [0, 1], e.g. VQAScore's
-            ``P(yes) / (P(yes) + P(no))``. Batching is the callback's business (a Serve
+            ``P(yes) / (P(yes) + P(no))``, or ``VlmScores`` naming candidates it could not
+            judge (they leave at this stage, ``vlm_failed: <why>``). Batching is the callback's business (a Serve
             handle's ``@serve.batch``, a Ray Data map): the cascade hands it the whole budget
             at once so it can fill its batches.
 
@@ -486,9 +519,11 @@ def run_cascade(
         final[top] = rerank_all[top]
         book.stage("vlm", len(top), top, {}, t0, skipped=True)
     else:
-        if len(top):
-            s_vlm[top] = _call_vlm(vlm, top)
-            vlm_calls = len(top)
+        n_top, failed = len(top), dict[int, str]()
+        if n_top:
+            s_vlm[top], failed = _call_vlm(vlm, top)
+            vlm_calls = n_top
+            top = top[~np.isin(top, np.fromiter(failed, dtype=np.int64, count=len(failed)))]
             final[top] = combined_score(
                 clip[top],
                 s_vlm[top],
@@ -497,7 +532,8 @@ def run_cascade(
                 beta=config.beta,
                 gamma=config.gamma,
             )
-        book.stage("vlm", len(top), top, {}, t0)
+        drops = {i: f"vlm_failed: {why}" for i, why in failed.items()}
+        book.stage("vlm", n_top, top, drops, t0)
 
     # 6. top_k by the final score.
     t0 = time.perf_counter()
