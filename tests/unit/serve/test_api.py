@@ -464,13 +464,17 @@ class FakeEncoder:
     embed_pixels = _Remote(lambda px: _unit(len(px)))
     embed_texts = _Remote(lambda texts: _unit(len(texts)))
     info = _Remote(
-        lambda: {"spec": SPEC, "embed_dim": 8, "image_size": SIZE, "random_weights": True}
+        lambda: {"spec": SPEC, "embed_dim": 8, "image_size": SIZE, "random_weights": True, "logit_scale": 100.0}
     )
 
 
 class FakeRanker:
     info = _Remote(lambda: {"uri": "models:/r@champion", "status": "unavailable", "error": "x"})
     rank = _Remote(lambda emb, quality, lengths: {"unavailable": "no ranker loaded"})
+
+
+class FakeVlm:
+    info = _Remote(lambda: {"status": "disabled", "source": None})
 
 
 class Recorder:
@@ -509,7 +513,7 @@ def served(ingress_mod: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[
         for c in ingress_mod.KeeperIngress.func_or_class.__mro__
         if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
     )
-    inst = cls(FakeEncoder(), FakeRanker(), app_args())
+    inst = cls(FakeEncoder(), FakeRanker(), FakeVlm(), app_args())
     inst.requests, inst.latency = Recorder(), Recorder()
     monkeypatch.setattr(
         ray.serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=inst)

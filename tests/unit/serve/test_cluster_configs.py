@@ -34,6 +34,7 @@ from keeper_serve.config import (
     ENCODER,
     INGRESS,
     RANKER,
+    VLM,
     EncoderArgs,
     KeeperAppArgs,
     RankerArgs,
@@ -48,7 +49,7 @@ RAYSERVICE = ROOT / "clusters" / "k8s" / "rayservice.yaml"
 PACKAGED = ROOT / "packages" / "serve" / "src" / "keeper_serve" / "serve_config.yaml"
 
 IMPORT_PATH = "keeper_serve.app:build_app"
-DEPLOYMENTS = {INGRESS, ENCODER, RANKER}
+DEPLOYMENTS = {INGRESS, ENCODER, RANKER, VLM}
 ENCODER_USER_CONFIG = {"max_batch_size", "batch_wait_timeout_s"}
 RANKER_USER_CONFIG = {"model_uri", "poll_s"}
 SECRET_ENV = {"KEEPER_API_TOKEN", "RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY"}

@@ -377,6 +377,10 @@ class FakeRanker:
         self.rank = _Remote(rank)
 
 
+class FakeVlm:
+    info = _Remote(lambda: {"status": "disabled", "source": None})
+
+
 class Recorder:
     def inc(self, value: float = 1, tags: dict[str, str] | None = None) -> None:
         pass
@@ -403,7 +407,9 @@ def client_with(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     clients: list[Any] = []
 
     def make(rank: RankSpy) -> Any:
-        inst = cls(FakeEncoder(), FakeRanker(rank), KeeperAppArgs(clip_model=SPEC, limits=LIMITS))
+        inst = cls(
+            FakeEncoder(), FakeRanker(rank), FakeVlm(), KeeperAppArgs(clip_model=SPEC, limits=LIMITS)
+        )
         inst.requests, inst.latency = Recorder(), Recorder()
         monkeypatch.setattr(
             ray.serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=inst)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from keeper_core.errors import DataError
+from keeper_core.errors import DataError, ModelLoadError
 from keeper_core.models import LoadedClip, ModelSpec, load_clip, resize_transform
 
 #: Input columns ``__call__`` understands, in order of preference.
@@ -72,6 +72,18 @@ class ClipEmbedder:
     @property
     def embed_dim(self) -> int:
         return self.clip.embed_dim
+
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's learned temperature ``exp(model.logit_scale)`` (100 for OpenAI/LAION ViT-B-32).
+
+        Raises:
+            ModelLoadError: the model has none (not a contrastive CLIP).
+        """
+        scale = getattr(self.clip.model, "logit_scale", None)
+        if not isinstance(scale, torch.Tensor):
+            raise ModelLoadError(self.spec, "the model has no logit_scale (not a CLIP model?)")
+        return float(scale.detach().float().exp().cpu())
 
     @property
     def is_random(self) -> bool:

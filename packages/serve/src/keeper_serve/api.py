@@ -27,6 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from keeper_core import storage
 from keeper_core.capture import CAPTURE_COLUMNS, Capture, capture_row, given_capture, read_capture
+from keeper_core.cascade import CascadeConfig
 from keeper_core.culling import CullResult, cull
 from keeper_core.errors import ConfigError, DataError, ImageDecodeError, StorageError
 from keeper_core.grouping import GroupingConfig, dhash
@@ -207,11 +208,63 @@ class PickRequest(_Req):
 # ----------------------------------------------------------------------------------- responses
 
 
+class SelectRequest(_Req):
+    """``/v1/select``: a query and its candidates; the cascade's knobs, within server limits."""
+
+    positive: list[str] = Field(min_length=1, description="what is wanted")
+    negative: list[str] = Field(
+        default_factory=list, description='what is not wanted; "a photo" always joins them'
+    )
+    images: list[ImageRef] = Field(min_length=1, description="the candidates")
+    min_relevance: float = Field(0.0, ge=0, le=1, description="stage 1: calibrated CLIP cut")
+    clip_keep: int | None = Field(None, ge=1, description="stage 1: at most this many go on")
+    min_side: int = Field(0, ge=0, description="stage 2: shorter side, pixels")
+    min_aspect: float | None = Field(None, gt=0, description="stage 2: width / height")
+    max_aspect: float | None = Field(None, gt=0, description="stage 2: width / height")
+    dedup_threshold: float | None = Field(
+        0.95, gt=0, le=1, description="stage 3: cosine of near duplicates; null: off"
+    )
+    top_n: int | None = Field(
+        None, ge=1, description="stage 4: candidates the VLM judges; null: the server's default"
+    )
+    top_k: int | None = Field(None, ge=1, description="stage 6: picks; null: the server's default")
+    alpha: float = Field(0.5, ge=0, description="weight of the calibrated CLIP relevance")
+    beta: float = Field(0.5, ge=0, description="weight of the VLM relevance; 0: no VLM stage")
+    gamma: float = Field(0.0, ge=0, description="weight of the aesthetic score (the reranker)")
+    vlm_query: str | None = Field(
+        None, description="what the VLM is asked about; default: the first positive prompt"
+    )
+    candidates: Literal["all", "picks"] = Field(
+        "all", description="all: every candidate's scores and fate; picks: the picks only"
+    )
+
+    texts_label: ClassVar[str] = "prompts"
+
+    def checked_texts(self) -> list[str]:
+        """Positive then negative prompts, each once, and the VLM's query."""
+        texts = [*self.positive, *self.negative]
+        return list(dict.fromkeys(texts + ([self.vlm_query] if self.vlm_query else [])))
+
+    def cascade(self, logit_scale: float, top_n: int, top_k: int) -> CascadeConfig:
+        """The request's knobs as keeper_core's CascadeConfig (422 when they do not agree).
+
+        ``top_n`` and ``top_k`` are the server's defaults for a request that gives none.
+        """
+        knobs = self.model_dump(include=set(CascadeConfig.model_fields) - {"logit_scale"})
+        knobs["top_n"] = self.top_n or top_n
+        knobs["top_k"] = self.top_k or top_k
+        try:
+            return CascadeConfig(**knobs, logit_scale=logit_scale)
+        except ValidationError as e:
+            raise validation_error(e) from e
+
+
 class ClipInfo(BaseModel):
     spec: str
     embed_dim: int
     image_size: int
     random_weights: bool = Field(description="true: scores from this model mean nothing")
+    logit_scale: float = Field(description="exp of the model's learned logit scale")
 
 
 #: What a served ranker is: a head over the encoder's embeddings, or a fine-tuned ranker that
@@ -240,6 +293,9 @@ class RankerInfo(BaseModel):
 class ModelsResponse(BaseModel):
     clip: ClipInfo
     ranker: RankerInfo
+    vlm: dict[str, Any] = Field(
+        description='the VlmJudge: status "ready" (and what it is) or "disabled"'
+    )
 
 
 class EmbedResponse(BaseModel):
@@ -337,6 +393,49 @@ class PickedImage(BaseModel):
     camera: str
 
 
+class SelectStage(BaseModel):
+    name: str = Field(description="clip | heuristics | dedup | rerank | vlm | top_k")
+    n_in: int
+    n_kept: int
+    n_dropped: int
+    ms: float
+    skipped: bool
+
+
+class SelectCandidate(BaseModel):
+    index: int = Field(description="position in the request")
+    clip_raw: float | None = Field(description="max cos(positives) - max cos(negatives)")
+    clip: float | None = Field(description="calibrated CLIP relevance in [0, 1]")
+    head: float | None = Field(description="the reranker's score (aesthetic total) in [0, 1]")
+    rerank: float | None = Field(description="alpha * clip + gamma * head")
+    vlm: float | None = Field(description="VLM relevance P(yes) / (P(yes) + P(no))")
+    final: float | None = Field(description="alpha * clip + beta * vlm + gamma * head")
+    dropped_at: str | None = Field(description="the stage that dropped it; null: a pick")
+    reason: str | None
+
+
+class SelectModels(BaseModel):
+    clip_model: str
+    clip_random_weights: bool
+    logit_scale: float = Field(description="the CLIP model's, used to calibrate relevance")
+    reranker: str
+    vlm: dict[str, Any] = Field(description='VlmJudge.info(): status "ready" or "disabled"')
+
+
+class SelectCost(BaseModel):
+    candidates: int
+    vlm_calls: int = Field(description="candidates the VLM judged")
+    ms: float = Field(description="the whole request, server side")
+
+
+class SelectResponse(BaseModel):
+    picks: list[int] = Field(description="request indices, best first")
+    stages: list[SelectStage]
+    candidates: list[SelectCandidate]
+    cost: SelectCost
+    models: SelectModels
+
+
 class PickResponse(BaseModel):
     clip_model: str
     random_weights: bool
@@ -414,6 +513,16 @@ class PickImages(Prepared):
     image_ids: list[str]  # sha256 of the bytes: the same file twice is an exact duplicate
     captures: list[Capture]
     hashes: list[int]  # keeper_core.grouping.dhash, the near-duplicate pixel guard
+
+
+@dataclass
+class SelectImages:
+    """Request candidates ready for the cascade: CLIP pixels, sizes and the VLM's copies."""
+
+    pixels: np.ndarray  # (N, 3, S, S) uint8
+    widths: np.ndarray  # (N,) original displayed widths
+    heights: np.ndarray
+    views: list[np.ndarray]  # (H, W, 3) uint8, longest side <= vlm.max_image_side
 
 
 class ImagePreparer:
@@ -532,6 +641,22 @@ class ImagePreparer:
         decoded = [self.decode(self.fetch(ref, i), i) for i, ref in enumerate(refs)]
         feats = self.preparation.quality(decoded) if quality and decoded else None
         return Prepared(pixels=self.preparation.pixels(decoded), quality=feats)
+
+    def prepare_select(self, refs: Sequence[ImageRef | bytes], max_side: int) -> SelectImages:
+        """``prepare`` plus sizes and a copy of each image at most ``max_side`` for the VLM."""
+        self.check_count(len(refs), self.limits.max_select_images)
+        decoded = [self.decode(self.fetch(ref, i), i) for i, ref in enumerate(refs)]
+        views = []
+        for d in decoded:
+            view = d.image.copy()
+            view.thumbnail((max_side, max_side))
+            views.append(np.asarray(view.convert("RGB"), dtype=np.uint8))
+        return SelectImages(
+            pixels=self.preparation.pixels(decoded),
+            widths=np.array([d.width for d in decoded], np.float64),
+            heights=np.array([d.height for d in decoded], np.float64),
+            views=views,
+        )
 
     def prepare_pick(
         self,

@@ -1,6 +1,7 @@
 """``build_app(args)``: keeper's Serve application (import path ``keeper_serve.app:build_app``).
 
-Three deployments: ``KeeperIngress`` (FastAPI) composes ``ClipEncoder`` and ``SeriesRanker``
+Four deployments: ``KeeperIngress`` (FastAPI) composes ``ClipEncoder``, ``SeriesRanker`` and
+``VlmJudge`` (``/v1/select``'s VLM stage; a replica without a model when ``vlm.source`` is null)
 through deployment handles. No replica counts, batch-independent concurrency or resources
 here: those come from the Serve config's ``deployments`` section (clusters/serve/*.yaml), or
 from :func:`bind` for local runs.
@@ -11,12 +12,13 @@ from typing import Any
 
 from ray.serve import Application
 
-from keeper_serve.config import ENCODER, INGRESS, RANKER, KeeperAppArgs
+from keeper_serve.config import ENCODER, INGRESS, RANKER, VLM, KeeperAppArgs
 from keeper_serve.encoder import ClipEncoder
 from keeper_serve.ingress import KeeperIngress
 from keeper_serve.ranker import SeriesRanker
+from keeper_serve.vlm import VlmJudge
 
-DEPLOYMENTS = (INGRESS, ENCODER, RANKER)
+DEPLOYMENTS = (INGRESS, ENCODER, RANKER, VLM)
 
 
 def bind(
@@ -37,8 +39,9 @@ def bind(
     ranker = SeriesRanker.options(name=RANKER, **opts.get(RANKER, {})).bind(
         args.ranker, args.clip_model, args.tracking_uri, args.data_dir
     )
+    vlm = VlmJudge.options(name=VLM, **opts.get(VLM, {})).bind(args.vlm)
     ingress: Application = KeeperIngress.options(name=INGRESS, **opts.get(INGRESS, {})).bind(
-        encoder, ranker, args
+        encoder, ranker, vlm, args
     )
     return ingress
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keeper_core.errors import ConfigError
 
 #: Deployment names, as the Serve config's ``deployments[].name`` must spell them.
-INGRESS, ENCODER, RANKER = "KeeperIngress", "ClipEncoder", "SeriesRanker"
+INGRESS, ENCODER, RANKER, VLM = "KeeperIngress", "ClipEncoder", "SeriesRanker", "VlmJudge"
 
 DEFAULT_TOKEN_ENV = "KEEPER_API_TOKEN"
 
@@ -80,6 +81,8 @@ class LimitArgs(_Strict):
     # A shoot to cull is larger than a request to score: a burst alone can be 30 frames, so
     # /v1/pick has its own count (its bytes and pixels are still bounded by the limits above).
     max_pick_images: int = Field(256, ge=1, description="images in one /v1/pick request")
+    # /v1/select's candidates: a search's worth, each embedded; only top_n reach the VLM.
+    max_select_images: int = Field(256, ge=1, description="candidates in one /v1/select request")
 
 
 class EncoderArgs(_Strict):
@@ -110,6 +113,45 @@ class RankerArgs(_Strict):
     poll_s: float = Field(5.0, gt=0, description="how often the alias is re-resolved")
 
 
+class VlmArgs(_Strict):
+    """The VlmJudge: which vision-language model, and its dynamic batching.
+
+    ``source: null`` runs no VLM (the replica answers "disabled" and ``/v1/select`` skips its VLM
+    stage, saying so). Replica counts and ``num_gpus`` (fractional on a shared GPU) live in the
+    Serve config's ``deployments`` section, like the encoder's.
+    """
+
+    source: str | None = Field(
+        None, description="a local directory, s3://bucket/prefix or a hub id; None: no VLM"
+    )
+    device: str | None = Field(None, description="torch device; None: CUDA when present")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU"
+    )
+    max_batch_size: int = Field(8, ge=1, description="(image, query) pairs per forward pass")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill")
+    torch_threads: int | None = Field(None, ge=1, description="as EncoderArgs.torch_threads")
+    cache_dir: str | None = Field(None, description="where s3:// and hub models are cached")
+    max_image_side: int = Field(
+        448, ge=32, description="longest side of the copy of each candidate the VLM is sent"
+    )
+
+
+class SelectArgs(_Strict):
+    """``/v1/select``: what a request gets when it does not say, and the most it may ask for."""
+
+    top_n: int = Field(20, ge=1, description="VLM judgements when the request gives no top_n")
+    top_k: int = Field(10, ge=1, description="picks when the request gives no top_k")
+    max_top_n: int = Field(32, ge=1, description="VLM judgements per request")
+    max_top_k: int = Field(32, ge=1, description="picks per request")
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> SelectArgs:
+        if self.top_n > self.max_top_n or self.top_k > self.max_top_k:
+            raise ValueError("select.top_n/top_k must not exceed select.max_top_n/max_top_k")
+        return self
+
+
 class KeeperAppArgs(_Strict):
     """``build_app(args)``: the whole application."""
 
@@ -127,6 +169,8 @@ class KeeperAppArgs(_Strict):
     limits: LimitArgs = Field(default_factory=LimitArgs)
     encoder: EncoderArgs = Field(default_factory=EncoderArgs)
     ranker: RankerArgs = Field(default_factory=RankerArgs)
+    vlm: VlmArgs = Field(default_factory=VlmArgs)
+    select: SelectArgs = Field(default_factory=SelectArgs)
 
     @field_validator("s3_allow_buckets")
     @classmethod

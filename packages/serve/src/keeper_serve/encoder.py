@@ -99,6 +99,7 @@ class ClipEncoder:
             "embed_dim": self.embedder.embed_dim,
             "image_size": self.embedder.clip.image_size,
             "random_weights": self.embedder.is_random,
+            "logit_scale": self.embedder.logit_scale,
         }
 
     async def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:

@@ -32,7 +32,14 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from keeper_core.errors import KeeperError
+from keeper_core.cascade import (
+    NEUTRAL_PROMPT,
+    CascadeLimits,
+    CascadeStageError,
+    check_limits,
+    run_cascade,
+)
+from keeper_core.errors import DataError, KeeperError
 from keeper_core.scoring import (
     AestheticConfig,
     aesthetic_scores,
@@ -85,6 +92,7 @@ REQUEST_MODELS = (
     api.RelevanceRequest,
     api.RankRequest,
     api.PickRequest,
+    api.SelectRequest,
 )
 
 
@@ -174,6 +182,7 @@ ROUTES = frozenset(
         "/v1/score/relevance",
         "/v1/rank",
         "/v1/pick",
+        "/v1/select",
         *DOC_PATHS,
     }
 )
@@ -250,6 +259,11 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", f"internal error ({type(exc).__name__})")
 
 
+#: Multipart fields holding one value each (the request model refuses those not its own).
+_SCALAR_FIELDS = frozenset(
+    {"temperature", "max_gap_s", "min_similarity", "alternates", "vlm_query", "candidates"}
+    | (set(api.SelectRequest.model_fields) - {"positive", "negative", "images"})
+)
 #: /v1/pick's multipart fields holding one JSON value per uploaded image -> the item's key.
 _PICK_LISTS = {"capture_times": "capture_time", "cameras": "camera"}
 
@@ -258,11 +272,16 @@ _PICK_LISTS = {"capture_times": "capture_time", "cameras": "camera"}
 @serve.ingress(app)
 class KeeperIngress:
     def __init__(
-        self, encoder: DeploymentHandle, ranker: DeploymentHandle, args: KeeperAppArgs
+        self,
+        encoder: DeploymentHandle,
+        ranker: DeploymentHandle,
+        vlm: DeploymentHandle,
+        args: KeeperAppArgs,
     ) -> None:
         self.args = args
         self.encoder = encoder
         self.ranker = ranker
+        self.vlm = vlm
         self.token = args.auth.token()  # no usable token and not insecure: the replica fails
         if self.token is None:
             log.warning(
@@ -277,6 +296,7 @@ class KeeperIngress:
         )
         self._prompts: dict[str, np.ndarray] = {}
         self._clip_info: dict[str, Any] | None = None
+        self._vlm_info: dict[str, Any] | None = None
         # What the ranker's last answer said it is (a hint: _rank copes when it is stale).
         self._ranker_tuned = False
         self.requests = Counter(
@@ -344,7 +364,10 @@ class KeeperIngress:
             return {"type": "http.request", "body": body, "more_body": False}
 
         pick = model is api.PickRequest
-        max_images = limits.max_pick_images if pick else limits.max_images
+        max_images = {
+            api.PickRequest: limits.max_pick_images,
+            api.SelectRequest: limits.max_select_images,
+        }.get(model, limits.max_images)
         try:
             form = await Request(request.scope, replay).form(
                 max_files=max_images + 1, max_fields=limits.max_texts + 16
@@ -361,7 +384,7 @@ class KeeperIngress:
                 files.append(await value.read())
             elif key in ("texts", "positive", "negative"):
                 fields.setdefault(key, []).extend(api.form_list(value))
-            elif key in ("temperature", "max_gap_s", "min_similarity", "alternates"):
+            elif key in _SCALAR_FIELDS:
                 fields[key] = value  # the model refuses those that are not its own
             elif pick and key in _PICK_LISTS and key not in per_image:
                 per_image[key] = api.form_values(value, key)
@@ -462,6 +485,34 @@ class KeeperIngress:
             self._clip_info = await self.encoder.info.remote()
         return self._clip_info
 
+    async def _vlm(self) -> dict[str, Any]:
+        """The VlmJudge's model, or ``{"status": "disabled"}`` (fixed for the app's lifetime)."""
+        if self._vlm_info is None:
+            self._vlm_info = await self.vlm.info.remote()
+        return self._vlm_info
+
+    def _judge(self, views: list[np.ndarray], query: str) -> Callable[[np.ndarray], np.ndarray]:
+        """The cascade's VLM callback (called on a worker thread): the VlmJudge deployment.
+
+        A replica lost mid-call (RayActorError: Serve replaces it) is retried once on another;
+        a second failure propagates, and the cascade answers it as its ``vlm`` stage failing.
+        """
+        loop = asyncio.get_running_loop()
+
+        async def call(idx: np.ndarray) -> np.ndarray:
+            images = [views[i] for i in idx]
+            try:
+                out: np.ndarray = await self.vlm.relevance.remote(images, query)
+            except RayActorError:
+                log.warning("VlmJudge replica lost during /v1/select; retrying once")
+                out = await self.vlm.relevance.remote(images, query)
+            return out
+
+        def judge(idx: np.ndarray) -> np.ndarray:
+            return asyncio.run_coroutine_threadsafe(call(idx), loop).result()
+
+        return judge
+
     # ----------------------------------------------------------------------------- routes
 
     @app.get("/healthz", include_in_schema=True, summary="liveness (no auth)")
@@ -470,10 +521,12 @@ class KeeperIngress:
 
     @app.get("/v1/models", response_model=api.ModelsResponse, summary="what is being served")
     async def models(self) -> dict[str, Any]:
-        clip, ranker = await asyncio.gather(self._clip(), self.ranker.info.remote())
+        clip, ranker, vlm = await asyncio.gather(
+            self._clip(), self.ranker.info.remote(), self._vlm()
+        )
         if ranker.get("kind"):
             self._ranker_tuned = ranker["kind"] == "fine-tuned"
-        return {"clip": clip, "ranker": ranker}
+        return {"clip": clip, "ranker": ranker, "vlm": vlm}
 
     @app.post(
         "/v1/embed",
@@ -654,3 +707,84 @@ class KeeperIngress:
             pixels=images.pixels,
         )
         return api.pick_response(result, ranker, clip)
+
+    @app.post(
+        "/v1/select",
+        response_model=api.SelectResponse,
+        openapi_extra=_json_body(api.SelectRequest),
+        summary="a query and candidates -> the best, by CLIP, heuristics, dedup, reranker, VLM",
+    )
+    async def select(self, request: Request) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        req, refs = await self._parse(request, api.SelectRequest)
+        limits = self.args.limits
+        self.images.check_count(len(refs), limits.max_select_images)
+        prompts = req.checked_texts()
+        self.images.check_texts(prompts, req.texts_label)
+        clip, vlm_info = await asyncio.gather(self._clip(), self._vlm())
+        sel = self.args.select
+        config = req.cascade(clip["logit_scale"], sel.top_n, sel.top_k)
+        try:
+            check_limits(
+                config,
+                len(refs),
+                CascadeLimits(
+                    max_candidates=limits.max_select_images,
+                    max_clip_keep=None,  # N <= max_select_images: dedup is bounded already
+                    max_top_n=sel.max_top_n,
+                    max_top_k=sel.max_top_k,
+                ),
+            )
+        except DataError as e:
+            raise ApiError(400, "over_limit", str(e)) from e
+        images = await asyncio.to_thread(
+            self.images.prepare_select, refs, self.args.vlm.max_image_side
+        )
+        self._count_images(len(refs), "/v1/select")
+        texts = list(dict.fromkeys([*prompts, NEUTRAL_PROMPT]))
+        emb, txt, aesthetic_prompts = await asyncio.gather(
+            self._embed(api.Prepared(images.pixels, None)),
+            self._texts(texts),
+            self._prompt_embeddings(self.aesthetic.all_prompts()),
+        )
+        by_text = dict(zip(texts, txt, strict=True))
+        pos = np.stack([by_text[t] for t in req.positive])
+        neg = np.stack([by_text[t] for t in dict.fromkeys([*req.negative, NEUTRAL_PROMPT])])
+        head = aesthetic_scores(emb, aesthetic_prompts, self.aesthetic).total
+        query = req.vlm_query or req.positive[0]
+        judge = self._judge(images.views, query) if vlm_info["status"] == "ready" else None
+        try:
+            result = await asyncio.to_thread(
+                run_cascade,
+                emb,
+                pos,
+                neg,
+                config=config,
+                widths=images.widths,
+                heights=images.heights,
+                head_scores=np.clip(head, 0.0, 1.0),
+                vlm=judge,
+            )
+        except CascadeStageError as e:
+            log.error("/v1/select: %s", e)
+            raise ApiError(
+                503, f"{e.stage}_unavailable", f"the {e.stage} stage failed: {e.cause}; retry"
+            ) from e
+        out = result.as_dict(dropped=req.candidates == "all")
+        return {
+            "picks": out["picks"],
+            "stages": out["stages"],
+            "candidates": out["candidates"],
+            "cost": {
+                "candidates": len(refs),
+                "vlm_calls": result.vlm_calls,
+                "ms": (time.perf_counter() - t0) * 1000,
+            },
+            "models": {
+                "clip_model": clip["spec"],
+                "clip_random_weights": clip["random_weights"],
+                "logit_scale": clip["logit_scale"],
+                "reranker": "aesthetic (CLIP prompt pairs, keeper_core.scoring.aesthetic_scores)",
+                "vlm": {**vlm_info, "query": query} if judge is not None else vlm_info,
+            },
+        }

@@ -1,0 +1,97 @@
+"""``VlmJudge``: a vision-language model judging (image, query) pairs, batched across requests.
+
+One replica holds one ``keeper_core.vlm.VlmJudge`` (the code ``keeper select`` runs too): the
+relevance of an image to a query is VQAScore's ``P(yes) / (P(yes) + P(no))`` from next-token
+logits. The ingress sends only the candidates that survived the cascade's cheap stages, as
+uint8 RGB arrays already downscaled to ``vlm.max_image_side``. ``@serve.batch`` merges the pairs
+of concurrent requests (different queries may share a forward pass) into batches of up to
+``max_batch_size``; the forward runs on a worker thread so the replica keeps queueing meanwhile.
+
+It is its own deployment so that a burst of ``/v1/select`` scales VLM replicas (their own
+autoscaling, their own ``num_gpus``, fractional where a GPU is shared) without scaling the CLIP
+encoder. With ``vlm.source: null`` the replica holds no model and ``info()`` says "disabled".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from ray import serve
+
+from keeper_core.vlm import VlmConfig, load_vlm
+from keeper_core.vlm import VlmJudge as CoreJudge
+from keeper_serve.config import VlmArgs
+from keeper_serve.encoder import batch_tuning, torch_threads
+
+log = logging.getLogger("keeper.serve")
+
+
+@serve.deployment
+class VlmJudge:
+    def __init__(self, args: VlmArgs) -> None:
+        self.args = args
+        self.judge: CoreJudge | None = None
+        if args.source is None:
+            log.info("VlmJudge: no vlm.source configured; /v1/select runs without a VLM stage")
+            return
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cpu":
+            torch.set_num_threads(torch_threads(args.torch_threads))
+        # A model that cannot load fails the replica (Serve reports it); never other weights.
+        self.judge = load_vlm(
+            VlmConfig(
+                source=args.source, device=device, dtype=args.dtype, max_batch=args.max_batch_size
+            ),
+            cache_dir=args.cache_dir,
+        )
+        batching = batch_tuning(self._judge_batch)
+        batching.set_max_batch_size(args.max_batch_size)
+        batching.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        log.info("VlmJudge ready: %s", self.judge.describe())
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, both optional."""
+        unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
+        if unknown:
+            raise ValueError(f"VlmJudge user_config: unknown keys {sorted(unknown)}")
+        if "max_batch_size" in user_config:
+            n = int(user_config["max_batch_size"])
+            if n < 1:
+                raise ValueError(f"max_batch_size must be >= 1, got {n}")
+            batch_tuning(self._judge_batch).set_max_batch_size(n)
+        if "batch_wait_timeout_s" in user_config:
+            wait = float(user_config["batch_wait_timeout_s"])
+            batch_tuning(self._judge_batch).set_batch_wait_timeout_s(wait)
+
+    def info(self) -> dict[str, Any]:
+        """``{"status": "ready", ...describe()}`` or ``{"status": "disabled"}``."""
+        if self.judge is None:
+            return {"status": "disabled", "source": None}
+        return {"status": "ready", **self.judge.describe()}
+
+    async def relevance(self, images: list[np.ndarray], query: str) -> np.ndarray:
+        """(H, W, 3) uint8 images and one query -> float32 (N,) relevance in [0, 1].
+
+        Raises:
+            RuntimeError: no VLM is configured (the ingress checks ``info`` first).
+        """
+        if self.judge is None:
+            raise RuntimeError("no VLM is configured (vlm.source is null)")
+        scores = await asyncio.gather(*(self._judge_batch((im, query)) for im in images))
+        return np.asarray(scores, dtype=np.float32)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _judge_batch(self, items: list[tuple[np.ndarray, str]]) -> list[float]:
+        assert self.judge is not None  # relevance() checked
+        judge = self.judge
+        images = [
+            Image.fromarray(np.ascontiguousarray(im, dtype=np.uint8), "RGB") for im, _ in items
+        ]
+        queries = [q for _, q in items]
+        out = await asyncio.to_thread(judge.relevance, images, queries)
+        return [float(x) for x in out]

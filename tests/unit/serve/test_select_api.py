@@ -1,0 +1,311 @@
+"""``POST /v1/select`` without Ray: the real ingress app with fake encoder and VLM handles.
+
+The route is driven in this process as tests/unit/serve/test_api.py drives the others. The fake
+encoder embeds each image by its mean colour (so distinct images differ and identical ones
+collide), texts by a hash; the fake VLM records every call and answers from a table, so the
+tests see exactly which candidates reached the VLM stage and can make it reorder them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import itertools
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from ray.exceptions import RayActorError
+
+from keeper_core.cascade import STAGES
+from keeper_serve.config import KeeperAppArgs, LimitArgs, SelectArgs
+
+SPEC = "keeper-tiny:random"
+TOKEN = "select-t0ken-" + "x" * 24
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+DIM = 16
+LIMITS = LimitArgs(max_images=2, max_select_images=12)  # /v1/select has its own cap
+
+
+class _Remote:
+    """A deployment handle method: ``.remote(...)`` returns an awaitable."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def remote(self, *a: Any, **kw: Any) -> Any:
+        async def call() -> Any:
+            return self.fn(*a, **kw)
+
+        return call()
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _embed_pixels(px: np.ndarray) -> np.ndarray:
+    """A fixed random projection of each image's coarse colour layout."""
+    coarse = px.reshape(len(px), 3, 4, 16, 4, 16).mean(axis=(3, 5)).reshape(len(px), -1)
+    proj = np.random.default_rng(0).normal(size=(coarse.shape[1], DIM))
+    return _unit((coarse - 127.5) @ proj)
+
+
+def _embed_texts(texts: list[str]) -> np.ndarray:
+    seeds = [int(hashlib.sha256(t.encode()).hexdigest()[:8], 16) for t in texts]
+    return _unit(np.stack([np.random.default_rng(s).normal(size=DIM) for s in seeds]))
+
+
+class FakeEncoder:
+    embed_pixels = _Remote(_embed_pixels)
+    embed_texts = _Remote(_embed_texts)
+    info = _Remote(
+        lambda: {
+            "spec": SPEC,
+            "embed_dim": DIM,
+            "image_size": 64,
+            "random_weights": True,
+            "logit_scale": 10.0,
+        }
+    )
+
+
+class FakeRanker:
+    info = _Remote(lambda: {"uri": None, "status": "disabled"})
+
+
+class FakeVlm:
+    """Scores each image by its mean red level (a planted, checkable judgement)."""
+
+    def __init__(self, *, ready: bool = True, fail: BaseException | None = None) -> None:
+        self.calls: list[tuple[int, str]] = []
+        self.fail = fail
+        status = {"status": "ready", "source": "tiny", "random_weights": True}
+        self.info = _Remote(lambda: status if ready else {"status": "disabled", "source": None})
+        self.relevance = _Remote(self._relevance)
+
+    def _relevance(self, images: list[np.ndarray], query: str) -> np.ndarray:
+        self.calls.append((len(images), query))
+        if self.fail is not None:
+            err, self.fail = self.fail, None  # fails once
+            raise err
+        return np.array([im[..., 0].mean() / 255 for im in images], np.float32)
+
+
+class Recorder:
+    def inc(self, value: float = 1, tags: dict[str, str] | None = None) -> None:
+        pass
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        pass
+
+
+@pytest.fixture
+def client_with(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[FakeVlm], Any]]:
+    """FakeVlm -> a TestClient of the real app with fake handles; no Ray."""
+    import ray.serve
+    from fastapi.testclient import TestClient
+    from ray.serve._private.http_util import ASGIAppReplicaWrapper
+
+    from keeper_serve import ingress
+
+    monkeypatch.setenv("KEEPER_API_TOKEN", TOKEN)
+    cls = next(
+        c
+        for c in ingress.KeeperIngress.func_or_class.__mro__
+        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
+    )
+    clients: list[Any] = []
+
+    def make(vlm: FakeVlm) -> Any:
+        args = KeeperAppArgs(
+            clip_model=SPEC,
+            limits=LIMITS,
+            select=SelectArgs(top_n=5, top_k=3, max_top_n=6, max_top_k=4),
+        )
+        inst = cls(FakeEncoder(), FakeRanker(), vlm, args)
+        inst.requests, inst.latency = Recorder(), Recorder()
+        monkeypatch.setattr(
+            ray.serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=inst)
+        )
+        client = TestClient(ingress.app, raise_server_exceptions=False)
+        clients.append(client.__enter__())
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+
+
+def photo(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(0, 255, (3, 4, 3)).astype(np.uint8)
+    im = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def refs(blobs: list[bytes]) -> list[dict[str, str]]:
+    return [{"b64": base64.b64encode(b).decode()} for b in blobs]
+
+
+def body(blobs: list[bytes], **knobs: Any) -> dict[str, Any]:
+    return {"positive": ["a red scene"], "images": refs(blobs), **knobs}
+
+
+def check_accounting(out: dict[str, Any], n: int) -> None:
+    stages = out["stages"]
+    assert [s["name"] for s in stages] == list(STAGES)
+    assert stages[0]["n_in"] == n
+    for before, stage in itertools.pairwise(stages):
+        assert stage["n_in"] == before["n_kept"]
+    for s in stages:
+        assert s["n_in"] == s["n_kept"] + s["n_dropped"]
+    assert len(out["picks"]) == stages[-1]["n_kept"]
+
+
+def test_select_spends_the_vlm_on_the_top_n_only_and_accounts_for_everyone(
+    client_with: Callable[[FakeVlm], Any],
+) -> None:
+    vlm = FakeVlm()
+    client = client_with(vlm)
+    blobs = [photo(i) for i in range(10)]
+    knobs = {"top_n": 5, "top_k": 3, "alpha": 0.0, "beta": 1.0, "gamma": 0.1}
+    r = client.post("/v1/select", json=body(blobs, **knobs), headers=AUTH)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    check_accounting(out, 10)
+    assert vlm.calls == [(5, "a red scene")]  # one call, the top-N only, the first positive
+    assert out["cost"] == {"candidates": 10, "vlm_calls": 5, "ms": out["cost"]["ms"]}
+    judged = [c for c in out["candidates"] if c["vlm"] is not None]
+    assert len(judged) == 5
+    # beta dominates: the picks are the judged candidates in order of the planted VLM score.
+    red = {c["index"]: c["vlm"] for c in judged}
+    assert out["picks"] == sorted(red, key=lambda i: -red[i])[:3]
+    assert {c["index"] for c in out["candidates"]} == set(range(10))
+    for c in out["candidates"]:
+        assert (c["dropped_at"] is None) == (c["index"] in out["picks"])
+    models = out["models"]
+    assert models["clip_model"] == SPEC
+    assert models["clip_random_weights"] is True
+    assert models["logit_scale"] == 10.0
+    assert models["vlm"]["status"] == "ready"
+    assert models["vlm"]["query"] == "a red scene"
+
+
+def test_duplicates_collapse_to_one_and_picks_only_on_request(
+    client_with: Callable[[FakeVlm], Any],
+) -> None:
+    client = client_with(FakeVlm())
+    blobs = [photo(1), photo(2), photo(1), photo(3), photo(1)]
+    r = client.post("/v1/select", json=body(blobs, candidates="picks"), headers=AUTH)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    check_accounting(out, 5)
+    dedup = out["stages"][STAGES.index("dedup")]
+    assert dedup["n_dropped"] == 2
+    assert len({0, 2, 4} & set(out["picks"])) == 1
+    assert [c["index"] for c in out["candidates"]] == out["picks"]  # the picks' records only
+
+
+def test_without_a_vlm_the_stage_is_skipped_and_the_answer_says_so(
+    client_with: Callable[[FakeVlm], Any],
+) -> None:
+    vlm = FakeVlm(ready=False)
+    client = client_with(vlm)
+    r = client.post("/v1/select", json=body([photo(i) for i in range(4)]), headers=AUTH)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["stages"][STAGES.index("vlm")]["skipped"] is True
+    assert out["cost"]["vlm_calls"] == 0
+    assert out["models"]["vlm"]["status"] == "disabled"
+    assert vlm.calls == []
+    assert client.get("/v1/models", headers=AUTH).json()["vlm"]["status"] == "disabled"
+
+
+def test_a_lost_vlm_replica_is_retried_once_and_a_failing_vlm_is_a_503_naming_the_stage(
+    client_with: Callable[[FakeVlm], Any],
+) -> None:
+    blobs = [photo(i) for i in range(4)]
+    lost = FakeVlm(fail=RayActorError())
+    r = client_with(lost).post("/v1/select", json=body(blobs, top_n=2), headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert [n for n, _ in lost.calls] == [2, 2]  # the retry went to the next replica
+
+    broken = FakeVlm(fail=RuntimeError("CUDA out of memory"))
+    client = client_with(broken)
+    r = client.post("/v1/select", json=body(blobs), headers=AUTH)
+    assert r.status_code == 503
+    err = r.json()["error"]
+    assert err["code"] == "vlm_unavailable"
+    assert "CUDA out of memory" in err["message"]
+    r = client.post("/v1/select", json=body(blobs), headers=AUTH)  # it keeps serving
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("make_body", "status", "code", "index"),
+    [
+        (lambda b: body(b * 13), 400, "too_many_images", None),  # 13 > max_select_images
+        (lambda b: body(b, top_n=7), 400, "over_limit", None),  # max_top_n is 6
+        (lambda b: body(b, top_k=5), 400, "over_limit", None),
+        (lambda b: {**body(b), "positive": []}, 422, "invalid_request", None),
+        (lambda b: {**body(b), "positive": [""]}, 422, "invalid_request", 0),
+        (lambda b: body(b, min_aspect=2.0, max_aspect=1.0), 422, "invalid_request", None),
+        (lambda b: body(b, alpha=0.0, gamma=0.0), 422, "invalid_request", None),
+        (lambda b: body(b, beta=-1), 422, "invalid_request", None),
+        (lambda b: body(b, surprise=1), 422, "invalid_request", None),
+        (
+            lambda b: {**body(b), "images": [*refs(b), *refs([b"not an image"])]},
+            415,
+            "not_an_image",
+            1,
+        ),
+        (
+            lambda b: {**body(b), "images": [*refs(b), *refs([b[0][:200]])]},
+            400,
+            "undecodable_image",
+            1,
+        ),
+    ],
+)
+def test_bad_requests_get_documented_json_errors(
+    client_with: Callable[[FakeVlm], Any],
+    make_body: Callable[[list[bytes]], dict[str, Any]],
+    status: int,
+    code: str,
+    index: int | None,
+) -> None:
+    vlm = FakeVlm()
+    client = client_with(vlm)
+    r = client.post("/v1/select", json=make_body([photo(0)]), headers=AUTH)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert r.json()["error"].get("index") == index
+    assert vlm.calls == []
+    assert client.post("/v1/select", json=body([photo(0)]), headers=AUTH).status_code == 200
+
+
+def test_multipart_upload_with_knobs(client_with: Callable[[FakeVlm], Any]) -> None:
+    vlm = FakeVlm()
+    client = client_with(vlm)
+    files = [("images", (f"{i}.png", photo(i), "image/png")) for i in range(6)]
+    data = {"positive": "a red scene", "negative": '["a dog", "a cat"]', "top_n": "3", "top_k": "2"}
+    r = client.post("/v1/select", files=files, data=data, headers=AUTH)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    check_accounting(out, 6)
+    assert vlm.calls == [(3, "a red scene")]
+    assert len(out["picks"]) == 2
+
+
+def test_needs_the_token(client_with: Callable[[FakeVlm], Any]) -> None:
+    client = client_with(FakeVlm())
+    r = client.post("/v1/select", json=body([photo(0)]))
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "unauthorized"
