@@ -31,6 +31,7 @@ OURS = (
     "pick",
     "finetune",
     "export",
+    "select",
 )
 JOBS = Path(commands.__file__).parent / "jobs"
 

@@ -516,3 +516,64 @@ def add_pick_parser(subparsers: SubParsers) -> None:
         return pick.main([*argv, *as_overrides(values), *args.overrides])
 
     p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------------------------
+# keeper select: flags become key=value overrides of the job's YAML config
+
+SELECT_FLAGS = (
+    "table",
+    "queries",
+    "output",
+    "batch_size",
+    "concurrency",
+    "num_gpus_per_vlm",
+    "ray_address",
+)
+SELECT_NESTED = {
+    "top_n": "cascade.top_n",
+    "top_k": "cascade.top_k",
+    "min_relevance": "cascade.min_relevance",
+    "vlm": "vlm.source",
+    "vlm_device": "vlm.device",
+}
+
+
+def add_select_parser(subparsers: SubParsers) -> None:
+    """``keeper select``: the selection cascade over an embedding table (jobs.select)."""
+    p = subparsers.add_parser(
+        "select",
+        help="select the images matching text queries: CLIP stages on every row of an "
+        "embedding table, a VLM judge on the top-N (Ray Data)",
+        description="Score every row of a keeper embed table against each query with the "
+        "selection cascade (CLIP relevance -> size/aspect heuristics -> near-duplicate removal "
+        "-> rerank -> VLM judge on the top-N -> top-k), and write per query a scored table "
+        "and an HTML page, plus a summary. A flag given here overrides --config; one not given "
+        "leaves the config's value alone.",
+    )
+    p.add_argument("--config", help="YAML config (SelectJobConfig fields)")
+    p.add_argument("--table", help="keeper embed's output folder or s3:// prefix (required)")
+    p.add_argument(
+        "--queries", help="YAML/JSON file of queries {name, positive, negative} (or in --config)"
+    )
+    p.add_argument("--output", help="folder or s3:// prefix for the results (required)")
+    p.add_argument("--top-n", type=int, help="candidates the VLM judges per query")
+    p.add_argument("--top-k", type=int, help="picks per query")
+    p.add_argument("--min-relevance", type=float, help="drop calibrated CLIP scores below this")
+    p.add_argument("--vlm", help="VLM judge: a local folder, s3:// prefix or hub id")
+    p.add_argument("--vlm-device", choices=["cpu", "cuda"], help="where the VLM runs")
+    p.add_argument("--batch-size", type=int, help="survivors per VLM actor batch")
+    p.add_argument("--concurrency", type=int, help="VLM actors")
+    p.add_argument("--num-gpus-per-vlm", type=float, help="GPUs per VLM actor")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
+    p.add_argument("overrides", nargs="*", help="any other SelectJobConfig field as key=value")
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import select
+
+        argv = ["--config", args.config] if args.config else []
+        values = given(args, SELECT_FLAGS)
+        values.update({SELECT_NESTED[k]: v for k, v in given(args, SELECT_NESTED).items()})
+        return select.main([*argv, *as_overrides(values), *args.overrides])
+
+    p.set_defaults(func=run)
