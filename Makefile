@@ -25,12 +25,14 @@ $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES))
 setup: $(STAMP) ## create .venv and install the workspace (editable) and the dev group
 
 # The demo trains and promotes a champion (keeper_train), serves it over HTTP (keeper_serve), and
-# culls a camera library with keeper pick (timestamps, no labels), then fine-tunes the tower (LoRA).
+# culls a camera library with keeper pick (timestamps, no labels), fine-tunes the tower (LoRA), and
+# ends with one /v1/select (the selection cascade, a tiny random VLM) and its stage accounting.
 demo: setup ## run the main job end to end, offline, on embedded defaults (writes $(DEMO_DIR)/)
 	$(PY) -m keeper_train.jobs.demo --out $(DEMO_DIR)
 	$(PY) -m keeper_serve.demo --out $(DEMO_DIR)
 	$(PY) -m keeper_train.jobs.pick_demo --out $(DEMO_DIR)
 	$(PY) -m keeper_train.jobs.finetune_demo --out $(DEMO_DIR)
+	$(PY) -m keeper_serve.select_demo --out $(DEMO_DIR)
 
 lint: setup ## ruff check, ruff format --check, mypy on keeper_core
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,6 @@
 """keeper's Serve app over real HTTP on the session's local Ray, with a real `mlflow server`.
 
-One app for the module (ingress, encoder, ranker), deployed from the packaged Serve config
+One app for the module (ingress, encoder, ranker, a tiny random VLM), deployed from the packaged Serve config
 with test overrides: small CPU shares so it fits 2 cores, a 1 s registry poll, an encoder that
 autoscales 1 -> 2 quickly. The registry holds two rankers trained on an embedded corpus: v1
 (deliberately bad, @champion at the start) and v2 (trained, @challenger), so ``keeper promote``
@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import re
@@ -49,6 +50,7 @@ from keeper_core.picking import ZERO_SHOT_RULE
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.ranker import SeriesRanker
 from keeper_core.synthetic import generate_corpus
+from keeper_core.tiny_vlm import build_tiny_vlm
 from keeper_train.data import join_series
 from keeper_train.jobs import embed, promote, train_head
 
@@ -102,6 +104,7 @@ def app(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
     token_file = tmp_path_factory.mktemp("serve-token") / "token"
     token_file.write_text(TOKEN)
+    vlm_dir = build_tiny_vlm(tmp_path_factory.mktemp("serve-vlm") / "tiny-vlm")
     # The bucket and key docs/http-api.md's S3 example names, on the session's moto_server.
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     s3.create_bucket(Bucket=DOCS_BUCKET)
@@ -124,6 +127,9 @@ def app(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "deployments.KeeperIngress.autoscaling_config.max_replicas": 1,
         "deployments.SeriesRanker.ray_actor_options.num_cpus": 0.25,
         "deployments.SeriesRanker.autoscaling_config.max_replicas": 1,
+        "vlm.source": str(vlm_dir),
+        "deployments.VlmJudge.ray_actor_options.num_cpus": 0.25,
+        "deployments.VlmJudge.autoscaling_config.max_replicas": 1,
         enc + "ray_actor_options.num_cpus": 0.5,
         enc + "autoscaling_config.min_replicas": 1,
         enc + "autoscaling_config.max_replicas": 2,
@@ -702,6 +708,93 @@ def test_killed_encoder_replica_is_replaced_while_serving(app: str, registry: Re
     assert len(failed) <= 4, Counter((r[1], r[2].get("error", {}).get("code")) for r in failed)
     assert all(500 <= r[1] < 600 and "error" in r[2] for r in failed), failed[:3]
     assert call(app, "GET", "/healthz", token=None).status == 200
+
+
+def select_body(reg: Registry, n: int, **knobs: Any) -> dict[str, Any]:
+    images = [b64_of(p) for p in image_paths(reg)[:n]]
+    return {"positive": ["a sharp photo"], "images": images, **knobs}
+
+
+def test_select_over_http_spends_the_vlm_on_the_top_n_and_accounts_for_every_candidate(
+    app: str, registry: Registry
+) -> None:
+    knobs = {"top_n": 4, "top_k": 2, "dedup_threshold": None}  # random CLIP: all look alike
+    r = call(app, "POST", "/v1/select", select_body(registry, 12, **knobs))
+    assert r.status == 200, r.body
+    out = r.body
+    stages = out["stages"]
+    assert stages[0]["n_in"] == 12
+    for before, stage in itertools.pairwise(stages):
+        assert stage["n_in"] == before["n_kept"]
+    assert all(s["n_in"] == s["n_kept"] + s["n_dropped"] for s in stages)
+    judged = [c["index"] for c in out["candidates"] if c["vlm"] is not None]
+    assert out["cost"]["vlm_calls"] == len(judged) == 4
+    assert len(out["picks"]) == 2
+    assert set(out["picks"]) <= set(judged)
+    for c in out["candidates"]:
+        if c["vlm"] is not None:
+            assert c["final"] == pytest.approx(0.5 * c["clip"] + 0.5 * c["vlm"], abs=1e-6)
+    vlm = out["models"]["vlm"]
+    assert vlm["status"] == "ready"
+    assert vlm["random_weights"] is True
+    assert out["models"]["clip_random_weights"] is True
+    assert call(app, "GET", "/v1/models").body["vlm"]["status"] == "ready"
+    # Deterministic: the same request, the same answer.
+    again = call(app, "POST", "/v1/select", select_body(registry, 12, **knobs)).body
+    assert again["picks"] == out["picks"]
+    assert [c["final"] for c in again["candidates"]] == [c["final"] for c in out["candidates"]]
+
+
+def test_select_duplicates_collapse_and_limits_are_json_errors(
+    app: str, registry: Registry
+) -> None:
+    paths = image_paths(registry)
+    images = [b64_of(p) for p in [paths[0]] * 3 + paths[1:4]]
+    body = {"positive": ["a photo of a cat"], "images": images}
+    r = call(app, "POST", "/v1/select", body)
+    assert r.status == 200, r.body
+    dropped = [c for c in r.body["candidates"] if (c["reason"] or "").startswith("near_dup")]
+    assert len(dropped) >= 2
+    assert len({0, 1, 2} & set(r.body["picks"])) <= 1
+    over = call(app, "POST", "/v1/select", select_body(registry, 2, top_n=10_000))
+    assert (over.status, over.body["error"]["code"]) == (400, "over_limit")
+    empty = call(app, "POST", "/v1/select", {**select_body(registry, 2), "positive": []})
+    assert (empty.status, empty.body["error"]["code"]) == (422, "invalid_request")
+
+
+def _vlm_replicas() -> set[str]:
+    import ray
+
+    return {
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::keeper#VlmJudge#")
+    }
+
+
+def test_a_killed_vlm_replica_never_gives_a_wrong_answer(app: str, registry: Registry) -> None:
+    import ray
+
+    body = select_body(registry, 8, top_n=4, top_k=3, dedup_threshold=None)
+    expected = call(app, "POST", "/v1/select", body).body["picks"]
+    with Load(lambda: call(app, "POST", "/v1/select", body), clients=3) as load:
+        wait_until(lambda: len(load.snapshot()) >= 4, 60, "traffic before the kill")
+        victim = sorted(_vlm_replicas())[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        killed_at = time.monotonic()
+        wait_until(lambda: victim not in _vlm_replicas() and bool(_vlm_replicas()), 120, "replaced")
+        wait_until(
+            lambda: sum(r[0] > killed_at and r[1] == 200 for r in load.snapshot()) >= 4,
+            120,
+            "answers after the replacement",
+        )
+    results = load.snapshot()
+    for _, status, reply in results:
+        if status == 200:
+            assert reply["picks"] == expected  # a retried request answers the same
+        else:  # never a wrong answer: a JSON 503 naming what failed
+            assert status == 503, reply
+            assert reply["error"]["code"] in {"vlm_unavailable", "replica_unavailable"}, reply
 
 
 # ----------------------------------------------------------------------------- the docs

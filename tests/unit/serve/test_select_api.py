@@ -84,8 +84,10 @@ class FakeVlm:
     def __init__(self, *, ready: bool = True, fail: BaseException | None = None) -> None:
         self.calls: list[tuple[int, str]] = []
         self.fail = fail
-        status = {"status": "ready", "source": "tiny", "random_weights": True}
-        self.info = _Remote(lambda: status if ready else {"status": "disabled", "source": None})
+        keys = ("source", "architecture", "dtype", "device", "parameters", "random_weights")
+        off = {"status": "disabled", **dict.fromkeys(keys)}
+        on = {**off, "status": "ready", "source": "tiny", "random_weights": True}
+        self.info = _Remote(lambda: on if ready else off)
         self.relevance = _Remote(self._relevance)
 
     def _relevance(self, images: list[np.ndarray], query: str) -> np.ndarray:

@@ -30,6 +30,17 @@ from keeper_serve.encoder import batch_tuning, torch_threads
 
 log = logging.getLogger("keeper.serve")
 
+#: What ``info()`` reports of a loaded judge (keeper_core.vlm.VlmJudge.describe() has more).
+INFO_KEYS = (
+    "source",
+    "architecture",
+    "dtype",
+    "device",
+    "parameters",
+    "random_weights",
+    "relevance_template",
+)
+
 
 @serve.deployment
 class VlmJudge:
@@ -69,10 +80,11 @@ class VlmJudge:
             batch_tuning(self._judge_batch).set_batch_wait_timeout_s(wait)
 
     def info(self) -> dict[str, Any]:
-        """``{"status": "ready", ...describe()}`` or ``{"status": "disabled"}``."""
+        """What judges: always the same keys; ``status`` "ready" or "disabled" (all else null)."""
         if self.judge is None:
-            return {"status": "disabled", "source": None}
-        return {"status": "ready", **self.judge.describe()}
+            return {"status": "disabled", **dict.fromkeys(INFO_KEYS)}
+        d = self.judge.describe()
+        return {"status": "ready", **{k: d[k] for k in INFO_KEYS}}
 
     async def relevance(self, images: list[np.ndarray], query: str) -> np.ndarray:
         """(H, W, 3) uint8 images and one query -> float32 (N,) relevance in [0, 1].

@@ -1,0 +1,131 @@
+"""The demo's last step: one ``POST /v1/select`` over HTTP, with its stage accounting printed.
+
+    python -m keeper_serve.select_demo --out keeper-demo   # after python -m keeper_train.jobs.demo
+
+Builds a tiny random vision-language model (``keeper_core.tiny_vlm``: offline, its judgements mean
+nothing, and the output says so), starts keeper's Serve app on a local Ray with it as the VlmJudge,
+sends the demo corpus's first images as candidates for one query, prints what every stage of the
+cascade kept, dropped and cost and the picks, writes ``<out>/select-demo.json`` and shuts
+everything down. Auth stays on: the demo generates a token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from keeper_core import storage
+from keeper_core.bestof import RANDOM_WEIGHTS_WARNING
+from keeper_core.errors import KeeperError
+from keeper_core.tiny_vlm import build_tiny_vlm
+from keeper_serve.demo import _post
+
+QUERY = "a cat sitting on a sofa"
+
+
+def format_stages(answer: dict[str, Any]) -> str:
+    """The cascade's accounting as a table: one line per stage, then the cost."""
+    lines = [f"{'stage':<11} {'in':>4} {'kept':>5} {'dropped':>8} {'ms':>8}"]
+    for s in answer["stages"]:
+        note = "  (skipped)" if s["skipped"] else ""
+        lines.append(
+            f"{s['name']:<11} {s['n_in']:>4} {s['n_kept']:>5} {s['n_dropped']:>8} "
+            f"{s['ms']:>8.1f}{note}"
+        )
+    cost = answer["cost"]
+    lines.append(
+        f"{cost['candidates']} candidates, {cost['vlm_calls']} VLM calls, "
+        f"{cost['ms']:.0f} ms in the server"
+    )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from keeper_serve import local
+
+    out = Path(args.out)
+    manifest = out / "corpus" / "manifest.csv"
+    if not manifest.exists():
+        raise KeeperError(f"no corpus under {out}: run python -m keeper_train.jobs.demo first")
+    paths = [str(u) for u in pd.read_csv(manifest)["image_uri"].head(args.candidates)]
+    vlm_dir = build_tiny_vlm(out / "tiny-vlm")
+    token = os.environ.get("KEEPER_API_TOKEN") or secrets.token_urlsafe(32)
+    os.environ["KEEPER_API_TOKEN"] = token  # before ray.init: the replicas inherit it
+    overrides = {
+        "clip_model": args.model,
+        "data_dir": str(out),
+        "ranker.model_uri": None,  # /v1/select needs no ranker
+        "vlm.source": str(vlm_dir.resolve()),
+    }
+    started_ray = not ray.is_initialized()
+    t0 = time.perf_counter()
+    if started_ray:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        url = local.start(overrides=overrides, port=args.port)
+        print(f"keeper API up at {url} in {time.perf_counter() - t0:.0f} s, with a tiny VLM")
+        body = {
+            "positive": [QUERY],
+            "negative": ["a blurry photo"],
+            "images": [{"b64": base64.b64encode(storage.read_bytes(p)).decode()} for p in paths],
+            "top_n": args.top_n,
+            "top_k": args.top_k,
+        }
+        answer = _post(url, "/v1/select", token, body)
+    finally:
+        local.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+    print(
+        f'POST /v1/select "{QUERY}": {len(paths)} candidates, top_n {args.top_n}, top_k {args.top_k}'
+    )
+    print(format_stages(answer))
+    picks = ", ".join(Path(paths[i]).name for i in answer["picks"])
+    print(f"picks, best first: {picks}")
+    models = answer["models"]
+    if models["clip_random_weights"]:
+        print("WARNING: " + RANDOM_WEIGHTS_WARNING.format(spec=models["clip_model"]))
+    if models["vlm"].get("random_weights"):
+        print(
+            "WARNING: the VLM is keeper_core.tiny_vlm's, with random weights: its judgements "
+            "mean nothing (the cascade's plumbing and accounting are what this shows)"
+        )
+    (out / "select-demo.json").write_text(json.dumps({"url": url, "answer": answer}, indent=2))
+    print(f"answer: {(out / 'select-demo.json').resolve()}")
+    return answer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m keeper_serve.select_demo", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--out", default="keeper-demo", help="the demo's output folder")
+    p.add_argument("--model", default="keeper-tiny:random", help="ModelSpec the demo embedded with")
+    p.add_argument("--candidates", type=int, default=24, help="corpus images sent as candidates")
+    p.add_argument("--top-n", type=int, default=6, help="candidates the VLM judges")
+    p.add_argument("--top-k", type=int, default=3, help="picks")
+    p.add_argument("--port", type=int, default=8000)
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except (KeeperError, TimeoutError) as e:
+        print(f"keeper select demo: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
