@@ -128,6 +128,7 @@ def app(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "deployments.SeriesRanker.ray_actor_options.num_cpus": 0.25,
         "deployments.SeriesRanker.autoscaling_config.max_replicas": 1,
         "vlm.source": str(vlm_dir),
+        "corpus": registry.embeddings,  # /v1/select by image_id
         "deployments.VlmJudge.ray_actor_options.num_cpus": 0.25,
         "deployments.VlmJudge.autoscaling_config.max_replicas": 1,
         enc + "ray_actor_options.num_cpus": 0.5,
@@ -760,6 +761,26 @@ def test_select_duplicates_collapse_and_limits_are_json_errors(
     assert (over.status, over.body["error"]["code"]) == (400, "over_limit")
     empty = call(app, "POST", "/v1/select", {**select_body(registry, 2), "positive": []})
     assert (empty.status, empty.body["error"]["code"]) == (422, "invalid_request")
+
+
+def test_select_by_image_id_over_the_embedded_corpus(app: str, registry: Registry) -> None:
+    table = storage.read_parquet(storage.join(registry.embeddings, embed.EMBEDDINGS)).to_pandas()
+    ids = table["image_id"].tolist()[:10]
+    body = {
+        "positive": ["a sharp photo"],
+        "ids": ids,
+        "top_n": 3,
+        "top_k": 2,
+        "dedup_threshold": None,
+    }
+    r = call(app, "POST", "/v1/select", body)
+    assert r.status == 200, r.body
+    assert r.body["cost"] == {"candidates": 10, "vlm_calls": 3, "ms": r.body["cost"]["ms"]}
+    assert r.body["stages"][0]["n_in"] == 10
+    assert len(r.body["picks"]) == 2
+    unknown = call(app, "POST", "/v1/select", {**body, "ids": [ids[0], "no-such-id"]})
+    assert (unknown.status, unknown.body["error"]["code"]) == (400, "unknown_id")
+    assert unknown.body["error"]["index"] == 1
 
 
 def _vlm_replicas() -> set[str]:

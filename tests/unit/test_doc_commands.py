@@ -80,7 +80,7 @@ JOBS = [(f"{p.name}:{no}", j) for p, no, c in COMMANDS if (j := job_argv(c)) is 
 
 def test_the_docs_show_keeper_commands() -> None:
     assert len(KEEPER) >= 10
-    assert {j for _, (j, _) in JOBS} >= {"embed", "train_head", "pick", "finetune"}
+    assert {j for _, (j, _) in JOBS} >= {"embed", "train_head", "pick", "finetune", "select"}
 
 
 @pytest.mark.parametrize(("where", "argv"), KEEPER, ids=[w for w, _ in KEEPER])
@@ -98,6 +98,7 @@ def test_documented_job_command_names_real_fields(where: str, job: tuple[str, li
     from keeper_train.jobs.embed import EmbedConfig
     from keeper_train.jobs.finetune import FinetuneConfig
     from keeper_train.jobs.pick import PickJobConfig
+    from keeper_train.jobs.select import SelectJobConfig
     from keeper_train.jobs.train_head import TrainHeadConfig
 
     name, argv = job
@@ -106,6 +107,7 @@ def test_documented_job_command_names_real_fields(where: str, job: tuple[str, li
         "train_head": TrainHeadConfig,
         "pick": PickJobConfig,
         "finetune": FinetuneConfig,
+        "select": SelectJobConfig,
     }
     if name not in models:  # demo, evaluate, promote: `python -m` runs `keeper <verb>` flags
         verb = name.replace("_", "-")

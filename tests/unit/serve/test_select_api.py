@@ -14,6 +14,7 @@ import io
 import itertools
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,7 +108,7 @@ class Recorder:
 
 
 @pytest.fixture
-def client_with(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[FakeVlm], Any]]:
+def client_with(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
     """FakeVlm -> a TestClient of the real app with fake handles; no Ray."""
     import ray.serve
     from fastapi.testclient import TestClient
@@ -123,12 +124,9 @@ def client_with(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[FakeVlm],
     )
     clients: list[Any] = []
 
-    def make(vlm: FakeVlm) -> Any:
-        args = KeeperAppArgs(
-            clip_model=SPEC,
-            limits=LIMITS,
-            select=SelectArgs(top_n=5, top_k=3, max_top_n=6, max_top_k=4),
-        )
+    def make(vlm: FakeVlm, corpus: str | None = None) -> Any:
+        select = SelectArgs(top_n=5, top_k=3, max_top_n=6, max_top_k=4)
+        args = KeeperAppArgs(clip_model=SPEC, limits=LIMITS, select=select, corpus=corpus)
         inst = cls(FakeEncoder(), FakeRanker(), vlm, args)
         inst.requests, inst.latency = Recorder(), Recorder()
         monkeypatch.setattr(
@@ -311,3 +309,85 @@ def test_needs_the_token(client_with: Callable[[FakeVlm], Any]) -> None:
     r = client.post("/v1/select", json=body([photo(0)]))
     assert r.status_code == 401
     assert r.json()["error"]["code"] == "unauthorized"
+
+
+def corpus_table(folder: Path, n: int, spec: str = SPEC) -> list[str]:
+    """keeper embed's layout: n photos on disk and folder/embeddings/part-0.parquet; the ids."""
+    import pyarrow as pa
+
+    from keeper_core import storage
+
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"p{i}.png")
+        paths[-1].write_bytes(photo(100 + i))
+    px = np.stack(
+        [
+            np.asarray(Image.open(p).convert("RGB").resize((64, 64))).transpose(2, 0, 1)
+            for p in paths
+        ]
+    )
+    emb = _embed_pixels(px)
+    ids = [f"id{i:03d}" for i in range(n)]
+    table = pa.table(
+        {
+            "image_id": ids,
+            "image_uri": [str(p) for p in paths],
+            "embedding": pa.array(list(emb), type=pa.list_(pa.float32())),
+            "model_spec": [spec] * n,
+            "width": [96] * n,
+            "height": [72] * n,
+        }
+    )
+    storage.write_parquet(table, str(folder / "embeddings" / "part-0.parquet"))
+    return ids
+
+
+def test_select_by_corpus_ids_reads_only_the_vlm_candidates_and_records_the_unreadable(
+    client_with: Callable[..., Any], tmp_path: Path
+) -> None:
+    ids = corpus_table(tmp_path, 8)
+    vlm = FakeVlm()
+    client = client_with(vlm, str(tmp_path))
+    (tmp_path / "p3.png").unlink()  # gone since it was embedded
+    knobs = {"top_n": 6, "top_k": 4, "dedup_threshold": None, "candidates": "all"}
+    body = {"positive": ["a red scene"], "ids": ids[:6], **knobs}  # all six reach the VLM
+    r = client.post("/v1/select", json=body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    check_accounting(out, 6)
+    records = {c["index"]: c for c in out["candidates"]}
+    assert vlm.calls == [(5, "a red scene")]  # the unreadable one is not sent
+    assert records[3]["dropped_at"] == "vlm"
+    assert records[3]["reason"].startswith("vlm_failed: corpus image")
+    assert records[3]["vlm"] is None
+    assert out["stages"][STAGES.index("vlm")]["n_dropped"] == 1
+    assert sum(c["vlm"] is not None for c in records.values()) == 5
+    assert out["cost"]["candidates"] == 6
+
+
+def test_select_by_ids_errors(client_with: Callable[..., Any], tmp_path: Path) -> None:
+    ids = corpus_table(tmp_path, 3)
+    client = client_with(FakeVlm(), str(tmp_path))
+    r = client.post("/v1/select", json={"positive": ["x"], "ids": [ids[0], "nope"]}, headers=AUTH)
+    assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["index"]) == (
+        400,
+        "unknown_id",
+        1,
+    )
+    both = {"positive": ["x"], "ids": ids, "images": refs([photo(0)])}
+    r = client.post("/v1/select", json=both, headers=AUTH)
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request")
+    plain = client_with(FakeVlm())
+    r = plain.post("/v1/select", json={"positive": ["x"], "ids": ids}, headers=AUTH)
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "no_corpus")
+
+
+def test_a_corpus_of_another_model_fails_the_replica(
+    client_with: Callable[..., Any], tmp_path: Path
+) -> None:
+    from keeper_core.errors import ConfigError
+
+    corpus_table(tmp_path, 2, spec="ViT-B-32:laion2b_s34b_b79k")
+    with pytest.raises(ConfigError, match="embedded with ViT-B-32"):
+        client_with(FakeVlm(), str(tmp_path))

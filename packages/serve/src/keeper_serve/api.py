@@ -23,6 +23,7 @@ from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from keeper_core import storage
@@ -215,7 +216,10 @@ class SelectRequest(_Req):
     negative: list[str] = Field(
         default_factory=list, description='what is not wanted; "a photo" always joins them'
     )
-    images: list[ImageRef] = Field(min_length=1, description="the candidates")
+    images: list[ImageRef] = Field(default_factory=list, description="the candidates")
+    ids: list[str] = Field(
+        default_factory=list, description="or: image_ids of the server's embedded corpus"
+    )
     min_relevance: float = Field(0.0, ge=0, le=1, description="stage 1: calibrated CLIP cut")
     clip_keep: int | None = Field(None, ge=1, description="stage 1: at most this many go on")
     min_side: int = Field(0, ge=0, description="stage 2: shorter side, pixels")
@@ -244,6 +248,12 @@ class SelectRequest(_Req):
         """Positive then negative prompts, each once, and the VLM's query."""
         texts = [*self.positive, *self.negative]
         return list(dict.fromkeys(texts + ([self.vlm_query] if self.vlm_query else [])))
+
+    @model_validator(mode="after")
+    def _candidates(self) -> SelectRequest:
+        if bool(self.images) == bool(self.ids):
+            raise ValueError("give the candidates as images or as ids (not both, not neither)")
+        return self
 
     def cascade(self, logit_scale: float, top_n: int, top_k: int) -> CascadeConfig:
         """The request's knobs as keeper_core's CascadeConfig (422 when they do not agree).
@@ -515,6 +525,13 @@ class PickImages(Prepared):
     hashes: list[int]  # keeper_core.grouping.dhash, the near-duplicate pixel guard
 
 
+def vlm_view(image: Image.Image, max_side: int) -> np.ndarray:
+    """What the VLM is sent of a decoded image: RGB uint8, longest side at most ``max_side``."""
+    view = image.copy()
+    view.thumbnail((max_side, max_side))
+    return np.asarray(view.convert("RGB"), dtype=np.uint8)
+
+
 @dataclass
 class SelectImages:
     """Request candidates ready for the cascade: CLIP pixels, sizes and the VLM's copies."""
@@ -646,11 +663,7 @@ class ImagePreparer:
         """``prepare`` plus sizes and a copy of each image at most ``max_side`` for the VLM."""
         self.check_count(len(refs), self.limits.max_select_images)
         decoded = [self.decode(self.fetch(ref, i), i) for i, ref in enumerate(refs)]
-        views = []
-        for d in decoded:
-            view = d.image.copy()
-            view.thumbnail((max_side, max_side))
-            views.append(np.asarray(view.convert("RGB"), dtype=np.uint8))
+        views = [vlm_view(d.image, max_side) for d in decoded]
         return SelectImages(
             pixels=self.preparation.pixels(decoded),
             widths=np.array([d.width for d in decoded], np.float64),

@@ -83,6 +83,8 @@ class LimitArgs(_Strict):
     max_pick_images: int = Field(256, ge=1, description="images in one /v1/pick request")
     # /v1/select's candidates: a search's worth, each embedded; only top_n reach the VLM.
     max_select_images: int = Field(256, ge=1, description="candidates in one /v1/select request")
+    # Candidates named by image_id cost no decode (only the VLM's top_n are read).
+    max_select_ids: int = Field(100_000, ge=1, description="corpus image_ids in one /v1/select")
 
 
 class EncoderArgs(_Strict):
@@ -161,6 +163,13 @@ class KeeperAppArgs(_Strict):
     )
     data_dir: str = Field("keeper-data", description="the embedded MLflow store's folder")
     aesthetic_config: str | None = Field(None, description="prompt YAML; None: the built-in")
+    corpus: str | None = Field(
+        None,
+        description=(
+            "keeper embed's output folder (local or s3://), embedded with clip_model: /v1/select "
+            "candidates may name its image_ids; loaded when an ingress replica starts"
+        ),
+    )
     s3_allow_buckets: list[str] = Field(
         default_factory=list, description="buckets whose s3:// URIs requests may name"
     )

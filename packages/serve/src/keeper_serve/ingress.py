@@ -32,14 +32,18 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from keeper_core import storage
 from keeper_core.cascade import (
     NEUTRAL_PROMPT,
     CascadeLimits,
     CascadeStageError,
+    VlmScorer,
+    VlmScores,
     check_limits,
     run_cascade,
 )
-from keeper_core.errors import DataError, KeeperError
+from keeper_core.corpus import Corpus, read_corpus
+from keeper_core.errors import ConfigError, DataError, KeeperError, StorageError
 from keeper_core.scoring import (
     AestheticConfig,
     aesthetic_scores,
@@ -262,7 +266,7 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 #: Multipart fields holding one value each (the request model refuses those not its own).
 _SCALAR_FIELDS = frozenset(
     {"temperature", "max_gap_s", "min_similarity", "alternates", "vlm_query", "candidates"}
-    | (set(api.SelectRequest.model_fields) - {"positive", "negative", "images"})
+    | (set(api.SelectRequest.model_fields) - {"positive", "negative", "images", "ids"})
 )
 #: /v1/pick's multipart fields holding one JSON value per uploaded image -> the item's key.
 _PICK_LISTS = {"capture_times": "capture_time", "cameras": "camera"}
@@ -297,6 +301,18 @@ class KeeperIngress:
         self._prompts: dict[str, np.ndarray] = {}
         self._clip_info: dict[str, Any] | None = None
         self._vlm_info: dict[str, Any] | None = None
+        # /v1/select by image_id: the corpus's embeddings in this replica (N x D float32).
+        self.corpus: Corpus | None = None
+        self._corpus_rows: dict[str, int] = {}
+        if args.corpus is not None:
+            self.corpus = read_corpus(args.corpus)  # a bad table fails the replica, loudly
+            if self.corpus.spec != args.clip_model:
+                raise ConfigError(
+                    f"corpus {args.corpus} was embedded with {self.corpus.spec}, the app serves "
+                    f"{args.clip_model}: its text prompts would not be comparable"
+                )
+            self._corpus_rows = {k: i for i, k in enumerate(self.corpus.image_id)}
+            log.info("corpus %s: %d images for /v1/select", args.corpus, len(self.corpus))
         # What the ranker's last answer said it is (a hint: _rank copes when it is stale).
         self._ranker_tuned = False
         self.requests = Counter(
@@ -382,7 +398,7 @@ class KeeperIngress:
                 if key != "images":
                     raise ApiError(422, "invalid_request", f"file field {key!r}: use 'images'")
                 files.append(await value.read())
-            elif key in ("texts", "positive", "negative"):
+            elif key in ("texts", "positive", "negative", "ids"):
                 fields.setdefault(key, []).extend(api.form_list(value))
             elif key in _SCALAR_FIELDS:
                 fields[key] = value  # the model refuses those that are not its own
@@ -491,16 +507,17 @@ class KeeperIngress:
             self._vlm_info = await self.vlm.info.remote()
         return self._vlm_info
 
-    def _judge(self, views: list[np.ndarray], query: str) -> Callable[[np.ndarray], np.ndarray]:
+    def _judge(self, view: Callable[[int], np.ndarray], query: str) -> VlmScorer:
         """The cascade's VLM callback (called on a worker thread): the VlmJudge deployment.
 
+        ``view(i)`` gives candidate ``i``'s image for the VLM; one that cannot be read (a corpus
+        image gone since it was embedded) leaves the cascade as ``vlm_failed`` with its reason.
         A replica lost mid-call (RayActorError: Serve replaces it) is retried once on another;
         a second failure propagates, and the cascade answers it as its ``vlm`` stage failing.
         """
         loop = asyncio.get_running_loop()
 
-        async def call(idx: np.ndarray) -> np.ndarray:
-            images = [views[i] for i in idx]
+        async def call(images: list[np.ndarray]) -> np.ndarray:
             try:
                 out: np.ndarray = await self.vlm.relevance.remote(images, query)
             except RayActorError:
@@ -508,10 +525,48 @@ class KeeperIngress:
                 out = await self.vlm.relevance.remote(images, query)
             return out
 
-        def judge(idx: np.ndarray) -> np.ndarray:
-            return asyncio.run_coroutine_threadsafe(call(idx), loop).result()
+        def judge(idx: np.ndarray) -> np.ndarray | VlmScores:
+            images, ok, failed = [], np.ones(len(idx), bool), {}
+            for j, i in enumerate(idx.tolist()):
+                try:
+                    images.append(view(i))
+                except (KeeperError, ApiError) as e:
+                    ok[j], failed[i] = False, str(e)
+            scores = np.full(len(idx), np.nan)
+            if images:
+                scores[ok] = asyncio.run_coroutine_threadsafe(call(images), loop).result()
+            return VlmScores(scores, failed) if failed else scores
 
         return judge
+
+    def _corpus_view(self, rows: np.ndarray) -> Callable[[int], np.ndarray]:
+        """Candidate i -> corpus row ``rows[i]``'s image, read and decoded as a request's are."""
+        assert self.corpus is not None
+        uris, side = self.corpus.image_uri, self.args.vlm.max_image_side
+
+        def view(i: int) -> np.ndarray:
+            uri = uris[int(rows[i])]
+            try:
+                data = storage.read_bytes(uri)  # the server's own table: not a client's URI
+            except StorageError as e:
+                raise KeeperError(f"corpus image {uri} is unreadable: {e.cause}") from e
+            return api.vlm_view(self.images.decode(data, i).image, side)
+
+        return view
+
+    def _corpus_candidates(self, ids: list[str]) -> np.ndarray:
+        """Corpus rows for ``ids`` (400 naming an unknown one; 400 when there is no corpus)."""
+        if self.corpus is None:
+            raise ApiError(400, "no_corpus", "this server has no corpus: send images, not ids")
+        limit = self.args.limits.max_select_ids
+        if len(ids) > limit:
+            raise ApiError(400, "too_many_ids", f"{len(ids)} ids; the limit is {limit}")
+        rows = np.empty(len(ids), np.int64)
+        for j, k in enumerate(ids):
+            if k not in self._corpus_rows:
+                raise ApiError(400, "unknown_id", f"ids[{j}] {k!r} is not in the corpus", index=j)
+            rows[j] = self._corpus_rows[k]
+        return rows
 
     # ----------------------------------------------------------------------------- routes
 
@@ -724,35 +779,48 @@ class KeeperIngress:
         clip, vlm_info = await asyncio.gather(self._clip(), self._vlm())
         sel = self.args.select
         config = req.cascade(clip["logit_scale"], sel.top_n, sel.top_k)
+        n = len(req.ids) or len(refs)
         try:
             check_limits(
                 config,
-                len(refs),
+                n,
                 CascadeLimits(
-                    max_candidates=limits.max_select_images,
-                    max_clip_keep=None,  # N <= max_select_images: dedup is bounded already
+                    max_candidates=max(limits.max_select_images, limits.max_select_ids),
+                    max_clip_keep=None,  # counts are bounded above; dedup stops at top_n
                     max_top_n=sel.max_top_n,
                     max_top_k=sel.max_top_k,
                 ),
             )
         except DataError as e:
             raise ApiError(400, "over_limit", str(e)) from e
-        images = await asyncio.to_thread(
-            self.images.prepare_select, refs, self.args.vlm.max_image_side
-        )
-        self._count_images(len(refs), "/v1/select")
         texts = list(dict.fromkeys([*prompts, NEUTRAL_PROMPT]))
-        emb, txt, aesthetic_prompts = await asyncio.gather(
-            self._embed(api.Prepared(images.pixels, None)),
-            self._texts(texts),
-            self._prompt_embeddings(self.aesthetic.all_prompts()),
-        )
+        if req.ids:
+            rows = self._corpus_candidates(req.ids)
+            assert self.corpus is not None
+            emb = self.corpus.embeddings[rows]
+            widths, heights = self.corpus.width[rows], self.corpus.height[rows]
+            view = self._corpus_view(rows)
+            txt, aesthetic_prompts = await asyncio.gather(
+                self._texts(texts), self._prompt_embeddings(self.aesthetic.all_prompts())
+            )
+        else:
+            images = await asyncio.to_thread(
+                self.images.prepare_select, refs, self.args.vlm.max_image_side
+            )
+            self._count_images(len(refs), "/v1/select")
+            widths, heights, views = images.widths, images.heights, images.views
+            view = views.__getitem__
+            emb, txt, aesthetic_prompts = await asyncio.gather(
+                self._embed(api.Prepared(images.pixels, None)),
+                self._texts(texts),
+                self._prompt_embeddings(self.aesthetic.all_prompts()),
+            )
         by_text = dict(zip(texts, txt, strict=True))
         pos = np.stack([by_text[t] for t in req.positive])
         neg = np.stack([by_text[t] for t in dict.fromkeys([*req.negative, NEUTRAL_PROMPT])])
         head = aesthetic_scores(emb, aesthetic_prompts, self.aesthetic).total
         query = req.vlm_query or req.positive[0]
-        judge = self._judge(images.views, query) if vlm_info["status"] == "ready" else None
+        judge = self._judge(view, query) if vlm_info["status"] == "ready" else None
         try:
             result = await asyncio.to_thread(
                 run_cascade,
@@ -760,8 +828,8 @@ class KeeperIngress:
                 pos,
                 neg,
                 config=config,
-                widths=images.widths,
-                heights=images.heights,
+                widths=widths,
+                heights=heights,
                 head_scores=np.clip(head, 0.0, 1.0),
                 vlm=judge,
             )
@@ -776,7 +844,7 @@ class KeeperIngress:
             "stages": out["stages"],
             "candidates": out["candidates"],
             "cost": {
-                "candidates": len(refs),
+                "candidates": n,
                 "vlm_calls": result.vlm_calls,
                 "ms": (time.perf_counter() - t0) * 1000,
             },

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from keeper_core import storage
 from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
 from keeper_core.contact_sheet import thumbnail_jpeg, thumbnail_name
+from keeper_core.corpus import EMBEDDINGS
 from keeper_core.embedding import ClipEmbedder
 from keeper_core.errors import (
     DataError,
@@ -69,7 +70,7 @@ from keeper_train.table import EmbeddedParts, ErrorRows
 
 log = logging.getLogger("keeper.embed")
 
-EMBEDDINGS, ERRORS = "embeddings", "errors"
+ERRORS = "errors"  # beside EMBEDDINGS (keeper_core.corpus: selection reads the table there)
 SUMMARY, TABLE_META = "_SUMMARY.json", "_KEEPER_TABLE.json"
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 # Files that are certainly not photos: never sniffed, so listing a mixed prefix stays cheap.

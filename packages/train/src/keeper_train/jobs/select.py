@@ -50,7 +50,6 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import yaml
 from pydantic import (
     BaseModel,
@@ -72,6 +71,7 @@ from keeper_core.cascade import (
     VlmScores,
     run_cascade,
 )
+from keeper_core.corpus import Corpus, read_corpus
 from keeper_core.errors import (
     ConfigError,
     DataError,
@@ -92,7 +92,6 @@ log = logging.getLogger("keeper.select")
 SUMMARY, FAILED, SCORED, INDEX = "_SUMMARY.json", "failed.csv", "scored.parquet", "index.html"
 EXIT_LOST = 1
 #: Columns read from the embedding table (keeper embed writes all of them).
-TABLE_COLUMNS = ["image_id", "image_uri", "embedding", "model_spec", "width", "height"]
 #: A query's name is its output folder: one path segment, never hidden, never ``_SUMMARY``.
 QUERY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 THUMB_PX = 160
@@ -278,70 +277,21 @@ def load_queries(source: list[Query] | str) -> list[Query]:
 
 
 @dataclass
-class Candidates:
-    """Every row of the embedding table, as arrays indexed by candidate index (table order)."""
+class Candidates(Corpus):
+    """Every row of the embedding table (keeper_core.corpus), and what keeper embed could not read."""
 
-    image_id: list[str]
-    image_uri: list[str]
-    width: np.ndarray
-    height: np.ndarray
-    embeddings: np.ndarray  # (N, D) float32, unit norm
-    spec: str
-    table_errors: int  # images keeper embed could not read: never candidates
-
-    def __len__(self) -> int:
-        return len(self.image_uri)
+    table_errors: int = 0  # images keeper embed could not read: never candidates
 
 
 def load_candidates(table: str) -> Candidates:
     """The rows of keeper embed's table at ``table`` (``table/embeddings``).
 
     Raises:
-        DataError: no embedding table there, a column missing, embeddings of several model
-            specs (one table, one spec), or malformed embeddings.
+        DataError: as ``keeper_core.corpus.read_corpus``.
     """
-    folder = storage.join(table, embed.EMBEDDINGS)
-    try:
-        t = storage.read_parquet(folder, columns=TABLE_COLUMNS)
-    except StorageError as e:
-        raise DataError(
-            f"no embedding table here (keeper embed writes {folder}/part-*.parquet): {e.cause}",
-            source=table,
-        ) from e
-    specs = sorted(set(t.column("model_spec").drop_null().to_pylist()))
-    if t.column("model_spec").null_count:
-        raise DataError("rows without a model_spec", source=table)
-    if len(specs) > 1:
-        raise DataError(
-            f"the table mixes embeddings of {len(specs)} model specs {specs}: similarities across "
-            "specs mean nothing, so keeper select reads one spec per table (embed into one "
-            "output per model)",
-            source=table,
-        )
-    n = t.num_rows
-    if not n:
-        raise DataError("the embedding table has no rows: nothing to select from", source=table)
-    spec = specs[0]
-    col = t.column("embedding").combine_chunks()
-    if col.null_count:
-        raise DataError(f"{col.null_count} row(s) without an embedding", source=table)
-    if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type)):
-        raise DataError(f"embedding column is {col.type}, not a list of floats", source=table)
-    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-    if (lengths != lengths[0]).any():
-        raise DataError("embeddings of different lengths in one table", source=table)
-    emb = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-    emb = emb.reshape(n, int(lengths[0]))
+    corpus = read_corpus(table)
     errors = ErrorRows.read(storage.join(table, embed.ERRORS)).rows()
-    return Candidates(
-        image_id=[str(x) for x in t.column("image_id").to_pylist()],
-        image_uri=[str(x) for x in t.column("image_uri").to_pylist()],
-        width=t.column("width").to_numpy(zero_copy_only=False).astype(np.float64),
-        height=t.column("height").to_numpy(zero_copy_only=False).astype(np.float64),
-        embeddings=np.ascontiguousarray(emb),
-        spec=spec,
-        table_errors=int(errors["image_uri"].nunique()),
-    )
+    return Candidates(**vars(corpus), table_errors=int(errors["image_uri"].nunique()))
 
 
 @dataclass
@@ -1017,9 +967,9 @@ def render_query_html(
     parts.append("</table>")
 
     examples: dict[str, list[str]] = {}
-    for i, (st, r) in enumerate(zip(k.dropped_at, k.reason, strict=True)):
-        if st in _STAGES_BEFORE_VLM and r:
-            ex = examples.setdefault(f"{st}: {_reason_kind(r)}", [])
+    for i, (st, why) in enumerate(zip(k.dropped_at, k.reason, strict=True)):
+        if st in _STAGES_BEFORE_VLM and why:
+            ex = examples.setdefault(f"{st}: {_reason_kind(why)}", [])
             if len(ex) < _EXAMPLES:
                 ex.append(_name(c.image_uri[i]))
     parts.append(
