@@ -464,7 +464,13 @@ class FakeEncoder:
     embed_pixels = _Remote(lambda px: _unit(len(px)))
     embed_texts = _Remote(lambda texts: _unit(len(texts)))
     info = _Remote(
-        lambda: {"spec": SPEC, "embed_dim": 8, "image_size": SIZE, "random_weights": True, "logit_scale": 100.0}
+        lambda: {
+            "spec": SPEC,
+            "embed_dim": 8,
+            "image_size": SIZE,
+            "random_weights": True,
+            "logit_scale": 100.0,
+        }
     )
 
 

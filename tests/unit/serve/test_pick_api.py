@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image, ImageFilter
+from serve_fakes import Remote, ingress_clients
 from support_photos import camera_exif
 
 from keeper_core.capture import read_capture
@@ -354,73 +354,26 @@ def test_pick_response_maps_rows_back_to_request_indices(prep: ImagePreparer) ->
 # ---------------------------------------------------------------------------- the route
 
 
-class _Remote:
-    """A deployment handle method: ``.remote(...)`` returns an awaitable."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *a: Any, **kw: Any) -> Any:
-        async def call() -> Any:
-            return self.fn(*a, **kw)
-
-        return call()
-
-
 class FakeEncoder:
-    embed_pixels = _Remote(lambda px: unit_rows(len(px)))
-    info = _Remote(lambda: {"spec": SPEC, "embed_dim": 8, "image_size": 64, "random_weights": True})
+    embed_pixels = Remote(lambda px: unit_rows(len(px)))
+    info = Remote(lambda: {"spec": SPEC, "embed_dim": 8, "image_size": 64, "random_weights": True})
 
 
 class FakeRanker:
     def __init__(self, rank: RankSpy) -> None:
-        self.rank = _Remote(rank)
+        self.rank = Remote(rank)
 
 
 class FakeVlm:
-    info = _Remote(lambda: {"status": "disabled", "source": None})
-
-
-class Recorder:
-    def inc(self, value: float = 1, tags: dict[str, str] | None = None) -> None:
-        pass
-
-    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
-        pass
+    info = Remote(lambda: {"status": "disabled", "source": None})
 
 
 @pytest.fixture
 def client_with(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A function (RankSpy) -> TestClient of the real app with fake handles; no Ray."""
-    import ray.serve
-    from fastapi.testclient import TestClient
-    from ray.serve._private.http_util import ASGIAppReplicaWrapper
-
-    from keeper_serve import ingress
-
-    monkeypatch.setenv("KEEPER_API_TOKEN", TOKEN)
-    cls = next(
-        c
-        for c in ingress.KeeperIngress.func_or_class.__mro__
-        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
-    )
-    clients: list[Any] = []
-
-    def make(rank: RankSpy) -> Any:
-        inst = cls(
-            FakeEncoder(), FakeRanker(rank), FakeVlm(), KeeperAppArgs(clip_model=SPEC, limits=LIMITS)
-        )
-        inst.requests, inst.latency = Recorder(), Recorder()
-        monkeypatch.setattr(
-            ray.serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=inst)
-        )
-        client = TestClient(ingress.app, raise_server_exceptions=False)
-        clients.append(client.__enter__())
-        return client
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+    with ingress_clients(monkeypatch, TOKEN) as make:
+        args = KeeperAppArgs(clip_model=SPEC, limits=LIMITS)
+        yield lambda rank: make(FakeEncoder(), FakeRanker(rank), FakeVlm(), args)
 
 
 def test_route_groups_exif_timed_bursts_with_the_ranker(client_with: Any) -> None:

@@ -12,7 +12,6 @@ import base64
 import hashlib
 import io
 import itertools
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from ray.exceptions import RayActorError
+from serve_fakes import Remote, ingress_clients
 
 from keeper_core.cascade import STAGES
 from keeper_serve.config import KeeperAppArgs, LimitArgs, SelectArgs
@@ -30,19 +30,6 @@ TOKEN = "select-t0ken-" + "x" * 24
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DIM = 16
 LIMITS = LimitArgs(max_images=2, max_select_images=12)  # /v1/select has its own cap
-
-
-class _Remote:
-    """A deployment handle method: ``.remote(...)`` returns an awaitable."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-
-    def remote(self, *a: Any, **kw: Any) -> Any:
-        async def call() -> Any:
-            return self.fn(*a, **kw)
-
-        return call()
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -62,9 +49,9 @@ def _embed_texts(texts: list[str]) -> np.ndarray:
 
 
 class FakeEncoder:
-    embed_pixels = _Remote(_embed_pixels)
-    embed_texts = _Remote(_embed_texts)
-    info = _Remote(
+    embed_pixels = Remote(_embed_pixels)
+    embed_texts = Remote(_embed_texts)
+    info = Remote(
         lambda: {
             "spec": SPEC,
             "embed_dim": DIM,
@@ -76,7 +63,7 @@ class FakeEncoder:
 
 
 class FakeRanker:
-    info = _Remote(lambda: {"uri": None, "status": "disabled"})
+    info = Remote(lambda: {"uri": None, "status": "disabled"})
 
 
 class FakeVlm:
@@ -88,8 +75,8 @@ class FakeVlm:
         keys = ("source", "architecture", "dtype", "device", "parameters", "random_weights")
         off = {"status": "disabled", **dict.fromkeys(keys)}
         on = {**off, "status": "ready", "source": "tiny", "random_weights": True}
-        self.info = _Remote(lambda: on if ready else off)
-        self.relevance = _Remote(self._relevance)
+        self.info = Remote(lambda: on if ready else off)
+        self.relevance = Remote(self._relevance)
 
     def _relevance(self, images: list[np.ndarray], query: str) -> np.ndarray:
         self.calls.append((len(images), query))
@@ -99,46 +86,17 @@ class FakeVlm:
         return np.array([im[..., 0].mean() / 255 for im in images], np.float32)
 
 
-class Recorder:
-    def inc(self, value: float = 1, tags: dict[str, str] | None = None) -> None:
-        pass
-
-    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
-        pass
-
-
 @pytest.fixture
 def client_with(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
-    """FakeVlm -> a TestClient of the real app with fake handles; no Ray."""
-    import ray.serve
-    from fastapi.testclient import TestClient
-    from ray.serve._private.http_util import ASGIAppReplicaWrapper
+    """(FakeVlm, corpus=None) -> a TestClient of the real app with fake handles; no Ray."""
+    with ingress_clients(monkeypatch, TOKEN) as make:
 
-    from keeper_serve import ingress
+        def with_vlm(vlm: FakeVlm, corpus: str | None = None) -> Any:
+            select = SelectArgs(top_n=5, top_k=3, max_top_n=6, max_top_k=4)
+            args = KeeperAppArgs(clip_model=SPEC, limits=LIMITS, select=select, corpus=corpus)
+            return make(FakeEncoder(), FakeRanker(), vlm, args)
 
-    monkeypatch.setenv("KEEPER_API_TOKEN", TOKEN)
-    cls = next(
-        c
-        for c in ingress.KeeperIngress.func_or_class.__mro__
-        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
-    )
-    clients: list[Any] = []
-
-    def make(vlm: FakeVlm, corpus: str | None = None) -> Any:
-        select = SelectArgs(top_n=5, top_k=3, max_top_n=6, max_top_k=4)
-        args = KeeperAppArgs(clip_model=SPEC, limits=LIMITS, select=select, corpus=corpus)
-        inst = cls(FakeEncoder(), FakeRanker(), vlm, args)
-        inst.requests, inst.latency = Recorder(), Recorder()
-        monkeypatch.setattr(
-            ray.serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=inst)
-        )
-        client = TestClient(ingress.app, raise_server_exceptions=False)
-        clients.append(client.__enter__())
-        return client
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+        yield with_vlm
 
 
 def photo(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:

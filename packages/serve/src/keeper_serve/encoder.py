@@ -49,6 +49,29 @@ def batch_tuning(method: object) -> _BatchTuning:
     return cast(_BatchTuning, method)
 
 
+def apply_batch_config(name: str, method: object, user_config: dict[str, Any]) -> int | None:
+    """A deployment's batching ``user_config`` applied to its ``@serve.batch`` method.
+
+    Returns:
+        The new ``max_batch_size``, or None when it was not given.
+
+    Raises:
+        ValueError: an unknown key or a batch size below 1 (Serve keeps the old config).
+    """
+    unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
+    if unknown:
+        raise ValueError(f"{name} user_config: unknown keys {sorted(unknown)}")
+    n = None
+    if "max_batch_size" in user_config:
+        n = int(user_config["max_batch_size"])
+        if n < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {n}")
+        batch_tuning(method).set_max_batch_size(n)
+    if "batch_wait_timeout_s" in user_config:
+        batch_tuning(method).set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+    return n
+
+
 @serve.deployment
 class ClipEncoder:
     def __init__(self, clip_model: str, encoder: EncoderArgs) -> None:
@@ -79,19 +102,10 @@ class ClipEncoder:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, both optional."""
-        unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
-        if unknown:
-            raise ValueError(f"ClipEncoder user_config: unknown keys {sorted(unknown)}")
-        if "max_batch_size" in user_config:
-            n = int(user_config["max_batch_size"])
-            if n < 1:
-                raise ValueError(f"max_batch_size must be >= 1, got {n}")
+        n = apply_batch_config("ClipEncoder", self._embed_batch, user_config)
+        if n is not None:
             self.max_batch_size = n
             self.embedder.batch_size = n
-            batch_tuning(self._embed_batch).set_max_batch_size(n)
-        if "batch_wait_timeout_s" in user_config:
-            wait = float(user_config["batch_wait_timeout_s"])
-            batch_tuning(self._embed_batch).set_batch_wait_timeout_s(wait)
 
     def info(self) -> dict[str, Any]:
         return {

@@ -26,7 +26,7 @@ from ray import serve
 from keeper_core.vlm import VlmConfig, load_vlm
 from keeper_core.vlm import VlmJudge as CoreJudge
 from keeper_serve.config import VlmArgs
-from keeper_serve.encoder import batch_tuning, torch_threads
+from keeper_serve.encoder import apply_batch_config, batch_tuning, torch_threads
 
 log = logging.getLogger("keeper.serve")
 
@@ -67,17 +67,7 @@ class VlmJudge:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, both optional."""
-        unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
-        if unknown:
-            raise ValueError(f"VlmJudge user_config: unknown keys {sorted(unknown)}")
-        if "max_batch_size" in user_config:
-            n = int(user_config["max_batch_size"])
-            if n < 1:
-                raise ValueError(f"max_batch_size must be >= 1, got {n}")
-            batch_tuning(self._judge_batch).set_max_batch_size(n)
-        if "batch_wait_timeout_s" in user_config:
-            wait = float(user_config["batch_wait_timeout_s"])
-            batch_tuning(self._judge_batch).set_batch_wait_timeout_s(wait)
+        apply_batch_config("VlmJudge", self._judge_batch, user_config)
 
     def info(self) -> dict[str, Any]:
         """What judges: always the same keys; ``status`` "ready" or "disabled" (all else null)."""

@@ -1,0 +1,76 @@
+"""The ingress app in this process with fake deployment handles: no Ray, no Serve.
+
+``tests/unit/serve``'s route tests build a real ``KeeperIngress`` instance (its class, not the
+Serve deployment) around fakes, and drive the real FastAPI app with Starlette's TestClient; the
+middleware finds the instance through a patched ``serve.get_replica_context``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+
+class Remote:
+    """A deployment handle method: ``.remote(...)`` returns an awaitable."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def remote(self, *a: Any, **kw: Any) -> Any:
+        async def call() -> Any:
+            return self.fn(*a, **kw)
+
+        return call()
+
+
+class Recorder:
+    """Stands in for Ray's Counter and Histogram."""
+
+    def __init__(self) -> None:
+        self.tags: list[dict[str, str]] = []
+
+    def inc(self, value: float = 1, tags: dict[str, str] | None = None) -> None:
+        self.tags.append(dict(tags or {}))
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.tags.append(dict(tags or {}))
+
+
+@contextlib.contextmanager
+def ingress_clients(monkeypatch: pytest.MonkeyPatch, token: str) -> Iterator[Callable[..., Any]]:
+    """``make(encoder, ranker, vlm, args) -> TestClient``; every client is closed on exit."""
+    import ray.serve
+    from fastapi.testclient import TestClient
+    from ray.serve._private.http_util import ASGIAppReplicaWrapper
+
+    from keeper_serve import ingress
+
+    monkeypatch.setenv("KEEPER_API_TOKEN", token)
+    # @serve.ingress wraps the class; the user's class is the first one not from Serve.
+    cls = next(
+        c
+        for c in ingress.KeeperIngress.func_or_class.__mro__
+        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
+    )
+    clients: list[Any] = []
+
+    def make(encoder: Any, ranker: Any, vlm: Any, args: Any) -> Any:
+        inst = cls(encoder, ranker, vlm, args)
+        inst.requests, inst.latency = Recorder(), Recorder()
+        monkeypatch.setattr(
+            ray.serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=inst)
+        )
+        client = TestClient(ingress.app, raise_server_exceptions=False)
+        clients.append(client.__enter__())
+        return client
+
+    try:
+        yield make
+    finally:
+        for c in clients:
+            c.__exit__(None, None, None)
