@@ -62,8 +62,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paths = [str(u) for u in pd.read_csv(manifest)["image_uri"].head(args.candidates)]
     vlm_dir = build_tiny_vlm(out / "tiny-vlm")
     token = os.environ.get("KEEPER_API_TOKEN") or secrets.token_urlsafe(32)
-    os.environ["KEEPER_API_TOKEN"] = token  # before ray.init: the replicas inherit it
+    # A token file reaches the replicas whether this process starts Ray or joins a running one.
+    token_file = out / "select-demo-token"
+    storage.write_bytes(str(token_file), token.encode())
     overrides = {
+        "auth.token_file": str(token_file.resolve()),
         "clip_model": args.model,
         "data_dir": str(out),
         "ranker.model_uri": None,  # /v1/select needs no ranker
