@@ -50,6 +50,12 @@ def format_stages(answer: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _shown(path: str, root: Path) -> str:
+    """A candidate's path relative to the corpus folder (shots of bursts share file names)."""
+    p = Path(path)
+    return str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
@@ -96,9 +102,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f'POST /v1/select "{QUERY}": {len(paths)} candidates, top_n {args.top_n}, top_k {args.top_k}'
     )
     print(format_stages(answer))
-    picks = ", ".join(Path(paths[i]).name for i in answer["picks"])
+    root = manifest.parent
+    picks = ", ".join(_shown(paths[i], root) for i in answer["picks"])
     print(f"picks, best first: {picks}")
     models = answer["models"]
+    if models["clip_random_weights"] and answer["stages"][2]["n_dropped"]:
+        print("(random CLIP weights make most images look alike: dedup merges many of them)")
     if models["clip_random_weights"]:
         print("WARNING: " + RANDOM_WEIGHTS_WARNING.format(spec=models["clip_model"]))
     if models["vlm"].get("random_weights"):
