@@ -744,6 +744,11 @@ def test_select_over_http_spends_the_vlm_on_the_top_n_and_accounts_for_every_can
     again = call(app, "POST", "/v1/select", select_body(registry, 12, **knobs)).body
     assert again["picks"] == out["picks"]
     assert [c["final"] for c in again["candidates"]] == [c["final"] for c in out["candidates"]]
+    assert out["rationales"] is None
+    explained = call(app, "POST", "/v1/select", select_body(registry, 12, rationale=True, **knobs))
+    assert explained.status == 200, explained.body
+    assert [r["index"] for r in explained.body["rationales"]] == out["picks"]
+    assert all(isinstance(r["text"], str) for r in explained.body["rationales"])
 
 
 def test_select_duplicates_collapse_and_limits_are_json_errors(

@@ -77,6 +77,7 @@ class FakeVlm:
         on = {**off, "status": "ready", "source": "tiny", "random_weights": True}
         self.info = Remote(lambda: on if ready else off)
         self.relevance = Remote(self._relevance)
+        self.rationale = Remote(lambda image, query: f"{image.shape[1]}px wide; asked: {query}")
 
     def _relevance(self, images: list[np.ndarray], query: str) -> np.ndarray:
         self.calls.append((len(images), query))
@@ -154,6 +155,21 @@ def test_select_spends_the_vlm_on_the_top_n_only_and_accounts_for_everyone(
     assert models["logit_scale"] == 10.0
     assert models["vlm"]["status"] == "ready"
     assert models["vlm"]["query"] == "a red scene"
+
+
+def test_rationales_only_when_asked_one_per_pick(client_with: Callable[..., Any]) -> None:
+    client = client_with(FakeVlm())
+    blobs = [photo(i) for i in range(5)]
+    plain = client.post("/v1/select", json=body(blobs, top_k=2), headers=AUTH).json()
+    assert plain["rationales"] is None
+    asked = client.post("/v1/select", json=body(blobs, top_k=2, rationale=True), headers=AUTH)
+    assert asked.status_code == 200, asked.text
+    out = asked.json()
+    assert [r["index"] for r in out["rationales"]] == out["picks"]
+    assert out["rationales"][0]["text"] == "96px wide; asked: a red scene"
+    off = client_with(FakeVlm(ready=False))
+    r = off.post("/v1/select", json=body(blobs, rationale=True), headers=AUTH).json()
+    assert r["rationales"] is None  # no VLM: nothing to explain with (models.vlm says so)
 
 
 def test_duplicates_collapse_to_one_and_picks_only_on_request(

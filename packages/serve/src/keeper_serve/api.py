@@ -241,6 +241,9 @@ class SelectRequest(_Req):
     candidates: Literal["all", "picks"] = Field(
         "all", description="all: every candidate's scores and fate; picks: the picks only"
     )
+    rationale: bool = Field(
+        False, description="the VLM explains each pick in a few words (one generation per pick)"
+    )
 
     texts_label: ClassVar[str] = "prompts"
 
@@ -438,8 +441,16 @@ class SelectCost(BaseModel):
     ms: float = Field(description="the whole request, server side")
 
 
+class SelectRationale(BaseModel):
+    index: int
+    text: str = Field(description="the VLM's words (bounded generation); random weights: noise")
+
+
 class SelectResponse(BaseModel):
     picks: list[int] = Field(description="request indices, best first")
+    rationales: list[SelectRationale] | None = Field(
+        description="with rationale: true and a VLM: one per pick, in pick order; else null"
+    )
     stages: list[SelectStage]
     candidates: list[SelectCandidate]
     cost: SelectCost

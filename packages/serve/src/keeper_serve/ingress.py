@@ -839,8 +839,14 @@ class KeeperIngress:
                 503, f"{e.stage}_unavailable", f"the {e.stage} stage failed: {e.cause}; retry"
             ) from e
         out = result.as_dict(dropped=req.candidates == "all")
+        rationales = None
+        if req.rationale and judge is not None and result.picks:
+            shown = await asyncio.to_thread(lambda: [view(i) for i in result.picks])
+            texts = await asyncio.gather(*(self.vlm.rationale.remote(v, query) for v in shown))
+            rationales = [{"index": i, "text": t} for i, t in zip(result.picks, texts, strict=True)]
         return {
             "picks": out["picks"],
+            "rationales": rationales,
             "stages": out["stages"],
             "candidates": out["candidates"],
             "cost": {

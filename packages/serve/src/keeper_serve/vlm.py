@@ -87,6 +87,17 @@ class VlmJudge:
         scores = await asyncio.gather(*(self._judge_batch((im, query)) for im in images))
         return np.asarray(scores, dtype=np.float32)
 
+    async def rationale(self, image: np.ndarray, query: str) -> str:
+        """A short explanation of one judgement (bounded greedy generation), only when asked.
+
+        Raises:
+            RuntimeError: no VLM is configured.
+        """
+        if self.judge is None:
+            raise RuntimeError("no VLM is configured (vlm.source is null)")
+        im = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
+        return await asyncio.to_thread(self.judge.rationale, im, query)
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _judge_batch(self, items: list[tuple[np.ndarray, str]]) -> list[float]:
         assert self.judge is not None  # relevance() checked
