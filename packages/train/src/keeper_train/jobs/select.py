@@ -967,9 +967,9 @@ def render_query_html(
     parts.append("</table>")
 
     examples: dict[str, list[str]] = {}
-    for i, (st, why) in enumerate(zip(k.dropped_at, k.reason, strict=True)):
-        if st in _STAGES_BEFORE_VLM and why:
-            ex = examples.setdefault(f"{st}: {_reason_kind(why)}", [])
+    for i, (stage, why) in enumerate(zip(k.dropped_at, k.reason, strict=True)):
+        if stage in _STAGES_BEFORE_VLM and why:
+            ex = examples.setdefault(f"{stage}: {_reason_kind(why)}", [])
             if len(ex) < _EXAMPLES:
                 ex.append(_name(c.image_uri[i]))
     parts.append(
