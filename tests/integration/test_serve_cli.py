@@ -63,8 +63,9 @@ def test_keeper_serve_starts_prints_how_to_call_and_stops(tmp_path: Path) -> Non
         assert status == 200
         assert models["clip"] == {  # embedded defaults
             "spec": "keeper-tiny:random", "embed_dim": 64, "image_size": 64,
-            "random_weights": True,
+            "random_weights": True, "logit_scale": pytest.approx(1 / 0.07, rel=1e-4),  # init
         }  # fmt: skip
+        assert models["vlm"]["status"] == "disabled"  # vlm.source is null by default
         ranker = models["ranker"]
         assert isinstance(ranker, dict)
         assert ranker["status"] == "unavailable"  # no champion in a fresh store: said, not hidden
