@@ -6,7 +6,6 @@ deleted after embedding leaves at the vlm stage with its reason, and bad input e
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
-import torch
 import yaml
 
 from keeper_core import storage
@@ -24,21 +22,13 @@ from keeper_core.tiny_vlm import build_tiny_vlm
 from keeper_core.vlm import VlmConfig, load_vlm
 from keeper_train.jobs import embed, select
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 TINY = "keeper-tiny:random"
 QUERIES = [
     {"name": "dog", "positive": ["a photo of a dog"], "negative": ["a blurry photo"]},
     {"name": "night-city", "positive": ["a city at night", "street lights"]},
 ]
 PRE_VLM = {"clip", "heuristics", "dedup", "rerank"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

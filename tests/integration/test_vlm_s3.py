@@ -14,7 +14,6 @@ from typing import Any
 import boto3
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from keeper_core import storage
@@ -22,15 +21,7 @@ from keeper_core.errors import ModelLoadError
 from keeper_core.tiny_vlm import build_tiny_vlm
 from keeper_core.vlm import VlmConfig, VlmJudge, load_vlm
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

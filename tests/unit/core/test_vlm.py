@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,12 @@ from keeper_core.errors import ConfigError, DataError, ModelLoadError
 from keeper_core.tiny_vlm import build_tiny_vlm
 from keeper_core.vlm import VlmConfig, VlmJudge, load_vlm, source_kind
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 REL_PROMPT = 'USER: <image>\nDoes this figure show "{q}"? Please answer yes or no. ASSISTANT:'
 QUALITY_PROMPT = "USER: <image>\nCan you evaluate the quality of the image? ASSISTANT: The quality of the image is"
 LEVELS = ("excellent", "good", "fair", "poor", "bad")
 WEIGHTS = np.array([1.0, 0.75, 0.5, 0.25, 0.0])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -360,10 +360,7 @@ def prompt_embeddings(
     table = embedder.prompt_embeddings(texts)
     if "logit_scale" in cascade.model_fields_set:
         return table, cascade, "config"
-    scale = getattr(model, "logit_scale", None)
-    if scale is None:
-        raise ConfigError(f"{spec} has no logit_scale: set cascade.logit_scale")
-    value = float(scale.exp().item())
+    value = embedder.logit_scale  # ModelLoadError without one: cascade.logit_scale sets it
     return table, CascadeConfig(**{**cascade.model_dump(), "logit_scale": value}), "model"
 
 
