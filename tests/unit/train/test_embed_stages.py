@@ -25,8 +25,10 @@ from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES, quality_features
 from keeper_train.jobs.embed import (
     Counts,
+    EmbedConfig,
     EmbedStage,
     EmbedSummary,
+    StageCpus,
     check_table_meta,
     format_summary,
     list_inputs,
@@ -579,3 +581,37 @@ def test_embed_stage_sets_model_threads() -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_embed_stage_cpu_only_threads_share_the_node() -> None:
+    import torch
+
+    from keeper_train.jobs.embed import node_cores
+
+    before = torch.get_num_threads()
+    try:
+        stage = EmbedStage(SPEC, 8, node_actors=1)
+        assert stage.threads == node_cores() == torch.get_num_threads()
+        stage = EmbedStage(SPEC, 8, node_actors=node_cores() + 1)
+        assert stage.threads == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, StageCpus(decode=0.5, actor=0.5, model_threads=None, node_threads=True)),
+        (
+            {"num_gpus_per_worker": 1},
+            StageCpus(decode=1.0, actor=1.0, model_threads=None, node_threads=False),
+        ),
+        (
+            {"model_threads": 3, "num_cpus_per_worker": 2, "decode_num_cpus": 0.25},
+            StageCpus(decode=0.25, actor=2.0, model_threads=3, node_threads=False),
+        ),
+    ],
+)
+def test_stage_cpus_defaults(overrides: dict[str, Any], expected: StageCpus) -> None:
+    cfg = EmbedConfig(input="in", output="out", **overrides)
+    assert cfg.stage_cpus() == expected

@@ -29,9 +29,11 @@ import hashlib
 import io
 import json
 import logging
+import os
 import sys
 import time
 import uuid
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -93,6 +95,20 @@ ERRORS_SCHEMA = pa.schema(
 WORKER_BASELINE_BYTES = 512 * 1024**2
 
 
+@dataclass(frozen=True)
+class StageCpus:
+    """CPUs a decode task and a model actor reserve; the model's torch threads.
+
+    ``node_threads``: the actor sets its threads to its node's cores divided by the actors
+    (``model_threads`` is then None).
+    """
+
+    decode: float
+    actor: float
+    model_threads: int | None
+    node_threads: bool
+
+
 class EmbedConfig(BaseModel):
     """Everything the embed job takes. Unknown keys are errors (a typo fails before any work)."""
 
@@ -106,12 +122,23 @@ class EmbedConfig(BaseModel):
     num_gpus_per_worker: float = Field(
         0.0, ge=0, description="GPUs per model actor (fractional ok)"
     )
-    num_cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per model actor")
+    num_cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs each model actor reserves (default: 1 with GPUs, 0.5 on a CPU-only "
+        "run, where its torch threads share the node's cores with decode: see model_threads)",
+    )
     model_threads: int | None = Field(
         None,
         ge=1,
-        description="torch intra-op threads per model actor (default: Ray's, the actor's CPUs); "
-        "on a CPU-only node, its core count lets the model use cores decode leaves idle",
+        description="torch intra-op threads per model actor (default: Ray's, one per reserved "
+        "CPU, with GPUs; on a CPU-only run the node's cores divided by the actors)",
+    )
+    decode_num_cpus: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs each decode task reserves (default: 1 with GPUs, 0.5 on a CPU-only "
+        "run, so decode can use the cores the model leaves idle)",
     )
     decode_batch_size: int = Field(16, ge=1, description="images per decode task batch")
     decode_concurrency: int | None = Field(None, ge=1, description="max decode tasks at once")
@@ -145,6 +172,29 @@ class EmbedConfig(BaseModel):
         "inside the input folder); output is always excluded",
     )
     ray_address: str | None = None
+
+    @property
+    def cpu_only(self) -> bool:
+        """No GPU per model actor: model and decode share the same cores."""
+        return self.num_gpus_per_worker == 0
+
+    def stage_cpus(self) -> StageCpus:
+        """What each stage reserves and the model's threads, the defaults resolved.
+
+        On a CPU-only run an actor's forward is multi-threaded while a decode task is one
+        Python thread that waits on reads: reserving a whole CPU for each (Ray's default)
+        runs one decode task beside one single-threaded model on two cores and leaves the
+        write stage no CPU until decoding ends (docs/benchmarks.md). So the CPU-only defaults
+        reserve half a CPU for each, let the model use every core (``model_threads=None``
+        here: the actor counts its node's cores), and the write stage reserves none.
+        """
+        gpu_default = 0.5 if self.cpu_only else 1.0
+        return StageCpus(
+            decode=self.decode_num_cpus if self.decode_num_cpus is not None else gpu_default,
+            actor=self.num_cpus_per_worker if self.num_cpus_per_worker is not None else gpu_default,
+            model_threads=self.model_threads,
+            node_threads=self.cpu_only and self.model_threads is None,
+        )
 
     @field_validator("model")
     @classmethod
@@ -386,15 +436,28 @@ def _failure(
     }
 
 
+def node_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class EmbedStage:
     """The actor-pool stage: keeper_core.ClipEmbedder, timed."""
 
-    def __init__(self, spec: str, batch_size: int, threads: int | None = None) -> None:
+    def __init__(
+        self, spec: str, batch_size: int, threads: int | None = None, node_actors: int = 0
+    ) -> None:
+        if node_actors:  # a CPU-only run: share this node's cores among the actors
+            threads = max(1, node_cores() // node_actors)
         if threads:
-            # Ray pins a CPU actor's torch to floor(num_cpus) threads (OMP_NUM_THREADS).
+            # Ray pins a CPU actor's torch to max(1, floor(num_cpus)) threads (OMP_NUM_THREADS).
             import torch
 
             torch.set_num_threads(threads)
+        self.threads = threads
         self.embedder = ClipEmbedder(spec, batch_size=batch_size)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -584,6 +647,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     from keeper_train.cluster import init_ray
 
     t0 = time.perf_counter()
+    cpus = cfg.stage_cpus()
     cluster = init_ray(cfg.ray_address)
     seconds = {"ray_init": time.perf_counter() - t0}
     limits = {
@@ -611,7 +675,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
             "thumbnails": cfg.thumbnails,
         },
         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
-        num_cpus=1,
+        num_cpus=cpus.decode,
         # A decode task holds a worker's baseline (torch imported: ~0.5 GiB) plus up to a
         # max_pixels image (3 bytes a pixel) beside its bytes.
         # Requesting that memory also keeps Ray Data from fusing decode into the model
@@ -624,20 +688,31 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         fn_constructor_kwargs={
             "spec": cfg.model,
             "batch_size": cfg.batch_size,
-            "threads": cfg.model_threads,
+            "threads": cpus.model_threads,
+            # The actors of one node: all of them on a one-node cluster, which is where a
+            # CPU-only run usually is; on several nodes they under-use the cores (set
+            # model_threads).
+            "node_actors": cfg.concurrency if cpus.node_threads else 0,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_gpus=cfg.num_gpus_per_worker,
-        num_cpus=cfg.num_cpus_per_worker,
+        num_cpus=cpus.actor,
     )
     ds = ds.map_batches(
         write_batch,  # type: ignore[arg-type]  # keyword-only stage arguments
         batch_size=cfg.rows_per_file,
         batch_format="numpy",
         fn_kwargs={"spec": cfg.model, "embeddings_dir": storage.join(p.dst, EMBEDDINGS)},
-        num_cpus=0.25,  # I/O bound: must not take a whole core from decode
+        # I/O bound: it reserves no CPU, so that it runs while decode and the actors hold
+        # every CPU (with 0.25 it waited for decode to end on a 2-CPU node); two at a time.
+        num_cpus=0,
+        compute=ray.data.TaskPoolStrategy(size=2),
+    )
+    # Ray Data warns when a stage gets fewer blocks than its task cap (a small job's writes).
+    warnings.filterwarnings(
+        "ignore", message=r"The maximum number of concurrent tasks for 'MapBatches\(write_batch"
     )
     tallies: list[dict[str, Any]] = []
     t_pipe = time.perf_counter()
