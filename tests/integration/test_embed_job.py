@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -195,14 +196,103 @@ def test_other_model_spec_is_refused(ray_cluster: str, tmp_path: Path, corpus: l
     assert embed.main(argv) == 2  # refused before any work, naming both specs
 
 
-def test_killed_job_resumes_with_every_image_once(ray_cluster: str, tmp_path: Path) -> None:
+def pack_shards(
+    paths: list[Path], per_shard: int, *, orphan: bool = False
+) -> list[tuple[str, bytes]]:
+    """WebDataset shards (name, tar bytes) of these photos as img2dataset lays them out: a
+    ``.jpg``, a ``.txt`` caption and a ``.json`` of metadata per sample. ``orphan``: the last
+    shard also holds a caption whose sample has no image."""
+    shards = []
+    for s in range(0, len(paths), per_shard):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i, path in enumerate(paths[s : s + per_shard], start=s):
+                key = f"{i:09d}"
+                meta = json.dumps({"key": key, "url": f"https://example.org/{path.name}"})
+                for name, data in (
+                    (f"{key}.jpg", path.read_bytes()),
+                    (f"{key}.txt", f"caption of {path.parent.name}/{path.name}".encode()),
+                    (f"{key}.json", meta.encode()),
+                ):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+            if orphan and s + per_shard >= len(paths):
+                info = tarfile.TarInfo("999999999.txt")
+                info.size = 4
+                tar.addfile(info, io.BytesIO(b"lost"))
+        shards.append((f"{s // per_shard:05d}.tar", buf.getvalue()))
+    return shards
+
+
+def test_webdataset_shards_on_s3(
+    ray_cluster: str, s3_bucket: str, corpus: list[Path], reference: ClipEmbedder
+) -> None:
+    s3 = boto3.client("s3")
+    shards = pack_shards(corpus, per_shard=8, orphan=True)  # + a sample with no image
+    _, first = shards[0]
+    cut = first[: len(first) // 2]
+    for name, data in [*shards, ("99999.tar", cut)]:
+        s3.put_object(Bucket=s3_bucket, Key=f"wds/{name}", Body=data)
+    dst = f"s3://{s3_bucket}/emb/wds"
+    cfg = EmbedConfig(
+        input=f"s3://{s3_bucket}/wds/",
+        output=dst,
+        model=TINY,
+        batch_size=8,
+        rows_per_file=8,
+        max_failure_fraction=1.0,
+        ray_address=ray_cluster,
+    )
+    summary = embed.run(cfg)
+
+    assert_counts_add_up(summary)
+    assert summary.counts.non_image_files_ignored == 1  # the sample with no image
+    table = read_table(dst)
+    cut_images = table["image_uri"].str.startswith(f"s3://{s3_bucket}/wds/99999.tar#")
+    whole = table[~cut_images]
+    assert len(whole) == len(corpus)  # every photo of the whole shards, exactly once
+    assert whole["image_uri"].is_unique
+    by_path = {f"caption of {p.parent.name}/{p.name}": p for p in corpus}
+    assert set(whole["caption"]) == set(by_path)
+    for _, row in whole.iterrows():
+        assert json.loads(row["metadata"])["url"].endswith(by_path[row["caption"]].name)
+    # the cut shard: the photos before the cut embedded, the rest one failed input
+    assert 0 < cut_images.sum() < 8
+    errors = read_errors(dst).set_index("image_uri")
+    assert errors.loc[f"s3://{s3_bucket}/wds/99999.tar", "reason"] == "corrupt_shard"
+    assert summary.counts.embedded == len(table)
+    assert summary.counts.failed == 1
+    emb = np.stack(whole["embedding"].to_numpy()).astype(np.float32)
+    direct = reference.embed_images(
+        [decode_image(by_path[c].read_bytes()) for c in whole["caption"]]
+    )
+    np.testing.assert_allclose(emb, direct, atol=1e-4)
+    assert storage.list_files(f"{dst}/{embed.SHARDS}")  # the indexes are cached
+
+    again = embed.run(cfg)
+    assert again.counts.attempted == 0
+    assert again.counts.skipped == summary.counts.in_
+
+
+@pytest.mark.parametrize("kind", ["manifest", "webdataset"])
+def test_killed_job_resumes_with_every_image_once(
+    ray_cluster: str, tmp_path: Path, kind: str
+) -> None:
     manifest = generate_corpus(tmp_path / "corpus", n_series=40, seed=11, min_shots=3)
     total = len(pd.read_csv(manifest))
+    src = str(manifest)
+    if kind == "webdataset":
+        (tmp_path / "wds").mkdir()
+        photos = [Path(u) for u in pd.read_csv(manifest)["image_uri"]]
+        for name, data in pack_shards(photos, per_shard=16):
+            (tmp_path / "wds" / name).write_bytes(data)
+        src = f"{tmp_path / 'wds'}/{{00000..{(total - 1) // 16:05d}}}.tar"
     dst = tmp_path / "out"
     emb_dir = dst / embed.EMBEDDINGS
     cmd = [
         sys.executable, "-m", "keeper_train.jobs.embed",
-        f"input={manifest}", f"output={dst}", f"model={TINY}",
+        f"input={src}", f"output={dst}", f"model={TINY}",
         "batch_size=4", "decode_batch_size=4", "rows_per_file=4", f"ray_address={ray_cluster}",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -221,7 +311,7 @@ def test_killed_job_resumes_with_every_image_once(ray_cluster: str, tmp_path: Pa
     assert 0 < done_before < total, "kill did not land mid-job"
 
     summary = embed.run(
-        EmbedConfig(input=str(manifest), output=str(dst), model=TINY, ray_address=ray_cluster)
+        EmbedConfig(input=src, output=str(dst), model=TINY, ray_address=ray_cluster)
     )
     assert_counts_add_up(summary)
     assert summary.counts.skipped >= done_before
@@ -230,9 +320,7 @@ def test_killed_job_resumes_with_every_image_once(ray_cluster: str, tmp_path: Pa
     assert table["image_uri"].is_unique
     assert table["image_id"].notna().all()
 
-    again = embed.run(
-        EmbedConfig(input=str(manifest), output=str(dst), model=TINY, ray_address=ray_cluster)
-    )
+    again = embed.run(EmbedConfig(input=src, output=str(dst), model=TINY, ray_address=ray_cluster))
     assert again.counts.attempted == 0
     assert again.counts.skipped == total
     assert len(read_table(str(dst))) == total

@@ -419,6 +419,55 @@ def read_head(uri: str, n: int = 64) -> bytes:
     return _retrying(uri, fetch)
 
 
+def read_range(uri: str, offset: int, size: int) -> bytes:
+    """Exactly ``size`` bytes of a file or object from byte ``offset`` (a ranged GET on S3).
+
+    For reading one member out of a larger file (an image inside a tar shard) without the rest.
+
+    Raises:
+        ValueError: a negative ``offset`` or ``size``.
+        StorageError: as ``read_bytes``.
+        DataError: the file or object ends before ``offset + size`` (it is shorter than whatever
+            told the caller where to read: changed or truncated since).
+    """
+    if offset < 0 or size < 0:
+        raise ValueError(f"offset and size must be >= 0, got {offset} and {size}")
+    if size == 0:
+        return b""  # S3 has no empty range ("bytes=a-(a-1)" is malformed)
+
+    def short(got: int) -> DataError:
+        why = "the file ends before" if got < size else "the store ignored the range"
+        return DataError(f"read {got} of {size} bytes at offset {offset} ({why})", source=uri)
+
+    if not is_s3(uri):
+        with _local_errors(uri), _local_path(uri).open("rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise short(len(data))
+        return data
+    bucket, key = _s3_object(uri)
+    client = s3_client()
+    last = offset + size - 1
+
+    def fetch() -> bytes:
+        with _s3_errors(uri):
+            try:
+                body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{last}")
+            except ClientError as e:  # a range starting past the end: 416, not retryable
+                if str(e.response.get("Error", {}).get("Code", "")) in {"InvalidRange", "416"}:
+                    raise short(0) from e
+                raise
+        with contextlib.closing(body["Body"]):
+            data: bytes = body["Body"].read()
+        return data
+
+    data = _retrying(uri, fetch)
+    if len(data) != size:
+        raise short(len(data))
+    return data
+
+
 def delete(uri: str) -> None:
     """Remove a file or object; a missing one is not an error (deletes are idempotent).
 

@@ -8,7 +8,8 @@ The same line is the ``ray job submit ... --`` entrypoint and a KubeRay RayJob's
 
 Pipeline (streaming: every stage runs at once, so a GPU model stage is fed while CPUs decode):
 
-    plan      list SRC (folder, s3:// prefix or manifest); read DST's parts once; skip what is
+    plan      list SRC (folder, s3:// prefix, manifest, or WebDataset shards: each indexed
+              once, cached in DST/_shards); read DST's parts once; skip what is
               embedded and the failures another try cannot fix (retryable ones are retried)
     tasks     read bytes -> safe decode -> quality features -> resize to uint8 model input;
               a bad image becomes a row of the errors table, with its stage and reason
@@ -36,6 +37,7 @@ import uuid
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
@@ -67,6 +69,7 @@ from keeper_core.models import ModelSpec, embed_dim, preprocess_config
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.series import resolve_image_uris
+from keeper_core.webdataset import is_webdataset, list_shards, load_or_index, read_member
 from keeper_train.config import job_main
 from keeper_train.table import EmbeddedParts, ErrorRows
 
@@ -74,6 +77,9 @@ log = logging.getLogger("keeper.embed")
 
 ERRORS = "errors"  # beside EMBEDDINGS (keeper_core.corpus: selection reads the table there)
 SUMMARY, TABLE_META = "_SUMMARY.json", "_KEEPER_TABLE.json"
+SHARDS = "_shards"  # cached WebDataset shard indexes (keeper_core.webdataset)
+#: Columns a WebDataset corpus carries into the table (null when a sample has none).
+SAMPLE_COLUMNS = ("caption", "metadata")
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 # Files that are certainly not photos: never sniffed, so listing a mixed prefix stays cheap.
 NOT_IMAGE_SUFFIXES = (".parquet", ".json", ".csv", ".txt", ".md", ".yaml", ".yml", ".xml", ".pq")
@@ -327,15 +333,26 @@ def prepare_batch(
     is written from the pixels already decoded (neither reads or decodes the file again).
     """
     prep = _preparation(spec, draft, tuple(sorted(limits.items())))
+    # WebDataset members: where each lies in its shard, and the caption/metadata that came with it
+    n = len(batch["image_uri"])
+    offsets = np.asarray(batch["offset"], np.int64) if "offset" in batch else np.full(n, -1)
+    sizes = np.asarray(batch["size"], np.int64) if "size" in batch else np.full(n, -1)
+    carried: dict[str, list[str]] = {c: [] for c in SAMPLE_COLUMNS if c in batch}
     ok_uris, ids, pixels, decoded, times = [], [], [], [], []
     captures: list[dict[str, Any]] = []
     hashes: list[int] = []
     failed: list[dict[str, Any]] = []
-    for uri in [str(u) for u in batch["image_uri"]]:
+    for i, uri in enumerate(str(u) for u in batch["image_uri"]):
         t0 = time.perf_counter()
         stage = "read"
+        member = bool(offsets[i] >= 0)
         try:
-            data = storage.read_bytes(uri)
+            if member:
+                data = read_member(
+                    uri, int(offsets[i]), int(sizes[i]), max_bytes=limits["max_bytes"]
+                )
+            else:
+                data = storage.read_bytes(uri)
             stage = "decode"
             image = prep.decode(data, source=uri)
             stage = "preprocess"
@@ -343,7 +360,8 @@ def prepare_batch(
             image_id = hashlib.sha256(data).hexdigest()
             hashes.append(dhash(image.image))
             if capture:
-                captures.append(capture_row(read_capture(data, mtime=file_mtime(uri), source=uri)))
+                mtime = _no_mtime if member else file_mtime(uri)
+                captures.append(capture_row(read_capture(data, mtime=mtime, source=uri)))
             if thumbnails:
                 stage = "thumbnail"
                 write_thumbnail(thumbnails, image_id, image.image)
@@ -352,6 +370,8 @@ def prepare_batch(
             failed.append(_failure(uri, run_id, stage, reason, e, retryable=e.retryable))
         except ImageDecodeError as e:
             failed.append(_failure(uri, run_id, stage, e.reason, e, retryable=False))
+        except DataError as e:  # a member past the end of its shard (a shard cut short)
+            failed.append(_failure(uri, run_id, stage, "unreadable", e, retryable=False))
         except Exception as e:  # one image must never take the job down: record and go on
             failed.append(_failure(uri, run_id, stage, "internal", e, retryable=False))
         else:
@@ -359,6 +379,8 @@ def prepare_batch(
             ids.append(image_id)
             decoded.append(image)
             times.append(time.perf_counter() - t0)
+            for c, values in carried.items():
+                values.append(str(batch[c][i]))
     if failed:
         table = pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA)
         storage.write_parquet(
@@ -381,7 +403,13 @@ def prepare_batch(
         out[name] = feats[:, j].astype(dtype)
     if capture:
         out.update(capture_arrays(captures))
+    for c, values in carried.items():
+        out[c] = np.array(values, dtype=object)  # "" for none: embedding_table writes null
     return out
+
+
+def _no_mtime() -> float | None:
+    return None  # a shard member's tar mtime is not indexed; the shard's is not the photo's
 
 
 def write_thumbnail(folder: str, image_id: str, image: Image.Image) -> None:
@@ -484,6 +512,9 @@ def embedding_table(batch: dict[str, np.ndarray], spec: str) -> pa.Table:
         cols[name] = pa.array(np.asarray(batch[name]), dtype)
     if "dhash" in batch:  # absent from tables written before keeper pick (read as null)
         cols["dhash"] = pa.array(np.asarray(batch["dhash"], dtype=np.int64), pa.int64())
+    for name in SAMPLE_COLUMNS:
+        if name in batch:  # a WebDataset corpus only
+            cols[name] = pa.array([str(v) or None for v in batch[name]], pa.string())
     for name, dtype in CAPTURE_COLUMNS.items():
         if name not in batch:  # capture=False: the columns are absent, as in older tables
             continue
@@ -586,6 +617,11 @@ class Plan:
     duplicates_removed: int
     errors_cleared: int
     seconds: dict[str, float]
+    #: WebDataset input: each image URI's place in its shard, caption and metadata
+    members: dict[str, dict[str, Any]] = dataclass_field(default_factory=dict)
+    #: WebDataset input: shards whose index stopped early (corrupt or cut short) -> why; the
+    #: shard's URI is an input that fails, so its unread rest is counted, not silently lost
+    index_failures: dict[str, str] = dataclass_field(default_factory=dict)
 
 
 @dataclass
@@ -607,10 +643,17 @@ def plan(cfg: EmbedConfig) -> Plan:
     """
     t0 = time.perf_counter()
     dst = cfg.output.rstrip("/")
-    inputs, ignored = list_inputs(cfg.input, exclude=[dst, *cfg.exclude])
+    check_table_meta(dst, cfg.model, embed_dim=embed_dim(cfg.model))
+    members: dict[str, dict[str, Any]] = {}
+    index_failures: dict[str, str] = {}
+    if is_webdataset(cfg.input):
+        inputs, ignored, members, index_failures = list_webdataset(
+            cfg.input, storage.join(dst, SHARDS)
+        )
+    else:
+        inputs, ignored = list_inputs(cfg.input, exclude=[dst, *cfg.exclude])
     if cfg.limit:
         inputs = inputs[: cfg.limit]
-    check_table_meta(dst, cfg.model, embed_dim=embed_dim(cfg.model))
     embedded = EmbeddedParts.read(storage.join(dst, EMBEDDINGS))
     removed = embedded.dedupe()  # a job killed after a retried write may have left a duplicate
     done = embedded.uris()
@@ -635,7 +678,37 @@ def plan(cfg: EmbedConfig) -> Plan:
         duplicates_removed=removed,
         errors_cleared=cleared,
         seconds={"plan": time.perf_counter() - t0},
+        members=members,
+        index_failures={u: e for u, e in index_failures.items() if u in todo},
     )
+
+
+def list_webdataset(
+    src: str, cache_dir: str, *, threads: int = 16
+) -> tuple[list[str], int, dict[str, dict[str, Any]], dict[str, str]]:
+    """A WebDataset corpus's images: (URIs, samples without an image, members, index failures).
+
+    Each shard is indexed once (its tar headers and the small caption/metadata members) and the
+    index cached under ``cache_dir``; a re-run reads the cached index after one HEAD. Shards are
+    indexed on ``threads`` threads (I/O bound). A shard whose index stopped early keeps the
+    samples before the fault, and its own URI becomes an input that fails with the reason.
+    """
+    shards = list_shards(src)
+    with ThreadPoolExecutor(max_workers=min(threads, len(shards))) as pool:
+        indexes = list(pool.map(lambda s: load_or_index(s, cache_dir), shards))
+    uris: list[str] = []
+    members: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    ignored = 0
+    for index in indexes:
+        for row in index.rows():
+            uris.append(row["image_uri"])
+            members[row["image_uri"]] = row
+        ignored += len(index.missing_image())
+        if index.error:
+            uris.append(index.shard)
+            failures[index.shard] = index.error
+    return uris, ignored, members, failures
 
 
 def execute(cfg: EmbedConfig, p: Plan) -> Execution:
@@ -656,11 +729,21 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         "max_raw_bytes": cfg.max_raw_bytes,
         "min_side": cfg.min_side,
     }
+    if p.index_failures:  # recorded before any image: this run's failures, counted as such
+        failed = [
+            _failure(u, p.run_id, "index", "corrupt_shard", DataError(e), retryable=False)
+            for u, e in p.index_failures.items()
+        ]
+        table = pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA)
+        storage.write_parquet(
+            table, storage.join(p.dst, ERRORS, _part_name(table["image_uri"].to_pylist()))
+        )
+    items = [_item(u, p.members) for u in p.todo if u not in p.index_failures]
+    if not items:
+        return Execution(tallies=[], cluster=cluster, seconds=seconds)
     # Blocks of ~decode_batch_size URIs: enough shards to keep every CPU busy and to stream.
-    blocks = max(1, min(len(p.todo) // cfg.decode_batch_size, 10_000))
-    ds: ray.data.Dataset = ray.data.from_items(
-        [{"image_uri": u} for u in p.todo], override_num_blocks=blocks
-    )
+    blocks = max(1, min(len(items) // cfg.decode_batch_size, 10_000))
+    ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(
         prepare_batch,  # type: ignore[arg-type]  # keyword-only stage arguments
         batch_size=cfg.decode_batch_size,
@@ -723,6 +806,20 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         tallies.append(row)
     seconds["pipeline"] = time.perf_counter() - t_pipe
     return Execution(tallies, cluster, first, seconds)
+
+
+def _item(uri: str, members: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One input row of the pipeline; a WebDataset member also says where it lies."""
+    if not members:
+        return {"image_uri": uri}
+    m = members[uri]
+    return {
+        "image_uri": uri,
+        "offset": m["offset"],
+        "size": m["size"],
+        "caption": m["caption"] or "",
+        "metadata": m["metadata"] or "",
+    }
 
 
 def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> EmbedSummary:
