@@ -615,3 +615,31 @@ def test_embed_stage_cpu_only_threads_share_the_node() -> None:
 def test_stage_cpus_defaults(overrides: dict[str, Any], expected: StageCpus) -> None:
     cfg = EmbedConfig(input="in", output="out", **overrides)
     assert cfg.stage_cpus() == expected
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu", "pil", "turbo"])
+def test_decode_backends_prepare_the_same_rows(name: str, tmp_path: Path) -> None:
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), np.uint8))
+    buf = io.BytesIO()
+    photo.save(buf, format="JPEG", quality=90)
+    path = tmp_path / "p.jpg"
+    path.write_bytes(buf.getvalue())
+    kw: dict[str, Any] = {
+        "spec": SPEC,
+        "limits": {"max_pixels": 10**8, "max_bytes": 10**8, "max_raw_bytes": 10**8, "min_side": 16},
+        "draft": True,
+        "errors_dir": str(tmp_path / "errors"),
+        "run_id": "r",
+    }
+    batch = {"image_uri": np.array([str(path)], dtype=object)}
+    ref = prepare_batch(batch, **kw, decode="pil")
+    out = prepare_batch(batch, **kw, decode=name)
+    assert out["image_id"][0] == ref["image_id"][0]
+    diff = np.abs(out["pixel_values"].astype(int) - ref["pixel_values"].astype(int))
+    assert diff.mean() < 1.0
+    np.testing.assert_allclose(out["sharpness"], ref["sharpness"], rtol=0.02)
+
+
+def test_decode_gpu_is_refused_with_the_reason() -> None:
+    with pytest.raises(ValueError, match="GPU decode is not part of keeper embed yet"):
+        EmbedConfig(input="in", output="out", decode="gpu")

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from keeper_core.decoders import Decoder, PilDecoder
 from keeper_core.errors import ImageDecodeError
 from keeper_core.images import (
     DecodeLimits,
@@ -92,10 +93,19 @@ class ImagePreparation:
         limits: byte, pixel and minimum-side limits enforced before any pixel is decoded.
         draft: decode JPEGs larger than twice ``max(model size, QUALITY_SIZE)`` downscaled in
             the DCT domain (2-5x faster on 12 MP photos).
+        decoder: the decode backend (``keeper_core.decoders``; default PIL, the reference).
     """
 
-    def __init__(self, spec: str, *, limits: DecodeLimits | None = None, draft: bool = True):
+    def __init__(
+        self,
+        spec: str,
+        *,
+        limits: DecodeLimits | None = None,
+        draft: bool = True,
+        decoder: Decoder | None = None,
+    ):
         self.spec = spec
+        self.decoder: Decoder = decoder or PilDecoder()
         self.limits = limits or DecodeLimits()
         self.image_size = preprocess_config(spec).image_size
         side = max(self.image_size, QUALITY_SIZE)
@@ -112,7 +122,9 @@ class ImagePreparation:
         """
         # A RAW's preview is extracted once, and the three calls below read the same JPEG.
         src: bytes | RawPreview = raw_preview(data, limits=self.limits, source=source) or data
-        img = decode_image(src, limits=self.limits, source=source, draft_size=self.draft_size)
+        img = self.decoder.decode(
+            src, limits=self.limits, source=source, draft_size=self.draft_size
+        )
         if self.draft_size is None:
             return DecodedImage(image=img, width=img.width, height=img.height)
         width, height = image_size(src)

@@ -54,8 +54,10 @@ from keeper_core import storage
 from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
 from keeper_core.contact_sheet import thumbnail_jpeg, thumbnail_name
 from keeper_core.corpus import EMBEDDINGS
+from keeper_core.decoders import resolve_decoder
 from keeper_core.embedding import ClipEmbedder
 from keeper_core.errors import (
+    ConfigError,
     DataError,
     ImageDecodeError,
     KeeperError,
@@ -152,6 +154,11 @@ class EmbedConfig(BaseModel):
     max_failure_fraction: float = Field(0.05, ge=0, le=1)
     retry_errors: bool = Field(False, description="re-attempt images already in the errors table")
     draft: bool = Field(True, description="JPEG draft-mode decode for images larger than needed")
+    decode: Literal["auto", "cpu", "pil", "turbo", "gpu"] = Field(
+        "auto",
+        description="JPEG decode backend of the decode tasks (keeper_core.decoders): auto = cpu "
+        "= the fastest CPU backend here (PIL with libjpeg-turbo, measured); turbo = simplejpeg",
+    )
     max_pixels: int = Field(64_000_000, ge=1)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1)
     max_raw_bytes: int = Field(
@@ -211,6 +218,21 @@ class EmbedConfig(BaseModel):
             return str(ModelSpec.parse(v))
         except ModelLoadError as e:  # pydantic names the field only for ValueErrors
             raise ValueError(str(e)) from e
+
+    @field_validator("decode")
+    @classmethod
+    def _decoder_here(cls, v: str) -> str:
+        if v == "gpu":
+            raise ValueError(
+                "GPU decode is not part of keeper embed yet: keeper_core.decoders.GpuDecoder "
+                "decodes on the device, but the job's resize and quality features run on CPU "
+                "images; use auto (the decode tasks' CPU backend)"
+            )
+        try:
+            resolve_decoder(v)  # turbo without simplejpeg fails here, not in every task
+        except ConfigError as e:
+            raise ValueError(str(e)) from e
+        return v
 
     @field_validator("input", "output")
     @classmethod
@@ -309,8 +331,13 @@ def _part_name(uris: Sequence[str]) -> str:
 
 
 @cache
-def _preparation(spec: str, draft: bool, limits: tuple[tuple[str, int], ...]) -> ImagePreparation:
-    return ImagePreparation(spec, limits=DecodeLimits(**dict(limits)), draft=draft)
+def _preparation(
+    spec: str, draft: bool, limits: tuple[tuple[str, int], ...], decode: str = "auto"
+) -> ImagePreparation:
+    # Decode tasks run on CPUs: "auto" is never the GPU here (device=None).
+    return ImagePreparation(
+        spec, limits=DecodeLimits(**dict(limits)), draft=draft, decoder=resolve_decoder(decode)
+    )
 
 
 def prepare_batch(
@@ -323,6 +350,7 @@ def prepare_batch(
     run_id: str,
     capture: bool = False,
     thumbnails: str | None = None,
+    decode: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Read, decode, measure and resize a batch of image URIs (a CPU task).
 
@@ -332,7 +360,7 @@ def prepare_batch(
     capture metadata is read from the bytes already in hand; with ``thumbnails``, a thumbnail
     is written from the pixels already decoded (neither reads or decodes the file again).
     """
-    prep = _preparation(spec, draft, tuple(sorted(limits.items())))
+    prep = _preparation(spec, draft, tuple(sorted(limits.items())), decode)
     # WebDataset members: where each lies in its shard, and the caption/metadata that came with it
     n = len(batch["image_uri"])
     offsets = np.asarray(batch["offset"], np.int64) if "offset" in batch else np.full(n, -1)
@@ -756,6 +784,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
             "run_id": p.run_id,
             "capture": cfg.capture,
             "thumbnails": cfg.thumbnails,
+            "decode": cfg.decode,
         },
         compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
         num_cpus=cpus.decode,

@@ -1,0 +1,497 @@
+"""Decode backends with :func:`keeper_core.images.decode_image`'s contract, chosen by measurement.
+
+Every backend takes the same input (encoded bytes or a :class:`RawPreview`) and gives the same
+result: an 8-bit RGB image, EXIF-oriented, or an ``ImageDecodeError`` with the same reason. The
+safety checks are the same code (``keeper_core.images``): byte limit, signature, and the header's
+pixel count and shortest side, all before a pixel is decoded. What differs is which library
+turns a JPEG's entropy-coded data into pixels:
+
+- ``pil`` (:class:`PilDecoder`): ``decode_image`` itself, the reference.
+- ``turbo`` (:class:`TurboDecoder`): libjpeg-turbo through simplejpeg, for 8-bit Huffman JPEGs
+  (baseline, extended, progressive) in YCbCr, RGB or greyscale, RAW previews included. Draft
+  decodes use PIL's DCT scale (1/2, 1/4, 1/8, the same rule), so sizes equal PIL's, and pixels
+  are bit-identical where both link libjpeg-turbo with its default (islow) IDCT, as the wheels do.
+- ``gpu`` (:class:`GpuDecoder`): ``torchvision.io.decode_jpeg`` (nvJPEG), a batch at a time,
+  pixels left on the model's device.
+- ``cpu``: the fastest CPU backend here. Pillow's wheels decode JPEG with libjpeg-turbo too, so
+  the entropy decode and IDCT are the same code; turbo then pays a copy of its array into a PIL
+  image. Measured (benchmarks/decode.py, one thread): turbo at 0.87x PIL's images/s on 12 MP full
+  decodes, 0.86x at 1600x1200, 0.89x at 512x384, 0.89-1.01x on drafts. So ``cpu`` is ``pil``
+  when Pillow's JPEG codec is libjpeg-turbo, and ``turbo`` only when it is not (IJG libjpeg)
+  and simplejpeg is installed.
+- ``auto``: ``gpu`` when decode happens beside a model on a CUDA device, else ``cpu``.
+
+Dispatch, not fallback. What a backend does not decode itself goes to the CPU reference by
+rule, per image, and is counted by reason in the backend's ``delegated`` counter, so a run can
+report how much of its input took the slow path:
+
+    ``format:PNG`` (any non-JPEG, by magic bytes; ``format:unknown`` for no signature)
+    ``mode:CMYK`` (CMYK/YCCK JPEGs: PIL's Adobe-inverted CMYK is the reference conversion)
+    ``process:SOF9/8bit`` (arithmetic, lossless, hierarchical or 12-bit JPEGs)
+    ``turbo_refused`` (simplejpeg's strict mode stops at any libjpeg warning: a truncated
+        file, or recoverable corruption such as "extraneous bytes before marker" that PIL
+        decodes through; PIL's verdict, "truncated" or pixels, is the contract)
+
+The GPU backend also sends MPO files (``format:MPO``) and JPEGs without an EOI after their first
+scan (``incomplete``: truncated, which nvJPEG may not report) to the CPU backend, and counts a
+JPEG the device fails to decode in ``fallbacks`` before the CPU backend decodes it.
+
+    decoder = resolve_decoder("cpu")                # PilDecoder with Pillow's wheels
+    img = decoder.decode(data, limits=limits, source=uri, draft_size=(256, 256))
+    gpu = resolve_decoder("auto", device="cuda:0")  # GpuDecoder when this process sees CUDA
+    out = gpu.decode_batch([(data, uri), ...], limits=limits, draft_size=(256, 256))
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image, features
+
+from keeper_core.errors import ConfigError, ImageDecodeError
+from keeper_core.images import (
+    _DEFAULT_LIMITS,
+    _JPEG_BARE,
+    _SWAPPED_ORIENTATIONS,
+    _TRANSPOSE,
+    DecodeLimits,
+    RawPreview,
+    _check_draft_size,
+    _display_orientation,
+    _jpeg_frame_offset,
+    _open,
+    _sniff_format,
+    decode_image,
+    raw_preview,
+)
+
+try:  # optional: keeper decodes with PIL alone when simplejpeg is not installed
+    import simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    simplejpeg = None
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DECODERS",
+    "Decoder",
+    "GpuDecoder",
+    "PilDecoder",
+    "TurboDecoder",
+    "resolve_decoder",
+]
+
+#: Names ``resolve_decoder`` (and ``--decode``) accept.
+DECODERS = ("auto", "cpu", "pil", "turbo", "gpu")
+
+# SOF0-2: 8/12-bit Huffman baseline, extended and progressive (precision is checked apart).
+# Arithmetic (SOF9-11), lossless (SOF3) and hierarchical (SOF5-7) JPEGs stay with PIL.
+_TURBO_PROCESSES = frozenset((0xC0, 0xC1, 0xC2))
+_TURBO_MODES = frozenset(("RGB", "L"))
+_SOS, _EOI = 0xDA, b"\xff\xd9"
+_TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    """Bytes in, an RGB ``PIL.Image`` out: exactly :func:`keeper_core.images.decode_image`."""
+
+    name: str
+
+    def decode(
+        self,
+        data: bytes | RawPreview,
+        *,
+        limits: DecodeLimits | None = None,
+        source: str | None = None,
+        draft_size: tuple[int, int] | None = None,
+    ) -> Image.Image:
+        """Decode one image safely (see ``decode_image`` for arguments, result and errors)."""
+        ...
+
+
+class PilDecoder:
+    """The reference backend: :func:`keeper_core.images.decode_image` (PIL's libjpeg)."""
+
+    name = "pil"
+
+    def decode(
+        self,
+        data: bytes | RawPreview,
+        *,
+        limits: DecodeLimits | None = None,
+        source: str | None = None,
+        draft_size: tuple[int, int] | None = None,
+    ) -> Image.Image:
+        """Decode one image safely; see :func:`keeper_core.images.decode_image`."""
+        return decode_image(data, limits=limits, source=source, draft_size=draft_size)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the header says: decode ``jpeg`` here, or hand ``src`` to PIL for ``delegate``."""
+
+    src: bytes | RawPreview  # what decode_image gets (a RAW's preview is extracted once)
+    jpeg: bytes = b""  # the JPEG to decode (a RAW's preview)
+    size: tuple[int, int] = (0, 0)  # stored (width, height)
+    orientation: int = 1  # the one orientation to apply (the preview's own, else the RAW's)
+    format: str = ""  # "JPEG" or "MPO"
+    delegate: str | None = None  # why PIL decodes it, when it does
+
+
+def _plan(data: bytes | RawPreview, limits: DecodeLimits, source: str | None) -> _Plan:
+    """Run decode_image's checks up to the header, and say who decodes the pixels.
+
+    Raises:
+        ImageDecodeError: for every input ``decode_image`` refuses before decoding pixels
+            ("empty", "too_large", "not_image" and "unsupported" come from PIL's own path).
+    """
+    preview = (
+        data if isinstance(data, RawPreview) else raw_preview(data, limits=limits, source=source)
+    )
+    src: bytes | RawPreview = data if preview is None else preview
+    encoded, fallback = (data, 1) if preview is None else (preview.data, preview.orientation)
+    assert isinstance(encoded, bytes | bytearray | memoryview)  # RawPreview was unwrapped
+    fmt = _sniff_format(bytes(encoded[:32]))
+    if fmt != "JPEG":  # no header of ours parsed yet: PIL does it all, once
+        return _Plan(src=src, delegate=f"format:{fmt or 'unknown'}")
+    encoded = bytes(encoded)
+    im = _open(encoded, source, limits.max_bytes)
+    w, h = im.size
+    # The same refusals, in the same order, as decode_image (which has no helper for them).
+    if w * h > limits.max_pixels:
+        raise ImageDecodeError(
+            "too_many_pixels", f"{w}x{h} = {w * h} > limit {limits.max_pixels}", source=source
+        )
+    if min(w, h) < limits.min_side:
+        raise ImageDecodeError(
+            "too_small", f"{w}x{h}: shortest side < {limits.min_side}", source=source
+        )
+    if im.mode not in _TURBO_MODES:
+        return _Plan(src=src, delegate=f"mode:{im.mode}")
+    at = _jpeg_frame_offset(encoded)
+    if at is None:  # PIL found a frame its own way: let it decode the same way too
+        return _Plan(src=src, delegate="process:unknown")
+    marker, precision = encoded[at + 1], encoded[at + 4]
+    if marker not in _TURBO_PROCESSES or precision != 8:
+        return _Plan(src=src, delegate=f"process:SOF{marker - 0xC0}/{precision}bit")
+    orientation = _display_orientation(im, fallback)
+    return _Plan(
+        src=src, jpeg=encoded, size=(w, h), orientation=orientation, format=im.format or "JPEG"
+    )
+
+
+def _draft_scale(
+    size: tuple[int, int], draft_size: tuple[int, int] | None, orientation: int
+) -> int:
+    """PIL's JPEG draft scale (1, 2, 4 or 8) for a stored ``size`` and a displayed request."""
+    if draft_size is None:
+        return 1
+    tw, th = draft_size
+    if orientation in _SWAPPED_ORIENTATIONS:  # draft_size is displayed, the DCT is stored
+        tw, th = th, tw
+    scale = min(size[0] // tw, size[1] // th)
+    return next(s for s in (8, 4, 2, 1) if scale >= s or s == 1)
+
+
+class TurboDecoder:
+    """libjpeg-turbo (simplejpeg) for 8-bit Huffman JPEGs; PIL for everything else, counted.
+
+    Attributes:
+        decoded: images this backend decoded with libjpeg-turbo.
+        delegated: images handed to :func:`decode_image`, by reason (see the module docstring).
+            Counters are plain ints: one decoder per thread, or read them as approximate.
+    """
+
+    name = "turbo"
+
+    def __init__(self) -> None:
+        if simplejpeg is None:
+            raise ConfigError("--decode turbo needs simplejpeg: pip install 'simplejpeg>=1.8'")
+        self.decoded = 0
+        self.delegated: Counter[str] = Counter()
+
+    def decode(
+        self,
+        data: bytes | RawPreview,
+        *,
+        limits: DecodeLimits | None = None,
+        source: str | None = None,
+        draft_size: tuple[int, int] | None = None,
+    ) -> Image.Image:
+        """Decode one image safely, with ``decode_image``'s arguments, result and errors."""
+        limits = _DEFAULT_LIMITS if limits is None else limits
+        _check_draft_size(draft_size)
+        plan = _plan(data, limits, source)
+        if plan.delegate is not None:
+            self.delegated[plan.delegate] += 1
+            return decode_image(plan.src, limits=limits, source=source, draft_size=draft_size)
+        scale = _draft_scale(plan.size, draft_size, plan.orientation)
+        w, h = plan.size
+        # simplejpeg picks the smallest libjpeg-turbo factor (n/8) meeting both minimums: with
+        # PIL's ceil(side / scale) as the minimums, that is exactly 1/scale.
+        mins = {"min_width": -(-w // scale), "min_height": -(-h // scale)} if scale > 1 else {}
+        try:
+            rgb = simplejpeg.decode_jpeg(plan.jpeg, colorspace="RGB", strict=True, **mins)
+        except ValueError:
+            # Not mapped to a reason here: "Premature end of JPEG file" is also what a complete
+            # scan whose EOI is damaged gives, which PIL decodes. PIL's verdict is the contract
+            # (its "truncated" for a cut file), at a second decode of a broken file only.
+            self.delegated["turbo_refused"] += 1
+            return decode_image(plan.src, limits=limits, source=source, draft_size=draft_size)
+        self.decoded += 1
+        out = Image.fromarray(rgb)
+        return out if plan.orientation == 1 else out.transpose(_TRANSPOSE[plan.orientation])
+
+
+def _complete(jpeg: bytes) -> bool:
+    """Whether an EOI marker follows the first scan (a truncated file has none).
+
+    Inside entropy-coded data 0xFF is always stuffed (FF 00) or a restart marker, so an FF D9
+    after the first SOS is an EOI, not data. One found before it (an EXIF thumbnail's) is not.
+    """
+    i, n = 2, len(jpeg)
+    while i + 4 <= n:
+        marker = jpeg[i + 1]
+        if jpeg[i] != 0xFF or marker == 0xFF:
+            i += 1
+        elif marker == _SOS:
+            return jpeg.find(_EOI, i) != -1
+        elif marker in _JPEG_BARE:
+            i += 2
+        else:
+            i += 2 + struct.unpack_from(">H", jpeg, i + 2)[0]
+    return False
+
+
+def _orient(chw: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation to a (3, H, W) tensor, as ``images._TRANSPOSE`` does."""
+    import torch
+
+    if orientation in (5, 6, 7, 8):
+        chw = chw.transpose(1, 2)  # 5: transpose; 6, 7, 8 are it plus a flip
+    flips = {2: [2], 3: [1, 2], 4: [1], 5: [], 6: [2], 7: [1, 2], 8: [1]}.get(orientation, [])
+    return torch.flip(chw, flips).contiguous() if flips else chw.contiguous()
+
+
+class GpuDecoder:
+    """nvJPEG through ``torchvision.io.decode_jpeg``: a batch of JPEGs to tensors on a device.
+
+    Headers are checked on the CPU first (the same checks as ``decode_image``), so a bomb or a
+    non-image never reaches the device. Non-JPEGs, CMYK and uncommon JPEG processes, MPO files
+    and incomplete JPEGs go to the CPU backend by rule (``delegated``); a JPEG the device fails
+    to decode goes to it too (``fallbacks``). A draft decode is a full decode, then a box
+    downscale on the device by PIL's DCT draft scale, so every backend hands the model the same
+    size.
+
+    Args:
+        device: a CUDA device ("cuda", "cuda:1"). ``"cpu"`` runs torchvision's libjpeg on the
+            CPU: for tests of this class's control flow only, never a deployment choice.
+        cpu: the backend for what the device does not decode (default: ``resolve_decoder("cpu")``).
+
+    Raises:
+        ConfigError: a CUDA device in a process that sees none, or another device type.
+    """
+
+    name = "gpu"
+
+    def __init__(self, device: str = "cuda", *, cpu: Decoder | None = None) -> None:
+        import torch
+
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigError(f"GpuDecoder device {device!r} is not a torch device: {e}") from e
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--decode gpu needs a CUDA device; this process sees none")
+        if dev.type not in ("cuda", "cpu"):
+            raise ConfigError(f"GpuDecoder decodes on CUDA (or CPU in tests), not {dev.type!r}")
+        self.device = dev
+        self.cpu: Decoder = cpu if cpu is not None else resolve_decoder("cpu")
+        self.decoded = 0
+        self.delegated: Counter[str] = Counter()
+        self.fallbacks: Counter[str] = Counter()
+
+    def decode_batch(
+        self,
+        items: Sequence[tuple[bytes | RawPreview, str | None]],
+        *,
+        limits: DecodeLimits | None = None,
+        draft_size: tuple[int, int] | None = None,
+    ) -> list[torch.Tensor | ImageDecodeError]:
+        """Decode ``(data, source)`` pairs to uint8 ``(3, H, W)`` tensors on ``self.device``.
+
+        Args:
+            items: encoded images (or RAW previews) with where they came from (a URI or None).
+            limits: as for ``decode_image``, checked on the CPU before anything is decoded.
+            draft_size: displayed ``(width, height)`` the caller will resize to; a JPEG is
+                returned at PIL's draft size for it (never smaller on either side).
+
+        Returns:
+            One entry per item, in order: the oriented RGB tensor, or the ImageDecodeError
+            ``decode_image`` would raise for it.
+
+        Raises:
+            ConfigError: ``draft_size`` is not two positive ints.
+        """
+        limits = _DEFAULT_LIMITS if limits is None else limits
+        _check_draft_size(draft_size)
+        out: list[torch.Tensor | ImageDecodeError | None] = [None] * len(items)
+        on_device: list[tuple[int, _Plan]] = []
+        for i, (data, source) in enumerate(items):
+            try:
+                plan = _plan(data, limits, source)
+            except ImageDecodeError as e:
+                out[i] = e
+                continue
+            reason = plan.delegate
+            if reason is None and plan.format != "JPEG":
+                reason = f"format:{plan.format}"  # nvJPEG would read the first picture only
+            if reason is None and not _complete(plan.jpeg):
+                reason = "incomplete"  # the CPU backends report truncation; nvJPEG may not
+            if reason is None:
+                on_device.append((i, plan))
+            else:
+                self.delegated[reason] += 1
+                out[i] = self._on_cpu(plan.src, items[i][1], limits, draft_size)
+        decoded = self._device_decode([p.jpeg for _, p in on_device])
+        for (i, plan), result in zip(on_device, decoded, strict=True):
+            if isinstance(result, Exception):
+                self.fallbacks[type(result).__name__] += 1
+                out[i] = self._on_cpu(plan.src, items[i][1], limits, draft_size)
+                continue
+            self.decoded += 1
+            scale = _draft_scale(plan.size, draft_size, plan.orientation)
+            if scale > 1:
+                result = self._shrink(result, scale)
+            out[i] = _orient(result, plan.orientation)
+        assert all(r is not None for r in out)  # every item took exactly one of the paths
+        return [r for r in out if r is not None]
+
+    def decode(
+        self,
+        data: bytes | RawPreview,
+        *,
+        limits: DecodeLimits | None = None,
+        source: str | None = None,
+        draft_size: tuple[int, int] | None = None,
+    ) -> Image.Image:
+        """One image through :meth:`decode_batch`, back on the CPU as a PIL image.
+
+        For the :class:`Decoder` interface only: the device pays off through ``decode_batch``,
+        whose pixels stay on the device for the model.
+        """
+        (result,) = self.decode_batch([(data, source)], limits=limits, draft_size=draft_size)
+        if isinstance(result, ImageDecodeError):
+            raise result
+        return Image.fromarray(result.permute(1, 2, 0).cpu().numpy())
+
+    def _device_decode(self, jpegs: list[bytes]) -> list[torch.Tensor | Exception]:
+        """Decode on the device, a batch at once; one image at a time to find a failing one."""
+        if not jpegs:
+            return []
+        import torch
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_TORCHVISION_DEPRECATION)
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            tensors = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+            try:
+                batch: list[torch.Tensor] = decode_jpeg(
+                    tensors, mode=ImageReadMode.RGB, device=self.device
+                )
+                return list(batch)
+            except RuntimeError:
+                pass  # one bad image fails the batch: decode one at a time to find which
+            results: list[torch.Tensor | Exception] = []
+            for t in tensors:
+                try:
+                    results.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError as e:
+                    results.append(e)
+            return results
+
+    def _on_cpu(
+        self,
+        src: bytes | RawPreview,
+        source: str | None,
+        limits: DecodeLimits,
+        draft_size: tuple[int, int] | None,
+    ) -> torch.Tensor | ImageDecodeError:
+        import torch
+
+        try:
+            img = self.cpu.decode(src, limits=limits, source=source, draft_size=draft_size)
+        except ImageDecodeError as e:
+            return e
+        chw = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return chw.to(self.device)
+
+    @staticmethod
+    def _shrink(chw: torch.Tensor, scale: int) -> torch.Tensor:
+        """Downscale a stored-orientation image as a DCT draft does: ceil(side / scale) pixels.
+
+        Output pixel i covers source pixels [scale * i, scale * (i + 1)), the last one only the
+        pixels that exist (ceil_mode), like libjpeg's scaled IDCT of edge blocks; an area resize
+        to the same size would spread the remainder over the whole row and shift the image.
+        """
+        import torch
+
+        small = torch.nn.functional.avg_pool2d(chw[None].float(), scale, ceil_mode=True)
+        return small[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _pillow_jpeg_is_turbo() -> bool:
+    """Whether Pillow's own JPEG codec is libjpeg-turbo (then it decodes as fast as turbo)."""
+    return bool(features.check_feature("libjpeg_turbo"))
+
+
+def _is_cuda(device: str | None) -> bool:
+    if device is None:
+        return False
+    import torch
+
+    try:
+        return torch.device(device).type == "cuda" and torch.cuda.is_available()
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a torch device: {e}") from e
+
+
+def resolve_decoder(name: str, *, device: str | None = None) -> Decoder:
+    """The decode backend a ``--decode`` name selects.
+
+    Args:
+        name: one of :data:`DECODERS`. "cpu": pil when Pillow decodes JPEG with
+            libjpeg-turbo (measured as fast as turbo), else turbo when simplejpeg is installed.
+            "auto": gpu when ``device`` is a CUDA device this process sees (decode beside the
+            model), else cpu. "gpu": a :class:`GpuDecoder` on ``device`` (default "cuda").
+        device: where the model runs ("cuda:0", "cpu"); None when nothing says.
+
+    Raises:
+        ConfigError: an unknown name; "gpu" without a CUDA device (or with a non-CUDA
+            ``device``); "turbo" without simplejpeg.
+    """
+    if name not in DECODERS:
+        raise ConfigError(f"unknown decoder {name!r}: choose one of {', '.join(DECODERS)}")
+    if name == "auto":
+        name = "gpu" if _is_cuda(device) else "cpu"
+    if name == "cpu":
+        name = "pil" if simplejpeg is None or _pillow_jpeg_is_turbo() else "turbo"
+    if name == "pil":
+        return PilDecoder()
+    if name == "turbo":
+        return TurboDecoder()
+    if device is not None and not device.startswith("cuda"):
+        raise ConfigError(
+            f"--decode gpu decodes on the model's CUDA device, got device {device!r} "
+            "(GpuDecoder(device='cpu') exists for tests only)"
+        )
+    return GpuDecoder(device or "cuda")  # ConfigError when this process sees no CUDA
