@@ -67,6 +67,7 @@ from keeper_core.images import (
     _jpeg_frame_offset,
     _open,
     _sniff_format,
+    check_header_size,
     decode_image,
     raw_preview,
 )
@@ -165,15 +166,7 @@ def _plan(data: bytes | RawPreview, limits: DecodeLimits, source: str | None) ->
     encoded = bytes(encoded)
     im = _open(encoded, source, limits.max_bytes)
     w, h = im.size
-    # The same refusals, in the same order, as decode_image (which has no helper for them).
-    if w * h > limits.max_pixels:
-        raise ImageDecodeError(
-            "too_many_pixels", f"{w}x{h} = {w * h} > limit {limits.max_pixels}", source=source
-        )
-    if min(w, h) < limits.min_side:
-        raise ImageDecodeError(
-            "too_small", f"{w}x{h}: shortest side < {limits.min_side}", source=source
-        )
+    check_header_size(w, h, limits, source)  # decode_image's refusals, in its order
     if im.mode not in _TURBO_MODES:
         return _Plan(src=src, delegate=f"mode:{im.mode}")
     at = _jpeg_frame_offset(encoded)

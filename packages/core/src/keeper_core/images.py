@@ -37,6 +37,7 @@ from keeper_core.formats import RawPreview, extract_raw_preview, raw_format, reg
 __all__ = [
     "DecodeLimits",
     "RawPreview",
+    "check_header_size",
     "decode_image",
     "decode_jpeg_band",
     "image_size",
@@ -395,6 +396,22 @@ def _check_draft_size(draft_size: tuple[int, int] | None) -> None:
         )
 
 
+def check_header_size(w: int, h: int, limits: DecodeLimits, source: str | None) -> None:
+    """The pixel-count and shortest-side refusals, from the header's size, before any decode.
+
+    Raises:
+        ImageDecodeError: "too_many_pixels" or "too_small".
+    """
+    if w * h > limits.max_pixels:
+        raise ImageDecodeError(
+            "too_many_pixels", f"{w}x{h} = {w * h} > limit {limits.max_pixels}", source=source
+        )
+    if min(w, h) < limits.min_side:
+        raise ImageDecodeError(
+            "too_small", f"{w}x{h}: shortest side < {limits.min_side}", source=source
+        )
+
+
 def decode_image(
     data: bytes | RawPreview,
     *,
@@ -434,14 +451,7 @@ def decode_image(
     im = _open(encoded, source, limits.max_bytes)
     w, h = im.size
     # Image.open only parsed the header: refuse here, before a byte of pixels is allocated.
-    if w * h > limits.max_pixels:
-        raise ImageDecodeError(
-            "too_many_pixels", f"{w}x{h} = {w * h} > limit {limits.max_pixels}", source=source
-        )
-    if min(w, h) < limits.min_side:
-        raise ImageDecodeError(
-            "too_small", f"{w}x{h}: shortest side < {limits.min_side}", source=source
-        )
+    check_header_size(w, h, limits, source)
     own = _orientation(im)
     orientation = _display_orientation(im, fallback)
     if draft_size is not None and im.format in ("JPEG", "MPO"):
