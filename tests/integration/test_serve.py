@@ -378,6 +378,29 @@ def test_rank_over_http_matches_the_batch_ranker(app: str, registry: Registry) -
         assert abs(sum(s["probabilities"]) - 1) < 1e-5
 
 
+def test_encoder_skips_the_batch_wait_when_idle_and_batches_when_busy(app: str) -> None:
+    """A lone call runs at once; concurrent calls share forwards; answers stay each caller's."""
+    from ray import serve
+
+    assert replicas("ClipEncoder") == {"RUNNING": 1}, "the stats below are one replica's"
+    handle = serve.get_deployment_handle("ClipEncoder", app_name="keeper")
+    rng = np.random.default_rng(5)
+    px = [rng.integers(0, 255, (2, 3, 64, 64), dtype=np.uint8) for _ in range(12)]
+    before = handle.batching_stats.remote().result(timeout_s=30)
+    lone = [handle.embed_pixels.remote(p).result(timeout_s=60) for p in px[:3]]
+    mid = handle.batching_stats.remote().result(timeout_s=30)
+    assert mid["unbatched_calls"] - before["unbatched_calls"] == 3
+    assert mid["forwards"] - before["forwards"] == 3
+    burst = [handle.embed_pixels.remote(p) for p in px]
+    together = [r.result(timeout_s=120) for r in burst]
+    after = handle.batching_stats.remote().result(timeout_s=30)
+    assert after["calls"] - mid["calls"] == 12
+    assert after["forwards"] - mid["forwards"] < 12  # some calls shared a forward
+    for a, b in zip(lone, together[:3], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)  # the same images, alone or batched
+    assert len({round(float(t[0, 0]), 6) for t in together}) == 12  # each caller's own rows
+
+
 def _bad_requests(reg: Registry) -> list[tuple[str, str, dict[str, Any]]]:
     """(name, path, call kwargs + expected status/code/index) for every kind of bad input."""
     paths = series_of(reg, 2)

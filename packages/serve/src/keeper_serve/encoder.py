@@ -6,6 +6,12 @@ CPU or GPU time goes to the model. ``@serve.batch`` merges concurrent requests i
 passes of up to ``max_batch_size`` images (counted in images, not requests); the forward runs
 on a worker thread so the replica keeps queueing the next batch meanwhile. ``user_config``
 ``{"max_batch_size": N, "batch_wait_timeout_s": T}`` retunes batching in place.
+
+An idle replica does not wait to fill a batch: a call that finds no other call in the replica
+(running or queued) runs at once, since nothing it could wait for is here. Calls that arrive
+while the model is busy queue in ``@serve.batch`` and fill the next batch as before. So a lone
+client (concurrency 1) no longer pays ``batch_wait_timeout_s`` on every request, and a loaded
+replica batches exactly as it did. Forwards never overlap: one model, one forward at a time.
 """
 
 from __future__ import annotations
@@ -89,6 +95,9 @@ class ClipEncoder:
         batching.set_max_batch_size(encoder.max_batch_size)
         batching.set_batch_wait_timeout_s(encoder.batch_wait_timeout_s)
         self._text_lock = asyncio.Lock()
+        self._model_lock = asyncio.Lock()  # one forward at a time (idle fast path and batches)
+        self._calls = 0  # embed_pixels calls in this replica: running or waiting
+        self._stats = {"calls": 0, "unbatched_calls": 0, "forwards": 0, "images": 0}
         # Warm-up: the first forward pays for allocator and kernel selection, not a client.
         s = self.embedder.clip.image_size
         self.embedder.embed_pixels(np.zeros((1, 3, s, s), np.uint8))
@@ -121,15 +130,35 @@ class ClipEncoder:
         if len(pixels) == 0:
             return np.zeros((0, self.embedder.embed_dim), np.float32)
         n = self.max_batch_size
-        parts = await asyncio.gather(
-            *(self._embed_batch(pixels[i : i + n]) for i in range(0, len(pixels), n))
-        )
-        return np.concatenate(parts)
+        idle = self._calls == 0
+        self._calls += 1
+        self._stats["calls"] += 1
+        try:
+            if idle and len(pixels) <= n:  # nobody here to batch with: no wait to fill one
+                self._stats["unbatched_calls"] += 1
+                return await self._forward(pixels)
+            parts = await asyncio.gather(
+                *(self._embed_batch(pixels[i : i + n]) for i in range(0, len(pixels), n))
+            )
+            return np.concatenate(parts)
+        finally:
+            self._calls -= 1
+
+    async def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        async with self._model_lock:
+            out: np.ndarray = await asyncio.to_thread(self.embedder.embed_pixels, pixels)
+        self._stats["forwards"] += 1
+        self._stats["images"] += len(pixels)
+        return out
+
+    def batching_stats(self) -> dict[str, int]:
+        """This replica's image calls, those that skipped the batch wait, forwards and images."""
+        return dict(self._stats)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_images)
     async def _embed_batch(self, items: list[np.ndarray]) -> list[np.ndarray]:
         sizes = [len(x) for x in items]
-        emb = await asyncio.to_thread(self.embedder.embed_pixels, np.concatenate(items))
+        emb = await self._forward(np.concatenate(items))
         return np.split(emb, np.cumsum(sizes)[:-1])
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
