@@ -42,6 +42,7 @@ __all__ = [
     "list_shards",
     "load_or_index",
     "member_uri",
+    "names_shards",
     "read_member",
     "split_member_uri",
 ]
@@ -108,6 +109,12 @@ def _visible(uri: str) -> str | None:
     return None if name.startswith(".") else name
 
 
+def names_shards(src: str) -> bool:
+    """Whether ``src`` itself names shards: a ``.tar`` URI or a brace pattern ending in ``.tar``
+    (decided from the string; nothing is listed)."""
+    return src.strip().lower().endswith(".tar")
+
+
 def is_webdataset(src: str) -> bool:
     """Whether ``src`` names WebDataset shards rather than loose images or a manifest.
 
@@ -120,7 +127,7 @@ def is_webdataset(src: str) -> bool:
         StorageError: an ``s3://`` prefix cannot be listed (missing bucket, access denied).
     """
     src = src.strip()
-    if src.lower().endswith(".tar"):
+    if names_shards(src):
         return True
     if _is_brace_pattern(src):
         return False

@@ -70,7 +70,13 @@ from keeper_core.models import ModelSpec, embed_dim, preprocess_config
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.series import resolve_image_uris
-from keeper_core.webdataset import is_webdataset, list_shards, load_or_index, read_member
+from keeper_core.webdataset import (
+    is_webdataset,
+    list_shards,
+    load_or_index,
+    names_shards,
+    read_member,
+)
 from keeper_train.config import job_main
 from keeper_train.table import EmbeddedParts, ErrorRows
 
@@ -83,7 +89,10 @@ SHARDS = "_shards"  # cached WebDataset shard indexes (keeper_core.webdataset)
 SAMPLE_COLUMNS = ("caption", "metadata")
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 # Files that are certainly not photos: never sniffed, so listing a mixed prefix stays cheap.
-NOT_IMAGE_SUFFIXES = (".parquet", ".json", ".csv", ".txt", ".md", ".yaml", ".yml", ".xml", ".pq")
+NOT_IMAGE_SUFFIXES = (
+    *(".parquet", ".json", ".csv", ".txt", ".md", ".yaml", ".yml", ".xml", ".pq"),
+    ".tar",  # WebDataset shards: never sniffed as images (plan reads them as shards)
+)
 EXIT_TOO_MANY_FAILURES = 3
 #: The errors table. ``retryable`` failures (a timeout, an unreachable endpoint) are retried by the
 #: next run; the others (a corrupt file) only with ``retry_errors``. Tables written before the
@@ -408,11 +417,7 @@ def prepare_batch(
             times.append(time.perf_counter() - t0)
             for c, values in carried.items():
                 values.append(str(batch[c][i]))
-    if failed:
-        table = pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA)
-        storage.write_parquet(
-            table, storage.join(errors_dir, _part_name(table["image_uri"].to_pylist()))
-        )
+    write_errors(errors_dir, failed)
     t0 = time.perf_counter()
     feats = prep.quality(decoded)
     per_image = (time.perf_counter() - t0) / max(len(decoded), 1)
@@ -433,6 +438,15 @@ def prepare_batch(
     for c, values in carried.items():
         out[c] = np.array(values, dtype=object)  # "" for none: embedding_table writes null
     return out
+
+
+def write_errors(errors_dir: str, rows: list[dict[str, Any]]) -> None:
+    """Failure rows (``_failure``'s) as one part of the errors table; nothing when none."""
+    if rows:
+        table = pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
+        storage.write_parquet(
+            table, storage.join(errors_dir, _part_name(table["image_uri"].to_pylist()))
+        )
 
 
 def _no_mtime() -> float | None:
@@ -673,12 +687,15 @@ def plan(cfg: EmbedConfig) -> Plan:
     check_table_meta(dst, cfg.model, embed_dim=embed_dim(cfg.model))
     members: dict[str, dict[str, Any]] = {}
     index_failures: dict[str, str] = {}
-    if is_webdataset(cfg.input):
+    shards = names_shards(cfg.input)  # a .tar or a brace pattern: nothing to list first
+    if not shards:
+        inputs, ignored = list_inputs(cfg.input, exclude=[dst, *cfg.exclude])
+        # A folder of shards has no loose image: only then is it listed again, for its shards.
+        shards = not inputs and ignored > 0 and is_webdataset(cfg.input)
+    if shards:
         inputs, ignored, members, index_failures = list_webdataset(
             cfg.input, storage.join(dst, SHARDS)
         )
-    else:
-        inputs, ignored = list_inputs(cfg.input, exclude=[dst, *cfg.exclude])
     if cfg.limit:
         inputs = inputs[: cfg.limit]
     embedded = EmbeddedParts.read(storage.join(dst, EMBEDDINGS))
@@ -756,15 +773,14 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         "max_raw_bytes": cfg.max_raw_bytes,
         "min_side": cfg.min_side,
     }
-    if p.index_failures:  # recorded before any image: this run's failures, counted as such
-        failed = [
+    # Shards whose index stopped early: recorded before any image, this run's failures.
+    write_errors(
+        storage.join(p.dst, ERRORS),
+        [
             _failure(u, p.run_id, "index", "corrupt_shard", DataError(e), retryable=False)
             for u, e in p.index_failures.items()
-        ]
-        table = pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA)
-        storage.write_parquet(
-            table, storage.join(p.dst, ERRORS, _part_name(table["image_uri"].to_pylist()))
-        )
+        ],
+    )
     items = [_item(u, p.members) for u in p.todo if u not in p.index_failures]
     if not items:
         return Execution(tallies=[], cluster=cluster, seconds=seconds)
