@@ -23,7 +23,6 @@ time with ``torch.cuda.synchronize()``, after a warm-up batch; without CUDA they
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 # benchmarks/ is sys.path[0] when this runs as a script: embed.py's machine description.
+from blockiness import GRAIN, jpeg, photos
 from embed import machine_info
 from PIL import Image
 
@@ -45,26 +45,19 @@ from keeper_core.synthetic import DEFAULT_PHOTOS
 
 SIZES = ((4000, 3000), (1600, 1200), (512, 384))
 QUALITY = 90
-GRAIN = 3.0
 DRAFT = (QUALITY_SIZE, QUALITY_SIZE)
 NO_GPU = "not measured (no CUDA device)"
 
 
 def make_jpegs(n: int, size: tuple[int, int]) -> list[bytes]:
-    from skimage import data
-
-    bases = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in DEFAULT_PHOTOS]
+    """``n`` JPEGs: blockiness.py's grained, upscaled photos, cycled, every other cycle mirrored."""
+    bases = photos(len(DEFAULT_PHOTOS), size)
     out = []
     for i in range(n):
         im = bases[i % len(bases)]
         if (i // len(bases)) % 2:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        up = im.resize(size, Image.Resampling.BICUBIC)
-        grain = np.random.default_rng(i).normal(0.0, GRAIN, (size[1], size[0], 1))
-        arr = np.clip(np.rint(np.asarray(up, np.float32) + grain.astype(np.float32)), 0, 255)
-        buf = io.BytesIO()
-        Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=QUALITY)
-        out.append(buf.getvalue())
+        out.append(jpeg(im, QUALITY))
     return out
 
 
