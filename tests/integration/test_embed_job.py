@@ -123,9 +123,11 @@ def operations_example() -> str:
     return str(blocks[0])
 
 
+@pytest.mark.parametrize("placement", ["tasks", "actor"])
 def test_bad_inputs_are_recorded_and_the_rest_finishes(
-    ray_cluster: str, tmp_path: Path, corpus: list[Path]
+    ray_cluster: str, tmp_path: Path, corpus: list[Path], placement: str, reference: ClipEmbedder
 ) -> None:
+    """Decoded in CPU tasks or inside the model actor: the same errors, the same table."""
     good = corpus[:6]
     folder = tmp_path / "in"
     folder.mkdir()
@@ -151,6 +153,7 @@ def test_bad_inputs_are_recorded_and_the_rest_finishes(
             output=dst,
             model=TINY,
             max_failure_fraction=1.0,
+            decode_placement=placement,
             ray_address=ray_cluster,
         )
     )
@@ -167,7 +170,14 @@ def test_bad_inputs_are_recorded_and_the_rest_finishes(
     assert errors.loc[missing, "reason"] == "unreadable"
     # Nothing here passes on a second try: a re-run leaves them alone unless retry_errors.
     assert not errors["retryable"].any()
-    assert sorted(read_table(dst)["image_uri"]) == sorted(str(p) for p in good)
+    table = read_table(dst).set_index("image_uri")
+    assert sorted(table.index) == sorted(str(p) for p in good)
+    expected = reference.embed_images([decode_image(p.read_bytes()) for p in good])
+    got = np.stack(table.loc[[str(p) for p in good], "embedding"].to_numpy())
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert (table["sharpness"] > 0).all() and (table["width"] > 0).all()
+    if placement == "actor":
+        return  # the rest is about the table and the exit code, not where decode ran
 
     # docs/operations.md's "Reading the output" example, as a user copies it, on this table.
     code = operations_example()

@@ -421,6 +421,30 @@ def test_embed_and_write_match_clip_embedder(
     assert not np.allclose(emb[0], emb[1])
 
 
+def test_decoding_in_the_actor_equals_decode_tasks(
+    corpus: dict[str, str], tmp_path: Path, stage: EmbedStage
+) -> None:
+    """decode_placement=actor: the actor runs prepare_batch itself; same rows, same errors."""
+    uris = [corpus[n] for n in MIXED]
+    kwargs = {
+        "spec": SPEC,
+        "limits": LIMITS,
+        "draft": True,
+        "errors_dir": str(tmp_path / "actor-errors"),
+        "run_id": "run-1",
+    }
+    in_actor = EmbedStage(SPEC, 8, prepare=kwargs)({"image_uri": np.array(uris, dtype=object)})
+    in_tasks = stage(run_prepare(uris, tmp_path / "task-errors"))
+    assert set(in_actor) == set(in_tasks)
+    for name, column in in_tasks.items():
+        if name not in ("t_decode", "t_embed"):
+            np.testing.assert_array_equal(in_actor[name], column, err_msg=name)
+    failed = [pq.read_table(f).to_pandas() for f in parts(tmp_path / "actor-errors")]
+    expected = [pq.read_table(f).to_pandas() for f in parts(tmp_path / "task-errors")]
+    assert sorted(failed[0]["image_uri"]) == sorted(expected[0]["image_uri"])
+    assert sorted(failed[0]["reason"]) == sorted(expected[0]["reason"])
+
+
 def test_empty_batch_writes_nothing(
     corpus: dict[str, str], tmp_path: Path, stage: EmbedStage
 ) -> None:

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -166,6 +167,17 @@ class EmbedConfig(BaseModel):
         "auto",
         description="JPEG decode backend of the decode tasks (keeper_core.decoders): auto = cpu "
         "= the fastest CPU backend here (PIL with libjpeg-turbo, measured); turbo = simplejpeg",
+    )
+    decode_placement: Literal["tasks", "actor"] = Field(
+        "tasks",
+        description="where images are read and decoded: tasks = CPU tasks that feed the model "
+        "actors (decode capacity scales with the cluster's CPUs); actor = inside each model "
+        "actor, overlapped with its forward passes (no decoded pixels cross the object store)",
+    )
+    actor_decode_calls: int = Field(
+        1,
+        ge=1,
+        description="decode_placement=actor: batches an actor decodes while it embeds another",
     )
     max_pixels: int = Field(64_000_000, ge=1)
     max_bytes: int = Field(64 * 1024 * 1024, ge=1)
@@ -514,10 +526,22 @@ def node_cores() -> int:
 
 
 class EmbedStage:
-    """The actor-pool stage: keeper_core.ClipEmbedder, timed."""
+    """The actor-pool stage: keeper_core.ClipEmbedder, timed.
+
+    With ``prepare`` (decode_placement=actor) a batch arrives as input items and is read,
+    decoded and measured here by ``prepare_batch`` (its keyword arguments), then embedded.
+    Ray Data runs ``decode_calls + 1`` calls of one actor at once, so batches are decoded while
+    another is embedded; forward passes take a lock, one at a time, so the model's threads
+    are not split between two batches.
+    """
 
     def __init__(
-        self, spec: str, batch_size: int, threads: int | None = None, node_actors: int = 0
+        self,
+        spec: str,
+        batch_size: int,
+        threads: int | None = None,
+        node_actors: int = 0,
+        prepare: dict[str, Any] | None = None,
     ) -> None:
         if node_actors:  # a CPU-only run: share this node's cores among the actors
             threads = max(1, node_cores() // node_actors)
@@ -527,14 +551,22 @@ class EmbedStage:
 
             torch.set_num_threads(threads)
         self.threads = threads
+        self.prepare = prepare
         self.embedder = ClipEmbedder(spec, batch_size=batch_size)
+        self._forward = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
-        n = len(batch["image_uri"])
-        out = self.embedder(batch) if n else {**batch, "embedding": np.zeros((0, 1), np.float32)}
+        if self.prepare is not None:
+            batch = prepare_batch(batch, **self.prepare)
+        with self._forward:
+            t0 = time.perf_counter()
+            n = len(batch["image_uri"])
+            out = (
+                self.embedder(batch) if n else {**batch, "embedding": np.zeros((0, 1), np.float32)}
+            )
+            t_embed = time.perf_counter() - t0
         out.pop("pixel_values", None)
-        out["t_embed"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+        out["t_embed"] = np.full(n, t_embed / max(n, 1))
         return out
 
 
@@ -784,32 +816,37 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     items = [_item(u, p.members) for u in p.todo if u not in p.index_failures]
     if not items:
         return Execution(tallies=[], cluster=cluster, seconds=seconds)
+    prepare = {
+        "spec": cfg.model,
+        "limits": limits,
+        "draft": cfg.draft,
+        "errors_dir": storage.join(p.dst, ERRORS),
+        "run_id": p.run_id,
+        "capture": cfg.capture,
+        "thumbnails": cfg.thumbnails,
+        "decode": cfg.decode,
+    }
+    in_actor = cfg.decode_placement == "actor"
+    # What one image in decode holds: a max_pixels image (3 bytes a pixel) beside its bytes.
+    decode_memory = 3 * cfg.max_pixels + max(cfg.max_bytes, cfg.max_raw_bytes)
     # Blocks of ~decode_batch_size URIs: enough shards to keep every CPU busy and to stream.
     blocks = max(1, min(len(items) // cfg.decode_batch_size, 10_000))
     ds: ray.data.Dataset = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(
-        prepare_batch,  # type: ignore[arg-type]  # keyword-only stage arguments
-        batch_size=cfg.decode_batch_size,
-        batch_format="numpy",
-        fn_kwargs={
-            "spec": cfg.model,
-            "limits": limits,
-            "draft": cfg.draft,
-            "errors_dir": storage.join(p.dst, ERRORS),
-            "run_id": p.run_id,
-            "capture": cfg.capture,
-            "thumbnails": cfg.thumbnails,
-            "decode": cfg.decode,
-        },
-        compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
-        num_cpus=cpus.decode,
-        # A decode task holds a worker's baseline (torch imported: ~0.5 GiB) plus up to a
-        # max_pixels image (3 bytes a pixel) beside its bytes.
-        # Requesting that memory also keeps Ray Data from fusing decode into the model
-        # actors (it fuses task->actor maps whose remote args match, as on a CPU-only
-        # cluster), which would serialise decode and inference in one process.
-        memory=WORKER_BASELINE_BYTES + 3 * cfg.max_pixels + max(cfg.max_bytes, cfg.max_raw_bytes),
-    )
+    if not in_actor:
+        ds = ds.map_batches(
+            prepare_batch,  # type: ignore[arg-type]  # keyword-only stage arguments
+            batch_size=cfg.decode_batch_size,
+            batch_format="numpy",
+            fn_kwargs=prepare,
+            compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
+            num_cpus=cpus.decode,
+            # A decode task holds a worker's baseline (torch imported: ~0.5 GiB) and one image.
+            # Requesting that memory also keeps Ray Data from fusing decode into the model
+            # actors (it fuses task->actor maps whose remote args match, as on a CPU-only
+            # cluster), which would serialise decode and inference in one process.
+            memory=WORKER_BASELINE_BYTES + decode_memory,
+        )
+    calls = cfg.actor_decode_calls + 1 if in_actor else 1
     ds = ds.map_batches(
         EmbedStage,
         fn_constructor_kwargs={
@@ -820,12 +857,21 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
             # CPU-only run usually is; on several nodes they under-use the cores (set
             # model_threads).
             "node_actors": cfg.concurrency if cpus.node_threads else 0,
+            "prepare": prepare if in_actor else None,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        compute=ray.data.ActorPoolStrategy(
+            size=cfg.concurrency,
+            # decode_placement=actor: calls decode concurrently with one that embeds
+            max_concurrent_calls_per_actor=calls,
+            max_tasks_in_flight_per_actor=max(2, calls + 1),
+            enable_true_multi_threading=in_actor,
+        ),
         num_gpus=cfg.num_gpus_per_worker,
         num_cpus=cpus.actor,
+        # decode_placement=actor: the images its decoding calls hold, beside the model
+        memory=(calls - 1) * decode_memory or None,
     )
     ds = ds.map_batches(
         write_batch,  # type: ignore[arg-type]  # keyword-only stage arguments
