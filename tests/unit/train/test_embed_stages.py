@@ -18,9 +18,11 @@ from PIL import Image
 from support import png_declaring
 
 from keeper_core import storage
+from keeper_core.decoders import GpuDecoder
+from keeper_core.device_preparation import DevicePreparation
 from keeper_core.embedding import ClipEmbedder
-from keeper_core.errors import DataError
-from keeper_core.images import decode_image
+from keeper_core.errors import ConfigError, DataError
+from keeper_core.images import DecodeLimits, decode_image
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES, quality_features
 from keeper_train.jobs.embed import (
@@ -33,6 +35,7 @@ from keeper_train.jobs.embed import (
     format_summary,
     list_inputs,
     prepare_batch,
+    prepare_on_device,
     write_batch,
 )
 from keeper_train.table import EmbeddedParts
@@ -664,6 +667,70 @@ def test_decode_backends_prepare_the_same_rows(name: str, tmp_path: Path) -> Non
     np.testing.assert_allclose(out["sharpness"], ref["sharpness"], rtol=0.02)
 
 
-def test_decode_gpu_is_refused_with_the_reason() -> None:
-    with pytest.raises(ValueError, match="GPU decode is not part of keeper embed yet"):
-        EmbedConfig(input="in", output="out", decode="gpu")
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({}, "this run gives them none: set num_gpus_per_worker"),
+        ({"num_gpus_per_worker": 1, "decode_placement": "tasks"}, "must be actor"),
+        ({"num_gpus_per_worker": 1, "thumbnails": "thumbs/"}, "thumbnails are written from"),
+    ],
+)
+def test_decode_gpu_is_refused_where_it_cannot_run(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EmbedConfig(input="in", output="out", decode="gpu", **overrides)
+
+
+def test_decode_gpu_decodes_in_the_actor() -> None:
+    cfg = EmbedConfig(input="in", output="out", decode="gpu", num_gpus_per_worker=0.5)
+    assert cfg.placement == "actor"
+    assert EmbedConfig(input="in", output="out").placement == "tasks"
+
+
+def test_gpu_decode_actor_without_cuda_is_a_clear_error() -> None:
+    kwargs = {"spec": SPEC, "limits": LIMITS, "draft": True, "errors_dir": "e", "run_id": "r"}
+    with pytest.raises(ConfigError, match="this model actor sees no CUDA device"):
+        EmbedStage(SPEC, 8, prepare={**kwargs, "capture": False, "decode": "gpu"})
+
+
+def test_device_preparation_gives_the_decode_tasks_rows(
+    corpus: dict[str, str], tmp_path: Path
+) -> None:
+    """decode=gpu's actor path, run with GpuDecoder's CPU mode (the control flow, on CPU)."""
+    uris = [corpus[n] for n in MIXED]
+    batch = {"image_uri": np.array(uris, dtype=object)}
+    prep = DevicePreparation(
+        SPEC, device="cpu", limits=DecodeLimits(**LIMITS), decoder=GpuDecoder("cpu")
+    )
+    got = prepare_on_device(
+        batch,
+        prep=prep,
+        max_bytes=LIMITS["max_bytes"],
+        errors_dir=str(tmp_path / "device-errors"),
+        run_id="run-1",
+        capture=True,
+    )
+    ref = prepare_batch(
+        batch,
+        spec=SPEC,
+        limits=LIMITS,
+        draft=True,
+        errors_dir=str(tmp_path / "task-errors"),
+        run_id="run-1",
+        capture=True,
+    )
+    assert list(got["image_uri"]) == list(ref["image_uri"])
+    assert list(got["image_id"]) == list(ref["image_id"])
+    pixels = got["pixel_values"].numpy().astype(int)
+    assert np.abs(pixels - ref["pixel_values"].astype(int)).mean() < 1.0
+    for name in ("width", "height", "capture_time", "time_source", "camera"):
+        np.testing.assert_array_equal(got[name], ref[name], err_msg=name)
+    for name in FLOAT_FEATURES:
+        np.testing.assert_allclose(got[name], ref[name], atol=0.05, err_msg=name)
+    assert np.bitwise_count(got["dhash"] ^ ref["dhash"]).max() <= 2
+    device_errors = pq.read_table(parts(tmp_path / "device-errors")[0]).to_pandas()
+    task_errors = pq.read_table(parts(tmp_path / "task-errors")[0]).to_pandas()
+    cols = ["image_uri", "stage", "reason"]
+    pd.testing.assert_frame_equal(
+        device_errors[cols].sort_values("image_uri").reset_index(drop=True),
+        task_errors[cols].sort_values("image_uri").reset_index(drop=True),
+    )

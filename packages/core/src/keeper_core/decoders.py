@@ -56,6 +56,7 @@ from PIL import Image, features
 
 from keeper_core.errors import ConfigError, ImageDecodeError
 from keeper_core.images import (
+    _BAND_STEP,
     _DEFAULT_LIMITS,
     _JPEG_BARE,
     _SWAPPED_ORIENTATIONS,
@@ -274,6 +275,23 @@ def _orient(chw: torch.Tensor, orientation: int) -> torch.Tensor:
     return torch.flip(chw, flips).contiguous() if flips else chw.contiguous()
 
 
+def _unbanded(
+    result: torch.Tensor | ImageDecodeError,
+) -> tuple[torch.Tensor, None] | ImageDecodeError:
+    return result if isinstance(result, ImageDecodeError) else (result, None)
+
+
+def _grey_band(chw: torch.Tensor, pixels: int) -> torch.Tensor:
+    """PIL's "L" of the top rows ``decode_jpeg_band(pixels=pixels)`` decodes: (rows, W) uint8."""
+    import torch
+
+    height, width = chw.shape[1:]
+    rows = max(64, -(-pixels // width))
+    rows = min(height, -(-rows // _BAND_STEP) * _BAND_STEP)
+    c = chw[:, :rows].to(torch.int32)
+    return ((c[0] * 19595 + c[1] * 38470 + c[2] * 7471 + 0x8000) >> 16).to(torch.uint8)
+
+
 class GpuDecoder:
     """nvJPEG through ``torchvision.io.decode_jpeg``: a batch of JPEGs to tensors on a device.
 
@@ -334,9 +352,44 @@ class GpuDecoder:
         Raises:
             ConfigError: ``draft_size`` is not two positive ints.
         """
+        results = self._decode_batch(items, limits, draft_size, None)
+        return [r if isinstance(r, ImageDecodeError) else r[0] for r in results]
+
+    def decode_batch_with_bands(
+        self,
+        items: Sequence[tuple[bytes | RawPreview, str | None]],
+        *,
+        limits: DecodeLimits | None = None,
+        draft_size: tuple[int, int] | None = None,
+        band_pixels: int,
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None] | ImageDecodeError]:
+        """:meth:`decode_batch`, plus the full-resolution top band of each drafted image.
+
+        A draft loses the 8x8 block grid blockiness is measured on. For a JPEG decoded and
+        drafted on the device, the band is the top rows of the full decode before the shrink,
+        in stored orientation, as PIL's "L" of its RGB: the rows
+        :func:`keeper_core.images.decode_jpeg_band` decodes for ``pixels=band_pixels``, so no
+        second decode is needed. None for an image not drafted, or decoded on the CPU (whose
+        caller decodes its band there).
+
+        Returns:
+            Per item, in order: ``(pixels, band)`` (band: uint8 ``(rows, stored width)`` on
+            ``self.device``, or None), or the ImageDecodeError ``decode_image`` would raise.
+        """
+        return self._decode_batch(items, limits, draft_size, band_pixels)
+
+    def _decode_batch(
+        self,
+        items: Sequence[tuple[bytes | RawPreview, str | None]],
+        limits: DecodeLimits | None,
+        draft_size: tuple[int, int] | None,
+        band_pixels: int | None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None] | ImageDecodeError]:
         limits = _DEFAULT_LIMITS if limits is None else limits
         _check_draft_size(draft_size)
-        out: list[torch.Tensor | ImageDecodeError | None] = [None] * len(items)
+        out: list[tuple[torch.Tensor, torch.Tensor | None] | ImageDecodeError | None] = [
+            None
+        ] * len(items)
         on_device: list[tuple[int, _Plan]] = []
         for i, (data, source) in enumerate(items):
             try:
@@ -353,18 +406,21 @@ class GpuDecoder:
                 on_device.append((i, plan))
             else:
                 self.delegated[reason] += 1
-                out[i] = self._on_cpu(plan.src, items[i][1], limits, draft_size)
+                out[i] = _unbanded(self._on_cpu(plan.src, items[i][1], limits, draft_size))
         decoded = self._device_decode([p.jpeg for _, p in on_device])
         for (i, plan), result in zip(on_device, decoded, strict=True):
             if isinstance(result, Exception):
                 self.fallbacks[type(result).__name__] += 1
-                out[i] = self._on_cpu(plan.src, items[i][1], limits, draft_size)
+                out[i] = _unbanded(self._on_cpu(plan.src, items[i][1], limits, draft_size))
                 continue
             self.decoded += 1
             scale = _draft_scale(plan.size, draft_size, plan.orientation)
+            band = None
             if scale > 1:
+                if band_pixels is not None:
+                    band = _grey_band(result, band_pixels)
                 result = self._shrink(result, scale)
-            out[i] = _orient(result, plan.orientation)
+            out[i] = (_orient(result, plan.orientation), band)
         assert all(r is not None for r in out)  # every item took exactly one of the paths
         return [r for r in out if r is not None]
 

@@ -63,9 +63,9 @@ from keeper_core.quality import (
 QUALITY_SIZE = 256
 
 _WIDTH, _HEIGHT = FEATURE_NAMES.index("width"), FEATURE_NAMES.index("height")
-# Full-resolution pixels a drafted JPEG's blockiness is measured on: with the band's floor of
-# 64 rows, the full width of a photo >= 1024 wide, and >= 1,024 blocks on a narrower one.
-_BAND_PIXELS = BLOCK_CROP * BLOCK_CROP // 4
+#: Full-resolution pixels a drafted JPEG's blockiness is measured on: with the band's floor of
+#: 64 rows, the full width of a photo >= 1024 wide, and >= 1,024 blocks on a narrower one.
+BAND_PIXELS = BLOCK_CROP * BLOCK_CROP // 4
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class ImagePreparation:
     def _full_resolution_blockiness(self, src: bytes | RawPreview, source: str | None) -> float:
         jpeg = src.data if isinstance(src, RawPreview) else src
         try:
-            band = decode_jpeg_band(jpeg, pixels=_BAND_PIXELS, source=source)
+            band = decode_jpeg_band(jpeg, pixels=BAND_PIXELS, source=source)
         except ImageDecodeError:
             # A header the band's walk cannot follow, though the draft decode could: measure
             # the slow, exact way rather than on pixels that have lost the grid.

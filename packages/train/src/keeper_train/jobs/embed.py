@@ -48,13 +48,14 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keeper_core import storage
 from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
 from keeper_core.contact_sheet import thumbnail_jpeg, thumbnail_name
 from keeper_core.corpus import EMBEDDINGS
 from keeper_core.decoders import resolve_decoder
+from keeper_core.device_preparation import DevicePreparation
 from keeper_core.embedding import ClipEmbedder
 from keeper_core.errors import (
     ConfigError,
@@ -168,11 +169,12 @@ class EmbedConfig(BaseModel):
         description="JPEG decode backend of the decode tasks (keeper_core.decoders): auto = cpu "
         "= the fastest CPU backend here (PIL with libjpeg-turbo, measured); turbo = simplejpeg",
     )
-    decode_placement: Literal["tasks", "actor"] = Field(
-        "tasks",
+    decode_placement: Literal["auto", "tasks", "actor"] = Field(
+        "auto",
         description="where images are read and decoded: tasks = CPU tasks that feed the model "
         "actors (decode capacity scales with the cluster's CPUs); actor = inside each model "
-        "actor, overlapped with its forward passes (no decoded pixels cross the object store)",
+        "actor, overlapped with its forward passes (no decoded pixels cross the object store; "
+        "decode=gpu decodes there); auto = actor for decode=gpu, else tasks",
     )
     actor_decode_calls: int = Field(
         1,
@@ -243,16 +245,40 @@ class EmbedConfig(BaseModel):
     @classmethod
     def _decoder_here(cls, v: str) -> str:
         if v == "gpu":
-            raise ValueError(
-                "GPU decode is not part of keeper embed yet: keeper_core.decoders.GpuDecoder "
-                "decodes on the device, but the job's resize and quality features run on CPU "
-                "images; use auto (the decode tasks' CPU backend)"
-            )
+            return v  # checked against the rest of the config below; CUDA by the actors
         try:
             resolve_decoder(v)  # turbo without simplejpeg fails here, not in every task
         except ConfigError as e:
             raise ValueError(str(e)) from e
         return v
+
+    @model_validator(mode="after")
+    def _gpu_decode_fits(self) -> EmbedConfig:
+        if self.decode != "gpu":
+            return self
+        if self.cpu_only:
+            raise ValueError(
+                "decode=gpu decodes on the model actors' GPUs, and this run gives them none: "
+                "set num_gpus_per_worker (or use decode=auto, the CPU decode tasks)"
+            )
+        if self.decode_placement == "tasks":
+            raise ValueError(
+                "decode=gpu decodes inside the model actors: decode_placement must be actor "
+                "(or auto), not tasks"
+            )
+        if self.thumbnails:
+            raise ValueError(
+                "thumbnails are written from images decoded on the CPU: use decode=auto with "
+                "thumbnails (decode=gpu keeps its pixels on the device)"
+            )
+        return self
+
+    @property
+    def placement(self) -> Literal["tasks", "actor"]:
+        """decode_placement with auto resolved: the actor for GPU decode, else CPU tasks."""
+        if self.decode_placement != "auto":
+            return self.decode_placement
+        return "actor" if self.decode == "gpu" else "tasks"
 
     @field_validator("input", "output")
     @classmethod
@@ -381,10 +407,7 @@ def prepare_batch(
     is written from the pixels already decoded (neither reads or decodes the file again).
     """
     prep = _preparation(spec, draft, tuple(sorted(limits.items())), decode)
-    # WebDataset members: where each lies in its shard, and the caption/metadata that came with it
-    n = len(batch["image_uri"])
-    offsets = np.asarray(batch["offset"], np.int64) if "offset" in batch else np.full(n, -1)
-    sizes = np.asarray(batch["size"], np.int64) if "size" in batch else np.full(n, -1)
+    offsets, sizes = _members(batch)
     carried: dict[str, list[str]] = {c: [] for c in SAMPLE_COLUMNS if c in batch}
     ok_uris, ids, pixels, decoded, times = [], [], [], [], []
     captures: list[dict[str, Any]] = []
@@ -395,12 +418,7 @@ def prepare_batch(
         stage = "read"
         member = bool(offsets[i] >= 0)
         try:
-            if member:
-                data = read_member(
-                    uri, int(offsets[i]), int(sizes[i]), max_bytes=limits["max_bytes"]
-                )
-            else:
-                data = storage.read_bytes(uri)
+            data = _read(uri, int(offsets[i]), int(sizes[i]), limits["max_bytes"])
             stage = "decode"
             image = prep.decode(data, source=uri)
             stage = "preprocess"
@@ -449,6 +467,100 @@ def prepare_batch(
         out.update(capture_arrays(captures))
     for c, values in carried.items():
         out[c] = np.array(values, dtype=object)  # "" for none: embedding_table writes null
+    return out
+
+
+def _members(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Where each WebDataset member lies in its shard: (offsets, sizes); -1 for plain files."""
+    n = len(batch["image_uri"])
+    offsets = np.asarray(batch["offset"], np.int64) if "offset" in batch else np.full(n, -1)
+    sizes = np.asarray(batch["size"], np.int64) if "size" in batch else np.full(n, -1)
+    return offsets, sizes
+
+
+def _read(uri: str, offset: int, size: int, max_bytes: int) -> bytes:
+    if offset >= 0:
+        return read_member(uri, offset, size, max_bytes=max_bytes)
+    return storage.read_bytes(uri)
+
+
+def _read_failure(uri: str, run_id: str, e: Exception) -> dict[str, Any]:
+    if isinstance(e, StorageError):
+        return _failure(uri, run_id, "read", "unreadable", e, retryable=e.retryable)
+    if isinstance(e, DataError):  # a member past the end of its shard (a shard cut short)
+        return _failure(uri, run_id, "read", "unreadable", e, retryable=False)
+    return _failure(uri, run_id, "read", "internal", e, retryable=False)
+
+
+def prepare_on_device(
+    batch: dict[str, np.ndarray],
+    *,
+    prep: DevicePreparation,
+    max_bytes: int,
+    errors_dir: str,
+    run_id: str,
+    capture: bool = False,
+    reader: ThreadPoolExecutor | None = None,
+) -> dict[str, Any]:
+    """``prepare_batch``'s output, decoded and measured on the model's device (decode=gpu).
+
+    Bytes are read on ``reader``'s threads (I/O), the batch is decoded at once by
+    ``prep``'s decoder (nvJPEG), resized and measured there (keeper_core.device_preparation);
+    ``pixel_values`` stays on the device for the model. Capture metadata is read from the
+    bytes on the CPU. Bad images are written to ``errors_dir`` as in ``prepare_batch``.
+    """
+    t0 = time.perf_counter()
+    uris = [str(u) for u in batch["image_uri"]]
+    offsets, sizes = _members(batch)
+
+    def read(i: int) -> bytes | Exception:
+        try:
+            return _read(uris[i], int(offsets[i]), int(sizes[i]), max_bytes)
+        except Exception as e:  # recorded below, per image
+            return e
+
+    blobs = list(reader.map(read, range(len(uris))) if reader else map(read, range(len(uris))))
+    failed = [
+        _read_failure(uris[i], run_id, b) for i, b in enumerate(blobs) if not isinstance(b, bytes)
+    ]
+    read_ok = [i for i, b in enumerate(blobs) if isinstance(b, bytes)]
+    done = prep.prepare([(blobs[i], uris[i]) for i in read_ok])  # type: ignore[misc]
+    for j, e in done.errors:
+        failed.append(_failure(uris[read_ok[j]], run_id, "decode", e.reason, e, retryable=False))
+    write_errors(errors_dir, failed)
+    rows = [read_ok[j] for j in done.ok]
+    data = [blobs[i] for i in rows]
+    per_image = (time.perf_counter() - t0) / max(len(rows), 1)
+    feats = done.features.float().cpu().numpy()
+    feats[:, FEATURE_NAMES.index("width")] = done.width
+    feats[:, FEATURE_NAMES.index("height")] = done.height
+    out: dict[str, Any] = {
+        "image_uri": np.array([uris[i] for i in rows], dtype=object),
+        "image_id": np.array([hashlib.sha256(d).hexdigest() for d in data], dtype=object),  # type: ignore[arg-type]
+        "pixel_values": done.pixels,
+        "t_decode": np.full(len(rows), per_image),
+        "dhash": np.array(done.dhash, dtype=np.int64),
+    }
+    for j, name in enumerate(FEATURE_NAMES):
+        out[name] = feats[:, j].astype(np.int32 if name in ("width", "height") else np.float32)
+    if capture:
+        out.update(
+            capture_arrays(
+                [
+                    capture_row(
+                        read_capture(
+                            d,  # type: ignore[arg-type]
+                            mtime=_no_mtime if offsets[i] >= 0 else file_mtime(uris[i]),
+                            source=uris[i],
+                        )
+                    )
+                    for i, d in zip(rows, data, strict=True)
+                ]
+            )
+        )
+    for c in SAMPLE_COLUMNS:
+        if c in batch:
+            out[c] = np.array([str(batch[c][i]) for i in rows], dtype=object)
     return out
 
 
@@ -554,9 +666,35 @@ class EmbedStage:
         self.prepare = prepare
         self.embedder = ClipEmbedder(spec, batch_size=batch_size)
         self._forward = threading.Lock()
+        self.on_device: DevicePreparation | None = None
+        if prepare is not None and prepare.get("decode") == "gpu":
+            device = str(self.embedder.clip.device)
+            if self.embedder.clip.device.type != "cuda":
+                raise ConfigError(
+                    f"decode=gpu: this model actor sees no CUDA device (its model is on "
+                    f"{device}); GPU decode needs actors on GPU nodes (num_gpus_per_worker)"
+                )
+            self.on_device = DevicePreparation(
+                spec,
+                device=device,
+                limits=DecodeLimits(**prepare["limits"]),
+                draft=prepare["draft"],
+                decoder=resolve_decoder("gpu", device=device),
+            )
+            self._reader = ThreadPoolExecutor(max_workers=16, thread_name_prefix="read")
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.prepare is not None:
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.on_device is not None and self.prepare is not None:
+            batch = prepare_on_device(
+                batch,
+                prep=self.on_device,
+                max_bytes=self.prepare["limits"]["max_bytes"],
+                errors_dir=self.prepare["errors_dir"],
+                run_id=self.prepare["run_id"],
+                capture=self.prepare["capture"],
+                reader=self._reader,
+            )
+        elif self.prepare is not None:
             batch = prepare_batch(batch, **self.prepare)
         with self._forward:
             t0 = time.perf_counter()
@@ -826,7 +964,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         "thumbnails": cfg.thumbnails,
         "decode": cfg.decode,
     }
-    in_actor = cfg.decode_placement == "actor"
+    in_actor = cfg.placement == "actor"
     # What one image in decode holds: a max_pixels image (3 bytes a pixel) beside its bytes.
     decode_memory = 3 * cfg.max_pixels + max(cfg.max_bytes, cfg.max_raw_bytes)
     # Blocks of ~decode_batch_size URIs: enough shards to keep every CPU busy and to stream.
