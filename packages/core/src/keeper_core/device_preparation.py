@@ -55,8 +55,6 @@ from keeper_core.errors import ConfigError, DataError, ImageDecodeError
 from keeper_core.images import (
     DecodeLimits,
     RawPreview,
-    decode_image,
-    decode_jpeg_band,
     image_size,
     raw_preview,
 )
@@ -704,18 +702,9 @@ class DevicePreparation:
                 if (pixels.shape[2], pixels.shape[1]) != (width, height):
                     # No band: the CPU backend decoded (and drafted) it; measure there too.
                     blockiness = (
-                        self._band_on_cpu(src, source) if band is None else _grid_ratio(band)
+                        self._cpu.full_resolution_blockiness(src, source)
+                        if band is None
+                        else _grid_ratio(band)
                     )
             out.append(_Decoded(i, pixels.to(self.device), width, height, blockiness))
         return out
-
-    def _band_on_cpu(self, src: bytes | RawPreview, source: str | None) -> float:
-        """A drafted image the CPU backend decoded: its band, as ``ImagePreparation`` measures."""
-        jpeg = src.data if isinstance(src, RawPreview) else src
-        try:
-            band = decode_jpeg_band(jpeg, pixels=BAND_PIXELS, source=source)
-        except ImageDecodeError:
-            full = decode_image(src, limits=self.limits, source=source)
-            rgb = torch.from_numpy(np.array(full, dtype=np.uint8)).permute(2, 0, 1)
-            return float(_blockiness(rgb))
-        return float(_grid_ratio(torch.from_numpy(np.array(band, dtype=np.uint8))))

@@ -129,10 +129,11 @@ class ImagePreparation:
             return DecodedImage(image=img, width=img.width, height=img.height)
         width, height = image_size(src)
         drafted = img.size != (width, height)
-        blockiness = self._full_resolution_blockiness(src, source) if drafted else None
+        blockiness = self.full_resolution_blockiness(src, source) if drafted else None
         return DecodedImage(image=img, width=width, height=height, blockiness=blockiness)
 
-    def _full_resolution_blockiness(self, src: bytes | RawPreview, source: str | None) -> float:
+    def full_resolution_blockiness(self, src: bytes | RawPreview, source: str | None) -> float:
+        """Blockiness of a drafted JPEG, measured on a full-resolution band of the original."""
         jpeg = src.data if isinstance(src, RawPreview) else src
         try:
             band = decode_jpeg_band(jpeg, pixels=BAND_PIXELS, source=source)
