@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# On the GPU device machine, after setup_device.sh: keeper's GPU checks, most valuable first, each
+# under a `timeout` cut from what is left of the budget, going on after one fails.
+#
+#   bash benchmarks/gpu/setup_device.sh && bash benchmarks/gpu/run_all.sh [budget_s=540]
+#
+# Writes under $OUT (what the run tool brings back: at most 8 files, so each check's log is folded
+# into logs/all.log once it ends):
+#   summary.txt        one line per check: name, status, rc, seconds, limit, command
+#   nvidia-smi.txt     the GPU, driver, clocks and memory before anything ran
+#   <check>.json       each benchmark's own JSON (embed_gpu, decode, finetune, cascade)
+#   logs/all.log       setup's and every check's output, in order
+#   logs/<check>.log   the check running when the run was cut short, if it was
+#
+# Sizes: each check's arguments below, or the environment's EMBED_GPU_ARGS, DECODE_ARGS,
+# FINETUNE_ARGS, CASCADE_ARGS in their place. A check starts only if at least its minimum is
+# left; it gets min(its cap, what is left less RESERVE_S).
+set -uo pipefail  # no -e: one failing check must not stop the others
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT" || exit 2
+BUDGET=${1:-540}
+RESERVE_S=10  # folding logs and writing the summary after the last check
+ENV_DIR=${KEEPER_GPU_ENV:-$HOME/keeper-gpu-env}
+CACHE=${KEEPER_GPU_CACHE:-/tmp/keeper-bench}  # generated corpora, shared by the benchmarks
+START=$SECONDS
+
+[[ $BUDGET =~ ^[0-9]+$ ]] || { echo "usage: run_all.sh [budget_seconds]" >&2; exit 2; }
+[[ -n ${OUT:-} ]] || { echo "run_all.sh: OUT is not set (the run tool sets it)" >&2; exit 2; }
+[[ -f $ENV_DIR/env.sh ]] || { echo "run_all.sh: run setup_device.sh first" >&2; exit 2; }
+# shellcheck source=/dev/null
+source "$ENV_DIR/env.sh"
+mkdir -p "$OUT/logs" "$CACHE"
+SUMMARY=$OUT/summary.txt
+ALL_LOG=$OUT/logs/all.log
+PY=${PYTHON:-python3}
+CORES=$(getconf _NPROCESSORS_ONLN)  # not nproc: it reports OMP_NUM_THREADS when set
+
+echo "# run_all.sh $BUDGET s budget, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(hostname), $CORES cores" \
+    >"$SUMMARY"
+if [[ -f $OUT/logs/setup.log ]]; then
+    { echo "===== setup"; cat "$OUT/logs/setup.log"; } >>"$ALL_LOG"
+    rm -f "$OUT/logs/setup.log"
+fi
+
+elapsed() { echo $((SECONDS - START)); }
+
+# check NAME CAP_S MIN_S COMMAND...: runs COMMAND under a timeout, logs it (to logs/NAME.log,
+# folded into logs/all.log after, or to $LOG_TO), records one line in the summary.
+check() {
+    local name=$1 cap=$2 min=$3
+    shift 3
+    local left=$((BUDGET - $(elapsed) - RESERVE_S))
+    local limit=$((cap < left ? cap : left))
+    if ((limit < min)); then
+        printf '%-10s skipped   %4s s left, needs %s s: %s\n' "$name" "$left" "$min" "$*" \
+            | tee -a "$SUMMARY"
+        return
+    fi
+    local log=${LOG_TO:-$OUT/logs/$name.log} t0=$SECONDS rc status
+    echo "[run_all $(elapsed)s] $name (limit ${limit}s): $*"
+    # -k: a benchmark that ignores SIGTERM (a Ray driver mid-shutdown) is killed 10 s later.
+    timeout -k 10 "$limit" "$@" >"$log" 2>&1
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status=TIMEOUT ;;
+        *) status=FAILED ;;
+    esac
+    printf '%-10s %-8s rc=%-3s %4s s (limit %s s): %s\n' "$name" "$status" "$rc" \
+        "$((SECONDS - t0))" "$limit" "$*" | tee -a "$SUMMARY"
+    # No `ray stop` after a failure: it would end every Ray on the machine, not only this one's.
+    # A killed driver's local Ray goes with it (Ray's raylet and GCS die with their parent).
+    [[ $status == ok ]] || tail -n 25 "$log" | sed "s/^/  $name| /"
+    [[ -n ${LOG_TO:-} ]] && return  # a log of its own, kept as it is
+    { echo "===== $name: $status rc=$rc: $*"; cat "$log"; } >>"$ALL_LOG"
+    rm -f "$log"
+}
+
+# shellcheck disable=SC2206  # the *_ARGS overrides are word lists
+{
+    # (e) the machine, first: it costs nothing and dates every figure after it.
+    LOG_TO=$OUT/nvidia-smi.txt check nvidia-smi 30 5 \
+        bash -c "nvidia-smi && nvidia-smi -q -d CLOCK,MEMORY,POWER"
+
+    # (d) CLIP embedding on the GPU: the figure DESIGN.md's table rests on. Another engineer's
+    # script; it must take --out and fit its cap with its own defaults.
+    if [[ -f benchmarks/embed_gpu.py ]]; then
+        args=(${EMBED_GPU_ARGS:-})
+        check embed_gpu 180 60 "$PY" benchmarks/embed_gpu.py --out "$OUT/embed_gpu.json" \
+            "${args[@]}"
+    else
+        echo "embed_gpu  absent    benchmarks/embed_gpu.py does not exist" | tee -a "$SUMMARY"
+    fi
+
+    # (a) nvJPEG through GpuDecoder beside PIL and libjpeg-turbo: 48 JPEGs per size, GPU batches
+    # of 16 (3 timed batches after a warm-up one); ~60 s, most of it the CPU rows.
+    args=(${DECODE_ARGS:---files 48 --repeats 3 --gpu-batch 16})
+    check decode 120 45 "$PY" benchmarks/decode.py "${args[@]}" --out "$OUT/decode.json"
+
+    # (b) fine-tuning on the GPU: --quick (2 warm-up + 3 timed steps per method, ViT-B-32 and
+    # ViT-L-14 in bf16, and the Ray Train job with use_gpu on a 40-series corpus): the path has
+    # never run, so this proves it and gives first figures; its JSON is saved after each section.
+    args=(${FINETUNE_ARGS:---quick --threads "$CORES"})
+    check finetune 300 120 "$PY" benchmarks/finetune.py --gpu "${args[@]}" --cache "$CACHE" \
+        --out "$OUT/finetune.json"
+
+    # (c) the selection cascade on the GPU, small: random ViT-B-32 CLIP, the tiny judge and the
+    # ~146 M-parameter random Llava (cpu-small shape) in bf16, 200 candidates. For the
+    # Llava-1.5-7B shape: CASCADE_ARGS="--clip ViT-B-32:random --shape llava-1.5-7b
+    # --candidates 1000 --vlm-all-limit 100 --repeats 3" (several minutes more).
+    args=(${CASCADE_ARGS:---clip ViT-B-32:random --shape cpu-small --candidates 200 --repeats 3})
+    check cascade 240 60 "$PY" benchmarks/cascade.py --gpu "${args[@]}" --threads "$CORES" \
+        --cache "$CACHE" --out "$OUT/cascade.json"
+}
+
+echo "# total $(elapsed) s of $BUDGET s" >>"$SUMMARY"
+echo "===== summary ($OUT/summary.txt)"
+cat "$SUMMARY"
