@@ -63,6 +63,8 @@ EMBED_FLAGS = (
     "batch_size",
     "concurrency",
     "num_gpus_per_worker",
+    "decode",
+    "decode_placement",
     "max_failure_fraction",
     "retry_errors",
     "ray_address",
@@ -85,6 +87,16 @@ def add_embed_parser(subparsers: SubParsers) -> None:
     p.add_argument("--batch-size", type=int, help="images per model forward pass")
     p.add_argument("--concurrency", type=int, help="model actors")
     p.add_argument("--num-gpus-per-worker", type=float, help="GPUs per model actor")
+    p.add_argument(
+        "--decode",
+        choices=["auto", "cpu", "pil", "turbo", "gpu"],
+        help="JPEG decoder (gpu: nvJPEG on the model actors' GPUs; default auto = CPU)",
+    )
+    p.add_argument(
+        "--decode-placement",
+        choices=["auto", "tasks", "actor"],
+        help="decode in CPU tasks or inside the model actors (default auto)",
+    )
     p.add_argument(
         "--max-failure-fraction", type=float, help="failed share of the table that fails the job"
     )
@@ -311,6 +323,31 @@ def add_export_parser(subparsers: SubParsers) -> None:
         return 0
 
     p.set_defaults(func=run_export)
+
+
+def add_export_embeddings_parser(subparsers: SubParsers) -> None:
+    """``keeper export-embeddings``: the table in clip-retrieval's layout (jobs.export_embeddings)."""
+    p = subparsers.add_parser(
+        "export-embeddings",
+        help="write an embedding table as clip-retrieval's img_emb/*.npy + metadata/*.parquet",
+        description="Export keeper embed's table in clip-retrieval's layout, for autofaiss and "
+        "clip-retrieval's back end. A flag given here overrides --config.",
+    )
+    p.add_argument("--config", help="YAML config (ExportEmbeddingsConfig fields)")
+    p.add_argument("--table", help="keeper embed's output folder or s3:// prefix (required)")
+    p.add_argument("--output", help="folder or s3:// prefix to write (required)")
+    p.add_argument("--format", choices=["clip-retrieval"], help="layout (default clip-retrieval)")
+    p.add_argument("--dtype", choices=["float16", "float32"], help="default float16")
+    p.add_argument("overrides", nargs="*", help="any other field as key=value")
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import export_embeddings
+
+        argv = ["--config", args.config] if args.config else []
+        flags = as_overrides(given(args, ("table", "output", "format", "dtype")))
+        return export_embeddings.main([*argv, *flags, *args.overrides])
+
+    p.set_defaults(func=run)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pyarrow as pa
 from keeper_core import storage
 
 
-def _parts(folder: str) -> list[str]:
+def list_parts(folder: str) -> list[str]:
     """The Parquet parts under ``folder``, by name; none when a local folder does not exist yet."""
     if not storage.is_s3(folder) and not Path(folder.removeprefix("file://")).is_dir():
         return []
@@ -52,7 +52,7 @@ class EmbeddedParts:
             p: seen[p]
             if p in seen
             else storage.read_parquet(p, columns=["image_uri"]).column(0).to_pylist()
-            for p in _parts(folder)
+            for p in list_parts(folder)
         }
         return cls(folder, by_part)
 
@@ -97,7 +97,7 @@ class ErrorRows:
     @classmethod
     def read(cls, folder: str, known: ErrorRows | None = None) -> ErrorRows:
         seen = known.by_part if known is not None else {}
-        return cls(folder, {p: seen[p] if p in seen else cls._read(p) for p in _parts(folder)})
+        return cls(folder, {p: seen[p] if p in seen else cls._read(p) for p in list_parts(folder)})
 
     @classmethod
     def _read(cls, part: str) -> pd.DataFrame:
