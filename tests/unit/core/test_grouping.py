@@ -375,6 +375,33 @@ def test_near_duplicate_search_is_blocked(monkeypatch: pytest.MonkeyPatch) -> No
     }
 
 
+def test_candidate_pairs_from_an_index_give_the_full_search() -> None:
+    """``pairs`` (an ANN index's k nearest per row) mark what comparing every pair marks."""
+    rng = np.random.default_rng(6)
+    n = 300
+    emb = _unit(rng.normal(size=(n, 32)))
+    copies = rng.choice(n, 40, replace=False)
+    emb[copies[20:]] = _unit(emb[copies[:20]] + 0.01 * rng.normal(size=(20, 32)))
+    ids = [str(i) for i in range(n)]
+    ids[int(copies[0])] = ids[
+        int(copies[1])
+    ]  # and one exact copy: its pairs count for its kept copy
+    groups, keys = np.arange(n), _keys(n)
+    full = find_duplicates(ids, emb, groups, keys, GroupingConfig())
+    k = 4  # the k nearest of every row, itself included, as an index returns them
+    nearest = np.argsort(-(emb @ emb.T), axis=1)[:, :k]
+    pairs = (np.repeat(np.arange(n), k), nearest.reshape(-1))
+    by_pairs = find_duplicates(ids, emb, groups, keys, GroupingConfig(), pairs=pairs)
+    np.testing.assert_array_equal(by_pairs[0], full[0])
+    assert by_pairs[1] == full[1]
+    none = find_duplicates(ids, emb, groups, keys, GroupingConfig(), pairs=(pairs[0][:0],) * 2)
+    assert none[1].count("near") == 0
+    with pytest.raises(DataError, match="pairs"):
+        find_duplicates(
+            ids, emb, groups, keys, GroupingConfig(), pairs=(np.array([0]), np.array([n]))
+        )
+
+
 def test_find_duplicates_rejects_bad_input() -> None:
     emb = _same_emb(2)
     with pytest.raises(DataError, match="groups"):

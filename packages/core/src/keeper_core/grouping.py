@@ -244,6 +244,7 @@ def find_duplicates(
     prefer: np.ndarray | None = None,
     hashes: np.ndarray | None = None,
     moments: np.ndarray | None = None,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[str | None]]:
     """Marks exact duplicates (same bytes) and near duplicates (similar shots of other groups).
 
@@ -261,7 +262,8 @@ def find_duplicates(
 
     The search compares every pair (upper triangle, blocked matrix products): O(N^2 * D) time and
     O(N) memory beyond the embeddings, about 10 s for 50,000 x 512 on two cores. A corpus of
-    millions needs an approximate-nearest-neighbour index instead; a later issue brings one.
+    millions passes ``pairs`` instead: the candidate pairs an approximate-nearest-neighbour
+    index found (``keeper dedup``: each row's k nearest); they are held to the same tests.
 
     Args:
         image_id: (N,) content hashes (sha256 of the file bytes).
@@ -277,6 +279,8 @@ def find_duplicates(
             ``max_gap_s`` apart are different moments, never copies of one another, however
             alike: a scene re-shot minutes later is not a duplicate. A copy keeps its
             original's EXIF time or has none (an export that stripped it).
+        pairs: ``(a, b)`` row positions of candidate near pairs (any order, repeats allowed);
+            None compares every pair. A pair through an exact copy counts for its kept copy.
 
     Returns:
         ``(duplicate_of, kind)``: (N,) int64 row positions of the row each duplicate points at
@@ -325,6 +329,18 @@ def find_duplicates(
         if when.shape != (n,):
             raise DataError(f"moments: expected ({n},) numbers, got shape {when.shape}")
         when = when[reps]
+    rep_pairs = None
+    if pairs is not None:
+        a, b = (np.asarray(x, dtype=np.int64) for x in pairs)
+        if (
+            a.shape != b.shape
+            or a.ndim != 1
+            or (a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n))
+        ):
+            raise DataError(f"pairs: expected two equal (M,) arrays of row positions < {n}")
+        pos = np.full(n, -1, dtype=np.int64)
+        pos[reps] = np.arange(len(reps))
+        rep_pairs = (pos[kept_copy[a]], pos[kept_copy[b]])
     comp = _near_components(
         emb[reps],
         grp[reps],
@@ -333,6 +349,7 @@ def find_duplicates(
         config.near_duplicate_max_hamming,
         when,
         config.max_gap_s,
+        rep_pairs,
     )
     best_in = np.full(len(reps), n, dtype=np.int64)
     np.minimum.at(best_in, comp, rank[reps])
@@ -369,14 +386,34 @@ def _near_components(
     max_hamming: int = 64,
     moments: np.ndarray | None = None,
     max_gap_s: float = np.inf,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Connected components of "cosine >= threshold, hashes within max_hamming bits, and
-    different group"; labels 0..M-1 roots."""
+    different group"; labels 0..M-1 roots. ``pairs``: only these candidates are tested."""
     m = emb.shape[0]
     labels = np.arange(m)
     if m < 2:
         return labels
     thr = np.float32(threshold - _COS_SLACK)
+
+    def link(a: np.ndarray, b: np.ndarray) -> None:
+        nonlocal labels
+        keep = groups[a] != groups[b]
+        if hashes is not None and max_hamming < 64:
+            keep &= np.bitwise_count(hashes[a] ^ hashes[b]) <= max_hamming
+        if moments is not None:  # NaN - x is NaN, and NaN > gap is False: kept
+            keep &= ~(np.abs(moments[a] - moments[b]) > max_gap_s)
+        if keep.any():
+            labels = _union(labels, a[keep], b[keep])
+
+    if pairs is not None:
+        a, b = pairs
+        a, b = np.minimum(a, b), np.maximum(a, b)
+        distinct = a != b
+        a, b = a[distinct], b[distinct]
+        close = np.einsum("ij,ij->i", emb[a], emb[b]) >= thr
+        link(a[close], b[close])
+        return labels
     rows = max(1, _BLOCK_ELEMS // m)
     for i0 in range(0, m, rows):
         i1 = min(m, i0 + rows)
@@ -391,13 +428,8 @@ def _near_components(
         a, b = np.nonzero(sims[cand] >= thr)
         a = cand[a] + i0
         b += i0
-        keep = (b > a) & (groups[a] != groups[b])
-        if hashes is not None and max_hamming < 64:
-            keep &= np.bitwise_count(hashes[a] ^ hashes[b]) <= max_hamming
-        if moments is not None:  # NaN - x is NaN, and NaN > gap is False: kept
-            keep &= ~(np.abs(moments[a] - moments[b]) > max_gap_s)
-        if keep.any():
-            labels = _union(labels, a[keep], b[keep])
+        upper = b > a
+        link(a[upper], b[upper])
     return labels
 
 
