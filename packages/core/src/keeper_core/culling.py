@@ -103,6 +103,49 @@ def group_ids(groups: np.ndarray) -> list[str]:
     return [f"g{int(g):0{width}d}" for g in groups]
 
 
+def mark_duplicates(
+    df: pd.DataFrame,
+    emb: np.ndarray,
+    groups: np.ndarray,
+    grouping: GroupingConfig,
+    *,
+    prefer: np.ndarray,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, list[str | None]]:
+    """``find_duplicates`` over rows of an embedding table, with the evidence the table holds.
+
+    ``df`` has ``image_id`` and ``image_uri`` (the tie-break), and where present ``dhash`` (the
+    pixel guard) and ``capture_ts`` + ``time_source`` (only times a camera or client recorded
+    separate moments: a file's mtime says nothing). A row whose pixels could not be hashed (a
+    file gone since it was embedded) has no pixel evidence: it is never a near duplicate, nor
+    the row one is said to duplicate. ``keeper pick`` (within a library's groups) and
+    ``keeper dedup`` (corpus-wide, ``pairs`` from an index) both mark duplicates here.
+    """
+    hashes, hashed = None, np.ones(len(df), dtype=bool)
+    if "dhash" in df.columns:
+        hashed = df["dhash"].notna().to_numpy()
+        hashes = df["dhash"].fillna(0).to_numpy(dtype=np.int64)
+    moments = None
+    if "time_source" in df.columns and "capture_ts" in df.columns:
+        ts = pd.to_numeric(df["capture_ts"], errors="coerce").to_numpy(dtype=np.float64)
+        moments = np.where(df["time_source"].isin(RECORDED_TIMES).to_numpy(), ts, np.nan)
+    dup_of, kind = find_duplicates(
+        df["image_id"].astype(str).tolist(),
+        emb,
+        groups,
+        df["image_uri"].astype(str).tolist(),
+        grouping,
+        prefer=prefer,
+        hashes=hashes,
+        moments=moments,
+        pairs=pairs,
+    )
+    unproven = (dup_of >= 0) & (~hashed | ~hashed[np.maximum(dup_of, 0)])
+    for i in np.flatnonzero(unproven & (np.array(kind, dtype=object) == "near")):
+        dup_of[i], kind[i] = -1, None
+    return dup_of, kind
+
+
 def cull(
     frame: pd.DataFrame,
     *,
@@ -149,29 +192,7 @@ def cull(
     uris = df["image_uri"].astype(str).tolist()
     groups = group_shots(ts, df["camera"].astype(str).tolist(), emb, uris, grouping)
     prefer = df["width"].to_numpy(np.float64) * df["height"].to_numpy(np.float64)
-    hashes, hashed = None, np.ones(len(df), dtype=bool)
-    if "dhash" in df.columns:
-        hashed = df["dhash"].notna().to_numpy()
-        hashes = df["dhash"].fillna(0).to_numpy(dtype=np.int64)
-    # Times the camera (or a client) recorded; a file's mtime says nothing about the moment.
-    moments = None
-    if "time_source" in df.columns:
-        moments = np.where(df["time_source"].isin(RECORDED_TIMES).to_numpy(), ts, np.nan)
-    dup_of, kind = find_duplicates(
-        df["image_id"].astype(str).tolist(),
-        emb,
-        groups,
-        uris,
-        grouping,
-        prefer=prefer,
-        hashes=hashes,
-        moments=moments,
-    )
-    # A shot whose pixels could not be hashed (a file gone since it was embedded) has no pixel
-    # evidence: it is never a near duplicate, nor the shot one is said to duplicate.
-    unproven = (dup_of >= 0) & (~hashed | ~hashed[np.maximum(dup_of, 0)])
-    for i in np.flatnonzero(unproven & (np.array(kind, dtype=object) == "near")):
-        dup_of[i], kind[i] = -1, None
+    dup_of, kind = mark_duplicates(df, emb, groups, grouping, prefer=prefer)
     seconds["group"] = time.perf_counter() - t0
 
     # Group order, then capture time, then URI: each group's rows together, as scorers want.
