@@ -414,6 +414,41 @@ def bench_dataloader(
 # 4: keeper's Ray Data job
 
 
+def run_job(
+    spec: str, manifest: Path, n: int, batch_size: int, workdir: Path, **overrides: Any
+) -> tuple[Any, float, Any]:
+    """keeper embed on the first ``n`` images into a fresh output (removed after).
+
+    Returns ``(EmbedSummary, wall seconds, EmbedConfig)``; a run that did not embed all ``n``
+    cleanly is an error (a benchmark of a failing job measures nothing).
+    """
+    from keeper_train.jobs.embed import EmbedConfig, run
+
+    out = Path(tempfile.mkdtemp(prefix=f"keeper-embed-{n}-", dir=workdir))
+    cfg = EmbedConfig(
+        input=str(manifest),
+        output=str(out),
+        model=spec,
+        batch_size=batch_size,
+        rows_per_file=batch_size,  # the first part appears after one batch: start-up shows
+        limit=n,
+        **overrides,
+    )
+    t0 = time.perf_counter()
+    try:
+        summary = run(cfg)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    wall = time.perf_counter() - t0
+    if summary.status != "ok" or summary.counts.embedded != n:
+        raise RuntimeError(
+            f"keeper embed of {n} images did not finish cleanly: {summary.status}, "
+            f"{summary.counts.embedded} embedded, {summary.counts.failed} failed "
+            f"{summary.errors_by_reason}"
+        )
+    return summary, wall, cfg
+
+
 def bench_keeper(
     spec: str, manifest: Path, n_images: int, batch_size: int, workdir: Path, **overrides: Any
 ) -> dict[str, Any]:
@@ -422,28 +457,12 @@ def bench_keeper(
     The first, short run is the cold start (Ray itself, if not up yet, and its worker processes);
     N and 2N then both start warm, so their difference is the steady state and nothing else.
     """
-    from keeper_train.jobs.embed import EmbedConfig, run
-
     half = n_images // 2
     runs = []
     for n in (min(2 * batch_size, half), half, 2 * half):
-        out = Path(tempfile.mkdtemp(prefix=f"keeper-embed-{n}-", dir=workdir))
-        cfg = EmbedConfig(
-            input=str(manifest),
-            output=str(out),
-            model=spec,
-            batch_size=batch_size,
-            rows_per_file=batch_size,  # the first part appears after one batch: start-up shows
-            limit=n,
-            **overrides,
-        )
-        t0 = time.perf_counter()
-        summary = run(cfg).model_dump(by_alias=True)
-        wall = time.perf_counter() - t0
-        shutil.rmtree(out, ignore_errors=True)
+        result, wall, cfg = run_job(spec, manifest, n, batch_size, workdir, **overrides)
+        summary = result.model_dump(by_alias=True)
         c, sec = summary["counts"], summary["seconds"]
-        if summary["status"] != "ok" or c["embedded"] != n:
-            raise RuntimeError(f"keeper embed of {n} images did not finish cleanly: {summary}")
         r = {
             "images": n,
             "embedded": c["embedded"],

@@ -70,7 +70,15 @@ import torch
 
 # benchmarks/ is sys.path[0] when this runs as a script (tests put it there).
 from decode import make_jpegs
-from embed import CORES, machine_info, make_corpus, parse_overrides, parse_size, read_manifest
+from embed import (
+    CORES,
+    machine_info,
+    make_corpus,
+    parse_overrides,
+    parse_size,
+    read_manifest,
+    run_job,
+)
 
 from keeper_core.embedding import ClipEmbedder
 
@@ -322,29 +330,7 @@ def keeper_run(
     manifest: Path, n: int, workdir: Path, spec: str, batch_size: int, overrides: dict[str, Any]
 ) -> tuple[KeeperRun, str]:
     """One run of the job on the first ``n`` images; fresh output, removed after."""
-    from keeper_train.jobs.embed import EmbedConfig, run
-
-    out = Path(tempfile.mkdtemp(prefix=f"embed-gpu-{n}-", dir=workdir))
-    cfg = EmbedConfig(
-        input=str(manifest),
-        output=str(out),
-        model=spec,
-        batch_size=batch_size,
-        rows_per_file=batch_size,  # the first part appears after one batch: start-up shows
-        limit=n,
-        **overrides,
-    )
-    t0 = time.perf_counter()
-    try:
-        s = run(cfg)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    wall = time.perf_counter() - t0
-    if s.status != "ok" or s.counts.embedded != n:
-        raise RuntimeError(
-            f"keeper embed of {n} images did not finish cleanly: {s.status}, "
-            f"{s.counts.embedded} embedded, {s.counts.failed} failed {s.errors_by_reason}"
-        )
+    s, wall, _ = run_job(spec, manifest, n, batch_size, workdir, **overrides)
     r = KeeperRun(
         images=n,
         run_wall_s=round(wall, 3),

@@ -60,7 +60,7 @@ from keeper_core.images import (
 )
 from keeper_core.models import ModelSpec, PreprocessConfig, preprocess_config
 from keeper_core.preparation import BAND_PIXELS, QUALITY_SIZE, ImagePreparation
-from keeper_core.quality import BLOCK_CROP, FEATURE_NAMES
+from keeper_core.quality import BLOCK_CROP, FEATURE_NAMES, laplacian
 
 __all__ = [
     "DevicePreparation",
@@ -383,14 +383,7 @@ def _features(rgb255: torch.Tensor) -> torch.Tensor:
     luma = torch.tensor(_LUMA, dtype=torch.float32, device=rgb.device)
     grey = torch.einsum("nchw,c->nhw", rgb, luma)
     g255 = grey * 255.0
-    lap = (
-        g255[:, :-2, 1:-1]
-        + g255[:, 2:, 1:-1]
-        + g255[:, 1:-1, :-2]
-        + g255[:, 1:-1, 2:]
-        - 4.0 * g255[:, 1:-1, 1:-1]
-    )
-    sharpness = torch.log1p(lap.var(dim=(1, 2), correction=0))
+    sharpness = torch.log1p(laplacian(g255).var(dim=(1, 2), correction=0))
     brightness = grey.mean(dim=(1, 2))
     clip_dark = (g255 <= 2.5).float().mean(dim=(1, 2))
     clip_bright = (g255 >= 252.5).float().mean(dim=(1, 2))

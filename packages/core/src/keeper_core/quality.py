@@ -18,6 +18,7 @@ clean), so a caller that drafted passes ``blockiness`` measured on full-resoluti
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -121,14 +122,7 @@ def _features(images: list[Image.Image], size: int, known: list[float | None]) -
     # 4-neighbour Laplacian on the interior, on the 0..255 scale so log1p spans the decades
     # between a defocused frame (var ~1) and a crisp, detailed one (var ~1e3).
     g255 = grey * 255.0
-    lap = (
-        g255[:, :-2, 1:-1]
-        + g255[:, 2:, 1:-1]
-        + g255[:, 1:-1, :-2]
-        + g255[:, 1:-1, 2:]
-        - 4.0 * g255[:, 1:-1, 1:-1]
-    )
-    sharpness = np.log1p(lap.var(axis=(1, 2)))
+    sharpness = np.log1p(laplacian(g255).var(axis=(1, 2)))
 
     brightness = grey.mean(axis=(1, 2))
     # Compare on the 0..255 scale with a half-level tolerance: luma of uint8 RGB is not an
@@ -174,6 +168,17 @@ def _features(images: list[Image.Image], size: int, known: list[float | None]) -
             height,
         ],
         axis=1,
+    )
+
+
+def laplacian(grey: Any) -> Any:
+    """The 4-neighbour Laplacian of ``(N, H, W)`` greys on the interior: numpy or torch alike."""
+    return (
+        grey[:, :-2, 1:-1]
+        + grey[:, 2:, 1:-1]
+        + grey[:, 1:-1, :-2]
+        + grey[:, 1:-1, 2:]
+        - 4.0 * grey[:, 1:-1, 1:-1]
     )
 
 
