@@ -350,6 +350,58 @@ def add_export_embeddings_parser(subparsers: SubParsers) -> None:
     p.set_defaults(func=run)
 
 
+def add_index_parser(subparsers: SubParsers) -> None:
+    """``keeper index``: the nearest-neighbour index of an embedding table (jobs.index)."""
+    p = subparsers.add_parser(
+        "index",
+        help="build or grow the nearest-neighbour index of an embedding table",
+        description="Build the vector index of keeper embed's table under TABLE/index (or "
+        "--output), or add the rows it lacks. A flag given here overrides --config.",
+    )
+    p.add_argument("--config", help="YAML config (IndexConfig fields)")
+    p.add_argument("--table", help="keeper embed's output folder or s3:// prefix (required)")
+    p.add_argument("--output", help="where the index goes (default TABLE/index)")
+    p.add_argument("--backend", choices=["auto", "exact", "faiss", "usearch"], help="default auto")
+    p.add_argument("--rebuild", action=_BOOL, help="build anew instead of adding")
+    p.add_argument("overrides", nargs="*", help="any other IndexConfig field as key=value")
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import index
+
+        argv = ["--config", args.config] if args.config else []
+        flags = as_overrides(given(args, ("table", "output", "backend", "rebuild")))
+        return index.main([*argv, *flags, *args.overrides])
+
+    p.set_defaults(func=run)
+
+
+def add_dedup_parser(subparsers: SubParsers) -> None:
+    """``keeper dedup``: corpus-wide near-duplicate groups (jobs.dedup)."""
+    p = subparsers.add_parser(
+        "dedup",
+        help="find every near-duplicate group of an embedding table and keep the best member",
+        description="Group exact and near copies across a whole embedding table (neighbours "
+        "from a vector index, then keeper pick's duplicate tests), keep each group's best "
+        "member, write groups.parquet and an HTML report. A flag given here overrides --config.",
+    )
+    p.add_argument("--config", help="YAML config (DedupConfig fields)")
+    p.add_argument("--table", help="keeper embed's output folder or s3:// prefix (required)")
+    p.add_argument("--output", help="folder or s3:// prefix for the results (required)")
+    p.add_argument("--index", help="a keeper index of the table (default: built in memory)")
+    p.add_argument("--similarity", type=float, help="cosine threshold (default 0.98)")
+    p.add_argument("--keep-by", help="numeric column (default sharpness) or pixels")
+    p.add_argument("overrides", nargs="*", help="any other DedupConfig field as key=value")
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import dedup
+
+        argv = ["--config", args.config] if args.config else []
+        keys = ("table", "output", "index", "similarity", "keep_by")
+        return dedup.main([*argv, *as_overrides(given(args, keys)), *args.overrides])
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------------------------
 # keeper demo, evaluate, promote: flags become the job's typed config
 

@@ -1,0 +1,181 @@
+"""Build (or grow) the nearest-neighbour index of an embedding table, beside the table.
+
+    keeper index --table s3://bucket/emb/vit-b-32 [--backend auto|exact|faiss|usearch]
+    python -m keeper_train.jobs.index --config FILE table=... [key=value ...]   # the same job
+
+The index (``keeper_core.vector_index``) is written under ``TABLE/index/`` (or ``output``): the
+backend's native file, the row ids (keeper embed's ``image_uri``: unique in a table, where
+``image_id`` repeats for byte-identical copies) and ``index.json`` with the model spec, row count,
+build parameters, measured recall@10 and the table's fingerprint (its part names and row count).
+``backend=auto`` takes what ``benchmarks/search.py`` measured best for the table's size
+(``choose_backend``: exact float16 below 200k vectors, faiss HNSW float16 above).
+
+Run again after ``keeper embed`` added images: rows the index lacks are added in place (an HNSW
+graph grows; its search breadth is re-calibrated to the recall target). Rows the table no longer
+holds cannot be taken out of a graph: they are counted, and ``rebuild=true`` builds anew. An
+index of another model spec, or of other parameters, is never grown: rebuild it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from keeper_core import storage
+from keeper_core.corpus import EMBEDDINGS
+from keeper_core.errors import ConfigError, DataError, StorageError
+from keeper_core.vector_index import IndexParams, VectorIndex, build, choose_backend
+from keeper_train.config import job_main
+from keeper_train.table import list_parts
+
+INDEX = "index"
+
+
+class IndexConfig(BaseModel):
+    """Everything keeper index takes. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    table: str = Field(description="keeper embed's output folder or s3:// prefix")
+    output: str | None = Field(None, description="where the index goes (default TABLE/index)")
+    backend: Literal["auto", "exact", "faiss", "usearch"] = "auto"
+    dtype: Literal["f32", "f16", "i8"] = Field("f16", description="how vectors are stored")
+    m: int | None = Field(None, ge=4, le=128, description="HNSW neighbours per node")
+    ef_construction: int | None = Field(None, ge=8, le=2048)
+    target_recall: float = Field(0.95, gt=0, le=1, description="recall@10 vs exact search")
+    rebuild: bool = Field(False, description="build anew instead of adding to the index there")
+
+    def where(self) -> str:
+        return self.output or storage.join(self.table, INDEX)
+
+    def params(self, n: int) -> IndexParams:
+        base = choose_backend(n) if self.backend == "auto" else IndexParams(backend=self.backend)
+        update: dict[str, object] = {"dtype": self.dtype, "target_recall": self.target_recall}
+        update.update(
+            {k: v for k, v in (("m", self.m), ("ef_construction", self.ef_construction)) if v}
+        )
+        try:
+            return IndexParams(**{**base.model_dump(), **update})
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
+class IndexSummary(BaseModel):
+    table: str
+    index: str
+    model_spec: str
+    backend: str
+    dtype: str
+    rows: int
+    added: int
+    stale: int
+    recall_at_10: float | None
+    memory_bytes: int
+    seconds: dict[str, float]
+
+
+def run(cfg: IndexConfig) -> IndexSummary:
+    t0 = time.perf_counter()
+    folder = storage.join(cfg.table, EMBEDDINGS)
+    parts = list_parts(folder)
+    if not parts:
+        raise DataError(f"no embedding table here (keeper embed writes {folder}/part-*.parquet)")
+    t = storage.read_parquet(folder, columns=["image_uri", "embedding", "model_spec"])
+    specs = set(t.column("model_spec").to_pylist())
+    if len(specs) != 1:
+        raise DataError(f"the table mixes model specs {sorted(map(str, specs))}", source=folder)
+    spec = str(specs.pop())
+    uris = [str(u) for u in t.column("image_uri").to_pylist()]
+    col = t.column("embedding").combine_chunks()
+    emb = np.asarray(col.values.to_numpy(zero_copy_only=False), np.float32).reshape(
+        -1, col.type.list_size
+    )
+    fingerprint = hashlib.sha256(
+        "\n".join([*(p.rpartition("/")[2] for p in parts), str(len(uris))]).encode()
+    ).hexdigest()[:32]
+    seconds = {"read": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    where = cfg.where()
+    index = None if cfg.rebuild else _existing(where)
+    params = cfg.params(len(uris))
+    if index is not None:
+        if index.model_spec != spec:
+            raise DataError(
+                f"the index there holds {index.model_spec} embeddings and the table "
+                f"{spec}: run with rebuild=true (or another output)",
+                source=where,
+            )
+        if cfg.backend != "auto" and index.meta.params.backend != params.backend:
+            raise ConfigError(
+                f"the index there is {index.meta.params.backend}, not {params.backend}: "
+                "run with rebuild=true to change backend"
+            )
+        have = set(index.ids)
+        new = [i for i, u in enumerate(uris) if u not in have]
+        stale = len(have - set(uris))
+        index.add(emb[new], [uris[i] for i in new])
+        index.meta.table_fingerprint = fingerprint
+        added = len(new)
+    else:
+        index = build(emb, uris, model_spec=spec, params=params, table_fingerprint=fingerprint)
+        added, stale = len(uris), 0
+    seconds["build"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    index.save(where)
+    seconds["save"] = time.perf_counter() - t0
+    return IndexSummary(
+        table=cfg.table,
+        index=where,
+        model_spec=spec,
+        backend=index.meta.params.backend,
+        dtype=index.meta.params.dtype,
+        rows=len(index),
+        added=added,
+        stale=stale,
+        recall_at_10=index.meta.recall_at_10,
+        memory_bytes=index.memory_bytes(),
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+    )
+
+
+def _existing(where: str) -> VectorIndex | None:
+    try:
+        return VectorIndex.load(where)
+    except StorageError:
+        return None  # none there yet
+
+
+def describe(s: IndexSummary) -> str:
+    recall = "n/a" if s.recall_at_10 is None else f"{s.recall_at_10:.3f}"
+    line = (
+        f"keeper index: {s.rows} rows of {s.model_spec} ({s.added} added) -> {s.index}\n"
+        f"  {s.backend} {s.dtype}, recall@10 {recall}, {s.memory_bytes / 1e6:.1f} MB, "
+        f"seconds {s.seconds}"
+    )
+    if s.stale:
+        line += f"\n  {s.stale} rows the table no longer holds stay in the index: rebuild=true"
+    return line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return job_main(
+        argv,
+        job="index",
+        description="Build or grow the nearest-neighbour index of an embedding table",
+        model=IndexConfig,
+        run=run,
+        describe=describe,
+        exit_code=lambda _: 0,
+        example="table=emb/ backend=faiss",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
