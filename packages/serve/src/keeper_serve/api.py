@@ -272,6 +272,95 @@ class SelectRequest(_Req):
             raise validation_error(e) from e
 
 
+#: Quality features a /v1/search filter may bound (keeper embed's columns).
+SEARCH_FEATURES: tuple[str, ...] = FEATURE_NAMES
+
+
+class SearchFilters(_Req):
+    """Bounds on a result's original size and quality features (inclusive)."""
+
+    min_width: int | None = Field(None, ge=0)
+    max_width: int | None = Field(None, ge=0)
+    min_height: int | None = Field(None, ge=0)
+    max_height: int | None = Field(None, ge=0)
+    min: dict[str, float] = Field(
+        default_factory=dict, description="feature -> lowest value kept (keeper_core.quality)"
+    )
+    max: dict[str, float] = Field(default_factory=dict, description="feature -> highest kept")
+
+    @model_validator(mode="after")
+    def _known_features(self) -> SearchFilters:
+        for side in (self.min, self.max):
+            unknown = sorted(set(side) - set(SEARCH_FEATURES))
+            if unknown:
+                raise ValueError(f"unknown feature(s) {unknown}; known: {list(SEARCH_FEATURES)}")
+        return self
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """feature -> (low, high), infinite where unbounded; only the bounded features."""
+        lo = {**self.min}
+        hi = {**self.max}
+        for name, low, high in (
+            ("width", self.min_width, self.max_width),
+            ("height", self.min_height, self.max_height),
+        ):
+            if low is not None:
+                lo[name] = max(lo.get(name, -np.inf), low)
+            if high is not None:
+                hi[name] = min(hi.get(name, np.inf), high)
+        return {f: (lo.get(f, -np.inf), hi.get(f, np.inf)) for f in sorted({*lo, *hi})}
+
+
+class SearchRequest(_Req):
+    """``/v1/search``: one query (a text, an image, or an indexed image's id) and its top-k."""
+
+    text: str | None = Field(None, description="a text query, embedded by the ClipEncoder")
+    image: ImageRef | None = Field(None, description="an image query, prepared as /v1/rank's")
+    image_id: str | None = Field(None, description="an indexed image's image_id: its embedding")
+    k: int = Field(10, description="results, 1..search.max_k")
+    filters: SearchFilters | None = None
+    request_id: str | None = Field(None, max_length=256, description="echoed back")
+
+    texts_label: ClassVar[str] = "text"
+
+    def checked_texts(self) -> list[str]:
+        return [self.text] if self.text is not None else []
+
+    def check(self, max_k: int) -> None:
+        """Exactly one query kind, and ``k`` in 1..max_k (400 otherwise, naming the fields)."""
+        given = [f for f in ("text", "image", "image_id") if getattr(self, f) is not None]
+        if len(given) != 1:
+            got = ", ".join(given) if given else "none"
+            raise ApiError(
+                400, "one_query", f"give exactly one of text, image or image_id (got {got})"
+            )
+        if not 1 <= self.k <= max_k:
+            raise ApiError(400, "k_out_of_range", f"k={self.k}: this server answers 1..{max_k}")
+
+
+class SearchHit(BaseModel):
+    image_id: str
+    image_uri: str
+    score: float = Field(description="cosine between the query and the image's embedding")
+    width: int
+    height: int
+
+
+class SearchIndexInfo(BaseModel):
+    count: int = Field(description="vectors in the index that answered")
+    updated_at: str = Field(description="its index.json updated_at (ISO 8601 UTC)")
+
+
+class SearchResponse(BaseModel):
+    request_id: str | None
+    model: str
+    index: SearchIndexInfo
+    results: list[SearchHit] = Field(description="best first")
+    truncated_by_filters: bool = Field(
+        description="true: the filters left fewer than k results within search.max_fetch rows"
+    )
+
+
 class ClipInfo(BaseModel):
     spec: str
     embed_dim: int

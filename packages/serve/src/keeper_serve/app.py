@@ -2,7 +2,8 @@
 
 Four deployments: ``KeeperIngress`` (FastAPI) composes ``ClipEncoder``, ``SeriesRanker`` and
 ``VlmJudge`` (``/v1/select``'s VLM stage; a replica without a model when ``vlm.source`` is null)
-through deployment handles. No replica counts, batch-independent concurrency or resources
+through deployment handles; a fifth, ``SearchIndex`` (``/v1/search``), only when ``args.search``
+is set. No replica counts, batch-independent concurrency or resources
 here: those come from the Serve config's ``deployments`` section (clusters/serve/*.yaml), or
 from :func:`bind` for local runs.
 """
@@ -12,13 +13,16 @@ from typing import Any
 
 from ray.serve import Application
 
-from keeper_serve.config import ENCODER, INGRESS, RANKER, VLM, KeeperAppArgs
+from keeper_serve.config import ENCODER, INGRESS, RANKER, SEARCH, VLM, KeeperAppArgs
 from keeper_serve.encoder import ClipEncoder
 from keeper_serve.ingress import KeeperIngress
 from keeper_serve.ranker import SeriesRanker
+from keeper_serve.search import SearchIndex
 from keeper_serve.vlm import VlmJudge
 
 DEPLOYMENTS = (INGRESS, ENCODER, RANKER, VLM)
+#: Bound only when the app's args ask for them (``args.search``).
+OPTIONAL_DEPLOYMENTS = (SEARCH,)
 
 
 def bind(
@@ -27,12 +31,17 @@ def bind(
     """The bound application, with per-deployment options (``Deployment.options`` keywords).
 
     Raises:
-        ValueError: options for a deployment that is not one of ``DEPLOYMENTS``.
+        ValueError: options for a deployment that is not one of ``DEPLOYMENTS`` (or of
+            ``OPTIONAL_DEPLOYMENTS`` the args bind).
     """
     opts = {k: dict(v) for k, v in (options or {}).items()}
-    unknown = set(opts) - set(DEPLOYMENTS)
+    unknown = set(opts) - set(DEPLOYMENTS) - set(OPTIONAL_DEPLOYMENTS)
     if unknown:
-        raise ValueError(f"no deployments named {sorted(unknown)}; keeper has {DEPLOYMENTS}")
+        raise ValueError(
+            f"no deployments named {sorted(unknown)}; keeper has {DEPLOYMENTS + OPTIONAL_DEPLOYMENTS}"
+        )
+    if SEARCH in opts and args.search is None:
+        raise ValueError(f"options for {SEARCH}, but args.search is null: it is not deployed")
     encoder = ClipEncoder.options(name=ENCODER, **opts.get(ENCODER, {})).bind(
         args.clip_model, args.encoder
     )
@@ -40,8 +49,13 @@ def bind(
         args.ranker, args.clip_model, args.tracking_uri, args.data_dir
     )
     vlm = VlmJudge.options(name=VLM, **opts.get(VLM, {})).bind(args.vlm)
+    search = (
+        SearchIndex.options(name=SEARCH, **opts.get(SEARCH, {})).bind(args.search, args.clip_model)
+        if args.search is not None
+        else None
+    )
     ingress: Application = KeeperIngress.options(name=INGRESS, **opts.get(INGRESS, {})).bind(
-        encoder, ranker, vlm, args
+        encoder, ranker, vlm, args, search
     )
     return ingress
 

@@ -19,6 +19,8 @@ from keeper_core.errors import ConfigError
 
 #: Deployment names, as the Serve config's ``deployments[].name`` must spell them.
 INGRESS, ENCODER, RANKER, VLM = "KeeperIngress", "ClipEncoder", "SeriesRanker", "VlmJudge"
+#: Bound only when ``args.search`` is set (``/v1/search``).
+SEARCH = "SearchIndex"
 
 DEFAULT_TOKEN_ENV = "KEEPER_API_TOKEN"
 
@@ -154,6 +156,34 @@ class SelectArgs(_Strict):
         return self
 
 
+class SearchArgs(_Strict):
+    """``/v1/search``: the vector index ``keeper index`` wrote, and how often to look for a newer one.
+
+    The index's ids are its table's ``image_uri``; results carry the table's ``image_id``,
+    sizes and quality features, read from ``table`` (default: the index folder's parent, where
+    ``keeper index`` writes ``TABLE/index``).
+    """
+
+    index: str = Field(description="keeper index's output folder (local or s3://), TABLE/index")
+    table: str | None = Field(None, description="keeper embed's output; None: index's parent")
+    poll_s: float = Field(
+        30.0, ge=0, description="how often index.json is checked for a newer index; 0: never"
+    )
+    max_k: int = Field(100, ge=1, description="results per request")
+    # Filters are applied after the search: the index is over-fetched (k * 4, then x4 again while
+    # too few survive), never past this many rows per request.
+    max_fetch: int = Field(4096, ge=1, description="rows one filtered search may look at")
+
+    def table_uri(self) -> str:
+        """``table``, or the index folder's parent."""
+        if self.table is not None:
+            return self.table
+        parent = self.index.rstrip("/").rpartition("/")[0]
+        if not parent or parent.endswith(":/"):  # "index" alone, or s3://bucket
+            raise ConfigError(f"search.index {self.index!r} has no parent folder: set search.table")
+        return parent
+
+
 class KeeperAppArgs(_Strict):
     """``build_app(args)``: the whole application."""
 
@@ -180,6 +210,7 @@ class KeeperAppArgs(_Strict):
     ranker: RankerArgs = Field(default_factory=RankerArgs)
     vlm: VlmArgs = Field(default_factory=VlmArgs)
     select: SelectArgs = Field(default_factory=SelectArgs)
+    search: SearchArgs | None = Field(None, description="/v1/search's index; None: no search")
 
     @field_validator("s3_allow_buckets")
     @classmethod

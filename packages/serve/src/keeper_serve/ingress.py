@@ -9,7 +9,8 @@ answers; after a promotion changes the kind, the ranker answers "needs" and the 
 more with both, so no request fails (``_rank``). Scoring (aesthetic prompts, relevance)
 is keeper_core's, computed here from the embeddings; so is culling (``/v1/pick`` runs
 ``keeper_core.culling.cull`` on a worker thread, its scorer calling ``SeriesRanker`` back on the
-event loop). Errors are JSON ``{"error": {"code", "message", "index"?}}``; see docs/http-api.md.
+event loop). ``/v1/search`` embeds its query here (a text, or an image prepared as ``/v1/rank``'s)
+and asks ``SearchIndex`` (bound only when ``args.search`` is set) for the top k. Errors are JSON ``{"error": {"code", "message", "index"?}}``; see docs/http-api.md.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from keeper_core.scoring import (
 from keeper_serve import api
 from keeper_serve.api import ApiError, ImageRef
 from keeper_serve.config import KeeperAppArgs
+from keeper_serve.search import UnknownImageId
 
 log = logging.getLogger("keeper.serve")
 
@@ -84,10 +86,13 @@ def _json_body(model: type[Any]) -> dict[str, Any]:
     content: dict[str, Any] = {
         "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
     }
-    if model is not api.RankRequest:
+    if model not in _JSON_ONLY:
         content["multipart/form-data"] = {"schema": {"type": "object"}}
     return {"requestBody": {"required": True, "content": content}}
 
+
+#: Bodies taken as JSON only (no multipart form).
+_JSON_ONLY: tuple[type[Any], ...] = (api.RankRequest, api.SearchRequest)
 
 #: Bodies the routes parse themselves: their schemas are added to the OpenAPI components.
 REQUEST_MODELS = (
@@ -97,6 +102,7 @@ REQUEST_MODELS = (
     api.RankRequest,
     api.PickRequest,
     api.SelectRequest,
+    api.SearchRequest,
 )
 
 
@@ -187,6 +193,7 @@ ROUTES = frozenset(
         "/v1/rank",
         "/v1/pick",
         "/v1/select",
+        "/v1/search",
         *DOC_PATHS,
     }
 )
@@ -281,11 +288,13 @@ class KeeperIngress:
         ranker: DeploymentHandle,
         vlm: DeploymentHandle,
         args: KeeperAppArgs,
+        search: DeploymentHandle | None = None,
     ) -> None:
         self.args = args
         self.encoder = encoder
         self.ranker = ranker
         self.vlm = vlm
+        self.search_index = search  # None: /v1/search answers 404
         self.token = args.auth.token()  # no usable token and not insecure: the replica fails
         if self.token is None:
             log.warning(
@@ -366,9 +375,9 @@ class KeeperIngress:
         if ctype in ("application/json", ""):
             req = api.parse_json(body, model)
             return req, list(getattr(req, image_key, []) or [])
-        if ctype == "multipart/form-data" and model is not api.RankRequest:
+        if ctype == "multipart/form-data" and model not in _JSON_ONLY:
             return await self._parse_multipart(request, body, model)
-        accepted = "JSON" if model is api.RankRequest else "JSON or multipart"
+        accepted = "JSON" if model in _JSON_ONLY else "JSON or multipart"
         raise ApiError(415, "unsupported_media_type", f"Content-Type {ctype!r}: send {accepted}")
 
     async def _parse_multipart(
@@ -861,4 +870,47 @@ class KeeperIngress:
                 "reranker": "aesthetic (CLIP prompt pairs, keeper_core.scoring.aesthetic_scores)",
                 "vlm": {**vlm_info, "query": query} if judge is not None else vlm_info,
             },
+        }
+
+    @app.post(
+        "/v1/search",
+        response_model=api.SearchResponse,
+        openapi_extra=_json_body(api.SearchRequest),
+        summary="a text, an image or an indexed image_id -> the k nearest indexed images",
+    )
+    async def search(self, request: Request) -> dict[str, Any]:
+        if self.search_index is None:
+            raise ApiError(
+                404, "search_not_configured", "this server has no search index (args.search)"
+            )
+        assert self.args.search is not None
+        req, _ = await self._parse(request, api.SearchRequest)
+        req.check(self.args.search.max_k)
+        self.images.check_texts(req.checked_texts(), req.texts_label)
+        query: np.ndarray | str
+        if req.image_id is not None:
+            query = req.image_id
+        elif req.text is not None:
+            query = (await self._texts([req.text]))[0]
+        else:
+            prepared = await self._prepare([req.image], quality=False)
+            self._count_images(1, "/v1/search")
+            query = (await self._embed(prepared))[0]
+        try:
+            hits, clip = await asyncio.gather(
+                self.search_index.search.remote(query, req.k, req.filters), self._clip()
+            )
+        except UnknownImageId as e:
+            raise ApiError(400, "unknown_id", str(e)) from e
+        return {
+            "request_id": req.request_id,
+            "model": clip["spec"],
+            "index": {"count": hits.count, "updated_at": hits.updated_at},
+            "results": [
+                {"image_id": i, "image_uri": u, "score": s, "width": w, "height": h}
+                for i, u, s, w, h in zip(
+                    hits.image_id, hits.image_uri, hits.score, hits.width, hits.height, strict=True
+                )
+            ],
+            "truncated_by_filters": hits.truncated_by_filters,
         }
