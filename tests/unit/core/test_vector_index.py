@@ -21,9 +21,6 @@ from keeper_core.vector_index import (
     estimate_memory_bytes,
 )
 
-pytest.importorskip("faiss")
-pytest.importorskip("usearch")
-
 D, N, Q, K = 512, 20_000, 200, 10
 SPEC = "ViT-B-32:laion2b_s34b_b79k"
 

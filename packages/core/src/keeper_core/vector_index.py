@@ -2,9 +2,9 @@
 
 One interface, :class:`VectorIndex`, three backends:
 
-- ``exact``: the matrix itself (float32 or float16) and a chunked torch matmul + ``topk``. It is
+- ``exact``: the matrix itself (float32 or float16) and a blocked matmul + torch ``topk``. It is
   the reference every other backend is measured against, and below :data:`CROSSOVER_N` vectors
-  the fastest thing there is (``benchmarks/search.py``).
+  the right answer (``benchmarks/search.py``; :func:`choose_backend` gives the figures).
 - ``faiss``: an HNSW graph over flat (``f32``) or float16 scalar-quantised (``f16``) vectors,
   inner product. faiss is what clip-retrieval and autofaiss serve LAION-scale indices with.
 - ``usearch``: an HNSW graph with ``f32``, ``f16`` or ``i8`` vectors, cosine.
@@ -61,7 +61,7 @@ _DTYPES: dict[str, tuple[str, ...]] = {
 }
 _BYTES = {"f32": 4, "f16": 2, "i8": 1}
 #: Below this many vectors ``choose_backend`` answers ``exact`` (see its docstring).
-CROSSOVER_N = 200_000
+CROSSOVER_N = 300_000
 _NORM_TOL = 1e-3  # float16 round trips keep norms within ~1e-3; un-normalised rows are far off
 _CALIBRATION_QUERIES = 500  # held-out queries: the bound's margin is ~0.01 at 500
 _MIN_CALIBRATION_QUERIES = 20  # fewer: an add keeps the ef_search it had
@@ -69,7 +69,7 @@ _EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 20
 _SCORE_BYTES = 256 << 20  # exact search's (queries x rows) float32 block: bounded per chunk
 _ROW_BLOCK = 1 << 16  # rows per exact-search block (a float16 block's upcast is 128 MB at D=512)
 _QUERY_BLOCK = 1024  # queries per exact-search pass: a million queries never make one matrix
-_F16_GEMV_MAX_Q = 8  # torch's float16 gemv beats an upcast below ~8-16 queries (measured)
+_GEMV_MAX_Q = 8  # up to here one pass per query (gemv) beats an upcast + GEMM (measured)
 
 
 class IndexParams(BaseModel):
@@ -167,14 +167,21 @@ class SearchResult:
 def choose_backend(n_vectors: int) -> IndexParams:
     """The backend ``benchmarks/search.py`` measured best for ``n_vectors`` 512-d vectors.
 
-    Crossover (2 cores, 24 GiB, benchmarks/results/search.json): below ``CROSSOVER_N`` = 200k
-    vectors exact float16 search is the answer: no build, recall 1.0, a single query scans 100k
-    vectors in ~6 ms, and an HNSW index built to 0.95 recall is not faster by enough to pay for
-    its build and its 2x memory. Above it a single exact query costs ~60 ms per million vectors
-    (memory bandwidth: it reads every vector), while a faiss HNSW f16 query stays ~1 ms on
-    clustered (CLIP-like) vectors, so faiss HNSW f16 takes over. Memory decides the next step:
-    exact and HNSW both hold ~1-1.2 KB per vector (f16), so one 24 GiB machine serves ~15M;
-    past that the answer is faiss IVF-PQ (64 B per vector, autofaiss's choice) or sharding.
+    Measured (benchmarks/results/search.json: 2 cores, 24 GiB, CLIP-shaped clustered vectors,
+    one query at a time, k = 10): exact float16 costs ~0.03 ms per 1,000 vectors (p50 3.4 ms at
+    100k, 31 ms at 1M; it reads every vector), recall 0.99-1.0, no build, 1,024 B per vector.
+    faiss HNSW f16 (M 32, ef calibrated to recall >= 0.95) answers in 0.22 ms at 100k and 0.55 ms
+    at 1M (recall 0.97 / 0.96) for 1,288 B per vector and a build of 11 s / 156 s. The
+    crossover is ~300k (``CROSSOVER_N``): there exact search passes ~10 ms, the cost of encoding
+    the query text on a CPU, so search stops being negligible; below it exact needs no build, no
+    calibration and is right for any data. usearch (1.3 / 5.4 ms at the same recall, slower
+    builds) and hnswlib (0.5 / 1.5 ms, float32 only) lost to faiss at every size. On vectors with
+    no structure (random) no graph index reaches 0.95 cheaply (ef 3072 at 100k: 16 ms, 4x exact;
+    recall 0.49 at 1M), so exact stays right there at any size that fits.
+
+    Past one machine: HNSW f16 holds ~15M vectors in 24 GiB; beyond that shard rows across
+    replicas and merge top-k, or compress (faiss IVF-PQ, 80 B per vector, measured recall@10 only
+    0.58-0.65 without a re-rank over full vectors: autofaiss's trade).
 
     Args:
         n_vectors: how many vectors the index will hold.
@@ -327,10 +334,12 @@ class _Exact:
         for m in self.chunks:
             for lo in range(0, len(m), rows_per_block):
                 block = m[lo : lo + rows_per_block]
-                if self.dtype == torch.float16 and len(q) <= _F16_GEMV_MAX_Q:
-                    s = (block @ qt.to(torch.float16).T).float()
-                else:  # float16 GEMM is a slow path on CPUs: upcast the block once
+                if len(q) > _GEMV_MAX_Q:  # float16 GEMM is a slow path on CPUs: upcast
                     s = block.float() @ qt.T
+                elif self.dtype == torch.float16:
+                    s = (block @ qt.to(torch.float16).T).float()
+                else:  # torch's float32 gemv is ~2.3x slower than numpy's BLAS here
+                    s = torch.from_numpy(block.numpy() @ q.T)
                 # topk along a transposed view takes a strided path ~3x slower: copy first.
                 s = s.T.contiguous()
                 ts, ti = torch.topk(s, min(k, s.shape[1]), dim=1)

@@ -8,7 +8,7 @@ backend's native file, the row ids (keeper embed's ``image_uri``: unique in a ta
 ``image_id`` repeats for byte-identical copies) and ``index.json`` with the model spec, row count,
 build parameters, measured recall@10 and the table's fingerprint (its part names and row count).
 ``backend=auto`` takes what ``benchmarks/search.py`` measured best for the table's size
-(``choose_backend``: exact float16 below 200k vectors, faiss HNSW float16 above).
+(``choose_backend``: exact float16 below 300k vectors, faiss HNSW float16 above).
 
 Run again after ``keeper embed`` added images: rows the index lacks are added in place (an HNSW
 graph grows; its search breadth is re-calibrated to the recall target). Rows the table no longer
