@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
 import subprocess
@@ -52,3 +53,49 @@ def png_declaring(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 64, 9)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def embed_files(
+    root: str, files: dict[str, bytes], *, spec: str, parts: int = 1, capture: bool = True
+) -> str:
+    """Write ``files`` under ``root``/photos and embed them into new parts of ``root``/table.
+
+    The embed job's own stages (decode, model, part writer) called directly, without Ray: for
+    tests of what reads a table (index, dedup, search). Returns the table's URI.
+    """
+    import numpy as np
+
+    from keeper_core import storage
+    from keeper_train.jobs import embed
+
+    uris = []
+    for name, data in files.items():
+        uri = storage.join(root, "photos", name)
+        storage.write_bytes(uri, data)
+        uris.append(uri)
+    table = storage.join(root, "table")
+    limits = {
+        "max_pixels": 64_000_000,
+        "max_bytes": 64 << 20,
+        "max_raw_bytes": 256 << 20,
+        "min_side": 16,
+    }
+    prepared = embed.prepare_batch(
+        {"image_uri": np.array(uris, dtype=object)},
+        spec=spec,
+        limits=limits,
+        draft=True,
+        errors_dir=storage.join(table, embed.ERRORS),
+        run_id="test",
+        capture=capture,
+    )
+    assert len(prepared["image_uri"]) == len(uris), "a test photo failed to decode"
+    rows = embed.EmbedStage(spec, 64)(prepared)
+    bounds = np.linspace(0, len(uris), parts + 1).astype(int)
+    for lo, hi in itertools.pairwise(bounds):
+        embed.write_batch(
+            {k: v[lo:hi] for k, v in rows.items()},
+            spec=spec,
+            embeddings_dir=storage.join(table, embed.EMBEDDINGS),
+        )
+    return table

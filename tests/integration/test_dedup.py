@@ -11,26 +11,20 @@ import io
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from support import embed_files
 
 from keeper_core import storage
 from keeper_core.cli import main as keeper
 from keeper_core.synthetic import PHOTOS, load_photos
 from keeper_core.vector_index import VectorIndex
-from keeper_train.jobs import dedup, embed
+from keeper_train.jobs import dedup
 from keeper_train.jobs import index as index_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 SPEC = "keeper-tiny:random"
-LIMITS = {
-    "max_pixels": 64_000_000,
-    "max_bytes": 64 << 20,
-    "max_raw_bytes": 256 << 20,
-    "min_side": 16,
-}
 
 
 def jpeg(im: Image.Image, quality: int = 92) -> bytes:
@@ -72,32 +66,7 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, bytes],
 
 
 def write_table(root: str, files: dict[str, bytes]) -> str:
-    """Files under ``root``/photos, embedded into ``root``/table with the embed job's stages."""
-    uris = []
-    for name, data in files.items():
-        uri = storage.join(root, "photos", name)
-        storage.write_bytes(uri, data)
-        uris.append(uri)
-    table = storage.join(root, "table")
-    prepared = embed.prepare_batch(
-        {"image_uri": np.array(uris, dtype=object)},
-        spec=SPEC,
-        limits=LIMITS,
-        draft=True,
-        errors_dir=storage.join(table, embed.ERRORS),
-        run_id="test",
-        capture=True,
-    )
-    assert len(prepared["image_uri"]) == len(uris)
-    rows = embed.EmbedStage(SPEC, 64)(prepared)
-    half = len(uris) // 2  # two parts, as a real table has several
-    for part in (slice(0, half), slice(half, None)):
-        embed.write_batch(
-            {k: v[part] for k, v in rows.items()},
-            spec=SPEC,
-            embeddings_dir=storage.join(table, embed.EMBEDDINGS),
-        )
-    return table
+    return embed_files(root, files, spec=SPEC, parts=2)  # two parts, as a real table has
 
 
 def test_planted_copies_grouped_and_the_best_kept(

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from support import free_port
+from support import embed_files, free_port
 from test_serve import FENCE, MARKER, TOKEN, Example, call, run_example, shape_errors, wait_until
 
 from keeper_core import storage
@@ -32,12 +32,6 @@ from keeper_train.jobs import index as index_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 SPEC = "keeper-tiny:random"
-LIMITS = {
-    "max_pixels": 64_000_000,
-    "max_bytes": 64 << 20,
-    "max_raw_bytes": 256 << 20,
-    "min_side": 16,
-}
 FIRST = 12  # photos in the first index; the rest arrive with the grown one
 MAX_K = 8
 REPO = Path(__file__).resolve().parents[2]
@@ -51,25 +45,7 @@ def jpeg(im: Image.Image) -> bytes:
 
 def add_to_table(root: str, files: dict[str, bytes]) -> str:
     """Files under ``root``/photos, embedded into one new part of ``root``/table."""
-    uris = []
-    for name, data in files.items():
-        uri = storage.join(root, "photos", name)
-        storage.write_bytes(uri, data)
-        uris.append(uri)
-    table = storage.join(root, "table")
-    prepared = embed.prepare_batch(
-        {"image_uri": np.array(uris, dtype=object)},
-        spec=SPEC,
-        limits=LIMITS,
-        draft=True,
-        errors_dir=storage.join(table, embed.ERRORS),
-        run_id="test",
-        capture=False,
-    )
-    assert len(prepared["image_uri"]) == len(uris)
-    rows = embed.EmbedStage(SPEC, 64)(prepared)
-    embed.write_batch(rows, spec=SPEC, embeddings_dir=storage.join(table, embed.EMBEDDINGS))
-    return table
+    return embed_files(root, files, spec=SPEC, capture=False)
 
 
 @dataclass

@@ -65,20 +65,33 @@ def read_corpus(table: str) -> Corpus:
     n = t.num_rows
     if not n:
         raise DataError("the embedding table has no rows: nothing to select from", source=table)
-    col = t.column("embedding").combine_chunks()
-    if col.null_count:
-        raise DataError(f"{col.null_count} row(s) without an embedding", source=table)
-    if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type)):
-        raise DataError(f"embedding column is {col.type}, not a list of floats", source=table)
-    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-    if (lengths != lengths[0]).any():
-        raise DataError("embeddings of different lengths in one table", source=table)
-    emb = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    emb = embedding_matrix(t, source=table)
     return Corpus(
         image_id=[str(x) for x in t.column("image_id").to_pylist()],
         image_uri=[str(x) for x in t.column("image_uri").to_pylist()],
         width=t.column("width").to_numpy(zero_copy_only=False).astype(np.float64),
         height=t.column("height").to_numpy(zero_copy_only=False).astype(np.float64),
-        embeddings=np.ascontiguousarray(emb.reshape(n, int(lengths[0]))),
+        embeddings=emb,
         spec=specs[0],
     )
+
+
+def embedding_matrix(t: pa.Table, *, source: str | None = None) -> np.ndarray:
+    """The ``embedding`` column of a table as a writable (N, D) float32 array.
+
+    Raises:
+        DataError: a row without an embedding, a column that is not a list of floats, or
+            embeddings of different lengths.
+    """
+    col = t.column("embedding").combine_chunks()
+    if col.null_count:
+        raise DataError(f"{col.null_count} row(s) without an embedding", source=source)
+    if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type)):
+        raise DataError(f"embedding column is {col.type}, not a list of floats", source=source)
+    if not len(col):
+        return np.zeros((0, getattr(col.type, "list_size", 0)), np.float32)
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if (lengths != lengths[0]).any():
+        raise DataError("embeddings of different lengths in one table", source=source)
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32)  # a copy: writable
+    return flat.reshape(len(col), int(lengths[0]))

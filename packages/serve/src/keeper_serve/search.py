@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from ray import serve
 
 from keeper_core import storage
-from keeper_core.corpus import EMBEDDINGS
+from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.errors import ConfigError, DataError, StorageError
 from keeper_core.vector_index import META_FILE, VectorIndex
 from keeper_serve.api import SEARCH_FEATURES, SearchFilters
@@ -78,12 +78,11 @@ class Snapshot:
             f: table.column(f).to_numpy(zero_copy_only=False).astype(np.float64)
             for f in SEARCH_FEATURES
         }
-        col = table.column("embedding").combine_chunks()
+        emb = embedding_matrix(table)
         dim = index.meta.dim
-        flat = col.flatten().to_numpy(zero_copy_only=False)
-        if len(flat) != len(uris) * dim:
+        if emb.shape[1] != dim:
             raise DataError(f"the table's embeddings are not {dim}-d as the index's are")
-        self.embeddings = flat.astype(np.float16).reshape(len(uris), dim)
+        self.embeddings = emb.astype(np.float16)
         self.missing = sum(1 for u in index.ids if u not in self.row)
 
     def vector(self, image_id: str) -> np.ndarray:

@@ -41,7 +41,7 @@ from keeper_core.contact_sheet import (
     thumbnail_name,
     write_contact_sheet,
 )
-from keeper_core.corpus import EMBEDDINGS
+from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.culling import mark_duplicates
 from keeper_core.errors import ConfigError, DataError, KeeperError
 from keeper_core.grouping import GroupingConfig
@@ -203,10 +203,7 @@ def read_table(table: str, keep_by: str) -> tuple[pd.DataFrame, np.ndarray, str]
     specs = set(t.column("model_spec").to_pylist())
     if len(specs) != 1:
         raise DataError(f"the table mixes model specs {sorted(map(str, specs))}", source=folder)
-    col = t.column("embedding").combine_chunks()
-    emb = np.asarray(col.values.to_numpy(zero_copy_only=False), np.float32).reshape(
-        -1, col.type.list_size
-    )
+    emb = embedding_matrix(t, source=folder)
     wanted = ["image_uri", "image_id", "width", "height", "dhash", "capture_ts", "time_source"]
     if keep_by != "pixels":
         if keep_by not in t.column_names:

@@ -32,7 +32,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core import storage
-from keeper_core.corpus import EMBEDDINGS
+from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.errors import DataError
 from keeper_train.config import job_main
 from keeper_train.table import list_parts
@@ -88,7 +88,7 @@ def export(cfg: ExportEmbeddingsConfig) -> ExportSummary:
                 "an index of mixed embeddings means nothing"
             )
         spec = part_spec
-        emb = _embeddings(t)
+        emb = embedding_matrix(t, source=part)
         if dim and emb.shape[1] != dim:
             raise DataError(f"{part}: embeddings of dimension {emb.shape[1]}, others {dim}")
         dim = emb.shape[1]
@@ -115,12 +115,6 @@ def export(cfg: ExportEmbeddingsConfig) -> ExportSummary:
     )
     storage.write_bytes(storage.join(cfg.output, META), summary.model_dump_json(indent=2).encode())
     return summary
-
-
-def _embeddings(t: pa.Table) -> np.ndarray:
-    col = t.column("embedding").combine_chunks()
-    dim = col.type.list_size
-    return np.asarray(col.values.to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim)
 
 
 def _metadata(t: pa.Table) -> pa.Table:

@@ -24,11 +24,10 @@ import time
 from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core import storage
-from keeper_core.corpus import EMBEDDINGS
+from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.errors import ConfigError, DataError, StorageError
 from keeper_core.vector_index import IndexParams, VectorIndex, build, choose_backend
 from keeper_train.config import job_main
@@ -92,10 +91,7 @@ def run(cfg: IndexConfig) -> IndexSummary:
         raise DataError(f"the table mixes model specs {sorted(map(str, specs))}", source=folder)
     spec = str(specs.pop())
     uris = [str(u) for u in t.column("image_uri").to_pylist()]
-    col = t.column("embedding").combine_chunks()
-    emb = np.asarray(col.values.to_numpy(zero_copy_only=False), np.float32).reshape(
-        -1, col.type.list_size
-    )
+    emb = embedding_matrix(t, source=folder)
     fingerprint = hashlib.sha256(
         "\n".join([*(p.rpartition("/")[2] for p in parts), str(len(uris))]).encode()
     ).hexdigest()[:32]
