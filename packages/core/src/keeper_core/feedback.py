@@ -1,0 +1,275 @@
+"""People's decisions on keeper's answers: an append-only log of feedback events in Parquet.
+
+``POST /v1/feedback`` (and the review page behind it) records what a person did with an image
+keeper offered: ``accepted``, ``rejected``, ``picked-as-keeper``, or ``undone`` (takes back that
+person's last decision on the image). Events are buffered in the server and written in batches,
+one Parquet part per flush, under a folder or ``s3://`` prefix:
+
+    log = FeedbackLog("s3://bucket/feedback", writer="ingress-3f2a")
+    receipt = log.append([FeedbackEvent(request_id=..., image_id=..., action="accepted")])
+    receipt.durable      # False until a flush wrote them; log.flush() (or sync) makes it True
+    decisions(read_feedback("s3://bucket/feedback"))  # the latest decision per image and request
+
+Durability is what a receipt says: an event is on storage once a flush that included it has
+returned, and never before; a writer that cannot write keeps its rows (and says so) rather than
+dropping them, and refuses new ones past ``max_pending`` rows instead of growing without bound.
+Each part is written whole, atomically (``storage.write_parquet``), with a name no other writer
+uses, so any number of replicas write into one log without coordination.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, cast
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+
+from keeper_core import storage
+from keeper_core.errors import DataError, KeeperError, StorageError
+
+#: The columns a PartLog stamps on every row, first in its schema.
+_STAMP = ("event_id", "received_at", "seq", "writer")
+
+Action = Literal["accepted", "rejected", "picked-as-keeper", "undone"]
+ACTIONS: tuple[str, ...] = ("accepted", "rejected", "picked-as-keeper", "undone")
+
+SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),  # unique per event, made by the writer
+        ("received_at", pa.timestamp("us", tz="UTC")),
+        ("seq", pa.int64()),  # the writer's order: ties in received_at are broken by it
+        ("writer", pa.string()),
+        ("request_id", pa.string()),  # the answer the decision is about (/v1/rank, pick, select)
+        ("image_id", pa.string()),
+        ("action", pa.string()),
+        ("group_id", pa.string()),  # a series, burst, scene or query the image was offered in
+        ("client", pa.string()),  # who decided (the review page's reviewer, an app's user key)
+    ]
+)
+
+
+class FeedbackEvent(BaseModel):
+    """One decision, as a client sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=256)
+    image_id: str = Field(min_length=1, max_length=256)
+    action: Action
+    group_id: str | None = Field(None, max_length=256)
+    client: str | None = Field(None, max_length=256)
+
+
+class FeedbackBackpressure(KeeperError):
+    """The writer holds ``max_pending`` rows it has not written: storage is failing or slow."""
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What an append promises: ``durable`` once every event of it is on storage."""
+
+    accepted: int
+    durable: bool
+    pending: int  # rows this writer holds that are not on storage yet
+    last_error: str | None  # the last failed flush's cause, None after a good one
+
+
+class PartLog:
+    """A thread-safe buffered writer of Parquet parts under ``root``, one part per flush.
+
+    Each row gets ``event_id``, ``received_at``, ``seq`` and ``writer`` (the first four columns
+    of ``schema``); the caller gives the rest. :class:`FeedbackLog` is one; a server's log of what
+    it offered is another.
+
+    Args:
+        root: folder or ``s3://`` prefix of the log.
+        schema: the parts' schema, starting with the four columns above.
+        writer: this writer's name in part names and rows (a replica id); unique per process.
+        max_rows: flush when this many rows are buffered.
+        max_age_s: flush when the oldest buffered row is this old (checked on append and by
+            :meth:`flush_due`, which a server calls from a timer).
+        max_pending: refuse appends past this many unwritten rows.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        schema: pa.Schema,
+        *,
+        writer: str | None = None,
+        max_rows: int = 1000,
+        max_age_s: float = 5.0,
+        max_pending: int = 100_000,
+    ) -> None:
+        if max_rows < 1 or max_pending < max_rows or max_age_s < 0:
+            raise ValueError("need max_rows >= 1, max_pending >= max_rows and max_age_s >= 0")
+        if schema.names[:4] != list(_STAMP):
+            raise ValueError(f"a part log's schema starts with {list(_STAMP)}")
+        self.root, self.schema = root, schema
+        self.writer = writer or uuid.uuid4().hex[:12]
+        self.max_rows, self.max_age_s, self.max_pending = max_rows, max_age_s, max_pending
+        self._lock = threading.Lock()  # guards the buffer and counters
+        self._flush_lock = threading.Lock()  # one flush at a time, in order
+        self._rows: list[dict[str, object]] = []
+        self._oldest: float | None = None
+        self._seq = 0  # last sequence number given
+        self._durable_seq = 0  # every row up to this one is on storage
+        self._parts = 0
+        self.written = 0  # rows on storage, from this writer
+        self.last_error: str | None = None
+        self._retry_at = 0.0  # after a failed flush, appends wait until then to try again
+
+    def append_rows(self, rows: Sequence[dict[str, Any]], *, sync: bool = False) -> Receipt:
+        """Buffer ``rows``; flush when the buffer is full or old, or at once when ``sync``.
+
+        A failed flush does not fail the append: the rows stay buffered, the receipt says they
+        are not durable and names the cause. With ``sync`` a failed flush is raised.
+
+        Raises:
+            FeedbackBackpressure: accepting them would leave over ``max_pending`` rows unwritten.
+            StorageError: ``sync`` and the flush failed (the events stay buffered).
+        """
+        now = datetime.now(UTC)
+        with self._lock:
+            if len(self._rows) + len(rows) > self.max_pending:
+                raise FeedbackBackpressure(
+                    f"{len(self._rows)} rows of {self.root} are not written yet "
+                    f"(last error: {self.last_error}); retry later"
+                )
+            for row in rows:
+                self._seq += 1
+                stamp = (uuid.uuid4().hex, now, self._seq, self.writer)
+                self._rows.append({**dict(zip(_STAMP, stamp, strict=True)), **row})
+            last = self._seq
+            if self._oldest is None and self._rows:
+                self._oldest = time.monotonic()
+        if sync:
+            self.flush(raise_errors=True)
+        elif self._due():
+            self.flush()
+        with self._lock:
+            return Receipt(len(rows), self._durable_seq >= last, len(self._rows), self.last_error)
+
+    def _due(self) -> bool:
+        with self._lock:
+            if not self._rows or time.monotonic() < self._retry_at:
+                return False
+            old = self._oldest is not None and time.monotonic() - self._oldest >= self.max_age_s
+            return len(self._rows) >= self.max_rows or old
+
+    def flush_due(self) -> int:
+        """Flush when the buffer is full or old (a server's timer calls this). Rows written."""
+        return self.flush() if self._due() else 0
+
+    def flush(self, *, raise_errors: bool = False) -> int:
+        """Write every buffered row as one part. Returns the rows written (0: nothing buffered,
+        or the write failed and ``raise_errors`` is False; the rows stay buffered).
+
+        Raises:
+            StorageError: the write failed and ``raise_errors``.
+        """
+        with self._flush_lock:
+            with self._lock:
+                rows = list(self._rows)
+            if not rows:
+                return 0
+            table = pa.Table.from_pylist(rows, schema=self.schema)
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+            last = cast(int, rows[-1]["seq"])
+            name = f"part-{stamp}-{self.writer}-{last:010d}.parquet"
+            try:
+                storage.write_parquet(table, storage.join(self.root, name))
+            except StorageError as e:
+                with self._lock:
+                    self.last_error = str(e)
+                    # appends do not retry before max_age_s: a failing store is not hammered
+                    self._retry_at = time.monotonic() + self.max_age_s
+                if raise_errors:
+                    raise
+                return 0
+            with self._lock:
+                del self._rows[: len(rows)]  # appends meanwhile stay, in order
+                self._oldest = time.monotonic() if self._rows else None
+                self._durable_seq = last
+                self._retry_at = 0.0
+                self._parts += 1
+                self.written += len(rows)
+                self.last_error = None
+            return len(rows)
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._rows)
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "writer": self.writer,
+                "written": self.written,
+                "parts": self._parts,
+                "pending": len(self._rows),
+                "last_error": self.last_error,
+            }
+
+
+class FeedbackLog(PartLog):
+    """The feedback log: :class:`PartLog` over :data:`SCHEMA`, appending FeedbackEvents."""
+
+    def __init__(self, root: str, **kw: Any) -> None:
+        super().__init__(root, SCHEMA, **kw)
+
+    def append(self, events: Sequence[FeedbackEvent], *, sync: bool = False) -> Receipt:
+        """Buffer ``events`` (see :meth:`PartLog.append_rows`)."""
+        return self.append_rows([e.model_dump() for e in events], sync=sync)
+
+
+def read_feedback(root: str) -> pa.Table:
+    """Every event under ``root`` (all writers), oldest first (received_at, writer, seq).
+
+    Raises:
+        StorageError: nothing readable at ``root``.
+        DataError: a part that is not a feedback part.
+    """
+    t = storage.read_parquet(root)
+    missing = [f.name for f in SCHEMA if f.name not in t.column_names]
+    if missing:
+        raise DataError(f"not a feedback log: columns {missing} missing", source=root)
+    t = t.select(SCHEMA.names).cast(SCHEMA)
+    bad = pc.invert(pc.is_in(t.column("action"), value_set=pa.array(ACTIONS)))
+    if pc.any(bad).as_py():
+        raise DataError("feedback rows with an unknown action", source=root)
+    return t.sort_by([("received_at", "ascending"), ("writer", "ascending"), ("seq", "ascending")])
+
+
+def decisions(events: pa.Table) -> pa.Table:
+    """The standing decision per (request_id, image_id, client): the latest event wins, and an
+    ``undone`` takes back the decision before it (so undo, undo takes back two).
+
+    Returns:
+        columns request_id, image_id, group_id, client, action, received_at; one row per image
+        whose decisions were not all undone, in the order of their latest event.
+    """
+    stacks: dict[tuple[str, str, str | None], list[dict[str, object]]] = {}
+    order: dict[tuple[str, str, str | None], int] = {}
+    for i, row in enumerate(events.to_pylist()):
+        key = (str(row["request_id"]), str(row["image_id"]), row["client"])
+        stack = stacks.setdefault(key, [])
+        if row["action"] == "undone":
+            if stack:
+                stack.pop()
+        else:
+            stack.append(row)
+        order[key] = i
+    out = [stacks[k][-1] for k in sorted(stacks, key=order.__getitem__) if stacks[k]]
+    cols = ["request_id", "image_id", "group_id", "client", "action", "received_at"]
+    return pa.Table.from_pylist(
+        [{c: r[c] for c in cols} for r in out], schema=pa.schema([SCHEMA.field(c) for c in cols])
+    )
