@@ -56,9 +56,15 @@ def png_declaring(width: int, height: int) -> bytes:
 
 
 def embed_files(
-    root: str, files: dict[str, bytes], *, spec: str, parts: int = 1, capture: bool = True
+    root: str,
+    files: dict[str, bytes],
+    *,
+    spec: str,
+    parts: int = 1,
+    capture: bool = True,
+    table: str = "table",
 ) -> str:
-    """Write ``files`` under ``root``/photos and embed them into new parts of ``root``/table.
+    """Write ``files`` under ``root``/photos and embed them into new parts of ``root``/``table``.
 
     The embed job's own stages (decode, model, part writer) called directly, without Ray: for
     tests of what reads a table (index, dedup, search). Returns the table's URI.
@@ -73,7 +79,7 @@ def embed_files(
         uri = storage.join(root, "photos", name)
         storage.write_bytes(uri, data)
         uris.append(uri)
-    table = storage.join(root, "table")
+    table = storage.join(root, table)
     limits = {
         "max_pixels": 64_000_000,
         "max_bytes": 64 << 20,

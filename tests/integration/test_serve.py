@@ -359,6 +359,19 @@ def test_every_route_needs_the_token_but_healthz(app: str, registry: Registry) -
     } <= set(openapi["paths"])
 
 
+def test_optional_routes_answer_404_when_not_configured(app: str) -> None:
+    """This app sets neither ``search`` nor ``references``: their routes say so, as JSON."""
+    r = call(app, "POST", "/v1/search", {"text": "a cat", "k": 2})
+    assert (r.status, r.body["error"]["code"]) == (404, "search_not_configured")
+    for method, path, body in [
+        ("POST", "/v1/compare", {"image": {"b64": "x"}, "collection": "p"}),
+        ("GET", "/v1/references", None),
+    ]:
+        r = call(app, method, path, body)
+        assert (r.status, r.body["error"]["code"]) == (404, "references_not_configured"), path
+    assert call(app, "POST", "/v1/compare", {"collection": "p"}, token=None).status == 401
+
+
 def test_rank_over_http_matches_the_batch_ranker(app: str, registry: Registry) -> None:
     """Served features (decode, resize, quality) equal the embed job's: same scores."""
     champion = call(app, "GET", "/v1/models").body["ranker"]["version"]

@@ -58,10 +58,22 @@ def keeper_argv(command: str) -> list[str] | None:
     words = shlex.split(command)
     for i, w in enumerate(words):
         if w.endswith("/keeper") or w == "keeper":
-            # A usage synopsis marks optional parts as [--flag VALUE]: drop them.
-            rest = " ".join(words[i + 1 :])
-            return shlex.split(re.sub(r"\[[^\]]*\]", "", rest))
+            return _without_optional(words[i + 1 :])
     return None
+
+
+def _without_optional(words: list[str]) -> list[str]:
+    """A usage synopsis marks optional parts as ``[--flag VALUE]``: drop those words (quoted
+    arguments stay one word each)."""
+    out, depth = [], 0
+    for w in words:
+        opens = w.startswith("[")
+        depth += opens
+        if depth == 0:
+            out.append(w)
+        if w.endswith("]") and depth:
+            depth -= 1
+    return out
 
 
 def job_argv(command: str) -> tuple[str, list[str]] | None:

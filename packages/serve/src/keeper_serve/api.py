@@ -36,6 +36,7 @@ from keeper_core.images import DecodeLimits
 from keeper_core.picking import PickConfig
 from keeper_core.preparation import DecodedImage, ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
+from keeper_core.references import Comparison, ReferenceMeta, Standing
 from keeper_serve.config import KeeperAppArgs, LimitArgs
 
 # ----------------------------------------------------------------------------------- errors
@@ -359,6 +360,111 @@ class SearchResponse(BaseModel):
     truncated_by_filters: bool = Field(
         description="true: the filters left fewer than k results within search.max_fetch rows"
     )
+
+
+class CompareRequest(_Req):
+    """``/v1/compare``: one image against one reference collection."""
+
+    image: ImageRef = Field(description="the image, prepared as /v1/rank's")
+    collection: str = Field(
+        min_length=1, max_length=64, description="a collection's name (GET /v1/references)"
+    )
+    k: int = Field(5, description="nearest references returned, 1..references.max_k")
+    request_id: str | None = Field(None, max_length=256, description="echoed back")
+
+    def check(self, max_k: int) -> None:
+        """``k`` in 1..max_k (400 ``k_out_of_range`` otherwise)."""
+        if not 1 <= self.k <= max_k:
+            raise ApiError(400, "k_out_of_range", f"k={self.k}: this server answers 1..{max_k}")
+
+
+class Percentile(BaseModel):
+    value: float | None = Field(description="the image's score or feature (null: not a number)")
+    percentile: float | None = Field(
+        description=(
+            "0..100: the share of the collection's members below the value plus half of those "
+            "equal to it; null: nothing to compare with"
+        )
+    )
+
+
+class ReferenceHit(BaseModel):
+    image_id: str
+    image_uri: str
+    score: float = Field(description="cosine between the image and the reference's embedding")
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    images: int = Field(description="members: the collection's embedded images")
+    model_spec: str = Field(description="the ModelSpec its members were embedded with")
+    updated_at: str = Field(description="its reference.json updated_at (ISO 8601 UTC)")
+    description: str
+
+
+class CompareResponse(BaseModel):
+    request_id: str | None
+    model: str
+    random_weights: bool = Field(description="true: scores from this model mean nothing")
+    collection: CollectionInfo = Field(description="the collection version that answered")
+    nearest: list[ReferenceHit] = Field(description="the k most similar members, best first")
+    aesthetic: dict[str, Percentile] = Field(
+        description='"total" first, then each aesthetic dimension (as /v1/score/aesthetic)'
+    )
+    quality: dict[str, Percentile] = Field(description="each quality feature keeper embed records")
+
+
+class ListedCollection(CollectionInfo):
+    created_at: str
+    failed: int = Field(description="inputs that could not be embedded when it was added")
+    error: str | None = Field(
+        description="a newer version on storage that could not be loaded (this one serves)"
+    )
+
+
+class RefusedCollection(BaseModel):
+    name: str
+    reason: str = Field(description="why it cannot be compared against (e.g. another model)")
+
+
+class ReferencesResponse(BaseModel):
+    collections: list[ListedCollection] = Field(description="by name")
+    refused: list[RefusedCollection] = Field(description="collections /v1/compare answers 409 for")
+
+
+def collection_info(meta: ReferenceMeta) -> dict[str, Any]:
+    """A collection's ``reference.json`` as responses show it."""
+    return {
+        "name": meta.name,
+        "images": meta.images,
+        "model_spec": meta.model_spec,
+        "updated_at": meta.updated_at,
+        "description": meta.description,
+    }
+
+
+def _standing(s: Standing) -> dict[str, float | None]:
+    finite = bool(np.isfinite(s.value))  # JSON has no NaN: a feature that is none is null
+    return {"value": float(s.value) if finite else None, "percentile": s.percentile}
+
+
+def comparison_body(comparison: Comparison) -> dict[str, Any]:
+    """``nearest``, ``aesthetic`` (``total`` first) and ``quality`` of a comparison, as JSON."""
+    return {
+        "nearest": [
+            {"image_id": n.image_id, "image_uri": n.image_uri, "score": n.score}
+            for n in comparison.nearest
+        ],
+        "aesthetic": {d: _standing(s) for d, s in comparison.aesthetic.items()},
+        "quality": {f: _standing(s) for f, s in comparison.quality.items()},
+    }
+
+
+def quality_features(quality: np.ndarray | None) -> dict[str, float] | None:
+    """One prepared image's quality row ((1, F), FEATURE_NAMES order) as ``{feature: value}``."""
+    if quality is None:
+        return None
+    return {f: float(v) for f, v in zip(FEATURE_NAMES, np.asarray(quality)[0], strict=True)}
 
 
 class ClipInfo(BaseModel):

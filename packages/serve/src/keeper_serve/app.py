@@ -2,8 +2,9 @@
 
 Four deployments: ``KeeperIngress`` (FastAPI) composes ``ClipEncoder``, ``SeriesRanker`` and
 ``VlmJudge`` (``/v1/select``'s VLM stage; a replica without a model when ``vlm.source`` is null)
-through deployment handles; a fifth, ``SearchIndex`` (``/v1/search``), only when ``args.search``
-is set. No replica counts, batch-independent concurrency or resources
+through deployment handles; ``SearchIndex`` (``/v1/search``) only when ``args.search`` is set,
+and ``ReferenceCollections`` (``/v1/compare``, ``/v1/references``) only when ``args.references``
+is. No replica counts, batch-independent concurrency or resources
 here: those come from the Serve config's ``deployments`` section (clusters/serve/*.yaml), or
 from :func:`bind` for local runs.
 """
@@ -13,16 +14,25 @@ from typing import Any
 
 from ray.serve import Application
 
-from keeper_serve.config import ENCODER, INGRESS, RANKER, SEARCH, VLM, KeeperAppArgs
+from keeper_serve.config import (
+    ENCODER,
+    INGRESS,
+    RANKER,
+    REFERENCES,
+    SEARCH,
+    VLM,
+    KeeperAppArgs,
+)
 from keeper_serve.encoder import ClipEncoder
 from keeper_serve.ingress import KeeperIngress
 from keeper_serve.ranker import SeriesRanker
+from keeper_serve.references import ReferenceCollections
 from keeper_serve.search import SearchIndex
 from keeper_serve.vlm import VlmJudge
 
 DEPLOYMENTS = (INGRESS, ENCODER, RANKER, VLM)
-#: Bound only when the app's args ask for them (``args.search``).
-OPTIONAL_DEPLOYMENTS = (SEARCH,)
+#: Bound only when the app's args ask for them (``args.search``, ``args.references``).
+OPTIONAL_DEPLOYMENTS = (SEARCH, REFERENCES)
 
 
 def bind(
@@ -42,6 +52,10 @@ def bind(
         )
     if SEARCH in opts and args.search is None:
         raise ValueError(f"options for {SEARCH}, but args.search is null: it is not deployed")
+    if REFERENCES in opts and args.references is None:
+        raise ValueError(
+            f"options for {REFERENCES}, but args.references is null: it is not deployed"
+        )
     encoder = ClipEncoder.options(name=ENCODER, **opts.get(ENCODER, {})).bind(
         args.clip_model, args.encoder
     )
@@ -54,8 +68,16 @@ def bind(
         if args.search is not None
         else None
     )
+    # The ingress scores the query with args.aesthetic_config: members are scored with it too.
+    references = (
+        ReferenceCollections.options(name=REFERENCES, **opts.get(REFERENCES, {})).bind(
+            args.references, args.clip_model, args.aesthetic_config
+        )
+        if args.references is not None
+        else None
+    )
     ingress: Application = KeeperIngress.options(name=INGRESS, **opts.get(INGRESS, {})).bind(
-        encoder, ranker, vlm, args, search
+        encoder, ranker, vlm, args, search, references
     )
     return ingress
 

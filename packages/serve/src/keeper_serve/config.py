@@ -21,6 +21,8 @@ from keeper_core.errors import ConfigError
 INGRESS, ENCODER, RANKER, VLM = "KeeperIngress", "ClipEncoder", "SeriesRanker", "VlmJudge"
 #: Bound only when ``args.search`` is set (``/v1/search``).
 SEARCH = "SearchIndex"
+#: Bound only when ``args.references`` is set (``/v1/compare``, ``/v1/references``).
+REFERENCES = "ReferenceCollections"
 
 DEFAULT_TOKEN_ENV = "KEEPER_API_TOKEN"
 
@@ -184,6 +186,21 @@ class SearchArgs(_Strict):
         return parent
 
 
+class ReferenceArgs(_Strict):
+    """``/v1/compare``: the folder ``keeper reference add`` writes collections under.
+
+    Every ``ROOT/NAME/`` holding a ``reference.json`` is a collection (keeper_core.references);
+    the root is listed again every ``poll_s`` seconds, so collections added, replaced or removed
+    are followed without a restart.
+    """
+
+    root: str = Field(description="the folder (local or s3://) holding ROOT/NAME collections")
+    poll_s: float = Field(
+        30.0, ge=0, description="how often the root is listed for changed collections; 0: never"
+    )
+    max_k: int = Field(20, ge=1, description="nearest references per request")
+
+
 class KeeperAppArgs(_Strict):
     """``build_app(args)``: the whole application."""
 
@@ -211,6 +228,9 @@ class KeeperAppArgs(_Strict):
     vlm: VlmArgs = Field(default_factory=VlmArgs)
     select: SelectArgs = Field(default_factory=SelectArgs)
     search: SearchArgs | None = Field(None, description="/v1/search's index; None: no search")
+    references: ReferenceArgs | None = Field(
+        None, description="/v1/compare's reference collections; None: no /v1/compare"
+    )
 
     @field_validator("s3_allow_buckets")
     @classmethod

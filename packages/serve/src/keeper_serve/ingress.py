@@ -10,7 +10,10 @@ more with both, so no request fails (``_rank``). Scoring (aesthetic prompts, rel
 is keeper_core's, computed here from the embeddings; so is culling (``/v1/pick`` runs
 ``keeper_core.culling.cull`` on a worker thread, its scorer calling ``SeriesRanker`` back on the
 event loop). ``/v1/search`` embeds its query here (a text, or an image prepared as ``/v1/rank``'s)
-and asks ``SearchIndex`` (bound only when ``args.search`` is set) for the top k. Errors are JSON ``{"error": {"code", "message", "index"?}}``; see docs/http-api.md.
+and asks ``SearchIndex`` (bound only when ``args.search`` is set) for the top k; ``/v1/compare``
+prepares and embeds its image the same way (with quality features) and asks
+``ReferenceCollections`` (bound only when ``args.references`` is set) where it sits in a
+collection. Errors are JSON ``{"error": {"code", "message", "index"?}}``; see docs/http-api.md.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from keeper_core.scoring import (
 from keeper_serve import api
 from keeper_serve.api import ApiError, ImageRef
 from keeper_serve.config import KeeperAppArgs
+from keeper_serve.references import CollectionUnusable, UnknownCollection
 from keeper_serve.search import UnknownImageId
 
 log = logging.getLogger("keeper.serve")
@@ -92,7 +96,7 @@ def _json_body(model: type[Any]) -> dict[str, Any]:
 
 
 #: Bodies taken as JSON only (no multipart form).
-_JSON_ONLY: tuple[type[Any], ...] = (api.RankRequest, api.SearchRequest)
+_JSON_ONLY: tuple[type[Any], ...] = (api.RankRequest, api.SearchRequest, api.CompareRequest)
 
 #: Bodies the routes parse themselves: their schemas are added to the OpenAPI components.
 REQUEST_MODELS = (
@@ -103,6 +107,7 @@ REQUEST_MODELS = (
     api.PickRequest,
     api.SelectRequest,
     api.SearchRequest,
+    api.CompareRequest,
 )
 
 
@@ -194,6 +199,8 @@ ROUTES = frozenset(
         "/v1/pick",
         "/v1/select",
         "/v1/search",
+        "/v1/compare",
+        "/v1/references",
         *DOC_PATHS,
     }
 )
@@ -289,12 +296,14 @@ class KeeperIngress:
         vlm: DeploymentHandle,
         args: KeeperAppArgs,
         search: DeploymentHandle | None = None,
+        references: DeploymentHandle | None = None,
     ) -> None:
         self.args = args
         self.encoder = encoder
         self.ranker = ranker
         self.vlm = vlm
         self.search_index = search  # None: /v1/search answers 404
+        self.references = references  # None: /v1/compare and /v1/references answer 404
         self.token = args.auth.token()  # no usable token and not insecure: the replica fails
         if self.token is None:
             log.warning(
@@ -901,7 +910,7 @@ class KeeperIngress:
                 self.search_index.search.remote(query, req.k, req.filters), self._clip()
             )
         except UnknownImageId as e:
-            raise ApiError(400, "unknown_id", str(e)) from e
+            raise ApiError(400, "unknown_id", str(getattr(e, "cause", e))) from e
         return {
             "request_id": req.request_id,
             "model": clip["spec"],
@@ -913,4 +922,68 @@ class KeeperIngress:
                 )
             ],
             "truncated_by_filters": hits.truncated_by_filters,
+        }
+
+    def _references(self) -> DeploymentHandle:
+        if self.references is None:
+            raise ApiError(
+                404,
+                "references_not_configured",
+                "this server has no reference collections (args.references)",
+            )
+        return self.references
+
+    @app.post(
+        "/v1/compare",
+        response_model=api.CompareResponse,
+        openapi_extra=_json_body(api.CompareRequest),
+        summary="an image against a reference collection: its nearest and its percentiles",
+    )
+    async def compare(self, request: Request) -> dict[str, Any]:
+        references = self._references()
+        assert self.args.references is not None
+        req, _ = await self._parse(request, api.CompareRequest)
+        req.check(self.args.references.max_k)
+        prepared = await self._prepare([req.image], quality=True)
+        self._count_images(1, "/v1/compare")
+        emb, prompts, clip = await asyncio.gather(
+            self._embed(prepared),
+            self._prompt_embeddings(self.aesthetic.all_prompts()),
+            self._clip(),
+        )
+        features = api.quality_features(prepared.quality)
+        try:
+            got = await references.compare.remote(req.collection, emb[0], features, prompts, req.k)
+        # Raised in the replica, these arrive as Ray's copy of the error (its str() is a
+        # traceback): the message is the original's.
+        except UnknownCollection as e:
+            raise ApiError(404, "unknown_collection", str(getattr(e, "cause", e))) from e
+        except CollectionUnusable as e:
+            raise ApiError(409, "collection_unusable", str(getattr(e, "cause", e))) from e
+        return {
+            "request_id": req.request_id,
+            "model": clip["spec"],
+            "random_weights": clip["random_weights"],
+            "collection": api.collection_info(got.meta),
+            **api.comparison_body(got.comparison),
+        }
+
+    @app.get(
+        "/v1/references",
+        response_model=api.ReferencesResponse,
+        summary="the reference collections /v1/compare answers for, and those it refused",
+    )
+    async def list_references(self) -> dict[str, Any]:
+        listed = await self._references().list.remote()
+        return {
+            "collections": [
+                {
+                    **api.collection_info(c["meta"]),
+                    "created_at": c["meta"].created_at,
+                    "failed": c["meta"].failed,
+                    "error": c["error"],
+                }
+                for c in listed["collections"]
+            ],
+            "refused": listed["refused"],
         }

@@ -402,6 +402,96 @@ def add_dedup_parser(subparsers: SubParsers) -> None:
     p.set_defaults(func=run)
 
 
+REFERENCE_NESTED = {
+    "batch_size": "embed.batch_size",
+    "concurrency": "embed.concurrency",
+    "num_gpus_per_worker": "embed.num_gpus_per_worker",
+    "max_failure_fraction": "embed.max_failure_fraction",
+}
+
+
+def add_reference_parser(subparsers: SubParsers) -> None:
+    """``keeper reference add|list|remove``: reference collections (jobs.reference)."""
+    p = subparsers.add_parser(
+        "reference",
+        help="manage reference collections: named image sets that POST /v1/compare compares with",
+        description="A reference collection is a named set of images (a portfolio) embedded "
+        "once under ROOT/NAME/, with reference.json beside its table.",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    add = actions.add_parser(
+        "add",
+        help="embed a folder, s3:// prefix or manifest into a collection (creates or grows it)",
+        description="Run keeper embed on --input into ROOT/NAME/ (only images not there yet), "
+        "then write ROOT/NAME/reference.json. A collection holds one model spec: an add with "
+        "another is refused. A flag given here overrides --config; one not given leaves the "
+        "config's value alone.",
+    )
+    add.add_argument("name", nargs="?", help="the collection (required)")
+    add.add_argument("--config", help="YAML config (ReferenceAddConfig fields)")
+    add.add_argument("--input", help="folder, s3:// prefix, or CSV/Parquet manifest (required)")
+    add.add_argument("--root", help="folder or s3:// prefix holding collections (required)")
+    add.add_argument(
+        "--model",
+        help="ModelSpec ARCH[:WEIGHTS] (default: the collection's own; keeper-tiny:random for "
+        "a new one)",
+    )
+    add.add_argument("--description", help="what the collection is (replaces the stored one)")
+    add.add_argument("--batch-size", type=int, help="images per model forward pass")
+    add.add_argument("--concurrency", type=int, help="model actors")
+    add.add_argument("--num-gpus-per-worker", type=float, help="GPUs per model actor")
+    add.add_argument(
+        "--max-failure-fraction", type=float, help="failed share of the table that fails the add"
+    )
+    add.add_argument("--ray-address", help="join this Ray cluster (default: local)")
+    add.add_argument(
+        "overrides", nargs="*", help="other fields as key=value (embed.FIELD: EmbedConfig's)"
+    )
+
+    def run_add(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import reference
+
+        overrides = list(args.overrides)
+        if args.name is not None and _is_override(args.name):  # `--config F key=value` only
+            overrides.insert(0, args.name)
+            args.name = None
+        argv = ["--config", args.config] if args.config else []
+        values = given(args, ("name", "input", "root", "model", "description", "ray_address"))
+        values.update({REFERENCE_NESTED[k]: v for k, v in given(args, REFERENCE_NESTED).items()})
+        return reference.main([*argv, *as_overrides(values), *overrides])
+
+    add.set_defaults(func=run_add)
+
+    ls = actions.add_parser("list", help="the collections under a root")
+    ls.add_argument("--root", required=True, help="folder or s3:// prefix holding collections")
+    ls.add_argument("--json", action="store_true", help="print a JSON list of reference.json")
+
+    def run_list(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import reference
+
+        rows = reference.list_references(args.root)
+        print(reference.list_json(rows) if args.json else reference.format_list(args.root, rows))
+        return 0
+
+    ls.set_defaults(func=run_list)
+
+    rm = actions.add_parser(
+        "remove", help="delete a collection (reference.json first, then its table)"
+    )
+    rm.add_argument("name", help="the collection")
+    rm.add_argument("--root", required=True, help="folder or s3:// prefix holding collections")
+
+    def run_remove(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import reference
+
+        n = reference.remove(args.root, args.name)
+        print(f"keeper reference remove: removed {args.name!r} ({n} files) from {args.root}")
+        return 0
+
+    rm.set_defaults(func=run_remove)
+
+
 # --------------------------------------------------------------------------------------------
 # keeper demo, evaluate, promote: flags become the job's typed config
 
