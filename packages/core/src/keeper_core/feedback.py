@@ -55,11 +55,46 @@ SCHEMA = pa.schema(
 )
 
 
+#: What a server offered, one row per image of an answer of /v1/rank, /v1/pick or /v1/select:
+#: the other side of every decision (what was seen, by which model, in which rank), and with
+#: the embedding and quality features, what ``keeper feedback-export`` trains the next
+#: challenger on.
+OFFERS_SCHEMA = pa.schema(
+    [
+        *[SCHEMA.field(n) for n in _STAMP],
+        ("request_id", pa.string()),  # the answer's request_id (made by the server)
+        ("route", pa.string()),  # rank | pick | select
+        ("client", pa.string()),  # the caller's key (X-Keeper-Client), when given
+        ("arm", pa.string()),  # champion | challenger under an A/B split, else null
+        ("model", pa.string()),  # what ranked: a registered version's URI, or the rule's name
+        ("model_spec", pa.string()),  # the CLIP ModelSpec of the embedding
+        ("group_id", pa.string()),  # series id, pick group, or the select query
+        ("group_size", pa.int32()),
+        ("image_id", pa.string()),  # sha256 of the image's bytes (or the corpus image_id)
+        ("image_uri", pa.string()),  # an s3:// or corpus URI when the image came as one
+        ("position", pa.int32()),  # its index in the request
+        ("rank", pa.int32()),  # 0: the model's first choice in its group
+        ("score", pa.float64()),
+        ("offered", pa.string()),  # keeper | candidate (rank); keep | alternate | reject (pick);
+        # pick | candidate (select)
+        ("embedding", pa.list_(pa.float32())),  # unit norm; null when not logged
+        ("quality", pa.list_(pa.float32())),  # keeper_core.quality.FEATURE_NAMES order
+    ]
+)
+ROUTES: tuple[str, ...] = ("rank", "pick", "select")
+
+
 class FeedbackEvent(BaseModel):
     """One decision, as a client sends it."""
 
     model_config = ConfigDict(extra="forbid")
 
+    event_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="the client's id of this event: a resent event is counted once",
+    )
     request_id: str = Field(min_length=1, max_length=256)
     image_id: str = Field(min_length=1, max_length=256)
     action: Action
@@ -129,12 +164,12 @@ class PartLog:
     def append_rows(self, rows: Sequence[dict[str, Any]], *, sync: bool = False) -> Receipt:
         """Buffer ``rows``; flush when the buffer is full or old, or at once when ``sync``.
 
-        A failed flush does not fail the append: the rows stay buffered, the receipt says they
-        are not durable and names the cause. With ``sync`` a failed flush is raised.
+        A failed flush does not fail the append, ``sync`` or not: the rows stay buffered (to be
+        written by a later flush), and the receipt says they are not durable and names the cause.
+        A row may carry its own ``event_id`` (a client's idempotency key); otherwise one is made.
 
         Raises:
             FeedbackBackpressure: accepting them would leave over ``max_pending`` rows unwritten.
-            StorageError: ``sync`` and the flush failed (the events stay buffered).
         """
         now = datetime.now(UTC)
         with self._lock:
@@ -145,14 +180,12 @@ class PartLog:
                 )
             for row in rows:
                 self._seq += 1
-                stamp = (uuid.uuid4().hex, now, self._seq, self.writer)
-                self._rows.append({**dict(zip(_STAMP, stamp, strict=True)), **row})
+                stamp = (row.get("event_id") or uuid.uuid4().hex, now, self._seq, self.writer)
+                self._rows.append({**row, **dict(zip(_STAMP, stamp, strict=True))})
             last = self._seq
             if self._oldest is None and self._rows:
                 self._oldest = time.monotonic()
-        if sync:
-            self.flush(raise_errors=True)
-        elif self._due():
+        if sync or self._due():
             self.flush()
         with self._lock:
             return Receipt(len(rows), self._durable_seq >= last, len(self._rows), self.last_error)
@@ -231,8 +264,31 @@ class FeedbackLog(PartLog):
         return self.append_rows([e.model_dump() for e in events], sync=sync)
 
 
+class OfferLog(PartLog):
+    """The log of what was offered: :class:`PartLog` over :data:`OFFERS_SCHEMA`."""
+
+    def __init__(self, root: str, **kw: Any) -> None:
+        super().__init__(root, OFFERS_SCHEMA, **kw)
+
+
+def read_offers(root: str) -> pa.Table:
+    """Every offer row under ``root`` (all writers), oldest first.
+
+    Raises:
+        StorageError: nothing readable at ``root``.
+        DataError: a part that is not an offers part.
+    """
+    t = storage.read_parquet(root)
+    missing = [f.name for f in OFFERS_SCHEMA if f.name not in t.column_names]
+    if missing:
+        raise DataError(f"not an offers log: columns {missing} missing", source=root)
+    t = t.select(OFFERS_SCHEMA.names).cast(OFFERS_SCHEMA)
+    return t.sort_by([("received_at", "ascending"), ("writer", "ascending"), ("seq", "ascending")])
+
+
 def read_feedback(root: str) -> pa.Table:
-    """Every event under ``root`` (all writers), oldest first (received_at, writer, seq).
+    """Every event under ``root`` (all writers), oldest first (received_at, writer, seq), each
+    ``event_id`` once.
 
     Raises:
         StorageError: nothing readable at ``root``.
@@ -246,7 +302,14 @@ def read_feedback(root: str) -> pa.Table:
     bad = pc.invert(pc.is_in(t.column("action"), value_set=pa.array(ACTIONS)))
     if pc.any(bad).as_py():
         raise DataError("feedback rows with an unknown action", source=root)
-    return t.sort_by([("received_at", "ascending"), ("writer", "ascending"), ("seq", "ascending")])
+    t = t.sort_by([("received_at", "ascending"), ("writer", "ascending"), ("seq", "ascending")])
+    # A client that resent an event (its answer lost) gave it the same event_id: keep the first.
+    ids = t.column("event_id").to_pylist()
+    first_of: dict[str, int] = {}
+    for i, e in enumerate(ids):
+        first_of.setdefault(e, i)
+    first = sorted(first_of.values())
+    return t.take(first) if len(first) < t.num_rows else t
 
 
 def decisions(events: pa.Table) -> pa.Table:
