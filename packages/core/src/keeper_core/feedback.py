@@ -271,6 +271,16 @@ class OfferLog(PartLog):
         super().__init__(root, OFFERS_SCHEMA, **kw)
 
 
+def _read_log(root: str, schema: pa.Schema, what: str) -> pa.Table:
+    """Every row of a PartLog's parts under ``root`` in ``schema``, oldest first."""
+    t = storage.read_parquet(root)
+    missing = [f.name for f in schema if f.name not in t.column_names]
+    if missing:
+        raise DataError(f"not {what}: columns {missing} missing", source=root)
+    t = t.select(schema.names).cast(schema)
+    return t.sort_by([("received_at", "ascending"), ("writer", "ascending"), ("seq", "ascending")])
+
+
 def read_offers(root: str) -> pa.Table:
     """Every offer row under ``root`` (all writers), oldest first.
 
@@ -278,12 +288,7 @@ def read_offers(root: str) -> pa.Table:
         StorageError: nothing readable at ``root``.
         DataError: a part that is not an offers part.
     """
-    t = storage.read_parquet(root)
-    missing = [f.name for f in OFFERS_SCHEMA if f.name not in t.column_names]
-    if missing:
-        raise DataError(f"not an offers log: columns {missing} missing", source=root)
-    t = t.select(OFFERS_SCHEMA.names).cast(OFFERS_SCHEMA)
-    return t.sort_by([("received_at", "ascending"), ("writer", "ascending"), ("seq", "ascending")])
+    return _read_log(root, OFFERS_SCHEMA, "an offers log")
 
 
 def read_feedback(root: str) -> pa.Table:
@@ -294,15 +299,10 @@ def read_feedback(root: str) -> pa.Table:
         StorageError: nothing readable at ``root``.
         DataError: a part that is not a feedback part.
     """
-    t = storage.read_parquet(root)
-    missing = [f.name for f in SCHEMA if f.name not in t.column_names]
-    if missing:
-        raise DataError(f"not a feedback log: columns {missing} missing", source=root)
-    t = t.select(SCHEMA.names).cast(SCHEMA)
+    t = _read_log(root, SCHEMA, "a feedback log")
     bad = pc.invert(pc.is_in(t.column("action"), value_set=pa.array(ACTIONS)))
     if pc.any(bad).as_py():
         raise DataError("feedback rows with an unknown action", source=root)
-    t = t.sort_by([("received_at", "ascending"), ("writer", "ascending"), ("seq", "ascending")])
     # A client that resent an event (its answer lost) gave it the same event_id: keep the first.
     ids = t.column("event_id").to_pylist()
     first_of: dict[str, int] = {}
