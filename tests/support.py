@@ -8,6 +8,7 @@ import struct
 import subprocess
 import time
 import zlib
+from typing import Any
 
 
 def free_port() -> int:
@@ -105,3 +106,32 @@ def embed_files(
             embeddings_dir=storage.join(table, embed.EMBEDDINGS),
         )
     return table
+
+
+def offer_rows(
+    request: str, arm: str | None, group: str, n: int, route: str = "rank", first: str = "keeper"
+) -> list[dict[str, Any]]:
+    """Offer rows of one answer as ``keeper_core.feedback.OfferLog`` takes them: ``n`` images of
+    one group, ranked in order (``image_id`` ``{request}-img{j}``), the first offered as
+    ``first``; the challenger's model is version 2, anything else version 1."""
+    return [
+        {
+            "request_id": request,
+            "route": route,
+            "client": None,
+            "arm": arm,
+            "model": f"models:/r/{1 if arm != 'challenger' else 2}",
+            "model_spec": "keeper-tiny:random",
+            "group_id": group,
+            "group_size": n,
+            "image_id": f"{request}-img{j}",
+            "image_uri": None,
+            "position": j,
+            "rank": j,
+            "score": float(n - j),
+            "offered": first if j == 0 else "candidate",
+            "embedding": None,
+            "quality": None,
+        }
+        for j in range(n)
+    ]

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from support import offer_rows
 
 from keeper_core.ab import ab_report, assign, difference_interval, format_report
 from keeper_core.errors import DataError
@@ -46,32 +46,6 @@ def test_difference_interval() -> None:
     assert small is not None
     assert small.low < 0.25
     assert difference_interval(0, 0, 3, 5) is None
-
-
-def offer_rows(
-    request: str, arm: str | None, group: str, n: int, route: str = "rank", first: str = "keeper"
-) -> list[dict[str, Any]]:
-    return [
-        {
-            "request_id": request,
-            "route": route,
-            "client": None,
-            "arm": arm,
-            "model": f"models:/r/{1 if arm != 'challenger' else 2}",
-            "model_spec": "keeper-tiny:random",
-            "group_id": group,
-            "group_size": n,
-            "image_id": f"{request}-img{j}",
-            "image_uri": None,
-            "position": j,
-            "rank": j,
-            "score": float(n - j),
-            "offered": first if j == 0 else "candidate",
-            "embedding": None,
-            "quality": None,
-        }
-        for j in range(n)
-    ]
 
 
 def ev(request: str, image: str, action: str) -> FeedbackEvent:
