@@ -20,6 +20,12 @@ The interval is what a small promotion set can show: on 24 series one series is 
 a challenger that finds the keeper on 4 more series than the champion and loses none (+16.7
 points) is still within chance; 6 are not. ``ci_gate=False`` (``--no-ci-gate``) drops the test.
 
+With ``--online ROOT`` (a serving feedback root, docs/feedback.md) the online A/B counts too:
+the challenger arm must have served the version judged, and its online top-1 gain over the
+champion arm (``keeper ab-report``: of the groups where a person picked a keeper, the share the
+model ranked first) must reach ``--min-online-gain`` with the lower bound of its Newcombe interval
+above 0 (above ``min_online_gain`` when that is negative). Both halves must pass; both are recorded.
+
 Refused before anything is judged: promotion series that share images with the challenger's
 recorded train or val split (train_head's ``split.csv`` artifact), and a version that was rolled
 back (``keeper.rollback.*`` tags), unless it is named with ``--version N --force``.
@@ -44,6 +50,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keeper_core import storage
+from keeper_core.ab import ABReport
 from keeper_core.errors import ConfigError, DataError
 from keeper_core.metrics import (
     Interval,
@@ -53,7 +60,7 @@ from keeper_core.metrics import (
     top1_gain_over_chance,
 )
 from keeper_train import tracking
-from keeper_train.jobs import evaluate
+from keeper_train.jobs import ab_report, evaluate
 
 TAG = "keeper.promotion."
 ROLLBACK_TAG = "keeper.rollback."
@@ -79,8 +86,12 @@ class PromoteConfig(BaseModel):
     tracking_uri: str | None = None
     data_dir: str = Field("keeper-data", description="embedded MLflow store when none is set")
     json_out: str | None = Field(None, description="also write the outcome here (path or s3://)")
+    online: str | None = Field(
+        None, description="a feedback root: also gate on the A/B's online top-1 gain"
+    )
+    min_online_gain: float = Field(0.0, description="online top-1 gain needed, absolute")
 
-    @field_validator("min_gain")
+    @field_validator("min_gain", "min_online_gain")
     @classmethod
     def _min_gain(cls, v: float) -> float:
         check_min_gain(v)
@@ -189,6 +200,36 @@ def decide(
     if problems:
         return Decision(False, "; ".join(problems))
     return Decision(True, f"{top1}, >= {100 * min_gain:+.1f} required){ci}; {mrr}")
+
+
+def served_as(name: str, version: str) -> str:
+    """How the serving side names a registered version in its offers log (``model``)."""
+    return f"models:/{name}/{version}"
+
+
+def decide_online(report: ABReport, name: str, version: str, min_gain: float) -> Decision:
+    """The online half of the rule: the A/B's challenger arm served ``version``, and its online
+    top-1 gain over the champion arm is at least ``min_gain`` with the interval's lower bound
+    above ``min(min_gain, 0)`` (as offline: a drop the user allows is the bound).
+
+    Raises:
+        ConfigError: min_gain outside [-1, 1].
+    """
+    check_min_gain(min_gain)
+    served = report.arms["challenger"].models
+    if served_as(name, version) not in served:
+        got = ", ".join(served) or "nothing"
+        return Decision(False, f"online: the challenger arm served {got}, not v{version}")
+    gain = report.gain
+    if gain is None:
+        return Decision(False, "online: no keeper picked on one arm yet, no evidence")
+    bound = min(min_gain, 0.0)
+    line = f"online top-1 {gain.pts()} on {gain.n} groups"
+    if gain.estimate < min_gain - _EPS:
+        return Decision(False, f"{line}: below the {100 * min_gain:+.1f} required")
+    if gain.low <= bound + _EPS:
+        return Decision(False, f"{line}: not surely better (reaches {100 * bound:+.1f} pts)")
+    return Decision(True, line)
 
 
 def rolled_back(tags: Mapping[str, str]) -> dict[str, str]:
@@ -309,6 +350,13 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
         cfg.confidence,
     )
     decision = decide(m_chal, m_champ, cfg.min_gain, gain if cfg.ci_gate else None)
+    online: ABReport | None = None
+    if cfg.online is not None:
+        online = ab_report.run(
+            ab_report.ABReportConfig(feedback=cfg.online, confidence=cfg.confidence)
+        )
+        live = decide_online(online, name, chal_v, cfg.min_online_gain)
+        decision = Decision(decision.promote and live.promote, f"{decision.reason}; {live.reason}")
 
     tags = {
         "decision": "promoted" if decision.promote else "rejected",
@@ -331,6 +379,15 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
     }
     if cfg.force:
         tags["forced_after_rollback"] = "true"
+    if online is not None:
+        tags |= {"online": str(cfg.online), "min_online_gain": str(cfg.min_online_gain)}
+        if online.gain is not None:
+            tags |= {
+                "online_gain_top1": f"{online.gain.estimate:.6f}",
+                "online_gain_ci_low": f"{online.gain.low:.6f}",
+                "online_gain_ci_high": f"{online.gain.high:.6f}",
+                "online_groups": str(online.gain.n),
+            }
     if m_champ is not None:
         tags |= {"champion_top1": f"{m_champ.top1:.6f}", "champion_mrr": f"{m_champ.mrr:.6f}"}
     if decision.promote:
@@ -351,6 +408,7 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
         "warnings": warnings,
         "metrics": {k: v.as_dict() for k, v in comparison.results.items()},
         "table": comparison.table(),
+        "online": online.as_dict() if online is not None else None,
     }
 
 
