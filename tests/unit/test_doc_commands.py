@@ -107,7 +107,9 @@ def test_documented_keeper_command_parses(where: str, argv: list[str]) -> None:
 
 @pytest.mark.parametrize(("where", "job"), JOBS, ids=[w for w, _ in JOBS])
 def test_documented_job_command_names_real_fields(where: str, job: tuple[str, list[str]]) -> None:
+    from keeper_train.jobs.ab_report import ABReportConfig
     from keeper_train.jobs.embed import EmbedConfig
+    from keeper_train.jobs.feedback_export import FeedbackExportConfig
     from keeper_train.jobs.finetune import FinetuneConfig
     from keeper_train.jobs.pick import PickJobConfig
     from keeper_train.jobs.select import SelectJobConfig
@@ -120,6 +122,8 @@ def test_documented_job_command_names_real_fields(where: str, job: tuple[str, li
         "pick": PickJobConfig,
         "finetune": FinetuneConfig,
         "select": SelectJobConfig,
+        "feedback_export": FeedbackExportConfig,
+        "ab_report": ABReportConfig,
     }
     if name not in models:  # demo, evaluate, promote: `python -m` runs `keeper <verb>` flags
         verb = name.replace("_", "-")

@@ -60,3 +60,12 @@ def test_window_and_missing_offers(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "empty").mkdir()
     assert ab_report.main([f"feedback={tmp_path / 'empty'}"]) == 2
     assert "no offers logged here" in capsys.readouterr().err
+
+
+def test_the_keeper_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from keeper_core.cli import main as keeper
+
+    write_root(tmp_path / "fb")
+    argv = ["ab-report", "--feedback", str(tmp_path / "fb"), "--confidence", "0.9"]
+    assert keeper(argv) == 0
+    assert "online top-1" in capsys.readouterr().out

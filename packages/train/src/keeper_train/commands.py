@@ -492,6 +492,63 @@ def add_reference_parser(subparsers: SubParsers) -> None:
     rm.set_defaults(func=run_remove)
 
 
+def add_feedback_export_parser(subparsers: SubParsers) -> None:
+    """``keeper feedback-export``: people's decisions -> train-head's input (jobs.feedback_export)."""
+    p = subparsers.add_parser(
+        "feedback-export",
+        help="turn a feedback root (events + offers) into series that keeper train-head takes",
+        description="Join the standing decisions under ROOT/events to what was offered under "
+        "ROOT/offers; write keeper embed's layout (embeddings/, _KEEPER_TABLE.json) with "
+        "series.csv and _SUMMARY.json (what was used, what was skipped and why). A flag given "
+        "here overrides --config.",
+    )
+    p.add_argument("--config", help="YAML config (FeedbackExportConfig fields)")
+    p.add_argument("--feedback", help="feedback root: ROOT/events and ROOT/offers (required)")
+    p.add_argument("--output", help="folder or s3:// prefix to write (required)")
+    p.add_argument(
+        "--pairs", action=_BOOL, help="accepted-vs-rejected pairs from groups with no keeper"
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="any other field as key=value, e.g. since=2026-06-01"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import feedback_export
+
+        argv = ["--config", args.config] if args.config else []
+        flags = as_overrides(given(args, ("feedback", "output", "pairs")))
+        return feedback_export.main([*argv, *flags, *args.overrides])
+
+    p.set_defaults(func=run)
+
+
+def add_ab_report_parser(subparsers: SubParsers) -> None:
+    """``keeper ab-report``: champion and challenger measured on decisions (jobs.ab_report)."""
+    p = subparsers.add_parser(
+        "ab-report",
+        help="per-arm online figures (top-1, acceptance, click-through) from a feedback root",
+        description="Join what the server offered (ROOT/offers) to people's standing decisions "
+        "(ROOT/events) and print each A/B arm's online top-1, acceptance, click-through, "
+        "zero-result rate and mean keeper rank with exact intervals, then the challenger's gain.",
+    )
+    p.add_argument("--config", help="YAML config (ABReportConfig fields)")
+    p.add_argument("--feedback", help="feedback root: ROOT/offers and ROOT/events (required)")
+    p.add_argument("--since", help="only answers offered at or after this ISO 8601 time")
+    p.add_argument("--until", help="only answers offered before this ISO 8601 time")
+    p.add_argument("--confidence", type=float, help="coverage of every interval (default 0.95)")
+    p.add_argument("--json-out", help="also write the report here (path or s3://)")
+    p.add_argument("overrides", nargs="*", help="any other field as key=value")
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import ab_report
+
+        argv = ["--config", args.config] if args.config else []
+        keys = ("feedback", "since", "until", "confidence", "json_out")
+        return ab_report.main([*argv, *as_overrides(given(args, keys)), *args.overrides])
+
+    p.set_defaults(func=run)
+
+
 # --------------------------------------------------------------------------------------------
 # keeper demo, evaluate, promote: flags become the job's typed config
 
@@ -608,13 +665,19 @@ def add_promote_parser(subparsers: SubParsers) -> None:
         "--force", action=_BOOL, help="with --version: allow a version that was rolled back"
     )
     p.add_argument("--rollback", action=_BOOL, help="move @champion back to the previous champion")
+    p.add_argument(
+        "--online", help="a serving feedback root: also gate on the A/B's online top-1 gain"
+    )
+    p.add_argument(
+        "--min-online-gain", type=float, help="online top-1 gain needed, absolute (default 0)"
+    )
     _add_registry_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
         from keeper_train.jobs import promote
 
         keys = ["name", "embeddings", "series", "min_gain", "ci_gate", "confidence", "version"]
-        keys += ["force", "rollback"]
+        keys += ["force", "rollback", "online", "min_online_gain"]
         cfg = validated(promote.PromoteConfig, given(args, [*keys, *_REGISTRY_KEYS]))
         print(promote.format_outcome(promote.run(cfg)))
         return 0
