@@ -360,7 +360,8 @@ def test_every_route_needs_the_token_but_healthz(app: str, registry: Registry) -
 
 
 def test_optional_routes_answer_404_when_not_configured(app: str) -> None:
-    """This app sets neither ``search`` nor ``references``: their routes say so, as JSON."""
+    """This app sets neither ``search``, ``references`` nor ``feedback``: their routes say so, as
+    JSON."""
     r = call(app, "POST", "/v1/search", {"text": "a cat", "k": 2})
     assert (r.status, r.body["error"]["code"]) == (404, "search_not_configured")
     for method, path, body in [
@@ -370,6 +371,11 @@ def test_optional_routes_answer_404_when_not_configured(app: str) -> None:
         r = call(app, method, path, body)
         assert (r.status, r.body["error"]["code"]) == (404, "references_not_configured"), path
     assert call(app, "POST", "/v1/compare", {"collection": "p"}, token=None).status == 401
+    # Refused before the body is parsed: an invalid body gets the same answer.
+    for body in ({"events": [{"request_id": "r", "image_id": "i", "action": "accepted"}]}, {}):
+        r = call(app, "POST", "/v1/feedback", body)
+        assert (r.status, r.body["error"]["code"]) == (404, "feedback_not_configured"), r.body
+    assert call(app, "POST", "/v1/feedback", {}, token=None).status == 401
 
 
 def test_rank_over_http_matches_the_batch_ranker(app: str, registry: Registry) -> None:
@@ -379,6 +385,8 @@ def test_rank_over_http_matches_the_batch_ranker(app: str, registry: Registry) -
     body = rank_body(registry, 3)
     r = call(app, "POST", "/v1/rank", body)
     assert r.status == 200, r
+    assert re.fullmatch("[0-9a-f]{32}", r.body["request_id"]), r.body["request_id"]
+    assert call(app, "POST", "/v1/rank", body).body["request_id"] != r.body["request_id"]
     assert r.body["model"]["version"] == champion
     assert r.body["model"]["name"] == NAME
     offline = ranker.rank(registry.rows)

@@ -17,8 +17,10 @@ import base64
 import binascii
 import hashlib
 import json
+import math
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 import numpy as np
@@ -28,9 +30,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from keeper_core import storage
 from keeper_core.capture import CAPTURE_COLUMNS, Capture, capture_row, given_capture, read_capture
-from keeper_core.cascade import CascadeConfig
+from keeper_core.cascade import STAGES, CascadeConfig, CascadeResult
 from keeper_core.culling import CullResult, cull
 from keeper_core.errors import ConfigError, DataError, ImageDecodeError, StorageError
+from keeper_core.feedback import FeedbackEvent
 from keeper_core.grouping import GroupingConfig, dhash
 from keeper_core.images import DecodeLimits
 from keeper_core.picking import PickConfig
@@ -558,7 +561,17 @@ class RankModel(BaseModel):
     random_weights: bool
 
 
+#: Every answer of /v1/rank, /v1/pick and /v1/select: the id its feedback refers to.
+_REQUEST_ID = "made by the server for this answer: what POST /v1/feedback events refer to"
+
+
+def new_request_id() -> str:
+    """A server-made request id (uuid4, 32 hex digits)."""
+    return uuid.uuid4().hex
+
+
 class RankResponse(BaseModel):
+    request_id: str = Field(description=_REQUEST_ID)
     model: RankModel
     series: list[RankedSeries]
 
@@ -642,6 +655,7 @@ class SelectRationale(BaseModel):
 
 
 class SelectResponse(BaseModel):
+    request_id: str = Field(description=_REQUEST_ID)
     picks: list[int] = Field(description="request indices, best first")
     rationales: list[SelectRationale] | None = Field(
         description="with rationale: true and a VLM: one per pick, in pick order; else null"
@@ -653,12 +667,196 @@ class SelectResponse(BaseModel):
 
 
 class PickResponse(BaseModel):
+    request_id: str = Field(description=_REQUEST_ID)
     clip_model: str
     random_weights: bool
     ranker: PickRanker
     counts: dict[str, int]
     groups: list[PickedGroup] = Field(description="in time order")
     images: list[PickedImage] = Field(description="in request order")
+
+
+# ----------------------------------------------------------------------------------- feedback
+
+#: Header naming the caller (an app's user, a reviewer): recorded on offers and events.
+CLIENT_HEADER = "X-Keeper-Client"
+MAX_CLIENT_CHARS = 256
+
+
+class FeedbackRequest(_Req):
+    """``/v1/feedback``: people's decisions on images of earlier answers."""
+
+    events: list[FeedbackEvent] = Field(
+        min_length=1, description="1 to feedback.max_events decisions"
+    )
+    sync: bool = Field(
+        False, description="write them before answering (durable: true unless storage failed)"
+    )
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int = Field(description="events of this request now held by the server")
+    durable: bool = Field(description="true: every event of this request is on storage")
+    pending: int = Field(description="rows this replica holds that are not on storage yet")
+    writer: str = Field(description="the replica's writer name (in part names and rows)")
+    last_error: str | None = Field(
+        description="the last failed write's cause; null after a good one"
+    )
+
+
+def client_key(value: str | None) -> str | None:
+    """The ``X-Keeper-Client`` header's value (None: not given); 400 past 256 characters."""
+    if value is None:
+        return None
+    value = value.strip()
+    if len(value) > MAX_CLIENT_CHARS:
+        raise ApiError(
+            400,
+            "invalid_client",
+            f"{CLIENT_HEADER} has {len(value)} characters; the limit is {MAX_CLIENT_CHARS}",
+        )
+    return value or None
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What every offer row of one answer shares (keeper_core.feedback.OFFERS_SCHEMA)."""
+
+    request_id: str
+    route: Literal["rank", "pick", "select"]
+    client: str | None
+    model: str  # a registered version (models:/NAME/VERSION), or the rule's name
+    model_spec: str  # the CLIP spec of the embeddings
+    vectors: bool  # embeddings and quality features on the rows (feedback.offer_embeddings)
+
+    def rows(
+        self,
+        *,
+        groups: Sequence[str],
+        ranks: Sequence[int],
+        scores: Sequence[float],
+        offered: Sequence[str],
+        image_ids: Sequence[str],
+        image_uris: Sequence[str | None],
+        embeddings: np.ndarray | None,
+        quality: np.ndarray | None,
+    ) -> list[dict[str, Any]]:
+        """One row per image, in request order (``position``)."""
+        sizes = pd.Series(list(groups)).value_counts().to_dict()
+        emb = embeddings if self.vectors else None
+        qual = quality if self.vectors else None
+        return [
+            {
+                "request_id": self.request_id,
+                "route": self.route,
+                "client": self.client,
+                "arm": None,
+                "model": self.model,
+                "model_spec": self.model_spec,
+                "group_id": str(g),
+                "group_size": int(sizes[g]),
+                "image_id": image_ids[i],
+                "image_uri": image_uris[i],
+                "position": i,
+                "rank": int(ranks[i]),
+                "score": None if not math.isfinite(scores[i]) else float(scores[i]),
+                "offered": offered[i],
+                "embedding": None if emb is None else np.asarray(emb[i], np.float32).tolist(),
+                "quality": None if qual is None else np.asarray(qual[i], np.float32).tolist(),
+            }
+            for i, g in enumerate(groups)
+        ]
+
+
+def ref_uris(refs: Sequence[ImageRef | bytes]) -> list[str | None]:
+    """Each request image's URI when it came as ``{"uri"}`` (None: base64 or an upload)."""
+    return [r.uri if isinstance(r, ImageRef) else None for r in refs]
+
+
+def registered_model(model: dict[str, Any]) -> str:
+    """The version that ranked: ``models:/NAME/VERSION`` (an alias moves; a version does not)."""
+    if model.get("name") and model.get("version"):
+        return f"models:/{model['name']}/{model['version']}"
+    return str(model.get("uri") or model.get("label"))
+
+
+def rank_offers(
+    offer: Offer,
+    answer: dict[str, Any],
+    image_ids: Sequence[str],
+    image_uris: Sequence[str | None],
+    embeddings: np.ndarray | None,
+    quality: np.ndarray | None,
+) -> list[dict[str, Any]]:
+    """``/v1/rank``'s offers: a group per series, ``keeper`` its pick, the rest ``candidate``."""
+    groups: list[str] = []
+    ranks: list[int] = []
+    scores: list[float] = []
+    offered: list[str] = []
+    for s in answer["series"]:
+        order = np.lexsort((np.arange(len(s["scores"])), -np.asarray(s["scores"])))
+        rank = np.empty(len(order), np.int64)
+        rank[order] = np.arange(len(order))
+        groups += [s["id"]] * len(order)
+        ranks += rank.tolist()
+        scores += s["scores"]
+        offered += ["keeper" if j == s["keeper_index"] else "candidate" for j in range(len(order))]
+    return offer.rows(
+        groups=groups, ranks=ranks, scores=scores, offered=offered, image_ids=image_ids,
+        image_uris=image_uris, embeddings=embeddings, quality=quality,
+    )  # fmt: skip
+
+
+def pick_offers(
+    offer: Offer,
+    answer: dict[str, Any],
+    image_ids: Sequence[str],
+    image_uris: Sequence[str | None],
+    embeddings: np.ndarray | None,
+    quality: np.ndarray | None,
+) -> list[dict[str, Any]]:
+    """``/v1/pick``'s offers: its groups, rank 0 the best (the answer's rank 1), ``offered`` the
+    decision (keep | alternate | reject)."""
+    images = answer["images"]
+    return offer.rows(
+        groups=[im["group"] for im in images],
+        ranks=[im["rank"] - 1 for im in images],
+        scores=[im["score"] for im in images],
+        offered=[im["decision"] for im in images],
+        image_ids=image_ids, image_uris=image_uris, embeddings=embeddings, quality=quality,
+    )  # fmt: skip
+
+
+def select_offers(
+    offer: Offer,
+    query: str,
+    result: CascadeResult,
+    image_ids: Sequence[str],
+    image_uris: Sequence[str | None],
+    embeddings: np.ndarray | None,
+    quality: np.ndarray | None,
+) -> list[dict[str, Any]]:
+    """``/v1/select``'s offers: one group (the query); the picks first, in pick order, then the
+    rest by the last stage each reached and the last score it got there (final, rerank, clip)."""
+    c = result.candidates
+    n = len(c.reason)
+    score = np.full(n, np.nan)
+    for col in (c.clip, c.rerank, c.final):  # later stages' scores replace earlier ones
+        score = np.where(np.isnan(col), score, col)
+    depth = np.array([len(STAGES) if d is None else STAGES.index(d) for d in c.dropped_at])
+    picks = list(result.picks)
+    rest = [i for i in range(n) if i not in set(picks)]
+    rest.sort(key=lambda i: (-depth[i], -np.nan_to_num(score[i], nan=-np.inf), i))
+    rank = np.empty(n, np.int64)
+    rank[picks + rest] = np.arange(n)
+    chosen = set(picks)
+    return offer.rows(
+        groups=[query] * n,
+        ranks=rank.tolist(),
+        scores=score.tolist(),
+        offered=["pick" if i in chosen else "candidate" for i in range(n)],
+        image_ids=image_ids, image_uris=image_uris, embeddings=embeddings, quality=quality,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- bodies
@@ -720,6 +918,7 @@ class Prepared:
 
     pixels: np.ndarray  # (N, 3, S, S) uint8: the model's resize + crop, normalised on device
     quality: np.ndarray | None  # (N, F) float32, keeper_core.quality.FEATURE_NAMES order
+    image_ids: list[str] = field(default_factory=list)  # sha256 of each image's bytes
 
 
 @dataclass
@@ -746,6 +945,8 @@ class SelectImages:
     widths: np.ndarray  # (N,) original displayed widths
     heights: np.ndarray
     views: list[np.ndarray]  # (H, W, 3) uint8, longest side <= vlm.max_image_side
+    image_ids: list[str]  # sha256 of each image's bytes
+    quality: np.ndarray | None  # (N, F) when asked for (the offers log), else None
 
 
 class ImagePreparer:
@@ -861,20 +1062,34 @@ class ImagePreparer:
     def prepare(self, refs: Sequence[ImageRef | bytes], *, quality: bool) -> Prepared:
         """Every image or the first failure (an ApiError naming its index): a request is whole."""
         self.check_count(len(refs))
-        decoded = [self.decode(self.fetch(ref, i), i) for i, ref in enumerate(refs)]
+        decoded, ids = self._decode_all(refs)
         feats = self.preparation.quality(decoded) if quality and decoded else None
-        return Prepared(pixels=self.preparation.pixels(decoded), quality=feats)
+        return Prepared(pixels=self.preparation.pixels(decoded), quality=feats, image_ids=ids)
 
-    def prepare_select(self, refs: Sequence[ImageRef | bytes], max_side: int) -> SelectImages:
-        """``prepare`` plus sizes and a copy of each image at most ``max_side`` for the VLM."""
+    def _decode_all(self, refs: Sequence[ImageRef | bytes]) -> tuple[list[DecodedImage], list[str]]:
+        """Each image decoded, and the sha256 of its bytes (its image_id in the offers log)."""
+        decoded, ids = [], []
+        for i, ref in enumerate(refs):
+            data = self.fetch(ref, i)
+            decoded.append(self.decode(data, i))
+            ids.append(hashlib.sha256(data).hexdigest())
+        return decoded, ids
+
+    def prepare_select(
+        self, refs: Sequence[ImageRef | bytes], max_side: int, *, quality: bool = False
+    ) -> SelectImages:
+        """``prepare`` plus sizes and a copy of each image at most ``max_side`` for the VLM
+        (and quality features when ``quality``)."""
         self.check_count(len(refs), self.limits.max_select_images)
-        decoded = [self.decode(self.fetch(ref, i), i) for i, ref in enumerate(refs)]
+        decoded, ids = self._decode_all(refs)
         views = [vlm_view(d.image, max_side) for d in decoded]
         return SelectImages(
             pixels=self.preparation.pixels(decoded),
             widths=np.array([d.width for d in decoded], np.float64),
             heights=np.array([d.height for d in decoded], np.float64),
             views=views,
+            image_ids=ids,
+            quality=self.preparation.quality(decoded) if quality and decoded else None,
         )
 
     def prepare_pick(
@@ -1085,8 +1300,11 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def pick_response(result: CullResult, ranker: PickRanker, clip: dict[str, Any]) -> dict[str, Any]:
-    """``/v1/pick``'s answer (a :class:`PickResponse`): groups in time order, images by index."""
+def pick_response(
+    result: CullResult, ranker: PickRanker, clip: dict[str, Any], request_id: str | None = None
+) -> dict[str, Any]:
+    """``/v1/pick``'s answer (a :class:`PickResponse`): groups in time order, images by index.
+    ``request_id``: the answer's (None: a new one)."""
     picks = result.picks
     index = picks[REQUEST_INDEX].to_numpy(dtype=np.int64)
     dup = picks["duplicate_of"].to_numpy(dtype=np.int64)
@@ -1120,6 +1338,7 @@ def pick_response(result: CullResult, ranker: PickRanker, clip: dict[str, Any]) 
             }
         )
     return {
+        "request_id": request_id or new_request_id(),
         "clip_model": clip["spec"],
         "random_weights": clip["random_weights"],
         "ranker": ranker.model_dump(),

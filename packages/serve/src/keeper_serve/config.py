@@ -201,6 +201,40 @@ class ReferenceArgs(_Strict):
     max_k: int = Field(20, ge=1, description="nearest references per request")
 
 
+class FeedbackArgs(_Strict):
+    """``POST /v1/feedback`` and the log of what ``/v1/rank``, ``/v1/pick`` and ``/v1/select``
+    offered: both buffered in each ingress replica and written as Parquet parts under ``root``
+    (``ROOT/events``, ``ROOT/offers``; keeper_core.feedback).
+
+    A part is written when ``max_rows`` rows are buffered or the oldest is ``max_age_s`` old (a
+    timer looks every ``min(1, max_age_s)`` s), at once for a ``sync`` request, and when a
+    replica shuts down gracefully; a killed replica loses what it had not written, which is
+    exactly what its answers said was not durable.
+    """
+
+    root: str = Field(description="folder or s3:// prefix: ROOT/events and ROOT/offers")
+    max_rows: int = Field(500, ge=1, description="rows buffered before a part is written")
+    max_age_s: float = Field(2.0, gt=0, description="oldest buffered row's age before a write")
+    # Rows a replica holds while storage fails; past it, /v1/feedback answers 503 and offers
+    # are dropped (counted), so a storage outage never grows a replica without bound.
+    max_pending: int = Field(100_000, ge=1, description="unwritten rows a replica holds at most")
+    max_events: int = Field(1000, ge=1, description="events in one /v1/feedback request")
+    offers: bool = Field(True, description="log what /v1/rank, /v1/pick and /v1/select offered")
+    offer_embeddings: bool = Field(
+        True,
+        description=(
+            "offers carry each image's embedding and quality features (what keeper "
+            "feedback-export trains on); false: ids, ranks and scores only"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _pending_fits(self) -> FeedbackArgs:
+        if self.max_pending < self.max_rows:
+            raise ValueError("feedback.max_pending must be >= feedback.max_rows")
+        return self
+
+
 class KeeperAppArgs(_Strict):
     """``build_app(args)``: the whole application."""
 
@@ -230,6 +264,9 @@ class KeeperAppArgs(_Strict):
     search: SearchArgs | None = Field(None, description="/v1/search's index; None: no search")
     references: ReferenceArgs | None = Field(
         None, description="/v1/compare's reference collections; None: no /v1/compare"
+    )
+    feedback: FeedbackArgs | None = Field(
+        None, description="/v1/feedback and the offers log; None: no /v1/feedback, no offers"
     )
 
     @field_validator("s3_allow_buckets")

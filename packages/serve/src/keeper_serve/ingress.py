@@ -13,7 +13,11 @@ event loop). ``/v1/search`` embeds its query here (a text, or an image prepared 
 and asks ``SearchIndex`` (bound only when ``args.search`` is set) for the top k; ``/v1/compare``
 prepares and embeds its image the same way (with quality features) and asks
 ``ReferenceCollections`` (bound only when ``args.references`` is set) where it sits in a
-collection. Errors are JSON ``{"error": {"code", "message", "index"?}}``; see docs/http-api.md.
+collection. With ``args.feedback``, ``/v1/feedback`` appends people's decisions to a
+``FeedbackLog`` and every answer of ``/v1/rank``, ``/v1/pick`` and ``/v1/select`` appends what it
+offered to an ``OfferLog`` (keeper_core.feedback), both buffered here and written as Parquet parts
+by a timer thread, on ``sync``, and on a graceful shutdown. Errors are JSON
+``{"error": {"code", "message", "index"?}}``; see docs/http-api.md.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, cast
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -48,6 +54,7 @@ from keeper_core.cascade import (
 )
 from keeper_core.corpus import Corpus, read_corpus
 from keeper_core.errors import ConfigError, DataError, KeeperError, StorageError
+from keeper_core.feedback import FeedbackBackpressure, FeedbackLog, OfferLog, PartLog
 from keeper_core.scoring import (
     AestheticConfig,
     aesthetic_scores,
@@ -96,7 +103,12 @@ def _json_body(model: type[Any]) -> dict[str, Any]:
 
 
 #: Bodies taken as JSON only (no multipart form).
-_JSON_ONLY: tuple[type[Any], ...] = (api.RankRequest, api.SearchRequest, api.CompareRequest)
+_JSON_ONLY: tuple[type[Any], ...] = (
+    api.RankRequest,
+    api.SearchRequest,
+    api.CompareRequest,
+    api.FeedbackRequest,
+)
 
 #: Bodies the routes parse themselves: their schemas are added to the OpenAPI components.
 REQUEST_MODELS = (
@@ -108,6 +120,7 @@ REQUEST_MODELS = (
     api.SelectRequest,
     api.SearchRequest,
     api.CompareRequest,
+    api.FeedbackRequest,
 )
 
 
@@ -201,6 +214,7 @@ ROUTES = frozenset(
         "/v1/search",
         "/v1/compare",
         "/v1/references",
+        "/v1/feedback",
         *DOC_PATHS,
     }
 )
@@ -277,6 +291,9 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", f"internal error ({type(exc).__name__})")
 
 
+#: What ranks /v1/select's candidates, as its offer rows name it (and "+vlm:SOURCE" after a VLM).
+SELECT_MODEL = "aesthetic-rerank"
+
 #: Multipart fields holding one value each (the request model refuses those not its own).
 _SCALAR_FIELDS = frozenset(
     {"temperature", "max_gap_s", "min_similarity", "alternates", "vlm_query", "candidates"}
@@ -347,6 +364,125 @@ class KeeperIngress:
         self.images_in = Counter(
             "keeper_images", description="images accepted by route", tag_keys=("route",)
         )
+        self.offers_dropped = Counter(
+            "keeper_offers_dropped",
+            description="offer rows not logged (the offers log refused them: storage failing)",
+            tag_keys=("route",),
+        )
+        self.feedback_log: FeedbackLog | None = None
+        self.offer_log: OfferLog | None = None
+        self._stop_flusher = threading.Event()
+        self._flusher: threading.Thread | None = None
+        if args.feedback is not None:
+            self._start_feedback(args)
+
+    # ----------------------------------------------------------------------------- feedback
+
+    def _start_feedback(self, args: KeeperAppArgs) -> None:
+        """This replica's feedback and offers logs, and the thread that writes them when due."""
+        fb = args.feedback
+        assert fb is not None
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # RayServeException: built outside a replica (a test)
+            replica = uuid.uuid4().hex[:12]
+        # Unique per replica (and per start of one): part names never collide across writers.
+        writer = f"ingress-{replica}-{uuid.uuid4().hex[:6]}"
+        kw: dict[str, Any] = {
+            "writer": writer,
+            "max_rows": fb.max_rows,
+            "max_age_s": fb.max_age_s,
+            "max_pending": fb.max_pending,
+        }
+        self.feedback_log = FeedbackLog(storage.join(fb.root, "events"), **kw)
+        if fb.offers:
+            self.offer_log = OfferLog(storage.join(fb.root, "offers"), **kw)
+        self._flusher = threading.Thread(
+            target=self._flush_loop, args=(min(1.0, fb.max_age_s),), name="keeper-feedback",
+            daemon=True,
+        )  # fmt: skip
+        self._flusher.start()
+        log.info("feedback: events and offers under %s (writer %s)", fb.root, writer)
+
+    def _logs(self) -> list[PartLog]:
+        return [x for x in (self.feedback_log, self.offer_log) if x is not None]
+
+    def _flush_loop(self, every_s: float) -> None:
+        while not self._stop_flusher.wait(every_s):
+            for part_log in self._logs():
+                try:
+                    part_log.flush_due()  # a failed write keeps its rows and says so
+                except Exception:
+                    log.exception("feedback: flushing %s failed", part_log.root)
+
+    def __del__(self) -> None:
+        """Serve calls this on a graceful replica shutdown: write what is buffered."""
+        if getattr(self, "_flusher", None) is None:  # __init__ failed, or no feedback
+            return
+        self._stop_flusher.set()
+        assert self._flusher is not None
+        self._flusher.join(timeout=5)
+        for part_log in self._logs():
+            try:
+                part_log.flush()
+                if part_log.pending:
+                    log.error(
+                        "feedback: %d rows of %s not written at shutdown: %s",
+                        part_log.pending, part_log.root, part_log.last_error,
+                    )  # fmt: skip
+            except Exception:
+                log.exception("feedback: final flush of %s failed", part_log.root)
+
+    def _client(self, request: Request) -> str | None:
+        return api.client_key(request.headers.get(api.CLIENT_HEADER))
+
+    def _offer(
+        self,
+        request: Request,
+        route: Literal["rank", "pick", "select"],
+        request_id: str,
+        model: str,
+        clip: dict[str, Any],
+    ) -> api.Offer | None:
+        """What this answer's offer rows share; None when offers are not logged."""
+        if self.offer_log is None:
+            return None
+        assert self.args.feedback is not None
+        return api.Offer(
+            request_id=request_id,
+            route=route,
+            client=self._client(request),
+            model=model,
+            model_spec=str(clip["spec"]),
+            vectors=self.args.feedback.offer_embeddings,
+        )
+
+    async def _log_offers(self, route: str, build: Callable[[], list[dict[str, Any]]]) -> None:
+        """Append an answer's offer rows (on a worker thread: the append may write a part).
+
+        Never fails the answer: rows the log refuses (storage failing past max_pending) are
+        counted in ``keeper_offers_dropped`` and logged.
+        """
+        offer_log = self.offer_log
+        if offer_log is None:
+            return
+
+        def append() -> int:
+            rows = build()
+            try:
+                offer_log.append_rows(rows)
+            except FeedbackBackpressure as e:
+                log.warning("offers: %d rows of %s dropped: %s", len(rows), route, e)
+                return len(rows)
+            return 0
+
+        try:
+            dropped = await asyncio.to_thread(append)
+        except Exception:  # a bug in building the rows: the answer still goes out (counted once)
+            log.exception("offers: rows of %s not logged", route)
+            dropped = 1
+        if dropped:
+            self.offers_dropped.inc(dropped, tags={"route": route})
 
     # ----------------------------------------------------------------------------- plumbing
 
@@ -690,6 +826,8 @@ class KeeperIngress:
         summary="series of images -> per-image scores, probabilities and the keeper",
     )
     async def rank(self, request: Request) -> dict[str, Any]:
+        request_id = api.new_request_id()
+        self._client(request)  # a bad X-Keeper-Client fails before any work
         req, _ = await self._parse(request, api.RankRequest, image_key="series")
         limits = self.args.limits
         if len(req.series) > limits.max_series:
@@ -717,11 +855,23 @@ class KeeperIngress:
         lengths = [len(s.images) for s in req.series]
         prepared = await self._prepare(refs, quality=True)
         self._count_images(len(refs), "/v1/rank")
-        out, clip = await asyncio.gather(self._rank(prepared, lengths), self._clip())
+        want_vectors = self.offer_log is not None and self._offer_vectors()
+        embeddings: np.ndarray | None = None
+        if want_vectors and not self._ranker_tuned:
+            embeddings = await self._embed(prepared)  # a head needs them anyway: no extra cost
+        if want_vectors and embeddings is None:  # a fine-tuned ranker scores pixels: embed too
+            out, clip, embeddings = await asyncio.gather(
+                self._rank(prepared, lengths), self._clip(), self._embed(prepared)
+            )
+        else:
+            out, clip = await asyncio.gather(
+                self._rank(prepared, lengths, embeddings), self._clip()
+            )
         if "unavailable" in out:
             raise ApiError(503, "model_unavailable", out["unavailable"])
         model = out["model"]
-        return {
+        answer = {
+            "request_id": request_id,
             "model": {
                 "uri": model["uri"],
                 "name": model["name"],
@@ -745,6 +895,19 @@ class KeeperIngress:
                 )
             ],
         }
+        offer = self._offer(request, "rank", request_id, api.registered_model(model), clip)
+        if offer is not None:
+            uris = api.ref_uris(refs)
+            await self._log_offers(
+                "/v1/rank",
+                lambda: api.rank_offers(
+                    offer, answer, prepared.image_ids, uris, embeddings, prepared.quality
+                ),
+            )
+        return answer
+
+    def _offer_vectors(self) -> bool:
+        return self.args.feedback is not None and self.args.feedback.offer_embeddings
 
     @app.post(
         "/v1/pick",
@@ -753,6 +916,8 @@ class KeeperIngress:
         summary="a shoot's images -> bursts/scenes, duplicates, and keep / alternate / reject",
     )
     async def pick(self, request: Request) -> dict[str, Any]:
+        request_id = api.new_request_id()
+        self._client(request)
         req, refs = await self._parse(request, api.PickRequest)
         self.images.check_count(len(refs), self.args.limits.max_pick_images)
         given = api.given_captures(req.images)  # a bad time fails before any image is read
@@ -779,7 +944,17 @@ class KeeperIngress:
             picking=req.picking(),
             pixels=images.pixels,
         )
-        return api.pick_response(result, ranker, clip)
+        answer = api.pick_response(result, ranker, clip, request_id)
+        offer = self._offer(
+            request, "pick", request_id, api.registered_model(ranker.model_dump()), clip
+        )
+        if offer is not None:
+            uris = api.ref_uris(refs)
+            await self._log_offers(
+                "/v1/pick",
+                lambda: api.pick_offers(offer, answer, images.image_ids, uris, emb, images.quality),
+            )
+        return answer
 
     @app.post(
         "/v1/select",
@@ -789,6 +964,8 @@ class KeeperIngress:
     )
     async def select(self, request: Request) -> dict[str, Any]:
         t0 = time.perf_counter()
+        request_id = api.new_request_id()
+        self._client(request)
         req, refs = await self._parse(request, api.SelectRequest)
         limits = self.args.limits
         self.images.check_count(len(refs), limits.max_select_images)
@@ -818,13 +995,20 @@ class KeeperIngress:
             emb = self.corpus.embeddings[rows]
             widths, heights = self.corpus.width[rows], self.corpus.height[rows]
             view = self._corpus_view(rows)
+            image_ids = [self.corpus.image_id[int(r)] for r in rows]
+            uris: list[str | None] = [self.corpus.image_uri[int(r)] for r in rows]
+            quality = None  # the corpus holds embeddings, not quality features
             txt, aesthetic_prompts = await asyncio.gather(
                 self._texts(texts), self._prompt_embeddings(self.aesthetic.all_prompts())
             )
         else:
             images = await asyncio.to_thread(
-                self.images.prepare_select, refs, self.args.vlm.max_image_side
+                self.images.prepare_select,
+                refs,
+                self.args.vlm.max_image_side,
+                quality=self.offer_log is not None and self._offer_vectors(),
             )
+            image_ids, uris, quality = images.image_ids, api.ref_uris(refs), images.quality
             self._count_images(len(refs), "/v1/select")
             widths, heights, views = images.widths, images.heights, images.views
             view = views.__getitem__
@@ -862,7 +1046,8 @@ class KeeperIngress:
             shown = await asyncio.to_thread(lambda: [view(i) for i in result.picks])
             texts = await asyncio.gather(*(self.vlm.rationale.remote(v, query) for v in shown))
             rationales = [{"index": i, "text": t} for i, t in zip(result.picks, texts, strict=True)]
-        return {
+        answer = {
+            "request_id": request_id,
             "picks": out["picks"],
             "rationales": rationales,
             "stages": out["stages"],
@@ -880,6 +1065,14 @@ class KeeperIngress:
                 "vlm": {**vlm_info, "query": query} if judge is not None else vlm_info,
             },
         }
+        model = SELECT_MODEL + (f"+vlm:{vlm_info.get('source')}" if judge is not None else "")
+        offer = self._offer(request, "select", request_id, model, clip)
+        if offer is not None:
+            await self._log_offers(
+                "/v1/select",
+                lambda: api.select_offers(offer, query, result, image_ids, uris, emb, quality),
+            )
+        return answer
 
     @app.post(
         "/v1/search",
@@ -986,4 +1179,40 @@ class KeeperIngress:
                 for c in listed["collections"]
             ],
             "refused": listed["refused"],
+        }
+
+    @app.post(
+        "/v1/feedback",
+        response_model=api.FeedbackResponse,
+        openapi_extra=_json_body(api.FeedbackRequest),
+        summary="people's decisions on images of earlier answers, appended to the feedback log",
+    )
+    async def feedback(self, request: Request) -> Any:
+        feedback_log = self.feedback_log
+        if feedback_log is None:  # before the body is read: nothing here would keep it
+            raise ApiError(
+                404, "feedback_not_configured", "this server has no feedback log (args.feedback)"
+            )
+        assert self.args.feedback is not None
+        client = self._client(request)
+        req, _ = await self._parse(request, api.FeedbackRequest)
+        limit = self.args.feedback.max_events
+        if len(req.events) > limit:
+            raise ApiError(
+                400, "too_many_events", f"{len(req.events)} events; the limit is {limit}"
+            )
+        events = [
+            e if e.client is not None or client is None else e.model_copy(update={"client": client})
+            for e in req.events
+        ]
+        try:
+            receipt = await asyncio.to_thread(feedback_log.append, events, sync=req.sync)
+        except FeedbackBackpressure as e:
+            return error_response(503, "feedback_backpressure", str(e), retry_after=5)
+        return {
+            "accepted": receipt.accepted,
+            "durable": receipt.durable,
+            "pending": receipt.pending,
+            "writer": feedback_log.writer,
+            "last_error": receipt.last_error,
         }
