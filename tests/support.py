@@ -135,3 +135,53 @@ def offer_rows(
         }
         for j in range(n)
     ]
+
+
+def write_reference_collection(
+    root: str,
+    name: str,
+    *,
+    dim: int,
+    spec: str,
+    n: int = 12,
+    row_spec: str | None = None,
+    features: dict[str, Any] | None = None,
+    parts: int = 2,
+    seed: int = 0,
+    updated_at: str = "2026-01-02T00:00:00+00:00",
+) -> Any:
+    """A reference collection ``ROOT/NAME`` written directly (no embed job): ``n`` random unit
+    ``dim``-d embeddings in ``parts`` Parquet parts, rows of ``row_spec`` (default ``spec``), the
+    given quality ``features`` (default random sharpness and brightness), and its reference.json.
+    Returns the (n, dim) embeddings."""
+    import numpy as np
+    import pyarrow as pa
+
+    from keeper_core import storage
+    from keeper_core.references import ReferenceMeta, collection_uri, write_meta
+
+    emb = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed + 1)
+    if features is None:
+        features = {"sharpness": rng.uniform(0, 8, n), "brightness": rng.uniform(0, 1, n)}
+    folder = storage.join(collection_uri(root, name), "embeddings")
+    for i, rows in enumerate(np.array_split(np.arange(n), parts)):
+        cols = {
+            "image_id": pa.array([f"id{j}" for j in rows]),
+            "image_uri": pa.array([f"/photos/{j}.jpg" for j in rows]),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb[rows].ravel()), dim),
+            "model_spec": pa.array([row_spec or spec] * len(rows)),
+            **{f: pa.array(np.asarray(v)[rows], pa.float64()) for f, v in features.items()},
+        }
+        storage.write_parquet(pa.table(cols), storage.join(folder, f"part-{i}.parquet"))
+    meta = ReferenceMeta(
+        name=name,
+        model_spec=spec,
+        embed_dim=dim,
+        images=n,
+        created_at="2026-01-01T00:00:00+00:00",
+        updated_at=updated_at,
+    )
+    write_meta(root, meta)
+    return emb

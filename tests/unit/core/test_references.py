@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pytest
+from support import write_reference_collection
 
 from keeper_core import storage
 from keeper_core.errors import DataError, StorageError
@@ -42,40 +43,9 @@ def unit_rows(n: int, seed: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def write_collection(
-    root: str,
-    name: str,
-    *,
-    n: int = 12,
-    spec: str = SPEC,
-    row_spec: str | None = None,
-    features: dict[str, np.ndarray] | None = None,
-    parts: int = 2,
-    seed: int = 0,
-) -> np.ndarray:
-    """A collection of ``n`` random unit embeddings in ``parts`` Parquet parts; its embeddings."""
-    emb = unit_rows(n, seed)
-    rng = np.random.default_rng(seed + 1)
-    feats = (
-        features
-        if features is not None
-        else {
-            "sharpness": rng.uniform(0, 8, n),
-            "brightness": rng.uniform(0, 1, n),
-        }
-    )
-    folder = storage.join(collection_uri(root, name), "embeddings")
-    for i, rows in enumerate(np.array_split(np.arange(n), parts)):
-        cols = {
-            "image_id": pa.array([f"id{j}" for j in rows]),
-            "image_uri": pa.array([f"/photos/{j}.jpg" for j in rows]),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb[rows].ravel()), D),
-            "model_spec": pa.array([row_spec or spec] * len(rows)),
-            **{f: pa.array(v[rows], pa.float64()) for f, v in feats.items()},
-        }
-        storage.write_parquet(pa.table(cols), storage.join(folder, f"part-{i}.parquet"))
-    write_meta(root, meta(name, n=n, spec=spec))
-    return emb
+def write_collection(root: str, name: str, *, spec: str = SPEC, **kw: Any) -> np.ndarray:
+    """A collection of random unit embeddings (support.write_reference_collection)."""
+    return np.asarray(write_reference_collection(root, name, dim=D, spec=spec, **kw))
 
 
 def meta(name: str, *, n: int = 12, spec: str = SPEC) -> ReferenceMeta:

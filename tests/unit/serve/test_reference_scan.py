@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from support import write_reference_collection
 
 from keeper_core import storage
 from keeper_core.errors import StorageError
@@ -47,26 +48,10 @@ def write_collection(
     updated_at: str = DAY1,
 ) -> None:
     """``n`` random unit embeddings in two Parquet parts (always two: a rewrite replaces both)."""
-    emb = np.random.default_rng(n).normal(size=(n, D)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    folder = storage.join(collection_uri(root, name), "embeddings")
-    for i, rows in enumerate(np.array_split(np.arange(n), 2)):
-        cols = {
-            "image_id": pa.array([f"id{j}" for j in rows]),
-            "image_uri": pa.array([f"/photos/{j}.jpg" for j in rows]),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb[rows].ravel()), D),
-            "model_spec": pa.array([row_spec or spec] * len(rows)),
-        }
-        storage.write_parquet(pa.table(cols), storage.join(folder, f"part-{i}.parquet"))
-    meta = ReferenceMeta(
-        name=name,
-        model_spec=spec,
-        embed_dim=D,
-        images=n,
-        created_at="2026-01-01T00:00:00+00:00",
+    write_reference_collection(
+        root, name, dim=D, spec=spec, n=n, row_spec=row_spec, features={}, seed=n,
         updated_at=updated_at,
-    )
-    write_meta(root, meta)
+    )  # fmt: skip
 
 
 def version(root: str, name: str) -> str:
