@@ -908,6 +908,44 @@ def doc_examples(path: Path) -> list[Example]:
     return out
 
 
+def section_examples(heading: str, route: str, *, end: str = "\n## ") -> list[Example]:
+    """The ```shell examples of docs/http-api.md's section ``heading`` (to ``end``) that call
+    ``route``, each with its marker and the JSON block right after it (run against an app with
+    that route configured, unlike the ```bash ones :func:`doc_examples` takes)."""
+    text = (REPO / "docs" / "http-api.md").read_text()
+    section = text[text.index(heading) :]
+    section = section[: section.index(end)]
+    out: list[Example] = []
+    for m in FENCE.finditer(section):
+        if m.group(1) != "shell" or f"127.0.0.1:8000{route}" not in m.group(2):
+            continue
+        marker = MARKER.search(section[: m.start()].rstrip("\n").rsplit("\n", 1)[-1])
+        assert marker, m.group(2)
+        after = FENCE.search(section, m.end())
+        response = None
+        if after and after.group(1) == "json" and not section[m.end() : after.start()].strip():
+            response = json.loads(after.group(2))
+        statuses = [int(x) for x in marker.group(1).split()]
+        out.append(
+            Example(f"http-api.md {route} example {len(out) + 1}", m.group(2), statuses, response)
+        )
+    return out
+
+
+def check_examples(app: str, examples: list[Example], cwd: Path) -> None:
+    """Run each example: its statuses as documented, its bodies shaped as the JSON shown (and an
+    error's code the one shown)."""
+    for ex in examples:
+        results = run_example(app, ex, cwd)
+        assert [s for s, _ in results] == ex.statuses, (ex.script, results)
+        if ex.response is None:
+            continue
+        for status, body in results:
+            assert not shape_errors(ex.response, body), shape_errors(ex.response, body)
+            if status >= 400:
+                assert body["error"]["code"] == ex.response["error"]["code"], body
+
+
 def readme_examples() -> list[Example]:
     """README's HTTP examples (section "Serving over HTTP"): the token line and each curl."""
     text = (REPO / "README.md").read_text()

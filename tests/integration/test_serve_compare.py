@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from support import embed_files, free_port
-from test_serve import FENCE, MARKER, TOKEN, Example, call, run_example, shape_errors, wait_until
+from test_serve import TOKEN, call, check_examples, section_examples, wait_until
 
 from keeper_core import storage
 from keeper_core.quality import FEATURE_NAMES
@@ -260,35 +259,11 @@ def test_auth_and_json_errors(app: str, refs: Refs) -> None:
 def test_documented_compare_examples_run(app: str, refs: Refs, tmp_path: Path) -> None:
     """docs/http-api.md's ``/v1/compare`` and ``/v1/references`` examples (```shell blocks, as
     /v1/search's) with their statuses and response shapes."""
-    text = (REPO / "docs" / "http-api.md").read_text()
-    section = text[text.index("### `POST /v1/compare`") :]
-    section = section[: section.index("\n## ")]
-    examples: list[Example] = []
-    for m in FENCE.finditer(section):
-        if m.group(1) != "shell":
-            continue
-        assert "127.0.0.1:8000/v1/" in m.group(2), m.group(2)
-        marker = MARKER.search(section[: m.start()].rstrip("\n").rsplit("\n", 1)[-1])
-        assert marker, m.group(2)
-        after = FENCE.search(section, m.end())
-        response = None
-        if after and after.group(1) == "json" and not section[m.end() : after.start()].strip():
-            response = json.loads(after.group(2))
-        statuses = [int(x) for x in marker.group(1).split()]
-        where = f"http-api.md /v1/compare example {len(examples) + 1}"
-        examples.append(Example(where, m.group(2), statuses, response))
+    examples = section_examples("### `POST /v1/compare`", "/v1/")
     assert len(examples) >= 3
     assert any("/v1/references" in e.script for e in examples)
     (tmp_path / "photo.jpg").write_bytes(next(iter(refs.files.values())))
-    for ex in examples:
-        results = run_example(app, ex, tmp_path)
-        assert [s for s, _ in results] == ex.statuses, (ex.script, results)
-        if ex.response is None:
-            continue
-        for status, body in results:
-            assert not shape_errors(ex.response, body), shape_errors(ex.response, body)
-            if status >= 400:
-                assert body["error"]["code"] == ex.response["error"]["code"], body
+    check_examples(app, examples, tmp_path)
 
 
 def test_a_collection_added_and_removed_under_load_with_no_failures(app: str, refs: Refs) -> None:

@@ -28,17 +28,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 from support import free_port
-from test_serve import (
-    FENCE,
-    MARKER,
-    TOKEN,
-    Example,
-    Reply,
-    call,
-    run_example,
-    shape_errors,
-    wait_until,
-)
+from test_serve import TOKEN, Reply, call, check_examples, section_examples, wait_until
 
 from keeper_core import storage
 from keeper_core.errors import StorageError
@@ -309,33 +299,9 @@ def test_pick_and_select_answers_log_their_offers(app: str, root: str, photos: l
 def test_documented_feedback_examples_run(app: str, tmp_path: Path) -> None:
     """docs/http-api.md's ``/v1/feedback`` examples (```shell blocks) with their statuses and
     response shapes."""
-    text = (REPO / "docs" / "http-api.md").read_text()
-    section = text[text.index("### `POST /v1/feedback`") :]
-    section = section[: section.index("\n### ")]
-    examples: list[Example] = []
-    for m in FENCE.finditer(section):
-        if m.group(1) != "shell":
-            continue
-        assert "127.0.0.1:8000/v1/feedback" in m.group(2), m.group(2)
-        marker = MARKER.search(section[: m.start()].rstrip("\n").rsplit("\n", 1)[-1])
-        assert marker, m.group(2)
-        after = FENCE.search(section, m.end())
-        response = None
-        if after and after.group(1) == "json" and not section[m.end() : after.start()].strip():
-            response = json.loads(after.group(2))
-        statuses = [int(x) for x in marker.group(1).split()]
-        where = f"http-api.md /v1/feedback example {len(examples) + 1}"
-        examples.append(Example(where, m.group(2), statuses, response))
+    examples = section_examples("### `POST /v1/feedback`", "/v1/feedback", end="\n### ")
     assert len(examples) >= 3
-    for ex in examples:
-        results = run_example(app, ex, tmp_path)
-        assert [s for s, _ in results] == ex.statuses, (ex.script, results)
-        if ex.response is None:
-            continue
-        for status, body in results:
-            assert not shape_errors(ex.response, body), shape_errors(ex.response, body)
-            if status >= 400:
-                assert body["error"]["code"] == ex.response["error"]["code"], body
+    check_examples(app, examples, tmp_path)
 
 
 def _ingress_replicas() -> set[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 from support import embed_files, free_port
-from test_serve import FENCE, MARKER, TOKEN, Example, call, run_example, shape_errors, wait_until
+from test_serve import TOKEN, call, check_examples, section_examples, wait_until
 
 from keeper_core import storage
 from keeper_core.synthetic import PHOTOS, load_photos
@@ -202,39 +201,10 @@ def test_auth_and_json_errors(app: str, library: Library) -> None:
 def test_documented_search_examples_run(app: str, library: Library, tmp_path: Path) -> None:
     """docs/http-api.md's ``/v1/search`` examples (```shell blocks: test_serve runs the ```bash
     ones against an app without search) with their statuses and response shapes."""
-    text = (REPO / "docs" / "http-api.md").read_text()
-    section = text[text.index("### `POST /v1/search`") :]
-    section = section[: section.index("\n## ")]
-    examples = []
-    for m in FENCE.finditer(section):
-        if m.group(1) != "shell" or "127.0.0.1:8000/v1/search" not in m.group(2):
-            continue
-        marker = MARKER.search(section[: m.start()].rstrip("\n").rsplit("\n", 1)[-1])
-        assert marker, m.group(2)
-        after = FENCE.search(section, m.end())
-        response = None
-        if after and after.group(1) == "json" and not section[m.end() : after.start()].strip():
-            response = json.loads(after.group(2))
-        statuses = [int(x) for x in marker.group(1).split()]
-        examples.append(
-            Example(
-                f"http-api.md /v1/search example {len(examples) + 1}",
-                m.group(2),
-                statuses,
-                response,
-            )
-        )
+    examples = section_examples("### `POST /v1/search`", "/v1/search")
     assert len(examples) >= 2
     (tmp_path / "photo.jpg").write_bytes(next(iter(library.files.values())))
-    for ex in examples:
-        results = run_example(app, ex, tmp_path)
-        assert [s for s, _ in results] == ex.statuses, (ex.script, results)
-        if ex.response is None:
-            continue
-        for status, body in results:
-            assert not shape_errors(ex.response, body), shape_errors(ex.response, body)
-            if status >= 400:
-                assert body["error"]["code"] == ex.response["error"]["code"], body
+    check_examples(app, examples, tmp_path)
 
 
 def test_a_grown_index_is_swapped_in_under_load_with_no_failures(
