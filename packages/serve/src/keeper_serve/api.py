@@ -29,6 +29,7 @@ from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from keeper_core import storage
+from keeper_core.ab import Arm, assign
 from keeper_core.capture import CAPTURE_COLUMNS, Capture, capture_row, given_capture, read_capture
 from keeper_core.cascade import STAGES, CascadeConfig, CascadeResult
 from keeper_core.culling import CullResult, cull
@@ -40,7 +41,7 @@ from keeper_core.picking import PickConfig
 from keeper_core.preparation import DecodedImage, ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.references import Comparison, ReferenceMeta, Standing
-from keeper_serve.config import KeeperAppArgs, LimitArgs
+from keeper_serve.config import ABArgs, KeeperAppArgs, LimitArgs
 
 # ----------------------------------------------------------------------------------- errors
 
@@ -570,8 +571,16 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+#: The ``arm`` of /v1/rank and /v1/pick answers.
+_ARM = (
+    "with an A/B (args.ab): champion or challenger, the arm that answered (the champion when the "
+    "challenger could not); null: no A/B"
+)
+
+
 class RankResponse(BaseModel):
     request_id: str = Field(description=_REQUEST_ID)
+    arm: Arm | None = Field(None, description=_ARM)
     model: RankModel
     series: list[RankedSeries]
 
@@ -668,6 +677,7 @@ class SelectResponse(BaseModel):
 
 class PickResponse(BaseModel):
     request_id: str = Field(description=_REQUEST_ID)
+    arm: Arm | None = Field(None, description=_ARM)
     clip_model: str
     random_weights: bool
     ranker: PickRanker
@@ -718,6 +728,19 @@ def client_key(value: str | None) -> str | None:
     return value or None
 
 
+def ab_key(client: str | None, request_id: str) -> str:
+    """What the A/B assigns an arm by: the ``X-Keeper-Client`` value (sticky: the same client
+    always gets the same arm), else the request id (a fresh draw per request)."""
+    return client if client is not None else request_id
+
+
+def ab_arm(ab: ABArgs | None, client: str | None, request_id: str) -> Arm | None:
+    """The arm that should answer a /v1/rank or /v1/pick request; None without an A/B."""
+    if ab is None:
+        return None
+    return assign(ab_key(client, request_id), ab.share, ab.salt)
+
+
 @dataclass(frozen=True)
 class Offer:
     """What every offer row of one answer shares (keeper_core.feedback.OFFERS_SCHEMA)."""
@@ -728,6 +751,7 @@ class Offer:
     model: str  # a registered version (models:/NAME/VERSION), or the rule's name
     model_spec: str  # the CLIP spec of the embeddings
     vectors: bool  # embeddings and quality features on the rows (feedback.offer_embeddings)
+    arm: Arm | None = None  # the A/B arm that answered; None: no A/B (or /v1/select)
 
     def rows(
         self,
@@ -750,7 +774,7 @@ class Offer:
                 "request_id": self.request_id,
                 "route": self.route,
                 "client": self.client,
-                "arm": None,
+                "arm": self.arm,
                 "model": self.model,
                 "model_spec": self.model_spec,
                 "group_id": str(g),

@@ -3,8 +3,9 @@
 Four deployments: ``KeeperIngress`` (FastAPI) composes ``ClipEncoder``, ``SeriesRanker`` and
 ``VlmJudge`` (``/v1/select``'s VLM stage; a replica without a model when ``vlm.source`` is null)
 through deployment handles; ``SearchIndex`` (``/v1/search``) only when ``args.search`` is set,
-and ``ReferenceCollections`` (``/v1/compare``, ``/v1/references``) only when ``args.references``
-is. No replica counts, batch-independent concurrency or resources
+``ReferenceCollections`` (``/v1/compare``, ``/v1/references``) only when ``args.references``
+is, and ``ChallengerRanker`` (a second ``SeriesRanker``, following ``ab.model_uri``) only when
+``args.ab`` is. No replica counts, batch-independent concurrency or resources
 here: those come from the Serve config's ``deployments`` section (clusters/serve/*.yaml), or
 from :func:`bind` for local runs.
 """
@@ -15,6 +16,7 @@ from typing import Any
 from ray.serve import Application
 
 from keeper_serve.config import (
+    CHALLENGER,
     ENCODER,
     INGRESS,
     RANKER,
@@ -31,8 +33,8 @@ from keeper_serve.search import SearchIndex
 from keeper_serve.vlm import VlmJudge
 
 DEPLOYMENTS = (INGRESS, ENCODER, RANKER, VLM)
-#: Bound only when the app's args ask for them (``args.search``, ``args.references``).
-OPTIONAL_DEPLOYMENTS = (SEARCH, REFERENCES)
+#: Bound only when the app's args ask for them (``args.search``, ``args.references``, ``args.ab``).
+OPTIONAL_DEPLOYMENTS = (SEARCH, REFERENCES, CHALLENGER)
 
 
 def bind(
@@ -56,11 +58,21 @@ def bind(
         raise ValueError(
             f"options for {REFERENCES}, but args.references is null: it is not deployed"
         )
+    if CHALLENGER in opts and args.ab is None:
+        raise ValueError(f"options for {CHALLENGER}, but args.ab is null: it is not deployed")
     encoder = ClipEncoder.options(name=ENCODER, **opts.get(ENCODER, {})).bind(
         args.clip_model, args.encoder
     )
     ranker = SeriesRanker.options(name=RANKER, **opts.get(RANKER, {})).bind(
         args.ranker, args.clip_model, args.tracking_uri, args.data_dir
+    )
+    # The A/B's challenger: the same deployment class, its own replicas and alias.
+    challenger = (
+        SeriesRanker.options(name=CHALLENGER, **opts.get(CHALLENGER, {})).bind(
+            args.ab.ranker_args(args.ranker), args.clip_model, args.tracking_uri, args.data_dir
+        )
+        if args.ab is not None
+        else None
     )
     vlm = VlmJudge.options(name=VLM, **opts.get(VLM, {})).bind(args.vlm)
     search = (
@@ -77,7 +89,7 @@ def bind(
         else None
     )
     ingress: Application = KeeperIngress.options(name=INGRESS, **opts.get(INGRESS, {})).bind(
-        encoder, ranker, vlm, args, search, references
+        encoder, ranker, vlm, args, search, references, challenger=challenger
     )
     return ingress
 

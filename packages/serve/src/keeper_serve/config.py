@@ -23,6 +23,8 @@ INGRESS, ENCODER, RANKER, VLM = "KeeperIngress", "ClipEncoder", "SeriesRanker", 
 SEARCH = "SearchIndex"
 #: Bound only when ``args.references`` is set (``/v1/compare``, ``/v1/references``).
 REFERENCES = "ReferenceCollections"
+#: Bound only when ``args.ab`` is set: a second ``SeriesRanker`` following the challenger.
+CHALLENGER = "ChallengerRanker"
 
 DEFAULT_TOKEN_ENV = "KEEPER_API_TOKEN"
 
@@ -235,6 +237,28 @@ class FeedbackArgs(_Strict):
         return self
 
 
+class ABArgs(_Strict):
+    """An A/B of champion and challenger on ``/v1/rank`` and ``/v1/pick`` (keeper_core.ab).
+
+    A ``share`` of clients (keyed by ``X-Keeper-Client``, else per request) is answered by a
+    second ranker deployment, ``ChallengerRanker``, that follows ``model_uri``; the rest by the
+    champion (``ranker.model_uri``). Every answer and offer row names its ``arm``.
+    """
+
+    share: float = Field(ge=0.0, le=1.0, description="the challenger's share of clients, [0, 1]")
+    salt: str = Field(
+        "keeper-ab", min_length=1, description="hash salt: change it to start a new experiment"
+    )
+    model_uri: str = Field(
+        "models:/keeper-ranker@challenger", description="what ChallengerRanker follows"
+    )
+    poll_s: float = Field(5.0, gt=0, description="how often the alias is re-resolved")
+
+    def ranker_args(self, champion: RankerArgs) -> RankerArgs:
+        """The ChallengerRanker's arguments: the champion's, following ``model_uri``."""
+        return champion.model_copy(update={"model_uri": self.model_uri, "poll_s": self.poll_s})
+
+
 class KeeperAppArgs(_Strict):
     """``build_app(args)``: the whole application."""
 
@@ -268,6 +292,9 @@ class KeeperAppArgs(_Strict):
     feedback: FeedbackArgs | None = Field(
         None, description="/v1/feedback and the offers log; None: no /v1/feedback, no offers"
     )
+    ab: ABArgs | None = Field(
+        None, description="champion/challenger A/B on /v1/rank and /v1/pick; None: no split"
+    )
 
     @field_validator("s3_allow_buckets")
     @classmethod
@@ -281,4 +308,6 @@ class KeeperAppArgs(_Strict):
     def _limits_fit(self) -> KeeperAppArgs:
         if self.limits.max_image_bytes > self.limits.max_request_bytes:
             raise ValueError("limits.max_image_bytes exceeds limits.max_request_bytes")
+        if self.ab is not None and self.ranker.model_uri is None:
+            raise ValueError("ab is set but ranker.model_uri is null: no champion to compare with")
         return self

@@ -16,7 +16,11 @@ prepares and embeds its image the same way (with quality features) and asks
 collection. With ``args.feedback``, ``/v1/feedback`` appends people's decisions to a
 ``FeedbackLog`` and every answer of ``/v1/rank``, ``/v1/pick`` and ``/v1/select`` appends what it
 offered to an ``OfferLog`` (keeper_core.feedback), both buffered here and written as Parquet parts
-by a timer thread, on ``sync``, and on a graceful shutdown. Errors are JSON
+by a timer thread, on ``sync``, and on a graceful shutdown. With ``args.ab``, ``/v1/rank`` and
+``/v1/pick`` answer a share of clients with ``ChallengerRanker`` instead (keeper_core.ab.assign on
+``X-Keeper-Client``, else the request id); the answer and its offer rows name the ``arm``, and a
+challenger that cannot answer hands the request to the champion, counted
+(``keeper_ab_fallbacks``) and recorded as the champion's. Errors are JSON
 ``{"error": {"code", "message", "index"?}}``; see docs/http-api.md.
 """
 
@@ -43,6 +47,7 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from keeper_core import storage
+from keeper_core.ab import Arm
 from keeper_core.cascade import (
     NEUTRAL_PROMPT,
     CascadeLimits,
@@ -314,10 +319,15 @@ class KeeperIngress:
         args: KeeperAppArgs,
         search: DeploymentHandle | None = None,
         references: DeploymentHandle | None = None,
+        *,
+        challenger: DeploymentHandle | None = None,
     ) -> None:
+        if (challenger is None) != (args.ab is None):
+            raise ConfigError("the ChallengerRanker handle is given exactly when args.ab is set")
         self.args = args
         self.encoder = encoder
         self.ranker = ranker
+        self.challenger = challenger  # None: no A/B, every answer is the champion's (arm null)
         self.vlm = vlm
         self.search_index = search  # None: /v1/search answers 404
         self.references = references  # None: /v1/compare and /v1/references answer 404
@@ -348,8 +358,10 @@ class KeeperIngress:
                 )
             self._corpus_rows = {k: i for i, k in enumerate(self.corpus.image_id)}
             log.info("corpus %s: %d images for /v1/select", args.corpus, len(self.corpus))
-        # What the ranker's last answer said it is (a hint: _rank copes when it is stale).
-        self._ranker_tuned = False
+        # Per ranker handle (id: the replica's handles live as long as it does), what its last
+        # answer said it is (a hint: _rank copes when it is stale).
+        self._ranker_tuned: dict[int, bool] = {}
+        self._fallback_reason: str | None = None  # the challenger's last "unavailable", logged once
         self.requests = Counter(
             "keeper_requests",
             description="keeper API requests by route and status code",
@@ -367,6 +379,16 @@ class KeeperIngress:
         self.offers_dropped = Counter(
             "keeper_offers_dropped",
             description="offer rows not logged (the offers log refused them: storage failing)",
+            tag_keys=("route",),
+        )
+        self.ab_answers = Counter(
+            "keeper_ab_answers",
+            description="A/B answers by route, arm and the registered version that ranked",
+            tag_keys=_tag_keys("route", "arm", "model"),
+        )
+        self.ab_fallbacks = Counter(
+            "keeper_ab_fallbacks",
+            description="challenger-arm requests the champion answered (challenger unavailable)",
             tag_keys=("route",),
         )
         self.feedback_log: FeedbackLog | None = None
@@ -443,6 +465,7 @@ class KeeperIngress:
         request_id: str,
         model: str,
         clip: dict[str, Any],
+        arm: Arm | None = None,
     ) -> api.Offer | None:
         """What this answer's offer rows share; None when offers are not logged."""
         if self.offer_log is None:
@@ -455,6 +478,7 @@ class KeeperIngress:
             model=model,
             model_spec=str(clip["spec"]),
             vectors=self.args.feedback.offer_embeddings,
+            arm=arm,
         )
 
     async def _log_offers(self, route: str, build: Callable[[], list[dict[str, Any]]]) -> None:
@@ -612,41 +636,93 @@ class KeeperIngress:
                 self._prompts[p] = e
         return {p: self._prompts[p] for p in prompts}
 
+    def _tuned(self, handle: DeploymentHandle) -> bool:
+        return self._ranker_tuned.get(id(handle), False)
+
+    def _arm(self, request: Request, request_id: str) -> Arm | None:
+        """The A/B arm for this request (None: no A/B); sticky per ``X-Keeper-Client``."""
+        return api.ab_arm(self.args.ab, self._client(request), request_id)
+
+    def _handle(self, arm: Arm | None) -> DeploymentHandle:
+        if arm == "challenger":
+            assert self.challenger is not None  # args.ab is set exactly when it is bound
+            return self.challenger
+        return self.ranker
+
+    async def _rank_arm(
+        self,
+        arm: Arm | None,
+        route: str,
+        prepared: api.Prepared,
+        lengths: list[int],
+        embeddings: np.ndarray | None = None,
+    ) -> tuple[dict[str, Any], Arm | None]:
+        """:meth:`_rank` by the arm's deployment, and the arm that answered.
+
+        A challenger that answers "unavailable" (no alias, a refused load) hands the request to
+        the champion, which answers as the champion: logged, counted in ``keeper_ab_fallbacks``,
+        and the returned arm says so, so the offers never credit the challenger with it.
+        """
+        if arm == "challenger":
+            out = await self._rank(self._handle(arm), prepared, lengths, embeddings)
+            if "unavailable" not in out:
+                self._fallback_reason = None  # a later failure is logged again
+                return out, arm
+            reason = str(out["unavailable"])
+            if reason != self._fallback_reason:  # once per distinct cause, not per request
+                log.warning("A/B: the challenger cannot answer (%s); the champion answers", reason)
+                self._fallback_reason = reason
+            self.ab_fallbacks.inc(tags={"route": route})
+            arm = "champion"
+        return await self._rank(self.ranker, prepared, lengths, embeddings), arm
+
+    def _count_ab(self, route: str, arm: Arm | None, model: str) -> None:
+        if arm is not None:
+            self.ab_answers.inc(tags={"route": route, "arm": arm, "model": model})
+
     async def _rank(
-        self, prepared: api.Prepared, lengths: list[int], embeddings: np.ndarray | None = None
+        self,
+        handle: DeploymentHandle,
+        prepared: api.Prepared,
+        lengths: list[int],
+        embeddings: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """``SeriesRanker.rank`` for series laid end to end, sent what its version scores from.
+        """``SeriesRanker.rank`` (of ``handle``: the champion's deployment or the challenger's)
+        for series laid end to end, sent what its version scores from.
 
         A head gets the encoder's embeddings (``embeddings``, else embedded here); a fine-tuned
         ranker gets the pixels, and no embeddings are computed for it. When the version changed
         kind since the last answer, the ranker answers ``{"needs": ...}`` and the call is made
         once more with both: at most two calls, and no request fails over a promotion.
         """
-        tuned = self._ranker_tuned
+        tuned = self._tuned(handle)
         if embeddings is None and not tuned:
             embeddings = await self._embed(prepared)
         out = await self._call_ranker(
-            embeddings, prepared.quality, lengths, prepared.pixels if tuned else None
+            handle, embeddings, prepared.quality, lengths, prepared.pixels if tuned else None
         )
         if "needs" in out:
             if embeddings is None:
                 embeddings = await self._embed(prepared)
-            out = await self._call_ranker(embeddings, prepared.quality, lengths, prepared.pixels)
+            out = await self._call_ranker(
+                handle, embeddings, prepared.quality, lengths, prepared.pixels
+            )
         if "model" in out:
-            self._ranker_tuned = out["model"].get("kind") == "fine-tuned"
+            self._ranker_tuned[id(handle)] = out["model"].get("kind") == "fine-tuned"
         if "needs" in out:  # both were sent: cannot happen, but never a KeyError on "series"
             return {"unavailable": f"the ranker asked for {out['needs']} it was sent"}
         return out
 
     async def _call_ranker(
         self,
+        handle: DeploymentHandle,
         embeddings: np.ndarray | None,
         quality: np.ndarray | None,
         lengths: list[int],
         pixels: np.ndarray | None,
     ) -> dict[str, Any]:
         args = (embeddings, quality, lengths) + (() if pixels is None else (pixels,))
-        out: dict[str, Any] = await self.ranker.rank.remote(*args)
+        out: dict[str, Any] = await handle.rank.remote(*args)
         return out
 
     async def _clip(self) -> dict[str, Any]:
@@ -734,7 +810,7 @@ class KeeperIngress:
             self._clip(), self.ranker.info.remote(), self._vlm()
         )
         if ranker.get("kind"):
-            self._ranker_tuned = ranker["kind"] == "fine-tuned"
+            self._ranker_tuned[id(self.ranker)] = ranker["kind"] == "fine-tuned"
         return {"clip": clip, "ranker": ranker, "vlm": vlm}
 
     @app.post(
@@ -827,7 +903,7 @@ class KeeperIngress:
     )
     async def rank(self, request: Request) -> dict[str, Any]:
         request_id = api.new_request_id()
-        self._client(request)  # a bad X-Keeper-Client fails before any work
+        arm = self._arm(request, request_id)  # a bad X-Keeper-Client fails before any work
         req, _ = await self._parse(request, api.RankRequest, image_key="series")
         limits = self.args.limits
         if len(req.series) > limits.max_series:
@@ -857,21 +933,24 @@ class KeeperIngress:
         self._count_images(len(refs), "/v1/rank")
         want_vectors = self.offer_log is not None and self._offer_vectors()
         embeddings: np.ndarray | None = None
-        if want_vectors and not self._ranker_tuned:
+        if want_vectors and not self._tuned(self._handle(arm)):
             embeddings = await self._embed(prepared)  # a head needs them anyway: no extra cost
         if want_vectors and embeddings is None:  # a fine-tuned ranker scores pixels: embed too
-            out, clip, embeddings = await asyncio.gather(
-                self._rank(prepared, lengths), self._clip(), self._embed(prepared)
+            (out, arm), clip, embeddings = await asyncio.gather(
+                self._rank_arm(arm, "/v1/rank", prepared, lengths),
+                self._clip(),
+                self._embed(prepared),
             )
         else:
-            out, clip = await asyncio.gather(
-                self._rank(prepared, lengths, embeddings), self._clip()
+            (out, arm), clip = await asyncio.gather(
+                self._rank_arm(arm, "/v1/rank", prepared, lengths, embeddings), self._clip()
             )
         if "unavailable" in out:
             raise ApiError(503, "model_unavailable", out["unavailable"])
         model = out["model"]
         answer = {
             "request_id": request_id,
+            "arm": arm,
             "model": {
                 "uri": model["uri"],
                 "name": model["name"],
@@ -895,7 +974,9 @@ class KeeperIngress:
                 )
             ],
         }
-        offer = self._offer(request, "rank", request_id, api.registered_model(model), clip)
+        registered = api.registered_model(model)
+        self._count_ab("/v1/rank", arm, registered)
+        offer = self._offer(request, "rank", request_id, registered, clip, arm)
         if offer is not None:
             uris = api.ref_uris(refs)
             await self._log_offers(
@@ -917,7 +998,8 @@ class KeeperIngress:
     )
     async def pick(self, request: Request) -> dict[str, Any]:
         request_id = api.new_request_id()
-        self._client(request)
+        # One arm per request: after a challenger fallback, every group of it is the champion's.
+        arm: list[Arm | None] = [self._arm(request, request_id)]
         req, refs = await self._parse(request, api.PickRequest)
         self.images.check_count(len(refs), self.args.limits.max_pick_images)
         given = api.given_captures(req.images)  # a bad time fails before any image is read
@@ -933,8 +1015,10 @@ class KeeperIngress:
         ) -> dict[str, Any]:  # fmt: skip
             # cull runs on a worker thread; the handle is awaited on this replica's event loop.
             assert pixels is not None  # cull_request is given the request's pixels below
-            call = self._rank(api.Prepared(pixels, quality), lengths, embeddings)
-            return asyncio.run_coroutine_threadsafe(call, loop).result()
+            prepared = api.Prepared(pixels, quality)
+            call = self._rank_arm(arm[0], "/v1/pick", prepared, lengths, embeddings)
+            out, arm[0] = asyncio.run_coroutine_threadsafe(call, loop).result()
+            return out
 
         result, ranker = await asyncio.to_thread(
             api.cull_request,
@@ -944,10 +1028,10 @@ class KeeperIngress:
             picking=req.picking(),
             pixels=images.pixels,
         )
-        answer = api.pick_response(result, ranker, clip, request_id)
-        offer = self._offer(
-            request, "pick", request_id, api.registered_model(ranker.model_dump()), clip
-        )
+        answer = {**api.pick_response(result, ranker, clip, request_id), "arm": arm[0]}
+        registered = api.registered_model(ranker.model_dump())
+        self._count_ab("/v1/pick", arm[0], registered)
+        offer = self._offer(request, "pick", request_id, registered, clip, arm[0])
         if offer is not None:
             uris = api.ref_uris(refs)
             await self._log_offers(
