@@ -185,3 +185,20 @@ def write_reference_collection(
     )
     write_meta(root, meta)
     return emb
+
+
+def small_app_overrides(folder: Any, spec: str, **extra: Any) -> dict[str, Any]:
+    """``keeper_serve.local.start`` overrides for a test app on the 2-core session Ray: ``spec``
+    served, no ranker, the token file ``folder``/token (written by the caller), MLflow's store
+    under ``folder``, one small replica each; ``extra`` keys added or replacing these."""
+    small = {"KeeperIngress": 0.25, "SeriesRanker": 0.1, "VlmJudge": 0.1, "ClipEncoder": 0.5}
+    overrides: dict[str, Any] = {
+        "clip_model": spec,
+        "data_dir": str(folder / "keeper-data"),
+        "ranker.model_uri": None,
+        "auth.token_file": str(folder / "token"),
+    }
+    for name, cpus in small.items():
+        overrides[f"deployments.{name}.ray_actor_options.num_cpus"] = cpus
+        overrides[f"deployments.{name}.autoscaling_config.max_replicas"] = 1
+    return {**overrides, **extra}

@@ -25,7 +25,7 @@ import pytest
 import torch
 from conftest import negated, register_ranker
 from PIL import Image
-from support import free_port
+from support import free_port, small_app_overrides
 
 from keeper_core import storage
 from keeper_core.ab import ab_report, assign
@@ -89,25 +89,18 @@ def ab_app(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     mlflow.MlflowClient(uri).set_registered_model_alias(NAME, "champion", v1)  # v2: @challenger
     (d / "token").write_text(TOKEN)
     root = str(d / "feedback")
-    overrides = {
-        "clip_model": SPEC,
-        "tracking_uri": uri,
-        "data_dir": str(d / "keeper-data"),
-        "ranker.model_uri": f"models:/{NAME}@champion",
-        "ab": {"share": SHARE, "salt": SALT, "model_uri": f"models:/{NAME}@challenger"},
-        "auth.token_file": str(d / "token"),
-        "feedback": {"root": root, "max_age_s": 1.0},
-        "deployments.KeeperIngress.ray_actor_options.num_cpus": 0.25,
-        "deployments.KeeperIngress.autoscaling_config.max_replicas": 1,
-        "deployments.SeriesRanker.ray_actor_options.num_cpus": 0.1,
-        "deployments.SeriesRanker.autoscaling_config.max_replicas": 1,
-        "deployments.ChallengerRanker.ray_actor_options.num_cpus": 0.1,
-        "deployments.ChallengerRanker.num_replicas": 1,
-        "deployments.VlmJudge.ray_actor_options.num_cpus": 0.1,
-        "deployments.VlmJudge.autoscaling_config.max_replicas": 1,
-        "deployments.ClipEncoder.ray_actor_options.num_cpus": 0.5,
-        "deployments.ClipEncoder.autoscaling_config.max_replicas": 1,
-    }
+    overrides = small_app_overrides(
+        d,
+        SPEC,
+        **{
+            "tracking_uri": uri,
+            "ranker.model_uri": f"models:/{NAME}@champion",
+            "ab": {"share": SHARE, "salt": SALT, "model_uri": f"models:/{NAME}@challenger"},
+            "feedback": {"root": root, "max_age_s": 1.0},
+            "deployments.ChallengerRanker.ray_actor_options.num_cpus": 0.1,
+            "deployments.ChallengerRanker.num_replicas": 1,
+        },
+    )
     url = local.start(overrides=overrides, port=free_port(), wait_s=240)
     series = [_jpeg(im) for im in load_photos(PHOTOS[:3]).values()]
     try:

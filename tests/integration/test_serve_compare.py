@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from support import embed_files, free_port
+from support import embed_files, free_port, small_app_overrides
 from test_serve import TOKEN, call, check_examples, section_examples, wait_until
 
 from keeper_core import storage
@@ -106,22 +106,14 @@ def app(ray_cluster: str, refs: Refs, tmp_path_factory: pytest.TempPathFactory) 
 
     d = tmp_path_factory.mktemp("compare-serve")
     (d / "token").write_text(TOKEN)
-    overrides = {
-        "clip_model": SPEC,
-        "data_dir": str(d / "keeper-data"),
-        "ranker.model_uri": None,
-        "auth.token_file": str(d / "token"),
-        "references": {"root": refs.root, "poll_s": 1.0, "max_k": MAX_K},
-        "deployments.KeeperIngress.ray_actor_options.num_cpus": 0.25,
-        "deployments.KeeperIngress.autoscaling_config.max_replicas": 1,
-        "deployments.SeriesRanker.ray_actor_options.num_cpus": 0.1,
-        "deployments.SeriesRanker.autoscaling_config.max_replicas": 1,
-        "deployments.VlmJudge.ray_actor_options.num_cpus": 0.1,
-        "deployments.VlmJudge.autoscaling_config.max_replicas": 1,
-        "deployments.ClipEncoder.ray_actor_options.num_cpus": 0.5,
-        "deployments.ClipEncoder.autoscaling_config.max_replicas": 1,
-        "deployments.ReferenceCollections.ray_actor_options.num_cpus": 0.1,
-    }
+    overrides = small_app_overrides(
+        d,
+        SPEC,
+        **{
+            "references": {"root": refs.root, "poll_s": 1.0, "max_k": MAX_K},
+            "deployments.ReferenceCollections.ray_actor_options.num_cpus": 0.1,
+        },
+    )
     url = local.start(overrides=overrides, port=free_port(), wait_s=240)
     try:
         yield url

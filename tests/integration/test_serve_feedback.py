@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from PIL import Image
-from support import free_port
+from support import free_port, small_app_overrides
 from test_serve import TOKEN, Reply, call, check_examples, section_examples, wait_until
 
 from keeper_core import storage
@@ -65,21 +65,13 @@ def app(ray_cluster: str, root: str, tmp_path_factory: pytest.TempPathFactory) -
 
     d = tmp_path_factory.mktemp("feedback-serve")
     (d / "token").write_text(TOKEN)
-    overrides = {
-        "clip_model": SPEC,
-        "data_dir": str(d / "keeper-data"),
-        "ranker.model_uri": None,  # /v1/pick ranks with the zero-shot rule, and says so
-        "auth.token_file": str(d / "token"),
-        "feedback": {"root": root, "max_age_s": MAX_AGE_S, "max_events": MAX_EVENTS},
-        "deployments.KeeperIngress.ray_actor_options.num_cpus": 0.25,
-        "deployments.KeeperIngress.autoscaling_config.max_replicas": 1,
-        "deployments.SeriesRanker.ray_actor_options.num_cpus": 0.1,
-        "deployments.SeriesRanker.autoscaling_config.max_replicas": 1,
-        "deployments.VlmJudge.ray_actor_options.num_cpus": 0.1,
-        "deployments.VlmJudge.autoscaling_config.max_replicas": 1,
-        "deployments.ClipEncoder.ray_actor_options.num_cpus": 0.5,
-        "deployments.ClipEncoder.autoscaling_config.max_replicas": 1,
-    }
+    overrides = small_app_overrides(
+        d,
+        SPEC,
+        **{
+            "feedback": {"root": root, "max_age_s": MAX_AGE_S, "max_events": MAX_EVENTS},
+        },
+    )
     url = local.start(overrides=overrides, port=free_port(), wait_s=240)
     try:
         yield url
