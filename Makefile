@@ -10,7 +10,7 @@ DEMO_DIR ?= keeper-demo
 PACKAGES := packages/core packages/train packages/serve
 STAMP := $(VENV)/.keeper-installed
 
-.PHONY: help setup demo test lint format bench clean
+.PHONY: help setup browser demo test lint format bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-8s\033[0m %s\n", $$1, $$2}'
@@ -22,24 +22,27 @@ $(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES))
 	$(PIP) install -q $(addprefix -e ,$(PACKAGES)) --group dev
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install the workspace (editable) and the dev group
+setup: $(STAMP) browser ## create .venv and install the workspace (editable), the dev group, chromium
+
+browser: ## Debian's chromium for the review page's browser test, where it is missing (apt-get as root)
+	@bash .ci/install-browser.sh
 
 # The demo trains and promotes a champion (keeper_train), serves it over HTTP (keeper_serve), and
 # culls a camera library with keeper pick (timestamps, no labels), fine-tunes the tower (LoRA), and
 # ends with one /v1/select (the selection cascade, a tiny random VLM) and its stage accounting.
-demo: setup ## run the main job end to end, offline, on embedded defaults (writes $(DEMO_DIR)/)
+demo: $(STAMP) ## run the main job end to end, offline, on embedded defaults (writes $(DEMO_DIR)/)
 	$(PY) -m keeper_train.jobs.demo --out $(DEMO_DIR)
 	$(PY) -m keeper_serve.demo --out $(DEMO_DIR)
 	$(PY) -m keeper_train.jobs.pick_demo --out $(DEMO_DIR)
 	$(PY) -m keeper_train.jobs.finetune_demo --out $(DEMO_DIR)
 	$(PY) -m keeper_serve.select_demo --out $(DEMO_DIR)
 
-lint: setup ## ruff check, ruff format --check, mypy on keeper_core
+lint: $(STAMP) ## ruff check, ruff format --check, mypy on keeper_core
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-format: setup ## apply ruff's fixes and formatting
+format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 

@@ -360,8 +360,8 @@ def test_every_route_needs_the_token_but_healthz(app: str, registry: Registry) -
 
 
 def test_optional_routes_answer_404_when_not_configured(app: str) -> None:
-    """This app sets neither ``search``, ``references`` nor ``feedback``: their routes say so, as
-    JSON."""
+    """This app sets neither ``search``, ``references``, ``feedback`` nor ``review``: their routes
+    say so, as JSON."""
     r = call(app, "POST", "/v1/search", {"text": "a cat", "k": 2})
     assert (r.status, r.body["error"]["code"]) == (404, "search_not_configured")
     for method, path, body in [
@@ -376,6 +376,14 @@ def test_optional_routes_answer_404_when_not_configured(app: str) -> None:
         r = call(app, "POST", "/v1/feedback", body)
         assert (r.status, r.body["error"]["code"]) == (404, "feedback_not_configured"), r.body
     assert call(app, "POST", "/v1/feedback", {}, token=None).status == 401
+    # No review runs: the page loads (it holds no data), lists none, and a run name is unknown.
+    assert call(app, "GET", "/v1/review/runs").body == {"runs": []}
+    r = call(app, "GET", "/v1/review/runs/demo/groups")
+    assert (r.status, r.body["error"]["code"]) == (404, "unknown_run")
+    assert call(app, "GET", "/v1/review/runs", token=None).status == 401
+    page = call(app, "GET", "/ui", token=None)
+    assert page.status == 200, page
+    assert "script-src 'self'" in page.headers["content-security-policy"]
 
 
 def test_rank_over_http_matches_the_batch_ranker(app: str, registry: Registry) -> None:

@@ -63,7 +63,7 @@ OFFERS_SCHEMA = pa.schema(
     [
         *[SCHEMA.field(n) for n in _STAMP],
         ("request_id", pa.string()),  # the answer's request_id (made by the server)
-        ("route", pa.string()),  # rank | pick | select
+        ("route", pa.string()),  # rank | pick | select | review (a keeper pick run on /ui)
         ("client", pa.string()),  # the caller's key (X-Keeper-Client), when given
         ("arm", pa.string()),  # champion | challenger under an A/B split, else null
         ("model", pa.string()),  # what ranked: a registered version's URI, or the rule's name
@@ -81,7 +81,7 @@ OFFERS_SCHEMA = pa.schema(
         ("quality", pa.list_(pa.float32())),  # keeper_core.quality.FEATURE_NAMES order
     ]
 )
-ROUTES: tuple[str, ...] = ("rank", "pick", "select")
+ROUTES: tuple[str, ...] = ("rank", "pick", "select", "review")
 
 
 class FeedbackEvent(BaseModel):

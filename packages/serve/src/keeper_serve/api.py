@@ -436,6 +436,55 @@ class ReferencesResponse(BaseModel):
     refused: list[RefusedCollection] = Field(description="collections /v1/compare answers 409 for")
 
 
+# ------------------------------------------------------------------------------------- review
+
+
+class ReviewRunInfo(BaseModel):
+    name: str
+    request_id: str | None = Field(description="what the run's feedback events refer to")
+    groups: int
+    images: int
+    ranker: str = Field(description="what ranked the run ('NAME vN (URI)' or the zero-shot rule)")
+    clip_model: str
+    random_weights: bool = Field(description="true: made with random weights, scores are noise")
+    finished: str | None
+    error: str | None = Field(description="why the run cannot be reviewed; null: it can")
+
+
+class ReviewRunsResponse(BaseModel):
+    runs: list[ReviewRunInfo] = Field(description="args.review.runs, in config order")
+
+
+class ReviewImage(BaseModel):
+    image_id: str
+    file_name: str
+    rank: int = Field(description="1 = the model's first choice in its group")
+    decision: Literal["keep", "alternate", "reject"] = Field(description="keeper pick's")
+    rating: int
+    label: str | None
+    score: float
+    reasons: list[str]
+    capture_time: str | None
+    duplicate_of: str | None
+    thumb: str | None = Field(description="its thumbnail's path (GET with the token); null: none")
+
+
+class ReviewGroup(BaseModel):
+    group_id: str
+    size: int
+    keeper: str | None = Field(description="image_id keeper pick kept; null: none")
+    images: list[ReviewImage] = Field(description="in capture order")
+
+
+class ReviewPage(BaseModel):
+    run: str
+    request_id: str = Field(description="feedback events on these images refer to it")
+    total: int = Field(description="groups in the run")
+    offset: int
+    limit: int
+    groups: list[ReviewGroup] = Field(description="in time order")
+
+
 def collection_info(meta: ReferenceMeta) -> dict[str, Any]:
     """A collection's ``reference.json`` as responses show it."""
     return {

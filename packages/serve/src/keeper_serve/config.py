@@ -10,6 +10,7 @@ builder's argument is annotated) and by ``tests/unit/serve/test_cluster_configs.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +26,8 @@ SEARCH = "SearchIndex"
 REFERENCES = "ReferenceCollections"
 #: Bound only when ``args.ab`` is set: a second ``SeriesRanker`` following the challenger.
 CHALLENGER = "ChallengerRanker"
+#: Bound only when ``args.feedback`` is set with ``online_poll_s`` > 0: the online figures.
+ONLINE = "OnlineFigures"
 
 DEFAULT_TOKEN_ENV = "KEEPER_API_TOKEN"
 
@@ -229,6 +232,17 @@ class FeedbackArgs(_Strict):
             "feedback-export trains on); false: ids, ranks and scores only"
         ),
     )
+    online_poll_s: float = Field(
+        60.0,
+        ge=0,
+        description=(
+            "how often OnlineFigures recomputes the per-version online figures (Prometheus "
+            "gauges) from ROOT's logs; 0: no OnlineFigures deployment"
+        ),
+    )
+    online_window_s: float = Field(
+        7 * 86400.0, gt=0, description="the online figures count answers of this many seconds"
+    )
 
     @model_validator(mode="after")
     def _pending_fits(self) -> FeedbackArgs:
@@ -257,6 +271,36 @@ class ABArgs(_Strict):
     def ranker_args(self, champion: RankerArgs) -> RankerArgs:
         """The ChallengerRanker's arguments: the champion's, following ``model_uri``."""
         return champion.model_copy(update={"model_uri": self.model_uri, "poll_s": self.poll_s})
+
+
+class ReviewArgs(_Strict):
+    """The review page (``/ui``): ``keeper pick`` runs people triage in a browser.
+
+    Each run is a ``keeper pick`` output folder (local or ``s3://``: ``picks.parquet``,
+    ``thumbs/``, ``_SUMMARY.json``), named in the page by its key. A run is read when first
+    asked for and read again when its ``_SUMMARY.json`` changed (a new pick into the same
+    folder). Decisions go to ``/v1/feedback``, so ``args.feedback`` must be set too.
+    """
+
+    runs: dict[str, str] = Field(
+        min_length=1, description="name -> keeper pick output folder (local or s3://)"
+    )
+    max_page_groups: int = Field(200, ge=1, description="groups in one page of a run")
+    check_s: float = Field(
+        10.0, ge=0, description="a run's _SUMMARY.json is re-read at most this often"
+    )
+
+    @field_validator("runs")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, folder in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+                raise ValueError(
+                    f"review run name {name!r}: letters, digits, '.', '_', '-' (at most 64)"
+                )
+            if not folder:
+                raise ValueError(f"review run {name!r} names no folder")
+        return v
 
 
 class KeeperAppArgs(_Strict):
@@ -295,6 +339,9 @@ class KeeperAppArgs(_Strict):
     ab: ABArgs | None = Field(
         None, description="champion/challenger A/B on /v1/rank and /v1/pick; None: no split"
     )
+    review: ReviewArgs | None = Field(
+        None, description="the review page's keeper pick runs; None: /ui lists none"
+    )
 
     @field_validator("s3_allow_buckets")
     @classmethod
@@ -310,4 +357,6 @@ class KeeperAppArgs(_Strict):
             raise ValueError("limits.max_image_bytes exceeds limits.max_request_bytes")
         if self.ab is not None and self.ranker.model_uri is None:
             raise ValueError("ab is set but ranker.model_uri is null: no champion to compare with")
+        if self.review is not None and self.feedback is None:
+            raise ValueError("review is set but feedback is null: decisions would go nowhere")
         return self

@@ -27,12 +27,14 @@ challenger that cannot answer hands the request to the champion, counted
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any, Literal, Protocol, cast
 
 import numpy as np
@@ -71,11 +73,23 @@ from keeper_serve import api
 from keeper_serve.api import ApiError, ImageRef
 from keeper_serve.config import KeeperAppArgs
 from keeper_serve.references import CollectionUnusable, UnknownCollection
+from keeper_serve.review import ReviewRun, ReviewRuns, RunUnusable, UnknownImage, UnknownRun
 from keeper_serve.search import UnknownImageId
 
 log = logging.getLogger("keeper.serve")
 
-PUBLIC_PATHS = frozenset({"/healthz"})
+#: The review page's files: public (they hold no data; every call they make sends the token).
+UI_FILES = {
+    "/ui": ("index.html", "text/html; charset=utf-8"),
+    "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/ui/app.css": ("app.css", "text/css; charset=utf-8"),
+}
+PUBLIC_PATHS = frozenset({"/healthz", *UI_FILES})
+#: The page's Content-Security-Policy: its own script and style, thumbnails as blob: URLs.
+UI_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 DOC_PATHS = frozenset({"/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc"})
 
 app = FastAPI(
@@ -199,7 +213,7 @@ async def _auth_and_metrics(
             log.exception("keeper API: unhandled error on %s", path)
             response = error_response(500, "internal", f"internal error ({type(exc).__name__})")
     if ingress is not None:
-        route = path if path in ROUTES else "other"
+        route = _route_label(path)
         ingress.requests.inc(tags={"route": route, "status": str(response.status_code)})
         ingress.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
     return response
@@ -220,9 +234,24 @@ ROUTES = frozenset(
         "/v1/compare",
         "/v1/references",
         "/v1/feedback",
+        "/v1/review/runs",
+        *UI_FILES,
         *DOC_PATHS,
     }
 )
+
+
+def _route_label(path: str) -> str:
+    """A request's route in metrics: a known route, the review's templated ones, or "other"."""
+    if path in ROUTES:
+        return path
+    if path.startswith("/v1/review/runs/"):
+        tail = path.rsplit("/", 2)
+        if tail[-1] == "groups":
+            return "/v1/review/runs/{name}/groups"
+        if tail[-2] == "thumbs":
+            return "/v1/review/runs/{name}/thumbs/{image_id}"
+    return "other"
 
 
 def _tag_keys(*keys: str) -> tuple[str]:
@@ -391,6 +420,8 @@ class KeeperIngress:
             description="challenger-arm requests the champion answered (challenger unavailable)",
             tag_keys=("route",),
         )
+        self.review = ReviewRuns(args.review)
+        self._review_offered: set[tuple[str, int]] = set()  # (run request_id, group) logged
         self.feedback_log: FeedbackLog | None = None
         self.offer_log: OfferLog | None = None
         self._stop_flusher = threading.Event()
@@ -1300,3 +1331,100 @@ class KeeperIngress:
             "writer": feedback_log.writer,
             "last_error": receipt.last_error,
         }
+
+    # ----------------------------------------------------------------------------- review
+
+    @app.get("/ui", include_in_schema=False)
+    async def ui_page(self) -> Response:
+        return _ui_file("/ui")
+
+    @app.get("/ui/app.js", include_in_schema=False)
+    async def ui_script(self) -> Response:
+        return _ui_file("/ui/app.js")
+
+    @app.get("/ui/app.css", include_in_schema=False)
+    async def ui_style(self) -> Response:
+        return _ui_file("/ui/app.css")
+
+    def _review_run(self, name: str) -> ReviewRun:
+        try:
+            return self.review.get(name)
+        except UnknownRun as e:
+            raise ApiError(404, "unknown_run", str(e)) from e
+        except RunUnusable as e:
+            raise ApiError(409, "run_unusable", f"review run {name!r}: {e}") from e
+
+    @app.get(
+        "/v1/review/runs",
+        response_model=api.ReviewRunsResponse,
+        summary="the keeper pick runs the review page shows (args.review.runs)",
+    )
+    async def review_runs(self) -> dict[str, Any]:
+        return {"runs": await asyncio.to_thread(self.review.listing)}
+
+    @app.get(
+        "/v1/review/runs/{name}/groups",
+        response_model=api.ReviewPage,
+        summary="one page of a run's groups, in time order, with their images",
+    )
+    async def review_groups(
+        self, request: Request, name: str, offset: int = 0, limit: int = 50
+    ) -> dict[str, Any]:
+        most = self.args.review.max_page_groups if self.args.review is not None else 1
+        if offset < 0 or not 1 <= limit <= most:
+            raise ApiError(
+                400,
+                "invalid_page",
+                f"offset {offset}, limit {limit}: offset >= 0, 1 <= limit <= {most}",
+            )
+        run = await asyncio.to_thread(self._review_run, name)
+        if offset > len(run.groups):
+            raise ApiError(
+                400, "invalid_page", f"offset {offset} is past the run's {len(run.groups)} groups"
+            )
+        page = run.page(offset, limit)
+        # What the page showed, as offers (once per group and replica): decisions join them.
+        shown = range(offset, min(offset + limit, len(run.groups)))
+        new = [g for g in shown if (run.request_id, g) not in self._review_offered]
+        if new and self.offer_log is not None:
+            self._review_offered.update((run.request_id, g) for g in new)
+            client = self._client(request)
+            await self._log_offers("review", lambda: run.offer_rows(new, client))
+        return page
+
+    @app.get(
+        "/v1/review/runs/{name}/thumbs/{image_id}",
+        summary="an image's contact-sheet thumbnail (JPEG)",
+        response_class=Response,
+    )
+    async def review_thumb(self, name: str, image_id: str) -> Response:
+        run = await asyncio.to_thread(self._review_run, name)
+        try:
+            uri = run.thumbnail_uri(image_id)
+            data = await asyncio.to_thread(storage.read_bytes, uri)
+        except UnknownImage as e:
+            raise ApiError(404, "unknown_image", str(e)) from e
+        except StorageError as e:
+            raise ApiError(404, "unknown_image", f"thumbnail of {image_id} unreadable: {e}") from e
+        # Named by the image's SHA-256: the bytes behind a URL never change.
+        headers = {"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"}
+        return Response(data, media_type="image/jpeg", headers=headers)
+
+
+@functools.cache
+def _ui_bytes(name: str) -> bytes:
+    return (resources.files("keeper_serve") / "ui" / name).read_bytes()
+
+
+def _ui_file(path: str) -> Response:
+    name, media_type = UI_FILES[path]
+    return Response(
+        _ui_bytes(name),
+        media_type=media_type,
+        headers={
+            "Content-Security-Policy": UI_CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-cache",
+        },
+    )

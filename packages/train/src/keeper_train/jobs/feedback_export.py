@@ -63,8 +63,8 @@ EMBEDDINGS, PART = "embeddings", "part-00000.parquet"
 SERIES, SUMMARY, TABLE_META, IMAGES = "series.csv", "_SUMMARY.json", "_KEEPER_TABLE.json", "images"
 KEEPER, ACCEPTED, REJECTED = "picked-as-keeper", "accepted", "rejected"
 
-Route = Literal["rank", "pick", "select"]
-ROUTE_NAMES: tuple[Route, ...] = ("rank", "pick", "select")  # keeper_core.feedback.ROUTES
+Route = Literal["rank", "pick", "select", "review"]
+ROUTE_NAMES: tuple[Route, ...] = ("rank", "pick", "select", "review")  # keeper_core.feedback.ROUTES
 
 #: Why a standing decision is not in the output; every one is counted under exactly one reason.
 SKIP_REASONS: dict[str, str] = {

@@ -1,0 +1,231 @@
+"""keeper_serve.review without Ray: a pick run read, paged and offered as the review page sees it.
+
+Runs are written here as ``keeper pick`` writes them (``_SUMMARY.json``, ``picks.parquet``,
+``thumbs/xx/<id>.jpg``); the real job's output is reviewed in a browser in
+tests/integration/test_review_ui.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from keeper_core.contact_sheet import thumbnail_name
+from keeper_core.feedback import OFFERS_SCHEMA
+from keeper_core.quality import FEATURE_NAMES
+from keeper_serve.config import KeeperAppArgs, ReviewArgs
+from keeper_serve.review import (
+    ReviewRuns,
+    RunUnusable,
+    UnknownImage,
+    UnknownRun,
+    ranker_model,
+    read_run,
+    run_request_id,
+)
+
+RANKER = "keeper-ranker v3 (models:/keeper-ranker/3)"
+
+
+def image_id(i: int) -> str:
+    return hashlib.sha256(f"image {i}".encode()).hexdigest()
+
+
+def write_run(
+    folder: Path,
+    sizes: list[int],
+    *,
+    thumbs: int | None = None,
+    finished: str = "2026-12-01T10:00:00Z",
+    status: str = "ok",
+) -> list[str]:
+    """A pick output of groups of ``sizes`` (groups interleaved in the file by time, as a real
+    table never is, to check grouping keeps first-appearance order); thumbnails of the first
+    ``thumbs`` images (all by default). Returns the image ids in file order."""
+    rows: dict[str, list[Any]] = {c: [] for c in ("group_id", "rank", "decision")}
+    ids: list[str] = []
+    n = 0
+    for g, size in enumerate(sizes):
+        for k in range(size):
+            rows["group_id"].append(f"g{g:05d}")
+            rows["rank"].append(k + 1)
+            rows["decision"].append("keep" if k == 0 else "reject")
+            ids.append(image_id(n))
+            n += 1
+    cols: dict[str, Any] = {
+        **rows,
+        "rating": [5 if d == "keep" else 1 for d in rows["decision"]],
+        "label": [None] * n,
+        "score": [float(-r) for r in rows["rank"]],
+        "reasons": [["sharpest"] if d == "keep" else ["blurred"] for d in rows["decision"]],
+        "image_uri": [f"/photos/IMG_{i:05d}.JPG" for i in range(n)],
+        "file_name": [f"IMG_{i:05d}.JPG" for i in range(n)],
+        "image_id": ids,
+        "capture_time": [f"2026-05-01T10:00:{i % 60:02d}" for i in range(n)],
+        "duplicate_of": [None] * n,
+        **{f: np.full(n, 0.5) for f in FEATURE_NAMES},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), folder / "picks.parquet")
+    for i in ids[: n if thumbs is None else thumbs]:
+        p = folder / thumbnail_name(i)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"\xff\xd8jpeg " + i.encode())
+    summary = {
+        "status": status,
+        "ranker": RANKER,
+        "clip_model": "keeper-tiny:random",
+        "random_weights": True,
+        "finished": finished,
+    }
+    (folder / "_SUMMARY.json").write_text(json.dumps(summary))
+    return ids
+
+
+def test_a_run_pages_by_group_in_time_order(tmp_path: Path) -> None:
+    ids = write_run(tmp_path / "run", [3, 1, 2, 4], thumbs=9)
+    run = read_run("demo", str(tmp_path / "run"))
+    assert run.request_id == run_request_id((tmp_path / "run" / "_SUMMARY.json").read_bytes())
+    assert run.request_id.startswith("run-")
+    assert len(run.request_id) == 28
+    assert run.info()["groups"] == 4
+    assert run.info()["images"] == 10
+    page = run.page(1, 2)
+    assert page["total"] == 4
+    assert page["offset"] == 1
+    assert [g["group_id"] for g in page["groups"]] == ["g00001", "g00002"]
+    g2 = page["groups"][1]
+    assert [im["image_id"] for im in g2["images"]] == ids[4:6]
+    assert g2["keeper"] == ids[4]
+    assert g2["size"] == 2
+    assert g2["images"][0]["thumb"] == f"/v1/review/runs/demo/thumbs/{ids[4]}"
+    last = run.page(3, 50)["groups"][0]["images"]
+    assert last[-1]["thumb"] is None  # the 10th image has no thumbnail
+    assert run.page(4, 50)["groups"] == []
+
+
+def test_groups_keep_first_appearance_order_and_row_order_inside(tmp_path: Path) -> None:
+    write_run(tmp_path / "run", [2, 2])
+    t = pq.read_table(tmp_path / "run" / "picks.parquet")
+    # Rows of two groups interleaved, in an order no sort by id gives: b first, then a.
+    order = [2, 0, 3, 1]
+    t = t.take(pa.array(order))
+    t = t.set_column(0, "group_id", pa.array(["gb", "ga", "gb", "ga"]))
+    pq.write_table(t, tmp_path / "run" / "picks.parquet")
+    run = read_run("x", str(tmp_path / "run"))
+    groups = run.page(0, 10)["groups"]
+    assert [g["group_id"] for g in groups] == ["gb", "ga"]
+    ids = t.column("image_id").to_pylist()
+    assert [im["image_id"] for im in groups[0]["images"]] == [ids[0], ids[2]]
+
+
+def test_thumbnails_only_of_the_runs_images(tmp_path: Path) -> None:
+    ids = write_run(tmp_path / "run", [2], thumbs=1)
+    run = read_run("demo", str(tmp_path / "run"))
+    assert run.thumbnail_uri(ids[0]).endswith(thumbnail_name(ids[0]))
+    with pytest.raises(UnknownImage, match="no thumbnail"):
+        run.thumbnail_uri(ids[1])
+    for bad in (image_id(99), "../../etc/passwd", ids[0].upper(), ids[0][:-1]):
+        with pytest.raises(UnknownImage, match="has no image"):
+            run.thumbnail_uri(bad)
+
+
+def test_offer_rows_fit_the_offers_schema(tmp_path: Path) -> None:
+    ids = write_run(tmp_path / "run", [3, 2])
+    run = read_run("demo", str(tmp_path / "run"))
+    rows = run.offer_rows([1], client="ana")
+    assert [r["image_id"] for r in rows] == ids[3:5]
+    assert {r["route"] for r in rows} == {"review"}
+    assert {r["arm"] for r in rows} == {None}
+    assert rows[0]["model"] == "models:/keeper-ranker/3"
+    assert [r["rank"] for r in rows] == [0, 1]  # offers count from 0
+    assert [r["offered"] for r in rows] == ["keep", "reject"]
+    assert rows[0]["group_size"] == 2
+    assert rows[0]["client"] == "ana"
+    stamp = {"event_id", "received_at", "seq", "writer"}
+    assert set(rows[0]) == set(OFFERS_SCHEMA.names) - stamp
+
+
+def test_ranker_model_names_a_version_or_keeps_the_rule() -> None:
+    assert ranker_model(RANKER) == "models:/keeper-ranker/3"
+    assert ranker_model("zero-shot: sharpness + exposure") == "zero-shot: sharpness + exposure"
+
+
+def test_unusable_runs_say_why_and_the_others_serve(tmp_path: Path) -> None:
+    write_run(tmp_path / "good", [2])
+    write_run(tmp_path / "failed", [2], status="failed")
+    (tmp_path / "half").mkdir()
+    runs = ReviewRuns(
+        ReviewArgs(
+            runs={
+                "good": str(tmp_path / "good"),
+                "failed": str(tmp_path / "failed"),
+                "half": str(tmp_path / "half"),
+            }
+        )
+    )
+    listing = {r["name"]: r for r in runs.listing()}
+    assert listing["good"]["error"] is None
+    assert listing["good"]["groups"] == 1
+    assert "did not finish" in listing["failed"]["error"]
+    assert "not a finished keeper pick run" in listing["half"]["error"]
+    with pytest.raises(RunUnusable):
+        runs.get("half")
+    with pytest.raises(UnknownRun, match="configured"):
+        runs.get("nope")
+    assert ReviewRuns(None).listing() == []
+
+
+def test_a_run_written_again_is_read_again(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    write_run(folder, [2])
+    runs = ReviewRuns(ReviewArgs(runs={"r": str(folder)}, check_s=0))
+    first = runs.get("r")
+    assert runs.get("r") is first  # same summary: the same read
+    write_run(folder, [2, 2, 2], finished="2026-12-02T10:00:00Z")
+    second = runs.get("r")
+    assert second.request_id != first.request_id
+    assert len(second.groups) == 3
+    # A rewrite in progress (summary gone) keeps the last good read serving.
+    (folder / "_SUMMARY.json").unlink()
+    assert runs.get("r") is second
+
+
+def test_check_s_bounds_how_often_the_summary_is_read(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    write_run(folder, [2])
+    runs = ReviewRuns(ReviewArgs(runs={"r": str(folder)}, check_s=3600))
+    first = runs.get("r")
+    write_run(folder, [2, 2], finished="2026-12-02T10:00:00Z")
+    assert runs.get("r") is first  # not looked at again within check_s
+
+
+def test_ten_thousand_images_in_pages(tmp_path: Path) -> None:
+    write_run(tmp_path / "big", [4] * 2500, thumbs=0)
+    run = read_run("big", str(tmp_path / "big"))
+    assert run.info()["images"] == 10_000
+    assert len(run.groups) == 2500
+    seen = []
+    for offset in range(0, 2500, 200):
+        seen += [g["group_id"] for g in run.page(offset, 200)["groups"]]
+    assert seen == [f"g{g:05d}" for g in range(2500)]
+    page = run.page(2450, 50)
+    assert sum(len(g["images"]) for g in page["groups"]) == 200
+    assert all(im["thumb"] is None for g in page["groups"] for im in g["images"])
+
+
+def test_review_needs_feedback_and_safe_run_names() -> None:
+    with pytest.raises(ValueError, match="feedback is null"):
+        KeeperAppArgs(review={"runs": {"demo": "/tmp/x"}})
+    for bad in ("", "../x", "a/b", "x" * 65):
+        with pytest.raises(ValueError, match="review run name"):
+            ReviewArgs(runs={bad: "/tmp/x"})
+    with pytest.raises(ValueError, match="at least 1 item"):
+        ReviewArgs(runs={})
