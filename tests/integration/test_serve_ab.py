@@ -26,6 +26,7 @@ import torch
 from conftest import negated, register_ranker
 from PIL import Image
 from support import free_port, small_app_overrides
+from test_serve import call
 
 from keeper_core import storage
 from keeper_core.ab import ab_report, assign
@@ -163,6 +164,11 @@ def test_the_split_follows_the_client_and_is_logged(ab_app: Setup) -> None:
         assert a["arm"] == assign(repeat, SHARE, SALT)
         answers[a["request_id"]] = a
     assert len(answers) == 45
+    models = call(ab_app.url, "GET", "/v1/models", token=TOKEN).body
+    assert models["ab"] == {"share": SHARE, "salt": SALT}
+    assert (models["ranker"]["version"], models["challenger"]["version"]) == (
+        version["champion"], version["challenger"],
+    )  # fmt: skip
 
     # The offers log: every image of every answer, with its arm and the version that ranked.
     wait_until(lambda: {r["request_id"] for r in offers(ab_app.root)} >= set(answers), 30, "offers")

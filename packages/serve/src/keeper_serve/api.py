@@ -557,6 +557,12 @@ class ModelsResponse(BaseModel):
     vlm: dict[str, Any] = Field(
         description='the VlmJudge: status "ready" (and what it is) or "disabled"'
     )
+    challenger: RankerInfo | None = Field(
+        None, description="with args.ab: the ChallengerRanker's version (the A/B's other arm)"
+    )
+    ab: dict[str, Any] | None = Field(
+        None, description="with args.ab: the challenger's share of clients and the salt"
+    )
 
 
 class EmbedResponse(BaseModel):

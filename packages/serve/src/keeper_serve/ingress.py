@@ -447,6 +447,14 @@ class KeeperIngress:
             "max_age_s": fb.max_age_s,
             "max_pending": fb.max_pending,
         }
+        # Storage that refuses writes fails the replica now, loudly, rather than every event
+        # later (Serve retries the start; the deploy shows the cause).
+        probe = storage.join(fb.root, f".write-probe-{writer}")
+        try:
+            storage.write_bytes(probe, b"keeper feedback write probe\n", durable=False)
+            storage.delete(probe)
+        except StorageError as e:
+            raise ConfigError(f"feedback.root {fb.root} cannot be written: {e}") from e
         self.feedback_log = FeedbackLog(storage.join(fb.root, "events"), **kw)
         if fb.offers:
             self.offer_log = OfferLog(storage.join(fb.root, "offers"), **kw)
@@ -842,7 +850,14 @@ class KeeperIngress:
         )
         if ranker.get("kind"):
             self._ranker_tuned[id(self.ranker)] = ranker["kind"] == "fine-tuned"
-        return {"clip": clip, "ranker": ranker, "vlm": vlm}
+        out = {"clip": clip, "ranker": ranker, "vlm": vlm}
+        if self.challenger is not None and self.args.ab is not None:
+            challenger = await self.challenger.info.remote()
+            if challenger.get("kind"):
+                self._ranker_tuned[id(self.challenger)] = challenger["kind"] == "fine-tuned"
+            out["challenger"] = challenger
+            out["ab"] = {"share": self.args.ab.share, "salt": self.args.ab.salt}
+        return out
 
     @app.post(
         "/v1/embed",
