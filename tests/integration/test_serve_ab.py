@@ -97,7 +97,7 @@ def ab_app(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "tracking_uri": uri,
             "ranker.model_uri": f"models:/{NAME}@champion",
             "ab": {"share": SHARE, "salt": SALT, "model_uri": f"models:/{NAME}@challenger"},
-            "feedback": {"root": root, "max_age_s": 1.0},
+            "feedback": {"root": root, "max_age_s": 1.0, "online_poll_s": 1.0},
             "deployments.ChallengerRanker.ray_actor_options.num_cpus": 0.1,
             "deployments.ChallengerRanker.num_replicas": 1,
         },
@@ -201,3 +201,23 @@ def test_the_split_follows_the_client_and_is_logged(ab_app: Setup) -> None:
     for arm, f in report.arms.items():
         assert f.models == [f"models:/{NAME}/{version[arm]}"]
         assert (f.online_top1.k, f.online_top1.n) == (f.answers, f.answers)
+
+    # OnlineFigures reads the same logs: /v1/models (and its gauges) show the same figures.
+    def online() -> dict[tuple[str, str], dict[str, Any]]:
+        info = call(ab_app.url, "GET", "/v1/models", token=TOKEN).body["online"]
+        return {(f["arm"], f["model"]): f for f in info["figures"]}
+
+    def caught_up() -> bool:
+        got = online()
+        return all(
+            (arm, "*") in got and got[(arm, "*")]["online_top1"]["n"] == n
+            for arm, n in per_arm.items()
+        )
+
+    wait_until(caught_up, 30, "OnlineFigures to count every decision")
+    got = online()
+    for arm in per_arm:
+        model = f"models:/{NAME}/{version[arm]}"
+        for key in ((arm, "*"), (arm, model)):
+            assert got[key]["answers"] == per_arm[arm], (key, got[key])
+            assert got[key]["online_top1"]["value"] == 1.0, (key, got[key])

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 from support import offer_rows
 
-from keeper_core.ab import ab_report, assign, difference_interval, format_report
+from keeper_core.ab import (
+    ab_report,
+    arm_of,
+    assign,
+    difference_interval,
+    figures_by_model,
+    format_report,
+    window,
+)
 from keeper_core.errors import DataError
 from keeper_core.feedback import FeedbackEvent, FeedbackLog, OfferLog, read_feedback, read_offers
 
@@ -106,3 +116,118 @@ def test_unknown_arm_is_refused(tmp_path: Path) -> None:
     events.append([ev("r", "r-img0", "accepted")], sync=True)
     with pytest.raises(DataError, match="canary"):
         ab_report(read_offers(str(tmp_path / "offers")), read_feedback(str(tmp_path / "events")))
+
+
+def answer(
+    req: str, arm: str | None, model: str, route: str = "rank", first: str = "keeper"
+) -> list[dict[str, object]]:
+    """Three offer rows of one answer by ``model`` (offer_rows names the model by arm)."""
+    return [{**r, "model": model} for r in offer_rows(req, arm, "g", 3, route, first)]
+
+
+V1, V2 = "models:/r/1", "models:/r/2"
+
+
+def promoted_mid_test(root: Path) -> tuple[str, str]:
+    """v1 the champion, v2 the challenger, then v2 promoted (answering for the champion too),
+    and a review page run ranked by v2; returns the offers and events folders."""
+    offers = OfferLog(str(root / "offers"))
+    events = FeedbackLog(str(root / "events"))
+    for req in ("c1", "c2", "c3"):
+        offers.append_rows(answer(req, "champion", V1))
+    offers.append_rows(answer("p1", "champion", V2))
+    offers.append_rows(answer("p2", "champion", V2, "select", first="candidate"))
+    for req in ("h1", "h2"):
+        offers.append_rows(answer(req, "challenger", V2))
+    for req in ("r1", "r2"):
+        offers.append_rows(answer(req, None, V2, "review"))
+    for req, img, action in [
+        ("c1", 0, "picked-as-keeper"),  # the first choice
+        ("c2", 2, "picked-as-keeper"),  # the third
+        ("p1", 1, "picked-as-keeper"),
+        ("p1", 0, "rejected"),
+        ("h1", 0, "picked-as-keeper"),
+        ("h2", 1, "accepted"),
+        ("r1", 0, "picked-as-keeper"),
+        ("r1", 1, "rejected"),
+    ]:
+        events.append([ev(req, f"{req}-img{img}", action)])
+    offers.flush()
+    events.flush()
+    return str(root / "offers"), str(root / "events")
+
+
+def test_figures_by_model_splits_a_promotion_and_counts_the_review_page(tmp_path: Path) -> None:
+    offers_uri, events_uri = promoted_mid_test(tmp_path)
+    rows = figures_by_model(read_offers(offers_uri), read_feedback(events_uri))
+    got = {
+        (f.arm, f.model): (
+            f.answers,
+            f.decided,
+            (f.online_top1.k, f.online_top1.n),
+            (f.acceptance.k, f.acceptance.n),
+            (f.click_through.k, f.click_through.n),
+            (f.zero_result.k, f.zero_result.n),
+            f.mean_keeper_rank,
+        )
+        for f in rows
+    }
+    assert got == {
+        ("champion", V1): (3, 2, (1, 2), (2, 2), (2, 3), (0, 3), 2.0),
+        ("champion", V2): (2, 2, (0, 1), (1, 2), (1, 2), (1, 2), 2.0),
+        ("challenger", V2): (2, 2, (1, 1), (2, 2), (2, 2), (0, 2), 1.0),
+        ("review", V2): (2, 2, (1, 1), (1, 2), (1, 2), (0, 2), 1.0),
+    }
+    assert [(f.arm, f.model) for f in rows] == list(got)  # champion, challenger, review
+    assert rows[0].online_top1.low is not None
+    assert rows[0].online_top1.low < 0.5 < rows[0].online_top1.high  # type: ignore[operator]
+
+
+def test_ab_report_leaves_the_review_page_out_of_the_arms(tmp_path: Path) -> None:
+    offers_uri, events_uri = promoted_mid_test(tmp_path)
+    r = ab_report(read_offers(offers_uri), read_feedback(events_uri))
+    champ = r.arms["champion"]
+    assert champ.models == [V1, V2]
+    assert (champ.answers, champ.decided) == (5, 4)  # review's r1, r2 are in no arm
+    assert (champ.online_top1.k, champ.online_top1.n) == (1, 3)
+    assert (champ.acceptance.k, champ.acceptance.n) == (3, 4)
+    assert (champ.click_through.k, champ.click_through.n) == (3, 5)
+    assert (champ.zero_result.k, champ.zero_result.n) == (1, 5)
+    assert champ.mean_keeper_rank == pytest.approx(2.0)
+    assert (r.decisions, r.unmatched) == (8, 0)  # review's decisions matched, not counted
+    assert [(f.arm, f.model) for f in r.by_model][-1] == ("review", V2)
+    text = format_report(r)
+    assert "per model version:" in text
+    assert "review      models:/r/2  2        100.0% (1/1)" in text
+    assert r.as_dict()["by_model"][0]["model"] == V1
+
+
+def test_window_keeps_the_answers_offered_in_it_and_every_decision_on_them(
+    tmp_path: Path,
+) -> None:
+    offers = OfferLog(str(tmp_path / "offers"))
+    events = FeedbackLog(str(tmp_path / "events"))
+    offers.append_rows(answer("old", "champion", V1), sync=True)
+    time.sleep(0.01)
+    since = datetime.now(UTC)
+    offers.append_rows(answer("new", "champion", V1), sync=True)
+    until = datetime.now(UTC)
+    for req in ("old", "new"):
+        events.append([ev(req, f"{req}-img0", "picked-as-keeper")], sync=True)
+    o, e = window(
+        read_offers(str(tmp_path / "offers")), read_feedback(str(tmp_path / "events")), since
+    )
+    assert set(o.column("request_id").to_pylist()) == {"new"}
+    assert e.column("request_id").to_pylist() == ["new"]  # decided after `since`: counted
+    o, e = window(o, e, None, until=since)
+    assert (o.num_rows, e.num_rows) == (0, 0)
+    o, _ = window(read_offers(str(tmp_path / "offers")), e, None, until=until)
+    assert o.num_rows == 6
+
+
+def test_arm_of_a_row() -> None:
+    assert arm_of("review", None) == "review"
+    assert arm_of("rank", None) == "champion"
+    assert arm_of("pick", "challenger") == "challenger"
+    with pytest.raises(DataError, match="canary"):
+        arm_of("rank", "canary")

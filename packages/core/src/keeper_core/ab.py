@@ -18,17 +18,25 @@ the standing decisions and measures each arm:
 The gain (challenger minus champion online top-1) comes with a Newcombe interval built from the two
 arms' exact (Clopper-Pearson) intervals, so its lower bound is conservative like the offline
 gain's; ``keeper promote`` can require it above zero.
+
+:func:`figures_by_model` gives the same figures per (arm, model version): a version promoted
+mid-test answered in both arms and has a row in each. Offers of the review page (``route``
+``review``: a batch ``keeper pick`` run a person triages, no arm) are no answer of the live split:
+:func:`ab_report` leaves them out, :func:`figures_by_model` counts them under the arm
+``review``. :func:`window` keeps the answers of a time window and the events about them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Literal, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from keeper_core.errors import DataError
 from keeper_core.feedback import decisions
@@ -39,6 +47,21 @@ ARMS: tuple[Arm, ...] = ("champion", "challenger")
 #: What an offer row says the model put forward, per route (rank, pick, select).
 OFFERED_FIRST = frozenset({"keeper", "keep", "pick"})
 _CHOSEN = frozenset({"accepted", "picked-as-keeper"})
+#: The offers' route of the review page's batch picks, and the arm figures_by_model files them
+#: under: shown to a person, but no answer of the live split.
+REVIEW = "review"
+#: The offer columns the figures read (the rest, embeddings above all, need not be read).
+FIGURE_COLUMNS = (
+    "received_at",
+    "request_id",
+    "route",
+    "arm",
+    "model",
+    "image_id",
+    "rank",
+    "offered",
+)
+_K = TypeVar("_K", bound=Hashable)
 
 
 def assign(key: str, share: float, salt: str = "keeper-ab") -> Arm:
@@ -106,6 +129,22 @@ class ArmFigures:
     click_through: Rate  # answers with at least one decision
     zero_result: Rate  # answers that offered nothing to keep
     mean_keeper_rank: float | None  # 1 = the model's first choice
+    decided: int = 0  # standing decisions on the arm's offers
+
+
+@dataclass(frozen=True)
+class ModelFigures:
+    """The online figures of one model version in one arm (``review``: the review page's)."""
+
+    arm: str
+    model: str  # a registered version's URI (models:/NAME/VERSION), or the rule's name
+    answers: int
+    decided: int  # standing decisions on its offers
+    online_top1: Rate
+    acceptance: Rate
+    click_through: Rate
+    zero_result: Rate
+    mean_keeper_rank: float | None
 
 
 @dataclass(frozen=True)
@@ -115,10 +154,12 @@ class ABReport:
     decisions: int
     unmatched: int  # standing decisions whose (request_id, image_id) no offer row has
     confidence: float
+    by_model: list[ModelFigures] = field(default_factory=list)  # figures_by_model's rows
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "arms": {a: asdict(f) for a, f in self.arms.items()},
+            "by_model": [asdict(f) for f in self.by_model],
             "gain": asdict(self.gain) if self.gain is not None else None,
             "decisions": self.decisions,
             "unmatched": self.unmatched,
@@ -126,76 +167,164 @@ class ABReport:
         }
 
 
-def ab_report(offers: pa.Table, events: pa.Table, confidence: float = 0.95) -> ABReport:
-    """Each arm's online figures from the offers log and the feedback events.
+def window(
+    offers: pa.Table, events: pa.Table, since: datetime | None, until: datetime | None = None
+) -> tuple[pa.Table, pa.Table]:
+    """The offers received in [since, until) (None: unbounded), and the events about them.
 
-    Offers without an ``arm`` (no A/B running) count as the champion's. A decision is matched to
-    the offer of its ``(request_id, image_id)``; one no offer has is counted as ``unmatched``.
+    An answer is in or out as a whole by when it was offered; every decision about it counts,
+    however late it came.
+    """
+    ts = offers.column("received_at")
+    if since is not None:
+        offers = offers.filter(pc.greater_equal(ts, pa.scalar(since, ts.type)))
+    if until is not None:
+        ts = offers.column("received_at")
+        offers = offers.filter(pc.less(ts, pa.scalar(until, ts.type)))
+    asked = pc.unique(offers.column("request_id"))
+    return offers, events.filter(pc.is_in(events.column("request_id"), value_set=asked))
+
+
+def arm_of(route: str | None, arm: str | None) -> str:
+    """The arm an offer row counts under: ``review`` for the review page's, else its A/B arm,
+    the champion when there is no A/B.
+
+    Raises:
+        DataError: an arm other than champion or challenger.
+    """
+    if route == REVIEW:
+        return REVIEW
+    a = arm or "champion"
+    if a not in ARMS:
+        raise DataError(f"offers with arm {a!r}: expected one of {ARMS}")
+    return a
+
+
+@dataclass
+class _Tally:
+    """What the figures of one key (an arm, or an arm and model) are counted from."""
+
+    models: set[str] = field(default_factory=set)
+    requests: set[str] = field(default_factory=set)
+    keep_offered: set[str] = field(default_factory=set)  # requests that offered something to keep
+    decided_requests: set[str] = field(default_factory=set)
+    decided: int = 0
+    accepted: int = 0
+    keepers: int = 0  # keeper picks on ranked offers: online top-1's trials
+    hits: int = 0  # of them, the model's first choice
+    rank_sum: float = 0.0
+
+    def rates(self, confidence: float) -> dict[str, Any]:
+        n = len(self.requests)
+        return {
+            "answers": n,
+            "decided": self.decided,
+            "online_top1": Rate.of(self.hits, self.keepers, confidence),
+            "acceptance": Rate.of(self.accepted, self.decided, confidence),
+            "click_through": Rate.of(len(self.decided_requests & self.requests), n, confidence),
+            "zero_result": Rate.of(len(self.requests - self.keep_offered), n, confidence),
+            "mean_keeper_rank": self.rank_sum / self.keepers if self.keepers else None,
+        }
+
+
+def _tally(
+    offers: pa.Table, events: pa.Table, key: Callable[[str, str], _K | None]
+) -> tuple[dict[_K, _Tally], int, int]:
+    """Count each ``key(arm, model)``'s figures (None: the row counts nowhere).
+
+    Returns:
+        the tallies, the standing decisions, and those that no offer row has.
+    """
+    rows = offers.select(list(FIGURE_COLUMNS[1:])).to_pylist()
+    offer: dict[tuple[str, str], tuple[_K | None, int | None]] = {}  # -> its key, its rank
+    tallies: dict[_K, _Tally] = {}
+    for r in rows:
+        model = str(r["model"])
+        k = key(arm_of(r["route"], r["arm"]), model)
+        req = str(r["request_id"])
+        if r["image_id"] is not None:
+            offer[(req, str(r["image_id"]))] = (k, r["rank"])
+        if k is None:
+            continue
+        t = tallies.setdefault(k, _Tally())
+        t.models.add(model)
+        t.requests.add(req)
+        if r["offered"] in OFFERED_FIRST:
+            t.keep_offered.add(req)
+
+    standing = decisions(events).to_pylist()
+    unmatched = 0
+    for d in standing:
+        where = (str(d["request_id"]), str(d["image_id"]))
+        if where not in offer:
+            unmatched += 1
+            continue
+        k, rank = offer[where]
+        if k is None:  # an offer counted nowhere (the review page's, in the A/B report)
+            continue
+        t = tallies[k]
+        t.decided_requests.add(where[0])
+        t.decided += 1
+        t.accepted += d["action"] in _CHOSEN
+        if d["action"] == "picked-as-keeper" and rank is not None:
+            t.keepers += 1
+            t.hits += int(rank) == 0
+            t.rank_sum += int(rank) + 1
+    return tallies, len(standing), unmatched
+
+
+def figures_by_model(
+    offers: pa.Table, events: pa.Table, confidence: float = 0.95
+) -> list[ModelFigures]:
+    """The online figures per (arm, model) that answered, sorted by arm then model.
+
+    A version that answered in both arms (promoted mid-test) has a row in each; the review
+    page's offers (route ``review``) have theirs under the arm ``review``. A decision is matched
+    to the offer of its ``(request_id, image_id)``, as in :func:`ab_report`.
 
     Raises:
         DataError: offers with an arm other than champion or challenger.
     """
-    rows = offers.select(
-        ["request_id", "arm", "model", "group_id", "image_id", "rank", "offered"]
-    ).to_pylist()
-    arm_of: dict[str, str] = {}
-    offer: dict[tuple[str, str], dict[str, Any]] = {}
-    offered_any: dict[str, bool] = {}
-    models: dict[str, set[str]] = {a: set() for a in ARMS}
-    for r in rows:
-        arm = r["arm"] or "champion"
-        if arm not in ARMS:
-            raise DataError(f"offers with arm {arm!r}: expected one of {ARMS}")
-        req = str(r["request_id"])
-        arm_of[req] = arm
-        models[arm].add(str(r["model"]))
-        offered_any[req] = offered_any.get(req, False) or r["offered"] in OFFERED_FIRST
-        if r["image_id"] is not None:
-            offer[(req, str(r["image_id"]))] = r
+    tallies, _, _ = _tally(offers, events, lambda arm, model: (arm, model))
+    order = {a: i for i, a in enumerate((*ARMS, REVIEW))}
+    return [
+        ModelFigures(arm=arm, model=model, **tallies[(arm, model)].rates(confidence))
+        for arm, model in sorted(tallies, key=lambda k: (order[k[0]], k[1]))
+    ]
 
-    standing = decisions(events).to_pylist()
-    decided_requests: set[str] = set()
-    accepted: dict[str, int] = dict.fromkeys(ARMS, 0)
-    decided: dict[str, int] = dict.fromkeys(ARMS, 0)
-    hits: dict[str, int] = dict.fromkeys(ARMS, 0)
-    keepers: dict[str, int] = dict.fromkeys(ARMS, 0)
-    rank_sum: dict[str, float] = dict.fromkeys(ARMS, 0.0)
-    unmatched = 0
-    for d in standing:
-        o = offer.get((str(d["request_id"]), str(d["image_id"])))
-        if o is None:
-            unmatched += 1
-            continue
-        arm = o["arm"] or "champion"
-        decided_requests.add(str(d["request_id"]))
-        decided[arm] += 1
-        accepted[arm] += d["action"] in _CHOSEN
-        if d["action"] == "picked-as-keeper" and o["rank"] is not None:
-            keepers[arm] += 1
-            hits[arm] += int(o["rank"]) == 0
-            rank_sum[arm] += int(o["rank"]) + 1
 
+def ab_report(offers: pa.Table, events: pa.Table, confidence: float = 0.95) -> ABReport:
+    """Each arm's online figures from the offers log and the feedback events.
+
+    Offers without an ``arm`` (no A/B running) count as the champion's; the review page's
+    (route ``review``) count in no arm, only in ``by_model`` (:func:`figures_by_model`). A
+    decision is matched to the offer of its ``(request_id, image_id)``; one no offer has is
+    counted as ``unmatched``.
+
+    Raises:
+        DataError: offers with an arm other than champion or challenger.
+    """
+    tallies, standing, unmatched = _tally(
+        offers, events, lambda arm, _model: arm if arm in ARMS else None
+    )
     arms: dict[str, ArmFigures] = {}
     for a in ARMS:
-        reqs = [r for r, x in arm_of.items() if x == a]
-        arms[a] = ArmFigures(
-            arm=a,
-            models=sorted(models[a]),
-            answers=len(reqs),
-            online_top1=Rate.of(hits[a], keepers[a], confidence),
-            acceptance=Rate.of(accepted[a], decided[a], confidence),
-            click_through=Rate.of(sum(r in decided_requests for r in reqs), len(reqs), confidence),
-            zero_result=Rate.of(sum(not offered_any[r] for r in reqs), len(reqs), confidence),
-            mean_keeper_rank=rank_sum[a] / keepers[a] if keepers[a] else None,
-        )
-    gain = difference_interval(
-        hits["champion"], keepers["champion"], hits["challenger"], keepers["challenger"], confidence
-    )
-    return ABReport(arms, gain, len(standing), unmatched, confidence)
+        t = tallies.get(a, _Tally())
+        arms[a] = ArmFigures(arm=a, models=sorted(t.models), **t.rates(confidence))
+    champ, chall = tallies.get("champion", _Tally()), tallies.get("challenger", _Tally())
+    gain = difference_interval(champ.hits, champ.keepers, chall.hits, chall.keepers, confidence)
+    by_model = figures_by_model(offers, events, confidence)
+    return ABReport(arms, gain, standing, unmatched, confidence, by_model)
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def format_report(report: ABReport) -> str:
-    """The report as a table, a row per figure and a column per arm, then the gain."""
+    """The report as a table, a row per figure and a column per arm, then the gain, then a row
+    per (arm, model) (figures without their intervals)."""
 
     def cell(r: Rate) -> str:
         if r.value is None:
@@ -204,23 +333,38 @@ def format_report(report: ABReport) -> str:
         assert r.high is not None
         return f"{100 * r.value:.1f}% ({r.k}/{r.n}, {100 * r.low:.0f}-{100 * r.high:.0f})"
 
+    def short(r: Rate) -> str:
+        return "-" if r.value is None else f"{100 * r.value:.1f}% ({r.k}/{r.n})"
+
+    def rank(f: ArmFigures | ModelFigures) -> str:
+        return "-" if f.mean_keeper_rank is None else f"{f.mean_keeper_rank:.2f}"
+
     figures: Mapping[str, Any] = {
         "answers": lambda f: str(f.answers),
         "online top-1": lambda f: cell(f.online_top1),
         "acceptance": lambda f: cell(f.acceptance),
         "click-through": lambda f: cell(f.click_through),
         "zero-result": lambda f: cell(f.zero_result),
-        "mean keeper rank": lambda f: (
-            "-" if f.mean_keeper_rank is None else f"{f.mean_keeper_rank:.2f}"
-        ),
+        "mean keeper rank": rank,
         "models": lambda f: ", ".join(f.models) or "-",
     }
-    rows = [("", *ARMS)] + [
-        (name, *(fn(report.arms[a]) for a in ARMS)) for name, fn in figures.items()
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines = _table(
+        [("", *ARMS)]
+        + [(name, *(fn(report.arms[a]) for a in ARMS)) for name, fn in figures.items()]
+    )
     gain = "gain (challenger - champion online top-1): "
     gain += report.gain.pts() if report.gain is not None else "no keeper picks on one arm yet"
     tail = f"{report.decisions} standing decisions, {report.unmatched} without an offer"
-    return "\n".join([*lines, gain, tail])
+    head = ("arm", "model", "answers", "online top-1", "acceptance", "click-through")
+    per_model = _table(
+        [(*head, "zero-result", "mean keeper rank")]
+        + [
+            (
+                *(f.arm, f.model, str(f.answers), short(f.online_top1), short(f.acceptance)),
+                *(short(f.click_through), short(f.zero_result), rank(f)),
+            )
+            for f in report.by_model
+        ]
+    )
+    by_model = ["", "per model version:", *per_model] if report.by_model else []
+    return "\n".join([*lines, gain, tail, *by_model])

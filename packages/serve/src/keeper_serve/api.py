@@ -563,6 +563,13 @@ class ModelsResponse(BaseModel):
     ab: dict[str, Any] | None = Field(
         None, description="with args.ab: the challenger's share of clients and the salt"
     )
+    online: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "with args.feedback (online_poll_s > 0): OnlineFigures' last computation, per arm "
+            "(model '*') and per (arm, model version), its time and the last read error"
+        ),
+    )
 
 
 class EmbedResponse(BaseModel):

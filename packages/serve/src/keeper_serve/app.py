@@ -4,8 +4,9 @@ Four deployments: ``KeeperIngress`` (FastAPI) composes ``ClipEncoder``, ``Series
 ``VlmJudge`` (``/v1/select``'s VLM stage; a replica without a model when ``vlm.source`` is null)
 through deployment handles; ``SearchIndex`` (``/v1/search``) only when ``args.search`` is set,
 ``ReferenceCollections`` (``/v1/compare``, ``/v1/references``) only when ``args.references``
-is, and ``ChallengerRanker`` (a second ``SeriesRanker``, following ``ab.model_uri``) only when
-``args.ab`` is. No replica counts, batch-independent concurrency or resources
+is, ``ChallengerRanker`` (a second ``SeriesRanker``, following ``ab.model_uri``) only when
+``args.ab`` is, and ``OnlineFigures`` (the per-version online figures as Prometheus gauges, one
+replica) only when ``args.feedback`` is with ``online_poll_s`` > 0. No replica counts, batch-independent concurrency or resources
 here: those come from the Serve config's ``deployments`` section (clusters/serve/*.yaml), or
 from :func:`bind` for local runs.
 """
@@ -19,6 +20,7 @@ from keeper_serve.config import (
     CHALLENGER,
     ENCODER,
     INGRESS,
+    ONLINE,
     RANKER,
     REFERENCES,
     SEARCH,
@@ -27,14 +29,16 @@ from keeper_serve.config import (
 )
 from keeper_serve.encoder import ClipEncoder
 from keeper_serve.ingress import KeeperIngress
+from keeper_serve.online import OnlineFigures
 from keeper_serve.ranker import SeriesRanker
 from keeper_serve.references import ReferenceCollections
 from keeper_serve.search import SearchIndex
 from keeper_serve.vlm import VlmJudge
 
 DEPLOYMENTS = (INGRESS, ENCODER, RANKER, VLM)
-#: Bound only when the app's args ask for them (``args.search``, ``args.references``, ``args.ab``).
-OPTIONAL_DEPLOYMENTS = (SEARCH, REFERENCES, CHALLENGER)
+#: Bound only when the app's args ask for them (``args.search``, ``args.references``, ``args.ab``,
+#: ``args.feedback`` with ``online_poll_s`` > 0).
+OPTIONAL_DEPLOYMENTS = (SEARCH, REFERENCES, CHALLENGER, ONLINE)
 
 
 def bind(
@@ -60,6 +64,16 @@ def bind(
         )
     if CHALLENGER in opts and args.ab is None:
         raise ValueError(f"options for {CHALLENGER}, but args.ab is null: it is not deployed")
+    online = args.feedback is not None and args.feedback.online_poll_s > 0
+    if ONLINE in opts and not online:
+        raise ValueError(
+            f"options for {ONLINE}, but args.feedback is null or its online_poll_s 0: it is not "
+            "deployed"
+        )
+    if ONLINE in opts and (
+        opts[ONLINE].get("num_replicas", 1) != 1 or "autoscaling_config" in opts[ONLINE]
+    ):
+        raise ValueError(f"{ONLINE} runs one replica: more would export the same figures twice")
     encoder = ClipEncoder.options(name=ENCODER, **opts.get(ENCODER, {})).bind(
         args.clip_model, args.encoder
     )
@@ -88,8 +102,13 @@ def bind(
         if args.references is not None
         else None
     )
+    figures = (
+        OnlineFigures.options(name=ONLINE, **opts.get(ONLINE, {})).bind(args.feedback)
+        if online
+        else None
+    )
     ingress: Application = KeeperIngress.options(name=INGRESS, **opts.get(INGRESS, {})).bind(
-        encoder, ranker, vlm, args, search, references, challenger=challenger
+        encoder, ranker, vlm, args, search, references, challenger=challenger, online=figures
     )
     return ingress
 

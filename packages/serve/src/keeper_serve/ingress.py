@@ -350,6 +350,7 @@ class KeeperIngress:
         references: DeploymentHandle | None = None,
         *,
         challenger: DeploymentHandle | None = None,
+        online: DeploymentHandle | None = None,
     ) -> None:
         if (challenger is None) != (args.ab is None):
             raise ConfigError("the ChallengerRanker handle is given exactly when args.ab is set")
@@ -360,6 +361,7 @@ class KeeperIngress:
         self.vlm = vlm
         self.search_index = search  # None: /v1/search answers 404
         self.references = references  # None: /v1/compare and /v1/references answer 404
+        self.online = online  # OnlineFigures: /v1/models shows its figures; None: not deployed
         self.token = args.auth.token()  # no usable token and not insecure: the replica fails
         if self.token is None:
             log.warning(
@@ -857,6 +859,8 @@ class KeeperIngress:
                 self._ranker_tuned[id(self.challenger)] = challenger["kind"] == "fine-tuned"
             out["challenger"] = challenger
             out["ab"] = {"share": self.args.ab.share, "salt": self.args.ab.salt}
+        if self.online is not None:
+            out["online"] = await self.online.info.remote()
         return out
 
     @app.post(

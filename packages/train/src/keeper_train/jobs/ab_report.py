@@ -18,11 +18,10 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core import storage
-from keeper_core.ab import ABReport, ab_report, format_report
+from keeper_core.ab import ABReport, ab_report, format_report, window
 from keeper_core.errors import DataError
 from keeper_core.feedback import SCHEMA, read_feedback, read_offers
 from keeper_train.config import job_main
@@ -42,17 +41,6 @@ class ABReportConfig(BaseModel):
     json_out: str | None = Field(None, description="also write the report here (path or s3://)")
 
 
-def _window(t: pa.Table, since: datetime | None, until: datetime | None) -> pa.Table:
-    """The rows received in [since, until)."""
-    if since is not None:
-        ts = t.column("received_at")
-        t = t.filter(pc.greater_equal(ts, pa.scalar(since, ts.type)))
-    if until is not None:
-        ts = t.column("received_at")
-        t = t.filter(pc.less(ts, pa.scalar(until, ts.type)))
-    return t
-
-
 def load(
     feedback: str, since: datetime | None = None, until: datetime | None = None
 ) -> tuple[pa.Table, pa.Table]:
@@ -68,12 +56,10 @@ def load(
             "no offers logged here: the server writes them with feedback.offers on",
             source=offers_uri,
         )
-    offers = _window(read_offers(offers_uri), since, until)
     events_uri = storage.join(feedback, EVENTS)
     # Offers and no decision yet: every figure but the answers' count is empty.
     events = read_feedback(events_uri) if storage.exists(events_uri) else SCHEMA.empty_table()
-    asked = pc.unique(offers.column("request_id"))
-    return offers, events.filter(pc.is_in(events.column("request_id"), value_set=asked))
+    return window(read_offers(offers_uri), events, since, until)
 
 
 def run(cfg: ABReportConfig) -> ABReport:
