@@ -337,6 +337,25 @@ _SCALAR_FIELDS = frozenset(
 _PICK_LISTS = {"capture_times": "capture_time", "cameras": "camera"}
 
 
+@functools.cache
+def _ui_bytes(name: str) -> bytes:
+    return (resources.files("keeper_serve") / "ui" / name).read_bytes()
+
+
+def _ui_file(path: str) -> Response:
+    name, media_type = UI_FILES[path]
+    return Response(
+        _ui_bytes(name),
+        media_type=media_type,
+        headers={
+            "Content-Security-Policy": UI_CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-cache",
+        },
+    )
+
+
 @serve.deployment
 @serve.ingress(app)
 class KeeperIngress:
@@ -1428,22 +1447,3 @@ class KeeperIngress:
         # Named by the image's SHA-256: the bytes behind a URL never change.
         headers = {"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"}
         return Response(data, media_type="image/jpeg", headers=headers)
-
-
-@functools.cache
-def _ui_bytes(name: str) -> bytes:
-    return (resources.files("keeper_serve") / "ui" / name).read_bytes()
-
-
-def _ui_file(path: str) -> Response:
-    name, media_type = UI_FILES[path]
-    return Response(
-        _ui_bytes(name),
-        media_type=media_type,
-        headers={
-            "Content-Security-Policy": UI_CSP,
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "no-cache",
-        },
-    )
