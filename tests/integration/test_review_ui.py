@@ -389,6 +389,53 @@ def test_a_new_keeper_takes_back_the_old_one(tab: Tab, root: str, run_info: dict
     assert standing_keepers(root, request_id, client) == [first]
 
 
+def test_review_decisions_export_as_training_series(
+    root: str, run_info: dict[str, Any], pick_output: str, tmp_path: Path
+) -> None:
+    """The decisions made above (reviewer-ann's keeper, reviewer-bo's keeper after the undo)
+    become a keeper series that train-head takes: the offers the page logged carry each image's
+    embedding and quality features from the run's tables."""
+    import pandas as pd
+
+    from keeper_core.feedback import read_offers
+    from keeper_train.jobs import feedback_export
+
+    def offered() -> bool:  # the replica writes offers when they are max_age_s old
+        try:
+            t = read_offers(storage.join(root, "offers"))
+        except StorageError:
+            return False
+        return run_info["request_id"] in set(t.column("request_id").to_pylist())
+
+    deadline = time.monotonic() + 15
+    while not offered() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    summary = feedback_export.run(
+        feedback_export.FeedbackExportConfig(
+            feedback=root, output=str(tmp_path / "export"), routes=["review"]
+        )
+    )
+    assert summary.decisions == summary.used + sum(summary.skipped.values()), summary
+    # Both reviewers' keepers stand; the two groups overlap (the same burst), and a manifest
+    # names an image once, so one becomes a series and the other is counted, not lost.
+    assert summary.decisions == 2, summary
+    assert (summary.series, summary.skipped["image_in_other_series"]) == (1, 1), summary
+    assert summary.finetune_ready, summary  # every image at its library path
+    assert summary.offers_left_out == 0, summary  # every offered image had its embedding
+    series = pd.read_csv(tmp_path / "export" / "series.csv")
+    keepers = set(series.loc[series["is_best"].astype(bool), "image_uri"])
+    picks = pd.read_parquet(Path(pick_output) / "picks.parquet")
+    uri = dict(zip(picks["image_id"], picks["image_uri"], strict=True))
+    events = read_feedback(storage.join(root, "events"))
+    standing = {
+        uri[r["image_id"]]
+        for r in decisions(events).to_pylist()
+        if r["request_id"] == run_info["request_id"] and r["action"] == "picked-as-keeper"
+    }
+    assert len(keepers) == 1, keepers
+    assert keepers <= standing, (keepers, standing)
+
+
 def test_pages_of_a_run_and_decisions_across_pages(
     tab: Tab, app: str, run_info: dict[str, Any]
 ) -> None:

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from keeper_core.contact_sheet import thumbnail_name
+from keeper_core.errors import DataError
 from keeper_core.feedback import OFFERS_SCHEMA
 from keeper_core.quality import FEATURE_NAMES
 from keeper_serve.config import KeeperAppArgs, ReviewArgs
@@ -151,6 +152,17 @@ def test_offer_rows_fit_the_offers_schema(tmp_path: Path) -> None:
     assert rows[0]["client"] == "ana"
     stamp = {"event_id", "received_at", "seq", "writer"}
     assert set(rows[0]) == set(OFFERS_SCHEMA.names) - stamp
+
+
+def test_offer_rows_carry_the_embeddings_given(tmp_path: Path) -> None:
+    ids = write_run(tmp_path / "run", [2])
+    run = read_run("demo", str(tmp_path / "run"))
+    vec = np.array([0.6, 0.8], np.float32)
+    rows = run.offer_rows([0], client=None, embeddings={ids[0]: vec})
+    assert rows[0]["embedding"] == pytest.approx([0.6, 0.8])
+    assert rows[1]["embedding"] is None  # not in the table: none, and feedback-export says so
+    with pytest.raises(DataError, match="names no embedding table"):
+        run.embeddings()  # this summary names no table
 
 
 def test_ranker_model_names_a_version_or_keeps_the_rule() -> None:

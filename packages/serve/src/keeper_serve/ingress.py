@@ -1427,7 +1427,18 @@ class KeeperIngress:
         if new and self.offer_log is not None:
             self._review_offered.update((run.request_id, g) for g in new)
             client = self._client(request)
-            await self._log_offers("review", lambda: run.offer_rows(new, client))
+            vectors = self.args.feedback is not None and self.args.feedback.offer_embeddings
+
+            def rows() -> list[dict[str, Any]]:
+                embeddings = None
+                if vectors:
+                    try:
+                        embeddings = run.embeddings()
+                    except KeeperError as e:  # logged; feedback-export counts them no_embedding
+                        log.warning("review %s: offers without embeddings: %s", name, e)
+                return run.offer_rows(new, client, embeddings)
+
+            await self._log_offers("review", rows)
         return page
 
     @app.get(

@@ -9,7 +9,7 @@ others keep serving.
 Every decision made on the page refers to the run's ``request_id``: ``run-`` and 24 hex digits
 of the SHA-256 of its ``_SUMMARY.json``, so every replica names a run alike and a new run in the
 same folder is a new request. What the page showed is logged as offer rows (route ``review``,
-no arm) so that ``keeper feedback-export`` and the online figures join decisions to them as they
+no arm; the embeddings from the embed table the run was picked from) so that ``keeper feedback-export`` and the online figures join decisions to them as they
 do for ``/v1/pick``'s answers.
 
 This module holds no Ray: the ingress calls it on worker threads (it reads storage).
@@ -24,13 +24,14 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
 
 from keeper_core import storage
 from keeper_core.contact_sheet import thumbnail_name
+from keeper_core.corpus import read_corpus
 from keeper_core.errors import DataError, KeeperError, StorageError
 from keeper_core.quality import FEATURE_NAMES
 from keeper_serve.config import ReviewArgs
@@ -94,6 +95,27 @@ class ReviewRun:
     groups: list[np.ndarray]  # row indices of each group, groups in time order
     thumbs: frozenset[str]  # image ids with a thumbnail
     row_of: dict[str, int] = field(repr=False)  # image_id -> its first row
+    _vectors: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _vectors_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def embeddings(self) -> dict[str, np.ndarray]:
+        """image_id -> its embedding, from the embed table the run was picked from (the
+        summary's ``table``), read once; what offers carry so feedback-export can train on
+        the run's decisions.
+
+        Raises:
+            DataError: the summary names no table, or it cannot be read.
+        """
+        with self._vectors_lock:
+            if "by_id" not in self._vectors:
+                table = self.summary.get("table")
+                if not table:
+                    raise DataError(f"{SUMMARY} names no embedding table", source=self.folder)
+                corpus = read_corpus(str(table))
+                self._vectors["by_id"] = {
+                    k: corpus.embeddings[i] for i, k in enumerate(corpus.image_id)
+                }
+            return cast("dict[str, np.ndarray]", self._vectors["by_id"])
 
     @property
     def images(self) -> int:
@@ -172,8 +194,14 @@ class ReviewRun:
             raise UnknownImage(f"run {self.name!r} has no thumbnail of {image_id}")
         return storage.join(self.folder, thumbnail_name(image_id))
 
-    def offer_rows(self, groups: Iterable[int], client: str | None) -> list[dict[str, Any]]:
-        """Offer rows (keeper_core.feedback.OFFERS_SCHEMA) of the images of ``groups``."""
+    def offer_rows(
+        self,
+        groups: Iterable[int],
+        client: str | None,
+        embeddings: dict[str, np.ndarray] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Offer rows (keeper_core.feedback.OFFERS_SCHEMA) of the images of ``groups``, with
+        each image's embedding from ``embeddings`` (:meth:`embeddings`; None: none)."""
         r = self.rows
         model = ranker_model(str(self.summary.get("ranker", "")))
         spec = str(self.summary.get("clip_model", ""))
@@ -198,7 +226,12 @@ class ReviewRun:
                         "rank": int(r["rank"][i]) - 1,  # offers: 0 = the model's first choice
                         "score": float(r["score"][i]),
                         "offered": str(r["decision"][i]),
-                        "embedding": None,
+                        "embedding": (
+                            None
+                            if embeddings is None
+                            or (e := embeddings.get(str(r["image_id"][i]))) is None
+                            else [float(x) for x in e]
+                        ),
                         "quality": quality if all(np.isfinite(quality)) else None,
                     }
                 )
