@@ -8,12 +8,19 @@ log, where ``decisions`` leaves the keeper standing and the accept taken back; `
 pages the run with ``#next`` and ``p``, decisions kept across pages; the token stays in
 sessionStorage and out of every URL; and the page runs under its CSP with no violation.
 
+Query mode, over the same run's embedding table as the app's corpus and search index: a typed
+query shows the ``/v1/select`` answer as one group (the picks first, every thumbnail decoded,
+the mode and query kept in the URL's hash), and ``k`` lands a ``picked-as-keeper`` with the
+answer's request_id, the corpus image_id and the query as group, joined by the server's
+``select`` offer row.
+
 Skipped only with ``KEEPER_SKIP_BROWSER=1``; a missing chromium or playwright fails (``make setup``
 installs both).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -42,6 +49,8 @@ pytestmark = [
 ]
 SPEC = "keeper-tiny:random"
 RUN = "demo"
+QUERY = "a dog on a beach"  # group_id of query mode's one group
+QUERY_OPTION = "#query"  # app.js's value of the run list's query-mode entry
 TOKEN_KEY = "keeper.review.token"  # app.js's sessionStorage key
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -95,8 +104,24 @@ def pick_output(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> s
 
 
 @pytest.fixture(scope="module")
+def corpus(pick_output: str) -> str:
+    """The pick run's embedding table, indexed: the app's corpus and search index."""
+    from keeper_train.jobs import index as index_job
+
+    summary = json.loads(Path(pick_output, "_SUMMARY.json").read_text())
+    table = str(summary["table"])
+    s = index_job.run(index_job.IndexConfig(table=table, backend="exact"))
+    assert s.rows >= 20, s
+    return table
+
+
+@pytest.fixture(scope="module")
 def app(
-    ray_cluster: str, root: str, pick_output: str, tmp_path_factory: pytest.TempPathFactory
+    ray_cluster: str,
+    root: str,
+    pick_output: str,
+    corpus: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[str]:
     from keeper_serve import local
 
@@ -107,6 +132,9 @@ def app(
         SPEC,
         feedback={"root": root, "max_age_s": 3},
         review={"runs": {RUN: pick_output}},
+        corpus=corpus,
+        search={"index": f"{corpus}/index"},
+        **{"deployments.SearchIndex.ray_actor_options.num_cpus": 0.25},
     )
     url = local.start(overrides=overrides, port=free_port(), wait_s=240)
     try:
@@ -223,6 +251,22 @@ def group_ids(page: Page) -> list[str]:
     return list(page.eval_on_selector_all(".group", "gs => gs.map(g => g.dataset.groupId)"))
 
 
+def wait_thumbs_decoded(page: Page) -> None:
+    """Every tile in the viewport shows a decoded thumbnail."""
+    page.wait_for_function(
+        """() => {
+            const seen = [...document.querySelectorAll('.tile')].filter(t => {
+                const r = t.getBoundingClientRect();
+                return r.bottom > 0 && r.top < innerHeight;
+            });
+            return seen.length > 0 && seen.every(t => {
+                const img = t.querySelector('img');
+                return img && img.complete && img.naturalWidth > 0;
+            });
+        }"""
+    )
+
+
 def feedback_rows(root: str, request_id: str, client: str) -> list[dict[str, Any]]:
     try:
         t = read_feedback(storage.join(root, "events"))
@@ -270,19 +314,7 @@ def test_contact_sheet_shows_the_runs_groups_and_thumbnails(
     for g in first["groups"]:  # the model's keeper of each group is marked
         if g["keeper"]:
             assert page.is_visible(f'.tile.model-keeper[data-image-id="{g["keeper"]}"]')
-    # Every tile in the viewport shows a decoded thumbnail, named by its file.
-    page.wait_for_function(
-        """() => {
-            const seen = [...document.querySelectorAll('.tile')].filter(t => {
-                const r = t.getBoundingClientRect();
-                return r.bottom > 0 && r.top < innerHeight;
-            });
-            return seen.length > 0 && seen.every(t => {
-                const img = t.querySelector('img');
-                return img && img.complete && img.naturalWidth > 0;
-            });
-        }"""
-    )
+    wait_thumbs_decoded(page)  # named by its file:
     alts = page.eval_on_selector_all(".tile img", "is => is.map(i => i.alt)")
     names = {im["file_name"] for g in first["groups"] for im in g["images"]}
     assert alts
@@ -514,3 +546,129 @@ def test_review_routes_refuse_what_they_must(app: str, run_info: dict[str, Any])
     assert (r.status, r.body["error"]["code"]) == (400, "invalid_page"), r.body
     r = call(app, "GET", f"{base}/groups?limit=abc")
     assert r.status == 422, r.body
+
+
+# ----------------------------------------------------------------------------- query mode
+
+
+def ask(tab: Tab, client: str = "") -> tuple[Page, list[str], dict[str, Any]]:
+    """Sign in, switch the run list to query mode, submit QUERY with Enter: the page, the ids
+    it sent /v1/select and the select answer."""
+    page = tab.open()
+    tab.sign_in(TOKEN, client)
+    page.wait_for_selector(".tile.focus")  # a run's sheet first: the app has runs
+    page.select_option("#run", QUERY_OPTION)
+    page.wait_for_selector("#query:visible")
+    assert page.is_hidden("#prev")  # one sheet: no paging
+    assert page.is_hidden("#next")
+    page.fill("#query", QUERY)
+    with page.expect_response(lambda r: r.url.endswith("/v1/select")) as info:
+        page.press("#query", "Enter")
+    res = info.value
+    assert res.status == 200, res.text()
+    sent = res.request.post_data_json
+    assert sent["positive"] == [QUERY], sent
+    assert sent["candidates"] == "all", sent
+    assert sent["top_k"] == min(10, len(sent["ids"])), sent
+    page.wait_for_selector(".tile.focus")
+    return page, list(sent["ids"]), dict(res.json())
+
+
+def test_query_mode_shows_the_select_answer(
+    tab: Tab, app: str, corpus: str, run_info: dict[str, Any]
+) -> None:
+    r = call(app, "GET", "/v1/review/runs")
+    assert r.body["select"]["search"] is True, r.body
+    page, ids, answer = ask(tab)
+    assert len(ids) == len(set(ids)) == r.body["select"]["corpus_images"]  # k=32 > 23 images
+    assert group_ids(page) == [QUERY]
+    assert page.get_attribute("#sheet", "data-request-id") == answer["request_id"]
+    tiles = page.eval_on_selector_all(".tile", "ts => ts.map(t => t.dataset.imageId)")
+    assert sorted(tiles) == sorted(ids[c["index"]] for c in answer["candidates"])
+    assert len(tiles) == len(ids)
+    picks = [ids[i] for i in answer["picks"]]
+    assert 0 < len(picks) <= 10
+    assert tiles[: len(picks)] == picks  # the picks first, in pick order
+    assert page.get_attribute(".tile.focus", "data-image-id") == picks[0]
+    assert page.is_visible(f'.tile.model-keeper[data-image-id="{picks[0]}"]')
+    assert page.eval_on_selector_all(".tile.model-keeper", "ts => ts.length") == 1
+    dropped = {ids[c["index"]]: c["dropped_at"] for c in answer["candidates"]}
+    last = tiles[-1]
+    assert dropped[last] is not None
+    assert f"out: {dropped[last]}" in text(page, f'.tile[data-image-id="{last}"] .meta')
+    assert text(page, "#page-info") == f"{len(ids)} candidates"
+    shown = [st for st in answer["stages"] if not st["skipped"]]
+    assert text(page, "#stages") == " · ".join(
+        f"{st['name']} {st['n_in']}→{st['n_kept']}" for st in shown
+    )
+    assert answer["models"]["clip_random_weights"] is True
+    assert page.is_visible("#weights-warning")
+    wait_thumbs_decoded(page)
+    corpus_thumbs = [(u, s) for u, s in tab.answers if "/v1/review/corpus/thumbs/" in u]
+    assert corpus_thumbs
+    assert all(s == 200 for _, s in corpus_thumbs), corpus_thumbs
+    assert "#mode=query" in page.url
+    assert "q=a+dog+on+a+beach" in page.url, page.url
+
+    page.reload()  # the hash brings the query back: a new answer to the same query
+    page.wait_for_selector(".tile.focus")
+    assert group_ids(page) == [QUERY]
+    assert page.input_value("#query") == QUERY
+    reloaded = page.get_attribute("#sheet", "data-request-id")
+    assert reloaded not in (None, answer["request_id"])
+    assert not [u for u in [*tab.urls, page.url] if TOKEN in u]
+
+    page.select_option("#run", RUN)  # back to the run: its groups, paged
+    page.wait_for_function(
+        "id => document.querySelector('#sheet').dataset.requestId === id",
+        arg=run_info["request_id"],
+    )
+    assert text(page, "#page-info").startswith(f"groups 1{DASH}")
+    assert page.is_visible("#next")
+    assert page.is_hidden("#query-form")
+    assert QUERY not in group_ids(page)
+    asked = sum(u.endswith("/v1/select") for u in tab.urls)
+    page.select_option("#run", QUERY_OPTION)  # the answer shown before, not a new one
+    page.wait_for_selector(f'.group[data-group-id="{QUERY}"] .tile.focus')
+    assert page.get_attribute("#sheet", "data-request-id") == reloaded
+    assert sum(u.endswith("/v1/select") for u in tab.urls) == asked
+
+
+def test_query_mode_decisions_join_the_select_offers(tab: Tab, root: str) -> None:
+    from keeper_core.feedback import read_offers
+
+    client = "reviewer-query"
+    page, ids, answer = ask(tab, client)
+    request_id = answer["request_id"]
+    page.keyboard.press("ArrowRight")  # the second pick, not the server's first
+    chosen = focused(page)
+    assert chosen["image"] == ids[answer["picks"][1]]
+    assert chosen["group"] == QUERY
+    page.keyboard.press("k")
+    wait_saved(page, chosen["image"], "picked-as-keeper")
+
+    deadline = time.monotonic() + 10
+    rows = feedback_rows(root, request_id, client)
+    while not rows and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows = feedback_rows(root, request_id, client)
+    got = [(r["image_id"], r["action"], r["group_id"]) for r in rows]
+    assert got == [(chosen["image"], "picked-as-keeper", QUERY)], got
+
+    def offers() -> list[dict[str, Any]]:  # written when feedback.max_age_s old
+        try:
+            t = read_offers(storage.join(root, "offers"))
+        except StorageError:
+            return []
+        return [r for r in t.to_pylist() if r["request_id"] == request_id]
+
+    deadline = time.monotonic() + 15
+    offered = offers()
+    while not offered and time.monotonic() < deadline:
+        time.sleep(0.5)
+        offered = offers()
+    assert {r["route"] for r in offered} == {"select"}, offered
+    assert {r["group_id"] for r in offered} == {QUERY}
+    assert sorted(r["image_id"] for r in offered) == sorted(ids)
+    (row,) = [r for r in offered if r["image_id"] == chosen["image"]]
+    assert (row["offered"], row["rank"]) == ("pick", 1), row

@@ -377,7 +377,12 @@ def test_optional_routes_answer_404_when_not_configured(app: str) -> None:
         assert (r.status, r.body["error"]["code"]) == (404, "feedback_not_configured"), r.body
     assert call(app, "POST", "/v1/feedback", {}, token=None).status == 401
     # No review runs: the page loads (it holds no data), lists none, and a run name is unknown.
-    assert call(app, "GET", "/v1/review/runs").body == {"runs": []}
+    assert call(app, "GET", "/v1/review/runs").body == {
+        "runs": [],
+        "select": {"corpus_images": None, "search": False},
+    }
+    r = call(app, "GET", "/v1/review/corpus/thumbs/abc")
+    assert (r.status, r.body["error"]["code"]) == (404, "no_corpus")
     r = call(app, "GET", "/v1/review/runs/demo/groups")
     assert (r.status, r.body["error"]["code"]) == (404, "unknown_run")
     assert call(app, "GET", "/v1/review/runs", token=None).status == 401

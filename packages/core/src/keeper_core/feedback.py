@@ -98,7 +98,8 @@ class FeedbackEvent(BaseModel):
     request_id: str = Field(min_length=1, max_length=256)
     image_id: str = Field(min_length=1, max_length=256)
     action: Action
-    group_id: str | None = Field(None, max_length=256)
+    # A /v1/select answer's group is its query: as long as a prompt may be (limits.max_text_chars).
+    group_id: str | None = Field(None, max_length=2048)
     client: str | None = Field(None, max_length=256)
 
 

@@ -451,8 +451,17 @@ class ReviewRunInfo(BaseModel):
     error: str | None = Field(description="why the run cannot be reviewed; null: it can")
 
 
+class ReviewSelect(BaseModel):
+    corpus_images: int | None = Field(
+        description="images of args.corpus (a /v1/select by ids, thumbnails from "
+        "/v1/review/corpus/thumbs); null: no corpus"
+    )
+    search: bool = Field(description="true: /v1/search answers (args.search)")
+
+
 class ReviewRunsResponse(BaseModel):
     runs: list[ReviewRunInfo] = Field(description="args.review.runs, in config order")
+    select: ReviewSelect = Field(description="what the page's query mode can use")
 
 
 class ReviewImage(BaseModel):

@@ -27,6 +27,7 @@ challenger that cannot answer hands the request to the champion, counted
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hmac
 import logging
@@ -59,9 +60,11 @@ from keeper_core.cascade import (
     check_limits,
     run_cascade,
 )
+from keeper_core.contact_sheet import THUMB_SIZE, thumbnail_jpeg
 from keeper_core.corpus import Corpus, read_corpus
 from keeper_core.errors import ConfigError, DataError, KeeperError, StorageError
 from keeper_core.feedback import FeedbackBackpressure, FeedbackLog, OfferLog, PartLog
+from keeper_core.images import DecodeLimits, decode_image
 from keeper_core.scoring import (
     AestheticConfig,
     aesthetic_scores,
@@ -251,6 +254,8 @@ def _route_label(path: str) -> str:
             return "/v1/review/runs/{name}/groups"
         if tail[-2] == "thumbs":
             return "/v1/review/runs/{name}/thumbs/{image_id}"
+    if path.startswith("/v1/review/corpus/thumbs/"):
+        return "/v1/review/corpus/thumbs/{image_id}"
     return "other"
 
 
@@ -340,6 +345,12 @@ _PICK_LISTS = {"capture_times": "capture_time", "cameras": "camera"}
 @functools.cache
 def _ui_bytes(name: str) -> bytes:
     return (resources.files("keeper_serve") / "ui" / name).read_bytes()
+
+
+def _thumb_response(data: bytes) -> Response:
+    # Named by the image's SHA-256 (or corpus id): the bytes behind a URL do not change.
+    headers = {"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"}
+    return Response(data, media_type="image/jpeg", headers=headers)
 
 
 def _ui_file(path: str) -> Response:
@@ -442,6 +453,10 @@ class KeeperIngress:
             tag_keys=("route",),
         )
         self.review = ReviewRuns(args.review)
+        # Corpus thumbnails the review page asked for (a /v1/select answer's): decoded on demand,
+        # the last 1,024 kept (~10 KB each).
+        self._corpus_thumbs: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._corpus_thumbs_lock = threading.Lock()
         self._review_offered: set[tuple[str, int]] = set()  # (run request_id, group) logged
         self.feedback_log: FeedbackLog | None = None
         self.offer_log: OfferLog | None = None
@@ -1398,7 +1413,13 @@ class KeeperIngress:
         summary="the keeper pick runs the review page shows (args.review.runs)",
     )
     async def review_runs(self) -> dict[str, Any]:
-        return {"runs": await asyncio.to_thread(self.review.listing)}
+        return {
+            "runs": await asyncio.to_thread(self.review.listing),
+            "select": {
+                "corpus_images": len(self.corpus) if self.corpus is not None else None,
+                "search": self.search_index is not None,
+            },
+        }
 
     @app.get(
         "/v1/review/runs/{name}/groups",
@@ -1455,6 +1476,50 @@ class KeeperIngress:
             raise ApiError(404, "unknown_image", str(e)) from e
         except StorageError as e:
             raise ApiError(404, "unknown_image", f"thumbnail of {image_id} unreadable: {e}") from e
-        # Named by the image's SHA-256: the bytes behind a URL never change.
-        headers = {"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"}
-        return Response(data, media_type="image/jpeg", headers=headers)
+        return _thumb_response(data)
+
+    def _corpus_thumbnail(self, image_id: str) -> bytes:
+        """The thumbnail of a corpus image (``args.corpus``), decoded from its file on demand."""
+        with self._corpus_thumbs_lock:
+            if image_id in self._corpus_thumbs:
+                self._corpus_thumbs.move_to_end(image_id)
+                return self._corpus_thumbs[image_id]
+        if self.corpus is None:
+            raise ApiError(404, "no_corpus", "this server has no corpus (args.corpus)")
+        row = self._corpus_rows.get(image_id)
+        if row is None:
+            raise ApiError(404, "unknown_image", f"the corpus has no image {image_id[:80]!r}")
+        uri = self.corpus.image_uri[row]
+        limits = self.args.limits
+        try:
+            data = storage.read_bytes(uri)
+            if len(data) > limits.max_image_bytes:
+                raise ApiError(
+                    413, "image_too_large", f"{uri}: {len(data)} bytes > {limits.max_image_bytes}"
+                )
+            image = decode_image(
+                data,
+                limits=DecodeLimits(
+                    max_pixels=limits.max_pixels,
+                    min_side=limits.min_side,
+                    max_bytes=limits.max_image_bytes,
+                ),
+                source=uri,
+                draft_size=(THUMB_SIZE, THUMB_SIZE),
+            )
+        except KeeperError as e:  # gone or changed since it was embedded
+            raise ApiError(404, "unknown_image", f"corpus image {uri} is unreadable: {e}") from e
+        thumb = thumbnail_jpeg(image)
+        with self._corpus_thumbs_lock:
+            self._corpus_thumbs[image_id] = thumb
+            while len(self._corpus_thumbs) > 1024:
+                self._corpus_thumbs.popitem(last=False)
+        return thumb
+
+    @app.get(
+        "/v1/review/corpus/thumbs/{image_id}",
+        summary="a corpus image's thumbnail (JPEG), for a /v1/select answer by ids",
+        response_class=Response,
+    )
+    async def review_corpus_thumb(self, image_id: str) -> Response:
+        return _thumb_response(await asyncio.to_thread(self._corpus_thumbnail, image_id))

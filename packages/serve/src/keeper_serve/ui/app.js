@@ -1,4 +1,6 @@
-// keeper review page: triage the groups of `keeper pick` runs with the keyboard.
+// keeper review page: triage the groups of `keeper pick` runs with the keyboard, or (query mode)
+// one /v1/select answer over the server's corpus: /v1/search finds the candidates by the query's
+// text, /v1/select ranks them, and the sheet shows them as one group named by the query.
 //
 // Plain script, no build step, no external resources (the CSP allows only 'self'). Server data
 // reaches the DOM through textContent and attributes only, never as HTML. The token lives in
@@ -22,6 +24,10 @@
   const DECISIONS = new Set(["accepted", "rejected", "picked-as-keeper"]);
   const MODEL_DECISIONS = new Set(["keep", "alternate", "reject"]);
   const MINE = { accepted: "accepted", rejected: "rejected", "picked-as-keeper": "keeper" };
+  const QUERY = "#query"; // the run list's query-mode entry: never a run name ([A-Za-z0-9]...)
+  const QUERY_K = 32; // candidates /v1/search finds by default
+  const QUERY_MAX_K = 64;
+  const QUERY_TOP_K = 10; // the picks /v1/select is asked for
   const fmt = new Intl.NumberFormat("en-US");
 
   const $ = (id) => document.getElementById(id);
@@ -33,6 +39,11 @@
     loginError: $("login-error"),
     reviewView: $("review-view"),
     run: $("run"),
+    queryForm: $("query-form"),
+    query: $("query"),
+    queryK: $("query-k"),
+    queryGo: $("query-go"),
+    stages: $("stages"),
     ranker: $("ranker"),
     clipModel: $("clip-model"),
     finished: $("finished"),
@@ -52,7 +63,13 @@
 
   const state = {
     runs: [],
-    run: null, // the selected run's entry of /v1/review/runs
+    mode: "runs", // or "query"
+    select: { ok: false, why: "" }, // whether query mode can be used, and why not
+    // What the sheet shows: the selected run's entry of /v1/review/runs, or in query mode
+    // {query, request_id, answer, count} of the shown /v1/select answer. Decisions key on its
+    // request_id.
+    run: null,
+    lastQuery: null, // the latest answer's {run, ids, hits}: back to query mode shows it again
     offset: 0,
     total: 0,
     pageSize: pageSizeFromQuery(),
@@ -69,6 +86,7 @@
     undo: [],
     note: "",
     noteBad: false,
+    noteSticky: false,
     noteTimer: 0,
   };
 
@@ -210,6 +228,7 @@
       state.decisions.clear();
       state.keepers.clear();
       state.undo = [];
+      state.lastQuery = null;
       auth.client = null;
     }
     showLogin(msg);
@@ -234,7 +253,7 @@
     ui.loginView.hidden = true;
     ui.loginError.hidden = true;
     ui.reviewView.hidden = false;
-    showRuns(Array.isArray(body.runs) ? body.runs : []);
+    showRuns(Array.isArray(body.runs) ? body.runs : [], body.select);
     flush(); // decisions queued before a 401 go out with the new token
     return true;
   }
@@ -256,17 +275,20 @@
 
   // ------------------------------------------------------------------ runs
 
-  function showRuns(runs) {
+  // Query mode needs a corpus (/v1/select by ids, thumbnails) and a search index (the candidates).
+  function queryMode(select) {
+    if (!select) return { ok: false, why: "this server does not offer query mode" };
+    const missing = [];
+    if (select.corpus_images === null || select.corpus_images === undefined) missing.push("args.corpus");
+    if (!select.search) missing.push("args.search");
+    if (missing.length) return { ok: false, why: `query mode needs ${missing.join(" and ")}` };
+    return { ok: true, why: "", images: select.corpus_images };
+  }
+
+  function showRuns(runs, select) {
     state.runs = runs;
+    state.select = queryMode(select);
     ui.run.replaceChildren();
-    if (!runs.length) {
-      state.run = null;
-      ui.run.disabled = true;
-      ui.sheet.replaceChildren(el("p", "empty", "no runs configured: set review.runs in the app's args"));
-      updateHeader();
-      return;
-    }
-    ui.run.disabled = false;
     for (const r of runs) {
       const label = r.error
         ? `${r.name}: cannot be read (${r.error})`
@@ -276,20 +298,42 @@
       opt.disabled = Boolean(r.error);
       ui.run.append(opt);
     }
+    const q = state.select;
+    const qopt = el("option", null, q.ok ? `query the corpus… (${plural(q.images, "image", "images")})` : `query the corpus: ${q.why}`);
+    qopt.value = QUERY;
+    qopt.disabled = !q.ok;
+    ui.run.append(qopt);
+    ui.run.disabled = !runs.length && !q.ok;
     const wanted = new URLSearchParams(location.hash.slice(1));
+    if (wanted.get("mode") === "query" && q.ok) return enterQuery(wanted.get("q") || "", wanted.get("k"));
+    setMode("runs");
+    if (wanted.get("mode") === "query") note(q.why, true, true);
+    if (!runs.length) {
+      if (q.ok) return enterQuery("", null);
+      showEmpty("empty", `no runs configured: set review.runs in the app's args (${q.why})`);
+      return;
+    }
     const usable = runs.filter((r) => !r.error);
     const run = usable.find((r) => r.name === wanted.get("run")) || usable[0];
     if (!run) {
-      state.run = null;
-      ui.sheet.replaceChildren(el("p", "empty error", "no run can be read: see each run's error in the list"));
-      updateHeader();
+      showEmpty("empty error", "no run can be read: see each run's error in the list");
       return;
     }
     const offset = run.name === wanted.get("run") ? Number.parseInt(wanted.get("offset") || "0", 10) : 0;
     selectRun(run, Number.isFinite(offset) && offset > 0 ? offset : 0);
   }
 
+  // Nothing to triage: no tiles, so no key decides anything.
+  function showEmpty(cls, message) {
+    state.loadGen += 1;
+    state.loading = false;
+    state.run = null;
+    renderPage([], message, cls);
+    updateHeader();
+  }
+
   function selectRun(run, offset) {
+    setMode("runs");
     state.run = run;
     ui.run.value = run.name;
     state.total = run.groups;
@@ -298,11 +342,39 @@
   }
 
   ui.run.addEventListener("change", () => {
+    if (ui.run.value === QUERY) {
+      if (state.select.ok) enterQuery(ui.query.value.trim(), ui.queryK.value, state.lastQuery);
+      return;
+    }
     const run = state.runs.find((r) => r.name === ui.run.value);
     if (run && !run.error) selectRun(run, 0);
   });
 
+  function setMode(mode) {
+    if (state.mode !== mode) {
+      // The other mode's tiles go at once: a key must never decide on them under this mode's id.
+      state.loadGen += 1;
+      state.loading = false;
+      state.run = null;
+      renderPage([], "");
+      if (state.noteSticky) note("");
+    }
+    state.mode = mode;
+    ui.queryForm.hidden = mode !== "query";
+    ui.prev.hidden = mode === "query"; // one sheet: paging does not apply
+    ui.next.hidden = mode === "query";
+  }
+
+  function stagesText(stages) {
+    return (stages || [])
+      .filter((st) => !st.skipped)
+      .map((st) => `${st.name} ${fmt.format(st.n_in)}→${fmt.format(st.n_kept)}`)
+      .join(" · ");
+  }
+
   function updateHeader() {
+    if (state.mode === "query") return updateQueryHeader();
+    ui.stages.textContent = "";
     const r = state.run;
     ui.ranker.textContent = r ? `ranker: ${r.ranker}` : "";
     ui.clipModel.textContent = r ? `CLIP: ${r.clip_model}` : "";
@@ -319,6 +391,199 @@
     ui.prev.disabled = !r || state.loading || state.offset <= 0;
     ui.next.disabled = !r || state.loading || state.offset + state.pageSize >= state.total;
   }
+
+  // ------------------------------------------------------------------ query mode
+
+  function clampK(raw) {
+    const n = Number.parseInt(String(raw ?? ""), 10);
+    return Number.isFinite(n) ? Math.min(QUERY_MAX_K, Math.max(1, n)) : QUERY_K;
+  }
+
+  // The hash keeps the mode and the query, so a reload returns to them (never the token).
+  function queryHash(query, k) {
+    const h = new URLSearchParams({ mode: "query" });
+    if (query) h.set("q", query);
+    if (k !== QUERY_K) h.set("k", String(k));
+    history.replaceState(null, "", `#${h}`);
+  }
+
+  // `last`: the answer shown before, shown again as it was (its request_id, so its decisions).
+  function enterQuery(query, k, last) {
+    setMode("query");
+    ui.run.value = QUERY;
+    ui.query.value = query;
+    ui.queryK.value = String(clampK(k));
+    if (last && last.run.query === query) {
+      ui.queryK.value = String(last.run.k);
+      queryHash(query, last.run.k);
+      state.run = last.run;
+      renderPage([queryGroup(query, last.run.answer, last.ids, last.hits)], "");
+      updateHeader();
+      return;
+    }
+    if (query) return runQuery(query, clampK(k));
+    queryHash("", clampK(k));
+    showEmpty("empty", "type what you are looking for and press Enter: /v1/search finds the candidates, /v1/select ranks them");
+    ui.query.focus();
+  }
+
+  function updateQueryHeader() {
+    const r = state.run;
+    const a = r && r.answer;
+    const models = (a && a.models) || {};
+    ui.ranker.textContent = "";
+    ui.clipModel.textContent = models.clip_model ? `CLIP: ${models.clip_model}` : "";
+    ui.finished.textContent = "";
+    ui.stages.textContent = a ? stagesText(a.stages) : "";
+    ui.weights.hidden = !(models.clip_random_weights || (models.vlm && models.vlm.random_weights));
+    ui.pageInfo.textContent = r ? plural(r.count, "candidate", "candidates") : state.loading ? "searching…" : "";
+    ui.queryGo.disabled = state.loading;
+  }
+
+  // An error of /v1/search or /v1/select in plain words.
+  function queryError(what, err) {
+    if (!(err instanceof ApiError)) return `${what} failed: could not reach the server (${err.message})`;
+    const why = {
+      unknown_id: "the search index and the corpus differ: the index found an image args.corpus does not hold (build the index from the corpus table)",
+      no_corpus: "this server has no corpus (args.corpus)",
+      search_not_configured: "this server has no search index (args.search)",
+      k_out_of_range: "too many candidates for this server (search.max_k): lower the number",
+      over_limit: "more picks than this server allows (select.max_top_k)",
+      too_many_images: "more candidates than this server takes in one /v1/select",
+    }[err.code];
+    if (why) return `${what} failed: ${why}. (${err.message})`;
+    if (err.status === 503) return `${what} is not available right now: ${err.message}. Try again in a few seconds`;
+    return `${what} failed: the server answered ${err.status} (${err.message})`;
+  }
+
+  async function runQuery(query, k) {
+    const gen = ++state.loadGen;
+    state.loading = true;
+    state.run = null;
+    queryHash(query, k);
+    renderPage([], `searching for “${query}”…`);
+    note("");
+    updateHeader();
+    const post = (body) => ({ method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    const fail = (what, err) => {
+      if (gen !== state.loadGen || err instanceof AuthLost) return;
+      state.loading = false;
+      const message = queryError(what, err);
+      renderPage([], message, "empty error");
+      updateHeader();
+      note(message, true, true);
+    };
+    let found;
+    try {
+      found = await apiJson("/v1/search", post({ text: query, k }));
+    } catch (err) {
+      return fail("the search", err);
+    }
+    if (gen !== state.loadGen) return;
+    const uris = new Map(); // image_id -> its first result (byte-identical copies share an id)
+    for (const hit of found.results || []) if (!uris.has(hit.image_id)) uris.set(hit.image_id, hit);
+    const ids = [...uris.keys()];
+    if (!ids.length) {
+      state.loading = false;
+      renderPage([], "the search found nothing in the index");
+      updateHeader();
+      return;
+    }
+    let answer;
+    try {
+      answer = await apiJson(
+        "/v1/select",
+        post({ positive: [query], ids, candidates: "all", top_k: Math.min(QUERY_TOP_K, ids.length) }),
+      );
+    } catch (err) {
+      return fail("the selection", err);
+    }
+    if (gen !== state.loadGen) return;
+    state.loading = false;
+    // The server logged this answer's offers under group_id = the query (vlm_query, or the first
+    // positive prompt), so the decisions name the same group.
+    state.run = { query, k, request_id: answer.request_id, answer, count: ids.length };
+    state.lastQuery = { run: state.run, ids, hits: uris };
+    renderPage([queryGroup(query, answer, ids, uris)], "");
+    updateHeader();
+  }
+
+  const SCORES = ["final", "rerank", "clip"]; // the latest score a candidate got, as its offer row
+
+  function latestScore(c) {
+    for (const name of SCORES) if (typeof c[name] === "number") return { name, value: c[name] };
+    return null;
+  }
+
+  // The picks first, in pick order; then the rest as the offers log ranks them: the later the
+  // stage that dropped them, the sooner; then by their latest score.
+  function queryGroup(query, answer, ids, hits) {
+    const stages = (answer.stages || []).map((st) => st.name);
+    const depth = (c) => (c.dropped_at === null || c.dropped_at === undefined ? stages.length : stages.indexOf(c.dropped_at));
+    const byIndex = new Map((answer.candidates || []).map((c) => [c.index, c]));
+    const picks = (answer.picks || []).filter((i) => byIndex.has(i));
+    const chosen = new Set(picks);
+    const rest = [...byIndex.values()]
+      .filter((c) => !chosen.has(c.index))
+      .sort((x, y) => {
+        const sx = latestScore(x);
+        const sy = latestScore(y);
+        return depth(y) - depth(x) || (sy ? sy.value : -Infinity) - (sx ? sx.value : -Infinity) || x.index - y.index;
+      });
+    const order = [...picks.map((i) => byIndex.get(i)), ...rest];
+    const tiles = order.map((c) => {
+      const id = ids[c.index];
+      const hit = hits.get(id) || {};
+      const uri = hit.image_uri || "";
+      const name = uri ? uri.slice(uri.lastIndexOf("/") + 1) || uri : id.slice(0, 12);
+      const pick = picks.indexOf(c.index);
+      const score = latestScore(c);
+      const tip = [name, uri || `image ${id}`];
+      if (typeof hit.score === "number") tip.push(`search cosine ${hit.score.toFixed(3)}`);
+      const all = [["clip", "clip"], ["head", "aesthetic"], ["rerank", "rerank"], ["vlm", "vlm"], ["final", "final"]];
+      tip.push(all.map(([f, label]) => `${label} ${typeof c[f] === "number" ? c[f].toFixed(3) : "–"}`).join(", "));
+      tip.push(pick >= 0 ? `pick ${pick + 1} of ${picks.length}` : `dropped at ${c.dropped_at}: ${c.reason}`);
+      const meta = [
+        pick >= 0
+          ? el("span", "badge keep", `pick ${pick + 1}`)
+          : el("span", `badge ${c.dropped_at === "top_k" ? "alternate" : "reject"}`, `out: ${c.dropped_at}`),
+      ];
+      if (score) {
+        const span = el("span", null, score.value.toFixed(3));
+        span.title = score.name;
+        meta.push(span);
+      }
+      if (pick === 0) meta.push(el("span", "star", "★ keeper"));
+      return {
+        imageId: id,
+        name,
+        title: tip.join("\n"),
+        url: `/v1/review/corpus/thumbs/${encodeURIComponent(id)}`,
+        meta,
+        keeper: pick === 0,
+      };
+    });
+    return {
+      id: query,
+      head: [
+        el("span", null, "query"),
+        el("span", "gid", query),
+        el("span", null, plural(tiles.length, "candidate", "candidates")),
+        el("span", null, plural(picks.length, "pick", "picks")),
+        el("span", "gid", `request ${answer.request_id}`),
+      ],
+      tiles,
+    };
+  }
+
+  ui.queryForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const query = ui.query.value.trim();
+    if (!query) return note("type a query first", true);
+    const k = clampK(ui.queryK.value);
+    ui.queryK.value = String(k);
+    runQuery(query, k);
+  });
 
   // ------------------------------------------------------------------ pages
 
@@ -346,11 +611,12 @@
     state.offset = body.offset;
     state.total = body.total;
     history.replaceState(null, "", `#${new URLSearchParams({ run: run.name, offset: String(body.offset) })}`);
-    renderPage(body.groups || []);
+    renderPage(runGroups(body.groups || []), "no groups on this page");
     updateHeader();
   }
 
   function goPage(delta) {
+    if (state.mode === "query") return note("query mode shows one sheet: no pages");
     if (!state.run || state.loading) return;
     const offset = state.offset + delta * state.pageSize;
     if (offset < 0) return note("this is the first page");
@@ -371,7 +637,9 @@
     p.urls.clear();
   }
 
-  function renderPage(groups) {
+  // The sheet, from either mode: groups of {id, head: [nodes], tiles: [{imageId, name, title,
+  // url, meta: [nodes], keeper}]}; `empty` is shown when there are none.
+  function renderPage(groups, empty, emptyCls) {
     leavePage();
     const page = newPage();
     state.page = page;
@@ -382,55 +650,72 @@
     const frag = document.createDocumentFragment();
     groups.forEach((g, gi) => {
       const section = el("section", "group");
-      section.dataset.groupId = g.group_id;
+      section.dataset.groupId = g.id;
       const head = el("div", "group-head");
-      const first = g.images.find((im) => im.capture_time);
-      head.append(
-        el("span", null, `group ${fmt.format(state.offset + gi + 1)}`),
-        el("span", null, plural(g.size, "photo", "photos")),
-        el("span", null, first ? first.capture_time : "no capture time"),
-        el("span", "gid", g.group_id),
-      );
+      head.append(...g.head);
       const row = el("div", "tiles");
       state.groupStarts.push(state.tiles.length);
-      for (const im of g.images) row.append(makeTile(im, g, gi, page));
+      for (const d of g.tiles) row.append(makeTile(d, g.id, gi));
       section.append(head, row);
       frag.append(section);
     });
-    if (!groups.length) frag.append(el("p", "empty", "no groups on this page"));
+    if (!groups.length) frag.append(el("p", emptyCls || "empty", empty));
     ui.sheet.replaceChildren(frag);
+    // The answer the decisions refer to, for whoever reads the page (tests, extensions).
+    if (state.run) ui.sheet.dataset.requestId = state.run.request_id;
+    else delete ui.sheet.dataset.requestId;
     window.scrollTo(0, 0);
     for (const t of state.tiles) page.observer.observe(t.el);
     if (state.tiles.length) setFocus(0);
   }
 
-  function makeTile(im, g, gi, page) {
-    const tile = el("div", "tile");
-    tile.dataset.imageId = im.image_id;
-    tile.dataset.groupId = g.group_id;
-    tile.dataset.index = String(state.tiles.length);
-    tile.tabIndex = -1;
+  function runGroups(groups) {
+    return groups.map((g, gi) => {
+      const first = g.images.find((im) => im.capture_time);
+      return {
+        id: g.group_id,
+        head: [
+          el("span", null, `group ${fmt.format(state.offset + gi + 1)}`),
+          el("span", null, plural(g.size, "photo", "photos")),
+          el("span", null, first ? first.capture_time : "no capture time"),
+          el("span", "gid", g.group_id),
+        ],
+        tiles: g.images.map((im) => runTile(im, g)),
+      };
+    });
+  }
+
+  function runTile(im, g) {
     const tip = [`${im.file_name}`, `rating ${im.rating}${im.label ? `, label ${im.label}` : ""}`];
     if (im.capture_time) tip.push(`taken ${im.capture_time}`);
     if (im.duplicate_of) tip.push(`duplicate of ${im.duplicate_of}`);
     for (const r of im.reasons || []) tip.push(`- ${r}`);
-    tile.title = tip.join("\n");
-    const thumb = el("div", "thumb");
-    thumb.append(el("span", "none", im.thumb ? "…" : "no thumbnail"));
-    const meta = el("div", "meta");
     const decision = MODEL_DECISIONS.has(im.decision) ? im.decision : "";
-    meta.append(el("span", `badge ${decision}`, im.decision), el("span", null, `#${im.rank}`));
-    if (typeof im.score === "number") meta.append(el("span", null, im.score.toFixed(3)));
-    if (g.keeper === im.image_id) {
-      tile.classList.add("model-keeper");
-      meta.append(el("span", "star", "★ keeper"));
-    }
-    if (im.duplicate_of) meta.append(el("span", "dup", "dup"));
+    const meta = [el("span", `badge ${decision}`, im.decision), el("span", null, `#${im.rank}`)];
+    if (typeof im.score === "number") meta.push(el("span", null, im.score.toFixed(3)));
+    const keeper = g.keeper === im.image_id;
+    if (keeper) meta.push(el("span", "star", "★ keeper"));
+    if (im.duplicate_of) meta.push(el("span", "dup", "dup"));
+    return { imageId: im.image_id, name: im.file_name, title: tip.join("\n"), url: im.thumb, meta, keeper };
+  }
+
+  function makeTile(d, groupId, gi) {
+    const tile = el("div", "tile");
+    tile.dataset.imageId = d.imageId;
+    tile.dataset.groupId = groupId;
+    tile.dataset.index = String(state.tiles.length);
+    tile.tabIndex = -1;
+    tile.title = d.title;
+    const thumb = el("div", "thumb");
+    thumb.append(el("span", "none", d.url ? "…" : "no thumbnail"));
+    const meta = el("div", "meta");
+    meta.append(...d.meta);
+    if (d.keeper) tile.classList.add("model-keeper");
     const mine = el("div", "mine");
-    tile.append(thumb, el("div", "name", im.file_name), meta, mine);
-    const t = { el: tile, thumb, mine, imageId: im.image_id, groupId: g.group_id, group: gi, url: im.thumb, alt: im.file_name };
+    tile.append(thumb, el("div", "name", d.name), meta, mine);
+    const t = { el: tile, thumb, mine, imageId: d.imageId, groupId, group: gi, url: d.url, alt: d.name };
     state.tiles.push(t);
-    state.tileByImage.set(im.image_id, t);
+    state.tileByImage.set(d.imageId, t);
     paint(t);
     return tile;
   }
@@ -531,8 +816,9 @@
     const t = state.tiles[state.focus];
     if (!t) return;
     const g = t.group + delta;
-    if (g < 0) return note("first group of this page: p for the previous page");
-    if (g >= state.groupStarts.length) return note("last group of this page: n for the next page");
+    const q = state.mode === "query";
+    if (g < 0) return note(q ? "the query's answer is one group" : "first group of this page: p for the previous page");
+    if (g >= state.groupStarts.length) return note(q ? "the query's answer is one group" : "last group of this page: n for the next page");
     setFocus(state.groupStarts[g]);
   }
 
@@ -636,7 +922,7 @@
     paint(t);
     if (step.prevKeeper && step.prevKeeper !== t.imageId) paintKey(requestId, step.prevKeeper);
     if (state.focus < state.tiles.length - 1) setFocus(state.focus + 1);
-    else note("last photo of this page: n for the next page");
+    else note(state.mode === "query" ? "last candidate of this answer" : "last photo of this page: n for the next page");
   }
 
   function undo() {
@@ -782,14 +1068,18 @@
 
   // ------------------------------------------------------------------ status line
 
-  function note(text, bad) {
+  // A sticky note (a failed query) stays until the next note or mode.
+  function note(text, bad, sticky) {
     state.note = text;
     state.noteBad = Boolean(bad);
+    state.noteSticky = Boolean(sticky && text);
     clearTimeout(state.noteTimer);
-    state.noteTimer = setTimeout(() => {
-      state.note = "";
-      renderStatus();
-    }, NOTE_MS);
+    if (!state.noteSticky) {
+      state.noteTimer = setTimeout(() => {
+        state.note = "";
+        renderStatus();
+      }, NOTE_MS);
+    }
     renderStatus();
   }
 
