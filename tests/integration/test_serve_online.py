@@ -38,7 +38,7 @@ def test_online_gauges_are_exported(ray_cluster: str, tmp_path: Path) -> None:
         [FeedbackEvent(request_id="b", image_id="b-img0", action="picked-as-keeper")], sync=True
     )
     args = FeedbackArgs(root=str(tmp_path), online_poll_s=1, online_window_s=3600)
-    serve.start(http_options={"port": free_port()})  # no-op when the session's Serve runs
+    serve.start(http_options={"port": free_port()})
     handle = serve.run(
         OnlineFigures.options(name="OnlineFigures").bind(args),
         name="keeper-online-test",
@@ -78,4 +78,5 @@ def test_online_gauges_are_exported(ray_cluster: str, tmp_path: Path) -> None:
         assert answers, "no champion answers gauge"
         assert float(answers[0].rsplit(" ", 1)[1]) == 1.0
     finally:
-        serve.delete("keeper-online-test")
+        # Serve's HTTP port is fixed while it runs: stop it, so the next app starts on its own.
+        serve.shutdown()

@@ -285,7 +285,9 @@ class ReviewArgs(_Strict):
     runs: dict[str, str] = Field(
         min_length=1, description="name -> keeper pick output folder (local or s3://)"
     )
-    max_page_groups: int = Field(200, ge=1, description="groups in one page of a run")
+    max_page_groups: int = Field(
+        200, ge=50, description="groups one page of a run may ask for (the page asks 50)"
+    )
     check_s: float = Field(
         10.0, ge=0, description="a run's _SUMMARY.json is re-read at most this often"
     )

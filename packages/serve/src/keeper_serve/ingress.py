@@ -1429,14 +1429,15 @@ class KeeperIngress:
     async def review_groups(
         self, request: Request, name: str, offset: int = 0, limit: int = 50
     ) -> dict[str, Any]:
-        most = self.args.review.max_page_groups if self.args.review is not None else 1
+        run = await asyncio.to_thread(self._review_run, name)  # 404 first: no such run
+        assert self.args.review is not None  # a run was found
+        most = self.args.review.max_page_groups
         if offset < 0 or not 1 <= limit <= most:
             raise ApiError(
                 400,
                 "invalid_page",
                 f"offset {offset}, limit {limit}: offset >= 0, 1 <= limit <= {most}",
             )
-        run = await asyncio.to_thread(self._review_run, name)
         if offset > len(run.groups):
             raise ApiError(
                 400, "invalid_page", f"offset {offset} is past the run's {len(run.groups)} groups"
