@@ -5,7 +5,6 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
 DEMO_DIR ?= keeper-demo
 PACKAGES := packages/core packages/train packages/serve
 STAMP := $(VENV)/.keeper-installed
@@ -15,11 +14,9 @@ STAMP := $(VENV)/.keeper-installed
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-8s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES))
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# pip 23 (what a fresh venv carries) lacks PEP 735 dependency groups.
-	$(PIP) install -q -U pip
-	$(PIP) install -q $(addprefix -e ,$(PACKAGES)) --group dev
+# The install step is .ci/install.sh, the one docker/Dockerfile runs too (there: --system).
+$(STAMP): pyproject.toml $(addsuffix /pyproject.toml,$(PACKAGES)) .ci/install.sh
+	.ci/install.sh --venv $(VENV) --python $(PYTHON) --dev --editable
 	touch $(STAMP)
 
 setup: $(STAMP) browser ## create .venv and install the workspace (editable), the dev group, chromium
