@@ -34,6 +34,7 @@ from keeper_train.jobs.embed import (
     check_table_meta,
     format_summary,
     list_inputs,
+    node_counts,
     prepare_batch,
     prepare_on_device,
     write_batch,
@@ -392,8 +393,11 @@ def test_embed_and_write_match_clip_embedder(
 
     tally = write_batch(embedded, spec=SPEC, embeddings_dir=str(tmp_path / "emb"))
     assert int(tally["rows"][0]) == n
-    assert set(tally) == {"rows", "t_decode", "t_embed", "t_write"}
+    assert set(tally) == {"rows", "t_decode", "t_embed", "t_write", "nodes"}
     assert float(tally["t_decode"][0]) == pytest.approx(float(np.sum(prepared["t_decode"])))
+    # Outside Ray every image is decoded and embedded "local"; the table has no node column.
+    row = {k: v[0] for k, v in tally.items()}  # as the driver's iter_rows() gives it
+    assert node_counts([row]) == {"decode": {"local": n}, "embed": {"local": n}}
 
     files = parts(tmp_path / "emb")
     assert len(files) == 1
@@ -734,3 +738,28 @@ def test_device_preparation_gives_the_decode_tasks_rows(
         device_errors[cols].sort_values("image_uri").reset_index(drop=True),
         task_errors[cols].sort_values("image_uri").reset_index(drop=True),
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("actor_resources", {"GPU": 1}, "not a custom resource"),
+        ("decode_resources", {"CPU": 2}, "not a custom resource"),
+        ("actor_resources", {"keeper_gpu_node": 0}, "must be > 0"),
+    ],
+)
+def test_custom_resources_refuse_builtins_and_zero(field: str, value: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        EmbedConfig(input="in", output="out", **{field: value})
+
+
+def test_custom_resources_parse_from_overrides() -> None:
+    from keeper_train.config import load_config
+
+    cfg = load_config(
+        EmbedConfig,
+        None,
+        ["input=in", "output=out", "actor_resources={keeper_gpu_node: 1}", "decode_resources.x=0.5"],
+    )
+    assert cfg.actor_resources == {"keeper_gpu_node": 1.0}
+    assert cfg.decode_resources == {"x": 0.5}

@@ -10,9 +10,10 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, Field, field_validator
 
 from keeper_core import storage
 
@@ -85,3 +86,55 @@ def maybe_fail(config: dict[str, Any], epoch: int, rank: int) -> None:
         return
     storage.write_bytes(marker, b"failed once\n")
     raise RuntimeError(f"injected failure at epoch {epoch} (fail_at_epoch)")
+
+
+class WorkerPlacement(BaseModel):
+    """Where a Ray Train job's workers go (fields of the train_head and finetune configs)."""
+
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="Ray's placement of the workers: PACK fills a node first, SPREAD spreads "
+        "them, STRICT_SPREAD puts each on its own node (fails to start with fewer nodes)",
+    )
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each worker needs beside its CPU (and GPU), e.g. "
+        "{keeper_gpu_node: 1}: the workers go only to nodes that offer them",
+    )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory"):
+                raise ValueError(f"{name} is not a custom resource (use_gpu sets the GPU)")
+            if not amount > 0:
+                raise ValueError(f"{name}: {amount} must be > 0")
+        return v
+
+    def scaling_config(self, num_workers: int, use_gpu: bool) -> Any:
+        """Ray Train's ScalingConfig: one CPU (and one GPU) a worker, plus the custom resources."""
+        import ray.train
+
+        per_worker = None
+        if self.resources_per_worker:
+            per_worker = {"CPU": 1.0, **({"GPU": 1.0} if use_gpu else {})}
+            per_worker.update(self.resources_per_worker)
+        return ray.train.ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            placement_strategy=self.placement_strategy,
+            resources_per_worker=per_worker,
+        )
+
+
+def worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every worker, by rank (a collective: every worker calls it)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, node)
+    return [str(n) for n in out]

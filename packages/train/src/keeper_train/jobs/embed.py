@@ -158,6 +158,15 @@ class EmbedConfig(BaseModel):
         description="CPUs each decode task reserves (default: 1 with GPUs, 0.5 on a CPU-only "
         "run, so decode can use the cores the model leaves idle)",
     )
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each model actor needs, e.g. {keeper_gpu_node: 1}: "
+        "the actors go only to nodes that offer them (a node type), decode tasks go anywhere",
+    )
+    decode_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources each decode task needs (keep decode off a node type)",
+    )
     decode_batch_size: int = Field(16, ge=1, description="images per decode task batch")
     decode_concurrency: int | None = Field(None, ge=1, description="max decode tasks at once")
     rows_per_file: int = Field(1024, ge=1, description="rows per Parquet part (resume granularity)")
@@ -230,6 +239,20 @@ class EmbedConfig(BaseModel):
             model_threads=self.model_threads,
             node_threads=self.cpu_only and self.model_threads is None,
         )
+
+    @field_validator("actor_resources", "decode_resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        builtin = {"CPU", "GPU", "memory", "object_store_memory"}
+        for name, amount in v.items():
+            if name in builtin:
+                raise ValueError(
+                    f"{name} is not a custom resource: use num_cpus_per_worker, "
+                    "num_gpus_per_worker or decode_num_cpus"
+                )
+            if not amount > 0:
+                raise ValueError(f"{name}: {amount} must be > 0")
+        return v
 
     @field_validator("model")
     @classmethod
@@ -386,6 +409,13 @@ def _preparation(
     )
 
 
+def node_id() -> str:
+    """The Ray node this code runs on ("local" outside Ray): where each image was handled."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
 def prepare_batch(
     batch: dict[str, np.ndarray],
     *,
@@ -459,6 +489,7 @@ def prepare_batch(
         else np.zeros((0, 3, prep.image_size, prep.image_size), np.uint8),
         "t_decode": np.array(times, dtype=np.float64) + per_image,
         "dhash": np.array(hashes, dtype=np.int64),
+        "decode_node": np.array([node_id()] * len(ok_uris), dtype=object),
     }
     for j, name in enumerate(FEATURE_NAMES):
         dtype = np.int32 if name in ("width", "height") else np.float32
@@ -540,6 +571,7 @@ def prepare_on_device(
         "pixel_values": done.pixels,
         "t_decode": np.full(len(rows), per_image),
         "dhash": np.array(done.dhash, dtype=np.int64),
+        "decode_node": np.array([node_id()] * len(rows), dtype=object),
     }
     for j, name in enumerate(FEATURE_NAMES):
         out[name] = feats[:, j].astype(np.int32 if name in ("width", "height") else np.float32)
@@ -663,6 +695,7 @@ class EmbedStage:
 
             torch.set_num_threads(threads)
         self.threads = threads
+        self.node = node_id()
         self.prepare = prepare
         self.embedder = ClipEmbedder(spec, batch_size=batch_size)
         self._forward = threading.Lock()
@@ -705,6 +738,7 @@ class EmbedStage:
             t_embed = time.perf_counter() - t0
         out.pop("pixel_values", None)
         out["t_embed"] = np.full(n, t_embed / max(n, 1))
+        out["embed_node"] = np.array([self.node] * n, dtype=object)
         return out
 
 
@@ -755,6 +789,18 @@ def write_batch(batch: dict[str, np.ndarray], *, spec: str, embeddings_dir: str)
         "t_decode": np.array([float(np.sum(batch["t_decode"]))]),
         "t_embed": np.array([float(np.sum(batch["t_embed"]))]),
         "t_write": np.array([time.perf_counter() - t0]),
+        # Images embedded by the node that decoded them and the node that embedded them.
+        "nodes": np.array(
+            [
+                json.dumps(
+                    {
+                        stage: Counter(str(x) for x in batch.get(f"{stage}_node", ()))
+                        for stage in ("decode", "embed")
+                    }
+                )
+            ],
+            dtype=object,
+        ),
     }
 
 
@@ -804,6 +850,11 @@ class EmbedSummary(BaseModel):
         description="start-up (workers, actors, model load) shows as the wait for the first part"
     )
     worker_seconds: dict[str, float]
+    nodes: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="images embedded this run by Ray node id: decode (the node that read and "
+        "decoded them) and embed (the node of the model actor)",
+    )
     cluster: str
     versions: dict[str, str]
     finished: str
@@ -978,6 +1029,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
             fn_kwargs=prepare,
             compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
             num_cpus=cpus.decode,
+            resources=cfg.decode_resources or None,
             # A decode task holds a worker's baseline (torch imported: ~0.5 GiB) and one image.
             # Requesting that memory also keeps Ray Data from fusing decode into the model
             # actors (it fuses task->actor maps whose remote args match, as on a CPU-only
@@ -1008,6 +1060,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         ),
         num_gpus=cfg.num_gpus_per_worker,
         num_cpus=cpus.actor,
+        resources=cfg.actor_resources or None,
         # decode_placement=actor: the images its decoding calls hold, beside the model
         memory=(calls - 1) * decode_memory or None,
     )
@@ -1110,6 +1163,7 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
             "embed": round(sum(float(t["t_embed"]) for t in ex.tallies), 3),
             "write": round(sum(float(t["t_write"]) for t in ex.tallies), 3),
         },
+        nodes=node_counts(ex.tallies),
         cluster=ex.cluster,
         versions={
             "keeper_core": _version("keeper-core"),
@@ -1120,6 +1174,15 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
         },
         finished=_now(),
     )
+
+
+def node_counts(tallies: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """The write tallies' per-node counts summed: {"decode": {node: n}, "embed": {node: n}}."""
+    out: dict[str, Counter[str]] = {"decode": Counter(), "embed": Counter()}
+    for t in tallies:
+        for stage, counts in json.loads(str(t["nodes"])).items():
+            out[stage].update(counts)
+    return {stage: dict(sorted(c.items())) for stage, c in out.items()}
 
 
 def run(cfg: EmbedConfig) -> EmbedSummary:
@@ -1182,6 +1245,12 @@ def format_summary(s: EmbedSummary) -> str:
             f"(first part written after {first:.1f}s)",
             f"  workers  decode+features {w['read_decode_features']:.1f}s  "
             f"embed {w['embed']:.1f}s  write {w['write']:.1f}s (summed over workers)",
+        ]
+    if len(s.nodes.get("decode", {})) > 1 or len(s.nodes.get("embed", {})) > 1:
+        lines += [
+            f"  nodes    {stage:<6} on {len(by_node)}: "
+            + ", ".join(f"{node[:8]} {n}" for node, n in by_node.items())
+            for stage, by_node in s.nodes.items()
         ]
     if ModelSpec.parse(s.model_spec).is_random:
         lines.append("  NOTE     random weights: these embeddings carry no meaning beyond tests")

@@ -70,7 +70,7 @@ SPLITS = ("train", "val", "test")
 _QUALITY_COLUMNS = [FEATURE_NAMES.index(n) for n in QUALITY_INPUTS]
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(raytrain.WorkerPlacement):
     """Everything finetune takes; unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -561,6 +561,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_it = ray.train.get_dataset_shard("train")
     val_it = ray.train.get_dataset_shard("val")
     client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    nodes = raytrain.worker_nodes(world)  # a collective: every worker takes part
+    if client is not None:  # this attempt's workers (a restart may place them elsewhere)
+        client.set_tag(config["run_id"], "keeper.worker_nodes", ",".join(nodes))
     image_size = config["image_size"]
     shift = round(config["max_shift"] * image_size)
 
@@ -700,7 +703,7 @@ def fit(
         train_loop_config=loop,
         datasets={"train": prepared.datasets["train"], "val": prepared.datasets["val"]},
         dataset_config=raytrain.data_config(),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=cfg.scaling_config(cfg.num_workers, cfg.use_gpu),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,

@@ -67,7 +67,7 @@ from keeper_train.data import assign_split, join_series
 log = logging.getLogger("keeper.train_head")
 
 
-class TrainHeadConfig(BaseModel):
+class TrainHeadConfig(raytrain.WorkerPlacement):
     """Everything train_head takes; unknown keys are errors."""
 
     # populate_by_name: the field is register_model (BaseModel has a `register`), the key "register".
@@ -234,6 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"worker {rank} of {world} got {len(train)} train series, expected {expected}: "
             "unequal shards would make unequal numbers of all-reduce steps"
         )
+    nodes = raytrain.worker_nodes(world)
     torch.manual_seed(config["seed"])
     model = make_head(HeadConfig.model_validate(config["head"]))
     opt = torch.optim.AdamW(
@@ -295,6 +296,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "best_epoch": best_epoch,
                         "stale": stale,
                         "best_model": best_state,
+                        "worker_nodes": nodes,
                     },
                     _state_path(d),
                 )
@@ -483,7 +485,7 @@ def fit(
         ),
         datasets=datasets(prepared, cfg.num_workers, cfg.seed),
         dataset_config=raytrain.data_config(),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=cfg.scaling_config(cfg.num_workers, cfg.use_gpu),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -523,6 +525,8 @@ def record(
         key = name.replace(" ", "_")
         mlflow.log_metrics({f"test_{key}_{k}": float(v) for k, v in m.as_dict().items()})
     mlflow.log_metrics({"best_epoch": state["best_epoch"], "epochs_run": state["epoch"] + 1})
+    # The last attempt's workers (a restart after a failure may place them elsewhere).
+    mlflow.set_tag("keeper.worker_nodes", ",".join(state.get("worker_nodes", [])))
     summary: dict[str, Any] = {
         "run_id": run_id,
         "series_dropped": prepared.dropped_series,
@@ -530,6 +534,7 @@ def record(
         "epochs_run": state["epoch"] + 1,
         "test": {k: v.as_dict() for k, v in results.items()},
         "gain_over_random_pts": round(100 * (test.top1 - test.random_top1), 2),
+        "worker_nodes": state.get("worker_nodes", []),
         "fingerprints": prepared.fingerprints,
     }
     with tempfile.TemporaryDirectory() as d:
@@ -571,6 +576,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"mlflow run {summary['run_id']} ({summary['tracking_uri']}); model {summary['model_uri']}"
     )
+    nodes = summary.get("worker_nodes") or []
+    if len(set(nodes)) > 1:
+        print(
+            f"{len(nodes)} workers on {len(set(nodes))} nodes: " + ", ".join(n[:8] for n in nodes)
+        )
     if "registered" in summary:
         r = summary["registered"]
         print(f"registered {r['name']} version {r['version']} as @{r['alias']}")

@@ -1,0 +1,394 @@
+"""keeper on a real multi-node Ray cluster: a head and two worker nodes on this machine, each its
+own raylet, started and stopped by clusters/local/start-cluster.sh and stop-cluster.sh.
+
+The worker `gpu` offers keeper_gpu_node (a stand-in for a GPU node type), `cpu` offers
+keeper_cpu_node; every node also offers keeper_node_<name>. Jobs go in through `ray job submit`
+with the cluster's token, as users send them. What is checked: decode tasks spread over every node
+while the model actors go only where actor_resources sends them; a worker node killed mid-embed
+leaves every image embedded exactly once; train-head puts one worker on each node; Serve replicas
+spread over the nodes and the app keeps answering when a worker node is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from support import free_port
+
+from keeper_core.synthetic import generate_corpus
+from keeper_serve.local import DEFAULT_CONFIG
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+START = REPO / "clusters" / "local" / "start-cluster.sh"
+STOP = REPO / "clusters" / "local" / "stop-cluster.sh"
+NODES = ("head", "cpu", "gpu")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass
+class Cluster:
+    state: Path  # KEEPER_CLUSTER_DIR
+    gcs: str
+    dashboard: str
+    token: str
+    api_token: str
+    env: dict[str, str]  # the environment the nodes were started with
+
+    def client_env(self, *, with_token: bool = True) -> dict[str, str]:
+        """A client on another machine: its own HOME (no token file), the token only if given."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env["HOME"] = str(self.state / "client")
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        if with_token:
+            env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        return env
+
+    def cli(self, tool: str, *args: str, timeout: float = 120, with_token: bool = True) -> Any:
+        return subprocess.run(
+            [str(BIN / tool), *args],
+            cwd=REPO,
+            env=self.client_env(with_token=with_token),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def submit(self, *entrypoint: str, wait: bool = True, timeout: float = 420) -> Any:
+        extra = [] if wait else ["--no-wait"]
+        sid = f"keeper-{secrets.token_hex(4)}"
+        proc = self.cli(
+            "ray",
+            "job", "submit", "--address", self.dashboard, "--working-dir", ".",
+            "--submission-id", sid, *extra, "--", *entrypoint,
+            timeout=timeout,
+        )  # fmt: skip
+        proc.submission_id = sid
+        return proc
+
+    def job_status(self, sid: str) -> str:
+        out = self.cli("ray", "job", "status", sid, "--address", self.dashboard).stdout
+        for state in (*TERMINAL, "RUNNING", "PENDING"):
+            if f"'{sid}' {state.lower()}" in out.lower() or f"status: {state}" in out:
+                return state
+        return out.strip().splitlines()[-1] if out.strip() else "?"
+
+    def wait_job(self, sid: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            state = self.job_status(sid)
+            if state in TERMINAL:
+                return state
+            time.sleep(2)
+        raise AssertionError(
+            f"job {sid} not finished after {timeout_s} s: {self.logs(sid)[-3000:]}"
+        )
+
+    def logs(self, sid: str) -> str:
+        return str(self.cli("ray", "job", "logs", sid, "--address", self.dashboard).stdout)
+
+    def nodes(self) -> dict[str, str]:
+        """Alive node name -> Ray node id, from the keeper_node_<name> resource each offers."""
+        proc = self.cli(
+            "ray", "list", "nodes", "--address", self.dashboard, "--format", "json", "--detail"
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = {}
+        for node in json.loads(proc.stdout):
+            if node.get("state") != "ALIVE":
+                continue
+            for res in node.get("resources_total", {}):
+                if res.startswith("keeper_node_"):
+                    out[res.removeprefix("keeper_node_")] = node["node_id"]
+        return out
+
+    def actors(self, class_prefix: str) -> list[dict[str, Any]]:
+        proc = self.cli(
+            "ray", "list", "actors", "--address", self.dashboard, "--format", "json",
+            "--detail", "--limit", "1000",
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        return [
+            a
+            for a in json.loads(proc.stdout)
+            if str(a.get("class_name", "")).startswith(class_prefix) and a.get("state") == "ALIVE"
+        ]
+
+    def stop(self, *names: str, kill: bool = True) -> None:
+        env = {**os.environ, "KEEPER_CLUSTER_DIR": str(self.state)}
+        if kill:
+            env["KEEPER_STOP_SIGNAL"] = "KILL"
+        proc = subprocess.run(
+            ["bash", str(STOP), *names], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _start(state: Path) -> Cluster:
+    token = secrets.token_hex(32)
+    api_token = secrets.token_urlsafe(32)
+    gcs, dash = free_port(), free_port()
+    home = state / "home"
+    (state / "client").mkdir(parents=True)
+    home.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HOME": str(home),
+        "RAY": str(BIN / "ray"),
+        "RAY_AUTH_TOKEN": token,
+        "KEEPER_CLUSTER_DIR": str(state),
+        "RAY_GCS_PORT": str(gcs),
+        "RAY_DASHBOARD_PORT": str(dash),
+        # Ports of this cluster's nodes: a range the session's own Ray does not use.
+        "KEEPER_PORT_BASE": str(41000 + 100 * (os.getpid() % 80)),
+        "OBJECT_STORE_MB": "200",
+        # As on a cluster node: Serve replicas take the API token from the node's environment.
+        "KEEPER_API_TOKEN": api_token,
+    }
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        ["bash", str(START)], env=env, capture_output=True, text=True, timeout=300
+    )
+    cluster = Cluster(state, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", token, api_token, env)
+    if proc.returncode != 0:
+        cluster.stop()
+        raise AssertionError(f"start-cluster.sh failed:\n{proc.stdout}\n{proc.stderr}")
+    assert "export RAY_AUTH_TOKEN=" in proc.stdout
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """One three-node cluster for the module. The tests that take a node away run last (file
+    order) and pick their node from those still alive."""
+    state = Path(tempfile.mkdtemp(prefix="kc", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        c = _start(state)
+        try:
+            yield c
+        finally:
+            c.stop()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@dataclass
+class Embedded:
+    manifest: Path
+    out: Path
+    proc: Any
+
+
+@pytest.fixture(scope="module")
+def embedded(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Embedded:
+    """`keeper embed` of a small corpus, submitted to the cluster with the actors on `gpu`."""
+    tmp = tmp_path_factory.mktemp("embedded")
+    manifest = generate_corpus(tmp / "corpus", n_series=30, seed=3, image_size=(256, 192))
+    out = tmp / "out"
+    return Embedded(manifest, out, _embed(cluster, manifest, out, "concurrency=1"))
+
+
+def _embed(cluster: Cluster, manifest: Path, out: Path, *extra: str, wait: bool = True) -> Any:
+    return cluster.submit(
+        "python", "-m", "keeper_train.jobs.embed",
+        "--config", "packages/train/configs/embed.yaml",
+        f"input={manifest}", f"output={out}", "ray_address=auto",
+        "actor_resources={keeper_gpu_node: 1}", "decode_batch_size=4", "rows_per_file=16",
+        *extra,
+        wait=wait,
+    )  # fmt: skip
+
+
+def _table(out: Path) -> pd.DataFrame:
+    return pq.read_table(out / "embeddings").to_pandas()
+
+
+def test_token_and_nodes(cluster: Cluster) -> None:
+    """Three live nodes with their resources; a client without the token is refused."""
+    assert set(cluster.nodes()) == set(NODES)
+    refused = cluster.cli(
+        "ray", "job", "submit", "--address", cluster.dashboard, "--", "echo", "never",
+        with_token=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "never" not in refused.stdout
+
+
+def test_embed_spreads_decode_and_places_actors(cluster: Cluster, embedded: Embedded) -> None:
+    proc = embedded.proc
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    total = len(pd.read_csv(embedded.manifest))
+    summary = json.loads((embedded.out / "_SUMMARY.json").read_text())
+    assert summary["counts"]["embedded"] == total
+    nodes = cluster.nodes()
+    decode = summary["nodes"]["decode"]
+    embed = summary["nodes"]["embed"]
+    # Decode tasks ran on every node; the model actor only on the node offering keeper_gpu_node.
+    assert set(decode) == set(nodes.values()), (decode, nodes)
+    assert embed == {nodes["gpu"]: total}
+    assert sum(decode.values()) == total
+    assert "nodes    decode on 3" in proc.stdout  # the run's own summary says so
+
+
+def test_train_head_one_worker_per_node(
+    cluster: Cluster, embedded: Embedded, tmp_path: Path
+) -> None:
+    assert embedded.proc.returncode == 0, embedded.proc.stderr[-2000:]
+    results = tmp_path / "results.json"
+    proc = cluster.submit(
+        "python", "-m", "keeper_train.jobs.train_head",
+        "--config", "packages/train/configs/train_head.yaml", "--json", str(results),
+        f"embeddings={embedded.out}", f"series={embedded.manifest}", "num_workers=2",
+        "placement_strategy=STRICT_SPREAD", "epochs=2", "patience=2", "baselines=false",
+        f"storage={tmp_path / 'ckpt'}", f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "ray_address=auto",
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    workers = json.loads(results.read_text())["worker_nodes"]
+    assert len(workers) == 2
+    assert len(set(workers)) == 2, workers  # one worker per node
+    assert set(workers) <= set(cluster.nodes().values())
+    assert "2 workers on 2 nodes" in proc.stdout
+
+
+def test_worker_node_killed_mid_embed(cluster: Cluster, tmp_path: Path) -> None:
+    """SIGKILL the `cpu` worker (raylet, workers) while decode tasks run there: Ray retries the
+    lost tasks elsewhere and the table holds every image exactly once."""
+    manifest = generate_corpus(tmp_path / "corpus", n_series=70, seed=4, image_size=(512, 384))
+    uris = set(pd.read_csv(manifest)["image_uri"])
+    out = tmp_path / "out"
+    job = _embed(cluster, manifest, out, "concurrency=1", wait=False)
+    assert job.returncode == 0, job.stdout + job.stderr
+    sid = job.submission_id
+    parts = out / "embeddings"
+    deadline = time.monotonic() + 240
+    while not (parts.is_dir() and any(parts.glob("*.parquet"))):  # mid-run: a part written
+        assert cluster.job_status(sid) not in TERMINAL, cluster.logs(sid)[-3000:]
+        assert time.monotonic() < deadline, cluster.logs(sid)[-3000:]
+        time.sleep(0.5)
+    written_at_kill = len(_table(out))
+    cluster.stop("cpu")
+    assert written_at_kill < len(uris), "the job ended before the node was killed"
+
+    state = cluster.wait_job(sid, timeout_s=420)
+    logs = cluster.logs(sid)
+    assert state == "SUCCEEDED", logs[-4000:]
+    summary = json.loads((out / "_SUMMARY.json").read_text())
+    counts = summary["counts"]
+    assert counts["embedded"] == len(uris), counts
+    assert counts["failed"] == 0, counts
+    assert counts["lost"] == 0, counts
+    table = _table(out)
+    assert len(table) == len(uris)
+    assert set(table["image_uri"]) == uris
+    assert table["image_uri"].is_unique
+
+
+def _http(url: str, token: str | None, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")[:300]
+    except OSError as e:
+        return 0, str(e)
+
+
+def _serve_config(tmp_path: Path, port: int) -> Path:
+    """The shipped config, changed only where one host with three raylets needs it."""
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["http_options"]["port"] = port
+    config["proxy_location"] = "HeadOnly"  # three proxies on one host would share one port
+    app = config["applications"][0]
+    app["args"]["data_dir"] = str(tmp_path / "data")
+    for d in app["deployments"]:
+        scaling = d["autoscaling_config"]
+        if d["name"] in ("KeeperIngress", "ClipEncoder"):
+            # Two of each so that losing a node leaves one; one of each fits a 1-CPU node.
+            scaling["min_replicas"] = scaling["max_replicas"] = 2
+            d["ray_actor_options"]["num_cpus"] = 0.25 if d["name"] == "KeeperIngress" else 0.4
+        else:
+            scaling["max_replicas"] = 1
+            d["ray_actor_options"]["num_cpus"] = 0.1
+    app["args"]["encoder"]["torch_threads"] = 1
+    path = tmp_path / "keeper.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_serve_replicas_spread_and_survive_a_node(cluster: Cluster, tmp_path: Path) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    port = free_port()
+    deployed = cluster.cli(
+        "serve", "deploy", str(_serve_config(tmp_path, port)), "--address", cluster.dashboard
+    )
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    url = f"http://127.0.0.1:{port}"
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (120, 60, 30)).save(buf, "JPEG")
+    body = {"images": [{"b64": base64.b64encode(buf.getvalue()).decode()}]}
+
+    def embed() -> int:
+        return _http(f"{url}/v1/embed", cluster.api_token, body)[0]
+
+    deadline = time.monotonic() + 300
+    while True:
+        nodes = cluster.nodes()
+        ingress = cluster.actors("ServeReplica:keeper:KeeperIngress")
+        encoder = cluster.actors("ServeReplica:keeper:ClipEncoder")
+        if len(ingress) == 2 and len(encoder) == 2 and embed() == 200:
+            break
+        status = cluster.cli("serve", "status", "--address", cluster.dashboard)
+        assert time.monotonic() < deadline, status.stdout + status.stderr
+        time.sleep(2)
+    for replicas in (ingress, encoder):
+        assert len({a["node_id"] for a in replicas}) == 2, replicas  # spread: one per node
+    # Take away a worker node that holds replicas (not the head: it has the proxy). An earlier
+    # test may have taken `cpu` already.
+    held = {a["node_id"] for a in ingress + encoder}
+    victim = next(name for name in ("cpu", "gpu") if nodes.get(name) in held)
+    cluster.stop(victim)
+    t_stop = time.monotonic()
+    codes = []
+    while time.monotonic() - t_stop < 45:
+        codes.append(embed())
+        time.sleep(0.5)
+    ok = codes.count(200)
+    print(f"after stopping {victim}: {ok} of {len(codes)} requests answered 200: {codes}")
+    # The app keeps answering: the surviving replicas take the traffic; a request in flight on
+    # the lost node may fail, and none in the last 10 seconds.
+    assert ok >= 0.8 * len(codes), codes
+    late = codes[-20:]
+    assert late.count(200) == len(late), codes
+    assert victim not in cluster.nodes()
+    done = cluster.cli("serve", "shutdown", "-y", "--address", cluster.dashboard)
+    assert done.returncode == 0, done.stdout + done.stderr
