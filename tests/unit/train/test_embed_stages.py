@@ -759,7 +759,12 @@ def test_custom_resources_parse_from_overrides() -> None:
     cfg = load_config(
         EmbedConfig,
         None,
-        ["input=in", "output=out", "actor_resources={keeper_gpu_node: 1}", "decode_resources.x=0.5"],
+        [
+            "input=in",
+            "output=out",
+            "actor_resources={keeper_gpu_node: 1}",
+            "decode_resources.x=0.5",
+        ],
     )
     assert cfg.actor_resources == {"keeper_gpu_node": 1.0}
     assert cfg.decode_resources == {"x": 0.5}

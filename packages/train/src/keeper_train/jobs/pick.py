@@ -99,6 +99,12 @@ class PickJobConfig(BaseModel):
     concurrency: int = Field(1, ge=1, description="model actors")
     num_gpus_per_worker: float = Field(0.0, ge=0)
     decode_concurrency: int | None = Field(None, ge=1)
+    actor_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per model actor (embed's key)"
+    )
+    decode_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per decode task (embed's key)"
+    )
     max_failure_fraction: float = Field(0.05, ge=0, le=1)
     limit: int | None = Field(None, ge=1, description="only the first N inputs (smoke runs)")
     tracking_uri: str | None = None
@@ -523,6 +529,8 @@ def run(cfg: PickJobConfig) -> PickSummary:
             concurrency=cfg.concurrency,
             num_gpus_per_worker=cfg.num_gpus_per_worker,
             decode_concurrency=cfg.decode_concurrency,
+            actor_resources=cfg.actor_resources,
+            decode_resources=cfg.decode_resources,
             max_failure_fraction=cfg.max_failure_fraction,
             limit=cfg.limit,
             capture=True,
