@@ -24,8 +24,9 @@
 #   RAY_GCS_PORT         head's GCS port (default 6390)
 #   RAY_DASHBOARD_PORT   dashboard + job API port (default 8275), on 127.0.0.1 only
 #   KEEPER_PORT_BASE     node i (head = 0) takes ports BASE+20i .. BASE+20i+9 (default 47000) and
-#                        worker ports 30000+1000i .. +999: several raylets on one host must not
-#                        race for Ray's default ports
+#                        worker ports WORKER_BASE+200i .. +199: several raylets on one host must
+#                        not race for Ray's default ports
+#   KEEPER_WORKER_PORT_BASE  WORKER_BASE (default 30000, below the kernel's ephemeral ports)
 #   HEAD_CPUS            CPUs the head offers (default 1)
 #   WORKER_CPUS          CPUs each worker offers (default 1)
 #   OBJECT_STORE_MB      object store per node (default 300)
@@ -39,6 +40,7 @@ DIR="${KEEPER_CLUSTER_DIR:-/tmp/kc-$(id -u)}"
 GCS_PORT="${RAY_GCS_PORT:-6390}"
 DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8275}"
 PORT_BASE="${KEEPER_PORT_BASE:-47000}"
+WORKER_BASE="${KEEPER_WORKER_PORT_BASE:-30000}"
 HEAD_CPUS="${HEAD_CPUS:-1}"
 WORKER_CPUS="${WORKER_CPUS:-1}"
 STORE_BYTES=$(( ${OBJECT_STORE_MB:-300} * 1024 * 1024 ))
@@ -68,11 +70,11 @@ export PATH="$ray_dir:$PATH"
 
 # node_ports INDEX: the per-node ports, so raylets on one host never race for Ray's defaults.
 node_ports() {
-    local b=$(( PORT_BASE + 20 * $1 )) w=$(( 30000 + 1000 * $1 ))
+    local b=$(( PORT_BASE + 20 * $1 )) w=$(( WORKER_BASE + 200 * $1 ))
     echo --node-manager-port $b --object-manager-port $(( b + 1 )) \
         --dashboard-agent-listen-port $(( b + 2 )) --dashboard-agent-grpc-port $(( b + 3 )) \
         --metrics-export-port $(( b + 4 )) --runtime-env-agent-port $(( b + 5 )) \
-        --min-worker-port $w --max-worker-port $(( w + 999 ))
+        --min-worker-port $w --max-worker-port $(( w + 199 ))
 }
 
 # start_node NAME ARGS...: one `ray start --block` in its own session (process group), so

@@ -143,6 +143,24 @@ class Cluster:
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _free_block(n: int) -> int:
+    """A base port B with B .. B+n-1 all free, between Ray's default worker ports (10002-19999)
+    and the kernel's ephemeral range (32768-), where no outgoing connection takes one."""
+    import random
+    import socket
+
+    for _ in range(50):
+        base = random.randrange(20000, 29000 - n)
+        try:
+            for port in range(base, base + n):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise AssertionError("no block of free ports for the cluster")
+
+
 def _start(state: Path) -> Cluster:
     token = secrets.token_hex(32)
     api_token = secrets.token_urlsafe(32)
@@ -159,8 +177,8 @@ def _start(state: Path) -> Cluster:
         "KEEPER_CLUSTER_DIR": str(state),
         "RAY_GCS_PORT": str(gcs),
         "RAY_DASHBOARD_PORT": str(dash),
-        # Ports of this cluster's nodes: a range the session's own Ray does not use.
-        "KEEPER_PORT_BASE": str(41000 + 100 * (os.getpid() % 80)),
+        # Ports of this cluster's nodes: below the ephemeral range, apart from the session's Ray.
+        "KEEPER_PORT_BASE": str(_free_block(60)),
         "OBJECT_STORE_MB": "200",
         # As on a cluster node: Serve replicas take the API token from the node's environment.
         "KEEPER_API_TOKEN": api_token,
