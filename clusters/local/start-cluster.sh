@@ -54,19 +54,9 @@ fi
 mkdir -p "$DIR"
 chmod 700 "$DIR"
 
-export RAY_AUTH_MODE=token   # `ray start` leaves auth off without it
-if [[ -z "${RAY_AUTH_TOKEN:-}" ]]; then
-    RAY_AUTH_TOKEN="$("$RAY" get-auth-token --generate 2>/dev/null)"
-    if [[ -f "$HOME/.ray/auth_token" ]]; then chmod 600 "$HOME/.ray/auth_token"; fi
-fi
-if [[ -z "$RAY_AUTH_TOKEN" ]]; then
-    echo "start-cluster.sh: no auth token (RAY_AUTH_TOKEN empty and get-auth-token gave none)" >&2
-    exit 1
-fi
-export RAY_AUTH_TOKEN
-# Job entrypoints run `python` from the head's PATH: the interpreter that runs this ray.
-ray_dir="$(cd "$(dirname "$(command -v "$RAY")")" && pwd)"
-export PATH="$ray_dir:$PATH"
+# Token auth on, the token, and this ray's python first on PATH (shared with start-head.sh).
+# shellcheck source=clusters/local/ray-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ray-env.sh"
 
 # node_ports INDEX: the per-node ports, so raylets on one host never race for Ray's defaults.
 node_ports() {

@@ -27,25 +27,11 @@ GCS_PORT="${RAY_GCS_PORT:-6379}"
 DASHBOARD_PORT="${RAY_DASHBOARD_PORT:-8265}"
 NUM_CPUS="${RAY_NUM_CPUS:-$(nproc)}"
 
-# `ray start` leaves auth off unless RAY_AUTH_MODE=token (or a token already exists);
-# set it explicitly so the head never comes up open.
-export RAY_AUTH_MODE=token
-if [[ -z "${RAY_AUTH_TOKEN:-}" ]]; then
-    # Prints the token on stdout (a newline on stderr); creates ~/.ray/auth_token if missing.
-    RAY_AUTH_TOKEN="$("$RAY" get-auth-token --generate 2>/dev/null)"
-    # Ray writes the file world-readable; the token grants code execution on the cluster.
-    if [[ -f "$HOME/.ray/auth_token" ]]; then chmod 600 "$HOME/.ray/auth_token"; fi
-fi
-if [[ -z "$RAY_AUTH_TOKEN" ]]; then
-    echo "start-head.sh: no auth token (RAY_AUTH_TOKEN empty and get-auth-token gave none)" >&2
-    exit 1
-fi
-export RAY_AUTH_TOKEN
-
-# A job's entrypoint (`python -m ...`) resolves `python` on the head's PATH: make it the
-# interpreter that runs this ray (e.g. .venv/bin/python when RAY=.venv/bin/ray).
-ray_dir="$(cd "$(dirname "$(command -v "$RAY")")" && pwd)"
-export PATH="$ray_dir:$PATH"
+# `ray start` leaves auth off unless RAY_AUTH_MODE=token (or a token already exists): set it,
+# with the token, so the head never comes up open; and put this ray's python first on PATH (a
+# job's `python -m ...` resolves there). Shared with start-cluster.sh.
+# shellcheck source=clusters/local/ray-env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ray-env.sh"
 
 gpu_args=()
 if [[ -n "${RAY_NUM_GPUS:-}" ]]; then gpu_args=(--num-gpus "$RAY_NUM_GPUS"); fi

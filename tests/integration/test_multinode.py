@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -239,6 +240,64 @@ def _embed(cluster: Cluster, manifest: Path, out: Path, *extra: str, wait: bool 
 
 def _table(out: Path) -> pd.DataFrame:
     return pq.read_table(out / "embeddings").to_pandas()
+
+
+def test_start_head_script_turns_token_auth_on(tmp_path: Path) -> None:
+    """clusters/local/start-head.sh (docs/operations.md section 2): a head that refuses a client
+    without the token and runs a job for one with it; its printed exports are what a client needs.
+    """
+    from conftest import _pids_with, _signal_all
+
+    temp_dir = tempfile.mkdtemp(prefix="kh", dir="/tmp")
+    home = tmp_path / "home"
+    home.mkdir()
+    dash = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        HOME=str(home), RAY=str(BIN / "ray"), RAY_GCS_PORT=str(free_port()),
+        RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="1",
+    )  # fmt: skip
+    extra = [
+        "--temp-dir", temp_dir, "--ray-client-server-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()), "--object-store-memory", "100000000",
+    ]  # fmt: skip
+    try:
+        started = subprocess.run(
+            ["bash", str(REPO / "clusters/local/start-head.sh"), *extra],
+            env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stdout + started.stderr
+        exports = dict(
+            line.removeprefix("  export ").split("=", 1)
+            for line in started.stdout.splitlines()
+            if line.startswith("  export ")
+        )
+        assert exports["RAY_AUTH_MODE"] == "token"
+        assert exports["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{dash}"
+        assert len(exports["RAY_AUTH_TOKEN"]) >= 32
+        assert (home / ".ray" / "auth_token").stat().st_mode & 0o077 == 0  # generated, private
+        client = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        client["HOME"] = str(tmp_path / "client")
+
+        def submit(env: dict[str, str]) -> Any:
+            return subprocess.run(
+                [str(BIN / "ray"), "job", "submit", "--", "echo", "ran-on-the-head"],
+                env=env, capture_output=True, text=True, timeout=180,
+            )  # fmt: skip
+
+        refused = submit({**client, "RAY_API_SERVER_ADDRESS": exports["RAY_API_SERVER_ADDRESS"]})
+        assert refused.returncode != 0
+        assert "ran-on-the-head" not in refused.stdout
+        ran = submit({**client, **exports})
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        assert "ran-on-the-head" in ran.stdout
+    finally:
+        _signal_all(_pids_with(temp_dir), signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while _pids_with(temp_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        _signal_all(_pids_with(temp_dir), signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_token_and_nodes(cluster: Cluster) -> None:

@@ -35,3 +35,17 @@ def init_ray(address: str | None = None) -> str:
     )
     log.info(desc)
     return desc
+
+
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def custom_resources(v: dict[str, float], instead: str) -> dict[str, float]:
+    """Validate a job's custom Ray resources (``{name: amount}``): no built-in resource (each has
+    its own key, named by ``instead``), every amount > 0. Raises ValueError (pydantic's)."""
+    for name, amount in v.items():
+        if name in BUILTIN_RESOURCES:
+            raise ValueError(f"{name} is not a custom resource: use {instead}")
+        if not amount > 0:
+            raise ValueError(f"{name}: {amount} must be > 0")
+    return v

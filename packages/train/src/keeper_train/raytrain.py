@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 
 from keeper_core import storage
+from keeper_train.cluster import custom_resources
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
@@ -105,12 +106,7 @@ class WorkerPlacement(BaseModel):
     @field_validator("resources_per_worker")
     @classmethod
     def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
-        for name, amount in v.items():
-            if name in ("CPU", "GPU", "memory"):
-                raise ValueError(f"{name} is not a custom resource (use_gpu sets the GPU)")
-            if not amount > 0:
-                raise ValueError(f"{name}: {amount} must be > 0")
-        return v
+        return custom_resources(v, "num_workers and use_gpu")
 
     def scaling_config(self, num_workers: int, use_gpu: bool) -> Any:
         """Ray Train's ScalingConfig: one CPU (and one GPU) a worker, plus the custom resources."""

@@ -79,6 +79,7 @@ from keeper_core.webdataset import (
     names_shards,
     read_member,
 )
+from keeper_train.cluster import custom_resources
 from keeper_train.config import job_main
 from keeper_train.table import EmbeddedParts, ErrorRows
 
@@ -243,16 +244,7 @@ class EmbedConfig(BaseModel):
     @field_validator("actor_resources", "decode_resources")
     @classmethod
     def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
-        builtin = {"CPU", "GPU", "memory", "object_store_memory"}
-        for name, amount in v.items():
-            if name in builtin:
-                raise ValueError(
-                    f"{name} is not a custom resource: use num_cpus_per_worker, "
-                    "num_gpus_per_worker or decode_num_cpus"
-                )
-            if not amount > 0:
-                raise ValueError(f"{name}: {amount} must be > 0")
-        return v
+        return custom_resources(v, "num_cpus_per_worker, num_gpus_per_worker or decode_num_cpus")
 
     @field_validator("model")
     @classmethod
