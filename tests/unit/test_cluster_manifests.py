@@ -702,5 +702,11 @@ def test_aws_cluster_has_cpu_and_gpu_workers_on_instance_roles() -> None:
     text = AWS.read_text()
     for key in ("aws_access_key_id", "aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"):
         assert key.lower() not in text.lower(), f"cluster.yaml: {key}: use the instance role"
-    # Every node runs the Ray the image and the jobs are checked against.
-    assert f'"ray[data,default]=={RAY_VERSION}"' in text
+    # Every node installs keeper with the script `make setup` and the Dockerfile run (CI proves
+    # it), which also checks that the venv's Ray satisfies the packages' pin.
+    assert f'"ray[data,default,serve]=={RAY_VERSION}"' in text  # one Ray version on every node
+    installs = [c for c in raw["setup_commands"] if ".ci/install.sh" in c]
+    assert installs == ["~/keeper/.ci/install.sh --venv ~/venv --extras turbo"], raw[
+        "setup_commands"
+    ]
+    assert raw["file_mounts"]["/home/ubuntu/keeper"] == "."
