@@ -20,6 +20,7 @@ import pytest
 from support import free_port
 
 pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
 
 AWS_TEST_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -71,16 +72,19 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
 
 
 def _kill_tree(pgid: int, marker: str) -> None:
-    """Stop a `ray start --block` process group and every Ray daemon of its temp dir."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
+    """Stop a `ray start --block` process group (``pgid`` 0: none) and every Ray daemon of its
+    temp dir."""
+    if pgid:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
     _signal_all(_pids_with(marker), signal.SIGTERM)
     deadline = time.monotonic() + 15
     while _pids_with(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
     _signal_all(_pids_with(marker), signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+    if pgid:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
 
 
 @dataclass
@@ -101,8 +105,8 @@ class HeadNode:
 
 @pytest.fixture(scope="session")
 def ray_head() -> Iterator[HeadNode]:
-    """`ray start --head` with token authentication on, on free loopback ports."""
-    ray_bin = str(Path(sys.executable).parent / "ray")
+    """A Ray head started by clusters/local/start-head.sh (the documented way: token auth on),
+    on free loopback ports."""
     home = Path(tempfile.mkdtemp(prefix="keeper-rayhome-"))
     (home / "client").mkdir()
     # A short temp dir: Ray's unix socket paths must stay under ~107 characters.
@@ -111,45 +115,51 @@ def ray_head() -> Iterator[HeadNode]:
     api_token = secrets.token_urlsafe(32)
     ports = {name: free_port() for name in ("gcs", "dash", "client", "agent")}
     env = {
-        **os.environ,
-        # As on a cluster node: `python` is the interpreter that has keeper installed.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+        "RAY": str(Path(sys.executable).parent / "ray"),  # start-head.sh puts its dir on PATH
         "HOME": str(home),
-        "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": token,
+        "RAY_GCS_PORT": str(ports["gcs"]),
+        "RAY_DASHBOARD_PORT": str(ports["dash"]),
+        "RAY_NUM_CPUS": "2",
         # As on a cluster node: Serve replicas inherit the API token from the node's environment.
         "KEEPER_API_TOKEN": api_token,
     }
     cmd = [
-        ray_bin, "start", "--head", "--block",
-        "--port", str(ports["gcs"]),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports["dash"]),
+        "bash", str(REPO / "clusters" / "local" / "start-head.sh"),
         "--ray-client-server-port", str(ports["client"]),
         "--dashboard-agent-listen-port", str(ports["agent"]),
-        "--num-cpus", "2", "--object-store-memory", str(300 * 1024**2),
+        "--object-store-memory", str(300 * 1024**2),
         "--temp-dir", temp_dir, "--include-dashboard", "true",
     ]  # fmt: skip
-    log = open(home / "ray-start.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
     head = HeadNode(
         dashboard=f"http://127.0.0.1:{ports['dash']}", token=token, home=home, api_token=api_token
     )
     try:
-        _wait_for_dashboard(head, proc, timeout_s=120)
+        started = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=180, start_new_session=True
+        )
+        (home / "ray-start.log").write_text(started.stdout + started.stderr)
+        if started.returncode != 0:
+            raise RuntimeError(f"start-head.sh exited {started.returncode}:\n{started.stderr}")
+        # What the script prints for a client: the mode, this token, this dashboard.
+        for line in ("RAY_AUTH_MODE=token", f"RAY_AUTH_TOKEN={token}",
+                     f"RAY_API_SERVER_ADDRESS={head.dashboard}"):  # fmt: skip
+            assert f"export {line}" in started.stdout, started.stdout
+        _wait_for_dashboard(head, None, timeout_s=120)
         yield head
     finally:
-        _kill_tree(proc.pid, temp_dir)
-        log.close()
+        _kill_tree(0, temp_dir)
 
 
-def _wait_for_dashboard(head: HeadNode, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+def _wait_for_dashboard(
+    head: HeadNode, proc: subprocess.Popen[bytes] | None, timeout_s: float
+) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             log = (head.home / "ray-start.log").read_text()[-3000:]
             raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log}")
         try:

@@ -50,16 +50,21 @@ def test_submit_without_token_is_refused(ray_head: HeadNode) -> None:
     assert "should never run" not in proc.stdout
 
 
-def test_embed_job_via_ray_job_submit(ray_head: HeadNode, tmp_path: Path) -> None:
+def test_embed_job_via_submit_embed_script(ray_head: HeadNode, tmp_path: Path) -> None:
+    """clusters/local/submit-embed.sh, as docs/operations.md section 2 runs it: the repo as the
+    working dir, this checkout's packages as py_modules, the token from the environment."""
     manifest = generate_corpus(tmp_path / "corpus", n_series=4, seed=5)
     total = len(pd.read_csv(manifest))
     out = tmp_path / "out"
-    proc = submit(
-        ray_head,
-        "python", "-m", "keeper_train.jobs.embed",
-        "--config", "packages/train/configs/embed.yaml",
-        f"input={manifest}", f"output={out}", "rows_per_file=64",
-        with_token=True,
+    env = {
+        **ray_head.client_env(with_token=True),
+        "RAY": RAY,
+        "RAY_API_SERVER_ADDRESS": ray_head.dashboard,
+    }
+    proc = subprocess.run(
+        ["bash", str(REPO / "clusters" / "local" / "submit-embed.sh"), str(manifest), str(out),
+         "rows_per_file=64"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420,
     )  # fmt: skip
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-4000:]

@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -183,6 +182,11 @@ def _start(state: Path) -> Cluster:
         "OBJECT_STORE_MB": "200",
         # As on a cluster node: Serve replicas take the API token from the node's environment.
         "KEEPER_API_TOKEN": api_token,
+        # The GCS declares a node dead after 5 missed 1-s health checks (Ray's default: 5 x 3 s,
+        # timeouts 10 s): the node-loss tests then wait seconds, not half a minute, for it.
+        "RAY_health_check_period_ms": "1000",
+        "RAY_health_check_timeout_ms": "2000",
+        "RAY_health_check_failure_threshold": "5",
     }
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
@@ -242,64 +246,6 @@ def _table(out: Path) -> pd.DataFrame:
     return pq.read_table(out / "embeddings").to_pandas()
 
 
-def test_start_head_script_turns_token_auth_on(tmp_path: Path) -> None:
-    """clusters/local/start-head.sh (docs/operations.md section 2): a head that refuses a client
-    without the token and runs a job for one with it; its printed exports are what a client needs.
-    """
-    from conftest import _pids_with, _signal_all
-
-    temp_dir = tempfile.mkdtemp(prefix="kh", dir="/tmp")
-    home = tmp_path / "home"
-    home.mkdir()
-    dash = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(
-        HOME=str(home), RAY=str(BIN / "ray"), RAY_GCS_PORT=str(free_port()),
-        RAY_DASHBOARD_PORT=str(dash), RAY_NUM_CPUS="1",
-    )  # fmt: skip
-    extra = [
-        "--temp-dir", temp_dir, "--ray-client-server-port", str(free_port()),
-        "--dashboard-agent-listen-port", str(free_port()), "--object-store-memory", "100000000",
-    ]  # fmt: skip
-    try:
-        started = subprocess.run(
-            ["bash", str(REPO / "clusters/local/start-head.sh"), *extra],
-            env=env, capture_output=True, text=True, timeout=180,
-        )  # fmt: skip
-        assert started.returncode == 0, started.stdout + started.stderr
-        exports = dict(
-            line.removeprefix("  export ").split("=", 1)
-            for line in started.stdout.splitlines()
-            if line.startswith("  export ")
-        )
-        assert exports["RAY_AUTH_MODE"] == "token"
-        assert exports["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{dash}"
-        assert len(exports["RAY_AUTH_TOKEN"]) >= 32
-        assert (home / ".ray" / "auth_token").stat().st_mode & 0o077 == 0  # generated, private
-        client = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        client["HOME"] = str(tmp_path / "client")
-
-        def submit(env: dict[str, str]) -> Any:
-            return subprocess.run(
-                [str(BIN / "ray"), "job", "submit", "--", "echo", "ran-on-the-head"],
-                env=env, capture_output=True, text=True, timeout=180,
-            )  # fmt: skip
-
-        refused = submit({**client, "RAY_API_SERVER_ADDRESS": exports["RAY_API_SERVER_ADDRESS"]})
-        assert refused.returncode != 0
-        assert "ran-on-the-head" not in refused.stdout
-        ran = submit({**client, **exports})
-        assert ran.returncode == 0, ran.stdout + ran.stderr
-        assert "ran-on-the-head" in ran.stdout
-    finally:
-        _signal_all(_pids_with(temp_dir), signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while _pids_with(temp_dir) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        _signal_all(_pids_with(temp_dir), signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
 def test_token_and_nodes(cluster: Cluster) -> None:
     """Three live nodes with their resources; a client without the token is refused."""
     assert set(cluster.nodes()) == set(NODES)
@@ -336,7 +282,7 @@ def test_train_head_one_worker_per_node(
         "python", "-m", "keeper_train.jobs.train_head",
         "--config", "packages/train/configs/train_head.yaml", "--json", str(results),
         f"embeddings={embedded.out}", f"series={embedded.manifest}", "num_workers=2",
-        "placement_strategy=STRICT_SPREAD", "epochs=2", "patience=2", "baselines=false",
+        "placement_strategy=STRICT_SPREAD", "epochs=1", "baselines=false",
         f"storage={tmp_path / 'ckpt'}", f"tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "ray_address=auto",
     )  # fmt: skip
@@ -456,15 +402,15 @@ def test_serve_replicas_spread_and_survive_a_node(cluster: Cluster, tmp_path: Pa
     cluster.stop(victim)
     t_stop = time.monotonic()
     codes = []
-    while time.monotonic() - t_stop < 30:
+    while time.monotonic() - t_stop < 20:
         codes.append(embed())
         time.sleep(0.5)
     ok = codes.count(200)
     print(f"after stopping {victim}: {ok} of {len(codes)} requests answered 200: {codes}")
     # The app keeps answering: the surviving replicas take the traffic; a request in flight on
-    # the lost node may fail, and none in the last 10 seconds.
+    # the lost node may fail, and none in the last 5 seconds.
     assert ok >= 0.8 * len(codes), codes
-    late = codes[-20:]
+    late = codes[-10:]
     assert late.count(200) == len(late), codes
     assert victim not in cluster.nodes()
     done = cluster.cli("serve", "shutdown", "-y", "--address", cluster.dashboard)

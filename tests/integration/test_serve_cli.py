@@ -92,9 +92,10 @@ def test_keeper_serve_starts_prints_how_to_call_and_stops(tmp_path: Path) -> Non
 
 
 def _serve(
-    args: list[str], tmp_path: Path, timeout: float = 240
+    args: list[str], tmp_path: Path, timeout: float = 240, **extra_env: str
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("KEEPER_API_TOKEN", "RAY_ADDRESS")}
+    env.update(extra_env)
     cmd = [sys.executable, "-m", "keeper_core.cli", "serve", "--ray-address", "local", *args]
     return subprocess.run(
         cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout
@@ -125,7 +126,11 @@ def test_keeper_serve_failed_deployment_is_one_line_and_exit_1(tmp_path: Path) -
     keeper serve with the reason, instead of waiting out the health timeout."""
     args = [f"data_dir={tmp_path / 'data'}", f"aesthetic_config={tmp_path / 'absent.yaml'}"]
     t0 = time.monotonic()
-    r = _serve(["--port", str(free_port()), *args], tmp_path)
+    # Serve gives a replica 3 attempts before the deployment fails (each a replica process that
+    # imports torch); one is enough to see keeper's handling, and saves half a minute.
+    r = _serve(
+        ["--port", str(free_port()), *args], tmp_path, RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT="1"
+    )
     assert r.returncode == 1, r.stderr[-3000:]
     lines = _keeper_lines(r.stderr)
     assert len(lines) == 1, r.stderr[-3000:]
