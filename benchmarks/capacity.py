@@ -567,11 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
-    p.add_argument("--images", type=int, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        args.images = args.e2e_images
+        args.images = args.e2e_images  # what child() reads
         return child(args)
     if args.markdown:
         print(markdown(json.loads(args.markdown.read_text())))

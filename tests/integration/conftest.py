@@ -71,20 +71,13 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
-def _kill_tree(pgid: int, marker: str) -> None:
-    """Stop a `ray start --block` process group (``pgid`` 0: none) and every Ray daemon of its
-    temp dir."""
-    if pgid:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGTERM)
+def _stop_daemons(marker: str) -> None:
+    """Stop every Ray daemon of one temp dir (``ray start`` without --block detaches them)."""
     _signal_all(_pids_with(marker), signal.SIGTERM)
     deadline = time.monotonic() + 15
     while _pids_with(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
     _signal_all(_pids_with(marker), signal.SIGKILL)
-    if pgid:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
 
 
 @dataclass
@@ -149,7 +142,7 @@ def ray_head() -> Iterator[HeadNode]:
         _wait_for_dashboard(head, None, timeout_s=120)
         yield head
     finally:
-        _kill_tree(0, temp_dir)
+        _stop_daemons(temp_dir)
 
 
 def _wait_for_dashboard(

@@ -52,7 +52,6 @@ class Cluster:
     dashboard: str
     token: str
     api_token: str
-    env: dict[str, str]  # the environment the nodes were started with
 
     def client_env(self, *, with_token: bool = True) -> dict[str, str]:
         """A client on another machine: its own HOME (no token file), the token only if given."""
@@ -73,17 +72,17 @@ class Cluster:
             timeout=timeout,
         )
 
-    def submit(self, *entrypoint: str, wait: bool = True, timeout: float = 420) -> Any:
-        extra = [] if wait else ["--no-wait"]
-        sid = f"keeper-{secrets.token_hex(4)}"
-        proc = self.cli(
+    def submit(
+        self, *entrypoint: str, sid: str | None = None, wait: bool = True, timeout: float = 420
+    ) -> Any:
+        """`ray job submit` of the repo as working dir; ``wait=False`` returns once submitted."""
+        return self.cli(
             "ray",
             "job", "submit", "--address", self.dashboard, "--working-dir", ".",
-            "--submission-id", sid, *extra, "--", *entrypoint,
+            "--submission-id", sid or f"keeper-{secrets.token_hex(4)}",
+            *([] if wait else ["--no-wait"]), "--", *entrypoint,
             timeout=timeout,
         )  # fmt: skip
-        proc.submission_id = sid
-        return proc
 
     def job_status(self, sid: str) -> str:
         out = self.cli("ray", "job", "status", sid, "--address", self.dashboard).stdout
@@ -192,7 +191,7 @@ def _start(state: Path) -> Cluster:
     proc = subprocess.run(
         ["bash", str(START)], env=env, capture_output=True, text=True, timeout=300
     )
-    cluster = Cluster(state, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", token, api_token, env)
+    cluster = Cluster(state, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", token, api_token)
     if proc.returncode != 0:
         cluster.stop()
         raise AssertionError(f"start-cluster.sh failed:\n{proc.stdout}\n{proc.stderr}")
@@ -231,13 +230,21 @@ def embedded(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Embe
     return Embedded(manifest, out, _embed(cluster, manifest, out, "concurrency=1"))
 
 
-def _embed(cluster: Cluster, manifest: Path, out: Path, *extra: str, wait: bool = True) -> Any:
+def _embed(
+    cluster: Cluster,
+    manifest: Path,
+    out: Path,
+    *extra: str,
+    sid: str | None = None,
+    wait: bool = True,
+) -> Any:
     return cluster.submit(
         "python", "-m", "keeper_train.jobs.embed",
         "--config", "packages/train/configs/embed.yaml",
         f"input={manifest}", f"output={out}", "ray_address=auto",
         "actor_resources={keeper_gpu_node: 1}", "decode_batch_size=4", "rows_per_file=16",
         *extra,
+        sid=sid,
         wait=wait,
     )  # fmt: skip
 
@@ -300,9 +307,9 @@ def test_worker_node_killed_mid_embed(cluster: Cluster, tmp_path: Path) -> None:
     manifest = generate_corpus(tmp_path / "corpus", n_series=70, seed=4, image_size=(512, 384))
     uris = set(pd.read_csv(manifest)["image_uri"])
     out = tmp_path / "out"
-    job = _embed(cluster, manifest, out, "concurrency=1", wait=False)
+    sid = f"keeper-kill-{secrets.token_hex(4)}"
+    job = _embed(cluster, manifest, out, "concurrency=1", sid=sid, wait=False)
     assert job.returncode == 0, job.stdout + job.stderr
-    sid = job.submission_id
     parts = out / "embeddings"
     deadline = time.monotonic() + 240
     while not (parts.is_dir() and any(parts.glob("*.parquet"))):  # mid-run: a part written
