@@ -9,7 +9,7 @@ DEMO_DIR ?= keeper-demo
 PACKAGES := packages/core packages/train packages/serve
 STAMP := $(VENV)/.keeper-installed
 
-.PHONY: help setup browser demo test lint format bench clean
+.PHONY: help setup browser demo test lint format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-8s\033[0m %s\n", $$1, $$2}'
