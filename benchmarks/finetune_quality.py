@@ -88,6 +88,7 @@ SETTINGS = {
     "hidden": 128,
     "max_shift": 0.0625,
     "flip": True,
+    "readout": "tok",
 }
 
 
@@ -195,6 +196,9 @@ def train_one(
         tower=tower,
     )
     ranker = TunedRanker.build(rc, device="cpu", seed=seed)
+    # open_clip's pooling of the last block's tokens: "tok" (the class token, the model's own
+    # embedding) or "avg" (the mean of the patch tokens; an experiment, see --readout)
+    ranker.model.tower.visual.pool_type = s["readout"]
     if frozen:  # a head over the frozen tower's embedding
         for p in ranker.parts.lora.values():
             p.requires_grad_(False)
@@ -268,6 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--features", choices=["embedding", "embedding+quality"], help="only the rows of these"
     )
+    parser.add_argument(
+        "--readout",
+        choices=["tok", "avg"],
+        default="tok",
+        help="the tower's pooling for every row: tok = the class token (the model's embedding); "
+        "avg = the mean of the patch tokens (docs/finetuning.md section 8)",
+    )
+    parser.add_argument(
+        "--methods", help="only these methods (comma-separated, e.g. frozen,last-blocks+lora)"
+    )
     parser.add_argument("--out", default="benchmarks/results/finetune_quality.json")
     parser.add_argument("--merge", nargs="*", help="merge these per-fold JSON parts into --out")
     args = parser.parse_args(argv)
@@ -275,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         return merge(args.merge, args.out)
     torch.set_num_threads(args.threads)
     SETTINGS["epochs"] = args.epochs
+    SETTINGS["readout"] = args.readout
+    methods = args.methods.split(",") if args.methods else None
     t0 = time.perf_counter()
     df, px, q = prepare_corpus(Path(args.cache), args.series)
     results: dict[str, Any] = {"folds": {}}
@@ -295,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         fold["rows"]["sharpness rule"] = {"test": series_metrics(sharp, best).as_dict()}
         for method, features in ROWS:
             if args.features and features != args.features:
+                continue
+            if methods and method not in methods:
                 continue
             val, tst, trainable, secs = train_one(method, features, data, train_q, seed=0)
             name = f"{method}, {features}"
