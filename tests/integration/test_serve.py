@@ -425,6 +425,7 @@ def test_encoder_skips_the_batch_wait_when_idle_and_batches_when_busy(app: str) 
     mid = handle.batching_stats.remote().result(timeout_s=30)
     assert mid["unbatched_calls"] - before["unbatched_calls"] == 3
     assert mid["forwards"] - before["forwards"] == 3
+    assert mid["forward_s"] > before["forward_s"]
     burst = [handle.embed_pixels.remote(p) for p in px]
     together = [r.result(timeout_s=120) for r in burst]
     after = handle.batching_stats.remote().result(timeout_s=30)

@@ -100,7 +100,12 @@ class EncoderArgs(_Strict):
     """The ClipEncoder's model and dynamic batching (replica counts live in the Serve config)."""
 
     max_batch_size: int = Field(16, ge=1, description="images per forward pass")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(
+        0.01,
+        ge=0,
+        description="under load, how long a batch not full when the model frees up waits for "
+        "more calls (a call that finds the model idle runs at once)",
+    )
     torch_threads: int | None = Field(
         None,
         ge=1,

@@ -2,16 +2,18 @@
 
 One replica holds one CLIP model (keeper_core's ClipEmbedder, the same code ``keeper embed``
 runs). Requests bring already resized uint8 pixels (the ingress decodes), so a replica's
-CPU or GPU time goes to the model. ``@serve.batch`` merges concurrent requests into forward
-passes of up to ``max_batch_size`` images (counted in images, not requests); the forward runs
-on a worker thread so the replica keeps queueing the next batch meanwhile. ``user_config``
+CPU or GPU time goes to the model. Concurrent calls are merged into forward passes of up to
+``max_batch_size`` images (counted in images, not requests) by ``keeper_serve.batcher``'s
+continuous batching: the next batch is formed from every call waiting at the moment the
+previous forward ends, so a loaded replica runs full batches, and a call that finds the model
+idle runs at once (a lone client never pays ``batch_wait_timeout_s``, which only lets a batch
+formed under load wait to fill). The forward runs on a worker thread so the replica keeps
+accepting calls meanwhile; forwards never overlap. ``user_config``
 ``{"max_batch_size": N, "batch_wait_timeout_s": T}`` retunes batching in place.
 
-An idle replica does not wait to fill a batch: a call that finds no other call in the replica
-(running or queued) runs at once, since nothing it could wait for is here. Calls that arrive
-while the model is busy queue in ``@serve.batch`` and fill the next batch as before. So a lone
-client (concurrency 1) no longer pays ``batch_wait_timeout_s`` on every request, and a loaded
-replica batches exactly as it did. Forwards never overlap: one model, one forward at a time.
+Why not ``@serve.batch``: it cuts a batch ``batch_wait_timeout_s`` after its first call whether
+or not the model is busy, and queues the cut batches behind the running one, so under load it
+ran batches of ~3 images while calls waited seconds (docs/benchmarks.md, "Online serving").
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from ray import serve
 
 from keeper_core.embedding import ClipEmbedder
+from keeper_serve.batcher import ContinuousBatcher
 from keeper_serve.config import EncoderArgs
 
 log = logging.getLogger("keeper.serve")
@@ -55,6 +58,29 @@ def batch_tuning(method: object) -> _BatchTuning:
     return cast(_BatchTuning, method)
 
 
+def parse_batch_config(name: str, user_config: dict[str, Any]) -> tuple[int | None, float | None]:
+    """A deployment's batching ``user_config``: (max_batch_size, batch_wait_timeout_s), None where
+    not given.
+
+    Raises:
+        ValueError: an unknown key, a batch size below 1 or a negative wait (Serve keeps the old
+            config).
+    """
+    unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
+    if unknown:
+        raise ValueError(f"{name} user_config: unknown keys {sorted(unknown)}")
+    n = wait = None
+    if "max_batch_size" in user_config:
+        n = int(user_config["max_batch_size"])
+        if n < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {n}")
+    if "batch_wait_timeout_s" in user_config:
+        wait = float(user_config["batch_wait_timeout_s"])
+        if wait < 0:
+            raise ValueError(f"batch_wait_timeout_s must be >= 0, got {wait}")
+    return n, wait
+
+
 def apply_batch_config(name: str, method: object, user_config: dict[str, Any]) -> int | None:
     """A deployment's batching ``user_config`` applied to its ``@serve.batch`` method.
 
@@ -62,19 +88,13 @@ def apply_batch_config(name: str, method: object, user_config: dict[str, Any]) -
         The new ``max_batch_size``, or None when it was not given.
 
     Raises:
-        ValueError: an unknown key or a batch size below 1 (Serve keeps the old config).
+        ValueError: see ``parse_batch_config``.
     """
-    unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
-    if unknown:
-        raise ValueError(f"{name} user_config: unknown keys {sorted(unknown)}")
-    n = None
-    if "max_batch_size" in user_config:
-        n = int(user_config["max_batch_size"])
-        if n < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {n}")
+    n, wait = parse_batch_config(name, user_config)
+    if n is not None:
         batch_tuning(method).set_max_batch_size(n)
-    if "batch_wait_timeout_s" in user_config:
-        batch_tuning(method).set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+    if wait is not None:
+        batch_tuning(method).set_batch_wait_timeout_s(wait)
     return n
 
 
@@ -91,13 +111,10 @@ class ClipEncoder:
             cache_dir=encoder.cache_dir,
         )
         self.max_batch_size = encoder.max_batch_size
-        batching = batch_tuning(self._embed_batch)
-        batching.set_max_batch_size(encoder.max_batch_size)
-        batching.set_batch_wait_timeout_s(encoder.batch_wait_timeout_s)
         self._text_lock = asyncio.Lock()
-        self._model_lock = asyncio.Lock()  # one forward at a time (idle fast path and batches)
-        self._calls = 0  # embed_pixels calls in this replica: running or waiting
-        self._stats = {"calls": 0, "unbatched_calls": 0, "forwards": 0, "images": 0}
+        self.batcher = ContinuousBatcher(
+            self._forward, encoder.max_batch_size, encoder.batch_wait_timeout_s
+        )
         # Warm-up: the first forward pays for allocator and kernel selection, not a client.
         s = self.embedder.clip.image_size
         self.embedder.embed_pixels(np.zeros((1, 3, s, s), np.uint8))
@@ -111,7 +128,8 @@ class ClipEncoder:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, both optional."""
-        n = apply_batch_config("ClipEncoder", self._embed_batch, user_config)
+        n, wait = parse_batch_config("ClipEncoder", user_config)
+        self.batcher.configure(n, wait)
         if n is not None:
             self.max_batch_size = n
             self.embedder.batch_size = n
@@ -129,37 +147,17 @@ class ClipEncoder:
         """(N, 3, S, S) uint8 -> (N, D) float32; N may exceed a batch (split, then batched)."""
         if len(pixels) == 0:
             return np.zeros((0, self.embedder.embed_dim), np.float32)
-        n = self.max_batch_size
-        idle = self._calls == 0
-        self._calls += 1
-        self._stats["calls"] += 1
-        try:
-            if idle and len(pixels) <= n:  # nobody here to batch with: no wait to fill one
-                self._stats["unbatched_calls"] += 1
-                return await self._forward(pixels)
-            parts = await asyncio.gather(
-                *(self._embed_batch(pixels[i : i + n]) for i in range(0, len(pixels), n))
-            )
-            return np.concatenate(parts)
-        finally:
-            self._calls -= 1
+        return await self.batcher.submit(pixels)
 
     async def _forward(self, pixels: np.ndarray) -> np.ndarray:
-        async with self._model_lock:
-            out: np.ndarray = await asyncio.to_thread(self.embedder.embed_pixels, pixels)
-        self._stats["forwards"] += 1
-        self._stats["images"] += len(pixels)
+        out: np.ndarray = await asyncio.to_thread(self.embedder.embed_pixels, pixels)
         return out
 
-    def batching_stats(self) -> dict[str, int]:
-        """This replica's image calls, those that skipped the batch wait, forwards and images."""
-        return dict(self._stats)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01, batch_size_fn=_images)
-    async def _embed_batch(self, items: list[np.ndarray]) -> list[np.ndarray]:
-        sizes = [len(x) for x in items]
-        emb = await self._forward(np.concatenate(items))
-        return np.split(emb, np.cumsum(sizes)[:-1])
+    def batching_stats(self) -> dict[str, float]:
+        """This replica's image calls (a call larger than a batch counts once per chunk), those
+        that found the model idle and ran at once, forwards, images, and the seconds its forwards
+        took (normalising and the model, on a worker thread)."""
+        return self.batcher.stats.as_dict()
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> (N, D); repeats (prompt sets) come from the embedder's LRU cache."""

@@ -1,0 +1,191 @@
+"""Continuous batching for one model: a batch is formed when the model is free, not on a timer.
+
+``@serve.batch`` (Ray 2.60) cuts a batch ``batch_wait_timeout_s`` after its first call whether or
+not the model is busy, and queues the cut batches behind the running one: under load an encoder
+ran batches of ~3 images from the last 50 ms while calls waited seconds behind them (measured with
+``benchmarks/serve.py --breakdown``: 3.25 images a forward at concurrency 32, batch limit 16). Here
+calls wait in one queue and the next batch takes everything waiting (up to ``max_images``, in
+arrival order) at the moment the previous forward ends, so a loaded replica runs full batches.
+
+- A call that finds the model idle and nobody queued runs at once: nothing it could wait for is
+  here, so a lone client never pays a batch wait.
+- A batch formed right after a forward that is not full waits up to ``wait_s`` for more calls
+  (load is evidently here); 0 takes what is there.
+- A call larger than ``max_images`` is split into chunks that batch like separate calls.
+- Forwards never overlap; a forward that raises fails every call in its batch, and the next
+  batch runs. A caller that went away (cancelled) is dropped before its batch runs.
+
+No Ray here: the encoder replica owns one ``ContinuousBatcher`` on its event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class _Call:
+    items: np.ndarray
+    future: asyncio.Future[np.ndarray]
+
+
+@dataclass
+class BatchStats:
+    """Counters since start: calls (chunks count as calls), those that found the model idle,
+    forwards, images and the seconds the forwards took."""
+
+    calls: int = 0
+    unbatched_calls: int = 0
+    forwards: int = 0
+    images: int = 0
+    forward_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "calls": self.calls,
+            "unbatched_calls": self.unbatched_calls,
+            "forwards": self.forwards,
+            "images": self.images,
+            "forward_s": self.forward_s,
+        }
+
+
+class ContinuousBatcher:
+    """``await batcher.submit(items)`` -> the forward's rows for ``items`` (same order).
+
+    Args:
+        forward: runs the model on a batch, (N, ...) -> (N, ...); awaited one at a time.
+        max_images: the most rows in one forward (>= 1).
+        wait_s: how long a batch formed under load waits to fill (0: not at all).
+    """
+
+    def __init__(
+        self,
+        forward: Callable[[np.ndarray], Awaitable[np.ndarray]],
+        max_images: int,
+        wait_s: float = 0.0,
+    ) -> None:
+        self.forward = forward
+        self.max_images, self.wait_s = 1, 0.0
+        self.configure(max_images, wait_s)
+        self.stats = BatchStats()
+        self._queue: deque[_Call] = deque()
+        self._arrived: asyncio.Event | None = None  # made on the event loop that submits
+        self._worker: asyncio.Task[None] | None = None
+        self._busy = False
+
+    def configure(self, max_images: int | None = None, wait_s: float | None = None) -> None:
+        """Change the batch limit and the fill wait in place (the next batch uses them).
+
+        Raises:
+            ValueError: ``max_images`` below 1 or a negative ``wait_s``.
+        """
+        if max_images is not None:
+            if max_images < 1:
+                raise ValueError(f"max_batch_size must be >= 1, got {max_images}")
+            self.max_images = int(max_images)
+        if wait_s is not None:
+            if wait_s < 0:
+                raise ValueError(f"batch_wait_timeout_s must be >= 0, got {wait_s}")
+            self.wait_s = float(wait_s)
+
+    async def submit(self, items: np.ndarray) -> np.ndarray:
+        """Queue ``items`` (N rows) and return their N output rows once their batch has run."""
+        n = self.max_images
+        if len(items) > n:
+            parts = await asyncio.gather(
+                *(self.submit(items[i : i + n]) for i in range(0, len(items), n))
+            )
+            return np.concatenate(parts)
+        loop = asyncio.get_running_loop()
+        if self._arrived is None:
+            self._arrived = asyncio.Event()
+        self.stats.calls += 1
+        if not self._busy and not self._queue:
+            self.stats.unbatched_calls += 1
+        call = _Call(items, loop.create_future())
+        self._queue.append(call)
+        self._arrived.set()
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._run())
+        return await call.future
+
+    def _take(self, room: int) -> list[_Call]:
+        """Calls from the head of the queue while they fit in ``room`` rows (order kept; callers
+        that went away are dropped)."""
+        taken: list[_Call] = []
+        while self._queue:
+            call = self._queue[0]
+            if call.future.done():  # cancelled by its caller
+                self._queue.popleft()
+                continue
+            if len(call.items) > room:
+                break
+            taken.append(self._queue.popleft())
+            room -= len(call.items)
+        return taken
+
+    async def _fill(self, batch: list[_Call]) -> list[_Call]:
+        """Under load: wait up to ``wait_s`` for calls that complete ``batch``."""
+        assert self._arrived is not None
+        deadline = time.monotonic() + self.wait_s
+        while (room := self.max_images - sum(len(c.items) for c in batch)) > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not self._queue:
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), left)
+            more = self._take(room)
+            if not more and self._queue:  # the next call does not fit: as full as it gets
+                break
+            batch.extend(more)
+        return [c for c in batch if not c.future.done()]
+
+    async def _run(self) -> None:
+        assert self._arrived is not None
+        under_load = False
+        while True:
+            if not self._queue:
+                under_load = False
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch = self._take(self.max_images)
+            if batch and under_load and self.wait_s > 0:
+                batch = await self._fill(batch)
+            if not batch:
+                continue
+            self._busy = True
+            try:
+                await self._run_batch(batch)
+            finally:
+                self._busy = False
+            under_load = bool(self._queue)
+
+    async def _run_batch(self, batch: list[_Call]) -> None:
+        sizes = [len(c.items) for c in batch]
+        t0 = time.perf_counter()
+        try:
+            out = await self.forward(np.concatenate([c.items for c in batch]))
+            if len(out) != sum(sizes):
+                raise RuntimeError(f"forward returned {len(out)} rows for {sum(sizes)} inputs")
+        except Exception as e:  # every caller of this batch gets the error; the loop goes on
+            for c in batch:
+                if not c.future.done():
+                    c.future.set_exception(e)
+            return
+        finally:
+            self.stats.forward_s += time.perf_counter() - t0
+        self.stats.forwards += 1
+        self.stats.images += sum(sizes)
+        for c, rows in zip(batch, np.split(out, np.cumsum(sizes)[:-1]), strict=True):
+            if not c.future.done():
+                c.future.set_result(rows)
