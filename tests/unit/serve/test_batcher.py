@@ -173,3 +173,31 @@ def test_bad_limits_at_construction() -> None:
 
     with pytest.raises(ValueError, match="max_batch_size"):
         ContinuousBatcher(forward, max_images=0)
+
+
+def test_list_rows_batch_like_arrays() -> None:
+    """The VLM's calls are lists of (image, query) pairs; its forward returns one float each."""
+
+    async def main() -> None:
+        sizes: list[int] = []
+        gate = asyncio.Event()
+
+        async def judge(pairs: list[tuple[str, str]]) -> list[float]:
+            sizes.append(len(pairs))
+            await gate.wait()
+            return [float(len(im) + len(q)) for im, q in pairs]
+
+        b = ContinuousBatcher(judge, max_images=4)
+        first = asyncio.ensure_future(b.submit([("a", "q")]))
+        await asyncio.sleep(0)
+        big = asyncio.ensure_future(b.submit([("bb", "q"), ("ccc", "q"), ("d", "qq")]))
+        small = asyncio.ensure_future(b.submit([("eeeee", "")]))
+        await asyncio.sleep(0)
+        gate.set()
+        assert await first == [2.0]
+        assert await asyncio.wait_for(big, 5) == [3.0, 4.0, 3.0]
+        assert await asyncio.wait_for(small, 5) == [5.0]
+        assert sizes == [1, 4]  # both waiting calls in one forward, each given its own rows
+        assert await b.submit([(str(i), "") for i in range(6)]) == [1.0] * 6  # split 4 + 2
+
+    asyncio.run(main())

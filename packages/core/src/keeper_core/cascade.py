@@ -435,7 +435,7 @@ def run_cascade(
             empty); it returns their ``S_vlm`` in [0, 1], e.g. VQAScore's
             ``P(yes) / (P(yes) + P(no))``, or ``VlmScores`` naming candidates it could not
             judge (they leave at this stage, ``vlm_failed: <why>``). Batching is the callback's business (a Serve
-            handle's ``@serve.batch``, a Ray Data map): the cascade hands it the whole budget
+            replica's batcher, a Ray Data map): the cascade hands it the whole budget
             at once so it can fill its batches.
 
     Returns:

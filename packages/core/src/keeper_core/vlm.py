@@ -160,7 +160,7 @@ class VlmJudge:
     a judge may be shared by threads, but calls never run in parallel: the fast tokenizer's
     padding state is not safe to mutate concurrently, and one forward already uses every core or
     the whole GPU. A Serve replica should gather concurrent requests into one call
-    (``@serve.batch``) rather than rely on concurrency.
+    (keeper_serve's batcher) rather than rely on concurrency.
 
     Attributes:
         config: what was asked for.

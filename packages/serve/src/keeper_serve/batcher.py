@@ -15,7 +15,10 @@ arrival order) at the moment the previous forward ends, so a loaded replica runs
 - Forwards never overlap; a forward that raises fails every call in its batch, and the next
   batch runs. A caller that went away (cancelled) is dropped before its batch runs.
 
-No Ray here: the encoder replica owns one ``ContinuousBatcher`` on its event loop.
+Items are rows of a numpy array (the encoder's pixels) or of a list (the VLM's (image, query)
+pairs): a batch is their concatenation, and the forward returns one output row per input row.
+
+No Ray here: each replica (ClipEncoder, VlmJudge) owns one ``ContinuousBatcher`` on its event loop.
 """
 
 from __future__ import annotations
@@ -24,16 +27,36 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+#: A call's rows: a numpy array (N, ...) or a list of N items.
+Rows = Any
+
+
+def join(parts: Sequence[Rows]) -> Rows:
+    """Rows of several calls (or outputs) end to end, keeping their kind."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    return [row for part in parts for row in part]
+
+
+def split(rows: Rows, sizes: Sequence[int]) -> list[Rows]:
+    """``rows`` cut into consecutive parts of ``sizes`` rows."""
+    out, start = [], 0
+    for n in sizes:
+        out.append(rows[start : start + n])
+        start += n
+    return out
 
 
 @dataclass
 class _Call:
-    items: np.ndarray
-    future: asyncio.Future[np.ndarray]
+    items: Rows
+    future: asyncio.Future[Rows]
 
 
 @dataclass
@@ -68,7 +91,7 @@ class ContinuousBatcher:
 
     def __init__(
         self,
-        forward: Callable[[np.ndarray], Awaitable[np.ndarray]],
+        forward: Callable[[Rows], Awaitable[Rows]],
         max_images: int,
         wait_s: float = 0.0,
     ) -> None:
@@ -96,14 +119,14 @@ class ContinuousBatcher:
                 raise ValueError(f"batch_wait_timeout_s must be >= 0, got {wait_s}")
             self.wait_s = float(wait_s)
 
-    async def submit(self, items: np.ndarray) -> np.ndarray:
+    async def submit(self, items: Rows) -> Rows:
         """Queue ``items`` (N rows) and return their N output rows once their batch has run."""
         n = self.max_images
         if len(items) > n:
             parts = await asyncio.gather(
                 *(self.submit(items[i : i + n]) for i in range(0, len(items), n))
             )
-            return np.concatenate(parts)
+            return join(parts)
         loop = asyncio.get_running_loop()
         if self._arrived is None:
             self._arrived = asyncio.Event()
@@ -174,7 +197,7 @@ class ContinuousBatcher:
         sizes = [len(c.items) for c in batch]
         t0 = time.perf_counter()
         try:
-            out = await self.forward(np.concatenate([c.items for c in batch]))
+            out = await self.forward(join([c.items for c in batch]))
             if len(out) != sum(sizes):
                 raise RuntimeError(f"forward returned {len(out)} rows for {sum(sizes)} inputs")
         except Exception as e:  # every caller of this batch gets the error; the loop goes on
@@ -186,6 +209,6 @@ class ContinuousBatcher:
             self.stats.forward_s += time.perf_counter() - t0
         self.stats.forwards += 1
         self.stats.images += sum(sizes)
-        for c, rows in zip(batch, np.split(out, np.cumsum(sizes)[:-1]), strict=True):
+        for c, rows in zip(batch, split(out, sizes), strict=True):
             if not c.future.done():
                 c.future.set_result(rows)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Any, Protocol, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,19 +45,6 @@ def torch_threads(requested: int | None) -> int:
     return max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
 
 
-class _BatchTuning(Protocol):
-    """The setters ``@serve.batch`` attaches to the method it wraps (its stubs omit them)."""
-
-    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
-
-    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
-
-
-def batch_tuning(method: object) -> _BatchTuning:
-    """A ``@serve.batch`` method's batch-size and wait setters, typed."""
-    return cast(_BatchTuning, method)
-
-
 def parse_batch_config(name: str, user_config: dict[str, Any]) -> tuple[int | None, float | None]:
     """A deployment's batching ``user_config``: (max_batch_size, batch_wait_timeout_s), None where
     not given.
@@ -79,23 +66,6 @@ def parse_batch_config(name: str, user_config: dict[str, Any]) -> tuple[int | No
         if wait < 0:
             raise ValueError(f"batch_wait_timeout_s must be >= 0, got {wait}")
     return n, wait
-
-
-def apply_batch_config(name: str, method: object, user_config: dict[str, Any]) -> int | None:
-    """A deployment's batching ``user_config`` applied to its ``@serve.batch`` method.
-
-    Returns:
-        The new ``max_batch_size``, or None when it was not given.
-
-    Raises:
-        ValueError: see ``parse_batch_config``.
-    """
-    n, wait = parse_batch_config(name, user_config)
-    if n is not None:
-        batch_tuning(method).set_max_batch_size(n)
-    if wait is not None:
-        batch_tuning(method).set_batch_wait_timeout_s(wait)
-    return n
 
 
 @serve.deployment

@@ -3,9 +3,10 @@
 One replica holds one ``keeper_core.vlm.VlmJudge`` (the code ``keeper select`` runs too): the
 relevance of an image to a query is VQAScore's ``P(yes) / (P(yes) + P(no))`` from next-token
 logits. The ingress sends only the candidates that survived the cascade's cheap stages, as
-uint8 RGB arrays already downscaled to ``vlm.max_image_side``. ``@serve.batch`` merges the pairs
-of concurrent requests (different queries may share a forward pass) into batches of up to
-``max_batch_size``; the forward runs on a worker thread so the replica keeps queueing meanwhile.
+uint8 RGB arrays already downscaled to ``vlm.max_image_side``. ``keeper_serve.batcher``'s
+continuous batching merges the pairs of concurrent requests (different queries may share a forward
+pass) into batches of up to ``max_batch_size``, formed when the model frees up, as the encoder's
+are; the forward runs on a worker thread so the replica keeps accepting calls meanwhile.
 
 It is its own deployment so that a burst of ``/v1/select`` scales VLM replicas (their own
 autoscaling, their own ``num_gpus``, fractional where a GPU is shared) without scaling the CLIP
@@ -25,8 +26,9 @@ from ray import serve
 
 from keeper_core.vlm import VlmConfig, load_vlm
 from keeper_core.vlm import VlmJudge as CoreJudge
+from keeper_serve.batcher import ContinuousBatcher
 from keeper_serve.config import VlmArgs
-from keeper_serve.encoder import apply_batch_config, batch_tuning, torch_threads
+from keeper_serve.encoder import parse_batch_config, torch_threads
 
 log = logging.getLogger("keeper.serve")
 
@@ -47,6 +49,9 @@ class VlmJudge:
     def __init__(self, args: VlmArgs) -> None:
         self.args = args
         self.judge: CoreJudge | None = None
+        self.batcher = ContinuousBatcher(
+            self._judge, args.max_batch_size, args.batch_wait_timeout_s
+        )
         if args.source is None:
             log.info("VlmJudge: no vlm.source configured; /v1/select runs without a VLM stage")
             return
@@ -60,14 +65,11 @@ class VlmJudge:
             ),
             cache_dir=args.cache_dir,
         )
-        batching = batch_tuning(self._judge_batch)
-        batching.set_max_batch_size(args.max_batch_size)
-        batching.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
         log.info("VlmJudge ready: %s", self.judge.describe())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, both optional."""
-        apply_batch_config("VlmJudge", self._judge_batch, user_config)
+        self.batcher.configure(*parse_batch_config("VlmJudge", user_config))
 
     def info(self) -> dict[str, Any]:
         """What judges: always the same keys; ``status`` "ready" or "disabled" (all else null)."""
@@ -84,7 +86,7 @@ class VlmJudge:
         """
         if self.judge is None:
             raise RuntimeError("no VLM is configured (vlm.source is null)")
-        scores = await asyncio.gather(*(self._judge_batch((im, query)) for im in images))
+        scores = await self.batcher.submit([(im, query) for im in images]) if images else []
         return np.asarray(scores, dtype=np.float32)
 
     async def rationale(self, image: np.ndarray, query: str) -> str:
@@ -98,8 +100,7 @@ class VlmJudge:
         im = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
         return await asyncio.to_thread(self.judge.rationale, im, query)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _judge_batch(self, items: list[tuple[np.ndarray, str]]) -> list[float]:
+    async def _judge(self, items: list[tuple[np.ndarray, str]]) -> list[float]:
         assert self.judge is not None  # relevance() checked
         judge = self.judge
         images = [
