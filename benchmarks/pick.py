@@ -64,7 +64,7 @@ import numpy as np
 import pandas as pd
 
 # benchmarks/ is sys.path[0] when this runs as a script: embed.py's CPU accounting and machine.
-from embed import CpuMonitor, machine_info
+from embed import CpuMonitor, disturbance, machine_info
 
 from keeper_core import storage
 from keeper_core.grouping import pairwise_scores
@@ -183,9 +183,9 @@ def cost(
         best_uri = ""
         for attempt in range(1, args.attempts + 1):
             r, uri = timed_run(i, kind, attempt, library, runs, mon, args)
-            share = r["cpu"]["foreign_share"]
+            share = disturbance(r["cpu"])
             # Contention only ever slows a run down: the least disturbed attempt is kept.
-            if best is None or share < best["cpu"]["foreign_share"]:
+            if best is None or share < disturbance(best["cpu"]):
                 best, best_uri = r, uri
             if share <= args.quiet:
                 break
