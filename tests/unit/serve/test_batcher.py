@@ -201,3 +201,18 @@ def test_list_rows_batch_like_arrays() -> None:
         assert await b.submit([(str(i), "") for i in range(6)]) == [1.0] * 6  # split 4 + 2
 
     asyncio.run(main())
+
+
+def test_user_config_is_checked_whole_before_anything_changes() -> None:
+    async def forward(x: np.ndarray) -> np.ndarray:
+        return x
+
+    b = ContinuousBatcher(forward, max_images=16, wait_s=0.05)
+    with pytest.raises(ValueError, match=r"ClipEncoder user_config: unknown keys \['batch'\]"):
+        b.apply_user_config("ClipEncoder", {"batch": 4})
+    with pytest.raises(ValueError, match="batch_wait_timeout_s must be >= 0"):
+        b.apply_user_config("ClipEncoder", {"max_batch_size": 4, "batch_wait_timeout_s": -1})
+    assert (b.max_images, b.wait_s) == (16, 0.05)  # the refused config changed nothing
+    assert b.apply_user_config("ClipEncoder", {"max_batch_size": "8"}) == 8
+    assert b.apply_user_config("ClipEncoder", {"batch_wait_timeout_s": 0}) is None
+    assert (b.max_images, b.wait_s) == (8, 0.0)

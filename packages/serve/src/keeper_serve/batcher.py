@@ -105,19 +105,37 @@ class ContinuousBatcher:
         self._busy = False
 
     def configure(self, max_images: int | None = None, wait_s: float | None = None) -> None:
-        """Change the batch limit and the fill wait in place (the next batch uses them).
+        """Change the batch limit and the fill wait in place (the next batch uses them); both are
+        checked before either changes.
 
         Raises:
             ValueError: ``max_images`` below 1 or a negative ``wait_s``.
         """
+        if max_images is not None and max_images < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_images}")
+        if wait_s is not None and wait_s < 0:
+            raise ValueError(f"batch_wait_timeout_s must be >= 0, got {wait_s}")
         if max_images is not None:
-            if max_images < 1:
-                raise ValueError(f"max_batch_size must be >= 1, got {max_images}")
             self.max_images = int(max_images)
         if wait_s is not None:
-            if wait_s < 0:
-                raise ValueError(f"batch_wait_timeout_s must be >= 0, got {wait_s}")
             self.wait_s = float(wait_s)
+
+    def apply_user_config(self, name: str, user_config: dict[str, Any]) -> int | None:
+        """A deployment's ``user_config`` ``{"max_batch_size": N, "batch_wait_timeout_s": T}``
+        (both optional) applied in place; returns the new batch size, or None if not given.
+
+        Raises:
+            ValueError: an unknown key or a value ``configure`` refuses (nothing changes, and
+                Serve keeps the old config).
+        """
+        unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
+        if unknown:
+            raise ValueError(f"{name} user_config: unknown keys {sorted(unknown)}")
+        n = user_config.get("max_batch_size")
+        wait = user_config.get("batch_wait_timeout_s")
+        n = None if n is None else int(n)
+        self.configure(n, None if wait is None else float(wait))
+        return n
 
     async def submit(self, items: Rows) -> Rows:
         """Queue ``items`` (N rows) and return their N output rows once their batch has run."""

@@ -45,29 +45,6 @@ def torch_threads(requested: int | None) -> int:
     return max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
 
 
-def parse_batch_config(name: str, user_config: dict[str, Any]) -> tuple[int | None, float | None]:
-    """A deployment's batching ``user_config``: (max_batch_size, batch_wait_timeout_s), None where
-    not given.
-
-    Raises:
-        ValueError: an unknown key, a batch size below 1 or a negative wait (Serve keeps the old
-            config).
-    """
-    unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
-    if unknown:
-        raise ValueError(f"{name} user_config: unknown keys {sorted(unknown)}")
-    n = wait = None
-    if "max_batch_size" in user_config:
-        n = int(user_config["max_batch_size"])
-        if n < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {n}")
-    if "batch_wait_timeout_s" in user_config:
-        wait = float(user_config["batch_wait_timeout_s"])
-        if wait < 0:
-            raise ValueError(f"batch_wait_timeout_s must be >= 0, got {wait}")
-    return n, wait
-
-
 @serve.deployment
 class ClipEncoder:
     def __init__(self, clip_model: str, encoder: EncoderArgs) -> None:
@@ -98,8 +75,7 @@ class ClipEncoder:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, both optional."""
-        n, wait = parse_batch_config("ClipEncoder", user_config)
-        self.batcher.configure(n, wait)
+        n = self.batcher.apply_user_config("ClipEncoder", user_config)
         if n is not None:
             self.max_batch_size = n
             self.embedder.batch_size = n

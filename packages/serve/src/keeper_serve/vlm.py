@@ -28,7 +28,7 @@ from keeper_core.vlm import VlmConfig, load_vlm
 from keeper_core.vlm import VlmJudge as CoreJudge
 from keeper_serve.batcher import ContinuousBatcher
 from keeper_serve.config import VlmArgs
-from keeper_serve.encoder import parse_batch_config, torch_threads
+from keeper_serve.encoder import torch_threads
 
 log = logging.getLogger("keeper.serve")
 
@@ -69,7 +69,7 @@ class VlmJudge:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, both optional."""
-        self.batcher.configure(*parse_batch_config("VlmJudge", user_config))
+        self.batcher.apply_user_config("VlmJudge", user_config)
 
     def info(self) -> dict[str, Any]:
         """What judges: always the same keys; ``status`` "ready" or "disabled" (all else null)."""
