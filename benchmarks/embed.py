@@ -196,14 +196,20 @@ class CpuMonitor:
         return time.perf_counter() - t0
 
     def measure(
-        self, name: str, fn: Callable[[], dict[str, Any]], threshold: float, attempts: int
+        self,
+        name: str,
+        fn: Callable[[], dict[str, Any]],
+        threshold: float,
+        attempts: int,
+        max_wait: float = 300.0,
     ) -> dict[str, Any]:
-        """``fn()`` with its CPU accounting, in a quiet moment; again while others took more
-        than ``threshold`` of the CPUs during it, ``attempts`` times at most. The least disturbed
-        attempt is kept: contention only ever slows a measurement down."""
+        """``fn()`` with its CPU accounting, in a quiet moment (waiting up to ``max_wait`` s for
+        one; 0: not at all); again while others took more than ``threshold`` of the CPUs during
+        it, ``attempts`` times at most. The least disturbed attempt is kept: contention only ever
+        slows a measurement down."""
         best: dict[str, Any] | None = None
         for attempt in range(1, attempts + 1):
-            waited = self.wait_quiet(threshold, max_wait=300)
+            waited = self.wait_quiet(threshold, max_wait) if max_wait > 0 else 0.0
             res: dict[str, Any] = {}
             with self.section(res):
                 res.update(fn())

@@ -74,7 +74,7 @@ import numpy as np
 import torch
 
 # benchmarks/ is sys.path[0] when this runs as a script: embed.py's CpuMonitor and machine_info.
-from embed import CORES, CpuMonitor, disturbance, machine_info
+from embed import CORES, CpuMonitor, machine_info
 from pydantic import BaseModel
 
 from keeper_core.embedding import ClipEmbedder
@@ -555,18 +555,20 @@ def bench_server(
             k: round(float(np.dot(vec, ref)), 4) for k, ref in reference.items()
         }
     log_dir = serve_log_dir() if name == "keeper" and args.breakdown else None
+
+    def run(c: int) -> dict[str, Any]:
+        """One closed-loop attempt; with --breakdown, the hops of this attempt's requests."""
+        if log_dir is None:
+            return closed_loop(url, headers, bodies, c, args.warmup, args.duration)
+        since, stats0 = log_offsets(log_dir), encoder_stats()
+        r = closed_loop(url, headers, bodies, c, args.warmup, args.duration)
+        r["hops"] = hop_breakdown(log_dir, since)
+        r["hops"]["encoder_forwards"] = forward_breakdown(stats0, encoder_stats())
+        return r
+
     for c in args.concurrency:
-        since = log_offsets(log_dir) if log_dir else {}
-        stats0 = encoder_stats() if log_dir else {}
-        r = measure(
-            mon,
-            f"{name} c={c}",
-            lambda c=c: closed_loop(url, headers, bodies, c, args.warmup, args.duration),
-            args,
-        )
+        r = measure(mon, f"{name} c={c}", lambda c=c: run(c), args)
         if log_dir:
-            r["hops"] = hop_breakdown(log_dir, since)
-            r["hops"]["encoder_forwards"] = forward_breakdown(stats0, encoder_stats())
             print(f"  {name:12s} c={c:3d}: hops {r['hops']}", flush=True)
         res["by_concurrency"][str(c)] = r
         print(
@@ -585,26 +587,9 @@ def bench_server(
 def measure(
     mon: CpuMonitor, name: str, fn: Callable[[], dict[str, Any]], args: argparse.Namespace
 ) -> dict[str, Any]:
-    """``fn()`` in a quiet moment, repeated while others took > --quiet of the CPUs (the least
-    disturbed attempt is kept: contention only ever slows a measurement down)."""
-    best: dict[str, Any] | None = None
-    for attempt in range(1, args.attempts + 1):
-        waited = mon.wait_quiet(args.quiet, args.quiet_wait) if args.quiet_wait > 0 else 0.0
-        res: dict[str, Any] = {}
-        with mon.section(res):
-            res.update(fn())
-        res["cpu"].update(attempt=attempt, waited_for_quiet_s=round(waited, 1))
-        share = disturbance(res["cpu"])
-        if best is None or share < disturbance(best["cpu"]):
-            best = res
-        if share <= args.quiet:
-            break
-        print(
-            f"  ({name}: other processes and steal took {share:.0%} of the CPUs meanwhile)",
-            flush=True,
-        )
-    assert best is not None
-    return best
+    """``fn()`` with embed.py's quiet-machine rules, from this script's --quiet, --attempts and
+    --quiet-wait."""
+    return mon.measure(name, fn, args.quiet, args.attempts, args.quiet_wait)
 
 
 ROW_NAMES = {
