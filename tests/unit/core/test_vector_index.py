@@ -1,6 +1,6 @@
 """keeper_core.vector_index: recall against exact search, incremental adds, refusals, round trips.
 
-The ANN builds on 20k x 512 are the slow part (~10-20 s each on one thread), so each is made
+The ANN builds on 8k x 512 are the slow part (~5 s each on one thread), so each is made
 once per module and shared.
 """
 
@@ -21,7 +21,7 @@ from keeper_core.vector_index import (
     estimate_memory_bytes,
 )
 
-D, N, Q, K = 512, 20_000, 200, 10
+D, N, Q, K = 512, 8_000, 200, 10
 SPEC = "ViT-B-32:laion2b_s34b_b79k"
 
 
@@ -72,11 +72,11 @@ def test_ann_recall_at_10_vs_exact(ann: VectorIndex, data: tuple) -> None:
 
 def test_incremental_add_keeps_recall(data: tuple) -> None:
     x, q, truth = data
-    index = build(x[:15_000], names(15_000), model_spec=SPEC, params=IndexParams(backend="faiss"))
-    index.add(x[15_000:], names(5_000, start=15_000))
+    index = build(x[:6_000], names(6_000), model_spec=SPEC, params=IndexParams(backend="faiss"))
+    index.add(x[6_000:], names(2_000, start=6_000))
     assert len(index) == N
     r = recall(index.search(q, K, model_spec=SPEC).ids, truth, names(N))
-    assert r >= 0.95, f"recall@10 after adding 5k to 15k: {r:.3f}"
+    assert r >= 0.95, f"recall@10 after adding 2k to 6k: {r:.3f}"
     assert index.meta.updated_at >= index.meta.built_at
 
 
