@@ -37,7 +37,7 @@ def test_keeper_serve_starts_prints_how_to_call_and_stops(tmp_path: Path) -> Non
     env = {k: v for k, v in os.environ.items() if k not in ("KEEPER_API_TOKEN", "RAY_ADDRESS")}
     cmd = [
         sys.executable, "-m", "keeper_core.cli", "serve", "--port", str(port),
-        "--ray-address", "local", f"data_dir={tmp_path / 'data'}",
+        "--ray-address", "local", f"data_dir={tmp_path / 'data'}", "ranker.poll_s=2",
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -71,7 +71,7 @@ def test_keeper_serve_starts_prints_how_to_call_and_stops(tmp_path: Path) -> Non
         assert ranker["status"] == "unavailable"  # no champion in a fresh store: said, not hidden
         assert "keeper-ranker" in str(ranker["error"])
         # ... once, in one line on the terminal, and not again at every registry poll.
-        time.sleep(12)  # > 2 polls (poll_s 5)
+        time.sleep(5)  # > 2 polls (poll_s 2)
         text = log.read_text(errors="replace")
         notes = [ln for ln in text.splitlines() if "no ranker loaded" in ln]
         assert len(notes) == 1, text[-3000:]
