@@ -608,8 +608,8 @@ def test_embed_stage_sets_model_threads() -> None:
 
     before = torch.get_num_threads()
     try:
-        EmbedStage(SPEC, 8, threads=1)
-        assert torch.get_num_threads() == 1
+        for n in (1, 2):  # as seen by the thread that runs the stage's forwards
+            assert EmbedStage(SPEC, 8, threads=n).torch_thread.call(torch.get_num_threads) == n
     finally:
         torch.set_num_threads(before)
 
@@ -622,7 +622,8 @@ def test_embed_stage_cpu_only_threads_share_the_node() -> None:
     before = torch.get_num_threads()
     try:
         stage = EmbedStage(SPEC, 8, node_actors=1)
-        assert stage.threads == node_cores() == torch.get_num_threads()
+        # Set on, and seen by, the thread that runs the stage's forwards.
+        assert stage.threads == node_cores() == stage.torch_thread.call(torch.get_num_threads)
         stage = EmbedStage(SPEC, 8, node_actors=node_cores() + 1)
         assert stage.threads == 1
     finally:

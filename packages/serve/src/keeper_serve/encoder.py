@@ -7,8 +7,10 @@ CPU or GPU time goes to the model. Concurrent calls are merged into forward pass
 continuous batching: the next batch is formed from every call waiting at the moment the
 previous forward ends, so a loaded replica runs full batches, and a call that finds the model
 idle runs at once (a lone client never pays ``batch_wait_timeout_s``, which only lets a batch
-formed under load wait to fill). The forward runs on a worker thread so the replica keeps
-accepting calls meanwhile; forwards never overlap. ``user_config``
+formed under load wait to fill). The model is loaded, warmed up and run on one thread of its own
+(``keeper_core.torch_thread``: a model loaded on one thread and run on others ran a batch-1
+forward ~50 % slower on 2 cores), so the replica keeps accepting calls meanwhile; forwards never
+overlap. ``user_config``
 ``{"max_batch_size": N, "batch_wait_timeout_s": T}`` retunes batching in place.
 
 Why not ``@serve.batch``: it cuts a batch ``batch_wait_timeout_s`` after its first call whether
@@ -28,6 +30,7 @@ import torch
 from ray import serve
 
 from keeper_core.embedding import ClipEmbedder
+from keeper_core.torch_thread import TorchThread
 from keeper_serve.batcher import ContinuousBatcher
 from keeper_serve.config import EncoderArgs
 
@@ -48,23 +51,13 @@ def torch_threads(requested: int | None) -> int:
 @serve.deployment
 class ClipEncoder:
     def __init__(self, clip_model: str, encoder: EncoderArgs) -> None:
-        if not torch.cuda.is_available() or encoder.device == "cpu":
-            torch.set_num_threads(torch_threads(encoder.torch_threads))
-        self.embedder = ClipEmbedder(
-            clip_model,
-            device=encoder.device,
-            batch_size=encoder.max_batch_size,
-            text_cache_size=encoder.text_cache_size,
-            cache_dir=encoder.cache_dir,
-        )
+        self.torch_thread = TorchThread("clip")  # every torch call of this replica runs here
+        self.embedder = self.torch_thread.call(self._load, clip_model, encoder)
         self.max_batch_size = encoder.max_batch_size
         self._text_lock = asyncio.Lock()
         self.batcher = ContinuousBatcher(
             self._forward, encoder.max_batch_size, encoder.batch_wait_timeout_s
         )
-        # Warm-up: the first forward pays for allocator and kernel selection, not a client.
-        s = self.embedder.clip.image_size
-        self.embedder.embed_pixels(np.zeros((1, 3, s, s), np.uint8))
         log.info(
             "ClipEncoder ready: %s on %s, %d torch threads, batch <= %d",
             self.embedder.spec,
@@ -72,6 +65,22 @@ class ClipEncoder:
             torch.get_num_threads(),
             self.max_batch_size,
         )
+
+    @staticmethod
+    def _load(clip_model: str, encoder: EncoderArgs) -> ClipEmbedder:
+        if not torch.cuda.is_available() or encoder.device == "cpu":
+            torch.set_num_threads(torch_threads(encoder.torch_threads))
+        embedder = ClipEmbedder(
+            clip_model,
+            device=encoder.device,
+            batch_size=encoder.max_batch_size,
+            text_cache_size=encoder.text_cache_size,
+            cache_dir=encoder.cache_dir,
+        )
+        # Warm-up: the first forward pays for allocator and kernel selection, not a client.
+        s = embedder.clip.image_size
+        embedder.embed_pixels(np.zeros((1, 3, s, s), np.uint8))
+        return embedder
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, both optional."""
@@ -96,16 +105,16 @@ class ClipEncoder:
         return await self.batcher.submit(pixels)
 
     async def _forward(self, pixels: np.ndarray) -> np.ndarray:
-        out: np.ndarray = await asyncio.to_thread(self.embedder.embed_pixels, pixels)
+        out: np.ndarray = await self.torch_thread.run(self.embedder.embed_pixels, pixels)
         return out
 
     def batching_stats(self) -> dict[str, float]:
         """This replica's image calls (a call larger than a batch counts once per chunk), those
         that found the model idle and ran at once, forwards, images, and the seconds its forwards
-        took (normalising and the model, on a worker thread)."""
+        took (normalising and the model, on the replica's torch thread)."""
         return self.batcher.stats.as_dict()
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> (N, D); repeats (prompt sets) come from the embedder's LRU cache."""
         async with self._text_lock:  # the cache is a plain OrderedDict
-            return await asyncio.to_thread(self.embedder.embed_texts, texts)
+            return await self.torch_thread.run(self.embedder.embed_texts, texts)

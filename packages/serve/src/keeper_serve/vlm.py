@@ -15,7 +15,6 @@ encoder. With ``vlm.source: null`` the replica holds no model and ``info()`` say
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from PIL import Image
 from ray import serve
 
+from keeper_core.torch_thread import TorchThread
 from keeper_core.vlm import VlmConfig, load_vlm
 from keeper_core.vlm import VlmJudge as CoreJudge
 from keeper_serve.batcher import ContinuousBatcher
@@ -55,17 +55,24 @@ class VlmJudge:
         if args.source is None:
             log.info("VlmJudge: no vlm.source configured; /v1/select runs without a VLM stage")
             return
+        # Load and every forward on one thread (keeper_core.torch_thread: faster CPU forwards).
+        self.torch_thread = TorchThread("vlm")
+        # A model that cannot load fails the replica (Serve reports it); never other weights.
+        self.judge = self.torch_thread.call(self._load, args)
+        log.info("VlmJudge ready: %s", self.judge.describe())
+
+    @staticmethod
+    def _load(args: VlmArgs) -> CoreJudge:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cpu":
             torch.set_num_threads(torch_threads(args.torch_threads))
-        # A model that cannot load fails the replica (Serve reports it); never other weights.
-        self.judge = load_vlm(
+        assert args.source is not None  # __init__ returned before
+        return load_vlm(
             VlmConfig(
                 source=args.source, device=device, dtype=args.dtype, max_batch=args.max_batch_size
             ),
             cache_dir=args.cache_dir,
         )
-        log.info("VlmJudge ready: %s", self.judge.describe())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``{"max_batch_size": int, "batch_wait_timeout_s": float}``, both optional."""
@@ -98,7 +105,7 @@ class VlmJudge:
         if self.judge is None:
             raise RuntimeError("no VLM is configured (vlm.source is null)")
         im = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
-        return await asyncio.to_thread(self.judge.rationale, im, query)
+        return await self.torch_thread.run(self.judge.rationale, im, query)
 
     async def _judge(self, items: list[tuple[np.ndarray, str]]) -> list[float]:
         assert self.judge is not None  # relevance() checked
@@ -107,5 +114,5 @@ class VlmJudge:
             Image.fromarray(np.ascontiguousarray(im, dtype=np.uint8), "RGB") for im, _ in items
         ]
         queries = [q for _, q in items]
-        out = await asyncio.to_thread(judge.relevance, images, queries)
+        out = await self.torch_thread.run(judge.relevance, images, queries)
         return [float(x) for x in out]

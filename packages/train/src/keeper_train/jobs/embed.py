@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -72,6 +71,7 @@ from keeper_core.models import ModelSpec, embed_dim, preprocess_config
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.series import resolve_image_uris
+from keeper_core.torch_thread import TorchThread
 from keeper_core.webdataset import (
     is_webdataset,
     list_shards,
@@ -667,8 +667,10 @@ class EmbedStage:
     With ``prepare`` (decode_placement=actor) a batch arrives as input items and is read,
     decoded and measured here by ``prepare_batch`` (its keyword arguments), then embedded.
     Ray Data runs ``decode_calls + 1`` calls of one actor at once, so batches are decoded while
-    another is embedded; forward passes take a lock, one at a time, so the model's threads
-    are not split between two batches.
+    another is embedded. The model is built and every forward runs on one thread of the actor
+    (``keeper_core.torch_thread``), one at a time: the model's threads are not split between two
+    batches, and OpenMP keeps one team of threads (a model built on one thread and run on others
+    took a batch-1 ViT-B-32 forward from 68 to 104 ms on 2 cores).
     """
 
     def __init__(
@@ -681,16 +683,11 @@ class EmbedStage:
     ) -> None:
         if node_actors:  # a CPU-only run: share this node's cores among the actors
             threads = max(1, node_cores() // node_actors)
-        if threads:
-            # Ray pins a CPU actor's torch to max(1, floor(num_cpus)) threads (OMP_NUM_THREADS).
-            import torch
-
-            torch.set_num_threads(threads)
         self.threads = threads
         self.node = node_id()
         self.prepare = prepare
-        self.embedder = ClipEmbedder(spec, batch_size=batch_size)
-        self._forward = threading.Lock()
+        self.torch_thread = TorchThread("embed")
+        self.embedder = self.torch_thread.call(_load_embedder, spec, batch_size, threads)
         self.on_device: DevicePreparation | None = None
         if prepare is not None and prepare.get("decode") == "gpu":
             device = str(self.embedder.clip.device)
@@ -721,17 +718,29 @@ class EmbedStage:
             )
         elif self.prepare is not None:
             batch = prepare_batch(batch, **self.prepare)
-        with self._forward:
-            t0 = time.perf_counter()
-            n = len(batch["image_uri"])
-            out = (
-                self.embedder(batch) if n else {**batch, "embedding": np.zeros((0, 1), np.float32)}
-            )
-            t_embed = time.perf_counter() - t0
+        n = len(batch["image_uri"])
+        out, t_embed = self.torch_thread.call(self._embed, batch)
         out.pop("pixel_values", None)
         out["t_embed"] = np.full(n, t_embed / max(n, 1))
         out["embed_node"] = np.array([self.node] * n, dtype=object)
         return out
+
+    def _embed(self, batch: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """On the torch thread: the batch embedded, and the seconds the forward took."""
+        t0 = time.perf_counter()
+        if not len(batch["image_uri"]):
+            return {**batch, "embedding": np.zeros((0, 1), np.float32)}, 0.0
+        out = self.embedder(batch)
+        return out, time.perf_counter() - t0
+
+
+def _load_embedder(spec: str, batch_size: int, threads: int | None) -> ClipEmbedder:
+    if threads:
+        # Ray pins a CPU actor's torch to max(1, floor(num_cpus)) threads (OMP_NUM_THREADS).
+        import torch
+
+        torch.set_num_threads(threads)
+    return ClipEmbedder(spec, batch_size=batch_size)
 
 
 def embedding_table(batch: dict[str, np.ndarray], spec: str) -> pa.Table:
