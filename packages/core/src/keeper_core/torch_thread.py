@@ -5,8 +5,9 @@ for every thread that starts a parallel region. A process that builds its model 
 and runs it on others (a Serve replica's constructor, then ``asyncio.to_thread``; a Ray actor
 whose calls land on a pool of threads) keeps several teams, and its forwards run markedly
 slower on a small machine. Measured on 2 cores, ViT-B-32 at 2 torch threads
-(``benchmarks/torch_thread.py``): a batch-1 forward took 68 ms when load and forwards shared
-one thread and 104 ms when the model was loaded on another (batch 16: 584 against 674 ms).
+(``benchmarks/torch_thread.py``, ``benchmarks/results/torch-thread-cpu.json``): a batch-1
+forward took 69.8 ms when load and forwards shared one thread and 112.0 ms when the model was
+loaded on another (batch 16: 572.5 against 660.6 ms).
 ``OMP_WAIT_POLICY=PASSIVE`` makes even the one-thread case take ~108 ms, which points at the
 cause: with more OpenMP-managed threads than cores, libgomp stops spinning between parallel
 regions, and every barrier then sleeps and wakes.

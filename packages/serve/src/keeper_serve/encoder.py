@@ -9,7 +9,7 @@ previous forward ends, so a loaded replica runs full batches, and a call that fi
 idle runs at once (a lone client never pays ``batch_wait_timeout_s``, which only lets a batch
 formed under load wait to fill). The model is loaded, warmed up and run on one thread of its own
 (``keeper_core.torch_thread``: a model loaded on one thread and run on others ran a batch-1
-forward ~50 % slower on 2 cores), so the replica keeps accepting calls meanwhile; forwards never
+forward 1.6x as long on 2 cores), so the replica keeps accepting calls meanwhile; forwards never
 overlap. ``user_config``
 ``{"max_batch_size": N, "batch_wait_timeout_s": T}`` retunes batching in place.
 
@@ -20,7 +20,6 @@ ran batches of ~3 images while calls waited seconds (docs/benchmarks.md, "Online
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from typing import Any
@@ -54,7 +53,6 @@ class ClipEncoder:
         self.torch_thread = TorchThread("clip")  # every torch call of this replica runs here
         self.embedder = self.torch_thread.call(self._load, clip_model, encoder)
         self.max_batch_size = encoder.max_batch_size
-        self._text_lock = asyncio.Lock()
         self.batcher = ContinuousBatcher(
             self._forward, encoder.max_batch_size, encoder.batch_wait_timeout_s
         )
@@ -62,7 +60,7 @@ class ClipEncoder:
             "ClipEncoder ready: %s on %s, %d torch threads, batch <= %d",
             self.embedder.spec,
             self.embedder.clip.device,
-            torch.get_num_threads(),
+            self.torch_thread.call(torch.get_num_threads),  # as the forwards' thread sees it
             self.max_batch_size,
         )
 
@@ -116,5 +114,5 @@ class ClipEncoder:
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> (N, D); repeats (prompt sets) come from the embedder's LRU cache."""
-        async with self._text_lock:  # the cache is a plain OrderedDict
-            return await self.torch_thread.run(self.embedder.embed_texts, texts)
+        # The cache is a plain OrderedDict: safe, as only the torch thread touches it.
+        return await self.torch_thread.run(self.embedder.embed_texts, texts)

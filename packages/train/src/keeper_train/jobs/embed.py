@@ -670,7 +670,7 @@ class EmbedStage:
     another is embedded. The model is built and every forward runs on one thread of the actor
     (``keeper_core.torch_thread``), one at a time: the model's threads are not split between two
     batches, and OpenMP keeps one team of threads (a model built on one thread and run on others
-    took a batch-1 ViT-B-32 forward from 68 to 104 ms on 2 cores).
+    took a batch-1 ViT-B-32 forward from 70 to 112 ms on 2 cores).
     """
 
     def __init__(
