@@ -3,10 +3,10 @@ own raylet, started and stopped by clusters/local/start-cluster.sh and stop-clus
 
 The worker `gpu` offers keeper_gpu_node (a stand-in for a GPU node type), `cpu` offers
 keeper_cpu_node; every node also offers keeper_node_<name>. Jobs go in through `ray job submit`
-with the cluster's token, as users send them. What is checked: decode tasks spread over every node
-while the model actors go only where actor_resources sends them; a worker node killed mid-embed
-leaves every image embedded exactly once; train-head puts one worker on each node; Serve replicas
-spread over the nodes and the app keeps answering when a worker node is stopped.
+with the cluster's token, as users send them. What is checked: a worker node killed mid-embed
+leaves every image embedded exactly once, and that job's decode tasks spread over the nodes while
+its model actor goes only where actor_resources sends it; train-head puts one worker on each node;
+Serve replicas spread over the nodes and the app keeps answering when a worker node is stopped.
 """
 
 from __future__ import annotations
@@ -203,8 +203,9 @@ def _start(state: Path) -> Cluster:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    """One three-node cluster for the module. The tests that take a node away run last (file
-    order) and pick their node from those still alive."""
+    """One three-node cluster for the module. test_token_and_nodes runs first (file order) and
+    sees all three; the `embedded` fixture then takes `cpu` away, and the Serve test picks its
+    node from those still alive."""
     state = Path(tempfile.mkdtemp(prefix="kc", dir="/tmp"))  # short: Ray's socket paths
     try:
         c = _start(state)
@@ -218,18 +219,43 @@ def cluster() -> Iterator[Cluster]:
 
 @dataclass
 class Embedded:
+    """`keeper embed` of 70 series submitted with the actors on `gpu`, and the `cpu` worker node
+    SIGKILLed (raylet, workers) once the first part was written, while decode tasks ran there."""
+
     manifest: Path
     out: Path
-    proc: Any
+    nodes: dict[str, str]  # the nodes before the kill: name -> Ray node id
+    written_at_kill: int
+    state: str
+    logs: str
 
 
 @pytest.fixture(scope="module")
 def embedded(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Embedded:
-    """`keeper embed` of a small corpus, submitted to the cluster with the actors on `gpu`."""
+    """One embed job serves three checks (exactly once across a node loss, decode spread and
+    actor placement, train-head on its table): each job submission costs the module ~50 s."""
     tmp = tmp_path_factory.mktemp("embedded")
-    manifest = generate_corpus(tmp / "corpus", n_series=30, seed=3, image_size=(256, 192))
+    manifest = generate_corpus(tmp / "corpus", n_series=70, seed=4, image_size=(512, 384))
     out = tmp / "out"
-    return Embedded(manifest, out, _embed(cluster, manifest, out, "concurrency=1"))
+    nodes = cluster.nodes()
+    sid = f"keeper-kill-{secrets.token_hex(4)}"
+    job = _embed(cluster, manifest, out, "concurrency=1", sid=sid, wait=False)
+    assert job.returncode == 0, job.stdout + job.stderr
+    parts = out / "embeddings"
+    # Mid-run: the first part is written. Polled every 0.1 s, and the kill goes before the
+    # parts are read: CI once saw every part written in the gap of a slower loop.
+    deadline = time.monotonic() + 240
+    written: list[Path] = []
+    while not written:
+        written = sorted(parts.glob("*.parquet")) if parts.is_dir() else []
+        if not written:
+            assert cluster.job_status(sid) not in TERMINAL, cluster.logs(sid)[-3000:]
+            assert time.monotonic() < deadline, cluster.logs(sid)[-3000:]
+            time.sleep(0.1)
+    cluster.stop("cpu")
+    written_at_kill = sum(pq.read_metadata(f).num_rows for f in written)
+    state = cluster.wait_job(sid, timeout_s=420)
+    return Embedded(manifest, out, nodes, written_at_kill, state, cluster.logs(sid))
 
 
 def _embed(
@@ -269,26 +295,41 @@ def test_token_and_nodes(cluster: Cluster) -> None:
     assert http.value.code == 401
 
 
-def test_embed_spreads_decode_and_places_actors(cluster: Cluster, embedded: Embedded) -> None:
-    proc = embedded.proc
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+def test_worker_node_killed_mid_embed(embedded: Embedded) -> None:
+    """Ray retried the lost node's tasks elsewhere: the table holds every image exactly once."""
+    uris = set(pd.read_csv(embedded.manifest)["image_uri"])
+    assert embedded.written_at_kill < len(uris), "the job ended before the node was killed"
+    assert embedded.state == "SUCCEEDED", embedded.logs[-4000:]
+    summary = json.loads((embedded.out / "_SUMMARY.json").read_text())
+    counts = summary["counts"]
+    assert counts["embedded"] == len(uris), counts
+    assert counts["failed"] == 0, counts
+    assert counts["lost"] == 0, counts
+    table = _table(embedded.out)
+    assert len(table) == len(uris)
+    assert set(table["image_uri"]) == uris
+    assert table["image_uri"].is_unique
+
+
+def test_embed_spreads_decode_and_places_actors(embedded: Embedded) -> None:
+    """Decode tasks ran on the nodes beside the actor's; the model actor only where
+    actor_resources sent it (`gpu`). The killed `cpu` node may have decoded some rows too."""
+    assert embedded.state == "SUCCEEDED", embedded.logs[-4000:]
     total = len(pd.read_csv(embedded.manifest))
     summary = json.loads((embedded.out / "_SUMMARY.json").read_text())
-    assert summary["counts"]["embedded"] == total
-    nodes = cluster.nodes()
     decode = summary["nodes"]["decode"]
-    embed = summary["nodes"]["embed"]
-    # Decode tasks ran on every node; the model actor only on the node offering keeper_gpu_node.
-    assert set(decode) == set(nodes.values()), (decode, nodes)
-    assert embed == {nodes["gpu"]: total}
+    ids = embedded.nodes
+    assert {ids["head"], ids["gpu"]} <= set(decode) <= set(ids.values()), (decode, ids)
     assert sum(decode.values()) == total
-    assert "nodes    decode on 3" in proc.stdout  # the run's own summary says so
+    assert summary["nodes"]["embed"] == {ids["gpu"]: total}
+    assert f"nodes    decode on {len(decode)}" in embedded.logs  # the run's own summary says so
+    assert "nodes    embed  on 1" in embedded.logs
 
 
 def test_train_head_one_worker_per_node(
     cluster: Cluster, embedded: Embedded, tmp_path: Path
 ) -> None:
-    assert embedded.proc.returncode == 0, embedded.proc.stderr[-2000:]
+    assert embedded.state == "SUCCEEDED", embedded.logs[-4000:]
     results = tmp_path / "results.json"
     proc = cluster.submit(
         "python", "-m", "keeper_train.jobs.train_head",
@@ -301,47 +342,9 @@ def test_train_head_one_worker_per_node(
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     workers = json.loads(results.read_text())["worker_nodes"]
     assert len(workers) == 2
-    assert len(set(workers)) == 2, workers  # one worker per node
+    assert len(set(workers)) == 2, workers  # one worker per node: head and gpu, cpu is gone
     assert set(workers) <= set(cluster.nodes().values())
     assert "2 workers on 2 nodes" in proc.stdout
-
-
-def test_worker_node_killed_mid_embed(cluster: Cluster, tmp_path: Path) -> None:
-    """SIGKILL the `cpu` worker (raylet, workers) while decode tasks run there: Ray retries the
-    lost tasks elsewhere and the table holds every image exactly once."""
-    manifest = generate_corpus(tmp_path / "corpus", n_series=70, seed=4, image_size=(512, 384))
-    uris = set(pd.read_csv(manifest)["image_uri"])
-    out = tmp_path / "out"
-    sid = f"keeper-kill-{secrets.token_hex(4)}"
-    job = _embed(cluster, manifest, out, "concurrency=1", sid=sid, wait=False)
-    assert job.returncode == 0, job.stdout + job.stderr
-    parts = out / "embeddings"
-    # Mid-run: the first part is written. Polled every 0.1 s, and the kill goes before the
-    # parts are read: CI once saw every part written in the gap of a slower loop.
-    deadline = time.monotonic() + 240
-    written: list[Path] = []
-    while not written:
-        written = sorted(parts.glob("*.parquet")) if parts.is_dir() else []
-        if not written:
-            assert cluster.job_status(sid) not in TERMINAL, cluster.logs(sid)[-3000:]
-            assert time.monotonic() < deadline, cluster.logs(sid)[-3000:]
-            time.sleep(0.1)
-    cluster.stop("cpu")
-    written_at_kill = sum(pq.read_metadata(f).num_rows for f in written)
-    assert written_at_kill < len(uris), "the job ended before the node was killed"
-
-    state = cluster.wait_job(sid, timeout_s=420)
-    logs = cluster.logs(sid)
-    assert state == "SUCCEEDED", logs[-4000:]
-    summary = json.loads((out / "_SUMMARY.json").read_text())
-    counts = summary["counts"]
-    assert counts["embedded"] == len(uris), counts
-    assert counts["failed"] == 0, counts
-    assert counts["lost"] == 0, counts
-    table = _table(out)
-    assert len(table) == len(uris)
-    assert set(table["image_uri"]) == uris
-    assert table["image_uri"].is_unique
 
 
 def _http(url: str, token: str | None, body: dict[str, Any] | None = None) -> tuple[int, Any]:
