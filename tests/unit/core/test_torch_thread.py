@@ -67,3 +67,27 @@ def test_errors_reach_the_caller_and_the_thread_goes_on() -> None:
             t.call(lambda: t.call(lambda: 1))
     finally:
         t.close()
+
+
+def test_pinned_thread_counts_survive_another_threads_setting() -> None:
+    """A forward thread at 2 and a loader at 1, the loader set last: each keeps its own. With
+    plain torch.set_num_threads the forward thread's first parallel op ran at the loader's 1."""
+    import torch
+
+    from keeper_core.torch_thread import pin_torch_threads
+
+    forward, loader = TorchThread("fwd"), TorchThread("load")
+    try:
+        forward.call(pin_torch_threads, 2)
+
+        def load() -> int:
+            pin_torch_threads(1)
+            torch.nn.Linear(512, 512)(torch.ones(64, 512))  # a load's parallel ops
+            return torch.get_num_threads()
+
+        assert loader.call(load) == 1
+        after = forward.call(lambda: (torch.ones(1 << 20).mul_(2), torch.get_num_threads())[1])
+        assert after == 2
+    finally:
+        forward.close()
+        loader.close()

@@ -64,3 +64,19 @@ class TorchThread:
     def close(self) -> None:
         """Let the thread end once its queued calls are done."""
         self._pool.shutdown(wait=False)
+
+
+def pin_torch_threads(n: int) -> None:
+    """Give the calling thread ``n`` torch (OpenMP) threads, for good.
+
+    ``torch.set_num_threads`` sets the calling thread's count and a process-wide one. A thread's
+    first parallel op then re-applies the process-wide count to it, so a count set on one thread
+    is lost if another thread set a different one before that first op (measured: a forward
+    thread set to 2, a loader thread set to 1, and the forward thread's first op ran at 1).
+    Running one parallel op between two sets makes this thread's count stick.
+    """
+    import torch
+
+    torch.set_num_threads(n)
+    torch.ones(1 << 16).add_(1)  # over the grain size: a parallel region, the lazy init
+    torch.set_num_threads(n)

@@ -29,7 +29,7 @@ import torch
 from ray import serve
 
 from keeper_core.embedding import ClipEmbedder
-from keeper_core.torch_thread import TorchThread
+from keeper_core.torch_thread import TorchThread, pin_torch_threads
 from keeper_serve.batcher import ContinuousBatcher
 from keeper_serve.config import EncoderArgs
 
@@ -67,7 +67,7 @@ class ClipEncoder:
     @staticmethod
     def _load(clip_model: str, encoder: EncoderArgs) -> ClipEmbedder:
         if not torch.cuda.is_available() or encoder.device == "cpu":
-            torch.set_num_threads(torch_threads(encoder.torch_threads))
+            pin_torch_threads(torch_threads(encoder.torch_threads))
         embedder = ClipEmbedder(
             clip_model,
             device=encoder.device,

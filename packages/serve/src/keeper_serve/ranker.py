@@ -4,8 +4,9 @@ The replica resolves its model URI (``models:/keeper-ranker@champion`` by defaul
 registered version, downloads that version's artifacts and loads only the ranker folder inside
 them (``ranker.json`` + safetensors): no pickle, and no code from the artifact store runs here
 (the pyfunc wrapper is not imported). Every ``poll_s`` seconds it resolves the alias again; a new
-version is loaded and warmed on a worker thread while the current one keeps answering, then
-swapped in with one reference assignment, so no request fails or waits for a load. A version
+version is loaded on a worker thread while the current one keeps answering, warmed with one
+forward on the replica's forward thread, then swapped in with one reference assignment, so no
+request fails, and none waits longer than that one warm-up forward. A version
 that fails to load is refused and the current one stays; with none loaded yet, ``rank`` answers
 "unavailable" with the reason.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +46,7 @@ from keeper_core.quality import FEATURE_NAMES
 from keeper_core.ranker import RankerConfig, ranked_frame, read_config
 from keeper_core.ranker import SeriesRanker as CoreRanker
 from keeper_core.registry import ModelRef, resolve_model
+from keeper_core.torch_thread import TorchThread, pin_torch_threads
 from keeper_serve.api import RankerKind
 from keeper_serve.config import RankerArgs
 from keeper_serve.encoder import torch_threads
@@ -102,17 +105,24 @@ def check_preprocessing(ref: ModelRef, base_spec: str, clip_model: str) -> None:
 
 
 def load_version(
-    client: Any, ref: ModelRef, clip_model: str, device: str | torch.device | None = None
+    client: Any,
+    ref: ModelRef,
+    clip_model: str,
+    device: str | torch.device | None = None,
+    warm: Callable[[ModelRef, CoreRanker | TunedRanker], Loaded] | None = None,
 ) -> Loaded:
     """Download ``ref``'s artifacts, load its ranker (either kind), then warm it.
 
-    ``device`` is a fine-tuned ranker's (its tower); default: CUDA when present.
+    ``device`` is a fine-tuned ranker's (its tower); default: CUDA when present. ``warm`` runs
+    the first forward (default: ``_warm`` on this thread; the replica sends it to the thread
+    that runs every forward).
 
     Raises:
         ModelLoadError: the download or the load failed; a head trained on embeddings of another
             CLIP model than the encoder serves; a fine-tuned tower whose base model prepares
             images differently from the encoder's.
     """
+    warm = warm or _warm
     with tempfile.TemporaryDirectory(prefix="keeper-ranker-") as d:
         folder = registry.download_ranker(client, ref, d)
         try:
@@ -124,7 +134,7 @@ def load_version(
             check_preprocessing(ref, config.tower.base_spec, clip_model)
         try:
             if config.tower is not None:
-                return _warm(ref, TunedRanker.load(folder, device=device or default_device()))
+                return warm(ref, TunedRanker.load(folder, device=device or default_device()))
             ranker = CoreRanker.load(folder)
         except KeeperError as e:
             raise ModelLoadError(ref.uri, str(e)) from e
@@ -139,7 +149,7 @@ def load_version(
                 ref.uri,
                 f"{ref.label()} ranks embeddings of {spec}, but the encoder serves {clip_model}",
             ) from e
-    return _warm(ref, ranker)
+    return warm(ref, ranker)
 
 
 def _warm(ref: ModelRef, ranker: CoreRanker | TunedRanker) -> Loaded:
@@ -213,10 +223,14 @@ class SeriesRanker:
         self, ranker: RankerArgs, clip_model: str, tracking_uri: str | None, data_dir: str
     ) -> None:
         self.device = replica_device()  # a fine-tuned champion's tower runs there
-        if self.device.type == "cpu":
-            # As ClipEncoder on CPU: Ray sets the replica's OMP_NUM_THREADS from its num_cpus (1
-            # for a fractional CPU); torch is told so explicitly.
-            torch.set_num_threads(torch_threads(None))
+        # Every forward (warm-up, heads, a fine-tuned tower) on one thread, as ClipEncoder's
+        # (keeper_core.torch_thread). Loads run elsewhere (here, then a worker thread) so that
+        # a promotion never waits behind requests, at one torch thread each: only the forward
+        # thread keeps an OpenMP team.
+        self._torch = TorchThread("ranker")
+        # On CPU, as ClipEncoder: Ray sets the replica's OMP_NUM_THREADS from its num_cpus (1
+        # for a fractional CPU); torch is told so explicitly. On CUDA this sizes the host side.
+        self._torch.call(pin_torch_threads, torch_threads(None))
         self.clip_model = clip_model
         self.tracking_uri = registry.tracking_uri(tracking_uri, data_dir)
         self.model_uri = ranker.model_uri
@@ -240,7 +254,9 @@ class SeriesRanker:
         return mlflow.MlflowClient(self.tracking_uri)
 
     def _refresh_sync(self) -> None:
-        """Resolve the URI; load the version it names if it is not the current one."""
+        """Resolve the URI; load the version it names if it is not the current one (on the
+        calling thread, at one torch thread; its warm-up forward on the forward thread)."""
+        pin_torch_threads(1)  # this thread's count only
         if self.model_uri is None:
             self.current, self.error = None, "no ranker configured (ranker.model_uri is null)"
             return
@@ -253,7 +269,10 @@ class SeriesRanker:
                 # is pending, so an earlier failure (a refused version, a registry hiccup) is over.
                 self.error = None
                 return
-            loaded = load_version(client, ref, self.clip_model, self.device)
+            loaded = load_version(
+                client, ref, self.clip_model, self.device,
+                warm=lambda r, ranker: self._torch.call(_warm, r, ranker),
+            )  # fmt: skip
         except KeeperError as e:
             if str(e) != self.error:  # once per distinct failure, not at every poll
                 log.error("SeriesRanker: keeping %s: %s", self._label(), e)
@@ -339,9 +358,9 @@ class SeriesRanker:
             if pixels is None:
                 return {"needs": PIXELS, "model": cur.describe()}
             # A tower forward: off the event loop, which keeps answering info() and polling.
-            results = await asyncio.to_thread(rank_pixels, cur.ranker, pixels, quality, lengths)
+            results = await self._torch.run(rank_pixels, cur.ranker, pixels, quality, lengths)
         else:
             if embeddings is None:
                 return {"needs": EMBEDDINGS, "model": cur.describe()}
-            results = rank_table(cur.ranker, embeddings, quality, lengths)
+            results = await self._torch.run(rank_table, cur.ranker, embeddings, quality, lengths)
         return {"model": cur.describe(), "series": results}

@@ -71,7 +71,7 @@ from keeper_core.models import ModelSpec, embed_dim, preprocess_config
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.series import resolve_image_uris
-from keeper_core.torch_thread import TorchThread
+from keeper_core.torch_thread import TorchThread, pin_torch_threads
 from keeper_core.webdataset import (
     is_webdataset,
     list_shards,
@@ -737,9 +737,7 @@ class EmbedStage:
 def _load_embedder(spec: str, batch_size: int, threads: int | None) -> ClipEmbedder:
     if threads:
         # Ray pins a CPU actor's torch to max(1, floor(num_cpus)) threads (OMP_NUM_THREADS).
-        import torch
-
-        torch.set_num_threads(threads)
+        pin_torch_threads(threads)
     return ClipEmbedder(spec, batch_size=batch_size)
 
 
