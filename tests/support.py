@@ -190,8 +190,11 @@ def write_reference_collection(
 def small_app_overrides(folder: Any, spec: str, **extra: Any) -> dict[str, Any]:
     """``keeper_serve.local.start`` overrides for a test app on the 2-core session Ray: ``spec``
     served, no ranker, the token file ``folder``/token (written by the caller), MLflow's store
-    under ``folder``, one small replica each; ``extra`` keys added or replacing these."""
-    small = {"KeeperIngress": 0.25, "SeriesRanker": 0.1, "VlmJudge": 0.1, "ClipEncoder": 0.5}
+    under ``folder``, one small replica each (a VlmJudge only with ``vlm.source`` in ``extra``);
+    ``extra`` keys added or replacing these."""
+    small = {"KeeperIngress": 0.25, "SeriesRanker": 0.1, "ClipEncoder": 0.5}
+    if extra.get("vlm.source") or (extra.get("vlm") or {}).get("source"):
+        small["VlmJudge"] = 0.1
     overrides: dict[str, Any] = {
         "clip_model": spec,
         "data_dir": str(folder / "keeper-data"),

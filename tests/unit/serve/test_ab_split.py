@@ -148,6 +148,22 @@ def test_bind_without_ab_has_no_challenger_and_refuses_its_options() -> None:
         app.bind(KeeperAppArgs(), options={CHALLENGER: {"num_replicas": 1}})
 
 
+def test_the_vlm_judge_is_bound_only_with_a_source() -> None:
+    """vlm.source null: no VlmJudge at all (the ingress answers "disabled" itself)."""
+    from keeper_serve import app
+
+    assert app.bind(KeeperAppArgs())._bound_deployment.init_args[2] is None
+    args = KeeperAppArgs.model_validate({"vlm": {"source": "/models/tiny-vlm"}})
+    bound = app.bind(args, options={"VlmJudge": {"ray_actor_options": {"num_cpus": 0.3}}})
+    judge = bound._bound_deployment.init_args[2]._bound_deployment
+    assert (judge.name, judge.init_args[0]) == ("VlmJudge", args.vlm)
+    assert judge.ray_actor_options["num_cpus"] == 0.3
+    # With no VlmJudge block (the shipped CPU config has none): a share that fits a 2-core box
+    # beside the shipped minimum of the others (1.75 CPUs), not Serve's default of one CPU.
+    default = app.bind(args)._bound_deployment.init_args[2]._bound_deployment
+    assert default.ray_actor_options["num_cpus"] <= 0.25
+
+
 # ---------------------------------------------------------------------------- the routes
 
 

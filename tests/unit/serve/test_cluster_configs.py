@@ -49,7 +49,7 @@ RAYSERVICE = ROOT / "clusters" / "k8s" / "rayservice.yaml"
 PACKAGED = ROOT / "packages" / "serve" / "src" / "keeper_serve" / "serve_config.yaml"
 
 IMPORT_PATH = "keeper_serve.app:build_app"
-DEPLOYMENTS = {INGRESS, ENCODER, RANKER, VLM}
+DEPLOYMENTS = {INGRESS, ENCODER, RANKER}  # always deployed; VLM only with args.vlm.source
 ENCODER_USER_CONFIG = {"max_batch_size", "batch_wait_timeout_s"}
 RANKER_USER_CONFIG = {"model_uri", "poll_s"}
 SECRET_ENV = {"KEEPER_API_TOKEN", "RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY"}
@@ -114,11 +114,14 @@ def app_problems(app: dict[str, Any], where: str) -> list[str]:
     names = [d.get("name") for d in app.get("deployments") or []]
     if len(names) != len(set(names)):
         out.append(f"{where}.deployments: duplicate names {names}")
-    for name in sorted(set(names) - DEPLOYMENTS, key=str):
+    # Serve refuses a block for a deployment the app does not build ("does not exist").
+    built = DEPLOYMENTS | ({VLM} if args.vlm.source is not None else set())
+    for name in sorted(set(names) - built, key=str):
         out.append(
-            f"{where}.deployments: unknown deployment {name!r}, not one of {sorted(DEPLOYMENTS)}"
+            f"{where}.deployments: {name!r} is not deployed by these args, not one of "
+            f"{sorted(built)}"
         )
-    for name in sorted(DEPLOYMENTS - set(names)):
+    for name in sorted(built - set(names)):
         out.append(f"{where}.deployments: {name} not configured (code defaults would apply)")
 
     deps = deployments_by_name(app)
@@ -221,7 +224,8 @@ def test_config_is_a_serve_deploy_schema(config: dict[str, Any]) -> None:
     app = parsed.applications[0]
     assert app.import_path == IMPORT_PATH
     assert app.route_prefix == "/"
-    assert set(app.deployment_names) == DEPLOYMENTS
+    vlm = {VLM} if KeeperAppArgs.model_validate(app.args).vlm.source is not None else set()
+    assert set(app.deployment_names) == DEPLOYMENTS | vlm
 
 
 def test_config_args_are_keeper_app_args(config: dict[str, Any]) -> None:
@@ -316,8 +320,18 @@ def test_misspelt_serve_knob_is_caught(cpu_config: dict[str, Any]) -> None:
 def test_unknown_deployment_name_is_caught(cpu_config: dict[str, Any]) -> None:
     cpu_config["applications"][0]["deployments"][1]["name"] = "ClipEncoderV2"
     found = problems(cpu_config)
-    assert any("unknown deployment 'ClipEncoderV2'" in p for p in found)
+    assert any("'ClipEncoderV2' is not deployed by these args" in p for p in found)
     assert any(f"{ENCODER} not configured" in p for p in found)
+
+
+def test_a_vlm_block_without_a_vlm_source_is_caught(cpu_config: dict[str, Any]) -> None:
+    """Serve refuses the whole config ("Deployment 'VlmJudge' does not exist")."""
+    app = cpu_config["applications"][0]
+    assert app["args"]["vlm"]["source"] is None
+    app["deployments"].append({"name": VLM, "ray_actor_options": {"num_cpus": 0.2}})
+    assert any("'VlmJudge' is not deployed by these args" in p for p in problems(cpu_config))
+    app["args"]["vlm"]["source"] = "/models/tiny-vlm"
+    assert not any("is not deployed" in p for p in problems(cpu_config))
 
 
 def test_encoder_too_few_ongoing_requests_is_caught(cpu_config: dict[str, Any]) -> None:

@@ -1,8 +1,10 @@
 """``build_app(args)``: keeper's Serve application (import path ``keeper_serve.app:build_app``).
 
-Four deployments: ``KeeperIngress`` (FastAPI) composes ``ClipEncoder``, ``SeriesRanker`` and
-``VlmJudge`` (``/v1/select``'s VLM stage; a replica without a model when ``vlm.source`` is null)
-through deployment handles; ``SearchIndex`` (``/v1/search``) only when ``args.search`` is set,
+Three deployments always: ``KeeperIngress`` (FastAPI) composes ``ClipEncoder`` and
+``SeriesRanker`` through deployment handles. Bound only when the args ask for them: ``VlmJudge``
+(``/v1/select``'s VLM stage) when ``vlm.source`` is set (without it ``/v1/select`` ranks by CLIP
+and the reranker and says so, and no idle replica holds torch for nothing), ``SearchIndex``
+(``/v1/search``) only when ``args.search`` is set,
 ``ReferenceCollections`` (``/v1/compare``, ``/v1/references``) only when ``args.references``
 is, ``ChallengerRanker`` (a second ``SeriesRanker``, following ``ab.model_uri``) only when
 ``args.ab`` is, and ``OnlineFigures`` (the per-version online figures as Prometheus gauges, one
@@ -35,10 +37,10 @@ from keeper_serve.references import ReferenceCollections
 from keeper_serve.search import SearchIndex
 from keeper_serve.vlm import VlmJudge
 
-DEPLOYMENTS = (INGRESS, ENCODER, RANKER, VLM)
-#: Bound only when the app's args ask for them (``args.search``, ``args.references``, ``args.ab``,
-#: ``args.feedback`` with ``online_poll_s`` > 0).
-OPTIONAL_DEPLOYMENTS = (SEARCH, REFERENCES, CHALLENGER, ONLINE)
+DEPLOYMENTS = (INGRESS, ENCODER, RANKER)
+#: Bound only when the app's args ask for them (``args.vlm.source``, ``args.search``,
+#: ``args.references``, ``args.ab``, ``args.feedback`` with ``online_poll_s`` > 0).
+OPTIONAL_DEPLOYMENTS = (VLM, SEARCH, REFERENCES, CHALLENGER, ONLINE)
 
 
 def bind(
@@ -56,14 +58,16 @@ def bind(
         raise ValueError(
             f"no deployments named {sorted(unknown)}; keeper has {DEPLOYMENTS + OPTIONAL_DEPLOYMENTS}"
         )
-    if SEARCH in opts and args.search is None:
-        raise ValueError(f"options for {SEARCH}, but args.search is null: it is not deployed")
-    if REFERENCES in opts and args.references is None:
-        raise ValueError(
-            f"options for {REFERENCES}, but args.references is null: it is not deployed"
-        )
-    if CHALLENGER in opts and args.ab is None:
-        raise ValueError(f"options for {CHALLENGER}, but args.ab is null: it is not deployed")
+    # An optional deployment's options without the args that bind it: Serve would never use them.
+    unbound = {
+        VLM: ("args.vlm.source", args.vlm.source),
+        SEARCH: ("args.search", args.search),
+        REFERENCES: ("args.references", args.references),
+        CHALLENGER: ("args.ab", args.ab),
+    }
+    for name, (field, value) in unbound.items():
+        if name in opts and value is None:
+            raise ValueError(f"options for {name}, but {field} is null: it is not deployed")
     online = args.feedback is not None and args.feedback.online_poll_s > 0
     if ONLINE in opts and not online:
         raise ValueError(
@@ -88,7 +92,11 @@ def bind(
         if args.ab is not None
         else None
     )
-    vlm = VlmJudge.options(name=VLM, **opts.get(VLM, {})).bind(args.vlm)
+    vlm = (
+        VlmJudge.options(name=VLM, **opts.get(VLM, {})).bind(args.vlm)
+        if args.vlm.source is not None
+        else None
+    )
     search = (
         SearchIndex.options(name=SEARCH, **opts.get(SEARCH, {})).bind(args.search, args.clip_model)
         if args.search is not None

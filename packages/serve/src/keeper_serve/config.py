@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -132,8 +132,8 @@ class RankerArgs(_Strict):
 class VlmArgs(_Strict):
     """The VlmJudge: which vision-language model, and its dynamic batching.
 
-    ``source: null`` runs no VLM (the replica answers "disabled" and ``/v1/select`` skips its VLM
-    stage, saying so). Replica counts and ``num_gpus`` (fractional on a shared GPU) live in the
+    ``source: null`` runs no VLM: the app does not deploy a ``VlmJudge`` at all, and
+    ``/v1/select`` skips its VLM stage, saying so (``vlm_disabled_info``). Replica counts and ``num_gpus`` (fractional on a shared GPU) live in the
     Serve config's ``deployments`` section, like the encoder's.
     """
 
@@ -151,6 +151,23 @@ class VlmArgs(_Strict):
     max_image_side: int = Field(
         448, ge=32, description="longest side of the copy of each candidate the VLM is sent"
     )
+
+
+#: What ``VlmJudge.info()`` reports of its judge (``keeper_core.vlm.VlmJudge.describe()`` has more).
+VLM_INFO_KEYS = (
+    "source",
+    "architecture",
+    "dtype",
+    "device",
+    "parameters",
+    "random_weights",
+    "relevance_template",
+)
+
+
+def vlm_disabled_info() -> dict[str, Any]:
+    """``/v1/models``' and ``/v1/select``'s ``vlm`` when no VLM is deployed: the same keys."""
+    return {"status": "disabled", **dict.fromkeys(VLM_INFO_KEYS)}
 
 
 class SelectArgs(_Strict):

@@ -74,7 +74,7 @@ from keeper_core.scoring import (
 )
 from keeper_serve import api
 from keeper_serve.api import ApiError, ImageRef
-from keeper_serve.config import KeeperAppArgs
+from keeper_serve.config import KeeperAppArgs, vlm_disabled_info
 from keeper_serve.references import CollectionUnusable, UnknownCollection
 from keeper_serve.review import ReviewRun, ReviewRuns, RunUnusable, UnknownImage, UnknownRun
 from keeper_serve.search import UnknownImageId
@@ -374,7 +374,7 @@ class KeeperIngress:
         self,
         encoder: DeploymentHandle,
         ranker: DeploymentHandle,
-        vlm: DeploymentHandle,
+        vlm: DeploymentHandle | None,
         args: KeeperAppArgs,
         search: DeploymentHandle | None = None,
         references: DeploymentHandle | None = None,
@@ -388,7 +388,7 @@ class KeeperIngress:
         self.encoder = encoder
         self.ranker = ranker
         self.challenger = challenger  # None: no A/B, every answer is the champion's (arm null)
-        self.vlm = vlm
+        self.vlm = vlm  # None (vlm.source null): /v1/select has no VLM stage and says so
         self.search_index = search  # None: /v1/search answers 404
         self.references = references  # None: /v1/compare and /v1/references answer 404
         self.online = online  # OnlineFigures: /v1/models shows its figures; None: not deployed
@@ -809,7 +809,9 @@ class KeeperIngress:
     async def _vlm(self) -> dict[str, Any]:
         """The VlmJudge's model, or ``{"status": "disabled"}`` (fixed for the app's lifetime)."""
         if self._vlm_info is None:
-            self._vlm_info = await self.vlm.info.remote()
+            self._vlm_info = (
+                await self.vlm.info.remote() if self.vlm is not None else vlm_disabled_info()
+            )
         return self._vlm_info
 
     def _judge(self, view: Callable[[int], np.ndarray], query: str) -> VlmScorer:
@@ -821,13 +823,15 @@ class KeeperIngress:
         a second failure propagates, and the cascade answers it as its ``vlm`` stage failing.
         """
         loop = asyncio.get_running_loop()
+        vlm = self.vlm
+        assert vlm is not None  # called only when _vlm() said "ready"
 
         async def call(images: list[np.ndarray]) -> np.ndarray:
             try:
-                out: np.ndarray = await self.vlm.relevance.remote(images, query)
+                out: np.ndarray = await vlm.relevance.remote(images, query)
             except RayActorError:
                 log.warning("VlmJudge replica lost during /v1/select; retrying once")
-                out = await self.vlm.relevance.remote(images, query)
+                out = await vlm.relevance.remote(images, query)
             return out
 
         def judge(idx: np.ndarray) -> np.ndarray | VlmScores:
@@ -1210,7 +1214,7 @@ class KeeperIngress:
             ) from e
         out = result.as_dict(dropped=req.candidates == "all")
         rationales = None
-        if req.rationale and judge is not None and result.picks:
+        if req.rationale and judge is not None and self.vlm is not None and result.picks:
             shown = await asyncio.to_thread(lambda: [view(i) for i in result.picks])
             texts = await asyncio.gather(*(self.vlm.rationale.remote(v, query) for v in shown))
             rationales = [{"index": i, "text": t} for i, t in zip(result.picks, texts, strict=True)]

@@ -10,7 +10,7 @@ are; the forward runs on a worker thread so the replica keeps accepting calls me
 
 It is its own deployment so that a burst of ``/v1/select`` scales VLM replicas (their own
 autoscaling, their own ``num_gpus``, fractional where a GPU is shared) without scaling the CLIP
-encoder. With ``vlm.source: null`` the replica holds no model and ``info()`` says "disabled".
+encoder. The app deploys it only when ``vlm.source`` is set (``keeper_serve.app``).
 """
 
 from __future__ import annotations
@@ -23,38 +23,40 @@ import torch
 from PIL import Image
 from ray import serve
 
-from keeper_core.torch_thread import TorchThread
+from keeper_core.errors import ConfigError
+from keeper_core.torch_thread import TorchThread, pin_torch_threads
 from keeper_core.vlm import VlmConfig, load_vlm
 from keeper_core.vlm import VlmJudge as CoreJudge
 from keeper_serve.batcher import ContinuousBatcher
-from keeper_serve.config import VlmArgs
+from keeper_serve.config import VLM_INFO_KEYS, VlmArgs
 from keeper_serve.encoder import torch_threads
 
 log = logging.getLogger("keeper.serve")
 
-#: What ``info()`` reports of a loaded judge (keeper_core.vlm.VlmJudge.describe() has more).
-INFO_KEYS = (
-    "source",
-    "architecture",
-    "dtype",
-    "device",
-    "parameters",
-    "random_weights",
-    "relevance_template",
+
+# Defaults for `vlm.source=...` given with no VlmJudge block in the Serve config (the shipped CPU
+# config has none): small enough to fit a 2-core box beside the others; a block overrides them.
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.2},
+    max_ongoing_requests=8,
+    max_queued_requests=32,
+    autoscaling_config={
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 2,
+        "upscale_delay_s": 10,
+        "downscale_delay_s": 300,
+    },
+    logging_config={"enable_access_log": False},
 )
-
-
-@serve.deployment
 class VlmJudge:
     def __init__(self, args: VlmArgs) -> None:
+        if args.source is None:  # keeper_serve.app binds it only with a source
+            raise ConfigError("VlmJudge needs vlm.source: without one the app deploys no VLM")
         self.args = args
-        self.judge: CoreJudge | None = None
         self.batcher = ContinuousBatcher(
             self._judge, args.max_batch_size, args.batch_wait_timeout_s
         )
-        if args.source is None:
-            log.info("VlmJudge: no vlm.source configured; /v1/select runs without a VLM stage")
-            return
         # Load and every forward on one thread (keeper_core.torch_thread: faster CPU forwards).
         self.torch_thread = TorchThread("vlm")
         # A model that cannot load fails the replica (Serve reports it); never other weights.
@@ -65,8 +67,8 @@ class VlmJudge:
     def _load(args: VlmArgs) -> CoreJudge:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cpu":
-            torch.set_num_threads(torch_threads(args.torch_threads))
-        assert args.source is not None  # __init__ returned before
+            pin_torch_threads(torch_threads(args.torch_threads))
+        assert args.source is not None  # __init__ checked
         return load_vlm(
             VlmConfig(
                 source=args.source, device=device, dtype=args.dtype, max_batch=args.max_batch_size
@@ -79,36 +81,21 @@ class VlmJudge:
         self.batcher.apply_user_config("VlmJudge", user_config)
 
     def info(self) -> dict[str, Any]:
-        """What judges: always the same keys; ``status`` "ready" or "disabled" (all else null)."""
-        if self.judge is None:
-            return {"status": "disabled", **dict.fromkeys(INFO_KEYS)}
+        """What judges: ``status`` "ready" and ``VLM_INFO_KEYS`` (the keys a disabled VLM has)."""
         d = self.judge.describe()
-        return {"status": "ready", **{k: d[k] for k in INFO_KEYS}}
+        return {"status": "ready", **{k: d[k] for k in VLM_INFO_KEYS}}
 
     async def relevance(self, images: list[np.ndarray], query: str) -> np.ndarray:
-        """(H, W, 3) uint8 images and one query -> float32 (N,) relevance in [0, 1].
-
-        Raises:
-            RuntimeError: no VLM is configured (the ingress checks ``info`` first).
-        """
-        if self.judge is None:
-            raise RuntimeError("no VLM is configured (vlm.source is null)")
+        """(H, W, 3) uint8 images and one query -> float32 (N,) relevance in [0, 1]."""
         scores = await self.batcher.submit([(im, query) for im in images]) if images else []
         return np.asarray(scores, dtype=np.float32)
 
     async def rationale(self, image: np.ndarray, query: str) -> str:
-        """A short explanation of one judgement (bounded greedy generation), only when asked.
-
-        Raises:
-            RuntimeError: no VLM is configured.
-        """
-        if self.judge is None:
-            raise RuntimeError("no VLM is configured (vlm.source is null)")
+        """A short explanation of one judgement (bounded greedy generation), only when asked."""
         im = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
         return await self.torch_thread.run(self.judge.rationale, im, query)
 
     async def _judge(self, items: list[tuple[np.ndarray, str]]) -> list[float]:
-        assert self.judge is not None  # relevance() checked
         judge = self.judge
         images = [
             Image.fromarray(np.ascontiguousarray(im, dtype=np.uint8), "RGB") for im, _ in items
