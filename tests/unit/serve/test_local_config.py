@@ -45,7 +45,8 @@ def test_default_config_loads() -> None:
     app = cfg["applications"][0]
     assert app["import_path"] == "keeper_serve.app:build_app"
     KeeperAppArgs.model_validate(app["args"])
-    assert {d["name"] for d in app["deployments"]} == {INGRESS, ENCODER, RANKER, VLM}
+    assert {d["name"] for d in app["deployments"]} == {INGRESS, ENCODER, RANKER}
+    assert app["args"]["vlm"]["source"] is None  # so no VlmJudge block: Serve would refuse it
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -226,7 +227,7 @@ def test_options_merge_the_app_env_vars() -> None:
 
 def test_options_of_the_packaged_config() -> None:
     opts = local._options(local.load_config()["applications"][0])
-    assert set(opts) == {INGRESS, ENCODER, RANKER, VLM}
+    assert set(opts) == {INGRESS, ENCODER, RANKER}
     assert all("name" not in o for o in opts.values())
     assert opts[ENCODER]["max_ongoing_requests"] >= 16
 
@@ -306,7 +307,10 @@ def test_bind_refuses_unknown_deployments() -> None:
     was_up = ray.is_initialized()  # the integration tests' session Ray may be up already
     with pytest.raises(ValueError, match="Nope"):
         app.bind(KeeperAppArgs(), options={"Nope": {}})
-    assert app.DEPLOYMENTS == (INGRESS, ENCODER, RANKER, VLM)
+    assert app.DEPLOYMENTS == (INGRESS, ENCODER, RANKER)
+    assert VLM in app.OPTIONAL_DEPLOYMENTS
+    with pytest.raises(ValueError, match=r"args\.vlm\.source is null"):
+        app.bind(KeeperAppArgs(), options={VLM: {"num_replicas": 1}})
     assert ray.is_initialized() == was_up, "bind must not start Ray"
 
 

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import os
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -139,8 +140,6 @@ def start(
     from ray import serve
     from ray.serve.schema import ServeDeploySchema
 
-    from keeper_serve.app import bind
-
     cfg = config if isinstance(config, dict) else load_config(config)
     cfg = apply_overrides(cfg, overrides or {})
     if host is not None:
@@ -157,6 +156,12 @@ def start(
     opts = _options(app_cfg)
     name = app_cfg.get("name", "keeper")
 
+    if ray_address == "local" and not ray.is_initialized() and not _can_listen(http):
+        # A new local Ray's proxy would fail on this port anyway, ~10 s later: say it now.
+        raise StartError(
+            f"Serve's HTTP proxy cannot listen on {http['host']}:{http['port']}: the port is in "
+            "use (choose another with --port)"
+        )
     if not ray.is_initialized():
         ray.init(
             address=ray_address or os.environ.get("RAY_ADDRESS") or None,
@@ -172,6 +177,8 @@ def start(
             f"Serve's HTTP proxy cannot listen on {http['host']}:{http['port']}: "
             f"{_first_line(e)} (is the port in use? choose another with --port)"
         ) from e
+    from keeper_serve.app import bind  # the deployments' modules: torch, open_clip (seconds)
+
     try:  # returns once every deployment runs; raises when one failed to deploy
         serve.run(
             bind(args, opts),
@@ -185,6 +192,19 @@ def start(
     url = f"http://{shown}:{int(http['port'])}{app_cfg.get('route_prefix', '/').rstrip('/')}"
     wait_healthy(url, wait_s, failed=lambda: deploy_failure(name))
     return url
+
+
+def _can_listen(http: Mapping[str, Any]) -> bool:
+    """Whether a listening socket can bind ``http``'s host and port now (as uvicorn would)."""
+    host = str(http["host"])
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, int(http["port"])))
+        except OSError:
+            return False
+    return True
 
 
 def http_address(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -252,7 +272,10 @@ def wait_healthy(
 
 
 def shutdown() -> None:
-    """Delete every Serve application and stop Serve (Ray itself stays up)."""
+    """Delete every Serve application and stop Serve (Ray itself stays up). Without Ray there
+    is nothing to stop (``serve.shutdown()`` would start a Ray to find that out)."""
+    import ray
     from ray import serve
 
-    serve.shutdown()
+    if ray.is_initialized():
+        serve.shutdown()
