@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from conftest import register_ranker
 from PIL import Image, ImageFilter
 from support_photos import camera_exif, make_dng, make_heic
 
@@ -23,8 +24,10 @@ from keeper_core import storage
 from keeper_core.grouping import pairwise_scores
 from keeper_core.handback import read_sidecar, write_sidecar
 from keeper_core.picking import ZERO_SHOT_RULE
+from keeper_core.ranker import SeriesRanker
 from keeper_core.synthetic import load_photos
 from keeper_core.synthetic_library import generate_library
+from keeper_train.data import join_series
 from keeper_train.jobs import evaluate, pick, train_head
 
 pytestmark = pytest.mark.integration
@@ -224,17 +227,20 @@ def test_champion_picks_match_evaluate(
             ray_address=ray_cluster,
         )
     )  # fmt: skip
-    trained = train_head.run(
-        train_head.TrainHeadConfig.model_validate(
-            {
-                "embeddings": table, "series": str(series), "head": "mlp", "epochs": 4,
-                "patience": 4, "storage": str(tmp_path / "ckpt"), "tracking_uri": store,
-                "register": "pick-ranker", "baselines": False, "ray_address": ray_cluster,
-            }
-        )
+    # A head trained here and registered as train-head logs it: this test is about how pick
+    # and evaluate rank with a registered champion, not about Ray Train (test_train_head is).
+    cfg = train_head.TrainHeadConfig.model_validate(
+        {"embeddings": table, "series": str(series), "head": "mlp", "epochs": 4, "patience": 4}
+    )
+    prepared = train_head.prepare(cfg)
+    head, _ = train_head.train_single_process(prepared, cfg, "series-softmax")
+    rows = join_series(table, str(series))[0]
+    version = register_ranker(
+        store, "pick-ranker", SeriesRanker(prepared.ranker_config, head), rows,
+        tmp_path / "ranker", "pick",
     )  # fmt: skip
     client = mlflow.MlflowClient(store)
-    client.set_registered_model_alias("pick-ranker", "champion", trained["registered"]["version"])
+    client.set_registered_model_alias("pick-ranker", "champion", version)
 
     summary = pick.run(
         pick.PickJobConfig(
