@@ -21,12 +21,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
+from PIL import Image
 
 from keeper_core.errors import ModelLoadError
+
+if TYPE_CHECKING:  # imported where used: a CPU decode worker needs no torch (~0.7 GiB, ~2.5 s)
+    import torch
 
 WeightsKind = Literal["random", "tag", "file", "s3"]
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -176,35 +179,78 @@ def image_transform(spec: str | ModelSpec) -> Callable[[Any], torch.Tensor]:
     )
 
 
-def resize_transform(spec: str | ModelSpec) -> Callable[[Any], np.ndarray]:
+def resize_transform(spec: str | ModelSpec | PreprocessConfig) -> Callable[[Any], np.ndarray]:
     """The geometric half of the eval transform: PIL RGB image -> uint8 array (3, S, S).
 
     Resize and crop run on CPU workers; scaling to [0, 1] and normalising happen on the model's
     device (``ClipEmbedder.embed_pixels`` accepts uint8). Shipping uint8 instead of float32 moves
     4x fewer bytes between a decode stage and a GPU actor, and the result equals the full transform
     (ToTensor divides uint8 by 255 the same way).
+
+    Pillow only: the same ``Image.resize`` and crop calls torchvision makes on a PIL image for
+    open_clip's eval transform (``image_transform``), with the same sizes, offsets and padding,
+    so the pixels are identical (tests/unit/core/test_resize_transform.py). Given a
+    ``PreprocessConfig`` (computed once where open_clip is imported), a CPU decode worker runs it
+    without importing torch, torchvision or open_clip.
     """
-    full = image_transform(spec)
-    geometric = [t for t in full.transforms if type(t).__name__ not in _TENSOR_STEPS]  # type: ignore[attr-defined]
+    p = spec if isinstance(spec, PreprocessConfig) else preprocess_config(spec)
+    if p.resize_mode not in ("shortest", "longest", "squash"):
+        raise ModelLoadError(str(spec), f"unknown resize_mode {p.resize_mode!r}")
+    size = p.image_size
+    # open_clip: "bilinear" is bilinear, anything else ("bicubic", "random") bicubic
+    resample = (
+        Image.Resampling.BILINEAR if p.interpolation == "bilinear" else Image.Resampling.BICUBIC
+    )
 
     def apply(image: Any) -> np.ndarray:
-        for t in geometric:
-            image = t(image)
+        w, h = image.size
+        if p.resize_mode == "squash":
+            new_w, new_h = size, size
+        elif p.resize_mode == "longest":  # open_clip's ResizeKeepRatio(longest=1)
+            ratio = max(h / size, w / size)
+            new_w, new_h = round(w / ratio), round(h / ratio)
+        else:  # torchvision's Resize(size): the short side to size, the long one truncated
+            short, long = (w, h) if w <= h else (h, w)
+            new_short, new_long = size, int(size * long / short)
+            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), resample)
+        if p.resize_mode != "squash":
+            image = _center_crop_or_pad(image, size)
         return np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy()
 
     return apply
 
 
-_TENSOR_STEPS = {"ToTensor", "MaybeToTensor", "Normalize"}
+def _center_crop_or_pad(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's ``center_crop`` (open_clip's ``center_crop_or_pad``): pad a side shorter
+    than ``size`` with zeros, split as torchvision splits it, then crop the centre."""
+    w, h = image.size
+    if size > w or size > h:
+        left = (size - w) // 2 if size > w else 0
+        top = (size - h) // 2 if size > h else 0
+        padded = Image.new(
+            image.mode, (max(w, size), max(h, size)), 0
+        )  # right/bottom get the odd pixel
+        padded.paste(image, (left, top))
+        image, (w, h) = padded, padded.size
+        if (w, h) == (size, size):
+            return image
+    top, left = round((h - size) / 2.0), round((w - size) / 2.0)
+    return image.crop((left, top, left + size, top + size))
 
 
 def default_device() -> torch.device:
     """CUDA when present, else CPU."""
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype for a device: bf16 (or fp16) on CUDA, none (fp32) on CPU."""
+    import torch
+
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -226,6 +272,8 @@ class LoadedClip:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Mixed precision on CUDA, a no-op on CPU."""
+        import torch
+
         dtype = autocast_dtype(self.device)
         if dtype is None:
             return contextlib.nullcontext()
@@ -234,6 +282,8 @@ class LoadedClip:
 
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
+    import torch
+
     # fork_rng keeps the caller's global RNG state untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -276,6 +326,7 @@ def load_clip(
             unreachable S3 object, a hub tag that cannot be fetched. Never falls back.
     """
     import open_clip
+    import torch
 
     s = ModelSpec.parse(spec)
     dev = torch.device(device) if device is not None else default_device()
@@ -321,6 +372,8 @@ def load_clip(
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path) -> Path:
     """Save a model's state dict as safetensors (or ``.pt`` by suffix), for loading by spec."""
+    import torch
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -50,7 +50,7 @@ from keeper_core.images import (
     image_size,
     raw_preview,
 )
-from keeper_core.models import preprocess_config, resize_transform
+from keeper_core.models import PreprocessConfig, preprocess_config, resize_transform
 from keeper_core.quality import (
     BLOCK_CROP,
     FEATURE_NAMES,
@@ -94,6 +94,9 @@ class ImagePreparation:
         draft: decode JPEGs larger than twice ``max(model size, QUALITY_SIZE)`` downscaled in
             the DCT domain (2-5x faster on 12 MP photos).
         decoder: the decode backend (``keeper_core.decoders``; default PIL, the reference).
+        preprocess: ``preprocess_config(spec)``, when the caller has it: without it, it is read
+            from open_clip's configs, which imports open_clip and torch. A CPU decode worker is
+            given it and imports neither (keeper embed's decode tasks).
     """
 
     def __init__(
@@ -103,14 +106,16 @@ class ImagePreparation:
         limits: DecodeLimits | None = None,
         draft: bool = True,
         decoder: Decoder | None = None,
+        preprocess: PreprocessConfig | None = None,
     ):
         self.spec = spec
         self.decoder: Decoder = decoder or PilDecoder()
         self.limits = limits or DecodeLimits()
-        self.image_size = preprocess_config(spec).image_size
+        self.preprocess = preprocess or preprocess_config(spec)
+        self.image_size = self.preprocess.image_size
         side = max(self.image_size, QUALITY_SIZE)
         self.draft_size: tuple[int, int] | None = (side, side) if draft else None
-        self._resize: Any = resize_transform(spec)
+        self._resize: Any = resize_transform(self.preprocess)
 
     def decode(self, data: bytes, *, source: str | None = None) -> DecodedImage:
         """Decode one image safely; a drafted JPEG's blockiness is measured at full resolution.

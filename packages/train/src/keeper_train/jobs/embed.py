@@ -42,7 +42,7 @@ from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -54,8 +54,6 @@ from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
 from keeper_core.contact_sheet import thumbnail_jpeg, thumbnail_name
 from keeper_core.corpus import EMBEDDINGS
 from keeper_core.decoders import resolve_decoder
-from keeper_core.device_preparation import DevicePreparation
-from keeper_core.embedding import ClipEmbedder
 from keeper_core.errors import (
     ConfigError,
     DataError,
@@ -67,7 +65,7 @@ from keeper_core.errors import (
 from keeper_core.formats import IMAGE_SUFFIXES
 from keeper_core.grouping import dhash
 from keeper_core.images import DecodeLimits, sniff_is_image
-from keeper_core.models import ModelSpec, embed_dim, preprocess_config
+from keeper_core.models import ModelSpec, PreprocessConfig, embed_dim, preprocess_config
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.series import resolve_image_uris
@@ -82,6 +80,10 @@ from keeper_core.webdataset import (
 from keeper_train.cluster import custom_resources
 from keeper_train.config import job_main
 from keeper_train.table import EmbeddedParts, ErrorRows
+
+if TYPE_CHECKING:  # torch: the model actors import these; decode and write tasks never do
+    from keeper_core.device_preparation import DevicePreparation
+    from keeper_core.embedding import ClipEmbedder
 
 log = logging.getLogger("keeper.embed")
 
@@ -393,11 +395,20 @@ def _part_name(uris: Sequence[str]) -> str:
 
 @cache
 def _preparation(
-    spec: str, draft: bool, limits: tuple[tuple[str, int], ...], decode: str = "auto"
+    spec: str,
+    draft: bool,
+    limits: tuple[tuple[str, int], ...],
+    decode: str = "auto",
+    preprocess: PreprocessConfig | None = None,
 ) -> ImagePreparation:
-    # Decode tasks run on CPUs: "auto" is never the GPU here (device=None).
+    # Decode tasks run on CPUs: "auto" is never the GPU here (device=None). With the driver's
+    # preprocess config, neither torch nor open_clip is imported in this process.
     return ImagePreparation(
-        spec, limits=DecodeLimits(**dict(limits)), draft=draft, decoder=resolve_decoder(decode)
+        spec,
+        limits=DecodeLimits(**dict(limits)),
+        draft=draft,
+        decoder=resolve_decoder(decode),
+        preprocess=preprocess,
     )
 
 
@@ -419,6 +430,7 @@ def prepare_batch(
     capture: bool = False,
     thumbnails: str | None = None,
     decode: str = "auto",
+    preprocess: PreprocessConfig | None = None,
 ) -> dict[str, np.ndarray]:
     """Read, decode, measure and resize a batch of image URIs (a CPU task).
 
@@ -427,8 +439,10 @@ def prepare_batch(
     output: the model stage only sees images that decoded. With ``capture``, each image's
     capture metadata is read from the bytes already in hand; with ``thumbnails``, a thumbnail
     is written from the pixels already decoded (neither reads or decodes the file again).
+    ``preprocess`` (``preprocess_config(spec)``, computed by the driver) keeps torch and
+    open_clip out of the task's process: ~2.5 s and ~0.7 GiB a worker (docs/benchmarks.md).
     """
-    prep = _preparation(spec, draft, tuple(sorted(limits.items())), decode)
+    prep = _preparation(spec, draft, tuple(sorted(limits.items())), decode, preprocess)
     offsets, sizes = _members(batch)
     carried: dict[str, list[str]] = {c: [] for c in SAMPLE_COLUMNS if c in batch}
     ok_uris, ids, pixels, decoded, times = [], [], [], [], []
@@ -690,6 +704,8 @@ class EmbedStage:
         self.embedder = self.torch_thread.call(_load_embedder, spec, batch_size, threads)
         self.on_device: DevicePreparation | None = None
         if prepare is not None and prepare.get("decode") == "gpu":
+            from keeper_core.device_preparation import DevicePreparation
+
             device = str(self.embedder.clip.device)
             if self.embedder.clip.device.type != "cuda":
                 raise ConfigError(
@@ -738,6 +754,8 @@ def _load_embedder(spec: str, batch_size: int, threads: int | None) -> ClipEmbed
     if threads:
         # Ray pins a CPU actor's torch to max(1, floor(num_cpus)) threads (OMP_NUM_THREADS).
         pin_torch_threads(threads)
+    from keeper_core.embedding import ClipEmbedder
+
     return ClipEmbedder(spec, batch_size=batch_size)
 
 
@@ -1013,6 +1031,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         "capture": cfg.capture,
         "thumbnails": cfg.thumbnails,
         "decode": cfg.decode,
+        "preprocess": preprocess_config(cfg.model),  # open_clip's configs, read here once
     }
     in_actor = cfg.placement == "actor"
     # What one image in decode holds: a max_pixels image (3 bytes a pixel) beside its bytes.
