@@ -148,6 +148,16 @@ def test_bind_without_ab_has_no_challenger_and_refuses_its_options() -> None:
         app.bind(KeeperAppArgs(), options={CHALLENGER: {"num_replicas": 1}})
 
 
+def test_the_ingress_is_bound_with_the_models_preprocess_config() -> None:
+    """Read once where the app is built, so the ingress replicas need no open_clip (torch)."""
+    from keeper_core.models import preprocess_config
+    from keeper_serve import app
+
+    args = KeeperAppArgs()
+    bound = app.bind(args)._bound_deployment
+    assert bound.init_kwargs["preprocess"] == preprocess_config(args.clip_model)
+
+
 def test_the_vlm_judge_is_bound_only_with_a_source() -> None:
     """vlm.source null: no VlmJudge at all (the ingress answers "disabled" itself)."""
     from keeper_serve import app

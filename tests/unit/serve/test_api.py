@@ -434,6 +434,34 @@ def test_served_features_equal_embed_features(tmp_path: Path) -> None:
     np.testing.assert_allclose(served.quality[undrafted], want[undrafted], rtol=0, atol=1e-5)
 
 
+def test_the_ingress_preparer_imports_neither_torch_nor_open_clip(tmp_path: Path) -> None:
+    """Given the builder's preprocess config (keeper_serve.app.bind passes it), an ingress
+    replica prepares images without torch (~0.7 GiB a replica). A fresh interpreter."""
+    import pickle
+    import subprocess
+    import sys
+
+    from keeper_core.models import preprocess_config
+
+    (tmp_path / "pre.pkl").write_bytes(pickle.dumps(preprocess_config(SPEC)))
+    (tmp_path / "a.jpg").write_bytes(BIG_JPEG)
+    script = f"""
+import pickle, sys
+from pathlib import Path
+from keeper_serve.api import ImagePreparer
+from keeper_serve.config import KeeperAppArgs
+d = Path({str(tmp_path)!r})
+prep = ImagePreparer(KeeperAppArgs(clip_model={SPEC!r}), pickle.loads((d / "pre.pkl").read_bytes()))
+out = prep.prepare([(d / "a.jpg").read_bytes()], quality=True)
+print(out.pixels.shape, [m for m in ("torch", "torchvision", "open_clip") if m in sys.modules])
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == f"(1, 3, {SIZE}, {SIZE}) []"
+
+
 def test_served_width_height_are_the_original_size(prep: ImagePreparer) -> None:
     served = prep.prepare([BIG_JPEG], quality=True)
     assert served.quality is not None

@@ -37,6 +37,7 @@ from keeper_core.errors import ConfigError, DataError, ImageDecodeError, Storage
 from keeper_core.feedback import FeedbackEvent
 from keeper_core.grouping import GroupingConfig, dhash
 from keeper_core.images import DecodeLimits
+from keeper_core.models import PreprocessConfig
 from keeper_core.picking import PickConfig
 from keeper_core.preparation import DecodedImage, ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
@@ -1053,7 +1054,7 @@ class ImagePreparer:
     S3 references, counts, and errors as :class:`ApiError`.
     """
 
-    def __init__(self, args: KeeperAppArgs) -> None:
+    def __init__(self, args: KeeperAppArgs, preprocess: PreprocessConfig | None = None) -> None:
         self.limits: LimitArgs = args.limits
         self.preparation = ImagePreparation(
             args.clip_model,
@@ -1063,6 +1064,7 @@ class ImagePreparer:
                 max_bytes=args.limits.max_image_bytes,
             ),
             draft=args.draft,
+            preprocess=preprocess,  # None: read from open_clip's configs (imports torch)
         )
         self.allowed = frozenset(args.s3_allow_buckets)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from keeper_core.models import preprocess_config
 from keeper_serve.config import (
     CHALLENGER,
     ENCODER,
@@ -116,7 +117,16 @@ def bind(
         else None
     )
     ingress: Application = KeeperIngress.options(name=INGRESS, **opts.get(INGRESS, {})).bind(
-        encoder, ranker, vlm, args, search, references, challenger=challenger, online=figures
+        encoder,
+        ranker,
+        vlm,
+        args,
+        search,
+        references,
+        challenger=challenger,
+        online=figures,
+        # read from open_clip's configs here, once: the ingress replicas import no torch
+        preprocess=preprocess_config(args.clip_model),
     )
     return ingress
 

@@ -65,6 +65,7 @@ from keeper_core.corpus import Corpus, read_corpus
 from keeper_core.errors import ConfigError, DataError, KeeperError, StorageError
 from keeper_core.feedback import FeedbackBackpressure, FeedbackLog, OfferLog, PartLog
 from keeper_core.images import DecodeLimits, decode_image
+from keeper_core.models import PreprocessConfig
 from keeper_core.scoring import (
     AestheticConfig,
     aesthetic_scores,
@@ -381,6 +382,7 @@ class KeeperIngress:
         *,
         challenger: DeploymentHandle | None = None,
         online: DeploymentHandle | None = None,
+        preprocess: PreprocessConfig | None = None,
     ) -> None:
         if (challenger is None) != (args.ab is None):
             raise ConfigError("the ChallengerRanker handle is given exactly when args.ab is set")
@@ -398,7 +400,8 @@ class KeeperIngress:
                 "keeper API running OPEN (auth.insecure_local): anyone who reaches the port can "
                 "call it. For local development on loopback only."
             )
-        self.images = api.ImagePreparer(args)
+        # With the builder's preprocess config this replica never imports torch or open_clip.
+        self.images = api.ImagePreparer(args, preprocess)
         self.aesthetic = (
             AestheticConfig.from_yaml(args.aesthetic_config)
             if args.aesthetic_config
