@@ -12,7 +12,7 @@ torch; the resize was open_clip's torchvision transform). Two measurements, side
    module and prepare a first batch of 16 JPEGs, "heavy" as before (the worker reads open_clip's
    configs itself: torch, torchvision and open_clip are imported) and "light" (the driver's
    preprocess config travels with the task: none of them is). Seconds to the first batch and the
-   process's peak RSS.
+   process's peak RSS (VmHWM: ``ru_maxrss`` would report this script's, inherited across exec).
 2. ``keeper embed`` end to end as a user runs it (a new process, its own local Ray, the job's
    defaults: decode tasks), on the same files: ``--baseline-ref``'s code (a git worktree put first
    on PYTHONPATH; Ray's workers inherit it) against this tree, alternated. Pipeline seconds,
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LIMITS = {"max_pixels": 50_000_000, "max_bytes": 50_000_000, "max_raw_bytes": 50_000_000}
 
 WORKER = """
-import json, pickle, resource, sys, time
+import json, pickle, sys, time
 t0 = time.perf_counter()
 import numpy as np
 from keeper_train.jobs.embed import prepare_batch
@@ -53,7 +53,10 @@ out = prepare_batch(
 assert len(out["image_uri"]) == len(args["uris"])
 print(json.dumps({
     "first_batch_s": time.perf_counter() - t0,
-    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    # VmHWM, not ru_maxrss: Linux carries the parent's maxrss across fork and exec
+    "peak_rss_mib": next(
+        int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:")
+    ) / 1024,
     "imported": [m for m in ("torch", "torchvision", "open_clip") if m in sys.modules],
 }))
 """

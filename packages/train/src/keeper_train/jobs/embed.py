@@ -113,7 +113,9 @@ ERRORS_SCHEMA = pa.schema(
         ("at", pa.string()),
     ]
 )
-WORKER_BASELINE_BYTES = 512 * 1024**2
+#: A decode task's worker before its images: Ray, pyarrow, Pillow and keeper's decode path, no
+#: torch (~230 MiB measured; it was ~1.1 GiB with torch: benchmarks/decode_worker.py).
+WORKER_BASELINE_BYTES = 256 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -1048,7 +1050,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
             compute=ray.data.TaskPoolStrategy(size=cfg.decode_concurrency),
             num_cpus=cpus.decode,
             resources=cfg.decode_resources or None,
-            # A decode task holds a worker's baseline (torch imported: ~0.5 GiB) and one image.
+            # A decode task holds a worker's baseline (no torch: ~0.25 GiB) and one image.
             # Requesting that memory also keeps Ray Data from fusing decode into the model
             # actors (it fuses task->actor maps whose remote args match, as on a CPU-only
             # cluster), which would serialise decode and inference in one process.
