@@ -224,6 +224,24 @@ def test_adapters_start_as_the_identity(base_clip: LoadedClip) -> None:
         torch.testing.assert_close(visual(x), plain(x), rtol=0, atol=1e-5)
 
 
+def test_a_build_depends_on_its_seed_alone() -> None:
+    """LoRA's A matrices and the head come from the build's seed, whatever the process drew
+    before (a fine-tune run is reproducible from its config, not from its place in a process)."""
+
+    def state(seed: int, draws: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1234)
+        torch.rand(draws)  # what other code did before the build
+        r = TunedRanker.build(ranker_config(tower("lora", rank=4)), device="cpu", seed=seed)
+        return {f"{g}.{k}": v for g, part in r.trained_state().items() for k, v in part.items()}
+
+    a, b, other = state(0, 1), state(0, 1000), state(1, 1)
+    assert a.keys() == b.keys()
+    assert any(".lora_A" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert any(not torch.equal(a[k], other[k]) for k in a if ".lora_A" in k)
+
+
 # --- 2. a wrong target fails early -------------------------------------------------------------
 
 # id, TowerConfig fields, text the ConfigError must carry

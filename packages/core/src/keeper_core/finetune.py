@@ -144,8 +144,10 @@ class TunedRanker:
         clip = load_clip(config.tower.base_spec, "cpu", cache_dir=cache_dir)
         visual = clip.model.visual
         assert isinstance(visual, nn.Module)
-        parts = apply_tuning(visual, config.tower)
+        # Seeded before the adapters too (LoRA's A matrices are drawn from torch's generator):
+        # a build depends on its seed alone, not on what the process drew before.
         torch.manual_seed(seed)
+        parts = apply_tuning(visual, config.tower)
         head = make_head(config.head)
         model = TunedRankerModel(TunedTower(visual, clip.mean, clip.std), head, config)
         dev = torch.device(device) if device is not None else clip.device
