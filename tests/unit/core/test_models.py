@@ -16,7 +16,13 @@ from PIL import Image
 
 from keeper_core.embedding import ClipEmbedder
 from keeper_core.errors import ModelLoadError
-from keeper_core.models import ModelSpec, load_clip, preprocess_config, save_checkpoint
+from keeper_core.models import (
+    ModelSpec,
+    load_clip,
+    parameter_count,
+    preprocess_config,
+    save_checkpoint,
+)
 
 TINY = "keeper-tiny:random"
 
@@ -99,6 +105,21 @@ def test_checkpoint_round_trip_file_and_s3(
 def test_unknown_arch() -> None:
     with pytest.raises(ModelLoadError, match="unknown architecture 'NoSuchNet'"):
         load_clip("NoSuchNet:random")
+
+
+def test_parameter_count_equals_the_built_model_without_building_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """From the config on torch's meta device: the same count as the loaded model, quietly (no
+    "initialized randomly" warning for weights nobody meant to load)."""
+    model = load_clip(TINY, "cpu").model
+    want = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    caplog.clear()
+    assert parameter_count(TINY) == want
+    assert parameter_count("ViT-B-32:laion2b_s34b_b79k") == 151_283_242  # no download: a config
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()]
+    with pytest.raises(ModelLoadError, match="unknown architecture 'NoSuchNet'"):
+        parameter_count("NoSuchNet:random")
 
 
 def test_missing_file(tmp_path: Path) -> None:

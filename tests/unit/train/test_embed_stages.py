@@ -769,3 +769,15 @@ def test_custom_resources_parse_from_overrides() -> None:
     )
     assert cfg.actor_resources == {"keeper_gpu_node": 1.0}
     assert cfg.decode_resources == {"x": 0.5}
+
+
+def test_a_model_actor_asks_for_its_model_and_ray_datas_headroom() -> None:
+    """1.25 x (1 GiB + fp32 weights): above what Ray Data's memory check wants (1.25 x the most a
+    ViT-B-32 actor was seen using, ~1.5 GiB), so it neither warns nor lets Ray overpack a node."""
+    from keeper_core.models import parameter_count
+    from keeper_train.jobs.embed import ACTOR_BASELINE_BYTES, actor_memory
+
+    for spec in ("keeper-tiny:random", "ViT-B-32:random"):
+        want = 1.25 * (ACTOR_BASELINE_BYTES + 4 * parameter_count(spec))
+        assert actor_memory(spec) == pytest.approx(want, abs=1)
+    assert actor_memory("ViT-B-32:random") >= 1.25 * 1.5 * 1024**3

@@ -30,6 +30,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -65,7 +66,13 @@ from keeper_core.errors import (
 from keeper_core.formats import IMAGE_SUFFIXES
 from keeper_core.grouping import dhash
 from keeper_core.images import DecodeLimits, sniff_is_image
-from keeper_core.models import ModelSpec, PreprocessConfig, embed_dim, preprocess_config
+from keeper_core.models import (
+    ModelSpec,
+    PreprocessConfig,
+    embed_dim,
+    parameter_count,
+    preprocess_config,
+)
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.series import resolve_image_uris
@@ -113,6 +120,17 @@ ERRORS_SCHEMA = pa.schema(
         ("at", pa.string()),
     ]
 )
+#: A model actor's process before its weights: Ray, torch, open_clip, a batch in flight.
+ACTOR_BASELINE_BYTES = 1024**3
+
+
+def actor_memory(spec: str) -> int:
+    """Bytes a model actor asks Ray for: its baseline and the model in fp32, plus the 25 %
+    headroom Ray Data's memory check wants over what a worker was seen to use. ViT-B-32: 1.95
+    GiB (seen using up to ~1.5 GiB on CPU); keeper-tiny 1.28 GiB; ViT-L-14 3.2 GiB."""
+    return math.ceil(1.25 * (ACTOR_BASELINE_BYTES + 4 * parameter_count(spec)))
+
+
 #: A decode task's worker before its images: Ray, pyarrow, Pillow and keeper's decode path, no
 #: torch (~230 MiB measured; it was ~1.1 GiB with torch: benchmarks/decode_worker.py).
 WORKER_BASELINE_BYTES = 256 * 1024**2
@@ -1081,8 +1099,10 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         num_gpus=cfg.num_gpus_per_worker,
         num_cpus=cpus.actor,
         resources=cfg.actor_resources or None,
-        # decode_placement=actor: the images its decoding calls hold, beside the model
-        memory=(calls - 1) * decode_memory or None,
+        # The model (and with decode_placement=actor the images its decoding calls hold): what
+        # Ray schedules by, and what keeps Ray Data from warning that the actor uses more than
+        # it asked for.
+        memory=actor_memory(cfg.model) + (calls - 1) * decode_memory,
     )
     ds = ds.map_batches(
         write_batch,  # type: ignore[arg-type]  # keyword-only stage arguments
