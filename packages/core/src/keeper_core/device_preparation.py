@@ -622,7 +622,7 @@ class DevicePreparation:
         self.limits = self._cpu.limits
         self.draft_size = self._cpu.draft_size
         self.image_size = self._cpu.image_size
-        self._config = preprocess_config(self.spec)
+        self._config = self._cpu.preprocess  # read once, by ImagePreparation
 
     def prepare(self, items: Sequence[tuple[bytes, str | None]]) -> DevicePrepared:
         """Decode and prepare ``(data, source)`` pairs; a bad image is an error row, not a raise."""
