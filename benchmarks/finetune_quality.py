@@ -50,7 +50,7 @@ import pandas as pd
 import torch
 from embed import machine_info
 
-from keeper_core.finetune import TunedRanker
+from keeper_core.finetune import TunedRanker, TunedRankerModel
 from keeper_core.heads import HeadConfig, series_softmax_loss
 from keeper_core.metrics import SeriesMetrics, format_table, series_metrics
 from keeper_core.quality import FEATURE_NAMES
@@ -89,6 +89,7 @@ SETTINGS = {
     "max_shift": 0.0625,
     "flip": True,
     "readout": "tok",
+    "aux_quality": 0.0,
 }
 
 
@@ -163,6 +164,30 @@ def as_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return batch
 
 
+class QualityProbe(torch.nn.Module):
+    """--aux-quality (an experiment, docs/finetuning.md section 8): the ranker, and a linear probe
+    that predicts the standardised quality features from the same tower embedding while training.
+    The ranker still reads the embedding alone; the probe is thrown away.
+
+    ``forward(pixels, mask, quality) -> (scores (B, L), the probe's mean squared error)``.
+    """
+
+    def __init__(self, model: TunedRankerModel, dim: int, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        self.probe = torch.nn.Linear(dim, len(mean))
+        self.register_buffer("q_mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("q_std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(
+        self, pixels: torch.Tensor, mask: torch.Tensor, quality: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.model.tower(pixels)
+        target = (quality.float() - self.q_mean) / self.q_std
+        loss = torch.nn.functional.mse_loss(self.probe(emb), target)
+        return self.model.score_embeddings(emb, mask, quality), loss
+
+
 def train_one(
     method: str,
     features: str,
@@ -204,7 +229,19 @@ def train_one(
             p.requires_grad_(False)
         ranker.parts.lora = {}
     cfg = {k: s[k] for k in ("lr_backbone", "lr_lora", "lr_head", "weight_decay")}
-    opt = torch.optim.AdamW(param_groups(ranker, cfg))
+    groups = param_groups(ranker, cfg)
+    # --aux-quality: a frozen tower's embedding cannot change, so its rows train without it
+    aux = 0.0 if frozen else s["aux_quality"]
+    probe = QualityProbe(ranker.model, 64, mean, std)
+    if aux:
+        groups.append(
+            {
+                "params": list(probe.probe.parameters()),
+                "lr": s["lr_head"],
+                "weight_decay": s["weight_decay"],
+            }
+        )
+    opt = torch.optim.AdamW(groups)
     train = data["train"]
     steps = math.ceil(len(train) / s["batch_size"])
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -237,7 +274,11 @@ def train_one(
             pixels, mask, b, quality = unpack(
                 as_batch(chunk), size, rng=rng, max_shift=shift, flip=s["flip"]
             )
-            loss = series_softmax_loss(model(pixels, mask, quality), mask, b)
+            if aux:
+                scores, aux_loss = probe(pixels, mask, quality)
+                loss = series_softmax_loss(scores, mask, b) + aux * aux_loss
+            else:
+                loss = series_softmax_loss(model(pixels, mask, quality), mask, b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -268,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", type=int, default=3000)
     parser.add_argument("--cache", default="/tmp/keeper-finetune-quality")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="every row's seed (model init, order, augmentation)"
+    )
     parser.add_argument("--epochs", type=int, default=SETTINGS["epochs"], help="the epoch budget")
     parser.add_argument(
         "--features", choices=["embedding", "embedding+quality"], help="only the rows of these"
@@ -280,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         "avg = the mean of the patch tokens (docs/finetuning.md section 8)",
     )
     parser.add_argument(
+        "--aux-quality",
+        type=float,
+        default=SETTINGS["aux_quality"],
+        help="an experiment: weight of an auxiliary loss for the fine-tuned rows, a linear probe on "
+        "the embedding predicting the quality features (QualityProbe; 0: none)",
+    )
+    parser.add_argument(
         "--methods", help="only these methods (comma-separated, e.g. frozen,last-blocks+lora)"
     )
     parser.add_argument("--out", default="benchmarks/results/finetune_quality.json")
@@ -290,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     SETTINGS["epochs"] = args.epochs
     SETTINGS["readout"] = args.readout
+    SETTINGS["aux_quality"] = args.aux_quality
     methods = args.methods.split(",") if args.methods else None
     t0 = time.perf_counter()
     df, px, q = prepare_corpus(Path(args.cache), args.series)
@@ -314,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if methods and method not in methods:
                 continue
-            val, tst, trainable, secs = train_one(method, features, data, train_q, seed=0)
+            val, tst, trainable, secs = train_one(method, features, data, train_q, seed=args.seed)
             name = f"{method}, {features}"
             fold["rows"][name] = {
                 "val": val.as_dict(),
@@ -330,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update(
         command=" ".join(sys.argv),
         settings=SETTINGS,
+        seed=args.seed,
         corpus={"series": args.series, "size": "86x64", "photos": "all 17"},
         machine=machine_info(),
         seconds=round(time.perf_counter() - t0, 1),

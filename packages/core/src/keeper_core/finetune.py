@@ -71,23 +71,25 @@ class TunedRankerModel(nn.Module):
         self.register_buffer("q_mean", mean, persistent=False)
         self.register_buffer("q_std", std, persistent=False)
 
-    def features(self, pixels: torch.Tensor, quality: torch.Tensor | None) -> torch.Tensor:
-        emb = self.tower(pixels)
-        if not self.uses_quality:
-            return emb
-        if quality is None:
-            raise DataError("this ranker uses quality features and none were given")
-        return torch.cat([emb, (quality.float() - self.q_mean) / self.q_std], dim=1)
-
-    def forward(
-        self, pixels: torch.Tensor, mask: torch.Tensor, quality: torch.Tensor | None = None
+    def score_embeddings(
+        self, emb: torch.Tensor, mask: torch.Tensor, quality: torch.Tensor | None = None
     ) -> torch.Tensor:
-        feats = self.features(pixels, quality)
+        """The head over the tower's embeddings (N, D) (+ standardised quality) -> (B, L)."""
+        feats = emb
+        if self.uses_quality:
+            if quality is None:
+                raise DataError("this ranker uses quality features and none were given")
+            feats = torch.cat([emb, (quality.float() - self.q_mean) / self.q_std], dim=1)
         if int(mask.sum()) != len(feats):
             raise DataError(f"mask holds {int(mask.sum())} images, pixels {len(feats)}")
         x = feats.new_zeros((*mask.shape, feats.shape[1]))
         x[mask] = feats
         return self.head(x, mask)
+
+    def forward(
+        self, pixels: torch.Tensor, mask: torch.Tensor, quality: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.score_embeddings(self.tower(pixels), mask, quality)
 
 
 def tower_id(
