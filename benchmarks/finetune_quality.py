@@ -31,8 +31,12 @@ loss, early stopping on val top-1: the best val epoch's test figures), keeper-ti
 The settings (LoRA r=8 at lr 3e-3, unfrozen blocks at 1e-3, head at 1e-3, batch 16 series) were
 chosen by looking at fold 0 (val and test) of the 660-series corpus with a handful of runs; the
 10-epoch budget from one fold-0 run of the frozen MLP and last-blocks+lora on 3,000 series, whose
-val top-1 peaked by epoch 4 of 20. Nothing was tuned per fold. Bar: fine-tuned with embedding only >= 15 points top-1 above the frozen
-embedding-only MLP; fine-tuned with embedding+quality not below the frozen embedding+quality MLP.
+val top-1 peaked by epoch 4 of 20. Nothing was tuned per fold. ``--seed`` draws every row
+again (docs/finetuning.md section 8 has two seeds); ``--aux-quality W`` adds an experiment's
+auxiliary loss to the fine-tuned rows (``QualityProbe``).
+
+Bar: fine-tuned with embedding only >= 15 points top-1 above the frozen embedding-only MLP;
+fine-tuned with embedding+quality not below the frozen embedding+quality MLP.
 """
 
 from __future__ import annotations
@@ -418,6 +422,7 @@ def merge(parts: list[str], out: str) -> int:
         gain = {
             m: round(100 * (table[f"{m}, {features}"].top1 - frozen), 1)
             for m in ("lora", "last-blocks", "last-blocks+lora")
+            if f"{m}, {features}" in table  # a part file may hold some methods only
         }
         bar[f"{key}_gain_pts"] = gain
         bar[f"{key}_holds"] = {m: g >= need for m, g in gain.items()}
