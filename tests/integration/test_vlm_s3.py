@@ -19,7 +19,7 @@ from PIL import Image
 from keeper_core import storage
 from keeper_core.errors import ModelLoadError
 from keeper_core.tiny_vlm import build_tiny_vlm
-from keeper_core.vlm import VlmConfig, VlmJudge, load_vlm
+from keeper_core.vlm import VlmConfig, VlmJudge, load_vlm, parameter_count
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -137,3 +137,16 @@ def test_a_key_outside_the_model_folder_is_a_load_error(s3_bucket: str, tmp_path
     boto3.client("s3").put_object(Bucket=s3_bucket, Key="models/evil/../../escape", Body=b"x")
     with pytest.raises(ModelLoadError, match="does not name a file inside the model folder"):
         load_vlm(VlmConfig(source=f"s3://{s3_bucket}/models/evil"), cache_dir=tmp_path)
+
+
+def test_parameter_count_reads_only_the_config_from_s3(
+    s3_bucket: str, tiny_dir: Path, local_judge: VlmJudge
+) -> None:
+    """What keeper select's driver sizes a VLM actor's memory request from: one GetObject."""
+    _upload(tiny_dir, s3_bucket, "models/count")
+    with s3_requests() as calls:
+        n = parameter_count(f"s3://{s3_bucket}/models/count")
+    assert n == sum(p.numel() for p in local_judge.model.parameters())
+    assert dict(calls) == {"GetObject": 1}
+    with pytest.raises(ModelLoadError, match="cannot read its config"):
+        parameter_count(f"s3://{s3_bucket}/models/absent")

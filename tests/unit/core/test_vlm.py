@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,15 @@ from PIL import Image
 
 from keeper_core.errors import ConfigError, DataError, ModelLoadError
 from keeper_core.tiny_vlm import build_tiny_vlm
-from keeper_core.vlm import VlmConfig, VlmJudge, load_vlm, source_kind
+from keeper_core.vlm import (
+    VLM_BASELINE_BYTES,
+    VlmConfig,
+    VlmJudge,
+    actor_memory,
+    load_vlm,
+    parameter_count,
+    source_kind,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -240,6 +249,30 @@ def test_bad_input_is_a_data_error(
 def test_quality_needs_images(judge: VlmJudge) -> None:
     with pytest.raises(DataError, match="no images"):
         judge.quality([])
+
+
+def test_parameter_count_from_the_config_alone(
+    judge: VlmJudge, tiny_dir: Path, tmp_path: Path
+) -> None:
+    loaded = sum(p.numel() for p in judge.model.parameters())
+    # only config.json is read: a folder without the weights counts the same
+    bare = tmp_path / "config-only"
+    bare.mkdir()
+    shutil.copy(tiny_dir / "config.json", bare / "config.json")
+    assert parameter_count(str(tiny_dir)) == loaded
+    assert parameter_count(str(bare)) == loaded
+    # fp32 on CPU, bf16 on a GPU; 25 % headroom over the baseline and the weights
+    cpu = actor_memory(VlmConfig(source=str(bare)))
+    gpu = actor_memory(VlmConfig(source=str(bare), device="cuda"))
+    assert cpu == math.ceil(1.25 * (VLM_BASELINE_BYTES + 4 * loaded))
+    assert gpu == math.ceil(1.25 * (VLM_BASELINE_BYTES + 2 * loaded))
+
+
+def test_parameter_count_of_nothing_is_a_load_error(tmp_path: Path) -> None:
+    source = str(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match="cannot read its config") as e:
+        parameter_count(source)
+    assert e.value.spec == source
 
 
 # ------------------------------------------------------------------------------------ load errors

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -480,6 +481,57 @@ def load_vlm(config: VlmConfig, *, cache_dir: str | Path | None = None) -> VlmJu
         random_weights=_random_weights(source, local_dir),
         answer_token_ids=token_ids,
     )
+
+
+#: A VLM actor's process before its weights: Ray, torch, transformers, a batch in flight.
+VLM_BASELINE_BYTES = 1024**3
+
+
+def parameter_count(source: str, *, cache_dir: str | Path | None = None) -> int:
+    """Parameters of the VLM at ``source``, from its ``config.json`` alone: the model is built on
+    torch's meta device (no weights read, nothing downloaded but the config).
+
+    Raises:
+        ModelLoadError: transformers missing, or the config cannot be read or built (no such
+            folder, no ``config.json`` under the ``s3://`` prefix, a hub id offline).
+    """
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelLoadError(source, f"transformers is not installed ({INSTALL_HINT})") from e
+    source = source.strip()
+    kind = source_kind(source)
+    extra: dict[str, Any] = {}
+    if kind == "hub" and cache_dir is not None:
+        extra["cache_dir"] = str(Path(cache_dir) / "hub")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            where = source
+            if kind == "local":
+                where = str(Path(source.removeprefix("file://")).expanduser())
+            elif kind == "s3":
+                data = storage.read_bytes(storage.join(source.rstrip("/"), "config.json"))
+                (Path(tmp) / "config.json").write_bytes(data)
+                where = tmp
+            config = transformers.AutoConfig.from_pretrained(where, **extra)
+            with torch.device("meta"):
+                model = transformers.AutoModelForImageTextToText.from_config(config)
+    except Exception as e:  # OSError, StorageError, ValueError (unknown architecture), ...
+        raise ModelLoadError(source, f"cannot read its config: {type(e).__name__}: {e}") from e
+    return sum(p.numel() for p in model.parameters())
+
+
+def actor_memory(config: VlmConfig, *, cache_dir: str | Path | None = None) -> int:
+    """Bytes a VLM actor asks Ray for: its baseline and the weights in the dtype they load in
+    (fp32 on CPU, else bf16 unless ``dtype: float32``), plus 25 % headroom. The weights pass
+    through host memory while they load, on a GPU actor too.
+
+    Raises:
+        ModelLoadError: as ``parameter_count``.
+    """
+    wide = config.device == "cpu" or config.dtype == "float32"
+    params = parameter_count(config.source, cache_dir=cache_dir)
+    return math.ceil(1.25 * (VLM_BASELINE_BYTES + (4 if wide else 2) * params))
 
 
 def _device_dtype(config: VlmConfig) -> tuple[torch.device, torch.dtype]:

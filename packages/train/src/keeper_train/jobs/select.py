@@ -84,6 +84,7 @@ from keeper_core.images import decode_image
 from keeper_core.models import ModelSpec
 from keeper_core.report import thumbnail_data_uri
 from keeper_core.vlm import VlmConfig, source_kind
+from keeper_core.vlm import actor_memory as vlm_actor_memory
 from keeper_train.jobs import embed
 from keeper_train.table import ErrorRows
 
@@ -528,7 +529,7 @@ def judge_survivors(p: Plan) -> Judged:
     """One Ray Data actor-pool pass over the survivors of every query.
 
     Raises:
-        ModelLoadError: the VLM does not load in an actor.
+        ModelLoadError: the VLM's config cannot be read, or the VLM does not load in an actor.
         CascadeStageError: the judge failed on a batch.
         KeeperError: the pass failed otherwise (named by the cause).
     """
@@ -550,8 +551,12 @@ def judge_survivors(p: Plan) -> Judged:
     from keeper_train.cluster import init_ray
 
     t0 = time.perf_counter()
-    init_ray(cfg.ray_address)
     vlm = cfg.vlm if cfg.vlm_active else None
+    # A VLM actor asks for the memory its weights take (read from the config: no weights
+    # loaded here), so Ray places no more of them on a node than it holds; a config that cannot
+    # be read fails here, before any actor starts.
+    memory = vlm_actor_memory(vlm) if vlm is not None else None
+    init_ray(cfg.ray_address)
     blocks = max(1, min(len(rows) // cfg.batch_size, 1000))
     ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         SurvivorStage,
@@ -565,6 +570,7 @@ def judge_survivors(p: Plan) -> Judged:
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_gpus=cfg.num_gpus_per_vlm if vlm is not None else 0,
         num_cpus=cfg.num_cpus_per_vlm,
+        memory=memory,
     )
     try:
         out = ds.to_pandas()
