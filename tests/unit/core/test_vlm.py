@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from keeper_core.errors import ConfigError, DataError, ModelLoadError
+from keeper_core.models import ACTOR_BASELINE_BYTES
 from keeper_core.tiny_vlm import build_tiny_vlm
 from keeper_core.vlm import (
-    VLM_BASELINE_BYTES,
     VlmConfig,
     VlmJudge,
     actor_memory,
@@ -264,8 +264,8 @@ def test_parameter_count_from_the_config_alone(
     # fp32 on CPU, bf16 on a GPU; 25 % headroom over the baseline and the weights
     cpu = actor_memory(VlmConfig(source=str(bare)))
     gpu = actor_memory(VlmConfig(source=str(bare), device="cuda"))
-    assert cpu == math.ceil(1.25 * (VLM_BASELINE_BYTES + 4 * loaded))
-    assert gpu == math.ceil(1.25 * (VLM_BASELINE_BYTES + 2 * loaded))
+    assert cpu == math.ceil(1.25 * (ACTOR_BASELINE_BYTES + 4 * loaded))
+    assert gpu == math.ceil(1.25 * (ACTOR_BASELINE_BYTES + 2 * loaded))
 
 
 def test_parameter_count_of_nothing_is_a_load_error(tmp_path: Path) -> None:

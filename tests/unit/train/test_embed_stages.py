@@ -774,8 +774,8 @@ def test_custom_resources_parse_from_overrides() -> None:
 def test_a_model_actor_asks_for_its_model_and_ray_datas_headroom() -> None:
     """1.25 x (1 GiB + fp32 weights): above what Ray Data's memory check wants (1.25 x the most a
     ViT-B-32 actor was seen using, ~1.5 GiB), so it neither warns nor lets Ray overpack a node."""
-    from keeper_core.models import parameter_count
-    from keeper_train.jobs.embed import ACTOR_BASELINE_BYTES, actor_memory
+    from keeper_core.models import ACTOR_BASELINE_BYTES, parameter_count
+    from keeper_train.jobs.embed import actor_memory
 
     for spec in ("keeper-tiny:random", "ViT-B-32:random"):
         want = 1.25 * (ACTOR_BASELINE_BYTES + 4 * parameter_count(spec))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -133,6 +134,17 @@ class _NoRandomInitWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+#: A model actor's process before its weights: Ray, torch, the model's library, a batch in flight.
+ACTOR_BASELINE_BYTES = 1024**3
+
+
+def actor_memory_request(weight_bytes: int) -> int:
+    """Bytes a model actor asks Ray for: its baseline and its weights, plus the 25 % headroom
+    Ray Data's memory check wants over what a worker was seen to use (``keeper embed``'s CLIP
+    actors, ``keeper select``'s VLM actors)."""
+    return math.ceil(1.25 * (ACTOR_BASELINE_BYTES + weight_bytes))
 
 
 def parameter_count(spec: str | ModelSpec) -> int:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -52,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keeper_core import storage
 from keeper_core.errors import DataError, KeeperError, ModelLoadError, StorageError
+from keeper_core.models import actor_memory_request
 
 #: What to install when transformers is missing.
 INSTALL_HINT = "pip install 'keeper-core[vlm]'"
@@ -133,6 +133,11 @@ class VlmConfig(BaseModel):
         if self.device == "cpu" and self.dtype == "bfloat16":
             raise ValueError("dtype bfloat16 runs on cuda only; use auto or float32 on cpu")
         return self
+
+
+def _local_path(source: str) -> Path:
+    """The folder a ``local`` source names (``file://`` and ``~`` resolved)."""
+    return Path(source.strip().removeprefix("file://")).expanduser()
 
 
 def source_kind(source: str) -> SourceKind:
@@ -455,7 +460,7 @@ def load_vlm(config: VlmConfig, *, cache_dir: str | Path | None = None) -> VlmJu
     local_dir: Path | None = None
     extra: dict[str, Any] = {}
     if kind == "local":
-        local_dir = Path(source.removeprefix("file://")).expanduser()
+        local_dir = _local_path(source)
         if not local_dir.is_dir():
             what = "not a directory" if local_dir.exists() else "no such directory"
             raise ModelLoadError(source, f"{what}: {local_dir}")
@@ -483,10 +488,6 @@ def load_vlm(config: VlmConfig, *, cache_dir: str | Path | None = None) -> VlmJu
     )
 
 
-#: A VLM actor's process before its weights: Ray, torch, transformers, a batch in flight.
-VLM_BASELINE_BYTES = 1024**3
-
-
 def parameter_count(source: str, *, cache_dir: str | Path | None = None) -> int:
     """Parameters of the VLM at ``source``, from its ``config.json`` alone: the model is built on
     torch's meta device (no weights read, nothing downloaded but the config).
@@ -508,7 +509,7 @@ def parameter_count(source: str, *, cache_dir: str | Path | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             where = source
             if kind == "local":
-                where = str(Path(source.removeprefix("file://")).expanduser())
+                where = str(_local_path(source))
             elif kind == "s3":
                 data = storage.read_bytes(storage.join(source.rstrip("/"), "config.json"))
                 (Path(tmp) / "config.json").write_bytes(data)
@@ -531,7 +532,7 @@ def actor_memory(config: VlmConfig, *, cache_dir: str | Path | None = None) -> i
     """
     wide = config.device == "cpu" or config.dtype == "float32"
     params = parameter_count(config.source, cache_dir=cache_dir)
-    return math.ceil(1.25 * (VLM_BASELINE_BYTES + (4 if wide else 2) * params))
+    return actor_memory_request((4 if wide else 2) * params)
 
 
 def _device_dtype(config: VlmConfig) -> tuple[torch.device, torch.dtype]:

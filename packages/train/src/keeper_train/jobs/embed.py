@@ -30,7 +30,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -69,6 +68,7 @@ from keeper_core.images import DecodeLimits, sniff_is_image
 from keeper_core.models import (
     ModelSpec,
     PreprocessConfig,
+    actor_memory_request,
     embed_dim,
     parameter_count,
     preprocess_config,
@@ -120,15 +120,13 @@ ERRORS_SCHEMA = pa.schema(
         ("at", pa.string()),
     ]
 )
-#: A model actor's process before its weights: Ray, torch, open_clip, a batch in flight.
-ACTOR_BASELINE_BYTES = 1024**3
 
 
 def actor_memory(spec: str) -> int:
     """Bytes a model actor asks Ray for: its baseline and the model in fp32, plus the 25 %
     headroom Ray Data's memory check wants over what a worker was seen to use. ViT-B-32: 1.95
     GiB (seen using up to ~1.5 GiB on CPU); keeper-tiny 1.28 GiB; ViT-L-14 3.2 GiB."""
-    return math.ceil(1.25 * (ACTOR_BASELINE_BYTES + 4 * parameter_count(spec)))
+    return actor_memory_request(4 * parameter_count(spec))
 
 
 #: A decode task's worker before its images: Ray, pyarrow, Pillow and keeper's decode path, no
