@@ -1,4 +1,4 @@
-"""JPEG decode backends side by side: PIL, libjpeg-turbo (simplejpeg) and nvJPEG, same files.
+"""JPEG decode backends side by side: PIL, libjpeg-turbo, nvJPEG and nvImageCodec, same files.
 
     .venv/bin/python benchmarks/decode.py [--files 32] [--repeats 5] \
         [--out benchmarks/results/decode-cpu.json]
@@ -15,9 +15,10 @@ process's CPU time (decode is single-threaded), so they hold on a shared machine
 the JSON too. Each repeat runs every backend in turn, so a burst of foreign load lands on all of
 them; the best repeat is kept. Ratios are against PIL's full decode of the same files.
 
-GPU rows: ``GpuDecoder.decode_batch`` over all files of a size in batches of ``--gpu-batch``, wall
-time with ``torch.cuda.synchronize()``, after a warm-up batch; without CUDA they are written as
-"not measured (no CUDA device)".
+GPU rows, one per engine (``gpu``: torchvision's nvJPEG; ``nvimgcodec``: NVIDIA nvImageCodec, which
+can use the GPU's hardware JPEG decoder): ``GpuDecoder.decode_batch`` over all files of a size in
+batches of ``--gpu-batch``, wall time with ``torch.cuda.synchronize()``, after a warm-up batch;
+without CUDA (or without nvImageCodec installed) they are written as "not measured (...)".
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from blockiness import GRAIN, jpeg, photos
 from embed import machine_info
 from PIL import Image
 
-from keeper_core.decoders import Decoder, GpuDecoder, PilDecoder, TurboDecoder
+from keeper_core.decoders import ENGINES, Decoder, GpuDecoder, PilDecoder, TurboDecoder
+from keeper_core.errors import ConfigError
 from keeper_core.preparation import QUALITY_SIZE
 from keeper_core.synthetic import DEFAULT_PHOTOS
 
@@ -91,10 +93,17 @@ def cpu_rows(blobs: list[bytes], repeats: int) -> dict[str, dict[str, dict[str, 
     return best
 
 
-def gpu_row(blobs: list[bytes], batch: int) -> dict[str, Any]:
+GPU_BACKENDS = tuple(ENGINES.values())  # "gpu", "nvimgcodec"
+
+
+def gpu_row(blobs: list[bytes], batch: int, engine: str) -> dict[str, Any]:
     if not torch.cuda.is_available():
         return {"full": NO_GPU, "draft": NO_GPU}
-    gpu = GpuDecoder("cuda")
+    try:
+        gpu = GpuDecoder("cuda", engine=engine)
+    except ConfigError as e:  # nvImageCodec not installed, or it cannot decode on this GPU
+        why = f"not measured ({e})"
+        return {"full": why, "draft": why}
     row: dict[str, Any] = {}
     for wname, draft in (("full", None), ("draft", DRAFT)):
         gpu.decode_batch([(b, None) for b in blobs[:batch]], draft_size=draft)  # warm up
@@ -121,9 +130,9 @@ def measure(files: int, repeats: int, gpu_batch: int) -> list[dict[str, Any]]:
             "mean_bytes": int(np.mean([len(b) for b in blobs])),
             "pil": cpu["pil"],
             "turbo": cpu["turbo"],
-            "gpu": gpu_row(blobs, gpu_batch),
+            **{ENGINES[e]: gpu_row(blobs, gpu_batch, e) for e in ENGINES},
         }
-        for name in ("pil", "turbo", "gpu"):
+        for name in ("pil", "turbo", *GPU_BACKENDS):
             for way in ("full", "draft"):
                 m = row[name][way]
                 if isinstance(m, dict):
@@ -136,18 +145,18 @@ def measure(files: int, repeats: int, gpu_batch: int) -> list[dict[str, Any]]:
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"\nImages/s, one process, one thread (CPU time; GPU: wall); draft = {DRAFT[0]} px")
     print(
-        f"{'size':<10} {'backend':<7} {'full img/s':>10} {'draft img/s':>11} "
+        f"{'size':<10} {'backend':<10} {'full img/s':>10} {'draft img/s':>11} "
         f"{'full/PIL full':>13} {'draft/PIL full':>14} {'draft/PIL draft':>15}"
     )
     for r in rows:
         pil_draft = r["pil"]["draft"]["img_per_s"]
-        for name in ("pil", "turbo", "gpu"):
+        for name in ("pil", "turbo", *GPU_BACKENDS):
             full, draft = r[name]["full"], r[name]["draft"]
             if isinstance(full, str):
-                print(f"{r['size']:<10} {name:<7} {full}")
+                print(f"{r['size']:<10} {name:<10} {full}")
                 continue
             print(
-                f"{r['size']:<10} {name:<7} {full['img_per_s']:>10.1f} "
+                f"{r['size']:<10} {name:<10} {full['img_per_s']:>10.1f} "
                 f"{draft['img_per_s']:>11.1f} {full['vs_pil_full']:>13.2f} "
                 f"{draft['vs_pil_full']:>14.2f} {draft['img_per_s'] / pil_draft:>15.2f}"
             )

@@ -16,6 +16,8 @@ the same JPEGs:
 3. keeper, ``decode=gpu`` (``gpu-c{C}-calls{K}``): each model actor reads, nvJPEG-decodes,
    resizes and measures its batches on its GPU (``decode_placement=actor``), K batches decoding
    while one embeds; C actors sharing the GPU (``num_gpus_per_worker`` 1/C).
+   ``nvimgcodec-c{C}-calls{K}``: the same with ``decode=nvimgcodec`` (NVIDIA nvImageCodec: the
+   GPU's hardware JPEG decoder where it has one, as A100/H100-class GPUs do).
 
 Keeper rows run as ``benchmarks/embed.py``'s: a probe run (its start-up: Ray's init when Ray is
 not up yet, plus the seconds to the first written part), then N and 2N images (fresh outputs,
@@ -101,13 +103,13 @@ class RowSpec:
     overrides: dict[str, Any]
 
 
-def _gpu_row(actors: int, calls: int) -> RowSpec:
+def _gpu_row(actors: int, calls: int, decode: str = "gpu") -> RowSpec:
     return RowSpec(
-        f"gpu-c{actors}-calls{calls}",
-        f"decode=gpu in {actors} actor(s) at {1 / actors:g} GPU, {calls} decoding call(s)",
+        f"{decode}-c{actors}-calls{calls}",
+        f"decode={decode} in {actors} actor(s) at {1 / actors:g} GPU, {calls} decoding call(s)",
         True,
         {
-            "decode": "gpu",
+            "decode": decode,
             "decode_placement": "actor",
             "actor_decode_calls": calls,
             "concurrency": actors,
@@ -120,6 +122,7 @@ ROWS: dict[str, RowSpec] = {
     r.name: r
     for r in (
         _gpu_row(1, 2),
+        _gpu_row(1, 2, "nvimgcodec"),  # the GPU's hardware JPEG decoder, where it has one
         RowSpec(
             "tasks-cpu",
             "CPU decode tasks (draft, 1 CPU each) -> 1 model actor",

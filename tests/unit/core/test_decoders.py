@@ -1,7 +1,8 @@
 """keeper_core.decoders: every backend keeps decode_image's contract (cases built in code).
 
-Backends: "pil" (the reference), "turbo" (simplejpeg), and "gpu-on-cpu": GpuDecoder's control
-flow through ``decode_batch`` with torchvision decoding on the CPU (no CUDA needed).
+Backends: "pil" (the reference), "turbo" (simplejpeg), "gpu-on-cpu": GpuDecoder's control
+flow through ``decode_batch`` with torchvision decoding on the CPU (no CUDA needed), and
+"nvimgcodec-on-cpu": the same with nvImageCodec's engine on its CPU (libjpeg-turbo) backend.
 
 Pixel tolerance. PIL and simplejpeg both link libjpeg-turbo with its default islow IDCT and
 fancy upsampling: they agree bit for bit (measured: 0 on every case here), and
@@ -14,9 +15,13 @@ photo, more on white noise (not a photo), so draft pixels are compared on a phot
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import io
+import logging
+import os
 import struct
+import sys
 import time
 from collections.abc import Callable
 
@@ -54,15 +59,17 @@ from keeper_core.models import resize_transform
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BACKENDS = ("pil", "turbo", "gpu-on-cpu")
+BACKENDS = ("pil", "turbo", "gpu-on-cpu", "nvimgcodec-on-cpu")
+ON_DEVICE = ("gpu-on-cpu", "nvimgcodec-on-cpu")  # GpuDecoder, by engine
+ENGINE = {"gpu-on-cpu": "torchvision", "nvimgcodec-on-cpu": "nvimgcodec"}
 MEAN_TOL = 1.0  # levels of 255, full decodes (see the module docstring)
 DRAFT_TOL = 1.0  # a drafted photo: GPU area downscale against PIL's DCT scaling (0.3 measured)
 MODEL_INPUT_TOL = 0.5  # the model input made from a drafted photo
 
 
 def make_decoder(backend: str) -> Decoder:
-    if backend == "gpu-on-cpu":
-        return GpuDecoder(device="cpu")
+    if backend in ENGINE:
+        return GpuDecoder(device="cpu", engine=ENGINE[backend])
     return {"pil": PilDecoder, "turbo": TurboDecoder}[backend]()
 
 
@@ -219,11 +226,14 @@ def test_orientation_corners(backend: str, orientation: int) -> None:
     assert close(corner(out, blue_at), (0, 0, 255)), corner(out, blue_at)
 
 
+@pytest.mark.parametrize("backend", ["turbo", "nvimgcodec-on-cpu"])
 @pytest.mark.parametrize("case", sorted(GOOD))
-def test_turbo_pixels_are_identical_to_pil(case: str) -> None:
+def test_libjpeg_turbo_pixels_are_identical_to_pil(backend: str, case: str) -> None:
+    """simplejpeg and nvImageCodec's CPU backend link libjpeg-turbo as Pillow does: full
+    decodes are bit-identical (a GPU draft is a box shrink, not a DCT scale: not compared)."""
     data = GOOD[case]()
     np.testing.assert_array_equal(
-        np.asarray(TurboDecoder().decode(data)), np.asarray(PilDecoder().decode(data))
+        np.asarray(run(make_decoder(backend), data)), np.asarray(PilDecoder().decode(data))
     )
 
 
@@ -255,7 +265,7 @@ def test_pixel_bomb_refused_fast_before_decode(backend: str, data: bytes) -> Non
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the metadata we break
-@pytest.mark.parametrize("backend", ["turbo", "gpu-on-cpu"])
+@pytest.mark.parametrize("backend", ["turbo", *ON_DEVICE])
 def test_corrupted_jpegs_get_pils_verdict(backend: str) -> None:
     """Flip bytes of real JPEGs: the same reason as PIL, or the same pixels."""
     rng = np.random.default_rng(7)
@@ -314,7 +324,7 @@ def test_draft_size_equals_pils_and_never_below_request(
     assert mean_diff(out, expected) < DRAFT_TOL, mean_diff(out, expected)
 
 
-@pytest.mark.parametrize("backend", ["turbo", "gpu-on-cpu"])
+@pytest.mark.parametrize("backend", ["turbo", *ON_DEVICE])
 def test_model_input_agrees_with_pil(backend: str) -> None:
     """The model input keeper makes from each backend's draft decode (QUALITY_SIZE)."""
     resize = resize_transform("keeper-tiny:random")  # a 64 px input; ViT-B-32's is 224
@@ -350,12 +360,12 @@ def test_turbo_counts_what_it_delegates() -> None:
     assert turbo.decoded == 2  # a RAW's JPEG preview is a JPEG too
 
 
-def device_refuses(data: bytes) -> bool:
-    return isinstance(GpuDecoder(device="cpu")._device_decode([data])[0], Exception)
+def device_refuses(data: bytes, engine: str) -> bool:
+    return isinstance(GpuDecoder(device="cpu", engine=engine)._device_decode([data])[0], Exception)
 
 
-def complete_jpeg_the_device_refuses() -> bytes:
-    """A corrupt JPEG with its EOI intact (so it goes to the device), which torchvision refuses.
+def complete_jpeg_the_device_refuses(engine: str) -> bytes:
+    """A corrupt JPEG with its EOI intact (so it goes to the device), which the engine refuses.
 
     Found by a seeded search, so it holds whatever the encoder's exact bytes: more than half of
     the three-byte corruptions of a progressive file are one ("Bogus sampling factors",
@@ -371,18 +381,19 @@ def complete_jpeg_the_device_refuses() -> bytes:
         for pos in rng.integers(0, len(b) - 2, size=3):  # keep the EOI: sent to the device
             b[pos] = int(rng.integers(0, 256))
         data = bytes(b)
-        if _complete(data) and device_refuses(data):
+        if _complete(data) and device_refuses(data, engine):
             return data
-    raise AssertionError("no complete JPEG that torchvision refuses: find another case")
+    raise AssertionError(f"no complete JPEG that {engine} refuses: find another case")
 
 
-def test_gpu_per_image_failure_falls_back_and_is_counted() -> None:
-    bad = complete_jpeg_the_device_refuses()
+@pytest.mark.parametrize("engine", ["torchvision", "nvimgcodec"])
+def test_gpu_per_image_failure_falls_back_and_is_counted(engine: str) -> None:
+    bad = complete_jpeg_the_device_refuses(engine)
     good = encode(noise(40, 30), "JPEG")
-    gpu = GpuDecoder(device="cpu", cpu=PilDecoder())
+    gpu = GpuDecoder(device="cpu", cpu=PilDecoder(), engine=engine)
     out = gpu.decode_batch([(good, "a"), (bad, "b"), (good, "c")])
     assert gpu.fallbacks == {"RuntimeError": 1}
-    assert gpu.decoded == 2  # the batch failed as a whole; the good ones were decoded again
+    assert gpu.decoded == 2  # the good ones, whether or not the engine retried one at a time
     assert not gpu.delegated
     assert isinstance(out[1], ImageDecodeError)
     assert (out[1].reason, out[1].source) == (outcome(PilDecoder(), bad), "b")
@@ -391,9 +402,10 @@ def test_gpu_per_image_failure_falls_back_and_is_counted() -> None:
         assert out[i].shape == (3, 30, 40)
 
 
-def test_gpu_batch_is_one_device_call_in_order() -> None:
+@pytest.mark.parametrize("engine", ["torchvision", "nvimgcodec"])
+def test_gpu_batch_is_one_device_call_in_order(engine: str) -> None:
     blobs = [with_orientation(noise(40 + 8 * i, 32, seed=i), 1 + i) for i in range(5)]
-    gpu = GpuDecoder(device="cpu")
+    gpu = GpuDecoder(device="cpu", engine=engine)
     out = gpu.decode_batch([(b, None) for b in blobs], draft_size=(16, 16))
     assert gpu.decoded == 5
     assert not gpu.fallbacks
@@ -404,8 +416,9 @@ def test_gpu_batch_is_one_device_call_in_order() -> None:
         assert got.permute(1, 2, 0).shape == expected.shape
 
 
-def test_gpu_delegates_by_rule_and_keeps_order() -> None:
-    gpu = GpuDecoder(device="cpu")
+@pytest.mark.parametrize("engine", ["torchvision", "nvimgcodec"])
+def test_gpu_delegates_by_rule_and_keeps_order(engine: str) -> None:
+    gpu = GpuDecoder(device="cpu", engine=engine)
     items: list[tuple[bytes | RawPreview, str | None]] = [
         (encode(noise(40, 30), "PNG"), "png"),
         (b"", "empty"),
@@ -438,8 +451,9 @@ def test_gpu_delegates_by_rule_and_keeps_order() -> None:
     assert gpu.decode_batch([]) == []
 
 
-def test_gpu_decode_is_a_decoder_too() -> None:
-    gpu = GpuDecoder(device="cpu")
+@pytest.mark.parametrize("engine", ["torchvision", "nvimgcodec"])
+def test_gpu_decode_is_a_decoder_too(engine: str) -> None:
+    gpu = GpuDecoder(device="cpu", engine=engine)
     data = jpeg_with_orientation(64, 48, 6)
     assert isinstance(gpu, Decoder)
     np.testing.assert_array_equal(np.asarray(gpu.decode(data)), np.asarray(decode_pil(data)))
@@ -460,15 +474,16 @@ def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("no_cuda")
-def test_gpu_without_cuda_is_config_error() -> None:
-    for make in (lambda: resolve_decoder("gpu"), lambda: GpuDecoder("cuda:0")):
-        with pytest.raises(ConfigError, match="--decode gpu needs a CUDA device; this process"):
+@pytest.mark.parametrize(("name", "engine"), [("gpu", "torchvision"), ("nvimgcodec", "nvimgcodec")])
+def test_gpu_without_cuda_is_config_error(name: str, engine: str) -> None:
+    for make in (lambda: resolve_decoder(name), lambda: GpuDecoder("cuda:0", engine=engine)):
+        with pytest.raises(ConfigError, match=f"--decode {name} needs a CUDA device; this process"):
             make()
 
 
 @pytest.mark.usefixtures("no_cuda")
 def test_auto_and_cpu_without_cuda_are_cpu_backends(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert DECODERS == ("auto", "cpu", "pil", "turbo", "gpu")
+    assert DECODERS == ("auto", "cpu", "pil", "turbo", "gpu", "nvimgcodec")
     assert isinstance(resolve_decoder("pil"), PilDecoder)
     assert isinstance(resolve_decoder("turbo"), TurboDecoder)
     # Pillow's wheels decode JPEG with libjpeg-turbo: PIL is the fastest CPU backend then.
@@ -499,11 +514,52 @@ def test_cpu_without_simplejpeg_is_pil(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_bad_names_and_devices_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="choose one of auto, cpu, pil, turbo, gpu"):
+    with pytest.raises(ConfigError, match="choose one of auto, cpu, pil, turbo, gpu, nvimgcodec"):
         resolve_decoder("nvjpeg")
-    with pytest.raises(ConfigError, match="CUDA device, got device 'cpu'"):
-        resolve_decoder("gpu", device="cpu")
+    for name in ("gpu", "nvimgcodec"):
+        with pytest.raises(ConfigError, match=f"--decode {name} decodes on the model's CUDA"):
+            resolve_decoder(name, device="cpu")
+    with pytest.raises(ConfigError, match="unknown GPU decode engine 'dali'"):
+        GpuDecoder("cpu", engine="dali")
     with pytest.raises(ConfigError, match="not a torch device"):
         resolve_decoder("auto", device="tpu:x")
     with pytest.raises(ConfigError, match="not 'meta'"):
         GpuDecoder("meta")
+
+
+# ---------------------------------------------------------------- nvImageCodec
+
+
+def test_nvimgcodec_missing_is_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "nvidia.nvimgcodec", None)  # import fails as if absent
+    with pytest.raises(ConfigError, match=r"pip install 'keeper-core\[nvimgcodec\]'"):
+        GpuDecoder("cpu", engine="nvimgcodec")
+
+
+def test_nvimgcodec_that_cannot_decode_fails_at_construction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No silent slow path: a decoder whose JPEG codec did not load (on a GPU: nvJPEG's library
+    missing) would send every image to the CPU; the self-test refuses it up front instead."""
+    monkeypatch.setattr(decoders, "_probe_jpeg", lambda: b"\xff\xd8 not a JPEG after all")
+    with pytest.raises(ConfigError, match="could not decode a test JPEG on its CPU backend"):
+        GpuDecoder("cpu", engine="nvimgcodec")
+
+
+def test_c_library_chatter_goes_to_the_log(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """What C code prints while nvImageCodec loads lands in keeper's log, not on the terminal:
+    lines about codecs keeper does not use at debug level, anything else as a warning."""
+    libc = ctypes.CDLL(None)
+    with caplog.at_level(logging.DEBUG, logger="keeper_core.decoders"):
+        with decoders._c_output_to_log():
+            libc.printf(b"Failed to load nvtiff library! Please install nvTIFF\n")  # C stdio
+            os.write(2, b"something unexpected\n")
+        print("after", flush=True)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("after\n", "")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, "nvimgcodec: Failed to load nvtiff library! Please install nvTIFF"),
+        (logging.WARNING, "nvimgcodec: something unexpected"),
+    ]

@@ -7,7 +7,8 @@ Tolerances. The resizes reproduce PIL's integer arithmetic, so from the same dec
 model input, the 256 x 256 quality resize and the dhash are bit-identical (asserted exactly),
 and the features differ only by float32 summation order: ``SAME_PIXELS_TOL`` (measured max
 over these cases: sharpness 4.8e-7 on the log scale, 1.2e-7 or less for the others).
-With ``GpuDecoder(device="cpu")`` the decode itself differs (torchvision's libjpeg, a box draft
+With ``GpuDecoder(device="cpu")`` the decode itself differs (torchvision's libjpeg or
+nvImageCodec's libjpeg-turbo, a box draft
 instead of a DCT draft, the band's grey from RGB instead of libjpeg's Y), so its features are
 held to ``DECODER_TOL`` (measured max: sharpness 0.0068, blockiness 0.024, clip_dark 0.0015,
 colourfulness 0.0018, clip_bright 4e-4, brightness/contrast/noise 1.4e-4 or less; model input
@@ -325,14 +326,15 @@ def reference(
     return prep, out
 
 
-@pytest.mark.parametrize("backend", ["pil", "gpu-on-cpu"])
+@pytest.mark.parametrize("backend", ["pil", "gpu-on-cpu", "nvimgcodec-on-cpu"])
 def test_prepare_matches_image_preparation(
     backend: str,
     items: list[tuple[bytes, str]],
     reference: tuple[ImagePreparation, list[DecodedImage | ImageDecodeError]],
 ) -> None:
     prep, expected = reference
-    decoder = GpuDecoder(device="cpu") if backend == "gpu-on-cpu" else PilDecoder()
+    engine = {"gpu-on-cpu": "torchvision", "nvimgcodec-on-cpu": "nvimgcodec"}.get(backend)
+    decoder = PilDecoder() if engine is None else GpuDecoder(device="cpu", engine=engine)
     out = DevicePreparation(SPEC, device="cpu", decoder=decoder).prepare(items)
 
     good = [d for d in expected if isinstance(d, DecodedImage)]

@@ -680,31 +680,38 @@ def test_decode_backends_prepare_the_same_rows(name: str, tmp_path: Path) -> Non
         ({"num_gpus_per_worker": 1, "thumbnails": "thumbs/"}, "thumbnails are written from"),
     ],
 )
-def test_decode_gpu_is_refused_where_it_cannot_run(overrides: dict[str, Any], message: str) -> None:
+@pytest.mark.parametrize("decode", ["gpu", "nvimgcodec"])
+def test_decode_gpu_is_refused_where_it_cannot_run(
+    decode: str, overrides: dict[str, Any], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
-        EmbedConfig(input="in", output="out", decode="gpu", **overrides)
+        EmbedConfig(input="in", output="out", decode=decode, **overrides)
 
 
-def test_decode_gpu_decodes_in_the_actor() -> None:
-    cfg = EmbedConfig(input="in", output="out", decode="gpu", num_gpus_per_worker=0.5)
+@pytest.mark.parametrize("decode", ["gpu", "nvimgcodec"])
+def test_decode_gpu_decodes_in_the_actor(decode: str) -> None:
+    cfg = EmbedConfig(input="in", output="out", decode=decode, num_gpus_per_worker=0.5)
     assert cfg.placement == "actor"
     assert EmbedConfig(input="in", output="out").placement == "tasks"
 
 
-def test_gpu_decode_actor_without_cuda_is_a_clear_error() -> None:
+@pytest.mark.parametrize("decode", ["gpu", "nvimgcodec"])
+def test_gpu_decode_actor_without_cuda_is_a_clear_error(decode: str) -> None:
     kwargs = {"spec": SPEC, "limits": LIMITS, "draft": True, "errors_dir": "e", "run_id": "r"}
-    with pytest.raises(ConfigError, match="this model actor sees no CUDA device"):
-        EmbedStage(SPEC, 8, prepare={**kwargs, "capture": False, "decode": "gpu"})
+    with pytest.raises(ConfigError, match=f"decode={decode}: this model actor sees no CUDA"):
+        EmbedStage(SPEC, 8, prepare={**kwargs, "capture": False, "decode": decode})
 
 
+@pytest.mark.parametrize("engine", ["torchvision", "nvimgcodec"])
 def test_device_preparation_gives_the_decode_tasks_rows(
-    corpus: dict[str, str], tmp_path: Path
+    corpus: dict[str, str], tmp_path: Path, engine: str
 ) -> None:
-    """decode=gpu's actor path, run with GpuDecoder's CPU mode (the control flow, on CPU)."""
+    """decode=gpu's (and nvimgcodec's) actor path, run with GpuDecoder's CPU mode (the control
+    flow, on CPU)."""
     uris = [corpus[n] for n in MIXED]
     batch = {"image_uri": np.array(uris, dtype=object)}
     prep = DevicePreparation(
-        SPEC, device="cpu", limits=DecodeLimits(**LIMITS), decoder=GpuDecoder("cpu")
+        SPEC, device="cpu", limits=DecodeLimits(**LIMITS), decoder=GpuDecoder("cpu", engine=engine)
     )
     got = prepare_on_device(
         batch,

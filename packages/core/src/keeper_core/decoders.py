@@ -13,13 +13,19 @@ turns a JPEG's entropy-coded data into pixels:
   are bit-identical where both link libjpeg-turbo with its default (islow) IDCT, as the wheels do.
 - ``gpu`` (:class:`GpuDecoder`): ``torchvision.io.decode_jpeg`` (nvJPEG), a batch at a time,
   pixels left on the model's device.
+- ``nvimgcodec`` (:class:`GpuDecoder` with ``engine="nvimgcodec"``): NVIDIA nvImageCodec, a batch
+  at a time, pixels left on the model's device. On A100/H100-class GPUs it can use their hardware
+  JPEG decoders (its ``HW_GPU_ONLY`` backend), which torchvision's nvJPEG call does not; else its
+  CUDA nvJPEG decoders. The same routing, fallbacks and counters as ``gpu``. Optional:
+  ``pip install 'keeper-core[nvimgcodec]'`` (nvidia-nvimgcodec-cu13 with nvidia-nvjpeg).
 - ``cpu``: the fastest CPU backend here. Pillow's wheels decode JPEG with libjpeg-turbo too, so
   the entropy decode and IDCT are the same code; turbo then pays a copy of its array into a PIL
   image. Measured (benchmarks/decode.py, one thread): turbo at 0.87x PIL's images/s on 12 MP full
   decodes, 0.86x at 1600x1200, 0.89x at 512x384, 0.89-1.01x on drafts. So ``cpu`` is ``pil``
   when Pillow's JPEG codec is libjpeg-turbo, and ``turbo`` only when it is not (IJG libjpeg)
   and simplejpeg is installed.
-- ``auto``: ``gpu`` when decode happens beside a model on a CUDA device, else ``cpu``.
+- ``auto``: ``gpu`` when decode happens beside a model on a CUDA device, else ``cpu``. (Not
+  ``nvimgcodec``: it has not been measured against ``gpu`` on a GPU yet.)
 
 Dispatch, not fallback. What a backend does not decode itself goes to the CPU reference by
 rule, per image, and is counted by reason in the backend's ``delegated`` counter, so a run can
@@ -32,7 +38,7 @@ report how much of its input took the slow path:
         file, or recoverable corruption such as "extraneous bytes before marker" that PIL
         decodes through; PIL's verdict, "truncated" or pixels, is the contract)
 
-The GPU backend also sends MPO files (``format:MPO``) and JPEGs without an EOI after their first
+The GPU backends also send MPO files (``format:MPO``) and JPEGs without an EOI after their first
 scan (``incomplete``: truncated, which nvJPEG may not report) to the CPU backend, and counts a
 JPEG the device fails to decode in ``fallbacks`` before the CPU backend decodes it.
 
@@ -40,16 +46,25 @@ JPEG the device fails to decode in ``fallbacks`` before the CPU backend decodes 
     img = decoder.decode(data, limits=limits, source=uri, draft_size=(256, 256))
     gpu = resolve_decoder("auto", device="cuda:0")  # GpuDecoder when this process sees CUDA
     out = gpu.decode_batch([(data, uri), ...], limits=limits, draft_size=(256, 256))
+    nv = resolve_decoder("nvimgcodec", device="cuda:0")  # GpuDecoder(engine="nvimgcodec")
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import io
+import logging
+import os
 import struct
+import tempfile
+import threading
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image, features
@@ -83,6 +98,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DECODERS",
+    "DEVICE_DECODERS",
+    "ENGINES",
     "Decoder",
     "GpuDecoder",
     "PilDecoder",
@@ -91,7 +108,13 @@ __all__ = [
 ]
 
 #: Names ``resolve_decoder`` (and ``--decode``) accept.
-DECODERS = ("auto", "cpu", "pil", "turbo", "gpu")
+DECODERS = ("auto", "cpu", "pil", "turbo", "gpu", "nvimgcodec")
+#: The libraries a :class:`GpuDecoder` decodes with on its device; the backend name of each.
+ENGINES = {"torchvision": "gpu", "nvimgcodec": "nvimgcodec"}
+#: The names that decode beside the model, on its CUDA device (a :class:`GpuDecoder`).
+DEVICE_DECODERS = tuple(ENGINES.values())
+
+log = logging.getLogger(__name__)
 
 # SOF0-2: 8/12-bit Huffman baseline, extended and progressive (precision is checked apart).
 # Arithmetic (SOF9-11), lossless (SOF3) and hierarchical (SOF5-7) JPEGs stay with PIL.
@@ -293,7 +316,7 @@ def _grey_band(chw: torch.Tensor, pixels: int) -> torch.Tensor:
 
 
 class GpuDecoder:
-    """nvJPEG through ``torchvision.io.decode_jpeg``: a batch of JPEGs to tensors on a device.
+    """A batch of JPEGs to tensors on a device: nvJPEG through torchvision, or nvImageCodec.
 
     Headers are checked on the CPU first (the same checks as ``decode_image``), so a bomb or a
     non-image never reaches the device. Non-JPEGs, CMYK and uncommon JPEG processes, MPO files
@@ -303,28 +326,39 @@ class GpuDecoder:
     size.
 
     Args:
-        device: a CUDA device ("cuda", "cuda:1"). ``"cpu"`` runs torchvision's libjpeg on the
-            CPU: for tests of this class's control flow only, never a deployment choice.
+        device: a CUDA device ("cuda", "cuda:1"). ``"cpu"`` runs the engine's CPU decoder
+            (torchvision's libjpeg, nvImageCodec's libjpeg-turbo backend): for tests of this
+            class's control flow only, never a deployment choice.
         cpu: the backend for what the device does not decode (default: ``resolve_decoder("cpu")``).
+        engine: the library that decodes on the device, one of :data:`ENGINES`: "torchvision"
+            (``decode_jpeg(..., device=...)``, nvJPEG) or "nvimgcodec" (nvImageCodec: the GPU's
+            hardware JPEG decoder where it has one, else its CUDA decoder).
 
     Raises:
-        ConfigError: a CUDA device in a process that sees none, or another device type.
+        ConfigError: a CUDA device in a process that sees none, or another device type; an
+            unknown engine; nvimgcodec not installed, or unable to decode a test JPEG on the
+            device (its nvJPEG library missing, say): never a silent switch to the CPU.
     """
 
-    name = "gpu"
-
-    def __init__(self, device: str = "cuda", *, cpu: Decoder | None = None) -> None:
+    def __init__(
+        self, device: str = "cuda", *, cpu: Decoder | None = None, engine: str = "torchvision"
+    ) -> None:
         import torch
 
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown GPU decode engine {engine!r}: one of {', '.join(ENGINES)}")
+        self.name = ENGINES[engine]
         try:
             dev = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ConfigError(f"GpuDecoder device {device!r} is not a torch device: {e}") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--decode gpu needs a CUDA device; this process sees none")
+            raise ConfigError(f"--decode {self.name} needs a CUDA device; this process sees none")
         if dev.type not in ("cuda", "cpu"):
             raise ConfigError(f"GpuDecoder decodes on CUDA (or CPU in tests), not {dev.type!r}")
         self.device = dev
+        self.engine = engine
+        self._nvimgcodec = _NvImgCodec(dev) if engine == "nvimgcodec" else None
         self.cpu: Decoder = cpu if cpu is not None else resolve_decoder("cpu")
         self.decoded = 0
         self.delegated: Counter[str] = Counter()
@@ -443,9 +477,15 @@ class GpuDecoder:
         return Image.fromarray(result.permute(1, 2, 0).cpu().numpy())
 
     def _device_decode(self, jpegs: list[bytes]) -> list[torch.Tensor | Exception]:
-        """Decode on the device, a batch at once; one image at a time to find a failing one."""
+        """Decode on the device, a batch at once: per JPEG a ``(3, H, W)`` tensor or the error."""
         if not jpegs:
             return []
+        if self._nvimgcodec is not None:
+            return self._nvimgcodec.decode(jpegs)
+        return self._torchvision_decode(jpegs)
+
+    def _torchvision_decode(self, jpegs: list[bytes]) -> list[torch.Tensor | Exception]:
+        """torchvision's batched call; one image at a time to find the failing one."""
         import torch
 
         with warnings.catch_warnings():
@@ -498,6 +538,142 @@ class GpuDecoder:
         return small[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
+_NV_IMPORT_LOCK = threading.Lock()
+#: Lines nvImageCodec prints when it loads its extensions and finds no library for codecs keeper
+#: does not use (JPEG 2000, TIFF on the GPU): expected, logged at debug level.
+_NV_EXPECTED = ("nvjpeg2k", "nvJPEG2000", "nvtiff", "nvTIFF")
+
+
+@contextlib.contextmanager
+def _c_output_to_log() -> Iterator[None]:
+    """Route what C code prints meanwhile (fds 1 and 2) into this module's log.
+
+    nvImageCodec loads its codec extensions when it is imported, and each one whose CUDA library is not installed prints a paragraph (C ``printf``, beyond Python's
+    reach, and buffered by C's stdio until the process exits when stdout is not a terminal).
+    The lines are kept: at debug level when they are about a codec keeper does not use, else at
+    warning level.
+    """
+    import ctypes
+    import sys
+
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
+        try:
+            yield
+        finally:
+            libc.fflush(None)  # C's buffered stdout, while it still points at the sink
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    expected = any(k in line for k in _NV_EXPECTED) or line.startswith("Note:")
+                    log.log(logging.DEBUG if expected else logging.WARNING, "nvimgcodec: %s", line)
+
+
+def _import_nvimgcodec() -> Any:
+    """``nvidia.nvimgcodec``, imported once per process with its load-time chatter logged.
+
+    Raises:
+        ConfigError: it is not installed.
+    """
+    import sys
+
+    with _NV_IMPORT_LOCK:
+        loaded = sys.modules.get("nvidia.nvimgcodec")
+        if loaded is not None:
+            return loaded
+        # Read at import: errors per image are not for the terminal (GpuDecoder counts them).
+        os.environ.setdefault("PYNVIMGCODEC_VERBOSITY", "0")
+        try:
+            with _c_output_to_log():  # it loads its codec extensions as it is imported
+                return importlib.import_module("nvidia.nvimgcodec")
+        except ImportError as e:
+            raise ConfigError(
+                "--decode nvimgcodec needs NVIDIA nvImageCodec: pip install "
+                "'keeper-core[nvimgcodec]' (nvidia-nvimgcodec-cu13[nvjpeg]; the -cu12 package "
+                "for a CUDA 12 build of torch)"
+            ) from e
+
+
+class _NvImgCodec:
+    """nvImageCodec's batch decoder on one device, to RGB uint8 ``(3, H, W)`` tensors there.
+
+    On CUDA its GPU backends (the hardware JPEG decoder, then the CUDA and hybrid nvJPEG
+    decoders); on the CPU (tests) its libjpeg-turbo backend. EXIF orientation is not applied
+    here (``GpuDecoder`` applies the one ``decode_image`` would); greyscale comes out as RGB.
+    A JPEG it cannot decode comes back as None, reported as a RuntimeError for the caller to
+    decode on the CPU and count.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        import torch
+
+        nvimgcodec = _import_nvimgcodec()
+        self.nv = nvimgcodec
+        self.device = device
+        if device.type == "cuda":
+            device_id = device.index if device.index is not None else torch.cuda.current_device()
+            kinds = [
+                nvimgcodec.BackendKind.HW_GPU_ONLY,
+                nvimgcodec.BackendKind.GPU_ONLY,
+                nvimgcodec.BackendKind.HYBRID_CPU_GPU,
+            ]
+        else:
+            device_id, kinds = (
+                nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
+                [nvimgcodec.BackendKind.CPU_ONLY],
+            )
+        self.decoder = nvimgcodec.Decoder(
+            device_id=device_id, backends=[nvimgcodec.Backend(k) for k in kinds]
+        )
+        self.params = nvimgcodec.DecodeParams(
+            apply_exif_orientation=False,
+            color_spec=nvimgcodec.ColorSpec.SRGB,
+            allow_any_depth=False,
+            sample_format=nvimgcodec.SampleFormat.I_RGB,
+        )
+        (probe,) = self.decode([_probe_jpeg()])
+        if isinstance(probe, Exception):
+            where = "its CPU backend" if device.type == "cpu" else f"{device}"
+            raise ConfigError(
+                f"nvImageCodec could not decode a test JPEG on {where}: no decoder for it loaded "
+                "(on a GPU its nvJPEG library: pip install nvidia-nvjpeg, or the CUDA toolkit's)"
+            )
+
+    def decode(self, jpegs: list[bytes]) -> list[torch.Tensor | Exception]:
+        import torch
+
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
+        images = self.decoder.decode(jpegs, params=self.params, cuda_stream=stream)
+        out: list[torch.Tensor | Exception] = []
+        for image in images:
+            if image is None:
+                out.append(RuntimeError("nvImageCodec could not decode it"))
+                continue
+            if image.buffer_kind == self.nv.ImageBufferKind.STRIDED_DEVICE:
+                hwc = torch.from_dlpack(image)  # on the consumer's (torch's current) stream
+            else:  # a host buffer: the CPU backend; copied out of nvImageCodec's buffer
+                hwc = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+            out.append(hwc.permute(2, 0, 1).to(self.device))
+        return out
+
+
+@functools.cache
+def _probe_jpeg() -> bytes:
+    """A small JPEG every working decoder decodes: a backend's self-test at construction."""
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 120, 40)).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
 def _pillow_jpeg_is_turbo() -> bool:
     """Whether Pillow's own JPEG codec is libjpeg-turbo (then it decodes as fast as turbo)."""
     return bool(features.check_feature("libjpeg_turbo"))
@@ -521,12 +697,13 @@ def resolve_decoder(name: str, *, device: str | None = None) -> Decoder:
         name: one of :data:`DECODERS`. "cpu": pil when Pillow decodes JPEG with
             libjpeg-turbo (measured as fast as turbo), else turbo when simplejpeg is installed.
             "auto": gpu when ``device`` is a CUDA device this process sees (decode beside the
-            model), else cpu. "gpu": a :class:`GpuDecoder` on ``device`` (default "cuda").
+            model), else cpu. "gpu": a :class:`GpuDecoder` on ``device`` (default "cuda");
+            "nvimgcodec": the same with ``engine="nvimgcodec"``.
         device: where the model runs ("cuda:0", "cpu"); None when nothing says.
 
     Raises:
-        ConfigError: an unknown name; "gpu" without a CUDA device (or with a non-CUDA
-            ``device``); "turbo" without simplejpeg.
+        ConfigError: an unknown name; "gpu" or "nvimgcodec" without a CUDA device (or with a
+            non-CUDA ``device``); "turbo" without simplejpeg; "nvimgcodec" not installed.
     """
     if name not in DECODERS:
         raise ConfigError(f"unknown decoder {name!r}: choose one of {', '.join(DECODERS)}")
@@ -540,7 +717,8 @@ def resolve_decoder(name: str, *, device: str | None = None) -> Decoder:
         return TurboDecoder()
     if device is not None and not device.startswith("cuda"):
         raise ConfigError(
-            f"--decode gpu decodes on the model's CUDA device, got device {device!r} "
+            f"--decode {name} decodes on the model's CUDA device, got device {device!r} "
             "(GpuDecoder(device='cpu') exists for tests only)"
         )
-    return GpuDecoder(device or "cuda")  # ConfigError when this process sees no CUDA
+    engine = next(e for e, n in ENGINES.items() if n == name)
+    return GpuDecoder(device or "cuda", engine=engine)  # ConfigError when no CUDA is seen

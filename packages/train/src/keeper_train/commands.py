@@ -89,8 +89,9 @@ def add_embed_parser(subparsers: SubParsers) -> None:
     p.add_argument("--num-gpus-per-worker", type=float, help="GPUs per model actor")
     p.add_argument(
         "--decode",
-        choices=["auto", "cpu", "pil", "turbo", "gpu"],
-        help="JPEG decoder (gpu: nvJPEG on the model actors' GPUs; default auto = CPU)",
+        choices=["auto", "cpu", "pil", "turbo", "gpu", "nvimgcodec"],
+        help="JPEG decoder (gpu: nvJPEG through torchvision, nvimgcodec: NVIDIA nvImageCodec, "
+        "both on the model actors' GPUs; default auto = CPU)",
     )
     p.add_argument(
         "--decode-placement",

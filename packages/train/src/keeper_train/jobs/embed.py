@@ -53,7 +53,7 @@ from keeper_core import storage
 from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
 from keeper_core.contact_sheet import thumbnail_jpeg, thumbnail_name
 from keeper_core.corpus import EMBEDDINGS
-from keeper_core.decoders import resolve_decoder
+from keeper_core.decoders import DEVICE_DECODERS, resolve_decoder
 from keeper_core.errors import (
     ConfigError,
     DataError,
@@ -194,17 +194,19 @@ class EmbedConfig(BaseModel):
     max_failure_fraction: float = Field(0.05, ge=0, le=1)
     retry_errors: bool = Field(False, description="re-attempt images already in the errors table")
     draft: bool = Field(True, description="JPEG draft-mode decode for images larger than needed")
-    decode: Literal["auto", "cpu", "pil", "turbo", "gpu"] = Field(
+    decode: Literal["auto", "cpu", "pil", "turbo", "gpu", "nvimgcodec"] = Field(
         "auto",
-        description="JPEG decode backend of the decode tasks (keeper_core.decoders): auto = cpu "
-        "= the fastest CPU backend here (PIL with libjpeg-turbo, measured); turbo = simplejpeg",
+        description="JPEG decode backend (keeper_core.decoders): auto = cpu = the fastest CPU "
+        "backend here (PIL with libjpeg-turbo, measured); turbo = simplejpeg; gpu = nvJPEG "
+        "through torchvision, nvimgcodec = NVIDIA nvImageCodec (the GPU's hardware JPEG decoder "
+        "where it has one), both on the model actors' GPUs",
     )
     decode_placement: Literal["auto", "tasks", "actor"] = Field(
         "auto",
         description="where images are read and decoded: tasks = CPU tasks that feed the model "
         "actors (decode capacity scales with the cluster's CPUs); actor = inside each model "
         "actor, overlapped with its forward passes (no decoded pixels cross the object store; "
-        "decode=gpu decodes there); auto = actor for decode=gpu, else tasks",
+        "decode=gpu and decode=nvimgcodec decode there); auto = actor for those, else tasks",
     )
     actor_decode_calls: int = Field(
         1,
@@ -279,7 +281,7 @@ class EmbedConfig(BaseModel):
     @field_validator("decode")
     @classmethod
     def _decoder_here(cls, v: str) -> str:
-        if v == "gpu":
+        if v in DEVICE_DECODERS:
             return v  # checked against the rest of the config below; CUDA by the actors
         try:
             resolve_decoder(v)  # turbo without simplejpeg fails here, not in every task
@@ -289,22 +291,22 @@ class EmbedConfig(BaseModel):
 
     @model_validator(mode="after")
     def _gpu_decode_fits(self) -> EmbedConfig:
-        if self.decode != "gpu":
+        if self.decode not in DEVICE_DECODERS:
             return self
         if self.cpu_only:
             raise ValueError(
-                "decode=gpu decodes on the model actors' GPUs, and this run gives them none: "
-                "set num_gpus_per_worker (or use decode=auto, the CPU decode tasks)"
+                f"decode={self.decode} decodes on the model actors' GPUs, and this run gives "
+                "them none: set num_gpus_per_worker (or use decode=auto, the CPU decode tasks)"
             )
         if self.decode_placement == "tasks":
             raise ValueError(
-                "decode=gpu decodes inside the model actors: decode_placement must be actor "
-                "(or auto), not tasks"
+                f"decode={self.decode} decodes inside the model actors: decode_placement must "
+                "be actor (or auto), not tasks"
             )
         if self.thumbnails:
             raise ValueError(
                 "thumbnails are written from images decoded on the CPU: use decode=auto with "
-                "thumbnails (decode=gpu keeps its pixels on the device)"
+                f"thumbnails (decode={self.decode} keeps its pixels on the device)"
             )
         return self
 
@@ -313,7 +315,7 @@ class EmbedConfig(BaseModel):
         """decode_placement with auto resolved: the actor for GPU decode, else CPU tasks."""
         if self.decode_placement != "auto":
             return self.decode_placement
-        return "actor" if self.decode == "gpu" else "tasks"
+        return "actor" if self.decode in DEVICE_DECODERS else "tasks"
 
     @field_validator("input", "output")
     @classmethod
@@ -721,13 +723,13 @@ class EmbedStage:
         self.torch_thread = TorchThread("embed")
         self.embedder = self.torch_thread.call(_load_embedder, spec, batch_size, threads)
         self.on_device: DevicePreparation | None = None
-        if prepare is not None and prepare.get("decode") == "gpu":
+        if prepare is not None and prepare.get("decode") in DEVICE_DECODERS:
             from keeper_core.device_preparation import DevicePreparation
 
             device = str(self.embedder.clip.device)
             if self.embedder.clip.device.type != "cuda":
                 raise ConfigError(
-                    f"decode=gpu: this model actor sees no CUDA device (its model is on "
+                    f"decode={prepare['decode']}: this model actor sees no CUDA device (its model is on "
                     f"{device}); GPU decode needs actors on GPU nodes (num_gpus_per_worker)"
                 )
             self.on_device = DevicePreparation(
@@ -735,7 +737,7 @@ class EmbedStage:
                 device=device,
                 limits=DecodeLimits(**prepare["limits"]),
                 draft=prepare["draft"],
-                decoder=resolve_decoder("gpu", device=device),
+                decoder=resolve_decoder(prepare["decode"], device=device),
             )
             self._reader = ThreadPoolExecutor(max_workers=16, thread_name_prefix="read")
 
