@@ -135,5 +135,13 @@ for dist in ("open_clip_torch", "transformers", "pydantic", "mlflow-skinny", "ra
         line.append(f"{dist} MISSING")
 print(" | ".join(line))
 print("import check: " + ("ok" if not failed else "FAILED " + "; ".join(failed)))
+if "keeper_core.decoders" in mods and "torch" in mods and mods["torch"].cuda.is_available():
+    # nvImageCodec's self-test on the GPU (a test JPEG through its GPU backends), so a missing
+    # nvJPEG library shows here and not as "not measured" rows later.
+    try:
+        mods["keeper_core.decoders"].GpuDecoder("cuda", engine="nvimgcodec")
+        print("nvimgcodec on cuda: ok")
+    except Exception as e:  # noqa: BLE001 - reported, and the run goes on
+        print(f"nvimgcodec on cuda: FAILED {type(e).__name__}: {e}")
 EOF
 log "done"
