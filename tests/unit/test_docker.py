@@ -199,6 +199,9 @@ def test_run_installs_with_the_scripts_system_mode(dockerfile: list[Instruction]
     assert "--python /home/ray/anaconda3/bin/python" in args, "Ray's images keep Python there"
     assert "--torch-index" in args, args
     assert "https://download.pytorch.org/whl/cpu" in args, args
+    # The cuda image with PyPI's (CUDA 13) torch gets the CUDA 13 nvImageCodec; cpu does not.
+    assert "extras=demo,turbo;" in args, args
+    assert '[ -n "$index" ] || extras="$extras,nvimgcodec"' in args, args
     assert not [i.args for i in runs if re.search(r"\bpip3? install\b", i.args)], (
         "the image installs through .ci/install.sh only"
     )
