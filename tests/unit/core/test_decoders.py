@@ -546,6 +546,35 @@ def test_nvimgcodec_that_cannot_decode_fails_at_construction(
         GpuDecoder("cpu", engine="nvimgcodec")
 
 
+def test_nvimgcodec_batch_failure_is_retried_one_at_a_time() -> None:
+    """A batch call that raises (not a None per image) costs the batch nothing but a retry: the
+    good images decode, the bad one falls back to the CPU and is counted."""
+    gpu = GpuDecoder("cpu", cpu=PilDecoder(), engine="nvimgcodec")
+    nv = gpu._nvimgcodec
+    assert nv is not None
+    real = nv.decoder
+    bad = complete_jpeg_the_device_refuses("nvimgcodec")
+
+    class Flaky:  # the real decoder, but a list with the bad JPEG in it raises
+        def decode(self, src: object, **kw: object) -> object:
+            if isinstance(src, list) and bad in src:
+                raise RuntimeError("CUDA error in the batch")
+            if src == bad:
+                raise RuntimeError("CUDA error on this one")
+            return real.decode(src, **kw)
+
+    nv.decoder = Flaky()
+    good = encode(noise(40, 30), "JPEG")
+    out = gpu.decode_batch([(good, "a"), (bad, "b"), (good, "c")])
+    assert gpu.fallbacks == {"RuntimeError": 1}
+    assert gpu.decoded == 2
+    assert [tuple(o.shape) if isinstance(o, torch.Tensor) else o.reason for o in out] == [
+        (3, 30, 40),
+        outcome(PilDecoder(), bad),
+        (3, 30, 40),
+    ]
+
+
 def test_c_library_chatter_goes_to_the_log(
     capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:

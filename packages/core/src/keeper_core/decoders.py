@@ -652,11 +652,20 @@ class _NvImgCodec:
 
         cuda = self.device.type == "cuda"
         stream = torch.cuda.current_stream(self.device).cuda_stream if cuda else 0
-        images = self.decoder.decode(jpegs, params=self.params, cuda_stream=stream)
+        images: list[Any]
+        try:
+            images = self.decoder.decode(jpegs, params=self.params, cuda_stream=stream)
+        except RuntimeError:  # the batch as a whole failed: one at a time, to find which
+            images = []
+            for jpeg in jpegs:
+                try:
+                    images.append(self.decoder.decode(jpeg, params=self.params, cuda_stream=stream))
+                except RuntimeError as e:
+                    images.append(e)
         out: list[torch.Tensor | Exception] = []
         for image in images:
-            if image is None:
-                out.append(RuntimeError("nvImageCodec could not decode it"))
+            if image is None or isinstance(image, Exception):
+                out.append(image or RuntimeError("nvImageCodec could not decode it"))
                 continue
             if image.buffer_kind == self.nv.ImageBufferKind.STRIDED_DEVICE:
                 hwc = torch.from_dlpack(image)  # on the consumer's (torch's current) stream
