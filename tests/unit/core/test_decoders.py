@@ -52,6 +52,7 @@ from keeper_core.decoders import (
     _complete,
     resolve_decoder,
 )
+from keeper_core.embedding import ClipEmbedder
 from keeper_core.errors import ConfigError, ImageDecodeError
 from keeper_core.formats import RawPreview
 from keeper_core.images import DecodeLimits, _jpeg_frame_offset
@@ -336,6 +337,39 @@ def test_model_input_agrees_with_pil(backend: str) -> None:
         assert got.shape == expected.shape == (3, 64, 64)
         diff = float(np.abs(got.astype(np.int16) - expected.astype(np.int16)).mean())
         assert diff < MODEL_INPUT_TOL, diff
+
+
+@pytest.fixture(scope="module")
+def tiny_embedder() -> ClipEmbedder:
+    return ClipEmbedder("keeper-tiny:random", device="cpu")
+
+
+@pytest.mark.parametrize("backend", ["turbo", *ON_DEVICE])
+def test_embeddings_agree_with_pils(backend: str, tiny_embedder: ClipEmbedder) -> None:
+    """What a table holds: each backend's drafted decode, through the model, lands where PIL's
+    does. Random weights map different photos close together too (cosine 0.95-0.99 here), so the
+    bound is relative: a backend's distance to PIL's embedding (measured <= 4e-7) must be under a
+    hundredth of the smallest distance between two different photos."""
+    from skimage import data
+
+    images = [
+        photo(2000, 1500),
+        Image.fromarray(data.chelsea()).resize((1600, 1200)),
+        Image.fromarray(data.coffee()).resize((1200, 1600)),
+    ]
+    blobs = [with_orientation(im, o, quality=90) for im, o in zip(images, (1, 6, 3), strict=True)]
+    draft = (256, 256)
+
+    def embed(decoder: Decoder) -> np.ndarray:
+        pixels = [tiny_embedder.preprocess_uint8(run(decoder, b, draft_size=draft)) for b in blobs]
+        return tiny_embedder.embed_pixels(np.stack(pixels))
+
+    ref = embed(PilDecoder())
+    between = 1.0 - ref @ ref.T
+    apart = between[~np.eye(len(blobs), dtype=bool)].min()
+    assert apart > 1e-3  # the metric tells these photos apart at all
+    distance = 1.0 - np.sum(embed(make_decoder(backend)) * ref, axis=1)
+    assert distance.max() < apart / 100, (distance, apart)
 
 
 # ---------------------------------------------------------------- dispatch counters
