@@ -3,17 +3,19 @@
 # under a `timeout` cut from what is left of the budget, going on after one fails.
 #
 #   bash benchmarks/gpu/setup_device.sh && bash benchmarks/gpu/run_all.sh [budget_s=540]
+#   CHECKS=finetune,cascade bash benchmarks/gpu/run_all.sh 200   # only these (a second call)
 #
 # Writes under $OUT (what the run tool brings back: at most 8 files, so each check's log is folded
 # into logs/all.log once it ends):
 #   summary.txt        one line per check: name, status, rc, seconds, limit, command
 #   nvidia-smi.txt     the GPU, driver, clocks and memory before anything ran
-#   <check>.json       each benchmark's own JSON (embed_gpu, decode, finetune, cascade)
+#   <check>.json       each benchmark's own JSON (embed_gpu, serve, decode, finetune, cascade)
 #   logs/all.log       setup's and every check's output, in order
 #   logs/<check>.log   the check running when the run was cut short, if it was
 #
-# Sizes: each check's arguments below, or the environment's EMBED_GPU_ARGS, DECODE_ARGS,
-# FINETUNE_ARGS, CASCADE_ARGS in their place. A check starts only if at least its minimum is
+# Sizes: each check's arguments below, or the environment's EMBED_GPU_ARGS, SERVE_ARGS,
+# DECODE_ARGS, FINETUNE_ARGS, CASCADE_ARGS in their place. CHECKS (comma-separated names) runs
+# only those, in the order below (a second call, with its own $OUT, for what the first skipped). A check starts only if at least its minimum is
 # left; it gets min(its cap, what is left less RESERVE_S).
 set -uo pipefail  # no -e: one failing check must not stop the others
 
@@ -44,6 +46,7 @@ if [[ -f $OUT/logs/setup.log ]]; then
 fi
 
 elapsed() { echo $((SECONDS - START)); }
+want() { [[ -z ${CHECKS:-} || ",$CHECKS," == *",$1,"* ]]; }
 
 # check NAME CAP_S MIN_S COMMAND...: runs COMMAND under a timeout, logs it (to logs/NAME.log,
 # folded into logs/all.log after, or to $LOG_TO), records one line in the summary.
@@ -80,40 +83,53 @@ check() {
 # shellcheck disable=SC2206  # the *_ARGS overrides are word lists
 {
     # (e) the machine, first: it costs nothing and dates every figure after it.
-    LOG_TO=$OUT/nvidia-smi.txt check nvidia-smi 30 5 \
+    want nvidia-smi && LOG_TO=$OUT/nvidia-smi.txt check nvidia-smi 30 5 \
         bash -c "nvidia-smi && nvidia-smi -q -d CLOCK,MEMORY,POWER"
 
     # (d) CLIP embedding on the GPU (issue 14's goals): the ceiling, then per image size the
     # rows in order of value (GPU decode in the actor, CPU decode tasks, the variants). Its own
     # --budget-s stays 20 s under the cap (imports come before its clock starts); what does not
     # fit is recorded as "not measured: budget".
-    if [[ -f benchmarks/embed_gpu.py ]]; then
-        args=(${EMBED_GPU_ARGS:---budget-s 260})
-        check embed_gpu 280 60 "$PY" benchmarks/embed_gpu.py --out "$OUT/embed_gpu.json" \
+    if want embed_gpu; then
+        args=(${EMBED_GPU_ARGS:---budget-s 220})
+        check embed_gpu 240 60 "$PY" benchmarks/embed_gpu.py --out "$OUT/embed_gpu.json" \
             "${args[@]}"
-    else
-        echo "embed_gpu  absent    benchmarks/embed_gpu.py does not exist" | tee -a "$SUMMARY"
+    fi
+
+    # (f) Serve on the GPU (issue 14: keeper >= 10x a naive FastAPI server at concurrency 64):
+    # the GPU config (one encoder replica on the GPU, batches of 64) with five 2-CPU ingress
+    # replicas fixed (10 + the encoder's 4 + the ranker's 1 of 16 cores; autoscaling would not
+    # settle in a 10 s window), beside the naive server and the offline ceiling on the same GPU.
+    # ~150 s: offline 20 s, naive and keeper start-ups, 13 s a concurrency each.
+    if want serve; then
+        ingress=deployments.KeeperIngress.autoscaling_config
+        args=(${SERVE_ARGS:---concurrency 1,64 --duration 10 --warmup 3 --max-batch-size 64
+            --keeper-set $ingress.min_replicas=5,$ingress.max_replicas=5})
+        check serve 200 100 "$PY" benchmarks/serve.py --device cuda --quiet-wait 0 --attempts 1 \
+            --keeper-config clusters/serve/keeper-gpu.yaml --cache "$CACHE" "${args[@]}" \
+            --out "$OUT/serve.json"
     fi
 
     # (a) nvJPEG through GpuDecoder beside PIL and libjpeg-turbo: 48 JPEGs per size, GPU batches
     # of 16 (3 timed batches after a warm-up one); ~60 s, most of it the CPU rows.
     args=(${DECODE_ARGS:---files 48 --repeats 3 --gpu-batch 16})
-    check decode 120 45 "$PY" benchmarks/decode.py "${args[@]}" --out "$OUT/decode.json"
+    want decode && check decode 120 45 "$PY" benchmarks/decode.py "${args[@]}" \
+        --out "$OUT/decode.json"
 
     # (b) fine-tuning on the GPU: --quick (2 warm-up + 3 timed steps per method, ViT-B-32 and
     # ViT-L-14 in bf16, and the Ray Train job with use_gpu on a 40-series corpus): the path has
     # never run, so this proves it and gives first figures; its JSON is saved after each section.
     args=(${FINETUNE_ARGS:---quick --threads "$CORES"})
-    check finetune 300 120 "$PY" benchmarks/finetune.py --gpu "${args[@]}" --cache "$CACHE" \
-        --out "$OUT/finetune.json"
+    want finetune && check finetune 300 120 "$PY" benchmarks/finetune.py --gpu "${args[@]}" \
+        --cache "$CACHE" --out "$OUT/finetune.json"
 
     # (c) the selection cascade on the GPU, small: random ViT-B-32 CLIP, the tiny judge and the
     # ~146 M-parameter random Llava (cpu-small shape) in bf16, 200 candidates. For the
     # Llava-1.5-7B shape: CASCADE_ARGS="--clip ViT-B-32:random --shape llava-1.5-7b
     # --candidates 1000 --vlm-all-limit 100 --repeats 3" (several minutes more).
     args=(${CASCADE_ARGS:---clip ViT-B-32:random --shape cpu-small --candidates 200 --repeats 3})
-    check cascade 240 60 "$PY" benchmarks/cascade.py --gpu "${args[@]}" --threads "$CORES" \
-        --cache "$CACHE" --out "$OUT/cascade.json"
+    want cascade && check cascade 240 60 "$PY" benchmarks/cascade.py --gpu "${args[@]}" \
+        --threads "$CORES" --cache "$CACHE" --out "$OUT/cascade.json"
 }
 
 echo "# total $(elapsed) s of $BUDGET s" >>"$SUMMARY"

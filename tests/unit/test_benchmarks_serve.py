@@ -73,3 +73,53 @@ def test_only_lines_after_the_offsets_count(sb, tmp_path):
     hops = sb.hop_breakdown(tmp_path, since)
     assert hops["requests"] == 1
     assert hops["median_ms"] == {"proxy": 190.1, "ingress": 180.0, "encoder": 150.0}
+
+
+# ---------------------------------------------------------------- --device cuda
+
+
+def test_gpu_config_loses_its_vlm_block_only_without_a_vlm(sb):
+    from keeper_serve.local import load_config
+
+    root = BENCH.parent
+    config = load_config(root / "clusters" / "serve" / "keeper-gpu.yaml")
+    names = [d["name"] for d in config["applications"][0]["deployments"]]
+    assert "VlmJudge" in names
+    kept = sb.without_unbuilt_vlm(load_config(root / "clusters/serve/keeper-gpu.yaml"), {})
+    assert [d["name"] for d in kept["applications"][0]["deployments"]] == names
+    dropped = sb.without_unbuilt_vlm(config, {"vlm.source": None})
+    assert [d["name"] for d in dropped["applications"][0]["deployments"]] == [
+        n for n in names if n != "VlmJudge"
+    ]
+
+
+def test_gpu_goals_are_issue_14s_at_concurrency_64(sb):
+    def server(rps, p50, p99):
+        row = {"requests_per_s": rps, "p50_ms": p50, "p99_ms": p99, "errors": 0}
+        return {"by_concurrency": {"64": {**row, "cpu": {}, "client_cpu_share": 0.1}}}
+
+    report = {"servers": {"naive": server(150.0, 400, 600), "keeper": server(1800.0, 30, 60)}}
+    g = sb.goals(report, [1, 64], "cuda")
+    assert (g["concurrency"], g["device"]) == (64, "cuda")
+    assert [(x["goal"], x["met"]) for x in g["goals"]] == [
+        ("keeper / naive req/s >= 10", True),
+        ("keeper p99 / p50 <= 3", True),
+        ("keeper errors == 0", True),
+    ]
+    report["servers"]["keeper"] = server(1200.0, 30, 60)  # 8x naive
+    assert sb.goals(report, [1, 64], "cuda")["goals"][0]["met"] is False
+    cpu = sb.goals(report, [1, 64])  # the CPU goals, at the highest concurrency run
+    assert (cpu["concurrency"], cpu["wanted_concurrency"]) == (64, 32)
+    assert cpu["goals"][0]["goal"] == "keeper / naive req/s >= 1.5"
+
+
+def test_device_cuda_without_cuda_stops_before_anything_starts(sb, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as e:
+        sb.main(["--device", "cuda", "--cache", str(tmp_path), "--out", str(tmp_path / "o.json")])
+    assert e.value.code == 2
+    assert "--device cuda: this process sees no CUDA device" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # no pool generated, nothing written
