@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +51,11 @@ def data_config() -> Any:
     """
     from ray.train import DataConfig
 
-    options = DataConfig.default_ingest_options()
+    with warnings.catch_warnings():
+        # Ray's own helper passes its deprecated exclude_resources on (ray 2.60): a warning on
+        # every run that the user can do nothing about. The value still carries over.
+        warnings.filterwarnings("ignore", message="`ExecutionOptions.exclude_resources` is dep")
+        options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return DataConfig(datasets_to_split=["train"], execution_options={"train": options})
 

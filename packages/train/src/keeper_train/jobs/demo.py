@@ -107,7 +107,6 @@ def quiet_libraries() -> Iterator[None]:
     root.addFilter(not_random_init)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*exclude_resources.*")
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
             yield
     finally:
