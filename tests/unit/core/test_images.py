@@ -18,6 +18,7 @@ from keeper_core.images import (
     decode_image,
     decode_jpeg_band,
     image_size,
+    jpeg_scan_count,
     sniff_is_image,
 )
 
@@ -293,8 +294,21 @@ def _cut(fmt: str, fraction: float) -> bytes:
     return data[: int(len(data) * fraction)]
 
 
+def jpeg_with_scans(extra: int, size: tuple[int, int] = (96, 64)) -> bytes:
+    """A progressive JPEG (PIL's script: 10 scans) with its smallest scan repeated ``extra``
+    more times before the EOI: what a scan bomb looks like to a decoder (libjpeg warns about
+    the repeated progression and decodes on, a pass over every block per scan)."""
+    data = encode(noise(*size), "JPEG", progressive=True, quality=90)
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xDA]
+    ends = [*starts[1:], len(data) - 2]
+    a, b = min(zip(starts, ends, strict=True), key=lambda se: se[1] - se[0])
+    # From the SOS to the next scan's SOS: DHT segments between scans come along, harmlessly.
+    return data[:-2] + data[a:b] * extra + data[-2:]
+
+
 BAD_INPUTS = {
     "empty": (lambda: b"", "empty"),
+    "jpeg_scan_bomb": (lambda: jpeg_with_scans(300), "too_many_scans"),
     "random_bytes": (lambda: np.random.default_rng(3).bytes(4096), "not_image"),
     "text": (lambda: b"hello, this is not an image\n" * 10, "not_image"),
     "bm_text": (lambda: b"BMW is a car, not a bitmap\n" * 4, "not_image"),
@@ -511,3 +525,54 @@ def test_jpeg_band_refuses_what_it_cannot_band() -> None:
     with pytest.raises(ImageDecodeError, match="DNL") as err:
         decode_jpeg_band(bytes(data), pixels=100)
     assert err.value.reason == "unsupported"
+
+
+# ---------------------------------------------------------------- scan bombs
+
+
+def test_scan_count_walks_markers_not_bytes() -> None:
+    rgb = noise(96, 64)
+    assert jpeg_scan_count(encode(rgb, "JPEG")) == 1
+    assert jpeg_scan_count(encode(rgb, "JPEG", progressive=True)) == 10  # libjpeg's script
+    assert jpeg_scan_count(encode(rgb.convert("L"), "JPEG", progressive=True)) == 6
+    assert jpeg_scan_count(encode(rgb, "JPEG", restart_marker_rows=1)) == 1  # RSTn inside
+    assert jpeg_scan_count(jpeg_with_scans(300)) == 310
+    # Bytes reading FF DA inside another segment (an APP15 here, an ICC profile or a
+    # thumbnail in the wild) are not scans; nor is an MPO's second picture after the EOI.
+    base = encode(rgb, "JPEG")
+    app = b"\xff\xef" + struct.pack(">H", 2 + 600) + b"\xff\xda" * 300
+    fake = base[:2] + app + base[2:]
+    assert fake.count(b"\xff\xda") == 301
+    assert jpeg_scan_count(fake) == 1
+    assert decode_image(fake, limits=DecodeLimits(max_jpeg_scans=1)).size == (96, 64)
+    mpo = encode(rgb, "MPO", save_all=True, append_images=[noise(96, 64, seed=2)])
+    assert mpo.count(b"\xff\xda") >= 2
+    assert jpeg_scan_count(mpo) == 1
+    assert jpeg_scan_count(base[: len(base) // 2]) == 1  # cut short: the scans it has
+
+
+@pytest.mark.parametrize(("limit", "ok"), [(9, False), (10, True)])
+def test_scan_limit_is_configurable(limit: int, ok: bool) -> None:
+    data = encode(noise(96, 64), "JPEG", progressive=True)
+    limits = DecodeLimits(max_jpeg_scans=limit)
+    if ok:
+        assert decode_image(data, limits=limits).size == (96, 64)
+        return
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data, limits=limits, source="s3://b/p.jpg")
+    assert err.value.reason == "too_many_scans"
+    assert "10 scans > limit 9" in str(err.value)
+    assert err.value.source == "s3://b/p.jpg"
+
+
+def test_scan_bomb_refused_fast_before_decode() -> None:
+    """2,000 repeated scans of a 1600x1200 JPEG (13 MB): 0.7 s of libjpeg time here (3,000 on a
+    12 MP photo took 13 s; a crafted file with end-of-band runs packs far more scans into the
+    same bytes), refused from the bytes alone in ~0.03 s."""
+    data = jpeg_with_scans(2000, (1600, 1200))
+    assert len(data) <= DecodeLimits().max_bytes
+    t = time.perf_counter()
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data)
+    assert time.perf_counter() - t < 1.0
+    assert err.value.reason == "too_many_scans"

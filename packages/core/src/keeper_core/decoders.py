@@ -2,9 +2,9 @@
 
 Every backend takes the same input (encoded bytes or a :class:`RawPreview`) and gives the same
 result: an 8-bit RGB image, EXIF-oriented, or an ``ImageDecodeError`` with the same reason. The
-safety checks are the same code (``keeper_core.images``): byte limit, signature, and the header's
-pixel count and shortest side, all before a pixel is decoded. What differs is which library
-turns a JPEG's entropy-coded data into pixels:
+safety checks are the same code (``keeper_core.images``): byte limit, signature, the header's
+pixel count and shortest side, and a JPEG's scan count, all before a pixel is decoded. What
+differs is which library turns a JPEG's entropy-coded data into pixels:
 
 - ``pil`` (:class:`PilDecoder`): ``decode_image`` itself, the reference.
 - ``turbo`` (:class:`TurboDecoder`): libjpeg-turbo through simplejpeg, for 8-bit Huffman JPEGs
@@ -84,6 +84,7 @@ from keeper_core.images import (
     _open,
     _sniff_format,
     check_header_size,
+    check_jpeg_scans,
     decode_image,
     raw_preview,
 )
@@ -191,6 +192,7 @@ def _plan(data: bytes | RawPreview, limits: DecodeLimits, source: str | None) ->
     im = _open(encoded, source, limits.max_bytes)
     w, h = im.size
     check_header_size(w, h, limits, source)  # decode_image's refusals, in its order
+    check_jpeg_scans(encoded, limits, source)
     if im.mode not in _TURBO_MODES:
         return _Plan(src=src, delegate=f"mode:{im.mode}")
     at = _jpeg_frame_offset(encoded)

@@ -82,6 +82,7 @@ DECODE_REASONS = (
     "truncated",  # a recognised format that ends early or is corrupt
     "too_large",  # more bytes than the configured limit
     "too_many_pixels",  # declared width*height above the limit (decompression bomb)
+    "too_many_scans",  # a JPEG with more scans than the limit (a bomb of decode time)
     "too_small",  # shortest side below the configured minimum
     "unsupported",  # a recognised image in a mode keeper cannot convert
 )

@@ -64,6 +64,12 @@ class DecodeLimits(BaseModel):
     # A camera RAW file is read whole, but only its embedded preview is decoded (and checked
     # against the limits above). 256 MiB covers an uncompressed 102 MP Fujifilm GFX RAF.
     max_raw_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    # Every scan of a progressive JPEG is a pass over all of the image's blocks, and a scan can
+    # be a few bytes (one end-of-band run covers 32,767 blocks): within max_bytes a hostile file
+    # can hold hundreds of thousands, hours of decode at max_pixels (3,000 scans of a 12 MP
+    # photo took 13 s here). Encoders write about 10 (libjpeg's default script) to 70; 256 is
+    # nvImageCodec's and libjpeg-turbo's suggested limit.
+    max_jpeg_scans: int = Field(default=256, gt=0)
 
 
 _DEFAULT_LIMITS = DecodeLimits()
@@ -396,6 +402,69 @@ def _check_draft_size(draft_size: tuple[int, int] | None) -> None:
         )
 
 
+_SOS_MARKER = b"\xff\xda"
+
+
+def jpeg_scan_count(data: bytes) -> int:
+    """Start-of-scan markers of a JPEG's first image, walking it marker by marker to its EOI.
+
+    Segment lengths skip metadata (an EXIF thumbnail's scans, bytes that happen to read FF DA in
+    an ICC profile); in entropy-coded data every FF is a stuffed FF 00, a restart marker or fill,
+    so the next other marker ends the scan. A file cut short counts the scans it has.
+    """
+    n, i, end = 0, 2, len(data)
+    while i + 4 <= end:
+        if data[i] != 0xFF:  # junk between segments: libjpeg skips to the next marker too
+            i = data.find(b"\xff", i)
+            if i < 0:
+                break
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0xD9:  # EOI: the first image ends (an MPO's next pictures follow)
+            break
+        if marker in _JPEG_BARE:
+            i += 2
+            continue
+        i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+        if marker != 0xDA:
+            continue
+        n += 1
+        while True:  # the scan's entropy-coded data, up to the next real marker
+            j = data.find(b"\xff", i)
+            if j < 0 or j + 1 >= end:
+                return n
+            following = data[j + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7:
+                i = j + 2
+            elif following == 0xFF:
+                i = j + 1
+            else:
+                i = j
+                break
+    return n
+
+
+def check_jpeg_scans(data: bytes, limits: DecodeLimits, source: str | None) -> None:
+    """Refuse a JPEG with more scans than ``limits.max_jpeg_scans``, before any decode.
+
+    A count of FF DA pairs over the whole file bounds the scans from above at C speed, so a
+    normal file costs a byte search; only a file over the limit by that count is walked.
+
+    Raises:
+        ImageDecodeError: "too_many_scans".
+    """
+    if data.count(_SOS_MARKER) <= limits.max_jpeg_scans:
+        return
+    scans = jpeg_scan_count(data)
+    if scans > limits.max_jpeg_scans:
+        raise ImageDecodeError(
+            "too_many_scans", f"{scans} scans > limit {limits.max_jpeg_scans}", source=source
+        )
+
+
 def check_header_size(w: int, h: int, limits: DecodeLimits, source: str | None) -> None:
     """The pixel-count and shortest-side refusals, from the header's size, before any decode.
 
@@ -421,8 +490,8 @@ def decode_image(
 ) -> Image.Image:
     """Decode encoded image bytes into an 8-bit RGB image, safely.
 
-    Order matters: byte limit, signature, header size checks (pixel count, shortest side),
-    optional JPEG draft, then a full decode, EXIF orientation and RGB conversion. Animated
+    Order matters: byte limit, signature, header size checks (pixel count, shortest side), a
+    JPEG's scan count, optional JPEG draft, then a full decode, EXIF orientation and RGB conversion. Animated
     images (GIF, APNG, WebP) yield their first frame. A camera RAW file yields its embedded
     preview (``max_raw_bytes`` applies to the RAW, every other limit to the preview).
 
@@ -442,7 +511,7 @@ def decode_image(
 
     Raises:
         ImageDecodeError: with ``reason`` "empty", "too_large", "not_image", "unsupported",
-            "truncated", "too_many_pixels" or "too_small".
+            "truncated", "too_many_pixels", "too_many_scans" or "too_small".
         ConfigError: ``draft_size`` is not two positive ints.
     """
     limits = _DEFAULT_LIMITS if limits is None else limits
@@ -452,6 +521,8 @@ def decode_image(
     w, h = im.size
     # Image.open only parsed the header: refuse here, before a byte of pixels is allocated.
     check_header_size(w, h, limits, source)
+    if im.format in ("JPEG", "MPO"):
+        check_jpeg_scans(encoded, limits, source)
     own = _orientation(im)
     orientation = _display_orientation(im, fallback)
     if draft_size is not None and im.format in ("JPEG", "MPO"):

@@ -69,6 +69,7 @@ DECODE_STATUS: dict[str, tuple[int, str]] = {
     "unsupported": (415, "unsupported_image_format"),
     "truncated": (400, "undecodable_image"),
     "too_many_pixels": (400, "too_many_pixels"),
+    "too_many_scans": (400, "too_many_scans"),
     "too_small": (400, "image_too_small"),
 }
 
