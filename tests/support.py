@@ -56,6 +56,26 @@ def png_declaring(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def jpeg_with_scans(extra: int, size: tuple[int, int] = (96, 64)) -> bytes:
+    """A progressive JPEG (PIL's script: 10 scans) with its smallest scan repeated ``extra``
+    more times before the EOI: what a scan bomb looks like to a decoder (libjpeg warns about
+    the repeated progression and decodes on, a pass over every block per scan)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xDA]
+    ends = [*starts[1:], len(data) - 2]
+    a, b = min(zip(starts, ends, strict=True), key=lambda se: se[1] - se[0])
+    # From the SOS to the next scan's SOS: DHT segments between scans come along, harmlessly.
+    return data[:-2] + data[a:b] * extra + data[-2:]
+
+
 def embed_files(
     root: str,
     files: dict[str, bytes],

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from support import png_declaring
+from support import jpeg_with_scans, png_declaring
 
 from keeper_core import storage
 from keeper_core.embedding import ClipEmbedder
@@ -137,6 +137,7 @@ def test_bad_inputs_are_recorded_and_the_rest_finishes(
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
         "notimage.jpg": (b"this is a text file, not a photo\n" * 20, "not_image"),
         "bomb.png": (png_declaring(30_000, 30_000), "too_many_pixels"),
+        "scanbomb.jpg": (jpeg_with_scans(300), "too_many_scans"),
         "tiny.png": (_png((8, 8)), "too_small"),
     }
     for name, (data, _) in bad.items():

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import negated, register_ranker
-from support import free_port, png_declaring
+from support import free_port, jpeg_with_scans, png_declaring
 from support_photos import camera_exif
 
 from keeper_core import storage
@@ -442,6 +442,7 @@ def _bad_requests(reg: Registry) -> list[tuple[str, str, dict[str, Any]]]:
     good = b64_of(paths[0][1][0])
     jpeg = storage.read_bytes(paths[0][1][0])
     huge_png = {"b64": base64.b64encode(png_declaring(50_000, 50_000)).decode()}
+    scan_bomb = {"b64": base64.b64encode(jpeg_with_scans(300)).decode()}
     text = {"b64": base64.b64encode(b"just some text, not an image").decode()}
     truncated = {"b64": base64.b64encode(jpeg[: len(jpeg) // 2]).decode()}
     return [
@@ -458,6 +459,8 @@ def _bad_requests(reg: Registry) -> list[tuple[str, str, dict[str, Any]]]:
          {"body": {"images": [good] * 13}, "expect": (400, "too_many_images")}),
         ("bomb", "/v1/embed",
          {"body": {"images": [good, huge_png]}, "expect": (400, "too_many_pixels", 1)}),
+        ("scan bomb", "/v1/embed",
+         {"body": {"images": [good, scan_bomb]}, "expect": (400, "too_many_scans", 1)}),
         ("not an image", "/v1/score/aesthetic",
          {"body": {"images": [good, good, text]}, "expect": (415, "not_an_image", 2)}),
         ("truncated", "/v1/embed",

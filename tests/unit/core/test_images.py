@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 from pydantic import ValidationError
-from support import png_declaring
+from support import jpeg_with_scans, png_declaring
 
 from keeper_core.errors import ConfigError, ImageDecodeError
 from keeper_core.images import (
@@ -292,18 +292,6 @@ def test_max_bytes() -> None:
 def _cut(fmt: str, fraction: float) -> bytes:
     data = encode(noise(96, 64), fmt)
     return data[: int(len(data) * fraction)]
-
-
-def jpeg_with_scans(extra: int, size: tuple[int, int] = (96, 64)) -> bytes:
-    """A progressive JPEG (PIL's script: 10 scans) with its smallest scan repeated ``extra``
-    more times before the EOI: what a scan bomb looks like to a decoder (libjpeg warns about
-    the repeated progression and decodes on, a pass over every block per scan)."""
-    data = encode(noise(*size), "JPEG", progressive=True, quality=90)
-    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xDA]
-    ends = [*starts[1:], len(data) - 2]
-    a, b = min(zip(starts, ends, strict=True), key=lambda se: se[1] - se[0])
-    # From the SOS to the next scan's SOS: DHT segments between scans come along, harmlessly.
-    return data[:-2] + data[a:b] * extra + data[-2:]
 
 
 BAD_INPUTS = {
