@@ -10,7 +10,9 @@ the same JPEGs:
 
 1. ceiling: ``ClipEmbedder.embed_pixels`` (bf16 autocast on CUDA) on uint8 tensors already on the
    device, at each of ``--ceiling-batches``, best kept. Measured once: it does not depend on the
-   image size.
+   image size. On CUDA also at the best batch from host memory, pageable (as a model actor gets
+   its batches from Ray Data) and pinned: the share of the ceiling the copy to the device takes,
+   and what pinned staging would give back.
 2. keeper, decode tasks (``tasks-cpu``): CPU decode with JPEG draft, ``decode_num_cpus=1``, one
    model actor on one GPU.
 3. keeper, ``decode=gpu`` (``gpu-c{C}-calls{K}``): each model actor reads, nvJPEG-decodes,
@@ -197,6 +199,9 @@ class Ceiling:
     by_batch: dict[str, float] = field(default_factory=dict)
     batch_size: int | None = None
     images_per_s: float | None = None
+    #: CUDA, at the best batch: the same uint8 batch handed over in host memory, as a model
+    #: actor gets it from Ray Data (pageable), and pinned: what the copy to the device costs
+    from_host: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -299,7 +304,8 @@ def bench_ceiling(
     dtype = "bf16 autocast" if device == "cuda" else "float32"
     res = Ceiling(spec=spec, device=device, dtype=dtype)
     # Model build and CUDA's start, then per batch size a warm-up and ``seconds`` timed.
-    if time.perf_counter() + 15 + len(batches) * (seconds + 2) > deadline:
+    runs = len(batches) + (2 if device == "cuda" else 0)  # + pageable and pinned on CUDA
+    if time.perf_counter() + 15 + runs * (seconds + 2) > deadline:
         res.status = NO_BUDGET
         return res
     embedder = ClipEmbedder(spec, device=device, batch_size=max(batches))
@@ -317,6 +323,19 @@ def bench_ceiling(
         print(f"  ceiling  batch {bs:4d}: {n / dt:9.1f} img/s", flush=True)
     best = max(res.by_batch, key=lambda k: res.by_batch[k])
     res.batch_size, res.images_per_s = int(best), res.by_batch[best]
+    if device == "cuda":
+        bs = res.batch_size
+        embedder.batch_size = bs
+        on_host = torch.randint(0, 256, (bs, 3, s, s), dtype=torch.uint8)
+        for kind, batch in (("pageable", on_host.numpy()), ("pinned", on_host.pin_memory())):
+            for _ in range(2):
+                embedder.embed_pixels(batch)
+            n, t0 = 0, time.perf_counter()
+            while (dt := time.perf_counter() - t0) < seconds or n < 3 * bs:
+                embedder.embed_pixels(batch)
+                n += bs
+            res.from_host[kind] = round(n / dt, 1)
+            print(f"  ceiling  batch {bs:4d} from {kind} host memory: {n / dt:9.1f} img/s")
     res.status = "measured"
     del embedder, x
     gc.collect()
@@ -563,7 +582,9 @@ def table(report: Report) -> str:
     lines = [
         f"{c.spec} on {report.machine.get('gpu') or 'CPU'}, {report.machine['cores']} cores; "
         f"ceiling {c.status}: {fmt(c.images_per_s)} img/s "
-        f"({c.device}, {c.dtype}, batch {c.batch_size}; {c.by_batch})",
+        f"({c.device}, {c.dtype}, batch {c.batch_size}; {c.by_batch}"
+        + (f"; from host memory {c.from_host}" if c.from_host else "")
+        + ")",
     ]
     for s in report.sizes:
         corpus = s.corpus
