@@ -550,10 +550,11 @@ _NV_EXPECTED = ("nvjpeg2k", "nvJPEG2000", "nvtiff", "nvTIFF")
 def _c_output_to_log() -> Iterator[None]:
     """Route what C code prints meanwhile (fds 1 and 2) into this module's log.
 
-    nvImageCodec loads its codec extensions when it is imported, and each one whose CUDA library is not installed prints a paragraph (C ``printf``, beyond Python's
-    reach, and buffered by C's stdio until the process exits when stdout is not a terminal).
-    The lines are kept: at debug level when they are about a codec keeper does not use, else at
-    warning level.
+    nvImageCodec loads its codec extensions when it is imported, and each one whose CUDA library
+    is not installed prints a paragraph (C ``printf``, beyond Python's reach, and buffered by C's
+    stdio until the process exits when stdout is not a terminal). The lines are kept: at debug
+    level when they are about a codec keeper does not use, else at warning level. What another
+    thread prints in that moment (an import's milliseconds) lands in the log too.
     """
     import ctypes
     import sys
