@@ -65,10 +65,10 @@ class DecodeLimits(BaseModel):
     # against the limits above). 256 MiB covers an uncompressed 102 MP Fujifilm GFX RAF.
     max_raw_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
     # Every scan of a progressive JPEG is a pass over all of the image's blocks, and a scan can
-    # be a few bytes (one end-of-band run covers 32,767 blocks): within max_bytes a hostile file
-    # can hold hundreds of thousands, hours of decode at max_pixels (3,000 scans of a 12 MP
-    # photo took 13 s here). Encoders write about 10 (libjpeg's default script) to 70; 256 is
-    # nvImageCodec's and libjpeg-turbo's suggested limit.
+    # be a few bytes (one end-of-band run covers 32,767 blocks), so within max_bytes a hostile
+    # file can hold far more scans than any encoder writes (3,000 repeated scans of a 12 MP
+    # photo took 13 s to decode here). libjpeg's default progressive script writes 10 (6 for
+    # greyscale); 256 is nvImageCodec's default limit.
     max_jpeg_scans: int = Field(default=256, gt=0)
 
 
@@ -491,8 +491,8 @@ def decode_image(
     """Decode encoded image bytes into an 8-bit RGB image, safely.
 
     Order matters: byte limit, signature, header size checks (pixel count, shortest side), a
-    JPEG's scan count, optional JPEG draft, then a full decode, EXIF orientation and RGB conversion. Animated
-    images (GIF, APNG, WebP) yield their first frame. A camera RAW file yields its embedded
+    JPEG's scan count, optional JPEG draft, then a full decode, EXIF orientation and RGB
+    conversion. Animated images (GIF, APNG, WebP) yield their first frame. A camera RAW file yields its embedded
     preview (``max_raw_bytes`` applies to the RAW, every other limit to the preview).
 
     Args:
