@@ -492,8 +492,9 @@ def decode_image(
 
     Order matters: byte limit, signature, header size checks (pixel count, shortest side), a
     JPEG's scan count, optional JPEG draft, then a full decode, EXIF orientation and RGB
-    conversion. Animated images (GIF, APNG, WebP) yield their first frame. A camera RAW file yields its embedded
-    preview (``max_raw_bytes`` applies to the RAW, every other limit to the preview).
+    conversion. Animated images (GIF, APNG, WebP) yield their first frame. A camera RAW file
+    yields its embedded preview (``max_raw_bytes`` applies to the RAW, every other limit to the
+    preview).
 
     Args:
         data: the encoded image, or a RAW file's :func:`raw_preview`.
