@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
-from support import png_declaring
+from support import jpeg_with_scans, png_declaring
 
 from keeper_core.errors import DECODE_REASONS, ConfigError
 from keeper_core.images import image_size
@@ -300,6 +300,7 @@ def test_invalid_base64(prep: ImagePreparer, bad: str) -> None:
         (b"", 400, "empty_image"),
         (JPEG[: len(JPEG) // 2], 400, "undecodable_image"),
         (png_declaring(5000, 5000), 400, "too_many_pixels"),
+        (jpeg_with_scans(300), 400, "too_many_scans"),
         (encode(photo(8, 40), "PNG"), 400, "image_too_small"),
         (b"\xff\xd8\xff" + b"\x00" * 1_000_000, 413, "image_too_large"),
     ],
@@ -311,6 +312,21 @@ def test_bad_image_names_its_index(
         e = refused(prep.prepare, refs, quality=True)
         assert (e.status, e.code, e.index) == (status, code, 1), e.message
         assert "image 1" in e.message
+
+
+def test_the_scan_limit_is_the_apps() -> None:
+    """limits.max_jpeg_scans reaches the decoder: a 10-scan progressive JPEG passes at 10 and
+    is refused at 9."""
+    progressive = encode(photo(96, 64), "JPEG", progressive=True)
+    for limit, refused_ in ((10, False), (9, True)):
+        limits = LIMITS.model_copy(update={"max_jpeg_scans": limit})
+        assert limits.decode_limits().max_jpeg_scans == limit
+        prepare = ImagePreparer(KeeperAppArgs(clip_model=SPEC, limits=limits)).prepare
+        if refused_:
+            e = refused(prepare, [progressive], quality=False)
+            assert (e.status, e.code, e.index) == (400, "too_many_scans", 0)
+        else:
+            assert len(prepare([progressive], quality=False).pixels) == 1
 
 
 def test_the_first_bad_image_is_reported(prep: ImagePreparer) -> None:

@@ -353,6 +353,27 @@ def test_prepare_batch_all_bad(corpus: dict[str, str], tmp_path: Path) -> None:
     assert pq.read_table(parts(tmp_path / "errors")[0]).num_rows == len(uris)
 
 
+def test_prepare_batch_applies_the_jobs_scan_limit(tmp_path: Path) -> None:
+    """EmbedConfig.max_jpeg_scans reaches the decode tasks' limits: a 10-scan progressive JPEG
+    is an error row at 9 (reason too_many_scans) and embedded at the default."""
+    path = tmp_path / "progressive.jpg"
+    path.write_bytes(encode(photo(96, 64, seed=4), "JPEG", progressive=True))
+    for scans, embedded in ((9, 0), (EmbedConfig(input="i", output="o").max_jpeg_scans, 1)):
+        errors = tmp_path / f"errors-{scans}"
+        out = prepare_batch(
+            {"image_uri": np.array([str(path)], dtype=object)},
+            spec=SPEC,
+            limits={**LIMITS, "max_jpeg_scans": scans},
+            draft=True,
+            errors_dir=str(errors),
+            run_id="run-1",
+        )
+        assert len(out["image_uri"]) == embedded
+        if not embedded:
+            (row,) = pq.read_table(parts(errors)[0]).to_pylist()
+            assert (row["stage"], row["reason"]) == ("decode", "too_many_scans")
+
+
 def test_prepare_batch_error_part_is_deterministic(corpus: dict[str, str], tmp_path: Path) -> None:
     errors = tmp_path / "errors"
     uris = [corpus[n] for n in ["big.jpg", "text.jpg", "empty.jpg"]]

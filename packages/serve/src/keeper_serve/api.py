@@ -36,7 +36,6 @@ from keeper_core.culling import CullResult, cull
 from keeper_core.errors import ConfigError, DataError, ImageDecodeError, StorageError
 from keeper_core.feedback import FeedbackEvent
 from keeper_core.grouping import GroupingConfig, dhash
-from keeper_core.images import DecodeLimits
 from keeper_core.models import PreprocessConfig
 from keeper_core.picking import PickConfig
 from keeper_core.preparation import DecodedImage, ImagePreparation
@@ -1059,11 +1058,7 @@ class ImagePreparer:
         self.limits: LimitArgs = args.limits
         self.preparation = ImagePreparation(
             args.clip_model,
-            limits=DecodeLimits(
-                max_pixels=args.limits.max_pixels,
-                min_side=args.limits.min_side,
-                max_bytes=args.limits.max_image_bytes,
-            ),
+            limits=args.limits.decode_limits(),
             draft=args.draft,
             preprocess=preprocess,  # None: read from open_clip's configs (imports torch)
         )

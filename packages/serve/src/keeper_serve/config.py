@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keeper_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from keeper_core.images import DecodeLimits
 
 #: Deployment names, as the Serve config's ``deployments[].name`` must spell them.
 INGRESS, ENCODER, RANKER, VLM = "KeeperIngress", "ClipEncoder", "SeriesRanker", "VlmJudge"
@@ -82,6 +85,9 @@ class LimitArgs(_Strict):
     max_image_bytes: int = Field(16 * 1024 * 1024, gt=0, description="one encoded image")
     max_pixels: int = Field(40_000_000, gt=0, description="one image, from its header")
     min_side: int = Field(16, ge=1, description="smallest accepted image side")
+    max_jpeg_scans: int = Field(
+        256, gt=0, description="scans in one JPEG (encoders write ~10; each is a full pass)"
+    )
     max_images: int = Field(64, ge=1, description="images in one request, all series together")
     max_texts: int = Field(64, ge=1, description="texts (or prompts) in one request")
     max_text_chars: int = Field(1000, ge=1)
@@ -94,6 +100,17 @@ class LimitArgs(_Strict):
     max_select_images: int = Field(256, ge=1, description="candidates in one /v1/select request")
     # Candidates named by image_id cost no decode (only the VLM's top_n are read).
     max_select_ids: int = Field(100_000, ge=1, description="corpus image_ids in one /v1/select")
+
+    def decode_limits(self) -> DecodeLimits:
+        """What ``decode_image`` enforces for one image of a request."""
+        from keeper_core.images import DecodeLimits  # PIL and numpy: not for the CLI's import
+
+        return DecodeLimits(
+            max_pixels=self.max_pixels,
+            min_side=self.min_side,
+            max_bytes=self.max_image_bytes,
+            max_jpeg_scans=self.max_jpeg_scans,
+        )
 
 
 class EncoderArgs(_Strict):

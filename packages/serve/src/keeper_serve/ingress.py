@@ -64,7 +64,7 @@ from keeper_core.contact_sheet import THUMB_SIZE, thumbnail_jpeg
 from keeper_core.corpus import Corpus, read_corpus
 from keeper_core.errors import ConfigError, DataError, KeeperError, StorageError
 from keeper_core.feedback import FeedbackBackpressure, FeedbackLog, OfferLog, PartLog
-from keeper_core.images import DecodeLimits, decode_image
+from keeper_core.images import decode_image
 from keeper_core.models import PreprocessConfig
 from keeper_core.scoring import (
     AestheticConfig,
@@ -1507,11 +1507,7 @@ class KeeperIngress:
                 )
             image = decode_image(
                 data,
-                limits=DecodeLimits(
-                    max_pixels=limits.max_pixels,
-                    min_side=limits.min_side,
-                    max_bytes=limits.max_image_bytes,
-                ),
+                limits=limits.decode_limits(),
                 source=uri,
                 draft_size=(THUMB_SIZE, THUMB_SIZE),
             )

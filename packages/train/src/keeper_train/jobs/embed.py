@@ -220,6 +220,9 @@ class EmbedConfig(BaseModel):
         ge=1,
         description="byte limit for camera RAW files (their JPEG preview is read)",
     )
+    max_jpeg_scans: int = Field(
+        256, ge=1, description="scans in one JPEG (encoders write ~10; each is a full pass)"
+    )
     min_side: int = Field(16, ge=1)
     limit: int | None = Field(None, ge=1, description="embed only the first N inputs (smoke runs)")
     capture: bool = Field(
@@ -1029,6 +1032,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         "max_pixels": cfg.max_pixels,
         "max_bytes": cfg.max_bytes,
         "max_raw_bytes": cfg.max_raw_bytes,
+        "max_jpeg_scans": cfg.max_jpeg_scans,
         "min_side": cfg.min_side,
     }
     # Shards whose index stopped early: recorded before any image, this run's failures.
