@@ -359,7 +359,6 @@ class GpuDecoder:
         if dev.type not in ("cuda", "cpu"):
             raise ConfigError(f"GpuDecoder decodes on CUDA (or CPU in tests), not {dev.type!r}")
         self.device = dev
-        self.engine = engine
         self._nvimgcodec = _NvImgCodec(dev) if engine == "nvimgcodec" else None
         self.cpu: Decoder = cpu if cpu is not None else resolve_decoder("cpu")
         self.decoded = 0
