@@ -49,6 +49,10 @@ median time each hop held a request, so the overhead over the naive server can b
 time from its ``batching_stats`` (one replica's: run it with one encoder replica). The extra log line costs the
 encoder a little: use it to locate time, not for the headline figures.
 
+keeper's row also records ``replica_peak_rss_mib``: the largest resident memory any replica of
+each deployment reached, from before the app starts to the end of its row (``ReplicaMemory``),
+what the Serve configs' ``ray_actor_options.memory`` is sized from (docs/serving.md).
+
 Each measurement waits for a quiet machine (up to --quiet-wait s) and is repeated (--attempts)
 when other processes took more than --quiet of the CPUs meanwhile (embed.py's CpuMonitor).
 """
@@ -518,6 +522,48 @@ _HOPS = {"proxy": "proxy_*.log", "ingress": "replica_*KeeperIngress*.log",
          "encoder": "replica_*ClipEncoder*.log"}  # fmt: skip
 
 
+class ReplicaMemory:
+    """Peak resident memory of each Serve deployment's replicas, sampled from /proc.
+
+    A replica is a process titled ``ray::ServeReplica:APP:DEPLOYMENT`` (Ray sets the title);
+    the figure per deployment is the largest RSS any of its replicas reached, which is what its
+    ``ray_actor_options.memory`` must cover (docs/serving.md).
+    """
+
+    TITLE = re.compile(rb"ray::ServeReplica:[^:\x00]+:([A-Za-z0-9_]+)")
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.page = interval, os.sysconf("SC_PAGE_SIZE")
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> None:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes()
+                m = self.TITLE.match(title)
+                if m is None:
+                    continue
+                rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * self.page
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+            name = m.group(1).decode()
+            self.peak[name] = max(self.peak.get(name, 0), rss)
+
+    def stop(self) -> dict[str, float]:
+        """Stops sampling; the peak RSS per deployment, MiB."""
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return {k: round(v / 2**20, 1) for k, v in sorted(self.peak.items())}
+
+
 def serve_log_dir() -> Path:
     """This process's Ray session's Serve log folder (Ray has no public call for it)."""
     import ray
@@ -873,6 +919,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 handler = "async" if name == "naive-async" else "sync"
                 ctx = naive_server(args.model, handler, workdir, args.device)
+            # keeper's replicas from before they start: a model load can peak above serving
+            memory = ReplicaMemory() if name == "keeper" else None
             try:
                 with ctx as (url, startup, *extra):
                     print(f"  up at {url} after {startup:.1f} s", flush=True)
@@ -880,9 +928,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     res["startup_s"] = round(startup, 2)
                     if extra:
                         res["overrides"] = extra[0]
+                    if memory is not None:
+                        res["replica_peak_rss_mib"] = memory.stop()
+                        print(f"  peak RSS per replica (MiB): {res['replica_peak_rss_mib']}")
             except Exception as e:  # one server failing must not lose the others' numbers
                 print(f"  {name} FAILED: {e!r}", flush=True)
                 res = {"error": repr(e)[-2000:]}
+            finally:
+                if memory is not None:
+                    memory.stop()  # a second stop is harmless
             report["servers"][name] = res
             save()
     finally:

@@ -122,3 +122,29 @@ def test_device_cuda_without_cuda_stops_before_anything_starts(sb, tmp_path, cap
     assert e.value.code == 2
     assert "--device cuda: this process sees no CUDA device" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # no pool generated, nothing written
+
+
+def test_replica_memory_finds_replicas_by_title(sb, tmp_path: Path) -> None:
+    """A process titled as Ray titles a Serve replica is sampled; others are not."""
+    import subprocess
+    import time
+
+    hold = (
+        "b = bytearray(64 * 2**20); b[::4096] = b'x' * len(b[::4096]); import time; time.sleep(60)"
+    )
+    procs = [
+        subprocess.Popen(["bash", "-c", f'exec -a "{title}" {sys.executable} -c "{hold}"'])
+        for title in ("ray::ServeReplica:keeper:FakeEncoder", "ray::NotAReplica:keeper:FakeOther")
+    ]
+    try:
+        mem = sb.ReplicaMemory(interval=0.05)
+        deadline = time.monotonic() + 20
+        while mem.peak.get("FakeEncoder", 0) < 64 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        peak = mem.stop()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert "FakeOther" not in peak  # other replicas on this machine (if any) may be in it
+    assert 64 <= peak["FakeEncoder"] < 200  # MiB: the buffer and an interpreter

@@ -57,7 +57,9 @@ def keeper_argv(command: str) -> list[str] | None:
     """The argv after ``keeper`` for a keeper command line, else None."""
     words = shlex.split(command)
     for i, w in enumerate(words):
-        if w.endswith("/keeper") or w == "keeper":
+        # "keeper" right after a flag is that flag's value (benchmarks' --servers keeper)
+        value = i > 0 and words[i - 1].startswith("-")
+        if w.endswith("/keeper") or (w == "keeper" and not value):
             return _without_optional(words[i + 1 :])
     return None
 

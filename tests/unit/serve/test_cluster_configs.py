@@ -30,6 +30,7 @@ from ray.serve.schema import (
     gRPCOptionsSchema,
 )
 
+from keeper_core.models import actor_memory_request, parameter_count
 from keeper_serve.config import (
     ENCODER,
     INGRESS,
@@ -130,6 +131,13 @@ def app_problems(app: dict[str, Any], where: str) -> list[str]:
 
     if ENCODER in deps:
         enc = deps[ENCODER]
+        memory = (enc.get("ray_actor_options") or {}).get("memory")
+        need = actor_memory_request(4 * parameter_count(args.clip_model))
+        if isinstance(memory, int | float) and memory < need:
+            out.append(
+                f"{ENCODER}: ray_actor_options.memory {memory / 2**30:.2f} GiB < "
+                f"{need / 2**30:.2f} GiB that {args.clip_model} needs (actor_memory_request)"
+            )
         user_config = enc.get("user_config") or {}
         extra = set(user_config) - ENCODER_USER_CONFIG
         if extra:
@@ -180,6 +188,10 @@ def deployment_problems(d: dict[str, Any], where: str) -> list[str]:
     for knob in ("max_ongoing_requests", "max_queued_requests", "ray_actor_options"):
         if knob not in d:
             out.append(f"{where}: {knob} not set (code default or unbounded queue)")
+    if "memory" not in (d.get("ray_actor_options") or {}):
+        # Serve replaces the code's ray_actor_options with the config's: what is not here is not
+        # reserved, and Ray packs replicas onto a node by CPU alone
+        out.append(f"{where}.ray_actor_options: memory not set (nothing reserved)")
     if d.get("max_queued_requests") == -1:
         out.append(f"{where}: max_queued_requests -1 is an unbounded queue (no 503 back-pressure)")
     if "num_replicas" in d:
@@ -367,6 +379,20 @@ def test_unknown_user_config_key_is_caught(cpu_config: dict[str, Any]) -> None:
     assert any("unknown keys ['poll']" in p for p in problems(cpu_config))
 
 
+def test_deployment_without_memory_is_caught(cpu_config: dict[str, Any]) -> None:
+    del deployments_by_name(cpu_config["applications"][0])[INGRESS]["ray_actor_options"]["memory"]
+    assert any(f"[{INGRESS}].ray_actor_options: memory not set" in p for p in problems(cpu_config))
+
+
+def test_encoder_memory_below_its_model_is_caught(cpu_config: dict[str, Any]) -> None:
+    app = cpu_config["applications"][0]
+    assert problems(cpu_config) == []
+    app["args"]["clip_model"] = "ViT-L-14:laion2b_s32b_b82k"  # 3.24 GiB > the shipped 2 GiB
+    assert any("that ViT-L-14:laion2b_s32b_b82k needs" in p for p in problems(cpu_config))
+    deployments_by_name(app)[ENCODER]["ray_actor_options"]["memory"] = int(3.5 * 2**30)
+    assert problems(cpu_config) == []
+
+
 def test_token_in_runtime_env_is_caught(cpu_config: dict[str, Any]) -> None:
     cpu_config["applications"][0]["runtime_env"] = {"env_vars": {"KEEPER_API_TOKEN": "x" * 32}}
     assert any("KEEPER_API_TOKEN" in p for p in problems(cpu_config))
@@ -418,3 +444,25 @@ def test_rayservice_gpu_group_can_hold_every_encoder(rayservice: dict[str, Any])
         )
         gpus_offered += per_pod * group["maxReplicas"]
     assert gpus_offered >= gpus_needed
+
+
+def test_rayservice_pods_can_hold_every_replica(rayservice: dict[str, Any]) -> None:
+    """Each deployment's reservation fits a pod that offers its resources: Ray's memory resource
+    is what the pod has minus the object store (30 % by default), and a replica asking for more
+    than any node offers stays pending forever."""
+    app = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]
+    pods = []
+    for group in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        memory = int(limits["memory"].removesuffix("Gi")) * 2**30
+        pods.append((float(limits.get("nvidia.com/gpu", 0)), 0.7 * memory))
+    for d in app["deployments"]:
+        opts = d["ray_actor_options"]
+        gpus = float(opts.get("num_gpus", 0))
+        fits = [mem for pod_gpus, mem in pods if pod_gpus >= gpus]
+        assert fits, f"{d['name']}: no pod group has {gpus} GPU(s)"
+        # replicas that share a GPU (num_gpus 0.5: two a pod) must fit beside each other
+        share = math.floor(1 / gpus) if gpus else 1
+        assert opts["memory"] * share <= max(fits), (
+            f"{d['name']}: {share} x {opts['memory'] / 2**30:.1f} GiB fits no pod group"
+        )
