@@ -82,3 +82,30 @@ def test_a_row_trains_with_and_without_the_probe(
         val, test, _, _ = fq.train_one("last-blocks+lora", "embedding", data, train_q, seed=0)
         assert val.n_series == 4
         assert test.n_series == 4
+
+
+def test_extra_series_are_rows_of_the_training_photos(fq: ModuleType) -> None:
+    """benchmarks/finetune_extra_series.py: series rendered from the given photos only, as
+    ``series_rows`` makes them (pixels and quality per shot, the clean shot as best)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import finetune_extra_series as fx
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = fx.extra_series(["coffee", "coins"], 4, (0.02, 0.5), fold=0)
+    assert len(rows) == 4
+    side = 64 * 64 * 3  # keeper-tiny's input, uint8
+    for r in rows:
+        n = r["length"]
+        assert 2 <= n <= 5
+        assert 0 <= r["best"] < n
+        assert r["pixels"].shape == (n * side,)
+        assert r["pixels"].dtype == np.uint8
+        assert r["quality"].shape == (n * len(fq.QI),)
+    # the same arguments render the same series; another crop range, other ones
+    again = fx.extra_series(["coffee", "coins"], 4, (0.02, 0.5), fold=0)
+    assert all(np.array_equal(a["pixels"], b["pixels"]) for a, b in zip(rows, again, strict=True))
+    wide = fx.extra_series(["coffee", "coins"], 4, (0.5, 0.9), fold=0)
+    assert not any(
+        np.array_equal(a["pixels"], b["pixels"]) for a, b in zip(rows, wide, strict=True)
+    )

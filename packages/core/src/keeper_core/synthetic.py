@@ -202,10 +202,11 @@ def render_series(
     min_shots: int,
     max_shots: int,
     size: tuple[int, int],
+    area: tuple[float, float] = _AREA,
 ) -> list[tuple[Image.Image, str]]:
     """Renders one burst of ``photo``: the shots in capture order with their degradation labels.
 
-    One crop window (``_AREA`` of the photo, the output's aspect), a small shift per shot, one
+    One crop window (``area`` of the photo, the output's aspect), a small shift per shot, one
     clean shot at a random position (label ``"none"``) and one or two degradations on every
     other shot. ``min_shots=max_shots=1`` renders a single clean shot. Everything is drawn
     from ``rng``, in a fixed order, so the same generator state gives the same pixels.
@@ -216,15 +217,16 @@ def render_series(
         min_shots: fewest shots (>= 1; not checked here).
         max_shots: most shots (>= min_shots).
         size: ``(width, height)`` of every shot.
+        area: the range the crop window's share of the photo's area is drawn from.
     """
     n = int(rng.integers(min_shots, max_shots + 1))
     keeper = int(rng.integers(n))
 
-    # A crop window with the output's aspect, covering _AREA of the photo, shrunk if needed
+    # A crop window with the output's aspect, covering `area` of the photo, shrunk if needed
     # so the window plus the largest shift on either side still fits inside the photo.
     W, H = photo.size
     aspect = size[0] / size[1]
-    ch = np.sqrt(rng.uniform(*_AREA) * W * H / aspect)
+    ch = np.sqrt(rng.uniform(*area) * W * H / aspect)
     cw = ch * aspect
     fit = min(1.0, W / (cw * (1 + 2 * _SHIFT)), H / (ch * (1 + 2 * _SHIFT)))
     cw, ch = cw * fit, ch * fit
