@@ -30,7 +30,6 @@ from ray.serve.schema import (
     gRPCOptionsSchema,
 )
 
-from keeper_core.models import actor_memory_request, parameter_count
 from keeper_serve.config import (
     ENCODER,
     INGRESS,
@@ -39,6 +38,7 @@ from keeper_serve.config import (
     EncoderArgs,
     KeeperAppArgs,
     RankerArgs,
+    encoder_memory_shortfall,
 )
 
 ROOT = Path(__file__).parents[3]
@@ -131,13 +131,9 @@ def app_problems(app: dict[str, Any], where: str) -> list[str]:
 
     if ENCODER in deps:
         enc = deps[ENCODER]
-        memory = (enc.get("ray_actor_options") or {}).get("memory")
-        need = actor_memory_request(4 * parameter_count(args.clip_model))
-        if isinstance(memory, int | float) and memory < need:
-            out.append(
-                f"{ENCODER}: ray_actor_options.memory {memory / 2**30:.2f} GiB < "
-                f"{need / 2**30:.2f} GiB that {args.clip_model} needs (actor_memory_request)"
-            )
+        short = encoder_memory_shortfall(args.clip_model, enc.get("ray_actor_options") or {})
+        if short:
+            out.append(short)
         user_config = enc.get("user_config") or {}
         extra = set(user_config) - ENCODER_USER_CONFIG
         if extra:

@@ -413,3 +413,28 @@ def test_serve_insecure_config_refuses_a_public_host(
     cfg["applications"][0]["args"]["auth"] = {"insecure_local": True}
     assert main(["serve", "--config", _write(tmp_path, cfg)]) == 2
     assert "auth.insecure_local" in capsys.readouterr().err
+
+
+def test_start_warns_when_the_encoders_memory_is_short_for_its_model(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The warning comes before anything starts (here the port refusal stops it, no Ray)."""
+    import socket
+
+    cfg = small_config()
+    app = cfg["applications"][0]
+    app["args"]["clip_model"] = "ViT-B-32:random"  # needs 1.95 GiB
+    app["deployments"][0]["ray_actor_options"] = {"num_cpus": 1, "memory": 2**30}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with caplog.at_level("WARNING", logger="keeper.serve"):
+            with pytest.raises(local.StartError, match="port is in use"):
+                local.start(cfg, port=port, ray_address="local")
+            assert "ClipEncoder: ray_actor_options.memory 1.00 GiB < 1.95 GiB" in caplog.text
+            caplog.clear()
+            app["deployments"][0]["ray_actor_options"]["memory"] = 2 * 2**30  # enough: silent
+            with pytest.raises(local.StartError, match="port is in use"):
+                local.start(cfg, port=port, ray_address="local")
+            assert "ray_actor_options.memory" not in caplog.text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -401,3 +402,26 @@ class KeeperAppArgs(_Strict):
         if self.review is not None and self.feedback is None:
             raise ValueError("review is set but feedback is null: decisions would go nowhere")
         return self
+
+
+def encoder_memory_shortfall(clip_model: str, actor_options: Mapping[str, Any]) -> str | None:
+    """Why ``ClipEncoder``'s ``ray_actor_options.memory`` is too small for ``clip_model``, or None.
+
+    The need is what ``keeper embed``'s model actors reserve for the same model
+    (``keeper_core.models.actor_memory_request``: 1.25 x (1 GiB + fp32 weights); measured peaks
+    in docs/benchmarks.md). None when no memory is set (nothing reserved: the shipped configs'
+    test asks for it) or it suffices. Builds the model on torch's meta device (no weights).
+    """
+    from keeper_core.models import actor_memory_request, parameter_count
+
+    memory = actor_options.get("memory")
+    if not isinstance(memory, int | float):
+        return None
+    need = actor_memory_request(4 * parameter_count(clip_model))
+    if memory >= need:
+        return None
+    return (
+        f"{ENCODER}: ray_actor_options.memory {memory / 2**30:.2f} GiB < {need / 2**30:.2f} GiB "
+        f"that {clip_model} needs (keeper_core.models.actor_memory_request): Ray may place more "
+        "replicas on a node than its memory holds"
+    )

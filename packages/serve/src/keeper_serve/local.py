@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from keeper_core.errors import ConfigError, KeeperError
-from keeper_serve.config import RANKER, KeeperAppArgs
+from keeper_serve.config import ENCODER, RANKER, KeeperAppArgs, encoder_memory_shortfall
 
 log = logging.getLogger("keeper.serve")
 
@@ -155,6 +155,11 @@ def start(
     http = http_address(cfg)
     opts = _options(app_cfg)
     name = app_cfg.get("name", "keeper")
+    short = encoder_memory_shortfall(
+        args.clip_model, opts.get(ENCODER, {}).get("ray_actor_options") or {}
+    )
+    if short:  # the operator's figure stands (as with `serve deploy`); say what it risks
+        log.warning("%s: raise deployments.%s.ray_actor_options.memory", short, ENCODER)
 
     if ray_address == "local" and not ray.is_initialized() and not _can_listen(http):
         # A new local Ray's proxy would fail on this port anyway, ~10 s later: say it now.
