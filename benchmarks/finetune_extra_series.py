@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train series {len(data['train'])} ({a.extra} extra)", flush=True)
     res = {}
     for m in a.methods.split(","):
-        val, tst, _, secs = fq.train_one(m, "embedding", data, train_q, seed=a.seed)
+        val, tst, _, secs, _ = fq.train_one(m, "embedding", data, train_q, seed=a.seed)
         res[m] = {"val": val.top1, "test": tst.top1, "secs": secs}
         print(m, res[m], flush=True)
     Path(a.out).write_text(json.dumps({"args": vars(a), "res": res}, indent=1))

@@ -198,8 +198,9 @@ def train_one(
     data: dict[str, list[dict[str, Any]]],
     train_q: np.ndarray,
     seed: int,
-) -> tuple[SeriesMetrics, SeriesMetrics, int, float]:
-    """(best val metrics, test metrics at the best val epoch, trainable params, seconds)."""
+) -> tuple[SeriesMetrics, SeriesMetrics, int, float, list[dict[str, float]]]:
+    """(best val metrics, test metrics at the best val epoch, trainable params, seconds, and per
+    epoch val top-1, val loss and test top-1: what other selection rules would have given)."""
     s = SETTINGS
     uses_q = features == "embedding+quality"
     frozen = method.startswith("frozen")
@@ -257,7 +258,8 @@ def train_one(
     shift = round(s["max_shift"] * size)
     model = ranker.model
 
-    def evaluate(rows: list[dict[str, Any]]) -> SeriesMetrics:
+    def evaluate(rows: list[dict[str, Any]]) -> tuple[SeriesMetrics, float]:
+        """The metrics and the mean series-softmax loss (NLL of the true keeper)."""
         model.eval()
         scores, best = [], []
         with torch.no_grad():
@@ -266,11 +268,13 @@ def train_one(
                 out = model(pixels, mask, quality)
                 scores += [out[j, : int(mask[j].sum())].numpy() for j in range(len(b))]
                 best += b.tolist()
-        return series_metrics(scores, best)
+        nll = [float(np.logaddexp.reduce(sc) - sc[b]) for sc, b in zip(scores, best, strict=True)]
+        return series_metrics(scores, best), float(np.mean(nll))
 
     t0 = time.perf_counter()
     best_val: SeriesMetrics | None = None
     test_at_best: SeriesMetrics | None = None
+    history: list[dict[str, float]] = []
     for epoch in range(s["epochs"]):
         model.train()
         rng = np.random.default_rng([seed, epoch, 0])
@@ -289,13 +293,17 @@ def train_one(
             loss.backward()
             opt.step()
             sched.step()
-        val = evaluate(data["val"])
+        val, val_nll = evaluate(data["val"])
+        test, _ = evaluate(data["test"])  # every epoch: what other selection rules would give
+        history.append(
+            {"epoch": epoch, "val_top1": val.top1, "val_nll": val_nll, "test_top1": test.top1}
+        )
         if best_val is None or val.top1 > best_val.top1:
-            best_val, test_at_best = val, evaluate(data["test"])
+            best_val, test_at_best = val, test
     assert best_val is not None
     assert test_at_best is not None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return best_val, test_at_best, trainable, time.perf_counter() - t0
+    return best_val, test_at_best, trainable, time.perf_counter() - t0, history
 
 
 def pooled(parts: list[SeriesMetrics]) -> SeriesMetrics:
@@ -372,13 +380,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if methods and method not in methods:
                 continue
-            val, tst, trainable, secs = train_one(method, features, data, train_q, seed=args.seed)
+            val, tst, trainable, secs, history = train_one(
+                method, features, data, train_q, seed=args.seed
+            )
             name = f"{method}, {features}"
             fold["rows"][name] = {
                 "val": val.as_dict(),
                 "test": tst.as_dict(),
                 "trainable_params": trainable,
                 "seconds": round(secs, 1),
+                "epochs": history,
             }
             print(
                 f"fold {k} {name:32s} val {val.top1:.3f} test {tst.top1:.3f} ({secs:.0f}s)",
@@ -428,18 +439,47 @@ def merge(parts: list[str], out: str) -> int:
         }
         bar[f"{key}_gain_pts"] = gain
         bar[f"{key}_holds"] = {m: g >= need for m, g in gain.items()}
+    selection = selection_rules(folds_, names)
     result = {
         **first,
         "folds": folds_,
         "pooled": {k: v.as_dict() for k, v in table.items()},
         "bar": bar,
+        "selection": selection,
         "table": text,
     }
     Path(out).write_text(json.dumps(result, indent=2))
     print(f"split by base photo, folds {sorted(folds_)} pooled:")
     print(text)
     print(json.dumps(bar, indent=2))
+    if selection:
+        print("pooled test top-1 by the epoch each rule keeps:")
+        print(json.dumps(selection, indent=2))
     return 0
+
+
+def selection_rules(folds_: dict[str, Any], names: list[str]) -> dict[str, dict[str, float]]:
+    """Pooled test top-1 (%) of each row under three ways of choosing its epoch: the best val
+    top-1 (the job's early stopping; the first such epoch), the lowest val loss, the last epoch.
+    Rows whose part files have no per-epoch history are left out."""
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        rows = [f["rows"][name] for f in folds_.values()]
+        if not all(r.get("epochs") for r in rows):
+            continue
+        picks: dict[str, list[tuple[float, int]]] = {"val_top1": [], "val_loss": [], "last": []}
+        for r in rows:
+            h, n = r["epochs"], r["test"]["n_series"]
+            top = max(range(len(h)), key=lambda i: (h[i]["val_top1"], -i))
+            low = min(range(len(h)), key=lambda i: h[i]["val_nll"])
+            picks["val_top1"].append((h[top]["test_top1"], n))
+            picks["val_loss"].append((h[low]["test_top1"], n))
+            picks["last"].append((h[-1]["test_top1"], n))
+        out[name] = {
+            rule: round(100 * sum(t * n for t, n in v) / sum(n for _, n in v), 1)
+            for rule, v in picks.items()
+        }
+    return out
 
 
 if __name__ == "__main__":

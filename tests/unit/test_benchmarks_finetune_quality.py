@@ -79,9 +79,16 @@ def test_a_row_trains_with_and_without_the_probe(
     train_q = np.concatenate([r["quality"].reshape(3, -1) for r in data["train"]])
     for aux in (0.0, 1.0):
         monkeypatch.setitem(fq.SETTINGS, "aux_quality", aux)
-        val, test, _, _ = fq.train_one("last-blocks+lora", "embedding", data, train_q, seed=0)
+        val, test, _, _, history = fq.train_one(
+            "last-blocks+lora", "embedding", data, train_q, seed=0
+        )
         assert val.n_series == 4
         assert test.n_series == 4
+        # one entry per epoch; the test figure at the best val epoch is the one returned
+        assert [h["epoch"] for h in history] == [0]
+        assert history[0]["test_top1"] == test.top1
+        assert history[0]["val_top1"] == val.top1
+        assert history[0]["val_nll"] > 0
 
 
 def test_extra_series_are_rows_of_the_training_photos(fq: ModuleType) -> None:
@@ -109,3 +116,29 @@ def test_extra_series_are_rows_of_the_training_photos(fq: ModuleType) -> None:
     assert not any(
         np.array_equal(a["pixels"], b["pixels"]) for a, b in zip(rows, wide, strict=True)
     )
+
+
+def test_selection_rules_pool_each_rules_epoch(fq: ModuleType) -> None:
+    def row(hist: list[tuple[float, float, float]], n: int) -> dict[str, Any]:
+        epochs = [
+            {"epoch": i, "val_top1": v, "val_nll": loss, "test_top1": t}
+            for i, (v, loss, t) in enumerate(hist)
+        ]
+        return {"test": {"n_series": n}, "epochs": epochs}
+
+    folds = {
+        # best val top-1: epoch 1 (the first of the tie with 2); lowest val loss: epoch 0
+        "0": {"rows": {"m": row([(0.5, 0.9, 0.6), (0.7, 1.0, 0.5), (0.7, 1.1, 0.4)], 100)}},
+        # best val top-1 and lowest loss: epoch 2, which is also the last
+        "1": {"rows": {"m": row([(0.1, 2.0, 0.2), (0.2, 1.5, 0.3), (0.3, 1.0, 0.9)], 300)}},
+    }
+    got = fq.selection_rules(folds, ["m"])
+    assert got == {
+        "m": {
+            "val_top1": round(100 * (0.5 * 100 + 0.9 * 300) / 400, 1),
+            "val_loss": round(100 * (0.6 * 100 + 0.9 * 300) / 400, 1),
+            "last": round(100 * (0.4 * 100 + 0.9 * 300) / 400, 1),
+        }
+    }
+    folds["1"]["rows"]["m"].pop("epochs")  # a part written before the history: left out
+    assert fq.selection_rules(folds, ["m"]) == {}
