@@ -138,3 +138,26 @@ def test_keeper_serve_failed_deployment_is_one_line_and_exit_1(tmp_path: Path) -
     assert "absent.yaml" in lines[0]
     assert "Traceback" not in r.stderr + r.stdout
     assert time.monotonic() - t0 < 200
+
+
+def test_keeper_serve_refuses_replicas_the_box_cannot_hold_at_once(tmp_path: Path) -> None:
+    """A minimum replica whose memory reservation exceeds what the local Ray offers would wait
+    forever for memory; keeper serve says so and exits instead of waiting out its timeout."""
+    t0 = time.monotonic()
+    r = _serve(
+        [
+            "--port",
+            str(free_port()),
+            f"data_dir={tmp_path / 'data'}",
+            f"deployments.ClipEncoder.ray_actor_options.memory={2**50}",  # 1 PiB
+        ],
+        tmp_path,
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = _keeper_lines(r.stderr)
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert "minimum replicas reserve" in lines[0]
+    assert "ClipEncoder 1048576.00" in lines[0]
+    assert "ray_actor_options.memory" in lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert time.monotonic() - t0 < 120  # Ray's start, not a health timeout

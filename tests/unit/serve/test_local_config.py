@@ -438,3 +438,28 @@ def test_start_warns_when_the_encoders_memory_is_short_for_its_model(
             with pytest.raises(local.StartError, match="port is in use"):
                 local.start(cfg, port=port, ray_address="local")
             assert "ray_actor_options.memory" not in caplog.text
+
+
+def test_memory_floor_counts_each_deployments_minimum_replicas() -> None:
+    cfg = local.load_config(None)  # the packaged dev-box config
+    floor = local.memory_floor(local._options(cfg["applications"][0]))
+    # every deployment reserves memory; each has min_replicas 1 in this config
+    assert floor == {INGRESS: 2**29, ENCODER: 2 * 2**30, RANKER: 2**30}
+    opts = {
+        "A": {"ray_actor_options": {"memory": 100}, "autoscaling_config": {"min_replicas": 3}},
+        "B": {"ray_actor_options": {"memory": 10}, "num_replicas": 2},
+        "C": {"ray_actor_options": {"num_cpus": 1}},  # reserves none
+        "D": {"ray_actor_options": {"memory": 5}, "autoscaling_config": {"min_replicas": 0}},
+    }
+    assert local.memory_floor(opts) == {"A": 300.0, "B": 20.0}
+
+
+def test_memory_refusal_names_the_reservations_and_the_knob() -> None:
+    opts = {ENCODER: {"ray_actor_options": {"memory": 3 * 2**30}}}
+    assert local.memory_refusal(opts, 3 * 2**30) is None
+    why = local.memory_refusal(opts, 2.5 * 2**30)
+    assert why is not None
+    assert "reserve 3.00 GiB" in why
+    assert f"{ENCODER} 3.00" in why
+    assert "offers 2.50 GiB" in why
+    assert "ray_actor_options.memory" in why

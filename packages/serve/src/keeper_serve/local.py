@@ -167,12 +167,19 @@ def start(
             f"Serve's HTTP proxy cannot listen on {http['host']}:{http['port']}: the port is in "
             "use (choose another with --port)"
         )
+    started_here = False
     if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS") or None
         ray.init(
-            address=ray_address or os.environ.get("RAY_ADDRESS") or None,
+            address=address,
             log_to_driver=log_to_driver,
             logging_level=logging.INFO if log_to_driver else logging.WARNING,
         )
+        started_here = address in (None, "local")
+    if started_here:  # a Ray of this process alone: nothing will add memory to it
+        refusal = memory_refusal(opts, float(ray.available_resources().get("memory", 0)))
+        if refusal:
+            raise StartError(refusal)
     if not log_to_driver:  # Serve's own start-up lines, as the replicas' logs: in Ray's files
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
@@ -197,6 +204,37 @@ def start(
     url = f"http://{shown}:{int(http['port'])}{app_cfg.get('route_prefix', '/').rstrip('/')}"
     wait_healthy(url, wait_s, failed=lambda: deploy_failure(name))
     return url
+
+
+def memory_floor(opts: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Bytes of memory each deployment's minimum replicas reserve (``ray_actor_options.memory``
+    x ``min_replicas``, or ``num_replicas``, else 1), for the deployments that reserve any."""
+    out: dict[str, float] = {}
+    for name, d in opts.items():
+        memory = (d.get("ray_actor_options") or {}).get("memory")
+        if not memory:
+            continue
+        scaling = d.get("autoscaling_config") or {}
+        replicas = scaling.get("min_replicas", d.get("num_replicas", 1))
+        if isinstance(replicas, int | float) and replicas > 0:
+            out[name] = float(memory) * replicas
+    return out
+
+
+def memory_refusal(opts: Mapping[str, Mapping[str, Any]], available: float) -> str | None:
+    """Why the app's minimum replicas cannot all be placed on a Ray node offering ``available``
+    bytes of memory, or None. Without this, a replica that does not fit waits for memory that
+    will never come, and ``keeper serve`` for its health timeout."""
+    floor = memory_floor(opts)
+    total = sum(floor.values())
+    if total <= available:
+        return None
+    parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in floor.items())
+    return (
+        f"the app's minimum replicas reserve {total / 2**30:.2f} GiB of memory ({parts}) and "
+        f"this Ray offers {available / 2**30:.2f} GiB: free memory, or lower a reservation, "
+        "e.g. deployments.ClipEncoder.ray_actor_options.memory=BYTES (docs/serving.md)"
+    )
 
 
 def _can_listen(http: Mapping[str, Any]) -> bool:
