@@ -49,9 +49,9 @@ def extra_series(
         for j, (img, degradation) in enumerate(shots):
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=92)
-            d = prep.decode(buf.getvalue(), source=f"extra-{i}-{j}")
-            px.append(prep.resize(d).reshape(-1))
-            q.append(prep.quality([d])[0, fq.QI])
+            pixels, quality = fq.prepare_image(prep, buf.getvalue(), f"extra-{i}-{j}")
+            px.append(pixels)
+            q.append(quality)
             best = j if degradation == "none" else best
         rows.append(
             {
@@ -78,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     df, px, q = fq.prepare_corpus(Path(a.cache), 3000)
     val_photos, test_photos = fq.folds()[a.fold]
     train_photos = [x for x in synthetic.PHOTOS if x not in val_photos + test_photos]
-    split = np.where(
-        df["base_photo"].isin(test_photos),
-        "test",
-        np.where(df["base_photo"].isin(val_photos), "val", "train"),
-    )
+    split = fq.fold_split(df, a.fold)
     data = {n: fq.series_rows(df, px, q, split == n) for n in ("train", "val", "test")}
     lo, hi = (float(v) for v in a.area.split(","))
     extra = extra_series(train_photos, a.extra, (lo, hi), a.fold)

@@ -125,12 +125,25 @@ def _prepare(uris: list[str]) -> tuple[np.ndarray, np.ndarray]:
     from keeper_core.preparation import ImagePreparation
 
     prep = ImagePreparation(MODEL)
-    px, q = [], []
-    for u in uris:
-        d = prep.decode(Path(u).read_bytes(), source=u)
-        px.append(prep.resize(d).reshape(-1))
-        q.append(prep.quality([d])[0, QI])
-    return np.stack(px), np.stack(q)
+    done = [prepare_image(prep, Path(u).read_bytes(), u) for u in uris]
+    return np.stack([p for p, _ in done]), np.stack([q for _, q in done])
+
+
+def prepare_image(prep: Any, data: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """One encoded image as a series row holds it: flat uint8 pixels and the ranker's quality
+    inputs (``prep``: an ``ImagePreparation`` for ``MODEL``)."""
+    d = prep.decode(data, source=source)
+    return prep.resize(d).reshape(-1), prep.quality([d])[0, QI]
+
+
+def fold_split(df: pd.DataFrame, k: int) -> np.ndarray:
+    """ "train", "val" or "test" per manifest row for fold ``k`` (by base photo)."""
+    val_photos, test_photos = folds()[k]
+    return np.where(
+        df["base_photo"].isin(test_photos),
+        "test",
+        np.where(df["base_photo"].isin(val_photos), "val", "train"),
+    )
 
 
 def folds() -> list[tuple[list[str], list[str]]]:
@@ -362,11 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"folds": {}}
     for k in [int(f) for f in args.folds.split(",")]:
         val_photos, test_photos = folds()[k]
-        split = np.where(
-            df["base_photo"].isin(test_photos),
-            "test",
-            np.where(df["base_photo"].isin(val_photos), "val", "train"),
-        )
+        split = fold_split(df, k)
         data = {name: series_rows(df, px, q, split == name) for name in ("train", "val", "test")}
         train_q = q[split == "train"]
         fold: dict[str, Any] = {"val_photos": val_photos, "test_photos": test_photos, "rows": {}}

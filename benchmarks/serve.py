@@ -921,6 +921,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ctx = naive_server(args.model, handler, workdir, args.device)
             # keeper's replicas from before they start: a model load can peak above serving
             memory = ReplicaMemory() if name == "keeper" else None
+            res: dict[str, Any] = {}
             try:
                 with ctx as (url, startup, *extra):
                     print(f"  up at {url} after {startup:.1f} s", flush=True)
@@ -928,15 +929,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     res["startup_s"] = round(startup, 2)
                     if extra:
                         res["overrides"] = extra[0]
-                    if memory is not None:
-                        res["replica_peak_rss_mib"] = memory.stop()
-                        print(f"  peak RSS per replica (MiB): {res['replica_peak_rss_mib']}")
             except Exception as e:  # one server failing must not lose the others' numbers
                 print(f"  {name} FAILED: {e!r}", flush=True)
                 res = {"error": repr(e)[-2000:]}
-            finally:
+            finally:  # a peak is a maximum: stopping after the app is gone changes nothing
                 if memory is not None:
-                    memory.stop()  # a second stop is harmless
+                    res["replica_peak_rss_mib"] = memory.stop()
+                    print(f"  peak RSS per replica (MiB): {res['replica_peak_rss_mib']}")
             report["servers"][name] = res
             save()
     finally:
