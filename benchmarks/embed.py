@@ -11,6 +11,9 @@ same model, side by side in one process, for each model spec:
 2. naive loop: per image read, decode (no draft), full transform, forward at batch 1;
 3. tuned DataLoader: workers read + decode (JPEG draft, to keeper's size) + transform, batched
    forward in the main process; the best of a small grid of num_workers x torch threads;
+3b. the same DataLoader (3's best workers and threads) doing the job's work: the job's own decode
+   stage (``prepare_batch``: quality features, hashes, capture metadata) in the workers, its
+   forward and Parquet writer in the main process; 4 / 3b is what Ray costs keeper;
 4. keeper: ``keeper_train.jobs.embed.run`` on local Ray, files to Parquet (it also computes the
    quality features and writes them: strictly more work than 1-3), at the ceiling's best batch
    size. A short cold run first (start-up: ray init + seconds to the first written part), then
@@ -126,6 +129,35 @@ def disturbance(cpu: dict[str, Any]) -> float:
     return float(cpu["foreign_share"] + cpu.get("steal_share", 0.0))
 
 
+def process_role(pid: int) -> str:
+    """What one of this benchmark's processes is, for the CPU breakdown: "benchmark" (this
+    process, which is the job's driver for keeper), "dataloader worker", a Ray system process
+    (raylet, gcs_server, dashboard, ...) or a Ray worker by the title of what it runs now
+    (``ray::MapBatches(prepare_batch)``, ``ray::MapWorker(MapBatches(EmbedStage))``, ``ray::IDLE``;
+    an actor's methods and constructor count as the actor).
+    """
+    if pid == os.getpid():
+        return "benchmark"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "exited"
+    head = argv[0].decode(errors="replace")
+    if head.startswith("ray::"):  # the worker's class or task, without the method it runs
+        title = head.split(" ", 1)[0]
+        return title[: title.rfind(")") + 1] if ")" in title else title.split(".", 1)[0]
+    words = " ".join(a.decode(errors="replace") for a in argv)
+    for marker in ("log_monitor", "autoscaler", "runtime_env", "dashboard"):
+        if marker in words:  # the dashboard's own subprocesses name it in their titles
+            return f"ray {marker}"
+    name = Path(head.split(" ", 1)[0]).name
+    if name in ("raylet", "gcs_server"):
+        return name
+    if "python" in name and "embed.py" in words:
+        return "dataloader worker"
+    return name[:30] or "?"
+
+
 class CpuMonitor:
     """Tells this benchmark's CPU use from everyone else's, by sampling /proc.
 
@@ -137,6 +169,7 @@ class CpuMonitor:
     def __init__(self, interval: float = 0.5) -> None:
         self.interval, self.tick = interval, os.sysconf("SC_CLK_TCK")
         self.mine = self.foreign = 0.0
+        self.by_role: dict[str, float] = defaultdict(float)  # own CPU seconds by process_role
         self._last: dict[int, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -177,6 +210,8 @@ class CpuMonitor:
                 delta = 0.0 if first else cpu - self._last.get(pid, 0.0)
                 if pid in tree:
                     self.mine += delta
+                    if delta:
+                        self.by_role[process_role(pid)] += delta
                 else:
                     self.foreign += delta
             self._last = {pid: cpu for pid, (_, cpu) in procs.items()}
@@ -236,12 +271,15 @@ class CpuMonitor:
         """Adds wall, own, foreign and stolen CPU seconds of the block to ``into["cpu"]``."""
         self.sample()
         mine, foreign, steal, t0 = self.mine, self.foreign, self._steal(), time.perf_counter()
+        roles = dict(self.by_role)
         yield
         self.sample()
         wall = time.perf_counter() - t0
+        by_role = {r: round(v - roles.get(r, 0.0), 1) for r, v in self.by_role.items()}
         into["cpu"] = {
             "wall_s": round(wall, 2),
             "own_cpu_s": round(self.mine - mine, 1),
+            "own_cpu_s_by_process": {r: v for r, v in sorted(by_role.items()) if v > 0},
             "foreign_cpu_s": round(self.foreign - foreign, 1),
             "foreign_share": round((self.foreign - foreign) / (wall * CORES), 3),
             "steal_share": round((self._steal() - steal) / self.tick / (wall * CORES), 3),
@@ -427,6 +465,73 @@ def bench_dataloader(
     }
 
 
+class KeeperWorkDataset(Dataset[dict[str, np.ndarray]]):
+    """Batches of images through the job's own decode stage (``prepare_batch``) in a worker:
+    read, draft decode, resize, quality features, both hashes, capture metadata."""
+
+    def __init__(self, uris: Sequence[str], batch_size: int, prepare: dict[str, Any]):
+        self.chunks = [list(uris[i : i + batch_size]) for i in range(0, len(uris), batch_size)]
+        self.prepare = prepare
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        from keeper_train.jobs.embed import prepare_batch
+
+        return prepare_batch({"image_uri": np.array(self.chunks[i], dtype=object)}, **self.prepare)
+
+
+def _as_is(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return batch  # DataLoader's default would turn the numpy columns into tensors
+
+
+def run_same_work(
+    embedder: ClipEmbedder,
+    spec: str,
+    uris: Sequence[str],
+    batch_size: int,
+    num_workers: int,
+    threads: int,
+    workdir: Path,
+) -> float:
+    """Images/s of a DataLoader doing the job's work: its decode stage in the workers, the
+    model stage's forward (``ClipEmbedder`` on uint8 pixels) and its Parquet writer in the
+    main process. Ray's share of keeper's time is what keeper loses to this loop."""
+    from keeper_train.jobs.embed import EmbedConfig, prepare_arguments, write_batch
+
+    out = Path(tempfile.mkdtemp(prefix="same-work-", dir=workdir))
+    cfg = EmbedConfig(input="-", output=str(out), model=spec, batch_size=batch_size)
+    ds = KeeperWorkDataset(uris, batch_size, prepare_arguments(cfg, str(out), "bench"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        loader = DataLoader(
+            ds,
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=num_workers,
+            persistent_workers=True,
+            prefetch_factor=4,
+        )
+        n = 0
+        for batch in loader:
+            rows = embedder(batch)
+            rows["t_embed"] = np.zeros(len(rows["image_uri"]))  # write_batch's tally column
+            n += int(
+                write_batch(rows, spec=spec, embeddings_dir=str(out / "embeddings"))["rows"][0]
+            )
+        seconds = time.perf_counter() - t0
+        del loader
+        gc.collect()
+    finally:
+        torch.set_num_threads(before)
+        shutil.rmtree(out, ignore_errors=True)
+    assert n == len(uris), (n, len(uris))
+    return n / seconds
+
+
 # --------------------------------------------------------------------------------------------
 # 4: keeper's Ray Data job
 
@@ -525,7 +630,7 @@ def bench_keeper(
 
 
 def bench_in_process(
-    spec: str, uris: Sequence[str], args: argparse.Namespace, mon: CpuMonitor
+    spec: str, uris: Sequence[str], args: argparse.Namespace, workdir: Path, mon: CpuMonitor
 ) -> dict[str, Any]:
     """Methods 1-3 with one model in this process (freed when this returns)."""
     torch.set_num_threads(CORES)
@@ -552,6 +657,20 @@ def bench_in_process(
         "dataloader", lambda: bench_dataloader(embedder, forward, uris, bs, tune), q, n
     )
     print(f"  dataloader best {res['dataloader']['images_per_s']:8.1f} img/s", flush=True)
+    best = res["dataloader"]["best"]
+    w, t = best["num_workers"], best["torch_threads"]
+    res["same_work"] = mon.measure(
+        "same_work",
+        lambda: {
+            "images_per_s": run_same_work(embedder, spec, uris, bs, w, t, workdir),
+            "num_workers": w,
+            "torch_threads": t,
+            "batch_size": bs,
+        },
+        q,
+        n,
+    )
+    print(f"  same-work dataloader {res['same_work']['images_per_s']:8.1f} img/s", flush=True)
     # The ceiling again, at its best batch size: a second look at how noisy this machine is.
     # The better of the two counts (contention only ever slows a run down).
     again = bench_ceiling(forward, pixels, [bs], args.min_seconds)["images_per_s"]
@@ -567,7 +686,7 @@ def bench_model(
 ) -> dict[str, Any]:
     uris = read_manifest(manifest)
     print(f"\n== {spec}: {len(uris)} images", flush=True)
-    res = bench_in_process(spec, uris, args, mon)
+    res = bench_in_process(spec, uris, args, workdir, mon)
     gc.collect()  # the in-process model and tensors, before Ray's workers want the memory
     q, n, bs = args.quiet, args.attempts, res["ceiling"]["batch_size"]
     res["keeper"] = mon.measure(
@@ -594,6 +713,11 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         "dataloader/ceiling": dl / ceil,
         "naive/ceiling": r["naive"]["images_per_s"] / ceil,
     }
+    if "same_work" in r:  # results written before the same-work loop existed have none
+        same = r["same_work"]["images_per_s"]
+        out["keeper_steady/same_work"] = k["steady_images_per_s"] / same
+        out["keeper_e2e/same_work"] = k["images_per_s"] / same
+        out["same_work/dataloader"] = same / dl
     if "keeper_defaults" in r:
         out["keeper_defaults_steady/dataloader"] = r["keeper_defaults"]["steady_images_per_s"] / dl
         out["keeper_defaults_steady/ceiling"] = r["keeper_defaults"]["steady_images_per_s"] / ceil
@@ -612,6 +736,12 @@ def table(spec: str, r: dict[str, Any]) -> str:
             r["dataloader"]["images_per_s"],
             "dataloader",
             f"{dl['num_workers']} worker(s), {dl['torch_threads']} torch thread(s)",
+        ),
+        (
+            "3b DataLoader doing the job's work",
+            r["same_work"]["images_per_s"],
+            "same_work",
+            "prepare_batch in the workers, Parquet parts written",
         ),
         ("4 keeper, end to end", k["images_per_s"], "keeper", f"{k['runs'][-1]['images']} images"),
         ("4 keeper, steady state", k["steady_images_per_s"], "keeper", "(2N - N) / (t2N - tN)"),
@@ -633,6 +763,17 @@ def table(spec: str, r: dict[str, Any]) -> str:
         lines.append(f"| {name} | {v:.2f} | {v / ceil:.2f} | {foreign:.0%} | {note} |")
     lines.append("")
     lines += [f"- {name}: {v:.2f}" for name, v in r["ratios"].items()]
+    d = r["dataloader"]
+    for key, images in (  # every image the measurement handled (tuning runs and cold run too)
+        ("dataloader", d["images"] + d["tuning_images"] * len(d["tuning"])),
+        ("same_work", d["images"]),
+        ("keeper", sum(run["images"] for run in k["runs"])),
+    ):
+        by = r[key]["cpu"].get("own_cpu_s_by_process", {})
+        if by:
+            top = sorted(by.items(), key=lambda kv: -kv[1])
+            cells = ", ".join(f"{name} {1000 * v / images:.1f}" for name, v in top if v >= 0.1)
+            lines.append(f"- {key}: CPU ms an image by process: {cells}")
     lines.append(
         f"- keeper cold start-up (ray init {k['runs'][0]['ray_init_s']:.1f} s + first part): "
         f"{k['startup_s']:.1f} s; "
@@ -710,7 +851,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "keeper_set": args.keeper_set,
             "manifest": str(manifest),
             "notes": "keeper also computes 10 quality features per image and writes Parquet; "
-            "1-3 only embed. Random weights: speed only, the embeddings mean nothing.",
+            "1-3 only embed, 3b does keeper's work without Ray. Random weights: speed only, "
+            "the embeddings mean nothing.",
         },
         "machine": machine_info(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

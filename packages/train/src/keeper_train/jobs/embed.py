@@ -530,6 +530,32 @@ def prepare_batch(
     return out
 
 
+def prepare_arguments(cfg: EmbedConfig, dst: str, run_id: str) -> dict[str, Any]:
+    """``prepare_batch``'s keyword arguments for a run of ``cfg`` into ``dst``.
+
+    What the decode stage of every placement is given (tasks, the model actors, and the
+    hand-written loop that ``benchmarks/embed.py`` measures the job against).
+    """
+    limits = {
+        "max_pixels": cfg.max_pixels,
+        "max_bytes": cfg.max_bytes,
+        "max_raw_bytes": cfg.max_raw_bytes,
+        "max_jpeg_scans": cfg.max_jpeg_scans,
+        "min_side": cfg.min_side,
+    }
+    return {
+        "spec": cfg.model,
+        "limits": limits,
+        "draft": cfg.draft,
+        "errors_dir": storage.join(dst, ERRORS),
+        "run_id": run_id,
+        "capture": cfg.capture,
+        "thumbnails": cfg.thumbnails,
+        "decode": cfg.decode,
+        "preprocess": preprocess_config(cfg.model),  # open_clip's configs, read here once
+    }
+
+
 def _members(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Where each WebDataset member lies in its shard: (offsets, sizes); -1 for plain files."""
     n = len(batch["image_uri"])
@@ -1028,13 +1054,6 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     cpus = cfg.stage_cpus()
     cluster = init_ray(cfg.ray_address)
     seconds = {"ray_init": time.perf_counter() - t0}
-    limits = {
-        "max_pixels": cfg.max_pixels,
-        "max_bytes": cfg.max_bytes,
-        "max_raw_bytes": cfg.max_raw_bytes,
-        "max_jpeg_scans": cfg.max_jpeg_scans,
-        "min_side": cfg.min_side,
-    }
     # Shards whose index stopped early: recorded before any image, this run's failures.
     write_errors(
         storage.join(p.dst, ERRORS),
@@ -1046,17 +1065,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     items = [_item(u, p.members) for u in p.todo if u not in p.index_failures]
     if not items:
         return Execution(tallies=[], cluster=cluster, seconds=seconds)
-    prepare = {
-        "spec": cfg.model,
-        "limits": limits,
-        "draft": cfg.draft,
-        "errors_dir": storage.join(p.dst, ERRORS),
-        "run_id": p.run_id,
-        "capture": cfg.capture,
-        "thumbnails": cfg.thumbnails,
-        "decode": cfg.decode,
-        "preprocess": preprocess_config(cfg.model),  # open_clip's configs, read here once
-    }
+    prepare = prepare_arguments(cfg, p.dst, p.run_id)
     in_actor = cfg.placement == "actor"
     # What one image in decode holds: a max_pixels image (3 bytes a pixel) beside its bytes.
     decode_memory = 3 * cfg.max_pixels + max(cfg.max_bytes, cfg.max_raw_bytes)
