@@ -143,10 +143,14 @@ def process_role(pid: int) -> str:
     except OSError:
         return "exited"
     head = argv[0].decode(errors="replace")
+    if not head:  # a zombie: exited, not yet reaped
+        return "exited"
     if head.startswith("ray::"):  # the worker's class or task, without the method it runs
         title = head.split(" ", 1)[0]
         return title[: title.rfind(")") + 1] if ")" in title else title.split(".", 1)[0]
     words = " ".join(a.decode(errors="replace") for a in argv)
+    if "default_worker.py" in words:  # a Ray worker before it has taken a task's title
+        return "ray worker (starting)"
     for marker in ("log_monitor", "autoscaler", "runtime_env", "dashboard"):
         if marker in words:  # the dashboard's own subprocesses name it in their titles
             return f"ray {marker}"
@@ -395,6 +399,26 @@ class JpegDataset(Dataset[torch.Tensor]):
         return self.transform(decode_image(data, source=self.uris[i], draft_size=self.draft))
 
 
+def timed_loader(
+    ds: Dataset[Any], step: Callable[[Any], int], threads: int, **loader_args: Any
+) -> tuple[int, float]:
+    """Run ``step`` on every batch of a DataLoader over ``ds`` (persistent workers, prefetch 4)
+    with ``threads`` torch threads here: (images ``step`` counted, seconds, worker start-up
+    included)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        loader = DataLoader(ds, persistent_workers=True, prefetch_factor=4, **loader_args)
+        n = sum(step(batch) for batch in loader)
+        seconds = time.perf_counter() - t0
+        del loader  # stops the persistent workers before anything else is timed
+        gc.collect()
+    finally:
+        torch.set_num_threads(before)
+    return n, seconds
+
+
 def run_dataloader(
     embedder: ClipEmbedder,
     forward: Callable[[torch.Tensor], np.ndarray],
@@ -404,28 +428,20 @@ def run_dataloader(
     threads: int,
 ) -> float:
     """Images/s of one DataLoader configuration, worker start-up included."""
+
+    def step(x: torch.Tensor) -> int:
+        forward(x)
+        return len(x)
+
     ds = JpegDataset(uris, embedder.clip.transform, embedder.clip.image_size)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        t0 = time.perf_counter()
-        loader = DataLoader(
-            ds,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            persistent_workers=True,
-            pin_memory=False,  # CPU: nothing to pin for
-            prefetch_factor=4,
-        )
-        n = 0
-        for x in loader:
-            forward(x)
-            n += len(x)
-        seconds = time.perf_counter() - t0
-        del loader  # stops the persistent workers before anything else is timed
-        gc.collect()
-    finally:
-        torch.set_num_threads(before)
+    n, seconds = timed_loader(
+        ds,
+        step,
+        threads,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=False,  # CPU: nothing to pin for
+    )
     assert n == len(uris), (n, len(uris))
     return n / seconds
 
@@ -503,30 +519,18 @@ def run_same_work(
     out = Path(tempfile.mkdtemp(prefix="same-work-", dir=workdir))
     cfg = EmbedConfig(input="-", output=str(out), model=spec, batch_size=batch_size)
     ds = KeeperWorkDataset(uris, batch_size, prepare_arguments(cfg, str(out), "bench"))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+
+    def step(batch: dict[str, np.ndarray]) -> int:
+        rows = embedder(batch)
+        rows["t_embed"] = np.zeros(len(rows["image_uri"]))  # write_batch's tally column
+        tally = write_batch(rows, spec=spec, embeddings_dir=str(out / "embeddings"))
+        return int(tally["rows"][0])
+
     try:
-        t0 = time.perf_counter()
-        loader = DataLoader(
-            ds,
-            batch_size=None,
-            collate_fn=_as_is,
-            num_workers=num_workers,
-            persistent_workers=True,
-            prefetch_factor=4,
+        n, seconds = timed_loader(
+            ds, step, threads, batch_size=None, collate_fn=_as_is, num_workers=num_workers
         )
-        n = 0
-        for batch in loader:
-            rows = embedder(batch)
-            rows["t_embed"] = np.zeros(len(rows["image_uri"]))  # write_batch's tally column
-            n += int(
-                write_batch(rows, spec=spec, embeddings_dir=str(out / "embeddings"))["rows"][0]
-            )
-        seconds = time.perf_counter() - t0
-        del loader
-        gc.collect()
     finally:
-        torch.set_num_threads(before)
         shutil.rmtree(out, ignore_errors=True)
     assert n == len(uris), (n, len(uris))
     return n / seconds

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import socket
 import struct
 import subprocess
+import sys
 import time
 import zlib
+from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def import_benchmark(name: str) -> ModuleType:
+    """A script of ``benchmarks/`` as a module. The folder is on ``sys.path`` only while it is
+    imported, so that ``benchmarks/embed.py`` or ``serve.py`` shadow nothing imported later."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def free_port() -> int:

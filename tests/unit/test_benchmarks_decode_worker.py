@@ -3,21 +3,15 @@ end-to-end half starts Ray twice per model and is left to the documented command
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[2]
+from support import import_benchmark
 
 
 def test_worker_startup_measures_a_heavy_and_a_light_worker(tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import decode_worker
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    decode_worker = import_benchmark("decode_worker")
     uris = []
     for i in range(2):
         path = tmp_path / f"{i}.jpg"

@@ -4,28 +4,21 @@ stage, forward and writer, so every image ends up in a Parquet part, as in the j
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from support import import_benchmark
 
 from keeper_core.embedding import ClipEmbedder
 from keeper_core.synthetic import generate_corpus
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def emb():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import embed
-    finally:
-        sys.path.remove(str(BENCH))  # must not shadow anything later
-    return embed
+    return import_benchmark("embed")
 
 
 @pytest.fixture(scope="module")

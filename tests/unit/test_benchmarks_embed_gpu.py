@@ -7,22 +7,14 @@ so the keeper job never starts; the smoke run on local Ray is done by hand (its 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from support import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def eg():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import embed_gpu
-    finally:
-        sys.path.remove(str(BENCH))  # benchmarks/embed.py must not shadow anything later
-    return embed_gpu
+    return import_benchmark("embed_gpu")
 
 
 @pytest.fixture

@@ -4,34 +4,25 @@ documented command: an hour on 2 cores)."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from support import import_benchmark
 
 from keeper_core.finetune import TunedRanker
 from keeper_core.heads import HeadConfig
 from keeper_core.ranker import QUALITY_INPUTS, RankerConfig
 from keeper_core.tower import TowerConfig
 
-ROOT = Path(__file__).resolve().parents[2]
 SPEC = "keeper-tiny:random"
 
 
 @pytest.fixture(scope="module")
-def fq() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import finetune_quality
-
-        yield finetune_quality
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+def fq() -> ModuleType:
+    return import_benchmark("finetune_quality")
 
 
 def test_probe_scores_as_the_ranker_and_its_loss_is_the_mse(fq: ModuleType) -> None:
@@ -94,11 +85,7 @@ def test_a_row_trains_with_and_without_the_probe(
 def test_extra_series_are_rows_of_the_training_photos(fq: ModuleType) -> None:
     """benchmarks/finetune_extra_series.py: series rendered from the given photos only, as
     ``series_rows`` makes them (pixels and quality per shot, the clean shot as best)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import finetune_extra_series as fx
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    fx = import_benchmark("finetune_extra_series")
     rows = fx.extra_series(["coffee", "coins"], 4, (0.02, 0.5), fold=0)
     assert len(rows) == 4
     side = 64 * 64 * 3  # keeper-tiny's input, uint8

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import import_benchmark
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -33,12 +34,7 @@ ENCODER = [
 
 @pytest.fixture(scope="module")
 def sb():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import serve as serve_bench
-    finally:
-        sys.path.remove(str(BENCH))
-    return serve_bench
+    return import_benchmark("serve")
 
 
 def write(folder: Path, name: str, lines: list[str]) -> Path:

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[3] / "benchmarks"
+from support import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def qb():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import quality_bar
-    finally:
-        sys.path.remove(str(BENCH))  # benchmarks/embed.py must not shadow anything later
-    return quality_bar
+    return import_benchmark("quality_bar")
 
 
 def test_every_photo_is_tested_once(qb):
