@@ -134,7 +134,8 @@ def process_role(pid: int) -> str:
     process, which is the job's driver for keeper), "dataloader worker", a Ray system process
     (raylet, gcs_server, dashboard, ...) or a Ray worker by the title of what it runs now
     (``ray::MapBatches(prepare_batch)``, ``ray::MapWorker(MapBatches(EmbedStage))``, ``ray::IDLE``;
-    an actor's methods and constructor count as the actor).
+    an actor's methods and constructor count as the actor). CpuMonitor charges an idle worker's
+    CPU to the last task it ran, so ``ray::IDLE`` is workers that have run nothing yet.
     """
     if pid == os.getpid():
         return "benchmark"
@@ -174,6 +175,7 @@ class CpuMonitor:
         self.interval, self.tick = interval, os.sysconf("SC_CLK_TCK")
         self.mine = self.foreign = 0.0
         self.by_role: dict[str, float] = defaultdict(float)  # own CPU seconds by process_role
+        self._worker_role: dict[int, str] = {}  # a Ray worker's last task or actor
         self._last: dict[int, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -214,8 +216,15 @@ class CpuMonitor:
                 delta = 0.0 if first else cpu - self._last.get(pid, 0.0)
                 if pid in tree:
                     self.mine += delta
+                    role = process_role(pid)
+                    if role == "ray::IDLE" and pid in self._worker_role:
+                        # A sample's delta is mostly what the worker ran before it went idle
+                        # (a decode task takes less than an interval): keep its last task.
+                        role = self._worker_role[pid]
+                    elif role.startswith("ray::") and role != "ray::IDLE":
+                        self._worker_role[pid] = role
                     if delta:
-                        self.by_role[process_role(pid)] += delta
+                        self.by_role[role] += delta
                 else:
                     self.foreign += delta
             self._last = {pid: cpu for pid, (_, cpu) in procs.items()}
