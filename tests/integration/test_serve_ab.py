@@ -14,6 +14,7 @@ import base64
 import http.client
 import io
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -102,12 +103,28 @@ def ab_app(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "deployments.ChallengerRanker.num_replicas": 1,
         },
     )
-    url = local.start(overrides=overrides, port=free_port(), wait_s=240)
+    warned = _Caught()
+    logging.getLogger("keeper.serve").addHandler(warned)
+    try:
+        url = local.start(overrides=overrides, port=free_port(), wait_s=240)
+    finally:
+        logging.getLogger("keeper.serve").removeHandler(warned)
+    # the challenger's block sets no memory: keeper serve says so (Ray packs it by CPU alone)
+    assert any("ChallengerRanker reserve no memory" in m for m in warned.messages), warned.messages
     series = [_jpeg(im) for im in load_photos(PHOTOS[:3]).values()]
     try:
         yield Setup(url, root, v1, v2, series)
     finally:
         local.shutdown()
+
+
+class _Caught(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def post(url: str, path: str, body: Any, headers: dict[str, str] | None = None) -> Any:

@@ -463,3 +463,15 @@ def test_memory_refusal_names_the_reservations_and_the_knob() -> None:
     assert f"{ENCODER} 3.00" in why
     assert "offers 2.50 GiB" in why
     assert "ray_actor_options.memory" in why
+
+
+def test_unreserved_deployments_are_the_running_ones_the_config_gives_no_memory() -> None:
+    cfg = local.load_config(None)  # the packaged dev-box config: everything it runs reserves
+    opts = local._options(cfg["applications"][0])
+    assert local.unreserved_deployments([INGRESS, ENCODER, RANKER], opts) == []
+    # an A/B challenger the config does not list (or lists without memory) reserves none
+    assert local.unreserved_deployments([INGRESS, "ChallengerRanker"], opts) == ["ChallengerRanker"]
+    opts["ChallengerRanker"] = {"ray_actor_options": {"num_cpus": 1}}
+    assert local.unreserved_deployments(["ChallengerRanker", RANKER], opts) == ["ChallengerRanker"]
+    opts["ChallengerRanker"]["ray_actor_options"]["memory"] = 2**30
+    assert local.unreserved_deployments(["ChallengerRanker", RANKER], opts) == []

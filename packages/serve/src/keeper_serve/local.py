@@ -19,7 +19,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -200,10 +200,30 @@ def start(
         )
     except Exception as e:  # RuntimeError naming the deployments, not why: ask Serve why
         raise StartError(deploy_failure(name) or _first_line(e)) from e
+    unreserved = unreserved_deployments(serve.status().applications[name].deployments, opts)
+    if unreserved:
+        log.warning(
+            "deployments %s reserve no memory: Ray places their replicas by CPU alone and may "
+            "put more on a node than its memory holds; set deployments.NAME.ray_actor_options."
+            "memory (bytes; docs/serving.md lists measured peaks)",
+            ", ".join(unreserved),
+        )
     shown = "127.0.0.1" if http["host"] in ("0.0.0.0", "::") else http["host"]
     url = f"http://{shown}:{int(http['port'])}{app_cfg.get('route_prefix', '/').rstrip('/')}"
     wait_healthy(url, wait_s, failed=lambda: deploy_failure(name))
     return url
+
+
+def unreserved_deployments(
+    running: Iterable[str], opts: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    """The app's deployments (``running``: their names, as Serve lists them) whose config sets
+    no ``ray_actor_options.memory``. keeper's code reserves none (Serve replaces a deployment's
+    ``ray_actor_options`` with the config's whole), so these are scheduled by CPU alone: e.g. a
+    ``ChallengerRanker`` block added for an A/B test without its own ``memory``."""
+    return sorted(
+        d for d in running if not ((opts.get(d) or {}).get("ray_actor_options") or {}).get("memory")
+    )
 
 
 def memory_floor(opts: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
