@@ -645,7 +645,7 @@ def bench_keeper(
 def bench_in_process(
     spec: str, uris: Sequence[str], args: argparse.Namespace, workdir: Path, mon: CpuMonitor
 ) -> dict[str, Any]:
-    """Methods 1-3 with one model in this process (freed when this returns)."""
+    """Methods 1-3b with one model in this process (freed when this returns)."""
     torch.set_num_threads(CORES)
     embedder = ClipEmbedder(spec, device="cpu")
     forward = make_forward(embedder)
