@@ -109,14 +109,14 @@ def ab_app(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         url = local.start(overrides=overrides, port=free_port(), wait_s=240)
     finally:
         logging.getLogger("keeper.serve").removeHandler(warned)
-    # the challenger's block sets no memory (nor can OnlineFigures have one in the packaged
-    # config): keeper serve names both (Ray packs them by CPU alone)
-    assert any(
-        "deployments ChallengerRanker, OnlineFigures reserve no memory" in m
-        for m in warned.messages
-    ), warned.messages
-    series = [_jpeg(im) for im in load_photos(PHOTOS[:3]).values()]
-    try:
+    try:  # from here on Serve runs: whatever fails, the next module must not find it up
+        # the challenger's block sets no memory (nor can OnlineFigures have one in the packaged
+        # config): keeper serve names both (Ray packs them by CPU alone)
+        assert any(
+            "deployments ChallengerRanker, OnlineFigures reserve no memory" in m
+            for m in warned.messages
+        ), warned.messages
+        series = [_jpeg(im) for im in load_photos(PHOTOS[:3]).values()]
         yield Setup(url, root, v1, v2, series)
     finally:
         local.shutdown()
