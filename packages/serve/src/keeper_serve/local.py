@@ -221,9 +221,12 @@ def unreserved_deployments(
     no ``ray_actor_options.memory``. keeper's code reserves none (Serve replaces a deployment's
     ``ray_actor_options`` with the config's whole), so these are scheduled by CPU alone: e.g. a
     ``ChallengerRanker`` block added for an A/B test without its own ``memory``."""
-    return sorted(
-        d for d in running if not ((opts.get(d) or {}).get("ray_actor_options") or {}).get("memory")
-    )
+    return sorted(d for d in running if not _reserved(opts.get(d) or {}))
+
+
+def _reserved(options: Mapping[str, Any]) -> Any:
+    """A deployment's ``ray_actor_options.memory`` (bytes), or None."""
+    return (options.get("ray_actor_options") or {}).get("memory")
 
 
 def memory_floor(opts: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -231,7 +234,7 @@ def memory_floor(opts: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     x ``min_replicas``, or ``num_replicas``, else 1), for the deployments that reserve any."""
     out: dict[str, float] = {}
     for name, d in opts.items():
-        memory = (d.get("ray_actor_options") or {}).get("memory")
+        memory = _reserved(d)
         if not memory:
             continue
         scaling = d.get("autoscaling_config") or {}
