@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from support import png_declaring
 
@@ -767,6 +768,39 @@ def test_device_preparation_gives_the_decode_tasks_rows(
         device_errors[cols].sort_values("image_uri").reset_index(drop=True),
         task_errors[cols].sort_values("image_uri").reset_index(drop=True),
     )
+
+
+class HostlessTensor(torch.Tensor):
+    """A tensor NumPy cannot read, as it cannot read a CUDA tensor (decode=gpu's pixel_values)."""
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+
+def test_device_prepared_pixels_reach_the_model_as_a_tensor(
+    corpus: dict[str, str], tmp_path: Path, stage: EmbedStage
+) -> None:
+    """decode=gpu's actor call after its decode: the model stage takes pixel_values as the
+    device tensor they are and embeds them as it does the decode tasks' pixels. On the H200
+    (2026-12-04) every decode=gpu run failed here: the embedder made the CUDA tensor a NumPy
+    array."""
+    uris = [corpus[n] for n in MIXED]
+    batch = {"image_uri": np.array(uris, dtype=object)}
+    prep = DevicePreparation(
+        SPEC, device="cpu", limits=DecodeLimits(**LIMITS), decoder=GpuDecoder("cpu")
+    )
+    got = prepare_on_device(
+        batch, prep=prep, max_bytes=LIMITS["max_bytes"], errors_dir=str(tmp_path / "e"), run_id="r"
+    )
+    got["pixel_values"] = got["pixel_values"].as_subclass(HostlessTensor)
+    with pytest.raises(TypeError, match="cuda"):  # the stand-in refuses NumPy as CUDA does
+        np.asarray(got["pixel_values"])
+    on_device = stage(got)
+    in_tasks = stage(run_prepare(uris, tmp_path / "task-errors"))
+    assert "pixel_values" not in on_device
+    assert list(on_device["image_uri"]) == list(in_tasks["image_uri"])
+    cosine = np.sum(on_device["embedding"] * in_tasks["embedding"], axis=1)
+    assert cosine.min() > 0.99, cosine
 
 
 @pytest.mark.parametrize(

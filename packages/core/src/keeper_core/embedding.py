@@ -171,7 +171,12 @@ class ClipEmbedder:
         """
         out = dict(batch)
         if PIXELS in out:
-            emb = self.embed_pixels(np.asarray(out.pop(PIXELS)))
+            pixels = out.pop(PIXELS)
+            # A tensor stays one: decode=gpu's pixels are already on the model's device, and a
+            # CUDA tensor cannot become a NumPy array (nor should it travel to the host and back).
+            if not isinstance(pixels, torch.Tensor):
+                pixels = np.asarray(pixels)
+            emb = self.embed_pixels(pixels)
         elif IMAGES in out:
             emb = self.embed_images(list(out.pop(IMAGES)))
         else:
