@@ -208,6 +208,45 @@ def test_other_model_spec_is_refused(ray_cluster: str, tmp_path: Path, corpus: l
     assert embed.main(argv) == 2  # refused before any work, naming both specs
 
 
+def test_a_failed_pipeline_releases_its_actors(
+    ray_cluster: str, tmp_path: Path, corpus: list[Path]
+) -> None:
+    """A stage that raises stops the job with PipelineError, and the model actors go with it:
+    the driver goes on (as a notebook or a benchmark does) and its next job gets their CPUs (or
+    GPUs). Ray's own exception held the actors alive until the driver dropped it; the next
+    decode=gpu job in the H200 benchmark waited for the GPU until it was killed."""
+    import ray
+
+    before = ray.available_resources().get("CPU", 0.0)
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    manifest = tmp_path / "manifest.csv"
+    uris = [str(p) for p in corpus[:4]] + [str(tmp_path / "bad.jpg")]
+    pd.DataFrame({"image_uri": uris}).to_csv(manifest, index=False)
+    dst = tmp_path / "out"
+    dst.mkdir()
+    # The model actor decodes (decode_placement=actor) and so writes the bad image's error row:
+    # where the errors folder is a file, that write raises inside the actor.
+    (dst / embed.ERRORS).write_text("a file where the errors folder goes")
+    cfg = EmbedConfig(
+        input=str(manifest),
+        output=str(dst),
+        model=TINY,
+        decode_placement="actor",
+        max_failure_fraction=1.0,
+        ray_address=ray_cluster,
+    )
+    with pytest.raises(embed.PipelineError, match=r"EmbedStage[\s\S]*errors"):
+        embed.run(cfg)
+    deadline = time.monotonic() + 15
+    while ray.available_resources().get("CPU", 0.0) < before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0.0) == before
+    (dst / embed.ERRORS).unlink()
+    summary = embed.run(cfg)  # the same driver: the next job runs, and finishes the table
+    assert_counts_add_up(summary)
+    assert summary.table == {"embedded": 4, "failed": 1, "parts": summary.table["parts"]}
+
+
 def pack_shards(
     paths: list[Path], per_shard: int, *, orphan: bool = False
 ) -> list[tuple[str, bytes]]:

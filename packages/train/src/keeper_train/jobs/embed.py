@@ -26,6 +26,7 @@ it again. Exit codes: 0 done, 2 bad config or input, 3 failed fraction above the
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -724,6 +725,14 @@ def node_cores() -> int:
         return os.cpu_count() or 1
 
 
+class PipelineError(RuntimeError):
+    """The embed pipeline stopped: a stage raised (one bad image never does; it is recorded).
+
+    The message is the stage's error, Ray's remote traceback included. Parts written before the
+    error stay, and a re-run embeds only what they lack.
+    """
+
+
 class EmbedStage:
     """The actor-pool stage: keeper_core.ClipEmbedder, timed.
 
@@ -1131,10 +1140,23 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     tallies: list[dict[str, Any]] = []
     t_pipe = time.perf_counter()
     first = None
-    for row in ds.iter_rows():
-        if first is None:
-            first = time.perf_counter() - t_pipe
-        tallies.append(row)
+    failure = None
+    try:
+        for row in ds.iter_rows():
+            if first is None:
+                first = time.perf_counter() - t_pipe
+            tallies.append(row)
+    except Exception as e:  # raised again below, as PipelineError
+        failure = f"{type(e).__name__}: {e}"
+    if failure is not None:
+        # Ray's exception holds the failed execution (its traceback's frames hold the model
+        # actors' handles), and an actor lives while a handle does: a driver that goes on after
+        # the error (a notebook, a benchmark, the tests' shared Ray) would keep the actors and
+        # their GPUs, and its next job would wait for them for ever. So the error is raised
+        # again as its text, once the execution is collected.
+        del ds
+        gc.collect()
+        raise PipelineError(f"the embed pipeline failed: {failure}")
     seconds["pipeline"] = time.perf_counter() - t_pipe
     return Execution(tallies, cluster, first, seconds)
 
