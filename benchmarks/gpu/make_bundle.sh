@@ -33,13 +33,15 @@ TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp
     --platform manylinux_2_28_x86_64)
 
 # What the device image (KINDS.md's package list) lacks, or has at a version keeper cannot use.
-# One distribution a line; the version comes from .venv. Read benchmarks/gpu/README.md before
+# One distribution a line; the version comes from .venv. huggingface_hub and what it needs: the
+# bundled transformers needs hub >= 2.4 (the image's is 1.33), and hub 2.x imports httpx2. Read benchmarks/gpu/README.md before
 # adding: `python benchmarks/gpu/simulate.py` checks the list against keeper's imports.
 PACKAGES="
 open_clip_torch ftfy wcwidth
 timm
 pydantic pydantic_core annotated-types typing-inspection typing_extensions
-transformers regex
+transformers regex kernels tomlkit
+huggingface_hub httpx2 httpcore2 truststore h11 anyio idna click
 boto3 botocore s3transfer jmespath
 simplejpeg
 nvidia-nvimgcodec-cu13 nvidia-nvjpeg
@@ -128,6 +130,11 @@ pinned=$(pins $PACKAGES)  # not in <(...): a failure there would go unnoticed
 mapfile -t PINS <<<"$pinned"
 log "downloading ${#PINS[@]} wheels + ray==$RAY_VERSION for cp312 manylinux x86_64 into $CACHE"
 download "${PINS[@]}" "ray==$RAY_VERSION"
+# Every bundled wheel's requirements met by the bundle or the device's known versions (the
+# 2026-12-04 session's transformers needed a huggingface_hub the device lacked).
+REQ_WHEELS=()
+for p in "${PINS[@]}" "ray==$RAY_VERSION"; do REQ_WHEELS+=("$(wheel_of "$p")"); done
+"$PY" benchmarks/gpu/requirements_check.py "${REQ_WHEELS[@]}"
 
 RAY_ARCHIVE=$BUNDLE/ray-slim.tar.xz
 RAY_STAMP="$RAY_VERSION slim-3"  # bump slim-N when the recipe below changes

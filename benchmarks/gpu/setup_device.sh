@@ -108,6 +108,7 @@ source "$ENV_DIR/env.sh"
 "$PYTHON" - <<'EOF' 2>&1 | tee "${LOGS:-$ENV_DIR}/setup.log"
 import importlib
 import importlib.metadata as md
+import os
 import time
 
 t = time.perf_counter()
@@ -135,6 +136,14 @@ for dist in ("open_clip_torch", "transformers", "pydantic", "mlflow-skinny", "ra
         line.append(f"{dist} MISSING")
 print(" | ".join(line))
 print("import check: " + ("ok" if not failed else "FAILED " + "; ".join(failed)))
+# The image's own versions, for device-versions.txt (requirements_check.py reads it there).
+site = os.environ["KEEPER_GPU_SITE"]
+image = {
+    f"{d.metadata['Name']}=={d.version}"
+    for d in md.distributions()
+    if d.metadata["Name"] and not str(getattr(d, "_path", "")).startswith(site)
+}
+print(f"image distributions ({len(image)}): " + " ".join(sorted(image, key=str.lower)))
 if "keeper_core.decoders" in mods and "torch" in mods and mods["torch"].cuda.is_available():
     # nvImageCodec's self-test on the GPU (a test JPEG through its GPU backends), so a missing
     # nvJPEG library shows here and not as "not measured" rows later.

@@ -31,9 +31,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SUFFIXES = (".py", ".so")
-# Allowed though the device's list lacks them: .venv's huggingface_hub 2.x imports httpx2 (and
-# what it needs) where the device's 1.x (1.33 when last read) imports httpx, which it has.
-STAND_INS = {"httpx2", "httpcore2", "truststore"}
 
 # Installed as sitecustomize.py: every Python the command starts runs it before anything else.
 GUARD = r"""
@@ -123,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given (after --)")
-    device, bundle = read_names(args.device) | STAND_INS, read_names(args.manifest)
+    device, bundle = read_names(args.device), read_names(args.manifest)
     with tempfile.TemporaryDirectory(prefix="simdev-") as tmp:
         (Path(tmp) / "sitecustomize.py").write_text(GUARD)
         map_path, log = Path(tmp) / "map.json", args.log or Path(tmp) / "log.txt"
