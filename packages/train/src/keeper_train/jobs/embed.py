@@ -1141,6 +1141,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     t_pipe = time.perf_counter()
     first = None
     failure = None
+    others = set(_model_actors())  # another embed run's in this driver, if one runs beside
     try:
         for row in ds.iter_rows():
             if first is None:
@@ -1149,16 +1150,44 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     except Exception as e:  # raised again below, as PipelineError
         failure = f"{type(e).__name__}: {e}"
     if failure is not None:
-        # Ray's exception holds the failed execution (its traceback's frames hold the model
-        # actors' handles), and an actor lives while a handle does: a driver that goes on after
-        # the error (a notebook, a benchmark, the tests' shared Ray) would keep the actors and
-        # their GPUs, and its next job would wait for them for ever. So the error is raised
-        # again as its text, once the execution is collected.
         del ds
-        gc.collect()
+        _release_model_actors(others)
         raise PipelineError(f"the embed pipeline failed: {failure}")
     seconds["pipeline"] = time.perf_counter() - t_pipe
     return Execution(tallies, cluster, first, seconds)
+
+
+#: The name Ray Data gives the model stage's actors (its repr of their handles).
+_MODEL_ACTOR = "MapWorker(MapBatches(EmbedStage))"
+
+
+def _model_actors() -> dict[str, Any]:
+    """The model stage's actor handles this driver holds, by actor id."""
+    from ray.actor import ActorHandle
+
+    return {
+        h._actor_id.hex(): h
+        for h in gc.get_objects()
+        if isinstance(h, ActorHandle) and _MODEL_ACTOR in repr(h)
+    }
+
+
+def _release_model_actors(others: set[str]) -> None:
+    """Kills the model actors of a failed run (all but ``others``, another run's).
+
+    Ray Data leaves the actors of a failed execution to reference counting, and references
+    outlive the error: its exception's frames, and callbacks of tasks that were in flight, hold
+    the handles, and an actor lives while a handle does. A driver that goes on after the error
+    (a notebook, a benchmark, a test session's shared Ray) kept the actors and their GPUs, and
+    its next job waited for them for ever (the H200 benchmark, 2026-12-04, and CI's next Ray
+    Train test). Killing them frees their resources at once.
+    """
+    import ray
+
+    gc.collect()
+    for actor_id, handle in _model_actors().items():
+        if actor_id not in others:
+            ray.kill(handle, no_restart=True)
 
 
 def _item(uri: str, members: dict[str, dict[str, Any]]) -> dict[str, Any]:
