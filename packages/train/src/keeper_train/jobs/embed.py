@@ -1138,10 +1138,10 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         num_cpus=0,
     )
     tallies: list[dict[str, Any]] = []
+    others = set(_model_actors())  # another embed run's in this driver, if one runs beside
     t_pipe = time.perf_counter()
     first = None
     failure = None
-    others = set(_model_actors())  # another embed run's in this driver, if one runs beside
     try:
         for row in ds.iter_rows():
             if first is None:
@@ -1149,11 +1149,11 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
             tallies.append(row)
     except Exception as e:  # raised again below, as PipelineError
         failure = f"{type(e).__name__}: {e}"
-    if failure is not None:
-        del ds
-        _release_model_actors(others)
-        raise PipelineError(f"the embed pipeline failed: {failure}")
     seconds["pipeline"] = time.perf_counter() - t_pipe
+    del ds
+    _release_model_actors(others)
+    if failure is not None:
+        raise PipelineError(f"the embed pipeline failed: {failure}")
     return Execution(tallies, cluster, first, seconds)
 
 
@@ -1173,14 +1173,15 @@ def _model_actors() -> dict[str, Any]:
 
 
 def _release_model_actors(others: set[str]) -> None:
-    """Kills the model actors of a failed run (all but ``others``, another run's).
+    """Kills the model actors of a run that ended (all but ``others``, another run's).
 
-    Ray Data leaves the actors of a failed execution to reference counting, and references
-    outlive the error: its exception's frames, and callbacks of tasks that were in flight, hold
-    the handles, and an actor lives while a handle does. A driver that goes on after the error
-    (a notebook, a benchmark, a test session's shared Ray) kept the actors and their GPUs, and
-    its next job waited for them for ever (the H200 benchmark, 2026-12-04, and CI's next Ray
-    Train test). Killing them frees their resources at once.
+    Ray Data leaves an execution's actors to reference counting, and references can outlive it:
+    after a failure its exception's frames and the callbacks of tasks that were in flight hold
+    the handles, and an actor lives while a handle does. A driver that goes on (a notebook, a
+    benchmark, a test session's shared Ray) kept a failed run's actors and their GPUs, and its
+    next job waited for them for ever (the H200 benchmark, 2026-12-04, and CI's next Ray Train
+    test); after a run that succeeded they lingered for more than 15 s in CI. Killing them frees
+    their resources at once; the run's output is written by then.
     """
     import ray
 
