@@ -1181,7 +1181,9 @@ def _release_model_actors(others: set[str]) -> None:
     benchmark, a test session's shared Ray) kept a failed run's actors and their GPUs, and its
     next job waited for them for ever (the H200 benchmark, 2026-12-04, and CI's next Ray Train
     test); after a run that succeeded they lingered for more than 15 s in CI. Killing them frees
-    their resources at once; the run's output is written by then.
+    their resources at once; the run's output is written by then. ``others`` spares the runs
+    that were already going in this driver when this one began; one begun after it, in another
+    thread of the same driver, would lose its actors (one job at a time per driver).
     """
     import ray
 
