@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +53,40 @@ def custom_resources(v: dict[str, float], instead: str) -> dict[str, float]:
         if not amount > 0:
             raise ValueError(f"{name}: {amount} must be > 0")
     return v
+
+
+def _pool_actors(name: str) -> dict[str, Any]:
+    """The actor handles this driver holds whose actor Ray Data named ``name``, by actor id."""
+    from ray.actor import ActorHandle
+
+    return {
+        h._actor_id.hex(): h
+        for h in gc.get_objects()
+        if isinstance(h, ActorHandle) and name in repr(h)
+    }
+
+
+@contextmanager
+def actor_pool_released(stage: type) -> Iterator[None]:
+    """Kills the actors of ``stage``'s Ray Data actor pool when the block ends, however it ends.
+
+    Ray Data leaves an execution's actors to reference counting, and references can outlive it:
+    after a failure its exception's frames and the callbacks of tasks that were in flight hold
+    the handles, and an actor lives while a handle does. A driver that goes on (a notebook, a
+    benchmark, a test session's shared Ray) kept a failed embed run's model actor and its GPU,
+    and its next job waited for them for ever (the H200 benchmark, 2026-12-04, and CI's next Ray
+    Train test); after a run that succeeded they lingered for more than 15 s in CI. Killing them
+    frees their resources at once; the block's output is in the driver by then. Pools already
+    running in this driver when the block began are spared; one begun after it, in another
+    thread of the same driver, would lose its actors (one job at a time per driver).
+    """
+    import ray
+
+    name = f"MapWorker(MapBatches({stage.__name__}))"
+    others = set(_pool_actors(name))
+    try:
+        yield
+    finally:
+        for actor_id, handle in _pool_actors(name).items():
+            if actor_id not in others:
+                ray.kill(handle, no_restart=True)

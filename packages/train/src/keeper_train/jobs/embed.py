@@ -26,7 +26,6 @@ it again. Exit codes: 0 done, 2 bad config or input, 3 failed fraction above the
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import io
 import json
@@ -85,7 +84,7 @@ from keeper_core.webdataset import (
     names_shards,
     read_member,
 )
-from keeper_train.cluster import custom_resources
+from keeper_train.cluster import actor_pool_released, custom_resources
 from keeper_train.config import job_main
 from keeper_train.table import EmbeddedParts, ErrorRows
 
@@ -1138,59 +1137,18 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
         num_cpus=0,
     )
     tallies: list[dict[str, Any]] = []
-    others = set(_model_actors())  # another embed run's in this driver, if one runs beside
-    t_pipe = time.perf_counter()
     first = None
-    failure = None
-    try:
-        for row in ds.iter_rows():
-            if first is None:
-                first = time.perf_counter() - t_pipe
-            tallies.append(row)
-    except Exception as e:  # raised again below, as PipelineError
-        failure = f"{type(e).__name__}: {e}"
-    seconds["pipeline"] = time.perf_counter() - t_pipe
-    del ds
-    _release_model_actors(others)
-    if failure is not None:
-        raise PipelineError(f"the embed pipeline failed: {failure}")
+    with actor_pool_released(EmbedStage):  # the model actors go with the run, however it ends
+        t_pipe = time.perf_counter()
+        try:
+            for row in ds.iter_rows():
+                if first is None:
+                    first = time.perf_counter() - t_pipe
+                tallies.append(row)
+        except Exception as e:
+            raise PipelineError(f"the embed pipeline failed: {type(e).__name__}: {e}") from e
+        seconds["pipeline"] = time.perf_counter() - t_pipe
     return Execution(tallies, cluster, first, seconds)
-
-
-#: The name Ray Data gives the model stage's actors (its repr of their handles).
-_MODEL_ACTOR = "MapWorker(MapBatches(EmbedStage))"
-
-
-def _model_actors() -> dict[str, Any]:
-    """The model stage's actor handles this driver holds, by actor id."""
-    from ray.actor import ActorHandle
-
-    return {
-        h._actor_id.hex(): h
-        for h in gc.get_objects()
-        if isinstance(h, ActorHandle) and _MODEL_ACTOR in repr(h)
-    }
-
-
-def _release_model_actors(others: set[str]) -> None:
-    """Kills the model actors of a run that ended (all but ``others``, another run's).
-
-    Ray Data leaves an execution's actors to reference counting, and references can outlive it:
-    after a failure its exception's frames and the callbacks of tasks that were in flight hold
-    the handles, and an actor lives while a handle does. A driver that goes on (a notebook, a
-    benchmark, a test session's shared Ray) kept a failed run's actors and their GPUs, and its
-    next job waited for them for ever (the H200 benchmark, 2026-12-04, and CI's next Ray Train
-    test); after a run that succeeded they lingered for more than 15 s in CI. Killing them frees
-    their resources at once; the run's output is written by then. ``others`` spares the runs
-    that were already going in this driver when this one began; one begun after it, in another
-    thread of the same driver, would lose its actors (one job at a time per driver).
-    """
-    import ray
-
-    gc.collect()
-    for actor_id, handle in _model_actors().items():
-        if actor_id not in others:
-            ray.kill(handle, no_restart=True)
 
 
 def _item(uri: str, members: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -548,7 +548,7 @@ def judge_survivors(p: Plan) -> Judged:
         return Judged({}, {}, None, 0, 0.0)
     import ray.data
 
-    from keeper_train.cluster import init_ray
+    from keeper_train.cluster import actor_pool_released, init_ray
 
     t0 = time.perf_counter()
     vlm = cfg.vlm if cfg.vlm_active else None
@@ -573,7 +573,8 @@ def judge_survivors(p: Plan) -> Judged:
         memory=memory,
     )
     try:
-        out = ds.to_pandas()
+        with actor_pool_released(SurvivorStage):  # the VLM actors (and GPUs) go with the pass
+            out = ds.to_pandas()
     except Exception as e:
         cause = _keeper_cause(e)
         what = "the VLM pass" if vlm is not None else "the thumbnail pass"
