@@ -109,6 +109,37 @@ def test_gpu_goals_are_issue_14s_at_concurrency_64(sb):
     assert cpu["goals"][0]["goal"] == "keeper / naive req/s >= 1.5"
 
 
+def test_cpu_goals_include_issue_14s_ceiling_ratio_and_concurrency_1_gap(sb):
+    def row(rps, p50):
+        return {"requests_per_s": rps, "p50_ms": p50, "p99_ms": 2 * p50, "errors": 0}
+
+    def server(at_1, at_32):
+        by_c = {"1": {**at_1, "cpu": {}, "client_cpu_share": 0.0}}
+        by_c["32"] = {**at_32, "cpu": {}, "client_cpu_share": 0.0}
+        return {"by_concurrency": by_c}
+
+    offline = {
+        key: {"images_per_s": 20.0, "cpu": {"foreign_share": 0.0}}
+        for key in (sb.OFFLINE_FORWARD_B1, sb.OFFLINE_FORWARD, sb.OFFLINE_E2E)
+    }
+    report = {
+        "offline": offline,
+        "servers": {
+            "naive": server(row(10.0, 100), row(12.0, 2500)),
+            "keeper": server(row(9.0, 125), row(15.0, 2000)),
+        },
+    }
+    g = {x["goal"]: (x["value"], x["met"]) for x in sb.goals(report, [1, 32])["goals"]}
+    assert g["keeper / offline img/s >= 0.8 (#14)"] == (0.75, False)  # 15 / 20
+    assert g["keeper / offline img/s >= 0.6"] == (0.75, True)
+    assert g["c=1 p50 keeper - naive ms <= 20 (#14)"] == (25, False)
+    report["servers"]["keeper"] = server(row(9.0, 115), row(17.0, 2000))
+    g = {x["goal"]: (x["value"], x["met"]) for x in sb.goals(report, [1, 32])["goals"]}
+    assert g["keeper / offline img/s >= 0.8 (#14)"] == (0.85, True)
+    assert g["c=1 p50 keeper - naive ms <= 20 (#14)"] == (15, True)
+    assert sb.goals(report, [32])["goals"][3]["value"] is None  # no c=1 run: not measured
+
+
 def test_device_cuda_without_cuda_stops_before_anything_starts(sb, tmp_path, capsys, monkeypatch):
     import torch
 

@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from importlib import resources
 from typing import Any, Literal, Protocol, cast
 
@@ -48,6 +48,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from keeper_core import storage
 from keeper_core.ab import Arm
@@ -201,26 +202,54 @@ def _refusal(ingress: _Front | None, request: Request) -> Response | None:
     return None
 
 
-@app.middleware("http")
-async def _auth_and_metrics(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    """Auth on every route but /healthz, then count and time the request."""
-    ingress = _ingress()
-    path = request.url.path
-    t0 = time.perf_counter()
-    response = _refusal(ingress, request)
-    if response is None:
-        try:
-            response = await call_next(request)
-        except Exception as exc:  # answered (and counted) here, not by Starlette's outer layer
-            log.exception("keeper API: unhandled error on %s", path)
-            response = error_response(500, "internal", f"internal error ({type(exc).__name__})")
-    if ingress is not None:
-        route = _route_label(path)
-        ingress.requests.inc(tags={"route": route, "status": str(response.status_code)})
-        ingress.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
-    return response
+class _AuthAndMetrics:
+    """Auth on every route but the public ones, then count and time the request.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware`` runs
+    each request's route in a task group of its own and streams the body and the response
+    through memory channels, a cost every request pays (``benchmarks/asgi_middleware.py``).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ingress = _ingress()
+        path: str = scope["path"]
+        t0 = time.perf_counter()
+        status = 500
+        started = False
+
+        async def send_status(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+            await send(message)
+
+        refusal = _refusal(ingress, Request(scope))
+        if refusal is not None:
+            status = refusal.status_code
+            await refusal(scope, receive, send)
+        else:
+            try:
+                await self.app(scope, receive, send_status)
+            except Exception as exc:  # answered (and counted) here, not by Starlette's outer layer
+                if started:  # the answer has begun: nothing can be said any more
+                    raise
+                log.exception("keeper API: unhandled error on %s", path)
+                response = error_response(500, "internal", f"internal error ({type(exc).__name__})")
+                status = response.status_code
+                await response(scope, receive, send)
+        if ingress is not None:
+            route = _route_label(path)
+            ingress.requests.inc(tags={"route": route, "status": str(status)})
+            ingress.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
+
+
+app.add_middleware(_AuthAndMetrics)
 
 
 #: Routes named in metrics (anything else counts as "other": no unbounded label values).
