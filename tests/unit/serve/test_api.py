@@ -772,3 +772,44 @@ def test_ingress_auth_fails_closed_before_the_instance_exists(
         ray.serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=None)
     )
     assert err(client.get("/v1/models", headers=AUTH)) == (503, "auth_unavailable")
+
+
+def test_ingress_middleware_counts_a_request_the_client_left_as_499(
+    served: tuple[Any, Any], ingress_mod: Any
+) -> None:
+    """A request cancelled before its answer began (the client went away) is counted, as 499,
+    and the cancellation still propagates; one that fails after its answer began keeps that
+    answer's status."""
+    import asyncio
+
+    _, inst = served
+
+    async def leaves(scope: Any, receive: Any, send: Any) -> None:
+        raise asyncio.CancelledError
+
+    async def breaks_mid_answer(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("the stream broke")
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/v1/models",
+        "headers": [(b"authorization", AUTH["Authorization"].encode())],
+        "query_string": b"",
+    }
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(ingress_mod._AuthAndMetrics(leaves)(scope, receive, send))
+    with pytest.raises(RuntimeError, match="the stream broke"):
+        asyncio.run(ingress_mod._AuthAndMetrics(breaks_mid_answer)(scope, receive, send))
+    assert inst.requests.tags[-2:] == [
+        {"route": "/v1/models", "status": "499"},
+        {"route": "/v1/models", "status": "200"},
+    ]

@@ -229,24 +229,30 @@ class _AuthAndMetrics:
                 status, started = message["status"], True
             await send(message)
 
-        refusal = _refusal(ingress, Request(scope))
-        if refusal is not None:
-            status = refusal.status_code
-            await refusal(scope, receive, send)
-        else:
+        try:
+            refusal = _refusal(ingress, Request(scope))
+            if refusal is not None:
+                status = refusal.status_code
+                await refusal(scope, receive, send)
+                return
             try:
                 await self.app(scope, receive, send_status)
+            except asyncio.CancelledError:  # the client left (or the replica stops)
+                if not started:
+                    status = 499  # counted as nginx's "client closed request", not a 500
+                raise
             except Exception as exc:  # answered (and counted) here, not by Starlette's outer layer
-                if started:  # the answer has begun: nothing can be said any more
+                if started:  # the answer has begun: nothing more can be sent (counted as begun)
                     raise
                 log.exception("keeper API: unhandled error on %s", path)
                 response = error_response(500, "internal", f"internal error ({type(exc).__name__})")
                 status = response.status_code
                 await response(scope, receive, send)
-        if ingress is not None:
-            route = _route_label(path)
-            ingress.requests.inc(tags={"route": route, "status": str(status)})
-            ingress.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
+        finally:
+            if ingress is not None:
+                route = _route_label(path)
+                ingress.requests.inc(tags={"route": route, "status": str(status)})
+                ingress.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
 
 
 app.add_middleware(_AuthAndMetrics)
