@@ -427,7 +427,7 @@ def keeper_server(spec: str, args: argparse.Namespace, data_dir: Path) -> Any:
     t0 = time.perf_counter()
     try:
         port = free_port()  # Serve's proxy takes a fixed port; 0 would not tell us which
-        url = start(config, overrides=overrides, host="127.0.0.1", port=port)
+        url = start(config, overrides=overrides, host="127.0.0.1", port=port, haproxy=args.haproxy)
         yield url.rstrip("/"), time.perf_counter() - t0, overrides
     finally:
         import ray
@@ -885,6 +885,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="keeper: log the encoder's calls too and report the median ms per hop "
         "(proxy, ingress, encoder) per concurrency",
     )
+    p.add_argument(
+        "--haproxy",
+        action="store_true",
+        help="keeper: HTTP through HAProxy, as `keeper serve --haproxy` (docs/serving.md)",
+    )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this process sees no CUDA device")
@@ -903,6 +908,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ray_serve_env": {
             k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")
         },
+        "haproxy": args.haproxy,  # --haproxy: keeper_serve.local.start sets its variables
         "config": {
             "model": args.model,
             "device": args.device,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -161,3 +162,106 @@ def test_keeper_serve_refuses_replicas_the_box_cannot_hold_at_once(tmp_path: Pat
     assert "ray_actor_options.memory" in lines[0]
     assert "Traceback" not in r.stderr + r.stdout
     assert time.monotonic() - t0 < 120  # Ray's start, not a health timeout
+
+
+def _session_processes(sid: int) -> dict[int, str]:
+    """pid -> command line of every process in session ``sid`` (what one keeper serve started)."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: the session id
+                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                out[int(stat.parent.name)] = cmd.strip()
+    return out
+
+
+def test_keeper_serve_haproxy_answers_through_haproxy_with_files_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """``keeper serve --haproxy``: HAProxy, not Serve's Python proxy, answers the port, with its
+    config in a directory of this instance's own (not Ray's shared /tmp/haproxy-serve); auth holds
+    on that path; on SIGTERM HAProxy stops and the directory is removed."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("KEEPER_API_TOKEN", "RAY_ADDRESS")}
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_SERVE_HAPROXY")}
+    cmd = [
+        sys.executable, "-m", "keeper_core.cli", "serve", "--haproxy", "--port", str(port),
+        "--ray-address", "local", f"data_dir={tmp_path / 'data'}",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    workdirs: list[Path] = []
+    try:
+        deadline = time.monotonic() + 240
+        while "Ctrl-C stops it." not in log.read_text(errors="replace"):
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(1)
+        text = log.read_text(errors="replace")
+        assert "keeper serve: HTTP through HAProxy" in text, text[-3000:]
+        procs = _session_processes(proc.pid)
+        haproxy = _haproxy(proc.pid)
+        assert len(haproxy) == 1, procs
+        cfg = Path(haproxy[0].split(" -f ", 1)[1].split()[0])  # WORKDIR/NODE_ID/haproxy.cfg
+        assert cfg.parent.parent.name.startswith("keeper-haproxy-"), haproxy
+        workdirs.append(cfg.parent.parent)
+        assert f":{port}" in cfg.read_text()
+        stats_url = re.search(r"its stats page: (http://\S+/stats)", text)
+        assert stats_url, text[-3000:]
+
+        url = f"http://127.0.0.1:{port}"
+        token = (tmp_path / "data" / "api-token").read_text().strip()
+        assert _get(f"{url}/healthz") == (200, {"status": "ok"})
+        assert _get(f"{url}/v1/models")[0] == 401
+        png = io.BytesIO()
+        Image.new("RGB", (80, 64), (200, 30, 30)).save(png, "PNG")
+        body = json.dumps({"images": [{"b64": base64.b64encode(png.getvalue()).decode()}]})
+        req = urllib.request.Request(
+            f"{url}/v1/embed",
+            data=body.encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        assert len(answer["image_embeddings"]) == 1
+        assert len(answer["image_embeddings"][0]) == answer["dim"] == 64
+        # HAProxy sent each request to the ingress replica's own port, none to Serve's proxy
+        # (on the head node a fallback, a backup server in HAProxy's terms).
+        with urllib.request.urlopen(stats_url.group(1) + ";csv", timeout=30) as r:
+            rows = [ln.split(",") for ln in r.read().decode().splitlines()]
+        sessions = {row[1]: int(row[7]) for row in rows if row[0] == "http-keeper"}  # stot
+        replicas = [k for k in sessions if k.startswith("SERVE_REPLICA_keeper-KeeperIngress")]
+        fallback = [k for k in sessions if k.startswith("SERVE_PROXY_ACTOR")]
+        assert len(replicas) == 1, sessions
+        assert sessions[replicas[0]] >= 3, sessions  # healthz, the 401, the embed
+        assert fallback, sessions
+        assert sessions[fallback[0]] == 0, sessions
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=90)
+            deadline = time.monotonic() + 30  # Ray stops its processes as keeper serve exits
+            while (left := _haproxy(proc.pid)) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # anything it left behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                proc.wait(timeout=30)
+    assert rc == 0, log.read_text(errors="replace")[-3000:]
+    assert not left, left
+    assert workdirs
+    assert not workdirs[0].exists()
+
+
+def _haproxy(sid: int) -> list[str]:
+    return [c for c in _session_processes(sid).values() if c and "haproxy" in c.split()[0]]

@@ -475,3 +475,30 @@ def test_unreserved_deployments_are_the_running_ones_the_config_gives_no_memory(
     assert local.unreserved_deployments(["ChallengerRanker", RANKER], opts) == ["ChallengerRanker"]
     opts["ChallengerRanker"]["ray_actor_options"]["memory"] = 2**30
     assert local.unreserved_deployments(["ChallengerRanker", RANKER], opts) == []
+
+
+def test_haproxy_env_gives_each_instance_its_own_files_and_ports(tmp_path: Path) -> None:
+    """Ray's defaults (/tmp/haproxy-serve, ports 9101 and 8404) would collide between two
+    Serve instances on one machine: each keeper instance gets its own."""
+    a, b = local.haproxy_env(tmp_path / "a"), local.haproxy_env(tmp_path / "b")
+    assert a[local.HAPROXY_FLAG] == b[local.HAPROXY_FLAG] == "1"
+    for env, root in ((a, tmp_path / "a"), (b, tmp_path / "b")):
+        assert root.is_dir()
+        paths = [v for k, v in env.items() if k.endswith(("_LOC", "_PATH", "_BASE", "_FILE"))]
+        assert len(paths) == 4
+        assert all(Path(v) == root or Path(v).parent == root for v in paths), env
+        ports = {env["RAY_SERVE_HAPROXY_METRICS_PORT"], env["RAY_SERVE_HAPROXY_STATS_PORT"]}
+        assert len(ports) == 2
+        assert not ports & {"9101", "8404"}
+    assert a["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"] != b["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:6379", "auto"])
+def test_start_with_haproxy_refuses_to_join_a_cluster_started_without_it(
+    monkeypatch: pytest.MonkeyPatch, address: str
+) -> None:
+    """HAProxy is chosen where Ray starts; joining a Ray, keeper cannot turn it on there."""
+    monkeypatch.delenv(local.HAPROXY_FLAG, raising=False)
+    with pytest.raises(ConfigError, match="start the cluster with RAY_SERVE_ENABLE_HA_PROXY=1"):
+        local.start(small_config(), ray_address=address, haproxy=True)
+    assert local.HAPROXY_FLAG not in os.environ  # nothing was set on the way

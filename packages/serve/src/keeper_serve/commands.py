@@ -92,6 +92,14 @@ def add_serve_parser(subparsers: SubParsers) -> None:
         "refused unless the host is loopback",
     )
     p.add_argument(
+        "--haproxy",
+        action="store_true",
+        default=None,
+        help="answer HTTP with HAProxy instead of Serve's Python proxy (a local Ray only; "
+        "faster: docs/serving.md). Its stats page and the ingress replicas' own ports listen "
+        "on every interface",
+    )
+    p.add_argument(
         "--ray-address",
         metavar="ADDRESS",
         help="join this Ray cluster (e.g. auto, 127.0.0.1:6379) instead of starting a local "
@@ -168,7 +176,12 @@ def _run(args: argparse.Namespace) -> int:
         _, token_note = ensure_token(plan.args.auth.token_env, plan.args.data_dir)
     try:
         # Replica logs stay in Ray's log files: this terminal shows keeper's lines.
-        url = local.start(plan.config, ray_address=args.ray_address, log_to_driver=False)
+        url = local.start(
+            plan.config,
+            ray_address=args.ray_address,
+            log_to_driver=False,
+            haproxy=bool(args.haproxy),
+        )
     except (KeeperError, TimeoutError) as e:
         print(f"keeper serve: {e}", file=sys.stderr)
         with contextlib.suppress(Exception):  # Ray may be half up; exiting stops a local one
@@ -178,6 +191,11 @@ def _run(args: argparse.Namespace) -> int:
         ranker = local.ranker_status(plan.config["applications"][0].get("name", "keeper"))
     except Exception as e:  # the app answers; only the note about the ranker is lost
         ranker = {"status": "unknown", "error": f"cannot ask the ranker: {type(e).__name__}"}
+    if args.haproxy:
+        stats = os.environ.get("RAY_SERVE_HAPROXY_STATS_PORT", "?")
+        print(
+            f"keeper serve: HTTP through HAProxy (its stats page: http://127.0.0.1:{stats}/stats)"
+        )
     _print_usage(url, token_note, insecure, ranker)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -11,11 +11,14 @@ and ``http_options`` / ``runtime_env.env_vars`` are honoured. Overrides are dott
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -108,6 +111,40 @@ def _options(app: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return opts
 
 
+#: The variable that makes Ray Serve 2.60 answer HTTP with HAProxy instead of its Python proxy.
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def haproxy_env(workdir: Path) -> dict[str, str]:
+    """The environment a Ray must start with to serve HTTP through HAProxy, with files and
+    ports of its own.
+
+    Ray Serve reads these when its processes import it: set them before ``ray start`` (or
+    ``ray.init``), on every node. Ray's defaults put every instance's files under
+    ``/tmp/haproxy-serve`` and its metrics and stats pages on ports 9101 and 8404, so a second
+    Serve on the machine collides; here the files go under ``workdir`` and both ports are free
+    ones. HAProxy binds those two pages, and each ingress replica its own HTTP port (30000-31000),
+    on every interface: the replicas check the bearer token as the proxy path does, the stats
+    page (backends and counters) has no auth.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    return {
+        HAPROXY_FLAG: "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(workdir / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(workdir / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(workdir),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(workdir / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
 def start(
     config: str | Path | dict[str, Any] | None = None,
     *,
@@ -117,6 +154,7 @@ def start(
     ray_address: str | None = None,
     wait_s: float = 300.0,
     log_to_driver: bool = True,
+    haproxy: bool = False,
 ) -> str:
     """Deploy the app and wait until ``/healthz`` answers; returns the base URL.
 
@@ -129,6 +167,10 @@ def start(
     Args:
         log_to_driver: stream the replicas' logs to this process's stderr (when it starts or
             joins Ray here); without, they stay in Ray's log files.
+        haproxy: serve HTTP through HAProxy instead of Serve's Python proxy (``haproxy_env``;
+            docs/serving.md). It takes effect where Ray starts, so only for a Ray started
+            here; joining a cluster, it is refused unless this process's environment has
+            ``RAY_SERVE_ENABLE_HA_PROXY=1``, as the cluster's ``ray start`` must have had.
 
     Raises:
         ConfigError: an invalid config (the message names the field).
@@ -168,8 +210,18 @@ def start(
             "use (choose another with --port)"
         )
     started_here = False
+    address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    if haproxy and os.environ.get(HAPROXY_FLAG) != "1":
+        if ray.is_initialized() or address not in (None, "local"):
+            raise ConfigError(
+                f"HAProxy is chosen where Ray starts: start the cluster with {HAPROXY_FLAG}=1 "
+                "in its environment (docs/serving.md), or let keeper start a local Ray"
+            )
+        workdir = Path(tempfile.mkdtemp(prefix="keeper-haproxy-"))
+        os.environ.update(haproxy_env(workdir))  # the local Ray's processes inherit it
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)
+        address = "local"  # a new Ray, never one found running (it would lack the variable)
     if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS") or None
         ray.init(
             address=address,
             log_to_driver=log_to_driver,
