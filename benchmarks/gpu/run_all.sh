@@ -114,15 +114,15 @@ check() {
 
     # Serve and decode were measured on 2026-12-04 (docs/benchmarks.md): after the checks that
     # have no GPU figure yet.
-    # Serve with HAProxy in front (RAY_SERVE_ENABLE_HA_PROXY=1: replicas take HTTP directly, no
-    # Python proxy): on 2026-12-04 the proxy was the likely bound at concurrency 64 (1.3 cores
-    # for 210 req/s); on 2 CPU cores HAProxy gave +12 % at concurrency 32. Before the plain run,
-    # which has a figure.
+    # Serve with HAProxy in front (`--haproxy`, as `keeper serve --haproxy`: replicas take HTTP
+    # directly from HAProxy, no Python proxy): on 2026-12-04 the proxy was the likely bound at
+    # concurrency 64 (1.3 cores for 210 req/s); on 2 CPU cores HAProxy gave 1.06x at concurrency
+    # 32 over four alternated pairs. Before the plain run, which has a figure.
     if want serve_haproxy; then
         ingress=deployments.KeeperIngress.autoscaling_config
         args=(${SERVE_ARGS:---concurrency 1,64 --duration 10 --warmup 3 --max-batch-size 64
             --keeper-set $ingress.min_replicas=5,$ingress.max_replicas=5})
-        check serve_haproxy 200 100 env RAY_SERVE_ENABLE_HA_PROXY=1 "$PY" benchmarks/serve.py \
+        check serve_haproxy 200 100 "$PY" benchmarks/serve.py --haproxy \
             --device cuda --quiet-wait 0 --attempts 1 --keeper-config clusters/serve/keeper-gpu.yaml \
             --cache "$CACHE" "${args[@]}" --out "$OUT/serve_haproxy.json"
     fi
