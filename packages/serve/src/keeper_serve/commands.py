@@ -96,8 +96,7 @@ def add_serve_parser(subparsers: SubParsers) -> None:
         action="store_true",
         default=None,
         help="answer HTTP with HAProxy instead of Serve's Python proxy (a local Ray only; "
-        "faster: docs/serving.md). Its stats page and the ingress replicas' own ports listen "
-        "on every interface",
+        "faster: docs/serving.md). Its stats page, without auth, listens on every interface",
     )
     p.add_argument(
         "--ray-address",

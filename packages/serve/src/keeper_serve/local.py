@@ -123,9 +123,9 @@ def haproxy_env(workdir: Path) -> dict[str, str]:
     ``ray.init``), on every node. Ray's defaults put every instance's files under
     ``/tmp/haproxy-serve`` and its metrics and stats pages on ports 9101 and 8404, so a second
     Serve on the machine collides; here the files go under ``workdir`` and both ports are free
-    ones. HAProxy binds those two pages, and each ingress replica its own HTTP port (30000-31000),
-    on every interface: the replicas check the bearer token as the proxy path does, the stats
-    page (backends and counters) has no auth.
+    ones. HAProxy binds those two pages on every interface, and each ingress replica its own
+    HTTP port (30000-31000) on the node's address: the replicas check the bearer token as on the
+    proxy path; the stats page (backends and counters) has no auth.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     return {
@@ -211,12 +211,13 @@ def start(
         )
     started_here = False
     address = ray_address or os.environ.get("RAY_ADDRESS") or None
-    if haproxy and os.environ.get(HAPROXY_FLAG) != "1":
-        if ray.is_initialized() or address not in (None, "local"):
+    if haproxy and (ray.is_initialized() or address not in (None, "local")):
+        if os.environ.get(HAPROXY_FLAG) != "1":  # joining: HAProxy is the cluster's already
             raise ConfigError(
                 f"HAProxy is chosen where Ray starts: start the cluster with {HAPROXY_FLAG}=1 "
                 "in its environment (docs/serving.md), or let keeper start a local Ray"
             )
+    elif haproxy:  # a Ray started here: its own files and ports, even if the flag is set
         workdir = Path(tempfile.mkdtemp(prefix="keeper-haproxy-"))
         os.environ.update(haproxy_env(workdir))  # the local Ray's processes inherit it
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)
