@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,25 +33,51 @@ def _get(url: str, token: str | None = None) -> tuple[int, dict[str, object]]:
         return e.code, json.loads(e.read() or b"{}")
 
 
-def test_keeper_serve_starts_prints_how_to_call_and_stops(tmp_path: Path) -> None:
-    port = free_port()
-    log = tmp_path / "serve.log"
+@contextlib.contextmanager
+def _serving(
+    args: list[str],
+    log: Path,
+    on_exit: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``keeper serve ARGS`` on a local Ray of its own, yielded once it printed how to call it.
+
+    On leaving: SIGTERM (what a service manager sends: Serve, then Ray, stop), the exit awaited
+    (``proc.returncode``), ``on_exit(proc)`` (checks of what must be gone by then), then SIGKILL to
+    anything it left behind.
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("KEEPER_API_TOKEN", "RAY_ADDRESS")}
-    cmd = [
-        sys.executable, "-m", "keeper_core.cli", "serve", "--port", str(port),
-        "--ray-address", "local", f"data_dir={tmp_path / 'data'}", "ranker.poll_s=2",
-    ]  # fmt: skip
+    env = {k: v for k, v in env.items() if "HAPROXY" not in k and "HA_PROXY" not in k}
+    cmd = [sys.executable, "-m", "keeper_core.cli", "serve", "--ray-address", "local", *args]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 240
         while "Ctrl-C stops it." not in log.read_text(errors="replace"):
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(1)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+            if on_exit is not None:
+                on_exit(proc)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # anything it left behind
+                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:
+                proc.wait(timeout=30)
+
+
+def test_keeper_serve_starts_prints_how_to_call_and_stops(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    args = ["--port", str(port), f"data_dir={tmp_path / 'data'}", "ranker.poll_s=2"]
+    with _serving(args, log) as proc:
+        url = f"http://127.0.0.1:{port}"
         text = log.read_text(errors="replace")
         token_file = tmp_path / "data" / "api-token"
         assert f"keeper API at {url}" in text
@@ -80,16 +107,7 @@ def test_keeper_serve_starts_prints_how_to_call_and_stops(tmp_path: Path) -> Non
         assert "keeper-ranker" in notes[0]
         assert "Traceback" not in text
         assert "SeriesRanker: keeping" not in text  # replica logs stay in Ray's log files
-    finally:
-        proc.send_signal(signal.SIGTERM)  # what a service manager sends: Serve, then Ray, stop
-        try:
-            rc = proc.wait(timeout=90)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # anything it left behind
-                os.killpg(proc.pid, signal.SIGKILL)
-            if proc.poll() is None:
-                proc.wait(timeout=30)
-    assert rc == 0, log.read_text(errors="replace")[-3000:]
+    assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
 
 
 def _serve(
@@ -189,23 +207,17 @@ def test_keeper_serve_haproxy_answers_through_haproxy_with_files_of_its_own(
 
     port = free_port()
     log = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("KEEPER_API_TOKEN", "RAY_ADDRESS")}
-    env = {k: v for k, v in env.items() if not k.startswith("RAY_SERVE_HAPROXY")}
-    cmd = [
-        sys.executable, "-m", "keeper_core.cli", "serve", "--haproxy", "--port", str(port),
-        "--ray-address", "local", f"data_dir={tmp_path / 'data'}",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
     workdirs: list[Path] = []
-    try:
-        deadline = time.monotonic() + 240
-        while "Ctrl-C stops it." not in log.read_text(errors="replace"):
-            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
-            time.sleep(1)
+    left: list[str] = []
+
+    def haproxy_gone(exited: subprocess.Popen[bytes]) -> None:  # Ray stops with keeper serve
+        deadline = time.monotonic() + 30
+        while _haproxy(exited.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left.extend(_haproxy(exited.pid))
+
+    args = ["--haproxy", "--port", str(port), f"data_dir={tmp_path / 'data'}"]
+    with _serving(args, log, on_exit=haproxy_gone) as proc:
         text = log.read_text(errors="replace")
         assert "keeper serve: HTTP through HAProxy" in text, text[-3000:]
         procs = _session_processes(proc.pid)
@@ -245,19 +257,7 @@ def test_keeper_serve_haproxy_answers_through_haproxy_with_files_of_its_own(
         assert sessions[replicas[0]] >= 3, sessions  # healthz, the 401, the embed
         assert fallback, sessions
         assert sessions[fallback[0]] == 0, sessions
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=90)
-            deadline = time.monotonic() + 30  # Ray stops its processes as keeper serve exits
-            while (left := _haproxy(proc.pid)) and time.monotonic() < deadline:
-                time.sleep(0.5)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # anything it left behind
-                os.killpg(proc.pid, signal.SIGKILL)
-            if proc.poll() is None:
-                proc.wait(timeout=30)
-    assert rc == 0, log.read_text(errors="replace")[-3000:]
+    assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
     assert not left, left
     assert workdirs
     assert not workdirs[0].exists()
