@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,7 @@ from keeper_core.capacity import (
     decode_cores_per_gpu,
     predict,
 )
+from keeper_serve.local import free_port
 
 BACKENDS = ("pil", "turbo")
 SIZE_ORDER = ("512x384", "1600x1200", "4000x3000")
@@ -242,12 +242,6 @@ def write_cost(spec: str, uris: list[str], workdir: Path) -> float:
 
 # --------------------------------------------------------------------------------------------
 # 2. keeper embed on a one-node and a three-node local Ray (run in a child process)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ray_micro(multi: bool) -> dict[str, Any]:

@@ -77,7 +77,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -100,7 +99,9 @@ from keeper_core.embedding import ClipEmbedder
 from keeper_core.images import decode_image
 from keeper_core.preparation import ImagePreparation
 from keeper_core.synthetic import generate_corpus
-from keeper_serve.config import LimitArgs
+from keeper_serve.api import ImagePreparer
+from keeper_serve.config import KeeperAppArgs
+from keeper_serve.local import free_port
 
 ROUTE = "/v1/embed"
 TOKEN_ENV = "KEEPER_API_TOKEN"
@@ -146,8 +147,9 @@ def find_vectors(obj: Any, dim: int) -> list[list[float]]:
 
 
 def keeper_preparation(spec: str) -> ImagePreparation:
-    """The decode + resize keeper's ingress runs (``KeeperAppArgs``' defaults: draft on, limits)."""
-    return ImagePreparation(spec, limits=LimitArgs().decode_limits())
+    """The decode + resize keeper's ingress runs: its own ``ImagePreparer``'s, built from the
+    app's default args (draft on, the default limits) for this model."""
+    return ImagePreparer(KeeperAppArgs(clip_model=spec)).preparation
 
 
 def decode_resize(prep: ImagePreparation, jpeg: bytes) -> np.ndarray:
@@ -330,12 +332,6 @@ def naive_server_main(argv: Sequence[str]) -> int:
     app = naive_app(a.model, a.handler, a.device)
     uvicorn.run(app, host="127.0.0.1", port=a.port, workers=1, log_level="warning")
     return 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
