@@ -4,16 +4,20 @@
         [--out benchmarks/results/asgi-middleware.json]
 
 keeper's ingress checks the bearer token and counts and times every request in one middleware.
-Written with ``@app.middleware("http")`` it is a ``BaseHTTPMiddleware``; since 2026-12-04 it is
+Written with ``@app.middleware("http")`` it was a ``BaseHTTPMiddleware``; since 2026-12-04 it is
 plain ASGI (``keeper_serve.ingress._AuthAndMetrics``). This script measures the difference on
 its own, side by side in one process: the same FastAPI app (one ``POST`` route that parses a
 small JSON body and answers a 512-float embedding, as ``/v1/embed`` does), called directly as an
 ASGI app (no server, no sockets) with
 
 1. no middleware (the floor),
-2. a ``BaseHTTPMiddleware`` doing the middleware's work (a header compare, a route label, a
-   timer),
-3. the same work as a plain ASGI middleware, written as keeper's is.
+2. the former middleware, a ``BaseHTTPMiddleware`` making the same calls as keeper's
+   (``_refusal``: the token check; ``_route_label``; the request counter and latency histogram),
+3. keeper's ``_AuthAndMetrics`` itself.
+
+Outside a Serve replica there is no ``KeeperIngress`` to check the token against, so both
+middlewares are given a stand-in (the same token compare, counters that keep what they are
+told) through ``keeper_serve.ingress._ingress``.
 
 Each variant serves ``--requests`` requests one after another on one event loop, the variants
 alternated ``--repeats`` times; the best repeat counts. Printed as a table (microseconds a
@@ -38,22 +42,42 @@ import starlette
 # benchmarks/ is sys.path[0] when this runs as a script: embed.py's machine_info.
 from embed import machine_info
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from fastapi.responses import Response
+from starlette.types import ASGIApp, Message, Scope
+
+from keeper_serve import ingress
 
 TOKEN = "t" * 43
 BODY = json.dumps({"images": [{"b64": "x" * 64}]}).encode()
 VECTOR = [0.01 * i for i in range(512)]
 
 
-def _authorised(headers: list[tuple[bytes, bytes]]) -> bool:
-    value = dict(headers).get(b"authorization", b"")
-    scheme, _, token = value.partition(b" ")
-    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), TOKEN.encode())
+class _Record:
+    """Stands in for Ray's Counter and Histogram: keeps each call's tags."""
+
+    def __init__(self) -> None:
+        self.tags: list[dict[str, str]] = []
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        self.tags.append(dict(tags or {}))
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.tags.append(dict(tags or {}))
 
 
-def make_app(kind: str, seen: list[tuple[str, int, float]]) -> FastAPI:
-    """The route, with the middleware ``kind``: none, base (BaseHTTPMiddleware) or asgi."""
+class _Front:
+    """What the middleware needs of a ``KeeperIngress``: the token check and two metrics."""
+
+    def __init__(self) -> None:
+        self.requests, self.latency = _Record(), _Record()
+
+    def _authorised(self, request: Request) -> bool:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), TOKEN)
+
+
+def make_app(kind: str) -> FastAPI:
+    """The route, with the middleware ``kind``: none, base (the former) or asgi (keeper's)."""
     app = FastAPI()
 
     @app.post("/v1/embed")
@@ -65,38 +89,17 @@ def make_app(kind: str, seen: list[tuple[str, int, float]]) -> FastAPI:
 
         @app.middleware("http")
         async def auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
+            front = ingress._ingress()
             t0 = time.perf_counter()
-            if not _authorised(request.scope["headers"]):
-                response: Response = JSONResponse({"error": "unauthorized"}, status_code=401)
-            else:
-                response = await call_next(request)
-            seen.append((request.url.path, response.status_code, time.perf_counter() - t0))
+            response = ingress._refusal(front, request) or await call_next(request)
+            if front is not None:
+                route = ingress._route_label(request.url.path)
+                front.requests.inc(tags={"route": route, "status": str(response.status_code)})
+                front.latency.observe((time.perf_counter() - t0) * 1000, tags={"route": route})
             return response
 
     elif kind == "asgi":
-
-        class Auth:
-            def __init__(self, app: ASGIApp) -> None:
-                self.app = app
-
-            async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-                t0, status = time.perf_counter(), 500
-
-                async def send_status(message: Message) -> None:
-                    nonlocal status
-                    if message["type"] == "http.response.start":
-                        status = message["status"]
-                    await send(message)
-
-                if not _authorised(scope["headers"]):
-                    refusal = JSONResponse({"error": "unauthorized"}, status_code=401)
-                    status = 401
-                    await refusal(scope, receive, send)
-                else:
-                    await self.app(scope, receive, send_status)
-                seen.append((scope["path"], status, time.perf_counter() - t0))
-
-        app.add_middleware(Auth)
+        app.add_middleware(ingress._AuthAndMetrics)
     return app
 
 
@@ -163,26 +166,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/asgi-middleware.json"))
     a = p.parse_args(argv)
     kinds = ("none", "base", "asgi")
-    seen: dict[str, list[tuple[str, int, float]]] = {k: [] for k in kinds}
-    apps = {k: make_app(k, seen[k]) for k in kinds}
+    fronts = {k: _Front() for k in kinds}
+    apps = {k: make_app(k) for k in kinds}
     loop = asyncio.new_event_loop()
+
+    def run(kind: str, n: int) -> float:
+        ingress._ingress = lambda: fronts[kind]  # this variant's stand-in KeeperIngress
+        return loop.run_until_complete(serve_n(apps[kind], n))
+
     for k in kinds:  # warm-up: routes compiled, middleware stacks built
-        loop.run_until_complete(serve_n(apps[k], 200))
+        run(k, 200)
     runs: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(a.repeats):
         for k in kinds:
-            runs[k].append(loop.run_until_complete(serve_n(apps[k], a.requests)))
+            runs[k].append(run(k, a.requests))
     loop.close()
-    for k in ("base", "asgi"):  # each middleware saw every request, with its status
-        want = 200 + a.repeats * a.requests
-        if len(seen[k]) != want or {s for _, s, _ in seen[k]} != {200}:
-            raise RuntimeError(f"{k}: the middleware saw {len(seen[k])} requests, not {want}")
+    want = [{"route": "/v1/embed", "status": "200"}] * (200 + a.repeats * a.requests)
+    for k in ("base", "asgi"):  # each middleware counted every request, with its status
+        if fronts[k].requests.tags != want:
+            raise RuntimeError(f"{k}: the middleware counted {len(fronts[k].requests.tags)}")
     us = {k: 1e6 * min(v) / a.requests for k, v in runs.items()}
     table = [
         "| middleware | us a request (best of repeats) | over no middleware | vs BaseHTTPMiddleware |",
         "| --- | ---: | ---: | ---: |",
     ]
-    names = {"none": "none", "base": "BaseHTTPMiddleware", "asgi": "plain ASGI (keeper's)"}
+    names = {"none": "none", "base": "BaseHTTPMiddleware (former)", "asgi": "plain ASGI (keeper's)"}
     for k in kinds:
         table.append(
             f"| {names[k]} | {us[k]:.1f} | {us[k] - us['none']:+.1f} us | {us[k] / us['base']:.2f} |"
