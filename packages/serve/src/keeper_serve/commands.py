@@ -110,7 +110,7 @@ def add_serve_parser(subparsers: SubParsers) -> None:
         metavar="KEY=VALUE",
         help="KeeperAppArgs fields and Serve options as dotted keys (e.g. "
         "clip_model=ViT-B-32:random, ranker.model_uri=models:/keeper-ranker@champion, "
-        "deployments.ClipEncoder.num_replicas=2, http_options.port=8001)",
+        "deployments.ClipEncoder.autoscaling_config.max_replicas=2, http_options.port=8001)",
     )
     p.set_defaults(func=_run)
 

@@ -111,7 +111,9 @@ def job_main(
     parser = argparse.ArgumentParser(
         prog=f"python -m keeper_train.jobs.{job}", description=description
     )
-    parser.add_argument("--config", help=f"YAML config (packages/train/configs/{job}.yaml)")
+    shipped = Path(__file__).parents[2] / "configs" / f"{job}.yaml"
+    sample = f" (an example: packages/train/configs/{job}.yaml)" if shipped.is_file() else ""
+    parser.add_argument("--config", help=f"YAML file of the job's config fields{sample}")
     parser.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
