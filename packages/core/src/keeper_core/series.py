@@ -11,10 +11,11 @@ Row numbers in errors are 0-based data rows (the header is not a row).
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -113,7 +114,9 @@ def validate_series(df: pd.DataFrame, source: str | None = None) -> pd.DataFrame
     df["image_uri"] = df["image_uri"].astype(str)
 
     problems: list[tuple[str, list[int]]] = []
-    dup = np.flatnonzero(df["image_uri"].duplicated(keep=False).to_numpy())
+    # One file named twice (a.jpg and /abs/a.jpg, or file:///abs/a.jpg) is a duplicate too.
+    keys = df["image_uri"].map(storage.same_key)
+    dup = np.flatnonzero(keys.duplicated(keep=False).to_numpy())
     if len(dup):
         problems.append((f"duplicate image_uri in rows {_fmt(dup.tolist())}", dup.tolist()))
     groups = df.groupby("series_id", sort=False)
@@ -318,7 +321,9 @@ def _read_table(uri: str, str_columns: Sequence[str]) -> pd.DataFrame:
     try:
         if is_parquet:
             return pd.read_parquet(io.BytesIO(data))
-        return pd.read_csv(io.BytesIO(data), dtype=dict.fromkeys(str_columns, str))
+        return read_csv_strict(data, source=uri, dtype=dict.fromkeys(str_columns, str))
+    except DataError:
+        raise
     except (ValueError, OSError, pa.ArrowException) as e:
         kind = "Parquet" if is_parquet else "CSV"
         raise DataError(f"cannot parse as {kind}: {e}", source=uri) from e
@@ -401,3 +406,37 @@ def _fmt(items: Sequence[object]) -> str:
     shown = ", ".join(str(i) for i in items[:_MAX_LISTED])
     more = len(items) - _MAX_LISTED
     return f"{shown}, ... ({more} more)" if more > 0 else shown
+
+
+def read_csv_strict(data: bytes, *, source: str | None = None, **read_csv: Any) -> pd.DataFrame:
+    """``pd.read_csv`` of a manifest, refusing rows whose field count is not the header's.
+
+    pandas reads a header of N names over rows of N + 1 fields by taking the first field as the
+    row index, and shifts every column: an unquoted comma in every path (``Smith, John/a.jpg``)
+    would silently name other files. Here any such row is an error naming its line.
+
+    Raises:
+        DataError: a row with more or fewer fields than the header (the first few lines named).
+        Whatever ``pd.read_csv`` raises otherwise (callers turn it into their DataError).
+    """
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = None  # pandas's own decode error names the byte; let it speak
+    if text is not None:
+        rows = csv.reader(io.StringIO(text, newline=""))
+        header = next(rows, None)
+        width = len(header or ())
+        bad: list[tuple[int, int]] = []
+        for row in rows:
+            if row and len(row) != width:  # a blank line is skipped, as pandas does
+                bad.append((rows.line_num, len(row)))
+        if bad:
+            where = ", ".join(f"line {line} has {n}" for line, n in bad[:5])
+            more = f" (and {len(bad) - 5} more rows)" if len(bad) > 5 else ""
+            raise DataError(
+                f"CSV rows with a field count other than the header's {width}: {where}{more}; "
+                'a value holding a comma must be quoted ("Smith, John/IMG_1.jpg")',
+                source=source,
+            )
+    return pd.read_csv(io.BytesIO(data), **read_csv)

@@ -45,8 +45,9 @@ def join_series(embeddings: str, series: str) -> tuple[pd.DataFrame, str, int, p
         embedding, the raw embedding table).
 
     Raises:
-        DataError: empty table, mixed model specs, an image twice in the table, or no complete
-            series at all (naming how many images matched and examples of both sides).
+        DataError: empty table, mixed model specs, an image twice in the table, a manifest
+            column the table has too, or no complete series at all (naming how many images
+            matched and examples of both sides).
     """
     manifest = read_series_manifest(series)
     table = read_embeddings(embeddings)
@@ -61,6 +62,13 @@ def join_series(embeddings: str, series: str) -> tuple[pd.DataFrame, str, int, p
             f"{keyed.loc[dup, _KEY].nunique()} images embedded twice, e.g. "
             f"{keyed.loc[dup, _KEY].iloc[0]!r}",
             source=embeddings,
+        )
+    clash = sorted(set(manifest.columns) & set(keyed.columns))
+    if clash:
+        raise DataError(
+            f"manifest columns {clash} are also columns of the embedding table (what models "
+            "read): rename or drop them in the manifest",
+            source=series,
         )
     df = manifest.assign(**{_KEY: [storage.same_key(u) for u in manifest["image_uri"]]}).merge(
         keyed, on=_KEY, how="left", validate="one_to_one"

@@ -75,7 +75,7 @@ from keeper_core.models import (
 )
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
-from keeper_core.series import resolve_image_uris
+from keeper_core.series import read_csv_strict, resolve_image_uris
 from keeper_core.torch_thread import TorchThread, pin_torch_threads
 from keeper_core.webdataset import (
     is_webdataset,
@@ -340,8 +340,22 @@ def list_inputs(src: str, *, exclude: str | Sequence[str] | None = None) -> tupl
     an image extension are taken as images (a corrupt one then fails decoding, with a reason);
     files with another extension are taken when their first bytes are an image signature.
     """
+    uris, ignored, _ = scan_inputs(src, exclude=exclude)
+    return uris, ignored
+
+
+def scan_inputs(
+    src: str, *, exclude: str | Sequence[str] | None = None
+) -> tuple[list[str], int, int]:
+    """``list_inputs``, and the count of manifest rows naming an image an earlier row named.
+
+    Rows are the same image when their URIs name one file (``storage.same_key``: ``a.jpg``,
+    ``/abs/a.jpg`` and ``file:///abs/a.jpg`` beside the manifest): it is embedded once, under
+    its first row's spelling, and the other rows are counted, not silently dropped.
+    """
     if src.lower().endswith(MANIFEST_SUFFIXES):
-        return _manifest_uris(src), 0
+        uris, repeated = _manifest_uris(src)
+        return uris, 0, repeated
     ignored = 0
     uris = []
     excluded = [exclude] if isinstance(exclude, str) else list(exclude or [])
@@ -355,26 +369,34 @@ def list_inputs(src: str, *, exclude: str | Sequence[str] | None = None) -> tupl
             is_image = False  # hidden files: editor/OS droppings, never photos
         elif name.endswith(IMAGE_SUFFIXES):
             is_image = True
+        elif name.endswith(NOT_IMAGE_SUFFIXES):
+            is_image = False
         else:
-            is_image = not name.endswith(NOT_IMAGE_SUFFIXES) and sniff_is_image(
-                storage.read_head(uri, 32)
-            )
+            try:
+                is_image = sniff_is_image(storage.read_head(uri, 32))
+            except StorageError:
+                # Unreadable now (permissions, deleted, an archived S3 object): taken as an
+                # input, so its read fails and is recorded with the reason, not lost here.
+                is_image = True
         if is_image:
             uris.append(uri)
         else:
             ignored += 1
-    return uris, ignored
+    return uris, ignored, 0
 
 
-def _manifest_uris(src: str) -> list[str]:
+def _manifest_uris(src: str) -> tuple[list[str], int]:
+    """The manifest's image URIs, each file once, and the count of rows that repeated one."""
     import pandas as pd
 
     raw = storage.read_bytes(src)
     try:
         if src.lower().endswith(".csv"):
-            df = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
+            df = read_csv_strict(raw, source=src, dtype=str, keep_default_na=False)
         else:
             df = pd.read_parquet(io.BytesIO(raw))
+    except DataError:
+        raise
     except Exception as e:  # pandas raises many parser error types; all mean "not a manifest"
         raise DataError(f"cannot read manifest: {e}", source=src) from e
     if "image_uri" not in df.columns:
@@ -384,7 +406,10 @@ def _manifest_uris(src: str) -> list[str]:
     if bad:
         raise DataError(f"empty image_uri in rows {bad[:10]}", source=src, rows=bad)
     resolved = resolve_image_uris(pd.DataFrame({"image_uri": col}), src)["image_uri"]
-    return list(dict.fromkeys(resolved))
+    first: dict[str, str] = {}
+    for uri in resolved:
+        first.setdefault(storage.same_key(uri), uri)
+    return list(first.values()), len(resolved) - len(first)
 
 
 def check_table_meta(dst: str, spec: str, embed_dim: int) -> None:
@@ -899,6 +924,14 @@ class Counts(BaseModel):
     duplicates_removed: int
     errors_cleared: int = Field(description="error rows removed because the image is embedded")
     non_image_files_ignored: int
+    manifest_rows_repeated: int = Field(
+        default=0, description="manifest rows naming an image an earlier row named: embedded once"
+    )
+    sample_problems: dict[str, int] = Field(
+        default_factory=dict,
+        description="WebDataset input: members dropped from samples, by reason (a duplicate or "
+        "unsupported member, a caption or metadata member unreadable or too long)",
+    )
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -945,6 +978,11 @@ class Plan:
     dst: str
     inputs: list[str]
     ignored: int
+    #: manifest rows that named an image an earlier row named (embedded once)
+    repeated: int
+    #: WebDataset input: samples' problems by reason (keeper_core.webdataset.SAMPLE_PROBLEMS)
+    #: other than a missing image (counted in ``ignored``)
+    sample_problems: dict[str, int]
     embedded: EmbeddedParts
     errors: ErrorRows
     todo: list[str]
@@ -982,13 +1020,15 @@ def plan(cfg: EmbedConfig) -> Plan:
     check_table_meta(dst, cfg.model, embed_dim=embed_dim(cfg.model))
     members: dict[str, dict[str, Any]] = {}
     index_failures: dict[str, str] = {}
+    repeated = 0
+    sample_problems: dict[str, int] = {}
     shards = names_shards(cfg.input)  # a .tar or a brace pattern: nothing to list first
     if not shards:
-        inputs, ignored = list_inputs(cfg.input, exclude=[dst, *cfg.exclude])
+        inputs, ignored, repeated = scan_inputs(cfg.input, exclude=[dst, *cfg.exclude])
         # A folder of shards has no loose image: only then is it listed again, for its shards.
         shards = not inputs and ignored > 0 and is_webdataset(cfg.input)
     if shards:
-        inputs, ignored, members, index_failures = list_webdataset(
+        inputs, ignored, members, index_failures, sample_problems = list_webdataset(
             cfg.input, storage.join(dst, SHARDS)
         )
     if cfg.limit:
@@ -1009,6 +1049,8 @@ def plan(cfg: EmbedConfig) -> Plan:
         dst=dst,
         inputs=inputs,
         ignored=ignored,
+        repeated=repeated,
+        sample_problems=sample_problems,
         embedded=embedded,
         errors=errors,
         todo=todo,
@@ -1024,8 +1066,10 @@ def plan(cfg: EmbedConfig) -> Plan:
 
 def list_webdataset(
     src: str, cache_dir: str, *, threads: int = 16
-) -> tuple[list[str], int, dict[str, dict[str, Any]], dict[str, str]]:
-    """A WebDataset corpus's images: (URIs, samples without an image, members, index failures).
+) -> tuple[list[str], int, dict[str, dict[str, Any]], dict[str, str], dict[str, int]]:
+    """A WebDataset corpus's images: (URIs, samples without an image, members, index failures,
+    the samples' other problems by reason: a duplicate or unsupported member, a caption or
+    metadata member unreadable or too long; the image is embedded without what was dropped).
 
     Each shard is indexed once (its tar headers and the small caption/metadata members) and the
     index cached under ``cache_dir``; a re-run reads the cached index after one HEAD. Shards are
@@ -1038,16 +1082,18 @@ def list_webdataset(
     uris: list[str] = []
     members: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
+    problems: Counter[str] = Counter()
     ignored = 0
     for index in indexes:
         for row in index.rows():
             uris.append(row["image_uri"])
             members[row["image_uri"]] = row
         ignored += len(index.missing_image())
+        problems.update(p.reason for p in index.problems() if p.reason != "missing_image")
         if index.error:
             uris.append(index.shard)
             failures[index.shard] = index.error
-    return uris, ignored, members, failures
+    return uris, ignored, members, failures, dict(sorted(problems.items()))
 
 
 def execute(cfg: EmbedConfig, p: Plan) -> Execution:
@@ -1212,6 +1258,8 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
             duplicates_removed=p.duplicates_removed + removed,
             errors_cleared=p.errors_cleared + cleared,
             non_image_files_ignored=p.ignored,
+            manifest_rows_repeated=p.repeated,
+            sample_problems=p.sample_problems,
         ),
         table={"embedded": len(emb_all), "failed": len(rows), "parts": len(embedded.by_part)},
         failed_fraction=round(frac, 6),
@@ -1287,7 +1335,12 @@ def format_summary(s: EmbedSummary) -> str:
         f"  input    {s.input}",
         f"  output   {s.output}",
         f"  images   {c.in_} in = {c.already_embedded} already embedded + {c.failed_before} "
-        f"failed before (not retried) + {c.attempted} attempted{retried}",
+        f"failed before (not retried) + {c.attempted} attempted{retried}"
+        + (
+            f" ({c.manifest_rows_repeated} more manifest rows named an image already listed)"
+            if c.manifest_rows_repeated
+            else ""
+        ),
         f"  attempt  {c.attempted} = {c.embedded} embedded + {c.failed} failed"
         + (
             f" ({c.retryable_failed} retryable: the next run tries them again)"
@@ -1300,6 +1353,11 @@ def format_summary(s: EmbedSummary) -> str:
         + (f"  by reason: {s.errors_by_reason}" if s.errors_by_reason else ""),
         f"  table    {s.table['embedded']} embeddings in {s.table['parts']} part(s), "
         f"{s.table['failed']} errors",
+        *(
+            [f"  shards   members dropped from samples: {c.sample_problems}"]
+            if c.sample_problems
+            else []
+        ),
         "  seconds  " + "  ".join(f"{k} {v:.1f}" for k, v in s.seconds.items()),
     ]
     if s.images_per_s:
