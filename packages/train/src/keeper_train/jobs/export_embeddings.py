@@ -3,12 +3,12 @@
     keeper export-embeddings --table s3://bucket/emb/vit-b-32 --output s3://bucket/emb/vit-b-32-cr
     python -m keeper_train.jobs.export_embeddings --config FILE table=... output=...  # the same
 
-clip-retrieval's ``inference`` writes, per output partition ``K`` (zero-padded to the digits of the
-partition count), ``img_emb/img_emb_K.npy`` (float16, unit-norm rows) and
-``metadata/metadata_K.parquet`` whose row i describes row i of the array (``image_path``,
-``caption``, and the sample's metadata as columns). autofaiss builds an index from ``img_emb/``
-(``autofaiss build_index --embeddings=OUT/img_emb``), and clip-retrieval's back end serves it with
-the metadata beside it. So each part of keeper's table becomes one partition, in order:
+clip-retrieval's ``inference`` writes, per output partition ``K``, ``img_emb/img_emb_K.npy``
+(float16, unit-norm rows) and ``metadata/metadata_K.parquet`` whose row i describes row i of the
+array (``image_path``, ``caption``, and the sample's metadata as columns). autofaiss builds an index
+from ``img_emb/`` (``autofaiss build_index --embeddings=OUT/img_emb``), and clip-retrieval's back
+end serves it with the metadata beside it; both take the files in name order. So each part of
+keeper's table becomes one partition, in order:
 ``image_path`` is keeper's ``image_uri``; ``caption`` is carried when the corpus had captions (a
 WebDataset); every other column (image_id, size, quality features, capture metadata, dhash)
 follows as a metadata column. A ``keeper_export.json`` beside them names the model spec, the
@@ -17,6 +17,17 @@ embedded with another model would be silently meaningless.
 
 Streams one part at a time (memory: one part), local or ``s3://``. The table is read as it is:
 ``keeper embed`` leaves every image in exactly one part, so rows are neither merged nor dropped.
+
+``K`` is zero-padded to a fixed ``PAD`` (8) digits, whatever the table's size (clip-retrieval pads
+to the digits of its partition count, so its names change when the count crosses a power of ten):
+a re-export after the table grew or shrank writes the same names for the same partition numbers,
+and name order is number order. Before anything is written, an OUTPUT that holds partition files
+this run would not write (``*.npy`` under ``img_emb/`` or ``text_emb/``, ``*.parquet`` under
+``metadata/``: an export of a larger table, or one named another way) is refused: autofaiss
+would index them beside this export's. No partition file is deleted; a re-export of a table of
+the same or more parts overwrites every file of the previous one. ``keeper_export.json`` is
+removed before the first partition is written and written after the last, so one on disk
+describes the files beside it.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import io
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -33,11 +45,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core import storage
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
-from keeper_core.errors import DataError
+from keeper_core.errors import ConfigError, DataError
 from keeper_train.config import job_main
 from keeper_train.table import list_parts
 
 IMG_EMB, METADATA, META = "img_emb", "metadata", "keeper_export.json"
+TEXT_EMB = "text_emb"  # clip-retrieval's text embeddings: never written here, but read beside
+PAD = 8  # digits of K in img_emb_K.npy / metadata_K.parquet: 10**8 partitions, whatever the table
 
 
 class ExportEmbeddingsConfig(BaseModel):
@@ -68,13 +82,20 @@ def export(cfg: ExportEmbeddingsConfig) -> ExportSummary:
     """Write every part of the table as one img_emb/metadata partition pair; then the sidecar.
 
     Raises:
-        DataError: no table there, or parts of several model specs or dimensions.
+        DataError: no table there, more parts than ``PAD`` digits number, or parts of several
+            model specs or dimensions.
+        ConfigError: OUTPUT holds partition files this export would not overwrite.
     """
     folder = storage.join(cfg.table, EMBEDDINGS)
     parts = list_parts(folder)
     if not parts:
         raise DataError(f"no embedding table here (keeper embed writes {folder}/part-*.parquet)")
-    digits = len(str(len(parts) - 1))
+    if len(parts) > 10**PAD:
+        raise DataError(
+            f"{folder}: {len(parts)} parts; the export numbers partitions with {PAD} digits "
+            f"(at most {10**PAD})"
+        )
+    _refuse_stale(cfg.output, len(parts))
     spec: str | None = None
     dim = rows = 0
     columns: list[str] = []
@@ -92,15 +113,15 @@ def export(cfg: ExportEmbeddingsConfig) -> ExportSummary:
         if dim and emb.shape[1] != dim:
             raise DataError(f"{part}: embeddings of dimension {emb.shape[1]}, others {dim}")
         dim = emb.shape[1]
-        name = str(k).zfill(digits)
+        if k == 0:  # a run that fails half-way leaves no sidecar vouching for the files
+            storage.delete(storage.join(cfg.output, META))
+        emb_file, meta_file = _partition(k)
         buf = io.BytesIO()
         np.save(buf, emb.astype(cfg.dtype), allow_pickle=False)
-        storage.write_bytes(
-            storage.join(cfg.output, IMG_EMB, f"img_emb_{name}.npy"), buf.getvalue()
-        )
+        storage.write_bytes(storage.join(cfg.output, IMG_EMB, emb_file), buf.getvalue())
         meta = _metadata(t)
         columns = meta.column_names
-        storage.write_parquet(meta, storage.join(cfg.output, METADATA, f"metadata_{name}.parquet"))
+        storage.write_parquet(meta, storage.join(cfg.output, METADATA, meta_file))
         rows += t.num_rows
     assert spec is not None
     summary = ExportSummary(
@@ -115,6 +136,42 @@ def export(cfg: ExportEmbeddingsConfig) -> ExportSummary:
     )
     storage.write_bytes(storage.join(cfg.output, META), summary.model_dump_json(indent=2).encode())
     return summary
+
+
+def _partition(k: int) -> tuple[str, str]:
+    """Partition ``k``'s file names in ``img_emb/`` and ``metadata/``."""
+    name = str(k).zfill(PAD)
+    return f"img_emb_{name}.npy", f"metadata_{name}.parquet"
+
+
+def _refuse_stale(output: str, partitions: int) -> None:
+    """Refuse an OUTPUT holding partition files that an export of ``partitions`` would not write.
+
+    Those are what autofaiss and clip-retrieval read (every ``*.npy`` under ``img_emb/`` and
+    ``text_emb/``, every ``*.parquet`` under ``metadata/``, recursively): left beside this export,
+    they would be indexed and served as if they were part of it.
+    """
+    names = [_partition(k) for k in range(partitions)]
+    ours = {IMG_EMB: {e for e, _ in names}, METADATA: {m for _, m in names}, TEXT_EMB: set()}
+    suffix = {IMG_EMB: ".npy", METADATA: ".parquet", TEXT_EMB: ".npy"}
+    stale: list[str] = []
+    for sub, written in ours.items():
+        folder = storage.join(output, sub)
+        if not storage.is_s3(folder) and not Path(folder.removeprefix("file://")).exists():
+            continue
+        prefix = folder.rstrip("/") + "/"
+        stale += [
+            f
+            for f in storage.list_files(folder, suffixes=[suffix[sub]])
+            if f.removeprefix(prefix) not in written
+        ]
+    if stale:
+        shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise ConfigError(
+            f"output: {output} holds {len(stale)} partition files this export of {partitions} "
+            f"partitions would not overwrite ({shown}); autofaiss and clip-retrieval would read "
+            "them as part of it. Export to an empty output, or remove them first"
+        )
 
 
 def _metadata(t: pa.Table) -> pa.Table:
