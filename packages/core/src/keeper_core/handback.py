@@ -55,8 +55,11 @@ _EMPTY_PACKET = (
 _RDF = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}"
 _XMP_MIME = "application/rdf+xml"
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-# Characters XML 1.0 cannot hold at all (escaping does not help).
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+# Characters XML 1.0 cannot hold at all (escaping does not help); lone surrogates are what
+# Python makes of a file name's bytes that are not UTF-8 (exiv2 cannot encode them either).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# ...and DEL, which XML holds but exiv2 writes as a space: what xml_text escapes.
+_ESCAPED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
 _OWN_KEY = re.compile(rf"^Xmp\.{KEEPER_PREFIX}\.[^/\[]+$")
 # exiv2 keeps process-global state (the XMP toolkit's namespace registry, pyexiv2's error log):
 # one sidecar at a time per process.
@@ -259,11 +262,25 @@ def _exiv2() -> ModuleType:
     return pyexiv2
 
 
+def xml_text(value: str) -> str:
+    """``value`` with each character XML cannot store written as its escape (``\\x01``).
+
+    For text that comes from data, such as a file name quoted in a reason (a name may hold any
+    byte but ``/`` and NUL): :func:`write_sidecar` refuses those characters, this keeps them
+    readable instead. DEL is escaped too (exiv2 would write it as a space). Text without them
+    comes back unchanged.
+    """
+    return _ESCAPED.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), value)
+
+
 def _check_text(what: str, value: object) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{what} must be a string, got {type(value).__name__}")
     if _NOT_XML.search(value):
-        raise ConfigError(f"{what} holds a control character XML cannot store: {value!r}")
+        raise ConfigError(
+            f"{what} holds a control character or lone surrogate XML cannot store: {value!r} "
+            "(handback.xml_text escapes them)"
+        )
     if value.startswith("type="):
         # exiv2 reads a leading 'type=' as an array declaration and drops the text.
         raise ConfigError(f"{what} must not start with 'type=': {value!r}")

@@ -10,7 +10,8 @@ and embedding similarity, each group is ranked by the registered ranker (``model
 when one exists) or by a zero-shot rule on quality features that every output names as such, and
 each photo is kept, kept as an alternate, or rejected, with the reasons.
 
-    plan      resolve the ranker (before any work: its embedding spec is the one to embed with)
+    plan      refuse a WebDataset corpus (keeper embed's input, not a photo library); resolve
+              the ranker (before any work: its embedding spec is the one to embed with)
     embed     keeper embed into OUTPUT/table (resumable: embeds only what is missing), reading
               capture metadata and writing thumbnails from the bytes and pixels it already has
     load      the table's rows for this input; images that failed, with their reasons; capture
@@ -18,7 +19,8 @@ each photo is kept, kept as an alternate, or rejected, with the reasons.
     cull      keeper_core.culling.cull: group -> duplicates -> rank -> decide (what /v1/pick runs)
     write     OUTPUT/picks.parquet + picks.csv, OUTPUT/failed.csv, OUTPUT/index.html (the contact
               sheet, pages/ and thumbs/), XMP sidecars (mirrored under OUTPUT/xmp, or beside the
-              originals), optional copies or links of the keepers; OUTPUT/_SUMMARY.json
+              originals; one that cannot be written is recorded with its reason and the rest
+              are written), optional copies or links of the keepers; OUTPUT/_SUMMARY.json
 
 Originals are never written, moved or renamed. Every output is written atomically and rebuilt
 whole from the table on every run, so a run killed at any point is completed by running it again.
@@ -33,6 +35,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -46,10 +49,11 @@ from keeper_core.contact_sheet import SheetSummary, thumbnail_name, write_contac
 from keeper_core.culling import CullResult, Scorer, cull, picks_csv, picks_table
 from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadError, StorageError
 from keeper_core.grouping import GroupingConfig, dhash
-from keeper_core.handback import export_keepers, plan_sidecars, write_sidecar
+from keeper_core.handback import export_keepers, plan_sidecars, write_sidecar, xml_text
 from keeper_core.images import decode_image
 from keeper_core.models import ModelSpec
 from keeper_core.picking import PickConfig
+from keeper_core.webdataset import is_webdataset
 from keeper_train.jobs import embed
 from keeper_train.table import ErrorRows
 
@@ -159,7 +163,26 @@ def common_folder(uris: Sequence[str]) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# plan: the ranker
+# plan: the input, the ranker
+
+
+def check_input(cfg: PickJobConfig) -> None:
+    """Refuse a WebDataset corpus before any work: keeper pick culls photos, not shards.
+
+    ``keeper embed`` reads ``.tar`` shards (a single ``.tar``, a brace pattern, or a folder or
+    prefix of shards and no loose images: :func:`keeper_core.webdataset.is_webdataset`, the test
+    embed makes); pick's photos must be files of their own, to group, rate and give sidecars.
+
+    Raises:
+        ConfigError: the input is WebDataset shards.
+        StorageError: an ``s3://`` prefix cannot be listed.
+    """
+    if is_webdataset(cfg.input):
+        raise ConfigError(
+            f"input {cfg.input!r} is a WebDataset corpus (.tar shards): keeper pick culls photo "
+            "folders, s3:// prefixes of photos and CSV/Parquet manifests of them; embed a "
+            "WebDataset corpus with keeper embed"
+        )
 
 
 @dataclass
@@ -395,8 +418,20 @@ def _thumbnails(out: str) -> set[str]:
 # write: the picks, the sheet, the sidecars, the keepers
 
 
+class SidecarFailure(BaseModel):
+    """A sidecar that could not be written, and why (the photo's pick stands)."""
+
+    image_uri: str
+    sidecar_uri: str
+    reason: str
+
+
 class PickSummary(BaseModel):
-    """A run's outcome; written to OUTPUT/_SUMMARY.json."""
+    """A run's outcome; written to OUTPUT/_SUMMARY.json.
+
+    ``sidecars`` counts written + unchanged + ``counts["sidecars_failed"]`` = the sidecars
+    planned, and + skipped = the photos picked; ``sidecar_failures`` names each failed one.
+    """
 
     status: Literal["ok", "failed"]
     input: str
@@ -408,6 +443,7 @@ class PickSummary(BaseModel):
     random_weights: bool
     counts: dict[str, int]
     sidecars: dict[str, int]
+    sidecar_failures: list[SidecarFailure] = Field(default_factory=list)
     keepers_exported: dict[str, int] | None
     seconds: dict[str, float]
     outputs: dict[str, str]
@@ -421,49 +457,76 @@ class PickSummary(BaseModel):
 _DECISION_ORDER = {"keep": 0, "alternate": 1, "reject": 2}
 
 
-def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> dict[str, int]:
-    """One XMP sidecar per picked photo; counts written, unchanged and shared/skipped.
+@dataclass
+class Sidecars:
+    """What :func:`write_sidecars` did: each planned sidecar is written, unchanged or failed."""
+
+    written: int = 0
+    unchanged: int = 0
+    skipped: int = 0  # photos sharing another's sidecar (RAW+JPEG), never planned
+    failed: list[SidecarFailure] = dataclass_field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """The summary's ``sidecars`` (failures are counted in ``counts["sidecars_failed"]``)."""
+        return {"written": self.written, "unchanged": self.unchanged, "skipped": self.skipped}
+
+
+def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sidecars:
+    """One XMP sidecar per picked photo; counts written, unchanged, shared/skipped and failed.
 
     A RAW+JPEG pair shares the RAW's sidecar (photo tools show the pair as one photo): it gets
-    the better decision of the two, so a kept JPEG is not hidden behind a rejected RAW.
+    the better decision of the two, so a kept JPEG is not hidden behind a rejected RAW. A sidecar
+    that cannot be written (an existing file there that is not XMP, left as it is; a write that
+    failed) is recorded with its reason and the others are written. File names quoted in the
+    reasons may hold characters XML cannot store: they are written escaped (``\\x01``).
     """
+    done = Sidecars()
     if cfg.xmp == "none" or picks.empty:
-        return {"written": 0, "unchanged": 0, "skipped": 0}
+        return done
     out_dir = storage.join(cfg.out, XMP) if cfg.xmp == "mirror" else None
     rows = {str(r["image_uri"]): r for r in picks.to_dict("records")}
     plans = plan_sidecars(
         list(rows), input_root=root, mode=cfg.xmp, out_dir=out_dir, naming=cfg.xmp_naming
     )
-    written = unchanged = 0
+    done.skipped = len(rows) - len(plans)
     for plan in plans:
         sharing = [plan.image_uri, *(u for u, _ in plan.skipped if u in rows)]
         row = min(
             (rows[u] for u in sharing),
             key=lambda r: (_DECISION_ORDER[str(r["decision"])], int(r["rank"])),
         )
-        changed = write_sidecar(
-            plan.sidecar_uri,
-            rating=int(row["rating"]),
-            label=row["label"] if isinstance(row["label"], str) else None,
-            keeper_fields={
-                "group": str(row["group_id"]),
-                "rank": str(int(row["rank"])),
-                "decision": str(row["decision"]),
-                "reasons": "; ".join(row["reasons"]),
-            },
-            # Beside the originals a sidecar may hold the user's edits: fsync it. The mirror
-            # under OUTPUT is keeper's own, rebuilt by any run.
-            durable=cfg.xmp == "beside",
-        )
-        written += int(changed)
-        unchanged += int(not changed)
-    return {"written": written, "unchanged": unchanged, "skipped": len(rows) - len(plans)}
+        try:
+            changed = write_sidecar(
+                plan.sidecar_uri,
+                rating=int(row["rating"]),
+                label=row["label"] if isinstance(row["label"], str) else None,
+                keeper_fields={
+                    "group": str(row["group_id"]),
+                    "rank": str(int(row["rank"])),
+                    "decision": str(row["decision"]),
+                    "reasons": xml_text("; ".join(row["reasons"])),
+                },
+                # Beside the originals a sidecar may hold the user's edits: fsync it. The mirror
+                # under OUTPUT is keeper's own, rebuilt by any run.
+                durable=cfg.xmp == "beside",
+            )
+        except KeeperError as e:
+            log.warning("sidecar %s not written: %s", plan.sidecar_uri, e)
+            done.failed.append(
+                SidecarFailure(
+                    image_uri=plan.image_uri, sidecar_uri=plan.sidecar_uri, reason=str(e)
+                )
+            )
+            continue
+        done.written += int(changed)
+        done.unchanged += int(not changed)
+    return done
 
 
 def write_outputs(
     cfg: PickJobConfig, lib: Library, result: CullResult, summary: SheetSummary
-) -> tuple[dict[str, str], dict[str, float], dict[str, int], dict[str, int] | None]:
-    """Every output, each written atomically; returns paths, seconds, sidecar and export counts."""
+) -> tuple[dict[str, str], dict[str, float], Sidecars, dict[str, int] | None]:
+    """Every output, each written atomically; returns paths, seconds, sidecars, export counts."""
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     paths = {
@@ -514,6 +577,7 @@ def run(cfg: PickJobConfig) -> PickSummary:
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    check_input(cfg)
     ranker, ranker_line = resolve_ranker(cfg)
     spec = embedding_spec(cfg, ranker)
     log.info(ranker_line)
@@ -581,6 +645,7 @@ def run(cfg: PickJobConfig) -> PickSummary:
         warnings=[f"{lib.lost} input(s) neither picked nor failed"] if lib.lost else [],
     )
     paths, out_seconds, sidecars, exported = write_outputs(cfg, lib, result, sheet)
+    counts["sidecars_failed"] = len(sidecars.failed)
     seconds.update(out_seconds)
     seconds["total"] = time.perf_counter() - t_start
     summary = PickSummary(
@@ -593,7 +658,8 @@ def run(cfg: PickJobConfig) -> PickSummary:
         clip_model=spec,
         random_weights=random_weights,
         counts=counts,
-        sidecars=sidecars,
+        sidecars=sidecars.counts(),
+        sidecar_failures=sidecars.failed,
         keepers_exported=exported,
         seconds={k: round(v, 3) for k, v in seconds.items()},
         outputs=paths,
@@ -621,8 +687,14 @@ def format_summary(s: PickSummary) -> str:
             f", {s.sidecars['skipped']} shared (RAW+JPEG) or skipped"
             if s.sidecars["skipped"]
             else ""
+        )
+        + (
+            f", {c['sidecars_failed']} FAILED (sidecar_failures in {SUMMARY})"
+            if c.get("sidecars_failed")
+            else ""
         ),
     ]
+    lines += [f"            {f.sidecar_uri}: {f.reason}" for f in s.sidecar_failures[:5]]
     if s.keepers_exported is not None:
         e = s.keepers_exported
         lines.append(
