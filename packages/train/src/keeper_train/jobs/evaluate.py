@@ -7,16 +7,19 @@
         --embeddings ... --series ...        # several models, one row each, on the same series
     python -m keeper_train.jobs.evaluate ...       # the same command
 
-Each model is loaded through MLflow's pyfunc flavour, as Serve loads it; an alias is resolved to
-its version first (and printed), so the version evaluated is the one reported, and two URIs that
-name the same version are evaluated once. Every series of the manifest whose images all have an
-embedding is scored by every model, and the table is the one training prints: one row per model
-(``keeper-ranker v3 (mlp, embedding+quality)``), the sharpness rule, random. Embeddings of another
-ModelSpec than a head was trained on are refused, never scored (before any model is scored). A
-fine-tuned ranker (its own vision tower) reads and embeds each ``image_uri`` itself, so the table
-gives it only the rows and quality columns; it is judged by the same numbers and the same
-promotion gate. Series a model was trained or validated on (its run's recorded split) are counted
-and warned about, model by model: those numbers are not held-out figures.
+Each model is loaded as Serve loads it: its files are downloaded (``registry.download_ranker``: no
+code from the artifact store is imported, unpickled or run) and its ranker is built from
+``ranker.json`` + safetensors; it predicts through MLflow's pyfunc interface under its logged
+signature. An alias is resolved to its version first (and printed), so the version evaluated is
+the one reported, and two URIs that name the same version are evaluated once. Every series of the
+manifest whose images all have an embedding is scored by every model, and the table is the one
+training prints: one row per model (``keeper-ranker v3 (mlp, embedding+quality)``), the sharpness
+rule, random. Embeddings of another ModelSpec than a head was trained on are refused, never scored
+(before any model is scored). A fine-tuned ranker (its own vision tower) reads and embeds each
+``image_uri`` itself, so the table gives it only the rows and quality columns; it is judged by the
+same numbers and the same promotion gate. Series a model was trained or validated on (its run's
+recorded split) are counted and warned about, model by model: those numbers are not held-out
+figures.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +38,13 @@ import pandas as pd
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from keeper_core import storage
+from keeper_core import registry, storage
 from keeper_core.bestof import Comparison, compare_methods, write_report
 from keeper_core.errors import DataError, KeeperError, ModelLoadError
 from keeper_core.finetune import TunedRanker
 from keeper_core.images import decode_image
 from keeper_core.metrics import format_table
-from keeper_core.ranker import RankerConfig, SeriesRanker
+from keeper_core.ranker import RankerConfig, SeriesRanker, load_ranker
 from keeper_train import tracking
 from keeper_train.data import join_series
 
@@ -131,10 +135,10 @@ class EvalData:
 
 @dataclass
 class LoadedModel:
-    """A pyfunc ranker and where it came from."""
+    """A ranker behind MLflow's pyfunc interface, and where it came from."""
 
     ref: tracking.ModelRef
-    pyfunc: Any  # mlflow.pyfunc.PyFuncModel
+    pyfunc: Any  # mlflow.pyfunc.PyFuncModel over the ranker (see ``load_ref``)
     config: RankerConfig
 
     @property
@@ -182,33 +186,88 @@ def load_data(embeddings: str, series: str) -> EvalData:
 
 
 def load_model(client: Any, uri: str) -> LoadedModel:
-    """Resolve ``uri`` (alias -> version) and load it with ``mlflow.pyfunc.load_model``.
+    """Resolve ``uri`` (alias -> version) and load it (see ``load_ref``).
 
     Raises:
         ModelLoadError: the URI does not resolve or load, or it is not a keeper series ranker
             (a head or a fine-tuned one).
     """
-    return load_ref(tracking.resolve_model(client, uri))
+    return load_ref(client, tracking.resolve_model(client, uri))
 
 
-def load_ref(ref: tracking.ModelRef) -> LoadedModel:
-    """Load a resolved model (see ``load_model``)."""
-    import mlflow
+class _RankerImpl:
+    """The pyfunc implementation ``PyFuncModel.predict`` calls: keeper's own ``KeeperRankerModel``
+    over a ranker loaded here, as MLflow's wrapper calls it once its ``load_context`` has run."""
+
+    def __init__(self, python_model: Any) -> None:
+        from mlflow.pyfunc import PythonModelContext
+
+        self.python_model = python_model  # what PyFuncModel.unwrap_python_model returns
+        self.context = PythonModelContext(artifacts={}, model_config=None)
+
+    def predict(self, model_input: pd.DataFrame, params: Any = None) -> pd.DataFrame:
+        out: pd.DataFrame = self.python_model.predict(self.context, model_input, params=params)
+        return out
+
+
+def _model_root(folder: Path, top: Path) -> Path | None:
+    """The downloaded model folder (its MLmodel) that names ``folder``, at or below ``top``."""
+    top = top.resolve()
+    for d in folder.parents:
+        if d != top and top not in d.parents:
+            return None
+        if registry.ranker_folder(d) == folder:
+            return d
+    return None
+
+
+def load_ref(client: Any, ref: tracking.ModelRef) -> LoadedModel:
+    """Load a resolved model: its files only, never its code.
+
+    The artifacts are downloaded from ``client``'s store (``registry.download_ranker``: nothing is
+    imported, unpickled or run; a model that is not a keeper ranker folder is refused), the ranker
+    is built from ``ranker.json`` + safetensors (``load_ranker``: either kind), and it is wrapped
+    as an ``mlflow.pyfunc.PyFuncModel`` with the MLmodel's metadata, so ``predict`` enforces the
+    logged signature and calls ``KeeperRankerModel.predict`` as ``mlflow.pyfunc.load_model``'s
+    model would, without running the stored ``mlflow_pyfunc.py``. The download is deleted once
+    the ranker is loaded (it keeps no reference to its folder).
+
+    Raises:
+        ModelLoadError: (naming ``ref.uri``) the download failed, the model is not a keeper
+            series ranker, or its ranker does not load.
+    """
     from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+    from mlflow.pyfunc import PyFuncModel
+
+    from keeper_core.mlflow_pyfunc import KeeperRankerModel
 
     uri = ref.uri
-    try:
-        model = mlflow.pyfunc.load_model(ref.load_uri)
-    except (MlflowException, OSError) as e:
-        raise ModelLoadError(uri, str(e)) from e
-    # A models-from-code pyfunc wraps keeper_core.mlflow_pyfunc.KeeperRankerModel, whose
-    # load_context built the ranker from ranker.json + safetensors (load_ranker: either kind).
-    try:
-        ranker = getattr(model.unwrap_python_model(), "ranker", None)
-    except MlflowException:
-        ranker = None
+    with tempfile.TemporaryDirectory(prefix="keeper-evaluate-") as d:
+        folder = registry.download_ranker(client, ref, d)
+        root = _model_root(folder, Path(d))
+        if root is None:
+            raise ModelLoadError(uri, f"{ref.load_uri} is not a keeper ranker (MLmodel)")
+        try:
+            meta = Model.load(str(root))
+        except Exception as e:  # MlflowException, OSError, YAML or schema errors: unreadable
+            raise ModelLoadError(uri, f"cannot read {ref.load_uri}'s MLmodel: {e}") from e
+        try:
+            ranker = load_ranker(folder)
+        except KeeperError as e:
+            raise ModelLoadError(uri, str(e)) from e
+        except ImportError as e:  # peft: keeper-core[finetune] is not installed here
+            raise ModelLoadError(uri, f"{ref.label()} needs keeper-core[finetune]: {e}") from e
     if not isinstance(ranker, SeriesRanker | TunedRanker):
-        raise ModelLoadError(uri, "not a keeper series ranker (keeper_core.mlflow_pyfunc)")
+        raise ModelLoadError(uri, "not a keeper series ranker (keeper_core.ranker.load_ranker)")
+    python_model = KeeperRankerModel()
+    python_model.ranker = ranker  # what its load_context would have built from the same folder
+    try:
+        model = PyFuncModel(
+            model_meta=meta, model_impl=_RankerImpl(python_model), model_id=meta.model_id
+        )
+    except MlflowException as e:
+        raise ModelLoadError(uri, str(e)) from e
     return LoadedModel(ref=ref, pyfunc=model, config=ranker.config)
 
 
@@ -229,7 +288,7 @@ def load_models(client: Any, uris: Sequence[str]) -> list[Candidate]:
     named: dict[str, list[tracking.ModelRef]] = {}
     for ref in [tracking.resolve_model(client, uri) for uri in uris]:
         named.setdefault(ref.load_uri, []).append(ref)
-    return [Candidate(load_ref(refs[0]), [r.uri for r in refs]) for refs in named.values()]
+    return [Candidate(load_ref(client, refs[0]), [r.uri for r in refs]) for refs in named.values()]
 
 
 def check_inputs(model: LoadedModel, data: EvalData) -> list[str]:
@@ -389,7 +448,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
     data = load_data(cfg.embeddings, cfg.series)  # a wrong path fails before the registry
     uri = tracking.tracking_uri(cfg.tracking_uri, cfg.data_dir)
-    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the global tracking URI
+    mlflow.set_tracking_uri(uri)  # the client's store, for anything that reads the global one
     client = mlflow.MlflowClient(uri)
     candidates = load_models(client, cfg.model)
     for c in candidates:
