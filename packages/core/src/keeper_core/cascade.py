@@ -16,8 +16,8 @@
 4. ``rerank``: the ``top_n`` best by ``alpha * S_clip + gamma * S_head`` (``beyond_top_n``).
 5. ``vlm``: one call of the ``vlm`` callback with the top-N indices; ``S = alpha * S_clip +
    beta * S_vlm + gamma * S_head``; a candidate the judge could not judge (a batch job's
-   unreadable image) leaves with ``vlm_failed: <why>``. Skipped (final = stage-4 score) when ``beta == 0`` or no
-   callback is given.
+   unreadable image) leaves with ``vlm_failed: <why>`` and is not counted in ``vlm_calls``.
+   Skipped (final = stage-4 score) when ``beta == 0`` or no callback is given.
 6. ``top_k``: the ``top_k`` best by the final score (``beyond_top_k``).
 
 Every ranking is by score descending, ties to the lower input index, so a result is a pure
@@ -49,7 +49,9 @@ own calibration.)
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -68,6 +70,14 @@ STAGES = ("clip", "heuristics", "dedup", "rerank", "vlm", "top_k")
 
 #: The anchor prompt whose embedding stands in for the negatives when a query has none.
 NEUTRAL_PROMPT = "a photo"
+
+log = logging.getLogger(__name__)
+
+#: The longest message of a judge's exception that a CascadeStageError repeats (it may reach
+#: an HTTP client; the whole error goes to the log).
+_MAX_REASON_CHARS = 200
+# Where a Ray worker ran, as Ray's errors print it: "(pid=123, ip=10.0.0.1, actor_id=...)".
+_RAY_WHERE = re.compile(r"\s*\((?:pid|ip)=[^)]*\)")
 
 
 @dataclass(frozen=True)
@@ -300,7 +310,9 @@ class CascadeResult:
         picks: indices of the picks, best first.
         candidates: every candidate's scores, stage and reason.
         stages: one report per stage, in ``STAGES`` order.
-        vlm_calls: candidates sent to the VLM (its cost unit: one forward pass each).
+        vlm_calls: candidates the VLM judged (its cost unit: one forward pass each). Those the
+            judge reported as failed (``VlmScores.failed``: an unreadable image, never sent to
+            the model) are not counted; they are the ``vlm`` stage's ``n_dropped``.
     """
 
     picks: list[int]
@@ -340,16 +352,52 @@ def _split(
     return alive[~out[alive]], {i: reasons[i] for i in gone.tolist()}
 
 
+def _brief_error(exc: BaseException) -> str:
+    """``exc`` in one short line for a message that may reach a client: "Type: first line".
+
+    A Ray Serve handle raises the judge's error wrapped (``RayTaskError``), and the wrapper's
+    str() is the remote traceback: pid, node IP, file paths, source lines. Ray is not imported
+    here: any wrapper that carries the original exception in a ``cause`` attribute (as
+    ``RayTaskError`` and its ``RayTaskError(ValueError)`` duals do) is unwrapped, repeatedly
+    (a deployment calling another nests them). Of what is left, only the type and the first
+    non-empty line of the message are kept, without Ray's "(pid=..., ip=...)", cut at
+    ``_MAX_REASON_CHARS``.
+    """
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        try:
+            inner = getattr(exc, "cause", None)
+        except Exception:  # a wrapper's __getattr__ may itself fail
+            break
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    try:
+        text = str(exc)
+    except Exception:  # a broken __str__ must not hide the stage's failure
+        text = ""
+    lines = (line.strip() for line in text.splitlines())
+    first = _RAY_WHERE.sub("", next((line for line in lines if line), ""))
+    if len(first) > _MAX_REASON_CHARS:
+        first = first[: _MAX_REASON_CHARS - 3].rstrip() + "..."
+    name = type(exc).__name__
+    return f"{name}: {first}" if first else name
+
+
 def _call_vlm(vlm: VlmScorer, idx: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
     """Calls the judge once and checks its answer: (scores, failed candidates -> why).
 
-    Any failure of the judge itself is a CascadeStageError; only candidates it names as failed
+    Any failure of the judge itself is a CascadeStageError whose cause is one line (the error's
+    type and first line, ``_brief_error``: it may reach an HTTP client); the full error, a
+    remote traceback included, is logged at warning. Only candidates it names as failed
     (VlmScores) leave without a score.
     """
     try:
         out = vlm(idx.copy())  # a copy: the callback cannot edit the ranking
     except Exception as e:
-        raise CascadeStageError("vlm", f"the VLM scorer raised {type(e).__name__}: {e}") from e
+        log.warning("cascade stage 'vlm': the VLM scorer raised", exc_info=True)
+        raise CascadeStageError("vlm", f"the VLM scorer raised {_brief_error(e)}") from e
     failed: dict[int, str] = {}
     if isinstance(out, VlmScores):
         asked = set(idx.tolist())
@@ -522,7 +570,7 @@ def run_cascade(
         n_top, failed = len(top), dict[int, str]()
         if n_top:
             s_vlm[top], failed = _call_vlm(vlm, top)
-            vlm_calls = n_top
+            vlm_calls = n_top - len(failed)  # a failed candidate was not judged: no VLM call
             top = top[~np.isin(top, np.fromiter(failed, dtype=np.int64, count=len(failed)))]
             final[top] = combined_score(
                 clip[top],

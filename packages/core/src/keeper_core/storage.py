@@ -78,6 +78,28 @@ class ObjectInfo:
     mtime: float | None = None
 
 
+class TooLargeError(StorageError):
+    """A file or object holds more bytes than a capped read allows (``read_bytes(max_bytes=)``).
+
+    Not retryable: the same object is as large next time. Raised having read at most
+    ``max_bytes + 1`` bytes of it.
+
+    Attributes:
+        max_bytes: the cap.
+        size: its whole size where the store said (S3's ``Content-Range``, a local file's
+            stat), else None: all that is known then is "more than ``max_bytes``".
+    """
+
+    def __init__(self, uri: str, max_bytes: int, size: int | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.size = size
+        what = f"{size} bytes" if size is not None else f"more than {max_bytes} bytes"
+        super().__init__(uri, f"{what} > limit {max_bytes}", retryable=False)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickles (e.g. across a Ray task) as itself
+        return (type(self), (self.uri, self.max_bytes, self.size))
+
+
 # ---------------------------------------------------------------------------------------------
 # URIs
 
@@ -372,13 +394,87 @@ def _atomic_write(
         raise
 
 
-def read_bytes(uri: str) -> bytes:
-    """Read a whole file or object.
+def _read_at_most(body: Any, n: int) -> bytes:
+    """Up to ``n`` bytes of a streaming body, stopping at ``n`` (the rest is never read).
+
+    Reading on to an empty chunk at the end lets botocore check the body against its
+    Content-Length (a truncated body raises, for ``with_retries``).
+    """
+    chunks: list[bytes] = []
+    got = 0
+    while got < n:
+        chunk: bytes = body.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _total_size(resp: dict[str, Any]) -> int | None:
+    """The whole object's size from a GET's response: ``Content-Range`` "bytes a-b/total"."""
+    rng = resp.get("ContentRange")
+    if rng:
+        total = str(rng).rpartition("/")[2]
+        return int(total) if total.isdigit() else None
+    length = resp.get("ContentLength")  # no range in the answer: the whole object came
+    return int(length) if length is not None else None
+
+
+def _read_capped(uri: str, max_bytes: int) -> bytes:
+    if not is_s3(uri):
+        with _local_errors(uri), _local_path(uri).open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise TooLargeError(uri, max_bytes, size if size > max_bytes else None)
+        return data
+    bucket, key = _s3_object(uri)
+    client = s3_client()
+
+    def fetch() -> tuple[bytes, int | None]:
+        with _s3_errors(uri):
+            try:
+                # One byte past the cap, so "over the cap" shows in what comes back.
+                resp = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}")
+            except ClientError as e:  # only an empty object has no byte 0
+                if str(e.response.get("Error", {}).get("Code", "")) in {"InvalidRange", "416"}:
+                    return b"", 0
+                raise
+        with contextlib.closing(resp["Body"]):
+            # At most max_bytes + 1 even from a store that ignores the range.
+            data = _read_at_most(resp["Body"], max_bytes + 1)
+        return data, _total_size(resp)
+
+    data, total = _retrying(uri, fetch)
+    if len(data) > max_bytes:
+        known = total is not None and total > max_bytes
+        raise TooLargeError(uri, max_bytes, total if known else None)
+    return data
+
+
+def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
+    """Read a whole file or object, or refuse one larger than ``max_bytes``.
+
+    With ``max_bytes``, one request reads at most ``max_bytes + 1`` bytes (on S3 a ranged GET
+    of bytes ``0..max_bytes``; locally a bounded read), so an object replaced by a larger one
+    after a size check (``object_info``) is still never read whole: check and read are one step.
+    An object of exactly ``max_bytes`` bytes is read whole.
+
+    Args:
+        uri: a local path or ``s3://`` URI.
+        max_bytes: the most bytes to accept (>= 0); None reads whatever is there.
 
     Raises:
+        ValueError: a negative ``max_bytes``.
+        TooLargeError: (a StorageError) more than ``max_bytes`` bytes are there.
         StorageError: missing file/object/bucket, access denied, endpoint unreachable, or the
             body read failed on every retry.
     """
+    if max_bytes is not None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        return _read_capped(uri, max_bytes)
     if not is_s3(uri):
         with _local_errors(uri):
             return _local_path(uri).read_bytes()
