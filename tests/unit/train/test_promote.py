@@ -1,11 +1,16 @@
 """The promotion rule (a pure function of two metric sets and the gain's interval), the overlap
 and rollback refusals, URI resolution and the CLI wiring.
 
-No MLflow server, no Ray: the registry side is exercised in tests/integration/test_registry.py.
+No MLflow server, no Ray: the gate's registry side (aliases, tags, refusals) runs on a local
+sqlite store with loading and scoring stubbed; tests/integration/test_registry.py runs it end to
+end.
 """
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -15,8 +20,9 @@ import pytest
 
 from keeper_core.cli import build_parser
 from keeper_core.cli import main as keeper
-from keeper_core.errors import ConfigError, DataError
+from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadError
 from keeper_core.metrics import SeriesMetrics, best_ranks, series_metrics
+from keeper_train import tracking
 from keeper_train.jobs import evaluate, promote
 from keeper_train.jobs.promote import Decision, decide, top1_gain
 from keeper_train.tracking import ModelRef, resolve_model
@@ -288,3 +294,312 @@ def test_evaluate_refuses_a_missing_table(
     argv += ["--series", str(tmp_path / "none.csv"), "--tracking-uri", "http://127.0.0.1:9"]
     assert evaluate.main(argv) == 2
     assert "none.csv" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the gate on a real registry
+# A local sqlite registry (no server); versions are registry entries whose runs carry the split
+# and manifest hash training records. Loading and scoring are stubbed: a "good" version ranks
+# every keeper first, a "bad" one last, so the gate's numbers are known.
+
+NAME = "keeper-ranker"
+N_SERIES = 12
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty MLflow sqlite store, created once (migrations take seconds)."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@dataclass
+class Registry:
+    client: Any
+    dir: Path
+    experiment: str
+    quality: dict[str, str]  # version -> "good" / "bad" (how the stubbed model scores)
+    on_load: dict[str, Callable[[], None]]  # version -> called when promote loads it
+
+    def version(
+        self, quality: str = "good", split: pd.DataFrame | None = None, manifest: str = ""
+    ) -> str:
+        """A new registered version of NAME whose run logged ``split`` (if given) as split.csv."""
+        run_id = self.client.create_run(self.experiment).info.run_id
+        if split is not None:
+            folder = self.dir / run_id
+            folder.mkdir()
+            split.to_csv(folder / "split.csv", index=False)
+            self.client.log_artifact(run_id, str(folder / "split.csv"))
+        if manifest:
+            self.client.set_tag(run_id, "keeper.manifest_sha256", manifest)
+        source = (self.dir / "models" / run_id).as_uri()
+        v = str(self.client.create_model_version(NAME, source=source, run_id=run_id).version)
+        self.quality[v] = quality
+        return v
+
+    def alias(self, **aliases: str) -> None:
+        for alias, v in aliases.items():
+            self.client.set_registered_model_alias(NAME, alias.replace("_", "-"), v)
+
+    def aliases(self) -> dict[str, str]:
+        return tracking.aliases(self.client, NAME)
+
+    def tags(self, v: str, prefix: str = "keeper.") -> dict[str, str]:
+        tags = self.client.get_model_version(NAME, v).tags
+        return {k: t for k, t in tags.items() if k.startswith(prefix)}
+
+
+def holdout() -> evaluate.EvalData:
+    """N_SERIES promotion series of 2 images, the keeper first."""
+    n = 2 * N_SERIES
+    rows = pd.DataFrame(
+        {
+            "series_id": [f"h{i // 2:02d}" for i in range(n)],
+            "image_uri": [f"/holdout/h{i // 2:02d}/{i % 2}.jpg" for i in range(n)],
+            "is_best": [int(i % 2 == 0) for i in range(n)],
+            "sharpness": [float(i % 3) for i in range(n)],
+        }
+    )
+    return evaluate.EvalData(
+        rows=rows,
+        spec="keeper-tiny:random",
+        dropped=0,
+        embeddings="emb",
+        series="holdout.csv",
+        manifest_sha256="holdout-sha",
+    )
+
+
+def split_of(series: int, *, start: int = 0, name: str = "train") -> pd.DataFrame:
+    """A recorded split holding the images of holdout series ``start .. start+series-1``, plus
+    images of its own."""
+    uris = [f"/holdout/h{i:02d}/{j}.jpg" for i in range(start, start + series) for j in (0, 1)]
+    own = [f"/train/t{i}.jpg" for i in range(4)]
+    return pd.DataFrame(
+        {
+            "series_id": ["x"] * len(uris) + ["t"] * len(own),
+            "image_uri": uris + own,
+            "split": [name] * len(uris) + ["train"] * len(own),
+        }
+    )
+
+
+@pytest.fixture
+def reg(empty_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
+    db = tmp_path / "mlflow.db"
+    shutil.copy(empty_db, db)
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    experiment = client.create_experiment("promote", artifact_location=(tmp_path / "art").as_uri())
+    client.create_registered_model(NAME)
+    r = Registry(client, tmp_path, experiment, {}, {})
+
+    def load_model(client: Any, uri: str) -> Any:
+        # As MLflow resolves models:/NAME/03: to version 3.
+        v = str(client.get_model_version(NAME, uri.removeprefix(f"models:/{NAME}/")).version)
+        if v in r.on_load:
+            r.on_load.pop(v)()
+        return SimpleNamespace(version=v)
+
+    def predict(model: Any, data: evaluate.EvalData) -> pd.DataFrame:
+        best = data.rows["is_best"].to_numpy(dtype=float)
+        score = best if r.quality[model.version] == "good" else 1.0 - best
+        return data.rows[["series_id", "image_uri"]].assign(score=score)
+
+    monkeypatch.setattr(evaluate, "load_model", load_model)
+    monkeypatch.setattr(evaluate, "predict", predict)
+    return r
+
+
+def gate(reg: Registry, **cfg: Any) -> dict[str, Any]:
+    config = promote.PromoteConfig(name=NAME, embeddings="emb", series="holdout.csv", **cfg)
+    return promote.promote(reg.client, config, holdout())
+
+
+def test_the_gate_on_a_sqlite_registry(reg: Registry) -> None:
+    # The fixture itself: a good challenger over a bad champion is promoted, and recorded.
+    v1 = reg.version("bad", split_of(0))
+    v2 = reg.version("good", split_of(0))
+    reg.alias(champion=v1, challenger=v2)
+    out = gate(reg)
+    assert (out["decision"], out["challenger"], out["champion"]) == ("promoted", v2, v1)
+    assert out["warnings"] == []
+    assert reg.aliases() == {"champion": v2, "challenger": v2, "previous-champion": v1}
+    tags = reg.tags(v2, promote.TAG)
+    assert tags[promote.TAG + "previous_champion"] == v1
+    checked = "none with the recorded split (12 series checked)"
+    assert tags[promote.TAG + "champion_overlap"] == out["champion_overlap"] == checked
+    assert promote.TAG + "warnings" not in tags
+
+
+# 1. a version spelled otherwise than the registry spells it
+
+
+@pytest.mark.parametrize("ci_gate", [False, True])
+def test_a_version_spelled_with_a_leading_zero_is_not_judged_against_itself(
+    reg: Registry, ci_gate: bool
+) -> None:
+    for _ in range(3):
+        reg.version()
+    reg.alias(champion="3")
+    out = gate(reg, version="03", ci_gate=ci_gate, min_gain=0.0)
+    assert (out["decision"], out["challenger"], out["champion"]) == ("unchanged", "3", "3")
+    assert out["reason"] == "v3 already is the champion"
+    assert reg.aliases() == {"champion": "3"}
+    assert reg.tags("3") == {}  # no promotion tags on the serving champion
+    # A rollback has nothing to walk back to.
+    with pytest.raises(ConfigError, match="no previous champion"):
+        promote.rollback(reg.client, NAME)
+
+
+def test_a_version_is_recorded_as_the_registry_spells_it(reg: Registry) -> None:
+    v1, v2 = reg.version("bad", split_of(0)), reg.version("good", split_of(0))
+    reg.alias(champion=v1)
+    out = gate(reg, version=f"0{v2}")
+    assert (out["decision"], out["challenger"]) == ("promoted", v2)
+    assert f"challenger v{v2}" in out["metrics"]
+    assert reg.aliases() == {"champion": v2, "previous-champion": v1}
+    assert reg.tags(v2, promote.TAG)[promote.TAG + "decision"] == "promoted"
+
+
+def test_rollback_refuses_a_previous_champion_that_is_the_champion(reg: Registry) -> None:
+    v1, v2 = reg.version(), reg.version()
+    reg.alias(champion=v2, previous_champion=v2, challenger=v2)
+    with pytest.raises(ConfigError, match="previous-champion is v2, which already is @champion"):
+        promote.rollback(reg.client, NAME)
+    assert reg.aliases() == {"champion": v2, "previous-champion": v2, "challenger": v2}
+    assert reg.tags(v1) == reg.tags(v2) == {}
+
+
+# 2. a split that cannot be read is not "no split recorded"
+
+
+def test_training_split_is_none_only_when_none_was_recorded(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with_split = reg.client.create_run(reg.experiment).info.run_id
+    (reg.dir / "s").mkdir()
+    split_of(2).to_csv(reg.dir / "s" / "split.csv", index=False)
+    reg.client.log_artifact(with_split, str(reg.dir / "s" / "split.csv"))
+    without = reg.client.create_run(reg.experiment).info.run_id
+    got = tracking.training_split(reg.client, with_split)
+    assert got is not None
+    assert list(got.columns) == ["series_id", "image_uri", "split"]
+    assert tracking.training_split(reg.client, without) is None  # logged without a split
+    assert tracking.training_split(reg.client, "0" * 32) is None  # a run deleted for good
+    assert tracking.training_split(reg.client, None) is None
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise MlflowException("503 Service Unavailable: the artifact store is down")
+
+    with monkeypatch.context() as m:
+        m.setattr(mlflow.artifacts, "download_artifacts", unavailable)
+        with pytest.raises(ModelLoadError, match="503 Service Unavailable") as e:
+            tracking.training_split(reg.client, with_split)
+        assert e.value.spec == f"runs:/{with_split}/split.csv"
+    for error in (MlflowException("INTERNAL_ERROR"), OSError("connection reset")):
+
+        def listing_fails(*args: Any, error: Exception = error, **kwargs: Any) -> Any:
+            raise error
+
+        with monkeypatch.context() as m:
+            m.setattr(reg.client, "list_artifacts", listing_fails)
+            with pytest.raises(ModelLoadError, match="cannot list the run's artifacts"):
+                tracking.training_split(reg.client, with_split)
+
+    bad = reg.client.create_run(reg.experiment).info.run_id
+    (reg.dir / "b").mkdir()
+    (reg.dir / "b" / "split.csv").write_text("uri,kind\n/x,train\n")
+    reg.client.log_artifact(bad, str(reg.dir / "b" / "split.csv"))
+    with pytest.raises(DataError, match="lacks columns"):
+        tracking.training_split(reg.client, bad)
+
+
+def test_the_gate_fails_closed_when_the_challengers_split_cannot_be_fetched(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    v1 = reg.version("good", split_of(3))  # trained on 3 of the promotion series
+    reg.alias(challenger=v1)
+    with pytest.raises(DataError, match="3 of 12 series"):
+        gate(reg)
+
+    def unavailable(*args: Any, **kwargs: Any) -> Any:
+        raise MlflowException("503 Service Unavailable")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", unavailable)
+    with pytest.raises(ModelLoadError, match="503"):
+        gate(reg)  # was: a warning ("recorded no split.csv"), then promoted
+    assert reg.aliases() == {"challenger": v1}
+    assert reg.tags(v1, promote.TAG) == {}
+
+
+# 3. the champion's own split
+
+
+def test_a_champion_trained_on_the_promotion_series_is_warned_about(reg: Registry) -> None:
+    v1 = reg.version("bad", split_of(5, start=2, name="val"))  # 5 of the 12 in its val split
+    v2 = reg.version("good", split_of(0))
+    reg.alias(champion=v1, challenger=v2)
+    out = gate(reg)
+    assert out["decision"] == "promoted"  # the incumbent is warned about, not refused
+    assert out["warnings"] == [
+        f"5 of 12 series (5 with val images) share images with the series champion {NAME} "
+        f"v{v1} was trained or validated on: its numbers on these series are inflated, the "
+        "comparison skewed against the challenger"
+    ]
+    assert out["champion_overlap"] == "5 of 12 series (5 with val images) in its recorded split"
+    tags = reg.tags(v2, promote.TAG)
+    assert tags[promote.TAG + "champion_overlap"] == out["champion_overlap"]
+    assert tags[promote.TAG + "warnings"] == out["warnings"][0]
+    assert "WARNING: 5 of 12 series" in promote.format_outcome(out)
+
+
+def test_a_champion_trained_on_this_manifest_is_warned_about(reg: Registry) -> None:
+    v1 = reg.version("bad", manifest="holdout-sha")  # no split recorded, this very manifest
+    v2 = reg.version("good", split_of(0))
+    v3 = reg.version("bad")  # no split, another manifest: nothing known, nothing warned
+    reg.alias(champion=v1, challenger=v2)
+    out = gate(reg)
+    assert out["warnings"] == [
+        f"champion {NAME} v{v1} was trained on this very manifest: its numbers on these series are "
+        "inflated, the comparison skewed against the challenger"
+    ]
+    assert out["champion_overlap"] == "all 12 series: trained on this manifest"
+    reg.alias(champion=v3, challenger=v2)
+    reg.client.delete_registered_model_alias(NAME, "previous-champion")
+    out = gate(reg, version=v2)
+    assert (out["warnings"], out["champion_overlap"]) == ([], "not checked: no split recorded")
+
+
+# 4. @champion moved by someone else meanwhile
+
+
+def test_a_champion_moved_during_the_promotion_is_not_overwritten(reg: Registry) -> None:
+    v1, v2, v3 = reg.version("bad", split_of(0)), reg.version("good", split_of(0)), reg.version()
+    reg.alias(champion=v1, challenger=v2)
+    # Another promote moves @champion to v3 while this one evaluates v1.
+    reg.on_load[v1] = lambda: reg.alias(champion=v3, previous_champion=v1)
+    with pytest.raises(KeeperError, match=f"@champion moved from v{v1} to v{v3} during this"):
+        gate(reg)
+    assert reg.aliases() == {"champion": v3, "previous-champion": v1, "challenger": v2}
+    assert reg.tags(v2, promote.TAG) == {}
+
+
+def test_a_first_champion_set_during_the_promotion_is_not_overwritten(reg: Registry) -> None:
+    v1, v2 = reg.version("good", split_of(0)), reg.version()
+    reg.alias(challenger=v1)
+    reg.on_load[v1] = lambda: reg.alias(champion=v2)
+    with pytest.raises(KeeperError, match=f"moved from none to v{v2} during this promotion; run"):
+        gate(reg)
+    assert reg.aliases() == {"champion": v2, "challenger": v1}
+    assert reg.tags(v1, promote.TAG) == {}

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from keeper_core.errors import ConfigError
+from keeper_core.errors import ConfigError, DataError, ModelLoadError
 from keeper_core.registry import ModelRef, resolve_model, tracking_uri
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -115,12 +115,32 @@ def aliases(client: Any, name: str) -> dict[str, str]:
 def training_split(client: Any, run_id: str | None) -> pd.DataFrame | None:
     """The ``series_id, image_uri, split`` rows a training run recorded, or None if it has none.
 
-    A model logged by other code than train_head (or whose run was deleted) has no split.
+    None means only that there is no split to read: a model logged by other code than
+    train_head (its run has no ``split.csv``), or whose run was deleted for good. A store that
+    cannot be asked, or a split that cannot be read, is an error: callers gate on this split
+    (``keeper promote`` refuses series a challenger trained on), so a failure must not pass
+    for "nothing recorded".
+
+    Raises:
+        ModelLoadError: the run's artifacts cannot be listed or the split downloaded (an
+            unreachable tracking server or artifact store, missing credentials...).
+        DataError: the split is there but is not a ``series_id, image_uri, split`` CSV.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
     if not run_id:
+        return None
+    where = f"runs:/{run_id}/{SPLIT_ARTIFACT}"
+    try:
+        listed = {str(f.path) for f in client.list_artifacts(run_id)}
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":  # the run is gone; its version outlives it
+            return None
+        raise ModelLoadError(where, f"cannot list the run's artifacts: {e.message}") from e
+    except Exception as e:  # botocore, OSError...: the store could not be asked
+        raise ModelLoadError(where, f"cannot list the run's artifacts: {e}") from e
+    if SPLIT_ARTIFACT not in listed:
         return None
     with tempfile.TemporaryDirectory() as d:
         try:
@@ -130,6 +150,13 @@ def training_split(client: Any, run_id: str | None) -> pd.DataFrame | None:
                 dst_path=d,
                 tracking_uri=client.tracking_uri,
             )
-        except (MlflowException, OSError):
-            return None
-        return pd.read_csv(path, dtype=str)
+        except Exception as e:  # MlflowException, botocore, OSError: all mean "cannot fetch"
+            raise ModelLoadError(where, f"cannot download the recorded split: {e}") from e
+        try:
+            split = pd.read_csv(path, dtype=str)
+        except (ValueError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
+            raise DataError(f"unreadable split: {e}", source=where) from e
+    missing = {"series_id", "image_uri", "split"} - set(split.columns)
+    if missing:
+        raise DataError(f"the recorded split lacks columns {sorted(missing)}", source=where)
+    return split

@@ -27,8 +27,15 @@ model ranked first) must reach ``--min-online-gain`` with the lower bound of its
 above 0 (above ``min_online_gain`` when that is negative). Both halves must pass; both are recorded.
 
 Refused before anything is judged: promotion series that share images with the challenger's
-recorded train or val split (train_head's ``split.csv`` artifact), and a version that was rolled
-back (``keeper.rollback.*`` tags), unless it is named with ``--version N --force``.
+recorded train or val split (train_head's ``split.csv`` artifact), a split that cannot be read
+(the gate fails closed), and a version that was rolled back (``keeper.rollback.*`` tags), unless
+it is named with ``--version N --force``. The champion's own split is checked too: the incumbent
+is not refused, but series it trained on inflate its numbers and skew the comparison against the
+challenger, which a warning (and the ``champion_overlap`` tag) says. A version is named as the
+registry spells it (``--version 03`` is v3), so the champion is never judged against itself.
+
+Nothing is moved or tagged if @champion changed while the versions were being evaluated (another
+promote or rollback): the comparison was against a champion that no longer serves.
 
 The decision, both versions' numbers and the interval are recorded as ``keeper.promotion.*`` tags
 on the version judged. The replaced champion is kept as alias ``previous-champion`` (and as the
@@ -51,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from keeper_core import storage
 from keeper_core.ab import ABReport
-from keeper_core.errors import ConfigError, DataError
+from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadError
 from keeper_core.metrics import (
     Interval,
     SeriesMetrics,
@@ -264,6 +271,9 @@ def _candidate(client: Any, cfg: PromoteConfig, aliases: Mapping[str, str]) -> t
         mv = client.get_model_version(name, version)
     except MlflowException as e:
         raise ConfigError(f"{name} has no version {version}: {e.message}") from e
+    # The registry's own spelling: MLflow reads "03" as version 3, and every comparison with an
+    # alias (which holds "3") and every tag must see the same string.
+    version = str(mv.version)
     retired = rolled_back(mv.tags or {})
     if retired and not (cfg.version and cfg.force):
         why = ", ".join(f"{k}={v}" for k, v in sorted(retired.items()))
@@ -271,7 +281,37 @@ def _candidate(client: Any, cfg: PromoteConfig, aliases: Mapping[str, str]) -> t
             f"{name} v{version} was rolled back ({why}); it is promoted again only when named: "
             f"keeper promote {name} --version {version} --force"
         )
-    return str(version), mv
+    return version, mv
+
+
+def _recorded_overlap(client: Any, mv: Any, data: evaluate.EvalData) -> evaluate.Overlap | None:
+    """The promotion series sharing images with ``mv``'s recorded train/val split; None when its
+    run recorded none.
+
+    Raises:
+        ModelLoadError, DataError: the split exists but cannot be read (``training_split``).
+    """
+    split = tracking.training_split(client, mv.run_id)
+    return evaluate.split_overlap(data.rows, split) if split is not None else None
+
+
+def _same_manifest(client: Any, mv: Any, data: evaluate.EvalData) -> bool:
+    """Whether ``mv``'s training run read this very manifest (its recorded sha256).
+
+    Raises:
+        ModelLoadError: the run cannot be read (other than gone: the version outlives its run).
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not mv.run_id:
+        return False
+    try:
+        run_tags = client.get_run(mv.run_id).data.tags
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":  # a deleted run
+            return False
+        raise ModelLoadError(f"runs:/{mv.run_id}", f"cannot read the run: {e.message}") from e
+    return bool(run_tags.get("keeper.manifest_sha256") == data.manifest_sha256)
 
 
 def _check_overlap(client: Any, cand: Any, data: evaluate.EvalData) -> tuple[str, list[str]]:
@@ -279,14 +319,13 @@ def _check_overlap(client: Any, cand: Any, data: evaluate.EvalData) -> tuple[str
 
     Raises:
         DataError: the promotion series overlap its recorded train/val split, or (no split
-            recorded) the promotion manifest is the one its run trained on.
+            recorded) the promotion manifest is the one its run trained on; or its split is
+            unreadable.
+        ModelLoadError: its split or run cannot be fetched.
     """
-    from mlflow.exceptions import MlflowException
-
     label = f"{cand.name} v{cand.version}"
-    split = tracking.training_split(client, cand.run_id)
-    if split is not None:
-        overlap = evaluate.split_overlap(data.rows, split)
+    overlap = _recorded_overlap(client, cand, data)
+    if overlap is not None:
         if overlap.series:
             raise DataError(
                 f"{overlap.describe()} share images with the series {label} was trained or "
@@ -294,11 +333,7 @@ def _check_overlap(client: Any, cand: Any, data: evaluate.EvalData) -> tuple[str
                 source=data.series,
             )
         return f"none with the recorded split ({overlap.of} series checked)", []
-    try:
-        run_tags = client.get_run(cand.run_id).data.tags if cand.run_id else {}
-    except MlflowException:  # a deleted run: the model version outlives it
-        run_tags = {}
-    if run_tags.get("keeper.manifest_sha256") == data.manifest_sha256:
+    if _same_manifest(client, cand, data):
         raise DataError(
             f"{label} was trained on this very manifest: promote on held-out series only",
             source=data.series,
@@ -307,6 +342,36 @@ def _check_overlap(client: Any, cand: Any, data: evaluate.EvalData) -> tuple[str
         f"{label}'s run recorded no {tracking.SPLIT_ARTIFACT}: whether these series are held out "
         "could not be checked"
     ]
+
+
+def _check_champion_overlap(
+    client: Any, champ: Any, data: evaluate.EvalData
+) -> tuple[str, list[str]]:
+    """The champion's side of ``_check_overlap``; returns (tag, warnings).
+
+    The champion is not refused: it is the incumbent, and series it trained on only inflate its
+    numbers (the gate then errs towards keeping it). The outcome says so, with how many series.
+
+    Raises:
+        ModelLoadError, DataError: its split exists but cannot be read, or its run cannot be.
+    """
+    label = f"champion {champ.name} v{champ.version}"
+    skewed = (
+        "its numbers on these series are inflated, the comparison skewed against the challenger"
+    )
+    overlap = _recorded_overlap(client, champ, data)
+    if overlap is not None:
+        if overlap.series:
+            return f"{overlap.describe()} in its recorded split", [
+                f"{overlap.describe()} share images with the series {label} was trained or "
+                f"validated on: {skewed}"
+            ]
+        return f"none with the recorded split ({overlap.of} series checked)", []
+    if _same_manifest(client, champ, data):
+        return f"all {data.rows['series_id'].nunique()} series: trained on this manifest", [
+            f"{label} was trained on this very manifest: {skewed}"
+        ]
+    return "not checked: no split recorded", []
 
 
 def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[str, Any]:
@@ -319,8 +384,12 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
     Raises:
         ConfigError: no such registered model or version, no @challenger, a rolled-back version.
         DataError: the promotion series overlap the candidate's training split.
-        KeeperError: a version cannot be loaded, or its embedding spec is not the table's.
+        ModelLoadError: a version, or a recorded split, cannot be loaded.
+        KeeperError: a version's embedding spec is not the table's, or @champion moved while the
+            two were evaluated (nothing is moved or tagged then).
     """
+    from mlflow.exceptions import MlflowException
+
     name = cfg.name
     aliases = tracking.aliases(client, name)
     chal_v, mv = _candidate(client, cfg, aliases)
@@ -329,6 +398,14 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
     if chal_v == champ_v:
         return {**out, "decision": "unchanged", "reason": f"v{chal_v} already is the champion"}
     overlap_tag, warnings = _check_overlap(client, mv, data)
+    champion_overlap: str | None = None
+    if champ_v is not None:
+        try:
+            champ_mv = client.get_model_version(name, champ_v)
+        except MlflowException as e:
+            raise ConfigError(f"{name} @champion is v{champ_v}, which is gone: {e.message}") from e
+        champion_overlap, more = _check_champion_overlap(client, champ_mv, data)
+        warnings += more
 
     challenger = evaluate.load_model(client, f"models:/{name}/{chal_v}")
     preds = {f"challenger v{chal_v}": evaluate.predict(challenger, data)}
@@ -390,6 +467,20 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
             }
     if m_champ is not None:
         tags |= {"champion_top1": f"{m_champ.top1:.6f}", "champion_mrr": f"{m_champ.mrr:.6f}"}
+    if champion_overlap is not None:
+        tags["champion_overlap"] = champion_overlap
+    if warnings:
+        tags["warnings"] = "; ".join(warnings)
+    # The versions were judged against the champion read at the start: if another promote or a
+    # rollback has moved it since, neither the aliases nor this version's record may be written.
+    now = tracking.aliases(client, name).get(tracking.CHAMPION)
+    if now != champ_v:
+        was = f"v{champ_v}" if champ_v is not None else "none"
+        to = f"v{now}" if now is not None else "none"
+        raise KeeperError(
+            f"{name} @{tracking.CHAMPION} moved from {was} to {to} during this promotion; "
+            "run it again"
+        )
     if decision.promote:
         if champ_v is not None:
             client.set_registered_model_alias(name, tracking.PREVIOUS_CHAMPION, champ_v)
@@ -406,6 +497,7 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
         "gain_vs": tags["gain_vs"],
         "series_scored": len(comparison.series),
         "warnings": warnings,
+        "champion_overlap": champion_overlap,
         "metrics": {k: v.as_dict() for k, v in comparison.results.items()},
         "table": comparison.table(),
         "online": online.as_dict() if online is not None else None,
@@ -421,7 +513,8 @@ def rollback(client: Any, name: str) -> dict[str, Any]:
     @challenger if it held it, so no later ``keeper promote`` puts it back unasked.
 
     Raises:
-        ConfigError: no such registered model, or no previous champion to go back to.
+        ConfigError: no such registered model, no previous champion to go back to, or the
+            previous champion is the champion itself (nothing is moved or tagged).
     """
     aliases = tracking.aliases(client, name)
     prev, current = aliases.get(tracking.PREVIOUS_CHAMPION), aliases.get(tracking.CHAMPION)
@@ -429,6 +522,12 @@ def rollback(client: Any, name: str) -> dict[str, Any]:
         raise ConfigError(
             f"{name} has no previous champion to roll back to (alias "
             f"@{tracking.PREVIOUS_CHAMPION} is set only when keeper promote replaces a champion)"
+        )
+    if prev == current:
+        raise ConfigError(
+            f"{name} @{tracking.PREVIOUS_CHAMPION} is v{prev}, which already is "
+            f"@{tracking.CHAMPION}: there is nothing to roll back to (point "
+            f"@{tracking.PREVIOUS_CHAMPION} at the version to restore, or delete it)"
         )
     ts = _now()
     client.set_registered_model_alias(name, tracking.CHAMPION, prev)
