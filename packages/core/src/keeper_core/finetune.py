@@ -36,7 +36,13 @@ from torch import nn
 from keeper_core.errors import DataError, KeeperError, ModelLoadError
 from keeper_core.heads import make_head
 from keeper_core.models import load_clip
-from keeper_core.ranker import CONFIG_FILE, WEIGHTS_FILE, RankerConfig, read_config
+from keeper_core.ranker import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    RankerConfig,
+    read_config,
+    unreadable_errors,
+)
 from keeper_core.tower import (
     TrainableParts,
     TunedTower,
@@ -199,7 +205,8 @@ class TunedRanker:
         """Load a saved fine-tuned ranker: base tower by its spec, then the saved tensors.
 
         Raises:
-            DataError: missing files or an invalid config.
+            DataError: missing files, an invalid config, or a corrupt ``.safetensors`` file
+                (named).
             ModelLoadError: the base cannot load, or the tensors do not fit it.
         """
         from safetensors.torch import load_file
@@ -207,13 +214,18 @@ class TunedRanker:
         d = Path(folder)
         try:
             config = read_config(d)
-            state = {
-                "head": load_file(str(d / WEIGHTS_FILE)),
-                "adapter": load_file(str(d / ADAPTER_FILE)),
-                "blocks": load_file(str(d / BLOCKS_FILE)),
-            }
-        except (OSError, ValueError) as e:
+        except unreadable_errors() as e:
             raise DataError(f"cannot load fine-tuned ranker: {e}", source=str(d)) from e
+        state = {}
+        for key, name in (
+            ("head", WEIGHTS_FILE),
+            ("adapter", ADAPTER_FILE),
+            ("blocks", BLOCKS_FILE),
+        ):
+            try:
+                state[key] = load_file(str(d / name))
+            except unreadable_errors() as e:
+                raise DataError(f"cannot load fine-tuned ranker: {e}", source=str(d / name)) from e
         if config.tower is None:
             raise DataError("not a fine-tuned ranker (ranker.json has no tower)", source=str(d))
         ranker = cls.build(config, device=device, cache_dir=cache_dir)

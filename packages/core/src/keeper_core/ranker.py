@@ -42,6 +42,20 @@ CONFIG_FILE, WEIGHTS_FILE = "ranker.json", "weights.safetensors"
 ARTIFACT_KEY = "ranker"
 
 
+def unreadable_errors(*more: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """What reading a saved ranker's files raises when one is missing or corrupt (not keeper's),
+    and ``more`` (the exception types a caller also turns into ``DataError``).
+
+    ``OSError`` (a missing file), ``ValueError`` (bad UTF-8, JSON or config: pydantic's
+    ``ValidationError`` is one), ``RecursionError`` (JSON nested too deep for ``json.loads``) and
+    ``safetensors.SafetensorError`` (a corrupt or truncated ``.safetensors``: a plain
+    ``Exception``). The loaders turn them into ``DataError`` naming the file or folder.
+    """
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RecursionError, SafetensorError, *more)
+
+
 class RankerConfig(BaseModel):
     """What a saved ranker is: enough to rebuild its head and its inputs exactly."""
 
@@ -198,7 +212,8 @@ class SeriesRanker:
         """Load a saved ranker (no pickle: JSON + safetensors).
 
         Raises:
-            DataError: missing files, an invalid config, or weights that do not fit the head.
+            DataError: missing files, an invalid config, a corrupt ``weights.safetensors``, or
+                weights that do not fit the head.
         """
         from safetensors.torch import load_file
 
@@ -211,9 +226,13 @@ class SeriesRanker:
                     "keeper_core.ranker.load_ranker"
                 )
             ranker = cls(config)
-            ranker.head.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
-        except (OSError, ValueError, RuntimeError) as e:
+        except unreadable_errors(RuntimeError) as e:
             raise DataError(f"cannot load ranker: {e}", source=str(d)) from e
+        weights = d / WEIGHTS_FILE
+        try:
+            ranker.head.load_state_dict(load_file(str(weights)))
+        except unreadable_errors(RuntimeError) as e:  # RuntimeError: tensors do not fit
+            raise DataError(f"cannot load ranker weights: {e}", source=str(weights)) from e
         ranker.head.eval()
         return ranker
 
@@ -233,7 +252,7 @@ def load_ranker(folder: str | Path, *, device: str | None = None) -> Any:
     """
     try:
         config = read_config(folder)
-    except (OSError, ValueError) as e:
+    except unreadable_errors() as e:
         raise DataError(f"cannot load ranker: {e}", source=str(folder)) from e
     if config.tower is None:
         return SeriesRanker.load(folder)

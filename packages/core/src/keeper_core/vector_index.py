@@ -35,6 +35,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +46,14 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from keeper_core import storage
 from keeper_core.errors import ConfigError, DataError, KeeperError, StorageError
@@ -70,6 +78,14 @@ _SCORE_BYTES = 256 << 20  # exact search's (queries x rows) float32 block: bound
 _ROW_BLOCK = 1 << 16  # rows per exact-search block (a float16 block's upcast is 128 MB at D=512)
 _QUERY_BLOCK = 1024  # queries per exact-search pass: a million queries never make one matrix
 _GEMV_MAX_Q = 8  # up to here one pass per query (gemv) beats an upcast + GEMM (measured)
+#: The roles of the files an index holds (``IndexMeta.files``), and the native file's extension
+#: per backend. ``save`` names each ``<role>-<first 16 hex of its sha256>.<ext>``: the only names
+#: ``index.json`` may give (see :data:`_FILE_NAME`), so a tampered one cannot point a ``load``
+#: or the clean-up of a ``save`` outside its folder.
+_ROLES: tuple[str, ...] = ("index", "ids")
+_NATIVE_EXT = {"exact": "npy", "faiss": "faiss", "usearch": "usearch"}
+_FILE_NAME = re.compile(r"(index|ids)-([0-9a-f]{16})\.(npy|faiss|usearch|parquet)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class IndexParams(BaseModel):
@@ -131,8 +147,11 @@ class IndexMeta(BaseModel):
         table_fingerprint: the caller's fingerprint of the table the vectors came from.
         recall_at_10: recall@10 against exact search measured at calibration (1.0 for exact;
             None when ``ef_search`` was given and nothing was measured).
-        files: the native index file and the ids file, by role (``index``, ``ids``).
-        sha256: each file's sha256, checked on load.
+        files: the native index file and the ids file, by role (``index``, ``ids``); only the
+            names :meth:`VectorIndex.save` writes are accepted (``index-<sha16>.<npy | faiss |
+            usearch>`` as the backend's, ``ids-<sha16>.parquet``, ``<sha16>`` the first 16 hex
+            digits of its sha256), never a path.
+        sha256: each file's sha256 (64 lowercase hex digits) by role, checked on load.
         versions: the library versions that wrote the native file.
     """
 
@@ -150,6 +169,38 @@ class IndexMeta(BaseModel):
     files: dict[str, str] = Field(default_factory=dict)
     sha256: dict[str, str] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("files", "sha256")
+    @classmethod
+    def _known_roles(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(_ROLES))
+        if unknown:
+            raise ValueError(f"unknown file role(s) {unknown}; an index has {list(_ROLES)}")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        for role, sha in value.items():
+            if not _SHA256.fullmatch(sha):
+                raise ValueError(f"sha256[{role!r}] = {sha!r} is not a sha256 hex digest")
+        return value
+
+    @model_validator(mode="after")
+    def _names_keeper_writes(self) -> IndexMeta:
+        """Each file is named as ``save`` names it: ``<role>-<sha16>.<ext>``, no path."""
+        for role, name in self.files.items():
+            ext = _NATIVE_EXT[self.params.backend] if role == "index" else "parquet"
+            m = _FILE_NAME.fullmatch(name)
+            if m is None or m.group(1) != role or m.group(3) != ext:
+                raise ValueError(
+                    f"files[{role!r}] = {name!r} is not a name keeper writes "
+                    f"({role}-<16 hex digits>.{ext})"
+                )
+            sha = self.sha256.get(role)
+            if sha is not None and m.group(2) != sha[:16]:
+                raise ValueError(f"files[{role!r}] = {name!r} does not match its sha256 {sha}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -481,7 +532,6 @@ class _Usearch:
 
 
 _BACKEND_CLASSES: dict[str, Any] = {"exact": _Exact, "faiss": _Faiss, "usearch": _Usearch}
-_NATIVE_EXT = {"exact": "npy", "faiss": "faiss", "usearch": "usearch"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,7 +721,9 @@ class VectorIndex:
         """Write the index under folder / ``s3://`` prefix ``uri``; returns ``index.json``'s URI.
 
         The native file and ``ids-<sha>.parquet`` go first, ``index.json`` last; files of the
-        index saved there before are deleted after the new ``index.json`` is in place.
+        index saved there before are deleted after the new ``index.json`` is in place: only
+        names of the roles and form this method writes (:class:`IndexMeta` validates them), and
+        none when the previous ``index.json`` is unreadable or malformed.
 
         Raises:
             StorageError: a write failed.
@@ -703,7 +755,14 @@ class VectorIndex:
         meta_uri = storage.join(uri, META_FILE)
         storage.write_bytes(meta_uri, self.meta.model_dump_json(indent=2).encode())
         if old is not None:
-            for name in set(old.files.values()) - set(files.values()):
+            # _read_meta validated old's names (``IndexMeta``); checked again here, as nothing
+            # but a file this module named may ever be deleted.
+            stale = {
+                name
+                for role, name in old.files.items()
+                if role in _ROLES and _FILE_NAME.fullmatch(name) and name not in files.values()
+            }
+            for name in sorted(stale):
                 storage.delete(storage.join(uri, name))
         return meta_uri
 
@@ -713,12 +772,13 @@ class VectorIndex:
 
         Raises:
             StorageError: no index there, or a file missing.
-            DataError: a malformed ``index.json``, a newer format, a file whose sha256 differs
-                from the one recorded, or a row count that disagrees.
+            DataError: a malformed ``index.json`` (a file name ``save`` does not write among
+                them, named), a newer format, a file whose sha256 differs from the one
+                recorded, or a row count that disagrees.
         """
         meta = _read_meta(uri)
         blobs = {}
-        for role in ("index", "ids"):
+        for role in _ROLES:
             if role not in meta.files:
                 raise DataError(f"index.json names no {role} file", source=uri)
             where = storage.join(uri, meta.files[role])

@@ -7,8 +7,16 @@ them (``ranker.json`` + safetensors): no pickle, and no code from the artifact s
 version is loaded on a worker thread while the current one keeps answering, warmed with one
 forward on the replica's forward thread, then swapped in with one reference assignment, so no
 request fails, and none waits longer than that one warm-up forward. A version
-that fails to load is refused and the current one stays; with none loaded yet, ``rank`` answers
-"unavailable" with the reason.
+that fails to load (any error: a keeper refusal, a corrupt file, a bug) is refused and the
+current one stays; ``info`` reports the reason as ``error``, and with none loaded yet ``rank``
+answers "unavailable" with it.
+
+A refused version is not downloaded again at every poll: the replica remembers it and tries it
+again only once a backoff has passed (``SeriesRanker.RETRY_MIN_S`` after the first failure,
+doubling at each further one up to ``RETRY_MAX_S``), or at once when the alias moves to another
+version or ``reconfigure`` gives another ``model_uri``. A transient failure (a download cut
+short) is thus retried soon, a corrupt version rarely. A failure to resolve the alias itself
+(the registry unreachable) is no version's: the next poll tries again.
 
 Two kinds of version load (``keeper_core.ranker.load_ranker``):
 
@@ -28,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +52,7 @@ from keeper_core.errors import KeeperError, ModelLoadError
 from keeper_core.finetune import TunedRanker
 from keeper_core.models import default_device, preprocess_config
 from keeper_core.quality import FEATURE_NAMES
-from keeper_core.ranker import RankerConfig, ranked_frame, read_config
+from keeper_core.ranker import RankerConfig, ranked_frame, read_config, unreadable_errors
 from keeper_core.ranker import SeriesRanker as CoreRanker
 from keeper_core.registry import ModelRef, resolve_model
 from keeper_core.torch_thread import TorchThread, pin_torch_threads
@@ -127,7 +136,7 @@ def load_version(
         folder = registry.download_ranker(client, ref, d)
         try:
             config = read_config(folder)
-        except (OSError, ValueError) as e:
+        except unreadable_errors() as e:
             raise ModelLoadError(ref.uri, f"cannot read {ref.label()}'s ranker.json: {e}") from e
         if config.tower is not None:
             # Checked from configs alone, before the base tower is loaded.
@@ -217,8 +226,30 @@ def rank_pixels(
     return _per_series(lengths, ranker.score(pixels, q, lengths))
 
 
+@dataclass(frozen=True)
+class FailedVersion:
+    """A version that failed to load: not tried again before ``retry_at`` (``time.monotonic``).
+
+    Attributes:
+        load_uri: the version (``ModelRef.load_uri``).
+        error: why it failed (what ``info`` reports while it waits).
+        attempts: failed loads of it in a row.
+        retry_at: the monotonic time from which the next poll tries it again.
+    """
+
+    load_uri: str
+    error: str
+    attempts: int
+    retry_at: float
+
+
 @serve.deployment
 class SeriesRanker:
+    #: A version that failed to load is tried again after this many seconds, doubling at each
+    #: further failure of the same version up to ``RETRY_MAX_S`` (module docstring).
+    RETRY_MIN_S = 30.0
+    RETRY_MAX_S = 600.0
+
     def __init__(
         self, ranker: RankerArgs, clip_model: str, tracking_uri: str | None, data_dir: str
     ) -> None:
@@ -237,6 +268,7 @@ class SeriesRanker:
         self.poll_s = ranker.poll_s
         self.current: Loaded | None = None
         self.error: str | None = None
+        self._failed: FailedVersion | None = None  # the last version that failed to load
         self._swap_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -255,32 +287,62 @@ class SeriesRanker:
 
     def _refresh_sync(self) -> None:
         """Resolve the URI; load the version it names if it is not the current one (on the
-        calling thread, at one torch thread; its warm-up forward on the forward thread)."""
-        pin_torch_threads(1)  # this thread's count only
+        calling thread, at one torch thread; its warm-up forward on the forward thread).
+
+        Never raises: any failure is kept in ``self.error`` (what ``info`` reports) and the
+        current version stays. A version that failed is skipped until its backoff has passed
+        (``FailedVersion``; module docstring).
+        """
         if self.model_uri is None:
             self.current, self.error = None, "no ranker configured (ranker.model_uri is null)"
             return
-        client = self._client()
+        ref: ModelRef | None = None
         try:
+            pin_torch_threads(1)  # this thread's count only
+            client = self._client()
             ref = resolve_model(client, self.model_uri)
+            failed = self._failed
+            if failed is not None and failed.load_uri != ref.load_uri:
+                self._failed = failed = None  # the alias moved: whatever it names now is new
             cur = self.current
             if cur is not None and cur.ref.load_uri == ref.load_uri:
                 # The alias still names the version being served (runs:/ never moves): nothing
                 # is pending, so an earlier failure (a refused version, a registry hiccup) is over.
                 self.error = None
                 return
+            if failed is not None and time.monotonic() < failed.retry_at:
+                self.error = failed.error  # still refused: not downloaded again yet
+                return
             loaded = load_version(
                 client, ref, self.clip_model, self.device,
                 warm=lambda r, ranker: self._torch.call(_warm, r, ranker),
             )  # fmt: skip
-        except KeeperError as e:
-            if str(e) != self.error:  # once per distinct failure, not at every poll
-                log.error("SeriesRanker: keeping %s: %s", self._label(), e)
-            self.error = str(e)
+        except Exception as e:  # any failure: keep serving what is loaded, and say why
+            self._failed_refresh(ref, e)
             return
         before = self._label()
         self.current, self.error = loaded, None  # the swap: one reference assignment
+        self._failed = None
         log.info("SeriesRanker: now serving %s (was %s)", loaded.ref.label(), before)
+
+    def _failed_refresh(self, ref: ModelRef | None, e: Exception) -> None:
+        """Record a failed refresh: ``self.error`` says why; a version that failed to load
+        (``ref`` resolved) is remembered with its backoff. Logged once per distinct failure."""
+        keeper = isinstance(e, KeeperError)  # its message names the URI (ModelLoadError)
+        error = str(e) if keeper else f"{type(e).__name__}: {e}"
+        if ref is not None:
+            if not keeper:
+                error = f"{ref.label()}: {error}"
+            prev = self._failed
+            attempts = prev.attempts + 1 if prev and prev.load_uri == ref.load_uri else 1
+            backoff = min(self.RETRY_MAX_S, self.RETRY_MIN_S * 2 ** (attempts - 1))
+            self._failed = FailedVersion(ref.load_uri, error, attempts, time.monotonic() + backoff)
+        if error != self.error:  # once per distinct failure, not at every poll
+            if keeper:
+                log.error("SeriesRanker: keeping %s: %s", self._label(), error)
+            else:  # not a refusal keeper made on purpose: the traceback helps
+                log.exception("SeriesRanker: keeping %s: %s", self._label(), error)
+        self.error = error
 
     def _label(self) -> str:
         return self.current.ref.label() if self.current else "nothing"
@@ -290,8 +352,10 @@ class SeriesRanker:
             await asyncio.sleep(self.poll_s)
             try:
                 await self._refresh()
-            except Exception:  # the poller must outlive any one failure
+            except Exception as e:  # the poller must outlive any one failure
+                # _refresh_sync never raises; this is a last resort, and info() says it too.
                 log.exception("SeriesRanker: registry poll failed")
+                self.error = f"registry poll failed: {type(e).__name__}: {e}"
 
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():
@@ -313,6 +377,7 @@ class SeriesRanker:
             self.poll_s = poll
         if "model_uri" in user_config and user_config["model_uri"] != self.model_uri:
             self.model_uri = user_config["model_uri"]
+            self._failed = None  # a new URI: whatever it names is tried at once
             self._background.add(asyncio.get_running_loop().create_task(self._refresh()))
             self._background = {t for t in self._background if not t.done()}
         self._ensure_poller()
