@@ -383,6 +383,7 @@ def test_allowed_bucket_on_s3(s3_bucket: str) -> None:
         prep.prepare, [PNG, ImageRef(uri=f"s3://{s3_bucket}/photos/big.jpg")], quality=False
     )
     assert (e.status, e.code, e.index) == (413, "image_too_large", 1)
+    assert f"1000004 bytes > {prep.limits.max_image_bytes}" in e.message  # from one ranged GET
 
     e = refused(prep.prepare, [ImageRef(uri=f"s3://{s3_bucket}/photos/missing.jpg")], quality=False)
     assert (e.status, e.code, e.index) == (400, "unreadable_uri", 0)

@@ -304,10 +304,12 @@ def given_capture(time: str | float | None, camera: str | None = None) -> Captur
         iso, ts, _ = _compose(parts[0], parts[1], offset)
         return Capture(iso, ts, "given", None, model, None, None, None)
     if isinstance(time, bool) or not isinstance(time, int | float):
-        raise ConfigError(f"capture time must be an ISO 8601 string or epoch seconds, got {time!r}")
+        raise ConfigError(
+            f"capture time must be an ISO 8601 string or epoch seconds, got {_shown(time)}"
+        )
     epoch_iso, epoch_ts, time_source = _epoch_time(time, "given")
     if epoch_iso is None:
-        raise ConfigError(f"capture time {time!r} is not a finite epoch in range")
+        raise ConfigError(f"capture time {_shown(time)} is not a finite epoch in range")
     return Capture(epoch_iso, epoch_ts, time_source, None, model, None, None, None)
 
 
@@ -390,13 +392,28 @@ def _exif_time(
     return iso, ts, "exif_offset" if has_offset else "exif"
 
 
+def _shown(value: object) -> str:
+    """A client's value as a message repeats it: its repr, cut to 40 characters.
+
+    An int's repr can itself fail (more than sys.get_int_max_str_digits() digits).
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"<an integer of {value.bit_length()} bits>"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _epoch_time(seconds: object, time_source: str) -> tuple[str | None, float | None, str]:
     """(ISO in UTC, timestamp, time_source) of epoch seconds; (None, None, "none") if unusable."""
     if seconds is None:
         return None, None, "none"
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise TypeError(f"a modification time must be epoch seconds, got {seconds!r}")
-    if not math.isfinite(seconds):
+        raise TypeError(f"a modification time must be epoch seconds, got {_shown(seconds)}")
+    try:
+        finite = math.isfinite(seconds)
+    except OverflowError:  # an int beyond any float (10**400): beyond any date too
+        return None, None, "none"
+    if not finite:
         return None, None, "none"
     try:
         when = datetime.fromtimestamp(seconds, UTC)

@@ -379,16 +379,21 @@ def prompt_softmax(
 ) -> np.ndarray:
     """Probabilities over a prompt set: ``softmax(cos / temperature)`` per image, shape (N, T).
 
-    The default temperature 0.01 is CLIP's learned logit scale of 100. Rows sum to 1.
+    The default temperature 0.01 is CLIP's learned logit scale of 100. Rows sum to 1, for
+    every finite temperature > 0: the cosines are shifted by each row's maximum before they are
+    divided, in float64, so a tiny temperature (float32 has no 1e-46; 1e-39 is a denormal whose
+    quotients overflow) sharpens to a one-hot row (ties share it) instead of inf / inf = NaN.
+    Returned as float32, the embeddings' dtype.
     """
     if not (np.isfinite(temperature) and temperature > 0):
         raise ConfigError(f"temperature must be a finite number > 0, got {temperature}")
     img = check_embeddings(image_emb, "image_emb")
     txt = check_embeddings(text_emb, "text_emb", dim=img.shape[1], min_rows=1)
-    z = (img @ txt.T) / np.float32(temperature)
-    z -= z.max(axis=1, keepdims=True)  # exp of <= 0 cannot overflow
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    cos = img.astype(np.float64) @ txt.T.astype(np.float64)
+    z = (cos - cos.max(axis=1, keepdims=True)) / float(temperature)  # <= 0: exp cannot overflow
+    e = np.exp(z)  # the maximum's 0 / t is 0, so every row has a 1
+    out: np.ndarray = (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+    return out
 
 
 def combined_score(

@@ -21,7 +21,7 @@ import math
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -36,12 +36,25 @@ from keeper_core.culling import CullResult, cull
 from keeper_core.errors import ConfigError, DataError, ImageDecodeError, StorageError
 from keeper_core.feedback import FeedbackEvent
 from keeper_core.grouping import GroupingConfig, dhash
+from keeper_core.images import image_size, raw_preview
 from keeper_core.models import PreprocessConfig
 from keeper_core.picking import PickConfig
 from keeper_core.preparation import DecodedImage, ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.references import Comparison, ReferenceMeta, Standing
-from keeper_serve.config import ABArgs, KeeperAppArgs, LimitArgs
+from keeper_serve.config import (
+    EVENTS_CEILING,
+    IMAGE_ID_CHARS,
+    IMAGES_CEILING,
+    SELECT_IDS_CEILING,
+    SERIES_CEILING,
+    TEXTS_CEILING,
+    ABArgs,
+    KeeperAppArgs,
+    LimitArgs,
+)
+
+T = TypeVar("T")
 
 # ----------------------------------------------------------------------------------- errors
 
@@ -83,6 +96,19 @@ def validation_error(e: ValidationError) -> ApiError:
 
 # ----------------------------------------------------------------------------------- requests
 
+#: A bound on image sides a request may name (filters, /v1/select's min_side): far above any
+#: image keeper decodes, and small enough for every comparison with numpy's int64 / float64.
+MAX_SIDE = 2**31 - 1
+#: An image_id a request names: keeper's are 64 hex digits (the sha256 of the image's bytes).
+ImageId = Annotated[str, Field(max_length=IMAGE_ID_CHARS)]
+#: Characters of a client's id an error message repeats.
+_ECHO_CHARS = 16
+
+
+def short_id(value: str) -> str:
+    """A client's id as an error message may repeat it: quoted, at most a short prefix."""
+    return repr(value if len(value) <= _ECHO_CHARS else value[:_ECHO_CHARS] + "...")
+
 
 class _Req(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -109,8 +135,8 @@ class ImageRef(_Req):
 
 
 class EmbedRequest(_Req):
-    images: list[ImageRef] = Field(default_factory=list)
-    texts: list[str] = Field(default_factory=list)
+    images: list[ImageRef] = Field(default_factory=list, max_length=IMAGES_CEILING)
+    texts: list[str] = Field(default_factory=list, max_length=TEXTS_CEILING)
 
     def checked_texts(self) -> list[str]:
         return self.texts
@@ -123,13 +149,17 @@ class EmbedRequest(_Req):
 
 
 class AestheticRequest(_Req):
-    images: list[ImageRef] = Field(min_length=1)
+    images: list[ImageRef] = Field(min_length=1, max_length=IMAGES_CEILING)
 
 
 class RelevanceRequest(_Req):
-    positive: list[str] = Field(min_length=1, description="what is wanted")
-    negative: list[str] = Field(default_factory=list, description="what is not wanted")
-    images: list[ImageRef] = Field(min_length=1)
+    positive: list[str] = Field(
+        min_length=1, max_length=TEXTS_CEILING, description="what is wanted"
+    )
+    negative: list[str] = Field(
+        default_factory=list, max_length=TEXTS_CEILING, description="what is not wanted"
+    )
+    images: list[ImageRef] = Field(min_length=1, max_length=IMAGES_CEILING)
     temperature: float = Field(0.01, gt=0, le=10, description="softmax over the prompts")
 
     texts_label: ClassVar[str] = "prompts"
@@ -141,11 +171,11 @@ class RelevanceRequest(_Req):
 
 class SeriesIn(_Req):
     id: str | None = Field(None, max_length=256, description="echoed back; default: position")
-    images: list[ImageRef]
+    images: list[ImageRef] = Field(max_length=SERIES_CEILING)
 
 
 class RankRequest(_Req):
-    series: list[SeriesIn] = Field(min_length=1)
+    series: list[SeriesIn] = Field(min_length=1, max_length=SERIES_CEILING)
 
 
 #: Bounds of /v1/pick's knobs, from the server's grouping: a gap longer than a group may span
@@ -181,7 +211,7 @@ class PickImage(ImageRef):
 
 
 class PickRequest(_Req):
-    images: list[PickImage] = Field(min_length=1)
+    images: list[PickImage] = Field(min_length=1, max_length=IMAGES_CEILING)
     max_gap_s: float | None = Field(
         None,
         gt=0,
@@ -218,17 +248,25 @@ class PickRequest(_Req):
 class SelectRequest(_Req):
     """``/v1/select``: a query and its candidates; the cascade's knobs, within server limits."""
 
-    positive: list[str] = Field(min_length=1, description="what is wanted")
-    negative: list[str] = Field(
-        default_factory=list, description='what is not wanted; "a photo" always joins them'
+    positive: list[str] = Field(
+        min_length=1, max_length=TEXTS_CEILING, description="what is wanted"
     )
-    images: list[ImageRef] = Field(default_factory=list, description="the candidates")
-    ids: list[str] = Field(
-        default_factory=list, description="or: image_ids of the server's embedded corpus"
+    negative: list[str] = Field(
+        default_factory=list,
+        max_length=TEXTS_CEILING,
+        description='what is not wanted; "a photo" always joins them',
+    )
+    images: list[ImageRef] = Field(
+        default_factory=list, max_length=IMAGES_CEILING, description="the candidates"
+    )
+    ids: list[ImageId] = Field(
+        default_factory=list,
+        max_length=SELECT_IDS_CEILING,
+        description="or: image_ids of the server's embedded corpus",
     )
     min_relevance: float = Field(0.0, ge=0, le=1, description="stage 1: calibrated CLIP cut")
     clip_keep: int | None = Field(None, ge=1, description="stage 1: at most this many go on")
-    min_side: int = Field(0, ge=0, description="stage 2: shorter side, pixels")
+    min_side: int = Field(0, ge=0, le=MAX_SIDE, description="stage 2: shorter side, pixels")
     min_aspect: float | None = Field(None, gt=0, description="stage 2: width / height")
     max_aspect: float | None = Field(None, gt=0, description="stage 2: width / height")
     dedup_threshold: float | None = Field(
@@ -285,10 +323,10 @@ SEARCH_FEATURES: tuple[str, ...] = FEATURE_NAMES
 class SearchFilters(_Req):
     """Bounds on a result's original size and quality features (inclusive)."""
 
-    min_width: int | None = Field(None, ge=0)
-    max_width: int | None = Field(None, ge=0)
-    min_height: int | None = Field(None, ge=0)
-    max_height: int | None = Field(None, ge=0)
+    min_width: int | None = Field(None, ge=0, le=MAX_SIDE)
+    max_width: int | None = Field(None, ge=0, le=MAX_SIDE)
+    min_height: int | None = Field(None, ge=0, le=MAX_SIDE)
+    max_height: int | None = Field(None, ge=0, le=MAX_SIDE)
     min: dict[str, float] = Field(
         default_factory=dict, description="feature -> lowest value kept (keeper_core.quality)"
     )
@@ -311,9 +349,9 @@ class SearchFilters(_Req):
             ("height", self.min_height, self.max_height),
         ):
             if low is not None:
-                lo[name] = max(lo.get(name, -np.inf), low)
+                lo[name] = max(lo.get(name, -np.inf), float(low))
             if high is not None:
-                hi[name] = min(hi.get(name, np.inf), high)
+                hi[name] = min(hi.get(name, np.inf), float(high))
         return {f: (lo.get(f, -np.inf), hi.get(f, np.inf)) for f in sorted({*lo, *hi})}
 
 
@@ -322,7 +360,7 @@ class SearchRequest(_Req):
 
     text: str | None = Field(None, description="a text query, embedded by the ClipEncoder")
     image: ImageRef | None = Field(None, description="an image query, prepared as /v1/rank's")
-    image_id: str | None = Field(None, description="an indexed image's image_id: its embedding")
+    image_id: ImageId | None = Field(None, description="an indexed image's image_id: its embedding")
     k: int = Field(10, description="results, 1..search.max_k")
     filters: SearchFilters | None = None
     request_id: str | None = Field(None, max_length=256, description="echoed back")
@@ -769,7 +807,7 @@ class FeedbackRequest(_Req):
     """``/v1/feedback``: people's decisions on images of earlier answers."""
 
     events: list[FeedbackEvent] = Field(
-        min_length=1, description="1 to feedback.max_events decisions"
+        min_length=1, max_length=EVENTS_CEILING, description="1 to feedback.max_events decisions"
     )
     sync: bool = Field(
         False, description="write them before answering (durable: true unless storage failed)"
@@ -958,8 +996,37 @@ def select_offers(
 # ----------------------------------------------------------------------------------- bodies
 
 
-def parse_json(body: bytes, model: type[BaseModel]) -> Any:
-    """Body -> request model; malformed JSON or schema violations are 422."""
+def json_values(text: bytes | str) -> int:
+    """An upper bound of the values in a JSON text's arrays and objects, from its characters.
+
+    An array of n items has n - 1 commas, an object of n members too, so the values are at
+    most the commas plus the brackets and braces: a count at memory speed, taken before the
+    text is parsed. A comma, bracket or brace inside a string counts as well (base64 has none).
+    """
+    if isinstance(text, str):
+        return text.count(",") + text.count("[") + text.count("{")
+    return text.count(b",") + text.count(b"[") + text.count(b"{")
+
+
+def check_json_values(n: int, limit: int) -> None:
+    """400 ``too_many_json_values`` when a body holds more than ``limit`` values."""
+    if n > limit:
+        raise ApiError(
+            400,
+            "too_many_json_values",
+            f"the body holds up to {n} JSON values (commas, brackets and braces counted); "
+            f"the limit is {limit}",
+        )
+
+
+def parse_json(body: bytes, model: type[BaseModel], max_values: int | None = None) -> Any:
+    """Body -> request model; malformed JSON or schema violations are 422.
+
+    ``max_values``: refuse (400) a body of more JSON values before it is parsed: pydantic builds
+    every item of a list before it compares the list's length with its ``max_length``.
+    """
+    if max_values is not None:
+        check_json_values(json_values(body), max_values)
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
@@ -980,14 +1047,26 @@ def _first(e: ValidationError) -> str:
     return str(e.errors()[0].get("msg", e))
 
 
+def _form_json(value: str, where: str) -> Any:
+    """A multipart field's JSON; 422 naming the field for anything ``json`` refuses.
+
+    Besides malformed JSON (JSONDecodeError, a ValueError), ``json`` raises ValueError for an
+    integer of more than 4,300 digits and RecursionError for deeply nested arrays.
+    """
+    try:
+        return json.loads(value)
+    except RecursionError as e:
+        raise ApiError(422, "invalid_request", f"{where}: JSON nested too deeply") from e
+    except ValueError as e:
+        reason = str(e).split(";")[0][:120]
+        raise ApiError(422, "invalid_request", f"{where}: invalid JSON ({reason})") from e
+
+
 def form_list(value: str) -> list[str]:
     """A multipart text field: a JSON list of strings, or one string."""
     value = value.strip()
     if value.startswith("["):
-        try:
-            out = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ApiError(422, "invalid_request", f"form field: invalid JSON list: {e}") from e
+        out = _form_json(value, "form field (a JSON list)")
         if not isinstance(out, list) or not all(isinstance(x, str) for x in out):
             raise ApiError(422, "invalid_request", "form field: expected a list of strings")
         return out
@@ -996,10 +1075,7 @@ def form_list(value: str) -> list[str]:
 
 def form_values(value: str, field: str) -> list[Any]:
     """A multipart field holding one JSON list (``capture_times``, ``cameras``)."""
-    try:
-        out = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise ApiError(422, "invalid_request", f"form field {field!r}: invalid JSON ({e})") from e
+    out = _form_json(value, f"form field {field!r}")
     if not isinstance(out, list):
         raise ApiError(422, "invalid_request", f"form field {field!r}: expected a JSON list")
     return out
@@ -1123,12 +1199,14 @@ class ImagePreparer:
                 index=index,
             )
         try:
-            size = storage.object_info(uri).size
-            if size > cap:
-                raise ApiError(
-                    413, "image_too_large", f"image {index}: {size} bytes > {cap}", index=index
-                )
-            return storage.read_bytes(uri)
+            # One ranged GET of at most cap + 1 bytes: an object swapped for a larger one after
+            # a size check could not be read whole, as it could with a HEAD and then a GET.
+            return storage.read_bytes(uri, max_bytes=cap)
+        except storage.TooLargeError as e:
+            size = f"{e.size} bytes" if e.size is not None else f"more than {cap} bytes"
+            raise ApiError(
+                413, "image_too_large", f"image {index}: {size} > {cap}", index=index
+            ) from e
         except StorageError as e:
             raise ApiError(400, "unreadable_uri", f"image {index}: {e}", index=index) from e
 
@@ -1152,21 +1230,111 @@ class ImagePreparer:
             )
         return data
 
+    def decoded_pixels(self, data: bytes) -> int | None:
+        """The pixels decoding ``data`` allocates, from its header alone (nothing is decoded).
+
+        A JPEG (a camera RAW's preview too) that ``decode`` drafts counts its draft's size,
+        reduced by 1/2, 1/4 or 1/8 as PIL's ``JpegImageFile.draft`` reduces it; any other image
+        its full size. None when the image fails on its own (an unreadable header, over
+        ``max_pixels``, under ``min_side``): its decode then refuses it, naming why.
+        """
+        limits = self.preparation.limits
+        try:
+            preview = raw_preview(data, limits=limits)
+            w, h = image_size(preview if preview is not None else data)
+        except ImageDecodeError:
+            return None
+        if w * h > limits.max_pixels or min(w, h) < limits.min_side:
+            return None
+        draft = self.preparation.draft_size
+        jpeg = preview is not None or data[:3] == b"\xff\xd8\xff"  # JPEG and MPO
+        if draft is not None and jpeg:
+            # draft() takes the largest of 8, 4, 2 that leaves both sides >= the draft size.
+            scale = min(w // draft[0], h // draft[1])
+            s = next((f for f in (8, 4, 2) if scale >= f), 1)
+            w, h = -(-w // s), -(-h // s)
+        return w * h
+
+    def _over_budget(self, total: int, *, at_least: bool = False) -> ApiError:
+        limit = self.limits.max_request_pixels
+        what = "at least " if at_least else ""
+        return ApiError(
+            400,
+            "too_many_request_pixels",
+            f"the request's images decode to {what}{total} pixels together; the limit is {limit} "
+            "(limits.max_request_pixels): send fewer or smaller images per request",
+        )
+
+    def _each(
+        self, refs: Sequence[ImageRef | bytes], take: Callable[[int, bytes, DecodedImage], T]
+    ) -> list[T]:
+        """``take(index, bytes, decoded)`` of every image, in order, within the pixel budget.
+
+        Before any image is decoded, every image the request itself carries (base64, uploads)
+        is read and its decoded pixels counted from its header (:meth:`decoded_pixels`): a total
+        over ``max_request_pixels`` is refused (400 ``too_many_request_pixels``) without a
+        decode. An ``s3://`` image is counted when it is fetched, before it is decoded, so no
+        decode ever passes the budget. The count stops at the first image that fails on its own
+        (bad base64, too large, a bad header): that one is refused in its turn, as before, so a
+        request still reports its first failing image.
+
+        Each decoded image is released once ``take`` has measured it: the request holds one
+        full-size image at a time, never all of them.
+        """
+        limit = self.limits.max_request_pixels
+        data: list[bytes | None] = [None] * len(refs)
+        total = 0
+        for i, ref in enumerate(refs):
+            if isinstance(ref, ImageRef) and ref.uri is not None:
+                continue  # fetched (and counted) in its turn
+            try:
+                got = self.fetch(ref, i)
+            except ApiError:
+                break  # refused in its turn, after the images before it
+            px = self.decoded_pixels(got)
+            if px is None:
+                break
+            data[i], total = got, total + px
+        if total > limit:
+            raise self._over_budget(total)
+        out: list[T] = []
+        for i, ref in enumerate(refs):
+            raw = data[i]
+            data[i] = None  # the bytes go with the image
+            if raw is None:
+                raw = self.fetch(ref, i)
+                px = self.decoded_pixels(raw)
+                total += px or 0  # None: the decode below refuses it
+                if total > limit:
+                    raise self._over_budget(total, at_least=True)
+            decoded = self.decode(raw, i)
+            out.append(take(i, raw, decoded))
+            del decoded, raw  # before the next decode: one full-size image at a time
+        return out
+
+    def _pixels(self, rows: list[np.ndarray]) -> np.ndarray:
+        """(N, 3, S, S) uint8 of per-image rows (an empty request keeps its shape)."""
+        return np.stack(rows) if rows else self.preparation.pixels([])
+
+    def _quality(self, decoded: DecodedImage) -> np.ndarray:
+        """One image's quality row, (F,) float32."""
+        row: np.ndarray = self.preparation.quality([decoded])[0]
+        return row
+
     def prepare(self, refs: Sequence[ImageRef | bytes], *, quality: bool) -> Prepared:
         """Every image or the first failure (an ApiError naming its index): a request is whole."""
         self.check_count(len(refs))
-        decoded, ids = self._decode_all(refs)
-        feats = self.preparation.quality(decoded) if quality and decoded else None
-        return Prepared(pixels=self.preparation.pixels(decoded), quality=feats, image_ids=ids)
 
-    def _decode_all(self, refs: Sequence[ImageRef | bytes]) -> tuple[list[DecodedImage], list[str]]:
-        """Each image decoded, and the sha256 of its bytes (its image_id in the offers log)."""
-        decoded, ids = [], []
-        for i, ref in enumerate(refs):
-            data = self.fetch(ref, i)
-            decoded.append(self.decode(data, i))
-            ids.append(hashlib.sha256(data).hexdigest())
-        return decoded, ids
+        def take(i: int, data: bytes, d: DecodedImage) -> tuple[np.ndarray, Any, str]:
+            feats = self._quality(d) if quality else None
+            return self.preparation.resize(d), feats, hashlib.sha256(data).hexdigest()
+
+        got = self._each(refs, take)
+        return Prepared(
+            pixels=self._pixels([g[0] for g in got]),
+            quality=np.stack([g[1] for g in got]) if quality and got else None,
+            image_ids=[g[2] for g in got],
+        )
 
     def prepare_select(
         self, refs: Sequence[ImageRef | bytes], max_side: int, *, quality: bool = False
@@ -1174,15 +1342,21 @@ class ImagePreparer:
         """``prepare`` plus sizes and a copy of each image at most ``max_side`` for the VLM
         (and quality features when ``quality``)."""
         self.check_count(len(refs), self.limits.max_select_images)
-        decoded, ids = self._decode_all(refs)
-        views = [vlm_view(d.image, max_side) for d in decoded]
+
+        def take(i: int, data: bytes, d: DecodedImage) -> tuple[Any, ...]:
+            feats = self._quality(d) if quality else None
+            view = vlm_view(d.image, max_side)
+            sha = hashlib.sha256(data).hexdigest()
+            return self.preparation.resize(d), d.width, d.height, view, sha, feats
+
+        got = self._each(refs, take)
         return SelectImages(
-            pixels=self.preparation.pixels(decoded),
-            widths=np.array([d.width for d in decoded], np.float64),
-            heights=np.array([d.height for d in decoded], np.float64),
-            views=views,
-            image_ids=ids,
-            quality=self.preparation.quality(decoded) if quality and decoded else None,
+            pixels=self._pixels([g[0] for g in got]),
+            widths=np.array([g[1] for g in got], np.float64),
+            heights=np.array([g[2] for g in got], np.float64),
+            views=[g[3] for g in got],
+            image_ids=[g[4] for g in got],
+            quality=np.stack([g[5] for g in got]) if quality and got else None,
         )
 
     def prepare_pick(
@@ -1200,23 +1374,24 @@ class ImagePreparer:
             given: :func:`given_captures` of ``images``.
         """
         self.check_count(len(refs), self.limits.max_pick_images)
-        decoded: list[DecodedImage] = []
-        ids: list[str] = []
-        captures: list[Capture] = []
-        hashes: list[int] = []
-        for i, ref in enumerate(refs):
-            data = self.fetch(ref, i)
-            d = self.decode(data, i)
-            decoded.append(d)
-            ids.append(hashlib.sha256(data).hexdigest())
-            captures.append(request_capture(data, images[i], given[i]))
-            hashes.append(dhash(d.image))  # on the decoded pixels, as keeper embed takes it
+
+        def take(i: int, data: bytes, d: DecodedImage) -> tuple[Any, ...]:
+            return (
+                self.preparation.resize(d),
+                self._quality(d),
+                hashlib.sha256(data).hexdigest(),
+                request_capture(data, images[i], given[i]),
+                dhash(d.image),  # on the decoded pixels, as keeper embed takes it
+            )
+
+        got = self._each(refs, take)
+        n_features = len(FEATURE_NAMES)
         return PickImages(
-            pixels=self.preparation.pixels(decoded),
-            quality=self.preparation.quality(decoded),
-            image_ids=ids,
-            captures=captures,
-            hashes=hashes,
+            pixels=self._pixels([g[0] for g in got]),
+            quality=np.stack([g[1] for g in got]) if got else np.zeros((0, n_features), np.float32),
+            image_ids=[g[2] for g in got],
+            captures=[g[3] for g in got],
+            hashes=[g[4] for g in got],
         )
 
 
@@ -1244,7 +1419,7 @@ def given_captures(images: Sequence[PickImage]) -> list[Capture | None]:
 
     Raises:
         ApiError: 422 ``invalid_capture_time`` naming the first image whose time is not an ISO
-            8601 date-time or a finite epoch.
+            8601 date-time or a finite epoch within datetime's years (1-9999).
     """
     out: list[Capture | None] = []
     for i, im in enumerate(images):
@@ -1255,6 +1430,13 @@ def given_captures(images: Sequence[PickImage]) -> list[Capture | None]:
             out.append(given_capture(im.capture_time, im.camera))
         except ConfigError as e:
             raise ApiError(422, "invalid_capture_time", f"image {i}: {e}", index=i) from e
+        except (OverflowError, ValueError) as e:  # a number no float or date can hold
+            raise ApiError(
+                422,
+                "invalid_capture_time",
+                f"image {i}: capture time is not a finite epoch in range ({type(e).__name__})",
+                index=i,
+            ) from e
     return out
 
 

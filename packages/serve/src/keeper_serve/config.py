@@ -35,6 +35,23 @@ ONLINE = "OnlineFigures"
 
 DEFAULT_TOKEN_ENV = "KEEPER_API_TOKEN"
 
+# Hard ceilings of the request models' lists (``keeper_serve.api``, pydantic ``max_length``): a
+# configured maximum may not exceed its ceiling (``LimitArgs`` refuses it), so a list longer than
+# the ceiling can never be served and is refused while the body is validated (422), before the
+# route's own count check (400 ``too_many_*``) against the configured maximum.
+#: images in one request, any route (``max_images``, ``max_pick_images``, ``max_select_images``)
+IMAGES_CEILING = 4096
+#: texts, or positive / negative prompts, in one request (``max_texts``)
+TEXTS_CEILING = 1024
+#: series in one /v1/rank request (``max_series``) and images in one series (``max_series_len``)
+SERIES_CEILING = 1024
+#: corpus image_ids in one /v1/select request (``max_select_ids``)
+SELECT_IDS_CEILING = 1_000_000
+#: events in one /v1/feedback request (``feedback.max_events``)
+EVENTS_CEILING = 100_000
+#: keeper's image ids: the sha256 of an image's bytes, 64 hex digits (``keeper embed``, requests)
+IMAGE_ID_CHARS = 64
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -85,22 +102,71 @@ class LimitArgs(_Strict):
     max_request_bytes: int = Field(32 * 1024 * 1024, gt=0, description="whole body (413)")
     max_image_bytes: int = Field(16 * 1024 * 1024, gt=0, description="one encoded image")
     max_pixels: int = Field(40_000_000, gt=0, description="one image, from its header")
+    # Images are decoded one at a time and each is released once its model pixels and quality
+    # features are taken, so a request's memory holds one full-size decode (<= max_pixels) per
+    # worker thread whatever its count; this budget bounds the decode work of one request. Counted
+    # from every image's header before any is decoded (an s3:// image: when it is fetched, before
+    # it is decoded), as the pixels the decode allocates: a JPEG that is draft-decoded counts its
+    # draft's (a 24 MP camera JPEG about 0.4 MP), any other format its full size (a flat
+    # 8000 x 5000 PNG of 127 KB decodes to 40 MP, 120 MB of RGB, in ~0.35 s).
+    max_request_pixels: int = Field(
+        200_000_000,
+        gt=0,
+        description="decoded pixels of all of one request's images together, from their headers",
+    )
     min_side: int = Field(16, ge=1, description="smallest accepted image side")
     max_jpeg_scans: int = Field(
         256, gt=0, description="scans in one JPEG (encoders write ~10; each is a full pass)"
     )
-    max_images: int = Field(64, ge=1, description="images in one request, all series together")
-    max_texts: int = Field(64, ge=1, description="texts (or prompts) in one request")
+    max_images: int = Field(
+        64, ge=1, le=IMAGES_CEILING, description="images in one request, all series together"
+    )
+    max_texts: int = Field(
+        64, ge=1, le=TEXTS_CEILING, description="texts (or prompts) in one request"
+    )
     max_text_chars: int = Field(1000, ge=1)
-    max_series: int = Field(16, ge=1, description="series in one /v1/rank request")
-    max_series_len: int = Field(32, ge=2, description="images in one series")
+    max_series: int = Field(
+        16, ge=1, le=SERIES_CEILING, description="series in one /v1/rank request"
+    )
+    max_series_len: int = Field(32, ge=2, le=SERIES_CEILING, description="images in one series")
     # A shoot to cull is larger than a request to score: a burst alone can be 30 frames, so
     # /v1/pick has its own count (its bytes and pixels are still bounded by the limits above).
-    max_pick_images: int = Field(256, ge=1, description="images in one /v1/pick request")
+    max_pick_images: int = Field(
+        256, ge=1, le=IMAGES_CEILING, description="images in one /v1/pick request"
+    )
     # /v1/select's candidates: a search's worth, each embedded; only top_n reach the VLM.
-    max_select_images: int = Field(256, ge=1, description="candidates in one /v1/select request")
+    max_select_images: int = Field(
+        256, ge=1, le=IMAGES_CEILING, description="candidates in one /v1/select request"
+    )
     # Candidates named by image_id cost no decode (only the VLM's top_n are read).
-    max_select_ids: int = Field(100_000, ge=1, description="corpus image_ids in one /v1/select")
+    max_select_ids: int = Field(
+        100_000, ge=1, le=SELECT_IDS_CEILING, description="corpus image_ids in one /v1/select"
+    )
+    # pydantic validates every item of a list before it compares the list's length with its
+    # max_length, so a 32 MiB body of 2.9 M tiny items cost 3-5 s and ~1.5 GB even with the
+    # caps; this count, taken from the body's bytes (commas, brackets and braces: a comma inside
+    # a string counts too), refuses such a body before it is parsed. Must exceed what the other
+    # limits admit (max_select_ids ids plus max_texts texts full of commas).
+    max_json_values: int = Field(
+        200_000,
+        ge=1024,
+        description="values (array items, object members) in one JSON body, from its bytes",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LimitArgs:
+        if self.max_request_pixels < self.max_pixels:
+            raise ValueError(
+                "limits.max_request_pixels must be >= limits.max_pixels (one image at the "
+                "limit could never be served)"
+            )
+        need = self.max_select_ids + self.max_texts * self.max_text_chars + 1024
+        if self.max_json_values < need:
+            raise ValueError(
+                f"limits.max_json_values must be >= {need} (max_select_ids + max_texts x "
+                "max_text_chars + 1024), or a JSON body the other limits admit is refused"
+            )
+        return self
 
     def decode_limits(self) -> DecodeLimits:
         """What ``decode_image`` enforces for one image of a request."""
@@ -263,7 +329,9 @@ class FeedbackArgs(_Strict):
     # Rows a replica holds while storage fails; past it, /v1/feedback answers 503 and offers
     # are dropped (counted), so a storage outage never grows a replica without bound.
     max_pending: int = Field(100_000, ge=1, description="unwritten rows a replica holds at most")
-    max_events: int = Field(1000, ge=1, description="events in one /v1/feedback request")
+    max_events: int = Field(
+        1000, ge=1, le=EVENTS_CEILING, description="events in one /v1/feedback request"
+    )
     offers: bool = Field(True, description="log what /v1/rank, /v1/pick and /v1/select offered")
     offer_embeddings: bool = Field(
         True,
@@ -401,6 +469,14 @@ class KeeperAppArgs(_Strict):
             raise ValueError("ab is set but ranker.model_uri is null: no champion to compare with")
         if self.review is not None and self.feedback is None:
             raise ValueError("review is set but feedback is null: decisions would go nowhere")
+        # An event is an object of at most 6 members: 8 values with its braces and comma.
+        if self.feedback is not None and self.feedback.max_events * 8 + 1024 > (
+            self.limits.max_json_values
+        ):
+            raise ValueError(
+                "limits.max_json_values must be >= feedback.max_events x 8 + 1024, or a "
+                "/v1/feedback body of max_events events is refused"
+            )
         return self
 
 

@@ -31,6 +31,7 @@ import collections
 import functools
 import hmac
 import logging
+import re
 import threading
 import time
 import uuid
@@ -43,7 +44,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
@@ -181,6 +182,57 @@ def error_response(
     )
 
 
+#: What an error message that may reach a client must not carry: Ray's "(pid=.., ip=..)", IPv4
+#: addresses (with a port), absolute file paths (not the "//bucket/key" of an s3:// URI), and
+#: terminal colour codes (Ray colours its "ray::Deployment()" prefix).
+_RAY_WHERE = re.compile(r"\s*\((?:pid|ip)=[^)]*\)")
+_IPV4 = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?(?![\d.])")
+_PATH = re.compile(r"(?<![\w:/.~-])(?:~|\.{1,2})?/(?:[^\s/'\"(),;:]+/)*[^\s/'\"(),;:]+")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MAX_MESSAGE = 200
+
+
+def remote_cause(exc: BaseException) -> BaseException:
+    """The error another deployment raised, out of Ray's wrapper; any other error as it is.
+
+    A deployment handle raises a remote error as ``RayTaskError`` (for a KeeperError, a
+    ``RayTaskError(DataError)`` that is both), whose str() is the remote traceback: pid, node IP,
+    file paths. Its ``cause`` is the original; a deployment calling another nests them.
+    """
+    seen: set[int] = set()
+    while isinstance(exc, RayTaskError) and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException):
+            break
+        exc = cause
+    return exc
+
+
+def scrub(text: str) -> str:
+    """One line of ``text`` for a client: its first non-empty line, without Ray's pid/IP, IP
+    addresses and file paths, cut to 200 characters."""
+    text = _ANSI.sub("", text)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = _PATH.sub("<path>", _IPV4.sub("<ip>", _RAY_WHERE.sub("", first)))
+    return first if len(first) <= _MAX_MESSAGE else first[: _MAX_MESSAGE - 3] + "..."
+
+
+def remote_message(exc: BaseException) -> str:
+    """The message of an error raised here or in another deployment, as a client may read it."""
+    try:
+        return scrub(str(remote_cause(exc)))
+    except Exception:  # a broken __str__ must not turn a refusal into a 500
+        return ""
+
+
+def brief(exc: BaseException) -> str:
+    """``Type: message`` of an error (Ray's wrapper unwrapped), as a client may read it."""
+    name = type(remote_cause(exc)).__name__
+    message = remote_message(exc)
+    return f"{name}: {message}" if message else name
+
+
 def _refusal(ingress: _Front | None, request: Request) -> Response | None:
     """The answer to a request that must not reach its route, or None to let it through.
 
@@ -245,7 +297,8 @@ class _AuthAndMetrics:
                 if started:  # the answer has begun: nothing more can be sent (counted as begun)
                     raise
                 log.exception("keeper API: unhandled error on %s", path)
-                response = error_response(500, "internal", f"internal error ({type(exc).__name__})")
+                name = type(remote_cause(exc)).__name__
+                response = error_response(500, "internal", f"internal error ({name})")
                 status = response.status_code
                 await response(scope, receive, send)
         finally:
@@ -341,6 +394,12 @@ async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 @app.exception_handler(KeeperError)
 async def _keeper(request: Request, exc: KeeperError) -> JSONResponse:
+    """A KeeperError raised here refuses the request's input (400); one raised in another
+    deployment (its routes catch those a client can cause) is the server's failure (500), named
+    by type and one scrubbed line, the whole remote traceback logged."""
+    if isinstance(exc, RayTaskError):
+        log.error("keeper API: a deployment failed on %s:\n%s", request.url.path, exc)
+        return error_response(500, "deployment_error", f"a deployment failed: {brief(exc)}")
     return error_response(400, "bad_input", str(exc))
 
 
@@ -363,7 +422,7 @@ async def _replica_lost(request: Request, exc: RayActorError) -> JSONResponse:
 @app.exception_handler(Exception)
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     log.exception("keeper API: unhandled error on %s", request.url.path)
-    return error_response(500, "internal", f"internal error ({type(exc).__name__})")
+    return error_response(500, "internal", f"internal error ({type(remote_cause(exc)).__name__})")
 
 
 #: What ranks /v1/select's candidates, as its offer rows name it (and "+vlm:SOURCE" after a VLM).
@@ -655,7 +714,10 @@ class KeeperIngress:
         body = await self._body(request)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype in ("application/json", ""):
-            req = api.parse_json(body, model)
+            # On a worker thread: validating a large body takes its time, the loop serves on.
+            req = await asyncio.to_thread(
+                api.parse_json, body, model, self.args.limits.max_json_values
+            )
             return req, list(getattr(req, image_key, []) or [])
         if ctype == "multipart/form-data" and model not in _JSON_ONLY:
             return await self._parse_multipart(request, body, model)
@@ -684,14 +746,18 @@ class KeeperIngress:
         files: list[ImageRef | bytes] = []
         fields: dict[str, Any] = {}
         per_image: dict[str, list[Any]] = {}
+        n_values = 0  # JSON values in the text fields, counted as a JSON body's are
         for key, value in form.multi_items():
             if hasattr(value, "read"):
                 if key != "images":
                     raise ApiError(422, "invalid_request", f"file field {key!r}: use 'images'")
                 files.append(await value.read())
-            elif key in ("texts", "positive", "negative", "ids"):
+                continue
+            n_values += api.json_values(value) + 1
+            api.check_json_values(n_values, limits.max_json_values)
+            if key in ("texts", "positive", "negative", "ids"):
                 fields.setdefault(key, []).extend(api.form_list(value))
-            elif key in _SCALAR_FIELDS:
+            elif key in _SCALAR_FIELDS and key not in fields:
                 fields[key] = value  # the model refuses those that are not its own
             elif pick and key in _PICK_LISTS and key not in per_image:
                 per_image[key] = api.form_values(value, key)
@@ -710,7 +776,7 @@ class KeeperIngress:
             for item, v in zip(items, values, strict=True):
                 item[_PICK_LISTS[key]] = v
         fields["images"] = items
-        req = api.parse_fields(fields, model)
+        req = await asyncio.to_thread(api.parse_fields, fields, model)
         return req, files
 
     async def _prepare(self, refs: list[ImageRef | bytes], *, quality: bool) -> api.Prepared:
@@ -911,7 +977,9 @@ class KeeperIngress:
         rows = np.empty(len(ids), np.int64)
         for j, k in enumerate(ids):
             if k not in self._corpus_rows:
-                raise ApiError(400, "unknown_id", f"ids[{j}] {k!r} is not in the corpus", index=j)
+                raise ApiError(
+                    400, "unknown_id", f"ids[{j}] {api.short_id(k)} is not in the corpus", index=j
+                )
             rows[j] = self._corpus_rows[k]
         return rows
 
@@ -1246,9 +1314,11 @@ class KeeperIngress:
                 vlm=judge,
             )
         except CascadeStageError as e:
-            log.error("/v1/select: %s", e)
+            log.error("/v1/select: %s", e, exc_info=e)  # the cause's traceback, remote or not
             raise ApiError(
-                503, f"{e.stage}_unavailable", f"the {e.stage} stage failed: {e.cause}; retry"
+                503,
+                f"{e.stage}_unavailable",
+                f"the {e.stage} stage failed: {scrub(e.cause)}; retry",
             ) from e
         out = result.as_dict(dropped=req.candidates == "all")
         rationales = None
@@ -1313,7 +1383,7 @@ class KeeperIngress:
                 self.search_index.search.remote(query, req.k, req.filters), self._clip()
             )
         except UnknownImageId as e:
-            raise ApiError(400, "unknown_id", str(getattr(e, "cause", e))) from e
+            raise ApiError(400, "unknown_id", remote_message(e)) from e
         return {
             "request_id": req.request_id,
             "model": clip["spec"],
@@ -1360,9 +1430,9 @@ class KeeperIngress:
         # Raised in the replica, these arrive as Ray's copy of the error (its str() is a
         # traceback): the message is the original's.
         except UnknownCollection as e:
-            raise ApiError(404, "unknown_collection", str(getattr(e, "cause", e))) from e
+            raise ApiError(404, "unknown_collection", remote_message(e)) from e
         except CollectionUnusable as e:
-            raise ApiError(409, "collection_unusable", str(getattr(e, "cause", e))) from e
+            raise ApiError(409, "collection_unusable", remote_message(e)) from e
         return {
             "request_id": req.request_id,
             "model": clip["spec"],

@@ -34,7 +34,7 @@ from keeper_core import storage
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.errors import ConfigError, DataError, StorageError
 from keeper_core.vector_index import META_FILE, VectorIndex
-from keeper_serve.api import SEARCH_FEATURES, SearchFilters
+from keeper_serve.api import SEARCH_FEATURES, SearchFilters, short_id
 from keeper_serve.config import SearchArgs
 
 log = logging.getLogger("keeper.serve")
@@ -93,7 +93,7 @@ class Snapshot:
         """
         row = self.by_image_id.get(image_id)
         if row is None:
-            raise UnknownImageId(f"image_id {image_id!r} is not in the indexed table")
+            raise UnknownImageId(f"image_id {short_id(image_id)} is not in the indexed table")
         v = self.embeddings[row].astype(np.float32)
         return v / np.linalg.norm(v)
 
