@@ -149,7 +149,8 @@ def test_select_judges_only_the_top_n_and_accounts_for_every_row(
         assert str(tiny_vlm) in page
         assert "Random CLIP weights" in page
         assert "Random VLM weights" in page
-        assert page.count("data:image/jpeg;base64,") >= 3 + 4  # picks + the judged top-N
+        # each judged image once: a pick's card, the other judged rows' thumbnails
+        assert page.count("data:image/jpeg;base64,") == len(reached) - lost_here.sum()
     assert summary.queries[0].vlm_failed == 1  # the victim was the first query's
 
     on_disk = json.loads((out / select.SUMMARY).read_text())

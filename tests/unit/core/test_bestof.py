@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from keeper_core.bestof import compare_methods, write_report
+from keeper_core.report import MAX_IMAGES, thumbnail_data_uri
 
 # Three series of 2, 3 and 4 shots; keepers at positions 1, 0 and 2.
 # Series ids sort differently from manifest order: results follow the sorted ids.
@@ -158,3 +159,99 @@ def test_write_report_default_shows_every_series(tmp_path: Path) -> None:
     assert len(calls) == 9
     assert "(no image)" not in html
     assert "defocus" not in html  # note_column=None: no degradation notes
+
+
+def _many(n_series: int, per: int) -> pd.DataFrame:
+    n = n_series * per
+    return pd.DataFrame(
+        {
+            "series_id": np.repeat([f"s{i:05d}" for i in range(n_series)], per),
+            "image_uri": [f"img/{i}.jpg" for i in range(n)],
+            "is_best": np.tile([True] + [False] * (per - 1), n_series),
+        }
+    )
+
+
+def test_report_at_10000_images_is_capped_and_says_so(tmp_path: Path) -> None:
+    manifest = _many(1000, 10)
+    rng = np.random.default_rng(0)
+    scores = {"a": rng.random(len(manifest)), "b": rng.random(len(manifest))}
+    c = compare_methods(manifest, scores)
+    calls, load = _loader(set())
+    html = write_report(
+        tmp_path / "r.html", "t", c, scores, load, max_series=1000, note_column=None
+    ).read_text()
+    # Series go in whole: 100 of them fill the 1,000 thumbnails; no image beyond is even read.
+    assert html.count("<img ") == MAX_IMAGES == len(calls) == 1000
+    assert html.count("<div class='series'>") == 100
+    assert (
+        "Showing 100 of 1,000 series (1,000 of 10,000 images); the metrics above are over all "
+        "1,000 series." in html
+    )
+    assert "<td>1,000</td>" in html  # n_series, a count: no decimals
+    assert "1000.000" not in html
+    assert len(html) < 2_000_000  # these test thumbnails are tiny; the byte cap is tested below
+
+
+def test_report_byte_cap_stops_at_a_whole_series(tmp_path: Path) -> None:
+    manifest = _many(20, 5)
+    scores = {"a": np.arange(len(manifest), dtype=np.float64)}
+    c = compare_methods(manifest, scores)
+    _, load = _loader(set())
+    one = len(thumbnail_data_uri(Image.new("RGB", (40, 30), (10, 100, 200))))
+    html = write_report(
+        tmp_path / "r.html", "t", c, scores, load, max_thumb_bytes=int(one * 12.5)
+    ).read_text()
+    # Two series (10 thumbnails) fit under 12.5 thumbnails' bytes; the third would pass it.
+    assert html.count("<div class='series'>") == 2
+    assert "Showing 2 of 20 series (10 of 100 images)" in html
+
+
+def test_one_series_longer_than_the_cap_shows_keeper_and_picks(tmp_path: Path) -> None:
+    per = 50
+    manifest = _many(1, per)
+    good = np.zeros(per)
+    good[0] = 1.0  # picks the keeper (position 0)
+    late = np.zeros(per)
+    late[40] = 1.0  # picks position 40, beyond the first shots
+    scores = {"good": good, "late": late}
+    c = compare_methods(manifest, scores)
+    calls, load = _loader(set())
+    html = write_report(
+        tmp_path / "r.html", "t", c, scores, load, max_images=10, note_column=None
+    ).read_text()
+    assert html.count("<img ") == 10
+    assert "img/40.jpg" in calls
+    assert "img/0.jpg" in calls
+    assert "... and 40 more shots of this series, not shown" in html
+    assert "Showing 1 of 1 series (10 of 50 images)" in html
+    assert html.count("<span class='tag pick'>good</span>") == 1
+    assert html.count("<span class='tag miss'>late</span>") == 1
+
+
+def test_report_order_disagreements_first_then_misses(tmp_path: Path) -> None:
+    # s1: both right; s2: both wrong on the same shot; s3: they disagree.
+    manifest = pd.DataFrame(
+        {
+            "series_id": ["s1", "s1", "s2", "s2", "s3", "s3"],
+            "image_uri": [f"img/{i}.jpg" for i in range(6)],
+            "is_best": [True, False, True, False, True, False],
+        }
+    )
+    a = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    b = np.array([1.0, 0.0, 0.0, 1.0, 0.0, 1.0])
+    c = compare_methods(manifest, {"a": a, "b": b})
+    _, load = _loader(set())
+    html = write_report(tmp_path / "r.html", "t", c, {"a": a, "b": b}, load).read_text()
+    where = [html.index(f"series {s}</div>") for s in ("s3", "s2", "s1")]
+    assert where == sorted(where)
+    assert "Showing all 3 series (6 images)." in html
+    assert "methods pick different shots come first" in html
+
+    # One method: the series it gets wrong first, named (and escaped).
+    c = compare_methods(manifest, {"<a>": b})
+    html = write_report(tmp_path / "r1.html", "t", c, {"<a>": b}, load).read_text()
+    where = [html.index(f"series {s}</div>") for s in ("s2", "s3", "s1")]
+    assert where == sorted(where)
+    assert "Series where &lt;a&gt; misses the keeper come first" in html
+    assert "<a>" not in html

@@ -1,15 +1,28 @@
 """Self-contained HTML reports: a grid per series with thumbnails, the true keeper and each
-method's pick. Thumbnails are embedded as data URIs, so the file can be mailed or opened from S3."""
+method's pick. Thumbnails are embedded as data URIs, so the file can be mailed or opened from S3.
+
+A data URI is ~5 KB a thumbnail and a browser decodes every one on load (``loading='lazy'`` does
+nothing for them), so a page holds at most ``MAX_IMAGES`` thumbnails and ``MAX_THUMB_BYTES`` of
+them (a few MB, a second or two to open); ``keeper_core.bestof.write_report`` chooses the series
+that fit and the page says how many it shows of how many.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
 import io
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image
+
+#: Thumbnails on one report page: series are added whole until the next would pass either bound.
+MAX_IMAGES = 1_000
+#: Bytes of thumbnail data URIs on one page (~5 KB each for a 160 px JPEG at quality 80).
+MAX_THUMB_BYTES = 5_000_000
 
 
 def thumbnail_data_uri(image: Image.Image, size: int = 160, quality: int = 80) -> str:
@@ -37,6 +50,7 @@ class SeriesView:
     series_id: str
     shots: list[ShotView]
     picks: dict[str, int]  # method -> index into shots
+    omitted: int = 0  # shots of this series left off the page (one series longer than the cap)
 
 
 _CSS = """
@@ -48,8 +62,38 @@ table.m{border-collapse:collapse;margin:12px 0} table.m td,table.m th{border:1px
 .shot.best{border-color:#2a9d3a} .shot img{max-width:160px;display:block}
 .tag{display:inline-block;padding:1px 5px;border-radius:3px;margin:1px;color:#fff;font-size:10px}
 .keep{background:#2a9d3a} .pick{background:#3564c4} .miss{background:#c44}
-.legend span{margin-right:12px}
+.legend span{margin-right:12px} .shown{font-weight:600}
+.more{font-size:12px;color:#555;margin-top:4px}
 """
+
+
+def format_metric(value: object) -> str:
+    """A count (an integer) with thousands separators and no decimals, anything else to 3."""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, numbers.Integral):
+        return f"{int(value):,}"
+    if isinstance(value, numbers.Real):
+        return f"{float(value):.3f}"
+    return str(value)
+
+
+def _shown_line(
+    series: Sequence[SeriesView],
+    total_series: int | None,
+    total_images: int | None,
+    with_metrics: bool,
+) -> str:
+    k = len(series)
+    m = sum(len(s.shots) for s in series)
+    n = k if total_series is None else total_series
+    t = m + sum(s.omitted for s in series) if total_images is None else total_images
+    if k == n and m == t:
+        return f"Showing all {n:,} series ({t:,} images)."
+    line = f"Showing {k:,} of {n:,} series ({m:,} of {t:,} images)"
+    if with_metrics:
+        line += f"; the metrics above are over all {n:,} series"
+    return line + "."
 
 
 def series_report_html(
@@ -59,15 +103,22 @@ def series_report_html(
     metrics_rows: Mapping[str, Mapping[str, float]] | None = None,
     warnings: Sequence[str] = (),
     notes: Sequence[str] = (),
+    total_series: int | None = None,
+    total_images: int | None = None,
+    shown_order: str = "",
 ) -> str:
     """Render a series report.
 
     Args:
         title: page heading.
         series: the series to show, in display order.
-        metrics_rows: method -> {metric: value} shown as a table at the top.
+        metrics_rows: method -> {metric: value} shown as a table at the top (ints, the counts,
+            without decimals; the rest to 3 decimals).
         warnings: shown prominently (e.g. "random weights: prompt scores are meaningless").
         notes: shown as plain paragraphs.
+        total_series: series the metrics are over, when ``series`` shows only some of them.
+        total_images: images in those series.
+        shown_order: one sentence saying which series are shown, and in what order.
     """
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"]
@@ -80,9 +131,14 @@ def series_report_html(
         parts += [f"<th>{esc(c)}</th>" for c in cols]
         parts.append("</tr>")
         for name, row in metrics_rows.items():
-            cells = "".join(f"<td>{row.get(c, float('nan')):.3f}</td>" for c in cols)
+            cells = "".join(
+                f"<td>{esc(format_metric(row.get(c, float('nan'))))}</td>" for c in cols
+            )
             parts.append(f"<tr><th>{esc(name)}</th>{cells}</tr>")
         parts.append("</table>")
+    shown = _shown_line(series, total_series, total_images, bool(metrics_rows))
+    order = f" {esc(shown_order)}" if shown_order else ""
+    parts.append(f"<p id='shown'><span class='shown'>{esc(shown)}</span>{order}</p>")
     parts.append(
         "<p class='legend'><span class='tag keep'>keeper</span> the true best shot "
         "<span class='tag pick'>method</span> a method picked the keeper "
@@ -109,6 +165,12 @@ def series_report_html(
             if shot.note:
                 parts.append(f"<div>{esc(shot.note)}</div>")
             parts.append("</div>")
-        parts.append("</div></div>")
+        parts.append("</div>")
+        if s.omitted:
+            parts.append(
+                f"<div class='more'>... and {s.omitted:,} more shots of this series, not shown "
+                "(the keeper and every pick are)</div>"
+            )
+        parts.append("</div>")
     parts.append("</body></html>")
     return "".join(parts)

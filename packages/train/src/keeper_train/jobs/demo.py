@@ -77,7 +77,7 @@ class DemoConfig(BaseModel):
     seed: int = 0
     manifest: str | None = Field(None, description="a series manifest instead of a corpus")
     batch_size: int = Field(64, ge=1)
-    report_series: int = Field(60, ge=1, description="series shown in the reports")
+    report_series: int = Field(60, ge=1, le=500, description="series shown in the reports")
     ray_address: str | None = None
     epochs: int = Field(40, ge=1, description="training epochs of the ranking head")
     model_name: str = Field("keeper-demo-ranker", description="registered model name")

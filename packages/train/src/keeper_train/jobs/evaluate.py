@@ -64,7 +64,7 @@ class EvaluateConfig(BaseModel):
     embeddings: str = Field(description="output of keeper embed")
     series: str = Field(description="labelled series manifest (CSV/Parquet)")
     html: str | None = Field(None, description="write the series report here")
-    report_series: int = Field(60, ge=1, description="series shown in the report")
+    report_series: int = Field(60, ge=1, le=500, description="series shown in the report")
     tracking_uri: str | None = None
     data_dir: str = Field("keeper-data", description="embedded MLflow store when none is set")
     json_out: str | None = Field(None, description="also write the summary here (path or s3://)")

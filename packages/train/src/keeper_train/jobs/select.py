@@ -98,6 +98,15 @@ QUERY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 THUMB_PX = 160
 _STAGES_BEFORE_VLM = ("clip", "heuristics", "dedup", "rerank")
 _EXAMPLES = 3  # file names shown per (stage, reason) row of the dropped summary
+#: index.html's bounds. Its thumbnails are inline data URIs (~5 KB each, every one decoded when
+#: the page opens: loading='lazy' does nothing for them), and top_n / top_k are not bounded here
+#: as the server bounds them per request (a batch may judge thousands), so the page bounds itself:
+#: a card with a thumbnail for each of the first PAGE_PICKS picks; in the top-N table thumbnails
+#: on those of the first PAGE_ROW_THUMBS rows with no card (a card's row links to it), text up
+#: to PAGE_ROWS rows, and a count of the rest (every row is in scored.parquet).
+PAGE_PICKS = 200
+PAGE_ROW_THUMBS = 200
+PAGE_ROWS = 1_000
 
 
 class Query(BaseModel):
@@ -857,7 +866,7 @@ def _thumb(judged: Judged, i: int, cls: str = "") -> str:
     c = f" class='{cls}'" if cls else ""
     if not uri:
         return f"<span class='nothumb'{c}>no thumbnail</span>" if not cls else ""
-    return f"<img{c} loading='lazy' alt='' src='{_e(uri)}'>"
+    return f"<img{c} alt='' src='{_e(uri)}'>"
 
 
 def models_html(p: Plan, vlm_note: str, vlm_info: dict[str, Any] | None) -> str:
@@ -901,8 +910,10 @@ def render_query_html(
 ) -> str:
     """OUTPUT/<query>/index.html: self-contained (thumbnails inlined), small at any N.
 
-    Lists the picks and the top-N (what reached the VLM stage); the candidates dropped before
-    it are counted by stage and reason with a few examples, never listed one by one.
+    Lists the picks and the top-N (what reached the VLM stage), each bounded (``PAGE_PICKS``,
+    ``PAGE_ROW_THUMBS``, ``PAGE_ROWS``: at most 400 thumbnails, each inlined once, whatever
+    top_n and top_k are); the candidates dropped before it are counted by stage and reason with
+    a few examples, never listed one by one.
     """
     c, k = p.candidates, res.candidates
     title = f"keeper select: {q.query.name}"
@@ -942,33 +953,54 @@ def render_query_html(
         )
     parts.append("</table>")
 
-    parts.append(f"<h2>Picks: {len(res.picks)}</h2><div class='picks' id='picks'>")
-    for r, i in enumerate(res.picks):
+    parts.append(f"<h2>Picks: {len(res.picks):,}</h2><div class='picks' id='picks'>")
+    for r, i in enumerate(res.picks[:PAGE_PICKS]):
         parts.append(
-            f"<div class='pick'>{_thumb(judged, i)}<b>#{r + 1}</b> "
+            f"<div class='pick' id='pick{r + 1}'>{_thumb(judged, i)}<b>#{r + 1}</b> "
             f"<span class='mono'>{_e(_name(c.image_uri[i]))}</span><br>final {_n(k.final[i])}"
             f" · clip {_n(k.clip[i])}"
             + (f" · vlm {_n(k.vlm[i])}" if p.cfg.vlm_active else "")
             + "</div>"
         )
     parts.append("</div>")
+    if len(res.picks) > PAGE_PICKS:
+        parts.append(
+            f"<p id='more-picks'>... and {len(res.picks) - PAGE_PICKS:,} more picks without a card "
+            "(all in scored.parquet, by pick_rank).</p>"
+        )
 
     rank = {i: r + 1 for r, i in enumerate(res.picks)}
+    top = q.survivors.tolist()
+    parts.append(f"<h2>Top-N: {len(top):,} reached the VLM stage (rerank order)</h2>")
+    if len(top) > PAGE_ROW_THUMBS:
+        listed = f"; the first {PAGE_ROWS:,} rows are listed" if len(top) > PAGE_ROWS else ""
+        parts.append(
+            f"<p id='topn-bounds'>Thumbnails on the first {PAGE_ROW_THUMBS:,} rows (a pick's row "
+            f"links to its card above instead){listed}.</p>"
+        )
     parts.append(
-        f"<h2>Top-N: {len(q.survivors)} reached the VLM stage (rerank order)</h2>"
         "<table class='m' id='topn'><tr><th></th><th>#</th><th>image</th><th>clip_raw</th>"
         "<th>clip</th><th>rerank</th><th>vlm</th><th>final</th><th>fate</th></tr>"
     )
-    for n, i in enumerate(q.survivors.tolist(), 1):
-        fate = f"pick #{rank[i]}" if i in rank else str(k.reason[i])
+    for n, i in enumerate(top[:PAGE_ROWS], 1):
+        pick = rank.get(i)
+        fate = f"pick #{pick}" if pick else str(k.reason[i])
+        if pick and pick <= PAGE_PICKS:  # its thumbnail is on its card: inlined once
+            cell = f"<a href='#pick{pick}'>#{pick}</a>"
+        else:
+            cell = _thumb(judged, i, "s") if n <= PAGE_ROW_THUMBS else ""
         parts.append(
-            f"<tr><td>{_thumb(judged, i, 's')}</td><td class='n'>{n}</td>"
+            f"<tr><td>{cell}</td><td class='n'>{n}</td>"
             f"<td class='mono' title='{_e(c.image_uri[i])}'>{_e(_name(c.image_uri[i]))}</td>"
             f"<td class='n'>{_n(k.clip_raw[i], '.4f')}</td><td class='n'>{_n(k.clip[i])}</td>"
             f"<td class='n'>{_n(k.rerank[i])}</td><td class='n'>{_n(k.vlm[i])}</td>"
             f"<td class='n'>{_n(k.final[i])}</td><td>{_e(fate)}</td></tr>"
         )
     parts.append("</table>")
+    if len(top) > PAGE_ROWS:
+        parts.append(
+            f"<p id='more-topn'>... and {len(top) - PAGE_ROWS:,} more (all in scored.parquet).</p>"
+        )
 
     examples: dict[str, list[str]] = {}
     for i, (stage, why) in enumerate(zip(k.dropped_at, k.reason, strict=True)):
