@@ -98,7 +98,8 @@ class DedupConfig(BaseModel):
     )
     keep_by: str = Field(
         "sharpness",
-        description="the group member kept: largest value of this numeric column, or pixels",
+        description="the group member kept: largest value of this numeric column (checked "
+        "against the table's schema before any work), or pixels",
     )
     report_groups: int = Field(200, ge=0, description="largest groups shown in index.html")
 
@@ -194,10 +195,39 @@ def run(cfg: DedupConfig) -> DedupSummary:
     return summary
 
 
+def numeric_columns(schema: pa.Schema) -> list[str]:
+    """The columns ``keep_by`` may name: integer or floating point (``pixels`` aside)."""
+    return [f.name for f in schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
+
+
+def check_keep_by(schema: pa.Schema, keep_by: str) -> None:
+    """Refuse a ``keep_by`` that is not a numeric column of the table, naming the choices.
+
+    A text column (``image_uri``) would make every score -inf and keep each group's image by
+    URI without a word: refused, as a missing column is.
+
+    Raises:
+        ConfigError: ``keep_by`` is neither ``pixels`` nor a numeric column.
+    """
+    if keep_by == "pixels":
+        return
+    numeric = numeric_columns(schema)
+    if keep_by in numeric:
+        return
+    if keep_by in schema.names:
+        what = f"a column of type {schema.field(keep_by).type}, not a number"
+    else:
+        what = "not a column of the table"
+    raise ConfigError(
+        f"keep_by {keep_by!r} is {what}: keep_by is pixels or a numeric column: {numeric}"
+    )
+
+
 def read_table(table: str, keep_by: str) -> tuple[pd.DataFrame, np.ndarray, str]:
     """The table's rows (the columns dedup reads), embeddings (N, D) and its one model spec."""
     folder = storage.join(table, EMBEDDINGS)
     t = storage.read_parquet(folder)
+    check_keep_by(t.schema, keep_by)  # first: before the rows are looked at
     if not t.num_rows:
         raise DataError("the embedding table has no rows", source=folder)
     specs = set(t.column("model_spec").to_pylist())
@@ -206,11 +236,6 @@ def read_table(table: str, keep_by: str) -> tuple[pd.DataFrame, np.ndarray, str]
     emb = embedding_matrix(t, source=folder)
     wanted = ["image_uri", "image_id", "width", "height", "dhash", "capture_ts", "time_source"]
     if keep_by != "pixels":
-        if keep_by not in t.column_names:
-            raise ConfigError(
-                f"keep_by {keep_by!r} is not a column of the table; numeric columns: "
-                f"{[f.name for f in t.schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]}"
-            )
         wanted.append(keep_by)
     df = t.select([c for c in dict.fromkeys(wanted) if c in t.column_names]).to_pandas()
     if df["image_uri"].duplicated().any():

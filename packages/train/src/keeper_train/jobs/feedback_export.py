@@ -53,8 +53,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from keeper_core import storage
 from keeper_core.embedding import check_same_spec
-from keeper_core.errors import DataError
+from keeper_core.errors import DataError, ModelLoadError
 from keeper_core.feedback import decisions, read_feedback, read_offers
+from keeper_core.models import ModelSpec, preprocess_config
 from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import job_main
 from keeper_train.table import list_parts
@@ -105,6 +106,20 @@ class FeedbackExportConfig(BaseModel):
         False,
         description="only images offered at a URI, so keeper finetune can read every row",
     )
+
+    @field_validator("model_spec")
+    @classmethod
+    def _spec(cls, v: str | None) -> str | None:
+        # As embed's model: an unknown arch or tag, or no ARCH[:WEIGHTS], fails here, before the
+        # logs are read (else every offer would be counted other_model_spec); canonical, so
+        # ViT-B-32 and ViT-B-32:random compare as the offers' specs do. Loads no weights.
+        if v is None:
+            return v
+        try:
+            preprocess_config(v)
+            return str(ModelSpec.parse(v))
+        except ModelLoadError as e:  # pydantic names the field only for ValueErrors
+            raise ValueError(str(e)) from e
 
     @field_validator("since", "until")
     @classmethod

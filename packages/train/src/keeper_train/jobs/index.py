@@ -24,12 +24,18 @@ import time
 from collections.abc import Sequence
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from keeper_core import storage
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.errors import ConfigError, DataError, StorageError
-from keeper_core.vector_index import IndexParams, VectorIndex, build, choose_backend
+from keeper_core.vector_index import (
+    CROSSOVER_N,
+    IndexParams,
+    VectorIndex,
+    build,
+    choose_backend,
+)
 from keeper_train.config import job_main
 from keeper_train.table import list_parts
 
@@ -50,17 +56,38 @@ class IndexConfig(BaseModel):
     target_recall: float = Field(0.95, gt=0, le=1, description="recall@10 vs exact search")
     rebuild: bool = Field(False, description="build anew instead of adding to the index there")
 
+    @model_validator(mode="after")
+    def _params_fit(self) -> IndexConfig:
+        # IndexParams' own rules (a dtype the backend stores), before the table is read: for
+        # auto, with each backend choose_backend may take (exact below CROSSOVER_N, faiss above).
+        for n in (0, CROSSOVER_N) if self.backend == "auto" else (0,):
+            try:
+                self._params(n)
+            except ValidationError as e:
+                why = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+                auto = (
+                    f" (backend=auto takes {choose_backend(0).backend} below {CROSSOVER_N} "
+                    f"vectors, {choose_backend(CROSSOVER_N).backend} from there)"
+                    if self.backend == "auto"
+                    else ""
+                )
+                raise ValueError(f"backend={self.backend} dtype={self.dtype}: {why}{auto}") from e
+        return self
+
     def where(self) -> str:
         return self.output or storage.join(self.table, INDEX)
 
-    def params(self, n: int) -> IndexParams:
+    def _params(self, n: int) -> IndexParams:
         base = choose_backend(n) if self.backend == "auto" else IndexParams(backend=self.backend)
         update: dict[str, object] = {"dtype": self.dtype, "target_recall": self.target_recall}
         update.update(
             {k: v for k, v in (("m", self.m), ("ef_construction", self.ef_construction)) if v}
         )
+        return IndexParams(**{**base.model_dump(), **update})
+
+    def params(self, n: int) -> IndexParams:
         try:
-            return IndexParams(**{**base.model_dump(), **update})
+            return self._params(n)
         except ValueError as e:
             raise ConfigError(str(e)) from e
 

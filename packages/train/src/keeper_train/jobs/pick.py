@@ -10,8 +10,11 @@ and embedding similarity, each group is ranked by the registered ranker (``model
 when one exists) or by a zero-shot rule on quality features that every output names as such, and
 each photo is kept, kept as an alternate, or rejected, with the reasons.
 
-    plan      refuse a WebDataset corpus (keeper embed's input, not a photo library); resolve
-              the ranker (before any work: its embedding spec is the one to embed with)
+    plan      refuse a WebDataset corpus (keeper embed's input, not a photo library) and
+              sidecar or keeper-export settings the write step could not honour for this input
+              (a manifest's images in several buckets under xmp=mirror or copy_keepers, S3
+              images under xmp=beside); resolve the ranker (before any work: its embedding
+              spec is the one to embed with)
     embed     keeper embed into OUTPUT/table (resumable: embeds only what is missing), reading
               capture metadata and writing thumbnails from the bytes and pixels it already has
     load      the table's rows for this input; images that failed, with their reasons; capture
@@ -133,18 +136,55 @@ class PickJobConfig(BaseModel):
     def table(self) -> str:
         return (self.embeddings or storage.join(self.out, TABLE)).rstrip("/")
 
+    @property
+    def is_manifest(self) -> bool:
+        """Whether ``input`` is a CSV/Parquet manifest (embed's test), not a folder or prefix."""
+        return self.input.lower().endswith(embed.MANIFEST_SUFFIXES)
+
+    @property
+    def mirrors_paths(self) -> list[str]:
+        """The settings that write each photo at its path relative to the input root."""
+        return [
+            key
+            for key, on in (
+                ("xmp=mirror", self.xmp == "mirror"),
+                ("copy_keepers", bool(self.copy_keepers)),
+                ("link_keepers", bool(self.link_keepers)),
+            )
+            if on
+        ]
+
     def input_root(self, inputs: Sequence[str]) -> str:
         """The folder relative paths (mirrored sidecars, copies) start from.
 
         The input folder; for a manifest, the deepest folder holding every image it lists.
+
+        Raises:
+            ConfigError: a manifest's images have no such folder (several buckets, or S3 and
+                local paths mixed), naming the settings that need one.
         """
-        if not self.input.lower().endswith(embed.MANIFEST_SUFFIXES):
+        if not self.is_manifest:
             return self.input.rstrip("/")
-        return common_folder(inputs) if inputs else storage.parent(self.input)
+        if not inputs:
+            return storage.parent(self.input)
+        try:
+            return common_folder(inputs)
+        except ConfigError as e:
+            uses = " and ".join(self.mirrors_paths) or "mirrored paths"
+            raise ConfigError(
+                f"input {self.input!r}: {e}, so {uses} (which write each photo at its path "
+                "relative to one folder or prefix holding every image) cannot: use xmp=none "
+                "(or xmp=beside, for local images) without copy_keepers/link_keepers, or "
+                "split the manifest"
+            ) from e
 
 
 def common_folder(uris: Sequence[str]) -> str:
-    """The deepest folder or prefix holding every URI (all local, or all in one bucket)."""
+    """The deepest folder or prefix holding every URI (all local, or all in one bucket).
+
+    Raises:
+        ConfigError: the URIs span several buckets, or mix ``s3://`` and local paths.
+    """
     import os.path
 
     if all(storage.is_s3(u) for u in uris):
@@ -155,10 +195,12 @@ def common_folder(uris: Sequence[str]) -> str:
                 break
             common.append(names[0])
         if len(common) < 3:  # s3:, "", bucket
-            raise ConfigError("a manifest's images span several buckets: use xmp=none")
+            buckets = sorted({p[2] for p in parts})
+            shown = ", ".join(buckets[:3]) + (", ..." if len(buckets) > 3 else "")
+            raise ConfigError(f"the manifest's images span {len(buckets)} buckets ({shown})")
         return "/".join(common)
     if any(storage.is_s3(u) for u in uris):
-        raise ConfigError("a manifest mixes s3:// and local images: use xmp=none")
+        raise ConfigError("the manifest mixes s3:// and local images")
     return os.path.commonpath([os.path.dirname(storage.same_key(u)) for u in uris])
 
 
@@ -183,6 +225,53 @@ def check_input(cfg: PickJobConfig) -> None:
             "folders, s3:// prefixes of photos and CSV/Parquet manifests of them; embed a "
             "WebDataset corpus with keeper embed"
         )
+
+
+def check_handback(cfg: PickJobConfig) -> None:
+    """Refuse sidecar and keeper-export settings the write step cannot honour, before any work.
+
+    The write step's own checks, run here on the inputs (embed, which takes minutes to hours,
+    comes between): :meth:`PickJobConfig.input_root` (``common_folder``: ``xmp=mirror``,
+    ``copy_keepers`` and ``link_keepers`` need one folder or prefix holding every image),
+    ``plan_sidecars`` (``xmp=beside`` writes beside local originals only) and
+    ``export_keepers`` (links are local only). A folder's or prefix's root is the input itself
+    and it is not listed here; a manifest is read for its image URIs (``embed.list_inputs``,
+    what embed and the load step read), the first ``limit`` of them as those steps take.
+
+    Raises:
+        ConfigError: the settings cannot be written for these inputs (naming the setting).
+        DataError, StorageError: the manifest cannot be read (embed would fail the same way).
+    """
+    dest = cfg.copy_keepers or cfg.link_keepers
+    if cfg.xmp == "none" and not dest:
+        return
+    inputs: list[str] = []
+    if cfg.is_manifest:
+        inputs, _ = embed.list_inputs(cfg.input, exclude=excluded(cfg))
+        if cfg.limit:
+            inputs = inputs[: cfg.limit]
+    root = cfg.input_root(inputs) if cfg.mirrors_paths else ""
+    if cfg.xmp != "none":
+        out_dir = storage.join(cfg.out, XMP) if cfg.xmp == "mirror" else None
+        try:
+            plan_sidecars(
+                inputs, input_root=root, mode=cfg.xmp, out_dir=out_dir, naming=cfg.xmp_naming
+            )
+        except ConfigError as e:
+            raise ConfigError(f"xmp={cfg.xmp} with input {cfg.input!r}: {e}") from e
+    if dest:
+        key = "copy_keepers" if cfg.copy_keepers else "link_keepers"
+        mode = "copy" if cfg.copy_keepers else cfg.link_mode
+        try:
+            # Its checks of mode and destination: given no images, it exports nothing.
+            export_keepers([], input_root=root, dest=dest, mode=mode)
+        except ConfigError as e:
+            raise ConfigError(f"{key}={dest!r}: {e}") from e
+        if mode != "copy" and storage.is_s3(root):  # export_keepers' check of the images
+            raise ConfigError(
+                f"link_keepers links files on a local disk and the images are on S3 ({root}): "
+                "use copy_keepers"
+            )
 
 
 @dataclass
@@ -549,7 +638,8 @@ def write_outputs(
     )
     seconds["write_sheet"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    root = cfg.input_root(lib.inputs)
+    # Only mirrored paths need the root: xmp=none or beside takes any manifest.
+    root = cfg.input_root(lib.inputs) if cfg.mirrors_paths else ""
     sidecars = write_sidecars(cfg, result.picks, root)
     if cfg.xmp == "mirror":
         paths["xmp"] = storage.join(cfg.out, XMP)
@@ -578,6 +668,7 @@ def run(cfg: PickJobConfig) -> PickSummary:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     check_input(cfg)
+    check_handback(cfg)
     ranker, ranker_line = resolve_ranker(cfg)
     spec = embedding_spec(cfg, ranker)
     log.info(ranker_line)
