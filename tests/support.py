@@ -12,7 +12,10 @@ import time
 import zlib
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -241,3 +244,15 @@ def small_app_overrides(folder: Any, spec: str, **extra: Any) -> dict[str, Any]:
         overrides[f"deployments.{name}.ray_actor_options.num_cpus"] = cpus
         overrides[f"deployments.{name}.autoscaling_config.max_replicas"] = 1
     return {**overrides, **extra}
+
+
+def photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A smooth gradient with noise: real structure, different per seed."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], axis=-1)
+    base = base * rng.uniform(0.4, 1.0, 3) + rng.normal(0, 12, (h, w, 3))
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
-from support import jpeg_with_scans, png_declaring
+from support import jpeg_with_scans, photo, png_declaring
 
 from keeper_core.errors import DECODE_REASONS, ConfigError
 from keeper_core.images import image_size
@@ -45,15 +45,6 @@ LIMITS = LimitArgs(
 BUCKET_ALLOWED_BY_NAME = "keeper-allowed"
 Q_COLS = [FEATURE_NAMES.index(n) for n in QUALITY_INPUTS]  # what a ranker reads
 WH_COLS = [FEATURE_NAMES.index("width"), FEATURE_NAMES.index("height")]
-
-
-def photo(w: int, h: int, seed: int = 0) -> Image.Image:
-    """A smooth gradient with noise: real structure, different per seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], axis=-1)
-    base = base * rng.uniform(0.4, 1.0, 3) + rng.normal(0, 12, (h, w, 3))
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
 def encode(im: Image.Image, fmt: str, **kw: Any) -> bytes:

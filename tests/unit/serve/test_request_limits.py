@@ -30,6 +30,7 @@ from PIL import Image
 from pydantic import ValidationError
 from ray.exceptions import RayTaskError
 from serve_fakes import Recorder, Remote
+from support import photo
 
 from keeper_core.capture import given_capture
 from keeper_core.errors import ConfigError, DataError
@@ -188,14 +189,6 @@ def encode(im: Image.Image, fmt: str, **kw: Any) -> bytes:
     buf = io.BytesIO()
     im.save(buf, fmt, **kw)
     return buf.getvalue()
-
-
-def photo(w: int, h: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], axis=-1)
-    base = base * rng.uniform(0.4, 1.0, 3) + rng.normal(0, 12, (h, w, 3))
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
 def b64(data: bytes) -> dict[str, str]:

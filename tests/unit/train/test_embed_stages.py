@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from support import png_declaring
+from support import photo, png_declaring
 
 from keeper_core import storage
 from keeper_core.decoders import GpuDecoder
@@ -54,15 +54,6 @@ def encode(im: Image.Image, fmt: str, **kw: Any) -> bytes:
     buf = io.BytesIO()
     im.save(buf, fmt, **kw)
     return buf.getvalue()
-
-
-def photo(w: int, h: int, seed: int) -> Image.Image:
-    """A smooth gradient with some noise: real structure, different per seed."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], axis=-1)
-    base = base * rng.uniform(0.4, 1.0, 3) + rng.normal(0, 12, (h, w, 3))
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
 def run_prepare(uris: list[str], errors_dir: Path, run_id: str = "run-1") -> dict[str, np.ndarray]:
