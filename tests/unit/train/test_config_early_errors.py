@@ -13,7 +13,7 @@ import pytest
 from keeper_core import storage
 from keeper_core.errors import ConfigError
 from keeper_train.config import load_config
-from keeper_train.jobs import dedup, embed, feedback_export, index, pick, train_head
+from keeper_train.jobs import dedup, embed, feedback_export, finetune, index, pick, train_head
 
 
 def _refuse(*_: object, **__: object) -> None:
@@ -239,6 +239,20 @@ def test_train_head_bad_split_is_a_config_error(
     with pytest.raises(ConfigError, match=rf"invalid TrainHeadConfig: .*{match}"):
         load_config(train_head.TrainHeadConfig, None, [*HEAD, *overrides])
     assert train_head.main([*HEAD, *overrides]) == 2  # before the data is read
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["split_fractions=[0.9, 0.9, -0.8]"],
+        ["split_fractions=[0.5, 0.5, 0]"],
+        ["split_by=base_photo", "val_groups=[a]"],
+    ],
+)
+def test_finetune_checks_its_split_as_train_head_does(overrides: list[str]) -> None:
+    # The same SplitSettings: refused when the config is built, before the manifest is read.
+    with pytest.raises(ConfigError, match=r"invalid FinetuneConfig: .*(split_fractions|groups)"):
+        load_config(finetune.FinetuneConfig, None, ["series=series.csv", *overrides])
 
 
 def test_train_head_good_splits_build() -> None:

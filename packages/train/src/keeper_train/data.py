@@ -10,19 +10,58 @@ table.
 from __future__ import annotations
 
 import logging
+from typing import Self
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from keeper_core import storage
 from keeper_core.embedding import check_same_spec
-from keeper_core.errors import DataError, StorageError
+from keeper_core.errors import ConfigError, DataError, StorageError
 from keeper_core.series import read_series_manifest, split_series
 
 log = logging.getLogger("keeper.data")
 
 _KEY = "_join_key"
 _EXAMPLES = 3
+
+
+class SplitSettings(BaseModel):
+    """How a training job splits a manifest's series into train, val and test
+    (``assign_split``'s arguments), checked when the config is built, before any data is read."""
+
+    split_by: str = Field("series_id", description="column that keeps rows in one split")
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    val_groups: list[str] | None = Field(None, description="split_by values forced into val")
+    test_groups: list[str] | None = Field(None, description="split_by values forced into test")
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        # split_series' own rule (each >= 0, sum 1), on no rows: checked before the data is read.
+        try:
+            split_series(pd.DataFrame({"series_id": []}), fractions=v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from e
+        return v
+
+    @model_validator(mode="after")
+    def _split_consistent(self) -> Self:
+        if (self.val_groups or self.test_groups) and self.split_by == "series_id":
+            raise ValueError("val_groups/test_groups need split_by set to a group column")
+        if bool(self.val_groups) != bool(self.test_groups):
+            given = "val_groups" if self.val_groups else "test_groups"
+            raise ValueError(
+                f"{given} without {'test_groups' if self.val_groups else 'val_groups'}: named "
+                "groups send every other row to train, so that split would be empty; name both"
+            )
+        if not (self.val_groups or self.test_groups) and min(self.split_fractions) <= 0:
+            raise ValueError(
+                f"split_fractions {self.split_fractions}: train, val and test each need a "
+                "fraction > 0 (an empty split is refused)"
+            )
+        return self
 
 
 def read_embeddings(embeddings: str) -> pd.DataFrame:

@@ -62,7 +62,7 @@ from keeper_core.tower import LORA_MODULES, TowerConfig, TuneMethod
 from keeper_core.training import shard_order
 from keeper_train import raytrain
 from keeper_train.config import load_config
-from keeper_train.data import assign_split
+from keeper_train.data import SplitSettings, assign_split
 
 log = logging.getLogger("keeper.finetune")
 
@@ -70,7 +70,7 @@ SPLITS = ("train", "val", "test")
 _QUALITY_COLUMNS = [FEATURE_NAMES.index(n) for n in QUALITY_INPUTS]
 
 
-class FinetuneConfig(raytrain.WorkerPlacement):
+class FinetuneConfig(raytrain.WorkerPlacement, SplitSettings):
     """Everything finetune takes; unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -110,10 +110,6 @@ class FinetuneConfig(raytrain.WorkerPlacement):
     decode_batch: int = Field(16, ge=1, description="images per decode task batch")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs each decode task asks for")
     seed: int = 0
-    split_by: str = Field("series_id", description="column that keeps rows in one split")
-    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    val_groups: list[str] | None = None
-    test_groups: list[str] | None = None
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     bf16: bool = Field(True, description="bf16 autocast on GPU (CPU always runs fp32)")
@@ -132,8 +128,6 @@ class FinetuneConfig(raytrain.WorkerPlacement):
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:
-        if (self.val_groups or self.test_groups) and self.split_by == "series_id":
-            raise ValueError("val_groups/test_groups need split_by set to a group column")
         if self.head == "transformer" and self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         self.tower_config()  # method/targets consistency, named

@@ -35,10 +35,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keeper_core import storage
-from keeper_core.errors import ConfigError, DataError, KeeperError
+from keeper_core.errors import DataError, KeeperError
 from keeper_core.heads import HeadConfig, make_head
 from keeper_core.metrics import SeriesMetrics, format_table, series_metrics
 from keeper_core.ranker import (
@@ -50,7 +50,6 @@ from keeper_core.ranker import (
     fit_standardizer,
     series_arrays,
 )
-from keeper_core.series import split_series
 from keeper_core.training import (
     LossKind,
     Series,
@@ -63,12 +62,12 @@ from keeper_core.training import (
 )
 from keeper_train import raytrain
 from keeper_train.config import load_config
-from keeper_train.data import assign_split, join_series
+from keeper_train.data import SplitSettings, assign_split, join_series
 
 log = logging.getLogger("keeper.train_head")
 
 
-class TrainHeadConfig(raytrain.WorkerPlacement):
+class TrainHeadConfig(raytrain.WorkerPlacement, SplitSettings):
     """Everything train_head takes; unknown keys are errors."""
 
     # populate_by_name: the field is register_model (BaseModel has a `register`), the key "register".
@@ -91,10 +90,6 @@ class TrainHeadConfig(raytrain.WorkerPlacement):
     )
     patience: int = Field(10, ge=1, description="epochs without val top-1 gain before stopping")
     seed: int = 0
-    split_by: str = Field("series_id", description="column that keeps rows in one split")
-    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    val_groups: list[str] | None = Field(None, description="split_by values forced into val")
-    test_groups: list[str] | None = Field(None, description="split_by values forced into test")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     storage: str = Field("keeper-data/checkpoints", description="checkpoints: folder or s3://")
@@ -117,31 +112,8 @@ class TrainHeadConfig(raytrain.WorkerPlacement):
     fail_at_epoch: int | None = Field(None, ge=0, description="fault drill: fail once there")
     ray_address: str | None = None
 
-    @field_validator("split_fractions")
-    @classmethod
-    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        # split_series' own rule (each >= 0, sum 1), on no rows: checked before the data is read.
-        try:
-            split_series(pd.DataFrame({"series_id": []}), fractions=v)
-        except ConfigError as e:
-            raise ValueError(str(e)) from e
-        return v
-
     @model_validator(mode="after")
-    def _groups_need_split_by(self) -> TrainHeadConfig:
-        if (self.val_groups or self.test_groups) and self.split_by == "series_id":
-            raise ValueError("val_groups/test_groups need split_by set to a group column")
-        if bool(self.val_groups) != bool(self.test_groups):
-            given = "val_groups" if self.val_groups else "test_groups"
-            raise ValueError(
-                f"{given} without {'test_groups' if self.val_groups else 'val_groups'}: named "
-                "groups send every other row to train, so that split would be empty; name both"
-            )
-        if not (self.val_groups or self.test_groups) and min(self.split_fractions) <= 0:
-            raise ValueError(
-                f"split_fractions {self.split_fractions}: train, val and test each need a "
-                "fraction > 0 (prepare refuses an empty split)"
-            )
+    def _consistent(self) -> TrainHeadConfig:
         if self.head == "transformer" and self.hidden % self.heads:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         return self
