@@ -227,33 +227,40 @@ def never_decode(prep: ImagePreparer, monkeypatch: pytest.MonkeyPatch) -> list[i
 # ---------------------------------------------------------------- 1. pixels per request
 
 
-def test_the_audits_six_flat_pngs_are_refused_from_their_headers_before_any_decode(
+#: Flat 40 MP PNGs of 127 KB each that pass the default budget of 1,000 MP together (1,040 MP).
+OVER_BUDGET = 26
+
+
+def test_flat_pngs_over_the_budget_are_refused_from_their_headers_before_any_decode(
     flat_png: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prep = preparer()  # the defaults: 40 MP an image, 200 MP a request
+    prep = preparer()  # the defaults: 40 MP an image, 1,000 MP a request
     assert len(flat_png) < 200_000
     calls = never_decode(prep, monkeypatch)
     for prepare in (
         lambda refs: prep.prepare(refs, quality=True),
         lambda refs: prep.prepare_select(refs, 448),
-        lambda refs: prep.prepare_pick(refs, [api.PickImage(b64="")] * len(refs), [None] * 6),
+        lambda refs: prep.prepare_pick(
+            refs, [api.PickImage(b64="")] * len(refs), [None] * OVER_BUDGET
+        ),
     ):
-        e = refused(prepare, [flat_png] * 6)
+        e = refused(prepare, [flat_png] * OVER_BUDGET)
         assert (e.status, e.code, e.index) == (400, "too_many_request_pixels", None)
-        assert "240000000" in e.message
-        assert "200000000" in e.message
+        assert "1040000000" in e.message
+        assert "1000000000" in e.message
     assert calls == []
 
 
 def test_the_budget_over_http_multipart(
     serve_app: Callable[..., tuple[Any, Any]], flat_png: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The audit's request (6 flat PNGs, 760 KB of multipart to /v1/embed): 400, nothing decoded."""
+    """The audit's request, grown past the budget (26 flat PNGs, 3.3 MB of multipart to
+    /v1/embed): 400, nothing decoded."""
     encoder = FakeEncoder()
     client, inst = serve_app(encoder=encoder)
     real = inst.images.preparation.decode
     calls = never_decode(inst.images, monkeypatch)
-    files = [("images", (f"{i}.png", flat_png, "image/png")) for i in range(6)]
+    files = [("images", (f"{i}.png", flat_png, "image/png")) for i in range(OVER_BUDGET)]
     r = client.post("/v1/embed", files=files, headers=AUTH)
     assert err(r) == (400, "too_many_request_pixels"), r.text
     assert calls == []

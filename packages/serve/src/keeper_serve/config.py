@@ -109,8 +109,10 @@ class LimitArgs(_Strict):
     # it is decoded), as the pixels the decode allocates: a JPEG that is draft-decoded counts its
     # draft's (a 24 MP camera JPEG about 0.4 MP), any other format its full size (a flat
     # 8000 x 5000 PNG of 127 KB decodes to 40 MP, 120 MB of RGB, in ~0.35 s).
+    # 1,000 MP: ~80 phone photos in HEIC or PNG (12 MP each), every drafted JPEG of a /v1/pick
+    # shoot, and about 9 s of decoding at most; a platform sending larger HEIC shoots raises it.
     max_request_pixels: int = Field(
-        200_000_000,
+        1_000_000_000,
         gt=0,
         description="decoded pixels of all of one request's images together, from their headers",
     )
