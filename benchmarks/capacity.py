@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -358,6 +359,9 @@ def run_child(kind: str, spec: str, manifest: Path, images: int, batch: int) -> 
     # process's ray.init(address="auto") would find this cluster.
     tmp = tempfile.mkdtemp(prefix="kcap", dir="/tmp")
     env["RAY_TMPDIR"] = tmp
+    # ray.cluster_utils.Cluster starts its nodes as `ray start` does: token auth off unless the
+    # environment turns it on, and they bind this machine's routable IP.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     try:
         subprocess.run(cmd, check=True, env=env)
     finally:

@@ -3,14 +3,20 @@
 #   RAY_AUTH_MODE=token   `ray start` leaves token authentication off without it
 #   RAY_AUTH_TOKEN        kept if set, else `ray get-auth-token --generate` (~/.ray/auth_token,
 #                         created if missing and made readable by this user only)
+#   RAY_TOKEN_HINT        how a client shell gets that token, without printing it: a command
+#                         that reads the file, or a note that it is the one this shell was given
 #   PATH                  the directory of $RAY first: job entrypoints run `python` from the
 #                         head's PATH, which must be the interpreter that runs this ray
 export RAY_AUTH_MODE=token
 if [[ -z "${RAY_AUTH_TOKEN:-}" ]]; then
     # Prints the token on stdout (a newline on stderr); creates ~/.ray/auth_token if missing.
-    RAY_AUTH_TOKEN="$("$RAY" get-auth-token --generate 2>/dev/null)"
-    # Ray writes the file world-readable; the token grants code execution on the cluster.
+    # Ray writes the file world-readable; the token grants code execution on the cluster, so
+    # the file is created under umask 077 and made readable by this user only.
+    RAY_AUTH_TOKEN="$(umask 077 && "$RAY" get-auth-token --generate 2>/dev/null)"
     if [[ -f "$HOME/.ray/auth_token" ]]; then chmod 600 "$HOME/.ray/auth_token"; fi
+    RAY_TOKEN_HINT='export RAY_AUTH_TOKEN="$(ray get-auth-token 2>/dev/null)"   # from ~/.ray/auth_token'
+else
+    RAY_TOKEN_HINT='export RAY_AUTH_TOKEN=...   # the token this script was started with (not printed)'
 fi
 if [[ -z "$RAY_AUTH_TOKEN" ]]; then
     echo "$(basename "$0"): no auth token (RAY_AUTH_TOKEN empty and get-auth-token gave none)" >&2

@@ -125,7 +125,7 @@ cat <<EOF
 Ray cluster up: head + $i worker node(s) [$WORKERS], token auth on, state in $DIR.
 
   export RAY_AUTH_MODE=token
-  export RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN}
+  ${RAY_TOKEN_HINT}
   export RAY_API_SERVER_ADDRESS=${url}
 
 Check: ray status --address 127.0.0.1:${GCS_PORT}

@@ -52,7 +52,9 @@ if [[ -n "${RAY_NUM_GPUS:-}" ]]; then gpu_args=(--num-gpus "$RAY_NUM_GPUS"); fi
 url="http://127.0.0.1:${DASHBOARD_PORT}"
 for _ in $(seq 60); do
     command -v curl >/dev/null || break
-    if curl -fsS -o /dev/null -H "Authorization: Bearer ${RAY_AUTH_TOKEN}" "${url}/api/version" 2>/dev/null; then
+    # The header from stdin (-H @-): a token on curl's command line would show in `ps`.
+    if printf 'Authorization: Bearer %s\n' "$RAY_AUTH_TOKEN" \
+        | curl -fsS -o /dev/null -H @- "${url}/api/version" 2>/dev/null; then
         break
     fi
     sleep 1
@@ -63,7 +65,7 @@ cat <<EOF
 Ray head is up (token auth on). In the shell you submit from:
 
   export RAY_AUTH_MODE=token
-  export RAY_AUTH_TOKEN=${RAY_AUTH_TOKEN}
+  ${RAY_TOKEN_HINT}
   export RAY_API_SERVER_ADDRESS=${url}
 
 (RAY_AUTH_MODE too: the job client sends the token only when it is "token". And

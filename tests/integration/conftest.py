@@ -138,10 +138,12 @@ def ray_head() -> Iterator[HeadNode]:
         (home / "ray-start.log").write_text(started.stdout + started.stderr)
         if started.returncode != 0:
             raise RuntimeError(f"start-head.sh exited {started.returncode}:\n{started.stderr}")
-        # What the script prints for a client: the mode, this token, this dashboard.
-        for line in ("RAY_AUTH_MODE=token", f"RAY_AUTH_TOKEN={token}",
+        # What the script prints for a client: the mode, how to get the token, this dashboard;
+        # never the token itself (it would sit in scrollback and in logs like this one's).
+        for line in ("RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN=",
                      f"RAY_API_SERVER_ADDRESS={head.dashboard}"):  # fmt: skip
             assert f"export {line}" in started.stdout, started.stdout
+        assert token not in started.stdout + started.stderr
         _wait_for_dashboard(head, None, timeout_s=120)
         yield head
     finally:

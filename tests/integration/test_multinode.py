@@ -198,6 +198,7 @@ def _start(state: Path) -> Cluster:
         cluster.stop()
         raise AssertionError(f"start-cluster.sh failed:\n{proc.stdout}\n{proc.stderr}")
     assert "export RAY_AUTH_TOKEN=" in proc.stdout
+    assert token not in proc.stdout + proc.stderr  # how to get it, never the token itself
     return cluster
 
 

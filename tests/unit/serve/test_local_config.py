@@ -502,3 +502,17 @@ def test_start_with_haproxy_refuses_to_join_a_cluster_started_without_it(
     with pytest.raises(ConfigError, match="start the cluster with RAY_SERVE_ENABLE_HA_PROXY=1"):
         local.start(small_config(), ray_address=address, haproxy=True)
     assert local.HAPROXY_FLAG not in os.environ  # nothing was set on the way
+
+
+@pytest.mark.parametrize(("address", "env"), [("127.0.0.1:6379", None), (None, "auto")])
+def test_an_open_api_is_served_only_by_a_ray_started_here(
+    monkeypatch: pytest.MonkeyPatch, address: str | None, env: str | None
+) -> None:
+    """Joining a running Ray, its Serve keeps its own host (maybe 0.0.0.0): open is refused."""
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    cfg = local.apply_overrides(small_config(), {"auth.insecure_local": True})
+    with pytest.raises(ConfigError, match="served only by a Ray that keeper serve starts"):
+        local.start(cfg, ray_address=address)

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from keeper_core import ray_token
 from keeper_core.errors import ConfigError, KeeperError
 from keeper_serve.config import ENCODER, RANKER, KeeperAppArgs, encoder_memory_shortfall
 
@@ -160,6 +161,8 @@ def start(
     """Deploy the app and wait until ``/healthz`` answers; returns the base URL.
 
     Starts a local Ray for this process unless Ray is initialised or ``ray_address`` is given.
+    An open API (``auth.insecure_local``) is served only by a Ray started here: joining one is a
+    ``ConfigError`` (its Serve may already listen beyond loopback, keeping its own host).
     ``host`` and ``port`` replace the config's ``http_options`` when given. Replicas read the
     API token where the config says (``auth.token_file``, or the variable ``auth.token_env`` in
     their own environment: a local Ray started here inherits this process's). Tokens are never
@@ -212,6 +215,17 @@ def start(
         )
     started_here = False
     address = ray_address or os.environ.get("RAY_ADDRESS") or None
+    if args.auth.insecure_local:
+        # Open only on loopback: a Serve already running (a cluster's, or a `ray start` head a
+        # plain ray.init() would join) keeps its own http_options, maybe 0.0.0.0.
+        if ray.is_initialized() or address not in (None, "local"):
+            raise ConfigError(
+                "an open API (--insecure-local / auth.insecure_local) is served only by a Ray "
+                "that keeper serve starts itself: a running cluster's Serve keeps its own host "
+                "and may listen beyond loopback. Drop --ray-address / RAY_ADDRESS, or serve "
+                "with a token"
+            )
+        address = "local"
     if haproxy and (ray.is_initialized() or address not in (None, "local")):
         if os.environ.get(HAPROXY_FLAG) != "1":  # joining: HAProxy is the cluster's already
             raise ConfigError(
@@ -230,6 +244,8 @@ def start(
             logging_level=logging.INFO if log_to_driver else logging.WARNING,
         )
         started_here = address in (None, "local")
+        if started_here:
+            ray_token.restrict()  # the token a new local Ray generated: this user's only
     if started_here:  # a Ray of this process alone: nothing will add memory to it
         refusal = memory_refusal(opts, float(ray.available_resources().get("memory", 0)))
         if refusal:

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from keeper_core import ray_token
+
 log = logging.getLogger(__name__)
 
 
@@ -30,6 +32,7 @@ def init_ray(address: str | None = None) -> str:
         target = address or os.environ.get("RAY_ADDRESS") or None
         if target is None:
             ray.init(log_to_driver=False, logging_level=logging.WARNING)
+            ray_token.restrict()  # the token a new local Ray generated: this user's only
         else:
             ray.init(address=target)
     res = ray.cluster_resources()
