@@ -20,10 +20,32 @@ from keeper_core.errors import KeeperError
 GROUP = "keeper.commands"
 
 
+class KeeperParser(argparse.ArgumentParser):
+    """An ArgumentParser whose trailing words (``key=value`` overrides) may also follow flags.
+
+    argparse fills a ``nargs="*"`` positional from the first run of bare words only, so in
+    ``keeper export MODEL --output x merge=false`` the ``merge=false`` would be "unrecognized".
+    A parser whose one positional is ``nargs="*"`` (every keeper command's overrides) takes such
+    later bare words too, in order; an unknown ``--flag`` is still refused. Subparsers inherit the
+    class (``add_subparsers``' default ``parser_class`` is the parent's).
+    """
+
+    def parse_known_args(  # type: ignore[override]  # argparse's overloads, as one
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        positionals = self._get_positional_actions()
+        if extras and len(positionals) == 1 and positionals[0].nargs == argparse.ZERO_OR_MORE:
+            dest, flag = positionals[0].dest, tuple(self.prefix_chars)
+            bare = [w for w in extras if not w.startswith(flag)]
+            if bare:
+                setattr(parsed, dest, [*(getattr(parsed, dest, None) or []), *bare])
+                extras = [w for w in extras if w.startswith(flag)]
+        return parsed, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="keeper", description="Find the keepers in large image collections."
-    )
+    parser = KeeperParser(prog="keeper", description="Find the keepers in large image collections.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
         ep.load()(subparsers)
@@ -43,6 +65,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _size(text: str) -> tuple[int, int]:
+    """``--size``: synthetic's own parser, imported only when the flag is given (numpy, PIL)."""
+    from keeper_core.synthetic import parse_size
+
+    return parse_size(text)
+
+
+def _photo(name: str) -> str:
+    """``--photos``: one of synthetic's ``PHOTOS``, or ``all`` (a choice checked lazily, so that
+    building the parser does not import numpy and PIL)."""
+    from keeper_core.synthetic import PHOTOS
+
+    if name not in (*PHOTOS, "all"):
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {name!r} (choose from all, {', '.join(PHOTOS)})"
+        )
+    return name
+
+
 def add_corpus_parser(subparsers: Any) -> None:  # argparse._SubParsersAction is private
     """``keeper corpus``: the best-of-series benchmark corpus generator (keeper_core.synthetic).
 
@@ -52,19 +93,30 @@ def add_corpus_parser(subparsers: Any) -> None:  # argparse._SubParsersAction is
     p.add_argument("--out", required=True, help="output folder (images and manifest.csv)")
     p.add_argument("--series", type=int, help="number of series (default 150)")
     p.add_argument("--seed", type=int, help="corpus seed (default 0)")
-    p.add_argument("--size", help="WIDTHxHEIGHT of every shot (default 320x240)")
     p.add_argument(
-        "--photos", nargs="+", help="base photo names, or 'all' (default: the six colour photos)"
+        "--size", type=_size, metavar="WxH", help="WIDTHxHEIGHT of every shot (default 320x240)"
+    )
+    p.add_argument(
+        "--photos",
+        nargs="+",
+        type=_photo,
+        metavar="PHOTO",
+        help="base photo names (scikit-image's: astronaut, chelsea, ...), or 'all' (default: the "
+        "six colour photos)",
     )
 
     def run(args: argparse.Namespace) -> int:
         from keeper_core import synthetic
 
-        argv = ["--out", args.out, "--series", str(150 if args.series is None else args.series)]
-        for flag, value in (("--seed", args.seed), ("--size", args.size)):
-            argv += [flag, str(value)] if value is not None else []
-        argv += ["--photos", *args.photos] if args.photos else []
-        return synthetic.main(argv)
+        kwargs: dict[str, Any] = {"n_series": 150 if args.series is None else args.series}
+        if args.seed is not None:
+            kwargs["seed"] = args.seed
+        if args.size is not None:
+            kwargs["image_size"] = args.size
+        if args.photos:
+            kwargs["photos"] = synthetic.PHOTOS if "all" in args.photos else args.photos
+        print(synthetic.generate_corpus(args.out, **kwargs))
+        return 0
 
     p.set_defaults(func=run)
 

@@ -128,7 +128,8 @@ def generate_corpus(
         ``degradation`` is ``"none"`` or e.g. ``"defocus:1.8+noise:12"``.
 
     Raises:
-        ConfigError: an argument is invalid (named), or scikit-image is not installed.
+        ConfigError: an argument is invalid (named; an ``out_dir`` that is, or lies under, a
+            file among them), or scikit-image is not installed.
     """
     if n_series < 1:
         raise ConfigError(f"n_series must be >= 1, got {n_series}")
@@ -144,9 +145,12 @@ def generate_corpus(
     unknown = sorted(set(names) - set(PHOTOS))
     if not names or unknown:
         raise ConfigError(f"photos must be a non-empty subset of {PHOTOS}, unknown: {unknown}")
+    out = Path(out_dir).resolve()
+    there = next(p for p in (out, *out.parents) if p.exists())  # the root always exists
+    if not there.is_dir():
+        raise ConfigError(f"out_dir must be a folder, but {there} is a file")
 
     base = load_photos(names)
-    out = Path(out_dir).resolve()
     rows: list[tuple[str, str, int, str, str]] = []
     for index in range(n_series):
         series_id = f"s{index:05d}"
@@ -346,11 +350,16 @@ _APPLY: dict[str, Callable[[Image.Image, np.random.Generator], tuple[Image.Image
 }
 
 
-def _parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` (e.g. ``320x240``) as ``(width, height)``: an argparse ``type=``.
+
+    Raises:
+        argparse.ArgumentTypeError: not two integers joined by ``x``.
+    """
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must look like 320x240, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"must look like 320x240, got {text!r}") from None
     return w, h
 
 
@@ -365,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-shots", type=int, default=2)
     parser.add_argument("--max-shots", type=int, default=5)
-    parser.add_argument("--size", type=_parse_size, default=(320, 240), help="WxH, e.g. 320x240")
+    parser.add_argument("--size", type=parse_size, default=(320, 240), help="WxH, e.g. 320x240")
     parser.add_argument(
         "--photos",
         nargs="+",

@@ -807,10 +807,12 @@ def _recalls(labels: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def _read_meta(uri: str) -> IndexMeta:
     where = storage.join(uri, META_FILE)
     try:
-        raw = json.loads(storage.read_bytes(where))
+        data = storage.read_bytes(where)
     except StorageError as e:
         raise StorageError(uri, f"no vector index here ({META_FILE}: {e.cause})") from e
-    except json.JSONDecodeError as e:
+    try:
+        raw = json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError; UnicodeDecodeError: binary
         raise DataError(f"not JSON: {e}", source=where) from e
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if not isinstance(version, int) or version > FORMAT_VERSION:

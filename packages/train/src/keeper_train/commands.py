@@ -274,6 +274,19 @@ def _is_override(arg: str) -> bool:
     return bool(sep) and key.replace("_", "").replace(".", "").isalnum()
 
 
+def _split_words(words: list[str]) -> tuple[str | None, list[str]]:
+    """A command's bare words as (its one positional, the ``key=value`` overrides).
+
+    The first word that is not ``key=value`` is the positional (None when every word is one:
+    ``--config F key=value``); the rest, in order, are overrides. The words may come before,
+    between or after the flags (keeper_core.cli.KeeperParser gathers them).
+    """
+    first = next((i for i, w in enumerate(words) if not _is_override(w)), None)
+    if first is None:
+        return None, list(words)
+    return words[first], [*words[:first], *words[first + 1 :]]
+
+
 def add_export_parser(subparsers: SubParsers) -> None:
     """``keeper export``: a registered ranker as one checkpoint or a folder (jobs.export)."""
     p = subparsers.add_parser(
@@ -288,9 +301,11 @@ def add_export_parser(subparsers: SubParsers) -> None:
     )
     p.add_argument("--config", help="YAML config (ExportConfig fields)")
     p.add_argument(
-        "model",
-        nargs="?",
-        help="models:/NAME@ALIAS, models:/NAME/VERSION or a logged model URI (required)",
+        "words",
+        nargs="*",
+        metavar="MODEL_URI|key=value",
+        help="the model: models:/NAME@ALIAS, models:/NAME/VERSION or a logged model URI "
+        "(required); and any other ExportConfig field as key=value, before or after the flags",
     )
     p.add_argument(
         "--output",
@@ -308,16 +323,12 @@ def add_export_parser(subparsers: SubParsers) -> None:
     p.add_argument(
         "--data-dir", help="embedded MLflow store when no tracking URI is set (default keeper-data)"
     )
-    p.add_argument("overrides", nargs="*", help="any other ExportConfig field as key=value")
 
     def run_export(args: argparse.Namespace) -> int:
         from keeper_train.config import load_config
         from keeper_train.jobs import export
 
-        overrides = list(args.overrides)
-        if args.model is not None and _is_override(args.model):  # `--config F key=value` only
-            overrides.insert(0, args.model)
-            args.model = None
+        args.model, overrides = _split_words(args.words)
         flags = as_overrides(given(args, EXPORT_FLAGS))
         cfg = load_config(export.ExportConfig, args.config, [*flags, *overrides])
         print(export.format_result(export.run(cfg)))
@@ -429,7 +440,13 @@ def add_reference_parser(subparsers: SubParsers) -> None:
         "another is refused. A flag given here overrides --config; one not given leaves the "
         "config's value alone.",
     )
-    add.add_argument("name", nargs="?", help="the collection (required)")
+    add.add_argument(
+        "words",
+        nargs="*",
+        metavar="NAME|key=value",
+        help="the collection (required); and other fields as key=value (embed.FIELD: "
+        "EmbedConfig's), before or after the flags",
+    )
     add.add_argument("--config", help="YAML config (ReferenceAddConfig fields)")
     add.add_argument("--input", help="folder, s3:// prefix, or CSV/Parquet manifest (required)")
     add.add_argument("--root", help="folder or s3:// prefix holding collections (required)")
@@ -446,17 +463,11 @@ def add_reference_parser(subparsers: SubParsers) -> None:
         "--max-failure-fraction", type=float, help="failed share of the table that fails the add"
     )
     add.add_argument("--ray-address", help="join this Ray cluster (default: local)")
-    add.add_argument(
-        "overrides", nargs="*", help="other fields as key=value (embed.FIELD: EmbedConfig's)"
-    )
 
     def run_add(args: argparse.Namespace) -> int:
         from keeper_train.jobs import reference
 
-        overrides = list(args.overrides)
-        if args.name is not None and _is_override(args.name):  # `--config F key=value` only
-            overrides.insert(0, args.name)
-            args.name = None
+        args.name, overrides = _split_words(args.words)
         argv = ["--config", args.config] if args.config else []
         values = given(args, ("name", "input", "root", "model", "description", "ray_address"))
         values.update({REFERENCE_NESTED[k]: v for k, v in given(args, REFERENCE_NESTED).items()})
