@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from keeper_core.errors import ConfigError, KeeperError
 from keeper_serve.config import KeeperAppArgs
 
@@ -141,12 +139,13 @@ def _plan(args: argparse.Namespace) -> _Plan:
     if args.port is not None:
         overrides["http_options.port"] = args.port
     cfg = local.apply_overrides(local.load_config(args.config), overrides)
-    try:
-        app_args = KeeperAppArgs.model_validate(cfg["applications"][0].get("args") or {})
-    except ValidationError as e:
-        raise ConfigError(f"invalid application args: {e}") from e
+    app_args = local.validate(cfg)  # Serve's schema and KeeperAppArgs, clip_model included
     http = local.http_address(cfg)
-    host, port = str(http["host"]), int(http["port"])
+    host = str(http["host"])
+    try:  # Serve's schema took it as an int already; never a bare int() message
+        port = int(http["port"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"http_options.port: {http['port']!r} is not a port number") from e
     if app_args.auth.insecure_local and not _loopback(host):
         how = "--insecure-local" if args.insecure_local else "auth.insecure_local"
         raise ConfigError(

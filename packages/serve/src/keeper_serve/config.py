@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from keeper_core.errors import ConfigError
 
@@ -55,6 +63,22 @@ IMAGE_ID_CHARS = 64
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def describe(e: ValidationError) -> str:
+    """A ``ValidationError`` as one line, ``field: message`` per error joined by ``; `` (as
+    keeper_train's configs say it): no pydantic dump, no errors.pydantic.dev links."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {' '.join(msg.split())}")
+    return "; ".join(parts)
+
+
+#: The validation context under which ``KeeperAppArgs`` checks ``clip_model`` against open_clip's
+#: configs (``KeeperAppArgs.checked``).
+CHECK_MODEL = "check_clip_model"
 
 
 class AuthArgs(_Strict):
@@ -454,6 +478,28 @@ class KeeperAppArgs(_Strict):
     review: ReviewArgs | None = Field(
         None, description="the review page's keeper pick runs; None: /ui lists none"
     )
+
+    @classmethod
+    def checked(cls, data: Any) -> KeeperAppArgs:
+        """``data`` validated, ``clip_model`` included: an unknown architecture or pretrained tag
+        fails here, as it does in keeper embed's config, instead of in a replica. Imports
+        open_clip (and torch: seconds) but loads no weights.
+
+        Raises:
+            ValidationError: as ``model_validate``.
+        """
+        return cls.model_validate(data, context={CHECK_MODEL: True})
+
+    @field_validator("clip_model")
+    @classmethod
+    def _spec(cls, v: str, info: ValidationInfo) -> str:
+        # ARCH[:WEIGHTS], canonical (ViT-B-32 is ViT-B-32:random), as keeper embed's model. The
+        # architecture and tag are looked up (preprocess_config: open_clip's configs, no
+        # weights) only under CHECK_MODEL: building the args must not import torch where an
+        # ingress replica or a test makes them.
+        from keeper_core.models import spec_field
+
+        return spec_field(v, look_up=bool((info.context or {}).get(CHECK_MODEL)))
 
     @field_validator("s3_allow_buckets")
     @classmethod

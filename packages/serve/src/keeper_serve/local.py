@@ -30,7 +30,13 @@ import yaml
 
 from keeper_core import ray_token
 from keeper_core.errors import ConfigError, KeeperError
-from keeper_serve.config import ENCODER, RANKER, KeeperAppArgs, encoder_memory_shortfall
+from keeper_serve.config import (
+    ENCODER,
+    RANKER,
+    KeeperAppArgs,
+    describe,
+    encoder_memory_shortfall,
+)
 
 log = logging.getLogger("keeper.serve")
 
@@ -43,14 +49,74 @@ class StartError(KeeperError):
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
-    """A Serve config file as a dict (``None``: the packaged dev-box config)."""
+    """A Serve config file as a dict (``None``: the packaged dev-box config), its shape checked
+    (``check_shape``).
+
+    Raises:
+        ConfigError: the file cannot be read, is not UTF-8 YAML, or has the wrong shape (one
+            line naming the file).
+    """
     p = Path(path) if path else DEFAULT_CONFIG
     try:
-        data = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as e:
         raise ConfigError(f"cannot read the Serve config {p}: {e}") from e
-    if not isinstance(data, dict) or not data.get("applications"):
-        raise ConfigError(f"{p}: a Serve config needs an 'applications' list")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"cannot read the Serve config {p}: not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot read the Serve config {p}: {_yaml_problem(e)}") from e
+    return check_shape(data, str(p))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans lines)."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return f"invalid YAML: {e.problem}{where}"
+    return "invalid YAML: " + " ".join(str(e).split())
+
+
+def check_shape(data: Any, where: str) -> dict[str, Any]:
+    """``data`` when it has the shape keeper reads before Serve's own schema does: a mapping
+    with a non-empty ``applications`` list of mappings, each one's ``args`` a mapping and its
+    ``deployments`` a list of mappings with a ``name``, and ``http_options`` a mapping.
+
+    Raises:
+        ConfigError: the first part that is not so, named (``where``: the file).
+    """
+
+    def kind(v: Any) -> str:
+        return type(v).__name__
+
+    apps = data.get("applications") if isinstance(data, dict) else None
+    if not isinstance(apps, list) or not apps:
+        raise ConfigError(f"{where}: a Serve config needs an 'applications' list")
+    for i, app in enumerate(apps):
+        if not isinstance(app, dict):
+            raise ConfigError(
+                f"{where}: applications[{i}] must be a mapping (name, import_path, args, "
+                f"deployments), not {kind(app)} {app!r}"
+            )
+        args = app.get("args")
+        if args is not None and not isinstance(args, dict):
+            raise ConfigError(
+                f"{where}: applications[{i}].args must be a mapping of KeeperAppArgs fields, "
+                f"not {kind(args)}"
+            )
+        deps = app.get("deployments")
+        if deps is not None and not isinstance(deps, list):
+            raise ConfigError(f"{where}: applications[{i}].deployments must be a list")
+        for j, dep in enumerate(deps or []):
+            if not isinstance(dep, dict) or not isinstance(dep.get("name"), str):
+                raise ConfigError(
+                    f"{where}: applications[{i}].deployments[{j}] must be a mapping with a name"
+                )
+    http = data.get("http_options")
+    if http is not None and not isinstance(http, dict):
+        raise ConfigError(f"{where}: http_options must be a mapping, not {kind(http)}")
     return data
 
 
@@ -64,6 +130,8 @@ def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any]) -> dic
     app = out["applications"][0]
     for key, value in overrides.items():
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {key!r}: a name is missing between the dots")
         if parts[0] == "deployments":
             if len(parts) < 3:
                 raise ConfigError(f"override {key!r}: use deployments.NAME.OPTION")
@@ -74,11 +142,17 @@ def apply_overrides(config: dict[str, Any], overrides: Mapping[str, Any]) -> dic
                 deps.append(dep)
             target, path = dep, parts[2:]
         elif parts[0] == "http_options":
+            if len(parts) < 2:
+                raise ConfigError(
+                    f"override {key!r}: http_options takes keys: http_options.KEY=VALUE"
+                )
             target, path = out.setdefault("http_options", {}), parts[1:]
         else:
             target, path = app.setdefault("args", {}), parts
         for p in path[:-1]:
-            nxt = target.setdefault(p, {})
+            if target.get(p) is None:  # absent, or null (a section that is off): a new one
+                target[p] = {}
+            nxt = target[p]
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {key!r}: {p} is not a mapping")
             target = nxt
@@ -93,8 +167,38 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise ConfigError(f"expected key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value) if value else ""
+        key = key.strip()
+        try:
+            out[key] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as e:
+            # Worded as keeper_train's overrides say it: the key, the value, how to quote it.
+            problem = getattr(e, "problem", None) or "not a YAML value"
+            quoted = "'" + value.replace("'", "''") + "'"
+            raise ConfigError(
+                f"override {key!r}: value {value!r} is not valid YAML ({problem}); to pass it "
+                f'as a string, quote it: "{key}={quoted}"'
+            ) from e
     return out
+
+
+def validate(cfg: Mapping[str, Any]) -> KeeperAppArgs:
+    """The config (with its overrides) against Serve's schema, then its first application's
+    ``args`` against ``KeeperAppArgs`` (``checked``: clip_model's architecture and tag too).
+
+    Raises:
+        ConfigError: one line naming each invalid field.
+    """
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        ServeDeploySchema.model_validate(cfg)
+    except ValidationError as e:
+        raise ConfigError(f"invalid Serve config: {describe(e)}") from e
+    try:
+        return KeeperAppArgs.checked(cfg["applications"][0].get("args") or {})
+    except ValidationError as e:
+        raise ConfigError(f"invalid application args: {describe(e)}") from e
 
 
 def _options(app: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -182,22 +286,19 @@ def start(
         TimeoutError: the app was not healthy within ``wait_s``.
     """
     import ray
-    from pydantic import ValidationError
     from ray import serve
-    from ray.serve.schema import ServeDeploySchema
 
-    cfg = config if isinstance(config, dict) else load_config(config)
+    if isinstance(config, dict):
+        cfg = check_shape(config, "the Serve config")
+    else:
+        cfg = load_config(config)
     cfg = apply_overrides(cfg, overrides or {})
     if host is not None:
         cfg.setdefault("http_options", {})["host"] = host
     if port is not None:
         cfg.setdefault("http_options", {})["port"] = port
-    try:
-        ServeDeploySchema.model_validate(cfg)
-        app_cfg = cfg["applications"][0]
-        args = KeeperAppArgs.model_validate(app_cfg.get("args") or {})
-    except ValidationError as e:
-        raise ConfigError(f"invalid Serve config: {e}") from e
+    args = validate(cfg)
+    app_cfg = cfg["applications"][0]
     http = http_address(cfg)
     opts = _options(app_cfg)
     name = app_cfg.get("name", "keeper")
