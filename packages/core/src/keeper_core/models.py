@@ -208,6 +208,27 @@ def preprocess_config(spec: str | ModelSpec) -> PreprocessConfig:
     )
 
 
+def spec_field(spec: str, *, look_up: bool = True) -> str:
+    """A config's ModelSpec field, for its pydantic validator: the spec, canonical
+    (``ViT-B-32`` is ``ViT-B-32:random``), and with ``look_up`` known to open_clip (its arch and
+    tag are looked up in configs; no weights are loaded; open_clip is imported).
+
+    Every config that names a model validates it with this (keeper embed's ``model``, pick's
+    ``clip_model``, the Serve app's ``clip_model``, ...), so a typo fails the same way
+    everywhere, before any work.
+
+    Raises:
+        ValueError: no ``ARCH[:WEIGHTS]``, or an unknown arch or tag (pydantic names the field
+            for ValueErrors only).
+    """
+    try:
+        if look_up:
+            preprocess_config(spec)
+        return str(ModelSpec.parse(spec))
+    except ModelLoadError as e:
+        raise ValueError(str(e)) from e
+
+
 def image_transform(spec: str | ModelSpec) -> Callable[[Any], torch.Tensor]:
     """The eval transform (PIL RGB image -> float tensor (3, S, S)) of a spec, without weights."""
     import open_clip

@@ -15,13 +15,50 @@ from keeper_core.errors import ConfigError, ModelLoadError
 
 
 def tracking_uri(explicit: str | None, data_dir: str | Path) -> str:
-    """``explicit``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<data_dir>/mlflow.db``."""
+    """``explicit``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<data_dir>/mlflow.db``.
+
+    Raises:
+        ConfigError: the given URI is not one MLflow has a model registry for (its scheme).
+    """
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        check_store_uri(uri, "tracking_uri" if explicit else "MLFLOW_TRACKING_URI")
         return uri
     d = Path(data_dir).expanduser().resolve()
     d.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{d / 'mlflow.db'}"
+
+
+def check_store_uri(uri: str, name: str = "tracking_uri") -> None:
+    """Refuse a URI whose scheme the installed MLflow has no model registry store for.
+
+    MLflow's own list is asked (file, sqlite, postgresql, mysql, mssql, http, https, databricks,
+    a plain path, and any scheme a plugin registers), not a copy of it: nothing is connected to
+    or created. Without MLflow nothing is checked (the caller's own import then fails).
+
+    Raises:
+        ConfigError: MLflow has no registry store for the URI's scheme (naming ``name``).
+    """
+    try:
+        from mlflow.tracking._model_registry.utils import _get_store_registry
+        from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+    except ImportError:  # no mlflow here (or a version that moved its registry): not checked
+        return
+    try:
+        _get_store_registry().get_store_builder(uri)
+    except UnsupportedModelRegistryStoreURIException as e:
+        raise ConfigError(unsupported_store(name, uri, e.supported_uri_schemes)) from e
+
+
+def unsupported_store(name: str, uri: str, schemes: list[str]) -> str:
+    """The one line that says a tracking URI names no MLflow store, and which schemes do."""
+    from urllib.parse import urlparse
+
+    known = ", ".join(s for s in schemes if s)
+    return (
+        f"{name} {uri!r}: MLflow has no tracking/registry store for the scheme "
+        f"{urlparse(uri).scheme!r} (supported: {known}, or a plain path)"
+    )
 
 
 @dataclass(frozen=True)

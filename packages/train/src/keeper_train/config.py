@@ -22,14 +22,37 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; values are parsed as YAML scalars.
 
     A dotted key sets a nested field: ``grouping.max_gap_s=2`` -> ``{"grouping": {"max_gap_s": 2}}``.
+
+    Raises:
+        ConfigError: a pair is not ``key=value``, or its value is not valid YAML (naming the key
+            and how to quote the value).
     """
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {pair!r} is not key=value")
-        _set(out, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            quoted = "'" + value.replace("'", "''") + "'"
+            raise ConfigError(
+                f"override {key.strip()!r}: value {value!r} is not valid YAML "
+                f"({yaml_problem(e, position=False)}); to pass it as a string, quote it: "
+                f'"{key.strip()}={quoted}"'
+            ) from e
+        _set(out, key.strip(), parsed)
     return out
+
+
+def yaml_problem(e: yaml.YAMLError, *, position: bool = True) -> str:
+    """A YAML error on one line: what is wrong, and (with ``position``) where."""
+    problem = getattr(e, "problem", None)
+    if not problem:
+        return " ".join(str(e).split())
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if position and mark else ""
+    return f"{problem}{where}"
 
 
 def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -61,7 +84,9 @@ def load_config(model: type[C], path: str | Path | None = None, overrides: Seque
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as e:
+        except yaml.YAMLError as e:
+            raise ConfigError(f"cannot read config {path}: {yaml_problem(e)}") from e
+        except (OSError, UnicodeDecodeError) as e:  # missing, a folder, binary or not UTF-8
             raise ConfigError(f"cannot read config {path}: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping, got {type(loaded).__name__}")

@@ -10,6 +10,7 @@ table.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Self
 
 import numpy as np
@@ -17,7 +18,6 @@ import pandas as pd
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from keeper_core import storage
-from keeper_core.embedding import check_same_spec
 from keeper_core.errors import ConfigError, DataError, StorageError
 from keeper_core.series import read_series_manifest, split_series
 
@@ -25,6 +25,23 @@ log = logging.getLogger("keeper.data")
 
 _KEY = "_join_key"
 _EXAMPLES = 3
+#: The columns every table ``keeper embed`` writes has (keeper_train.jobs.embed.embedding_table),
+#: whatever its version; quality features, capture metadata and dhash follow.
+EMBED_TABLE_COLUMNS = ("image_id", "image_uri", "embedding", "model_spec")
+
+
+def check_embed_table(columns: Sequence[str], *, source: str) -> None:
+    """Refuse a table that is not one ``keeper embed`` wrote, naming the columns it lacks.
+
+    Raises:
+        DataError: a column of ``EMBED_TABLE_COLUMNS`` is missing.
+    """
+    missing = [c for c in EMBED_TABLE_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(
+            f"not a keeper embed table: missing columns {missing} (has {list(columns)[:12]})",
+            source=source,
+        )
 
 
 class SplitSettings(BaseModel):
@@ -65,8 +82,15 @@ class SplitSettings(BaseModel):
 
 
 def read_embeddings(embeddings: str) -> pd.DataFrame:
-    """The embedding table under a ``keeper embed`` output (folder or s3:// prefix)."""
+    """The embedding table under a ``keeper embed`` output (folder or s3:// prefix).
+
+    Raises:
+        DataError: no rows, or not a table keeper embed wrote (a column of
+            ``EMBED_TABLE_COLUMNS`` missing).
+        StorageError: nothing to read there.
+    """
     table = storage.read_parquet(storage.join(embeddings, "embeddings")).to_pandas()
+    check_embed_table(list(table.columns), source=embeddings)
     if table.empty:
         raise DataError("the embedding table is empty", source=embeddings)
     return table
@@ -88,6 +112,8 @@ def join_series(embeddings: str, series: str) -> tuple[pd.DataFrame, str, int, p
             column the table has too, or no complete series at all (naming how many images
             matched and examples of both sides).
     """
+    from keeper_core.embedding import check_same_spec  # imports torch: only when joining
+
     manifest = read_series_manifest(series)
     table = read_embeddings(embeddings)
     spec = check_same_spec(*set(table["model_spec"].astype(str)))

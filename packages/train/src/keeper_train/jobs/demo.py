@@ -40,13 +40,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keeper_core import storage
 from keeper_core.bestof import RANDOM_WEIGHTS_WARNING, Comparison, compare_methods, write_report
 from keeper_core.embedding import ClipEmbedder
 from keeper_core.errors import DataError
-from keeper_core.models import ModelSpec
+from keeper_core.models import ModelSpec, spec_field
 from keeper_core.scoring import AestheticConfig, aesthetic_scores
 from keeper_core.series import read_series_manifest
 from keeper_core.synthetic import PHOTOS, generate_corpus
@@ -81,6 +81,11 @@ class DemoConfig(BaseModel):
     ray_address: str | None = None
     epochs: int = Field(40, ge=1, description="training epochs of the ranking head")
     model_name: str = Field("keeper-demo-ranker", description="registered model name")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        return spec_field(v)  # embed's own check: an unknown spec fails before work
 
 
 @contextlib.contextmanager

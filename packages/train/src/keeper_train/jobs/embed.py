@@ -59,7 +59,6 @@ from keeper_core.errors import (
     DataError,
     ImageDecodeError,
     KeeperError,
-    ModelLoadError,
     StorageError,
 )
 from keeper_core.formats import IMAGE_SUFFIXES
@@ -72,6 +71,7 @@ from keeper_core.models import (
     embed_dim,
     parameter_count,
     preprocess_config,
+    spec_field,
 )
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
@@ -274,12 +274,7 @@ class EmbedConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        # Fails on an unknown arch or tag here, before a cluster is touched; loads no weights.
-        try:
-            preprocess_config(v)
-            return str(ModelSpec.parse(v))
-        except ModelLoadError as e:  # pydantic names the field only for ValueErrors
-            raise ValueError(str(e)) from e
+        return spec_field(v)
 
     @field_validator("decode")
     @classmethod
@@ -412,16 +407,35 @@ def _manifest_uris(src: str) -> tuple[list[str], int]:
     return list(first.values()), len(resolved) - len(first)
 
 
-def check_table_meta(dst: str, spec: str, embed_dim: int) -> None:
-    """Refuse to mix model specs in one DST; record the spec on first use."""
+def check_table_meta(dst: str, spec: str, embed_dim: int, *, record: bool = True) -> None:
+    """Refuse to mix model specs in one DST; record the spec on first use (with ``record``).
+
+    ``plan`` checks first (``record=False``, before any work) and records the spec only once the
+    inputs are listed and there is something to embed, so a run that fails on its input leaves
+    no record naming a spec the table does not hold.
+
+    Raises:
+        DataError: DST holds embeddings of another spec, or its record is not readable JSON.
+    """
     meta_uri = storage.join(dst, TABLE_META)
     if storage.exists(meta_uri):
-        meta = json.loads(storage.read_bytes(meta_uri))
+        try:
+            meta = json.loads(storage.read_bytes(meta_uri))
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            meta = e
+        if not isinstance(meta, dict):
+            why = f"not valid JSON ({meta})" if isinstance(meta, ValueError) else "not a mapping"
+            raise DataError(
+                f"{meta_uri} is {why}: it records the model spec of the embeddings in {dst}; "
+                f"restore it, or remove it if {dst} holds no embeddings of another spec"
+            )
         if meta.get("model_spec") != spec:
             raise DataError(
                 f"{dst} holds embeddings of {meta.get('model_spec')!r}; this run uses {spec!r}. "
                 "Embeddings of two specs never mix: choose another output."
             )
+        return
+    if not record:
         return
     meta = {"model_spec": spec, "embed_dim": embed_dim, "format": 1, "created": _now()}
     storage.write_bytes(meta_uri, json.dumps(meta, indent=2).encode())
@@ -1013,11 +1027,18 @@ def plan(cfg: EmbedConfig) -> Plan:
 
     Embedded images are skipped. Recorded failures are retried when they were retryable (a
     timeout, an unreachable store) or when ``retry_errors`` is set; a corrupt file is not read
-    again unless asked. Duplicates left by a killed run are removed first.
+    again unless asked. Duplicates left by a killed run are removed first. DST's record of its
+    spec (``_KEEPER_TABLE.json``) is checked first and written only once the inputs are listed
+    and there is something to embed.
+
+    Raises:
+        DataError: DST holds another spec's embeddings, or SRC lists no image at all.
+        StorageError: SRC cannot be listed.
     """
     t0 = time.perf_counter()
     dst = cfg.output.rstrip("/")
-    check_table_meta(dst, cfg.model, embed_dim=embed_dim(cfg.model))
+    dim = embed_dim(cfg.model)
+    check_table_meta(dst, cfg.model, embed_dim=dim, record=False)  # another spec: refused now
     members: dict[str, dict[str, Any]] = {}
     index_failures: dict[str, str] = {}
     repeated = 0
@@ -1030,6 +1051,10 @@ def plan(cfg: EmbedConfig) -> Plan:
     if shards:
         inputs, ignored, members, index_failures, sample_problems = list_webdataset(
             cfg.input, storage.join(dst, SHARDS)
+        )
+    if not inputs:
+        raise DataError(
+            f"no images found under {cfg.input} ({_nothing_found(cfg.input, ignored, bool(shards))})"
         )
     if cfg.limit:
         inputs = inputs[: cfg.limit]
@@ -1044,6 +1069,8 @@ def plan(cfg: EmbedConfig) -> Plan:
     keep_failed = set(rows.loc[~retry, "image_uri"].astype(str))
     retried = set(rows.loc[retry, "image_uri"].astype(str))
     todo = [u for u in inputs if u not in done and u not in keep_failed]
+    if todo:  # the spec is recorded once there is something to embed with it
+        check_table_meta(dst, cfg.model, embed_dim=dim)
     return Plan(
         run_id=f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
         dst=dst,
@@ -1062,6 +1089,20 @@ def plan(cfg: EmbedConfig) -> Plan:
         members=members,
         index_failures={u: e for u, e in index_failures.items() if u in todo},
     )
+
+
+def _nothing_found(src: str, ignored: int, shards: bool) -> str:
+    """Why an input listed no image, for ``plan``'s error."""
+    if shards:
+        return f"WebDataset shards without an image member: {ignored} samples without an image"
+    if src.lower().endswith(MANIFEST_SUFFIXES):
+        return "the manifest lists no image_uri"
+    if ignored:
+        return (
+            f"{ignored} file(s), none an image: keeper embeds files named "
+            f"{', '.join(IMAGE_SUFFIXES[:4])}, ... or starting with an image signature"
+        )
+    return "no files there, the output and exclude folders aside"
 
 
 def list_webdataset(

@@ -47,6 +47,7 @@ from keeper_core import storage
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.errors import ConfigError, DataError
 from keeper_train.config import job_main
+from keeper_train.data import check_embed_table
 from keeper_train.table import list_parts
 
 IMG_EMB, METADATA, META = "img_emb", "metadata", "keeper_export.json"
@@ -82,8 +83,8 @@ def export(cfg: ExportEmbeddingsConfig) -> ExportSummary:
     """Write every part of the table as one img_emb/metadata partition pair; then the sidecar.
 
     Raises:
-        DataError: no table there, more parts than ``PAD`` digits number, or parts of several
-            model specs or dimensions.
+        DataError: no table there, more parts than ``PAD`` digits number, a part that is not
+            keeper embed's (a column missing), or parts of several model specs or dimensions.
         ConfigError: OUTPUT holds partition files this export would not overwrite.
     """
     folder = storage.join(cfg.table, EMBEDDINGS)
@@ -101,6 +102,7 @@ def export(cfg: ExportEmbeddingsConfig) -> ExportSummary:
     columns: list[str] = []
     for k, part in enumerate(parts):
         t = storage.read_parquet(part)
+        check_embed_table(t.column_names, source=part)
         specs = set(t.column("model_spec").to_pylist())
         part_spec = specs.pop() if len(specs) == 1 else None
         if part_spec is None or (spec is not None and part_spec != spec):

@@ -53,9 +53,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from keeper_core import storage
 from keeper_core.embedding import check_same_spec
-from keeper_core.errors import DataError, ModelLoadError
+from keeper_core.errors import DataError
 from keeper_core.feedback import decisions, read_feedback, read_offers
-from keeper_core.models import ModelSpec, preprocess_config
+from keeper_core.models import spec_field
 from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import job_main
 from keeper_train.table import list_parts
@@ -113,13 +113,7 @@ class FeedbackExportConfig(BaseModel):
         # As embed's model: an unknown arch or tag, or no ARCH[:WEIGHTS], fails here, before the
         # logs are read (else every offer would be counted other_model_spec); canonical, so
         # ViT-B-32 and ViT-B-32:random compare as the offers' specs do. Loads no weights.
-        if v is None:
-            return v
-        try:
-            preprocess_config(v)
-            return str(ModelSpec.parse(v))
-        except ModelLoadError as e:  # pydantic names the field only for ValueErrors
-            raise ValueError(str(e)) from e
+        return None if v is None else spec_field(v)
 
     @field_validator("since", "until")
     @classmethod

@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keeper_core import storage
 from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
@@ -54,7 +54,7 @@ from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadErr
 from keeper_core.grouping import GroupingConfig, dhash
 from keeper_core.handback import export_keepers, plan_sidecars, write_sidecar, xml_text
 from keeper_core.images import decode_image
-from keeper_core.models import ModelSpec
+from keeper_core.models import ModelSpec, spec_field
 from keeper_core.picking import PickConfig
 from keeper_core.webdataset import is_webdataset
 from keeper_train.jobs import embed
@@ -117,6 +117,11 @@ class PickJobConfig(BaseModel):
     tracking_uri: str | None = None
     data_dir: str = Field("keeper-data", description="embedded MLflow store when none is set")
     ray_address: str | None = None
+
+    @field_validator("clip_model")
+    @classmethod
+    def _known_clip_model(cls, v: str | None) -> str | None:
+        return None if v is None else spec_field(v)  # embed's own check of model
 
     @model_validator(mode="after")
     def _consistent(self) -> PickJobConfig:
@@ -337,7 +342,12 @@ def resolve_ranker(cfg: PickJobConfig) -> tuple[Ranker | None, str]:
 
 
 def _has_champion(store: str, name: str) -> bool:
-    """Whether ``name@champion`` exists; a store that cannot be read is an error, not a no."""
+    """Whether ``name@champion`` exists; a store that cannot be read is an error, not a no.
+
+    Raises:
+        ConfigError: ``store`` is not a URI MLflow has a registry for.
+        ModelLoadError: the registry cannot be read.
+    """
     if store.startswith("sqlite:///"):
         from pathlib import Path
 
@@ -345,10 +355,14 @@ def _has_champion(store: str, name: str) -> bool:
             return False  # no store yet: nothing registered (and nothing created by asking)
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
 
-    client = mlflow.MlflowClient(store)
+    from keeper_core.registry import unsupported_store
+
     try:
-        model = client.get_registered_model(name)
+        model = mlflow.MlflowClient(store).get_registered_model(name)
+    except UnsupportedModelRegistryStoreURIException as e:  # the URI names no MLflow store
+        raise ConfigError(unsupported_store("tracking_uri", store, e.supported_uri_schemes)) from e
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from keeper_core import storage
-from keeper_core.errors import DataError, ModelLoadError
-from keeper_core.models import ModelSpec, embed_dim, preprocess_config
+from keeper_core.errors import DataError
+from keeper_core.models import embed_dim, spec_field
 from keeper_core.references import (
     ReferenceMeta,
     check_name,
@@ -91,13 +91,7 @@ class ReferenceAddConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _spec(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        try:  # an unknown arch or tag fails here (no weights are loaded)
-            preprocess_config(v)
-            return str(ModelSpec.parse(v))
-        except ModelLoadError as e:
-            raise ValueError(str(e)) from e
+        return None if v is None else spec_field(v)  # an unknown arch or tag fails here
 
     @field_validator("embed")
     @classmethod
