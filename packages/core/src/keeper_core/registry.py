@@ -93,12 +93,24 @@ def resolve_model(client: Any, uri: str) -> ModelRef:
     are, with no registry information.
 
     Raises:
-        ModelLoadError: the registered model, version or alias does not exist.
+        ConfigError: the URI is empty.
+        ModelLoadError: the registered model, version or alias does not exist, or the URI has no
+            scheme and is not an existing local path (a bare name such as ``keeper-ranker``).
     """
+    from urllib.parse import urlparse
+
     from mlflow.exceptions import MlflowException
 
     if not uri.strip():
         raise ConfigError("the model URI must not be empty")
+    if not urlparse(uri).scheme and not Path(uri).exists():
+        # A bare name would reach the artifact download and fail there as "no such artifact".
+        raise ModelLoadError(
+            uri,
+            "not a model URI, and no such local path: name a registered model as "
+            "models:/NAME@ALIAS or models:/NAME/VERSION (or give runs:/RUN_ID/PATH, or the "
+            "path of a model folder)",
+        )
     if not uri.startswith("models:/"):
         return ModelRef(uri=uri, load_uri=uri)
     path = uri.removeprefix("models:/").strip("/")

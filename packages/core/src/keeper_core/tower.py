@@ -128,9 +128,26 @@ def lora_targets(visual: nn.Module, config: TowerConfig) -> list[str]:
         n = len(vision_blocks(visual))
         free = n - len(unfrozen_block_indices(visual, config))
         want = free if config.lora_blocks is None else config.lora_blocks
-        if want > free or free == 0:
+        if free == 0:  # last-blocks+lora with every block trained in full
+            fix = (
+                f"use unfreeze_blocks from 1 to {n - 1}, or method last-blocks"
+                if n > 1
+                else "use method lora or last-blocks"
+            )
             raise ConfigError(
-                f"lora_blocks={want}, but {free} of the tower's {n} blocks are not unfrozen"
+                f"unfreeze_blocks={config.unfreeze_blocks} trains all {n} blocks of the tower "
+                f"in full, which leaves no block for LoRA (lora_blocks needs at least 1): {fix}"
+            )
+        if want > free:
+            has = (
+                f"the tower has {n} block{'s' if n > 1 else ''}"
+                if free == n
+                else f"only {free} of the tower's {n} blocks {'is' if free == 1 else 'are'} left "
+                f"for LoRA (unfreeze_blocks={n - free} trains the last {n - free} in full)"
+            )
+            raise ConfigError(
+                f"lora_blocks={want}, but {has}: use lora_blocks from 1 to {free}, or leave it "
+                "unset for all of them"
             )
         names = [
             f"{_BLOCKS}.{i}.{m}" for i in range(free - want, free) for m in config.lora_modules

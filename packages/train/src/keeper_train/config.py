@@ -6,16 +6,40 @@ A bad config fails here, before a cluster is touched, naming the field.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, field_validator, model_validator
 
 from keeper_core.errors import ConfigError
 
 C = TypeVar("C", bound=BaseModel)
 S = TypeVar("S")
+
+
+class TimeWindow(BaseModel):
+    """A job's ``since``/``until`` bounds over the serving logs (feedback-export, ab-report).
+
+    A time without a zone is UTC, as the logs stamp every event; an empty window (``since`` at
+    or after ``until``) is a mistake, refused before the logs are read. Subclasses declare the
+    two fields with their own descriptions.
+    """
+
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        return v.replace(tzinfo=UTC) if v is not None and v.tzinfo is None else v
+
+    @model_validator(mode="after")
+    def _window(self) -> Self:
+        if self.since and self.until and self.since >= self.until:
+            raise ValueError("since must be before until")
+        return self
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:

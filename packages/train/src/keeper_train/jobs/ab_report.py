@@ -18,18 +18,18 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from keeper_core import storage
 from keeper_core.ab import ABReport, ab_report, format_report, window
 from keeper_core.errors import DataError
 from keeper_core.feedback import SCHEMA, read_feedback, read_offers
-from keeper_train.config import job_main
+from keeper_train.config import TimeWindow, job_main
 
 OFFERS, EVENTS = "offers", "events"
 
 
-class ABReportConfig(BaseModel):
+class ABReportConfig(TimeWindow):
     """Everything keeper ab-report takes. Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")

@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keeper_core import storage
 from keeper_core.embedding import check_same_spec
@@ -57,7 +57,7 @@ from keeper_core.errors import DataError
 from keeper_core.feedback import decisions, read_feedback, read_offers
 from keeper_core.models import spec_field
 from keeper_core.quality import FEATURE_NAMES
-from keeper_train.config import job_main
+from keeper_train.config import TimeWindow, job_main
 from keeper_train.table import list_parts
 
 EMBEDDINGS, PART = "embeddings", "part-00000.parquet"
@@ -86,7 +86,7 @@ SKIP_REASONS: dict[str, str] = {
 }
 
 
-class FeedbackExportConfig(BaseModel):
+class FeedbackExportConfig(TimeWindow):
     """Everything the export takes. Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
@@ -114,18 +114,6 @@ class FeedbackExportConfig(BaseModel):
         # logs are read (else every offer would be counted other_model_spec); canonical, so
         # ViT-B-32 and ViT-B-32:random compare as the offers' specs do. Loads no weights.
         return None if v is None else spec_field(v)
-
-    @field_validator("since", "until")
-    @classmethod
-    def _utc(cls, v: datetime | None) -> datetime | None:
-        # A time without a zone is UTC: the logs stamp every event in UTC.
-        return v.replace(tzinfo=UTC) if v is not None and v.tzinfo is None else v
-
-    @model_validator(mode="after")
-    def _window(self) -> FeedbackExportConfig:
-        if self.since and self.until and self.since >= self.until:
-            raise ValueError("since must be before until")
-        return self
 
 
 class FeedbackExportSummary(BaseModel):

@@ -208,11 +208,14 @@ def plan(cfg: FinetuneConfig) -> Plan:
     Raises:
         ConfigError: a LoRA target or block count the tower does not have (named).
         DataError: a bad manifest or an empty split.
+        StorageError: the manifest cannot be read (checked before the tower is built).
     """
     from keeper_core.models import ModelSpec, load_clip, preprocess_config
     from keeper_core.tower import apply_tuning
 
     tower = cfg.tower_config()
+    # The cheap check first: a manifest that is not there fails before the tower is built.
+    manifest_bytes = storage.read_bytes(cfg.series)
     # The structure check builds the architecture with random weights: nothing is downloaded.
     arch = ModelSpec.parse(cfg.model).arch
     probe = load_clip(f"{arch}:random", "cpu").model.visual
@@ -232,7 +235,7 @@ def plan(cfg: FinetuneConfig) -> Plan:
         rows=df[["series_id", "image_uri", "is_best", "split", "position"]],
         tower=tower,
         image_size=preprocess_config(cfg.model).image_size,
-        manifest_sha256=hashlib.sha256(storage.read_bytes(cfg.series)).hexdigest(),
+        manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
     )
 
 
@@ -796,6 +799,8 @@ def run(cfg: FinetuneConfig) -> FinetuneSummary:
     from keeper_train.cluster import init_ray
 
     t0 = time.perf_counter()
+    # A tracking URI MLflow has no store for is refused before any work (Ray, decoding).
+    uri = tracking.tracking_uri(cfg.tracking_uri, cfg.data_dir)
     p = plan(cfg)
     init_ray(cfg.ray_address)
     prepared = prepare(cfg, p)
@@ -804,7 +809,6 @@ def run(cfg: FinetuneConfig) -> FinetuneSummary:
         prepared.images, prepared.counts, prepared.dropped_series, prepared.decode_seconds,
     )  # fmt: skip
     rc = ranker_config(cfg, p, prepared)
-    uri = tracking.tracking_uri(cfg.tracking_uri, cfg.data_dir)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     exp_id = tracking.experiment_id(client, cfg.experiment, cfg.data_dir)

@@ -270,16 +270,37 @@ def load_queries(source: list[Query] | str) -> list[Query]:
         raise ConfigError(
             f"queries {source}: expected a list of queries, got {type(data).__name__}"
         )
+    queries: list[Query] = []
+    bad: list[tuple[int, ValidationError]] = []
+    for i, q in enumerate(data):
+        try:
+            queries.append(Query.model_validate(q))
+        except ValidationError as e:
+            bad.append((i, e))
+    if bad:
+        first, error = bad[0]
+        others = len(bad) - 1
+        more = f" (and {others} more invalid quer{'y' if others == 1 else 'ies'})" if others else ""
+        raise ConfigError(
+            f"queries {source}: queries[{first}]: {_query_errors(error)}{more}"
+        ) from None
     try:
-        queries = [Query.model_validate(q) for q in data]
         check_queries(queries)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"queries {source}: {where}: {err['msg']}") from None
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
     return queries
+
+
+def _query_errors(e: ValidationError) -> str:
+    """Every error of one query in one line, unknown keys first (a typo explains a missing key):
+    ``positiv: unknown field; positive: Field required``."""
+    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")
+    parts = []
+    for err in errors:
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        where = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
