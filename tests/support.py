@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import re
 import socket
 import struct
 import subprocess
@@ -256,3 +257,48 @@ def photo(w: int, h: int, seed: int = 0) -> Image.Image:
     base = np.stack([x / w * 255, y / h * 255, (x + y) / (w + h) * 255], axis=-1)
     base = base * rng.uniform(0.4, 1.0, 3) + rng.normal(0, 12, (h, w, 3))
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+#: A job's logging line (``job_main``'s format), not an error line.
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d ")
+
+
+def fails_cleanly(capsys: Any, argv: list[str], *says: str) -> str:
+    """Run ``keeper ARGV``; it must exit 2 with one error line (saying each of ``says``)."""
+    from keeper_core.cli import main as keeper
+
+    rc = keeper(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"keeper {argv[0]}: error: "), lines[0]
+    for s in says:
+        assert s in lines[0], lines[0]
+    return lines[0]
+
+
+def write_embed_table(
+    out: Path, uris: list[str], *, spec: str = "keeper-tiny:random", drop: tuple[str, ...] = ()
+) -> Path:
+    """Write ``out/embeddings/part-0.parquet``, the table keeper embed writes for ``uris`` (its
+    own ``embedding_table`` schema; 8-d random embeddings, flat quality features), less ``drop``;
+    returns ``out``."""
+    import numpy as np
+
+    from keeper_core import storage
+    from keeper_core.quality import FEATURE_NAMES
+    from keeper_train.jobs.embed import embedding_table
+
+    n = len(uris)
+    batch: dict[str, Any] = {
+        "image_uri": np.array(uris, dtype=object),
+        "image_id": np.array([f"id{i}" for i in range(n)], dtype=object),
+        "embedding": np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32),
+    }
+    for name in FEATURE_NAMES:
+        batch[name] = np.full(n, 64 if name in ("width", "height") else 0.5)
+    part = out / "embeddings" / "part-0.parquet"
+    storage.write_parquet(embedding_table(batch, spec).drop_columns(list(drop)), str(part))
+    return out

@@ -4,35 +4,18 @@ lora_blocks range, and every error of a query in select's queries file."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+from support import fails_cleanly
 
 import keeper_core.models
-from keeper_core.cli import main as keeper
 from keeper_core.errors import ConfigError, ModelLoadError, StorageError
 from keeper_core.registry import ModelRef, resolve_model
 from keeper_train import cluster
 from keeper_train.jobs import ab_report, embed, finetune, select
-
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d ")  # the jobs' logging format, not an error line
-
-
-def fails_cleanly(capsys: pytest.CaptureFixture[str], argv: list[str], *says: str) -> str:
-    """Run ``keeper ARGV``; it must exit 2 with one error line (saying each of ``says``)."""
-    rc = keeper(argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"keeper {argv[0]}: error: "), lines[0]
-    for s in says:
-        assert s in lines[0], lines[0]
-    return lines[0]
 
 
 def refuse(what: str) -> Any:

@@ -5,38 +5,19 @@ at validation or while planning)."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from support import photo
+from support import fails_cleanly, photo, write_embed_table
 
-from keeper_core import registry, storage
-from keeper_core.cli import main as keeper
+from keeper_core import registry
 from keeper_core.errors import ConfigError, DataError
-from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import parse_overrides
 from keeper_train.data import read_embeddings
 from keeper_train.jobs import demo, embed, pick
 
 SPEC = "keeper-tiny:random"
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d ")  # job_main's logging format, not an error line
-
-
-def fails_cleanly(capsys: pytest.CaptureFixture[str], argv: list[str], *says: str) -> str:
-    """Run ``keeper ARGV``; it must exit 2 with one error line (saying each of ``says``)."""
-    rc = keeper(argv)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip() and not LOG_LINE.match(line)]
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"keeper {argv[0]}: error: "), lines[0]
-    for s in says:
-        assert s in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(autouse=True)
@@ -54,21 +35,6 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the job reached the embed pipeline before refusing")
 
     monkeypatch.setattr(embed, "execute", refuse)
-
-
-def _table(out: Path, uris: list[str], *, drop: tuple[str, ...] = ()) -> Path:
-    """An embedding table as keeper embed writes it, less the columns in ``drop``."""
-    n = len(uris)
-    batch: dict[str, np.ndarray] = {
-        "image_uri": np.array(uris, dtype=object),
-        "image_id": np.array([f"id{i}" for i in range(n)], dtype=object),
-        "embedding": np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32),
-    }
-    for name in FEATURE_NAMES:
-        batch[name] = np.full(n, 64 if name in ("width", "height") else 0.5)
-    table = embed.embedding_table(batch, SPEC).drop_columns(list(drop))
-    storage.write_parquet(table, str(out / "embeddings" / "part-0.parquet"))
-    return out
 
 
 def _series(path: Path, uris: list[str]) -> Path:
@@ -173,7 +139,7 @@ def test_evaluate_refuses_an_unsupported_tracking_uri(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     uris = [str(tmp_path / f"{i}.jpg") for i in range(4)]
-    table = _table(tmp_path / "emb", uris)
+    table = write_embed_table(tmp_path / "emb", uris)
     series = _series(tmp_path / "series.csv", uris)
     fails_cleanly(
         capsys,
@@ -252,7 +218,7 @@ def test_evaluate_refuses_a_table_without_model_spec(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     uris = [str(tmp_path / f"{i}.jpg") for i in range(4)]
-    table = _table(tmp_path / "emb", uris, drop=("model_spec",))
+    table = write_embed_table(tmp_path / "emb", uris, drop=("model_spec",))
     series = _series(tmp_path / "series.csv", uris)
     fails_cleanly(
         capsys,
@@ -267,7 +233,9 @@ def test_evaluate_refuses_a_table_without_model_spec(
 def test_export_embeddings_refuses_a_table_without_model_spec(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    table = _table(tmp_path / "emb", ["/a.jpg", "/b.jpg"], drop=("model_spec", "image_id"))
+    table = write_embed_table(
+        tmp_path / "emb", ["/a.jpg", "/b.jpg"], drop=("model_spec", "image_id")
+    )
     fails_cleanly(
         capsys,
         ["export-embeddings", "--table", str(table), "--output", "cr"],
@@ -277,10 +245,10 @@ def test_export_embeddings_refuses_a_table_without_model_spec(
 
 
 def test_read_embeddings_names_the_missing_columns(tmp_path: Path) -> None:
-    table = _table(tmp_path / "emb", ["/a.jpg"], drop=("embedding",))
+    table = write_embed_table(tmp_path / "emb", ["/a.jpg"], drop=("embedding",))
     with pytest.raises(DataError, match=r"missing columns \['embedding'\]"):
         read_embeddings(str(table))
-    assert len(read_embeddings(str(_table(tmp_path / "ok", ["/a.jpg"])))) == 1
+    assert len(read_embeddings(str(write_embed_table(tmp_path / "ok", ["/a.jpg"])))) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,7 +312,7 @@ def test_everything_already_embedded_is_not_an_empty_input(tmp_path: Path) -> No
     (tmp_path / "photos").mkdir()
     photo(64, 48).save(tmp_path / "photos" / "a.jpg")
     uris, _ = embed.list_inputs(str(tmp_path / "photos"))
-    _table(tmp_path / "out", uris)
+    write_embed_table(tmp_path / "out", uris)
     p = embed.plan(embed.EmbedConfig(input=str(tmp_path / "photos"), output=str(tmp_path / "out")))
     assert (len(p.inputs), p.todo) == (1, [])
 

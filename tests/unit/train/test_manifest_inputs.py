@@ -16,14 +16,13 @@ import io
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from support import write_embed_table
 
 from keeper_core import storage
 from keeper_core.errors import DataError, StorageError
-from keeper_core.quality import FEATURE_NAMES
 from keeper_core.series import read_series_manifest
 from keeper_train.data import join_series
 from keeper_train.jobs import embed
@@ -86,17 +85,7 @@ def test_a_series_manifest_naming_one_file_two_ways_is_a_duplicate(tmp_path: Pat
 
 def test_a_manifest_column_the_table_has_is_refused_by_name(tmp_path: Path) -> None:
     uris = [str(tmp_path / f"{i}.jpg") for i in range(4)]
-    n = len(uris)
-    batch = {
-        "image_uri": np.array(uris, dtype=object),
-        "image_id": np.array([f"id{i}" for i in range(n)], dtype=object),
-        "embedding": np.zeros((n, 8), np.float32),
-    }
-    for name in FEATURE_NAMES:
-        batch[name] = np.full(n, 64 if name in ("width", "height") else 0.5)
-    storage.write_parquet(
-        embed.embedding_table(batch, SPEC), str(tmp_path / "emb" / "embeddings" / "p.parquet")
-    )
+    write_embed_table(tmp_path / "emb", uris)
     m = tmp_path / "series.csv"
     pd.DataFrame(
         {

@@ -6,14 +6,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from support import write_embed_table
 
 from keeper_core import storage
 from keeper_core.errors import DataError
-from keeper_core.quality import FEATURE_NAMES
 from keeper_train.data import join_series
 from keeper_train.jobs import embed
 
@@ -38,26 +37,11 @@ def _manifest(folder: Path) -> Path:
     return path
 
 
-def _embed_table(uris: list[str], out: Path) -> None:
-    """The embedding table keeper embed writes for ``uris`` (its own embedding_table schema)."""
-    n = len(uris)
-    batch: dict[str, np.ndarray] = {
-        "image_uri": np.array(uris, dtype=object),
-        "image_id": np.array([f"id{i}" for i in range(n)], dtype=object),
-        "embedding": np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32),
-    }
-    for name in FEATURE_NAMES:
-        batch[name] = np.full(n, 64 if name in ("width", "height") else 0.5)
-    storage.write_parquet(
-        embed.embedding_table(batch, SPEC), str(out / "embeddings" / "part-0.parquet")
-    )
-
-
 def test_relative_manifest_joins_what_keeper_embed_recorded(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path / "corpus")
     uris, _ = embed.list_inputs(str(manifest))
     assert all(u.startswith(str(tmp_path / "corpus" / "images")) for u in uris)
-    _embed_table(uris, tmp_path / "emb")
+    write_embed_table(tmp_path / "emb", uris)
 
     rows, spec, dropped, _ = join_series(str(tmp_path / "emb"), str(manifest))
 
@@ -78,7 +62,7 @@ def test_manifest_path_spelled_differently_from_the_embed_run(
     _manifest(tmp_path / "corpus")
     uris, _ = embed.list_inputs("./corpus/manifest.csv")
     assert uris[0].startswith("./corpus/")
-    _embed_table(uris, tmp_path / "emb")
+    write_embed_table(tmp_path / "emb", uris)
     series = str(tmp_path / "corpus" / "manifest.csv") if spelling == "absolute" else spelling
 
     rows, _, dropped, _ = join_series("emb", series)
@@ -93,7 +77,7 @@ def test_dropped_series_are_counted_and_explained(
     manifest = _manifest(tmp_path / "corpus")
     uris, _ = embed.list_inputs(str(manifest))
     lost = [u for u in uris if "/b/" in u]  # both images of series b
-    _embed_table([u for u in uris if u not in lost], tmp_path / "emb")
+    write_embed_table(tmp_path / "emb", [u for u in uris if u not in lost])
     failed = pa.Table.from_pylist(
         [{f.name: False if f.name == "retryable" else "x" for f in embed.ERRORS_SCHEMA}],
         schema=embed.ERRORS_SCHEMA,
@@ -113,7 +97,7 @@ def test_dropped_series_are_counted_and_explained(
 
 def test_no_match_at_all_says_what_each_side_holds(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path / "corpus")
-    _embed_table([f"s3://elsewhere/{i}.jpg" for i in range(3)], tmp_path / "emb")
+    write_embed_table(tmp_path / "emb", [f"s3://elsewhere/{i}.jpg" for i in range(3)])
 
     with pytest.raises(DataError, match="no series has an embedding") as e:
         join_series(str(tmp_path / "emb"), str(manifest))
@@ -126,7 +110,7 @@ def test_no_match_at_all_says_what_each_side_holds(tmp_path: Path) -> None:
 def test_an_image_embedded_twice_is_refused(tmp_path: Path) -> None:
     manifest = _manifest(tmp_path / "corpus")
     uris, _ = embed.list_inputs(str(manifest))
-    _embed_table([*uris, uris[0]], tmp_path / "emb")
+    write_embed_table(tmp_path / "emb", [*uris, uris[0]])
 
     with pytest.raises(DataError, match="embedded twice"):
         join_series(str(tmp_path / "emb"), str(manifest))
