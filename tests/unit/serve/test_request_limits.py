@@ -671,7 +671,7 @@ def test_search_unwraps_the_remote_unknown_id_and_echoes_a_prefix(
     from keeper_serve import ingress
 
     wrapped = remote_error(UnknownImageId(f"image_id {api.short_id(wanted)} is not indexed"))
-    assert ingress.remote_message(wrapped) == "image_id 'ffffffffffffffff...' is not indexed"
+    assert ingress.client_message(wrapped) == "image_id 'ffffffffffffffff...' is not indexed"
     assert ingress.brief(wrapped).startswith("UnknownImageId: ")
 
 
@@ -679,10 +679,10 @@ def test_scrub_keeps_uris_and_drops_paths_and_ips() -> None:
     from keeper_serve import ingress
 
     text = "\x1b[36mray::X()\x1b[39m (pid=7, ip=10.0.0.1) reading s3://bucket/key.jpg via /tmp/a/b"
-    assert ingress.scrub(text) == "ray::X() reading s3://bucket/key.jpg via <path>"
-    assert ingress.scrub("first line\n  File '/x.py'") == "first line"
-    assert ingress.scrub("host 192.168.1.20:8265 refused") == "host <ip> refused"
-    assert ingress.scrub("width / height of 1/2") == "width / height of 1/2"
+    assert ingress.client_text(text) == "ray::X() reading s3://bucket/key.jpg via <path>"
+    assert ingress.client_text("first line\n  File '/x.py'") == "first line"
+    assert ingress.client_text("host 192.168.1.20:8265 refused") == "host <ip> refused"
+    assert ingress.client_text("width / height of 1/2") == "width / height of 1/2"
 
 
 # ------------------------------------------------------------------ 5. temperature

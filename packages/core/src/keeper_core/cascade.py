@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from keeper_core.errors import DataError, KeeperError
+from keeper_core.errors import DataError, KeeperError, brief
 from keeper_core.scoring import check_scores, combined_score, relevance_score, sigmoid
 from keeper_core.selection import SelectionConfig, dedup_in_order, select
 
@@ -72,12 +71,6 @@ STAGES = ("clip", "heuristics", "dedup", "rerank", "vlm", "top_k")
 NEUTRAL_PROMPT = "a photo"
 
 log = logging.getLogger(__name__)
-
-#: The longest message of a judge's exception that a CascadeStageError repeats (it may reach
-#: an HTTP client; the whole error goes to the log).
-_MAX_REASON_CHARS = 200
-# Where a Ray worker ran, as Ray's errors print it: "(pid=123, ip=10.0.0.1, actor_id=...)".
-_RAY_WHERE = re.compile(r"\s*\((?:pid|ip)=[^)]*\)")
 
 
 @dataclass(frozen=True)
@@ -352,44 +345,11 @@ def _split(
     return alive[~out[alive]], {i: reasons[i] for i in gone.tolist()}
 
 
-def _brief_error(exc: BaseException) -> str:
-    """``exc`` in one short line for a message that may reach a client: "Type: first line".
-
-    A Ray Serve handle raises the judge's error wrapped (``RayTaskError``), and the wrapper's
-    str() is the remote traceback: pid, node IP, file paths, source lines. Ray is not imported
-    here: any wrapper that carries the original exception in a ``cause`` attribute (as
-    ``RayTaskError`` and its ``RayTaskError(ValueError)`` duals do) is unwrapped, repeatedly
-    (a deployment calling another nests them). Of what is left, only the type and the first
-    non-empty line of the message are kept, without Ray's "(pid=..., ip=...)", cut at
-    ``_MAX_REASON_CHARS``.
-    """
-    seen: set[int] = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        try:
-            inner = getattr(exc, "cause", None)
-        except Exception:  # a wrapper's __getattr__ may itself fail
-            break
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
-    try:
-        text = str(exc)
-    except Exception:  # a broken __str__ must not hide the stage's failure
-        text = ""
-    lines = (line.strip() for line in text.splitlines())
-    first = _RAY_WHERE.sub("", next((line for line in lines if line), ""))
-    if len(first) > _MAX_REASON_CHARS:
-        first = first[: _MAX_REASON_CHARS - 3].rstrip() + "..."
-    name = type(exc).__name__
-    return f"{name}: {first}" if first else name
-
-
 def _call_vlm(vlm: VlmScorer, idx: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
     """Calls the judge once and checks its answer: (scores, failed candidates -> why).
 
     Any failure of the judge itself is a CascadeStageError whose cause is one line (the error's
-    type and first line, ``_brief_error``: it may reach an HTTP client); the full error, a
+    type and first line, ``keeper_core.errors.brief``: it may reach an HTTP client); the full error, a
     remote traceback included, is logged at warning. Only candidates it names as failed
     (VlmScores) leave without a score.
     """
@@ -397,7 +357,7 @@ def _call_vlm(vlm: VlmScorer, idx: np.ndarray) -> tuple[np.ndarray, dict[int, st
         out = vlm(idx.copy())  # a copy: the callback cannot edit the ranking
     except Exception as e:
         log.warning("cascade stage 'vlm': the VLM scorer raised", exc_info=True)
-        raise CascadeStageError("vlm", f"the VLM scorer raised {_brief_error(e)}") from e
+        raise CascadeStageError("vlm", f"the VLM scorer raised {brief(e)}") from e
     failed: dict[int, str] = {}
     if isinstance(out, VlmScores):
         asked = set(idx.tolist())

@@ -7,6 +7,8 @@ many items can record the reason and go on. Subclasses carry machine-readable fi
 
 from __future__ import annotations
 
+import re
+
 
 class KeeperError(Exception):
     """Base class of every error keeper raises on purpose."""
@@ -86,3 +88,63 @@ DECODE_REASONS = (
     "too_small",  # shortest side below the configured minimum
     "unsupported",  # a recognised image in a mode keeper cannot convert
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors as a client may read them
+
+#: What an error message that may reach a client must not carry: Ray's "(pid=.., ip=..)", IPv4
+#: addresses (with a port), absolute file paths (not the "//bucket/key" of an s3:// URI), and
+#: terminal colour codes (Ray colours its "ray::Deployment()" prefix).
+_RAY_WHERE = re.compile(r"\s*\((?:pid|ip)=[^)]*\)")
+_IPV4 = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?(?![\d.])")
+_PATH = re.compile(r"(?<![\w:/.~-])(?:~|\.{1,2})?/(?:[^\s/'\"(),;:]+/)*[^\s/'\"(),;:]+")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MAX_MESSAGE = 200
+
+
+def remote_cause(exc: BaseException) -> BaseException:
+    """The error another process raised, out of Ray's wrapper; any other error as it is.
+
+    A Ray Serve handle or task raises a remote error as ``RayTaskError`` (for a KeeperError, a
+    ``RayTaskError(DataError)`` that is both), whose str() is the remote traceback: pid, node IP,
+    file paths, source lines. Ray is not imported here: any wrapper whose ``cause`` attribute is
+    an exception (as ``RayTaskError``'s is) is unwrapped, repeatedly (a deployment calling
+    another nests them). keeper's own ``cause`` attributes are strings and stop the unwrapping.
+    """
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        try:
+            inner = getattr(exc, "cause", None)
+        except Exception:  # a wrapper's __getattr__ may itself fail
+            break
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def client_text(text: str) -> str:
+    """One line of ``text`` for a client: its first non-empty line, without Ray's pid/IP, IP
+    addresses, file paths and colour codes, cut to 200 characters."""
+    text = _ANSI.sub("", text)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    first = _PATH.sub("<path>", _IPV4.sub("<ip>", _RAY_WHERE.sub("", first)))
+    return first if len(first) <= _MAX_MESSAGE else first[: _MAX_MESSAGE - 3] + "..."
+
+
+def client_message(exc: BaseException) -> str:
+    """The message of an error raised here or in another process, as a client may read it."""
+    try:
+        return client_text(str(remote_cause(exc)))
+    except Exception:  # a broken __str__ must not turn a refusal into a 500
+        return ""
+
+
+def brief(exc: BaseException) -> str:
+    """``Type: message`` of an error (Ray's wrapper unwrapped), as a client may read it; the
+    whole error belongs in a log."""
+    name = type(remote_cause(exc)).__name__
+    message = client_message(exc)
+    return f"{name}: {message}" if message else name

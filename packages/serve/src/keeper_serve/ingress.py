@@ -31,7 +31,6 @@ import collections
 import functools
 import hmac
 import logging
-import re
 import threading
 import time
 import uuid
@@ -64,7 +63,16 @@ from keeper_core.cascade import (
 )
 from keeper_core.contact_sheet import THUMB_SIZE, thumbnail_jpeg
 from keeper_core.corpus import Corpus, read_corpus
-from keeper_core.errors import ConfigError, DataError, KeeperError, StorageError
+from keeper_core.errors import (
+    ConfigError,
+    DataError,
+    KeeperError,
+    StorageError,
+    brief,
+    client_message,
+    client_text,
+    remote_cause,
+)
 from keeper_core.feedback import FeedbackBackpressure, FeedbackLog, OfferLog, PartLog
 from keeper_core.images import decode_image
 from keeper_core.models import PreprocessConfig
@@ -180,57 +188,6 @@ def error_response(
     return JSONResponse(
         status_code=status, content=ApiError(status, code, message).body(), headers=headers
     )
-
-
-#: What an error message that may reach a client must not carry: Ray's "(pid=.., ip=..)", IPv4
-#: addresses (with a port), absolute file paths (not the "//bucket/key" of an s3:// URI), and
-#: terminal colour codes (Ray colours its "ray::Deployment()" prefix).
-_RAY_WHERE = re.compile(r"\s*\((?:pid|ip)=[^)]*\)")
-_IPV4 = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?(?![\d.])")
-_PATH = re.compile(r"(?<![\w:/.~-])(?:~|\.{1,2})?/(?:[^\s/'\"(),;:]+/)*[^\s/'\"(),;:]+")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_MAX_MESSAGE = 200
-
-
-def remote_cause(exc: BaseException) -> BaseException:
-    """The error another deployment raised, out of Ray's wrapper; any other error as it is.
-
-    A deployment handle raises a remote error as ``RayTaskError`` (for a KeeperError, a
-    ``RayTaskError(DataError)`` that is both), whose str() is the remote traceback: pid, node IP,
-    file paths. Its ``cause`` is the original; a deployment calling another nests them.
-    """
-    seen: set[int] = set()
-    while isinstance(exc, RayTaskError) and id(exc) not in seen:
-        seen.add(id(exc))
-        cause = getattr(exc, "cause", None)
-        if not isinstance(cause, BaseException):
-            break
-        exc = cause
-    return exc
-
-
-def scrub(text: str) -> str:
-    """One line of ``text`` for a client: its first non-empty line, without Ray's pid/IP, IP
-    addresses and file paths, cut to 200 characters."""
-    text = _ANSI.sub("", text)
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    first = _PATH.sub("<path>", _IPV4.sub("<ip>", _RAY_WHERE.sub("", first)))
-    return first if len(first) <= _MAX_MESSAGE else first[: _MAX_MESSAGE - 3] + "..."
-
-
-def remote_message(exc: BaseException) -> str:
-    """The message of an error raised here or in another deployment, as a client may read it."""
-    try:
-        return scrub(str(remote_cause(exc)))
-    except Exception:  # a broken __str__ must not turn a refusal into a 500
-        return ""
-
-
-def brief(exc: BaseException) -> str:
-    """``Type: message`` of an error (Ray's wrapper unwrapped), as a client may read it."""
-    name = type(remote_cause(exc)).__name__
-    message = remote_message(exc)
-    return f"{name}: {message}" if message else name
 
 
 def _refusal(ingress: _Front | None, request: Request) -> Response | None:
@@ -1318,7 +1275,7 @@ class KeeperIngress:
             raise ApiError(
                 503,
                 f"{e.stage}_unavailable",
-                f"the {e.stage} stage failed: {scrub(e.cause)}; retry",
+                f"the {e.stage} stage failed: {client_text(e.cause)}; retry",
             ) from e
         out = result.as_dict(dropped=req.candidates == "all")
         rationales = None
@@ -1383,7 +1340,7 @@ class KeeperIngress:
                 self.search_index.search.remote(query, req.k, req.filters), self._clip()
             )
         except UnknownImageId as e:
-            raise ApiError(400, "unknown_id", remote_message(e)) from e
+            raise ApiError(400, "unknown_id", client_message(e)) from e
         return {
             "request_id": req.request_id,
             "model": clip["spec"],
@@ -1430,9 +1387,9 @@ class KeeperIngress:
         # Raised in the replica, these arrive as Ray's copy of the error (its str() is a
         # traceback): the message is the original's.
         except UnknownCollection as e:
-            raise ApiError(404, "unknown_collection", remote_message(e)) from e
+            raise ApiError(404, "unknown_collection", client_message(e)) from e
         except CollectionUnusable as e:
-            raise ApiError(409, "collection_unusable", remote_message(e)) from e
+            raise ApiError(409, "collection_unusable", client_message(e)) from e
         return {
             "request_id": req.request_id,
             "model": clip["spec"],
