@@ -105,16 +105,16 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 @pytest.fixture
 def downloads(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The folders ``registry.download_ranker`` downloads into, and the ranker folder each time."""
+    """The folders ``registry.download_model`` downloads into, and the ranker folder each time."""
     seen: list[Path] = []
-    real = registry.download_ranker
+    real = registry.download_model
 
-    def spy(client: Any, ref: Any, dst: str | Path) -> Path:
-        folder = real(client, ref, dst)
+    def spy(client: Any, ref: Any, dst: str | Path) -> tuple[Path, Path]:
+        root, folder = real(client, ref, dst)
         seen.extend([Path(dst), folder])
-        return folder
+        return root, folder
 
-    monkeypatch.setattr(registry, "download_ranker", spy)
+    monkeypatch.setattr(registry, "download_model", spy)
     return seen
 
 

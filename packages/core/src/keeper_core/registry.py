@@ -164,6 +164,16 @@ def download_ranker(client: Any, ref: ModelRef, dst: str | Path) -> Path:
     Raises:
         ModelLoadError: the download failed, or the model is not a keeper ranker.
     """
+    return download_model(client, ref, dst)[1]
+
+
+def download_model(client: Any, ref: ModelRef, dst: str | Path) -> tuple[Path, Path]:
+    """``download_ranker``, and the downloaded model's own folder (its ``MLmodel``): (model
+    folder, ranker folder).
+
+    Raises:
+        ModelLoadError: the download failed, or the model is not a keeper ranker.
+    """
     import mlflow
 
     try:
@@ -184,4 +194,4 @@ def download_ranker(client: Any, ref: ModelRef, dst: str | Path) -> Path:
     folder = ranker_folder(root)
     if folder is None:
         raise ModelLoadError(ref.uri, f"{ref.load_uri} is not a keeper ranker (MLmodel)")
-    return folder
+    return root, folder

@@ -7,7 +7,7 @@
         --embeddings ... --series ...        # several models, one row each, on the same series
     python -m keeper_train.jobs.evaluate ...       # the same command
 
-Each model is loaded as Serve loads it: its files are downloaded (``registry.download_ranker``: no
+Each model is loaded as Serve loads it: its files are downloaded (``registry.download_model``: no
 code from the artifact store is imported, unpickled or run) and its ranker is built from
 ``ranker.json`` + safetensors; it predicts through MLflow's pyfunc interface under its logged
 signature. An alias is resolved to its version first (and printed), so the version evaluated is
@@ -210,21 +210,10 @@ class _RankerImpl:
         return out
 
 
-def _model_root(folder: Path, top: Path) -> Path | None:
-    """The downloaded model folder (its MLmodel) that names ``folder``, at or below ``top``."""
-    top = top.resolve()
-    for d in folder.parents:
-        if d != top and top not in d.parents:
-            return None
-        if registry.ranker_folder(d) == folder:
-            return d
-    return None
-
-
 def load_ref(client: Any, ref: tracking.ModelRef) -> LoadedModel:
     """Load a resolved model: its files only, never its code.
 
-    The artifacts are downloaded from ``client``'s store (``registry.download_ranker``: nothing is
+    The artifacts are downloaded from ``client``'s store (``registry.download_model``: nothing is
     imported, unpickled or run; a model that is not a keeper ranker folder is refused), the ranker
     is built from ``ranker.json`` + safetensors (``load_ranker``: either kind), and it is wrapped
     as an ``mlflow.pyfunc.PyFuncModel`` with the MLmodel's metadata, so ``predict`` enforces the
@@ -244,10 +233,7 @@ def load_ref(client: Any, ref: tracking.ModelRef) -> LoadedModel:
 
     uri = ref.uri
     with tempfile.TemporaryDirectory(prefix="keeper-evaluate-") as d:
-        folder = registry.download_ranker(client, ref, d)
-        root = _model_root(folder, Path(d))
-        if root is None:
-            raise ModelLoadError(uri, f"{ref.load_uri} is not a keeper ranker (MLmodel)")
+        root, folder = registry.download_model(client, ref, d)
         try:
             meta = Model.load(str(root))
         except Exception as e:  # MlflowException, OSError, YAML or schema errors: unreadable
