@@ -189,15 +189,36 @@ def test_existing_sidecar_beside_the_original_keeps_its_fields(
         "</dc:subject></rdf:Description></rdf:RDF></x:xmpmeta>"
         '<?xpacket end="w"?>'
     )
+    # Other files already where the keepers would be copied: each keeper's export is refused,
+    # named with its reason in the summary and the sheet, and the run still finishes.
+    keepers = tmp_path / "keepers"
+    keepers.mkdir()
+    for uri in burst["image_uri"]:
+        (keepers / Path(uri).name).write_bytes(b"another photo by this name")
     summary = pick.run(
         pick.PickJobConfig(
             input=str(shots),
             output=str(tmp_path / "out"),
             zero_shot=True,
             xmp="beside",
+            copy_keepers=str(keepers),
             ray_address=ray_cluster,
         )
     )
+    assert summary.status == "ok"
+    n_keep = summary.counts["keepers"]
+    assert summary.keepers_exported == {"exported": 0, "already_there": 0, "failed": n_keep}
+    assert len(summary.export_failures) == n_keep >= 1
+    kept = summary.export_failures[0]
+    assert Path(kept.image_uri).parent == shots
+    assert "different file" in kept.reason
+    assert (keepers / Path(kept.image_uri).name).read_bytes() == b"another photo by this name"
+    sheet = Path(summary.outputs["contact_sheet"]).read_text()
+    assert f"{n_keep} keeper(s) not exported" in sheet
+    assert Path(kept.image_uri).name in sheet
+    printed = pick.format_summary(summary)
+    assert f"{n_keep} failed" in printed
+    assert "export_failures" in printed
     fields = read_sidecar(str(sidecar))
     assert fields["Xmp.dc.subject"] == ["wedding", "dance"]
     assert fields["Xmp.photoshop.Headline"] == "first dance"

@@ -210,3 +210,13 @@ def test_the_writer_still_refuses_such_text_from_a_caller(tmp_path: Path) -> Non
                 str(tmp_path / "IMG_1.xmp"), rating=3, label=None, keeper_fields={"why": bad}
             )
     assert not (tmp_path / "IMG_1.xmp").exists()
+
+
+def test_the_sheet_header_names_the_first_failures_and_counts_the_rest() -> None:
+    failures = [(f"/p/IMG_{i}.JPG", "a different file is already there") for i in range(8)]
+    [line] = pick._failure_warnings("keeper(s) not exported", failures)
+    assert line.startswith("8 keeper(s) not exported (all in _SUMMARY.json): /p/IMG_0.JPG: a diff")
+    assert "/p/IMG_4.JPG" in line
+    assert "/p/IMG_5.JPG" not in line
+    assert line.endswith("; and 3 more")
+    assert pick._failure_warnings("keeper(s) not exported", []) == []

@@ -529,11 +529,20 @@ class SidecarFailure(BaseModel):
     reason: str
 
 
+class KeeperExportFailure(BaseModel):
+    """A keeper that ``--copy-keepers`` / ``--link-keepers`` could not export, and why."""
+
+    image_uri: str
+    reason: str
+
+
 class PickSummary(BaseModel):
     """A run's outcome; written to OUTPUT/_SUMMARY.json.
 
     ``sidecars`` counts written + unchanged + ``counts["sidecars_failed"]`` = the sidecars
     planned, and + skipped = the photos picked; ``sidecar_failures`` names each failed one.
+    ``keepers_exported`` counts exported + already_there + failed = the keepers, and
+    ``export_failures`` names each failed one.
     """
 
     status: Literal["ok", "failed"]
@@ -548,6 +557,7 @@ class PickSummary(BaseModel):
     sidecars: dict[str, int]
     sidecar_failures: list[SidecarFailure] = Field(default_factory=list)
     keepers_exported: dict[str, int] | None
+    export_failures: list[KeeperExportFailure] = Field(default_factory=list)
     seconds: dict[str, float]
     outputs: dict[str, str]
     embed: dict[str, Any]
@@ -626,10 +636,35 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
     return done
 
 
+@dataclass(frozen=True)
+class Exported:
+    """What ``--copy-keepers`` / ``--link-keepers`` did, as the summary records it."""
+
+    counts: dict[str, int]
+    failures: list[KeeperExportFailure]
+
+
+SHOWN_FAILURES = 5  # failures named in the printed summary and the sheet's header
+
+
+def _failure_warnings(what: str, failures: list[tuple[str, str]]) -> list[str]:
+    """One header line for the contact sheet naming the first few failures."""
+    if not failures:
+        return []
+    shown = "; ".join(f"{uri}: {reason}" for uri, reason in failures[:SHOWN_FAILURES])
+    more = len(failures) - SHOWN_FAILURES
+    tail = f"; and {more} more" if more > 0 else ""
+    return [f"{len(failures)} {what} (all in {SUMMARY}): {shown}{tail}"]
+
+
 def write_outputs(
     cfg: PickJobConfig, lib: Library, result: CullResult, summary: SheetSummary
-) -> tuple[dict[str, str], dict[str, float], Sidecars, dict[str, int] | None]:
-    """Every output, each written atomically; returns paths, seconds, sidecars, export counts."""
+) -> tuple[dict[str, str], dict[str, float], Sidecars, Exported | None]:
+    """Every output, each written atomically; returns paths, seconds, sidecars, the export.
+
+    The contact sheet is written last, so its header can name the sidecars and keepers that
+    failed (the first few; ``_SUMMARY.json`` lists them all).
+    """
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     paths = {
@@ -641,16 +676,6 @@ def write_outputs(
     storage.write_bytes(paths["picks_csv"], picks_csv(result.picks))
     storage.write_bytes(paths["failed_csv"], lib.failed.to_csv(index=False).encode())
     seconds["write_tables"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    paths["contact_sheet"] = write_contact_sheet(
-        cfg.out,
-        result.picks,
-        summary,
-        failed=lib.failed,
-        groups_per_page=cfg.groups_per_page,
-        title=f"keeper pick: {cfg.input}",
-    )
-    seconds["write_sheet"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     # Only mirrored paths need the root: xmp=none or beside takes any manifest.
     root = cfg.input_root(lib.inputs) if cfg.mirrors_paths else ""
@@ -665,10 +690,35 @@ def write_outputs(
         keepers = result.picks.loc[result.picks["decision"] == "keep", "image_uri"]
         mode = "copy" if cfg.copy_keepers else cfg.link_mode
         res = export_keepers(keepers.astype(str).tolist(), input_root=root, dest=dest, mode=mode)
-        exported = {"exported": res.exported, "already_there": res.already_there}
-        exported["failed"] = len(res.failed)
+        exported = Exported(
+            counts={
+                "exported": res.exported,
+                "already_there": res.already_there,
+                "failed": len(res.failed),
+            },
+            failures=[KeeperExportFailure(image_uri=u, reason=r) for u, r in res.failed],
+        )
+        for f in exported.failures:
+            log.warning("keeper %s not exported: %s", f.image_uri, f.reason)
         paths["keepers"] = dest
         seconds["export_keepers"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    summary.warnings += _failure_warnings(
+        "XMP sidecar(s) not written", [(f.sidecar_uri, f.reason) for f in sidecars.failed]
+    )
+    if exported is not None:
+        summary.warnings += _failure_warnings(
+            "keeper(s) not exported", [(f.image_uri, f.reason) for f in exported.failures]
+        )
+    paths["contact_sheet"] = write_contact_sheet(
+        cfg.out,
+        result.picks,
+        summary,
+        failed=lib.failed,
+        groups_per_page=cfg.groups_per_page,
+        title=f"keeper pick: {cfg.input}",
+    )
+    seconds["write_sheet"] = time.perf_counter() - t0
     return paths, seconds, sidecars, exported
 
 
@@ -765,7 +815,8 @@ def run(cfg: PickJobConfig) -> PickSummary:
         counts=counts,
         sidecars=sidecars.counts(),
         sidecar_failures=sidecars.failed,
-        keepers_exported=exported,
+        keepers_exported=exported.counts if exported else None,
+        export_failures=exported.failures if exported else [],
         seconds={k: round(v, 3) for k, v in seconds.items()},
         outputs=paths,
         embed={"run_id": emb.run_id, "status": emb.status, **emb.counts.model_dump(by_alias=True)},
@@ -799,13 +850,19 @@ def format_summary(s: PickSummary) -> str:
             else ""
         ),
     ]
-    lines += [f"            {f.sidecar_uri}: {f.reason}" for f in s.sidecar_failures[:5]]
+    lines += [
+        f"            {f.sidecar_uri}: {f.reason}" for f in s.sidecar_failures[:SHOWN_FAILURES]
+    ]
     if s.keepers_exported is not None:
         e = s.keepers_exported
         lines.append(
             f"  keepers   {e['exported']} exported, {e['already_there']} already there, "
             f"{e['failed']} failed -> {s.outputs['keepers']}"
+            + (f" (export_failures in {SUMMARY})" if e["failed"] else "")
         )
+        lines += [
+            f"            {f.image_uri}: {f.reason}" for f in s.export_failures[:SHOWN_FAILURES]
+        ]
     lines += [
         f"  table     {s.outputs['picks_parquet']} (+ picks.csv, failed.csv)",
         f"  sheet     {s.outputs['contact_sheet']}",
