@@ -33,6 +33,7 @@ from support import free_port, small_app_overrides
 from test_serve import TOKEN, call, check_examples, section_examples
 
 from keeper_core import storage
+from keeper_core.contact_sheet import thumbnail_name
 from keeper_core.errors import StorageError
 from keeper_core.feedback import decisions, read_feedback
 from keeper_core.synthetic_library import generate_library
@@ -532,7 +533,9 @@ def test_documented_review_examples(app: str, run_info: dict[str, Any], tmp_path
     check_examples(app, examples, tmp_path)
 
 
-def test_review_routes_refuse_what_they_must(app: str, run_info: dict[str, Any]) -> None:
+def test_review_routes_refuse_what_they_must(
+    app: str, run_info: dict[str, Any], pick_output: str
+) -> None:
     """No token, a foreign image id, a path-like id, a page out of range: JSON errors, no data."""
     base = f"/v1/review/runs/{RUN}"
     assert call(app, "GET", f"{base}/groups", token=None).status == 401
@@ -542,6 +545,20 @@ def test_review_routes_refuse_what_they_must(app: str, run_info: dict[str, Any])
     assert r.status == 404, r.body
     assert "run_id" not in r.body, r.body  # a JSON error, never the summary's bytes
     assert set(r.body) == {"error"}, r.body
+    # A thumbnail gone from the run's folder since it loaded: 404, and the message names no
+    # server path (the log does).
+    groups = call(app, "GET", f"{base}/groups?limit=1").body["groups"]
+    image_id = groups[0]["images"][0]["image_id"]
+    thumb = Path(pick_output, thumbnail_name(image_id))
+    aside = thumb.with_suffix(".aside")
+    thumb.rename(aside)
+    try:
+        r = call(app, "GET", f"{base}/thumbs/{image_id}")
+    finally:
+        aside.rename(thumb)
+    assert (r.status, r.body["error"]["code"]) == (404, "unknown_image"), r.body
+    assert pick_output not in r.body["error"]["message"], r.body
+    assert "<path>" in r.body["error"]["message"], r.body
     r = call(app, "GET", f"{base}/groups?offset={run_info['groups'] + 1}")
     assert (r.status, r.body["error"]["code"]) == (400, "invalid_page"), r.body
     r = call(app, "GET", f"{base}/groups?limit=abc")

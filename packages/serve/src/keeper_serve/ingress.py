@@ -919,7 +919,10 @@ class KeeperIngress:
             try:
                 data = storage.read_bytes(uri)  # the server's own table: not a client's URI
             except StorageError as e:
-                raise KeeperError(f"corpus image {uri} is unreadable: {e.cause}") from e
+                log.warning("/v1/select: corpus image %s is unreadable: %s", uri, e.cause)
+                raise KeeperError(
+                    client_text(f"corpus image {uri} is unreadable: {e.cause}")
+                ) from e
             return api.vlm_view(self.images.decode(data, i).image, side)
 
         return view
@@ -1474,7 +1477,8 @@ class KeeperIngress:
         except UnknownRun as e:
             raise ApiError(404, "unknown_run", str(e)) from e
         except RunUnusable as e:
-            raise ApiError(409, "run_unusable", f"review run {name!r}: {e}") from e
+            log.warning("review run %r is unusable: %s", name, e)
+            raise ApiError(409, "run_unusable", client_text(f"review run {name!r}: {e}")) from e
 
     @app.get(
         "/v1/review/runs",
@@ -1545,7 +1549,10 @@ class KeeperIngress:
         except UnknownImage as e:
             raise ApiError(404, "unknown_image", str(e)) from e
         except StorageError as e:
-            raise ApiError(404, "unknown_image", f"thumbnail of {image_id} unreadable: {e}") from e
+            log.warning("review run %s: thumbnail %s is unreadable: %s", name, e.uri, e.cause)
+            raise ApiError(
+                404, "unknown_image", client_text(f"thumbnail of {image_id} unreadable: {e}")
+            ) from e
         return _thumb_response(data)
 
     def _corpus_thumbnail(self, image_id: str) -> bytes:
@@ -1565,7 +1572,9 @@ class KeeperIngress:
             data = storage.read_bytes(uri)
             if len(data) > limits.max_image_bytes:
                 raise ApiError(
-                    413, "image_too_large", f"{uri}: {len(data)} bytes > {limits.max_image_bytes}"
+                    413,
+                    "image_too_large",
+                    client_text(f"{uri}: {len(data)} bytes > {limits.max_image_bytes}"),
                 )
             image = decode_image(
                 data,
@@ -1574,7 +1583,10 @@ class KeeperIngress:
                 draft_size=(THUMB_SIZE, THUMB_SIZE),
             )
         except KeeperError as e:  # gone or changed since it was embedded
-            raise ApiError(404, "unknown_image", f"corpus image {uri} is unreadable: {e}") from e
+            log.warning("corpus thumbnail: image %s is unreadable: %s", uri, e)
+            raise ApiError(
+                404, "unknown_image", client_text(f"corpus image {uri} is unreadable: {e}")
+            ) from e
         thumb = thumbnail_jpeg(image)
         with self._corpus_thumbs_lock:
             self._corpus_thumbs[image_id] = thumb
