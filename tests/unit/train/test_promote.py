@@ -603,3 +603,36 @@ def test_a_first_champion_set_during_the_promotion_is_not_overwritten(reg: Regis
         gate(reg)
     assert reg.aliases() == {"champion": v2, "challenger": v1}
     assert reg.tags(v1, promote.TAG) == {}
+
+
+# ------------------------------------------------------------------ --exit-code, through the CLI
+
+
+@pytest.mark.parametrize(
+    ("challenger", "flag", "status", "verdict"),
+    [
+        ("bad", "--exit-code", promote.EXIT_REJECTED, "REJECTED"),
+        ("bad", "--no-exit-code", 0, "REJECTED"),
+        ("good", "--exit-code", 0, "PROMOTED"),
+    ],
+)
+def test_exit_code_says_whether_the_gate_rejected(
+    reg: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    challenger: str,
+    flag: str,
+    status: int,
+    verdict: str,
+) -> None:
+    import mlflow
+
+    monkeypatch.setattr(evaluate, "load_data", lambda *_: holdout())
+    monkeypatch.setattr(mlflow, "set_tracking_uri", lambda _: None)  # no global left behind
+    v1 = reg.version("good" if challenger == "bad" else "bad", split_of(0))
+    v2 = reg.version(challenger, split_of(0))
+    reg.alias(champion=v1, challenger=v2)
+    argv = ["promote", NAME, "--embeddings", "e", "--series", "s", flag]
+    assert keeper([*argv, "--tracking-uri", f"sqlite:///{reg.dir / 'mlflow.db'}"]) == status
+    assert f"{verdict} {NAME} v{v2}" in capsys.readouterr().out
+    assert reg.aliases()["champion"] == (v2 if verdict == "PROMOTED" else v1)

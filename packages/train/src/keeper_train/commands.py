@@ -683,16 +683,23 @@ def add_promote_parser(subparsers: SubParsers) -> None:
     p.add_argument(
         "--min-online-gain", type=float, help="online top-1 gain needed, absolute (default 0)"
     )
+    p.add_argument(
+        "--exit-code",
+        action=_BOOL,
+        help="exit 4 when the gate rejects the challenger (for CI pipelines; default: exit 0 "
+        "whatever the decision, which --json records)",
+    )
     _add_registry_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
         from keeper_train.jobs import promote
 
         keys = ["name", "embeddings", "series", "min_gain", "ci_gate", "confidence", "version"]
-        keys += ["force", "rollback", "online", "min_online_gain"]
+        keys += ["force", "rollback", "online", "min_online_gain", "exit_code"]
         cfg = validated(promote.PromoteConfig, given(args, [*keys, *_REGISTRY_KEYS]))
-        print(promote.format_outcome(promote.run(cfg)))
-        return 0
+        result = promote.run(cfg)
+        print(promote.format_outcome(result))
+        return promote.exit_status(result, exit_code=cfg.exit_code)
 
     p.set_defaults(func=run)
 

@@ -76,6 +76,11 @@ ROLLBACK_TAG = "keeper.rollback."
 _EPS = 1e-9
 
 
+#: ``keeper promote --exit-code``'s status for a rejected challenger (2 is a refusal: bad
+#: arguments, series the challenger trained on; 1 an unexpected error).
+EXIT_REJECTED = 4
+
+
 class PromoteConfig(BaseModel):
     """What ``keeper promote`` takes; the CLI's flags map onto these fields."""
 
@@ -97,6 +102,9 @@ class PromoteConfig(BaseModel):
         None, description="a feedback root: also gate on the A/B's online top-1 gain"
     )
     min_online_gain: float = Field(0.0, description="online top-1 gain needed, absolute")
+    exit_code: bool = Field(
+        False, description=f"exit {EXIT_REJECTED} when the gate rejects the challenger"
+    )
 
     @field_validator("min_gain", "min_online_gain")
     @classmethod
@@ -574,6 +582,12 @@ def run(cfg: PromoteConfig) -> dict[str, Any]:
     if cfg.json_out:
         storage.write_bytes(cfg.json_out, json.dumps(result, indent=2).encode())
     return result
+
+
+def exit_status(result: Mapping[str, Any], *, exit_code: bool) -> int:
+    """The process's exit status: 0, or with ``exit_code`` EXIT_REJECTED for a rejection
+    (promoted, unchanged and rolled back are 0: ``@champion`` is where it should be)."""
+    return EXIT_REJECTED if exit_code and result["decision"] == "rejected" else 0
 
 
 def format_outcome(result: Mapping[str, Any]) -> str:
