@@ -52,10 +52,10 @@ def test_compare_methods_hand_computed() -> None:
     bad = c.results["bad"]  # ranks (2, 2, 2)
     assert (bad.top1, bad.top2, bad.mean_rank, bad.mrr) == (0.0, 1.0, 2.0, 0.5)
 
-    flat = c.results["flat"]  # ranks (1, 2, 3)
-    assert flat.top1 == pytest.approx(1 / 3)
-    assert flat.mrr == pytest.approx((1 + 1 / 2 + 1 / 3) / 3)
-    assert flat.mean_rank == pytest.approx(2.0)
+    flat = c.results["flat"]  # every shot tied: the keeper ranks last, (3, 2, 4)
+    assert flat.top1 == 0.0
+    assert flat.mrr == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3)
+    assert flat.mean_rank == pytest.approx(3.0)
 
     table = c.table()
     assert "good" in table

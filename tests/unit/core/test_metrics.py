@@ -58,13 +58,21 @@ def test_random_baseline_matches_random_scores() -> None:
     assert m.mean_rank == pytest.approx(m.random_mean_rank, abs=0.03)
 
 
-def test_ties_count_against_the_best_only_when_the_rival_comes_first() -> None:
+def test_every_tie_counts_against_the_best() -> None:
     scores = [np.array([1.0, 1.0, 1.0]), np.array([2.0, 1.0, 2.0, 2.0]), np.array([0.0, 5.0, 5.0])]
-    # Series 0: best=1 ties with index 0 -> rank 2. Series 1: best=2 ties with 0 (before) and 3
-    # (after) -> rank 2. Series 2: best=1 ties with 2 (after) and beats 0 -> rank 1.
-    assert best_ranks(scores, [1, 2, 1]).tolist() == [2, 2, 1]
-    # A constant scorer: the best ranks at its index + 1, never better.
-    assert best_ranks([np.zeros(4)] * 4, [0, 1, 2, 3]).tolist() == [1, 2, 3, 4]
+    # Series 0: best=1 ties with 0 and 2 -> rank 3. Series 1: best=2 ties with 0 (before) and 3
+    # (after) -> rank 3. Series 2: best=1 ties with 2 (after) and beats 0 -> rank 2.
+    assert best_ranks(scores, [1, 2, 1]).tolist() == [3, 3, 2]
+    # A constant scorer ranks the best last wherever it stands: a manifest listing the keeper
+    # first gives it no credit.
+    assert best_ranks([np.zeros(4)] * 4, [0, 1, 2, 3]).tolist() == [4, 4, 4, 4]
+    m = series_metrics([np.zeros(3)] * 5, [0] * 5)
+    assert (m.top1, m.top3, m.mean_rank, m.mrr) == (0.0, 1.0, 3.0, pytest.approx(1 / 3))
+    # Distinct scores: the position of the best makes no difference.
+    assert best_ranks([np.array([3.0, 2.0, 1.0]), np.array([1.0, 2.0, 3.0])], [0, 2]).tolist() == [
+        1,
+        1,
+    ]
 
 
 def test_infinite_scores_are_ranked() -> None:

@@ -1,8 +1,10 @@
 """Series ranking metrics, always reported beside the random baseline.
 
-The rank of a series' best image is ``1 + #(images scored strictly higher) + #(images scored
-equal with a lower index)``: ties are broken against the best image whenever the competitor
-comes first, so a constant scorer gets no credit for ties and the result is deterministic.
+The rank of a series' best image is ``1 + #(other images scored at least as high)``: every tie
+counts against the best image, wherever it stands in the series, so the result is deterministic
+and a scorer gets no credit for what it cannot tell apart. (Breaking ties by position instead
+would hand a constant scorer, e.g. a head whose units all died, top-1 = 100 % on any manifest
+that lists the keeper first, and early stopping and the promotion gate would prefer it.)
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def best_ranks(scores: Sequence[np.ndarray], best: Sequence[int]) -> np.ndarray:
         if isinstance(b, bool) or int(b) != b or not 0 <= int(b) < len(s):
             raise DataError(f"series {i}: best index {b!r} not an int in [0, {len(s)})", rows=[i])
         b = int(b)
-        ranks[i] = 1 + int((s > s[b]).sum()) + int((s[:b] == s[b]).sum())
+        ranks[i] = int((s >= s[b]).sum())  # itself included: 1 + the others at least as high
     return ranks
 
 
