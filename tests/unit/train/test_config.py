@@ -202,3 +202,40 @@ def test_embed_unknown_model_arch_is_a_config_error_naming_model() -> None:
 def test_embed_unknown_key_is_refused() -> None:
     with pytest.raises(ConfigError, match="batchsize"):
         load_config(EmbedConfig, SHIPPED, ["batchsize=3"])
+
+
+def test_a_jobs_console_has_keepers_progress_and_no_library_chatter() -> None:
+    import logging
+
+    from keeper_train.config import KEEPER_LOGGERS, configure_logging
+
+    root = logging.getLogger()
+    saved = root.level, {n: logging.getLogger(n).level for n in KEEPER_LOGGERS}
+    try:
+        root.setLevel(logging.INFO)
+        configure_logging()
+        # open_clip's "Parsing model identifier..." goes to the root logger at INFO.
+        assert not root.isEnabledFor(logging.INFO)
+        assert root.isEnabledFor(logging.WARNING)
+        for name in ("keeper.embed", "keeper_train.cluster", "keeper_core.storage"):
+            assert logging.getLogger(name).isEnabledFor(logging.INFO), name
+        assert not logging.getLogger("open_clip.factory").isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(saved[0])
+        for n, level in saved[1].items():
+            logging.getLogger(n).setLevel(level)
+
+
+def test_finding_the_pool_actors_warns_about_nothing() -> None:
+    """The scan over the driver's objects used isinstance(), which reads each object's
+    __class__: torch's deprecated ``distributed.reduce_op`` answered with a FutureWarning."""
+    import warnings
+
+    import torch.distributed
+
+    from keeper_train.cluster import _pool_actors
+
+    assert torch.distributed.is_available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _pool_actors("MapWorker(MapBatches(NoSuchStage))") == {}

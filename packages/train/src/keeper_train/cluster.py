@@ -62,10 +62,13 @@ def _pool_actors(name: str) -> dict[str, Any]:
     """The actor handles this driver holds whose actor Ray Data named ``name``, by actor id."""
     from ray.actor import ActorHandle
 
+    # type(), not isinstance(): isinstance reads each object's __class__, which some module
+    # proxies answer with a warning (torch's deprecated ``distributed.reduce_op`` printed a
+    # FutureWarning on every keeper embed).
     return {
         h._actor_id.hex(): h
         for h in gc.get_objects()
-        if isinstance(h, ActorHandle) and name in repr(h)
+        if issubclass(type(h), ActorHandle) and name in repr(h)
     }
 
 

@@ -55,7 +55,10 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"override {pair!r} is not key=value")
+            raise ConfigError(
+                f"override {pair!r} is not key=value (each value, a path too, is given as "
+                "key=value or with its --flag: --help lists them)"
+            )
         try:
             parsed = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError as e:
@@ -135,6 +138,24 @@ def validate(model: type[C], data: dict[str, Any], *, where: str = "") -> C:
         raise ConfigError(f"invalid {model.__name__}{where}: {fields}") from e
 
 
+#: keeper's loggers: ``keeper.<job>`` and each package's ``__name__`` loggers.
+KEEPER_LOGGERS = ("keeper", "keeper_core", "keeper_train", "keeper_serve")
+
+
+def configure_logging() -> None:
+    """A job's console: keeper's own progress at INFO, every library at WARNING.
+
+    open_clip narrates each model it builds on the root logger at INFO (six lines a load); Ray
+    Data, Ray Train and MLflow log through their own handlers and keep their own levels.
+    """
+    import logging
+
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)  # also where a handler was already there
+    for name in KEEPER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def job_main(
     argv: Sequence[str] | None,
     *,
@@ -152,7 +173,6 @@ def job_main(
     prints one line and exits 2; otherwise the exit code is the job's own (``exit_code``).
     """
     import argparse
-    import logging
     import sys
 
     from keeper_core.errors import KeeperError
@@ -165,7 +185,7 @@ def job_main(
     parser.add_argument("--config", help=f"YAML file of the job's config fields{sample}")
     parser.add_argument("overrides", nargs="*", help=f"key=value, e.g. {example}")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     try:
         summary = run(load_config(model, args.config, args.overrides))
     except KeeperError as e:

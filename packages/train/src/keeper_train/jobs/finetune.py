@@ -61,7 +61,7 @@ from keeper_core.series import read_series_manifest
 from keeper_core.tower import LORA_MODULES, TowerConfig, TuneMethod
 from keeper_core.training import shard_order
 from keeper_train import raytrain
-from keeper_train.config import load_config
+from keeper_train.config import configure_logging, load_config
 from keeper_train.data import SplitSettings, assign_split
 
 log = logging.getLogger("keeper.finetune")
@@ -909,9 +909,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. method=last-blocks")
     args = parser.parse_args(argv)
-    # keeper's own progress at INFO; libraries' (open_clip logs every model it builds) at WARNING.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("keeper").setLevel(logging.INFO)
+    configure_logging()
     try:
         cfg = load_config(FinetuneConfig, args.config, args.overrides)
         summary = run(cfg)
