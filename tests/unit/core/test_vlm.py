@@ -356,6 +356,18 @@ def test_source_kind(source: str, kind: str) -> None:
     assert source_kind(source) == kind
 
 
+def test_a_missing_folder_under_a_local_one_is_local_not_a_hub_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    assert source_kind("checkpoints/lava") == "local"  # a typo of checkpoints/llava
+    with pytest.raises(ModelLoadError) as e:
+        load_vlm(VlmConfig(source="checkpoints/lava"), cache_dir=tmp_path / "cache")
+    assert "huggingface.co" not in e.value.cause
+    assert source_kind("llava-hf/llava-1.5-7b-hf") == "hub"  # no local folder llava-hf
+
+
 def test_a_source_that_is_nothing_is_a_load_error() -> None:
     with pytest.raises(ModelLoadError, match="neither a local folder"):
         source_kind("a/b/c")

@@ -143,8 +143,10 @@ def _local_path(source: str) -> Path:
 def source_kind(source: str) -> SourceKind:
     """How ``source`` is resolved: an ``s3://`` prefix, a local folder, or a hub id.
 
-    A source is local when it starts with ``/``, ``./``, ``../``, ``~`` or ``file://``, or names
-    something that exists on disk; otherwise it is a hub id when it looks like ``org/name``.
+    A source is local when it starts with ``/``, ``./``, ``../``, ``~`` or ``file://``, names
+    something that exists on disk, or is ``dir/name`` where ``dir`` is a local folder (a relative
+    path with a typo, ``checkpoints/lava``, is then a missing folder, not a hub model of that
+    name quietly downloaded instead); otherwise it is a hub id when it looks like ``org/name``.
 
     Raises:
         ModelLoadError: it is none of these.
@@ -153,6 +155,8 @@ def source_kind(source: str) -> SourceKind:
     if storage.is_s3(s):
         return "s3"
     if s.startswith(("/", "./", "../", "~", "file://")) or Path(s).exists():
+        return "local"
+    if "/" in s and Path(s).parent.is_dir():
         return "local"
     if _HUB_ID.match(s) and ".." not in s:
         return "hub"
