@@ -22,6 +22,7 @@ from keeper_core.models import (
     parameter_count,
     preprocess_config,
     save_checkpoint,
+    weights_version,
 )
 
 TINY = "keeper-tiny:random"
@@ -100,6 +101,32 @@ def test_checkpoint_round_trip_file_and_s3(
     ClipEmbedder(f"keeper-tiny:{uri}", cache_dir=cache)  # second load: from the cache
     assert [p for p in cache.rglob("*") if p.is_file()] == cached
     assert cached[0].stat().st_mtime_ns == mtime
+
+
+def test_weights_version_tells_a_replaced_checkpoint_apart(
+    trained_checkpoint: tuple[Path, Path], s3_bucket: str, tmp_path: Path
+) -> None:
+    st_path, _ = trained_checkpoint
+    path = tmp_path / "tiny.safetensors"
+    path.write_bytes(st_path.read_bytes())
+    first = weights_version(f"keeper-tiny:{path}")
+    assert first is not None
+    assert first.startswith("sha256:")
+    assert weights_version(f"keeper-tiny:{path}") == first  # same bytes, same version
+    save_checkpoint(load_clip(TINY, "cpu").model, path)  # other weights at the same path
+    assert weights_version(f"keeper-tiny:{path}") not in (None, first)
+    # S3: the object's ETag, which a new upload changes.
+    s3 = boto3.client("s3")
+    s3.upload_file(str(st_path), s3_bucket, "models/v.safetensors")
+    uri = f"s3://{s3_bucket}/models/v.safetensors"
+    before = weights_version(f"keeper-tiny:{uri}")
+    assert before is not None
+    assert before.startswith("etag:")
+    s3.upload_file(str(path), s3_bucket, "models/v.safetensors")
+    assert weights_version(f"keeper-tiny:{uri}") != before
+    # Random init and open_clip's named tags are versions by their names.
+    assert weights_version(TINY) is None
+    assert weights_version("ViT-B-32:openai") is None
 
 
 def test_unknown_arch() -> None:

@@ -531,6 +531,23 @@ def test_check_table_meta(tmp_path: Path) -> None:
         check_table_meta(dst, "ViT-B-32:random", embed_dim=512)
 
 
+def test_check_table_meta_refuses_a_replaced_checkpoint(tmp_path: Path) -> None:
+    dst = str(tmp_path / "dst")
+    spec = f"keeper-tiny:{tmp_path / 'tiny.safetensors'}"
+    check_table_meta(dst, spec, embed_dim=64, weights="sha256:aa")
+    meta = json.loads((tmp_path / "dst" / "_KEEPER_TABLE.json").read_text())
+    assert meta["weights_version"] == "sha256:aa"
+    check_table_meta(dst, spec, embed_dim=64, weights="sha256:aa")  # the same checkpoint
+    check_table_meta(dst, spec, embed_dim=64, weights=None)  # one the driver cannot see
+    with pytest.raises(DataError, match=r"made with weights sha256:aa.*now holds sha256:bb"):
+        check_table_meta(dst, spec, embed_dim=64, weights="sha256:bb", record=False)
+    # A table recorded before weights were versioned is checked by its spec alone.
+    old = tmp_path / "old"
+    check_table_meta(str(old), spec, embed_dim=64)
+    check_table_meta(str(old), spec, embed_dim=64, weights="sha256:bb")
+    assert "weights_version" not in json.loads((old / "_KEEPER_TABLE.json").read_text())
+
+
 def counts(**over: int) -> dict[str, int]:
     c = {
         "in": 10,

@@ -16,6 +16,8 @@ Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors, neve
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import math
 import threading
@@ -353,6 +355,45 @@ def _seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def weights_version(spec: str | ModelSpec) -> str | None:
+    """What a spec's weights are, beyond their name: ``sha256:<hex>`` of a local checkpoint's
+    bytes, ``etag:<tag>`` of an S3 one; None for random init and open_clip's pretrained tags
+    (named versions) and for a local file this process cannot see.
+
+    A spec names its weights by path, so a checkpoint replaced at the same path keeps the same
+    spec: this is what tells the two apart (an embedding table records it beside the spec).
+
+    Raises:
+        ModelLoadError: the S3 object cannot be reached.
+    """
+    from keeper_core import storage
+    from keeper_core.errors import StorageError
+
+    s = ModelSpec.parse(spec)
+    if s.weights_kind == "s3":
+        try:
+            return f"etag:{storage.object_info(s.weights).etag}"
+        except StorageError as e:
+            raise ModelLoadError(str(s), f"cannot read checkpoint: {e}") from e
+    if s.weights_kind != "file":
+        return None
+    path = Path(s.weights.removeprefix("file://")).expanduser()
+    if not path.is_file():
+        return None  # read where the model loads (another node's path): it fails there if missing
+    st = path.stat()
+    return _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime in the key: a rewritten file is hashed again (~1 s a GB).
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
 
 
 def _resolve_checkpoint(spec: ModelSpec, cache_dir: str | Path | None) -> str:

@@ -72,6 +72,7 @@ from keeper_core.models import (
     parameter_count,
     preprocess_config,
     spec_field,
+    weights_version,
 )
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES
@@ -407,15 +408,20 @@ def _manifest_uris(src: str) -> tuple[list[str], int]:
     return list(first.values()), len(resolved) - len(first)
 
 
-def check_table_meta(dst: str, spec: str, embed_dim: int, *, record: bool = True) -> None:
-    """Refuse to mix model specs in one DST; record the spec on first use (with ``record``).
+def check_table_meta(
+    dst: str, spec: str, embed_dim: int, *, record: bool = True, weights: str | None = None
+) -> None:
+    """Refuse to mix model specs, or one spec's changed weights, in one DST; record the spec and
+    the weights' version (``weights``: ``keeper_core.models.weights_version``) on first use.
 
     ``plan`` checks first (``record=False``, before any work) and records the spec only once the
     inputs are listed and there is something to embed, so a run that fails on its input leaves
-    no record naming a spec the table does not hold.
+    no record naming a spec the table does not hold. A record without a weights version (an older
+    table, a checkpoint the driver could not see) is checked by its spec alone.
 
     Raises:
-        DataError: DST holds embeddings of another spec, or its record is not readable JSON.
+        DataError: DST holds embeddings of another spec, or of the same spec's checkpoint before
+            it was replaced, or its record is not readable JSON.
     """
     meta_uri = storage.join(dst, TABLE_META)
     if storage.exists(meta_uri):
@@ -434,10 +440,19 @@ def check_table_meta(dst: str, spec: str, embed_dim: int, *, record: bool = True
                 f"{dst} holds embeddings of {meta.get('model_spec')!r}; this run uses {spec!r}. "
                 "Embeddings of two specs never mix: choose another output."
             )
+        held = meta.get("weights_version")
+        if held and weights and held != weights:
+            raise DataError(
+                f"{dst} holds embeddings of {spec!r} made with weights {held}; that checkpoint now "
+                f"holds {weights}: it was replaced. Embeddings of two checkpoints never mix: "
+                "choose another output (or give the new checkpoint its own path)."
+            )
         return
     if not record:
         return
     meta = {"model_spec": spec, "embed_dim": embed_dim, "format": 1, "created": _now()}
+    if weights:
+        meta["weights_version"] = weights
     storage.write_bytes(meta_uri, json.dumps(meta, indent=2).encode())
 
 
@@ -1038,7 +1053,9 @@ def plan(cfg: EmbedConfig) -> Plan:
     t0 = time.perf_counter()
     dst = cfg.output.rstrip("/")
     dim = embed_dim(cfg.model)
-    check_table_meta(dst, cfg.model, embed_dim=dim, record=False)  # another spec: refused now
+    weights = weights_version(cfg.model)
+    # another spec, or a replaced checkpoint: refused now
+    check_table_meta(dst, cfg.model, embed_dim=dim, record=False, weights=weights)
     members: dict[str, dict[str, Any]] = {}
     index_failures: dict[str, str] = {}
     repeated = 0
@@ -1070,7 +1087,7 @@ def plan(cfg: EmbedConfig) -> Plan:
     retried = set(rows.loc[retry, "image_uri"].astype(str))
     todo = [u for u in inputs if u not in done and u not in keep_failed]
     if todo:  # the spec is recorded once there is something to embed with it
-        check_table_meta(dst, cfg.model, embed_dim=dim)
+        check_table_meta(dst, cfg.model, embed_dim=dim, weights=weights)
     return Plan(
         run_id=f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
         dst=dst,
