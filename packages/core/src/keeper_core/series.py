@@ -232,6 +232,26 @@ def pairwise_to_series(df_or_uri: pd.DataFrame | str) -> pd.DataFrame:
     return validate_series(pd.concat(out, ignore_index=True), source=source)
 
 
+def check_split_key(df: pd.DataFrame, by: str) -> None:
+    """Refuse a split column that would cut a series in two: ``by`` missing or null in some
+    row, or a series whose rows carry several values of it.
+
+    Raises:
+        DataError: naming the column, or the rows and series.
+    """
+    if by not in df.columns:
+        raise DataError(f"split column {by!r} not in columns {list(df.columns)}")
+    null = np.flatnonzero(df[by].isna().to_numpy())
+    if len(null):
+        raise DataError(f"null {by} in rows {_fmt(null.tolist())}", rows=null.tolist())
+    if by != "series_id" and "series_id" in df.columns:
+        spans = df.groupby("series_id", sort=False)[by].transform("nunique").to_numpy() > 1
+        if spans.any():
+            what = f"spanning several {by} values"
+            msg, rows = _series_problem(df.reset_index(drop=True), np.flatnonzero(spans), what)
+            raise DataError(msg, rows=rows)
+
+
 def split_series(
     df: pd.DataFrame,
     *,
@@ -264,18 +284,8 @@ def split_series(
         raise ConfigError(f"fractions must be three numbers >= 0, got {fractions!r}")
     if abs(sum(fractions) - 1.0) > 1e-6:
         raise ConfigError(f"fractions must sum to 1, got {fractions!r} (sum {sum(fractions)})")
-    if by not in df.columns:
-        raise DataError(f"split column {by!r} not in columns {list(df.columns)}")
+    check_split_key(df, by)
     keys = df[by]
-    null = np.flatnonzero(keys.isna().to_numpy())
-    if len(null):
-        raise DataError(f"null {by} in rows {_fmt(null.tolist())}", rows=null.tolist())
-    if by != "series_id" and "series_id" in df.columns:
-        spans = df.groupby("series_id", sort=False)[by].transform("nunique").to_numpy() > 1
-        if spans.any():
-            what = f"spanning several {by} values"
-            msg, rows = _series_problem(df.reset_index(drop=True), np.flatnonzero(spans), what)
-            raise DataError(msg, rows=rows)
     edges = np.cumsum(fractions) / sum(fractions)
     split_of: dict[str, str] = {}
     for key in pd.unique(keys.astype(str)):

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from keeper_core import storage
 from keeper_core.errors import ConfigError, DataError, StorageError
-from keeper_core.series import read_series_manifest, split_series
+from keeper_core.series import check_split_key, read_series_manifest, split_series
 
 log = logging.getLogger("keeper.data")
 
@@ -188,13 +188,19 @@ def assign_split(
     """A copy of ``df`` with a ``split`` column: named groups of column ``by`` go to val / test
     and the rest to train; without named groups, ``split_series``'s deterministic hash split.
 
+    Either way a series stays whole: one whose rows carry several values of ``by`` (a burst
+    straddling two base photos) is refused, as ``split_series`` refuses it, since naming groups
+    would otherwise put its keeper on one side and the rest of its shots on the other.
+
     Raises:
-        DataError: ``by`` is not a column, or a named group does not occur.
+        DataError: ``by`` is not a column, null in some row, a series spans several of its
+            values, or a named group does not occur.
     """
     if not (val_groups or test_groups):
         return split_series(df, fractions=fractions, seed=seed, by=by)
     if by not in df.columns:
         raise DataError(f"split_by column {by!r} is not in the manifest")
+    check_split_key(df, by)
     key = df[by].astype(str)
     known = set(key)
     unknown = [g for g in (val_groups or []) + (test_groups or []) if g not in known]
