@@ -8,7 +8,10 @@ the standing decisions and measures each arm:
 
 - **online top-1**: of the groups where a person picked a keeper, the share where it was the
   model's first choice (``rank`` 0). The live counterpart of the offline top-1 that ``keeper
-  promote`` gates on, and the figure the challenger's gain is measured on;
+  promote`` gates on, and the figure the challenger's gain is measured on. One trial per group
+  and person: a person who moved the keeper without taking the first back counts with the
+  latest; an image offered twice in one group (a byte copy: ids are content hashes) counts with
+  its better rank;
 - **acceptance rate**: of the images decided, the share accepted or picked as keeper;
 - **click-through**: of the answers offered, the share with at least one decision;
 - **mean keeper rank**: the model's rank (1 = first) of the image picked as keeper;
@@ -57,6 +60,7 @@ FIGURE_COLUMNS = (
     "route",
     "arm",
     "model",
+    "group_id",
     "image_id",
     "rank",
     "offered",
@@ -236,14 +240,20 @@ def _tally(
         the tallies, the standing decisions, and those that no offer row has.
     """
     rows = offers.select(list(FIGURE_COLUMNS[1:])).to_pylist()
-    offer: dict[tuple[str, str], tuple[_K | None, int | None]] = {}  # -> its key, its rank
+    # (request, image) -> its key and, per group it was offered in, its best rank there. An
+    # image is named by its bytes' hash, so a photo sent twice in one answer (a byte copy) is
+    # offered twice: the person who picks it picked what the model put at the better rank, not
+    # whichever row the log happens to hold last.
+    offer: dict[tuple[str, str], tuple[_K | None, dict[str | None, int | None]]] = {}
     tallies: dict[_K, _Tally] = {}
     for r in rows:
         model = str(r["model"])
         k = key(arm_of(r["route"], r["arm"]), model)
         req = str(r["request_id"])
         if r["image_id"] is not None:
-            offer[(req, str(r["image_id"]))] = (k, r["rank"])
+            _, ranks = offer.setdefault((req, str(r["image_id"])), (k, {}))
+            g = None if r["group_id"] is None else str(r["group_id"])
+            ranks[g] = _better_rank(ranks.get(g, r["rank"]), r["rank"])
         if k is None:
             continue
         t = tallies.setdefault(k, _Tally())
@@ -254,23 +264,44 @@ def _tally(
 
     standing = decisions(events).to_pylist()
     unmatched = 0
+    # Online top-1 has one trial per group a person decided: (key, request, group, client) ->
+    # the rank of the keeper that stands, the latest (``standing`` is in the order of each
+    # decision's latest event), so a person who moved the keeper without an ``undone`` is one
+    # group, not two.
+    keeper_of: dict[tuple[_K, str, str | None, str | None], int] = {}
     for d in standing:
         where = (str(d["request_id"]), str(d["image_id"]))
         if where not in offer:
             unmatched += 1
             continue
-        k, rank = offer[where]
+        k, ranks = offer[where]
         if k is None:  # an offer counted nowhere (the review page's, in the A/B report)
             continue
         t = tallies[k]
         t.decided_requests.add(where[0])
         t.decided += 1
         t.accepted += d["action"] in _CHOSEN
+        group = d["group_id"] if d["group_id"] in ranks else None
+        if group is None and None not in ranks:  # the event names no group the offer has
+            group = min(ranks, key=lambda g: _rank_order(ranks[g]))
+        rank = ranks[group]
         if d["action"] == "picked-as-keeper" and rank is not None:
-            t.keepers += 1
-            t.hits += int(rank) == 0
-            t.rank_sum += int(rank) + 1
+            keeper_of[(k, where[0], group, d["client"])] = int(rank)  # a later one replaces it
+    for (k, *_), rank in keeper_of.items():
+        t = tallies[k]
+        t.keepers += 1
+        t.hits += rank == 0
+        t.rank_sum += rank + 1
     return tallies, len(standing), unmatched
+
+
+def _rank_order(rank: int | None) -> float:
+    return math.inf if rank is None else float(rank)
+
+
+def _better_rank(a: int | None, b: int | None) -> int | None:
+    """The better (lower) of two ranks of one image; None (unranked) only when both are."""
+    return a if _rank_order(a) <= _rank_order(b) else b
 
 
 def figures_by_model(
