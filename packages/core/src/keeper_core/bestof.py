@@ -70,6 +70,16 @@ def compare_methods(manifest: pd.DataFrame, scores: Mapping[str, np.ndarray]) ->
     return Comparison(results=results, series=groups, best=best, left_out=left_out)
 
 
+def _pick(scores: np.ndarray, best: int) -> int:
+    """The shot a method is shown picking: its top score, a tie counted against the keeper as
+    the metrics count it (``metrics.best_ranks``), so the report marks the keeper picked exactly
+    when the keeper's rank is 1 (``argmax`` alone would pick the first tied shot, and show a
+    constant scorer finding every keeper listed first)."""
+    top = np.flatnonzero(scores == scores.max())
+    others = top[top != best]
+    return int(others[0]) if len(others) else int(top[0])
+
+
 def _shown_order(
     comparison: Comparison, picks: list[dict[str, int]], methods: list[str]
 ) -> tuple[list[int], str]:
@@ -129,8 +139,8 @@ def write_report(
     methods = list(scores)
     arrays = {name: np.asarray(s) for name, s in scores.items()}
     picks = [
-        {name: int(np.argmax(a[g.index.to_numpy()])) for name, a in arrays.items()}
-        for g in comparison.series
+        {name: _pick(a[g.index.to_numpy()], b) for name, a in arrays.items()}
+        for g, b in zip(comparison.series, comparison.best, strict=True)
     ]
     order, order_text = _shown_order(comparison, picks, methods)
 
