@@ -28,8 +28,11 @@ Running stages 1-4 twice costs a matmul and a bounded dedup per query, nothing b
 
 Counts always add up: per query, rows = picked + dropped, and per stage in = kept + dropped (the
 summary says ``lost`` when not, and the job exits 1). Every output is written atomically and
-rebuilt whole on every run. Exit codes: 0 done, 1 rows lost (a bug), 2 bad config or input
-(a missing or mixed table, a bad query file, a VLM that cannot load, a VLM stage failure).
+rebuilt whole on every run; an OUTPUT holding the results of a query this run does not have
+(``<name>/scored.parquet`` or ``<name>/index.html`` of an earlier run with other queries) is
+refused before any work, as they would sit beside this run's as if part of it. Exit codes:
+0 done, 1 rows lost (a bug), 2 bad config or input (a missing or mixed table, a bad query file,
+an OUTPUT holding other queries' results, a VLM that cannot load, a VLM stage failure).
 """
 
 from __future__ import annotations
@@ -418,6 +421,34 @@ def survivors(result: CascadeResult) -> np.ndarray:
     return idx[np.lexsort((idx, -score[idx]))] if len(idx) else idx
 
 
+def refuse_other_queries(output: str, queries: Sequence[Query]) -> None:
+    """Refuse an OUTPUT that holds the results of queries this run does not have.
+
+    A re-run with other queries (one renamed, one removed) would leave the old ones'
+    ``<name>/scored.parquet`` and ``<name>/index.html`` beside this run's, read as if they
+    were part of it; nothing of this run's would tell them apart but ``_SUMMARY.json``.
+
+    Raises:
+        ConfigError: such files are there (named).
+    """
+    if not storage.is_s3(output) and not Path(output.removeprefix("file://")).is_dir():
+        return
+    prefix = output.rstrip("/") + "/"
+    ours = {q.name for q in queries}
+    stale = []
+    for f in storage.list_files(output, suffixes=[f"/{SCORED}", f"/{INDEX}"]):
+        folder, _, name = f.removeprefix(prefix).partition("/")
+        if name in (SCORED, INDEX) and re.fullmatch(QUERY_NAME, folder) and folder not in ours:
+            stale.append(f)
+    if stale:
+        shown = ", ".join(stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        raise ConfigError(
+            f"output: {output} holds the results of queries this run does not have ({shown}); "
+            "they would sit beside this run's as if part of it. Select into an empty output, "
+            "or remove them first"
+        )
+
+
 def plan(cfg: SelectJobConfig) -> Plan:
     """Read the table and queries, embed the prompts, and run stages 1-4 of every query.
 
@@ -427,6 +458,7 @@ def plan(cfg: SelectJobConfig) -> Plan:
     """
     t0 = time.perf_counter()
     queries = load_queries(cfg.queries)
+    refuse_other_queries(cfg.output, queries)
     if cfg.vlm_active and cfg.vlm is not None:
         check_vlm_source(cfg.vlm)
         limit = cfg.vlm.max_query_chars
