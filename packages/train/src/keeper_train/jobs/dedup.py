@@ -19,14 +19,21 @@ with the largest ``keep_by`` (a numeric column of the table: ``sharpness`` by de
 a group of two or more: group, kept, duplicate kind, cosine and dHash distance to the kept image,
 its score), ``index.html`` + ``pages/`` (the largest ``report_groups`` groups as a contact sheet,
 with thumbnails decoded from the images under ``thumbs/``) and ``_SUMMARY.json``.
+
+A re-run into the same OUTPUT (after a kill, or with other settings) rewrites every file, and
+once the new ``index.html`` is in place removes the pages and thumbnails an earlier run left
+that this one's sheet does not show (only ``pages/page-NNNN.html`` and ``thumbs/xx/<hex>.jpg``
+names): a page of an older run's groups is never left beside this run's.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -344,7 +351,7 @@ def write_report(cfg: DedupConfig, groups: pd.DataFrame, summary: DedupSummary) 
             "duplicate_kind": shown["kind"],
         }
     )
-    write_contact_sheet(
+    index_html = write_contact_sheet(
         cfg.output,
         picks,
         SheetSummary(
@@ -365,6 +372,35 @@ def write_report(cfg: DedupConfig, groups: pd.DataFrame, summary: DedupSummary) 
         ),
         title=f"keeper dedup: {cfg.table}",
     )
+    pages = set(_PAGE_LINK.findall(storage.read_bytes(index_html).decode("utf-8")))
+    thumbs = {thumbnail_name(i) for i in shown["image_id"]}
+    prune(cfg.output, pages, thumbs)
+
+
+_PAGE_LINK = re.compile(r"href='pages/(page-\d{4,}\.html)'")
+_PAGE_FILE = re.compile(r"page-\d{4,}\.html")
+_THUMB_FILE = re.compile(r"thumbs/[0-9a-f]{2}/[0-9a-f]{2,128}\.jpg")
+
+
+def prune(output: str, pages: set[str], thumbs: set[str]) -> int:
+    """Remove the sheet files of an earlier run that this run's sheet does not show.
+
+    Only names the contact sheet writes (``pages/page-NNNN.html``, ``thumbs/xx/<hex>.jpg``)
+    are candidates; ``pages`` are the page names this run's ``index.html`` links, ``thumbs``
+    the thumbnail paths (relative to OUTPUT) of the images it shows. Returns files removed.
+    """
+    removed = 0
+    for sub, keep, pattern in (("pages", pages, _PAGE_FILE), ("thumbs", thumbs, _THUMB_FILE)):
+        folder = storage.join(output, sub)
+        if not storage.is_s3(folder) and not Path(folder.removeprefix("file://")).is_dir():
+            continue
+        for f in storage.list_files(folder):
+            rel = f.removeprefix(folder.rstrip("/") + "/")
+            name = rel if sub == "pages" else f"{sub}/{rel}"
+            if pattern.fullmatch(name) and name not in keep:
+                storage.delete(f)
+                removed += 1
+    return removed
 
 
 def describe(s: DedupSummary) -> str:
