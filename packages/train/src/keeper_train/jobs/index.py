@@ -140,6 +140,7 @@ def run(cfg: IndexConfig) -> IndexSummary:
                 f"the index there is {index.meta.params.backend}, not {params.backend}: "
                 "run with rebuild=true to change backend"
             )
+        _refuse_other_params(cfg, index.meta.params)
         have = set(index.ids)
         new = [i for i, u in enumerate(uris) if u not in have]
         stale = len(have - set(uris))
@@ -166,6 +167,39 @@ def run(cfg: IndexConfig) -> IndexSummary:
         memory_bytes=index.memory_bytes(),
         seconds={k: round(v, 3) for k, v in seconds.items()},
     )
+
+
+def _refuse_other_params(cfg: IndexConfig, have: IndexParams) -> None:
+    """Refuse to grow an index built with other parameters than the ones this run was given.
+
+    Only parameters set explicitly are compared (a plain ``keeper index --table T`` grows what
+    is there); ``m`` and ``ef_construction`` only for the HNSW backends, where they mean
+    something. Growing would keep the index's own parameters and report them, ignoring the
+    ones asked for without a word.
+
+    Raises:
+        ConfigError: naming each parameter that differs.
+    """
+    asked = {
+        "dtype": cfg.dtype,
+        "m": cfg.m,
+        "ef_construction": cfg.ef_construction,
+        "target_recall": cfg.target_recall,
+    }
+    hnsw_only = ("m", "ef_construction")
+    differ = [
+        f"{k}={v} (the index has {getattr(have, k)})"
+        for k, v in asked.items()
+        if k in cfg.model_fields_set
+        and v is not None
+        and not (k in hnsw_only and have.backend == "exact")
+        and v != getattr(have, k)
+    ]
+    if differ:
+        raise ConfigError(
+            f"the index there was built with other parameters: {', '.join(differ)}; an index "
+            "is never grown with other parameters: run with rebuild=true (or another output)"
+        )
 
 
 def _existing(where: str) -> VectorIndex | None:
