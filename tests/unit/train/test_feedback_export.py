@@ -28,7 +28,7 @@ from keeper_train.jobs.feedback_export import (
 )
 
 SPEC, OTHER_SPEC = "keeper-tiny:random", "ViT-B-32:openai"
-DIM = 8
+DIM = 64  # keeper-tiny's width (ViT-B-32's is 512): an offer of another is skipped
 
 
 def _offer(
@@ -43,7 +43,7 @@ def _offer(
     position: int = 0,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(zlib.crc32(image_id.encode()))
-    e = rng.normal(size=DIM)
+    e = rng.normal(size=DIM if spec == SPEC else 512)
     q = rng.uniform(0.1, 1.0, size=len(FEATURE_NAMES))
     q[-2:] = (640, 480)  # width, height
     return {

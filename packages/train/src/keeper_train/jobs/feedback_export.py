@@ -55,7 +55,7 @@ from keeper_core import storage
 from keeper_core.embedding import check_same_spec
 from keeper_core.errors import DataError
 from keeper_core.feedback import decisions, read_feedback, read_offers
-from keeper_core.models import spec_field
+from keeper_core.models import embed_dim, spec_field
 from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import TimeWindow, job_main
 from keeper_train.table import list_parts
@@ -74,10 +74,11 @@ SKIP_REASONS: dict[str, str] = {
     "not_offered": "the request's offers do not include the image",
     "other_route": "offered by a route not in routes",
     "other_model_spec": "embedded with another model spec than model_spec",
-    "no_embedding": "its offer has no embedding or no quality features",
+    "no_embedding": "its offer has no usable embedding (none, a non-finite value, or not the "
+    "model spec's width) or no quality features",
     "no_image_uri": "with pixels: its image was offered as bytes, not at a URI",
     "several_keepers": "its group has more than one picked-as-keeper",
-    "keeper_no_embedding": "its group's keeper has no embedding or no quality features",
+    "keeper_no_embedding": "its group's keeper has no usable embedding or no quality features",
     "keeper_no_image_uri": "with pixels: its group's keeper was offered as bytes",
     "group_too_small": "its group has fewer than min_group_size usable images",
     "unpaired": "no keeper in its group and no partner of the other verdict left (or pairs off)",
@@ -189,13 +190,16 @@ class _Names:
     uri: dict[str, str]  # image_id -> URI (absolute, same_key'd)
     at_uri: set[str]  # image_ids offered at a URI (the others are named under OUTPUT/images)
     pixels: bool
+    dim: int | None = None  # the spec's embedding width (None: no spec, no offers)
 
     def of(self, offer: dict[str, Any]) -> str:
         return self.uri[offer["image_id"]]
 
     def why_not(self, offer: dict[str, Any]) -> str | None:
         """None when the offer may be a row, else its skip reason."""
-        if not _has_features(offer):
+        if not _has_features(offer) or (
+            self.dim is not None and len(offer["embedding"]) != self.dim
+        ):
             return "no_embedding"
         if self.pixels and offer["image_id"] not in self.at_uri:
             return "no_image_uri"
@@ -472,7 +476,11 @@ def plan(cfg: FeedbackExportConfig) -> _Plan:
     decided = pc.is_in(offers.column("request_id"), value_set=pc.unique(dec.column("request_id")))
     rows = offers.filter(decided).to_pylist()
     joined, groups, spec = _join(cfg, dec.to_pylist(), rows)
-    return _Plan(events.num_rows, joined, groups, spec, _names(rows, cfg))
+    names = _names(rows, cfg)
+    # The spec's own width: an offer of another (a corrupt or foreign log row) is skipped as
+    # no_embedding, as a non-finite one is, instead of failing the whole export.
+    names.dim = embed_dim(spec) if spec is not None else None
+    return _Plan(events.num_rows, joined, groups, spec, names)
 
 
 def summarise(cfg: FeedbackExportConfig, p: _Plan, series: list[_Series]) -> FeedbackExportSummary:
