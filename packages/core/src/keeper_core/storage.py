@@ -16,12 +16,12 @@ the download cache; objects go under ``<root>/s3``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -36,7 +36,11 @@ from botocore.exceptions import (
     ClientError,
     ConnectionClosedError,
     IncompleteReadError,
+    InvalidConfigError,
+    InvalidRegionError,
+    InvalidRetryModeError,
     NoCredentialsError,
+    ProfileNotFound,
     ReadTimeoutError,
     ResponseStreamingError,
 )
@@ -96,9 +100,6 @@ class TooLargeError(StorageError):
         what = f"{size} bytes" if size is not None else f"more than {max_bytes} bytes"
         super().__init__(uri, f"{what} > limit {max_bytes}", retryable=False)
 
-    def __reduce__(self) -> tuple[Any, ...]:  # pickles (e.g. across a Ray task) as itself
-        return (type(self), (self.uri, self.max_bytes, self.size))
-
 
 # ---------------------------------------------------------------------------------------------
 # URIs
@@ -135,16 +136,25 @@ def join(base: str, *parts: str) -> str:
     pieces = [p.strip("/") for p in parts if p.strip("/")]
     if not pieces:
         return base
-    head = base if base.endswith("://") else base.rstrip("/")
+    # Trailing slashes go, but never the scheme's own "//": "file:///" is the root, and
+    # stripping it whole would leave "file:" (joined, "file:/data": a relative local path).
+    m = _SCHEME.match(base)
+    start = m.end() if m else 0
+    head = base[:start] + base[start:].rstrip("/")
     return "/".join([head, *pieces]) if head else "/" + "/".join(pieces)
 
 
 def parent(uri: str) -> str:
     """The folder or prefix holding ``uri`` (``"."`` for a bare local file name)."""
-    head, sep, _ = uri.rstrip("/").rpartition("/")
+    m = _SCHEME.match(uri)
+    start = m.end() if m else 0
+    head, sep, _ = uri[start:].rstrip("/").rpartition("/")
     if not sep:
-        return "."
-    return head + "/" if head.endswith(":/") or head == "" else head
+        # A bare name's folder is "."; "s3://b" is its own root; "file:///" the file system's.
+        if not m:
+            return "."
+        return "file:///" if m.group(1) == "file" else uri[:start]
+    return uri[:start] + (head or "/")
 
 
 def resolve(ref: str, base: str) -> str:
@@ -159,6 +169,22 @@ def resolve(ref: str, base: str) -> str:
         return ref
     if base in ("", "."):
         return ref
+    if is_s3(base):
+        # S3 keys are literal: "m/../i/a.jpg" is not "i/a.jpg" there, while the same manifest on
+        # a local disk reaches i/a.jpg through the OS. Resolve "." and ".." segments here so a
+        # manifest means the same images wherever it lives.
+        parts = ref.split("/")
+        if "." in parts or ".." in parts:
+            bucket, key = split_s3(base)
+            segs = [s for s in key.split("/") if s]
+            for part in parts:
+                if part == "..":
+                    if not segs:  # above the bucket: left as written (it names no object)
+                        return join(base, ref.removeprefix("./"))
+                    segs.pop()
+                elif part not in ("", "."):
+                    segs.append(part)
+            return join(f"s3://{bucket}", *segs)
     return join(base, ref.removeprefix("./"))
 
 
@@ -207,7 +233,9 @@ def s3_client() -> Any:
         A botocore S3 client. Thread-safe, so threads of one process share it (and its pool).
 
     Raises:
-        ConfigError: a malformed ``AWS_MAX_ATTEMPTS`` or ``KEEPER_S3_*_TIMEOUT`` value.
+        ConfigError: a malformed ``AWS_MAX_ATTEMPTS`` or ``KEEPER_S3_*_TIMEOUT`` value, an
+            ``AWS_PROFILE`` no config file defines, a malformed ``AWS_REGION`` /
+            ``AWS_RETRY_MODE`` or endpoint URL.
     """
     env = os.environ
     endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
@@ -224,17 +252,31 @@ def s3_client() -> Any:
     # reading one TLS/HTTP connection corrupt each other's responses. A new pid gets a new client.
     # The credential/region variables are in the key so a changed environment is not served by a
     # client built for the old one.
-    return _cached_client(
-        endpoint,
-        env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
-        env.get("AWS_PROFILE"),
-        env.get("AWS_ACCESS_KEY_ID"),
-        env.get("AWS_RETRY_MODE") or "standard",
-        max_attempts,
-        connect_s,
-        read_s,
-        os.getpid(),
-    )
+    try:
+        return _cached_client(
+            endpoint,
+            env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"),
+            env.get("AWS_PROFILE"),
+            env.get("AWS_ACCESS_KEY_ID"),
+            env.get("AWS_RETRY_MODE") or "standard",
+            max_attempts,
+            connect_s,
+            read_s,
+            os.getpid(),
+        )
+    # A setting no retry will fix. botocore raises these (and a bare ValueError for an endpoint
+    # without a scheme) while making the client, before any request names a URI.
+    except (ProfileNotFound, InvalidRegionError, InvalidRetryModeError, InvalidConfigError) as e:
+        raise ConfigError(f"bad AWS setting in the environment: {e}") from e
+    except ValueError as e:
+        raise ConfigError(f"bad S3 endpoint in the environment ({endpoint!r}): {e}") from e
+
+
+def _client(uri: str) -> Any:
+    """:func:`s3_client`, with any other botocore failure to make it (a credential_process that
+    fails) raised as the StorageError every other failure on ``uri`` is."""
+    with _s3_errors(uri):
+        return s3_client()
 
 
 @functools.lru_cache(maxsize=16)
@@ -287,10 +329,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
 def _retryable(exc: BaseException) -> bool:
     """Whether an S3 failure may go away by itself: all but a missing object or bucket."""
     if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
+        code = _error_code(exc)
         return code not in _NOT_FOUND and code != "NoSuchBucket"
     return True  # connection errors, timeouts, missing credentials: the next run may succeed
 
@@ -317,7 +363,11 @@ def _local_errors(uri: str) -> Iterator[None]:
         raise StorageError(uri, "is a directory, not a file") from e
     except PermissionError as e:
         raise StorageError(uri, f"permission denied: {e.filename or uri}", retryable=True) from e
+    except (NotADirectoryError, FileExistsError) as e:  # a file where a folder should be
+        raise StorageError(uri, f"not a directory: {e.filename or uri}") from e
     except OSError as e:  # EIO, a stale NFS handle, a full disk: worth another run
+        if e.errno in (errno.ENAMETOOLONG, errno.ELOOP):  # the same next time
+            raise StorageError(uri, f"{type(e).__name__}: {e}") from e
         raise StorageError(uri, f"{type(e).__name__}: {e}", retryable=True) from e
 
 
@@ -374,13 +424,40 @@ def _retrying(uri: str, fn: Callable[[], T]) -> T:
 # Bytes
 
 
+_TMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+#: The temporary files ``_atomic_write`` makes (and ``tempfile.mkstemp`` made before it):
+#: ".<name>.<8 random>.tmp". A writer killed mid-write leaves one; listings skip them.
+_TMP_NAME = re.compile(r"^\..*\.[a-z0-9_]{8}\.tmp$", re.DOTALL)
+_NAME_MAX = 255  # bytes in one path component on every file system keeper writes to
+
+
+def _open_temp(folder: Path, name: str) -> tuple[int, str]:
+    """A new, exclusively created temporary file beside ``name`` in ``folder``: (fd, path).
+
+    Created with mode 0o666 less the umask, as ``open()`` would make the target (mkstemp makes
+    0o600: every file keeper wrote would be unreadable to the group, e.g. the server's user).
+    The target's name is cut so that the temporary one fits in ``_NAME_MAX`` bytes.
+    """
+    stem = name.encode("utf-8", "surrogateescape")[: _NAME_MAX - 14]
+    short = stem.decode("utf-8", "ignore")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = folder / f".{short}.{''.join(random.choices(_TMP_CHARS, k=8))}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(folder))
+
+
 def _atomic_write(
     path: Path, write: Callable[[IO[bytes]], object], *, durable: bool = True
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the target so os.replace is a rename, never a cross-device copy; the
-    # ".tmp" suffix keeps half-written files out of suffix-filtered listings.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # ".tmp" suffix keeps half-written files out of suffix-filtered listings, and list_files
+    # skips them by name.
+    fd, tmp = _open_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -394,7 +471,7 @@ def _atomic_write(
         raise
 
 
-def _read_at_most(body: Any, n: int) -> bytes:
+def _read_at_most(body: Any, n: int, *, chunk: int | None = None) -> bytes:
     """Up to ``n`` bytes of a streaming body, stopping at ``n`` (the rest is never read).
 
     Reading on to an empty chunk at the end lets botocore check the body against its
@@ -403,11 +480,11 @@ def _read_at_most(body: Any, n: int) -> bytes:
     chunks: list[bytes] = []
     got = 0
     while got < n:
-        chunk: bytes = body.read(n - got)
-        if not chunk:
+        part: bytes = body.read(n - got if chunk is None else min(n - got, chunk))
+        if not part:
             break
-        chunks.append(chunk)
-        got += len(chunk)
+        chunks.append(part)
+        got += len(part)
     return b"".join(chunks)
 
 
@@ -425,12 +502,14 @@ def _read_capped(uri: str, max_bytes: int) -> bytes:
     if not is_s3(uri):
         with _local_errors(uri), _local_path(uri).open("rb") as f:
             size = os.fstat(f.fileno()).st_size
-            data = f.read(max_bytes + 1)
+            # In chunks: one read(max_bytes + 1) allocates that much up front, whatever the file
+            # holds (a generous cap of tens of GB is a MemoryError on every small file).
+            data = _read_at_most(f, max_bytes + 1, chunk=max(size + 1, _CHUNK))
         if len(data) > max_bytes:
             raise TooLargeError(uri, max_bytes, size if size > max_bytes else None)
         return data
     bucket, key = _s3_object(uri)
-    client = s3_client()
+    client = _client(uri)
 
     def fetch() -> tuple[bytes, int | None]:
         with _s3_errors(uri):
@@ -479,7 +558,7 @@ def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
         with _local_errors(uri):
             return _local_path(uri).read_bytes()
     bucket, key = _s3_object(uri)
-    client = s3_client()
+    client = _client(uri)
 
     def fetch() -> bytes:
         with _s3_errors(uri):  # request errors: botocore already retried them
@@ -503,14 +582,19 @@ def read_head(uri: str, n: int = 64) -> bytes:
         with _local_errors(uri), _local_path(uri).open("rb") as f:
             return f.read(n)
     bucket, key = _s3_object(uri)
-    client = s3_client()
+    client = _client(uri)
 
     def fetch() -> bytes:
         with _s3_errors(uri):
-            body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{n - 1}")["Body"]
+            try:
+                body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{n - 1}")["Body"]
+            except ClientError as e:  # only an empty object has no byte 0: its head is b""
+                if _error_code(e) in {"InvalidRange", "416"}:
+                    return b""
+                raise
         with contextlib.closing(body):
-            data: bytes = body.read()
-        return data
+            # At most n even from a store that ignores the range (it sends the whole object).
+            return _read_at_most(body, n)
 
     return _retrying(uri, fetch)
 
@@ -543,7 +627,7 @@ def read_range(uri: str, offset: int, size: int) -> bytes:
             raise short(len(data))
         return data
     bucket, key = _s3_object(uri)
-    client = s3_client()
+    client = _client(uri)
     last = offset + size - 1
 
     def fetch() -> bytes:
@@ -551,12 +635,13 @@ def read_range(uri: str, offset: int, size: int) -> bytes:
             try:
                 body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{last}")
             except ClientError as e:  # a range starting past the end: 416, not retryable
-                if str(e.response.get("Error", {}).get("Code", "")) in {"InvalidRange", "416"}:
+                if _error_code(e) in {"InvalidRange", "416"}:
                     raise short(0) from e
                 raise
         with contextlib.closing(body["Body"]):
-            data: bytes = body["Body"].read()
-        return data
+            # One byte past the range, so a store that ignores it shows, without reading the
+            # whole object (a many-GB tar shard) to find out.
+            return _read_at_most(body["Body"], size + 1)
 
     data = _retrying(uri, fetch)
     if len(data) != size:
@@ -609,7 +694,7 @@ def write_bytes(uri: str, data: bytes, *, durable: bool = True) -> None:
 def _head(uri: str) -> dict[str, Any] | None:
     """HEAD an object: its response, or None when the object (not the bucket) is missing."""
     bucket, key = _s3_object(uri)
-    client = s3_client()
+    client = _client(uri)
     try:
         with _s3_errors(uri):
             return dict(client.head_object(Bucket=bucket, Key=key))
@@ -632,10 +717,11 @@ def exists(uri: str) -> bool:
 
     Raises:
         StorageError: for S3, when the bucket is missing or unreachable (that is a setup error,
-            not an absent object).
+            not an absent object); locally, when a folder on the way cannot be searched.
     """
     if not is_s3(uri):
-        return _local_path(uri).exists()
+        with _local_errors(uri):
+            return _local_path(uri).exists()
     bucket, key = split_s3(uri)
     if key and not key.endswith("/") and _head(uri) is not None:
         return True
@@ -683,8 +769,11 @@ def list_files(
     """Every file under a folder or ``s3://`` prefix, recursively, as sorted full URIs.
 
     The prefix is taken as a folder (``s3://b/data`` lists ``data/...``, never ``data2/...``).
-    S3 "folder marker" keys ending in ``/`` are skipped. A local folder that does not exist is an
-    error; an S3 prefix with no keys is simply empty (S3 has no folders to be missing).
+    S3 "folder marker" keys ending in ``/`` are skipped, and so are the temporary files of local
+    writes not finished (``.<name>.<8 chars>.tmp``); local symlinked folders are followed (not
+    back into a folder holding them). A local folder that does not exist, or one under it that
+    cannot be read, is an error; an S3 prefix with no keys is simply empty (S3 has no folders to
+    be missing).
 
     Args:
         uri: a local folder or an ``s3://bucket[/prefix]``.
@@ -703,10 +792,11 @@ def list_files(
 
     if not is_s3(uri):
         root = _local_path(uri)
-        if not root.is_dir():
-            raise StorageError(uri, "not a directory" if root.exists() else "no such directory")
         with _local_errors(uri):
-            rels = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+            if not root.is_dir():
+                what = "not a directory" if root.exists() else "no such directory"
+                raise StorageError(uri, what)
+            rels = _local_files(root)
         return sorted(join(uri, r) for r in rels if keep(r))
     bucket, key = split_s3(uri)
     prefix = key.rstrip("/") + "/" if key else ""
@@ -723,13 +813,42 @@ def list_files(
     return sorted(out)
 
 
+def _local_files(root: Path) -> list[str]:
+    """Every file under ``root`` as a relative posix path, through symlinked folders too.
+
+    A symlinked folder is listed like any other (``corpus/batch1 -> /mnt/nfs/batch1``: its
+    files are under the folder as far as the caller can see, and a symlinked file always was
+    listed), except one leading back to a folder it is inside (a loop). The temporary files of
+    unfinished or killed writes (``_TMP_NAME``) are not data and are skipped. Errors (an
+    unreadable folder) raise instead of shrinking the listing silently.
+    """
+    out: list[str] = []
+    st = root.stat()
+    stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
+        (str(root), "", frozenset({(st.st_dev, st.st_ino)}))
+    ]
+    while stack:
+        folder, rel, above = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():  # follows a symlink
+                    est = entry.stat()
+                    ident = (est.st_dev, est.st_ino)
+                    if ident not in above:
+                        stack.append((entry.path, f"{rel}{entry.name}/", above | {ident}))
+                elif entry.is_file() and not _TMP_NAME.match(entry.name):
+                    out.append(rel + entry.name)
+    return out
+
+
 def _parquet_parts(uri: str) -> list[str]:
     if not is_s3(uri):
         path = _local_path(uri)
-        if path.is_file():
-            return [uri]
-        if not path.exists():
-            raise StorageError(uri, "no such file or directory")
+        with _local_errors(uri):
+            if path.is_file():
+                return [uri]
+            if not path.exists():
+                raise StorageError(uri, "no such file or directory")
     elif not uri.endswith("/") and split_s3(uri)[1] and _head(uri) is not None:
         return [uri]
     parts = list_files(uri, suffixes=[".parquet"])
@@ -789,6 +908,21 @@ def _default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "keeper") / "s3"
 
 
+def _cache_name(key: str) -> str:
+    """The cached file's name: the key's last segment where a file can be named so ("." and
+    ".." cannot; a segment of S3's up-to-1024 bytes can be too long), keeping its suffix."""
+    name = key.rsplit("/", 1)[-1]
+    if name in (".", ".."):
+        return "object"
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= 200:
+        return name
+    suffix = Path(name).suffix
+    if len(suffix.encode("utf-8", "surrogateescape")) > 20:
+        suffix = ""
+    return raw[:100].decode("utf-8", "ignore") + "-" + hashlib.sha256(raw).hexdigest()[:16] + suffix
+
+
 def download_cached(uri: str, *, cache_dir: str | Path | None = None) -> Path:
     """A local file holding ``uri``'s content, downloading an S3 object once per version.
 
@@ -808,18 +942,19 @@ def download_cached(uri: str, *, cache_dir: str | Path | None = None) -> Path:
     """
     if not is_s3(uri):
         path = _local_path(uri)
-        if not path.exists():
-            raise StorageError(uri, "no such file or directory")
+        with _local_errors(uri):
+            if not path.exists():
+                raise StorageError(uri, "no such file or directory")
         return path
     bucket, key = _s3_object(uri)
     info = object_info(uri)
     root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     version = re.sub(r"[^A-Za-z0-9-]", "_", info.etag) or "no-etag"
     key_hash = hashlib.sha256(key.encode()).hexdigest()[:20]
-    dest = root / bucket / key_hash / version / key.rsplit("/", 1)[-1]
+    dest = root / bucket / key_hash / version / _cache_name(key)
     if dest.is_file() and dest.stat().st_size == info.size:
         return dest
-    client = s3_client()
+    client = _client(uri)
 
     def fetch() -> None:
         with _s3_errors(uri):
