@@ -8,10 +8,28 @@ many items can record the reason and go on. Subclasses carry machine-readable fi
 from __future__ import annotations
 
 import re
+from typing import Any
 
 
 class KeeperError(Exception):
-    """Base class of every error keeper raises on purpose."""
+    """Base class of every error keeper raises on purpose.
+
+    Every subclass pickles as itself, attributes included (a Ray task's error reaches the driver
+    pickled): an exception pickles by calling its class with ``self.args``, which for one whose
+    ``__init__`` formats several arguments into one message (``StorageError(uri, cause)``) is a
+    TypeError on the other side.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_restore, (type(self), self.args, dict(self.__dict__)))
+
+
+def _restore(cls: type[KeeperError], args: tuple[Any, ...], state: dict[str, Any]) -> KeeperError:
+    """A KeeperError as it was pickled, without calling its ``__init__`` again."""
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err
 
 
 class ConfigError(KeeperError, ValueError):
