@@ -78,7 +78,7 @@ def test_ab_report_measures_each_arm(tmp_path: Path) -> None:
             events.append([ev(req, f"{req}-img{chosen}", "picked-as-keeper")])
             events.append([ev(req, f"{req}-img{(chosen + 1) % 4}", "rejected")])
     # A zero-result answer (nothing offered to keep) on the challenger, never decided.
-    offers.append_rows(offer_rows("empty", "challenger", "q", 3, "select", first="candidate"))
+    offers.append_rows(offer_rows("empty", "challenger", "q", 3, "rank", first="candidate"))
     # Taken back: not a decision. Unknown request: unmatched.
     events.append([ev("champion-0", "champion-0-img3", "accepted")])
     events.append([ev("champion-0", "champion-0-img3", "undone")])
@@ -174,11 +174,13 @@ def test_figures_by_model_splits_a_promotion_and_counts_the_review_page(tmp_path
     }
     assert got == {
         ("champion", V1): (3, 2, (1, 2), (2, 2), (2, 3), (0, 3), 2.0),
-        ("champion", V2): (2, 2, (0, 1), (1, 2), (1, 2), (1, 2), 2.0),
+        ("champion", V2): (1, 2, (0, 1), (1, 2), (1, 1), (0, 1), 2.0),
         ("challenger", V2): (2, 2, (1, 1), (2, 2), (2, 2), (0, 2), 1.0),
         ("review", V2): (2, 2, (1, 1), (1, 2), (1, 2), (0, 2), 1.0),
+        # p2, a /v1/select answer (the aesthetic reranker): its own row, in no arm.
+        ("select", V2): (1, 0, (0, 0), (0, 0), (0, 1), (1, 1), None),
     }
-    assert [(f.arm, f.model) for f in rows] == list(got)  # champion, challenger, review
+    assert [(f.arm, f.model) for f in rows] == list(got)  # champion, challenger, review, select
     assert rows[0].online_top1.low is not None
     assert rows[0].online_top1.low < 0.5 < rows[0].online_top1.high  # type: ignore[operator]
 
@@ -188,14 +190,15 @@ def test_ab_report_leaves_the_review_page_out_of_the_arms(tmp_path: Path) -> Non
     r = ab_report(read_offers(offers_uri), read_feedback(events_uri))
     champ = r.arms["champion"]
     assert champ.models == [V1, V2]
-    assert (champ.answers, champ.decided) == (5, 4)  # review's r1, r2 are in no arm
+    # review's r1, r2 and select's p2 are in no arm
+    assert (champ.answers, champ.decided) == (4, 4)
     assert (champ.online_top1.k, champ.online_top1.n) == (1, 3)
     assert (champ.acceptance.k, champ.acceptance.n) == (3, 4)
-    assert (champ.click_through.k, champ.click_through.n) == (3, 5)
-    assert (champ.zero_result.k, champ.zero_result.n) == (1, 5)
+    assert (champ.click_through.k, champ.click_through.n) == (3, 4)
+    assert (champ.zero_result.k, champ.zero_result.n) == (0, 4)
     assert champ.mean_keeper_rank == pytest.approx(2.0)
     assert (r.decisions, r.unmatched) == (8, 0)  # review's decisions matched, not counted
-    assert [(f.arm, f.model) for f in r.by_model][-1] == ("review", V2)
+    assert [(f.arm, f.model) for f in r.by_model][-2:] == [("review", V2), ("select", V2)]
     text = format_report(r)
     assert "per model version:" in text
     assert "review      models:/r/2  2        100.0% (1/1)" in text

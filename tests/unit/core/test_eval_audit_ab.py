@@ -71,3 +71,18 @@ def test_an_image_offered_twice_in_an_answer_keeps_its_best_rank(tmp_path: Path)
     rows = [rows[3], *rows[:3]]
     report, _ = _report(tmp_path / "again", rows, [_keeper("r1", "r1-img0")])
     assert report.arms["challenger"].online_top1.k == 1
+
+
+def test_select_answers_count_in_no_arm(tmp_path: Path) -> None:
+    # /v1/select's answers carry no arm (the aesthetic reranker ranked them, not a ranker):
+    # during an A/B they must not enter the champion's online top-1 that promote gates on.
+    rows = [
+        *offer_rows("r1", "champion", "g", 3),
+        *offer_rows("s1", None, "q", 3, route="select", first="pick"),
+    ]
+    report, by_model = _report(tmp_path, rows, [_keeper("r1", "r1-img0"), _keeper("s1", "s1-img2")])
+    top1 = report.arms["champion"].online_top1
+    assert (top1.k, top1.n) == (1, 1)  # the rank answer only
+    assert {f.arm for f in by_model} == {"champion", "select"}
+    (select,) = [f for f in by_model if f.arm == "select"]
+    assert (select.online_top1.k, select.online_top1.n) == (0, 1)

@@ -54,7 +54,8 @@ def decide(log: FeedbackLog, req: str, img: int, action: str) -> None:
 
 
 def write(root: Path) -> None:
-    """v1 the champion, v2 the challenger and then promoted, v2 on the review page."""
+    """v1 the champion, v2 the challenger and then promoted, v2 on the review page, and a
+    /v1/select answer (counted in no arm)."""
     offers = OfferLog(str(root / "offers"))
     events = FeedbackLog(str(root / "events"))
     for req, arm, model, route in [
@@ -75,6 +76,7 @@ def write(root: Path) -> None:
     decide(events, "h1", 0, "picked-as-keeper")
     decide(events, "h2", 1, "accepted")
     decide(events, "r1", 0, "picked-as-keeper")
+    decide(events, "p2", 1, "picked-as-keeper")  # a select answer: in no arm
     decide(events, "nobody", 0, "accepted")  # about no answer in the window: not read
     offers.flush()
     events.flush()
@@ -88,10 +90,11 @@ def test_figures_per_arm_and_model(tmp_path: Path) -> None:
     # zero-result, mean keeper rank
     want = {
         ("champion", V1): (3, 2, 1 / 2, 1.0, 2 / 3, 0.0, 2.0),
-        ("champion", V2): (2, 2, 0.0, 1 / 2, 1 / 2, 1 / 2, 2.0),
+        ("champion", V2): (1, 2, 0.0, 1 / 2, 1.0, 0.0, 2.0),
         ("challenger", V2): (2, 2, 1.0, 1.0, 1.0, 0.0, 1.0),
         ("review", V2): (1, 1, 1.0, 1.0, 1.0, 0.0, 1.0),
-        ("champion", "*"): (5, 4, 1 / 3, 3 / 4, 3 / 5, 1 / 5, 2.0),
+        ("select", V2): (1, 1, 0.0, 1.0, 1.0, 1.0, 2.0),
+        ("champion", "*"): (4, 4, 1 / 3, 3 / 4, 3 / 4, 0.0, 2.0),
         ("challenger", "*"): (2, 2, 1.0, 1.0, 1.0, 0.0, 1.0),
     }
     names = [
@@ -108,7 +111,7 @@ def test_figures_per_arm_and_model(tmp_path: Path) -> None:
         assert got == pytest.approx(values), key
     assert set(g["keeper_online_top1"].last) == set(want)  # no review total, nothing else
     info = o.info()
-    assert (info["answers"], info["decisions"], info["error"]) == (8, 7, None)
+    assert (info["answers"], info["decisions"], info["error"]) == (8, 8, None)
     assert info["window_s"] == 3600
     assert info["computed_at"] == g.now(COMPUTED_AT, "", "")
     assert [(f["arm"], f["model"]) for f in info["figures"]][:2] == [

@@ -53,6 +53,9 @@ _CHOSEN = frozenset({"accepted", "picked-as-keeper"})
 #: The offers' route of the review page's batch picks, and the arm figures_by_model files them
 #: under: shown to a person, but no answer of the live split.
 REVIEW = "review"
+#: The offers' route of ``/v1/select``, and its arm likewise: ranked by the aesthetic reranker,
+#: not a registered ranker, its answers belong to neither arm of a ranker's A/B.
+SELECT = "select"
 #: The offer columns the figures read (the rest, embeddings above all, need not be read).
 FIGURE_COLUMNS = (
     "received_at",
@@ -138,7 +141,8 @@ class ArmFigures:
 
 @dataclass(frozen=True)
 class ModelFigures:
-    """The online figures of one model version in one arm (``review``: the review page's)."""
+    """The online figures of one model version in one arm (``review``: the review page's;
+    ``select``: ``/v1/select``'s)."""
 
     arm: str
     model: str  # a registered version's URI (models:/NAME/VERSION), or the rule's name
@@ -190,14 +194,14 @@ def window(
 
 
 def arm_of(route: str | None, arm: str | None) -> str:
-    """The arm an offer row counts under: ``review`` for the review page's, else its A/B arm,
-    the champion when there is no A/B.
+    """The arm an offer row counts under: ``review`` for the review page's, ``select`` for
+    ``/v1/select``'s, else its A/B arm, the champion when there is no A/B.
 
     Raises:
         DataError: an arm other than champion or challenger.
     """
-    if route == REVIEW:
-        return REVIEW
+    if route in (REVIEW, SELECT):
+        return route
     a = arm or "champion"
     if a not in ARMS:
         raise DataError(f"offers with arm {a!r}: expected one of {ARMS}")
@@ -317,7 +321,7 @@ def figures_by_model(
         DataError: offers with an arm other than champion or challenger.
     """
     tallies, _, _ = _tally(offers, events, lambda arm, model: (arm, model))
-    order = {a: i for i, a in enumerate((*ARMS, REVIEW))}
+    order = {a: i for i, a in enumerate((*ARMS, REVIEW, SELECT))}
     return [
         ModelFigures(arm=arm, model=model, **tallies[(arm, model)].rates(confidence))
         for arm, model in sorted(tallies, key=lambda k: (order[k[0]], k[1]))
@@ -327,8 +331,10 @@ def figures_by_model(
 def ab_report(offers: pa.Table, events: pa.Table, confidence: float = 0.95) -> ABReport:
     """Each arm's online figures from the offers log and the feedback events.
 
-    Offers without an ``arm`` (no A/B running) count as the champion's; the review page's
-    (route ``review``) count in no arm, only in ``by_model`` (:func:`figures_by_model`). A
+    Offers of ``/v1/rank`` and ``/v1/pick`` without an ``arm`` (no A/B running) count as the
+    champion's; the review page's (route ``review``) and ``/v1/select``'s (route ``select``: the
+    aesthetic reranker, not a ranker) count in no arm, only in ``by_model``
+    (:func:`figures_by_model`). A
     decision is matched to the offer of its ``(request_id, image_id)``; one no offer has is
     counted as ``unmatched``.
 
