@@ -23,7 +23,7 @@ from mlflow.pyfunc import PythonModel
 from PIL import Image
 
 from keeper_core import registry
-from keeper_core.errors import ModelLoadError
+from keeper_core.errors import DataError, ModelLoadError
 from keeper_core.finetune import TunedRanker
 from keeper_core.heads import HeadConfig
 from keeper_core.mlflow_pyfunc import ARTIFACT_KEY
@@ -304,3 +304,37 @@ def test_a_fine_tuned_ranker_loads_and_needs_no_folder_afterwards(
     want = TunedRanker.load(folder, device="cpu").rank(rows)
     np.testing.assert_allclose(got["score"], want["score"], rtol=0, atol=1e-5)
     assert (got["rank"].to_numpy() == want["rank"].to_numpy()).all()
+
+
+# --------------------------------------------------------------------------------------------
+# a model that scores its (finite: the ranker checks) inputs NaN is refused, not compared on the
+# rest (compare_methods leaves a series with a NaN out for every method)
+
+
+class _NanWhereItLoses:
+    """A pyfunc stand-in: a real head's scores, NaN for the first image of each series."""
+
+    def __init__(self, ranker: SeriesRanker) -> None:
+        self.ranker = ranker
+        self.metadata = type("M", (), {"get_input_schema": staticmethod(lambda: None)})()
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        out = self.ranker.rank(frame)
+        first = ~frame["series_id"].duplicated().to_numpy()
+        return out.assign(score=np.where(first, np.nan, out["score"].to_numpy()))
+
+
+def test_a_model_scoring_its_inputs_nan_is_refused() -> None:
+    rows = head_rows()
+    model = evaluate.LoadedModel(
+        ref=tracking.ModelRef(uri="models:/r/1", load_uri="models:/r/1", name="r", version="1"),
+        pyfunc=_NanWhereItLoses(head_ranker(rows)),
+        config=head_ranker(rows).config,
+    )
+    data = evaluate.EvalData(
+        rows=rows, spec=TINY, dropped=0, embeddings="emb", series="s.csv", manifest_sha256=""
+    )
+    with pytest.raises(
+        DataError, match=r"gave 4 of 12 images a NaN or infinite score \(e.g. /photos/000.jpg\)"
+    ):
+        evaluate.predict(model, data)

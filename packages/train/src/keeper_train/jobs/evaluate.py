@@ -308,6 +308,17 @@ def predict(model: LoadedModel, data: EvalData) -> pd.DataFrame:
     uris = data.rows["image_uri"].astype(str).to_numpy()
     if len(out) != len(uris) or not (out["image_uri"].astype(str).to_numpy() == uris).all():
         raise DataError(f"{model.label} returned rows out of input order")
+    # Its inputs were finite (a ranker refuses non-finite features), so a non-finite score is
+    # the model's own failure. compare_methods leaves a series with one out for every method:
+    # a model failing where it would lose would be compared, and promoted, on the rest only.
+    broken = ~np.isfinite(out["score"].to_numpy(dtype=np.float64))
+    if broken.any():
+        raise DataError(
+            f"{model.label} gave {int(broken.sum())} of {len(uris)} images a NaN or infinite "
+            f"score (e.g. {uris[np.flatnonzero(broken)[0]]}): a broken model is not compared "
+            "on the series it still scores",
+            source=data.embeddings,
+        )
     return out.reset_index(drop=True)
 
 
