@@ -61,7 +61,7 @@ from keeper_core.training import (
     train_epoch,
 )
 from keeper_train import raytrain
-from keeper_train.config import load_config
+from keeper_train.config import configure_logging, load_config
 from keeper_train.data import SplitSettings, assign_split, join_series
 
 log = logging.getLogger("keeper.train_head")
@@ -559,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. head=transformer")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     try:
         cfg = load_config(TrainHeadConfig, args.config, args.overrides)
         summary = run(cfg)
