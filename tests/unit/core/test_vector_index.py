@@ -183,6 +183,17 @@ def test_save_load_round_trip_local(params: IndexParams, tmp_path) -> None:
     loaded.save(folder)
     assert len(VectorIndex.load(folder)) == 2_005
     assert len(storage.list_files(folder)) == 3  # index.json + one native file + one ids file
+    # A save killed before its index.json left files no index.json names: the next save removes
+    # them (and nothing else: other names in the folder stay).
+    for orphan in ("index-0123456789abcdef.faiss", "ids-0123456789abcdef.parquet"):
+        storage.write_bytes(storage.join(folder, orphan), b"a killed save's")
+    storage.write_bytes(storage.join(folder, "notes.txt"), b"the user's")
+    loaded.save(folder)
+    left = {f.rsplit("/", 1)[-1] for f in storage.list_files(folder)}
+    assert len(left) == 4
+    assert "notes.txt" in left
+    assert not left & {"index-0123456789abcdef.faiss", "ids-0123456789abcdef.parquet"}
+    assert len(VectorIndex.load(folder)) == 2_005
 
 
 def test_save_load_round_trip_s3(s3_bucket: str) -> None:

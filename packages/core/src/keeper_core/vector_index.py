@@ -723,7 +723,9 @@ class VectorIndex:
         The native file and ``ids-<sha>.parquet`` go first, ``index.json`` last; files of the
         index saved there before are deleted after the new ``index.json`` is in place: only
         names of the roles and form this method writes (:class:`IndexMeta` validates them), and
-        none when the previous ``index.json`` is unreadable or malformed.
+        none when the previous ``index.json`` is unreadable or malformed. So are files of that
+        form in the folder that no ``index.json`` names (a save killed before its
+        ``index.json``): nothing would ever read or remove them.
 
         Raises:
             StorageError: a write failed.
@@ -764,6 +766,11 @@ class VectorIndex:
             }
             for name in sorted(stale):
                 storage.delete(storage.join(uri, name))
+        prefix = uri.rstrip("/") + "/"
+        for f in storage.list_files(uri):
+            name = f.removeprefix(prefix)
+            if _FILE_NAME.fullmatch(name) and name not in files.values():  # a killed save's
+                storage.delete(f)
         return meta_uri
 
     @classmethod
