@@ -366,3 +366,37 @@ def test_ranged_reads_stay_bounded_when_the_store_ignores_the_range(
     with pytest.raises(DataError, match="ignored the range"):
         storage.read_range(uri, 1000, 10)
     assert fake.delivered <= 11
+
+
+@pytest.mark.parametrize(
+    ("code", "retryable"),
+    [
+        ("KeyTooLongError", False),
+        ("InvalidBucketName", False),
+        ("InvalidObjectState", False),  # archived in Glacier: the same until restored
+        ("EntityTooLarge", False),
+        ("NoSuchKey", False),
+        ("SlowDown", True),
+        ("InternalError", True),
+        ("AccessDenied", True),  # credentials may be fixed before the next run (documented)
+    ],
+)
+def test_s3_refusals_of_the_request_itself_are_not_retryable(code: str, retryable: bool) -> None:
+    from botocore.exceptions import ClientError
+
+    err = ClientError({"Error": {"Code": code, "Message": "m"}}, "PutObject")
+    assert storage._retryable(err) is retryable
+
+
+def test_a_custom_endpoint_gets_checksums_only_where_required(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Older MinIO and Ceph RGW refuse the CRC checksums botocore >= 1.36 sends by default.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    cfg = storage.s3_client().meta.config
+    assert cfg.request_checksum_calculation == "when_required"
+    assert cfg.response_checksum_validation == "when_required"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    assert storage.s3_client().meta.config.request_checksum_calculation == "when_supported"

@@ -69,6 +69,16 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Lenient on purpose: legacy buckets may hold upper case and underscores.
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+#: Refusals of the request itself, the same on every try: a bucket name S3 does not accept, a key
+#: over 1,024 bytes, an object archived in Glacier, one over the single-upload limit.
+_PERMANENT = {
+    "InvalidBucketName",
+    "KeyTooLongError",
+    "InvalidObjectState",
+    "EntityTooLarge",
+    "InvalidArgument",
+    "MethodNotAllowed",
+}
 _DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
@@ -303,6 +313,11 @@ def _cached_client(
         # Path style for custom endpoints: MinIO/Ceph/moto behind a plain hostname have no
         # wildcard DNS for bucket.host, which virtual-host addressing needs.
         s3={"addressing_style": "path"} if endpoint else None,
+        # botocore >= 1.36 adds CRC checksums to every upload and asks for them on reads, which
+        # S3-compatible stores that predate them (older MinIO, Ceph RGW) refuse: with a custom
+        # endpoint, only where an operation requires one (S3 itself gets the new default).
+        request_checksum_calculation="when_required" if endpoint else "when_supported",
+        response_checksum_validation="when_required" if endpoint else "when_supported",
     )
     # A Session per client: boto3's default session is not safe to create clients from threads.
     session = boto3.session.Session(profile_name=profile, region_name=region)
@@ -334,10 +349,11 @@ def _error_code(exc: ClientError) -> str:
 
 
 def _retryable(exc: BaseException) -> bool:
-    """Whether an S3 failure may go away by itself: all but a missing object or bucket."""
+    """Whether an S3 failure may go away by itself: all but a missing object or bucket and a
+    refusal of the request itself (``_PERMANENT``)."""
     if isinstance(exc, ClientError):
         code = _error_code(exc)
-        return code not in _NOT_FOUND and code != "NoSuchBucket"
+        return code not in _NOT_FOUND | _PERMANENT and code != "NoSuchBucket"
     return True  # connection errors, timeouts, missing credentials: the next run may succeed
 
 
