@@ -386,6 +386,50 @@ def weights_version(spec: str | ModelSpec) -> str | None:
     return _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
+#: The record an embedding table keeps of its spec and weights (``keeper embed`` writes it).
+TABLE_META = "_KEEPER_TABLE.json"
+
+
+def check_weights(spec: str, recorded: str | None, where: str, *, now: str | None = None) -> None:
+    """Refuse embeddings made with a checkpoint since replaced at the same path.
+
+    ``recorded`` is the :func:`weights_version` the embeddings were made with (None: not
+    recorded, nothing to check); ``now`` what the spec's checkpoint holds now (computed when not
+    given; None when it cannot be seen here).
+
+    Raises:
+        DataError: the two differ, naming both.
+    """
+    from keeper_core.errors import DataError
+
+    if not recorded:
+        return
+    now = now if now is not None else weights_version(spec)
+    if now and now != recorded:
+        raise DataError(
+            f"{where} holds embeddings of {spec!r} made with weights {recorded}; that checkpoint "
+            f"now holds {now}: it was replaced. Embeddings of two checkpoints never mix: "
+            "re-embed into another output (or give the new checkpoint its own path)."
+        )
+
+
+def table_weights(table_uri: str) -> str | None:
+    """The weights version an embedding table's record names (None: no record, or none kept)."""
+    import json
+
+    from keeper_core import storage
+
+    meta_uri = storage.join(table_uri, TABLE_META)
+    if not storage.exists(meta_uri):
+        return None
+    try:
+        meta = json.loads(storage.read_bytes(meta_uri))
+    except ValueError:
+        return None  # keeper embed refuses such a record itself, naming it
+    version = meta.get("weights_version") if isinstance(meta, dict) else None
+    return str(version) if version else None
+
+
 @functools.lru_cache(maxsize=16)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     # size and mtime in the key: a rewritten file is hashed again (~1 s a GB).

@@ -65,9 +65,11 @@ from keeper_core.formats import IMAGE_SUFFIXES
 from keeper_core.grouping import dhash
 from keeper_core.images import DecodeLimits, sniff_is_image
 from keeper_core.models import (
+    TABLE_META,
     ModelSpec,
     PreprocessConfig,
     actor_memory_request,
+    check_weights,
     embed_dim,
     parameter_count,
     preprocess_config,
@@ -96,7 +98,7 @@ if TYPE_CHECKING:  # torch: the model actors import these; decode and write task
 log = logging.getLogger("keeper.embed")
 
 ERRORS = "errors"  # beside EMBEDDINGS (keeper_core.corpus: selection reads the table there)
-SUMMARY, TABLE_META = "_SUMMARY.json", "_KEEPER_TABLE.json"
+SUMMARY = "_SUMMARY.json"
 SHARDS = "_shards"  # cached WebDataset shard indexes (keeper_core.webdataset)
 #: Columns a WebDataset corpus carries into the table (null when a sample has none).
 SAMPLE_COLUMNS = ("caption", "metadata")
@@ -440,13 +442,8 @@ def check_table_meta(
                 f"{dst} holds embeddings of {meta.get('model_spec')!r}; this run uses {spec!r}. "
                 "Embeddings of two specs never mix: choose another output."
             )
-        held = meta.get("weights_version")
-        if held and weights and held != weights:
-            raise DataError(
-                f"{dst} holds embeddings of {spec!r} made with weights {held}; that checkpoint now "
-                f"holds {weights}: it was replaced. Embeddings of two checkpoints never mix: "
-                "choose another output (or give the new checkpoint its own path)."
-            )
+        if weights:
+            check_weights(spec, meta.get("weights_version"), dst, now=weights)
         return
     if not record:
         return

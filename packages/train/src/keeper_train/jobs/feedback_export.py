@@ -55,13 +55,13 @@ from keeper_core import storage
 from keeper_core.embedding import check_same_spec
 from keeper_core.errors import DataError
 from keeper_core.feedback import decisions, read_feedback, read_offers
-from keeper_core.models import embed_dim, spec_field
+from keeper_core.models import TABLE_META, embed_dim, spec_field
 from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import TimeWindow, job_main
 from keeper_train.table import list_parts
 
 EMBEDDINGS, PART = "embeddings", "part-00000.parquet"
-SERIES, SUMMARY, TABLE_META, IMAGES = "series.csv", "_SUMMARY.json", "_KEEPER_TABLE.json", "images"
+SERIES, SUMMARY, IMAGES = "series.csv", "_SUMMARY.json", "images"
 KEEPER, ACCEPTED, REJECTED = "picked-as-keeper", "accepted", "rejected"
 
 Route = Literal["rank", "pick", "select", "review"]

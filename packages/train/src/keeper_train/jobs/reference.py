@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from keeper_core import storage
 from keeper_core.errors import DataError
-from keeper_core.models import embed_dim, spec_field
+from keeper_core.models import TABLE_META, embed_dim, spec_field
 from keeper_core.references import (
     ReferenceMeta,
     check_name,
@@ -51,7 +51,6 @@ if TYPE_CHECKING:  # the embed job imports torch (seconds): only an add needs it
 EXIT_EMBED_FAILED = 3  # keeper embed's EXIT_TOO_MANY_FAILURES (test_reference_cli checks)
 #: The spec of a new collection when none is given (EmbedConfig's default: tests, offline demo).
 DEFAULT_MODEL = "keeper-tiny:random"
-TABLE_META = "_KEEPER_TABLE.json"  # keeper embed's record of a table's spec
 # Fields of EmbedConfig this job sets itself: never in ``embed``.
 _OWN = ("input", "output", "model", "ray_address")
 
