@@ -71,8 +71,32 @@ class DecodeLimits(BaseModel):
     # greyscale); 256 is nvImageCodec's default limit.
     max_jpeg_scans: int = Field(default=256, gt=0)
 
+    @property
+    def max_read_bytes(self) -> int:
+        """The most bytes worth reading of one file: no file over it can decode.
+
+        ``max_raw_bytes`` for a camera RAW, ``max_bytes`` for any other image: a reader caps
+        its read at the larger (``storage.read_bytes(uri, max_bytes=limits.max_read_bytes)``),
+        so a huge file is refused without being held in memory whole first.
+        """
+        return max(self.max_bytes, self.max_raw_bytes)
+
 
 _DEFAULT_LIMITS = DecodeLimits()
+
+
+def read_image_bytes(uri: str, limits: DecodeLimits | None = None) -> bytes:
+    """One image file's bytes, read at most up to ``limits.max_read_bytes`` (default limits):
+    a file no decode would accept is refused without being held in memory whole first.
+
+    Raises:
+        StorageError: unreadable; ``storage.TooLargeError`` (a StorageError) over the cap.
+    """
+    from keeper_core import storage
+
+    return storage.read_bytes(uri, max_bytes=(limits or _DEFAULT_LIMITS).max_read_bytes)
+
+
 _WHITE = (255, 255, 255)
 # EXIF orientations whose display size is the stored size with width and height swapped.
 _SWAPPED_ORIENTATIONS = frozenset({5, 6, 7, 8})

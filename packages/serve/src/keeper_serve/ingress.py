@@ -1569,19 +1569,21 @@ class KeeperIngress:
         uri = self.corpus.image_uri[row]
         limits = self.args.limits
         try:
-            data = storage.read_bytes(uri)
-            if len(data) > limits.max_image_bytes:
-                raise ApiError(
-                    413,
-                    "image_too_large",
-                    client_text(f"{uri}: {len(data)} bytes > {limits.max_image_bytes}"),
-                )
+            # Capped: an image over the limit is refused without being read whole first.
+            data = storage.read_bytes(uri, max_bytes=limits.max_image_bytes)
             image = decode_image(
                 data,
                 limits=limits.decode_limits(),
                 source=uri,
                 draft_size=(THUMB_SIZE, THUMB_SIZE),
             )
+        except storage.TooLargeError as e:
+            size = f"{e.size} bytes" if e.size is not None else f"more than {e.max_bytes} bytes"
+            raise ApiError(
+                413,
+                "image_too_large",
+                client_text(f"{uri}: {size} > {limits.max_image_bytes}"),
+            ) from e
         except KeeperError as e:  # gone or changed since it was embedded
             log.warning("corpus thumbnail: image %s is unreadable: %s", uri, e)
             raise ApiError(

@@ -52,7 +52,7 @@ from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.culling import mark_duplicates
 from keeper_core.errors import ConfigError, DataError, KeeperError
 from keeper_core.grouping import GroupingConfig
-from keeper_core.images import decode_image
+from keeper_core.images import decode_image, read_image_bytes
 from keeper_core.vector_index import VectorIndex, build
 from keeper_train.config import job_main
 
@@ -316,7 +316,7 @@ def write_report(cfg: DedupConfig, groups: pd.DataFrame, summary: DedupSummary) 
 
     def thumb(row: Any) -> None:
         try:
-            image = decode_image(storage.read_bytes(row.image_uri), source=row.image_uri)
+            image = decode_image(read_image_bytes(row.image_uri), source=row.image_uri)
             storage.write_bytes(
                 storage.join(cfg.output, thumbnail_name(row.image_id)),
                 thumbnail_jpeg(image),

@@ -528,7 +528,13 @@ def prepare_batch(
         stage = "read"
         member = bool(offsets[i] >= 0)
         try:
-            data = _read(uri, int(offsets[i]), int(sizes[i]), limits["max_bytes"])
+            data = _read(
+                uri,
+                int(offsets[i]),
+                int(sizes[i]),
+                limits["max_bytes"],
+                limits.get("max_raw_bytes", 0),
+            )
             stage = "decode"
             image = prep.decode(data, source=uri)
             stage = "preprocess"
@@ -615,10 +621,21 @@ def _members(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return offsets, sizes
 
 
-def _read(uri: str, offset: int, size: int, max_bytes: int) -> bytes:
+def _read(uri: str, offset: int, size: int, max_bytes: int, max_raw_bytes: int = 0) -> bytes:
+    """One image's bytes: a shard member (at most ``max_bytes``) or a whole file.
+
+    A file is read at most up to the larger of ``max_bytes`` and ``max_raw_bytes`` (no file
+    over both can decode), so a huge one is refused as ``too_large`` without being held in
+    memory whole: the decode tasks' memory is reserved for that much, not for any file.
+    """
     if offset >= 0:
         return read_member(uri, offset, size, max_bytes=max_bytes)
-    return storage.read_bytes(uri)
+    cap = max(max_bytes, max_raw_bytes)
+    try:
+        return storage.read_bytes(uri, max_bytes=cap)
+    except storage.TooLargeError as e:
+        size_txt = f"{e.size} bytes" if e.size is not None else f"more than {cap} bytes"
+        raise ImageDecodeError("too_large", f"{size_txt} > limit {cap}", source=uri) from e
 
 
 def _read_failure(uri: str, run_id: str, e: Exception) -> dict[str, Any]:
@@ -626,6 +643,8 @@ def _read_failure(uri: str, run_id: str, e: Exception) -> dict[str, Any]:
         return _failure(uri, run_id, "read", "unreadable", e, retryable=e.retryable)
     if isinstance(e, DataError):  # a member past the end of its shard (a shard cut short)
         return _failure(uri, run_id, "read", "unreadable", e, retryable=False)
+    if isinstance(e, ImageDecodeError):  # too_large: refused before (or instead of) the read
+        return _failure(uri, run_id, "read", e.reason, e, retryable=False)
     return _failure(uri, run_id, "read", "internal", e, retryable=False)
 
 
@@ -638,6 +657,7 @@ def prepare_on_device(
     run_id: str,
     capture: bool = False,
     reader: ThreadPoolExecutor | None = None,
+    max_raw_bytes: int = 0,
 ) -> dict[str, Any]:
     """``prepare_batch``'s output, decoded and measured on the model's device (decode=gpu).
 
@@ -652,7 +672,7 @@ def prepare_on_device(
 
     def read(i: int) -> bytes | Exception:
         try:
-            return _read(uris[i], int(offsets[i]), int(sizes[i]), max_bytes)
+            return _read(uris[i], int(offsets[i]), int(sizes[i]), max_bytes, max_raw_bytes)
         except Exception as e:  # recorded below, per image
             return e
 
@@ -835,6 +855,7 @@ class EmbedStage:
                 batch,
                 prep=self.on_device,
                 max_bytes=self.prepare["limits"]["max_bytes"],
+                max_raw_bytes=self.prepare["limits"]["max_raw_bytes"],
                 errors_dir=self.prepare["errors_dir"],
                 run_id=self.prepare["run_id"],
                 capture=self.prepare["capture"],

@@ -42,7 +42,7 @@ from keeper_core import registry, storage
 from keeper_core.bestof import Comparison, compare_methods, write_report
 from keeper_core.errors import DataError, KeeperError, ModelLoadError
 from keeper_core.finetune import TunedRanker
-from keeper_core.images import decode_image
+from keeper_core.images import decode_image, read_image_bytes
 from keeper_core.metrics import format_table
 from keeper_core.ranker import RankerConfig, SeriesRanker, load_ranker
 from keeper_train import tracking
@@ -396,7 +396,7 @@ def training_check(client: Any, model: LoadedModel, data: EvalData) -> TrainingC
 def thumbnail_source(uri: str) -> Image.Image | None:
     """The image for a report thumbnail, or None (a placeholder) when it cannot be read."""
     try:
-        return decode_image(storage.read_bytes(uri), draft_size=(256, 256))
+        return decode_image(read_image_bytes(uri), draft_size=(256, 256))
     except KeeperError:
         return None
 

@@ -53,7 +53,7 @@ from keeper_core.culling import CullResult, Scorer, cull, picks_csv, picks_table
 from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadError, StorageError
 from keeper_core.grouping import GroupingConfig, dhash
 from keeper_core.handback import export_keepers, plan_sidecars, write_sidecar, xml_text
-from keeper_core.images import decode_image
+from keeper_core.images import decode_image, read_image_bytes
 from keeper_core.models import ModelSpec, spec_field
 from keeper_core.picking import PickConfig
 from keeper_core.webdataset import is_webdataset
@@ -491,7 +491,7 @@ def backfill_batch(batch: pd.DataFrame, *, thumbnails: str) -> pd.DataFrame:
     out = []
     for uri in batch["image_uri"].astype(str):
         try:
-            data = storage.read_bytes(uri)
+            data = read_image_bytes(uri)
         except StorageError:
             out.append({"image_uri": uri, **capture_row(read_capture(b"")), "dhash": None})
             continue

@@ -83,7 +83,7 @@ from keeper_core.errors import (
     ModelLoadError,
     StorageError,
 )
-from keeper_core.images import decode_image
+from keeper_core.images import decode_image, read_image_bytes
 from keeper_core.models import ModelSpec
 from keeper_core.report import thumbnail_data_uri
 from keeper_core.vlm import VlmConfig, source_kind
@@ -529,7 +529,7 @@ class SurvivorStage:
         images, judged = [], []
         for i, uri in enumerate([] if fatal else uris):
             try:
-                image = decode_image(storage.read_bytes(uri), source=uri, draft_size=self.draft)
+                image = decode_image(read_image_bytes(uri), source=uri, draft_size=self.draft)
             except StorageError as e:
                 error[i] = f"unreadable: {e}"
             except ImageDecodeError as e:
