@@ -255,3 +255,26 @@ def test_report_order_disagreements_first_then_misses(tmp_path: Path) -> None:
     assert where == sorted(where)
     assert "Series where &lt;a&gt; misses the keeper come first" in html
     assert "<a>" not in html
+
+
+def test_the_report_is_utf_8_whatever_the_locale(tmp_path: Path) -> None:
+    """The page declares charset utf-8; under an ASCII locale (LC_ALL=C without Python's UTF-8
+    mode) a title or name outside ASCII made write_text raise instead."""
+    import subprocess
+    import sys
+
+    code = f"""
+import numpy as np, pandas as pd
+from keeper_core.bestof import compare_methods, write_report
+m = pd.DataFrame({{"series_id": ["s", "s"], "image_uri": ["/p/caf\\u00e9.jpg", "/p/b.jpg"],
+                   "is_best": [1, 0]}})
+s = {{"rule": np.array([1.0, 0.0])}}
+write_report({str(tmp_path / "r.html")!r}, "Caf\\u00e9 \\u2014 \\u00e9t\\u00e9", compare_methods(m, s), s,
+             lambda uri: None)
+"""
+    env = {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Café — été" in (tmp_path / "r.html").read_text("utf-8")

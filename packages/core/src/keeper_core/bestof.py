@@ -196,6 +196,7 @@ def write_report(
             total_series=len(comparison.series),
             total_images=sum(len(g) for g in comparison.series),
             shown_order=order_text,
-        )
+        ),
+        "utf-8",  # as the page declares, whatever the locale
     )
     return out

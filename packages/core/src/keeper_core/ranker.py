@@ -202,7 +202,7 @@ class SeriesRanker:
 
         d = Path(folder)
         d.mkdir(parents=True, exist_ok=True)
-        (d / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2))
+        (d / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2), "utf-8")
         state = {k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
         save_file(state, str(d / WEIGHTS_FILE))
         return d
@@ -239,7 +239,7 @@ class SeriesRanker:
 
 def read_config(folder: str | Path) -> RankerConfig:
     """A saved ranker's ``ranker.json``, validated."""
-    return RankerConfig.model_validate(json.loads((Path(folder) / CONFIG_FILE).read_text()))
+    return RankerConfig.model_validate(json.loads((Path(folder) / CONFIG_FILE).read_text("utf-8")))
 
 
 def load_ranker(folder: str | Path, *, device: str | None = None) -> Any:

@@ -146,7 +146,7 @@ def ranker_folder(root: Path) -> Path | None:
     from keeper_core.ranker import ARTIFACT_KEY, CONFIG_FILE
 
     try:
-        meta = yaml.safe_load((root / "MLmodel").read_text())
+        meta = yaml.safe_load((root / "MLmodel").read_text("utf-8"))
         rel = meta["flavors"]["python_function"]["artifacts"][ARTIFACT_KEY]["path"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return None

@@ -167,7 +167,7 @@ def build_tiny_vlm(dest: str | Path, *, seed: int = 0) -> Path:
             "seed": seed,
             "note": "random weights: every score from this model is meaningless",
         }
-        (tmp / KEEPER_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (tmp / KEEPER_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", "utf-8")
         if out.exists():
             out.rmdir()  # empty (checked above); os.replace needs the name free or empty
         os.replace(tmp, out)

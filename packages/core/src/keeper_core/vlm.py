@@ -628,7 +628,7 @@ def _random_weights(source: str, local_dir: Path | None) -> bool:
     if local_dir is None or not (local_dir / KEEPER_JSON).is_file():
         return False
     try:
-        meta = json.loads((local_dir / KEEPER_JSON).read_text())
+        meta = json.loads((local_dir / KEEPER_JSON).read_text("utf-8"))
     except (OSError, ValueError) as e:
         raise ModelLoadError(source, f"unreadable {KEEPER_JSON}: {e}") from e
     if not isinstance(meta, dict) or not isinstance(meta.get("random_weights", False), bool):

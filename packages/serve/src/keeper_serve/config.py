@@ -105,7 +105,7 @@ class AuthArgs(_Strict):
             return None
         if self.token_file:
             try:
-                token = Path(self.token_file).expanduser().read_text().strip()
+                token = Path(self.token_file).expanduser().read_text("utf-8").strip()
             except OSError as e:
                 raise ConfigError(f"cannot read the API token file {self.token_file}: {e}") from e
             source = f"file {self.token_file}"

@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "WARNING: the VLM is keeper_core.tiny_vlm's, with random weights: its judgements "
             "mean nothing (the cascade's plumbing and accounting are what this shows)"
         )
-    (out / "select-demo.json").write_text(json.dumps({"url": url, "answer": answer}, indent=2))
+    (out / "select-demo.json").write_text(
+        json.dumps({"url": url, "answer": answer}, indent=2), "utf-8"
+    )
     print(f"answer: {(out / 'select-demo.json').resolve()}")
     return answer
 
