@@ -627,6 +627,9 @@ class KeeperIngress:
             except FeedbackBackpressure as e:
                 log.warning("offers: %d rows of %s dropped: %s", len(rows), route, e)
                 return len(rows)
+            except DataError:  # rows that do not fit the log's schema (a bug): all of them
+                log.exception("offers: %d rows of %s do not fit the log", len(rows), route)
+                return len(rows)
             return 0
 
         try:
