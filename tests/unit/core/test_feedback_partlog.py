@@ -1,4 +1,4 @@
-"""Audit of keeper_core.feedback's PartLog: concurrency, backpressure, clocks, crashes, S3.
+"""keeper_core.feedback's PartLog: concurrency, backpressure, clocks, crashes, S3.
 
 Several ingress replicas append to one log at once; a store that is slow or failing must not
 make every request queue behind it; a writer's own order must survive its clock; a process

@@ -1,4 +1,4 @@
-"""Audit of keeper_train.data.assign_split: named val/test groups must keep a series whole.
+"""keeper_train.data.assign_split: named val/test groups must keep a series whole.
 
 ``split_series`` (hash split by a group column) refuses a series whose rows carry several values
 of that column; the named-group path (``val_groups`` / ``test_groups``) used to skip the check, so

@@ -1,4 +1,4 @@
-"""Audit of keeper_core.ab's online top-1: one trial per group a person decided, and the rank of
+"""keeper_core.ab's online top-1: one trial per group a person decided, and the rank of
 the image the person picked, whatever the order of the offers log."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A job stopped half-way through its writes and run again with the same command ends with the
 outputs of one complete run: keeper export-embeddings and keeper index (no defect found; these
-pin the behaviour the audit relied on)."""
+pin that behaviour)."""
 
 from __future__ import annotations
 

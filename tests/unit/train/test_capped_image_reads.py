@@ -1,4 +1,4 @@
-"""Security audit: a file too large to decode is refused without being read whole first.
+"""A file too large to decode is refused without being read whole first.
 
 The decode limits (``max_bytes``, ``max_raw_bytes``) were checked only after the whole file had
 been read into memory, so a multi-GB file with a JPEG signature cost its full size in RAM in a

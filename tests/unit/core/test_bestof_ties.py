@@ -1,4 +1,4 @@
-"""Audit of keeper_core.bestof.write_report: the pick a report marks agrees with the metrics on
+"""keeper_core.bestof.write_report: the pick a report marks agrees with the metrics on
 ties. The metrics count every tie against the keeper (a constant scorer has top-1 = 0); the report
 used to mark ``argmax``'s pick, the first tied shot, so on a manifest listing keepers first it
 showed a constant scorer picking every keeper ("a method picked the keeper") and filed those

@@ -1,4 +1,4 @@
-"""Defects found auditing keeper_core.storage, each pinned by the test that reproduced it.
+"""keeper_core.storage at its edges, each test pinning a defect it reproduced.
 
 Against local tmp folders and a real moto_server (the s3_bucket fixture)."""
 
@@ -274,7 +274,7 @@ def locked_folder(tmp_path: Path) -> Iterator[Path]:
     """``<base>/corpus/{ok,locked}/x.jpg`` where ``locked`` (0700) is unreadable to nobody."""
     base = tmp_path
     if os.geteuid() == 0:  # the child runs as nobody: pytest's tmp root (0700) is closed to it
-        base = Path(tempfile.mkdtemp(dir="/tmp", prefix="keeper-audit-"))
+        base = Path(tempfile.mkdtemp(dir="/tmp", prefix="keeper-storage-"))
     for sub in ("ok", "locked"):
         (base / "corpus" / sub).mkdir(parents=True)
         (base / "corpus" / sub / "x.jpg").write_bytes(b"x")
