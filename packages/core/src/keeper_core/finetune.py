@@ -49,6 +49,7 @@ from keeper_core.tower import (
     apply_tuning,
     load_tower_state,
     merged_visual_state,
+    snapshot,
     tower_state,
 )
 
@@ -164,11 +165,10 @@ class TunedRanker:
     # ------------------------------------------------------------------ artifacts
 
     def trained_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``adapter``, ``blocks`` (see ``keeper_core.tower.tower_state``) and ``head`` tensors."""
+        """``adapter``, ``blocks`` (see ``keeper_core.tower.tower_state``) and ``head`` tensors:
+        CPU copies, a snapshot that later training does not change."""
         state = tower_state(self.model.tower.visual, self.parts)
-        state["head"] = {
-            k: v.detach().cpu().contiguous() for k, v in self.model.head.state_dict().items()
-        }
+        state["head"] = snapshot(self.model.head.state_dict())
         return state
 
     def load_trained_state(self, state: dict[str, dict[str, torch.Tensor]], *, source: str) -> None:

@@ -22,7 +22,7 @@ adapters into plain weights: a full open_clip checkpoint that loads as ``ARCH:PA
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -322,17 +322,24 @@ def lora_parameter_count(visual: nn.Module, targets: list[str], rank: int) -> in
 
 
 def tower_state(visual: nn.Module, parts: TrainableParts) -> dict[str, dict[str, torch.Tensor]]:
-    """What trained, to save: ``{"adapter": peft-named LoRA tensors, "blocks": base-named}``."""
+    """What trained, to save: ``{"adapter": peft-named LoRA tensors, "blocks": base-named}``.
+
+    A snapshot: CPU copies that later optimizer steps do not change. (``.detach().cpu()`` alone
+    is the live parameter itself on a CPU tower, so a "best epoch" kept that way followed every
+    later update.)
+    """
     adapter: dict[str, torch.Tensor] = {}
     if parts.lora:
         from peft import get_peft_model_state_dict
 
         adapter = dict(get_peft_model_state_dict(visual))
-    blocks = {base_name(n): p.detach() for n, p in parts.backbone.items()}
-    return {
-        "adapter": {k: v.detach().cpu().contiguous() for k, v in adapter.items()},
-        "blocks": {k: v.detach().cpu().contiguous() for k, v in blocks.items()},
-    }
+    blocks = {base_name(n): p for n, p in parts.backbone.items()}
+    return {"adapter": snapshot(adapter), "blocks": snapshot(blocks)}
+
+
+def snapshot(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of ``tensors``, never sharing storage with them."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
 def load_tower_state(
