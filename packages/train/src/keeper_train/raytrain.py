@@ -83,6 +83,18 @@ def mean_over_workers(value: float, world: int, device: torch.device) -> float:
     return float(t.item()) / world
 
 
+def load_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's ``state.pt`` (no pickle: ``weights_only``), every tensor on the CPU.
+
+    A GPU worker saves CUDA tensors (model, optimizer state); without ``map_location`` the
+    driver, often on a node without a GPU, could not read the checkpoint it trained. A worker
+    that resumes puts them back on its device (``load_state_dict`` copies into the parameters,
+    an optimizer moves its state to its parameters' device).
+    """
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
+
+
 def maybe_fail(config: dict[str, Any], epoch: int, rank: int) -> None:
     """Fault drill: rank 0 fails once at ``fail_at_epoch`` (a marker makes it one-shot)."""
     if config.get("fail_at_epoch") != epoch or rank != 0:

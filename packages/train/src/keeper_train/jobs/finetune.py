@@ -485,6 +485,49 @@ def param_groups(ranker: Any, cfg: dict[str, Any]) -> list[dict[str, Any]]:
     return groups
 
 
+def accumulation_window(i: int, steps: int, grad_accum: int) -> tuple[bool, int]:
+    """For batch ``i`` of an epoch's ``steps`` (0-based): whether it ends an optimizer step, and
+    how many batches its accumulation window holds (``grad_accum``, fewer in a last, partial
+    window). Scaling each batch's loss by ``1 / window`` makes every step's gradient the mean
+    over its batches, the last step's included."""
+    if not 0 <= i < steps:
+        raise DataError(f"batch {i} lies beyond the epoch's {steps} batches")
+    start = i - i % grad_accum
+    window = min(grad_accum, steps - start)
+    return i + 1 == start + window, window
+
+
+def backward_batch(
+    model: torch.nn.Module, pixels: torch.Tensor, mask: torch.Tensor, best: torch.Tensor,
+    quality: torch.Tensor, *, sync: bool, scale: float, autocast: Any,
+) -> torch.Tensor:  # fmt: skip
+    """Forward and backward of one batch; returns its (unscaled) series-softmax loss.
+
+    The gradient is ``scale`` times the loss's. Under DDP, without ``sync`` the batch only
+    accumulates local gradients: forward and backward run inside one ``no_sync()`` (DDP decides
+    in the forward whether the backward all-reduces, and ``no_sync()`` is a one-shot context
+    manager: entering it a second time fails).
+    """
+    ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if not sync and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        ctx = model.no_sync()
+    with ctx:
+        with autocast():
+            scores = model(pixels, mask, quality)
+        loss = series_softmax_loss(scores.float(), mask, best)
+        (loss * scale).backward()
+    return loss.detach()
+
+
+def optimizer_step(opt: torch.optim.Optimizer, sched: Any) -> float:
+    """One optimizer and scheduler step; returns the last group's (the head's) lr the step used."""
+    lr = float(opt.param_groups[-1]["lr"])
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return lr
+
+
 def _flat(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"{kind}/{k}": v for kind, part in state.items() for k, v in part.items()}
 
@@ -542,7 +585,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             ranker.load_trained_state(_nested(load_file(str(Path(d) / TRAINED))), source=d)
             best_state = load_file(str(Path(d) / BEST))
-            state = torch.load(Path(d) / STATE, weights_only=True)
+            state = raytrain.load_state(Path(d) / STATE)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, best_top1, best_epoch = state["epoch"] + 1, state["best_top1"], state["best_epoch"]
@@ -569,6 +612,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         t_epoch = time.perf_counter()
         wait, n_images, loss_sum, n_series, seen = 0.0, 0, 0.0, 0, 0
+        lr_head = float(opt.param_groups[-1]["lr"])  # the head's lr of this epoch's last update
         rng = np.random.default_rng([config["seed"], epoch, rank])
         batches = train_it.iter_batches(
             batch_size=config["batch_size"],
@@ -583,18 +627,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 batch, image_size, rng=rng, max_shift=shift, flip=config["flip"]
             )
             wait += time.perf_counter() - t_wait
-            last = (i + 1) % config["grad_accum"] == 0 or i + 1 == steps
-            sync = contextlib.nullcontext() if last or world == 1 else ddp.no_sync()  # type: ignore[operator]
-            with sync, autocast():
-                scores = ddp(pixels.to(device), mask.to(device), quality.to(device))
-                loss = series_softmax_loss(scores.float(), mask.to(device), best.to(device))
-            with sync:
-                (loss / config["grad_accum"]).backward()
+            last, window = accumulation_window(i, steps, config["grad_accum"])
+            loss = backward_batch(
+                ddp, pixels.to(device), mask.to(device), best.to(device), quality.to(device),
+                sync=last, scale=1.0 / window, autocast=autocast,
+            )  # fmt: skip
             if last:
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            loss_sum += float(loss.detach()) * len(best)
+                lr_head = optimizer_step(opt, sched)
+            loss_sum += float(loss) * len(best)
             n_series += len(best)
             n_images += len(pixels)
             seen += 1
@@ -616,7 +656,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_mrr": val.mrr,
             "best_val_top1": best_top1,
             "best_epoch": best_epoch,
-            "lr_head": sched.get_last_lr()[-1],
+            "lr_head": lr_head,
             "images_per_s": world * n_images / seconds,
             "data_wait_share": wait / seconds,
             "seconds": seconds,

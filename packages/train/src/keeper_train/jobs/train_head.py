@@ -239,7 +239,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restart after a failure: continue where the last epoch ended
         with checkpoint.as_directory() as d:
-            state = torch.load(_state_path(d), weights_only=True)
+            state = raytrain.load_state(_state_path(d))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, best_top1, best_epoch = state["epoch"] + 1, state["best_top1"], state["best_epoch"]
@@ -495,7 +495,7 @@ def fit(
     if result.checkpoint is None:
         raise KeeperError(f"training produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
-        state: dict[str, Any] = torch.load(_state_path(d), weights_only=True)
+        state = raytrain.load_state(_state_path(d))
     return state, fit_s
 
 
