@@ -231,6 +231,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     nodes = raytrain.worker_nodes(world)
     torch.manual_seed(config["seed"])
     model = make_head(HeadConfig.model_validate(config["head"]))
+    # On the device before the optimizer exists: a resumed optimizer's state (read onto the CPU)
+    # is moved to its parameters' device by load_state_dict, so they must already be there.
+    device = ray.train.torch.get_device()
+    model.to(device)
     opt = torch.optim.AdamW(
         model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"]
     )
@@ -244,8 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt.load_state_dict(state["optimizer"])
         start, best_top1, best_epoch = state["epoch"] + 1, state["best_top1"], state["best_epoch"]
         stale, best_state = state["stale"], state["best_model"]
-    device = ray.train.torch.get_device()
-    # DDP wraps `model` itself (moved to the device in place), so `model` stays the plain head.
+    # DDP wraps `model` itself, so `model` stays the plain head.
     trained = ray.train.torch.prepare_model(model)
     assert isinstance(trained, torch.nn.Module)
     client = mlflow.MlflowClient(config["tracking_uri"]) if rank == 0 else None
