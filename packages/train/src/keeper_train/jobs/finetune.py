@@ -112,7 +112,9 @@ class FinetuneConfig(raytrain.WorkerPlacement, SplitSettings):
     seed: int = 0
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    bf16: bool = Field(True, description="bf16 autocast on GPU (CPU always runs fp32)")
+    bf16: bool = Field(
+        True, description="bf16 autocast on a GPU that has bf16 (else, and on CPU, fp32)"
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="per CPU worker; null: the CPUs Ray gives it"
     )
@@ -593,6 +595,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ddp = ray.train.torch.prepare_model(model)
     assert isinstance(ddp, torch.nn.Module)
     amp = autocast_dtype(device) if config["bf16"] else None
+    # bf16 only: fp16 (a GPU without bf16, V100/T4) would need loss scaling, which this loop has
+    # not, or small gradients underflow to zero. Such a GPU trains in fp32.
+    amp = amp if amp == torch.bfloat16 else None
     autocast = (
         (lambda: torch.autocast(device_type=device.type, dtype=amp))
         if amp is not None
