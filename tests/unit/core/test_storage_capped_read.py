@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from keeper_core import storage
-from keeper_core.errors import StorageError
+from keeper_core.errors import DataError, StorageError
 from keeper_core.storage import TooLargeError, read_bytes, write_bytes
 
 CAP = 1000
@@ -227,3 +227,26 @@ def test_too_large_error_pickles_as_itself() -> None:
     assert type(back) is TooLargeError
     assert (back.uri, back.max_bytes, back.size, back.cause) == ("s3://b/k", 10, 20, e.cause)
     assert str(back) == str(e)
+
+
+def test_read_head_and_read_range_stay_bounded_when_the_store_ignores_the_range(
+    counting: CountingClient, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # read_head returned the whole object (not its first n bytes) and read_range read a whole
+    # shard to refuse one member.
+    uri = f"s3://{s3_bucket}/shard.tar"
+    blob = bytes(range(256)) * 4096  # 1 MiB
+    write_bytes(uri, blob)
+    real_get = counting.real.get_object
+
+    def no_range(**kw: Any) -> Any:
+        kw.pop("Range", None)
+        return real_get(**kw)
+
+    monkeypatch.setattr(counting.real, "get_object", no_range)
+    assert storage.read_head(uri, 5) == blob[:5]
+    assert counting.delivered <= 5
+    counting.delivered = 0
+    with pytest.raises(DataError, match="ignored the range"):
+        storage.read_range(uri, 1000, 10)
+    assert counting.delivered <= 11

@@ -5,7 +5,6 @@ Against local tmp folders and a real moto_server (the s3_bucket fixture)."""
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import stat
 import subprocess
@@ -13,13 +12,12 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pytest
 
 from keeper_core import storage
-from keeper_core.errors import ConfigError, DataError, StorageError
+from keeper_core.errors import ConfigError, StorageError
 from keeper_core.storage import (
     download_cached,
     exists,
@@ -312,62 +310,6 @@ def test_local_permission_errors_are_storage_errors(locked_folder: Path) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# StorageError across a process boundary (errors.py; every KeeperError: test_errors_pickle.py)
-
-
-def test_storage_error_pickles_as_itself() -> None:
-    e = StorageError("s3://b/k", "no such object", retryable=True)
-    back = pickle.loads(pickle.dumps(e))
-    assert (back.uri, back.cause, back.retryable) == ("s3://b/k", "no such object", True)
-
-
-class _RangeIgnoringClient:
-    """The real client behind a store (a proxy, an old gateway) that drops the Range header and
-    answers every GET with the whole object; counts the body bytes handed out."""
-
-    def __init__(self, real: Any) -> None:
-        self.real = real
-        self.delivered = 0
-
-    def get_object(self, **kw: Any) -> dict[str, Any]:
-        kw.pop("Range", None)
-        resp = dict(self.real.get_object(**kw))
-        body, outer = resp["Body"], self
-
-        class Body:
-            def read(self, amt: int | None = None) -> bytes:
-                data: bytes = body.read(amt)
-                outer.delivered += len(data)
-                return data
-
-            def close(self) -> None:
-                body.close()
-
-        resp["Body"] = Body()
-        return resp
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-
-def test_ranged_reads_stay_bounded_when_the_store_ignores_the_range(
-    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # read_head returned the whole object (not its first n bytes) and read_range read a whole
-    # shard to refuse one member; read_bytes(max_bytes=) was already bounded.
-    uri = f"s3://{s3_bucket}/shard.tar"
-    blob = bytes(range(256)) * 4096  # 1 MiB
-    write_bytes(uri, blob)
-    fake = _RangeIgnoringClient(storage.s3_client())
-    monkeypatch.setattr(storage, "s3_client", lambda: fake)
-    assert read_head(uri, 5) == blob[:5]
-    assert fake.delivered <= 5
-    fake.delivered = 0
-    with pytest.raises(DataError, match="ignored the range"):
-        storage.read_range(uri, 1000, 10)
-    assert fake.delivered <= 11
-
-
 @pytest.mark.parametrize(
     ("code", "retryable"),
     [

@@ -4,39 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
+from support import write_unit_parts
 
-from keeper_core import storage
 from keeper_core.errors import ConfigError
-from keeper_core.quality import FEATURE_NAMES
-from keeper_train.jobs.embed import write_batch
 from keeper_train.jobs.index import IndexConfig, run
-
-
-def write_table(dst: str, sizes: list[int]) -> None:
-    """Parts as keeper embed writes them (its own writer), unit rows of random directions."""
-    rng = np.random.default_rng(0)
-    for p, n in enumerate(sizes):
-        emb = rng.normal(size=(n, 64)).astype(np.float32)
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        batch = {
-            "image_uri": np.array([f"s3://photos/{p}/{i}.jpg" for i in range(n)], dtype=object),
-            "image_id": np.array([f"{p:04x}{i:04x}" for i in range(n)], dtype=object),
-            "embedding": emb,
-            "t_decode": np.zeros(n),
-            "t_embed": np.zeros(n),
-        }
-        for name in FEATURE_NAMES:
-            batch[name] = rng.integers(1, 4000, n) if name in ("width", "height") else rng.random(n)
-        write_batch(
-            batch, spec="keeper-tiny:random", embeddings_dir=storage.join(dst, "embeddings")
-        )
 
 
 def test_index_rerun_with_other_params_is_refused(tmp_path: Path) -> None:
     table = str(tmp_path / "emb")
-    write_table(table, [40, 40])
+    write_unit_parts(table, [40, 40])
     first = run(IndexConfig(table=table, backend="exact", dtype="f16"))
     assert (first.dtype, first.rows, first.added) == ("f16", 80, 80)
 

@@ -11,34 +11,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support import write_unit_parts
 
 from keeper_core import storage
-from keeper_core.quality import FEATURE_NAMES
 from keeper_core.vector_index import VectorIndex
 from keeper_train.jobs import export_embeddings as X
 from keeper_train.jobs import index as I
-from keeper_train.jobs.embed import write_batch
 
 
 class Killed(BaseException):
     """Stands in for SIGKILL: not an Exception, so no handler of the job catches it."""
-
-
-def _table(dst: Path, sizes: list[int], offset: int = 0) -> None:
-    rng = np.random.default_rng(offset)
-    for p, n in enumerate(sizes, start=offset):
-        emb = rng.normal(size=(n, 64)).astype(np.float32)
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        batch = {
-            "image_uri": np.array([f"s3://photos/{p}/{i}.jpg" for i in range(n)], dtype=object),
-            "image_id": np.array([f"{p:04x}{i:04x}" for i in range(n)], dtype=object),
-            "embedding": emb,
-            "t_decode": np.zeros(n),
-            "t_embed": np.zeros(n),
-        }
-        for name in FEATURE_NAMES:
-            batch[name] = rng.integers(1, 4000, n) if name in ("width", "height") else rng.random(n)
-        write_batch(batch, spec="keeper-tiny:random", embeddings_dir=str(dst / "embeddings"))
 
 
 def _kill_on(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, call: int) -> None:
@@ -59,10 +41,10 @@ def test_export_embeddings_killed_mid_partition_then_rerun(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     table, out = tmp_path / "emb", tmp_path / "cr"
-    _table(table, [5, 7, 9])
+    write_unit_parts(str(table), [5, 7, 9])
     cfg = X.ExportEmbeddingsConfig(table=str(table), output=str(out))
     X.export(cfg)
-    _table(table, [4], offset=3)  # the table grew (keeper embed resumed)
+    write_unit_parts(str(table), [4], offset=3)  # the table grew (keeper embed resumed)
     with monkeypatch.context() as m:
         _kill_on(m, X, "write_parquet", 3)  # the third metadata file of the re-export
         with pytest.raises(Killed):
@@ -80,10 +62,10 @@ def test_index_killed_before_index_json_then_rerun(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     table = tmp_path / "emb"
-    _table(table, [30])
+    write_unit_parts(str(table), [30])
     cfg = I.IndexConfig(table=str(table), backend="exact")
     I.run(cfg)
-    _table(table, [20], offset=1)
+    write_unit_parts(str(table), [20], offset=1)
     with monkeypatch.context() as m:
         _kill_on(m, I, "write_bytes", 3)  # native file and ids written, index.json not
         with pytest.raises(Killed):
