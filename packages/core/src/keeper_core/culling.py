@@ -14,6 +14,7 @@ output.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -103,6 +104,24 @@ def group_ids(groups: np.ndarray) -> list[str]:
     return [f"g{int(g):0{width}d}" for g in groups]
 
 
+_ISO_OFFSET = re.compile(r"(?:([+-])(\d{2}):?(\d{2})|Z)$")
+
+
+def utc_offsets(capture_time: pd.Series) -> np.ndarray:
+    """Seconds east of UTC of each ISO ``capture_time`` ("...+02:00"); NaN without an offset."""
+    out = np.full(len(capture_time), np.nan)
+    for i, text in enumerate(capture_time.tolist()):
+        m = _ISO_OFFSET.search(text) if isinstance(text, str) else None
+        if m is None:
+            continue
+        if m.group(1) is None:  # "Z"
+            out[i] = 0.0
+        else:
+            sign = -1.0 if m.group(1) == "-" else 1.0
+            out[i] = sign * (3600 * int(m.group(2)) + 60 * int(m.group(3)))
+    return out
+
+
 def mark_duplicates(
     df: pd.DataFrame,
     emb: np.ndarray,
@@ -116,19 +135,24 @@ def mark_duplicates(
 
     ``df`` has ``image_id`` and ``image_uri`` (the tie-break), and where present ``dhash`` (the
     pixel guard) and ``capture_ts`` + ``time_source`` (only times a camera or client recorded
-    separate moments: a file's mtime says nothing). A row whose pixels could not be hashed (a
-    file gone since it was embedded) has no pixel evidence: it is never a near duplicate, nor
-    the row one is said to duplicate. ``keeper pick`` (within a library's groups) and
-    ``keeper dedup`` (corpus-wide, ``pairs`` from an index) both mark duplicates here.
+    separate moments: a file's mtime says nothing), with ``capture_time``'s UTC offset telling
+    a UTC instant from a camera's wall clock (an export that dropped OffsetTimeOriginal shows
+    its original's wall clock, hours from the original's UTC instant). A row whose pixels
+    could not be hashed (a file gone since it was embedded) has no pixel evidence: it is never
+    a near duplicate, nor the row one is said to duplicate. ``keeper pick`` (within a
+    library's groups) and ``keeper dedup`` (corpus-wide, ``pairs`` from an index) both mark
+    duplicates here.
     """
     hashes, hashed = None, np.ones(len(df), dtype=bool)
     if "dhash" in df.columns:
         hashed = df["dhash"].notna().to_numpy()
         hashes = df["dhash"].fillna(0).to_numpy(dtype=np.int64)
-    moments = None
+    moments = offsets = None
     if "time_source" in df.columns and "capture_ts" in df.columns:
         ts = pd.to_numeric(df["capture_ts"], errors="coerce").to_numpy(dtype=np.float64)
         moments = np.where(df["time_source"].isin(RECORDED_TIMES).to_numpy(), ts, np.nan)
+        if "capture_time" in df.columns:
+            offsets = utc_offsets(df["capture_time"])
     dup_of, kind = find_duplicates(
         df["image_id"].astype(str).tolist(),
         emb,
@@ -138,6 +162,7 @@ def mark_duplicates(
         prefer=prefer,
         hashes=hashes,
         moments=moments,
+        offsets=offsets,
         pairs=pairs,
     )
     unproven = (dup_of >= 0) & (~hashed | ~hashed[np.maximum(dup_of, 0)])

@@ -244,6 +244,7 @@ def find_duplicates(
     prefer: np.ndarray | None = None,
     hashes: np.ndarray | None = None,
     moments: np.ndarray | None = None,
+    offsets: np.ndarray | None = None,
     pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[str | None]]:
     """Marks exact duplicates (same bytes) and near duplicates (similar shots of other groups).
@@ -279,6 +280,12 @@ def find_duplicates(
             ``max_gap_s`` apart are different moments, never copies of one another, however
             alike: a scene re-shot minutes later is not a duplicate. A copy keeps its
             original's EXIF time or has none (an export that stripped it).
+        offsets: (N,) the UTC offset (seconds east) of each moment where it is known, which
+            makes that moment a UTC instant; NaN where the moment is a camera's local wall
+            clock (EXIF without OffsetTimeOriginal). Two instants compare as instants; where
+            either offset is unknown the two wall clocks compare (a known instant + its
+            offset), so an export that kept DateTimeOriginal but dropped the offset is the
+            same moment as its original. Without ``offsets`` the moments compare as given.
         pairs: ``(a, b)`` row positions of candidate near pairs (any order, repeats allowed);
             None compares every pair. A pair through an exact copy counts for its kept copy.
 
@@ -325,10 +332,13 @@ def find_duplicates(
         hsh = hsh[reps]
     when = None
     if moments is not None:
-        when = np.asarray(moments, dtype=np.float64)
-        if when.shape != (n,):
-            raise DataError(f"moments: expected ({n},) numbers, got shape {when.shape}")
-        when = when[reps]
+        at = np.asarray(moments, dtype=np.float64)
+        if at.shape != (n,):
+            raise DataError(f"moments: expected ({n},) numbers, got shape {at.shape}")
+        off = np.full(n, np.nan) if offsets is None else np.asarray(offsets, dtype=np.float64)
+        if off.shape != (n,):
+            raise DataError(f"offsets: expected ({n},) numbers, got shape {off.shape}")
+        when = _Moments(at, off)
     rep_pairs = None
     if pairs is not None:
         a, b = (np.asarray(x, dtype=np.int64) for x in pairs)
@@ -347,7 +357,7 @@ def find_duplicates(
         config.near_duplicate_similarity,
         hsh,
         config.near_duplicate_max_hamming,
-        when,
+        None if when is None else when.take(reps),
         config.max_gap_s,
         rep_pairs,
     )
@@ -365,9 +375,8 @@ def find_duplicates(
     if hashes is not None and config.near_duplicate_max_hamming < 64:
         bits = np.asarray(hashes).astype(np.int64).view(np.uint64)
         direct &= np.bitwise_count(bits[a] ^ bits[b]) <= config.near_duplicate_max_hamming
-    if moments is not None:
-        at = np.asarray(moments, dtype=np.float64)
-        direct &= ~(np.abs(at[a] - at[b]) > config.max_gap_s)
+    if when is not None:
+        direct &= ~when.apart(a, b, config.max_gap_s)
     near = a[direct]
     duplicate_of[near] = b[direct]
 
@@ -384,7 +393,7 @@ def _near_components(
     threshold: float,
     hashes: np.ndarray | None = None,
     max_hamming: int = 64,
-    moments: np.ndarray | None = None,
+    moments: _Moments | None = None,
     max_gap_s: float = np.inf,
     pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
@@ -401,8 +410,8 @@ def _near_components(
         keep = groups[a] != groups[b]
         if hashes is not None and max_hamming < 64:
             keep &= np.bitwise_count(hashes[a] ^ hashes[b]) <= max_hamming
-        if moments is not None:  # NaN - x is NaN, and NaN > gap is False: kept
-            keep &= ~(np.abs(moments[a] - moments[b]) > max_gap_s)
+        if moments is not None:
+            keep &= ~moments.apart(a, b, max_gap_s)
         if keep.any():
             labels = _union(labels, a[keep], b[keep])
 
@@ -431,6 +440,30 @@ def _near_components(
         upper = b > a
         link(a[upper], b[upper])
     return labels
+
+
+class _Moments:
+    """Recorded capture moments: UTC instants where the offset is known, else wall clocks."""
+
+    def __init__(self, at: np.ndarray, offsets: np.ndarray) -> None:
+        self.at = at  # the timestamp: UTC where the offset is known, else the wall clock
+        self.known = ~np.isnan(offsets)
+        self.wall = at + np.where(self.known, offsets, 0.0)
+
+    def take(self, rows: np.ndarray) -> _Moments:
+        out = _Moments.__new__(_Moments)
+        out.at, out.known, out.wall = self.at[rows], self.known[rows], self.wall[rows]
+        return out
+
+    def apart(self, a: np.ndarray, b: np.ndarray, gap: float) -> np.ndarray:
+        """Whether rows a and b are recorded more than ``gap`` s apart (False if unknown).
+
+        Instants compare as instants; a wall clock only with a wall clock (a known instant plus
+        its offset). NaN - x is NaN, and NaN > gap is False: an unknown moment is never apart.
+        """
+        both = self.known[a] & self.known[b]
+        diff = np.where(both, self.at[a] - self.at[b], self.wall[a] - self.wall[b])
+        return np.abs(diff) > gap
 
 
 def _union(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
