@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core import storage
 from keeper_core.errors import ConfigError, DataError
-from keeper_core.images import _to_rgb
+from keeper_core.images import to_rgb
 
 __all__ = [
     "FAILED_COLUMNS",
@@ -107,7 +107,7 @@ def thumbnail_jpeg(image: Image.Image, size: int = THUMB_SIZE, quality: int = 80
         if target == image.size
         else image.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
     )
-    thumb = thumb if thumb.mode == "RGB" else _to_rgb(thumb)
+    thumb = thumb if thumb.mode == "RGB" else to_rgb(thumb)
     buf = io.BytesIO()
     thumb.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()

@@ -22,13 +22,12 @@ Nothing here touches PIL's global settings (``Image.MAX_IMAGE_PIXELS``,
 
 from __future__ import annotations
 
-import contextlib
 import io
 import struct
 import zlib
 
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core.errors import ConfigError, ImageDecodeError
@@ -402,7 +401,9 @@ def _deep_to_l(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint((a - lo) * scale), 0, 255).astype(np.uint8))
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB the way every keeper path converts: alpha composited on white,
+    16-bit and float greys scaled (not clipped to white as PIL's ``convert`` does)."""
     if im.mode in _DEEP_MODES:
         im = _deep_to_l(im)  # PIL's own convert() clips these to white instead of scaling
     if im.has_transparency_data:
@@ -548,7 +549,6 @@ def decode_image(
     check_header_size(w, h, limits, source)
     if im.format in ("JPEG", "MPO"):
         check_jpeg_scans(encoded, limits, source)
-    own = _orientation(im)
     orientation = _display_orientation(im, fallback)
     if draft_size is not None and im.format in ("JPEG", "MPO"):
         tw, th = draft_size
@@ -560,12 +560,12 @@ def decode_image(
         raise ImageDecodeError("too_many_pixels", str(e), source=source) from e
     except _PIL_ERRORS as e:
         raise ImageDecodeError("truncated", f"{im.format}: {e}", source=source) from e
-    # A corrupt EXIF block should not cost us good pixels: keep them as stored then.
-    with contextlib.suppress(*_PIL_ERRORS):
-        ImageOps.exif_transpose(im, in_place=True)  # in place: no copy when already upright
-    out: Image.Image = im
-    if own == 1 and orientation != 1:  # a RAW preview without its own: the RAW's, once
-        out = im.transpose(_TRANSPOSE[orientation])
+    # The orientation read from the header above, applied once: the image's own, else (a RAW
+    # preview without one) the RAW's. Not ImageOps.exif_transpose after the load: a PNG's
+    # eXIf chunk after IDAT becomes readable only once the pixels are decoded, and applying it
+    # here would rotate pixels that image_size (header only), the draft bound and the other
+    # backends all take as unrotated.
+    out: Image.Image = im if orientation == 1 else im.transpose(_TRANSPOSE[orientation])
     if out.mode not in _CONVERTIBLE_MODES:
         raise ImageDecodeError("unsupported", f"{im.format} in mode {out.mode}", source=source)
-    return _to_rgb(out)
+    return to_rgb(out)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from keeper_core.errors import DataError
+from keeper_core.images import to_rgb
 
 FEATURE_NAMES: tuple[str, ...] = (
     "sharpness",  # log(1 + var(Laplacian)) of grey on the 0..255 scale
@@ -61,7 +62,8 @@ def quality_features(
     """Compute the handcrafted quality features of a batch of images.
 
     Args:
-        images: PIL images of any mode (converted to RGB) and any size.
+        images: PIL images of any mode (converted to RGB as ``decode_image`` converts:
+            alpha composited on white, 16-bit and float greys scaled) and any size.
         size: side of the square every image is resized to before the resolution dependent
             features (everything except blockiness, width and height) are computed.
         blockiness: per image, blockiness already measured on full-resolution pixels (see
@@ -103,7 +105,10 @@ def quality_record(img: Image.Image, *, size: int = 256) -> dict[str, float]:
 
 
 def _rgb(img: Image.Image) -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
+    # decode_image's conversion, not PIL's convert("RGB"): that one drops alpha (what lies
+    # behind a transparent pixel, often black, would be measured) and clips 16-bit and float
+    # greys to white, so an image handed over undecoded would be measured unlike its file.
+    return img if img.mode == "RGB" else to_rgb(img)
 
 
 def _features(images: list[Image.Image], size: int, known: list[float | None]) -> np.ndarray:
