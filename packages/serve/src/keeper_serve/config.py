@@ -229,6 +229,35 @@ class EncoderArgs(_Strict):
     cache_dir: str | None = Field(None, description="where s3:// weights are cached")
 
 
+def check_model_uri(v: str | None, field: str, *, nullable: bool = True) -> str | None:
+    """A ranker's model URI, refused when it can never name a model (an empty one, a
+    ``models:/`` URI without a version, an alias or a logged model's id), as
+    ``keeper_core.registry.resolve_model`` would refuse it in every replica after the deploy.
+    Surrounding blanks are dropped. None (no ranker) passes.
+
+    Raises:
+        ValueError: the URI is malformed (named, with the forms that are taken).
+    """
+    if v is None:
+        return None
+    uri = v.strip()
+    forms = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a model folder"
+    if not uri:
+        raise ValueError(
+            f"{field} is empty: give {forms}" + (", or null for none" if nullable else "")
+        )
+    if uri.startswith("models:/"):
+        path = uri.removeprefix("models:/").strip("/")
+        name, at, alias = path.partition("@")
+        if at:
+            ok = bool(name) and bool(alias) and "/" not in alias and "@" not in alias
+        else:  # NAME/VERSION (or NAME/STAGE), or a logged model's id (models:/m-...)
+            ok = bool(path) and ("/" in path.strip("/") or path.startswith("m-"))
+        if not ok:
+            raise ValueError(f"{field} {v!r} names no model: give {forms}")
+    return uri
+
+
 class RankerArgs(_Strict):
     """The series ranker: which registered model, and how often to look for a new version."""
 
@@ -236,7 +265,14 @@ class RankerArgs(_Strict):
         "models:/keeper-ranker@champion",
         description="models:/NAME@ALIAS (followed), models:/NAME/VERSION, runs:/...; None: off",
     )
-    poll_s: float = Field(5.0, gt=0, description="how often the alias is re-resolved")
+    poll_s: float = Field(
+        5.0, gt=0, allow_inf_nan=False, description="how often the alias is re-resolved"
+    )
+
+    @field_validator("model_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        return check_model_uri(v, "ranker.model_uri")
 
 
 class VlmArgs(_Strict):
@@ -400,7 +436,16 @@ class ABArgs(_Strict):
     model_uri: str = Field(
         "models:/keeper-ranker@challenger", description="what ChallengerRanker follows"
     )
-    poll_s: float = Field(5.0, gt=0, description="how often the alias is re-resolved")
+    poll_s: float = Field(
+        5.0, gt=0, allow_inf_nan=False, description="how often the alias is re-resolved"
+    )
+
+    @field_validator("model_uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        uri = check_model_uri(v, "ab.model_uri", nullable=False)
+        assert uri is not None
+        return uri
 
     def ranker_args(self, champion: RankerArgs) -> RankerArgs:
         """The ChallengerRanker's arguments: the champion's, following ``model_uri``."""
@@ -515,6 +560,11 @@ class KeeperAppArgs(_Strict):
             raise ValueError("limits.max_image_bytes exceeds limits.max_request_bytes")
         if self.ab is not None and self.ranker.model_uri is None:
             raise ValueError("ab is set but ranker.model_uri is null: no champion to compare with")
+        if self.ab is not None and self.ab.model_uri == self.ranker.model_uri:
+            raise ValueError(
+                f"ab.model_uri is ranker.model_uri ({self.ab.model_uri}): both arms would serve "
+                "the same version, and the A/B would compare nothing"
+            )
         if self.review is not None and self.feedback is None:
             raise ValueError("review is set but feedback is null: decisions would go nowhere")
         # An event is an object of at most 6 members: 8 values with its braces and comma.

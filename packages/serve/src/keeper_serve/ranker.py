@@ -34,6 +34,7 @@ Two kinds of version load (``keeper_core.ranker.load_ranker``):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import tempfile
 import time
@@ -44,6 +45,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import ValidationError
 from ray import serve
 
 from keeper_core import registry
@@ -57,7 +59,7 @@ from keeper_core.ranker import SeriesRanker as CoreRanker
 from keeper_core.registry import ModelRef, resolve_model
 from keeper_core.torch_thread import TorchThread, pin_torch_threads
 from keeper_serve.api import RankerKind
-from keeper_serve.config import RankerArgs
+from keeper_serve.config import RankerArgs, describe
 from keeper_serve.encoder import torch_threads
 
 log = logging.getLogger("keeper.serve")
@@ -249,6 +251,9 @@ class SeriesRanker:
     #: further failure of the same version up to ``RETRY_MAX_S`` (module docstring).
     RETRY_MIN_S = 30.0
     RETRY_MAX_S = 600.0
+    #: True from the constructor until the first ``reconfigure``: Serve calls that one before
+    #: the replica takes any request, so a ``model_uri`` it gives is loaded before it returns.
+    _starting = False
 
     def __init__(
         self, ranker: RankerArgs, clip_model: str, tracking_uri: str | None, data_dir: str
@@ -272,6 +277,7 @@ class SeriesRanker:
         self._swap_lock = asyncio.Lock()
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._starting = True
         # The first load happens before the replica takes traffic (Serve runs the constructor on
         # the replica's event loop, which serves nothing until it returns); then the alias is
         # followed.
@@ -308,6 +314,10 @@ class SeriesRanker:
             if cur is not None and cur.ref.load_uri == ref.load_uri:
                 # The alias still names the version being served (runs:/ never moves): nothing
                 # is pending, so an earlier failure (a refused version, a registry hiccup) is over.
+                # The same version reached by another URI (following @champion, then pinned to
+                # its number) is not loaded again, but answers name what is followed now.
+                if cur.ref != ref:
+                    self.current = dataclasses.replace(cur, ref=ref)
                 self.error = None
                 return
             if failed is not None and time.monotonic() < failed.retry_at:
@@ -364,22 +374,33 @@ class SeriesRanker:
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """``{"model_uri": str | None, "poll_s": float}``, both optional.
 
-        Returns at once: a new URI is loaded in the background while the current version keeps
-        answering (Serve routes no requests to a replica while its reconfigure runs).
+        Validated as ``RankerArgs`` (a malformed URI, a ``poll_s`` that is not a finite number >
+        0: ValueError). On a running replica it returns at once: a new URI is loaded in the
+        background while the current version keeps answering (Serve routes no requests to a
+        replica while its reconfigure runs). The first call, which Serve makes before a new
+        replica takes any request, loads it before returning instead: a replica started under a
+        pinned ``model_uri`` never answers with the version its constructor's ``args`` named.
         """
         unknown = set(user_config) - {"model_uri", "poll_s"}
         if unknown:
             raise ValueError(f"SeriesRanker user_config: unknown keys {sorted(unknown)}")
-        if "poll_s" in user_config:
-            poll = float(user_config["poll_s"])
-            if not poll > 0:
-                raise ValueError(f"poll_s must be > 0, got {poll}")
-            self.poll_s = poll
-        if "model_uri" in user_config and user_config["model_uri"] != self.model_uri:
-            self.model_uri = user_config["model_uri"]
+        try:
+            new = RankerArgs(
+                model_uri=user_config.get("model_uri", self.model_uri),
+                poll_s=user_config.get("poll_s", self.poll_s),
+            )
+        except ValidationError as e:
+            raise ValueError(f"SeriesRanker user_config: {describe(e)}") from e
+        starting, self._starting = self._starting, False
+        self.poll_s = new.poll_s
+        if new.model_uri != self.model_uri:
+            self.model_uri = new.model_uri
             self._failed = None  # a new URI: whatever it names is tried at once
-            self._background.add(asyncio.get_running_loop().create_task(self._refresh()))
-            self._background = {t for t in self._background if not t.done()}
+            if starting:
+                await self._refresh()
+            else:
+                self._background.add(asyncio.get_running_loop().create_task(self._refresh()))
+                self._background = {t for t in self._background if not t.done()}
         self._ensure_poller()
 
     async def _refresh(self) -> None:
