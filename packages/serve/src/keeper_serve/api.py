@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import json
 import math
@@ -825,9 +826,16 @@ class FeedbackResponse(BaseModel):
 
 
 def client_key(value: str | None) -> str | None:
-    """The ``X-Keeper-Client`` header's value (None: not given); 400 past 256 characters."""
+    """The ``X-Keeper-Client`` header's value (None: not given); 400 past 256 characters.
+
+    HTTP carries a header as bytes and Starlette hands them over decoded as latin-1: a UTF-8
+    id ("José", a CJK name) is decoded as UTF-8 again here, so the offers record it, the A/B
+    hashes it and the limit counts its characters as the client sent them.
+    """
     if value is None:
         return None
+    with contextlib.suppress(UnicodeError):  # not UTF-8 bytes (or already text): as it came
+        value = value.encode("latin-1").decode("utf-8")
     value = value.strip()
     if len(value) > MAX_CLIENT_CHARS:
         raise ApiError(

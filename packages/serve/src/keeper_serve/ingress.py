@@ -798,12 +798,23 @@ class KeeperIngress:
     ) -> tuple[dict[str, Any], Arm | None]:
         """:meth:`_rank` by the arm's deployment, and the arm that answered.
 
-        A challenger that answers "unavailable" (no alias, a refused load) hands the request to
-        the champion, which answers as the champion: logged, counted in ``keeper_ab_fallbacks``,
-        and the returned arm says so, so the offers never credit the challenger with it.
+        A challenger that answers "unavailable" (no alias, a refused load) or fails (its replica
+        lost, its queue full, an error while it ranks) hands the request to the champion, which
+        answers as the champion: logged, counted in ``keeper_ab_fallbacks``, and the returned arm
+        says so, so the offers never credit the challenger with it. An experiment's arm never
+        turns its clients' requests into errors the champion would have answered. The encoder's
+        embeddings a head challenger needs are taken first: an encoder failure is no
+        challenger's, and fails the request as it would without an A/B.
         """
         if arm == "challenger":
-            out = await self._rank(self._handle(arm), prepared, lengths, embeddings)
+            handle = self._handle(arm)
+            if embeddings is None and not self._tuned(handle):
+                embeddings = await self._embed(prepared)  # the champion reuses them
+            try:
+                out = await self._rank(handle, prepared, lengths, embeddings)
+            except Exception as e:  # not CancelledError (a BaseException): the client went away
+                log.debug("A/B: the challenger failed", exc_info=True)
+                out = {"unavailable": f"the challenger failed: {brief(e)}"}
             if "unavailable" not in out:
                 self._fallback_reason = None  # a later failure is logged again
                 return out, arm
