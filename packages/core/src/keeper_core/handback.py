@@ -18,14 +18,17 @@ sidecar whose content would not change is not rewritten, so re-runs leave its mt
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
+import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +67,8 @@ _OWN_KEY = re.compile(rf"^Xmp\.{KEEPER_PREFIX}\.[^/\[]+$")
 # exiv2 keeps process-global state (the XMP toolkit's namespace registry, pyexiv2's error log):
 # one sidecar at a time per process.
 _EXIV2_LOCK = threading.Lock()
+# exiv2 reaches its own layout of a packet within two rewrites; one more is a margin.
+_FIXED_POINT_PASSES = 3
 
 #: An XMP value as pyexiv2 reads it: text, an array's items, or a language alternative's
 #: ``{'lang="x-default"': text}``.
@@ -224,7 +229,10 @@ def plan_sidecars(
 
     by_sidecar: dict[str, list[int]] = {}
     for i, sidecar in enumerate(sidecars):
-        by_sidecar.setdefault(storage.same_key(sidecar).casefold(), []).append(i)
+        # NFC: macOS stores names decomposed (NFD), other tools composed; APFS and HFS+ take
+        # both spellings for one file, as case-insensitive disks take both cases.
+        key = unicodedata.normalize("NFC", storage.same_key(sidecar)).casefold()
+        by_sidecar.setdefault(key, []).append(i)
 
     def owner_order(i: int) -> tuple[bool, str, str]:
         return (not _is_raw(image_uris[i]), names[i].casefold(), image_uris[i])
@@ -334,7 +342,9 @@ def write_sidecar(
     darktable history, camera EXIF). keeper owns ``xmp:Rating``, ``xmp:Label`` and its own
     namespace: ``label=None`` removes ``xmp:Label``, and keeper fields not in ``keeper_fields``
     are removed, so the sidecar says what this run decided whatever an earlier run wrote.
-    Writing the same values again leaves the file as it is (same bytes, same mtime).
+    Writing the same values again leaves the file as it is (same bytes, same mtime). A local
+    sidecar that is a symlink is written through to its target; a rewritten one keeps its
+    permissions (and, run as root, its owner); a read-only one is refused.
 
     Args:
         sidecar_uri: a local path or ``s3://`` URI ending in ``.xmp``.
@@ -350,8 +360,8 @@ def write_sidecar(
     Raises:
         ConfigError: a rating outside -1..5, a bad label, field name or value, or a URI that
             does not end in ``.xmp``.
-        DataError: a file is at ``sidecar_uri`` that is not XMP exiv2 can parse (it is left
-            untouched).
+        DataError: a file is at ``sidecar_uri`` that is not XMP exiv2 can parse, is read-only,
+            is not a regular file or is a dangling symlink (it is left untouched).
         StorageError: reading or writing the sidecar failed.
     """
     if not sidecar_uri.lower().endswith(".xmp"):
@@ -367,20 +377,66 @@ def write_sidecar(
             raise ConfigError(f"keeper field name {name!r} is not an XML name ([A-Za-z_][\\w-]*)")
         _check_text(f"keeper field {name!r}", value)
 
-    old = storage.read_bytes(sidecar_uri) if storage.exists(sidecar_uri) else b""
+    target, st = _local_target(sidecar_uri)
+    old = storage.read_bytes(target) if storage.exists(target) else b""
     pyexiv2 = _exiv2()
     with _EXIV2_LOCK:
         new = _merged(
             pyexiv2, old if old.strip() else _EMPTY_PACKET, sidecar_uri, rating, label, own
         )
-        if not old.strip():
-            # exiv2 lays a packet it created out differently the second time it writes it: one
-            # more pass reaches the fixed point, so the next run finds the same bytes.
-            new = _merged(pyexiv2, new, sidecar_uri, rating, label, own)
+        # exiv2 lays out a packet it rewrote (one it created, or one another tool wrote with
+        # properties as elements, like darktable's) differently the next time it writes it:
+        # more passes reach the fixed point, so the next run finds the same bytes and leaves
+        # the file (and its mtime) alone.
+        for _ in range(_FIXED_POINT_PASSES):
+            if new == old:
+                break
+            again = _merged(pyexiv2, new, sidecar_uri, rating, label, own)
+            if again == new:
+                break
+            new = again
     if new == old:
         return False
-    storage.write_bytes(sidecar_uri, new, durable=durable)
+    storage.write_bytes(target, new, durable=durable)
+    if st is not None:
+        _restore_owner_and_mode(target, st)
     return True
+
+
+def _local_target(sidecar_uri: str) -> tuple[str, os.stat_result | None]:
+    """The file to write for ``sidecar_uri`` and the stat of a local sidecar already there.
+
+    A symlinked sidecar is written through to its target (replacing the link by a file would
+    leave the linked copy stale); a read-only one or a dangling link is refused.
+    """
+    if storage.is_s3(sidecar_uri):
+        return sidecar_uri, None
+    path = _local(sidecar_uri)
+    try:
+        if path.is_symlink():
+            if not path.exists():
+                raise DataError("a dangling symlink; left as it is", source=sidecar_uri)
+            path = Path(os.path.realpath(path))
+        if not path.exists():
+            return sidecar_uri, None
+        st = path.stat()
+    except OSError as e:
+        raise StorageError(sidecar_uri, f"cannot inspect the sidecar: {e}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError("not a regular file; left as it is", source=sidecar_uri)
+    if not st.st_mode & stat.S_IWUSR:
+        raise DataError("read-only (its owner cannot write it); left as it is", source=sidecar_uri)
+    return str(path), st
+
+
+def _restore_owner_and_mode(path: str, st: os.stat_result) -> None:
+    """Give a rewritten sidecar the permissions (and, where allowed, the owner) it had."""
+    with contextlib.suppress(OSError):
+        os.chown(path, st.st_uid, st.st_gid)  # only root may: elsewhere the writer owns it
+    try:
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+    except OSError as e:
+        raise StorageError(path, f"written, but its permissions not restored: {e}") from e
 
 
 def _merged(
@@ -458,9 +514,12 @@ def _copy_local(src: Path, dst: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        shutil.copy2(src, tmp)  # with the original's mtime: tools sort by it
+        shutil.copyfile(src, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # The original's mode and mtime (tools sort by it) only now: a read-only original's
+        # mode would make the copy unopenable for the fsync.
+        shutil.copystat(src, tmp)
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
