@@ -175,18 +175,25 @@ def dedup_in_order(
     """
     thr = threshold - _COS_SLACK
     kept: list[int] = []
+    kept_inv: list[np.float32] = []  # 1 / norm of each kept row
     dup_of: dict[int, int] = {}
     done = 0
     while done < len(order) and (limit is None or len(kept) < limit):
         idx = order[done : done + DEDUP_BLOCK]
+        # Rows are unit vectors only within check_embeddings' tolerance (1e-3): a row of norm
+        # 0.9995 has x @ x = 0.999, so dot products are not cosines and dedup_threshold=1.0
+        # would miss exact duplicates. Compare true cosines: rescale each row to unit norm.
         x = emb[idx]
+        inv = (1.0 / np.sqrt(np.einsum("ij,ij->i", x, x))).astype(x.dtype)
+        x = x * inv[:, None]
         # Most similar image kept in earlier blocks, per candidate.
         best = np.full(len(idx), -np.inf, dtype=np.float32)
         arg = np.full(len(idx), -1, dtype=np.int64)
         kept_arr = np.asarray(kept, dtype=np.int64)
+        kept_inv_arr = np.asarray(kept_inv, dtype=x.dtype)
         for c in range(0, len(kept_arr), DEDUP_CHUNK):
             ks = kept_arr[c : c + DEDUP_CHUNK]
-            sims = x @ emb[ks].T
+            sims = x @ (emb[ks] * kept_inv_arr[c : c + DEDUP_CHUNK, None]).T
             j = sims.argmax(axis=1)
             m = sims[np.arange(len(idx)), j]
             better = m > best
@@ -208,5 +215,6 @@ def dedup_in_order(
                 dup_of[int(idx[i])] = int(arg[i])
             else:
                 kept.append(int(idx[i]))
+                kept_inv.append(inv[i])
                 kept_here.append(i)
     return kept, dup_of, done
