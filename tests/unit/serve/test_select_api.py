@@ -365,3 +365,31 @@ def test_a_corpus_of_another_model_fails_the_replica(
     corpus_table(tmp_path, 2, spec="ViT-B-32:laion2b_s34b_b79k")
     with pytest.raises(ConfigError, match="embedded with ViT-B-32"):
         client_with(FakeVlm(), str(tmp_path))
+
+
+def test_a_siglip_style_encoder_is_refused_as_keeper_select_refuses_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model scoring with a logit bias: /v1/select's calibration is CLIP's (409, not wrong
+    probabilities), and the server keeps serving."""
+
+    class SiglipEncoder(FakeEncoder):
+        info = Remote(
+            lambda: {
+                "spec": "ViT-B-16-SigLIP:random",
+                "embed_dim": DIM,
+                "image_size": 64,
+                "random_weights": True,
+                "logit_scale": 10.0,
+                "logit_bias": True,
+            }
+        )
+
+    with ingress_clients(monkeypatch, TOKEN) as make:
+        args = KeeperAppArgs(clip_model=SPEC, limits=LIMITS)
+        client = make(SiglipEncoder(), FakeRanker(), FakeVlm(), args)
+        r = client.post("/v1/select", json=body([photo(1), photo(2)]), headers=AUTH)
+        assert r.status_code == 409, r.text
+        assert r.json()["error"]["code"] == "unsupported_model"
+        assert "logit bias" in r.json()["error"]["message"]
+        assert client.get("/healthz").status_code == 200
