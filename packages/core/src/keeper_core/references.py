@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from keeper_core import storage
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
-from keeper_core.errors import DataError, StorageError
+from keeper_core.errors import DataError, ModelLoadError, StorageError
+from keeper_core.models import check_weights, table_weights
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.scoring import AestheticConfig, PromptEmbeddings, aesthetic_scores
 
@@ -182,6 +183,8 @@ class ReferenceCollection:
         """The ``k`` members most similar to a (D,) unit vector: (rows, cosines), best first.
 
         Exact search: a collection is a portfolio (thousands of images, a few MB), not a corpus.
+        Equal cosines (the same photo twice) are ordered by row, so which of them make the top
+        ``k`` never depends on the selection algorithm; ``k`` < 1 answers none.
 
         Raises:
             DataError: a vector of another dimension.
@@ -193,9 +196,15 @@ class ReferenceCollection:
                 f"{self.embeddings.shape[1]}-d embeddings"
             )
         sims = self.embeddings @ q
-        k = min(k, len(sims))
-        top = np.argpartition(-sims, k - 1)[:k]
-        top = top[np.argsort(-sims[top], kind="stable")]
+        k = max(0, min(k, len(sims)))
+        if k == 0:
+            return np.zeros(0, np.int64), sims[:0]
+        # argpartition picks an arbitrary subset of members tied at the k-th cosine: take every
+        # member at least that close, then order by (cosine desc, row asc) and cut at k.
+        kth = sims[np.argpartition(-sims, k - 1)[k - 1]]
+        cand = np.flatnonzero(sims >= kth) if np.isfinite(kth) else np.arange(len(sims))
+        order = np.lexsort((cand, -sims[cand]))[:k]
+        top = cand[order]
         return top, sims[top]
 
 
@@ -210,8 +219,12 @@ def load_collection(root: str, name: str, *, model_spec: str | None = None) -> R
     Raises:
         DataError: no such collection, a malformed reference.json or table, members embedded
             with another model spec than ``model_spec`` (similarities across specs mean
-            nothing), or a collection without members.
-        StorageError: a file could not be read.
+            nothing) or with a checkpoint since replaced at that spec's path (the weights
+            version the table's ``_KEEPER_TABLE.json`` records), or a collection without
+            members.
+        StorageError: a file could not be read, the spec's checkpoint could not be reached to
+            check its version, or the table does not hold the members reference.json counts
+            (an add writing into it, or one interrupted: worth trying again later).
     """
     uri = meta_uri(root, name)
     try:
@@ -229,13 +242,38 @@ def load_collection(root: str, name: str, *, model_spec: str | None = None) -> R
             f"embedded with {model_spec}: add it again with that model",
             source=uri,
         )
-    folder = storage.join(collection_uri(root, name), EMBEDDINGS)
+    table_uri = collection_uri(root, name)
+    if model_spec is not None:
+        # The same spec string with a checkpoint replaced at its path: the members' vectors are
+        # another model's (keeper embed records the weights it used, as for /v1/search).
+        try:
+            check_weights(model_spec, table_weights(table_uri), table_uri)
+        except ModelLoadError as e:
+            raise StorageError(table_uri, f"cannot check the weights: {e}", retryable=True) from e
+    folder = storage.join(table_uri, EMBEDDINGS)
     t = storage.read_parquet(folder)
     missing = sorted({"image_id", "image_uri", "model_spec", "embedding"} - set(t.column_names))
     if missing:
         raise DataError(f"collection {name!r}: its table lacks {missing}", source=folder)
     if not t.num_rows:
         raise DataError(f"collection {name!r} has no members", source=folder)
+    # keeper embed keeps one row per image; an add in progress can hold a row twice (a retried
+    # write, until its end dedupes): the first part by name keeps it, as embed's dedupe does.
+    uris = [str(x) for x in t.column("image_uri").to_pylist()]
+    first: dict[str, int] = {}
+    for i, u in enumerate(uris):
+        first.setdefault(u, i)
+    if len(first) != len(uris):
+        t = t.take(np.fromiter(first.values(), np.int64, len(first)))
+    if t.num_rows != meta.images:
+        # Rows reference.json does not count: an add is writing into the table (or was
+        # interrupted); serving them would answer for a collection no reference.json describes.
+        raise StorageError(
+            folder,
+            f"collection {name!r}: the table holds {t.num_rows} images, its reference.json "
+            f"{meta.images}: an add is in progress or was interrupted (run it again)",
+            retryable=True,
+        )
     specs = set(pc.unique(t.column("model_spec")).to_pylist())
     if specs != {meta.model_spec}:
         raise DataError(
@@ -244,7 +282,7 @@ def load_collection(root: str, name: str, *, model_spec: str | None = None) -> R
             source=folder,
         )
     emb = embedding_matrix(t, source=folder)
-    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # in place: one copy
     features = {}
     for f in FEATURE_NAMES:
         if f in t.column_names:
@@ -259,7 +297,7 @@ def load_collection(root: str, name: str, *, model_spec: str | None = None) -> R
         version=hashlib.sha256(raw).hexdigest(),
         image_id=[str(x) for x in t.column("image_id").to_pylist()],
         image_uri=[str(x) for x in t.column("image_uri").to_pylist()],
-        embeddings=emb / np.maximum(norms, 1e-12),
+        embeddings=emb,
         features=features,
     )
 

@@ -200,6 +200,8 @@ class ReferenceCollections:
         self._last_error: str | None = None
         self._swaps = 0
         self._profiles: OrderedDict[tuple[str, str, str], ReferenceProfile] = OrderedDict()
+        # The poll thread prunes _profiles while requests use it on the event loop.
+        self._profiles_lock = threading.Lock()
         self._building: dict[tuple[str, str, str], asyncio.Future[ReferenceProfile]] = {}
         self._stop = threading.Event()
         log.info(
@@ -237,7 +239,19 @@ class ReferenceCollections:
         if changed or new.refused != before.refused or new.stale != before.stale:
             self._state = new  # one reference: a request holds the set it started with
             self._swaps += changed
+        if changed:  # a replaced or removed collection's profiles hold its old rows: drop them
+            self._prune_profiles()
         return changed
+
+    def _prune_profiles(self) -> None:
+        """Drop the profiles of collection versions no longer loaded (and the oldest beyond
+        the cache's size): each holds its collection, every member's embedding."""
+        current = {(n, c.version) for n, c in self._state.loaded.items()}
+        with self._profiles_lock:
+            for old in [k for k in self._profiles if k[:2] not in current]:
+                del self._profiles[old]
+            while len(self._profiles) > _PROFILE_CACHE:
+                self._profiles.popitem(last=False)
 
     def _collection(self, name: str) -> ReferenceCollection:
         state = self._state
@@ -252,9 +266,11 @@ class ReferenceCollections:
         self, c: ReferenceCollection, prompt_emb: Mapping[str, np.ndarray]
     ) -> ReferenceProfile:
         key = (c.meta.name, c.version, prompts_fingerprint(prompt_emb))
-        if key in self._profiles:
-            self._profiles.move_to_end(key)
-            return self._profiles[key]
+        with self._profiles_lock:
+            cached = self._profiles.get(key)
+            if cached is not None:
+                self._profiles.move_to_end(key)
+                return cached
         task = self._building.get(key)
         if task is None:  # the first request builds it; any meanwhile wait for the same build
             task = asyncio.ensure_future(
@@ -269,13 +285,9 @@ class ReferenceCollections:
         del self._building[key]
         if task.cancelled() or task.exception() is not None:  # its waiters got the error
             return
-        self._profiles[key] = task.result()
-        # A replaced or removed collection's profiles hold its old rows: drop them.
-        current = {(n, c.version) for n, c in self._state.loaded.items()}
-        for old in [k for k in self._profiles if k[:2] not in current]:
-            del self._profiles[old]
-        while len(self._profiles) > _PROFILE_CACHE:
-            self._profiles.popitem(last=False)
+        with self._profiles_lock:
+            self._profiles[key] = task.result()
+        self._prune_profiles()  # a collection replaced during the build: its profile goes
 
     async def compare(
         self,
