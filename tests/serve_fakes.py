@@ -74,3 +74,38 @@ def ingress_clients(monkeypatch: pytest.MonkeyPatch, token: str) -> Iterator[Cal
     finally:
         for c in clients:
             c.__exit__(None, None, None)
+
+
+class Inline:
+    """Stands in for a replica's TorchThread: runs the call here."""
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+
+def bare_ranker(clip_model: str, tracking_uri: str, model_uri: str) -> Any:
+    """A ``SeriesRanker`` replica's state as its constructor leaves it before the first load,
+    without Ray (the deployment's class, not a Serve deployment)."""
+    import asyncio
+
+    import torch
+
+    from keeper_serve import ranker
+
+    obj = ranker.SeriesRanker.func_or_class.__new__(ranker.SeriesRanker.func_or_class)
+    obj.device = torch.device("cpu")
+    obj._torch = Inline()
+    obj.clip_model = clip_model
+    obj.tracking_uri = tracking_uri
+    obj.model_uri = model_uri
+    obj.poll_s = 3600.0
+    obj.current = None
+    obj.error = None
+    obj._failed = None
+    obj._poller = None
+    obj._background = set()
+    obj._swap_lock = asyncio.Lock()
+    return obj

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from serve_fakes import bare_ranker
 
 from keeper_core import registry
 from keeper_core.heads import HeadConfig
@@ -26,7 +27,6 @@ from keeper_serve import ranker as serve_ranker
 
 SPEC = "keeper-tiny:random"
 URI = "models:/keeper-ranker@champion"
-Deployment: Any = serve_ranker.SeriesRanker.func_or_class
 
 
 class Registry:
@@ -62,13 +62,6 @@ class Registry:
         return Path(shutil.copytree(self.versions[ref.version], Path(dst) / "ranker"))
 
 
-class Inline:
-    """Stands in for the replica's TorchThread: runs the call here."""
-
-    def call(self, fn: Any, *args: Any) -> Any:
-        return fn(*args)
-
-
 @pytest.fixture
 def reg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
     r = Registry(tmp_path)
@@ -79,19 +72,7 @@ def reg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Registry:
 
 def replica(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The deployment's state as its constructor leaves it, before the first refresh."""
-    obj = Deployment.__new__(Deployment)
-    obj.device = torch.device("cpu")
-    obj._torch = Inline()
-    obj.clip_model = SPEC
-    obj.tracking_uri = "unused"
-    obj.model_uri = URI
-    obj.poll_s = 3600.0
-    obj.current = None
-    obj.error = None
-    obj._failed = None
-    obj._poller = None
-    obj._background = set()
-    obj._swap_lock = asyncio.Lock()
+    obj = bare_ranker(SPEC, "unused", URI)
     monkeypatch.setattr(obj, "_client", lambda: object())
     return obj
 

@@ -14,18 +14,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import yaml
+from serve_fakes import bare_ranker
 
 from keeper_core.heads import HeadConfig
 from keeper_core.ranker import ARTIFACT_KEY, RankerConfig
 from keeper_core.ranker import SeriesRanker as CoreRanker
-from keeper_serve import ranker as serve_ranker
 
 SPEC = "keeper-tiny:random"
 NAME = "keeper-ranker"
 DIM = 8
-Deployment: Any = serve_ranker.SeriesRanker.func_or_class
 
 
 @pytest.fixture(scope="module")
@@ -75,31 +73,9 @@ def reg(empty_db: Path, tmp_path: Path) -> Registry:
     return Registry(db, tmp_path)
 
 
-class Inline:
-    """Stands in for the replica's TorchThread: runs the call here."""
-
-    def call(self, fn: Any, *args: Any) -> Any:
-        return fn(*args)
-
-    async def run(self, fn: Any, *args: Any) -> Any:
-        return fn(*args)
-
-
 def start(reg: Registry, model_uri: str) -> Any:
     """A replica as its constructor leaves it (its first load done), without Ray."""
-    obj = Deployment.__new__(Deployment)
-    obj.device = torch.device("cpu")
-    obj._torch = Inline()
-    obj.clip_model = SPEC
-    obj.tracking_uri = reg.uri
-    obj.model_uri = model_uri
-    obj.poll_s = 3600.0
-    obj.current = None
-    obj.error = None
-    obj._failed = None
-    obj._poller = None
-    obj._background = set()
-    obj._swap_lock = asyncio.Lock()
+    obj = bare_ranker(SPEC, reg.uri, model_uri)
     obj._starting = True
     obj._refresh_sync()
     return obj
