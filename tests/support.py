@@ -304,29 +304,39 @@ def write_embed_table(
     return out
 
 
-def write_unit_parts(dst: str, sizes: list[int], *, offset: int = 0, dim: int = 64) -> None:
-    """Parts under ``dst/embeddings`` as keeper embed writes them (its own ``write_batch``): part
-    ``p`` (from ``offset``) holds ``sizes[p]`` unit rows of random directions, URIs
-    ``s3://photos/{p}/{i}.jpg``."""
+def write_unit_rows(
+    dst: str, uris: list[str], ids: list[str], *, dim: int = 64, rng: Any = None
+) -> None:
+    """One part under ``dst/embeddings`` as keeper embed writes it (its own ``write_batch``):
+    a unit row of random direction per URI, random sizes (64-4000 px) and quality features."""
     import numpy as np
 
     from keeper_core import storage
     from keeper_core.quality import FEATURE_NAMES
     from keeper_train.jobs.embed import write_batch
 
+    rng = rng if rng is not None else np.random.default_rng(0)
+    n = len(uris)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    batch: dict[str, Any] = {
+        "image_uri": np.array(uris, dtype=object),
+        "image_id": np.array(ids, dtype=object),
+        "embedding": emb,
+        "t_decode": np.zeros(n),
+        "t_embed": np.zeros(n),
+    }
+    for name in FEATURE_NAMES:
+        batch[name] = rng.integers(64, 4000, n) if name in ("width", "height") else rng.random(n)
+    write_batch(batch, spec="keeper-tiny:random", embeddings_dir=storage.join(dst, "embeddings"))
+
+
+def write_unit_parts(dst: str, sizes: list[int], *, offset: int = 0, dim: int = 64) -> None:
+    """Parts under ``dst/embeddings`` (:func:`write_unit_rows`): part ``p`` (from ``offset``)
+    holds ``sizes[p]`` rows, URIs ``s3://photos/{p}/{i}.jpg``."""
+    import numpy as np
+
     rng = np.random.default_rng(offset)
     for p, n in enumerate(sizes, start=offset):
-        emb = rng.normal(size=(n, dim)).astype(np.float32)
-        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-        batch: dict[str, Any] = {
-            "image_uri": np.array([f"s3://photos/{p}/{i}.jpg" for i in range(n)], dtype=object),
-            "image_id": np.array([f"{p:04x}{i:04x}" for i in range(n)], dtype=object),
-            "embedding": emb,
-            "t_decode": np.zeros(n),
-            "t_embed": np.zeros(n),
-        }
-        for name in FEATURE_NAMES:
-            batch[name] = rng.integers(1, 4000, n) if name in ("width", "height") else rng.random(n)
-        write_batch(
-            batch, spec="keeper-tiny:random", embeddings_dir=storage.join(dst, "embeddings")
-        )
+        uris = [f"s3://photos/{p}/{i}.jpg" for i in range(n)]
+        write_unit_rows(dst, uris, [f"{p:04x}{i:04x}" for i in range(n)], dim=dim, rng=rng)

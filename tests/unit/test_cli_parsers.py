@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import pytest
+from support import write_unit_rows
 
-from keeper_core import storage
 from keeper_core.cli import build_parser, main
 from keeper_core.errors import DataError
-from keeper_core.quality import FEATURE_NAMES
 from keeper_core.vector_index import VectorIndex
 
 
@@ -89,26 +87,6 @@ def test_overrides_after_the_flags_reach_the_config(capsys: pytest.CaptureFixtur
 # ------------------------------------------------------------------ a binary index.json
 
 
-def _table(dst: Path, n: int = 4) -> None:
-    from keeper_train.jobs.embed import write_batch
-
-    rng = np.random.default_rng(0)
-    emb = rng.normal(size=(n, 16)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    batch = {
-        "image_uri": np.array([f"/photos/{i}.jpg" for i in range(n)], dtype=object),
-        "image_id": np.array([f"id-{i}" for i in range(n)], dtype=object),
-        "embedding": emb,
-        "t_decode": np.zeros(n),
-        "t_embed": np.zeros(n),
-    }
-    for name in FEATURE_NAMES:
-        batch[name] = rng.integers(1, 4000, n) if name in ("width", "height") else rng.random(n)
-    write_batch(
-        batch, spec="keeper-tiny:random", embeddings_dir=storage.join(str(dst), "embeddings")
-    )
-
-
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00", b"\x89PNG\r\n\x1a\n\x00\x00", b"{not json"])
 def test_an_index_json_that_is_not_json_is_a_data_error(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "index.json").write_bytes(content)
@@ -120,7 +98,11 @@ def test_an_index_json_that_is_not_json_is_a_data_error(tmp_path: Path, content:
 def test_keeper_dedup_with_a_binary_index_json_exits_2_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _table(tmp_path / "table")
+    n = 4
+    table = str(tmp_path / "table")
+    write_unit_rows(
+        table, [f"/photos/{i}.jpg" for i in range(n)], [f"id-{i}" for i in range(n)], dim=16
+    )
     index = tmp_path / "index"
     index.mkdir()
     (index / "index.json").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00")

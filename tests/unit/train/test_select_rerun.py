@@ -8,31 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from support import write_unit_rows
 
 from keeper_core.errors import ConfigError
-from keeper_core.quality import FEATURE_NAMES
 from keeper_train.jobs import select as S
-from keeper_train.jobs.embed import write_batch
-
-SPEC = "keeper-tiny:random"
-
-
-def _table(dst: Path, n: int = 30) -> None:
-    rng = np.random.default_rng(0)
-    emb = rng.normal(size=(n, 64)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    batch = {
-        "image_uri": np.array([str(dst / f"missing/{i}.jpg") for i in range(n)], dtype=object),
-        "image_id": np.array([f"{i:032x}" for i in range(n)], dtype=object),
-        "embedding": emb,
-        "t_decode": np.zeros(n),
-        "t_embed": np.zeros(n),
-    }
-    for name in FEATURE_NAMES:
-        batch[name] = rng.integers(64, 4000, n) if name in ("width", "height") else rng.random(n)
-    write_batch(batch, spec=SPEC, embeddings_dir=str(dst / "embeddings"))
 
 
 def _no_ray(p: S.Plan) -> S.Judged:
@@ -54,7 +34,9 @@ def _cfg(tmp_path: Path, names: list[str]) -> S.SelectJobConfig:
 def test_select_rerun_with_other_queries_is_refused_not_mixed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _table(tmp_path / "table")
+    n, table = 30, tmp_path / "table"
+    uris = [str(table / f"missing/{i}.jpg") for i in range(n)]
+    write_unit_rows(str(table), uris, [f"{i:032x}" for i in range(n)])
     monkeypatch.setattr(S, "judge_survivors", _no_ray)
     out = tmp_path / "out"
     first = S.run(_cfg(tmp_path, ["beach", "dogs"]))
