@@ -196,10 +196,11 @@ class PartLog:
             FeedbackBackpressure: accepting them would leave over ``max_pending`` rows unwritten.
             DataError: a row does not fit the log's schema (nothing of ``rows`` is buffered).
         """
-        self._refuse_past_max_pending(len(rows))  # before converting rows it would refuse
+        with self._lock:  # before converting rows it would refuse
+            self._refuse_past_max_pending(len(rows))
         table, ids = self._table(rows)  # before the lock: converting is the slow part
         with self._lock:
-            self._refuse_past_max_pending(len(rows), locked=True)
+            self._refuse_past_max_pending(len(rows))
             now = datetime.now(UTC)  # under the lock: seq and received_at rise together
             if self._last_at is not None and now < self._last_at:
                 now = self._last_at
@@ -230,16 +231,14 @@ class PartLog:
         with self._lock:
             return Receipt(len(rows), self._durable_seq >= last, self._buffered, self.last_error)
 
-    def _refuse_past_max_pending(self, n: int, *, locked: bool = False) -> None:
-        if not locked:
-            with self._lock:
-                return self._refuse_past_max_pending(n, locked=True)
+    def _refuse_past_max_pending(self, n: int) -> None:
+        """Raise FeedbackBackpressure if ``n`` more rows would pass ``max_pending`` (the caller
+        holds ``_lock``)."""
         if self._buffered + n > self.max_pending:
             raise FeedbackBackpressure(
                 f"{self._buffered} rows of {self.root} are not written yet "
                 f"(last error: {self.last_error}); retry later"
             )
-        return None
 
     def _due(self) -> bool:
         with self._lock:
