@@ -393,3 +393,27 @@ def test_a_siglip_style_encoder_is_refused_as_keeper_select_refuses_it(
         assert r.json()["error"]["code"] == "unsupported_model"
         assert "logit bias" in r.json()["error"]["message"]
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_huge_corpus_file_is_refused_without_being_read_whole(
+    client_with: Callable[..., Any], tmp_path: Path
+) -> None:
+    import tracemalloc
+
+    ids = corpus_table(tmp_path, 4)
+    client = client_with(FakeVlm(), str(tmp_path))
+    huge = LIMITS.max_image_bytes + (64 << 20)
+    with (tmp_path / "p2.png").open("r+b") as f:  # a sparse file: no disk, all the bytes
+        f.truncate(huge)
+    body = {"positive": ["a red scene"], "ids": ids, "top_n": 4, "top_k": 2}
+    body["dedup_threshold"] = None
+    tracemalloc.start()
+    try:
+        r = client.post("/v1/select", json=body, headers=AUTH)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 200, r.text
+    records = {c["index"]: c for c in r.json()["candidates"]}
+    assert records[2]["reason"].startswith("vlm_failed: corpus image")
+    assert peak < LIMITS.max_image_bytes + (16 << 20)  # not the file

@@ -927,11 +927,13 @@ class KeeperIngress:
         """Candidate i -> corpus row ``rows[i]``'s image, read and decoded as a request's are."""
         assert self.corpus is not None
         uris, side = self.corpus.image_uri, self.args.vlm.max_image_side
+        cap = self.args.limits.max_image_bytes  # as a request's image: never read whole past it
 
         def view(i: int) -> np.ndarray:
             uri = uris[int(rows[i])]
             try:
-                data = storage.read_bytes(uri)  # the server's own table: not a client's URI
+                # the server's own table: not a client's URI
+                data = storage.read_bytes(uri, max_bytes=cap)
             except StorageError as e:
                 log.warning("/v1/select: corpus image %s is unreadable: %s", uri, e.cause)
                 raise KeeperError(
