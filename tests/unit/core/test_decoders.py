@@ -43,6 +43,7 @@ from test_images import (
 )
 
 from keeper_core import decoders
+from keeper_core.color import ADOBE_RGB, DISPLAY_P3, rgb_profile
 from keeper_core.decoders import (
     DECODERS,
     Decoder,
@@ -175,6 +176,11 @@ GOOD: dict[str, Callable[[], bytes | RawPreview]] = {
     "tiff": lambda: encode(noise(40, 30), "TIFF"),
     "bmp": lambda: encode(noise(40, 30), "BMP"),
     "png_16bit": lambda: encode(Image.fromarray(np.full((20, 30), 40000, np.uint16)), "PNG"),
+    # colour-managed (converted to sRGB) by the reference: every backend hands these to it
+    "jpeg_display_p3": lambda: encode(noise(97, 65), "JPEG", icc_profile=rgb_profile(DISPLAY_P3)),
+    "jpeg_adobe_rgb_orientation_6": lambda: with_orientation(
+        noise(64, 48), 6, icc_profile=rgb_profile(ADOBE_RGB)
+    ),
 }
 
 BAD: dict[str, tuple[Callable[[], bytes], str]] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -546,6 +547,25 @@ def test_check_table_meta_refuses_a_replaced_checkpoint(tmp_path: Path) -> None:
     check_table_meta(str(old), spec, embed_dim=64)
     check_table_meta(str(old), spec, embed_dim=64, weights="sha256:bb")
     assert "weights_version" not in json.loads((old / "_KEEPER_TABLE.json").read_text())
+
+
+def test_a_table_from_before_colour_management_is_named_when_added_to(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    new = tmp_path / "new"
+    check_table_meta(str(new), SPEC, embed_dim=64)
+    assert json.loads((new / "_KEEPER_TABLE.json").read_text())["color"] == "srgb"
+    old = tmp_path / "old"
+    old.mkdir()
+    record = {"model_spec": SPEC, "embed_dim": 64, "format": 1, "created": "2026-11-01T00:00:00"}
+    (old / "_KEEPER_TABLE.json").write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="keeper.embed"):
+        check_table_meta(str(new), SPEC, embed_dim=64)
+        check_table_meta(str(old), SPEC, embed_dim=64, record=False)  # plan: said once, later
+        assert caplog.text == ""
+        check_table_meta(str(old), SPEC, embed_dim=64)
+    assert "unconverted pixels" in caplog.text
+    assert str(old) in caplog.text
 
 
 def counts(**over: int) -> dict[str, int]:

@@ -34,6 +34,8 @@ report how much of its input took the slow path:
     ``format:PNG`` (any non-JPEG, by magic bytes; ``format:unknown`` for no signature)
     ``mode:CMYK`` (CMYK/YCCK JPEGs: PIL's Adobe-inverted CMYK is the reference conversion)
     ``process:SOF9/8bit`` (arithmetic, lossless, hierarchical or 12-bit JPEGs)
+    ``icc`` (an ICC profile of an RGB space other than sRGB: Display P3, Adobe RGB, ...; the
+        reference converts the pixels to sRGB, ``keeper_core.color``)
     ``turbo_refused`` (simplejpeg's strict mode stops at any libjpeg warning: a truncated
         file, or recoverable corruption such as "extraneous bytes before marker" that PIL
         decodes through; PIL's verdict, "truncated" or pixels, is the contract)
@@ -69,6 +71,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image, features
 
+from keeper_core.color import srgb_transform
 from keeper_core.errors import ConfigError, ImageDecodeError
 from keeper_core.images import (
     _BAND_STEP,
@@ -195,6 +198,8 @@ def _plan(data: bytes | RawPreview, limits: DecodeLimits, source: str | None) ->
     check_jpeg_scans(encoded, limits, source)
     if im.mode not in _TURBO_MODES:
         return _Plan(src=src, delegate=f"mode:{im.mode}")
+    if srgb_transform(im.info, im.mode) is not None:
+        return _Plan(src=src, delegate="icc")  # the reference decodes and converts it to sRGB
     at = _jpeg_frame_offset(encoded)
     if at is None:  # PIL found a frame its own way: let it decode the same way too
         return _Plan(src=src, delegate="process:unknown")

@@ -5,7 +5,8 @@ magic bytes (so only a short allow-list of photo formats ever reaches a PIL plug
 Ghostscript, no exotic decoders), checks the declared size from the header before any pixel is
 decoded (decompression bombs are refused without allocating them), forces a full decode (so a
 truncated file is an error, never a grey-padded image), applies the EXIF orientation and
-converts every mode to 8-bit RGB (alpha composited on white).
+converts every mode to 8-bit RGB (alpha composited on white) in sRGB: pixels tagged with another
+RGB colour space (an ICC profile, a HEIF nclx box) are converted (``keeper_core.color``).
 
 Phone and camera formats (``keeper_core.formats``). HEIC/HEIF decode through pillow-heif,
 registered on first use: it applies the HEIF rotation (irot/imir) itself and reports the EXIF
@@ -30,6 +31,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from keeper_core.color import convert_to_srgb, srgb_transform
 from keeper_core.errors import ConfigError, ImageDecodeError
 from keeper_core.formats import RawPreview, extract_raw_preview, raw_format, register_heif
 
@@ -517,9 +519,9 @@ def decode_image(
 
     Order matters: byte limit, signature, header size checks (pixel count, shortest side), a
     JPEG's scan count, optional JPEG draft, then a full decode, EXIF orientation and RGB
-    conversion. Animated images (GIF, APNG, WebP) yield their first frame. A camera RAW file
-    yields its embedded preview (``max_raw_bytes`` applies to the RAW, every other limit to the
-    preview).
+    conversion (to sRGB where the file names another colour space). Animated images (GIF,
+    APNG, WebP) yield their first frame. A camera RAW file yields its embedded preview
+    (``max_raw_bytes`` applies to the RAW, every other limit to the preview).
 
     Args:
         data: the encoded image, or a RAW file's :func:`raw_preview`.
@@ -533,7 +535,8 @@ def decode_image(
             Other formats ignore it. ``min_side`` applies to the stored size, before draft.
 
     Returns:
-        A loaded image in mode "RGB", EXIF orientation applied, alpha composited on white.
+        A loaded image in mode "RGB", EXIF orientation applied, alpha composited on white,
+        converted to sRGB from the colour space its ICC profile or nclx box names.
 
     Raises:
         ImageDecodeError: with ``reason`` "empty", "too_large", "not_image", "unsupported",
@@ -568,4 +571,5 @@ def decode_image(
     out: Image.Image = im if orientation == 1 else im.transpose(_TRANSPOSE[orientation])
     if out.mode not in _CONVERTIBLE_MODES:
         raise ImageDecodeError("unsupported", f"{im.format} in mode {out.mode}", source=source)
-    return to_rgb(out)
+    transform = srgb_transform(im.info, out.mode)  # read from the opened image: its own info
+    return to_rgb(out) if transform is None else convert_to_srgb(to_rgb(out), transform)

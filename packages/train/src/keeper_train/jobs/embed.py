@@ -410,6 +410,11 @@ def _manifest_uris(src: str) -> tuple[list[str], int]:
     return list(first.values()), len(resolved) - len(first)
 
 
+#: What the table record says of its pixels: decoded to sRGB from any RGB colour space a photo
+#: names (keeper_core.color). Tables recorded before that have no such entry.
+COLOR_RECORD = "srgb"
+
+
 def check_table_meta(
     dst: str, spec: str, embed_dim: int, *, record: bool = True, weights: str | None = None
 ) -> None:
@@ -444,10 +449,24 @@ def check_table_meta(
             )
         if weights:
             check_weights(spec, meta.get("weights_version"), dst, now=weights)
+        if record and meta.get("color") != COLOR_RECORD:
+            log.warning(
+                "%s was started before keeper converted photos tagged with another colour space "
+                "(Display P3, Adobe RGB: an ICC profile or HEIF nclx box) to sRGB; its rows for "
+                "such photos hold unconverted pixels, new rows converted ones. Re-embed into a new "
+                "output to have every row converted.",
+                dst,
+            )
         return
     if not record:
         return
-    meta = {"model_spec": spec, "embed_dim": embed_dim, "format": 1, "created": _now()}
+    meta = {
+        "model_spec": spec,
+        "embed_dim": embed_dim,
+        "format": 1,
+        "color": COLOR_RECORD,
+        "created": _now(),
+    }
     if weights:
         meta["weights_version"] = weights
     storage.write_bytes(meta_uri, json.dumps(meta, indent=2).encode())
