@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from html.parser import HTMLParser
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from keeper_core.report import SeriesView, ShotView, format_metric, series_report_html
+from keeper_core.report import (
+    SeriesView,
+    ShotView,
+    format_metric,
+    series_report_html,
+    thumbnail_data_uri,
+)
 
 
 @pytest.mark.parametrize(
@@ -60,3 +69,42 @@ def test_shown_line_without_totals() -> None:
     assert "metrics above" not in page
     page = series_report_html("t", [_view("a", 2, omitted=3)])
     assert "Showing 1 of 1 series (2 of 5 images)." in page
+
+
+class _Imgs(HTMLParser):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.imgs: list[dict[str, str | None]] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.imgs.append(dict(attrs))
+
+
+@pytest.mark.parametrize(
+    "thumbnail",
+    [
+        "x' onerror='alert(1)",  # breaks out of the quoted src
+        "javascript:alert(1)",
+        "https://tracker.example/pixel.gif",  # a report must not load anything from outside
+        "data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==",
+    ],
+)
+def test_a_thumbnail_that_is_not_an_image_data_uri_is_not_rendered(thumbnail: str) -> None:
+    shot = ShotView("a.jpg", thumbnail, True, {}, "")
+
+    page = series_report_html("t", [SeriesView("s", [shot], {})])
+
+    assert _Imgs(page).imgs == []
+    assert "(no image)" in page
+
+
+def test_a_data_uri_thumbnail_is_rendered_unchanged() -> None:
+    uri = thumbnail_data_uri(Image.new("RGB", (40, 30), (10, 100, 200)))
+    shot = ShotView("a'b.jpg", uri, True, {}, "")
+
+    page = series_report_html("t", [SeriesView("s", [shot], {})])
+
+    assert f"<img src='{uri}' alt='a&#x27;b.jpg'>" in page
+    assert _Imgs(page).imgs == [{"src": uri, "alt": "a'b.jpg"}]

@@ -13,6 +13,7 @@ import base64
 import html
 import io
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from PIL import Image
 MAX_IMAGES = 1_000
 #: Bytes of thumbnail data URIs on one page (~5 KB each for a 160 px JPEG at quality 80).
 MAX_THUMB_BYTES = 5_000_000
+# What a thumbnail may be: the page loads nothing from outside and runs no script.
+_IMAGE_DATA_URI = re.compile(r"data:image/(?:jpeg|png|webp|gif);base64,[A-Za-z0-9+/]*={0,2}")
 
 
 def thumbnail_data_uri(image: Image.Image, size: int = 160, quality: int = 80) -> str:
@@ -39,7 +42,9 @@ class ShotView:
     """One image of a series as the report shows it."""
 
     uri: str
-    thumbnail: str | None  # a data URI, or None when the image could not be decoded
+    # An image data URI (thumbnail_data_uri), or None when the image could not be decoded;
+    # anything else is shown as no image.
+    thumbnail: str | None
     is_best: bool
     scores: dict[str, float] = field(default_factory=dict)  # method -> score
     note: str = ""  # e.g. the degradation, or the decode error
@@ -150,7 +155,7 @@ def series_report_html(
         for i, shot in enumerate(s.shots):
             cls = "shot best" if shot.is_best else "shot"
             parts.append(f"<div class='{cls}' title='{esc(shot.uri)}'>")
-            if shot.thumbnail:
+            if shot.thumbnail and _IMAGE_DATA_URI.fullmatch(shot.thumbnail):
                 parts.append(f"<img src='{shot.thumbnail}' alt='{esc(shot.uri)}'>")
             else:
                 parts.append("<div>(no image)</div>")
