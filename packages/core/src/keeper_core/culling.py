@@ -47,6 +47,8 @@ Scorer = Callable[[pd.DataFrame], np.ndarray]
 REQUIRED = ("image_uri", "image_id", "embedding", "capture_ts", "camera", *FEATURE_NAMES)
 #: Capture-time sources that name the moment a photo was taken (not a file's mtime).
 RECORDED_TIMES = ("exif_offset", "exif", "given")
+#: ``camera`` of a photo whose metadata names no body (``keeper_core.capture.Capture.camera``).
+UNKNOWN_CAMERA = "unknown"
 #: The picks table, in order (``embedding`` is left out: it is in the embedding table).
 PICK_COLUMNS = (
     "group_id",
@@ -105,6 +107,7 @@ def group_ids(groups: np.ndarray) -> list[str]:
 
 
 _ISO_OFFSET = re.compile(r"(?:([+-])(\d{2}):?(\d{2})|Z)$")
+_ISO_FRACTION = re.compile(r"T\d{2}:\d{2}:\d{2}[.,](\d+)")
 
 
 def utc_offsets(capture_time: pd.Series) -> np.ndarray:
@@ -119,6 +122,19 @@ def utc_offsets(capture_time: pd.Series) -> np.ndarray:
         else:
             sign = -1.0 if m.group(1) == "-" else 1.0
             out[i] = sign * (3600 * int(m.group(2)) + 60 * int(m.group(3)))
+    return out
+
+
+def has_subseconds(capture_time: pd.Series) -> np.ndarray:
+    """Whether each ISO ``capture_time`` holds a fraction of a second ("...10:00:00.12+02:00").
+
+    An all-zero fraction ("...10:00:00.00") counts as none: bodies that record whole seconds
+    write it for every frame, so it names no exposure.
+    """
+    out = np.zeros(len(capture_time), dtype=bool)
+    for i, text in enumerate(capture_time.tolist()):
+        m = _ISO_FRACTION.search(text) if isinstance(text, str) else None
+        out[i] = m is not None and m.group(1).strip("0") != ""
     return out
 
 
@@ -137,22 +153,31 @@ def mark_duplicates(
     pixel guard) and ``capture_ts`` + ``time_source`` (only times a camera or client recorded
     separate moments: a file's mtime says nothing), with ``capture_time``'s UTC offset telling
     a UTC instant from a camera's wall clock (an export that dropped OffsetTimeOriginal shows
-    its original's wall clock, hours from the original's UTC instant). A row whose pixels
-    could not be hashed (a file gone since it was embedded) has no pixel evidence: it is never
-    a near duplicate, nor the row one is said to duplicate. ``keeper pick`` (within a
-    library's groups) and ``keeper dedup`` (corpus-wide, ``pairs`` from an index) both mark
-    duplicates here.
+    its original's wall clock, hours from the original's UTC instant). ``camera`` and the
+    sub-seconds of ``capture_time`` (``has_subseconds``; a known body only, not "unknown"), with
+    ``sequence`` where present, tell one exposure recorded twice within a group (a resized export
+    that kept its EXIF). A row whose pixels could not be hashed (a file gone since it was
+    embedded) has no pixel evidence: it is never a near duplicate, nor the row one is said to
+    duplicate. ``keeper pick`` (within a library's groups) and ``keeper dedup`` (corpus-wide,
+    ``pairs`` from an index, every row its own group) both mark duplicates here.
     """
     hashes, hashed = None, np.ones(len(df), dtype=bool)
     if "dhash" in df.columns:
         hashed = df["dhash"].notna().to_numpy()
         hashes = df["dhash"].fillna(0).to_numpy(dtype=np.int64)
-    moments = offsets = None
+    moments = offsets = cameras = subsecond = sequences = None
     if "time_source" in df.columns and "capture_ts" in df.columns:
         ts = pd.to_numeric(df["capture_ts"], errors="coerce").to_numpy(dtype=np.float64)
         moments = np.where(df["time_source"].isin(RECORDED_TIMES).to_numpy(), ts, np.nan)
         if "capture_time" in df.columns:
             offsets = utc_offsets(df["capture_time"])
+            if "camera" in df.columns:
+                cameras = df["camera"].fillna(UNKNOWN_CAMERA).astype(str).tolist()
+                known = np.array([c != UNKNOWN_CAMERA for c in cameras], dtype=bool)
+                subsecond = has_subseconds(df["capture_time"]) & known
+                if "sequence" in df.columns:
+                    frames = pd.to_numeric(df["sequence"], errors="coerce")
+                    sequences = frames.to_numpy(dtype=np.float64, na_value=np.nan)
     dup_of, kind = find_duplicates(
         df["image_id"].astype(str).tolist(),
         emb,
@@ -164,6 +189,9 @@ def mark_duplicates(
         moments=moments,
         offsets=offsets,
         pairs=pairs,
+        cameras=cameras,
+        subsecond=subsecond,
+        sequences=sequences,
     )
     unproven = (dup_of >= 0) & (~hashed | ~hashed[np.maximum(dup_of, 0)])
     for i in np.flatnonzero(unproven & (np.array(kind, dtype=object) == "near")):

@@ -9,8 +9,10 @@ numbering, like the grouping, does not depend on the order of the input rows.
 
 ``find_duplicates`` marks exact duplicates (the same bytes: the same ``image_id``) and near
 duplicates (embedding cosine >= ``near_duplicate_similarity`` between shots of different groups:
-a re-encoded or resized copy, an export beside its original). ``pairwise_scores`` measures a
-grouping against true series with pair counting.
+a re-encoded or resized copy, an export beside its original; or within one group, one exposure
+twice: the same body and the same capture instant recorded to a fraction of a second, as a
+resized export that kept its EXIF). ``pairwise_scores`` measures a grouping against true series
+with pair counting.
 
 The defaults of ``GroupingConfig`` were measured on ``keeper_core.synthetic_library`` (bursts at
 5-15 frames/s, pauses inside a burst up to 1.5 s, scenes >= 2 s and ~90 s apart on average, two
@@ -38,6 +40,10 @@ _PAIR_CHUNK = 16_384
 #: float32 cosine of two identical unit vectors can come out a few ulp below 1.0; without this
 #: slack a threshold of 1.0 would miss byte-identical re-embeddings.
 _COS_SLACK = 1e-6
+#: Two recorded moments are one instant when they agree to the millisecond, the finest
+#: resolution bodies write SubSecTimeOriginal in ("12" and "120" are one reading; an export copies
+#: the tag). Burst frames at <= 15 frames/s are >= 66 ms apart.
+_SAME_INSTANT_S = 0.0005
 
 DUPLICATE_KINDS = ("exact", "near")
 
@@ -107,8 +113,9 @@ class GroupingConfig(BaseModel):
         le=1,
         description=(
             "Embedding cosine at or above which two shots in different groups are near "
-            "duplicates (a re-encoded, resized or lightly edited copy). Copies re-encoded at "
-            "50-90% size and JPEG quality 60-85 had cosine >= 0.995 to their source under a "
+            "duplicates (a re-encoded, resized or lightly edited copy); within a group, only "
+            "two records of one exposure (same body, same sub-second instant). Copies "
+            "re-encoded at 50-90% size and JPEG quality 60-85 had cosine >= 0.995 to their source under a "
             "16x12 pixel-correlation embedding, while later scenes re-shooting the same photo "
             "reached 0.9995: at 0.98 every copy was found, and 6 of 743 and 430 of 5,255 camera "
             "shots (each photo re-shot ~70 times) were marked too. The tiny random CLIP cannot "
@@ -246,8 +253,12 @@ def find_duplicates(
     moments: np.ndarray | None = None,
     offsets: np.ndarray | None = None,
     pairs: tuple[np.ndarray, np.ndarray] | None = None,
+    cameras: Sequence[str] | None = None,
+    subsecond: np.ndarray | None = None,
+    sequences: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[str | None]]:
-    """Marks exact duplicates (same bytes) and near duplicates (similar shots of other groups).
+    """Marks exact duplicates (same bytes) and near duplicates (copies in other groups, or one
+    exposure recorded twice within a group).
 
     Exact: rows with the same ``image_id`` are copies of one file; every copy but the kept one
     points at it (kind ``"exact"``). The kept one is the row with the largest ``prefer`` (e.g.
@@ -260,6 +271,18 @@ def find_duplicates(
     the kept row (kind ``"near"``); members of the kept row's own group are its burst siblings,
     left to ranking. An exact copy points at its kept copy even when that one is itself a near
     duplicate of a third row: follow ``duplicate_of`` once more to reach a row that is kept.
+
+    Same exposure: within one group, pixels and cosine alone cannot tell a copy from a burst
+    sibling (a sharp and a blurred frame have nearly the same dHash), but a camera names each
+    exposure by its body and its capture instant. Two rows of one group, neither marked above,
+    are one exposure when ``cameras`` are equal, both moments were recorded to a fraction of a
+    second (``subsecond``) and are the same instant to the millisecond (compared as ``moments``
+    are), their ``sequences`` do not differ, their dHashes are within
+    ``near_duplicate_max_hamming`` bits and their cosine is >= ``near_duplicate_similarity``: a
+    resized or re-encoded export that kept its original's EXIF, or a RAW+JPEG pair. Each such set
+    keeps its preferred row and every other member that passes these tests against it points at
+    it (kind ``"near"``), whatever it measures. This needs ``hashes``, ``moments``, ``cameras`` and
+    ``subsecond``; the marks above are the same with or without it.
 
     The search compares every pair (upper triangle, blocked matrix products): O(N^2 * D) time and
     O(N) memory beyond the embeddings, about 10 s for 50,000 x 512 on two cores. A corpus of
@@ -288,14 +311,20 @@ def find_duplicates(
             same moment as its original. Without ``offsets`` the moments compare as given.
         pairs: ``(a, b)`` row positions of candidate near pairs (any order, repeats allowed);
             None compares every pair. A pair through an exact copy counts for its kept copy.
+        cameras: (N,) camera body keys (make, model, serial), for the same-exposure test.
+        subsecond: (N,) booleans: the row's moment was recorded to a fraction of a second (EXIF
+            SubSecTimeOriginal) by a known body. False where the camera writes whole seconds,
+            when many frames of a burst share one reading.
+        sequences: (N,) frame numbers within a drive sequence, NaN where unknown: two known
+            numbers that differ are two exposures, whatever their times say.
 
     Returns:
         ``(duplicate_of, kind)``: (N,) int64 row positions of the row each duplicate points at
         (-1 for a row that is not a duplicate) and, per row, ``"exact"``, ``"near"`` or None.
 
     Raises:
-        DataError: lengths differ, an order key repeats, ``prefer`` is not finite, or the
-            embeddings are malformed.
+        DataError: lengths differ, an order key repeats, ``prefer`` is not finite, a camera is not
+            a string, or the embeddings are malformed.
     """
     ids = _codes(image_id, None, "image_id")
     n = ids.shape[0]
@@ -339,6 +368,14 @@ def find_duplicates(
         if off.shape != (n,):
             raise DataError(f"offsets: expected ({n},) numbers, got shape {off.shape}")
         when = _Moments(at, off)
+    exposures = None
+    if cameras is not None and subsecond is not None and when is not None and hashes is not None:
+        exposures = _Exposures(
+            _codes(cameras, n, "cameras"),
+            _mask(subsecond, n, "subsecond"),
+            when,
+            _frame_numbers(sequences, n),
+        )
     rep_pairs = None
     if pairs is not None:
         a, b = (np.asarray(x, dtype=np.int64) for x in pairs)
@@ -351,7 +388,7 @@ def find_duplicates(
         pos = np.full(n, -1, dtype=np.int64)
         pos[reps] = np.arange(len(reps))
         rep_pairs = (pos[kept_copy[a]], pos[kept_copy[b]])
-    comp = _near_components(
+    comp, one_exposure = _near_components(
         emb[reps],
         grp[reps],
         config.near_duplicate_similarity,
@@ -360,25 +397,42 @@ def find_duplicates(
         None if when is None else when.take(reps),
         config.max_gap_s,
         rep_pairs,
+        None if exposures is None else exposures.take(reps),
     )
     best_in = np.full(len(reps), n, dtype=np.int64)
     np.minimum.at(best_in, comp, rank[reps])
     kept_near = by_pref[best_in[comp]]
     marked = (kept_near != reps) & (grp[kept_near] != grp[reps])
+
+    def looks_alike(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        same = np.einsum("ij,ij->i", emb[a], emb[b]) >= np.float32(
+            config.near_duplicate_similarity - _COS_SLACK
+        )
+        if hashes is not None and config.near_duplicate_max_hamming < 64:
+            bits = np.asarray(hashes).astype(np.int64).view(np.uint64)
+            same &= np.bitwise_count(bits[a] ^ bits[b]) <= config.near_duplicate_max_hamming
+        return same
+
     # A component is single-linkage: A~B~C joins A and C though they may fail every test
     # (benchmarks/pick.py: 50 of 122 marks on 5,335 photos came in that way). A shot is marked
     # only when it passes the tests against the very shot it is said to duplicate.
     a, b = reps[marked], kept_near[marked]
-    direct = np.einsum("ij,ij->i", emb[a], emb[b]) >= np.float32(
-        config.near_duplicate_similarity - _COS_SLACK
-    )
-    if hashes is not None and config.near_duplicate_max_hamming < 64:
-        bits = np.asarray(hashes).astype(np.int64).view(np.uint64)
-        direct &= np.bitwise_count(bits[a] ^ bits[b]) <= config.near_duplicate_max_hamming
+    direct = looks_alike(a, b)
     if when is not None:
         direct &= ~when.apart(a, b, config.max_gap_s)
     near = a[direct]
     duplicate_of[near] = b[direct]
+    if exposures is not None:
+        # One exposure recorded twice in a group: each set keeps its preferred row, as above.
+        # Rows marked above keep their marks, so the marks across groups are the same as without.
+        best_one = np.full(len(reps), n, dtype=np.int64)
+        np.minimum.at(best_one, one_exposure, rank[reps])
+        kept_one = by_pref[best_one[one_exposure]]
+        marked = (kept_one != reps) & (duplicate_of[reps] < 0)
+        a, b = reps[marked], kept_one[marked]
+        direct = (grp[a] == grp[b]) & exposures.same(a, b) & looks_alike(a, b)
+        duplicate_of[a[direct]] = b[direct]
+        near = np.concatenate([near, a[direct]])
 
     for i in exact.tolist():
         kind[i] = "exact"
@@ -396,24 +450,35 @@ def _near_components(
     moments: _Moments | None = None,
     max_gap_s: float = np.inf,
     pairs: tuple[np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
+    exposures: _Exposures | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Connected components of "cosine >= threshold, hashes within max_hamming bits, and
-    different group"; labels 0..M-1 roots. ``pairs``: only these candidates are tested."""
+    different group", and of "cosine >= threshold, hashes within max_hamming bits, same group
+    and same exposure" (each row alone without ``exposures``); labels 0..M-1 roots. ``pairs``:
+    only these candidates are tested."""
     m = emb.shape[0]
     labels = np.arange(m)
+    one = np.arange(m)
     if m < 2:
-        return labels
+        return labels, one
     thr = np.float32(threshold - _COS_SLACK)
 
     def link(a: np.ndarray, b: np.ndarray) -> None:
-        nonlocal labels
-        keep = groups[a] != groups[b]
+        nonlocal labels, one
+        across = groups[a] != groups[b]
+        alike = np.ones(len(a), dtype=bool)
         if hashes is not None and max_hamming < 64:
-            keep &= np.bitwise_count(hashes[a] ^ hashes[b]) <= max_hamming
+            alike = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_hamming
+        keep = across & alike
         if moments is not None:
             keep &= ~moments.apart(a, b, max_gap_s)
         if keep.any():
             labels = _union(labels, a[keep], b[keep])
+        if exposures is not None:
+            within = ~across & alike
+            within[within] = exposures.same(a[within], b[within])
+            if within.any():
+                one = _union(one, a[within], b[within])
 
     if pairs is not None:
         a, b = pairs
@@ -422,7 +487,7 @@ def _near_components(
         a, b = a[distinct], b[distinct]
         close = np.einsum("ij,ij->i", emb[a], emb[b]) >= thr
         link(a[close], b[close])
-        return labels
+        return labels, one
     rows = max(1, _BLOCK_ELEMS // m)
     for i0 in range(0, m, rows):
         i1 = min(m, i0 + rows)
@@ -439,7 +504,7 @@ def _near_components(
         b += i0
         upper = b > a
         link(a[upper], b[upper])
-    return labels
+    return labels, one
 
 
 class _Moments:
@@ -464,6 +529,34 @@ class _Moments:
         both = self.known[a] & self.known[b]
         diff = np.where(both, self.at[a] - self.at[b], self.wall[a] - self.wall[b])
         return np.abs(diff) > gap
+
+
+class _Exposures:
+    """What names one exposure: the body, a moment recorded to a fraction of a second, and the
+    frame number of a drive sequence where the maker writes one."""
+
+    def __init__(
+        self, body: np.ndarray, precise: np.ndarray, moments: _Moments, frame: np.ndarray
+    ) -> None:
+        self.body, self.frame, self.moments = body, frame, moments
+        self.precise = precise & ~np.isnan(moments.at)
+
+    def take(self, rows: np.ndarray) -> _Exposures:
+        return _Exposures(
+            self.body[rows], self.precise[rows], self.moments.take(rows), self.frame[rows]
+        )
+
+    def same(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Whether rows a and b are one exposure: same body, same sub-second instant, and no
+        two different frame numbers."""
+        fa, fb = self.frame[a], self.frame[b]
+        return (
+            (self.body[a] == self.body[b])
+            & self.precise[a]
+            & self.precise[b]
+            & ~self.moments.apart(a, b, _SAME_INSTANT_S)
+            & ~((fa != fb) & ~np.isnan(fa) & ~np.isnan(fb))
+        )
 
 
 def _union(labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -570,6 +663,25 @@ def _codes(values: Sequence[str], n: int | None, name: str, *, unique: bool = Fa
             rows=repeated[:10].tolist(),
         )
     return codes.astype(np.int64)
+
+
+def _mask(values: Any, n: int, name: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.shape != (n,) or (n and arr.dtype != np.bool_):
+        raise DataError(f"{name}: expected ({n},) booleans, got {arr.shape} {arr.dtype}")
+    return arr
+
+
+def _frame_numbers(sequences: Any, n: int) -> np.ndarray:
+    if sequences is None:
+        return np.full(n, np.nan)
+    try:
+        arr = np.asarray(sequences, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"sequences: not a numeric array ({e})") from None
+    if arr.shape != (n,):
+        raise DataError(f"sequences: expected ({n},) numbers, got shape {arr.shape}")
+    return arr
 
 
 def _embeddings(embeddings: Any, n: int) -> np.ndarray:
