@@ -238,3 +238,19 @@ def test_has_subseconds() -> None:
         )
     )
     assert got.tolist() == [True, True, True, False, False, False, False]
+
+
+def test_of_a_raw_and_jpeg_pair_the_raw_is_kept_whatever_its_preview_size() -> None:
+    # The camera's JPEG is full size, the RAW is read through a smaller embedded preview: the
+    # RAW is still the original a photographer keeps (--copy-keepers copies it).
+    df = _burst(second="00.37", width=6000, height=4000, sharpness=9.0)
+    df.loc[df["image_uri"] == "/web/IMG_0042.jpg", "image_uri"] = "/card/IMG_0042.JPG"
+    df.loc[df["image_uri"].eq("/card/IMG_0042.JPG").idxmax(), ["image_uri", "width", "height"]] = [
+        "/card/IMG_0042.CR3",
+        1620,
+        1080,
+    ]
+    p = _picks(df)
+    assert p.loc["/card/IMG_0042.JPG", "target"] == "/card/IMG_0042.CR3"
+    assert p.loc["/card/IMG_0042.CR3", "decision"] == "keep"
+    assert pd.isna(p.loc["/card/IMG_0042.CR3", "duplicate_kind"])

@@ -25,6 +25,7 @@ import pandas as pd
 import pyarrow as pa
 
 from keeper_core.errors import DataError
+from keeper_core.formats import RAW_SUFFIXES
 from keeper_core.grouping import GroupingConfig, find_duplicates, group_shots
 from keeper_core.picking import (
     SIMILARITY_COLUMN,
@@ -244,7 +245,10 @@ def cull(
     ts = pd.to_numeric(df["capture_ts"], errors="coerce").to_numpy(dtype=np.float64)
     uris = df["image_uri"].astype(str).tolist()
     groups = group_shots(ts, df["camera"].astype(str).tolist(), emb, uris, grouping)
-    prefer = df["width"].to_numpy(np.float64) * df["height"].to_numpy(np.float64)
+    # Of two records of one photo keep the camera RAW (the original, whatever its preview's
+    # size), then the larger picture.
+    raw = np.array([u.lower().endswith(RAW_SUFFIXES) for u in uris], dtype=np.float64)
+    prefer = df["width"].to_numpy(np.float64) * df["height"].to_numpy(np.float64) + raw * 1e15
     dup_of, kind = mark_duplicates(df, emb, groups, grouping, prefer=prefer)
     seconds["group"] = time.perf_counter() - t0
 
