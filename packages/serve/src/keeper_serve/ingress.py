@@ -30,7 +30,9 @@ import asyncio
 import collections
 import functools
 import hmac
+import ipaddress
 import logging
+import os
 import threading
 import time
 import uuid
@@ -86,6 +88,7 @@ from keeper_core.scoring import (
 from keeper_serve import api
 from keeper_serve.api import ApiError, ImageRef
 from keeper_serve.config import KeeperAppArgs, vlm_disabled_info
+from keeper_serve.local import HAPROXY_FLAG
 from keeper_serve.references import CollectionUnusable, UnknownCollection
 from keeper_serve.review import ReviewRun, ReviewRuns, RunUnusable, UnknownImage, UnknownRun
 from keeper_serve.search import UnknownImageId
@@ -190,11 +193,92 @@ def error_response(
     )
 
 
+#: Whom an open API (``auth.insecure_local``, no token) answers (:func:`open_to_whom`).
+OpenTo = Literal["loopback", "nobody"]
+
+#: Why an open API refused a client (403 ``open_api_loopback_only``), by whom it answers.
+OPEN_REFUSALS: dict[OpenTo, str] = {
+    "loopback": "this API runs open (auth.insecure_local) and answers loopback clients only; "
+    "set a token to serve others",
+    "nobody": "this API runs open (auth.insecure_local) behind Serve's HAProxy on a host that "
+    "is not loopback, where every client looks local: it answers no one; set a token, or bind "
+    "http_options.host to loopback",
+}
+
+
+def _loopback_ip(host: str) -> bool:
+    """127.0.0.0/8, ::1 or IPv4-mapped ::ffff:127.x (which Python 3.11 does not call loopback)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def loopback_client(client: object) -> bool:
+    """Whether an ASGI scope's ``client`` (``(host, port)``) is a loopback address.
+
+    None (the server did not say), a name (Starlette's TestClient sends "testclient") or a unix
+    socket path is not: an open API fails closed.
+    """
+    if not isinstance(client, tuple | list) or not client:
+        return False
+    return _loopback_ip(str(client[0]))
+
+
+def open_to_whom(haproxy: bool, http_host: Callable[[], str | None]) -> OpenTo:
+    """Whom an open API answers: loopback clients, unless their address says nothing.
+
+    Serve's Python proxy puts the client's own address into the scope (uvicorn takes
+    X-Forwarded-For only from a loopback peer). Under Serve's HAProxy every request reaches the
+    replica from HAProxy's loopback connection and X-Forwarded-For is whatever the client sent,
+    so there only a loopback ``http_options.host`` (which ``keeper serve`` enforces; HAProxy,
+    its fallback proxy and the replicas' own ports all bind it) keeps the clients local;
+    elsewhere, or when the host cannot be read, nobody is answered.
+
+    Args:
+        haproxy: ``RAY_SERVE_ENABLE_HA_PROXY`` is set where this replica runs.
+        http_host: Serve's HTTP host, or None when it cannot be read (asked only under HAProxy).
+    """
+    if not haproxy:
+        return "loopback"
+    host = http_host()
+    if host is not None and (host == "localhost" or _loopback_ip(host)):
+        return "loopback"
+    log.error(
+        "keeper API running OPEN (auth.insecure_local) behind Serve's HAProxy on host %s: every "
+        "client's address is HAProxy's, so no request is answered (403). Set a token, or bind "
+        "http_options.host to loopback.",
+        host or "(unknown)",
+    )
+    return "nobody"
+
+
+def _serve_http_host() -> str | None:
+    """The host of Serve's HTTP options, from its controller; None outside Ray or on failure."""
+    import ray
+
+    if not ray.is_initialized():  # Serve's lookup would start a Ray to find out
+        return None
+    try:
+        # Private, but the one place a replica learns the HTTP options; failing here refuses all.
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return None if client is None else client.http_config.host
+    except Exception:
+        log.exception("keeper API: cannot read Serve's HTTP host")
+        return None
+
+
 def _refusal(ingress: _Front | None, request: Request) -> Response | None:
     """The answer to a request that must not reach its route, or None to let it through.
 
     Fails closed: without this replica's ingress instance there is no token to check against,
-    so every route but the public ones is refused (503), never served unauthenticated.
+    so every route but the public ones is refused (503), never served unauthenticated. An open
+    API (no token) refuses every client it cannot tell is on loopback (403).
     """
     path = request.url.path
     if path in PUBLIC_PATHS:
@@ -204,6 +288,10 @@ def _refusal(ingress: _Front | None, request: Request) -> Response | None:
         return error_response(
             503, "auth_unavailable", "the server cannot check credentials; retry", retry_after=1
         )
+    if ingress.open_to is not None:
+        if ingress.open_to == "loopback" and loopback_client(request.scope.get("client")):
+            return None
+        return error_response(403, "open_api_loopback_only", OPEN_REFUSALS[ingress.open_to])
     if not ingress._authorised(request):
         response = error_response(401, "unauthorized", "a valid bearer token is required")
         response.headers["WWW-Authenticate"] = "Bearer"
@@ -315,6 +403,7 @@ class _Front(Protocol):
 
     requests: Counter
     latency: Histogram
+    open_to: OpenTo | None  # None: a token is required
 
     def _authorised(self, request: Request) -> bool: ...
 
@@ -446,11 +535,14 @@ class KeeperIngress:
         self.references = references  # None: /v1/compare and /v1/references answer 404
         self.online = online  # OnlineFigures: /v1/models shows its figures; None: not deployed
         self.token = args.auth.token()  # no usable token and not insecure: the replica fails
+        self.open_to: OpenTo | None = None
         if self.token is None:
-            log.warning(
-                "keeper API running OPEN (auth.insecure_local): anyone who reaches the port can "
-                "call it. For local development on loopback only."
-            )
+            self.open_to = open_to_whom(os.environ.get(HAPROXY_FLAG) == "1", _serve_http_host)
+            if self.open_to == "loopback":  # else open_to_whom said why it answers no one
+                log.warning(
+                    "keeper API running OPEN (auth.insecure_local): it answers loopback clients "
+                    "only (others get 403). For local development only."
+                )
         # With the builder's preprocess config this replica never imports torch or open_clip.
         self.images = api.ImagePreparer(args, preprocess)
         self.aesthetic = (
