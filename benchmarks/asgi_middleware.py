@@ -70,6 +70,7 @@ class _Front:
 
     def __init__(self) -> None:
         self.requests, self.latency = _Record(), _Record()
+        self.open_to = None  # a token is required, as in production
 
     def _authorised(self, request: Request) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
