@@ -128,6 +128,27 @@ def test_a_retried_failure_that_fails_again_is_counted_once(
     assert s.table["failed"] == 1
 
 
+def test_a_failure_retried_into_the_part_it_came_from_is_counted(
+    corpus: list[str], tmp_path: Path
+) -> None:
+    # An errors part is named by its URIs: retried with retry_errors and failing the same way
+    # again, an image's new row replaces the part the plan read. It is this run's failure.
+    u1, *rest = corpus
+    dst = tmp_path / "out"
+    write_errors(dst, "part-e.parquet", [{"image_uri": u1, "retryable": False, "run_id": "old"}])
+    cfg = config(corpus, dst, retry_errors=True, max_failure_fraction=0.5)
+    p = plan(cfg)
+    assert p.todo == corpus
+    row = {"image_uri": u1, "retryable": False, "run_id": p.run_id, "reason": "truncated"}
+    write_errors(dst, "part-e.parquet", [row])  # the same name: rewritten
+    write_embedded(dst, "part-b.parquet", rest)
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    c = s.counts
+    assert (c.attempted, c.embedded, c.failed, c.lost) == (4, 3, 1, 0)
+    assert s.errors_by_reason == {"truncated": 1}
+    assert s.status == "ok"
+
+
 def test_permanent_failures_are_retried_only_when_asked(corpus: list[str], tmp_path: Path) -> None:
     u1, u2, *_ = corpus
     dst = tmp_path / "out"

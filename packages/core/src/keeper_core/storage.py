@@ -19,6 +19,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import mimetypes
 import os
 import random
 import re
@@ -80,6 +81,22 @@ _PERMANENT = {
     "MethodNotAllowed",
 }
 _DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+#: Content-Type of what keeper writes, by suffix. Without one S3 serves ``binary/octet-stream``
+#: and a browser downloads a contact sheet (static hosting, a presigned URL) instead of showing it.
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".htm": "text/html; charset=utf-8",
+    ".json": "application/json",
+    ".csv": "text/csv; charset=utf-8",
+    ".parquet": "application/vnd.apache.parquet",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".xmp": "application/rdf+xml",
+    ".safetensors": "application/octet-stream",
+}
+_BINARY = "application/octet-stream"
 
 
 @dataclass(frozen=True)
@@ -225,6 +242,58 @@ def _s3_object(uri: str) -> tuple[str, str]:
     if not key or key.endswith("/"):
         raise StorageError(uri, "names a bucket or prefix, not an object")
     return bucket, key
+
+
+@functools.cache
+def _mime_types() -> mimetypes.MimeTypes:
+    # Python's own table only: mimetypes.guess_type also reads /etc/mime.types, which differs
+    # from machine to machine (and it is read on first use, not at import).
+    return mimetypes.MimeTypes()
+
+
+def content_type(uri: str) -> str:
+    """The Content-Type an object written at ``uri`` is stored with, from its name's suffix.
+
+    keeper's own outputs by an explicit table (``.html`` -> ``text/html; charset=utf-8``,
+    ``.csv``, ``.json``, ``.parquet``, ``.jpg``/``.png``/``.webp``, ``.xmp``), any other suffix by
+    Python's ``mimetypes`` table (without the system's), and ``application/octet-stream`` where
+    neither knows it or the name says it is compressed (``x.json.gz`` is not JSON to a browser).
+    """
+    name = uri.rsplit("/", 1)[-1].lower()
+    suffix = name[name.rfind(".") :] if "." in name else ""
+    if suffix in _CONTENT_TYPES:
+        return _CONTENT_TYPES[suffix]
+    guessed, encoding = _mime_types().guess_type(name)
+    return guessed if guessed and encoding is None else _BINARY
+
+
+def valid_utf8(text: str) -> bool:
+    r"""Whether ``text`` can be written as UTF-8 (Parquet, CSV, JSON and XML hold nothing else).
+
+    False for a local name listed from bytes that are not UTF-8 (a Latin-1 ``caf\xe9.jpg`` from
+    an old archive): Python lists it with surrogate escapes (``'caf\udce9.jpg'``), which open
+    the file but cannot be encoded. S3 keys are always UTF-8.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def escape_name(text: str) -> str:
+    r"""``text`` with the bytes that are not UTF-8 written as ``\xNN`` (``caf\xe9.jpg``).
+
+    UTF-8 safe, for records and messages about a file :func:`valid_utf8` refuses; it names no
+    file (it is not a path to open). Text that is valid UTF-8 comes back as it is.
+    """
+    if valid_utf8(text):
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to ('\ud800')
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -684,7 +753,8 @@ def write_bytes(uri: str, data: bytes, *, durable: bool = True) -> None:
     """Write ``data`` to a file or object, replacing it.
 
     Local writes are atomic (a temporary file in the same folder, then ``os.replace``) and
-    create missing parent folders. S3 puts are atomic by nature.
+    create missing parent folders. S3 puts are atomic by nature, and store the
+    :func:`content_type` of the key's name (browsers show a contact sheet written to S3).
 
     Args:
         uri: a local path or ``s3://`` URI.
@@ -704,7 +774,9 @@ def write_bytes(uri: str, data: bytes, *, durable: bool = True) -> None:
         return
     bucket, key = _s3_object(uri)
     with _s3_errors(uri):
-        s3_client().put_object(Bucket=bucket, Key=key, Body=bytes(data))
+        s3_client().put_object(
+            Bucket=bucket, Key=key, Body=bytes(data), ContentType=content_type(key)
+        )
 
 
 def _head(uri: str) -> dict[str, Any] | None:
@@ -789,7 +861,9 @@ def list_files(
     writes not finished (``.<name>.<8 chars>.tmp``); local symlinked folders are followed (not
     back into a folder holding them). A local folder that does not exist, or one under it that
     cannot be read, is an error; an S3 prefix with no keys is simply empty (S3 has no folders to
-    be missing).
+    be missing). A local name that is not valid UTF-8 is listed as Python decodes it, with
+    surrogate escapes: it opens, but no table, CSV or JSON can hold it (:func:`valid_utf8`;
+    callers record it by :func:`escape_name`).
 
     Args:
         uri: a local folder or an ``s3://bucket[/prefix]``.

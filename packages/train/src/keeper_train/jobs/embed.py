@@ -10,7 +10,8 @@ Pipeline (streaming: every stage runs at once, so a GPU model stage is fed while
 
     plan      list SRC (folder, s3:// prefix, manifest, or WebDataset shards: each indexed
               once, cached in DST/_shards); read DST's parts once; skip what is
-              embedded and the failures another try cannot fix (retryable ones are retried)
+              embedded and the failures another try cannot fix (retryable ones are retried);
+              set aside files whose names are not UTF-8 (recorded as bad_name, never read)
     tasks     read bytes -> safe decode -> quality features -> resize to uint8 model input;
               a bad image becomes a row of the errors table, with its stage and reason
     actors    keeper_core.ClipEmbedder: one model load per actor, num_gpus per actor
@@ -109,6 +110,8 @@ NOT_IMAGE_SUFFIXES = (
     ".tar",  # WebDataset shards: never sniffed as images (plan reads them as shards)
 )
 EXIT_TOO_MANY_FAILURES = 3
+#: The reason recorded for an input whose name is not valid UTF-8 (a local file named in Latin-1).
+BAD_NAME = "bad_name"
 #: The errors table. ``retryable`` failures (a timeout, an unreachable endpoint) are retried by the
 #: next run; the others (a corrupt file) only with ``retry_errors``. Tables written before the
 #: column existed read as not retryable.
@@ -323,7 +326,28 @@ class EmbedConfig(BaseModel):
     def _non_empty(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty")
-        return v.strip()
+        return utf8_path(v.strip())
+
+    @field_validator("thumbnails")
+    @classmethod
+    def _thumbnails_utf8(cls, v: str | None) -> str | None:
+        return None if v is None else utf8_path(v)
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude_utf8(cls, v: list[str]) -> list[str]:
+        return [utf8_path(e) for e in v]
+
+
+def utf8_path(v: str) -> str:
+    """A config's folder or URI, refused when it is not valid UTF-8 (a run's summary, tables and
+    sheet name it, and none can hold it): a bad config fails before any work."""
+    if not storage.valid_utf8(v):
+        raise ValueError(
+            f"{storage.escape_name(v)} is not valid UTF-8 (bytes that are not UTF-8 shown as "
+            "\\xNN): rename it (e.g. convmv -f latin1 -t utf8 --notest PATH, for a Latin-1 name)"
+        )
+    return v
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,10 +360,11 @@ def list_inputs(src: str, *, exclude: str | Sequence[str] | None = None) -> tupl
     SRC is a manifest (CSV/Parquet with an ``image_uri`` column; relative local paths resolve
     against the manifest's folder) or a folder/prefix listed recursively. In a listing, files with
     an image extension are taken as images (a corrupt one then fails decoding, with a reason);
-    files with another extension are taken when their first bytes are an image signature.
+    files with another extension are taken when their first bytes are an image signature. An
+    image whose name is not valid UTF-8 is listed escaped (:func:`find_inputs`).
     """
-    uris, ignored, _ = scan_inputs(src, exclude=exclude)
-    return uris, ignored
+    found = find_inputs(src, exclude=exclude)
+    return found.uris, found.ignored
 
 
 def scan_inputs(
@@ -351,6 +376,63 @@ def scan_inputs(
     ``/abs/a.jpg`` and ``file:///abs/a.jpg`` beside the manifest): it is embedded once, under
     its first row's spelling, and the other rows are counted, not silently dropped.
     """
+    found = find_inputs(src, exclude=exclude)
+    return found.uris, found.ignored, found.repeated
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The images SRC names, in a stable order, and what was set aside on the way."""
+
+    uris: list[str]
+    ignored: int = 0  # files that are not images
+    repeated: int = 0  # manifest rows naming an image an earlier row named
+    #: images whose path is not valid UTF-8, under their escaped URI (also in ``uris``) -> why
+    bad_names: dict[str, str] = dataclass_field(default_factory=dict)
+
+
+def find_inputs(src: str, *, exclude: str | Sequence[str] | None = None) -> Inputs:
+    """What ``list_inputs`` and ``scan_inputs`` read, with the names that are not UTF-8.
+
+    Such an image (a local file named in Latin-1, listed with surrogate escapes) stays an input,
+    under its name with those bytes escaped (``caf\\xe9.jpg``: :func:`set_aside_bad_names`), so
+    it is counted and recorded as failed (``bad_name``) instead of failing every writer of a
+    string column. Files that are not images are ignored whatever their names.
+    """
+    uris, ignored, repeated = _scan(src, exclude)
+    checked, bad = set_aside_bad_names(uris)
+    return Inputs(checked, ignored, repeated, bad)
+
+
+def set_aside_bad_names(uris: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """``uris`` with each that is not valid UTF-8 replaced by its escaped form, and those -> why.
+
+    The escaped form (``storage.escape_name``) is what the errors table, failed.csv and the
+    contact sheet record: every writer takes it. It names no file, and is never read. Order is
+    kept; a URI listed twice is listed once.
+    """
+    out: dict[str, None] = {}
+    bad: dict[str, str] = {}
+    for uri in uris:
+        if storage.valid_utf8(uri):
+            out[uri] = None
+            continue
+        shown = storage.escape_name(uri)
+        out[shown] = None
+        bad[shown] = bad_name_error(shown)
+    return list(out), bad
+
+
+def bad_name_error(shown: str) -> str:
+    """The error recorded for an input whose path (``shown`` escaped) is not valid UTF-8."""
+    return (
+        f"file path is not valid UTF-8: {shown} (bytes that are not UTF-8 shown as \\xNN); "
+        "keeper's tables, CSV and sidecars hold UTF-8 only, so it was not read: rename it "
+        "(e.g. convmv -f latin1 -t utf8 --notest FILE, for a Latin-1 name) and run again"
+    )
+
+
+def _scan(src: str, exclude: str | Sequence[str] | None) -> tuple[list[str], int, int]:
     if src.lower().endswith(MANIFEST_SUFFIXES):
         uris, repeated = _manifest_uris(src)
         return uris, 0, repeated
@@ -399,7 +481,15 @@ def _manifest_uris(src: str) -> tuple[list[str], int]:
         raise DataError(f"cannot read manifest: {e}", source=src) from e
     if "image_uri" not in df.columns:
         raise DataError(f"manifest has no image_uri column (has {list(df.columns)})", source=src)
-    col = df["image_uri"].fillna("").astype(str).str.strip()
+    try:
+        col = df["image_uri"].fillna("").astype(str).str.strip()
+    except UnicodeDecodeError as e:  # a binary column of paths in another encoding
+        raise DataError(
+            f"image_uri holds a path that is not valid UTF-8 ({e}): a manifest names its images "
+            "in UTF-8 (CSV and Parquet strings hold nothing else); rename the files (e.g. convmv "
+            "-f latin1 -t utf8 --notest) and write the manifest again",
+            source=src,
+        ) from e
     bad = [i for i, v in enumerate(col) if not v or v.lower() in ("nan", "none")]
     if bad:
         raise DataError(f"empty image_uri in rows {bad[:10]}", source=src, rows=bad)
@@ -1062,6 +1152,9 @@ class Plan:
     #: WebDataset input: shards whose index stopped early (corrupt or cut short) -> why; the
     #: shard's URI is an input that fails, so its unread rest is counted, not silently lost
     index_failures: dict[str, str] = dataclass_field(default_factory=dict)
+    #: inputs to attempt whose path is not valid UTF-8 (escaped, as in ``inputs``) -> why: they
+    #: fail as ``bad_name`` without being read (:func:`set_aside_bad_names`)
+    bad_names: dict[str, str] = dataclass_field(default_factory=dict)
 
 
 @dataclass
@@ -1097,15 +1190,19 @@ def plan(cfg: EmbedConfig) -> Plan:
     index_failures: dict[str, str] = {}
     repeated = 0
     sample_problems: dict[str, int] = {}
+    bad_names: dict[str, str] = {}
     shards = names_shards(cfg.input)  # a .tar or a brace pattern: nothing to list first
     if not shards:
-        inputs, ignored, repeated = scan_inputs(cfg.input, exclude=[dst, *cfg.exclude])
+        found = find_inputs(cfg.input, exclude=[dst, *cfg.exclude])
+        inputs, ignored, repeated = found.uris, found.ignored, found.repeated
+        bad_names = found.bad_names
         # A folder of shards has no loose image: only then is it listed again, for its shards.
         shards = not inputs and ignored > 0 and is_webdataset(cfg.input)
     if shards:
-        inputs, ignored, members, index_failures, sample_problems = list_webdataset(
+        listed, ignored, members, index_failures, sample_problems = list_webdataset(
             cfg.input, storage.join(dst, SHARDS)
         )
+        inputs, bad_names = set_aside_bad_names(listed)
     if not inputs:
         raise DataError(
             f"no images found under {cfg.input} ({_nothing_found(cfg.input, ignored, bool(shards))})"
@@ -1142,6 +1239,7 @@ def plan(cfg: EmbedConfig) -> Plan:
         seconds={"plan": time.perf_counter() - t0},
         members=members,
         index_failures={u: e for u, e in index_failures.items() if u in todo},
+        bad_names={u: e for u, e in bad_names.items() if u in todo},
     )
 
 
@@ -1170,11 +1268,16 @@ def list_webdataset(
     index cached under ``cache_dir``; a re-run reads the cached index after one HEAD. Shards are
     indexed on ``threads`` threads (I/O bound). A shard whose index stopped early keeps the
     samples before the fault, and its own URI becomes an input that fails with the reason.
+
+    Names that are not valid UTF-8 (a shard's path, a member's name) come back as listed:
+    ``plan`` sets them aside (:func:`set_aside_bad_names`). Such a shard is not indexed (its
+    cached index is named by its URI): its own URI is the input, failed ``bad_name``.
     """
-    shards = list_shards(src)
-    with ThreadPoolExecutor(max_workers=min(threads, len(shards))) as pool:
+    listed = list_shards(src)
+    shards = [s for s in listed if storage.valid_utf8(s)]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
         indexes = list(pool.map(lambda s: load_or_index(s, cache_dir), shards))
-    uris: list[str] = []
+    uris: list[str] = [s for s in listed if not storage.valid_utf8(s)]
     members: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     problems: Counter[str] = Counter()
@@ -1191,9 +1294,34 @@ def list_webdataset(
     return uris, ignored, members, failures, dict(sorted(problems.items()))
 
 
+def record_planned_failures(p: Plan) -> list[str]:
+    """Record this run's inputs that fail before any is read; returns the URIs to read.
+
+    Shards whose index stopped early (``corrupt_shard``, stage ``index``) and paths that are not
+    valid UTF-8 (``bad_name``, stage ``list``; not retryable: the name stays bad until renamed).
+    """
+    write_errors(
+        storage.join(p.dst, ERRORS),
+        [
+            *(
+                _failure(u, p.run_id, "index", "corrupt_shard", DataError(e), retryable=False)
+                for u, e in p.index_failures.items()
+            ),
+            *(
+                _failure(u, p.run_id, "list", BAD_NAME, DataError(e), retryable=False)
+                for u, e in p.bad_names.items()
+            ),
+        ],
+    )
+    return [u for u in p.todo if u not in p.index_failures and u not in p.bad_names]
+
+
 def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     """Stream ``p.todo`` through decode tasks -> model actors -> part writers on Ray Data."""
     if not p.todo:
+        return Execution(tallies=[])
+    items = [_item(u, p.members) for u in record_planned_failures(p)]
+    if not items:  # every input to attempt failed at the plan: Ray is not needed
         return Execution(tallies=[])
     import ray.data
 
@@ -1203,17 +1331,6 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     cpus = cfg.stage_cpus()
     cluster = init_ray(cfg.ray_address)
     seconds = {"ray_init": time.perf_counter() - t0}
-    # Shards whose index stopped early: recorded before any image, this run's failures.
-    write_errors(
-        storage.join(p.dst, ERRORS),
-        [
-            _failure(u, p.run_id, "index", "corrupt_shard", DataError(e), retryable=False)
-            for u, e in p.index_failures.items()
-        ],
-    )
-    items = [_item(u, p.members) for u in p.todo if u not in p.index_failures]
-    if not items:
-        return Execution(tallies=[], cluster=cluster, seconds=seconds)
     prepare = prepare_arguments(cfg, p.dst, p.run_id)
     in_actor = cfg.placement == "actor"
     # What one image in decode holds: a max_pixels image (3 bytes a pixel) beside its bytes.
@@ -1314,11 +1431,18 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
     embedded = EmbeddedParts.read(p.embedded.folder, known=p.embedded)
     removed = embedded.dedupe()
     emb_all = embedded.uris()
-    errors = ErrorRows.read(p.errors.folder, known=p.errors)
+    todo = set(p.todo)
+    # A part is named by its URIs, so a retried failure that fails again can be rewritten to the
+    # part the plan read it from: those parts are read again (else its new row goes unseen, and
+    # the image is counted lost).
+    known = ErrorRows(
+        p.errors.folder,
+        {k: df for k, df in p.errors.by_part.items() if todo.isdisjoint(df["image_uri"].tolist())},
+    )
+    errors = ErrorRows.read(p.errors.folder, known=known)
     cleared = errors.remove(emb_all)  # an image that failed once and then succeeded is embedded
     removed += errors.dedupe()
     rows = errors.rows()
-    todo = set(p.todo)
     this_run = rows[(rows["run_id"] == p.run_id) & rows["image_uri"].isin(todo)]
     n_embedded = len(emb_all & todo)
     n_failed = len(this_run)

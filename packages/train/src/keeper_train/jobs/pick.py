@@ -123,6 +123,11 @@ class PickJobConfig(BaseModel):
     def _known_clip_model(cls, v: str | None) -> str | None:
         return None if v is None else spec_field(v)  # embed's own check of model
 
+    @field_validator("input", "output", "embeddings", "copy_keepers", "link_keepers")
+    @classmethod
+    def _utf8_path(cls, v: str | None) -> str | None:
+        return None if v is None else embed.utf8_path(v)  # the summary and sheet name them
+
     @model_validator(mode="after")
     def _consistent(self) -> PickJobConfig:
         if self.zero_shot and self.model:
