@@ -162,7 +162,12 @@ def test_zero_shot_pick_end_to_end(
     # A second run embeds nothing and rewrites nothing that is already right.
     again = pick.run(cfg)
     assert again.embed["attempted"] == 0
-    assert again.sidecars == {"written": 0, "unchanged": c["picked"], "skipped": 0}
+    assert again.sidecars == {
+        "written": 0,
+        "unchanged": c["picked"],
+        "skipped": 0,
+        "kept_ratings": 0,
+    }
     pd.testing.assert_frame_equal(read_picks(again), picks)
     assert snapshot(root) == before
 

@@ -219,7 +219,7 @@ def test_new_sidecar_is_a_valid_packet(tmp_path: Path) -> None:
         rating=5,
         label="Green",
         keeper_fields={"group": "g000003", "rank": "1", "reasons": "sharpest; eyes <open> & é"},
-    )
+    ).changed
     data = path.read_bytes()
     assert data.startswith(b"<?xpacket begin=")
     assert b'<x:xmpmeta xmlns:x="adobe:ns:meta/"' in data
@@ -235,6 +235,7 @@ def test_new_sidecar_is_a_valid_packet(tmp_path: Path) -> None:
         "Xmp.keeper.group": "g000003",
         "Xmp.keeper.rank": "1",
         "Xmp.keeper.reasons": "sharpest; eyes <open> & é",
+        "Xmp.keeper.xmp": "5|Green",  # what keeper chose, so a person's later edit is told apart
     }
     assert list(tmp_path.rglob("*.tmp")) == []  # no temporary file left behind
 
@@ -245,7 +246,9 @@ def test_merge_keeps_every_foreign_field_and_is_idempotent(tmp_path: Path) -> No
     before = read_sidecar(str(path))
     assert before["Xmp.dc.subject"] == ["beach", "family"]  # the fixture parses as meant
 
-    assert write_sidecar(str(path), rating=-1, label=None, keeper_fields={"decision": "reject"})
+    assert write_sidecar(
+        str(path), rating=-1, label=None, keeper_fields={"decision": "reject"}
+    ).changed
     after = read_sidecar(str(path))
     assert {k: v for k, v in after.items() if not _is_ours(k)} == {
         k: v for k, v in before.items() if not _is_ours(k)
@@ -264,7 +267,7 @@ def test_merge_keeps_every_foreign_field_and_is_idempotent(tmp_path: Path) -> No
     for _ in range(2):
         assert not write_sidecar(
             str(path), rating=-1, label=None, keeper_fields={"decision": "reject"}
-        )
+        ).changed
     assert path.read_bytes() == first
     assert path.stat().st_mtime_ns == mtime  # untouched, so photo tools see no outside edit
     assert read_sidecar(str(path))["Xmp.dc.subject"] == ["beach", "family"]  # no duplicates
@@ -279,14 +282,15 @@ def test_rewrite_with_new_values_replaces_them(tmp_path: Path) -> None:
         "Xmp.xmp.Rating": "4",
         "Xmp.xmp.Label": "Green",
         "Xmp.keeper.rank": "1",
+        "Xmp.keeper.xmp": "4|Green",
     }
 
 
 def test_empty_existing_file_counts_as_new(tmp_path: Path) -> None:
     path = tmp_path / "IMG_1.xmp"
     path.write_bytes(b"")
-    assert write_sidecar(str(path), rating=np.int64(3), label=None)
-    assert read_sidecar(str(path)) == {"Xmp.xmp.Rating": "3"}
+    assert write_sidecar(str(path), rating=np.int64(3), label=None).changed
+    assert read_sidecar(str(path)) == {"Xmp.xmp.Rating": "3", "Xmp.keeper.xmp": "3|"}
 
 
 @pytest.mark.parametrize(
@@ -475,11 +479,11 @@ def test_s3_sidecar_merge_and_export(
     root, files = library
     sidecar = f"s3://{s3_bucket}/xmp/IMG_0001.xmp"
     storage.write_bytes(sidecar, _FOREIGN.encode())
-    assert write_sidecar(sidecar, rating=5, label="Green", keeper_fields={"rank": "1"})
+    assert write_sidecar(sidecar, rating=5, label="Green", keeper_fields={"rank": "1"}).changed
     fields = read_sidecar(sidecar)
     assert (fields["Xmp.xmp.Rating"], fields["Xmp.keeper.rank"]) == ("5", "1")
     assert fields["Xmp.dc.subject"] == ["beach", "family"]
-    assert not write_sidecar(sidecar, rating=5, label="Green", keeper_fields={"rank": "1"})
+    assert not write_sidecar(sidecar, rating=5, label="Green", keeper_fields={"rank": "1"}).changed
 
     # local -> S3 -> local, each twice: the second run finds everything there.
     dest = f"s3://{s3_bucket}/keepers"
@@ -506,7 +510,7 @@ def test_a_new_sidecar_is_stable_from_its_first_write(tmp_path: Path) -> None:
     # already be the fixed point, or every re-run rewrites every sidecar (and bumps its mtime).
     path = str(tmp_path / "IMG_0001.xmp")
     fields = {"group": "g000001", "rank": "2", "decision": "reject", "reasons": "ranked 2 of 3"}
-    assert write_sidecar(path, rating=-1, label="Red", keeper_fields=fields)
+    assert write_sidecar(path, rating=-1, label="Red", keeper_fields=fields).changed
     first = Path(path).read_bytes()
-    assert not write_sidecar(path, rating=-1, label="Red", keeper_fields=fields)
+    assert not write_sidecar(path, rating=-1, label="Red", keeper_fields=fields).changed
     assert Path(path).read_bytes() == first

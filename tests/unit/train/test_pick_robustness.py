@@ -220,3 +220,26 @@ def test_the_sheet_header_names_the_first_failures_and_counts_the_rest() -> None
     assert "/p/IMG_5.JPG" not in line
     assert line.endswith("; and 3 more")
     assert pick._failure_warnings("keeper(s) not exported", []) == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_beside_sidecars_keep_a_persons_rating_unless_told(tmp_path: Path, overwrite: bool) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    uris = [str(root / "a.jpg"), str(root / "b.jpg")]
+    write_sidecar(str(root / "a.xmp"), rating=1, label=None, overwrite_ratings=True)
+    rated = (root / "a.xmp").read_text(encoding="utf-8").replace(' keeper:xmp="1|"', "")
+    (root / "a.xmp").write_text(rated, encoding="utf-8")  # a person's one star, no record
+    cfg = pick.PickJobConfig(
+        input=str(root), output=str(tmp_path / "out"), xmp="beside", overwrite_ratings=overwrite
+    )
+
+    done = pick.write_sidecars(cfg, _picks(uris), str(root))
+
+    assert (done.written, done.kept_ratings) == (2, 0 if overwrite else 1)
+    assert done.counts()["kept_ratings"] == done.kept_ratings
+    fields = read_sidecar(str(root / "a.xmp"))
+    assert (fields["Xmp.xmp.Rating"], "Xmp.xmp.Label" in fields) == (
+        ("3", True) if overwrite else ("1", True)
+    )
+    assert read_sidecar(str(root / "b.xmp"))["Xmp.xmp.Rating"] == "3"

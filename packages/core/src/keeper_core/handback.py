@@ -10,8 +10,9 @@ folder of their own, under the same relative paths they had under the input root
     export_keepers(keepers, input_root="photos", dest="out/keepers", mode="hardlink")
 
 Sidecars are written with pyexiv2 (the exiv2 library). An existing sidecar is merged:
-``xmp:Rating``, ``xmp:Label`` and keeper's own namespace (:data:`KEEPER_NS`, prefix
-``keeper``) change, every other field stays. Writes are atomic (:func:`storage.write_bytes`), and a
+keeper's own namespace (:data:`KEEPER_NS`, prefix ``keeper``) changes, every other field stays,
+and ``xmp:Rating`` / ``xmp:Label`` change only where keeper set them (``keeper:xmp`` records what
+it chose): a rating or label a person gave in a photo tool is theirs, and stays. Writes are atomic (:func:`storage.write_bytes`), and a
 sidecar whose content would not change is not rewritten, so re-runs leave its mtime alone
 (Lightroom takes a newer sidecar for an outside edit).
 """
@@ -64,6 +65,10 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 # ...and DEL, which XML holds but exiv2 writes as a space: what xml_text escapes.
 _ESCAPED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
 _OWN_KEY = re.compile(rf"^Xmp\.{KEEPER_PREFIX}\.[^/\[]+$")
+#: keeper's record of the rating and label it chose, ``"<rating>|<label>"`` (``keeper:xmp``): a
+#: sidecar still holding those values holds keeper's own; other values are a person's.
+RECORD_KEY = f"Xmp.{KEEPER_PREFIX}.xmp"
+_RATING, _LABEL = "Xmp.xmp.Rating", "Xmp.xmp.Label"
 # exiv2 keeps process-global state (the XMP toolkit's namespace registry, pyexiv2's error log):
 # one sidecar at a time per process.
 _EXIV2_LOCK = threading.Lock()
@@ -73,6 +78,14 @@ _FIXED_POINT_PASSES = 3
 #: An XMP value as pyexiv2 reads it: text, an array's items, or a language alternative's
 #: ``{'lang="x-default"': text}``.
 XmpValue = str | list[str] | dict[str, str]
+
+
+class SidecarWrite(NamedTuple):
+    """What :func:`write_sidecar` did to one sidecar."""
+
+    changed: bool  # the file was written (False: it already held exactly this)
+    #: ``"rating"`` / ``"label"``: a person's value the sidecar holds, left in place of keeper's
+    kept: tuple[str, ...] = ()
 
 
 class SidecarPlan(NamedTuple):
@@ -335,13 +348,19 @@ def write_sidecar(
     label: str | None,
     keeper_fields: Mapping[str, str] | None = None,
     durable: bool = True,
-) -> bool:
+    overwrite_ratings: bool = False,
+) -> SidecarWrite:
     """Write or merge one XMP sidecar: rating, colour label and keeper's own fields.
 
     A sidecar already there keeps every other field (keywords, titles, other namespaces, a
-    darktable history, camera EXIF). keeper owns ``xmp:Rating``, ``xmp:Label`` and its own
-    namespace: ``label=None`` removes ``xmp:Label``, and keeper fields not in ``keeper_fields``
-    are removed, so the sidecar says what this run decided whatever an earlier run wrote.
+    darktable history, camera EXIF). keeper owns its own namespace: keeper fields not in
+    ``keeper_fields`` are removed, so it says what this run decided whatever an earlier run
+    wrote. ``xmp:Rating`` and ``xmp:Label`` (``label=None``: no label) are keeper's only where
+    it set them: ``keeper:xmp`` records the rating and label keeper chose, and a sidecar holding
+    other values holds a person's (stars or a colour given in Lightroom after, or before, keeper
+    ran; a removed one too), which stay unless ``overwrite_ratings``. A sidecar without that
+    record takes keeper's values where it has none of its own; one an older keeper wrote (its
+    fields, no record) counts as keeper's. ``keeper:xmp`` always holds this run's choice.
     Writing the same values again leaves the file as it is (same bytes, same mtime). A local
     sidecar that is a symlink is written through to its target; a rewritten one keeps its
     permissions (and, run as root, its owner); a read-only one is refused.
@@ -353,9 +372,11 @@ def write_sidecar(
         keeper_fields: ``keeper:<name>`` values, e.g. ``{"group": "g000003", "rank": "1"}``.
         durable: fsync before the rename (``storage.write_bytes``). Keep it for sidecars beside
             originals (they may hold a user's edits); a mirror keeper rebuilds can skip it.
+        overwrite_ratings: set ``xmp:Rating`` and ``xmp:Label`` whoever set them before.
 
     Returns:
-        True if the sidecar was written, False if it already held exactly this content.
+        Whether the sidecar was written (False: it already held exactly this content), and
+        which of a person's values (rating, label) it kept.
 
     Raises:
         ConfigError: a rating outside -1..5, a bad label, field name or value, or a URI that
@@ -381,9 +402,11 @@ def write_sidecar(
     old = storage.read_bytes(target) if storage.exists(target) else b""
     pyexiv2 = _exiv2()
     with _EXIV2_LOCK:
-        new = _merged(
-            pyexiv2, old if old.strip() else _EMPTY_PACKET, sidecar_uri, rating, label, own
-        )
+        packet = old if old.strip() else _EMPTY_PACKET
+        img, fields = _parse(pyexiv2, packet, sidecar_uri)
+        img.close()
+        values = _xmp_values(fields, rating, label, overwrite_ratings)
+        new = _merged(pyexiv2, packet, sidecar_uri, values, own)
         # exiv2 lays out a packet it rewrote (one it created, or one another tool wrote with
         # properties as elements, like darktable's) differently the next time it writes it:
         # more passes reach the fixed point, so the next run finds the same bytes and leaves
@@ -391,16 +414,49 @@ def write_sidecar(
         for _ in range(_FIXED_POINT_PASSES):
             if new == old:
                 break
-            again = _merged(pyexiv2, new, sidecar_uri, rating, label, own)
+            again = _merged(pyexiv2, new, sidecar_uri, values, own)
             if again == new:
                 break
             new = again
+    kept = tuple(
+        name for name, key in (("rating", _RATING), ("label", _LABEL)) if key not in values
+    )
     if new == old:
-        return False
+        return SidecarWrite(False, kept)
     storage.write_bytes(target, new, durable=durable)
     if st is not None:
         _restore_owner_and_mode(target, st)
-    return True
+    return SidecarWrite(True, kept)
+
+
+def _xmp_values(
+    fields: Mapping[str, XmpValue], rating: int, label: str | None, overwrite: bool
+) -> dict[str, str | None]:
+    """keeper's changes to ``xmp:Rating`` / ``xmp:Label`` and its record (None removes a field).
+
+    A field is keeper's to set when ``overwrite``, when the sidecar holds keeper's record and the
+    field still has the value recorded there (absent = no label), or, without a record, when the
+    field is absent or keeper's namespace is there (an older keeper wrote it). A field left out
+    of the result is a person's, and stays.
+    """
+    rating_text = str(int(rating))
+    out: dict[str, str | None] = {RECORD_KEY: f"{rating_text}|{label or ''}"}
+    record = fields.get(RECORD_KEY)
+    legacy = record is None and any(_OWN_KEY.match(k) for k in fields)
+    chosen: tuple[str | None, str | None] = (None, None)
+    if isinstance(record, str) and "|" in record:
+        r, _, lab = record.partition("|")
+        chosen = (r, lab)
+    for key, value, was in ((_RATING, rating_text, chosen[0]), (_LABEL, label, chosen[1])):
+        now = fields.get(key)
+        now_text = now if isinstance(now, str) else None
+        if record is not None and was is not None:
+            ours = (now_text or "") == was
+        else:
+            ours = now is None or legacy
+        if overwrite or ours:
+            out[key] = value
+    return out
 
 
 def _local_target(sidecar_uri: str) -> tuple[str, os.stat_result | None]:
@@ -443,17 +499,16 @@ def _merged(
     pyexiv2: Any,
     data: bytes,
     sidecar_uri: str,
-    rating: int,
-    label: str | None,
+    values: Mapping[str, str | None],
     own: Mapping[str, str],
 ) -> bytes:
-    """``data`` (an XMP packet) with keeper's fields set; the caller holds the exiv2 lock."""
+    """``data`` (an XMP packet) with keeper's fields and ``values`` (:func:`_xmp_values`) set;
+    the caller holds the exiv2 lock."""
     img, fields = _parse(pyexiv2, data, sidecar_uri)
     try:
         changes: dict[str, str | None] = {k: None for k in fields if _OWN_KEY.match(k)}
-        changes["Xmp.xmp.Rating"] = str(int(rating))
-        changes["Xmp.xmp.Label"] = label
         changes.update({f"Xmp.{KEEPER_PREFIX}.{k}": v for k, v in own.items()})
+        changes.update(values)
         # On write exiv2 re-derives Xmp.exif.* / Xmp.iptc* from the EXIF and IPTC it read out
         # of the XMP, which rewrites GPS coordinates and drops all but one language of
         # exif:UserComment. A sidecar has no EXIF or IPTC of its own: dropping them makes the

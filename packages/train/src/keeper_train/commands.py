@@ -716,6 +716,7 @@ PICK_FLAGS = (
     "clip_model",
     "xmp",
     "xmp_naming",
+    "overwrite_ratings",
     "copy_keepers",
     "link_keepers",
     "link_mode",
@@ -756,6 +757,11 @@ def add_pick_parser(subparsers: SubParsers) -> None:
     p.add_argument("--min-similarity", type=float, help="lowest cosine between burst neighbours")
     p.add_argument("--xmp", choices=["mirror", "beside", "none"], help="where sidecars go")
     p.add_argument("--xmp-naming", choices=["basename", "full"], help="IMG_1.xmp or IMG_1.CR2.xmp")
+    p.add_argument(
+        "--overwrite-ratings",
+        action=_BOOL,
+        help="replace ratings and labels a person gave in existing sidecars (default: kept)",
+    )
     p.add_argument("--copy-keepers", metavar="DIR", help="copy the keepers here")
     p.add_argument("--link-keepers", metavar="DIR", help="link the keepers here (see --link-mode)")
     p.add_argument("--link-mode", choices=["hardlink", "symlink"], help="default hardlink")

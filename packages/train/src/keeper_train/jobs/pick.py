@@ -98,6 +98,11 @@ class PickJobConfig(BaseModel):
     xmp_naming: Literal["basename", "full"] = Field(
         "basename", description="IMG_1.xmp (Lightroom, Capture One) or IMG_1.CR2.xmp (darktable)"
     )
+    overwrite_ratings: bool = Field(
+        False,
+        description="replace a rating or colour label a person gave (in an existing sidecar) "
+        "with keeper's; by default only those keeper set change",
+    )
     copy_keepers: str | None = Field(None, description="copy the keepers here (mirrored paths)")
     link_keepers: str | None = Field(None, description="hard-link the keepers here")
     link_mode: Literal["hardlink", "symlink"] = "hardlink"
@@ -582,11 +587,18 @@ class Sidecars:
     written: int = 0
     unchanged: int = 0
     skipped: int = 0  # photos sharing another's sidecar (RAW+JPEG), never planned
+    #: written or unchanged sidecars holding a person's rating or label, left in place of keeper's
+    kept_ratings: int = 0
     failed: list[SidecarFailure] = dataclass_field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """The summary's ``sidecars`` (failures are counted in ``counts["sidecars_failed"]``)."""
-        return {"written": self.written, "unchanged": self.unchanged, "skipped": self.skipped}
+        return {
+            "written": self.written,
+            "unchanged": self.unchanged,
+            "skipped": self.skipped,
+            "kept_ratings": self.kept_ratings,
+        }
 
 
 def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sidecars:
@@ -614,7 +626,7 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
             key=lambda r: (_DECISION_ORDER[str(r["decision"])], int(r["rank"])),
         )
         try:
-            changed = write_sidecar(
+            result = write_sidecar(
                 plan.sidecar_uri,
                 rating=int(row["rating"]),
                 label=row["label"] if isinstance(row["label"], str) else None,
@@ -627,6 +639,7 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
                 # Beside the originals a sidecar may hold the user's edits: fsync it. The mirror
                 # under OUTPUT is keeper's own, rebuilt by any run.
                 durable=cfg.xmp == "beside",
+                overwrite_ratings=cfg.overwrite_ratings,
             )
         except KeeperError as e:
             log.warning("sidecar %s not written: %s", plan.sidecar_uri, e)
@@ -636,8 +649,9 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
                 )
             )
             continue
-        done.written += int(changed)
-        done.unchanged += int(not changed)
+        done.written += int(result.changed)
+        done.unchanged += int(not result.changed)
+        done.kept_ratings += int(bool(result.kept))
     return done
 
 
@@ -847,6 +861,12 @@ def format_summary(s: PickSummary) -> str:
         + (
             f", {s.sidecars['skipped']} shared (RAW+JPEG) or skipped"
             if s.sidecars["skipped"]
+            else ""
+        )
+        + (
+            f", {s.sidecars['kept_ratings']} kept a person's rating or label "
+            "(--overwrite-ratings replaces them)"
+            if s.sidecars.get("kept_ratings")
             else ""
         )
         + (
