@@ -19,10 +19,13 @@ uses, so any number of replicas write into one log without coordination.
 
 from __future__ import annotations
 
+import hashlib
+import math
+import re
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -33,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core import storage
 from keeper_core.errors import DataError, KeeperError, StorageError
+from keeper_core.quality import FEATURE_NAMES
 
 #: The columns a PartLog stamps on every row, first in its schema.
 _STAMP = ("event_id", "received_at", "seq", "writer")
@@ -82,6 +86,74 @@ OFFERS_SCHEMA = pa.schema(
     ]
 )
 ROUTES: tuple[str, ...] = ("rank", "pick", "select", "review")
+#: Offer rows of a ``keeper pick`` run shown to a person (the review page, a photo tool's
+#: sidecars): a batch run's picks, no A/B arm.
+REVIEW_ROUTE = "review"
+_VERSION_URI = re.compile(r"\((models:/[^)\s]+)\)")
+
+
+def run_request_id(summary: bytes) -> str:
+    """The request id a pick run's decisions refer to: ``run-`` + 24 hex of the SHA-256 of its
+    ``_SUMMARY.json``, so every reader names a run alike and a new run in a folder is new."""
+    return "run-" + hashlib.sha256(summary).hexdigest()[:24]
+
+
+def ranker_model(label: str) -> str:
+    """What ranked, as offer rows name it: ``models:/NAME/VERSION`` from a version's label
+    (``'NAME vN (models:/NAME/N)'``), else the label itself (the zero-shot rule)."""
+    m = _VERSION_URI.search(label)
+    return m.group(1) if m else label
+
+
+def pick_run_offers(
+    rows: Mapping[str, Sequence[Any]],
+    groups: Iterable[Collection[int]],
+    *,
+    request_id: str,
+    summary: Mapping[str, Any],
+    client: str | None,
+    embeddings: Mapping[str, Iterable[float]] | None = None,
+) -> list[dict[str, Any]]:
+    """Offer rows (:data:`OFFERS_SCHEMA`, route ``review``) of a pick run's ``groups``.
+
+    Args:
+        rows: ``picks.parquet``'s columns by name (group_id, rank, decision, score, image_uri,
+            image_id and the quality features), in file order.
+        groups: each group's row indices; every image of a group is offered.
+        request_id: :func:`run_request_id` of the run's summary.
+        summary: the run's ``_SUMMARY.json`` (its ``ranker`` and ``clip_model``).
+        client: who was shown the run, or None.
+        embeddings: image_id -> its embedding (from the run's table); None: none logged.
+    """
+    model = ranker_model(str(summary.get("ranker", "")))
+    spec = str(summary.get("clip_model", ""))
+    out: list[dict[str, Any]] = []
+    for idx in groups:
+        for i in idx:
+            image_id = str(rows["image_id"][i])
+            quality = [float(rows[f][i]) for f in FEATURE_NAMES]
+            vector = None if embeddings is None else embeddings.get(image_id)
+            out.append(
+                {
+                    "request_id": request_id,
+                    "route": REVIEW_ROUTE,
+                    "client": client,
+                    "arm": None,
+                    "model": model,
+                    "model_spec": spec,
+                    "group_id": str(rows["group_id"][i]),
+                    "group_size": len(idx),
+                    "image_id": image_id,
+                    "image_uri": str(rows["image_uri"][i]),
+                    "position": int(i),
+                    "rank": int(rows["rank"][i]) - 1,  # offers: 0 = the model's first choice
+                    "score": float(rows["score"][i]),
+                    "offered": str(rows["decision"][i]),
+                    "embedding": None if vector is None else [float(x) for x in vector],
+                    "quality": quality if all(math.isfinite(q) for q in quality) else None,
+                }
+            )
+    return out
 
 
 class FeedbackEvent(BaseModel):

@@ -17,7 +17,6 @@ This module holds no Ray: the ingress calls it on worker threads (it reads stora
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import threading
@@ -33,13 +32,14 @@ from keeper_core import storage
 from keeper_core.contact_sheet import thumbnail_name
 from keeper_core.corpus import read_corpus
 from keeper_core.errors import DataError, KeeperError, StorageError
+from keeper_core.feedback import REVIEW_ROUTE as REVIEW_ROUTE  # re-exported: moved to core
+from keeper_core.feedback import pick_run_offers, run_request_id
+from keeper_core.feedback import ranker_model as ranker_model
 from keeper_core.quality import FEATURE_NAMES
 from keeper_serve.config import ReviewArgs
 
 SUMMARY = "_SUMMARY.json"
 PICKS = "picks.parquet"
-#: Offer rows of the review page: a batch run's picks, shown to a person (no A/B arm).
-REVIEW_ROUTE = "review"
 _COLUMNS = (
     "group_id",
     "rank",
@@ -56,7 +56,6 @@ _COLUMNS = (
     *FEATURE_NAMES,
 )
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
-_VERSION_URI = re.compile(r"\((models:/[^)\s]+)\)")
 
 
 class UnknownRun(DataError):
@@ -69,18 +68,6 @@ class RunUnusable(DataError):
 
 class UnknownImage(DataError):
     """An image id the run does not hold, or one without a thumbnail."""
-
-
-def run_request_id(summary: bytes) -> str:
-    """The request id a run's decisions refer to: ``run-`` + 24 hex of its summary's SHA-256."""
-    return "run-" + hashlib.sha256(summary).hexdigest()[:24]
-
-
-def ranker_model(label: str) -> str:
-    """What ranked, as offer rows name it: ``models:/NAME/VERSION`` from a version's label
-    (``'NAME vN (models:/NAME/N)'``), else the label itself (the zero-shot rule)."""
-    m = _VERSION_URI.search(label)
-    return m.group(1) if m else label
 
 
 @dataclass(frozen=True)
@@ -202,40 +189,14 @@ class ReviewRun:
     ) -> list[dict[str, Any]]:
         """Offer rows (keeper_core.feedback.OFFERS_SCHEMA) of the images of ``groups``, with
         each image's embedding from ``embeddings`` (:meth:`embeddings`; None: none)."""
-        r = self.rows
-        model = ranker_model(str(self.summary.get("ranker", "")))
-        spec = str(self.summary.get("clip_model", ""))
-        out: list[dict[str, Any]] = []
-        for g in groups:
-            idx = self.groups[g]
-            for i in idx:
-                quality = [float(r[f][i]) for f in FEATURE_NAMES]
-                out.append(
-                    {
-                        "request_id": self.request_id,
-                        "route": REVIEW_ROUTE,
-                        "client": client,
-                        "arm": None,
-                        "model": model,
-                        "model_spec": spec,
-                        "group_id": str(r["group_id"][i]),
-                        "group_size": len(idx),
-                        "image_id": str(r["image_id"][i]),
-                        "image_uri": str(r["image_uri"][i]),
-                        "position": int(i),
-                        "rank": int(r["rank"][i]) - 1,  # offers: 0 = the model's first choice
-                        "score": float(r["score"][i]),
-                        "offered": str(r["decision"][i]),
-                        "embedding": (
-                            None
-                            if embeddings is None
-                            or (e := embeddings.get(str(r["image_id"][i]))) is None
-                            else [float(x) for x in e]
-                        ),
-                        "quality": quality if all(np.isfinite(quality)) else None,
-                    }
-                )
-        return out
+        return pick_run_offers(
+            self.rows,
+            [self.groups[g] for g in groups],
+            request_id=self.request_id,
+            summary=self.summary,
+            client=client,
+            embeddings=embeddings,
+        )
 
 
 def read_run(name: str, folder: str) -> ReviewRun:

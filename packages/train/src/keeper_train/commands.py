@@ -534,6 +534,43 @@ def add_feedback_export_parser(subparsers: SubParsers) -> None:
     p.set_defaults(func=run)
 
 
+def add_feedback_from_xmp_parser(subparsers: SubParsers) -> None:
+    """``keeper feedback-from-xmp``: a photographer's sidecar culls -> feedback (jobs.xmp_feedback)."""
+    p = subparsers.add_parser(
+        "feedback-from-xmp",
+        help="record the ratings a person gave in a photo tool to a pick run's XMP sidecars "
+        "as feedback",
+        description="Read the XMP sidecars of a keeper pick run (placed as pick placed them), "
+        "turn the ratings a person changed (rejected, keeper of its group, accepted) into "
+        "decisions under ROOT/events with their offers under ROOT/offers, as the review page "
+        "records them. Running it again records only what changed. A flag given here "
+        "overrides --config.",
+    )
+    p.add_argument("--config", help="YAML config (XmpFeedbackConfig fields)")
+    p.add_argument("--run", help="the keeper pick output folder (required)")
+    p.add_argument("--feedback", help="feedback root to write: ROOT/events, ROOT/offers (required)")
+    p.add_argument("--client", help="who decided, as the events name them (default xmp)")
+    p.add_argument(
+        "--xmp",
+        choices=["mirror", "beside"],
+        help="where pick put them (default: from its summary)",
+    )
+    p.add_argument(
+        "--xmp-naming", choices=["basename", "full"], help="pick's --xmp-naming (default basename)"
+    )
+    p.add_argument("--input-root", help="mirror: the folder pick mirrored paths from")
+    p.add_argument("overrides", nargs="*", help="any other field as key=value")
+
+    def run(args: argparse.Namespace) -> int:
+        from keeper_train.jobs import xmp_feedback
+
+        argv = ["--config", args.config] if args.config else []
+        keys = ("run", "feedback", "client", "xmp", "xmp_naming", "input_root")
+        return xmp_feedback.main([*argv, *as_overrides(given(args, keys)), *args.overrides])
+
+    p.set_defaults(func=run)
+
+
 def add_ab_report_parser(subparsers: SubParsers) -> None:
     """``keeper ab-report``: champion and challenger measured on decisions (jobs.ab_report)."""
     p = subparsers.add_parser(

@@ -1,0 +1,540 @@
+"""Read a photographer's culls back from the XMP sidecars of a ``keeper pick`` run, as feedback.
+
+    keeper pick --input ~/Pictures/wedding --output ~/culls/wedding --xmp beside
+    # ... rate, reject and label in Lightroom, darktable or Capture One ...
+    keeper feedback-from-xmp --run ~/culls/wedding --feedback ~/keeper-feedback
+    keeper feedback-export --feedback ~/keeper-feedback --output ~/fb-export
+    python -m keeper_train.jobs.xmp_feedback run=RUN feedback=ROOT client=ana
+
+    plan      the run's _SUMMARY.json and picks.parquet; where its sidecars are (``plan_sidecars``
+              with the run's mode, naming and input root, so a RAW+JPEG pair's one sidecar
+              belongs to the RAW, as when pick wrote it)
+    read      each sidecar (``read_sidecar``); a missing one is counted, an unreadable one
+              recorded with its reason; a person's rating is one that differs from keeper's
+              record (``keeper:xmp``), or any rating in a sidecar keeper never wrote
+    decide    per group, from the person's ratings: -1 -> rejected; a person's rating >= 1
+              above every other photo's rating in the group -> picked-as-keeper; other >= 1
+              -> accepted; 0 (unrated) -> nothing
+    write     offers of each decided group (route ``review``, the embeddings from the run's
+              table: what the review page logs for the run) and the decisions that differ from
+              the standing ones of this client, under ROOT/offers and ROOT/events
+
+The decisions refer to the run as the review page's do (``run-`` + 24 hex of the SHA-256 of its
+``_SUMMARY.json``), so ``keeper feedback-export`` and ``keeper ab-report`` take them like review
+decisions. Running it again writes only what changed in the sidecars since: an image whose
+standing decision (this client's) already says the same gets no event, and an image already
+offered for the run gets no offer. Event ids are a hash of the run, client, image, action, the
+sidecar's rating and the image's event count in the log, so a write retried is counted once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from keeper_core import storage
+from keeper_core.errors import ConfigError, DataError, KeeperError, StorageError
+from keeper_core.feedback import (
+    ACTIONS,
+    FeedbackEvent,
+    FeedbackLog,
+    OfferLog,
+    decisions,
+    pick_run_offers,
+    read_feedback,
+    read_offers,
+    run_request_id,
+)
+from keeper_core.handback import KEEPER_PREFIX, RECORD_KEY, SidecarPlan, plan_sidecars
+from keeper_core.quality import FEATURE_NAMES
+from keeper_train.config import job_main
+
+SUMMARY, PICKS, FAILED = "_SUMMARY.json", "picks.parquet", "failed.csv"
+KEEPER, ACCEPTED, REJECTED = "picked-as-keeper", "accepted", "rejected"
+_RATING = "Xmp.xmp.Rating"
+_OWN = f"Xmp.{KEEPER_PREFIX}."
+#: picks.parquet's columns this job and the offers read.
+_COLUMNS = ("group_id", "rank", "decision", "score", "image_uri", "image_id")
+
+
+class XmpFeedbackConfig(BaseModel):
+    """Everything ``keeper feedback-from-xmp`` takes. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str = Field(description="the keeper pick output folder (picks.parquet, _SUMMARY.json)")
+    feedback: str = Field(description="feedback root to write: ROOT/events and ROOT/offers")
+    client: str = Field(
+        "xmp",
+        min_length=1,
+        max_length=256,
+        description="who decided (the events' client): the photographer's name, as on /ui",
+    )
+    xmp: Literal["mirror", "beside"] | None = Field(
+        None,
+        description="where pick put the sidecars (default: from the run's summary: mirror when "
+        "it names OUTPUT/xmp, else beside when it wrote sidecars)",
+    )
+    xmp_naming: Literal["basename", "full"] = Field(
+        "basename", description="pick's xmp_naming: IMG_1.xmp, or IMG_1.CR2.xmp (darktable)"
+    )
+    input_root: str | None = Field(
+        None,
+        description="mirror only: the folder pick mirrored paths from (default: the run's input "
+        "folder; for a manifest, the deepest folder holding its photos and failures)",
+    )
+
+
+class SidecarProblem(BaseModel):
+    """A sidecar that could not be read, and why (the others are read)."""
+
+    image_uri: str
+    sidecar_uri: str
+    reason: str
+
+
+class XmpFeedbackSummary(BaseModel):
+    """What a run read and wrote; ``sidecars == read + missing + len(unreadable)``."""
+
+    run: str
+    feedback: str
+    request_id: str
+    client: str
+    xmp: str
+    xmp_naming: str
+    photos: int = Field(description="rows of picks.parquet")
+    sidecars: int = Field(description="sidecars planned (a RAW+JPEG pair shares one)")
+    read: int
+    missing: int
+    unreadable: list[SidecarProblem] = Field(default_factory=list)
+    persons_ratings: int = Field(description="sidecars holding a rating a person gave")
+    decisions: dict[str, int] = Field(description="decisions the ratings make, by action")
+    already_recorded: int = Field(description="decisions this client's standing ones hold")
+    events: dict[str, int] = Field(description="events written, by action")
+    offers: int = Field(description="offer rows written")
+    warnings: list[str] = Field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# plan: the run, its sidecars
+
+
+@dataclass
+class _Run:
+    request_id: str
+    summary: dict[str, Any]
+    rows: dict[str, list[Any]]  # picks.parquet's columns (_COLUMNS + quality features)
+    row_of: dict[str, int]  # image_uri -> row
+    plans: list[SidecarPlan]
+    mode: str
+
+
+def _read_run(cfg: XmpFeedbackConfig) -> tuple[bytes, dict[str, Any], dict[str, list[Any]]]:
+    try:
+        raw = storage.read_bytes(storage.join(cfg.run, SUMMARY))
+        table = storage.read_parquet(storage.join(cfg.run, PICKS))
+    except StorageError as e:
+        raise DataError(f"not a finished keeper pick run: {e}", source=cfg.run) from e
+    try:
+        summary = json.loads(raw)
+    except ValueError as e:
+        raise DataError(f"{SUMMARY} is not JSON: {e}", source=cfg.run) from e
+    if not isinstance(summary, dict) or summary.get("status") != "ok":
+        status = summary.get("status") if isinstance(summary, dict) else None
+        raise DataError(f"{SUMMARY} says the run did not finish ({status!r})", source=cfg.run)
+    missing = [c for c in (*_COLUMNS, *FEATURE_NAMES) if c not in table.column_names]
+    if missing:
+        raise DataError(f"{PICKS} lacks columns {missing}", source=cfg.run)
+    rows = {c: table.column(c).to_pylist() for c in (*_COLUMNS, *FEATURE_NAMES)}
+    return raw, summary, rows
+
+
+def _mode(cfg: XmpFeedbackConfig, summary: dict[str, Any]) -> str:
+    """The sidecars' placement: given, or what the summary shows pick did."""
+    if cfg.xmp is not None:
+        return cfg.xmp
+    if "xmp" in (summary.get("outputs") or {}):
+        return "mirror"
+    sidecars = summary.get("sidecars") or {}
+    wrote = sidecars.get("written", 0) + sidecars.get("unchanged", 0)
+    if wrote or (summary.get("counts") or {}).get("sidecars_failed"):
+        return "beside"
+    raise ConfigError(
+        f"{cfg.run}/{SUMMARY} shows no sidecars (pick ran with xmp=none?): give xmp=beside or "
+        "xmp=mirror if it wrote them"
+    )
+
+
+def _input_root(cfg: XmpFeedbackConfig, summary: dict[str, Any], uris: list[str]) -> str:
+    """The folder pick mirrored from: its input folder, or for a manifest the deepest folder
+    holding every input (picked or failed: pick's ``input_root``)."""
+    if cfg.input_root is not None:
+        return cfg.input_root.rstrip("/")
+    from keeper_train.jobs.embed import MANIFEST_SUFFIXES
+    from keeper_train.jobs.pick import common_folder
+
+    source = str(summary.get("input", ""))
+    if not source.lower().endswith(MANIFEST_SUFFIXES):
+        return source.rstrip("/")
+    failed: list[str] = []
+    path = storage.join(cfg.run, FAILED)
+    if storage.exists(path):
+        import io
+
+        import pandas as pd
+
+        frame = pd.read_csv(io.BytesIO(storage.read_bytes(path)))
+        failed = frame["image_uri"].astype(str).tolist() if "image_uri" in frame else []
+    return common_folder([*uris, *failed])
+
+
+def plan(cfg: XmpFeedbackConfig) -> _Run:
+    """The run and one plan per sidecar, as pick placed them.
+
+    Raises:
+        DataError: not a finished pick run.
+        ConfigError: the run wrote no sidecars and ``xmp`` is not given, or the sidecars'
+            placement does not fit the run's images.
+    """
+    raw, summary, rows = _read_run(cfg)
+    mode = _mode(cfg, summary)
+    uris = [str(u) for u in rows["image_uri"]]
+    row_of = {u: i for i, u in enumerate(uris)}
+    if mode == "mirror":
+        out_dir = (summary.get("outputs") or {}).get("xmp") or storage.join(cfg.run, "xmp")
+        root = _input_root(cfg, summary, uris)
+    else:
+        out_dir, root = None, ""
+    plans = plan_sidecars(
+        list(row_of),
+        input_root=root,
+        mode=mode,  # type: ignore[arg-type]  # _mode returns mirror or beside
+        out_dir=out_dir,
+        naming=cfg.xmp_naming,
+    )
+    return _Run(run_request_id(raw), summary, rows, row_of, plans, mode)
+
+
+# --------------------------------------------------------------------------------------------
+# read: each sidecar's rating, and whether a person gave it
+
+
+@dataclass
+class _Sidecar:
+    row: int  # the picks row of the image the sidecar belongs to
+    rating: int  # what the sidecar shows (0: none)
+    persons: bool  # a person gave it (not keeper's recorded value)
+    value: str  # the rating's text, for the event id
+
+
+def _int(text: str) -> int:
+    try:
+        n = float(text)  # "5" and "5.0" alike
+    except ValueError:
+        n = float("nan")
+    if not n.is_integer() or not -1 <= n <= 5:
+        raise ValueError(f"xmp:Rating {text!r} is not an integer in -1..5")
+    return int(n)
+
+
+def parse_rating(fields: dict[str, Any]) -> tuple[int, bool]:
+    """The rating a sidecar shows (0 when none) and whether a person gave it.
+
+    A person's: one that differs from the rating in keeper's record (``keeper:xmp``), or any
+    rating in a sidecar without keeper's fields (rated before keeper ran). A sidecar an older
+    keeper wrote (its fields, no record) holds keeper's. A rating removed since keeper set it
+    reads as 0: no decision.
+
+    Raises:
+        ValueError: ``xmp:Rating`` is not an integer in -1..5.
+    """
+    now = fields.get(_RATING)
+    if now is None:
+        return 0, False
+    rating = _int(str(now))
+    record = fields.get(RECORD_KEY)
+    if isinstance(record, str) and "|" in record:
+        was = record.partition("|")[0]
+        try:
+            return rating, rating != _int(was)
+        except ValueError:
+            return rating, True  # a record keeper cannot read: the value is not known to be its
+    return rating, not any(k.startswith(_OWN) for k in fields)
+
+
+@dataclass
+class _Read:
+    sidecars: list[_Sidecar] = field(default_factory=list)
+    missing: int = 0
+    unreadable: list[SidecarProblem] = field(default_factory=list)
+
+
+def read_sidecars(run: _Run) -> _Read:
+    """Each planned sidecar's rating; missing and unreadable ones counted, not fatal."""
+    from keeper_core.handback import read_sidecar
+
+    out = _Read()
+    for p in run.plans:
+        if not storage.exists(p.sidecar_uri):
+            out.missing += 1
+            continue
+        try:
+            fields = read_sidecar(p.sidecar_uri)
+            rating, persons = parse_rating(fields)
+        except (KeeperError, ValueError) as e:
+            out.unreadable.append(
+                SidecarProblem(image_uri=p.image_uri, sidecar_uri=p.sidecar_uri, reason=str(e))
+            )
+            continue
+        out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, persons, str(rating)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# decide: ratings -> decisions, per group
+
+
+def decide(run: _Run, sidecars: list[_Sidecar]) -> dict[int, str]:
+    """picks row -> action, for each sidecar holding a person's rating that makes one.
+
+    -1 is ``rejected``; a person's rating >= 1 is ``picked-as-keeper`` when it is above every
+    other rating in its group (the person's or keeper's, as the photo tool shows them: a photo
+    the person rated 5 beside keeper's 5 is not shown as the one keeper), else ``accepted``;
+    0 (unrated) makes none.
+    """
+    by_group: dict[str, list[_Sidecar]] = {}
+    for s in sidecars:
+        by_group.setdefault(str(run.rows["group_id"][s.row]), []).append(s)
+    out: dict[int, str] = {}
+    for members in by_group.values():
+        for s in members:
+            if not s.persons or s.rating == 0:
+                continue
+            if s.rating == -1:
+                out[s.row] = REJECTED
+                continue
+            top = all(s.rating > o.rating for o in members if o is not s)
+            out[s.row] = KEEPER if top else ACCEPTED
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# write: offers, then the events that change a standing decision
+
+
+def _log(root: str, read: Any) -> Any:
+    """A log's rows, or None where nothing was written yet (a fresh feedback root)."""
+    if not storage.is_s3(root) and not storage.exists(root):
+        return None  # an S3 prefix with no keys lists as empty
+    if not storage.list_files(root):
+        return None
+    return read(root)
+
+
+def _event_id(run: _Run, client: str, image_id: str, action: str, value: str, n: int) -> str:
+    key = "\x1f".join((run.request_id, client, image_id, action, value, str(n)))
+    return "xmp-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+@dataclass
+class _Written:
+    events: Counter[str]
+    already: int
+    offers: int
+    warnings: list[str]
+
+
+def write_feedback(
+    cfg: XmpFeedbackConfig, run: _Run, sidecars: list[_Sidecar], chosen: dict[int, str]
+) -> _Written:
+    """Offers of the decided groups not offered yet, then the events that change a standing
+    decision of ``cfg.client`` (offers first: an event is never written without its offer).
+
+    Raises:
+        StorageError: the logs cannot be read or written.
+    """
+    events_root = storage.join(cfg.feedback, "events")
+    offers_root = storage.join(cfg.feedback, "offers")
+    standing: dict[str, str] = {}
+    count: Counter[str] = Counter()
+    log = _log(events_root, read_feedback)
+    if log is not None:
+        mine = [
+            r
+            for r in log.select(["request_id", "image_id", "client"]).to_pylist()
+            if r["request_id"] == run.request_id and r["client"] == cfg.client
+        ]
+        count.update(str(r["image_id"]) for r in mine)
+        for d in decisions(log).to_pylist():
+            if d["request_id"] == run.request_id and d["client"] == cfg.client:
+                standing[str(d["image_id"])] = str(d["action"])
+    value_of = {s.row: s.value for s in sidecars}
+    ids = run.rows["image_id"]
+    new: list[FeedbackEvent] = []
+    for row, action in sorted(chosen.items()):
+        image_id = str(ids[row])
+        if standing.get(image_id) == action:
+            continue
+        eid = _event_id(run, cfg.client, image_id, action, value_of[row], count[image_id])
+        new.append(
+            FeedbackEvent(
+                event_id=eid,
+                request_id=run.request_id,
+                image_id=image_id,
+                action=action,
+                group_id=str(run.rows["group_id"][row]),
+                client=cfg.client,
+            )
+        )
+    offers, warnings = _new_offers(cfg, run, {str(run.rows["group_id"][r]) for r in chosen})
+    if offers:
+        offer_log = OfferLog(offers_root, writer=f"xmp-{_writer()}")
+        offer_log.append_rows(offers)
+        offer_log.flush(raise_errors=True)
+    if new:
+        event_log = FeedbackLog(events_root, writer=f"xmp-{_writer()}")
+        event_log.append(new)
+        event_log.flush(raise_errors=True)
+    return _Written(Counter(e.action for e in new), len(chosen) - len(new), len(offers), warnings)
+
+
+def _writer() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:12]  # a part name no other writer uses
+
+
+def _new_offers(
+    cfg: XmpFeedbackConfig, run: _Run, groups: set[str]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Offer rows of every image of ``groups`` the offers log does not hold for the run yet
+    (the review page's, or an earlier run of this job)."""
+    offered: set[tuple[str, str]] = set()
+    log = _log(storage.join(cfg.feedback, "offers"), read_offers)
+    if log is not None:
+        cols = log.select(["request_id", "group_id", "image_id"]).to_pylist()
+        offered = {
+            (str(r["group_id"]), str(r["image_id"]))
+            for r in cols
+            if r["request_id"] == run.request_id
+        }
+    gids = run.rows["group_id"]
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(gids):
+        if str(g) in groups:
+            members.setdefault(str(g), []).append(i)
+    if not members:
+        return [], []
+    warnings: list[str] = []
+    embeddings = None
+    try:
+        embeddings = _embeddings(run)
+    except KeeperError as e:  # the decisions still count online; export skips them
+        warnings.append(f"offers without embeddings (feedback-export cannot train on them): {e}")
+    rows = pick_run_offers(
+        run.rows,
+        list(members.values()),
+        request_id=run.request_id,
+        summary=run.summary,
+        client=cfg.client,
+        embeddings=embeddings,
+    )
+    return [r for r in rows if (r["group_id"], r["image_id"]) not in offered], warnings
+
+
+def _embeddings(run: _Run) -> dict[str, Any]:
+    """image_id -> embedding, from the table the run was picked from (the summary's table).
+
+    Raises:
+        DataError: the summary names no table, or it cannot be read.
+    """
+    from keeper_core.corpus import read_corpus
+
+    table = run.summary.get("table")
+    if not table:
+        raise DataError(f"{SUMMARY} names no embedding table")
+    corpus = read_corpus(str(table))
+    return {k: corpus.embeddings[i] for i, k in enumerate(corpus.image_id)}
+
+
+# --------------------------------------------------------------------------------------------
+# The job: plan -> read -> decide -> write
+
+
+def run(cfg: XmpFeedbackConfig) -> XmpFeedbackSummary:
+    """Read the run's sidecars back and record the person's decisions; the summary.
+
+    Raises:
+        DataError: not a finished pick run.
+        ConfigError: where the sidecars are cannot be told (see :func:`plan`).
+        StorageError: the feedback logs cannot be read or written.
+    """
+    r = plan(cfg)
+    got = read_sidecars(r)
+    chosen = decide(r, got.sidecars)
+    written = write_feedback(cfg, r, got.sidecars, chosen)
+    made = Counter(chosen.values())
+    return XmpFeedbackSummary(
+        run=cfg.run,
+        feedback=cfg.feedback,
+        request_id=r.request_id,
+        client=cfg.client,
+        xmp=r.mode,
+        xmp_naming=cfg.xmp_naming,
+        photos=len(r.rows["image_id"]),
+        sidecars=len(r.plans),
+        read=len(got.sidecars),
+        missing=got.missing,
+        unreadable=got.unreadable,
+        persons_ratings=sum(s.persons for s in got.sidecars),
+        decisions={a: made[a] for a in ACTIONS if a != "undone"},
+        already_recorded=written.already,
+        events={a: written.events[a] for a in ACTIONS if a != "undone"},
+        offers=written.offers,
+        warnings=written.warnings,
+    )
+
+
+def describe(s: XmpFeedbackSummary) -> str:
+    def by_action(c: dict[str, int]) -> str:
+        return ", ".join(f"{v} {k}" for k, v in c.items() if v) or "none"
+
+    lines = [
+        f"keeper feedback-from-xmp: {s.run} ({s.request_id}, xmp={s.xmp}, {s.xmp_naming}) -> "
+        f"{s.feedback} as client {s.client!r}",
+        f"  sidecars  {s.sidecars} for {s.photos} photos: {s.read} read, {s.missing} missing, "
+        f"{len(s.unreadable)} unreadable",
+    ]
+    lines += [f"            {p.sidecar_uri}: {p.reason}" for p in s.unreadable[:5]]
+    lines += [
+        f"  ratings   {s.persons_ratings} a person's -> decisions: {by_action(s.decisions)}",
+        f"  written   events: {by_action(s.events)} ({s.already_recorded} already recorded); "
+        f"{s.offers} offer rows",
+    ]
+    lines += [f"  WARNING   {w}" for w in s.warnings]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m keeper_train.jobs.xmp_feedback --config FILE [key=value ...]``."""
+    return job_main(
+        argv,
+        job="xmp_feedback",
+        description=__doc__.split("\n")[0],
+        model=XmpFeedbackConfig,
+        run=run,
+        describe=describe,
+        exit_code=lambda _: 0,
+        example="run=PICK_OUTPUT feedback=ROOT client=ana",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
