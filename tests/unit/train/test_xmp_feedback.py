@@ -218,6 +218,24 @@ def test_full_naming_and_a_mirror_are_found_as_pick_placed_them(tmp_path: Path) 
     assert m.events["rejected"] == 1
 
 
+def test_what_the_summary_records_places_the_sidecars_without_flags(tmp_path: Path) -> None:
+    # keeper pick records xmp, xmp_naming and the mirrored root in its summary.
+    out, photos = _write_run(tmp_path)
+    for f, *_ in PHOTOS:
+        write_sidecar(str(photos / f"{f}.xmp"), rating=3, label=None, keeper_fields={"g": "x"})
+    _rate(photos / "IMG_1.JPG.xmp", 3, 5)
+    summary = json.loads((out / "_SUMMARY.json").read_text())
+    summary.update(xmp="beside", xmp_naming="full", xmp_root=None)
+    (out / "_SUMMARY.json").write_text(json.dumps(summary))
+    s = run(XmpFeedbackConfig(run=str(out), feedback=str(tmp_path / "fb")))
+    assert (s.xmp, s.xmp_naming, s.read, s.persons_ratings) == ("beside", "full", 9, 1)
+
+    summary["xmp"] = "none"
+    (out / "_SUMMARY.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="xmp=none"):
+        run(XmpFeedbackConfig(run=str(out), feedback=str(tmp_path / "fb")))
+
+
 def test_a_run_without_sidecars_needs_xmp_named(tmp_path: Path) -> None:
     out, _ = _write_run(tmp_path)
     summary = json.loads((out / "_SUMMARY.json").read_text())

@@ -572,6 +572,12 @@ class PickSummary(BaseModel):
     outputs: dict[str, str]
     embed: dict[str, Any]
     finished: str
+    #: where the sidecars went, so readers (keeper feedback-from-xmp) find them as pick placed
+    #: them: ``xmp`` and ``xmp_naming`` as configured, ``xmp_root`` the folder mirrored paths
+    #: start from (None unless mirrored). Summaries written before these existed lack them.
+    xmp: str | None = None
+    xmp_naming: str | None = None
+    xmp_root: str | None = None
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode()
@@ -840,6 +846,9 @@ def run(cfg: PickJobConfig) -> PickSummary:
         outputs=paths,
         embed={"run_id": emb.run_id, "status": emb.status, **emb.counts.model_dump(by_alias=True)},
         finished=datetime.now(UTC).isoformat(timespec="seconds"),
+        xmp=cfg.xmp,
+        xmp_naming=cfg.xmp_naming,
+        xmp_root=cfg.input_root(lib.inputs) if cfg.xmp == "mirror" else None,
     )
     storage.write_bytes(storage.join(cfg.out, SUMMARY), summary.to_json())
     return summary

@@ -79,16 +79,20 @@ class XmpFeedbackConfig(BaseModel):
     )
     xmp: Literal["mirror", "beside"] | None = Field(
         None,
-        description="where pick put the sidecars (default: from the run's summary: mirror when "
-        "it names OUTPUT/xmp, else beside when it wrote sidecars)",
+        description="where pick put the sidecars (default: what the run's summary records; for "
+        "a run from before it did, mirror when it names OUTPUT/xmp, else beside when it wrote "
+        "sidecars)",
     )
-    xmp_naming: Literal["basename", "full"] = Field(
-        "basename", description="pick's xmp_naming: IMG_1.xmp, or IMG_1.CR2.xmp (darktable)"
+    xmp_naming: Literal["basename", "full"] | None = Field(
+        None,
+        description="pick's xmp_naming: IMG_1.xmp, or IMG_1.CR2.xmp (darktable) (default: what "
+        "the run's summary records, else basename)",
     )
     input_root: str | None = Field(
         None,
-        description="mirror only: the folder pick mirrored paths from (default: the run's input "
-        "folder; for a manifest, the deepest folder holding its photos and failures)",
+        description="mirror only: the folder pick mirrored paths from (default: what the run's "
+        "summary records; else the run's input folder, or for a manifest the deepest folder "
+        "holding its photos and failures)",
     )
 
 
@@ -134,6 +138,7 @@ class _Run:
     row_of: dict[str, int]  # image_uri -> row
     plans: list[SidecarPlan]
     mode: str
+    naming: str
 
 
 def _read_run(cfg: XmpFeedbackConfig) -> tuple[bytes, dict[str, Any], dict[str, list[Any]]]:
@@ -160,6 +165,10 @@ def _mode(cfg: XmpFeedbackConfig, summary: dict[str, Any]) -> str:
     """The sidecars' placement: given, or what the summary shows pick did."""
     if cfg.xmp is not None:
         return cfg.xmp
+    if summary.get("xmp") in ("mirror", "beside"):
+        return str(summary["xmp"])
+    if summary.get("xmp") == "none":
+        raise ConfigError(f"{cfg.run} was picked with xmp=none: it wrote no sidecars to read")
     if "xmp" in (summary.get("outputs") or {}):
         return "mirror"
     sidecars = summary.get("sidecars") or {}
@@ -177,6 +186,8 @@ def _input_root(cfg: XmpFeedbackConfig, summary: dict[str, Any], uris: list[str]
     holding every input (picked or failed: pick's ``input_root``)."""
     if cfg.input_root is not None:
         return cfg.input_root.rstrip("/")
+    if summary.get("xmp_root"):
+        return str(summary["xmp_root"])
     from keeper_train.jobs.embed import MANIFEST_SUFFIXES
     from keeper_train.jobs.pick import common_folder
 
@@ -205,6 +216,7 @@ def plan(cfg: XmpFeedbackConfig) -> _Run:
     """
     raw, summary, rows = _read_run(cfg)
     mode = _mode(cfg, summary)
+    naming = _naming(cfg, summary)
     uris = [str(u) for u in rows["image_uri"]]
     row_of = {u: i for i, u in enumerate(uris)}
     if mode == "mirror":
@@ -217,9 +229,15 @@ def plan(cfg: XmpFeedbackConfig) -> _Run:
         input_root=root,
         mode=mode,  # type: ignore[arg-type]  # _mode returns mirror or beside
         out_dir=out_dir,
-        naming=cfg.xmp_naming,
+        naming=naming,
     )
-    return _Run(run_request_id(raw), summary, rows, row_of, plans, mode)
+    return _Run(run_request_id(raw), summary, rows, row_of, plans, mode, naming)
+
+
+def _naming(cfg: XmpFeedbackConfig, summary: dict[str, Any]) -> Literal["basename", "full"]:
+    if cfg.xmp_naming is not None:
+        return cfg.xmp_naming
+    return "full" if summary.get("xmp_naming") == "full" else "basename"
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,7 +505,7 @@ def run(cfg: XmpFeedbackConfig) -> XmpFeedbackSummary:
         request_id=r.request_id,
         client=cfg.client,
         xmp=r.mode,
-        xmp_naming=cfg.xmp_naming,
+        xmp_naming=r.naming,
         photos=len(r.rows["image_id"]),
         sidecars=len(r.plans),
         read=len(got.sidecars),
