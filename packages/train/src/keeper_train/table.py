@@ -15,10 +15,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from keeper_core import storage
+
+
+def in_set(values: pd.Series, members: set[str]) -> np.ndarray:
+    """Whether each of ``values`` is in ``members``, as a bool array; costs ``len(values)``.
+
+    ``Series.isin(members)`` costs ``len(members)`` on every call whatever the Series' length:
+    pandas 3's ``str`` columns make an Arrow scalar of each member (~5 s for a set of a million
+    URIs, measured: benchmarks/plan_scale.py), and a table's parts are many small Series.
+    """
+    return np.fromiter((v in members for v in values.tolist()), dtype=bool, count=len(values))
 
 
 def list_parts(folder: str) -> list[str]:
@@ -119,9 +130,13 @@ class ErrorRows:
         return set(self.rows()["image_uri"].astype(str))
 
     def remove(self, uris: set[str]) -> int:
-        """Delete the rows of ``uris`` (e.g. images embedded since). Returns rows removed."""
+        """Delete the rows of ``uris`` (e.g. images embedded since). Returns rows removed.
+
+        Rows are looked up in ``uris`` (``in_set``): with ``Series.isin`` every errors part (one
+        per decode task that failed an image) paid for the whole set, parts x embedded images.
+        """
         return sum(
-            self._keep(part, (~df["image_uri"].isin(uris)).tolist())
+            self._keep(part, (~in_set(df["image_uri"], uris)).tolist())
             for part, df in sorted(self.by_part.items())
         )
 

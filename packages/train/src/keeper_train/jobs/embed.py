@@ -90,7 +90,7 @@ from keeper_core.webdataset import (
 )
 from keeper_train.cluster import actor_pool_released, custom_resources
 from keeper_train.config import job_main
-from keeper_train.table import EmbeddedParts, ErrorRows
+from keeper_train.table import EmbeddedParts, ErrorRows, in_set
 
 if TYPE_CHECKING:  # torch: the model actors import these; decode and write tasks never do
     from keeper_core.device_preparation import DevicePreparation
@@ -1220,6 +1220,7 @@ def plan(cfg: EmbedConfig) -> Plan:
     keep_failed = set(rows.loc[~retry, "image_uri"].astype(str))
     retried = set(rows.loc[retry, "image_uri"].astype(str))
     todo = [u for u in inputs if u not in done and u not in keep_failed]
+    attempt = set(todo)  # looked up per bad name and failed shard: a list would be B x N
     if todo:  # the spec is recorded once there is something to embed with it
         check_table_meta(dst, cfg.model, embed_dim=dim, weights=weights)
     return Plan(
@@ -1232,14 +1233,14 @@ def plan(cfg: EmbedConfig) -> Plan:
         embedded=embedded,
         errors=errors,
         todo=todo,
-        retried=len(retried.intersection(todo)),
+        retried=len(retried & attempt),
         failed_before=sum(1 for u in inputs if u in keep_failed),
         duplicates_removed=removed,
         errors_cleared=cleared,
         seconds={"plan": time.perf_counter() - t0},
         members=members,
-        index_failures={u: e for u, e in index_failures.items() if u in todo},
-        bad_names={u: e for u, e in bad_names.items() if u in todo},
+        index_failures={u: e for u, e in index_failures.items() if u in attempt},
+        bad_names={u: e for u, e in bad_names.items() if u in attempt},
     )
 
 
@@ -1443,7 +1444,7 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
     cleared = errors.remove(emb_all)  # an image that failed once and then succeeded is embedded
     removed += errors.dedupe()
     rows = errors.rows()
-    this_run = rows[(rows["run_id"] == p.run_id) & rows["image_uri"].isin(todo)]
+    this_run = rows[(rows["run_id"] == p.run_id).to_numpy() & in_set(rows["image_uri"], todo)]
     n_embedded = len(emb_all & todo)
     n_failed = len(this_run)
     attempted = len(todo)

@@ -58,7 +58,7 @@ from keeper_core.models import ModelSpec, spec_field
 from keeper_core.picking import PickConfig
 from keeper_core.webdataset import is_webdataset
 from keeper_train.jobs import embed
-from keeper_train.table import ErrorRows
+from keeper_train.table import ErrorRows, in_set
 
 log = logging.getLogger("keeper.pick")
 
@@ -424,13 +424,13 @@ def load_library(cfg: PickJobConfig, spec: str) -> Library:
         inputs = inputs[: cfg.limit]
     keys = {storage.same_key(u) for u in inputs}
     table = storage.read_parquet(storage.join(cfg.table, embed.EMBEDDINGS)).to_pandas()
-    in_input = table["image_uri"].astype(str).map(storage.same_key).isin(keys)
-    frame = table[in_input.to_numpy()].reset_index(drop=True)
+    in_input = in_set(table["image_uri"].astype(str).map(storage.same_key), keys)
+    frame = table[in_input].reset_index(drop=True)
     specs = set(frame["model_spec"].astype(str))
     if specs - {spec}:
         raise DataError(f"the table holds embeddings of {sorted(specs)}, not {spec!r}")
     errors = ErrorRows.read(storage.join(cfg.table, embed.ERRORS)).rows()
-    failed = errors[errors["image_uri"].astype(str).map(storage.same_key).isin(keys)]
+    failed = errors[in_set(errors["image_uri"].astype(str).map(storage.same_key), keys)]
     failed = _failed_details(cfg.table, failed)
     seconds = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
