@@ -340,3 +340,30 @@ def write_unit_parts(dst: str, sizes: list[int], *, offset: int = 0, dim: int = 
     for p, n in enumerate(sizes, start=offset):
         uris = [f"s3://photos/{p}/{i}.jpg" for i in range(n)]
         write_unit_rows(dst, uris, [f"{p:04x}{i:04x}" for i in range(n)], dim=dim, rng=rng)
+
+
+def noise_jpeg(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    """A JPEG of seeded noise, ``size`` (width, height)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_at_bytes_path(path: bytes, data: bytes) -> None:
+    """Write ``data`` at a path given as bytes: a file whose name is not UTF-8, as an old
+    archive's Latin-1 names are on Linux (parents made)."""
+    import os
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)

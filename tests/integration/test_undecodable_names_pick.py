@@ -4,14 +4,12 @@ output of the rest is written."""
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from support import noise_jpeg, write_at_bytes_path
 
 from keeper_core import storage
 from keeper_train.jobs import embed, pick
@@ -19,29 +17,17 @@ from keeper_train.jobs import embed, pick
 pytestmark = pytest.mark.integration
 
 
-def _jpeg(seed: int) -> bytes:
-    rgb = np.random.default_rng(seed).integers(0, 256, (96, 128, 3), np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _write(path: bytes, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 def test_pick_records_latin1_names_and_completes(ray_cluster: str, tmp_path: Path) -> None:
     root = tmp_path / "library"
     raw = os.fsencode(root)
-    _write(raw + b"/IMG_0001.JPG", _jpeg(1))
-    _write(raw + "/Fête/IMG_0002.JPG".encode(), _jpeg(2))  # UTF-8: an ordinary name
-    _write(raw + b"/caf\xe9.jpg", _jpeg(3))  # Latin-1 "café.jpg"
-    _write(raw + b"/\xc9t\xe9 2003/IMG_0004.JPG", _jpeg(4))  # a Latin-1 folder
+    write_at_bytes_path(raw + b"/IMG_0001.JPG", noise_jpeg(1, (128, 96)))
+    write_at_bytes_path(
+        raw + "/Fête/IMG_0002.JPG".encode(), noise_jpeg(2, (128, 96))
+    )  # UTF-8: an ordinary name
+    write_at_bytes_path(raw + b"/caf\xe9.jpg", noise_jpeg(3, (128, 96)))  # Latin-1 "café.jpg"
+    write_at_bytes_path(
+        raw + b"/\xc9t\xe9 2003/IMG_0004.JPG", noise_jpeg(4, (128, 96))
+    )  # a Latin-1 folder
     out = tmp_path / "out"
     cfg = pick.PickJobConfig(
         input=str(root),

@@ -20,8 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 from pydantic import ValidationError
+from support import noise_jpeg, write_at_bytes_path
 
 from keeper_core import storage
 from keeper_core.errors import DataError
@@ -31,33 +31,17 @@ from keeper_train.jobs import embed, pick
 SPEC = "keeper-tiny:random"
 
 
-def _jpeg(seed: int) -> bytes:
-    rgb = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def _write(path: bytes, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
 @pytest.fixture
 def library(tmp_path: Path) -> dict[str, str]:
     """Two photos with UTF-8 names, a Latin-1 ``caf\\xe9.jpg``, a photo in a Latin-1 folder and
     a note with a Latin-1 name (not a photo: ignored); name -> the URI listing gives it."""
     root = tmp_path / "library"
     raw = os.fsencode(root)
-    _write(raw + b"/a.jpg", _jpeg(1))
-    _write(raw + "/café.jpg".encode(), _jpeg(2))  # UTF-8: an ordinary name
-    _write(raw + b"/caf\xe9.jpg", _jpeg(3))  # Latin-1 "café.jpg"
-    _write(raw + b"/\xc9t\xe9/b.jpg", _jpeg(4))  # Latin-1 "Été/b.jpg"
-    _write(raw + b"/notes-\xe9.txt", b"not a photo")
+    write_at_bytes_path(raw + b"/a.jpg", noise_jpeg(1))
+    write_at_bytes_path(raw + "/café.jpg".encode(), noise_jpeg(2))  # UTF-8: an ordinary name
+    write_at_bytes_path(raw + b"/caf\xe9.jpg", noise_jpeg(3))  # Latin-1 "café.jpg"
+    write_at_bytes_path(raw + b"/\xc9t\xe9/b.jpg", noise_jpeg(4))  # Latin-1 "Été/b.jpg"
+    write_at_bytes_path(raw + b"/notes-\xe9.txt", b"not a photo")
     return {
         "root": str(root),
         "a": f"{root}/a.jpg",
@@ -194,11 +178,11 @@ def _shard(path: Path, members: dict[bytes, bytes]) -> None:
 def test_webdataset_members_and_shards_with_such_names_fail_as_bad_name(tmp_path: Path) -> None:
     shards = tmp_path / "shards"
     shards.mkdir()
-    _shard(shards / "00000.tar", {b"000.jpg": _jpeg(1), b"caf\xe9.jpg": _jpeg(2)})
+    _shard(shards / "00000.tar", {b"000.jpg": noise_jpeg(1), b"caf\xe9.jpg": noise_jpeg(2)})
     bad_shard = os.fsencode(shards) + b"/\xe9t\xe9.tar"
     good = tmp_path / "tmp.tar"
-    _shard(good, {b"000.jpg": _jpeg(3)})
-    _write(bad_shard, good.read_bytes())
+    _shard(good, {b"000.jpg": noise_jpeg(3)})
+    write_at_bytes_path(bad_shard, good.read_bytes())
     dst = str(tmp_path / "emb")
     cfg = embed.EmbedConfig(input=str(shards), output=dst, model=SPEC)
 
