@@ -57,15 +57,16 @@ def test_second_run_over_another_tools_sidecar_leaves_it_alone(
     path = tmp_path / "IMG_1.CR2.xmp"
     path.write_bytes(content)
     fields = {"group": "g1", "rank": "2", "decision": "reject"}
-    assert write_sidecar(str(path), rating=-1, label="Red", keeper_fields=fields)
+    tools = read_sidecar(str(path)).get("Xmp.xmp.Rating")  # the tool's (a person's) rating
+    assert write_sidecar(str(path), rating=-1, label="Red", keeper_fields=fields).changed
     first = path.read_bytes()
     os.utime(path, ns=(1_000_000_000, 1_000_000_000))
     # The re-run keeper's docs promise: same values, same bytes, same mtime (no outside edit).
-    assert not write_sidecar(str(path), rating=-1, label="Red", keeper_fields=fields)
+    assert not write_sidecar(str(path), rating=-1, label="Red", keeper_fields=fields).changed
     assert path.read_bytes() == first
     assert path.stat().st_mtime_ns == 1_000_000_000
     after = read_sidecar(str(path))
-    assert after["Xmp.xmp.Rating"] == "-1"
+    assert after["Xmp.xmp.Rating"] == (tools or "-1")  # a rating the tool held stays
     assert after["Xmp.keeper.rank"] == "2"
 
 
@@ -76,9 +77,9 @@ def test_symlinked_sidecar_is_written_through_to_its_target(tmp_path: Path) -> N
     link = tmp_path / "photos" / "IMG_1.xmp"
     link.parent.mkdir()
     link.symlink_to(Path("..") / "store" / "IMG_1.xmp")
-    assert write_sidecar(str(link), rating=3, label="Green")
+    assert write_sidecar(str(link), rating=3, label="Green").changed
     assert link.is_symlink()  # still the user's link...
-    assert read_sidecar(str(store))["Xmp.xmp.Rating"] == "3"  # ...and its target has the pick
+    assert read_sidecar(str(store))["Xmp.keeper.xmp"] == "3|Green"  # ...and its target the pick
     assert list(tmp_path.rglob("*.tmp")) == []
 
 
@@ -105,7 +106,7 @@ def test_rewritten_sidecar_keeps_its_permissions(tmp_path: Path) -> None:
     path.chmod(0o664)  # a team's shared folder: the group edits the sidecars too
     old = os.umask(0o022)
     try:
-        assert write_sidecar(str(path), rating=3, label="Green")
+        assert write_sidecar(str(path), rating=3, label="Green").changed
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o664
