@@ -68,7 +68,7 @@ _OWN_KEY = re.compile(rf"^Xmp\.{KEEPER_PREFIX}\.[^/\[]+$")
 #: keeper's record of the rating and label it chose, ``"<rating>|<label>"`` (``keeper:xmp``): a
 #: sidecar still holding those values holds keeper's own; other values are a person's.
 RECORD_KEY = f"Xmp.{KEEPER_PREFIX}.xmp"
-_RATING, _LABEL = "Xmp.xmp.Rating", "Xmp.xmp.Label"
+RATING_KEY, LABEL_KEY = "Xmp.xmp.Rating", "Xmp.xmp.Label"
 # exiv2 keeps process-global state (the XMP toolkit's namespace registry, pyexiv2's error log):
 # one sidecar at a time per process.
 _EXIV2_LOCK = threading.Lock()
@@ -419,7 +419,7 @@ def write_sidecar(
                 break
             new = again
     kept = tuple(
-        name for name, key in (("rating", _RATING), ("label", _LABEL)) if key not in values
+        name for name, key in (("rating", RATING_KEY), ("label", LABEL_KEY)) if key not in values
     )
     if new == old:
         return SidecarWrite(False, kept)
@@ -432,31 +432,44 @@ def write_sidecar(
 def _xmp_values(
     fields: Mapping[str, XmpValue], rating: int, label: str | None, overwrite: bool
 ) -> dict[str, str | None]:
-    """keeper's changes to ``xmp:Rating`` / ``xmp:Label`` and its record (None removes a field).
-
-    A field is keeper's to set when ``overwrite``, when the sidecar holds keeper's record and the
-    field still has the value recorded there (absent = no label), or, without a record, when the
-    field is absent or keeper's namespace is there (an older keeper wrote it). A field left out
-    of the result is a person's, and stays.
-    """
+    """keeper's changes to ``xmp:Rating`` / ``xmp:Label`` and its record (None removes a field):
+    each field keeper owns (:func:`keeper_owns`), or every one when ``overwrite``. A field left
+    out of the result is a person's, and stays."""
     rating_text = str(int(rating))
     out: dict[str, str | None] = {RECORD_KEY: f"{rating_text}|{label or ''}"}
-    record = fields.get(RECORD_KEY)
-    legacy = record is None and any(_OWN_KEY.match(k) for k in fields)
-    chosen: tuple[str | None, str | None] = (None, None)
-    if isinstance(record, str) and "|" in record:
-        r, _, lab = record.partition("|")
-        chosen = (r, lab)
-    for key, value, was in ((_RATING, rating_text, chosen[0]), (_LABEL, label, chosen[1])):
-        now = fields.get(key)
-        now_text = now if isinstance(now, str) else None
-        if record is not None and was is not None:
-            ours = (now_text or "") == was
-        else:
-            ours = now is None or legacy
-        if overwrite or ours:
+    for key, value in ((RATING_KEY, rating_text), (LABEL_KEY, label)):
+        if overwrite or keeper_owns(fields, key):
             out[key] = value
     return out
+
+
+def keeper_owns(fields: Mapping[str, XmpValue], key: str) -> bool:
+    """Whether a sidecar's ``xmp:Rating`` or ``xmp:Label`` (``key``) holds keeper's value, not a
+    person's.
+
+    With keeper's record (``keeper:xmp``): the field still holds the value recorded there
+    (absent = no label); an unreadable record owns only an absent field. Without one: the field
+    is absent, or keeper's namespace is there (an older keeper wrote the sidecar before it kept
+    a record). Anything else a person set, in a photo tool, before keeper ran or since.
+    """
+    now = fields.get(key)
+    record = fields.get(RECORD_KEY)
+    if isinstance(record, str) and "|" in record:
+        rating, _, label = record.partition("|")
+        text = now if isinstance(now, str) else ""
+        if key == RATING_KEY:
+            return _same_number(text, rating)  # a tool that rewrote "3" as "3.0" changed nothing
+        return text == label
+    if record is not None:
+        return now is None
+    return now is None or any(_OWN_KEY.match(k) for k in fields)
+
+
+def _same_number(a: str, b: str) -> bool:
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return a == b
 
 
 def _local_target(sidecar_uri: str) -> tuple[str, os.stat_result | None]:

@@ -52,14 +52,12 @@ from keeper_core.feedback import (
     read_offers,
     run_request_id,
 )
-from keeper_core.handback import KEEPER_PREFIX, RECORD_KEY, SidecarPlan, plan_sidecars
+from keeper_core.handback import RATING_KEY, SidecarPlan, keeper_owns, plan_sidecars
 from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import job_main
 
 SUMMARY, PICKS, FAILED = "_SUMMARY.json", "picks.parquet", "failed.csv"
 KEEPER, ACCEPTED, REJECTED = "picked-as-keeper", "accepted", "rejected"
-_RATING = "Xmp.xmp.Rating"
-_OWN = f"Xmp.{KEEPER_PREFIX}."
 #: picks.parquet's columns this job and the offers read.
 _COLUMNS = ("group_id", "rank", "decision", "score", "image_uri", "image_id")
 
@@ -265,26 +263,18 @@ def _int(text: str) -> int:
 def parse_rating(fields: dict[str, Any]) -> tuple[int, bool]:
     """The rating a sidecar shows (0 when none) and whether a person gave it.
 
-    A person's: one that differs from the rating in keeper's record (``keeper:xmp``), or any
-    rating in a sidecar without keeper's fields (rated before keeper ran). A sidecar an older
-    keeper wrote (its fields, no record) holds keeper's. A rating removed since keeper set it
-    reads as 0: no decision.
+    A person's is one keeper does not own (``handback.keeper_owns``, the rule by which keeper
+    leaves it in place): different from keeper's record (``keeper:xmp``), or any rating in a
+    sidecar without keeper's fields (rated before keeper ran). A rating removed since keeper
+    set it reads as 0: no decision.
 
     Raises:
         ValueError: ``xmp:Rating`` is not an integer in -1..5.
     """
-    now = fields.get(_RATING)
+    now = fields.get(RATING_KEY)
     if now is None:
         return 0, False
-    rating = _int(str(now))
-    record = fields.get(RECORD_KEY)
-    if isinstance(record, str) and "|" in record:
-        was = record.partition("|")[0]
-        try:
-            return rating, rating != _int(was)
-        except ValueError:
-            return rating, True  # a record keeper cannot read: the value is not known to be its
-    return rating, not any(k.startswith(_OWN) for k in fields)
+    return _int(str(now)), not keeper_owns(fields, RATING_KEY)
 
 
 @dataclass
