@@ -26,7 +26,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -218,20 +217,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cpu_model": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "python": platform.python_version(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100000,1000000", help="inputs, comma-separated")
@@ -267,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None:
             tmp.cleanup()
     print_table(rows)
+    # embed.py's description of the machine; imported here, in the parent only: the measured
+    # worker processes must not pay for the torch it imports.
+    from embed import machine_info
+
     result = {
         "command": " ".join(
             ["benchmarks/plan_scale.py", *(argv if argv is not None else sys.argv[1:])]
@@ -280,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "retryable_every": RETRYABLE_EVERY,
             "fail_every": FAIL_EVERY,
         },
-        "machine": machine(),
+        "machine": machine_info(),
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "rows": rows,
     }
