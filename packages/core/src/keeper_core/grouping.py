@@ -21,8 +21,8 @@ cameras); the figures, and what they cannot say, are in the field descriptions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -37,6 +37,15 @@ from keeper_core.scoring import check_embeddings
 _BLOCK_ELEMS = 1 << 24
 #: Neighbour pairs whose cosine is computed at once in ``group_shots`` (bounds the gathered rows).
 _PAIR_CHUNK = 16_384
+#: A hash bucket of more rows than this has its pairs compared by matrix products, not listed.
+_HEAVY_BUCKET = 2048
+#: Listing and testing one pair of a hash bucket, in cosines of a blocked scan: what decides
+#: search="auto". benchmarks/pick_scale.py at 100k x 512-d, two cores: 37-67 ns a listed pair
+#: (bucketing included), 7 ns a scanned cosine.
+_PAIR_COST = 6.0
+#: Edges gathered before they are merged into the components: bounds their memory when nearly
+#: every pair passes (random-weight embeddings without hashes).
+_EDGE_BATCH = 1 << 22
 #: float32 cosine of two identical unit vectors can come out a few ulp below 1.0; without this
 #: slack a threshold of 1.0 would miss byte-identical re-embeddings.
 _COS_SLACK = 1e-6
@@ -135,7 +144,8 @@ class GroupingConfig(BaseModel):
             "bits, another crop of it by 18, a mirror image by 34; re-shoots of one textured "
             "photo (a page, a micrograph) in keeper_core.synthetic_library came within 5-11. It is what keeps random-weight embeddings (every "
             "cosine near 1) from marking everything, and a trained CLIP's 'same subject, "
-            "another photo' from counting as a copy. 64 turns the guard off."
+            "another photo' from counting as a copy. 64 turns the guard off, and with it the "
+            "hash-bucket search: every pair is then compared (~40 s at 100,000 photos, an hour at 1,000,000)."
         ),
     )
 
@@ -256,6 +266,7 @@ def find_duplicates(
     cameras: Sequence[str] | None = None,
     subsecond: np.ndarray | None = None,
     sequences: np.ndarray | None = None,
+    search: Literal["auto", "scan", "hash"] = "auto",
 ) -> tuple[np.ndarray, list[str | None]]:
     """Marks exact duplicates (same bytes) and near duplicates (copies in other groups, or one
     exposure recorded twice within a group).
@@ -284,10 +295,17 @@ def find_duplicates(
     it (kind ``"near"``), whatever it measures. This needs ``hashes``, ``moments``, ``cameras`` and
     ``subsecond``; the marks above are the same with or without it.
 
-    The search compares every pair (upper triangle, blocked matrix products): O(N^2 * D) time and
-    O(N) memory beyond the embeddings, about 10 s for 50,000 x 512 on two cores. A corpus of
-    millions passes ``pairs`` instead: the candidate pairs an approximate-nearest-neighbour
-    index found (``keeper dedup``: each row's k nearest); they are held to the same tests.
+    The search is exact: every pair that could pass is tested. With ``hashes`` and
+    ``near_duplicate_max_hamming`` < 64 only the pairs whose hashes agree on one of
+    ``max_hamming + 1`` bit ranges are candidates (multi-index hashing: two hashes within
+    ``max_hamming`` bits agree on one range whole), about (h + 1) N^2 / 2^(64 / (h + 1))
+    pairs for well-spread hashes: 18-39 s for 1,000,000 rows at the default 4 bits on two
+    cores (benchmarks/pick_scale.py). Otherwise every pair is compared (upper triangle, blocked
+    matrix products): O(N^2 * D) time, about 10 s for 50,000 x 512 and ~70 minutes for
+    1,000,000. ``search`` forces one way ("scan" or "hash"); "auto" takes the cheaper by the
+    bucket counts; the marks are the same. Both use O(N) memory beyond the embeddings. An
+    index's candidates can be passed as ``pairs`` instead (``keeper dedup``: each row's k
+    nearest, for a wide Hamming bound); they are held to the same tests.
 
     Args:
         image_id: (N,) content hashes (sha256 of the file bytes).
@@ -317,6 +335,8 @@ def find_duplicates(
             when many frames of a burst share one reading.
         sequences: (N,) frame numbers within a drive sequence, NaN where unknown: two known
             numbers that differ are two exposures, whatever their times say.
+        search: "auto", "scan" (every pair) or "hash" (needs ``hashes`` and a Hamming bound
+            below 64); ignored with ``pairs``.
 
     Returns:
         ``(duplicate_of, kind)``: (N,) int64 row positions of the row each duplicate points at
@@ -398,6 +418,7 @@ def find_duplicates(
         config.max_gap_s,
         rep_pairs,
         None if exposures is None else exposures.take(reps),
+        search=search,
     )
     best_in = np.full(len(reps), n, dtype=np.int64)
     np.minimum.at(best_in, comp, rank[reps])
@@ -451,60 +472,182 @@ def _near_components(
     max_gap_s: float = np.inf,
     pairs: tuple[np.ndarray, np.ndarray] | None = None,
     exposures: _Exposures | None = None,
+    *,
+    search: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Connected components of "cosine >= threshold, hashes within max_hamming bits, and
     different group", and of "cosine >= threshold, hashes within max_hamming bits, same group
     and same exposure" (each row alone without ``exposures``); labels 0..M-1 roots. ``pairs``:
-    only these candidates are tested."""
+    only these candidates are tested.
+
+    Without ``pairs`` every pair that can pass is tested, in one of two ways with the same
+    components: a blocked scan of all M^2 / 2 cosines (``search="scan"``), or, where hashes
+    bound the Hamming distance, only the pairs of rows whose hashes agree on one of
+    ``max_hamming + 1`` bit ranges (``search="hash"``: multi-index hashing; two hashes within
+    ``max_hamming`` bits agree on at least one range whole, by pigeonhole). ``"auto"`` takes
+    whichever costs less by the bucket counts (``_HashBuckets.cost``).
+    """
     m = emb.shape[0]
-    labels = np.arange(m)
-    one = np.arange(m)
+    labels, one = _Edges(m), _Edges(m)
     if m < 2:
-        return labels, one
+        return labels.roots(), one.roots()
     thr = np.float32(threshold - _COS_SLACK)
+    bits = hashes if hashes is not None and max_hamming < 64 else None
 
     def link(a: np.ndarray, b: np.ndarray) -> None:
-        nonlocal labels, one
+        """Of pairs (a[k], b[k]), keeps those passing every test but the cosine's."""
         across = groups[a] != groups[b]
         alike = np.ones(len(a), dtype=bool)
-        if hashes is not None and max_hamming < 64:
-            alike = np.bitwise_count(hashes[a] ^ hashes[b]) <= max_hamming
+        if bits is not None:
+            alike = np.bitwise_count(bits[a] ^ bits[b]) <= max_hamming
         keep = across & alike
         if moments is not None:
             keep &= ~moments.apart(a, b, max_gap_s)
-        if keep.any():
-            labels = _union(labels, a[keep], b[keep])
+        labels.add(a[keep], b[keep])
         if exposures is not None:
             within = ~across & alike
             within[within] = exposures.same(a[within], b[within])
-            if within.any():
-                one = _union(one, a[within], b[within])
+            one.add(a[within], b[within])
+
+    def test(a: np.ndarray, b: np.ndarray) -> None:
+        """Candidate pairs: ``link``'s tests on the cosine's passing pairs. The cheap tests run
+        first, so a burst's siblings (same group, alike hashes) cost no cosine."""
+        across = groups[a] != groups[b]
+        if moments is not None:
+            across &= ~moments.apart(a, b, max_gap_s)
+        if exposures is not None:
+            across |= exposures.same(a, b)
+        a, b = a[across], b[across]
+        for s in range(0, len(a), _PAIR_CHUNK):
+            x, y = a[s : s + _PAIR_CHUNK], b[s : s + _PAIR_CHUNK]
+            close = np.einsum("ij,ij->i", emb[x], emb[y]) >= thr
+            link(x[close], y[close])
+
+    def scan(rows: np.ndarray | None) -> None:
+        """Every pair of ``rows`` (all rows when None), by blocked matrix products."""
+        sub = emb if rows is None else emb[rows]
+        n = sub.shape[0]
+        step = max(1, _BLOCK_ELEMS // n)
+        for i0 in range(0, n, step):
+            i1 = min(n, i0 + step)
+            # Upper triangle only: row i against columns j >= i0 (j > i is kept below).
+            sims = sub[i0:i1] @ sub[i0:].T
+            sims[np.arange(i1 - i0), np.arange(i1 - i0)] = -2.0  # not its own duplicate
+            # Hits are rare: find the rows that have one before listing them (np.nonzero over
+            # the whole block costs more than the matrix product).
+            cand = np.flatnonzero((sims >= thr).any(axis=1))
+            if not cand.size:
+                continue
+            a, b = np.nonzero(sims[cand] >= thr)
+            a = cand[a] + i0
+            b += i0
+            upper = b > a
+            a, b = a[upper], b[upper]
+            if rows is not None:
+                a, b = rows[a], rows[b]
+            link(a, b)
 
     if pairs is not None:
         a, b = pairs
         a, b = np.minimum(a, b), np.maximum(a, b)
         distinct = a != b
-        a, b = a[distinct], b[distinct]
-        close = np.einsum("ij,ij->i", emb[a], emb[b]) >= thr
-        link(a[close], b[close])
-        return labels, one
-    rows = max(1, _BLOCK_ELEMS // m)
-    for i0 in range(0, m, rows):
-        i1 = min(m, i0 + rows)
-        # Upper triangle only: row i against columns j >= i0 (j > i is kept below).
-        sims = emb[i0:i1] @ emb[i0:].T
-        sims[np.arange(i1 - i0), np.arange(i1 - i0)] = -2.0  # a row is not its own duplicate
-        # Hits are rare: find the rows that have one before listing them (np.nonzero over the
-        # whole block costs more than the matrix product).
-        cand = np.flatnonzero((sims >= thr).any(axis=1))
-        if not cand.size:
-            continue
-        a, b = np.nonzero(sims[cand] >= thr)
-        a = cand[a] + i0
-        b += i0
-        upper = b > a
-        link(a[upper], b[upper])
-    return labels, one
+        test(a[distinct], b[distinct])
+        return labels.roots(), one.roots()
+    if search not in ("auto", "scan", "hash"):
+        raise ValueError(f"search: expected auto, scan or hash, got {search!r}")
+    if search == "hash" and bits is None:
+        raise ValueError("search='hash' needs hashes and max_hamming < 64")
+    buckets = None if bits is None or search == "scan" else _HashBuckets(bits, max_hamming)
+    if buckets is not None and (search == "hash" or buckets.cost < m * (m - 1) / 2):
+        for a, b in buckets.close_pairs():
+            test(a, b)
+        for rows in buckets.heavy():
+            scan(rows)
+    else:
+        scan(None)
+    return labels.roots(), one.roots()
+
+
+class _Edges:
+    """A union-find fed edges in batches: ``_union`` costs O(M) a call whatever the batch, so
+    the edges of many blocks or buckets are merged together."""
+
+    def __init__(self, m: int) -> None:
+        self.labels = np.arange(m)
+        self.held: list[tuple[np.ndarray, np.ndarray]] = []
+        self.count = 0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        if a.size:
+            self.held.append((a, b))
+            self.count += a.size
+            if self.count >= _EDGE_BATCH:
+                self.roots()
+
+    def roots(self) -> np.ndarray:
+        """Merges the held edges; every row's label is its component's root (smallest row)."""
+        if self.held:
+            a = np.concatenate([e[0] for e in self.held])
+            b = np.concatenate([e[1] for e in self.held])
+            self.held, self.count = [], 0
+            self.labels = _union(self.labels, a, b)
+        return self.labels
+
+
+class _HashBuckets:
+    """Rows bucketed by each of ``max_hamming + 1`` bit ranges of their 64-bit hashes.
+
+    Two hashes within ``max_hamming`` bits share a bucket in at least one range, so the pairs
+    within buckets are all the pairs that can pass the Hamming test. A bucket of more than
+    ``_HEAVY_BUCKET`` rows (a run of blank frames: one dHash) is scanned by matrix products
+    instead of being listed pair by pair.
+    """
+
+    def __init__(self, hashes: np.ndarray, max_hamming: int) -> None:
+        hashes = np.asarray(hashes).astype(np.int64).view(np.uint64)
+        self.hashes, self.max_hamming = hashes, max_hamming
+        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        listed = scanned = 0.0
+        k = max_hamming + 1
+        shift = 0
+        for i in range(k):
+            width = 64 // k + (1 if i < 64 % k else 0)
+            key = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+            shift += width
+            order = np.argsort(key, kind="stable")
+            sk = key[order]
+            starts = np.flatnonzero(np.concatenate([[True], sk[1:] != sk[:-1]]))
+            sizes = np.diff(np.append(starts, len(sk)))
+            self.runs.append((order, starts, sizes))
+            s = sizes.astype(np.float64)
+            light = s <= _HEAVY_BUCKET
+            listed += float((s[light] * (s[light] - 1) / 2).sum())
+            scanned += float((s[~light] * (s[~light] - 1) / 2).sum())
+        #: What the search costs, in cosines of a blocked scan (listing a pair: _PAIR_COST).
+        self.cost = listed * _PAIR_COST + scanned
+
+    def close_pairs(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Pairs of rows in one light bucket whose hashes are within ``max_hamming`` bits (a
+        pair sharing several buckets comes once per bucket)."""
+        for order, starts, sizes in self.runs:
+            size = np.repeat(sizes, sizes)  # each sorted position's bucket size and end
+            end = np.repeat(starts + sizes, sizes)
+            at = np.flatnonzero((size > 1) & (size <= _HEAVY_BUCKET))
+            for d in range(1, _HEAVY_BUCKET):  # bounded: d < the largest light bucket
+                at = at[at + d < end[at]]
+                if not at.size:
+                    break
+                a, b = order[at], order[at + d]
+                close = np.bitwise_count(self.hashes[a] ^ self.hashes[b]) <= self.max_hamming
+                if close.any():
+                    yield a[close], b[close]
+
+    def heavy(self) -> Iterator[np.ndarray]:
+        """The rows of each heavy bucket."""
+        for order, starts, sizes in self.runs:
+            big = sizes > _HEAVY_BUCKET
+            for start, size in zip(starts[big].tolist(), sizes[big].tolist(), strict=True):
+                yield order[start : start + size]
 
 
 class _Moments:
