@@ -320,15 +320,17 @@ def _has_properties(packet: bytes) -> bool:
     return False
 
 
-def _parse(pyexiv2: ModuleType, data: bytes, uri: str) -> tuple[Any, dict[str, XmpValue]]:
+def _parse(
+    pyexiv2: ModuleType, data: bytes, uri: str, what: str = "an XMP sidecar"
+) -> tuple[Any, dict[str, XmpValue]]:
     try:
         img = pyexiv2.ImageData(data)
     except (RuntimeError, ValueError) as e:
-        raise DataError(f"not an XMP sidecar ({str(e).strip()}); left as it is", source=uri) from e
+        raise DataError(f"not {what} ({str(e).strip()}); left as it is", source=uri) from e
     try:
         if img.get_mime_type() != _XMP_MIME:
             raise DataError(
-                f"is a {img.get_mime_type()} file, not an XMP sidecar; left as it is", source=uri
+                f"is a {img.get_mime_type()} file, not {what}; left as it is", source=uri
             )
         fields: dict[str, XmpValue] = img.read_xmp()
         # exiv2 only warns when a packet does not parse and then reads it as empty; writing
@@ -549,10 +551,26 @@ def read_sidecar(sidecar_uri: str) -> dict[str, XmpValue]:
         StorageError: the sidecar cannot be read.
         DataError: it is not XMP that exiv2 can parse.
     """
-    data = storage.read_bytes(sidecar_uri)
+    return parse_xmp_packet(storage.read_bytes(sidecar_uri), sidecar_uri)
+
+
+def parse_xmp_packet(
+    data: bytes, source: str, *, what: str = "an XMP sidecar"
+) -> dict[str, XmpValue]:
+    """Every XMP field of one XMP packet (a sidecar's bytes, or a packet embedded in an image
+    file), as :func:`read_sidecar` gives them.
+
+    Args:
+        data: the packet, starting with ``<?xpacket``, ``<?xml`` or ``<x:xmpmeta``.
+        source: where it came from, for the error.
+        what: what the packet is, as the error names it ("not an XMP sidecar").
+
+    Raises:
+        DataError: it is not XMP that exiv2 can parse.
+    """
     pyexiv2 = _exiv2()
     with _EXIV2_LOCK:
-        img, fields = _parse(pyexiv2, data, sidecar_uri)
+        img, fields = _parse(pyexiv2, data, source, what)
         img.close()
     return fields
 

@@ -11,20 +11,48 @@
               belongs to the RAW, as when pick wrote it)
     read      each sidecar (``read_sidecar``); a missing one is counted, an unreadable one
               recorded with its reason; a person's rating is one that differs from keeper's
-              record (``keeper:xmp``), or any rating in a sidecar keeper never wrote
+              record (``keeper:xmp``), or any rating in a sidecar keeper never wrote. A photo
+              without a sidecar is read from the XMP packet in its own file
+              (``embedded_xmp``: JPEG, TIFF, DNG, HEIC, where Lightroom writes those formats'
+              ratings); a file that cannot be followed to its packet is recorded like an
+              unreadable sidecar
     decide    per group, from the person's ratings: -1 -> rejected; a person's rating >= 1
               above every other photo's rating in the group -> picked-as-keeper; other >= 1
               -> accepted; 0 (unrated) -> nothing
     write     offers of each decided group (route ``review``, the embeddings from the run's
-              table: what the review page logs for the run) and the decisions that differ from
-              the standing ones of this client, under ROOT/offers and ROOT/events
+              table: what the review page logs for the run) and the events that make this
+              client's standing decisions say what the ratings now say, under ROOT/offers and
+              ROOT/events: a decision where it differs, ``undone`` where a rating that made one
+              was taken back
 
 The decisions refer to the run as the review page's do (``run-`` + 24 hex of the SHA-256 of its
 ``_SUMMARY.json``), so ``keeper feedback-export`` and ``keeper ab-report`` take them like review
 decisions. Running it again writes only what changed in the sidecars since: an image whose
 standing decision (this client's) already says the same gets no event, and an image already
 offered for the run gets no offer. Event ids are a hash of the run, client, image, action, the
-sidecar's rating and the image's event count in the log, so a write retried is counted once.
+rating read and the image's event count in the log (plus one for each earlier event of this
+write), so a write retried is counted once.
+
+A rating taken back (the sidecar back at keeper's value, or its rating removed; a group's unique
+top turned into a tie is a change of decision, not a take-back) is undone: for an image
+whose rating was read and now makes no decision, one ``undone`` for each decision on top of this
+client's standing ones that this job wrote (ids ``xmp-``), as ``feedback.decisions`` folds them
+(undo pops the decision before it), so nothing of the ratings' stands and a decision made on the
+review page under the same client, beneath them, stands again. A decision changed by a new rating
+is the new action alone: the latest event is the standing one, no ``undone`` needed. An image whose
+sidecar is missing or unreadable, without a readable packet in its file, is left as it stands: no
+rating read is not a rating taken back.
+
+A person's rating in the sidecar wins: a photo's file is read when its sidecar is missing, or
+when the sidecar still holds keeper's own rating (``keeper_owns``): Lightroom writes a JPEG's,
+TIFF's or DNG's rating into the file and never reads its sidecar, so beside keeper's untouched
+sidecar the file's rating, where it has one, is the person's (counted in ``in_file``). keeper
+never writes into image files, so every rating in one is a person's, in a photo
+tool or in camera (cameras write ``xmp:Rating`` into a JPEG's XMP): an in-camera rating counts
+as a rating given before keeper ran does in a sidecar keeper never wrote. The photographer rated
+the photo either way; the file's mtime would not tell the two apart reliably (copies, imports and
+unrelated edits set it), and a rule by time would drop a Lightroom rating given before the pick
+run while a sidecar's counts.
 """
 
 from __future__ import annotations
@@ -46,17 +74,19 @@ from keeper_core.feedback import (
     FeedbackEvent,
     FeedbackLog,
     OfferLog,
-    decisions,
     pick_run_offers,
     read_feedback,
     read_offers,
     run_request_id,
 )
-from keeper_core.handback import RATING_KEY, SidecarPlan, keeper_owns, plan_sidecars
+from keeper_core.handback import RATING_KEY, SidecarPlan, XmpValue, keeper_owns, plan_sidecars
 from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import job_main
 
 SUMMARY, PICKS, FAILED = "_SUMMARY.json", "picks.parquet", "failed.csv"
+#: Photos whose ratings Lightroom writes into the file and whose sidecars it never reads: read
+#: beside a sidecar that still holds keeper's rating (``_beside_keepers``).
+IN_FILE_SUFFIXES = (".jpg", ".jpeg", ".tif", ".tiff", ".dng")
 KEEPER, ACCEPTED, REJECTED = "picked-as-keeper", "accepted", "rejected"
 #: picks.parquet's columns this job and the offers read.
 _COLUMNS = ("group_id", "rank", "decision", "score", "image_uri", "image_id")
@@ -102,8 +132,16 @@ class SidecarProblem(BaseModel):
     reason: str
 
 
+class FileProblem(BaseModel):
+    """A photo without a sidecar whose own XMP could not be read, and why."""
+
+    image_uri: str
+    reason: str
+
+
 class XmpFeedbackSummary(BaseModel):
-    """What a run read and wrote; ``sidecars == read + missing + len(unreadable)``."""
+    """What a run read and wrote; ``sidecars == read + missing + len(unreadable)``, and of the
+    missing, ``missing == embedded + len(embedded_unreadable) + absent``."""
 
     run: str
     feedback: str
@@ -116,10 +154,31 @@ class XmpFeedbackSummary(BaseModel):
     read: int
     missing: int
     unreadable: list[SidecarProblem] = Field(default_factory=list)
-    persons_ratings: int = Field(description="sidecars holding a rating a person gave")
+    embedded: int = Field(
+        0, description="photos without a sidecar whose own file's XMP was read (a packet or none)"
+    )
+    embedded_packets: int = Field(0, description="...of them, files holding an XMP packet")
+    embedded_unreadable: list[FileProblem] = Field(default_factory=list)
+    absent: int = Field(0, description="photos with neither a sidecar nor their file")
+    in_file: int = Field(
+        0,
+        description="sidecars still holding keeper's rating whose photo's own XMP holds one "
+        "(a person's, read in its place: Lightroom rates JPEG, TIFF and DNG in the file)",
+    )
+    in_file_unreadable: list[FileProblem] = Field(
+        default_factory=list,
+        description="photos beside keeper's sidecar whose own XMP could not be read (keeper's "
+        "rating stands)",
+    )
+    persons_ratings: int = Field(
+        description="sidecars or files' own XMP holding a rating a person gave"
+    )
     decisions: dict[str, int] = Field(description="decisions the ratings make, by action")
     already_recorded: int = Field(description="decisions this client's standing ones hold")
-    events: dict[str, int] = Field(description="events written, by action")
+    events: dict[str, int] = Field(description="events written, by action (undone aside)")
+    undone: int = Field(
+        0, description="undone events written: decisions of taken-back ratings, taken back"
+    )
     offers: int = Field(description="offer rows written")
     warnings: list[str] = Field(default_factory=list)
 
@@ -244,6 +303,8 @@ def _naming(cfg: XmpFeedbackConfig, summary: dict[str, Any]) -> Literal["basenam
 
 @dataclass
 class _Sidecar:
+    """A rating read: from the image's sidecar, or (none there) the XMP in its own file."""
+
     row: int  # the picks row of the image the sidecar belongs to
     rating: int  # what the sidecar shows (0: none)
     persons: bool  # a person gave it (not keeper's recorded value)
@@ -277,21 +338,45 @@ def parse_rating(fields: dict[str, Any]) -> tuple[int, bool]:
     return _int(str(now)), not keeper_owns(fields, RATING_KEY)
 
 
+def parse_embedded_rating(fields: dict[str, XmpValue]) -> tuple[int, bool]:
+    """The rating the XMP packet in an image file shows (0 when none), and whether a person gave
+    it: always where there is one (keeper never writes into image files; see the module
+    docstring for an in-camera rating).
+
+    Raises:
+        ValueError: ``xmp:Rating`` is not an integer in -1..5.
+    """
+    now = fields.get(RATING_KEY)
+    rating = 0 if now is None else _int(str(now))
+    return rating, rating != 0
+
+
 @dataclass
 class _Read:
-    sidecars: list[_Sidecar] = field(default_factory=list)
+    sidecars: list[_Sidecar] = field(default_factory=list)  # sidecars' and files' ratings read
+    read: int = 0  # sidecars read
     missing: int = 0
     unreadable: list[SidecarProblem] = field(default_factory=list)
+    embedded: int = 0
+    embedded_packets: int = 0
+    embedded_unreadable: list[FileProblem] = field(default_factory=list)
+    absent: int = 0
+    in_file: int = (
+        0  # of the sidecars read holding keeper's value, files with a rating of their own
+    )
+    in_file_unreadable: list[FileProblem] = field(default_factory=list)
 
 
 def read_sidecars(run: _Run) -> _Read:
-    """Each planned sidecar's rating; missing and unreadable ones counted, not fatal."""
+    """Each planned sidecar's rating, or where it is missing, the rating in the image file's own
+    XMP; missing and unreadable ones counted, not fatal."""
     from keeper_core.handback import read_sidecar
 
     out = _Read()
     for p in run.plans:
         if not storage.exists(p.sidecar_uri):
             out.missing += 1
+            _read_embedded(run, p, out)
             continue
         try:
             fields = read_sidecar(p.sidecar_uri)
@@ -301,8 +386,55 @@ def read_sidecars(run: _Run) -> _Read:
                 SidecarProblem(image_uri=p.image_uri, sidecar_uri=p.sidecar_uri, reason=str(e))
             )
             continue
+        out.read += 1
+        if not persons and _beside_keepers(run, p, out):
+            continue
         out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, persons, str(rating)))
     return out
+
+
+def _beside_keepers(run: _Run, p: SidecarPlan, out: _Read) -> bool:
+    """Whether the image file's own XMP holds a rating, read into ``out`` in place of the
+    sidecar's: the sidecar still holds keeper's value, so a rating in the file is a person's
+    (Lightroom writes a JPEG's, TIFF's or DNG's rating there and never reads its sidecar; other
+    formats are not read here). A file that cannot be read leaves keeper's value standing, recorded in ``in_file_unreadable``.
+    """
+    from keeper_core.embedded_xmp import read_embedded_xmp
+
+    if not p.image_uri.lower().endswith(IN_FILE_SUFFIXES):
+        return False  # a RAW's or HEIC's rating goes to its sidecar: no need to read the file
+    try:
+        fields = read_embedded_xmp(p.image_uri) if storage.exists(p.image_uri) else None
+        rating, _ = (0, False) if fields is None else parse_embedded_rating(fields)
+    except (KeeperError, ValueError) as e:
+        out.in_file_unreadable.append(FileProblem(image_uri=p.image_uri, reason=str(e)))
+        return False
+    if rating == 0:
+        return False
+    out.in_file += 1
+    out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, True, str(rating)))
+    return True
+
+
+def _read_embedded(run: _Run, p: SidecarPlan, out: _Read) -> None:
+    """The rating in the XMP packet of ``p``'s image file, into ``out``: only a packet read counts
+    as a rating read (a file without one says nothing, as a missing sidecar says nothing)."""
+    from keeper_core.embedded_xmp import read_embedded_xmp
+
+    try:
+        if not storage.exists(p.image_uri):
+            out.absent += 1
+            return
+        fields = read_embedded_xmp(p.image_uri)
+        got = None if fields is None else parse_embedded_rating(fields)
+    except (KeeperError, ValueError) as e:
+        out.embedded_unreadable.append(FileProblem(image_uri=p.image_uri, reason=str(e)))
+        return
+    out.embedded += 1
+    if got is not None:
+        out.embedded_packets += 1
+        rating, persons = got
+        out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, persons, str(rating)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,48 +491,91 @@ class _Written:
     warnings: list[str]
 
 
+@dataclass
+class _Standing:
+    """This client's events for the run: how many per image, and the decisions in force."""
+
+    count: Counter[str] = field(default_factory=Counter)
+    #: image_id -> the decisions an ``undone`` would uncover, oldest first, each with whether
+    #: this job wrote it: the stack ``feedback.decisions`` folds, whose top is the standing one
+    stack: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
+
+
+def _standing(log: Any, run: _Run, client: str) -> _Standing:
+    """Fold the log's events of ``client`` for the run as ``feedback.decisions`` does (oldest
+    first; ``undone`` pops the decision before it)."""
+    out = _Standing()
+    if log is None:
+        return out
+    cols = log.select(["event_id", "request_id", "image_id", "client", "action"]).to_pylist()
+    for r in cols:
+        if r["request_id"] != run.request_id or r["client"] != client:
+            continue
+        image_id = str(r["image_id"])
+        out.count[image_id] += 1
+        stack = out.stack.setdefault(image_id, [])
+        if r["action"] == "undone":
+            if stack:
+                stack.pop()
+        else:
+            stack.append((str(r["action"]), str(r["event_id"] or "").startswith("xmp-")))
+    return out
+
+
+def _actions(stack: list[tuple[str, bool]], target: str | None) -> list[str]:
+    """The events that make ``stack``'s standing decision ``target`` (None: none of this job's).
+
+    A new action supersedes the one before it (the latest stands); a taken-back rating pops
+    every decision on top that this job wrote, down to one made elsewhere (the review page) or
+    none.
+    """
+    top = stack[-1][0] if stack else None
+    if target is not None:
+        return [] if top == target else [target]
+    ours = 0
+    for _, mine in reversed(stack):
+        if not mine:
+            break
+        ours += 1
+    return ["undone"] * ours
+
+
 def write_feedback(
     cfg: XmpFeedbackConfig, run: _Run, sidecars: list[_Sidecar], chosen: dict[int, str]
 ) -> _Written:
-    """Offers of the decided groups not offered yet, then the events that change a standing
-    decision of ``cfg.client`` (offers first: an event is never written without its offer).
+    """Offers of the decided groups not offered yet, then the events that make this client's
+    standing decisions of the images read say what their ratings now say (offers first: an
+    event is never written without its offer).
 
     Raises:
         StorageError: the logs cannot be read or written.
     """
     events_root = storage.join(cfg.feedback, "events")
     offers_root = storage.join(cfg.feedback, "offers")
-    standing: dict[str, str] = {}
-    count: Counter[str] = Counter()
-    log = _log(events_root, read_feedback)
-    if log is not None:
-        mine = [
-            r
-            for r in log.select(["request_id", "image_id", "client"]).to_pylist()
-            if r["request_id"] == run.request_id and r["client"] == cfg.client
-        ]
-        count.update(str(r["image_id"]) for r in mine)
-        for d in decisions(log).to_pylist():
-            if d["request_id"] == run.request_id and d["client"] == cfg.client:
-                standing[str(d["image_id"])] = str(d["action"])
+    standing = _standing(_log(events_root, read_feedback), run, cfg.client)
     value_of = {s.row: s.value for s in sidecars}
     ids = run.rows["image_id"]
     new: list[FeedbackEvent] = []
-    for row, action in sorted(chosen.items()):
+    already = 0
+    # Every image a rating was read for: decided ones, and the ones whose rating decides nothing
+    # now (taken back); an image not read (missing, unreadable) keeps what stands.
+    for row in sorted(value_of):
         image_id = str(ids[row])
-        if standing.get(image_id) == action:
-            continue
-        eid = _event_id(run, cfg.client, image_id, action, value_of[row], count[image_id])
-        new.append(
-            FeedbackEvent(
-                event_id=eid,
-                request_id=run.request_id,
-                image_id=image_id,
-                action=action,
-                group_id=str(run.rows["group_id"][row]),
-                client=cfg.client,
+        target = chosen.get(row)
+        actions = _actions(standing.stack.get(image_id, []), target)
+        already += target is not None and not actions
+        for k, action in enumerate(actions):
+            n = standing.count[image_id] + k
+            new.append(
+                FeedbackEvent(
+                    event_id=_event_id(run, cfg.client, image_id, action, value_of[row], n),
+                    request_id=run.request_id,
+                    image_id=image_id,
+                    action=action,
+                    group_id=str(run.rows["group_id"][row]),
+                    client=cfg.client,
+                )
             )
-        )
     offers, warnings = _new_offers(cfg, run, {str(run.rows["group_id"][r]) for r in chosen})
     if offers:
         offer_log = OfferLog(offers_root, writer=f"xmp-{_writer()}")
@@ -410,7 +585,7 @@ def write_feedback(
         event_log = FeedbackLog(events_root, writer=f"xmp-{_writer()}")
         event_log.append(new)
         event_log.flush(raise_errors=True)
-    return _Written(Counter(e.action for e in new), len(chosen) - len(new), len(offers), warnings)
+    return _Written(Counter(e.action for e in new), already, len(offers), warnings)
 
 
 def _writer() -> str:
@@ -498,13 +673,20 @@ def run(cfg: XmpFeedbackConfig) -> XmpFeedbackSummary:
         xmp_naming=r.naming,
         photos=len(r.rows["image_id"]),
         sidecars=len(r.plans),
-        read=len(got.sidecars),
+        read=got.read,
         missing=got.missing,
         unreadable=got.unreadable,
+        embedded=got.embedded,
+        embedded_packets=got.embedded_packets,
+        embedded_unreadable=got.embedded_unreadable,
+        absent=got.absent,
+        in_file=got.in_file,
+        in_file_unreadable=got.in_file_unreadable,
         persons_ratings=sum(s.persons for s in got.sidecars),
         decisions={a: made[a] for a in ACTIONS if a != "undone"},
         already_recorded=written.already,
         events={a: written.events[a] for a in ACTIONS if a != "undone"},
+        undone=written.events["undone"],
         offers=written.offers,
         warnings=written.warnings,
     )
@@ -521,10 +703,24 @@ def describe(s: XmpFeedbackSummary) -> str:
         f"{len(s.unreadable)} unreadable",
     ]
     lines += [f"            {p.sidecar_uri}: {p.reason}" for p in s.unreadable[:5]]
+    if s.missing:
+        lines.append(
+            f"  in files  {s.missing} photos without a sidecar: {s.embedded} read "
+            f"({s.embedded_packets} with XMP), {len(s.embedded_unreadable)} unreadable, "
+            f"{s.absent} not there"
+        )
+        lines += [f"            {p.image_uri}: {p.reason}" for p in s.embedded_unreadable[:5]]
+    if s.in_file or s.in_file_unreadable:
+        lines.append(
+            f"  in files  {s.in_file} ratings in photos beside keeper's own sidecar values, "
+            f"{len(s.in_file_unreadable)} unreadable"
+        )
+        lines += [f"            {p.image_uri}: {p.reason}" for p in s.in_file_unreadable[:5]]
+    undone = f", {s.undone} undone" if s.undone else ""
     lines += [
         f"  ratings   {s.persons_ratings} a person's -> decisions: {by_action(s.decisions)}",
-        f"  written   events: {by_action(s.events)} ({s.already_recorded} already recorded); "
-        f"{s.offers} offer rows",
+        f"  written   events: {by_action(s.events)}{undone} ({s.already_recorded} already "
+        f"recorded); {s.offers} offer rows",
     ]
     lines += [f"  WARNING   {w}" for w in s.warnings]
     return "\n".join(lines)
