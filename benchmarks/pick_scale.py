@@ -67,7 +67,8 @@ def photo_hashes(n: int, rng: np.random.Generator) -> np.ndarray:
     """dHashes of random crops of scikit-image's real photos, 1 % blank frames (hash 0)."""
     from keeper_core.synthetic import PHOTOS, load_photos
 
-    photos = [im.convert("L") for im in load_photos(PHOTOS).values()]
+    loaded = load_photos(PHOTOS)
+    photos = [loaded[name].convert("L") for name in PHOTOS]  # in a fixed order: seeded draws
     photos = [im.reduce(max(1, min(im.size) // 160)) for im in photos]  # crops of ~160 px
     out = np.zeros(n, dtype=np.int64)
     for i in range(n):

@@ -11,7 +11,8 @@ keeper-tiny's 64-d schema with dHashes) and an errors table of ``--errors`` N ro
 (parts of 16 rows, as decode tasks write them; one row in ten retryable). Then, in a fresh
 process (no Ray is started): ``plan(cfg)``; this run's output is simulated, untimed (what the plan
 left to do embedded in parts of 1,024, one image in a hundred failed in parts of 16); then
-``summarise``. Each step's wall time and peak resident memory (VmHWM, reset before the step via
+``summarise`` (which rewrites an errors table of more than ``keeper_train.table.COMPACT_OVER``
+parts as one), then the next run's ``plan`` over what it left. Each step's wall time and peak resident memory (VmHWM, reset before the step via
 ``/proc/self/clear_refs``; the process's RSS before the step is given beside it) are printed and
 written to ``--out`` with the counts the summary reported, which must add up (no image lost).
 
@@ -170,6 +171,13 @@ def measure(root: Path) -> dict[str, Any]:
     }
     out["counts"] = s.counts.model_dump(by_alias=True)
     out["table"] = s.table
+
+    # The next run's plan: after summarise rewrote a many-part errors table as one part.
+    rss, _ = memory_mb()
+    reset_peak()
+    t0 = time.perf_counter()
+    plan(cfg)
+    out["replan"] = {"s": time.perf_counter() - t0, "rss_before_mb": rss, "peak_mb": memory_mb()[1]}
     out["image_opens"] = opened[0]
     return out
 
@@ -201,13 +209,14 @@ def run_size(n: int, cache: Path, embedded: float, errors: float) -> dict[str, A
 def print_table(rows: list[dict[str, Any]]) -> None:
     print("\nkeeper embed's driver (no Ray): wall seconds and peak RSS (MB; RSS before the step)")
     head = f"{'inputs':>9} {'todo':>7}  {'plan s':>7} {'peak MB':>13}"
-    print(f"{head}  {'summarise s':>11} {'peak MB':>13}")
+    print(f"{head}  {'summarise s':>11} {'peak MB':>13}  {'next plan s':>11} {'error parts':>15}")
     for r in rows:
-        pl, su = r["plan"], r["summarise"]
+        pl, su, re = r["plan"], r["summarise"], r["replan"]
+        parts = f"{r['table']['error_parts_compacted']} -> {r['table']['error_parts']}"
         print(
             f"{r['n']:>9} {r['todo']:>7}  {pl['s']:>7.2f} "
             f"{pl['peak_mb']:>6.0f} ({pl['rss_before_mb']:>4.0f})  {su['s']:>11.2f} "
-            f"{su['peak_mb']:>6.0f} ({su['rss_before_mb']:>4.0f})"
+            f"{su['peak_mb']:>6.0f} ({su['rss_before_mb']:>4.0f})  {re['s']:>11.2f} {parts:>15}"
         )
     for a, b in itertools.pairwise(rows):
         x = b["n"] / a["n"]

@@ -249,7 +249,13 @@ def test_a_failed_pipeline_releases_its_actors(
     (dst / embed.ERRORS).unlink()
     summary = embed.run(cfg)  # the same driver: the next job runs, and finishes the table
     assert_counts_add_up(summary)
-    assert summary.table == {"embedded": 4, "failed": 1, "parts": summary.table["parts"]}
+    assert summary.table == {
+        "embedded": 4,
+        "failed": 1,
+        "parts": summary.table["parts"],
+        "error_parts": 1,
+        "error_parts_compacted": 0,
+    }
     assert cpus_back()  # and leaves the shared Ray as it found it
 
 

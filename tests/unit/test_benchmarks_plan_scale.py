@@ -29,6 +29,6 @@ def test_the_script_measures_plan_and_summarise_at_each_size(tmp_path: Path) -> 
         assert c["already_embedded"] == r["n"] * 9 // 10
         assert c["retried"] == r["retried"] >= 1
         assert c["attempted"] == r["todo"] == c["embedded"] + c["failed"]
-        for step in ("plan", "summarise"):
+        for step in ("plan", "summarise", "replan"):
             assert r[step]["s"] > 0
             assert r[step]["peak_mb"] > 0

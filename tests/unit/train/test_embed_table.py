@@ -100,7 +100,13 @@ def test_success_after_failure_clears_the_error_and_counts_add_up(
     assert c.attempted == c.embedded + c.failed + c.lost
     assert c.errors_cleared == 3  # u1's stale row, and both of u3's (old and this run's)
     assert error_uris(dst) == [u2]  # never in both tables
-    assert s.table == {"embedded": 3, "failed": 1, "parts": 2}
+    assert s.table == {
+        "embedded": 3,
+        "failed": 1,
+        "parts": 2,
+        "error_parts": 1,
+        "error_parts_compacted": 0,
+    }
     assert s.status == "failed"  # 1 of 4 failed: above the 5 % limit
 
 
@@ -182,3 +188,67 @@ def test_a_run_reads_each_part_once(
     assert reads == Counter(
         {f"part-{i}.parquet": 1 for i in range(3)} | {"part-e.parquet": 1, "part-new.parquet": 1}
     )
+
+
+def _many_small_error_parts(corpus: list[str], tmp_path: Path, n: int) -> tuple[Path, list[str]]:
+    """A table of 2 images embedded and ``n`` failed, each failure in its own errors part (as
+    decode tasks write them), the first ten written before the ``retryable`` column existed."""
+    dst = tmp_path / "out"
+    write_embedded(dst, "part-a.parquet", corpus[:2])
+    failed = [f"{tmp_path}/in/gone-{i:03d}.jpg" for i in range(n)]
+    for i, u in enumerate(failed):
+        row = {"image_uri": u, "retryable": False, "run_id": "old", "error": f"e{i}"}
+        write_errors(dst, f"part-{i:03d}.parquet", [row], legacy=i < 10)
+    return dst, failed
+
+
+def test_an_errors_table_of_many_parts_is_rewritten_as_one(
+    corpus: list[str], tmp_path: Path
+) -> None:
+    n = table_mod.COMPACT_OVER + 6
+    dst, failed = _many_small_error_parts(corpus, tmp_path, n)
+    before = storage.read_parquet(str(dst / embed.ERRORS)).to_pylist()
+    cfg = config(corpus, dst)
+    p = plan(cfg)
+    write_embedded(dst, "part-b.parquet", corpus[2:])
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    assert (s.table["error_parts"], s.table["error_parts_compacted"]) == (1, n)
+    assert len(list((dst / embed.ERRORS).glob("*.parquet"))) == 1
+    after = storage.read_parquet(str(dst / embed.ERRORS))
+    assert after.schema == embed.ERRORS_SCHEMA  # every column kept, the legacy parts' too
+    rows = sorted(after.to_pylist(), key=lambda r: r["image_uri"])
+    for r in before:
+        if r["retryable"] is None:  # a legacy part's rows: read as not retryable
+            r["retryable"] = False
+    assert rows == sorted(before, key=lambda r: r["image_uri"])
+    assert [r["error"] for r in rows] == [f"e{i}" for i in range(n)]
+
+    again = plan(cfg)  # the next run reads one errors part and finds the same failures
+    assert len(again.errors.by_part) == 1
+    assert sorted(again.errors.rows()["image_uri"]) == sorted(failed)
+    assert again.todo == []
+
+
+def test_a_compaction_killed_before_its_deletes_loses_and_doubles_nothing(
+    corpus: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = table_mod.COMPACT_OVER + 1
+    dst, failed = _many_small_error_parts(corpus, tmp_path, n)
+    cfg = config(corpus, dst)
+    p = plan(cfg)
+
+    def killed(uri: str) -> None:
+        raise KeyboardInterrupt  # the run dies once the new part is written
+
+    monkeypatch.setattr(table_mod.storage, "delete", killed)
+    with pytest.raises(KeyboardInterrupt):
+        summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    monkeypatch.undo()
+    assert len(list((dst / embed.ERRORS).glob("*.parquet"))) == n + 1  # every row twice
+
+    s = summarise(cfg, plan(cfg), Execution(tallies=[]), time.perf_counter())
+    assert sorted(error_uris(dst)) == sorted(failed)  # each once
+    assert s.table["failed"] == n
+    c = s.counts
+    assert c.in_ == c.already_embedded + c.failed_before + c.attempted
+    assert len(list((dst / embed.ERRORS).glob("*.parquet"))) == 1

@@ -7,11 +7,14 @@ not a GET per part of the whole table, again and again.
 
 Invariants restored by every run (a task retried by Ray Data, or a job killed between writes,
 can break them): every image URI is in at most one embeddings part, in at most one errors row,
-and never in both (a later success removes its error row).
+and never in both (a later success removes its error row). An errors table of many small parts
+(one per decode task with a failure) is rewritten as one part at the end of the run that wrote
+them, so the next plan reads one part, not thousands.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,11 @@ import pandas as pd
 import pyarrow as pa
 
 from keeper_core import storage
+
+#: An errors table of more parts than this is rewritten as one part at the end of a run
+#: (``ErrorRows.compact``): below it, reading the parts costs a plan little.
+COMPACT_OVER = 64
+_IO_THREADS = 8  # parts read or deleted at once while compacting (requests, on S3)
 
 
 def in_set(values: pd.Series, members: set[str]) -> np.ndarray:
@@ -30,6 +38,20 @@ def in_set(values: pd.Series, members: set[str]) -> np.ndarray:
     URIs, measured: benchmarks/plan_scale.py), and a table's parts are many small Series.
     """
     return np.fromiter((v in members for v in values.tolist()), dtype=bool, count=len(values))
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns in its order: a missing one null (``retryable``:
+    False, as ``ErrorRows`` reads it), other columns dropped, types cast."""
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            cols.append(table[f.name].cast(f.type))
+        elif f.name == "retryable":
+            cols.append(pa.array([False] * table.num_rows, f.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def list_parts(folder: str) -> list[str]:
@@ -154,6 +176,31 @@ class ErrorRows:
             self._keep(part, [latest[str(u)] == (part, i) for i, u in enumerate(df["image_uri"])])
             for part, df in sorted(self.by_part.items())
         )
+
+    def compact(self, schema: pa.Schema, name: str) -> int:
+        """The table as one part, ``name``, once it has more than ``COMPACT_OVER`` parts; returns
+        the parts it replaced (0 when it had few enough).
+
+        Decode tasks write one part per batch with a failure, so a run that fails 10 % of 1M
+        images leaves ~6,250 parts, each a read (a request on S3) for every later plan. Every
+        column of ``schema`` is kept (a column a part lacks is null there; ``retryable``
+        False). The new part is written before the old ones are deleted: a run killed between
+        leaves rows twice, which the next run's ``dedupe`` resolves.
+        """
+        parts = sorted(self.by_part)
+        if len(parts) <= COMPACT_OVER:
+            return 0
+        with ThreadPoolExecutor(_IO_THREADS) as pool:
+            tables = list(pool.map(storage.read_parquet, parts))
+        table = pa.concat_tables(
+            [_conform(t, schema) for t in tables], promote_options="none"
+        ).combine_chunks()
+        new = storage.join(self.folder, name)
+        storage.write_parquet(table, new)
+        with ThreadPoolExecutor(_IO_THREADS) as pool:
+            list(pool.map(storage.delete, [p for p in parts if p != new]))
+        self.by_part = {new: self.rows()}
+        return len(parts)
 
     def _keep(self, part: str, keep: list[bool]) -> int:
         """Rewrite ``part`` with only the rows where ``keep``; returns rows dropped."""

@@ -1450,6 +1450,9 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
     attempted = len(todo)
     lost = attempted - n_embedded - n_failed
     table_n = len(emb_all) + len(rows)
+    compacted = errors.compact(ERRORS_SCHEMA, _part_name(rows["image_uri"].astype(str).tolist()))
+    if compacted:
+        log.info("errors table: %d parts rewritten as one", compacted)
     # Judged on the whole table, so a re-run after exit 3 (which skips recorded errors) still
     # reports the table as failing until the errors are dealt with (retry_errors, or new input).
     frac = len(rows) / table_n if table_n else 0.0
@@ -1481,7 +1484,13 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
             manifest_rows_repeated=p.repeated,
             sample_problems=p.sample_problems,
         ),
-        table={"embedded": len(emb_all), "failed": len(rows), "parts": len(embedded.by_part)},
+        table={
+            "embedded": len(emb_all),
+            "failed": len(rows),
+            "parts": len(embedded.by_part),
+            "error_parts": len(errors.by_part),
+            "error_parts_compacted": compacted,
+        },
         failed_fraction=round(frac, 6),
         failed_fraction_this_run=round(n_failed / attempted, 6) if attempted else 0.0,
         max_failure_fraction=cfg.max_failure_fraction,
