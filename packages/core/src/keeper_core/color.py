@@ -14,6 +14,9 @@ applied by :func:`keeper_core.images.decode_image`):
   matrix-shaper profile, as the photo ones are, falls back to relative colorimetric);
 - a HEIF **nclx** box without a profile is converted when its primaries are not sRGB's and its
   transfer function is one of the SDR curves below; HDR (PQ, HLG) is left as decoded;
+- an untagged photo whose **EXIF** says Adobe RGB the way cameras write it (DCF: ColorSpace
+  0xFFFF "uncalibrated" and the Interoperability IFD's index "R03") is converted as Adobe RGB
+  (1998); ColorSpace 1 or index "R98" is sRGB;
 - a profile that says sRGB (its description), a missing one, a greyscale or CMYK profile (PIL's
   own CMYK conversion stays the reference), and a profile littlecms cannot read (logged, once
   per profile) leave the pixels as decoded.
@@ -23,9 +26,20 @@ draft. :func:`rgb_profile` writes a minimal ICC v2 matrix/TRC profile from chrom
 nclx boxes are converted, and how tests make Display P3, Adobe RGB and ProPhoto RGB photos
 without shipping profile files.
 
+Matrix/TRC profiles (every photo profile above: three colorants and three tone curves) also have
+a conversion without littlecms, :class:`MatrixProfile` (:func:`srgb_matrix`): littlecms's own
+8-bit matrix-shaper arithmetic (curves to 1.14 fixed point, the 3x3 matrix in integers, a
+16,385-entry table back to sRGB), in torch on any device, so the fast decode backends
+(``keeper_core.decoders``) convert on the GPU what they decode there. Its pixels equal
+littlecms's (all 2^24 colours of Display P3, Adobe RGB and ProPhoto RGB, littlecms 2.19). A
+profile with LUTs (A2B0), or curves littlecms would black-point-compensate, has none: littlecms
+converts it.
+
     profile = rgb_profile(DISPLAY_P3)                  # bytes of an ICC profile
     img.save(buf, "JPEG", icc_profile=profile)         # a "Display P3" JPEG
     transform = srgb_transform(img.info, img.mode)     # None: nothing to convert
+    matrix = srgb_matrix(img.info, img.mode)           # the same conversion, in torch
+    srgb = matrix.to_srgb(chw_uint8_tensor)            # on the tensor's device
 """
 
 from __future__ import annotations
@@ -36,10 +50,13 @@ import logging
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageCms
+from PIL import ExifTags, Image, ImageCms
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "ADOBE_RGB",
@@ -47,8 +64,11 @@ __all__ = [
     "PROPHOTO_RGB",
     "SRGB",
     "ColorSpace",
+    "MatrixProfile",
     "convert_to_srgb",
+    "matrix_profile",
     "rgb_profile",
+    "srgb_matrix",
     "srgb_transform",
 ]
 
@@ -61,6 +81,18 @@ _NCLX_SRGB_TRC = 13
 _NCLX_709_TRCS = frozenset((1, 6, 14, 15))  # BT.709 / BT.601 / BT.2020 (10, 12 bit): one curve
 _NCLX_GAMMA = {4: 2.2, 5: 2.8, 8: 1.0}  # BT.470 M, BT.470 BG, linear
 _D50 = (0.9642, 1.0, 0.8249)  # the ICC profile connection space's white
+_EXIF_UNCALIBRATED = 0xFFFF  # EXIF ColorSpace: not sRGB (1)
+_INTEROP_INDEX = 0x0001  # InteroperabilityIndex, in the Interoperability IFD
+_EXIF_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+)
 
 
 @dataclass(frozen=True)
@@ -102,16 +134,64 @@ def srgb_transform(info: Mapping[Any, Any], mode: str) -> ImageCms.ImageCmsTrans
     profile does not describe, HDR, or a profile littlecms cannot read (logged once).
     The transform takes and gives 8-bit "RGB" (alpha and palettes are resolved first).
     """
+    icc = _source_profile(info, mode)
+    return None if icc is None else _icc_transform(icc)
+
+
+def srgb_matrix(info: Mapping[Any, Any], mode: str) -> MatrixProfile | None:
+    """:func:`srgb_transform`'s conversion as a :class:`MatrixProfile`, or None.
+
+    None when there is nothing to convert (``srgb_transform`` gives None) and when the profile
+    is not matrix/TRC (LUT-based, or curves littlecms would black-point-compensate): only
+    littlecms converts those.
+    """
+    icc = _source_profile(info, mode)
+    if icc is None or _icc_transform(icc) is None:
+        return None
+    return matrix_profile(icc)
+
+
+def _source_profile(info: Mapping[Any, Any], mode: str) -> bytes | None:
+    """The ICC profile that says what the pixels mean, when they are not sRGB as they stand."""
     if mode not in _RGB_MODES:
         return None
     icc = info.get("icc_profile")
     if isinstance(icc, bytes | bytearray) and icc:
-        return _icc_transform(bytes(icc))
+        return bytes(icc)
     nclx = info.get("nclx_profile")
     if isinstance(nclx, Mapping):
         space = _nclx_space(nclx)
-        return None if space is None else _icc_transform(rgb_profile(space))
+        return None if space is None else rgb_profile(space)
+    exif = info.get("exif")
+    if isinstance(exif, bytes | bytearray) and _exif_says_adobe_rgb(bytes(exif)):
+        return _adobe_rgb_profile()
     return None
+
+
+def _exif_says_adobe_rgb(exif: bytes) -> bool:
+    """Whether EXIF marks untagged Adobe RGB pixels as DCF cameras do.
+
+    ColorSpace 0xFFFF ("uncalibrated") with InteroperabilityIndex "R03" (DCF's option file
+    space, Adobe RGB); "R98" with ColorSpace 1 is sRGB. Cameras set to Adobe RGB write this and
+    no ICC profile.
+    """
+    if b"R03" not in exif:  # nearly every photo: no EXIF parse
+        return False
+    try:
+        parsed = Image.Exif()
+        parsed.load(exif)
+        space = parsed.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.ColorSpace)
+        index = parsed.get_ifd(ExifTags.IFD.Interop).get(_INTEROP_INDEX)
+    except _EXIF_ERRORS:
+        return False  # a corrupt EXIF block says nothing
+    if isinstance(index, bytes):
+        index = index.decode("ascii", "replace")
+    return space == _EXIF_UNCALIBRATED and isinstance(index, str) and index.strip("\x00 ") == "R03"
+
+
+@functools.cache
+def _adobe_rgb_profile() -> bytes:
+    return rgb_profile(ADOBE_RGB)
 
 
 def convert_to_srgb(rgb: Image.Image, transform: ImageCms.ImageCmsTransform) -> Image.Image:
@@ -270,4 +350,219 @@ def _desc_tag(name: str) -> bytes:
         + struct.pack(">II", 0, 0)  # no Unicode description
         + struct.pack(">HB", 0, 0)  # no ScriptCode description
         + bytes(67)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Matrix/TRC profiles without littlecms: its 8-bit matrix-shaper arithmetic, in torch
+
+#: ICC ``para`` function types 0-4: how many s15Fixed16 parameters each has.
+_PARA_PARAMS = {0: 1, 1: 3, 2: 4, 3: 5, 4: 7}
+#: Tags that make littlecms convert with a LUT instead of the colorants and curves.
+_LUT_TAGS = frozenset((b"A2B0", b"A2B1", b"A2B2", b"D2B0", b"D2B1", b"D2B2"))
+_DET_TOLERANCE = 0.0001  # littlecms's MATRIX_DET_TOLERANCE: a parameter this small counts as 0
+_ONE14 = 1 << 14  # 1.0 in littlecms's 1.14 fixed point
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, one per profile (cached)
+class MatrixProfile:
+    """An RGB matrix/TRC ICC profile as a conversion of 8-bit pixels to sRGB.
+
+    The conversion is littlecms's for 8-bit RGB between two matrix-shaper profiles (its
+    ``OptimizeMatrixShaper``): each channel's tone curve at the 256 levels, to linear light in
+    1.14 fixed point; the 3x3 matrix (the profile's D50 colorants, then the inverse of sRGB's)
+    in integers, rounded and clipped to [0, 1]; sRGB's inverse curve from a 16,385-entry table
+    to 8 bits. Same arithmetic, same pixels, on any device.
+
+    Attributes:
+        matrix: (3, 3) float64, the profile's linear RGB to linear sRGB (through D50 XYZ).
+        linear: (3, 256) float64, each channel's tone curve at the 8-bit levels (linear light).
+        matrix14: ``matrix`` in 1.14 fixed point, int32: what is multiplied.
+        linear14: ``linear`` in 1.14 fixed point, int32: what is looked up.
+    """
+
+    matrix: np.ndarray
+    linear: np.ndarray
+    matrix14: np.ndarray
+    linear14: np.ndarray
+
+    def to_srgb(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Convert uint8 RGB pixels in this profile's space to sRGB, on their device.
+
+        Args:
+            pixels: uint8, channels at dim -3: ``(3, H, W)``, ``(N, 3, H, W)`` (any strides).
+
+        Returns:
+            A new uint8 tensor of the same shape, device and strides.
+
+        Raises:
+            ValueError: not uint8, or no 3 channels at dim -3.
+        """
+        import torch
+
+        if pixels.dtype != torch.uint8 or pixels.ndim < 3 or pixels.shape[-3] != 3:
+            raise ValueError(
+                f"to_srgb takes uint8 (..., 3, H, W), got {pixels.dtype} {tuple(pixels.shape)}"
+            )
+        shaper, encode = _device_tables(self, pixels.device)
+        # int32 all the way: matrix14 times linear14 sums stay below 2^31 (checked at parse)
+        lin = [
+            shaper[c].index_select(0, pixels.select(-3, c).reshape(-1).to(torch.int32))
+            for c in range(3)
+        ]
+        out = torch.empty_like(pixels)
+        for row, dst in zip(self.matrix14.tolist(), out.unbind(-3), strict=True):
+            acc = lin[0] * row[0]
+            acc.add_(lin[1], alpha=row[1]).add_(lin[2], alpha=row[2]).add_(_ONE14 // 2)
+            acc.bitwise_right_shift_(14).clamp_(0, _ONE14)
+            dst.copy_(encode.index_select(0, acc).view(dst.shape))
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def matrix_profile(icc: bytes) -> MatrixProfile | None:
+    """Read an ICC profile as a :class:`MatrixProfile`, or None when it is not one.
+
+    None (never an exception) for a profile with A2B/D2B LUTs (littlecms prefers them), a
+    grey, CMYK or other non-RGB one, a device link, an XYZ-less PCS, tone curves not 0 at black
+    (littlecms would black-point-compensate), sums beyond int32, and anything malformed.
+    Cached by the profile's bytes, like the littlecms transforms.
+    """
+    try:
+        return _parse_matrix_profile(bytes(icc))
+    except (struct.error, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError):
+        return None
+
+
+def _parse_matrix_profile(icc: bytes) -> MatrixProfile | None:
+    if len(icc) < 132 or icc[36:40] != b"acsp":
+        return None
+    if icc[12:16] not in (b"mntr", b"scnr", b"spac") or icc[16:24] != b"RGB XYZ ":
+        return None
+    (count,) = struct.unpack_from(">I", icc, 128)
+    if count > (len(icc) - 132) // 12:
+        return None
+    tags: dict[bytes, bytes] = {}
+    for k in range(count):
+        sig, offset, size = struct.unpack_from(">4sII", icc, 132 + 12 * k)
+        if offset + size > len(icc):
+            return None
+        tags.setdefault(sig, icc[offset : offset + size])  # littlecms reads the first one
+    if _LUT_TAGS & tags.keys():
+        return None
+    colorants = np.stack([_read_xyz(tags[c]) for c in (b"rXYZ", b"gXYZ", b"bXYZ")], axis=1)
+    curves = [_read_curve(tags[c]) for c in (b"rTRC", b"gTRC", b"bTRC")]
+    if any(curve is None for curve in curves):
+        return None
+    linear = np.stack([c for c in curves if c is not None])
+    if not np.isfinite(linear).all() or (linear[:, 0] != 0).any():
+        return None  # black not at 0: littlecms compensates the black point, this would not
+    matrix = np.linalg.solve(_d50_colorants(SRGB), colorants)
+    matrix14 = np.floor(matrix * _ONE14 + 0.5)
+    # littlecms's DOUBLE_TO_1FIXED14, and its cap for values that do not fit
+    linear14 = np.where(linear < 131072.0, np.floor(linear * _ONE14 + 0.5), _INT32_MAX)
+    if np.abs(matrix14).sum(axis=1).max() * np.abs(linear14).max() + _ONE14 > _INT32_MAX:
+        return None  # an int32 sum would overflow (no real photo profile comes near)
+    return MatrixProfile(
+        matrix=matrix,
+        linear=linear,
+        matrix14=matrix14.astype(np.int32),
+        linear14=linear14.astype(np.int32),
+    )
+
+
+def _read_xyz(tag: bytes) -> np.ndarray:
+    if tag[:4] != b"XYZ ":
+        raise ValueError("not an XYZ tag")
+    return np.array(struct.unpack_from(">3i", tag, 8), dtype=np.float64) / 65536
+
+
+def _read_curve(tag: bytes) -> np.ndarray | None:
+    """A TRC tag at the 256 8-bit levels, as littlecms evaluates it for an 8-bit transform.
+
+    littlecms evaluates at float32(i / 255) in double precision and keeps a float32 result;
+    a ``curv`` table is interpolated in 16 bits (its LinLerp1D). None for an unknown type.
+    """
+    x = (np.arange(256) / 255.0).astype(np.float32).astype(np.float64)
+    kind = tag[:4]
+    if kind == b"curv":
+        (n,) = struct.unpack_from(">I", tag, 8)
+        if n == 0:
+            y = x  # identity
+        elif n == 1:
+            y = x ** (struct.unpack_from(">H", tag, 12)[0] / 256)  # u8Fixed8 gamma
+        else:
+            table = np.array(struct.unpack_from(f">{n}H", tag, 12), dtype=np.int64)
+            y = _lerp16(table, np.floor(x * 65535 + 0.5).astype(np.int64)) / 65535.0
+    elif kind == b"para":
+        func = struct.unpack_from(">H", tag, 8)[0]
+        if func not in _PARA_PARAMS:
+            return None
+        params = struct.unpack_from(f">{_PARA_PARAMS[func]}i", tag, 12)
+        y = _para(func, [p / 65536 for p in params], x)
+    else:
+        return None
+    return np.asarray(y, dtype=np.float32).astype(np.float64)
+
+
+def _lerp16(table: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """littlecms's 16-bit linear interpolation of a 1-D table (LinLerp1D) at 16-bit ``v``."""
+    domain = len(table) - 1
+    val3 = domain * v
+    val3 = val3 + (val3 + 0x7FFF) // 0xFFFF  # _cmsToFixedDomain: to 16.16 fixed point
+    cell, rest = val3 >> 16, val3 & 0xFFFF
+    y0 = table[np.minimum(cell, domain)]
+    y1 = table[np.minimum(cell + 1, domain)]
+    out = (((y1 - y0) * rest + 0x8000) >> 16) + y0
+    return np.where(v == 0xFFFF, table[domain], out)
+
+
+def _para(func: int, p: list[float], x: np.ndarray) -> np.ndarray:
+    """An ICC parametric curve (function types 0-4) as littlecms evaluates it."""
+    g = p[0]
+
+    def power(e: np.ndarray) -> np.ndarray:
+        return np.where(e > 0, np.power(np.maximum(e, 0.0), g), 0.0)
+
+    if func == 0:  # Y = X^g
+        return np.power(x, g)
+    a, b = p[1], p[2]
+    if func in (1, 2):  # Y = (aX + b)^g (+ c) for X >= -b/a, else 0 (or c)
+        if abs(a) < _DET_TOLERANCE:
+            return np.zeros_like(x)
+        c = p[3] if func == 2 else 0.0
+        disc = max(-b / a, 0.0) if func == 2 else -b / a
+        e = a * x + b
+        return np.where(x >= disc, np.where(e > 0, power(e) + c, 0.0), c)
+    c, d = p[3], p[4]
+    if func == 3:  # Y = (aX + b)^g for X >= d, else cX
+        return np.where(x >= d, power(a * x + b), c * x)
+    e_, f = p[5], p[6]  # func 4: Y = (aX + b)^g + e for X >= d, else cX + f
+    e = a * x + b
+    return np.where(x >= d, np.where(e > 0, power(e) + e_, e_), c * x + f)
+
+
+@functools.cache
+def _srgb_encode8() -> np.ndarray:
+    """littlecms's output shaper for 8-bit sRGB: linear light at i / 16384 to a byte."""
+    x = (np.arange(_ONE14 + 1) / _ONE14).astype(np.float32).astype(np.float64)
+    g, a, b, c, d = 2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045  # lcms's sRGB curve
+    with np.errstate(invalid="ignore"):
+        v = np.where(x >= (a * d + b) ** g, (x ** (1 / g) - b) / a, x / c)
+    v = np.clip(v.astype(np.float32).astype(np.float64), 0.0, 1.0)
+    word = np.floor(v * 65535 + 0.5).astype(np.int64)
+    return (((word * 65281 + 8388608) >> 24) & 0xFF).astype(np.uint8)  # FROM_16_TO_8
+
+
+@functools.lru_cache(maxsize=64)
+def _device_tables(
+    profile: MatrixProfile, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A profile's lookup tables on a device: (3, 256) int32 shaper, (16385,) uint8 encode."""
+    import torch
+
+    return (
+        torch.from_numpy(profile.linear14).to(device),
+        torch.from_numpy(_srgb_encode8()).to(device),
     )

@@ -11,8 +11,13 @@ differs is which library turns a JPEG's entropy-coded data into pixels:
   (baseline, extended, progressive) in YCbCr, RGB or greyscale, RAW previews included. Draft
   decodes use PIL's DCT scale (1/2, 1/4, 1/8, the same rule), so sizes equal PIL's, and pixels
   are bit-identical where both link libjpeg-turbo with its default (islow) IDCT, as the wheels do.
+  A JPEG in another colour space (ICC profile, or EXIF's Adobe RGB) is converted to sRGB with
+  the reference's own littlecms transform (``color_converted``).
 - ``gpu`` (:class:`GpuDecoder`): ``torchvision.io.decode_jpeg`` (nvJPEG), a batch at a time,
-  pixels left on the model's device.
+  pixels left on the model's device. A JPEG whose profile is matrix/TRC (Display P3, Adobe RGB,
+  ProPhoto RGB: every photo profile in practice) is converted to sRGB there too, a batch per
+  profile, with littlecms's arithmetic in torch (``keeper_core.color.MatrixProfile``: the same
+  pixels as the reference's conversion; ``color_converted``).
 - ``nvimgcodec`` (:class:`GpuDecoder` with ``engine="nvimgcodec"``): NVIDIA nvImageCodec, a batch
   at a time, pixels left on the model's device. On A100/H100-class GPUs it can use their hardware
   JPEG decoders (its ``HW_GPU_ONLY`` backend), which torchvision's nvJPEG call does not; else its
@@ -34,8 +39,8 @@ report how much of its input took the slow path:
     ``format:PNG`` (any non-JPEG, by magic bytes; ``format:unknown`` for no signature)
     ``mode:CMYK`` (CMYK/YCCK JPEGs: PIL's Adobe-inverted CMYK is the reference conversion)
     ``process:SOF9/8bit`` (arithmetic, lossless, hierarchical or 12-bit JPEGs)
-    ``icc`` (an ICC profile of an RGB space other than sRGB: Display P3, Adobe RGB, ...; the
-        reference converts the pixels to sRGB, ``keeper_core.color``)
+    ``icc`` (GPU backends only: an ICC profile of an RGB space other than sRGB that is not
+        matrix/TRC, a LUT-based one; the reference converts it with littlecms)
     ``turbo_refused`` (simplejpeg's strict mode stops at any libjpeg warning: a truncated
         file, or recoverable corruption such as "extraneous bytes before marker" that PIL
         decodes through; PIL's verdict, "truncated" or pixels, is the contract)
@@ -71,7 +76,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image, features
 
-from keeper_core.color import srgb_transform
+from keeper_core.color import MatrixProfile, convert_to_srgb, srgb_matrix, srgb_transform
 from keeper_core.errors import ConfigError, ImageDecodeError
 from keeper_core.images import (
     _BAND_STEP,
@@ -99,6 +104,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 if TYPE_CHECKING:
     import torch
+    from PIL import ImageCms
 
 __all__ = [
     "DECODERS",
@@ -126,6 +132,9 @@ _TURBO_PROCESSES = frozenset((0xC0, 0xC1, 0xC2))
 _TURBO_MODES = frozenset(("RGB", "L"))
 _SOS, _EOI = 0xDA, b"\xff\xd9"
 _TORCHVISION_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
+# Pixels converted to sRGB in one call: a batch's images of one profile are joined up to this
+# (int32 temporaries: ~16 bytes a pixel, ~270 MB here), a bigger image alone.
+_CONVERT_PIXELS = 1 << 24
 
 
 @runtime_checkable
@@ -173,6 +182,8 @@ class _Plan:
     orientation: int = 1  # the one orientation to apply (the preview's own, else the RAW's)
     format: str = ""  # "JPEG" or "MPO"
     delegate: str | None = None  # why PIL decodes it, when it does
+    transform: ImageCms.ImageCmsTransform | None = None  # to sRGB, as the reference converts
+    matrix: MatrixProfile | None = None  # the same conversion in torch, for a matrix/TRC profile
 
 
 def _plan(data: bytes | RawPreview, limits: DecodeLimits, source: str | None) -> _Plan:
@@ -198,8 +209,8 @@ def _plan(data: bytes | RawPreview, limits: DecodeLimits, source: str | None) ->
     check_jpeg_scans(encoded, limits, source)
     if im.mode not in _TURBO_MODES:
         return _Plan(src=src, delegate=f"mode:{im.mode}")
-    if srgb_transform(im.info, im.mode) is not None:
-        return _Plan(src=src, delegate="icc")  # the reference decodes and converts it to sRGB
+    transform = srgb_transform(im.info, im.mode)  # the reference's conversion, if any
+    matrix = None if transform is None else srgb_matrix(im.info, im.mode)
     at = _jpeg_frame_offset(encoded)
     if at is None:  # PIL found a frame its own way: let it decode the same way too
         return _Plan(src=src, delegate="process:unknown")
@@ -208,7 +219,13 @@ def _plan(data: bytes | RawPreview, limits: DecodeLimits, source: str | None) ->
         return _Plan(src=src, delegate=f"process:SOF{marker - 0xC0}/{precision}bit")
     orientation = _display_orientation(im, fallback)
     return _Plan(
-        src=src, jpeg=encoded, size=(w, h), orientation=orientation, format=im.format or "JPEG"
+        src=src,
+        jpeg=encoded,
+        size=(w, h),
+        orientation=orientation,
+        format=im.format or "JPEG",
+        transform=transform,
+        matrix=matrix,
     )
 
 
@@ -230,6 +247,8 @@ class TurboDecoder:
 
     Attributes:
         decoded: images this backend decoded with libjpeg-turbo.
+        color_converted: of those, images converted to sRGB from their colour space (littlecms,
+            the reference's transform: the same pixels as ``decode_image``).
         delegated: images handed to :func:`decode_image`, by reason (see the module docstring).
             Counters are plain ints: one decoder per thread, or read them as approximate.
     """
@@ -240,6 +259,7 @@ class TurboDecoder:
         if simplejpeg is None:
             raise ConfigError("--decode turbo needs simplejpeg: pip install 'simplejpeg>=1.8'")
         self.decoded = 0
+        self.color_converted = 0
         self.delegated: Counter[str] = Counter()
 
     def decode(
@@ -272,6 +292,9 @@ class TurboDecoder:
             return decode_image(plan.src, limits=limits, source=source, draft_size=draft_size)
         self.decoded += 1
         out = Image.fromarray(rgb)
+        if plan.transform is not None:  # per pixel: before or after the orientation, the same
+            out = convert_to_srgb(out, plan.transform)
+            self.color_converted += 1
         return out if plan.orientation == 1 else out.transpose(_TRANSPOSE[plan.orientation])
 
 
@@ -311,6 +334,21 @@ def _unbanded(
     return result if isinstance(result, ImageDecodeError) else (result, None)
 
 
+def _by_pixels(images: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive groups of ``(3, H, W)`` images of at most ``limit`` pixels (or one image)."""
+    group: list[torch.Tensor] = []
+    pixels = 0
+    for image in images:
+        n = image[0].numel()
+        if group and pixels + n > limit:
+            yield group
+            group, pixels = [], 0
+        group.append(image)
+        pixels += n
+    if group:
+        yield group
+
+
 def _grey_band(chw: torch.Tensor, pixels: int) -> torch.Tensor:
     """PIL's "L" of the top rows ``decode_jpeg_band(pixels=pixels)`` decodes: (rows, W) uint8."""
     import torch
@@ -326,11 +364,13 @@ class GpuDecoder:
     """A batch of JPEGs to tensors on a device: nvJPEG through torchvision, or nvImageCodec.
 
     Headers are checked on the CPU first (the same checks as ``decode_image``), so a bomb or a
-    non-image never reaches the device. Non-JPEGs, CMYK and uncommon JPEG processes, MPO files
-    and incomplete JPEGs go to the CPU backend by rule (``delegated``); a JPEG the device fails
-    to decode goes to it too (``fallbacks``). A draft decode is a full decode, then a box
-    downscale on the device by PIL's DCT draft scale, so every backend hands the model the same
-    size.
+    non-image never reaches the device. Non-JPEGs, CMYK and uncommon JPEG processes, MPO files,
+    incomplete JPEGs and JPEGs with a LUT-based ICC profile go to the CPU backend by rule
+    (``delegated``); a JPEG the device fails to decode goes to it too (``fallbacks``). A draft
+    decode is a full decode, then a box downscale on the device by PIL's DCT draft scale, so
+    every backend hands the model the same size. A JPEG tagged with a matrix/TRC profile (or
+    EXIF's Adobe RGB) is converted to sRGB on the device after that, a batch per profile
+    (``color_converted``), as ``decode_image`` converts its draft.
 
     Args:
         device: a CUDA device ("cuda", "cuda:1"). ``"cpu"`` runs the engine's CPU decoder
@@ -367,6 +407,7 @@ class GpuDecoder:
         self._nvimgcodec = _NvImgCodec(dev) if engine == "nvimgcodec" else None
         self.cpu: Decoder = cpu if cpu is not None else resolve_decoder("cpu")
         self.decoded = 0
+        self.color_converted = 0  # of ``decoded``: converted to sRGB on the device
         self.delegated: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
 
@@ -438,6 +479,8 @@ class GpuDecoder:
                 out[i] = e
                 continue
             reason = plan.delegate
+            if reason is None and plan.transform is not None and plan.matrix is None:
+                reason = "icc"  # a LUT-based profile: littlecms on the CPU converts it
             if reason is None and plan.format != "JPEG":
                 reason = f"format:{plan.format}"  # nvJPEG would read the first picture only
             if reason is None and not _complete(plan.jpeg):
@@ -448,6 +491,7 @@ class GpuDecoder:
                 self.delegated[reason] += 1
                 out[i] = _unbanded(self._on_cpu(plan.src, items[i][1], limits, draft_size))
         decoded = self._device_decode([p.jpeg for _, p in on_device])
+        to_convert: dict[MatrixProfile, list[tuple[int, torch.Tensor, torch.Tensor | None]]] = {}
         for (i, plan), result in zip(on_device, decoded, strict=True):
             if isinstance(result, Exception):
                 self.fallbacks[type(result).__name__] += 1
@@ -460,9 +504,33 @@ class GpuDecoder:
                 if band_pixels is not None:
                     band = _grey_band(result, band_pixels)
                 result = self._shrink(result, scale)
-            out[i] = (_orient(result, plan.orientation), band)
+            result = _orient(result, plan.orientation)
+            if plan.matrix is None:
+                out[i] = (result, band)
+            else:  # converted below, with the batch's other images of this profile
+                to_convert.setdefault(plan.matrix, []).append((i, result, band))
+        for matrix, pending in to_convert.items():
+            srgb = self._to_srgb([image for _, image, _ in pending], matrix)
+            for (i, _, band), image in zip(pending, srgb, strict=True):
+                out[i] = (image, band)
         assert all(r is not None for r in out)  # every item took exactly one of the paths
         return [r for r in out if r is not None]
+
+    def _to_srgb(self, images: list[torch.Tensor], matrix: MatrixProfile) -> list[torch.Tensor]:
+        """Decoded ``(3, H, W)`` images of one profile, converted to sRGB on their device.
+
+        Joined into one ``(3, 1, pixels)`` tensor, up to ``_CONVERT_PIXELS`` at a time: a batch
+        of one profile (an iPhone library: all of it) costs a few kernels, not a few per image.
+        """
+        import torch
+
+        converted: list[torch.Tensor] = []
+        for group in _by_pixels(images, _CONVERT_PIXELS):
+            flat = torch.cat([image.reshape(3, 1, -1) for image in group], dim=2)
+            parts = matrix.to_srgb(flat).split([image[0].numel() for image in group], dim=2)
+            converted += [p.reshape(image.shape) for p, image in zip(parts, group, strict=True)]
+        self.color_converted += len(images)
+        return converted
 
     def decode(
         self,

@@ -6,7 +6,8 @@ Ghostscript, no exotic decoders), checks the declared size from the header befor
 decoded (decompression bombs are refused without allocating them), forces a full decode (so a
 truncated file is an error, never a grey-padded image), applies the EXIF orientation and
 converts every mode to 8-bit RGB (alpha composited on white) in sRGB: pixels tagged with another
-RGB colour space (an ICC profile, a HEIF nclx box) are converted (``keeper_core.color``).
+RGB colour space (an ICC profile, a HEIF nclx box, or a camera's EXIF mark for Adobe RGB) are
+converted (``keeper_core.color``).
 
 Phone and camera formats (``keeper_core.formats``). HEIC/HEIF decode through pillow-heif,
 registered on first use: it applies the HEIF rotation (irot/imir) itself and reports the EXIF
@@ -536,7 +537,8 @@ def decode_image(
 
     Returns:
         A loaded image in mode "RGB", EXIF orientation applied, alpha composited on white,
-        converted to sRGB from the colour space its ICC profile or nclx box names.
+        converted to sRGB from the colour space its ICC profile or nclx box names (or, untagged,
+        its EXIF: ColorSpace 0xFFFF with interoperability index "R03" is Adobe RGB).
 
     Raises:
         ImageDecodeError: with ``reason`` "empty", "too_large", "not_image", "unsupported",
