@@ -409,7 +409,7 @@ def find_duplicates(
         pos[reps] = np.arange(len(reps))
         rep_pairs = (pos[kept_copy[a]], pos[kept_copy[b]])
     comp, one_exposure = _near_components(
-        emb[reps],
+        emb if len(reps) == n else emb[reps],  # no copy of a million rows without exact copies
         grp[reps],
         config.near_duplicate_similarity,
         hsh,
