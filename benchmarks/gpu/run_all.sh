@@ -86,6 +86,10 @@ check() {
     want nvidia-smi && check nvidia-smi 30 5 \
         bash -c "nvidia-smi && nvidia-smi -q -d CLOCK,MEMORY,POWER"
 
+    # Colour conversion on the device equals littlecms (MatrixProfile.to_srgb; CI runs it on CPU
+    # tensors only). ~15 s, output in logs/all.log.
+    want icc && check icc 60 20 "$PY" benchmarks/gpu/icc_check.py --device cuda
+
     # (d) CLIP embedding on the GPU (issue 14's goals): the ceiling, then per image size the
     # rows in order of value (GPU decode in the actor, CPU decode tasks, the variants). Its own
     # --budget-s stays 20 s under the cap (imports come before its clock starts); what does not
