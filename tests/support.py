@@ -367,3 +367,18 @@ def write_at_bytes_path(path: bytes, data: bytes) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+def xmp_packet(rating: int | None = 4, label: str | None = "Red", *, padding: int = 64) -> bytes:
+    """An XMP packet as Lightroom embeds one in a file (or writes a sidecar): the xpacket wrapper,
+    ``xmp:Rating`` / ``xmp:Label`` as attributes (left out when None), ``padding`` spaces."""
+    props = "".join(
+        f' xmp:{k}="{v}"' for k, v in (("Rating", rating), ("Label", label)) if v is not None
+    )
+    return (
+        b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+        b'xmlns:xmp="http://ns.adobe.com/xap/1.0/"' + props.encode() + b"/></rdf:RDF>"
+        b"</x:xmpmeta>\n" + b" " * padding + b'\n<?xpacket end="w"?>'
+    )

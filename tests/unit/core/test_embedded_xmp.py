@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image, TiffImagePlugin
+from support import xmp_packet
 
 from keeper_core import embedded_xmp, storage
 from keeper_core.embedded_xmp import read_embedded_xmp, read_packet
@@ -21,17 +22,7 @@ RATING, LABEL = "Xmp.xmp.Rating", "Xmp.xmp.Label"
 
 
 def packet(rating: int | None = 4, label: str | None = "Red") -> bytes:
-    """An XMP packet as Lightroom embeds one: xpacket wrapper, properties as attributes."""
-    props = "".join(
-        f' xmp:{k}="{v}"' for k, v in (("Rating", rating), ("Label", label)) if v is not None
-    )
-    return (
-        b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
-        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
-        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
-        b'xmlns:xmp="http://ns.adobe.com/xap/1.0/"' + props.encode() + b"/></rdf:RDF>"
-        b"</x:xmpmeta>\n" + b" " * 64 + b'\n<?xpacket end="w"?>'
-    )
+    return xmp_packet(rating, label)
 
 
 def jpeg(xmp: bytes | None = None, size: tuple[int, int] = (16, 12)) -> bytes:

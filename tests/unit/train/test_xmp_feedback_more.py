@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import test_xmp_feedback as base
 from PIL import Image, TiffImagePlugin
+from support import xmp_packet
 from test_xmp_feedback import _id, _rate, _standing, _write_run
 
 from keeper_core import storage
@@ -35,16 +36,7 @@ NONE = {"accepted": 0, "rejected": 0, "picked-as-keeper": 0}
 
 def packet(rating: int | None, label: str | None = None) -> bytes:
     """An XMP packet as Lightroom embeds one in a file."""
-    props = "".join(
-        f' xmp:{k}="{v}"' for k, v in (("Rating", rating), ("Label", label)) if v is not None
-    )
-    return (
-        b'<?xpacket begin="\xef\xbb\xbf" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
-        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
-        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
-        b'xmlns:xmp="http://ns.adobe.com/xap/1.0/"' + props.encode() + b"/></rdf:RDF>"
-        b'</x:xmpmeta>\n<?xpacket end="w"?>'
-    )
+    return xmp_packet(rating, label, padding=0)
 
 
 def jpeg(xmp: bytes | None = None) -> bytes:
