@@ -20,11 +20,15 @@ the probabilities of the distinct tokens found this way (a Llava-1.5 model answe
 as "yes"). A word with no such token, or a token claimed by two words, is a load error: the judge
 never scores with a token that is not the word.
 
+An image whose logits are not all finite (a float16 overflow on one odd image, a NaN from its
+vision features) scores NaN, and only it: one such image must not fail the others of its batch,
+which in Serve are other requests' images. The callers turn the NaN into that image's failure.
+
 Typical use::
 
     judge = load_vlm(VlmConfig(source="s3://models/llava-1.5-7b-hf", device="cuda"))
-    rel = judge.relevance(images, "a dog on a beach")   # float32 (N,) in [0, 1]
-    q = judge.quality(images)                           # float32 (N,) in [0, 1]
+    rel = judge.relevance(images, "a dog on a beach")   # float32 (N,) in [0, 1], or NaN
+    q = judge.quality(images)                           # float32 (N,) in [0, 1], or NaN
     judge.describe()                                    # what to name in a response
 
 transformers is imported inside the functions (``pip install 'keeper-core[vlm]'``), so this module
@@ -36,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -50,7 +55,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keeper_core import storage
-from keeper_core.errors import DataError, KeeperError, ModelLoadError, StorageError
+from keeper_core.errors import DataError, ModelLoadError, StorageError
 from keeper_core.models import actor_memory_request
 
 #: What to install when transformers is missing.
@@ -64,6 +69,8 @@ _QUERY = "{query}"
 _PROBE_QUERY = "a photo"
 
 SourceKind = Literal["local", "s3", "hub"]
+
+log = logging.getLogger(__name__)
 
 
 class VlmConfig(BaseModel):
@@ -236,7 +243,8 @@ class VlmJudge:
             queries: one query for all images, or one per image.
 
         Returns:
-            float32 array (N,) in [0, 1].
+            float32 array (N,) in [0, 1]; NaN: the model gave no finite answer for this image
+            (non-finite logits, logged at warning), the others are scored as without it.
 
         Raises:
             DataError: no images, a non-image, an empty or too long query (``max_query_chars``),
@@ -259,7 +267,8 @@ class VlmJudge:
             images: PIL images.
 
         Returns:
-            float32 array (N,) in [0, 1].
+            float32 array (N,) in [0, 1]; NaN: the model gave no finite answer for this image
+            (non-finite logits, logged at warning), the others are scored as without it.
 
         Raises:
             DataError: no images, or a non-image.
@@ -362,8 +371,14 @@ class VlmJudge:
     def _answer_logsumexp(
         self, images: list[Any], prompts: list[str], groups: tuple[tuple[int, ...], ...]
     ) -> torch.Tensor:
-        """(N, len(groups)) float32: logsumexp of each group's next-token logits per image."""
+        """(N, len(groups)) float32: logsumexp of each group's next-token logits per image.
+
+        A row whose logits are not all finite is NaN in every group (logged once per call): each
+        row's logits depend on its own image and prompt alone (left padding, masked), so the
+        others stand. Errors that are not one image's (the forward raising) still raise.
+        """
         out = []
+        bad_rows: list[int] = []
         step = self.config.max_batch
         with self._lock, torch.inference_mode():
             for start in range(0, len(images), step):
@@ -381,14 +396,26 @@ class VlmJudge:
                     pad_token_id=self.processor.tokenizer.pad_token_id,
                 )
                 logits = gen.logits[0].float().cpu()  # (b, vocab), before any logits processor
-                bad = torch.nonzero(~torch.isfinite(logits).all(dim=-1)).flatten()
-                if bad.numel():
-                    rows = [start + int(i) for i in bad[:10]]
-                    raise KeeperError(
-                        f"{self.config.source}: non-finite logits for image(s) {rows} "
-                        f"(dtype {self.dtype}); try dtype float32"
-                    )
-                out.append(torch.stack([logits[:, list(g)].logsumexp(-1) for g in groups], -1))
+                # The whole row, not only the answer tokens: an inf elsewhere is an overflow the
+                # answer logits went through too.
+                bad = ~torch.isfinite(logits).all(dim=-1)
+                lse = torch.stack([logits[:, list(g)].logsumexp(-1) for g in groups], -1)
+                lse[bad] = torch.nan
+                bad_rows += [start + int(i) for i in torch.nonzero(bad).flatten()]
+                out.append(lse)
+        if bad_rows:
+            more = f" and {len(bad_rows) - 10} more" if len(bad_rows) > 10 else ""
+            wide = self.dtype == torch.float32
+            log.warning(
+                "%s: non-finite logits for %d of %d image(s), rows %s%s (dtype %s): scored NaN; %s",
+                self.config.source,
+                len(bad_rows),
+                len(images),
+                bad_rows[:10],
+                more,
+                str(self.dtype).removeprefix("torch."),
+                "check those images" if wide else "try dtype float32",
+            )
         return torch.cat(out)
 
 
@@ -651,7 +678,7 @@ def _check_images(images: Sequence[Any]) -> list[Any]:
 
 
 def _as_scores(x: torch.Tensor) -> np.ndarray:
-    # Rounding can put a weighted softmax a few ulp past 1.
+    # Rounding can put a weighted softmax a few ulp past 1; np.clip keeps NaN (an unjudged row).
     return np.clip(x.detach().cpu().numpy().astype(np.float32), 0.0, 1.0)
 
 

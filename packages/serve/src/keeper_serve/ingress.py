@@ -36,7 +36,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import resources
 from typing import Any, Literal, Protocol, cast
 
@@ -473,6 +473,31 @@ async def _internal(request: Request, exc: Exception) -> JSONResponse:
 
 #: What ranks /v1/select's candidates, as its offer rows name it (and "+vlm:SOURCE" after a VLM).
 SELECT_MODEL = "aesthetic-rerank"
+#: Why a candidate the VlmJudge scored NaN leaves /v1/select (``vlm_failed: <this>``).
+VLM_NONFINITE = "the VLM gave no finite score for this image (non-finite logits)"
+
+
+def vlm_answer(
+    idx: np.ndarray, scores: np.ndarray, failed: Mapping[int, str]
+) -> np.ndarray | VlmScores:
+    """The cascade's VLM answer for candidates ``idx`` from what the VlmJudge returned.
+
+    Args:
+        idx: the candidates asked about, in the cascade's order.
+        scores: one per ``idx``; NaN for one not sent (in ``failed``) or one the model gave no
+            finite answer for (``VlmJudge.relevance``).
+        failed: candidate -> why it was not sent (its image unreadable).
+
+    Returns:
+        ``scores`` when every candidate was judged, else ``VlmScores`` naming the failed ones:
+        a NaN becomes that candidate's failure (``VLM_NONFINITE``), never the request's, so the
+        rest are ranked and the response holds no NaN.
+    """
+    out = dict(failed)
+    for j in np.flatnonzero(np.isnan(scores)).tolist():
+        out.setdefault(int(idx[j]), VLM_NONFINITE)
+    return VlmScores(scores, out) if out else scores
+
 
 #: Multipart fields holding one value each (the request model refuses those not its own).
 _SCALAR_FIELDS = frozenset(
@@ -985,7 +1010,8 @@ class KeeperIngress:
         """The cascade's VLM callback (called on a worker thread): the VlmJudge deployment.
 
         ``view(i)`` gives candidate ``i``'s image for the VLM; one that cannot be read (a corpus
-        image gone since it was embedded) leaves the cascade as ``vlm_failed`` with its reason.
+        image gone since it was embedded), or that the model gives no finite score for
+        (``vlm_answer``), leaves the cascade as ``vlm_failed`` with its reason.
         A replica lost mid-call (RayActorError: Serve replaces it) is retried once on another;
         a second failure propagates, and the cascade answers it as its ``vlm`` stage failing.
         """
@@ -1011,7 +1037,7 @@ class KeeperIngress:
             scores = np.full(len(idx), np.nan)
             if images:
                 scores[ok] = asyncio.run_coroutine_threadsafe(call(images), loop).result()
-            return VlmScores(scores, failed) if failed else scores
+            return vlm_answer(idx, scores, failed)
 
         return judge
 

@@ -6,7 +6,9 @@ logits. The ingress sends only the candidates that survived the cascade's cheap 
 uint8 RGB arrays already downscaled to ``vlm.max_image_side``. ``keeper_serve.batcher``'s
 continuous batching merges the pairs of concurrent requests (different queries may share a forward
 pass) into batches of up to ``max_batch_size``, formed when the model frees up, as the encoder's
-are; the forward runs on a worker thread so the replica keeps accepting calls meanwhile.
+are; the forward runs on a worker thread so the replica keeps accepting calls meanwhile. An image
+the model gives no finite answer for scores NaN, and only it: the other requests that shared its
+batch get their scores (the ingress reports the NaN as that candidate's ``vlm_failed``).
 
 It is its own deployment so that a burst of ``/v1/select`` scales VLM replicas (their own
 autoscaling, their own ``num_gpus``, fractional where a GPU is shared) without scaling the CLIP
@@ -86,7 +88,11 @@ class VlmJudge:
         return {"status": "ready", **{k: d[k] for k in VLM_INFO_KEYS}}
 
     async def relevance(self, images: list[np.ndarray], query: str) -> np.ndarray:
-        """(H, W, 3) uint8 images and one query -> float32 (N,) relevance in [0, 1]."""
+        """(H, W, 3) uint8 images and one query -> float32 (N,) relevance in [0, 1].
+
+        NaN: the model gave no finite answer for this image (non-finite logits); per item, so
+        it never fails the others of the batch.
+        """
         scores = await self.batcher.submit([(im, query) for im in images]) if images else []
         return np.asarray(scores, dtype=np.float32)
 
@@ -102,4 +108,4 @@ class VlmJudge:
         ]
         queries = [q for _, q in items]
         out = await self.torch_thread.run(judge.relevance, images, queries)
-        return [float(x) for x in out]
+        return [float(x) for x in out]  # NaN stays NaN: that item's answer, not the batch's

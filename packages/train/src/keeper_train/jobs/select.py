@@ -15,7 +15,8 @@ written by ``keeper embed``: cheap CLIP stages on all rows, the VLM judge only o
     judge     ONE Ray Data actor-pool pass over the survivors of every query (the VLM is loaded
               once per actor, not once per query): read each image, decode it safely, score
               its relevance to its query, and make its thumbnail. An image that cannot be read
-              or decoded is answered "failed, because ..." and the rest go on
+              or decoded, or that the VLM gives no finite score for (non-finite logits), is
+              answered "failed, because ..." and the rest go on
     finish    per query, run the cascade again with a judge that answers from that pass (stages
               1-4 are pure functions of the same inputs: the same survivors, in milliseconds),
               so stages 5-6 and every score come from the one core implementation; write
@@ -99,6 +100,8 @@ EXIT_LOST = 1
 #: A query's name is its output folder: one path segment, never hidden, never ``_SUMMARY``.
 QUERY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 THUMB_PX = 160
+#: How an image's error starts when the judge gave it no finite score.
+NON_FINITE = "judge: non-finite logits"
 _STAGES_BEFORE_VLM = ("clip", "heuristics", "dedup", "rerank")
 _EXAMPLES = 3  # file names shown per (stage, reason) row of the dropped summary
 #: index.html's bounds. Its thumbnails are inline data URIs (~5 KB each, every one decoded when
@@ -494,8 +497,9 @@ class SurvivorStage:
 
     A plain callable class (Ray Data runs it; a test can call it). The judge is loaded once
     per actor; without one (no VLM stage) the actor only makes thumbnails. An image that
-    cannot be read or decoded gets ``error`` (its reason) and no score. A judge that cannot
-    load, or that fails on a batch (a KeeperError), answers every row with ``fatal``: raised
+    cannot be read or decoded, or that the judge scores NaN (non-finite logits: that image's,
+    not the batch's), gets ``error`` (its reason) and no score. A judge that cannot load, or
+    that fails on a batch (a KeeperError), answers every row with ``fatal``: raised
     in the actor, Ray would restart it again and again and print each try on the driver's
     screen; answered, the driver raises it once, by name.
     """
@@ -549,6 +553,14 @@ class SurvivorStage:
                 score[judged] = self.judge.relevance(images, texts)
             except KeeperError as e:
                 fatal = f"judge: {e}"
+            else:  # NaN: the model gave no finite answer for this image; the others stand
+                dtype = str(self.judge.dtype).removeprefix("torch.")
+                for i in judged:
+                    if math.isnan(score[i]):
+                        error[i] = (
+                            f"{NON_FINITE} (dtype {dtype}): the VLM gave no finite score for "
+                            "this image"
+                        )
         return {
             "query": np.asarray(batch["query"], np.int64),
             "index": np.asarray(batch["index"], np.int64),
@@ -661,6 +673,23 @@ def judge_survivors(p: Plan) -> Judged:
     infos = [str(j) for j in out["judge"] if j]
     judge = json.loads(infos[0]) if infos else None
     return Judged(answers, thumbs, judge, len(rows), time.perf_counter() - t0)
+
+
+def check_judged(judged: Judged) -> None:
+    """One image the VLM gives no finite score is that image's failure; every image it was
+    sent is the model's (a dtype that overflows on all of them), not a run of "could not be
+    judged" rows.
+
+    Raises:
+        CascadeStageError: no image sent to the VLM got a finite score.
+    """
+    sent = [err for _, err in judged.answers.values() if not err or err.startswith(NON_FINITE)]
+    if sent and all(err.startswith(NON_FINITE) for err in sent):
+        raise CascadeStageError(
+            "vlm",
+            f"the VLM gave no finite score for any of the {len(sent)} images it judged; "
+            "try dtype float32",
+        )
 
 
 def answer_from(judged: Judged, query: int, expected: np.ndarray) -> Any:
@@ -1124,6 +1153,7 @@ def run(cfg: SelectJobConfig) -> SelectSummary:
         sum(len(q.survivors) for q in p.queries),
     )
     judged = judge_survivors(p)
+    check_judged(judged)
     seconds = {**p.seconds, "survivors_pass": judged.seconds}
     vlm_note = _vlm_note(cfg, judged)
     vlm_info = judged.judge
