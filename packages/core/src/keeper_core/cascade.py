@@ -16,7 +16,8 @@
 4. ``rerank``: the ``top_n`` best by ``alpha * S_clip + gamma * S_head`` (``beyond_top_n``).
 5. ``vlm``: one call of the ``vlm`` callback with the top-N indices; ``S = alpha * S_clip +
    beta * S_vlm + gamma * S_head``; a candidate the judge could not judge (a batch job's
-   unreadable image) leaves with ``vlm_failed: <why>`` and is not counted in ``vlm_calls``.
+   unreadable image, or one the model gave no finite score) leaves with ``vlm_failed: <why>``
+   and is not counted in ``vlm_calls``.
    Skipped (final = stage-4 score) when ``beta == 0`` or no callback is given.
 6. ``top_k``: the ``top_k`` best by the final score (``beyond_top_k``).
 
@@ -305,7 +306,8 @@ class CascadeResult:
         stages: one report per stage, in ``STAGES`` order.
         vlm_calls: candidates the VLM judged (its cost unit: one forward pass each). Those the
             judge reported as failed (``VlmScores.failed``: an unreadable image, never sent to
-            the model) are not counted; they are the ``vlm`` stage's ``n_dropped``.
+            the model, or one whose forward gave non-finite logits, which did cost a pass) are
+            not counted; they are the ``vlm`` stage's ``n_dropped``.
     """
 
     picks: list[int]
