@@ -40,8 +40,8 @@ _PAIR_CHUNK = 16_384
 #: A hash bucket of more rows than this has its pairs compared by matrix products, not listed.
 _HEAVY_BUCKET = 2048
 #: Listing and testing one pair of a hash bucket, in cosines of a blocked scan: what decides
-#: search="auto". benchmarks/pick_scale.py at 100k x 512-d, two cores: 37-67 ns a listed pair
-#: (bucketing included), 7 ns a scanned cosine.
+#: search="auto". benchmarks/pick_scale.py, 512-d, two cores: 32-67 ns a listed pair (bucketing
+#: included), 7 ns a scanned cosine.
 _PAIR_COST = 6.0
 #: Edges gathered before they are merged into the components: bounds their memory when nearly
 #: every pair passes (random-weight embeddings without hashes).
@@ -299,7 +299,7 @@ def find_duplicates(
     ``near_duplicate_max_hamming`` < 64 only the pairs whose hashes agree on one of
     ``max_hamming + 1`` bit ranges are candidates (multi-index hashing: two hashes within
     ``max_hamming`` bits agree on one range whole), about (h + 1) N^2 / 2^(64 / (h + 1))
-    pairs for well-spread hashes: 18-39 s for 1,000,000 rows at the default 4 bits on two
+    pairs for well-spread hashes: 12-40 s for 1,000,000 rows at the default 4 bits on two
     cores (benchmarks/pick_scale.py). Otherwise every pair is compared (upper triangle, blocked
     matrix products): O(N^2 * D) time, about 10 s for 50,000 x 512 and ~70 minutes for
     1,000,000. ``search`` forces one way ("scan" or "hash"); "auto" takes the cheaper by the
