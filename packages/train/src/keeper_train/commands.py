@@ -757,6 +757,7 @@ PICK_FLAGS = (
     "copy_keepers",
     "link_keepers",
     "link_mode",
+    "io_threads",
     "batch_size",
     "concurrency",
     "num_gpus_per_worker",
@@ -802,6 +803,9 @@ def add_pick_parser(subparsers: SubParsers) -> None:
     p.add_argument("--copy-keepers", metavar="DIR", help="copy the keepers here")
     p.add_argument("--link-keepers", metavar="DIR", help="link the keepers here (see --link-mode)")
     p.add_argument("--link-mode", choices=["hardlink", "symlink"], help="default hardlink")
+    p.add_argument(
+        "--io-threads", type=int, help="sidecars written at once (default 16; for S3 latency)"
+    )
     p.add_argument("--batch-size", type=int, help="images per model forward pass")
     p.add_argument("--concurrency", type=int, help="model actors")
     p.add_argument("--num-gpus-per-worker", type=float, help="GPUs per model actor")
