@@ -45,6 +45,7 @@ Decisions (per group):
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
@@ -364,7 +365,7 @@ def display_names(uris: Sequence[str]) -> list[str]:
     """Short names for reasons: the file name, or "folder/name" where file names collide."""
     parts = [str(u).rstrip("/").split("/") for u in uris]
     base = [p[-1] for p in parts]
-    counts = pd.Series(base).value_counts()
+    counts = Counter(base)  # a dict: a pandas lookup per row cost ~10 us (10 s at 1M photos)
     return [b if counts[b] == 1 else "/".join(p[-2:]) for b, p in zip(base, parts, strict=True)]
 
 
