@@ -36,13 +36,11 @@ import hashlib
 import logging
 import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -625,42 +623,6 @@ class Sidecars:
         }
 
 
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def map_in_threads(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
-    """``fn(item)`` for each item, in the items' order, run on up to ``threads`` threads.
-
-    For per-item I/O (a sidecar's 2-3 requests, tens of ms each on S3). At most ``4 * threads``
-    items are in flight (a million photos never become a million futures), taken from ``items``
-    as results are yielded. ``fn`` must not mutate shared state: the caller folds the results in,
-    in order, in its own thread. An exception ``fn`` raises is raised here at that item's turn,
-    as a loop would raise it (later items already in flight are finished or cancelled first).
-    ``threads=1`` is a plain loop in this thread.
-
-    boto3 clients are thread-safe and ``storage.s3_client`` is safe to call from threads: its
-    ``_cached_client`` is an ``lru_cache`` (thread-safe; two threads' first calls may each make a
-    client, one of which is cached) with a Session of its own per client, and a pool of 32
-    connections. pyexiv2 is serialised by handback's own lock, so threads only overlap the I/O.
-    """
-    if threads <= 1:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="keeper-io") as pool:
-        ahead: deque[Future[R]] = deque()
-        try:
-            for item in items:
-                ahead.append(pool.submit(fn, item))
-                if len(ahead) >= 4 * threads:
-                    yield ahead.popleft().result()
-            while ahead:
-                yield ahead.popleft().result()
-        finally:
-            for f in ahead:  # an exception, or a caller that stopped: start nothing more
-                f.cancel()
-
-
 def _sidecar_key(uri: str) -> str:
     """What ``plan_sidecars`` tells sidecars apart by (case and Unicode form folded, as on macOS
     and Windows disks): two plans with one key would be one file written by two threads."""
@@ -677,7 +639,7 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
     that cannot be written (an existing file there that is not XMP, left as it is; a write that
     failed) is recorded with its reason and the others are written. File names quoted in the
     reasons may hold characters XML cannot store: they are written escaped (``\\x01``).
-    Sidecars are written on ``cfg.io_threads`` threads (:func:`map_in_threads`), one thread per
+    Sidecars are written on ``cfg.io_threads`` threads (``storage.map_in_threads``), one thread per
     sidecar, and counted in the plans' order: the same counts and failures as one at a time.
     """
     done = Sidecars()
@@ -719,7 +681,7 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
                 image_uri=plan.image_uri, sidecar_uri=plan.sidecar_uri, reason=str(e)
             )
 
-    for result in map_in_threads(write, plans, cfg.io_threads):
+    for result in storage.map_in_threads(write, plans, cfg.io_threads):
         if isinstance(result, SidecarFailure):
             log.warning("sidecar %s not written: %s", result.sidecar_uri, result.reason)
             done.failed.append(result)

@@ -387,12 +387,11 @@ class _Read:
 def read_sidecars(run: _Run, *, io_threads: int) -> _Read:
     """Each planned sidecar's rating, or where it is missing, the rating in the image file's own
     XMP; missing and unreadable ones counted, not fatal. Read on ``io_threads`` threads, one per
-    plan (``pick.map_in_threads``), and added up in the plans' order: the same as one at a time.
+    plan (``storage.map_in_threads``), and added up in the plans' order: the same as one at a time.
     """
-    from keeper_train.jobs.pick import map_in_threads
 
     out = _Read()
-    for one in map_in_threads(lambda p: _read_one(run, p), run.plans, io_threads):
+    for one in storage.map_in_threads(lambda p: _read_one(run, p), run.plans, io_threads):
         out.add(one)
     return out
 
