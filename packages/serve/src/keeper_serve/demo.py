@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from keeper_core import storage
+from keeper_core import ray_token, storage
 from keeper_core.bestof import RANDOM_WEIGHTS_WARNING
 from keeper_core.errors import KeeperError
 from keeper_core.registry import tracking_uri
@@ -78,9 +78,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ranker.model_uri": f"models:/{args.model_name}@champion",
     }
     t0 = time.perf_counter()
+    ray_token.quiet_enabled_notice()
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ray_token.restrict()  # the token the new local Ray generated: this user's only
     try:
-        url = local.start(overrides=overrides, port=args.port)
+        url = local.start(overrides=overrides, port=args.port, log_to_driver=False)
         started = time.perf_counter() - t0
         print(f"keeper API up at {url} in {started:.0f} s (bearer token generated for the demo)")
         models = _post(url, "/v1/models", token)

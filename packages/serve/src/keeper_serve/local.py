@@ -339,6 +339,8 @@ def start(
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)
         address = "local"  # a new Ray, never one found running (it would lack the variable)
     if not ray.is_initialized():
+        if address in (None, "local"):
+            ray_token.quiet_enabled_notice()
         ray.init(
             address=address,
             log_to_driver=log_to_driver,
@@ -508,11 +510,42 @@ def wait_healthy(
     raise TimeoutError(f"keeper Serve app not healthy at {url} after {wait_s:.0f} s: {last}")
 
 
+#: What the driver prints when ``serve.shutdown()`` works as designed: the Serve controller ends
+#: itself inside its own ``graceful_shutdown`` call, and Ray reports that call as a failed task.
+_CONTROLLER_EXIT = "Task ServeController.graceful_shutdown failed"
+
+
 def shutdown() -> None:
     """Delete every Serve application and stop Serve (Ray itself stays up). Without Ray there
-    is nothing to stop (``serve.shutdown()`` would start a Ray to find that out)."""
+    is nothing to stop (``serve.shutdown()`` would start a Ray to find that out).
+
+    Ray's driver prints ``(raylet) Task ServeController.graceful_shutdown failed ... killed by
+    ray.kill`` each time (the controller's own exit, as designed), a line that reads as an
+    error on the user's screen: :func:`quiet_controller_exit` drops exactly that line."""
     import ray
     from ray import serve
 
     if ray.is_initialized():
+        quiet_controller_exit()
         serve.shutdown()
+
+
+def quiet_controller_exit() -> None:
+    """Filter the driver's printer of cluster errors (``ray._private.worker.print_to_stdstream``,
+    which Ray's error-listener thread calls) so that the one benign line above is not printed;
+    every other line, and every other error, still is. Idempotent; a Ray without that function
+    (another version) is left as it is."""
+    from ray._private import worker
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "_keeper_filtered", False):
+        return
+
+    def filtered(data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        lines = [line for line in data.get("lines", []) if _CONTROLLER_EXIT not in str(line)]
+        if not lines and data.get("lines"):
+            return None
+        return printer({**data, "lines": lines}, *args, **kwargs)
+
+    filtered._keeper_filtered = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = filtered

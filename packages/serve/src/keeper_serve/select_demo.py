@@ -24,10 +24,11 @@ from typing import Any
 
 import pandas as pd
 
-from keeper_core import storage
+from keeper_core import ray_token, storage
 from keeper_core.bestof import RANDOM_WEIGHTS_WARNING
 from keeper_core.errors import KeeperError
 from keeper_core.tiny_vlm import build_tiny_vlm
+from keeper_core.vlm import VlmConfig, actor_memory
 from keeper_serve.demo import _post
 
 QUERY = "a cat sitting on a sofa"
@@ -66,7 +67,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not manifest.exists():
         raise KeeperError(f"no corpus under {out}: run python -m keeper_train.jobs.demo first")
     paths = [str(u) for u in pd.read_csv(manifest)["image_uri"].head(args.candidates)]
-    vlm_dir = build_tiny_vlm(out / "tiny-vlm")
+    vlm_dir = out / "tiny-vlm"
+    if not (vlm_dir / "keeper.json").exists():  # a re-run takes the one it built (seeded: same)
+        build_tiny_vlm(vlm_dir)
     token = os.environ.get("KEEPER_API_TOKEN") or secrets.token_urlsafe(32)
     # A token file reaches the replicas whether this process starts Ray or joins a running one.
     token_file = out / "select-demo-token"
@@ -77,13 +80,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "data_dir": str(out),
         "ranker.model_uri": None,  # /v1/select needs no ranker
         "vlm.source": str(vlm_dir.resolve()),
+        # The judge's replica reserves what it needs, as a real config's block does (Serve
+        # replaces the code's ray_actor_options as a whole: its 0.2 CPU is said again).
+        "deployments.VlmJudge.ray_actor_options.num_cpus": 0.2,
+        "deployments.VlmJudge.ray_actor_options.memory": actor_memory(
+            VlmConfig(source=str(vlm_dir.resolve()), device="cpu")
+        ),
     }
     started_ray = not ray.is_initialized()
     t0 = time.perf_counter()
     if started_ray:
+        ray_token.quiet_enabled_notice()
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray_token.restrict()  # the token the new local Ray generated: this user's only
     try:
-        url = local.start(overrides=overrides, port=args.port)
+        url = local.start(overrides=overrides, port=args.port, log_to_driver=False)
         print(f"keeper API up at {url} in {time.perf_counter() - t0:.0f} s, with a tiny VLM")
         body = {
             "positive": [QUERY],

@@ -31,6 +31,7 @@ def init_ray(address: str | None = None) -> str:
     if not ray.is_initialized():
         target = address or os.environ.get("RAY_ADDRESS") or None
         if target is None:
+            ray_token.quiet_enabled_notice()
             ray.init(log_to_driver=False, logging_level=logging.WARNING)
             ray_token.restrict()  # the token a new local Ray generated: this user's only
         else:
