@@ -554,7 +554,7 @@ def test_a_table_from_before_colour_management_is_named_when_added_to(
 ) -> None:
     new = tmp_path / "new"
     check_table_meta(str(new), SPEC, embed_dim=64)
-    assert json.loads((new / "_KEEPER_TABLE.json").read_text())["color"] == "srgb"
+    assert json.loads((new / "_KEEPER_TABLE.json").read_text())["color"] == "srgb/2"
     old = tmp_path / "old"
     old.mkdir()
     record = {"model_spec": SPEC, "embed_dim": 64, "format": 1, "created": "2026-11-01T00:00:00"}
@@ -565,7 +565,17 @@ def test_a_table_from_before_colour_management_is_named_when_added_to(
         assert caplog.text == ""
         check_table_meta(str(old), SPEC, embed_dim=64)
     assert "unconverted pixels" in caplog.text
+    assert "ICC profile or HEIF nclx box" in caplog.text
     assert str(old) in caplog.text
+    # A table of 2026-12-04's colour management: only the EXIF Adobe RGB JPEGs differ.
+    mid = tmp_path / "mid"
+    mid.mkdir()
+    (mid / "_KEEPER_TABLE.json").write_text(json.dumps({**record, "color": "srgb"}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="keeper.embed"):
+        check_table_meta(str(mid), SPEC, embed_dim=64)
+    assert "EXIF says Adobe RGB" in caplog.text
+    assert "ICC profile" not in caplog.text
 
 
 def counts(**over: int) -> dict[str, int]:

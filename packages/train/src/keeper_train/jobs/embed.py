@@ -501,8 +501,16 @@ def _manifest_uris(src: str) -> tuple[list[str], int]:
 
 
 #: What the table record says of its pixels: decoded to sRGB from any RGB colour space a photo
-#: names (keeper_core.color). Tables recorded before that have no such entry.
-COLOR_RECORD = "srgb"
+#: names (keeper_core.color): an ICC profile or HEIF nclx box, and since 2026-12-05 a camera's
+#: EXIF mark for Adobe RGB ("srgb/2"). Tables recorded before colour management have no entry.
+COLOR_RECORD = "srgb/2"
+#: What a table of an older record holds unconverted, by its record.
+_UNCONVERTED = {
+    None: "photos tagged with another colour space (Display P3, Adobe RGB: an ICC profile or "
+    "HEIF nclx box)",
+    "srgb": "untagged camera JPEGs whose EXIF says Adobe RGB (ColorSpace uncalibrated, "
+    "interoperability index R03)",
+}
 
 
 def check_table_meta(
@@ -540,12 +548,13 @@ def check_table_meta(
         if weights:
             check_weights(spec, meta.get("weights_version"), dst, now=weights)
         if record and meta.get("color") != COLOR_RECORD:
+            what = _UNCONVERTED.get(meta.get("color"), _UNCONVERTED[None])
             log.warning(
-                "%s was started before keeper converted photos tagged with another colour space "
-                "(Display P3, Adobe RGB: an ICC profile or HEIF nclx box) to sRGB; its rows for "
-                "such photos hold unconverted pixels, new rows converted ones. Re-embed into a new "
-                "output to have every row converted.",
+                "%s was started before keeper converted %s to sRGB; its rows for such photos "
+                "hold unconverted pixels, new rows converted ones. Re-embed into a new output to "
+                "have every row converted.",
                 dst,
+                what,
             )
         return
     if not record:
