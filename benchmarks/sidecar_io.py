@@ -41,7 +41,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -55,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # embed.machine_info
 
 from keeper_core import storage
 from keeper_core.handback import plan_sidecars
@@ -236,19 +237,12 @@ def _short(read: dict[str, Any]) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": {p: version(p) for p in ("boto3", "moto", "pyexiv2", "keeper-train")},
-    }
+    """``embed.machine_info`` (as every benchmark here), with the versions this one depends on."""
+    from embed import machine_info
+
+    info = machine_info()
+    info["versions"].update({p: version(p) for p in ("boto3", "moto", "pyexiv2")})
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
