@@ -819,6 +819,8 @@ def run(cfg: PickJobConfig) -> PickSummary:
 
     lib = load_library(cfg, spec)
     seconds.update(lib.seconds)
+    # After the embed pass's progress, the driver's own work: say so (a minute at 1M photos).
+    log.info("culling %d photos: grouping, duplicates, ranking, decisions", len(lib.frame))
     result = cull(
         lib.frame,
         scorer=ranker.scorer if ranker else None,
@@ -827,6 +829,11 @@ def run(cfg: PickJobConfig) -> PickSummary:
         picking=cfg.picking,
     )
     seconds.update({f"cull_{k}": v for k, v in result.seconds.items()})
+    log.info(
+        "culled in %.1f s; writing picks, %s sidecars and the contact sheet",
+        sum(result.seconds.values()),
+        cfg.xmp if cfg.xmp != "none" else "no",
+    )
     counts = {
         "in": len(lib.inputs),
         "picked": len(result.picks),
