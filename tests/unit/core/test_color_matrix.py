@@ -418,3 +418,34 @@ def test_exif_rule_needs_rgb_pixels() -> None:
     assert srgb_transform(info, "L") is None
     assert srgb_transform(info, "RGB") is not None
     assert srgb_matrix(info, "RGB") is matrix_profile(rgb_profile(ADOBE_RGB))
+
+
+def test_damaged_profiles_parse_or_give_none_never_raise() -> None:
+    """Seeded random damage to real matrix/TRC profiles: matrix_profile answers a profile or
+    None (the image keeps littlecms's path, or none), never an exception; and a profile it
+    does answer converts pixels without error."""
+    import random
+
+    rng = random.Random("matrix-profile-damage")
+    answered = none = 0
+    for space in (DISPLAY_P3, ADOBE_RGB, PROPHOTO_RGB):
+        base = rgb_profile(space)
+        for _ in range(200):
+            data = bytearray(base)
+            for _ in range(rng.randint(1, 4)):
+                at = rng.randrange(len(data))
+                if rng.random() < 0.8:
+                    data[at] = rng.randrange(256)
+                else:
+                    del data[at:]
+            got = matrix_profile(bytes(data))
+            if got is None:
+                none += 1
+                continue
+            answered += 1
+            px = torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8)
+            out = got.to_srgb(px)
+            assert out.dtype == torch.uint8
+            assert out.shape == px.shape
+    assert answered  # the damage reached both answers
+    assert none

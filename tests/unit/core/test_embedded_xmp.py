@@ -288,3 +288,44 @@ def test_a_jpeg_on_s3_is_read_by_ranges(s3_bucket: str) -> None:
     uri = f"s3://{s3_bucket}/photos/IMG_1.JPG"
     storage.write_bytes(uri, after_soi(jpeg(), *icc, app1_xmp(packet(4, None))))
     assert read_embedded_xmp(uri) == {RATING: "4"}
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "tiff_le", "tiff_be"])
+def test_damaged_files_give_a_packet_none_or_a_data_error_never_a_crash(
+    tmp_path: Path, kind: str
+) -> None:
+    """Seeded random damage (bytes overwritten, cut short, runs inserted) to files holding a
+    packet: the reader answers fields, None or a DataError naming the file, nothing else."""
+    import random
+
+    base = {
+        "jpeg": lambda: jpeg(packet(3, "Green")),
+        "tiff_le": lambda: tiff(packet(3, "Green"), order="<"),
+        "tiff_be": lambda: tiff(packet(3, "Green"), order=">"),
+    }[kind]()
+    rng = random.Random(f"embedded-xmp-{kind}")
+    outcomes = {"fields": 0, "none": 0, "error": 0}
+    named: list[bool] = []
+    for i in range(300):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 6)):
+            how = rng.random()
+            at = rng.randrange(len(data))
+            if how < 0.6:
+                data[at] = rng.randrange(256)
+            elif how < 0.8:
+                del data[at:]
+                if not data:
+                    data = bytearray(base[:2])
+            else:
+                data[at:at] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+        uri = write(tmp_path, f"f{i}.bin", bytes(data))
+        try:
+            got = read_embedded_xmp(uri)
+        except DataError as e:
+            named.append(uri in str(e) or e.source == uri)
+            outcomes["error"] += 1
+        else:
+            outcomes["fields" if got is not None else "none"] += 1
+    assert all(named)  # every error names the file
+    assert all(outcomes.values()), outcomes  # the damage reached every outcome
