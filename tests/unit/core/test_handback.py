@@ -514,3 +514,39 @@ def test_a_new_sidecar_is_stable_from_its_first_write(tmp_path: Path) -> None:
     first = Path(path).read_bytes()
     assert not write_sidecar(path, rating=-1, label="Red", keeper_fields=fields).changed
     assert Path(path).read_bytes() == first
+
+
+XAP = "http://ns.adobe.com/xap/1.0/"
+
+
+def _rating_attribute(data: bytes) -> str | None:
+    """xmp:Rating as a photo tool reads it: by the namespace URI, not by exiv2's prefix."""
+    root = ET.fromstring(data)
+    for desc in root.iter("{http://www.w3.org/1999/02/22-rdf-syntax-ns#}Description"):
+        if f"{{{XAP}}}Rating" in desc.attrib:
+            return desc.attrib[f"{{{XAP}}}Rating"]
+    return None
+
+
+def test_a_packet_binding_xmp_to_another_uri_does_not_misplace_later_ratings(
+    tmp_path: Path,
+) -> None:
+    """exiv2 keeps one prefix registry per process: a packet that binds the prefix ``xmp`` to
+    another URI (here a damaged one) used to re-bind it, and every sidecar written after put
+    ``xmp:Rating`` in that namespace, where no photo tool looks (exiv2 read it back fine)."""
+    odd = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+        b'xmlns:xmp="http://ns.adobe.c m/xap/1.0/" xmp:Rating="3"/></rdf:RDF></x:xmpmeta>'
+    )
+    handback.parse_xmp_packet(odd, "odd.xmp")  # e.g. a photo's own XMP, read by feedback
+    fresh = tmp_path / "IMG_1.xmp"
+    write_sidecar(str(fresh), rating=5, label=None, keeper_fields={"group": "g1"})
+    assert _rating_attribute(fresh.read_bytes()) == "5"
+    # Merged into such a sidecar itself: keeper's rating lands in the standard namespace too
+    merged = tmp_path / "IMG_2.xmp"
+    merged.write_bytes(odd)
+    write_sidecar(str(merged), rating=2, label=None, keeper_fields={"group": "g1"})
+    assert _rating_attribute(merged.read_bytes()) == "3"  # the rating it held stays, now findable
+    write_sidecar(str(fresh.with_name("IMG_3.xmp")), rating=4, label=None)
+    assert _rating_attribute(fresh.with_name("IMG_3.xmp").read_bytes()) == "4"

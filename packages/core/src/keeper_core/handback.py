@@ -320,13 +320,26 @@ def _has_properties(packet: bytes) -> bool:
     return False
 
 
+#: The prefixes keeper reads and writes by name (``Xmp.xmp.Rating``, ``Xmp.keeper.group``) and
+#: their namespaces. exiv2 keeps one prefix registry for the whole process, and parsing a packet
+#: that binds one of these prefixes to another URI (a damaged or hand-edited sidecar, a photo's
+#: own XMP) re-registers it: every sidecar written after would put ``xmp:Rating`` in that other
+#: namespace, where no photo tool looks, while exiv2 itself still read it back as the rating.
+_OWN_NAMESPACES = (("http://ns.adobe.com/xap/1.0/", "xmp"), (KEEPER_NS, KEEPER_PREFIX))
+
+
 def _parse(
     pyexiv2: ModuleType, data: bytes, uri: str, what: str = "an XMP sidecar"
 ) -> tuple[Any, dict[str, XmpValue]]:
+    """exiv2's image of ``data`` and its fields; the caller holds the exiv2 lock. The prefixes
+    of ``_OWN_NAMESPACES`` are bound to their namespaces again after every parse."""
     try:
         img = pyexiv2.ImageData(data)
     except (RuntimeError, ValueError) as e:
         raise DataError(f"not {what} ({str(e).strip()}); left as it is", source=uri) from e
+    finally:
+        for namespace, prefix in _OWN_NAMESPACES:
+            pyexiv2.registerNs(namespace, prefix)
     try:
         if img.get_mime_type() != _XMP_MIME:
             raise DataError(
