@@ -80,7 +80,7 @@ from keeper_core.feedback import (
     read_offers,
     run_request_id,
 )
-from keeper_core.handback import RATING_KEY, SidecarPlan, XmpValue, keeper_owns, plan_sidecars
+from keeper_core.handback import RATING_KEY, SidecarPlan, keeper_owns, plan_sidecars
 from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import job_main
 
@@ -346,17 +346,23 @@ def parse_rating(fields: dict[str, Any]) -> tuple[int, bool]:
     return _int(str(now)), not keeper_owns(fields, RATING_KEY)
 
 
-def parse_embedded_rating(fields: dict[str, XmpValue]) -> tuple[int, bool]:
-    """The rating the XMP packet in an image file shows (0 when none), and whether a person gave
-    it: always where there is one (keeper never writes into image files; see the module
-    docstring for an in-camera rating).
+def file_rating(image_uri: str) -> int | None:
+    """The rating in the XMP packet inside the image file (0 when the packet has none), or None
+    when the file holds no packet. A rating there is always a person's (keeper never writes
+    into image files; see the module docstring for an in-camera rating).
 
     Raises:
+        KeeperError: the file cannot be read, or its structure or packet is damaged
+            (``keeper_core.embedded_xmp``).
         ValueError: ``xmp:Rating`` is not an integer in -1..5.
     """
+    from keeper_core.embedded_xmp import read_embedded_xmp
+
+    fields = read_embedded_xmp(image_uri)
+    if fields is None:
+        return None
     now = fields.get(RATING_KEY)
-    rating = 0 if now is None else _int(str(now))
-    return rating, rating != 0
+    return 0 if now is None else _int(str(now))
 
 
 @dataclass
@@ -427,17 +433,14 @@ def _beside_keepers(run: _Run, p: SidecarPlan, out: _Read) -> bool:
     (Lightroom writes a JPEG's, TIFF's or DNG's rating there and never reads its sidecar; other
     formats are not read here). A file that cannot be read leaves keeper's value standing, recorded in ``in_file_unreadable``.
     """
-    from keeper_core.embedded_xmp import read_embedded_xmp
-
     if not p.image_uri.lower().endswith(IN_FILE_SUFFIXES):
         return False  # a RAW's or HEIC's rating goes to its sidecar: no need to read the file
     try:
-        fields = read_embedded_xmp(p.image_uri) if storage.exists(p.image_uri) else None
-        rating, _ = (0, False) if fields is None else parse_embedded_rating(fields)
+        rating = file_rating(p.image_uri) if storage.exists(p.image_uri) else None
     except (KeeperError, ValueError) as e:
         out.in_file_unreadable.append(FileProblem(image_uri=p.image_uri, reason=str(e)))
         return False
-    if rating == 0:
+    if not rating:  # no packet, or one without a rating
         return False
     out.in_file += 1
     out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, True, str(rating)))
@@ -447,22 +450,18 @@ def _beside_keepers(run: _Run, p: SidecarPlan, out: _Read) -> bool:
 def _read_embedded(run: _Run, p: SidecarPlan, out: _Read) -> None:
     """The rating in the XMP packet of ``p``'s image file, into ``out``: only a packet read counts
     as a rating read (a file without one says nothing, as a missing sidecar says nothing)."""
-    from keeper_core.embedded_xmp import read_embedded_xmp
-
     try:
         if not storage.exists(p.image_uri):
             out.absent += 1
             return
-        fields = read_embedded_xmp(p.image_uri)
-        got = None if fields is None else parse_embedded_rating(fields)
+        rating = file_rating(p.image_uri)
     except (KeeperError, ValueError) as e:
         out.embedded_unreadable.append(FileProblem(image_uri=p.image_uri, reason=str(e)))
         return
     out.embedded += 1
-    if got is not None:
+    if rating is not None:
         out.embedded_packets += 1
-        rating, persons = got
-        out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, persons, str(rating)))
+        out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, rating != 0, str(rating)))
 
 
 # --------------------------------------------------------------------------------------------
