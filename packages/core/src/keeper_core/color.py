@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import ExifTags, Image, ImageCms
 
+from keeper_core.errors import PIL_ERRORS
+
 if TYPE_CHECKING:
     import torch
 
@@ -83,16 +85,6 @@ _NCLX_GAMMA = {4: 2.2, 5: 2.8, 8: 1.0}  # BT.470 M, BT.470 BG, linear
 _D50 = (0.9642, 1.0, 0.8249)  # the ICC profile connection space's white
 _EXIF_UNCALIBRATED = 0xFFFF  # EXIF ColorSpace: not sRGB (1)
 _INTEROP_INDEX = 0x0001  # InteroperabilityIndex, in the Interoperability IFD
-_EXIF_ERRORS = (
-    OSError,
-    SyntaxError,
-    ValueError,
-    EOFError,
-    IndexError,
-    KeyError,
-    TypeError,
-    struct.error,
-)
 
 
 @dataclass(frozen=True)
@@ -182,7 +174,7 @@ def _exif_says_adobe_rgb(exif: bytes) -> bool:
         parsed.load(exif)
         space = parsed.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.ColorSpace)
         index = parsed.get_ifd(ExifTags.IFD.Interop).get(_INTEROP_INDEX)
-    except _EXIF_ERRORS:
+    except PIL_ERRORS:
         return False  # a corrupt EXIF block says nothing
     if isinstance(index, bytes):
         index = index.decode("ascii", "replace")

@@ -8,6 +8,8 @@ many items can record the reason and go on. Subclasses carry machine-readable fi
 from __future__ import annotations
 
 import re
+import struct
+import zlib
 from typing import Any
 
 
@@ -166,3 +168,19 @@ def brief(exc: BaseException) -> str:
     name = type(remote_cause(exc)).__name__
     message = client_message(exc)
     return f"{name}: {message}" if message else name
+
+
+#: What PIL raises on malformed data inside a recognised format (a plugin's header parser or
+#: decoder, an EXIF block). Anything else escaping PIL is a bug we want to see, not a bad image.
+PIL_ERRORS: tuple[type[Exception], ...] = (
+    OSError,  # includes UnidentifiedImageError and "image file is truncated"
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    RuntimeError,  # the AVIF plugin's decode failures
+    struct.error,
+    zlib.error,
+)

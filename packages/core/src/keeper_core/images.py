@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import io
 import struct
-import zlib
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from keeper_core.color import convert_to_srgb, srgb_transform
-from keeper_core.errors import ConfigError, ImageDecodeError
+from keeper_core.errors import PIL_ERRORS, ConfigError, ImageDecodeError
 from keeper_core.formats import RawPreview, extract_raw_preview, raw_format, register_heif
 
 __all__ = [
@@ -112,20 +111,6 @@ _TRANSPOSE = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-# What PIL raises on malformed data inside a recognised format (a plugin's header parser or
-# decoder). Anything else escaping PIL is a bug we want to see, not a bad image.
-_PIL_ERRORS: tuple[type[Exception], ...] = (
-    OSError,  # includes UnidentifiedImageError and "image file is truncated"
-    SyntaxError,
-    ValueError,
-    EOFError,
-    IndexError,
-    KeyError,
-    TypeError,
-    RuntimeError,  # the AVIF plugin's decode failures
-    struct.error,
-    zlib.error,
-)
 _DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 # Modes with a faithful path to RGB. Others (LAB, HSV TIFFs) would need colour management:
 # PIL's convert() "succeeds" on LAB with meaningless colours, so they are refused instead.
@@ -276,7 +261,7 @@ def _open(data: bytes, source: str | None, max_bytes: int | None) -> ImageFile.I
         return Image.open(io.BytesIO(data), formats=[fmt])
     except _BOMB_ERRORS as e:  # PIL's own guard (2x its global limit) fires inside open()
         raise ImageDecodeError("too_many_pixels", str(e), source=source) from e
-    except _PIL_ERRORS as e:  # the signature matched, so the header itself is damaged
+    except PIL_ERRORS as e:  # the signature matched, so the header itself is damaged
         raise ImageDecodeError("truncated", f"{fmt} header unreadable: {e}", source=source) from e
 
 
@@ -288,7 +273,7 @@ def _orientation(im: Image.Image) -> int:
         return 1
     try:
         value = im.getexif().get(ExifTags.Base.Orientation, 1)
-    except _PIL_ERRORS:
+    except PIL_ERRORS:
         return 1  # a corrupt EXIF block should not cost us good pixels
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
@@ -381,7 +366,7 @@ def decode_jpeg_band(data: bytes, *, pixels: int, source: str | None = None) -> 
         im = Image.open(io.BytesIO(band), formats=["JPEG"])
         im.draft("L", None)  # grey straight from libjpeg: no chroma upsampling or conversion
         im.load()
-    except _PIL_ERRORS as e:
+    except PIL_ERRORS as e:
         raise ImageDecodeError("truncated", f"JPEG band: {e}", source=source) from e
     return im if im.mode == "L" else im.convert("L")
 
@@ -563,7 +548,7 @@ def decode_image(
         im.load()  # the full decode: truncation surfaces here (LOAD_TRUNCATED_IMAGES stays off)
     except _BOMB_ERRORS as e:  # GIF/TIFF re-check frame and tile sizes while loading
         raise ImageDecodeError("too_many_pixels", str(e), source=source) from e
-    except _PIL_ERRORS as e:
+    except PIL_ERRORS as e:
         raise ImageDecodeError("truncated", f"{im.format}: {e}", source=source) from e
     # The orientation read from the header above, applied once: the image's own, else (a RAW
     # preview without one) the RAW's. Not ImageOps.exif_transpose after the load: a PNG's
