@@ -163,14 +163,16 @@ class ErrorRows:
         )
 
     def dedupe(self) -> int:
-        """Keep one row per URI: the latest attempt's (by ``at``, then part name)."""
+        """Keep one row per URI: the latest attempt's (by ``at``, then part name). One row in
+        two parts at the same ``at`` (a compaction killed before its deletes) is kept in the
+        larger part, so the small parts go whole instead of the large one being rewritten."""
         latest: dict[str, tuple[str, int]] = {}
         order = sorted(
-            (str(at), part, i, str(uri))
+            (str(at), len(df), part, i, str(uri))
             for part, df in self.by_part.items()
             for i, (uri, at) in enumerate(zip(df["image_uri"], df["at"], strict=True))
         )
-        for _, part, i, uri in order:
+        for _, _, part, i, uri in order:
             latest[uri] = (part, i)
         return sum(
             self._keep(part, [latest[str(u)] == (part, i) for i, u in enumerate(df["image_uri"])])
