@@ -28,7 +28,10 @@ Nothing here opens a file for writing.
 from __future__ import annotations
 
 import io
+import re
 import struct
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from keeper_core import storage
 from keeper_core.errors import DataError, StorageError
@@ -45,8 +48,13 @@ MAX_JPEG_HEADER_BYTES = 16 * 1024 * 1024
 MAX_HEIF_BYTES = 64 * 1024 * 1024
 
 _FIRST = 256 * 1024  # read at once: a JPEG's APP segments and a TIFF's IFD0 are almost always in it
-_JPEG_XMP = b"http://ns.adobe.com/xap/1.0/\x00"
+#: What heads the body of a JPEG's standard XMP segment (APP1), before the packet.
+JPEG_XMP_SIGNATURE = b"http://ns.adobe.com/xap/1.0/\x00"
+_JPEG_APP1, _JPEG_SOS, _JPEG_EOI = 0xE1, 0xDA, 0xD9
 _JPEG_BARE = frozenset((0x01, *range(0xD0, 0xD9)))  # markers without a length field (TEM, RSTn)
+# A marker inside entropy-coded data: 0xFF followed by neither a stuffed 0x00, a restart
+# marker (RST0-7) nor another 0xFF (a fill byte).
+_JPEG_SCAN_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _MAX_JPEG_SEGMENTS = 4096
 _MAX_IFD_ENTRIES = 4096  # a real IFD0 has a few dozen
 _TAG_XMP = 700
@@ -58,18 +66,20 @@ _HEIF_BRANDS = frozenset(
 
 class _File:
     """Ranged reads of one file or object: its first :data:`_FIRST` bytes at once, the rest on
-    demand; a read past the end is a DataError naming what was being read."""
+    demand; a read past the end is a DataError naming what was being read. Given ``data``, the
+    file's whole bytes already read, nothing more is read."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, data: bytes | None = None) -> None:
         self.uri = uri
-        self.head = storage.read_head(uri, _FIRST)
+        self.whole = data is not None
+        self.head = data if data is not None else storage.read_head(uri, _FIRST)
 
     def at(self, offset: int, n: int, what: str) -> bytes:
         if offset < 0 or n < 0:
             raise DataError(f"{what}: a negative offset or size", source=self.uri)
         if offset + n <= len(self.head):
             return self.head[offset : offset + n]
-        if len(self.head) < _FIRST:  # the head is the whole file
+        if self.whole or len(self.head) < _FIRST:  # the head is the whole file
             raise DataError(
                 f"{what} ({n} bytes at byte {offset}) runs past the end of the "
                 f"{len(self.head)}-byte file",
@@ -132,6 +142,52 @@ def _jpeg_packet(f: _File) -> bytes | None:
     Extended XMP (``http://ns.adobe.com/xmp/extension/``) is not joined: xmp:Rating and
     xmp:Label are always in the standard packet.
     """
+    for seg in _jpeg_segments(f):
+        if _is_xmp(f, seg):
+            body = seg.start + 4 + len(JPEG_XMP_SIGNATURE)
+            return f.at(body, seg.end - body, "the JPEG's XMP segment")
+    return None
+
+
+class JpegSegment(NamedTuple):
+    """One marker segment of a JPEG's header, as :func:`jpeg_header` finds it."""
+
+    marker: int  # the byte after 0xFF: 0xE1 for APP1, 0xDA for SOS
+    start: int  # the offset of its 0xFF
+    end: int  # the offset just past it; for SOS and EOI, just past the marker itself
+
+
+class JpegHeader(NamedTuple):
+    """A JPEG's segments up to its first scan (:func:`jpeg_header`)."""
+
+    #: every segment after SOI in file order; the last is the first SOS (or an EOI before any)
+    segments: list[JpegSegment]
+    #: indices into ``segments`` of the standard XMP segments (APP1 ``http://ns.adobe.com/xap/...``)
+    xmp: list[int]
+
+
+def jpeg_header(data: bytes, uri: str) -> JpegHeader:
+    """The segments of a whole JPEG (``data``, SOI first) up to its first scan, by the walk
+    :func:`read_packet` makes.
+
+    Raises:
+        DataError: the segments cannot be followed (a damaged length, a segment past the end, no
+            scan within :data:`MAX_JPEG_HEADER_BYTES`).
+    """
+    f = _File(uri, data)
+    segments = list(_jpeg_segments(f))
+    return JpegHeader(segments, [k for k, seg in enumerate(segments) if _is_xmp(f, seg)])
+
+
+def _is_xmp(f: _File, seg: JpegSegment) -> bool:
+    sig = len(JPEG_XMP_SIGNATURE)
+    if seg.marker != _JPEG_APP1 or seg.end - seg.start - 4 < sig:
+        return False
+    return f.at(seg.start + 4, sig, "a JPEG APP1 segment") == JPEG_XMP_SIGNATURE
+
+
+def _jpeg_segments(f: _File) -> Iterator[JpegSegment]:
+    """Each segment after SOI, reading only the headers, through the first SOS or EOI."""
     i = 2
     for _ in range(_MAX_JPEG_SEGMENTS):
         if i > MAX_JPEG_HEADER_BYTES:
@@ -146,9 +202,11 @@ def _jpeg_packet(f: _File) -> bytes | None:
         if marker == 0xFF:  # a fill byte before the marker
             i += 1
             continue
-        if marker in (0xD9, 0xDA):  # EOI or SOS: the metadata segments all come before
-            return None
+        if marker in (_JPEG_EOI, _JPEG_SOS):  # the metadata segments all come before
+            yield JpegSegment(marker, i, i + 2)
+            return
         if marker in _JPEG_BARE:
+            yield JpegSegment(marker, i, i + 2)
             i += 2
             continue
         (length,) = struct.unpack(
@@ -156,16 +214,52 @@ def _jpeg_packet(f: _File) -> bytes | None:
         )
         if length < 2:
             raise DataError(f"JPEG segment at byte {i} has length {length}", source=f.uri)
-        body = length - 2
-        sig = len(_JPEG_XMP)
-        is_xmp = marker == 0xE1 and body >= sig
-        if is_xmp and f.at(i + 4, sig, "a JPEG APP1 segment") == _JPEG_XMP:
-            return f.at(i + 4 + sig, body - sig, "the JPEG's XMP segment")
+        yield JpegSegment(marker, i, i + 2 + length)
         i += 2 + length
     raise DataError(
         f"no image data within the first {min(i, MAX_JPEG_HEADER_BYTES)} bytes "
         f"({_MAX_JPEG_SEGMENTS} segments at most are walked)",
         source=f.uri,
+    )
+
+
+def jpeg_image_end(data: bytes, sos: int, uri: str) -> int:
+    """Just past the EOI that ends the JPEG in ``data`` whose first scan starts at ``sos``
+    (:func:`jpeg_header`'s last segment): every scan's entropy-coded data and the segments
+    between scans (a progressive JPEG's) walked to it. What follows (a multi-picture file's
+    other images, a phone's trailer) is not read.
+
+    Raises:
+        DataError: the file ends before its EOI (truncated), or a segment there is damaged.
+    """
+    i = sos
+    while i + 2 <= len(data):
+        if data[i] != 0xFF:
+            raise DataError(f"no JPEG marker at byte {i}, after a scan", source=uri)
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            i += 1
+            continue
+        if marker == _JPEG_EOI:
+            return i + 2
+        if marker in _JPEG_BARE:
+            i += 2
+            continue
+        if i + 4 > len(data):
+            break
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if length < 2:
+            raise DataError(f"JPEG segment at byte {i} has length {length}", source=uri)
+        i += 2 + length
+        if marker == _JPEG_SOS:  # its entropy-coded data runs up to the next marker
+            m = _JPEG_SCAN_MARKER.search(data, i)
+            if m is None:
+                break
+            i = m.start()
+    raise DataError(
+        f"cut short: its image data ends at byte {len(data)} without an end-of-image marker "
+        "(a truncated JPEG)",
+        source=uri,
     )
 
 

@@ -1,6 +1,7 @@
 """Hand the picks back to photo tools: XMP sidecars and copies or links of the keepers.
 
-Nothing here opens an original for writing. Sidecars are separate ``.xmp`` files that
+Nothing here opens an original for writing (:mod:`keeper_core.jpeg_xmp` writes the same
+packet into a JPEG, for ``keeper pick --xmp embed``). Sidecars are separate ``.xmp`` files that
 Lightroom, Capture One, darktable and digiKam read; the keepers are copied or linked into a
 folder of their own, under the same relative paths they had under the input root.
 
@@ -12,9 +13,10 @@ folder of their own, under the same relative paths they had under the input root
 Sidecars are written with pyexiv2 (the exiv2 library). An existing sidecar is merged:
 keeper's own namespace (:data:`KEEPER_NS`, prefix ``keeper``) changes, every other field stays,
 and ``xmp:Rating`` / ``xmp:Label`` change only where keeper set them (``keeper:xmp`` records what
-it chose): a rating or label a person gave in a photo tool is theirs, and stays. Writes are atomic (:func:`storage.write_bytes`), and a
-sidecar whose content would not change is not rewritten, so re-runs leave its mtime alone
-(Lightroom takes a newer sidecar for an outside edit).
+it chose): a rating or label a person gave in a photo tool is theirs, and stays
+(:func:`merge_packet`, the one merge of a sidecar and of a JPEG's own packet). Writes are
+atomic (:func:`storage.write_bytes`), and a sidecar whose content would not change is not
+rewritten, so re-runs leave its mtime alone (Lightroom takes a newer sidecar for an outside edit).
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ XmpValue = str | list[str] | dict[str, str]
 
 
 class SidecarWrite(NamedTuple):
-    """What :func:`write_sidecar` did to one sidecar."""
+    """What :func:`write_sidecar` did to one sidecar (or ``jpeg_xmp.write_jpeg_xmp`` to the XMP
+    inside one JPEG)."""
 
     changed: bool  # the file was written (False: it already held exactly this)
     #: ``"rating"`` / ``"label"``: a person's value the sidecar holds, left in place of keeper's
@@ -329,10 +332,15 @@ _OWN_NAMESPACES = (("http://ns.adobe.com/xap/1.0/", "xmp"), (KEEPER_NS, KEEPER_P
 
 
 def _parse(
-    pyexiv2: ModuleType, data: bytes, uri: str, what: str = "an XMP sidecar"
+    pyexiv2: ModuleType,
+    data: bytes,
+    uri: str,
+    what: str = "an XMP sidecar",
+    mime: str = _XMP_MIME,
 ) -> tuple[Any, dict[str, XmpValue]]:
-    """exiv2's image of ``data`` and its fields; the caller holds the exiv2 lock. The prefixes
-    of ``_OWN_NAMESPACES`` are bound to their namespaces again after every parse."""
+    """exiv2's image of ``data`` (a file of type ``mime``) and its XMP fields; the caller holds
+    the exiv2 lock. The prefixes of ``_OWN_NAMESPACES`` are bound to their namespaces again
+    after every parse."""
     try:
         img = pyexiv2.ImageData(data)
     except (RuntimeError, ValueError) as e:
@@ -341,7 +349,7 @@ def _parse(
         for namespace, prefix in _OWN_NAMESPACES:
             pyexiv2.registerNs(namespace, prefix)
     try:
-        if img.get_mime_type() != _XMP_MIME:
+        if img.get_mime_type() != mime:
             raise DataError(
                 f"is a {img.get_mime_type()} file, not {what}; left as it is", source=uri
             )
@@ -402,26 +410,94 @@ def write_sidecar(
     """
     if not sidecar_uri.lower().endswith(".xmp"):
         raise ConfigError(f"sidecar_uri must end in .xmp: {sidecar_uri!r}")
-    # Integral, so a numpy integer from a picks frame is fine; bool is Integral but no rating.
-    if isinstance(rating, bool) or not isinstance(rating, Integral) or not -1 <= rating <= 5:
-        raise ConfigError(f"rating must be an int in -1..5, got {rating!r}")
-    if label is not None and not _check_text("label", label):
-        raise ConfigError("label must be a non-empty string or None, got ''")
-    own = dict(keeper_fields or {})
-    for name, value in own.items():
-        if not isinstance(name, str) or not _FIELD_NAME.match(name):
-            raise ConfigError(f"keeper field name {name!r} is not an XML name ([A-Za-z_][\\w-]*)")
-        _check_text(f"keeper field {name!r}", value)
-
+    choice = KeeperXmp(rating, label, keeper_fields or {})
     target, st = _local_target(sidecar_uri)
     old = storage.read_bytes(target) if storage.exists(target) else b""
+    merge = merge_packet(old, choice, source=sidecar_uri, overwrite_ratings=overwrite_ratings)
+    if merge.packet == old:
+        return SidecarWrite(False, merge.kept)
+    storage.write_bytes(target, merge.packet, durable=durable)
+    if st is not None:
+        restore_owner_and_mode(target, st)
+    return SidecarWrite(True, merge.kept)
+
+
+@dataclass(frozen=True)
+class KeeperXmp:
+    """What keeper writes into one photo's XMP, checked at construction.
+
+    Attributes:
+        rating: -1 (rejected) to 5, as ``xmp:Rating``.
+        label: the colour label (``xmp:Label``, e.g. ``"Green"``), or None for none.
+        fields: ``keeper:<name>`` values, e.g. ``{"group": "g000003", "rank": "1"}``.
+
+    Raises:
+        ConfigError: a rating outside -1..5, a bad label, field name or value.
+    """
+
+    rating: int
+    label: str | None = None
+    fields: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        rating = self.rating
+        # Integral, so a numpy integer from a picks frame is fine; bool is Integral but no rating.
+        if isinstance(rating, bool) or not isinstance(rating, Integral) or not -1 <= rating <= 5:
+            raise ConfigError(f"rating must be an int in -1..5, got {rating!r}")
+        if self.label is not None and not _check_text("label", self.label):
+            raise ConfigError("label must be a non-empty string or None, got ''")
+        for name, value in self.fields.items():
+            if not isinstance(name, str) or not _FIELD_NAME.match(name):
+                raise ConfigError(
+                    f"keeper field name {name!r} is not an XML name ([A-Za-z_][\\w-]*)"
+                )
+            _check_text(f"keeper field {name!r}", value)
+        object.__setattr__(self, "rating", int(rating))
+        object.__setattr__(self, "fields", dict(self.fields))
+
+
+class PacketMerge(NamedTuple):
+    """What :func:`merge_packet` made of one packet."""
+
+    packet: bytes  # the packet to write: ``old`` itself when it already held exactly this
+    #: ``"rating"`` / ``"label"``: a person's value the packet holds, left in place of keeper's
+    kept: tuple[str, ...] = ()
+
+
+def merge_packet(
+    old: bytes,
+    choice: KeeperXmp,
+    *,
+    source: str,
+    overwrite_ratings: bool = False,
+    what: str = "an XMP sidecar",
+) -> PacketMerge:
+    """keeper's rating, label and fields merged into one XMP packet, by :func:`write_sidecar`'s
+    rules: the one merge of a sidecar's packet and of the packet inside a JPEG
+    (:mod:`keeper_core.jpeg_xmp`).
+
+    keeper's namespace is replaced by ``choice.fields``; ``xmp:Rating`` and ``xmp:Label`` change
+    only where keeper owns them (:func:`keeper_owns`), or everywhere with ``overwrite_ratings``;
+    ``keeper:xmp`` records the choice; every other field stays. The result is exiv2's own
+    layout of the packet (its fixed point), so merging it again gives the same bytes.
+
+    Args:
+        old: the packet now (empty: none yet).
+        choice: what keeper writes.
+        source: where the packet is, for errors.
+        overwrite_ratings: set ``xmp:Rating`` and ``xmp:Label`` whoever set them before.
+        what: what the packet is, as errors name it.
+
+    Raises:
+        DataError: ``old`` is not XMP exiv2 can parse, or exiv2 cannot update it.
+    """
     pyexiv2 = _exiv2()
     with _EXIV2_LOCK:
         packet = old if old.strip() else _EMPTY_PACKET
-        img, fields = _parse(pyexiv2, packet, sidecar_uri)
+        img, fields = _parse(pyexiv2, packet, source, what)
         img.close()
-        values = _xmp_values(fields, rating, label, overwrite_ratings)
-        new = _merged(pyexiv2, packet, sidecar_uri, values, own)
+        values = _xmp_values(fields, choice.rating, choice.label, overwrite_ratings)
+        new = _merged(pyexiv2, packet, source, values, choice.fields, what)
         # exiv2 lays out a packet it rewrote (one it created, or one another tool wrote with
         # properties as elements, like darktable's) differently the next time it writes it:
         # more passes reach the fixed point, so the next run finds the same bytes and leaves
@@ -429,19 +505,14 @@ def write_sidecar(
         for _ in range(_FIXED_POINT_PASSES):
             if new == old:
                 break
-            again = _merged(pyexiv2, new, sidecar_uri, values, own)
+            again = _merged(pyexiv2, new, source, values, choice.fields, what)
             if again == new:
                 break
             new = again
     kept = tuple(
         name for name, key in (("rating", RATING_KEY), ("label", LABEL_KEY)) if key not in values
     )
-    if new == old:
-        return SidecarWrite(False, kept)
-    storage.write_bytes(target, new, durable=durable)
-    if st is not None:
-        _restore_owner_and_mode(target, st)
-    return SidecarWrite(True, kept)
+    return PacketMerge(old if new == old else new, kept)
 
 
 def _xmp_values(
@@ -513,8 +584,13 @@ def _local_target(sidecar_uri: str) -> tuple[str, os.stat_result | None]:
     return str(path), st
 
 
-def _restore_owner_and_mode(path: str, st: os.stat_result) -> None:
-    """Give a rewritten sidecar the permissions (and, where allowed, the owner) it had."""
+def restore_owner_and_mode(path: str, st: os.stat_result) -> None:
+    """Give a rewritten file (a sidecar; a JPEG's new copy) the permissions (and, where
+    allowed, the owner) ``st`` records.
+
+    Raises:
+        StorageError: the permissions cannot be set.
+    """
     with contextlib.suppress(OSError):
         os.chown(path, st.st_uid, st.st_gid)  # only root may: elsewhere the writer owns it
     try:
@@ -526,13 +602,14 @@ def _restore_owner_and_mode(path: str, st: os.stat_result) -> None:
 def _merged(
     pyexiv2: Any,
     data: bytes,
-    sidecar_uri: str,
+    source: str,
     values: Mapping[str, str | None],
     own: Mapping[str, str],
+    what: str,
 ) -> bytes:
     """``data`` (an XMP packet) with keeper's fields and ``values`` (:func:`_xmp_values`) set;
     the caller holds the exiv2 lock."""
-    img, fields = _parse(pyexiv2, data, sidecar_uri)
+    img, fields = _parse(pyexiv2, data, source, what)
     try:
         changes: dict[str, str | None] = {k: None for k in fields if _OWN_KEY.match(k)}
         changes.update({f"Xmp.{KEEPER_PREFIX}.{k}": v for k, v in own.items()})
@@ -546,9 +623,7 @@ def _merged(
         img.modify_xmp(changes)
         out: bytes = img.get_bytes()
     except RuntimeError as e:
-        raise DataError(
-            f"exiv2 could not update the sidecar: {str(e).strip()}", source=sidecar_uri
-        ) from e
+        raise DataError(f"exiv2 could not update {what}: {str(e).strip()}", source=source) from e
     finally:
         img.close()
     return out
@@ -585,6 +660,33 @@ def parse_xmp_packet(
     with _EXIV2_LOCK:
         img, fields = _parse(pyexiv2, data, source, what)
         img.close()
+    return fields
+
+
+def parse_image_xmp(data: bytes, source: str, *, mime: str) -> dict[str, XmpValue]:
+    """Every XMP field exiv2 finds in a whole image file's bytes: a reader of its own, beside
+    :mod:`keeper_core.embedded_xmp`'s walk, for checking a file keeper wrote
+    (:mod:`keeper_core.jpeg_xmp`).
+
+    Args:
+        data: the file's bytes.
+        source: where they came from, for the error.
+        mime: the type exiv2 must find them to be, e.g. ``image/jpeg``.
+
+    Raises:
+        DataError: exiv2 cannot read them, or finds another type of file.
+    """
+    pyexiv2 = _exiv2()
+    with _EXIV2_LOCK:
+        # Muted: at the "error" level exiv2's complaint about a damaged maker note (another
+        # segment's business) raises and loses the XMP too; a packet it cannot parse reads as
+        # none, which a caller comparing fields sees.
+        pyexiv2.set_log_level(4)
+        try:
+            img, fields = _parse(pyexiv2, data, source, f"a file of type {mime}", mime)
+            img.close()
+        finally:
+            pyexiv2.set_log_level(3)  # _exiv2's level, which sidecar parsing relies on
     return fields
 
 

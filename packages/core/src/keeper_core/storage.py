@@ -539,7 +539,11 @@ def _open_temp(folder: Path, name: str) -> tuple[int, str]:
 
 
 def _atomic_write(
-    path: Path, write: Callable[[IO[bytes]], object], *, durable: bool = True
+    path: Path,
+    write: Callable[[IO[bytes]], object],
+    *,
+    durable: bool = True,
+    check: Callable[[str], None] | None = None,
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder as the target so os.replace is a rename, never a cross-device copy; the
@@ -552,6 +556,8 @@ def _atomic_write(
             f.flush()
             if durable:
                 os.fsync(f.fileno())  # else a crash after the rename can leave an empty file
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -780,6 +786,23 @@ def write_bytes(uri: str, data: bytes, *, durable: bool = True) -> None:
         s3_client().put_object(
             Bucket=bucket, Key=key, Body=bytes(data), ContentType=content_type(key)
         )
+
+
+def replace_file(path: str, data: bytes, *, check: Callable[[str], None]) -> None:
+    """Replace the local file ``path`` by ``data``, atomically, once ``check`` has passed.
+
+    ``data`` goes to a new temporary file in ``path``'s folder (named as :func:`write_bytes`
+    names its own, so listings skip it) and is fsynced; then ``check(temporary path)`` runs: it
+    may read the file back, give it a mode, or raise to leave ``path`` as it was (the temporary
+    file is removed). Only then ``os.replace`` renames it over ``path``: whatever happens,
+    ``path`` is the old file or the new one, whole.
+
+    Raises:
+        StorageError: the write or the rename failed (``path`` is left as it was).
+        Whatever ``check`` raises.
+    """
+    with _local_errors(path):
+        _atomic_write(Path(path), lambda f: f.write(data), check=check)
 
 
 def _head(uri: str) -> dict[str, Any] | None:

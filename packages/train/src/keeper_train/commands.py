@@ -552,8 +552,8 @@ def add_feedback_from_xmp_parser(subparsers: SubParsers) -> None:
     p.add_argument("--client", help="who decided, as the events name them (default xmp)")
     p.add_argument(
         "--xmp",
-        choices=["mirror", "beside"],
-        help="where pick put them (default: from its summary)",
+        choices=["mirror", "beside", "embed"],
+        help="where pick put them (default: from its summary; embed: in the JPEGs themselves)",
     )
     p.add_argument(
         "--xmp-naming", choices=["basename", "full"], help="pick's --xmp-naming (default basename)"
@@ -777,7 +777,8 @@ def add_pick_parser(subparsers: SubParsers) -> None:
         description="Embed a folder, s3:// prefix or manifest of photos (resumable), group them "
         "into bursts/scenes by capture time and similarity, rank each group with the registered "
         "champion (or a zero-shot rule, labelled as such), and write a picks table, an HTML "
-        "contact sheet and XMP sidecars. Originals are never modified. A flag given here "
+        "contact sheet and XMP sidecars. Originals are never modified, unless --xmp embed "
+        "asks for keeper's XMP inside JPEG originals. A flag given here "
         "overrides --config; one not given leaves the config's value alone.",
     )
     p.add_argument("--config", help="YAML config (PickJobConfig fields)")
@@ -793,7 +794,13 @@ def add_pick_parser(subparsers: SubParsers) -> None:
     p.add_argument("--clip-model", help="ModelSpec to embed with (default: the ranker's)")
     p.add_argument("--max-gap-s", type=float, help="longest gap between shots of one burst (s)")
     p.add_argument("--min-similarity", type=float, help="lowest cosine between burst neighbours")
-    p.add_argument("--xmp", choices=["mirror", "beside", "none"], help="where sidecars go")
+    p.add_argument(
+        "--xmp",
+        choices=["mirror", "beside", "embed", "none"],
+        help="where the XMP goes: sidecars under OUTPUT/xmp (default) or beside the originals, "
+        "none, or embed: into each JPEG original itself (Lightroom Classic reads a JPEG's "
+        "rating only there; the one setting that writes originals), sidecars beside the rest",
+    )
     p.add_argument("--xmp-naming", choices=["basename", "full"], help="IMG_1.xmp or IMG_1.CR2.xmp")
     p.add_argument(
         "--overwrite-ratings",

@@ -13,7 +13,7 @@ each photo is kept, kept as an alternate, or rejected, with the reasons.
     plan      refuse a WebDataset corpus (keeper embed's input, not a photo library) and
               sidecar or keeper-export settings the write step could not honour for this input
               (a manifest's images in several buckets under xmp=mirror or copy_keepers, S3
-              images under xmp=beside); resolve the ranker (before any work: its embedding
+              images under xmp=beside or embed); resolve the ranker (before any work: its embedding
               spec is the one to embed with)
     embed     keeper embed into OUTPUT/table (resumable: embeds only what is missing), reading
               capture metadata and writing thumbnails from the bytes and pixels it already has
@@ -22,10 +22,14 @@ each photo is kept, kept as an alternate, or rejected, with the reasons.
     cull      keeper_core.culling.cull: group -> duplicates -> rank -> decide (what /v1/pick runs)
     write     OUTPUT/picks.parquet + picks.csv, OUTPUT/failed.csv, OUTPUT/index.html (the contact
               sheet, pages/ and thumbs/), XMP sidecars (mirrored under OUTPUT/xmp, or beside the
-              originals; one that cannot be written is recorded with its reason and the rest
-              are written), optional copies or links of the keepers; OUTPUT/_SUMMARY.json
+              originals; with xmp=embed, into JPEG originals; one that cannot be written is
+              recorded with its reason and the rest are written), optional copies or links of
+              the keepers; OUTPUT/_SUMMARY.json
 
-Originals are never written, moved or renamed. Every output is written atomically and rebuilt
+Originals are never moved or renamed, and never written but with xmp=embed (opt-in), which
+writes keeper's XMP into JPEG originals themselves, for Lightroom Classic (it reads a JPEG's
+rating from the file, never from a sidecar): only the XMP segment changes, checked byte for byte
+before an atomic replace (keeper_core.jpeg_xmp). Every output is written atomically and rebuilt
 whole from the table on every run, so a run killed at any point is completed by running it again.
 Exit codes: 0 done, 2 bad config or input, 3 embed failed more images than its limit allows.
 """
@@ -35,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +66,7 @@ from keeper_core.handback import (
     xml_text,
 )
 from keeper_core.images import decode_image, read_image_bytes
+from keeper_core.jpeg_xmp import embeds_into, write_jpeg_xmp
 from keeper_core.models import ModelSpec, spec_field
 from keeper_core.picking import PickConfig
 from keeper_core.webdataset import is_webdataset
@@ -97,10 +103,13 @@ class PickJobConfig(BaseModel):
     )
     grouping: GroupingConfig = Field(default_factory=GroupingConfig)
     picking: PickConfig = Field(default_factory=PickConfig)
-    xmp: Literal["mirror", "beside", "none"] = Field(
+    xmp: Literal["mirror", "beside", "embed", "none"] = Field(
         "mirror",
         description="XMP sidecars: mirrored under OUTPUT/xmp, beside the originals (local "
-        "folders only; an existing sidecar is merged, its other fields kept), or none",
+        "folders only; an existing sidecar is merged, its other fields kept), none, or embed: "
+        "written INTO each JPEG original (for Lightroom Classic, which reads a JPEG's rating "
+        "only from the file; only its XMP segment changes, checked before an atomic replace), "
+        "beside every other photo as with beside; the one setting that writes originals",
     )
     xmp_naming: Literal["basename", "full"] = Field(
         "basename", description="IMG_1.xmp (Lightroom, Capture One) or IMG_1.CR2.xmp (darktable)"
@@ -155,13 +164,20 @@ class PickJobConfig(BaseModel):
             raise ValueError("zero_shot and model exclude each other")
         if self.copy_keepers and self.link_keepers:
             raise ValueError("copy_keepers and link_keepers exclude each other")
-        if self.xmp == "beside" and storage.is_s3(self.input):
-            raise ValueError("xmp=beside writes next to the originals: local folders only")
+        if self.xmp in ("beside", "embed") and storage.is_s3(self.input):
+            where = "into and next to" if self.xmp == "embed" else "next to"
+            raise ValueError(f"xmp={self.xmp} writes {where} the originals: local folders only")
         return self
 
     @property
     def out(self) -> str:
         return self.output.rstrip("/")
+
+    @property
+    def sidecar_mode(self) -> Literal["mirror", "beside"]:
+        """Where sidecars go: ``embed`` puts those of the photos it does not write into (all but
+        JPEGs) beside them."""
+        return "mirror" if self.xmp == "mirror" else "beside"
 
     @property
     def table(self) -> str:
@@ -264,7 +280,7 @@ def check_handback(cfg: PickJobConfig) -> None:
     The write step's own checks, run here on the inputs (embed, which takes minutes to hours,
     comes between): :meth:`PickJobConfig.input_root` (``common_folder``: ``xmp=mirror``,
     ``copy_keepers`` and ``link_keepers`` need one folder or prefix holding every image),
-    ``plan_sidecars`` (``xmp=beside`` writes beside local originals only) and
+    ``plan_sidecars`` (``xmp=beside`` and ``embed`` write beside and into local originals only) and
     ``export_keepers`` (links are local only). A folder's or prefix's root is the input itself
     and it is not listed here; a manifest is read for its image URIs (``embed.list_inputs``,
     what embed and the load step read), the first ``limit`` of them as those steps take.
@@ -284,9 +300,19 @@ def check_handback(cfg: PickJobConfig) -> None:
     root = cfg.input_root(inputs) if cfg.mirrors_paths else ""
     if cfg.xmp != "none":
         out_dir = storage.join(cfg.out, XMP) if cfg.xmp == "mirror" else None
+        on_s3 = [u for u in inputs if storage.is_s3(u)] if cfg.xmp == "embed" else []
+        if on_s3:
+            raise ConfigError(
+                f"xmp=embed with input {cfg.input!r}: it writes into local JPEGs and beside "
+                f"local photos only, and {on_s3[0]} is on S3 (use xmp=mirror)"
+            )
         try:
             plan_sidecars(
-                inputs, input_root=root, mode=cfg.xmp, out_dir=out_dir, naming=cfg.xmp_naming
+                inputs,
+                input_root=root,
+                mode=cfg.sidecar_mode,
+                out_dir=out_dir,
+                naming=cfg.xmp_naming,
             )
         except ConfigError as e:
             raise ConfigError(f"xmp={cfg.xmp} with input {cfg.input!r}: {e}") from e
@@ -548,7 +574,9 @@ def _thumbnails(out: str) -> set[str]:
 
 
 class SidecarFailure(BaseModel):
-    """A sidecar that could not be written, and why (the photo's pick stands)."""
+    """A sidecar that could not be written, and why (the photo's pick stands). With
+    ``xmp=embed``, a JPEG whose own XMP could not be written: ``sidecar_uri`` is the JPEG (left
+    as it was)."""
 
     image_uri: str
     sidecar_uri: str
@@ -566,7 +594,9 @@ class PickSummary(BaseModel):
     """A run's outcome; written to OUTPUT/_SUMMARY.json.
 
     ``sidecars`` counts written + unchanged + ``counts["sidecars_failed"]`` = the sidecars
-    planned, and + skipped = the photos picked; ``sidecar_failures`` names each failed one.
+    planned, and + skipped = the photos picked; ``sidecar_failures`` names each failed one. With
+    ``xmp=embed`` a JPEG's own XMP counts as its sidecar, and ``files_written`` and
+    ``files_unchanged`` say how many of the written and unchanged were JPEG originals.
     ``keepers_exported`` counts exported + already_there + failed = the keepers, and
     ``export_failures`` names each failed one.
     """
@@ -589,8 +619,9 @@ class PickSummary(BaseModel):
     embed: dict[str, Any]
     finished: str
     #: where the sidecars went, so readers (keeper feedback-from-xmp) find them as pick placed
-    #: them: ``xmp`` and ``xmp_naming`` as configured, ``xmp_root`` the folder mirrored paths
-    #: start from (None unless mirrored). Summaries written before these existed lack them.
+    #: them: ``xmp`` and ``xmp_naming`` as configured (``embed``: JPEGs' XMP in the files, the
+    #: others' beside them), ``xmp_root`` the folder mirrored paths start from (None unless
+    #: mirrored). Summaries written before these existed lack them.
     xmp: str | None = None
     xmp_naming: str | None = None
     xmp_root: str | None = None
@@ -600,6 +631,9 @@ class PickSummary(BaseModel):
 
 
 _DECISION_ORDER = {"keep": 0, "alternate": 1, "reject": 2}
+# JPEGs written into at once (xmp=embed): each holds its photo in memory three to four times
+# over (read, spliced, read back, exiv2's copy), and a local disk gains nothing from more.
+_JPEGS_AT_ONCE = 4
 
 
 @dataclass
@@ -612,15 +646,22 @@ class Sidecars:
     #: written or unchanged sidecars holding a person's rating or label, left in place of keeper's
     kept_ratings: int = 0
     failed: list[SidecarFailure] = dataclass_field(default_factory=list)
+    #: xmp=embed: of the written and unchanged, JPEG originals holding the XMP themselves (None
+    #: in the other modes, which write no original)
+    files_written: int | None = None
+    files_unchanged: int | None = None
 
     def counts(self) -> dict[str, int]:
         """The summary's ``sidecars`` (failures are counted in ``counts["sidecars_failed"]``)."""
-        return {
+        out = {
             "written": self.written,
             "unchanged": self.unchanged,
             "skipped": self.skipped,
             "kept_ratings": self.kept_ratings,
         }
+        if self.files_written is not None and self.files_unchanged is not None:
+            out.update(files_written=self.files_written, files_unchanged=self.files_unchanged)
+        return out
 
 
 def _sidecar_key(uri: str) -> str:
@@ -638,57 +679,70 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
     the better decision of the two, so a kept JPEG is not hidden behind a rejected RAW. A sidecar
     that cannot be written (an existing file there that is not XMP, left as it is; a write that
     failed) is recorded with its reason and the others are written. File names quoted in the
-    reasons may hold characters XML cannot store: they are written escaped (``\\x01``).
+    reasons may hold characters XML cannot store: they are written escaped (``\\x01``). With
+    ``xmp=embed``, a JPEG that owns its sidecar's name gets its XMP written into the file
+    instead (``jpeg_xmp.write_jpeg_xmp``; a refused one is recorded as a failed sidecar is); the
+    JPEG of a RAW+JPEG pair is left alone, as the pair shares the RAW's sidecar.
     Sidecars are written on ``cfg.io_threads`` threads (``storage.map_in_threads``), one thread per
     sidecar, and counted in the plans' order: the same counts and failures as one at a time.
     """
-    done = Sidecars()
+    embed = cfg.xmp == "embed"
+    done = Sidecars(files_written=0, files_unchanged=0) if embed else Sidecars()
+    jpegs_at_once = threading.BoundedSemaphore(_JPEGS_AT_ONCE)
     if cfg.xmp == "none" or picks.empty:
         return done
     out_dir = storage.join(cfg.out, XMP) if cfg.xmp == "mirror" else None
     rows = {str(r["image_uri"]): r for r in picks.to_dict("records")}
     plans = plan_sidecars(
-        list(rows), input_root=root, mode=cfg.xmp, out_dir=out_dir, naming=cfg.xmp_naming
+        list(rows), input_root=root, mode=cfg.sidecar_mode, out_dir=out_dir, naming=cfg.xmp_naming
     )
     # One plan per sidecar (a RAW+JPEG pair's is one plan): no two threads write one file.
     assert len({_sidecar_key(p.sidecar_uri) for p in plans}) == len(plans), "a sidecar twice"
     done.skipped = len(rows) - len(plans)
 
-    def write(plan: SidecarPlan) -> SidecarWrite | SidecarFailure:
+    def write(plan: SidecarPlan) -> tuple[bool, SidecarWrite | SidecarFailure]:
         sharing = [plan.image_uri, *(u for u, _ in plan.skipped if u in rows)]
         row = min(
             (rows[u] for u in sharing),
             key=lambda r: (_DECISION_ORDER[str(r["decision"])], int(r["rank"])),
         )
+        values: dict[str, Any] = {
+            "rating": int(row["rating"]),
+            "label": row["label"] if isinstance(row["label"], str) else None,
+            "keeper_fields": {
+                "group": str(row["group_id"]),
+                "rank": str(int(row["rank"])),
+                "decision": str(row["decision"]),
+                "reasons": xml_text("; ".join(row["reasons"])),
+            },
+            "overwrite_ratings": cfg.overwrite_ratings,
+        }
+        in_file = embed and embeds_into(plan.image_uri)
+        target = plan.image_uri if in_file else plan.sidecar_uri
         try:
-            return write_sidecar(
-                plan.sidecar_uri,
-                rating=int(row["rating"]),
-                label=row["label"] if isinstance(row["label"], str) else None,
-                keeper_fields={
-                    "group": str(row["group_id"]),
-                    "rank": str(int(row["rank"])),
-                    "decision": str(row["decision"]),
-                    "reasons": xml_text("; ".join(row["reasons"])),
-                },
-                # Beside the originals a sidecar may hold the user's edits: fsync it. The mirror
-                # under OUTPUT is keeper's own, rebuilt by any run.
-                durable=cfg.xmp == "beside",
-                overwrite_ratings=cfg.overwrite_ratings,
-            )
+            if in_file:
+                with jpegs_at_once:
+                    return True, write_jpeg_xmp(plan.image_uri, **values)
+            # Beside the originals a sidecar may hold the user's edits: fsync it. The mirror
+            # under OUTPUT is keeper's own, rebuilt by any run.
+            return False, write_sidecar(plan.sidecar_uri, durable=cfg.xmp != "mirror", **values)
         except KeeperError as e:
-            return SidecarFailure(
-                image_uri=plan.image_uri, sidecar_uri=plan.sidecar_uri, reason=str(e)
+            return in_file, SidecarFailure(
+                image_uri=plan.image_uri, sidecar_uri=target, reason=str(e)
             )
 
-    for result in storage.map_in_threads(write, plans, cfg.io_threads):
+    for in_file, result in storage.map_in_threads(write, plans, cfg.io_threads):
         if isinstance(result, SidecarFailure):
-            log.warning("sidecar %s not written: %s", result.sidecar_uri, result.reason)
+            what = "XMP of" if in_file else "sidecar"
+            log.warning("%s %s not written: %s", what, result.sidecar_uri, result.reason)
             done.failed.append(result)
             continue
         done.written += int(result.changed)
         done.unchanged += int(not result.changed)
         done.kept_ratings += int(bool(result.kept))
+        if in_file and done.files_written is not None and done.files_unchanged is not None:
+            done.files_written += int(result.changed)
+            done.files_unchanged += int(not result.changed)
     return done
 
 
@@ -905,6 +959,12 @@ def format_summary(s: PickSummary) -> str:
         f"{c['alternates']} alternates, {c['rejects']} rejects",
         f"  dupes     {c['exact_duplicates']} exact, {c['near_duplicates']} near",
         f"  sidecars  {s.sidecars['written']} XMP written, {s.sidecars['unchanged']} unchanged"
+        + (
+            f" ({s.sidecars['files_written']} written into and {s.sidecars['files_unchanged']} "
+            "unchanged in JPEG originals)"
+            if "files_written" in s.sidecars
+            else ""
+        )
         + (
             f", {s.sidecars['skipped']} shared (RAW+JPEG) or skipped"
             if s.sidecars["skipped"]

@@ -8,7 +8,9 @@
 
     plan      the run's _SUMMARY.json and picks.parquet; where its sidecars are (``plan_sidecars``
               with the run's mode, naming and input root, so a RAW+JPEG pair's one sidecar
-              belongs to the RAW, as when pick wrote it)
+              belongs to the RAW, as when pick wrote it); a run with xmp=embed wrote a JPEG's
+              XMP into the file itself (``jpeg_xmp.embeds_into``), where it is read, the
+              others' beside them
     read      each sidecar (``read_sidecar``); a missing one is counted, an unreadable one
               recorded with its reason; a person's rating is one that differs from keeper's
               record (``keeper:xmp``), or any rating in a sidecar keeper never wrote. A photo
@@ -46,10 +48,13 @@ rating read is not a rating taken back.
 A person's rating in the sidecar wins: a photo's file is read when its sidecar is missing, or
 when the sidecar still holds keeper's own rating (``keeper_owns``): Lightroom writes a JPEG's,
 TIFF's or DNG's rating into the file and never reads its sidecar, so beside keeper's untouched
-sidecar the file's rating, where it has one, is the person's (counted in ``in_file``). keeper
-never writes into image files, so every rating in one is a person's, in a photo
-tool or in camera (cameras write ``xmp:Rating`` into a JPEG's XMP): an in-camera rating counts
-as a rating given before keeper ran does in a sidecar keeper never wrote. The photographer rated
+sidecar the file's rating, where it has one, is the person's (counted in ``in_file``). A rating
+in a file is read by the sidecars' rule (``keeper_owns``): keeper writes into a file only with
+``keeper pick --xmp embed``, and then records its choice beside it (``keeper:xmp``), so a rating
+still equal to that record is keeper's, and one changed since (in Lightroom) is the person's.
+Every other rating in a file is a person's, in a photo tool or in camera (cameras write
+``xmp:Rating`` into a JPEG's XMP): an in-camera rating counts as a rating given before keeper
+ran does in a sidecar keeper never wrote. The photographer rated
 the photo either way; the file's mtime would not tell the two apart reliably (copies, imports and
 unrelated edits set it), and a rule by time would drop a Lightroom rating given before the pick
 run while a sidecar's counts.
@@ -81,6 +86,7 @@ from keeper_core.feedback import (
     run_request_id,
 )
 from keeper_core.handback import RATING_KEY, SidecarPlan, keeper_owns, plan_sidecars
+from keeper_core.jpeg_xmp import embeds_into
 from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import job_main
 
@@ -106,11 +112,11 @@ class XmpFeedbackConfig(BaseModel):
         max_length=256,
         description="who decided (the events' client): the photographer's name, as on /ui",
     )
-    xmp: Literal["mirror", "beside"] | None = Field(
+    xmp: Literal["mirror", "beside", "embed"] | None = Field(
         None,
         description="where pick put the sidecars (default: what the run's summary records; for "
         "a run from before it did, mirror when it names OUTPUT/xmp, else beside when it wrote "
-        "sidecars)",
+        "sidecars); embed: a JPEG's XMP in the file itself, the other photos' beside them",
     )
     xmp_naming: Literal["basename", "full"] | None = Field(
         None,
@@ -149,7 +155,9 @@ class FileProblem(BaseModel):
 
 class XmpFeedbackSummary(BaseModel):
     """What a run read and wrote; ``sidecars == read + missing + len(unreadable)``, and of the
-    missing, ``missing == embedded + len(embedded_unreadable) + absent``."""
+    missing, ``missing == embedded + len(embedded_unreadable) + absent``. With ``xmp=embed`` a
+    JPEG's own packet is its sidecar (``in_jpegs`` of them), counted the same way: read, or
+    missing (no packet: ``embedded``; no file: ``absent``), or unreadable."""
 
     run: str
     feedback: str
@@ -168,6 +176,11 @@ class XmpFeedbackSummary(BaseModel):
     embedded_packets: int = Field(0, description="...of them, files holding an XMP packet")
     embedded_unreadable: list[FileProblem] = Field(default_factory=list)
     absent: int = Field(0, description="photos with neither a sidecar nor their file")
+    in_jpegs: int = Field(
+        0,
+        description="xmp=embed: of the sidecars planned, JPEGs whose XMP pick wrote into the "
+        "file, read from there",
+    )
     in_file: int = Field(
         0,
         description="sidecars still holding keeper's rating whose photo's own XMP holds one "
@@ -230,7 +243,7 @@ def _mode(cfg: XmpFeedbackConfig, summary: dict[str, Any]) -> str:
     """The sidecars' placement: given, or what the summary shows pick did."""
     if cfg.xmp is not None:
         return cfg.xmp
-    if summary.get("xmp") in ("mirror", "beside"):
+    if summary.get("xmp") in ("mirror", "beside", "embed"):
         return str(summary["xmp"])
     if summary.get("xmp") == "none":
         raise ConfigError(f"{cfg.run} was picked with xmp=none: it wrote no sidecars to read")
@@ -292,7 +305,7 @@ def plan(cfg: XmpFeedbackConfig) -> _Run:
     plans = plan_sidecars(
         list(row_of),
         input_root=root,
-        mode=mode,  # type: ignore[arg-type]  # _mode returns mirror or beside
+        mode="mirror" if mode == "mirror" else "beside",  # embed: the others' beside them
         out_dir=out_dir,
         naming=naming,
     )
@@ -346,10 +359,13 @@ def parse_rating(fields: dict[str, Any]) -> tuple[int, bool]:
     return _int(str(now)), not keeper_owns(fields, RATING_KEY)
 
 
-def file_rating(image_uri: str) -> int | None:
-    """The rating in the XMP packet inside the image file (0 when the packet has none), or None
-    when the file holds no packet. A rating there is always a person's (keeper never writes
-    into image files; see the module docstring for an in-camera rating).
+def file_rating(image_uri: str) -> tuple[int, bool] | None:
+    """The rating in the XMP packet inside the image file (0 when the packet has none) and
+    whether a person gave it, or None when the file holds no packet.
+
+    A rating other than 0 is a person's unless keeper owns it (``handback.keeper_owns``: the
+    file still holds the value keeper recorded writing it with ``keeper pick --xmp embed``); an
+    in-camera rating is a person's (see the module docstring).
 
     Raises:
         KeeperError: the file cannot be read, or its structure or packet is damaged
@@ -362,7 +378,10 @@ def file_rating(image_uri: str) -> int | None:
     if fields is None:
         return None
     now = fields.get(RATING_KEY)
-    return 0 if now is None else _int(str(now))
+    if now is None:
+        return 0, False
+    rating = _int(str(now))
+    return rating, rating != 0 and not keeper_owns(fields, RATING_KEY)
 
 
 @dataclass
@@ -379,6 +398,7 @@ class _Read:
         0  # of the sidecars read holding keeper's value, files with a rating of their own
     )
     in_file_unreadable: list[FileProblem] = field(default_factory=list)
+    in_jpegs: int = 0  # xmp=embed: plans whose XMP is in the JPEG itself
 
     def add(self, other: _Read) -> None:
         """``other``'s counts added and its lists appended (every field, so none is forgotten)."""
@@ -408,6 +428,10 @@ def _read_one(run: _Run, p: SidecarPlan) -> _Read:
     from keeper_core.handback import read_sidecar
 
     out = _Read()
+    if run.mode == "embed" and embeds_into(p.image_uri):
+        out.in_jpegs += 1
+        _read_in_jpeg(run, p, out)
+        return out
     if not storage.exists(p.sidecar_uri):
         out.missing += 1
         _read_embedded(run, p, out)
@@ -436,12 +460,13 @@ def _beside_keepers(run: _Run, p: SidecarPlan, out: _Read) -> bool:
     if not p.image_uri.lower().endswith(IN_FILE_SUFFIXES):
         return False  # a RAW's or HEIC's rating goes to its sidecar: no need to read the file
     try:
-        rating = file_rating(p.image_uri) if storage.exists(p.image_uri) else None
+        got = file_rating(p.image_uri) if storage.exists(p.image_uri) else None
     except (KeeperError, ValueError) as e:
         out.in_file_unreadable.append(FileProblem(image_uri=p.image_uri, reason=str(e)))
         return False
-    if not rating:  # no packet, or one without a rating
+    if got is None or not got[1]:  # no packet, no rating, or keeper's own (an xmp=embed run's)
         return False
+    rating = got[0]
     out.in_file += 1
     out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, True, str(rating)))
     return True
@@ -454,14 +479,40 @@ def _read_embedded(run: _Run, p: SidecarPlan, out: _Read) -> None:
         if not storage.exists(p.image_uri):
             out.absent += 1
             return
-        rating = file_rating(p.image_uri)
+        got = file_rating(p.image_uri)
     except (KeeperError, ValueError) as e:
         out.embedded_unreadable.append(FileProblem(image_uri=p.image_uri, reason=str(e)))
         return
     out.embedded += 1
-    if rating is not None:
+    if got is not None:
         out.embedded_packets += 1
-        out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, rating != 0, str(rating)))
+        rating, persons = got
+        out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, persons, str(rating)))
+
+
+def _read_in_jpeg(run: _Run, p: SidecarPlan, out: _Read) -> None:
+    """xmp=embed: the XMP pick wrote into ``p``'s JPEG, read as its sidecar would be. Its
+    rating is a person's where it differs from keeper's record (Lightroom changed it in the
+    file); a file without a packet is a missing sidecar (``embedded``), a missing file one too
+    (``absent``), a damaged one an unreadable sidecar."""
+    try:
+        if not storage.exists(p.image_uri):
+            out.missing += 1
+            out.absent += 1
+            return
+        got = file_rating(p.image_uri)
+    except (KeeperError, ValueError) as e:
+        out.unreadable.append(
+            SidecarProblem(image_uri=p.image_uri, sidecar_uri=p.image_uri, reason=str(e))
+        )
+        return
+    if got is None:  # pick's write failed, or a tool has since dropped the packet
+        out.missing += 1
+        out.embedded += 1
+        return
+    out.read += 1
+    rating, persons = got
+    out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, persons, str(rating)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -707,6 +758,7 @@ def run(cfg: XmpFeedbackConfig) -> XmpFeedbackSummary:
         embedded_packets=got.embedded_packets,
         embedded_unreadable=got.embedded_unreadable,
         absent=got.absent,
+        in_jpegs=got.in_jpegs,
         in_file=got.in_file,
         in_file_unreadable=got.in_file_unreadable,
         persons_ratings=sum(s.persons for s in got.sidecars),
@@ -730,6 +782,8 @@ def describe(s: XmpFeedbackSummary) -> str:
         f"{len(s.unreadable)} unreadable",
     ]
     lines += [f"            {p.sidecar_uri}: {p.reason}" for p in s.unreadable[:5]]
+    if s.in_jpegs:
+        lines.append(f"  in JPEGs  {s.in_jpegs} of them the XMP pick wrote into the JPEG itself")
     if s.missing:
         lines.append(
             f"  in files  {s.missing} photos without a sidecar: {s.embedded} read "
