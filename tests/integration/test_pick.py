@@ -235,6 +235,66 @@ def test_existing_sidecar_beside_the_original_keeps_its_fields(
     assert read_sidecar(str(sidecar))["Xmp.dc.subject"] == ["wedding", "dance"]
 
 
+def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
+    ray_cluster: str, library: tuple[Path, pd.DataFrame], tmp_path: Path
+) -> None:
+    """`keeper pick --xmp embed` as a Lightroom JPEG shooter runs it: the JPEGs hold keeper's
+    XMP themselves (pixels and EXIF as they were), the DNG gets a sidecar beside it, a re-run
+    touches nothing, and feedback-from-xmp reads a rating changed in a JPEG as the person's."""
+    import pyexiv2
+
+    from keeper_core.cli import main as keeper
+    from keeper_core.embedded_xmp import read_embedded_xmp
+    from keeper_train.jobs.xmp_feedback import XmpFeedbackConfig
+    from keeper_train.jobs.xmp_feedback import run as feedback_from_xmp
+
+    root, truth = library
+    shots = tmp_path / "shoot"
+    shots.mkdir()
+    burst = truth[truth["series_id"] == truth["series_id"].iloc[0]]
+    for uri in burst["image_uri"]:
+        shutil.copy2(uri, shots / Path(uri).name)
+    shutil.copy2(root / "RAW" / "_MG_0001.DNG", shots / "_MG_0001.DNG")
+    jpegs = sorted(shots.glob("*.[jJ][pP][gG]"))
+    assert len(jpegs) == len(burst) >= 2
+    pixels = {p.name: Image.open(p).tobytes() for p in jpegs}
+    exif = {p.name: dict(Image.open(p).getexif()) for p in jpegs}
+    out = tmp_path / "out"
+    argv = ["pick", "--input", str(shots), "--output", str(out), "--zero-shot", "--xmp", "embed"]
+    assert keeper([*argv, "--ray-address", ray_cluster]) == 0
+
+    summary = pick.PickSummary.model_validate_json((out / "_SUMMARY.json").read_text())
+    assert summary.xmp == "embed"
+    assert summary.sidecars["files_written"] == len(jpegs)
+    assert summary.sidecars["written"] == len(jpegs) + 1  # + the DNG's sidecar
+    picks = read_picks(summary).set_index("file_name")
+    for p in jpegs:
+        fields = read_embedded_xmp(str(p)) or {}
+        assert int(str(fields["Xmp.xmp.Rating"])) == picks.loc[p.name, "rating"]
+        assert fields["Xmp.keeper.decision"] == picks.loc[p.name, "decision"]
+        assert Image.open(p).tobytes() == pixels[p.name]
+        assert dict(Image.open(p).getexif()) == exif[p.name]
+    assert sorted(f.name for f in shots.glob("*.xmp")) == ["_MG_0001.xmp"]
+    assert not (out / "xmp").exists()
+
+    # Again: every file as it was, to the byte and the mtime.
+    before = snapshot(shots)
+    assert keeper([*argv, "--ray-address", ray_cluster]) == 0
+    assert snapshot(shots) == before
+
+    # No person has rated anything yet; then one JPEG is rejected in a photo tool (exiv2
+    # rewriting the file, as Lightroom's "save metadata to file" does).
+    fb = tmp_path / "feedback"
+    first = feedback_from_xmp(XmpFeedbackConfig(run=str(out), feedback=str(fb)))
+    assert (first.in_jpegs, first.persons_ratings) == (len(jpegs), 0)
+    keeper_pick = next(p for p in jpegs if picks.loc[p.name, "decision"] == "keep")
+    with pyexiv2.Image(str(keeper_pick)) as img:
+        img.modify_xmp({"Xmp.xmp.Rating": "-1"})
+    second = feedback_from_xmp(XmpFeedbackConfig(run=str(out), feedback=str(fb)))
+    assert second.persons_ratings == 1
+    assert second.decisions["rejected"] == 1
+
+
 def test_champion_picks_match_evaluate(
     ray_cluster: str, library: tuple[Path, pd.DataFrame], tmp_path: Path
 ) -> None:
