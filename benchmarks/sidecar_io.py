@@ -73,6 +73,12 @@ def photos(n: int, input_root: str, pair_every: int) -> pd.DataFrame:
         uris.append(storage.join(input_root, f"day{i // 500:02d}", f"IMG_{i:06d}.CR2"))
         if i % pair_every == 0:
             uris.append(uris[-1][: -len(".CR2")] + ".JPG")
+    return picks_frame(uris)
+
+
+def picks_frame(uris: list[str]) -> pd.DataFrame:
+    """The columns ``write_sidecars`` reads for ``uris``: groups of four, a keeper, two
+    alternates, a reject."""
     k = len(uris)
     return pd.DataFrame(
         {

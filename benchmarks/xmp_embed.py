@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # embed.machine_info
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # embed, sidecar_io
 
 from embed import machine_info
+from sidecar_io import picks_frame
 
 from keeper_core.synthetic import load_photos
 from keeper_train.jobs import pick
@@ -58,22 +58,6 @@ def camera_jpeg(seed: int, megapixels: float, quality: int) -> bytes:
     img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     img.save(buf, "JPEG", quality=quality, exif=exif.tobytes())
     return buf.getvalue()
-
-
-def picks_frame(uris: list[str]) -> pd.DataFrame:
-    """The columns ``write_sidecars`` reads: groups of four, a keeper, alternates, a reject."""
-    k = len(uris)
-    return pd.DataFrame(
-        {
-            "image_uri": uris,
-            "group_id": [f"g{i // 4:06d}" for i in range(k)],
-            "rank": [i % 4 + 1 for i in range(k)],
-            "decision": [("keep", "alternate", "alternate", "reject")[i % 4] for i in range(k)],
-            "rating": [(5, 3, 3, 1)[i % 4] for i in range(k)],
-            "label": [("Green", None, None, "Red")[i % 4] for i in range(k)],
-            "reasons": [["sharpest of the burst", f"score {i / k:.3f}"] for i in range(k)],
-        }
-    )
 
 
 def timed_write(folder: Path, mode: str, threads: int) -> tuple[float, pick.Sidecars]:

@@ -84,6 +84,15 @@ def truth_bursts(truth: pd.DataFrame) -> pd.DataFrame:
     return t[t.groupby("series_id")["series_id"].transform("size") > 1]
 
 
+def copy_first_burst(truth: pd.DataFrame, folder: Path) -> tuple[Path, pd.DataFrame]:
+    """The library's first burst copied into ``folder`` (a shoot of its own); its truth rows."""
+    folder.mkdir()
+    burst = truth[truth["series_id"] == truth["series_id"].iloc[0]]
+    for uri in burst["image_uri"]:
+        shutil.copy2(uri, folder / Path(uri).name)
+    return folder, burst
+
+
 def test_zero_shot_pick_end_to_end(
     ray_cluster: str, library: tuple[Path, pd.DataFrame], tmp_path: Path
 ) -> None:
@@ -176,11 +185,7 @@ def test_existing_sidecar_beside_the_original_keeps_its_fields(
     ray_cluster: str, library: tuple[Path, pd.DataFrame], tmp_path: Path
 ) -> None:
     _, truth = library
-    shots = tmp_path / "shoot"
-    shots.mkdir()
-    burst = truth[truth["series_id"] == truth["series_id"].iloc[0]]
-    for uri in burst["image_uri"]:
-        shutil.copy2(uri, shots / Path(uri).name)
+    shots, burst = copy_first_burst(truth, tmp_path / "shoot")
     first = shots / Path(burst["image_uri"].iloc[0]).name
     sidecar = first.with_suffix(".xmp")
     # What a photo tool left: keywords and a headline; keeper must merge, not replace.
@@ -249,11 +254,7 @@ def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
     from keeper_train.jobs.xmp_feedback import run as feedback_from_xmp
 
     root, truth = library
-    shots = tmp_path / "shoot"
-    shots.mkdir()
-    burst = truth[truth["series_id"] == truth["series_id"].iloc[0]]
-    for uri in burst["image_uri"]:
-        shutil.copy2(uri, shots / Path(uri).name)
+    shots, burst = copy_first_burst(truth, tmp_path / "shoot")
     shutil.copy2(root / "RAW" / "_MG_0001.DNG", shots / "_MG_0001.DNG")
     jpegs = sorted(shots.glob("*.[jJ][pP][gG]"))
     assert len(jpegs) == len(burst) >= 2
