@@ -33,6 +33,7 @@ from keeper_train.jobs.embed import (
     EmbedStage,
     EmbedSummary,
     StageCpus,
+    _unconverted,
     check_table_meta,
     format_summary,
     list_inputs,
@@ -554,7 +555,7 @@ def test_a_table_from_before_colour_management_is_named_when_added_to(
 ) -> None:
     new = tmp_path / "new"
     check_table_meta(str(new), SPEC, embed_dim=64)
-    assert json.loads((new / "_KEEPER_TABLE.json").read_text())["color"] == "srgb/2"
+    assert json.loads((new / "_KEEPER_TABLE.json").read_text())["color"] == "srgb/3"
     old = tmp_path / "old"
     old.mkdir()
     record = {"model_spec": SPEC, "embed_dim": 64, "format": 1, "created": "2026-11-01T00:00:00"}
@@ -575,7 +576,20 @@ def test_a_table_from_before_colour_management_is_named_when_added_to(
     with caplog.at_level(logging.WARNING, logger="keeper.embed"):
         check_table_meta(str(mid), SPEC, embed_dim=64)
     assert "EXIF says Adobe RGB" in caplog.text
+    assert "CMYK" in caplog.text
     assert "ICC profile" not in caplog.text
+    # One of the EXIF rule (2026-12-05): only CMYK photos with a profile and RAWs naming a space.
+    (mid / "_KEEPER_TABLE.json").write_text(json.dumps({**record, "color": "srgb/2"}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="keeper.embed"):
+        check_table_meta(str(mid), SPEC, embed_dim=64)
+    assert "CMYK photos with an embedded CMYK profile" in caplog.text
+    assert "RAW files" in caplog.text
+    assert "EXIF says Adobe RGB" not in caplog.text
+    # The oldest record names every change since.
+    assert "EXIF says Adobe RGB" in _unconverted(None)
+    assert "CMYK" in _unconverted(None)
+    assert _unconverted("srgb/3") == ""
 
 
 def counts(**over: int) -> dict[str, int]:

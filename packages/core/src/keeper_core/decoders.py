@@ -11,8 +11,9 @@ differs is which library turns a JPEG's entropy-coded data into pixels:
   (baseline, extended, progressive) in YCbCr, RGB or greyscale, RAW previews included. Draft
   decodes use PIL's DCT scale (1/2, 1/4, 1/8, the same rule), so sizes equal PIL's, and pixels
   are bit-identical where both link libjpeg-turbo with its default (islow) IDCT, as the wheels do.
-  A JPEG in another colour space (ICC profile, or EXIF's Adobe RGB) is converted to sRGB with
-  the reference's own littlecms transform (``color_converted``).
+  A JPEG in another colour space (ICC profile, EXIF's Adobe RGB, or a RAW preview's colour
+  space from its RAW) is converted to sRGB with the reference's own littlecms transform
+  (``color_converted``).
 - ``gpu`` (:class:`GpuDecoder`): ``torchvision.io.decode_jpeg`` (nvJPEG), a batch at a time,
   pixels left on the model's device. A JPEG whose profile is matrix/TRC (Display P3, Adobe RGB,
   ProPhoto RGB: every photo profile in practice) is converted to sRGB there too, a batch per
@@ -37,7 +38,8 @@ rule, per image, and is counted by reason in the backend's ``delegated`` counter
 report how much of its input took the slow path:
 
     ``format:PNG`` (any non-JPEG, by magic bytes; ``format:unknown`` for no signature)
-    ``mode:CMYK`` (CMYK/YCCK JPEGs: PIL's Adobe-inverted CMYK is the reference conversion)
+    ``mode:CMYK`` (CMYK/YCCK JPEGs: the reference converts them, from their embedded CMYK
+        profile with littlecms, else with PIL's formula; a CMYK TIFF is ``format:TIFF``)
     ``process:SOF9/8bit`` (arithmetic, lossless, hierarchical or 12-bit JPEGs)
     ``icc`` (GPU backends only: an ICC profile of an RGB space other than sRGB that is not
         matrix/TRC, a LUT-based one; the reference converts it with littlecms)
@@ -198,6 +200,7 @@ def _plan(data: bytes | RawPreview, limits: DecodeLimits, source: str | None) ->
     )
     src: bytes | RawPreview = data if preview is None else preview
     encoded, fallback = (data, 1) if preview is None else (preview.data, preview.orientation)
+    raw_space = None if preview is None else preview.color_space
     assert isinstance(encoded, bytes | bytearray | memoryview)  # RawPreview was unwrapped
     fmt = _sniff_format(bytes(encoded[:32]))
     if fmt != "JPEG":  # no header of ours parsed yet: PIL does it all, once
@@ -209,8 +212,8 @@ def _plan(data: bytes | RawPreview, limits: DecodeLimits, source: str | None) ->
     check_jpeg_scans(encoded, limits, source)
     if im.mode not in _TURBO_MODES:
         return _Plan(src=src, delegate=f"mode:{im.mode}")
-    transform = srgb_transform(im.info, im.mode)  # the reference's conversion, if any
-    matrix = None if transform is None else srgb_matrix(im.info, im.mode)
+    transform = srgb_transform(im.info, im.mode, raw_space)  # the reference's conversion, if any
+    matrix = None if transform is None else srgb_matrix(im.info, im.mode, raw_space)
     at = _jpeg_frame_offset(encoded)
     if at is None:  # PIL found a frame its own way: let it decode the same way too
         return _Plan(src=src, delegate="process:unknown")
@@ -369,8 +372,9 @@ class GpuDecoder:
     (``delegated``); a JPEG the device fails to decode goes to it too (``fallbacks``). A draft
     decode is a full decode, then a box downscale on the device by PIL's DCT draft scale, so
     every backend hands the model the same size. A JPEG tagged with a matrix/TRC profile (or
-    EXIF's Adobe RGB) is converted to sRGB on the device after that, a batch per profile
-    (``color_converted``), as ``decode_image`` converts its draft.
+    EXIF's Adobe RGB, or a RAW preview's colour space from its RAW) is converted to sRGB on the
+    device after that, a batch per profile (``color_converted``), as ``decode_image`` converts
+    its draft.
 
     Args:
         device: a CUDA device ("cuda", "cuda:1"). ``"cpu"`` runs the engine's CPU decoder

@@ -27,6 +27,14 @@ An uncompressed (bitmap) preview is refused, never read: rawpy wraps libraw's bu
 array shaped (height, width, 3) without checking its length, and a grey or damaged bitmap is
 then read past its end (a segfault on a fuzzed DNG here; NegPy's pull request #868 found the
 same on Coolscan DNGs). A JPEG preview is copied with its exact length.
+
+The preview's colour space. A camera set to Adobe RGB renders its preview in Adobe RGB, and the
+JPEG it embeds often carries no EXIF or profile of its own (libraw's Exif segment in front of
+such a preview holds the orientation, no colour space): the RAW's own metadata says so, and
+:func:`raw_color_space` reads it from the file's TIFF structure (DCF's ColorSpace 0xFFFF +
+"R03", or Nikon's and Canon's maker-note ColorSpace; a DNG's PreviewColorSpace).
+``keeper_core.color`` applies it to a preview that names no colour space itself. CR3 and RAF
+(not TIFF-structured) name none here.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ __all__ = [
     "RAW_SUFFIXES",
     "RawPreview",
     "extract_raw_preview",
+    "raw_color_space",
     "raw_format",
     "register_heif",
 ]
@@ -108,6 +117,18 @@ _RAW_MAKERS = (
 _MAKER_FORMAT = {"nikon": "NEF", "sony": "ARW", "pentax": "PEF", "ricoh": "PEF", "samsung": "SRW"}
 _TAG_SUBFILE, _TAG_PHOTOMETRIC, _TAG_MAKE, _TAG_SUBIFDS = 0x00FE, 0x0106, 0x010F, 0x014A
 _TAG_DNG_VERSION, _TAG_DNG_PRIVATE = 0xC612, 0xC634
+_TAG_EXIF_IFD, _TAG_MAKER_NOTE, _TAG_PREVIEW_COLOR_SPACE = 0x8769, 0x927C, 0xC71A
+_TAG_COLOR_SPACE, _TAG_INTEROP_IFD, _TAG_INTEROP_INDEX = 0xA001, 0xA005, 0x0001
+_EXIF_SRGB, _EXIF_UNCALIBRATED = 1, 0xFFFF
+# DNG PreviewColorSpace -> the name keeper_core.color converts from (1, grey gamma 2.2, is a
+# greyscale preview's: nothing to convert).
+_DNG_PREVIEW_SPACES = {2: "sRGB", 3: "Adobe RGB", 4: "ProPhoto RGB"}
+# The ColorSpace tags of Nikon's (type 3) and Canon's maker notes: 1 sRGB, 2 Adobe RGB.
+_NIKON_COLOR_SPACE, _CANON_COLOR_SPACE = 0x001E, 0x00B4
+_MAKER_SPACES = {1: "sRGB", 2: "Adobe RGB"}
+_NIKON_NOTE = b"Nikon\x00\x02"  # then 2 version bytes, 2 zero bytes, a TIFF header of its own
+# A DNG's SubIFDs: the raw image and a preview or two; more is not a file worth reading on.
+_MAX_SUBIFDS = 16
 _PHOTOMETRIC_RAW = frozenset((32803, 34892))  # CFA, LinearRaw
 # IFD0 of a real file has a few dozen entries; more is not a TIFF worth parsing further.
 _MAX_IFD_ENTRIES = 1024
@@ -129,19 +150,41 @@ class RawPreview:
         orientation: the RAW's EXIF orientation 1..8 (from libraw's ``sizes.flip``). It
             applies when the preview has no orientation of its own.
         format: the RAW's kind, as :func:`raw_format` names it ("DNG", "CR3", ...).
+        color_space: the colour space the RAW's own metadata names for the pictures the
+            camera rendered (:func:`raw_color_space`): "sRGB", "Adobe RGB", "ProPhoto RGB"
+            (DNG only), or None when it names none. It applies when the preview names none
+            of its own (``keeper_core.color``).
     """
 
     data: bytes
     orientation: int
     format: str
+    color_space: str | None = None
 
 
-def _ifd0(data: bytes) -> dict[int, tuple[int, int, int]] | None:
+_Tags = dict[int, tuple[int, int, int]]  # tag -> (type, count, file offset of the value)
+
+
+def _order(data: bytes) -> str | None:
+    """The struct byte order of a TIFF-structured file ("II" / "MM"), or None."""
+    return {b"II": "<", b"MM": ">"}.get(bytes(data[:2]))
+
+
+def _ifd0(data: bytes) -> _Tags | None:
     """IFD0 of a classic TIFF: tag -> (type, count, offset of the value), or None if unreadable."""
-    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    order = _order(data)
     if order is None or len(data) < 8:
         return None
     (at,) = struct.unpack_from(order + "I", data, 4)
+    return _ifd(data, at, order)
+
+
+def _ifd(data: bytes, at: int, order: str, base: int = 0) -> _Tags | None:
+    """The IFD at file offset ``at``, or None when it does not fit in ``data``.
+
+    ``base``: what the IFD's value offsets count from (0, the file's TIFF header; a Nikon
+    maker note's own header for its IFD).
+    """
     if at < 8 or at + 2 > len(data):
         return None
     (n,) = struct.unpack_from(order + "H", data, at)
@@ -153,21 +196,31 @@ def _ifd0(data: bytes) -> dict[int, tuple[int, int, int]] | None:
         entry = at + 2 + 12 * i
         tag, kind, count = struct.unpack_from(order + "HHI", data, entry)
         inline = size.get(kind, 8) * count <= 4
-        value_at = entry + 8 if inline else struct.unpack_from(order + "I", data, entry + 8)[0]
+        value_at = (
+            entry + 8 if inline else base + struct.unpack_from(order + "I", data, entry + 8)[0]
+        )
         tags[tag] = (kind, count, value_at)
     return tags
 
 
-def _ifd0_int(data: bytes, tags: dict[int, tuple[int, int, int]], tag: int) -> int | None:
+def _tag_int(data: bytes, tags: _Tags, tag: int, order: str, index: int = 0) -> int | None:
+    """The ``index``-th value of a SHORT, LONG or IFD tag, or None (absent, another type, cut)."""
     kind, count, at = tags.get(tag, (0, 0, 0))
-    code = {3: "H", 4: "I"}.get(kind)
-    if code is None or count < 1 or at + 4 > len(data):
+    code = {3: "H", 4: "I", 13: "I"}.get(kind)
+    if code is None or not 0 <= index < count:
         return None
-    order = "<" if data[:2] == b"II" else ">"
+    at += index * struct.calcsize(code)
+    if at + struct.calcsize(code) > len(data):
+        return None
     return int(struct.unpack_from(order + code, data, at)[0])
 
 
-def _ifd0_make(data: bytes, tags: dict[int, tuple[int, int, int]]) -> str:
+def _ifd0_int(data: bytes, tags: _Tags, tag: int) -> int | None:
+    order = _order(data)
+    return None if order is None else _tag_int(data, tags, tag, order)
+
+
+def _ifd0_make(data: bytes, tags: _Tags) -> str:
     kind, count, at = tags.get(_TAG_MAKE, (0, 0, 0))
     if kind != 2 or count < 1:
         return ""
@@ -307,7 +360,110 @@ def extract_raw_preview(data: bytes, *, source: str | None = None) -> RawPreview
         raise ImageDecodeError(
             "truncated", f"{kind} preview runs past the end of the file", source=source
         )
-    return RawPreview(data=jpeg, orientation=_FLIP_TO_ORIENTATION.get(flip, 1), format=kind)
+    return RawPreview(
+        data=jpeg,
+        orientation=_FLIP_TO_ORIENTATION.get(flip, 1),
+        format=kind,
+        color_space=raw_color_space(data),
+    )
+
+
+def raw_color_space(data: bytes) -> str | None:
+    """The colour space a TIFF-structured RAW's own metadata names for its rendered pictures.
+
+    What a camera set to Adobe RGB writes (its JPEG preview often carries no EXIF or profile
+    of its own), read from the file's TIFF structure in place: IFD0, the Exif IFD and what they
+    point to, each entry bounds-checked. Nothing else of the file is parsed.
+
+    - DNG: PreviewColorSpace (0xC71A) of IFD0 or its SubIFDs, the one tag the DNG spec gives
+      a preview's colour space (2 sRGB, 3 Adobe RGB, 4 ProPhoto RGB; none means sRGB). The
+      Exif ColorSpace of a DNG describes the camera's setting, not the preview a converter
+      rendered, so it is not read.
+    - Other TIFF-based RAWs (CR2, NEF, ARW, PEF, SRW, ORF, RW2): the Exif IFD's ColorSpace, as
+      DCF cameras write it: 1 is sRGB, 0xFFFF ("uncalibrated") with the Interoperability IFD's
+      index "R03" Adobe RGB ("R98": sRGB). When it names neither, the maker note's own
+      ColorSpace (1 sRGB, 2 Adobe RGB): Nikon's (tag 0x1E of its type-3 note; NEFs often leave
+      the Exif tag out or "uncalibrated") and Canon's (tag 0xB4).
+
+    Args:
+        data: the RAW file's bytes.
+
+    Returns:
+        "sRGB", "Adobe RGB", "ProPhoto RGB", or None: not TIFF-structured (CR3, RAF), no such
+        tag, an unknown value, or an offset outside the file (malformed: no information).
+    """
+    data = bytes(data)
+    try:
+        return _raw_color_space(data)
+    except struct.error:  # every read is bounds-checked first; a malformed file says nothing
+        return None
+
+
+def _raw_color_space(data: bytes) -> str | None:
+    order, ifd0 = _order(data), _ifd0(data)
+    if order is None or ifd0 is None:
+        return None
+    if _TAG_DNG_VERSION in ifd0:
+        return _dng_preview_space(data, ifd0, order)
+    exif = _pointed_ifd(data, ifd0, _TAG_EXIF_IFD, order)
+    if exif is None:
+        return None
+    space = _tag_int(data, exif, _TAG_COLOR_SPACE, order)
+    if space == _EXIF_SRGB:
+        return "sRGB"
+    if space == _EXIF_UNCALIBRATED:
+        interop = _pointed_ifd(data, exif, _TAG_INTEROP_IFD, order)
+        index = None if interop is None else _tag_text(data, interop, _TAG_INTEROP_INDEX)
+        if index in ("R03", "R98"):
+            return "Adobe RGB" if index == "R03" else "sRGB"
+    return _maker_note_space(data, exif, order, _ifd0_make(data, ifd0).lower())
+
+
+def _pointed_ifd(data: bytes, tags: _Tags, tag: int, order: str, index: int = 0) -> _Tags | None:
+    at = _tag_int(data, tags, tag, order, index)
+    return None if at is None else _ifd(data, at, order)
+
+
+def _tag_text(data: bytes, tags: _Tags, tag: int) -> str | None:
+    """A short ASCII (or UNDEFINED) tag's text, NULs and spaces stripped; None if absent."""
+    kind, count, at = tags.get(tag, (0, 0, 0))
+    if kind not in (2, 7) or not 0 < count <= _MAX_MAKE_BYTES or at + count > len(data):
+        return None
+    return data[at : at + count].decode("latin-1").strip("\x00 ")
+
+
+def _dng_preview_space(data: bytes, ifd0: _Tags, order: str) -> str | None:
+    """PreviewColorSpace of a DNG's IFD0 and SubIFDs, when those that have one agree."""
+    _, count, _ = ifd0.get(_TAG_SUBIFDS, (0, 0, 0))
+    ifds = [ifd0]
+    for i in range(min(count, _MAX_SUBIFDS)):
+        sub = _pointed_ifd(data, ifd0, _TAG_SUBIFDS, order, i)
+        if sub is not None:
+            ifds.append(sub)
+    values = (_tag_int(data, ifd, _TAG_PREVIEW_COLOR_SPACE, order) for ifd in ifds)
+    found = {v for v in values if v is not None}
+    return _DNG_PREVIEW_SPACES.get(found.pop()) if len(found) == 1 else None
+
+
+def _maker_note_space(data: bytes, exif: _Tags, order: str, make: str) -> str | None:
+    """The ColorSpace of a Nikon (type 3) or Canon maker note, or None."""
+    _, count, at = exif.get(_TAG_MAKER_NOTE, (0, 0, 0))
+    if count < 14 or at + count > len(data):  # 14: an IFD of one entry
+        return None
+    if data[at : at + len(_NIKON_NOTE)] == _NIKON_NOTE:
+        base = at + 10  # the note's own TIFF header: its byte order, its IFD, offsets from it
+        note_order = _order(data[base : base + 2])
+        if note_order is None:
+            return None
+        (first,) = struct.unpack_from(note_order + "I", data, base + 4)
+        note = _ifd(data, base + first, note_order, base)
+        tag = _NIKON_COLOR_SPACE
+    elif make.startswith("canon"):  # an IFD right at the note's start, in the file's order
+        note, note_order, tag = _ifd(data, at, order), order, _CANON_COLOR_SPACE
+    else:
+        return None
+    value = None if note is None else _tag_int(data, note, tag, note_order)
+    return None if value is None else _MAKER_SPACES.get(value)
 
 
 def _stored_in(data: bytes, jpeg: bytes) -> bool:

@@ -7,7 +7,7 @@ decoded (decompression bombs are refused without allocating them), forces a full
 truncated file is an error, never a grey-padded image), applies the EXIF orientation and
 converts every mode to 8-bit RGB (alpha composited on white) in sRGB: pixels tagged with another
 RGB colour space (an ICC profile, a HEIF nclx box, or a camera's EXIF mark for Adobe RGB) are
-converted (``keeper_core.color``).
+converted, and so are CMYK pixels with an embedded CMYK profile (``keeper_core.color``).
 
 Phone and camera formats (``keeper_core.formats``). HEIC/HEIF decode through pillow-heif,
 registered on first use: it applies the HEIF rotation (irot/imir) itself and reports the EXIF
@@ -15,8 +15,10 @@ orientation as 1, so the rotation happens exactly once. A camera RAW file is dec
 embedded JPEG preview (libraw), whose bytes then go through this same path (byte and pixel
 limits, full decode). The RAW's orientation applies when the preview carries none but 1 (libraw
 writes it into a preview stored without an Exif block); a preview's own orientation wins, and
-neither is applied twice. Sizes, limits and errors are the preview's; the RAW file is only read,
-under its own byte limit (RAW files are 20-200 MB).
+neither is applied twice. The colour space the RAW's own metadata names (Adobe RGB; a DNG's
+PreviewColorSpace) applies the same way, when the preview names none of its own. Sizes, limits
+and errors are the preview's; the RAW file is only read, under its own byte limit (RAW files are
+20-200 MB).
 
 Nothing here touches PIL's global settings (``Image.MAX_IMAGE_PIXELS``,
 ``ImageFile.LOAD_TRUNCATED_IMAGES``): the limits travel with each call in :class:`DecodeLimits`.
@@ -238,12 +240,15 @@ def raw_preview(
 
 def _resolve(
     data: bytes | RawPreview, limits: DecodeLimits | None, source: str | None
-) -> tuple[bytes, int]:
-    """The bytes to decode and the orientation that applies when they carry none."""
+) -> tuple[bytes, int, str | None]:
+    """The bytes to decode, and the orientation and colour space that apply when they name none
+    (a RAW's, for its preview)."""
     if isinstance(data, RawPreview):
-        return data.data, data.orientation
+        return data.data, data.orientation, data.color_space
     preview = raw_preview(data, limits=limits, source=source)
-    return (data, 1) if preview is None else (preview.data, preview.orientation)
+    if preview is None:
+        return data, 1, None
+    return preview.data, preview.orientation, preview.color_space
 
 
 def _open(data: bytes, source: str | None, max_bytes: int | None) -> ImageFile.ImageFile:
@@ -302,7 +307,7 @@ def image_size(data: bytes | RawPreview) -> tuple[int, int]:
         ImageDecodeError: "empty", "not_image", "unsupported", "truncated" (damaged header),
             or "too_many_pixels" when PIL's own bomb guard refuses even to open it.
     """
-    encoded, fallback = _resolve(data, None, None)
+    encoded, fallback, _ = _resolve(data, None, None)
     im = _open(encoded, None, None)
     w, h = im.size
     return (h, w) if _display_orientation(im, fallback) in _SWAPPED_ORIENTATIONS else (w, h)
@@ -523,7 +528,9 @@ def decode_image(
     Returns:
         A loaded image in mode "RGB", EXIF orientation applied, alpha composited on white,
         converted to sRGB from the colour space its ICC profile or nclx box names (or, untagged,
-        its EXIF: ColorSpace 0xFFFF with interoperability index "R03" is Adobe RGB).
+        its EXIF: ColorSpace 0xFFFF with interoperability index "R03" is Adobe RGB; a RAW's
+        preview that names none, the RAW's own). CMYK is converted from its embedded CMYK
+        profile, else by PIL's formula.
 
     Raises:
         ImageDecodeError: with ``reason`` "empty", "too_large", "not_image", "unsupported",
@@ -532,7 +539,7 @@ def decode_image(
     """
     limits = _DEFAULT_LIMITS if limits is None else limits
     _check_draft_size(draft_size)
-    encoded, fallback = _resolve(data, limits, source)
+    encoded, fallback, raw_space = _resolve(data, limits, source)
     im = _open(encoded, source, limits.max_bytes)
     w, h = im.size
     # Image.open only parsed the header: refuse here, before a byte of pixels is allocated.
@@ -558,5 +565,8 @@ def decode_image(
     out: Image.Image = im if orientation == 1 else im.transpose(_TRANSPOSE[orientation])
     if out.mode not in _CONVERTIBLE_MODES:
         raise ImageDecodeError("unsupported", f"{im.format} in mode {out.mode}", source=source)
-    transform = srgb_transform(im.info, out.mode)  # read from the opened image: its own info
-    return to_rgb(out) if transform is None else convert_to_srgb(to_rgb(out), transform)
+    transform = srgb_transform(im.info, out.mode, raw_space)  # the opened image's own info
+    if transform is None:
+        return to_rgb(out)  # nothing to convert (CMYK without a usable profile: PIL's formula)
+    # A CMYK profile takes the CMYK pixels (PIL has undone a JPEG's Adobe inversion already).
+    return convert_to_srgb(out if out.mode == "CMYK" else to_rgb(out), transform)

@@ -500,17 +500,38 @@ def _manifest_uris(src: str) -> tuple[list[str], int]:
     return list(first.values()), len(resolved) - len(first)
 
 
-#: What the table record says of its pixels: decoded to sRGB from any RGB colour space a photo
-#: names (keeper_core.color): an ICC profile or HEIF nclx box, and since 2026-12-05 a camera's
-#: EXIF mark for Adobe RGB ("srgb/2"). Tables recorded before colour management have no entry.
-COLOR_RECORD = "srgb/2"
-#: What a table of an older record holds unconverted, by its record.
-_UNCONVERTED = {
-    None: "photos tagged with another colour space (Display P3, Adobe RGB: an ICC profile or "
-    "HEIF nclx box)",
-    "srgb": "untagged camera JPEGs whose EXIF says Adobe RGB (ColorSpace uncalibrated, "
-    "interoperability index R03)",
-}
+#: What the table record says of its pixels, and what each record's change converted that the
+#: record before it left as decoded: decoded to sRGB from the colour space a photo names
+#: (keeper_core.color): an ICC profile or HEIF nclx box ("srgb", 2026-12-04), a camera's EXIF
+#: mark for Adobe RGB ("srgb/2", 2026-12-05), a CMYK profile and a RAW file's own colour space
+#: ("srgb/3", 2026-12-05). Tables recorded before colour management have no entry.
+_COLOR_CHANGES = (
+    (
+        "srgb",
+        "photos tagged with another colour space (Display P3, Adobe RGB: an ICC profile or HEIF "
+        "nclx box)",
+    ),
+    (
+        "srgb/2",
+        "untagged camera JPEGs whose EXIF says Adobe RGB (ColorSpace uncalibrated, "
+        "interoperability index R03)",
+    ),
+    (
+        "srgb/3",
+        "CMYK photos with an embedded CMYK profile (read with PIL's CMYK formula), and RAW files "
+        "whose preview names no colour space while the RAW's own metadata does (Adobe RGB in its "
+        "EXIF or a Nikon or Canon maker note, a DNG's PreviewColorSpace)",
+    ),
+)
+COLOR_RECORD = _COLOR_CHANGES[-1][0]
+
+
+def _unconverted(record: object) -> str:
+    """What a table of ``record`` holds unconverted: every change after it (all of them for no
+    record, or one this keeper does not know)."""
+    names = [name for name, _ in _COLOR_CHANGES]
+    start = names.index(record) + 1 if record in names else 0
+    return "; and ".join(what for _, what in _COLOR_CHANGES[start:])
 
 
 def check_table_meta(
@@ -548,7 +569,7 @@ def check_table_meta(
         if weights:
             check_weights(spec, meta.get("weights_version"), dst, now=weights)
         if record and meta.get("color") != COLOR_RECORD:
-            what = _UNCONVERTED.get(meta.get("color"), _UNCONVERTED[None])
+            what = _unconverted(meta.get("color"))
             log.warning(
                 "%s was started before keeper converted %s to sRGB; its rows for such photos "
                 "hold unconverted pixels, new rows converted ones. Re-embed into a new output to "
