@@ -479,7 +479,8 @@ def merge_packet(
     keeper's namespace is replaced by ``choice.fields``; ``xmp:Rating`` and ``xmp:Label`` change
     only where keeper owns them (:func:`keeper_owns`), or everywhere with ``overwrite_ratings``;
     ``keeper:xmp`` records the choice; every other field stays. The result is exiv2's own
-    layout of the packet (its fixed point), so merging it again gives the same bytes.
+    layout of the packet (its fixed point), so merging it again gives the same bytes; a packet
+    that already holds every field the merge would give (in another tool's layout) is ``old``.
 
     Args:
         old: the packet now (empty: none yet).
@@ -509,6 +510,14 @@ def merge_packet(
             if again == new:
                 break
             new = again
+        if new != old and old.strip():
+            # The same fields in another tool's layout (Lightroom or exiv2 saving a person's
+            # stars, darktable's elements): nothing to change. Rewriting would bump the mtime
+            # of a file the tool just saved, which it then flags as changed on disk.
+            again_img, again_fields = _parse(pyexiv2, new, source, what)
+            again_img.close()
+            if again_fields == fields:
+                new = old
     kept = tuple(
         name for name, key in (("rating", RATING_KEY), ("label", LABEL_KEY)) if key not in values
     )

@@ -49,7 +49,8 @@ that is not a JPEG by its bytes; a packet over :data:`MAX_PACKET` bytes (keeper 
 Extended XMP); an XMP segment that must grow but comes after the file's multi-picture index
 (MPF: a camera's preview, an HDR gain map), whose offsets to the later images would no longer
 fit. (Before the index, as keeper puts a new segment, those offsets move with the images; the
-index's record of the first image's own size is left as it was, as exiv2 leaves it.) On macOS
+index's record of the first image's own size is left as it was, as exiv2 leaves it.) A linked
+or read-only file that already holds keeper's packet is unchanged, not refused. On macOS
 extended attributes (Finder tags) are not carried to the new file: Python has no call to list
 them there.
 """
@@ -163,6 +164,7 @@ def write_jpeg_xmp(
     )
     if merge.packet == splice.packet:  # keeper's own packet, as it wrote it: nothing to do
         return SidecarWrite(False, merge.kept)
+    _check_replaceable(old, image_uri)
     new = (
         old.data[: splice.start]
         + _segment(merge.packet, splice, image_uri)
@@ -187,16 +189,6 @@ def _read_original(uri: str) -> _Original:
             )
         if not stat.S_ISREG(st.st_mode):
             raise DataError("not a regular file; left as it is", source=uri)
-        if st.st_nlink > 1:
-            raise DataError(
-                f"has {st.st_nlink} hard links: replacing it would leave the other names with "
-                "the old bytes; left as it is",
-                source=uri,
-            )
-        # The rename needs only the folder's permission: a file marked read-only, or one this
-        # user may not write, is refused here, as a photo tool would refuse to save it.
-        if not st.st_mode & stat.S_IWUSR or not os.access(path, os.W_OK):
-            raise DataError("read-only; left as it is", source=uri)
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         with os.fdopen(os.open(path, flags), "rb") as f:
             opened = os.fstat(f.fileno())
@@ -206,6 +198,22 @@ def _read_original(uri: str) -> _Original:
     if (opened.st_ino, opened.st_dev) != (st.st_ino, st.st_dev) or len(data) != opened.st_size:
         raise DataError("changed while keeper read it; left as it is", source=uri)
     return _Original(path, data, opened)
+
+
+def _check_replaceable(old: _Original, uri: str) -> None:
+    """Refuse a file keeper must not replace; asked only of one whose packet would change, so
+    a keeper hard-linked by ``--link-keepers``, or a read-only file, that already holds keeper's
+    packet is unchanged, not failed, on a re-run."""
+    if old.st.st_nlink > 1:
+        raise DataError(
+            f"has {old.st.st_nlink} hard links: replacing it would leave the other names with "
+            "the old bytes; left as it is",
+            source=uri,
+        )
+    # The rename needs only the folder's permission: a file marked read-only, or one this user
+    # may not write, is refused here, as a photo tool would refuse to save it.
+    if not old.st.st_mode & stat.S_IWUSR or not os.access(old.path, os.W_OK):
+        raise DataError("read-only; left as it is", source=uri)
 
 
 def _splice(data: bytes, uri: str) -> _Splice:

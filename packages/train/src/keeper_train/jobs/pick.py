@@ -37,7 +37,11 @@ Exit codes: 0 done, 2 bad config or input, 3 embed failed more images than its l
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+import re
+import stat
 import sys
 import threading
 import time
@@ -49,7 +53,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from keeper_core import storage
 from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
@@ -58,14 +62,16 @@ from keeper_core.culling import CullResult, Scorer, cull, picks_csv, picks_table
 from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadError, StorageError
 from keeper_core.grouping import GroupingConfig, dhash
 from keeper_core.handback import (
+    KEEPER_PREFIX,
     SidecarPlan,
     SidecarWrite,
     export_keepers,
     plan_sidecars,
+    read_sidecar,
     write_sidecar,
     xml_text,
 )
-from keeper_core.images import decode_image, read_image_bytes
+from keeper_core.images import DecodeLimits, decode_image, read_image_bytes
 from keeper_core.jpeg_xmp import embeds_into, write_jpeg_xmp
 from keeper_core.models import ModelSpec, spec_field
 from keeper_core.picking import PickConfig
@@ -83,6 +89,8 @@ class PickJobConfig(BaseModel):
     """Everything ``keeper pick`` takes. Unknown keys are errors (a typo fails before any work)."""
 
     model_config = ConfigDict(extra="forbid")
+    #: :func:`earlier_outputs`, listed once per run (the plan, embed and load steps all ask)
+    _earlier_outputs: list[str] | None = PrivateAttr(None)
 
     input: str = Field(description="folder, s3:// prefix, or CSV/Parquet manifest of photos")
     output: str = Field(description="folder or s3:// prefix for the picks, sheet and sidecars")
@@ -143,6 +151,22 @@ class PickJobConfig(BaseModel):
         default_factory=dict, description="custom Ray resources per decode task (embed's key)"
     )
     max_failure_fraction: float = Field(0.05, ge=0, le=1)
+    retry_errors: bool = Field(
+        False,
+        description="read again the files an earlier run could not (re-copied from the card, "
+        "or a limit raised); by default a file that failed is not read again",
+    )
+    # None: keeper embed's limits (64 MP, 64 MiB, 256 MiB for a RAW); a 100 MP medium-format
+    # body or a stitched panorama needs more, or every one of its photos fails.
+    max_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="largest photo in pixels (default 64 MP; PIL still refuses over ~179 MP)",
+    )
+    max_bytes: int | None = Field(None, ge=1, description="largest photo file (default 64 MiB)")
+    max_raw_bytes: int | None = Field(
+        None, ge=1, description="largest camera RAW file (default 256 MiB)"
+    )
     limit: int | None = Field(None, ge=1, description="only the first N inputs (smoke runs)")
     tracking_uri: str | None = None
     data_dir: str = Field("keeper-data", description="embedded MLflow store when none is set")
@@ -172,6 +196,16 @@ class PickJobConfig(BaseModel):
     @property
     def out(self) -> str:
         return self.output.rstrip("/")
+
+    @property
+    def decode_limits(self) -> dict[str, int]:
+        """The decode limits set here, by their keeper embed (and ``DecodeLimits``) names."""
+        given = {
+            "max_pixels": self.max_pixels,
+            "max_bytes": self.max_bytes,
+            "max_raw_bytes": self.max_raw_bytes,
+        }
+        return {k: v for k, v in given.items() if v is not None}
 
     @property
     def sidecar_mode(self) -> Literal["mirror", "beside"]:
@@ -454,8 +488,47 @@ class Library:
 
 
 def excluded(cfg: PickJobConfig) -> list[str]:
-    """Outputs that may sit inside the input folder and must never be listed as photos."""
-    return [p for p in (cfg.out, cfg.table, cfg.copy_keepers, cfg.link_keepers) if p]
+    """Outputs that may sit inside the input folder and must never be listed as photos: this
+    run's, and those of earlier runs found there (:func:`earlier_outputs`)."""
+    own = [p for p in (cfg.out, cfg.table, cfg.copy_keepers, cfg.link_keepers) if p]
+    if cfg._earlier_outputs is None:  # one more listing of the input: once per run
+        cfg._earlier_outputs = earlier_outputs(cfg)
+    return own + cfg._earlier_outputs
+
+
+def earlier_outputs(cfg: PickJobConfig) -> list[str]:
+    """The output folders and keeper exports of earlier ``keeper pick`` runs inside the input.
+
+    A run into ``INPUT/culls`` leaves thumbnails there, and ``--copy-keepers INPUT/keepers``
+    byte-for-byte copies of the keepers: a later run with another output, or without the flag,
+    would cull them as photos, and a copy that sorts first by path would be kept over its
+    original, rejected as its exact duplicate. Each is found by the ``_SUMMARY.json`` it left
+    (its folder, and the ``keepers`` folder it names); only folders strictly inside the input.
+    """
+    if cfg.is_manifest:
+        return []  # a manifest names its photos: nothing is listed by folder
+    root = storage.same_key(cfg.input).rstrip("/") + "/"
+    try:
+        summaries = storage.list_files(cfg.input, suffixes=[SUMMARY])
+    except StorageError:
+        return []  # the listing of the photos says why, with the reason
+    found: list[str] = []
+    for uri in summaries:
+        folder, _, name = uri.rpartition("/")
+        if name != SUMMARY:
+            continue
+        try:
+            summary = json.loads(storage.read_bytes(uri))
+        except (StorageError, ValueError):
+            continue
+        outputs = summary.get("outputs") if isinstance(summary, dict) else None
+        if not isinstance(outputs, dict) or "contact_sheet" not in outputs:
+            continue  # not keeper pick's
+        keepers = outputs.get("keepers")
+        for where in (folder, keepers if isinstance(keepers, str) else None):
+            if where and storage.same_key(where).rstrip("/").startswith(root):
+                found.append(where)
+    return found
 
 
 def load_library(cfg: PickJobConfig, spec: str) -> Library:
@@ -467,18 +540,39 @@ def load_library(cfg: PickJobConfig, spec: str) -> Library:
     keys = {storage.same_key(u) for u in inputs}
     table = storage.read_parquet(storage.join(cfg.table, embed.EMBEDDINGS)).to_pandas()
     in_input = in_set(table["image_uri"].astype(str).map(storage.same_key), keys)
-    frame = table[in_input].reset_index(drop=True)
+    frame = _one_row_per_photo(table[in_input], inputs)
     specs = set(frame["model_spec"].astype(str))
     if specs - {spec}:
         raise DataError(f"the table holds embeddings of {sorted(specs)}, not {spec!r}")
     errors = ErrorRows.read(storage.join(cfg.table, embed.ERRORS)).rows()
-    failed = errors[in_set(errors["image_uri"].astype(str).map(storage.same_key), keys)]
+    failed_keys = errors["image_uri"].astype(str).map(storage.same_key)
+    # A file that failed under two spellings of the input is one failure; one embedded since
+    # (under the other spelling) is no failure.
+    done = set(frame["image_uri"].astype(str).map(storage.same_key))
+    failed = errors[
+        in_set(failed_keys, keys)
+        & ~in_set(failed_keys, done)
+        & ~failed_keys.duplicated().to_numpy()
+    ]
     failed = _failed_details(cfg.table, failed)
     seconds = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
     frame, n = backfill(cfg, frame)
     seconds["backfill"] = time.perf_counter() - t0
     return Library(inputs, frame, failed, n, seconds)
+
+
+def _one_row_per_photo(frame: pd.DataFrame, inputs: Sequence[str]) -> pd.DataFrame:
+    """One row per file: a table embedded from ``lib`` and again from ``/abs/lib`` holds two
+    for each photo (keeper embed compares URIs as written), which would cull each as its own
+    exact duplicate. The row spelled as this run lists the file is kept."""
+    keys = frame["image_uri"].astype(str).map(storage.same_key)
+    if not keys.duplicated().any():
+        return frame.reset_index(drop=True)
+    listed = in_set(frame["image_uri"].astype(str), set(inputs))
+    order = np.lexsort((~listed,))  # stable: rows spelled as listed first
+    first = ~keys.iloc[order].duplicated().to_numpy()
+    return frame.iloc[np.sort(order[first])].reset_index(drop=True)
 
 
 def _failed_details(table: str, failed: pd.DataFrame) -> pd.DataFrame:
@@ -522,7 +616,7 @@ def backfill(cfg: PickJobConfig, frame: pd.DataFrame) -> tuple[pd.DataFrame, int
         backfill_batch,  # type: ignore[arg-type]  # keyword-only stage arguments
         batch_size=16,
         batch_format="pandas",
-        fn_kwargs={"thumbnails": cfg.out},
+        fn_kwargs={"thumbnails": cfg.out, "limits": DecodeLimits(**cfg.decode_limits)},
     ).to_pandas()
     got = rows.set_index("image_uri")
     for name, missing in [*((c, no_capture) for c in CAPTURE_COLUMNS), ("dhash", no_hash)]:
@@ -533,7 +627,9 @@ def backfill(cfg: PickJobConfig, frame: pd.DataFrame) -> tuple[pd.DataFrame, int
     return frame, len(uris)
 
 
-def backfill_batch(batch: pd.DataFrame, *, thumbnails: str) -> pd.DataFrame:
+def backfill_batch(
+    batch: pd.DataFrame, *, thumbnails: str, limits: DecodeLimits | None = None
+) -> pd.DataFrame:
     """Read each file once: capture metadata, and a thumbnail (a Ray Data task).
 
     A file that cannot be read now (it vanished since it was embedded) gets no capture time,
@@ -543,14 +639,14 @@ def backfill_batch(batch: pd.DataFrame, *, thumbnails: str) -> pd.DataFrame:
     out = []
     for uri in batch["image_uri"].astype(str):
         try:
-            data = read_image_bytes(uri)
+            data = read_image_bytes(uri, limits)
         except StorageError:
             out.append({"image_uri": uri, **capture_row(read_capture(b"")), "dhash": None})
             continue
         row = {"image_uri": uri, **capture_row(read_capture(data, mtime=embed.file_mtime(uri)))}
         row["dhash"] = None
         try:
-            image = decode_image(data, draft_size=(256, 256))
+            image = decode_image(data, limits=limits, draft_size=(256, 256))
             row["dhash"] = dhash(image)
             embed.write_thumbnail(thumbnails, hashlib.sha256(data).hexdigest(), image)
         except KeeperError as e:
@@ -722,7 +818,9 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
         try:
             if in_file:
                 with jpegs_at_once:
-                    return True, write_jpeg_xmp(plan.image_uri, **values)
+                    wrote = write_jpeg_xmp(plan.image_uri, **values)
+                _update_earlier_sidecar(plan, values)
+                return True, wrote
             # Beside the originals a sidecar may hold the user's edits: fsync it. The mirror
             # under OUTPUT is keeper's own, rebuilt by any run.
             return False, write_sidecar(plan.sidecar_uri, durable=cfg.xmp != "mirror", **values)
@@ -731,6 +829,10 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
                 image_uri=plan.image_uri, sidecar_uri=target, reason=str(e)
             )
 
+    targets = [p.image_uri if embed and embeds_into(p.image_uri) else p.sidecar_uri for p in plans]
+    removed = remove_stale_temps(targets)
+    if removed:
+        log.info("removed %d temporary file(s) a killed run left beside the photos", removed)
     for in_file, result in storage.map_in_threads(write, plans, cfg.io_threads):
         if isinstance(result, SidecarFailure):
             what = "XMP of" if in_file else "sidecar"
@@ -744,6 +846,65 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
             done.files_written += int(result.changed)
             done.files_unchanged += int(not result.changed)
     return done
+
+
+#: A temporary file (".<name>.<8 chars>.tmp", storage's) older than this was left by a killed
+#: run: a write and its checks take seconds, on a slow network share a minute.
+STALE_TEMP_S = 300
+_TEMP_OF = re.compile(r"^\.(.*)\.[a-z0-9_]{8}\.tmp$", re.DOTALL)
+
+
+def remove_stale_temps(targets: Sequence[str]) -> int:
+    """Remove the temporary files a killed run left beside the local files it was replacing.
+
+    ``xmp=embed`` writes each JPEG's new bytes to a hidden temporary file beside it before the
+    rename: ``kill`` (SIGTERM, SIGKILL) in between leaves a full-size copy of the photo hidden
+    in the library, which listings skip and nothing else would remove. Only temporary files of
+    ``targets`` (the JPEGs and sidecars this run writes), older than :data:`STALE_TEMP_S`, are
+    removed; each folder is listed once. Returns how many.
+    """
+    by_folder: dict[str, set[str]] = {}
+    for uri in targets:
+        if not storage.is_s3(uri):
+            folder, name = os.path.split(uri.removeprefix("file://"))
+            by_folder.setdefault(folder or ".", set()).add(name)
+    removed, now = 0, time.time()
+    for folder, names in by_folder.items():
+        try:
+            with os.scandir(folder) as entries:
+                found = [x for x in entries if (m := _TEMP_OF.match(x.name)) and m[1] in names]
+        except FileNotFoundError:
+            continue  # a folder not written yet (a first mirror)
+        except OSError as e:
+            log.warning("temporary files in %s not cleaned up: %s", folder, e)
+            continue
+        for entry in found:
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_TEMP_S:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError as e:  # gone meanwhile, or not ours to remove
+                log.warning("temporary file %s not removed: %s", entry.path, e)
+    return removed
+
+
+def _update_earlier_sidecar(plan: SidecarPlan, values: dict[str, Any]) -> None:
+    """xmp=embed: a sidecar an earlier ``--xmp beside`` run left beside a JPEG still holds what
+    keeper decided then, and darktable, Capture One and Bridge read it where Lightroom reads the
+    file: merged with this run's choice (a person's rating in it stays), the two agree. A sidecar
+    without keeper's fields is another tool's, and left alone; one that cannot be updated is
+    logged (the JPEG, this run's XMP, was written)."""
+    try:
+        if not storage.exists(plan.sidecar_uri):
+            return
+        if not any(
+            key.startswith(f"Xmp.{KEEPER_PREFIX}.") for key in read_sidecar(plan.sidecar_uri)
+        ):
+            return
+        write_sidecar(plan.sidecar_uri, durable=True, **values)
+    except KeeperError as e:
+        log.warning("earlier sidecar %s beside the JPEG not updated: %s", plan.sidecar_uri, e)
 
 
 @dataclass(frozen=True)
@@ -861,6 +1022,8 @@ def run(cfg: PickJobConfig) -> PickSummary:
             actor_resources=cfg.actor_resources,
             decode_resources=cfg.decode_resources,
             max_failure_fraction=cfg.max_failure_fraction,
+            retry_errors=cfg.retry_errors,
+            **cfg.decode_limits,
             limit=cfg.limit,
             capture=True,
             thumbnails=cfg.out,
