@@ -255,3 +255,20 @@ def test_a_compaction_killed_before_its_deletes_loses_and_doubles_nothing(
     c = s.counts
     assert c.in_ == c.already_embedded + c.failed_before + c.attempted
     assert len(list((dst / embed.ERRORS).glob("*.parquet"))) == 1
+
+
+def test_a_library_named_another_way_is_not_embedded_again(
+    corpus: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table embedded from `in/` (relative, as typed) is the same library as `/abs/in`: the
+    plan finds every photo done, and a failure recorded under one spelling stays one."""
+    monkeypatch.chdir(tmp_path)
+    u1, u2, u3, u4 = corpus
+    dst = tmp_path / "out"
+    write_embedded(dst, "part-a.parquet", [f"in/{Path(u).name}" for u in (u1, u2)])
+    write_errors(dst, "part-e.parquet", [{"image_uri": "in/u3.png", "retryable": False}])
+    write_errors(dst, "part-r.parquet", [{"image_uri": "./in/u4.png", "retryable": True}])
+    p = plan(config(corpus, dst))  # the input named absolute this time
+    assert p.todo == [u4]  # u1, u2 embedded; u3 failed for good; u4's failure is retryable
+    assert (p.failed_before, p.retried) == (1, 1)
+    assert plan(config(corpus, dst, retry_errors=True)).todo == [u3, u4]

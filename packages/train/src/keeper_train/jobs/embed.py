@@ -1247,9 +1247,15 @@ def plan(cfg: EmbedConfig) -> Plan:
     removed += errors.dedupe()
     rows = errors.rows()
     retry = rows["retryable"].astype(bool) | cfg.retry_errors
-    keep_failed = set(rows.loc[~retry, "image_uri"].astype(str))
-    retried = set(rows.loc[retry, "image_uri"].astype(str))
-    todo = [u for u in inputs if u not in done and u not in keep_failed]
+    # Compared as same_key: a library embedded as `photos/` is not embedded again when named
+    # `/home/me/photos` (~1 s a million URIs).
+    keys = [storage.same_key(u) for u in inputs]
+    done_keys = {storage.same_key(u) for u in done}
+    keep_failed = {storage.same_key(u) for u in rows.loc[~retry, "image_uri"].astype(str)}
+    keep_failed -= done_keys  # failed under one spelling, embedded under another
+    retried = {storage.same_key(u) for u in rows.loc[retry, "image_uri"].astype(str)}
+    skip = done_keys | keep_failed
+    todo = [u for u, k in zip(inputs, keys, strict=True) if k not in skip]
     attempt = set(todo)  # looked up per bad name and failed shard: a list would be B x N
     if todo:  # the spec is recorded once there is something to embed with it
         check_table_meta(dst, cfg.model, embed_dim=dim, weights=weights)
@@ -1263,8 +1269,8 @@ def plan(cfg: EmbedConfig) -> Plan:
         embedded=embedded,
         errors=errors,
         todo=todo,
-        retried=len(retried & attempt),
-        failed_before=sum(1 for u in inputs if u in keep_failed),
+        retried=sum(1 for k in keys if k in retried and k not in skip),
+        failed_before=sum(1 for k in keys if k in keep_failed),
         duplicates_removed=removed,
         errors_cleared=cleared,
         seconds={"plan": time.perf_counter() - t0},
