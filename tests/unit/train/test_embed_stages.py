@@ -151,6 +151,7 @@ def test_list_inputs_local_folder(tmp_path: Path) -> None:
     (src / ".hidden.jpg").write_bytes(jpg)  # hidden: never a photo
     (src / "notes.txt").write_bytes(jpg)  # a .txt is never sniffed, even holding JPEG bytes
     (src / "meta.json").write_bytes(b"{}")
+    (src / "MVI_0001.THM").write_bytes(jpg)  # a video's thumbnail: JPEG bytes, not a photo
     (src / "corrupt.jpg").write_bytes(b"garbage")  # image extension: taken, fails at decode
     # The job's own output under SRC: skipped, not counted as ignored.
     (src / "out" / "embeddings").mkdir(parents=True)
@@ -170,13 +171,13 @@ def test_list_inputs_local_folder(tmp_path: Path) -> None:
         f"{s}/outside/keep.jpg",
         f"{s}/z.jpg",
     ]
-    assert ignored == 4  # noext_text, .hidden.jpg, notes.txt, meta.json
+    assert ignored == 5  # noext_text, .hidden.jpg, notes.txt, meta.json, MVI_0001.THM
     assert list_inputs(str(src), exclude=str(src / "out")) == (uris, ignored)  # stable
 
     # Without the exclusion the output's thumbnail is an input, and its part file is ignored.
     all_uris, all_ignored = list_inputs(str(src))
     assert all_uris == sorted([*uris, f"{s}/out/thumb.jpg"])
-    assert all_ignored == 5
+    assert all_ignored == 6
 
 
 def test_list_inputs_s3_prefix(s3_bucket: str) -> None:

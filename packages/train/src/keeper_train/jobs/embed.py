@@ -108,6 +108,9 @@ MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 NOT_IMAGE_SUFFIXES = (
     *(".parquet", ".json", ".csv", ".txt", ".md", ".yaml", ".yml", ".xml", ".pq"),
     ".tar",  # WebDataset shards: never sniffed as images (plan reads them as shards)
+    # A camera's thumbnail of a video (MVI_0001.THM beside MVI_0001.MOV) or of an old Canon CRW:
+    # a JPEG inside, but no photo of its own; culled, it would get a sidecar beside the video.
+    ".thm",
 )
 EXIT_TOO_MANY_FAILURES = 3
 #: The reason recorded for an input whose name is not valid UTF-8 (a local file named in Latin-1).
