@@ -195,6 +195,23 @@ def test_unusable_runs_say_why_and_the_others_serve(tmp_path: Path) -> None:
     assert ReviewRuns(None).listing() == []
 
 
+def test_a_run_failed_only_for_unreadable_files_is_reviewed(tmp_path: Path) -> None:
+    """A card with a few corrupt files: the run "failed" (over max_failure_fraction), yet every
+    photo is picked or listed as failed and none lost, so its picks are reviewed; a run that
+    lost photos is not."""
+    folder = tmp_path / "run"
+    write_run(folder, [2], status="failed")
+    summary = json.loads((folder / "_SUMMARY.json").read_text())
+    counts = {"in": 5, "picked": 2, "failed": 3, "lost": 0}
+    whole = {**summary, "counts": counts, "embed": {"lost": 0}}
+    (folder / "_SUMMARY.json").write_text(json.dumps(whole))
+    assert read_run("card", str(folder)).rows["decision"] == ["keep", "reject"]
+    lost = {**whole, "counts": {**counts, "picked": 1, "lost": 1}, "embed": {"lost": 1}}
+    (folder / "_SUMMARY.json").write_text(json.dumps(lost))
+    with pytest.raises(RunUnusable, match="did not finish"):
+        read_run("card", str(folder))
+
+
 def test_a_run_written_again_is_read_again(tmp_path: Path) -> None:
     folder = tmp_path / "run"
     write_run(folder, [2])

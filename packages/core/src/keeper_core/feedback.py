@@ -98,6 +98,25 @@ def run_request_id(summary: bytes) -> str:
     return "run-" + hashlib.sha256(summary).hexdigest()[:24]
 
 
+def pick_run_complete(summary: Mapping[str, Any]) -> bool:
+    """Whether a pick run's picks are whole, so a person's decisions on them can be read
+    (``keeper feedback-from-xmp``, the review page): status ``ok``, or ``failed`` only because
+    more files than its ``max_failure_fraction`` were unreadable (a card with a few corrupt
+    files), every photo picked or listed as failed and none lost. A run that lost photos is not.
+    """
+    if summary.get("status") == "ok":
+        return True
+    counts, emb = summary.get("counts"), summary.get("embed")
+    return (
+        summary.get("status") == "failed"
+        and isinstance(counts, dict)
+        and isinstance(emb, dict)
+        and counts.get("lost") == 0
+        and emb.get("lost") == 0
+        and counts.get("in") == counts.get("picked", -1) + counts.get("failed", -1)
+    )
+
+
 def ranker_model(label: str) -> str:
     """What ranked, as offer rows name it: ``models:/NAME/VERSION`` from a version's label
     (``'NAME vN (models:/NAME/N)'``), else the label itself (the zero-shot rule)."""

@@ -33,7 +33,7 @@ from keeper_core.contact_sheet import thumbnail_name
 from keeper_core.corpus import read_corpus
 from keeper_core.errors import DataError, KeeperError, StorageError
 from keeper_core.feedback import REVIEW_ROUTE as REVIEW_ROUTE  # re-exported: moved to core
-from keeper_core.feedback import pick_run_offers, run_request_id
+from keeper_core.feedback import pick_run_complete, pick_run_offers, run_request_id
 from keeper_core.feedback import ranker_model as ranker_model
 from keeper_core.quality import FEATURE_NAMES
 from keeper_serve.config import ReviewArgs
@@ -213,7 +213,7 @@ def read_run(name: str, folder: str) -> ReviewRun:
         summary = json.loads(raw)
     except ValueError as e:
         raise RunUnusable(f"{SUMMARY} is not JSON: {e}") from e
-    if not isinstance(summary, dict) or summary.get("status") != "ok":
+    if not isinstance(summary, dict) or not pick_run_complete(summary):
         raise RunUnusable(
             f"{SUMMARY} says the run did not finish (status {summary.get('status')!r})"
         )

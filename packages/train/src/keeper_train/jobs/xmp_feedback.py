@@ -80,6 +80,7 @@ from keeper_core.feedback import (
     FeedbackEvent,
     FeedbackLog,
     OfferLog,
+    pick_run_complete,
     pick_run_offers,
     read_feedback,
     read_offers,
@@ -219,24 +220,6 @@ class _Run:
     naming: str
 
 
-def _complete(summary: dict[str, Any]) -> bool:
-    """Whether a pick run's picks are whole: ``ok``, or ``failed`` only because more files than
-    ``max_failure_fraction`` were unreadable (a card with a few corrupt files), every photo picked
-    or listed as failed and its sidecars written: the ratings in them are a person's all the
-    same. A run that lost photos is not read."""
-    if summary.get("status") == "ok":
-        return True
-    counts, emb = summary.get("counts"), summary.get("embed")
-    return (
-        summary.get("status") == "failed"
-        and isinstance(counts, dict)
-        and isinstance(emb, dict)
-        and counts.get("lost") == 0
-        and emb.get("lost") == 0
-        and counts.get("in") == counts.get("picked", -1) + counts.get("failed", -1)
-    )
-
-
 def _read_run(cfg: XmpFeedbackConfig) -> tuple[bytes, dict[str, Any], dict[str, list[Any]]]:
     try:
         raw = storage.read_bytes(storage.join(cfg.run, SUMMARY))
@@ -247,7 +230,7 @@ def _read_run(cfg: XmpFeedbackConfig) -> tuple[bytes, dict[str, Any], dict[str, 
         summary = json.loads(raw)
     except ValueError as e:
         raise DataError(f"{SUMMARY} is not JSON: {e}", source=cfg.run) from e
-    if not isinstance(summary, dict) or not _complete(summary):
+    if not isinstance(summary, dict) or not pick_run_complete(summary):
         status = summary.get("status") if isinstance(summary, dict) else None
         raise DataError(f"{SUMMARY} says the run did not finish ({status!r})", source=cfg.run)
     missing = [c for c in (*_COLUMNS, *FEATURE_NAMES) if c not in table.column_names]
