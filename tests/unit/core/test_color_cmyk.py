@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import simplejpeg
 from PIL import Image
+from test_color_matrix import icc
 from test_images import encode
 
 from keeper_core import color
@@ -102,24 +103,7 @@ def cmyk_profile(
         (b"A2B0", _lut8(4, 3, a2b0)),
         (b"B2A0", _lut8(3, 4, b2a0)),
     ]
-    offset = 128 + 4 + 12 * len(tags)
-    entries, blobs = [], []
-    for sig, data in tags:
-        entries.append(struct.pack(">4sII", sig, offset, len(data)))
-        blobs.append(data + bytes(-len(data) % 4))
-        offset += len(blobs[-1])
-    body = struct.pack(">I", len(tags)) + b"".join(entries) + b"".join(blobs)
-    header = (
-        struct.pack(">I4sI4s4s4s", 128 + len(body), b"lcms", 0x02100000, b"prtr", b"CMYK", b"Lab ")
-        + struct.pack(">6H", 2026, 1, 1, 0, 0, 0)
-        + b"acsp"
-        + bytes(24)
-        + struct.pack(">I", 0)
-        + _s15(_D50)
-        + b"kpr "
-        + bytes(44)
-    )
-    return header + body
+    return icc(tags, space=b"CMYK", pcs=b"Lab ", device_class=b"prtr")
 
 
 def lab_to_xyz(lab: tuple[float, ...]) -> np.ndarray:

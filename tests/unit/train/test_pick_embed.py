@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from support_jpeg import camera_jpeg, lightroom_packet, segments
+from test_pick_robustness import pick_summary
 
 from keeper_core.cli import main as keeper
 from keeper_core.embedded_xmp import read_embedded_xmp
@@ -123,28 +124,7 @@ def test_jpegs_get_their_xmp_inside_and_the_others_a_sidecar_beside(tmp_path: Pa
 
 
 def test_the_summary_says_how_many_originals_were_written() -> None:
-    summary = pick.PickSummary(
-        status="ok",
-        input="/p",
-        output="/o",
-        table="/o/table",
-        ranker="zero-shot rule",
-        zero_shot=True,
-        clip_model="keeper-tiny:random",
-        random_weights=True,
-        counts={
-            "in": 3,
-            "picked": 3,
-            "failed": 0,
-            "lost": 0,
-            "groups": 3,
-            "keepers": 3,
-            "alternates": 0,
-            "rejects": 0,
-            "exact_duplicates": 0,
-            "near_duplicates": 0,
-            "sidecars_failed": 0,
-        },
+    summary = pick_summary(
         sidecars={
             "written": 2,
             "unchanged": 1,
@@ -152,11 +132,6 @@ def test_the_summary_says_how_many_originals_were_written() -> None:
             "files_written": 1,
             "files_unchanged": 1,
         },
-        keepers_exported=None,
-        seconds={"total": 1.0},
-        outputs={"picks_parquet": "/o/picks.parquet", "contact_sheet": "/o/index.html"},
-        embed={},
-        finished="2026-01-01T00:00:00+00:00",
         xmp="embed",
     )
     assert "2 XMP written, 1 unchanged (1 written into and 1 unchanged in JPEG originals)" in (

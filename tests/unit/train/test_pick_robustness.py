@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -157,39 +158,51 @@ def test_one_bad_sidecar_is_recorded_and_the_rest_are_written(tmp_path: Path, mo
     assert bad.read_bytes() == GARBAGE
 
 
+def pick_summary(**over: Any) -> pick.PickSummary:
+    """A finished run's summary of three photos, three keepers; ``counts`` entries given are
+    merged into its counts, every other field given replaces the default."""
+    counts = {
+        "in": 3,
+        "picked": 3,
+        "failed": 0,
+        "lost": 0,
+        "groups": 3,
+        "keepers": 3,
+        "alternates": 0,
+        "rejects": 0,
+        "exact_duplicates": 0,
+        "near_duplicates": 0,
+        "sidecars_failed": 0,
+        **over.pop("counts", {}),
+    }
+    fields: dict[str, Any] = {
+        "status": "ok",
+        "input": "/p",
+        "output": "/o",
+        "table": "/o/table",
+        "ranker": "zero-shot rule",
+        "zero_shot": True,
+        "clip_model": "keeper-tiny:random",
+        "random_weights": True,
+        "counts": counts,
+        "sidecars": {"written": 0, "unchanged": 0, "skipped": 0},
+        "keepers_exported": None,
+        "seconds": {"total": 1.0},
+        "outputs": {"picks_parquet": "/o/picks.parquet", "contact_sheet": "/o/index.html"},
+        "embed": {},
+        "finished": "2026-01-01T00:00:00+00:00",
+    }
+    return pick.PickSummary(**{**fields, **over})
+
+
 def test_sidecar_failures_reach_the_summary(tmp_path: Path) -> None:
     failure = pick.SidecarFailure(
         image_uri="/p/a.jpg", sidecar_uri="/p/a.xmp", reason="/p/a.xmp: XMP that exiv2 cannot..."
     )
-    summary = pick.PickSummary(
-        status="ok",
-        input="/p",
-        output="/o",
-        table="/o/table",
-        ranker="zero-shot rule",
-        zero_shot=True,
-        clip_model="keeper-tiny:random",
-        random_weights=True,
-        counts={
-            "in": 3,
-            "picked": 3,
-            "failed": 0,
-            "lost": 0,
-            "groups": 3,
-            "keepers": 3,
-            "alternates": 0,
-            "rejects": 0,
-            "exact_duplicates": 0,
-            "near_duplicates": 0,
-            "sidecars_failed": 1,
-        },
+    summary = pick_summary(
+        counts={"sidecars_failed": 1},
         sidecars={"written": 2, "unchanged": 0, "skipped": 0},
         sidecar_failures=[failure],
-        keepers_exported=None,
-        seconds={"total": 1.0},
-        outputs={"picks_parquet": "/o/picks.parquet", "contact_sheet": "/o/index.html"},
-        embed={},
-        finished="2026-01-01T00:00:00+00:00",
     )
     text = pick.format_summary(summary)
     assert "2 XMP written, 0 unchanged, 1 FAILED" in text
