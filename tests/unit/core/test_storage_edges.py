@@ -342,3 +342,27 @@ def test_a_custom_endpoint_gets_checksums_only_where_required(
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     assert storage.s3_client().meta.config.request_checksum_calculation == "when_supported"
+
+
+def test_stale_temporary_files_of_the_given_paths_are_removed(tmp_path: Path) -> None:
+    """What a write killed before its rename left (named as _open_temp names it, a long name cut
+    to fit): removed once old enough; a fresh one, another file's, and a photo stay."""
+    import time
+
+    long = "L" * 250 + ".JPG"
+    targets = [str(tmp_path / "IMG_1.JPG"), str(tmp_path / long)]
+    stale = [storage._open_temp(tmp_path, Path(t).name) for t in targets]
+    fresh_fd, fresh = storage._open_temp(tmp_path, "IMG_1.JPG")
+    other_fd, other = storage._open_temp(tmp_path, "IMG_2.JPG")
+    for fd, _ in (*stale, (fresh_fd, fresh), (other_fd, other)):
+        os.close(fd)
+    old = time.time() - 600
+    for _, path in stale:
+        os.utime(path, (old, old))
+    os.utime(other, (old, old))
+    (tmp_path / "IMG_1.JPG").write_bytes(b"photo")
+
+    assert storage.remove_stale_temps(targets, older_than_s=300) == 2
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["IMG_1.JPG", Path(fresh).name, Path(other).name])
+    assert storage.remove_stale_temps([*targets, "s3://b/k.jpg"], older_than_s=300) == 0

@@ -19,13 +19,15 @@ import contextlib
 import errno
 import functools
 import hashlib
+import logging
 import mimetypes
 import os
 import random
 import re
+import stat
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,8 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from keeper_core.errors import ConfigError, DataError, StorageError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -515,8 +519,48 @@ def _retrying(uri: str, fn: Callable[[], T]) -> T:
 _TMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"
 #: The temporary files ``_atomic_write`` makes (and ``tempfile.mkstemp`` made before it):
 #: ".<name>.<8 random>.tmp". A writer killed mid-write leaves one; listings skip them.
-_TMP_NAME = re.compile(r"^\..*\.[a-z0-9_]{8}\.tmp$", re.DOTALL)
+_TMP_NAME = re.compile(r"^\.(.*)\.[a-z0-9_]{8}\.tmp$", re.DOTALL)
 _NAME_MAX = 255  # bytes in one path component on every file system keeper writes to
+
+
+def _temp_stem(name: str) -> str:
+    """What of ``name`` a temporary file beside it is named after: cut so that the temporary
+    name fits in ``_NAME_MAX`` bytes."""
+    return name.encode("utf-8", "surrogateescape")[: _NAME_MAX - 14].decode("utf-8", "ignore")
+
+
+def remove_stale_temps(paths: Sequence[str], *, older_than_s: float) -> int:
+    """Remove the temporary files that writes of the local files ``paths`` (by
+    :func:`write_bytes`, :func:`replace_file`) left when killed before their rename, once they
+    are older than ``older_than_s``; each folder is listed once. ``s3://`` paths are skipped (an
+    S3 write leaves no temporary object). Returns how many were removed.
+
+    A file cannot be removed (gone meanwhile, not ours) is logged, not raised.
+    """
+    by_folder: dict[str, set[str]] = {}
+    for uri in paths:
+        if not is_s3(uri):
+            folder, name = os.path.split(uri.removeprefix("file://"))
+            by_folder.setdefault(folder or ".", set()).add(_temp_stem(name))
+    removed, now = 0, time.time()
+    for folder, stems in by_folder.items():
+        try:
+            with os.scandir(folder) as entries:
+                found = [x for x in entries if (m := _TMP_NAME.match(x.name)) and m[1] in stems]
+        except FileNotFoundError:
+            continue  # a folder not written yet (a first mirror)
+        except OSError as e:
+            log.warning("temporary files in %s not cleaned up: %s", folder, e)
+            continue
+        for entry in found:
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and now - st.st_mtime > older_than_s:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError as e:  # gone meanwhile, or not ours to remove
+                log.warning("temporary file %s not removed: %s", entry.path, e)
+    return removed
 
 
 def _open_temp(folder: Path, name: str) -> tuple[int, str]:
@@ -526,8 +570,7 @@ def _open_temp(folder: Path, name: str) -> tuple[int, str]:
     0o600: every file keeper wrote would be unreadable to the group, e.g. the server's user).
     The target's name is cut so that the temporary one fits in ``_NAME_MAX`` bytes.
     """
-    stem = name.encode("utf-8", "surrogateescape")[: _NAME_MAX - 14]
-    short = stem.decode("utf-8", "ignore")
+    short = _temp_stem(name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
         tmp = folder / f".{short}.{''.join(random.choices(_TMP_CHARS, k=8))}.tmp"

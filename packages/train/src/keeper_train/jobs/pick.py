@@ -39,9 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import re
-import stat
 import sys
 import threading
 import time
@@ -563,9 +560,10 @@ def load_library(cfg: PickJobConfig, spec: str) -> Library:
 
 
 def _one_row_per_photo(frame: pd.DataFrame, inputs: Sequence[str]) -> pd.DataFrame:
-    """One row per file: a table embedded from ``lib`` and again from ``/abs/lib`` holds two
-    for each photo (keeper embed compares URIs as written), which would cull each as its own
-    exact duplicate. The row spelled as this run lists the file is kept."""
+    """One row per file: a table embedded from ``lib`` and again from ``/abs/lib`` by a keeper
+    before 2026-12-05 (whose embed compared URIs as written; it compares them as ``same_key``
+    now) holds two for each photo, which would cull each as its own exact duplicate. The row
+    spelled as this run lists the file is kept."""
     keys = frame["image_uri"].astype(str).map(storage.same_key)
     if not keys.duplicated().any():
         return frame.reset_index(drop=True)
@@ -830,7 +828,7 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
             )
 
     targets = [p.image_uri if embed and embeds_into(p.image_uri) else p.sidecar_uri for p in plans]
-    removed = remove_stale_temps(targets)
+    removed = storage.remove_stale_temps(targets, older_than_s=STALE_TEMP_S)
     if removed:
         log.info("removed %d temporary file(s) a killed run left beside the photos", removed)
     for in_file, result in storage.map_in_threads(write, plans, cfg.io_threads):
@@ -848,45 +846,10 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
     return done
 
 
-#: A temporary file (".<name>.<8 chars>.tmp", storage's) older than this was left by a killed
-#: run: a write and its checks take seconds, on a slow network share a minute.
+#: A temporary file beside a JPEG or sidecar older than this was left by a killed run
+#: (``storage.remove_stale_temps``): a write and its checks take seconds, on a slow network
+#: share a minute. ``xmp=embed``'s is a full-size hidden copy of the photo.
 STALE_TEMP_S = 300
-_TEMP_OF = re.compile(r"^\.(.*)\.[a-z0-9_]{8}\.tmp$", re.DOTALL)
-
-
-def remove_stale_temps(targets: Sequence[str]) -> int:
-    """Remove the temporary files a killed run left beside the local files it was replacing.
-
-    ``xmp=embed`` writes each JPEG's new bytes to a hidden temporary file beside it before the
-    rename: ``kill`` (SIGTERM, SIGKILL) in between leaves a full-size copy of the photo hidden
-    in the library, which listings skip and nothing else would remove. Only temporary files of
-    ``targets`` (the JPEGs and sidecars this run writes), older than :data:`STALE_TEMP_S`, are
-    removed; each folder is listed once. Returns how many.
-    """
-    by_folder: dict[str, set[str]] = {}
-    for uri in targets:
-        if not storage.is_s3(uri):
-            folder, name = os.path.split(uri.removeprefix("file://"))
-            by_folder.setdefault(folder or ".", set()).add(name)
-    removed, now = 0, time.time()
-    for folder, names in by_folder.items():
-        try:
-            with os.scandir(folder) as entries:
-                found = [x for x in entries if (m := _TEMP_OF.match(x.name)) and m[1] in names]
-        except FileNotFoundError:
-            continue  # a folder not written yet (a first mirror)
-        except OSError as e:
-            log.warning("temporary files in %s not cleaned up: %s", folder, e)
-            continue
-        for entry in found:
-            try:
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_TEMP_S:
-                    os.unlink(entry.path)
-                    removed += 1
-            except OSError as e:  # gone meanwhile, or not ours to remove
-                log.warning("temporary file %s not removed: %s", entry.path, e)
-    return removed
 
 
 def _update_earlier_sidecar(plan: SidecarPlan, values: dict[str, Any]) -> None:
