@@ -189,7 +189,7 @@ def _source_profile(info: Mapping[Any, Any], mode: str, raw_space: str | None) -
     exif = info.get("exif")
     exif = bytes(exif) if isinstance(exif, bytes | bytearray) else b""
     if _exif_says_adobe_rgb(exif):
-        return _adobe_rgb_profile()
+        return _named_profile("Adobe RGB")
     if raw_space is None or raw_space not in _RAW_SPACES or _exif_says_srgb(exif):
         return None  # the RAW names none (or sRGB), or the preview's own EXIF says sRGB
     return _named_profile(raw_space)
@@ -231,10 +231,6 @@ def _exif_color_tags(exif: bytes) -> tuple[object, str | None]:
 @functools.cache
 def _named_profile(name: str) -> bytes:
     return rgb_profile(_RAW_SPACES[name])
-
-
-def _adobe_rgb_profile() -> bytes:
-    return _named_profile("Adobe RGB")
 
 
 def convert_to_srgb(image: Image.Image, transform: ImageCms.ImageCmsTransform) -> Image.Image:
