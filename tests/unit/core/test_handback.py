@@ -177,6 +177,58 @@ def test_plan_beside_keeps_the_uri_form_and_listed_twice() -> None:
     ]
 
 
+def _jpeg_name(uri: str) -> bool:
+    return uri.lower().endswith((".jpg", ".jpeg"))
+
+
+def test_plan_in_file_jpegs_need_no_sidecar_name_but_stay_with_their_raw() -> None:
+    """xmp=embed: a JPEG beside a HEIC of its stem takes its XMP in the file and the HEIC owns
+    the sidecar (before, the HEIC was first by name and the JPEG got no XMP at all); the JPEG
+    of a RAW+JPEG pair still shares the RAW's sidecar; one file listed twice is one plan."""
+    uris = [
+        "/l/IMG_1.HEIC",
+        "/l/IMG_1.JPG",
+        "/l/IMG_2.CR2",
+        "/l/IMG_2.JPG",
+        "/l/IMG_3.jpg",
+        "/l/IMG_3.jpg",
+        "/l/IMG_4.JPG",
+        "/l/img_4.jpg",
+        "/l/IMG_5.png",
+    ]
+    plans = plan_sidecars(uris, input_root="/l", mode="beside", out_dir=None, in_file=_jpeg_name)
+    assert plans == [
+        SidecarPlan("/l/IMG_1.HEIC", "/l/IMG_1.xmp"),
+        SidecarPlan("/l/IMG_1.JPG", "/l/IMG_1.xmp", in_file=True),
+        SidecarPlan(
+            "/l/IMG_2.CR2",
+            "/l/IMG_2.xmp",
+            (
+                (
+                    "/l/IMG_2.JPG",
+                    "shares sidecar /l/IMG_2.xmp with /l/IMG_2.CR2 (the RAW of the "
+                    "pair), which owns it",
+                ),
+            ),
+        ),
+        SidecarPlan(
+            "/l/IMG_3.jpg", "/l/IMG_3.xmp", (("/l/IMG_3.jpg", "listed more than once"),), True
+        ),
+        SidecarPlan(
+            "/l/IMG_4.JPG",
+            "/l/IMG_4.xmp",
+            (("/l/img_4.jpg", "the same file as /l/IMG_4.JPG on a disk that ignores case"),),
+            True,
+        ),
+        SidecarPlan("/l/IMG_5.png", "/l/IMG_5.xmp"),
+    ]
+    # Without in_file the HEIC owns its stem's sidecar and the JPEG is skipped, as before.
+    plain = plan_sidecars(uris[:2], input_root="/l", mode="beside", out_dir=None)
+    assert [(p.image_uri, [u for u, _ in p.skipped], p.in_file) for p in plain] == [
+        ("/l/IMG_1.HEIC", ["/l/IMG_1.JPG"], False)
+    ]
+
+
 def test_plan_s3_mirror_both_ways() -> None:
     uris = ["s3://bucket/in/IMG_1.CR2", "s3://bucket/in/IMG_1.JPG", "s3://bucket/in/d/e/x.jpg"]
     plans = plan_sidecars(uris, input_root="s3://bucket/in/", mode="mirror", out_dir="/tmp/o")

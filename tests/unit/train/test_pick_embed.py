@@ -123,6 +123,40 @@ def test_jpegs_get_their_xmp_inside_and_the_others_a_sidecar_beside(tmp_path: Pa
     assert (again.files_written, again.files_unchanged) == (0, 2)
 
 
+def test_a_jpeg_beside_a_heic_of_its_name_gets_its_own_xmp(tmp_path: Path) -> None:
+    """An iPhone library holds IMG_5.HEIC and IMG_5.JPG (an export, or a shot in both): the HEIC
+    takes IMG_5.xmp, and the JPEG, which once got nothing (the HEIC was first by name), gets
+    keeper's XMP in its own file. The HEIC's sidecar from an earlier --xmp beside run is the
+    HEIC's, updated with the HEIC's decision, never the JPEG's."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "IMG_5.HEIC").write_bytes(b"not opened: a sidecar never reads its photo")
+    (root / "IMG_5.JPG").write_bytes(camera_jpeg(seed=5))
+    uris = [str(root / "IMG_5.HEIC"), str(root / "IMG_5.JPG")]
+    picks = pd.DataFrame(
+        {
+            "image_uri": uris,
+            "group_id": ["g000001", "g000002"],
+            "rank": [2, 1],
+            "decision": ["reject", "keep"],
+            "rating": [1, 5],
+            "label": [None, "Green"],
+            "reasons": [["blurred"], ["sharpest of its group"]],
+        }
+    )
+    beside = pick.PickJobConfig(input=str(root), output=str(tmp_path / "out"), xmp="beside")
+    pick.write_sidecars(beside, picks.assign(decision="alternate", rating=3), str(root))
+    cfg = pick.PickJobConfig(input=str(root), output=str(tmp_path / "out"), xmp="embed")
+
+    done = pick.write_sidecars(cfg, picks, str(root))
+
+    inside = read_embedded_xmp(str(root / "IMG_5.JPG")) or {}
+    assert (inside.get("Xmp.xmp.Rating"), inside.get("Xmp.keeper.decision")) == ("5", "keep")
+    heic = read_sidecar(str(root / "IMG_5.xmp"))
+    assert (heic["Xmp.xmp.Rating"], heic["Xmp.keeper.decision"]) == ("1", "reject")
+    assert (done.written, done.skipped, done.failed, done.files_written) == (2, 0, [], 1)
+
+
 def test_the_summary_says_how_many_originals_were_written() -> None:
     summary = pick_summary(
         sidecars={

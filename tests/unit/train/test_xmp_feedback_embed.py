@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import test_xmp_feedback
 from support_jpeg import camera_jpeg, set_rating_as_a_tool_does
 from test_xmp_feedback import PHOTOS, _rate, _standing, _write_run
 
@@ -119,3 +121,31 @@ def test_beside_keepers_sidecar_a_file_holding_keepers_own_rating_is_not_read_as
 
     assert (s.xmp, s.in_file, s.persons_ratings) == ("beside", 1, 1)
     assert _standing(tmp_path / "fb") == {"IMG_8.JPG": "rejected"}
+
+
+def test_a_jpeg_beside_a_heic_is_read_from_its_file_and_the_heic_from_the_sidecar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IMG_9.HEIC + IMG_9.JPG (an iPhone's pair): pick wrote the JPEG's XMP into it and gave the
+    HEIC IMG_9.xmp; a person's rating in either is read where pick put it."""
+    photos_list = [*PHOTOS, ("IMG_9.HEIC", "g3", 1, "keep", 5), ("IMG_9.JPG", "g3", 2, "reject", 1)]
+    monkeypatch.setattr(test_xmp_feedback, "PHOTOS", photos_list)
+    out, photos = _write_run(tmp_path)
+    for i, (name, *_) in enumerate(photos_list):
+        if name.endswith(".JPG"):
+            (photos / name).write_bytes(camera_jpeg(seed=i))
+    picks = pd.read_parquet(out / "picks.parquet")
+    cfg = pick.PickJobConfig(input=str(photos), output=str(out), xmp="embed")
+    done = pick.write_sidecars(cfg, picks, str(photos))
+    assert (done.files_written, done.written, done.failed) == (8, 10, [])
+    summary = json.loads((out / "_SUMMARY.json").read_text())
+    summary.update(xmp="embed", xmp_naming="basename", xmp_root=None)
+    (out / "_SUMMARY.json").write_text(json.dumps(summary))
+    set_rating_as_a_tool_does(str(photos / "IMG_9.JPG"), 5)  # the person keeps the JPEG
+    _rate(photos / "IMG_9.xmp", 5, -1)  # and rejects the HEIC
+
+    s = run(XmpFeedbackConfig(run=str(out), feedback=str(tmp_path / "fb")))
+
+    _counts_add_up(s)
+    assert (s.sidecars, s.in_jpegs, s.read, s.persons_ratings) == (10, 8, 10, 2)
+    assert _standing(tmp_path / "fb") == {"IMG_9.JPG": "picked-as-keeper", "IMG_9.HEIC": "rejected"}

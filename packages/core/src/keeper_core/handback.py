@@ -33,7 +33,7 @@ import tempfile
 import threading
 import unicodedata
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path, PurePosixPath
@@ -99,11 +99,15 @@ class SidecarPlan(NamedTuple):
         sidecar_uri: where the sidecar goes (``.xmp``).
         skipped: ``(image_uri, reason)`` for each other image of the list that maps onto the
             same sidecar name (the JPEG of a RAW+JPEG pair); they get no sidecar of their own.
+        in_file: the image takes its XMP in its own file (``plan_sidecars``' ``in_file``), not
+            in a sidecar; ``sidecar_uri`` is then the name a sidecar of its own would have, which
+            another plan may own (``IMG_1.HEIC``'s, beside ``IMG_1.JPG``).
     """
 
     image_uri: str
     sidecar_uri: str
     skipped: tuple[tuple[str, str], ...] = ()
+    in_file: bool = False
 
 
 class ExportFailure(NamedTuple):
@@ -182,6 +186,7 @@ def plan_sidecars(
     mode: Literal["mirror", "beside"],
     out_dir: str | None,
     naming: Literal["basename", "full"] = "basename",
+    in_file: Callable[[str], bool] | None = None,
 ) -> list[SidecarPlan]:
     """Where each image's XMP sidecar goes, one plan per sidecar, in the images' order.
 
@@ -191,6 +196,12 @@ def plan_sidecars(
     two non-RAW files with one stem (``IMG_1.HEIC`` + ``IMG_1.JPG``) the first by name owns it.
     The others are listed in the owner's ``skipped`` with the reason, so every input image is
     either a plan's ``image_uri`` or in one plan's ``skipped``.
+
+    An image for which ``in_file`` is true takes its XMP in its own file (a JPEG under ``keeper
+    pick --xmp embed``): it needs no sidecar name, so it gets a plan of its own (``in_file``
+    set) beside the non-RAW files of its stem, and the first of those by name owns the sidecar.
+    Beside a RAW it stays in the RAW's ``skipped``: photo tools show the pair as one photo,
+    whose XMP is the RAW's sidecar. The same file listed twice is one plan either way.
 
     Args:
         image_uris: the images (local paths or ``s3://`` URIs).
@@ -245,23 +256,42 @@ def plan_sidecars(
 
     by_sidecar: dict[str, list[int]] = {}
     for i, sidecar in enumerate(sidecars):
-        # NFC: macOS stores names decomposed (NFD), other tools composed; APFS and HFS+ take
-        # both spellings for one file, as case-insensitive disks take both cases.
-        key = unicodedata.normalize("NFC", storage.same_key(sidecar)).casefold()
-        by_sidecar.setdefault(key, []).append(i)
+        by_sidecar.setdefault(name_key(sidecar), []).append(i)
 
     def owner_order(i: int) -> tuple[bool, str, str]:
         return (not _is_raw(image_uris[i]), names[i].casefold(), image_uris[i])
 
+    def plan(members: list[int], *, into_file: bool) -> tuple[int, SidecarPlan]:
+        owner, *others = sorted(members, key=owner_order)
+        skipped = tuple((image_uris[i], why(i, owner, into_file)) for i in others)
+        return owner, SidecarPlan(image_uris[owner], sidecars[owner], skipped, into_file)
+
+    def why(i: int, owner: int, into_file: bool) -> str:
+        if into_file and storage.same_key(image_uris[i]) != storage.same_key(image_uris[owner]):
+            return f"the same file as {image_uris[owner]} on a disk that ignores case"
+        return _skip_reason(image_uris[i], image_uris[owner], sidecars[owner])
+
     plans: list[tuple[int, SidecarPlan]] = []
     for members in by_sidecar.values():
-        owner, *others = sorted(members, key=owner_order)
-        skipped = tuple(
-            (image_uris[i], _skip_reason(image_uris[i], image_uris[owner], sidecars[owner]))
-            for i in others
-        )
-        plans.append((owner, SidecarPlan(image_uris[owner], sidecars[owner], skipped)))
+        files = [i for i in members if in_file is not None and in_file(image_uris[i])]
+        if not files or any(_is_raw(image_uris[i]) for i in members):
+            plans.append(plan(members, into_file=False))
+            continue
+        by_image: dict[str, list[int]] = {}
+        for i in files:  # the same file listed twice is one plan: no two writers of one file
+            by_image.setdefault(name_key(image_uris[i]), []).append(i)
+        plans.extend(plan(same, into_file=True) for same in by_image.values())
+        rest = sorted(set(members) - set(files))
+        if rest:
+            plans.append(plan(rest, into_file=False))
     return [plan for _, plan in sorted(plans, key=lambda p: p[0])]
+
+
+def name_key(uri: str) -> str:
+    """What tells two files apart on every disk a library lives on: case folded, as on macOS and
+    Windows disks, and NFC (macOS stores names decomposed, other tools composed; APFS and HFS+
+    take both spellings for one file, as case-insensitive disks take both cases)."""
+    return unicodedata.normalize("NFC", storage.same_key(uri)).casefold()
 
 
 def _skip_reason(image: str, owner: str, sidecar: str) -> str:

@@ -63,6 +63,7 @@ from keeper_core.handback import (
     SidecarPlan,
     SidecarWrite,
     export_keepers,
+    name_key,
     plan_sidecars,
     read_sidecar,
     write_sidecar,
@@ -758,14 +759,6 @@ class Sidecars:
         return out
 
 
-def _sidecar_key(uri: str) -> str:
-    """What ``plan_sidecars`` tells sidecars apart by (case and Unicode form folded, as on macOS
-    and Windows disks): two plans with one key would be one file written by two threads."""
-    import unicodedata
-
-    return unicodedata.normalize("NFC", storage.same_key(uri)).casefold()
-
-
 def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sidecars:
     """One XMP sidecar per picked photo; counts written, unchanged, shared/skipped and failed.
 
@@ -775,8 +768,9 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
     failed) is recorded with its reason and the others are written. File names quoted in the
     reasons may hold characters XML cannot store: they are written escaped (``\\x01``). With
     ``xmp=embed``, a JPEG that owns its sidecar's name gets its XMP written into the file
-    instead (``jpeg_xmp.write_jpeg_xmp``; a refused one is recorded as a failed sidecar is); the
-    JPEG of a RAW+JPEG pair is left alone, as the pair shares the RAW's sidecar.
+    instead (``jpeg_xmp.write_jpeg_xmp``; a refused one is recorded as a failed sidecar is), as
+    does a JPEG beside a HEIC of its name (the HEIC gets the sidecar); the JPEG of a RAW+JPEG
+    pair is left alone, as the pair shares the RAW's sidecar.
     Sidecars are written on ``cfg.io_threads`` threads (``storage.map_in_threads``), one thread per
     sidecar, and counted in the plans' order: the same counts and failures as one at a time.
     """
@@ -788,10 +782,20 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
     out_dir = storage.join(cfg.out, XMP) if cfg.xmp == "mirror" else None
     rows = {str(r["image_uri"]): r for r in picks.to_dict("records")}
     plans = plan_sidecars(
-        list(rows), input_root=root, mode=cfg.sidecar_mode, out_dir=out_dir, naming=cfg.xmp_naming
+        list(rows),
+        input_root=root,
+        mode=cfg.sidecar_mode,
+        out_dir=out_dir,
+        naming=cfg.xmp_naming,
+        in_file=embeds_into if embed else None,
     )
-    # One plan per sidecar (a RAW+JPEG pair's is one plan): no two threads write one file.
-    assert len({_sidecar_key(p.sidecar_uri) for p in plans}) == len(plans), "a sidecar twice"
+    # One plan per sidecar or JPEG (a RAW+JPEG pair's is one plan): no two threads write one
+    # file. A JPEG's earlier sidecar is updated only where no plan here owns its name.
+    sidecars = [name_key(p.sidecar_uri) for p in plans if not p.in_file]
+    files = [name_key(p.image_uri) for p in plans if p.in_file]
+    owned = set(sidecars)
+    assert len(owned) == len(sidecars), "a sidecar twice"
+    assert len(set(files)) == len(files), "a JPEG twice"
     done.skipped = len(rows) - len(plans)
 
     def write(plan: SidecarPlan) -> tuple[bool, SidecarWrite | SidecarFailure]:
@@ -811,13 +815,14 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
             },
             "overwrite_ratings": cfg.overwrite_ratings,
         }
-        in_file = embed and embeds_into(plan.image_uri)
+        in_file = plan.in_file
         target = plan.image_uri if in_file else plan.sidecar_uri
         try:
             if in_file:
                 with jpegs_at_once:
                     wrote = write_jpeg_xmp(plan.image_uri, **values)
-                _update_earlier_sidecar(plan, values)
+                if name_key(plan.sidecar_uri) not in owned:
+                    _update_earlier_sidecar(plan, values)
                 return True, wrote
             # Beside the originals a sidecar may hold the user's edits: fsync it. The mirror
             # under OUTPUT is keeper's own, rebuilt by any run.
@@ -827,7 +832,7 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
                 image_uri=plan.image_uri, sidecar_uri=target, reason=str(e)
             )
 
-    targets = [p.image_uri if embed and embeds_into(p.image_uri) else p.sidecar_uri for p in plans]
+    targets = [p.image_uri if p.in_file else p.sidecar_uri for p in plans]
     removed = storage.remove_stale_temps(targets, older_than_s=STALE_TEMP_S)
     if removed:
         log.info("removed %d temporary file(s) a killed run left beside the photos", removed)

@@ -309,6 +309,7 @@ def plan(cfg: XmpFeedbackConfig) -> _Run:
         mode="mirror" if mode == "mirror" else "beside",  # embed: the others' beside them
         out_dir=out_dir,
         naming=naming,
+        in_file=embeds_into if mode == "embed" else None,
     )
     return _Run(run_request_id(raw), summary, rows, row_of, plans, mode, naming)
 
@@ -429,7 +430,7 @@ def _read_one(run: _Run, p: SidecarPlan) -> _Read:
     from keeper_core.handback import read_sidecar
 
     out = _Read()
-    if run.mode == "embed" and embeds_into(p.image_uri):
+    if p.in_file:
         out.in_jpegs += 1
         _read_in_jpeg(run, p, out)
         return out
