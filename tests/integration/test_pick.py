@@ -217,7 +217,12 @@ def test_existing_sidecar_beside_the_original_keeps_its_fields(
     )
     assert summary.status == "ok"
     n_keep = summary.counts["keepers"]
-    assert summary.keepers_exported == {"exported": 0, "already_there": 0, "failed": n_keep}
+    assert summary.keepers_exported == {
+        "exported": 0,
+        "already_there": 0,
+        "updated": 0,
+        "failed": n_keep,
+    }
     assert len(summary.export_failures) == n_keep >= 1
     kept = summary.export_failures[0]
     assert Path(kept.image_uri).parent == shots
@@ -261,7 +266,9 @@ def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
     pixels = {p.name: Image.open(p).tobytes() for p in jpegs}
     exif = {p.name: dict(Image.open(p).getexif()) for p in jpegs}
     out = tmp_path / "out"
+    keepers = tmp_path / "keepers"
     argv = ["pick", "--input", str(shots), "--output", str(out), "--zero-shot", "--xmp", "embed"]
+    argv += ["--copy-keepers", str(keepers)]
     assert keeper([*argv, "--ray-address", ray_cluster]) == 0
 
     summary = pick.PickSummary.model_validate_json((out / "_SUMMARY.json").read_text())
@@ -294,6 +301,15 @@ def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
     second = feedback_from_xmp(XmpFeedbackConfig(run=str(out), feedback=str(fb)))
     assert second.persons_ratings == 1
     assert second.decisions["rejected"] == 1
+
+    # pick again: the person's rating stays in the file, and keeper's copy of that keeper,
+    # which no longer matches its original, is replaced rather than refused.
+    assert keeper([*argv, "--ray-address", ray_cluster]) == 0
+    again = pick.PickSummary.model_validate_json((out / "_SUMMARY.json").read_text())
+    assert again.keepers_exported is not None
+    assert (again.keepers_exported["updated"], again.keepers_exported["failed"]) == (1, 0)
+    assert (keepers / keeper_pick.name).read_bytes() == keeper_pick.read_bytes()
+    assert (read_embedded_xmp(str(keeper_pick)) or {})["Xmp.xmp.Rating"] == "-1"
 
 
 def test_champion_picks_match_evaluate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import tempfile
 import xml.etree.ElementTree as ET
@@ -18,6 +19,7 @@ from PIL import Image
 from keeper_core import handback, storage
 from keeper_core.errors import ConfigError, DataError
 from keeper_core.handback import (
+    EXPORT_RECORD,
     KEEPER_NS,
     ExportResult,
     SidecarPlan,
@@ -464,6 +466,55 @@ def test_export_identical_file_already_there_and_different_one_kept(
     assert (dest / "2023" / "06" / "IMG_0002.jpg").read_bytes() == b"my own edit"
 
 
+def test_keepers_own_copy_of_a_changed_original_is_replaced_and_nothing_else(
+    tmp_path: Path, library: tuple[Path, list[Path]]
+) -> None:
+    """A re-run after an original changed (its XMP rewritten by --xmp embed as groups renumber,
+    or by Lightroom) replaces the copy keeper left, still as keeper wrote it; a copy a person
+    changed since, or a file keeper never wrote, is never overwritten; a damaged record lets
+    nothing be replaced and is written anew."""
+    root, files = library
+    src = tmp_path / "edits" / "IMG_9.jpg"
+    src.parent.mkdir()
+    src.write_bytes(b"first version of the original")
+    edits, dest = str(src.parent), tmp_path / "keepers"
+    copy = dest / "IMG_9.jpg"
+    assert export_keepers([str(src)], input_root=edits, dest=str(dest), mode="copy").exported
+    record = json.loads((dest / EXPORT_RECORD).read_text())
+    assert record == {
+        "version": 1,
+        "files": {"IMG_9.jpg": hashlib.sha256(src.read_bytes()).hexdigest()},
+    }
+
+    src.write_bytes(b"the original, its XMP rewritten")
+    res = export_keepers([str(src)], input_root=edits, dest=str(dest), mode="copy")
+    assert (res.exported, res.already_there, res.updated, res.failed) == (0, 0, 1, [])
+    assert copy.read_bytes() == src.read_bytes()
+    assert export_keepers([str(src)], input_root=edits, dest=str(dest), mode="copy").already_there
+
+    copy.write_bytes(b"a person's edit of the copy")
+    src.write_bytes(b"the original, changed again")
+    res = export_keepers([str(src)], input_root=edits, dest=str(dest), mode="copy")
+    assert res.updated == 0
+    assert "changed since keeper copied it" in res.failed[0].reason
+    assert copy.read_bytes() == b"a person's edit of the copy"
+
+    # A record that is not keeper's: nothing replaced, the problem named, the record rewritten.
+    copy.write_bytes(b"the original, changed again")  # the person takes their edit back
+    src.write_bytes(b"the original, a third time")
+    (dest / EXPORT_RECORD).write_text('{"version": 1, "files": {"IMG_9.jpg": "../x"}}')
+    res = export_keepers([str(src)], input_root=edits, dest=str(dest), mode="copy")
+    assert res.updated == 0
+    assert len(res.failed) == 1
+    assert res.record_problem is not None
+    assert "not keeper's export record" in res.record_problem
+    assert json.loads((dest / EXPORT_RECORD).read_text()) == {"version": 1, "files": {}}
+    # Links are the original: no record.
+    links = tmp_path / "links"
+    export_keepers([str(files[2])], input_root=str(root), dest=str(links), mode="hardlink")
+    assert not (links / EXPORT_RECORD).exists()
+
+
 def test_export_failures_are_recorded_not_raised(
     tmp_path: Path, library: tuple[Path, list[Path]]
 ) -> None:
@@ -544,7 +595,7 @@ def test_s3_sidecar_merge_and_export(
         res = export_keepers(uris, input_root=str(root), dest=dest, mode="copy")
         assert (res.exported, res.already_there, res.failed) == (*expected, [])
     assert storage.read_bytes(f"{dest}/2023/06/IMG_0002.jpg") == files[2].read_bytes()
-    s3_uris = storage.list_files(dest)
+    s3_uris = [u for u in storage.list_files(dest) if not u.endswith(EXPORT_RECORD)]
     back = tmp_path / "back"
     for expected in ((2, 0), (0, 2)):
         res = export_keepers(s3_uris, input_root=dest, dest=str(back), mode="copy")
@@ -555,6 +606,17 @@ def test_s3_sidecar_merge_and_export(
     res = export_keepers([str(files[1])], input_root=str(root), dest=dest, mode="copy")
     assert "different file" in res.failed[0].reason
     assert storage.read_bytes(f"{dest}/IMG_0001.JPG") == b"someone else's"
+
+    # keeper's own copy on S3 of an original that changed since is replaced.
+    changed = tmp_path / "changed" / "IMG_0002.jpg"
+    changed.parent.mkdir()
+    changed.write_bytes(files[2].read_bytes())
+    into = f"s3://{s3_bucket}/keepers2"
+    export_keepers([str(changed)], input_root=str(changed.parent), dest=into, mode="copy")
+    changed.write_bytes(files[2].read_bytes() + b"XMP")
+    res = export_keepers([str(changed)], input_root=str(changed.parent), dest=into, mode="copy")
+    assert (res.updated, res.failed) == (1, [])
+    assert storage.read_bytes(f"{into}/IMG_0002.jpg") == changed.read_bytes()
 
 
 def test_a_new_sidecar_is_stable_from_its_first_write(tmp_path: Path) -> None:

@@ -142,4 +142,5 @@ def test_copy_keeps_a_read_only_original_exportable(tmp_path: Path) -> None:
     assert dst.read_bytes() == src.read_bytes()
     assert stat.S_IMODE(dst.stat().st_mode) == 0o444  # the original's mode and mtime
     assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns
-    assert [p.name for p in dst.parent.iterdir()] == ["IMG_1.jpg"]
+    # No temporary file left; keeper's record of its copies beside them.
+    assert sorted(p.name for p in dst.parent.iterdir()) == [".keeper-export.json", "IMG_1.jpg"]

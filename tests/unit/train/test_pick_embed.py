@@ -17,7 +17,7 @@ from test_pick_robustness import pick_summary
 from keeper_core.cli import main as keeper
 from keeper_core.embedded_xmp import read_embedded_xmp
 from keeper_core.errors import ConfigError
-from keeper_core.handback import read_sidecar
+from keeper_core.handback import export_keepers, read_sidecar
 from keeper_train.config import load_config
 from keeper_train.jobs import embed, pick
 
@@ -155,6 +155,31 @@ def test_a_jpeg_beside_a_heic_of_its_name_gets_its_own_xmp(tmp_path: Path) -> No
     heic = read_sidecar(str(root / "IMG_5.xmp"))
     assert (heic["Xmp.xmp.Rating"], heic["Xmp.keeper.decision"]) == ("1", "reject")
     assert (done.written, done.skipped, done.failed, done.files_written) == (2, 0, [], 1)
+
+
+def test_copied_keepers_follow_their_jpegs_when_the_groups_renumber(tmp_path: Path) -> None:
+    """--xmp embed with --copy-keepers, run again after new photos renumbered the groups: each
+    keeper JPEG's XMP changed (keeper:group), so its copy from the first run differs from it;
+    as pick writes its outputs (XMP first, then the export), the copies are replaced, not
+    refused as "a different file"."""
+    root = tmp_path / "photos"
+    uris = _library(root)
+    picks = _picks(uris)
+    keepers = tmp_path / "keepers"
+    cfg = pick.PickJobConfig(input=str(root), output=str(tmp_path / "out"), xmp="embed")
+
+    def run(picks: pd.DataFrame) -> tuple[int, int, int, list[str]]:
+        pick.write_sidecars(cfg, picks, str(root))
+        kept = picks.loc[picks["decision"] == "keep", "image_uri"].tolist()
+        res = export_keepers(kept, input_root=str(root), dest=str(keepers), mode="copy")
+        return res.exported, res.already_there, res.updated, [f.image_uri for f in res.failed]
+
+    assert run(picks) == (5, 0, 0, [])
+    renumbered = picks.assign(group_id=[f"g{i + 7:06d}" for i in range(len(picks))])
+    # IMG_1.JPG's XMP changed; the PNG's and the pair's sidecars do, their files do not; the
+    # read-only and the cut JPEG are not written, so their copies stand as they are.
+    assert run(renumbered) == (0, 4, 1, [])
+    assert (keepers / "day1" / "IMG_1.JPG").read_bytes() == (root / "day1/IMG_1.JPG").read_bytes()
 
 
 def test_the_summary_says_how_many_originals_were_written() -> None:

@@ -25,6 +25,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -123,7 +124,12 @@ class ExportResult:
 
     exported: int = 0
     already_there: int = 0
+    #: keeper's own copies from an earlier run, replaced because the original changed since
+    #: (its XMP rewritten by ``--xmp embed`` or by a photo tool): see :data:`EXPORT_RECORD`
+    updated: int = 0
     failed: list[ExportFailure] = field(default_factory=list)
+    #: why :data:`EXPORT_RECORD` could not be read or written (the export itself went on)
+    record_problem: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -742,13 +748,8 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if os.path.samefile(a, b):
-        return True
-    return a.stat().st_size == b.stat().st_size and _sha256(a) == _sha256(b)
-
-
-def _copy_local(src: Path, dst: Path) -> None:
+def _copy_local(src: Path, dst: Path) -> str:
+    """Copies ``src`` to ``dst`` (replacing what is there); the sha256 of what was written."""
     # A temporary name in the target folder, renamed into place: a killed run leaves no
     # half-copied image under the keeper's name (the ".tmp" suffix keeps it out of listings).
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
@@ -757,6 +758,7 @@ def _copy_local(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        digest = _sha256(Path(tmp))  # what is at dst, not what src holds by now
         # The original's mode and mtime (tools sort by it) only now: a read-only original's
         # mode would make the copy unopenable for the fsync.
         shutil.copystat(src, tmp)
@@ -764,22 +766,48 @@ def _copy_local(src: Path, dst: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return digest
 
 
-def _export_local(src: Path, dst: Path, mode: str) -> bool:
-    """Export one local file; True if done now, False if an identical file was already there."""
+class _Exported(NamedTuple):
+    """One image's export: ``exported``, ``already`` (the same file there) or ``updated``
+    (keeper's own earlier copy replaced), and the sha256 of the copy now there (None: a link)."""
+
+    outcome: Literal["exported", "already", "updated"]
+    digest: str | None
+
+
+def _different(dst: str, recorded: str | None) -> _Refused:
+    if recorded is None:
+        return _Refused(f"a different file is already at {dst}; not overwritten")
+    return _Refused(
+        f"a different file is already at {dst}, changed since keeper copied it there; "
+        "not overwritten"
+    )
+
+
+def _export_local(src: Path, dst: Path, mode: str, recorded: str | None) -> _Exported:
+    """Export one local file. ``recorded``: the sha256 of the copy an earlier run left at
+    ``dst`` (``copy`` only), which may be replaced while it is still that copy."""
     if not src.is_file():
         raise _Refused(f"original missing or not a file: {src}")
     if dst.is_symlink() or dst.exists():
         if not dst.exists():
             raise _Refused(f"a broken symlink is already at {dst}; not replaced")
-        if dst.is_file() and _same_file(src, dst):
-            return False
-        raise _Refused(f"a different file is already at {dst}; not overwritten")
+        if not dst.is_file():
+            raise _different(str(dst), None)
+        if os.path.samefile(src, dst):
+            return _Exported("already", None)
+        there = _sha256(dst)
+        if dst.stat().st_size == src.stat().st_size and there == _sha256(src):
+            return _Exported("already", there if mode == "copy" else None)
+        if mode != "copy" or there != recorded:
+            raise _different(str(dst), recorded)
+        return _Exported("updated", _copy_local(src, dst))
     dst.parent.mkdir(parents=True, exist_ok=True)
     if mode == "copy":
-        _copy_local(src, dst)
-    elif mode == "symlink":
+        return _Exported("exported", _copy_local(src, dst))
+    if mode == "symlink":
         os.symlink(os.path.abspath(src), dst)  # absolute: valid wherever dest is read from
     else:
         try:
@@ -791,19 +819,59 @@ def _export_local(src: Path, dst: Path, mode: str) -> bool:
                     "(use copy or symlink)"
                 ) from e
             raise _Refused(f"cannot hard-link {src} to {dst}: {e.strerror or e}") from e
-    return True
+    return _Exported("exported", None)
 
 
-def _export_s3(src: str, dst: str) -> bool:
+def _export_s3(src: str, dst: str, recorded: str | None) -> _Exported:
     """Copy one image where the original or the destination is on S3 (whole-object puts)."""
     if storage.exists(dst):
-        # Sizes first (a HEAD each): a different file in the way is refused without downloads.
+        # Sizes first (a HEAD each): without a record of keeper's copy, a different file in the
+        # way is refused without downloads.
         same_size = storage.object_info(dst).size == storage.object_info(src).size
-        if same_size and storage.read_bytes(dst) == storage.read_bytes(src):
-            return False
-        raise _Refused(f"a different file is already at {dst}; not overwritten")
-    storage.write_bytes(dst, storage.read_bytes(src))
-    return True
+        if not same_size and recorded is None:
+            raise _different(dst, None)
+        there = storage.read_bytes(dst)
+        data = storage.read_bytes(src)
+        if there == data:
+            return _Exported("already", hashlib.sha256(there).hexdigest())
+        if hashlib.sha256(there).hexdigest() != recorded:
+            raise _different(dst, recorded)
+        storage.write_bytes(dst, data)
+        return _Exported("updated", hashlib.sha256(data).hexdigest())
+    data = storage.read_bytes(src)
+    storage.write_bytes(dst, data)
+    return _Exported("exported", hashlib.sha256(data).hexdigest())
+
+
+#: In a ``copy`` export's folder: each copy keeper put there, by its path under the folder, with
+#: the sha256 of what it wrote. A re-run tells its own copy, still as it left it, from a file a
+#: person changed or put there: the first is replaced when the original changed since (a JPEG's
+#: XMP rewritten by ``keeper pick --xmp embed`` as groups renumber, or by Lightroom), the
+#: second never overwritten. Links need none: they are the original.
+EXPORT_RECORD = ".keeper-export.json"
+
+
+def _read_export_record(dest: str) -> tuple[dict[str, str], str | None]:
+    """The record in ``dest`` (empty when there is none), and a problem reading it: a record
+    that cannot be read lets nothing be replaced (it is then written anew)."""
+    uri = storage.join(dest, EXPORT_RECORD)
+    try:
+        if not storage.exists(uri):
+            return {}, None
+        doc = json.loads(storage.read_bytes(uri, max_bytes=_EXPORT_RECORD_MAX))
+        files = doc["files"] if isinstance(doc, dict) and doc.get("version") == 1 else None
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
+            for k, v in files.items()
+        ):
+            return {}, f"{uri} is not keeper's export record; no earlier copy will be replaced"
+        return dict(files), None
+    except (StorageError, ValueError) as e:
+        return {}, f"{uri} cannot be read ({e}); no earlier copy will be replaced"
+
+
+_EXPORT_RECORD_MAX = 1 << 30  # ~100 bytes a copy: ten million keepers
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def export_keepers(
@@ -817,9 +885,12 @@ def export_keepers(
 
     Originals are only ever read. A file already at the target with the same bytes (or the
     same file, a link made by an earlier run) counts as ``already_there``, so re-runs are
-    idempotent; a different file there is never overwritten (a failure naming it). Copies go
-    to a temporary file renamed into place, with the original's mtime. A hard link shares the
-    original's inode: editing the exported file in place edits the original too.
+    idempotent. A different file there is never overwritten (a failure naming it), but for
+    keeper's own copy from an earlier run, still byte for byte what it wrote there
+    (:data:`EXPORT_RECORD`), of an original that changed since: that copy is replaced
+    (``updated``). Copies go to a temporary file renamed into place, with the original's
+    mtime. A hard link shares the original's inode: editing the exported file in place edits
+    the original too.
 
     Args:
         image_uris: the keepers (local paths or ``s3://`` URIs).
@@ -842,23 +913,39 @@ def export_keepers(
     if mode != "copy" and on_s3:
         raise ConfigError(f"mode={mode!r} links files on a local disk; S3 supports copy only")
     rels = _relatives(image_uris, input_root)
-    exported = already = 0
+    record, problem = _read_export_record(dest) if mode == "copy" else ({}, None)
+    copies = dict(record)
+    outcomes = {"exported": 0, "already": 0, "updated": 0}
     failed: list[ExportFailure] = []
     for uri, rel in zip(image_uris, rels, strict=True):
         target = storage.join(dest, rel)
         try:
             if storage.is_s3(uri) or storage.is_s3(target):
-                done = _export_s3(uri, target)
+                done = _export_s3(uri, target, record.get(rel))
             else:
-                done = _export_local(_local(uri), _local(target), mode)
+                done = _export_local(_local(uri), _local(target), mode, record.get(rel))
         except (_Refused, StorageError) as e:
             failed.append(ExportFailure(uri, str(e)))
             continue
         except OSError as e:
             failed.append(ExportFailure(uri, f"{type(e).__name__}: {e}"))
             continue
-        if done:
-            exported += 1
-        else:
-            already += 1
-    return ExportResult(exported=exported, already_there=already, failed=failed)
+        if done.digest is not None:
+            copies[rel] = done.digest
+        outcomes[done.outcome] += 1
+    if mode == "copy" and (copies != record or problem):
+        doc = {"version": 1, "files": dict(sorted(copies.items()))}
+        try:
+            storage.write_bytes(storage.join(dest, EXPORT_RECORD), json.dumps(doc).encode())
+        except StorageError as e:
+            problem = (
+                f"{storage.join(dest, EXPORT_RECORD)} not written ({e}): the next run will not "
+                "replace these copies when their originals change"
+            )
+    return ExportResult(
+        exported=outcomes["exported"],
+        already_there=outcomes["already"],
+        updated=outcomes["updated"],
+        failed=failed,
+        record_problem=problem,
+    )

@@ -692,7 +692,7 @@ class PickSummary(BaseModel):
     planned, and + skipped = the photos picked; ``sidecar_failures`` names each failed one. With
     ``xmp=embed`` a JPEG's own XMP counts as its sidecar, and ``files_written`` and
     ``files_unchanged`` say how many of the written and unchanged were JPEG originals.
-    ``keepers_exported`` counts exported + already_there + failed = the keepers, and
+    ``keepers_exported`` counts exported + already_there + updated + failed = the keepers, and
     ``export_failures`` names each failed one.
     """
 
@@ -933,12 +933,16 @@ def write_outputs(
             counts={
                 "exported": res.exported,
                 "already_there": res.already_there,
+                "updated": res.updated,
                 "failed": len(res.failed),
             },
             failures=[KeeperExportFailure(image_uri=u, reason=r) for u, r in res.failed],
         )
         for f in exported.failures:
             log.warning("keeper %s not exported: %s", f.image_uri, f.reason)
+        if res.record_problem:
+            log.warning("%s", res.record_problem)
+            summary.warnings.append(res.record_problem)
         paths["keepers"] = dest
         seconds["export_keepers"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -1120,7 +1124,8 @@ def format_summary(s: PickSummary) -> str:
         e = s.keepers_exported
         lines.append(
             f"  keepers   {e['exported']} exported, {e['already_there']} already there, "
-            f"{e['failed']} failed -> {s.outputs['keepers']}"
+            + (f"{e['updated']} updated, " if e.get("updated") else "")
+            + f"{e['failed']} failed -> {s.outputs['keepers']}"
             + (f" (export_failures in {SUMMARY})" if e["failed"] else "")
         )
         lines += [
