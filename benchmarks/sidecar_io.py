@@ -38,6 +38,7 @@ MISMATCH) where not.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -89,6 +90,7 @@ def picks_frame(uris: list[str]) -> pd.DataFrame:
             "rating": [(5, 3, 3, 1)[i % 4] for i in range(k)],
             "label": [("Green", None, None, "Red")[i % 4] for i in range(k)],
             "reasons": [["sharpest of the burst", f"score {i / k:.3f}"] for i in range(k)],
+            "image_id": [hashlib.sha256(u.rpartition("/")[2].encode()).hexdigest() for u in uris],
         }
     )
 

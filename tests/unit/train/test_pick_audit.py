@@ -106,6 +106,7 @@ def _picks(uri: str, decision: str, rating: int, label: str | None) -> pd.DataFr
             "rating": [rating],
             "label": [label],
             "reasons": [[f"{decision} reason"]],
+            "image_id": [hashlib.sha256(uri.encode()).hexdigest()],
         }
     )
 

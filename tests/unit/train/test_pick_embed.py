@@ -6,6 +6,7 @@ touches nothing; S3 input is refused before any work. Real files and exiv2; no R
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def _picks(uris: list[str]) -> pd.DataFrame:
             "rating": [r[2] for r in rows],
             "label": [r[3] for r in rows],
             "reasons": [["sharpest of its group"]] * len(uris),
+            "image_id": [hashlib.sha256(u.encode()).hexdigest() for u in uris],
         }
     )
 
@@ -142,6 +144,7 @@ def test_a_jpeg_beside_a_heic_of_its_name_gets_its_own_xmp(tmp_path: Path) -> No
             "rating": [1, 5],
             "label": [None, "Green"],
             "reasons": [["blurred"], ["sharpest of its group"]],
+            "image_id": [hashlib.sha256(u.encode()).hexdigest() for u in uris],
         }
     )
     beside = pick.PickJobConfig(input=str(root), output=str(tmp_path / "out"), xmp="beside")
@@ -157,11 +160,15 @@ def test_a_jpeg_beside_a_heic_of_its_name_gets_its_own_xmp(tmp_path: Path) -> No
     assert (done.written, done.skipped, done.failed, done.files_written) == (2, 0, [], 1)
 
 
-def test_copied_keepers_follow_their_jpegs_when_the_groups_renumber(tmp_path: Path) -> None:
-    """--xmp embed with --copy-keepers, run again after new photos renumbered the groups: each
-    keeper JPEG's XMP changed (keeper:group), so its copy from the first run differs from it;
-    as pick writes its outputs (XMP first, then the export), the copies are replaced, not
-    refused as "a different file"."""
+def test_renumbered_groups_rewrite_nothing_and_copied_keepers_follow_their_jpegs(
+    tmp_path: Path,
+) -> None:
+    """--xmp embed with --copy-keepers, as pick writes its outputs (XMP first, then the export).
+    Photos of an earlier moment added to the library renumber the groups (group_id): the XMP
+    names each group by its shots, not its number, so no JPEG, sidecar or copy is rewritten for
+    that. Then a keeper's group gains a shot and its reasons change: the JPEG is rewritten, and
+    keeper's copy from the first run, which now differs from it, is replaced, not refused as
+    "a different file"."""
     root = tmp_path / "photos"
     uris = _library(root)
     picks = _picks(uris)
@@ -175,10 +182,16 @@ def test_copied_keepers_follow_their_jpegs_when_the_groups_renumber(tmp_path: Pa
         return res.exported, res.already_there, res.updated, [f.image_uri for f in res.failed]
 
     assert run(picks) == (5, 0, 0, [])
+    before = _state(tmp_path)
     renumbered = picks.assign(group_id=[f"g{i + 7:06d}" for i in range(len(picks))])
-    # IMG_1.JPG's XMP changed; the PNG's and the pair's sidecars do, their files do not; the
-    # read-only and the cut JPEG are not written, so their copies stand as they are.
-    assert run(renumbered) == (0, 4, 1, [])
+    assert run(renumbered) == (0, 5, 0, [])
+    assert _state(tmp_path) == before
+
+    joined = renumbered.copy()
+    joined.at[0, "reasons"] = ["sharpest of its group of 3"]
+    # IMG_1.JPG's XMP changed; the PNG's and the pair's are sidecars, and the read-only and the
+    # cut JPEG are not written, so their copies stand as they are.
+    assert run(joined) == (0, 4, 1, [])
     assert (keepers / "day1" / "IMG_1.JPG").read_bytes() == (root / "day1/IMG_1.JPG").read_bytes()
 
 
@@ -251,6 +264,7 @@ def test_a_symlinked_jpeg_is_refused_and_its_target_left_alone(tmp_path: Path) -
             "rating": [5],
             "label": [None],
             "reasons": [["single shot"]],
+            "image_id": [hashlib.sha256(uri.encode()).hexdigest()],
         }
     )
 

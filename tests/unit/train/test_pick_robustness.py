@@ -3,6 +3,7 @@ recorded with its reason while the others are written (real exiv2 via pyexiv2; n
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from pathlib import Path
@@ -99,6 +100,7 @@ def _picks(uris: list[str], reasons: dict[str, list[str]] | None = None) -> pd.D
             "rating": [3] * len(uris),
             "label": ["Green"] * len(uris),
             "reasons": [reasons.get(u, ["single shot"]) for u in uris],
+            "image_id": [hashlib.sha256(u.encode()).hexdigest() for u in uris],
         }
     )
 

@@ -7,6 +7,7 @@ plan order, would show. No Ray; real exiv2.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -132,6 +133,7 @@ def base_picks(uris: list[str]) -> Any:
             "rating": [(5, 3, 1)[i % 3] for i in range(n)],
             "label": [("Green", None, "Red")[i % 3] for i in range(n)],
             "reasons": [[f"reason {i}"] for i in range(n)],
+            "image_id": [hashlib.sha256(u.rpartition("/")[2].encode()).hexdigest() for u in uris],
         }
     )
 

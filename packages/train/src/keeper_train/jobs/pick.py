@@ -781,6 +781,7 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
         return done
     out_dir = storage.join(cfg.out, XMP) if cfg.xmp == "mirror" else None
     rows = {str(r["image_uri"]): r for r in picks.to_dict("records")}
+    keys = group_keys(picks)
     plans = plan_sidecars(
         list(rows),
         input_root=root,
@@ -808,7 +809,7 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
             "rating": int(row["rating"]),
             "label": row["label"] if isinstance(row["label"], str) else None,
             "keeper_fields": {
-                "group": str(row["group_id"]),
+                "group": keys[str(row["group_id"])],
                 "rank": str(int(row["rank"])),
                 "decision": str(row["decision"]),
                 "reasons": xml_text("; ".join(row["reasons"])),
@@ -849,6 +850,19 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
             done.files_written += int(result.changed)
             done.files_unchanged += int(not result.changed)
     return done
+
+
+def group_keys(picks: pd.DataFrame) -> dict[str, str]:
+    """Each group's ``keeper:group`` in the XMP, by ``group_id``: ``g`` and the first 12 hex
+    digits of the smallest ``image_id`` (a content hash) among its shots.
+
+    ``group_id`` (``g000042``) numbers one run's groups in time order, so photos of an earlier
+    moment added to the library renumber every later group, and every sidecar and ``--xmp
+    embed`` JPEG of those groups would be rewritten for that alone. This key changes only with
+    the group's shots (and then their ranks and reasons may change too), whatever the order of
+    rows or the spelling of the library's folder."""
+    first = picks.groupby("group_id")["image_id"].min()
+    return {str(g): f"g{str(i)[:12]}" for g, i in first.items()}
 
 
 #: A temporary file beside a JPEG or sidecar older than this was left by a killed run
