@@ -515,6 +515,23 @@ def test_keepers_own_copy_of_a_changed_original_is_replaced_and_nothing_else(
     assert not (links / EXPORT_RECORD).exists()
 
 
+def test_keepers_own_copies_of_photos_no_longer_kept_are_listed_and_left(
+    tmp_path: Path, library: tuple[Path, list[Path]]
+) -> None:
+    root, files = library
+    dest = tmp_path / "keepers"
+    both = [str(files[0]), str(files[2])]
+    assert export_keepers(both, input_root=str(root), dest=str(dest), mode="copy").exported == 2
+    res = export_keepers(both[:1], input_root=str(root), dest=str(dest), mode="copy")
+    assert res.not_kept == [str(dest / "2023" / "06" / "IMG_0002.jpg")]
+    assert (dest / "2023" / "06" / "IMG_0002.jpg").exists()  # left in place
+    # Once a person has changed it, it is theirs: not listed.
+    (dest / "2023" / "06" / "IMG_0002.jpg").write_bytes(b"retouched")
+    assert (
+        export_keepers(both[:1], input_root=str(root), dest=str(dest), mode="copy").not_kept == []
+    )
+
+
 def test_export_failures_are_recorded_not_raised(
     tmp_path: Path, library: tuple[Path, list[Path]]
 ) -> None:

@@ -274,3 +274,18 @@ def test_a_symlinked_jpeg_is_refused_and_its_target_left_alone(tmp_path: Path) -
     assert "a symlink" in done.failed[0].reason
     assert (target.read_bytes(), os.stat(target).st_mtime_ns) == before
     assert (root / "IMG_9.JPG").is_symlink()
+
+
+def test_the_summary_names_copies_of_photos_no_longer_kept() -> None:
+    summary = pick_summary(
+        keepers_exported={"exported": 0, "already_there": 2, "updated": 1, "failed": 0},
+        keeper_copies_not_kept=["/k/IMG_7.JPG", "/k/IMG_9.JPG"],
+        outputs={
+            "picks_parquet": "/o/picks.parquet",
+            "contact_sheet": "/o/index.html",
+            "keepers": "/k",
+        },
+    )
+    text = pick.format_summary(summary)
+    assert "0 exported, 2 already there, 1 updated, 0 failed -> /k" in text
+    assert "2 copies there of photos no longer kept, left in place" in text

@@ -130,6 +130,9 @@ class ExportResult:
     failed: list[ExportFailure] = field(default_factory=list)
     #: why :data:`EXPORT_RECORD` could not be read or written (the export itself went on)
     record_problem: str | None = None
+    #: keeper's copies from earlier runs, still as it wrote them, of images not among these
+    #: keepers (no longer kept, or gone): left in place, listed here (``dest``'s paths)
+    not_kept: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -888,8 +891,9 @@ def export_keepers(
     idempotent. A different file there is never overwritten (a failure naming it), but for
     keeper's own copy from an earlier run, still byte for byte what it wrote there
     (:data:`EXPORT_RECORD`), of an original that changed since: that copy is replaced
-    (``updated``). Copies go to a temporary file renamed into place, with the original's
-    mtime. A hard link shares the original's inode: editing the exported file in place edits
+    (``updated``). Nothing is removed: keeper's copies of images not among ``image_uris`` (no
+    longer kept) stay, listed in ``not_kept``. Copies go to a temporary file renamed into
+    place, with the original's mtime. A hard link shares the original's inode: editing the exported file in place edits
     the original too.
 
     Args:
@@ -933,6 +937,12 @@ def export_keepers(
         if done.digest is not None:
             copies[rel] = done.digest
         outcomes[done.outcome] += 1
+    exported_now = set(rels)
+    not_kept = [
+        storage.join(dest, rel)
+        for rel in sorted(record)
+        if rel not in exported_now and _still_keepers_copy(storage.join(dest, rel), record[rel])
+    ]
     if mode == "copy" and (copies != record or problem):
         doc = {"version": 1, "files": dict(sorted(copies.items()))}
         try:
@@ -948,4 +958,18 @@ def export_keepers(
         updated=outcomes["updated"],
         failed=failed,
         record_problem=problem,
+        not_kept=not_kept,
     )
+
+
+def _still_keepers_copy(uri: str, digest: str) -> bool:
+    """Whether ``uri`` still holds the copy keeper recorded (read whole, hashed)."""
+    try:
+        if not storage.exists(uri):
+            return False
+        if storage.is_s3(uri):
+            return hashlib.sha256(storage.read_bytes(uri)).hexdigest() == digest
+        path = _local(uri)
+        return path.is_file() and not path.is_symlink() and _sha256(path) == digest
+    except (StorageError, OSError):
+        return False

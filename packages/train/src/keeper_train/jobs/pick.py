@@ -709,6 +709,9 @@ class PickSummary(BaseModel):
     sidecar_failures: list[SidecarFailure] = Field(default_factory=list)
     keepers_exported: dict[str, int] | None
     export_failures: list[KeeperExportFailure] = Field(default_factory=list)
+    #: keeper's copies in the --copy-keepers folder, from earlier runs and still as it wrote
+    #: them, of photos this run does not keep: left in place, named here
+    keeper_copies_not_kept: list[str] = Field(default_factory=list)
     seconds: dict[str, float]
     outputs: dict[str, str]
     embed: dict[str, Any]
@@ -895,6 +898,7 @@ class Exported:
 
     counts: dict[str, int]
     failures: list[KeeperExportFailure]
+    not_kept: list[str]
 
 
 SHOWN_FAILURES = 5  # failures named in the printed summary and the sheet's header
@@ -951,6 +955,7 @@ def write_outputs(
                 "failed": len(res.failed),
             },
             failures=[KeeperExportFailure(image_uri=u, reason=r) for u, r in res.failed],
+            not_kept=res.not_kept,
         )
         for f in exported.failures:
             log.warning("keeper %s not exported: %s", f.image_uri, f.reason)
@@ -1083,6 +1088,7 @@ def run(cfg: PickJobConfig) -> PickSummary:
         sidecar_failures=sidecars.failed,
         keepers_exported=exported.counts if exported else None,
         export_failures=exported.failures if exported else [],
+        keeper_copies_not_kept=exported.not_kept if exported else [],
         seconds={k: round(v, 3) for k, v in seconds.items()},
         outputs=paths,
         embed={"run_id": emb.run_id, "status": emb.status, **emb.counts.model_dump(by_alias=True)},
@@ -1145,6 +1151,11 @@ def format_summary(s: PickSummary) -> str:
         lines += [
             f"            {f.image_uri}: {f.reason}" for f in s.export_failures[:SHOWN_FAILURES]
         ]
+        if s.keeper_copies_not_kept:
+            lines.append(
+                f"            {len(s.keeper_copies_not_kept)} copies there of photos no longer "
+                f"kept, left in place (keeper_copies_not_kept in {SUMMARY})"
+            )
     lines += [
         f"  table     {s.outputs['picks_parquet']} (+ picks.csv, failed.csv)",
         f"  sheet     {s.outputs['contact_sheet']}",
