@@ -15,7 +15,13 @@ import pytest
 from PIL import Image
 
 from keeper_core.errors import DataError
-from keeper_core.grouping import GroupingConfig, find_duplicates, group_shots, pairwise_scores
+from keeper_core.grouping import (
+    GroupingConfig,
+    copy_runs,
+    find_duplicates,
+    group_shots,
+    pairwise_scores,
+)
 
 TIME_ONLY = GroupingConfig(min_similarity=-1)
 
@@ -248,6 +254,23 @@ def test_generated_library_groups_with_f1_above_095(library: list[dict[str, str]
     lumped = GroupingConfig(max_gap_s=1e6, max_group_s=1e6, max_group_len=10**6, min_similarity=-1)
     groups = group_shots(ts, cams.tolist(), emb, keys, lumped)
     assert pairwise_scores(truth[originals], groups[originals])[2] < 0.2
+
+
+def test_generated_library_bursts_timed_by_file_are_no_copy(
+    library: list[dict[str, str]],
+) -> None:
+    # The generator's scenes without EXIF time are bursts at 5-15 frames/s timed by their files'
+    # mtimes: captures, which copy_runs must leave grouped by time (its exports, 1 s apart and
+    # four of them, are too few to count as a copy).
+    def file_timed(path: str) -> bool:
+        with Image.open(path) as img:
+            return 0x9003 not in img.getexif().get_ifd(0x8769)
+
+    ts = np.array([_read_capture(r["image_uri"])[0] for r in library])
+    by_file = np.array([file_timed(r["image_uri"]) for r in library])
+    shots = np.array([not r["duplicate_of"] for r in library])
+    assert (by_file & shots).sum() >= 10
+    assert (copy_runs(ts, by_file, GroupingConfig()) == -1).all()
 
 
 def test_generated_library_exact_duplicates(library: list[dict[str, str]]) -> None:

@@ -258,3 +258,9 @@ def test_beside_sidecars_keep_a_persons_rating_unless_told(tmp_path: Path, overw
         ("3", True) if overwrite else ("1", True)
     )
     assert read_sidecar(str(root / "b.xmp"))["Xmp.xmp.Rating"] == "3"
+
+
+def test_the_summary_counts_photos_timed_by_a_copy() -> None:
+    text = pick.format_summary(pick_summary(counts={"copy_timed": 40}))
+    assert "(40 photos timed by a copy's file time: each a group of its own)" in text
+    assert "timed by a copy" not in pick.format_summary(pick_summary())

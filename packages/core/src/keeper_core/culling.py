@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from keeper_core.errors import DataError
 from keeper_core.formats import RAW_SUFFIXES
-from keeper_core.grouping import GroupingConfig, find_duplicates, group_shots
+from keeper_core.grouping import GroupingConfig, copy_runs, find_duplicates, group_shots
 from keeper_core.picking import (
     SIMILARITY_COLUMN,
     ZERO_SHOT_RULE,
@@ -48,6 +48,9 @@ Scorer = Callable[[pd.DataFrame], np.ndarray]
 REQUIRED = ("image_uri", "image_id", "embedding", "capture_ts", "camera", *FEATURE_NAMES)
 #: Capture-time sources that name the moment a photo was taken (not a file's mtime).
 RECORDED_TIMES = ("exif_offset", "exif", "given")
+#: The capture-time source of a file's modification time: a capture's, or a copy's
+#: (``grouping.copy_runs`` tells which).
+FILE_TIME = "mtime"
 #: ``camera`` of a photo whose metadata names no body (``keeper_core.capture.Capture.camera``).
 UNKNOWN_CAMERA = "unknown"
 #: The picks table, in order (``embedding`` is left out: it is in the embedding table).
@@ -85,6 +88,10 @@ class CullResult:
     picks: pd.DataFrame
     ranker: str
     seconds: dict[str, float] = field(default_factory=dict)
+    #: Photos whose only time, their file's mtime, records a copy (``grouping.copy_runs``): each
+    #: is a group of its own, its reasons say why. Not in :meth:`counts`, which /v1/pick
+    #: returns as documented (its times are EXIF or the client's, never a file's).
+    copy_timed: int = 0
 
     def counts(self) -> dict[str, int]:
         """images, groups, keepers, alternates, rejects, duplicates (exact + near)."""
@@ -210,6 +217,9 @@ def cull(
 ) -> CullResult:
     """Group, mark duplicates, rank and decide, for one library or one request.
 
+    A photo timed only by its file's mtime whose time records a copy (``grouping.copy_runs``)
+    is grouped as one without a time, alone, and its reasons say so.
+
     Args:
         frame: one row per image with the ``REQUIRED`` columns (an embedding table's rows with
             their capture columns); other columns are kept.
@@ -244,7 +254,16 @@ def cull(
     emb = np.stack([np.asarray(e, dtype=np.float32) for e in df["embedding"]])
     ts = pd.to_numeric(df["capture_ts"], errors="coerce").to_numpy(dtype=np.float64)
     uris = df["image_uri"].astype(str).tolist()
-    groups = group_shots(ts, df["camera"].astype(str).tolist(), emb, uris, grouping)
+    file_time = (
+        df["time_source"].isin([FILE_TIME]).to_numpy()
+        if "time_source" in df.columns
+        else np.zeros(len(df), dtype=bool)
+    )
+    copies = copy_runs(ts, file_time, grouping)
+    # A copy's time is no moment of capture: such photos are grouped as photos without a time.
+    groups = group_shots(
+        np.where(copies >= 0, np.nan, ts), df["camera"].astype(str).tolist(), emb, uris, grouping
+    )
     # Of two records of one photo keep the camera RAW (the original, whatever its preview's
     # size), then the larger picture.
     raw = np.array([u.lower().endswith(RAW_SUFFIXES) for u in uris], dtype=np.float64)
@@ -260,6 +279,7 @@ def cull(
     # Row i (new order) is old row order[i]; its duplicate target moves to position[target].
     dup_new = np.where(dup_of >= 0, position[np.maximum(dup_of, 0)], -1)[order]
     df = df.iloc[order].drop(columns=["_ts"]).reset_index(drop=True)
+    copies, ts = copies[order], ts[order]
     df["duplicate_of"] = dup_new
     df["duplicate_kind"] = [kind[i] for i in order]
     # The cosine behind a near-duplicate mark, for its reason ("near duplicate of X (cosine .97)").
@@ -291,9 +311,36 @@ def cull(
 
     t0 = time.perf_counter()
     df = decide(df, picking)
+    df["reasons"] = _with_copy_reasons(df["reasons"], copies, ts)
     seconds["decide"] = time.perf_counter() - t0
     df["file_name"] = [PurePosixPath(u).name for u in df["image_uri"].astype(str)]
-    return CullResult(df, label, seconds)
+    return CullResult(df, label, seconds, copy_timed=int((copies >= 0).sum()))
+
+
+def _with_copy_reasons(reasons: pd.Series, copies: np.ndarray, ts: np.ndarray) -> pd.Series:
+    """Each copy-timed photo's reasons, with why it was not grouped by its time: the copy's
+    files and span, so the evidence is in numbers."""
+    timed = copies >= 0
+    if not timed.any():
+        return reasons
+    run = pd.Series(ts[timed]).groupby(copies[timed])
+    files, span = run.size().to_dict(), (run.max() - run.min()).to_dict()
+    out = reasons.tolist()
+    for i in np.flatnonzero(timed).tolist():
+        out[i] = [
+            *out[i],
+            "not grouped by time: no EXIF time, and its file time is a copy's, not a capture's "
+            f"({files[copies[i]]} files {_spread(span[copies[i]])})",
+        ]
+    return pd.Series(out, index=reasons.index, dtype=object)
+
+
+def _spread(seconds: float) -> str:
+    if seconds == 0:
+        return "at one instant"
+    if seconds < 1:
+        return f"within {1000 * seconds:.{1 if seconds < 0.1 else 0}f} ms"
+    return f"within {seconds:.1f} s"
 
 
 def picks_table(picks: pd.DataFrame) -> pa.Table:

@@ -1048,6 +1048,7 @@ def run(cfg: PickJobConfig) -> PickSummary:
         "failed": len(lib.failed),
         "lost": lib.lost,
         **{k: v for k, v in result.counts().items() if k != "images"},
+        "copy_timed": result.copy_timed,
         "capture_backfilled": lib.backfilled,
     }
     random_weights = ModelSpec.parse(spec).is_random
@@ -1056,6 +1057,11 @@ def run(cfg: PickJobConfig) -> PickSummary:
         notes.append(
             "random CLIP weights: grouping similarities and near-duplicate marks rest on "
             "embeddings that carry no meaning beyond tests"
+        )
+    if result.copy_timed:
+        notes.append(
+            f"{result.copy_timed} photo(s) without an EXIF time whose file times record a copy, "
+            "not a capture: each is a group of its own (its reasons say so)"
         )
     sheet = SheetSummary(
         images=len(result.picks),
@@ -1111,7 +1117,12 @@ def format_summary(s: PickSummary) -> str:
         f"  photos    {c['in']} in = {c['picked']} picked + {c['failed']} failed (unreadable, "
         f"listed with reasons)" + (f" + {c['lost']} LOST" if c["lost"] else ""),
         f"  groups    {c['groups']} bursts/scenes: {c['keepers']} keepers, "
-        f"{c['alternates']} alternates, {c['rejects']} rejects",
+        f"{c['alternates']} alternates, {c['rejects']} rejects"
+        + (
+            f" ({c['copy_timed']} photos timed by a copy's file time: each a group of its own)"
+            if c.get("copy_timed")
+            else ""
+        ),
         f"  dupes     {c['exact_duplicates']} exact, {c['near_duplicates']} near",
         f"  sidecars  {s.sidecars['written']} XMP written, {s.sidecars['unchanged']} unchanged"
         + (
