@@ -756,12 +756,15 @@ def _copy_local(src: Path, dst: Path) -> str:
     # A temporary name in the target folder, renamed into place: a killed run leaves no
     # half-copied image under the keeper's name (the ".tmp" suffix keeps it out of listings).
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = _sha256(Path(tmp))  # what is at dst, not what src holds by now
+        # Hashed as it is copied: what is at dst (src may change meanwhile), in one pass.
+        digest = hashlib.sha256()
+        with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+            while chunk := f.read(_COPY_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
         # The original's mode and mtime (tools sort by it) only now: a read-only original's
         # mode would make the copy unopenable for the fsync.
         shutil.copystat(src, tmp)
@@ -769,7 +772,10 @@ def _copy_local(src: Path, dst: Path) -> str:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return digest
+    return digest.hexdigest()
+
+
+_COPY_CHUNK = 1 << 20
 
 
 class _Exported(NamedTuple):

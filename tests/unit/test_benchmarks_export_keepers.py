@@ -1,0 +1,31 @@
+"""benchmarks/export_keepers.py runs as documented (tiny sizes): keeper's export beside a plain
+copy2 loop on the same files, a row per step, its work folder removed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_script_compares_keepers_export_with_a_plain_copy(tmp_path: Path) -> None:
+    out = tmp_path / "export-keepers.json"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "export_keepers.py"),
+        "--n", "4", "--mib", "0.05", "--repeats", "1",
+        "--out", str(out), "--work-dir", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert (record["n"], record["mib"], record["repeats"]) == (4, 0.05, 1)
+    assert [r["step"] for r in record["rows"]] == ["first copy", "re-run", "originals changed"]
+    for r in record["rows"]:
+        assert r["plain_s"] > 0
+        assert r["keeper_s"] > 0
+        assert r["keeper_over_plain"] == r["keeper_s"] / r["plain_s"]
+    assert "keeper / plain" in proc.stdout
+    assert not list(tmp_path.glob("keeper-export-keepers-*"))  # its work folder is removed
