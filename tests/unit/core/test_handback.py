@@ -340,6 +340,29 @@ def test_rewrite_with_new_values_replaces_them(tmp_path: Path) -> None:
     }
 
 
+def test_reasons_alone_do_not_rewrite_a_sidecar_but_go_with_any_other_change(
+    tmp_path: Path,
+) -> None:
+    """A re-run after photos were added moves every group's figures ("noise 3.1 sigma" becomes
+    3.2): the sidecar keeps its bytes and mtime for that alone; any other change of keeper's
+    writes the new reasons with it, and a packet without reasons gets them."""
+    path = tmp_path / "IMG_1.xmp"
+    fields = {"group": "g1", "rank": "2", "decision": "reject", "reasons": "noise 3.1 sigma"}
+    write_sidecar(str(path), rating=1, label=None, keeper_fields=fields)
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    moved = {**fields, "reasons": "noise 3.2 sigma"}
+    assert not write_sidecar(str(path), rating=1, label=None, keeper_fields=moved).changed
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    assert write_sidecar(
+        str(path), rating=1, label=None, keeper_fields={**moved, "rank": "3"}
+    ).changed
+    assert read_sidecar(str(path))["Xmp.keeper.reasons"] == "noise 3.2 sigma"
+    bare = tmp_path / "IMG_2.xmp"
+    no_reasons = {k: v for k, v in moved.items() if k != "reasons"}  # an older keeper's
+    write_sidecar(str(bare), rating=1, label=None, keeper_fields=no_reasons)
+    assert write_sidecar(str(bare), rating=1, label=None, keeper_fields=moved).changed
+
+
 def test_empty_existing_file_counts_as_new(tmp_path: Path) -> None:
     path = tmp_path / "IMG_1.xmp"
     path.write_bytes(b"")

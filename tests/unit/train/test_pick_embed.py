@@ -166,7 +166,8 @@ def test_renumbered_groups_rewrite_nothing_and_copied_keepers_follow_their_jpegs
     """--xmp embed with --copy-keepers, as pick writes its outputs (XMP first, then the export).
     Photos of an earlier moment added to the library renumber the groups (group_id): the XMP
     names each group by its shots, not its number, so no JPEG, sidecar or copy is rewritten for
-    that. Then a keeper's group gains a shot and its reasons change: the JPEG is rewritten, and
+    that, nor for reasons whose figures moved (spreads are pooled over the library). Then a
+    keeper's label changes (a re-run with another keep label): the JPEG is rewritten, and
     keeper's copy from the first run, which now differs from it, is replaced, not refused as
     "a different file"."""
     root = tmp_path / "photos"
@@ -184,14 +185,17 @@ def test_renumbered_groups_rewrite_nothing_and_copied_keepers_follow_their_jpegs
     assert run(picks) == (5, 0, 0, [])
     before = _state(tmp_path)
     renumbered = picks.assign(group_id=[f"g{i + 7:06d}" for i in range(len(picks))])
+    renumbered["reasons"] = [["best of 3: sharpest of its group, p 0.88"]] * len(picks)
     assert run(renumbered) == (0, 5, 0, [])
     assert _state(tmp_path) == before
 
-    joined = renumbered.copy()
-    joined.at[0, "reasons"] = ["sharpest of its group of 3"]
+    relabelled = renumbered.copy()
+    relabelled.at[0, "label"] = "Yellow"
     # IMG_1.JPG's XMP changed; the PNG's and the pair's are sidecars, and the read-only and the
     # cut JPEG are not written, so their copies stand as they are.
-    assert run(joined) == (0, 4, 1, [])
+    assert run(relabelled) == (0, 4, 1, [])
+    fields = read_embedded_xmp(str(root / "day1/IMG_1.JPG")) or {}
+    assert fields["Xmp.keeper.reasons"] == "best of 3: sharpest of its group, p 0.88"  # with it
     assert (keepers / "day1" / "IMG_1.JPG").read_bytes() == (root / "day1/IMG_1.JPG").read_bytes()
 
 

@@ -72,6 +72,10 @@ _OWN_KEY = re.compile(rf"^Xmp\.{KEEPER_PREFIX}\.[^/\[]+$")
 #: sidecar still holding those values holds keeper's own; other values are a person's.
 RECORD_KEY = f"Xmp.{KEEPER_PREFIX}.xmp"
 RATING_KEY, LABEL_KEY = "Xmp.xmp.Rating", "Xmp.xmp.Label"
+#: keeper's reasons: words and numbers that move as a library grows (robust spreads are pooled
+#: over every group), so a packet whose other fields all hold keeper's choice keeps its reasons
+#: as they are (:func:`merge_packet`), and the file is not rewritten for them alone
+REASONS_KEY = f"Xmp.{KEEPER_PREFIX}.reasons"
 # exiv2 keeps process-global state (the XMP toolkit's namespace registry, pyexiv2's error log):
 # one sidecar at a time per process.
 _EXIV2_LOCK = threading.Lock()
@@ -552,15 +556,23 @@ def merge_packet(
         if new != old and old.strip():
             # The same fields in another tool's layout (Lightroom or exiv2 saving a person's
             # stars, darktable's elements): nothing to change. Rewriting would bump the mtime
-            # of a file the tool just saved, which it then flags as changed on disk.
+            # of a file the tool just saved, which it then flags as changed on disk. Nor is a
+            # packet rewritten for its reasons alone (REASONS_KEY): adding photos to a library
+            # moves every group's figures a little, and would otherwise rewrite every file.
             again_img, again_fields = _parse(pyexiv2, new, source, what)
             again_img.close()
-            if again_fields == fields:
+            if _but_reasons(again_fields) == _but_reasons(fields) and (
+                (REASONS_KEY in again_fields) == (REASONS_KEY in fields)
+            ):
                 new = old
     kept = tuple(
         name for name, key in (("rating", RATING_KEY), ("label", LABEL_KEY)) if key not in values
     )
     return PacketMerge(old if new == old else new, kept)
+
+
+def _but_reasons(fields: Mapping[str, XmpValue]) -> dict[str, XmpValue]:
+    return {k: v for k, v in fields.items() if k != REASONS_KEY}
 
 
 def _xmp_values(
