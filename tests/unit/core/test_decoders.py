@@ -56,7 +56,7 @@ from keeper_core.decoders import (
 from keeper_core.embedding import ClipEmbedder
 from keeper_core.errors import ConfigError, ImageDecodeError
 from keeper_core.formats import RawPreview
-from keeper_core.images import DecodeLimits, _jpeg_frame_offset
+from keeper_core.images import DecodeLimits, _jpeg_frame_offset, decode_image_alpha
 from keeper_core.models import resize_transform
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -242,6 +242,27 @@ def test_libjpeg_turbo_pixels_are_identical_to_pil(backend: str, case: str) -> N
     np.testing.assert_array_equal(
         np.asarray(run(make_decoder(backend), data)), np.asarray(PilDecoder().decode(data))
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_alpha_is_the_references(backend: str) -> None:
+    """Every backend hands over the alpha ``decode_image_alpha`` keeps for the quality features:
+    the reference decodes every format with alpha, in every backend; a JPEG has none."""
+    decoder = make_decoder(backend)
+    alpha = np.zeros((30, 40), np.uint8)
+    alpha[5:25, 10:30] = 255
+    rgba = Image.fromarray(np.dstack([np.asarray(noise(40, 30)), alpha]), "RGBA")
+    for data in (encode(rgba, "PNG"), encode(rgba, "WEBP", lossless=True)):
+        want_rgb, want_alpha = decode_image_alpha(data)
+        got_rgb, got_alpha = decoder.decode_alpha(data)
+        assert got_rgb.tobytes() == want_rgb.tobytes() == decoder.decode(data).tobytes()
+        assert want_alpha is not None
+        assert got_alpha is not None
+        assert got_alpha.tobytes() == want_alpha.tobytes() == alpha.tobytes()
+    jpeg = encode(noise(40, 30), "JPEG", quality=90)
+    got_rgb, got_alpha = decoder.decode_alpha(jpeg)
+    assert got_alpha is None
+    assert mean_diff(got_rgb, decode_image_alpha(jpeg)[0]) <= MEAN_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -215,7 +215,7 @@ def test_device_band_is_the_stored_unconverted_luma() -> None:
     tagged = jpeg(im, icc_profile=rgb_profile(DISPLAY_P3))
     plain = jpeg(im)
     gpu = GpuDecoder(device="cpu", cpu=PilDecoder(), engine="nvimgcodec")
-    (t, t_band), (p, p_band) = (
+    (t, t_band, _), (p, p_band, _) = (
         r
         for r in gpu.decode_batch_with_bands(
             [(tagged, None), (plain, None)], draft_size=(256, 256), band_pixels=40_000

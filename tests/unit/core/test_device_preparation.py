@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 from support_photos import make_dng
-from test_preparation import jpeg, photo_like, png, with_orientation
+from test_preparation import cut_out, jpeg, photo_like, png, with_orientation
 
 from keeper_core import device_preparation as dp
 from keeper_core.decoders import GpuDecoder, PilDecoder
@@ -40,9 +40,10 @@ from keeper_core.device_preparation import (
 from keeper_core.embedding import ClipEmbedder
 from keeper_core.errors import DataError, ImageDecodeError
 from keeper_core.grouping import dhash
+from keeper_core.images import to_rgb
 from keeper_core.models import PreprocessConfig, resize_transform
 from keeper_core.preparation import DecodedImage, ImagePreparation
-from keeper_core.quality import FEATURE_NAMES, block_grid_ratio, quality_features
+from keeper_core.quality import FEATURE_NAMES, block_grid_ratio, opaque_mask, quality_features
 from keeper_core.synthetic import load_photos
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -140,6 +141,44 @@ def test_quality_features_equal_the_cpus_on_the_same_pixels(corpus: list[Image.I
     assert expected[:, F["noise"]].min() < 0.001 < 0.01 < expected[:, F["noise"]].max()
 
 
+def cut_outs() -> list[Image.Image]:
+    """Images with transparency: cut-outs (one large enough for the reduce before the resize),
+    alpha opaque on every other column (no opaque 3x3 neighbourhood), and a blank."""
+    cut, _ = cut_out("RGBA")
+    stripes = np.zeros((64, 64, 4), np.uint8)
+    stripes[..., :3] = 100
+    stripes[:, ::2, 3] = 255
+    return [
+        cut,
+        cut_out("RGBA", transparent=0.3)[0].resize((1600, 1200)),
+        cut_out("LA")[0].convert("RGBA"),
+        Image.fromarray(stripes, "RGBA"),
+        Image.new("RGBA", (50, 40), (10, 20, 30, 0)),
+    ]
+
+
+def test_quality_features_with_alpha_equal_the_cpus() -> None:
+    """Measured where opaque, as quality_features: the alpha resized bit for bit as PIL does."""
+    images = cut_outs()
+    alphas = [im.getchannel("A") for im in images]
+    for size in (256, 64):
+        for a in alphas:
+            want = opaque_mask(a, size)
+            got = dp._opaque_mask(torch.from_numpy(np.asarray(a).copy()), size)
+            assert (want is None) == (got is None)
+            if want is not None and got is not None:
+                np.testing.assert_array_equal(got.numpy(), want)
+    expected = quality_features(images)
+    composited = [chw(to_rgb(im)) for im in images]  # what a decoder hands over
+    got = quality_features_tensor(
+        composited, alpha=[torch.from_numpy(np.asarray(a).copy()) for a in alphas]
+    )
+    assert_features_close(expected, got, SAME_PIXELS_TOL)
+    assert expected[0, F["clip_bright"]] == 0.0
+    # Without its alpha the same pixels read as before: the backdrop is blown.
+    assert float(quality_features_tensor(composited[:1])[0, F["clip_bright"]]) > 0.5
+
+
 def test_quality_features_take_blockiness_and_sizes(corpus: list[Image.Image]) -> None:
     images = [chw(im) for im in corpus[:3]]
     got = quality_features_tensor(
@@ -176,6 +215,17 @@ def test_quality_features_take_blockiness_and_sizes(corpus: list[Image.Image]) -
         (
             lambda: quality_features_tensor([torch.zeros(3, 8, 8, dtype=torch.uint8)], sizes=[]),
             "0 sizes",
+        ),
+        (
+            lambda: quality_features_tensor([torch.zeros(3, 8, 8, dtype=torch.uint8)], alpha=[]),
+            "0 alphas",
+        ),
+        (
+            lambda: quality_features_tensor(
+                [torch.zeros(3, 8, 8, dtype=torch.uint8)],
+                alpha=[torch.zeros(8, 9, dtype=torch.uint8)],
+            ),
+            r"alpha 0 must be a uint8 \(8, 8\)",
         ),
         (lambda: block_grid_ratio_tensor(torch.zeros(8, 40)), "16 x 16"),
         (lambda: dhash_tensor(torch.zeros(3, 8, 8, dtype=torch.int64)), "uint8"),
@@ -309,6 +359,7 @@ def items(photos: dict[str, Image.Image]) -> list[tuple[bytes, str]]:
         (jpeg(big, 10)[:30_000], "cut.jpg"),
         (b"not an image at all", "notes.txt"),
         (tiny.getvalue(), "tiny.png"),
+        (png(cut_out("RGBA")[0]), "cut-out.png"),  # transparent: the CPU decodes, keeps alpha
     ]
 
 
@@ -349,6 +400,9 @@ def test_prepare_matches_image_preparation(
     assert out.features.dtype == torch.float32
     drafted = [out.ok.index(i) for i in (2, 3, 4, 5)]
     assert all(good[r].blockiness is not None for r in drafted)  # they took the band path
+    cut = out.ok.index(10)
+    assert good[cut].alpha is not None
+    assert float(out.features[cut, F["clip_bright"]]) == 0.0  # its backdrop is no highlight
 
     cpu_features = prep.quality(good)
     if backend == "pil":  # the same decoded pixels: everything after decode is exact
@@ -360,7 +414,7 @@ def test_prepare_matches_image_preparation(
     assert isinstance(decoder, GpuDecoder)
     assert decoder.decoded == 5  # the four JPEGs and the DNG's preview
     assert decoder.delegated["mode:CMYK"] == 1
-    assert decoder.delegated["format:PNG"] == 2  # coffee.png, and tiny.png (then too_small)
+    assert decoder.delegated["format:PNG"] == 3  # coffee, cut-out, and tiny (then too_small)
     # A different decode, the same images: model inputs within a level, dhash near identical.
     mean_abs = np.abs(out.pixels.numpy().astype(np.int16) - prep.pixels(good)).mean()
     assert mean_abs < 1.0
@@ -377,13 +431,19 @@ def test_decode_batch_with_bands_is_the_full_decodes_top_rows() -> None:
     big = photo_like(2000, 1500, seed=7)
     items = [(jpeg(big, 30), "big.jpg"), (jpeg(big.resize((400, 300)), 30), "small.jpg")]
     items.append((png(big.resize((1200, 900))), "big.png"))
+    cut = cut_out("RGBA")[0]
+    items.append((png(cut), "cut-out.png"))
     decoder = GpuDecoder(device="cpu")
     draft = (256, 256)
     banded = decoder.decode_batch_with_bands(items, draft_size=draft, band_pixels=65_536)
     plain = decoder.decode_batch(items, draft_size=draft)
     full = decoder.decode_batch(items[:1])
     assert not any(isinstance(r, ImageDecodeError) for r in [*banded, *plain, *full])
-    (pixels, band), (small, no_band), (_, png_band) = banded  # type: ignore[misc]
+    (pixels, band, alpha), (small, no_band, _), (_, png_band, png_alpha), (_, _, cut_alpha) = banded  # type: ignore[misc]
+    assert alpha is None  # a JPEG
+    assert png_alpha is None  # an opaque PNG
+    assert cut_alpha is not None
+    np.testing.assert_array_equal(cut_alpha.numpy(), np.asarray(cut.getchannel("A")))
     assert pixels.shape == (3, 375, 500)  # drafted 1/4
     torch.testing.assert_close(pixels, plain[0])
     torch.testing.assert_close(small, plain[1])

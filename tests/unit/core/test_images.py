@@ -16,6 +16,7 @@ from keeper_core.errors import ConfigError, ImageDecodeError
 from keeper_core.images import (
     DecodeLimits,
     decode_image,
+    decode_image_alpha,
     decode_jpeg_band,
     image_size,
     jpeg_scan_count,
@@ -169,6 +170,57 @@ def test_mode_conversion(case: str) -> None:
     out = decode_image(make())
     assert out.mode == "RGB"
     assert close(out.getpixel(xy), expected, tol), out.getpixel(xy)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("make", "transparent"),
+    [
+        (_rgba_png, (0, 0)),
+        (_palette_png_with_transparency, (0, 0)),
+        (_la_png, (0, 0)),
+    ],
+)
+def test_decode_image_alpha_keeps_the_alpha_it_composited(
+    make: object, transparent: tuple[int, int]
+) -> None:
+    data = make()  # type: ignore[operator]
+    rgb, alpha = decode_image_alpha(data)
+    assert rgb.tobytes() == decode_image(data).tobytes()  # the pixels are decode_image's
+    assert alpha is not None
+    assert (alpha.mode, alpha.size) == ("L", rgb.size)
+    assert alpha.getpixel(transparent) == 0
+    assert alpha.getpixel((5, 5)) == 255
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode(Image.new("RGBA", (20, 20), (10, 20, 30, 255)), "PNG"),  # RGBA, every pixel opaque
+        encode(Image.new("RGB", (20, 20), (10, 20, 30)), "PNG"),
+        encode(Image.new("L", (20, 20), 9), "PNG"),
+        encode(noise(32, 24), "JPEG"),
+    ],
+    ids=["opaque_rgba", "rgb", "grey", "jpeg"],
+)
+def test_decode_image_alpha_is_none_without_a_transparent_pixel(data: bytes) -> None:
+    rgb, alpha = decode_image_alpha(data)
+    assert alpha is None
+    assert rgb.tobytes() == decode_image(data).tobytes()
+
+
+def test_alpha_turns_with_the_pixels() -> None:
+    """EXIF orientation applies to the alpha as to the pixels: the transparent corner (white
+    once composited) is where the alpha says it is."""
+    im = Image.new("RGBA", (30, 20), (200, 0, 0, 255))
+    im.paste((0, 0, 0, 0), (0, 0, 8, 5))  # stored top-left corner transparent
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgb, alpha = decode_image_alpha(encode(im, "PNG", exif=exif.tobytes()))
+    assert rgb.size == (20, 30)  # turned
+    assert alpha is not None
+    white = (np.asarray(rgb) == 255).all(axis=-1)
+    assert white.sum() == 40
+    np.testing.assert_array_equal(np.asarray(alpha) == 0, white)
 
 
 GRADIENT16 = np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (16, 1))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from keeper_core.images import decode_image, image_size
+from keeper_core.images import decode_image, decode_image_alpha, image_size
 from keeper_core.preparation import ImagePreparation
 from keeper_core.quality import FEATURE_NAMES, quality_features
 
@@ -77,13 +77,19 @@ def test_png_exif_after_idat_decodes_at_the_size_image_size_reports() -> None:
 
 
 def test_quality_features_convert_rgba_as_decode_image() -> None:
-    """Transparent pixels are measured as white, whether the image was decoded or handed over."""
+    """Transparent pixels are not measured, whether the image was decoded (its alpha kept beside
+    the pixels composited on white) or handed over with its alpha; the composited pixels alone
+    read the transparent half as white, as keeper shows it."""
     a = np.zeros((64, 64, 4), np.uint8)
     a[:32, :, 3] = 255  # opaque black top half, transparent (black underneath) bottom half
     rgba = Image.fromarray(a, "RGBA")
-    direct, decoded = quality_features([rgba, decode_image(_png(rgba))])
-    np.testing.assert_allclose(direct, decoded)
-    assert direct[FEATURE_NAMES.index("brightness")] == pytest.approx(0.5, abs=0.01)
+    rgb, alpha = decode_image_alpha(_png(rgba))
+    assert rgb.tobytes() == decode_image(_png(rgba)).tobytes()
+    direct, decoded, composited = quality_features([rgba, rgb, rgb], alpha=[None, alpha, None])
+    np.testing.assert_array_equal(direct, decoded)
+    brightness = FEATURE_NAMES.index("brightness")
+    assert direct[brightness] == pytest.approx(0.0, abs=0.01)  # the opaque black half
+    assert composited[brightness] == pytest.approx(0.5, abs=0.01)
 
 
 def test_quality_features_scale_16_bit_grey_as_decode_image() -> None:

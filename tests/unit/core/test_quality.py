@@ -8,8 +8,10 @@ import math
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
+from test_preparation import cut_out
 
 from keeper_core.errors import DataError
+from keeper_core.images import to_rgb
 from keeper_core.quality import (
     FEATURE_NAMES,
     block_grid_ratio,
@@ -205,3 +207,116 @@ def test_rejects_non_images() -> None:
     assert exc.value.rows == [1]
     with pytest.raises(DataError, match="size must be >= 8"):
         quality_features([Image.new("RGB", (8, 8))], size=4)
+
+
+# ---------------------------------------------------------------- transparency
+
+
+def _composited(img: Image.Image) -> Image.Image:
+    """What keeper shows and embeds: alpha on white, as a plain RGB image (no alpha left)."""
+    return to_rgb(img)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_cut_outs_exposure_is_its_subjects_not_its_backdrops(mode: str) -> None:
+    cut, subject = cut_out(mode)
+    got = quality_record(cut)
+    alone = quality_record(subject)
+    # Composited on white and measured whole, as before: 60 % of the frame reads as blown.
+    before = quality_record(_composited(cut))
+    assert before["clip_bright"] == pytest.approx(0.6, abs=0.01)
+    assert before["brightness"] > 0.75
+    # Measured where it is opaque: the subject's own exposure.
+    assert got["clip_bright"] == 0.0
+    assert got["clip_dark"] == 0.0
+    assert got["brightness"] == pytest.approx(alone["brightness"], abs=0.005)
+    assert (
+        got["contrast"] < 0.04 < before["contrast"]
+    )  # the subject's ~0.02, not the backdrop's step
+    assert got["colorfulness"] == pytest.approx(alone["colorfulness"], abs=0.005)
+    # Noise from the subject's interior: over a majority of flat backdrop the median reads 0.
+    assert before["noise"] == 0.0
+    assert got["noise"] == pytest.approx(alone["noise"], rel=0.1)
+    # Sharpness and blockiness read the composited image, as before; so do the sizes.
+    for name in ("sharpness", "blockiness", "width", "height"):
+        assert got[name] == before[name], name
+
+
+def test_half_transparent_hand_computed() -> None:
+    arr = np.zeros((64, 64, 4), dtype=np.uint8)
+    arr[:, 32:] = (100, 100, 100, 255)  # the right half opaque grey 100, the left transparent
+    rec = quality_record(Image.fromarray(arr, "RGBA"), size=64)  # same size: no resample
+    assert rec["brightness"] == pytest.approx(100 / 255, abs=1e-6)
+    assert rec["clip_bright"] == 0.0
+    assert rec["clip_dark"] == 0.0
+    assert rec["contrast"] == pytest.approx(0.0, abs=1e-6)
+    assert rec["colorfulness"] == pytest.approx(0.0, abs=1e-6)
+    assert rec["noise"] == pytest.approx(0.0, abs=1e-6)
+    # The white-to-grey step is an edge of the image as shown: 2 columns of 62 (see above).
+    assert rec["sharpness"] == pytest.approx(math.log1p(2 * 155.0**2 / 62), rel=1e-4)
+
+
+def test_without_transparency_features_are_as_before_bit_for_bit(photo: Image.Image) -> None:
+    """Only an image with a transparent pixel takes the masked path; every other one is
+    measured by the unchanged whole-frame code, whatever its mode or how alpha is given."""
+    keyed = photo.copy()
+    keyed.info["transparency"] = (1, 2, 3)  # a transparency key no pixel of it has
+    assert not (np.asarray(photo) == (1, 2, 3)).all(axis=-1).any()
+    opaque = Image.new("L", photo.size, 255)
+    same = [photo, photo.convert("RGBA"), keyed, photo]
+    out = quality_features(same, alpha=[None, None, None, opaque])
+    for row in out[1:]:
+        np.testing.assert_array_equal(row, out[0])
+    grey = photo.convert("L")
+    np.testing.assert_array_equal(quality_features([grey.convert("LA")]), quality_features([grey]))
+    # A cut-out in the batch leaves its neighbours' rows exactly as they are alone.
+    cut, _ = cut_out()
+    mixed = quality_features([photo, cut, grey])
+    np.testing.assert_array_equal(mixed[0], quality_features([photo])[0])
+    np.testing.assert_array_equal(mixed[1], quality_features([cut])[0])
+    np.testing.assert_array_equal(mixed[2], quality_features([grey])[0])
+
+
+@pytest.mark.parametrize("level", [0, 100, 200])
+def test_alpha_opaque_nowhere_or_everywhere_is_measured_whole(level: int) -> None:
+    """Fully transparent (0), or no pixel >= 128 (100): no subject, so the composited frame is
+    measured (a blank reads white: brightness 1, clip_bright 1). Every pixel >= 128 (200): the
+    whole frame is the subject. Either way: exactly the composited image's features."""
+    arr = np.zeros((120, 160, 4), dtype=np.uint8)
+    arr[..., :3] = (30, 60, 90)
+    arr[..., 3] = level
+    img = Image.fromarray(arr, "RGBA")
+    got = quality_features([img])
+    np.testing.assert_array_equal(got, quality_features([_composited(img)]))
+    if level == 0:
+        rec = dict(zip(FEATURE_NAMES, got[0], strict=True))
+        assert (rec["brightness"], rec["clip_bright"]) == (1.0, 1.0)
+
+
+def test_noise_without_an_opaque_neighbourhood_reads_the_whole_frame() -> None:
+    """Opaque only on every other column: the levels come from those columns, but no pixel has
+    an opaque 3x3 neighbourhood, so noise is the composited frame's (there is no interior)."""
+    arr = np.zeros((64, 64, 4), dtype=np.uint8)
+    arr[..., :3] = 100
+    arr[:, ::2, 3] = 255
+    img = Image.fromarray(arr, "RGBA")
+    rec = quality_record(img, size=64)
+    whole = quality_record(_composited(img), size=64)
+    assert rec["brightness"] == pytest.approx(100 / 255, abs=1e-6)
+    assert whole["brightness"] == pytest.approx((100 / 255 + 1) / 2, abs=1e-6)
+    assert rec["noise"] == whole["noise"]
+
+
+def test_alpha_handed_beside_the_pixels_equals_the_images_own() -> None:
+    cut, _ = cut_out()
+    own = quality_features([cut])
+    beside = quality_features([_composited(cut)], alpha=[cut.getchannel("A")])
+    np.testing.assert_array_equal(beside, own)
+    assert quality_record(_composited(cut), alpha=cut.getchannel("A"))["clip_bright"] == 0.0
+    with pytest.raises(DataError, match="1 alphas for 2 images"):
+        quality_features([cut, cut], alpha=[None])
+    with pytest.raises(DataError, match=r"alpha 0 must be an L image of \(400, 300\)") as exc:
+        quality_features([cut], alpha=[cut.getchannel("A").resize((40, 30))])
+    assert exc.value.rows == [0]
+    with pytest.raises(DataError, match="got mode RGBA"):
+        quality_features([cut], alpha=[cut])

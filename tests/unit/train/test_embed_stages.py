@@ -556,7 +556,7 @@ def test_a_table_from_before_colour_management_is_named_when_added_to(
 ) -> None:
     new = tmp_path / "new"
     check_table_meta(str(new), SPEC, embed_dim=64)
-    assert json.loads((new / "_KEEPER_TABLE.json").read_text())["color"] == "srgb/3"
+    assert json.loads((new / "_KEEPER_TABLE.json").read_text())["color"] == "srgb/4"
     old = tmp_path / "old"
     old.mkdir()
     record = {"model_spec": SPEC, "embed_dim": 64, "format": 1, "created": "2026-11-01T00:00:00"}
@@ -566,7 +566,7 @@ def test_a_table_from_before_colour_management_is_named_when_added_to(
         check_table_meta(str(old), SPEC, embed_dim=64, record=False)  # plan: said once, later
         assert caplog.text == ""
         check_table_meta(str(old), SPEC, embed_dim=64)
-    assert "unconverted pixels" in caplog.text
+    assert "prepared without that" in caplog.text
     assert "ICC profile or HEIF nclx box" in caplog.text
     assert str(old) in caplog.text
     # A table of 2026-12-04's colour management: only the EXIF Adobe RGB JPEGs differ.
@@ -587,10 +587,20 @@ def test_a_table_from_before_colour_management_is_named_when_added_to(
     assert "CMYK photos with an embedded CMYK profile" in caplog.text
     assert "RAW files" in caplog.text
     assert "EXIF says Adobe RGB" not in caplog.text
+    # One of 2026-12-05's colour management: its pixels are as now, but a cut-out's quality
+    # features counted its transparent area (measured where it is opaque since "srgb/4").
+    (mid / "_KEEPER_TABLE.json").write_text(json.dumps({**record, "color": "srgb/3"}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="keeper.embed"):
+        check_table_meta(str(mid), SPEC, embed_dim=64)
+    assert "photos with transparency" in caplog.text
+    assert "over their opaque pixels" in caplog.text
+    assert "CMYK" not in caplog.text
     # The oldest record names every change since.
     assert "EXIF says Adobe RGB" in _unconverted(None)
     assert "CMYK" in _unconverted(None)
-    assert _unconverted("srgb/3") == ""
+    assert "transparency" in _unconverted(None)
+    assert _unconverted("srgb/4") == ""
 
 
 def counts(**over: int) -> dict[str, int]:

@@ -1,10 +1,12 @@
 """Decode backends with :func:`keeper_core.images.decode_image`'s contract, chosen by measurement.
 
 Every backend takes the same input (encoded bytes or a :class:`RawPreview`) and gives the same
-result: an 8-bit RGB image, EXIF-oriented, or an ``ImageDecodeError`` with the same reason. The
-safety checks are the same code (``keeper_core.images``): byte limit, signature, the header's
-pixel count and shortest side, and a JPEG's scan count, all before a pixel is decoded. What
-differs is which library turns a JPEG's entropy-coded data into pixels:
+result: an 8-bit RGB image, EXIF-oriented, or an ``ImageDecodeError`` with the same reason
+(``decode_alpha`` adds the alpha composited on white, for the quality features: only the
+reference decodes formats with alpha, in every backend). The safety checks are the same code
+(``keeper_core.images``): byte limit, signature, the header's pixel count and shortest side, and
+a JPEG's scan count, all before a pixel is decoded. What differs is which library turns a JPEG's
+entropy-coded data into pixels:
 
 - ``pil`` (:class:`PilDecoder`): ``decode_image`` itself, the reference.
 - ``turbo`` (:class:`TurboDecoder`): libjpeg-turbo through simplejpeg, for 8-bit Huffman JPEGs
@@ -96,6 +98,7 @@ from keeper_core.images import (
     check_header_size,
     check_jpeg_scans,
     decode_image,
+    decode_image_alpha,
     raw_preview,
 )
 
@@ -141,7 +144,8 @@ _CONVERT_PIXELS = 1 << 24
 
 @runtime_checkable
 class Decoder(Protocol):
-    """Bytes in, an RGB ``PIL.Image`` out: exactly :func:`keeper_core.images.decode_image`."""
+    """Bytes in, an RGB ``PIL.Image`` out: exactly :func:`keeper_core.images.decode_image`
+    (``decode_alpha``: and its alpha, exactly :func:`keeper_core.images.decode_image_alpha`)."""
 
     name: str
 
@@ -154,6 +158,17 @@ class Decoder(Protocol):
         draft_size: tuple[int, int] | None = None,
     ) -> Image.Image:
         """Decode one image safely (see ``decode_image`` for arguments, result and errors)."""
+        ...
+
+    def decode_alpha(
+        self,
+        data: bytes | RawPreview,
+        *,
+        limits: DecodeLimits | None = None,
+        source: str | None = None,
+        draft_size: tuple[int, int] | None = None,
+    ) -> tuple[Image.Image, Image.Image | None]:
+        """:meth:`decode`, and the alpha composited into the image (``decode_image_alpha``)."""
         ...
 
 
@@ -172,6 +187,17 @@ class PilDecoder:
     ) -> Image.Image:
         """Decode one image safely; see :func:`keeper_core.images.decode_image`."""
         return decode_image(data, limits=limits, source=source, draft_size=draft_size)
+
+    def decode_alpha(
+        self,
+        data: bytes | RawPreview,
+        *,
+        limits: DecodeLimits | None = None,
+        source: str | None = None,
+        draft_size: tuple[int, int] | None = None,
+    ) -> tuple[Image.Image, Image.Image | None]:
+        """:meth:`decode`, and its alpha: :func:`keeper_core.images.decode_image_alpha`."""
+        return decode_image_alpha(data, limits=limits, source=source, draft_size=draft_size)
 
 
 @dataclass(frozen=True)
@@ -274,12 +300,23 @@ class TurboDecoder:
         draft_size: tuple[int, int] | None = None,
     ) -> Image.Image:
         """Decode one image safely, with ``decode_image``'s arguments, result and errors."""
+        return self.decode_alpha(data, limits=limits, source=source, draft_size=draft_size)[0]
+
+    def decode_alpha(
+        self,
+        data: bytes | RawPreview,
+        *,
+        limits: DecodeLimits | None = None,
+        source: str | None = None,
+        draft_size: tuple[int, int] | None = None,
+    ) -> tuple[Image.Image, Image.Image | None]:
+        """:meth:`decode`, and the alpha PIL composited (a JPEG has none): ``decode_image_alpha``."""
         limits = _DEFAULT_LIMITS if limits is None else limits
         _check_draft_size(draft_size)
         plan = _plan(data, limits, source)
         if plan.delegate is not None:
             self.delegated[plan.delegate] += 1
-            return decode_image(plan.src, limits=limits, source=source, draft_size=draft_size)
+            return decode_image_alpha(plan.src, limits=limits, source=source, draft_size=draft_size)
         scale = _draft_scale(plan.size, draft_size, plan.orientation)
         w, h = plan.size
         # simplejpeg picks the smallest libjpeg-turbo factor (n/8) meeting both minimums: with
@@ -292,13 +329,13 @@ class TurboDecoder:
             # scan whose EOI is damaged gives, which PIL decodes. PIL's verdict is the contract
             # (its "truncated" for a cut file), at a second decode of a broken file only.
             self.delegated["turbo_refused"] += 1
-            return decode_image(plan.src, limits=limits, source=source, draft_size=draft_size)
+            return decode_image_alpha(plan.src, limits=limits, source=source, draft_size=draft_size)
         self.decoded += 1
         out = Image.fromarray(rgb)
         if plan.transform is not None:  # per pixel: before or after the orientation, the same
             out = convert_to_srgb(out, plan.transform)
             self.color_converted += 1
-        return out if plan.orientation == 1 else out.transpose(_TRANSPOSE[plan.orientation])
+        return out if plan.orientation == 1 else out.transpose(_TRANSPOSE[plan.orientation]), None
 
 
 def _complete(jpeg: bytes) -> bool:
@@ -332,9 +369,10 @@ def _orient(chw: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def _unbanded(
-    result: torch.Tensor | ImageDecodeError,
-) -> tuple[torch.Tensor, None] | ImageDecodeError:
-    return result if isinstance(result, ImageDecodeError) else (result, None)
+    result: tuple[torch.Tensor, torch.Tensor | None] | ImageDecodeError,
+) -> tuple[torch.Tensor, None, torch.Tensor | None] | ImageDecodeError:
+    """A CPU decode's ``(pixels, alpha)`` as ``_decode_batch``'s ``(pixels, band, alpha)``."""
+    return result if isinstance(result, ImageDecodeError) else (result[0], None, result[1])
 
 
 def _by_pixels(images: list[torch.Tensor], limit: int) -> Iterator[list[torch.Tensor]]:
@@ -447,19 +485,22 @@ class GpuDecoder:
         limits: DecodeLimits | None = None,
         draft_size: tuple[int, int] | None = None,
         band_pixels: int,
-    ) -> list[tuple[torch.Tensor, torch.Tensor | None] | ImageDecodeError]:
-        """:meth:`decode_batch`, plus the full-resolution top band of each drafted image.
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | ImageDecodeError]:
+        """:meth:`decode_batch`, plus the full-resolution top band of each drafted image, and
+        the alpha of each image with transparency.
 
         A draft loses the 8x8 block grid blockiness is measured on. For a JPEG decoded and
         drafted on the device, the band is the top rows of the full decode before the shrink,
         in stored orientation, as PIL's "L" of its RGB: the rows
         :func:`keeper_core.images.decode_jpeg_band` decodes for ``pixels=band_pixels``, so no
         second decode is needed. None for an image not drafted, or decoded on the CPU (whose
-        caller decodes its band there).
+        caller decodes its band there). The alpha is what the CPU backend composited on white
+        (``decode_image_alpha``): only a delegated image (a PNG, WebP, TIFF...) can have one.
 
         Returns:
-            Per item, in order: ``(pixels, band)`` (band: uint8 ``(rows, stored width)`` on
-            ``self.device``, or None), or the ImageDecodeError ``decode_image`` would raise.
+            Per item, in order: ``(pixels, band, alpha)`` (band: uint8 ``(rows, stored
+            width)``, alpha: uint8 ``(H, W)``, each on ``self.device`` or None), or the
+            ImageDecodeError ``decode_image`` would raise.
         """
         return self._decode_batch(items, limits, draft_size, band_pixels)
 
@@ -469,12 +510,12 @@ class GpuDecoder:
         limits: DecodeLimits | None,
         draft_size: tuple[int, int] | None,
         band_pixels: int | None,
-    ) -> list[tuple[torch.Tensor, torch.Tensor | None] | ImageDecodeError]:
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | ImageDecodeError]:
         limits = _DEFAULT_LIMITS if limits is None else limits
         _check_draft_size(draft_size)
-        out: list[tuple[torch.Tensor, torch.Tensor | None] | ImageDecodeError | None] = [
-            None
-        ] * len(items)
+        out: list[
+            tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | ImageDecodeError | None
+        ] = [None] * len(items)
         on_device: list[tuple[int, _Plan]] = []
         for i, (data, source) in enumerate(items):
             try:
@@ -510,13 +551,13 @@ class GpuDecoder:
                 result = self._shrink(result, scale)
             result = _orient(result, plan.orientation)
             if plan.matrix is None:
-                out[i] = (result, band)
+                out[i] = (result, band, None)  # a JPEG: no alpha
             else:  # converted below, with the batch's other images of this profile
                 to_convert.setdefault(plan.matrix, []).append((i, result, band))
         for matrix, pending in to_convert.items():
             srgb = self._to_srgb([image for _, image, _ in pending], matrix)
             for (i, _, band), image in zip(pending, srgb, strict=True):
-                out[i] = (image, band)
+                out[i] = (image, band, None)
         assert all(r is not None for r in out)  # every item took exactly one of the paths
         return [r for r in out if r is not None]
 
@@ -549,10 +590,23 @@ class GpuDecoder:
         For the :class:`Decoder` interface only: the device pays off through ``decode_batch``,
         whose pixels stay on the device for the model.
         """
-        (result,) = self.decode_batch([(data, source)], limits=limits, draft_size=draft_size)
+        return self.decode_alpha(data, limits=limits, source=source, draft_size=draft_size)[0]
+
+    def decode_alpha(
+        self,
+        data: bytes | RawPreview,
+        *,
+        limits: DecodeLimits | None = None,
+        source: str | None = None,
+        draft_size: tuple[int, int] | None = None,
+    ) -> tuple[Image.Image, Image.Image | None]:
+        """:meth:`decode`, and the alpha the CPU backend composited (a JPEG has none)."""
+        (result,) = self._decode_batch([(data, source)], limits, draft_size, None)
         if isinstance(result, ImageDecodeError):
             raise result
-        return Image.fromarray(result.permute(1, 2, 0).cpu().numpy())
+        pixels, _, alpha = result
+        image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+        return image, None if alpha is None else Image.fromarray(alpha.cpu().numpy())
 
     def _device_decode(self, jpegs: list[bytes]) -> list[torch.Tensor | Exception]:
         """Decode on the device, a batch at once: per JPEG a ``(3, H, W)`` tensor or the error."""
@@ -592,15 +646,22 @@ class GpuDecoder:
         source: str | None,
         limits: DecodeLimits,
         draft_size: tuple[int, int] | None,
-    ) -> torch.Tensor | ImageDecodeError:
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | ImageDecodeError:
+        """The CPU backend's pixels ``(3, H, W)`` and alpha ``(H, W)`` (or None), on the device."""
         import torch
 
         try:
-            img = self.cpu.decode(src, limits=limits, source=source, draft_size=draft_size)
+            img, alpha = self.cpu.decode_alpha(
+                src, limits=limits, source=source, draft_size=draft_size
+            )
         except ImageDecodeError as e:
             return e
         chw = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-        return chw.to(self.device)
+        if alpha is None:
+            return chw.to(self.device), None
+        return chw.to(self.device), torch.from_numpy(np.array(alpha, dtype=np.uint8)).to(
+            self.device
+        )
 
     @staticmethod
     def _shrink(chw: torch.Tensor, scale: int) -> torch.Tensor:

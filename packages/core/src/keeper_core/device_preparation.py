@@ -29,7 +29,9 @@ does: ``GpuDecoder.decode_batch_with_bands`` hands back the top stored rows of t
 before its draft shrink (the rows ``images.decode_jpeg_band`` decodes, as PIL's "L" of the RGB
 rather than libjpeg's Y: within +-1 level), so no second decode is needed on the CPU. What the
 device could not decode (CMYK, PNG, a broken JPEG) was decoded by the CPU backend, and its band
-is decoded there too.
+is decoded there too. Such an image with transparency (a PNG, WebP or TIFF cut-out) comes with
+the alpha the CPU backend composited, so its features are measured where it is opaque, as
+``ImagePreparation`` measures them (``keeper_core.quality``'s module docstring).
 
     prep = DevicePreparation("ViT-B-32:laion2b_s34b_b79k", device="cuda:0",
                              decoder=GpuDecoder("cuda:0"))
@@ -60,7 +62,7 @@ from keeper_core.images import (
 )
 from keeper_core.models import ModelSpec, PreprocessConfig, preprocess_config
 from keeper_core.preparation import BAND_PIXELS, QUALITY_SIZE, ImagePreparation
-from keeper_core.quality import BLOCK_CROP, FEATURE_NAMES, laplacian
+from keeper_core.quality import BLOCK_CROP, FEATURE_NAMES, OPAQUE, laplacian, opaque_interior
 
 __all__ = [
     "DevicePreparation",
@@ -376,7 +378,17 @@ def _median(x: torch.Tensor) -> torch.Tensor:
     return (x.kthvalue(n // 2, dim=1).values + upper) / 2.0
 
 
-def _features(rgb255: torch.Tensor) -> torch.Tensor:
+def _opaque_mask(alpha: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """``quality.opaque_mask`` of a uint8 ``(H, W)`` alpha: the same resize, bit for bit."""
+    if alpha is None:
+        return None
+    small = _resize_reducing_gap(alpha.to(torch.int32), size, "bilinear", _REDUCING_GAP)
+    mask = small >= OPAQUE
+    opaque = int(mask.sum())  # a sync, for images with transparency only
+    return mask if 0 < opaque < mask.numel() else None
+
+
+def _features(rgb255: torch.Tensor, masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """quality.py's ``_features`` columns 0..6 of ``(N, 3, S, S)`` 8-bit values as float32."""
     size = rgb255.shape[-1]
     rgb = rgb255 / 255.0
@@ -399,6 +411,21 @@ def _features(rgb255: torch.Tensor) -> torch.Tensor:
     colorfulness = torch.sqrt(
         rg.var(dim=(1, 2), correction=0) + yb.var(dim=(1, 2), correction=0)
     ) + 0.3 * torch.sqrt(rg.mean(dim=(1, 2)) ** 2 + yb.mean(dim=(1, 2)) ** 2)
+    for i, mask in enumerate(masks):
+        if mask is None:
+            continue
+        # quality.py's statistics over the opaque pixels only.
+        g, g_255, c_rg, c_yb = grey[i][mask], g255[i][mask], rg[i][mask], yb[i][mask]
+        brightness[i] = g.mean()
+        clip_dark[i] = (g_255 <= 2.5).float().mean()
+        clip_bright[i] = (g_255 >= 252.5).float().mean()
+        contrast[i] = g.std(correction=0)
+        colorfulness[i] = torch.sqrt(
+            c_rg.var(correction=0) + c_yb.var(correction=0)
+        ) + 0.3 * torch.sqrt(c_rg.mean() ** 2 + c_yb.mean() ** 2)
+        inner = resid[i][opaque_interior(mask)]
+        if inner.numel():
+            noise[i] = _MAD_TO_STD * _median(inner.abs()[None])[0] / 6.0
     return torch.stack(
         [sharpness, brightness, clip_dark, clip_bright, contrast, noise, colorfulness], dim=1
     )
@@ -410,6 +437,7 @@ def quality_features_tensor(
     size: int = 256,
     blockiness: Sequence[float | torch.Tensor | None] | None = None,
     sizes: Sequence[tuple[int, int]] | None = None,
+    alpha: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """``keeper_core.quality.quality_features`` of uint8 ``(3, H, W)`` RGB tensors, on their device.
 
@@ -424,13 +452,16 @@ def quality_features_tensor(
             decode; a float or a 0-d tensor, which saves a device sync); None entries, or no
             sequence, are measured here on the central crop.
         sizes: per image, the original displayed ``(width, height)``; default: the tensor's.
+        alpha: per image, the alpha composited into it: uint8 ``(H, W)`` on its device, or None
+            (no transparency). Measured where it is opaque, as ``quality_features``.
 
     Returns:
         ``(len(images), len(FEATURE_NAMES))`` float32 on the images' device (CPU when empty).
 
     Raises:
-        DataError: an item is not a uint8 (3, H, W) tensor, ``size`` < 8, or ``blockiness`` or
-            ``sizes`` does not have one entry per image.
+        DataError: an item is not a uint8 (3, H, W) tensor, or an alpha not a uint8 (H, W) one,
+            ``size`` < 8, or ``blockiness``, ``sizes`` or ``alpha`` does not have one entry per
+            image.
     """
     if size < 8:
         raise DataError(f"quality_features_tensor: size must be >= 8, got {size}")
@@ -440,11 +471,22 @@ def quality_features_tensor(
         [None] * n if blockiness is None else list(blockiness)
     )
     dims = [(int(im.shape[2]), int(im.shape[1])) for im in images] if sizes is None else list(sizes)
-    if len(known) != n or len(dims) != n:
+    alphas: list[torch.Tensor | None] = [None] * n if alpha is None else list(alpha)
+    if len(known) != n or len(dims) != n or len(alphas) != n:
         raise DataError(
-            f"quality_features_tensor: {len(known)} blockiness values and {len(dims)} sizes "
-            f"for {n} images"
+            f"quality_features_tensor: {len(known)} blockiness values, {len(dims)} sizes and "
+            f"{len(alphas)} alphas for {n} images"
         )
+    for i, (im, a) in enumerate(zip(images, alphas, strict=True)):
+        if a is not None and not (
+            isinstance(a, torch.Tensor) and a.dtype == torch.uint8 and a.shape == im.shape[1:]
+        ):
+            got = f"{a.dtype} {tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a)
+            raise DataError(
+                f"quality_features_tensor: alpha {i} must be a uint8 {tuple(im.shape[1:])} "
+                f"tensor, got {got}",
+                rows=[i],
+            )
     device = images[0].device if n else torch.device("cpu")
     out = torch.zeros((n, len(FEATURE_NAMES)), dtype=torch.float32, device=device)
     for start in range(0, n, _CHUNK):
@@ -452,7 +494,8 @@ def quality_features_tensor(
         resized = torch.empty((len(chunk), 3, size, size), dtype=torch.float32, device=device)
         for idx, batch in _by_shape(chunk):
             resized[idx] = _resize_reducing_gap(batch, size, "bilinear", _REDUCING_GAP).float()
-        out[start : start + len(chunk), :7] = _features(resized)
+        masks = [_opaque_mask(a, size) for a in alphas[start : start + _CHUNK]]
+        out[start : start + len(chunk), :7] = _features(resized, masks)
         block = [
             _blockiness(im) if b is None else torch.as_tensor(b, dtype=torch.float64, device=device)
             for im, b in zip(chunk, known[start : start + _CHUNK], strict=True)
@@ -591,6 +634,7 @@ class _Decoded:
     width: int
     height: int
     blockiness: float | torch.Tensor | None
+    alpha: torch.Tensor | None = None  # (H, W) uint8 on the device, for an image with transparency
 
 
 class DevicePreparation:
@@ -641,6 +685,7 @@ class DevicePreparation:
                 size=QUALITY_SIZE,
                 blockiness=[d.blockiness for d in decoded],
                 sizes=sizes,
+                alpha=[d.alpha for d in decoded],
             ).to(self.device),
             dhash=_dhashes(tensors),
             ok=[d.index for d in decoded],
@@ -661,7 +706,10 @@ class DevicePreparation:
                 continue
             hwc = torch.from_numpy(np.array(d.image, dtype=np.uint8))
             chw = hwc.permute(2, 0, 1).contiguous().to(self.device)
-            out.append(_Decoded(i, chw, d.width, d.height, d.blockiness))
+            alpha = None
+            if d.alpha is not None:
+                alpha = torch.from_numpy(np.array(d.alpha, dtype=np.uint8)).to(self.device)
+            out.append(_Decoded(i, chw, d.width, d.height, d.blockiness, alpha))
         return out
 
     def _decode_on_device(
@@ -687,7 +735,7 @@ class DevicePreparation:
             if isinstance(result, ImageDecodeError):
                 errors.append((i, result))
                 continue
-            pixels, band = result
+            pixels, band, alpha = result
             height, width = pixels.shape[1:]
             blockiness: float | torch.Tensor | None = None
             if self.draft_size is not None:
@@ -699,5 +747,7 @@ class DevicePreparation:
                         if band is None
                         else _grid_ratio(band)
                     )
-            out.append(_Decoded(i, pixels.to(self.device), width, height, blockiness))
+            if alpha is not None:
+                alpha = alpha.to(self.device)
+            out.append(_Decoded(i, pixels.to(self.device), width, height, blockiness, alpha))
         return out

@@ -8,6 +8,8 @@ truncated file is an error, never a grey-padded image), applies the EXIF orienta
 converts every mode to 8-bit RGB (alpha composited on white) in sRGB: pixels tagged with another
 RGB colour space (an ICC profile, a HEIF nclx box, or a camera's EXIF mark for Adobe RGB) are
 converted, and so are CMYK pixels with an embedded CMYK profile (``keeper_core.color``).
+:func:`decode_image_alpha` also hands back the alpha it composited, for the quality features,
+which measure exposure where an image is opaque (a cut-out's transparent area is no highlight).
 
 Phone and camera formats (``keeper_core.formats``). HEIC/HEIF decode through pillow-heif,
 registered on first use: it applies the HEIF rotation (irot/imir) itself and reports the EXIF
@@ -42,10 +44,12 @@ __all__ = [
     "RawPreview",
     "check_header_size",
     "decode_image",
+    "decode_image_alpha",
     "decode_jpeg_band",
     "image_size",
     "raw_preview",
     "sniff_is_image",
+    "split_alpha",
 ]
 
 
@@ -397,14 +401,27 @@ def _deep_to_l(im: Image.Image) -> Image.Image:
 def to_rgb(im: Image.Image) -> Image.Image:
     """``im`` as 8-bit RGB the way every keeper path converts: alpha composited on white,
     16-bit and float greys scaled (not clipped to white as PIL's ``convert`` does)."""
+    return split_alpha(im)[0]
+
+
+def split_alpha(im: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """``im`` as :func:`to_rgb` converts it, and its alpha channel where it has transparency.
+
+    Returns:
+        The RGB image (alpha composited on white), and its alpha as a mode "L" image of the
+        same size: from an alpha band, a palette's transparent index or a transparency key.
+        None when ``im`` has none, or when every pixel is fully opaque (an RGBA export of an
+        opaque photo), so such an image is measured exactly as one without alpha.
+    """
     if im.mode in _DEEP_MODES:
         im = _deep_to_l(im)  # PIL's own convert() clips these to white instead of scaling
     if im.has_transparency_data:
         rgba = im.convert("RGBA")
+        alpha = rgba.getchannel("A")
         out = Image.new("RGB", im.size, _WHITE)
-        out.paste(rgba, mask=rgba.getchannel("A"))
-        return out
-    return im if im.mode == "RGB" else im.convert("RGB")
+        out.paste(rgba, mask=alpha)
+        return out, None if alpha.getextrema()[0] == 255 else alpha
+    return im if im.mode == "RGB" else im.convert("RGB"), None
 
 
 def _check_draft_size(draft_size: tuple[int, int] | None) -> None:
@@ -537,6 +554,29 @@ def decode_image(
             "truncated", "too_many_pixels", "too_many_scans" or "too_small".
         ConfigError: ``draft_size`` is not two positive ints.
     """
+    return decode_image_alpha(data, limits=limits, source=source, draft_size=draft_size)[0]
+
+
+def decode_image_alpha(
+    data: bytes | RawPreview,
+    *,
+    limits: DecodeLimits | None = None,
+    source: str | None = None,
+    draft_size: tuple[int, int] | None = None,
+) -> tuple[Image.Image, Image.Image | None]:
+    """:func:`decode_image`'s image, and the alpha composited into it.
+
+    The quality features measure exposure where an image is opaque (``keeper_core.quality``),
+    so the decode that feeds them keeps the alpha it composites: no second decode.
+
+    Returns:
+        The RGB image, exactly as :func:`decode_image` returns it, and its alpha (mode "L",
+        the same size and orientation; see :func:`split_alpha`), or None for an image without
+        transparency (every JPEG, and an image whose every pixel is opaque).
+
+    Raises:
+        ImageDecodeError, ConfigError: as :func:`decode_image`.
+    """
     limits = _DEFAULT_LIMITS if limits is None else limits
     _check_draft_size(draft_size)
     encoded, fallback, raw_space = _resolve(data, limits, source)
@@ -566,7 +606,9 @@ def decode_image(
     if out.mode not in _CONVERTIBLE_MODES:
         raise ImageDecodeError("unsupported", f"{im.format} in mode {out.mode}", source=source)
     transform = srgb_transform(im.info, out.mode, raw_space)  # the opened image's own info
-    if transform is None:
-        return to_rgb(out)  # nothing to convert (CMYK without a usable profile: PIL's formula)
-    # A CMYK profile takes the CMYK pixels (PIL has undone a JPEG's Adobe inversion already).
-    return convert_to_srgb(out if out.mode == "CMYK" else to_rgb(out), transform)
+    if transform is not None and out.mode == "CMYK":
+        # A CMYK profile takes the CMYK pixels (PIL has undone a JPEG's Adobe inversion already).
+        return convert_to_srgb(out, transform), None
+    rgb, alpha = split_alpha(out)
+    # No transform: nothing to convert (CMYK without a usable profile: PIL's formula).
+    return rgb if transform is None else convert_to_srgb(rgb, transform), alpha

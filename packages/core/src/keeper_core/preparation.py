@@ -24,6 +24,9 @@ drafted (every non-JPEG, a JPEG under twice the draft size) are measured on thei
 pixels as before.
 
 A camera RAW file is prepared from its embedded JPEG preview: width/height are its displayed size.
+An image with transparency keeps its alpha beside the pixels composited on white
+(``DecodedImage.alpha``, from the same decode): the model sees it on white, the quality features
+measure it where it is opaque (``keeper_core.quality``).
 
     prep = ImagePreparation("ViT-B-32:laion2b_s34b_b79k")
     decoded = [prep.decode(data, source=uri) for data in blobs]   # ImageDecodeError per image
@@ -77,12 +80,16 @@ class DecodedImage:
         width, height: the original displayed size (EXIF-oriented), before any draft.
         blockiness: for a drafted JPEG, blockiness measured on full-resolution pixels (the
             draft has lost the block grid); None when ``image`` is at full resolution.
+        alpha: the alpha composited into ``image`` (mode "L", its size), for an image with
+            transparency: the quality features measure exposure where it is opaque. None for
+            every other image (every JPEG).
     """
 
     image: Image.Image
     width: int
     height: int
     blockiness: float | None = None
+    alpha: Image.Image | None = None
 
 
 class ImagePreparation:
@@ -127,15 +134,17 @@ class ImagePreparation:
         """
         # A RAW's preview is extracted once, and the three calls below read the same JPEG.
         src: bytes | RawPreview = raw_preview(data, limits=self.limits, source=source) or data
-        img = self.decoder.decode(
+        img, alpha = self.decoder.decode_alpha(
             src, limits=self.limits, source=source, draft_size=self.draft_size
         )
         if self.draft_size is None:
-            return DecodedImage(image=img, width=img.width, height=img.height)
+            return DecodedImage(image=img, width=img.width, height=img.height, alpha=alpha)
         width, height = image_size(src)
         drafted = img.size != (width, height)
         blockiness = self.full_resolution_blockiness(src, source) if drafted else None
-        return DecodedImage(image=img, width=width, height=height, blockiness=blockiness)
+        return DecodedImage(
+            image=img, width=width, height=height, blockiness=blockiness, alpha=alpha
+        )
 
     def full_resolution_blockiness(self, src: bytes | RawPreview, source: str | None) -> float:
         """Blockiness of a drafted JPEG, measured on a full-resolution band of the original."""
@@ -163,12 +172,14 @@ class ImagePreparation:
     def quality(self, decoded: Sequence[DecodedImage]) -> np.ndarray:
         """Quality features ``(N, len(FEATURE_NAMES))`` float32.
 
-        Width, height and (for drafted JPEGs) blockiness are the original's, from ``decode``.
+        Width, height and (for drafted JPEGs) blockiness are the original's, from ``decode``;
+        an image with transparency is measured where it is opaque (``keeper_core.quality``).
         """
         feats = quality_features(
             [d.image for d in decoded],
             size=QUALITY_SIZE,
             blockiness=[d.blockiness for d in decoded],
+            alpha=[d.alpha for d in decoded],
         ).astype(np.float32)
         if len(decoded):
             feats[:, _WIDTH] = [d.width for d in decoded]

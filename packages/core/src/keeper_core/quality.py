@@ -12,6 +12,20 @@ resolution: a JPEG draft-decoded at 1/2..1/8 has lost its grid (a quality-10 pho
 clean), so a caller that drafted passes ``blockiness`` measured on full-resolution pixels
 (``keeper_core.preparation`` decodes a top band of the original for it).
 
+Transparency. Keeper composites alpha on white (what CLIP sees and a viewer shows), but a cut-out's
+transparent area was never light the camera caught: counted with the rest, a mid-grey product shot
+on a 60 % transparent background reads 60 % blown highlights and brightness 0.80 (its subject:
+0.50). So where an image has transparency, the features that read levels (brightness, clip_dark,
+clip_bright, contrast, colorfulness) are measured over its opaque pixels (alpha >= ``OPAQUE`` after
+the same resize), and noise over the pixels whose 3x3 neighbourhood is opaque: over the flat
+backdrop the median residual is 0 whatever the subject's noise, and the cut edge is no noise.
+Sharpness stays on the composited frame: the Laplacian's variance is the edge energy of the image
+as shown, the subject's outline against white is an edge the image has either way, and a variance
+(unlike a median) is only scaled down by a flat backdrop, alike for every shot of a series.
+Blockiness measures the pixels as given, as before. An image whose every pixel is opaque is
+measured exactly as one without alpha; one with no opaque pixel (a blank) is measured whole, as
+composited (white: brightness 1, clip_bright 1), as is noise where no 3x3 neighbourhood is opaque.
+
     >>> feats = quality_features([img_a, img_b])  # (2, len(FEATURE_NAMES)) float32
 """
 
@@ -24,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from keeper_core.errors import DataError
-from keeper_core.images import to_rgb
+from keeper_core.images import split_alpha
 
 FEATURE_NAMES: tuple[str, ...] = (
     "sharpness",  # log(1 + var(Laplacian)) of grey on the 0..255 scale
@@ -51,6 +65,9 @@ BLOCK_CROP = 512
 _IMMERKAER = ((1, -2, 1), (-2, 4, -2), (1, -2, 1))
 # Median of |N(0, 1)| is 0.6745: scales a median absolute value to a std.
 _MAD_TO_STD = 1.4826
+#: Alpha (0..255) from which a pixel counts as opaque: half way, so a cut-out's antialiased
+#: edge counts with whichever of subject and backdrop it mostly shows.
+OPAQUE = 128
 
 
 def quality_features(
@@ -58,60 +75,103 @@ def quality_features(
     *,
     size: int = 256,
     blockiness: Sequence[float | None] | None = None,
+    alpha: Sequence[Image.Image | None] | None = None,
 ) -> np.ndarray:
     """Compute the handcrafted quality features of a batch of images.
 
     Args:
         images: PIL images of any mode (converted to RGB as ``decode_image`` converts:
-            alpha composited on white, 16-bit and float greys scaled) and any size.
+            alpha composited on white, 16-bit and float greys scaled) and any size. An image
+            with transparency (RGBA, LA, a palette's transparent index) is measured where it
+            is opaque (see the module docstring).
         size: side of the square every image is resized to before the resolution dependent
             features (everything except blockiness, width and height) are computed.
         blockiness: per image, blockiness already measured on full-resolution pixels (see
             ``block_grid_ratio``), for images that are downscaled decodes; None entries, or
             no sequence, are measured here on the pixels given.
+        alpha: per image, the alpha composited into it (mode "L", the image's size: what
+            ``images.decode_image_alpha`` returns beside an RGB image); None entries, or no
+            sequence, take the image's own transparency, if any.
 
     Returns:
         A float32 array of shape ``(len(images), len(FEATURE_NAMES))``, columns in the order
         of ``FEATURE_NAMES``.
 
     Raises:
-        DataError: an item is not a PIL image (``rows`` names its index), ``size`` < 8, or
-            ``blockiness`` does not have one entry per image.
+        DataError: an item is not a PIL image, or an alpha not an "L" image of its image's
+            size (``rows`` names its index), ``size`` < 8, or ``blockiness`` or ``alpha`` does
+            not have one entry per image.
     """
     if size < 8:
         raise DataError(f"quality_features: size must be >= 8, got {size}")
     known: list[float | None] = [None] * len(images) if blockiness is None else list(blockiness)
-    if len(known) != len(images):
-        raise DataError(
-            f"quality_features: {len(known)} blockiness values for {len(images)} images"
-        )
-    for i, img in enumerate(images):
+    alphas: list[Image.Image | None] = [None] * len(images) if alpha is None else list(alpha)
+    for given, what in ((known, "blockiness values"), (alphas, "alphas")):
+        if len(given) != len(images):
+            raise DataError(f"quality_features: {len(given)} {what} for {len(images)} images")
+    for i, (img, a) in enumerate(zip(images, alphas, strict=True)):
         if not isinstance(img, Image.Image):
             raise DataError(
                 f"quality_features: item {i} is a {type(img).__name__}, not a PIL image",
                 rows=[i],
             )
+        if a is not None and not (
+            isinstance(a, Image.Image) and a.mode == "L" and a.size == img.size
+        ):
+            got = f"mode {a.mode} {a.size}" if isinstance(a, Image.Image) else type(a).__name__
+            raise DataError(
+                f"quality_features: alpha {i} must be an L image of {img.size}, got {got}",
+                rows=[i],
+            )
     out = np.zeros((len(images), len(FEATURE_NAMES)), dtype=np.float32)
     for start in range(0, len(images), _CHUNK):
-        chunk = [_rgb(img) for img in images[start : start + _CHUNK]]
-        out[start : start + len(chunk)] = _features(chunk, size, known[start : start + _CHUNK])
+        end = start + _CHUNK
+        chunk, masks = [], []
+        for img, a in zip(images[start:end], alphas[start:end], strict=True):
+            rgb, own = _rgb(img)
+            chunk.append(rgb)
+            masks.append(opaque_mask(a if a is not None else own, size))
+        out[start : start + len(chunk)] = _features(chunk, size, known[start:end], masks)
     return out
 
 
-def quality_record(img: Image.Image, *, size: int = 256) -> dict[str, float]:
+def quality_record(
+    img: Image.Image, *, size: int = 256, alpha: Image.Image | None = None
+) -> dict[str, float]:
     """Quality features of one image as a ``{name: value}`` dict (see ``quality_features``)."""
-    row = quality_features([img], size=size)[0]
+    row = quality_features([img], size=size, alpha=[alpha])[0]
     return {name: float(v) for name, v in zip(FEATURE_NAMES, row, strict=True)}
 
 
-def _rgb(img: Image.Image) -> Image.Image:
+def _rgb(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
     # decode_image's conversion, not PIL's convert("RGB"): that one drops alpha (what lies
     # behind a transparent pixel, often black, would be measured) and clips 16-bit and float
     # greys to white, so an image handed over undecoded would be measured unlike its file.
-    return img if img.mode == "RGB" else to_rgb(img)
+    if img.mode == "RGB" and not img.has_transparency_data:
+        return img, None
+    return split_alpha(img)
 
 
-def _features(images: list[Image.Image], size: int, known: list[float | None]) -> np.ndarray:
+def opaque_mask(alpha: Image.Image | None, size: int) -> np.ndarray | None:
+    """Where an alpha, resized as the pixels are, is opaque: ``(size, size)`` bool.
+
+    None (measure the whole frame) for no alpha, and for an alpha opaque everywhere or nowhere
+    at that size: the first is measured exactly as an image without alpha, the second (a blank)
+    has no subject to measure.
+    """
+    if alpha is None:
+        return None
+    small = alpha.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    mask = np.asarray(small) >= OPAQUE
+    return mask if mask.any() and not mask.all() else None
+
+
+def _features(
+    images: list[Image.Image],
+    size: int,
+    known: list[float | None],
+    masks: list[np.ndarray | None],
+) -> np.ndarray:
     # reducing_gap: a fast integer pre-reduction for big photos before the exact resample.
     rgb = (
         np.stack(
@@ -152,6 +212,21 @@ def _features(images: list[Image.Image], size: int, known: list[float | None]) -
     colorfulness = np.sqrt(rg.var(axis=(1, 2)) + yb.var(axis=(1, 2))) + 0.3 * np.sqrt(
         rg.mean(axis=(1, 2)) ** 2 + yb.mean(axis=(1, 2)) ** 2
     )
+    for i, mask in enumerate(masks):
+        if mask is None:
+            continue
+        # The same statistics over the opaque pixels only (module docstring: transparency).
+        g, g_255, c_rg, c_yb = grey[i][mask], g255[i][mask], rg[i][mask], yb[i][mask]
+        brightness[i] = g.mean()
+        clip_dark[i] = (g_255 <= 2.5).mean()
+        clip_bright[i] = (g_255 >= 252.5).mean()
+        contrast[i] = g.std()
+        colorfulness[i] = np.sqrt(c_rg.var() + c_yb.var()) + 0.3 * np.sqrt(
+            c_rg.mean() ** 2 + c_yb.mean() ** 2
+        )
+        inner = opaque_interior(mask)
+        if inner.any():
+            noise[i] = _MAD_TO_STD * np.median(np.abs(resid[i][inner])) / 6.0
 
     blockiness = np.array(
         [image_blockiness(im) if b is None else b for im, b in zip(images, known, strict=True)],
@@ -174,6 +249,17 @@ def _features(images: list[Image.Image], size: int, known: list[float | None]) -
         ],
         axis=1,
     )
+
+
+def opaque_interior(mask: Any) -> Any:
+    """The pixels of an ``(S, S)`` bool mask whose 3x3 neighbourhood is all in it, as an
+    ``(S-2, S-2)`` mask aligned with the noise residual: numpy or torch alike."""
+    s = mask.shape[-1]
+    inner = mask[1:-1, 1:-1]
+    for dy in range(3):
+        for dx in range(3):
+            inner = inner & mask[dy : dy + s - 2, dx : dx + s - 2]
+    return inner
 
 
 def laplacian(grey: Any) -> Any:

@@ -503,35 +503,42 @@ def _manifest_uris(src: str) -> tuple[list[str], int]:
     return list(first.values()), len(resolved) - len(first)
 
 
-#: What the table record says of its pixels, and what each record's change converted that the
-#: record before it left as decoded: decoded to sRGB from the colour space a photo names
+#: What the table record says of how its rows were prepared, and what each record's change did
+#: that the record before it did not: decoded to sRGB from the colour space a photo names
 #: (keeper_core.color): an ICC profile or HEIF nclx box ("srgb", 2026-12-04), a camera's EXIF
 #: mark for Adobe RGB ("srgb/2", 2026-12-05), a CMYK profile and a RAW file's own colour space
-#: ("srgb/3", 2026-12-05). Tables recorded before colour management have no entry.
+#: ("srgb/3", 2026-12-05); measured a photo with transparency's quality features where it is
+#: opaque ("srgb/4", 2026-12-05: its pixels are as before). Tables recorded before colour
+#: management have no entry.
 _COLOR_CHANGES = (
     (
         "srgb",
-        "photos tagged with another colour space (Display P3, Adobe RGB: an ICC profile or HEIF "
-        "nclx box)",
+        "converted photos tagged with another colour space (Display P3, Adobe RGB: an ICC "
+        "profile or HEIF nclx box) to sRGB",
     ),
     (
         "srgb/2",
-        "untagged camera JPEGs whose EXIF says Adobe RGB (ColorSpace uncalibrated, "
-        "interoperability index R03)",
+        "converted untagged camera JPEGs whose EXIF says Adobe RGB (ColorSpace uncalibrated, "
+        "interoperability index R03) to sRGB",
     ),
     (
         "srgb/3",
-        "CMYK photos with an embedded CMYK profile (read with PIL's CMYK formula), and RAW files "
-        "whose preview names no colour space while the RAW's own metadata does (Adobe RGB in its "
-        "EXIF or a Nikon or Canon maker note, a DNG's PreviewColorSpace)",
+        "converted CMYK photos with an embedded CMYK profile (read with PIL's CMYK formula), and "
+        "RAW files whose preview names no colour space while the RAW's own metadata does (Adobe "
+        "RGB in its EXIF or a Nikon or Canon maker note, a DNG's PreviewColorSpace), to sRGB",
+    ),
+    (
+        "srgb/4",
+        "measured the quality features of photos with transparency (PNG, WebP or TIFF cut-outs) "
+        "over their opaque pixels, no longer counting the transparent area as white highlights",
     ),
 )
 COLOR_RECORD = _COLOR_CHANGES[-1][0]
 
 
 def _unconverted(record: object) -> str:
-    """What a table of ``record`` holds unconverted: every change after it (all of them for no
-    record, or one this keeper does not know)."""
+    """What a table of ``record`` holds prepared the older way: every change after it (all of
+    them for no record, or one this keeper does not know)."""
     names = [name for name, _ in _COLOR_CHANGES]
     start = names.index(record) + 1 if record in names else 0
     return "; and ".join(what for _, what in _COLOR_CHANGES[start:])
@@ -574,9 +581,9 @@ def check_table_meta(
         if record and meta.get("color") != COLOR_RECORD:
             what = _unconverted(meta.get("color"))
             log.warning(
-                "%s was started before keeper converted %s to sRGB; its rows for such photos "
-                "hold unconverted pixels, new rows converted ones. Re-embed into a new output to "
-                "have every row converted.",
+                "%s was started before keeper %s; its rows for such photos were prepared without "
+                "that, new rows with it. Re-embed into a new output to have every row prepared "
+                "alike.",
                 dst,
                 what,
             )
