@@ -819,10 +819,13 @@ def _export_local(src: Path, dst: Path, mode: str, recorded: str | None) -> _Exp
             raise _different(str(dst), None)
         if os.path.samefile(src, dst):
             return _Exported("already", None)
-        there = _sha256(dst)
-        if dst.stat().st_size == src.stat().st_size and there == _sha256(src):
+        same_size = dst.stat().st_size == src.stat().st_size
+        # Hashed only where it can tell: a file of another size is no copy of src, and only
+        # keeper's own copy (a record) may be replaced.
+        there = _sha256(dst) if same_size or (mode == "copy" and recorded) else None
+        if same_size and there == _sha256(src):
             return _Exported("already", there if mode == "copy" else None)
-        if mode != "copy" or there != recorded:
+        if mode != "copy" or there is None or there != recorded:
             raise _different(str(dst), recorded)
         return _Exported("updated", _copy_local(src, dst))
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -911,8 +914,8 @@ def export_keepers(
     (:data:`EXPORT_RECORD`), of an original that changed since: that copy is replaced
     (``updated``). Nothing is removed: keeper's copies of images not among ``image_uris`` (no
     longer kept) stay, listed in ``not_kept``. Copies go to a temporary file renamed into
-    place, with the original's mtime. A hard link shares the original's inode: editing the exported file in place edits
-    the original too.
+    place, with the original's mtime. A hard link shares the original's inode: editing the
+    exported file in place edits the original too.
 
     Args:
         image_uris: the keepers (local paths or ``s3://`` URIs).
