@@ -264,3 +264,34 @@ def test_the_summary_counts_photos_timed_by_a_copy() -> None:
     text = pick.format_summary(pick_summary(counts={"copy_timed": 40}))
     assert "(40 photos timed by a copy's file time: each a group of its own)" in text
     assert "timed by a copy" not in pick.format_summary(pick_summary())
+
+
+def test_the_mirror_loses_keepers_sidecars_of_photos_gone_and_keeps_others(tmp_path: Path) -> None:
+    """xmp=mirror is rebuilt whole, as the picks are: the sidecar an earlier run wrote for a
+    photo deleted or renamed since goes; a file there that is not keeper's stays."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    uris = [str(root / n) for n in ("IMG_1.JPG", "IMG_2.JPG", "IMG_3.JPG")]
+    for u in uris:
+        Path(u).write_bytes(b"bytes only: a sidecar never opens its image")
+    cfg = pick.PickJobConfig(input=str(root), output=str(tmp_path / "out"), xmp="mirror")
+    mirror = tmp_path / "out" / "xmp"
+    first = pick.write_sidecars(cfg, _picks(uris), str(root))
+    assert (first.written, first.stale_removed) == (3, 0)
+    (mirror / "notes.xmp").write_text(_FOREIGN_SIDECAR)
+    Path(uris[2]).unlink()  # deleted from the library
+
+    again = pick.write_sidecars(cfg, _picks(uris[:2]), str(root))
+
+    assert (again.unchanged, again.stale_removed) == (2, 1)
+    assert sorted(p.name for p in mirror.iterdir()) == ["IMG_1.xmp", "IMG_2.xmp", "notes.xmp"]
+    summary = pick_summary(sidecars={**again.counts()}, xmp="mirror")
+    assert "1 stale removed (photos gone since)" in pick.format_summary(summary)
+
+
+_FOREIGN_SIDECAR = """<x:xmpmeta xmlns:x="adobe:ns:meta/">
+ <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+  <rdf:Description rdf:about="" xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmp:Rating="4"/>
+ </rdf:RDF>
+</x:xmpmeta>
+"""

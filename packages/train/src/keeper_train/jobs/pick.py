@@ -748,6 +748,9 @@ class Sidecars:
     #: in the other modes, which write no original)
     files_written: int | None = None
     files_unchanged: int | None = None
+    #: xmp=mirror: keeper's sidecars of photos this run does not pick, removed (:func:`prune_mirror`)
+    #: (None in the other modes)
+    stale_removed: int | None = None
 
     def counts(self) -> dict[str, int]:
         """The summary's ``sidecars`` (failures are counted in ``counts["sidecars_failed"]``)."""
@@ -757,6 +760,8 @@ class Sidecars:
             "skipped": self.skipped,
             "kept_ratings": self.kept_ratings,
         }
+        if self.stale_removed is not None:
+            out["stale_removed"] = self.stale_removed
         if self.files_written is not None and self.files_unchanged is not None:
             out.update(files_written=self.files_written, files_unchanged=self.files_unchanged)
         return out
@@ -852,7 +857,34 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
         if in_file and done.files_written is not None and done.files_unchanged is not None:
             done.files_written += int(result.changed)
             done.files_unchanged += int(not result.changed)
+    if out_dir is not None:
+        done.stale_removed = prune_mirror(out_dir, [p.sidecar_uri for p in plans])
     return done
+
+
+def prune_mirror(out_dir: str, planned: Sequence[str]) -> int:
+    """xmp=mirror: removes the sidecars an earlier run left under ``out_dir`` for photos this run
+    does not pick (deleted or renamed since, or left out by ``limit``); returns how many.
+
+    The mirror is this run's output, rebuilt whole like the picks: a stale sidecar copied onto a
+    library would give an old decision to whatever photo takes that name next (a camera's
+    counter comes round). Only keeper's sidecars go (holding keeper's fields); another tool's
+    file there, or one that cannot be read, stays, logged.
+    """
+    keep = {name_key(u) for u in planned}
+    removed = 0
+    for uri in storage.list_files(out_dir, suffixes=[".xmp"]):
+        if name_key(uri) in keep:
+            continue
+        try:
+            if any(key.startswith(f"Xmp.{KEEPER_PREFIX}.") for key in read_sidecar(uri)):
+                storage.delete(uri)
+                removed += 1
+                continue
+            log.warning("sidecar %s under the mirror is not keeper's; left in place", uri)
+        except KeeperError as e:
+            log.warning("stale sidecar %s left in place: %s", uri, e)
+    return removed
 
 
 def group_keys(picks: pd.DataFrame) -> dict[str, str]:
@@ -1145,6 +1177,11 @@ def format_summary(s: PickSummary) -> str:
         + (
             f", {c['sidecars_failed']} FAILED (sidecar_failures in {SUMMARY})"
             if c.get("sidecars_failed")
+            else ""
+        )
+        + (
+            f", {s.sidecars['stale_removed']} stale removed (photos gone since)"
+            if s.sidecars.get("stale_removed")
             else ""
         ),
     ]
