@@ -569,33 +569,32 @@ def test_a_table_from_before_colour_management_is_named_when_added_to(
     assert "prepared without that" in caplog.text
     assert "ICC profile or HEIF nclx box" in caplog.text
     assert str(old) in caplog.text
-    # A table of 2026-12-04's colour management: only the EXIF Adobe RGB JPEGs differ.
     mid = tmp_path / "mid"
     mid.mkdir()
-    (mid / "_KEEPER_TABLE.json").write_text(json.dumps({**record, "color": "srgb"}))
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="keeper.embed"):
-        check_table_meta(str(mid), SPEC, embed_dim=64)
-    assert "EXIF says Adobe RGB" in caplog.text
-    assert "CMYK" in caplog.text
-    assert "ICC profile" not in caplog.text
+
+    def warned(color: str) -> str:
+        (mid / "_KEEPER_TABLE.json").write_text(json.dumps({**record, "color": color}))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="keeper.embed"):
+            check_table_meta(str(mid), SPEC, embed_dim=64)
+        return caplog.text
+
+    # A table of 2026-12-04's colour management: only the EXIF Adobe RGB JPEGs differ.
+    text = warned("srgb")
+    assert "EXIF says Adobe RGB" in text
+    assert "CMYK" in text
+    assert "ICC profile" not in text
     # One of the EXIF rule (2026-12-05): only CMYK photos with a profile and RAWs naming a space.
-    (mid / "_KEEPER_TABLE.json").write_text(json.dumps({**record, "color": "srgb/2"}))
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="keeper.embed"):
-        check_table_meta(str(mid), SPEC, embed_dim=64)
-    assert "CMYK photos with an embedded CMYK profile" in caplog.text
-    assert "RAW files" in caplog.text
-    assert "EXIF says Adobe RGB" not in caplog.text
+    text = warned("srgb/2")
+    assert "CMYK photos with an embedded CMYK profile" in text
+    assert "RAW files" in text
+    assert "EXIF says Adobe RGB" not in text
     # One of 2026-12-05's colour management: its pixels are as now, but a cut-out's quality
     # features counted its transparent area (measured where it is opaque since "srgb/4").
-    (mid / "_KEEPER_TABLE.json").write_text(json.dumps({**record, "color": "srgb/3"}))
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="keeper.embed"):
-        check_table_meta(str(mid), SPEC, embed_dim=64)
-    assert "photos with transparency" in caplog.text
-    assert "over their opaque pixels" in caplog.text
-    assert "CMYK" not in caplog.text
+    text = warned("srgb/3")
+    assert "photos with transparency" in text
+    assert "over their opaque pixels" in text
+    assert "CMYK" not in text
     # The oldest record names every change since.
     assert "EXIF says Adobe RGB" in _unconverted(None)
     assert "CMYK" in _unconverted(None)
