@@ -21,8 +21,14 @@ NAME = "keeper-demo-ranker"
 
 
 def test_demo_end_to_end(
-    ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ray_cluster: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The demo's embedded store, whatever ran before in this process: mlflow.set_tracking_uri
+    # (MLflow 3) also sets MLFLOW_TRACKING_URI, which keeper reads as the user's choice.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # 51 series: three bursts of each of the 17 base photos, so the 4 test photos give 12 series.
     argv = ["--out", str(tmp_path), "--series", "51", "--report-series", "5", "--epochs", "20"]
     assert demo.main([*argv, "--ray-address", ray_cluster]) == 0
