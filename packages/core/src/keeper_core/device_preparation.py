@@ -388,6 +388,25 @@ def _opaque_mask(alpha: torch.Tensor | None, size: int) -> torch.Tensor | None:
     return mask if 0 < opaque < mask.numel() else None
 
 
+def _levels(
+    grey: torch.Tensor,
+    g255: torch.Tensor,
+    rg: torch.Tensor,
+    yb: torch.Tensor,
+    *,
+    dim: tuple[int, ...] | None,
+) -> tuple[torch.Tensor, ...]:
+    """quality.py's ``_levels``: brightness, clips, contrast, colorfulness over ``dim``."""
+    return (
+        grey.mean(dim=dim),
+        (g255 <= 2.5).float().mean(dim=dim),
+        (g255 >= 252.5).float().mean(dim=dim),
+        grey.std(dim=dim, correction=0),
+        torch.sqrt(rg.var(dim=dim, correction=0) + yb.var(dim=dim, correction=0))
+        + 0.3 * torch.sqrt(rg.mean(dim=dim) ** 2 + yb.mean(dim=dim) ** 2),
+    )
+
+
 def _features(rgb255: torch.Tensor, masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
     """quality.py's ``_features`` columns 0..6 of ``(N, 3, S, S)`` 8-bit values as float32."""
     size = rgb255.shape[-1]
@@ -396,10 +415,6 @@ def _features(rgb255: torch.Tensor, masks: Sequence[torch.Tensor | None]) -> tor
     grey = torch.einsum("nchw,c->nhw", rgb, luma)
     g255 = grey * 255.0
     sharpness = torch.log1p(laplacian(g255).var(dim=(1, 2), correction=0))
-    brightness = grey.mean(dim=(1, 2))
-    clip_dark = (g255 <= 2.5).float().mean(dim=(1, 2))
-    clip_bright = (g255 >= 252.5).float().mean(dim=(1, 2))
-    contrast = grey.std(dim=(1, 2), correction=0)
     resid = torch.zeros_like(grey[:, 1:-1, 1:-1])
     for dy, row in enumerate(_IMMERKAER):
         for dx, w in enumerate(row):
@@ -408,21 +423,18 @@ def _features(rgb255: torch.Tensor, masks: Sequence[torch.Tensor | None]) -> tor
     r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
     rg = r - g
     yb = 0.5 * (r + g) - b
-    colorfulness = torch.sqrt(
-        rg.var(dim=(1, 2), correction=0) + yb.var(dim=(1, 2), correction=0)
-    ) + 0.3 * torch.sqrt(rg.mean(dim=(1, 2)) ** 2 + yb.mean(dim=(1, 2)) ** 2)
+    brightness, clip_dark, clip_bright, contrast, colorfulness = _levels(
+        grey, g255, rg, yb, dim=(1, 2)
+    )
     for i, mask in enumerate(masks):
         if mask is None:
             continue
         # quality.py's statistics over the opaque pixels only.
-        g, g_255, c_rg, c_yb = grey[i][mask], g255[i][mask], rg[i][mask], yb[i][mask]
-        brightness[i] = g.mean()
-        clip_dark[i] = (g_255 <= 2.5).float().mean()
-        clip_bright[i] = (g_255 >= 252.5).float().mean()
-        contrast[i] = g.std(correction=0)
-        colorfulness[i] = torch.sqrt(
-            c_rg.var(correction=0) + c_yb.var(correction=0)
-        ) + 0.3 * torch.sqrt(c_rg.mean() ** 2 + c_yb.mean() ** 2)
+        levels = _levels(grey[i][mask], g255[i][mask], rg[i][mask], yb[i][mask], dim=None)
+        for column, value in zip(
+            (brightness, clip_dark, clip_bright, contrast, colorfulness), levels, strict=True
+        ):
+            column[i] = value
         inner = resid[i][opaque_interior(mask)]
         if inner.numel():
             noise[i] = _MAD_TO_STD * _median(inner.abs()[None])[0] / 6.0

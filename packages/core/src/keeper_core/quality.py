@@ -189,13 +189,6 @@ def _features(
     g255 = grey * 255.0
     sharpness = np.log1p(laplacian(g255).var(axis=(1, 2)))
 
-    brightness = grey.mean(axis=(1, 2))
-    # Compare on the 0..255 scale with a half-level tolerance: luma of uint8 RGB is not an
-    # integer, and a pure-black or pure-white pixel must count whatever the float rounding.
-    clip_dark = (g255 <= 2.5).mean(axis=(1, 2))
-    clip_bright = (g255 >= 252.5).mean(axis=(1, 2))
-    contrast = grey.std(axis=(1, 2))
-
     # Immerkaer's mask removes smooth content; the median (not his mean) of the residual keeps
     # edges and texture, which are sparse, from reading as noise.
     resid = np.zeros_like(grey[:, 1:-1, 1:-1])
@@ -209,21 +202,18 @@ def _features(
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     rg = r - g
     yb = 0.5 * (r + g) - b
-    colorfulness = np.sqrt(rg.var(axis=(1, 2)) + yb.var(axis=(1, 2))) + 0.3 * np.sqrt(
-        rg.mean(axis=(1, 2)) ** 2 + yb.mean(axis=(1, 2)) ** 2
+    brightness, clip_dark, clip_bright, contrast, colorfulness = _levels(
+        grey, g255, rg, yb, axis=(1, 2)
     )
     for i, mask in enumerate(masks):
         if mask is None:
             continue
         # The same statistics over the opaque pixels only (module docstring: transparency).
-        g, g_255, c_rg, c_yb = grey[i][mask], g255[i][mask], rg[i][mask], yb[i][mask]
-        brightness[i] = g.mean()
-        clip_dark[i] = (g_255 <= 2.5).mean()
-        clip_bright[i] = (g_255 >= 252.5).mean()
-        contrast[i] = g.std()
-        colorfulness[i] = np.sqrt(c_rg.var() + c_yb.var()) + 0.3 * np.sqrt(
-            c_rg.mean() ** 2 + c_yb.mean() ** 2
-        )
+        levels = _levels(grey[i][mask], g255[i][mask], rg[i][mask], yb[i][mask], axis=None)
+        for column, value in zip(
+            (brightness, clip_dark, clip_bright, contrast, colorfulness), levels, strict=True
+        ):
+            column[i] = value
         inner = opaque_interior(mask)
         if inner.any():
             noise[i] = _MAD_TO_STD * np.median(np.abs(resid[i][inner])) / 6.0
@@ -248,6 +238,23 @@ def _features(
             height,
         ],
         axis=1,
+    )
+
+
+def _levels(
+    grey: np.ndarray, g255: np.ndarray, rg: np.ndarray, yb: np.ndarray, *, axis: Any
+) -> tuple[np.ndarray, ...]:
+    """brightness, clip_dark, clip_bright, contrast and colorfulness over ``axis``: a batch's
+    ``(1, 2)``, or None for one image's opaque pixels."""
+    return (
+        grey.mean(axis=axis),
+        # Compare on the 0..255 scale with a half-level tolerance: luma of uint8 RGB is not an
+        # integer, and a pure-black or pure-white pixel must count whatever the float rounding.
+        (g255 <= 2.5).mean(axis=axis),
+        (g255 >= 252.5).mean(axis=axis),
+        grey.std(axis=axis),
+        np.sqrt(rg.var(axis=axis) + yb.var(axis=axis))
+        + 0.3 * np.sqrt(rg.mean(axis=axis) ** 2 + yb.mean(axis=axis) ** 2),
     )
 
 
