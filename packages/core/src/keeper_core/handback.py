@@ -608,7 +608,12 @@ def keeper_owns(fields: Mapping[str, XmpValue], key: str) -> bool:
         return text == label
     if record is not None:
         return now is None
-    return now is None or any(_OWN_KEY.match(k) for k in fields)
+    return now is None or holds_keepers_fields(fields)
+
+
+def holds_keepers_fields(fields: Mapping[str, XmpValue]) -> bool:
+    """Whether a packet's fields (:func:`read_sidecar`) hold keeper's namespace: keeper wrote it."""
+    return any(_OWN_KEY.match(k) for k in fields)
 
 
 def _same_number(a: str, b: str) -> bool:

@@ -59,10 +59,10 @@ from keeper_core.culling import CullResult, Scorer, cull, picks_csv, picks_table
 from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadError, StorageError
 from keeper_core.grouping import GroupingConfig, dhash
 from keeper_core.handback import (
-    KEEPER_PREFIX,
     SidecarPlan,
     SidecarWrite,
     export_keepers,
+    holds_keepers_fields,
     name_key,
     plan_sidecars,
     read_sidecar,
@@ -877,7 +877,7 @@ def prune_mirror(out_dir: str, planned: Sequence[str]) -> int:
         if name_key(uri) in keep:
             continue
         try:
-            if any(key.startswith(f"Xmp.{KEEPER_PREFIX}.") for key in read_sidecar(uri)):
+            if holds_keepers_fields(read_sidecar(uri)):
                 storage.delete(uri)
                 removed += 1
                 continue
@@ -915,9 +915,7 @@ def _update_earlier_sidecar(plan: SidecarPlan, values: dict[str, Any]) -> None:
     try:
         if not storage.exists(plan.sidecar_uri):
             return
-        if not any(
-            key.startswith(f"Xmp.{KEEPER_PREFIX}.") for key in read_sidecar(plan.sidecar_uri)
-        ):
+        if not holds_keepers_fields(read_sidecar(plan.sidecar_uri)):
             return
         write_sidecar(plan.sidecar_uri, durable=True, **values)
     except KeeperError as e:
