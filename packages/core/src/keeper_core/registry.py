@@ -17,6 +17,9 @@ from keeper_core.errors import ConfigError, ModelLoadError
 def tracking_uri(explicit: str | None, data_dir: str | Path) -> str:
     """``explicit``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<data_dir>/mlflow.db``.
 
+    Set the store with ``use_tracking_store``, not ``mlflow.set_tracking_uri``: the latter sets
+    ``MLFLOW_TRACKING_URI``, which this then takes for the user's choice.
+
     Raises:
         ConfigError: the given URI is not one MLflow has a model registry for (its scheme).
     """
@@ -27,6 +30,23 @@ def tracking_uri(explicit: str | None, data_dir: str | Path) -> str:
     d = Path(data_dir).expanduser().resolve()
     d.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{d / 'mlflow.db'}"
+
+
+def use_tracking_store(uri: str) -> None:
+    """``mlflow.set_tracking_uri(uri)``, with ``MLFLOW_TRACKING_URI`` left as it was.
+
+    MLflow 3 also exports the URI as ``MLFLOW_TRACKING_URI``, which ``tracking_uri`` reads as the
+    user's choice: the next job in this process, given another ``data_dir``, would use this
+    store. MLflow's own lookups read its global first, so they still find ``uri``.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def check_store_uri(uri: str, name: str = "tracking_uri") -> None:

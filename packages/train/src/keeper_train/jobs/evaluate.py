@@ -445,7 +445,7 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 
     data = load_data(cfg.embeddings, cfg.series)  # a wrong path fails before the registry
     uri = tracking.tracking_uri(cfg.tracking_uri, cfg.data_dir)
-    mlflow.set_tracking_uri(uri)  # the client's store, for anything that reads the global one
+    registry.use_tracking_store(uri)  # the client's store, for anything reading the global one
     client = mlflow.MlflowClient(uri)
     candidates = load_models(client, cfg.model)
     for c in candidates:

@@ -51,7 +51,7 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from keeper_core import storage
+from keeper_core import registry, storage
 from keeper_core.errors import DataError, KeeperError
 from keeper_core.heads import HeadConfig, series_softmax_loss
 from keeper_core.metrics import SeriesMetrics, format_table, series_metrics
@@ -854,7 +854,7 @@ def run(cfg: FinetuneConfig) -> FinetuneSummary:
         prepared.images, prepared.counts, prepared.dropped_series, prepared.decode_seconds,
     )  # fmt: skip
     rc = ranker_config(cfg, p, prepared)
-    mlflow.set_tracking_uri(uri)
+    registry.use_tracking_store(uri)  # mlflow.start_run and log_model use the global store
     client = mlflow.MlflowClient(uri)
     exp_id = tracking.experiment_id(client, cfg.experiment, cfg.data_dir)
     run_name = f"finetune-{cfg.method}-{cfg.features}-{time.strftime('%Y%m%dT%H%M%S')}"

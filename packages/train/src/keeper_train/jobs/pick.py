@@ -386,7 +386,7 @@ def resolve_ranker(cfg: PickJobConfig) -> tuple[Ranker | None, str]:
     """
     if cfg.zero_shot:
         return None, "ranker: the zero-shot rule (asked for with zero_shot)"
-    from keeper_core.registry import tracking_uri
+    from keeper_core.registry import tracking_uri, use_tracking_store
 
     explicit = cfg.model is not None
     uri = cfg.model or f"models:/{cfg.ranker_name}@champion"
@@ -400,7 +400,7 @@ def resolve_ranker(cfg: PickJobConfig) -> tuple[Ranker | None, str]:
 
     from keeper_train.jobs.evaluate import load_model
 
-    mlflow.set_tracking_uri(store)
+    use_tracking_store(store)  # the client's store, for anything that reads the global one
     loaded = load_model(mlflow.MlflowClient(store), uri)
     cols = loaded.input_columns()
     label = loaded.ref.label()

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from keeper_core import storage
+from keeper_core import registry, storage
 from keeper_core.ab import ABReport
 from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadError
 from keeper_core.metrics import (
@@ -575,7 +575,7 @@ def run(cfg: PromoteConfig) -> dict[str, Any]:
     # The data first: a wrong path fails before any registry is touched.
     data = None if cfg.rollback else evaluate.load_data(str(cfg.embeddings), str(cfg.series))
     uri = tracking.tracking_uri(cfg.tracking_uri, cfg.data_dir)
-    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the global tracking URI
+    registry.use_tracking_store(uri)  # models:/ URIs resolve against the global tracking URI
     client = mlflow.MlflowClient(uri)
     result = rollback(client, cfg.name) if data is None else promote(client, cfg, data)
     result["tracking_uri"] = uri

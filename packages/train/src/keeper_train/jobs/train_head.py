@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from keeper_core import storage
+from keeper_core import registry, storage
 from keeper_core.errors import DataError, KeeperError
 from keeper_core.heads import HeadConfig, make_head
 from keeper_core.metrics import SeriesMetrics, format_table, series_metrics
@@ -432,7 +432,7 @@ def run(cfg: TrainHeadConfig) -> dict[str, Any]:
     )  # fmt: skip
 
     uri = tracking.tracking_uri(cfg.tracking_uri, cfg.data_dir)
-    mlflow.set_tracking_uri(uri)
+    registry.use_tracking_store(uri)  # mlflow.start_run and log_model use the global store
     client = mlflow.MlflowClient(uri)
     exp_id = tracking.experiment_id(client, cfg.experiment, cfg.data_dir)
     run_name = f"{cfg.head}-{cfg.features}-{time.strftime('%Y%m%dT%H%M%S')}"
