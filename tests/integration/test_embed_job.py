@@ -108,6 +108,20 @@ def test_s3_corpus_to_s3_table(
     assert stored["run_id"] == summary.run_id
     assert stored["versions"]["ray"].startswith("2.")
 
+    # One photo saved over with other bytes, one uploaded again as it was: only the first is
+    # embedded again, and the table holds one row of it, the new photo's.
+    time.sleep(1.1)  # S3 times are whole seconds
+    s3.put_object(Bucket=s3_bucket, Key=keys[1], Body=corpus[2].read_bytes())
+    s3.put_object(Bucket=s3_bucket, Key=keys[3], Body=corpus[3].read_bytes())
+    again = embed.run(cfg)
+    assert_counts_add_up(again)
+    c = again.counts
+    assert (c.changed, c.restamped, c.attempted, c.embedded) == (1, 1, 1, 1)
+    table = read_table(dst).set_index("image_uri")
+    assert len(table) == len(corpus)
+    np.testing.assert_allclose(table.loc[uris[1], "embedding"], direct[2], atol=1e-4)
+    assert table.loc[uris[1], "image_id"] == table.loc[uris[2], "image_id"]
+
 
 def _png(size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()

@@ -290,6 +290,9 @@ def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
     before = snapshot(shots)
     assert keeper([*argv, "--ray-address", ray_cluster]) == 0
     assert snapshot(shots) == before
+    # ... and the JPEGs keeper wrote into are not new photos: read once, not embedded again.
+    rerun = pick.PickSummary.model_validate_json((out / "_SUMMARY.json").read_text()).embed
+    assert (rerun["restamped"], rerun["attempted"]) == (len(jpegs), 0)
 
     # No person has rated anything yet; then one JPEG is rejected in a photo tool (exiv2
     # rewriting the file, as Lightroom's "save metadata to file" does).
@@ -307,6 +310,8 @@ def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
     # which no longer matches its original, is replaced rather than refused.
     assert keeper([*argv, "--ray-address", ray_cluster]) == 0
     again = pick.PickSummary.model_validate_json((out / "_SUMMARY.json").read_text())
+    assert again.embed["restamped"] == 1  # a rating saved: the same photo
+    assert again.embed["changed"] == 0
     assert again.keepers_exported is not None
     assert (again.keepers_exported["updated"], again.keepers_exported["failed"]) == (1, 0)
     assert (keepers / keeper_pick.name).read_bytes() == keeper_pick.read_bytes()

@@ -35,8 +35,15 @@ def corpus(tmp_path: Path) -> list[str]:
     return uris
 
 
-def write_embedded(dst: Path, name: str, uris: list[str]) -> None:
-    storage.write_parquet(pa.table({"image_uri": uris}), str(dst / embed.EMBEDDINGS / name))
+def write_embedded(dst: Path, name: str, uris: list[str], *, stamped: bool = False) -> None:
+    """Rows of ``uris``; ``stamped``: with their files' stamps now (as keeper embed writes them),
+    else as a table written before stamps were kept."""
+    cols: dict[str, list[Any]] = {"image_uri": uris}
+    if stamped:
+        stats = [Path(u).stat() for u in uris]
+        cols["file_size"] = [s.st_size for s in stats]
+        cols["file_mtime_ns"] = [s.st_mtime_ns for s in stats]
+    storage.write_parquet(pa.table(cols), str(dst / embed.EMBEDDINGS / name))
 
 
 def write_errors(dst: Path, name: str, rows: list[dict[str, Any]], *, legacy: bool = False) -> None:
@@ -169,16 +176,17 @@ def test_a_run_reads_each_part_once(
 ) -> None:
     dst = tmp_path / "out"
     for i, u in enumerate(corpus[:3]):
-        write_embedded(dst, f"part-{i}.parquet", [u])
+        write_embedded(dst, f"part-{i}.parquet", [u], stamped=True)
     write_errors(dst, "part-e.parquet", [{"image_uri": corpus[3], "retryable": False}])
     reads: Counter[str] = Counter()
-    real = storage.read_parquet
+    real = storage.read_bytes
 
-    def counting(uri: str, columns: list[str] | None = None) -> pa.Table:
-        reads[Path(uri).name] += 1
-        return real(uri, columns=columns)
+    def counting(uri: str, **kw: Any) -> bytes:
+        if uri.endswith(".parquet"):
+            reads[Path(uri).name] += 1
+        return real(uri, **kw)
 
-    monkeypatch.setattr(table_mod.storage, "read_parquet", counting)
+    monkeypatch.setattr(table_mod.storage, "read_bytes", counting)
     cfg = config(corpus, dst)
     p = plan(cfg)
     assert p.todo == []

@@ -71,6 +71,9 @@ def test_manifest_path_spelled_differently_from_the_embed_run(
     assert len(rows) == sum(SERIES.values())
 
 
+STAMPS = embed.STAMP_COLUMNS
+
+
 def test_dropped_series_are_counted_and_explained(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -79,7 +82,12 @@ def test_dropped_series_are_counted_and_explained(
     lost = [u for u in uris if "/b/" in u]  # both images of series b
     write_embed_table(tmp_path / "emb", [u for u in uris if u not in lost])
     failed = pa.Table.from_pylist(
-        [{f.name: False if f.name == "retryable" else "x" for f in embed.ERRORS_SCHEMA}],
+        [
+            {
+                f.name: False if f.name == "retryable" else None if f.name in STAMPS else "x"
+                for f in embed.ERRORS_SCHEMA
+            }
+        ],
         schema=embed.ERRORS_SCHEMA,
     ).set_column(0, "image_uri", pa.array([lost[0]]))
     storage.write_parquet(failed, str(tmp_path / "emb" / "errors" / "part-0.parquet"))

@@ -23,10 +23,14 @@ are ranged (``storage.read_head`` / ``read_range``, local or ``s3://``) and boun
 :data:`MAX_JPEG_HEADER_BYTES`. A file whose structure cannot be followed (a truncated segment,
 an offset past its end) or whose packet does not parse is a :class:`DataError` naming why.
 Nothing here opens a file for writing.
+
+:func:`content_digest` hashes a photo's bytes without a JPEG's metadata segments, so that what
+keeper and photo tools write there (a rating) does not read as a new photo.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import struct
@@ -51,6 +55,9 @@ _FIRST = 256 * 1024  # read at once: a JPEG's APP segments and a TIFF's IFD0 are
 #: What heads the body of a JPEG's standard XMP segment (APP1), before the packet.
 JPEG_XMP_SIGNATURE = b"http://ns.adobe.com/xap/1.0/\x00"
 _JPEG_APP1, _JPEG_SOS, _JPEG_EOI = 0xE1, 0xDA, 0xD9
+_JPEG_APP13, _JPEG_COM = 0xED, 0xFE
+#: What heads an Extended XMP segment (APP1): the rest of a packet over 64 KB.
+JPEG_EXTENDED_XMP_SIGNATURE = b"http://ns.adobe.com/xmp/extension/\x00"
 _JPEG_BARE = frozenset((0x01, *range(0xD0, 0xD9)))  # markers without a length field (TEM, RSTn)
 # A marker inside entropy-coded data: 0xFF followed by neither a stuffed 0x00, a restart
 # marker (RST0-7) nor another 0xFF (a fill byte).
@@ -316,3 +323,46 @@ def _heif_packet(uri: str) -> bytes | None:
     if packet is not None and len(packet) > MAX_PACKET_BYTES:
         raise DataError(f"an XMP packet of {len(packet)} bytes", source=uri)
     return bytes(packet) if packet else None
+
+
+def content_digest(data: bytes, uri: str = "") -> str:
+    """sha256 (hex) of a photo's bytes, a JPEG's without its metadata that no decoder reads.
+
+    Left out of a JPEG: its XMP segments (standard and extended: ratings, labels, keywords,
+    keeper's own fields), Photoshop's APP13 (IPTC captions and credits) and comments; what
+    photo tools rewrite when they save metadata into the file. Everything a decoder reads
+    stays in, EXIF (its orientation turns the picture) and the ICC profile (its colours)
+    included. Any other format, and a JPEG whose segments cannot be followed, is hashed
+    whole: such a file saved with new metadata reads as changed, at the cost of one more
+    embedding.
+    """
+    if data[:2] != b"\xff\xd8":
+        return hashlib.sha256(data).hexdigest()
+    try:
+        header = jpeg_header(data, uri)
+    except DataError:
+        return hashlib.sha256(data).hexdigest()
+    f = _File(uri, data)
+    h = hashlib.sha256()
+    view = memoryview(data)
+    at = 0
+    for seg in header.segments:
+        if _is_metadata(f, seg):
+            h.update(view[at : seg.start])
+            at = seg.end
+    h.update(view[at:])
+    return h.hexdigest()
+
+
+def _is_metadata(f: _File, seg: JpegSegment) -> bool:
+    if seg.marker in (_JPEG_APP13, _JPEG_COM):
+        return True
+    if seg.marker != _JPEG_APP1:
+        return False
+    if _is_xmp(f, seg):
+        return True
+    n = len(JPEG_EXTENDED_XMP_SIGNATURE)
+    return (
+        seg.end - seg.start - 4 >= n
+        and f.at(seg.start + 4, n, "a JPEG APP1 segment") == JPEG_EXTENDED_XMP_SIGNATURE
+    )

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, NamedTuple, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -920,6 +920,17 @@ def object_info(uri: str) -> ObjectInfo:
 # Listings and Parquet
 
 
+class Stamp(NamedTuple):
+    """What a listing says of one file without reading it: its size and modification time.
+
+    A file whose stamp is unchanged is taken as unchanged (what rsync and make assume); a
+    changed stamp says only that it may have changed (``touch``, a copy, a metadata write).
+    """
+
+    size: int
+    mtime_ns: int  # local: st_mtime_ns; S3: LastModified (whole seconds), in nanoseconds
+
+
 def list_files(
     uri: str, *, suffixes: Iterable[str] | None = None, page_size: int = 1000
 ) -> list[str]:
@@ -942,6 +953,20 @@ def list_files(
     Raises:
         StorageError: missing local folder, missing bucket, access denied, unreachable endpoint.
     """
+    return [u for u, _ in _listing(uri, suffixes, page_size, stamps=False)]
+
+
+def list_stamped(
+    uri: str, *, suffixes: Iterable[str] | None = None, page_size: int = 1000
+) -> list[tuple[str, Stamp]]:
+    """:func:`list_files`, each file with its :class:`Stamp` (S3: from the listing itself;
+    local: one ``stat`` a file, through a symlink to what it names)."""
+    return [(u, st) for u, st in _listing(uri, suffixes, page_size, stamps=True) if st is not None]
+
+
+def _listing(
+    uri: str, suffixes: Iterable[str] | None, page_size: int, *, stamps: bool
+) -> list[tuple[str, Stamp | None]]:
     if not 1 <= page_size <= 1000:
         raise ValueError(f"page_size must be in 1..1000, got {page_size}")
     ends = tuple(s.lower() for s in suffixes) if suffixes is not None else None
@@ -955,11 +980,11 @@ def list_files(
             if not root.is_dir():
                 what = "not a directory" if root.exists() else "no such directory"
                 raise StorageError(uri, what)
-            rels = _local_files(root)
-        return sorted(join(uri, r) for r in rels if keep(r))
+            rels = _local_files(root, stamps=stamps)
+        return sorted(((join(uri, r), st) for r, st in rels if keep(r)), key=lambda e: e[0])
     bucket, key = split_s3(uri)
     prefix = key.rstrip("/") + "/" if key else ""
-    out: list[str] = []
+    out: list[tuple[str, Stamp | None]] = []
     with _s3_errors(uri):
         pages = s3_client().get_paginator("list_objects_v2")
         for page in pages.paginate(
@@ -968,12 +993,17 @@ def list_files(
             for obj in page.get("Contents", []):
                 k = str(obj["Key"])
                 if not k.endswith("/") and keep(k):
-                    out.append(f"s3://{bucket}/{k}")
-    return sorted(out)
+                    st = None
+                    if stamps:
+                        ns = int(obj["LastModified"].timestamp()) * 1_000_000_000
+                        st = Stamp(int(obj["Size"]), ns)
+                    out.append((f"s3://{bucket}/{k}", st))
+    return sorted(out, key=lambda e: e[0])
 
 
-def _local_files(root: Path) -> list[str]:
-    """Every file under ``root`` as a relative posix path, through symlinked folders too.
+def _local_files(root: Path, *, stamps: bool = False) -> list[tuple[str, Stamp | None]]:
+    """Every file under ``root`` as a relative posix path (with its stamp, when ``stamps``),
+    through symlinked folders too.
 
     A symlinked folder is listed like any other (``corpus/batch1 -> /mnt/nfs/batch1``: its
     files are under the folder as far as the caller can see, and a symlinked file always was
@@ -981,7 +1011,7 @@ def _local_files(root: Path) -> list[str]:
     unfinished or killed writes (``_TMP_NAME``) are not data and are skipped. Errors (an
     unreadable folder) raise instead of shrinking the listing silently.
     """
-    out: list[str] = []
+    out: list[tuple[str, Stamp | None]] = []
     st = root.stat()
     stack: list[tuple[str, str, frozenset[tuple[int, int]]]] = [
         (str(root), "", frozenset({(st.st_dev, st.st_ino)}))
@@ -996,7 +1026,14 @@ def _local_files(root: Path) -> list[str]:
                     if ident not in above:
                         stack.append((entry.path, f"{rel}{entry.name}/", above | {ident}))
                 elif entry.is_file() and not _TMP_NAME.match(entry.name):
-                    out.append(rel + entry.name)
+                    if not stamps:
+                        out.append((rel + entry.name, None))
+                        continue
+                    try:
+                        fst = entry.stat()
+                    except FileNotFoundError:  # deleted since the folder was read: not there
+                        continue
+                    out.append((rel + entry.name, Stamp(fst.st_size, fst.st_mtime_ns)))
     return out
 
 

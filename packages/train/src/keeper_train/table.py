@@ -17,10 +17,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from keeper_core import storage
 
@@ -70,24 +72,50 @@ def _rewrite_without(part: str, keep: list[bool]) -> None:
     storage.write_parquet(table.filter(pa.array(keep)), part)
 
 
+class Version(NamedTuple):
+    """What the table knows of the file an embeddings row was made from."""
+
+    image_id: str  # sha256 of the bytes embedded
+    #: ``embedded_xmp.content_digest`` of those bytes; None in rows written before it was kept
+    content_id: str | None
+    #: the file's size and mtime when listed for embedding; None before they were kept, and
+    #: for shard members and manifest rows (not listed)
+    stamp: storage.Stamp | None
+
+
+#: The columns a plan reads of each embeddings part.
+_VERSION_COLUMNS = ("image_uri", "image_id", "content_id", "file_size", "file_mtime_ns")
+
+
 @dataclass
 class EmbeddedParts:
-    """part file -> the image URIs it holds, for every part under ``folder``."""
+    """part file -> the image URIs it holds, for every part under ``folder``, and what is known
+    of each URI's file (:class:`Version`)."""
 
     folder: str
     by_part: dict[str, list[str]] = field(default_factory=dict)
+    versions: dict[str, Version] = field(default_factory=dict)
 
     @classmethod
     def read(cls, folder: str, known: EmbeddedParts | None = None) -> EmbeddedParts:
-        """List ``folder``; read the URI column of the parts ``known`` does not hold yet."""
+        """List ``folder``; read the parts ``known`` does not hold yet."""
         seen = known.by_part if known is not None else {}
-        by_part = {
-            p: seen[p]
-            if p in seen
-            else storage.read_parquet(p, columns=["image_uri"]).column(0).to_pylist()
-            for p in list_parts(folder)
-        }
-        return cls(folder, by_part)
+        versions = dict(known.versions) if known is not None else {}
+        by_part: dict[str, list[str]] = {}
+        for p in list_parts(folder):
+            if p in seen:
+                by_part[p] = seen[p]
+                continue
+            cols = _read_versions(p)
+            by_part[p] = cols["image_uri"]
+            for i, u in enumerate(cols["image_uri"]):
+                size, mtime = cols["file_size"][i], cols["file_mtime_ns"][i]
+                stamp = (
+                    storage.Stamp(size, mtime) if size is not None and mtime is not None else None
+                )
+                # the first part's, as dedupe keeps it
+                versions.setdefault(u, Version(cols["image_id"][i], cols["content_id"][i], stamp))
+        return cls(folder, by_part, versions)
 
     def uris(self) -> set[str]:
         return {u for uris in self.by_part.values() for u in uris}
@@ -110,12 +138,67 @@ class EmbeddedParts:
                 continue
             removed += keep.count(False)
             _rewrite_without(part, keep)
-            kept = [u for u, k in zip(uris, keep, strict=True) if k]
-            if kept:
-                self.by_part[part] = kept
-            else:
-                del self.by_part[part]
+            self._kept(part, keep)
         return removed
+
+    def update(self, drop: set[str], stamps: dict[str, storage.Stamp]) -> None:
+        """Remove the rows of ``drop`` (files changed since: embedded again this run) and give
+        the rows of ``stamps`` those stamps (files whose content did not change), rewriting each
+        part that holds one once."""
+        for part, uris in sorted(self.by_part.items()):
+            if not any(u in drop or u in stamps for u in uris):
+                continue
+            keep = [u not in drop for u in uris]
+            table = storage.read_parquet(part)
+            if any(u in stamps for u in uris):
+                table = _restamped(table, stamps)
+            if any(keep):
+                storage.write_parquet(table.filter(pa.array(keep)), part)
+            else:
+                storage.delete(part)
+            self._kept(part, keep)
+        for u in drop:
+            self.versions.pop(u, None)
+        for u, st in stamps.items():
+            v = self.versions.get(u)
+            if v is not None:
+                self.versions[u] = v._replace(stamp=st)
+
+    def _kept(self, part: str, keep: list[bool]) -> None:
+        kept = [u for u, k in zip(self.by_part[part], keep, strict=True) if k]
+        if kept:
+            self.by_part[part] = kept
+        else:
+            del self.by_part[part]
+
+
+def _read_versions(part: str) -> dict[str, list]:
+    """A part's :data:`_VERSION_COLUMNS` as lists (a column the part lacks: all None)."""
+    f = pq.ParquetFile(pa.BufferReader(storage.read_bytes(part)))
+    have = [c for c in _VERSION_COLUMNS if c in f.schema_arrow.names]
+    t = f.read(columns=have)
+    return {
+        c: t.column(c).to_pylist() if c in have else [None] * t.num_rows for c in _VERSION_COLUMNS
+    }
+
+
+def _restamped(table: pa.Table, stamps: dict[str, storage.Stamp]) -> pa.Table:
+    """``table`` with the stamp columns of the rows of ``stamps`` set (added where absent)."""
+    uris = table.column("image_uri").to_pylist()
+    for name, k in (("file_size", 0), ("file_mtime_ns", 1)):
+        old = (
+            table.column(name).to_pylist()
+            if name in table.column_names
+            else [None] * table.num_rows
+        )
+        new = pa.array(
+            [stamps[u][k] if u in stamps else o for u, o in zip(uris, old, strict=True)], pa.int64()
+        )
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, new)
+        else:
+            table = table.append_column(name, new)
+    return table
 
 
 @dataclass
@@ -125,7 +208,8 @@ class ErrorRows:
     folder: str
     by_part: dict[str, pd.DataFrame] = field(default_factory=dict)
 
-    COLUMNS = ("image_uri", "reason", "retryable", "run_id", "at")
+    #: file_size, file_mtime_ns: the file's stamp when it failed (null before they were kept)
+    COLUMNS = ("image_uri", "reason", "retryable", "run_id", "at", "file_size", "file_mtime_ns")
 
     @classmethod
     def read(cls, folder: str, known: ErrorRows | None = None) -> ErrorRows:
@@ -134,12 +218,16 @@ class ErrorRows:
 
     @classmethod
     def _read(cls, part: str) -> pd.DataFrame:
-        df = storage.read_parquet(part).to_pandas()
+        # int64 as pandas' Int64: a stamp's nanoseconds do not survive a float64 (nulls' dtype)
+        df = storage.read_parquet(part).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
         if "retryable" not in df.columns:  # written before failures said whether they may pass
             df["retryable"] = False
         for col in ("reason", "run_id", "at"):
             if col not in df.columns:
                 df[col] = ""
+        for col in ("file_size", "file_mtime_ns"):
+            if col not in df.columns:
+                df[col] = pd.Series([pd.NA] * len(df), dtype="Int64")
         return df[list(cls.COLUMNS)].reset_index(drop=True)
 
     def rows(self) -> pd.DataFrame:

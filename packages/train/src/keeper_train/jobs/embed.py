@@ -55,6 +55,7 @@ from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
 from keeper_core.contact_sheet import thumbnail_jpeg, thumbnail_name
 from keeper_core.corpus import EMBEDDINGS
 from keeper_core.decoders import DEVICE_DECODERS, resolve_decoder
+from keeper_core.embedded_xmp import content_digest
 from keeper_core.errors import (
     ConfigError,
     DataError,
@@ -90,9 +91,11 @@ from keeper_core.webdataset import (
 )
 from keeper_train.cluster import actor_pool_released, custom_resources
 from keeper_train.config import job_main
-from keeper_train.table import EmbeddedParts, ErrorRows, in_set
+from keeper_train.table import EmbeddedParts, ErrorRows, Version, in_set
 
 if TYPE_CHECKING:  # torch: the model actors import these; decode and write tasks never do
+    import pandas as pd
+
     from keeper_core.device_preparation import DevicePreparation
     from keeper_core.embedding import ClipEmbedder
 
@@ -127,8 +130,15 @@ ERRORS_SCHEMA = pa.schema(
         ("retryable", pa.bool_()),
         ("run_id", pa.string()),
         ("at", pa.string()),
+        # the file's stamp when it failed: a file changed since is tried again
+        ("file_size", pa.int64()),
+        ("file_mtime_ns", pa.int64()),
     ]
 )
+#: What the table keeps of the file each row was made from (keeper_train.table.Version): its
+#: stamp when listed (null for shard members and manifest rows) and its content digest.
+STAMP_COLUMNS = ("file_size", "file_mtime_ns")
+CONTENT_ID = "content_id"
 
 
 def actor_memory(spec: str) -> int:
@@ -392,6 +402,8 @@ class Inputs:
     repeated: int = 0  # manifest rows naming an image an earlier row named
     #: images whose path is not valid UTF-8, under their escaped URI (also in ``uris``) -> why
     bad_names: dict[str, str] = dataclass_field(default_factory=dict)
+    #: a listed folder's images -> their size and mtime (a manifest's rows: none)
+    stamps: dict[str, storage.Stamp] = dataclass_field(default_factory=dict)
 
 
 def find_inputs(src: str, *, exclude: str | Sequence[str] | None = None) -> Inputs:
@@ -402,9 +414,9 @@ def find_inputs(src: str, *, exclude: str | Sequence[str] | None = None) -> Inpu
     it is counted and recorded as failed (``bad_name``) instead of failing every writer of a
     string column. Files that are not images are ignored whatever their names.
     """
-    uris, ignored, repeated = _scan(src, exclude)
+    uris, ignored, repeated, stamps = _scan(src, exclude)
     checked, bad = set_aside_bad_names(uris)
-    return Inputs(checked, ignored, repeated, bad)
+    return Inputs(checked, ignored, repeated, bad, stamps)
 
 
 def set_aside_bad_names(uris: Sequence[str]) -> tuple[list[str], dict[str, str]]:
@@ -435,16 +447,19 @@ def bad_name_error(shown: str) -> str:
     )
 
 
-def _scan(src: str, exclude: str | Sequence[str] | None) -> tuple[list[str], int, int]:
+def _scan(
+    src: str, exclude: str | Sequence[str] | None
+) -> tuple[list[str], int, int, dict[str, storage.Stamp]]:
     if src.lower().endswith(MANIFEST_SUFFIXES):
         uris, repeated = _manifest_uris(src)
-        return uris, 0, repeated
+        return uris, 0, repeated, {}
     ignored = 0
     uris = []
+    stamps: dict[str, storage.Stamp] = {}
     excluded = [exclude] if isinstance(exclude, str) else list(exclude or [])
     # Compared as same_key: an output named ./lib/out or /abs/lib/out is skipped either way.
     skip = tuple(storage.same_key(e).rstrip("/") + "/" for e in excluded)
-    for uri in storage.list_files(src):
+    for uri, stamp in storage.list_stamped(src):
         if skip and storage.same_key(uri).startswith(skip):
             continue
         name = uri.rsplit("/", 1)[-1].lower()
@@ -463,9 +478,10 @@ def _scan(src: str, exclude: str | Sequence[str] | None) -> tuple[list[str], int
                 is_image = True
         if is_image:
             uris.append(uri)
+            stamps[uri] = stamp
         else:
             ignored += 1
-    return uris, ignored, 0
+    return uris, ignored, 0, stamps
 
 
 def _manifest_uris(src: str) -> tuple[list[str], int]:
@@ -668,7 +684,8 @@ def prepare_batch(
     prep = _preparation(spec, draft, tuple(sorted(limits.items())), decode, preprocess)
     offsets, sizes = _members(batch)
     carried: dict[str, list[str]] = {c: [] for c in SAMPLE_COLUMNS if c in batch}
-    ok_uris, ids, pixels, decoded, times = [], [], [], [], []
+    ok_uris, ids, contents, pixels, decoded, times = [], [], [], [], [], []
+    rows: list[int] = []
     captures: list[dict[str, Any]] = []
     hashes: list[int] = []
     failed: list[dict[str, Any]] = []
@@ -688,7 +705,7 @@ def prepare_batch(
             image = prep.decode(data, source=uri)
             stage = "preprocess"
             pixels.append(prep.resize(image))
-            image_id = hashlib.sha256(data).hexdigest()
+            image_id, content_id = file_ids(data, uri)
             hashes.append(dhash(image.image))
             if capture:
                 mtime = _no_mtime if member else file_mtime(uri)
@@ -708,17 +725,21 @@ def prepare_batch(
         else:
             ok_uris.append(uri)
             ids.append(image_id)
+            contents.append(content_id)
+            rows.append(i)
             decoded.append(image)
             times.append(time.perf_counter() - t0)
             for c, values in carried.items():
                 values.append(str(batch[c][i]))
-    write_errors(errors_dir, failed)
+    write_errors(errors_dir, failed, stamps=batch)
     t0 = time.perf_counter()
     feats = prep.quality(decoded)
     per_image = (time.perf_counter() - t0) / max(len(decoded), 1)
     out: dict[str, np.ndarray] = {
         "image_uri": np.array(ok_uris, dtype=object),
         "image_id": np.array(ids, dtype=object),
+        CONTENT_ID: np.array(contents, dtype=object),
+        **_stamps(batch, rows),
         "pixel_values": np.stack(pixels)
         if pixels
         else np.zeros((0, 3, prep.image_size, prep.image_size), np.uint8),
@@ -833,16 +854,19 @@ def prepare_on_device(
     done = prep.prepare([(blobs[i], uris[i]) for i in read_ok])  # type: ignore[misc]
     for j, e in done.errors:
         failed.append(_failure(uris[read_ok[j]], run_id, "decode", e.reason, e, retryable=False))
-    write_errors(errors_dir, failed)
+    write_errors(errors_dir, failed, stamps=batch)
     rows = [read_ok[j] for j in done.ok]
     data = [blobs[i] for i in rows]
+    ids = [file_ids(d, uris[i]) for i, d in zip(rows, data, strict=True)]  # type: ignore[arg-type]
     per_image = (time.perf_counter() - t0) / max(len(rows), 1)
     feats = done.features.float().cpu().numpy()
     feats[:, FEATURE_NAMES.index("width")] = done.width
     feats[:, FEATURE_NAMES.index("height")] = done.height
     out: dict[str, Any] = {
         "image_uri": np.array([uris[i] for i in rows], dtype=object),
-        "image_id": np.array([hashlib.sha256(d).hexdigest() for d in data], dtype=object),  # type: ignore[arg-type]
+        "image_id": np.array([i for i, _ in ids], dtype=object),
+        CONTENT_ID: np.array([c for _, c in ids], dtype=object),
+        **_stamps(batch, rows),
         "pixel_values": done.pixels,
         "t_decode": np.full(len(rows), per_image),
         "dhash": np.array(done.dhash, dtype=np.int64),
@@ -871,8 +895,35 @@ def prepare_on_device(
     return out
 
 
-def write_errors(errors_dir: str, rows: list[dict[str, Any]]) -> None:
-    """Failure rows (``_failure``'s) as one part of the errors table; nothing when none."""
+def file_ids(data: bytes, uri: str) -> tuple[str, str]:
+    """A file's ``image_id`` (sha256 of its bytes) and ``content_id`` (the same, a JPEG's
+    without its metadata segments: ``embedded_xmp.content_digest``)."""
+    image_id = hashlib.sha256(data).hexdigest()
+    return image_id, content_digest(data, uri) if data[:2] == b"\xff\xd8" else image_id
+
+
+def _stamps(batch: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, np.ndarray]:
+    """The listed stamps of ``batch``'s ``rows`` (-1: none), for the table."""
+    return {
+        c: np.asarray(batch[c], np.int64)[list(rows)]
+        if c in batch
+        else np.full(len(rows), -1, np.int64)
+        for c in STAMP_COLUMNS
+    }
+
+
+def write_errors(
+    errors_dir: str, rows: list[dict[str, Any]], *, stamps: dict[str, np.ndarray] | None = None
+) -> None:
+    """Failure rows (``_failure``'s) as one part of the errors table; nothing when none. With
+    ``stamps`` (the input batch), each row gets its file's listed stamp."""
+    if rows and stamps is not None and STAMP_COLUMNS[0] in stamps:
+        at = {str(u): i for i, u in enumerate(stamps["image_uri"])}
+        for r in rows:
+            i = at.get(r["image_uri"])
+            for c in STAMP_COLUMNS:
+                v = int(stamps[c][i]) if i is not None else -1
+                r[c] = v if v >= 0 else None
     if rows:
         table = pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
         storage.write_parquet(
@@ -1052,6 +1103,12 @@ def embedding_table(batch: dict[str, np.ndarray], spec: str) -> pa.Table:
         cols[name] = pa.array(np.asarray(batch[name]), dtype)
     if "dhash" in batch:  # absent from tables written before keeper pick (read as null)
         cols["dhash"] = pa.array(np.asarray(batch["dhash"], dtype=np.int64), pa.int64())
+    if CONTENT_ID in batch:
+        cols[CONTENT_ID] = pa.array([str(x) for x in batch[CONTENT_ID]], pa.string())
+    for name in STAMP_COLUMNS:
+        if name in batch:
+            values = np.asarray(batch[name], dtype=np.int64)
+            cols[name] = pa.array(values, pa.int64(), mask=values < 0)
     for name in SAMPLE_COLUMNS:
         if name in batch:  # a WebDataset corpus only
             cols[name] = pa.array([str(v) or None for v in batch[name]], pa.string())
@@ -1111,7 +1168,25 @@ class Counts(BaseModel):
     skipped: int = Field(description="already_embedded + failed_before (not retried)")
     already_embedded: int
     failed_before: int = Field(description="recorded failures this run did not retry")
-    retried: int = Field(description="earlier failures attempted again this run")
+    retried: int = Field(
+        description="earlier failures attempted again this run (retryable, retry_errors, or "
+        "the file changed since)"
+    )
+    changed: int = Field(
+        default=0,
+        description="files embedded or failed before whose content changed since (an edit "
+        "saved over the photo, a card's reused name): attempted again, the old row removed",
+    )
+    restamped: int = Field(
+        default=0,
+        description="files whose size or mtime changed but not their content (metadata saved "
+        "into the file, a touch, a copy): read to check, kept as embedded",
+    )
+    stamped: int = Field(
+        default=0,
+        description="rows of a table written before keeper kept file stamps, given their "
+        "file's stamp as it is now (changes before this run cannot be seen)",
+    )
     attempted: int
     embedded: int
     failed: int
@@ -1195,6 +1270,10 @@ class Plan:
     #: inputs to attempt whose path is not valid UTF-8 (escaped, as in ``inputs``) -> why: they
     #: fail as ``bad_name`` without being read (:func:`set_aside_bad_names`)
     bad_names: dict[str, str] = dataclass_field(default_factory=dict)
+    #: a listed folder's inputs -> their stamp (kept in the table with each row)
+    stamps: dict[str, storage.Stamp] = dataclass_field(default_factory=dict)
+    #: what :func:`check_changes` found
+    changes: Changes = dataclass_field(default_factory=lambda: Changes(set(), 0, 0))
 
 
 @dataclass
@@ -1231,11 +1310,12 @@ def plan(cfg: EmbedConfig) -> Plan:
     repeated = 0
     sample_problems: dict[str, int] = {}
     bad_names: dict[str, str] = {}
+    stamps: dict[str, storage.Stamp] = {}
     shards = names_shards(cfg.input)  # a .tar or a brace pattern: nothing to list first
     if not shards:
         found = find_inputs(cfg.input, exclude=[dst, *cfg.exclude])
         inputs, ignored, repeated = found.uris, found.ignored, found.repeated
-        bad_names = found.bad_names
+        bad_names, stamps = found.bad_names, found.stamps
         # A folder of shards has no loose image: only then is it listed again, for its shards.
         shards = not inputs and ignored > 0 and is_webdataset(cfg.input)
     if shards:
@@ -1251,15 +1331,18 @@ def plan(cfg: EmbedConfig) -> Plan:
         inputs = inputs[: cfg.limit]
     embedded = EmbeddedParts.read(storage.join(dst, EMBEDDINGS))
     removed = embedded.dedupe()  # a job killed after a retried write may have left a duplicate
-    done = embedded.uris()
     errors = ErrorRows.read(storage.join(dst, ERRORS))
-    cleared = errors.remove(done)  # a table written before successes cleared their errors
+    cleared = errors.remove(embedded.uris())  # a table written before successes cleared theirs
     removed += errors.dedupe()
-    rows = errors.rows()
-    retry = rows["retryable"].astype(bool) | cfg.retry_errors
     # Compared as same_key: a library embedded as `photos/` is not embedded again when named
     # `/home/me/photos` (~1 s a million URIs).
     keys = [storage.same_key(u) for u in inputs]
+    now = {k: stamps[u] for u, k in zip(inputs, keys, strict=True) if u in stamps}
+    changes = check_changes(embedded, now, cap=max(cfg.max_bytes, cfg.max_raw_bytes))
+    done = embedded.uris()
+    rows = errors.rows()
+    failed_changed = _stamp_changed(rows, now)
+    retry = rows["retryable"].astype(bool).to_numpy() | cfg.retry_errors | failed_changed
     done_keys = {storage.same_key(u) for u in done}
     keep_failed = {storage.same_key(u) for u in rows.loc[~retry, "image_uri"].astype(str)}
     keep_failed -= done_keys  # failed under one spelling, embedded under another
@@ -1287,7 +1370,84 @@ def plan(cfg: EmbedConfig) -> Plan:
         members=members,
         index_failures={u: e for u, e in index_failures.items() if u in attempt},
         bad_names={u: e for u, e in bad_names.items() if u in attempt},
+        stamps=stamps,
+        changes=Changes(
+            changes.changed | set(rows.loc[failed_changed, "image_uri"].astype(str)),
+            changes.restamped,
+            changes.stamped,
+        ),
     )
+
+
+@dataclass(frozen=True)
+class Changes:
+    """Embedded files whose stamp changed since, sorted out by :func:`check_changes`."""
+
+    changed: set[str]  # table URIs whose content changed: their rows are removed
+    restamped: int  # content unchanged: their rows have the new stamp
+    stamped: int  # rows without a stamp (an older table) given the file's
+
+
+def check_changes(embedded: EmbeddedParts, now: dict[str, storage.Stamp], *, cap: int) -> Changes:
+    """Sort the rows of files listed again (``now``: by ``same_key``) whose stamp changed:
+    changed content (the row is removed, so the file is embedded again) or not (the row takes
+    the new stamp). Rows without a stamp take the file's as it is now.
+
+    Only files whose stamp changed are read, ``cap`` bytes at most, several at once. keeper's
+    own ``--xmp embed`` and a photo tool's metadata save change the stamp, not the content
+    (``content_digest`` leaves a JPEG's metadata segments out); a file that cannot be read now,
+    or is over ``cap``, counts as changed and its attempt records why.
+    """
+    suspects: list[tuple[str, storage.Stamp]] = []
+    first: dict[str, storage.Stamp] = {}
+    for uri, v in embedded.versions.items():
+        st = now.get(storage.same_key(uri))
+        if st is None or st == v.stamp:
+            continue
+        if v.stamp is None:
+            first[uri] = st
+        else:
+            suspects.append((uri, st))
+    same = list(
+        storage.map_in_threads(
+            lambda s: _same_content(s[0], embedded.versions[s[0]], cap), suspects, _CHECK_THREADS
+        )
+    )
+    changed = {u for (u, _), ok in zip(suspects, same, strict=True) if not ok}
+    restamp = {u: st for (u, st), ok in zip(suspects, same, strict=True) if ok}
+    if changed or restamp or first:
+        embedded.update(changed, {**restamp, **first})
+    return Changes(changed, len(restamp), len(first))
+
+
+_CHECK_THREADS = 8  # files read at once by check_changes (I/O: requests on S3)
+
+
+def _same_content(uri: str, v: Version, cap: int) -> bool:
+    """Whether ``uri`` holds what row ``v`` was made from (``content_id``, else ``image_id``)."""
+    try:
+        data = storage.read_bytes(uri, max_bytes=cap)
+    except StorageError as e:  # too large now, gone, unreadable: its attempt records why
+        log.info("%s: changed since embedded (%s)", uri, e)
+        return False
+    image_id, content_id = file_ids(data, uri)
+    return content_id == v.content_id if v.content_id is not None else image_id == v.image_id
+
+
+def _stamp_changed(rows: pd.DataFrame, now: dict[str, storage.Stamp]) -> np.ndarray:
+    """Whether each error row's file was failed at another stamp than it has now (tried again)."""
+    import pandas as pd
+
+    out = np.zeros(len(rows), dtype=bool)
+    if not now or not len(rows):
+        return out
+    sizes, mtimes = rows["file_size"].tolist(), rows["file_mtime_ns"].tolist()
+    for i, uri in enumerate(rows["image_uri"].astype(str).tolist()):
+        st = now.get(storage.same_key(uri))
+        if st is None or pd.isna(sizes[i]) or pd.isna(mtimes[i]):
+            continue
+        out[i] = st != (int(sizes[i]), int(mtimes[i]))
+    return out
 
 
 def _nothing_found(src: str, ignored: int, shards: bool) -> str:
@@ -1367,7 +1527,7 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     """Stream ``p.todo`` through decode tasks -> model actors -> part writers on Ray Data."""
     if not p.todo:
         return Execution(tallies=[])
-    items = [_item(u, p.members) for u in record_planned_failures(p)]
+    items = [_item(u, p.members, p.stamps) for u in record_planned_failures(p)]
     if not items:  # every input to attempt failed at the plan: Ray is not needed
         return Execution(tallies=[])
     import ray.data
@@ -1456,10 +1616,18 @@ def execute(cfg: EmbedConfig, p: Plan) -> Execution:
     return Execution(tallies, cluster, first, seconds)
 
 
-def _item(uri: str, members: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One input row of the pipeline; a WebDataset member also says where it lies."""
+def _item(
+    uri: str, members: dict[str, dict[str, Any]], stamps: dict[str, storage.Stamp]
+) -> dict[str, Any]:
+    """One input row of the pipeline: a listed file says its stamp, a WebDataset member where
+    it lies."""
     if not members:
-        return {"image_uri": uri}
+        st = stamps.get(uri)
+        return {
+            "image_uri": uri,
+            "file_size": st.size if st else -1,
+            "file_mtime_ns": st.mtime_ns if st else -1,
+        }
     m = members[uri]
     return {
         "image_uri": uri,
@@ -1519,6 +1687,9 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
             already_embedded=already,
             failed_before=p.failed_before,
             retried=p.retried,
+            changed=len(p.changes.changed),
+            restamped=p.changes.restamped,
+            stamped=p.changes.stamped,
             attempted=attempted,
             embedded=n_embedded,
             failed=n_failed,
@@ -1578,10 +1749,12 @@ def run(cfg: EmbedConfig) -> EmbedSummary:
     t_start = time.perf_counter()
     p = plan(cfg)
     log.info(
-        "%d inputs: %d to embed (%d retried), %d already embedded, %d failed before",
+        "%d inputs: %d to embed (%d retried, %d changed since), %d already embedded, "
+        "%d failed before",
         len(p.inputs),
         len(p.todo),
         p.retried,
+        len(p.changes.changed),
         len(p.inputs) - len(p.todo) - p.failed_before,
         p.failed_before,
     )
@@ -1615,6 +1788,14 @@ def format_summary(s: EmbedSummary) -> str:
             f" ({c.manifest_rows_repeated} more manifest rows named an image already listed)"
             if c.manifest_rows_repeated
             else ""
+        ),
+        *(
+            [
+                f"  changed  {c.changed} file(s) changed since embedded: embedded again"
+                + (f"; {c.restamped} with only new metadata or times: kept" if c.restamped else "")
+            ]
+            if c.changed or c.restamped
+            else []
         ),
         f"  attempt  {c.attempted} = {c.embedded} embedded + {c.failed} failed"
         + (

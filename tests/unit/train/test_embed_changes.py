@@ -1,0 +1,268 @@
+"""keeper embed notices a photo saved over in place (Ray is never started).
+
+A file's row keeps its stamp (size, mtime) and content digest. A re-run reads only the files whose
+stamp changed: new content is embedded again (its old row removed first, so the table never holds
+two rows of one file); the same content under a new stamp (a rating saved into a JPEG, a touch)
+takes the new stamp and is not read again.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from keeper_core import storage
+from keeper_core.embedded_xmp import content_digest
+from keeper_train import table as table_mod
+from keeper_train.jobs import embed
+from keeper_train.jobs.embed import EmbedConfig, Execution, plan, summarise
+
+SPEC = "keeper-tiny:random"
+
+
+def jpeg(colour: tuple[int, int, int], *, xmp: bytes | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), colour).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    return (
+        data if xmp is None else with_segment(data, 0xE1, b"http://ns.adobe.com/xap/1.0/\x00" + xmp)
+    )
+
+
+def with_segment(data: bytes, marker: int, body: bytes) -> bytes:
+    """``data`` (a JPEG) with one more segment right after SOI."""
+    return data[:2] + bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body + data[2:]
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> list[Path]:
+    """Two JPEGs and a PNG, as a card's folder holds them."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "a.jpg").write_bytes(jpeg((200, 30, 30)))
+    (lib / "b.jpg").write_bytes(jpeg((30, 200, 30)))
+    Image.new("RGB", (32, 24), (30, 30, 200)).save(lib / "c.png")
+    return sorted(lib.iterdir())
+
+
+def write_table(dst: Path, files: list[Path], *, stamps: bool = True, ids: bool = True) -> None:
+    """Rows as keeper embed writes them for ``files`` as they are now (``stamps``/``ids`` False:
+    as a table written before keeper kept them)."""
+    rows: dict[str, list[Any]] = {"image_uri": [str(f) for f in files]}
+    datas = [f.read_bytes() for f in files]
+    rows["image_id"] = [embed.file_ids(d, str(f))[0] for d, f in zip(datas, files, strict=True)]
+    if ids:
+        rows[embed.CONTENT_ID] = [
+            embed.file_ids(d, str(f))[1] for d, f in zip(datas, files, strict=True)
+        ]
+    if stamps:
+        rows["file_size"] = [f.stat().st_size for f in files]
+        rows["file_mtime_ns"] = [f.stat().st_mtime_ns for f in files]
+    storage.write_parquet(pa.table(rows), str(dst / embed.EMBEDDINGS / "part-a.parquet"))
+
+
+def later(f: Path, data: bytes | None = None) -> None:
+    """Write ``data`` over ``f`` (or just touch it), its mtime a second later than before."""
+    st = f.stat()
+    if data is not None:
+        f.write_bytes(data)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def table_rows(dst: Path) -> dict[str, dict[str, Any]]:
+    t = storage.read_parquet(str(dst / embed.EMBEDDINGS)).to_pylist()
+    return {r["image_uri"]: r for r in t}
+
+
+def config(lib: list[Path], dst: Path, **over: Any) -> EmbedConfig:
+    return EmbedConfig(input=str(lib[0].parent), output=str(dst), model=SPEC, **over)
+
+
+def test_an_unchanged_library_reads_no_file(
+    library: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dst = tmp_path / "out"
+    write_table(dst, library)
+    read: list[str] = []
+    real = storage.read_bytes
+
+    def counting(uri: str, **kw: Any) -> bytes:
+        if not uri.endswith(".parquet"):
+            read.append(uri)
+        return real(uri, **kw)
+
+    monkeypatch.setattr(storage, "read_bytes", counting)
+    p = plan(config(library, dst))
+    assert p.todo == []
+    assert read == []
+    assert (len(p.changes.changed), p.changes.restamped, p.changes.stamped) == (0, 0, 0)
+
+
+def test_a_photo_saved_over_is_embedded_again_and_its_old_row_goes(
+    library: list[Path], tmp_path: Path
+) -> None:
+    a, b, c = library
+    dst = tmp_path / "out"
+    write_table(dst, library)
+    old_id = table_rows(dst)[str(a)]["image_id"]
+    later(a, jpeg((10, 10, 10)))  # an edit saved over the original
+    Image.new("RGB", (32, 24), (1, 2, 3)).save(c)  # a card's reused name
+    os.utime(c, ns=(0, c.stat().st_mtime_ns + 1_000_000_000))
+    cfg = config(library, dst)
+    p = plan(cfg)
+    assert p.todo == [str(a), str(c)]
+    assert p.changes.changed == {str(a), str(c)}
+    assert list(table_rows(dst)) == [str(b)]  # removed before the run embeds them again
+    # The run embeds them (their new rows, as the writer stage writes them): counts add up.
+    storage.write_parquet(
+        pa.table({"image_uri": [str(a), str(c)], "image_id": ["new-a", "new-c"]}),
+        str(dst / embed.EMBEDDINGS / "part-b.parquet"),
+    )
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    k = s.counts
+    assert (k.in_, k.already_embedded, k.attempted, k.embedded, k.changed, k.lost) == (
+        3,
+        1,
+        2,
+        2,
+        2,
+        0,
+    )
+    assert table_rows(dst)[str(a)]["image_id"] == "new-a" != old_id
+    assert s.table["embedded"] == 3  # one row per file, never two
+    assert "2 file(s) changed since embedded" in embed.format_summary(s)
+
+
+def test_metadata_saved_into_a_jpeg_or_a_touch_is_not_a_new_photo(
+    library: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, c = library
+    dst = tmp_path / "out"
+    write_table(dst, library)
+    before = table_rows(dst)
+    packet = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><xmp:Rating>5</xmp:Rating></x:xmpmeta>'
+    later(a, with_segment(a.read_bytes(), 0xE1, b"http://ns.adobe.com/xap/1.0/\x00" + packet))
+    later(b, with_segment(b.read_bytes(), 0xFE, b"a comment"))
+    later(c)  # touched: same bytes
+    p = plan(config(library, dst))
+    assert p.todo == []
+    assert (p.changes.changed, p.changes.restamped) == (set(), 3)
+    after = table_rows(dst)
+    for f in library:  # the new stamp, the same row otherwise
+        assert after[str(f)]["file_mtime_ns"] == f.stat().st_mtime_ns
+        assert after[str(f)]["file_size"] == f.stat().st_size
+        assert after[str(f)]["image_id"] == before[str(f)]["image_id"]
+    # ... so the next run reads none of them again.
+    read: list[str] = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda u, **kw: (read.append(u), real(u, **kw))[1])
+    assert plan(config(library, dst)).changes.restamped == 0
+    assert not [u for u in read if not u.endswith(".parquet")]
+
+
+def test_a_table_from_before_stamps_is_stamped_once_then_watched(
+    library: list[Path], tmp_path: Path
+) -> None:
+    a, b, _ = library
+    dst = tmp_path / "out"
+    write_table(dst, library, stamps=False, ids=False)
+    p = plan(config(library, dst))
+    assert (p.todo, p.changes.stamped) == ([], 3)  # changes before this run cannot be seen
+    assert all(r["file_size"] is not None for r in table_rows(dst).values())
+    later(a, jpeg((0, 0, 0)))
+    later(b)  # same bytes: the row's image_id (sha256 of the whole file) still matches
+    p = plan(config(library, dst))
+    assert (p.todo, p.changes.restamped, p.changes.stamped) == ([str(a)], 1, 0)
+
+
+def test_a_failed_file_replaced_is_tried_again(library: list[Path], tmp_path: Path) -> None:
+    a, b, c = library
+    dst = tmp_path / "out"
+    write_table(dst, [b])
+    failed = {
+        "stage": "decode",
+        "reason": "truncated",
+        "error": "x",
+        "retryable": False,
+        "run_id": "old",
+        "at": "2026-01-01T00:00:00+00:00",
+    }
+    st_a = a.stat()
+    rows = [
+        failed
+        | {"image_uri": str(a), "file_size": st_a.st_size, "file_mtime_ns": st_a.st_mtime_ns},
+        failed | {"image_uri": str(c)},  # failed before stamps were kept: not retried
+    ]
+    storage.write_parquet(
+        pa.Table.from_pylist(rows, schema=embed.ERRORS_SCHEMA),
+        str(dst / embed.ERRORS / "part-e.parquet"),
+    )
+    p = plan(config(library, dst))
+    assert (p.todo, p.failed_before) == ([], 2)  # nothing changed: a corrupt file is not re-read
+    later(a, jpeg((5, 5, 5)))  # the photographer copied a good file over the truncated one
+    later(c, jpeg((6, 6, 6)))
+    p = plan(config(library, dst))
+    assert (p.todo, p.retried, p.failed_before, p.changes.changed) == ([str(a)], 1, 1, {str(a)})
+
+
+def test_a_file_grown_past_the_limit_counts_as_changed(library: list[Path], tmp_path: Path) -> None:
+    a, *_ = library
+    dst = tmp_path / "out"
+    write_table(dst, library)
+    later(a, a.read_bytes() + b"\0" * 4096)
+    p = plan(config(library, dst, max_bytes=2048, max_raw_bytes=2048))
+    assert p.todo == [str(a)]  # its attempt fails as too_large, with the reason
+
+
+def test_prepare_batch_keeps_the_stamp_and_content_id(library: list[Path], tmp_path: Path) -> None:
+    a, b, _ = library
+    b.write_bytes(b"not a photo")
+    batch = {
+        "image_uri": [str(a), str(b)],
+        "file_size": [11, 12],
+        "file_mtime_ns": [21, 22],
+    }
+    args = embed.prepare_arguments(config(library, tmp_path / "out"), str(tmp_path / "out"), "r")
+    out = embed.prepare_batch(
+        {k: pytest.importorskip("numpy").array(v) for k, v in batch.items()}, **args
+    )
+    assert list(out["image_uri"]) == [str(a)]
+    assert (list(out["file_size"]), list(out["file_mtime_ns"])) == ([11], [21])
+    assert list(out[embed.CONTENT_ID]) == [content_digest(a.read_bytes())]
+    err = storage.read_parquet(str(tmp_path / "out" / embed.ERRORS)).to_pylist()
+    assert [(r["image_uri"], r["file_size"], r["file_mtime_ns"]) for r in err] == [(str(b), 12, 22)]
+
+
+def test_list_stamped_gives_each_file_its_size_and_mtime(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.jpg").write_bytes(b"12345")
+    (tmp_path / "y.jpg").write_bytes(b"1")
+    got = storage.list_stamped(str(tmp_path))
+    assert [(u, s.size) for u, s in got] == [
+        (str(tmp_path / "d" / "x.jpg"), 5),
+        (str(tmp_path / "y.jpg"), 1),
+    ]
+    assert got[1][1].mtime_ns == (tmp_path / "y.jpg").stat().st_mtime_ns
+    assert [u for u, _ in got] == storage.list_files(str(tmp_path))
+
+
+def test_update_rewrites_each_touched_part_once(tmp_path: Path) -> None:
+    folder = tmp_path / "emb"
+    for name, uris in (("part-a.parquet", ["u1", "u2"]), ("part-b.parquet", ["u3"])):
+        storage.write_parquet(pa.table({"image_uri": uris, "image_id": uris}), str(folder / name))
+    parts = table_mod.EmbeddedParts.read(str(folder))
+    parts.update({"u1", "u3"}, {"u2": storage.Stamp(7, 8)})
+    assert parts.by_part == {str(folder / "part-a.parquet"): ["u2"]}
+    assert not (folder / "part-b.parquet").exists()
+    assert storage.read_parquet(str(folder)).to_pylist() == [
+        {"image_uri": "u2", "image_id": "u2", "file_size": 7, "file_mtime_ns": 8}
+    ]
+    assert parts.versions["u2"].stamp == (7, 8)
