@@ -35,3 +35,36 @@ def test_index_rerun_with_other_params_is_refused(tmp_path: Path) -> None:
     rebuilt = run(IndexConfig(table=table, backend="exact", dtype="f32", rebuild=True))
     assert (rebuilt.dtype, rebuilt.rows, rebuilt.added) == ("f32", 80, 80)
     assert run(IndexConfig(table=table, dtype="f32")).dtype == "f32"
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [("exact", "f32"), ("exact", "f16"), ("faiss", "f16"), ("usearch", "i8")],
+)
+def test_rows_embedded_again_are_counted_as_changed(
+    tmp_path: Path, backend: str, dtype: str
+) -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from keeper_core import storage
+    from keeper_train.jobs.index import describe
+
+    table = str(tmp_path / "emb")
+    write_unit_parts(table, [40, 40])
+    run(IndexConfig(table=table, backend=backend, dtype=dtype))
+    # keeper embed embeds 3 photos saved over in place again: same URIs, new vectors.
+    (part, *_) = sorted((tmp_path / "emb" / "embeddings").glob("*.parquet"))
+    t = storage.read_parquet(str(part))
+    emb = np.array(t.column("embedding").to_pylist(), np.float32)
+    new = np.random.default_rng(9).normal(size=(3, emb.shape[1])).astype(np.float32)
+    emb[[0, 5, 7]] = new / np.linalg.norm(new, axis=1, keepdims=True)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+    storage.write_parquet(
+        t.set_column(t.column_names.index("embedding"), "embedding", col), str(part)
+    )
+    again = run(IndexConfig(table=table))
+    assert (again.added, again.stale, again.changed) == (0, 0, 3)
+    assert "3 rows the table has embedded again" in describe(again)
+    rebuilt = run(IndexConfig(table=table, rebuild=True))
+    assert (rebuilt.changed, run(IndexConfig(table=table)).changed) == (0, 0)

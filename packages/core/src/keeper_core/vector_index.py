@@ -569,6 +569,21 @@ class VectorIndex:
         """Resident bytes of the native index (vectors + graph), ids not counted."""
         return int(self._impl.nbytes())
 
+    def vectors(self, ids: Sequence[str]) -> np.ndarray:
+        """The rows of ``ids`` as stored (float32; f16 and i8 storage rounded), in that order.
+
+        Raises:
+            KeyError: an id the index does not hold.
+        """
+        rows = np.fromiter((self._row[i] for i in ids), dtype=np.int64, count=len(ids))
+        if not len(rows):
+            return np.zeros((0, self.meta.dim), np.float32)
+        order = np.argsort(rows, kind="stable")  # backends read ascending rows (a run at once)
+        got = self._impl.rows(rows[order])
+        out = np.empty_like(got)
+        out[order] = got
+        return out
+
     def add(self, vectors: Any, ids: Sequence[str]) -> None:
         """Add rows; the index grows in place (no rebuild) and ``ef_search`` is re-calibrated.
 

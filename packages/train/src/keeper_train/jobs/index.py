@@ -12,7 +12,9 @@ build parameters, measured recall@10 and the table's fingerprint (its part names
 
 Run again after ``keeper embed`` added images: rows the index lacks are added in place (an HNSW
 graph grows; its search breadth is re-calibrated to the recall target). Rows the table no longer
-holds cannot be taken out of a graph: they are counted, and ``rebuild=true`` builds anew. An
+holds, and rows whose vector the table has replaced (``keeper embed`` embeds a photo saved over
+in place again: its row's vector in the index is then another photo's), cannot be taken out of a
+graph: they are counted, and ``rebuild=true`` builds anew. An
 index of another model spec, or of other parameters, is never grown: rebuild it.
 """
 
@@ -24,6 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from keeper_core import storage
@@ -101,6 +104,10 @@ class IndexSummary(BaseModel):
     rows: int
     added: int
     stale: int
+    changed: int = Field(
+        description="rows whose vector the table has replaced since (the photo was saved over): "
+        "the index holds the old one until rebuilt"
+    )
     recall_at_10: float | None
     memory_bytes: int
     seconds: dict[str, float]
@@ -144,12 +151,13 @@ def run(cfg: IndexConfig) -> IndexSummary:
         have = set(index.ids)
         new = [i for i, u in enumerate(uris) if u not in have]
         stale = len(have - set(uris))
+        changed = _changed(index, emb, uris, have)
         index.add(emb[new], [uris[i] for i in new])
         index.meta.table_fingerprint = fingerprint
         added = len(new)
     else:
         index = build(emb, uris, model_spec=spec, params=params, table_fingerprint=fingerprint)
-        added, stale = len(uris), 0
+        added, stale, changed = len(uris), 0, 0
     seconds["build"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     index.save(where)
@@ -163,10 +171,31 @@ def run(cfg: IndexConfig) -> IndexSummary:
         rows=len(index),
         added=added,
         stale=stale,
+        changed=changed,
         recall_at_10=index.meta.recall_at_10,
         memory_bytes=index.memory_bytes(),
         seconds={k: round(v, 3) for k, v in seconds.items()},
     )
+
+
+#: A row whose stored vector has a cosine below this with the table's is another photo's. Storage
+#: rounding stays far above it (f16: ~1e-7 off; i8: ~1e-4); an edit that moves an embedding less
+#: leaves a vector that still finds the photo.
+CHANGED_BELOW = 0.99
+_BLOCK = 65_536  # rows compared at a time (a block of stored vectors: 128 MiB at 512 dims)
+
+
+def _changed(index: VectorIndex, emb: np.ndarray, uris: list[str], have: set[str]) -> int:
+    """How many of the table's rows the index holds with another vector (:data:`CHANGED_BELOW`)."""
+    both = [i for i, u in enumerate(uris) if u in have]
+    n = 0
+    for lo in range(0, len(both), _BLOCK):
+        rows = both[lo : lo + _BLOCK]
+        stored = index.vectors([uris[i] for i in rows])
+        norm = np.linalg.norm(stored, axis=1)  # i8 rows come back scaled
+        cos = np.einsum("ij,ij->i", stored, emb[rows]) / np.maximum(norm, 1e-12)
+        n += int(np.sum(cos < CHANGED_BELOW))
+    return n
 
 
 def _refuse_other_params(cfg: IndexConfig, have: IndexParams) -> None:
@@ -218,6 +247,11 @@ def describe(s: IndexSummary) -> str:
     )
     if s.stale:
         line += f"\n  {s.stale} rows the table no longer holds stay in the index: rebuild=true"
+    if s.changed:
+        line += (
+            f"\n  {s.changed} rows the table has embedded again (photos saved over) keep their "
+            "old vectors in the index: rebuild=true"
+        )
     return line
 
 
