@@ -28,7 +28,7 @@ from support_jpeg import (
 )
 
 from keeper_core import jpeg_xmp
-from keeper_core.embedded_xmp import read_embedded_xmp
+from keeper_core.embedded_xmp import content_digest, read_embedded_xmp
 from keeper_core.errors import ConfigError, DataError, KeeperError
 from keeper_core.handback import RECORD_KEY, parse_xmp_packet, write_sidecar
 from keeper_core.jpeg_xmp import PADDING, write_jpeg_xmp
@@ -71,8 +71,10 @@ def test_only_the_xmp_changes_and_keepers_values_land(tmp_path: Path, progressiv
 
     done = write_jpeg_xmp(str(path), rating=5, label="Green", keeper_fields=FIELDS)
 
-    assert done == (True, ())
+    assert done[:2] == (True, ())
     after = path.read_bytes()
+    assert done.stamp == (len(after), path.stat().st_mtime_ns)  # what a listing now shows
+    assert done.content_id == content_digest(after) == content_digest(before)
     others, packets, scans = segments(after)
     # Every other segment (JFIF, EXIF with its maker note, ICC, IPTC, the comment, the tables)
     # and every byte of the scans are the original's, in the same order.
@@ -123,7 +125,7 @@ def test_a_changed_choice_is_written_in_place_and_a_rerun_writes_nothing(tmp_pat
 
     again = write_jpeg_xmp(str(path), rating=3, label=None, keeper_fields=FIELDS)
 
-    assert again == (False, ())
+    assert again == (False, (), None, None)
     assert path.read_bytes() == first
     assert path.stat().st_mtime_ns == 1_000_000_000
 

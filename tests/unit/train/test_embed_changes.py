@@ -266,3 +266,25 @@ def test_update_rewrites_each_touched_part_once(tmp_path: Path) -> None:
         {"image_uri": "u2", "image_id": "u2", "file_size": 7, "file_mtime_ns": 8}
     ]
     assert parts.versions["u2"].stamp == (7, 8)
+
+
+def test_keepers_own_jpeg_writes_are_restamped_at_once(library: list[Path], tmp_path: Path) -> None:
+    """``--xmp embed``: the rows of the JPEGs keeper wrote into take the stamps it wrote, so the
+    next plan reads none of them; one changed by someone else since it was embedded does not."""
+    from keeper_core.jpeg_xmp import write_jpeg_xmp
+
+    a, b, _ = library
+    dst = tmp_path / "out"
+    write_table(dst, library)
+    later(b, jpeg((1, 1, 1)))  # an edit after the embed, before keeper writes its XMP
+    written = {}
+    for f in (a, b):
+        w = write_jpeg_xmp(str(f), rating=3, label=None, keeper_fields={"rank": "1"})
+        assert w.stamp == (f.stat().st_size, f.stat().st_mtime_ns)
+        assert w.content_id == content_digest(f.read_bytes())
+        written[str(f)] = (w.stamp, w.content_id)
+    folder = str(dst / embed.EMBEDDINGS)
+    assert table_mod.restamp_written(folder, written) == 1
+    assert table_mod.restamp_written(folder, written) == 0  # nothing left to do
+    p = plan(config(library, dst))
+    assert (p.todo, p.changes.restamped) == ([str(b)], 0)

@@ -94,6 +94,10 @@ class SidecarWrite(NamedTuple):
     changed: bool  # the file was written (False: it already held exactly this)
     #: ``"rating"`` / ``"label"``: a person's value the sidecar holds, left in place of keeper's
     kept: tuple[str, ...] = ()
+    #: a JPEG written (``write_jpeg_xmp``): its new stamp, and the content digest of what it
+    #: holds (``embedded_xmp.content_digest``: the same before and after, as only XMP changed)
+    stamp: storage.Stamp | None = None
+    content_id: str | None = None
 
 
 class SidecarPlan(NamedTuple):

@@ -68,6 +68,7 @@ from typing import NamedTuple
 from keeper_core import storage
 from keeper_core.embedded_xmp import (
     JPEG_XMP_SIGNATURE,
+    content_digest,
     jpeg_header,
     jpeg_image_end,
     read_embedded_xmp,
@@ -170,10 +171,10 @@ def write_jpeg_xmp(
         + _segment(merge.packet, splice, image_uri)
         + old.data[splice.end :]
     )
-    storage.replace_file(
+    stamp = storage.replace_file(
         old.path, new, check=lambda tmp: _check(tmp, new, old, splice, merge.packet, image_uri)
     )
-    return SidecarWrite(True, merge.kept)
+    return SidecarWrite(True, merge.kept, stamp, content_digest(old.data, image_uri))
 
 
 def _read_original(uri: str) -> _Original:

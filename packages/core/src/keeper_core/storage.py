@@ -831,7 +831,7 @@ def write_bytes(uri: str, data: bytes, *, durable: bool = True) -> None:
         )
 
 
-def replace_file(path: str, data: bytes, *, check: Callable[[str], None]) -> None:
+def replace_file(path: str, data: bytes, *, check: Callable[[str], None]) -> Stamp:
     """Replace the local file ``path`` by ``data``, atomically, once ``check`` has passed.
 
     ``data`` goes to a new temporary file in ``path``'s folder (named as :func:`write_bytes`
@@ -840,12 +840,24 @@ def replace_file(path: str, data: bytes, *, check: Callable[[str], None]) -> Non
     file is removed). Only then ``os.replace`` renames it over ``path``: whatever happens,
     ``path`` is the old file or the new one, whole.
 
+    Returns:
+        The new file's stamp, taken just before the rename (which keeps it): what a listing
+        shows until another program changes the file.
+
     Raises:
         StorageError: the write or the rename failed (``path`` is left as it was).
         Whatever ``check`` raises.
     """
+    stamp: list[Stamp] = []
+
+    def checked(tmp: str) -> None:
+        check(tmp)
+        st = os.stat(tmp)
+        stamp.append(Stamp(st.st_size, st.st_mtime_ns))
+
     with _local_errors(path):
-        _atomic_write(Path(path), lambda f: f.write(data), check=check)
+        _atomic_write(Path(path), lambda f: f.write(data), check=checked)
+    return stamp[0]
 
 
 def _head(uri: str) -> dict[str, Any] | None:

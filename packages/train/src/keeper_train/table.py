@@ -172,6 +172,29 @@ class EmbeddedParts:
             del self.by_part[part]
 
 
+def restamp_written(folder: str, written: dict[str, tuple[storage.Stamp, str]]) -> int:
+    """Give the rows of files keeper itself rewrote, content unchanged (``--xmp embed``: file URI
+    -> its new stamp and content digest), those stamps; returns the rows restamped.
+
+    Else the next plan would read each of them again to find what keeper already knows: at the
+    first ``--xmp embed`` run, every JPEG of the library. A row whose ``content_id`` is not the
+    rewritten file's (changed by someone after it was embedded) keeps its stamp, so the next
+    plan embeds it again.
+    """
+    if not written:
+        return 0
+    parts = EmbeddedParts.read(folder)
+    by_key = {storage.same_key(u): w for u, w in written.items()}
+    stamps = {}
+    for uri, v in parts.versions.items():
+        w = by_key.get(storage.same_key(uri))
+        if w is not None and v.content_id == w[1] and v.stamp != w[0]:
+            stamps[uri] = w[0]
+    if stamps:
+        parts.update(set(), stamps)
+    return len(stamps)
+
+
 def _read_versions(part: str) -> dict[str, list]:
     """A part's :data:`_VERSION_COLUMNS` as lists (a column the part lacks: all None)."""
     f = pq.ParquetFile(pa.BufferReader(storage.read_bytes(part)))

@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from keeper_core import storage
 from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
 from keeper_core.contact_sheet import SheetSummary, thumbnail_name, write_contact_sheet
+from keeper_core.corpus import EMBEDDINGS
 from keeper_core.culling import CullResult, Scorer, cull, picks_csv, picks_table
 from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadError, StorageError
 from keeper_core.grouping import GroupingConfig, dhash
@@ -75,7 +76,7 @@ from keeper_core.models import ModelSpec, spec_field
 from keeper_core.picking import PickConfig
 from keeper_core.webdataset import is_webdataset
 from keeper_train.jobs import embed
-from keeper_train.table import ErrorRows, in_set
+from keeper_train.table import ErrorRows, in_set, restamp_written
 
 log = logging.getLogger("keeper.pick")
 
@@ -845,7 +846,10 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
     removed = storage.remove_stale_temps(targets, older_than_s=STALE_TEMP_S)
     if removed:
         log.info("removed %d temporary file(s) a killed run left beside the photos", removed)
-    for in_file, result in storage.map_in_threads(write, plans, cfg.io_threads):
+    rewritten: dict[str, tuple[storage.Stamp, str]] = {}
+    for plan, (in_file, result) in zip(
+        plans, storage.map_in_threads(write, plans, cfg.io_threads), strict=True
+    ):
         if isinstance(result, SidecarFailure):
             what = "XMP of" if in_file else "sidecar"
             log.warning("%s %s not written: %s", what, result.sidecar_uri, result.reason)
@@ -857,6 +861,11 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
         if in_file and done.files_written is not None and done.files_unchanged is not None:
             done.files_written += int(result.changed)
             done.files_unchanged += int(not result.changed)
+        if result.stamp is not None and result.content_id is not None:
+            rewritten[plan.image_uri] = (result.stamp, result.content_id)
+    if rewritten:  # else the next run reads every JPEG written to find it unchanged
+        n = restamp_written(storage.join(cfg.table, EMBEDDINGS), rewritten)
+        log.info("embedding table: %d rows given the stamps of the JPEGs written into", n)
     if out_dir is not None:
         done.stale_removed = prune_mirror(out_dir, [p.sidecar_uri for p in plans])
     return done
