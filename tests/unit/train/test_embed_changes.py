@@ -288,3 +288,22 @@ def test_keepers_own_jpeg_writes_are_restamped_at_once(library: list[Path], tmp_
     assert table_mod.restamp_written(folder, written) == 0  # nothing left to do
     p = plan(config(library, dst))
     assert (p.todo, p.changes.restamped) == ([str(b)], 0)
+
+
+def test_a_backfilled_thumbnail_is_named_by_the_rows_image_id(
+    library: list[Path], tmp_path: Path
+) -> None:
+    """A JPEG keeper wrote its XMP into after it was embedded hashes to another sha256 than its
+    row's image_id: its thumbnail goes under the row's id, where the contact sheet looks."""
+    import pandas as pd
+
+    from keeper_core.contact_sheet import thumbnail_name
+    from keeper_train.jobs import pick
+
+    a, *_ = library
+    out = tmp_path / "picks"
+    row_id = "0" * 64  # the id embed gave the file before keeper wrote into it
+    pick.backfill_batch(
+        pd.DataFrame({"image_uri": [str(a)], "image_id": [row_id]}), thumbnails=str(out)
+    )
+    assert (out / thumbnail_name(row_id)).is_file()

@@ -611,7 +611,10 @@ def backfill(cfg: PickJobConfig, frame: pd.DataFrame) -> tuple[pd.DataFrame, int
 
     init_ray(cfg.ray_address)
     uris = frame.loc[todo, "image_uri"].astype(str).tolist()
-    ds = ray.data.from_items([{"image_uri": u} for u in uris])
+    ids = frame.loc[todo, "image_id"].astype(str).tolist()
+    ds = ray.data.from_items(
+        [{"image_uri": u, "image_id": i} for u, i in zip(uris, ids, strict=True)]
+    )
     rows = ds.map_batches(
         backfill_batch,  # type: ignore[arg-type]  # keyword-only stage arguments
         batch_size=16,
@@ -630,14 +633,18 @@ def backfill(cfg: PickJobConfig, frame: pd.DataFrame) -> tuple[pd.DataFrame, int
 def backfill_batch(
     batch: pd.DataFrame, *, thumbnails: str, limits: DecodeLimits | None = None
 ) -> pd.DataFrame:
-    """Read each file once: capture metadata, and a thumbnail (a Ray Data task).
+    """Read each file once: capture metadata, and a thumbnail (a Ray Data task), named by the
+    row's ``image_id`` as the contact sheet looks it up (the file's own sha256 when the batch
+    has none): a JPEG keeper wrote its XMP into since it was embedded hashes otherwise, and its
+    thumbnail would be made again by every run and shown by none.
 
     A file that cannot be read now (it vanished since it was embedded) gets no capture time,
     no dhash (it is then never marked a near duplicate: no pixels, no evidence) and no thumbnail
     (the contact sheet shows a placeholder).
     """
     out = []
-    for uri in batch["image_uri"].astype(str):
+    ids = batch["image_id"].astype(str).tolist() if "image_id" in batch else None
+    for k, uri in enumerate(batch["image_uri"].astype(str)):
         try:
             data = read_image_bytes(uri, limits)
         except StorageError:
@@ -648,7 +655,8 @@ def backfill_batch(
         try:
             image = decode_image(data, limits=limits, draft_size=(256, 256))
             row["dhash"] = dhash(image)
-            embed.write_thumbnail(thumbnails, hashlib.sha256(data).hexdigest(), image)
+            image_id = ids[k] if ids is not None else hashlib.sha256(data).hexdigest()
+            embed.write_thumbnail(thumbnails, image_id, image)
         except KeeperError as e:
             log.warning("no thumbnail for %s: %s", uri, e)
         out.append(row)
