@@ -265,7 +265,8 @@ def test_update_rewrites_each_touched_part_once(tmp_path: Path) -> None:
     assert storage.read_parquet(str(folder)).to_pylist() == [
         {"image_uri": "u2", "image_id": "u2", "file_size": 7, "file_mtime_ns": 8}
     ]
-    assert parts.versions["u2"].stamp == (7, 8)
+    assert list(parts.stamped()) == [("u2", (7, 8))]
+    assert parts.ids({"u2", "u9"}) == {"u2": ("u2", None)}
 
 
 def test_keepers_own_jpeg_writes_are_restamped_at_once(library: list[Path], tmp_path: Path) -> None:
@@ -307,3 +308,16 @@ def test_a_backfilled_thumbnail_is_named_by_the_rows_image_id(
         pd.DataFrame({"image_uri": [str(a)], "image_id": [row_id]}), thumbnails=str(out)
     )
     assert (out / thumbnail_name(row_id)).is_file()
+
+
+def test_a_run_with_a_limit_leaves_the_rows_past_it_alone(
+    library: list[Path], tmp_path: Path
+) -> None:
+    *_, c = library
+    dst = tmp_path / "out"
+    write_table(dst, library)
+    later(c, jpeg((9, 9, 9)))
+    p = plan(config(library, dst, limit=1))  # this run's inputs: a only
+    assert (p.todo, p.changes.changed) == ([], set())
+    assert str(c) in table_rows(dst)  # the next run without a limit embeds it again
+    assert plan(config(library, dst)).todo == [str(c)]

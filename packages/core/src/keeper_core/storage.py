@@ -973,7 +973,8 @@ def list_stamped(
 ) -> list[tuple[str, Stamp]]:
     """:func:`list_files`, each file with its :class:`Stamp` (S3: from the listing itself;
     local: one ``stat`` a file, through a symlink to what it names)."""
-    return [(u, st) for u, st in _listing(uri, suffixes, page_size, stamps=True) if st is not None]
+    # Every entry has one: a file that vanished before its stat is left out of the listing.
+    return _listing(uri, suffixes, page_size, stamps=True)  # type: ignore[return-value]
 
 
 def _listing(

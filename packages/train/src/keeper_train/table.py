@@ -14,10 +14,10 @@ them, so the next plan reads one part, not thousands.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -72,53 +72,68 @@ def _rewrite_without(part: str, keep: list[bool]) -> None:
     storage.write_parquet(table.filter(pa.array(keep)), part)
 
 
-class Version(NamedTuple):
-    """What the table knows of the file an embeddings row was made from."""
-
-    image_id: str  # sha256 of the bytes embedded
-    #: ``embedded_xmp.content_digest`` of those bytes; None in rows written before it was kept
-    content_id: str | None
-    #: the file's size and mtime when listed for embedding; None before they were kept, and
-    #: for shard members and manifest rows (not listed)
-    stamp: storage.Stamp | None
-
-
-#: The columns a plan reads of each embeddings part.
-_VERSION_COLUMNS = ("image_uri", "image_id", "content_id", "file_size", "file_mtime_ns")
+#: The stamp columns of an embeddings part (``keeper_train.jobs.embed.STAMP_COLUMNS``); -1 in
+#: :attr:`EmbeddedParts.stamps` where a row has none (written before they were kept, a shard
+#: member, a manifest row).
+_STAMPS = ("file_size", "file_mtime_ns")
 
 
 @dataclass
 class EmbeddedParts:
-    """part file -> the image URIs it holds, for every part under ``folder``, and what is known
-    of each URI's file (:class:`Version`)."""
+    """part file -> the image URIs it holds, for every part under ``folder``, and the stamps of
+    their files when they were listed for embedding (:attr:`stamps`)."""
 
     folder: str
     by_part: dict[str, list[str]] = field(default_factory=dict)
-    versions: dict[str, Version] = field(default_factory=dict)
+    #: part -> (rows, 2) int64: each row's file size and mtime (ns), -1 where none; 16 bytes a
+    #: row (not a tuple each: a million rows' ids would hold ~0.5 GB in the driver)
+    stamps: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def read(cls, folder: str, known: EmbeddedParts | None = None) -> EmbeddedParts:
         """List ``folder``; read the parts ``known`` does not hold yet."""
-        seen = known.by_part if known is not None else {}
-        versions = dict(known.versions) if known is not None else {}
         by_part: dict[str, list[str]] = {}
+        stamps: dict[str, np.ndarray] = {}
         for p in list_parts(folder):
-            if p in seen:
-                by_part[p] = seen[p]
+            if known is not None and p in known.by_part:
+                by_part[p], stamps[p] = known.by_part[p], known.stamps[p]
                 continue
-            cols = _read_versions(p)
-            by_part[p] = cols["image_uri"]
-            for i, u in enumerate(cols["image_uri"]):
-                size, mtime = cols["file_size"][i], cols["file_mtime_ns"][i]
-                stamp = (
-                    storage.Stamp(size, mtime) if size is not None and mtime is not None else None
-                )
-                # the first part's, as dedupe keeps it
-                versions.setdefault(u, Version(cols["image_id"][i], cols["content_id"][i], stamp))
-        return cls(folder, by_part, versions)
+            t = _read_columns(p, ("image_uri", *_STAMPS))
+            by_part[p] = t.column("image_uri").to_pylist()
+            stamps[p] = np.stack(
+                [
+                    t.column(c).fill_null(-1).to_numpy()
+                    if c in t.column_names
+                    else np.full(t.num_rows, -1, np.int64)
+                    for c in _STAMPS
+                ],
+                axis=1,
+            ).astype(np.int64)
+        return cls(folder, by_part, stamps)
 
     def uris(self) -> set[str]:
         return {u for uris in self.by_part.values() for u in uris}
+
+    def stamped(self) -> Iterator[tuple[str, storage.Stamp | None]]:
+        """Each row's URI and stamp (None where it has none)."""
+        for part, uris in self.by_part.items():
+            for u, (size, mtime) in zip(uris, self.stamps[part].tolist(), strict=True):
+                yield u, storage.Stamp(size, mtime) if size >= 0 and mtime >= 0 else None
+
+    def ids(self, uris: set[str]) -> dict[str, tuple[str | None, str | None]]:
+        """``image_id`` and ``content_id`` (None: written before it was kept) of ``uris``' rows,
+        reading only the parts that hold them."""
+        out: dict[str, tuple[str | None, str | None]] = {}
+        for part, have in self.by_part.items():
+            if uris.isdisjoint(have):
+                continue
+            t = _read_columns(part, ("image_uri", "image_id", "content_id"))
+            ids = t.column("image_id").to_pylist() if "image_id" in t.column_names else None
+            cids = t.column("content_id").to_pylist() if "content_id" in t.column_names else None
+            for i, u in enumerate(t.column("image_uri").to_pylist()):
+                if u in uris:
+                    out.setdefault(u, (ids[i] if ids else None, cids[i] if cids else None))
+        return out
 
     def dedupe(self) -> int:
         """Make every URI appear once; the first part by name keeps it. Returns rows removed.
@@ -152,24 +167,23 @@ class EmbeddedParts:
             table = storage.read_parquet(part)
             if any(u in stamps for u in uris):
                 table = _restamped(table, stamps)
+                for i, u in enumerate(uris):
+                    if u in stamps:
+                        self.stamps[part][i] = stamps[u]
             if any(keep):
                 storage.write_parquet(table.filter(pa.array(keep)), part)
             else:
                 storage.delete(part)
             self._kept(part, keep)
-        for u in drop:
-            self.versions.pop(u, None)
-        for u, st in stamps.items():
-            v = self.versions.get(u)
-            if v is not None:
-                self.versions[u] = v._replace(stamp=st)
 
     def _kept(self, part: str, keep: list[bool]) -> None:
         kept = [u for u, k in zip(self.by_part[part], keep, strict=True) if k]
         if kept:
             self.by_part[part] = kept
+            self.stamps[part] = self.stamps[part][np.array(keep, dtype=bool)]
         else:
             del self.by_part[part]
+            del self.stamps[part]
 
 
 def restamp_written(folder: str, written: dict[str, tuple[storage.Stamp, str]]) -> int:
@@ -185,24 +199,22 @@ def restamp_written(folder: str, written: dict[str, tuple[storage.Stamp, str]]) 
         return 0
     parts = EmbeddedParts.read(folder)
     by_key = {storage.same_key(u): w for u, w in written.items()}
-    stamps = {}
-    for uri, v in parts.versions.items():
-        w = by_key.get(storage.same_key(uri))
-        if w is not None and v.content_id == w[1] and v.stamp != w[0]:
-            stamps[uri] = w[0]
+    rows = {
+        u: w
+        for u, st in parts.stamped()
+        if (w := written.get(u) or by_key.get(storage.same_key(u))) is not None and st != w[0]
+    }
+    ids = parts.ids(set(rows))
+    stamps = {u: w[0] for u, w in rows.items() if ids.get(u, (None, None))[1] == w[1]}
     if stamps:
         parts.update(set(), stamps)
     return len(stamps)
 
 
-def _read_versions(part: str) -> dict[str, list]:
-    """A part's :data:`_VERSION_COLUMNS` as lists (a column the part lacks: all None)."""
+def _read_columns(part: str, columns: tuple[str, ...]) -> pa.Table:
+    """The ``columns`` of ``part`` it has (a column written after the part was: left out)."""
     f = pq.ParquetFile(pa.BufferReader(storage.read_bytes(part)))
-    have = [c for c in _VERSION_COLUMNS if c in f.schema_arrow.names]
-    t = f.read(columns=have)
-    return {
-        c: t.column(c).to_pylist() if c in have else [None] * t.num_rows for c in _VERSION_COLUMNS
-    }
+    return f.read(columns=[c for c in columns if c in f.schema_arrow.names])
 
 
 def _restamped(table: pa.Table, stamps: dict[str, storage.Stamp]) -> pa.Table:

@@ -91,7 +91,7 @@ from keeper_core.webdataset import (
 )
 from keeper_train.cluster import actor_pool_released, custom_resources
 from keeper_train.config import job_main
-from keeper_train.table import EmbeddedParts, ErrorRows, Version, in_set
+from keeper_train.table import EmbeddedParts, ErrorRows, in_set
 
 if TYPE_CHECKING:  # torch: the model actors import these; decode and write tasks never do
     import pandas as pd
@@ -1337,8 +1337,9 @@ def plan(cfg: EmbedConfig) -> Plan:
     # Compared as same_key: a library embedded as `photos/` is not embedded again when named
     # `/home/me/photos` (~1 s a million URIs).
     keys = [storage.same_key(u) for u in inputs]
+    this_run = {u: stamps[u] for u in inputs if u in stamps}  # (``limit``: not the rest)
     now = {k: stamps[u] for u, k in zip(inputs, keys, strict=True) if u in stamps}
-    changes = check_changes(embedded, now, cap=max(cfg.max_bytes, cfg.max_raw_bytes))
+    changes = check_changes(embedded, this_run, now, cap=max(cfg.max_bytes, cfg.max_raw_bytes))
     done = embedded.uris()
     rows = errors.rows()
     failed_changed = _stamp_changed(rows, now)
@@ -1388,33 +1389,48 @@ class Changes:
     stamped: int  # rows without a stamp (an older table) given the file's
 
 
-def check_changes(embedded: EmbeddedParts, now: dict[str, storage.Stamp], *, cap: int) -> Changes:
-    """Sort the rows of files listed again (``now``: by ``same_key``) whose stamp changed:
-    changed content (the row is removed, so the file is embedded again) or not (the row takes
-    the new stamp). Rows without a stamp take the file's as it is now.
+def check_changes(
+    embedded: EmbeddedParts,
+    listed: dict[str, storage.Stamp],
+    by_key: dict[str, storage.Stamp],
+    *,
+    cap: int,
+) -> Changes:
+    """Sort the rows of files listed again (``listed`` by URI, ``by_key`` by ``same_key``) whose
+    stamp changed: changed content (the row is removed, so the file is embedded again) or not
+    (the row takes the new stamp). Rows without a stamp take the file's as it is now.
 
-    Only files whose stamp changed are read, ``cap`` bytes at most, several at once. keeper's
-    own ``--xmp embed`` and a photo tool's metadata save change the stamp, not the content
-    (``content_digest`` leaves a JPEG's metadata segments out); a file that cannot be read now,
-    or is over ``cap``, counts as changed and its attempt records why.
+    Only files whose stamp changed are read, ``cap`` bytes at most, several at once. A photo
+    tool's metadata save changes the stamp, not the content (``content_digest`` leaves a JPEG's
+    metadata segments out); a file that cannot be read now, or is over ``cap``, counts as
+    changed and its attempt records why.
     """
-    suspects: list[tuple[str, storage.Stamp]] = []
+    if not listed:  # a manifest or shards: nothing listed, nothing to compare
+        return Changes(set(), 0, 0)
+    suspects: dict[str, storage.Stamp] = {}
     first: dict[str, storage.Stamp] = {}
-    for uri, v in embedded.versions.items():
-        st = now.get(storage.same_key(uri))
-        if st is None or st == v.stamp:
+    for uri, was in embedded.stamped():
+        st = listed.get(uri) or by_key.get(storage.same_key(uri))
+        if st is None or st == was:
             continue
-        if v.stamp is None:
+        if was is None:
             first[uri] = st
         else:
-            suspects.append((uri, st))
-    same = list(
-        storage.map_in_threads(
-            lambda s: _same_content(s[0], embedded.versions[s[0]], cap), suspects, _CHECK_THREADS
+            suspects[uri] = st
+    ids = embedded.ids(set(suspects))
+    same = dict(
+        zip(
+            suspects,
+            storage.map_in_threads(
+                lambda u: _same_content(u, *ids.get(u, (None, None)), cap=cap),
+                list(suspects),
+                _CHECK_THREADS,
+            ),
+            strict=True,
         )
     )
-    changed = {u for (u, _), ok in zip(suspects, same, strict=True) if not ok}
-    restamp = {u: st for (u, st), ok in zip(suspects, same, strict=True) if ok}
+    changed = {u for u, ok in same.items() if not ok}
+    restamp = {u: suspects[u] for u, ok in same.items() if ok}
     if changed or restamp or first:
         embedded.update(changed, {**restamp, **first})
     return Changes(changed, len(restamp), len(first))
@@ -1423,15 +1439,18 @@ def check_changes(embedded: EmbeddedParts, now: dict[str, storage.Stamp], *, cap
 _CHECK_THREADS = 8  # files read at once by check_changes (I/O: requests on S3)
 
 
-def _same_content(uri: str, v: Version, cap: int) -> bool:
-    """Whether ``uri`` holds what row ``v`` was made from (``content_id``, else ``image_id``)."""
+def _same_content(uri: str, image_id: str | None, content_id: str | None, *, cap: int) -> bool:
+    """Whether ``uri`` holds what its row was made from: its ``content_id`` (one hash, a JPEG's
+    without its metadata segments), else, in a row written before that was kept, its
+    ``image_id`` (the whole file)."""
     try:
         data = storage.read_bytes(uri, max_bytes=cap)
     except StorageError as e:  # too large now, gone, unreadable: its attempt records why
         log.info("%s: changed since embedded (%s)", uri, e)
         return False
-    image_id, content_id = file_ids(data, uri)
-    return content_id == v.content_id if v.content_id is not None else image_id == v.image_id
+    if content_id is not None:
+        return content_digest(data, uri) == content_id
+    return hashlib.sha256(data).hexdigest() == image_id
 
 
 def _stamp_changed(rows: pd.DataFrame, now: dict[str, storage.Stamp]) -> np.ndarray:
