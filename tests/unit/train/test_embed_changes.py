@@ -138,7 +138,7 @@ def test_a_photo_saved_over_is_embedded_again_and_its_old_row_goes(
     )
     assert table_rows(dst)[str(a)]["image_id"] == "new-a" != old_id
     assert s.table["embedded"] == 3  # one row per file, never two
-    assert "2 file(s) changed since embedded" in embed.format_summary(s)
+    assert "2 file(s) changed since the last run" in embed.format_summary(s)
 
 
 def test_metadata_saved_into_a_jpeg_or_a_touch_is_not_a_new_photo(

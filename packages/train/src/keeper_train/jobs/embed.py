@@ -135,8 +135,8 @@ ERRORS_SCHEMA = pa.schema(
         ("file_mtime_ns", pa.int64()),
     ]
 )
-#: What the table keeps of the file each row was made from (keeper_train.table.Version): its
-#: stamp when listed (null for shard members and manifest rows) and its content digest.
+#: What the table keeps of the file each row was made from: its stamp when listed (null for
+#: shard members and manifest rows) and its content digest (``file_ids``).
 STAMP_COLUMNS = ("file_size", "file_mtime_ns")
 CONTENT_ID = "content_id"
 
@@ -1417,6 +1417,8 @@ def check_changes(
             first[uri] = st
         else:
             suspects[uri] = st
+    if suspects:
+        log.info("%d embedded files' size or time changed: reading them to compare", len(suspects))
     ids = embedded.ids(set(suspects))
     same = dict(
         zip(
@@ -1810,7 +1812,7 @@ def format_summary(s: EmbedSummary) -> str:
         ),
         *(
             [
-                f"  changed  {c.changed} file(s) changed since embedded: embedded again"
+                f"  changed  {c.changed} file(s) changed since the last run: attempted again"
                 + (f"; {c.restamped} with only new metadata or times: kept" if c.restamped else "")
             ]
             if c.changed or c.restamped
