@@ -146,6 +146,28 @@ def has_subseconds(capture_time: pd.Series) -> np.ndarray:
     return out
 
 
+def copy_sets(df: pd.DataFrame) -> list[str]:
+    """A key per row that rows which are copies of one file share: the same bytes (``image_id``),
+    or the same but for a JPEG's metadata segments (``content_id``: a copy Lightroom or keeper
+    saved a rating into). Taken together (an older row without ``content_id`` and a newer one of
+    the same bytes with one are still one set); each set's key is one of its ``image_id``s.
+    """
+    ids = df["image_id"].astype(str)
+    if "content_id" not in df.columns or df["content_id"].isna().all():
+        return ids.tolist()
+    by = [pd.factorize(ids)[0], pd.factorize(df["content_id"], use_na_sentinel=True)[0]]
+    label = np.arange(len(df))
+    changed = True
+    while changed:  # each pass joins sets one link further; labels only fall, so it ends
+        before = label.copy()
+        for key in by:
+            has = key >= 0
+            label[has] = pd.Series(label[has]).groupby(key[has]).transform("min").to_numpy()
+        changed = bool((label != before).any())
+    names = ids.tolist()
+    return [names[i] for i in label]
+
+
 def mark_duplicates(
     df: pd.DataFrame,
     emb: np.ndarray,
@@ -157,7 +179,8 @@ def mark_duplicates(
 ) -> tuple[np.ndarray, list[str | None]]:
     """``find_duplicates`` over rows of an embedding table, with the evidence the table holds.
 
-    ``df`` has ``image_id`` and ``image_uri`` (the tie-break), and where present ``dhash`` (the
+    ``df`` has ``image_id`` (with ``content_id`` where present: :func:`copy_sets` tells exact
+    copies) and ``image_uri`` (the tie-break), and where present ``dhash`` (the
     pixel guard) and ``capture_ts`` + ``time_source`` (only times a camera or client recorded
     separate moments: a file's mtime says nothing), with ``capture_time``'s UTC offset telling
     a UTC instant from a camera's wall clock (an export that dropped OffsetTimeOriginal shows
@@ -187,7 +210,7 @@ def mark_duplicates(
                     frames = pd.to_numeric(df["sequence"], errors="coerce")
                     sequences = frames.to_numpy(dtype=np.float64, na_value=np.nan)
     dup_of, kind = find_duplicates(
-        df["image_id"].astype(str).tolist(),
+        copy_sets(df),
         emb,
         groups,
         df["image_uri"].astype(str).tolist(),

@@ -13,7 +13,8 @@ seconds, than anyone makes photos without a camera that writes EXIF time (``cp -
 a sync, a batch export). Such a time is no evidence of a moment, so ``keeper pick`` groups those
 photos as it does photos without a time: each alone.
 
-``find_duplicates`` marks exact duplicates (the same bytes: the same ``image_id``) and near
+``find_duplicates`` marks exact duplicates (the same ``image_id``: callers pass
+``culling.copy_sets``, the same bytes or a JPEG's same bytes but for its metadata) and near
 duplicates (embedding cosine >= ``near_duplicate_similarity`` between shots of different groups:
 a re-encoded or resized copy, an export beside its original; or within one group, one exposure
 twice: the same body and the same capture instant recorded to a fraction of a second, as a
