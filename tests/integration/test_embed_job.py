@@ -122,6 +122,19 @@ def test_s3_corpus_to_s3_table(
     np.testing.assert_allclose(table.loc[uris[1], "embedding"], direct[2], atol=1e-4)
     assert table.loc[uris[1], "image_id"] == table.loc[uris[2], "image_id"]
 
+    # A photo renamed (S3: copied to the new key, the old one deleted): its row is copied under
+    # the new name, nothing is decoded or embedded.
+    renamed = keys[4].replace(corpus[4].name, f"renamed-{corpus[4].name}")
+    s3.copy_object(Bucket=s3_bucket, Key=renamed, CopySource={"Bucket": s3_bucket, "Key": keys[4]})
+    s3.delete_object(Bucket=s3_bucket, Key=keys[4])
+    moved = embed.run(cfg)
+    assert_counts_add_up(moved)
+    assert (moved.counts.moved, moved.counts.attempted) == (1, 0)
+    table = read_table(dst).set_index("image_uri")
+    np.testing.assert_allclose(
+        table.loc[f"s3://{s3_bucket}/{renamed}", "embedding"], direct[4], atol=1e-4
+    )
+
 
 def _png(size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()

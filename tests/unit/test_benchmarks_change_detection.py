@@ -49,11 +49,19 @@ def test_the_script_compares_change_detection_with_what_embed_did_before(tmp_pat
     plan = record["plan"]
     assert (plan["photos"], plan["width"], plan["height"]) == (6, 160, 120)
     runs = [r["run"] for r in plan["rows"]]
-    assert runs == ["unchanged", "every JPEG saved with new XMP", "the run after"]
+    assert runs == [
+        "unchanged",
+        "every JPEG saved with new XMP",
+        "the run after",
+        "every JPEG moved to another folder",
+    ]
     for r in plan["rows"]:
         assert r["s"] > 0
         assert r["over_unchanged"] > 0
     assert plan["rows"][1]["read_mb_per_s"] > 0
+    assert plan["rows"][3]["ms_per_photo"] > 0
+    assert plan["rows"][3]["decode_stage_ms_per_photo"] > 0
+    assert "to decode it again" in proc.stdout
 
     assert "stamped / plain" in proc.stdout
     assert "/ unchanged" in proc.stdout

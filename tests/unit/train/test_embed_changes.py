@@ -321,3 +321,54 @@ def test_a_run_with_a_limit_leaves_the_rows_past_it_alone(
     assert (p.todo, p.changes.changed) == ([], set())
     assert str(c) in table_rows(dst)  # the next run without a limit embeds it again
     assert plan(config(library, dst)).todo == [str(c)]
+
+
+def test_a_photo_moved_or_renamed_keeps_its_row_under_the_new_name(
+    library: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, _ = library
+    dst = tmp_path / "out"
+    write_table(dst, library)
+    storage.write_parquet(  # the job's other columns, carried with the copy
+        storage.read_parquet(str(dst / embed.EMBEDDINGS)).append_column(
+            "sharpness", pa.array([1.5, 2.5, 3.5], pa.float32())
+        ),
+        str(dst / embed.EMBEDDINGS / "part-a.parquet"),
+    )
+    (a.parent / "2026").mkdir()
+    moved = a.parent / "2026" / "IMG_a.jpg"
+    a.rename(moved)  # a folder reorganised: same bytes, another name
+    # A new photo of the size of b's row, after b was deleted: other content, embedded.
+    size = b.stat().st_size
+    b.unlink()
+    other = jpeg((250, 250, 0))
+    new = a.parent / "new.jpg"
+    new.write_bytes(other[:size] if len(other) >= size else other + b"\0" * (size - len(other)))
+    read: list[str] = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda u, **kw: (read.append(u), real(u, **kw))[1])
+    cfg = config(library, dst)
+    p = plan(cfg)
+    assert p.todo == [str(new)]
+    assert p.moved == 1
+    # only the inputs of a missing row's size were read, each once
+    assert sorted(u for u in read if not u.endswith(".parquet")) == sorted([str(moved), str(new)])
+    rows = table_rows(dst)
+    assert rows[str(moved)]["image_id"] == rows[str(a)]["image_id"]  # the old row stays too
+    assert rows[str(moved)]["sharpness"] == 1.5
+    assert rows[str(moved)]["file_mtime_ns"] == moved.stat().st_mtime_ns
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    assert (s.counts.moved, s.counts.already_embedded, s.counts.attempted) == (1, 2, 1)
+    assert "1 file(s) the table held under a name no longer listed" in embed.format_summary(s)
+    assert plan(cfg).moved == 0  # the next run finds it embedded under its new name
+
+
+def test_a_moved_photo_matches_an_older_row_by_its_bytes(
+    library: list[Path], tmp_path: Path
+) -> None:
+    a, *_ = library
+    dst = tmp_path / "out"
+    write_table(dst, library, ids=False)  # rows from before content_id: image_id only
+    moved = a.with_name("renamed.jpg")
+    a.rename(moved)
+    assert plan(config(library, dst)).moved == 1

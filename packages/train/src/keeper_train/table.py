@@ -176,6 +176,34 @@ class EmbeddedParts:
                 storage.delete(part)
             self._kept(part, keep)
 
+    def copy_rows(self, rows: dict[str, str], stamps: dict[str, storage.Stamp], name: str) -> None:
+        """Write, as one new part ``name``, a copy of each row ``rows`` names (new URI -> the URI
+        of the row to copy) under its new URI and with its ``stamps``; every other column (the
+        embedding, features, capture metadata, ids) as the row holds it."""
+        wanted = set(rows.values())
+        found: dict[str, pa.Table] = {}
+        for part, uris in sorted(self.by_part.items()):
+            if wanted.isdisjoint(uris):
+                continue
+            t = storage.read_parquet(part)
+            for i, u in enumerate(t.column("image_uri").to_pylist()):
+                if u in wanted:
+                    found.setdefault(u, t.slice(i, 1))
+        new = [u for u in rows if rows[u] in found]
+        if not new:
+            return
+        table = pa.concat_tables(
+            [found[rows[u]] for u in new], promote_options="default"
+        ).combine_chunks()
+        table = table.set_column(
+            table.column_names.index("image_uri"), "image_uri", pa.array(new, pa.string())
+        )
+        table = _restamped(table, {u: stamps[u] for u in new})
+        part = storage.join(self.folder, name)
+        storage.write_parquet(table, part)
+        self.by_part[part] = new
+        self.stamps[part] = np.array([stamps[u] for u in new], dtype=np.int64).reshape(-1, 2)
+
     def _kept(self, part: str, keep: list[bool]) -> None:
         kept = [u for u, k in zip(self.by_part[part], keep, strict=True) if k]
         if kept:

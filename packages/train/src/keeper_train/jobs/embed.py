@@ -1182,6 +1182,11 @@ class Counts(BaseModel):
         description="files whose size or mtime changed but not their content (metadata saved "
         "into the file, a touch, a copy): read to check, kept as embedded",
     )
+    moved: int = Field(
+        default=0,
+        description="of already_embedded: files the table held under a name no longer listed "
+        "(moved or renamed since): the row copied, not embedded again",
+    )
     stamped: int = Field(
         default=0,
         description="rows of a table written before keeper kept file stamps, given their "
@@ -1274,6 +1279,8 @@ class Plan:
     stamps: dict[str, storage.Stamp] = dataclass_field(default_factory=dict)
     #: what :func:`check_changes` found
     changes: Changes = dataclass_field(default_factory=lambda: Changes(set(), 0, 0))
+    #: inputs whose content the table held under a name no longer listed (:func:`reuse_moved`)
+    moved: int = 0
 
 
 @dataclass
@@ -1350,6 +1357,9 @@ def plan(cfg: EmbedConfig) -> Plan:
     retried = {storage.same_key(u) for u in rows.loc[retry, "image_uri"].astype(str)}
     skip = done_keys | keep_failed
     todo = [u for u, k in zip(inputs, keys, strict=True) if k not in skip]
+    cap = max(cfg.max_bytes, cfg.max_raw_bytes)
+    moved = reuse_moved(embedded, todo, stamps, changes.unlisted, cap=cap)
+    todo = [u for u in todo if u not in moved]
     attempt = set(todo)  # looked up per bad name and failed shard: a list would be B x N
     if todo:  # the spec is recorded once there is something to embed with it
         check_table_meta(dst, cfg.model, embed_dim=dim, weights=weights)
@@ -1377,6 +1387,7 @@ def plan(cfg: EmbedConfig) -> Plan:
             changes.restamped,
             changes.stamped,
         ),
+        moved=len(moved),
     )
 
 
@@ -1387,6 +1398,9 @@ class Changes:
     changed: set[str]  # table URIs whose content changed: their rows are removed
     restamped: int  # content unchanged: their rows have the new stamp
     stamped: int  # rows without a stamp (an older table) given the file's
+    #: file size -> the table's rows of that size whose file this run did not list (moved,
+    #: renamed, deleted, or on a disk not mounted): what :func:`reuse_moved` looks among
+    unlisted: dict[int, list[str]] = dataclass_field(default_factory=dict)
 
 
 def check_changes(
@@ -1409,8 +1423,11 @@ def check_changes(
         return Changes(set(), 0, 0)
     suspects: dict[str, storage.Stamp] = {}
     first: dict[str, storage.Stamp] = {}
+    unlisted: dict[int, list[str]] = {}
     for uri, was in embedded.stamped():
         st = listed.get(uri) or by_key.get(storage.same_key(uri))
+        if st is None and was is not None:
+            unlisted.setdefault(was.size, []).append(uri)
         if st is None or st == was:
             continue
         if was is None:
@@ -1435,7 +1452,55 @@ def check_changes(
     restamp = {u: suspects[u] for u, ok in same.items() if ok}
     if changed or restamp or first:
         embedded.update(changed, {**restamp, **first})
-    return Changes(changed, len(restamp), len(first))
+    return Changes(changed, len(restamp), len(first), unlisted)
+
+
+def reuse_moved(
+    embedded: EmbeddedParts,
+    todo: Sequence[str],
+    stamps: dict[str, storage.Stamp],
+    unlisted: dict[int, list[str]],
+    *,
+    cap: int,
+) -> dict[str, str]:
+    """Inputs to embed that hold what a row of a file no longer listed was made from (a photo
+    moved or renamed since, a folder reorganised): the row is copied under the input's URI and
+    stamp, and the input is not decoded or embedded again. Returns input URI -> the row's URI.
+
+    Only an input of the same size as such a row is read (once, ``cap`` bytes at most, several at
+    once) and matched by its ``content_id`` (or, for rows written before that was kept, its
+    ``image_id``); a new photo of another size costs nothing. The old row stays: a file not
+    listed may be on a disk that is not mounted.
+    """
+    maybe = [u for u in todo if u in stamps and stamps[u].size in unlisted]
+    if not maybe:
+        return {}
+    rows = {r for u in maybe for r in unlisted[stamps[u].size]}
+    ids = embedded.ids(rows)
+    by_content: dict[str, str] = {}
+    by_bytes: dict[str, str] = {}
+    for r in sorted(rows):
+        image_id, content_id = ids.get(r, (None, None))
+        if content_id is not None:
+            by_content.setdefault(content_id, r)
+        elif image_id is not None:
+            by_bytes.setdefault(image_id, r)
+
+    def match(uri: str) -> str | None:
+        try:
+            image_id, content_id = file_ids(storage.read_bytes(uri, max_bytes=cap), uri)
+        except StorageError:
+            return None  # its attempt reads it again and records why
+        return by_content.get(content_id) or by_bytes.get(image_id)
+
+    found = {
+        u: r
+        for u, r in zip(maybe, storage.map_in_threads(match, maybe, _CHECK_THREADS), strict=True)
+        if r is not None
+    }
+    if found:
+        embedded.copy_rows(found, {u: stamps[u] for u in found}, _part_name(list(found)))
+    return found
 
 
 _CHECK_THREADS = 8  # files read at once by check_changes (I/O: requests on S3)
@@ -1711,6 +1776,7 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
             changed=len(p.changes.changed),
             restamped=p.changes.restamped,
             stamped=p.changes.stamped,
+            moved=p.moved,
             attempted=attempted,
             embedded=n_embedded,
             failed=n_failed,
@@ -1816,6 +1882,14 @@ def format_summary(s: EmbedSummary) -> str:
                 + (f"; {c.restamped} with only new metadata or times: kept" if c.restamped else "")
             ]
             if c.changed or c.restamped
+            else []
+        ),
+        *(
+            [
+                f"  moved    {c.moved} file(s) the table held under a name no longer listed: "
+                "their rows copied, not embedded again"
+            ]
+            if c.moved
             else []
         ),
         f"  attempt  {c.attempted} = {c.embedded} embedded + {c.failed} failed"
