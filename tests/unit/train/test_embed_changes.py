@@ -372,3 +372,16 @@ def test_a_moved_photo_matches_an_older_row_by_its_bytes(
     moved = a.with_name("renamed.jpg")
     a.rename(moved)
     assert plan(config(library, dst)).moved == 1
+
+
+def test_the_contact_sheet_says_what_changed_since_the_last_run() -> None:
+    from keeper_train.jobs import pick
+
+    base = dict.fromkeys(embed.Counts.model_fields, 0) | {"sample_problems": {}}
+    counts = embed.Counts.model_validate({**base, "in": 10})
+    assert pick.since_last_run(counts) is None
+    note = pick.since_last_run(counts.model_copy(update={"changed": 3, "moved": 98}))
+    assert note == (
+        "since the last run: 3 photo(s) saved over in place, measured and judged again; "
+        "98 photo(s) moved or renamed, found by their content (not embedded again)"
+    )

@@ -776,6 +776,18 @@ class Sidecars:
         return out
 
 
+def since_last_run(counts: embed.Counts) -> str | None:
+    """The contact sheet's note of what embed found changed in the library since it last ran."""
+    parts = []
+    if counts.changed:
+        parts.append(f"{counts.changed} photo(s) saved over in place, measured and judged again")
+    if counts.moved:
+        parts.append(
+            f"{counts.moved} photo(s) moved or renamed, found by their content (not embedded again)"
+        )
+    return "since the last run: " + "; ".join(parts) if parts else None
+
+
 def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sidecars:
     """One XMP sidecar per picked photo; counts written, unchanged, shared/skipped and failed.
 
@@ -1105,6 +1117,9 @@ def run(cfg: PickJobConfig) -> PickSummary:
             "random CLIP weights: grouping similarities and near-duplicate marks rest on "
             "embeddings that carry no meaning beyond tests"
         )
+    since = since_last_run(emb.counts)
+    if since:
+        notes.append(since)
     if result.copy_timed:
         notes.append(
             f"{result.copy_timed} photo(s) without an EXIF time whose file times record a copy, "
