@@ -228,3 +228,29 @@ def test_choose_backend_and_memory() -> None:
     assert exact < hnsw < 2 * exact
     index = build(unit(1_000, 18, dim=64), names(1_000), model_spec=SPEC)
     assert index.memory_bytes() == 1_000 * 64 * 2
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_exact_replace_gives_rows_new_vectors(dtype: str, tmp_path) -> None:
+    x = unit(300, 1)
+    ids = names(300)
+    idx = build(x, ids, model_spec=SPEC, params=IndexParams(backend="exact", dtype=dtype))
+    idx.add(unit(50, 2), names(50, start=300))  # a second chunk: rows in both are replaced
+    new = unit(2, 3)
+    idx.replace(new, [ids[7], "img-000320"])
+    np.testing.assert_allclose(idx.vectors([ids[7], "img-000320"]), new, atol=1e-3)
+    got = idx.search(new, 1, model_spec=SPEC)
+    assert [h[0] for h in got.ids] == [ids[7], "img-000320"]
+    idx.save(str(tmp_path / "i"))  # and the change is what is saved
+    again = VectorIndex.load(str(tmp_path / "i"))
+    np.testing.assert_allclose(again.vectors([ids[7]]), new[:1], atol=1e-3)
+
+
+def test_replace_refuses_a_graph_and_unknown_ids() -> None:
+    x = unit(300, 1)
+    exact = build(x, names(300), model_spec=SPEC, params=IndexParams(backend="exact"))
+    with pytest.raises(DataError, match="not in the index"):
+        exact.replace(unit(1, 2), ["nope"])
+    graph = build(x, names(300), model_spec=SPEC, params=IndexParams(backend="faiss"))
+    with pytest.raises(DataError, match="rebuild it"):
+        graph.replace(unit(1, 2), [names(1)[0]])

@@ -432,6 +432,17 @@ class _Exact:
             offset += len(m)
         return torch.cat(out).numpy()
 
+    def replace(self, rows: np.ndarray, x: np.ndarray) -> None:
+        import torch
+
+        offset = 0
+        for m in self.chunks:
+            mine = (rows >= offset) & (rows < offset + len(m))
+            if mine.any():
+                at = torch.from_numpy(rows[mine] - offset)
+                m[at] = torch.from_numpy(np.ascontiguousarray(x[mine])).to(m.dtype)
+            offset += len(m)
+
     def nbytes(self) -> int:
         return sum(int(m.numel() * m.element_size()) for m in self.chunks)
 
@@ -583,6 +594,29 @@ class VectorIndex:
         out = np.empty_like(got)
         out[order] = got
         return out
+
+    def replace(self, vectors: Any, ids: Sequence[str]) -> None:
+        """Give rows already in the index new vectors (a photo embedded again after it was saved
+        over). Only the exact backend can: an HNSW graph's edges were built from the old vector.
+
+        Raises:
+            DataError: another backend, an id not in the index, wrong dimension, non-finite or
+                non-unit rows, or len(ids) != len(vectors).
+        """
+        if self.meta.params.backend != "exact":
+            raise DataError(
+                f"a {self.meta.params.backend} index cannot replace a row's vector (its graph "
+                "was built from the old one): rebuild it"
+            )
+        x = _check_vectors(vectors, self.meta.dim, "vectors")
+        if len(ids) != len(x):
+            raise DataError(f"{len(ids)} ids for {len(x)} vectors")
+        missing = [i for i in ids if i not in self._row]
+        if missing:
+            raise DataError(f"{len(missing)} id(s) not in the index, e.g. {missing[:5]}")
+        if len(x):
+            self._impl.replace(np.array([self._row[i] for i in ids], dtype=np.int64), x)
+            self.meta.updated_at = _now()
 
     def add(self, vectors: Any, ids: Sequence[str]) -> None:
         """Add rows; the index grows in place (no rebuild) and ``ef_search`` is re-calibrated.

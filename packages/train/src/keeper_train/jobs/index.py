@@ -11,10 +11,10 @@ build parameters, measured recall@10 and the table's fingerprint (its part names
 (``choose_backend``: exact float16 below 300k vectors, faiss HNSW float16 above).
 
 Run again after ``keeper embed`` added images: rows the index lacks are added in place (an HNSW
-graph grows; its search breadth is re-calibrated to the recall target). Rows the table no longer
-holds, and rows whose vector the table has replaced (``keeper embed`` embeds a photo saved over
-in place again: its row's vector in the index is then another photo's), cannot be taken out of a
-graph: they are counted, and ``rebuild=true`` builds anew. An
+graph grows; its search breadth is re-calibrated to the recall target). Rows whose vector the table
+has replaced (``keeper embed`` embeds a photo saved over in place again) get the new vector in an
+exact index (``replaced``); an HNSW graph cannot take a row out, so there they are counted
+(``changed``), as are rows the table no longer holds, and ``rebuild=true`` builds anew. An
 index of another model spec, or of other parameters, is never grown: rebuild it.
 """
 
@@ -105,9 +105,10 @@ class IndexSummary(BaseModel):
     added: int
     stale: int
     changed: int = Field(
-        description="rows whose vector the table has replaced since (the photo was saved over): "
-        "the index holds the old one until rebuilt"
+        description="rows whose vector the table has replaced since (the photo was saved over) "
+        "that an HNSW index holds with the old one until rebuilt"
     )
+    replaced: int = Field(0, description="such rows an exact index took the new vector of")
     recall_at_10: float | None
     memory_bytes: int
     seconds: dict[str, float]
@@ -151,13 +152,18 @@ def run(cfg: IndexConfig) -> IndexSummary:
         have = set(index.ids)
         new = [i for i, u in enumerate(uris) if u not in have]
         stale = len(have - set(uris))
-        changed = _changed(index, emb, uris, have)
+        moved = _changed(index, emb, uris, have)
+        replaced = 0
+        if moved and index.meta.params.backend == "exact":
+            index.replace(emb[moved], [uris[i] for i in moved])
+            replaced = len(moved)
+        changed = len(moved) - replaced
         index.add(emb[new], [uris[i] for i in new])
         index.meta.table_fingerprint = fingerprint
         added = len(new)
     else:
         index = build(emb, uris, model_spec=spec, params=params, table_fingerprint=fingerprint)
-        added, stale, changed = len(uris), 0, 0
+        added, stale, changed, replaced = len(uris), 0, 0, 0
     seconds["build"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     index.save(where)
@@ -172,6 +178,7 @@ def run(cfg: IndexConfig) -> IndexSummary:
         added=added,
         stale=stale,
         changed=changed,
+        replaced=replaced,
         recall_at_10=index.meta.recall_at_10,
         memory_bytes=index.memory_bytes(),
         seconds={k: round(v, 3) for k, v in seconds.items()},
@@ -185,17 +192,17 @@ CHANGED_BELOW = 0.99
 _BLOCK = 65_536  # rows compared at a time (a block of stored vectors: 128 MiB at 512 dims)
 
 
-def _changed(index: VectorIndex, emb: np.ndarray, uris: list[str], have: set[str]) -> int:
-    """How many of the table's rows the index holds with another vector (:data:`CHANGED_BELOW`)."""
+def _changed(index: VectorIndex, emb: np.ndarray, uris: list[str], have: set[str]) -> list[int]:
+    """The table's rows the index holds with another vector (:data:`CHANGED_BELOW`)."""
     both = [i for i, u in enumerate(uris) if u in have]
-    n = 0
+    out: list[int] = []
     for lo in range(0, len(both), _BLOCK):
         rows = both[lo : lo + _BLOCK]
         stored = index.vectors([uris[i] for i in rows])
         norm = np.linalg.norm(stored, axis=1)  # i8 rows come back scaled
         cos = np.einsum("ij,ij->i", stored, emb[rows]) / np.maximum(norm, 1e-12)
-        n += int(np.sum(cos < CHANGED_BELOW))
-    return n
+        out.extend(np.asarray(rows)[cos < CHANGED_BELOW].tolist())
+    return out
 
 
 def _refuse_other_params(cfg: IndexConfig, have: IndexParams) -> None:
@@ -247,6 +254,8 @@ def describe(s: IndexSummary) -> str:
     )
     if s.stale:
         line += f"\n  {s.stale} rows the table no longer holds stay in the index: rebuild=true"
+    if s.replaced:
+        line += f"\n  {s.replaced} rows the table has embedded again took their new vectors"
     if s.changed:
         line += (
             f"\n  {s.changed} rows the table has embedded again (photos saved over) keep their "
