@@ -152,12 +152,12 @@ def run(cfg: IndexConfig) -> IndexSummary:
         have = set(index.ids)
         new = [i for i, u in enumerate(uris) if u not in have]
         stale = len(have - set(uris))
-        moved = _changed(index, emb, uris, have)
+        redone = _changed(index, emb, uris, have)
         replaced = 0
-        if moved and index.meta.params.backend == "exact":
-            index.replace(emb[moved], [uris[i] for i in moved])
-            replaced = len(moved)
-        changed = len(moved) - replaced
+        if redone and index.meta.params.backend == "exact":
+            index.replace(emb[redone], [uris[i] for i in redone])
+            replaced = len(redone)
+        changed = len(redone) - replaced
         index.add(emb[new], [uris[i] for i in new])
         index.meta.table_fingerprint = fingerprint
         added = len(new)
