@@ -385,3 +385,55 @@ def test_the_contact_sheet_says_what_changed_since_the_last_run() -> None:
         "since the last run: 3 photo(s) saved over in place, measured and judged again; "
         "98 photo(s) moved or renamed, found by their content (not embedded again)"
     )
+
+
+def test_the_files_read_to_compare_are_held_within_a_budget(
+    library: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 RAW files of 100 MB read at once would hold 800 MB in the driver: the reads wait for
+    room in ``_CHECK_BYTES`` (a file over it is read alone)."""
+    import threading
+
+    budgets: list[embed.ReadBudget] = []
+
+    class Watched(embed.ReadBudget):
+        def __init__(self, limit: int) -> None:
+            super().__init__(limit)
+            budgets.append(self)
+
+    lib = tmp_path / "big"
+    lib.mkdir()
+    files = []
+    for i in range(8):
+        f = lib / f"{i}.jpg"
+        f.write_bytes(jpeg((i, i, i)) + b"\0" * 3000)
+        files.append(f)
+    dst = tmp_path / "out"
+    write_table(dst, files)
+    for f in files:
+        later(f)
+    size = files[0].stat().st_size
+    monkeypatch.setattr(embed, "ReadBudget", Watched)
+    monkeypatch.setattr(embed, "_CHECK_BYTES", 2 * size + 10)
+    slow = storage.read_bytes
+
+    def read(uri: str, **kw: Any) -> bytes:
+        if not uri.endswith(".parquet"):
+            time.sleep(0.02)  # long enough for the 8 threads to pile up
+        return slow(uri, **kw)
+
+    monkeypatch.setattr(storage, "read_bytes", read)
+    p = plan(config(files, dst))
+    assert p.changes.restamped == 8
+    assert budgets[0].peak <= 2 * size + 10
+    assert budgets[0].held == 0
+    # one file over the whole budget is read alone, not refused or deadlocked
+    big = embed.ReadBudget(10)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (big.taken(5).__enter__(), done.set()), daemon=True)
+    with big.taken(1_000):
+        assert big.held == 10
+        t.start()
+        assert not done.wait(0.05)  # waits while the big one is held
+    assert done.wait(5)
+    t.join(5)

@@ -33,11 +33,13 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
@@ -1437,14 +1439,16 @@ def check_changes(
     if suspects:
         log.info("%d embedded files' size or time changed: reading them to compare", len(suspects))
     ids = embedded.ids(set(suspects))
+    budget = ReadBudget(_CHECK_BYTES)
+
+    def same_content(uri: str) -> bool:
+        with budget.taken(suspects[uri].size):
+            return _same_content(uri, *ids.get(uri, (None, None)), cap=cap)
+
     same = dict(
         zip(
             suspects,
-            storage.map_in_threads(
-                lambda u: _same_content(u, *ids.get(u, (None, None)), cap=cap),
-                list(suspects),
-                _CHECK_THREADS,
-            ),
+            storage.map_in_threads(same_content, list(suspects), _CHECK_THREADS),
             strict=True,
         )
     )
@@ -1486,9 +1490,12 @@ def reuse_moved(
         elif image_id is not None:
             by_bytes.setdefault(image_id, r)
 
+    budget = ReadBudget(_CHECK_BYTES)
+
     def match(uri: str) -> str | None:
         try:
-            image_id, content_id = file_ids(storage.read_bytes(uri, max_bytes=cap), uri)
+            with budget.taken(stamps[uri].size):
+                image_id, content_id = file_ids(storage.read_bytes(uri, max_bytes=cap), uri)
         except StorageError:
             return None  # its attempt reads it again and records why
         return by_content.get(content_id) or by_bytes.get(image_id)
@@ -1504,6 +1511,33 @@ def reuse_moved(
 
 
 _CHECK_THREADS = 8  # files read at once by check_changes (I/O: requests on S3)
+#: The bytes those reads hold at once in the driver: 8 RAW files of 100 MB would hold 800 MB.
+_CHECK_BYTES = 512 * 1024 * 1024
+
+
+class ReadBudget:
+    """At most ``limit`` bytes of files held at once by threads that read them whole (a file
+    larger than ``limit`` is read alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.peak = 0
+        self._free = threading.Condition()
+
+    @contextmanager
+    def taken(self, size: int) -> Iterator[None]:
+        n = min(max(size, 0), self.limit)
+        with self._free:
+            self._free.wait_for(lambda: self.held + n <= self.limit)
+            self.held += n
+            self.peak = max(self.peak, self.held)
+        try:
+            yield
+        finally:
+            with self._free:
+                self.held -= n
+                self._free.notify_all()
 
 
 def _same_content(uri: str, image_id: str | None, content_id: str | None, *, cap: int) -> bool:
