@@ -482,3 +482,17 @@ def test_openapi_documents_pick(client_with: Any) -> None:
     content = doc["paths"]["/v1/pick"]["post"]["requestBody"]["content"]
     assert set(content) == {"application/json", "multipart/form-data"}
     assert {"PickRequest", "PickImage", "PickResponse"} <= set(doc["components"]["schemas"])
+
+
+def test_a_photo_sent_again_with_a_saved_rating_is_an_exact_duplicate(
+    prep: ImagePreparer,
+) -> None:
+    import struct
+
+    body = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta>rating 5</x:xmpmeta>"
+    rated = SINGLE[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + SINGLE[2:]
+    frame = api.pick_frame(prepared(prep, [SINGLE, rated]), unit_rows(2))
+    assert frame["image_id"].nunique() == 2  # other bytes ...
+    result, _ = api.cull_request(frame, RankSpy(), grouping=GroupingConfig(), picking=PickConfig())
+    kinds = result.picks.sort_values("request_index")["duplicate_kind"].tolist()
+    assert kinds[1] == "exact"  # ... the same photo

@@ -25,7 +25,7 @@ an offset past its end) or whose packet does not parse is a :class:`DataError` n
 Nothing here opens a file for writing.
 
 :func:`content_digest` hashes a photo's bytes without a JPEG's metadata segments, so that what
-keeper and photo tools write there (a rating) does not read as a new photo.
+keeper and photo tools write there (a rating) does not read as a new photo (:func:`file_ids`).
 """
 
 from __future__ import annotations
@@ -323,6 +323,14 @@ def _heif_packet(uri: str) -> bytes | None:
     if packet is not None and len(packet) > MAX_PACKET_BYTES:
         raise DataError(f"an XMP packet of {len(packet)} bytes", source=uri)
     return bytes(packet) if packet else None
+
+
+def file_ids(data: bytes, uri: str = "") -> tuple[str, str]:
+    """A file's ``image_id`` (sha256 of its bytes) and ``content_id`` (the same, a JPEG's
+    without its metadata segments: :func:`content_digest`): what ``keeper embed`` records of
+    each file, and ``/v1/pick`` of each request image."""
+    image_id = hashlib.sha256(data).hexdigest()
+    return image_id, content_digest(data, uri) if data[:2] == b"\xff\xd8" else image_id
 
 
 def content_digest(data: bytes, uri: str = "") -> str:

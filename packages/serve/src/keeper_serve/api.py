@@ -34,6 +34,7 @@ from keeper_core.ab import Arm, assign
 from keeper_core.capture import CAPTURE_COLUMNS, Capture, capture_row, given_capture, read_capture
 from keeper_core.cascade import STAGES, CascadeConfig, CascadeResult
 from keeper_core.culling import CullResult, cull
+from keeper_core.embedded_xmp import file_ids
 from keeper_core.errors import ConfigError, DataError, ImageDecodeError, StorageError
 from keeper_core.feedback import FeedbackEvent
 from keeper_core.grouping import GroupingConfig, dhash
@@ -1108,6 +1109,9 @@ class PickImages(Prepared):
     image_ids: list[str]  # sha256 of the bytes: the same file twice is an exact duplicate
     captures: list[Capture]
     hashes: list[int]  # keeper_core.grouping.dhash, the near-duplicate pixel guard
+    #: keeper_core.embedded_xmp.file_ids: a JPEG's hash without its metadata segments, so one
+    #: sent twice, once with a rating saved into it, is an exact duplicate too
+    content_ids: list[str]
 
 
 def vlm_view(image: Image.Image, max_side: int) -> np.ndarray:
@@ -1387,7 +1391,7 @@ class ImagePreparer:
             return (
                 self.preparation.resize(d),
                 self._quality(d),
-                hashlib.sha256(data).hexdigest(),
+                file_ids(data),
                 request_capture(data, images[i], given[i]),
                 dhash(d.image),  # on the decoded pixels, as keeper embed takes it
             )
@@ -1397,9 +1401,10 @@ class ImagePreparer:
         return PickImages(
             pixels=self._pixels([g[0] for g in got]),
             quality=np.stack([g[1] for g in got]) if got else np.zeros((0, n_features), np.float32),
-            image_ids=[g[2] for g in got],
+            image_ids=[g[2][0] for g in got],
             captures=[g[3] for g in got],
             hashes=[g[4] for g in got],
+            content_ids=[g[2][1] for g in got],
         )
 
 
@@ -1490,6 +1495,7 @@ def pick_frame(images: PickImages, embeddings: np.ndarray) -> pd.DataFrame:
             REQUEST_INDEX: np.arange(n, dtype=np.int64),
             "image_uri": [image_name(i, n) for i in range(n)],
             "image_id": images.image_ids,
+            "content_id": images.content_ids,
             "embedding": list(emb),
             "dhash": np.asarray(images.hashes, dtype=np.int64),
         }

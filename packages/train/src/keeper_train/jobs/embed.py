@@ -57,7 +57,7 @@ from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
 from keeper_core.contact_sheet import thumbnail_jpeg, thumbnail_name
 from keeper_core.corpus import EMBEDDINGS
 from keeper_core.decoders import DEVICE_DECODERS, resolve_decoder
-from keeper_core.embedded_xmp import content_digest
+from keeper_core.embedded_xmp import content_digest, file_ids
 from keeper_core.errors import (
     ConfigError,
     DataError,
@@ -895,13 +895,6 @@ def prepare_on_device(
         if c in batch:
             out[c] = np.array([str(batch[c][i]) for i in rows], dtype=object)
     return out
-
-
-def file_ids(data: bytes, uri: str) -> tuple[str, str]:
-    """A file's ``image_id`` (sha256 of its bytes) and ``content_id`` (the same, a JPEG's
-    without its metadata segments: ``embedded_xmp.content_digest``)."""
-    image_id = hashlib.sha256(data).hexdigest()
-    return image_id, content_digest(data, uri) if data[:2] == b"\xff\xd8" else image_id
 
 
 def _stamps(batch: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, np.ndarray]:
