@@ -72,10 +72,10 @@ def _rewrite_without(part: str, keep: list[bool]) -> None:
     storage.write_parquet(table.filter(pa.array(keep)), part)
 
 
-#: The stamp columns of an embeddings part (``keeper_train.jobs.embed.STAMP_COLUMNS``); -1 in
-#: :attr:`EmbeddedParts.stamps` where a row has none (written before they were kept, a shard
-#: member, a manifest row).
-_STAMPS = ("file_size", "file_mtime_ns")
+#: A row's file stamp as the embeddings and errors tables keep it (``storage.Stamp``: size, then
+#: mtime in ns); -1 in :attr:`EmbeddedParts.stamps` where a row has none (written before they
+#: were kept, a shard member, a manifest row).
+STAMP_COLUMNS = ("file_size", "file_mtime_ns")
 
 
 @dataclass
@@ -98,14 +98,14 @@ class EmbeddedParts:
             if known is not None and p in known.by_part:
                 by_part[p], stamps[p] = known.by_part[p], known.stamps[p]
                 continue
-            t = _read_columns(p, ("image_uri", *_STAMPS))
+            t = _read_columns(p, ("image_uri", *STAMP_COLUMNS))
             by_part[p] = t.column("image_uri").to_pylist()
             stamps[p] = np.stack(
                 [
                     t.column(c).fill_null(-1).to_numpy()
                     if c in t.column_names
                     else np.full(t.num_rows, -1, np.int64)
-                    for c in _STAMPS
+                    for c in STAMP_COLUMNS
                 ],
                 axis=1,
             ).astype(np.int64)
@@ -248,7 +248,7 @@ def _read_columns(part: str, columns: tuple[str, ...]) -> pa.Table:
 def _restamped(table: pa.Table, stamps: dict[str, storage.Stamp]) -> pa.Table:
     """``table`` with the stamp columns of the rows of ``stamps`` set (added where absent)."""
     uris = table.column("image_uri").to_pylist()
-    for name, k in (("file_size", 0), ("file_mtime_ns", 1)):
+    for k, name in enumerate(STAMP_COLUMNS):
         old = (
             table.column(name).to_pylist()
             if name in table.column_names
@@ -272,7 +272,7 @@ class ErrorRows:
     by_part: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     #: file_size, file_mtime_ns: the file's stamp when it failed (null before they were kept)
-    COLUMNS = ("image_uri", "reason", "retryable", "run_id", "at", "file_size", "file_mtime_ns")
+    COLUMNS = ("image_uri", "reason", "retryable", "run_id", "at", *STAMP_COLUMNS)
 
     @classmethod
     def read(cls, folder: str, known: ErrorRows | None = None) -> ErrorRows:
@@ -288,7 +288,7 @@ class ErrorRows:
         for col in ("reason", "run_id", "at"):
             if col not in df.columns:
                 df[col] = ""
-        for col in ("file_size", "file_mtime_ns"):
+        for col in STAMP_COLUMNS:
             if col not in df.columns:
                 df[col] = pd.Series([pd.NA] * len(df), dtype="Int64")
         return df[list(cls.COLUMNS)].reset_index(drop=True)

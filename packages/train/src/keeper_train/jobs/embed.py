@@ -93,7 +93,7 @@ from keeper_core.webdataset import (
 )
 from keeper_train.cluster import actor_pool_released, custom_resources
 from keeper_train.config import job_main
-from keeper_train.table import EmbeddedParts, ErrorRows, in_set
+from keeper_train.table import STAMP_COLUMNS, EmbeddedParts, ErrorRows, in_set
 
 if TYPE_CHECKING:  # torch: the model actors import these; decode and write tasks never do
     import pandas as pd
@@ -133,13 +133,11 @@ ERRORS_SCHEMA = pa.schema(
         ("run_id", pa.string()),
         ("at", pa.string()),
         # the file's stamp when it failed: a file changed since is tried again
-        ("file_size", pa.int64()),
-        ("file_mtime_ns", pa.int64()),
+        *((c, pa.int64()) for c in STAMP_COLUMNS),
     ]
 )
-#: What the table keeps of the file each row was made from: its stamp when listed (null for
-#: shard members and manifest rows) and its content digest (``file_ids``).
-STAMP_COLUMNS = ("file_size", "file_mtime_ns")
+#: What the table keeps of the file each row was made from beside its stamp (STAMP_COLUMNS,
+#: null for shard members and manifest rows): its content digest (``file_ids``).
 CONTENT_ID = "content_id"
 
 
@@ -1554,7 +1552,7 @@ def _stamp_changed(rows: pd.DataFrame, now: dict[str, storage.Stamp]) -> np.ndar
     out = np.zeros(len(rows), dtype=bool)
     if not now or not len(rows):
         return out
-    sizes, mtimes = rows["file_size"].tolist(), rows["file_mtime_ns"].tolist()
+    sizes, mtimes = (rows[c].tolist() for c in STAMP_COLUMNS)
     for i, uri in enumerate(rows["image_uri"].astype(str).tolist()):
         st = now.get(storage.same_key(uri))
         if st is None or pd.isna(sizes[i]) or pd.isna(mtimes[i]):
@@ -1736,11 +1734,7 @@ def _item(
     it lies."""
     if not members:
         st = stamps.get(uri)
-        return {
-            "image_uri": uri,
-            "file_size": st.size if st else -1,
-            "file_mtime_ns": st.mtime_ns if st else -1,
-        }
+        return {"image_uri": uri, **dict(zip(STAMP_COLUMNS, st or (-1, -1), strict=True))}
     m = members[uri]
     return {
         "image_uri": uri,
