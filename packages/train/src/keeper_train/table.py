@@ -14,7 +14,7 @@ them, so the next plan reads one part, not thousands.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,12 +63,17 @@ def list_parts(folder: str) -> list[str]:
     return sorted(storage.list_files(folder, suffixes=[".parquet"]))
 
 
-def _rewrite_without(part: str, keep: list[bool]) -> None:
-    """Drop the rows of ``part`` where ``keep`` is False (delete the part when none is left)."""
+def _rewrite_without(
+    part: str, keep: list[bool], change: Callable[[pa.Table], pa.Table] | None = None
+) -> None:
+    """Drop the rows of ``part`` where ``keep`` is False (delete the part when none is left),
+    the rest ``change``d first when given."""
     if not any(keep):
         storage.delete(part)
         return
     table = storage.read_parquet(part)
+    if change is not None:
+        table = change(table)
     storage.write_parquet(table.filter(pa.array(keep)), part)
 
 
@@ -164,16 +169,10 @@ class EmbeddedParts:
             if not any(u in drop or u in stamps for u in uris):
                 continue
             keep = [u not in drop for u in uris]
-            table = storage.read_parquet(part)
-            if any(u in stamps for u in uris):
-                table = _restamped(table, stamps)
-                for i, u in enumerate(uris):
-                    if u in stamps:
-                        self.stamps[part][i] = stamps[u]
-            if any(keep):
-                storage.write_parquet(table.filter(pa.array(keep)), part)
-            else:
-                storage.delete(part)
+            _rewrite_without(part, keep, lambda t: _restamped(t, stamps))
+            for i, u in enumerate(uris):
+                if u in stamps:
+                    self.stamps[part][i] = stamps[u]
             self._kept(part, keep)
 
     def copy_rows(self, rows: dict[str, str], stamps: dict[str, storage.Stamp], name: str) -> None:
@@ -248,6 +247,8 @@ def _read_columns(part: str, columns: tuple[str, ...]) -> pa.Table:
 def _restamped(table: pa.Table, stamps: dict[str, storage.Stamp]) -> pa.Table:
     """``table`` with the stamp columns of the rows of ``stamps`` set (added where absent)."""
     uris = table.column("image_uri").to_pylist()
+    if not any(u in stamps for u in uris):
+        return table
     for k, name in enumerate(STAMP_COLUMNS):
         old = (
             table.column(name).to_pylist()

@@ -45,7 +45,7 @@ from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -1430,19 +1430,17 @@ def check_changes(
     if suspects:
         log.info("%d embedded files' size or time changed: reading them to compare", len(suspects))
     ids = embedded.ids(set(suspects))
-    budget = ReadBudget(_CHECK_BYTES)
 
-    def same_content(uri: str) -> bool:
-        with budget.taken(suspects[uri].size):
-            return _same_content(uri, *ids.get(uri, (None, None)), cap=cap)
+    def same_content(uri: str, data: bytes) -> bool:
+        """What its row was made from: its content_id (one hash), else, in a row written before
+        that was kept, its image_id (the whole file)."""
+        image_id, content_id = ids.get(uri, (None, None))
+        if content_id is not None:
+            return content_digest(data, uri) == content_id
+        return hashlib.sha256(data).hexdigest() == image_id
 
-    same = dict(
-        zip(
-            suspects,
-            storage.map_in_threads(same_content, list(suspects), _CHECK_THREADS),
-            strict=True,
-        )
-    )
+    # A file that cannot be read now (too large, gone) counts as changed: its attempt says why.
+    same = _read_each(suspects, same_content, cap=cap)
     changed = {u for u, ok in same.items() if not ok}
     restamp = {u: suspects[u] for u, ok in same.items() if ok}
     if changed or restamp or first:
@@ -1481,29 +1479,42 @@ def reuse_moved(
         elif image_id is not None:
             by_bytes.setdefault(image_id, r)
 
-    budget = ReadBudget(_CHECK_BYTES)
-
-    def match(uri: str) -> str | None:
-        try:
-            with budget.taken(stamps[uri].size):
-                image_id, content_id = file_ids(storage.read_bytes(uri, max_bytes=cap), uri)
-        except StorageError:
-            return None  # its attempt reads it again and records why
+    def match(uri: str, data: bytes) -> str | None:
+        image_id, content_id = file_ids(data, uri)
         return by_content.get(content_id) or by_bytes.get(image_id)
 
+    # An input that cannot be read now is attempted as any other: its attempt says why.
     found = {
-        u: r
-        for u, r in zip(maybe, storage.map_in_threads(match, maybe, _CHECK_THREADS), strict=True)
-        if r is not None
+        u: r for u, r in _read_each({u: stamps[u] for u in maybe}, match, cap=cap).items() if r
     }
     if found:
         embedded.copy_rows(found, {u: stamps[u] for u in found}, _part_name(list(found)))
     return found
 
 
-_CHECK_THREADS = 8  # files read at once by check_changes (I/O: requests on S3)
+T = TypeVar("T")
+_CHECK_THREADS = 8  # files the plan reads at once (I/O: requests on S3)
 #: The bytes those reads hold at once in the driver: 8 RAW files of 100 MB would hold 800 MB.
 _CHECK_BYTES = 512 * 1024 * 1024
+
+
+def _read_each(
+    files: dict[str, storage.Stamp], fn: Callable[[str, bytes], T], *, cap: int
+) -> dict[str, T | None]:
+    """``fn(uri, bytes)`` of each file (``cap`` bytes at most), ``_CHECK_THREADS`` at once and
+    within ``_CHECK_BYTES`` held (sized by the listed stamps); None for one that cannot be read
+    now (over ``cap``, gone, unreadable)."""
+    budget = ReadBudget(_CHECK_BYTES)
+
+    def one(uri: str) -> T | None:
+        try:
+            with budget.taken(files[uri].size):
+                return fn(uri, storage.read_bytes(uri, max_bytes=cap))
+        except StorageError as e:
+            log.info("%s: not read to compare (%s)", uri, e)
+            return None
+
+    return dict(zip(files, storage.map_in_threads(one, list(files), _CHECK_THREADS), strict=True))
 
 
 class ReadBudget:
@@ -1529,20 +1540,6 @@ class ReadBudget:
             with self._free:
                 self.held -= n
                 self._free.notify_all()
-
-
-def _same_content(uri: str, image_id: str | None, content_id: str | None, *, cap: int) -> bool:
-    """Whether ``uri`` holds what its row was made from: its ``content_id`` (one hash, a JPEG's
-    without its metadata segments), else, in a row written before that was kept, its
-    ``image_id`` (the whole file)."""
-    try:
-        data = storage.read_bytes(uri, max_bytes=cap)
-    except StorageError as e:  # too large now, gone, unreadable: its attempt records why
-        log.info("%s: changed since embedded (%s)", uri, e)
-        return False
-    if content_id is not None:
-        return content_digest(data, uri) == content_id
-    return hashlib.sha256(data).hexdigest() == image_id
 
 
 def _stamp_changed(rows: pd.DataFrame, now: dict[str, storage.Stamp]) -> np.ndarray:
