@@ -318,6 +318,18 @@ def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
     assert (keepers / keeper_pick.name).read_bytes() == keeper_pick.read_bytes()
     assert (read_embedded_xmp(str(keeper_pick)) or {})["Xmp.xmp.Rating"] == "-1"
 
+    # A reject deleted in the photo tool, then pick --prune: its row leaves the table, and the
+    # sheet says so (max_prune_fraction=1: one photo of a small burst is over the default 25 %).
+    deleted = next(p for p in jpegs if picks.loc[p.name, "decision"] != "keep")
+    deleted.unlink()
+    assert keeper([*argv, "--prune", "max_prune_fraction=1", "--ray-address", ray_cluster]) == 0
+    last = pick.PickSummary.model_validate_json((out / "_SUMMARY.json").read_text())
+    assert (last.embed["gone"], last.embed["pruned"], last.embed["attempted"]) == (1, 1, 0)
+    table = storage.read_parquet(str(out / "table" / "embeddings")).column("image_uri")
+    assert str(deleted) not in table.to_pylist()
+    sheet = Path(last.outputs["contact_sheet"]).read_text()
+    assert "1 photo(s) no longer in the folder" in sheet
+
 
 def test_champion_picks_match_evaluate(
     ray_cluster: str, library: tuple[Path, pd.DataFrame], tmp_path: Path

@@ -79,6 +79,23 @@ def test_embed_input_and_output_come_from_the_config_or_are_named(tmp_path: Path
         )
 
 
+def test_prune_flags_reach_embed_and_pick() -> None:
+    from keeper_train.jobs.pick import PickJobConfig
+
+    args = build_parser().parse_args(
+        ["embed", "--input", "p/", "--output", "e/", "--prune", "--max-prune-fraction", "1"]
+    )
+    got = load_config(
+        EmbedConfig, None, commands.as_overrides(commands.given(args, commands.EMBED_FLAGS))
+    )
+    assert (got.prune, got.max_prune_fraction) == (True, 1.0)
+    args = build_parser().parse_args(["pick", "--input", "p/", "--output", "o/", "--prune"])
+    pick = load_config(
+        PickJobConfig, None, commands.as_overrides(commands.given(args, commands.PICK_FLAGS))
+    )
+    assert pick.prune is True
+
+
 def test_train_head_flags_map_onto_the_config(tmp_path: Path) -> None:
     cfg = tmp_path / "th.yaml"
     cfg.write_text("embeddings: e/\nseries: s.csv\nepochs: 7\nuse_gpu: true\nregister: r\n")

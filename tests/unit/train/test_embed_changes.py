@@ -21,6 +21,7 @@ from PIL import Image
 
 from keeper_core import storage
 from keeper_core.embedded_xmp import content_digest
+from keeper_core.errors import ConfigError, DataError
 from keeper_train import table as table_mod
 from keeper_train.jobs import embed
 from keeper_train.jobs.embed import EmbedConfig, Execution, plan, summarise
@@ -385,6 +386,13 @@ def test_the_contact_sheet_says_what_changed_since_the_last_run() -> None:
         "since the last run: 3 photo(s) saved over in place, measured and judged again; "
         "98 photo(s) moved or renamed, found by their content (not embedded again)"
     )
+    assert pick.since_last_run(counts.model_copy(update={"gone": 2})) == (
+        "since the last run: 2 photo(s) no longer in the folder (deleted, or on a disk not mounted)"
+    )
+    assert pick.since_last_run(counts.model_copy(update={"gone": 2, "pruned": 2})) == (
+        "since the last run: 2 photo(s) no longer in the folder (deleted, or on a disk not "
+        "mounted): their rows removed from the table"
+    )
 
 
 def test_the_files_read_to_compare_are_held_within_a_budget(
@@ -437,3 +445,133 @@ def test_the_files_read_to_compare_are_held_within_a_budget(
         assert not done.wait(0.05)  # waits while the big one is held
     assert done.wait(5)
     t.join(5)
+
+
+def error_row(dst: Path, uri: str) -> None:
+    storage.write_parquet(
+        pa.table({"image_uri": [uri], "reason": ["corrupt"], "retryable": [False]}),
+        str(dst / embed.ERRORS / "part-e.parquet"),
+    )
+
+
+def test_files_gone_from_the_folder_are_counted_and_their_rows_kept(
+    library: list[Path], tmp_path: Path
+) -> None:
+    a, b, c = library
+    dst = tmp_path / "out"
+    write_table(dst, library)
+    b.unlink()
+    cfg = config(library, dst)
+    p = plan(cfg)
+    assert (p.gone, p.pruned, p.todo) == (1, 0, [])
+    assert set(table_rows(dst)) == {str(a), str(b), str(c)}  # a disk not mounted is no deletion
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    assert (s.counts.gone, s.counts.in_, s.counts.already_embedded) == (1, 2, 2)
+    assert "1 file(s) of earlier runs under the input not found" in embed.format_summary(s)
+    assert "prune=true removes them" in embed.format_summary(s)
+
+
+def test_prune_removes_the_rows_of_files_gone_and_of_moved_files_old_names(
+    tmp_path: Path,
+) -> None:
+    lib = tmp_path / "lib"
+    (lib / "sub").mkdir(parents=True)
+    (lib / "skip").mkdir()
+    files = []
+    for i in range(8):
+        f = lib / ("sub" if i % 2 else ".") / f"{i}.jpg"
+        f.write_bytes(jpeg((i * 30, 10, 10)))
+        files.append(f.resolve())
+    kept = lib / "skip" / "x.jpg"  # under an excluded folder: this run does not look there
+    kept.write_bytes(jpeg((1, 1, 1)))
+    outside = tmp_path / "elsewhere.jpg"  # another input's row, in the same table
+    outside.write_bytes(jpeg((2, 2, 2)))
+    dst = tmp_path / "out"
+    write_table(dst, [*files, kept.resolve(), outside.resolve()])
+    bad = lib / "sub" / "bad.jpg"
+    error_row(dst, str(bad))  # a corrupt file that failed, deleted since
+    files[0].unlink()
+    moved = lib / "sub" / "renamed.jpg"
+    files[1].rename(moved)
+    cfg = config([files[0]], dst, prune=True, exclude=[str(lib / "skip")])
+    cfg = cfg.model_copy(update={"input": str(lib)})
+    p = plan(cfg)
+    assert (p.todo, p.moved, p.gone, p.pruned) == ([], 1, 2, 3)
+    rows = table_rows(dst)
+    assert str(files[0]) not in rows
+    assert str(files[1]) not in rows
+    assert str(moved) in rows  # its row lives on under the new name
+    assert {str(kept.resolve()), str(outside.resolve())} <= set(rows)
+    assert table_mod.list_parts(str(dst / embed.ERRORS)) == []  # its one row gone, the part too
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    assert (s.counts.gone, s.counts.pruned, s.table["embedded"], s.table["failed"]) == (2, 3, 9, 0)
+    assert "3 row(s) of files no longer listed removed" in embed.format_summary(s)
+    again = plan(cfg)
+    assert (again.gone, again.pruned, again.moved) == (0, 0, 0)
+
+
+def test_prune_refuses_to_empty_a_folder_that_may_be_a_disk_not_mounted(
+    tmp_path: Path,
+) -> None:
+    lib = tmp_path / "lib"
+    (lib / "card").mkdir(parents=True)
+    files = []
+    for i in range(8):
+        f = lib / ("card" if i < 3 else ".") / f"{i}.jpg"
+        f.write_bytes(jpeg((i * 30, 50, 50)))
+        files.append(f)
+    dst = tmp_path / "out"
+    write_table(dst, files)
+    before = table_rows(dst)
+    for f in files[:3]:
+        f.unlink()
+    (lib / "card").rmdir()  # 3 of 8 (38 %) gone: over the 25 % limit
+    cfg = EmbedConfig(input=str(lib), output=str(dst), model=SPEC, prune=True)
+    with pytest.raises(DataError, match=r"3 of the table's 8 rows .* \(38%, over") as e:
+        plan(cfg)
+    assert f"most under {lib / 'card'}/ (3)" in str(e.value)
+    assert "max_prune_fraction=1" in str(e.value)
+    assert table_rows(dst).keys() == before.keys()  # nothing removed
+    assert plan(cfg.model_copy(update={"max_prune_fraction": 1.0})).pruned == 3
+    assert len(table_rows(dst)) == 5
+
+
+def test_prune_needs_a_listed_folder(library: list[Path], tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image_uri\n" + "\n".join(str(f) for f in library) + "\n")
+    cfg = EmbedConfig(input=str(manifest), output=str(tmp_path / "out"), model=SPEC, prune=True)
+    with pytest.raises(ConfigError, match="manifest or WebDataset shards, which are not listed"):
+        plan(cfg)
+
+
+def test_a_run_with_a_limit_prunes_nothing_past_it(library: list[Path], tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    write_table(dst, library)
+    p = plan(config(library, dst, limit=1, prune=True))
+    assert (p.gone, p.pruned) == (0, 0)
+    assert len(table_rows(dst)) == 3
+
+
+def test_a_folder_reorganised_before_is_pruned_without_hitting_the_limit(
+    tmp_path: Path,
+) -> None:
+    """Every photo moved into dated folders by a run without prune; a later run with prune finds
+    their content under the new names: not gone, their old rows removed, no limit in the way."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    files = []
+    for i in range(4):
+        f = lib / f"{i}.jpg"
+        f.write_bytes(jpeg((i * 60, 90, 90)))
+        files.append(f)
+    dst = tmp_path / "out"
+    write_table(dst, files)
+    (lib / "2026").mkdir()
+    for f in files:
+        f.rename(lib / "2026" / f.name)
+    cfg = EmbedConfig(input=str(lib), output=str(dst), model=SPEC)
+    assert (plan(cfg).moved, plan(cfg).gone) == (4, 0)  # the second plan: moved by the first
+    assert len(table_rows(dst)) == 8
+    p = plan(cfg.model_copy(update={"prune": True}))
+    assert (p.moved, p.gone, p.pruned) == (0, 0, 4)
+    assert sorted(table_rows(dst)) == sorted(str(lib / "2026" / f.name) for f in files)

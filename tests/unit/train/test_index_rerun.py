@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from support import write_unit_parts
 
-from keeper_core.errors import ConfigError
+from keeper_core.errors import ConfigError, DataError
 from keeper_train.jobs.index import IndexConfig, run
 
 
@@ -77,3 +77,42 @@ def test_rows_embedded_again_are_counted_as_changed(
         assert "3 rows the table has embedded again (photos saved over) keep" in describe(again)
     rebuilt = run(IndexConfig(table=table, rebuild=True))
     assert (rebuilt.changed, run(IndexConfig(table=table)).changed) == (0, 0)
+
+
+@pytest.mark.parametrize(("backend", "dtype"), [("exact", "f16"), ("faiss", "f16")])
+def test_rows_the_table_no_longer_holds_leave_an_exact_index(
+    tmp_path: Path, backend: str, dtype: str
+) -> None:
+    """keeper embed prune=true took rows out of the table: an exact index takes them out too
+    (a search no longer finds photos that are gone); an HNSW graph counts them as stale."""
+    import numpy as np
+
+    from keeper_core import storage
+    from keeper_core.vector_index import VectorIndex
+    from keeper_train.jobs.index import describe
+
+    table = str(tmp_path / "emb")
+    write_unit_parts(table, [40, 40])
+    run(IndexConfig(table=table, backend=backend, dtype=dtype))
+    (part, *_) = sorted((tmp_path / "emb" / "embeddings").glob("*.parquet"))
+    t = storage.read_parquet(str(part))
+    uris = t.column("image_uri").to_pylist()
+    emb = np.array(t.column("embedding").to_pylist(), np.float32)
+    keep = np.ones(t.num_rows, dtype=bool)
+    keep[[2, 3, 30]] = False
+    storage.write_parquet(t.filter(keep), str(part))
+    again = run(IndexConfig(table=table))
+    index = VectorIndex.load(str(tmp_path / "emb" / "index"))
+    if backend == "exact":
+        assert (again.rows, again.removed, again.stale, again.added) == (77, 3, 0, 0)
+        assert "3 rows the table no longer holds were taken out" in describe(again)
+        assert not {uris[2], uris[3], uris[30]} & set(index.ids)
+        # the rows left still find themselves, in their places after the removed ones
+        got = index.search(emb[[0, 4, 31, 39]], 1, model_spec=index.model_spec)
+        assert [hits[0] for hits in got.ids] == [uris[0], uris[4], uris[31], uris[39]]
+        assert run(IndexConfig(table=table)).removed == 0
+    else:
+        assert (again.rows, again.removed, again.stale) == (80, 0, 3)
+        assert "3 rows the table no longer holds stay in the index: rebuild=true" in describe(again)
+        with pytest.raises(DataError, match="cannot take a row out"):
+            index.remove([uris[2]])

@@ -443,6 +443,17 @@ class _Exact:
                 m[at] = torch.from_numpy(np.ascontiguousarray(x[mine])).to(m.dtype)
             offset += len(m)
 
+    def keep(self, keep: np.ndarray) -> None:
+        """Only the rows where ``keep`` (bool, one per row) stay, in order: one copy of them."""
+        import torch
+
+        mask = torch.from_numpy(keep)
+        offset, kept = 0, []
+        for m in self.chunks:
+            kept.append(m[mask[offset : offset + len(m)]])
+            offset += len(m)
+        self.chunks = [torch.cat(kept)] if kept else []
+
     def nbytes(self) -> int:
         return sum(int(m.numel() * m.element_size()) for m in self.chunks)
 
@@ -617,6 +628,31 @@ class VectorIndex:
         if len(x):
             self._impl.replace(np.array([self._row[i] for i in ids], dtype=np.int64), x)
             self.meta.updated_at = _now()
+
+    def remove(self, ids: Sequence[str]) -> None:
+        """Take rows out (photos no longer in the table). Only the exact backend can: an HNSW
+        graph routes searches through its rows' edges.
+
+        Raises:
+            DataError: another backend, or an id not in the index.
+        """
+        if self.meta.params.backend != "exact":
+            raise DataError(
+                f"a {self.meta.params.backend} index cannot take a row out (searches route "
+                "through its edges): rebuild it"
+            )
+        missing = [i for i in ids if i not in self._row]
+        if missing:
+            raise DataError(f"{len(missing)} id(s) not in the index, e.g. {missing[:5]}")
+        if not ids:
+            return
+        keep = np.ones(len(self._ids), dtype=bool)
+        keep[[self._row[i] for i in ids]] = False
+        self._impl.keep(keep)
+        self._ids = [v for v, k in zip(self._ids, keep.tolist(), strict=True) if k]
+        self._row = {v: i for i, v in enumerate(self._ids)}
+        self.meta.count = len(self._ids)
+        self.meta.updated_at = _now()
 
     def add(self, vectors: Any, ids: Sequence[str]) -> None:
         """Add rows; the index grows in place (no rebuild) and ``ef_search`` is re-calibrated.

@@ -67,6 +67,8 @@ EMBED_FLAGS = (
     "decode_placement",
     "max_failure_fraction",
     "retry_errors",
+    "prune",
+    "max_prune_fraction",
     "ray_address",
 )
 
@@ -102,6 +104,17 @@ def add_embed_parser(subparsers: SubParsers) -> None:
         "--max-failure-fraction", type=float, help="failed share of the table that fails the job"
     )
     p.add_argument("--retry-errors", action=_BOOL, help="re-attempt every recorded failure")
+    p.add_argument(
+        "--prune",
+        action=_BOOL,
+        help="remove the rows of files under --input this run does not list (deleted or moved)",
+    )
+    p.add_argument(
+        "--max-prune-fraction",
+        type=float,
+        help="largest share of the input's rows --prune removes for files not found moved "
+        "(default 0.25: a disk not mounted lists like one emptied)",
+    )
     p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
     p.add_argument("overrides", nargs="*", help="any other EmbedConfig field as key=value")
 
@@ -762,6 +775,7 @@ PICK_FLAGS = (
     "concurrency",
     "num_gpus_per_worker",
     "limit",
+    "prune",
     "tracking_uri",
     "data_dir",
     "ray_address",
@@ -817,6 +831,11 @@ def add_pick_parser(subparsers: SubParsers) -> None:
     p.add_argument("--concurrency", type=int, help="model actors")
     p.add_argument("--num-gpus-per-worker", type=float, help="GPUs per model actor")
     p.add_argument("--limit", type=int, help="only the first N photos (smoke runs)")
+    p.add_argument(
+        "--prune",
+        action=_BOOL,
+        help="remove the embedding table's rows of photos no longer under --input",
+    )
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: embedded store)")
     p.add_argument("--data-dir", help="embedded MLflow store when no tracking URI is set")
     p.add_argument("--ray-address", help="join this Ray cluster (default: local)")

@@ -175,6 +175,13 @@ class EmbeddedParts:
                     self.stamps[part][i] = stamps[u]
             self._kept(part, keep)
 
+    def remove(self, uris: set[str]) -> int:
+        """Remove the rows of ``uris``; returns how many there were."""
+        n = sum(u in uris for part in self.by_part.values() for u in part)
+        if n:
+            self.update(uris, {})
+        return n
+
     def copy_rows(self, rows: dict[str, str], stamps: dict[str, storage.Stamp], name: str) -> None:
         """Write, as one new part ``name``, a copy of each row ``rows`` names (new URI -> the URI
         of the row to copy) under its new URI and with its ``stamps``; every other column (the

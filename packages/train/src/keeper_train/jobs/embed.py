@@ -260,6 +260,21 @@ class EmbedConfig(BaseModel):
         description="folders or prefixes under input that are never listed (outputs written "
         "inside the input folder); output is always excluded",
     )
+    prune: bool = Field(
+        False,
+        description="remove the table's rows (embedded or failed) of files under input that "
+        "this run does not list: deleted, or moved (a moved photo's row is copied under its new "
+        "name first). Input must be a folder or prefix. Nothing is removed when more than "
+        "max_prune_fraction of input's rows are of files not found under a new name: the run "
+        "stops and names the folders (a disk not mounted lists like one emptied)",
+    )
+    max_prune_fraction: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="prune: the largest share of input's rows a run removes for files not found "
+        "under a new name (1: no limit)",
+    )
     ray_address: str | None = None
 
     @property
@@ -1180,6 +1195,16 @@ class Counts(BaseModel):
         description="of already_embedded: files the table held under a name no longer listed "
         "(moved or renamed since): the row copied, not embedded again",
     )
+    gone: int = Field(
+        default=0,
+        description="files under a listed folder the table holds rows of (embedded or failed) "
+        "that this run found neither under their name nor moved: deleted, or on a disk not "
+        "mounted. Not inputs: outside ``in``",
+    )
+    pruned: int = Field(
+        default=0,
+        description="rows removed by prune=true: the gone files' and the old names of moved ones",
+    )
     stamped: int = Field(
         default=0,
         description="rows of a table written before keeper kept file stamps, given their "
@@ -1274,6 +1299,10 @@ class Plan:
     changes: Changes = dataclass_field(default_factory=lambda: Changes(set(), 0, 0))
     #: inputs whose content the table held under a name no longer listed (:func:`reuse_moved`)
     moved: int = 0
+    #: files under a listed folder the table held rows of, not listed and not found moved
+    gone: int = 0
+    #: rows removed (``prune``): the gone files' and moved files' old names
+    pruned: int = 0
 
 
 @dataclass
@@ -1312,6 +1341,9 @@ def plan(cfg: EmbedConfig) -> Plan:
     bad_names: dict[str, str] = {}
     stamps: dict[str, storage.Stamp] = {}
     shards = names_shards(cfg.input)  # a .tar or a brace pattern: nothing to list first
+    a_folder = not shards and not cfg.input.lower().endswith(MANIFEST_SUFFIXES)
+    if cfg.prune and not a_folder:
+        raise ConfigError(_prune_needs_a_folder(cfg.input))
     if not shards:
         found = find_inputs(cfg.input, exclude=[dst, *cfg.exclude])
         inputs, ignored, repeated = found.uris, found.ignored, found.repeated
@@ -1319,6 +1351,9 @@ def plan(cfg: EmbedConfig) -> Plan:
         # A folder of shards has no loose image: only then is it listed again, for its shards.
         shards = not inputs and ignored > 0 and is_webdataset(cfg.input)
     if shards:
+        if cfg.prune:
+            raise ConfigError(_prune_needs_a_folder(cfg.input))
+        a_folder = False
         listed, ignored, members, index_failures, sample_problems = list_webdataset(
             cfg.input, storage.join(dst, SHARDS)
         )
@@ -1327,16 +1362,22 @@ def plan(cfg: EmbedConfig) -> Plan:
         raise DataError(
             f"no images found under {cfg.input} ({_nothing_found(cfg.input, ignored, bool(shards))})"
         )
-    if cfg.limit:
-        inputs = inputs[: cfg.limit]
+    # Compared as same_key: a library embedded as `photos/` is not embedded again when named
+    # `/home/me/photos` (~1 s a million URIs).
+    keys = [storage.same_key(u) for u in inputs]
     embedded = EmbeddedParts.read(storage.join(dst, EMBEDDINGS))
     removed = embedded.dedupe()  # a job killed after a retried write may have left a duplicate
     errors = ErrorRows.read(storage.join(dst, ERRORS))
     cleared = errors.remove(embedded.uris())  # a table written before successes cleared theirs
     removed += errors.dedupe()
-    # Compared as same_key: a library embedded as `photos/` is not embedded again when named
-    # `/home/me/photos` (~1 s a million URIs).
-    keys = [storage.same_key(u) for u in inputs]
+    # Every file listed, ``limit`` or not: a file past it is not gone.
+    gone = (
+        find_gone(embedded, errors, cfg.input, set(inputs), set(keys), [dst, *cfg.exclude])
+        if a_folder
+        else Gone(set(), set(), 0)
+    )
+    if cfg.limit:
+        inputs, keys = inputs[: cfg.limit], keys[: cfg.limit]
     this_run = {u: stamps[u] for u in inputs if u in stamps}  # (``limit``: not the rest)
     now = {k: stamps[u] for u, k in zip(inputs, keys, strict=True) if u in stamps}
     changes = check_changes(embedded, this_run, now, cap=max(cfg.max_bytes, cfg.max_raw_bytes))
@@ -1353,6 +1394,13 @@ def plan(cfg: EmbedConfig) -> Plan:
     cap = max(cfg.max_bytes, cfg.max_raw_bytes)
     moved = reuse_moved(embedded, todo, stamps, changes.unlisted, cap=cap)
     todo = [u for u in todo if u not in moved]
+    # A moved photo's old row lives on under its new name (copied now, or by an earlier run):
+    # only the others are counted as gone.
+    lost = gone.rows - held_elsewhere(embedded, gone.embedded)
+    pruned = 0
+    if cfg.prune and gone.rows:
+        check_prune(lost, gone.under, cfg)
+        pruned = embedded.remove(gone.embedded) + errors.remove(gone.failed)
     attempt = set(todo)  # looked up per bad name and failed shard: a list would be B x N
     if todo:  # the spec is recorded once there is something to embed with it
         check_table_meta(dst, cfg.model, embed_dim=dim, weights=weights)
@@ -1381,6 +1429,8 @@ def plan(cfg: EmbedConfig) -> Plan:
             changes.stamped,
         ),
         moved=len(moved),
+        gone=len(lost),
+        pruned=pruned,
     )
 
 
@@ -1490,6 +1540,107 @@ def reuse_moved(
     if found:
         embedded.copy_rows(found, {u: stamps[u] for u in found}, _part_name(list(found)))
     return found
+
+
+@dataclass(frozen=True)
+class Gone:
+    """The table's rows of files under a listed folder that its listing lacks (deleted, moved or
+    renamed, or on a disk not mounted), and how many rows the table held under it."""
+
+    embedded: set[str]
+    failed: set[str]
+    under: int
+
+    @property
+    def rows(self) -> set[str]:
+        return self.embedded | self.failed
+
+
+def find_gone(
+    embedded: EmbeddedParts,
+    errors: ErrorRows,
+    src: str,
+    listed: set[str],
+    keys: set[str],
+    exclude: Sequence[str],
+) -> Gone:
+    """The rows (embedded or failed) under folder ``src`` whose file its listing (``listed``, and
+    as ``same_key``: ``keys``) lacks. Rows under an ``exclude``d folder are not gone: this run
+    did not look there. Costs a set lookup a row; ``same_key`` only for a row not listed as
+    written."""
+    prefix = storage.same_key(src).rstrip("/") + "/"
+    skip = tuple(storage.same_key(e).rstrip("/") + "/" for e in exclude)
+    under = 0
+
+    def missing(uris: Iterator[str]) -> set[str]:
+        nonlocal under
+        out: set[str] = set()
+        for u in uris:
+            if u in listed:
+                under += 1
+                continue
+            k = storage.same_key(u)
+            if k in keys:
+                under += 1
+            elif k.startswith(prefix) and not (skip and k.startswith(skip)):
+                under += 1
+                out.add(u)
+        return out
+
+    rows = (u for uris in embedded.by_part.values() for u in uris)
+    failed = (str(u) for df in errors.by_part.values() for u in df["image_uri"])
+    return Gone(missing(rows), missing(failed), under)
+
+
+def held_elsewhere(embedded: EmbeddedParts, rows: set[str]) -> set[str]:
+    """Of ``rows``, those whose content another row of the table holds (by ``content_id``, or
+    ``image_id`` for rows written before it was kept): the old names of photos moved or renamed,
+    whose rows live on under the new ones. Only rows of the same file size are compared, so the
+    ids of a few parts are read, not the table's."""
+    sizes: dict[str, int] = {}
+    peers: dict[int, list[str]] = {}
+    for u, st in embedded.stamped():
+        if st is None:
+            continue
+        if u in rows:
+            sizes[u] = st.size
+        else:
+            peers.setdefault(st.size, []).append(u)
+    others = {p for u in sizes for p in peers.get(sizes[u], ())}
+    if not others:
+        return set()
+    ids = embedded.ids(set(sizes) | others)
+    have = {i for p in others for i in ids.get(p, (None, None)) if i is not None}
+    return {u for u in sizes if any(i in have for i in ids.get(u, (None, None)) if i is not None)}
+
+
+def check_prune(lost: set[str], under: int, cfg: EmbedConfig) -> None:
+    """Refuse a prune that would remove more than ``max_prune_fraction`` of the input's rows for
+    files not found anywhere (``lost``): a disk not mounted, an S3 prefix not yet synced and an
+    unplugged card list like folders emptied. Nothing has been removed when this raises.
+
+    Raises:
+        DataError: naming the count, the share and the folders that lost the most.
+    """
+    if len(lost) <= cfg.max_prune_fraction * under:
+        return
+    folders = Counter(u.rsplit("/", 1)[0] + "/" for u in lost).most_common(3)
+    where = ", ".join(f"{f} ({n})" for f, n in folders)
+    raise DataError(
+        f"prune: {len(lost)} of the table's {under} rows under {cfg.input} are of files this run "
+        f"did not find, under their name or moved ({len(lost) / under:.0%}, over "
+        f"max_prune_fraction {cfg.max_prune_fraction:.0%}), most under {where}. Nothing was "
+        "removed: a disk that is not mounted lists like a folder emptied. If those files are "
+        "gone, run again with max_prune_fraction=1; to keep their rows, without prune"
+    )
+
+
+def _prune_needs_a_folder(src: str) -> str:
+    return (
+        f"prune removes the rows of files a listed folder no longer holds, and {src} is a "
+        "manifest or WebDataset shards, which are not listed: write the table anew from the "
+        "manifest as it is now (another output), or run without prune"
+    )
 
 
 T = TypeVar("T")
@@ -1795,6 +1946,8 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
             restamped=p.changes.restamped,
             stamped=p.changes.stamped,
             moved=p.moved,
+            gone=p.gone,
+            pruned=p.pruned,
             attempted=attempted,
             embedded=n_embedded,
             failed=n_failed,
@@ -1910,6 +2063,16 @@ def format_summary(s: EmbedSummary) -> str:
             if c.moved
             else []
         ),
+        *(
+            [
+                f"  gone     {c.gone} file(s) of earlier runs under the input not found (deleted, "
+                "or on a disk not mounted): "
+                + ("their rows removed" if c.pruned else "their rows kept; prune=true removes them")
+            ]
+            if c.gone
+            else []
+        ),
+        *([f"  pruned   {c.pruned} row(s) of files no longer listed removed"] if c.pruned else []),
         f"  attempt  {c.attempted} = {c.embedded} embedded + {c.failed} failed"
         + (
             f" ({c.retryable_failed} retryable: the next run tries them again)"

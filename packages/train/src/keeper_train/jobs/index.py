@@ -13,8 +13,9 @@ build parameters, measured recall@10 and the table's fingerprint (its part names
 Run again after ``keeper embed`` added images: rows the index lacks are added in place (an HNSW
 graph grows; its search breadth is re-calibrated to the recall target). Rows whose vector the table
 has replaced (``keeper embed`` embeds a photo saved over in place again) get the new vector in an
-exact index (``replaced``); an HNSW graph cannot take a row out, so there they are counted
-(``changed``), as are rows the table no longer holds, and ``rebuild=true`` builds anew. An
+exact index (``replaced``), and rows the table no longer holds (``keeper embed prune=true``) are
+taken out of it (``removed``); an HNSW graph cannot take a row out, so there both are counted
+(``changed``, ``stale``), and ``rebuild=true`` builds anew. An
 index of another model spec, or of other parameters, is never grown: rebuild it.
 """
 
@@ -109,6 +110,11 @@ class IndexSummary(BaseModel):
         "that an HNSW index holds with the old one until rebuilt"
     )
     replaced: int = Field(0, description="such rows an exact index took the new vector of")
+    removed: int = Field(
+        0,
+        description="rows the table no longer holds (keeper embed prune=true) an exact index took "
+        "out; an HNSW index keeps them (``stale``) until rebuilt",
+    )
     recall_at_10: float | None
     memory_bytes: int
     seconds: dict[str, float]
@@ -151,19 +157,24 @@ def run(cfg: IndexConfig) -> IndexSummary:
         _refuse_other_params(cfg, index.meta.params)
         have = set(index.ids)
         new = [i for i, u in enumerate(uris) if u not in have]
-        stale = len(have - set(uris))
+        gone = sorted(have - set(uris))
         redone = _changed(index, emb, uris, have)
-        replaced = 0
-        if redone and index.meta.params.backend == "exact":
-            index.replace(emb[redone], [uris[i] for i in redone])
-            replaced = len(redone)
+        replaced = removed = 0
+        if index.meta.params.backend == "exact":
+            if redone:
+                index.replace(emb[redone], [uris[i] for i in redone])
+                replaced = len(redone)
+            if gone:
+                index.remove(gone)
+                removed = len(gone)
+        stale = len(gone) - removed
         changed = len(redone) - replaced
         index.add(emb[new], [uris[i] for i in new])
         index.meta.table_fingerprint = fingerprint
         added = len(new)
     else:
         index = build(emb, uris, model_spec=spec, params=params, table_fingerprint=fingerprint)
-        added, stale, changed, replaced = len(uris), 0, 0, 0
+        added, stale, changed, replaced, removed = len(uris), 0, 0, 0, 0
     seconds["build"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     index.save(where)
@@ -179,6 +190,7 @@ def run(cfg: IndexConfig) -> IndexSummary:
         stale=stale,
         changed=changed,
         replaced=replaced,
+        removed=removed,
         recall_at_10=index.meta.recall_at_10,
         memory_bytes=index.memory_bytes(),
         seconds={k: round(v, 3) for k, v in seconds.items()},
@@ -254,6 +266,8 @@ def describe(s: IndexSummary) -> str:
     )
     if s.stale:
         line += f"\n  {s.stale} rows the table no longer holds stay in the index: rebuild=true"
+    if s.removed:
+        line += f"\n  {s.removed} rows the table no longer holds were taken out"
     if s.replaced:
         line += f"\n  {s.replaced} rows the table has embedded again took their new vectors"
     if s.changed:

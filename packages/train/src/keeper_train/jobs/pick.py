@@ -155,6 +155,13 @@ class PickJobConfig(BaseModel):
         description="read again the files an earlier run could not (re-copied from the card, "
         "or a limit raised); by default a file that failed is not read again",
     )
+    prune: bool = Field(
+        False,
+        description="remove the embedding table's rows of photos no longer under input (deleted, "
+        "or moved: a moved photo's row is copied under its new name first); refused when more "
+        "than max_prune_fraction of them are not found moved (keeper embed's prune)",
+    )
+    max_prune_fraction: float = Field(0.25, ge=0, le=1, description="keeper embed's")
     # None: keeper embed's limits (64 MP, 64 MiB, 256 MiB for a RAW); a 100 MP medium-format
     # body or a stitched panorama needs more, or every one of its photos fails.
     max_pixels: int | None = Field(
@@ -785,6 +792,11 @@ def since_last_run(counts: embed.Counts) -> str | None:
         parts.append(
             f"{counts.moved} photo(s) moved or renamed, found by their content (not embedded again)"
         )
+    if counts.gone:
+        parts.append(
+            f"{counts.gone} photo(s) no longer in the folder (deleted, or on a disk not mounted)"
+            + (": their rows removed from the table" if counts.pruned else "")
+        )
     return "since the last run: " + "; ".join(parts) if parts else None
 
 
@@ -1073,6 +1085,8 @@ def run(cfg: PickJobConfig) -> PickSummary:
             decode_resources=cfg.decode_resources,
             max_failure_fraction=cfg.max_failure_fraction,
             retry_errors=cfg.retry_errors,
+            prune=cfg.prune,
+            max_prune_fraction=cfg.max_prune_fraction,
             **cfg.decode_limits,
             limit=cfg.limit,
             capture=True,
