@@ -134,16 +134,17 @@ def test_s3_corpus_to_s3_table(
     np.testing.assert_allclose(
         table.loc[f"s3://{s3_bucket}/{renamed}", "embedding"], direct[4], atol=1e-4
     )
-    assert uris[4] in table.index  # the old name's row stays: no prune asked
+    assert uris[4] not in table.index  # the old name's row went with it
 
-    # A photo deleted, and prune asked: its row goes, and so does the renamed photo's old one.
+    # A photo deleted: counted, its row kept (a prefix not synced lists alike) until prune.
     s3.delete_object(Bucket=s3_bucket, Key=keys[0])
+    kept = embed.run(cfg)
+    assert (kept.counts.gone, kept.counts.pruned, kept.table["embedded"]) == (1, 0, len(corpus))
     pruned = embed.run(cfg.model_copy(update={"prune": True}))
     assert_counts_add_up(pruned)
-    assert (pruned.counts.gone, pruned.counts.pruned, pruned.counts.attempted) == (1, 2, 0)
+    assert (pruned.counts.gone, pruned.counts.pruned, pruned.counts.attempted) == (1, 1, 0)
     table = read_table(dst).set_index("image_uri")
     assert uris[0] not in table.index
-    assert uris[4] not in table.index
     assert len(table) == len(corpus) - 1 == pruned.table["embedded"]
 
 

@@ -355,7 +355,8 @@ def test_a_photo_moved_or_renamed_keeps_its_row_under_the_new_name(
     # only the inputs of a missing row's size were read, each once
     assert sorted(u for u in read if not u.endswith(".parquet")) == sorted([str(moved), str(new)])
     rows = table_rows(dst)
-    assert rows[str(moved)]["image_id"] == rows[str(a)]["image_id"]  # the old row stays too
+    assert rows[str(moved)]["image_id"] == embed.file_ids(moved.read_bytes(), str(moved))[0]
+    assert str(a) not in rows  # the old name's row goes: the file is not in the folder
     assert rows[str(moved)]["sharpness"] == 1.5
     assert rows[str(moved)]["file_mtime_ns"] == moved.stat().st_mtime_ns
     s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
@@ -496,7 +497,7 @@ def test_prune_removes_the_rows_of_files_gone_and_of_moved_files_old_names(
     cfg = config([files[0]], dst, prune=True, exclude=[str(lib / "skip")])
     cfg = cfg.model_copy(update={"input": str(lib)})
     p = plan(cfg)
-    assert (p.todo, p.moved, p.gone, p.pruned) == ([], 1, 2, 3)
+    assert (p.todo, p.moved, p.gone, p.pruned) == ([], 1, 2, 2)
     rows = table_rows(dst)
     assert str(files[0]) not in rows
     assert str(files[1]) not in rows
@@ -504,8 +505,8 @@ def test_prune_removes_the_rows_of_files_gone_and_of_moved_files_old_names(
     assert {str(kept.resolve()), str(outside.resolve())} <= set(rows)
     assert table_mod.list_parts(str(dst / embed.ERRORS)) == []  # its one row gone, the part too
     s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
-    assert (s.counts.gone, s.counts.pruned, s.table["embedded"], s.table["failed"]) == (2, 3, 9, 0)
-    assert "3 row(s) of files no longer listed removed" in embed.format_summary(s)
+    assert (s.counts.gone, s.counts.pruned, s.table["embedded"], s.table["failed"]) == (2, 2, 9, 0)
+    assert "2 row(s) of files no longer listed removed" in embed.format_summary(s)
     again = plan(cfg)
     assert (again.gone, again.pruned, again.moved) == (0, 0, 0)
 
@@ -552,11 +553,9 @@ def test_a_run_with_a_limit_prunes_nothing_past_it(library: list[Path], tmp_path
     assert len(table_rows(dst)) == 3
 
 
-def test_a_folder_reorganised_before_is_pruned_without_hitting_the_limit(
-    tmp_path: Path,
-) -> None:
-    """Every photo moved into dated folders by a run without prune; a later run with prune finds
-    their content under the new names: not gone, their old rows removed, no limit in the way."""
+def test_a_folder_reorganised_moves_its_rows(tmp_path: Path) -> None:
+    """Every photo moved into dated folders: each row goes to its new name (none embedded again,
+    none left under the old one); a row of another input's file, matched by a copy, stays."""
     lib = tmp_path / "lib"
     lib.mkdir()
     files = []
@@ -564,14 +563,45 @@ def test_a_folder_reorganised_before_is_pruned_without_hitting_the_limit(
         f = lib / f"{i}.jpg"
         f.write_bytes(jpeg((i * 60, 90, 90)))
         files.append(f)
+    other = tmp_path / "other" / "x.jpg"  # another library's photo, in the same table
+    other.parent.mkdir()
+    other.write_bytes(jpeg((5, 200, 5)))
     dst = tmp_path / "out"
-    write_table(dst, files)
+    write_table(dst, [*files, other])
     (lib / "2026").mkdir()
     for f in files:
         f.rename(lib / "2026" / f.name)
+    (lib / "2026" / "x-copy.jpg").write_bytes(other.read_bytes())
     cfg = EmbedConfig(input=str(lib), output=str(dst), model=SPEC)
-    assert (plan(cfg).moved, plan(cfg).gone) == (4, 0)  # the second plan: moved by the first
-    assert len(table_rows(dst)) == 8
-    p = plan(cfg.model_copy(update={"prune": True}))
-    assert (p.moved, p.gone, p.pruned) == (0, 0, 4)
-    assert sorted(table_rows(dst)) == sorted(str(lib / "2026" / f.name) for f in files)
+    p = plan(cfg)
+    assert (p.moved, p.gone, p.todo) == (5, 0, [])
+    assert sorted(table_rows(dst)) == sorted(
+        [str(lib / "2026" / f.name) for f in files] + [str(lib / "2026" / "x-copy.jpg"), str(other)]
+    )
+
+
+def test_a_prune_over_its_limit_leaves_out_rows_whose_content_is_held_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """A table from the keeper before moved rows were moved (it copied them, keeping the old
+    name's row too): half its rows are old names. Over the limit by count, but their content is
+    in the table under the new names: pruned, not refused."""
+    lib = tmp_path / "lib"
+    (lib / "2026").mkdir(parents=True)
+    files = []
+    for i in range(4):
+        f = lib / f"{i}.jpg"
+        f.write_bytes(jpeg((i * 60, 90, 90)))
+        files.append(f)
+    dst = tmp_path / "out"
+    write_table(dst, files)
+    for f in files:
+        f.rename(lib / "2026" / f.name)
+    new = [lib / "2026" / f.name for f in files]
+    rows = storage.read_parquet(str(dst / embed.EMBEDDINGS))
+    copies = rows.set_column(0, "image_uri", pa.array([str(f) for f in new]))
+    storage.write_parquet(copies, str(dst / embed.EMBEDDINGS / "part-b.parquet"))
+    cfg = EmbedConfig(input=str(lib), output=str(dst), model=SPEC, prune=True)
+    p = plan(cfg)
+    assert (p.moved, p.gone, p.pruned) == (0, 4, 4)
+    assert sorted(table_rows(dst)) == sorted(str(f) for f in new)

@@ -37,7 +37,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -1193,7 +1193,8 @@ class Counts(BaseModel):
     moved: int = Field(
         default=0,
         description="of already_embedded: files the table held under a name no longer listed "
-        "(moved or renamed since): the row copied, not embedded again",
+        "(moved or renamed since): the row copied, not embedded again; the old name's row "
+        "removed when it was under the input",
     )
     gone: int = Field(
         default=0,
@@ -1203,7 +1204,7 @@ class Counts(BaseModel):
     )
     pruned: int = Field(
         default=0,
-        description="rows removed by prune=true: the gone files' and the old names of moved ones",
+        description="rows of gone files removed by prune=true",
     )
     stamped: int = Field(
         default=0,
@@ -1301,7 +1302,7 @@ class Plan:
     moved: int = 0
     #: files under a listed folder the table held rows of, not listed and not found moved
     gone: int = 0
-    #: rows removed (``prune``): the gone files' and moved files' old names
+    #: rows of gone files removed (``prune``)
     pruned: int = 0
 
 
@@ -1372,7 +1373,7 @@ def plan(cfg: EmbedConfig) -> Plan:
     removed += errors.dedupe()
     # Every file listed, ``limit`` or not: a file past it is not gone.
     gone = (
-        find_gone(embedded, errors, cfg.input, set(inputs), set(keys), [dst, *cfg.exclude])
+        find_gone(embedded, errors, cfg.input, stamps, set(keys), [dst, *cfg.exclude])
         if a_folder
         else Gone(set(), set(), 0)
     )
@@ -1394,13 +1395,16 @@ def plan(cfg: EmbedConfig) -> Plan:
     cap = max(cfg.max_bytes, cfg.max_raw_bytes)
     moved = reuse_moved(embedded, todo, stamps, changes.unlisted, cap=cap)
     todo = [u for u in todo if u not in moved]
-    # A moved photo's old row lives on under its new name (copied now, or by an earlier run):
-    # only the others are counted as gone.
-    lost = gone.rows - held_elsewhere(embedded, gone.embedded)
+    # A photo moved within the input: its row now lives under the new name, and the old name's
+    # row goes (one not under the input is another input's file, or a copy's: it stays).
+    renamed = set(moved.values()) & gone.embedded
+    if renamed:
+        embedded.remove(renamed)
+    lost = gone.rows - renamed
     pruned = 0
-    if cfg.prune and gone.rows:
-        check_prune(lost, gone.under, cfg)
-        pruned = embedded.remove(gone.embedded) + errors.remove(gone.failed)
+    if cfg.prune and lost:
+        check_prune(lost, gone.under, cfg, embedded)
+        pruned = embedded.remove(lost & gone.embedded) + errors.remove(lost & gone.failed)
     attempt = set(todo)  # looked up per bad name and failed shard: a list would be B x N
     if todo:  # the spec is recorded once there is something to embed with it
         check_table_meta(dst, cfg.model, embed_dim=dim, weights=weights)
@@ -1512,8 +1516,9 @@ def reuse_moved(
 
     Only an input of the same size as such a row is read (once, ``cap`` bytes at most, several at
     once) and matched by its ``content_id`` (or, for rows written before that was kept, its
-    ``image_id``); a new photo of another size costs nothing. The old row stays: a file not
-    listed may be on a disk that is not mounted.
+    ``image_id``); a new photo of another size costs nothing. The old row stays here; :func:`plan`
+    removes it when it was under the input folder (the file is not there), and keeps one of
+    another input's file (a copy).
     """
     maybe = [u for u in todo if u in stamps and stamps[u].size in unlisted]
     if not maybe:
@@ -1560,7 +1565,7 @@ def find_gone(
     embedded: EmbeddedParts,
     errors: ErrorRows,
     src: str,
-    listed: set[str],
+    listed: Container[str],
     keys: set[str],
     exclude: Sequence[str],
 ) -> Gone:
@@ -1594,19 +1599,18 @@ def find_gone(
 
 def held_elsewhere(embedded: EmbeddedParts, rows: set[str]) -> set[str]:
     """Of ``rows``, those whose content another row of the table holds (by ``content_id``, or
-    ``image_id`` for rows written before it was kept): the old names of photos moved or renamed,
-    whose rows live on under the new ones. Only rows of the same file size are compared, so the
-    ids of a few parts are read, not the table's."""
+    ``image_id`` for rows written before it was kept): old names of photos moved, whose rows an
+    earlier keeper (which kept both) copied under the new names. Rows of the same file size are
+    compared, so it reads the ids of the parts holding those (rows without a stamp cannot be
+    matched). Only a prune over its limit asks (:func:`check_prune`)."""
+    if not rows:
+        return set()
     sizes: dict[str, int] = {}
-    peers: dict[int, list[str]] = {}
     for u, st in embedded.stamped():
-        if st is None:
-            continue
-        if u in rows:
+        if st is not None and u in rows:
             sizes[u] = st.size
-        else:
-            peers.setdefault(st.size, []).append(u)
-    others = {p for u in sizes for p in peers.get(sizes[u], ())}
+    wanted = set(sizes.values())
+    others = {u for u, st in embedded.stamped() if st and st.size in wanted and u not in rows}
     if not others:
         return set()
     ids = embedded.ids(set(sizes) | others)
@@ -1614,14 +1618,19 @@ def held_elsewhere(embedded: EmbeddedParts, rows: set[str]) -> set[str]:
     return {u for u in sizes if any(i in have for i in ids.get(u, (None, None)) if i is not None)}
 
 
-def check_prune(lost: set[str], under: int, cfg: EmbedConfig) -> None:
+def check_prune(lost: set[str], under: int, cfg: EmbedConfig, embedded: EmbeddedParts) -> None:
     """Refuse a prune that would remove more than ``max_prune_fraction`` of the input's rows for
-    files not found anywhere (``lost``): a disk not mounted, an S3 prefix not yet synced and an
-    unplugged card list like folders emptied. Nothing has been removed when this raises.
+    files not found (``lost``): a disk not mounted, an S3 prefix not yet synced and an unplugged
+    card list like folders emptied. Rows whose content another row holds (:func:`held_elsewhere`,
+    looked for only when over the limit) are not counted. Nothing has been removed when this
+    raises.
 
     Raises:
         DataError: naming the count, the share and the folders that lost the most.
     """
+    if len(lost) <= cfg.max_prune_fraction * under:
+        return
+    lost = lost - held_elsewhere(embedded, lost)
     if len(lost) <= cfg.max_prune_fraction * under:
         return
     folders = Counter(u.rsplit("/", 1)[0] + "/" for u in lost).most_common(3)
@@ -2058,7 +2067,7 @@ def format_summary(s: EmbedSummary) -> str:
         *(
             [
                 f"  moved    {c.moved} file(s) the table held under a name no longer listed: "
-                "their rows copied, not embedded again"
+                "their rows carried over, not embedded again"
             ]
             if c.moved
             else []
