@@ -263,9 +263,9 @@ class EmbedConfig(BaseModel):
     prune: bool = Field(
         False,
         description="remove the table's rows (embedded or failed) of files under input that "
-        "this run does not list: deleted, or moved (a moved photo's row is copied under its new "
-        "name first). Input must be a folder or prefix. Nothing is removed when more than "
-        "max_prune_fraction of input's rows are of files not found under a new name: the run "
+        "this run finds neither under their name nor moved (deleted, or on a disk not mounted; "
+        "a moved photo's row moves with it either way). Input must be a folder or prefix. "
+        "None is removed when they are more than max_prune_fraction of input's rows: the run "
         "stops and names the folders (a disk not mounted lists like one emptied)",
     )
     max_prune_fraction: float = Field(
@@ -1622,8 +1622,8 @@ def check_prune(lost: set[str], under: int, cfg: EmbedConfig, embedded: Embedded
     """Refuse a prune that would remove more than ``max_prune_fraction`` of the input's rows for
     files not found (``lost``): a disk not mounted, an S3 prefix not yet synced and an unplugged
     card list like folders emptied. Rows whose content another row holds (:func:`held_elsewhere`,
-    looked for only when over the limit) are not counted. Nothing has been removed when this
-    raises.
+    looked for only when over the limit) are not counted. None of their rows has been removed
+    when this raises.
 
     Raises:
         DataError: naming the count, the share and the folders that lost the most.
@@ -1638,9 +1638,9 @@ def check_prune(lost: set[str], under: int, cfg: EmbedConfig, embedded: Embedded
     raise DataError(
         f"prune: {len(lost)} of the table's {under} rows under {cfg.input} are of files this run "
         f"did not find, under their name or moved ({len(lost) / under:.0%}, over "
-        f"max_prune_fraction {cfg.max_prune_fraction:.0%}), most under {where}. Nothing was "
-        "removed: a disk that is not mounted lists like a folder emptied. If those files are "
-        "gone, run again with max_prune_fraction=1; to keep their rows, without prune"
+        f"max_prune_fraction {cfg.max_prune_fraction:.0%}), most under {where}. None of their "
+        "rows was removed: a disk that is not mounted lists like a folder emptied. If those "
+        "files are gone, run again with max_prune_fraction=1; to keep their rows, without prune"
     )
 
 
