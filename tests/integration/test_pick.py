@@ -328,7 +328,7 @@ def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
     table = storage.read_parquet(str(out / "table" / "embeddings")).column("image_uri")
     assert str(deleted) not in table.to_pylist()
     sheet = Path(last.outputs["contact_sheet"]).read_text()
-    assert "1 photo(s) no longer in the folder" in sheet
+    assert "1 photo(s) of earlier runs no longer in the folder" in sheet
 
 
 def test_champion_picks_match_evaluate(

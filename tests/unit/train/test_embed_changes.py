@@ -387,12 +387,14 @@ def test_the_contact_sheet_says_what_changed_since_the_last_run() -> None:
         "since the last run: 3 photo(s) saved over in place, measured and judged again; "
         "98 photo(s) moved or renamed, found by their content (not embedded again)"
     )
-    assert pick.since_last_run(counts.model_copy(update={"gone": 2})) == (
-        "since the last run: 2 photo(s) no longer in the folder (deleted, or on a disk not mounted)"
+    assert pick.gone_note(counts) is None
+    assert pick.gone_note(counts.model_copy(update={"gone": 2})) == (
+        "2 photo(s) of earlier runs no longer in the folder (deleted, or on a disk not mounted): "
+        "their rows stay in the table until a run with --prune"
     )
-    assert pick.since_last_run(counts.model_copy(update={"gone": 2, "pruned": 2})) == (
-        "since the last run: 2 photo(s) no longer in the folder (deleted, or on a disk not "
-        "mounted): their rows removed from the table"
+    assert pick.gone_note(counts.model_copy(update={"gone": 2, "pruned": 2})) == (
+        "2 photo(s) of earlier runs no longer in the folder (deleted, or on a disk not mounted): "
+        "their rows removed from the table (prune)"
     )
 
 

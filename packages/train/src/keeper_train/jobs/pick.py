@@ -792,12 +792,23 @@ def since_last_run(counts: embed.Counts) -> str | None:
         parts.append(
             f"{counts.moved} photo(s) moved or renamed, found by their content (not embedded again)"
         )
-    if counts.gone:
-        parts.append(
-            f"{counts.gone} photo(s) no longer in the folder (deleted, or on a disk not mounted)"
-            + (": their rows removed from the table" if counts.pruned else "")
-        )
     return "since the last run: " + "; ".join(parts) if parts else None
+
+
+def gone_note(counts: embed.Counts) -> str | None:
+    """The contact sheet's note of photos earlier runs embedded that the folder no longer holds
+    (not since the last run only: until ``prune`` removes their rows, every run finds them)."""
+    if not counts.gone:
+        return None
+    rows = (
+        "their rows removed from the table (prune)"
+        if counts.pruned
+        else "their rows stay in the table until a run with --prune"
+    )
+    return (
+        f"{counts.gone} photo(s) of earlier runs no longer in the folder (deleted, or on a disk "
+        f"not mounted): {rows}"
+    )
 
 
 def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sidecars:
@@ -1131,9 +1142,7 @@ def run(cfg: PickJobConfig) -> PickSummary:
             "random CLIP weights: grouping similarities and near-duplicate marks rest on "
             "embeddings that carry no meaning beyond tests"
         )
-    since = since_last_run(emb.counts)
-    if since:
-        notes.append(since)
+    notes += [n for n in (since_last_run(emb.counts), gone_note(emb.counts)) if n]
     if result.copy_timed:
         notes.append(
             f"{result.copy_timed} photo(s) without an EXIF time whose file times record a copy, "
