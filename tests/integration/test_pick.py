@@ -21,6 +21,7 @@ from PIL import Image, ImageFilter
 from support_photos import camera_exif, make_dng, make_heic
 
 from keeper_core import storage
+from keeper_core.contact_sheet import thumbnail_name
 from keeper_core.grouping import pairwise_scores
 from keeper_core.handback import read_sidecar, write_sidecar
 from keeper_core.picking import ZERO_SHOT_RULE
@@ -321,6 +322,10 @@ def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
     # A reject deleted in the photo tool, then pick --prune: its row leaves the table, and the
     # sheet says so (max_prune_fraction=1: one photo of a small burst is over the default 25 %).
     deleted = next(p for p in jpegs if picks.loc[p.name, "decision"] != "keep")
+    rows = storage.read_parquet(str(out / "table" / "embeddings")).to_pandas()
+    deleted_id = rows.set_index("image_uri").loc[str(deleted), "image_id"]
+    shared = (rows["image_id"] == deleted_id).sum() > 1  # an exact copy keeps the thumbnail
+    assert (out / thumbnail_name(deleted_id)).exists()
     deleted.unlink()
     assert keeper([*argv, "--prune", "max_prune_fraction=1", "--ray-address", ray_cluster]) == 0
     last = pick.PickSummary.model_validate_json((out / "_SUMMARY.json").read_text())
@@ -329,6 +334,8 @@ def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
     assert str(deleted) not in table.to_pylist()
     sheet = Path(last.outputs["contact_sheet"]).read_text()
     assert "1 photo(s) of earlier runs no longer in the folder" in sheet
+    assert (out / thumbnail_name(deleted_id)).exists() == shared
+    assert last.counts["thumbnails_removed"] == int(not shared)
 
 
 def test_champion_picks_match_evaluate(

@@ -607,3 +607,18 @@ def test_a_prune_over_its_limit_leaves_out_rows_whose_content_is_held_elsewhere(
     p = plan(cfg)
     assert (p.moved, p.gone, p.pruned) == (0, 4, 4)
     assert sorted(table_rows(dst)) == sorted(str(f) for f in new)
+
+
+def test_thumbnails_of_photos_the_table_no_longer_holds_are_removed(tmp_path: Path) -> None:
+    from keeper_train.jobs import pick
+
+    out = tmp_path / "out"
+    kept, stale = "ab" * 32, "cd" * 32
+    for name in (f"thumbs/ab/{kept}.jpg", f"thumbs/cd/{stale}.jpg", "thumbs/README.txt"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"x")
+    have = pick._thumbnails(str(out))
+    assert pick.remove_stale_thumbnails(str(out), have, [kept]) == 1
+    assert have == {f"thumbs/ab/{kept}.jpg", "thumbs/README.txt"}
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["README.txt", f"{kept}.jpg"]
+    assert pick.remove_stale_thumbnails(str(out), have, [kept]) == 0

@@ -39,10 +39,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
@@ -487,6 +488,8 @@ class Library:
     failed: pd.DataFrame  # image_uri, stage, reason, error
     backfilled: int
     seconds: dict[str, float]
+    #: thumbnails under OUTPUT/thumbs of photos the table no longer holds, removed
+    thumbnails_removed: int = 0
 
     @property
     def lost(self) -> int:
@@ -563,9 +566,11 @@ def load_library(cfg: PickJobConfig, spec: str) -> Library:
     failed = _failed_details(cfg.table, failed)
     seconds = {"load": time.perf_counter() - t0}
     t0 = time.perf_counter()
-    frame, n = backfill(cfg, frame)
+    have = _thumbnails(cfg.out)
+    removed = remove_stale_thumbnails(cfg.out, have, table["image_id"].astype(str))
+    frame, n = backfill(cfg, frame, have)
     seconds["backfill"] = time.perf_counter() - t0
-    return Library(inputs, frame, failed, n, seconds)
+    return Library(inputs, frame, failed, n, seconds, removed)
 
 
 def _one_row_per_photo(frame: pd.DataFrame, inputs: Sequence[str]) -> pd.DataFrame:
@@ -595,8 +600,11 @@ def _failed_details(table: str, failed: pd.DataFrame) -> pd.DataFrame:
     return out[cols].sort_values("image_uri").reset_index(drop=True)
 
 
-def backfill(cfg: PickJobConfig, frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """Capture metadata and thumbnails for rows embedded before keeper pick wrote them.
+def backfill(
+    cfg: PickJobConfig, frame: pd.DataFrame, have: set[str] | None = None
+) -> tuple[pd.DataFrame, int]:
+    """Capture metadata and thumbnails for rows embedded before keeper pick wrote them (``have``:
+    the thumbnails there, as :func:`_thumbnails` lists them; listed when not given).
 
     Only those rows are read again (a Ray Data pass); returns the frame and how many were read.
     """
@@ -607,7 +615,7 @@ def backfill(cfg: PickJobConfig, frame: pd.DataFrame) -> tuple[pd.DataFrame, int
         frame["dhash"] = None
     no_capture = frame["time_source"].isna().to_numpy()
     no_hash = frame["dhash"].isna().to_numpy()
-    have = _thumbnails(cfg.out)
+    have = _thumbnails(cfg.out) if have is None else have
     no_thumb = np.array([thumbnail_name(str(i)) not in have for i in frame["image_id"]], bool)
     todo = no_capture | no_thumb | no_hash
     if not todo.any():
@@ -668,6 +676,32 @@ def backfill_batch(
             log.warning("no thumbnail for %s: %s", uri, e)
         out.append(row)
     return pd.DataFrame(out)
+
+
+_THUMBNAIL = re.compile(r"thumbs/[0-9a-f]{2}/[0-9a-f]{2,128}\.jpg")
+
+
+def remove_stale_thumbnails(out: str, have: set[str], ids: Iterable[str]) -> int:
+    """Remove the thumbnails under ``out``/thumbs (``have``, as :func:`_thumbnails` lists them)
+    of image ids no row of the table holds (``ids``): photos embedded again after an edit was
+    saved over them, or pruned. Else they would stay for good, a cache of pictures no sheet
+    shows. Files there that keeper does not name so are left alone. Returns how many went."""
+    keep = {f"thumbs/{i[:2]}/{i}.jpg" for i in ids}
+    stale = sorted(n for n in have if n not in keep and _THUMBNAIL.fullmatch(n))
+
+    def delete(name: str) -> bool:
+        try:
+            storage.delete(storage.join(out, name))
+        except StorageError as e:  # a cache: the run goes on, and the next tries again
+            log.warning("thumbnail %s not removed: %s", name, e)
+            return False
+        return True
+
+    gone = [n for n, ok in zip(stale, storage.map_in_threads(delete, stale, 16), strict=True) if ok]
+    if gone:
+        have.difference_update(gone)
+        log.info("removed %d thumbnail(s) of photos the table no longer holds", len(gone))
+    return len(gone)
 
 
 def _thumbnails(out: str) -> set[str]:
@@ -1134,6 +1168,7 @@ def run(cfg: PickJobConfig) -> PickSummary:
         **{k: v for k, v in result.counts().items() if k != "images"},
         "copy_timed": result.copy_timed,
         "capture_backfilled": lib.backfilled,
+        "thumbnails_removed": lib.thumbnails_removed,
     }
     random_weights = ModelSpec.parse(spec).is_random
     notes = [f"embeddings: {spec}"]
