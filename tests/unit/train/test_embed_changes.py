@@ -387,6 +387,10 @@ def test_the_contact_sheet_says_what_changed_since_the_last_run() -> None:
         "since the last run: 3 photo(s) saved over in place, measured and judged again; "
         "98 photo(s) moved or renamed, found by their content (not embedded again)"
     )
+    assert pick.since_last_run(counts.model_copy(update={"copied": 2})) == (
+        "since the last run: 2 new photo(s) were copies of photos already embedded (not embedded "
+        "again; marked duplicates)"
+    )
     assert pick.gone_note(counts) is None
     assert pick.gone_note(counts.model_copy(update={"gone": 2})) == (
         "2 photo(s) of earlier runs no longer in the folder (deleted, or on a disk not mounted): "
@@ -622,3 +626,54 @@ def test_thumbnails_of_photos_the_table_no_longer_holds_are_removed(tmp_path: Pa
     assert have == {f"thumbs/ab/{kept}.jpg", "thumbs/README.txt"}
     assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["README.txt", f"{kept}.jpg"]
     assert pick.remove_stale_thumbnails(str(out), have, [kept]) == 0
+
+
+def test_a_copy_of_a_photo_the_table_holds_is_not_embedded_again(
+    library: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, _ = library
+    dst = tmp_path / "out"
+    write_table(dst, library)
+    (a.parent / "import-2").mkdir()
+    copy = a.parent / "import-2" / a.name  # the card imported twice
+    copy.write_bytes(a.read_bytes())
+    other = a.parent / "import-2" / "new.jpg"  # a new photo of b's size: read, not a copy
+    data = jpeg((250, 250, 0))
+    size = b.stat().st_size
+    other.write_bytes(data[:size] if len(data) >= size else data + b"\0" * (size - len(data)))
+    read: list[str] = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda u, **kw: (read.append(u), real(u, **kw))[1])
+    cfg = config(library, dst)
+    p = plan(cfg)
+    assert (p.todo, p.copied, p.moved) == ([str(other)], 1, 0)
+    assert sorted(u for u in read if not u.endswith(".parquet")) == sorted([str(copy), str(other)])
+    rows = table_rows(dst)
+    assert rows[str(copy)]["image_id"] == rows[str(a)]["image_id"]  # both stay: both are there
+    assert rows[str(copy)]["file_mtime_ns"] == copy.stat().st_mtime_ns
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    assert (s.counts.copied, s.counts.already_embedded, s.counts.attempted) == (1, 4, 1)
+    assert "1 new file(s) held a photo the table holds" in embed.format_summary(s)
+
+
+def test_a_file_size_many_rows_share_is_not_read_for_copies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Uncompressed RAW frames are all one size: a new frame of that size is not read in the
+    driver to look for a copy (it would be read twice), even when it is one."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    files = []
+    for i in range(embed.COPY_SIZE_ROWS + 1):
+        f = lib / f"{i}.jpg"
+        f.write_bytes(jpeg((i * 40, 0, 0))[:600].ljust(600, b"\0"))
+        files.append(f)
+    dst = tmp_path / "out"
+    write_table(dst, files)
+    (lib / "copy.jpg").write_bytes(files[0].read_bytes())
+    read: list[str] = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda u, **kw: (read.append(u), real(u, **kw))[1])
+    p = plan(EmbedConfig(input=str(lib), output=str(dst), model=SPEC))
+    assert (p.todo, p.copied) == ([str(lib / "copy.jpg")], 0)
+    assert [u for u in read if not u.endswith(".parquet")] == []

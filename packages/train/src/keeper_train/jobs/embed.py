@@ -1196,6 +1196,12 @@ class Counts(BaseModel):
         "(moved or renamed since): the row copied, not embedded again; the old name's row "
         "removed when it was under the input",
     )
+    copied: int = Field(
+        default=0,
+        description="of already_embedded: new files holding what a row of a file still listed "
+        "was made from (a card imported twice, a folder duplicated): the row copied, not "
+        "embedded again",
+    )
     gone: int = Field(
         default=0,
         description="files under a listed folder the table holds rows of (embedded or failed) "
@@ -1300,6 +1306,8 @@ class Plan:
     changes: Changes = dataclass_field(default_factory=lambda: Changes(set(), 0, 0))
     #: inputs whose content the table held under a name no longer listed (:func:`reuse_moved`)
     moved: int = 0
+    #: inputs holding what a row of a listed file was made from (:func:`reuse_moved`)
+    copied: int = 0
     #: files under a listed folder the table held rows of, not listed and not found moved
     gone: int = 0
     #: rows of gone files removed (``prune``)
@@ -1393,8 +1401,8 @@ def plan(cfg: EmbedConfig) -> Plan:
     skip = done_keys | keep_failed
     todo = [u for u, k in zip(inputs, keys, strict=True) if k not in skip]
     cap = max(cfg.max_bytes, cfg.max_raw_bytes)
-    moved = reuse_moved(embedded, todo, stamps, changes.unlisted, cap=cap)
-    todo = [u for u in todo if u not in moved]
+    moved, copied = reuse_moved(embedded, todo, stamps, changes.unlisted, cap=cap)
+    todo = [u for u in todo if u not in moved and u not in copied]
     # A photo moved within the input: its row now lives under the new name, and the old name's
     # row goes (one not under the input is another input's file, or a copy's: it stays).
     renamed = set(moved.values()) & gone.embedded
@@ -1433,6 +1441,7 @@ def plan(cfg: EmbedConfig) -> Plan:
             changes.stamped,
         ),
         moved=len(moved),
+        copied=len(copied),
         gone=len(lost),
         pruned=pruned,
     )
@@ -1509,25 +1518,33 @@ def reuse_moved(
     unlisted: dict[int, list[str]],
     *,
     cap: int,
-) -> dict[str, str]:
-    """Inputs to embed that hold what a row of a file no longer listed was made from (a photo
-    moved or renamed since, a folder reorganised): the row is copied under the input's URI and
-    stamp, and the input is not decoded or embedded again. Returns input URI -> the row's URI.
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Inputs to embed that hold what a row was made from, whose row is copied under the input's
+    URI and stamp instead of decoding and embedding it again: ``(moved, copied)``, each input URI
+    -> the row's URI.
+
+    - moved: a row of a file no longer listed (``unlisted``: a photo moved or renamed since, a
+      folder reorganised). The old row stays here; :func:`plan` removes it when it was under the
+      input folder (the file is not there), and keeps one of another input's file (a copy).
+    - copied: a row of a file still listed (a card imported twice, a folder duplicated), of a
+      size at most :data:`COPY_SIZE_ROWS` rows share (:func:`_copy_candidates`).
 
     Only an input of the same size as such a row is read (once, ``cap`` bytes at most, several at
     once) and matched by its ``content_id`` (or, for rows written before that was kept, its
-    ``image_id``); a new photo of another size costs nothing. The old row stays here; :func:`plan`
-    removes it when it was under the input folder (the file is not there), and keeps one of
-    another input's file (a copy).
+    ``image_id``), a row no longer listed first; a new photo of another size costs nothing.
     """
-    maybe = [u for u in todo if u in stamps and stamps[u].size in unlisted]
+    by_size = {size: list(names) for size, names in unlisted.items()}
+    for size, names in _copy_candidates(embedded, todo, stamps).items():
+        by_size.setdefault(size, []).extend(names)
+    maybe = [u for u in todo if u in stamps and stamps[u].size in by_size]
     if not maybe:
-        return {}
-    rows = {r for u in maybe for r in unlisted[stamps[u].size]}
+        return {}, {}
+    rows = {r for u in maybe for r in by_size[stamps[u].size]}
+    gone = {r for u in maybe for r in unlisted.get(stamps[u].size, ())}
     ids = embedded.ids(rows)
     by_content: dict[str, str] = {}
     by_bytes: dict[str, str] = {}
-    for r in sorted(rows):
+    for r in sorted(rows, key=lambda r: (r not in gone, r)):  # a moved photo's row first
         image_id, content_id = ids.get(r, (None, None))
         if content_id is not None:
             by_content.setdefault(content_id, r)
@@ -1544,7 +1561,39 @@ def reuse_moved(
     }
     if found:
         embedded.copy_rows(found, {u: stamps[u] for u in found}, _part_name(list(found)))
-    return found
+    moved = {u: r for u, r in found.items() if r in gone}
+    return moved, {u: r for u, r in found.items() if u not in moved}
+
+
+#: A file size shared by more rows than this is a fixed-size format's (uncompressed or
+#: fixed-rate RAW, BMP: every frame of a camera the same size): a new file of that size is not
+#: read to look for a copy, or every new frame of that camera would be read twice.
+COPY_SIZE_ROWS = 4
+
+
+def _copy_candidates(
+    embedded: EmbeddedParts, todo: Sequence[str], stamps: dict[str, storage.Stamp]
+) -> dict[int, list[str]]:
+    """File size -> the table's rows of that size, for the sizes of ``todo``'s inputs that at
+    most :data:`COPY_SIZE_ROWS` rows share. The rows' sizes are compared as one array (the
+    table's stamps), not a row at a time."""
+    want = np.fromiter({stamps[u].size for u in todo if u in stamps}, dtype=np.int64)
+    parts = [p for p in embedded.by_part if len(embedded.by_part[p])]
+    if not len(want) or not parts:
+        return {}
+    sizes = np.concatenate([embedded.stamps[p][:, 0] for p in parts])
+    hit = np.flatnonzero(np.isin(sizes, want))
+    if not len(hit):
+        return {}
+    values, counts = np.unique(sizes[hit], return_counts=True)
+    hit = hit[np.isin(sizes[hit], values[counts <= COPY_SIZE_ROWS])]
+    ends = np.cumsum([len(embedded.by_part[p]) for p in parts])
+    by_size: dict[int, list[str]] = {}
+    for i in hit.tolist():
+        k = int(np.searchsorted(ends, i, side="right"))
+        row = embedded.by_part[parts[k]][i - (int(ends[k - 1]) if k else 0)]
+        by_size.setdefault(int(sizes[i]), []).append(row)
+    return by_size
 
 
 @dataclass(frozen=True)
@@ -1955,6 +2004,7 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
             restamped=p.changes.restamped,
             stamped=p.changes.stamped,
             moved=p.moved,
+            copied=p.copied,
             gone=p.gone,
             pruned=p.pruned,
             attempted=attempted,
@@ -2070,6 +2120,14 @@ def format_summary(s: EmbedSummary) -> str:
                 "their rows carried over, not embedded again"
             ]
             if c.moved
+            else []
+        ),
+        *(
+            [
+                f"  copied   {c.copied} new file(s) held a photo the table holds: their rows "
+                "copied, not embedded again"
+            ]
+            if c.copied
             else []
         ),
         *(

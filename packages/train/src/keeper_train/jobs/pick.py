@@ -826,6 +826,11 @@ def since_last_run(counts: embed.Counts) -> str | None:
         parts.append(
             f"{counts.moved} photo(s) moved or renamed, found by their content (not embedded again)"
         )
+    if counts.copied:
+        parts.append(
+            f"{counts.copied} new photo(s) were copies of photos already embedded (not embedded "
+            "again; marked duplicates)"
+        )
     return "since the last run: " + "; ".join(parts) if parts else None
 
 
