@@ -54,6 +54,21 @@ def library(tmp_path: Path) -> list[Path]:
     return sorted(lib.iterdir())
 
 
+@pytest.fixture
+def images_read(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files other than Parquet parts ``storage.read_bytes`` reads from now on, in order."""
+    read: list[str] = []
+    real = storage.read_bytes
+
+    def counting(uri: str, **kw: Any) -> bytes:
+        if not uri.endswith(".parquet"):
+            read.append(uri)
+        return real(uri, **kw)
+
+    monkeypatch.setattr(storage, "read_bytes", counting)
+    return read
+
+
 def write_table(dst: Path, files: list[Path], *, stamps: bool = True, ids: bool = True) -> None:
     """Rows as keeper embed writes them for ``files`` as they are now (``stamps``/``ids`` False:
     as a table written before keeper kept them)."""
@@ -88,22 +103,13 @@ def config(lib: list[Path], dst: Path, **over: Any) -> EmbedConfig:
 
 
 def test_an_unchanged_library_reads_no_file(
-    library: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    library: list[Path], tmp_path: Path, images_read: list[str]
 ) -> None:
     dst = tmp_path / "out"
     write_table(dst, library)
-    read: list[str] = []
-    real = storage.read_bytes
-
-    def counting(uri: str, **kw: Any) -> bytes:
-        if not uri.endswith(".parquet"):
-            read.append(uri)
-        return real(uri, **kw)
-
-    monkeypatch.setattr(storage, "read_bytes", counting)
     p = plan(config(library, dst))
     assert p.todo == []
-    assert read == []
+    assert images_read == []
     assert (len(p.changes.changed), p.changes.restamped, p.changes.stamped) == (0, 0, 0)
 
 
@@ -143,7 +149,7 @@ def test_a_photo_saved_over_is_embedded_again_and_its_old_row_goes(
 
 
 def test_metadata_saved_into_a_jpeg_or_a_touch_is_not_a_new_photo(
-    library: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    library: list[Path], tmp_path: Path, images_read: list[str]
 ) -> None:
     a, b, c = library
     dst = tmp_path / "out"
@@ -162,11 +168,9 @@ def test_metadata_saved_into_a_jpeg_or_a_touch_is_not_a_new_photo(
         assert after[str(f)]["file_size"] == f.stat().st_size
         assert after[str(f)]["image_id"] == before[str(f)]["image_id"]
     # ... so the next run reads none of them again.
-    read: list[str] = []
-    real = storage.read_bytes
-    monkeypatch.setattr(storage, "read_bytes", lambda u, **kw: (read.append(u), real(u, **kw))[1])
+    images_read.clear()
     assert plan(config(library, dst)).changes.restamped == 0
-    assert not [u for u in read if not u.endswith(".parquet")]
+    assert images_read == []
 
 
 def test_a_table_from_before_stamps_is_stamped_once_then_watched(
@@ -325,7 +329,7 @@ def test_a_run_with_a_limit_leaves_the_rows_past_it_alone(
 
 
 def test_a_photo_moved_or_renamed_keeps_its_row_under_the_new_name(
-    library: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    library: list[Path], tmp_path: Path, images_read: list[str]
 ) -> None:
     a, b, _ = library
     dst = tmp_path / "out"
@@ -345,15 +349,13 @@ def test_a_photo_moved_or_renamed_keeps_its_row_under_the_new_name(
     other = jpeg((250, 250, 0))
     new = a.parent / "new.jpg"
     new.write_bytes(other[:size] if len(other) >= size else other + b"\0" * (size - len(other)))
-    read: list[str] = []
-    real = storage.read_bytes
-    monkeypatch.setattr(storage, "read_bytes", lambda u, **kw: (read.append(u), real(u, **kw))[1])
+    images_read.clear()
     cfg = config(library, dst)
     p = plan(cfg)
     assert p.todo == [str(new)]
     assert p.moved == 1
     # only the inputs of a missing row's size were read, each once
-    assert sorted(u for u in read if not u.endswith(".parquet")) == sorted([str(moved), str(new)])
+    assert sorted(images_read) == sorted([str(moved), str(new)])
     rows = table_rows(dst)
     assert rows[str(moved)]["image_id"] == embed.file_ids(moved.read_bytes(), str(moved))[0]
     assert str(a) not in rows  # the old name's row goes: the file is not in the folder
@@ -629,7 +631,7 @@ def test_thumbnails_of_photos_the_table_no_longer_holds_are_removed(tmp_path: Pa
 
 
 def test_a_copy_of_a_photo_the_table_holds_is_not_embedded_again(
-    library: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    library: list[Path], tmp_path: Path, images_read: list[str]
 ) -> None:
     a, b, _ = library
     dst = tmp_path / "out"
@@ -641,13 +643,11 @@ def test_a_copy_of_a_photo_the_table_holds_is_not_embedded_again(
     data = jpeg((250, 250, 0))
     size = b.stat().st_size
     other.write_bytes(data[:size] if len(data) >= size else data + b"\0" * (size - len(data)))
-    read: list[str] = []
-    real = storage.read_bytes
-    monkeypatch.setattr(storage, "read_bytes", lambda u, **kw: (read.append(u), real(u, **kw))[1])
+    images_read.clear()
     cfg = config(library, dst)
     p = plan(cfg)
     assert (p.todo, p.copied, p.moved) == ([str(other)], 1, 0)
-    assert sorted(u for u in read if not u.endswith(".parquet")) == sorted([str(copy), str(other)])
+    assert sorted(images_read) == sorted([str(copy), str(other)])
     rows = table_rows(dst)
     assert rows[str(copy)]["image_id"] == rows[str(a)]["image_id"]  # both stay: both are there
     assert rows[str(copy)]["file_mtime_ns"] == copy.stat().st_mtime_ns
@@ -657,7 +657,7 @@ def test_a_copy_of_a_photo_the_table_holds_is_not_embedded_again(
 
 
 def test_a_file_size_many_rows_share_is_not_read_for_copies(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, images_read: list[str]
 ) -> None:
     """Uncompressed RAW frames are all one size: a new frame of that size is not read in the
     driver to look for a copy (it would be read twice), even when it is one."""
@@ -671,9 +671,7 @@ def test_a_file_size_many_rows_share_is_not_read_for_copies(
     dst = tmp_path / "out"
     write_table(dst, files)
     (lib / "copy.jpg").write_bytes(files[0].read_bytes())
-    read: list[str] = []
-    real = storage.read_bytes
-    monkeypatch.setattr(storage, "read_bytes", lambda u, **kw: (read.append(u), real(u, **kw))[1])
+    images_read.clear()
     p = plan(EmbedConfig(input=str(lib), output=str(dst), model=SPEC))
     assert (p.todo, p.copied) == ([str(lib / "copy.jpg")], 0)
-    assert [u for u in read if not u.endswith(".parquet")] == []
+    assert images_read == []
