@@ -116,3 +116,26 @@ def test_rows_the_table_no_longer_holds_leave_an_exact_index(
         assert "3 rows the table no longer holds stay in the index: rebuild=true" in describe(again)
         with pytest.raises(DataError, match="cannot take a row out"):
             index.remove([uris[2]])
+
+
+def test_an_hnsw_index_mostly_outdated_is_built_anew(tmp_path: Path) -> None:
+    """A graph can neither drop nor move a row: past rebuild_over (10 %) of its rows outdated,
+    the run builds it anew from the table instead of growing it (rebuild_over=1: never)."""
+    from keeper_core import storage
+    from keeper_core.vector_index import VectorIndex
+    from keeper_train.jobs.index import describe
+
+    table = str(tmp_path / "emb")
+    write_unit_parts(table, [40, 40])
+    run(IndexConfig(table=table, backend="faiss", dtype="f16"))
+    (part, *_) = sorted((tmp_path / "emb" / "embeddings").glob("*.parquet"))
+    t = storage.read_parquet(str(part))
+    storage.write_parquet(t.slice(10), str(part))  # 10 of 80 rows pruned: 12.5 %
+    kept = run(IndexConfig(table=table, rebuild_over=1.0))
+    assert (kept.rows, kept.stale, kept.rebuilt_for) == (80, 10, 0)
+    again = run(IndexConfig(table=table))
+    assert (again.rows, again.stale, again.rebuilt_for, again.backend) == (70, 0, 10, "faiss")
+    assert "built anew: 10 rows of the old index were outdated" in describe(again)
+    index = VectorIndex.load(str(tmp_path / "emb" / "index"))
+    assert not set(t.column("image_uri").to_pylist()[:10]) & set(index.ids)
+    assert run(IndexConfig(table=table)).rebuilt_for == 0

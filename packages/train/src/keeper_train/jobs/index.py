@@ -15,13 +15,15 @@ graph grows; its search breadth is re-calibrated to the recall target). Rows who
 has replaced (``keeper embed`` embeds a photo saved over in place again) get the new vector in an
 exact index (``replaced``), and rows the table no longer holds (``keeper embed prune=true``) are
 taken out of it (``removed``); an HNSW graph cannot take a row out, so there both are counted
-(``changed``, ``stale``), and ``rebuild=true`` builds anew. An
-index of another model spec, or of other parameters, is never grown: rebuild it.
+(``changed``, ``stale``), and ``rebuild=true`` builds anew; past ``rebuild_over`` of its rows
+so outdated, the run builds it anew by itself. An index of another model spec, or of other
+parameters, is never grown: rebuild it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -44,6 +46,7 @@ from keeper_train.config import job_main
 from keeper_train.table import list_parts
 
 INDEX = "index"
+log = logging.getLogger(__name__)
 
 
 class IndexConfig(BaseModel):
@@ -59,6 +62,14 @@ class IndexConfig(BaseModel):
     ef_construction: int | None = Field(None, ge=8, le=2048)
     target_recall: float = Field(0.95, gt=0, le=1, description="recall@10 vs exact search")
     rebuild: bool = Field(False, description="build anew instead of adding to the index there")
+    rebuild_over: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="an HNSW index more than this share of whose rows are outdated (rows the "
+        "table no longer holds, or holds with a new vector: a graph can neither drop nor move "
+        "them) is built anew instead of grown; 1: never",
+    )
 
     @model_validator(mode="after")
     def _params_fit(self) -> IndexConfig:
@@ -115,6 +126,11 @@ class IndexSummary(BaseModel):
         description="rows the table no longer holds (keeper embed prune=true) an exact index took "
         "out; an HNSW index keeps them (``stale``) until rebuilt",
     )
+    rebuilt_for: int = Field(
+        0,
+        description="outdated rows (stale + changed) that made this run build an HNSW index "
+        "anew (over rebuild_over): 0 when it was grown, or rebuilt as asked",
+    )
     recall_at_10: float | None
     memory_bytes: int
     seconds: dict[str, float]
@@ -142,6 +158,7 @@ def run(cfg: IndexConfig) -> IndexSummary:
     where = cfg.where()
     index = None if cfg.rebuild else _existing(where)
     params = cfg.params(len(uris))
+    outdated = 0
     if index is not None:
         if index.model_spec != spec:
             raise DataError(
@@ -169,10 +186,24 @@ def run(cfg: IndexConfig) -> IndexSummary:
                 removed = len(gone)
         stale = len(gone) - removed
         changed = len(redone) - replaced
+        outdated = stale + changed
+        if outdated and outdated > cfg.rebuild_over * len(index):
+            log.info(
+                "%d of the index's %d rows are outdated (over rebuild_over %.0f%%): building anew",
+                outdated,
+                len(index),
+                100 * cfg.rebuild_over,
+            )
+            # its own parameters, the search breadth calibrated again
+            params = index.meta.params.model_copy(update={"ef_search": None})
+            index = None
+    if index is not None:
         index.add(emb[new], [uris[i] for i in new])
         index.meta.table_fingerprint = fingerprint
         added = len(new)
+        rebuilt = 0
     else:
+        rebuilt = outdated
         index = build(emb, uris, model_spec=spec, params=params, table_fingerprint=fingerprint)
         added, stale, changed, replaced, removed = len(uris), 0, 0, 0, 0
     seconds["build"] = time.perf_counter() - t0
@@ -191,6 +222,7 @@ def run(cfg: IndexConfig) -> IndexSummary:
         changed=changed,
         replaced=replaced,
         removed=removed,
+        rebuilt_for=rebuilt,
         recall_at_10=index.meta.recall_at_10,
         memory_bytes=index.memory_bytes(),
         seconds={k: round(v, 3) for k, v in seconds.items()},
@@ -264,6 +296,11 @@ def describe(s: IndexSummary) -> str:
         f"  {s.backend} {s.dtype}, recall@10 {recall}, {s.memory_bytes / 1e6:.1f} MB, "
         f"seconds {s.seconds}"
     )
+    if s.rebuilt_for:
+        line += (
+            f"\n  built anew: {s.rebuilt_for} rows of the old index were outdated (photos "
+            "pruned from the table or embedded again; over rebuild_over)"
+        )
     if s.stale:
         line += f"\n  {s.stale} rows the table no longer holds stay in the index: rebuild=true"
     if s.removed:
