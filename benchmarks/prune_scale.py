@@ -1,7 +1,8 @@
 """What finding and pruning gone files costs ``keeper embed``'s plan, at table scale.
 
     .venv/bin/python benchmarks/prune_scale.py [--rows 1000000] [--gone 0.01] [--repeats 3] \
-        [--layout scattered] [--dim 0] [--work-dir DIR] [--out benchmarks/results/prune-scale.json]
+        [--layout scattered] [--dim 0] [--size-dist uniform] [--new 10000] [--copies 100] \
+        [--work-dir DIR] [--out benchmarks/results/prune-scale.json]
 
 Every plan of a listed folder now walks the whole output table once more: ``find_gone`` (a dict
 lookup a row in the listing's stamps, which ``plan`` already holds; ``same_key`` only for rows not
@@ -17,9 +18,11 @@ The table (under a temporary folder in ``--work-dir``, removed at the end) is ``
 parts of 1,024 (``EmbedConfig.rows_per_file``'s default) named as the job names them, written with
 ``storage.write_parquet``: ``image_uri`` (absolute paths under a library root that does not exist:
 no image is ever opened, and the script counts ``open`` audit events under it to show so),
-``image_id`` and ``content_id`` (random 64-hex), ``file_size`` (1-12 MB, uniform) and
-``file_mtime_ns``; with ``--dim`` D, an ``embedding`` column of D float32 as well (what makes a
-real part large; the default, 0, leaves it out). ``--gone`` of the rows are of files not listed,
+``image_id`` and ``content_id`` (random 64-hex), ``file_size`` (1-12 MB: ``--size-dist uniform``,
+or ``normal``, bunched as a camera's JPEGs are: mean 8 MB, sd 1.5 MB, clipped to 1-12 MB, which
+puts ~0.4% of the rows at exactly 12 MB) and ``file_mtime_ns``; with ``--dim`` D, an
+``embedding`` column of D float32 as well (what makes a real part large; the default, 0, leaves
+it out). ``--gone`` of the rows are of files not listed,
 spread over the table (``--layout scattered``: photos culled here and there) or one run of rows
 (``clustered``: a folder deleted); half of them were moved: the table also holds, from the start
 and in parts at its end (where ``reuse_moved`` writes them), a row under the new name with the same
@@ -40,7 +43,19 @@ Measured, each the best of ``--repeats`` (interleaved, so drift hits every row a
     ``held_elsewhere``, and lets the rest through (checked: it does not raise, asks
     ``held_elsewhere`` once; untimed, with the fraction halved below the rest's share it raises);
 (e) once: ``EmbeddedParts.remove`` of the gone rows, on a copy of the table (seconds, parts
-    rewritten).
+    rewritten);
+(g) ``_copy_candidates(embedded, todo, stamps)``, what ``reuse_moved`` now asks for the inputs
+    to embed: ``todo`` is ``--new`` new inputs (not in the table; sizes drawn from
+    ``--size-dist``, as the table's) and ``--copies`` copies of random rows (their size), and
+    ``stamps`` the listing (the table's rows and those). No file exists or is read: only the
+    sizes matter. Checked once against the table's sizes counted apart (numpy): the map holds
+    exactly the rows of each input size that 1 to ``COPY_SIZE_ROWS`` rows share, and every copy's
+    size is in it, with its row, unless more than ``COPY_SIZE_ROWS`` rows share it (counted).
+    Reported: how many of the new inputs (not copies) have a size in the map (``reuse_moved``
+    reads each in the driver, in vain, before its decode reads it again), the MB that is, and
+    the rows the map holds. Beside it, with no table (numpy, the same rule over ``--rows`` sizes
+    drawn in memory), that share for both size distributions, and what it is expected to be
+    (the rows of a size being Poisson).
 
 Every count is checked as it is made; a wrong one exits non-zero before anything is printed.
 """
@@ -50,6 +65,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import shutil
 import sys
@@ -77,6 +93,8 @@ ROWS_PER_PART = 1024  # EmbedConfig.rows_per_file's default
 #: Where the rows' files would be. It must not exist: nothing measured may open an image.
 LIBRARY = "/keeper-prune-scale-library/photos"
 SIZE_RANGE = (1_000_000, 12_000_000)  # file_size, bytes: a camera JPEG's spread
+SIZE_NORMAL = (8_000_000, 1_500_000)  # --size-dist normal: mean, sd (clipped to SIZE_RANGE)
+SIZE_DISTS = ("uniform", "normal")
 MTIME_0 = 1_600_000_000 * 10**9  # file_mtime_ns: 2020-09, plus up to ~5 years
 
 
@@ -105,6 +123,16 @@ def fail(message: str) -> None:
     raise SystemExit(f"prune_scale: {message}")
 
 
+def draw_sizes(rng: np.random.Generator, n: int, dist: str) -> np.ndarray:
+    """``n`` file sizes (int64 bytes) from ``dist``: uniform over SIZE_RANGE, or normal
+    (SIZE_NORMAL), rounded and clipped to SIZE_RANGE."""
+    lo, hi = SIZE_RANGE
+    if dist == "uniform":
+        return rng.integers(lo, hi + 1, n, dtype=np.int64)
+    mean, sd = SIZE_NORMAL
+    return np.clip(np.rint(rng.normal(mean, sd, n)), lo, hi).astype(np.int64)
+
+
 def hex_ids(rng: np.random.Generator, n: int) -> list[str]:
     h = rng.bytes(32 * n).hex()
     return [h[i * 64 : (i + 1) * 64] for i in range(n)]
@@ -123,11 +151,14 @@ class Table:
     stamps: dict[str, storage.Stamp]
     gone: set[str]
     moved: set[str]  # the gone rows whose content a moved row holds
+    sizes: np.ndarray  # every row's file_size, in the order of ``uris``
     parts: int
     mb: float
 
 
-def build(out: Path, rows: int, gone: int, layout: str, dim: int, seed: int = 0) -> Table:
+def build(
+    out: Path, rows: int, gone: int, layout: str, dim: int, size_dist: str, seed: int = 0
+) -> Table:
     """``rows`` rows under ``out/embeddings``: ``rows - gone // 2`` photos, then a moved row for
     every other gone one (in parts of their own, at the end, as ``reuse_moved`` writes them)."""
     rng = np.random.default_rng(seed)
@@ -140,7 +171,7 @@ def build(out: Path, rows: int, gone: int, layout: str, dim: int, seed: int = 0)
         gone_idx = np.arange(start, start + gone)
     moved_idx = gone_idx[1::2]  # half of them (gone // 2)
     uris = [photo(i) for i in range(n_orig)] + [moved_photo(int(i)) for i in moved_idx]
-    sizes = rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1, rows, dtype=np.int64)
+    sizes = draw_sizes(rng, rows, size_dist)
     mtimes = MTIME_0 + rng.integers(0, 5 * 365 * 86400 * 10**9, rows, dtype=np.int64)
     image_ids, content_ids = hex_ids(rng, rows), hex_ids(rng, rows)
     for k, i in enumerate(moved_idx, start=n_orig):  # the same file under its new name
@@ -177,7 +208,7 @@ def build(out: Path, rows: int, gone: int, layout: str, dim: int, seed: int = 0)
     mb = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
     if len(gone_uris) != gone or len(moved_uris) != n_moved or len(set(uris)) != rows:
         fail(f"built {len(gone_uris)} gone, {len(moved_uris)} moved, {len(set(uris))} rows")
-    return Table(uris, stamps, gone_uris, moved_uris, parts, mb)
+    return Table(uris, stamps, gone_uris, moved_uris, sizes, parts, mb)
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,7 +254,9 @@ def counting(name: str, module: Any = table_module) -> Iterator[list[int]]:
         setattr(module, name, real)
 
 
-def measure(work: Path, t: Table, repeats: int) -> dict[str, Any]:
+def measure(
+    work: Path, t: Table, repeats: int, new: int, copies: int, size_dist: str
+) -> dict[str, Any]:
     out = work / "out"
     dst = str(out)
     src = LIBRARY
@@ -262,6 +295,11 @@ def measure(work: Path, t: Table, repeats: int) -> dict[str, Any]:
     )
     if not kept <= over.max_prune_fraction * rows < lost:
         fail(f"max_prune_fraction {over.max_prune_fraction}: not between {kept} and {lost} rows")
+    # (g): the inputs to embed, new ones and copies of rows, in a listing that holds the table's
+    inputs_g = todo_inputs(t, new, copies, size_dist)
+    listing = {**listed, **inputs_g.stamps}
+    todo = inputs_g.todo
+    copy_map: list[dict[int, list[str]]] = []
 
     def check_changes() -> None:
         c = embed.check_changes(embedded, listed, by_key, cap=cap)
@@ -306,6 +344,12 @@ def measure(work: Path, t: Table, repeats: int) -> dict[str, Any]:
         if asked[0] != 1:
             fail(f"check_prune over its limit asked held_elsewhere {asked[0]} times, not once")
 
+    def copy_candidates() -> None:
+        got = embed._copy_candidates(embedded, todo, listing)
+        if len(got) != inputs_g.want_sizes:
+            fail(f"_copy_candidates: {len(got)} sizes, expected {inputs_g.want_sizes}")
+        copy_map[:] = [got]
+
     steps: dict[str, tuple[str, Callable[[], None]]] = {
         "check_changes": ("(a) check_changes, every row listed, unchanged", check_changes),
         "find_gone_none": ("(b) find_gone, every row listed", find_gone_none),
@@ -322,6 +366,10 @@ def measure(work: Path, t: Table, repeats: int) -> dict[str, Any]:
         "check_prune_over": (
             "(f) check_prune over its limit, half held elsewhere",
             check_prune_over,
+        ),
+        "copy_candidates": (
+            f"(g) _copy_candidates, {new:,} new + {copies:,} copies to embed",
+            copy_candidates,
         ),
     }
     trials = {k: Trials([], []) for k in steps}
@@ -354,6 +402,7 @@ def measure(work: Path, t: Table, repeats: int) -> dict[str, Any]:
     # at least these: the parts holding gone rows
     want = sum(1 for uris in embedded.by_part.values() if not t.gone.isdisjoint(uris))
 
+    copied = check_copy_map(t, inputs_g, copy_map[0])
     removed = measure_remove(work, out, t)
     base = trials["check_changes"].best()
     result_steps: dict[str, dict[str, Any]] = {
@@ -382,6 +431,7 @@ def measure(work: Path, t: Table, repeats: int) -> dict[str, Any]:
         "remove": removed,
         "held_elsewhere_parts_read": ids_parts_read,
         "parts_holding_gone_rows": want,
+        "copies": copied,
         "check_prune": {
             "lost_rows": lost,
             "held_elsewhere_rows": len(t.moved),
@@ -399,6 +449,150 @@ def measure(work: Path, t: Table, repeats: int) -> dict[str, Any]:
             "with_prune_over_limit_adds_s": over_limit,
             "with_prune_over_limit_adds_over_check_changes": over_limit / base,
         },
+    }
+
+
+@dataclass
+class TodoInputs:
+    """(g)'s inputs to embed: ``new`` (not in the table) then ``copies`` (each of ``sources``' row,
+    its size), their stamps, and how many sizes ``_copy_candidates`` must return."""
+
+    todo: list[str]
+    stamps: dict[str, storage.Stamp]
+    new_sizes: np.ndarray
+    sources: np.ndarray  # the row (index into Table.uris) each copy copies
+    want_sizes: int
+
+
+def size_counts(sizes: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """How many of ``sizes`` equal each of ``of``."""
+    values, counts = np.unique(sizes, return_counts=True)
+    at = np.minimum(np.searchsorted(values, of), len(values) - 1)
+    return np.where(values[at] == of, counts[at], 0)
+
+
+def todo_inputs(t: Table, new: int, copies: int, size_dist: str, seed: int = 1) -> TodoInputs:
+    rng = np.random.default_rng(seed)
+    new_sizes = draw_sizes(rng, new, size_dist)
+    sources = rng.choice(len(t.uris), copies, replace=False)
+    copy_sizes = t.sizes[sources]
+    mtimes = MTIME_0 + rng.integers(0, 5 * 365 * 86400 * 10**9, new + copies, dtype=np.int64)
+    todo = [f"{LIBRARY}/new/{i // 1000:04d}/{i:07d}.jpg" for i in range(new)]
+    todo += [f"{LIBRARY}/copies/{i:07d}.jpg" for i in range(copies)]
+    sizes = np.concatenate([new_sizes, copy_sizes])
+    stamps = {
+        u: storage.Stamp(s, m)
+        for u, s, m in zip(todo, sizes.tolist(), mtimes.tolist(), strict=True)
+    }
+    if len(stamps) != new + copies or not t.stamps.keys().isdisjoint(stamps):
+        fail(f"(g): {len(stamps)} inputs to embed of {new + copies}, or some in the table")
+    distinct = np.unique(sizes)
+    c = size_counts(t.sizes, distinct)
+    want = int(np.count_nonzero((c >= 1) & (c <= embed.COPY_SIZE_ROWS)))
+    return TodoInputs(todo, stamps, new_sizes, sources, want)
+
+
+def check_copy_map(t: Table, g: TodoInputs, got: dict[int, list[str]]) -> dict[str, Any]:
+    """Check what ``_copy_candidates`` returned against the table's sizes counted here, and
+    count what ``reuse_moved`` would read of it."""
+    limit = embed.COPY_SIZE_ROWS
+    copy_sizes = t.sizes[g.sources]
+    distinct = np.unique(np.concatenate([g.new_sizes, copy_sizes]))
+    c = size_counts(t.sizes, distinct)
+    want_sizes = distinct[(c >= 1) & (c <= limit)]
+    rows_of: dict[int, set[str]] = {}
+    for i in np.flatnonzero(np.isin(t.sizes, want_sizes)).tolist():
+        rows_of.setdefault(int(t.sizes[i]), set()).add(t.uris[i])
+    if set(got) != set(rows_of):
+        fail(
+            f"_copy_candidates returned {len(got)} sizes, {len(set(got) - set(rows_of))} not "
+            f"expected; {len(rows_of)} expected"
+        )
+    for size, names in got.items():
+        if len(names) != len(rows_of[size]) or set(names) != rows_of[size]:
+            fail(
+                f"_copy_candidates: size {size}: {len(names)} rows, "
+                f"{len(set(names) - rows_of[size])} not of it; {len(rows_of[size])} expected"
+            )
+    # every copy: its size in the map, with the row it copies, unless > limit rows share it
+    over = 0
+    cc = size_counts(t.sizes, copy_sizes)
+    for i, size, n in zip(g.sources.tolist(), copy_sizes.tolist(), cc.tolist(), strict=True):
+        if n > limit:
+            over += 1
+            if size in got:
+                fail(f"a copy's size {size}, shared by more than {limit} rows, is in the map")
+        elif size not in got or t.uris[i] not in got[size]:
+            fail(f"a copy of {t.uris[i]} (size {size}) is not in the map with its row")
+    n_new = len(g.new_sizes)
+    nc = size_counts(t.sizes, g.new_sizes)
+    in_map = np.isin(g.new_sizes, np.fromiter(got, dtype=np.int64, count=len(got)))
+    if not np.array_equal(in_map, (nc >= 1) & (nc <= limit)):
+        fail("_copy_candidates: the new inputs of a size in the map are not those expected")
+    return {
+        "new": n_new,
+        "copies": len(g.sources),
+        "copy_size_rows": limit,
+        "map_sizes": len(got),
+        "map_rows": sum(len(v) for v in got.values()),
+        "new_in_map": int(in_map.sum()),
+        "new_in_map_share": float(in_map.sum()) / n_new,
+        "new_in_map_mb": float(g.new_sizes[in_map].sum()) / 1e6,
+        "new_size_of_no_row": int(np.count_nonzero(nc == 0)),
+        "new_size_over_limit": int(np.count_nonzero(nc > limit)),
+        "copies_in_map": len(g.sources) - over,
+        "copies_over_limit": over,
+    }
+
+
+def poisson_1_to(lam: np.ndarray | float, k: int) -> np.ndarray:
+    """P(1 <= X <= k), X Poisson of mean ``lam``."""
+    lam = np.asarray(lam, dtype=np.float64)
+    term, total = np.exp(-lam), np.zeros_like(lam)
+    for j in range(1, k + 1):
+        term = term * lam / j
+        total = total + term
+    return total
+
+
+def expected_share(rows: int, dist: str) -> float:
+    """The share of new inputs expected to have a size that 1 to COPY_SIZE_ROWS of ``rows`` rows
+    share, their sizes and the rows' drawn from ``dist`` (a size's rows: Poisson, of mean
+    ``rows`` times its probability)."""
+    lo, hi = SIZE_RANGE
+    k = embed.COPY_SIZE_ROWS
+    if dist == "uniform":
+        p = 1 / (hi - lo + 1)
+        return float(poisson_1_to(rows * p, k))
+    mean, sd = SIZE_NORMAL
+
+    def cdf(x: float) -> float:
+        return 0.5 * math.erfc(-(x - mean) / (sd * math.sqrt(2)))
+
+    # the ends: every draw below lo (above hi) is lo (hi); inside, a byte's probability is the
+    # density there (bins of ~1,000 bytes: it hardly changes over one)
+    ends = np.array([cdf(lo + 0.5), 1 - cdf(hi - 0.5)])
+    edges = np.linspace(lo + 0.5, hi - 0.5, 11_001)
+    mid, width = (edges[1:] + edges[:-1]) / 2, np.diff(edges)
+    density = np.exp(-0.5 * ((mid - mean) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+    inside = np.sum(width * density * poisson_1_to(rows * density, k))
+    return float(inside + np.sum(ends * poisson_1_to(rows * ends, k)))
+
+
+def share_in_memory(rows: int, new: int, dist: str, seed: int = 2) -> dict[str, Any]:
+    """(g)'s share with no table: ``rows`` sizes and ``new`` inputs' drawn from ``dist`` in
+    memory, counted by the rule of ``_copy_candidates``."""
+    rng = np.random.default_rng(seed)
+    table, inputs = draw_sizes(rng, rows, dist), draw_sizes(rng, new, dist)
+    c = size_counts(table, inputs)
+    hit = (c >= 1) & (c <= embed.COPY_SIZE_ROWS)
+    return {
+        "rows": rows,
+        "new": new,
+        "new_in_map": int(hit.sum()),
+        "new_in_map_share": float(hit.sum()) / new,
+        "new_size_over_limit": int(np.count_nonzero(c > embed.COPY_SIZE_ROWS)),
+        "expected_share": expected_share(rows, dist),
     }
 
 
@@ -465,14 +659,16 @@ def print_table(record: dict[str, Any]) -> None:
 
     steps = r["steps"]
     for k, st in steps.items():
-        if k != "check_prune_over":
+        if k not in ("check_prune_over", "copy_candidates"):
             row(st["step"], st["s"], st["us_per_row"], st["over_check_changes"],
                 st["peak_rss_growth_mb"])  # fmt: skip
     rm = r["remove"]
     label = f"(e) remove, once ({rm['parts_rewritten']} of {rm['parts']} parts rewritten)"
     row(label, rm["s"], rm["us_per_row"], rm["over_check_changes"], rm["peak_rss_growth_mb"])
-    st = steps["check_prune_over"]
-    row(st["step"], st["s"], st["us_per_row"], st["over_check_changes"], st["peak_rss_growth_mb"])
+    for k in ("check_prune_over", "copy_candidates"):
+        st = steps[k]
+        row(st["step"], st["s"], st["us_per_row"], st["over_check_changes"],
+            st["peak_rss_growth_mb"])  # fmt: skip
     tot, cp = r["totals"], r["check_prune"]
     print(
         f"\nheld_elsewhere read the ids of {r['held_elsewhere_parts_read']} parts "
@@ -497,6 +693,24 @@ def print_table(record: dict[str, Any]) -> None:
         f"{tot['with_prune_over_limit_adds_s']:.3f} s, "
         f"{tot['with_prune_over_limit_adds_over_check_changes']:.2f} x (a)"
     )
+    g, lim = r["copies"], r["copies"]["copy_size_rows"]
+    print(
+        f"\n(g) sizes {c['size_dist']}: the map holds {g['map_rows']:,} rows of {g['map_sizes']:,} "
+        f"sizes; {g['new_in_map']:,} of the {g['new']:,} new inputs ({g['new_in_map_share']:.2%}, "
+        f"{g['new_in_map_mb']:,.0f} MB) have a size in it: read in the driver, not copies"
+    )
+    print(
+        f"    new inputs of a size no row has {g['new_size_of_no_row']:,}, that > {lim} rows share "
+        f"{g['new_size_over_limit']:,}; copies in the map {g['copies_in_map']:,} of "
+        f"{g['copies']:,}, of a size > {lim} rows share {g['copies_over_limit']:,}"
+    )
+    print("(g) with no table (numpy, sizes drawn in memory): new inputs of a size in the map")
+    for d, m in r["copies_in_memory"].items():
+        print(
+            f"    {d:<8} {m['new_in_map']:>6,} of {m['new']:,} ({m['new_in_map_share']:.2%}; "
+            f"expected {m['expected_share']:.2%}) against {m['rows']:,} rows; "
+            f"of a size > {lim} rows share {m['new_size_over_limit']:,}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -511,6 +725,14 @@ def main(argv: list[str] | None = None) -> int:
         help="gone rows spread over the table, or one run of rows (a folder)",
     )
     ap.add_argument("--dim", type=int, default=0, help="an embedding column this wide (0: none)")
+    ap.add_argument(
+        "--size-dist",
+        choices=SIZE_DISTS,
+        default="uniform",
+        help="the rows' and new inputs' file sizes: uniform 1-12 MB, or normal (8 +- 1.5 MB)",
+    )
+    ap.add_argument("--new", type=int, default=10_000, help="(g): new inputs to embed")
+    ap.add_argument("--copies", type=int, default=100, help="(g): inputs that copy a row")
     ap.add_argument("--work-dir", default=None, help="where the table goes (default: a temp dir)")
     ap.add_argument("--out", default="benchmarks/results/prune-scale.json")
     args = ap.parse_args(argv)
@@ -519,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--gone must leave at least 2 gone rows, and no more than half the table")
     if args.repeats < 1 or args.dim < 0:
         ap.error("--repeats must be >= 1, --dim >= 0")
+    if args.new < 1 or not 0 <= args.copies <= args.rows:
+        ap.error("--new must be >= 1, --copies between 0 and --rows")
     if Path(LIBRARY).exists():
         ap.error(f"{LIBRARY} exists: the rows' files must not (nothing measured may open one)")
 
@@ -533,12 +757,14 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="keeper-prune-scale-", dir=args.work_dir)).resolve()
     try:
         t0 = time.perf_counter()
-        t = build(work / "out", args.rows, gone, args.layout, args.dim)
+        t = build(work / "out", args.rows, gone, args.layout, args.dim, args.size_dist)
         build_s = time.perf_counter() - t0
         print(f"built {t.parts} parts in {build_s:.0f} s", file=sys.stderr)
-        result = measure(work, t, args.repeats)
+        result = measure(work, t, args.repeats, args.new, args.copies, args.size_dist)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    # (g)'s share for either size distribution, with no table (numpy): not measured, counted
+    result["copies_in_memory"] = {d: share_in_memory(args.rows, args.new, d) for d in SIZE_DISTS}
     if opened[0]:
         fail(f"{opened[0]} files under {LIBRARY} were opened: nothing measured may read an image")
 
@@ -556,6 +782,9 @@ def main(argv: list[str] | None = None) -> int:
             "moved_rows": gone // 2,
             "layout": args.layout,
             "dim": args.dim,
+            "size_dist": args.size_dist,
+            "new": args.new,
+            "copies": args.copies,
             "rows_per_part": ROWS_PER_PART,
             "parts": t.parts,
             "repeats": args.repeats,

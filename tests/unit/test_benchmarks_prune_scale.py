@@ -1,6 +1,6 @@
 """benchmarks/prune_scale.py runs as documented (a tiny table): find_gone, held_elsewhere,
-check_prune over its limit and remove measured against check_changes over the same table, its
-counts as the table was built, no image opened, its work folder removed."""
+check_prune over its limit, remove and _copy_candidates measured against check_changes over the
+same table, its counts as the table was built, no image opened, its work folder removed."""
 
 from __future__ import annotations
 
@@ -21,15 +21,21 @@ STEPS = [
     "find_gone_some",
     "held_elsewhere_some",
     "check_prune_over",
+    "copy_candidates",
 ]
 
 
-@pytest.mark.parametrize("layout", ["scattered", "clustered"])
-def test_the_script_measures_prune_against_check_changes(tmp_path: Path, layout: str) -> None:
+@pytest.mark.parametrize(
+    ("layout", "size_dist"), [("scattered", "uniform"), ("clustered", "normal")]
+)
+def test_the_script_measures_prune_against_check_changes(
+    tmp_path: Path, layout: str, size_dist: str
+) -> None:
     out = tmp_path / "prune-scale.json"
     cmd = [
         sys.executable, SCRIPT, "--rows", "5000", "--gone", "0.01", "--repeats", "1",
-        "--layout", layout, "--out", str(out), "--work-dir", str(tmp_path),
+        "--layout", layout, "--size-dist", size_dist, "--new", "3000", "--copies", "40",
+        "--out", str(out), "--work-dir", str(tmp_path),
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,6 +49,7 @@ def test_the_script_measures_prune_against_check_changes(tmp_path: Path, layout:
     # 50 gone, 25 of them moved: 4,975 photos in 5 parts, then the 25 moved rows in a part
     assert (c["rows"], c["gone_rows"], c["moved_rows"], c["layout"]) == (5000, 50, 25, layout)
     assert (c["rows_per_part"], c["parts"], c["repeats"], c["dim"]) == (1024, 6, 1, 0)
+    assert (c["size_dist"], c["new"], c["copies"]) == (size_dist, 3000, 40)
 
     r = record["result"]
     assert list(r["steps"]) == STEPS
@@ -82,7 +89,30 @@ def test_the_script_measures_prune_against_check_changes(tmp_path: Path, layout:
     assert 25 <= cp["max_prune_fraction"] * 5000 < 50
     assert cp["refused_at_max_prune_fraction"] * 5000 < 25
 
+    # (g): the copies' sizes are in the map but for those more than 4 rows share; the new
+    # inputs in it are counted (checked against the table's sizes in the script)
+    g = r["copies"]
+    assert (g["new"], g["copies"], g["copy_size_rows"]) == (3000, 40, 4)
+    assert g["copies_in_map"] + g["copies_over_limit"] == 40
+    assert g["copies_in_map"] >= 1
+    assert 1 <= g["map_sizes"] <= g["map_rows"] <= 4 * g["map_sizes"]
+    assert g["new_in_map"] + g["new_size_of_no_row"] + g["new_size_over_limit"] == 3000
+    assert g["new_in_map_share"] == pytest.approx(g["new_in_map"] / 3000)
+    assert (g["new_in_map_mb"] > 0) == (g["new_in_map"] > 0)
+    if size_dist == "uniform":  # 5,000 rows over 11 M sizes: none shared by 5
+        assert g["new_size_over_limit"] == g["copies_over_limit"] == 0
+    assert list(r["copies_in_memory"]) == ["uniform", "normal"]
+    for m in r["copies_in_memory"].values():
+        assert (m["rows"], m["new"]) == (5000, 3000)
+        assert m["new_in_map_share"] == pytest.approx(m["new_in_map"] / 3000)
+        assert 0 < m["expected_share"] < 0.01  # 5,000 rows: a few in a thousand
+    # bunched sizes are shared more often
+    mem = r["copies_in_memory"]
+    assert mem["normal"]["expected_share"] > mem["uniform"]["expected_share"]
+
     assert "(a) check_changes" in proc.stdout
+    assert "(g) _copy_candidates, 3,000 new + 40 copies" in proc.stdout
+    assert "(g) with no table" in proc.stdout
     assert "(e) remove, once" in proc.stdout
     assert "(d) held_elsewhere (only a prune over max_prune_fraction)" in proc.stdout
     assert "(f) check_prune over its limit" in proc.stdout
@@ -95,4 +125,21 @@ def test_too_few_gone_rows_are_refused(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--gone" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_more_copies_than_rows_are_refused(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        SCRIPT,
+        "--rows",
+        "1000",
+        "--copies",
+        "1001",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--copies between 0 and --rows" in proc.stderr
     assert not (tmp_path / "x").exists()
