@@ -52,7 +52,9 @@ Measured, each the best of ``--repeats`` (interleaved, so drift hits every row a
     exactly the rows of each input size that 1 to ``COPY_SIZE_ROWS`` rows share, and every copy's
     size is in it, with its row, unless more than ``COPY_SIZE_ROWS`` rows share it (counted).
     Reported: how many of the new inputs (not copies) have a size in the map (``reuse_moved``
-    reads each in the driver, in vain, before its decode reads it again), the MB that is, and
+    reads the last ``COPY_TAIL_BYTES`` of each, and of its rows' files, in the driver: a whole
+    read only where those match; before that check it read each whole, in vain, and its decode
+    read it again), the MB such whole reads would have been, and
     the rows the map holds. Beside it, with no table (numpy, the same rule over ``--rows`` sizes
     drawn in memory), that share for both size distributions, and what it is expected to be
     (the rows of a size being Poisson).
@@ -697,7 +699,7 @@ def print_table(record: dict[str, Any]) -> None:
     print(
         f"\n(g) sizes {c['size_dist']}: the map holds {g['map_rows']:,} rows of {g['map_sizes']:,} "
         f"sizes; {g['new_in_map']:,} of the {g['new']:,} new inputs ({g['new_in_map_share']:.2%}, "
-        f"{g['new_in_map_mb']:,.0f} MB) have a size in it: read in the driver, not copies"
+        f"{g['new_in_map_mb']:,.0f} MB) have a size in it: their ends compared (16 KB), not copies"
     )
     print(
         f"    new inputs of a size no row has {g['new_size_of_no_row']:,}, that > {lim} rows share "

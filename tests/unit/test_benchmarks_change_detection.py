@@ -54,8 +54,11 @@ def test_the_script_compares_change_detection_with_what_embed_did_before(tmp_pat
         "every JPEG saved with new XMP",
         "the run after",
         "every JPEG moved to another folder",
+        "new JPEGs of sizes the table holds: ends compared",
+        "the same, each read whole (before the check)",
         "every JPEG copied to another folder",
     ]
+    assert plan["rows"][5]["over_ends_compared"] > 0
     for r in plan["rows"]:
         assert r["s"] > 0
         assert r["over_unchanged"] > 0

@@ -639,7 +639,7 @@ def test_a_copy_of_a_photo_the_table_holds_is_not_embedded_again(
     (a.parent / "import-2").mkdir()
     copy = a.parent / "import-2" / a.name  # the card imported twice
     copy.write_bytes(a.read_bytes())
-    other = a.parent / "import-2" / "new.jpg"  # a new photo of b's size: read, not a copy
+    other = a.parent / "import-2" / "new.jpg"  # a new photo of b's size: not a copy
     data = jpeg((250, 250, 0))
     size = b.stat().st_size
     other.write_bytes(data[:size] if len(data) >= size else data + b"\0" * (size - len(data)))
@@ -647,13 +647,36 @@ def test_a_copy_of_a_photo_the_table_holds_is_not_embedded_again(
     cfg = config(library, dst)
     p = plan(cfg)
     assert (p.todo, p.copied, p.moved) == ([str(other)], 1, 0)
-    assert sorted(images_read) == sorted([str(copy), str(other)])
+    assert images_read == [str(copy)]  # the other's end is not b's: not read whole
     rows = table_rows(dst)
     assert rows[str(copy)]["image_id"] == rows[str(a)]["image_id"]  # both stay: both are there
     assert rows[str(copy)]["file_mtime_ns"] == copy.stat().st_mtime_ns
     s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
     assert (s.counts.copied, s.counts.already_embedded, s.counts.attempted) == (1, 4, 1)
     assert "1 new file(s) held a photo the table holds" in embed.format_summary(s)
+
+
+def test_a_file_ending_as_a_photo_does_is_read_whole_and_not_taken_for_it(
+    tmp_path: Path, images_read: list[str]
+) -> None:
+    """Same size, same last 16 KB, other content: the end only decides what is read whole."""
+    import random
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    tail = random.Random(0).randbytes(embed.COPY_TAIL_BYTES + 100)
+    first, second = jpeg((10, 200, 10)), jpeg((200, 10, 200))
+    width = max(len(first), len(second))
+    old = lib / "old.jpg"
+    old.write_bytes(first.ljust(width, b"\0") + tail)
+    dst = tmp_path / "out"
+    write_table(dst, [old])
+    new = lib / "new.jpg"
+    new.write_bytes(second.ljust(width, b"\0") + tail)
+    images_read.clear()
+    p = plan(EmbedConfig(input=str(lib), output=str(dst), model=SPEC))
+    assert (p.todo, p.copied) == ([str(new)], 0)
+    assert images_read == [str(new)]
 
 
 def test_a_file_size_many_rows_share_is_not_read_for_copies(
