@@ -108,19 +108,26 @@ def test_s3_corpus_to_s3_table(
     assert stored["run_id"] == summary.run_id
     assert stored["versions"]["ray"].startswith("2.")
 
-    # One photo saved over with other bytes, one uploaded again as it was: only the first is
-    # embedded again, and the table holds one row of it, the new photo's.
+    # One photo saved over with an edit, one with a copy of another photo, one uploaded again as
+    # it was: the first is embedded again, the second takes a copy of the other photo's row, and
+    # the table holds one row of each, the new content's.
     time.sleep(1.1)  # S3 times are whole seconds
-    s3.put_object(Bucket=s3_bucket, Key=keys[1], Body=corpus[2].read_bytes())
+    buf = io.BytesIO()
+    edit = decode_image(corpus[1].read_bytes()).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    edit.save(buf, "JPEG", quality=90)
+    s3.put_object(Bucket=s3_bucket, Key=keys[1], Body=buf.getvalue())
+    s3.put_object(Bucket=s3_bucket, Key=keys[5], Body=corpus[2].read_bytes())
     s3.put_object(Bucket=s3_bucket, Key=keys[3], Body=corpus[3].read_bytes())
     again = embed.run(cfg)
     assert_counts_add_up(again)
     c = again.counts
-    assert (c.changed, c.restamped, c.attempted, c.embedded) == (1, 1, 1, 1)
+    assert (c.changed, c.restamped, c.copied, c.attempted, c.embedded) == (2, 1, 1, 1, 1)
     table = read_table(dst).set_index("image_uri")
     assert len(table) == len(corpus)
-    np.testing.assert_allclose(table.loc[uris[1], "embedding"], direct[2], atol=1e-4)
-    assert table.loc[uris[1], "image_id"] == table.loc[uris[2], "image_id"]
+    edited = reference.embed_images([decode_image(buf.getvalue())])[0]
+    np.testing.assert_allclose(table.loc[uris[1], "embedding"], edited, atol=1e-4)
+    np.testing.assert_allclose(table.loc[uris[5], "embedding"], direct[2], atol=1e-4)
+    assert table.loc[uris[5], "image_id"] == table.loc[uris[2], "image_id"]
 
     # A photo renamed (S3: copied to the new key, the old one deleted): its row is copied under
     # the new name, nothing is decoded or embedded.

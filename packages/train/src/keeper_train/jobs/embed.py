@@ -1183,7 +1183,8 @@ class Counts(BaseModel):
     changed: int = Field(
         default=0,
         description="files embedded or failed before whose content changed since (an edit "
-        "saved over the photo, a card's reused name): attempted again, the old row removed",
+        "saved over the photo, a card's reused name): the old row removed, attempted again "
+        "(or, when it now holds another photo the table has, that row copied: see copied)",
     )
     restamped: int = Field(
         default=0,
@@ -2148,7 +2149,7 @@ def format_summary(s: EmbedSummary) -> str:
         ),
         *(
             [
-                f"  changed  {c.changed} file(s) changed since the last run: attempted again"
+                f"  changed  {c.changed} file(s) changed since the last run: their old rows removed, the new content embedded"
                 + (f"; {c.restamped} with only new metadata or times: kept" if c.restamped else "")
             ]
             if c.changed or c.restamped
