@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from procmem import memory_mb, reset_peak  # beside this script
+
 SPEC = "keeper-tiny:random"
 ROWS_PER_PART = 1024  # EmbedConfig.rows_per_file's default
 ERROR_ROWS_PER_PART = 16  # EmbedConfig.decode_batch_size's default: one errors part per task
@@ -44,19 +46,6 @@ FAIL_EVERY = 100  # in the simulated run
 
 def photo(i: int) -> str:
     return f"photos/{i // 1000:04d}/{i:07d}.jpg"
-
-
-def memory_mb() -> tuple[float, float]:
-    """(RSS, peak RSS) of this process in MB."""
-    got = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            got[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return got["VmRSS"], got["VmHWM"]
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,7 +82,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # embed (machine_info), at the end
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # procmem; embed (at the end)
+
+from procmem import memory_mb, reset_peak
 
 from keeper_core import storage
 from keeper_core.errors import DataError
@@ -106,19 +108,6 @@ def photo(i: int) -> str:
 
 def moved_photo(i: int) -> str:
     return f"{LIBRARY}/moved/{i // 1000:04d}/{i:07d}.jpg"
-
-
-def memory_mb() -> tuple[float, float]:
-    """(RSS, peak RSS) of this process in MB."""
-    got = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            got[line.split(":")[0]] = int(line.split()[1]) / 1024
-    return got["VmRSS"], got["VmHWM"]
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := VmRSS
 
 
 def fail(message: str) -> None:
