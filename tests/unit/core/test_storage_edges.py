@@ -366,3 +366,35 @@ def test_stale_temporary_files_of_the_given_paths_are_removed(tmp_path: Path) ->
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["IMG_1.JPG", Path(fresh).name, Path(other).name])
     assert storage.remove_stale_temps([*targets, "s3://b/k.jpg"], older_than_s=300) == 0
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "/lib/photos/IMG_1.JPG",
+        "/lib/photos/../photos/IMG_1.JPG",
+        "/lib/./photos/IMG_1.JPG",
+        "/lib//photos/IMG_1.JPG",
+        "//lib/photos/IMG_1.JPG",
+        "/lib/photos/",
+        "/lib/.hidden/IMG_1.JPG",
+        "/lib/photos/IMG_1.JPG.",
+        "/",
+        "photos/IMG_1.JPG",
+        "./photos/IMG_1.JPG",
+        "file:///lib/photos/IMG_1.JPG",
+        "s3://bucket/photos/IMG_1.JPG",
+    ],
+)
+def test_same_key_fast_path_agrees_with_normpath(uri: str) -> None:
+    """An absolute path already normal is returned as it is (a million table rows a plan); every
+    other spelling goes through abspath + normpath, as before."""
+    import os
+
+    from keeper_core import storage
+
+    if storage.is_s3(uri):
+        want = uri
+    else:
+        want = os.path.normpath(os.path.abspath(uri.removeprefix("file://")))
+    assert storage.same_key(uri) == want

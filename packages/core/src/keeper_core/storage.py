@@ -230,6 +230,8 @@ def same_key(uri: str) -> str:
     training split, a manifest) compares through this, so a manifest named another way still
     matches the table embedded from it.
     """
+    if uri.startswith("/") and "/." not in uri and "//" not in uri and not uri.endswith("/"):
+        return uri  # absolute and already normal (no ., .., // or trailing /): as normpath gives
     if is_s3(uri) or (_SCHEME.match(uri) and not uri.startswith("file://")):
         return uri
     return os.path.normpath(os.path.abspath(uri.removeprefix("file://")))
