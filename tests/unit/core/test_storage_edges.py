@@ -389,10 +389,6 @@ def test_stale_temporary_files_of_the_given_paths_are_removed(tmp_path: Path) ->
 def test_same_key_fast_path_agrees_with_normpath(uri: str) -> None:
     """An absolute path already normal is returned as it is (a million table rows a plan); every
     other spelling goes through abspath + normpath, as before."""
-    import os
-
-    from keeper_core import storage
-
     if storage.is_s3(uri):
         want = uri
     else:
