@@ -158,9 +158,9 @@ class PickJobConfig(BaseModel):
     )
     prune: bool = Field(
         False,
-        description="remove the embedding table's rows of photos no longer under input (deleted, "
-        "or moved: a moved photo's row is copied under its new name first); refused when more "
-        "than max_prune_fraction of them are not found moved (keeper embed's prune)",
+        description="remove the embedding table's rows of photos no longer under input and not "
+        "found moved (deleted, or on a disk not mounted); refused when they are more than "
+        "max_prune_fraction of the input's rows (keeper embed's prune)",
     )
     max_prune_fraction: float = Field(0.25, ge=0, le=1, description="keeper embed's")
     # None: keeper embed's limits (64 MP, 64 MiB, 256 MiB for a RAW); a 100 MP medium-format
