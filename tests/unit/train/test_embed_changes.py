@@ -390,8 +390,8 @@ def test_the_contact_sheet_says_what_changed_since_the_last_run() -> None:
         "98 photo(s) moved or renamed, found by their content (not embedded again)"
     )
     assert pick.since_last_run(counts.model_copy(update={"copied": 2})) == (
-        "since the last run: 2 new photo(s) were copies of photos already embedded (not embedded "
-        "again; marked duplicates)"
+        "since the last run: 2 new photo(s) were copies of photos already embedded (their rows "
+        "copied, not embedded again)"
     )
     assert pick.gone_note(counts) is None
     assert pick.gone_note(counts.model_copy(update={"gone": 2})) == (

@@ -828,8 +828,8 @@ def since_last_run(counts: embed.Counts) -> str | None:
         )
     if counts.copied:
         parts.append(
-            f"{counts.copied} new photo(s) were copies of photos already embedded (not embedded "
-            "again; marked duplicates)"
+            f"{counts.copied} new photo(s) were copies of photos already embedded (their rows "
+            "copied, not embedded again)"
         )
     return "since the last run: " + "; ".join(parts) if parts else None
 
