@@ -1373,7 +1373,7 @@ def plan(cfg: EmbedConfig) -> Plan:
             f"no images found under {cfg.input} ({_nothing_found(cfg.input, ignored, bool(shards))})"
         )
     # Compared as same_key: a library embedded as `photos/` is not embedded again when named
-    # `/home/me/photos` (~1 s a million URIs).
+    # `/home/me/photos` (a million URIs: 0.2 s absolute, already normal; ~0.7 s otherwise).
     keys = [storage.same_key(u) for u in inputs]
     embedded = EmbeddedParts.read(storage.join(dst, EMBEDDINGS))
     removed = embedded.dedupe()  # a job killed after a retried write may have left a duplicate
