@@ -107,7 +107,7 @@ def add_embed_parser(subparsers: SubParsers) -> None:
     p.add_argument(
         "--prune",
         action=_BOOL,
-        help="remove the rows of files under --input this run does not list (deleted or moved)",
+        help="remove the rows of files under --input found neither listed nor moved (deleted)",
     )
     p.add_argument(
         "--max-prune-fraction",
