@@ -349,7 +349,7 @@ def test_a_table_holding_a_library_under_two_spellings_culls_each_photo_once(
     storage.write_parquet(errors, str(out / "table" / "errors" / "part-00000.parquet"))
 
     cfg = pick.PickJobConfig(input=str(lib), output=str(out), zero_shot=True)
-    monkeypatch.setattr(pick, "backfill", lambda _cfg, frame, _have=None: (frame, 0))
+    monkeypatch.setattr(pick, "backfill", lambda _cfg, frame, _have: (frame, 0))
     lib_rows = pick.load_library(cfg, "keeper-tiny:random")
     assert sorted(lib_rows.frame["image_uri"]) == absolute  # as this run lists them
     # IMG_3 was embedded since; IMG_4 is one failure

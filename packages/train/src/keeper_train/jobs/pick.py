@@ -39,7 +39,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import sys
 import threading
 import time
@@ -600,11 +599,9 @@ def _failed_details(table: str, failed: pd.DataFrame) -> pd.DataFrame:
     return out[cols].sort_values("image_uri").reset_index(drop=True)
 
 
-def backfill(
-    cfg: PickJobConfig, frame: pd.DataFrame, have: set[str] | None = None
-) -> tuple[pd.DataFrame, int]:
+def backfill(cfg: PickJobConfig, frame: pd.DataFrame, have: set[str]) -> tuple[pd.DataFrame, int]:
     """Capture metadata and thumbnails for rows embedded before keeper pick wrote them (``have``:
-    the thumbnails there, as :func:`_thumbnails` lists them; listed when not given).
+    the thumbnails there, as :func:`_thumbnails` lists them).
 
     Only those rows are read again (a Ray Data pass); returns the frame and how many were read.
     """
@@ -615,7 +612,6 @@ def backfill(
         frame["dhash"] = None
     no_capture = frame["time_source"].isna().to_numpy()
     no_hash = frame["dhash"].isna().to_numpy()
-    have = _thumbnails(cfg.out) if have is None else have
     no_thumb = np.array([thumbnail_name(str(i)) not in have for i in frame["image_id"]], bool)
     todo = no_capture | no_thumb | no_hash
     if not todo.any():
@@ -678,16 +674,13 @@ def backfill_batch(
     return pd.DataFrame(out)
 
 
-_THUMBNAIL = re.compile(r"thumbs/[0-9a-f]{2}/[0-9a-f]{2,128}\.jpg")
-
-
 def remove_stale_thumbnails(out: str, have: set[str], ids: Iterable[str]) -> int:
     """Remove the thumbnails under ``out``/thumbs (``have``, as :func:`_thumbnails` lists them)
     of image ids no row of the table holds (``ids``): photos embedded again after an edit was
     saved over them, or pruned. Else they would stay for good, a cache of pictures no sheet
     shows. Files there that keeper does not name so are left alone. Returns how many went."""
-    keep = {f"thumbs/{i[:2]}/{i}.jpg" for i in ids}
-    stale = sorted(n for n in have if n not in keep and _THUMBNAIL.fullmatch(n))
+    keep = {thumbnail_name(i) for i in ids}
+    stale = sorted(n for n in have if n not in keep and _is_thumbnail_name(n))
 
     def delete(name: str) -> bool:
         try:
@@ -702,6 +695,14 @@ def remove_stale_thumbnails(out: str, have: set[str], ids: Iterable[str]) -> int
         have.difference_update(gone)
         log.info("removed %d thumbnail(s) of photos the table no longer holds", len(gone))
     return len(gone)
+
+
+def _is_thumbnail_name(name: str) -> bool:
+    """Whether ``name`` (relative to OUTPUT) is one :func:`thumbnail_name` gives."""
+    try:
+        return name == thumbnail_name(name.rpartition("/")[2].removesuffix(".jpg"))
+    except DataError:
+        return False
 
 
 def _thumbnails(out: str) -> set[str]:
