@@ -161,10 +161,11 @@ class EmbeddedParts:
             self._kept(part, keep)
         return removed
 
-    def update(self, drop: set[str], stamps: dict[str, storage.Stamp]) -> None:
+    def update(self, drop: set[str], stamps: dict[str, storage.Stamp]) -> int:
         """Remove the rows of ``drop`` (files changed since: embedded again this run) and give
         the rows of ``stamps`` those stamps (files whose content did not change), rewriting each
-        part that holds one once."""
+        part that holds one once. Returns the rows removed."""
+        removed = 0
         for part, uris in sorted(self.by_part.items()):
             if not any(u in drop or u in stamps for u in uris):
                 continue
@@ -174,13 +175,12 @@ class EmbeddedParts:
                 if u in stamps:
                     self.stamps[part][i] = stamps[u]
             self._kept(part, keep)
+            removed += keep.count(False)
+        return removed
 
     def remove(self, uris: set[str]) -> int:
         """Remove the rows of ``uris``; returns how many there were."""
-        n = sum(u in uris for part in self.by_part.values() for u in part)
-        if n:
-            self.update(uris, {})
-        return n
+        return self.update(uris, {})
 
     def copy_rows(self, rows: dict[str, str], stamps: dict[str, storage.Stamp], name: str) -> None:
         """Write, as one new part ``name``, a copy of each row ``rows`` names (new URI -> the URI

@@ -1390,7 +1390,8 @@ def plan(cfg: EmbedConfig) -> Plan:
         inputs, keys = inputs[: cfg.limit], keys[: cfg.limit]
     this_run = {u: stamps[u] for u in inputs if u in stamps}  # (``limit``: not the rest)
     now = {k: stamps[u] for u, k in zip(inputs, keys, strict=True) if u in stamps}
-    changes = check_changes(embedded, this_run, now, cap=max(cfg.max_bytes, cfg.max_raw_bytes))
+    cap = max(cfg.max_bytes, cfg.max_raw_bytes)
+    changes = check_changes(embedded, this_run, now, cap=cap)
     done = embedded.uris()
     rows = errors.rows()
     failed_changed = _stamp_changed(rows, now)
@@ -1401,7 +1402,6 @@ def plan(cfg: EmbedConfig) -> Plan:
     retried = {storage.same_key(u) for u in rows.loc[retry, "image_uri"].astype(str)}
     skip = done_keys | keep_failed
     todo = [u for u, k in zip(inputs, keys, strict=True) if k not in skip]
-    cap = max(cfg.max_bytes, cfg.max_raw_bytes)
     moved, copied = reuse_moved(embedded, todo, stamps, changes.unlisted, cap=cap)
     todo = [u for u in todo if u not in moved and u not in copied]
     # A photo moved within the input: its row now lives under the new name, and the old name's
@@ -1618,22 +1618,31 @@ def _copy_candidates(
     """File size -> the table's rows of that size, for the sizes of ``todo``'s inputs that at
     most :data:`COPY_SIZE_ROWS` rows share. The rows' sizes are compared as one array (the
     table's stamps), not a row at a time."""
-    want = np.fromiter({stamps[u].size for u in todo if u in stamps}, dtype=np.int64)
+    sizes = {stamps[u].size for u in todo if u in stamps}
+    return _rows_by_size(embedded, sizes, at_most=COPY_SIZE_ROWS)
+
+
+def _rows_by_size(
+    embedded: EmbeddedParts, sizes: set[int], *, at_most: int | None = None
+) -> dict[int, list[str]]:
+    """File size -> the table's rows of that size, for ``sizes`` (those more than ``at_most``
+    rows share left out). The rows' sizes are compared as one array (the table's stamps), not a
+    row at a time."""
+    want = np.fromiter(sizes, dtype=np.int64, count=len(sizes))
     parts = [p for p in embedded.by_part if len(embedded.by_part[p])]
     if not len(want) or not parts:
         return {}
-    sizes = np.concatenate([embedded.stamps[p][:, 0] for p in parts])
-    hit = np.flatnonzero(np.isin(sizes, want))
-    if not len(hit):
-        return {}
-    values, counts = np.unique(sizes[hit], return_counts=True)
-    hit = hit[np.isin(sizes[hit], values[counts <= COPY_SIZE_ROWS])]
+    have = np.concatenate([embedded.stamps[p][:, 0] for p in parts])
+    hit = np.flatnonzero(np.isin(have, want))
+    if at_most is not None and len(hit):
+        values, counts = np.unique(have[hit], return_counts=True)
+        hit = hit[np.isin(have[hit], values[counts <= at_most])]
     ends = np.cumsum([len(embedded.by_part[p]) for p in parts])
     by_size: dict[int, list[str]] = {}
     for i in hit.tolist():
         k = int(np.searchsorted(ends, i, side="right"))
         row = embedded.by_part[parts[k]][i - (int(ends[k - 1]) if k else 0)]
-        by_size.setdefault(int(sizes[i]), []).append(row)
+        by_size.setdefault(int(have[i]), []).append(row)
     return by_size
 
 
@@ -1695,12 +1704,9 @@ def held_elsewhere(embedded: EmbeddedParts, rows: set[str]) -> set[str]:
     matched). Only a prune over its limit asks (:func:`check_prune`)."""
     if not rows:
         return set()
-    sizes: dict[str, int] = {}
-    for u, st in embedded.stamped():
-        if st is not None and u in rows:
-            sizes[u] = st.size
-    wanted = set(sizes.values())
-    others = {u for u, st in embedded.stamped() if st and st.size in wanted and u not in rows}
+    sizes = {u: st.size for u, st in embedded.stamped() if st is not None and u in rows}
+    same = _rows_by_size(embedded, set(sizes.values()))
+    others = {r for names in same.values() for r in names if r not in rows}
     if not others:
         return set()
     ids = embedded.ids(set(sizes) | others)
