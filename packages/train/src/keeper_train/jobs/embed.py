@@ -473,7 +473,7 @@ def _scan(
     stamps: dict[str, storage.Stamp] = {}
     excluded = [exclude] if isinstance(exclude, str) else list(exclude or [])
     # Compared as same_key: an output named ./lib/out or /abs/lib/out is skipped either way.
-    skip = tuple(storage.same_key(e).rstrip("/") + "/" for e in excluded)
+    skip = folder_keys(excluded)
     for uri, stamp in storage.list_stamped(src):
         if skip and storage.same_key(uri).startswith(skip):
             continue
@@ -497,6 +497,11 @@ def _scan(
         else:
             ignored += 1
     return uris, ignored, 0, stamps
+
+
+def folder_keys(folders: Sequence[str]) -> tuple[str, ...]:
+    """What a ``same_key`` under each of ``folders`` starts with (its own key and a slash)."""
+    return tuple(storage.same_key(f).rstrip("/") + "/" for f in folders)
 
 
 def _manifest_uris(src: str) -> tuple[list[str], int]:
@@ -1672,8 +1677,8 @@ def find_gone(
     as ``same_key``: ``keys``) lacks. Rows under an ``exclude``d folder are not gone: this run
     did not look there. Costs a set lookup a row; ``same_key`` only for a row not listed as
     written."""
-    prefix = storage.same_key(src).rstrip("/") + "/"
-    skip = tuple(storage.same_key(e).rstrip("/") + "/" for e in exclude)
+    (prefix,) = folder_keys([src])
+    skip = folder_keys(exclude)
     under = 0
 
     def missing(uris: Iterator[str]) -> set[str]:
