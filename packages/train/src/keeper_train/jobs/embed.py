@@ -2160,7 +2160,8 @@ def format_summary(s: EmbedSummary) -> str:
         ),
         *(
             [
-                f"  changed  {c.changed} file(s) changed since the last run: their old rows removed, the new content embedded"
+                f"  changed  {c.changed} file(s) changed since the last run: their old rows "
+                "removed, the new content embedded"
                 + (f"; {c.restamped} with only new metadata or times: kept" if c.restamped else "")
             ]
             if c.changed or c.restamped
