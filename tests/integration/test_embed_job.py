@@ -154,6 +154,23 @@ def test_s3_corpus_to_s3_table(
     assert uris[0] not in table.index
     assert len(table) == len(corpus) - 1 == pruned.table["embedded"]
 
+    # A new photo uploaded under two keys at once (a card synced to two prefixes): decoded and
+    # embedded once, each key given its row.
+    buf = io.BytesIO()
+    edit.rotate(90, expand=True).save(buf, "JPEG", quality=85)
+    twins = [f"s3://{s3_bucket}/photos/{d}/new-shot.jpg" for d in ("card", "card-backup")]
+    for u in twins:
+        s3.put_object(Bucket=s3_bucket, Key=u.split("/", 3)[3], Body=buf.getvalue())
+    both = embed.run(cfg)
+    assert_counts_add_up(both)
+    c = both.counts
+    assert (c.attempted, c.embedded, c.twins) == (2, 2, 1)
+    assert sum(both.nodes["embed"].values()) == 1  # the model saw it once
+    table = read_table(dst).set_index("image_uri")
+    shot = reference.embed_images([decode_image(buf.getvalue())])[0]
+    for u in twins:
+        np.testing.assert_allclose(table.loc[u, "embedding"], shot, atol=1e-4)
+
 
 def _png(size: tuple[int, int]) -> bytes:
     buf = io.BytesIO()

@@ -698,3 +698,82 @@ def test_a_file_size_many_rows_share_is_not_read_for_copies(
     p = plan(EmbedConfig(input=str(lib), output=str(dst), model=SPEC))
     assert (p.todo, p.copied) == ([str(lib / "copy.jpg")], 0)
     assert images_read == []
+
+
+def test_copies_among_a_runs_new_photos_are_embedded_once(
+    library: list[Path], tmp_path: Path, images_read: list[str]
+) -> None:
+    """A card imported into two folders before keeper ever ran: each photo is decoded and
+    embedded once, and the copy gets its row (its own URI and stamp) once that row is written."""
+    a, b, c = library
+    (a.parent / "backup").mkdir()
+    twins = {}
+    for f in (a, c):
+        t = a.parent / "backup" / f.name
+        t.write_bytes(f.read_bytes())
+        first, second = sorted([str(f), str(t)])  # the first by URI is embedded
+        twins[second] = first
+    other = a.parent / "backup" / "new.png"  # c's size, another photo: not a twin
+    size = c.stat().st_size
+    other.write_bytes(c.read_bytes()[: size - 20] + bytes(20))
+    dst = tmp_path / "out"
+    cfg = config(library, dst)
+    p = plan(cfg)
+    assert p.twins == twins
+    assert sorted(p.todo) == sorted([*twins.values(), str(b), str(other)])
+    # other, whose end differs, is not read whole
+    assert sorted(u for u in images_read if u.startswith(str(a.parent))) == sorted(
+        [*twins, *twins.values()]
+    )
+    write_table(dst, [Path(u) for u in p.todo])  # what the pipeline writes
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    c_ = s.counts
+    assert (c_.in_, c_.attempted, c_.embedded, c_.failed, c_.lost, c_.twins) == (6, 6, 6, 0, 0, 2)
+    rows = table_rows(dst)
+    for t, o in twins.items():
+        assert rows[t]["content_id"] == rows[o]["content_id"]
+        assert rows[t]["file_mtime_ns"] == Path(t).stat().st_mtime_ns
+    assert "2 of the attempted held what another new file holds" in embed.format_summary(s)
+    images_read.clear()
+    assert plan(cfg).todo == []  # and the next run finds every file embedded
+    assert [u for u in images_read if u.startswith(str(a.parent))] == []
+
+
+def test_a_twin_of_a_photo_that_fails_gets_its_failure(tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    bad = jpeg((9, 9, 9))[:-300]  # cut short
+    (lib / "a.jpg").write_bytes(bad)
+    (lib / "b.jpg").write_bytes(bad)
+    dst = tmp_path / "out"
+    cfg = EmbedConfig(input=str(lib), output=str(dst), model=SPEC)
+    p = plan(cfg)
+    assert (p.todo, p.twins) == ([str(lib / "a.jpg")], {str(lib / "b.jpg"): str(lib / "a.jpg")})
+    failure = embed._failure(
+        str(lib / "a.jpg"), p.run_id, "decode", "corrupt", DataError("truncated"), retryable=False
+    )
+    embed.write_errors(str(dst / embed.ERRORS), [failure])
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    assert (s.counts.attempted, s.counts.failed, s.counts.lost, s.counts.twins) == (2, 2, 0, 1)
+    assert s.errors_by_reason == {"corrupt": 2}
+    rows = {r["image_uri"]: r for r in storage.read_parquet(str(dst / embed.ERRORS)).to_pylist()}
+    twin = rows[str(lib / "b.jpg")]
+    assert (twin["stage"], twin["retryable"]) == ("decode", False)
+    assert twin["error"] == f"the same content as {lib / 'a.jpg'}, which failed: truncated"
+    assert twin["file_size"] == (lib / "b.jpg").stat().st_size
+    assert plan(cfg).todo == []  # not retried: a corrupt file is not read again unless asked
+
+
+def test_new_files_of_a_size_many_share_are_not_read_for_twins(
+    tmp_path: Path, images_read: list[str]
+) -> None:
+    """A camera's fixed-size RAW frames all share a size: a first run reads none of them in the
+    driver, copies or not."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    for i in range(embed.COPY_SIZE_ROWS):
+        (lib / f"{i}.jpg").write_bytes(jpeg((i * 40, 0, 0))[:600].ljust(600, b"\0"))
+    (lib / "copy.jpg").write_bytes((lib / "0.jpg").read_bytes())
+    p = plan(EmbedConfig(input=str(lib), output=str(tmp_path / "out"), model=SPEC))
+    assert (len(p.todo), p.twins) == (embed.COPY_SIZE_ROWS + 1, {})
+    assert images_read == []

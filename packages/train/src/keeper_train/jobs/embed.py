@@ -1208,6 +1208,12 @@ class Counts(BaseModel):
         "was made from (a card imported twice, a folder duplicated): the row copied, not "
         "embedded again",
     )
+    twins: int = Field(
+        default=0,
+        description="of attempted: new files holding what another new file of this run holds "
+        "(a card imported into two folders at once, a photo saved under two names): that one "
+        "embedded, its row copied to these (or its failure recorded for them)",
+    )
     gone: int = Field(
         default=0,
         description="files under a listed folder the table holds rows of (embedded or failed) "
@@ -1314,6 +1320,9 @@ class Plan:
     moved: int = 0
     #: inputs holding what a row of a listed file was made from (:func:`reuse_moved`)
     copied: int = 0
+    #: inputs holding what another input of this run holds -> that input (:func:`find_twins`):
+    #: not in ``todo``; they get its outcome once the pipeline has run (:func:`copy_twins`)
+    twins: dict[str, str] = dataclass_field(default_factory=dict)
     #: files under a listed folder the table held rows of, not listed and not found moved
     gone: int = 0
     #: rows of gone files removed (``prune``)
@@ -1409,6 +1418,8 @@ def plan(cfg: EmbedConfig) -> Plan:
     todo = [u for u, k in zip(inputs, keys, strict=True) if k not in skip]
     moved, copied = reuse_moved(embedded, todo, stamps, changes.unlisted, cap=cap)
     todo = [u for u in todo if u not in moved and u not in copied]
+    twins = find_twins([u for u in todo if u not in bad_names], stamps, cap=cap)
+    todo = [u for u in todo if u not in twins]
     # A photo moved within the input: its row now lives under the new name, and the old name's
     # row goes (one not under the input is another input's file, or a copy's: it stays).
     renamed = set(moved.values()) & gone.embedded
@@ -1448,6 +1459,7 @@ def plan(cfg: EmbedConfig) -> Plan:
         ),
         moved=len(moved),
         copied=len(copied),
+        twins=twins,
         gone=len(lost),
         pruned=pruned,
     )
@@ -1592,23 +1604,26 @@ def _ends_match(
     size = {u: stamps[u].size for u in inputs}
     size.update({r: size[u] for u in inputs for r in rows_by_size[size[u]]})
     rows = sorted(set(size) - set(inputs))
+    row_ends = {e for e in _ends(rows, size).values() if e is not None}
+    return {u for u, e in _ends(inputs, size).items() if e is not None and e in row_ends}
+
+
+def _ends(uris: Sequence[str], size: dict[str, int]) -> dict[str, bytes | None]:
+    """Each file's last :data:`COPY_TAIL_BYTES` (of its listed ``size``) as a 16-byte digest,
+    read on threads (a small read a file, a ranged GET on S3); None for one that cannot be read
+    now (gone, shorter or unreadable since listed)."""
 
     def end(uri: str) -> bytes | None:
         n = min(size[uri], COPY_TAIL_BYTES)
-        try:  # a digest: 16 bytes held a row, not the end itself
+        try:
             return hashlib.blake2b(
                 storage.read_range(uri, size[uri] - n, n), digest_size=16
             ).digest()
-        except (StorageError, DataError) as e:  # gone, shorter or unreadable since listed
+        except (StorageError, DataError) as e:
             log.info("%s: end not read to look for a copy (%s)", uri, e)
             return None
 
-    row_ends = {e for e in storage.map_in_threads(end, rows, _CHECK_THREADS) if e is not None}
-    return {
-        u
-        for u, e in zip(inputs, storage.map_in_threads(end, inputs, _CHECK_THREADS), strict=True)
-        if e is not None and e in row_ends
-    }
+    return dict(zip(uris, storage.map_in_threads(end, list(uris), _END_THREADS), strict=True))
 
 
 #: A file size shared by more rows than this is a fixed-size format's (uncompressed or
@@ -1649,6 +1664,82 @@ def _rows_by_size(
         row = embedded.by_part[parts[k]][i - (int(ends[k - 1]) if k else 0)]
         by_size.setdefault(int(have[i]), []).append(row)
     return by_size
+
+
+def find_twins(
+    todo: Sequence[str], stamps: dict[str, storage.Stamp], *, cap: int
+) -> dict[str, str]:
+    """Inputs to embed holding what another input to embed holds (a card imported into two
+    folders at once, one photo saved under two names): each -> the one of them the pipeline
+    embeds (the first by URI), whose row :func:`copy_twins` copies once it is written.
+
+    Looked for as :func:`reuse_moved` looks for copies of rows: among listed inputs whose size at
+    most :data:`COPY_SIZE_ROWS` of them share (one more is a fixed-size format's), their ends
+    compared first; only those whose size and end another's are read whole (``cap`` bytes at
+    most) and matched by ``content_id``. A new photo of a size no other has costs nothing.
+    """
+    sized = [u for u in todo if u in stamps]
+    if len(sized) < 2:
+        return {}
+    sizes = np.fromiter((stamps[u].size for u in sized), np.int64, len(sized))
+    values, counts = np.unique(sizes, return_counts=True)
+    shared = np.isin(sizes, values[(counts > 1) & (counts <= COPY_SIZE_ROWS)])
+    maybe = [sized[i] for i in np.flatnonzero(shared).tolist()]
+    if not maybe:
+        return {}
+    same_end: dict[tuple[int, bytes], list[str]] = {}
+    for u, e in _ends(maybe, {u: stamps[u].size for u in maybe}).items():
+        if e is not None:
+            same_end.setdefault((stamps[u].size, e), []).append(u)
+    whole = {u: stamps[u] for g in same_end.values() if len(g) > 1 for u in g}
+    content = _read_each(whole, lambda uri, data: file_ids(data, uri)[1], cap=cap)
+    alike: dict[str, list[str]] = {}
+    for u in sorted(whole):
+        if (c := content[u]) is not None:  # one that cannot be read now is attempted itself
+            alike.setdefault(c, []).append(u)
+    return {twin: g[0] for g in alike.values() for twin in g[1:]}
+
+
+def copy_twins(
+    p: Plan, embedded: EmbeddedParts, embedded_uris: set[str], errors: ErrorRows
+) -> tuple[set[str], ErrorRows]:
+    """Give each of the plan's twins (:func:`find_twins`) what the input it holds the content of
+    got this run: that row, copied under the twin's URI and stamp, or that failure, recorded
+    for the twin (the same bytes fail the same way; a retryable one is tried again by the next
+    run, twins and all). Returns the twins now embedded and the errors table with the failures.
+    A twin whose original was lost (neither written nor failed) is lost with it."""
+    if not p.twins:
+        return set(), errors
+    copied = {t: o for t, o in p.twins.items() if o in embedded_uris}
+    if copied:
+        embedded.copy_rows(copied, {t: p.stamps[t] for t in copied}, _part_name(list(copied)))
+    originals = {o for t, o in p.twins.items() if t not in copied}
+    failed: dict[str, dict[str, Any]] = {}
+    for part, df in sorted(errors.by_part.items()):  # the parts holding their failures, whole
+        if originals.isdisjoint(df["image_uri"].tolist()):
+            continue
+        for r in storage.read_parquet(part).to_pylist():
+            if r["image_uri"] in originals and r.get("run_id") == p.run_id:
+                failed[r["image_uri"]] = r
+    twin_failures = [
+        {
+            **_failure(
+                t,
+                p.run_id,
+                str(r["stage"]),
+                str(r["reason"]),
+                DataError(f"the same content as {o}, which failed: {r['error']}"),
+                retryable=bool(r["retryable"]),
+            ),
+            **dict(zip(STAMP_COLUMNS, p.stamps[t], strict=True)),
+        }
+        for t, o in sorted(p.twins.items())
+        if (r := failed.get(o)) is not None
+    ]
+    if twin_failures:
+        write_errors(errors.folder, twin_failures)
+        errors = ErrorRows.read(errors.folder, known=errors)
+    return set(copied), errors
 
 
 @dataclass(frozen=True)
@@ -1755,6 +1846,9 @@ def _prune_needs_a_folder(src: str) -> str:
 
 T = TypeVar("T")
 _CHECK_THREADS = 8  # files the plan reads at once (I/O: requests on S3)
+#: ends of files (:data:`COPY_TAIL_BYTES`) the plan reads at once: a request's latency, not its
+#: bytes, is what such a read costs on S3, and 32 of them hold 512 KB
+_END_THREADS = 32
 #: The bytes those reads hold at once in the driver: 8 RAW files of 100 MB would hold 800 MB.
 _CHECK_BYTES = 512 * 1024 * 1024
 
@@ -2011,7 +2105,7 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
     embedded = EmbeddedParts.read(p.embedded.folder, known=p.embedded)
     removed = embedded.dedupe()
     emb_all = embedded.uris()
-    todo = set(p.todo)
+    todo = set(p.todo) | set(p.twins)
     # A part is named by its URIs, so a retried failure that fails again can be rewritten to the
     # part the plan read it from: those parts are read again (else its new row goes unseen, and
     # the image is counted lost).
@@ -2020,6 +2114,8 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
         {k: df for k, df in p.errors.by_part.items() if todo.isdisjoint(df["image_uri"].tolist())},
     )
     errors = ErrorRows.read(p.errors.folder, known=known)
+    twins_embedded, errors = copy_twins(p, embedded, emb_all, errors)
+    emb_all |= twins_embedded
     cleared = errors.remove(emb_all)  # an image that failed once and then succeeded is embedded
     removed += errors.dedupe()
     rows = errors.rows()
@@ -2057,6 +2153,7 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
             stamped=p.changes.stamped,
             moved=p.moved,
             copied=p.copied,
+            twins=len(p.twins),
             gone=p.gone,
             pruned=p.pruned,
             attempted=attempted,
@@ -2082,7 +2179,7 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
         max_failure_fraction=cfg.max_failure_fraction,
         errors_by_reason=dict(Counter(this_run["reason"].astype(str))),
         seconds={k: round(v, 3) for k, v in seconds.items()},
-        images_per_s=round(n_embedded / pipe_s, 2) if pipe_s else None,
+        images_per_s=round((n_embedded - len(twins_embedded)) / pipe_s, 2) if pipe_s else None,
         seconds_to_first_part=round(ex.seconds_to_first_part, 3)
         if ex.seconds_to_first_part is not None
         else None,
@@ -2118,13 +2215,14 @@ def run(cfg: EmbedConfig) -> EmbedSummary:
     t_start = time.perf_counter()
     p = plan(cfg)
     log.info(
-        "%d inputs: %d to embed (%d retried, %d changed since), %d already embedded, "
-        "%d failed before",
+        "%d inputs: %d to embed (%d retried, %d changed since; %d more hold what one of them "
+        "holds), %d already embedded, %d failed before",
         len(p.inputs),
         len(p.todo),
         p.retried,
         len(p.changes.changed),
-        len(p.inputs) - len(p.todo) - p.failed_before,
+        len(p.twins),
+        len(p.inputs) - len(p.todo) - len(p.twins) - p.failed_before,
         p.failed_before,
     )
     summary = summarise(cfg, p, execute(cfg, p), t_start)
@@ -2181,6 +2279,14 @@ def format_summary(s: EmbedSummary) -> str:
                 "copied, not embedded again"
             ]
             if c.copied
+            else []
+        ),
+        *(
+            [
+                f"  twins    {c.twins} of the attempted held what another new file holds: "
+                "embedded once, the row copied"
+            ]
+            if c.twins
             else []
         ),
         *(
