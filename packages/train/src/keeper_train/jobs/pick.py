@@ -515,7 +515,7 @@ def earlier_outputs(cfg: PickJobConfig) -> list[str]:
     """
     if cfg.is_manifest:
         return []  # a manifest names its photos: nothing is listed by folder
-    root = storage.same_key(cfg.input).rstrip("/") + "/"
+    (root,) = embed.folder_keys([cfg.input])
     try:
         summaries = storage.list_files(cfg.input, suffixes=[SUMMARY])
     except StorageError:
