@@ -719,7 +719,7 @@ def test_copies_among_a_runs_new_photos_are_embedded_once(
     dst = tmp_path / "out"
     cfg = config(library, dst)
     p = plan(cfg)
-    assert p.twins == twins
+    assert {t: w.of for t, w in p.twins.items()} == twins
     assert sorted(p.todo) == sorted([*twins.values(), str(b), str(other)])
     # other, whose end differs, is not read whole
     assert sorted(u for u in images_read if u.startswith(str(a.parent))) == sorted(
@@ -748,7 +748,8 @@ def test_a_twin_of_a_photo_that_fails_gets_its_failure(tmp_path: Path) -> None:
     dst = tmp_path / "out"
     cfg = EmbedConfig(input=str(lib), output=str(dst), model=SPEC)
     p = plan(cfg)
-    assert (p.todo, p.twins) == ([str(lib / "a.jpg")], {str(lib / "b.jpg"): str(lib / "a.jpg")})
+    assert p.todo == [str(lib / "a.jpg")]
+    assert {t: w.of for t, w in p.twins.items()} == {str(lib / "b.jpg"): str(lib / "a.jpg")}
     failure = embed._failure(
         str(lib / "a.jpg"), p.run_id, "decode", "corrupt", DataError("truncated"), retryable=False
     )
@@ -771,9 +772,92 @@ def test_new_files_of_a_size_many_share_are_not_read_for_twins(
     driver, copies or not."""
     lib = tmp_path / "lib"
     lib.mkdir()
-    for i in range(embed.COPY_SIZE_ROWS):
-        (lib / f"{i}.jpg").write_bytes(jpeg((i * 40, 0, 0))[:600].ljust(600, b"\0"))
+    for i in range(embed.TWIN_SIZE_INPUTS):
+        (lib / f"{i}.jpg").write_bytes(jpeg((i * 20, 0, 0))[:600].ljust(600, b"\0"))
     (lib / "copy.jpg").write_bytes((lib / "0.jpg").read_bytes())
     p = plan(EmbedConfig(input=str(lib), output=str(tmp_path / "out"), model=SPEC))
-    assert (len(p.todo), p.twins) == (embed.COPY_SIZE_ROWS + 1, {})
+    assert (len(p.todo), p.twins) == (embed.TWIN_SIZE_INPUTS + 1, {})
     assert images_read == []
+
+
+def test_a_twin_differing_in_metadata_only_keeps_its_own_image_id(
+    tmp_path: Path, images_read: list[str]
+) -> None:
+    """Two files of one photo, rated differently (an XMP packet of the same length): one
+    content, embedded once; each row holds its own file's sha256."""
+    import numpy as np
+
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    buf = io.BytesIO()  # noise: larger than the end compared, so the XMP is not in it
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (150, 200, 3), np.uint8)).save(
+        buf, "JPEG", quality=95
+    )
+    assert len(buf.getvalue()) > embed.COPY_TAIL_BYTES
+    for name, rating in (("a.jpg", b"3"), ("b.jpg", b"5")):
+        xmp = b"http://ns.adobe.com/xap/1.0/\x00<x:xmpmeta>Rating=" + rating + b"</x>"
+        (lib / name).write_bytes(with_segment(buf.getvalue(), 0xE1, xmp))
+    a, b = lib / "a.jpg", lib / "b.jpg"
+    dst = tmp_path / "out"
+    cfg = EmbedConfig(input=str(lib), output=str(dst), model=SPEC)
+    p = plan(cfg)
+    assert (p.todo, list(p.twins)) == ([str(a)], [str(b)])
+    write_table(dst, [a])
+    s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    assert (s.counts.embedded, s.counts.twins) == (2, 1)
+    rows = table_rows(dst)
+    assert rows[str(b)]["image_id"] == embed.file_ids(b.read_bytes())[0] != rows[str(a)]["image_id"]
+    assert rows[str(b)]["content_id"] == rows[str(a)]["content_id"]
+
+
+def test_find_copies_false_reads_nothing_to_look_for_copies(
+    library: list[Path], tmp_path: Path, images_read: list[str]
+) -> None:
+    a, b, c = library
+    dst = tmp_path / "out"
+    write_table(dst, [a, b])
+    (a.parent / "backup").mkdir()
+    for f in (a, c):  # a copy of a row's file, and two copies of a new one
+        (a.parent / "backup" / f.name).write_bytes(f.read_bytes())
+    images_read.clear()
+    p = plan(config(library, dst, find_copies=False))
+    assert (len(p.todo), p.copied, p.twins) == (3, 0, {})
+    assert [u for u in images_read if u.startswith(str(a.parent))] == []
+    p = plan(config(library, dst))
+    assert (len(p.todo), p.copied, len(p.twins)) == (1, 1, 1)
+
+
+def test_a_copied_row_timed_by_its_files_mtime_takes_the_new_files(tmp_path: Path) -> None:
+    """A photo with no EXIF time is timed by its file: its copy (another file, another mtime)
+    is not timed by the original's. An EXIF time is the photo's, and travels with it."""
+    folder = tmp_path / embed.EMBEDDINGS
+    storage.write_parquet(
+        pa.table(
+            {
+                "image_uri": ["/lib/a.png", "/lib/b.jpg"],
+                "image_id": ["ia", "ib"],
+                "file_size": [10, 20],
+                "file_mtime_ns": [1, 2],
+                "capture_time": ["2020-01-01T00:00:00+00:00", "2021-05-01T10:00:00"],
+                "capture_ts": [1577836800.0, 1619863200.0],
+                "time_source": ["mtime", "exif"],
+            }
+        ),
+        str(folder / "part-a.parquet"),
+    )
+    parts = table_mod.EmbeddedParts.read(str(folder))
+    when = 1_700_000_000_250_000_000  # 2023-11-14T22:13:20.25Z
+    parts.copy_rows(
+        {"/copy/a.png": "/lib/a.png", "/copy/b.jpg": "/lib/b.jpg"},
+        {"/copy/a.png": storage.Stamp(10, when), "/copy/b.jpg": storage.Stamp(20, when)},
+        "part-b.parquet",
+        image_ids={"/copy/b.jpg": "ib2"},
+    )
+    rows = {r["image_uri"]: r for r in storage.read_parquet(str(folder)).to_pylist()}
+    a, b = rows["/copy/a.png"], rows["/copy/b.jpg"]
+    assert (a["capture_ts"], a["capture_time"]) == (
+        1_700_000_000.25,
+        "2023-11-14T22:13:20.250000+00:00",
+    )
+    assert (b["capture_ts"], b["capture_time"]) == (1619863200.0, "2021-05-01T10:00:00")
+    assert (a["image_id"], b["image_id"], b["file_mtime_ns"]) == ("ia", "ib2", when)

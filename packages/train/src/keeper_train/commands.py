@@ -69,6 +69,7 @@ EMBED_FLAGS = (
     "retry_errors",
     "prune",
     "max_prune_fraction",
+    "find_copies",
     "ray_address",
 )
 
@@ -114,6 +115,12 @@ def add_embed_parser(subparsers: SubParsers) -> None:
         type=float,
         help="largest share of the input's rows --prune removes for files not found moved "
         "(default 0.25: a disk not mounted lists like one emptied)",
+    )
+    p.add_argument(
+        "--find-copies",
+        action=_BOOL,
+        help="embed a copy of a photo once (default on): reads the last 16 KB of new files "
+        "whose size another has; --no-find-copies for a corpus known to hold none",
     )
     p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
     p.add_argument("overrides", nargs="*", help="any other EmbedConfig field as key=value")

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -182,10 +183,19 @@ class EmbeddedParts:
         """Remove the rows of ``uris``; returns how many there were."""
         return self.update(uris, {})
 
-    def copy_rows(self, rows: dict[str, str], stamps: dict[str, storage.Stamp], name: str) -> None:
+    def copy_rows(
+        self,
+        rows: dict[str, str],
+        stamps: dict[str, storage.Stamp],
+        name: str,
+        *,
+        image_ids: dict[str, str] | None = None,
+    ) -> None:
         """Write, as one new part ``name``, a copy of each row ``rows`` names (new URI -> the URI
-        of the row to copy) under its new URI and with its ``stamps``; every other column (the
-        embedding, features, capture metadata, ids) as the row holds it."""
+        of the row to copy) under its new URI and with its ``stamps`` (and ``image_ids``: the
+        new file's own sha256, which differs where only its metadata does); every other column
+        (the embedding, features, capture metadata, content id) as the row holds it, but a
+        capture time taken from the file's modification time, which is the new file's."""
         wanted = set(rows.values())
         found: dict[str, pa.Table] = {}
         for part, uris in sorted(self.by_part.items()):
@@ -205,6 +215,14 @@ class EmbeddedParts:
             table.column_names.index("image_uri"), "image_uri", pa.array(new, pa.string())
         )
         table = _restamped(table, {u: stamps[u] for u in new})
+        if image_ids and "image_id" in table.column_names:
+            ids = [
+                image_ids.get(u, i) for u, i in zip(new, table["image_id"].to_pylist(), strict=True)
+            ]
+            table = table.set_column(
+                table.column_names.index("image_id"), "image_id", pa.array(ids, pa.string())
+            )
+        table = _file_times(table, [stamps[u].mtime_ns for u in new])
         part = storage.join(self.folder, name)
         storage.write_parquet(table, part)
         self.by_part[part] = new
@@ -249,6 +267,26 @@ def _read_columns(part: str, columns: tuple[str, ...]) -> pa.Table:
     """The ``columns`` of ``part`` it has (a column written after the part was: left out)."""
     f = pq.ParquetFile(pa.BufferReader(storage.read_bytes(part)))
     return f.read(columns=[c for c in columns if c in f.schema_arrow.names])
+
+
+def _file_times(table: pa.Table, mtime_ns: list[int]) -> pa.Table:
+    """``table`` with the capture time of each row timed by its file's modification time
+    (``time_source`` "mtime": the photo has no EXIF time) set from ``mtime_ns``, its file's."""
+    if "time_source" not in table.column_names or "mtime" not in table["time_source"].to_pylist():
+        return table
+    by_mtime = [s == "mtime" for s in table["time_source"].to_pylist()]
+    ts = [
+        ns / 1_000_000_000 if m else t
+        for m, ns, t in zip(by_mtime, mtime_ns, table["capture_ts"].to_pylist(), strict=True)
+    ]
+    iso = [
+        datetime.fromtimestamp(t, UTC).isoformat() if m else old
+        for m, t, old in zip(by_mtime, ts, table["capture_time"].to_pylist(), strict=True)
+    ]
+    for col, values in (("capture_ts", ts), ("capture_time", iso)):
+        i = table.column_names.index(col)
+        table = table.set_column(i, col, pa.array(values, table.schema.field(col).type))
+    return table
 
 
 def _restamped(table: pa.Table, stamps: dict[str, storage.Stamp]) -> pa.Table:

@@ -45,7 +45,7 @@ from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -274,6 +274,15 @@ class EmbedConfig(BaseModel):
         le=1,
         description="prune: the largest share of input's rows a run removes for files not found "
         "under a new name (1: no limit)",
+    )
+    find_copies: bool = Field(
+        True,
+        description="look for copies (of photos the table holds, and among this run's new "
+        "files) and embed each content once: a new file whose size at most a few others share "
+        "has its last 16 KB read in the driver (32 at once), and is read whole only when that "
+        "matches. False for a corpus known to hold none: a first run over a million camera "
+        "JPEGs reads 1 in 12 to 1 in 6 files' ends (on S3, a request each). Moved photos are "
+        "found either way",
     )
     ray_address: str | None = None
 
@@ -1322,7 +1331,7 @@ class Plan:
     copied: int = 0
     #: inputs holding what another input of this run holds -> that input (:func:`find_twins`):
     #: not in ``todo``; they get its outcome once the pipeline has run (:func:`copy_twins`)
-    twins: dict[str, str] = dataclass_field(default_factory=dict)
+    twins: dict[str, Twin] = dataclass_field(default_factory=dict)
     #: files under a listed folder the table held rows of, not listed and not found moved
     gone: int = 0
     #: rows of gone files removed (``prune``)
@@ -1416,9 +1425,15 @@ def plan(cfg: EmbedConfig) -> Plan:
     retried = {storage.same_key(u) for u in rows.loc[retry, "image_uri"].astype(str)}
     skip = done_keys | keep_failed
     todo = [u for u, k in zip(inputs, keys, strict=True) if k not in skip]
-    moved, copied = reuse_moved(embedded, todo, stamps, changes.unlisted, cap=cap)
+    moved, copied = reuse_moved(
+        embedded, todo, stamps, changes.unlisted, cap=cap, copies=cfg.find_copies
+    )
     todo = [u for u in todo if u not in moved and u not in copied]
-    twins = find_twins([u for u in todo if u not in bad_names], stamps, cap=cap)
+    twins = (
+        find_twins([u for u in todo if u not in bad_names], stamps, cap=cap)
+        if cfg.find_copies
+        else {}
+    )
     todo = [u for u in todo if u not in twins]
     # A photo moved within the input: its row now lives under the new name, and the old name's
     # row goes (one not under the input is another input's file, or a copy's: it stays).
@@ -1536,6 +1551,7 @@ def reuse_moved(
     unlisted: dict[int, list[str]],
     *,
     cap: int,
+    copies: bool = True,
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Inputs to embed that hold what a row was made from, whose row is copied under the input's
     URI and stamp instead of decoding and embedding it again: ``(moved, copied)``, each input URI
@@ -1550,17 +1566,18 @@ def reuse_moved(
     Only an input of the same size as such a row is read (once, ``cap`` bytes at most, several at
     once) and matched by its ``content_id`` (or, for rows written before that was kept, its
     ``image_id``), a row no longer listed first; a new photo of another size costs nothing.
+    ``copies`` False: rows of listed files are not looked among (moved photos are).
     """
     by_size = {size: list(names) for size, names in unlisted.items()}
-    copies = _copy_candidates(embedded, todo, stamps)
-    for size, names in copies.items():
+    listed = _copy_candidates(embedded, todo, stamps) if copies else {}
+    for size, names in listed.items():
         by_size.setdefault(size, []).extend(names)
     maybe = [u for u in todo if u in stamps and stamps[u].size in by_size]
     # A new photo whose size only happens to be a listed file's (1 in 6 at a million camera
     # JPEGs, measured: benchmarks/prune_scale.py) is not read whole: its end first.
     check = [u for u in maybe if stamps[u].size not in unlisted]
     if check:
-        ends_differ = set(check) - _ends_match(check, stamps, copies)
+        ends_differ = set(check) - _ends_match(check, stamps, listed)
         maybe = [u for u in maybe if u not in ends_differ]
     if not maybe:
         return {}, {}
@@ -1576,16 +1593,23 @@ def reuse_moved(
         elif image_id is not None:
             by_bytes.setdefault(image_id, r)
 
-    def match(uri: str, data: bytes) -> str | None:
+    def match(uri: str, data: bytes) -> tuple[str, str] | None:
         image_id, content_id = file_ids(data, uri)
-        return by_content.get(content_id) or by_bytes.get(image_id)
+        row = by_content.get(content_id) or by_bytes.get(image_id)
+        return (row, image_id) if row else None
 
     # An input that cannot be read now is attempted as any other: its attempt says why.
-    found = {
-        u: r for u, r in _read_each({u: stamps[u] for u in maybe}, match, cap=cap).items() if r
+    matched = {
+        u: m for u, m in _read_each({u: stamps[u] for u in maybe}, match, cap=cap).items() if m
     }
+    found = {u: r for u, (r, _) in matched.items()}
     if found:
-        embedded.copy_rows(found, {u: stamps[u] for u in found}, _part_name(list(found)))
+        embedded.copy_rows(
+            found,
+            {u: stamps[u] for u in found},
+            _part_name(list(found)),
+            image_ids={u: i for u, (_, i) in matched.items()},
+        )
     moved = {u: r for u, r in found.items() if r in gone}
     return moved, {u: r for u, r in found.items() if u not in moved}
 
@@ -1666,38 +1690,57 @@ def _rows_by_size(
     return by_size
 
 
+class Twin(NamedTuple):
+    """An input holding what another input of the same run holds (:func:`find_twins`)."""
+
+    of: str  # the input embedded for both
+    image_id: str  # the twin's own (its bytes may differ in metadata only)
+
+
+#: Inputs of one run sharing a size that are looked at for twins: a card imported twice keeps
+#: groups of up to 4 same-size photos; more is a fixed-size format's (every RAW frame alike).
+TWIN_SIZE_INPUTS = 2 * COPY_SIZE_ROWS
+
+
 def find_twins(
     todo: Sequence[str], stamps: dict[str, storage.Stamp], *, cap: int
-) -> dict[str, str]:
+) -> dict[str, Twin]:
     """Inputs to embed holding what another input to embed holds (a card imported into two
     folders at once, one photo saved under two names): each -> the one of them the pipeline
-    embeds (the first by URI), whose row :func:`copy_twins` copies once it is written.
+    embeds (the first by URI), whose row :func:`copy_twins` copies once it is written, and its
+    own ``image_id``.
 
     Looked for as :func:`reuse_moved` looks for copies of rows: among listed inputs whose size at
-    most :data:`COPY_SIZE_ROWS` of them share (one more is a fixed-size format's), their ends
-    compared first; only those whose size and end another's are read whole (``cap`` bytes at
-    most) and matched by ``content_id``. A new photo of a size no other has costs nothing.
+    most :data:`TWIN_SIZE_INPUTS` of them share, their ends compared first; only those whose size
+    and end another's are read whole (``cap`` bytes at most) and matched by ``content_id``. A
+    new photo of a size no other has costs nothing.
     """
     sized = [u for u in todo if u in stamps]
     if len(sized) < 2:
         return {}
     sizes = np.fromiter((stamps[u].size for u in sized), np.int64, len(sized))
     values, counts = np.unique(sizes, return_counts=True)
-    shared = np.isin(sizes, values[(counts > 1) & (counts <= COPY_SIZE_ROWS)])
+    shared = np.isin(sizes, values[(counts > 1) & (counts <= TWIN_SIZE_INPUTS)])
     maybe = [sized[i] for i in np.flatnonzero(shared).tolist()]
     if not maybe:
         return {}
+    log.info(
+        "%d new files share their size with another: reading their last %d KB to look for "
+        "copies (find_copies=false does not)",
+        len(maybe),
+        COPY_TAIL_BYTES // 1024,
+    )
     same_end: dict[tuple[int, bytes], list[str]] = {}
     for u, e in _ends(maybe, {u: stamps[u].size for u in maybe}).items():
         if e is not None:
             same_end.setdefault((stamps[u].size, e), []).append(u)
     whole = {u: stamps[u] for g in same_end.values() if len(g) > 1 for u in g}
-    content = _read_each(whole, lambda uri, data: file_ids(data, uri)[1], cap=cap)
+    read = _read_each(whole, lambda uri, data: file_ids(data, uri), cap=cap)
+    ids = {u: i for u, i in read.items() if i is not None}
     alike: dict[str, list[str]] = {}
-    for u in sorted(whole):
-        if (c := content[u]) is not None:  # one that cannot be read now is attempted itself
-            alike.setdefault(c, []).append(u)
-    return {twin: g[0] for g in alike.values() for twin in g[1:]}
+    for u in sorted(ids):  # one that cannot be read now is attempted itself
+        alike.setdefault(ids[u][1], []).append(u)
+    return {t: Twin(g[0], ids[t][0]) for g in alike.values() for t in g[1:]}
 
 
 def copy_twins(
@@ -1710,10 +1753,15 @@ def copy_twins(
     A twin whose original was lost (neither written nor failed) is lost with it."""
     if not p.twins:
         return set(), errors
-    copied = {t: o for t, o in p.twins.items() if o in embedded_uris}
+    copied = {t: w.of for t, w in p.twins.items() if w.of in embedded_uris}
     if copied:
-        embedded.copy_rows(copied, {t: p.stamps[t] for t in copied}, _part_name(list(copied)))
-    originals = {o for t, o in p.twins.items() if t not in copied}
+        embedded.copy_rows(
+            copied,
+            {t: p.stamps[t] for t in copied},
+            _part_name(list(copied)),
+            image_ids={t: p.twins[t].image_id for t in copied},
+        )
+    originals = {w.of for t, w in p.twins.items() if t not in copied}
     failed: dict[str, dict[str, Any]] = {}
     for part, df in sorted(errors.by_part.items()):  # the parts holding their failures, whole
         if originals.isdisjoint(df["image_uri"].tolist()):
@@ -1733,7 +1781,7 @@ def copy_twins(
             ),
             **dict(zip(STAMP_COLUMNS, p.stamps[t], strict=True)),
         }
-        for t, o in sorted(p.twins.items())
+        for t, (o, _) in sorted(p.twins.items())
         if (r := failed.get(o)) is not None
     ]
     if twin_failures:
