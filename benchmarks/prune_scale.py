@@ -546,12 +546,11 @@ def poisson_1_to(lam: np.ndarray | float, k: int) -> np.ndarray:
     return total
 
 
-def expected_share(rows: int, dist: str) -> float:
-    """The share of new inputs expected to have a size that 1 to COPY_SIZE_ROWS of ``rows`` rows
-    share, their sizes and the rows' drawn from ``dist`` (a size's rows: Poisson, of mean
-    ``rows`` times its probability)."""
+def expected_share(rows: int, dist: str, k: int = embed.COPY_SIZE_ROWS) -> float:
+    """The share of new inputs expected to have a size that 1 to ``k`` of ``rows`` rows share,
+    their sizes and the rows' drawn from ``dist`` (a size's rows: Poisson, of mean ``rows``
+    times its probability)."""
     lo, hi = SIZE_RANGE
-    k = embed.COPY_SIZE_ROWS
     if dist == "uniform":
         p = 1 / (hi - lo + 1)
         return float(poisson_1_to(rows * p, k))
