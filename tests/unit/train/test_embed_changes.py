@@ -861,3 +861,22 @@ def test_a_copied_row_timed_by_its_files_mtime_takes_the_new_files(tmp_path: Pat
     )
     assert (b["capture_ts"], b["capture_time"]) == (1619863200.0, "2021-05-01T10:00:00")
     assert (a["image_id"], b["image_id"], b["file_mtime_ns"]) == ("ia", "ib2", when)
+
+
+def test_twins_left_by_a_killed_run_are_copied_by_the_next(
+    library: list[Path], tmp_path: Path
+) -> None:
+    """Killed after the pipeline wrote the originals' rows, before their twins got theirs: the
+    next run finds each twin a copy of a row, and embeds nothing."""
+    a, _, c = library
+    (a.parent / "backup").mkdir()
+    for f in (a, c):
+        (a.parent / "backup" / f.name).write_bytes(f.read_bytes())
+    dst = tmp_path / "out"
+    cfg = config(library, dst)
+    p = plan(cfg)
+    assert len(p.twins) == 2
+    write_table(dst, [Path(u) for u in p.todo])  # the pipeline's rows; no summarise: killed
+    again = plan(cfg)
+    assert (again.todo, again.copied, again.twins) == ([], 2, {})
+    assert set(table_rows(dst)) == {*p.todo, *p.twins}
