@@ -43,7 +43,8 @@ Measured, each the best of ``--repeats`` (interleaved, so drift hits every row a
     ``held_elsewhere``, and lets the rest through (checked: it does not raise, asks
     ``held_elsewhere`` once; untimed, with the fraction halved below the rest's share it raises);
 (e) once: ``EmbeddedParts.remove`` of the gone rows, on a copy of the table (seconds, parts
-    rewritten);
+    rewritten), at ``REWRITE_THREADS`` parts at once and, on another copy, one at a time (as
+    before);
 (g) ``_copy_candidates(embedded, todo, stamps)``, what ``reuse_moved`` now asks for the inputs
     to embed: ``todo`` is ``--new`` new inputs (not in the table; sizes drawn from
     ``--size-dist``, as the table's) and ``--copies`` copies of random rows (their size), and
@@ -72,6 +73,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -233,9 +235,11 @@ def counting(name: str, module: Any = table_module) -> Iterator[list[int]]:
     ``keeper_train.table``)."""
     real = getattr(module, name)
     calls = [0]
+    lock = threading.Lock()  # EmbeddedParts.update calls _rewrite_without on threads
 
     def counted(*args: Any, **kwargs: Any) -> Any:
-        calls[0] += 1
+        with lock:
+            calls[0] += 1
         return real(*args, **kwargs)
 
     setattr(module, name, counted)
@@ -587,7 +591,26 @@ def share_in_memory(rows: int, new: int, dist: str, seed: int = 2) -> dict[str, 
 
 
 def measure_remove(work: Path, out: Path, t: Table) -> dict[str, Any]:
-    """``EmbeddedParts.remove`` of the gone rows, once, on a copy of the table."""
+    """``EmbeddedParts.remove`` of the gone rows, once on a copy of the table with one part
+    rewritten at a time (as it was before ``REWRITE_THREADS``), then once on a fresh copy at
+    the default: the same rows, the same parts, each copy just written (in the page cache)."""
+    threads = table_module.REWRITE_THREADS
+    try:
+        table_module.REWRITE_THREADS = 1
+        one = _remove_once(work, out, t)
+    finally:
+        table_module.REWRITE_THREADS = threads
+    at_default = _remove_once(work, out, t)
+    return {
+        **at_default,
+        "rewrite_threads": threads,
+        "one_thread_s": one["s"],
+        "one_thread_peak_rss_growth_mb": one["peak_rss_growth_mb"],
+        "one_thread_over_threads": one["s"] / at_default["s"],
+    }
+
+
+def _remove_once(work: Path, out: Path, t: Table) -> dict[str, Any]:
     copy = work / "copy"
     shutil.copytree(out / embed.EMBEDDINGS, copy / embed.EMBEDDINGS)
     folder = storage.join(str(copy), embed.EMBEDDINGS)
@@ -655,6 +678,9 @@ def print_table(record: dict[str, Any]) -> None:
     rm = r["remove"]
     label = f"(e) remove, once ({rm['parts_rewritten']} of {rm['parts']} parts rewritten)"
     row(label, rm["s"], rm["us_per_row"], rm["over_check_changes"], rm["peak_rss_growth_mb"])
+    label = "    the same, one part at a time (before)"
+    row(label, rm["one_thread_s"], rm["one_thread_s"] / c["rows"] * 1e6,
+        rm["one_thread_s"] / steps["check_changes"]["s"], rm["one_thread_peak_rss_growth_mb"])  # fmt: skip
     for k in ("check_prune_over", "copy_candidates"):
         st = steps[k]
         row(st["step"], st["s"], st["us_per_row"], st["over_check_changes"],

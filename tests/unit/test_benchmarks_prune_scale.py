@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from keeper_train import table
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "benchmarks" / "prune_scale.py")
 STEPS = [
@@ -68,6 +70,9 @@ def test_the_script_measures_prune_against_check_changes(
     assert rm["parts_rewritten"] == r["parts_holding_gone_rows"] >= 1
     assert rm["parts_deleted"] == 0
     assert rm["s"] > 0
+    assert rm["one_thread_s"] > 0  # the same remove, one part at a time, beside it
+    assert rm["one_thread_over_threads"] == pytest.approx(rm["one_thread_s"] / rm["s"])
+    assert rm["rewrite_threads"] == table.REWRITE_THREADS
     if layout == "clustered":  # 50 rows in a row: one part, or two
         assert r["parts_holding_gone_rows"] <= 2
     # held_elsewhere reads the ids of the parts holding gone rows, and of their moved rows'
