@@ -64,6 +64,8 @@ def test_the_script_measures_prune_against_check_changes(
         )
     assert r["steps"]["check_changes"]["over_check_changes"] == 1.0
     assert r["load"]["embedded_parts_read_s"] > 0
+    assert r["load"]["embedded_parts_read_one_at_a_time_s"] > 0  # beside it, as before
+    assert r["load"]["embedded_parts_read_threads"] == table._IO_THREADS
 
     rm = r["remove"]
     assert (rm["rows_removed"], rm["parts"]) == (50, 6)

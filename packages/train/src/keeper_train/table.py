@@ -30,7 +30,7 @@ from keeper_core import storage
 #: An errors table of more parts than this is rewritten as one part at the end of a run
 #: (``ErrorRows.compact``): below it, reading the parts costs a plan little.
 COMPACT_OVER = 64
-_IO_THREADS = 8  # parts read or deleted at once while compacting (requests, on S3)
+_IO_THREADS = 8  # parts read (a plan's read of the table) or deleted at once (requests, on S3)
 #: Parts rewritten at once (``EmbeddedParts.update``): a part's read and write are I/O (a GET and
 #: a PUT on S3) and Parquet work that releases the GIL. A prune of 1 % of a million 512-d rows
 #: scattered over 972 parts: 29 s one at a time, 19 s at 4 or 8 on 2 cores, the driver's peak
@@ -102,16 +102,15 @@ class EmbeddedParts:
 
     @classmethod
     def read(cls, folder: str, known: EmbeddedParts | None = None) -> EmbeddedParts:
-        """List ``folder``; read the parts ``known`` does not hold yet."""
-        by_part: dict[str, list[str]] = {}
-        stamps: dict[str, np.ndarray] = {}
-        for p in list_parts(folder):
-            if known is not None and p in known.by_part:
-                by_part[p], stamps[p] = known.by_part[p], known.stamps[p]
-                continue
-            t = _read_columns(p, ("image_uri", *STAMP_COLUMNS))
-            by_part[p] = t.column("image_uri").to_pylist()
-            stamps[p] = np.stack(
+        """List ``folder``; read the parts ``known`` does not hold yet, :data:`_IO_THREADS` at
+        once (every plan reads the whole table: on S3 a GET a part)."""
+        parts = list_parts(folder)
+        seen = known if known is not None else cls(folder)
+        new = [p for p in parts if p not in seen.by_part]
+
+        def one(part: str) -> tuple[list[str], np.ndarray]:
+            t = _read_columns(part, ("image_uri", *STAMP_COLUMNS))
+            stamps = np.stack(
                 [
                     t.column(c).fill_null(-1).to_numpy()
                     if c in t.column_names
@@ -120,7 +119,15 @@ class EmbeddedParts:
                 ],
                 axis=1,
             ).astype(np.int64)
-        return cls(folder, by_part, stamps)
+            return t.column("image_uri").to_pylist(), stamps
+
+        with ThreadPoolExecutor(_IO_THREADS) as pool:
+            read = dict(zip(new, pool.map(one, new), strict=True))
+        return cls(
+            folder,
+            {p: read[p][0] if p in read else seen.by_part[p] for p in parts},
+            {p: read[p][1] if p in read else seen.stamps[p] for p in parts},
+        )
 
     def uris(self) -> set[str]:
         return {u for uris in self.by_part.values() for u in uris}
