@@ -341,6 +341,13 @@ def measure(
         if got != t.moved:
             fail(f"held_elsewhere: {len(got)} rows ({len(got & t.moved)} moved) of {len(t.moved)}")
 
+    def held_elsewhere_some_one() -> None:  # as before _IO_THREADS: a part's ids at a time
+        table_module._IO_THREADS = 1
+        try:
+            held_elsewhere_some()
+        finally:
+            table_module._IO_THREADS = threads
+
     def check_prune_over() -> None:
         with counting("held_elsewhere", embed) as asked:
             try:
@@ -368,6 +375,10 @@ def measure(
         "held_elsewhere_some": (
             "(d) held_elsewhere (only a prune over max_prune_fraction)",
             held_elsewhere_some,
+        ),
+        "held_elsewhere_some_one": (
+            "    the same, one part at a time (before)",
+            held_elsewhere_some_one,
         ),
         "check_prune_over": (
             "(f) check_prune over its limit, half held elsewhere",

@@ -22,6 +22,7 @@ STEPS = [
     "held_elsewhere_none",
     "find_gone_some",
     "held_elsewhere_some",
+    "held_elsewhere_some_one",
     "check_prune_over",
     "copy_candidates",
 ]

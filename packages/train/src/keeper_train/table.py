@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -121,8 +122,7 @@ class EmbeddedParts:
             ).astype(np.int64)
             return t.column("image_uri").to_pylist(), stamps
 
-        with ThreadPoolExecutor(_IO_THREADS) as pool:
-            read = dict(zip(new, pool.map(one, new), strict=True))
+        read = _each_part(one, new)
         return cls(
             folder,
             {p: read[p][0] if p in read else seen.by_part[p] for p in parts},
@@ -141,16 +141,22 @@ class EmbeddedParts:
     def ids(self, uris: set[str]) -> dict[str, tuple[str | None, str | None]]:
         """``image_id`` and ``content_id`` (None: written before it was kept) of ``uris``' rows,
         reading only the parts that hold them."""
-        out: dict[str, tuple[str | None, str | None]] = {}
-        for part, have in self.by_part.items():
-            if uris.isdisjoint(have):
-                continue
+
+        def of_part(part: str) -> list[tuple[str, tuple[str | None, str | None]]]:
             t = _read_columns(part, ("image_uri", "image_id", "content_id"))
             ids = t.column("image_id").to_pylist() if "image_id" in t.column_names else None
             cids = t.column("content_id").to_pylist() if "content_id" in t.column_names else None
-            for i, u in enumerate(t.column("image_uri").to_pylist()):
-                if u in uris:
-                    out.setdefault(u, (ids[i] if ids else None, cids[i] if cids else None))
+            return [
+                (u, (ids[i] if ids else None, cids[i] if cids else None))
+                for i, u in enumerate(t.column("image_uri").to_pylist())
+                if u in uris
+            ]
+
+        holding = [p for p, have in self.by_part.items() if not uris.isdisjoint(have)]
+        out: dict[str, tuple[str | None, str | None]] = {}
+        for found in _each_part(of_part, holding).values():
+            for u, both in found:
+                out.setdefault(u, both)
         return out
 
     def dedupe(self) -> int:
@@ -216,14 +222,20 @@ class EmbeddedParts:
         (the embedding, features, capture metadata, content id) as the row holds it, but a
         capture time taken from the file's modification time, which is the new file's."""
         wanted = set(rows.values())
-        found: dict[str, pa.Table] = {}
-        for part, uris in sorted(self.by_part.items()):
-            if wanted.isdisjoint(uris):
-                continue
+
+        def of_part(part: str) -> list[tuple[str, pa.Table]]:
             t = storage.read_parquet(part)
-            for i, u in enumerate(t.column("image_uri").to_pylist()):
-                if u in wanted:
-                    found.setdefault(u, t.slice(i, 1))
+            return [
+                (u, t.slice(i, 1))
+                for i, u in enumerate(t.column("image_uri").to_pylist())
+                if u in wanted
+            ]
+
+        holding = sorted(p for p, uris in self.by_part.items() if not wanted.isdisjoint(uris))
+        found: dict[str, pa.Table] = {}
+        for rows_of_part in _each_part(of_part, holding).values():
+            for u, row in rows_of_part:
+                found.setdefault(u, row)
         new = [u for u in rows if rows[u] in found]
         if not new:
             return
@@ -280,6 +292,17 @@ def restamp_written(folder: str, written: dict[str, tuple[storage.Stamp, str]]) 
     if stamps:
         parts.update(set(), stamps)
     return len(stamps)
+
+
+T = TypeVar("T")
+
+
+def _each_part(fn: Callable[[str], T], parts: list[str]) -> dict[str, T]:
+    """``fn`` of each of ``parts``, :data:`_IO_THREADS` at once (a GET each on S3), in order."""
+    if len(parts) < 2:
+        return {p: fn(p) for p in parts}
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        return dict(zip(parts, pool.map(fn, parts), strict=True))
 
 
 def _read_columns(part: str, columns: tuple[str, ...]) -> pa.Table:
