@@ -46,6 +46,7 @@ __all__ = [
     "TIME_SOURCES",
     "Capture",
     "capture_row",
+    "epoch_time",
     "given_capture",
     "read_capture",
 ]
@@ -267,7 +268,7 @@ def read_capture(
         filter(None, (_exif_time(tags, keys, where) for keys in _TIME_KEYS)), None
     )
     if when is None:  # only now: on S3 the modification time costs a HEAD request
-        when = _epoch_time(mtime() if callable(mtime) else mtime, "mtime")
+        when = epoch_time(mtime() if callable(mtime) else mtime, "mtime")
     return Capture(*when, make, model, serial, burst_id, sequence)
 
 
@@ -307,7 +308,7 @@ def given_capture(time: str | float | None, camera: str | None = None) -> Captur
         raise ConfigError(
             f"capture time must be an ISO 8601 string or epoch seconds, got {_shown(time)}"
         )
-    epoch_iso, epoch_ts, time_source = _epoch_time(time, "given")
+    epoch_iso, epoch_ts, time_source = epoch_time(time, "given")
     if epoch_iso is None:
         raise ConfigError(f"capture time {_shown(time)} is not a finite epoch in range")
     return Capture(epoch_iso, epoch_ts, time_source, None, model, None, None, None)
@@ -403,7 +404,7 @@ def _shown(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _epoch_time(seconds: object, time_source: str) -> tuple[str | None, float | None, str]:
+def epoch_time(seconds: object, time_source: str) -> tuple[str | None, float | None, str]:
     """(ISO in UTC, timestamp, time_source) of epoch seconds; (None, None, "none") if unusable."""
     if seconds is None:
         return None, None, "none"

@@ -17,9 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pandas as pd
@@ -27,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from keeper_core import storage
+from keeper_core.capture import epoch_time
 
 #: An errors table of more parts than this is rewritten as one part at the end of a run
 #: (``ErrorRows.compact``): below it, reading the parts costs a plan little.
@@ -122,7 +121,7 @@ class EmbeddedParts:
             ).astype(np.int64)
             return t.column("image_uri").to_pylist(), stamps
 
-        read = _each_part(one, new)
+        read = dict(zip(new, storage.map_in_threads(one, new, _IO_THREADS), strict=True))
         return cls(
             folder,
             {p: read[p][0] if p in read else seen.by_part[p] for p in parts},
@@ -154,7 +153,7 @@ class EmbeddedParts:
 
         holding = [p for p, have in self.by_part.items() if not uris.isdisjoint(have)]
         out: dict[str, tuple[str | None, str | None]] = {}
-        for found in _each_part(of_part, holding).values():
+        for found in storage.map_in_threads(of_part, holding, _IO_THREADS):
             for u, both in found:
                 out.setdefault(u, both)
         return out
@@ -193,8 +192,8 @@ class EmbeddedParts:
         def rewrite(part: str) -> None:
             _rewrite_without(part, touched[part], lambda t: _restamped(t, stamps))
 
-        with ThreadPoolExecutor(REWRITE_THREADS) as pool:
-            list(pool.map(rewrite, touched))  # the first failure raises, once all have ended
+        for _ in storage.map_in_threads(rewrite, touched, REWRITE_THREADS):
+            pass  # a failure raises here, in the parts' order
         removed = 0
         for part, keep in touched.items():
             for i, u in enumerate(self.by_part[part]):
@@ -233,7 +232,7 @@ class EmbeddedParts:
 
         holding = sorted(p for p, uris in self.by_part.items() if not wanted.isdisjoint(uris))
         found: dict[str, pa.Table] = {}
-        for rows_of_part in _each_part(of_part, holding).values():
+        for rows_of_part in storage.map_in_threads(of_part, holding, _IO_THREADS):
             for u, row in rows_of_part:
                 found.setdefault(u, row)
         new = [u for u in rows if rows[u] in found]
@@ -294,17 +293,6 @@ def restamp_written(folder: str, written: dict[str, tuple[storage.Stamp, str]]) 
     return len(stamps)
 
 
-T = TypeVar("T")
-
-
-def _each_part(fn: Callable[[str], T], parts: list[str]) -> dict[str, T]:
-    """``fn`` of each of ``parts``, :data:`_IO_THREADS` at once (a GET each on S3), in order."""
-    if len(parts) < 2:
-        return {p: fn(p) for p in parts}
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
-        return dict(zip(parts, pool.map(fn, parts), strict=True))
-
-
 def _read_columns(part: str, columns: tuple[str, ...]) -> pa.Table:
     """The ``columns`` of ``part`` it has (a column written after the part was: left out)."""
     f = pq.ParquetFile(pa.BufferReader(storage.read_bytes(part)))
@@ -313,19 +301,21 @@ def _read_columns(part: str, columns: tuple[str, ...]) -> pa.Table:
 
 def _file_times(table: pa.Table, mtime_ns: list[int]) -> pa.Table:
     """``table`` with the capture time of each row timed by its file's modification time
-    (``time_source`` "mtime": the photo has no EXIF time) set from ``mtime_ns``, its file's."""
-    if "time_source" not in table.column_names or "mtime" not in table["time_source"].to_pylist():
+    (``time_source`` "mtime": the photo has no EXIF time) set from ``mtime_ns``, its file's, as
+    ``capture.epoch_time`` sets it when the row is made."""
+    sources = table["time_source"].to_pylist() if "time_source" in table.column_names else []
+    if "mtime" not in sources:
         return table
-    by_mtime = [s == "mtime" for s in table["time_source"].to_pylist()]
-    ts = [
-        ns / 1_000_000_000 if m else t
-        for m, ns, t in zip(by_mtime, mtime_ns, table["capture_ts"].to_pylist(), strict=True)
-    ]
-    iso = [
-        datetime.fromtimestamp(t, UTC).isoformat() if m else old
-        for m, t, old in zip(by_mtime, ts, table["capture_time"].to_pylist(), strict=True)
-    ]
-    for col, values in (("capture_ts", ts), ("capture_time", iso)):
+    times = list(
+        zip(table["capture_time"].to_pylist(), table["capture_ts"].to_pylist(), strict=True)
+    )
+    for k, (source, ns) in enumerate(zip(sources, mtime_ns, strict=True)):
+        if source == "mtime":
+            times[k] = epoch_time(ns / 1_000_000_000, "mtime")[:2]
+    for col, values in (
+        ("capture_time", [t[0] for t in times]),
+        ("capture_ts", [t[1] for t in times]),
+    ):
         i = table.column_names.index(col)
         table = table.set_column(i, col, pa.array(values, table.schema.field(col).type))
     return table
