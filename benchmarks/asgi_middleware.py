@@ -40,7 +40,7 @@ import fastapi
 import starlette
 
 # benchmarks/ is sys.path[0] when this runs as a script: embed.py's machine_info.
-from embed import machine_info
+from embed import machine_info, write_record
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Scope
@@ -207,9 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "us_per_request": us,
         "saved_us_per_request": us["base"] - us["asgi"],
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_record(a.out, report)
     return 0
 
 

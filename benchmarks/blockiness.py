@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 
 # benchmarks/ is sys.path[0] when this runs as a script: embed.py's machine description.
-from embed import machine_info
+from embed import machine_info, write_record
 from PIL import Image, JpegImagePlugin
 
 from keeper_core.images import decode_image, image_size
@@ -219,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": speed,
         "separation": sep,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_record(args.out, result)
     return 0
 
 

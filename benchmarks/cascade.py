@@ -87,7 +87,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embed import CpuMonitor, machine_info, make_corpus, read_manifest
+from embed import CpuMonitor, machine_info, make_corpus, read_manifest, write_record
 
 from keeper_core.cascade import NEUTRAL_PROMPT, CascadeConfig, CascadeResult, run_cascade
 from keeper_core.embedding import ClipEmbedder
@@ -734,9 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"NOTE: {RANDOM_NOTE}.")
     print(f"benchmark runtime {report['runtime_s']:.0f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, report)
     return 0
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import json
 import os
 import shutil
 import struct
@@ -53,7 +52,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # embed
 
-from embed import machine_info
+from embed import machine_info, write_record
 
 from keeper_core import storage
 from keeper_core.embedded_xmp import JPEG_XMP_SIGNATURE
@@ -511,8 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_before": load_before,
         "load_avg_after": list(os.getloadavg()),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, record)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 
 # benchmarks/ is sys.path[0] when this runs as a script.
 from blockiness import GRAIN, photos
-from embed import machine_info
+from embed import machine_info, write_record
 from PIL import Image, ImageCms
 
 from keeper_core.color import DISPLAY_P3, rgb_profile
@@ -121,9 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_record(args.out, result)
     return 0
 
 

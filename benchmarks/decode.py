@@ -24,7 +24,6 @@ without CUDA (or without nvImageCodec installed) they are written as "not measur
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -37,7 +36,7 @@ import torch
 
 # benchmarks/ is sys.path[0] when this runs as a script: embed.py's machine description.
 from blockiness import GRAIN, jpeg, photos
-from embed import machine_info
+from embed import machine_info, write_record
 from PIL import Image
 
 from keeper_core.decoders import ENGINES, Decoder, GpuDecoder, PilDecoder, TurboDecoder
@@ -193,9 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_record(args.out, result)
     return 0
 
 

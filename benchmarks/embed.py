@@ -123,6 +123,18 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def write_record(out: str | Path, record: dict[str, Any]) -> Path:
+    """Write a benchmark's result record as indented JSON to ``out`` (its folder made) and say so.
+
+    ``default=float``: numpy scalars (and anything else ``float`` takes) are written as numbers.
+    """
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    print(f"\nwrote {path}")
+    return path
+
+
 def disturbance(cpu: dict[str, Any]) -> float:
     """The share of the CPUs a measurement lost to others: other processes plus the hypervisor's
     steal (a busy host slows a VM's every process alike; 2-25 % of steal was seen here)."""
@@ -896,8 +908,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(spec, r) + "\n")
     report["runtime_s"] = round(time.perf_counter() - t_start, 1)
     print(f"benchmark runtime {report['runtime_s']:.0f}s")
-    save()
-    print(f"wrote {out}")
+    write_record(out, report)
     return 0
 
 

@@ -24,7 +24,6 @@ than it would with overlapped I/O.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # embed
 
-from embed import machine_info
+from embed import machine_info, write_record
 
 from keeper_core.handback import export_keepers
 
@@ -140,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine_info(),
             "rows": rows,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.out, record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -81,7 +81,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from embed import CpuMonitor, machine_info
+from embed import CpuMonitor, machine_info, write_record
 
 CORES = os.cpu_count() or 1
 SERIES_LEN = 4  # synthetic series in the plain loop: batch sizes are multiples of it
@@ -753,8 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     if q:
         print("\n--quick: a smoke run; these figures mean nothing")
     print(f"\nbenchmark runtime {report['runtime_s']:.0f} s")
-    save()
-    print(f"wrote {args.out}")
+    write_record(args.out, report)
     return 0
 
 

@@ -36,7 +36,6 @@ anything is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -54,7 +53,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # change_detection, prune_scale, embed
 
 from change_detection import best, make_library, picture, size_arg
-from embed import machine_info
+from embed import machine_info, write_record
 from prune_scale import MTIME_0, SIZE_DISTS, Trials, draw_sizes, expected_share, size_counts, trial
 
 from keeper_core import storage
@@ -482,9 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_after": list(os.getloadavg()),
     }
     print_tables(record)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_record(args.out, record)
     return 0
 
 

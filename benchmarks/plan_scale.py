@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     # embed.py's description of the machine; imported here, in the parent only: the measured
     # worker processes must not pay for the torch it imports.
-    from embed import machine_info
+    from embed import machine_info, write_record
 
     result = {
         "command": " ".join(
@@ -271,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_record(args.out, result)
     return 0 if all(r["adds_up"] and r["image_opens"] == 0 for r in rows) else 1
 
 

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import shutil
@@ -812,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # embed.py's description of the machine; imported only now: the torch it imports would be
     # in the heap every collection above walked, and plan's driver does not import it.
-    from embed import machine_info
+    from embed import machine_info, write_record
 
     record = {
         "benchmark": "prune_scale",
@@ -844,9 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_after": list(os.getloadavg()),
     }
     print_table(record)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    write_record(args.out, record)
     return 0
 
 

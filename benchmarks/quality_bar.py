@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
@@ -50,7 +49,7 @@ import pandas as pd
 import torch
 
 # benchmarks/ is sys.path[0] when this runs as a script: embed.py's machine description.
-from embed import machine_info
+from embed import machine_info, write_record
 
 from keeper_core.heads import HeadConfig
 from keeper_core.metrics import SeriesMetrics, series_metrics
@@ -592,9 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     results["seconds"] = round(time.perf_counter() - t_start, 1)
     results["table"] = "\n".join(lines)
     print(results["table"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, results)
     return 0
 
 

@@ -92,7 +92,7 @@ import numpy as np
 import torch
 
 # benchmarks/ is sys.path[0] when this runs as a script: embed.py's CpuMonitor and machine_info.
-from embed import CORES, CpuMonitor, machine_info
+from embed import CORES, CpuMonitor, machine_info, write_record
 from pydantic import BaseModel
 
 from keeper_core.embedding import ClipEmbedder
@@ -1005,8 +1005,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     report["runtime_s"] = round(time.perf_counter() - t_start, 1)
     print(f"benchmark runtime {report['runtime_s']:.0f}s")
-    save()
-    print(f"wrote {out}")
+    write_record(out, report)
     return 0
 
 

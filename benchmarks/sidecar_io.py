@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -298,10 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    from embed import write_record  # as machine() does, imported here
+
+    write_record(args.out, record)
     if not identical:
         print("MISMATCH: threaded and one-at-a-time runs differ", file=sys.stderr)
         return 1

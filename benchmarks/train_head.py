@@ -30,7 +30,6 @@ the 1-minute load average at start and end; run it when the load is low.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_bar as qb  # the sibling benchmark: same data, same tuned heads
-from embed import machine_info
+from embed import machine_info, write_record
 
 from keeper_core.heads import make_head
 from keeper_core.training import evaluate, train_epoch
@@ -274,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/keeper-bench/qb"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/train_head.json"))
     args = parser.parse_args(argv)
+    if args.epochs < 2:  # the first epoch is start-up; the steady figures need one more
+        parser.error(f"--epochs must be at least 2 (got {args.epochs}): epoch 1 is timed apart")
     load_start = os.getloadavg()[0]
     cores = os.cpu_count() or 1
 
@@ -364,9 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_end": round(os.getloadavg()[0], 2),
         "table": table,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, results)
     return 0
 
 

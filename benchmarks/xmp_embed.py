@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import shutil
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # embed, sidecar_io
 
-from embed import machine_info
+from embed import machine_info, write_record
 from sidecar_io import picks_frame
 
 from keeper_core.synthetic import load_photos
@@ -158,9 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "machine": machine_info(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
     return 0
 
 
