@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -880,3 +881,74 @@ def test_twins_left_by_a_killed_run_are_copied_by_the_next(
     again = plan(cfg)
     assert (again.todo, again.copied, again.twins) == ([], 2, {})
     assert set(table_rows(dst)) == {*p.todo, *p.twins}
+
+
+def fail(dst: Path, p: embed.Plan, uris: list[str]) -> None:
+    """What the pipeline writes for ``uris`` that do not decode: one part, each with its stamp."""
+    rows = [
+        embed._failure(u, p.run_id, "decode", "corrupt", DataError("truncated"), retryable=False)
+        for u in uris
+    ]
+    stamps = {
+        "image_uri": np.array(uris, dtype=object),
+        **{
+            c: np.array([p.stamps[u][k] for u in uris], dtype=np.int64)
+            for k, c in enumerate(table_mod.STAMP_COLUMNS)
+        },
+    }
+    embed.write_errors(str(dst / embed.ERRORS), rows, stamps=stamps)
+
+
+def test_a_retried_failure_is_counted_whatever_part_it_lands_in(tmp_path: Path) -> None:
+    """Two attempts at one file within a second: the errors table keeps the later one (its time
+    is to the microsecond), not the one in the larger part, so the run's failure is counted."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    bad = jpeg((9, 9, 9))[:-300]
+    for name in ("w.jpg", "x.jpg"):
+        (lib / name).write_bytes(bad + name.encode())  # two corrupt files, not copies
+    dst = tmp_path / "out"
+    cfg = EmbedConfig(input=str(lib), output=str(dst), model=SPEC)
+    p = plan(cfg)
+    fail(dst, p, p.todo)  # one part of two rows
+    assert summarise(cfg, p, Execution(tallies=[]), time.perf_counter()).counts.failed == 2
+    later(lib / "x.jpg")  # its stamp changed: attempted again, alone, within the same second
+    p = plan(cfg)
+    assert p.todo == [str(lib / "x.jpg")]
+    fail(dst, p, p.todo)
+    c = summarise(cfg, p, Execution(tallies=[]), time.perf_counter()).counts
+    assert (c.attempted, c.failed, c.lost) == (1, 1, 0)
+    rows = storage.read_parquet(str(dst / embed.ERRORS)).to_pylist()
+    x = [r for r in rows if r["image_uri"] == str(lib / "x.jpg")]
+    assert [r["run_id"] for r in x] == [p.run_id]
+    assert x[0]["file_mtime_ns"] == (lib / "x.jpg").stat().st_mtime_ns
+
+
+def test_a_twin_failing_where_it_failed_before_is_counted(tmp_path: Path) -> None:
+    """A corrupt file that failed alone gets a copy named before it and is touched: the copy is
+    attempted, the file is its twin, and the twin's failure replaces its earlier one (a part of
+    the same name), which the run must read back, not the part as the plan saw it."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    bad = jpeg((9, 9, 9))[:-300]
+    (lib / "b.jpg").write_bytes(bad)
+    dst = tmp_path / "out"
+    cfg = EmbedConfig(input=str(lib), output=str(dst), model=SPEC)
+    p = plan(cfg)
+    fail(dst, p, p.todo)
+    summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+    (lib / "a.jpg").write_bytes(bad)
+    later(lib / "b.jpg")
+    p = plan(cfg)
+    assert (p.todo, {t: w.of for t, w in p.twins.items()}) == (
+        [str(lib / "a.jpg")],
+        {str(lib / "b.jpg"): str(lib / "a.jpg")},
+    )
+    fail(dst, p, p.todo)
+    c = summarise(cfg, p, Execution(tallies=[]), time.perf_counter()).counts
+    assert (c.attempted, c.failed, c.twins, c.lost) == (2, 2, 1, 0)
+    rows = storage.read_parquet(str(dst / embed.ERRORS)).to_pylist()
+    assert sorted((r["image_uri"], r["run_id"]) for r in rows) == [
+        (str(lib / "a.jpg"), p.run_id),
+        (str(lib / "b.jpg"), p.run_id),
+    ]

@@ -647,8 +647,8 @@ def check_table_meta(
     storage.write_bytes(meta_uri, json.dumps(meta, indent=2).encode())
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+def _now(timespec: str = "seconds") -> str:
+    return datetime.now(UTC).isoformat(timespec=timespec)
 
 
 def _part_name(uris: Sequence[str]) -> str:
@@ -936,9 +936,10 @@ def _stamps(batch: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, np.n
 
 def write_errors(
     errors_dir: str, rows: list[dict[str, Any]], *, stamps: dict[str, np.ndarray] | None = None
-) -> None:
+) -> str | None:
     """Failure rows (``_failure``'s) as one part of the errors table; nothing when none. With
-    ``stamps`` (the input batch), each row gets its file's listed stamp."""
+    ``stamps`` (the input batch), each row gets its file's listed stamp. Returns the part written
+    (named by its URIs: it replaces a part of the same URIs, an earlier attempt's)."""
     if rows and stamps is not None and STAMP_COLUMNS[0] in stamps:
         at = {str(u): i for i, u in enumerate(stamps["image_uri"])}
         for r in rows:
@@ -946,11 +947,12 @@ def write_errors(
             for c in STAMP_COLUMNS:
                 v = int(stamps[c][i]) if i is not None else -1
                 r[c] = v if v >= 0 else None
-    if rows:
-        table = pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
-        storage.write_parquet(
-            table, storage.join(errors_dir, _part_name(table["image_uri"].to_pylist()))
-        )
+    if not rows:
+        return None
+    table = pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA)
+    part = storage.join(errors_dir, _part_name(table["image_uri"].to_pylist()))
+    storage.write_parquet(table, part)
+    return part
 
 
 def _no_mtime() -> float | None:
@@ -1005,7 +1007,9 @@ def _failure(
         "error": error,
         "retryable": retryable,
         "run_id": run_id,
-        "at": _now(),
+        # to the microsecond: the errors table keeps a URI's latest attempt by it, and two
+        # attempts within one second (a killed run's, then the next run's) must not tie
+        "at": _now("microseconds"),
     }
 
 
@@ -1785,8 +1789,10 @@ def copy_twins(
         if (r := failed.get(o)) is not None
     ]
     if twin_failures:
-        write_errors(errors.folder, twin_failures)
-        errors = ErrorRows.read(errors.folder, known=errors)
+        # read again: the part may replace one of the same twins' earlier failures, as read
+        written = write_errors(errors.folder, twin_failures)
+        known = {k: df for k, df in errors.by_part.items() if k != written}
+        errors = ErrorRows.read(errors.folder, known=ErrorRows(errors.folder, known))
     return set(copied), errors
 
 
