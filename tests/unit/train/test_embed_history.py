@@ -39,6 +39,7 @@ from support_jpeg import set_rating_as_a_tool_does
 from keeper_core import storage
 from keeper_core.embedded_xmp import content_digest
 from keeper_core.errors import DataError
+from keeper_train import table as table_mod
 from keeper_train.jobs import embed
 from keeper_train.jobs.embed import EmbedConfig, Execution, Plan, plan, summarise
 
@@ -96,8 +97,14 @@ class Library:
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
 
     def _fresh(self) -> bytes:
+        """A new picture: a JPEG, or now and then a PNG (hashed whole: no metadata left out)."""
         self.pictures += 1
-        return picture(self.pictures)
+        data = picture(self.pictures)
+        if self.rng.random() < 0.2:
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(data)).save(buf, "PNG")
+            data = buf.getvalue()
+        return data
 
     def step(self) -> None:
         """One thing a person or a photo tool does."""
@@ -271,6 +278,8 @@ def test_every_run_leaves_one_row_per_file_made_from_what_it_holds(
             return real(uri, *a, **kw)
 
         monkeypatch.setattr(storage, name, counting)
+    if seed % 4 == 1:  # the errors table compacted whenever it has more than two parts
+        monkeypatch.setattr(table_mod, "COMPACT_OVER", 2)
     for _ in range(4):
         lib.step()
     for run in range(8):
