@@ -79,7 +79,9 @@ def test_symlinked_sidecar_is_written_through_to_its_target(tmp_path: Path) -> N
     link.symlink_to(Path("..") / "store" / "IMG_1.xmp")
     assert write_sidecar(str(link), rating=3, label="Green").changed
     assert link.is_symlink()  # still the user's link...
-    assert read_sidecar(str(store))["Xmp.keeper.xmp"] == "3|Green"  # ...and its target the pick
+    fields = read_sidecar(str(store))  # ...and its target the pick: keeper's label, and the
+    assert fields["Xmp.keeper.xmp"] == "|Green"  # rating darktable held (a person's) left there
+    assert fields["Xmp.xmp.Label"] == "Green"
     assert list(tmp_path.rglob("*.tmp")) == []
 
 

@@ -2,7 +2,7 @@
 
 A photographer rates in Lightroom or darktable, before keeper runs or after; ``keeper pick
 --xmp beside`` then merges into those sidecars. ``keeper:xmp`` records the rating and label
-keeper chose, so a value that differs from it (or one there before keeper ever wrote) is a
+keeper last set, so a value that differs from it (or one there before keeper ever wrote) is a
 person's.
 """
 
@@ -48,7 +48,7 @@ def test_a_persons_rating_and_label_from_before_keeper_stay(tmp_path: Path) -> N
     assert _values(path) == ("5", "Purple")
     fields = read_sidecar(str(path))
     assert fields["Xmp.keeper.decision"] == "reject"  # keeper's view is still written
-    assert fields["Xmp.keeper.xmp"] == "-1|"
+    assert fields["Xmp.keeper.xmp"] == "|"  # keeper set neither: both are the person's
     # Re-running changes nothing and still says whose values these are.
     again = write_sidecar(str(path), rating=-1, label=None, keeper_fields={"decision": "reject"})
     assert again == SidecarWrite(changed=False, kept=("rating", "label"))
@@ -72,6 +72,21 @@ def test_a_rating_changed_after_keeper_wrote_it_stays_and_the_label_still_follow
 
     assert result.kept == ("rating",)
     assert _values(path) == ("5", "Red")
+
+
+def test_a_persons_rating_stays_after_a_run_that_chose_the_same(tmp_path: Path) -> None:
+    """keeper once chooses what the person gave: the rating is still the person's, and a later
+    run choosing otherwise leaves it (the record keeps what keeper last set, not its choice)."""
+    path = tmp_path / "IMG_1.xmp"
+    write_sidecar(str(path), rating=3, label="Green")
+    _edit(path, 'xmp:Rating="3"', 'xmp:Rating="5"')
+    assert write_sidecar(str(path), rating=5, label="Green") == SidecarWrite(False, ("rating",))
+    assert write_sidecar(str(path), rating=1, label="Red").kept == ("rating",)
+    assert _values(path) == ("5", "Red")
+    assert read_sidecar(str(path))["Xmp.keeper.xmp"] == "3|Red"
+    _edit(path, 'xmp:Rating="5"', 'xmp:Rating="3"')  # handed back: keeper's own value again
+    assert write_sidecar(str(path), rating=1, label="Red").kept == ()
+    assert _values(path) == ("1", "Red")
 
 
 def test_a_label_removed_by_a_person_is_not_put_back(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ folder of their own, under the same relative paths they had under the input root
 Sidecars are written with pyexiv2 (the exiv2 library). An existing sidecar is merged:
 keeper's own namespace (:data:`KEEPER_NS`, prefix ``keeper``) changes, every other field stays,
 and ``xmp:Rating`` / ``xmp:Label`` change only where keeper set them (``keeper:xmp`` records what
-it chose): a rating or label a person gave in a photo tool is theirs, and stays
+it last set them to): a rating or label a person gave in a photo tool is theirs, and stays
 (:func:`merge_packet`, the one merge of a sidecar and of a JPEG's own packet). Writes are
 atomic (:func:`storage.write_bytes`), and a sidecar whose content would not change is not
 rewritten, so re-runs leave its mtime alone (Lightroom takes a newer sidecar for an outside edit).
@@ -426,11 +426,14 @@ def write_sidecar(
     darktable history, camera EXIF). keeper owns its own namespace: keeper fields not in
     ``keeper_fields`` are removed, so it says what this run decided whatever an earlier run
     wrote. ``xmp:Rating`` and ``xmp:Label`` (``label=None``: no label) are keeper's only where
-    it set them: ``keeper:xmp`` records the rating and label keeper chose, and a sidecar holding
-    other values holds a person's (stars or a colour given in Lightroom after, or before, keeper
-    ran; a removed one too), which stay unless ``overwrite_ratings``. A sidecar without that
-    record takes keeper's values where it has none of its own; one an older keeper wrote (its
-    fields, no record) counts as keeper's. ``keeper:xmp`` always holds this run's choice.
+    it set them: ``keeper:xmp`` records the rating and label keeper last set them to, and a
+    sidecar holding other values holds a person's (stars or a colour given in Lightroom after,
+    or before, keeper ran; a removed one too), which stay unless ``overwrite_ratings``. A sidecar
+    without that record takes keeper's values where it has none of its own; one an older keeper
+    wrote (its fields, no record) counts as keeper's. Where a person's value stays, the record
+    keeps what keeper set there before (an empty part: nothing), not this run's choice: else a
+    run whose choice happened to equal the person's value would make it keeper's, and the next
+    run would replace it. A person who puts keeper's value back hands the field back.
     Writing the same values again leaves the file as it is (same bytes, same mtime). A local
     sidecar that is a symlink is written through to its target; a rewritten one keeps its
     permissions (and, run as root, its owner); a read-only one is refused.
@@ -525,7 +528,8 @@ def merge_packet(
 
     keeper's namespace is replaced by ``choice.fields``; ``xmp:Rating`` and ``xmp:Label`` change
     only where keeper owns them (:func:`keeper_owns`), or everywhere with ``overwrite_ratings``;
-    ``keeper:xmp`` records the choice; every other field stays. The result is exiv2's own
+    ``keeper:xmp`` records what keeper set each of them to (:func:`write_sidecar`); every other
+    field stays. The result is exiv2's own
     layout of the packet (its fixed point), so merging it again gives the same bytes; a packet
     that already holds every field the merge would give (in another tool's layout) is ``old``.
 
@@ -585,12 +589,30 @@ def _xmp_values(
     """keeper's changes to ``xmp:Rating`` / ``xmp:Label`` and its record (None removes a field):
     each field keeper owns (:func:`keeper_owns`), or every one when ``overwrite``. A field left
     out of the result is a person's, and stays."""
-    rating_text = str(int(rating))
-    out: dict[str, str | None] = {RECORD_KEY: f"{rating_text}|{label or ''}"}
-    for key, value in ((RATING_KEY, rating_text), (LABEL_KEY, label)):
+    prior = _record(fields)
+    out: dict[str, str | None] = {RECORD_KEY: None}
+    record: list[str] = []
+    for i, (key, value) in enumerate(((RATING_KEY, str(int(rating))), (LABEL_KEY, label))):
         if overwrite or keeper_owns(fields, key):
             out[key] = value
+            record.append(value or "")
+        else:
+            # A person's value stays, and the record keeps what keeper last set the field to
+            # (nothing, if it never did): recording this run's choice instead would make the
+            # person's value keeper's the day the two agree, and the next run would replace it.
+            record.append(prior[i] if prior is not None else "")
+    out[RECORD_KEY] = "|".join(record)
     return out
+
+
+def _record(fields: Mapping[str, XmpValue]) -> tuple[str, str] | None:
+    """The rating and label keeper last set (``keeper:xmp``, ``"RATING|LABEL"``; an empty part:
+    keeper set none there), or None where there is no readable record."""
+    record = fields.get(RECORD_KEY)
+    if isinstance(record, str) and "|" in record:
+        rating, _, label = record.partition("|")
+        return rating, label
+    return None
 
 
 def keeper_owns(fields: Mapping[str, XmpValue], key: str) -> bool:
@@ -603,14 +625,14 @@ def keeper_owns(fields: Mapping[str, XmpValue], key: str) -> bool:
     a record). Anything else a person set, in a photo tool, before keeper ran or since.
     """
     now = fields.get(key)
-    record = fields.get(RECORD_KEY)
-    if isinstance(record, str) and "|" in record:
-        rating, _, label = record.partition("|")
+    record = _record(fields)
+    if record is not None:
+        rating, label = record
         text = now if isinstance(now, str) else ""
         if key == RATING_KEY:
             return _same_number(text, rating)  # a tool that rewrote "3" as "3.0" changed nothing
         return text == label
-    if record is not None:
+    if fields.get(RECORD_KEY) is not None:
         return now is None
     return now is None or holds_keepers_fields(fields)
 

@@ -50,7 +50,7 @@ when the sidecar still holds keeper's own rating (``keeper_owns``): Lightroom wr
 TIFF's or DNG's rating into the file and never reads its sidecar, so beside keeper's untouched
 sidecar the file's rating, where it has one, is the person's (counted in ``in_file``). A rating
 in a file is read by the sidecars' rule (``keeper_owns``): keeper writes into a file only with
-``keeper pick --xmp embed``, and then records its choice beside it (``keeper:xmp``), so a rating
+``keeper pick --xmp embed``, and then records what it set beside it (``keeper:xmp``), so a rating
 still equal to that record is keeper's, and one changed since (in Lightroom) is the person's.
 Every other rating in a file is a person's, in a photo tool or in camera (cameras write
 ``xmp:Rating`` into a JPEG's XMP): an in-camera rating counts as a rating given before keeper
