@@ -1,9 +1,10 @@
-"""A sidecar over many keeper runs and a photographer's edits between them, at random.
+"""A sidecar, or the XMP inside a JPEG (``--xmp embed``), over many keeper runs and a
+photographer's edits between them, at random.
 
 Seeded histories (``KEEPER_HISTORIES=400`` runs more): keeper writes its rating, label and fields
 (now and then with ``overwrite_ratings``); between runs a person rates, labels, takes a rating
-or label away, puts keeper's own value back, adds a keyword, or deletes the sidecar, through
-exiv2 as a photo tool does. A model that knows only who last set each field says what every run
+or label away, puts keeper's own value back, adds a keyword, or deletes the sidecar (for a
+JPEG: a new photo in its place), through exiv2 as a photo tool does. A model that knows only who last set each field says what every run
 must leave:
 
 - a rating or label a person set stays, whatever keeper chooses, however often, unless
@@ -20,10 +21,14 @@ import os
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support_jpeg import camera_jpeg, insert_segment, segments, xmp_segment
 
-from keeper_core.handback import read_sidecar, write_sidecar
+from keeper_core.embedded_xmp import read_embedded_xmp
+from keeper_core.handback import SidecarWrite, read_sidecar, write_sidecar
+from keeper_core.jpeg_xmp import write_jpeg_xmp
 
 RATING, LABEL, KEYWORDS = "Xmp.xmp.Rating", "Xmp.xmp.Label", "Xmp.dc.subject"
 LABELS = (None, "Red", "Green", "Yellow")
@@ -42,11 +47,47 @@ def tool(path: Path, changes: dict[str, object]) -> None:
 def remove(path: Path, key: str) -> None:
     """A person taking a rating or label away: the attribute is gone from the packet (pyexiv2's
     ``modify_xmp({key: None})`` does not reliably remove ``xmp:Rating``)."""
-    name = key.removeprefix("Xmp.xmp.")
-    text = path.read_text(encoding="utf-8")
-    new = re.sub(rf'\s+xmp:{name}="[^"]*"', "", text)
-    assert new != text, text
-    path.write_text(new, encoding="utf-8")
+    pattern = rf'\s+xmp:{key.removeprefix("Xmp.xmp.")}="[^"]*"'
+    data = path.read_bytes()
+    if path.suffix == ".xmp":
+        new = re.sub(pattern.encode(), b"", data)
+    else:  # the packet inside a JPEG: its segment rebuilt, every other segment as it was
+        others, packets, scans = segments(data)
+        (packet,) = packets
+        rest = b"\xff\xd8" + b"".join(others) + scans
+        new = insert_segment(rest, xmp_segment(re.sub(pattern.encode(), b"", packet)))
+    assert new != data
+    path.write_bytes(new)
+
+
+class Target:
+    """Where keeper writes: a sidecar (``--xmp beside``) or the JPEG itself (``--xmp embed``)."""
+
+    def __init__(self, tmp_path: Path, mode: str) -> None:
+        self.mode = mode
+        self.path = tmp_path / ("IMG_0001.xmp" if mode == "sidecar" else "IMG_0001.JPG")
+        self.photos = 0
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def fresh(self) -> None:
+        """No sidecar (deleted), or a new photo with no packet in its place."""
+        if self.mode == "sidecar":
+            self.path.unlink(missing_ok=True)
+        else:
+            self.photos += 1
+            self.path.write_bytes(camera_jpeg(seed=self.photos))
+
+    def write(self, **kw: Any) -> SidecarWrite:
+        if self.mode == "sidecar":
+            return write_sidecar(str(self.path), **kw)
+        return write_jpeg_xmp(str(self.path), **kw)
+
+    def read(self) -> dict[str, Any]:
+        if self.mode == "sidecar":
+            return read_sidecar(str(self.path))
+        return read_embedded_xmp(str(self.path)) or {}
 
 
 class Field:
@@ -72,30 +113,33 @@ class Field:
             self.value, self.keepers, self.by = choice, choice, "keeper"
 
 
+@pytest.mark.parametrize("mode", ["sidecar", "jpeg"])
 @pytest.mark.parametrize("seed", range(SEEDS))
-def test_a_persons_rating_and_label_survive_every_run(seed: int, tmp_path: Path) -> None:
+def test_a_persons_rating_and_label_survive_every_run(seed: int, mode: str, tmp_path: Path) -> None:
     rng = random.Random(seed)
-    path = tmp_path / "IMG_0001.xmp"
+    target = Target(tmp_path, mode)
+    target.fresh()
+    path = target.path
     rating, label = Field(RATING), Field(LABEL)
     keywords: list[str] = []
     log: list[str] = []
     for step in range(30):
         history = "\n".join(log)
-        if not path.exists() or rng.random() < 0.45:  # a keeper run
+        if not target.exists() or rng.random() < 0.45:  # a keeper run
             choice = (str(rng.randint(-1, 5)), rng.choice(LABELS))
             overwrite = rng.random() < 0.1
             fields = {"decision": rng.choice(["keep", "alternate", "reject"]), "rank": str(step)}
-            write_sidecar(
-                str(path),
-                rating=int(choice[0]),
-                label=choice[1],
-                keeper_fields=fields,
-                overwrite_ratings=overwrite,
-            )
+            kw: dict[str, Any] = {
+                "rating": int(choice[0]),
+                "label": choice[1],
+                "keeper_fields": fields,
+                "overwrite_ratings": overwrite,
+            }
+            target.write(**kw)
             rating.keeper_run(choice[0], overwrite)
             label.keeper_run(choice[1], overwrite)
             log.append(f"keeper {choice} overwrite={overwrite}")
-            now = read_sidecar(str(path))
+            now = target.read()
             assert (now.get(RATING), now.get(LABEL)) == (rating.value, label.value), history
             assert now.get(KEYWORDS, []) == keywords, history
             assert {k: v for k, v in now.items() if k.startswith("Xmp.keeper.")} == {
@@ -103,14 +147,7 @@ def test_a_persons_rating_and_label_survive_every_run(seed: int, tmp_path: Path)
                 "Xmp.keeper.xmp": now["Xmp.keeper.xmp"],
             }, history
             before = path.read_bytes()
-            again = write_sidecar(
-                str(path),
-                rating=int(choice[0]),
-                label=choice[1],
-                keeper_fields=fields,
-                overwrite_ratings=overwrite,
-            )
-            assert not again.changed, history
+            assert not target.write(**kw).changed, history  # the same run again: nothing
             assert path.read_bytes() == before, history
             continue
         what = rng.choice(["rate", "rate", "label", "unrate", "unlabel", "back", "keyword", "rm"])
@@ -134,8 +171,8 @@ def test_a_persons_rating_and_label_survive_every_run(seed: int, tmp_path: Path)
         elif what == "keyword":
             keywords.append(f"kw{step}")
             tool(path, {KEYWORDS: list(keywords)})
-        elif what == "rm":  # the sidecar deleted: a photo never rated, never culled
-            path.unlink()
+        elif what == "rm":  # the sidecar deleted (a photo never culled), or a new photo
+            target.fresh()
             rating, label, keywords = Field(RATING), Field(LABEL), []
         else:
             continue
