@@ -4,8 +4,8 @@ photographer's edits between them, at random.
 Seeded histories (``KEEPER_HISTORIES=400`` runs more): keeper writes its rating, label and fields
 (now and then with ``overwrite_ratings``); between runs a person rates, labels, takes a rating
 or label away, puts keeper's own value back, adds a keyword, or deletes the sidecar (for a
-JPEG: a new photo in its place), through exiv2 as a photo tool does. A model that knows only who last set each field says what every run
-must leave:
+JPEG: a new photo in its place), through exiv2 as a photo tool does. A model that knows only
+who last set each field says what every run must leave:
 
 - a rating or label a person set stays, whatever keeper chooses, however often, unless
   ``overwrite_ratings`` (a person's value equal to what keeper last set is keeper's again: the
