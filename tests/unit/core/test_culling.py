@@ -144,3 +144,25 @@ def test_a_shot_without_pixels_hashed_is_never_a_near_duplicate() -> None:
     assert pd.isna(by.loc["/lib/export/web.jpg", "duplicate_kind"])
     assert by.loc["/lib/export/s0_1.jpg", "duplicate_kind"] == "exact"
     assert (p.picks["duplicate_kind"] == "near").sum() == 0
+
+
+def test_a_copy_of_an_export_points_at_the_photo_that_stays_in_competition() -> None:
+    """A byte copy of a resized export: its mark points at the export (exact), the export's at
+    the photo (near). The picks name the photo, and call the copy a near duplicate of it: what
+    it is to the photo, whose pixels it does not share."""
+    df = frame()
+    export = df[df["image_uri"] == "/lib/export/web.jpg"].iloc[0]
+    df = pd.concat([df, export.to_frame().T.assign(image_uri="/lib/export/web copy.jpg")])
+    df = df.reset_index(drop=True).infer_objects()
+    p = cull(df, scorer=None, grouping=GroupingConfig(near_duplicate_similarity=0.95)).picks
+    by = p.set_index("image_uri")
+    original = int(np.flatnonzero(p["image_uri"] == "/lib/A/s2_0.jpg")[0])
+    for uri in ("/lib/export/web.jpg", "/lib/export/web copy.jpg"):
+        assert int(by.loc[uri, "duplicate_of"]) == original, uri
+        assert by.loc[uri, "duplicate_kind"] == "near", uri
+        assert by.loc[uri, "reasons"][0].startswith("near duplicate of s2_0.jpg (cosine"), uri
+        assert by.loc[uri, "decision"] == "reject"
+    table = picks_table(p).to_pylist()
+    assert {r["image_uri"]: r["duplicate_of"] for r in table}["/lib/export/web copy.jpg"] == (
+        "/lib/A/s2_0.jpg"
+    )

@@ -216,9 +216,20 @@ def _duplicate_roots(frame: pd.DataFrame, who: str) -> np.ndarray:
             f"rows {bad[:_MAX_LISTED].tolist()} are not",
             rows=bad.tolist(),
         )
+    return duplicate_roots(dup, who)
+
+
+def duplicate_roots(dup: np.ndarray, who: str = "duplicate_of") -> np.ndarray:
+    """Marks (-1, or another row's position) followed to the row each chain ends at: the copy
+    that stays in competition (an export marked near a byte copy, itself marked exact to the
+    photo, reaches the photo).
+
+    Raises:
+        DataError: the marks form a cycle.
+    """
     root = dup.copy()
     # Each pass moves every chain one link on; a chain longer than n rows is a cycle.
-    for _ in range(n + 1):
+    for _ in range(len(dup) + 1):
         nxt = np.where(root >= 0, dup[np.maximum(root, 0)], -1)
         step = (root >= 0) & (nxt >= 0)
         if not step.any():
