@@ -293,7 +293,7 @@ def cull(
     raw = np.array([u.lower().endswith(RAW_SUFFIXES) for u in uris], dtype=np.float64)
     prefer = df["width"].to_numpy(np.float64) * df["height"].to_numpy(np.float64) + raw * 1e15
     dup_of, kind = mark_duplicates(df, emb, groups, grouping, prefer=prefer)
-    dup_of, kind = _to_roots(dup_of, kind)
+    dup_of, kind = follow_marks(dup_of, kind)
     seconds["group"] = time.perf_counter() - t0
 
     # Group order, then capture time, then URI: each group's rows together, as scorers want.
@@ -342,11 +342,12 @@ def cull(
     return CullResult(df, label, seconds, copy_timed=int((copies >= 0).sum()))
 
 
-def _to_roots(dup_of: np.ndarray, kind: list[str | None]) -> tuple[np.ndarray, list[str | None]]:
+def follow_marks(dup_of: np.ndarray, kind: list[str | None]) -> tuple[np.ndarray, list[str | None]]:
     """Marks that point at a row itself marked (an export near a byte copy of the photo; a byte
     copy of a row that is a near duplicate of a third) followed to the row at the chain's end,
     the one that stays in competition: what ``duplicate_of`` is documented to name, and what the
-    reasons name. A chain with a near link is a near duplicate of that row, not a copy of it."""
+    reasons name. A chain with a near link is a near duplicate of that row, not a copy of it.
+    ``keeper pick`` and ``keeper dedup`` both report marks so."""
     root = duplicate_roots(dup_of, "cull")
     kind = list(kind)
     for i in np.flatnonzero((root >= 0) & (root != dup_of)):

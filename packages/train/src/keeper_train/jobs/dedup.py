@@ -49,7 +49,7 @@ from keeper_core.contact_sheet import (
     write_contact_sheet,
 )
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
-from keeper_core.culling import mark_duplicates
+from keeper_core.culling import follow_marks, mark_duplicates
 from keeper_core.errors import ConfigError, DataError, KeeperError
 from keeper_core.grouping import GroupingConfig
 from keeper_core.images import decode_image, read_image_bytes
@@ -268,11 +268,10 @@ def group_frame(
 ) -> pd.DataFrame:
     """One row per member of a group of two or more, largest groups first.
 
-    An exact copy may point at a row that is itself a near duplicate: its group is that row's.
+    An exact copy may point at a row that is itself a near duplicate: its group is that row's,
+    and it is a near duplicate of the row kept (:func:`keeper_core.culling.follow_marks`).
     """
-    head = dup_of.copy()
-    hop = (head >= 0) & (dup_of[np.maximum(head, 0)] >= 0)
-    head[hop] = dup_of[head[hop]]
+    head, kind = follow_marks(dup_of, kind)
     head = np.where(head >= 0, head, np.arange(len(df)))
     in_group = head != np.arange(len(df))
     in_group[head[in_group]] = True  # a kept image with at least one copy
