@@ -4,7 +4,8 @@ Random histories (seeded, so a failure replays; ``KEEPER_HISTORIES=400`` runs mo
 runs, files are added, copied (times kept or reset), moved, swapped, saved over with other
 pictures or with another file's bytes, cut short (undecodable), rated by exiv2 (XMP saved into
 the file), touched and deleted, and folders are renamed; names from a small pool come round
-again; some runs are killed after writing part of their rows. After every run that finishes,
+again; some runs are killed: in the pipeline after writing part of their rows, or at a write or
+delete of the table while planning or summing up (before it, or just after). After every run that finishes,
 whatever happened before it:
 
 - every file listed has exactly one row, made from the content it holds now (``content_id``), with
@@ -181,6 +182,39 @@ class Library:
         self.log.append(f"{op} {what} -> {dest.relative_to(self.root) if dest else ''}")
 
 
+class Killed(BaseException):
+    """The process killed (``kill -9``) between two writes: nothing after it runs."""
+
+
+class Kills:
+    """Kills a run at its ``n``-th write or delete of the table (before it, or just after)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.left: int | None = None
+        self.after = False
+        self.fired = False
+        for name in ("write_parquet", "write_bytes", "delete"):
+            real = getattr(storage, name)
+
+            def wrapped(*a: Any, real: Any = real, **kw: Any) -> Any:
+                if self.left is not None:
+                    self.left -= 1
+                    if self.left == 0:
+                        self.left, self.fired = None, True
+                        if self.after:
+                            real(*a, **kw)
+                        raise Killed
+                return real(*a, **kw)
+
+            monkeypatch.setattr(storage, name, wrapped)
+
+    def arm(self, rng: random.Random) -> None:
+        self.left, self.after, self.fired = rng.randint(1, 3), rng.random() < 0.5, False
+
+    def disarm(self) -> None:
+        self.left = None
+
+
 def decodes(data: bytes) -> bool:
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -282,15 +316,32 @@ def test_every_run_leaves_one_row_per_file_made_from_what_it_holds(
         monkeypatch.setattr(table_mod, "COMPACT_OVER", 2)
     for _ in range(4):
         lib.step()
-    for run in range(8):
+    kills = Kills(monkeypatch)
+    for run in range(10):
         history = "\n".join(lib.log)
-        p = plan(cfg)
-        if rng.random() < 0.2:  # killed mid-pipeline: some parts written, no summary
+        if rng.random() < 0.1:  # killed while planning: rows removed or copied, parts deduped
+            kills.arm(rng)
+        try:
+            p = plan(cfg)
+        except Killed:
+            lib.log.append(f"(run {run} killed in plan)")
+            continue
+        finally:
+            kills.disarm()
+        if rng.random() < 0.15:  # killed mid-pipeline: some parts written, no summary
             pipeline(dst, p, p.todo[: rng.randrange(len(p.todo) + 1)], run)
-            lib.log.append(f"(run {run} killed)")
+            lib.log.append(f"(run {run} killed in the pipeline)")
             continue
         pipeline(dst, p, p.todo, run)
-        s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+        if rng.random() < 0.25:  # killed while summing up: twins, errors cleared, compaction
+            kills.arm(rng)
+        try:
+            s = summarise(cfg, p, Execution(tallies=[]), time.perf_counter())
+        except Killed:
+            lib.log.append(f"(run {run} killed in summarise)")
+            continue
+        finally:
+            kills.disarm()
         c = s.counts
         assert c.lost == 0, history
         assert c.in_ == len(lib.files()) == c.attempted + c.skipped, history
