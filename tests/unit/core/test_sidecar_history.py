@@ -12,6 +12,7 @@ who last set each field says what every run must leave:
   file cannot tell them apart, and that is how a person hands a photo back);
 - one keeper set, or none at all, follows keeper's choice;
 - a person's keyword stays; keeper's own fields are this run's;
+- ``keeper feedback-from-xmp`` reads a rating as a person's exactly where it is one;
 - the same run again writes nothing (same bytes).
 """
 
@@ -29,6 +30,7 @@ from support_jpeg import camera_jpeg, insert_segment, segments, xmp_segment
 from keeper_core.embedded_xmp import read_embedded_xmp
 from keeper_core.handback import SidecarWrite, read_sidecar, write_sidecar
 from keeper_core.jpeg_xmp import write_jpeg_xmp
+from keeper_train.jobs.xmp_feedback import parse_rating
 
 RATING, LABEL, KEYWORDS = "Xmp.xmp.Rating", "Xmp.xmp.Label", "Xmp.dc.subject"
 LABELS = (None, "Red", "Green", "Yellow")
@@ -141,6 +143,9 @@ def test_a_persons_rating_and_label_survive_every_run(seed: int, mode: str, tmp_
             log.append(f"keeper {choice} overwrite={overwrite}")
             now = target.read()
             assert (now.get(RATING), now.get(LABEL)) == (rating.value, label.value), history
+            # and feedback-from-xmp reads a rating as a person's exactly where it stayed one
+            person = rating.by == "person" and rating.value is not None
+            assert parse_rating(now)[1] == person, history
             assert now.get(KEYWORDS, []) == keywords, history
             assert {k: v for k, v in now.items() if k.startswith("Xmp.keeper.")} == {
                 **{f"Xmp.keeper.{k}": v for k, v in fields.items()},
