@@ -36,7 +36,9 @@ def _get(url: str, token: str | None) -> tuple[int, dict[str, object]]:
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
+        # A bound, not a speed check: the first call after /healthz answers may wait while the
+        # replicas behind it finish starting (over 10 s on a loaded 2-core CI machine).
+        with urllib.request.urlopen(req, timeout=60) as r:
             status, body = r.status, r.read()
     except urllib.error.HTTPError as e:
         status, body = e.code, e.read()

@@ -11,8 +11,8 @@ What changes is the file's standard XMP segment (APP1 ``http://ns.adobe.com/xap/
 nothing else. Its packet is merged by the sidecars' rules, with their code
 (:func:`keeper_core.handback.merge_packet`): keeper's namespace replaced, a person's
 ``xmp:Rating`` / ``xmp:Label`` kept unless ``overwrite_ratings``, ``keeper:xmp`` recording
-what keeper set them to, every other field kept. exiv2 only merges the packet and never writes the file
-(writing a JPEG, it rebuilds the EXIF segment from what it parsed, and it does not know
+what keeper set them to, every other field kept. exiv2 only merges the packet and never writes
+the file (writing a JPEG, it rebuilds the EXIF segment from what it parsed, and it does not know
 multi-picture indexes). keeper splices the segment in itself: the new file is the
 old one's bytes with that one segment replaced, or, where there was none, inserted after the
 leading APP0/APP1 segments (JFIF, EXIF). A packet that fits in the old segment is padded to its
