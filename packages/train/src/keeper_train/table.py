@@ -15,7 +15,6 @@ them, so the next plan reads one part, not thousands.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -391,6 +390,14 @@ class ErrorRows:
             for part, df in sorted(self.by_part.items())
         )
 
+    def reread(self, stale: Callable[[str, pd.DataFrame], bool]) -> ErrorRows:
+        """The table read again, each part as held here except those ``stale(part, rows)``
+        names (and any part new since), which are read from the store: parts are named by their
+        URIs, so a part written since (a retried failure failing again, a twin's failure) can
+        have replaced one of the same name that this view holds as it was."""
+        known = {k: df for k, df in self.by_part.items() if not stale(k, df)}
+        return ErrorRows.read(self.folder, known=ErrorRows(self.folder, known))
+
     def dedupe(self) -> int:
         """Keep one row per URI: the latest attempt's (by ``at``, then part name). One row in
         two parts at the same ``at`` (a compaction killed before its deletes) is kept in the
@@ -421,15 +428,16 @@ class ErrorRows:
         parts = sorted(self.by_part)
         if len(parts) <= COMPACT_OVER:
             return 0
-        with ThreadPoolExecutor(_IO_THREADS) as pool:
-            tables = list(pool.map(storage.read_parquet, parts))
+        tables = list(storage.map_in_threads(storage.read_parquet, parts, _IO_THREADS))
         table = pa.concat_tables(
             [_conform(t, schema) for t in tables], promote_options="none"
         ).combine_chunks()
         new = storage.join(self.folder, name)
         storage.write_parquet(table, new)
-        with ThreadPoolExecutor(_IO_THREADS) as pool:
-            list(pool.map(storage.delete, [p for p in parts if p != new]))
+        for _ in storage.map_in_threads(
+            storage.delete, [p for p in parts if p != new], _IO_THREADS
+        ):
+            pass  # a failure raises here, in the parts' order
         self.by_part = {new: self.rows()}
         return len(parts)
 

@@ -1789,10 +1789,8 @@ def copy_twins(
         if (r := failed.get(o)) is not None
     ]
     if twin_failures:
-        # read again: the part may replace one of the same twins' earlier failures, as read
         written = write_errors(errors.folder, twin_failures)
-        known = {k: df for k, df in errors.by_part.items() if k != written}
-        errors = ErrorRows.read(errors.folder, known=ErrorRows(errors.folder, known))
+        errors = errors.reread(lambda part, _: part == written)
     return set(copied), errors
 
 
@@ -2160,14 +2158,9 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
     removed = embedded.dedupe()
     emb_all = embedded.uris()
     todo = set(p.todo) | set(p.twins)
-    # A part is named by its URIs, so a retried failure that fails again can be rewritten to the
-    # part the plan read it from: those parts are read again (else its new row goes unseen, and
-    # the image is counted lost).
-    known = ErrorRows(
-        p.errors.folder,
-        {k: df for k, df in p.errors.by_part.items() if todo.isdisjoint(df["image_uri"].tolist())},
-    )
-    errors = ErrorRows.read(p.errors.folder, known=known)
+    # A retried failure that fails again can be rewritten to the part the plan read it from:
+    # those parts are read again (else its new row goes unseen, and the image is counted lost).
+    errors = p.errors.reread(lambda _, rows: not todo.isdisjoint(rows["image_uri"].tolist()))
     twins_embedded, errors = copy_twins(p, embedded, emb_all, errors)
     emb_all |= twins_embedded
     cleared = errors.remove(emb_all)  # an image that failed once and then succeeded is embedded
