@@ -477,6 +477,8 @@ def test_no_candidates_is_an_empty_result_and_no_vlm_call() -> None:
         ({"top_n": 0}, "top_n"),
         ({"min_relevance": 1.5}, "min_relevance"),
         ({"alpha": float("nan")}, "alpha"),
+        ({"beta": 1.7e308}, "beta"),  # a weighted sum that overflows: a final score of inf
+        ({"gamma": 1e6 + 1}, "gamma"),
         ({"alpha": 0.0, "gamma": 0.0}, "alpha and gamma"),
         ({"min_aspect": 2.0, "max_aspect": 1.0}, "min_aspect 2.0 > max_aspect 1.0"),
         ({"dedup_threshold": 1.5}, "dedup_threshold"),

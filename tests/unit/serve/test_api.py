@@ -243,11 +243,12 @@ def test_parse_json_accepts_a_valid_body() -> None:
 
 
 def test_form_list() -> None:
-    assert api.form_list('["a", "b"]') == ["a", "b"]
-    assert api.form_list("  a cat ") == ["a cat"]
-    for bad in ('["a", ', "[1, 2]"):
-        e = refused(api.form_list, bad)
+    assert api.form_list('["a", "b"]', "texts") == ["a", "b"]
+    assert api.form_list("  a cat ", "texts") == ["a cat"]
+    for bad in ('["a", ', "[1, 2]", '["\\ud800"]'):
+        e = refused(api.form_list, bad, "positive")
         assert (e.status, e.code) == (422, "invalid_request")
+        assert "form field 'positive'" in e.message
 
 
 # ---------------------------------------------------------------------------- ImagePreparer

@@ -70,6 +70,9 @@ STAGES = ("clip", "heuristics", "dedup", "rerank", "vlm", "top_k")
 
 #: The anchor prompt whose embedding stands in for the negatives when a query has none.
 NEUTRAL_PROMPT = "a photo"
+#: The largest score weight (alpha, beta, gamma). Weights are relative; this bound keeps
+#: ``alpha * S_clip + beta * S_vlm + gamma * S_head`` finite for any finite float32 score.
+MAX_WEIGHT = 1e6
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +164,11 @@ class CascadeConfig(BaseModel):
     alpha: float = Field(
         default=0.5,
         ge=0,
+        le=MAX_WEIGHT,
         description="alpha = beta = 0.5: the final score is a probability in [0, 1].",
     )
-    beta: float = Field(default=0.5, ge=0)
-    gamma: float = Field(default=0.0, ge=0)
+    beta: float = Field(default=0.5, ge=0, le=MAX_WEIGHT)
+    gamma: float = Field(default=0.0, ge=0, le=MAX_WEIGHT)
     logit_scale: float = Field(default=100.0, gt=0)
 
     @model_validator(mode="after")

@@ -32,7 +32,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from keeper_core import storage
 from keeper_core.ab import Arm, assign
 from keeper_core.capture import CAPTURE_COLUMNS, Capture, capture_row, given_capture, read_capture
-from keeper_core.cascade import STAGES, CascadeConfig, CascadeResult
+from keeper_core.cascade import MAX_WEIGHT, STAGES, CascadeConfig, CascadeResult
 from keeper_core.culling import CullResult, cull
 from keeper_core.embedded_xmp import file_ids
 from keeper_core.errors import ConfigError, DataError, ImageDecodeError, StorageError
@@ -278,9 +278,15 @@ class SelectRequest(_Req):
         None, ge=1, description="stage 4: candidates the VLM judges; null: the server's default"
     )
     top_k: int | None = Field(None, ge=1, description="stage 6: picks; null: the server's default")
-    alpha: float = Field(0.5, ge=0, description="weight of the calibrated CLIP relevance")
-    beta: float = Field(0.5, ge=0, description="weight of the VLM relevance; 0: no VLM stage")
-    gamma: float = Field(0.0, ge=0, description="weight of the aesthetic score (the reranker)")
+    alpha: float = Field(
+        0.5, ge=0, le=MAX_WEIGHT, description="weight of the calibrated CLIP relevance"
+    )
+    beta: float = Field(
+        0.5, ge=0, le=MAX_WEIGHT, description="weight of the VLM relevance; 0: no VLM stage"
+    )
+    gamma: float = Field(
+        0.0, ge=0, le=MAX_WEIGHT, description="weight of the aesthetic score (the reranker)"
+    )
     vlm_query: str | None = Field(
         None, description="what the VLM is asked about; default: the first positive prompt"
     )
@@ -772,7 +778,11 @@ class SelectCost(BaseModel):
 
 class SelectRationale(BaseModel):
     index: int
-    text: str = Field(description="the VLM's words (bounded generation); random weights: noise")
+    text: str | None = Field(
+        description="the VLM's words (bounded generation); random weights: noise; null: the "
+        "pick's image could not be read (error says why)"
+    )
+    error: str | None = Field(None, description="why there is no text")
 
 
 class SelectResponse(BaseModel):
@@ -1056,28 +1066,50 @@ def _first(e: ValidationError) -> str:
     return str(e.errors()[0].get("msg", e))
 
 
+def form_text(value: str, where: str) -> str:
+    """A multipart text field as it arrived; 422 for a lone surrogate, which no UTF-8 answer can
+    hold (a form part in another charset decodes to one: ``charset=utf-7``'s ``+2AA-``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            422, "invalid_request", f"{where}: not valid Unicode text ({e.reason})"
+        ) from e
+    return value
+
+
 def _form_json(value: str, where: str) -> Any:
     """A multipart field's JSON; 422 naming the field for anything ``json`` refuses.
 
     Besides malformed JSON (JSONDecodeError, a ValueError), ``json`` raises ValueError for an
-    integer of more than 4,300 digits and RecursionError for deeply nested arrays.
+    integer of more than 4,300 digits and RecursionError for deeply nested arrays. ``json``
+    takes a lone surrogate's escape (``"\\ud800"``) where a JSON body's parser refuses it: it
+    is refused here too, as the body's ``invalid_json`` would be.
     """
     try:
-        return json.loads(value)
+        out = json.loads(value)
+        json.dumps(out, ensure_ascii=False).encode("utf-8")
     except RecursionError as e:
         raise ApiError(422, "invalid_request", f"{where}: JSON nested too deeply") from e
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            422, "invalid_request", f"{where}: not valid Unicode text ({e.reason})"
+        ) from e
     except ValueError as e:
         reason = str(e).split(";")[0][:120]
         raise ApiError(422, "invalid_request", f"{where}: invalid JSON ({reason})") from e
+    return out
 
 
-def form_list(value: str) -> list[str]:
+def form_list(value: str, field: str) -> list[str]:
     """A multipart text field: a JSON list of strings, or one string."""
     value = value.strip()
     if value.startswith("["):
-        out = _form_json(value, "form field (a JSON list)")
+        out = _form_json(value, f"form field {field!r} (a JSON list)")
         if not isinstance(out, list) or not all(isinstance(x, str) for x in out):
-            raise ApiError(422, "invalid_request", "form field: expected a list of strings")
+            raise ApiError(
+                422, "invalid_request", f"form field {field!r}: expected a list of strings"
+            )
         return out
     return [value]
 

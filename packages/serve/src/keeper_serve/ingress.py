@@ -68,6 +68,7 @@ from keeper_core.corpus import Corpus, read_corpus
 from keeper_core.errors import (
     ConfigError,
     DataError,
+    ImageDecodeError,
     KeeperError,
     StorageError,
     brief,
@@ -830,10 +831,11 @@ class KeeperIngress:
                     raise ApiError(422, "invalid_request", f"file field {key!r}: use 'images'")
                 files.append(await value.read())
                 continue
+            value = api.form_text(value, f"form field {key!r}")
             n_values += api.json_values(value) + 1
             api.check_json_values(n_values, limits.max_json_values)
             if key in ("texts", "positive", "negative", "ids"):
-                fields.setdefault(key, []).extend(api.form_list(value))
+                fields.setdefault(key, []).extend(api.form_list(value, key))
             elif key in _SCALAR_FIELDS and key not in fields:
                 fields[key] = value  # the model refuses those that are not its own
             elif pick and key in _PICK_LISTS and key not in per_image:
@@ -1041,6 +1043,33 @@ class KeeperIngress:
 
         return judge
 
+    async def _rationales(
+        self, picks: list[int], view: Callable[[int], np.ndarray], query: str
+    ) -> list[dict[str, Any]]:
+        """The VLM's words on each pick; a pick whose image cannot be read any more (a corpus
+        file changed since it was indexed: with ``beta`` 0 no VLM stage read it) gets ``text``
+        null and the reason, as the VLM stage's ``vlm_failed`` does, not an error for the
+        whole request."""
+        assert self.vlm is not None
+
+        def read(i: int) -> tuple[np.ndarray | None, str | None]:
+            try:
+                return view(i), None
+            except (KeeperError, ApiError) as e:
+                return None, str(e)
+
+        shown = await asyncio.to_thread(lambda: [read(i) for i in picks])
+        texts = await asyncio.gather(
+            *(self.vlm.rationale.remote(v, query) for v, _ in shown if v is not None)
+        )
+        said = iter(texts)
+        return [
+            {"index": i, "text": None, "error": why}
+            if v is None
+            else {"index": i, "text": next(said)}
+            for i, (v, why) in zip(picks, shown, strict=True)
+        ]
+
     def _corpus_view(self, rows: np.ndarray) -> Callable[[int], np.ndarray]:
         """Candidate i -> corpus row ``rows[i]``'s image, read and decoded as a request's are."""
         assert self.corpus is not None
@@ -1057,7 +1086,14 @@ class KeeperIngress:
                 raise KeeperError(
                     client_text(f"corpus image {uri} is unreadable: {e.cause}")
                 ) from e
-            return api.vlm_view(self.images.decode(data, i).image, side)
+            try:
+                decoded = self.images.preparation.decode(data)
+            except ImageDecodeError as e:  # changed since it was embedded: not the client's image
+                log.warning("/v1/select: corpus image %s no longer decodes: %s", uri, e.detail)
+                raise KeeperError(
+                    client_text(f"corpus image {uri} is unreadable: {e.detail}")
+                ) from e
+            return api.vlm_view(decoded.image, side)
 
         return view
 
@@ -1424,9 +1460,7 @@ class KeeperIngress:
         out = result.as_dict(dropped=req.candidates == "all")
         rationales = None
         if req.rationale and judge is not None and self.vlm is not None and result.picks:
-            shown = await asyncio.to_thread(lambda: [view(i) for i in result.picks])
-            texts = await asyncio.gather(*(self.vlm.rationale.remote(v, query) for v in shown))
-            rationales = [{"index": i, "text": t} for i, t in zip(result.picks, texts, strict=True)]
+            rationales = await self._rationales(result.picks, view, query)
         answer = {
             "request_id": request_id,
             "picks": out["picks"],
