@@ -324,8 +324,10 @@ class PartLog:
 
     def _refuse_past_max_pending(self, n: int) -> None:
         """Raise FeedbackBackpressure if ``n`` more rows would pass ``max_pending`` (the caller
-        holds ``_lock``)."""
-        if self._buffered + n > self.max_pending:
+        holds ``_lock``). A writer holding nothing takes any one batch: the bound is on what
+        piles up while storage fails, and refusing a batch larger than ``max_pending`` itself
+        would refuse it on every retry (a request's size has its own limits)."""
+        if self._buffered and self._buffered + n > self.max_pending:
             raise FeedbackBackpressure(
                 f"{self._buffered} rows of {self.root} are not written yet "
                 f"(last error: {self.last_error}); retry later"
