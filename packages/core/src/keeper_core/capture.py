@@ -38,7 +38,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from keeper_core.errors import ConfigError
+from keeper_core.errors import PIL_ERRORS, ConfigError
 from keeper_core.images import HEIF_BRANDS
 
 __all__ = [
@@ -150,8 +150,9 @@ _RAW_TIFF_MAGIC = (42, 0x4F52, 0x5352, 0x55)  # TIFF, ORF "RO" / "RS", RW2 "U"
 _RAF_JPEG = 84  # a RAF header's (offset, length) of its embedded JPEG, big-endian
 # What pybind11 turns exiv2's C++ exceptions into.
 _EXIV2_ERRORS = (RuntimeError, ValueError, IndexError, OverflowError)
-# What pillow-heif / PIL raise on a damaged container.
-_CONTAINER_ERRORS = (OSError, SyntaxError, ValueError, EOFError, RuntimeError, struct.error)
+# What pillow-heif / PIL raise on a damaged container: PIL's (errors.PIL_ERRORS, IndexError
+# included: pillow-heif's ``info`` of a file that lists no image).
+_CONTAINER_ERRORS = PIL_ERRORS
 
 # EXIF writes "2024:05:01 10:00:00"; software that rewrote it may use ISO separators, so any of
 # ":-/." in the date and ":." in the time, " " or "T" between, and (rarely) an inline fraction
@@ -453,7 +454,10 @@ def _sequence(raw: bytes | None) -> int | None:
     first = _decode(raw).split()[:1]
     if not first or not _DIGITS.fullmatch(first[0]):
         return None
-    value = int(first[0])
+    digits = first[0].lstrip("0") or "0"
+    if len(digits) > len(str(_SEQUENCE_NA)):  # past "not applicable" (int() refuses 4,301+)
+        return None
+    value = int(digits)
     return value if value < _SEQUENCE_NA else None
 
 

@@ -316,10 +316,10 @@ def _heif_packet(uri: str) -> bytes | None:
     import pillow_heif  # here: it costs ~40 ms to load, paid only by HEIF files
 
     try:
-        heif = pillow_heif.open_heif(io.BytesIO(data))  # parses the boxes; decodes nothing
-    except (ValueError, SyntaxError, RuntimeError, EOFError, OSError) as e:
+        # parses the boxes, decodes nothing; ``info`` of a file listing no image: IndexError
+        packet = pillow_heif.open_heif(io.BytesIO(data)).info.get("xmp")
+    except (ValueError, SyntaxError, RuntimeError, EOFError, OSError, IndexError) as e:
         raise DataError(f"a HEIF file libheif cannot parse: {e}", source=uri) from e
-    packet = heif.info.get("xmp")
     if packet is not None and len(packet) > MAX_PACKET_BYTES:
         raise DataError(f"an XMP packet of {len(packet)} bytes", source=uri)
     return bytes(packet) if packet else None

@@ -181,6 +181,7 @@ PIL_ERRORS: tuple[type[Exception], ...] = (
     KeyError,
     TypeError,
     RuntimeError,  # the AVIF plugin's decode failures
+    AttributeError,  # the AVIF plugin rewriting an EXIF whose tag has an unexpected type
     struct.error,
     zlib.error,
 )

@@ -500,6 +500,62 @@ def check_jpeg_scans(data: bytes, limits: DecodeLimits, source: str | None) -> N
         )
 
 
+def _boxes(data: bytes, start: int, end: int) -> list[tuple[bytes, int, int]]:
+    """The ISO BMFF boxes in ``data[start:end]``: (type, body start, body end); a box whose size
+    runs past ``end`` ends the list (what is left is damaged)."""
+    out, i = [], start
+    while i + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, i)
+        head = 8
+        if size == 1:  # a 64-bit size follows the type
+            if i + 16 > end:
+                break
+            size, head = struct.unpack_from(">Q", data, i + 8)[0], 16
+        elif size == 0:  # to the end of the enclosing box
+            size = end - i
+        if size < head or i + size > end:
+            break
+        out.append((kind, i + head, i + size))
+        i += size
+    return out
+
+
+def heif_coded_sizes(data: bytes) -> list[tuple[int, int]]:
+    """The sizes of a HEIF/AVIF file's images as coded (its ``ispe`` properties), header only.
+
+    What libheif decodes: the size PIL reports is after the clean-aperture crop (``clap``), so
+    a large image cropped to a few pixels reads as small. Tiles of a grid image have their own
+    ``ispe``, at most the grid's. Empty when the file has none (damaged: its decode fails).
+    """
+    for kind, start, end in _boxes(data, 0, len(data)):
+        if kind != b"meta":
+            continue
+        sizes = []
+        for iprp in (b for b in _boxes(data, start + 4, end) if b[0] == b"iprp"):  # FullBox
+            for ipco in (b for b in _boxes(data, iprp[1], iprp[2]) if b[0] == b"ipco"):
+                for prop, p0, p1 in _boxes(data, ipco[1], ipco[2]):
+                    if prop == b"ispe" and p1 - p0 >= 12:  # version and flags, width, height
+                        sizes.append(struct.unpack_from(">II", data, p0 + 4))
+        return sizes
+    return []
+
+
+def check_heif_coded_size(data: bytes, limits: DecodeLimits, source: str | None) -> None:
+    """Refuse a HEIF/AVIF file any of whose images is coded over ``limits.max_pixels``, before
+    any decode (the size its header reports may be a small crop of it).
+
+    Raises:
+        ImageDecodeError: "too_many_pixels".
+    """
+    for w, h in heif_coded_sizes(data):
+        if w * h > limits.max_pixels:
+            raise ImageDecodeError(
+                "too_many_pixels",
+                f"coded {w}x{h} = {w * h} > limit {limits.max_pixels} (the header shows a crop)",
+                source=source,
+            )
+
+
 def check_header_size(w: int, h: int, limits: DecodeLimits, source: str | None) -> None:
     """The pixel-count and shortest-side refusals, from the header's size, before any decode.
 
@@ -586,6 +642,8 @@ def decode_image_alpha(
     check_header_size(w, h, limits, source)
     if im.format in ("JPEG", "MPO"):
         check_jpeg_scans(encoded, limits, source)
+    elif im.format in ("HEIF", "AVIF"):
+        check_heif_coded_size(encoded, limits, source)
     orientation = _display_orientation(im, fallback)
     if draft_size is not None and im.format in ("JPEG", "MPO"):
         tw, th = draft_size
@@ -597,6 +655,12 @@ def decode_image_alpha(
         raise ImageDecodeError("too_many_pixels", str(e), source=source) from e
     except PIL_ERRORS as e:
         raise ImageDecodeError("truncated", f"{im.format}: {e}", source=source) from e
+    if im.size != (w, h) and draft_size is None:  # a decoder that disagrees with its header
+        raise ImageDecodeError(
+            "truncated",
+            f"{im.format}: decoded {im.size[0]}x{im.size[1]}, header {w}x{h}",
+            source=source,
+        )
     # The orientation read from the header above, applied once: the image's own, else (a RAW
     # preview without one) the RAW's. Not ImageOps.exif_transpose after the load: a PNG's
     # eXIf chunk after IDAT becomes readable only once the pixels are decoded, and applying it

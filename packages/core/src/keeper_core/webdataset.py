@@ -526,6 +526,10 @@ class _Builder:
 def _scan(f: IO[bytes], size: int, builder: _Builder) -> None:
     with tarfile.open(fileobj=f, mode="r:") as tf:
         while (m := tf.next()) is not None:
+            # A negative size (a base-256 field) sends tarfile back to this header for ever, or
+            # to a negative offset, at its next(): refused before that call.
+            if m.size < 0:
+                raise tarfile.ReadError(f"member {m.name!r} has a negative size ({m.size})")
             if m.offset_data + m.size > size:
                 raise tarfile.ReadError(
                     f"member {m.name!r} needs {m.offset_data + m.size} bytes, the file has {size}"
@@ -646,4 +650,6 @@ def read_member(uri: str, offset: int, size: int, *, max_bytes: int) -> bytes:
         raise DataError("not a shard member URI (<shard>.tar#<member>)", source=uri)
     if size > max_bytes:
         raise ImageDecodeError("too_large", f"{size} bytes > limit {max_bytes}", source=uri)
+    if offset < 0 or size < 0:  # index_shard lists neither: an index edited or made elsewhere
+        raise DataError(f"a member at offset {offset} of size {size}", source=uri)
     return storage.read_range(parts[0], offset, size)
