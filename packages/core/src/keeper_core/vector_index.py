@@ -143,7 +143,8 @@ class IndexMeta(BaseModel):
 
     Attributes:
         format_version: this module's on-disk format (a newer one is refused).
-        params: build and search parameters, ``ef_search`` as calibrated.
+        params: build and search parameters, ``ef_search`` as calibrated (None: an HNSW index
+            too small to calibrate yet, searched exhaustively: :attr:`VectorIndex.ef_search`).
         model_spec: the ModelSpec every vector was embedded with; queries must match it.
         dim: vector dimension.
         count: vectors in the index.
@@ -677,7 +678,12 @@ class VectorIndex:
         rows as given (float32) and the old rows as stored.
         """
         p = self.meta.params
-        auto = p.backend != "exact" and (p.ef_search is None or self.meta.recall_at_10 is not None)
+        # Calibrated before, or never: not a breadth the caller gave. An index built under 200
+        # rows by keeper before 2026-12 stored the grid's top as if given; it calibrates too.
+        placeholder = p.ef_search == _EF_GRID[-1] and self.meta.recall_at_10 is None
+        auto = p.backend != "exact" and (
+            p.ef_search is None or self.meta.recall_at_10 is not None or placeholder
+        )
         n_hold = min(_CALIBRATION_QUERIES, len(x) // 10) if auto else 0
         # The held-out queries are one row of each of n_hold groups of byte-identical rows, and
         # all the group's copies are held out with it: a twin left in the graph answers it as a
@@ -707,9 +713,8 @@ class VectorIndex:
             self._append(x[hold], [new[i] for i in hold])
         elif p.backend == "exact":
             self.meta.recall_at_10 = 1.0
-        elif auto and self.meta.params.ef_search is None:
-            # Too few rows to measure (an index of < 200): a search this broad is exhaustive.
-            self.meta.params = p.model_copy(update={"ef_search": _EF_GRID[-1]})
+        # Else too few rows to measure: ef_search stays as it was (None: searched as broadly as
+        # the grid goes, exhaustive at this size) and the next add large enough calibrates.
 
     def _append(self, x: np.ndarray, new: list[str]) -> None:
         if not len(x):
@@ -742,13 +747,22 @@ class VectorIndex:
         q = _check_vectors(queries, self.meta.dim, "queries")
         if not 1 <= k <= self.meta.count:
             raise ConfigError(f"k must be in 1..{self.meta.count} (the index's rows), got {k}")
-        labels, scores = self._raw_search(q, k, self.meta.params.ef_search)
+        labels, scores = self._raw_search(q, k, self.ef_search)
         if (labels < 0).any():
             raise KeeperError(
                 f"the {self.meta.params.backend} index returned fewer than k={k} neighbours for "
                 f"{int((labels < 0).any(axis=1).sum())} query(ies): raise ef_search"
             )
         return SearchResult(ids=[[self._ids[j] for j in row] for row in labels], scores=scores)
+
+    @property
+    def ef_search(self) -> int | None:
+        """The HNSW search breadth searches use: as calibrated or given; the grid's top for an
+        index not calibrated yet (under 200 rows: exhaustive at that size). None for exact."""
+        p = self.meta.params
+        if p.backend == "exact":
+            return None
+        return p.ef_search if p.ef_search is not None else _EF_GRID[-1]
 
     def _raw_search(self, q: np.ndarray, k: int, ef: int | None) -> tuple[np.ndarray, np.ndarray]:
         labels, scores = self._impl.search(q, k, ef)
