@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import itertools
+import json
 import re
 import socket
 import struct
@@ -16,6 +18,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -382,3 +386,85 @@ def xmp_packet(rating: int | None = 4, label: str | None = "Red", *, padding: in
         b'xmlns:xmp="http://ns.adobe.com/xap/1.0/"' + props.encode() + b"/></rdf:RDF>"
         b"</x:xmpmeta>\n" + b" " * padding + b'\n<?xpacket end="w"?>'
     )
+
+
+PICK_RANKER = "keeper-ranker v3 (models:/keeper-ranker/3)"
+
+
+def pick_image_id(i: int) -> str:
+    """The ``image_id`` of the ``i``-th image :func:`write_pick_run` writes."""
+    return hashlib.sha256(f"image {i}".encode()).hexdigest()
+
+
+def write_pick_run(
+    folder: Path,
+    sizes: list[int],
+    *,
+    thumbs: int | None = None,
+    thumb: Callable[[str], bytes] | None = None,
+    finished: str = "2026-12-01T10:00:00Z",
+    status: str = "ok",
+) -> list[str]:
+    """A ``keeper pick`` output (``_SUMMARY.json``, ``picks.parquet``, ``thumbs/xx/<id>.jpg``)
+    of groups of ``sizes``, the first of each kept; thumbnails of the first ``thumbs`` images
+    (all by default), each ``thumb(image_id)`` (default: a few bytes naming it). Returns the
+    image ids in file order."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from keeper_core.contact_sheet import thumbnail_name
+    from keeper_core.quality import FEATURE_NAMES
+
+    rows: dict[str, list[Any]] = {c: [] for c in ("group_id", "rank", "decision")}
+    for g, size in enumerate(sizes):
+        for k in range(size):
+            rows["group_id"].append(f"g{g:05d}")
+            rows["rank"].append(k + 1)
+            rows["decision"].append("keep" if k == 0 else "reject")
+    n = len(rows["rank"])
+    ids = [pick_image_id(i) for i in range(n)]
+    cols: dict[str, Any] = {
+        **rows,
+        "rating": [5 if d == "keep" else 1 for d in rows["decision"]],
+        "label": [None] * n,
+        "score": [float(-r) for r in rows["rank"]],
+        "reasons": [["sharpest"] if d == "keep" else ["blurred"] for d in rows["decision"]],
+        "image_uri": [f"/photos/IMG_{i:05d}.JPG" for i in range(n)],
+        "file_name": [f"IMG_{i:05d}.JPG" for i in range(n)],
+        "image_id": ids,
+        "capture_time": [f"2026-05-01T10:00:{i % 60:02d}" for i in range(n)],
+        "duplicate_of": [None] * n,
+        **{f: np.full(n, 0.5) for f in FEATURE_NAMES},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(cols), folder / "picks.parquet")
+    for i in ids[: n if thumbs is None else thumbs]:
+        path = folder / thumbnail_name(i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(thumb(i) if thumb is not None else b"\xff\xd8jpeg " + i.encode())
+    summary = {
+        "status": status,
+        "ranker": PICK_RANKER,
+        "clip_model": "keeper-tiny:random",
+        "random_weights": True,
+        "finished": finished,
+    }
+    (folder / "_SUMMARY.json").write_text(json.dumps(summary))
+    return ids
+
+
+def check_select_accounting(out: dict[str, Any], n: int) -> None:
+    """A /v1/select answer for ``n`` candidates accounts for every one: the stages in order,
+    each taking what the one before kept, ``n_in = n_kept + n_dropped``, one pick per image the
+    last stage kept."""
+    from keeper_core.cascade import STAGES
+
+    stages = out["stages"]
+    assert [s["name"] for s in stages] == list(STAGES)
+    assert stages[0]["n_in"] == n
+    for before, stage in itertools.pairwise(stages):
+        assert stage["n_in"] == before["n_kept"]
+    for s in stages:
+        assert s["n_in"] == s["n_kept"] + s["n_dropped"]
+    assert len(out["picks"]) == stages[-1]["n_kept"]

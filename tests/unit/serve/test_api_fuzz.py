@@ -82,7 +82,6 @@ import dataclasses
 import hashlib
 import inspect
 import io
-import itertools
 import json
 import math
 import os
@@ -102,16 +101,16 @@ from PIL import Image
 from pydantic import BaseModel
 from ray.exceptions import RayActorError, RayTaskError
 from support import (
+    check_select_accounting,
     jpeg_with_scans,
     photo,
     png_declaring,
+    write_pick_run,
     write_reference_collection,
     write_unit_rows,
 )
 
 from keeper_core import storage
-from keeper_core.cascade import STAGES
-from keeper_core.contact_sheet import thumbnail_name
 from keeper_core.errors import DataError, StorageError
 from keeper_core.models import PreprocessConfig
 from keeper_core.quality import FEATURE_NAMES
@@ -506,47 +505,10 @@ class FakeVlm:
 
 
 def write_run(folder: Path, sizes: list[int]) -> list[str]:
-    """A ``keeper pick`` output of groups of ``sizes`` with every thumbnail (as test_review.py's
-    ``write_run``); returns its image ids."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows: dict[str, list[Any]] = {c: [] for c in ("group_id", "rank", "decision")}
-    for g, size in enumerate(sizes):
-        for k in range(size):
-            rows["group_id"].append(f"g{g:05d}")
-            rows["rank"].append(k + 1)
-            rows["decision"].append("keep" if k == 0 else "reject")
-    n = len(rows["rank"])
-    ids = [hashlib.sha256(f"image {i}".encode()).hexdigest() for i in range(n)]
-    cols: dict[str, Any] = {
-        **rows,
-        "rating": [5 if d == "keep" else 1 for d in rows["decision"]],
-        "label": [None] * n,
-        "score": [float(-r) for r in rows["rank"]],
-        "reasons": [["sharpest"] if d == "keep" else ["blurred"] for d in rows["decision"]],
-        "image_uri": [f"/photos/IMG_{i:05d}.JPG" for i in range(n)],
-        "file_name": [f"IMG_{i:05d}.JPG" for i in range(n)],
-        "image_id": ids,
-        "capture_time": [f"2026-05-01T10:00:{i % 60:02d}" for i in range(n)],
-        "duplicate_of": [None] * n,
-        **{f: np.full(n, 0.5) for f in FEATURE_NAMES},
-    }
-    folder.mkdir(parents=True)
-    pq.write_table(pa.table(cols), folder / "picks.parquet")
-    for i in ids:
-        p = folder / thumbnail_name(i)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(encode(photo(32, 24, int(i[:4], 16)), "JPEG"))
-    summary = {
-        "status": "ok",
-        "ranker": "keeper-ranker v3 (models:/keeper-ranker/3)",
-        "clip_model": SPEC,
-        "random_weights": True,
-        "finished": "2026-12-01T10:00:00Z",
-    }
-    (folder / "_SUMMARY.json").write_text(json.dumps(summary))
-    return ids
+    """A ``keeper pick`` output of groups of ``sizes``, every thumbnail a real JPEG."""
+    return write_pick_run(
+        folder, sizes, thumb=lambda i: encode(photo(32, 24, int(i[:4], 16)), "JPEG")
+    )
 
 
 def write_corpus(root: Path) -> tuple[str, list[str]]:
@@ -810,15 +772,9 @@ def _check_pick(req: dict[str, Any], out: dict[str, Any]) -> None:
 
 def _check_select(req: dict[str, Any], out: dict[str, Any]) -> None:
     n = len(req.get("ids") or req.get("images") or [])
-    stages = out["stages"]
-    assert [s["name"] for s in stages] == list(STAGES)
-    assert stages[0]["n_in"] == n
-    for before, stage in itertools.pairwise(stages):
-        assert stage["n_in"] == before["n_kept"]
-    for s in stages:
-        assert s["n_in"] == s["n_kept"] + s["n_dropped"]
-    picks = out["picks"]
-    assert len(picks) == stages[-1]["n_kept"] == len(set(picks))
+    check_select_accounting(out, n)
+    stages, picks = out["stages"], out["picks"]
+    assert len(picks) == len(set(picks))
     assert all(0 <= i < n for i in picks)
     if req.get("candidates", "all") == "all":
         assert sorted(c["index"] for c in out["candidates"]) == list(range(n))

@@ -7,20 +7,18 @@ tests/integration/test_review_ui.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from support import PICK_RANKER, pick_image_id, write_pick_run
 
 from keeper_core.contact_sheet import thumbnail_name
 from keeper_core.errors import DataError
 from keeper_core.feedback import OFFERS_SCHEMA
-from keeper_core.quality import FEATURE_NAMES
 from keeper_serve.config import KeeperAppArgs, ReviewArgs
 from keeper_serve.review import (
     ReviewRuns,
@@ -32,62 +30,9 @@ from keeper_serve.review import (
     run_request_id,
 )
 
-RANKER = "keeper-ranker v3 (models:/keeper-ranker/3)"
-
-
-def image_id(i: int) -> str:
-    return hashlib.sha256(f"image {i}".encode()).hexdigest()
-
-
-def write_run(
-    folder: Path,
-    sizes: list[int],
-    *,
-    thumbs: int | None = None,
-    finished: str = "2026-12-01T10:00:00Z",
-    status: str = "ok",
-) -> list[str]:
-    """A pick output of groups of ``sizes`` (groups interleaved in the file by time, as a real
-    table never is, to check grouping keeps first-appearance order); thumbnails of the first
-    ``thumbs`` images (all by default). Returns the image ids in file order."""
-    rows: dict[str, list[Any]] = {c: [] for c in ("group_id", "rank", "decision")}
-    ids: list[str] = []
-    n = 0
-    for g, size in enumerate(sizes):
-        for k in range(size):
-            rows["group_id"].append(f"g{g:05d}")
-            rows["rank"].append(k + 1)
-            rows["decision"].append("keep" if k == 0 else "reject")
-            ids.append(image_id(n))
-            n += 1
-    cols: dict[str, Any] = {
-        **rows,
-        "rating": [5 if d == "keep" else 1 for d in rows["decision"]],
-        "label": [None] * n,
-        "score": [float(-r) for r in rows["rank"]],
-        "reasons": [["sharpest"] if d == "keep" else ["blurred"] for d in rows["decision"]],
-        "image_uri": [f"/photos/IMG_{i:05d}.JPG" for i in range(n)],
-        "file_name": [f"IMG_{i:05d}.JPG" for i in range(n)],
-        "image_id": ids,
-        "capture_time": [f"2026-05-01T10:00:{i % 60:02d}" for i in range(n)],
-        "duplicate_of": [None] * n,
-        **{f: np.full(n, 0.5) for f in FEATURE_NAMES},
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(cols), folder / "picks.parquet")
-    for i in ids[: n if thumbs is None else thumbs]:
-        p = folder / thumbnail_name(i)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(b"\xff\xd8jpeg " + i.encode())
-    summary = {
-        "status": status,
-        "ranker": RANKER,
-        "clip_model": "keeper-tiny:random",
-        "random_weights": True,
-        "finished": finished,
-    }
-    (folder / "_SUMMARY.json").write_text(json.dumps(summary))
-    return ids
+RANKER = PICK_RANKER
+write_run = write_pick_run
+image_id = pick_image_id
 
 
 def test_a_run_pages_by_group_in_time_order(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import pytest
 from PIL import Image
 from ray.exceptions import RayActorError
 from serve_fakes import Remote, ingress_clients
+from support import check_select_accounting
 
 from keeper_core.cascade import STAGES
 from keeper_serve.config import KeeperAppArgs, LimitArgs, SelectArgs
@@ -117,15 +117,7 @@ def body(blobs: list[bytes], **knobs: Any) -> dict[str, Any]:
     return {"positive": ["a red scene"], "images": refs(blobs), **knobs}
 
 
-def check_accounting(out: dict[str, Any], n: int) -> None:
-    stages = out["stages"]
-    assert [s["name"] for s in stages] == list(STAGES)
-    assert stages[0]["n_in"] == n
-    for before, stage in itertools.pairwise(stages):
-        assert stage["n_in"] == before["n_kept"]
-    for s in stages:
-        assert s["n_in"] == s["n_kept"] + s["n_dropped"]
-    assert len(out["picks"]) == stages[-1]["n_kept"]
+check_accounting = check_select_accounting
 
 
 def test_select_spends_the_vlm_on_the_top_n_only_and_accounts_for_everyone(
