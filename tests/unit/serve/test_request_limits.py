@@ -333,6 +333,22 @@ def test_a_camera_jpeg_costs_its_draft_not_its_size() -> None:
     assert prep.decoded_pixels(header_only) == 600 * 400
 
 
+def test_a_heif_crop_costs_its_coded_size() -> None:
+    """A HEIC whose crop box (clap) shows 16x16 of a 202x152 coded image: libheif decodes the
+    whole coded image, so that is what the request's pixel budget counts (it counted 256)."""
+    pytest.importorskip("pillow_heif")
+    import struct
+
+    from support_photos import make_heic
+
+    data = bytearray(make_heic(Image.new("RGB", (201, 151), (90, 140, 200)), quality=10))
+    at = data.find(b"clap") + 4
+    data[at : at + 32] = struct.pack(">IIIIiIiI", 16, 1, 16, 1, 0, 1, 0, 1)
+    prep = preparer(min_side=8)
+    assert prep.decoded_pixels(bytes(data)) == 202 * 152
+    assert preparer(min_side=8, max_pixels=30_000).decoded_pixels(bytes(data)) is None
+
+
 def test_one_full_size_image_is_alive_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     prep = preparer()
     real = prep.preparation.decode

@@ -38,7 +38,7 @@ from keeper_core.embedded_xmp import file_ids
 from keeper_core.errors import ConfigError, DataError, ImageDecodeError, StorageError
 from keeper_core.feedback import FeedbackEvent
 from keeper_core.grouping import GroupingConfig, dhash
-from keeper_core.images import image_size, raw_preview
+from keeper_core.images import heif_coded_sizes, image_size, raw_preview
 from keeper_core.models import PreprocessConfig
 from keeper_core.picking import PickConfig
 from keeper_core.preparation import DecodedImage, ImagePreparation
@@ -1088,13 +1088,9 @@ def _form_json(value: str, where: str) -> Any:
     """
     try:
         out = json.loads(value)
-        json.dumps(out, ensure_ascii=False).encode("utf-8")
+        form_text(json.dumps(out, ensure_ascii=False), where)
     except RecursionError as e:
         raise ApiError(422, "invalid_request", f"{where}: JSON nested too deeply") from e
-    except UnicodeEncodeError as e:
-        raise ApiError(
-            422, "invalid_request", f"{where}: not valid Unicode text ({e.reason})"
-        ) from e
     except ValueError as e:
         reason = str(e).split(";")[0][:120]
         raise ApiError(422, "invalid_request", f"{where}: invalid JSON ({reason})") from e
@@ -1279,7 +1275,8 @@ class ImagePreparer:
 
         A JPEG (a camera RAW's preview too) that ``decode`` drafts counts its draft's size,
         reduced by 1/2, 1/4 or 1/8 as PIL's ``JpegImageFile.draft`` reduces it; any other image
-        its full size. None when the image fails on its own (an unreadable header, over
+        its full size (a HEIF/AVIF its largest coded image: libheif decodes that whole before
+        the crop its header shows). None when the image fails on its own (an unreadable header, over
         ``max_pixels``, under ``min_side``): its decode then refuses it, naming why.
         """
         limits = self.preparation.limits
@@ -1297,6 +1294,9 @@ class ImagePreparer:
             scale = min(w // draft[0], h // draft[1])
             s = next((f for f in (8, 4, 2) if scale >= f), 1)
             w, h = -(-w // s), -(-h // s)
+        if preview is None and data[4:8] == b"ftyp":  # HEIF / AVIF: its header shows a crop
+            coded = max((cw * ch for cw, ch in heif_coded_sizes(data)), default=0)
+            return None if coded > limits.max_pixels else max(w * h, coded)
         return w * h
 
     def _over_budget(self, total: int, *, at_least: bool = False) -> ApiError:
