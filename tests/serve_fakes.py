@@ -8,6 +8,8 @@ middleware finds the instance through a patched ``serve.get_replica_context``.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import traceback
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -15,15 +17,44 @@ from typing import Any
 import pytest
 
 
-class Remote:
-    """A deployment handle method: ``.remote(...)`` returns an awaitable."""
+def remote_error(e: Exception, where: str) -> BaseException:
+    """``e`` as a Serve handle raises an error of another deployment: ``RayTaskError(cause)``."""
+    from ray.exceptions import RayTaskError
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
+    wrapped: BaseException = RayTaskError(
+        f"ServeReplica:keeper:{where}.handle_request",
+        "".join(traceback.format_exception(e)),
+        e,
+        proctitle=f"ray::ServeReplica:keeper:{where}",
+        pid=4242,
+        ip="10.1.2.3",
+    ).as_instanceof_cause()
+    return wrapped
+
+
+class Remote:
+    """A deployment handle method: ``.remote(...)`` returns an awaitable (``fn`` may be async).
+
+    With ``where`` (the deployment's name) an error ``fn`` raises arrives as Serve delivers one
+    from another deployment, :func:`remote_error`; a lost replica (RayActorError) as it is.
+    """
+
+    def __init__(self, fn: Callable[..., Any], where: str | None = None) -> None:
+        self.fn, self.where = fn, where
 
     def remote(self, *a: Any, **kw: Any) -> Any:
+        from ray.exceptions import RayActorError
+
         async def call() -> Any:
-            return self.fn(*a, **kw)
+            try:
+                out = self.fn(*a, **kw)
+                return await out if inspect.isawaitable(out) else out
+            except RayActorError:
+                raise
+            except Exception as e:
+                if self.where is None:
+                    raise
+                raise remote_error(e, self.where) from None
 
         return call()
 
@@ -41,22 +72,30 @@ class Recorder:
         self.tags.append(dict(tags or {}))
 
 
+def ingress_class() -> type:
+    """``KeeperIngress``'s own class: ``@serve.ingress`` wraps it; it is the first class of the
+    wrapper's MRO not from Serve."""
+    from ray.serve._private.http_util import ASGIAppReplicaWrapper
+
+    from keeper_serve import ingress
+
+    return next(
+        c
+        for c in ingress.KeeperIngress.func_or_class.__mro__
+        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
+    )
+
+
 @contextlib.contextmanager
 def ingress_clients(monkeypatch: pytest.MonkeyPatch, token: str) -> Iterator[Callable[..., Any]]:
     """``make(encoder, ranker, vlm, args) -> TestClient``; every client is closed on exit."""
     import ray.serve
     from fastapi.testclient import TestClient
-    from ray.serve._private.http_util import ASGIAppReplicaWrapper
 
     from keeper_serve import ingress
 
     monkeypatch.setenv("KEEPER_API_TOKEN", token)
-    # @serve.ingress wraps the class; the user's class is the first one not from Serve.
-    cls = next(
-        c
-        for c in ingress.KeeperIngress.func_or_class.__mro__
-        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
-    )
+    cls = ingress_class()
     clients: list[Any] = []
 
     def make(encoder: Any, ranker: Any, vlm: Any, args: Any) -> Any:

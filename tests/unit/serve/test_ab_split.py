@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
-from serve_fakes import Recorder, Remote
+from serve_fakes import Recorder, Remote, ingress_class
 
 from keeper_core.ab import assign
 from keeper_serve import api
@@ -225,16 +225,11 @@ def make(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
     """``make(champion, challenger, share) -> (TestClient, ingress)``; no Ray."""
     import ray.serve
     from fastapi.testclient import TestClient
-    from ray.serve._private.http_util import ASGIAppReplicaWrapper
 
     from keeper_serve import ingress
 
     monkeypatch.setenv("KEEPER_API_TOKEN", TOKEN)
-    cls = next(
-        c
-        for c in ingress.KeeperIngress.func_or_class.__mro__
-        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
-    )
+    cls = ingress_class()
     clients: list[Any] = []
 
     def build(champion: Any, challenger: Any, share: float | None) -> tuple[Any, Any]:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
+from serve_fakes import Remote, ingress_class
 from support import jpeg_with_scans, photo, png_declaring
 
 from keeper_core.errors import DECODE_REASONS, ConfigError
@@ -480,27 +481,14 @@ def test_served_width_height_are_the_original_size(prep: ImagePreparer) -> None:
 # ------------------------------------------------- the ingress app, in this process
 
 
-class _Remote:
-    """A deployment handle method: ``.remote(...)`` returns an awaitable."""
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-
-    def remote(self, *a: Any, **kw: Any) -> Any:
-        async def call() -> Any:
-            return self.fn(*a, **kw)
-
-        return call()
-
-
 def _unit(n: int) -> np.ndarray:
     return np.full((n, 8), 8**-0.5, np.float32)
 
 
 class FakeEncoder:
-    embed_pixels = _Remote(lambda px: _unit(len(px)))
-    embed_texts = _Remote(lambda texts: _unit(len(texts)))
-    info = _Remote(
+    embed_pixels = Remote(lambda px: _unit(len(px)))
+    embed_texts = Remote(lambda texts: _unit(len(texts)))
+    info = Remote(
         lambda: {
             "spec": SPEC,
             "embed_dim": 8,
@@ -512,12 +500,12 @@ class FakeEncoder:
 
 
 class FakeRanker:
-    info = _Remote(lambda: {"uri": "models:/r@champion", "status": "unavailable", "error": "x"})
-    rank = _Remote(lambda emb, quality, lengths: {"unavailable": "no ranker loaded"})
+    info = Remote(lambda: {"uri": "models:/r@champion", "status": "unavailable", "error": "x"})
+    rank = Remote(lambda emb, quality, lengths: {"unavailable": "no ranker loaded"})
 
 
 class FakeVlm:
-    info = _Remote(lambda: {"status": "disabled", "source": None})
+    info = Remote(lambda: {"status": "disabled", "source": None})
 
 
 class Recorder:
@@ -547,15 +535,9 @@ def served(ingress_mod: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[
     """(TestClient, the KeeperIngress instance) with fake handles; no Ray."""
     import ray.serve
     from fastapi.testclient import TestClient
-    from ray.serve._private.http_util import ASGIAppReplicaWrapper
 
     monkeypatch.setenv("KEEPER_API_TOKEN", TOKEN)
-    # @serve.ingress wraps the class; the user's class is the first one not from Serve.
-    cls = next(
-        c
-        for c in ingress_mod.KeeperIngress.func_or_class.__mro__
-        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
-    )
+    cls = ingress_class()
     inst = cls(FakeEncoder(), FakeRanker(), FakeVlm(), app_args())
     inst.requests, inst.latency = Recorder(), Recorder()
     monkeypatch.setattr(

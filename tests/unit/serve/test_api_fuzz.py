@@ -80,14 +80,12 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import inspect
 import io
 import json
 import math
 import os
 import random
 import struct
-import traceback
 import types
 import zlib
 from collections import Counter
@@ -99,7 +97,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydantic import BaseModel
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError
+from serve_fakes import Remote, ingress_class
 from support import (
     check_select_accounting,
     jpeg_with_scans,
@@ -316,38 +315,6 @@ def image_refs() -> list[tuple[str, Any]]:
 IMAGE_REFS = image_refs()
 
 # ---------------------------------------------------------------------------- fake deployments
-
-
-def remote_error(e: Exception, where: str) -> BaseException:
-    """``e`` as a Serve handle raises an error of another deployment: ``RayTaskError(cause)``."""
-    wrapped: BaseException = RayTaskError(
-        f"ServeReplica:keeper:{where}.handle_request",
-        "".join(traceback.format_exception(e)),
-        e,
-        proctitle=f"ray::ServeReplica:keeper:{where}",
-        pid=4242,
-        ip="10.1.2.3",
-    ).as_instanceof_cause()
-    return wrapped
-
-
-class Remote:
-    """A deployment handle method: ``.remote(...)`` is awaitable; a raise arrives as Ray's."""
-
-    def __init__(self, fn: Callable[..., Any], where: str) -> None:
-        self.fn, self.where = fn, where
-
-    def remote(self, *a: Any, **kw: Any) -> Any:
-        async def call() -> Any:
-            try:
-                out = self.fn(*a, **kw)
-                return await out if inspect.isawaitable(out) else out
-            except RayActorError:  # a replica lost: Serve raises that as it is
-                raise
-            except Exception as e:
-                raise remote_error(e, self.where) from None
-
-        return call()
 
 
 class Handle:
@@ -571,7 +538,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """The ingress app with every optional part configured; one instance for the module."""
     import ray.serve
     from fastapi.testclient import TestClient
-    from ray.serve._private.http_util import ASGIAppReplicaWrapper
 
     from keeper_serve import ingress
     from keeper_serve.references import ReferenceCollections
@@ -596,11 +562,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         ),
         review=ReviewArgs(runs={"demo": str(tmp / "run"), "broken": str(tmp / "no-run")}),
     )
-    cls = next(
-        c
-        for c in ingress.KeeperIngress.func_or_class.__mro__
-        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
-    )
+    cls = ingress_class()
     search = SearchIndex.func_or_class(args.search, SPEC)
     references = ReferenceCollections.func_or_class(args.references, SPEC)
     ranker, vlm = FakeRanker(), FakeVlm(args.vlm.max_image_side)

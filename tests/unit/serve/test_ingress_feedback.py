@@ -5,21 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from serve_fakes import ingress_class
 
 from keeper_core.errors import ConfigError
 from keeper_serve.config import KeeperAppArgs
-from keeper_serve.ingress import KeeperIngress
 
 
 def ingress(tmp_path: Path, root: str) -> object:
     """The ingress class itself (under Serve's ASGI wrapper), built without handles."""
-    from ray.serve._private.http_util import ASGIAppReplicaWrapper
-
-    cls = next(
-        c
-        for c in KeeperIngress.func_or_class.__mro__
-        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
-    )
+    cls = ingress_class()
     args = KeeperAppArgs(
         auth={"insecure_local": True},
         ranker={"model_uri": None},

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from serve_fakes import Recorder
+from serve_fakes import Recorder, ingress_class
 
 from keeper_core.models import PreprocessConfig
 from keeper_serve import ingress
@@ -28,16 +28,6 @@ CODE = "open_api_loopback_only"
 PREPROCESS = PreprocessConfig(image_size=64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 Front = Any  # the KeeperIngress class itself, under Serve's wrapper
-
-
-def ingress_class() -> Front:
-    from ray.serve._private.http_util import ASGIAppReplicaWrapper
-
-    return next(
-        c
-        for c in ingress.KeeperIngress.func_or_class.__mro__
-        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
-    )
 
 
 @pytest.fixture

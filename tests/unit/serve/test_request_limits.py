@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 from ray.exceptions import RayTaskError
-from serve_fakes import Recorder, Remote
+from serve_fakes import Recorder, Remote, ingress_class
 from support import photo
 
 from keeper_core.capture import given_capture
@@ -142,16 +142,11 @@ def serve_app(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple[A
     """``make(args=None, encoder=None, vlm=None, search=None) -> (TestClient, instance)``."""
     import ray.serve
     from fastapi.testclient import TestClient
-    from ray.serve._private.http_util import ASGIAppReplicaWrapper
 
     from keeper_serve import ingress
 
     monkeypatch.setenv("KEEPER_API_TOKEN", TOKEN)
-    cls = next(
-        c
-        for c in ingress.KeeperIngress.func_or_class.__mro__
-        if "_authorised" in vars(c) and not issubclass(c, ASGIAppReplicaWrapper)
-    )
+    cls = ingress_class()
     with contextlib.ExitStack() as stack:
 
         def make(
