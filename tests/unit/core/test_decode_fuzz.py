@@ -12,7 +12,7 @@ Seeds, built in code: JPEG (EXIF with Make, Model, Orientation, DateTimeOriginal
 OffsetTime, ImageNumber, a serial; a Display P3 profile; XMP), progressive (EXIF marked Adobe
 RGB), CMYK, greyscale with restarts; PNG (RGBA with eXIf and iTXt XMP, 16-bit, palette); an
 animated GIF; WebP (lossy with EXIF and XMP, animated lossless); TIFF (two pages with XMP,
-16-bit); BMP; AVIF, HEIC and a DNG where their libraries are installed. Mutations (``MUTATORS``):
+16-bit); BMP; HEIC; a DNG; AVIF where Pillow has its codec. Mutations (``MUTATORS``):
 bytes or bits set, cuts, runs inserted or deleted, a segment / chunk / box / IFD entry or a
 JPEG's last scan repeated, length fields set to 0 / 1 / their maximum, another format's header,
 two files spliced, headers claiming huge or tiny sizes, EXIF damage (IFD loops, offsets and
@@ -54,7 +54,6 @@ import tarfile
 import time
 import zlib
 from collections.abc import Callable
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +119,7 @@ def rgba(w: int, h: int) -> Image.Image:
 
 
 def _seeds() -> dict[str, Callable[[], bytes]]:
-    """Seed name -> builder; the optional formats only where their libraries are installed."""
+    """Seed name -> builder; AVIF only where this Pillow has its codec."""
     xmp, p3 = xmp_packet(4, "Red", padding=2048), rgb_profile(DISPLAY_P3)
     info = PngImagePlugin.PngInfo()
     info.add_itxt("XML:com.adobe.xmp", xmp.decode())
@@ -152,15 +151,12 @@ def _seeds() -> dict[str, Callable[[], bytes]]:
     }
     if features.check("avif"):
         out["avif"] = lambda: enc(photo(40, 24), "AVIF", exif=exif(6), quality=60)
-    if find_spec("pillow_heif"):
-        from support_photos import make_heic
+    # pillow-heif and rawpy are keeper_core's dependencies: their seeds are always there.
+    from support_photos import make_dng, make_heic
 
-        out["heic"] = lambda: make_heic(photo(48, 32), exif=exif(6))
-    if find_spec("rawpy"):
-        from support_photos import make_dng
-
-        when = {"datetime_original": "2024:05:01 10:00:00", "subsec": "25", "offset": "+02:00"}
-        out["dng"] = lambda: make_dng(None, preview=photo(64, 48), orientation=6, **when)
+    out["heic"] = lambda: make_heic(photo(48, 32), exif=exif(6))
+    when = {"datetime_original": "2024:05:01 10:00:00", "subsec": "25", "offset": "+02:00"}
+    out["dng"] = lambda: make_dng(None, preview=photo(64, 48), orientation=6, **when)
     return out
 
 
@@ -777,7 +773,6 @@ def test_a_heif_crop_does_not_hide_the_coded_size(clap: tuple[int, ...]) -> None
     range, hands it back uncropped: here 202x152 > max_pixels 10,000. The HEIC: 201x151, coded
     202x152 (pillow-heif writes a clap for odd sizes), its clap (width, height, horizontal and
     vertical offsets as fractions) set."""
-    pytest.importorskip("pillow_heif")
     from support_photos import make_heic
 
     data = bytearray(make_heic(Image.new("RGB", (201, 151), (90, 140, 200)), quality=10))
@@ -796,7 +791,6 @@ def test_a_heif_without_images_is_refused_by_the_metadata_readers(
     does not exist: libheif parses the file and lists no image. read_capture promises never to
     raise, read_embedded_xmp a DataError (pillow-heif's IndexError escaped both); decode_image
     refuses the file ("truncated")."""
-    pytest.importorskip("pillow_heif")
     from support_photos import make_heic
 
     data = bytearray(make_heic(photo(48, 32), exif=exif(6)))
