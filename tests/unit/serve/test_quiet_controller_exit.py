@@ -1,8 +1,9 @@
 """keeper_serve.local.quiet_controller_exit: Serve's own controller exit is not printed as an error.
 
 ``serve.shutdown()`` ends the controller inside its ``graceful_shutdown`` call, and Ray's driver
-prints "(raylet) Task ServeController.graceful_shutdown failed ..." for it, a line that reads as
-an error in ``make demo``. The filter drops exactly that line; every other line still prints.
+prints "(raylet) Task ServeController.graceful_shutdown failed ..." for it (and the same for the
+controller's long-poll calls in flight), lines that read as errors in ``make demo`` and when
+``keeper serve`` stops. The filter drops exactly those lines; every other line still prints.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ BENIGN = (
     "the task will be retried. Error: The actor is dead because it was killed by `ray.kill`."
 )
 
+#: What `keeper serve` printed on SIGTERM after its "Ctrl-C stops it." line.
+LONG_POLL = (
+    "Task ServeController.listen_for_change failed. There are infinite retries remaining, so the "
+    "task will be retried. Error: The actor is dead because it was killed by `ray.kill`."
+)
+
 
 def test_only_the_controllers_own_exit_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     printed: list[tuple[dict[str, Any], bool]] = []
@@ -33,7 +40,13 @@ def test_only_the_controllers_own_exit_is_dropped(monkeypatch: pytest.MonkeyPatc
     assert getattr(worker.print_to_stdstream, "_keeper_filtered", False)
 
     worker.print_to_stdstream({"lines": [BENIGN], "pid": "raylet", "is_err": False}, False)
+    worker.print_to_stdstream({"lines": [LONG_POLL], "pid": "raylet", "is_err": False}, False)
     assert printed == []
+    # The controller failing for any other reason is still shown.
+    crashed = "Task ServeController.listen_for_change failed. Error: The actor died unexpectedly"
+    worker.print_to_stdstream({"lines": [crashed], "pid": "raylet", "is_err": True}, True)
+    assert printed == [({"lines": [crashed], "pid": "raylet", "is_err": True}, True)]
+    printed.clear()
     other = "Task MyActor.f failed. There are infinite retries remaining"
     worker.print_to_stdstream(
         {"lines": [BENIGN, other], "pid": "raylet", "is_err": False}, ignore_prefix=False

@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,18 @@ DEFAULT_CONFIG = Path(__file__).with_name("serve_config.yaml")
 
 class StartError(KeeperError):
     """Serve or the app could not start (port taken, a deployment failed); the message says why."""
+
+
+@dataclass
+class _Started:
+    """What :func:`start` set up in this process, so that :func:`shutdown` undoes that and no
+    more: Serve itself where none ran before, else only the applications deployed onto it."""
+
+    serve: bool = False
+    apps: set[str] = field(default_factory=set)
+
+
+_started = _Started()
 
 
 def load_config(path: str | Path | None = None) -> dict[str, Any]:
@@ -355,6 +368,13 @@ def start(
             raise StartError(refusal)
     if not log_to_driver:  # Serve's own start-up lines, as the replicas' logs: in Ray's files
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    running = running_http()
+    if running is not None:  # joining a Serve: it keeps its http_options, whatever we ask
+        refusal = _elsewhere(running, http)
+        if refusal:
+            raise StartError(refusal)
+    else:  # ours to stop from here on, even if it comes up only half
+        _started.serve = True
     try:
         serve.start(http_options=http, proxy_location=cfg.get("proxy_location"))
     except Exception as e:  # RayTaskError from the proxy actor: one line, not its traceback
@@ -364,6 +384,9 @@ def start(
         ) from e
     from keeper_serve.app import bind  # the deployments' modules: torch, open_clip (seconds)
 
+    if running is not None and name in serve.status().applications:
+        log.warning("application %r already runs on this Serve: this deploy replaces it", name)
+    _started.apps.add(name)
     try:  # returns once every deployment runs; raises when one failed to deploy
         serve.run(
             bind(args, opts),
@@ -385,6 +408,34 @@ def start(
     url = f"http://{shown}:{int(http['port'])}{app_cfg.get('route_prefix', '/').rstrip('/')}"
     wait_healthy(url, wait_s, failed=lambda: deploy_failure(name))
     return url
+
+
+def running_http() -> dict[str, Any] | None:
+    """The HTTP host and port of the Serve already running on this process's Ray (initialised),
+    or None when none runs. Serve fixes them when it starts: ``serve.start`` joining it ignores
+    other ``http_options`` with a log line, and the app answers where that Serve listens."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    http = client.http_config
+    return {"host": str(http.host), "port": int(http.port)}
+
+
+def _elsewhere(running: Mapping[str, Any], wanted: Mapping[str, Any]) -> str | None:
+    """Why an app cannot be served at ``wanted`` (host, port) by a Serve listening at ``running``,
+    or None when they agree."""
+    have = (str(running["host"]), int(running["port"]))
+    want = (str(wanted["host"]), int(wanted["port"]))
+    if have == want:
+        return None
+    return (
+        f"Serve already runs on this Ray with its HTTP proxy on {have[0]}:{have[1]}, and keeps "
+        f"that (http_options are fixed when Serve starts): the app would not answer on "
+        f"{want[0]}:{want[1]}. Deploy onto it with --host {have[0]} --port {have[1]} "
+        "(http_options.host, http_options.port), or stop that Serve first (serve shutdown)"
+    )
 
 
 def unreserved_deployments(
@@ -511,28 +562,44 @@ def wait_healthy(
 
 
 #: What the driver prints when ``serve.shutdown()`` works as designed: the Serve controller ends
-#: itself inside its own ``graceful_shutdown`` call, and Ray reports that call as a failed task.
-_CONTROLLER_EXIT = "Task ServeController.graceful_shutdown failed"
+#: itself inside its own ``graceful_shutdown`` call, and Ray reports that call, and the
+#: controller's long-poll ``listen_for_change`` calls in flight, as failed tasks of a killed actor.
+_CONTROLLER_TASK = "Task ServeController."
+_KILLED = "killed by `ray.kill`"
+
+
+def _controller_exit(line: str) -> bool:
+    return _CONTROLLER_TASK in line and _KILLED in line
 
 
 def shutdown() -> None:
-    """Delete every Serve application and stop Serve (Ray itself stays up). Without Ray there
-    is nothing to stop (``serve.shutdown()`` would start a Ray to find that out).
+    """Undo what :func:`start` did in this process. Where it started Serve, stop Serve (every
+    application on it goes too, as with ``serve run``); where it joined a Serve already running
+    (a cluster's, maybe serving other applications), delete only the applications it deployed
+    and leave that Serve as it was. Ray itself stays up. Without Ray there is nothing to stop
+    (``serve.shutdown()`` would start a Ray to find that out).
 
     Ray's driver prints ``(raylet) Task ServeController.graceful_shutdown failed ... killed by
     ray.kill`` each time (the controller's own exit, as designed), a line that reads as an
-    error on the user's screen: :func:`quiet_controller_exit` drops exactly that line."""
+    error on the user's screen: :func:`quiet_controller_exit` drops exactly those lines."""
     import ray
     from ray import serve
 
-    if ray.is_initialized():
+    ours, apps = _started.serve, sorted(_started.apps)
+    _started.serve, _started.apps = False, set()
+    if not ray.is_initialized():
+        return
+    if ours:
         quiet_controller_exit()
         serve.shutdown()
+        return
+    for name in apps:
+        serve.delete(name)
 
 
 def quiet_controller_exit() -> None:
     """Filter the driver's printer of cluster errors (``ray._private.worker.print_to_stdstream``,
-    which Ray's error-listener thread calls) so that the one benign line above is not printed;
+    which Ray's error-listener thread calls) so that the benign lines above are not printed;
     every other line, and every other error, still is. Idempotent; a Ray without that function
     (another version) is left as it is."""
     from ray._private import worker
@@ -542,7 +609,7 @@ def quiet_controller_exit() -> None:
         return
 
     def filtered(data: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        lines = [line for line in data.get("lines", []) if _CONTROLLER_EXIT not in str(line)]
+        lines = [line for line in data.get("lines", []) if not _controller_exit(str(line))]
         if not lines and data.get("lines"):
             return None
         return printer({**data, "lines": lines}, *args, **kwargs)
