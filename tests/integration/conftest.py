@@ -52,6 +52,37 @@ def ray_cluster(moto_server: str) -> Iterator[str]:
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster: str) -> Iterator[int]:
+    """The HTTP port of the one Serve that the modules deploying keeper's app share on the
+    session's Ray (see ``shared_serve``); Serve is stopped at the end of the session."""
+    yield free_port()
+    import ray
+    from ray import serve
+
+    from keeper_serve import local
+
+    if ray.is_initialized():
+        local.quiet_controller_exit()
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared_serve(serve_port: int) -> int:
+    """Serve running on the session's Ray at ``serve_port`` (started if a module stopped it), its
+    port returned: a module deploys its app there and removes only that app at the end, as
+    ``keeper serve`` does on a cluster whose Serve already runs (``local.start`` joins it,
+    ``local.shutdown`` deletes what it deployed). Serve's controller and HTTP proxy start once
+    for the session instead of once per module (each start and stop ~6 s here)."""
+    from ray import serve
+
+    from keeper_serve import local
+
+    http = {**local.http_address(local.load_config(None)), "port": serve_port}
+    serve.start(http_options=http)
+    return serve_port
+
+
 def _pids_with(marker: str) -> list[int]:
     """Processes whose command line mentions ``marker`` (Ray's daemons name their temp dir)."""
     pids = []

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from support import free_port, small_app_overrides
+from support import small_app_overrides
 from test_serve import TOKEN, call, check_examples, section_examples
 
 from keeper_core import storage
@@ -118,6 +118,7 @@ def corpus(pick_output: str) -> str:
 
 @pytest.fixture(scope="module")
 def app(
+    shared_serve: int,
     ray_cluster: str,
     root: str,
     pick_output: str,
@@ -137,7 +138,7 @@ def app(
         search={"index": f"{corpus}/index"},
         **{"deployments.SearchIndex.ray_actor_options.num_cpus": 0.25},
     )
-    url = local.start(overrides=overrides, port=free_port(), wait_s=240)
+    url = local.start(overrides=overrides, port=shared_serve, wait_s=240)
     try:
         yield url
     finally:
@@ -433,15 +434,21 @@ def test_review_decisions_export_as_training_series(
     from keeper_core.feedback import read_offers
     from keeper_train.jobs import feedback_export
 
-    def offered() -> bool:  # the replica writes offers when they are max_age_s old
+    def on_disk() -> bool:  # the replica writes offers and events when max_age_s old
         try:
-            t = read_offers(storage.join(root, "offers"))
+            offers = read_offers(storage.join(root, "offers"))
+            events = read_feedback(storage.join(root, "events"))
         except StorageError:
             return False
-        return run_info["request_id"] in set(t.column("request_id").to_pylist())
+        ours = {run_info["request_id"]}
+        return bool(ours & set(offers.column("request_id").to_pylist())) and bool(
+            ours & set(events.column("request_id").to_pylist())
+        )
 
-    deadline = time.monotonic() + 15
-    while not offered() and time.monotonic() < deadline:
+    # max_age_s is 3 s; a loaded 2-core host has taken over 15 s to flush both logs.
+    deadline = time.monotonic() + 90
+    while not on_disk():
+        assert time.monotonic() < deadline, "the review's offers and events never reached disk"
         time.sleep(0.5)
     summary = feedback_export.run(
         feedback_export.FeedbackExportConfig(

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from support import free_port
 
 from keeper_core.synthetic import generate_corpus
 from keeper_serve import select_demo
@@ -15,11 +14,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_select_demo_prints_the_stage_accounting(
-    ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shared_serve: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     generate_corpus(tmp_path / "corpus", n_series=6, seed=3)
     argv = ["--out", str(tmp_path), "--candidates", "10", "--top-n", "4", "--top-k", "2"]
-    assert select_demo.main([*argv, "--port", str(free_port())]) == 0
+    assert select_demo.main([*argv, "--port", str(shared_serve)]) == 0
     printed = capsys.readouterr().out
     answer = json.loads((tmp_path / "select-demo.json").read_text())["answer"]
     assert answer["cost"] == {"candidates": 10, "vlm_calls": answer["cost"]["vlm_calls"],

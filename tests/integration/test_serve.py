@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import negated, register_ranker
-from support import free_port, jpeg_with_scans, png_declaring
+from support import jpeg_with_scans, png_declaring
 from support_photos import camera_exif
 
 from keeper_core import storage
@@ -99,7 +99,9 @@ def registry(
 
 
 @pytest.fixture(scope="module")
-def app(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def app(
+    shared_serve: int, registry: Registry, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     from keeper_serve import local
 
     token_file = tmp_path_factory.mktemp("serve-token") / "token"
@@ -140,7 +142,7 @@ def app(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         enc + "autoscaling_config.metrics_interval_s": 0.5,
         enc + "autoscaling_config.look_back_period_s": 2,
     }
-    url = local.start(overrides=overrides, port=free_port(), wait_s=240)
+    url = local.start(overrides=overrides, port=shared_serve, wait_s=240)
     try:
         yield url
     finally:

@@ -26,7 +26,7 @@ import pytest
 import torch
 from conftest import negated, register_ranker
 from PIL import Image
-from support import free_port, small_app_overrides
+from support import small_app_overrides
 from test_serve import call
 
 from keeper_core import storage
@@ -62,7 +62,9 @@ def _jpeg(im: Image.Image) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ab_app(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+def ab_app(
+    shared_serve: int, ray_cluster: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Setup]:
     from keeper_serve import local
 
     d = tmp_path_factory.mktemp("serve-ab")
@@ -106,7 +108,7 @@ def ab_app(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     warned = _Caught()
     logging.getLogger("keeper.serve").addHandler(warned)
     try:
-        url = local.start(overrides=overrides, port=free_port(), wait_s=240)
+        url = local.start(overrides=overrides, port=shared_serve, wait_s=240)
     finally:
         logging.getLogger("keeper.serve").removeHandler(warned)
     try:  # from here on Serve runs: whatever fails, the next module must not find it up

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from support import embed_files, free_port, small_app_overrides
+from support import embed_files, small_app_overrides
 from test_serve import TOKEN, call, check_examples, section_examples, wait_until
 
 from keeper_core import storage
@@ -101,7 +101,9 @@ def refs(tmp_path_factory: pytest.TempPathFactory) -> Refs:
 
 
 @pytest.fixture(scope="module")
-def app(ray_cluster: str, refs: Refs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def app(
+    shared_serve: int, ray_cluster: str, refs: Refs, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     from keeper_serve import local
 
     d = tmp_path_factory.mktemp("compare-serve")
@@ -114,7 +116,7 @@ def app(ray_cluster: str, refs: Refs, tmp_path_factory: pytest.TempPathFactory) 
             "deployments.ReferenceCollections.ray_actor_options.num_cpus": 0.1,
         },
     )
-    url = local.start(overrides=overrides, port=free_port(), wait_s=240)
+    url = local.start(overrides=overrides, port=shared_serve, wait_s=240)
     try:
         yield url
     finally:

@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 from PIL import Image
-from support import free_port, small_app_overrides
+from support import small_app_overrides
 from test_serve import TOKEN, Reply, call, check_examples, section_examples, wait_until
 
 from keeper_core import storage
@@ -60,7 +60,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def app(ray_cluster: str, root: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def app(
+    shared_serve: int, ray_cluster: str, root: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     from keeper_serve import local
 
     d = tmp_path_factory.mktemp("feedback-serve")
@@ -72,7 +74,7 @@ def app(ray_cluster: str, root: str, tmp_path_factory: pytest.TempPathFactory) -
             "feedback": {"root": root, "max_age_s": MAX_AGE_S, "max_events": MAX_EVENTS},
         },
     )
-    url = local.start(overrides=overrides, port=free_port(), wait_s=240)
+    url = local.start(overrides=overrides, port=shared_serve, wait_s=240)
     try:
         yield url
     finally:

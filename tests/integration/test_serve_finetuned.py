@@ -29,7 +29,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from support import free_port
 
 from keeper_core.embedding import ClipEmbedder
 from keeper_core.finetune import TunedRanker
@@ -142,7 +141,9 @@ def versions(
 
 
 @pytest.fixture(scope="module")
-def app(versions: Versions, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def app(
+    shared_serve: int, versions: Versions, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     from keeper_serve import local
 
     token_file = tmp_path_factory.mktemp("serve-tuned-token") / "token"
@@ -160,7 +161,7 @@ def app(versions: Versions, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "deployments.ClipEncoder.ray_actor_options.num_cpus": 0.5,
         "deployments.ClipEncoder.autoscaling_config.max_replicas": 1,
     }
-    url = local.start(overrides=overrides, port=free_port(), wait_s=240)
+    url = local.start(overrides=overrides, port=shared_serve, wait_s=240)
     try:
         yield url
     finally:

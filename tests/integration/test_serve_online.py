@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support import free_port, offer_rows
+from support import offer_rows
 
 from keeper_core.feedback import FeedbackEvent, FeedbackLog, OfferLog
 
@@ -24,7 +24,7 @@ def scrape(port: int) -> str:
         return r.read().decode()
 
 
-def test_online_gauges_are_exported(ray_cluster: str, tmp_path: Path) -> None:
+def test_online_gauges_are_exported(shared_serve: int, tmp_path: Path) -> None:
     import ray
     from ray import serve
 
@@ -38,7 +38,6 @@ def test_online_gauges_are_exported(ray_cluster: str, tmp_path: Path) -> None:
         [FeedbackEvent(request_id="b", image_id="b-img0", action="picked-as-keeper")], sync=True
     )
     args = FeedbackArgs(root=str(tmp_path), online_poll_s=1, online_window_s=3600)
-    serve.start(http_options={"port": free_port()})
     handle = serve.run(
         OnlineFigures.options(name="OnlineFigures").bind(args),
         name="keeper-online-test",
@@ -78,5 +77,4 @@ def test_online_gauges_are_exported(ray_cluster: str, tmp_path: Path) -> None:
         assert answers, "no champion answers gauge"
         assert float(answers[0].rsplit(" ", 1)[1]) == 1.0
     finally:
-        # Serve's HTTP port is fixed while it runs: stop it, so the next app starts on its own.
-        serve.shutdown()
+        serve.delete("keeper-online-test")

@@ -75,6 +75,9 @@ def open_port(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         auth={"insecure_local": True},
     )
     port = free_port()
+    # Serve's HTTP options are fixed while it runs: a Serve of its own, on every interface (the
+    # next module's shared_serve starts the shared one again).
+    serve.shutdown()
     serve.start(http_options={"host": "0.0.0.0", "port": port})
     try:
         ingress = KeeperIngress.options(name=INGRESS, ray_actor_options={"num_cpus": 0.25})
@@ -89,7 +92,6 @@ def open_port(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         )
         yield port
     finally:
-        # Serve's HTTP port is fixed while it runs: stop it, so the next app starts on its own.
         serve.shutdown()
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from support import embed_files, free_port, small_app_overrides
+from support import embed_files, small_app_overrides
 from test_serve import TOKEN, call, check_examples, section_examples, wait_until
 
 from keeper_core import storage
@@ -69,7 +69,7 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> Library:
 
 @pytest.fixture(scope="module")
 def app(
-    ray_cluster: str, library: Library, tmp_path_factory: pytest.TempPathFactory
+    shared_serve: int, ray_cluster: str, library: Library, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     from keeper_serve import local
 
@@ -83,7 +83,7 @@ def app(
             "deployments.SearchIndex.ray_actor_options.num_cpus": 0.25,
         },
     )
-    url = local.start(overrides=overrides, port=free_port(), wait_s=240)
+    url = local.start(overrides=overrides, port=shared_serve, wait_s=240)
     try:
         yield url
     finally:
