@@ -155,6 +155,8 @@ def split_s3(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not _BUCKET.match(bucket):
         raise StorageError(uri, f"malformed bucket name {bucket!r}")
+    if not valid_utf8(key):
+        raise StorageError(uri, "an S3 key must be UTF-8 text (this name is not)")
     return bucket, key
 
 
@@ -243,7 +245,22 @@ def _local_path(uri: str) -> Path:
     m = _SCHEME.match(uri)
     if m and m.group(1) != "file":
         raise StorageError(uri, f"unsupported scheme {m.group(1)!r} (use a local path or s3://)")
-    return Path(uri.removeprefix("file://"))
+    path = uri.removeprefix("file://")
+    if "\x00" in path:
+        raise StorageError(uri, "a file name cannot hold a NUL character")
+    try:  # a name listed from disk round-trips (surrogate escapes); a lone surrogate cannot
+        os.fsencode(path)
+    except UnicodeEncodeError as e:
+        raise StorageError(uri, f"not a file name this system can store ({e.reason})") from None
+    return Path(path)
+
+
+def _local_file(uri: str) -> Path:
+    """The local path of a file: as :func:`_local_path`, and a name ending in ``/`` is refused
+    as on S3 (pathlib would drop the slash and name the file ``f`` for ``f/``)."""
+    if uri.endswith(("/", os.sep)):
+        raise StorageError(uri, "names a folder, not a file")
+    return _local_path(uri)
 
 
 def _s3_object(uri: str) -> tuple[str, str]:
@@ -639,7 +656,7 @@ def _total_size(resp: dict[str, Any]) -> int | None:
 
 def _read_capped(uri: str, max_bytes: int) -> bytes:
     if not is_s3(uri):
-        with _local_errors(uri), _local_path(uri).open("rb") as f:
+        with _local_errors(uri), _local_file(uri).open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             # In chunks: one read(max_bytes + 1) allocates that much up front, whatever the file
             # holds (a generous cap of tens of GB is a MemoryError on every small file).
@@ -695,7 +712,7 @@ def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
         return _read_capped(uri, max_bytes)
     if not is_s3(uri):
         with _local_errors(uri):
-            return _local_path(uri).read_bytes()
+            return _local_file(uri).read_bytes()
     bucket, key = _s3_object(uri)
     client = _client(uri)
 
@@ -718,7 +735,7 @@ def read_head(uri: str, n: int = 64) -> bytes:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if not is_s3(uri):
-        with _local_errors(uri), _local_path(uri).open("rb") as f:
+        with _local_errors(uri), _local_file(uri).open("rb") as f:
             return f.read(n)
     bucket, key = _s3_object(uri)
     client = _client(uri)
@@ -759,7 +776,7 @@ def read_range(uri: str, offset: int, size: int) -> bytes:
         return DataError(f"read {got} of {size} bytes at offset {offset} ({why})", source=uri)
 
     if not is_s3(uri):
-        with _local_errors(uri), _local_path(uri).open("rb") as f:
+        with _local_errors(uri), _local_file(uri).open("rb") as f:
             f.seek(offset)
             data = f.read(size)
         if len(data) != size:
@@ -795,8 +812,9 @@ def delete(uri: str) -> None:
         StorageError: the delete failed for another reason.
     """
     if not is_s3(uri):
-        with _local_errors(uri):
-            _local_path(uri).unlink(missing_ok=True)
+        # A name under a file (NotADirectoryError): no such file can exist.
+        with _local_errors(uri), contextlib.suppress(NotADirectoryError):
+            _local_file(uri).unlink(missing_ok=True)
         return
     bucket, key = _s3_object(uri)
     with _s3_errors(uri):
@@ -824,7 +842,7 @@ def write_bytes(uri: str, data: bytes, *, durable: bool = True) -> None:
         raise TypeError(f"write_bytes({uri!r}) needs bytes, got {type(data).__name__}")
     if not is_s3(uri):
         with _local_errors(uri):
-            _atomic_write(_local_path(uri), lambda f: f.write(data), durable=durable)
+            _atomic_write(_local_file(uri), lambda f: f.write(data), durable=durable)
         return
     bucket, key = _s3_object(uri)
     with _s3_errors(uri):
@@ -858,7 +876,7 @@ def replace_file(path: str, data: bytes, *, check: Callable[[str], None]) -> Sta
         stamp.append(Stamp(st.st_size, st.st_mtime_ns))
 
     with _local_errors(path):
-        _atomic_write(Path(path), lambda f: f.write(data), check=checked)
+        _atomic_write(_local_file(path), lambda f: f.write(data), check=checked)
     return stamp[0]
 
 
@@ -892,7 +910,8 @@ def exists(uri: str) -> bool:
     """
     if not is_s3(uri):
         with _local_errors(uri):
-            return _local_path(uri).exists()
+            path = _local_path(uri)
+            return path.is_dir() if uri.endswith(("/", os.sep)) else path.exists()
     bucket, key = split_s3(uri)
     if key and not key.endswith("/") and _head(uri) is not None:
         return True
@@ -913,7 +932,7 @@ def object_info(uri: str) -> ObjectInfo:
     """
     if not is_s3(uri):
         with _local_errors(uri):
-            path = _local_path(uri)
+            path = _local_file(uri)
             st = path.stat()
             if path.is_dir():
                 raise StorageError(uri, "is a directory, not a file")
