@@ -367,13 +367,18 @@ def _call_vlm(vlm: VlmScorer, idx: np.ndarray) -> tuple[np.ndarray, dict[int, st
     failed: dict[int, str] = {}
     if isinstance(out, VlmScores):
         asked = set(idx.tolist())
+        keys = list(out.failed)
+        if not all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in keys):
+            raise CascadeStageError(
+                "vlm", f"the VLM scorer named failed candidates by non-indices: {keys[:5]!r}"
+            )
         failed = {int(i): str(why) for i, why in out.failed.items()}
         stray = sorted(set(failed) - asked)
         if stray:
             raise CascadeStageError(
                 "vlm", f"the VLM scorer reported failures for candidates it was not asked: {stray}"
             )
-        out = out.scores
+        out = _judged_only(out.scores, idx, failed)
     try:
         s = np.asarray(out, dtype=np.float64)
     except (TypeError, ValueError, OverflowError) as e:
@@ -392,6 +397,21 @@ def _call_vlm(vlm: VlmScorer, idx: np.ndarray) -> tuple[np.ndarray, dict[int, st
             f"(candidate {int(idx[j])} got {s[j]!r})",
         )
     return np.where(judged, s, np.nan), failed
+
+
+def _judged_only(scores: npt.ArrayLike, idx: np.ndarray, failed: Mapping[int, str]) -> Any:
+    """``scores`` with a failed candidate's entry, which is not read, as NaN: a placeholder of
+    any kind ("n/a", None) stands. Scores that are not one per candidate go on unchanged, for
+    the caller's shape check to refuse."""
+    if not failed or isinstance(scores, str | bytes):
+        return scores
+    try:
+        entries = list(scores)  # type: ignore[arg-type]
+    except TypeError:
+        return scores
+    if len(entries) != len(idx):
+        return scores
+    return [np.nan if i in failed else v for i, v in zip(idx.tolist(), entries, strict=True)]
 
 
 class _Ledger:
