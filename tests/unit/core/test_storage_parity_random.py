@@ -46,9 +46,9 @@ The plain tests below pin what these histories found (fixed: each failed on the 
 local name with NUL, a lone surrogate on either store, or a name that is not UTF-8 on S3 gave a
 bare ValueError / UnicodeEncodeError, not a StorageError; a local URI ending in ``/`` read,
 wrote and deleted the file without it; deleting a local name under a file was an error, not the
-no-op a missing name is; ``replace_file`` wrote an ``s3://`` URI as a relative local path. Two
-remain known and xfail (strict): a local write to ``..`` is called retryable; ``resolve`` keeps
-an empty segment on S3 that it drops beside a dot segment. moto_server answers a key holding a
+no-op a missing name is; ``replace_file`` wrote an ``s3://`` URI as a relative local path; a
+local write to ``..`` was called retryable; ``resolve`` kept an empty segment on S3 that it
+dropped beside a dot segment. moto_server answers a key holding a
 newline with 404 (real S3 stores it): no newline either.
 """
 
@@ -664,12 +664,6 @@ def test_replace_file_refuses_an_s3_uri(tmp_path: Path, monkeypatch: pytest.Monk
         assert not (tmp_path / "s3:").exists(), "wrote a local file named after the URI"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="local: write_bytes to '<folder>/..' fails with EBUSY from the rename, reported as a "
-    "retryable StorageError; a directory where a file was expected is the same next time "
-    "(writing '<folder>/.' says 'is a directory', not retryable)",
-)
 def test_a_write_over_dotdot_is_not_retryable(tmp_path: Path) -> None:
     (tmp_path / "r").mkdir()
     with pytest.raises(StorageError) as dot:
@@ -680,12 +674,6 @@ def test_a_write_over_dotdot_is_not_retryable(tmp_path: Path) -> None:
     assert not dotdot.value.retryable
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="resolve on an s3:// base drops empty segments only when the ref also has a dot "
-    "segment: 'i//a.jpg' -> s3://bk/m/i//a.jpg (another key than i/a.jpg, which a local "
-    "manifest reaches through the OS), './i//a.jpg' -> s3://bk/m/i/a.jpg",
-)
 def test_resolve_drops_empty_segments_on_s3_as_beside_dot_segments() -> None:
     assert resolve("./i//a.jpg", "s3://bk/m") == "s3://bk/m/i/a.jpg"
     assert resolve("i//a.jpg", "s3://bk/m") == "s3://bk/m/i/a.jpg"

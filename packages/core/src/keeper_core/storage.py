@@ -206,11 +206,11 @@ def resolve(ref: str, base: str) -> str:
     if base in ("", "."):
         return ref
     if is_s3(base):
-        # S3 keys are literal: "m/../i/a.jpg" is not "i/a.jpg" there, while the same manifest on
-        # a local disk reaches i/a.jpg through the OS. Resolve "." and ".." segments here so a
-        # manifest means the same images wherever it lives.
+        # S3 keys are literal: "m/../i/a.jpg" and "i//a.jpg" are not "i/a.jpg" there, while the
+        # same manifest on a local disk reaches i/a.jpg through the OS. Resolve ".", ".." and
+        # empty segments here so a manifest means the same images wherever it lives.
         parts = ref.split("/")
-        if "." in parts or ".." in parts:
+        if "." in parts or ".." in parts or "" in parts:
             bucket, key = split_s3(base)
             segs = [s for s in key.split("/") if s]
             for part in parts:
@@ -256,9 +256,10 @@ def _local_path(uri: str) -> Path:
 
 
 def _local_file(uri: str) -> Path:
-    """The local path of a file: as :func:`_local_path`, and a name ending in ``/`` is refused
-    as on S3 (pathlib would drop the slash and name the file ``f`` for ``f/``)."""
-    if uri.endswith(("/", os.sep)):
+    """The local path of a file: as :func:`_local_path`, and a name ending in ``/``, ``.`` or
+    ``..`` is refused, as on S3 (pathlib would drop the slash and name the file ``f`` for
+    ``f/``; a write over ``..`` failed with EBUSY, reported as worth a retry)."""
+    if uri.endswith(("/", os.sep)) or os.path.basename(uri) in (".", ".."):
         raise StorageError(uri, "names a folder, not a file")
     return _local_path(uri)
 
