@@ -72,6 +72,7 @@ _MAX_EXPANSION = 1_000_000  # a typo like {0..9999999999} must fail, not fill me
 # chunks with the headers between them); a member larger than a chunk is skipped by seeking.
 _INDEX_CHUNK = 8 * 1024 * 1024
 _BLOCK = tarfile.BLOCKSIZE
+_TAR_HASH = ".tar#"  # where a member URI is cut: a shard's own path must not hold it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,10 +83,14 @@ def member_uri(shard: str, member: str) -> str:
     """The URI of one member of a shard: ``<shard>#<member>``.
 
     Raises:
-        DataError: ``shard`` does not end in ``.tar``, or ``member`` is empty.
+        DataError: ``shard`` does not end in ``.tar`` or holds ``.tar#`` before its end (the
+            URI could not be split back: :func:`split_member_uri` cuts at the first one), or
+            ``member`` is empty.
     """
     if not shard.lower().endswith(".tar"):
         raise DataError("a shard URI must end in .tar", source=shard)
+    if _TAR_HASH in shard.lower():
+        raise DataError(f"a shard URI must not hold {_TAR_HASH!r} (rename it)", source=shard)
     if not member:
         raise DataError("empty member name", source=shard)
     return f"{shard}#{member}"
@@ -93,7 +98,7 @@ def member_uri(shard: str, member: str) -> str:
 
 def split_member_uri(uri: str) -> tuple[str, str] | None:
     """``(shard, member)`` for a URI made by :func:`member_uri`; None for any other URI."""
-    i = uri.lower().find(".tar#")
+    i = uri.lower().find(_TAR_HASH)
     if i < 0 or i + 5 == len(uri):
         return None
     return uri[: i + 4], uri[i + 5 :]
@@ -201,10 +206,18 @@ def list_shards(src: str) -> list[str]:
 
     Raises:
         DataError: no shard, a named shard that does not exist (names it, and how many are
-            missing), or a malformed brace pattern.
+            missing), a malformed brace pattern, or a shard whose path holds ``.tar#`` (its
+            members' URIs could not be split back; named).
         StorageError: a listing failed (missing bucket, access denied, unreachable endpoint).
     """
-    src = src.strip()
+    shards = _list_shards(src.strip())
+    bad = next((s for s in shards if _TAR_HASH in s.lower()), None)
+    if bad is not None:
+        raise DataError(f"a shard's path holds {_TAR_HASH!r}, {bad!r}: rename it", source=src)
+    return shards
+
+
+def _list_shards(src: str) -> list[str]:
     if _is_brace_pattern(src):
         shards = sorted(set(_expand(src)))
         bad = [s for s in shards if not s.lower().endswith(".tar")]
@@ -447,13 +460,19 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _compact_json(raw: bytes) -> str:
-    value = json.loads(raw)
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    """Strict JSON, compact. NaN / Infinity (Python's parser takes them) and a number too large
+    for a float (1e400, read as inf) are ValueErrors: no strict parser would read them back."""
+    value = json.loads(raw, parse_constant=_not_json)
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:  # an escaped lone surrogate ("\\udc80"): keep it escaped
-        text = json.dumps(value, separators=(",", ":"))
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     return text
 
 
@@ -524,13 +543,22 @@ class _Builder:
 
 
 def _scan(f: IO[bytes], size: int, builder: _Builder) -> None:
+    try:
+        _scan_members(f, size, builder)
+    except ValueError as e:  # malformed PAX records (a sparse map, hdrcharset): tarfile's own
+        raise tarfile.ReadError(f"{type(e).__name__}: {e}") from e
+
+
+def _scan_members(f: IO[bytes], size: int, builder: _Builder) -> None:
     with tarfile.open(fileobj=f, mode="r:") as tf:
         while (m := tf.next()) is not None:
             # A negative size (a base-256 field) sends tarfile back to this header for ever, or
             # to a negative offset, at its next(): refused before that call.
             if m.size < 0:
                 raise tarfile.ReadError(f"member {m.name!r} has a negative size ({m.size})")
-            if m.offset_data + m.size > size:
+            # A sparse member's size is the file it expands to, not the bytes stored (and it is
+            # not read: an unsupported_member); tarfile's next() finds a cut inside its data.
+            if m.isfile() and not m.issparse() and m.offset_data + m.size > size:
                 raise tarfile.ReadError(
                     f"member {m.name!r} needs {m.offset_data + m.size} bytes, the file has {size}"
                 )
