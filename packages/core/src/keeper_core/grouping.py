@@ -226,7 +226,7 @@ def group_shots(
 
     Args:
         capture_ts: (N,) capture times in seconds (any epoch shared by a camera's shots); NaN
-            when unknown.
+            when unknown. datetime64 times are read as seconds, NaT as unknown.
         camera: (N,) camera identifiers; shots of different cameras never share a group.
         embeddings: (N, D) unit-norm float32 embeddings.
         order_key: (N,) unique strings (e.g. ``image_uri``) that order shots with equal times.
@@ -284,11 +284,12 @@ def copy_runs(capture_ts: np.ndarray, file_time: np.ndarray, config: GroupingCon
     spread out (a screenshot folder built up over days) keep their times.
 
     A run is a sequence of copy times, in time order, each within ``max(copy_gap_s,
-    copy_window_s)`` of the one before. Depends on the times only, not on the order of the
+    copy_window_s)`` of the one before with no other file time between them (a file time that
+    is no copy's ends a run). Depends on the times only, not on the order of the
     rows; costs O(N log N).
 
     Args:
-        capture_ts: (N,) capture times in seconds; NaN when unknown.
+        capture_ts: (N,) capture times in seconds; NaN when unknown (datetime64: NaT).
         file_time: (N,) booleans: the time is the file's mtime (``time_source`` "mtime").
         config: ``copy_gap_s``, ``copy_files`` and ``copy_window_s`` are read.
 
@@ -389,14 +390,14 @@ def find_duplicates(
 
     Same exposure: within one group, pixels and cosine alone cannot tell a copy from a burst
     sibling (a sharp and a blurred frame have nearly the same dHash), but a camera names each
-    exposure by its body and its capture instant. Two rows of one group, neither marked above,
-    are one exposure when ``cameras`` are equal, both moments were recorded to a fraction of a
+    exposure by its body and its capture instant. Two rows of one group are one exposure when ``cameras`` are equal, both moments were recorded to a fraction of a
     second (``subsecond``) and are the same instant to the millisecond (compared as ``moments``
     are), their ``sequences`` do not differ, their dHashes are within
     ``near_duplicate_max_hamming`` bits and their cosine is >= ``near_duplicate_similarity``: a
     resized or re-encoded export that kept its original's EXIF, or a RAW+JPEG pair. Each such set
-    keeps its preferred row and every other member that passes these tests against it points at
-    it (kind ``"near"``), whatever it measures. This needs ``hashes``, ``moments``, ``cameras`` and
+    keeps its preferred row and every other member not marked above that passes these tests
+    against it points at it (kind ``"near"``), whatever it measures. The kept row may itself be
+    marked above (a near duplicate of another group's row): follow ``duplicate_of`` on. This needs ``hashes``, ``moments``, ``cameras`` and
     ``subsecond``; the marks above are the same with or without it.
 
     The search is exact: every pair that could pass is tested. With ``hashes`` and
@@ -876,8 +877,18 @@ def _factorize(labels: Sequence[Any]) -> np.ndarray:
 
 
 def _times(capture_ts: Any) -> np.ndarray:
+    raw = np.asarray(capture_ts)
+    if raw.dtype.kind == "M":  # datetime64 (a parquet timestamp column): seconds, NaT as NaN
+        ns = raw.astype("datetime64[ns]")
+        ts = ns.astype(np.int64) / 1e9
+        ts[np.isnat(ns)] = np.nan
+        raw = ts
+    elif raw.dtype.kind == "m":
+        raise DataError(
+            "capture_ts: durations (timedelta64), not times; pass seconds or datetime64"
+        )
     try:
-        ts = np.asarray(capture_ts, dtype=np.float64)
+        ts = np.asarray(raw, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise DataError(f"capture_ts: not a numeric array ({e})") from None
     if ts.ndim != 1:
@@ -900,7 +911,9 @@ def _codes(values: Sequence[str], n: int | None, name: str, *, unique: bool = Fa
     bad = [i for i, v in enumerate(arr) if not isinstance(v, str)]
     if bad:
         raise DataError(f"{name}: {len(bad)} value(s) are not strings", rows=bad[:10])
-    uniq, codes = np.unique(arr.astype(str), return_inverse=True)
+    # The object array itself: numpy's 'U' strings (astype(str)) drop trailing NULs, so "A" and
+    # "A\x00" would be one camera. Python's str order sorts it the same otherwise.
+    uniq, codes = np.unique(arr, return_inverse=True)
     if unique and len(uniq) < len(arr):
         counts = np.bincount(codes)
         repeated = np.flatnonzero(counts[codes] > 1)
