@@ -84,7 +84,7 @@ def assign(key: str, share: float, salt: str = "keeper-ab") -> Arm:
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"the challenger's share must be in [0, 1], got {share}")
     digest = hashlib.sha256(f"{salt}\0{key}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
+    u = (int.from_bytes(digest[:8], "big") >> 11) / 2**53  # exact, and < 1: share 1 is everyone
     return "challenger" if u < share else "champion"
 
 

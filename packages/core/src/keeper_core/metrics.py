@@ -75,11 +75,22 @@ def best_ranks(scores: Sequence[np.ndarray], best: Sequence[int]) -> np.ndarray:
             raise DataError(f"series {i}: scores must be a non-empty 1-D array", rows=[i])
         if np.isnan(s).any():
             raise DataError(f"series {i}: NaN scores", rows=[i])
-        if isinstance(b, bool) or int(b) != b or not 0 <= int(b) < len(s):
+        if not _index_in(b, len(s)):
             raise DataError(f"series {i}: best index {b!r} not an int in [0, {len(s)})", rows=[i])
         b = int(b)
         ranks[i] = int((s >= s[b]).sum())  # itself included: 1 + the others at least as high
     return ranks
+
+
+def _index_in(b: object, n: int) -> bool:
+    """Whether ``b`` is a whole number in [0, n): an int, or an integral float (a pandas column
+    with a gap is float); never a bool (a keeper mask passed by mistake), NaN, inf or None."""
+    if isinstance(b, (bool, np.bool_)):
+        return False
+    try:
+        return int(b) == b and 0 <= int(b) < n  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def series_metrics(scores: Sequence[np.ndarray], best: Sequence[int]) -> SeriesMetrics:
