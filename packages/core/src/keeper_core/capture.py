@@ -157,12 +157,17 @@ _CONTAINER_ERRORS = PIL_ERRORS
 # EXIF writes "2024:05:01 10:00:00"; software that rewrote it may use ISO separators, so any of
 # ":-/." in the date and ":." in the time, " " or "T" between, and (rarely) an inline fraction
 # and offset. Fixed-width fields: anything else is not a time.
+# ASCII digits only: \d alone matches any script's ("١٢"), which int() reads but ISO is not.
 _DATETIME = re.compile(
     r"(\d{4})[:\-/.](\d{2})[:\-/.](\d{2})(?:T| +)(\d{2})[:.](\d{2})[:.](\d{2})"
-    r"(?:[.,](\d+))?\s*(Z|[+-]\d{2}:?\d{2})?"
+    r"(?:[.,](\d+))?\s*(Z|[+-]\d{2}:?\d{2})?",
+    re.ASCII,
 )
-_OFFSET = re.compile(r"([+-])(\d{2}):?(\d{2})")
-_DIGITS = re.compile(r"\d+")
+_OFFSET = re.compile(r"([+-])(\d{2}):?(\d{2})", re.ASCII)
+_DIGITS = re.compile(r"\d+", re.ASCII)
+# What exiv2 0.28 prints for a value of a type it does not know: its bytes in decimal. Exif 3.0's
+# UTF-8 type (129; Make, Model, serials may use it) is one (Exiv2/exiv2#2659).
+_DECIMAL_BYTES = re.compile(rb"\d{1,3}(?: \d{1,3})*", re.ASCII)
 _MIN_YEAR = 1800  # before photography: a placeholder such as "0001:01:01", not a capture time
 _MAX_OFFSET_MIN = 14 * 60  # UTC-12:00 .. UTC+14:00 are the offsets in use
 _MAX_FRACTION_DIGITS = 9  # nanoseconds; beyond that it is noise
@@ -257,6 +262,8 @@ def read_capture(
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"image data must be bytes, got {type(data).__name__}")
+    if not callable(mtime):  # refused whatever the file holds, not only when it has no time
+        epoch_time(mtime, "mtime")
     where = source or "<bytes>"
     tags = _read_tags(bytes(data), where)
     make, model = _text(tags.get("Exif.Image.Make")), _text(tags.get("Exif.Image.Model"))
@@ -292,7 +299,9 @@ def given_capture(time: str | float | None, camera: str | None = None) -> Captur
     """
     if camera is not None and not isinstance(camera, str):
         raise ConfigError(f"camera must be a string, got {camera!r}")
-    model = _text(camera.encode("utf-8")) if camera is not None else None
+    # An opaque key, whole: _text would cut it at 128 characters and drop a tab, making two
+    # keys one camera.
+    model = (" ".join(camera.split()) or None) if camera is not None else None
     if time is None:
         return Capture(None, None, "none", None, model, None, None, None)
     if isinstance(time, str):
@@ -542,7 +551,12 @@ def _exiv2_tags(stream: bytes, where: str) -> dict[str, bytes]:
     tags: dict[str, bytes] = {}
     for entry in entries:
         key = entry["tag"].decode("ascii", "replace")
-        tags.setdefault(key, entry["value"])  # a repeated tag: its first value, as exiv2 lists it
+        value = entry["value"]
+        if entry.get("typeName") == "unknown" and _DECIMAL_BYTES.fullmatch(value):
+            numbers = [int(t) for t in value.split()]
+            if max(numbers) < 256:  # the value's own bytes (UTF-8 text, for Exif 3.0's type)
+                value = bytes(numbers)
+        tags.setdefault(key, value)  # a repeated tag: its first value, as exiv2 lists it
     return tags
 
 
