@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -68,7 +69,7 @@ def read_series_manifest(uri: str) -> pd.DataFrame:
         DataError: the file cannot be parsed or fails ``validate_series``.
         StorageError: the file cannot be read.
     """
-    df = _read_table(uri, ("series_id", "image_uri", "is_best"))
+    df = _read_table(uri)
     return validate_series(resolve_image_uris(df, uri), source=uri)
 
 
@@ -163,11 +164,7 @@ def pairwise_to_series(df_or_uri: pd.DataFrame | str) -> pd.DataFrame:
             ``image_a == image_b``, an image in two series, or a series without votes.
     """
     source = df_or_uri if isinstance(df_or_uri, str) else None
-    raw = (
-        _read_table(df_or_uri, ("series_id", "image_a", "image_b"))
-        if isinstance(df_or_uri, str)
-        else df_or_uri
-    )
+    raw = _read_table(df_or_uri) if isinstance(df_or_uri, str) else df_or_uri
     df = _check_columns(raw, PAIRWISE_COLUMNS, source)
     df["series_id"] = _as_str(df["series_id"])
     for col in ("image_a", "image_b"):
@@ -322,8 +319,11 @@ def series_groups(df: pd.DataFrame) -> list[SeriesGroup]:
     ]
 
 
-def _read_table(uri: str, str_columns: Sequence[str]) -> pd.DataFrame:
-    """Reads a CSV or Parquet table through storage; str_columns stay strings in CSV."""
+def _read_table(uri: str) -> pd.DataFrame:
+    """Reads a CSV or Parquet table through storage. A CSV's columns stay the text written, and
+    only an empty field is null: type guessing would read a base photo "001" as 1 until a row
+    says "x9" (moving groups between splits), and pandas's NA words would read a series named
+    "NA" or "None" as missing."""
     data = storage.read_bytes(uri)
     is_parquet = data[:4] == b"PAR1" or uri.lower().endswith((".parquet", ".pq"))
     if not data.strip():
@@ -331,7 +331,7 @@ def _read_table(uri: str, str_columns: Sequence[str]) -> pd.DataFrame:
     try:
         if is_parquet:
             return pd.read_parquet(io.BytesIO(data))
-        return read_csv_strict(data, source=uri, dtype=dict.fromkeys(str_columns, str))
+        return read_csv_strict(data, source=uri, dtype=str, keep_default_na=False, na_values=[""])
     except DataError:
         raise
     except (ValueError, OSError, pa.ArrowException) as e:
@@ -381,10 +381,19 @@ def _parse_is_best(values: pd.Series, source: str | None) -> np.ndarray:
 
 
 def _as_str(ids: pd.Series) -> pd.Series:
-    # Parquet may carry integer ids, possibly as floats; "7.0" must still read as "7".
-    if pd.api.types.is_float_dtype(ids) and bool((ids == ids.round()).all()):
-        ids = ids.astype(np.int64)
-    return ids.astype(str)
+    """Ids as str, each on its own: Parquet may carry integer ids as floats, and 7.0 reads as
+    "7" whatever other ids hold (2.5, 1e19: never cast through int64, which wraps; inf is
+    "inf", not an error)."""
+    if not pd.api.types.is_float_dtype(ids):
+        return ids.astype(str)
+    return pd.Series(
+        [
+            str(int(v)) if math.isfinite(v) and float(v).is_integer() else str(v)
+            for v in ids.tolist()
+        ],
+        index=ids.index,
+        dtype=object,
+    ).astype(str)
 
 
 def _bradley_terry(wins: np.ndarray) -> np.ndarray:
@@ -426,7 +435,8 @@ def read_csv_strict(data: bytes, *, source: str | None = None, **read_csv: Any) 
     would silently name other files. Here any such row is an error naming its line.
 
     Raises:
-        DataError: a row with more or fewer fields than the header (the first few lines named).
+        DataError: a row with more or fewer fields than the header (the first few lines named),
+            a header naming a column twice, or text the csv module cannot parse.
         Whatever ``pd.read_csv`` raises otherwise (callers turn it into their DataError).
     """
     try:
@@ -434,13 +444,21 @@ def read_csv_strict(data: bytes, *, source: str | None = None, **read_csv: Any) 
     except UnicodeDecodeError:
         text = None  # pandas's own decode error names the byte; let it speak
     if text is not None:
+        # A field may be as long as the file (the csv module stops at 128 KiB by default).
+        csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
         rows = csv.reader(io.StringIO(text, newline=""))
-        header = next(rows, None)
-        width = len(header or ())
         bad: list[tuple[int, int]] = []
-        for row in rows:
-            if row and len(row) != width:  # a blank line is skipped, as pandas does
-                bad.append((rows.line_num, len(row)))
+        try:
+            header = next((r for r in rows if r), None)  # blank lines before it: skipped
+            width = len(header or ())
+            for row in rows:
+                if row and len(row) != width:  # a blank line is skipped, as pandas does
+                    bad.append((rows.line_num, len(row)))
+        except csv.Error as e:
+            raise DataError(f"cannot parse as CSV: line {rows.line_num}: {e}", source=source) from e
+        repeated = sorted({c for c in header or () if (header or []).count(c) > 1})
+        if repeated:  # pandas would rename the second "is_best.1" and drop its labels silently
+            raise DataError(f"CSV header names {repeated} more than once", source=source)
         if bad:
             where = ", ".join(f"line {line} has {n}" for line, n in bad[:5])
             more = f" (and {len(bad) - 5} more rows)" if len(bad) > 5 else ""
