@@ -308,6 +308,17 @@ def valid_utf8(text: str) -> bool:
     return True
 
 
+def utf8_path(v: str) -> str:
+    """A config's folder or URI, refused when it is not valid UTF-8 (a run's summary, tables and
+    sheet name it, and none can hold it): a bad config fails before any work."""
+    if not valid_utf8(v):
+        raise ValueError(
+            f"{escape_name(v)} is not valid UTF-8 (bytes that are not UTF-8 shown as "
+            "\\xNN): rename it (e.g. convmv -f latin1 -t utf8 --notest PATH, for a Latin-1 name)"
+        )
+    return v
+
+
 def escape_name(text: str) -> str:
     r"""``text`` with the bytes that are not UTF-8 written as ``\xNN`` (``caf\xe9.jpg``).
 

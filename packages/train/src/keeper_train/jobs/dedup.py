@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from keeper_core import storage
 from keeper_core.contact_sheet import (
@@ -81,6 +81,12 @@ class DedupConfig(BaseModel):
     index: str | None = Field(
         None, description="a keeper index of this table (default: built in memory)"
     )
+
+    @field_validator("table", "output", "index")
+    @classmethod
+    def _utf8_path(cls, v: str | None) -> str | None:
+        return None if v is None else storage.utf8_path(v)  # the summary and sheet name them
+
     k: int = Field(10, ge=1, le=1000, description="neighbours searched per image")
     similarity: float = Field(
         _GROUPING.near_duplicate_similarity,

@@ -363,28 +363,17 @@ class EmbedConfig(BaseModel):
     def _non_empty(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty")
-        return utf8_path(v.strip())
+        return storage.utf8_path(v.strip())
 
     @field_validator("thumbnails")
     @classmethod
     def _thumbnails_utf8(cls, v: str | None) -> str | None:
-        return None if v is None else utf8_path(v)
+        return None if v is None else storage.utf8_path(v)
 
     @field_validator("exclude")
     @classmethod
     def _exclude_utf8(cls, v: list[str]) -> list[str]:
-        return [utf8_path(e) for e in v]
-
-
-def utf8_path(v: str) -> str:
-    """A config's folder or URI, refused when it is not valid UTF-8 (a run's summary, tables and
-    sheet name it, and none can hold it): a bad config fails before any work."""
-    if not storage.valid_utf8(v):
-        raise ValueError(
-            f"{storage.escape_name(v)} is not valid UTF-8 (bytes that are not UTF-8 shown as "
-            "\\xNN): rename it (e.g. convmv -f latin1 -t utf8 --notest PATH, for a Latin-1 name)"
-        )
-    return v
+        return [storage.utf8_path(e) for e in v]
 
 
 # --------------------------------------------------------------------------------------------

@@ -81,6 +81,11 @@ class EvaluateConfig(BaseModel):
             raise ValueError("a model URI must not be empty")
         return value
 
+    @field_validator("embeddings", "series", "html", "json_out")
+    @classmethod
+    def _utf8_path(cls, v: str | None) -> str | None:
+        return None if v is None else storage.utf8_path(v)  # the report and summary name them
+
 
 @dataclass(frozen=True)
 class Overlap:

@@ -186,7 +186,7 @@ class PickJobConfig(BaseModel):
     @field_validator("input", "output", "embeddings", "copy_keepers", "link_keepers")
     @classmethod
     def _utf8_path(cls, v: str | None) -> str | None:
-        return None if v is None else embed.utf8_path(v)  # the summary and sheet name them
+        return None if v is None else storage.utf8_path(v)  # the summary and sheet name them
 
     @model_validator(mode="after")
     def _consistent(self) -> PickJobConfig:

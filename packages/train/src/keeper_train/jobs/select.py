@@ -148,6 +148,9 @@ class Query(BaseModel):
         bad = [i for i, p in enumerate(v) if not p.strip()]
         if bad:
             raise ValueError(f"empty prompt(s) at position(s) {bad}")
+        bad = [i for i, p in enumerate(v) if not storage.valid_utf8(p)]
+        if bad:  # a lone surrogate from a JSON/YAML file: no page or table could hold it
+            raise ValueError(f"prompt(s) at position(s) {bad} are not valid UTF-8")
         return [p.strip() for p in v]
 
     @property
@@ -215,7 +218,7 @@ class SelectJobConfig(BaseModel):
     def _non_empty(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty")
-        return v.strip().rstrip("/")
+        return storage.utf8_path(v.strip().rstrip("/"))  # the summary and pages name them
 
     @model_validator(mode="after")
     def _consistent(self) -> SelectJobConfig:
