@@ -390,15 +390,16 @@ def find_duplicates(
 
     Same exposure: within one group, pixels and cosine alone cannot tell a copy from a burst
     sibling (a sharp and a blurred frame have nearly the same dHash), but a camera names each
-    exposure by its body and its capture instant. Two rows of one group are one exposure when ``cameras`` are equal, both moments were recorded to a fraction of a
-    second (``subsecond``) and are the same instant to the millisecond (compared as ``moments``
-    are), their ``sequences`` do not differ, their dHashes are within
-    ``near_duplicate_max_hamming`` bits and their cosine is >= ``near_duplicate_similarity``: a
-    resized or re-encoded export that kept its original's EXIF, or a RAW+JPEG pair. Each such set
-    keeps its preferred row and every other member not marked above that passes these tests
-    against it points at it (kind ``"near"``), whatever it measures. The kept row may itself be
-    marked above (a near duplicate of another group's row): follow ``duplicate_of`` on. This needs ``hashes``, ``moments``, ``cameras`` and
-    ``subsecond``; the marks above are the same with or without it.
+    exposure by its body and its capture instant. Two rows of one group are one exposure when
+    ``cameras`` are equal, both moments were recorded to a fraction of a second (``subsecond``)
+    and are the same instant to the millisecond (compared as ``moments`` are), their
+    ``sequences`` do not differ, their dHashes are within ``near_duplicate_max_hamming`` bits
+    and their cosine is >= ``near_duplicate_similarity``: a resized or re-encoded export that
+    kept its original's EXIF, or a RAW+JPEG pair. Each such set keeps its preferred row and
+    every other member not marked above that passes these tests against it points at it (kind
+    ``"near"``), whatever it measures. The kept row may itself be marked above (a near duplicate
+    of another group's row): follow ``duplicate_of`` on. This needs ``hashes``, ``moments``,
+    ``cameras`` and ``subsecond``; the marks above are the same with or without it.
 
     The search is exact: every pair that could pass is tested. With ``hashes`` and
     ``near_duplicate_max_hamming`` < 64 only the pairs whose hashes agree on one of
