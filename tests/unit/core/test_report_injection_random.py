@@ -39,9 +39,9 @@ a private-use character (equal strings stay equal, distinct ones distinct). Prop
 No page embeds data in a ``<script>`` (the contact sheet's one script is a constant), so there is
 no JSON in a script to parse: the script-content check stands for it.
 
-The ``xfail(strict=True)`` tests at the end are bugs found here, one deterministic repro each:
-keeper select, dedup and evaluate take a path (or prompt) that is not UTF-8 and die encoding
-their page after all their work.
+The tests at the end pin the bug found here, fixed since: keeper select, dedup and evaluate
+took a path (or prompt) that is not UTF-8 and died encoding their page after all their work;
+their configs now refuse it before any work.
 """
 
 from __future__ import annotations

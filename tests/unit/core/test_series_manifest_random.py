@@ -42,7 +42,8 @@ columns kept. For each case:
   naming its rows.
 
 A few seeds run the same on a moto S3 bucket, where relative ``.``, ``..`` and ``//`` resolve
-inside the bucket. The tests at the end are what this found, each a minimal reproduction.
+inside the bucket. The tests at the end are what this found, each a minimal reproduction, fixed
+since.
 """
 
 from __future__ import annotations
@@ -578,7 +579,7 @@ def test_series_007_and_7_stay_apart_in_parquet(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# what this found (open)
+# what this found, each fixed since
 
 
 # Found by the random cases (fixed since): pandas' default NA strings: a series named
