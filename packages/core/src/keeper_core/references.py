@@ -154,11 +154,17 @@ def remove_collection(root: str, name: str) -> int:
     files = storage.list_files(folder)
     for uri in files:
         storage.delete(uri)
-    if not storage.is_s3(folder):  # the empty folders the files leave (S3 has none)
-        for d in sorted(Path(folder).rglob("*"), key=lambda p: -len(p.parts)):
-            if d.is_dir():
-                d.rmdir()
-        Path(folder).rmdir()
+    if not storage.is_s3(folder):  # the empty folders the files leave (S3 has none), and what
+        # list_files skips: a killed write's temporary file
+        try:
+            for p in sorted(Path(folder).rglob("*"), key=lambda p: -len(p.parts)):
+                if p.is_dir() and not p.is_symlink():
+                    p.rmdir()
+                else:
+                    p.unlink()
+            Path(folder).rmdir()
+        except OSError as e:
+            raise StorageError(folder, f"cannot remove what is left: {e}", retryable=True) from e
     return len(files)
 
 
