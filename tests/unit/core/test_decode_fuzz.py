@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin, features
-from support import photo, xmp_packet
+from support import photo, tar_bytes, xmp_packet
 
 from keeper_core import handback
 from keeper_core.capture import TIME_SOURCES, read_capture
@@ -684,16 +684,6 @@ def test_xml_entities_are_never_expanded_nor_fetched(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- shards
 
 
-def tar(members: list[tuple[str, bytes]], fmt: int = tarfile.USTAR_FORMAT) -> bytearray:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return bytearray(buf.getvalue())
-
-
 def tar_headers(b: bytearray) -> list[int]:
     return [at for at in range(0, len(b) - 511, 512) if b[at + 257 : at + 262] == b"ustar"]
 
@@ -723,7 +713,7 @@ def m_tar_name(rng: random.Random, b: bytearray, other: bytes) -> str:
 def test_webdataset_shard_fuzz(fmt: str, tmp_path: Path) -> None:
     jpg, name = seed("jpeg"), f"tar_{fmt.lower()}"
     extra = {"GNU": [("d" * 120 + "/4.jpg", jpg)], "PAX": [("\u00e9t\u00e9/5.jpg", jpg)]}
-    base = tar(
+    base = tar_bytes(
         [
             *(("0.jpg", jpg), ("0.txt", b"a caption"), ("0.json", b'{"url": "x", "n": [1]}')),
             *(("1.png", seed("png_palette")), ("d/2.webp", seed("webp")), ("3.txt", b"\xc3\xa9")),
@@ -820,7 +810,7 @@ def test_a_capture_number_of_5000_digits_is_no_number() -> None:
 def tar_with_size(size: int, member: int) -> bytes:
     """Two members, the size of member ``member`` (0 or 1) set to ``size`` (base-256 when
     negative, as tar allows) and its checksum fixed."""
-    data, at = tar([("0.jpg", b"x" * 100), ("1.jpg", b"y" * 100)]), 1024 * member + 124
+    data, at = tar_bytes([("0.jpg", b"x" * 100), ("1.jpg", b"y" * 100)]), 1024 * member + 124
     data[at : at + 12] = b"\xff" + (size % (1 << 88)).to_bytes(11, "big")
     fix_checksums(data)
     return bytes(data)

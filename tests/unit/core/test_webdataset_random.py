@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import tar_bytes
 
 from keeper_core import webdataset
 from keeper_core.errors import DataError, ImageDecodeError
@@ -910,19 +911,8 @@ def test_member_uri_round_trip(seed: int) -> None:
 # what the random cases found
 
 
-def one_shard(path: Path, members: list[tuple[str, bytes]], fmt: int) -> bytearray:
-    bio = io.BytesIO()
-    with tarfile.open(fileobj=bio, mode="w", format=fmt) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return bytearray(bio.getvalue())
-
-
 def test_a_sparse_member_is_a_sample_problem_not_the_shards_error(tmp_path: Path) -> None:
-    raw = one_shard(
-        tmp_path,
+    raw = tar_bytes(
         [("a.jpg", b"A" * 100), ("b.jpg", b"B" * 512), ("c.jpg", b"C" * 7)],
         tarfile.GNU_FORMAT,
     )
@@ -952,7 +942,7 @@ def test_a_sparse_member_is_a_sample_problem_not_the_shards_error(tmp_path: Path
 @pytest.mark.parametrize("raw", [b'{"x": 1e400}', b'{"x": NaN}', b"[-Infinity]"])
 def test_metadata_is_strict_json_or_a_problem(tmp_path: Path, raw: bytes) -> None:
     shard = tmp_path / "00000.tar"
-    shard.write_bytes(one_shard(tmp_path, [("a.jpg", b"x"), ("a.json", raw)], tarfile.GNU_FORMAT))
+    shard.write_bytes(tar_bytes([("a.jpg", b"x"), ("a.json", raw)], tarfile.GNU_FORMAT))
     (sample,) = index_shard(str(shard)).samples
     assert sample.metadata is None
     assert [(r, m) for r, m, _ in sample.problems] == [("invalid_json", "a.json")]
