@@ -25,3 +25,21 @@ fi
 export RAY_AUTH_TOKEN
 ray_dir="$(cd "$(dirname "$(command -v "$RAY")")" && pwd)"
 export PATH="$ray_dir:$PATH"
+
+# wait_job_api URL: until the dashboard's job API answers (it can lag the GCS by a few seconds),
+# at most 60 s. curl where there is one (the token from stdin, -H @-: on curl's command line it
+# would show in `ps`); else `ray job list`, which starts a Python process (~2 s) per try.
+wait_job_api() {
+    local url="$1"
+    for _ in $(seq 120); do
+        if command -v curl >/dev/null; then
+            if printf 'Authorization: Bearer %s\n' "$RAY_AUTH_TOKEN" \
+                | curl -fsS -o /dev/null -H @- "${url}/api/version" 2>/dev/null; then
+                return 0
+            fi
+        elif "$RAY" job list --address "$url" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.5
+    done
+}

@@ -19,7 +19,7 @@
 # Settings (environment):
 #   RAY                  ray executable (default: ray on PATH)
 #   RAY_AUTH_TOKEN       token to use; if unset, `ray get-auth-token --generate` (~/.ray/auth_token)
-#   KEEPER_CLUSTER_DIR   state: pid and log of each node, Ray's temp dir (default /tmp/kc-$UID;
+#   KEEPER_CLUSTER_DIR   state: pid and log of each node, its Ray temp dir ray-NAME (default /tmp/kc-$UID;
 #                        keep it short: Ray's unix socket paths must stay under 107 characters)
 #   RAY_GCS_PORT         head's GCS port (default 6390)
 #   RAY_DASHBOARD_PORT   dashboard + job API port (default 8275), on 127.0.0.1 only
@@ -68,32 +68,36 @@ node_ports() {
 }
 
 # start_node NAME ARGS...: one `ray start --block` in its own session (process group), so
-# stop-cluster.sh can end exactly this node.
+# stop-cluster.sh can end exactly this node. Each node has a temp dir of its own, as on separate
+# machines: in a shared one, every node's runtime-env agent unpacks a job's working_dir into the
+# same folder, and one that unpacks it after another (it first deletes the folder) pulls it from
+# under the processes already running there (a job driver's cwd gone mid-run).
 start_node() {
     local name="$1"
     shift
-    setsid "$RAY" start --block --node-ip-address 127.0.0.1 --temp-dir "$DIR/ray" \
+    setsid "$RAY" start --block --node-ip-address 127.0.0.1 --temp-dir "$DIR/ray-$name" \
         --object-store-memory "$STORE_BYTES" --disable-usage-stats "$@" \
         >"$DIR/$name.log" 2>&1 </dev/null &
     echo $! >"$DIR/$name.pid"
 }
 
-# wait_nodes N: until N nodes are alive (or a node's `ray start` died: its log says why).
-wait_nodes() {
-    local want="$1" have=0
-    for _ in $(seq 120); do
-        for pidfile in "$DIR"/*.pid; do
-            if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-                echo "start-cluster.sh: node $(basename "$pidfile" .pid) exited; its log:" >&2
-                tail -20 "$DIR/$(basename "$pidfile" .pid).log" >&2
-                return 1
-            fi
-        done
-        have=$("$RAY" status --address "127.0.0.1:$GCS_PORT" 2>/dev/null | grep -c '^ 1 node_' || true)
-        if (( have >= want )); then return 0; fi
-        sleep 1
+# wait_node NAME: until the node's `ray start` says "Ray runtime started." (it says so only once
+# the GCS lists the node: Ray's Node() waits for its registration), or its `ray start` died (its
+# log says why). Polled in its log, 5 times a second: a `ray status` per poll would start a
+# Python process (~2 s here) each time and compete with the node starting.
+wait_node() {
+    local name="$1" pid
+    pid=$(cat "$DIR/$name.pid")
+    for _ in $(seq 600); do
+        if grep -q "Ray runtime started" "$DIR/$name.log" 2>/dev/null; then return 0; fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "start-cluster.sh: node $name exited; its log:" >&2
+            tail -20 "$DIR/$name.log" >&2
+            return 1
+        fi
+        sleep 0.2
     done
-    echo "start-cluster.sh: $have of $want nodes up after 120 s (logs in $DIR)" >&2
+    echo "start-cluster.sh: node $name not up after 120 s (log: $DIR/$name.log)" >&2
     return 1
 }
 
@@ -102,7 +106,7 @@ start_node head --head --port "$GCS_PORT" \
     --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" \
     --ray-client-server-port $(( PORT_BASE + 6 )) \
     --num-cpus "$HEAD_CPUS" --resources '{"keeper_node_head": 1}' $(node_ports 0)
-wait_nodes 1
+wait_node head
 
 i=0
 for spec in $WORKERS; do
@@ -112,14 +116,11 @@ for spec in $WORKERS; do
     # shellcheck disable=SC2046
     start_node "$name" --address "127.0.0.1:$GCS_PORT" --num-cpus "$WORKER_CPUS" \
         --resources "{\"$resource\": 1, \"keeper_node_$name\": 1}" $(node_ports "$i")
-    wait_nodes $(( i + 1 ))   # one at a time: a node registers before the next starts
+    wait_node "$name"   # one at a time: a node registers before the next starts
 done
 
 url="http://127.0.0.1:${DASHBOARD_PORT}"
-for _ in $(seq 60); do   # the job API can lag the GCS by a few seconds
-    if "$RAY" job list --address "$url" >/dev/null 2>&1; then break; fi
-    sleep 1
-done
+wait_job_api "$url"   # the job API can lag the GCS by a few seconds
 
 cat <<EOF
 Ray cluster up: head + $i worker node(s) [$WORKERS], token auth on, state in $DIR.

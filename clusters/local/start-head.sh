@@ -50,15 +50,7 @@ if [[ -n "${RAY_NUM_GPUS:-}" ]]; then gpu_args=(--num-gpus "$RAY_NUM_GPUS"); fi
 
 # `ray start` returns once the GCS is up; the job API can lag a few seconds behind it.
 url="http://127.0.0.1:${DASHBOARD_PORT}"
-for _ in $(seq 60); do
-    command -v curl >/dev/null || break
-    # The header from stdin (-H @-): a token on curl's command line would show in `ps`.
-    if printf 'Authorization: Bearer %s\n' "$RAY_AUTH_TOKEN" \
-        | curl -fsS -o /dev/null -H @- "${url}/api/version" 2>/dev/null; then
-        break
-    fi
-    sleep 1
-done
+wait_job_api "$url"
 
 cat <<EOF
 
