@@ -46,12 +46,17 @@ def ensure_token(env: str, data_dir: str) -> tuple[str, str]:
     if len(token) < 16:
         path.parent.mkdir(parents=True, exist_ok=True)
         token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        write_secret(path, token + "\n")
     os.environ[env] = token
     return token, str(path)
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by this user only (0600 from its creation on)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def add_serve_parser(subparsers: SubParsers) -> None:

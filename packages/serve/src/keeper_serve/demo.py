@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -19,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from keeper_core import ray_token, storage
 from keeper_core.bestof import RANDOM_WEIGHTS_WARNING
 from keeper_core.errors import KeeperError
 from keeper_core.registry import tracking_uri
+from keeper_serve.commands import write_secret
 
 
 def _post(url: str, path: str, token: str, body: dict[str, Any] | None = None) -> Any:
@@ -60,30 +62,53 @@ def _series(out: Path, n: int) -> list[tuple[str, list[str], int | None]]:
     return picked
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.contextmanager
+def demo_app(
+    out: Path, name: str, overrides: dict[str, Any], port: int
+) -> Iterator[tuple[str, str, float]]:
+    """keeper's Serve app for a demo step, yielded as (url, token, seconds to start), and gone
+    on leaving: on a local Ray started here (stopped after), or on the Ray and Serve this process
+    already joined (only the app is removed, as ``keeper serve`` leaves a running Serve).
+
+    Auth stays on: the token is ``KEEPER_API_TOKEN`` or a generated one, handed to the replicas
+    in ``OUT/NAME`` (mode 600), which reaches them on a joined Ray too (an environment variable
+    set here reaches only the replicas of a Ray this process starts).
+    """
     import ray
 
     from keeper_serve import local
 
+    token = os.environ.get("KEEPER_API_TOKEN") or secrets.token_urlsafe(32)
+    token_file = out / name
+    write_secret(token_file, token)
+    started_ray = not ray.is_initialized()
+    t0 = time.perf_counter()
+    if started_ray:
+        ray_token.quiet_enabled_notice()
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        ray_token.restrict()  # the token the new local Ray generated: this user's only
+    try:
+        overrides = {**overrides, "auth.token_file": str(token_file.resolve())}
+        url = local.start(overrides=overrides, port=port, log_to_driver=False)
+        yield url, token, time.perf_counter() - t0
+    finally:
+        local.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     series = _series(out, args.series)
     if not series:
         raise KeeperError(f"no series under {out}: run python -m keeper_train.jobs.demo first")
-    token = os.environ.get("KEEPER_API_TOKEN") or secrets.token_urlsafe(32)
-    os.environ["KEEPER_API_TOKEN"] = token  # before ray.init: the replicas inherit it
     overrides = {
         "clip_model": args.model,
         "tracking_uri": tracking_uri(None, out),
         "data_dir": str(out),
         "ranker.model_uri": f"models:/{args.model_name}@champion",
     }
-    t0 = time.perf_counter()
-    ray_token.quiet_enabled_notice()
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    ray_token.restrict()  # the token the new local Ray generated: this user's only
-    try:
-        url = local.start(overrides=overrides, port=args.port, log_to_driver=False)
-        started = time.perf_counter() - t0
+    with demo_app(out, "serve-demo-token", overrides, args.port) as (url, token, started):
         print(f"keeper API up at {url} in {started:.0f} s (bearer token generated for the demo)")
         models = _post(url, "/v1/models", token)
         body = {
@@ -103,9 +128,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         aesthetic = _post(
             url, "/v1/score/aesthetic", token, {"images": body["series"][0]["images"]}
         )
-    finally:
-        local.shutdown()
-        ray.shutdown()
 
     m = ranked["model"]
     print(

@@ -14,22 +14,19 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import secrets
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from keeper_core import ray_token, storage
+from keeper_core import storage
 from keeper_core.bestof import RANDOM_WEIGHTS_WARNING
 from keeper_core.errors import KeeperError
 from keeper_core.tiny_vlm import build_tiny_vlm
 from keeper_core.vlm import VlmConfig, actor_memory
-from keeper_serve.demo import _post
+from keeper_serve.demo import _post, demo_app
 
 QUERY = "a cat sitting on a sofa"
 
@@ -58,10 +55,6 @@ def _shown(path: str, root: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
-
-    from keeper_serve import local
-
     out = Path(args.out)
     manifest = out / "corpus" / "manifest.csv"
     if not manifest.exists():
@@ -70,12 +63,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vlm_dir = out / "tiny-vlm"
     if not (vlm_dir / "keeper.json").exists():  # a re-run takes the one it built (seeded: same)
         build_tiny_vlm(vlm_dir)
-    token = os.environ.get("KEEPER_API_TOKEN") or secrets.token_urlsafe(32)
-    # A token file reaches the replicas whether this process starts Ray or joins a running one.
-    token_file = out / "select-demo-token"
-    storage.write_bytes(str(token_file), token.encode())
     overrides = {
-        "auth.token_file": str(token_file.resolve()),
         "clip_model": args.model,
         "data_dir": str(out),
         "ranker.model_uri": None,  # /v1/select needs no ranker
@@ -87,15 +75,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             VlmConfig(source=str(vlm_dir.resolve()), device="cpu")
         ),
     }
-    started_ray = not ray.is_initialized()
-    t0 = time.perf_counter()
-    if started_ray:
-        ray_token.quiet_enabled_notice()
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
-        ray_token.restrict()  # the token the new local Ray generated: this user's only
-    try:
-        url = local.start(overrides=overrides, port=args.port, log_to_driver=False)
-        print(f"keeper API up at {url} in {time.perf_counter() - t0:.0f} s, with a tiny VLM")
+    with demo_app(out, "select-demo-token", overrides, args.port) as (url, token, started):
+        print(f"keeper API up at {url} in {started:.0f} s, with a tiny VLM")
         body = {
             "positive": [QUERY],
             "negative": ["a blurry photo"],
@@ -104,10 +85,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "top_k": args.top_k,
         }
         answer = _post(url, "/v1/select", token, body)
-    finally:
-        local.shutdown()
-        if started_ray:
-            ray.shutdown()
 
     print(
         f'POST /v1/select "{QUERY}": {len(paths)} candidates, top_n {args.top_n}, top_k {args.top_k}'
