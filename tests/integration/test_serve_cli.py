@@ -72,44 +72,6 @@ def _serving(
                 proc.wait(timeout=30)
 
 
-def test_keeper_serve_starts_prints_how_to_call_and_stops(tmp_path: Path) -> None:
-    port = free_port()
-    log = tmp_path / "serve.log"
-    args = ["--port", str(port), f"data_dir={tmp_path / 'data'}", "ranker.poll_s=2"]
-    with _serving(args, log) as proc:
-        url = f"http://127.0.0.1:{port}"
-        text = log.read_text(errors="replace")
-        token_file = tmp_path / "data" / "api-token"
-        assert f"keeper API at {url}" in text
-        assert f"TOKEN=$(cat {token_file})" in text
-        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
-        token = token_file.read_text().strip()
-
-        assert _get(f"{url}/healthz") == (200, {"status": "ok"})
-        assert _get(f"{url}/v1/models")[0] == 401
-        status, models = _get(f"{url}/v1/models", token)
-        assert status == 200
-        assert models["clip"] == {  # embedded defaults
-            "spec": "keeper-tiny:random", "embed_dim": 64, "image_size": 64,
-            "random_weights": True, "logit_scale": pytest.approx(1 / 0.07, rel=1e-4),  # init
-        }  # fmt: skip
-        assert models["vlm"]["status"] == "disabled"  # vlm.source is null by default
-        ranker = models["ranker"]
-        assert isinstance(ranker, dict)
-        assert ranker["status"] == "unavailable"  # no champion in a fresh store: said, not hidden
-        assert "keeper-ranker" in str(ranker["error"])
-        # ... once, in one line on the terminal, and not again at every registry poll.
-        time.sleep(5)  # > 2 polls (poll_s 2)
-        text = log.read_text(errors="replace")
-        notes = [ln for ln in text.splitlines() if "no ranker loaded" in ln]
-        assert len(notes) == 1, text[-3000:]
-        assert notes[0].startswith("keeper serve: no ranker loaded, /v1/rank answers 503")
-        assert "keeper-ranker" in notes[0]
-        assert "Traceback" not in text
-        assert "SeriesRanker: keeping" not in text  # replica logs stay in Ray's log files
-    assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
-
-
 def _serve(
     args: list[str], tmp_path: Path, timeout: float = 240, **extra_env: str
 ) -> subprocess.CompletedProcess[str]:
@@ -194,12 +156,17 @@ def _session_processes(sid: int) -> dict[int, str]:
     return out
 
 
-def test_keeper_serve_haproxy_answers_through_haproxy_with_files_of_its_own(
+def test_keeper_serve_starts_prints_how_to_call_answers_through_haproxy_and_stops(
     tmp_path: Path,
 ) -> None:
-    """``keeper serve --haproxy``: HAProxy, not Serve's Python proxy, answers the port, with its
-    config in a directory of this instance's own (not Ray's shared /tmp/haproxy-serve); auth holds
-    on that path; on SIGTERM HAProxy stops and the directory is removed."""
+    """``keeper serve --haproxy`` on embedded defaults: it prints how to call it (a token file of
+    its own, mode 600), says once that no ranker is loaded, keeps replica logs off the terminal;
+    HAProxy, not Serve's Python proxy, answers the port, with its config in a directory of this
+    instance's own (not Ray's shared /tmp/haproxy-serve); auth holds on that path; on SIGTERM it
+    exits 0, HAProxy stops and the directory is removed.
+
+    One ``keeper serve`` (a local Ray, Serve and the app: ~40 s here) for both the start-up and
+    the HAProxy checks; the default Python proxy answers every other integration test."""
     import base64
     import io
 
@@ -216,9 +183,16 @@ def test_keeper_serve_haproxy_answers_through_haproxy_with_files_of_its_own(
             time.sleep(0.5)
         left.extend(_haproxy(exited.pid))
 
-    args = ["--haproxy", "--port", str(port), f"data_dir={tmp_path / 'data'}"]
+    args = ["--haproxy", "--port", str(port), f"data_dir={tmp_path / 'data'}", "ranker.poll_s=2"]
     with _serving(args, log, on_exit=haproxy_gone) as proc:
+        up = time.monotonic()
+        url = f"http://127.0.0.1:{port}"
         text = log.read_text(errors="replace")
+        token_file = tmp_path / "data" / "api-token"
+        assert f"keeper API at {url}" in text
+        assert f"TOKEN=$(cat {token_file})" in text
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        token = token_file.read_text().strip()
         assert "keeper serve: HTTP through HAProxy" in text, text[-3000:]
         procs = _session_processes(proc.pid)
         haproxy = _haproxy(proc.pid)
@@ -230,10 +204,19 @@ def test_keeper_serve_haproxy_answers_through_haproxy_with_files_of_its_own(
         stats_url = re.search(r"its stats page: (http://\S+/stats)", text)
         assert stats_url, text[-3000:]
 
-        url = f"http://127.0.0.1:{port}"
-        token = (tmp_path / "data" / "api-token").read_text().strip()
         assert _get(f"{url}/healthz") == (200, {"status": "ok"})
         assert _get(f"{url}/v1/models")[0] == 401
+        status, models = _get(f"{url}/v1/models", token)
+        assert status == 200
+        assert models["clip"] == {  # embedded defaults
+            "spec": "keeper-tiny:random", "embed_dim": 64, "image_size": 64,
+            "random_weights": True, "logit_scale": pytest.approx(1 / 0.07, rel=1e-4),  # init
+        }  # fmt: skip
+        assert models["vlm"]["status"] == "disabled"  # vlm.source is null by default
+        ranker = models["ranker"]
+        assert isinstance(ranker, dict)
+        assert ranker["status"] == "unavailable"  # no champion in a fresh store: said, not hidden
+        assert "keeper-ranker" in str(ranker["error"])
         png = io.BytesIO()
         Image.new("RGB", (80, 64), (200, 30, 30)).save(png, "PNG")
         body = json.dumps({"images": [{"b64": base64.b64encode(png.getvalue()).decode()}]})
@@ -257,6 +240,16 @@ def test_keeper_serve_haproxy_answers_through_haproxy_with_files_of_its_own(
         assert sessions[replicas[0]] >= 3, sessions  # healthz, the 401, the embed
         assert fallback, sessions
         assert sessions[fallback[0]] == 0, sessions
+        # "no ranker loaded" once, in one line on the terminal, not again at every registry
+        # poll (poll_s 2: the requests above took more than two polls' time since it started).
+        time.sleep(max(0.0, 5 - (time.monotonic() - up)))
+        text = log.read_text(errors="replace")
+        notes = [ln for ln in text.splitlines() if "no ranker loaded" in ln]
+        assert len(notes) == 1, text[-3000:]
+        assert notes[0].startswith("keeper serve: no ranker loaded, /v1/rank answers 503")
+        assert "keeper-ranker" in notes[0]
+        assert "Traceback" not in text
+        assert "SeriesRanker: keeping" not in text  # replica logs stay in Ray's log files
     assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
     assert not left, left
     assert workdirs
