@@ -33,7 +33,8 @@ a private-use character (equal strings stay equal, distinct ones distinct). Prop
   ``data:`` but the report's own ``data:image/...;base64`` thumbnails; a thumbnail that is
   anything else is not shown;
 - every string is shown as text where the page shows it (a text node, a ``title`` or ``alt``),
-  unescaped exactly once: ``&amp;`` reads ``&amp;``. The contact sheet shortens strings over 300
+  unescaped exactly once: ``&amp;`` reads ``&amp;``; a bidirectional control (the RTL override)
+  reads ``<U+202E>``, so that it cannot reorder what a name shows. The contact sheet shortens strings over 300
   characters with an ellipsis, keeper select strips prompts and the table path: shown so.
 
 No page embeds data in a ``<script>`` (the contact sheet's one script is a constant), so there is
@@ -168,6 +169,16 @@ def nonblank(s: str) -> bool:
 
 def clip(s: str) -> str:
     return s if len(s) <= CLIP else s[: CLIP - 1] + "\u2026"
+
+
+# Unicode's bidirectional controls (UAX #9: embeddings and overrides, isolates, LRM, RLM, ALM),
+# which every page shows as <U+XXXX> (an RTL override would make "IMG_\u202egpj.exe" read
+# "IMG_exe.jpg"); written out here apart from keeper_core.htmltext.
+BIDI = {chr(c) for c in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+
+
+def visible(s: str) -> str:
+    return "".join(f"<U+{ord(c):04X}>" if c in BIDI else c for c in s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +399,7 @@ class Shown:
     items: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
 
     def add(self, where: str, *options: str) -> None:
-        self.items.append((where, options))
+        self.items.append((where, tuple(visible(o) for o in options)))
 
     def check(self, page: Page, label: str) -> None:
         for where, options in self.items:
@@ -432,7 +443,7 @@ def report_page(seed: int, text: Text, shown: Shown) -> str:
             rows[m][metrics[0]] = text()  # not a number: shown as it is
         if with_metrics:
             shown.add("text", m)
-            shown.items += [("text", (v,)) for v in rows[m].values() if isinstance(v, str)]
+            shown.items += [("text", (visible(v),)) for v in rows[m].values() if isinstance(v, str)]
     for c in metrics if with_metrics else []:
         shown.add("text", c)
     series: list[SeriesView] = []
@@ -679,7 +690,7 @@ def select_page(seed: int, text: Text, shown: Shown, out: Path) -> str:
             "device": text(),
             "random_weights": bool(rng.random() < 0.5),
         }
-        shown.items += [("text", (info[k],)) for k in ("architecture", "dtype", "device")]
+        shown.items += [("text", (visible(info[k]),)) for k in ("architecture", "dtype", "device")]
     judged = S.Judged(answers, thumbs, info, len(pq.survivors), 0.25)
     plan = S.Plan(cfg, c, [pq], cfg.cascade, pick(rng, ["model", "config"]), {})
     S.finish_query(plan, 0, judged, S._vlm_note(cfg, judged), info)

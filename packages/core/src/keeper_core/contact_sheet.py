@@ -22,7 +22,6 @@ them whole).
 
 from __future__ import annotations
 
-import html
 import io
 import re
 from collections import Counter
@@ -35,7 +34,7 @@ import pandas as pd
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from keeper_core import storage
+from keeper_core import htmltext, storage
 from keeper_core.errors import ConfigError, DataError
 from keeper_core.images import to_rgb
 
@@ -206,7 +205,7 @@ def _esc(value: object) -> str:
     text = str(value)
     if len(text) > _CLIP:
         text = text[: _CLIP - 1] + "\u2026"
-    return html.escape(text, quote=True)
+    return htmltext.escape(text)
 
 
 def _missing(value: Any) -> bool:

@@ -10,7 +10,6 @@ that fit and the page says how many it shows of how many.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import numbers
 import re
@@ -19,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+
+from keeper_core import htmltext
 
 #: Thumbnails on one report page: series are added whole until the next would pass either bound.
 MAX_IMAGES = 1_000
@@ -125,7 +126,7 @@ def series_report_html(
         total_images: images in those series.
         shown_order: one sentence saying which series are shown, and in what order.
     """
-    esc = html.escape
+    esc = htmltext.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"]
     parts.append(f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1>")
     parts += [f"<div class='warn'>{esc(w)}</div>" for w in warnings]

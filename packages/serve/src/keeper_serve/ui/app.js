@@ -129,10 +129,21 @@
     return `${a}\n${b}`;
   }
 
+  // Unicode's bidirectional controls shown as <U+202E>: a file named "IMG_\u202egpj.exe" would
+  // otherwise read "IMG_exe.jpg" (keeper_core.htmltext does the same on keeper's HTML pages).
+  const BIDI_CONTROLS = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+
+  function shown(text) {
+    return String(text).replace(
+      BIDI_CONTROLS,
+      (c) => `<U+${c.charCodeAt(0).toString(16).toUpperCase().padStart(4, "0")}>`,
+    );
+  }
+
   function el(tag, cls, text) {
     const node = document.createElement(tag);
     if (cls) node.className = cls;
-    if (text !== undefined && text !== null) node.textContent = String(text);
+    if (text !== undefined && text !== null) node.textContent = shown(text);
     return node;
   }
 
@@ -376,8 +387,8 @@
     if (state.mode === "query") return updateQueryHeader();
     ui.stages.textContent = "";
     const r = state.run;
-    ui.ranker.textContent = r ? `ranker: ${r.ranker}` : "";
-    ui.clipModel.textContent = r ? `CLIP: ${r.clip_model}` : "";
+    ui.ranker.textContent = r ? shown(`ranker: ${r.ranker}`) : "";
+    ui.clipModel.textContent = r ? shown(`CLIP: ${r.clip_model}`) : "";
     ui.finished.textContent = r && r.finished ? `finished ${r.finished}` : "";
     ui.weights.hidden = !(r && r.random_weights);
     if (!r) {

@@ -38,7 +38,6 @@ an OUTPUT holding other queries' results, a VLM that cannot load, a VLM stage fa
 
 from __future__ import annotations
 
-import html
 import json
 import logging
 import math
@@ -66,7 +65,7 @@ from pydantic import (
     model_validator,
 )
 
-from keeper_core import storage
+from keeper_core import htmltext, storage
 from keeper_core.cascade import (
     NEUTRAL_PROMPT,
     CascadeConfig,
@@ -935,7 +934,7 @@ img.s{width:64px;height:48px;object-fit:contain;background:#eee}
 
 
 def _e(x: object) -> str:
-    return html.escape(str(x), quote=True)
+    return htmltext.escape(x)
 
 
 def _n(x: float | None, fmt: str = ".3f") -> str:
