@@ -64,6 +64,21 @@ def test_float_series_ids_read_as_integers() -> None:
     assert out["is_best"].tolist() == [1, 0]
 
 
+def test_a_float_is_best_column_reads_the_same_from_csv_as_from_parquet(tmp_path: Path) -> None:
+    """pandas writes a float is_best (one that held a NaN) to CSV as 1.0/0.0; Parquet gives the
+    same column as 1.0/0.0 floats, which were always taken. Other decimals stay refused."""
+    df = pd.DataFrame({"series_id": [1, 1], "image_uri": ["a", "b"], "is_best": [1.0, 0.0]})
+    df.to_csv(tmp_path / "m.csv", index=False)
+    assert "1.0" in (tmp_path / "m.csv").read_text()
+    df.to_parquet(tmp_path / "m.parquet")
+    for name in ("m.csv", "m.parquet"):
+        assert read_series_manifest(str(tmp_path / name))["is_best"].tolist() == [1, 0]
+    for bad in ("1.5", "1.", "1e0", "01"):
+        uri = write(tmp_path, "bad.csv", f"series_id,image_uri,is_best\n1,a,{bad}\n1,b,0\n")
+        with pytest.raises(DataError, match="is_best must be 0/1"):
+            read_series_manifest(uri)
+
+
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     uri = write(tmp_path, "m.csv", "series_id,path\n1,a\n")
     with pytest.raises(DataError, match=r"missing columns \['image_uri', 'is_best'\]") as e:

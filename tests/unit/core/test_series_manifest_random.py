@@ -83,8 +83,11 @@ ID_POOL = [
 ]  # fmt: skip
 INT_IDS = [0, 7, 42, -3, 10**12, 2**62, 123456789]
 FLOAT_IDS = [7.0, 0.0, -3.0, 1e15, 2.5, 0.1]
-GOOD = {1: ["1", "true", "True", "TRUE", " 1", "tRuE"], 0: ["0", "false", "False", "FALSE", "0 "]}
-BAD = ["yes", "no", "2", "-1", "1.0", "y", "t", "01", "on"]
+GOOD = {
+    1: ["1", "true", "True", "TRUE", " 1", "tRuE", "1.0", " 1.00"],
+    0: ["0", "false", "False", "FALSE", "0 ", "0.0"],
+}
+BAD = ["yes", "no", "2", "-1", "1.5", "y", "t", "01", "on", "1.", "1e0", "\u0661"]
 NULLS = ["", "  ", "NaN", "NA", "null"]  # what a CSV's is_best holds where it has no value
 NAMES = [
     "IMG_{k:04d}.jpg", "ü {k}.JPG", "日本 {k}.jpeg", "with,comma {k}.jpg", 'quo"te {k}.png',
@@ -329,6 +332,8 @@ def is_null(value: Any) -> bool:
 def parse_best(value: Any) -> int | None:
     if isinstance(value, str):
         v = value.strip().lower()
+        if v in ("1.0", "1.00", "0.0"):  # a float column written to CSV (pandas: 1.0)
+            return int(v[0])
         return {"1": 1, "true": 1, "0": 0, "false": 0}.get(v)
     if isinstance(value, bool | int | float) and value in (0, 1):
         return int(value)

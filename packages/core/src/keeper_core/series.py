@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -31,6 +32,7 @@ SPLITS = ("train", "val", "test")
 
 _MAX_LISTED = 10  # long lists in messages are cut here; DataError.rows keeps them all
 _TRUE, _BOOL_STRINGS = frozenset({"1", "true"}), frozenset({"0", "1", "false", "true"})
+_FLOAT_01 = re.compile(r"[01]\.0+", re.ASCII)  # 1.0 / 0.0, as a float column writes them to CSV
 # Bradley-Terry prior: every image also wins once and loses once against a virtual reference of
 # strength 1. It keeps strengths finite when an image never wins (or never loses), which a
 # plain maximum-likelihood fit cannot, and shrinks scores backed by few votes.
@@ -94,7 +96,9 @@ def validate_series(df: pd.DataFrame, source: str | None = None) -> pd.DataFrame
     """Checks a series manifest and returns a normalised copy.
 
     Refuses missing columns, an empty table, null or empty values, ``is_best`` values other than
-    bools, 0/1 or "true"/"false" (any case), duplicate ``image_uri``, series with zero or
+    bools, 0/1, "true"/"false" (any case) or "1.0"/"0.0" (a float column written to CSV, as
+    pandas writes one that held a NaN: the same value a Parquet float column gives as 1.0),
+    duplicate ``image_uri``, series with zero or
     several best images, and series of one image. The structural problems (columns, empty,
     nulls, is_best values) are reported first; the per-series problems are reported together.
 
@@ -368,6 +372,8 @@ def _parse_is_best(values: pd.Series, source: str | None) -> np.ndarray:
     for i, v in enumerate(values.tolist()):
         if isinstance(v, str) and v.strip().lower() in _BOOL_STRINGS:
             out[i] = v.strip().lower() in _TRUE
+        elif isinstance(v, str) and _FLOAT_01.fullmatch(v.strip()):
+            out[i] = v.strip().startswith("1")
         elif isinstance(v, int | float) and v in (0, 1):
             out[i] = int(v)  # bool is an int, so True/False land here too
         else:
