@@ -542,6 +542,64 @@ class _Builder:
         return tuple(out)
 
 
+#: The largest PAX extended header read (tarfile reads one whole into memory). Real ones hold a
+#: long or non-ASCII name and a few attributes: hundreds of bytes.
+PAX_MAX_BYTES = 1 << 20
+#: The longest run of digits a PAX header may hold (a size or a time has 20 at most).
+PAX_MAX_DIGITS = 64
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+_PAX_DIGIT_RUN = re.compile(rb"[0-9]{%d}" % (PAX_MAX_DIGITS + 1))
+
+
+def check_pax_header(buf: bytes) -> None:
+    r"""Refuse a PAX extended header (its payload as read, NUL padding included) that is not a
+    sequence of well-formed records (``LENGTH KEYWORD=VALUE\n``, 1-20 length digits, lengths
+    that add up, NULs only after them) or that holds a run of over ``PAX_MAX_DIGITS`` digits.
+
+    Why: before 3.11.10 (CVE-2024-6232) tarfile's PAX parser searches the whole payload with
+    regular expressions (``\d+ hdrcharset=``, ``\d+ GNU.sparse.offset=``) that take time
+    quadratic in a digit run, and a record without its newline makes ``[^\n]+`` run to the end
+    from every match: 64 KiB of digits took 5.5 s here, a megabyte would take half an hour, in
+    every shard a crafted one holds. On well-formed records with short digit runs each of those
+    searches is linear. Raises tarfile.ReadError naming what is wrong.
+    """
+    pos, n = 0, len(buf)
+    while pos < n and buf[pos] != 0:
+        m = _PAX_LENGTH.match(buf, pos)
+        if m is None:
+            raise tarfile.ReadError(f"malformed PAX record at byte {pos}: no length")
+        length = int(m.group(1))
+        end = pos + length
+        if length < 5 or end > n or buf[end - 1] != 0x0A:
+            raise tarfile.ReadError(f"malformed PAX record at byte {pos}: length {length}")
+        if buf[m.end()] == 0x3D or buf.find(b"=", m.end(), end - 1) < 0:  # keyword=value
+            raise tarfile.ReadError(f"malformed PAX record at byte {pos}: no keyword=value")
+        pos = end
+    if buf.count(0, pos) != n - pos:
+        raise tarfile.ReadError(f"PAX header holds bytes after its records (byte {pos} on)")
+    if run := _PAX_DIGIT_RUN.search(buf):
+        raise tarfile.ReadError(
+            f"PAX header holds a run of over {PAX_MAX_DIGITS} digits (byte {run.start()})"
+        )
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """tarfile's TarInfo, its PAX headers bounded and checked (``check_pax_header``) before
+    tarfile parses them."""
+
+    def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.size > PAX_MAX_BYTES:
+            raise tarfile.ReadError(
+                f"PAX header of {self.size} bytes at offset {self.offset} (at most "
+                f"{PAX_MAX_BYTES} are read)"
+            )
+        f = tarfile_.fileobj
+        start = f.tell()
+        check_pax_header(f.read(self._block(self.size)))  # type: ignore[attr-defined]
+        f.seek(start)
+        return super()._proc_pax(tarfile_)  # type: ignore[misc]
+
+
 def _scan(f: IO[bytes], size: int, builder: _Builder) -> None:
     try:
         _scan_members(f, size, builder)
@@ -550,7 +608,7 @@ def _scan(f: IO[bytes], size: int, builder: _Builder) -> None:
 
 
 def _scan_members(f: IO[bytes], size: int, builder: _Builder) -> None:
-    with tarfile.open(fileobj=f, mode="r:") as tf:
+    with tarfile.open(fileobj=f, mode="r:", tarinfo=_CheckedTarInfo) as tf:
         while (m := tf.next()) is not None:
             # A negative size (a base-256 field) sends tarfile back to this header for ever, or
             # to a negative offset, at its next(): refused before that call.
