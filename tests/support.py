@@ -37,6 +37,22 @@ def import_benchmark(name: str) -> ModuleType:
         sys.path.remove(str(BENCHMARKS))
 
 
+def session_processes(sid: int) -> dict[int, str]:
+    """pid -> command line of every process in session ``sid``: what one command started with
+    ``start_new_session=True`` left running, daemons included (``ray start`` detaches its
+    daemons from their parent, not from the session; some rename themselves ``ray::...``)."""
+    import contextlib
+
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: the session id
+                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                out[int(stat.parent.name)] = cmd.strip()
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

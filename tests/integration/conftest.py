@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import free_port
+from support import free_port, session_processes
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -102,16 +102,24 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
             os.kill(pid, sig)
 
 
-def _stop_daemons(marker: str) -> None:
-    """Stop every Ray daemon of one temp dir (``ray start`` without --block detaches them).
+def _stop_daemons(marker: str, sid: int) -> None:
+    """Stop every Ray daemon of one ``ray start`` (without --block it detaches them): those
+    whose command line names its temp dir, and every process of its session, which also holds
+    the ones that rename themselves (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``) and the
+    Ray client server: left running, they outlived the tests by up to 20 minutes, the agent
+    taking CPU from whatever ran next.
 
     The GCS server and a Python daemon outlive SIGTERM by 20 s and more on this machine, so the
     grace period is short: the cluster is going away with the session either way."""
-    _signal_all(_pids_with(marker), signal.SIGTERM)
+
+    def pids() -> list[int]:
+        return sorted({*_pids_with(marker), *session_processes(sid)} - {os.getpid()})
+
+    _signal_all(pids(), signal.SIGTERM)
     deadline = time.monotonic() + 3
-    while _pids_with(marker) and time.monotonic() < deadline:
+    while pids() and time.monotonic() < deadline:
         time.sleep(0.5)
-    _signal_all(_pids_with(marker), signal.SIGKILL)
+    _signal_all(pids(), signal.SIGKILL)
 
 
 @dataclass
@@ -162,10 +170,17 @@ def ray_head() -> Iterator[HeadNode]:
     head = HeadNode(
         dashboard=f"http://127.0.0.1:{ports['dash']}", token=token, home=home, api_token=api_token
     )
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        started = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=180, start_new_session=True
-        )
+        out, err = proc.communicate(timeout=180)
+        started = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
         (home / "ray-start.log").write_text(started.stdout + started.stderr)
         if started.returncode != 0:
             raise RuntimeError(f"start-head.sh exited {started.returncode}:\n{started.stderr}")
@@ -178,7 +193,10 @@ def ray_head() -> Iterator[HeadNode]:
         _wait_for_dashboard(head, None, timeout_s=120)
         yield head
     finally:
-        _stop_daemons(temp_dir)
+        if proc.poll() is None:  # start-head.sh itself, past its timeout
+            proc.kill()
+            proc.wait(timeout=30)
+        _stop_daemons(temp_dir, proc.pid)
 
 
 def _wait_for_dashboard(

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import free_port
+from support import free_port, session_processes
 
 pytestmark = pytest.mark.integration
 
@@ -144,18 +144,6 @@ def test_keeper_serve_refuses_replicas_the_box_cannot_hold_at_once(tmp_path: Pat
     assert time.monotonic() - t0 < 120  # Ray's start, not a health timeout
 
 
-def _session_processes(sid: int) -> dict[int, str]:
-    """pid -> command line of every process in session ``sid`` (what one keeper serve started)."""
-    out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid:  # field 6 of /proc/PID/stat: the session id
-                cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                out[int(stat.parent.name)] = cmd.strip()
-    return out
-
-
 def test_keeper_serve_starts_prints_how_to_call_answers_through_haproxy_and_stops(
     tmp_path: Path,
 ) -> None:
@@ -194,7 +182,7 @@ def test_keeper_serve_starts_prints_how_to_call_answers_through_haproxy_and_stop
         assert oct(token_file.stat().st_mode & 0o777) == "0o600"
         token = token_file.read_text().strip()
         assert "keeper serve: HTTP through HAProxy" in text, text[-3000:]
-        procs = _session_processes(proc.pid)
+        procs = session_processes(proc.pid)
         haproxy = _haproxy(proc.pid)
         assert len(haproxy) == 1, procs
         cfg = Path(haproxy[0].split(" -f ", 1)[1].split()[0])  # WORKDIR/NODE_ID/haproxy.cfg
@@ -257,4 +245,4 @@ def test_keeper_serve_starts_prints_how_to_call_answers_through_haproxy_and_stop
 
 
 def _haproxy(sid: int) -> list[str]:
-    return [c for c in _session_processes(sid).values() if c and "haproxy" in c.split()[0]]
+    return [c for c in session_processes(sid).values() if c and "haproxy" in c.split()[0]]
