@@ -933,8 +933,7 @@ img.s{width:64px;height:48px;object-fit:contain;background:#eee}
 """
 
 
-def _e(x: object) -> str:
-    return htmltext.escape(x)
+_e = htmltext.escape  # the page's text and attribute values: escaped, bidi controls shown
 
 
 def _n(x: float | None, fmt: str = ".3f") -> str:
