@@ -43,15 +43,11 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Unit tests on two pytest-xdist workers (each its own process: no shared Ray or servers), then
-# the integration tests in one process around the session's Ray, moto_server and mlflow server.
-# Both halves always run; pytest's exit 5 (no tests collected) is a failure for either.
-test: setup lint ## lint, then the whole test suite: unit tests on 2 workers, then integration
-	@status=0; for part in "tests/unit -n 2" "tests/integration"; do \
-		$(PY) -m pytest $$part; rc=$$?; \
-		if [ $$rc -eq 5 ]; then echo "pytest collected no tests in $$part: a failure"; rc=1; fi; \
-		if [ $$rc -ne 0 ] && [ $$status -eq 0 ]; then status=$$rc; fi; \
-	done; exit $$status
+# The integration tests in one process around the session's Ray, moto_server and mlflow server,
+# and beside them, at a lower priority, the unit tests on two pytest-xdist workers (tests/run.sh
+# says why). Both halves always run; pytest's exit 5 (no tests collected) fails either.
+test: setup lint ## lint, then the whole test suite: integration, with the unit tests beside it
+	@bash tests/run.sh $(PY)
 
 clean: ## remove the venv, caches and demo output
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

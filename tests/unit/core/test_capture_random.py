@@ -1032,9 +1032,9 @@ def test_hostile_metadata_never_raises_nor_hangs(seed: int) -> None:
     data, fmt = hostile_container(stream, rng)
     mtime = rng.choice([None, 1_000_000_000.25])
     what = f"seed {seed} {fmt} damage {kinds} {meta.describe()} mtime={mtime}"
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a blow-up in the parser, not the machine's load
     c = read_capture(data, mtime=mtime)
-    took = time.perf_counter() - start
+    took = time.process_time() - start
     assert took < HOSTILE_CALL_S, f"read_capture took {took:.2f} s\n{what}"
     check_row(c, what)
     iso_consistent(c, what)

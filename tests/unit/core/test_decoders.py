@@ -284,9 +284,9 @@ def test_limits_apply(backend: str) -> None:
 )
 def test_pixel_bomb_refused_fast_before_decode(backend: str, data: bytes) -> None:
     decoder = make_decoder(backend)
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time: the cost of the refusal, not the machine's load
     assert outcome(decoder, data) == "too_many_pixels"
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < 1.0
     assert getattr(decoder, "decoded", 0) == 0  # nothing reached libjpeg-turbo or the device
     if data.startswith(b"\xff\xd8"):  # refused at the header, not handed over to PIL
         assert not getattr(decoder, "delegated", None)

@@ -150,9 +150,9 @@ def test_fast_on_50k_shots() -> None:
     emb = _unit(rng.normal(size=(n, 64)) + 4.0)
     cams = rng.choice(["A", "B"], n).tolist()
     keys = [f"/lib/{i:06d}.jpg" for i in range(n)]
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time, all threads: the work, not the load
     groups = group_shots(ts, cams, emb, keys, GroupingConfig(max_gap_s=1.0))
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert groups.shape == (n,)
     assert elapsed < 5.0, f"{elapsed:.2f} s"  # ~0.2 s here; loose for slow CI machines
 

@@ -290,10 +290,10 @@ def test_animated_gives_first_frame(fmt: str, kw: dict[str, object]) -> None:
 def test_pixel_bomb_refused_fast_before_decode() -> None:
     data = png_declaring(30_000, 30_000)
     assert len(data) < 200
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time: the cost of the refusal, not the machine's load
     with pytest.raises(ImageDecodeError) as err:
         decode_image(data, source="s3://b/bomb.png")
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < 1.0
     assert err.value.reason == "too_many_pixels"
     assert err.value.source == "s3://b/bomb.png"
 
@@ -611,8 +611,8 @@ def test_scan_bomb_refused_fast_before_decode() -> None:
     same bytes), refused from the bytes alone in ~0.03 s."""
     data = jpeg_with_scans(2000, (1600, 1200))
     assert len(data) <= DecodeLimits().max_bytes
-    t = time.perf_counter()
+    t = time.process_time()  # CPU time: the cost of the refusal, not the machine's load
     with pytest.raises(ImageDecodeError) as err:
         decode_image(data)
-    assert time.perf_counter() - t < 1.0
+    assert time.process_time() - t < 1.0
     assert err.value.reason == "too_many_scans"
