@@ -43,11 +43,14 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The integration tests in one process around the session's Ray, moto_server and mlflow server,
-# and beside them, at a lower priority, the unit tests on two pytest-xdist workers (tests/run.sh
-# says why). Both halves always run; pytest's exit 5 (no tests collected) fails either.
-test: setup lint ## lint, then the whole test suite: integration, with the unit tests beside it
-	@bash tests/run.sh $(PY)
+# ruff, then the integration tests in one process around the session's Ray, moto_server and
+# mlflow server, and beside them, at a lower priority, mypy and the unit tests on two pytest-xdist
+# workers (tests/run.sh says why). All of it always runs; pytest's exit 5 (no tests collected) fails
+# either half. `make lint` is the quick check on its own.
+test: setup ## ruff, then the whole test suite (integration; beside it mypy and the unit tests)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@bash tests/run.sh $(PY) --mypy
 
 clean: ## remove the venv, caches and demo output
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

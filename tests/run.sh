@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as `make test` runs it: the integration tests in the foreground (one pytest
 # process around the session's Ray, moto_server and mlflow server) and, beside them, the unit tests
-# on two pytest-xdist workers (each its own process: no shared Ray or servers).
+# on two pytest-xdist workers (each its own process: no shared Ray or servers), and mypy with --mypy.
 #
 # Why beside and not after: the integration half keeps ~1.5 of this machine's 2 cores busy on
 # average (it waits on processes, sockets and Ray), and the unit half needs ~530 CPU-seconds. The
@@ -12,11 +12,17 @@
 # Both halves always run to the end; the unit half's output follows the integration half's. Each
 # half's pytest exit 5 (no tests collected) is a failure; the first non-zero status is the result.
 #
-#   tests/run.sh [PYTHON]      (default: .venv/bin/python)
-#   KEEPER_TEST_SERIAL=1 tests/run.sh     the two halves one after the other, as before
+#   tests/run.sh [PYTHON [--mypy]]     (default: .venv/bin/python)
+#   --mypy   also run the venv's mypy (PYTHON's bin dir) beside the integration tests, at nice 19;
+#            its failure fails the run. `make test` passes it after ruff; `make lint` runs it alone.
+#   KEEPER_TEST_SERIAL=1 tests/run.sh     everything one after the other, as before
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py="${1:-.venv/bin/python}"
+with_mypy=0
+if [ "${2:-}" = --mypy ]; then with_mypy=1; fi
+mypy="$(dirname "$py")/mypy"
+mrc=0
 unit=(tests/unit -n 2)
 integration=(tests/integration)
 
@@ -29,6 +35,10 @@ check() {  # check NAME RC: print a failure line for 5 (nothing collected), retu
 }
 
 if [ "${KEEPER_TEST_SERIAL:-0}" = 1 ]; then
+  if [ "$with_mypy" = 1 ]; then
+    "$mypy"
+    mrc=$?
+  fi
   "$py" -m pytest "${unit[@]}"
   check tests/unit $?
   urc=$?
@@ -37,22 +47,41 @@ if [ "${KEEPER_TEST_SERIAL:-0}" = 1 ]; then
   irc=$?
 else
   log="$(mktemp -t keeper-unit.XXXXXX)"
+  mlog="$(mktemp -t keeper-mypy.XXXXXX)"
+  mypy_pid=""
+  if [ "$with_mypy" = 1 ]; then
+    setsid nice -n 19 "$mypy" > "$mlog" 2>&1 &
+    mypy_pid=$!
+  fi
   # Its own session, so that an interrupt stops the xdist workers too.
   setsid nice -n 19 "$py" -m pytest "${unit[@]}" > "$log" 2>&1 &
   unit_pid=$!
-  trap 'kill -TERM -- -"$unit_pid" 2>/dev/null; exit 130' INT TERM
+  trap 'kill -TERM -- -"$unit_pid" ${mypy_pid:+-"$mypy_pid"} 2>/dev/null; exit 130' INT TERM
   echo "== unit tests running beside the integration tests (nice 19); their report follows"
   "$py" -m pytest "${integration[@]}"
   check tests/integration $?
   irc=$?
   wait "$unit_pid"
   urc=$?
+  if [ -n "$mypy_pid" ]; then
+    wait "$mypy_pid"
+    mrc=$?
+  fi
   trap - INT TERM
+  if [ -n "$mypy_pid" ]; then
+    echo "== mypy"
+    cat "$mlog"
+  fi
+  rm -f "$mlog"
   echo "== unit tests (tests/unit -n 2)"
   cat "$log"
   rm -f "$log"
   check tests/unit "$urc"
   urc=$?
+fi
+if [ "$mrc" -ne 0 ]; then
+  echo "mypy failed (exit $mrc)" >&2
+  exit "$mrc"
 fi
 [ "$urc" -ne 0 ] && exit "$urc"
 exit "$irc"

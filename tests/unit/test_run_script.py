@@ -16,7 +16,9 @@ PASS = "def test_ok():\n    assert True\n"
 FAIL = "def test_broken():\n    assert False, 'broken on purpose'\n"
 
 
-def run(tmp_path: Path, unit: str | None, integration: str | None, **env: str) -> tuple[int, str]:
+def run(
+    tmp_path: Path, unit: str | None, integration: str | None, *args: str, **env: str
+) -> tuple[int, str]:
     """tests/run.sh in ``tmp_path`` with one test file per half (None: an empty folder)."""
     tests = tmp_path / "tests"
     for half, body in (("unit", unit), ("integration", integration)):
@@ -26,7 +28,7 @@ def run(tmp_path: Path, unit: str | None, integration: str | None, **env: str) -
     shutil.copy(ROOT / "tests" / "run.sh", tests / "run.sh")
     (tmp_path / "pytest.ini").write_text("[pytest]\n")  # not keeper's config: its addopts
     proc = subprocess.run(
-        ["bash", str(tests / "run.sh"), sys.executable],
+        ["bash", str(tests / "run.sh"), sys.executable, *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -70,3 +72,12 @@ def test_no_tests_collected_is_a_failure(tmp_path: Path, empty: str) -> None:
     assert rc == 1, out
     assert f"pytest collected no tests in tests/{empty}: a failure" in out
     assert "1 passed" in out  # the other half still ran
+
+
+@pytest.mark.parametrize("serial", ["0", "1"])
+def test_a_mypy_failure_fails_the_run_and_the_tests_still_run(tmp_path: Path, serial: str) -> None:
+    """--mypy runs the venv's mypy; here it has nothing to check (no config, no files): exit 2."""
+    rc, out = run(tmp_path, PASS, PASS, "--mypy", KEEPER_TEST_SERIAL=serial)
+    assert rc == 2, out
+    assert "mypy failed (exit 2)" in out
+    assert out.count("1 passed") == 2, out
