@@ -42,6 +42,8 @@ def test_both_halves_pass(tmp_path: Path, serial: str) -> None:
     rc, out = run(tmp_path, PASS, PASS, KEEPER_TEST_SERIAL=serial)
     assert rc == 0, out
     assert out.count("1 passed") == 2, out  # each half ran its one test
+    if serial == "0":  # beside: at the lowest priority, whether or not SCHED_IDLE is allowed
+        assert "nice -n 19); their report follows" in out, out
 
 
 @pytest.mark.parametrize(
