@@ -9,7 +9,7 @@ DEMO_DIR ?= keeper-demo
 PACKAGES := packages/core packages/train packages/serve
 STAMP := $(VENV)/.keeper-installed
 
-.PHONY: help setup browser demo test lint format clean
+.PHONY: help setup browser demo test lint ruff format clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-8s\033[0m %s\n", $$1, $$2}'
@@ -34,9 +34,11 @@ demo: $(STAMP) ## run the main job end to end, offline, on embedded defaults (wr
 	$(PY) -m keeper_train.jobs.finetune_demo --out $(DEMO_DIR)
 	$(PY) -m keeper_serve.select_demo --out $(DEMO_DIR)
 
-lint: $(STAMP) ## ruff check, ruff format --check, mypy on keeper_core
+ruff: $(STAMP) ## ruff check, ruff format --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+lint: ruff ## ruff, then mypy on keeper_core
 	$(VENV)/bin/mypy
 
 format: $(STAMP) ## apply ruff's fixes and formatting
@@ -47,9 +49,7 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 # mlflow server, and beside them, at a lower priority, mypy and the unit tests on two pytest-xdist
 # workers (tests/run.sh says why). All of it always runs; pytest's exit 5 (no tests collected) fails
 # either half. `make lint` is the quick check on its own.
-test: setup ## ruff, then the whole test suite (integration; beside it mypy and the unit tests)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+test: setup ruff ## ruff, then the whole test suite (integration; beside it mypy and the unit tests)
 	@bash tests/run.sh $(PY) --mypy
 
 clean: ## remove the venv, caches and demo output

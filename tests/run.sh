@@ -14,8 +14,8 @@
 # half's pytest exit 5 (no tests collected) is a failure; the first non-zero status is the result.
 #
 #   tests/run.sh [PYTHON [--mypy]]     (default: .venv/bin/python)
-#   --mypy   also run the venv's mypy (PYTHON's bin dir) beside the integration tests, at the same low priority;
-#            its failure fails the run. `make test` passes it after ruff; `make lint` runs it alone.
+#   --mypy   also run the venv's mypy (PYTHON's bin dir) beside the integration tests, at the same
+#            low priority; its failure fails the run. `make test` passes it after ruff; `make lint` runs it alone.
 #   KEEPER_TEST_SERIAL=1 tests/run.sh     everything one after the other, as before
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +40,22 @@ check() {  # check NAME RC: print a failure line for 5 (nothing collected), retu
   return "$2"
 }
 
+beside() {  # beside LOG CMD...: CMD at the low priority in its own session (so that an interrupt
+  # stops its children too), its output to LOG; its pid is $!
+  local log="$1"
+  shift
+  setsid "${low[@]}" "$@" > "$log" 2>&1 &
+}
+
+report() {  # report TITLE PID LOG: wait for PID, print TITLE and LOG, return PID's status
+  wait "$2"
+  local rc=$?
+  echo "== $1"
+  cat "$3"
+  rm -f "$3"
+  return "$rc"
+}
+
 if [ "${KEEPER_TEST_SERIAL:-0}" = 1 ]; then
   if [ "$with_mypy" = 1 ]; then
     "$mypy"
@@ -52,38 +68,29 @@ if [ "${KEEPER_TEST_SERIAL:-0}" = 1 ]; then
   check tests/integration $?
   irc=$?
 else
-  log="$(mktemp -t keeper-unit.XXXXXX)"
-  mlog="$(mktemp -t keeper-mypy.XXXXXX)"
-  mypy_pid=""
-  if [ "$with_mypy" = 1 ]; then
-    setsid "${low[@]}" "$mypy" > "$mlog" 2>&1 &
-    mypy_pid=$!
-  fi
-  # Its own session, so that an interrupt stops the xdist workers too.
-  setsid "${low[@]}" "$py" -m pytest "${unit[@]}" > "$log" 2>&1 &
+  ulog="$(mktemp -t keeper-unit.XXXXXX)"
+  beside "$ulog" "$py" -m pytest "${unit[@]}"
   unit_pid=$!
-  trap 'kill -TERM -- -"$unit_pid" ${mypy_pid:+-"$mypy_pid"} 2>/dev/null; exit 130' INT TERM
+  groups=(-"$unit_pid")
+  if [ "$with_mypy" = 1 ]; then
+    mlog="$(mktemp -t keeper-mypy.XXXXXX)"
+    beside "$mlog" "$mypy"
+    mypy_pid=$!
+    groups+=(-"$mypy_pid")
+  fi
+  trap 'kill -TERM -- "${groups[@]}" 2>/dev/null; exit 130' INT TERM
   echo "== unit tests running beside the integration tests (${low[*]}); their report follows"
   "$py" -m pytest "${integration[@]}"
   check tests/integration $?
   irc=$?
-  wait "$unit_pid"
-  urc=$?
-  if [ -n "$mypy_pid" ]; then
-    wait "$mypy_pid"
+  if [ "$with_mypy" = 1 ]; then
+    report mypy "$mypy_pid" "$mlog"
     mrc=$?
   fi
-  trap - INT TERM
-  if [ -n "$mypy_pid" ]; then
-    echo "== mypy"
-    cat "$mlog"
-  fi
-  rm -f "$mlog"
-  echo "== unit tests (tests/unit -n 2)"
-  cat "$log"
-  rm -f "$log"
-  check tests/unit "$urc"
+  report "unit tests (tests/unit -n 2)" "$unit_pid" "$ulog"
+  check tests/unit $?
   urc=$?
+  trap - INT TERM
 fi
 if [ "$mrc" -ne 0 ]; then
   echo "mypy failed (exit $mrc)" >&2
