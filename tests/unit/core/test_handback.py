@@ -682,25 +682,56 @@ def _rating_attribute(data: bytes) -> str | None:
     return None
 
 
-def test_a_packet_binding_xmp_to_another_uri_does_not_misplace_later_ratings(
-    tmp_path: Path,
+def _packet_binding_xmp_to(uri: str, attributes: str) -> bytes:
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+        f'xmlns:xmp="{uri}" {attributes}/></rdf:RDF></x:xmpmeta>'
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "http://ns.adobe.c m/xap/1.0/",  # a damaged Adobe namespace
+        "http://example.com/other/1.0/",  # another schema that chose the prefix xmp
+    ],
+)
+def test_a_packet_binding_xmp_to_another_uri_is_refused_and_misplaces_nothing(
+    tmp_path: Path, uri: str
 ) -> None:
-    """exiv2 keeps one prefix registry per process: a packet that binds the prefix ``xmp`` to
-    another URI (here a damaged one) used to re-bind it, and every sidecar written after put
-    ``xmp:Rating`` in that namespace, where no photo tool looks (exiv2 read it back fine)."""
-    odd = (
-        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
-        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
-        b'xmlns:xmp="http://ns.adobe.c m/xap/1.0/" xmp:Rating="3"/></rdf:RDF></x:xmpmeta>'
-    )
-    handback.parse_xmp_packet(odd, "odd.xmp")  # e.g. a photo's own XMP, read by feedback
+    """exiv2 names properties by prefix: in a packet that binds ``xmp`` to another URI, that
+    namespace's ``xmp:Rating`` read as the rating, and merged, it and every other property of
+    that namespace (``xmp:Mood``) were written into Adobe's: a rating nobody gave, shown by
+    every photo tool. Such a packet is refused, read or merged, and left as it is. exiv2 also
+    keeps one prefix registry per process, which parsing it used to re-bind: every sidecar
+    written after put ``xmp:Rating`` in that namespace, where no photo tool looks."""
+    odd = _packet_binding_xmp_to(uri, 'xmp:Rating="3" xmp:Mood="calm"')
+    with pytest.raises(DataError, match=r"binds the prefix 'xmp' to .*left as it is"):
+        handback.parse_xmp_packet(odd, "odd.xmp")  # e.g. a photo's own XMP, read by feedback
+    merged = tmp_path / "IMG_2.xmp"
+    merged.write_bytes(odd)
+    with pytest.raises(DataError, match="binds the prefix 'xmp'"):
+        write_sidecar(str(merged), rating=2, label=None, keeper_fields={"group": "g1"})
+    assert merged.read_bytes() == odd
+    with pytest.raises(DataError, match="binds the prefix 'xmp'"):
+        read_sidecar(str(merged))
     fresh = tmp_path / "IMG_1.xmp"
     write_sidecar(str(fresh), rating=5, label=None, keeper_fields={"group": "g1"})
     assert _rating_attribute(fresh.read_bytes()) == "5"
-    # Merged into such a sidecar itself: keeper's rating lands in the standard namespace too
-    merged = tmp_path / "IMG_2.xmp"
-    merged.write_bytes(odd)
-    write_sidecar(str(merged), rating=2, label=None, keeper_fields={"group": "g1"})
-    assert _rating_attribute(merged.read_bytes()) == "3"  # the rating it held stays, now findable
-    write_sidecar(str(fresh.with_name("IMG_3.xmp")), rating=4, label=None)
-    assert _rating_attribute(fresh.with_name("IMG_3.xmp").read_bytes()) == "4"
+
+
+def test_adobes_namespace_under_another_prefix_is_read_and_merged_by_its_namespace(
+    tmp_path: Path,
+) -> None:
+    """Photoshop wrote Adobe's namespace as ``xap:``: that is the rating, whatever the prefix."""
+    path = tmp_path / "IMG_1.xmp"
+    path.write_bytes(
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+        b'xmlns:xap="http://ns.adobe.com/xap/1.0/" xap:Rating="2"/></rdf:RDF></x:xmpmeta>'
+    )
+    assert read_sidecar(str(path))["Xmp.xmp.Rating"] == "2"
+    done = write_sidecar(str(path), rating=5, label=None)
+    assert done.kept == ("rating",)
+    assert _rating_attribute(path.read_bytes()) == "2"

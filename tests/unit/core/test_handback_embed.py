@@ -378,3 +378,66 @@ def test_an_oversized_packet_and_s3_are_refused(tmp_path: Path) -> None:
     assert path.read_bytes() == before
     with pytest.raises(ConfigError, match="local JPEGs only"):
         write_jpeg_xmp("s3://photos/IMG_1.JPG", rating=5, label=None)
+
+
+def _icc_chunks_reversed(data: bytes) -> bytes:
+    """``data`` with its one ICC segment split into two chunks stored second first: valid (the
+    ICC specification numbers the chunks so that readers put them in order; PIL does), but
+    exiv2 refuses the whole file ("Not a valid ICC Profile")."""
+    sig = b"ICC_PROFILE\x00"
+    at = data.index(b"\xff\xe2")
+    assert data[at + 4 : at + 4 + len(sig)] == sig
+    end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    profile = data[at + 4 + len(sig) + 2 : end]
+
+    def chunk(number: int, body: bytes) -> bytes:
+        payload = sig + bytes([number, 2]) + body
+        return b"\xff\xe2" + (len(payload) + 2).to_bytes(2, "big") + payload
+
+    half = len(profile) // 2
+    return data[:at] + chunk(2, profile[half:]) + chunk(1, profile[:half]) + data[end:]
+
+
+def test_a_jpeg_exiv2_refuses_for_its_icc_chunks_gets_keepers_xmp(tmp_path: Path) -> None:
+    """exiv2 refused the whole file, so the check of the new file did, with a wrong reason
+    ("not a file of type image/jpeg"): the original's ICC chunks, not the write, are what exiv2
+    refuses, and every byte but the XMP segment is the original's, so keeper's own reader checks
+    the packet. A new file exiv2 refuses where it read the original is still refused."""
+    before = _icc_chunks_reversed(camera_jpeg(lightroom_packet(rating=2)))
+    with pytest.raises(RuntimeError, match="ICC"):
+        pyexiv2.ImageData(before)
+    with Image.open(io.BytesIO(before)) as im:
+        icc = im.info["icc_profile"]
+    path = _photo(tmp_path, before)
+
+    done = write_jpeg_xmp(str(path), rating=5, label="Green", keeper_fields=FIELDS)
+
+    assert done[:2] == (True, ("rating",))
+    after = path.read_bytes()
+    assert segments(after)[0::2] == segments(before)[0::2]
+    fields = read_embedded_xmp(str(path))
+    assert fields is not None
+    assert (fields[RATING], fields[LABEL]) == ("2", "Green")
+    with Image.open(path) as im:
+        assert im.info["icc_profile"] == icc
+        assert parse_xmp_packet(im.info["xmp"], str(path)) == fields
+    _no_temporary_files(tmp_path, path.name)
+
+
+def test_a_new_file_exiv2_cannot_read_where_it_read_the_original_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = camera_jpeg(lightroom_packet())
+    path = _photo(tmp_path, before)
+    real = jpeg_xmp.parse_image_xmp
+
+    def refuses_the_new(data: bytes, source: str, *, mime: str) -> dict[str, object]:
+        if data != before:
+            raise DataError("exiv2 says no", source=source)
+        return real(data, source, mime=mime)
+
+    monkeypatch.setattr(jpeg_xmp, "parse_image_xmp", refuses_the_new)
+    with pytest.raises(DataError, match=r"exiv2 cannot read the new file \(exiv2 says no\)"):
+        write_jpeg_xmp(str(path), rating=5, label=None)
+    assert path.read_bytes() == before
+    _no_temporary_files(tmp_path, path.name)

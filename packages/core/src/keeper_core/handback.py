@@ -25,6 +25,7 @@ import contextlib
 import errno
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -378,6 +379,30 @@ def _has_properties(packet: bytes) -> bool:
 _OWN_NAMESPACES = (("http://ns.adobe.com/xap/1.0/", "xmp"), (KEEPER_NS, KEEPER_PREFIX))
 
 
+def _check_own_prefixes(packet: bytes, uri: str, what: str) -> None:
+    """Refuses a packet that binds a prefix of ``_OWN_NAMESPACES`` to another namespace.
+
+    exiv2 names a property by its prefix, not its namespace: in a packet that binds ``xmp`` to
+    ``http://example.com/other/``, that namespace's ``xmp:Rating`` reads as the rating
+    (``Xmp.xmp.Rating``), and written back it lands in Adobe's namespace, beside whatever else
+    that namespace held (``xmp:Mood``): a rating nobody gave, shown by every photo tool. Adobe's
+    namespace under another prefix (``xap:``, as Photoshop wrote it) is read by its namespace
+    and is fine. A packet that is not XML is left to exiv2 and the checks after it.
+    """
+    own = {prefix: ns for ns, prefix in _OWN_NAMESPACES}
+    try:
+        for _, (prefix, ns) in ET.iterparse(io.BytesIO(packet), events=("start-ns",)):
+            if prefix in own and ns != own[prefix]:
+                raise DataError(
+                    f"{what} binds the prefix {prefix!r} to {xml_text(ns)!r}, not to "
+                    f"{own[prefix]!r}: exiv2 would read and write that namespace's properties "
+                    "as its own (a foreign Rating as the rating); left as it is",
+                    source=uri,
+                )
+    except ET.ParseError:
+        return
+
+
 def _parse(
     pyexiv2: ModuleType,
     data: bytes,
@@ -387,7 +412,10 @@ def _parse(
 ) -> tuple[Any, dict[str, XmpValue]]:
     """exiv2's image of ``data`` (a file of type ``mime``) and its XMP fields; the caller holds
     the exiv2 lock. The prefixes of ``_OWN_NAMESPACES`` are bound to their namespaces again
-    after every parse."""
+    after every parse; a packet that binds them to other namespaces is refused
+    (``_check_own_prefixes``)."""
+    if mime == _XMP_MIME:
+        _check_own_prefixes(data, uri, what)
     try:
         img = pyexiv2.ImageData(data)
     except (RuntimeError, ValueError) as e:
@@ -774,7 +802,7 @@ def parse_image_xmp(data: bytes, source: str, *, mime: str) -> dict[str, XmpValu
         # none, which a caller comparing fields sees.
         pyexiv2.set_log_level(4)
         try:
-            img, fields = _parse(pyexiv2, data, source, f"a file of type {mime}", mime)
+            img, fields = _parse(pyexiv2, data, source, f"a {mime} file exiv2 can read", mime)
             img.close()
         finally:
             pyexiv2.set_log_level(3)  # _exiv2's level, which sidecar parsing relies on

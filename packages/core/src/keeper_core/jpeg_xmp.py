@@ -30,7 +30,9 @@ original is left as it is):
   profile, every other segment, the scans, anything after EOI) identical to the original's, and
   its scans where they were, shifted by the segment's growth, complete through EOI;
 - :func:`keeper_core.embedded_xmp.read_embedded_xmp` (what ``keeper feedback-from-xmp`` reads)
-  and exiv2 (reading the whole JPEG) both find in it exactly the packet keeper merged;
+  and exiv2 (reading the whole JPEG) both find in it exactly the packet keeper merged (where
+  exiv2 refuses the original too, for the same reason, such as out-of-order ICC profile chunks,
+  keeper's reader is the check: every other byte is the original's);
 - the original is unchanged since it was read (inode, size and modification time; a program
   saving it in the moment between that look and the rename is not seen: photo tools share no
   lock on a file).
@@ -77,6 +79,7 @@ from keeper_core.errors import ConfigError, DataError, StorageError
 from keeper_core.handback import (
     KeeperXmp,
     SidecarWrite,
+    XmpValue,
     merge_packet,
     parse_image_xmp,
     parse_xmp_packet,
@@ -327,7 +330,11 @@ def _check(tmp: str, new: bytes, old: _Original, splice: _Splice, packet: bytes,
     want = parse_xmp_packet(packet, uri, what="keeper's XMP packet")
     if read_embedded_xmp(tmp) != want:
         raise refuse("keeper's reader does not find the merged packet in the new file")
-    if parse_image_xmp(got, uri, mime="image/jpeg") != want:
+    try:
+        by_exiv2 = _exiv2_reads(got, old.data, uri)
+    except DataError as e:
+        raise refuse(f"exiv2 cannot read the new file ({str(e).removeprefix(uri + ': ')})") from e
+    if by_exiv2 not in (want, None):
         raise refuse("exiv2 does not find the merged packet in the new file")
     try:
         restore_owner_and_mode(tmp, old.st)
@@ -342,6 +349,31 @@ def _check(tmp: str, new: bytes, old: _Original, splice: _Splice, packet: bytes,
         old.st.st_mtime_ns,
     ):
         raise refuse("changed since keeper read it (another program wrote it?)")
+
+
+def _exiv2_reads(new: bytes, old: bytes, uri: str) -> dict[str, XmpValue] | None:
+    """The XMP fields exiv2 finds reading the whole new file; None where it cannot read the
+    original either, for the same reason.
+
+    exiv2 refuses some valid JPEGs for a segment that is not the XMP's: ICC profile chunks
+    stored out of order ("Not a valid ICC Profile"; the ICC specification numbers the chunks
+    so that a reader can put them in order, as libjpeg and Pillow do). Every byte outside the
+    XMP segment is the original's (checked before), so that refusal is the original's, not the
+    write's, and keeper's own reader of the segment stands as the check of the packet.
+
+    Raises:
+        DataError: exiv2 cannot read the new file, where it could read the original or
+            refused it for another reason.
+    """
+    try:
+        return parse_image_xmp(new, uri, mime="image/jpeg")
+    except DataError as e:
+        try:
+            parse_image_xmp(old, uri, mime="image/jpeg")
+        except DataError as before:
+            if str(before) == str(e):
+                return None
+        raise
 
 
 def _copy_xattrs(src: str, dst: str, uri: str) -> None:
