@@ -14,6 +14,7 @@ import argparse
 import base64
 import contextlib
 import json
+import logging
 import os
 import secrets
 import sys
@@ -85,7 +86,13 @@ def demo_app(
     t0 = time.perf_counter()
     if started_ray:
         ray_token.quiet_enabled_notice()
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        # WARNING: Ray's "Started a local Ray instance." and the like stay off the terminal.
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
         ray_token.restrict()  # the token the new local Ray generated: this user's only
     try:
         overrides = {**overrides, "auth.token_file": str(token_file.resolve())}
