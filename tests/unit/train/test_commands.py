@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,51 @@ def test_train_head_flags_map_onto_the_config(tmp_path: Path) -> None:
     assert got.register_model == "r"
     with pytest.raises(ConfigError, match=r"embeddings: Field required; series: Field required"):
         load_config(TrainHeadConfig, None, [])
+
+
+@pytest.mark.parametrize(
+    ("argv", "job", "forwarded"),
+    [
+        (
+            ["pick", "--config", "c.yaml", "--input", "p/", "--max-gap-s", "2.5", "limit=3"],
+            "pick",
+            ["--config", "c.yaml", "input='p/'", "grouping.max_gap_s=2.5", "limit=3"],
+        ),
+        (
+            ["select", "--table", "t/", "--top-n", "5", "--vlm", "v/", "--vlm-device", "cpu"],
+            "select",
+            ["table='t/'", "cascade.top_n=5", "vlm.source='v/'", "vlm.device='cpu'"],
+        ),
+        (
+            ["train-head", "--json", "r.json", "--seed", "3", "--use-gpu", "epochs=2"],
+            "train_head",
+            ["--json", "r.json", "seed=3", "use_gpu=true", "epochs=2"],
+        ),
+        (
+            ["finetune", "--method", "lora", "--no-use-gpu", "--ray-address", "auto"],
+            "finetune",
+            ["method='lora'", "use_gpu=false", "ray_address='auto'"],
+        ),
+        (["embed", "--output", "o/", "--input", "i/"], "embed", ["input='i/'", "output='o/'"]),
+        (["index", "--table", "t/", "--rebuild"], "index", ["table='t/'", "rebuild=true"]),
+        (["dedup", "--similarity", "0.9"], "dedup", ["similarity=0.9"]),
+        (["export-embeddings", "--dtype", "float32"], "export_embeddings", ["dtype='float32'"]),
+        (["feedback-export", "--pairs", "since=x"], "feedback_export", ["pairs=true", "since=x"]),
+        (["feedback-from-xmp", "--run", "r/"], "xmp_feedback", ["run='r/'"]),
+        (["ab-report", "--json-out", "j.json"], "ab_report", ["json_out='j.json'"]),
+    ],
+)
+def test_a_command_runs_its_job_with_the_flags_given_then_the_overrides(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], job: str, forwarded: list[str]
+) -> None:
+    """What ``keeper CMD ...`` hands ``python -m keeper_train.jobs.JOB``: --config and --json
+    first, each flag typed as its (dotted) field's override, then the overrides typed."""
+    module = importlib.import_module(f"keeper_train.jobs.{job}")
+    seen: list[list[str]] = []
+    monkeypatch.setattr(module, "main", lambda a: seen.append(list(a)) or 7)
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 7
+    assert seen == [forwarded]
 
 
 @pytest.mark.parametrize("value", ["on", "123", "it's", "a: b", "s3://b/x?y=1", "null"])

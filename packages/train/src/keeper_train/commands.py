@@ -10,6 +10,7 @@ import-light: ray, torch and the jobs are imported only when a command runs.
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
@@ -51,6 +52,46 @@ def validated(model: type[C], values: dict[str, Any]) -> C:
     from keeper_train.config import validate
 
     return validate(model, values)
+
+
+def _runs_job(
+    p: argparse.ArgumentParser,
+    job: str,
+    flags: Iterable[str],
+    nested: dict[str, str] | None = None,
+    *,
+    overrides: str = "any other field as key=value",
+) -> None:
+    """Ends ``p``: its ``key=value`` overrides, and what it runs: ``keeper_train.jobs.<job>``'s
+    ``main`` with ``--config`` (and ``--json``) when given, then the ``flags`` given as
+    overrides (``nested`` names a flag's dotted field, ``max_gap_s`` -> ``grouping.max_gap_s``),
+    then the overrides typed, which win."""
+    p.add_argument("overrides", nargs="*", help=overrides)
+    keys, dotted = tuple(flags), nested or {}
+
+    def run(args: argparse.Namespace) -> int:
+        module = importlib.import_module(f"keeper_train.jobs.{job}")
+        argv = ["--config", args.config] if args.config else []
+        argv += ["--json", args.json] if getattr(args, "json", None) else []
+        values = given(args, keys)
+        values.update({dotted[k]: v for k, v in given(args, dotted).items()})
+        return int(module.main([*argv, *as_overrides(values), *args.overrides]))
+
+    p.set_defaults(func=run)
+
+
+def _add_training_run_arguments(p: argparse.ArgumentParser, use_gpu: str) -> None:
+    """The flags keeper train-head and keeper finetune share: where the run goes and how."""
+    p.add_argument("--seed", type=int, help="split and initialisation seed")
+    p.add_argument("--split-by", help="column that keeps rows in one split (e.g. base_photo)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers")
+    p.add_argument("--use-gpu", action=_BOOL, help=use_gpu)
+    p.add_argument("--storage", help="checkpoints: folder or s3:// prefix")
+    p.add_argument("--experiment", help="MLflow experiment name")
+    p.add_argument("--register", help="registered model name (new version, alias challenger)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
+    p.add_argument("--json", help="also write the results here")
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,15 +164,7 @@ def add_embed_parser(subparsers: SubParsers) -> None:
         "whose size another has; --no-find-copies for a corpus known to hold none",
     )
     p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
-    p.add_argument("overrides", nargs="*", help="any other EmbedConfig field as key=value")
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import embed
-
-        argv = ["--config", args.config] if args.config else []
-        return embed.main([*argv, *as_overrides(given(args, EMBED_FLAGS)), *args.overrides])
-
-    p.set_defaults(func=run)
+    _runs_job(p, "embed", EMBED_FLAGS, overrides="any other EmbedConfig field as key=value")
 
 
 TRAIN_HEAD_FLAGS = (
@@ -176,27 +209,10 @@ def add_train_head_parser(subparsers: SubParsers) -> None:
     p.add_argument("--epochs", type=int, help="maximum epochs")
     p.add_argument("--lr", type=float, help="learning rate (AdamW)")
     p.add_argument("--batch-size", type=int, help="series per batch per worker")
-    p.add_argument("--seed", type=int, help="split and initialisation seed")
-    p.add_argument("--split-by", help="column that keeps rows in one split (e.g. base_photo)")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers")
-    p.add_argument("--use-gpu", action=_BOOL, help="one GPU per worker")
-    p.add_argument("--storage", help="checkpoints: folder or s3:// prefix")
-    p.add_argument("--experiment", help="MLflow experiment name")
-    p.add_argument("--register", help="registered model name (new version, alias challenger)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI")
-    p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("overrides", nargs="*", help="any other TrainHeadConfig field as key=value")
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import train_head
-
-        argv = ["--config", args.config] if args.config else []
-        argv += ["--json", args.json] if args.json else []
-        flags = as_overrides(given(args, TRAIN_HEAD_FLAGS))
-        return train_head.main([*argv, *flags, *args.overrides])
-
-    p.set_defaults(func=run)
+    _add_training_run_arguments(p, use_gpu="one GPU per worker")
+    _runs_job(
+        p, "train_head", TRAIN_HEAD_FLAGS, overrides="any other TrainHeadConfig field as key=value"
+    )
 
 
 FINETUNE_FLAGS = (
@@ -262,27 +278,10 @@ def add_finetune_parser(subparsers: SubParsers) -> None:
     p.add_argument("--epochs", type=int, help="maximum epochs")
     p.add_argument("--grad-accum", type=int, help="batches per optimizer step")
     p.add_argument("--batch-size", type=int, help="series per batch per worker")
-    p.add_argument("--seed", type=int, help="split and initialisation seed")
-    p.add_argument("--split-by", help="column that keeps rows in one split (e.g. base_photo)")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers")
-    p.add_argument("--use-gpu", action=_BOOL, help="one GPU per worker (bf16 autocast)")
-    p.add_argument("--storage", help="checkpoints: folder or s3:// prefix")
-    p.add_argument("--experiment", help="MLflow experiment name")
-    p.add_argument("--register", help="registered model name (new version, alias challenger)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI")
-    p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("overrides", nargs="*", help="any other FinetuneConfig field as key=value")
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import finetune
-
-        argv = ["--config", args.config] if args.config else []
-        argv += ["--json", args.json] if args.json else []
-        flags = as_overrides(given(args, FINETUNE_FLAGS))
-        return finetune.main([*argv, *flags, *args.overrides])
-
-    p.set_defaults(func=run)
+    _add_training_run_arguments(p, use_gpu="one GPU per worker (bf16 autocast)")
+    _runs_job(
+        p, "finetune", FINETUNE_FLAGS, overrides="any other FinetuneConfig field as key=value"
+    )
 
 
 EXPORT_FLAGS = ("model", "output", "merge", "tracking_uri", "data_dir")
@@ -370,16 +369,7 @@ def add_export_embeddings_parser(subparsers: SubParsers) -> None:
     p.add_argument("--output", help="folder or s3:// prefix to write (required)")
     p.add_argument("--format", choices=["clip-retrieval"], help="layout (default clip-retrieval)")
     p.add_argument("--dtype", choices=["float16", "float32"], help="default float16")
-    p.add_argument("overrides", nargs="*", help="any other field as key=value")
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import export_embeddings
-
-        argv = ["--config", args.config] if args.config else []
-        flags = as_overrides(given(args, ("table", "output", "format", "dtype")))
-        return export_embeddings.main([*argv, *flags, *args.overrides])
-
-    p.set_defaults(func=run)
+    _runs_job(p, "export_embeddings", ("table", "output", "format", "dtype"))
 
 
 def add_index_parser(subparsers: SubParsers) -> None:
@@ -395,16 +385,8 @@ def add_index_parser(subparsers: SubParsers) -> None:
     p.add_argument("--output", help="where the index goes (default TABLE/index)")
     p.add_argument("--backend", choices=["auto", "exact", "faiss", "usearch"], help="default auto")
     p.add_argument("--rebuild", action=_BOOL, help="build anew instead of adding")
-    p.add_argument("overrides", nargs="*", help="any other IndexConfig field as key=value")
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import index
-
-        argv = ["--config", args.config] if args.config else []
-        flags = as_overrides(given(args, ("table", "output", "backend", "rebuild")))
-        return index.main([*argv, *flags, *args.overrides])
-
-    p.set_defaults(func=run)
+    keys = ("table", "output", "backend", "rebuild")
+    _runs_job(p, "index", keys, overrides="any other IndexConfig field as key=value")
 
 
 def add_dedup_parser(subparsers: SubParsers) -> None:
@@ -422,16 +404,8 @@ def add_dedup_parser(subparsers: SubParsers) -> None:
     p.add_argument("--index", help="a keeper index of the table (default: built in memory)")
     p.add_argument("--similarity", type=float, help="cosine threshold (default 0.98)")
     p.add_argument("--keep-by", help="numeric column (default sharpness) or pixels")
-    p.add_argument("overrides", nargs="*", help="any other DedupConfig field as key=value")
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import dedup
-
-        argv = ["--config", args.config] if args.config else []
-        keys = ("table", "output", "index", "similarity", "keep_by")
-        return dedup.main([*argv, *as_overrides(given(args, keys)), *args.overrides])
-
-    p.set_defaults(func=run)
+    keys = ("table", "output", "index", "similarity", "keep_by")
+    _runs_job(p, "dedup", keys, overrides="any other DedupConfig field as key=value")
 
 
 REFERENCE_NESTED = {
@@ -540,18 +514,10 @@ def add_feedback_export_parser(subparsers: SubParsers) -> None:
     p.add_argument(
         "--pairs", action=_BOOL, help="accepted-vs-rejected pairs from groups with no keeper"
     )
-    p.add_argument(
-        "overrides", nargs="*", help="any other field as key=value, e.g. since=2026-06-01"
+    keys = ("feedback", "output", "pairs")
+    _runs_job(
+        p, "feedback_export", keys, overrides="any other field as key=value, e.g. since=2026-06-01"
     )
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import feedback_export
-
-        argv = ["--config", args.config] if args.config else []
-        flags = as_overrides(given(args, ("feedback", "output", "pairs")))
-        return feedback_export.main([*argv, *flags, *args.overrides])
-
-    p.set_defaults(func=run)
 
 
 def add_feedback_from_xmp_parser(subparsers: SubParsers) -> None:
@@ -579,16 +545,7 @@ def add_feedback_from_xmp_parser(subparsers: SubParsers) -> None:
         "--xmp-naming", choices=["basename", "full"], help="pick's --xmp-naming (default basename)"
     )
     p.add_argument("--input-root", help="mirror: the folder pick mirrored paths from")
-    p.add_argument("overrides", nargs="*", help="any other field as key=value")
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import xmp_feedback
-
-        argv = ["--config", args.config] if args.config else []
-        keys = ("run", "feedback", "client", "xmp", "xmp_naming", "input_root")
-        return xmp_feedback.main([*argv, *as_overrides(given(args, keys)), *args.overrides])
-
-    p.set_defaults(func=run)
+    _runs_job(p, "xmp_feedback", ("run", "feedback", "client", "xmp", "xmp_naming", "input_root"))
 
 
 def add_ab_report_parser(subparsers: SubParsers) -> None:
@@ -606,16 +563,7 @@ def add_ab_report_parser(subparsers: SubParsers) -> None:
     p.add_argument("--until", help="only answers offered before this ISO 8601 time")
     p.add_argument("--confidence", type=float, help="coverage of every interval (default 0.95)")
     p.add_argument("--json-out", help="also write the report here (path or s3://)")
-    p.add_argument("overrides", nargs="*", help="any other field as key=value")
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import ab_report
-
-        argv = ["--config", args.config] if args.config else []
-        keys = ("feedback", "since", "until", "confidence", "json_out")
-        return ab_report.main([*argv, *as_overrides(given(args, keys)), *args.overrides])
-
-    p.set_defaults(func=run)
+    _runs_job(p, "ab_report", ("feedback", "since", "until", "confidence", "json_out"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -846,17 +794,9 @@ def add_pick_parser(subparsers: SubParsers) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: embedded store)")
     p.add_argument("--data-dir", help="embedded MLflow store when no tracking URI is set")
     p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
-    p.add_argument("overrides", nargs="*", help="any other PickJobConfig field as key=value")
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import pick
-
-        argv = ["--config", args.config] if args.config else []
-        values = given(args, PICK_FLAGS)
-        values.update({PICK_NESTED[k]: v for k, v in given(args, PICK_NESTED).items()})
-        return pick.main([*argv, *as_overrides(values), *args.overrides])
-
-    p.set_defaults(func=run)
+    _runs_job(
+        p, "pick", PICK_FLAGS, PICK_NESTED, overrides="any other PickJobConfig field as key=value"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -907,14 +847,10 @@ def add_select_parser(subparsers: SubParsers) -> None:
     p.add_argument("--concurrency", type=int, help="VLM actors")
     p.add_argument("--num-gpus-per-vlm", type=float, help="GPUs per VLM actor")
     p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
-    p.add_argument("overrides", nargs="*", help="any other SelectJobConfig field as key=value")
-
-    def run(args: argparse.Namespace) -> int:
-        from keeper_train.jobs import select
-
-        argv = ["--config", args.config] if args.config else []
-        values = given(args, SELECT_FLAGS)
-        values.update({SELECT_NESTED[k]: v for k, v in given(args, SELECT_NESTED).items()})
-        return select.main([*argv, *as_overrides(values), *args.overrides])
-
-    p.set_defaults(func=run)
+    _runs_job(
+        p,
+        "select",
+        SELECT_FLAGS,
+        SELECT_NESTED,
+        overrides="any other SelectJobConfig field as key=value",
+    )
