@@ -23,6 +23,7 @@ import functools
 import hashlib
 import importlib
 import json
+import lzma
 import re
 import shlex
 import subprocess
@@ -51,7 +52,7 @@ CRD_FILES = {
     "RayCluster": "ray.io_rayclusters.yaml",
     "RayJob": "ray.io_rayjobs.yaml",
     "RayService": "ray.io_rayservices.yaml",
-}
+}  # stored xz-compressed (FILE.xz): 3.4 MB of YAML as 38 KB
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 YAMLS = sorted(p for p in CLUSTERS.rglob("*.y*ml") if CRDS not in p.parents)
 RAY_VERSION = version("ray")
@@ -131,8 +132,9 @@ def walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
 # --------------------------------------------------------------------------------- CRD schema
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def crd_bytes(name: str) -> bytes:
+    """A CRD file as KubeRay released it: ``crds/NAME.xz`` decompressed."""
+    return lzma.decompress((CRDS / f"{name}.xz").read_bytes())
 
 
 def strict(schema: Any) -> Any:
@@ -159,7 +161,7 @@ def strict(schema: Any) -> Any:
 @functools.cache
 def crd_validator(kind: str, api_version: str) -> jsonschema.protocols.Validator:
     crd = yaml.load(
-        (CRDS / CRD_FILES[kind]).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        crd_bytes(CRD_FILES[kind]), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     )
     group, _, ver = api_version.partition("/")
     assert crd["spec"]["group"] == group, f"{kind}: CRD group {crd['spec']['group']}, not {group}"
@@ -198,12 +200,14 @@ def test_crds_are_the_pinned_kuberay_release() -> None:
     assert f"KubeRay v{KUBERAY_VERSION}" in notes
     assert f"`v{KUBERAY_VERSION}`" in notes
     for name in CRD_FILES.values():
-        digest = sha256(CRDS / name)
+        digest = hashlib.sha256(crd_bytes(name)).hexdigest()
         assert f"| `{name}` | `{digest}` |" in notes, (
             f"crds/{name}: sha256 {digest} is not the one in crds/README.md: the file was edited "
             "or replaced; copy it unmodified from the KubeRay tag and update the table"
         )
-    assert sorted(p.name for p in CRDS.glob("*.yaml")) == sorted(CRD_FILES.values())
+    assert sorted(p.name for p in CRDS.glob("*.yaml*")) == sorted(
+        f"{name}.xz" for name in CRD_FILES.values()
+    )
     # The operator the README installs is the release the manifests were checked against.
     assert f"--version {KUBERAY_VERSION}" in README.read_text()
 
