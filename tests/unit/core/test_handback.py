@@ -721,6 +721,57 @@ def test_a_packet_binding_xmp_to_another_uri_is_refused_and_misplaces_nothing(
     assert _rating_attribute(fresh.read_bytes()) == "5"
 
 
+def test_a_sidecar_merges_whatever_prefix_earlier_sidecars_gave_its_namespace(
+    tmp_path: Path,
+) -> None:
+    """exiv2's prefix registry is one for the process, and a parse keeps a binding already
+    there: a sidecar naming its struct fields ``foo:`` could not be written back ("Unknown
+    namespace prefix for qualified name") after another had bound the same namespace as
+    ``ea:``, so whether a file got keeper's rating hung on which files were read before it."""
+    ns = "http://example.com/a/"
+
+    def packet(prefix: str, body: str) -> bytes:
+        return (
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+            'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+            f'rdf:about="" xmlns:{prefix}="{ns}">{body}</rdf:Description></rdf:RDF></x:xmpmeta>'
+        ).encode()
+
+    first = tmp_path / "IMG_1.xmp"
+    first.write_bytes(packet("ea", "<ea:Mood>calm</ea:Mood>"))
+    write_sidecar(str(first), rating=3, label=None)
+    second = tmp_path / "IMG_2.xmp"
+    steps = '<rdf:li foo:Op="exposure" foo:On="1"/><rdf:li foo:Op="crop" foo:On="0"/>'
+    second.write_bytes(packet("foo", f"<foo:History><rdf:Seq>{steps}</rdf:Seq></foo:History>"))
+
+    write_sidecar(str(second), rating=5, label=None)
+
+    root = ET.fromstring(second.read_bytes())
+    items = root.iter("{http://www.w3.org/1999/02/22-rdf-syntax-ns#}li")
+    assert [(li.get(f"{{{ns}}}Op"), li.get(f"{{{ns}}}On")) for li in items] == [
+        ("exposure", "1"),
+        ("crop", "0"),
+    ]
+    assert _rating_attribute(second.read_bytes()) == "5"
+
+
+def test_a_namespace_exiv2_would_rename_is_read_but_not_written_back(tmp_path: Path) -> None:
+    """exiv2 appends a '/' to a namespace URI that ends in neither '/' nor '#': merged, every
+    property of ``urn:example:ns`` moved to ``urn:example:ns/``, another namespace."""
+    data = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+        b'xmlns:ex="urn:example:ns" xmlns:xmp="http://ns.adobe.com/xap/1.0/" ex:Mood="calm" '
+        b'xmp:Rating="2"/></rdf:RDF></x:xmpmeta>'
+    )
+    path = tmp_path / "IMG_1.xmp"
+    path.write_bytes(data)
+    assert read_sidecar(str(path))["Xmp.xmp.Rating"] == "2"  # what feedback reads
+    with pytest.raises(DataError, match=r"'urn:example:ns' \(prefix 'ex'\).*'/' appended"):
+        write_sidecar(str(path), rating=5, label=None)
+    assert path.read_bytes() == data
+
+
 def test_adobes_namespace_under_another_prefix_is_read_and_merged_by_its_namespace(
     tmp_path: Path,
 ) -> None:

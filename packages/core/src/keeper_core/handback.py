@@ -379,28 +379,55 @@ def _has_properties(packet: bytes) -> bool:
 _OWN_NAMESPACES = (("http://ns.adobe.com/xap/1.0/", "xmp"), (KEEPER_NS, KEEPER_PREFIX))
 
 
-def _check_own_prefixes(packet: bytes, uri: str, what: str) -> None:
-    """Refuses a packet that binds a prefix of ``_OWN_NAMESPACES`` to another namespace.
+def _bind_prefixes(packet: bytes, uri: str, what: str, *, writing: bool) -> None:
+    """Binds in exiv2's registry each prefix the packet binds, as the packet binds it; refuses a
+    packet that binds a prefix of ``_OWN_NAMESPACES`` to another namespace, and one to be
+    written back (``writing``) that has a namespace exiv2 would change.
 
     exiv2 names a property by its prefix, not its namespace: in a packet that binds ``xmp`` to
     ``http://example.com/other/``, that namespace's ``xmp:Rating`` reads as the rating
     (``Xmp.xmp.Rating``), and written back it lands in Adobe's namespace, beside whatever else
     that namespace held (``xmp:Mood``): a rating nobody gave, shown by every photo tool. Adobe's
     namespace under another prefix (``xap:``, as Photoshop wrote it) is read by its namespace
-    and is fine. A packet that is not XML is left to exiv2 and the checks after it.
+    and is fine.
+
+    exiv2's registry is one for the process and a parse does not replace a binding already
+    there: a sidecar whose struct fields name a namespace by a prefix other than the one an
+    earlier sidecar registered for it (``foo:`` where that one said ``ea:``) could not be
+    written back ("Unknown namespace prefix for qualified name"), depending on which files
+    were read before it. And exiv2 appends a '/' to a namespace URI that ends in neither '/'
+    nor '#': every property of ``http://example.com/ns`` would be written back in
+    ``http://example.com/ns/``, another namespace, so such a packet is refused too. A packet that
+    is not XML is left to exiv2 and the checks after it.
     """
     own = {prefix: ns for ns, prefix in _OWN_NAMESPACES}
     try:
-        for _, (prefix, ns) in ET.iterparse(io.BytesIO(packet), events=("start-ns",)):
-            if prefix in own and ns != own[prefix]:
-                raise DataError(
-                    f"{what} binds the prefix {prefix!r} to {xml_text(ns)!r}, not to "
-                    f"{own[prefix]!r}: exiv2 would read and write that namespace's properties "
-                    "as its own (a foreign Rating as the rating); left as it is",
-                    source=uri,
-                )
+        bindings = [b for _, b in ET.iterparse(io.BytesIO(packet), events=("start-ns",))]
     except ET.ParseError:
         return
+    for prefix, ns in bindings:
+        if prefix in own and ns != own[prefix]:
+            raise DataError(
+                f"{what} binds the prefix {prefix!r} to {xml_text(ns)!r}, not to "
+                f"{own[prefix]!r}: exiv2 would read and write that namespace's properties "
+                "as its own (a foreign Rating as the rating); left as it is",
+                source=uri,
+            )
+        if writing and prefix not in _FIXED_PREFIXES and not ns.endswith(("/", "#")):
+            raise DataError(
+                f"{what} has the namespace {xml_text(ns)!r} (prefix {prefix!r}), which exiv2 "
+                "would write back as another, with a '/' appended (XMP namespace URIs end in "
+                "'/' or '#'); left as it is",
+                source=uri,
+            )
+    pyexiv2 = _exiv2()
+    for prefix, ns in bindings:
+        if prefix and prefix not in _FIXED_PREFIXES and ns not in own.values():
+            pyexiv2.registerNs(ns, prefix)
+
+
+#: Prefixes whose bindings are the XMP container's, not a schema's.
+_FIXED_PREFIXES = frozenset({"x", "rdf", "xml", "xmlns"})
 
 
 def _parse(
@@ -409,13 +436,16 @@ def _parse(
     uri: str,
     what: str = "an XMP sidecar",
     mime: str = _XMP_MIME,
+    *,
+    writing: bool = False,
 ) -> tuple[Any, dict[str, XmpValue]]:
     """exiv2's image of ``data`` (a file of type ``mime``) and its XMP fields; the caller holds
     the exiv2 lock. The prefixes of ``_OWN_NAMESPACES`` are bound to their namespaces again
     after every parse; a packet that binds them to other namespaces is refused
-    (``_check_own_prefixes``)."""
+    (``_bind_prefixes``), and the packet's other prefixes are bound as it binds them; ``writing``:
+    the packet is to be merged and written back."""
     if mime == _XMP_MIME:
-        _check_own_prefixes(data, uri, what)
+        _bind_prefixes(data, uri, what, writing=writing)
     try:
         img = pyexiv2.ImageData(data)
     except (RuntimeError, ValueError) as e:
@@ -574,7 +604,7 @@ def merge_packet(
     pyexiv2 = _exiv2()
     with _EXIV2_LOCK:
         packet = old if old.strip() else _EMPTY_PACKET
-        img, fields = _parse(pyexiv2, packet, source, what)
+        img, fields = _parse(pyexiv2, packet, source, what, writing=True)
         img.close()
         values = _xmp_values(fields, choice.rating, choice.label, overwrite_ratings)
         new = _merged(pyexiv2, packet, source, values, choice.fields, what)
@@ -595,7 +625,7 @@ def merge_packet(
             # of a file the tool just saved, which it then flags as changed on disk. Nor is a
             # packet rewritten for its reasons alone (REASONS_KEY): adding photos to a library
             # moves every group's figures a little, and would otherwise rewrite every file.
-            again_img, again_fields = _parse(pyexiv2, new, source, what)
+            again_img, again_fields = _parse(pyexiv2, new, source, what, writing=True)
             again_img.close()
             if _but_reasons(again_fields) == _but_reasons(fields) and (
                 (REASONS_KEY in again_fields) == (REASONS_KEY in fields)
@@ -728,7 +758,7 @@ def _merged(
 ) -> bytes:
     """``data`` (an XMP packet) with keeper's fields and ``values`` (:func:`_xmp_values`) set;
     the caller holds the exiv2 lock."""
-    img, fields = _parse(pyexiv2, data, source, what)
+    img, fields = _parse(pyexiv2, data, source, what, writing=True)
     try:
         changes: dict[str, str | None] = {k: None for k in fields if _OWN_KEY.match(k)}
         changes.update({f"Xmp.{KEEPER_PREFIX}.{k}": v for k, v in own.items()})
