@@ -682,11 +682,13 @@ def _rating_attribute(data: bytes) -> str | None:
     return None
 
 
-def _packet_binding_xmp_to(uri: str, attributes: str) -> bytes:
+def _packet(namespaces: dict[str, str], attributes: str = "", body: str = "") -> bytes:
+    """A packet of one rdf:Description binding ``namespaces`` (prefix -> URI)."""
+    decls = " ".join(f'xmlns:{prefix}="{uri}"' for prefix, uri in namespaces.items())
     return (
         '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
         'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
-        f'xmlns:xmp="{uri}" {attributes}/></rdf:RDF></x:xmpmeta>'
+        f"{decls} {attributes}>{body}</rdf:Description></rdf:RDF></x:xmpmeta>"
     ).encode()
 
 
@@ -706,7 +708,7 @@ def test_a_packet_binding_xmp_to_another_uri_is_refused_and_misplaces_nothing(
     every photo tool. Such a packet is refused, read or merged, and left as it is. exiv2 also
     keeps one prefix registry per process, which parsing it used to re-bind: every sidecar
     written after put ``xmp:Rating`` in that namespace, where no photo tool looks."""
-    odd = _packet_binding_xmp_to(uri, 'xmp:Rating="3" xmp:Mood="calm"')
+    odd = _packet({"xmp": uri}, 'xmp:Rating="3" xmp:Mood="calm"')
     with pytest.raises(DataError, match=r"binds the prefix 'xmp' to .*left as it is"):
         handback.parse_xmp_packet(odd, "odd.xmp")  # e.g. a photo's own XMP, read by feedback
     merged = tmp_path / "IMG_2.xmp"
@@ -729,20 +731,14 @@ def test_a_sidecar_merges_whatever_prefix_earlier_sidecars_gave_its_namespace(
     namespace prefix for qualified name") after another had bound the same namespace as
     ``ea:``, so whether a file got keeper's rating hung on which files were read before it."""
     ns = "http://example.com/a/"
-
-    def packet(prefix: str, body: str) -> bytes:
-        return (
-            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
-            'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
-            f'rdf:about="" xmlns:{prefix}="{ns}">{body}</rdf:Description></rdf:RDF></x:xmpmeta>'
-        ).encode()
-
     first = tmp_path / "IMG_1.xmp"
-    first.write_bytes(packet("ea", "<ea:Mood>calm</ea:Mood>"))
+    first.write_bytes(_packet({"ea": ns}, body="<ea:Mood>calm</ea:Mood>"))
     write_sidecar(str(first), rating=3, label=None)
     second = tmp_path / "IMG_2.xmp"
     steps = '<rdf:li foo:Op="exposure" foo:On="1"/><rdf:li foo:Op="crop" foo:On="0"/>'
-    second.write_bytes(packet("foo", f"<foo:History><rdf:Seq>{steps}</rdf:Seq></foo:History>"))
+    second.write_bytes(
+        _packet({"foo": ns}, body=f"<foo:History><rdf:Seq>{steps}</rdf:Seq></foo:History>")
+    )
 
     write_sidecar(str(second), rating=5, label=None)
 
@@ -758,12 +754,7 @@ def test_a_sidecar_merges_whatever_prefix_earlier_sidecars_gave_its_namespace(
 def test_a_namespace_exiv2_would_rename_is_read_but_not_written_back(tmp_path: Path) -> None:
     """exiv2 appends a '/' to a namespace URI that ends in neither '/' nor '#': merged, every
     property of ``urn:example:ns`` moved to ``urn:example:ns/``, another namespace."""
-    data = (
-        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
-        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
-        b'xmlns:ex="urn:example:ns" xmlns:xmp="http://ns.adobe.com/xap/1.0/" ex:Mood="calm" '
-        b'xmp:Rating="2"/></rdf:RDF></x:xmpmeta>'
-    )
+    data = _packet({"ex": "urn:example:ns", "xmp": XAP}, 'ex:Mood="calm" xmp:Rating="2"')
     path = tmp_path / "IMG_1.xmp"
     path.write_bytes(data)
     assert read_sidecar(str(path))["Xmp.xmp.Rating"] == "2"  # what feedback reads
@@ -777,11 +768,7 @@ def test_adobes_namespace_under_another_prefix_is_read_and_merged_by_its_namespa
 ) -> None:
     """Photoshop wrote Adobe's namespace as ``xap:``: that is the rating, whatever the prefix."""
     path = tmp_path / "IMG_1.xmp"
-    path.write_bytes(
-        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
-        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
-        b'xmlns:xap="http://ns.adobe.com/xap/1.0/" xap:Rating="2"/></rdf:RDF></x:xmpmeta>'
-    )
+    path.write_bytes(_packet({"xap": XAP}, 'xap:Rating="2"'))
     assert read_sidecar(str(path))["Xmp.xmp.Rating"] == "2"
     done = write_sidecar(str(path), rating=5, label=None)
     assert done.kept == ("rating",)

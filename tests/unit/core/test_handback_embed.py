@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -358,13 +359,42 @@ def test_a_file_changed_while_keeper_writes_it_is_left_to_the_other_writer(
     _no_temporary_files(tmp_path, path.name)
 
 
+def _refuses_new_files(before: bytes) -> Callable[..., dict[str, object]]:
+    """exiv2's whole-file read (``parse_image_xmp``) refusing every file but ``before``."""
+    real = jpeg_xmp.parse_image_xmp
+
+    def parse(data: bytes, source: str, *, mime: str) -> dict[str, object]:
+        if data != before:
+            raise DataError("exiv2 says no", source=source)
+        return real(data, source, mime=mime)
+
+    return parse
+
+
+#: A check of the new file failing: what is replaced, by what (given the original), the reason.
+FAILED_CHECKS = {
+    "keeper's reader disagrees": (
+        "read_embedded_xmp",
+        lambda before: lambda uri: {},
+        "keeper's reader does not find the merged packet",
+    ),
+    "exiv2 reads the original, not the new file": (
+        "parse_image_xmp",
+        _refuses_new_files,
+        r"exiv2 cannot read the new file \(exiv2 says no\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILED_CHECKS))
 def test_a_failed_check_of_the_new_file_leaves_the_original(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
+    name, make, reason = FAILED_CHECKS[case]
     before = camera_jpeg(lightroom_packet())
     path = _photo(tmp_path, before)
-    monkeypatch.setattr(jpeg_xmp, "read_embedded_xmp", lambda uri: {})  # a reader disagreeing
-    with pytest.raises(DataError, match="keeper's reader does not find the merged packet"):
+    monkeypatch.setattr(jpeg_xmp, name, make(before))
+    with pytest.raises(DataError, match=reason):
         write_jpeg_xmp(str(path), rating=5, label=None)
     assert path.read_bytes() == before
     _no_temporary_files(tmp_path, path.name)
@@ -421,23 +451,4 @@ def test_a_jpeg_exiv2_refuses_for_its_icc_chunks_gets_keepers_xmp(tmp_path: Path
     with Image.open(path) as im:
         assert im.info["icc_profile"] == icc
         assert parse_xmp_packet(im.info["xmp"], str(path)) == fields
-    _no_temporary_files(tmp_path, path.name)
-
-
-def test_a_new_file_exiv2_cannot_read_where_it_read_the_original_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    before = camera_jpeg(lightroom_packet())
-    path = _photo(tmp_path, before)
-    real = jpeg_xmp.parse_image_xmp
-
-    def refuses_the_new(data: bytes, source: str, *, mime: str) -> dict[str, object]:
-        if data != before:
-            raise DataError("exiv2 says no", source=source)
-        return real(data, source, mime=mime)
-
-    monkeypatch.setattr(jpeg_xmp, "parse_image_xmp", refuses_the_new)
-    with pytest.raises(DataError, match=r"exiv2 cannot read the new file \(exiv2 says no\)"):
-        write_jpeg_xmp(str(path), rating=5, label=None)
-    assert path.read_bytes() == before
     _no_temporary_files(tmp_path, path.name)
