@@ -671,6 +671,7 @@ def test_a_new_sidecar_is_stable_from_its_first_write(tmp_path: Path) -> None:
 
 
 XAP = "http://ns.adobe.com/xap/1.0/"
+RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
 
 
 def _rating_attribute(data: bytes) -> str | None:
@@ -749,6 +750,29 @@ def test_a_sidecar_merges_whatever_prefix_earlier_sidecars_gave_its_namespace(
         ("crop", "0"),
     ]
     assert _rating_attribute(second.read_bytes()) == "5"
+
+
+def test_a_file_binding_dc_elsewhere_leaves_the_next_files_keywords_in_dublin_core(
+    tmp_path: Path,
+) -> None:
+    """After one sidecar that binds the prefix ``dc`` to another namespace, every later merge in
+    the process wrote its ``dc:subject`` (a person's keywords) into that namespace, where no
+    photo tool looks: exiv2's registry kept the odd binding."""
+    odd = tmp_path / "IMG_1.xmp"
+    odd.write_bytes(_packet({"dc": "http://example.com/notdc/"}, 'dc:Mood="calm"'))
+    write_sidecar(str(odd), rating=3, label=None)
+    descriptions = ET.fromstring(odd.read_bytes()).iter(f"{{{RDF_NS}}}Description")
+    assert [d.get("{http://example.com/notdc/}Mood") for d in descriptions] == ["calm"]
+    normal = tmp_path / "IMG_2.xmp"
+    bag = "<dc:subject><rdf:Bag><rdf:li>wedding</rdf:li></rdf:Bag></dc:subject>"
+    normal.write_bytes(_packet({"dc": "http://purl.org/dc/elements/1.1/"}, body=bag))
+
+    write_sidecar(str(normal), rating=5, label=None)
+
+    root = ET.fromstring(normal.read_bytes())
+    subject = root.find(".//{http://purl.org/dc/elements/1.1/}subject")
+    assert subject is not None, normal.read_text()
+    assert [li.text for li in subject.iter(f"{{{RDF_NS}}}li")] == ["wedding"]
 
 
 def test_a_namespace_exiv2_would_rename_is_read_but_not_written_back(tmp_path: Path) -> None:

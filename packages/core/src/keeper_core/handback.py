@@ -391,11 +391,12 @@ def _bind_prefixes(packet: bytes, uri: str, what: str, *, writing: bool) -> None
     namespace under another prefix (``xap:``, as Photoshop wrote it) is read by its namespace
     and is fine.
 
-    exiv2's registry is one for the process and a parse does not replace a binding already
-    there: a sidecar whose struct fields name a namespace by a prefix other than the one an
-    earlier sidecar registered for it (``foo:`` where that one said ``ea:``) could not be
-    written back ("Unknown namespace prefix for qualified name"), depending on which files
-    were read before it. And exiv2 appends a '/' to a namespace URI that ends in neither '/'
+    exiv2's registry is one for the process, and what a packet bound stayed bound for the
+    packets after it: once one sidecar had bound ``dc`` to another namespace, every later
+    merge wrote its ``dc:subject`` (a person's keywords) into that namespace, where no photo
+    tool looks; and a sidecar whose struct fields name a namespace by another prefix than an
+    earlier file used for it (``foo:`` where that one said ``ea:``) could not be written back
+    ("Unknown namespace prefix for qualified name"). And exiv2 appends a '/' to a namespace URI that ends in neither '/'
     nor '#': every property of ``http://example.com/ns`` would be written back in
     ``http://example.com/ns/``, another namespace, so such a packet is refused too. A packet that
     is not XML is left to exiv2 and the checks after it.
