@@ -787,6 +787,23 @@ def test_a_namespace_exiv2_would_rename_is_read_but_not_written_back(tmp_path: P
     assert path.read_bytes() == data
 
 
+@pytest.mark.parametrize(
+    ("attributes", "body"),
+    [('ex:Note="type=Bag of tricks"', ""), ("", "<ex:Note>type=Seq two</ex:Note>")],
+)
+def test_a_value_exiv2_reads_as_a_type_declaration_is_not_written_back(
+    tmp_path: Path, attributes: str, body: str
+) -> None:
+    """exiv2 reads a text value starting ``type=Bag`` (``Seq``, ``Alt``, ``Struct``) as a type
+    declaration: merged, the note came back an empty bag."""
+    data = _packet({"ex": "http://example.com/ex/"}, attributes, body)
+    path = tmp_path / "IMG_1.xmp"
+    path.write_bytes(data)
+    with pytest.raises(DataError, match=r"holds the value 'type=.*as an empty array"):
+        write_sidecar(str(path), rating=5, label=None)
+    assert path.read_bytes() == data
+
+
 def test_adobes_namespace_under_another_prefix_is_read_and_merged_by_its_namespace(
     tmp_path: Path,
 ) -> None:

@@ -2,8 +2,8 @@
 several rdf:Description elements, properties as attributes and as elements, bags, sequences,
 language alternatives and sequences of structs (darktable's history), Adobe's namespace as
 ``xmp:`` or Photoshop's ``xap:``, other namespaces under varying prefixes, a person's rating and
-label or none, another schema that chose the prefix ``xmp`` for itself, and one whose URI ends in
-neither '/' nor '#'.
+label or none, another schema that chose the prefix ``xmp`` for itself, one whose URI ends in
+neither '/' nor '#', and now and then a text value that starts with ``type=``.
 
 Whatever the packet, a merge either refuses it (DataError: keeper leaves the file as it is) or
 keeps every property that is not keeper's, in its own namespace with its value; puts the rating
@@ -12,7 +12,8 @@ the same bytes). Properties are compared as a photo tool reads them: by namespac
 XML parser of the tests' own, not exiv2's prefixes.
 
 Refusals seen (keeper's, of a packet binding ``xmp`` to another namespace or holding a namespace
-exiv2 would write back with a '/' appended; the others from
+exiv2 would write back with a '/' appended, or a value ``type=Bag ...`` exiv2 would write back
+as an empty bag; the others from
 exiv2's XMP toolkit; each file left as it is, and none depending on the packets merged before
 it in the process): one namespace under two prefixes in one packet ("Schema namespace URI and
 prefix mismatch"); struct fields of Adobe's namespace under ``xap:`` ("Unknown namespace
@@ -58,7 +59,7 @@ def _word(r: random.Random) -> str:
 def _text(r: random.Random) -> str:
     return r.choice(
         [_word(r), f"{_word(r)} {_word(r)}", f"caf\u00e9 {_word(r)}", f"{_word(r)} & {_word(r)}",
-         f" {_word(r)}", f"{_word(r)}\u4e2d"]
+         f" {_word(r)}", f"{_word(r)}\u4e2d"] * 8 + [f"type=Bag {_word(r)}"]
     )  # fmt: skip
 
 
@@ -181,7 +182,12 @@ def test_a_merge_refuses_or_keeps_every_other_property_and_is_a_fixed_point(seed
         # file left alone.
         assert any(
             why in refusal
-            for why in ("XMP Toolkit error", "binds the prefix 'xmp'", "with a '/' appended")
+            for why in (
+                "XMP Toolkit error",
+                "binds the prefix 'xmp'",
+                "with a '/' appended",
+                "as a type declaration",
+            )
         ), refusal
         return
     after = _as_read(merged.packet)

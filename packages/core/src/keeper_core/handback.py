@@ -379,48 +379,61 @@ def _has_properties(packet: bytes) -> bool:
 _OWN_NAMESPACES = (("http://ns.adobe.com/xap/1.0/", "xmp"), (KEEPER_NS, KEEPER_PREFIX))
 
 
-def _bind_prefixes(packet: bytes, uri: str, what: str, *, writing: bool) -> None:
-    """Binds in exiv2's registry each prefix the packet binds, as the packet binds it; refuses a
-    packet that binds a prefix of ``_OWN_NAMESPACES`` to another namespace, and one to be
-    written back (``writing``) that has a namespace exiv2 would change.
+def _check_packet(packet: bytes, uri: str, what: str, *, writing: bool) -> None:
+    """Refuses a packet exiv2 would misread, or (``writing``) write back changed, and binds in
+    exiv2's registry each prefix the packet binds, as the packet binds it.
 
-    exiv2 names a property by its prefix, not its namespace: in a packet that binds ``xmp`` to
-    ``http://example.com/other/``, that namespace's ``xmp:Rating`` reads as the rating
-    (``Xmp.xmp.Rating``), and written back it lands in Adobe's namespace, beside whatever else
-    that namespace held (``xmp:Mood``): a rating nobody gave, shown by every photo tool. Adobe's
-    namespace under another prefix (``xap:``, as Photoshop wrote it) is read by its namespace
-    and is fine.
+    - exiv2 names a property by its prefix, not its namespace: in a packet that binds ``xmp``
+      to ``http://example.com/other/``, that namespace's ``xmp:Rating`` reads as the rating
+      (``Xmp.xmp.Rating``), and written back it lands in Adobe's namespace, beside whatever else
+      that namespace held (``xmp:Mood``): a rating nobody gave, shown by every photo tool. Such
+      a packet is refused. Adobe's namespace under another prefix (``xap:``, as Photoshop wrote
+      it) is read by its namespace and is fine.
+    - exiv2's registry is one for the process, and what a packet bound stayed bound for the
+      packets after it: once one sidecar had bound ``dc`` to another namespace, every later
+      merge wrote its ``dc:subject`` (a person's keywords) into that namespace, where no photo
+      tool looks; and a sidecar whose struct fields name a namespace by another prefix than an
+      earlier file used for it (``foo:`` where that one said ``ea:``) could not be written back
+      ("Unknown namespace prefix for qualified name"). Hence the binding, before each parse.
+    - Refused when writing: a namespace URI that ends in neither '/' nor '#' (exiv2 appends a
+      '/': every property of ``http://example.com/ns`` would be written back in
+      ``http://example.com/ns/``, another namespace); a value that starts with ``type=``
+      (exiv2 reads ``type=Bag x`` as a declaration, and writes back an empty bag).
 
-    exiv2's registry is one for the process, and what a packet bound stayed bound for the
-    packets after it: once one sidecar had bound ``dc`` to another namespace, every later
-    merge wrote its ``dc:subject`` (a person's keywords) into that namespace, where no photo
-    tool looks; and a sidecar whose struct fields name a namespace by another prefix than an
-    earlier file used for it (``foo:`` where that one said ``ea:``) could not be written back
-    ("Unknown namespace prefix for qualified name"). And exiv2 appends a '/' to a namespace URI that ends in neither '/'
-    nor '#': every property of ``http://example.com/ns`` would be written back in
-    ``http://example.com/ns/``, another namespace, so such a packet is refused too. A packet that
-    is not XML is left to exiv2 and the checks after it.
+    A packet that is not XML is left to exiv2 and the checks after it.
     """
     own = {prefix: ns for ns, prefix in _OWN_NAMESPACES}
     try:
-        bindings = [b for _, b in ET.iterparse(io.BytesIO(packet), events=("start-ns",))]
+        events = list(ET.iterparse(io.BytesIO(packet), events=("start-ns", "end")))
     except ET.ParseError:
         return
+    bindings: list[tuple[str, str]] = [b for event, b in events if event == "start-ns"]
+
+    def refuse(why: str) -> DataError:
+        return DataError(f"{what} {why}; left as it is", source=uri)
+
     for prefix, ns in bindings:
         if prefix in own and ns != own[prefix]:
-            raise DataError(
-                f"{what} binds the prefix {prefix!r} to {xml_text(ns)!r}, not to "
-                f"{own[prefix]!r}: exiv2 would read and write that namespace's properties "
-                "as its own (a foreign Rating as the rating); left as it is",
-                source=uri,
+            raise refuse(
+                f"binds the prefix {prefix!r} to {xml_text(ns)!r}, not to {own[prefix]!r}: "
+                "exiv2 would read and write that namespace's properties as its own (a foreign "
+                "Rating as the rating)"
             )
         if writing and prefix not in _FIXED_PREFIXES and not ns.endswith(("/", "#")):
-            raise DataError(
-                f"{what} has the namespace {xml_text(ns)!r} (prefix {prefix!r}), which exiv2 "
-                "would write back as another, with a '/' appended (XMP namespace URIs end in "
-                "'/' or '#'); left as it is",
-                source=uri,
+            raise refuse(
+                f"has the namespace {xml_text(ns)!r} (prefix {prefix!r}), which exiv2 would "
+                "write back as another, with a '/' appended (XMP namespace URIs end in '/' or '#')"
             )
+    if writing:
+        for event, elem in events:
+            if event != "end":
+                continue
+            for value in (elem.text or "", *elem.attrib.values()):
+                if value.startswith("type="):
+                    raise refuse(
+                        f"holds the value {xml_text(value[:40])!r}, which exiv2 reads as a type "
+                        "declaration and would write back as an empty array"
+                    )
     pyexiv2 = _exiv2()
     for prefix, ns in bindings:
         if prefix and prefix not in _FIXED_PREFIXES and ns not in own.values():
@@ -443,10 +456,10 @@ def _parse(
     """exiv2's image of ``data`` (a file of type ``mime``) and its XMP fields; the caller holds
     the exiv2 lock. The prefixes of ``_OWN_NAMESPACES`` are bound to their namespaces again
     after every parse; a packet that binds them to other namespaces is refused
-    (``_bind_prefixes``), and the packet's other prefixes are bound as it binds them; ``writing``:
+    (``_check_packet``), and the packet's other prefixes are bound as it binds them; ``writing``:
     the packet is to be merged and written back."""
     if mime == _XMP_MIME:
-        _bind_prefixes(data, uri, what, writing=writing)
+        _check_packet(data, uri, what, writing=writing)
     try:
         img = pyexiv2.ImageData(data)
     except (RuntimeError, ValueError) as e:
