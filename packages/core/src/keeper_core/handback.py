@@ -419,7 +419,7 @@ def _check_packet(packet: bytes, uri: str, what: str, *, writing: bool) -> None:
                 "exiv2 would read and write that namespace's properties as its own (a foreign "
                 "Rating as the rating)"
             )
-        if writing and prefix not in _FIXED_PREFIXES and not ns.endswith(("/", "#")):
+        if writing and prefix and prefix not in _FIXED_PREFIXES and not ns.endswith(("/", "#")):
             raise refuse(
                 f"has the namespace {xml_text(ns)!r} (prefix {prefix!r}), which exiv2 would "
                 "write back as another, with a '/' appended (XMP namespace URIs end in '/' or '#')"
