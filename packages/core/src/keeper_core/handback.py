@@ -379,6 +379,10 @@ def _has_properties(packet: bytes) -> bool:
 _OWN_NAMESPACES = (("http://ns.adobe.com/xap/1.0/", "xmp"), (KEEPER_NS, KEEPER_PREFIX))
 
 
+#: Prefixes whose bindings are the XMP container's, not a schema's.
+_FIXED_PREFIXES = frozenset({"x", "rdf", "xml", "xmlns"})
+
+
 def _check_packet(packet: bytes, uri: str, what: str, *, writing: bool) -> None:
     """Refuses a packet exiv2 would misread, or (``writing``) write back changed, and binds in
     exiv2's registry each prefix the packet binds, as the packet binds it.
@@ -438,10 +442,6 @@ def _check_packet(packet: bytes, uri: str, what: str, *, writing: bool) -> None:
     for prefix, ns in bindings:
         if prefix and prefix not in _FIXED_PREFIXES and ns not in own.values():
             pyexiv2.registerNs(ns, prefix)
-
-
-#: Prefixes whose bindings are the XMP container's, not a schema's.
-_FIXED_PREFIXES = frozenset({"x", "rdf", "xml", "xmlns"})
 
 
 def _parse(
