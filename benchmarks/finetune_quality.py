@@ -33,7 +33,8 @@ chosen by looking at fold 0 (val and test) of the 660-series corpus with a handf
 10-epoch budget from one fold-0 run of the frozen MLP and last-blocks+lora on 3,000 series, whose
 val top-1 peaked by epoch 4 of 20. Nothing was tuned per fold. ``--seed`` draws every row
 again (docs/finetuning.md section 8 has two seeds); ``--aux-quality W`` adds an experiment's
-auxiliary loss to the fine-tuned rows (``QualityProbe``).
+auxiliary loss to the fine-tuned rows (``QualityProbe``); ``--patch-shuffle`` trains every row on
+images whose patch grid is permuted (``shuffle_patches``, docs/finetuning.md section 8).
 
 Bar: fine-tuned with embedding only >= 15 points top-1 above the frozen embedding-only MLP;
 fine-tuned with embedding+quality not below the frozen embedding+quality MLP.
@@ -94,7 +95,28 @@ SETTINGS = {
     "flip": True,
     "readout": "tok",
     "aux_quality": 0.0,
+    "patch_shuffle": False,
 }
+
+
+def shuffle_patches(
+    pixels: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator, patch: int
+) -> torch.Tensor:
+    """An experiment (--patch-shuffle): one random permutation of the patch grid per series, the
+    same for all its shots: (N, 3, S, S) -> the same tokens in other places."""
+    out, start = [], 0
+    s = pixels.shape[-1]
+    g = s // patch
+    for n in mask.sum(1).tolist():
+        px = pixels[start : start + n]
+        start += n
+        perm = torch.from_numpy(rng.permutation(g * g))
+        blocks = px.reshape(n, 3, g, patch, g, patch).permute(0, 1, 2, 4, 3, 5)
+        blocks = blocks.reshape(n, 3, g * g, patch, patch)[:, :, perm]
+        out.append(
+            blocks.reshape(n, 3, g, g, patch, patch).permute(0, 1, 2, 4, 3, 5).reshape(px.shape)
+        )
+    return torch.cat(out)
 
 
 def prepare_corpus(cache: Path, n_series: int) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
@@ -270,6 +292,7 @@ def train_one(
     size = ranker.image_size
     shift = round(s["max_shift"] * size)
     model = ranker.model
+    patch = model.tower.visual.patch_size[0]
 
     def evaluate(rows: list[dict[str, Any]]) -> tuple[SeriesMetrics, float]:
         """The metrics and the mean series-softmax loss (NLL of the true keeper)."""
@@ -297,6 +320,8 @@ def train_one(
             pixels, mask, b, quality = unpack(
                 as_batch(chunk), size, rng=rng, max_shift=shift, flip=s["flip"]
             )
+            if s["patch_shuffle"]:
+                pixels = shuffle_patches(pixels, mask, rng, patch)
             if aux:
                 scores, aux_loss = probe(pixels, mask, quality)
                 loss = series_softmax_loss(scores, mask, b) + aux * aux_loss
@@ -358,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         "the embedding predicting the quality features (QualityProbe; 0: none)",
     )
     parser.add_argument(
+        "--patch-shuffle",
+        action="store_true",
+        help="an experiment: train on images whose patch grid is permuted, one permutation per "
+        "series (shuffle_patches)",
+    )
+    parser.add_argument(
         "--methods", help="only these methods (comma-separated, e.g. frozen,last-blocks+lora)"
     )
     parser.add_argument("--out", default="benchmarks/results/finetune_quality.json")
@@ -369,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     SETTINGS["epochs"] = args.epochs
     SETTINGS["readout"] = args.readout
     SETTINGS["aux_quality"] = args.aux_quality
+    SETTINGS["patch_shuffle"] = args.patch_shuffle
     methods = args.methods.split(",") if args.methods else None
     t0 = time.perf_counter()
     df, px, q = prepare_corpus(Path(args.cache), args.series)

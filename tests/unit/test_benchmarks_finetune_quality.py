@@ -129,3 +129,35 @@ def test_selection_rules_pool_each_rules_epoch(fq: ModuleType) -> None:
     }
     folds["1"]["rows"]["m"].pop("epochs")  # a part written before the history: left out
     assert fq.selection_rules(folds, ["m"]) == {}
+
+
+def test_patch_shuffle_moves_whole_tokens_the_same_way_for_a_series(
+    fq: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--patch-shuffle: the tower sees the same patch embeddings in other places, permuted alike
+    for every shot of a series (and a row trains with it)."""
+    rng = np.random.default_rng(0)
+    pixels = torch.as_tensor(rng.integers(0, 256, (5, 3, 64, 64), dtype=np.uint8))
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    out = fq.shuffle_patches(pixels, mask, np.random.default_rng(1), 8)
+
+    def tokens(px: torch.Tensor) -> torch.Tensor:  # (N, 64 patches, 192)
+        return px.reshape(len(px), 3, 8, 8, 8, 8).permute(0, 2, 4, 1, 3, 5).reshape(len(px), 64, -1)
+
+    before, after = tokens(pixels), tokens(out)
+    perms = []
+    for i in range(5):
+        perm = [int((before[i] == t).all(1).nonzero()[0]) for t in after[i]]
+        assert torch.equal(after[i], before[i][perm])
+        perms.append(perm)
+    assert perms[0] == perms[1] == perms[2]  # series 0's three shots
+    assert perms[3] == perms[4]
+    assert perms[0] != perms[3]
+    assert perms[0] != list(range(64))
+
+    monkeypatch.setitem(fq.SETTINGS, "epochs", 1)
+    monkeypatch.setitem(fq.SETTINGS, "patch_shuffle", True)
+    data = {"train": _rows(8, 0), "val": _rows(4, 1), "test": _rows(4, 2)}
+    train_q = np.concatenate([r["quality"].reshape(3, -1) for r in data["train"]])
+    val, _, _, _, _ = fq.train_one("lora", "embedding", data, train_q, seed=0)
+    assert val.n_series == 4
