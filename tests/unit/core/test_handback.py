@@ -384,9 +384,8 @@ def test_unreadable_sidecar_is_left_alone(tmp_path: Path, content: bytes, log_le
 
     path = tmp_path / "IMG_1.xmp"
     path.write_bytes(content)
-    handback._exiv2()  # registers keeper's namespace and sets level 3 once
-    # At level 4 (what another module may set) exiv2 reads a broken packet as empty instead of
-    # failing; the sidecar must survive that too.
+    # At level 4 (what code outside keeper may set) exiv2 reads a broken packet as empty
+    # instead of failing; the sidecar must survive that too.
     pyexiv2.set_log_level(log_level)
     try:
         with pytest.raises(DataError, match="left as it is"):

@@ -39,6 +39,7 @@ from typing import Any
 import pyarrow as pa
 
 from keeper_core.errors import PIL_ERRORS, ConfigError
+from keeper_core.exiv2_session import exiv2
 from keeper_core.images import HEIF_BRANDS
 
 __all__ = [
@@ -516,18 +517,15 @@ def _read_tags(data: bytes, where: str) -> dict[str, bytes]:
     return _exiv2_tags(stream, where)
 
 
-def _exiv2() -> ModuleType:
-    import pyexiv2  # here: a process that never reads metadata need not load libexiv2
-
-    # Muted, not just quiet: at its "error" level pyexiv2 turns exiv2's recoverable errors
-    # (one bad maker-note entry) into an exception that loses every tag of the file. The
-    # level is process-wide (one exiv2 log), so it is set before each read.
-    pyexiv2.set_log_level(4)
-    return pyexiv2
-
-
 def _exiv2_tags(stream: bytes, where: str) -> dict[str, bytes]:
-    pyexiv2 = _exiv2()
+    # Muted, not just quiet: at its "error" level pyexiv2 turns exiv2's recoverable errors
+    # (one bad maker-note entry) into an exception that loses every tag of the file. The level
+    # is process-wide, so the read holds exiv2 for itself (keeper_core.exiv2_session).
+    with exiv2("mute") as pyexiv2:
+        return _read_tags_muted(pyexiv2, stream, where)
+
+
+def _read_tags_muted(pyexiv2: ModuleType, stream: bytes, where: str) -> dict[str, bytes]:
     image = pyexiv2.ImageData.__new__(pyexiv2.ImageData)
     try:
         pyexiv2.ImageData.__init__(image, stream)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import hashlib
 import io
 import json
@@ -32,10 +31,10 @@ import re
 import shutil
 import stat
 import tempfile
-import threading
 import unicodedata
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path, PurePosixPath
@@ -44,6 +43,7 @@ from typing import Any, Literal, NamedTuple
 
 from keeper_core import storage
 from keeper_core.errors import ConfigError, DataError, StorageError
+from keeper_core.exiv2_session import Level, exiv2
 from keeper_core.formats import RAW_SUFFIXES
 
 #: keeper's XMP namespace; its fields are ``Xmp.keeper.<name>`` (``keeper:group`` in the file).
@@ -77,9 +77,6 @@ RATING_KEY, LABEL_KEY = "Xmp.xmp.Rating", "Xmp.xmp.Label"
 #: over every group), so a packet whose other fields all hold keeper's choice keeps its reasons
 #: as they are (:func:`merge_packet`), and the file is not rewritten for them alone
 REASONS_KEY = f"Xmp.{KEEPER_PREFIX}.reasons"
-# exiv2 keeps process-global state (the XMP toolkit's namespace registry, pyexiv2's error log):
-# one sidecar at a time per process.
-_EXIV2_LOCK = threading.Lock()
 # exiv2 reaches its own layout of a packet within two rewrites; one more is a margin.
 _FIXED_POINT_PASSES = 3
 
@@ -323,15 +320,18 @@ def _skip_reason(image: str, owner: str, sidecar: str) -> str:
 # Sidecars
 
 
-@functools.cache
-def _exiv2() -> ModuleType:
-    import pyexiv2
+@contextmanager
+def _exiv2(level: Level = "error") -> Iterator[ModuleType]:
+    """pyexiv2 for one operation: exiv2's process-wide state (the XMP toolkit's namespace
+    registry, pyexiv2's error log) held for this thread, keeper's namespace registered.
 
-    # Level 3 ("error"), not 4 ("mute"): warnings are quiet, but pyexiv2 turns error-level
-    # messages into exceptions only when they are logged, so muting them would hide failures.
-    pyexiv2.set_log_level(3)
-    pyexiv2.registerNs(KEEPER_NS, KEEPER_PREFIX)
-    return pyexiv2
+    The "error" level, not "mute": warnings are quiet, but pyexiv2 turns error-level messages
+    into exceptions only when they are logged, so muting them would hide failures
+    (:mod:`keeper_core.exiv2_session`).
+    """
+    with exiv2(level) as pyexiv2:
+        pyexiv2.registerNs(KEEPER_NS, KEEPER_PREFIX)
+        yield pyexiv2
 
 
 def xml_text(value: str) -> str:
@@ -383,7 +383,9 @@ _OWN_NAMESPACES = (("http://ns.adobe.com/xap/1.0/", "xmp"), (KEEPER_NS, KEEPER_P
 _FIXED_PREFIXES = frozenset({"x", "rdf", "xml", "xmlns"})
 
 
-def _check_packet(packet: bytes, uri: str, what: str, *, writing: bool) -> None:
+def _check_packet(
+    pyexiv2: ModuleType, packet: bytes, uri: str, what: str, *, writing: bool
+) -> None:
     """Refuses a packet exiv2 would misread, or (``writing``) write back changed, and binds in
     exiv2's registry each prefix the packet binds, as the packet binds it.
 
@@ -438,7 +440,6 @@ def _check_packet(packet: bytes, uri: str, what: str, *, writing: bool) -> None:
                         f"holds the value {xml_text(value[:40])!r}, which exiv2 reads as a type "
                         "declaration and would write back as an empty array"
                     )
-    pyexiv2 = _exiv2()
     for prefix, ns in bindings:
         if prefix and prefix not in _FIXED_PREFIXES and ns not in own.values():
             pyexiv2.registerNs(ns, prefix)
@@ -459,7 +460,7 @@ def _parse(
     (``_check_packet``), and the packet's other prefixes are bound as it binds them; ``writing``:
     the packet is to be merged and written back."""
     if mime == _XMP_MIME:
-        _check_packet(data, uri, what, writing=writing)
+        _check_packet(pyexiv2, data, uri, what, writing=writing)
     try:
         img = pyexiv2.ImageData(data)
     except (RuntimeError, ValueError) as e:
@@ -615,8 +616,7 @@ def merge_packet(
     Raises:
         DataError: ``old`` is not XMP exiv2 can parse, or exiv2 cannot update it.
     """
-    pyexiv2 = _exiv2()
-    with _EXIV2_LOCK:
+    with _exiv2() as pyexiv2:
         packet = old if old.strip() else _EMPTY_PACKET
         img, fields = _parse(pyexiv2, packet, source, what, writing=True)
         img.close()
@@ -819,8 +819,7 @@ def parse_xmp_packet(
     Raises:
         DataError: it is not XMP that exiv2 can parse.
     """
-    pyexiv2 = _exiv2()
-    with _EXIV2_LOCK:
+    with _exiv2() as pyexiv2:
         img, fields = _parse(pyexiv2, data, source, what)
         img.close()
     return fields
@@ -839,17 +838,12 @@ def parse_image_xmp(data: bytes, source: str, *, mime: str) -> dict[str, XmpValu
     Raises:
         DataError: exiv2 cannot read them, or finds another type of file.
     """
-    pyexiv2 = _exiv2()
-    with _EXIV2_LOCK:
-        # Muted: at the "error" level exiv2's complaint about a damaged maker note (another
-        # segment's business) raises and loses the XMP too; a packet it cannot parse reads as
-        # none, which a caller comparing fields sees.
-        pyexiv2.set_log_level(4)
-        try:
-            img, fields = _parse(pyexiv2, data, source, f"a {mime} file exiv2 can read", mime)
-            img.close()
-        finally:
-            pyexiv2.set_log_level(3)  # _exiv2's level, which sidecar parsing relies on
+    # Muted: at the "error" level exiv2's complaint about a damaged maker note (another
+    # segment's business) raises and loses the XMP too; a packet it cannot parse reads as
+    # none, which a caller comparing fields sees.
+    with _exiv2("mute") as pyexiv2:
+        img, fields = _parse(pyexiv2, data, source, f"a {mime} file exiv2 can read", mime)
+        img.close()
     return fields
 
 
