@@ -383,6 +383,78 @@ _OWN_NAMESPACES = (("http://ns.adobe.com/xap/1.0/", "xmp"), (KEEPER_NS, KEEPER_P
 _FIXED_PREFIXES = frozenset({"x", "rdf", "xml", "xmlns"})
 
 
+# A start or end tag, its quoted attribute values whole (they may hold '>'); comments, CDATA
+# and processing instructions as themselves, so that nothing in them is taken for a tag.
+_MARKUP = re.compile(
+    rb"<!--.*?-->|<!\[CDATA\[.*?\]\]>|<\?.*?\?>|<(?:[^>\"']|\"[^\"]*\"|'[^']*')*>", re.S
+)
+_QUOTED = re.compile(rb"(\"[^\"]*\"|'[^']*')")
+
+
+def one_prefix_per_namespace(packet: bytes) -> bytes:
+    """``packet`` with each namespace under one prefix, where it has one under several.
+
+    An old Photoshop description binds Adobe's namespace as ``xap:``, and a tool that added
+    another description beside it may bind it as ``xmp:``: exiv2's XMP toolkit refuses any
+    packet with one namespace under two prefixes ("Schema namespace URI and prefix
+    mismatch"), so such a sidecar could not be read or rated. A prefix is only a name for its
+    namespace, so the later ones are renamed to the first (Adobe's to ``xmp``), in tags only.
+    The packet is returned as it is when nothing needs renaming, when a prefix names two
+    namespaces somewhere in it, or when the renamed packet does not parse to the same
+    elements, attributes and text by namespace as the original (then exiv2 refuses it, as
+    before).
+    """
+    try:
+        bindings = [b for _, b in ET.iterparse(io.BytesIO(packet), events=("start-ns",))]
+    except ET.ParseError:
+        return packet
+    prefixes: dict[str, str] = {}
+    by_ns: dict[str, list[str]] = {}
+    for prefix, ns in bindings:
+        if prefixes.setdefault(prefix, ns) != ns:
+            return packet  # one name for two namespaces: renaming could merge them
+        if prefix and prefix not in by_ns.setdefault(ns, []):
+            by_ns[ns].append(prefix)
+    rename: dict[bytes, bytes] = {}
+    for ns, names in by_ns.items():
+        if len(names) > 1:
+            keep = next((p for n, p in _OWN_NAMESPACES if n == ns and p in names), names[0])
+            rename |= {p.encode(): keep.encode() for p in names if p != keep}
+    if not rename:
+        return packet
+    name = re.compile(rb"(?<=[<\s/:])(" + b"|".join(map(re.escape, rename)) + rb")(?=[:=\s])")
+
+    def tag(m: re.Match[bytes]) -> bytes:
+        text = m.group()
+        if text.startswith((b"<!", b"<?")):
+            return text
+        parts = _QUOTED.split(text)  # odd parts are quoted values
+        return b"".join(
+            part if i % 2 else name.sub(lambda n: rename[n.group(1)], part)
+            for i, part in enumerate(parts)
+        )
+
+    out = _MARKUP.sub(tag, packet)
+    return out if _same_xml(packet, out) else packet
+
+
+def _same_xml(a: bytes, b: bytes) -> bool:
+    """Whether two packets parse to the same elements, attributes and text, by namespace."""
+    try:
+        x, y = ET.fromstring(a), ET.fromstring(b)
+    except ET.ParseError:
+        return False
+
+    def same(e: ET.Element, f: ET.Element) -> bool:
+        return (
+            (e.tag, e.attrib, e.text, e.tail) == (f.tag, f.attrib, f.text, f.tail)
+            and len(e) == len(f)
+            and all(same(c, d) for c, d in zip(e, f, strict=True))
+        )
+
+    return same(x, y)
+
+
 def _check_packet(
     pyexiv2: ModuleType, packet: bytes, uri: str, what: str, *, writing: bool
 ) -> None:
@@ -460,6 +532,7 @@ def _parse(
     (``_check_packet``), and the packet's other prefixes are bound as it binds them; ``writing``:
     the packet is to be merged and written back."""
     if mime == _XMP_MIME:
+        data = one_prefix_per_namespace(data)
         _check_packet(pyexiv2, data, uri, what, writing=writing)
     try:
         img = pyexiv2.ImageData(data)

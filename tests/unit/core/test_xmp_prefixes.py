@@ -1,0 +1,129 @@
+"""One namespace under two prefixes in one XMP packet (an old Photoshop ``xap:`` description
+beside a newer ``xmp:`` one): exiv2's XMP toolkit refuses such a packet ("Schema namespace URI
+and prefix mismatch"), so keeper renames the prefixes before exiv2 sees it
+(``handback.one_prefix_per_namespace``), in tags only, and only where the renamed packet is the
+same XML by namespace."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from keeper_core.handback import (
+    KeeperXmp,
+    merge_packet,
+    one_prefix_per_namespace,
+    read_sidecar,
+    write_sidecar,
+)
+
+XAP = "http://ns.adobe.com/xap/1.0/"
+RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+
+
+def _packet(*descriptions: str) -> bytes:
+    return (
+        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
+        f'<rdf:RDF xmlns:rdf="{RDF}">{"".join(descriptions)}</rdf:RDF></x:xmpmeta>'
+        '<?xpacket end="w"?>'
+    ).encode()
+
+
+#: Photoshop CS's description (``xap:``, a label), then one another tool added (``xmp:``).
+PHOTOSHOP_THEN_OTHER = _packet(
+    f'<rdf:Description rdf:about="" xmlns:xap="{XAP}" xap:Label="Red">'
+    "<xap:CreatorTool>Adobe Photoshop CS Windows</xap:CreatorTool>"
+    "<xap:CreateDate>2004-05-01T10:00:00</xap:CreateDate></rdf:Description>",
+    f'<rdf:Description rdf:about="" xmlns:xmp="{XAP}"><xmp:Rating>2</xmp:Rating></rdf:Description>',
+)
+
+
+def _adobe(packet: bytes) -> dict[str, str | None]:
+    """Adobe's namespace's properties as a photo tool reads them: by namespace, not prefix."""
+    got: dict[str, str | None] = {}
+    for d in ET.fromstring(packet[packet.index(b"<x:xmpmeta") :]).iter(f"{{{RDF}}}Description"):
+        got |= {k.split("}")[1]: v for k, v in d.attrib.items() if k.startswith(f"{{{XAP}}}")}
+        got |= {c.tag.split("}")[1]: c.text for c in d if c.tag.startswith(f"{{{XAP}}}")}
+    return got
+
+
+def test_a_photoshop_sidecar_another_tool_added_to_is_read_and_merged(tmp_path: Path) -> None:
+    sidecar = tmp_path / "IMG_1.xmp"
+    sidecar.write_bytes(PHOTOSHOP_THEN_OTHER)
+    fields = read_sidecar(str(sidecar))
+    assert fields["Xmp.xmp.Rating"] == "2"
+    assert fields["Xmp.xmp.CreatorTool"] == "Adobe Photoshop CS Windows"
+
+    merged = merge_packet(PHOTOSHOP_THEN_OTHER, KeeperXmp(5, "Green", {"group": "g1"}), source="s")
+    # the person's rating and label stay; every property is still in Adobe's namespace
+    assert merged.kept == ("rating", "label")
+    assert _adobe(merged.packet) == _adobe(PHOTOSHOP_THEN_OTHER)
+    assert merged.packet.count(f'="{XAP}"'.encode()) == 1  # one binding, as exiv2 writes it
+    assert write_sidecar(str(sidecar), rating=5, label=None).changed
+    assert read_sidecar(str(sidecar))["Xmp.xmp.Rating"] == "2"
+    assert _adobe(sidecar.read_bytes()) == _adobe(PHOTOSHOP_THEN_OTHER)
+
+
+def test_only_names_in_tags_are_renamed() -> None:
+    """A value, a comment or an attribute value that holds ``xap:`` is text, not a name."""
+    packet = _packet(
+        f'<rdf:Description rdf:about="" xmlns:xap="{XAP}" xap:Nickname="xap:a &gt; b">'
+        "<!-- <xap:Old>x</xap:Old> --><xap:Description>see xap:Rating</xap:Description>"
+        "</rdf:Description>",
+        f'<rdf:Description rdf:about="" xmlns:xmp="{XAP}"><xmp:Rating>2</xmp:Rating>'
+        "</rdf:Description>",
+    )
+    out = one_prefix_per_namespace(packet)
+    assert out != packet
+    assert b"xmlns:xap" not in out
+    assert b'xmp:Nickname="xap:a &gt; b"' in out
+    assert b"<!-- <xap:Old>x</xap:Old> -->" in out
+    assert b"<xmp:Description>see xap:Rating</xmp:Description>" in out
+    assert _adobe(out) == _adobe(packet)
+
+
+def test_the_first_prefix_is_kept_for_other_namespaces() -> None:
+    ns = "http://example.com/a/"
+    packet = _packet(
+        f'<rdf:Description rdf:about="" xmlns:ea="{ns}" ea:A="1"/>',
+        f'<rdf:Description rdf:about="" xmlns:foo="{ns}"><foo:B>2</foo:B></rdf:Description>',
+    )
+    out = one_prefix_per_namespace(packet)
+    assert b"foo:" not in out
+    assert b"<ea:B>2</ea:B>" in out
+
+
+def test_packets_it_cannot_rename_safely_are_left_as_they_are() -> None:
+    ns, other = "http://example.com/a/", "http://example.com/b/"
+    untouched = [
+        _packet(f'<rdf:Description rdf:about="" xmlns:ea="{ns}" ea:A="1"/>'),  # nothing to do
+        # a prefix that names two namespaces somewhere: renaming could merge them
+        _packet(
+            f'<rdf:Description rdf:about="" xmlns:ea="{ns}" ea:A="1"/>',
+            f'<rdf:Description rdf:about="" xmlns:foo="{ns}" foo:B="2"/>',
+            f'<rdf:Description rdf:about="" xmlns:foo="{other}" foo:C="3"/>',
+        ),
+        # both prefixes on one element: renamed, it would declare one prefix twice
+        _packet(f'<rdf:Description rdf:about="" xmlns:ea="{ns}" xmlns:foo="{ns}" ea:A="1"/>'),
+        b"not XML at all <",
+    ]
+    for packet in untouched:
+        assert one_prefix_per_namespace(packet) == packet
+
+
+def test_the_same_packet_inside_a_jpeg_is_merged(tmp_path: Path) -> None:
+    """``--xmp embed``: exiv2 refuses the original file for its packet, so keeper's own reader
+    checks what was written (jpeg_xmp); the person's rating stays, keeper's fields land."""
+    from support_jpeg import camera_jpeg, insert_segment, xmp_segment
+
+    from keeper_core.embedded_xmp import read_embedded_xmp
+    from keeper_core.jpeg_xmp import write_jpeg_xmp
+
+    photo = tmp_path / "IMG_1.JPG"
+    photo.write_bytes(insert_segment(camera_jpeg(), xmp_segment(PHOTOSHOP_THEN_OTHER)))
+    wrote = write_jpeg_xmp(str(photo), rating=5, label=None, keeper_fields={"group": "g1"})
+    assert wrote.changed
+    assert wrote.kept == ("rating", "label")
+    fields = read_embedded_xmp(str(photo))
+    assert fields["Xmp.xmp.Rating"] == "2"
+    assert fields["Xmp.keeper.group"] == "g1"
