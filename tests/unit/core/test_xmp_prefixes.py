@@ -127,3 +127,18 @@ def test_the_same_packet_inside_a_jpeg_is_merged(tmp_path: Path) -> None:
     fields = read_embedded_xmp(str(photo))
     assert fields["Xmp.xmp.Rating"] == "2"
     assert fields["Xmp.keeper.group"] == "g1"
+
+
+def test_a_local_name_that_spells_a_renamed_prefix_stays() -> None:
+    ns = "http://example.com/a/"
+    packet = _packet(
+        f'<rdf:Description rdf:about="" xmlns:ea="{ns}" xmlns:xap="{XAP}" ea:xap="1" '
+        'xap:Label="Red"><ea:xap ea:xap="2">x</ea:xap></rdf:Description>',
+        f'<rdf:Description rdf:about="" xmlns:xmp="{XAP}"><xmp:Rating>2</xmp:Rating>'
+        "</rdf:Description>",
+    )
+    out = one_prefix_per_namespace(packet)
+    assert b'ea:xap="1"' in out
+    assert b'<ea:xap ea:xap="2">x</ea:xap>' in out
+    assert b"xmlns:xap" not in out
+    assert b'xmp:Label="Red"' in out

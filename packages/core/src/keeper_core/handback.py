@@ -422,7 +422,10 @@ def one_prefix_per_namespace(packet: bytes) -> bytes:
             rename |= {p.encode(): keep.encode() for p in names if p != keep}
     if not rename:
         return packet
-    name = re.compile(rb"(?<=[<\s/:])(" + b"|".join(map(re.escape, rename)) + rb")(?=[:=\s])")
+    old = b"|".join(map(re.escape, rename))
+    # a qualified name's prefix (after '<', '</' or a space), or the prefix an xmlns declares;
+    # never a local name (``ea:xap="1"`` keeps its ``xap``)
+    name = re.compile(rb"(?<=[<\s/])(" + old + rb")(?=:)|(?<=xmlns:)(" + old + rb")(?=\s*=)")
 
     def tag(m: re.Match[bytes]) -> bytes:
         text = m.group()
@@ -430,7 +433,7 @@ def one_prefix_per_namespace(packet: bytes) -> bytes:
             return text
         parts = _QUOTED.split(text)  # odd parts are quoted values
         return b"".join(
-            part if i % 2 else name.sub(lambda n: rename[n.group(1)], part)
+            part if i % 2 else name.sub(lambda n: rename[n.group(1) or n.group(2)], part)
             for i, part in enumerate(parts)
         )
 
