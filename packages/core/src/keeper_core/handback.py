@@ -391,7 +391,9 @@ _MARKUP = re.compile(
 _QUOTED = re.compile(rb"(\"[^\"]*\"|'[^']*')")
 
 
-def one_prefix_per_namespace(packet: bytes) -> bytes:
+def one_prefix_per_namespace(
+    packet: bytes, bindings: Sequence[tuple[str, str]] | None = None
+) -> bytes:
     """``packet`` with each namespace under one prefix, where it has one under several.
 
     An old Photoshop description binds Adobe's namespace as ``xap:``, and a tool that added
@@ -402,12 +404,14 @@ def one_prefix_per_namespace(packet: bytes) -> bytes:
     The packet is returned as it is when nothing needs renaming, when a prefix names two
     namespaces somewhere in it, or when the renamed packet does not parse to the same
     elements, attributes and text by namespace as the original (then exiv2 refuses it, as
-    before).
+    before). ``bindings``: the packet's (prefix, namespace) declarations in order, where the
+    caller has parsed it already.
     """
-    try:
-        bindings = [b for _, b in ET.iterparse(io.BytesIO(packet), events=("start-ns",))]
-    except ET.ParseError:
-        return packet
+    if bindings is None:
+        try:
+            bindings = [b for _, b in ET.iterparse(io.BytesIO(packet), events=("start-ns",))]
+        except ET.ParseError:
+            return packet
     prefixes: dict[str, str] = {}
     by_ns: dict[str, list[str]] = {}
     for prefix, ns in bindings:
@@ -460,9 +464,10 @@ def _same_xml(a: bytes, b: bytes) -> bool:
 
 def _check_packet(
     pyexiv2: ModuleType, packet: bytes, uri: str, what: str, *, writing: bool
-) -> None:
-    """Refuses a packet exiv2 would misread, or (``writing``) write back changed, and binds in
-    exiv2's registry each prefix the packet binds, as the packet binds it.
+) -> bytes:
+    """The packet to give exiv2 (:func:`one_prefix_per_namespace` of it); refuses a packet
+    exiv2 would misread, or (``writing``) write back changed, and binds in exiv2's registry
+    each prefix the packet binds, as the packet binds it.
 
     - exiv2 names a property by its prefix, not its namespace: in a packet that binds ``xmp``
       to ``http://example.com/other/``, that namespace's ``xmp:Rating`` reads as the rating
@@ -484,11 +489,19 @@ def _check_packet(
     A packet that is not XML is left to exiv2 and the checks after it.
     """
     own = {prefix: ns for ns, prefix in _OWN_NAMESPACES}
+
+    def parsed(data: bytes) -> tuple[list[Any], list[tuple[str, str]]]:
+        events = list(ET.iterparse(io.BytesIO(data), events=("start-ns", "end")))
+        return events, [b for event, b in events if event == "start-ns"]
+
     try:
-        events = list(ET.iterparse(io.BytesIO(packet), events=("start-ns", "end")))
+        events, bindings = parsed(packet)
     except ET.ParseError:
-        return
-    bindings: list[tuple[str, str]] = [b for event, b in events if event == "start-ns"]
+        return packet
+    renamed = one_prefix_per_namespace(packet, bindings)
+    if renamed is not packet:
+        packet = renamed
+        events, bindings = parsed(packet)
 
     def refuse(why: str) -> DataError:
         return DataError(f"{what} {why}; left as it is", source=uri)
@@ -518,6 +531,7 @@ def _check_packet(
     for prefix, ns in bindings:
         if prefix and prefix not in _FIXED_PREFIXES and ns not in own.values():
             pyexiv2.registerNs(ns, prefix)
+    return packet
 
 
 def _parse(
@@ -535,8 +549,7 @@ def _parse(
     (``_check_packet``), and the packet's other prefixes are bound as it binds them; ``writing``:
     the packet is to be merged and written back."""
     if mime == _XMP_MIME:
-        data = one_prefix_per_namespace(data)
-        _check_packet(pyexiv2, data, uri, what, writing=writing)
+        data = _check_packet(pyexiv2, data, uri, what, writing=writing)
     try:
         img = pyexiv2.ImageData(data)
     except (RuntimeError, ValueError) as e:
