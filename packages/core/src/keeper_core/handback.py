@@ -26,6 +26,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -45,6 +46,9 @@ from keeper_core import storage
 from keeper_core.errors import ConfigError, DataError, StorageError
 from keeper_core.exiv2_session import Level, exiv2
 from keeper_core.formats import RAW_SUFFIXES
+from keeper_core.xmp_resources import restore_resources
+
+log = logging.getLogger(__name__)
 
 #: keeper's XMP namespace; its fields are ``Xmp.keeper.<name>`` (``keeper:group`` in the file).
 #: A namespace URI is a name, never fetched; ``.invalid`` (RFC 2606) can never belong to anyone.
@@ -707,8 +711,7 @@ def merge_packet(
     """
     with _exiv2() as pyexiv2:
         packet = old if old.strip() else _EMPTY_PACKET
-        img, fields = _parse(pyexiv2, packet, source, what, writing=True)
-        img.close()
+        fields = _fields(pyexiv2, packet, source, what)
         values = _xmp_values(fields, choice.rating, choice.label, overwrite_ratings)
         new = _merged(pyexiv2, packet, source, values, choice.fields, what)
         # exiv2 lays out a packet it rewrote (one it created, or one another tool wrote with
@@ -728,8 +731,7 @@ def merge_packet(
             # of a file the tool just saved, which it then flags as changed on disk. Nor is a
             # packet rewritten for its reasons alone (REASONS_KEY): adding photos to a library
             # moves every group's figures a little, and would otherwise rewrite every file.
-            again_img, again_fields = _parse(pyexiv2, new, source, what, writing=True)
-            again_img.close()
+            again_fields = _fields(pyexiv2, new, source, what)
             if _but_reasons(again_fields) == _but_reasons(fields) and (
                 (REASONS_KEY in again_fields) == (REASONS_KEY in fields)
             ):
@@ -878,7 +880,20 @@ def _merged(
         raise DataError(f"exiv2 could not update {what}: {str(e).strip()}", source=source) from e
     finally:
         img.close()
+    # exiv2 writes a URI value (rdf:resource: a licence link) back as a plain string
+    restored = restore_resources(data, out)
+    if restored is not out:
+        if _fields(pyexiv2, restored, source, what) == _fields(pyexiv2, out, source, what):
+            return restored
+        log.warning("%s: URI values left as exiv2 wrote them (as strings)", source)
     return out
+
+
+def _fields(pyexiv2: Any, data: bytes, source: str, what: str) -> dict[str, XmpValue]:
+    """The fields of a packet to merge (:func:`_parse`); the caller holds the exiv2 lock."""
+    img, fields = _parse(pyexiv2, data, source, what, writing=True)
+    img.close()
+    return fields
 
 
 def read_sidecar(sidecar_uri: str) -> dict[str, XmpValue]:
