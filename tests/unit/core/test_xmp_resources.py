@@ -227,3 +227,19 @@ def test_the_random_packets_hold_links() -> None:
     links = [len(resource_values(_random_packet(seed))) for seed in range(60)]
     assert sum(n > 0 for n in links) >= 40
     assert sum(links) >= 100
+
+
+@pytest.mark.parametrize("broken", [b"<not xml", b"<x:xmpmeta xmlns:x='adobe:ns:meta/'/>"])
+def test_a_restore_exiv2_reads_otherwise_is_not_written(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, broken: bytes
+) -> None:
+    """The guard behind the restore: exiv2 must read the restored packet as it reads its own
+    rewrite, else the rewrite is written as exiv2 made it (links as strings) and a warning
+    names the file; the merge itself never fails for the restore."""
+    from keeper_core import handback
+
+    monkeypatch.setattr(handback, "restore_resources", lambda before, after: broken)
+    merged = merge_packet(WIKIMEDIA, CHOICE, source="s.xmp").packet
+    assert _link(merged, CC, "license") is None
+    assert parse_xmp_packet(merged, "s")["Xmp.cc.license"] == LICENCE
+    assert "s.xmp: URI values left as exiv2 wrote them" in caplog.text

@@ -883,7 +883,11 @@ def _merged(
     # exiv2 writes a URI value (rdf:resource: a licence link) back as a plain string
     restored = restore_resources(data, out)
     if restored is not out:
-        if _fields(pyexiv2, restored, source, what) == _fields(pyexiv2, out, source, what):
+        try:
+            same = _fields(pyexiv2, restored, source, what) == _fields(pyexiv2, out, source, what)
+        except DataError:
+            same = False
+        if same:
             return restored
         log.warning("%s: URI values left as exiv2 wrote them (as strings)", source)
     return out
