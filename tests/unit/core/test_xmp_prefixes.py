@@ -9,6 +9,9 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
+from keeper_core.errors import DataError
 from keeper_core.handback import (
     KeeperXmp,
     merge_packet,
@@ -142,3 +145,70 @@ def test_a_local_name_that_spells_a_renamed_prefix_stays() -> None:
     assert b'<ea:xap ea:xap="2">x</ea:xap>' in out
     assert b"xmlns:xap" not in out
     assert b'xmp:Label="Red"' in out
+
+
+#: Photoshop's ``xap:`` alone, with struct fields in Adobe's namespace (an edit history).
+PHOTOSHOP_STRUCTS = _packet(
+    f'<rdf:Description rdf:about="" xmlns:xap="{XAP}" xmlns:ea="http://example.com/a/" '
+    'xap:Label="Red"><ea:History><rdf:Seq><rdf:li xap:Op="crop" ea:On="1"/>'
+    '<rdf:li xap:Op="exposure" ea:On="0"/></rdf:Seq></ea:History></rdf:Description>'
+)
+
+
+def _ops(packet: bytes) -> list[tuple[str | None, str | None]]:
+    root = ET.fromstring(packet[packet.index(b"<x:xmpmeta") :])
+    return [
+        (li.get(f"{{{XAP}}}Op"), li.get("{http://example.com/a/}On"))
+        for li in root.iter(f"{{{RDF}}}li")
+    ]
+
+
+def test_struct_fields_of_adobes_namespace_under_xap_are_merged(tmp_path: Path) -> None:
+    """exiv2 writes Adobe's namespace as ``xmp:`` and could not name the field ``xap:Op``
+    ("XMP Toolkit error 102: Unknown namespace prefix for qualified name"): such a Photoshop
+    sidecar got no rating. The lone ``xap`` is renamed to ``xmp`` before exiv2 parses it."""
+    out = one_prefix_per_namespace(PHOTOSHOP_STRUCTS)
+    assert b"xap:" not in out
+    assert b'<rdf:li xmp:Op="crop" ea:On="1"/>' in out
+    merged = merge_packet(PHOTOSHOP_STRUCTS, KeeperXmp(4, "Green", {"group": "g1"}), source="s")
+    assert merged.kept == ("label",)  # the person's label stays; keeper's rating lands
+    assert _ops(merged.packet) == _ops(PHOTOSHOP_STRUCTS) == [("crop", "1"), ("exposure", "0")]
+    assert _adobe(merged.packet)["Label"] == "Red"
+    assert _adobe(merged.packet)["Rating"] == "4"
+    sidecar = tmp_path / "IMG_1.xmp"
+    sidecar.write_bytes(PHOTOSHOP_STRUCTS)
+    assert write_sidecar(str(sidecar), rating=4, label="Green").changed
+    assert not write_sidecar(str(sidecar), rating=4, label="Green").changed  # a fixed point
+    assert read_sidecar(str(sidecar))["Xmp.xmp.Rating"] == "4"
+
+
+def test_another_namespace_under_xmp_and_its_own_prefix_keeps_its_own() -> None:
+    """A schema bound as ``eb`` and (elsewhere in the packet) as ``xmp``: renamed to ``eb``, not
+    to ``xmp``, which would be refused (exiv2 would read its ``xmp:Rating`` as the rating)."""
+    other = "http://example.com/b/"
+    packet = _packet(
+        f'<rdf:Description rdf:about="" xmlns:xmp="{other}" xmp:Rating="1" xmp:Mood="calm"/>',
+        f'<rdf:Description rdf:about="" xmlns:eb="{other}"><eb:Tone>warm</eb:Tone>'
+        "</rdf:Description>",
+    )
+    merged = merge_packet(packet, KeeperXmp(5, None, {}), source="s")
+    root = ET.fromstring(merged.packet[merged.packet.index(b"<x:xmpmeta") :])
+    desc = next(root.iter(f"{{{RDF}}}Description"))
+    got = dict(desc.attrib) | {c.tag: c.text for c in desc}
+    assert got[f"{{{other}}}Rating"] == "1"  # theirs, in their namespace
+    assert got[f"{{{other}}}Mood"] == "calm"
+    assert got[f"{{{other}}}Tone"] == "warm"
+    assert got[f"{{{XAP}}}Rating"] == "5"  # keeper's, in Adobe's
+    assert merged.kept == ()
+
+
+def test_xap_stays_where_xmp_names_another_namespace() -> None:
+    """The packet keeps its ``xmp`` for another schema: nothing to rename Adobe's to, and the
+    packet is refused as before (exiv2 would read that schema's ``xmp:Rating`` as the rating)."""
+    packet = _packet(
+        f'<rdf:Description rdf:about="" xmlns:xap="{XAP}" xmlns:xmp="http://example.com/b/" '
+        'xap:Label="Red" xmp:Rating="1"/>'
+    )
+    assert one_prefix_per_namespace(packet) == packet
+    with pytest.raises(DataError, match="binds the prefix 'xmp'"):
+        merge_packet(packet, KeeperXmp(5, None, {}), source="s")

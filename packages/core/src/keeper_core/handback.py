@@ -404,7 +404,11 @@ def one_prefix_per_namespace(
     another description beside it may bind it as ``xmp:``: exiv2's XMP toolkit refuses any
     packet with one namespace under two prefixes ("Schema namespace URI and prefix
     mismatch"), so such a sidecar could not be read or rated. A prefix is only a name for its
-    namespace, so the later ones are renamed to the first (Adobe's to ``xmp``), in tags only.
+    namespace, so the later ones are renamed to the first, in tags only. Adobe's namespace and
+    keeper's go under their own prefixes (``xmp``, ``keeper``) wherever the packet leaves those
+    free: exiv2 writes them back so anyway, and cannot resolve a struct field named by another
+    (``xap:Op`` in a Photoshop packet: "Unknown namespace prefix for qualified name"); another
+    namespace bound under one of those and another prefix keeps the other one.
     The packet is returned as it is when nothing needs renaming, when a prefix names two
     namespaces somewhere in it, or when the renamed packet does not parse to the same
     elements, attributes and text by namespace as the original (then exiv2 refuses it, as
@@ -423,11 +427,23 @@ def one_prefix_per_namespace(
             return packet  # one name for two namespaces: renaming could merge them
         if prefix and prefix not in by_ns.setdefault(ns, []):
             by_ns[ns].append(prefix)
-    rename: dict[bytes, bytes] = {}
-    for ns, names in by_ns.items():
-        if len(names) > 1:
-            keep = next((p for n, p in _OWN_NAMESPACES if n == ns and p in names), names[0])
-            rename |= {p.encode(): keep.encode() for p in names if p != keep}
+    # each namespace's prefix: keeper's own for its namespaces (Adobe's ``xmp``), else the
+    # first that is not one of those
+    reserved = {p for _, p in _OWN_NAMESPACES}
+    keep = {
+        ns: next((p for n, p in _OWN_NAMESPACES if n == ns and p in names), None)
+        or next((p for p in names if p not in reserved), names[0])
+        for ns, names in by_ns.items()
+    }
+    for ns, own in _OWN_NAMESPACES:
+        if ns in keep and keep[ns] != own and own not in keep.values():
+            # Adobe's namespace as Photoshop's ``xap:`` alone: exiv2 writes it back as
+            # ``xmp:`` anyway, and cannot name a struct field ``xap:Op`` ("Unknown namespace
+            # prefix for qualified name")
+            keep[ns] = own
+    rename = {
+        p.encode(): keep[ns].encode() for ns, names in by_ns.items() for p in names if p != keep[ns]
+    }
     if not rename:
         return packet
     old = b"|".join(map(re.escape, rename))
