@@ -34,7 +34,8 @@ chosen by looking at fold 0 (val and test) of the 660-series corpus with a handf
 val top-1 peaked by epoch 4 of 20. Nothing was tuned per fold. ``--seed`` draws every row
 again (docs/finetuning.md section 8 has two seeds); ``--aux-quality W`` adds an experiment's
 auxiliary loss to the fine-tuned rows (``QualityProbe``); ``--patch-shuffle`` trains every row on
-images whose patch grid is permuted (``shuffle_patches``, docs/finetuning.md section 8).
+images whose patch grid is permuted (``shuffle_patches``, docs/finetuning.md section 8);
+``--conv-adapter WIDTH`` gives the fine-tuned rows' patch embedding a CNN branch (``ConvAdapter``).
 
 Bar: fine-tuned with embedding only >= 15 points top-1 above the frozen embedding-only MLP;
 fine-tuned with embedding+quality not below the frozen embedding+quality MLP.
@@ -96,7 +97,35 @@ SETTINGS = {
     "readout": "tok",
     "aux_quality": 0.0,
     "patch_shuffle": False,
+    "conv_adapter": 0,
 }
+
+
+class ConvAdapter(torch.nn.Module):
+    """An experiment (--conv-adapter WIDTH): the patch embedding ``conv1`` plus a small CNN branch
+    on the same pixels (3x3 convolutions, two 2x poolings, then an average over each patch's
+    cells), added to its output through a zero-initialised 1x1 convolution, so the tower starts
+    as the base model. It gives the fine-tuned tower the local-texture bias of
+    benchmarks/finetune_probe.py's CNN (the same four convolutions)."""
+
+    def __init__(self, conv1: torch.nn.Conv2d, width: int) -> None:
+        super().__init__()
+        nn, c = torch.nn, width
+        self.conv1 = conv1
+        self.branch = nn.Sequential(
+            nn.Conv2d(3, c, 3, padding=1), nn.GELU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(c, 2 * c, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * c, 2 * c, 3, padding=1), nn.GELU(),
+        )  # fmt: skip
+        self.out = nn.Conv2d(2 * c, conv1.out_channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.conv1(x)
+        cells = torch.nn.functional.adaptive_avg_pool2d(self.branch(x), base.shape[-2:])
+        return base + self.out(cells)
 
 
 def shuffle_patches(
@@ -283,6 +312,17 @@ def train_one(
                 "weight_decay": s["weight_decay"],
             }
         )
+    if s["conv_adapter"] and not frozen:
+        visual = ranker.model.tower.visual
+        visual.conv1 = ConvAdapter(visual.conv1, s["conv_adapter"])
+        groups.append(
+            {
+                "params": list(visual.conv1.branch.parameters())
+                + list(visual.conv1.out.parameters()),
+                "lr": s["lr_lora"],
+                "weight_decay": s["weight_decay"],
+            }
+        )
     opt = torch.optim.AdamW(groups)
     train = data["train"]
     steps = math.ceil(len(train) / s["batch_size"])
@@ -389,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
         "series (shuffle_patches)",
     )
     parser.add_argument(
+        "--conv-adapter",
+        type=int,
+        default=0,
+        metavar="WIDTH",
+        help="an experiment: the fine-tuned rows' patch embedding gets a CNN branch of this width "
+        "(ConvAdapter; 0: none)",
+    )
+    parser.add_argument(
         "--methods", help="only these methods (comma-separated, e.g. frozen,last-blocks+lora)"
     )
     parser.add_argument("--out", default="benchmarks/results/finetune_quality.json")
@@ -401,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     SETTINGS["readout"] = args.readout
     SETTINGS["aux_quality"] = args.aux_quality
     SETTINGS["patch_shuffle"] = args.patch_shuffle
+    SETTINGS["conv_adapter"] = args.conv_adapter
     methods = args.methods.split(",") if args.methods else None
     t0 = time.perf_counter()
     df, px, q = prepare_corpus(Path(args.cache), args.series)

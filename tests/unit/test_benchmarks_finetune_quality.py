@@ -161,3 +161,40 @@ def test_patch_shuffle_moves_whole_tokens_the_same_way_for_a_series(
     train_q = np.concatenate([r["quality"].reshape(3, -1) for r in data["train"]])
     val, _, _, _, _ = fq.train_one("lora", "embedding", data, train_q, seed=0)
     assert val.n_series == 4
+
+
+def test_the_conv_adapter_starts_as_the_base_tower_and_trains(
+    fq: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--conv-adapter: the branch's output convolution starts at zero (the tower is the base
+    model), its output matches the patch grid, and a fine-tuned row trains its parameters."""
+    rc = RankerConfig(
+        head=HeadConfig(kind="mlp", in_dim=64, hidden=16, layers=1, dropout=0.0),
+        features="embedding",
+        embedding_spec=SPEC,
+        embed_dim=64,
+        tower=TowerConfig(base_spec=SPEC, method="last-blocks+lora"),
+    )
+    model = TunedRanker.build(rc, device="cpu").model.eval()
+    rng = np.random.default_rng(0)
+    pixels = torch.as_tensor(rng.integers(0, 256, (3, 3, 64, 64), dtype=np.uint8))
+    mask = torch.tensor([[True, True, True]])
+    with torch.no_grad():
+        before = model(pixels, mask, None)
+        visual = model.tower.visual
+        visual.conv1 = fq.ConvAdapter(visual.conv1, 8)
+        assert torch.equal(model(pixels, mask, None), before)
+        x = torch.randn(2, 3, 64, 64)
+        assert visual.conv1(x).shape == visual.conv1.conv1(x).shape == (2, 128, 8, 8)
+        visual.conv1.out.weight.fill_(0.01)
+        assert not torch.equal(model(pixels, mask, None), before)
+
+    monkeypatch.setitem(fq.SETTINGS, "epochs", 1)
+    monkeypatch.setitem(fq.SETTINGS, "conv_adapter", 8)
+    data = {"train": _rows(8, 0), "val": _rows(4, 1), "test": _rows(4, 2)}
+    train_q = np.concatenate([r["quality"].reshape(3, -1) for r in data["train"]])
+    _, _, with_adapter, _, _ = fq.train_one("last-blocks+lora", "embedding", data, train_q, 0)
+    monkeypatch.setitem(fq.SETTINGS, "conv_adapter", 0)
+    _, _, without, _, _ = fq.train_one("last-blocks+lora", "embedding", data, train_q, 0)
+    branch = 3 * 8 * 9 + 8 + 8 * 8 * 9 + 8 + 8 * 16 * 9 + 16 + 16 * 16 * 9 + 16 + 16 * 128 + 128
+    assert with_adapter - without == branch
