@@ -729,7 +729,15 @@ def merge_packet(
         packet = old if old.strip() else _EMPTY_PACKET
         fields = _fields(pyexiv2, packet, source, what)
         values = _xmp_values(fields, choice.rating, choice.label, overwrite_ratings)
-        new = _merged(pyexiv2, packet, source, values, choice.fields, what)
+        if old.strip() and _same_but_reasons(
+            _applied(fields, _changes(fields, values, choice)), fields
+        ):
+            # It holds what the merge would write already (a re-run, or the same fields in
+            # another tool's layout: below): nothing to change, and exiv2's writer (seconds for
+            # a darktable history of hundreds of items) is not run.
+            new = old
+        else:
+            new = _merged(pyexiv2, packet, source, values, choice, what)
         # exiv2 lays out a packet it rewrote (one it created, or one another tool wrote with
         # properties as elements, like darktable's) differently the next time it writes it:
         # more passes reach the fixed point, so the next run finds the same bytes and leaves
@@ -737,29 +745,55 @@ def merge_packet(
         for _ in range(_FIXED_POINT_PASSES):
             if new == old:
                 break
-            again = _merged(pyexiv2, new, source, values, choice.fields, what)
+            again = _merged(pyexiv2, new, source, values, choice, what)
             if again == new:
                 break
             new = again
-        if new != old and old.strip():
-            # The same fields in another tool's layout (Lightroom or exiv2 saving a person's
-            # stars, darktable's elements): nothing to change. Rewriting would bump the mtime
-            # of a file the tool just saved, which it then flags as changed on disk. Nor is a
-            # packet rewritten for its reasons alone (REASONS_KEY): adding photos to a library
-            # moves every group's figures a little, and would otherwise rewrite every file.
-            again_fields = _fields(pyexiv2, new, source, what)
-            if _but_reasons(again_fields) == _but_reasons(fields) and (
-                (REASONS_KEY in again_fields) == (REASONS_KEY in fields)
-            ):
-                new = old
+        # The same fields in another tool's layout (Lightroom or exiv2 saving a person's
+        # stars, darktable's elements): nothing to change. Rewriting would bump the mtime of a
+        # file the tool just saved, which it then flags as changed on disk. Nor is a packet
+        # rewritten for its reasons alone (REASONS_KEY): adding photos to a library moves every
+        # group's figures a little, and would otherwise rewrite every file.
+        if (
+            new != old
+            and old.strip()
+            and _same_but_reasons(_fields(pyexiv2, new, source, what), fields)
+        ):
+            new = old
     kept = tuple(
         name for name, key in (("rating", RATING_KEY), ("label", LABEL_KEY)) if key not in values
     )
     return PacketMerge(old if new == old else new, kept)
 
 
-def _but_reasons(fields: Mapping[str, XmpValue]) -> dict[str, XmpValue]:
-    return {k: v for k, v in fields.items() if k != REASONS_KEY}
+def _same_but_reasons(a: Mapping[str, XmpValue], b: Mapping[str, XmpValue]) -> bool:
+    """Whether two packets' fields are the same but for the figures in keeper's reasons."""
+    return {k: v for k, v in a.items() if k != REASONS_KEY} == {
+        k: v for k, v in b.items() if k != REASONS_KEY
+    } and ((REASONS_KEY in a) == (REASONS_KEY in b))
+
+
+def _changes(
+    fields: Mapping[str, XmpValue], values: Mapping[str, str | None], choice: KeeperXmp
+) -> dict[str, str | None]:
+    """What a merge sets in a packet with ``fields`` (None: removes): keeper's namespace
+    replaced by ``choice.fields``, and ``values`` (:func:`_xmp_values`)."""
+    changes: dict[str, str | None] = {k: None for k in fields if _OWN_KEY.match(k)}
+    changes.update({f"Xmp.{KEEPER_PREFIX}.{k}": v for k, v in choice.fields.items()})
+    changes.update(values)
+    return changes
+
+
+def _applied(
+    fields: Mapping[str, XmpValue], changes: Mapping[str, str | None]
+) -> dict[str, XmpValue]:
+    out = dict(fields)
+    for key, value in changes.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
 
 
 def _xmp_values(
@@ -874,16 +908,14 @@ def _merged(
     data: bytes,
     source: str,
     values: Mapping[str, str | None],
-    own: Mapping[str, str],
+    choice: KeeperXmp,
     what: str,
 ) -> bytes:
     """``data`` (an XMP packet) with keeper's fields and ``values`` (:func:`_xmp_values`) set;
     the caller holds the exiv2 lock."""
     img, fields = _parse(pyexiv2, data, source, what, writing=True)
     try:
-        changes: dict[str, str | None] = {k: None for k in fields if _OWN_KEY.match(k)}
-        changes.update({f"Xmp.{KEEPER_PREFIX}.{k}": v for k, v in own.items()})
-        changes.update(values)
+        changes = _changes(fields, values, choice)
         # On write exiv2 re-derives Xmp.exif.* / Xmp.iptc* from the EXIF and IPTC it read out
         # of the XMP, which rewrites GPS coordinates and drops all but one language of
         # exif:UserComment. A sidecar has no EXIF or IPTC of its own: dropping them makes the
