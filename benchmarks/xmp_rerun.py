@@ -5,14 +5,14 @@
 
 darktable keeps a photo's edit history in its sidecar, one struct per step, and exiv2's XMP writer
 takes time quadratic in a packet's properties (docs/picking.md). A ``keeper pick`` re-run merges
-the same choice into every sidecar again. ``handback.merge_packet`` now returns a packet that
-already holds what the merge would set as it is, without running exiv2's writer; before, it wrote
-the packet (three times, to its fixed point) to find that out. Side by side, in this process, on
-the same packets (a darktable-like history of N items, merged once by keeper first):
+the same choice into every sidecar again. ``handback.merge_packet`` returns a packet that already
+holds what the merge would set as it is, without running exiv2's writer; before, it wrote the
+packet to find out that nothing changed. Side by side, in this process, on the same packets (a
+darktable-like history of N items, merged once by keeper first; that first merge is timed too):
 
 - **shortcut**: ``merge_packet`` as it is;
 - **full merge**: the same call with the shortcut's comparison made to fail (``_applied``
-  patched), so every write runs as before the change.
+  patched), so exiv2's writer runs as it did for every re-run before the shortcut.
 
 Both must return the same packet (checked; the script exits 1 on a mismatch). CPU seconds
 (``time.process_time``), best of ``--repeats``.

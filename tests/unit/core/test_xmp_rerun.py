@@ -1,8 +1,8 @@
 """A merge into a packet that already holds what it would write runs no exiv2 write.
 
 exiv2's XMP writer takes time quadratic in a packet's properties (a darktable history of 300
-items: about a second a write), and a merge that changes nothing wrote the packet three times to
-find that out: every re-run of ``keeper pick`` paid that for every sidecar. ``merge_packet`` now
+items: about a second a write), and a merge that changes nothing wrote the packet to find that
+out: every re-run of ``keeper pick`` paid that for every sidecar. ``merge_packet`` now
 compares the fields it read with those the merge would set and returns the packet as it is.
 These tests check that no write runs then, and that the answer is the one the full merge gives.
 """

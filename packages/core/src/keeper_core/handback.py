@@ -81,8 +81,6 @@ RATING_KEY, LABEL_KEY = "Xmp.xmp.Rating", "Xmp.xmp.Label"
 #: over every group), so a packet whose other fields all hold keeper's choice keeps its reasons
 #: as they are (:func:`merge_packet`), and the file is not rewritten for them alone
 REASONS_KEY = f"Xmp.{KEEPER_PREFIX}.reasons"
-# exiv2 reaches its own layout of a packet within two rewrites; one more is a margin.
-_FIXED_POINT_PASSES = 3
 
 #: An XMP value as pyexiv2 reads it: text, an array's items, or a language alternative's
 #: ``{'lang="x-default"': text}``.
@@ -711,9 +709,10 @@ def merge_packet(
     keeper's namespace is replaced by ``choice.fields``; ``xmp:Rating`` and ``xmp:Label`` change
     only where keeper owns them (:func:`keeper_owns`), or everywhere with ``overwrite_ratings``;
     ``keeper:xmp`` records what keeper set each of them to (:func:`write_sidecar`); every other
-    field stays. The result is exiv2's own
-    layout of the packet (its fixed point), so merging it again gives the same bytes; a packet
-    that already holds every field the merge would give (in another tool's layout) is ``old``.
+    field stays. The result is exiv2's layout of the packet; a packet that already holds every
+    field the merge would set (in any tool's layout, keeper's reasons aside) is ``old`` itself,
+    so merging the result again gives the same bytes, and exiv2's writer runs only where
+    something changes.
 
     Args:
         old: the packet now (empty: none yet).
@@ -729,40 +728,26 @@ def merge_packet(
         packet = old if old.strip() else _EMPTY_PACKET
         fields = _fields(pyexiv2, packet, source, what)
         values = _xmp_values(fields, choice.rating, choice.label, overwrite_ratings)
+        kept = tuple(
+            name
+            for name, key in (("rating", RATING_KEY), ("label", LABEL_KEY))
+            if key not in values
+        )
         if old.strip() and _same_but_reasons(
             _applied(fields, _changes(fields, values, choice)), fields
         ):
-            # It holds what the merge would write already (a re-run, or the same fields in
-            # another tool's layout: below): nothing to change, and exiv2's writer (seconds for
-            # a darktable history of hundreds of items) is not run.
+            # It holds what the merge would set already: a re-run, the same fields in another
+            # tool's layout (Lightroom or exiv2 saving a person's stars, darktable's elements),
+            # or keeper's reasons alone moved (adding photos to a library moves every group's
+            # figures a little). Nothing is rewritten: a newer mtime makes a photo tool flag the
+            # file as changed on disk, and exiv2's writer costs seconds on a darktable history of
+            # hundreds of items.
+            return PacketMerge(old, kept)
+        new = _merged(pyexiv2, packet, source, values, choice, what)
+        # The same for what exiv2 reads back as the packet's own fields, but for how the merge
+        # wrote a value (a representation exiv2 normalises): not rewritten either.
+        if old.strip() and _same_but_reasons(_fields(pyexiv2, new, source, what), fields):
             new = old
-        else:
-            new = _merged(pyexiv2, packet, source, values, choice, what)
-        # exiv2 lays out a packet it rewrote (one it created, or one another tool wrote with
-        # properties as elements, like darktable's) differently the next time it writes it:
-        # more passes reach the fixed point, so the next run finds the same bytes and leaves
-        # the file (and its mtime) alone.
-        for _ in range(_FIXED_POINT_PASSES):
-            if new == old:
-                break
-            again = _merged(pyexiv2, new, source, values, choice, what)
-            if again == new:
-                break
-            new = again
-        # The same fields in another tool's layout (Lightroom or exiv2 saving a person's
-        # stars, darktable's elements): nothing to change. Rewriting would bump the mtime of a
-        # file the tool just saved, which it then flags as changed on disk. Nor is a packet
-        # rewritten for its reasons alone (REASONS_KEY): adding photos to a library moves every
-        # group's figures a little, and would otherwise rewrite every file.
-        if (
-            new != old
-            and old.strip()
-            and _same_but_reasons(_fields(pyexiv2, new, source, what), fields)
-        ):
-            new = old
-    kept = tuple(
-        name for name, key in (("rating", RATING_KEY), ("label", LABEL_KEY)) if key not in values
-    )
     return PacketMerge(old if new == old else new, kept)
 
 
