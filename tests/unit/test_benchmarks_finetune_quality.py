@@ -20,19 +20,24 @@ from keeper_core.tower import TowerConfig
 SPEC = "keeper-tiny:random"
 
 
-@pytest.fixture(scope="module")
-def fq() -> ModuleType:
-    return import_benchmark("finetune_quality")
-
-
-def test_probe_scores_as_the_ranker_and_its_loss_is_the_mse(fq: ModuleType) -> None:
-    rc = RankerConfig(
+def _config() -> RankerConfig:
+    """A last-blocks+lora ranker of keeper-tiny reading the embedding alone."""
+    return RankerConfig(
         head=HeadConfig(kind="mlp", in_dim=64, hidden=16, layers=1, dropout=0.0),
         features="embedding",
         embedding_spec=SPEC,
         embed_dim=64,
         tower=TowerConfig(base_spec=SPEC, method="last-blocks+lora"),
     )
+
+
+@pytest.fixture(scope="module")
+def fq() -> ModuleType:
+    return import_benchmark("finetune_quality")
+
+
+def test_probe_scores_as_the_ranker_and_its_loss_is_the_mse(fq: ModuleType) -> None:
+    rc = _config()
     model = TunedRanker.build(rc, device="cpu").model
     mean, std = [4.0, 0.5], [2.0, 0.25]
     probe = fq.QualityProbe(model, 64, mean, std).eval()
@@ -168,13 +173,7 @@ def test_the_conv_adapter_starts_as_the_base_tower_and_trains(
 ) -> None:
     """--conv-adapter: the branch's output convolution starts at zero (the tower is the base
     model), its output matches the patch grid, and a fine-tuned row trains its parameters."""
-    rc = RankerConfig(
-        head=HeadConfig(kind="mlp", in_dim=64, hidden=16, layers=1, dropout=0.0),
-        features="embedding",
-        embedding_spec=SPEC,
-        embed_dim=64,
-        tower=TowerConfig(base_spec=SPEC, method="last-blocks+lora"),
-    )
+    rc = _config()
     model = TunedRanker.build(rc, device="cpu").model.eval()
     rng = np.random.default_rng(0)
     pixels = torch.as_tensor(rng.integers(0, 256, (3, 3, 64, 64), dtype=np.uint8))

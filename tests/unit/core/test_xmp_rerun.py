@@ -13,6 +13,7 @@ import random
 from typing import Any
 
 import pytest
+from support import import_benchmark
 from test_xmp_merge_random import SEEDS, _packet
 
 from keeper_core import handback
@@ -20,23 +21,12 @@ from keeper_core.errors import DataError
 from keeper_core.handback import RECORD_KEY, KeeperXmp, merge_packet, parse_xmp_packet
 
 RDF = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
-DT = "http://darktable.sf.net/"
 CHOICE = KeeperXmp(3, "Green", {"group": "g1", "rank": "1", "reasons": "sharpest of 4"})
 
 
 def _darktable(n: int) -> bytes:
-    items = "".join(
-        f'<rdf:li darktable:num="{i}" darktable:operation="exposure" darktable:enabled="1" '
-        f'darktable:params="0000a0{i:06d}"/>'
-        for i in range(n)
-    )
-    return (
-        '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
-        f'<rdf:RDF xmlns:rdf="{RDF}"><rdf:Description rdf:about="" '
-        f'xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmlns:darktable="{DT}" '
-        f'darktable:history_end="{n}"><darktable:history><rdf:Seq>{items}</rdf:Seq>'
-        '</darktable:history></rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
-    ).encode()
+    """A darktable sidecar with a history of ``n`` steps (the benchmark's own packets)."""
+    return bytes(import_benchmark("xmp_rerun").darktable_packet(n))
 
 
 def _no_writes(monkeypatch: pytest.MonkeyPatch) -> None:
