@@ -307,7 +307,7 @@ def profile_prepare(library: Path, spec: str, n: int, scratch: Path) -> dict[str
             timed("dhash", dhash, img.image)
             timed(
                 "capture",
-                lambda d, u: capture_row(read_capture(d, mtime=embed._mtime(u), source=u)),
+                lambda d, u: capture_row(read_capture(d, mtime=embed.file_mtime(u), source=u)),
                 data,
                 uri,
             )
@@ -320,7 +320,8 @@ def profile_prepare(library: Path, spec: str, n: int, scratch: Path) -> dict[str
             timed("(thumbnail_encode, Lanczos + optimize)", _lanczos_thumbnail, img.image)
             timed("(thumbnail_write, with fsync)", storage.write_bytes, dest + ".fsync", thumb)
             # keeper pick's sidecar of a new photo, mirrored under OUTPUT (as the job writes it:
-            # two exiv2 passes, then a write without fsync); then the parts and a variant.
+            # one exiv2 pass since 2026-12-07, two before, then a write without fsync); then the
+            # parts and a variant.
             xmp = str(scratch / "xmp" / f"{k:05d}.xmp")
             fields = {"group": "g000001", "rank": "1", "decision": "keep", "reasons": "sharpest"}
             sidecar = {"rating": 5, "label": "Green", "keeper_fields": fields}
