@@ -46,6 +46,7 @@ from embed import machine_info, write_record
 
 from keeper_core.heads import make_head
 from keeper_core.training import evaluate, train_epoch
+from keeper_train import raytrain
 from keeper_train.jobs import train_head
 from keeper_train.jobs.train_head import Prepared, TrainHeadConfig
 
@@ -138,7 +139,7 @@ def ray_fit(
             run_name=run_name,
         ),
         datasets=train_head.datasets(p, workers, cfg.seed),
-        dataset_config=train_head.data_config(),
+        dataset_config=raytrain.data_config(),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -149,7 +150,7 @@ def ray_fit(
     )
     t0 = time.time()
     # poll None: Ray's own default (2 s), set explicitly so nothing inherited changes it.
-    with train_head.controller_poll(RAY_DEFAULT_POLL_S if poll is None else poll):
+    with raytrain.controller_poll(RAY_DEFAULT_POLL_S if poll is None else poll):
         result = trainer.fit()
     total = time.time() - t0
     client.set_terminated(run_id)
