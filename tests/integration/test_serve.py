@@ -887,7 +887,7 @@ def test_a_killed_vlm_replica_never_gives_a_wrong_answer(app: str, registry: Reg
             "answers after the replacement",
         )
     results = load.snapshot()
-    for _, status, reply in results:
+    for _, status, reply, _ in results:
         if status == 200:
             assert reply["picks"] == expected  # a retried request answers the same
         else:  # never a wrong answer: a JSON 503 naming what failed
