@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from embed import machine_info
+from embed import machine_info, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "mean": mean,
         "machine": machine_info(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_record(args.out, out)
     return 0
 
 

@@ -21,14 +21,12 @@ Both must return the same packet (checked; the script exits 1 on a mismatch). CP
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-from embed import machine_info
+from embed import machine_info, write_record
 
 from keeper_core import handback
 from keeper_core.handback import KeeperXmp, merge_packet
@@ -105,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n:>6} {row['packet_kb']:>6} {first:>14.3f} {full:>14.3f} {fast:>11.4f} "
               f"{row['speedup']:>8}x{'' if same else '  MISMATCH'}")  # fmt: skip
     out = {"command": " ".join(sys.argv), "rows": rows, "machine": machine_info()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_record(args.out, out)
     return 0 if ok else 1
 
 
