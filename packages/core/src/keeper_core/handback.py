@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -31,6 +32,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 import unicodedata
 import xml.etree.ElementTree as ET
@@ -712,7 +714,8 @@ def merge_packet(
     field stays. The result is exiv2's layout of the packet; a packet that already holds every
     field the merge would set (in any tool's layout, keeper's reasons aside) is ``old`` itself,
     so merging the result again gives the same bytes, and exiv2's writer runs only where
-    something changes.
+    something changes. A new packet (``old`` empty) is written from exiv2's layout without
+    exiv2 (:func:`fresh_packet`): the same bytes.
 
     Args:
         old: the packet now (empty: none yet).
@@ -724,6 +727,17 @@ def merge_packet(
     Raises:
         DataError: ``old`` is not XMP exiv2 can parse, or exiv2 cannot update it.
     """
+    if not old.strip():
+        fresh = fresh_packet(choice)
+        if fresh is not None:
+            return PacketMerge(fresh)
+    return _merge_with_exiv2(old, choice, source, overwrite_ratings, what)
+
+
+def _merge_with_exiv2(
+    old: bytes, choice: KeeperXmp, source: str, overwrite_ratings: bool, what: str
+) -> PacketMerge:
+    """:func:`merge_packet` by exiv2 (parse, modify, write)."""
     with _exiv2() as pyexiv2:
         packet = old if old.strip() else _EMPTY_PACKET
         fields = _fields(pyexiv2, packet, source, what)
@@ -749,6 +763,84 @@ def merge_packet(
         if old.strip() and _same_but_reasons(_fields(pyexiv2, new, source, what), fields):
             new = old
     return PacketMerge(old if new == old else new, kept)
+
+
+# exiv2's layout of a packet holding keeper's fields alone (:func:`fresh_packet`), and the
+# characters it writes as references inside an attribute value.
+_FRESH_HEAD = (
+    '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/" x:xmptk="XMP Core 4.4.0-Exiv2">\n'
+    ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+    '  <rdf:Description rdf:about=""\n'
+    f'    xmlns:{KEEPER_PREFIX}="{KEEPER_NS}"\n'
+    '    xmlns:xmp="http://ns.adobe.com/xap/1.0/"\n'
+)
+_FRESH_TAIL = '/>\n </rdf:RDF>\n</x:xmpmeta>\n<?xpacket end="w"?>'
+_ATTRIBUTE_REFS = {
+    "&": "&amp;",
+    "<": "&lt;",
+    ">": "&gt;",
+    '"': "&quot;",
+    "\t": "&#x9;",
+    "\n": "&#xA;",
+    "\r": "&#xD;",
+}
+_NEEDS_REF = re.compile('[&<>"\t\n\r]')
+# The choices fresh_packet's layout is checked on against exiv2's, once a process: every
+# character it writes as a reference, text beyond ASCII and the BMP, a label and none.
+_FRESH_PROBES = (
+    KeeperXmp(5, "Green", {"group": "g000001", "reasons": "a & b < c > d \"e\" 'f'\t\n\r é 日 😀"}),
+    KeeperXmp(-1, None, {}),
+)
+
+
+def fresh_packet(choice: KeeperXmp) -> bytes | None:
+    """The packet :func:`merge_packet` makes of ``choice`` and no packet, as exiv2 writes it,
+    built without exiv2; None where it cannot be (the caller then asks exiv2).
+
+    A new sidecar is most of what ``keeper pick`` writes, and exiv2's parse-modify-write of one
+    costs more than the rest of writing it. Nothing is merged into a new packet, so its layout
+    is fixed: keeper's fields in ``choice`` order, its record, ``xmp:Rating``, ``xmp:Label``, as
+    attributes of one description. The first call checks that layout against exiv2's own
+    output for :data:`_FRESH_PROBES` (an exiv2 that writes otherwise turns this off for the
+    process). Not built here: a field named ``xmp`` (it is keeper's record's name) and DEL
+    (exiv2 writes a space for it).
+    """
+    if RECORD_KEY.rsplit(".", 1)[1] in choice.fields or not _fresh_layout_holds():
+        return None
+    return _fresh_layout(choice)
+
+
+def _fresh_layout(choice: KeeperXmp) -> bytes | None:
+    label = choice.label
+    attributes = [(f"{KEEPER_PREFIX}:{k}", v) for k, v in choice.fields.items()]
+    attributes.append((f"{KEEPER_PREFIX}:xmp", f"{choice.rating}|{label or ''}"))
+    attributes.append(("xmp:Rating", str(choice.rating)))
+    if label is not None:
+        attributes.append(("xmp:Label", label))
+    if any("\x7f" in value for _, value in attributes):
+        return None
+    lines = "\n".join(
+        f'   {name}="{_NEEDS_REF.sub(lambda m: _ATTRIBUTE_REFS[m.group()], value)}"'
+        for name, value in attributes
+    )
+    return (_FRESH_HEAD + lines + _FRESH_TAIL).encode("utf-8")
+
+
+@functools.cache
+def _fresh_layout_holds() -> bool:
+    """Whether :func:`_fresh_layout` writes exiv2's bytes for every probe (once a process)."""
+    for probe in _FRESH_PROBES:
+        ours = _fresh_layout(probe)
+        exiv2s = _merge_with_exiv2(b"", probe, "(a probe)", False, "an XMP packet").packet
+        if ours != exiv2s:
+            log.info(
+                "this exiv2 (pyexiv2 %s) lays new XMP packets out otherwise: each is written "
+                "by exiv2",
+                getattr(sys.modules.get("pyexiv2"), "__version__", "?"),
+            )
+            return False
+    return True
 
 
 def _same_but_reasons(a: Mapping[str, XmpValue], b: Mapping[str, XmpValue]) -> bool:
