@@ -10,7 +10,8 @@ folder of their own, under the same relative paths they had under the input root
         write_sidecar(plan.sidecar_uri, rating=5, label="Green", keeper_fields={"rank": "1"})
     export_keepers(keepers, input_root="photos", dest="out/keepers", mode="hardlink")
 
-Sidecars are written with pyexiv2 (the exiv2 library). An existing sidecar is merged:
+Sidecars are written with pyexiv2 (the exiv2 library); a new one, whose layout is fixed, from
+exiv2's layout without it (:func:`fresh_packet`, the same bytes). An existing sidecar is merged:
 keeper's own namespace (:data:`KEEPER_NS`, prefix ``keeper``) changes, every other field stays,
 and ``xmp:Rating`` / ``xmp:Label`` change only where keeper set them (``keeper:xmp`` records what
 it last set them to): a rating or label a person gave in a photo tool is theirs, and stays
