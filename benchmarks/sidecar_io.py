@@ -1,12 +1,13 @@
 """XMP sidecars written and read back one at a time and on 16 threads: local disk and S3.
 
     .venv/bin/python benchmarks/sidecar_io.py [--n 2000] [--threads 16] [--latency-ms 20] \
-        [--out benchmarks/results/sidecar-io.json]
+        [--stores local,s3] [--rounds 1] [--out benchmarks/results/sidecar-io.json]
 
 ``keeper pick`` writes one sidecar per photo (``jobs.pick.write_sidecars``: an existence check, a
 read of one already there, a write) and ``keeper feedback-from-xmp`` reads them back
 (``jobs.xmp_feedback.read_sidecars``: an existence check and a read). Both are the real functions
-here, with ``io_threads=1`` (one at a time) beside ``--threads``, in this one process:
+here, with ``io_threads=1`` (one at a time) beside ``--threads``, in this one process (the
+threads as given on every store: keeper itself gives a local disk one, ``storage.io_threads_for``):
 
 - ``write_sidecars`` on a minimal picks frame (the columns it reads) into a mirror
   (``OUTPUT/xmp``), every sidecar new;
@@ -109,7 +110,7 @@ def one_run(n: int, base: str, threads: int, latency_s: float, args: Any) -> dic
             storage.write_bytes(p.sidecar_uri, NOT_XMP, durable=False)
     row_of = {u: i for i, u in enumerate(uris)}
     run = xmp_feedback._Run("bench", {}, {}, row_of, plans, "mirror", "basename")
-    with simulated_latency(latency_s):
+    with simulated_latency(latency_s), threads_as_given():
         t0 = time.perf_counter()
         done = pick.write_sidecars(cfg, picks, input_root)
         t1 = time.perf_counter()
@@ -158,6 +159,18 @@ def simulated_latency(seconds: float) -> Iterator[None]:
     finally:
         for name, fn in originals.items():
             setattr(storage, name, fn)
+
+
+@contextmanager
+def threads_as_given() -> Iterator[None]:
+    """``io_threads`` threads whatever the store: ``storage.io_threads_for`` gives a local folder
+    one, and the rows here compare one thread with many on every store."""
+    real = storage.io_threads_for
+    storage.io_threads_for = lambda uris, threads, **_: threads  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        storage.io_threads_for = real  # type: ignore[assignment]
 
 
 @contextmanager
@@ -259,22 +272,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-ms", type=float, default=20.0, help="simulated per request")
     ap.add_argument("--pair-every", type=int, default=50, help="every Nth RAW has a JPEG too")
     ap.add_argument("--bad-every", type=int, default=250, help="every Nth sidecar is not XMP")
+    ap.add_argument(
+        "--stores", default="local,s3", help="comma-separated: local (a folder), s3 (moto_server)"
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="each store's comparison, repeated")
     ap.add_argument("--out", default="benchmarks/results/sidecar-io.json")
     args = ap.parse_args(argv)
+    stores = set(args.stores.split(","))
+    if not stores or stores - {"local", "s3"}:
+        ap.error(f"--stores: local and/or s3, got {args.stores!r}")
     logging.getLogger("keeper.pick").setLevel(logging.ERROR)  # the not-XMP sidecars, once each
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="keeper-sidecar-io-") as tmp:
-        rows += compare("local", 0.0, str(Path(tmp) / "local"), args)
-        rows += compare(
-            "local + simulated latency", args.latency_ms, str(Path(tmp) / "latency"), args
-        )
-        with moto_bucket(Path(tmp)) as bucket:
-            storage.exists(f"{bucket}/warm-up")  # the client and a connection, made untimed
-            rows += compare("s3 (moto)", 0.0, f"{bucket}/plain", args)
-            rows += compare(
-                "s3 (moto) + simulated latency", args.latency_ms, f"{bucket}/latency", args
-            )
+        for r in range(args.rounds):
+            if "local" in stores:
+                rows += compare("local", 0.0, str(Path(tmp) / f"local{r}"), args)
+                rows += compare(
+                    "local + simulated latency",
+                    args.latency_ms,
+                    str(Path(tmp) / f"latency{r}"),
+                    args,
+                )
+            if "s3" in stores:
+                with moto_bucket(Path(tmp)) as bucket:
+                    storage.exists(f"{bucket}/warm-up")  # the client and a connection, untimed
+                    rows += compare("s3 (moto)", 0.0, f"{bucket}/plain", args)
+                    rows += compare(
+                        "s3 (moto) + simulated latency", args.latency_ms, f"{bucket}/latency", args
+                    )
 
     print(f"{args.n} sidecars, io_threads 1 against {args.threads} (seconds)")
     print(f"{'store':<32} {'step':<6} {'1 thread':>9} {args.threads:>5} thr {'ratio':>6}  same")

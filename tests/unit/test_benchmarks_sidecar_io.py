@@ -47,3 +47,21 @@ def test_the_script_compares_one_thread_with_many_on_every_store(tmp_path: Path)
     slow = [r for r in rows if "simulated" in r["store"]]
     assert all(r["sequential_s"] >= 0.4 for r in slow)
     assert "s3 (moto) + simulated latency" in proc.stdout
+
+
+def test_the_local_store_alone_repeated(tmp_path: Path) -> None:
+    out = tmp_path / "sidecar-io-local.json"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "sidecar_io.py"), "--n", "12", "--threads", "4",
+        "--latency-ms", "1", "--stores", "local", "--rounds", "2", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["store"] for r in rows] == ["local"] * 2 + ["local + simulated latency"] * 2 + [
+        "local"
+    ] * 2 + ["local + simulated latency"] * 2
+    assert all(r["identical"] for r in rows)
+    bad = subprocess.run([*cmd[:2], "--stores", "gcs"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert "--stores: local and/or s3" in bad.stderr

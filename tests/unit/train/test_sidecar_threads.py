@@ -47,6 +47,12 @@ def _later_first(
     return threads
 
 
+def _as_on_a_network(m: pytest.MonkeyPatch) -> None:
+    """``io_threads`` threads for the temporary folder, as for a network file system: on a local
+    disk ``storage.io_threads_for`` gives one (the slowed calls above stand in for the network)."""
+    m.setattr(storage, "io_threads_for", lambda uris, threads, **_: threads)
+
+
 # --------------------------------------------------------------------------------------------
 # map_in_threads: order, bounded submission, exceptions
 
@@ -144,6 +150,7 @@ def _write(
     picks, photos = _library(tmp_path / name)
     order = [Path(u).stem for u in picks["image_uri"]]
     with monkeypatch.context() as m:
+        _as_on_a_network(m)
         threads_used = _later_first(m, pick, "write_sidecar", order)
         cfg = pick.PickJobConfig(
             input=str(photos), output=str(tmp_path / name / "out"), xmp="beside", io_threads=threads
@@ -216,6 +223,7 @@ def test_an_unexpected_error_in_a_writer_is_raised_not_recorded(
         return real(uri, **kwargs)
 
     monkeypatch.setattr(pick, "write_sidecar", broken)
+    _as_on_a_network(monkeypatch)
     cfg = pick.PickJobConfig(
         input=str(photos), output=str(tmp_path / "out"), xmp="beside", io_threads=8
     )
@@ -252,6 +260,7 @@ def _feedback(
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     order = [Path(f).stem for f, *_ in FILES]
     with monkeypatch.context() as m:
+        _as_on_a_network(m)
         used = _later_first(m, storage, "exists", order)
         s = run(XmpFeedbackConfig(run=str(out), feedback=str(root), io_threads=threads))
     main = threading.current_thread().name
@@ -302,5 +311,27 @@ def test_an_unexpected_error_in_a_reader_is_raised_not_recorded(
         return real(fields)
 
     monkeypatch.setattr(xmp_feedback, "parse_rating", broken)
+    _as_on_a_network(monkeypatch)
     with pytest.raises(RuntimeError, match="a bug"):
         run(XmpFeedbackConfig(run=str(rated), feedback=str(tmp_path / "fb"), io_threads=8))
+
+
+def test_on_a_local_disk_sidecars_are_written_and_read_one_at_a_time(
+    rated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where every file is on a local disk, threads would only take turns at the GIL: io_threads
+    then gives way to one thread (storage.io_threads_for)."""
+    picks, photos = _library(tmp_path / "w")
+    main = threading.current_thread().name
+    with monkeypatch.context() as m:
+        used = _later_first(m, pick, "write_sidecar", [Path(u).stem for u in picks["image_uri"]])
+        cfg = pick.PickJobConfig(
+            input=str(photos), output=str(tmp_path / "w" / "out"), xmp="beside", io_threads=8
+        )
+        assert pick.write_sidecars(cfg, picks, str(photos)).written == 55
+    assert used == {main}
+    with monkeypatch.context() as m:
+        used = _later_first(m, storage, "exists", [Path(f).stem for f, *_ in FILES])
+        s = run(XmpFeedbackConfig(run=str(rated), feedback=str(tmp_path / "fb"), io_threads=8))
+    assert used == {main}
+    assert s.read == 3

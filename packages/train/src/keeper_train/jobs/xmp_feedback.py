@@ -134,8 +134,9 @@ class XmpFeedbackConfig(BaseModel):
         16,
         ge=1,
         le=32,  # the S3 client's pool of connections (storage._cached_client)
-        description="photos read at once: a sidecar's and a file's reads are tens of ms each on "
-        "S3 or a network file system (a local disk gains nothing from threads; 1: one at a time)",
+        description="photos read at once on S3 or a network file system, where a sidecar's and a "
+        "file's reads are tens of ms each (on local disks they are read one at a time, which is "
+        "faster)",
     )
 
 
@@ -415,11 +416,14 @@ class _Read:
 def read_sidecars(run: _Run, *, io_threads: int) -> _Read:
     """Each planned sidecar's rating, or where it is missing, the rating in the image file's own
     XMP; missing and unreadable ones counted, not fatal. Read on ``io_threads`` threads, one per
-    plan (``storage.map_in_threads``), and added up in the plans' order: the same as one at a time.
+    plan (``storage.map_in_threads``; one at a time where every file is on a local disk:
+    ``storage.io_threads_for``), and added up in the plans' order: the same as one at a time.
     """
 
     out = _Read()
-    for one in storage.map_in_threads(lambda p: _read_one(run, p), run.plans, io_threads):
+    files = [u for p in run.plans for u in (p.sidecar_uri, p.image_uri)]
+    threads = storage.io_threads_for(files, io_threads)
+    for one in storage.map_in_threads(lambda p: _read_one(run, p), run.plans, threads):
         out.add(one)
     return out
 
