@@ -316,20 +316,23 @@ def test_an_unexpected_error_in_a_reader_is_raised_not_recorded(
         run(XmpFeedbackConfig(run=str(rated), feedback=str(tmp_path / "fb"), io_threads=8))
 
 
-def test_on_a_local_disk_sidecars_are_written_and_read_one_at_a_time(
+def test_on_a_local_disk_a_mirror_is_written_and_sidecars_read_one_at_a_time(
     rated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where every file is on a local disk, threads would only take turns at the GIL: io_threads
-    then gives way to one thread (storage.io_threads_for)."""
+    """Where every file is on a local disk and nothing is fsynced (a mirror; reading), threads
+    would only take turns at the GIL: io_threads then gives way to one thread
+    (storage.io_threads_for). Beside the originals each sidecar is fsynced: threads stay."""
     picks, photos = _library(tmp_path / "w")
+    order = [Path(u).stem for u in picks["image_uri"]]
     main = threading.current_thread().name
-    with monkeypatch.context() as m:
-        used = _later_first(m, pick, "write_sidecar", [Path(u).stem for u in picks["image_uri"]])
-        cfg = pick.PickJobConfig(
-            input=str(photos), output=str(tmp_path / "w" / "out"), xmp="beside", io_threads=8
-        )
-        assert pick.write_sidecars(cfg, picks, str(photos)).written == 55
-    assert used == {main}
+    for xmp, one_thread in (("mirror", True), ("beside", False)):
+        with monkeypatch.context() as m:
+            used = _later_first(m, pick, "write_sidecar", order)
+            cfg = pick.PickJobConfig(
+                input=str(photos), output=str(tmp_path / "w" / "out"), xmp=xmp, io_threads=8
+            )
+            assert pick.write_sidecars(cfg, picks, str(photos)).written > 50
+        assert (used == {main}) is one_thread, (xmp, used)
     with monkeypatch.context() as m:
         used = _later_first(m, storage, "exists", [Path(f).stem for f, *_ in FILES])
         s = run(XmpFeedbackConfig(run=str(rated), feedback=str(tmp_path / "fb"), io_threads=8))

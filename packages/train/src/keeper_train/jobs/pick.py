@@ -136,8 +136,9 @@ class PickJobConfig(BaseModel):
         # The S3 client pools 32 connections (storage._cached_client): more threads would open
         # and drop connections beyond them.
         le=32,
-        description="sidecars written at once on S3 or a network file system, where each is 2-3 "
-        "requests of tens of ms (on local disks they are written one at a time, which is faster)",
+        description="sidecars written at once: each is 2-3 requests of tens of ms on S3 or a "
+        "network file system, and one fsync beside the originals (a mirror on local disks, "
+        "written without fsync, is written one at a time, which is faster)",
     )
     batch_size: int = Field(64, ge=1, description="images per model forward pass")
     concurrency: int = Field(1, ge=1, description="model actors")
@@ -864,9 +865,9 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
     does a JPEG beside a HEIC of its name (the HEIC gets the sidecar); the JPEG of a RAW+JPEG
     pair is left alone, as the pair shares the RAW's sidecar.
     Sidecars are written on ``cfg.io_threads`` threads (``storage.map_in_threads``), one thread per
-    sidecar, and counted in the plans' order: the same counts and failures as one at a time. On
-    local disks alone they are written one at a time (``storage.io_threads_for``): there the
-    threads only take turns at the GIL.
+    sidecar, and counted in the plans' order: the same counts and failures as one at a time. A
+    mirror (no fsync) on local disks alone is written one at a time (``storage.io_threads_for``):
+    there the threads only take turns at the GIL.
     """
     embed = cfg.xmp == "embed"
     done = Sidecars(files_written=0, files_unchanged=0) if embed else Sidecars()
@@ -928,7 +929,10 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
             )
 
     targets = [p.image_uri if p.in_file else p.sidecar_uri for p in plans]
-    threads = storage.io_threads_for(targets, cfg.io_threads)
+    # A mirror's sidecars are written without fsync: on a local disk that is tens of
+    # microseconds of Python each, and threads only take turns at the GIL. Beside the originals
+    # (and into JPEGs) each file is fsynced, a wait on the device that the threads overlap.
+    threads = storage.io_threads_for(targets, cfg.io_threads) if out_dir else cfg.io_threads
     removed = storage.remove_stale_temps(targets, older_than_s=STALE_TEMP_S)
     if removed:
         log.info("removed %d temporary file(s) a killed run left beside the photos", removed)
