@@ -29,3 +29,22 @@ def test_the_script_compares_keepers_export_with_a_plain_copy(tmp_path: Path) ->
         assert r["keeper_over_plain"] == r["keeper_s"] / r["plain_s"]
     assert "keeper / plain" in proc.stdout
     assert not list(tmp_path.glob("keeper-export-keepers-*"))  # its work folder is removed
+
+
+def test_the_s3_table_compares_one_thread_with_many(tmp_path: Path) -> None:
+    out = tmp_path / "export-keepers-s3.json"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "export_keepers.py"),
+        "--n", "6", "--mib", "0.02", "--repeats", "1", "--s3-threads", "4", "--latency-ms", "5",
+        "--out", str(out), "--work-dir", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["s3_threads"]
+    assert [(r["latency_ms"], r["threads"]) for r in rows] == [(0.0, 4), (5.0, 4)]
+    for r in rows:
+        assert r["one_s"] > 0
+        assert r["threads_s"] > 0
+    # 6 exports of 3 storage calls, 5 ms before each: at least 0.09 s one at a time
+    assert rows[1]["one_s"] >= 0.09
+    assert "from S3 (moto_server) to a local folder" in proc.stdout

@@ -7,7 +7,9 @@ plan order, would show. No Ray; real exiv2.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from test_xmp_feedback_more import FILES, jpeg, packet, tiff
 from keeper_core import storage
 from keeper_core.feedback import read_feedback, read_offers
 from keeper_core.handback import SidecarPlan
+from keeper_core.progress import Progress
 from keeper_train.jobs import pick, xmp_feedback
 from keeper_train.jobs.xmp_feedback import XmpFeedbackConfig, run
 
@@ -338,3 +341,26 @@ def test_on_a_local_disk_a_mirror_is_written_and_sidecars_read_one_at_a_time(
         s = run(XmpFeedbackConfig(run=str(rated), feedback=str(tmp_path / "fb"), io_threads=8))
     assert used == {main}
     assert s.read == 3
+
+
+def test_long_writes_and_reads_say_how_far_they_got(
+    rated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line every few seconds (here: every step) while sidecars are written and read back,
+    and one at the end: a million sidecars are minutes."""
+    every_step = functools.partial(Progress, every=0.0)
+    monkeypatch.setattr(pick, "Progress", every_step)
+    monkeypatch.setattr(xmp_feedback, "Progress", every_step)
+    picks, photos = _library(tmp_path / "w")
+    cfg = pick.PickJobConfig(input=str(photos), output=str(tmp_path / "w" / "out"), xmp="mirror")
+    with caplog.at_level(logging.INFO):
+        pick.write_sidecars(cfg, picks, str(photos))
+        run(XmpFeedbackConfig(run=str(rated), feedback=str(tmp_path / "fb")))
+    lines = [r.getMessage() for r in caplog.records]
+    written = [t for t in lines if t.startswith("sidecars: ")]
+    assert written[0].startswith("sidecars: 1 of 59 (1 %), ")  # 60 photos, a RAW+JPEG pair
+    assert written[-1].startswith("sidecars: 59 done in ")
+    read = [t for t in lines if t.startswith("sidecars read: ")]
+    assert read[0].startswith("sidecars read: 1 of ")
+    assert read[-1].startswith("sidecars read: ")
+    assert "done in" in read[-1]

@@ -74,6 +74,7 @@ from keeper_core.images import DecodeLimits, decode_image, read_image_bytes
 from keeper_core.jpeg_xmp import embeds_into, write_jpeg_xmp
 from keeper_core.models import ModelSpec, spec_field
 from keeper_core.picking import PickConfig
+from keeper_core.progress import Progress
 from keeper_core.webdataset import is_webdataset
 from keeper_train.jobs import embed
 from keeper_train.table import ErrorRows, in_set, restamp_written
@@ -937,9 +938,11 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
     if removed:
         log.info("removed %d temporary file(s) a killed run left beside the photos", removed)
     rewritten: dict[str, tuple[storage.Stamp, str]] = {}
+    progress = Progress("photos' XMP written" if embed else "sidecars", len(plans), log)
     for plan, (in_file, result) in zip(
         plans, storage.map_in_threads(write, plans, threads), strict=True
     ):
+        progress.step()
         if isinstance(result, SidecarFailure):
             what = "XMP of" if in_file else "sidecar"
             log.warning("%s %s not written: %s", what, result.sidecar_uri, result.reason)
@@ -953,6 +956,7 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
             done.files_unchanged += int(not result.changed)
         if result.stamp is not None and result.content_id is not None:
             rewritten[plan.image_uri] = (result.stamp, result.content_id)
+    progress.done()
     if rewritten:  # else the next run reads every JPEG written to find it unchanged
         n = restamp_written(storage.join(cfg.table, EMBEDDINGS), rewritten)
         log.info("embedding table: %d rows given the stamps of the JPEGs written into", n)
@@ -1075,7 +1079,13 @@ def write_outputs(
         t0 = time.perf_counter()
         keepers = result.picks.loc[result.picks["decision"] == "keep", "image_uri"]
         mode = "copy" if cfg.copy_keepers else cfg.link_mode
-        res = export_keepers(keepers.astype(str).tolist(), input_root=root, dest=dest, mode=mode)
+        res = export_keepers(
+            keepers.astype(str).tolist(),
+            input_root=root,
+            dest=dest,
+            mode=mode,
+            io_threads=cfg.io_threads,
+        )
         exported = Exported(
             counts={
                 "exported": res.exported,

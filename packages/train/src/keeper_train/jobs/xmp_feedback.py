@@ -65,6 +65,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -88,8 +89,11 @@ from keeper_core.feedback import (
 )
 from keeper_core.handback import RATING_KEY, SidecarPlan, keeper_owns, plan_sidecars
 from keeper_core.jpeg_xmp import embeds_into
+from keeper_core.progress import Progress
 from keeper_core.quality import FEATURE_NAMES
 from keeper_train.config import job_main
+
+log = logging.getLogger("keeper.xmp_feedback")
 
 SUMMARY, PICKS, FAILED = "_SUMMARY.json", "picks.parquet", "failed.csv"
 #: Photos whose ratings Lightroom writes into the file and whose sidecars it never reads: read
@@ -423,8 +427,11 @@ def read_sidecars(run: _Run, *, io_threads: int) -> _Read:
     out = _Read()
     files = [u for p in run.plans for u in (p.sidecar_uri, p.image_uri)]
     threads = storage.io_threads_for(files, io_threads)
+    progress = Progress("sidecars read", len(run.plans), log)
     for one in storage.map_in_threads(lambda p: _read_one(run, p), run.plans, threads):
         out.add(one)
+        progress.step()
+    progress.done()
     return out
 
 
