@@ -24,6 +24,7 @@ from keeper_core.errors import KeeperError
 from keeper_core.grouping import pairwise_scores
 from keeper_core.synthetic_library import generate_library
 from keeper_train.jobs import pick
+from keeper_train.jobs.demo import quiet_libraries
 
 
 def against_truth(picks: pd.DataFrame, truth: pd.DataFrame) -> dict[str, float]:
@@ -69,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ranker_name=args.model_name,
             data_dir=str(out),
         )
-        summary = pick.run(cfg)
+        with quiet_libraries():  # MLflow's download bar for the champion, as the other steps
+            summary = pick.run(cfg)
     except KeeperError as e:
         print(f"keeper pick demo: error: {e}", file=sys.stderr)
         return 2
