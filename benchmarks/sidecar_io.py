@@ -21,7 +21,7 @@ failure, recorded, left alone). Four stores:
 
 - **local**: a temporary folder;
 - **local + simulated latency**: the same with ``--latency-ms`` of sleep added before each call
-  of the storage functions the code calls (``exists``, ``read_bytes``, ``write_bytes``,
+  of the storage functions the code calls (``exists``, ``read_bytes``, ``read_if_exists``, ``write_bytes``,
   ``read_head``, ``read_range``): a network file system's stand-in, and the threads' gain where
   the store is not the limit (moto_server below is: it takes a CPU of its own);
 - **s3 (moto)**: a ``moto_server`` on loopback (this interpreter's ``python -m moto.server``,
@@ -63,7 +63,7 @@ from keeper_core.handback import plan_sidecars
 from keeper_train.jobs import pick, xmp_feedback
 
 NOT_XMP = b"\x00\x01 not an XMP sidecar"
-PATCHED = ("exists", "read_bytes", "write_bytes", "read_head", "read_range")
+PATCHED = ("exists", "read_bytes", "read_if_exists", "write_bytes", "read_head", "read_range")
 
 
 def photos(n: int, input_root: str, pair_every: int) -> pd.DataFrame:

@@ -647,7 +647,9 @@ def write_sidecar(
         raise ConfigError(f"sidecar_uri must end in .xmp: {sidecar_uri!r}")
     choice = KeeperXmp(rating, label, keeper_fields or {})
     target, st = _local_target(sidecar_uri)
-    old = storage.read_bytes(target) if storage.exists(target) else b""
+    # One request on S3 where exists-then-read was two: a mirror of a million photos is that
+    # many requests fewer.
+    old = storage.read_if_exists(target) or b""
     merge = merge_packet(old, choice, source=sidecar_uri, overwrite_ratings=overwrite_ratings)
     if merge.packet == old:
         return SidecarWrite(False, merge.kept)

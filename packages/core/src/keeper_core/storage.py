@@ -738,6 +738,42 @@ def read_bytes(uri: str, *, max_bytes: int | None = None) -> bytes:
     return _retrying(uri, fetch)
 
 
+def read_if_exists(uri: str) -> bytes | None:
+    """A whole file or object, or None where there is none: one request on S3 (a GET whose
+    "no such key" answer means absent), where ``exists`` then ``read_bytes`` is two.
+
+    Raises:
+        StorageError: as ``read_bytes`` for everything but an absent file or object (a missing
+            bucket, access denied: a bucket policy without ``s3:ListBucket`` answers a missing
+            key with access denied, which stays an error, as ``exists`` would raise it).
+    """
+    if not is_s3(uri):
+        try:
+            with _local_errors(uri):
+                return _local_file(uri).read_bytes()
+        except StorageError as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                return None
+            raise
+    bucket, key = _s3_object(uri)
+    client = _client(uri)
+
+    def fetch() -> bytes | None:
+        try:
+            with _s3_errors(uri):
+                body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        except StorageError as e:
+            cause = e.__cause__
+            if isinstance(cause, ClientError) and _error_code(cause) in _NOT_FOUND:
+                return None
+            raise
+        with contextlib.closing(body):
+            data: bytes = body.read()
+        return data
+
+    return _retrying(uri, fetch)
+
+
 def read_head(uri: str, n: int = 64) -> bytes:
     """The first ``n`` bytes of a file or object (a ranged GET on S3): enough to sniff a format.
 
