@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from keeper_core import htmltext, storage
 from keeper_core.errors import ConfigError, DataError
 from keeper_core.images import to_rgb
+from keeper_core.progress import format_seconds
 
 __all__ = [
     "FAILED_COLUMNS",
@@ -257,14 +258,6 @@ def _time_range(lo: str | None, hi: str | None) -> str:
     if lo[:10] == hi[:10] and len(hi) > 11:
         hi = hi[11:]
     return f"{lo} \u2013 {hi}"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
-    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -603,11 +596,11 @@ def _render_index(
     if s.seconds:
         parts.append("<table class='m' id='stages'><tr><th>stage</th><th>time</th></tr>")
         parts += [
-            f"<tr><td>{_esc(k)}</td><td class='n'>{_duration(v)}</td></tr>"
+            f"<tr><td>{_esc(k)}</td><td class='n'>{format_seconds(v, tenths=True)}</td></tr>"
             for k, v in s.seconds.items()
         ]
         parts.append(
-            f"<tr><th>total</th><th>{_duration(sum(s.seconds.values()))}</th></tr></table>"
+            f"<tr><th>total</th><th>{format_seconds(sum(s.seconds.values()), tenths=True)}</th></tr></table>"
         )
     parts.append(_legend())
     parts.append(f"<h2>Pages: {len(pages):,}</h2>")

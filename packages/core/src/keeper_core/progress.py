@@ -22,14 +22,15 @@ from collections.abc import Callable
 __all__ = ["Progress", "format_seconds"]
 
 
-def format_seconds(seconds: float) -> str:
-    """``4 min 19 s``, ``1 h 02 min``, ``12 s``."""
-    s = max(0, round(seconds))
+def format_seconds(seconds: float, *, tenths: bool = False) -> str:
+    """``4 min 19 s``, ``1 h 02 min``; under a minute whole seconds (``12 s``), or with
+    ``tenths`` as measured (``3.2 s``, the contact sheet's stage times)."""
+    s = seconds if tenths else float(round(max(seconds, 0)))
     if s < 60:
-        return f"{s} s"
+        return f"{s:.1f} s" if tenths else f"{int(s)} s"
     if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
 
 
 class Progress:
