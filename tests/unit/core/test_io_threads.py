@@ -70,3 +70,10 @@ def test_this_machines_temporary_folder_is_a_local_disk(tmp_path: Path) -> None:
     fstype = next(t for p, t in mounts if real == p or real.startswith(p.rstrip("/") + "/"))
     assert fstype in LOCAL_FILESYSTEMS, fstype
     assert io_threads_for([str(tmp_path / "IMG_1.xmp")], 16) == 1
+
+
+def test_fsynced_files_keep_the_threads_on_a_local_disk() -> None:
+    local = ["/home/ana/photos/IMG_1.xmp"]
+    assert io_threads_for(local, 16, mountinfo=MOUNTINFO) == 1
+    assert io_threads_for(local, 16, fsync=True, mountinfo=MOUNTINFO) == 16
+    assert io_threads_for(local, 1, fsync=True, mountinfo=MOUNTINFO) == 1

@@ -930,10 +930,9 @@ def write_sidecars(cfg: PickJobConfig, picks: pd.DataFrame, root: str) -> Sideca
             )
 
     targets = [p.image_uri if p.in_file else p.sidecar_uri for p in plans]
-    # A mirror's sidecars are written without fsync: on a local disk that is tens of
-    # microseconds of Python each, and threads only take turns at the GIL. Beside the originals
-    # (and into JPEGs) each file is fsynced, a wait on the device that the threads overlap.
-    threads = storage.io_threads_for(targets, cfg.io_threads) if out_dir else cfg.io_threads
+    # A mirror (out_dir) is written without fsync; beside the originals and into JPEGs each
+    # file is fsynced, which the threads overlap.
+    threads = storage.io_threads_for(targets, cfg.io_threads, fsync=out_dir is None)
     removed = storage.remove_stale_temps(targets, older_than_s=STALE_TEMP_S)
     if removed:
         log.info("removed %d temporary file(s) a killed run left beside the photos", removed)
