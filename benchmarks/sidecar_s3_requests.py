@@ -22,7 +22,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,10 @@ def exists_then_read(uri: str) -> bytes | None:
     return storage.read_bytes(uri) if storage.exists(uri) else None
 
 
-def write_all(prefix: str, n: int, threads: int) -> tuple[float, Counter[str]]:
+@contextmanager
+def counted_s3_calls() -> Iterator[Counter[str]]:
+    """The S3 API calls keeper's client makes inside the block, by operation name (botocore's
+    ``before-call`` event)."""
     calls: Counter[str] = Counter()
 
     def count(model: Any, **_: Any) -> None:
@@ -50,8 +54,15 @@ def write_all(prefix: str, n: int, threads: int) -> tuple[float, Counter[str]]:
 
     client = storage.s3_client()
     client.meta.events.register("before-call.s3", count)
-    uris = [f"{prefix}/day{i // 250:02d}/IMG_{i:06d}.xmp" for i in range(n)]
     try:
+        yield calls
+    finally:
+        client.meta.events.unregister("before-call.s3", count)
+
+
+def write_all(prefix: str, n: int, threads: int) -> tuple[float, Counter[str]]:
+    uris = [f"{prefix}/day{i // 250:02d}/IMG_{i:06d}.xmp" for i in range(n)]
+    with counted_s3_calls() as calls:
         t0 = time.perf_counter()
         for _ in storage.map_in_threads(
             lambda u: write_sidecar(
@@ -62,8 +73,6 @@ def write_all(prefix: str, n: int, threads: int) -> tuple[float, Counter[str]]:
         ):
             pass
         return time.perf_counter() - t0, calls
-    finally:
-        client.meta.events.unregister("before-call.s3", count)
 
 
 def main(argv: list[str] | None = None) -> int:

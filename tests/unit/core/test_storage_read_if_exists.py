@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from support import import_benchmark
 
 from keeper_core import storage
 from keeper_core.errors import StorageError
@@ -41,18 +41,9 @@ def test_s3_absent_present_and_a_missing_bucket(s3_bucket: str) -> None:
 
 @pytest.fixture
 def s3_calls() -> Iterator[Counter[str]]:
-    """The S3 API calls keeper's client makes inside the block, by operation name."""
-    calls: Counter[str] = Counter()
-
-    def count(model: Any, **_: Any) -> None:
-        calls[model.name] += 1
-
-    client = storage.s3_client()
-    client.meta.events.register("before-call.s3", count)
-    try:
+    """The S3 API calls keeper's client makes in the test, by operation name."""
+    with import_benchmark("sidecar_s3_requests").counted_s3_calls() as calls:
         yield calls
-    finally:
-        client.meta.events.unregister("before-call.s3", count)
 
 
 def test_a_new_sidecar_on_s3_is_one_read_and_one_write(
