@@ -376,7 +376,7 @@ FAILED_CHECKS = {
     "keeper's reader disagrees": (
         "read_embedded_xmp",
         lambda before: lambda uri: {},
-        "keeper's reader does not find the merged packet",
+        "keeper's reader does not find the intended packet",
     ),
     "exiv2 reads the original, not the new file": (
         "parse_image_xmp",

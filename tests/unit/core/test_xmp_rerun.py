@@ -33,7 +33,7 @@ def _no_writes(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> bytes:
         raise AssertionError("exiv2's writer ran")
 
-    monkeypatch.setattr(handback, "_merged", refuse)
+    monkeypatch.setattr(handback, "_rewritten", refuse)
 
 
 def test_a_rerun_on_a_sidecar_keeper_wrote_writes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

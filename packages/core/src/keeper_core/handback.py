@@ -587,8 +587,9 @@ def _parse(
             )
         fields: dict[str, XmpValue] = img.read_xmp()
         # exiv2 only warns when a packet does not parse and then reads it as empty; writing
-        # that back would wipe a sidecar some other tool half-wrote or we cannot read.
-        if not fields and data.strip() and _has_properties(data):
+        # that back would wipe a sidecar some other tool half-wrote or we cannot read. (An
+        # image file is not XML: one without XMP reads as empty, rightly.)
+        if not fields and mime == _XMP_MIME and data.strip() and _has_properties(data):
             raise DataError("XMP that exiv2 cannot parse; left as it is", source=uri)
     except BaseException:
         img.close()
@@ -762,12 +763,134 @@ def _merge_with_exiv2(
             # file as changed on disk, and exiv2's writer costs seconds on a darktable history of
             # hundreds of items.
             return PacketMerge(old, kept)
-        new = _merged(pyexiv2, packet, source, values, choice, what)
+        new = _rewritten(pyexiv2, packet, source, lambda f: _changes(f, values, choice), what)
         # The same for what exiv2 reads back as the packet's own fields, but for how the merge
         # wrote a value (a representation exiv2 normalises): not rewritten either.
         if old.strip() and _same_but_reasons(_fields(pyexiv2, new, source, what), fields):
             new = old
     return PacketMerge(old if new == old else new, kept)
+
+
+class PacketRemoval(NamedTuple):
+    """What :func:`remove_from_packet` made of one packet."""
+
+    #: the packet without keeper's fields (``old`` itself where it held none), or None where
+    #: nothing is left in it, no field of anyone's: the sidecar, or the JPEG's XMP segment, can go
+    packet: bytes | None
+    changed: bool  # keeper's fields were there, and are not in ``packet``
+    #: ``"rating"`` / ``"label"``: a person's value the packet holds, left as it is
+    kept: tuple[str, ...] = ()
+
+
+def remove_from_packet(old: bytes, *, source: str, what: str = "an XMP sidecar") -> PacketRemoval:
+    """keeper's fields taken out of one XMP packet: what ``keeper unpick`` does to a sidecar and
+    to the packet inside a JPEG, the reverse of :func:`merge_packet`.
+
+    keeper's namespace goes whole (group, rank, decision, reasons, its record ``keeper:xmp``);
+    ``xmp:Rating`` and ``xmp:Label`` go where keeper owns them (:func:`keeper_owns`: they still
+    hold what keeper set), and a person's stay; every other field stays. keeper sets a rating or
+    label only where the packet had none (or held keeper's own), so taking keeper's out gives
+    back what the packet held before keeper ran, field for field, plus what tools added since.
+    A packet without keeper's namespace is not keeper's to change: ``old`` itself, unchanged,
+    whatever rating it holds. The result is exiv2's layout of the packet, written by the same
+    exiv2 rewrite as a merge's (URI values kept as links).
+
+    Raises:
+        DataError: ``old`` is not XMP exiv2 can parse, or exiv2 cannot update it.
+    """
+    if not old.strip():
+        return PacketRemoval(old, False)
+    with _exiv2() as pyexiv2:
+        fields = _fields(pyexiv2, old, source, what)
+        changes = _removals(fields)
+        if not changes:
+            return PacketRemoval(old, False)
+        kept = tuple(
+            name
+            for name, key in (("rating", RATING_KEY), ("label", LABEL_KEY))
+            if key in fields and key not in changes
+        )
+        if not _applied(fields, changes):
+            return PacketRemoval(None, True, kept)
+        return PacketRemoval(_rewritten(pyexiv2, old, source, _removals, what), True, kept)
+
+
+def _removals(fields: Mapping[str, XmpValue]) -> dict[str, str | None]:
+    """What :func:`remove_from_packet` removes from a packet with ``fields`` (every value None):
+    keeper's namespace, and the rating and label where keeper owns them; nothing from a packet
+    keeper never wrote."""
+    if not holds_keepers_fields(fields):
+        return {}
+    out: dict[str, str | None] = {k: None for k in fields if _OWN_KEY.match(k)}
+    for key in (RATING_KEY, LABEL_KEY):
+        if key in fields and keeper_owns(fields, key):
+            out[key] = None
+    return out
+
+
+class XmpRemoval(NamedTuple):
+    """What :func:`remove_from_sidecar` did to one sidecar (or ``jpeg_xmp.remove_jpeg_xmp`` to
+    the XMP inside one JPEG); with ``dry_run``, what it would do."""
+
+    #: ``cleaned``: keeper's fields removed, the rest written back; ``deleted``: nothing else
+    #: was in it, so the sidecar is gone (a JPEG: its XMP segment); ``untouched``: it holds none
+    #: of keeper's fields; ``absent``: there is no sidecar (no file, or a JPEG without XMP)
+    outcome: Literal["cleaned", "deleted", "untouched", "absent"]
+    #: ``"rating"`` / ``"label"``: a person's value left in place of keeper's
+    kept: tuple[str, ...] = ()
+    #: a JPEG rewritten: its new stamp, and the content digest of its pixels and other
+    #: metadata (``embedded_xmp.content_digest``, the same before and after)
+    stamp: storage.Stamp | None = None
+    content_id: str | None = None
+
+
+def remove_from_sidecar(
+    sidecar_uri: str, *, durable: bool = True, dry_run: bool = False
+) -> XmpRemoval:
+    """Take keeper's fields out of one XMP sidecar (:func:`remove_from_packet`), deleting it
+    where nothing else is left in it: the sidecar keeper made for a photo that had none is gone,
+    one it merged into holds what it held before, plus what tools added since.
+
+    A sidecar that is a symlink is written through to its target, and emptied rather than
+    deleted (removing the link or its target would leave the other half behind); a rewritten
+    one keeps its permissions; a read-only one is refused, as by :func:`write_sidecar`. A
+    sidecar changed between keeper's read and its delete is left as it is (refused).
+
+    Args:
+        sidecar_uri: a local path or ``s3://`` URI ending in ``.xmp``.
+        durable: fsync a rewritten sidecar before the rename (:func:`write_sidecar`).
+        dry_run: change nothing; the outcome says what would happen.
+
+    Raises:
+        ConfigError: the URI does not end in ``.xmp``.
+        DataError: the sidecar is not XMP exiv2 can parse, is read-only, is not a regular
+            file, or changed while it was read (it is left untouched).
+        StorageError: reading, writing or deleting it failed.
+    """
+    if not sidecar_uri.lower().endswith(".xmp"):
+        raise ConfigError(f"sidecar_uri must end in .xmp: {sidecar_uri!r}")
+    old = storage.read_if_exists(sidecar_uri)
+    if old is None:
+        return XmpRemoval("absent")
+    removal = remove_from_packet(old, source=sidecar_uri)
+    if not removal.changed:
+        return XmpRemoval("untouched")
+    target, st = _local_target(sidecar_uri)
+    packet = removal.packet
+    if packet is None and not storage.is_s3(sidecar_uri) and _local(sidecar_uri).is_symlink():
+        packet = _EMPTY_PACKET
+    outcome: Literal["cleaned", "deleted"] = "deleted" if packet is None else "cleaned"
+    if dry_run:
+        return XmpRemoval(outcome, removal.kept)
+    if packet is None:
+        if storage.read_if_exists(target) != old:
+            raise DataError("changed while keeper read it; left as it is", source=sidecar_uri)
+        storage.delete(target)
+    else:
+        storage.write_bytes(target, packet, durable=durable)
+        if st is not None:
+            restore_owner_and_mode(target, st)
+    return XmpRemoval(outcome, removal.kept)
 
 
 # exiv2's layout of a packet holding keeper's fields alone (:func:`fresh_packet`), and the
@@ -985,19 +1108,19 @@ def restore_owner_and_mode(path: str, st: os.stat_result) -> None:
         raise StorageError(path, f"written, but its permissions not restored: {e}") from e
 
 
-def _merged(
+def _rewritten(
     pyexiv2: Any,
     data: bytes,
     source: str,
-    values: Mapping[str, str | None],
-    choice: KeeperXmp,
+    changes_of: Callable[[Mapping[str, XmpValue]], Mapping[str, str | None]],
     what: str,
 ) -> bytes:
-    """``data`` (an XMP packet) with keeper's fields and ``values`` (:func:`_xmp_values`) set;
-    the caller holds the exiv2 lock."""
+    """``data`` (an XMP packet) written again by exiv2 with ``changes_of(its fields)`` made
+    (None removes a field: :func:`_changes`, :func:`_removals`); the caller holds the exiv2
+    lock."""
     img, fields = _parse(pyexiv2, data, source, what, writing=True)
     try:
-        changes = _changes(fields, values, choice)
+        changes = changes_of(fields)
         # On write exiv2 re-derives Xmp.exif.* / Xmp.iptc* from the EXIF and IPTC it read out
         # of the XMP, which rewrites GPS coordinates and drops all but one language of
         # exif:UserComment. A sidecar has no EXIF or IPTC of its own: dropping them makes the

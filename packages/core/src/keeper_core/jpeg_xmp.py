@@ -65,7 +65,7 @@ import stat
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from keeper_core import storage
 from keeper_core.embedded_xmp import (
@@ -79,10 +79,13 @@ from keeper_core.errors import ConfigError, DataError, StorageError
 from keeper_core.handback import (
     KeeperXmp,
     SidecarWrite,
+    XmpRemoval,
     XmpValue,
+    holds_keepers_fields,
     merge_packet,
     parse_image_xmp,
     parse_xmp_packet,
+    remove_from_packet,
     restore_owner_and_mode,
 )
 
@@ -178,6 +181,63 @@ def write_jpeg_xmp(
         old.path, new, check=lambda tmp: _check(tmp, new, old, splice, merge.packet, image_uri)
     )
     return SidecarWrite(True, merge.kept, stamp, content_digest(old.data, image_uri))
+
+
+def remove_jpeg_xmp(image_uri: str, *, dry_run: bool = False) -> XmpRemoval:
+    """Take keeper's fields out of the XMP packet inside a local JPEG (``keeper unpick`` after
+    ``keeper pick --xmp embed``), by the sidecars' rule (:func:`keeper_core.handback.
+    remove_from_packet`): a person's rating or label stays, every other field stays.
+
+    Where nothing else is left in the packet, the XMP segment goes: a JPEG keeper wrote into
+    that had no XMP before is then byte for byte what it was before keeper ran (keeper inserted
+    that one segment and changed nothing else). Otherwise the packet without keeper's fields is
+    written into the segment as :func:`write_jpeg_xmp` writes one, with the same checks before
+    the file is replaced. A JPEG whose packet holds none of keeper's fields is not written.
+
+    Args:
+        image_uri: a local JPEG.
+        dry_run: change nothing; the outcome says what would happen.
+
+    Returns:
+        ``cleaned``, ``deleted`` (the segment removed), ``untouched`` (no keeper field) or
+        ``absent`` (no file, or no XMP in it), with the new stamp and content digest of a file
+        written.
+
+    Raises:
+        ConfigError: an ``s3://`` URI.
+        DataError: the file is refused or a check failed (it is left as it is).
+        StorageError: reading or writing it failed (it is left as it is).
+    """
+    if storage.is_s3(image_uri):
+        raise ConfigError(f"keeper writes XMP into local JPEGs only; {image_uri} is on S3")
+    path = image_uri.removeprefix("file://")
+    if not os.path.lexists(path):
+        return XmpRemoval("absent")
+    if os.path.islink(path):
+        # keeper never writes through a link (write_jpeg_xmp refuses one): a linked JPEG that
+        # holds keeper's fields got them elsewhere, and is refused below like any write.
+        found = read_embedded_xmp(image_uri) if os.path.exists(path) else None
+        if found is None:
+            return XmpRemoval("absent")
+        if not holds_keepers_fields(found):
+            return XmpRemoval("untouched")
+    old = _read_original(image_uri)
+    splice = _splice(old.data, image_uri)
+    if not splice.packet:
+        return XmpRemoval("absent")
+    removal = remove_from_packet(splice.packet, source=image_uri, what="the JPEG's XMP packet")
+    if not removal.changed:
+        return XmpRemoval("untouched")
+    outcome: Literal["cleaned", "deleted"] = "deleted" if removal.packet is None else "cleaned"
+    if dry_run:
+        return XmpRemoval(outcome, removal.kept)
+    _check_replaceable(old, image_uri)
+    segment = b"" if removal.packet is None else _segment(removal.packet, splice, image_uri)
+    new = old.data[: splice.start] + segment + old.data[splice.end :]
+    stamp = storage.replace_file(
+        old.path, new, check=lambda tmp: _check(tmp, new, old, splice, removal.packet, image_uri)
+    )
+    return XmpRemoval(outcome, removal.kept, stamp, content_digest(old.data, image_uri))
 
 
 def _read_original(uri: str) -> _Original:
@@ -298,9 +358,12 @@ def _segment(packet: bytes, splice: _Splice, uri: str) -> bytes:
     return b"\xff\xe1" + struct.pack(">H", 2 + _SIG + len(body)) + JPEG_XMP_SIGNATURE + body
 
 
-def _check(tmp: str, new: bytes, old: _Original, splice: _Splice, packet: bytes, uri: str) -> None:
+def _check(
+    tmp: str, new: bytes, old: _Original, splice: _Splice, packet: bytes | None, uri: str
+) -> None:
     """Everything checked of the new file (written, fsynced, not yet renamed) before it
-    replaces the original; raising leaves the original as it is."""
+    replaces the original; raising leaves the original as it is. ``packet`` None: the XMP
+    segment was removed (:func:`remove_jpeg_xmp`)."""
 
     def refuse(why: str) -> DataError:
         return DataError(f"{why}; left as it is", source=uri)
@@ -313,29 +376,36 @@ def _check(tmp: str, new: bytes, old: _Original, splice: _Splice, packet: bytes,
         scans_end = jpeg_image_end(got, header.segments[-1].start, uri)
     except DataError as e:
         raise refuse(f"the new file's structure cannot be walked ({e})") from e
-    if len(header.xmp) != 1:
-        raise refuse(f"the new file holds {len(header.xmp)} XMP segments, not one")
-    seg = header.segments[header.xmp[0]]
-    if got[: seg.start] != old.data[: splice.start] or got[seg.end :] != old.data[splice.end :]:
+    removed = packet is None
+    if len(header.xmp) != (0 if removed else 1):
+        raise refuse(
+            f"the new file holds {len(header.xmp)} XMP segments, not {'none' if removed else 'one'}"
+        )
+    if removed:
+        start = end = splice.start
+    else:
+        seg = header.segments[header.xmp[0]]
+        start, end = seg.start, seg.end
+    if got[:start] != old.data[: splice.start] or got[end:] != old.data[splice.end :]:
         raise refuse("bytes outside the XMP segment would change")
-    grown = (seg.end - seg.start) - (splice.end - splice.start)
+    grown = (end - start) - (splice.end - splice.start)
     first = header.segments[-1]
-    inserted = splice.end == splice.start
+    added = int(not removed) - int(splice.end > splice.start)  # 1 inserted, 0 replaced, -1 gone
     if (
         (first.marker, first.start) != (_SOS, splice.sos + grown)
-        or len(header.segments) != splice.segments + inserted
+        or len(header.segments) != splice.segments + added
         or scans_end != splice.image_end + grown
     ):
         raise refuse("the new file's segments or scans are not the original's")
-    want = parse_xmp_packet(packet, uri, what="keeper's XMP packet")
+    want = None if packet is None else parse_xmp_packet(packet, uri, what="keeper's XMP packet")
     if read_embedded_xmp(tmp) != want:
-        raise refuse("keeper's reader does not find the merged packet in the new file")
+        raise refuse("keeper's reader does not find the intended packet in the new file")
     try:
         by_exiv2 = _exiv2_reads(got, old.data, uri)
     except DataError as e:
         raise refuse(f"exiv2 cannot read the new file ({str(e).removeprefix(uri + ': ')})") from e
-    if by_exiv2 not in (want, None):
-        raise refuse("exiv2 does not find the merged packet in the new file")
+    if by_exiv2 not in (want or {}, None):
+        raise refuse("exiv2 does not find the intended packet in the new file")
     try:
         restore_owner_and_mode(tmp, old.st)
     except StorageError as e:

@@ -548,6 +548,35 @@ def add_feedback_from_xmp_parser(subparsers: SubParsers) -> None:
     _runs_job(p, "xmp_feedback", ("run", "feedback", "client", "xmp", "xmp_naming", "input_root"))
 
 
+def add_unpick_parser(subparsers: SubParsers) -> None:
+    """``keeper unpick``: keeper's fields out of a pick run's XMP again (jobs.unpick)."""
+    p = subparsers.add_parser(
+        "unpick",
+        help="undo what a keeper pick run wrote into XMP: its fields out of every sidecar and "
+        "JPEG, a person's ratings kept",
+        description="Remove keeper's fields (and the ratings and labels keeper set, where they "
+        "still hold its values) from the XMP sidecars and JPEGs a keeper pick run wrote, found "
+        "as pick placed them; a sidecar left empty is deleted, a JPEG left with an empty packet "
+        "loses its XMP segment. Every other field, and a rating a person gave, stays. A flag "
+        "given here overrides --config.",
+    )
+    p.add_argument("--config", help="YAML config (UnpickConfig fields)")
+    p.add_argument("--run", help="the keeper pick output folder (required)")
+    p.add_argument(
+        "--dry-run", action=_BOOL, help="say what would change; write nothing (default off)"
+    )
+    p.add_argument(
+        "--xmp",
+        choices=["mirror", "beside", "embed"],
+        help="where pick put them (default: from its summary; embed: in the JPEGs themselves)",
+    )
+    p.add_argument(
+        "--xmp-naming", choices=["basename", "full"], help="pick's --xmp-naming (default basename)"
+    )
+    p.add_argument("--input-root", help="mirror: the folder pick mirrored paths from")
+    _runs_job(p, "unpick", ("run", "dry_run", "xmp", "xmp_naming", "input_root"))
+
+
 def add_ab_report_parser(subparsers: SubParsers) -> None:
     """``keeper ab-report``: champion and challenger measured on decisions (jobs.ab_report)."""
     p = subparsers.add_parser(

@@ -104,19 +104,13 @@ KEEPER, ACCEPTED, REJECTED = "picked-as-keeper", "accepted", "rejected"
 _COLUMNS = ("group_id", "rank", "decision", "score", "image_uri", "image_id")
 
 
-class XmpFeedbackConfig(BaseModel):
-    """Everything ``keeper feedback-from-xmp`` takes. Unknown keys are errors."""
+class PickRunXmp(BaseModel):
+    """Where a ``keeper pick`` run put its XMP: what :func:`plan` reads, and what ``keeper
+    feedback-from-xmp`` and ``keeper unpick`` take to find it. Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid")
 
     run: str = Field(description="the keeper pick output folder (picks.parquet, _SUMMARY.json)")
-    feedback: str = Field(description="feedback root to write: ROOT/events and ROOT/offers")
-    client: str = Field(
-        "xmp",
-        min_length=1,
-        max_length=256,
-        description="who decided (the events' client): the photographer's name, as on /ui",
-    )
     xmp: Literal["mirror", "beside", "embed"] | None = Field(
         None,
         description="where pick put the sidecars (default: what the run's summary records; for "
@@ -133,6 +127,18 @@ class XmpFeedbackConfig(BaseModel):
         description="mirror only: the folder pick mirrored paths from (default: what the run's "
         "summary records; else the run's input folder, or for a manifest the deepest folder "
         "holding its photos and failures)",
+    )
+
+
+class XmpFeedbackConfig(PickRunXmp):
+    """Everything ``keeper feedback-from-xmp`` takes. Unknown keys are errors."""
+
+    feedback: str = Field(description="feedback root to write: ROOT/events and ROOT/offers")
+    client: str = Field(
+        "xmp",
+        min_length=1,
+        max_length=256,
+        description="who decided (the events' client): the photographer's name, as on /ui",
     )
     io_threads: int = Field(
         16,
@@ -225,7 +231,7 @@ class _Run:
     naming: str
 
 
-def _read_run(cfg: XmpFeedbackConfig) -> tuple[bytes, dict[str, Any], dict[str, list[Any]]]:
+def _read_run(cfg: PickRunXmp) -> tuple[bytes, dict[str, Any], dict[str, list[Any]]]:
     try:
         raw = storage.read_bytes(storage.join(cfg.run, SUMMARY))
         table = storage.read_parquet(storage.join(cfg.run, PICKS))
@@ -245,7 +251,7 @@ def _read_run(cfg: XmpFeedbackConfig) -> tuple[bytes, dict[str, Any], dict[str, 
     return raw, summary, rows
 
 
-def _mode(cfg: XmpFeedbackConfig, summary: dict[str, Any]) -> str:
+def _mode(cfg: PickRunXmp, summary: dict[str, Any]) -> str:
     """The sidecars' placement: given, or what the summary shows pick did."""
     if cfg.xmp is not None:
         return cfg.xmp
@@ -265,7 +271,7 @@ def _mode(cfg: XmpFeedbackConfig, summary: dict[str, Any]) -> str:
     )
 
 
-def _input_root(cfg: XmpFeedbackConfig, summary: dict[str, Any], uris: list[str]) -> str:
+def _input_root(cfg: PickRunXmp, summary: dict[str, Any], uris: list[str]) -> str:
     """The folder pick mirrored from: its input folder, or for a manifest the deepest folder
     holding every input (picked or failed: pick's ``input_root``)."""
     if cfg.input_root is not None:
@@ -290,7 +296,7 @@ def _input_root(cfg: XmpFeedbackConfig, summary: dict[str, Any], uris: list[str]
     return common_folder([*uris, *failed])
 
 
-def plan(cfg: XmpFeedbackConfig) -> _Run:
+def plan(cfg: PickRunXmp) -> _Run:
     """The run and one plan per sidecar, as pick placed them.
 
     Raises:
@@ -319,7 +325,7 @@ def plan(cfg: XmpFeedbackConfig) -> _Run:
     return _Run(run_request_id(raw), summary, rows, row_of, plans, mode, naming)
 
 
-def _naming(cfg: XmpFeedbackConfig, summary: dict[str, Any]) -> Literal["basename", "full"]:
+def _naming(cfg: PickRunXmp, summary: dict[str, Any]) -> Literal["basename", "full"]:
     if cfg.xmp_naming is not None:
         return cfg.xmp_naming
     return "full" if summary.get("xmp_naming") == "full" else "basename"

@@ -1,0 +1,233 @@
+"""Take keeper's marks back out of a photo library: undo what a ``keeper pick`` run wrote into XMP.
+
+    keeper pick --input ~/Pictures/wedding --output ~/culls/wedding --xmp beside
+    keeper unpick --run ~/culls/wedding --dry-run    # what it would change, changing nothing
+    keeper unpick --run ~/culls/wedding
+    python -m keeper_train.jobs.unpick run=PICK_OUTPUT dry_run=true
+
+    plan      the run's _SUMMARY.json and picks.parquet, and where its XMP went, as
+              ``keeper feedback-from-xmp`` finds it (``xmp_feedback.plan``: pick's mode, naming
+              and input root; a RAW+JPEG pair's one sidecar belongs to the RAW); with
+              ``xmp=embed`` the JPEGs themselves, and a sidecar an earlier ``--xmp beside`` run
+              left beside one (pick updated it too)
+    remove    from each sidecar (``handback.remove_from_sidecar``) and each JPEG
+              (``jpeg_xmp.remove_jpeg_xmp``): keeper's namespace (group, rank, decision,
+              reasons, its record), and ``xmp:Rating`` / ``xmp:Label`` where they still hold
+              what keeper set; a rating or label a person gave, before or after the run, stays,
+              as does every other field. A sidecar left with nothing in it is deleted (keeper
+              made it: the photo had none); a JPEG left with an empty packet loses its XMP
+              segment, and is then byte for byte the file it was before keeper wrote into it.
+              A file holding none of keeper's fields is not written.
+    restamp   the run's embedding table learns the new stamps of the JPEGs rewritten (their
+              pixels did not change), so the next ``keeper pick`` does not read them again
+
+Every file is counted once: cleaned + deleted + untouched + absent + failed = files. A file that
+cannot be changed (read-only, changed while read, not XMP exiv2 can parse) is listed with its
+reason and the others are done; the exit code is then 1. ``--dry-run`` reads everything and
+writes nothing. With ``xmp=mirror`` the mirrored sidecars are where pick wrote (under OUTPUT/xmp,
+or the folder it was given, which may be the library's own), and they are undone the same way.
+The run's tables and contact sheet are not touched: they are the record of what it decided;
+delete the output folder to be rid of them. Copies made by ``--copy-keepers`` are not removed
+either: that folder holds only keeper's copies, and ``rm -r`` is the way to take it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections import Counter
+from collections.abc import Sequence
+
+from pydantic import BaseModel, Field
+
+from keeper_core import storage
+from keeper_core.corpus import EMBEDDINGS
+from keeper_core.errors import KeeperError
+from keeper_core.handback import XmpRemoval, name_key, remove_from_sidecar
+from keeper_core.jpeg_xmp import remove_jpeg_xmp
+from keeper_core.progress import Progress
+from keeper_train.config import job_main
+from keeper_train.jobs.xmp_feedback import PickRunXmp, plan
+from keeper_train.table import restamp_written
+
+log = logging.getLogger("keeper.unpick")
+
+OUTCOMES = ("cleaned", "deleted", "untouched", "absent")
+
+
+class UnpickConfig(PickRunXmp):
+    """Everything ``keeper unpick`` takes. Unknown keys are errors."""
+
+    dry_run: bool = Field(
+        False, description="read every file and say what would change; write none"
+    )
+    io_threads: int = Field(
+        16,
+        ge=1,
+        le=32,  # the S3 client's pool of connections (storage._cached_client)
+        description="files changed at once on S3 or a network file system, or where each write "
+        "is fsynced (beside the originals, in the JPEGs); on local disks without fsync, one at "
+        "a time, which is faster",
+    )
+
+
+class UnpickFailure(BaseModel):
+    """A file whose keeper fields could not be removed, and why (it is left as it was)."""
+
+    uri: str
+    reason: str
+
+
+class UnpickSummary(BaseModel):
+    """What ``keeper unpick`` did (or, with ``dry_run``, would do): ``files == cleaned +
+    deleted + untouched + absent + len(failed)``."""
+
+    run: str
+    xmp: str
+    xmp_naming: str
+    dry_run: bool
+    photos: int = Field(description="rows of picks.parquet")
+    files: int = Field(description="sidecars and JPEGs looked at")
+    in_jpegs: int = Field(0, description="of the files, JPEGs whose own XMP pick wrote (embed)")
+    cleaned: int = Field(description="keeper's fields removed, the rest of the file kept")
+    deleted: int = Field(
+        description="nothing else was in them: sidecars deleted, JPEGs' XMP segments removed"
+    )
+    untouched: int = Field(description="holding none of keeper's fields: not written")
+    absent: int = Field(description="no sidecar there, or a JPEG without XMP (or no JPEG)")
+    failed: list[UnpickFailure] = Field(default_factory=list)
+    kept_ratings: int = Field(
+        description="of the files changed, those where a person's rating or label stays"
+    )
+    restamped: int = Field(0, description="rows of the run's embedding table given new stamps")
+
+
+def _files(cfg: UnpickConfig) -> tuple[list[tuple[str, bool]], int, int, str, str]:
+    """(uri, is a JPEG) of every file to look at, the photos, the JPEGs, the mode and naming."""
+    r = plan(cfg)
+    files = [(p.image_uri, True) if p.in_file else (p.sidecar_uri, False) for p in r.plans]
+    if r.mode == "embed":
+        # pick --xmp embed also updated a sidecar an earlier beside run left by a JPEG, where
+        # no plan of its own owns that name
+        seen = {name_key(p.sidecar_uri) for p in r.plans if not p.in_file}
+        for p in r.plans:
+            if p.in_file and name_key(p.sidecar_uri) not in seen:
+                seen.add(name_key(p.sidecar_uri))
+                files.append((p.sidecar_uri, False))
+    jpegs = sum(p.in_file for p in r.plans)
+    return files, len(r.rows["image_id"]), jpegs, r.mode, r.naming
+
+
+def run(cfg: UnpickConfig) -> UnpickSummary:
+    """Remove keeper's fields from every file the run wrote XMP into; the summary.
+
+    Raises:
+        DataError: not a finished pick run.
+        ConfigError: where the sidecars are cannot be told (``xmp_feedback.plan``).
+    """
+    files, photos, jpegs, mode, naming = _files(cfg)
+    durable = mode != "mirror"  # beside the originals, a sidecar may hold a person's edits
+
+    def one(file: tuple[str, bool]) -> XmpRemoval | UnpickFailure:
+        uri, is_jpeg = file
+        try:
+            if is_jpeg:
+                return remove_jpeg_xmp(uri, dry_run=cfg.dry_run)
+            return remove_from_sidecar(uri, durable=durable, dry_run=cfg.dry_run)
+        except KeeperError as e:
+            return UnpickFailure(uri=uri, reason=str(e).removeprefix(f"{uri}: "))
+
+    uris = [u for u, _ in files]
+    threads = storage.io_threads_for(uris, cfg.io_threads, fsync=durable and not cfg.dry_run)
+    outcomes: Counter[str] = Counter()
+    failed: list[UnpickFailure] = []
+    kept = 0
+    rewritten: dict[str, tuple[storage.Stamp, str]] = {}
+    progress = Progress("files", len(files), log)
+    for (uri, _), done in zip(files, storage.map_in_threads(one, files, threads), strict=True):
+        progress.step()
+        if isinstance(done, UnpickFailure):
+            log.warning("%s left as it is: %s", uri, done.reason)
+            failed.append(done)
+            continue
+        outcomes[done.outcome] += 1
+        kept += int(bool(done.kept))
+        if done.stamp is not None and done.content_id is not None:
+            rewritten[uri] = (done.stamp, done.content_id)
+    progress.done()
+    restamped = _restamp(cfg, rewritten)
+    return UnpickSummary(
+        run=cfg.run,
+        xmp=mode,
+        xmp_naming=naming,
+        dry_run=cfg.dry_run,
+        photos=photos,
+        files=len(files),
+        in_jpegs=jpegs,
+        failed=failed,
+        kept_ratings=kept,
+        restamped=restamped,
+        **{o: outcomes[o] for o in OUTCOMES},
+    )
+
+
+def _restamp(cfg: UnpickConfig, rewritten: dict[str, tuple[storage.Stamp, str]]) -> int:
+    """Give the rows of the JPEGs rewritten their new stamps in the run's embedding table (as
+    pick does after writing into them); a table that is gone or unreadable is only logged."""
+    if not rewritten:
+        return 0
+    import json
+
+    from keeper_train.jobs.xmp_feedback import SUMMARY
+
+    try:
+        table = json.loads(storage.read_bytes(storage.join(cfg.run, SUMMARY)))["table"]
+        return restamp_written(storage.join(str(table), EMBEDDINGS), rewritten)
+    except (KeeperError, KeyError, TypeError, ValueError) as e:
+        log.warning(
+            "the run's embedding table was not restamped (%s): the next keeper pick reads the "
+            "%d JPEGs changed again, and finds them unchanged",
+            e,
+            len(rewritten),
+        )
+        return 0
+
+
+def describe(s: UnpickSummary) -> str:
+    would = "would be " if s.dry_run else ""
+    lines = [
+        f"keeper unpick{' (dry run: nothing written)' if s.dry_run else ''}: {s.run} "
+        f"(xmp={s.xmp}, {s.xmp_naming})",
+        f"  files     {s.files} for {s.photos} photos"
+        + (f" ({s.in_jpegs} of them JPEGs holding pick's XMP)" if s.in_jpegs else ""),
+        f"  cleaned   {s.cleaned} {would}rewritten without keeper's fields, the rest kept"
+        + (f" ({s.kept_ratings} keep a person's rating or label)" if s.kept_ratings else ""),
+        f"  deleted   {s.deleted} {would}removed: nothing but keeper's fields in them (sidecars; "
+        "a JPEG's XMP segment)",
+        f"  untouched {s.untouched} without keeper's fields, {s.absent} not there",
+        f"  failed    {len(s.failed)}",
+    ]
+    lines += [f"            {f.uri}: {f.reason}" for f in s.failed[:5]]
+    if len(s.failed) > 5:
+        lines.append(f"            ... and {len(s.failed) - 5} more")
+    if s.restamped:
+        lines.append(f"  table     {s.restamped} rows given the JPEGs' new stamps")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m keeper_train.jobs.unpick --config FILE [key=value ...]``."""
+    return job_main(
+        argv,
+        job="unpick",
+        description=__doc__.split("\n")[0],
+        model=UnpickConfig,
+        run=run,
+        describe=describe,
+        exit_code=lambda s: 1 if s.failed else 0,
+        example="run=PICK_OUTPUT dry_run=true",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
