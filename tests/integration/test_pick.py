@@ -267,6 +267,7 @@ def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
     assert len(jpegs) == len(burst) >= 2
     pixels = {p.name: Image.open(p).tobytes() for p in jpegs}
     exif = {p.name: dict(Image.open(p).getexif()) for p in jpegs}
+    as_shot = {p.name: p.read_bytes() for p in jpegs}
     out = tmp_path / "out"
     keepers = tmp_path / "keepers"
     argv = ["pick", "--input", str(shots), "--output", str(out), "--zero-shot", "--xmp", "embed"]
@@ -336,6 +337,22 @@ def test_xmp_embed_writes_into_the_jpegs_and_feedback_reads_a_lightroom_change(
     assert "1 photo(s) of earlier runs no longer in the folder" in sheet
     assert (out / thumbnail_name(deleted_id)).exists() == shared
     assert last.counts["thumbnails_removed"] == int(not shared)
+
+    # keeper unpick: every JPEG no tool wrote into is the file off the card again, the one
+    # rejected in the photo tool keeps the person's -1 alone, the DNG's sidecar is gone; and
+    # the next pick reads none of the JPEGs again (unpick gave their rows the new stamps).
+    assert keeper(["unpick", "--run", str(out)]) == 0
+    for p in jpegs:
+        if p == deleted:
+            continue
+        if p == keeper_pick:
+            assert read_embedded_xmp(str(p)) == {"Xmp.xmp.Rating": "-1"}
+        else:
+            assert p.read_bytes() == as_shot[p.name], p.name
+    assert not list(shots.glob("*.xmp"))
+    assert keeper([*argv, "--xmp", "none", "--ray-address", ray_cluster]) == 0
+    after = pick.PickSummary.model_validate_json((out / "_SUMMARY.json").read_text()).embed
+    assert (after["restamped"], after["changed"], after["attempted"]) == (0, 0, 0)
 
 
 def test_champion_picks_match_evaluate(

@@ -185,3 +185,24 @@ def test_a_read_only_or_linked_jpeg_holding_keepers_fields_is_refused(tmp_path: 
         remove_jpeg_xmp(str(path))
     assert remove_jpeg_xmp(str(path), dry_run=True).outcome == "deleted"  # what it would do
     assert path.read_bytes() == written
+
+
+def test_sidecars_on_s3(s3_bucket: str) -> None:
+    """A mirror in a bucket (``out_dir=input_root`` on S3): the same outcomes through S3's
+    requests; a bucket that is not there is an error, not an absent sidecar."""
+    from keeper_core import storage
+    from keeper_core.errors import StorageError
+
+    made, merged = f"s3://{s3_bucket}/a/IMG_1.xmp", f"s3://{s3_bucket}/a/IMG_2.xmp"
+    write_sidecar(made, rating=5, label=None, keeper_fields=KEEPERS)
+    storage.write_bytes(merged, lightroom_packet(rating=4))
+    write_sidecar(merged, rating=1, label="Red", keeper_fields=KEEPERS)
+
+    assert remove_from_sidecar(made).outcome == "deleted"
+    assert not storage.exists(made)
+    done = remove_from_sidecar(merged)
+    assert (done.outcome, done.kept) == ("cleaned", ("rating",))
+    assert read_sidecar(merged) == parse_xmp_packet(lightroom_packet(rating=4), merged)
+    assert remove_from_sidecar(made).outcome == "absent"
+    with pytest.raises(StorageError):
+        remove_from_sidecar(f"s3://{s3_bucket}-not-there/IMG_1.xmp")
