@@ -1,5 +1,6 @@
-"""S3 requests and seconds of writing sidecars into an ``s3://`` mirror: one GET where a sidecar
-may be there (``storage.read_if_exists``) against ``exists`` then ``read_bytes``.
+"""S3 requests and seconds of writing sidecars into an ``s3://`` mirror and reading them back:
+one GET where a sidecar may be there (``storage.read_if_exists``) against ``exists`` then
+``read_bytes``.
 
     .venv/bin/python benchmarks/sidecar_s3_requests.py [--n 1000] [--threads 16] [--rounds 2] \
         [--out benchmarks/results/sidecar-s3-requests.json]
@@ -11,8 +12,10 @@ side is the same function with ``storage.read_if_exists`` replaced, in this proc
 that is not there, ``exists`` asks HEAD object, HEAD bucket and a one-key listing). Against a
 ``moto_server`` on loopback (this interpreter's, as tests/conftest.py starts it), ``--threads``
 threads as ``keeper pick`` runs them, alternated rounds, each writing ``--n`` new sidecars into an
-empty prefix and then the same choice again (a re-run). S3 calls are counted by botocore's
-``before-call`` event; seconds are wall time (moto shares this machine's cores).
+empty prefix and then the same choice again (a re-run), then reading them back as ``keeper
+feedback-from-xmp`` does (``xmp_feedback.read_sidecars``, which read a sidecar the same two ways
+before and after 2026-12-07). S3 calls are counted by botocore's ``before-call`` event; seconds
+are wall time (moto shares this machine's cores).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from embed import machine_info, write_record
 from sidecar_io import moto_bucket
 
 from keeper_core import storage
-from keeper_core.handback import write_sidecar
+from keeper_core.handback import plan_sidecars, write_sidecar
+from keeper_train.jobs import xmp_feedback
 
 FIELDS = {"group": "g000123", "rank": "1", "decision": "keep", "reasons": "sharpest of 4"}
 
@@ -60,8 +64,12 @@ def counted_s3_calls() -> Iterator[Counter[str]]:
         client.meta.events.unregister("before-call.s3", count)
 
 
+def _relative(i: int) -> str:
+    return f"day{i // 250:02d}/IMG_{i:06d}"
+
+
 def write_all(prefix: str, n: int, threads: int) -> tuple[float, Counter[str]]:
-    uris = [f"{prefix}/day{i // 250:02d}/IMG_{i:06d}.xmp" for i in range(n)]
+    uris = [f"{prefix}/{_relative(i)}.xmp" for i in range(n)]
     with counted_s3_calls() as calls:
         t0 = time.perf_counter()
         for _ in storage.map_in_threads(
@@ -73,6 +81,22 @@ def write_all(prefix: str, n: int, threads: int) -> tuple[float, Counter[str]]:
         ):
             pass
         return time.perf_counter() - t0, calls
+
+
+def read_all(prefix: str, n: int, threads: int) -> tuple[float, Counter[str]]:
+    """The sidecars ``write_all`` wrote, read back by feedback-from-xmp's own reader (its run
+    built here from the plans ``xmp_feedback.plan`` makes for a mirror at ``prefix``)."""
+    photos = [f"{prefix}-photos/{_relative(i)}.CR2" for i in range(n)]
+    plans = plan_sidecars(photos, input_root=f"{prefix}-photos", mode="mirror", out_dir=prefix)
+    row_of = {u: i for i, u in enumerate(photos)}
+    run = xmp_feedback._Run("bench", {}, {}, row_of, plans, "mirror", "basename")
+    with counted_s3_calls() as calls:
+        t0 = time.perf_counter()
+        got = xmp_feedback.read_sidecars(run, io_threads=threads)
+        seconds = time.perf_counter() - t0
+    if (got.read, got.missing, got.unreadable) != (n, 0, []):
+        raise SystemExit(f"read back {got.read} of {n} sidecars")
+    return seconds, calls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     prefix = f"{bucket}/r{r}-{len(rows)}"
                     new_s, new_calls = write_all(prefix, args.n, args.threads)
                     rerun_s, rerun_calls = write_all(prefix, args.n, args.threads)
+                    read_s, read_calls = read_all(prefix, args.n, args.threads)
                 finally:
                     storage.read_if_exists = real  # type: ignore[assignment]
                 rows.append(
@@ -110,14 +135,21 @@ def main(argv: list[str] | None = None) -> int:
                         "rerun_s": rerun_s,
                         "rerun_calls": dict(rerun_calls),
                         "rerun_requests_per_sidecar": sum(rerun_calls.values()) / args.n,
+                        "read_s": read_s,
+                        "read_calls": dict(read_calls),
+                        "read_requests_per_sidecar": sum(read_calls.values()) / args.n,
                     }
                 )
     print(f"{args.n} sidecars into an s3:// mirror on moto_server, {args.threads} threads")
-    print(f"{'side':<28} {'new s':>7} {'req/new':>8} {'re-run s':>9} {'req/re-run':>11}")
+    print(
+        f"{'side':<28} {'new s':>7} {'req/new':>8} {'re-run s':>9} {'req/re-run':>11} "
+        f"{'read s':>7} {'req/read':>9}"
+    )
     for row in rows:
         print(
             f"{row['side']:<28} {row['new_s']:>7.2f} {row['new_requests_per_sidecar']:>8.2f} "
-            f"{row['rerun_s']:>9.2f} {row['rerun_requests_per_sidecar']:>11.2f}"
+            f"{row['rerun_s']:>9.2f} {row['rerun_requests_per_sidecar']:>11.2f} "
+            f"{row['read_s']:>7.2f} {row['read_requests_per_sidecar']:>9.2f}"
         )
     record = {
         "benchmark": "sidecar_s3_requests",

@@ -44,9 +44,9 @@ def test_the_script_compares_one_thread_with_many_on_every_store(tmp_path: Path)
         else:
             assert r["results"] == {"read": 36, "missing": 0, "ratings": 36, "unreadable": 4}
     # 5 ms before each request, one at a time: a write is 36 new sidecars of 2 (a GET that finds
-    # none, the PUT) and 4 bad ones of 1 (the GET), 0.38 s; a read is 40 of 2, 0.4 s
+    # none, the PUT) and 4 bad ones of 1 (the GET), 0.38 s; a read is 40 GETs, 0.2 s
     slow = [r for r in rows if "simulated" in r["store"]]
-    assert all(r["sequential_s"] >= (0.38 if r["step"] == "write" else 0.4) for r in slow)
+    assert all(r["sequential_s"] >= (0.38 if r["step"] == "write" else 0.2) for r in slow)
     assert "s3 (moto) + simulated latency" in proc.stdout
 
 

@@ -1,5 +1,5 @@
 """benchmarks/sidecar_s3_requests.py runs as documented (tiny sizes) against a real moto_server,
-and counts what write_sidecar asks of S3 on both sides."""
+and counts what write_sidecar and feedback-from-xmp's reader ask of S3 on both sides."""
 
 from __future__ import annotations
 
@@ -29,4 +29,7 @@ def test_the_script_counts_requests_on_both_sides(tmp_path: Path) -> None:
     assert after["new_calls"] == {"GetObject": 12, "PutObject": 12}
     assert before["rerun_calls"] == {"HeadObject": 12, "GetObject": 12}
     assert after["rerun_calls"] == {"GetObject": 12}
+    # read back (feedback-from-xmp): a HEAD and a GET each, then a GET alone
+    assert before["read_calls"] == {"HeadObject": 12, "GetObject": 12}
+    assert after["read_calls"] == {"GetObject": 12}
     assert "req/new" in proc.stdout
