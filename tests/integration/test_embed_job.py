@@ -435,11 +435,14 @@ def test_killed_job_resumes_with_every_image_once(
         proc.wait(timeout=30)
     done_before = len(read_table(str(dst)))
     assert 0 < done_before < total, "kill did not land mid-job"
+    # the killed driver's lock is left behind; its process is gone, so this run takes it over
+    assert json.loads((dst / "_LOCK.json").read_text())["pid"] == proc.pid
 
     summary = embed.run(
         EmbedConfig(input=src, output=str(dst), model=TINY, ray_address=ray_cluster)
     )
     assert_counts_add_up(summary)
+    assert not (dst / "_LOCK.json").exists()
     assert summary.counts.skipped >= done_before
     table = read_table(str(dst))
     assert len(table) == total

@@ -64,6 +64,11 @@ class StorageError(KeeperError, OSError):
         super().__init__(f"{uri}: {cause}")
 
 
+class BusyError(KeeperError):
+    """Another run is writing the same output (it holds the folder's lock,
+    :mod:`keeper_core.run_lock`); the message names it and how to go on."""
+
+
 class DataError(KeeperError, ValueError):
     """Input data (a manifest, a table, an array) is malformed.
 

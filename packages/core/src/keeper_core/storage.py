@@ -899,6 +899,98 @@ def write_bytes(uri: str, data: bytes, *, durable: bool = True) -> None:
         )
 
 
+def write_new(uri: str, data: bytes) -> str | None:
+    """Write ``data`` at ``uri`` only where nothing is there yet; the version tag written, or
+    None where a file or object already was. The tag is what :func:`replace_if_unchanged`
+    takes: on S3 the object's ETag, locally the sha256 of the bytes (not :func:`object_info`'s
+    local tag, which two writes of one size within a clock tick can share).
+
+    Of several writers racing for one name, exactly one gets a tag. Locally the bytes go to a
+    temporary file, fsynced, then hard-linked to the name (``link`` fails where the name exists,
+    and a reader never sees part of the file). On S3 a PUT with ``If-None-Match: *`` (AWS since
+    2024, MinIO, moto; an S3-compatible store that ignores the header overwrites instead).
+
+    Raises:
+        StorageError: the write failed for another reason.
+    """
+    if not is_s3(uri):
+        path = _local_file(uri)
+        with _local_errors(uri):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = _open_temp(path.parent, path.name)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return None
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        return hashlib.sha256(data).hexdigest()
+    bucket, key = _s3_object(uri)
+    try:
+        with _s3_errors(uri):
+            resp = s3_client().put_object(
+                Bucket=bucket, Key=key, Body=data, IfNoneMatch="*", ContentType=content_type(key)
+            )
+    except StorageError as e:
+        if _precondition_failed(e):
+            return None
+        raise
+    return str(resp["ETag"]).strip('"')
+
+
+def replace_if_unchanged(uri: str, data: bytes, etag: str) -> str | None:
+    """Replace the file or object at ``uri`` by ``data`` only while it is still the version
+    ``etag`` (a tag :func:`write_new` or this function gave; on S3 also :func:`object_info`'s);
+    the new tag, or None where it changed or is gone.
+
+    On S3 a PUT with ``If-Match`` (one of several writers holding the same tag wins). Locally a
+    read and compare of the bytes, then an atomic rename over the file: two writers on one
+    machine could both pass the compare within the same moment, so a caller that must be the
+    only winner there arranges that itself (:mod:`keeper_core.run_lock` takes a stale lock over
+    by a rename).
+
+    Raises:
+        StorageError: the write failed for another reason.
+    """
+    if not is_s3(uri):
+        now = read_if_exists(uri)
+        if now is None or hashlib.sha256(now).hexdigest() != etag:
+            return None
+        write_bytes(uri, data)
+        return hashlib.sha256(data).hexdigest()
+    bucket, key = _s3_object(uri)
+    try:
+        with _s3_errors(uri):
+            resp = s3_client().put_object(
+                Bucket=bucket,
+                Key=key,
+                Body=data,
+                IfMatch=f'"{etag}"',
+                ContentType=content_type(key),
+            )
+    except StorageError as e:
+        if _precondition_failed(e) or e.cause == "no such object":
+            return None
+        raise
+    return str(resp["ETag"]).strip('"')
+
+
+def _precondition_failed(e: StorageError) -> bool:
+    cause = e.__cause__
+    # 409 ConditionalRequestConflict: another conditional write to the key won the race
+    return isinstance(cause, ClientError) and _error_code(cause) in {
+        "PreconditionFailed",
+        "412",
+        "ConditionalRequestConflict",
+    }
+
+
 def replace_file(path: str, data: bytes, *, check: Callable[[str], None]) -> Stamp:
     """Replace the local file ``path`` by ``data``, atomically, once ``check`` has passed.
 

@@ -52,7 +52,7 @@ import pyarrow as pa
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from keeper_core import storage
+from keeper_core import run_lock, storage
 from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
 from keeper_core.contact_sheet import thumbnail_jpeg, thumbnail_name
 from keeper_core.corpus import EMBEDDINGS
@@ -2247,7 +2247,16 @@ def node_counts(tallies: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 
 def run(cfg: EmbedConfig) -> EmbedSummary:
-    """Run the job; returns the summary (also written to DST/_SUMMARY.json)."""
+    """Run the job; returns the summary (also written to DST/_SUMMARY.json).
+
+    Raises:
+        BusyError: another run is writing DST (it holds DST/_LOCK.json: ``run_lock``).
+    """
+    with run_lock.holding(cfg.output, job="keeper embed"):
+        return _run(cfg)
+
+
+def _run(cfg: EmbedConfig) -> EmbedSummary:
     t_start = time.perf_counter()
     p = plan(cfg)
     log.info(

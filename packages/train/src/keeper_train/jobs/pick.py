@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from keeper_core import storage
+from keeper_core import run_lock, storage
 from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
 from keeper_core.contact_sheet import SheetSummary, thumbnail_name, write_contact_sheet
 from keeper_core.corpus import EMBEDDINGS
@@ -1127,7 +1127,17 @@ def write_outputs(
 
 
 def run(cfg: PickJobConfig) -> PickSummary:
-    """Run ``keeper pick``; returns the summary (also written to OUTPUT/_SUMMARY.json)."""
+    """Run ``keeper pick``; returns the summary (also written to OUTPUT/_SUMMARY.json).
+
+    Raises:
+        BusyError: another run is writing OUTPUT (``keeper pick`` or ``keeper unpick``: it holds
+            OUTPUT/_LOCK.json, ``run_lock``), or its embedding table (``keeper embed``).
+    """
+    with run_lock.holding(cfg.out, job="keeper pick"):
+        return _run(cfg)
+
+
+def _run(cfg: PickJobConfig) -> PickSummary:
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()

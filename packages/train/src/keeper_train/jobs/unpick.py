@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, Field
 
-from keeper_core import storage
+from keeper_core import run_lock, storage
 from keeper_core.corpus import EMBEDDINGS
 from keeper_core.errors import KeeperError
 from keeper_core.handback import XmpRemoval, name_key, remove_from_sidecar
@@ -124,7 +124,13 @@ def run(cfg: UnpickConfig) -> UnpickSummary:
     Raises:
         DataError: not a finished pick run.
         ConfigError: where the sidecars are cannot be told (``xmp_feedback.plan``).
+        BusyError: a ``keeper pick`` (or another unpick) is writing the run (``run_lock``).
     """
+    with run_lock.holding(cfg.run, job="keeper unpick"):
+        return _run(cfg)
+
+
+def _run(cfg: UnpickConfig) -> UnpickSummary:
     files, photos, jpegs, mode, naming = _files(cfg)
     durable = mode != "mirror"  # beside the originals, a sidecar may hold a person's edits
 

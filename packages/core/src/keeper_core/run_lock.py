@@ -1,0 +1,341 @@
+"""One job at a time per output: a lock file in the output folder, held while a job writes.
+
+``keeper embed``, ``keeper pick`` and ``keeper unpick`` each read an output, decide, and write it
+back (the embedding table's parts and stamps, the picks, the sidecars). Two runs on one output
+at once (a cron job overlapping the next, a second terminal, a resubmitted Ray job while the
+first still runs) would both embed the same photos into two rows each, or write sidecars from
+two sets of picks. So each holds ``OUTPUT/_LOCK.json`` while it works:
+
+    with holding(cfg.output, job="keeper embed"):
+        ...  # plan, embed, write
+
+- **Taking it** is one atomic create (``storage.write_new``: a hard link locally, a PUT with
+  ``If-None-Match: *`` on S3): of two runs starting together exactly one gets it. The other
+  stops at once with a :class:`~keeper_core.errors.BusyError` naming the run that holds it (job,
+  run id, host, process, start, last renewal): nothing is read or written.
+- **While it works** a thread renews the lock every ``renew_every_s`` (60 s), so its age says
+  the holder is alive. A renewal that finds the lock no longer its own (taken over as stale:
+  the run was stopped for longer than ``stale_after_s``) says so in the log, and the run's end
+  says it again.
+- **A run that died** (killed, its machine lost) leaves its lock behind. The next run takes it
+  over when the holder cannot be alive: it was on this host and its process is gone (a ``kill
+  -9`` and a re-run on one machine, or a Ray job resubmitted on the head node, go on at once),
+  or it has not been renewed for ``stale_after_s`` (10 minutes; another host's process cannot be
+  asked). Taking over is atomic too (on S3 a PUT with ``If-Match`` of the stale version; locally
+  a rename of the stale file, which one run alone can make), and logged with the old holder.
+- **At the end**, success or error, the lock is removed if it is still this run's.
+
+A lock that cannot be read as keeper's (another tool's file by that name) is never taken over
+by age alone: the error names it, to be removed by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from keeper_core import storage
+from keeper_core.errors import BusyError, StorageError
+from keeper_core.progress import format_seconds
+
+log = logging.getLogger("keeper.run_lock")
+
+LOCK_NAME = "_LOCK.json"
+#: A lock not renewed for this long is a dead run's (10 renewals missed).
+STALE_AFTER_S = 600.0
+RENEW_EVERY_S = 60.0
+_MAX_LOCK_BYTES = 64 * 1024
+_TRIES = 5
+#: The runs whose locks this process holds now: a lock naming this process and another run is
+#: a leftover (a lock this process failed to remove), one naming a run here is held.
+_HELD: set[str] = set()
+_HELD_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lock: what the lock file says."""
+
+    job: str
+    run: str
+    host: str
+    pid: int
+    started: str  # ISO 8601, UTC
+
+    def describe(self) -> str:
+        return (
+            f"{self.job} (run {self.run}, host {self.host}, pid {self.pid}, started {self.started})"
+        )
+
+
+@dataclass
+class Lease:
+    """A lock this process holds: where, as whom, and the version it last wrote."""
+
+    uri: str
+    holder: Holder
+    tag: str
+    lost_to: str | None = None  # set when a renewal found the lock someone else's
+    #: local folders the lock's file made (deepest first): removed again at the end where the
+    #: run left them empty, so a run that fails before any work leaves no folder behind
+    made: tuple[str, ...] = ()
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def lock_uri(folder: str) -> str:
+    return storage.join(folder.rstrip("/"), LOCK_NAME)
+
+
+@contextmanager
+def holding(
+    folder: str,
+    *,
+    job: str,
+    stale_after_s: float = STALE_AFTER_S,
+    renew_every_s: float = RENEW_EVERY_S,
+) -> Iterator[Lease]:
+    """Hold ``folder``'s lock for the block (see the module docstring).
+
+    Raises:
+        BusyError: another run holds it (or a file that is not keeper's lock is in its place).
+        StorageError: the lock cannot be read or written.
+    """
+    lease = acquire(folder, job=job, stale_after_s=stale_after_s)
+    stop = threading.Event()
+    renewer = threading.Thread(
+        target=_renew_until, args=(lease, stop, renew_every_s), name="keeper-lock", daemon=True
+    )
+    renewer.start()
+    try:
+        yield lease
+    finally:
+        stop.set()
+        renewer.join(timeout=30)
+        release(lease)
+
+
+def acquire(folder: str, *, job: str, stale_after_s: float = STALE_AFTER_S) -> Lease:
+    """Take ``folder``'s lock, or take over a dead run's; :func:`holding` without the renewals.
+
+    Raises:
+        BusyError: another run holds it.
+    """
+    uri = lock_uri(folder)
+    me = Holder(
+        job=job,
+        run=uuid.uuid4().hex[:12],
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        started=_now(),
+    )
+    body = _body(me, renewed=me.started)
+    with _HELD_LOCK:  # before the write: another thread here may read the lock at once
+        _HELD.add(me.run)
+    made = () if storage.is_s3(uri) else _missing_folders(folder)
+    try:
+        lease = _take(uri, folder, me, body, stale_after_s)
+    except BaseException:
+        _remove_empty(made)
+        with _HELD_LOCK:
+            _HELD.discard(me.run)
+        raise
+    lease.made = made
+    return lease
+
+
+def _missing_folders(folder: str) -> tuple[str, ...]:
+    """``folder`` and its parents that are not there yet, deepest first."""
+    out: list[str] = []
+    path = Path(folder.removeprefix("file://"))
+    while not path.exists() and path.parent != path:
+        out.append(str(path))
+        path = path.parent
+    return tuple(out)
+
+
+def _remove_empty(folders: tuple[str, ...]) -> None:
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return  # not empty (the run wrote there), or gone
+
+
+def _take(uri: str, folder: str, me: Holder, body: bytes, stale_after_s: float) -> Lease:
+    for _ in range(_TRIES):
+        tag = storage.write_new(uri, body)
+        if tag is not None:
+            return Lease(uri, me, tag)
+        try:
+            data = storage.read_bytes(uri, max_bytes=_MAX_LOCK_BYTES)
+            info = storage.object_info(uri)
+        except StorageError as e:
+            if e.cause == "no such object" or isinstance(e.__cause__, FileNotFoundError):
+                continue  # released in the meantime: try again
+            raise
+        other = _parse(data)
+        age = time.time() - info.mtime if info.mtime is not None else 0.0
+        why = _dead(other, age, stale_after_s)
+        if why is None:
+            raise _busy(uri, folder, other, age, stale_after_s)
+        assert other is not None
+        log.warning("%s: taking over the lock of %s: %s", folder, other.describe(), why)
+        if storage.is_s3(uri):
+            tag = storage.replace_if_unchanged(uri, body, info.etag)
+            if tag is not None:
+                return Lease(uri, me, tag)
+            continue
+        _set_aside(uri, info.etag)
+    raise BusyError(f"{folder}: could not take its lock ({uri}): other runs keep taking it")
+
+
+def release(lease: Lease) -> None:
+    """Remove the lock if it is still this run's; log where it is not."""
+    try:
+        _release(lease)
+        _remove_empty(lease.made)
+    finally:
+        with _HELD_LOCK:
+            _HELD.discard(lease.holder.run)
+
+
+def _release(lease: Lease) -> None:
+    with lease._lock:
+        lost = lease.lost_to
+    if lost is None:
+        try:
+            now = _parse(storage.read_bytes(lease.uri, max_bytes=_MAX_LOCK_BYTES))
+        except StorageError as e:
+            log.warning("%s: cannot read the lock to release it: %s", lease.uri, e)
+            return
+        if now is not None and now.run == lease.holder.run:
+            storage.delete(lease.uri)
+            return
+        lost = now.describe() if now is not None else "a file that is not keeper's lock"
+    log.warning(
+        "%s: this run's lock was taken over while it ran, by %s: another run may have "
+        "written the same output meanwhile",
+        lease.uri,
+        lost,
+    )
+
+
+def _renew_until(lease: Lease, stop: threading.Event, every_s: float) -> None:
+    while not stop.wait(every_s):
+        try:
+            tag = storage.replace_if_unchanged(
+                lease.uri, _body(lease.holder, renewed=_now()), lease.tag
+            )
+        except StorageError as e:  # a store outage: the next renewal tries again
+            log.warning("%s: lock not renewed: %s", lease.uri, e)
+            continue
+        if tag is None:
+            try:
+                now = _parse(storage.read_bytes(lease.uri, max_bytes=_MAX_LOCK_BYTES))
+            except StorageError:
+                now = None
+            with lease._lock:
+                lease.lost_to = now.describe() if now is not None else "(gone)"
+            log.error(
+                "%s: this run's lock was taken over by %s; another run may be writing the "
+                "same output",
+                lease.uri,
+                lease.lost_to,
+            )
+            return
+        with lease._lock:
+            lease.tag = tag
+
+
+def _dead(other: Holder | None, age: float, stale_after_s: float) -> str | None:
+    """Why the lock's holder cannot be alive, or None where it may be."""
+    if other is None:
+        return None  # not keeper's file: never taken over
+    if other.host == socket.gethostname() and not _alive(other.pid, other.run):
+        return f"its process {other.pid} on this host is gone"
+    if age > stale_after_s:
+        return (
+            f"not renewed for {format_seconds(age)} (stale after {format_seconds(stale_after_s)})"
+        )
+    return None
+
+
+def _alive(pid: int, run: str) -> bool:
+    if pid == os.getpid():
+        with _HELD_LOCK:
+            return run in _HELD  # another run of this process holds it, or a leftover
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except OSError:
+        return True
+    return True
+
+
+def _set_aside(uri: str, etag: str) -> None:
+    """Move a stale local lock out of the way: one rename, which one run alone can make (the
+    others find no file and try again). A lock renewed since it was judged stale is put back."""
+    path = uri.removeprefix("file://")
+    aside = f"{path}.{uuid.uuid4().hex[:8]}.stale"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    try:
+        if storage.object_info(aside).etag != etag:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)  # renewed after all: its holder keeps it
+    finally:
+        os.unlink(aside)
+
+
+def _busy(uri: str, folder: str, other: Holder | None, age: float, stale_s: float) -> BusyError:
+    if other is None:
+        return BusyError(
+            f"{folder}: {uri} is there and is not keeper's lock; if no keeper run is writing "
+            "this output, remove it"
+        )
+    return BusyError(
+        f"{folder} is being written by another run: {other.describe()}, lock renewed "
+        f"{format_seconds(age)} ago. Run one job per output at a time. If that run is gone, "
+        f"its lock is taken over once it is {format_seconds(stale_s)} old (at once from this "
+        f"host when its process has ended); to go on sooner, remove {uri}"
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _body(holder: Holder, *, renewed: str) -> bytes:
+    return json.dumps({"keeper_lock": 1, **asdict(holder), "renewed": renewed}).encode()
+
+
+def _parse(data: bytes) -> Holder | None:
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("keeper_lock") != 1:
+            return None
+        return Holder(
+            job=str(doc["job"]),
+            run=str(doc["run"]),
+            host=str(doc["host"]),
+            pid=int(doc["pid"]),
+            started=str(doc["started"]),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
