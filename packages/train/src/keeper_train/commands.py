@@ -520,6 +520,20 @@ def add_feedback_export_parser(subparsers: SubParsers) -> None:
     )
 
 
+def _add_pick_run_xmp_arguments(p: argparse.ArgumentParser) -> None:
+    """Where a pick run put its XMP, for the jobs that find it again (``xmp_feedback.PickRunXmp``:
+    feedback-from-xmp, unpick)."""
+    p.add_argument(
+        "--xmp",
+        choices=["mirror", "beside", "embed"],
+        help="where pick put them (default: from its summary; embed: in the JPEGs themselves)",
+    )
+    p.add_argument(
+        "--xmp-naming", choices=["basename", "full"], help="pick's --xmp-naming (default basename)"
+    )
+    p.add_argument("--input-root", help="mirror: the folder pick mirrored paths from")
+
+
 def add_feedback_from_xmp_parser(subparsers: SubParsers) -> None:
     """``keeper feedback-from-xmp``: a photographer's sidecar culls -> feedback (jobs.xmp_feedback)."""
     p = subparsers.add_parser(
@@ -536,15 +550,7 @@ def add_feedback_from_xmp_parser(subparsers: SubParsers) -> None:
     p.add_argument("--run", help="the keeper pick output folder (required)")
     p.add_argument("--feedback", help="feedback root to write: ROOT/events, ROOT/offers (required)")
     p.add_argument("--client", help="who decided, as the events name them (default xmp)")
-    p.add_argument(
-        "--xmp",
-        choices=["mirror", "beside", "embed"],
-        help="where pick put them (default: from its summary; embed: in the JPEGs themselves)",
-    )
-    p.add_argument(
-        "--xmp-naming", choices=["basename", "full"], help="pick's --xmp-naming (default basename)"
-    )
-    p.add_argument("--input-root", help="mirror: the folder pick mirrored paths from")
+    _add_pick_run_xmp_arguments(p)
     _runs_job(p, "xmp_feedback", ("run", "feedback", "client", "xmp", "xmp_naming", "input_root"))
 
 
@@ -565,15 +571,7 @@ def add_unpick_parser(subparsers: SubParsers) -> None:
     p.add_argument(
         "--dry-run", action=_BOOL, help="say what would change; write nothing (default off)"
     )
-    p.add_argument(
-        "--xmp",
-        choices=["mirror", "beside", "embed"],
-        help="where pick put them (default: from its summary; embed: in the JPEGs themselves)",
-    )
-    p.add_argument(
-        "--xmp-naming", choices=["basename", "full"], help="pick's --xmp-naming (default basename)"
-    )
-    p.add_argument("--input-root", help="mirror: the folder pick mirrored paths from")
+    _add_pick_run_xmp_arguments(p)
     _runs_job(p, "unpick", ("run", "dry_run", "xmp", "xmp_naming", "input_root"))
 
 
