@@ -8,6 +8,7 @@ here, apart from keeper's, so the tests compare keeper's output with an oracle o
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 
@@ -63,6 +64,13 @@ def lightroom_packet(rating: int | None = None, label: str | None = None, pad: i
     ).encode()
 
 
+@functools.cache
+def _srgb_profile() -> bytes:
+    """An sRGB ICC profile, made once: littlecms stamps each one made with the time, so two made
+    a second apart differ, and so would two photos meant to be the same bytes."""
+    return bytes(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+
+
 def camera_jpeg(
     xmp: bytes | None = None,
     *,
@@ -79,7 +87,7 @@ def camera_jpeg(
     ifd = exif.get_ifd(0x8769)
     ifd[0x9003] = "2026:06:13 15:04:05"  # DateTimeOriginal
     ifd[0x927C] = b"KCMN\x00\x01" + bytes(range(40))  # MakerNote: the maker's own bytes
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    icc = _srgb_profile()
     kw: dict[str, object] = {"exif": exif.tobytes(), "icc_profile": icc, "quality": 90}
     if xmp is not None:
         kw["xmp"] = xmp

@@ -150,3 +150,35 @@ def test_a_mirror_is_undone_where_pick_put_it(tmp_path: Path) -> None:
     _adds_up(s)
     assert (s.xmp, s.files, s.deleted) == ("mirror", 8, 8)
     assert not list((out / "xmp").rglob("*.xmp"))
+
+
+def test_keepers_takes_back_the_copies_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from keeper_core.handback import export_keepers
+
+    out, photos = _write_run(tmp_path)
+    for name, *_ in PHOTOS:
+        (photos / name).write_bytes(name.encode() * 50)
+    keepers = [str(photos / n) for n, _, _, decision, _ in PHOTOS if decision == "keep"]
+    dest = tmp_path / "keepers"
+    export_keepers(keepers, input_root=str(photos), dest=str(dest), mode="copy")
+    summary = json.loads((out / "_SUMMARY.json").read_text())
+    summary["outputs"]["keepers"] = str(dest)
+    (out / "_SUMMARY.json").write_text(json.dumps(summary))
+
+    assert keeper(["unpick", "--run", str(out), "--keepers"]) == 0
+
+    printed = capsys.readouterr().out
+    assert f"keepers   3 of keeper's copies and links removed from {dest}, 0 left" in printed
+    assert not dest.exists()
+    assert all(Path(u).exists() for u in keepers)
+
+
+def test_keepers_without_a_keepers_folder_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, photos = _write_run(tmp_path)
+    assert keeper(["unpick", "--run", str(out), "--keepers"]) == 2
+    assert "made no keepers folder" in capsys.readouterr().err
+    assert len(list(photos.glob("*.xmp"))) == 8  # nothing done

@@ -1464,6 +1464,122 @@ def export_keepers(
     )
 
 
+@dataclass(frozen=True)
+class KeepersRemoval:
+    """What :func:`remove_keepers_export` did (or, with ``dry_run``, would do)."""
+
+    removed: int = 0  # keeper's copies and links, removed
+    absent: int = 0  # recorded or kept, and not there
+    #: (path, why) of files left in place: a copy changed since keeper made it, a file or link
+    #: keeper did not make, one that could not be removed
+    left: list[tuple[str, str]] = field(default_factory=list)
+    folders_removed: int = 0  # folders the removals left empty, removed (``dest`` included)
+    #: why the copies' record could not be read: then no copy is removed
+    record_problem: str | None = None
+
+
+def remove_keepers_export(
+    dest: str, keepers: Sequence[str], *, input_root: str, dry_run: bool = False
+) -> KeepersRemoval:
+    """Take back what :func:`export_keepers` put in ``dest``: every copy its record names that
+    is still byte for byte what keeper wrote (from any run), and each of ``keepers``' links
+    (a symlink to the original, or a hard link that is the original's file), then the folders
+    that leaves empty. A copy changed since, and any file keeper did not make, stay (listed in
+    ``left``); the record keeps the copies left and goes when none are.
+
+    Args:
+        dest: the ``--copy-keepers`` / ``--link-keepers`` folder (local or ``s3://``).
+        keepers: the originals of the run's keepers, whose links (local) are looked for.
+        input_root: the folder their paths under ``dest`` are relative to, as pick exported.
+        dry_run: change nothing; the result says what would happen.
+
+    Raises:
+        ConfigError: a keeper outside ``input_root``.
+    """
+    record, problem = _read_export_record(dest)
+    if problem is not None:
+        record = {}
+    targets: dict[str, tuple[str, str]] = {rel: ("copy", d) for rel, d in record.items()}
+    if not storage.is_s3(dest) and not any(storage.is_s3(u) for u in keepers):  # links: local
+        for uri, rel in zip(keepers, _relatives(keepers, input_root), strict=True):
+            targets.setdefault(rel, ("link", uri))
+    removed, absent = 0, 0
+    left: list[tuple[str, str]] = []
+    gone: list[str] = []
+    for rel, (kind, value) in sorted(targets.items()):
+        path = storage.join(dest, rel)
+        try:
+            why = _why_not_keepers(path, kind, value)
+        except (StorageError, OSError) as e:
+            why = f"cannot be looked at: {e}"
+        if why == "absent":
+            absent += 1
+            continue
+        if why is not None:
+            left.append((path, why))
+            continue
+        if not dry_run:
+            try:
+                storage.delete(path)
+            except StorageError as e:
+                left.append((path, f"cannot be removed: {e}"))
+                continue
+        removed += 1
+        gone.append(rel)
+    folders = 0
+    if not dry_run:
+        keep = {rel: d for rel, d in record.items() if rel not in gone}
+        if record and keep != record:
+            uri = storage.join(dest, EXPORT_RECORD)
+            if keep:
+                doc = {"version": 1, "files": dict(sorted(keep.items()))}
+                storage.write_bytes(uri, json.dumps(doc).encode())
+            else:
+                storage.delete(uri)
+        if not storage.is_s3(dest):
+            folders = _remove_emptied_folders(_local(dest), gone)
+    return KeepersRemoval(removed, absent, left, folders, problem)
+
+
+def _why_not_keepers(path: str, kind: str, value: str) -> str | None:
+    """None where ``path`` is keeper's copy (``kind="copy"``, ``value`` its sha256) or link
+    (``kind="link"``, ``value`` the original) as it made it; "absent"; else why it stays."""
+    if kind == "copy":
+        if not storage.exists(path):
+            return "absent"
+        if _still_keepers_copy(path, value):
+            return None
+        return "changed since keeper copied it (or not a file): left"
+    p, original = _local(path), _local(value)
+    if not os.path.lexists(p):
+        return "absent"
+    if p.is_symlink():
+        if os.path.realpath(p) == os.path.realpath(original):
+            return None
+        return "a symlink to another file: not keeper's link, left"
+    if p.is_file() and original.exists() and os.path.samefile(p, original):
+        return None  # a hard link: the original keeps its own name
+    return "not a link to the original: keeper did not put it there, left"
+
+
+def _remove_emptied_folders(dest: Path, removed: Sequence[str]) -> int:
+    """Remove the folders under ``dest`` (and ``dest``) that removing ``removed`` left empty."""
+    folders = {dest}
+    for rel in removed:
+        parent = (dest / rel).parent
+        while parent != dest and dest in parent.parents:
+            folders.add(parent)
+            parent = parent.parent
+    n = 0
+    for folder in sorted(folders, key=lambda f: len(f.parts), reverse=True):
+        try:
+            folder.rmdir()
+            n += 1
+        except OSError:
+            continue  # not empty: something else is there
+    return n
+
+
 def _still_keepers_copy(uri: str, digest: str) -> bool:
     """Whether ``uri`` still holds the copy keeper recorded (read whole, hashed)."""
     try:

@@ -571,8 +571,14 @@ def add_unpick_parser(subparsers: SubParsers) -> None:
     p.add_argument(
         "--dry-run", action=_BOOL, help="say what would change; write nothing (default off)"
     )
+    p.add_argument(
+        "--keepers",
+        action=_BOOL,
+        help="also remove keeper's copies and links from the run's --copy-keepers / "
+        "--link-keepers folder (a copy changed since stays; default off)",
+    )
     _add_pick_run_xmp_arguments(p)
-    _runs_job(p, "unpick", ("run", "dry_run", "xmp", "xmp_naming", "input_root"))
+    _runs_job(p, "unpick", ("run", "dry_run", "keepers", "xmp", "xmp_naming", "input_root"))
 
 
 def add_ab_report_parser(subparsers: SubParsers) -> None:

@@ -27,8 +27,11 @@ reason and the others are done; the exit code is then 1. ``--dry-run`` reads eve
 writes nothing. With ``xmp=mirror`` the mirrored sidecars are where pick wrote (under OUTPUT/xmp,
 or the folder it was given, which may be the library's own), and they are undone the same way.
 The run's tables and contact sheet are not touched: they are the record of what it decided;
-delete the output folder to be rid of them. Copies made by ``--copy-keepers`` are not removed
-either: that folder holds only keeper's copies, and ``rm -r`` is the way to take it back.
+delete the output folder to be rid of them. With ``keepers=true`` (``--keepers``) the run's
+``--copy-keepers`` / ``--link-keepers`` folder is taken back too
+(``handback.remove_keepers_export``): every copy its record names that is still byte for byte
+what keeper wrote, the links to this run's keepers, and the folders that leaves empty; a copy
+changed since, and a file keeper did not put there, stay and are listed.
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ from pydantic import BaseModel, Field
 
 from keeper_core import run_lock, storage
 from keeper_core.corpus import EMBEDDINGS
-from keeper_core.errors import KeeperError
-from keeper_core.handback import XmpRemoval, name_key, remove_from_sidecar
+from keeper_core.errors import ConfigError, KeeperError
+from keeper_core.handback import XmpRemoval, name_key, remove_from_sidecar, remove_keepers_export
 from keeper_core.jpeg_xmp import remove_jpeg_xmp
 from keeper_core.progress import Progress
 from keeper_train.config import job_main
-from keeper_train.jobs.xmp_feedback import PickRunXmp, plan
+from keeper_train.jobs.xmp_feedback import PickRunXmp, _Run, plan, run_input_root
 from keeper_train.table import restamp_written
 
 log = logging.getLogger("keeper.unpick")
@@ -60,6 +63,13 @@ class UnpickConfig(PickRunXmp):
 
     dry_run: bool = Field(
         False, description="read every file and say what would change; write none"
+    )
+    keepers: bool = Field(
+        False,
+        description="also take back the run's --copy-keepers / --link-keepers folder: keeper's "
+        "copies still as it made them (any run's, by its record), the links to this run's "
+        "keepers, and the folders that leaves empty; a copy changed since, and any other "
+        "file, stay",
     )
     io_threads: int = Field(
         16,
@@ -76,6 +86,19 @@ class UnpickFailure(BaseModel):
 
     uri: str
     reason: str
+
+
+class KeepersTaken(BaseModel):
+    """What ``keepers=true`` took back from the run's keepers folder."""
+
+    folder: str
+    removed: int = Field(description="keeper's copies (still as it made them) and links")
+    absent: int = Field(description="recorded or kept, and not there")
+    left: list[UnpickFailure] = Field(
+        default_factory=list, description="files left: changed since, or not keeper's"
+    )
+    folders_removed: int = Field(description="folders the removals left empty")
+    record_problem: str | None = None
 
 
 class UnpickSummary(BaseModel):
@@ -100,11 +123,11 @@ class UnpickSummary(BaseModel):
         description="of the files changed, those where a person's rating or label stays"
     )
     restamped: int = Field(0, description="rows of the run's embedding table given new stamps")
+    keepers: KeepersTaken | None = Field(None, description="with keepers=true: the folder's")
 
 
-def _files(cfg: UnpickConfig) -> tuple[list[tuple[str, bool]], int, int, str, str]:
-    """(uri, is a JPEG) of every file to look at, the photos, the JPEGs, the mode and naming."""
-    r = plan(cfg)
+def _files(cfg: UnpickConfig, r: _Run) -> list[tuple[str, bool]]:
+    """(uri, is a JPEG) of every file to look at."""
     files = [(p.image_uri, True) if p.in_file else (p.sidecar_uri, False) for p in r.plans]
     if r.mode == "embed":
         # pick --xmp embed also updated a sidecar an earlier beside run left by a JPEG, where
@@ -114,8 +137,7 @@ def _files(cfg: UnpickConfig) -> tuple[list[tuple[str, bool]], int, int, str, st
             if p.in_file and name_key(p.sidecar_uri) not in seen:
                 seen.add(name_key(p.sidecar_uri))
                 files.append((p.sidecar_uri, False))
-    jpegs = sum(p.in_file for p in r.plans)
-    return files, len(r.rows["image_id"]), jpegs, r.mode, r.naming
+    return files
 
 
 def run(cfg: UnpickConfig) -> UnpickSummary:
@@ -131,7 +153,14 @@ def run(cfg: UnpickConfig) -> UnpickSummary:
 
 
 def _run(cfg: UnpickConfig) -> UnpickSummary:
-    files, photos, jpegs, mode, naming = _files(cfg)
+    r = plan(cfg)
+    dest = (r.summary.get("outputs") or {}).get("keepers")
+    if cfg.keepers and not isinstance(dest, str):
+        raise ConfigError(
+            f"keepers=true, but {cfg.run} made no keepers folder (pick ran without "
+            "--copy-keepers or --link-keepers)"
+        )
+    files, mode, naming = _files(cfg, r), r.mode, r.naming
     durable = mode != "mirror"  # beside the originals, a sidecar may hold a person's edits
 
     def one(file: tuple[str, bool]) -> XmpRemoval | UnpickFailure:
@@ -162,18 +191,39 @@ def _run(cfg: UnpickConfig) -> UnpickSummary:
             rewritten[uri] = (done.stamp, done.content_id)
     progress.done()
     restamped = _restamp(cfg, rewritten)
+    taken = _take_keepers(cfg, r, dest) if cfg.keepers and isinstance(dest, str) else None
     return UnpickSummary(
         run=cfg.run,
         xmp=mode,
         xmp_naming=naming,
         dry_run=cfg.dry_run,
-        photos=photos,
+        photos=len(r.rows["image_id"]),
         files=len(files),
-        in_jpegs=jpegs,
+        in_jpegs=sum(p.in_file for p in r.plans),
         failed=failed,
         kept_ratings=kept,
         restamped=restamped,
+        keepers=taken,
         **{o: outcomes[o] for o in OUTCOMES},
+    )
+
+
+def _take_keepers(cfg: UnpickConfig, r: _Run, dest: str) -> KeepersTaken:
+    """keepers=true: keeper's copies and links out of the run's keepers folder."""
+    uris = [str(u) for u in r.rows["image_uri"]]
+    keepers = [u for u, d in zip(uris, r.rows["decision"], strict=True) if d == "keep"]
+    done = remove_keepers_export(
+        dest, keepers, input_root=run_input_root(cfg, r.summary, uris), dry_run=cfg.dry_run
+    )
+    for path, why in done.left[:5]:
+        log.warning("%s left as it is: %s", path, why)
+    return KeepersTaken(
+        folder=dest,
+        removed=done.removed,
+        absent=done.absent,
+        left=[UnpickFailure(uri=p, reason=w) for p, w in done.left],
+        folders_removed=done.folders_removed,
+        record_problem=done.record_problem,
     )
 
 
@@ -218,6 +268,16 @@ def describe(s: UnpickSummary) -> str:
         lines.append(f"            ... and {len(s.failed) - 5} more")
     if s.restamped:
         lines.append(f"  table     {s.restamped} rows given the JPEGs' new stamps")
+    if s.keepers is not None:
+        k = s.keepers
+        lines.append(
+            f"  keepers   {k.removed} of keeper's copies and links {would}removed from "
+            f"{k.folder}, {len(k.left)} left, {k.absent} not there"
+            + (f"; {k.folders_removed} emptied folders removed" if k.folders_removed else "")
+        )
+        lines += [f"            {f.uri}: {f.reason}" for f in k.left[:5]]
+        if k.record_problem:
+            lines.append(f"            {k.record_problem}")
     return "\n".join(lines)
 
 

@@ -272,7 +272,7 @@ def _mode(cfg: PickRunXmp, summary: dict[str, Any]) -> str:
     )
 
 
-def _input_root(cfg: PickRunXmp, summary: dict[str, Any], uris: list[str]) -> str:
+def run_input_root(cfg: PickRunXmp, summary: dict[str, Any], uris: list[str]) -> str:
     """The folder pick mirrored from: its input folder, or for a manifest the deepest folder
     holding every input (picked or failed: pick's ``input_root``)."""
     if cfg.input_root is not None:
@@ -312,7 +312,7 @@ def plan(cfg: PickRunXmp) -> _Run:
     row_of = {u: i for i, u in enumerate(uris)}
     if mode == "mirror":
         out_dir = (summary.get("outputs") or {}).get("xmp") or storage.join(cfg.run, "xmp")
-        root = _input_root(cfg, summary, uris)
+        root = run_input_root(cfg, summary, uris)
     else:
         out_dir, root = None, ""
     plans = plan_sidecars(
