@@ -182,3 +182,33 @@ def test_keepers_without_a_keepers_folder_is_an_error(
     assert keeper(["unpick", "--run", str(out), "--keepers"]) == 2
     assert "made no keepers folder" in capsys.readouterr().err
     assert len(list(photos.glob("*.xmp"))) == 8  # nothing done
+
+
+def test_keepers_hard_linked_after_an_embed_run_are_unlinked_first(tmp_path: Path) -> None:
+    """pick --xmp embed --link-keepers: each keeper JPEG has a second name, so its rewrite is
+    refused (the other name would keep the old bytes) unless --keepers takes the links first."""
+    from keeper_core.handback import export_keepers
+
+    out, photos = _embed_run(tmp_path)
+    keepers = [str(photos / n) for n, _, _, d, _ in PHOTOS if d == "keep" and n.endswith(".JPG")]
+    dest = tmp_path / "keepers"
+    export_keepers(keepers, input_root=str(photos), dest=str(dest), mode="hardlink")
+    summary = json.loads((out / "_SUMMARY.json").read_text())
+    summary["outputs"]["keepers"] = str(dest)
+    (out / "_SUMMARY.json").write_text(json.dumps(summary))
+
+    told = run(UnpickConfig(run=str(out), dry_run=True))  # says what the real run will do
+    assert sorted(f.reason.split(":")[0] for f in told.failed) == ["has 2 hard links"] * 2
+    told = run(UnpickConfig(run=str(out), dry_run=True, keepers=True))
+    assert told.failed == []
+    assert told.keepers is not None
+    assert told.keepers.removed == 2
+    assert dest.exists()
+
+    s = run(UnpickConfig(run=str(out), keepers=True))
+
+    assert s.failed == []
+    assert s.keepers is not None
+    assert (s.keepers.removed, s.keepers.left) == (2, [])
+    assert not dest.exists()
+    assert all(read_embedded_xmp(u) is None for u in keepers)

@@ -1476,6 +1476,8 @@ class KeepersRemoval:
     folders_removed: int = 0  # folders the removals left empty, removed (``dest`` included)
     #: why the copies' record could not be read: then no copy is removed
     record_problem: str | None = None
+    #: originals whose hard link in ``dest`` was removed (or, dry, would be)
+    unlinked: list[str] = field(default_factory=list)
 
 
 def remove_keepers_export(
@@ -1506,6 +1508,7 @@ def remove_keepers_export(
     removed, absent = 0, 0
     left: list[tuple[str, str]] = []
     gone: list[str] = []
+    unlinked: list[str] = []
     for rel, (kind, value) in sorted(targets.items()):
         path = storage.join(dest, rel)
         try:
@@ -1518,6 +1521,7 @@ def remove_keepers_export(
         if why is not None:
             left.append((path, why))
             continue
+        hard_link = kind == "link" and not _local(path).is_symlink()
         if not dry_run:
             try:
                 storage.delete(path)
@@ -1526,6 +1530,8 @@ def remove_keepers_export(
                 continue
         removed += 1
         gone.append(rel)
+        if hard_link:
+            unlinked.append(value)
     folders = 0
     if not dry_run:
         keep = {rel: d for rel, d in record.items() if rel not in gone}
@@ -1538,7 +1544,7 @@ def remove_keepers_export(
                 storage.delete(uri)
         if not storage.is_s3(dest):
             folders = _remove_emptied_folders(_local(dest), gone)
-    return KeepersRemoval(removed, absent, left, folders, problem)
+    return KeepersRemoval(removed, absent, left, folders, problem, unlinked)
 
 
 def _why_not_keepers(path: str, kind: str, value: str) -> str | None:

@@ -183,7 +183,7 @@ def write_jpeg_xmp(
     return SidecarWrite(True, merge.kept, stamp, content_digest(old.data, image_uri))
 
 
-def remove_jpeg_xmp(image_uri: str, *, dry_run: bool = False) -> XmpRemoval:
+def remove_jpeg_xmp(image_uri: str, *, dry_run: bool = False, links_going: int = 0) -> XmpRemoval:
     """Take keeper's fields out of the XMP packet inside a local JPEG (``keeper unpick`` after
     ``keeper pick --xmp embed``), by the sidecars' rule (:func:`keeper_core.handback.
     remove_from_packet`): a person's rating or label stays, every other field stays.
@@ -196,7 +196,10 @@ def remove_jpeg_xmp(image_uri: str, *, dry_run: bool = False) -> XmpRemoval:
 
     Args:
         image_uri: a local JPEG.
-        dry_run: change nothing; the outcome says what would happen.
+        dry_run: change nothing; the outcome says what would happen (a file that would be
+            refused is refused).
+        links_going: hard links to the file a dry run of ``keeper unpick --keepers`` would
+            have removed first (``keepers``' own), not counted against it.
 
     Returns:
         ``cleaned``, ``deleted`` (the segment removed), ``untouched`` (no keeper field) or
@@ -229,9 +232,9 @@ def remove_jpeg_xmp(image_uri: str, *, dry_run: bool = False) -> XmpRemoval:
     if not removal.changed:
         return XmpRemoval("untouched")
     outcome: Literal["cleaned", "deleted"] = "deleted" if removal.packet is None else "cleaned"
+    _check_replaceable(old, image_uri, links_going=links_going)
     if dry_run:
         return XmpRemoval(outcome, removal.kept)
-    _check_replaceable(old, image_uri)
     segment = b"" if removal.packet is None else _segment(removal.packet, splice, image_uri)
     new = old.data[: splice.start] + segment + old.data[splice.end :]
     stamp = storage.replace_file(
@@ -264,11 +267,11 @@ def _read_original(uri: str) -> _Original:
     return _Original(path, data, opened)
 
 
-def _check_replaceable(old: _Original, uri: str) -> None:
+def _check_replaceable(old: _Original, uri: str, *, links_going: int = 0) -> None:
     """Refuse a file keeper must not replace; asked only of one whose packet would change, so
     a keeper hard-linked by ``--link-keepers``, or a read-only file, that already holds keeper's
     packet is unchanged, not failed, on a re-run."""
-    if old.st.st_nlink > 1:
+    if old.st.st_nlink - links_going > 1:
         raise DataError(
             f"has {old.st.st_nlink} hard links: replacing it would leave the other names with "
             "the old bytes; left as it is",

@@ -160,6 +160,13 @@ def _run(cfg: UnpickConfig) -> UnpickSummary:
             f"keepers=true, but {cfg.run} made no keepers folder (pick ran without "
             "--copy-keepers or --link-keepers)"
         )
+    # The keepers' links first: a JPEG hard-linked into the keepers folder is refused a rewrite
+    # (its other name would keep the old bytes) until that link is gone.
+    taken, unlinked = (
+        _take_keepers(cfg, r, dest) if cfg.keepers and isinstance(dest, str) else (None, [])
+    )
+    # a dry run removed no link: what it says of the JPEGs is what the real run will do
+    links_going = Counter(unlinked) if cfg.dry_run else Counter[str]()
     files, mode, naming = _files(cfg, r), r.mode, r.naming
     durable = mode != "mirror"  # beside the originals, a sidecar may hold a person's edits
 
@@ -167,7 +174,7 @@ def _run(cfg: UnpickConfig) -> UnpickSummary:
         uri, is_jpeg = file
         try:
             if is_jpeg:
-                return remove_jpeg_xmp(uri, dry_run=cfg.dry_run)
+                return remove_jpeg_xmp(uri, dry_run=cfg.dry_run, links_going=links_going[uri])
             return remove_from_sidecar(uri, durable=durable, dry_run=cfg.dry_run)
         except KeeperError as e:
             return UnpickFailure(uri=uri, reason=str(e).removeprefix(f"{uri}: "))
@@ -191,7 +198,6 @@ def _run(cfg: UnpickConfig) -> UnpickSummary:
             rewritten[uri] = (done.stamp, done.content_id)
     progress.done()
     restamped = _restamp(cfg, rewritten)
-    taken = _take_keepers(cfg, r, dest) if cfg.keepers and isinstance(dest, str) else None
     return UnpickSummary(
         run=cfg.run,
         xmp=mode,
@@ -208,8 +214,9 @@ def _run(cfg: UnpickConfig) -> UnpickSummary:
     )
 
 
-def _take_keepers(cfg: UnpickConfig, r: _Run, dest: str) -> KeepersTaken:
-    """keepers=true: keeper's copies and links out of the run's keepers folder."""
+def _take_keepers(cfg: UnpickConfig, r: _Run, dest: str) -> tuple[KeepersTaken, list[str]]:
+    """keepers=true: keeper's copies and links out of the run's keepers folder; the taken, and
+    the originals whose hard links went."""
     uris = [str(u) for u in r.rows["image_uri"]]
     keepers = [u for u, d in zip(uris, r.rows["decision"], strict=True) if d == "keep"]
     done = remove_keepers_export(
@@ -217,7 +224,7 @@ def _take_keepers(cfg: UnpickConfig, r: _Run, dest: str) -> KeepersTaken:
     )
     for path, why in done.left[:5]:
         log.warning("%s left as it is: %s", path, why)
-    return KeepersTaken(
+    taken = KeepersTaken(
         folder=dest,
         removed=done.removed,
         absent=done.absent,
@@ -225,6 +232,7 @@ def _take_keepers(cfg: UnpickConfig, r: _Run, dest: str) -> KeepersTaken:
         folders_removed=done.folders_removed,
         record_problem=done.record_problem,
     )
+    return taken, done.unlinked
 
 
 def _restamp(cfg: UnpickConfig, rewritten: dict[str, tuple[storage.Stamp, str]]) -> int:
