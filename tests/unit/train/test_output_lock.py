@@ -1,4 +1,4 @@
-"""keeper embed, keeper pick and keeper unpick refuse an output another run is writing (it holds
+"""Every keeper job that writes an output folder refuses one another run is writing (it holds
 OUTPUT/_LOCK.json: keeper_core.run_lock), before any work: exit 2, the holder named, nothing
 written. No Ray: the refusal comes first."""
 
@@ -55,3 +55,28 @@ def test_unpick_waits_for_no_pick_and_leaves_the_sidecars(
     assert keeper(["unpick", "--run", str(out)]) == 0
     assert not list(photos.glob("*.xmp"))
     assert not (out / LOCK_NAME).exists()
+
+
+#: The other writers: argv given the tmp folder, and the folder each one locks.
+WRITERS = {
+    "select": (["select", "--table", "{t}/table", "--queries", "{t}/q.yaml", "--output", "{t}/out"], "out"),
+    "dedup": (["dedup", "--table", "{t}/table", "--output", "{t}/out"], "out"),
+    "index": (["index", "--table", "{t}/table"], "table/index"),
+    "export-embeddings": (["export-embeddings", "--table", "{t}/table", "--output", "{t}/out"], "out"),
+    "feedback-export": (["feedback-export", "--feedback", "{t}/fb", "--output", "{t}/out"], "out"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("verb", list(WRITERS))
+def test_every_writer_refuses_an_output_another_run_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], verb: str
+) -> None:
+    argv, locked = WRITERS[verb]
+    (tmp_path / "q.yaml").write_text("- name: cats\n  positive: [a cat]\n")
+    _held_by_another_host(tmp_path / locked)
+
+    assert keeper([a.format(t=tmp_path) for a in argv]) == 2
+
+    err = capsys.readouterr().err
+    assert f"{tmp_path / locked} is being written by another run: keeper pick" in err
+    assert sorted(p.name for p in (tmp_path / locked).iterdir()) == [LOCK_NAME]

@@ -1,10 +1,12 @@
 """One job at a time per output: a lock file in the output folder, held while a job writes.
 
 ``keeper embed``, ``keeper pick`` and ``keeper unpick`` each read an output, decide, and write it
-back (the embedding table's parts and stamps, the picks, the sidecars). Two runs on one output
-at once (a cron job overlapping the next, a second terminal, a resubmitted Ray job while the
-first still runs) would both embed the same photos into two rows each, or write sidecars from
-two sets of picks. So each holds ``OUTPUT/_LOCK.json`` while it works:
+back (the embedding table's parts and stamps, the picks, the sidecars); ``select``, ``dedup``,
+``index``, ``export-embeddings`` and ``feedback-export`` write folders of their own. Two runs
+on one output at once (a cron job overlapping the next, a second terminal, a resubmitted Ray
+job while the first still runs) would both embed the same photos into two rows each, write
+sidecars from two sets of picks, or grow one index twice. So each holds ``OUTPUT/_LOCK.json``
+while it works:
 
     with holding(cfg.output, job="keeper embed"):
         ...  # plan, embed, write

@@ -41,7 +41,7 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from keeper_core import storage
+from keeper_core import run_lock, storage
 from keeper_core.contact_sheet import (
     SheetSummary,
     thumbnail_jpeg,
@@ -133,6 +133,13 @@ class DedupSummary(BaseModel):
 
 
 def run(cfg: DedupConfig) -> DedupSummary:
+    """``keeper dedup``, holding the output's lock (``run_lock``: one run per output at a time;
+    ``BusyError`` where another holds it)."""
+    with run_lock.holding(cfg.output, job="keeper dedup"):
+        return _run(cfg)
+
+
+def _run(cfg: DedupConfig) -> DedupSummary:
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     df, emb, spec = read_table(cfg.table, cfg.keep_by)

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from keeper_core import storage
+from keeper_core import run_lock, storage
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.errors import ConfigError, DataError
 from keeper_train.config import job_main
@@ -80,6 +80,13 @@ class ExportSummary(BaseModel):
 
 
 def export(cfg: ExportEmbeddingsConfig) -> ExportSummary:
+    """``keeper export-embeddings``, holding the output's lock (``run_lock``: one run per output at a time;
+    ``BusyError`` where another holds it)."""
+    with run_lock.holding(cfg.output, job="keeper export-embeddings"):
+        return _export(cfg)
+
+
+def _export(cfg: ExportEmbeddingsConfig) -> ExportSummary:
     """Write every part of the table as one img_emb/metadata partition pair; then the sidecar.
 
     Raises:

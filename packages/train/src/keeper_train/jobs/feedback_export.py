@@ -51,7 +51,7 @@ import numpy as np
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from keeper_core import storage
+from keeper_core import run_lock, storage
 from keeper_core.embedding import check_same_spec
 from keeper_core.errors import DataError
 from keeper_core.feedback import decisions, read_feedback, read_offers
@@ -524,6 +524,13 @@ def summarise(cfg: FeedbackExportConfig, p: _Plan, series: list[_Series]) -> Fee
 
 
 def run(cfg: FeedbackExportConfig) -> FeedbackExportSummary:
+    """``keeper feedback-export``, holding the output's lock (``run_lock``: one run per output at a time;
+    ``BusyError`` where another holds it)."""
+    with run_lock.holding(cfg.output, job="keeper feedback-export"):
+        return _run(cfg)
+
+
+def _run(cfg: FeedbackExportConfig) -> FeedbackExportSummary:
     """Plan, build the series and pairs, write OUTPUT (``_SUMMARY.json`` last); the summary.
 
     Raises:

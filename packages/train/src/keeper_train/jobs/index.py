@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from keeper_core import storage
+from keeper_core import run_lock, storage
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.errors import ConfigError, DataError, StorageError
 from keeper_core.vector_index import (
@@ -137,6 +137,13 @@ class IndexSummary(BaseModel):
 
 
 def run(cfg: IndexConfig) -> IndexSummary:
+    """``keeper index``, holding the output's lock (``run_lock``: one run per output at a time;
+    ``BusyError`` where another holds it)."""
+    with run_lock.holding(cfg.where(), job="keeper index"):
+        return _run(cfg)
+
+
+def _run(cfg: IndexConfig) -> IndexSummary:
     t0 = time.perf_counter()
     folder = storage.join(cfg.table, EMBEDDINGS)
     parts = list_parts(folder)

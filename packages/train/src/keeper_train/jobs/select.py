@@ -65,7 +65,7 @@ from pydantic import (
     model_validator,
 )
 
-from keeper_core import htmltext, storage
+from keeper_core import htmltext, run_lock, storage
 from keeper_core.cascade import (
     NEUTRAL_PROMPT,
     CascadeConfig,
@@ -1143,6 +1143,13 @@ def _vlm_note(cfg: SelectJobConfig, judged: Judged) -> str:
 
 
 def run(cfg: SelectJobConfig) -> SelectSummary:
+    """``keeper select``, holding the output's lock (``run_lock``: one run per output at a time;
+    ``BusyError`` where another holds it)."""
+    with run_lock.holding(cfg.output, job="keeper select"):
+        return _run(cfg)
+
+
+def _run(cfg: SelectJobConfig) -> SelectSummary:
     """Run ``keeper select``; returns the summary (also written to OUTPUT/_SUMMARY.json)."""
     t_start = time.perf_counter()
     p = plan(cfg)
