@@ -126,7 +126,7 @@ class UnpickSummary(BaseModel):
     keepers: KeepersTaken | None = Field(None, description="with keepers=true: the folder's")
 
 
-def _files(cfg: UnpickConfig, r: _Run) -> list[tuple[str, bool]]:
+def _files(r: _Run) -> list[tuple[str, bool]]:
     """(uri, is a JPEG) of every file to look at."""
     files = [(p.image_uri, True) if p.in_file else (p.sidecar_uri, False) for p in r.plans]
     if r.mode == "embed":
@@ -167,7 +167,7 @@ def _run(cfg: UnpickConfig) -> UnpickSummary:
     )
     # a dry run removed no link: what it says of the JPEGs is what the real run will do
     links_going = Counter(unlinked) if cfg.dry_run else Counter[str]()
-    files, mode, naming = _files(cfg, r), r.mode, r.naming
+    files, mode, naming = _files(r), r.mode, r.naming
     durable = mode != "mirror"  # beside the originals, a sidecar may hold a person's edits
 
     def one(file: tuple[str, bool]) -> XmpRemoval | UnpickFailure:
