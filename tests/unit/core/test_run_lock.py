@@ -29,7 +29,7 @@ def _lock(folder: str) -> dict[str, object]:
     return json.loads(storage.read_bytes(storage.join(folder, LOCK_NAME)))
 
 
-def _foreign(folder: str, *, host: str = "other-host", pid: int = 1) -> None:
+def _foreign(folder: str, *, host: str = "other-host", pid: int = 1, pids: str = "") -> None:
     """A lock another run wrote."""
     body = {
         "keeper_lock": 1,
@@ -37,6 +37,7 @@ def _foreign(folder: str, *, host: str = "other-host", pid: int = 1) -> None:
         "run": "0123456789ab",
         "host": host,
         "pid": pid,
+        "pids": pids,
         "started": "2026-12-07T09:00:00+00:00",
         "renewed": "2026-12-07T09:00:00+00:00",
     }
@@ -81,7 +82,12 @@ def test_held_refused_and_removed(folder: str) -> None:
 def test_a_dead_process_on_this_host_is_taken_over_at_once(
     folder: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _foreign(folder, host=socket.gethostname(), pid=_dead_pid())
+    dead = _dead_pid()
+    # the same host name in another container (another pid namespace): its pid means nothing here
+    _foreign(folder, host=socket.gethostname(), pid=dead, pids="another-boot/4026531999")
+    with pytest.raises(BusyError):
+        acquire(folder, job="keeper embed")
+    _foreign(folder, host=socket.gethostname(), pid=dead, pids=run_lock._process_table())
     with caplog.at_level(logging.WARNING, "keeper.run_lock"):
         lease = acquire(folder, job="keeper embed")
     assert _lock(folder)["run"] == lease.holder.run

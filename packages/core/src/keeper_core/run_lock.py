@@ -74,6 +74,9 @@ class Holder:
     host: str
     pid: int
     started: str  # ISO 8601, UTC
+    #: which process table ``pid`` is in: the boot id and pid namespace (Linux), so a container
+    #: sharing the host's name (``--net=host``) is not taken for this one; "" where unknown
+    pids: str = ""
 
     def describe(self) -> str:
         return (
@@ -140,6 +143,7 @@ def acquire(folder: str, *, job: str, stale_after_s: float = STALE_AFTER_S) -> L
         host=socket.gethostname(),
         pid=os.getpid(),
         started=_now(),
+        pids=_process_table(),
     )
     body = _body(me, renewed=me.started)
     with _HELD_LOCK:  # before the write: another thread here may read the lock at once
@@ -264,13 +268,23 @@ def _dead(other: Holder | None, age: float, stale_after_s: float) -> str | None:
     """Why the lock's holder cannot be alive, or None where it may be."""
     if other is None:
         return None  # not keeper's file: never taken over
-    if other.host == socket.gethostname() and not _alive(other.pid, other.run):
+    here = (other.host, other.pids) == (socket.gethostname(), _process_table())
+    if here and not _alive(other.pid, other.run):
         return f"its process {other.pid} on this host is gone"
     if age > stale_after_s:
         return (
             f"not renewed for {format_seconds(age)} (stale after {format_seconds(stale_after_s)})"
         )
     return None
+
+
+def _process_table() -> str:
+    """This process's boot id and pid namespace, where Linux says (else "")."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
 
 
 def _alive(pid: int, run: str) -> bool:
@@ -338,6 +352,7 @@ def _parse(data: bytes) -> Holder | None:
             host=str(doc["host"]),
             pid=int(doc["pid"]),
             started=str(doc["started"]),
+            pids=str(doc.get("pids", "")),
         )
     except (ValueError, KeyError, TypeError):
         return None
