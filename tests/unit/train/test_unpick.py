@@ -133,7 +133,7 @@ def test_the_command_line_as_the_docs_give_it(
 
 
 def test_a_mirror_is_undone_where_pick_put_it(tmp_path: Path) -> None:
-    """xmp=mirror with the mirror in the library's own folder (out_dir=input_root, as on S3)."""
+    """xmp=mirror: the sidecars under OUTPUT/xmp, undone where they are."""
     out, photos = _write_run(tmp_path)
     for sidecar in photos.glob("*.xmp"):
         sidecar.unlink()
@@ -212,3 +212,34 @@ def test_keepers_hard_linked_after_an_embed_run_are_unlinked_first(tmp_path: Pat
     assert (s.keepers.removed, s.keepers.left) == (2, [])
     assert not dest.exists()
     assert all(read_embedded_xmp(u) is None for u in keepers)
+
+
+def test_a_mirror_into_the_librarys_own_bucket_is_undone(s3_bucket: str, tmp_path: Path) -> None:
+    """A library on S3 whose sidecars pick mirrored into its own prefix (out_dir=input_root),
+    the run's folder in the bucket too: undone there, the run's lock held in the bucket."""
+    import io
+
+    from keeper_core import storage
+    from keeper_core.handback import plan_sidecars, write_sidecar
+
+    local_out, _ = _write_run(tmp_path)
+    photos, out = f"s3://{s3_bucket}/photos", f"s3://{s3_bucket}/culls"
+    picks = pq.read_table(local_out / "picks.parquet").to_pandas()
+    picks["image_uri"] = [f"{photos}/{n}" for n in picks["file_name"]]
+    buf = io.BytesIO()
+    picks.to_parquet(buf)
+    storage.write_bytes(f"{out}/picks.parquet", buf.getvalue())
+    summary = json.loads((local_out / "_SUMMARY.json").read_text())
+    summary.update(input=photos, output=out, xmp="mirror", xmp_root=photos, outputs={"xmp": photos})
+    storage.write_bytes(f"{out}/_SUMMARY.json", json.dumps(summary).encode())
+    uris = picks["image_uri"].tolist()
+    for p in plan_sidecars(uris, input_root=photos, mode="mirror", out_dir=photos):
+        write_sidecar(p.sidecar_uri, rating=3, label=None, keeper_fields={"rank": "1"})
+    storage.write_bytes(f"{photos}/notes.txt", b"a person's file")
+
+    s = run(UnpickConfig(run=out))
+
+    _adds_up(s)
+    assert (s.xmp, s.files, s.deleted, s.failed) == ("mirror", 8, 8, [])
+    assert storage.list_files(photos) == [f"{photos}/notes.txt"]
+    assert not storage.exists(f"{out}/_LOCK.json")
