@@ -71,14 +71,6 @@ class UnpickConfig(PickRunXmp):
         "keepers, and the folders that leaves empty; a copy changed since, and any other "
         "file, stay",
     )
-    io_threads: int = Field(
-        16,
-        ge=1,
-        le=32,  # the S3 client's pool of connections (storage._cached_client)
-        description="files changed at once on S3 or a network file system, or where each write "
-        "is fsynced (beside the originals, in the JPEGs); on local disks without fsync, one at "
-        "a time, which is faster",
-    )
 
 
 class UnpickFailure(BaseModel):

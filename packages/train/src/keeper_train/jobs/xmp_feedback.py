@@ -129,6 +129,14 @@ class PickRunXmp(BaseModel):
         "summary records; else the run's input folder, or for a manifest the deepest folder "
         "holding its photos and failures)",
     )
+    io_threads: int = Field(
+        16,
+        ge=1,
+        le=32,  # the S3 client's pool of connections (storage._cached_client)
+        description="photos and sidecars handled at once on S3 or a network file system, where "
+        "each request is tens of ms, or where each write is fsynced; on local disks otherwise "
+        "one at a time, which is faster there",
+    )
 
 
 class XmpFeedbackConfig(PickRunXmp):
@@ -140,14 +148,6 @@ class XmpFeedbackConfig(PickRunXmp):
         min_length=1,
         max_length=256,
         description="who decided (the events' client): the photographer's name, as on /ui",
-    )
-    io_threads: int = Field(
-        16,
-        ge=1,
-        le=32,  # the S3 client's pool of connections (storage._cached_client)
-        description="photos read at once on S3 or a network file system, where a sidecar's and a "
-        "file's reads are tens of ms each (on local disks they are read one at a time, which is "
-        "faster)",
     )
 
 
