@@ -295,3 +295,18 @@ _FOREIGN_SIDECAR = """<x:xmpmeta xmlns:x="adobe:ns:meta/">
  </rdf:RDF>
 </x:xmpmeta>
 """
+
+
+def test_the_summary_says_how_to_take_back_what_went_into_the_library() -> None:
+    assert "undo" not in pick.format_summary(pick_summary(xmp="mirror"))  # all under OUTPUT
+    beside = pick.format_summary(pick_summary(xmp="beside", output="/o/my culls"))
+    assert "  undo      keeper unpick --run '/o/my culls'" in beside
+    exported = {"exported": 3, "already_there": 0, "updated": 0, "failed": 0}
+    text = pick.format_summary(
+        pick_summary(
+            xmp="mirror",
+            keepers_exported=exported,
+            outputs={"picks_parquet": "/o/p", "contact_sheet": "/o/i", "keepers": "/k"},
+        )
+    )
+    assert "  undo      keeper unpick --run /o --keepers" in text

@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shlex
 import sys
 import threading
 import time
@@ -1329,6 +1330,10 @@ def format_summary(s: PickSummary) -> str:
         f"  sheet     {s.outputs['contact_sheet']}",
         "  seconds   " + "  ".join(f"{k} {v:.1f}" for k, v in s.seconds.items()),
     ]
+    # What went outside OUTPUT (into the library, or a keepers folder) can be taken back.
+    keepers = " --keepers" if s.keepers_exported is not None else ""
+    if s.xmp in ("beside", "embed") or keepers:
+        lines.append(f"  undo      keeper unpick --run {shlex.quote(s.output)}{keepers}")
     if s.zero_shot:
         lines.append("  NOTE      zero-shot rule: no trained ranker was used")
     if s.random_weights:
