@@ -257,7 +257,7 @@ def describe(s: UnpickSummary) -> str:
         f"  files     {s.files} for {s.photos} photos"
         + (f" ({s.in_jpegs} of them JPEGs holding pick's XMP)" if s.in_jpegs else ""),
         f"  cleaned   {s.cleaned} {would}rewritten without keeper's fields, the rest kept"
-        + (f" ({s.kept_ratings} keep a person's rating or label)" if s.kept_ratings else ""),
+        + (f" ({s.kept_ratings} with a person's rating or label left)" if s.kept_ratings else ""),
         f"  deleted   {s.deleted} {would}removed: nothing but keeper's fields in them (sidecars; "
         "a JPEG's XMP segment)",
         f"  untouched {s.untouched} without keeper's fields, {s.absent} not there",
