@@ -87,14 +87,15 @@ def test_an_embed_run_gives_the_jpegs_back_as_they_were(tmp_path: Path) -> None:
     originals = {n: camera_jpeg(seed=i) for i, (n, *_) in enumerate(PHOTOS) if n.endswith(".JPG")}
     _give_the_table_content_ids(out, photos)
     set_rating_as_a_tool_does(str(photos / "IMG_5.JPG"), 4)  # a person's 4 in Lightroom
+    (photos / "IMG_8.xmp").unlink()  # a JPEG without an earlier sidecar: nothing to count
 
     s = run(UnpickConfig(run=str(out)))
 
     _adds_up(s)
-    # 7 JPEGs, the RAW's sidecar, and the 7 sidecars an earlier beside run left by the JPEGs,
+    # 7 JPEGs, the RAW's sidecar, and the 6 sidecars an earlier beside run left by the JPEGs,
     # which pick updated too: all keeper's but IMG_6's, where a person's 2 stays
-    assert (s.xmp, s.files, s.in_jpegs) == ("embed", 15, 7)
-    assert (s.deleted, s.cleaned, s.absent, s.failed, s.kept_ratings) == (13, 2, 0, [], 2)
+    assert (s.xmp, s.files, s.in_jpegs) == ("embed", 14, 7)
+    assert (s.deleted, s.cleaned, s.absent, s.failed, s.kept_ratings) == (12, 2, 0, [], 2)
     for name, photo in originals.items():
         if name in ("IMG_1.JPG", "IMG_5.JPG"):  # the RAW's pair was not written; a tool wrote
             continue

@@ -102,7 +102,10 @@ class UnpickSummary(BaseModel):
     xmp_naming: str
     dry_run: bool
     photos: int = Field(description="rows of picks.parquet")
-    files: int = Field(description="sidecars and JPEGs looked at")
+    files: int = Field(
+        description="the run's sidecars and JPEGs (with xmp=embed also each sidecar an earlier "
+        "beside run left by a JPEG, where there is one)"
+    )
     in_jpegs: int = Field(0, description="of the files, JPEGs whose own XMP pick wrote (embed)")
     cleaned: int = Field(description="keeper's fields removed, the rest of the file kept")
     deleted: int = Field(
@@ -118,9 +121,11 @@ class UnpickSummary(BaseModel):
     keepers: KeepersTaken | None = Field(None, description="with keepers=true: the folder's")
 
 
-def _files(r: _Run) -> list[tuple[str, bool]]:
-    """(uri, is a JPEG) of every file to look at."""
-    files = [(p.image_uri, True) if p.in_file else (p.sidecar_uri, False) for p in r.plans]
+def _files(r: _Run) -> list[tuple[str, bool, bool]]:
+    """(uri, is a JPEG, counted only where it is there) of every file to look at."""
+    files = [
+        (p.image_uri, True, False) if p.in_file else (p.sidecar_uri, False, False) for p in r.plans
+    ]
     if r.mode == "embed":
         # pick --xmp embed also updated a sidecar an earlier beside run left by a JPEG, where
         # no plan of its own owns that name
@@ -128,7 +133,7 @@ def _files(r: _Run) -> list[tuple[str, bool]]:
         for p in r.plans:
             if p.in_file and name_key(p.sidecar_uri) not in seen:
                 seen.add(name_key(p.sidecar_uri))
-                files.append((p.sidecar_uri, False))
+                files.append((p.sidecar_uri, False, True))  # most JPEGs have none
     return files
 
 
@@ -162,8 +167,8 @@ def _run(cfg: UnpickConfig) -> UnpickSummary:
     files, mode, naming = _files(r), r.mode, r.naming
     durable = mode != "mirror"  # beside the originals, a sidecar may hold a person's edits
 
-    def one(file: tuple[str, bool]) -> XmpRemoval | UnpickFailure:
-        uri, is_jpeg = file
+    def one(file: tuple[str, bool, bool]) -> XmpRemoval | UnpickFailure:
+        uri, is_jpeg, _ = file
         try:
             if is_jpeg:
                 return remove_jpeg_xmp(uri, dry_run=cfg.dry_run, links_going=links_going[uri])
@@ -171,15 +176,21 @@ def _run(cfg: UnpickConfig) -> UnpickSummary:
         except KeeperError as e:
             return UnpickFailure(uri=uri, reason=str(e).removeprefix(f"{uri}: "))
 
-    uris = [u for u, _ in files]
+    uris = [u for u, _, _ in files]
     threads = storage.io_threads_for(uris, cfg.io_threads, fsync=durable and not cfg.dry_run)
     outcomes: Counter[str] = Counter()
     failed: list[UnpickFailure] = []
     kept = 0
     rewritten: dict[str, tuple[storage.Stamp, str]] = {}
     progress = Progress("files", len(files), log)
-    for (uri, _), done in zip(files, storage.map_in_threads(one, files, threads), strict=True):
+    looked_at = len(files)
+    for (uri, _, if_there), done in zip(
+        files, storage.map_in_threads(one, files, threads), strict=True
+    ):
         progress.step()
+        if if_there and isinstance(done, XmpRemoval) and done.outcome == "absent":
+            looked_at -= 1
+            continue
         if isinstance(done, UnpickFailure):
             log.warning("%s left as it is: %s", uri, done.reason)
             failed.append(done)
@@ -196,7 +207,7 @@ def _run(cfg: UnpickConfig) -> UnpickSummary:
         xmp_naming=naming,
         dry_run=cfg.dry_run,
         photos=len(r.rows["image_id"]),
-        files=len(files),
+        files=looked_at,
         in_jpegs=sum(p.in_file for p in r.plans),
         failed=failed,
         kept_ratings=kept,
