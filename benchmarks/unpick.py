@@ -43,7 +43,7 @@ from embed import machine_info, write_record
 from sidecar_io import picks_frame, threads_as_given
 from xmp_embed import camera_jpeg
 
-from keeper_core.handback import read_sidecar
+from keeper_core.handback import parse_xmp_packet, read_sidecar
 from keeper_core.quality import FEATURE_NAMES
 from keeper_train.jobs import pick
 from keeper_train.jobs.unpick import UnpickConfig, UnpickSummary, run
@@ -63,14 +63,12 @@ def run_folder(out: Path, photos: Path, picks: pd.DataFrame, mode: str) -> None:
     (out / "_SUMMARY.json").write_text(json.dumps({**summary, "xmp_naming": "basename"}))
 
 
-def one(src: Path, work: Path, mode: str, threads: int) -> dict[str, Any]:
-    """Write, unpick, unpick again on a fresh copy of ``src``; seconds and the checks."""
+def one(src: Path, names: list[str], work: Path, mode: str, threads: int) -> dict[str, Any]:
+    """Write, unpick, unpick again on a fresh copy of ``src`` (photos ``names``); seconds and
+    the checks."""
     photos = work / "photos"
     shutil.copytree(src, photos)
     before = {p.name: p.read_bytes() for p in photos.iterdir()}
-    names = sorted(p.name for p in photos.glob("*.JPG")) or json.loads(
-        (src.parent / "names.json").read_text()
-    )
     picks = picks_frame([str(photos / n) for n in names])
     out = work / "out"
     cfg = pick.PickJobConfig(input=str(photos), output=str(out), xmp=mode, io_threads=threads)
@@ -118,31 +116,26 @@ def check(
     for name, data in before.items():
         if name.endswith(".JPG") and now[name].read_bytes() != data:
             problems.append(f"{name} is not the file it was")
-        elif name.endswith(".xmp") and read_sidecar(str(now[name])) != read_sidecar_bytes(data):
+        elif name.endswith(".xmp") and read_sidecar(str(now[name])) != parse_xmp_packet(data, name):
             problems.append(f"{name} does not hold its fields as before")
     return problems[:10]
 
 
-def read_sidecar_bytes(data: bytes) -> dict[str, Any]:
-    from keeper_core.handback import parse_xmp_packet
-
-    return parse_xmp_packet(data, "before.xmp")
-
-
-def library(work: Path, args: argparse.Namespace) -> dict[str, Path]:
-    """The two source folders: JPEGs (embed), and RAW names with some Lightroom sidecars."""
+def library(work: Path, args: argparse.Namespace) -> dict[str, tuple[Path, list[str]]]:
+    """Each mode's source folder and photo names: JPEGs (embed), and RAW names, never written,
+    with some Lightroom sidecars (beside)."""
     jpegs = work / "jpegs" / "src"
     jpegs.mkdir(parents=True)
-    for i in range(args.jpegs):
-        (jpegs / f"IMG_{i:04d}.JPG").write_bytes(camera_jpeg(i, args.megapixels, args.quality))
+    jpeg_names = [f"IMG_{i:04d}.JPG" for i in range(args.jpegs)]
+    for i, name in enumerate(jpeg_names):
+        (jpegs / name).write_bytes(camera_jpeg(i, args.megapixels, args.quality))
     raws = work / "raws" / "src"
     raws.mkdir(parents=True)
-    names = [f"IMG_{i:06d}.CR2" for i in range(args.sidecars)]
-    (raws.parent / "names.json").write_text(json.dumps(names))
-    for i, name in enumerate(names):
+    raw_names = [f"IMG_{i:06d}.CR2" for i in range(args.sidecars)]
+    for i, name in enumerate(raw_names):
         if i % args.merged_every == 0:
             (raws / name.replace(".CR2", ".xmp")).write_bytes(lightroom_packet())
-    return {"embed": jpegs, "beside": raws}
+    return {"embed": (jpegs, jpeg_names), "beside": (raws, raw_names)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="keeper-unpick-", dir=args.work_dir) as tmp:
         srcs = library(Path(tmp), args)
         for t in threads:
-            for mode, src in srcs.items():
-                runs = [one(src, src.parent / f"run-{t}-{r}", mode, t) for r in range(args.repeats)]
+            for mode, (src, names) in srcs.items():
+                runs = [
+                    one(src, names, src.parent / f"run-{t}-{r}", mode, t)
+                    for r in range(args.repeats)
+                ]
                 for r in runs:
                     problems += [f"{mode}, {t} threads: {p}" for p in r["problems"]]
                 best = {

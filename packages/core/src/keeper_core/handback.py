@@ -1512,13 +1512,13 @@ def remove_keepers_export(
     for rel, (kind, value) in sorted(targets.items()):
         path = storage.join(dest, rel)
         try:
-            why = _why_not_keepers(path, kind, value)
+            verdict, why = _keepers_file(path, kind, value)
         except (StorageError, OSError) as e:
-            why = f"cannot be looked at: {e}"
-        if why == "absent":
+            verdict, why = "left", f"cannot be looked at: {e}"
+        if verdict == "absent":
             absent += 1
             continue
-        if why is not None:
+        if verdict == "left":
             left.append((path, why))
             continue
         hard_link = kind == "link" and not _local(path).is_symlink()
@@ -1547,25 +1547,27 @@ def remove_keepers_export(
     return KeepersRemoval(removed, absent, left, folders, problem, unlinked)
 
 
-def _why_not_keepers(path: str, kind: str, value: str) -> str | None:
-    """None where ``path`` is keeper's copy (``kind="copy"``, ``value`` its sha256) or link
-    (``kind="link"``, ``value`` the original) as it made it; "absent"; else why it stays."""
+def _keepers_file(
+    path: str, kind: str, value: str
+) -> tuple[Literal["keepers", "absent", "left"], str]:
+    """Whether ``path`` is keeper's copy (``kind="copy"``, ``value`` its sha256) or link
+    (``kind="link"``, ``value`` the original) as it made it, is not there, or is left (why)."""
     if kind == "copy":
-        if not storage.exists(path):
-            return "absent"
         if _still_keepers_copy(path, value):
-            return None
-        return "changed since keeper copied it (or not a file): left"
+            return "keepers", ""
+        if not storage.exists(path):
+            return "absent", ""
+        return "left", "changed since keeper copied it (or not a file): left"
     p, original = _local(path), _local(value)
     if not os.path.lexists(p):
-        return "absent"
+        return "absent", ""
     if p.is_symlink():
         if os.path.realpath(p) == os.path.realpath(original):
-            return None
-        return "a symlink to another file: not keeper's link, left"
+            return "keepers", ""
+        return "left", "a symlink to another file: not keeper's link, left"
     if p.is_file() and original.exists() and os.path.samefile(p, original):
-        return None  # a hard link: the original keeps its own name
-    return "not a link to the original: keeper did not put it there, left"
+        return "keepers", ""  # a hard link: the original keeps its own name
+    return "left", "not a link to the original: keeper did not put it there, left"
 
 
 def _remove_emptied_folders(dest: Path, removed: Sequence[str]) -> int:
@@ -1587,10 +1589,9 @@ def _remove_emptied_folders(dest: Path, removed: Sequence[str]) -> int:
 
 
 def _still_keepers_copy(uri: str, digest: str) -> bool:
-    """Whether ``uri`` still holds the copy keeper recorded (read whole, hashed)."""
+    """Whether ``uri`` still holds the copy keeper recorded (read whole, hashed); a missing one
+    does not."""
     try:
-        if not storage.exists(uri):
-            return False
         if storage.is_s3(uri):
             return hashlib.sha256(storage.read_bytes(uri)).hexdigest() == digest
         path = _local(uri)

@@ -40,6 +40,7 @@ import logging
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -200,7 +201,7 @@ def _run(cfg: UnpickConfig) -> UnpickSummary:
         if done.stamp is not None and done.content_id is not None:
             rewritten[uri] = (done.stamp, done.content_id)
     progress.done()
-    restamped = _restamp(cfg, rewritten)
+    restamped = _restamp(r.summary, rewritten)
     return UnpickSummary(
         run=cfg.run,
         xmp=mode,
@@ -238,19 +239,14 @@ def _take_keepers(cfg: UnpickConfig, r: _Run, dest: str) -> tuple[KeepersTaken, 
     return taken, done.unlinked
 
 
-def _restamp(cfg: UnpickConfig, rewritten: dict[str, tuple[storage.Stamp, str]]) -> int:
+def _restamp(summary: dict[str, Any], rewritten: dict[str, tuple[storage.Stamp, str]]) -> int:
     """Give the rows of the JPEGs rewritten their new stamps in the run's embedding table (as
     pick does after writing into them); a table that is gone or unreadable is only logged."""
     if not rewritten:
         return 0
-    import json
-
-    from keeper_train.jobs.xmp_feedback import SUMMARY
-
     try:
-        table = json.loads(storage.read_bytes(storage.join(cfg.run, SUMMARY)))["table"]
-        return restamp_written(storage.join(str(table), EMBEDDINGS), rewritten)
-    except (KeeperError, KeyError, TypeError, ValueError) as e:
+        return restamp_written(storage.join(str(summary["table"]), EMBEDDINGS), rewritten)
+    except (KeeperError, KeyError) as e:
         log.warning(
             "the run's embedding table was not restamped (%s): the next keeper pick reads the "
             "%d JPEGs changed again, and finds them unchanged",
