@@ -8,9 +8,11 @@ import ast
 import importlib
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from keeper_core.cli import build_parser
 from keeper_core.errors import ConfigError
@@ -42,6 +44,64 @@ def subparser(name: str) -> argparse.ArgumentParser:
     return sub.choices[name]
 
 
+def overrides_of(argv: list[str]) -> list[str]:
+    """The ``key=value`` overrides ``keeper ARGV`` hands its job (--config and --json left out)."""
+    parser = subparser(argv[0])
+    skip = ("config", "json", "overrides", *{"pick": commands.PICK_NESTED}.get(argv[0], {}))
+    return commands.as_overrides(
+        commands.given(parser.parse_args(argv[1:]), commands.dests(parser, skip=skip))
+    )
+
+
+# keeper COMMAND -> (the module its flags go to as key=value overrides, its config class)
+JOB_CONFIGS = {
+    "embed": ("embed", "EmbedConfig"),
+    "train-head": ("train_head", "TrainHeadConfig"),
+    "finetune": ("finetune", "FinetuneConfig"),
+    "pick": ("pick", "PickJobConfig"),
+    "select": ("select", "SelectJobConfig"),
+    "index": ("index", "IndexConfig"),
+    "dedup": ("dedup", "DedupConfig"),
+    "export-embeddings": ("export_embeddings", "ExportEmbeddingsConfig"),
+    "feedback-export": ("feedback_export", "FeedbackExportConfig"),
+    "feedback-from-xmp": ("xmp_feedback", "XmpFeedbackConfig"),
+    "unpick": ("unpick", "UnpickConfig"),
+    "ab-report": ("ab_report", "ABReportConfig"),
+}
+
+
+def _field(model: type[BaseModel], dotted: str) -> bool:
+    name, _, rest = dotted.partition(".")
+    for field_name, field in model.model_fields.items():
+        if name in (field_name, field.alias):
+            kinds = typing.get_args(field.annotation) or (field.annotation,)  # X | None: X
+            models = [k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)]
+            return not rest or any(_field(m, rest) for m in models)
+    return False
+
+
+@pytest.mark.parametrize("name", sorted(JOB_CONFIGS))
+def test_every_flag_of_a_job_command_is_a_field_of_its_config(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Each flag goes to the job as the override of the field of its name (or the dotted one
+    a command names): a flag whose field the config lacks would fail only when typed."""
+    module_name, config_name = JOB_CONFIGS[name]
+    module = importlib.import_module(f"keeper_train.jobs.{module_name}")
+    seen: list[list[str]] = []
+    monkeypatch.setattr(module, "main", lambda a: seen.append(list(a)) or 0)
+    parser = subparser(name)
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "config", "json"):
+            continue
+        value = "true" if action.nargs == 0 else str((action.choices or ["1"])[0])
+        flag = action.option_strings[0]
+        args = parser.parse_args([flag] if action.nargs == 0 else [flag, value])
+        args.func(args)
+        (key,) = (w.partition("=")[0] for w in seen.pop() if "=" in w)
+        assert _field(getattr(module, config_name), key), f"keeper {name} {flag} -> {key}"
+
+
 @pytest.mark.parametrize("name", OURS)
 def test_every_flag_has_help_and_defaults_to_not_given(name: str) -> None:
     for action in subparser(name)._actions:
@@ -58,15 +118,13 @@ def test_embed_with_only_a_config_passes_no_override(tmp_path: Path) -> None:
     # The bug: --model defaulted to keeper-tiny:random and always overrode the YAML's model.
     cfg = tmp_path / "embed.yaml"
     cfg.write_text("input: photos/\noutput: emb/\nmodel: keeper-tiny:/w/tiny.safetensors\n")
-    args = build_parser().parse_args(["embed", "--config", str(cfg)])
-    overrides = commands.as_overrides(commands.given(args, commands.EMBED_FLAGS))
+    overrides = overrides_of(["embed", "--config", str(cfg)])
     assert overrides == []
     assert load_config(EmbedConfig, cfg, overrides).model == "keeper-tiny:/w/tiny.safetensors"
 
     # A flag typed does win, and the rest of the file stays.
-    args = build_parser().parse_args(["embed", "--config", str(cfg), "--model", "keeper-tiny"])
     got = load_config(
-        EmbedConfig, cfg, commands.as_overrides(commands.given(args, commands.EMBED_FLAGS))
+        EmbedConfig, cfg, overrides_of(["embed", "--config", str(cfg), "--model", "keeper-tiny"])
     )
     assert (got.model, got.input, got.output) == ("keeper-tiny:random", "photos/", "emb/")
 
@@ -75,33 +133,23 @@ def test_embed_input_and_output_come_from_the_config_or_are_named(tmp_path: Path
     args = build_parser().parse_args(["embed"])  # no longer an argparse error
     assert (args.input, args.output) == (None, None)
     with pytest.raises(ConfigError, match=r"input: Field required; output: Field required"):
-        load_config(
-            EmbedConfig, None, commands.as_overrides(commands.given(args, commands.EMBED_FLAGS))
-        )
+        load_config(EmbedConfig, None, overrides_of(["embed"]))
 
 
 def test_prune_flags_reach_embed_and_pick() -> None:
     from keeper_train.jobs.pick import PickJobConfig
 
-    args = build_parser().parse_args(
-        ["embed", "--input", "p/", "--output", "e/", "--prune", "--max-prune-fraction", "1"]
-    )
-    got = load_config(
-        EmbedConfig, None, commands.as_overrides(commands.given(args, commands.EMBED_FLAGS))
-    )
+    argv = ["embed", "--input", "p/", "--output", "e/", "--prune", "--max-prune-fraction", "1"]
+    got = load_config(EmbedConfig, None, overrides_of(argv))
     assert (got.prune, got.max_prune_fraction) == (True, 1.0)
-    args = build_parser().parse_args(["pick", "--input", "p/", "--output", "o/", "--prune"])
-    pick = load_config(
-        PickJobConfig, None, commands.as_overrides(commands.given(args, commands.PICK_FLAGS))
-    )
-    assert pick.prune is True
+    argv = ["pick", "--input", "p/", "--output", "o/", "--prune"]
+    assert load_config(PickJobConfig, None, overrides_of(argv)).prune is True
 
 
 def test_train_head_flags_map_onto_the_config(tmp_path: Path) -> None:
     cfg = tmp_path / "th.yaml"
     cfg.write_text("embeddings: e/\nseries: s.csv\nepochs: 7\nuse_gpu: true\nregister: r\n")
-    args = build_parser().parse_args(["train-head", "--config", str(cfg), "--no-use-gpu"])
-    overrides = commands.as_overrides(commands.given(args, commands.TRAIN_HEAD_FLAGS))
+    overrides = overrides_of(["train-head", "--config", str(cfg), "--no-use-gpu"])
     assert overrides == ["use_gpu=false"]
     got = load_config(TrainHeadConfig, cfg, overrides)
     assert (got.embeddings, got.series, got.epochs, got.use_gpu) == ("e/", "s.csv", 7, False)

@@ -27,6 +27,14 @@ def given(args: argparse.Namespace, keys: Iterable[str]) -> dict[str, Any]:
     return {k: v for k in keys if (v := getattr(args, k)) is not None}
 
 
+def dests(p: argparse.ArgumentParser, *, skip: Iterable[str] = ()) -> tuple[str, ...]:
+    """The destination names of every argument ``p`` takes, in order, less ``skip`` (and
+    ``--help``): the one list of a command's flags, so a flag added to the parser reaches the
+    job without being named a second time."""
+    out = (a.dest for a in p._actions if not isinstance(a, argparse._HelpAction))
+    return tuple(d for d in out if d not in {*skip})
+
+
 def as_overrides(values: dict[str, Any]) -> list[str]:
     """Flags as a job's ``key=value`` overrides, each value written as the YAML scalar it is.
 
@@ -57,17 +65,18 @@ def validated(model: type[C], values: dict[str, Any]) -> C:
 def _runs_job(
     p: argparse.ArgumentParser,
     job: str,
-    flags: Iterable[str],
     nested: dict[str, str] | None = None,
     *,
     overrides: str = "any other field as key=value",
 ) -> None:
     """Ends ``p``: its ``key=value`` overrides, and what it runs: ``keeper_train.jobs.<job>``'s
-    ``main`` with ``--config`` (and ``--json``) when given, then the ``flags`` given as
-    overrides (``nested`` names a flag's dotted field, ``max_gap_s`` -> ``grouping.max_gap_s``),
-    then the overrides typed, which win."""
+    ``main`` with ``--config`` (and ``--json``) when given, then every other flag of ``p`` that
+    was given, as an override of the config field of its name (``nested`` names a flag's dotted
+    field instead, ``max_gap_s`` -> ``grouping.max_gap_s``), then the overrides typed, which
+    win."""
+    dotted = nested or {}
+    keys = dests(p, skip=("config", "json", *dotted))
     p.add_argument("overrides", nargs="*", help=overrides)
-    keys, dotted = tuple(flags), nested or {}
 
     def run(args: argparse.Namespace) -> int:
         module = importlib.import_module(f"keeper_train.jobs.{job}")
@@ -96,23 +105,6 @@ def _add_training_run_arguments(p: argparse.ArgumentParser, use_gpu: str) -> Non
 
 # --------------------------------------------------------------------------------------------
 # keeper embed, keeper train-head: flags become key=value overrides of the job's YAML config
-
-EMBED_FLAGS = (
-    "input",
-    "output",
-    "model",
-    "batch_size",
-    "concurrency",
-    "num_gpus_per_worker",
-    "decode",
-    "decode_placement",
-    "max_failure_fraction",
-    "retry_errors",
-    "prune",
-    "max_prune_fraction",
-    "find_copies",
-    "ray_address",
-)
 
 
 def add_embed_parser(subparsers: SubParsers) -> None:
@@ -164,28 +156,7 @@ def add_embed_parser(subparsers: SubParsers) -> None:
         "whose size another has; --no-find-copies for a corpus known to hold none",
     )
     p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
-    _runs_job(p, "embed", EMBED_FLAGS, overrides="any other EmbedConfig field as key=value")
-
-
-TRAIN_HEAD_FLAGS = (
-    "embeddings",
-    "series",
-    "head",
-    "features",
-    "loss",
-    "epochs",
-    "lr",
-    "batch_size",
-    "seed",
-    "split_by",
-    "num_workers",
-    "use_gpu",
-    "storage",
-    "experiment",
-    "register",
-    "tracking_uri",
-    "ray_address",
-)
+    _runs_job(p, "embed", overrides="any other EmbedConfig field as key=value")
 
 
 def add_train_head_parser(subparsers: SubParsers) -> None:
@@ -210,40 +181,7 @@ def add_train_head_parser(subparsers: SubParsers) -> None:
     p.add_argument("--lr", type=float, help="learning rate (AdamW)")
     p.add_argument("--batch-size", type=int, help="series per batch per worker")
     _add_training_run_arguments(p, use_gpu="one GPU per worker")
-    _runs_job(
-        p, "train_head", TRAIN_HEAD_FLAGS, overrides="any other TrainHeadConfig field as key=value"
-    )
-
-
-FINETUNE_FLAGS = (
-    "series",
-    "model",
-    "method",
-    "rank",
-    "alpha",
-    "lora_dropout",
-    "lora_blocks",
-    "unfreeze_blocks",
-    "head",
-    "features",
-    "lr_backbone",
-    "lr_lora",
-    "lr_head",
-    "weight_decay",
-    "warmup_epochs",
-    "epochs",
-    "grad_accum",
-    "batch_size",
-    "seed",
-    "split_by",
-    "num_workers",
-    "use_gpu",
-    "storage",
-    "experiment",
-    "register",
-    "tracking_uri",
-    "ray_address",
-)
+    _runs_job(p, "train_head", overrides="any other TrainHeadConfig field as key=value")
 
 
 def add_finetune_parser(subparsers: SubParsers) -> None:
@@ -279,12 +217,7 @@ def add_finetune_parser(subparsers: SubParsers) -> None:
     p.add_argument("--grad-accum", type=int, help="batches per optimizer step")
     p.add_argument("--batch-size", type=int, help="series per batch per worker")
     _add_training_run_arguments(p, use_gpu="one GPU per worker (bf16 autocast)")
-    _runs_job(
-        p, "finetune", FINETUNE_FLAGS, overrides="any other FinetuneConfig field as key=value"
-    )
-
-
-EXPORT_FLAGS = ("model", "output", "merge", "tracking_uri", "data_dir")
+    _runs_job(p, "finetune", overrides="any other FinetuneConfig field as key=value")
 
 
 def _is_override(arg: str) -> bool:
@@ -348,7 +281,7 @@ def add_export_parser(subparsers: SubParsers) -> None:
         from keeper_train.jobs import export
 
         args.model, overrides = _split_words(args.words)
-        flags = as_overrides(given(args, EXPORT_FLAGS))
+        flags = as_overrides(given(args, ("model", *dests(p, skip=("config", "words")))))
         cfg = load_config(export.ExportConfig, args.config, [*flags, *overrides])
         print(export.format_result(export.run(cfg)))
         return 0
@@ -369,7 +302,7 @@ def add_export_embeddings_parser(subparsers: SubParsers) -> None:
     p.add_argument("--output", help="folder or s3:// prefix to write (required)")
     p.add_argument("--format", choices=["clip-retrieval"], help="layout (default clip-retrieval)")
     p.add_argument("--dtype", choices=["float16", "float32"], help="default float16")
-    _runs_job(p, "export_embeddings", ("table", "output", "format", "dtype"))
+    _runs_job(p, "export_embeddings")
 
 
 def add_index_parser(subparsers: SubParsers) -> None:
@@ -385,8 +318,7 @@ def add_index_parser(subparsers: SubParsers) -> None:
     p.add_argument("--output", help="where the index goes (default TABLE/index)")
     p.add_argument("--backend", choices=["auto", "exact", "faiss", "usearch"], help="default auto")
     p.add_argument("--rebuild", action=_BOOL, help="build anew instead of adding")
-    keys = ("table", "output", "backend", "rebuild")
-    _runs_job(p, "index", keys, overrides="any other IndexConfig field as key=value")
+    _runs_job(p, "index", overrides="any other IndexConfig field as key=value")
 
 
 def add_dedup_parser(subparsers: SubParsers) -> None:
@@ -404,8 +336,7 @@ def add_dedup_parser(subparsers: SubParsers) -> None:
     p.add_argument("--index", help="a keeper index of the table (default: built in memory)")
     p.add_argument("--similarity", type=float, help="cosine threshold (default 0.98)")
     p.add_argument("--keep-by", help="numeric column (default sharpness) or pixels")
-    keys = ("table", "output", "index", "similarity", "keep_by")
-    _runs_job(p, "dedup", keys, overrides="any other DedupConfig field as key=value")
+    _runs_job(p, "dedup", overrides="any other DedupConfig field as key=value")
 
 
 REFERENCE_NESTED = {
@@ -463,7 +394,7 @@ def add_reference_parser(subparsers: SubParsers) -> None:
 
         args.name, overrides = _split_words(args.words)
         argv = ["--config", args.config] if args.config else []
-        values = given(args, ("name", "input", "root", "model", "description", "ray_address"))
+        values = given(args, ("name", *dests(add, skip=("words", "config", *REFERENCE_NESTED))))
         values.update({REFERENCE_NESTED[k]: v for k, v in given(args, REFERENCE_NESTED).items()})
         return reference.main([*argv, *as_overrides(values), *overrides])
 
@@ -514,10 +445,7 @@ def add_feedback_export_parser(subparsers: SubParsers) -> None:
     p.add_argument(
         "--pairs", action=_BOOL, help="accepted-vs-rejected pairs from groups with no keeper"
     )
-    keys = ("feedback", "output", "pairs")
-    _runs_job(
-        p, "feedback_export", keys, overrides="any other field as key=value, e.g. since=2026-06-01"
-    )
+    _runs_job(p, "feedback_export", overrides="any other field as key=value, e.g. since=2026-06-01")
 
 
 def _add_pick_run_xmp_arguments(p: argparse.ArgumentParser) -> None:
@@ -551,7 +479,7 @@ def add_feedback_from_xmp_parser(subparsers: SubParsers) -> None:
     p.add_argument("--feedback", help="feedback root to write: ROOT/events, ROOT/offers (required)")
     p.add_argument("--client", help="who decided, as the events name them (default xmp)")
     _add_pick_run_xmp_arguments(p)
-    _runs_job(p, "xmp_feedback", ("run", "feedback", "client", "xmp", "xmp_naming", "input_root"))
+    _runs_job(p, "xmp_feedback")
 
 
 def add_unpick_parser(subparsers: SubParsers) -> None:
@@ -578,7 +506,7 @@ def add_unpick_parser(subparsers: SubParsers) -> None:
         "--link-keepers folder (a copy changed since stays; default off)",
     )
     _add_pick_run_xmp_arguments(p)
-    _runs_job(p, "unpick", ("run", "dry_run", "keepers", "xmp", "xmp_naming", "input_root"))
+    _runs_job(p, "unpick")
 
 
 def add_ab_report_parser(subparsers: SubParsers) -> None:
@@ -596,7 +524,7 @@ def add_ab_report_parser(subparsers: SubParsers) -> None:
     p.add_argument("--until", help="only answers offered before this ISO 8601 time")
     p.add_argument("--confidence", type=float, help="coverage of every interval (default 0.95)")
     p.add_argument("--json-out", help="also write the report here (path or s3://)")
-    _runs_job(p, "ab_report", ("feedback", "since", "until", "confidence", "json_out"))
+    _runs_job(p, "ab_report")
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,9 +553,7 @@ def add_demo_parser(subparsers: SubParsers) -> None:
     def run(args: argparse.Namespace) -> int:
         from keeper_train.jobs import demo
 
-        keys = ["out", "model", "series", "seed", "manifest", "batch_size", "report_series"]
-        keys += ["ray_address", "epochs", "model_name"]
-        return demo.run(validated(demo.DemoConfig, given(args, keys)))
+        return demo.run(validated(demo.DemoConfig, given(args, dests(p))))
 
     p.set_defaults(func=run)
 
@@ -675,15 +601,11 @@ def add_evaluate_parser(subparsers: SubParsers) -> None:
     def run(args: argparse.Namespace) -> int:
         from keeper_train.jobs import evaluate
 
-        keys = ["model", "embeddings", "series", "html", "report_series"]
-        cfg = validated(evaluate.EvaluateConfig, given(args, [*keys, *_REGISTRY_KEYS]))
+        cfg = validated(evaluate.EvaluateConfig, given(args, dests(p)))
         print(evaluate.format_summary(evaluate.run(cfg)))
         return 0
 
     p.set_defaults(func=run)
-
-
-_REGISTRY_KEYS = ("tracking_uri", "data_dir", "json_out")
 
 
 def add_promote_parser(subparsers: SubParsers) -> None:
@@ -732,9 +654,7 @@ def add_promote_parser(subparsers: SubParsers) -> None:
     def run(args: argparse.Namespace) -> int:
         from keeper_train.jobs import promote
 
-        keys = ["name", "embeddings", "series", "min_gain", "ci_gate", "confidence", "version"]
-        keys += ["force", "rollback", "online", "min_online_gain", "exit_code"]
-        cfg = validated(promote.PromoteConfig, given(args, [*keys, *_REGISTRY_KEYS]))
+        cfg = validated(promote.PromoteConfig, given(args, dests(p)))
         result = promote.run(cfg)
         print(promote.format_outcome(result))
         return promote.exit_status(result, exit_code=cfg.exit_code)
@@ -745,29 +665,6 @@ def add_promote_parser(subparsers: SubParsers) -> None:
 # --------------------------------------------------------------------------------------------
 # keeper pick: flags become key=value overrides of the job's YAML config
 
-PICK_FLAGS = (
-    "input",
-    "output",
-    "embeddings",
-    "model",
-    "zero_shot",
-    "clip_model",
-    "xmp",
-    "xmp_naming",
-    "overwrite_ratings",
-    "copy_keepers",
-    "link_keepers",
-    "link_mode",
-    "io_threads",
-    "batch_size",
-    "concurrency",
-    "num_gpus_per_worker",
-    "limit",
-    "prune",
-    "tracking_uri",
-    "data_dir",
-    "ray_address",
-)
 PICK_NESTED = {"max_gap_s": "grouping.max_gap_s", "min_similarity": "grouping.min_similarity"}
 
 
@@ -827,23 +724,12 @@ def add_pick_parser(subparsers: SubParsers) -> None:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: embedded store)")
     p.add_argument("--data-dir", help="embedded MLflow store when no tracking URI is set")
     p.add_argument("--ray-address", help="join this Ray cluster (default: local)")
-    _runs_job(
-        p, "pick", PICK_FLAGS, PICK_NESTED, overrides="any other PickJobConfig field as key=value"
-    )
+    _runs_job(p, "pick", PICK_NESTED, overrides="any other PickJobConfig field as key=value")
 
 
 # --------------------------------------------------------------------------------------------
 # keeper select: flags become key=value overrides of the job's YAML config
 
-SELECT_FLAGS = (
-    "table",
-    "queries",
-    "output",
-    "batch_size",
-    "concurrency",
-    "num_gpus_per_vlm",
-    "ray_address",
-)
 SELECT_NESTED = {
     "top_n": "cascade.top_n",
     "top_k": "cascade.top_k",
@@ -883,7 +769,6 @@ def add_select_parser(subparsers: SubParsers) -> None:
     _runs_job(
         p,
         "select",
-        SELECT_FLAGS,
         SELECT_NESTED,
         overrides="any other SelectJobConfig field as key=value",
     )
