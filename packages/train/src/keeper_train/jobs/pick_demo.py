@@ -63,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             manifest = generate_library(
                 library, n_bursts=args.bursts, seed=7, exact_duplicates=3, near_duplicates=2
             )
-        (library / "DCIM" / "NOTES.jpg").write_bytes(b"not a photo: keeper lists it as failed")
+        notes = library / "DCIM" / "NOTES.jpg"
+        if not notes.exists():  # written once: a re-run of the demo finds nothing changed
+            notes.write_bytes(b"not a photo: keeper lists it as failed")
         cfg = pick.PickJobConfig(
             input=str(library),
             output=str(out / "picks"),
