@@ -16,12 +16,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 
 from keeper_core import run_lock, storage
-from keeper_core.errors import BusyError
+from keeper_core.errors import BusyError, StorageError
 from keeper_core.run_lock import LOCK_NAME, acquire, holding, release
 
 
@@ -112,6 +114,70 @@ def test_another_hosts_run_is_busy_until_its_lock_is_stale(
     assert _lock(folder)["run"] == lease.holder.run
     assert not list(Path(folder).glob("*.stale"))  # the stale lock set aside, then removed
     release(lease)
+
+
+def test_a_lock_on_s3_is_aged_by_the_stores_clock_not_this_hosts(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose clock runs 30 minutes ahead (no NTP in a container, a VM resumed) must not
+    read another host's fresh lock as 30 minutes stale and take it over: S3 says the age."""
+    folder = f"s3://{s3_bucket}/out"
+    _foreign(folder)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 30 * 60)
+    with pytest.raises(BusyError, match=r"lock renewed \d+ s ago"):
+        acquire(folder, job="keeper embed")
+    assert _lock(folder)["host"] == "other-host"
+
+
+@pytest.fixture
+def store_ignoring_if_none_match(s3_bucket: str) -> Iterator[str]:
+    """moto reached by a client that drops ``If-None-Match`` from every PUT: what keeper sees
+    of a store that ignores the header (an older MinIO): the PUT overwrites."""
+    events = storage.s3_client().meta.events
+
+    def drop(params: dict[str, object], **_: object) -> None:
+        params.pop("IfNoneMatch", None)
+
+    events.register("before-parameter-build.s3.PutObject", drop, unique_id="ignore-inm")
+    try:
+        yield s3_bucket
+    finally:
+        events.unregister("before-parameter-build.s3.PutObject", unique_id="ignore-inm")
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_before_any_work(
+    store_ignoring_if_none_match: str,
+) -> None:
+    folder = f"s3://{store_ignoring_if_none_match}/out"
+    refused = pytest.raises(StorageError, match=r"ignored If-None-Match .* KEEPER_OUTPUT_LOCK=off")
+    with refused, holding(folder, job="keeper embed"):
+        pytest.fail("the block ran without a lock that keeps a second run out")
+    assert not storage.exists(storage.join(folder, LOCK_NAME))
+
+
+def test_a_store_that_refuses_conditional_writes_is_named() -> None:
+    def error(code: str, status: int) -> StorageError:
+        response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        e = StorageError("s3://b/out/_LOCK.json", "S3 error")
+        e.__cause__ = ClientError(response, "PutObject")  # type: ignore[arg-type]
+        return e
+
+    assert storage.conditional_write_refused(error("NotImplemented", 501))
+    assert not storage.conditional_write_refused(error("PreconditionFailed", 412))
+    assert not storage.conditional_write_refused(error("AccessDenied", 403))
+
+
+def test_the_lock_can_be_turned_off_for_such_a_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = str(tmp_path / "out")
+    monkeypatch.setenv("KEEPER_OUTPUT_LOCK", "off")
+    logged = caplog.at_level(logging.WARNING, "keeper.run_lock")
+    with logged, holding(folder, job="keeper embed") as lease, holding(folder, job="keeper pick"):
+        assert lease is None
+        assert not (tmp_path / "out").exists()
+    assert "KEEPER_OUTPUT_LOCK=off: no lock taken" in caplog.text
 
 
 def test_a_file_that_is_not_keepers_lock_is_never_taken_over(tmp_path: Path) -> None:

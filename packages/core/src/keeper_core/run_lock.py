@@ -29,6 +29,12 @@ while it works:
 
 A lock that cannot be read as keeper's (another tool's file by that name) is never taken over
 by age alone: the error names it, to be removed by hand.
+
+On S3 the lock needs conditional writes. A store that refuses ``If-None-Match`` (501
+NotImplemented), or ignores it (an older MinIO: the PUT overwrites), cannot keep a second run
+out; the first run there finds out (a second create of its own lock must fail, and it does not)
+and stops before any work, naming the store. ``KEEPER_OUTPUT_LOCK=off`` in the job's environment
+runs without the lock, for such a store, where the operator keeps one run per output.
 """
 
 from __future__ import annotations
@@ -39,7 +45,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +59,9 @@ from keeper_core.progress import format_seconds
 log = logging.getLogger("keeper.run_lock")
 
 LOCK_NAME = "_LOCK.json"
+#: ``KEEPER_OUTPUT_LOCK=off`` (or 0, false, no): no lock is taken (a store without conditional
+#: writes); a warning says so each run.
+LOCK_ENV = "KEEPER_OUTPUT_LOCK"
 #: A lock not renewed for this long is a dead run's (10 renewals missed).
 STALE_AFTER_S = 600.0
 RENEW_EVERY_S = 60.0
@@ -109,13 +117,23 @@ def holding(
     job: str,
     stale_after_s: float = STALE_AFTER_S,
     renew_every_s: float = RENEW_EVERY_S,
-) -> Iterator[Lease]:
-    """Hold ``folder``'s lock for the block (see the module docstring).
+) -> Iterator[Lease | None]:
+    """Hold ``folder``'s lock for the block (see the module docstring); None where
+    ``KEEPER_OUTPUT_LOCK=off`` turned it off.
 
     Raises:
         BusyError: another run holds it (or a file that is not keeper's lock is in its place).
-        StorageError: the lock cannot be read or written.
+        StorageError: the lock cannot be read or written, or the store cannot hold one.
     """
+    if lock_off():
+        log.warning(
+            "%s: %s=%s: no lock taken; nothing keeps a second run off this output",
+            folder,
+            LOCK_ENV,
+            os.environ[LOCK_ENV],
+        )
+        yield None
+        return
     lease = acquire(folder, job=job, stale_after_s=stale_after_s)
     stop = threading.Event()
     renewer = threading.Thread(
@@ -128,6 +146,11 @@ def holding(
         stop.set()
         renewer.join(timeout=30)
         release(lease)
+
+
+def lock_off() -> bool:
+    """Whether ``KEEPER_OUTPUT_LOCK`` turns the lock off."""
+    return os.environ.get(LOCK_ENV, "").strip().lower() in {"off", "0", "false", "no"}
 
 
 def acquire(folder: str, *, job: str, stale_after_s: float = STALE_AFTER_S) -> Lease:
@@ -180,8 +203,10 @@ def _remove_empty(folders: tuple[str, ...]) -> None:
 
 def _take(uri: str, folder: str, me: Holder, body: bytes, stale_after_s: float) -> Lease:
     for _ in range(_TRIES):
-        tag = storage.write_new(uri, body)
+        tag = _write_new(uri, folder, body)
         if tag is not None:
+            if storage.is_s3(uri):
+                _check_exclusive(uri, folder, body)
             return Lease(uri, me, tag)
         try:
             data = storage.read_bytes(uri, max_bytes=_MAX_LOCK_BYTES)
@@ -191,7 +216,7 @@ def _take(uri: str, folder: str, me: Holder, body: bytes, stale_after_s: float) 
                 continue  # released in the meantime: try again
             raise
         other = _parse(data)
-        age = time.time() - info.mtime if info.mtime is not None else 0.0
+        age = info.age_s if info.age_s is not None else 0.0  # the store's clock, not ours
         why = _dead(other, age, stale_after_s)
         if why is None:
             raise _busy(uri, folder, other, age, stale_after_s)
@@ -204,6 +229,38 @@ def _take(uri: str, folder: str, me: Holder, body: bytes, stale_after_s: float) 
             continue
         _set_aside(uri, info.etag)
     raise BusyError(f"{folder}: could not take its lock ({uri}): other runs keep taking it")
+
+
+def _write_new(uri: str, folder: str, body: bytes) -> str | None:
+    """:func:`storage.write_new`, a store that refuses the conditional write named as such."""
+    try:
+        return storage.write_new(uri, body)
+    except StorageError as e:
+        if storage.is_s3(uri) and storage.conditional_write_refused(e):
+            raise _no_lock_here(uri, folder, f"refused a PUT with If-None-Match: {e}") from e
+        raise
+
+
+def _check_exclusive(uri: str, folder: str, body: bytes) -> None:
+    """The lock just written must refuse a second create: on a store that ignores
+    ``If-None-Match`` the second PUT succeeds, and so would another run's. One request a run."""
+    if storage.write_new(uri, body) is None:
+        return
+    with contextlib.suppress(StorageError):
+        storage.delete(uri)
+    raise _no_lock_here(
+        uri, folder, "ignored If-None-Match (a second create of the lock succeeded)"
+    )
+
+
+def _no_lock_here(uri: str, folder: str, what: str) -> StorageError:
+    return StorageError(
+        uri,
+        f"this S3 store {what}, so it cannot hold keeper's lock and two runs could write "
+        f"{folder} at once (AWS S3 and current MinIO honour conditional writes). To run "
+        f"without the lock, set {LOCK_ENV}=off in the job's environment and run one job per "
+        "output at a time yourself",
+    )
 
 
 def release(lease: Lease) -> None:

@@ -16,6 +16,7 @@ the download cache; objects go under ``<root>/s3``).
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import errno
 import functools
 import hashlib
@@ -29,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple, TypeVar
 
@@ -114,6 +115,11 @@ class ObjectInfo:
     etag: str
     #: Last modification, seconds since the epoch (UTC); None where the store gives none.
     mtime: float | None = None
+    #: Seconds since the last modification by the store's own clock when it was asked (S3: the
+    #: response's ``Date`` less ``LastModified``, so a client whose clock is off by minutes still
+    #: reads the true age; locally now less the mtime); None where the store gives none. Not
+    #: part of an info's identity.
+    age_s: float | None = field(default=None, compare=False)
 
 
 class TooLargeError(StorageError):
@@ -908,7 +914,8 @@ def write_new(uri: str, data: bytes) -> str | None:
     Of several writers racing for one name, exactly one gets a tag. Locally the bytes go to a
     temporary file, fsynced, then hard-linked to the name (``link`` fails where the name exists,
     and a reader never sees part of the file). On S3 a PUT with ``If-None-Match: *`` (AWS since
-    2024, MinIO, moto; an S3-compatible store that ignores the header overwrites instead).
+    2024, MinIO, moto; an S3-compatible store that ignores the header overwrites instead, which
+    :mod:`keeper_core.run_lock` checks for).
 
     Raises:
         StorageError: the write failed for another reason.
@@ -979,6 +986,16 @@ def replace_if_unchanged(uri: str, data: bytes, etag: str) -> str | None:
             return None
         raise
     return str(resp["ETag"]).strip('"')
+
+
+def conditional_write_refused(e: StorageError) -> bool:
+    """Whether an S3 store refused a conditional PUT as a feature it lacks (``NotImplemented``,
+    501), not as a failed condition: a store without ``If-None-Match`` / ``If-Match``."""
+    cause = e.__cause__
+    return isinstance(cause, ClientError) and (
+        _error_code(cause) in {"NotImplemented", "501"}
+        or cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 501
+    )
 
 
 def _precondition_failed(e: StorageError) -> bool:
@@ -1077,16 +1094,32 @@ def object_info(uri: str) -> ObjectInfo:
             if path.is_dir():
                 raise StorageError(uri, "is a directory, not a file")
         tag = hashlib.sha256(f"{st.st_mtime_ns}:{st.st_size}".encode()).hexdigest()
-        return ObjectInfo(size=st.st_size, etag=tag, mtime=st.st_mtime)
+        age = time.time() - st.st_mtime
+        return ObjectInfo(size=st.st_size, etag=tag, mtime=st.st_mtime, age_s=age)
     head = _head(uri)
     if head is None:
         raise StorageError(uri, "no such object")
     modified = head.get("LastModified")
+    mtime = modified.timestamp() if modified is not None else None
     return ObjectInfo(
         size=int(head["ContentLength"]),
         etag=str(head["ETag"]).strip('"'),
-        mtime=modified.timestamp() if modified is not None else None,
+        mtime=mtime,
+        age_s=_server_age(head, mtime),
     )
+
+
+def _server_age(head: dict[str, Any], mtime: float | None) -> float | None:
+    """An object's age by the S3 server's clock: its response's ``Date`` less ``mtime`` (both
+    whole seconds, from the one clock); None where the response has no readable date."""
+    date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    if mtime is None or not isinstance(date, str):
+        return None
+    try:
+        now = email.utils.parsedate_to_datetime(date).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, now - mtime)
 
 
 # ---------------------------------------------------------------------------------------------
