@@ -3,8 +3,8 @@ taken back out of a keepers folder, and nothing else.
 
 Copies go while they are byte for byte what keeper wrote (its record names every run's); a copy
 edited since, a file keeper never put there, a symlink elsewhere stay and are listed; folders the
-removals leave empty go; the record keeps what is left. Links (hard or symbolic) to the run's
-keepers go; the originals stay. On S3 too (moto).
+removals leave empty go; the record keeps what is left. Links (hard or symbolic) to an original
+at its own path go, an earlier run's too; the originals stay. On S3 too (moto).
 """
 
 from __future__ import annotations
@@ -80,6 +80,30 @@ def test_links_to_the_keepers_go_and_the_originals_stay(tmp_path: Path, mode: st
     assert not (dest / "day1").exists()
     assert Path(a).read_bytes() == b"photo 0" * 100
     assert Path(b).exists()
+
+
+@pytest.mark.parametrize("mode", ["hardlink", "symlink"])
+def test_links_an_earlier_run_made_go_too(tmp_path: Path, mode: str) -> None:
+    """A link needs no record: one to the original at its own path is keeper's, whichever run
+    made it (A was a keeper of the first run, not of the last); other links and files stay."""
+    photos, dest = tmp_path / "photos", tmp_path / "keepers"
+    a, b, c, d = _library(photos)
+    export_keepers([a, b], input_root=str(photos), dest=str(dest), mode=mode)  # type: ignore[arg-type]
+    export_keepers([b, c], input_root=str(photos), dest=str(dest), mode=mode)  # type: ignore[arg-type]
+    (dest / "day2" / "D.JPG").symlink_to(a)  # a person's link, to another photo
+    (dest / "day2" / "notes.txt").write_text("a person's file")
+
+    done = remove_keepers_export(str(dest), [b, c], input_root=str(photos))
+
+    assert (done.removed, done.absent) == (3, 0)  # A (the first run's), B, C
+    assert [Path(p).name for p, _ in done.left] == []  # D is nobody's keeper: not looked at
+    assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")) == [
+        "day2", "day2/D.JPG", "day2/notes.txt"
+    ]  # fmt: skip
+    assert sorted(Path(u).name for u in done.unlinked) == (
+        ["A.JPG", "B.JPG", "C.JPG"] if mode == "hardlink" else []
+    )
+    assert all(Path(u).read_bytes().startswith(b"photo") for u in (a, b, c, d))
 
 
 def test_copies_on_s3(s3_bucket: str, tmp_path: Path) -> None:

@@ -1484,14 +1484,16 @@ def remove_keepers_export(
     dest: str, keepers: Sequence[str], *, input_root: str, dry_run: bool = False
 ) -> KeepersRemoval:
     """Take back what :func:`export_keepers` put in ``dest``: every copy its record names that
-    is still byte for byte what keeper wrote (from any run), and each of ``keepers``' links
-    (a symlink to the original, or a hard link that is the original's file), then the folders
-    that leaves empty. A copy changed since, and any file keeper did not make, stay (listed in
-    ``left``); the record keeps the copies left and goes when none are.
+    is still byte for byte what keeper wrote (from any run), and every link to an original at
+    its own path under ``input_root`` (a symlink to it, or a hard link that is its file: what
+    any run's export made there, no record needed; removing a link loses no photo), then the
+    folders that leaves empty. A copy changed since, and any file keeper did not make, stay
+    (listed in ``left``); the record keeps the copies left and goes when none are.
 
     Args:
         dest: the ``--copy-keepers`` / ``--link-keepers`` folder (local or ``s3://``).
-        keepers: the originals of the run's keepers, whose links (local) are looked for.
+        keepers: the originals of the run's keepers: a link of theirs not there counts as
+            ``absent``, a file in its place that is not one as ``left``.
         input_root: the folder their paths under ``dest`` are relative to, as pick exported.
         dry_run: change nothing; the result says what would happen.
 
@@ -1505,6 +1507,9 @@ def remove_keepers_export(
     if not storage.is_s3(dest) and not any(storage.is_s3(u) for u in keepers):  # links: local
         for uri, rel in zip(keepers, _relatives(keepers, input_root), strict=True):
             targets.setdefault(rel, ("link", uri))
+        if not storage.is_s3(input_root):  # earlier runs' links: keepers then, not now
+            for rel in _links_to_originals(_local(dest), _local(input_root)):
+                targets.setdefault(rel, ("link", str(_local(input_root) / rel)))
     removed, absent = 0, 0
     left: list[tuple[str, str]] = []
     gone: list[str] = []
@@ -1545,6 +1550,20 @@ def remove_keepers_export(
         if not storage.is_s3(dest):
             folders = _remove_emptied_folders(_local(dest), gone)
     return KeepersRemoval(removed, absent, left, folders, problem, unlinked)
+
+
+def _links_to_originals(dest: Path, root: Path) -> Iterator[str]:
+    """The paths under ``dest`` (relative, POSIX) that are links to the file at the same path
+    under ``root``: what :func:`export_keepers` links there, whichever run it was."""
+    for folder, _, names in os.walk(dest):
+        for name in names:
+            path = Path(folder) / name
+            rel = path.relative_to(dest).as_posix()
+            if rel == EXPORT_RECORD:
+                continue
+            with contextlib.suppress(OSError):
+                if _keepers_file(str(path), "link", str(root / rel))[0] == "keepers":
+                    yield rel
 
 
 def _keepers_file(

@@ -30,8 +30,8 @@ The run's tables and contact sheet are not touched: they are the record of what 
 delete the output folder to be rid of them. With ``keepers=true`` (``--keepers``) the run's
 ``--copy-keepers`` / ``--link-keepers`` folder is taken back too
 (``handback.remove_keepers_export``): every copy its record names that is still byte for byte
-what keeper wrote, the links to this run's keepers, and the folders that leaves empty; a copy
-changed since, and a file keeper did not put there, stay and are listed.
+what keeper wrote, every link to an original at its own path (any run's), and the folders that
+leaves empty; a copy changed since, and a file keeper did not put there, stay and are listed.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class UnpickConfig(PickRunXmp):
     keepers: bool = Field(
         False,
         description="also take back the run's --copy-keepers / --link-keepers folder: keeper's "
-        "copies still as it made them (any run's, by its record), the links to this run's "
-        "keepers, and the folders that leaves empty; a copy changed since, and any other "
+        "copies still as it made them (any run's, by its record), its links to the originals "
+        "(any run's), and the folders that leaves empty; a copy changed since, and any other "
         "file, stay",
     )
 
