@@ -1,7 +1,8 @@
 """What ``keeper pick --copy-keepers`` costs against a plain copy of the same files.
 
     .venv/bin/python benchmarks/export_keepers.py [--n 100] [--mib 8] [--repeats 3] \
-        [--work-dir DIR] [--s3-threads 16 --latency-ms 20] [--out benchmarks/results/export-keepers.json]
+        [--work-dir DIR] [--s3-threads 16] [--s3-rerun] [--latency-ms 20] \
+        [--out benchmarks/results/export-keepers.json]
 
 ``export_keepers(mode="copy")`` copies each keeper to a temporary file, fsyncs it and renames it
 into place, and hashes what it writes (sha256) into the folder's ``.keeper-export.json``, so a
@@ -19,6 +20,13 @@ of random bytes (camera JPEGs do not compress), each cell the best of ``--repeat
 The page cache is warm (the files were just written): on real disks the copy's I/O dominates
 both columns and the hashing (about 1.7 GB/s a core here, SHA extensions) hides behind it less
 than it would with overlapped I/O.
+
+With ``--s3-rerun``, a third table: the originals and the keepers folder both in a moto bucket
+(``keeper pick --input s3://... --copy-keepers s3://...``), everything already copied, re-run
+with keeper's former ``_export_s3`` (two HEADs after an existence check, then both objects
+downloaded and compared; its text is kept below) and with today's (the copy told by its ETag),
+side by side on the same objects: requests by operation, bytes downloaded, and the time with
+``--latency-ms`` slept before each request (botocore's ``before-send``), on ``io_threads`` 16.
 
 With ``--s3-threads N``, a second table: the originals on a ``moto_server`` on loopback (as
 ``keeper pick --input s3://... --copy-keepers DIR`` reads them), exported to a local folder with
@@ -126,6 +134,104 @@ def s3_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[dict[str
     return rows
 
 
+def former_export_s3(src: str, dst: str, recorded: str | None) -> Any:
+    """``handback._export_s3`` as it was before 2026-12-07 (read both sides of a copy already
+    there): the baseline of the ``--s3-rerun`` table."""
+    import hashlib
+
+    from keeper_core import handback, storage
+
+    if storage.exists(dst):
+        same_size = storage.object_info(dst).size == storage.object_info(src).size
+        if not same_size and recorded is None:
+            raise handback._different(dst, None)
+        there = storage.read_bytes(dst)
+        data = storage.read_bytes(src)
+        if there == data:
+            return handback._Exported("already", hashlib.sha256(there).hexdigest())
+        if hashlib.sha256(there).hexdigest() != recorded:
+            raise handback._different(dst, recorded)
+        storage.write_bytes(dst, data)
+        return handback._Exported("updated", hashlib.sha256(data).hexdigest())
+    data = storage.read_bytes(src)
+    storage.write_bytes(dst, data)
+    return handback._Exported("exported", hashlib.sha256(data).hexdigest())
+
+
+def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[dict[str, Any]]:
+    """Originals and copies in one moto bucket, all copied; the re-run's requests, downloaded
+    bytes and time (``--latency-ms`` before each request), the former export against today's."""
+    from collections import Counter
+
+    from sidecar_io import moto_bucket
+
+    from keeper_core import handback, storage
+
+    rows = []
+    with moto_bucket(work) as bucket:
+        src = []
+        for uri in uris:
+            key = f"{bucket}/photos/{Path(uri).relative_to(root).as_posix()}"
+            storage.write_bytes(key, Path(uri).read_bytes())
+            src.append(key)
+        dest = f"{bucket}/keepers"
+
+        def export() -> Any:
+            return export_keepers(
+                src, input_root=f"{bucket}/photos", dest=dest, mode="copy", io_threads=16
+            )
+
+        if export().exported != len(src):
+            raise SystemExit("the first export from S3 to S3 failed")
+        calls: Counter[str] = Counter()
+        got = [0]
+
+        def before(model: Any, **_: Any) -> None:
+            calls[model.name] += 1
+
+        def after(http_response: Any, model: Any, **_: Any) -> None:
+            if model.name == "GetObject":
+                got[0] += int(http_response.headers.get("content-length", 0))
+
+        def wait(**_: Any) -> None:
+            time.sleep(args.latency_ms / 1000)
+
+        events = storage.s3_client().meta.events
+        events.register("before-call.s3", before, unique_id="bench-count")
+        events.register("after-call.s3", after, unique_id="bench-bytes")
+        events.register("before-send.s3", wait, unique_id="bench-wait")
+        real = handback._export_s3
+        try:
+            for name, fn in (("former", former_export_s3), ("keeper", real)):
+                handback._export_s3 = fn  # type: ignore[assignment]
+                times = []
+                for _ in range(args.repeats):
+                    calls.clear()
+                    got[0] = 0
+                    t0 = time.perf_counter()
+                    res = export()
+                    times.append(time.perf_counter() - t0)
+                    if res.already_there != len(src) or res.failed:
+                        raise SystemExit(f"{name}: the re-run found changes: {res}")
+                rows.append(
+                    {
+                        "export": name,
+                        "files": len(src),
+                        "latency_ms": args.latency_ms,
+                        "seconds": min(times),
+                        "requests": dict(sorted(calls.items())),
+                        "requests_total": sum(calls.values()),
+                        "downloaded_bytes": got[0],
+                    }
+                )
+        finally:
+            handback._export_s3 = real  # type: ignore[assignment]
+            events.unregister("before-call.s3", unique_id="bench-count")
+            events.unregister("after-call.s3", unique_id="bench-bytes")
+            events.unregister("before-send.s3", unique_id="bench-wait")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100)
@@ -133,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work-dir", default=None, help="where the files go (default: a temp dir)")
     ap.add_argument("--s3-threads", type=int, default=0, help="also S3 -> local, 1 against N")
-    ap.add_argument("--latency-ms", type=float, default=20.0, help="simulated, the S3 table")
+    ap.add_argument("--s3-rerun", action="store_true", help="also an S3 -> S3 re-run, A/B")
+    ap.add_argument("--latency-ms", type=float, default=20.0, help="simulated, the S3 tables")
     ap.add_argument("--out", default="benchmarks/results/export-keepers.json")
     args = ap.parse_args(argv)
 
@@ -209,6 +316,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{r['latency_ms']:>15.0f} ms {r['one_s']:>11.3f} {r['threads_s']:>12.3f} "
                     f"{r['speedup']:>8.1f}x"
+                )
+        if args.s3_rerun:
+            record["s3_rerun"] = s3_rerun_rows(uris, root, work, args)
+            print(f"\nre-run from S3 to S3 (moto_server), {args.latency_ms:.0f} ms a request")
+            print(
+                f"{'export':<8} {'requests':>9} {'downloaded MB':>14} {'seconds':>8}  by operation"
+            )
+            for r in record["s3_rerun"]:
+                print(
+                    f"{r['export']:<8} {r['requests_total']:>9} "
+                    f"{r['downloaded_bytes'] / 1e6:>14.1f} {r['seconds']:>8.2f}  {r['requests']}"
                 )
         write_record(args.out, record)
     finally:

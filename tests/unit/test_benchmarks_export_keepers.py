@@ -48,3 +48,23 @@ def test_the_s3_table_compares_one_thread_with_many(tmp_path: Path) -> None:
     # 6 exports of 3 storage calls, 5 ms before each: at least 0.09 s one at a time
     assert rows[1]["one_s"] >= 0.09
     assert "from S3 (moto_server) to a local folder" in proc.stdout
+
+
+def test_the_s3_rerun_table_sets_the_former_export_beside_todays(tmp_path: Path) -> None:
+    out = tmp_path / "export-keepers-s3-rerun.json"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "export_keepers.py"),
+        "--n", "5", "--mib", "0.02", "--repeats", "1", "--s3-rerun", "--latency-ms", "1",
+        "--out", str(out), "--work-dir", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    former, keeper = json.loads(out.read_text())["s3_rerun"]
+    assert (former["export"], keeper["export"]) == ("former", "keeper")
+    # the former: an existence HEAD, two HEADs and two GETs a copy; today: two HEADs. Both read
+    # the folder's record (a HEAD and a GET).
+    assert former["requests"] == {"GetObject": 11, "HeadObject": 16}
+    assert keeper["requests"] == {"GetObject": 1, "HeadObject": 11}
+    assert former["downloaded_bytes"] > 10 * int(0.02 * (1 << 20))
+    assert keeper["downloaded_bytes"] < 1000  # the record alone
+    assert "re-run from S3 to S3" in proc.stdout

@@ -1310,24 +1310,46 @@ _S3_EXPORTS_AT_ONCE = 8
 
 
 def _export_s3(src: str, dst: str, recorded: str | None) -> _Exported:
-    """Copy one image where the original or the destination is on S3 (whole-object puts)."""
-    if storage.exists(dst):
-        # Sizes first (a HEAD each): without a record of keeper's copy, a different file in the
-        # way is refused without downloads.
-        same_size = storage.object_info(dst).size == storage.object_info(src).size
-        if not same_size and recorded is None:
-            raise _different(dst, None)
-        there = storage.read_bytes(dst)
+    """Copy one image where the original or the destination is on S3 (whole-object puts).
+
+    A copy already there is told without downloading it where an ETag can say so: both on S3
+    with one ETag (and keeper's record of the copy: no download at all), or one side read (the
+    local one, else the original) whose MD5 is the other's plain ETag (a single-part,
+    unencrypted object's; a multipart or SSE-KMS ETag is no MD5, and both are then read)."""
+    there = storage.object_info_if_exists(dst)
+    if there is None:
         data = storage.read_bytes(src)
-        if there == data:
-            return _Exported("already", hashlib.sha256(there).hexdigest())
-        if hashlib.sha256(there).hexdigest() != recorded:
-            raise _different(dst, recorded)
         storage.write_bytes(dst, data)
-        return _Exported("updated", hashlib.sha256(data).hexdigest())
-    data = storage.read_bytes(src)
+        return _Exported("exported", hashlib.sha256(data).hexdigest())
+    mine = storage.object_info(src)
+    read: dict[str, bytes] = {}
+
+    def content(uri: str) -> bytes:
+        if uri not in read:
+            read[uri] = storage.read_bytes(uri)
+        return read[uri]
+
+    if there.size == mine.size:
+        if storage.is_s3(src) and storage.is_s3(dst) and there.etag == mine.etag and recorded:
+            return _Exported("already", recorded)
+        near, far = (dst, mine) if not storage.is_s3(dst) else (src, there)
+        if _md5_is(far.etag, content(near)):
+            return _Exported("already", hashlib.sha256(content(near)).hexdigest())
+    elif recorded is None:  # another size and no record of keeper's copy: refused unread
+        raise _different(dst, None)
+    data, old = content(src), content(dst)
+    if old == data:
+        return _Exported("already", hashlib.sha256(old).hexdigest())
+    if hashlib.sha256(old).hexdigest() != recorded:
+        raise _different(dst, recorded)
     storage.write_bytes(dst, data)
-    return _Exported("exported", hashlib.sha256(data).hexdigest())
+    return _Exported("updated", hashlib.sha256(data).hexdigest())
+
+
+def _md5_is(etag: str, data: bytes) -> bool:
+    """Whether ``etag`` is a plain MD5 (32 hex digits) and that of ``data``."""
+    plain = re.fullmatch(r"[0-9a-f]{32}", etag) is not None
+    return plain and hashlib.md5(data, usedforsecurity=False).hexdigest() == etag
 
 
 #: In a ``copy`` export's folder: each copy keeper put there, by its path under the folder, with

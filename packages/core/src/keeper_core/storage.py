@@ -1096,9 +1096,33 @@ def object_info(uri: str) -> ObjectInfo:
         tag = hashlib.sha256(f"{st.st_mtime_ns}:{st.st_size}".encode()).hexdigest()
         age = time.time() - st.st_mtime
         return ObjectInfo(size=st.st_size, etag=tag, mtime=st.st_mtime, age_s=age)
+    info = _s3_info(uri)
+    if info is None:
+        raise StorageError(uri, "no such object")
+    return info
+
+
+def object_info_if_exists(uri: str) -> ObjectInfo | None:
+    """:func:`object_info`, or None where there is no such file or object (on S3 one HEAD, and
+    a HEAD of the bucket where it is missing, to tell a missing bucket, which raises).
+
+    Raises:
+        StorageError: a folder, a missing bucket, or another failure.
+    """
+    if is_s3(uri):
+        return _s3_info(uri)
+    try:
+        return object_info(uri)
+    except StorageError as e:
+        if isinstance(e.__cause__, FileNotFoundError):
+            return None
+        raise
+
+
+def _s3_info(uri: str) -> ObjectInfo | None:
     head = _head(uri)
     if head is None:
-        raise StorageError(uri, "no such object")
+        return None
     modified = head.get("LastModified")
     mtime = modified.timestamp() if modified is not None else None
     return ObjectInfo(

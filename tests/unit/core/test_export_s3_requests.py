@@ -1,0 +1,135 @@
+"""export_keepers through S3 (moto) tells a copy already there by its ETag, without downloading
+it, where an ETag can say so, and still never overwrites a file that is not keeper's own copy.
+
+Requests are counted on keeper's own S3 client (botocore's ``before-call`` event). A re-run over
+unchanged keepers: S3 to S3 with keeper's record, two HEADs and no GET (it was five requests and
+both objects downloaded); a multipart original (its ETag no MD5) is downloaded once, the copy
+not; S3 to a local folder and a local folder to S3, no GET.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from keeper_core import storage
+from keeper_core.handback import EXPORT_RECORD, export_keepers
+
+
+@contextmanager
+def counted() -> Iterator[Counter[str]]:
+    calls: Counter[str] = Counter()
+
+    def count(model: object, **_: object) -> None:
+        calls[str(getattr(model, "name", model))] += 1
+
+    events = storage.s3_client().meta.events
+    events.register("before-call.s3", count, unique_id="count-calls")
+    try:
+        yield calls
+    finally:
+        events.unregister("before-call.s3", unique_id="count-calls")
+
+
+def _photos(n: int = 3) -> list[bytes]:
+    return [hashlib.sha256(bytes([i])).digest() * (1000 + i) for i in range(n)]
+
+
+def _put_s3(root: str, photos: list[bytes]) -> list[str]:
+    uris = [storage.join(root, f"day1/IMG_{i}.JPG") for i in range(len(photos))]
+    for uri, data in zip(uris, photos, strict=True):
+        storage.write_bytes(uri, data)
+    return uris
+
+
+def test_s3_to_s3_rerun_reads_no_object(s3_bucket: str) -> None:
+    root, dest = f"s3://{s3_bucket}/photos", f"s3://{s3_bucket}/keepers"
+    uris = _put_s3(root, _photos())
+    assert export_keepers(uris, input_root=root, dest=dest, mode="copy").exported == 3
+    with counted() as calls:
+        res = export_keepers(uris, input_root=root, dest=dest, mode="copy")
+    assert (res.already_there, res.failed) == (3, [])
+    assert calls["HeadObject"] == 7  # the copy's and the original's, each; the record's
+    assert calls["GetObject"] == 1  # the record; no photo
+    assert calls["PutObject"] == 0
+
+
+def test_a_multipart_original_is_read_once_and_its_copy_not(s3_bucket: str) -> None:
+    import boto3
+
+    root, dest = f"s3://{s3_bucket}/photos", f"s3://{s3_bucket}/keepers"
+    data = bytes(range(256)) * (6 * 4096 + 7)  # 6 MiB and a bit: two parts of >= 5 MiB
+    client = boto3.client("s3", endpoint_url=storage.s3_client().meta.endpoint_url)
+    key = "photos/day1/PANO.JPG"
+    up = client.create_multipart_upload(Bucket=s3_bucket, Key=key)
+    parts = []
+    for n, chunk in enumerate((data[: 5 << 20], data[5 << 20 :]), start=1):
+        etag = client.upload_part(
+            Bucket=s3_bucket, Key=key, UploadId=up["UploadId"], PartNumber=n, Body=chunk
+        )["ETag"]
+        parts.append({"ETag": etag, "PartNumber": n})
+    client.complete_multipart_upload(
+        Bucket=s3_bucket, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": parts}
+    )
+    uri = f"s3://{s3_bucket}/{key}"
+    assert "-" in storage.object_info(uri).etag  # no MD5 of the bytes
+    assert export_keepers([uri], input_root=root, dest=dest, mode="copy").exported == 1
+    with counted() as calls:
+        res = export_keepers([uri], input_root=root, dest=dest, mode="copy")
+    assert res.already_there == 1
+    assert calls["GetObject"] == 2  # the record and the original; the copy's ETag is its MD5
+    record = json.loads(storage.read_bytes(storage.join(dest, EXPORT_RECORD)))
+    assert record["files"] == {"day1/PANO.JPG": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("direction", ["s3-to-local", "local-to-s3"])
+def test_between_s3_and_a_local_folder_the_s3_side_is_not_read(
+    s3_bucket: str, tmp_path: Path, direction: str
+) -> None:
+    photos = _photos()
+    if direction == "s3-to-local":
+        root, dest = f"s3://{s3_bucket}/photos", str(tmp_path / "keepers")
+        uris = _put_s3(root, photos)
+    else:
+        root, dest = str(tmp_path / "photos"), f"s3://{s3_bucket}/keepers"
+        uris = []
+        for i, data in enumerate(photos):
+            path = tmp_path / "photos" / "day1" / f"IMG_{i}.JPG"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            uris.append(str(path))
+    assert export_keepers(uris, input_root=root, dest=dest, mode="copy").exported == 3
+    with counted() as calls:
+        res = export_keepers(uris, input_root=root, dest=dest, mode="copy")
+    assert (res.already_there, res.failed) == (3, [])
+    record_gets = 1 if direction == "local-to-s3" else 0
+    assert calls["GetObject"] == record_gets
+    assert calls["PutObject"] == 0
+
+
+def test_what_is_not_keepers_copy_is_still_refused_and_keepers_copy_replaced(
+    s3_bucket: str,
+) -> None:
+    root, dest = f"s3://{s3_bucket}/photos", f"s3://{s3_bucket}/keepers"
+    photos = _photos(3)
+    uris = _put_s3(root, photos)
+    assert export_keepers(uris[:2], input_root=root, dest=dest, mode="copy").exported == 2
+    # IMG_0: a person edited keeper's copy (same size); IMG_1: the original changed (same
+    # size); IMG_2: a person's own file of the same size where keeper would copy.
+    storage.write_bytes(storage.join(dest, "day1/IMG_0.JPG"), bytes(len(photos[0])))
+    storage.write_bytes(uris[1], bytes(reversed(photos[1])))
+    storage.write_bytes(storage.join(dest, "day1/IMG_2.JPG"), bytes(len(photos[2])))
+
+    res = export_keepers(uris, input_root=root, dest=dest, mode="copy")
+
+    assert res.updated == 1  # IMG_1: keeper's own copy, replaced
+    assert sorted(Path(f.image_uri).name for f in res.failed) == ["IMG_0.JPG", "IMG_2.JPG"]
+    assert storage.read_bytes(storage.join(dest, "day1/IMG_1.JPG")) == bytes(reversed(photos[1]))
+    assert storage.read_bytes(storage.join(dest, "day1/IMG_0.JPG")) == bytes(len(photos[0]))
+    assert storage.read_bytes(storage.join(dest, "day1/IMG_2.JPG")) == bytes(len(photos[2]))
