@@ -84,20 +84,24 @@ def best(fn: Callable[[], None], prepare: Callable[[], None], repeats: int) -> f
     return min(times)
 
 
+def upload(uris: list[str], root: Path, prefix: str) -> list[str]:
+    """The files under ``prefix`` at their paths under ``root``; their URIs there."""
+    from keeper_core import storage
+
+    keys = [f"{prefix}/{Path(uri).relative_to(root).as_posix()}" for uri in uris]
+    for uri, key in zip(uris, keys, strict=True):
+        storage.write_bytes(key, Path(uri).read_bytes())
+    return keys
+
+
 def s3_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[dict[str, Any]]:
     """The same files uploaded to a moto_server bucket, exported from there to a local folder on
     one thread and on ``--s3-threads``, with and without the simulated latency."""
     from sidecar_io import moto_bucket, simulated_latency  # moto and boto3 only for this table
 
-    from keeper_core import storage
-
     rows = []
     with moto_bucket(work) as bucket:
-        s3_uris = []
-        for uri in uris:
-            key = f"{bucket}/photos/{Path(uri).relative_to(root).as_posix()}"
-            storage.write_bytes(key, Path(uri).read_bytes())
-            s3_uris.append(key)
+        s3_uris = upload(uris, root, f"{bucket}/photos")
         for latency_ms in (0.0, args.latency_ms):
             cells = {}
             for threads in (1, args.s3_threads):
@@ -169,11 +173,7 @@ def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[di
 
     rows = []
     with moto_bucket(work) as bucket:
-        src = []
-        for uri in uris:
-            key = f"{bucket}/photos/{Path(uri).relative_to(root).as_posix()}"
-            storage.write_bytes(key, Path(uri).read_bytes())
-            src.append(key)
+        src = upload(uris, root, f"{bucket}/photos")
         dest = f"{bucket}/keepers"
 
         def export() -> Any:
