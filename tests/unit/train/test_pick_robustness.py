@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from keeper_core.errors import ConfigError
+from keeper_core.errors import ConfigError, StorageError
 from keeper_core.handback import read_sidecar, write_sidecar, xml_text
 from keeper_train.jobs import embed, pick
 
@@ -81,8 +81,34 @@ def test_photo_inputs_pass_the_check(tmp_path: Path) -> None:
     _shard(photos / "old-backup.tar")  # a stray archive beside loose photos: still a library
     manifest = tmp_path / "photos.csv"
     manifest.write_text(f"image_uri\n{photos / 'IMG_1.JPG'}\n")
-    for src in (photos, manifest, tmp_path / "missing"):  # missing: reported where it was
+    for src in (photos, manifest):
         pick.check_input(pick.PickJobConfig(input=str(src), output=str(tmp_path / "out")))
+
+
+@pytest.mark.usefixtures("no_work")
+def test_a_missing_input_is_refused_before_the_registry_is_asked(tmp_path: Path) -> None:
+    cfg = pick.PickJobConfig(
+        input=str(tmp_path / "Pictures" / "2026-06-wedding"),
+        output=str(tmp_path / "out"),
+        data_dir=str(tmp_path / "keeper-data"),
+    )
+    with pytest.raises(StorageError, match="2026-06-wedding: no such folder or manifest"):
+        pick.run(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no keeper-data
+
+
+def test_looking_for_a_champion_in_no_store_makes_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first keeper pick in a folder leaves no keeper-data/ behind: no store, no champion."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = pick.PickJobConfig(
+        input=str(tmp_path), output=str(tmp_path / "out"), data_dir=str(tmp_path / "kd")
+    )
+    ranker, line = pick.resolve_ranker(cfg)
+    assert ranker is None
+    assert "the zero-shot rule: no models:/keeper-ranker@champion" in line
+    assert not (tmp_path / "kd").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,8 +14,10 @@ from typing import Any
 from keeper_core.errors import ConfigError, ModelLoadError
 
 
-def tracking_uri(explicit: str | None, data_dir: str | Path) -> str:
-    """``explicit``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<data_dir>/mlflow.db``.
+def tracking_uri(explicit: str | None, data_dir: str | Path, *, create: bool = True) -> str:
+    """``explicit``, else ``MLFLOW_TRACKING_URI``, else ``sqlite:///<data_dir>/mlflow.db``
+    (``data_dir`` made first unless ``create`` is False: a caller that only looks, and reads
+    a missing store as an empty one, leaves no folder behind).
 
     Set the store with ``use_tracking_store``, not ``mlflow.set_tracking_uri``: the latter sets
     ``MLFLOW_TRACKING_URI``, which this then takes for the user's choice.
@@ -28,7 +30,8 @@ def tracking_uri(explicit: str | None, data_dir: str | Path) -> str:
         check_store_uri(uri, "tracking_uri" if explicit else "MLFLOW_TRACKING_URI")
         return uri
     d = Path(data_dir).expanduser().resolve()
-    d.mkdir(parents=True, exist_ok=True)
+    if create:
+        d.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{d / 'mlflow.db'}"
 
 

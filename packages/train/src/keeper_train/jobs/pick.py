@@ -299,7 +299,8 @@ def common_folder(uris: Sequence[str]) -> str:
 
 
 def check_input(cfg: PickJobConfig) -> None:
-    """Refuse a WebDataset corpus before any work: keeper pick culls photos, not shards.
+    """Refuse a WebDataset corpus, or a local input that is not there, before any work (and
+    before the registry is asked for a ranker): keeper pick culls photos, not shards.
 
     ``keeper embed`` reads ``.tar`` shards (a single ``.tar``, a brace pattern, or a folder or
     prefix of shards and no loose images: :func:`keeper_core.webdataset.is_webdataset`, the test
@@ -307,7 +308,7 @@ def check_input(cfg: PickJobConfig) -> None:
 
     Raises:
         ConfigError: the input is WebDataset shards.
-        StorageError: an ``s3://`` prefix cannot be listed.
+        StorageError: a local input that is not there; an ``s3://`` prefix cannot be listed.
     """
     if is_webdataset(cfg.input):
         raise ConfigError(
@@ -315,6 +316,8 @@ def check_input(cfg: PickJobConfig) -> None:
             "folders, s3:// prefixes of photos and CSV/Parquet manifests of them; embed a "
             "WebDataset corpus with keeper embed"
         )
+    if not storage.is_s3(cfg.input) and not storage.exists(cfg.input):
+        raise StorageError(cfg.input, "no such folder or manifest")
 
 
 def check_handback(cfg: PickJobConfig) -> None:
@@ -401,7 +404,8 @@ def resolve_ranker(cfg: PickJobConfig) -> tuple[Ranker | None, str]:
 
     explicit = cfg.model is not None
     uri = cfg.model or f"models:/{cfg.ranker_name}@champion"
-    store = tracking_uri(cfg.tracking_uri, cfg.data_dir)
+    # Not made to look: a first pick in a folder leaves no keeper-data/ (no store: no champion)
+    store = tracking_uri(cfg.tracking_uri, cfg.data_dir, create=False)
     if not explicit and not _has_champion(store, cfg.ranker_name):
         return None, (
             f"ranker: the zero-shot rule: no {uri} in {store} "
