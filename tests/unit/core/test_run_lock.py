@@ -8,6 +8,7 @@ file that is not keeper's lock, and a renewal that finds the lock taken over say
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -238,6 +239,47 @@ def test_of_runs_racing_one_takes_it(folder: str) -> None:
         won, busy = _race(folder, 6)
         assert (len(won), len(busy)) == (1, 5)
         release(won[0])
+
+
+@pytest.fixture
+def no_hard_links(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system without hard links (an exFAT or FAT drive, many SMB shares): ``link(2)``
+    fails with EPERM, as Linux's exfat and vfat answer."""
+
+    def refuse(src: object, dst: object, **_: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(os, "link", refuse)
+
+
+@pytest.mark.usefixtures("no_hard_links")
+def test_without_hard_links_the_lock_still_lets_one_run_in(tmp_path: Path) -> None:
+    uri = str(tmp_path / "new.json")
+    assert storage.write_new(uri, b"first") is not None
+    assert storage.write_new(uri, b"second") is None
+    assert Path(uri).read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["new.json"]  # no temporary file left
+
+    folder = str(tmp_path / "out")
+    for _ in range(5):
+        won, busy = _race(folder, 6)
+        assert (len(won), len(busy)) == (1, 5)
+        assert all("is being written by another run" in str(e) for e in busy)
+        release(won[0])
+    with holding(folder, job="keeper pick"), pytest.raises(BusyError, match="keeper pick"):
+        acquire(folder, job="keeper embed")
+
+
+@pytest.mark.usefixtures("no_hard_links")
+def test_without_hard_links_a_stale_lock_is_taken_over(tmp_path: Path) -> None:
+    folder = str(tmp_path / "out")
+    _foreign(folder)
+    old = time.time() - 11 * 60
+    os.utime(Path(folder) / LOCK_NAME, (old, old))
+    lease = acquire(folder, job="keeper embed")
+    assert _lock(folder)["run"] == lease.holder.run
+    release(lease)
+    assert not (Path(folder) / LOCK_NAME).exists()
 
 
 def test_of_processes_racing_one_takes_it(tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,6 +68,9 @@ STALE_AFTER_S = 600.0
 RENEW_EVERY_S = 60.0
 _MAX_LOCK_BYTES = 64 * 1024
 _TRIES = 5
+#: A local lock younger than this that does not parse may still be being written (a file system
+#: without hard links: ``storage.write_new``); it is read again before it is called foreign.
+_WRITING_S = 5.0
 #: The runs whose locks this process holds now: a lock naming this process and another run is
 #: a leftover (a lock this process failed to remove), one naming a run here is held.
 _HELD: set[str] = set()
@@ -202,7 +206,7 @@ def _remove_empty(folders: tuple[str, ...]) -> None:
 
 
 def _take(uri: str, folder: str, me: Holder, body: bytes, stale_after_s: float) -> Lease:
-    for _ in range(_TRIES):
+    for attempt in range(_TRIES):
         tag = _write_new(uri, folder, body)
         if tag is not None:
             if storage.is_s3(uri):
@@ -217,6 +221,10 @@ def _take(uri: str, folder: str, me: Holder, body: bytes, stale_after_s: float) 
             raise
         other = _parse(data)
         age = info.age_s if info.age_s is not None else 0.0  # the store's clock, not ours
+        young = age < _WRITING_S and attempt < _TRIES - 1
+        if other is None and young and not storage.is_s3(uri):
+            time.sleep(0.2)  # a lock being written where there are no hard links: read again
+            continue
         why = _dead(other, age, stale_after_s)
         if why is None:
             raise _busy(uri, folder, other, age, stale_after_s)
@@ -370,8 +378,8 @@ def _set_aside(uri: str, etag: str) -> None:
         return
     try:
         if storage.object_info(aside).etag != etag:
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, path)  # renewed after all: its holder keeps it
+            # renewed after all: its holder keeps it (the same bytes, so its next renewal holds)
+            storage.write_new(path, Path(aside).read_bytes())
     finally:
         os.unlink(aside)
 

@@ -913,7 +913,9 @@ def write_new(uri: str, data: bytes) -> str | None:
 
     Of several writers racing for one name, exactly one gets a tag. Locally the bytes go to a
     temporary file, fsynced, then hard-linked to the name (``link`` fails where the name exists,
-    and a reader never sees part of the file). On S3 a PUT with ``If-None-Match: *`` (AWS since
+    and a reader never sees part of the file); on a file system without hard links (exFAT and
+    FAT drives, many SMB shares: ``link`` fails with EPERM or EOPNOTSUPP) the name is created
+    with ``O_EXCL`` and written, so a reader may see it empty or part-written for a moment. On S3 a PUT with ``If-None-Match: *`` (AWS since
     2024, MinIO, moto; an S3-compatible store that ignores the header overwrites instead, which
     :mod:`keeper_core.run_lock` checks for).
 
@@ -934,6 +936,11 @@ def write_new(uri: str, data: bytes) -> str | None:
                     os.link(tmp, path)
                 except FileExistsError:
                     return None
+                except OSError as e:
+                    if e.errno not in _NO_HARD_LINKS:
+                        raise
+                    if not _create_exclusive(path, data):
+                        return None
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
@@ -949,6 +956,24 @@ def write_new(uri: str, data: bytes) -> str | None:
             return None
         raise
     return str(resp["ETag"]).strip('"')
+
+
+#: ``link(2)``'s answers on a file system that has no hard links (Linux's exfat and vfat: EPERM;
+#: macOS's msdos and exfat, SMB shares: EOPNOTSUPP / ENOTSUP)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+
+def _create_exclusive(path: Path, data: bytes) -> bool:
+    """Create ``path`` with ``O_EXCL`` and write ``data`` (fsynced); False where it was there."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
 
 
 def replace_if_unchanged(uri: str, data: bytes, etag: str) -> str | None:
