@@ -131,27 +131,31 @@ def test_a_lock_on_s3_is_aged_by_the_stores_clock_not_this_hosts(
     assert _lock(folder)["host"] == "other-host"
 
 
-@pytest.fixture
-def store_ignoring_if_none_match(s3_bucket: str) -> Iterator[str]:
-    """moto reached by a client that drops ``If-None-Match`` from every PUT: what keeper sees
-    of a store that ignores the header (an older MinIO): the PUT overwrites."""
+@pytest.fixture(params=["IfNoneMatch", "IfMatch"])
+def store_ignoring_a_condition(request: pytest.FixtureRequest, s3_bucket: str) -> Iterator[str]:
+    """moto reached by a client that drops one condition from every PUT: what keeper sees of a
+    store that ignores that header (an older MinIO): the PUT overwrites."""
     events = storage.s3_client().meta.events
+    header = request.param
 
     def drop(params: dict[str, object], **_: object) -> None:
-        params.pop("IfNoneMatch", None)
+        params.pop(header, None)
 
-    events.register("before-parameter-build.s3.PutObject", drop, unique_id="ignore-inm")
+    events.register("before-parameter-build.s3.PutObject", drop, unique_id="ignore-cond")
     try:
         yield s3_bucket
     finally:
-        events.unregister("before-parameter-build.s3.PutObject", unique_id="ignore-inm")
+        events.unregister("before-parameter-build.s3.PutObject", unique_id="ignore-cond")
 
 
 def test_a_store_that_ignores_conditional_writes_is_refused_before_any_work(
-    store_ignoring_if_none_match: str,
+    store_ignoring_a_condition: str, request: pytest.FixtureRequest
 ) -> None:
-    folder = f"s3://{store_ignoring_if_none_match}/out"
-    refused = pytest.raises(StorageError, match=r"ignored If-None-Match .* KEEPER_OUTPUT_LOCK=off")
+    folder = f"s3://{store_ignoring_a_condition}/out"
+    header = {"IfNoneMatch": "If-None-Match", "IfMatch": "If-Match"}[
+        request.node.callspec.params["store_ignoring_a_condition"]
+    ]
+    refused = pytest.raises(StorageError, match=rf"ignored {header} .* KEEPER_OUTPUT_LOCK=off")
     with refused, holding(folder, job="keeper embed"):
         pytest.fail("the block ran without a lock that keeps a second run out")
     assert not storage.exists(storage.join(folder, LOCK_NAME))

@@ -30,10 +30,10 @@ while it works:
 A lock that cannot be read as keeper's (another tool's file by that name) is never taken over
 by age alone: the error names it, to be removed by hand.
 
-On S3 the lock needs conditional writes. A store that refuses ``If-None-Match`` (501
-NotImplemented), or ignores it (an older MinIO: the PUT overwrites), cannot keep a second run
-out; the first run there finds out (a second create of its own lock must fail, and it does not)
-and stops before any work, naming the store. ``KEEPER_OUTPUT_LOCK=off`` in the job's environment
+On S3 the lock needs conditional writes. A store that refuses ``If-None-Match`` or ``If-Match``
+(501 NotImplemented), or ignores one (an older MinIO: the PUT overwrites), cannot keep a second
+run out; each run there finds out (a second create of its own lock, and a replace of another
+version, must fail: two requests) and stops before any work, naming the store. ``KEEPER_OUTPUT_LOCK=off`` in the job's environment
 runs without the lock, for such a store, where the operator keeps one run per output.
 """
 
@@ -210,7 +210,12 @@ def _take(uri: str, folder: str, me: Holder, body: bytes, stale_after_s: float) 
         tag = _write_new(uri, folder, body)
         if tag is not None:
             if storage.is_s3(uri):
-                _check_exclusive(uri, folder, body)
+                try:
+                    _check_exclusive(uri, folder, body)
+                except BaseException:
+                    with contextlib.suppress(StorageError):
+                        storage.delete(uri)  # not left behind for the next run to wait on
+                    raise
             return Lease(uri, me, tag)
         try:
             data = storage.read_bytes(uri, max_bytes=_MAX_LOCK_BYTES)
@@ -250,15 +255,21 @@ def _write_new(uri: str, folder: str, body: bytes) -> str | None:
 
 
 def _check_exclusive(uri: str, folder: str, body: bytes) -> None:
-    """The lock just written must refuse a second create: on a store that ignores
-    ``If-None-Match`` the second PUT succeeds, and so would another run's. One request a run."""
-    if storage.write_new(uri, body) is None:
-        return
-    with contextlib.suppress(StorageError):
-        storage.delete(uri)
-    raise _no_lock_here(
-        uri, folder, "ignored If-None-Match (a second create of the lock succeeded)"
-    )
+    """The lock just written must refuse a second create (``If-None-Match``) and a replace of
+    another version (``If-Match``, what renewals and takeovers use): a store that ignores either
+    lets another run in, or a takeover overwrite a live run's lock. Two requests a run."""
+    try:
+        if storage.write_new(uri, body) is not None:
+            what = "ignored If-None-Match (a second create of the lock succeeded)"
+        elif storage.replace_if_unchanged(uri, body, "0" * 32) is not None:
+            what = "ignored If-Match (a replace of another version of the lock succeeded)"
+        else:
+            return
+    except StorageError as e:
+        if not storage.conditional_write_refused(e):
+            raise
+        what = f"refused a conditional PUT: {e}"
+    raise _no_lock_here(uri, folder, what)
 
 
 def _no_lock_here(uri: str, folder: str, what: str) -> StorageError:
