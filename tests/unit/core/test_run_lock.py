@@ -131,6 +131,13 @@ def test_a_lock_on_s3_is_aged_by_the_stores_clock_not_this_hosts(
     assert _lock(folder)["host"] == "other-host"
 
 
+def test_a_store_that_gives_no_date_is_aged_by_this_hosts_clock() -> None:
+    then = time.time() - 700
+    assert run_lock._age(storage.ObjectInfo(1, "e", mtime=then, age_s=None)) >= 700
+    assert run_lock._age(storage.ObjectInfo(1, "e", mtime=then, age_s=12.0)) == 12.0
+    assert run_lock._age(storage.ObjectInfo(1, "e")) == 0.0
+
+
 @pytest.fixture(params=["IfNoneMatch", "IfMatch"])
 def store_ignoring_a_condition(request: pytest.FixtureRequest, s3_bucket: str) -> Iterator[str]:
     """moto reached by a client that drops one condition from every PUT: what keeper sees of a

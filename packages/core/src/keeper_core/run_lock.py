@@ -225,7 +225,7 @@ def _take(uri: str, folder: str, me: Holder, body: bytes, stale_after_s: float) 
                 continue  # released in the meantime: try again
             raise
         other = _parse(data)
-        age = info.age_s if info.age_s is not None else 0.0  # the store's clock, not ours
+        age = _age(info)
         young = age < _WRITING_S and attempt < _TRIES - 1
         if other is None and young and not storage.is_s3(uri):
             time.sleep(0.2)  # a lock being written where there are no hard links: read again
@@ -242,6 +242,13 @@ def _take(uri: str, folder: str, me: Holder, body: bytes, stale_after_s: float) 
             continue
         _set_aside(uri, info.etag)
     raise BusyError(f"{folder}: could not take its lock ({uri}): other runs keep taking it")
+
+
+def _age(info: storage.ObjectInfo) -> float:
+    """A lock's age: by the store's clock where it says (S3's Date), else by this host's."""
+    if info.age_s is not None:
+        return info.age_s
+    return time.time() - info.mtime if info.mtime is not None else 0.0
 
 
 def _write_new(uri: str, folder: str, body: bytes) -> str | None:
