@@ -33,8 +33,9 @@ by age alone: the error names it, to be removed by hand.
 On S3 the lock needs conditional writes. A store that refuses ``If-None-Match`` or ``If-Match``
 (501 NotImplemented), or ignores one (an older MinIO: the PUT overwrites), cannot keep a second
 run out; each run there finds out (a second create of its own lock, and a replace of another
-version, must fail: two requests) and stops before any work, naming the store. ``KEEPER_OUTPUT_LOCK=off`` in the job's environment
-runs without the lock, for such a store, where the operator keeps one run per output.
+version, must fail: two requests) and stops before any work, naming the store.
+``KEEPER_OUTPUT_LOCK=off`` in the job's environment runs without the lock, for such a store,
+where the operator keeps one run per output.
 """
 
 from __future__ import annotations

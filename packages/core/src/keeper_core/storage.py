@@ -915,9 +915,9 @@ def write_new(uri: str, data: bytes) -> str | None:
     temporary file, fsynced, then hard-linked to the name (``link`` fails where the name exists,
     and a reader never sees part of the file); on a file system without hard links (exFAT and
     FAT drives, many SMB shares: ``link`` fails with EPERM or EOPNOTSUPP) the name is created
-    with ``O_EXCL`` and written, so a reader may see it empty or part-written for a moment. On S3 a PUT with ``If-None-Match: *`` (AWS since
-    2024, MinIO, moto; an S3-compatible store that ignores the header overwrites instead, which
-    :mod:`keeper_core.run_lock` checks for).
+    with ``O_EXCL`` and written, so a reader may see it empty or part-written for a moment. On
+    S3 a PUT with ``If-None-Match: *`` (AWS since 2024, MinIO, moto; an S3-compatible store that
+    ignores the header overwrites instead, which :mod:`keeper_core.run_lock` checks for).
 
     Raises:
         StorageError: the write failed for another reason.
