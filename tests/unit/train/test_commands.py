@@ -45,12 +45,21 @@ def subparser(name: str) -> argparse.ArgumentParser:
 
 
 def overrides_of(argv: list[str]) -> list[str]:
-    """The ``key=value`` overrides ``keeper ARGV`` hands its job (--config and --json left out)."""
-    parser = subparser(argv[0])
-    skip = ("config", "json", "overrides", *{"pick": commands.PICK_NESTED}.get(argv[0], {}))
-    return commands.as_overrides(
-        commands.given(parser.parse_args(argv[1:]), commands.dests(parser, skip=skip))
-    )
+    """The ``key=value`` overrides ``keeper ARGV`` hands its job's ``main`` (the command run
+    for real, the job's ``main`` replaced for the call; --config and --json left out)."""
+    module = importlib.import_module(f"keeper_train.jobs.{JOB_CONFIGS[argv[0]][0]}")
+    seen: list[list[str]] = []
+    real = module.main
+    module.main = lambda a: seen.append(list(a)) or 0
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    finally:
+        module.main = real
+    (forwarded,) = seen
+    while forwarded[:1] in (["--config"], ["--json"]):
+        forwarded = forwarded[2:]
+    return forwarded
 
 
 # keeper COMMAND -> (the module its flags go to as key=value overrides, its config class)
