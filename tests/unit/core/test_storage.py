@@ -424,3 +424,30 @@ def test_read_head_and_delete(where: str, tmp_path: Path, request: pytest.Fixtur
     storage.delete(uri)  # idempotent
     with pytest.raises(StorageError):
         storage.read_head(uri)
+
+
+def test_local_replace_if_unchanged_compares_again_after_the_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change that lands while the new file is written and fsynced (milliseconds on a busy
+    disk) is not written over: the bytes are compared again just before the rename."""
+    uri = str(tmp_path / "lock.json")
+    tag = storage.write_new(uri, b"mine, v1")
+    assert tag is not None
+    new = storage.replace_if_unchanged(uri, b"mine, v2", tag)
+    assert new == hashlib.sha256(b"mine, v2").hexdigest()
+    assert storage.replace_if_unchanged(uri, b"mine, v3", tag) is None  # v1's tag: stale
+
+    real = storage.replace_file
+
+    def someone_writes_meanwhile(path: str, data: bytes, *, check: Any) -> Any:
+        def slow_fsync_then_check(tmp: str) -> None:
+            Path(uri).write_bytes(b"theirs")  # lands during our write and fsync
+            check(tmp)
+
+        return real(path, data, check=slow_fsync_then_check)
+
+    monkeypatch.setattr(storage, "replace_file", someone_writes_meanwhile)
+    assert storage.replace_if_unchanged(uri, b"mine, v3", new) is None
+    assert Path(uri).read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lock.json"]  # no temporary left

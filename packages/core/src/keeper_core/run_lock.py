@@ -27,6 +27,13 @@ while it works:
   a rename of the stale file, which one run alone can make), and logged with the old holder.
 - **At the end**, success or error, the lock is removed if it is still this run's.
 
+Locally a renewal compares the lock, writes and fsyncs its new version beside it, compares
+again and renames (``storage.replace_if_unchanged``; a local file has no compare-and-swap): a
+takeover landing in the microseconds between the second compare and the rename is written over
+once, and the taker's own next renewal finds the lock not its own and says so. A takeover needs
+a lock unrenewed for ``stale_after_s`` or a holder whose process is gone, so this takes a holder
+paused inside that window and resumed at that moment.
+
 A lock that cannot be read as keeper's (another tool's file by that name) is never taken over
 by age alone: the error names it, to be removed by hand.
 

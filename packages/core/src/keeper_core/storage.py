@@ -981,20 +981,32 @@ def replace_if_unchanged(uri: str, data: bytes, etag: str) -> str | None:
     ``etag`` (a tag :func:`write_new` or this function gave; on S3 also :func:`object_info`'s);
     the new tag, or None where it changed or is gone.
 
-    On S3 a PUT with ``If-Match`` (one of several writers holding the same tag wins). Locally a
-    read and compare of the bytes, then an atomic rename over the file: two writers on one
-    machine could both pass the compare within the same moment, so a caller that must be the
-    only winner there arranges that itself (:mod:`keeper_core.run_lock` takes a stale lock over
-    by a rename).
+    On S3 a PUT with ``If-Match`` (one of several writers holding the same tag wins). Locally the
+    bytes are compared, the new file written and fsynced beside it, the bytes compared again and
+    only then renamed over it: a change that lands in the microseconds between the second
+    compare and the rename is still written over (the fsync, milliseconds on a busy disk, is no
+    longer inside that window), so a caller that must be the only winner there arranges that
+    itself (:mod:`keeper_core.run_lock` takes a stale lock over by a rename).
 
     Raises:
         StorageError: the write failed for another reason.
     """
     if not is_s3(uri):
-        now = read_if_exists(uri)
-        if now is None or hashlib.sha256(now).hexdigest() != etag:
+
+        def unchanged() -> bool:
+            now = read_if_exists(uri)
+            return now is not None and hashlib.sha256(now).hexdigest() == etag
+
+        def still_unchanged(_tmp: str) -> None:
+            if not unchanged():
+                raise _Changed
+
+        if not unchanged():
             return None
-        write_bytes(uri, data)
+        try:
+            replace_file(uri, data, check=still_unchanged)
+        except _Changed:
+            return None
         return hashlib.sha256(data).hexdigest()
     bucket, key = _s3_object(uri)
     try:
@@ -1011,6 +1023,10 @@ def replace_if_unchanged(uri: str, data: bytes, etag: str) -> str | None:
             return None
         raise
     return str(resp["ETag"]).strip('"')
+
+
+class _Changed(Exception):
+    """:func:`replace_if_unchanged`'s second compare failed: the file changed meanwhile."""
 
 
 def conditional_write_refused(e: StorageError) -> bool:
