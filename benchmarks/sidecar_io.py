@@ -63,7 +63,15 @@ from keeper_core.handback import plan_sidecars
 from keeper_train.jobs import pick, xmp_feedback
 
 NOT_XMP = b"\x00\x01 not an XMP sidecar"
-PATCHED = ("exists", "read_bytes", "read_if_exists", "write_bytes", "read_head", "read_range")
+PATCHED = (
+    "exists",
+    "object_info_if_exists",
+    "read_bytes",
+    "read_if_exists",
+    "write_bytes",
+    "read_head",
+    "read_range",
+)
 
 
 def photos(n: int, input_root: str, pair_every: int) -> pd.DataFrame:
