@@ -165,9 +165,8 @@ def former_export_s3(src: str, dst: str, recorded: str | None) -> Any:
 def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[dict[str, Any]]:
     """Originals and copies in one moto bucket, all copied; the re-run's requests, downloaded
     bytes and time (``--latency-ms`` before each request), the former export against today's."""
-    from collections import Counter
-
     from sidecar_io import moto_bucket
+    from sidecar_s3_requests import counted_s3_calls
 
     from keeper_core import handback, storage
 
@@ -183,11 +182,7 @@ def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[di
 
         if export().exported != len(src):
             raise SystemExit("the first export from S3 to S3 failed")
-        calls: Counter[str] = Counter()
         got = [0]
-
-        def before(model: Any, **_: Any) -> None:
-            calls[model.name] += 1
 
         def after(http_response: Any, model: Any, **_: Any) -> None:
             if model.name == "GetObject":
@@ -197,7 +192,6 @@ def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[di
             time.sleep(args.latency_ms / 1000)
 
         events = storage.s3_client().meta.events
-        events.register("before-call.s3", before, unique_id="bench-count")
         events.register("after-call.s3", after, unique_id="bench-bytes")
         events.register("before-send.s3", wait, unique_id="bench-wait")
         real = handback._export_s3
@@ -206,11 +200,11 @@ def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[di
                 handback._export_s3 = fn  # type: ignore[assignment]
                 times = []
                 for _ in range(args.repeats):
-                    calls.clear()
                     got[0] = 0
-                    t0 = time.perf_counter()
-                    res = export()
-                    times.append(time.perf_counter() - t0)
+                    with counted_s3_calls() as calls:
+                        t0 = time.perf_counter()
+                        res = export()
+                        times.append(time.perf_counter() - t0)
                     if res.already_there != len(src) or res.failed:
                         raise SystemExit(f"{name}: the re-run found changes: {res}")
                 rows.append(
@@ -226,7 +220,6 @@ def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[di
                 )
         finally:
             handback._export_s3 = real  # type: ignore[assignment]
-            events.unregister("before-call.s3", unique_id="bench-count")
             events.unregister("after-call.s3", unique_id="bench-bytes")
             events.unregister("before-send.s3", unique_id="bench-wait")
     return rows
