@@ -359,11 +359,12 @@ def test_a_corpus_of_another_model_fails_the_replica(
         client_with(FakeVlm(), str(tmp_path))
 
 
-def test_a_siglip_style_encoder_is_refused_as_keeper_select_refuses_it(
+def test_a_siglip_style_encoder_selects_at_its_own_scale_its_bias_cancelling(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A model scoring with a logit bias: /v1/select's calibration is CLIP's (409, not wrong
-    probabilities), and the server keeps serving."""
+    """A model scoring with a logit bias (SigLIP): S_clip is sigmoid(scale * (c+ - c-)) at the
+    model's own scale, whatever the bias (it cancels in the two-way choice; keeper_core.cascade)."""
+    bias = -12.5
 
     class SiglipEncoder(FakeEncoder):
         info = Remote(
@@ -372,19 +373,24 @@ def test_a_siglip_style_encoder_is_refused_as_keeper_select_refuses_it(
                 "embed_dim": DIM,
                 "image_size": 64,
                 "random_weights": True,
-                "logit_scale": 10.0,
-                "logit_bias": True,
+                "logit_scale": 7.0,
+                "logit_bias": bias,
             }
         )
 
     with ingress_clients(monkeypatch, TOKEN) as make:
         args = KeeperAppArgs(clip_model=SPEC, limits=LIMITS)
         client = make(SiglipEncoder(), FakeRanker(), FakeVlm(), args)
-        r = client.post("/v1/select", json=body([photo(1), photo(2)]), headers=AUTH)
-        assert r.status_code == 409, r.text
-        assert r.json()["error"]["code"] == "unsupported_model"
-        assert "logit bias" in r.json()["error"]["message"]
-        assert client.get("/healthz").status_code == 200
+        r = client.post("/v1/select", json=body([photo(i) for i in range(4)]), headers=AUTH)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        check_accounting(out, 4)
+        assert out["models"]["logit_scale"] == 7.0
+        raw = np.array([c["clip_raw"] for c in out["candidates"]])
+        got = np.array([c["clip"] for c in out["candidates"]])
+        np.testing.assert_allclose(got, 1 / (1 + np.exp(-7.0 * raw)), rtol=1e-6)
+        models = client.get("/v1/models", headers=AUTH).json()
+        assert models["clip"]["logit_bias"] == bias
 
 
 def test_a_huge_corpus_file_is_refused_without_being_read_whole(

@@ -44,8 +44,14 @@ ViT-B-32), so no fixed weight balances them against a probability. The negative 
 required: without it ``sigmoid(100 * c+)`` is ~1 for every image. A query without negatives
 passes the embedding of a neutral anchor prompt (``NEUTRAL_PROMPT``, "a photo"); appending the
 anchor to a query's own negatives too keeps an image that is neither wanted nor unwanted from
-scoring 0.5. (SigLIP-style models score ``sigmoid(scale * cos + bias)`` instead; they need their
-own calibration.)
+scoring 0.5.
+
+SigLIP-style models (a learned ``logit_bias``) use the same formula at their own scale. SigLIP is
+trained to give each image-text pair an independent probability ``sigmoid(l)``, with
+``l = scale * cos + bias``. Given that an image matches exactly one of two prompts, the
+probability that it is the first is ``sigmoid(l+)(1 - sigmoid(l-))`` over that plus
+``sigmoid(l-)(1 - sigmoid(l+))``, which is ``sigmoid(l+ - l-) = sigmoid(scale * (c+ - c-))``:
+the bias cancels, and ``S_clip`` is the model's own two-way probability for CLIP and SigLIP alike.
 """
 
 from __future__ import annotations

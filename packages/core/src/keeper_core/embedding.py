@@ -86,6 +86,12 @@ class ClipEmbedder:
         return float(scale.detach().float().exp().cpu())
 
     @property
+    def logit_bias(self) -> float | None:
+        """A SigLIP-style model's learned bias (``logits = scale * cos + bias``); None for CLIP."""
+        bias = getattr(self.clip.model, "logit_bias", None)
+        return float(bias.detach().float().cpu()) if isinstance(bias, torch.Tensor) else None
+
+    @property
     def is_random(self) -> bool:
         """True when the weights are random: scores from this model mean nothing."""
         return self.clip.spec.is_random

@@ -582,6 +582,11 @@ class ClipInfo(BaseModel):
     image_size: int
     random_weights: bool = Field(description="true: scores from this model mean nothing")
     logit_scale: float = Field(description="exp of the model's learned logit scale")
+    logit_bias: float | None = Field(
+        default=None,
+        description="a SigLIP-style model's learned logit bias; null for CLIP (it cancels in "
+        "/v1/select's two-way relevance)",
+    )
 
 
 #: What a served ranker is: a head over the encoder's embeddings, or a fine-tuned ranker that

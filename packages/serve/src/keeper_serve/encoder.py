@@ -94,8 +94,7 @@ class ClipEncoder:
             "image_size": self.embedder.clip.image_size,
             "random_weights": self.embedder.is_random,
             "logit_scale": self.embedder.logit_scale,
-            # SigLIP-style: scores with a bias, which /v1/select's calibration (CLIP's) lacks
-            "logit_bias": getattr(self.embedder.clip.model, "logit_bias", None) is not None,
+            "logit_bias": self.embedder.logit_bias,
         }
 
     async def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:

@@ -1380,13 +1380,6 @@ class KeeperIngress:
         prompts = req.checked_texts()
         self.images.check_texts(prompts, req.texts_label)
         clip, vlm_info = await asyncio.gather(self._clip(), self._vlm())
-        if clip.get("logit_bias"):  # as keeper select refuses it
-            raise ApiError(
-                409,
-                "unsupported_model",
-                f"{clip['spec']} scores with a logit bias (SigLIP-style): /v1/select's "
-                "calibration sigmoid(scale * (c+ - c-)) is CLIP's; such a model needs its own",
-            )
         sel = self.args.select
         config = req.cascade(clip["logit_scale"], sel.top_n, sel.top_k)
         n = len(req.ids) or len(refs)

@@ -374,11 +374,11 @@ def prompt_embeddings(
     """Embed every prompt with the table's CLIP model; resolve ``logit_scale``.
 
     The text tower runs on the driver's CPU: a few prompts, and the driver's GPU (if any) is the
-    actors'. ``cascade.logit_scale`` is the model's ``logit_scale.exp()`` unless set.
+    actors'. ``cascade.logit_scale`` is the model's ``logit_scale.exp()`` unless set; a
+    SigLIP-style model's logit bias cancels in the cascade's two-way relevance (keeper_core.cascade).
 
     Raises:
         ModelLoadError: the spec does not load.
-        ConfigError: a SigLIP-style model (a logit bias): the cascade's calibration is CLIP's.
     """
     from keeper_core.embedding import ClipEmbedder
 
@@ -389,12 +389,6 @@ def prompt_embeddings(
         embedder = ClipEmbedder(spec, device="cpu")
     finally:
         root.setLevel(level)
-    model: Any = embedder.clip.model
-    if getattr(model, "logit_bias", None) is not None:
-        raise ConfigError(
-            f"{spec} scores with a logit bias (SigLIP-style): the cascade's calibration "
-            "sigmoid(scale * (c+ - c-)) is CLIP's; such a model needs its own"
-        )
     texts = list(dict.fromkeys(t for q in queries for t in (*q.positive, *q.negatives)))
     table = embedder.prompt_embeddings(texts)
     if "logit_scale" in cascade.model_fields_set:
