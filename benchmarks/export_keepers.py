@@ -1,7 +1,7 @@
 """What ``keeper pick --copy-keepers`` costs against a plain copy of the same files.
 
     .venv/bin/python benchmarks/export_keepers.py [--n 100] [--mib 8] [--repeats 3] \
-        [--work-dir DIR] [--s3-threads 16] [--s3-rerun] [--latency-ms 20] \
+        [--work-dir DIR] [--s3-threads 16] [--s3-rerun] [--s3-unpick] [--latency-ms 20] \
         [--out benchmarks/results/export-keepers.json]
 
 ``export_keepers(mode="copy")`` copies each keeper to a temporary file, fsyncs it and renames it
@@ -28,6 +28,12 @@ downloaded and compared; its text is kept below) and with today's (the copy told
 side by side on the same objects: requests by operation, bytes downloaded, and the time with
 ``--latency-ms`` slept before each request (botocore's ``before-send``), on ``io_threads`` 16.
 
+With ``--s3-unpick``, a fourth: the same bucket's copies taken back as ``keeper unpick --keepers``
+does (``remove_keepers_export``), each variant on a fresh export of the same objects: keeper
+before 2026-12-07 (its record held no ETags, so each copy was downloaded and hashed, one at a
+time: run here as a record without ETags and ``io_threads`` 1), the ETags alone (one thread),
+and today's (ETags, ``io_threads`` 16); requests, bytes downloaded and time as above.
+
 With ``--s3-threads N``, a second table: the originals on a ``moto_server`` on loopback (as
 ``keeper pick --input s3://... --copy-keepers DIR`` reads them), exported to a local folder with
 ``io_threads`` 1 and N, the first copy, each cell the best of ``--repeats``, also with
@@ -38,12 +44,14 @@ sleep is simulated, moto's own CPU on this machine's cores is not).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,9 +174,8 @@ def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[di
     """Originals and copies in one moto bucket, all copied; the re-run's requests, downloaded
     bytes and time (``--latency-ms`` before each request), the former export against today's."""
     from sidecar_io import moto_bucket
-    from sidecar_s3_requests import counted_s3_calls
 
-    from keeper_core import handback, storage
+    from keeper_core import handback
 
     rows = []
     with moto_bucket(work) as bucket:
@@ -182,26 +189,14 @@ def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[di
 
         if export().exported != len(src):
             raise SystemExit("the first export from S3 to S3 failed")
-        got = [0]
-
-        def after(http_response: Any, model: Any, **_: Any) -> None:
-            if model.name == "GetObject":
-                got[0] += int(http_response.headers.get("content-length", 0))
-
-        def wait(**_: Any) -> None:
-            time.sleep(args.latency_ms / 1000)
-
-        events = storage.s3_client().meta.events
-        events.register("after-call.s3", after, unique_id="bench-bytes")
-        events.register("before-send.s3", wait, unique_id="bench-wait")
         real = handback._export_s3
         try:
             for name, fn in (("former", former_export_s3), ("keeper", real)):
                 handback._export_s3 = fn  # type: ignore[assignment]
+                export()  # untimed: the record as this export leaves it (the former drops ETags)
                 times = []
                 for _ in range(args.repeats):
-                    got[0] = 0
-                    with counted_s3_calls() as calls:
+                    with measured_s3(args.latency_ms) as (calls, got):
                         t0 = time.perf_counter()
                         res = export()
                         times.append(time.perf_counter() - t0)
@@ -220,8 +215,83 @@ def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[di
                 )
         finally:
             handback._export_s3 = real  # type: ignore[assignment]
-            events.unregister("after-call.s3", unique_id="bench-bytes")
-            events.unregister("before-send.s3", unique_id="bench-wait")
+    return rows
+
+
+@contextlib.contextmanager
+def measured_s3(latency_ms: float) -> Iterator[tuple[Any, list[int]]]:
+    """Inside the block, ``latency_ms`` slept before each S3 request keeper's client sends; yields
+    the requests by operation and ``[bytes downloaded]``, filled in as the block runs."""
+    from sidecar_s3_requests import counted_s3_calls
+
+    from keeper_core import storage
+
+    got = [0]
+
+    def after(http_response: Any, model: Any, **_: Any) -> None:
+        if model.name == "GetObject":
+            got[0] += int(http_response.headers.get("content-length", 0))
+
+    def wait(**_: Any) -> None:
+        time.sleep(latency_ms / 1000)
+
+    events = storage.s3_client().meta.events
+    events.register("after-call.s3", after, unique_id="bench-bytes")
+    events.register("before-send.s3", wait, unique_id="bench-wait")
+    try:
+        with counted_s3_calls() as calls:
+            yield calls, got
+    finally:
+        events.unregister("after-call.s3", unique_id="bench-bytes")
+        events.unregister("before-send.s3", unique_id="bench-wait")
+
+
+def s3_unpick_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[dict[str, Any]]:
+    """Copies in a moto bucket taken back (``remove_keepers_export``), each variant on a fresh
+    export: the former (no ETags in the record, one thread), ETags on one thread, today's."""
+    from sidecar_io import moto_bucket
+
+    from keeper_core import storage
+    from keeper_core.handback import EXPORT_RECORD, remove_keepers_export
+
+    rows = []
+    with moto_bucket(work) as bucket:
+        src = upload(uris, root, f"{bucket}/photos")
+        dest = f"{bucket}/keepers"
+        variants = (("former", False, 1), ("ETags, 1 thread", True, 1), ("keeper", True, 16))
+        for name, etags, threads in variants:
+            times = []
+            for _ in range(args.repeats):
+                res = export_keepers(
+                    src, input_root=f"{bucket}/photos", dest=dest, mode="copy", io_threads=16
+                )
+                if res.exported != len(src):
+                    raise SystemExit(f"{name}: the export before taking back failed: {res}")
+                if not etags:  # the record keeper wrote before it kept ETags
+                    uri = storage.join(dest, EXPORT_RECORD)
+                    doc = json.loads(storage.read_bytes(uri))
+                    del doc["etags"]
+                    storage.write_bytes(uri, json.dumps(doc).encode())
+                with measured_s3(args.latency_ms) as (calls, got):
+                    t0 = time.perf_counter()
+                    done = remove_keepers_export(
+                        dest, src, input_root=f"{bucket}/photos", io_threads=threads
+                    )
+                    times.append(time.perf_counter() - t0)
+                if done.removed != len(src) or done.left or storage.list_files(dest):
+                    raise SystemExit(f"{name}: not every copy was taken back: {done}")
+            rows.append(
+                {
+                    "unpick": name,
+                    "io_threads": threads,
+                    "files": len(src),
+                    "latency_ms": args.latency_ms,
+                    "seconds": min(times),
+                    "requests": dict(sorted(calls.items())),
+                    "requests_total": sum(calls.values()),
+                    "downloaded_bytes": got[0],
+                }
+            )
     return rows
 
 
@@ -233,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work-dir", default=None, help="where the files go (default: a temp dir)")
     ap.add_argument("--s3-threads", type=int, default=0, help="also S3 -> local, 1 against N")
     ap.add_argument("--s3-rerun", action="store_true", help="also an S3 -> S3 re-run, A/B")
+    ap.add_argument("--s3-unpick", action="store_true", help="also taking S3 copies back, A/B")
     ap.add_argument("--latency-ms", type=float, default=20.0, help="simulated, the S3 tables")
     ap.add_argument("--out", default="benchmarks/results/export-keepers.json")
     args = ap.parse_args(argv)
@@ -319,6 +390,17 @@ def main(argv: list[str] | None = None) -> int:
             for r in record["s3_rerun"]:
                 print(
                     f"{r['export']:<8} {r['requests_total']:>9} "
+                    f"{r['downloaded_bytes'] / 1e6:>14.1f} {r['seconds']:>8.2f}  {r['requests']}"
+                )
+        if args.s3_unpick:
+            record["s3_unpick"] = s3_unpick_rows(uris, root, work, args)
+            print(f"\ntaking S3 copies back (moto_server), {args.latency_ms:.0f} ms a request")
+            print(
+                f"{'unpick':<16} {'requests':>9} {'downloaded MB':>14} {'seconds':>8}  by operation"
+            )
+            for r in record["s3_unpick"]:
+                print(
+                    f"{r['unpick']:<16} {r['requests_total']:>9} "
                     f"{r['downloaded_bytes'] / 1e6:>14.1f} {r['seconds']:>8.2f}  {r['requests']}"
                 )
         write_record(args.out, record)

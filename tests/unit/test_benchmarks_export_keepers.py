@@ -68,3 +68,27 @@ def test_the_s3_rerun_table_sets_the_former_export_beside_todays(tmp_path: Path)
     assert former["downloaded_bytes"] > 10 * int(0.02 * (1 << 20))
     assert keeper["downloaded_bytes"] < 1000  # the record alone
     assert "re-run from S3 to S3" in proc.stdout
+
+
+def test_the_s3_unpick_table_sets_the_former_removal_beside_todays(tmp_path: Path) -> None:
+    out = tmp_path / "export-keepers-s3-unpick.json"
+    cmd = [
+        sys.executable, str(ROOT / "benchmarks" / "export_keepers.py"),
+        "--n", "5", "--mib", "0.02", "--repeats", "1", "--s3-unpick", "--latency-ms", "1",
+        "--out", str(out), "--work-dir", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["s3_unpick"]
+    assert [(r["unpick"], r["io_threads"]) for r in rows] == [
+        ("former", 1),
+        ("ETags, 1 thread", 1),
+        ("keeper", 16),
+    ]
+    # the former: the record (a HEAD and a GET), then a GET a copy; with ETags a HEAD a copy
+    assert rows[0]["requests"] == {"DeleteObject": 6, "GetObject": 6, "HeadObject": 1}
+    for r in rows[1:]:
+        assert r["requests"] == {"DeleteObject": 6, "GetObject": 1, "HeadObject": 6}
+        assert r["downloaded_bytes"] < 1000  # the record alone
+    assert rows[0]["downloaded_bytes"] > 5 * int(0.02 * (1 << 20))
+    assert "taking S3 copies back" in proc.stdout

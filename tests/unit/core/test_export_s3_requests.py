@@ -4,7 +4,9 @@ it, where an ETag can say so, and still never overwrites a file that is not keep
 Requests are counted on keeper's own S3 client (botocore's ``before-call`` event). A re-run over
 unchanged keepers: S3 to S3 with keeper's record, two HEADs and no GET (it was five requests and
 both objects downloaded); a multipart original (its ETag no MD5) is downloaded once, the copy
-not; S3 to a local folder and a local folder to S3, no GET.
+not; S3 to a local folder and a local folder to S3, no GET. Taking the copies back
+(``remove_keepers_export``, what ``keeper unpick --keepers`` runs) tells keeper's copies by the
+ETags the record keeps: a HEAD each, no download, where it read every copy whole.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from keeper_core import storage
-from keeper_core.handback import EXPORT_RECORD, export_keepers
+from keeper_core.handback import EXPORT_RECORD, export_keepers, remove_keepers_export
 
 
 @contextmanager
@@ -133,3 +135,81 @@ def test_what_is_not_keepers_copy_is_still_refused_and_keepers_copy_replaced(
     assert storage.read_bytes(storage.join(dest, "day1/IMG_1.JPG")) == bytes(reversed(photos[1]))
     assert storage.read_bytes(storage.join(dest, "day1/IMG_0.JPG")) == bytes(len(photos[0]))
     assert storage.read_bytes(storage.join(dest, "day1/IMG_2.JPG")) == bytes(len(photos[2]))
+
+
+def _record(dest: str) -> dict[str, object]:
+    doc: dict[str, object] = json.loads(storage.read_bytes(storage.join(dest, EXPORT_RECORD)))
+    return doc
+
+
+@pytest.mark.parametrize("origin", ["s3", "local"])
+def test_the_record_keeps_each_s3_copys_etag_and_taking_them_back_reads_none(
+    s3_bucket: str, tmp_path: Path, origin: str
+) -> None:
+    photos = _photos(4)
+    dest = f"s3://{s3_bucket}/keepers"
+    if origin == "s3":
+        root = f"s3://{s3_bucket}/photos"
+        uris = _put_s3(root, photos)
+    else:
+        root = str(tmp_path / "photos")
+        uris = [str(tmp_path / "photos" / "day1" / f"IMG_{i}.JPG") for i in range(len(photos))]
+        for uri, data in zip(uris, photos, strict=True):
+            storage.write_bytes(uri, data)
+    assert export_keepers(uris, input_root=root, dest=dest, mode="copy").exported == 4
+    etags = _record(dest)["etags"]
+    assert etags == {
+        f"day1/IMG_{i}.JPG": storage.object_info(storage.join(dest, f"day1/IMG_{i}.JPG")).etag
+        for i in range(4)
+    }
+    # IMG_0: changed by a person (same size: its ETag differs, so it is read and hashed);
+    # IMG_1: gone; IMG_2: its recorded ETag no longer the object's, the bytes still keeper's
+    # (what SSE-KMS does to a rewrite of the same bytes): read, hashed, removed.
+    storage.write_bytes(storage.join(dest, "day1/IMG_0.JPG"), bytes(len(photos[0])))
+    storage.delete(storage.join(dest, "day1/IMG_1.JPG"))
+    doc = _record(dest)
+    doc["etags"] = {**etags, "day1/IMG_2.JPG": "0" * 32}  # type: ignore[dict-item]
+    storage.write_bytes(storage.join(dest, EXPORT_RECORD), json.dumps(doc).encode())
+
+    with counted() as calls:
+        done = remove_keepers_export(dest, uris, input_root=root, io_threads=4)
+
+    assert (done.removed, done.absent) == (2, 1)  # IMG_2, IMG_3; IMG_1
+    assert [p for p, _ in done.left] == [storage.join(dest, "day1/IMG_0.JPG")]
+    assert calls["GetObject"] == 3  # the record, IMG_0 and IMG_2; not IMG_3
+    assert calls["DeleteObject"] == 2
+    assert _record(dest) == {
+        "version": 1,
+        "files": {"day1/IMG_0.JPG": hashlib.sha256(photos[0]).hexdigest()},
+        "etags": {"day1/IMG_0.JPG": etags["day1/IMG_0.JPG"]},
+    }
+    left = sorted(u for u in storage.list_files(dest) if not u.endswith(EXPORT_RECORD))
+    assert left == [storage.join(dest, "day1/IMG_0.JPG")]
+
+
+def test_a_record_without_etags_still_takes_keepers_copies_back(s3_bucket: str) -> None:
+    """A record keeper wrote before it kept ETags: every copy is read and hashed, as then."""
+    root, dest = f"s3://{s3_bucket}/photos", f"s3://{s3_bucket}/keepers"
+    uris = _put_s3(root, _photos(2))
+    export_keepers(uris, input_root=root, dest=dest, mode="copy")
+    doc = _record(dest)
+    del doc["etags"]
+    storage.write_bytes(storage.join(dest, EXPORT_RECORD), json.dumps(doc).encode())
+    with counted() as calls:
+        done = remove_keepers_export(dest, uris, input_root=root)
+    assert (done.removed, done.left) == (2, [])
+    assert calls["GetObject"] == 3  # the record and both copies
+    assert not storage.exists(storage.join(dest, EXPORT_RECORD))
+
+
+def test_a_local_folders_record_has_no_etags(tmp_path: Path) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "A.JPG").write_bytes(b"jpeg")
+    dest = str(tmp_path / "keepers")
+    export_keepers(
+        [str(tmp_path / "photos" / "A.JPG")],
+        input_root=str(tmp_path / "photos"),
+        dest=dest,
+        mode="copy",
+    )
+    assert set(_record(dest)) == {"version", "files"}

@@ -1250,10 +1250,12 @@ _COPY_CHUNK = 1 << 20
 
 class _Exported(NamedTuple):
     """One image's export: ``exported``, ``already`` (the same file there) or ``updated``
-    (keeper's own earlier copy replaced), and the sha256 of the copy now there (None: a link)."""
+    (keeper's own earlier copy replaced), the sha256 of the copy now there (None: a link), and
+    its ETag where it is on S3 (what the record keeps to tell it later without a download)."""
 
     outcome: Literal["exported", "already", "updated"]
     digest: str | None
+    etag: str | None = None
 
 
 def _different(dst: str, recorded: str | None) -> _Refused:
@@ -1319,9 +1321,10 @@ def _export_s3(src: str, dst: str, recorded: str | None) -> _Exported:
     there = storage.object_info_if_exists(dst)
     if there is None:
         data = storage.read_bytes(src)
-        storage.write_bytes(dst, data)
-        return _Exported("exported", hashlib.sha256(data).hexdigest())
+        etag = storage.write_bytes(dst, data)
+        return _Exported("exported", hashlib.sha256(data).hexdigest(), etag)
     mine = storage.object_info(src)
+    kept_etag = there.etag if storage.is_s3(dst) else None
     read: dict[str, bytes] = {}
 
     def content(uri: str) -> bytes:
@@ -1331,19 +1334,19 @@ def _export_s3(src: str, dst: str, recorded: str | None) -> _Exported:
 
     if there.size == mine.size:
         if storage.is_s3(src) and storage.is_s3(dst) and there.etag == mine.etag and recorded:
-            return _Exported("already", recorded)
+            return _Exported("already", recorded, kept_etag)
         near, far = (dst, mine) if not storage.is_s3(dst) else (src, there)
         if _md5_is(far.etag, content(near)):
-            return _Exported("already", hashlib.sha256(content(near)).hexdigest())
+            return _Exported("already", hashlib.sha256(content(near)).hexdigest(), kept_etag)
     elif recorded is None:  # another size and no record of keeper's copy: refused unread
         raise _different(dst, None)
     data, old = content(src), content(dst)
     if old == data:
-        return _Exported("already", hashlib.sha256(old).hexdigest())
+        return _Exported("already", hashlib.sha256(old).hexdigest(), kept_etag)
     if hashlib.sha256(old).hexdigest() != recorded:
         raise _different(dst, recorded)
-    storage.write_bytes(dst, data)
-    return _Exported("updated", hashlib.sha256(data).hexdigest())
+    etag = storage.write_bytes(dst, data)
+    return _Exported("updated", hashlib.sha256(data).hexdigest(), etag)
 
 
 def _md5_is(etag: str, data: bytes) -> bool:
@@ -1356,27 +1359,54 @@ def _md5_is(etag: str, data: bytes) -> bool:
 #: the sha256 of what it wrote. A re-run tells its own copy, still as it left it, from a file a
 #: person changed or put there: the first is replaced when the original changed since (a JPEG's
 #: XMP rewritten by ``keeper pick --xmp embed`` as groups renumber, or by Lightroom), the
-#: second never overwritten. Links need none: they are the original.
+#: second never overwritten. Links need none: they are the original. On S3 it also keeps each
+#: copy's ETag (``etags``), so a copy still as keeper wrote it is told by a HEAD, not a download
+#: (an ETag changes whenever the object is written again; where it differs, as SSE-KMS ETags of
+#: the same bytes do, the copy is read and hashed). Records without ``etags`` (keeper before
+#: 2026-12-07, or a local folder) are read and hashed, as before.
 EXPORT_RECORD = ".keeper-export.json"
 
 
-def _read_export_record(dest: str) -> tuple[dict[str, str], str | None]:
+@dataclass
+class _Record:
+    """An export folder's record: each copy's sha256 and, on S3, its ETag, by relative path."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    etags: dict[str, str] = field(default_factory=dict)
+
+    def document(self) -> bytes:
+        doc: dict[str, Any] = {"version": 1, "files": dict(sorted(self.files.items()))}
+        etags = {rel: e for rel, e in sorted(self.etags.items()) if rel in self.files}
+        if etags:
+            doc["etags"] = etags
+        return json.dumps(doc).encode()
+
+
+def _read_export_record(dest: str) -> tuple[_Record, str | None]:
     """The record in ``dest`` (empty when there is none), and a problem reading it: a record
-    that cannot be read lets nothing be replaced (it is then written anew)."""
+    that cannot be read lets nothing be replaced (it is then written anew). ETags that are not
+    a map of strings are dropped (the copies are then hashed), which is no problem."""
     uri = storage.join(dest, EXPORT_RECORD)
     try:
         if not storage.exists(uri):
-            return {}, None
+            return _Record(), None
         doc = json.loads(storage.read_bytes(uri, max_bytes=_EXPORT_RECORD_MAX))
         files = doc["files"] if isinstance(doc, dict) and doc.get("version") == 1 else None
         if not isinstance(files, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and _HEX64.fullmatch(v)
             for k, v in files.items()
         ):
-            return {}, f"{uri} is not keeper's export record; no earlier copy will be replaced"
-        return dict(files), None
+            return _Record(), (
+                f"{uri} is not keeper's export record; no earlier copy will be replaced"
+            )
+        etags = doc.get("etags")
+        if not isinstance(etags, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and k in files for k, v in etags.items()
+        ):
+            etags = {}
+        return _Record(dict(files), dict(etags)), None
     except (StorageError, ValueError) as e:
-        return {}, f"{uri} cannot be read ({e}); no earlier copy will be replaced"
+        return _Record(), f"{uri} cannot be read ({e}); no earlier copy will be replaced"
 
 
 _EXPORT_RECORD_MAX = 1 << 30  # ~100 bytes a copy: ten million keepers
@@ -1428,8 +1458,8 @@ def export_keepers(
     if mode != "copy" and on_s3:
         raise ConfigError(f"mode={mode!r} links files on a local disk; S3 supports copy only")
     rels = _relatives(image_uris, input_root)
-    record, problem = _read_export_record(dest) if mode == "copy" else ({}, None)
-    copies = dict(record)
+    record, problem = _read_export_record(dest) if mode == "copy" else (_Record(), None)
+    copies = _Record(dict(record.files), dict(record.etags))
     outcomes = {"exported": 0, "already": 0, "updated": 0}
     failed: list[ExportFailure] = []
     s3_at_once = threading.BoundedSemaphore(_S3_EXPORTS_AT_ONCE)
@@ -1440,8 +1470,8 @@ def export_keepers(
         try:
             if storage.is_s3(uri) or storage.is_s3(target):
                 with s3_at_once:
-                    return _export_s3(uri, target, record.get(rel))
-            return _export_local(_local(uri), _local(target), mode, record.get(rel))
+                    return _export_s3(uri, target, record.files.get(rel))
+            return _export_local(_local(uri), _local(target), mode, record.files.get(rel))
         except (_Refused, StorageError) as e:
             return ExportFailure(uri, str(e))
         except OSError as e:
@@ -1458,19 +1488,23 @@ def export_keepers(
             failed.append(done)
             continue
         if done.digest is not None:
-            copies[rel] = done.digest
+            copies.files[rel] = done.digest
+            if done.etag is not None:
+                copies.etags[rel] = done.etag
+            else:
+                copies.etags.pop(rel, None)
         outcomes[done.outcome] += 1
     progress.done()
     exported_now = set(rels)
     not_kept = [
         storage.join(dest, rel)
-        for rel in sorted(record)
-        if rel not in exported_now and _still_keepers_copy(storage.join(dest, rel), record[rel])
+        for rel in sorted(record.files)
+        if rel not in exported_now
+        and _still_keepers_copy(storage.join(dest, rel), record.files[rel], record.etags.get(rel))
     ]
     if mode == "copy" and (copies != record or problem):
-        doc = {"version": 1, "files": dict(sorted(copies.items()))}
         try:
-            storage.write_bytes(storage.join(dest, EXPORT_RECORD), json.dumps(doc).encode())
+            storage.write_bytes(storage.join(dest, EXPORT_RECORD), copies.document())
         except StorageError as e:
             problem = (
                 f"{storage.join(dest, EXPORT_RECORD)} not written ({e}): the next run will not "
@@ -1503,14 +1537,20 @@ class KeepersRemoval:
 
 
 def remove_keepers_export(
-    dest: str, keepers: Sequence[str], *, input_root: str, dry_run: bool = False
+    dest: str,
+    keepers: Sequence[str],
+    *,
+    input_root: str,
+    dry_run: bool = False,
+    io_threads: int = 1,
 ) -> KeepersRemoval:
     """Take back what :func:`export_keepers` put in ``dest``: every copy its record names that
     is still byte for byte what keeper wrote (from any run), and every link to an original at
     its own path under ``input_root`` (a symlink to it, or a hard link that is its file: what
     any run's export made there, no record needed; removing a link loses no photo), then the
     folders that leaves empty. A copy changed since, and any file keeper did not make, stay
-    (listed in ``left``); the record keeps the copies left and goes when none are.
+    (listed in ``left``); the record keeps the copies left (not those already gone) and goes
+    when none are.
 
     Args:
         dest: the ``--copy-keepers`` / ``--link-keepers`` folder (local or ``s3://``).
@@ -1518,55 +1558,68 @@ def remove_keepers_export(
             ``absent``, a file in its place that is not one as ``left``.
         input_root: the folder their paths under ``dest`` are relative to, as pick exported.
         dry_run: change nothing; the result says what would happen.
+        io_threads: copies looked at and removed at once where ``dest`` is on S3 or a network
+            file system (``storage.io_threads_for``): a HEAD and a DELETE each on S3.
 
     Raises:
         ConfigError: a keeper outside ``input_root``.
     """
     record, problem = _read_export_record(dest)
-    if problem is not None:
-        record = {}
-    targets: dict[str, tuple[str, str]] = {rel: ("copy", d) for rel, d in record.items()}
+    targets: dict[str, tuple[str, str]] = {rel: ("copy", d) for rel, d in record.files.items()}
     if not storage.is_s3(dest) and not any(storage.is_s3(u) for u in keepers):  # links: local
         for uri, rel in zip(keepers, _relatives(keepers, input_root), strict=True):
             targets.setdefault(rel, ("link", uri))
         if not storage.is_s3(input_root):  # earlier runs' links: keepers then, not now
             for rel in _links_to_originals(_local(dest), _local(input_root)):
                 targets.setdefault(rel, ("link", str(_local(input_root) / rel)))
-    removed, absent = 0, 0
-    left: list[tuple[str, str]] = []
-    gone: list[str] = []
-    unlinked: list[str] = []
-    for rel, (kind, value) in sorted(targets.items()):
+
+    def take(item: tuple[str, tuple[str, str]]) -> tuple[str, str]:
+        """One target's fate: ``removed`` or ``unlinked`` (a hard link removed), else as
+        ``_keepers_file`` says (``absent``, ``left``), with why."""
+        rel, (kind, value) = item
         path = storage.join(dest, rel)
         try:
-            verdict, why = _keepers_file(path, kind, value)
+            verdict, why = _keepers_file(path, kind, value, record.etags.get(rel))
         except (StorageError, OSError) as e:
-            verdict, why = "left", f"cannot be looked at: {e}"
-        if verdict == "absent":
-            absent += 1
-            continue
-        if verdict == "left":
-            left.append((path, why))
-            continue
+            return "left", f"cannot be looked at: {e}"
+        if verdict != "keepers":
+            return verdict, why
         hard_link = kind == "link" and not _local(path).is_symlink()
         if not dry_run:
             try:
                 storage.delete(path)
             except StorageError as e:
-                left.append((path, f"cannot be removed: {e}"))
-                continue
-        removed += 1
-        gone.append(rel)
-        if hard_link:
-            unlinked.append(value)
+                return "left", f"cannot be removed: {e}"
+        return ("unlinked" if hard_link else "removed"), ""
+
+    removed, absent = 0, 0
+    left: list[tuple[str, str]] = []
+    gone: list[str] = []
+    unlinked: list[str] = []
+    missing: list[str] = []
+    items = sorted(targets.items())
+    threads = storage.io_threads_for([storage.join(dest, "x")], io_threads)
+    for (rel, (_, value)), (fate, why) in zip(
+        items, storage.map_in_threads(take, items, threads), strict=True
+    ):
+        if fate == "absent":
+            absent += 1
+            missing.append(rel)
+        elif fate == "left":
+            left.append((storage.join(dest, rel), why))
+        else:
+            removed += 1
+            gone.append(rel)
+            if fate == "unlinked":
+                unlinked.append(value)
     folders = 0
     if not dry_run:
-        keep = {rel: d for rel, d in record.items() if rel not in gone}
-        if record and keep != record:
+        out = {*gone, *missing}
+        keep = _Record({rel: d for rel, d in record.files.items() if rel not in out}, record.etags)
+        if record.files and keep.files != record.files:
             uri = storage.join(dest, EXPORT_RECORD)
-            if keep:
-                doc = {"version": 1, "files": dict(sorted(keep.items()))}
-                storage.write_bytes(uri, json.dumps(doc).encode())
+            if keep.files:
+                storage.write_bytes(uri, keep.document())
             else:
                 storage.delete(uri)
         if not storage.is_s3(dest):
@@ -1589,16 +1642,16 @@ def _links_to_originals(dest: Path, root: Path) -> Iterator[str]:
 
 
 def _keepers_file(
-    path: str, kind: str, value: str
+    path: str, kind: str, value: str, etag: str | None = None
 ) -> tuple[Literal["keepers", "absent", "left"], str]:
-    """Whether ``path`` is keeper's copy (``kind="copy"``, ``value`` its sha256) or link
-    (``kind="link"``, ``value`` the original) as it made it, is not there, or is left (why)."""
+    """Whether ``path`` is keeper's copy (``kind="copy"``, ``value`` its sha256, ``etag`` its
+    recorded ETag if any) or link (``kind="link"``, ``value`` the original) as it made it, is
+    not there, or is left (why)."""
     if kind == "copy":
-        if _still_keepers_copy(path, value):
-            return "keepers", ""
-        if not storage.exists(path):
-            return "absent", ""
-        return "left", "changed since keeper copied it (or not a file): left"
+        state = _copy_state(path, value, etag)
+        if state == "changed":
+            return "left", "changed since keeper copied it (or not a file): left"
+        return state, ""
     p, original = _local(path), _local(value)
     if not os.path.lexists(p):
         return "absent", ""
@@ -1629,13 +1682,39 @@ def _remove_emptied_folders(dest: Path, removed: Sequence[str]) -> int:
     return n
 
 
-def _still_keepers_copy(uri: str, digest: str) -> bool:
-    """Whether ``uri`` still holds the copy keeper recorded (read whole, hashed); a missing one
-    does not."""
+def _copy_state(
+    uri: str, digest: str, etag: str | None = None
+) -> Literal["keepers", "absent", "changed"]:
+    """Whether ``uri`` still holds the copy keeper recorded (``digest``, its sha256), is not
+    there, or holds something else. On S3 with the ``etag`` keeper recorded, a HEAD: the same
+    ETag is the same object; another one (SSE-KMS gives the same bytes another) or none recorded,
+    the object is read whole and hashed, as a local file always is.
+
+    Raises:
+        StorageError, OSError: it cannot be looked at.
+    """
+    if storage.is_s3(uri):
+        if etag is not None:
+            info = storage.object_info_if_exists(uri)
+            if info is None:
+                return "absent"
+            if info.etag == etag:
+                return "keepers"
+        data = storage.read_if_exists(uri)
+        if data is None:
+            return "absent"
+        return "keepers" if hashlib.sha256(data).hexdigest() == digest else "changed"
+    path = _local(uri)
+    if not os.path.lexists(path):
+        return "absent"
+    if path.is_symlink() or not path.is_file():
+        return "changed"
+    return "keepers" if _sha256(path) == digest else "changed"
+
+
+def _still_keepers_copy(uri: str, digest: str, etag: str | None) -> bool:
+    """:func:`_copy_state` is ``keepers``; one that cannot be looked at is not."""
     try:
-        if storage.is_s3(uri):
-            return hashlib.sha256(storage.read_bytes(uri)).hexdigest() == digest
-        path = _local(uri)
-        return path.is_file() and not path.is_symlink() and _sha256(path) == digest
+        return _copy_state(uri, digest, etag) == "keepers"
     except (StorageError, OSError):
         return False

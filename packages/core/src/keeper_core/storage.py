@@ -875,8 +875,9 @@ def delete(uri: str) -> None:
         s3_client().delete_object(Bucket=bucket, Key=key)
 
 
-def write_bytes(uri: str, data: bytes, *, durable: bool = True) -> None:
-    """Write ``data`` to a file or object, replacing it.
+def write_bytes(uri: str, data: bytes, *, durable: bool = True) -> str | None:
+    """Write ``data`` to a file or object, replacing it; on S3 the new object's ETag (without
+    quotes, as :func:`object_info` gives it), locally None.
 
     Local writes are atomic (a temporary file in the same folder, then ``os.replace``) and
     create missing parent folders. S3 puts are atomic by nature, and store the
@@ -897,12 +898,13 @@ def write_bytes(uri: str, data: bytes, *, durable: bool = True) -> None:
     if not is_s3(uri):
         with _local_errors(uri):
             _atomic_write(_local_file(uri), lambda f: f.write(data), durable=durable)
-        return
+        return None
     bucket, key = _s3_object(uri)
     with _s3_errors(uri):
-        s3_client().put_object(
+        put = s3_client().put_object(
             Bucket=bucket, Key=key, Body=bytes(data), ContentType=content_type(key)
         )
+    return str(put.get("ETag", "")).strip('"') or None
 
 
 def write_new(uri: str, data: bytes) -> str | None:

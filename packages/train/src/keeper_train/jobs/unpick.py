@@ -224,7 +224,11 @@ def _take_keepers(cfg: UnpickConfig, r: _Run, dest: str) -> tuple[KeepersTaken, 
     uris = [str(u) for u in r.rows["image_uri"]]
     keepers = [u for u, d in zip(uris, r.rows["decision"], strict=True) if d == "keep"]
     done = remove_keepers_export(
-        dest, keepers, input_root=run_input_root(cfg, r.summary, uris), dry_run=cfg.dry_run
+        dest,
+        keepers,
+        input_root=run_input_root(cfg, r.summary, uris),
+        dry_run=cfg.dry_run,
+        io_threads=cfg.io_threads,
     )
     for path, why in done.left[:5]:
         log.warning("%s left as it is: %s", path, why)
