@@ -26,7 +26,9 @@ With ``--s3-rerun``, a third table: the originals and the keepers folder both in
 with keeper's former ``_export_s3`` (two HEADs after an existence check, then both objects
 downloaded and compared; its text is kept below) and with today's (the copy told by its ETag),
 side by side on the same objects: requests by operation, bytes downloaded, and the time with
-``--latency-ms`` slept before each request (botocore's ``before-send``), on ``io_threads`` 16.
+``--latency-ms`` slept before each request (botocore's ``before-send``), on ``io_threads`` 16;
+and each one's first export into an empty prefix (the former also asking for the bucket after
+each new copy's 404, as keeper did before 2026-12-07).
 
 With ``--s3-unpick``, a fourth: the same bucket's copies taken back as ``keeper unpick --keepers``
 does (``remove_keepers_export``), each variant on a fresh export of the same objects: keeper
@@ -172,10 +174,12 @@ def former_export_s3(src: str, dst: str, recorded: str | None) -> Any:
 
 def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[dict[str, Any]]:
     """Originals and copies in one moto bucket, all copied; the re-run's requests, downloaded
-    bytes and time (``--latency-ms`` before each request), the former export against today's."""
+    bytes and time (``--latency-ms`` before each request), the former export against today's;
+    and each one's first export into an empty prefix (the former asked for the bucket after each
+    new copy's 404: ``storage._BUCKET_SEEN_S`` 0 puts that back)."""
     from sidecar_io import moto_bucket
 
-    from keeper_core import handback
+    from keeper_core import handback, storage
 
     rows = []
     with moto_bucket(work) as bucket:
@@ -189,10 +193,23 @@ def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[di
 
         if export().exported != len(src):
             raise SystemExit("the first export from S3 to S3 failed")
-        real = handback._export_s3
+        real, seen_s = handback._export_s3, storage._BUCKET_SEEN_S
         try:
             for name, fn in (("former", former_export_s3), ("keeper", real)):
                 handback._export_s3 = fn  # type: ignore[assignment]
+                storage._BUCKET_SEEN_S = 0.0 if name == "former" else seen_s
+                with measured_s3(args.latency_ms) as (first, _):
+                    t0 = time.perf_counter()
+                    res = export_keepers(
+                        src,
+                        input_root=f"{bucket}/photos",
+                        dest=f"{bucket}/first-{name}",
+                        mode="copy",
+                        io_threads=16,
+                    )
+                    first_s = time.perf_counter() - t0
+                if res.exported != len(src):
+                    raise SystemExit(f"{name}: the first export failed: {res}")
                 export()  # untimed: the record as this export leaves it (the former drops ETags)
                 times = []
                 for _ in range(args.repeats):
@@ -211,10 +228,14 @@ def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[di
                         "requests": dict(sorted(calls.items())),
                         "requests_total": sum(calls.values()),
                         "downloaded_bytes": got[0],
+                        "first_seconds": first_s,
+                        "first_requests": dict(sorted(first.items())),
+                        "first_requests_total": sum(first.values()),
                     }
                 )
         finally:
             handback._export_s3 = real  # type: ignore[assignment]
+            storage._BUCKET_SEEN_S = seen_s
     return rows
 
 
@@ -391,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{r['export']:<8} {r['requests_total']:>9} "
                     f"{r['downloaded_bytes'] / 1e6:>14.1f} {r['seconds']:>8.2f}  {r['requests']}"
+                )
+            print("the first export into an empty prefix")
+            for r in record["s3_rerun"]:
+                print(
+                    f"{r['export']:<8} {r['first_requests_total']:>9} {'':>14} "
+                    f"{r['first_seconds']:>8.2f}  {r['first_requests']}"
                 )
         if args.s3_unpick:
             record["s3_unpick"] = s3_unpick_rows(uris, root, work, args)

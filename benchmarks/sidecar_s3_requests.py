@@ -9,7 +9,8 @@ one GET where a sidecar may be there (``storage.read_if_exists``) against ``exis
 ``handback.write_sidecar``, which reads a sidecar already there to merge into it. The "before"
 side is the same function with ``storage.read_if_exists`` replaced, in this process, by what
 ``write_sidecar`` did until 2026-12-07 (``read_bytes(uri) if exists(uri) else None``: on a key
-that is not there, ``exists`` asks HEAD object, HEAD bucket and a one-key listing). Against a
+that is not there, ``exists`` asked HEAD object, HEAD bucket and a one-key listing; the HEAD of
+a bucket seen in the last minute is skipped since, which this side undoes). Against a
 ``moto_server`` on loopback (this interpreter's, as tests/conftest.py starts it), ``--threads``
 threads as ``keeper pick`` runs them, alternated rounds, each writing ``--n`` new sidecars into an
 empty prefix and then the same choice again (a re-run), then reading them back as ``keeper
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     real: Callable[[str], bytes | None] = storage.read_if_exists
+    seen_s = storage._BUCKET_SEEN_S
     sides = {"before: exists, then read": exists_then_read, "read_if_exists": real}
     rows: list[dict[str, Any]] = []
     with (
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for name, read in sides.items():
                 storage.read_if_exists = read  # type: ignore[assignment]
+                storage._BUCKET_SEEN_S = 0.0 if read is exists_then_read else seen_s
                 try:
                     prefix = f"{bucket}/r{r}-{len(rows)}"
                     new_s, new_calls = write_all(prefix, args.n, args.threads)
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     read_s, read_calls = read_all(prefix, args.n, args.threads)
                 finally:
                     storage.read_if_exists = real  # type: ignore[assignment]
+                    storage._BUCKET_SEEN_S = seen_s
                 rows.append(
                     {
                         "round": r,

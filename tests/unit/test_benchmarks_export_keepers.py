@@ -67,6 +67,10 @@ def test_the_s3_rerun_table_sets_the_former_export_beside_todays(tmp_path: Path)
     assert keeper["requests"] == {"GetObject": 1, "HeadObject": 11}
     assert former["downloaded_bytes"] > 10 * int(0.02 * (1 << 20))
     assert keeper["downloaded_bytes"] < 1000  # the record alone
+    # the first export into an empty prefix: the former asked for the bucket after each 404
+    assert former["first_requests"]["HeadBucket"] == 6  # the record's and each copy's
+    assert keeper["first_requests"].get("HeadBucket", 0) <= 1
+    assert former["first_requests"]["PutObject"] == keeper["first_requests"]["PutObject"] == 6
     assert "re-run from S3 to S3" in proc.stdout
 
 

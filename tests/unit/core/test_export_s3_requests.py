@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from keeper_core import storage
+from keeper_core.errors import StorageError
 from keeper_core.handback import EXPORT_RECORD, export_keepers, remove_keepers_export
 
 
@@ -213,3 +214,31 @@ def test_a_local_folders_record_has_no_etags(tmp_path: Path) -> None:
         mode="copy",
     )
     assert set(_record(dest)) == {"version", "files"}
+
+
+def test_a_first_export_asks_for_the_bucket_once_not_per_keeper(s3_bucket: str) -> None:
+    """A new keeper's copy is not there yet: the 404 of its HEAD is not followed by a HEAD of
+    the bucket seen a moment ago (it was one a keeper)."""
+    root, dest = f"s3://{s3_bucket}/photos", f"s3://{s3_bucket}/keepers-new"
+    uris = _put_s3(root, _photos(5))
+    with counted() as calls:
+        res = export_keepers(uris, input_root=root, dest=dest, mode="copy", io_threads=1)
+    assert res.exported == 5
+    assert calls["HeadBucket"] <= 1  # at most the record's 404, if the bucket was not seen
+    assert calls["HeadObject"] == 6  # the record and each copy
+
+
+def test_a_bucket_gone_is_still_named_once_its_sighting_is_old(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=storage.s3_client().meta.endpoint_url)
+    client.create_bucket(Bucket="keeper-short-lived")
+    storage.write_bytes("s3://keeper-short-lived/a.jpg", b"x")
+    assert storage.exists("s3://keeper-short-lived/a.jpg")  # the bucket seen
+    client.delete_object(Bucket="keeper-short-lived", Key="a.jpg")
+    client.delete_bucket(Bucket="keeper-short-lived")
+    monkeypatch.setattr(storage, "_BUCKET_SEEN_S", 0.0)  # the sighting is old
+    with pytest.raises(StorageError, match="bucket does not exist"):
+        storage.exists("s3://keeper-short-lived/b.jpg")

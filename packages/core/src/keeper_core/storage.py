@@ -21,6 +21,7 @@ import errno
 import functools
 import hashlib
 import logging
+import math
 import mimetypes
 import os
 import random
@@ -1080,24 +1081,37 @@ def replace_file(path: str, data: bytes, *, check: Callable[[str], None]) -> Sta
     return stamp[0]
 
 
+#: How long a bucket seen to exist is taken to still exist: a missing object's 404 is then not
+#: followed by a HEAD of its bucket (a run's first export into a bucket asks once, not per keeper).
+_BUCKET_SEEN_S = 60.0
+_buckets_seen: dict[tuple[str, str], float] = {}  # (endpoint, bucket) -> monotonic time
+
+
 def _head(uri: str) -> dict[str, Any] | None:
     """HEAD an object: its response, or None when the object (not the bucket) is missing."""
     bucket, key = _s3_object(uri)
     client = _client(uri)
+    seen = (str(client.meta.endpoint_url), bucket)
     try:
         with _s3_errors(uri):
-            return dict(client.head_object(Bucket=bucket, Key=key))
+            head = dict(client.head_object(Bucket=bucket, Key=key))
+        _buckets_seen[seen] = time.monotonic()
+        return head
     except StorageError as e:
         if e.cause != "no such object":
             raise
+    if time.monotonic() - _buckets_seen.get(seen, -math.inf) < _BUCKET_SEEN_S:
+        return None
     # A HEAD has no error body, so a missing bucket also reads "404": ask the bucket to tell.
     try:
         with _s3_errors(uri):
             client.head_bucket(Bucket=bucket)
     except StorageError as e:
         if e.cause == "no such object":
+            _buckets_seen.pop(seen, None)
             raise StorageError(uri, "bucket does not exist") from e.__cause__
         raise
+    _buckets_seen[seen] = time.monotonic()
     return None
 
 
