@@ -8,6 +8,12 @@ Three methods (``TowerConfig.method``), each touching whole residual blocks of t
 - ``last-blocks+lora``: the last ``unfreeze_blocks`` train in full, LoRA on the ``lora_blocks``
   below them. A block is either trained in full or adapted, never both.
 
+Two tower layouts (``TowerLayout``, told from the tower itself): open_clip's own ViT (the names
+above) and a timm ViT inside open_clip's ``TimmModel`` (SigLIP, SigLIP 2 and the other
+``timm_model_name`` configs): blocks ``trunk.blocks``, LoRA by default on each block's
+``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` (plain ``nn.Linear``), and the final
+norms, the attention pool and ``head`` training with the unfrozen blocks.
+
 peft adapts an ``nn.MultiheadAttention`` (open_clip's ``attn``) through both ``in_proj`` and
 ``out_proj`` (peft >= 0.16; targeting ``attn.out_proj`` alone would do nothing: its forward is
 never called); ``c_fc`` / ``c_proj`` are plain ``nn.Linear``. Targets are checked against the
@@ -34,13 +40,47 @@ from keeper_core.errors import ConfigError, ModelLoadError
 
 TuneMethod = Literal["lora", "last-blocks", "last-blocks+lora"]
 TUNE_METHODS: tuple[TuneMethod, ...] = ("lora", "last-blocks", "last-blocks+lora")
-#: The parts of a residual block LoRA adapts by default: attention (in_proj + out_proj) and MLP.
-LORA_MODULES = ("attn", "mlp.c_fc", "mlp.c_proj")
-#: Tower parameters outside the blocks that train with the unfrozen blocks: the final norm and
-#: the projection into the embedding space.
-HEAD_OF_TOWER = ("ln_post", "proj")
-_BLOCKS = "transformer.resblocks"
 _BASE = ".base_layer"
+
+
+@dataclass(frozen=True)
+class TowerLayout:
+    """Where a kind of vision tower keeps its residual blocks, and what trains beside them.
+
+    Attributes:
+        kind: named in errors and reports.
+        blocks: the blocks' container inside the tower.
+        lora_modules: the parts of a block LoRA adapts by default.
+        head: name prefixes of the tower's parameters after the blocks (final norm, pooling,
+            projection into the embedding space), trained with the unfrozen blocks.
+    """
+
+    kind: str
+    blocks: str
+    lora_modules: tuple[str, ...]
+    head: tuple[str, ...]
+
+
+#: open_clip's VisionTransformer: attention (an ``nn.MultiheadAttention``: in_proj + out_proj)
+#: and MLP; the final norm and the projection.
+OPEN_CLIP_VIT = TowerLayout(
+    "open_clip ViT",
+    "transformer.resblocks",
+    ("attn", "mlp.c_fc", "mlp.c_proj"),
+    ("ln_post", "proj"),
+)
+#: A timm VisionTransformer in open_clip's TimmModel (SigLIP, SigLIP 2, ...): the fused qkv and
+#: output projections and the MLP, all ``nn.Linear``; the final norms, the attention pool (MAP)
+#: and TimmModel's head.
+TIMM_VIT = TowerLayout(
+    "timm ViT",
+    "trunk.blocks",
+    ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+    ("trunk.norm.", "trunk.fc_norm.", "trunk.attn_pool.", "head."),
+)
+#: open_clip ViT's defaults (the job's documented defaults name them).
+LORA_MODULES = OPEN_CLIP_VIT.lora_modules
+HEAD_OF_TOWER = OPEN_CLIP_VIT.head
 
 
 class TowerConfig(BaseModel):
@@ -51,7 +91,8 @@ class TowerConfig(BaseModel):
         method: see the module docstring.
         lora_blocks: LoRA on the last N blocks (of those not unfrozen); None = all of them.
         unfreeze_blocks: blocks trained in full (``last-blocks`` and ``last-blocks+lora``).
-        lora_modules: the sub-modules of a LoRA block that get adapters.
+        lora_modules: the sub-modules of a LoRA block that get adapters; None: the tower
+            layout's (``TowerLayout.lora_modules``).
         targets: explicit module names inside the tower (e.g. ``transformer.resblocks.11.attn``);
             replaces ``lora_blocks`` x ``lora_modules`` when given.
         rank, alpha, dropout: LoRA rank r, scale numerator (the update is ``alpha / r * B A``)
@@ -64,7 +105,7 @@ class TowerConfig(BaseModel):
     method: TuneMethod = "lora"
     lora_blocks: int | None = Field(None, ge=1)
     unfreeze_blocks: int = Field(1, ge=1)
-    lora_modules: tuple[str, ...] = LORA_MODULES
+    lora_modules: tuple[str, ...] | None = None
     targets: tuple[str, ...] | None = None
     rank: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
@@ -74,7 +115,7 @@ class TowerConfig(BaseModel):
     def _sensible(self) -> TowerConfig:
         if self.method == "last-blocks" and self.targets:
             raise ValueError("method last-blocks has no LoRA: targets do not apply")
-        if not self.lora_modules:
+        if self.lora_modules is not None and not self.lora_modules:
             raise ValueError("lora_modules must name at least one module")
         return self
 
@@ -87,18 +128,31 @@ class TowerConfig(BaseModel):
         return self.method != "lora"
 
 
-def vision_blocks(visual: nn.Module) -> nn.ModuleList:
-    """The residual blocks of an open_clip ViT tower.
+def tower_layout(visual: nn.Module) -> TowerLayout:
+    """The layout of ``visual``: open_clip's ViT or a timm ViT (``TimmModel``).
 
     Raises:
-        ConfigError: the tower is not an open_clip VisionTransformer (e.g. a ModifiedResNet).
+        ConfigError: neither (e.g. a ModifiedResNet, a timm ConvNeXt), named.
     """
-    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise ConfigError(
-            f"fine-tuning needs an open_clip ViT tower with transformer.resblocks; "
-            f"{type(visual).__name__} has none"
-        )
+    modules = dict(visual.named_modules())
+    for layout in (OPEN_CLIP_VIT, TIMM_VIT):
+        blocks = modules.get(layout.blocks)
+        if isinstance(blocks, nn.ModuleList | nn.Sequential) and len(blocks) > 0:
+            return layout
+    raise ConfigError(
+        f"fine-tuning needs a ViT tower: open_clip's ({OPEN_CLIP_VIT.blocks}) or a timm one "
+        f"({TIMM_VIT.blocks}, as SigLIP's); {type(visual).__name__} has neither"
+    )
+
+
+def vision_blocks(visual: nn.Module) -> nn.ModuleList | nn.Sequential:
+    """The residual blocks of a ViT tower, in order.
+
+    Raises:
+        ConfigError: the tower is no ViT of a known layout (``tower_layout``).
+    """
+    blocks = dict(visual.named_modules())[tower_layout(visual).blocks]
+    assert isinstance(blocks, nn.ModuleList | nn.Sequential)  # tower_layout checked it
     return blocks
 
 
@@ -122,6 +176,8 @@ def lora_targets(visual: nn.Module, config: TowerConfig) -> list[str]:
     if not config.uses_lora:
         return []
     modules = dict(visual.named_modules())
+    layout = tower_layout(visual)
+    blocks_at = layout.blocks
     if config.targets:
         names = list(config.targets)
     else:
@@ -149,18 +205,20 @@ def lora_targets(visual: nn.Module, config: TowerConfig) -> list[str]:
                 f"lora_blocks={want}, but {has}: use lora_blocks from 1 to {free}, or leave it "
                 "unset for all of them"
             )
-        names = [
-            f"{_BLOCKS}.{i}.{m}" for i in range(free - want, free) for m in config.lora_modules
-        ]
+        parts = config.lora_modules or layout.lora_modules
+        names = [f"{blocks_at}.{i}.{m}" for i in range(free - want, free) for m in parts]
     for name in names:
         module = modules.get(name)
         if module is None:
             block0 = [
-                k.removeprefix(f"{_BLOCKS}.0.") for k in modules if k.startswith(f"{_BLOCKS}.0.")
+                k.removeprefix(f"{blocks_at}.0.")
+                for k in modules
+                if k.startswith(f"{blocks_at}.0.")
             ]
             raise ConfigError(
-                f"LoRA target {name!r} is not a module of {config.base_spec}'s vision tower "
-                f"(a block holds {block0}; blocks are {_BLOCKS}.0..{len(vision_blocks(visual)) - 1})"
+                f"LoRA target {name!r} is not a module of {config.base_spec}'s vision tower, "
+                f"a {layout.kind} (a block holds {block0}; blocks are "
+                f"{blocks_at}.0..{len(vision_blocks(visual)) - 1})"
             )
         owner = modules.get(name.rpartition(".")[0])
         if isinstance(owner, nn.MultiheadAttention) and module is owner.out_proj:
@@ -173,7 +231,7 @@ def lora_targets(visual: nn.Module, config: TowerConfig) -> list[str]:
                 f"LoRA target {name!r} is a {type(module).__name__}; LoRA adapts Linear, "
                 "MultiheadAttention and Conv2d modules"
             )
-    unfrozen = {f"{_BLOCKS}.{i}." for i in unfrozen_block_indices(visual, config)}
+    unfrozen = {f"{blocks_at}.{i}." for i in unfrozen_block_indices(visual, config)}
     clash = [t for t in names if any(t.startswith(u) for u in unfrozen)]
     if clash:
         raise ConfigError(f"LoRA targets {clash} lie in blocks that train in full")
@@ -228,7 +286,8 @@ def apply_tuning(visual: nn.Module, config: TowerConfig) -> TrainableParts:
         # peft's documented hook for custom layers ("dynamic dispatch"): see _functional_mha.
         lora._register_custom_module({nn.MultiheadAttention: _functional_mha()})
         inject_adapter_in_model(lora, visual)  # adapters are created trainable, the rest stays
-    prefixes = tuple(f"{_BLOCKS}.{i}." for i in blocks) + (HEAD_OF_TOWER if blocks else ())
+    layout = tower_layout(visual)
+    prefixes = tuple(f"{layout.blocks}.{i}." for i in blocks) + (layout.head if blocks else ())
     parts = TrainableParts(targets=targets, blocks=blocks)
     for name, p in visual.named_parameters():
         if _is_lora(name):

@@ -58,7 +58,7 @@ from keeper_core.metrics import SeriesMetrics, format_table, series_metrics
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.ranker import QUALITY_INPUTS, RankerConfig, fit_standardizer
 from keeper_core.series import read_series_manifest
-from keeper_core.tower import LORA_MODULES, TowerConfig, TuneMethod
+from keeper_core.tower import TowerConfig, TuneMethod
 from keeper_core.training import shard_order
 from keeper_train import raytrain
 from keeper_train.config import configure_logging, load_config
@@ -83,7 +83,12 @@ class FinetuneConfig(raytrain.WorkerPlacement, SplitSettings):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_blocks: int | None = Field(None, ge=1, description="LoRA on the last N blocks; null: all")
     unfreeze_blocks: int = Field(1, ge=1, description="blocks trained in full (last-blocks*)")
-    lora_modules: tuple[str, ...] = LORA_MODULES
+    lora_modules: tuple[str, ...] | None = Field(
+        None,
+        description="the parts of a block LoRA adapts; null: the tower's defaults (open_clip "
+        "ViT: attn, mlp.c_fc, mlp.c_proj; timm ViT such as SigLIP: attn.qkv, attn.proj, "
+        "mlp.fc1, mlp.fc2)",
+    )
     targets: tuple[str, ...] | None = Field(None, description="explicit LoRA module names")
     head: Literal["linear", "mlp", "transformer"] = "mlp"
     features: Literal["embedding", "embedding+quality"] = "embedding"
