@@ -11,7 +11,7 @@ threads as given on every store: keeper itself gives a local disk one, ``storage
 
 - ``write_sidecars`` on a minimal picks frame (the columns it reads) into a mirror
   (``OUTPUT/xmp``), every sidecar new;
-- ``read_sidecars`` on the run ``xmp_feedback.plan`` would make of it (its ``_Run`` built here
+- ``read_sidecars`` on the run ``xmp_feedback.plan`` would make of it (its ``PickRun`` built here
   from the same plans: no ``picks.parquet`` or embedding table is needed to read sidecars).
 
 The photos are ``IMG_NNNNNN.CR2`` (never opened: a RAW's rating is read from its sidecar alone);
@@ -117,7 +117,7 @@ def one_run(n: int, base: str, threads: int, latency_s: float, args: Any) -> dic
         if i % args.bad_every == args.bad_every - 1:
             storage.write_bytes(p.sidecar_uri, NOT_XMP, durable=False)
     row_of = {u: i for i, u in enumerate(uris)}
-    run = xmp_feedback._Run("bench", {}, {}, row_of, plans, "mirror", "basename")
+    run = xmp_feedback.PickRun("bench", {}, {}, row_of, plans, "mirror", "basename")
     with simulated_latency(latency_s), threads_as_given():
         t0 = time.perf_counter()
         done = pick.write_sidecars(cfg, picks, input_root)

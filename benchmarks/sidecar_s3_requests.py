@@ -90,7 +90,7 @@ def read_all(prefix: str, n: int, threads: int) -> tuple[float, Counter[str]]:
     photos = [f"{prefix}-photos/{_relative(i)}.CR2" for i in range(n)]
     plans = plan_sidecars(photos, input_root=f"{prefix}-photos", mode="mirror", out_dir=prefix)
     row_of = {u: i for i, u in enumerate(photos)}
-    run = xmp_feedback._Run("bench", {}, {}, row_of, plans, "mirror", "basename")
+    run = xmp_feedback.PickRun("bench", {}, {}, row_of, plans, "mirror", "basename")
     with counted_s3_calls() as calls:
         t0 = time.perf_counter()
         got = xmp_feedback.read_sidecars(run, io_threads=threads)

@@ -16,12 +16,12 @@ from keeper_core.handback import plan_sidecars, write_sidecar
 from keeper_train.jobs import xmp_feedback
 
 
-def _run(root: str, n: int) -> xmp_feedback._Run:
-    """A mirror run's sidecars under ``root`` (its _Run as ``plan`` makes it, built here)."""
+def _run(root: str, n: int) -> xmp_feedback.PickRun:
+    """A mirror run's sidecars under ``root`` (its PickRun as ``plan`` makes it, built here)."""
     uris = [f"{root}/photos/IMG_{i}.CR2" for i in range(n)]
     plans = plan_sidecars(uris, input_root=f"{root}/photos", mode="mirror", out_dir=f"{root}/xmp")
     row_of = {u: i for i, u in enumerate(uris)}
-    return xmp_feedback._Run("test", {}, {}, row_of, plans, "mirror", "basename")
+    return xmp_feedback.PickRun("test", {}, {}, row_of, plans, "mirror", "basename")
 
 
 def test_one_get_per_sidecar_on_s3(s3_bucket: str) -> None:

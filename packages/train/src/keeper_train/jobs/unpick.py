@@ -51,7 +51,7 @@ from keeper_core.handback import XmpRemoval, name_key, remove_from_sidecar, remo
 from keeper_core.jpeg_xmp import remove_jpeg_xmp
 from keeper_core.progress import Progress
 from keeper_train.config import job_main
-from keeper_train.jobs.xmp_feedback import PickRunXmp, _Run, plan, run_input_root
+from keeper_train.jobs.xmp_feedback import PickRun, PickRunXmp, plan, run_input_root
 from keeper_train.table import restamp_written
 
 log = logging.getLogger("keeper.unpick")
@@ -122,7 +122,7 @@ class UnpickSummary(BaseModel):
     keepers: KeepersTaken | None = Field(None, description="with keepers=true: the folder's")
 
 
-def _files(r: _Run) -> list[tuple[str, bool, bool]]:
+def _files(r: PickRun) -> list[tuple[str, bool, bool]]:
     """(uri, is a JPEG, counted only where it is there) of every file to look at."""
     files = [
         (p.image_uri, True, False) if p.in_file else (p.sidecar_uri, False, False) for p in r.plans
@@ -218,7 +218,7 @@ def _run(cfg: UnpickConfig) -> UnpickSummary:
     )
 
 
-def _take_keepers(cfg: UnpickConfig, r: _Run, dest: str) -> tuple[KeepersTaken, list[str]]:
+def _take_keepers(cfg: UnpickConfig, r: PickRun, dest: str) -> tuple[KeepersTaken, list[str]]:
     """keepers=true: keeper's copies and links out of the run's keepers folder; the taken, and
     the originals whose hard links went."""
     uris = [str(u) for u in r.rows["image_uri"]]

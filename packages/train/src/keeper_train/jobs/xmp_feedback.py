@@ -222,7 +222,10 @@ class XmpFeedbackSummary(BaseModel):
 
 
 @dataclass
-class _Run:
+class PickRun:
+    """A finished ``keeper pick`` run as read back (``plan``): what feedback-from-xmp and unpick
+    work from. ``mode`` and ``naming`` are the sidecars' (``--xmp``, ``--xmp-naming``)."""
+
     request_id: str
     summary: dict[str, Any]
     rows: dict[str, list[Any]]  # picks.parquet's columns (_COLUMNS + quality features)
@@ -297,7 +300,7 @@ def run_input_root(cfg: PickRunXmp, summary: dict[str, Any], uris: list[str]) ->
     return common_folder([*uris, *failed])
 
 
-def plan(cfg: PickRunXmp) -> _Run:
+def plan(cfg: PickRunXmp) -> PickRun:
     """The run and one plan per sidecar, as pick placed them.
 
     Raises:
@@ -323,7 +326,7 @@ def plan(cfg: PickRunXmp) -> _Run:
         naming=naming,
         in_file=embeds_into if mode == "embed" else None,
     )
-    return _Run(run_request_id(raw), summary, rows, row_of, plans, mode, naming)
+    return PickRun(run_request_id(raw), summary, rows, row_of, plans, mode, naming)
 
 
 def _naming(cfg: PickRunXmp, summary: dict[str, Any]) -> Literal["basename", "full"]:
@@ -424,7 +427,7 @@ class _Read:
                 setattr(self, f.name, mine + theirs)
 
 
-def read_sidecars(run: _Run, *, io_threads: int) -> _Read:
+def read_sidecars(run: PickRun, *, io_threads: int) -> _Read:
     """Each planned sidecar's rating, or where it is missing, the rating in the image file's own
     XMP; missing and unreadable ones counted, not fatal. Read on ``io_threads`` threads, one per
     plan (``storage.map_in_threads``; one at a time where every file is on a local disk:
@@ -442,7 +445,7 @@ def read_sidecars(run: _Run, *, io_threads: int) -> _Read:
     return out
 
 
-def _read_one(run: _Run, p: SidecarPlan) -> _Read:
+def _read_one(run: PickRun, p: SidecarPlan) -> _Read:
     """One plan's sidecar (or its image file's XMP), into a ``_Read`` of its own: it runs on a
     worker thread, so it changes nothing shared (``run`` is only read)."""
     from keeper_core.handback import parse_xmp_packet
@@ -491,7 +494,7 @@ def _store_failure(e: StorageError) -> bool:
     )
 
 
-def _beside_keepers(run: _Run, p: SidecarPlan, out: _Read) -> bool:
+def _beside_keepers(run: PickRun, p: SidecarPlan, out: _Read) -> bool:
     """Whether the image file's own XMP holds a rating, read into ``out`` in place of the
     sidecar's: the sidecar still holds keeper's value, so a rating in the file is a person's
     (Lightroom writes a JPEG's, TIFF's or DNG's rating there and never reads its sidecar; other
@@ -512,7 +515,7 @@ def _beside_keepers(run: _Run, p: SidecarPlan, out: _Read) -> bool:
     return True
 
 
-def _read_embedded(run: _Run, p: SidecarPlan, out: _Read) -> None:
+def _read_embedded(run: PickRun, p: SidecarPlan, out: _Read) -> None:
     """The rating in the XMP packet of ``p``'s image file, into ``out``: only a packet read counts
     as a rating read (a file without one says nothing, as a missing sidecar says nothing)."""
     try:
@@ -530,7 +533,7 @@ def _read_embedded(run: _Run, p: SidecarPlan, out: _Read) -> None:
         out.sidecars.append(_Sidecar(run.row_of[p.image_uri], rating, persons, str(rating)))
 
 
-def _read_in_jpeg(run: _Run, p: SidecarPlan, out: _Read) -> None:
+def _read_in_jpeg(run: PickRun, p: SidecarPlan, out: _Read) -> None:
     """xmp=embed: the XMP pick wrote into ``p``'s JPEG, read as its sidecar would be. Its
     rating is a person's where it differs from keeper's record (Lightroom changed it in the
     file); a file without a packet is a missing sidecar (``embedded``), a missing file one too
@@ -559,7 +562,7 @@ def _read_in_jpeg(run: _Run, p: SidecarPlan, out: _Read) -> None:
 # decide: ratings -> decisions, per group
 
 
-def decide(run: _Run, sidecars: list[_Sidecar]) -> dict[int, str]:
+def decide(run: PickRun, sidecars: list[_Sidecar]) -> dict[int, str]:
     """picks row -> action, for each sidecar holding a person's rating that makes one.
 
     -1 is ``rejected``; a person's rating >= 1 is ``picked-as-keeper`` when it is above every
@@ -596,7 +599,7 @@ def _log(root: str, read: Any) -> Any:
     return read(root)
 
 
-def _event_id(run: _Run, client: str, image_id: str, action: str, value: str, n: int) -> str:
+def _event_id(run: PickRun, client: str, image_id: str, action: str, value: str, n: int) -> str:
     key = "\x1f".join((run.request_id, client, image_id, action, value, str(n)))
     return "xmp-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
@@ -619,7 +622,7 @@ class _Standing:
     stack: dict[str, list[tuple[str, bool]]] = field(default_factory=dict)
 
 
-def _standing(log: Any, run: _Run, client: str) -> _Standing:
+def _standing(log: Any, run: PickRun, client: str) -> _Standing:
     """Fold the log's events of ``client`` for the run as ``feedback.decisions`` does (oldest
     first; ``undone`` pops the decision before it)."""
     out = _Standing()
@@ -659,7 +662,7 @@ def _actions(stack: list[tuple[str, bool]], target: str | None) -> list[str]:
 
 
 def write_feedback(
-    cfg: XmpFeedbackConfig, run: _Run, sidecars: list[_Sidecar], chosen: dict[int, str]
+    cfg: XmpFeedbackConfig, run: PickRun, sidecars: list[_Sidecar], chosen: dict[int, str]
 ) -> _Written:
     """Offers of the decided groups not offered yet, then the events that make this client's
     standing decisions of the images read say what their ratings now say (offers first: an
@@ -713,7 +716,7 @@ def _writer() -> str:
 
 
 def _new_offers(
-    cfg: XmpFeedbackConfig, run: _Run, groups: set[str]
+    cfg: XmpFeedbackConfig, run: PickRun, groups: set[str]
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Offer rows of every image of ``groups`` the offers log does not hold for the run yet
     (the review page's, or an earlier run of this job)."""
@@ -750,7 +753,7 @@ def _new_offers(
     return [r for r in rows if (r["group_id"], r["image_id"]) not in offered], warnings
 
 
-def _embeddings(run: _Run) -> dict[str, Any]:
+def _embeddings(run: PickRun) -> dict[str, Any]:
     """image_id -> embedding, from the table the run was picked from (the summary's table).
 
     Raises:
