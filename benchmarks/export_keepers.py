@@ -316,6 +316,20 @@ def s3_unpick_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[d
     return rows
 
 
+def print_requests(rows: list[dict[str, Any]], name: str, prefix: str = "") -> None:
+    """A table of S3 rows: ``name`` (the row's label), requests, MB downloaded, seconds, and the
+    requests by operation; ``prefix`` picks other columns of the same rows (``first_``)."""
+    width = max(8, *(len(r[name]) for r in rows))
+    print(f"{name:<{width}} {'requests':>9} {'downloaded MB':>14} {'seconds':>8}  by operation")
+    for r in rows:
+        got = r.get(f"{prefix}downloaded_bytes")
+        mb = "" if got is None else f"{got / 1e6:.1f}"
+        print(
+            f"{r[name]:<{width}} {r[prefix + 'requests_total']:>9} {mb:>14} "
+            f"{r[prefix + 'seconds']:>8.2f}  {r[prefix + 'requests']}"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=100)
@@ -405,31 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.s3_rerun:
             record["s3_rerun"] = s3_rerun_rows(uris, root, work, args)
             print(f"\nre-run from S3 to S3 (moto_server), {args.latency_ms:.0f} ms a request")
-            print(
-                f"{'export':<8} {'requests':>9} {'downloaded MB':>14} {'seconds':>8}  by operation"
-            )
-            for r in record["s3_rerun"]:
-                print(
-                    f"{r['export']:<8} {r['requests_total']:>9} "
-                    f"{r['downloaded_bytes'] / 1e6:>14.1f} {r['seconds']:>8.2f}  {r['requests']}"
-                )
+            print_requests(record["s3_rerun"], "export")
             print("the first export into an empty prefix")
-            for r in record["s3_rerun"]:
-                print(
-                    f"{r['export']:<8} {r['first_requests_total']:>9} {'':>14} "
-                    f"{r['first_seconds']:>8.2f}  {r['first_requests']}"
-                )
+            print_requests(record["s3_rerun"], "export", prefix="first_")
         if args.s3_unpick:
             record["s3_unpick"] = s3_unpick_rows(uris, root, work, args)
             print(f"\ntaking S3 copies back (moto_server), {args.latency_ms:.0f} ms a request")
-            print(
-                f"{'unpick':<16} {'requests':>9} {'downloaded MB':>14} {'seconds':>8}  by operation"
-            )
-            for r in record["s3_unpick"]:
-                print(
-                    f"{r['unpick']:<16} {r['requests_total']:>9} "
-                    f"{r['downloaded_bytes'] / 1e6:>14.1f} {r['seconds']:>8.2f}  {r['requests']}"
-                )
+            print_requests(record["s3_unpick"], "unpick")
         write_record(args.out, record)
     finally:
         shutil.rmtree(work, ignore_errors=True)
