@@ -497,3 +497,22 @@ def check_select_accounting(out: dict[str, Any], n: int) -> None:
     for s in stages:
         assert s["n_in"] == s["n_kept"] + s["n_dropped"]
     assert len(out["picks"]) == stages[-1]["n_kept"]
+
+
+def register_tiny_variant(folder: Path, arch: str, **changes: Any) -> str:
+    """Register with open_clip (this process) an arch ``arch``: keeper-tiny's config with
+    ``changes`` applied (a top-level key, or ``text_cfg`` / ``vision_cfg`` dicts merged into
+    keeper-tiny's own); its config file goes in ``folder``. Returns ``ARCH:random``. An arch
+    whose name holds "siglip" would make open_clip fetch SigLIP's tokenizer: avoid it."""
+    from importlib import resources
+
+    import open_clip
+
+    tiny = resources.files("keeper_core") / "model_configs" / "keeper-tiny.json"
+    cfg = json.loads(tiny.read_text())
+    for key, value in changes.items():
+        cfg[key] = {**cfg[key], **value} if key.endswith("_cfg") and key in cfg else value
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{arch}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    return f"{arch}:random"

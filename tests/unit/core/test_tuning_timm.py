@@ -8,17 +8,15 @@ SigLIP's configs build, small. Expectations are computed from the plain tower's 
 from __future__ import annotations
 
 import copy
-import json
 import math
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
+from support import register_tiny_variant
 from torch import nn
 
 from keeper_core.embedding import ClipEmbedder
@@ -40,23 +38,13 @@ EMBED_DIM = 64
 
 @pytest.fixture(scope="module", autouse=True)
 def registered(tmp_path_factory: pytest.TempPathFactory) -> None:
-    tiny = resources.files("keeper_core") / "model_configs" / "keeper-tiny.json"
-    text = json.loads(tiny.read_text())["text_cfg"]
-    cfg = {
-        "embed_dim": EMBED_DIM,
-        "init_logit_bias": -10,
-        "vision_cfg": {
-            "image_size": SIZE,
-            "timm_model_name": "test_vit",
-            "timm_model_pretrained": False,
-            "timm_pool": "map",
-            "timm_proj": "none",
-        },
-        "text_cfg": text,
-    }
-    folder = tmp_path_factory.mktemp("configs")
-    (folder / f"{ARCH}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder)
+    vision = {"image_size": SIZE, "timm_model_name": "test_vit", "timm_model_pretrained": False}
+    register_tiny_variant(
+        tmp_path_factory.mktemp("configs"),
+        ARCH,
+        init_logit_bias=-10,
+        vision_cfg={**vision, "timm_pool": "map", "timm_proj": "none"},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -8,15 +8,13 @@ computes that from the model's own forward pass, bias included, and compares.
 
 from __future__ import annotations
 
-import json
 import math
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+from support import register_tiny_variant
 
 from keeper_core.cascade import NEUTRAL_PROMPT, CascadeConfig, run_cascade
 from keeper_core.embedding import ClipEmbedder
@@ -30,13 +28,12 @@ SCALE = 10.0
 @pytest.fixture(scope="module")
 def siglip_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
     """keeper-tiny with SigLIP's initial logit scale and bias, registered with open_clip."""
-    tiny = resources.files("keeper_core") / "model_configs" / "keeper-tiny.json"
-    cfg = json.loads(tiny.read_text())
-    cfg.update(init_logit_scale=math.log(SCALE), init_logit_bias=BIAS)
-    folder: Path = tmp_path_factory.mktemp("configs")
-    (folder / f"{ARCH}.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(folder)
-    return f"{ARCH}:random"
+    return register_tiny_variant(
+        tmp_path_factory.mktemp("configs"),
+        ARCH,
+        init_logit_scale=math.log(SCALE),
+        init_logit_bias=BIAS,
+    )
 
 
 def test_a_siglip_style_model_selects_with_its_own_two_way_probability(siglip_spec: str) -> None:

@@ -330,12 +330,22 @@ class LoadedClip:
     spec: ModelSpec
     model: torch.nn.Module
     transform: Callable[[Any], torch.Tensor]
-    tokenizer: Callable[[list[str]], torch.Tensor]
     device: torch.device
     embed_dim: int
     image_size: int
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @functools.cached_property
+    def tokenizer(self) -> Callable[[list[str]], torch.Tensor]:
+        """open_clip's tokenizer for the arch, made on first use: work on images alone (``keeper
+        embed``, fine-tuning the tower, ranking) never needs it, and some must be fetched (SigLIP's
+        from the Hugging Face hub), which an air-gapped cluster cannot do.
+
+        Raises:
+            ModelLoadError: it cannot be made (named, with the cause).
+        """
+        return load_tokenizer(self.spec)
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """Mixed precision on CUDA, a no-op on CPU."""
@@ -345,6 +355,32 @@ class LoadedClip:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def load_tokenizer(spec: str | ModelSpec) -> Callable[[list[str]], torch.Tensor]:
+    """open_clip's tokenizer for ``spec``'s arch.
+
+    Raises:
+        ModelLoadError: it cannot be made: a Hugging Face tokenizer (``hf_tokenizer_name``) not
+            in the local cache and no hub to fetch it from, or a bad name.
+    """
+    import open_clip
+
+    s = ModelSpec.parse(spec)
+    register_keeper_configs()
+    try:
+        tokenizer: Callable[[list[str]], torch.Tensor] = open_clip.get_tokenizer(s.arch)
+    except Exception as e:  # transformers/fsspec raise OSError, ValueError, HTTP errors, ...
+        hf = (open_clip.get_model_config(s.arch) or {}).get("text_cfg", {}).get("hf_tokenizer_name")
+        where = (
+            f" (the Hugging Face tokenizer {hf!r}: put it in the hub cache, HF_HOME)" if hf else ""
+        )
+        raise ModelLoadError(
+            str(s),
+            f"its tokenizer cannot be loaded{where}: {type(e).__name__}: {e}; only text prompts "
+            "need it, image embeddings do not",
+        ) from e
+    return tokenizer
 
 
 @contextlib.contextmanager
@@ -469,7 +505,8 @@ def load_clip(
         cache_dir: where S3 checkpoints and hub downloads are cached.
 
     Returns:
-        The model in eval mode on ``device``, its eval transform and tokenizer.
+        The model in eval mode on ``device``, its eval transform and (made on first use) its
+        tokenizer.
 
     Raises:
         ModelLoadError: unknown arch or tag, missing or unreadable file, shape mismatch,
@@ -505,13 +542,11 @@ def load_clip(
     except Exception as e:  # open_clip raises RuntimeError/OSError/pickle errors, all fatal here
         raise ModelLoadError(str(s), f"{type(e).__name__}: {e}") from e
     model.eval()
-    tokenizer = open_clip.get_tokenizer(s.arch)
     pre = preprocess_config(s)
     return LoadedClip(
         spec=s,
         model=model,
         transform=image_transform(s),
-        tokenizer=tokenizer,
         device=dev,
         embed_dim=int(cfg["embed_dim"]),
         image_size=pre.image_size,

@@ -78,6 +78,9 @@ class ClipEncoder:
         # Warm-up: the first forward pays for allocator and kernel selection, not a client.
         s = embedder.clip.image_size
         embedder.embed_pixels(np.zeros((1, 3, s, s), np.uint8))
+        # The text routes need the tokenizer, made on first use: one that cannot load (a Hugging
+        # Face tokenizer not in the cache) fails the replica now, not a client's request later.
+        _ = embedder.clip.tokenizer
         return embedder
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
