@@ -209,3 +209,44 @@ def test_preprocess_config_without_weights() -> None:
     cfg = preprocess_config("ViT-B-32:laion2b_s34b_b79k")
     assert cfg.image_size == 224
     assert len(cfg.mean) == 3
+
+
+@pytest.mark.parametrize(
+    ("arch", "tag"),
+    [
+        ("ViT-B-16-SigLIP", "webli"),  # mean and std 0.5, squash: open_clip keeps it with the tag
+        ("ViT-SO400M-14-SigLIP2", "webli"),
+        ("MobileCLIP-S2", "datacompdr"),
+        ("ViT-H-14-378-quickgelu", "dfn5b"),  # CLIP's mean, squash resize
+        ("ViT-B-32", "laion2b_s34b_b79k"),  # the config's default, as every tag of it
+    ],
+)
+def test_a_checkpoint_file_is_prepared_as_the_architectures_pretrained_weights(
+    arch: str, tag: str
+) -> None:
+    """Where every pretrained tag of an architecture prepares images one way, a checkpoint
+    file, an S3 object and random init of it are prepared that way too."""
+    want = preprocess_config(f"{arch}:{tag}")
+    for weights in ("/models/w.safetensors", "s3://bucket/w.safetensors", "random"):
+        assert preprocess_config(f"{arch}:{weights}") == want
+
+
+def test_where_the_tags_differ_a_file_takes_the_config_and_loading_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from keeper_core import models
+
+    file = preprocess_config("ViT-L-14:/models/w.safetensors")
+    assert file == preprocess_config("ViT-L-14:openai")
+    assert file != preprocess_config("ViT-L-14:laion2b_s32b_b82k")  # mean and std 0.5
+    spec = models.ModelSpec.parse("ViT-L-14:/models/w.safetensors")
+    with caplog.at_level("WARNING", logger="keeper_core.models"):
+        models._warn_if_tags_differ(spec, models._model_config(spec))
+        models._warn_if_tags_differ(spec, models._model_config(spec))  # once per spec
+    assert caplog.text.count("laion2b_s32b_b82k") == 1
+    assert "load that tag instead" in caplog.text
+    caplog.clear()
+    siglip = models.ModelSpec.parse("ViT-B-16-SigLIP:/models/w.safetensors")
+    with caplog.at_level("WARNING", logger="keeper_core.models"):
+        models._warn_if_tags_differ(siglip, models._model_config(siglip))
+    assert caplog.text == ""  # its tags agree

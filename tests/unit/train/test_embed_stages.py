@@ -905,3 +905,38 @@ def test_a_model_actor_asks_for_its_model_and_ray_datas_headroom() -> None:
         want = 1.25 * (ACTOR_BASELINE_BYTES + 4 * parameter_count(spec))
         assert actor_memory(spec) == pytest.approx(want, abs=1)
     assert actor_memory("ViT-B-32:random") >= 1.25 * 1.5 * 1024**3
+
+
+def test_a_table_refuses_rows_prepared_otherwise(tmp_path: Path) -> None:
+    """A table records how its images were prepared; rows prepared otherwise never join it,
+    nor join a table from before the record whose spec keeper now prepares otherwise (a SigLIP
+    checkpoint file, once prepared with CLIP's mean and std)."""
+    siglip = "ViT-B-16-SigLIP:/models/siglip.safetensors"
+    new = tmp_path / "new"
+    check_table_meta(str(new), siglip, embed_dim=768)
+    record = json.loads((new / "_KEEPER_TABLE.json").read_text())
+    assert record["preprocess"] == {
+        "image_size": 224,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bicubic",
+        "resize_mode": "squash",
+    }
+    check_table_meta(str(new), siglip, embed_dim=768)  # prepared alike: fine
+    # A record that says otherwise (as a table of another keeper would hold).
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    other = {**record["preprocess"], "resize_mode": "shortest"}
+    (odd / "_KEEPER_TABLE.json").write_text(json.dumps({**record, "preprocess": other}))
+    with pytest.raises(DataError, match=r"prepared as .*'shortest'.*this run prepares them as"):
+        check_table_meta(str(odd), siglip, embed_dim=768, record=False)
+    # Tables from before the record: a SigLIP file's rows were prepared with CLIP's mean and std.
+    old = tmp_path / "old"
+    old.mkdir()
+    before = {"model_spec": siglip, "embed_dim": 768, "format": 1, "color": "srgb/4"}
+    (old / "_KEEPER_TABLE.json").write_text(json.dumps(before))
+    with pytest.raises(DataError, match=r"0\.4814.*embedded before keeper prepared"):
+        check_table_meta(str(old), siglip, embed_dim=768)
+    # ... while a spec prepared as it was then is added to as before.
+    (old / "_KEEPER_TABLE.json").write_text(json.dumps({**before, "model_spec": SPEC}))
+    check_table_meta(str(old), SPEC, embed_dim=64)

@@ -77,9 +77,11 @@ def test_probe_pixels_are_fixed_and_cover_the_range() -> None:
 
 def test_a_spec_that_prepares_images_otherwise_is_refused() -> None:
     export.check_preprocessing(TINY, "keeper-tiny:/models/m.safetensors")
-    # The webli tag carries its own mean/std and squash resize; ARCH:FILE takes the config's.
+    # SigLIP's tags all prepare alike (mean/std 0.5, squash), and so does ARCH:FILE since.
+    export.check_preprocessing("ViT-B-16-SigLIP:webli", "ViT-B-16-SigLIP:/m.safetensors")
+    # One ViT-L-14 tag prepares with mean and std 0.5; ARCH:FILE takes the config's (CLIP's).
     with pytest.raises(ModelLoadError, match=r"would prepare images as .*mean=\(0\.48"):
-        export.check_preprocessing("ViT-B-16-SigLIP:webli", "ViT-B-16-SigLIP:/m.safetensors")
+        export.check_preprocessing("ViT-L-14:laion2b_s32b_b82k", "ViT-L-14:/m.safetensors")
 
 
 def test_output_must_fit_the_mode() -> None:

@@ -184,10 +184,22 @@ class PreprocessConfig:
     resize_mode: str = "shortest"
 
 
-def preprocess_config(spec: str | ModelSpec) -> PreprocessConfig:
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+def preprocess_config(spec: str | ModelSpec, *, from_tags: bool = True) -> PreprocessConfig:
     """The preprocessing a spec expects (size, normalisation), from configs only (no weights).
 
     This lets a CPU-only decode stage prepare model inputs without ever loading the model.
+
+    A hub tag carries its own (SigLIP's mean and std 0.5 and squash resize, ...). Weights from a
+    file, an S3 object or random init take the architecture config's; where that names none
+    (open_clip keeps it with the tags for SigLIP, SigLIP 2, MobileCLIP, PE-Core, CLIPA and the
+    DFN ViT-H-14-378 configs), the one every pretrained tag of the architecture agrees on: a
+    checkpoint file of SigLIP's weights is prepared as ``ARCH:webli`` is. Where the tags differ
+    (ViT-L-14, ViT-H-14: one tag each prepares otherwise) the config's default stands, and
+    loading such a checkpoint warns (``load_clip``). ``from_tags=False``: as keeper did before
+    2026-12-07 (the config's default alone), to recognise tables embedded then.
     """
     import open_clip
 
@@ -198,7 +210,11 @@ def preprocess_config(spec: str | ModelSpec) -> PreprocessConfig:
     pre: dict[str, Any] = dict(cfg.get("preprocess_cfg", {}))
     if s.weights_kind == "tag":
         tag = _tag_config(s)
-        pre.update({k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag})
+        pre.update({k: tag[k] for k in _PREPROCESS_KEYS if k in tag})
+    elif from_tags and not any(k in pre for k in _PREPROCESS_KEYS):
+        ways = tags_preprocessing(s.arch)
+        if len(ways) == 1:
+            pre.update(ways[0][0])
     mean = tuple(pre.get("mean") or open_clip.OPENAI_DATASET_MEAN)
     std = tuple(pre.get("std") or open_clip.OPENAI_DATASET_STD)
     return PreprocessConfig(
@@ -208,6 +224,58 @@ def preprocess_config(spec: str | ModelSpec) -> PreprocessConfig:
         interpolation=str(pre.get("interpolation") or "bicubic"),
         resize_mode=str(pre.get("resize_mode") or "shortest"),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def tags_preprocessing(arch: str) -> tuple[tuple[dict[str, Any], tuple[str, ...]], ...]:
+    """The distinct ways the open_clip pretrained tags of ``arch`` prepare images: each setting
+    of mean, std, interpolation and resize mode (as far as a tag names them), with the tags that
+    use it. Empty for an architecture without tags (keeper-tiny). Treat the dicts as read-only."""
+    import open_clip
+
+    register_keeper_configs()
+    ways: dict[tuple[tuple[str, Any], ...], list[str]] = {}
+    for tag in open_clip.list_pretrained_tags_by_model(arch):
+        cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
+        pre = {
+            k: tuple(v) if isinstance(v := cfg[k], list) else v
+            for k in _PREPROCESS_KEYS
+            if k in cfg
+        }
+        ways.setdefault(tuple(sorted(pre.items())), []).append(tag)
+    return tuple((dict(key), tuple(tags)) for key, tags in ways.items())
+
+
+def _warn_if_tags_differ(s: ModelSpec, cfg: dict[str, Any]) -> None:
+    """A checkpoint of an architecture whose pretrained tags prepare images in more than one way
+    is prepared as its config says: say so, naming the tags that differ (once per spec)."""
+    if any(k in cfg.get("preprocess_cfg", {}) for k in _PREPROCESS_KEYS):
+        return
+    ways = tags_preprocessing(s.arch)
+    if len(ways) < 2 or str(s) in _warned_preprocessing:
+        return
+    _warned_preprocessing.add(str(s))
+    used = preprocess_config(s)
+    other = [
+        tag
+        for pre, tags in ways
+        if any(getattr(used, k) != (tuple(v) if isinstance(v, list) else v) for k, v in pre.items())
+        for tag in tags
+    ]
+    logging.getLogger(__name__).warning(
+        "%s: the checkpoint is prepared as %s's config says (mean %s, std %s, resize %s); "
+        "the weights of %s were trained with other "
+        "preprocessing: if it holds those, load that tag instead, or its embeddings are off",
+        s,
+        s.arch,
+        used.mean,
+        used.std,
+        used.resize_mode,
+        ", ".join(other),
+    )
+
+
+_warned_preprocessing: set[str] = set()
 
 
 def spec_field(spec: str, *, look_up: bool = True) -> str:
@@ -536,6 +604,7 @@ def load_clip(
             if kind in ("file", "s3"):
                 path = _resolve_checkpoint(s, cache_dir)
                 open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+                _warn_if_tags_differ(s, cfg)
             model = model.to(dev)
     except ModelLoadError:
         raise
