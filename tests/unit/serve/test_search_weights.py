@@ -48,3 +48,20 @@ def test_a_table_without_a_weights_record_is_served(tmp_path: Path) -> None:
     spec = f"keeper-tiny:{ckpt}"
     table = _indexed_table(tmp_path, spec, None)  # written before weights were recorded
     assert len(load_snapshot(SearchArgs(index=str(table / "index")), spec).index) == 6
+
+
+def test_a_table_of_images_prepared_otherwise_is_refused(tmp_path: Path) -> None:
+    """Its record names another preprocessing than the served spec's: its vectors would not be
+    comparable with the queries' (keeper_core.models.check_table)."""
+    from keeper_core.models import preprocess_record
+
+    spec = "keeper-tiny:random"
+    table = _indexed_table(tmp_path, spec, None)
+    meta = json.loads((table / TABLE_META).read_text())
+    args = SearchArgs(index=str(table / "index"))
+    (table / TABLE_META).write_text(json.dumps({**meta, "preprocess": preprocess_record(spec)}))
+    assert len(load_snapshot(args, spec).index) == 6  # prepared alike: served
+    other = {**preprocess_record(spec), "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    (table / TABLE_META).write_text(json.dumps({**meta, "preprocess": other}))
+    with pytest.raises(DataError, match=r"prepared as .*0\.5.*this run prepares them as"):
+        load_snapshot(args, spec)

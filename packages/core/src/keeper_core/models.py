@@ -517,21 +517,68 @@ def check_weights(spec: str, recorded: str | None, where: str, *, now: str | Non
         )
 
 
-def table_weights(table_uri: str) -> str | None:
-    """The weights version an embedding table's record names (None: no record, or none kept)."""
+def preprocess_record(spec: str, *, from_tags: bool = True) -> dict[str, Any]:
+    """How ``spec`` prepares images (:func:`preprocess_config`), as a table's JSON record keeps
+    it."""
+    import dataclasses
+    import json
+
+    record: dict[str, Any] = json.loads(
+        json.dumps(dataclasses.asdict(preprocess_config(spec, from_tags=from_tags)))
+    )
+    return record
+
+
+def check_table_preprocessing(spec: str, recorded: Any, where: str) -> None:
+    """Refuse embeddings of images prepared otherwise than ``spec`` prepares them now: as the
+    table's record says (``recorded``), or for a record without it (a table from before
+    2026-12-07), as keeper prepared ``spec`` then (a checkpoint file of SigLIP and ~50 other
+    architectures was prepared with CLIP's mean and std, not as their pretrained weights are).
+
+    Raises:
+        DataError: they differ, both named.
+    """
+    from keeper_core.errors import DataError
+
+    now = preprocess_record(spec)
+    then = recorded if isinstance(recorded, dict) else preprocess_record(spec, from_tags=False)
+    if then == now:
+        return
+    when = (
+        ""
+        if isinstance(recorded, dict)
+        else " (it was embedded before keeper prepared this architecture's checkpoints as its "
+        "pretrained weights are)"
+    )
+    raise DataError(
+        f"{where} holds embeddings of {spec!r} of images prepared as {then}{when}; this run "
+        f"prepares them as {now}. Rows prepared two ways never mix: re-embed into another output."
+    )
+
+
+def check_table(spec: str, table_uri: str) -> None:
+    """Refuse a table's embeddings for ``spec`` where its record (``keeper embed`` writes one)
+    says they were made with a checkpoint since replaced at the spec's path, or from images
+    prepared otherwise than ``spec`` prepares them now. A table without a record is not checked.
+
+    Raises:
+        DataError: either, named. ModelLoadError: the spec's S3 checkpoint cannot be reached.
+    """
     import json
 
     from keeper_core import storage
 
     meta_uri = storage.join(table_uri, TABLE_META)
     if not storage.exists(meta_uri):
-        return None
+        return
     try:
         meta = json.loads(storage.read_bytes(meta_uri))
     except ValueError:
-        return None  # keeper embed refuses such a record itself, naming it
-    version = meta.get("weights_version") if isinstance(meta, dict) else None
-    return str(version) if version else None
+        return  # keeper embed refuses such a record itself, naming it
+    if not isinstance(meta, dict):
+        return
+    check_weights(spec, meta.get("weights_version"), table_uri)
+    check_table_preprocessing(spec, meta.get("preprocess"), table_uri)
 
 
 @functools.lru_cache(maxsize=16)

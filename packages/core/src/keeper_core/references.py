@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from keeper_core import storage
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.errors import DataError, ModelLoadError, StorageError
-from keeper_core.models import check_weights, table_weights
+from keeper_core.models import check_table
 from keeper_core.quality import FEATURE_NAMES
 from keeper_core.scoring import AestheticConfig, PromptEmbeddings, aesthetic_scores
 
@@ -250,10 +250,11 @@ def load_collection(root: str, name: str, *, model_spec: str | None = None) -> R
         )
     table_uri = collection_uri(root, name)
     if model_spec is not None:
-        # The same spec string with a checkpoint replaced at its path: the members' vectors are
-        # another model's (keeper embed records the weights it used, as for /v1/search).
+        # The same spec string with a checkpoint replaced at its path, or images prepared
+        # otherwise: the members' vectors are another model's (keeper embed records both, as
+        # for /v1/search).
         try:
-            check_weights(model_spec, table_weights(table_uri), table_uri)
+            check_table(model_spec, table_uri)
         except ModelLoadError as e:
             raise StorageError(table_uri, f"cannot check the weights: {e}", retryable=True) from e
     folder = storage.join(table_uri, EMBEDDINGS)

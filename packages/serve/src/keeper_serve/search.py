@@ -33,7 +33,7 @@ from ray import serve
 from keeper_core import storage
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
 from keeper_core.errors import ConfigError, DataError, StorageError
-from keeper_core.models import check_weights, table_weights
+from keeper_core.models import check_table
 from keeper_core.vector_index import META_FILE, VectorIndex
 from keeper_serve.api import SEARCH_FEATURES, SearchFilters, short_id
 from keeper_serve.config import SearchArgs
@@ -154,9 +154,9 @@ def load_snapshot(args: SearchArgs, clip_model: str) -> Snapshot:
             source=args.index,
         )
     table_uri = args.table_uri()
-    # The same spec string with a checkpoint replaced at its path: the table's vectors are
-    # another model's (``keeper embed`` records the weights it used).
-    check_weights(clip_model, table_weights(table_uri), table_uri)
+    # The same spec string with a checkpoint replaced at its path, or images prepared otherwise:
+    # the table's vectors are another model's (``keeper embed`` records both).
+    check_table(clip_model, table_uri)
     folder = storage.join(table_uri, EMBEDDINGS)
     columns = ["image_id", "image_uri", "embedding", "model_spec", *SEARCH_FEATURES]
     try:

@@ -40,7 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from functools import cache
@@ -73,10 +73,12 @@ from keeper_core.models import (
     ModelSpec,
     PreprocessConfig,
     actor_memory_request,
+    check_table_preprocessing,
     check_weights,
     embed_dim,
     parameter_count,
     preprocess_config,
+    preprocess_record,
     spec_field,
     weights_version,
 )
@@ -612,7 +614,7 @@ def check_table_meta(
             )
         if weights:
             check_weights(spec, meta.get("weights_version"), dst, now=weights)
-        check_preprocessing(spec, meta.get("preprocess"), dst)
+        check_table_preprocessing(spec, meta.get("preprocess"), dst)
         if record and meta.get("color") != COLOR_RECORD:
             what = _unconverted(meta.get("color"))
             log.warning(
@@ -630,44 +632,12 @@ def check_table_meta(
         "embed_dim": embed_dim,
         "format": 1,
         "color": COLOR_RECORD,
-        "preprocess": _preprocess_record(spec),
+        "preprocess": preprocess_record(spec),
         "created": _now(),
     }
     if weights:
         meta["weights_version"] = weights
     storage.write_bytes(meta_uri, json.dumps(meta, indent=2).encode())
-
-
-def _preprocess_record(spec: str, *, from_tags: bool = True) -> dict[str, Any]:
-    """How ``spec`` prepares images (``keeper_core.models.preprocess_config``), as JSON keeps it."""
-    return json.loads(json.dumps(asdict(preprocess_config(spec, from_tags=from_tags))))
-
-
-def check_preprocessing(spec: str, recorded: Any, dst: str) -> None:
-    """Refuse to add rows prepared otherwise than a table's: its record's ``preprocess``, or for
-    a table without one (before 2026-12-07), as keeper prepared ``spec`` then (a checkpoint file
-    of SigLIP and ~50 other architectures was prepared with CLIP's mean and std, not as their
-    pretrained weights are: ``preprocess_config``).
-
-    Raises:
-        DataError: they differ, both named.
-    """
-    now = _preprocess_record(spec)
-    then = recorded if isinstance(recorded, dict) else _preprocess_record(spec, from_tags=False)
-    if then == now:
-        return
-    when = (
-        ""
-        if isinstance(recorded, dict)
-        else (
-            " (it was embedded before keeper prepared this architecture's checkpoints as its "
-            "pretrained weights are)"
-        )
-    )
-    raise DataError(
-        f"{dst} holds embeddings of {spec!r} of images prepared as {then}{when}; this run "
-        f"prepares them as {now}. Rows prepared two ways never mix: re-embed into another output."
-    )
 
 
 def _now(timespec: str = "seconds") -> str:
