@@ -250,3 +250,35 @@ def test_where_the_tags_differ_a_file_takes_the_config_and_loading_says_so(
     with caplog.at_level("WARNING", logger="keeper_core.models"):
         models._warn_if_tags_differ(siglip, models._model_config(siglip))
     assert caplog.text == ""  # its tags agree
+
+
+@pytest.mark.parametrize(
+    ("arch", "tag"),
+    [
+        ("ViT-B-16-SigLIP", "webli"),
+        ("ViT-B-32", "laion2b_s34b_b79k"),
+        ("MobileCLIP-S2", "datacompdr"),
+        ("ViT-H-14-378-quickgelu", "dfn5b"),
+    ],
+)
+def test_the_transform_is_open_clips_own_for_the_tag_and_for_a_file_of_it(
+    arch: str, tag: str
+) -> None:
+    """keeper's image transform (what its CPU and GPU preparation follow) gives open_clip's
+    pixels for a pretrained tag, and the same for a checkpoint file of that architecture."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    from keeper_core.models import image_transform
+
+    cfg = open_clip.get_model_config(arch)
+    pre = merge_preprocess_dict(
+        PreprocessCfg(size=cfg["vision_cfg"]["image_size"]), cfg.get("preprocess_cfg", {})
+    )
+    tagged = open_clip.get_pretrained_cfg(arch, tag)
+    keys = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+    pre = merge_preprocess_dict(PreprocessCfg(**pre), {k: tagged[k] for k in keys if k in tagged})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 500, 3), np.uint8))
+    theirs = image_transform_v2(PreprocessCfg(**pre), is_train=False)(image)
+    for weights in (tag, "/models/w.safetensors"):
+        assert torch.equal(image_transform(f"{arch}:{weights}")(image), theirs), weights
