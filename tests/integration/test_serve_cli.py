@@ -199,6 +199,7 @@ def test_keeper_serve_starts_prints_how_to_call_answers_through_haproxy_and_stop
         assert models["clip"] == {  # embedded defaults
             "spec": "keeper-tiny:random", "embed_dim": 64, "image_size": 64,
             "random_weights": True, "logit_scale": pytest.approx(1 / 0.07, rel=1e-4),  # init
+            "logit_bias": None,  # CLIP's: no bias (SigLIP-style models report theirs)
         }  # fmt: skip
         assert models["vlm"]["status"] == "disabled"  # vlm.source is null by default
         ranker = models["ranker"]
