@@ -222,12 +222,7 @@ def s3_rerun_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[di
                 rows.append(
                     {
                         "export": name,
-                        "files": len(src),
-                        "latency_ms": args.latency_ms,
-                        "seconds": min(times),
-                        "requests": dict(sorted(calls.items())),
-                        "requests_total": sum(calls.values()),
-                        "downloaded_bytes": got[0],
+                        **measured_row(len(src), args.latency_ms, times, calls, got),
                         "first_seconds": first_s,
                         "first_requests": dict(sorted(first.items())),
                         "first_requests_total": sum(first.values()),
@@ -265,6 +260,21 @@ def measured_s3(latency_ms: float) -> Iterator[tuple[Any, list[int]]]:
     finally:
         events.unregister("after-call.s3", unique_id="bench-bytes")
         events.unregister("before-send.s3", unique_id="bench-wait")
+
+
+def measured_row(
+    files: int, latency_ms: float, times: list[float], calls: Any, got: list[int]
+) -> dict[str, Any]:
+    """The columns every S3 table row has: its best time, and the last repeat's requests and
+    bytes downloaded (``measured_s3``'s)."""
+    return {
+        "files": files,
+        "latency_ms": latency_ms,
+        "seconds": min(times),
+        "requests": dict(sorted(calls.items())),
+        "requests_total": sum(calls.values()),
+        "downloaded_bytes": got[0],
+    }
 
 
 def s3_unpick_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[dict[str, Any]]:
@@ -305,12 +315,7 @@ def s3_unpick_rows(uris: list[str], root: Path, work: Path, args: Any) -> list[d
                 {
                     "unpick": name,
                     "io_threads": threads,
-                    "files": len(src),
-                    "latency_ms": args.latency_ms,
-                    "seconds": min(times),
-                    "requests": dict(sorted(calls.items())),
-                    "requests_total": sum(calls.values()),
-                    "downloaded_bytes": got[0],
+                    **measured_row(len(src), args.latency_ms, times, calls, got),
                 }
             )
     return rows
