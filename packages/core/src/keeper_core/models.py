@@ -211,7 +211,7 @@ def preprocess_config(spec: str | ModelSpec, *, from_tags: bool = True) -> Prepr
     if s.weights_kind == "tag":
         tag = _tag_config(s)
         pre.update({k: tag[k] for k in _PREPROCESS_KEYS if k in tag})
-    elif from_tags and not any(k in pre for k in _PREPROCESS_KEYS):
+    elif from_tags and not _names_preprocessing(cfg):
         ways = tags_preprocessing(s.arch)
         if len(ways) == 1:
             pre.update(ways[0][0])
@@ -246,20 +246,23 @@ def tags_preprocessing(arch: str) -> tuple[tuple[dict[str, Any], tuple[str, ...]
     return tuple((dict(key), tuple(tags)) for key, tags in ways.items())
 
 
+def _names_preprocessing(cfg: dict[str, Any]) -> bool:
+    """Whether an architecture's config says how to prepare images (else its tags do)."""
+    return any(k in cfg.get("preprocess_cfg", {}) for k in _PREPROCESS_KEYS)
+
+
 def _warn_if_tags_differ(s: ModelSpec, cfg: dict[str, Any]) -> None:
     """A checkpoint of an architecture whose pretrained tags prepare images in more than one way
     is prepared as its config says: say so, naming the tags that differ (once per spec)."""
-    if any(k in cfg.get("preprocess_cfg", {}) for k in _PREPROCESS_KEYS):
-        return
     ways = tags_preprocessing(s.arch)
-    if len(ways) < 2 or str(s) in _warned_preprocessing:
+    if _names_preprocessing(cfg) or len(ways) < 2 or str(s) in _warned_preprocessing:
         return
     _warned_preprocessing.add(str(s))
     used = preprocess_config(s)
     other = [
         tag
         for pre, tags in ways
-        if any(getattr(used, k) != (tuple(v) if isinstance(v, list) else v) for k, v in pre.items())
+        if any(getattr(used, k) != v for k, v in pre.items())
         for tag in tags
     ]
     logging.getLogger(__name__).warning(

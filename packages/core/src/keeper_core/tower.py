@@ -78,9 +78,6 @@ TIMM_VIT = TowerLayout(
     ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
     ("trunk.norm.", "trunk.fc_norm.", "trunk.attn_pool.", "head."),
 )
-#: open_clip ViT's defaults (the job's documented defaults name them).
-LORA_MODULES = OPEN_CLIP_VIT.lora_modules
-HEAD_OF_TOWER = OPEN_CLIP_VIT.head
 
 
 class TowerConfig(BaseModel):
