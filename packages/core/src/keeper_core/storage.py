@@ -1161,7 +1161,8 @@ def object_info(uri: str) -> ObjectInfo:
 
 def object_info_if_exists(uri: str) -> ObjectInfo | None:
     """:func:`object_info`, or None where there is no such file or object (on S3 one HEAD, and
-    a HEAD of the bucket where it is missing, to tell a missing bucket, which raises).
+    where it is missing a HEAD of the bucket, to tell a missing bucket, which raises, unless the
+    bucket was seen in the last minute: ``_head``).
 
     Raises:
         StorageError: a folder, a missing bucket, or another failure.
