@@ -13,31 +13,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from support import import_benchmark
 
 from keeper_core import storage
 from keeper_core.errors import StorageError
 from keeper_core.handback import EXPORT_RECORD, export_keepers, remove_keepers_export
 
-
-@contextmanager
-def counted() -> Iterator[Counter[str]]:
-    calls: Counter[str] = Counter()
-
-    def count(model: object, **_: object) -> None:
-        calls[str(getattr(model, "name", model))] += 1
-
-    events = storage.s3_client().meta.events
-    events.register("before-call.s3", count, unique_id="count-calls")
-    try:
-        yield calls
-    finally:
-        events.unregister("before-call.s3", unique_id="count-calls")
+counted = import_benchmark("sidecar_s3_requests").counted_s3_calls
 
 
 def _photos(n: int = 3) -> list[bytes]:
