@@ -44,7 +44,7 @@ def test_report_prints_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFix
     assert "+50.0 pts" in text
     report = json.loads(out.read_text())
     assert report["arms"]["challenger"]["online_top1"]["k"] == 5
-    assert report["unmatched"] == 0  # events about requests outside the offers are not read
+    assert report["unmatched"] == 1  # the decision about a request no answer has
 
 
 def test_window_and_missing_offers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -60,6 +60,16 @@ def test_window_and_missing_offers(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "empty").mkdir()
     assert ab_report.main([f"feedback={tmp_path / 'empty'}"]) == 2
     assert "no offers logged here" in capsys.readouterr().err
+
+
+def test_an_events_folder_without_a_part_is_no_decision_yet(tmp_path: Path) -> None:
+    # Made ahead, or left by a first flush killed mid-write: it failed the report.
+    root = tmp_path / "fb"
+    OfferLog(str(root / "offers")).append_rows(offer_rows("q", "champion", "s", 2), sync=True)
+    (root / "events").mkdir()
+    (root / "events" / ".part-x.parquet.abcd1234.tmp").write_bytes(b"half")
+    r = ab_report.run(ab_report.ABReportConfig(feedback=str(root)))
+    assert (r.arms["champion"].answers, r.decisions) == (1, 0)
 
 
 def test_the_keeper_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -261,6 +261,11 @@ def test_nothing_to_export_and_a_foreign_table_are_refused(tmp_path: Path) -> No
     _decide(root, ("r1", "a", "accepted"))
     with pytest.raises(DataError, match=r"nothing to export.*'unpaired': 1"):
         _export(root, tmp_path / "out")
+    # No decision reaching an offer at all (a window that holds none, request ids no answer
+    # has) says so too: it was a ModelLoadError about the empty spec of no offer.
+    later = "2099-01-01T00:00:00+00:00"
+    with pytest.raises(DataError, match=r"nothing to export.*'outside_window': 1"):
+        _export(root, tmp_path / "out", since=later)
     _decide(root, ("r1", "b", "picked-as-keeper"))
     (tmp_path / "emb" / "embeddings").mkdir(parents=True)
     (tmp_path / "emb" / "embeddings" / "part-abc.parquet").write_bytes(b"")

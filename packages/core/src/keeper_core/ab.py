@@ -27,6 +27,8 @@ mid-test answered in both arms and has a row in each. Offers of the review page 
 ``review``: a batch ``keeper pick`` run a person triages, no arm) are no answer of the live split:
 :func:`ab_report` leaves them out, :func:`figures_by_model` counts them under the arm
 ``review``. :func:`window` keeps the answers of a time window and the events about them.
+:func:`version_ab` measures one challenger version against the champion over the same time,
+what ``keeper promote --online`` gates on (an arm pools every version that answered for it).
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class ABReport:
     arms: dict[str, ArmFigures]
     gain: Interval | None  # challenger minus champion online top-1
     decisions: int
-    unmatched: int  # standing decisions whose (request_id, image_id) no offer row has
+    unmatched: int  # standing decisions whose (request_id, image_id) no offer row given has
     confidence: float
     by_model: list[ModelFigures] = field(default_factory=list)  # figures_by_model's rows
 
@@ -352,6 +354,71 @@ def ab_report(offers: pa.Table, events: pa.Table, confidence: float = 0.95) -> A
     gain = difference_interval(champ.hits, champ.keepers, chall.hits, chall.keepers, confidence)
     by_model = figures_by_model(offers, events, confidence)
     return ABReport(arms, gain, standing, unmatched, confidence, by_model)
+
+
+@dataclass(frozen=True)
+class VersionAB:
+    """One challenger version's A/B against the champion over the same time (:func:`version_ab`).
+
+    ``report`` is :func:`ab_report` over the challenger arm's answers by ``challenger`` and the
+    champion arm's (by ``champion`` when named) from ``since``, the first time both were
+    answering; ``served`` is every model the challenger arm answered with in the whole log.
+    """
+
+    report: ABReport
+    challenger: str
+    champion: str | None
+    since: datetime | None  # None: one of the two never answered, and the report is empty
+    served: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.report.as_dict(),
+            "challenger": self.challenger,
+            "champion": self.champion,
+            "since": self.since.isoformat() if self.since is not None else None,
+            "challenger_arm_served": self.served,
+        }
+
+
+def version_ab(
+    offers: pa.Table,
+    events: pa.Table,
+    challenger: str,
+    champion: str | None = None,
+    confidence: float = 0.95,
+) -> VersionAB:
+    """The A/B of the version ``challenger`` (a model URI as offers name it) against the champion.
+
+    An arm's figures pool every version that answered for it, and the challenger arm answers
+    with each challenger in turn: a version that won an earlier test (and was promoted since)
+    would lend its wins to the next one. Judging one version takes the challenger arm's answers
+    by that version alone, and the champion arm's (by ``champion``, the version now champion,
+    when named) over the same time: from the first moment both were answering, so neither is
+    judged on a period the other did not see. Events about other answers are left out.
+
+    Raises:
+        DataError: offers with an arm other than champion or challenger.
+    """
+    route = offers.column("route")
+    live = pc.invert(pc.fill_null(pc.is_in(route, value_set=pa.array([REVIEW, SELECT])), False))
+    arm = pc.fill_null(offers.column("arm"), "champion")
+    model = offers.column("model")
+    in_chall = pc.and_(live, pc.equal(arm, "challenger"))
+    served = sorted(str(m) for m in pc.unique(pc.filter(model, in_chall)).to_pylist())
+    mine = pc.fill_null(pc.and_(in_chall, pc.equal(model, challenger)), False)
+    theirs = pc.and_(live, pc.equal(arm, "champion"))
+    if champion is not None:
+        theirs = pc.and_(theirs, pc.equal(model, champion))
+    theirs = pc.fill_null(theirs, False)
+    ts = offers.column("received_at")
+    starts = [pc.min(pc.filter(ts, m)).as_py() for m in (mine, theirs)]
+    since = None if None in starts else max(starts)
+    keep = pc.or_(mine, theirs)
+    if since is not None:
+        keep = pc.and_(keep, pc.greater_equal(ts, pa.scalar(since, ts.type)))
+    chosen, about = window(offers.filter(keep), events, None)
+    return VersionAB(ab_report(chosen, about, confidence), challenger, champion, since, served)
 
 
 def _table(rows: Sequence[tuple[str, ...]]) -> list[str]:

@@ -471,6 +471,19 @@ def read_feedback(root: str) -> pa.Table:
     return t.take(first) if len(first) < t.num_rows else t
 
 
+def read_feedback_so_far(root: str) -> pa.Table:
+    """:func:`read_feedback`, or no events when none has been written under ``root`` yet: no
+    folder, or one without a part (made ahead, or left by a first flush killed mid-write).
+
+    Raises:
+        StorageError: the log cannot be listed or a part read.
+        DataError: a part that is not a feedback part.
+    """
+    if storage.exists(root) and storage.list_files(root, suffixes=[".parquet"]):
+        return read_feedback(root)
+    return SCHEMA.empty_table()
+
+
 def decisions(events: pa.Table) -> pa.Table:
     """The standing decision per (request_id, image_id, client): the latest event wins, and an
     ``undone`` takes back the decision before it (so undo, undo takes back two).

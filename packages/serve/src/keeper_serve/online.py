@@ -50,7 +50,7 @@ from keeper_core.ab import (
     window,
 )
 from keeper_core.errors import DataError, StorageError
-from keeper_core.feedback import OFFERS_SCHEMA, SCHEMA, read_feedback
+from keeper_core.feedback import OFFERS_SCHEMA, read_feedback_so_far
 from keeper_serve.config import FeedbackArgs
 
 log = logging.getLogger("keeper.serve")
@@ -177,8 +177,7 @@ def measure(
     """
     now = time.time()
     since = datetime.fromtimestamp(now, UTC) - timedelta(seconds=window_s)
-    events_uri = storage.join(root, "events")
-    events = read_feedback(events_uri) if storage.exists(events_uri) else SCHEMA.empty_table()
+    events = read_feedback_so_far(storage.join(root, "events"))
     o, e = window(offers.read(since), events, since)
     report = ab_report(o, e, confidence)
     totals = [_arm_total(report.arms[a]) for a in report.arms]

@@ -18,12 +18,13 @@ from collections.abc import Sequence
 from datetime import datetime
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import ConfigDict, Field
 
 from keeper_core import storage
 from keeper_core.ab import ABReport, ab_report, format_report, window
 from keeper_core.errors import DataError
-from keeper_core.feedback import SCHEMA, read_feedback, read_offers
+from keeper_core.feedback import read_feedback_so_far, read_offers
 from keeper_train.config import TimeWindow, job_main
 
 OFFERS, EVENTS = "offers", "events"
@@ -44,7 +45,9 @@ class ABReportConfig(TimeWindow):
 def load(
     feedback: str, since: datetime | None = None, until: datetime | None = None
 ) -> tuple[pa.Table, pa.Table]:
-    """The offers in the window, and every event about them.
+    """The offers in the window, every event about them, and the events about answers that no
+    offer in the whole log has (a client's mistyped ``request_id``, a root mixed up): the report
+    counts those as without an offer, where a window would leave them out unseen.
 
     Raises:
         DataError: no offers logged under ``feedback`` (``feedback.offers`` off, or another root).
@@ -56,10 +59,12 @@ def load(
             "no offers logged here: the server writes them with feedback.offers on",
             source=offers_uri,
         )
-    events_uri = storage.join(feedback, EVENTS)
     # Offers and no decision yet: every figure but the answers' count is empty.
-    events = read_feedback(events_uri) if storage.exists(events_uri) else SCHEMA.empty_table()
-    return window(read_offers(offers_uri), events, since, until)
+    events = read_feedback_so_far(storage.join(feedback, EVENTS))
+    offers = read_offers(offers_uri)
+    known = pc.is_in(events.column("request_id"), value_set=pc.unique(offers.column("request_id")))
+    chosen, about = window(offers, events, since, until)
+    return chosen, pa.concat_tables([about, events.filter(pc.invert(known))])
 
 
 def run(cfg: ABReportConfig) -> ABReport:

@@ -479,7 +479,7 @@ def plan(cfg: FeedbackExportConfig) -> _Plan:
     names = _names(rows, cfg)
     # The spec's own width: an offer of another (a corrupt or foreign log row) is skipped as
     # no_embedding, as a non-finite one is, instead of failing the whole export.
-    names.dim = embed_dim(spec) if spec is not None else None
+    names.dim = embed_dim(spec) if spec else None  # "": no decision reached an offer
     return _Plan(events.num_rows, joined, groups, spec, names)
 
 

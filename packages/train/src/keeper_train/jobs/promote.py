@@ -21,10 +21,13 @@ a challenger that finds the keeper on 4 more series than the champion and loses 
 points) is still within chance; 6 are not. ``ci_gate=False`` (``--no-ci-gate``) drops the test.
 
 With ``--online ROOT`` (a serving feedback root, docs/feedback.md) the online A/B counts too:
-the challenger arm must have served the version judged, and its online top-1 gain over the
-champion arm (``keeper ab-report``: of the groups where a person picked a keeper, the share the
-model ranked first) must reach ``--min-online-gain`` with the lower bound of its Newcombe interval
-above 0 (above ``min_online_gain`` when that is negative). Both halves must pass; both are recorded.
+the challenger arm must have served the version judged, and that version's online top-1 gain
+over the champion (``keeper ab-report``'s figure: of the groups where a person picked a keeper, the
+share the model ranked first) must reach ``--min-online-gain`` with the lower bound of its Newcombe
+interval above 0 (above ``min_online_gain`` when that is negative). It is measured on the version's
+own answers against the champion version's over the same time (``keeper_core.ab.version_ab``), not
+on the arms': an arm pools every version that answered for it, and the challenger arm's history
+holds the wins of the challenger before, now the champion. Both halves must pass; both are recorded.
 
 Refused before anything is judged: promotion series that share images with the challenger's
 recorded train or val split (train_head's ``split.csv`` artifact), a split that cannot be read
@@ -57,7 +60,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from keeper_core import registry, storage
-from keeper_core.ab import ABReport
+from keeper_core.ab import VersionAB, version_ab
 from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadError
 from keeper_core.metrics import (
     Interval,
@@ -222,24 +225,33 @@ def served_as(name: str, version: str) -> str:
     return f"models:/{name}/{version}"
 
 
-def decide_online(report: ABReport, name: str, version: str, min_gain: float) -> Decision:
-    """The online half of the rule: the A/B's challenger arm served ``version``, and its online
-    top-1 gain over the champion arm is at least ``min_gain`` with the interval's lower bound
-    above ``min(min_gain, 0)`` (as offline: a drop the user allows is the bound).
+def decide_online(ab: VersionAB, min_gain: float) -> Decision:
+    """The online half of the rule: the challenger arm answered with the version judged, and that
+    version's online top-1 gain over the champion arm since both were answering
+    (:func:`keeper_core.ab.version_ab`: not the arm's, which pools every challenger it served) is at
+    least ``min_gain`` with the interval's lower bound above ``min(min_gain, 0)`` (as offline: a
+    drop the user allows is the bound).
 
     Raises:
         ConfigError: min_gain outside [-1, 1].
     """
     check_min_gain(min_gain)
-    served = report.arms["challenger"].models
-    if served_as(name, version) not in served:
-        got = ", ".join(served) or "nothing"
-        return Decision(False, f"online: the challenger arm served {got}, not v{version}")
-    gain = report.gain
-    if gain is None:
-        return Decision(False, "online: no keeper picked on one arm yet, no evidence")
+    if ab.challenger not in ab.served:
+        got = ", ".join(ab.served) or "nothing"
+        return Decision(False, f"online: the challenger arm served {got}, not {ab.challenger}")
+    against = ab.champion or "the champion arm"
+    gain = ab.report.gain
+    if ab.since is None or gain is None:
+        return Decision(
+            False,
+            f"online: no keeper picked on {ab.challenger}'s answers or {against}'s "
+            "since both were answering, no evidence",
+        )
     bound = min(min_gain, 0.0)
-    line = f"online top-1 {gain.pts()} on {gain.n} groups"
+    line = (
+        f"online top-1 {gain.pts()} on {gain.n} groups ({ab.challenger} against {against} "
+        f"since {ab.since:%Y-%m-%d %H:%M} UTC)"
+    )
     if gain.estimate < min_gain - _EPS:
         return Decision(False, f"{line}: below the {100 * min_gain:+.1f} required")
     if gain.low <= bound + _EPS:
@@ -435,12 +447,15 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
         cfg.confidence,
     )
     decision = decide(m_chal, m_champ, cfg.min_gain, gain if cfg.ci_gate else None)
-    online: ABReport | None = None
+    online: VersionAB | None = None
     if cfg.online is not None:
-        online = ab_report.run(
-            ab_report.ABReportConfig(feedback=cfg.online, confidence=cfg.confidence)
+        online = version_ab(
+            *ab_report.load(cfg.online),
+            challenger=served_as(name, chal_v),
+            champion=served_as(name, champ_v) if champ_v is not None else None,
+            confidence=cfg.confidence,
         )
-        live = decide_online(online, name, chal_v, cfg.min_online_gain)
+        live = decide_online(online, cfg.min_online_gain)
         decision = Decision(decision.promote and live.promote, f"{decision.reason}; {live.reason}")
 
     tags = {
@@ -466,12 +481,14 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
         tags["forced_after_rollback"] = "true"
     if online is not None:
         tags |= {"online": str(cfg.online), "min_online_gain": str(cfg.min_online_gain)}
-        if online.gain is not None:
+        if online.since is not None:
+            tags["online_since"] = online.since.isoformat()
+        if (online_gain := online.report.gain) is not None:
             tags |= {
-                "online_gain_top1": f"{online.gain.estimate:.6f}",
-                "online_gain_ci_low": f"{online.gain.low:.6f}",
-                "online_gain_ci_high": f"{online.gain.high:.6f}",
-                "online_groups": str(online.gain.n),
+                "online_gain_top1": f"{online_gain.estimate:.6f}",
+                "online_gain_ci_low": f"{online_gain.low:.6f}",
+                "online_gain_ci_high": f"{online_gain.high:.6f}",
+                "online_groups": str(online_gain.n),
             }
     if m_champ is not None:
         tags |= {"champion_top1": f"{m_champ.top1:.6f}", "champion_mrr": f"{m_champ.mrr:.6f}"}
