@@ -11,9 +11,10 @@ import hashlib
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from keeper_core.culling import cull
+from keeper_core.culling import cull, mark_duplicates, table_frame
 from keeper_core.errors import DataError
 from keeper_core.grouping import GroupingConfig, copy_runs
 from keeper_core.quality import FEATURE_NAMES
@@ -241,3 +242,17 @@ def test_duplicates_in_a_copied_folder_are_still_found() -> None:
     old = cull(df, scorer=None, grouping=OFF).picks.set_index("image_uri")
     assert old.loc["/lib/dl/saved/IMG_0003.PNG", "duplicate_kind"] == "exact"
     assert pd.isna(old.loc["/lib/dl/IMG_0007_small.PNG", "duplicate_kind"])
+
+
+def test_table_frame_keeps_64_bit_hashes_beside_a_null_and_floats_are_refused() -> None:
+    high = 0x4000000000000000
+    t = pa.table({"image_uri": ["a", "b", "c"], "dhash": pa.array([high, high | 0x1FF, None])})
+    df = table_frame(t)
+    assert df["dhash"].tolist()[:2] == [high, high | 0x1FF]
+    assert df["dhash"].isna().tolist() == [False, False, True]
+    lossy = t.to_pandas()  # float64: the two hashes read as one
+    assert lossy["dhash"][0] == lossy["dhash"][1]
+    lossy["image_id"] = ["1", "2", "3"]
+    emb = np.eye(3, dtype=np.float32)
+    with pytest.raises(DataError, match="lost bits"):
+        mark_duplicates(lossy, emb, np.arange(3), GroupingConfig(), prefer=np.ones(3))

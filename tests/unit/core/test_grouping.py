@@ -376,6 +376,24 @@ def test_near_components_and_exact_copies() -> None:
     assert kind == [None, "near", None, "exact", None]
 
 
+def test_copies_a_chain_left_unmarked_are_marked_among_themselves() -> None:
+    # k (the sharpest) is 5 dHash bits from n, n 5 from m1 and m2, which are one another's copy
+    # and 10 bits from k: one component by single linkage, k kept, n marked; m1 and m2 fail
+    # against k, and were both kept, where a table without k marks m2 a copy of m1.
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=64)
+    emb = np.stack([base + 0.003 * rng.normal(size=64) for _ in range(4)]).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    cfg = GroupingConfig(near_duplicate_max_hamming=8)
+    hashes = np.array([0, 0b11111, 0b1111111111, 0b1111111111], dtype=np.int64)
+    dup, kind = find_duplicates(
+        ["k", "n", "m1", "m2"], emb, np.arange(4), ["k", "n", "m1", "m2"], cfg,
+        prefer=np.array([4.0, 3.0, 2.0, 1.0]), hashes=hashes,
+    )  # fmt: skip
+    assert dup.tolist() == [-1, 0, -1, 2]
+    assert kind == [None, "near", None, "near"]
+
+
 def test_near_duplicate_search_is_blocked(monkeypatch: pytest.MonkeyPatch) -> None:
     import keeper_core.grouping as grouping
 

@@ -690,16 +690,28 @@ def reference_duplicates(
         candidates = {(kept_copy[a], kept_copy[b]) for a, b in pairs}
         candidates = {(min(p), max(p)) for p in candidates if p[0] != p[1]}
 
-    near = UnionFind(reps)
-    for a, b in candidates:
-        if grp[a] != grp[b] and alike(a, b) and not apart(a, b, cfg.max_gap_s):
-            near.join(a, b)
-    for members in near.sets():
-        kept = min(members, key=rank)
-        for i in members:
-            linked = alike(i, kept) and not apart(i, kept, cfg.max_gap_s)
-            if i != kept and grp[i] != grp[kept] and linked:
-                dup[i], kind[i] = kept, "near"
+    # "Their own components are found among them alone ... until a round marks nothing": the
+    # rows a component left unmarked (they fail against its kept row) are linked again among
+    # themselves only.
+    pending = reps
+    while len(pending) > 1:
+        near = UnionFind(pending)
+        inside = set(pending)
+        for a, b in candidates:
+            linked = grp[a] != grp[b] and alike(a, b) and not apart(a, b, cfg.max_gap_s)
+            if a in inside and b in inside and linked:
+                near.join(a, b)
+        left = []
+        for members in near.sets():
+            kept = min(members, key=rank)
+            for i in members:
+                if i == kept or grp[i] == grp[kept]:
+                    continue
+                if alike(i, kept) and not apart(i, kept, cfg.max_gap_s):
+                    dup[i], kind[i] = kept, "near"
+                else:
+                    left.append(i)
+        pending = left
     if exposures:
         # "Each such set keeps its preferred row and every other member that passes these tests
         # against it points at it"; "the marks above are the same with or without it". The

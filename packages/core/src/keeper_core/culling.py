@@ -147,6 +147,37 @@ def has_subseconds(capture_time: pd.Series) -> np.ndarray:
     return out
 
 
+#: The columns :func:`mark_duplicates` reads where a table has them: read them all, or a test
+#: it makes is skipped (an export that dropped its UTC offset, a copy with a rating saved in).
+DUPLICATE_EVIDENCE = (
+    "image_uri",
+    "image_id",
+    "content_id",
+    "dhash",
+    "capture_ts",
+    "time_source",
+    "capture_time",
+    "camera",
+    "sequence",
+)
+
+
+def table_frame(table: pa.Table) -> pd.DataFrame:
+    """An embedding table's rows as pandas, its ``dhash`` exact (pandas' nullable ``Int64``).
+
+    Plain ``to_pandas`` turns an int64 column holding a null (a part written before the column
+    existed, a file that could not be hashed) into float64, which keeps 53 of a hash's 64 bits:
+    every hash of the table would be off in its low bits, and copies 9 bits apart would read as
+    0 apart.
+    """
+    df = table.to_pandas()
+    if "dhash" in table.column_names:
+        df["dhash"] = table.column("dhash").to_pandas(
+            types_mapper={pa.int64(): pd.Int64Dtype()}.get
+        )
+    return df
+
+
 def copy_sets(df: pd.DataFrame) -> list[str]:
     """A key per row that rows which are copies of one file share: the same bytes (``image_id``),
     or the same but for a JPEG's metadata segments (``content_id``: a copy Lightroom or keeper
@@ -196,6 +227,8 @@ def mark_duplicates(
     hashes, hashed = None, np.ones(len(df), dtype=bool)
     if "dhash" in df.columns:
         hashed = df["dhash"].notna().to_numpy()
+        if df["dhash"].dtype.kind == "f" and hashed.any():
+            raise DataError("dhash read as floating point has lost bits: read it with table_frame")
         hashes = df["dhash"].fillna(0).to_numpy(dtype=np.int64)
     moments = offsets = cameras = subsecond = sequences = None
     if "time_source" in df.columns and "capture_ts" in df.columns:

@@ -385,7 +385,10 @@ def find_duplicates(
     row (same rule). Every other member whose group differs from the kept row's, and which
     passes the tests against the kept row itself (not only through a chain of links), points at
     the kept row (kind ``"near"``); members of the kept row's own group are its burst siblings,
-    left to ranking. An exact copy points at its kept copy even when that one is itself a near
+    left to ranking. The members that fail against the kept row may still be copies of one
+    another (two exports of a photo, each too far from the sharper shot a chain joined them
+    to): their own components are found among them alone, by their own links, and marked the
+    same way, round after round until a round marks nothing. An exact copy points at its kept copy even when that one is itself a near
     duplicate of a third row: follow ``duplicate_of`` once more to reach a row that is kept.
 
     Same exposure: within one group, pixels and cosine alone cannot tell a copy from a burst
@@ -479,12 +482,12 @@ def find_duplicates(
     duplicate_of[exact] = kept_copy[exact]
 
     reps = np.flatnonzero(kept_copy == np.arange(n))
-    hsh = None
+    hsh = hsh_all = None
     if hashes is not None:
-        hsh = np.asarray(hashes).astype(np.int64).view(np.uint64)
-        if hsh.shape != (n,):
-            raise DataError(f"hashes: expected ({n},) integers, got shape {hsh.shape}")
-        hsh = hsh[reps]
+        hsh_all = np.asarray(hashes).astype(np.int64).view(np.uint64)
+        if hsh_all.shape != (n,):
+            raise DataError(f"hashes: expected ({n},) integers, got shape {hsh_all.shape}")
+        hsh = hsh_all[reps]
     when = None
     if moments is not None:
         at = np.asarray(moments, dtype=np.float64)
@@ -543,12 +546,47 @@ def find_duplicates(
     # A component is single-linkage: A~B~C joins A and C though they may fail every test
     # (benchmarks/pick.py: 50 of 122 marks on 5,335 photos came in that way). A shot is marked
     # only when it passes the tests against the very shot it is said to duplicate.
-    a, b = reps[marked], kept_near[marked]
-    direct = looks_alike(a, b)
-    if when is not None:
-        direct &= ~when.apart(a, b, config.max_gap_s)
-    near = a[direct]
-    duplicate_of[near] = b[direct]
+    def mark_direct(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Marks each ``a`` a near duplicate of its ``b`` where the two pass the tests; returns
+        the rows that did not."""
+        direct = looks_alike(a, b)
+        if when is not None:
+            direct &= ~when.apart(a, b, config.max_gap_s)
+        duplicate_of[a[direct]] = b[direct]
+        return a[~direct]
+
+    left = mark_direct(reps[marked], kept_near[marked])
+    # The rows left may be copies of one another all the same: two exports of one photo, each too
+    # far from the sharper shot a chain of links joined them to, were both kept. Their own
+    # components are found among them alone, each keeps its preferred row and marks the rows
+    # that pass against it, and so on until a round marks nothing (each round keeps a row of
+    # every component it finds, so the rows left only dwindle).
+    while left.size > 1:
+        sub_pairs = None
+        if rep_pairs is not None:
+            at = np.full(len(reps), -1, dtype=np.int64)
+            at[np.searchsorted(reps, left)] = np.arange(len(left))
+            pa_, pb_ = at[rep_pairs[0]], at[rep_pairs[1]]
+            both = (pa_ >= 0) & (pb_ >= 0)
+            sub_pairs = (pa_[both], pb_[both])
+        comp, _ = _near_components(
+            emb[left],
+            grp[left],
+            config.near_duplicate_similarity,
+            None if hsh_all is None else hsh_all[left],
+            config.near_duplicate_max_hamming,
+            None if when is None else when.take(left),
+            config.max_gap_s,
+            sub_pairs,
+            None,
+            search=search,
+        )
+        best_in = np.full(len(left), n, dtype=np.int64)
+        np.minimum.at(best_in, comp, rank[left])
+        kept_sub = by_pref[best_in[comp]]
+        marked = (kept_sub != left) & (grp[kept_sub] != grp[left])
+        left = mark_direct(left[marked], kept_sub[marked])
+    near = reps[duplicate_of[reps] >= 0]
     if exposures is not None:
         # One exposure recorded twice in a group: each set keeps its preferred row, as above.
         # Rows marked above keep their marks, so the marks across groups are the same as without.

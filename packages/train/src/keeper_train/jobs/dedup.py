@@ -49,7 +49,13 @@ from keeper_core.contact_sheet import (
     write_contact_sheet,
 )
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
-from keeper_core.culling import follow_marks, mark_duplicates
+from keeper_core.culling import (
+    DUPLICATE_EVIDENCE,
+    copy_sets,
+    follow_marks,
+    mark_duplicates,
+    table_frame,
+)
 from keeper_core.errors import ConfigError, DataError, KeeperError
 from keeper_core.grouping import GroupingConfig
 from keeper_core.images import decode_image, read_image_bytes
@@ -160,12 +166,7 @@ def _run(cfg: DedupConfig) -> DedupSummary:
     else:
         index = build(emb, uris, model_spec=spec)
         described = f"built in memory ({index.meta.params.backend})"
-    k = min(cfg.k + 1, len(index))  # a row finds itself first
-    found = index.search(emb, k, model_spec=spec)
-    row = {u: i for i, u in enumerate(uris)}
-    a = np.repeat(np.arange(len(uris)), k)
-    b = np.array([row.get(u, -1) for hits in found.ids for u in hits], dtype=np.int64)
-    close = (b >= 0) & (found.scores.reshape(-1) >= cfg.similarity - 1e-3)
+    a, b = neighbour_pairs(index, df, emb, cfg.k, spec)
     seconds["neighbours"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -176,7 +177,7 @@ def _run(cfg: DedupConfig) -> DedupSummary:
         max_gap_s=cfg.max_gap_s,
     )
     dup_of, kind = mark_duplicates(
-        df, emb, np.arange(len(df)), grouping, prefer=score, pairs=(a[close], b[close])
+        df, emb, np.arange(len(df)), grouping, prefer=score, pairs=(a, b)
     )
     groups = group_frame(df, emb, dup_of, kind, score)
     seconds["mark"] = time.perf_counter() - t0
@@ -213,6 +214,34 @@ def _run(cfg: DedupConfig) -> DedupSummary:
         storage.join(cfg.output, "_SUMMARY.json"), summary.model_dump_json(indent=2).encode()
     )
     return summary
+
+
+def neighbour_pairs(
+    index: VectorIndex, df: pd.DataFrame, emb: np.ndarray, k: int, spec: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each photo's ``k`` nearest other photos, as row pairs for ``mark_duplicates``.
+
+    One row of each set of copies (``copy_sets``: the same bytes, or the same but a JPEG's
+    metadata) is searched, for ``k`` neighbours beyond its own copies: a photo stored in more
+    places than ``k`` would otherwise find only itself. A pair through a copy counts for its
+    set. Every neighbour is passed on, whatever the index scored it: ``mark_duplicates`` tests
+    each pair on the float32 embeddings, and an approximate index's scores (usearch's i8 reads
+    cosines up to ~0.006 low) would drop true copies at a cut of their own.
+    """
+    row = {u: i for i, u in enumerate(df["image_uri"].tolist())}
+    sets = pd.Series(copy_sets(df))
+    size = sets.map(sets.value_counts()).to_numpy()
+    first = ~sets.duplicated().to_numpy()
+    a_parts, b_parts = [], []
+    for copies in np.unique(size[first]):
+        rows = np.flatnonzero(first & (size == copies))
+        n = min(k + int(copies), len(index))  # a row finds itself and its copies first
+        found = index.search(emb[rows], n, model_spec=spec)
+        a_parts.append(np.repeat(rows, n))
+        b_parts.append(np.array([row.get(u, -1) for hits in found.ids for u in hits], np.int64))
+    a, b = np.concatenate(a_parts), np.concatenate(b_parts)
+    known = b >= 0  # an index row the table no longer has
+    return a[known], b[known]
 
 
 def numeric_columns(schema: pa.Schema) -> list[str]:
@@ -254,10 +283,10 @@ def read_table(table: str, keep_by: str) -> tuple[pd.DataFrame, np.ndarray, str]
     if len(specs) != 1:
         raise DataError(f"the table mixes model specs {sorted(map(str, specs))}", source=folder)
     emb = embedding_matrix(t, source=folder)
-    wanted = ["image_uri", "image_id", "width", "height", "dhash", "capture_ts", "time_source"]
+    wanted = [*DUPLICATE_EVIDENCE, "width", "height"]
     if keep_by != "pixels":
         wanted.append(keep_by)
-    df = t.select([c for c in dict.fromkeys(wanted) if c in t.column_names]).to_pandas()
+    df = table_frame(t.select([c for c in dict.fromkeys(wanted) if c in t.column_names]))
     if df["image_uri"].duplicated().any():
         raise DataError("an image_uri appears twice: run keeper embed again to dedupe its parts")
     return df, emb, str(specs.pop())

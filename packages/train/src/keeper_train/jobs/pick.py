@@ -57,7 +57,7 @@ from keeper_core import run_lock, storage
 from keeper_core.capture import CAPTURE_COLUMNS, capture_row, read_capture
 from keeper_core.contact_sheet import SheetSummary, thumbnail_name, write_contact_sheet
 from keeper_core.corpus import EMBEDDINGS
-from keeper_core.culling import CullResult, Scorer, cull, picks_csv, picks_table
+from keeper_core.culling import CullResult, Scorer, cull, picks_csv, picks_table, table_frame
 from keeper_core.errors import ConfigError, DataError, KeeperError, ModelLoadError, StorageError
 from keeper_core.grouping import GroupingConfig, dhash
 from keeper_core.handback import (
@@ -553,7 +553,7 @@ def load_library(cfg: PickJobConfig, spec: str) -> Library:
     if cfg.limit:
         inputs = inputs[: cfg.limit]
     keys = {storage.same_key(u) for u in inputs}
-    table = storage.read_parquet(storage.join(cfg.table, embed.EMBEDDINGS)).to_pandas()
+    table = table_frame(storage.read_parquet(storage.join(cfg.table, embed.EMBEDDINGS)))
     in_input = in_set(table["image_uri"].astype(str).map(storage.same_key), keys)
     frame = _one_row_per_photo(table[in_input], inputs)
     specs = set(frame["model_spec"].astype(str))
