@@ -475,6 +475,29 @@ def test_rollback_refuses_a_previous_champion_that_is_the_champion(reg: Registry
     assert reg.tags(v1) == reg.tags(v2) == {}
 
 
+def test_rollbacks_never_restore_a_version_an_earlier_rollback_retired(reg: Registry) -> None:
+    # v1, v2, v3 promoted in turn, then v1 again (--version 1): its previous_champion tag now
+    # names v3, v3's v2, v2's v1, a loop. The rollbacks walked it: v1 -> v3 -> v2 -> v1 (the
+    # version retired two rollbacks before) -> v3 ...
+    v1, v2, v3 = (reg.version("good", split_of(0)) for _ in range(3))
+    for v in (v1, v2, v3, v1):
+        assert gate(reg, version=v, min_gain=-1.0, ci_gate=False)["decision"] == "promoted"
+    first = promote.rollback(reg.client, NAME)
+    assert (first["replaced"], first["champion"], first["previous_champion"]) == (v1, v3, v2)
+    second = promote.rollback(reg.client, NAME)
+    assert (second["replaced"], second["champion"], second["previous_champion"]) == (v3, v2, None)
+    assert reg.aliases() == {"champion": v2}
+    with pytest.raises(ConfigError, match="no previous champion"):
+        promote.rollback(reg.client, NAME)
+    # Promoted again on purpose after its rollback, a version is a champion to go back to.
+    gate(reg, version=v1, force=True, min_gain=-1.0, ci_gate=False)  # v1 over v2
+    v4, v5 = reg.version("good", split_of(0)), reg.version("good", split_of(0))
+    for v in (v4, v5):
+        assert gate(reg, version=v, min_gain=-1.0, ci_gate=False)["decision"] == "promoted"
+    back = promote.rollback(reg.client, NAME)
+    assert (back["replaced"], back["champion"], back["previous_champion"]) == (v5, v4, v1)
+
+
 # 2. a split that cannot be read is not "no split recorded"
 
 

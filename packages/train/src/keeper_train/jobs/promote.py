@@ -259,6 +259,38 @@ def decide_online(ab: VersionAB, min_gain: float) -> Decision:
     return Decision(True, line)
 
 
+def retired(tags: Mapping[str, str]) -> bool:
+    """A version a rollback took out of service and no promotion has put back since."""
+    at = tags.get(ROLLBACK_TAG + "rolled_back_at")
+    if at is None:
+        return False
+    again = tags.get(TAG + "timestamp") if tags.get(TAG + "decision") == "promoted" else None
+    try:
+        return again is None or datetime.fromisoformat(again) <= datetime.fromisoformat(at)
+    except ValueError:  # a stamp edited by hand: retired, as its rollback said
+        return True
+
+
+def _earlier_champion(client: Any, name: str, restored: str, replaced: str | None) -> str | None:
+    """The version @previous-champion names once ``restored`` is the champion again: the first
+    along the ``previous_champion`` tags from it that is not retired, not seen before on the walk
+    and not ``replaced``; None when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    seen = {restored, replaced}
+    version = client.get_model_version(name, restored).tags.get(TAG + "previous_champion")
+    while version and version not in seen:
+        seen.add(version)
+        try:
+            tags = client.get_model_version(name, version).tags
+        except MlflowException:  # deleted since: nothing to go back to along this chain
+            return None
+        if not retired(tags):
+            return str(version)
+        version = tags.get(TAG + "previous_champion")
+    return None
+
+
 def rolled_back(tags: Mapping[str, str]) -> dict[str, str]:
     """A version's ``keeper.rollback.rolled_back_*`` tags: non-empty if a rollback retired it."""
     return {k: v for k, v in tags.items() if k.startswith(ROLLBACK_TAG + "rolled_back")}
@@ -269,7 +301,7 @@ def _pct(x: float) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _candidate(client: Any, cfg: PromoteConfig, aliases: Mapping[str, str]) -> tuple[str, Any]:
@@ -533,7 +565,10 @@ def rollback(client: Any, name: str) -> dict[str, Any]:
     """Move @champion back to @previous-champion, recording ``keeper.rollback.*`` tags.
 
     The version restored becomes the champion; @previous-champion then points to the champion
-    that one had replaced (its ``keeper.promotion.previous_champion`` tag), or is removed. The
+    that one had replaced (its ``keeper.promotion.previous_champion`` tag), or, where that one
+    is retired (rolled back, and not promoted since), the one before it, and so on; or is
+    removed. A version promoted twice (``--version N``) makes the tags a loop: the walk stops
+    at a version it has seen, so no rollback restores a version an earlier one retired. The
     version taken out of service is tagged ``keeper.rollback.rolled_back_at/_to`` and loses
     @challenger if it held it, so no later ``keeper promote`` puts it back unasked.
 
@@ -565,12 +600,11 @@ def rollback(client: Any, name: str) -> dict[str, Any]:
         if aliases.get(tracking.CHALLENGER) == current:
             client.delete_registered_model_alias(name, tracking.CHALLENGER)
             challenger_removed = True
-    earlier = client.get_model_version(name, prev).tags.get(TAG + "previous_champion")
-    if earlier and earlier != current:
+    earlier = _earlier_champion(client, name, prev, current)
+    if earlier is not None:
         client.set_registered_model_alias(name, tracking.PREVIOUS_CHAMPION, earlier)
     else:
         client.delete_registered_model_alias(name, tracking.PREVIOUS_CHAMPION)
-        earlier = None
     return {
         "name": name,
         "decision": "rolled-back",
