@@ -40,6 +40,7 @@ from keeper_core.ranker import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     RankerConfig,
+    inverse_std,
     read_config,
     unreadable_errors,
 )
@@ -65,7 +66,7 @@ class TunedRankerModel(nn.Module):
     """
 
     q_mean: torch.Tensor
-    q_std: torch.Tensor
+    q_scale: torch.Tensor
 
     def __init__(self, tower: TunedTower, head: nn.Module, config: RankerConfig) -> None:
         super().__init__()
@@ -74,9 +75,9 @@ class TunedRankerModel(nn.Module):
         self.uses_quality = config.features == "embedding+quality"
         q = len(config.quality_names) if self.uses_quality else 0
         mean = torch.tensor(config.quality_mean or [0.0] * q, dtype=torch.float32)
-        std = torch.tensor(config.quality_std or [1.0] * q, dtype=torch.float32)
+        scale = torch.tensor(inverse_std(config.quality_std or [1.0] * q), dtype=torch.float32)
         self.register_buffer("q_mean", mean, persistent=False)
-        self.register_buffer("q_std", std, persistent=False)
+        self.register_buffer("q_scale", scale, persistent=False)
 
     def score_embeddings(
         self, emb: torch.Tensor, mask: torch.Tensor, quality: torch.Tensor | None = None
@@ -86,7 +87,7 @@ class TunedRankerModel(nn.Module):
         if self.uses_quality:
             if quality is None:
                 raise DataError("this ranker uses quality features and none were given")
-            feats = torch.cat([emb, (quality.float() - self.q_mean) / self.q_std], dim=1)
+            feats = torch.cat([emb, (quality.float() - self.q_mean) * self.q_scale], dim=1)
         if int(mask.sum()) != len(feats):
             raise DataError(f"mask holds {int(mask.sum())} images, pixels {len(feats)}")
         x = feats.new_zeros((*mask.shape, feats.shape[1]))

@@ -95,11 +95,26 @@ class RankerConfig(BaseModel):
 
 
 def fit_standardizer(quality: np.ndarray) -> tuple[list[float], list[float]]:
-    """Mean and std of each quality column (train rows only); std floored so no column divides by 0."""
+    """Mean and std of each quality column (train rows only).
+
+    A column that does not vary on the train rows (no training shot had crushed blacks:
+    ``clip_dark`` 0 throughout) gets std 0, which :func:`inverse_std` reads as "contributes
+    nothing": the head never saw it move, so its weight on it is its random start, and a
+    floored std (1e-6, before) turned a shot with 0.5 % crushed pixels into a feature of 5,000.
+    """
     q = np.asarray(quality, dtype=np.float64)
     if q.ndim != 2 or len(q) == 0 or not np.isfinite(q).all():
         raise DataError(f"quality features must be a finite non-empty (N, F) array, got {q.shape}")
-    return q.mean(axis=0).tolist(), np.maximum(q.std(axis=0), 1e-6).tolist()
+    std = q.std(axis=0)
+    scale = np.maximum(np.abs(q).max(axis=0), 1.0)
+    return q.mean(axis=0).tolist(), np.where(std > 1e-9 * scale, std, 0.0).tolist()
+
+
+def inverse_std(std: Sequence[float]) -> np.ndarray:
+    """What standardised quality features are multiplied by: ``1 / std``, and 0 for a column
+    that was constant in training (std 0: :func:`fit_standardizer`)."""
+    s = np.asarray(std, dtype=np.float64)
+    return np.divide(1.0, s, out=np.zeros_like(s), where=s > 0)
 
 
 def feature_matrix(table: pd.DataFrame, config: RankerConfig) -> np.ndarray:
@@ -124,8 +139,8 @@ def feature_matrix(table: pd.DataFrame, config: RankerConfig) -> np.ndarray:
         if missing:
             raise DataError(f"the table lacks quality feature columns {missing}")
         q = table[config.quality_names].to_numpy(dtype=np.float64)
-        mean, std = np.asarray(config.quality_mean), np.asarray(config.quality_std)
-        parts.append(((q - mean) / std).astype(np.float32))
+        mean = np.asarray(config.quality_mean)
+        parts.append(((q - mean) * inverse_std(config.quality_std)).astype(np.float32))
     x = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     bad = np.where(~np.isfinite(x).all(axis=1))[0]
     if len(bad):
