@@ -8,6 +8,7 @@ end.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -434,6 +435,24 @@ def test_the_gate_on_a_sqlite_registry(reg: Registry) -> None:
     checked = "none with the recorded split (12 series checked)"
     assert tags[promote.TAG + "champion_overlap"] == out["champion_overlap"] == checked
     assert promote.TAG + "warnings" not in tags
+
+
+def test_promotion_series_left_out_are_warned_about_and_recorded(reg: Registry) -> None:
+    v1, v2 = reg.version("bad", split_of(0)), reg.version("good", split_of(0))
+    reg.alias(champion=v1, challenger=v2)
+    data = dataclasses.replace(holdout(), dropped=20)
+    out = promote.promote(
+        reg.client, promote.PromoteConfig(name=NAME, embeddings="emb", series="h.csv"), data
+    )
+    left_out = (
+        f"20 of {20 + N_SERIES} promotion series left out: an image of each has no embedding in emb"
+    )
+    assert out["warnings"] == [left_out]
+    assert out["series_dropped"] == 20
+    tags = reg.tags(v2, promote.TAG)
+    assert tags[promote.TAG + "series_dropped"] == "20"
+    assert tags[promote.TAG + "warnings"] == left_out
+    assert f"WARNING: {left_out}" in promote.format_outcome(out)
 
 
 # 1. a version spelled otherwise than the registry spells it

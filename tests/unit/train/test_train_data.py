@@ -122,3 +122,15 @@ def test_an_image_embedded_twice_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match="embedded twice"):
         join_series(str(tmp_path / "emb"), str(manifest))
+
+
+def test_a_table_without_quality_features_is_refused_naming_them(tmp_path: Path) -> None:
+    # Rankers' quality features and the sharpness rule read them: it was a pandas KeyError.
+    manifest = _manifest(tmp_path / "corpus")
+    uris, _ = embed.list_inputs(str(manifest))
+    write_embed_table(tmp_path / "emb", uris, drop=("sharpness", "noise"))
+
+    with pytest.raises(
+        DataError, match=r"lacks the quality feature columns \['sharpness', 'noise'\]"
+    ):
+        join_series(str(tmp_path / "emb"), str(manifest))

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from keeper_core import storage
 from keeper_core.errors import ConfigError, DataError, StorageError
+from keeper_core.ranker import QUALITY_INPUTS
 from keeper_core.series import check_split_key, read_series_manifest, split_series
 
 log = logging.getLogger("keeper.data")
@@ -86,11 +87,19 @@ def read_embeddings(embeddings: str) -> pd.DataFrame:
 
     Raises:
         DataError: no rows, or not a table keeper embed wrote (a column of
-            ``EMBED_TABLE_COLUMNS`` missing).
+            ``EMBED_TABLE_COLUMNS`` or a quality feature missing).
         StorageError: nothing to read there.
     """
     table = storage.read_parquet(storage.join(embeddings, "embeddings")).to_pandas()
     check_embed_table(list(table.columns), source=embeddings)
+    # What rankers, their quality features and the sharpness rule read: keeper embed writes them.
+    lacking = [c for c in QUALITY_INPUTS if c not in table.columns]
+    if lacking:
+        raise DataError(
+            f"the table lacks the quality feature columns {lacking} that keeper embed writes "
+            "(rankers and the sharpness rule read them)",
+            source=embeddings,
+        )
     if table.empty:
         raise DataError("the embedding table is empty", source=embeddings)
     return table

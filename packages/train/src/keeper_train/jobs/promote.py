@@ -465,6 +465,11 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
         champion = evaluate.load_model(client, f"models:/{name}/{champ_v}")
         preds[f"champion v{champ_v}"] = evaluate.predict(champion, data)
     comparison = evaluate.compare(data, preds)
+    if data.dropped:
+        warnings.append(
+            f"{data.dropped} of {data.dropped + len(comparison.series)} promotion series left "
+            f"out: an image of each has no embedding in {data.embeddings}"
+        )
     m_chal = comparison.results[f"challenger v{chal_v}"]
     m_champ = comparison.results.get(f"champion v{champ_v}")
 
@@ -498,6 +503,7 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
         "ci_gate": str(cfg.ci_gate).lower(),
         "series": data.series,
         "n_series": str(m_chal.n_series),
+        "series_dropped": str(data.dropped),
         "challenger_top1": f"{m_chal.top1:.6f}",
         "challenger_mrr": f"{m_chal.mrr:.6f}",
         "random_top1": f"{m_chal.random_top1:.6f}",
@@ -553,6 +559,7 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
         "gain": asdict(gain),
         "gain_vs": tags["gain_vs"],
         "series_scored": len(comparison.series),
+        "series_dropped": data.dropped,
         "warnings": warnings,
         "champion_overlap": champion_overlap,
         "metrics": {k: v.as_dict() for k, v in comparison.results.items()},
