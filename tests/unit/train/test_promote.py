@@ -200,6 +200,24 @@ def test_split_overlap_counts_series_sharing_images() -> None:
     assert evaluate.split_overlap(rows, other).series == 0
 
 
+def test_split_overlap_sees_the_same_photos_under_another_path() -> None:
+    # Trained from s3://, promoted from a local copy of the bucket: the same bytes, other paths.
+    rows = pd.DataFrame(
+        {
+            "series_id": ["a", "a", "b"],
+            "image_uri": ["/c/1", "/c/2", "/c/3"],
+            "image_id": list("pqr"),
+        }
+    )
+    split = pd.DataFrame(
+        {"series_id": ["s1", "s2"], "image_uri": ["s3://b/1", "s3://b/7"], "image_id": ["p", "z"],
+         "split": ["train", "val"]}
+    )  # fmt: skip
+    assert evaluate.split_overlap(rows, split).by_split == {"train": 1, "val": 0}
+    # A split recorded before image_id was: paths alone, as they were.
+    assert evaluate.split_overlap(rows, split.drop(columns="image_id")).series == 0
+
+
 def test_split_overlap_sees_one_file_spelled_two_ways(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

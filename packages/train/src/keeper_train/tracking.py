@@ -30,6 +30,9 @@ __all__ = [
 
 #: The artifact train_head logs in its run: ``series_id, image_uri, split`` of every row it used.
 SPLIT_ARTIFACT = "split.csv"
+#: What a training run records of its split: each image's series, path, content hash and split
+#: (``keeper promote`` refuses series sharing an image with train or val, by path or content).
+SPLIT_COLUMNS = ("series_id", "image_uri", "image_id", "split")
 
 
 def experiment_id(client: Any, name: str, data_dir: str | Path) -> str:

@@ -104,19 +104,27 @@ def split_overlap(rows: pd.DataFrame, split: pd.DataFrame) -> Overlap:
     """Which series of ``rows`` share an image with the train or val rows of a recorded split.
 
     Images are matched by ``storage.same_key`` of their resolved ``image_uri`` (as the join to the
-    embedding table matches them): series ids alone are not evidence (two corpora
-    generated alike both have an ``s00000``).
+    embedding table matches them), and by content (``image_id``, the file's sha256) where both
+    sides have it: the same photos under another path (a mirror, a local copy of the bucket)
+    are the same photos. Series ids alone are not evidence (two corpora generated alike both
+    have an ``s00000``).
 
     Args:
-        rows: the evaluation rows (``series_id, image_uri``).
-        split: a training run's ``series_id, image_uri, split`` rows (``tracking.training_split``).
+        rows: the evaluation rows (``series_id, image_uri`` and ``image_id`` where known).
+        split: a training run's ``series_id, image_uri, split`` rows, with ``image_id`` where the
+            run recorded it (``tracking.training_split``).
     """
     by_split = {}
     hit = np.zeros(len(rows), dtype=bool)
     uris = rows["image_uri"].astype(str).map(storage.same_key)
+    by_content = "image_id" in rows.columns and "image_id" in split.columns
     for name in ("train", "val"):
-        seen = {storage.same_key(str(u)) for u in split.loc[split["split"] == name, "image_uri"]}
+        part = split.loc[split["split"] == name]
+        seen = {storage.same_key(str(u)) for u in part["image_uri"]}
         in_split = uris.isin(seen).to_numpy()
+        if by_content:
+            ids = set(part["image_id"].dropna().astype(str))
+            in_split = in_split | rows["image_id"].astype(str).isin(ids).to_numpy()
         by_split[name] = int(rows.loc[in_split, "series_id"].nunique())
         hit |= in_split
     return Overlap(

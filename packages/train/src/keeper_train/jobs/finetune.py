@@ -63,6 +63,7 @@ from keeper_core.training import shard_order
 from keeper_train import raytrain
 from keeper_train.config import configure_logging, load_config
 from keeper_train.data import SplitSettings, assign_split
+from keeper_train.tracking import SPLIT_COLUMNS
 
 log = logging.getLogger("keeper.finetune")
 
@@ -923,7 +924,9 @@ def _log_inputs(cfg: FinetuneConfig, p: Plan, prepared: Prepared) -> None:
     mlflow.log_params({f"series_{k}": v for k, v in prepared.counts.items()})
     mlflow.log_params({f"images_{k}": v for k, v in prepared.images.items()})
     with tempfile.TemporaryDirectory() as d:
-        p.rows[["series_id", "image_uri", "split"]].to_csv(Path(d) / "split.csv", index=False)
+        # No image_id: the manifest's images are decoded, not read from a table that hashed them.
+        recorded = [c for c in SPLIT_COLUMNS if c in p.rows.columns]
+        p.rows[recorded].to_csv(Path(d) / "split.csv", index=False)
         mlflow.log_artifact(str(Path(d) / "split.csv"))
         if len(prepared.errors):
             prepared.errors.to_csv(Path(d) / "errors.csv", index=False)

@@ -63,6 +63,7 @@ from keeper_core.training import (
 from keeper_train import raytrain
 from keeper_train.config import configure_logging, load_config
 from keeper_train.data import SplitSettings, assign_split, join_series
+from keeper_train.tracking import SPLIT_COLUMNS
 
 log = logging.getLogger("keeper.train_head")
 
@@ -460,7 +461,7 @@ def _log_inputs(cfg: TrainHeadConfig, prepared: Prepared, counts: dict[str, int]
     mlflow.log_params({f"series_{k}": v for k, v in counts.items()})
     with tempfile.TemporaryDirectory() as d:
         split_csv = Path(d) / "split.csv"
-        prepared.table[["series_id", "image_uri", "split"]].to_csv(split_csv, index=False)
+        prepared.table[list(SPLIT_COLUMNS)].to_csv(split_csv, index=False)
         mlflow.log_artifact(str(split_csv))
 
 
