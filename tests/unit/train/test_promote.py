@@ -473,6 +473,46 @@ def test_promotion_series_left_out_are_warned_about_and_recorded(reg: Registry) 
     assert f"WARNING: {left_out}" in promote.format_outcome(out)
 
 
+def test_a_champion_of_another_spec_is_scored_on_its_own_table(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A move to another CLIP: the challenger's table holds every series, the champion's lacks
+    # two; each is scored on its own, over the series complete in both.
+    v1, v2 = reg.version("bad", split_of(0)), reg.version("good", split_of(0))
+    reg.alias(champion=v1, challenger=v2)
+    ours = holdout()
+    keep = ~ours.rows["series_id"].isin(["h00", "h01"])
+    theirs = dataclasses.replace(
+        ours, rows=ours.rows[keep].reset_index(drop=True), spec="ViT-B-32:openai",
+        embeddings="emb-b32",
+    )  # fmt: skip
+    scored_on: dict[str, tuple[str, int]] = {}
+    predict = evaluate.predict
+
+    def spy(model: Any, data: evaluate.EvalData) -> pd.DataFrame:
+        scored_on[model.version] = (data.embeddings, len(data.rows))
+        return predict(model, data)
+
+    monkeypatch.setattr(evaluate, "predict", spy)
+    cfg = promote.PromoteConfig(name=NAME, embeddings="emb", series="h.csv")
+    out = promote.promote(reg.client, cfg, ours, theirs)
+    n = 2 * (N_SERIES - 2)
+    assert scored_on == {v2: ("emb", n), v1: ("emb-b32", n)}
+    assert (out["decision"], out["series_scored"], out["series_dropped"]) == (
+        "promoted",
+        N_SERIES - 2,
+        2,
+    )
+    assert out["warnings"] == [
+        f"2 of {N_SERIES} promotion series left out: an image of each has no embedding in emb "
+        "or emb-b32"
+    ]
+    assert reg.tags(v2, promote.TAG)[promote.TAG + "champion_embeddings"] == "emb-b32"
+    # Another manifest is not the same series.
+    with pytest.raises(DataError, match="not one manifest"):
+        evaluate.common_series(ours, dataclasses.replace(theirs, manifest_sha256="other"))
+
+
 # 1. a version spelled otherwise than the registry spells it
 
 

@@ -620,6 +620,11 @@ def add_promote_parser(subparsers: SubParsers) -> None:
     )
     p.add_argument("name", help="registered model name")
     p.add_argument("--embeddings", help="output of keeper embed (to evaluate on)")
+    p.add_argument(
+        "--champion-embeddings",
+        help="the champion's own keeper embed output, where its embedding spec is not the "
+        "challenger's (each is scored on its own table, over the series complete in both)",
+    )
     p.add_argument("--series", help="held-out labelled series manifest (CSV/Parquet)")
     p.add_argument(
         "--min-gain",

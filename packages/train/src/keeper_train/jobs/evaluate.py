@@ -29,7 +29,7 @@ import json
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,34 @@ def load_data(embeddings: str, series: str) -> EvalData:
     )
 
 
+def common_series(a: EvalData, b: EvalData) -> tuple[EvalData, EvalData]:
+    """Two joins of one manifest (two tables: a challenger on a new embedding spec beside the
+    champion's), each kept to the series complete in both, so the two models are compared on
+    the same series; ``dropped`` counts the rest of each.
+
+    Raises:
+        DataError: the two are not joins of one manifest, or no series is complete in both.
+    """
+    if a.manifest_sha256 != b.manifest_sha256:
+        raise DataError(f"{a.series} and {b.series} are not one manifest", source=b.embeddings)
+    keep = set(a.rows["series_id"]) & set(b.rows["series_id"])
+    if not keep:
+        raise DataError(
+            f"no series has every image embedded in both {a.embeddings} and {b.embeddings}",
+            source=a.series,
+        )
+
+    def only(d: EvalData) -> EvalData:
+        rows = d.rows[d.rows["series_id"].isin(keep)].reset_index(drop=True)
+        return replace(d, rows=rows, dropped=d.dropped + d.rows["series_id"].nunique() - len(keep))
+
+    a, b = only(a), only(b)
+    same = a.rows["image_uri"].astype(str).to_numpy() == b.rows["image_uri"].astype(str).to_numpy()
+    if len(a.rows) != len(b.rows) or not same.all():
+        raise DataError("the two tables joined the manifest's images otherwise", source=a.series)
+    return a, b
+
+
 def load_model(client: Any, uri: str) -> LoadedModel:
     """Resolve ``uri`` (alias -> version) and load it (see ``load_ref``).
 
@@ -296,7 +324,8 @@ def check_inputs(model: LoadedModel, data: EvalData) -> list[str]:
     if not model.tuned and cfg.features != "quality" and cfg.embedding_spec != data.spec:
         raise DataError(
             f"the embeddings are from {data.spec!r} but {model.label} was trained on "
-            f"{cfg.embedding_spec!r}: embed the corpus with that spec (specs never mix)",
+            f"{cfg.embedding_spec!r}: embed the corpus with that spec (specs never mix; keeper "
+            "promote scores a champion of another spec on its own table, --champion-embeddings)",
             source=data.embeddings,
         )
     cols = model.input_columns()

@@ -91,6 +91,10 @@ class PromoteConfig(BaseModel):
 
     name: str = Field(description="registered model name")
     embeddings: str | None = Field(None, description="output of keeper embed (to evaluate on)")
+    champion_embeddings: str | None = Field(
+        None,
+        description="the champion's own table, where its embedding spec is not the challenger's",
+    )
     series: str | None = Field(None, description="held-out labelled series manifest")
     min_gain: float = Field(0.01, description="top-1 gain needed, absolute (0.01 = 1 point)")
     ci_gate: bool = Field(True, description="also require the gain's CI lower bound > 0")
@@ -426,8 +430,17 @@ def _check_champion_overlap(
     return "not checked: no split recorded", []
 
 
-def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[str, Any]:
+def promote(
+    client: Any,
+    cfg: PromoteConfig,
+    data: evaluate.EvalData,
+    champion_data: evaluate.EvalData | None = None,
+) -> dict[str, Any]:
     """Evaluate the candidate (and @champion, if any) on ``data`` and apply ``decide``.
+
+    ``champion_data`` is the same manifest joined to the champion's own table, where the
+    challenger's embedding spec is not the champion's (a move to another CLIP): each is scored
+    on its own table, over the series complete in both (``evaluate.common_series``).
 
     Returns:
         The outcome: ``decision`` (promoted, rejected, or unchanged when the candidate already is
@@ -449,7 +462,14 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
     out: dict[str, Any] = {"name": name, "challenger": chal_v, "champion": champ_v}
     if chal_v == champ_v:
         return {**out, "decision": "unchanged", "reason": f"v{chal_v} already is the champion"}
+    unread: list[str] = []
+    if champion_data is not None and champ_v is None:
+        unread.append(f"no champion to score on {champion_data.embeddings}: it was not read")
+        champion_data = None
+    elif champion_data is not None:
+        data, champion_data = evaluate.common_series(data, champion_data)
     overlap_tag, warnings = _check_overlap(client, mv, data)
+    warnings = unread + warnings
     champion_overlap: str | None = None
     if champ_v is not None:
         try:
@@ -463,12 +483,13 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
     preds = {f"challenger v{chal_v}": evaluate.predict(challenger, data)}
     if champ_v is not None:
         champion = evaluate.load_model(client, f"models:/{name}/{champ_v}")
-        preds[f"champion v{champ_v}"] = evaluate.predict(champion, data)
+        preds[f"champion v{champ_v}"] = evaluate.predict(champion, champion_data or data)
     comparison = evaluate.compare(data, preds)
     if data.dropped:
         warnings.append(
             f"{data.dropped} of {data.dropped + len(comparison.series)} promotion series left "
             f"out: an image of each has no embedding in {data.embeddings}"
+            + (f" or {champion_data.embeddings}" if champion_data is not None else "")
         )
     m_chal = comparison.results[f"challenger v{chal_v}"]
     m_champ = comparison.results.get(f"champion v{champ_v}")
@@ -504,6 +525,7 @@ def promote(client: Any, cfg: PromoteConfig, data: evaluate.EvalData) -> dict[st
         "series": data.series,
         "n_series": str(m_chal.n_series),
         "series_dropped": str(data.dropped),
+        "champion_embeddings": champion_data.embeddings if champion_data else data.embeddings,
         "challenger_top1": f"{m_chal.top1:.6f}",
         "challenger_mrr": f"{m_chal.mrr:.6f}",
         "random_top1": f"{m_chal.random_top1:.6f}",
@@ -632,10 +654,13 @@ def run(cfg: PromoteConfig) -> dict[str, Any]:
 
     # The data first: a wrong path fails before any registry is touched.
     data = None if cfg.rollback else evaluate.load_data(str(cfg.embeddings), str(cfg.series))
+    theirs = None
+    if data is not None and cfg.champion_embeddings:
+        theirs = evaluate.load_data(cfg.champion_embeddings, str(cfg.series))
     uri = tracking.tracking_uri(cfg.tracking_uri, cfg.data_dir)
     registry.use_tracking_store(uri)  # models:/ URIs resolve against the global tracking URI
     client = mlflow.MlflowClient(uri)
-    result = rollback(client, cfg.name) if data is None else promote(client, cfg, data)
+    result = rollback(client, cfg.name) if data is None else promote(client, cfg, data, theirs)
     result["tracking_uri"] = uri
     if cfg.json_out:
         storage.write_bytes(cfg.json_out, json.dumps(result, indent=2).encode())
