@@ -1,9 +1,9 @@
 """A/B of champion and challenger: sticky assignment, and the online figures people's decisions give.
 
 Ray Serve has no traffic split built in (Seldon and KServe split traffic and record a reward per
-model on a feedback route); keeper's ingress sends a configurable share of ``/v1/rank``,
-``/v1/pick`` and ``/v1/select`` to the challenger with :func:`assign`, and every answer's offers
-are logged with their ``arm`` (``keeper_core.feedback``). :func:`ab_report` joins the offers to
+model on a feedback route); keeper's ingress sends a configurable share of ``/v1/rank`` and
+``/v1/pick`` to the challenger with :func:`assign` (``/v1/select`` ranks with the aesthetic
+reranker, in no arm), and every answer's offers are logged with their ``arm`` (``keeper_core.feedback``). :func:`ab_report` joins the offers to
 the standing decisions and measures each arm:
 
 - **online top-1**: of the groups where a person picked a keeper, the share where it was the
