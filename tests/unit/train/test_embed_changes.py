@@ -952,3 +952,40 @@ def test_a_twin_failing_where_it_failed_before_is_counted(tmp_path: Path) -> Non
         (str(lib / "a.jpg"), p.run_id),
         (str(lib / "b.jpg"), p.run_id),
     ]
+
+
+def test_an_image_whose_thumbnail_cannot_be_written_leaves_nothing_in_the_batch(
+    tmp_path: Path,
+) -> None:
+    # Its pixels, hash and capture row were kept: every later image took its neighbour's
+    # pixels, and Ray Data refused the uneven batch (the whole job failed, nothing written).
+    from PIL import Image
+
+    from keeper_core.contact_sheet import thumbnail_name
+    from keeper_core.embedded_xmp import file_ids
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    uris = []
+    for i, colour in enumerate(colours):
+        path = tmp_path / "lib" / f"{i}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (64, 48), colour).save(path, "JPEG")
+        uris.append(str(path))
+    thumbs = tmp_path / "thumbs"
+    # A folder where the first image's thumbnail goes: its write fails.
+    (thumbs / thumbnail_name(file_ids(Path(uris[0]).read_bytes())[0])).mkdir(parents=True)
+    cfg = embed.EmbedConfig(
+        input=str(tmp_path / "lib"), output=str(tmp_path / "out"), thumbnails=str(thumbs)
+    )
+    args = embed.prepare_arguments(cfg, str(tmp_path / "out"), "r")
+    np = pytest.importorskip("numpy")
+    out = embed.prepare_batch({"image_uri": np.array(uris, dtype=object)}, **args)
+    assert list(out["image_uri"]) == uris[1:]
+    n = {k: len(v) for k, v in out.items()}
+    assert set(n.values()) == {2}, n  # every column one row per image kept
+    means = out["pixel_values"].reshape(2, 3, -1).mean(axis=2)
+    assert [int(np.argmax(m)) for m in means] == [1, 2]  # green, then blue: their own pixels
+    err = storage.read_parquet(str(tmp_path / "out" / embed.ERRORS)).to_pylist()
+    assert [(r["image_uri"], r["stage"], r["reason"]) for r in err] == [
+        (uris[0], "thumbnail", "write_failed")
+    ]

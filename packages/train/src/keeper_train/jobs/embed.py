@@ -726,12 +726,15 @@ def prepare_batch(
             stage = "decode"
             image = prep.decode(data, source=uri)
             stage = "preprocess"
-            pixels.append(prep.resize(image))
+            # Each image's results are kept apart until it has passed every step: one that
+            # fails after some (a thumbnail that cannot be written) must leave no pixels, hash
+            # or capture row behind, or every later image of the batch takes its neighbour's.
+            resized = prep.resize(image)
             image_id, content_id = file_ids(data, uri)
-            hashes.append(dhash(image.image))
+            image_hash = dhash(image.image)
             if capture:
                 mtime = _no_mtime if member else file_mtime(uri)
-                captures.append(capture_row(read_capture(data, mtime=mtime, source=uri)))
+                captured = capture_row(read_capture(data, mtime=mtime, source=uri))
             if thumbnails:
                 stage = "thumbnail"
                 write_thumbnail(thumbnails, image_id, image.image)
@@ -750,6 +753,10 @@ def prepare_batch(
             contents.append(content_id)
             rows.append(i)
             decoded.append(image)
+            pixels.append(resized)
+            hashes.append(image_hash)
+            if capture:
+                captures.append(captured)
             times.append(time.perf_counter() - t0)
             for c, values in carried.items():
                 values.append(str(batch[c][i]))
