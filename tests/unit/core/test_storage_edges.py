@@ -23,6 +23,7 @@ from keeper_core.storage import (
     exists,
     join,
     list_files,
+    list_stamped,
     object_info,
     parent,
     read_bytes,
@@ -235,7 +236,14 @@ def test_list_files_follows_symlinked_folders_without_looping(tmp_path: Path) ->
     (corpus / "batch1").symlink_to(tmp_path / "nfs" / "batch1")
     (corpus / "loop").symlink_to(corpus)  # back up to itself: not followed
     (corpus / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
-    assert list_files(str(corpus)) == [str(corpus / "a.jpg"), str(corpus / "batch1" / "b.jpg")]
+    # Links that lead to themselves, one named as a photo: they stopped the whole listing
+    # (ELOOP), where a dangling link was skipped.
+    (corpus / "IMG_0001.jpg").symlink_to("IMG_0001.jpg")
+    (corpus / "ping").symlink_to("pong")
+    (corpus / "pong").symlink_to("ping")
+    want = [str(corpus / "a.jpg"), str(corpus / "batch1" / "b.jpg")]
+    assert list_files(str(corpus)) == want
+    assert [u for u, _ in list_stamped(str(corpus))] == want
 
 
 _AS_NOBODY = """

@@ -280,3 +280,37 @@ def test_a_library_named_another_way_is_not_embedded_again(
     assert p.todo == [u4]  # u1, u2 embedded; u3 failed for good; u4's failure is retryable
     assert (p.failed_before, p.retried) == (1, 1)
     assert plan(config(corpus, dst, retry_errors=True)).todo == [u3, u4]
+
+
+def test_error_rows_are_one_files_however_it_is_spelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Failed as lib/x.jpg (a run from the library's parent), failed again as /abs/lib/x.jpg:
+    # one failure; then embedded under the absolute spelling: none. The rows were compared as
+    # strings, and the old one stayed failed for ever (a job held at exit 3).
+    from keeper_train.jobs import embed as embed_job
+    from keeper_train.table import ErrorRows
+
+    monkeypatch.chdir(tmp_path)
+    folder = str(tmp_path / "errors")
+    absolute = str(tmp_path / "lib" / "x.jpg")
+    for uri in ("lib/x.jpg", absolute):
+        row = embed_job._failure(
+            uri, "r", "decode", "truncated", ValueError("cut"), retryable=False
+        )
+        embed_job.write_errors(folder, [row])
+        time.sleep(0.002)
+    errors = ErrorRows.read(folder)
+    assert errors.dedupe() == 1
+    assert ErrorRows.read(folder).rows()["image_uri"].tolist() == [absolute]  # the latest
+    embed_job.write_errors(
+        folder,
+        [
+            embed_job._failure(
+                "lib/x.jpg", "r", "decode", "truncated", ValueError(), retryable=False
+            )
+        ],
+    )
+    errors = ErrorRows.read(folder)
+    assert errors.remove({"./lib/x.jpg"}) == 2
+    assert ErrorRows.read(folder).rows().empty

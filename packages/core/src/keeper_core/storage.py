@@ -1296,7 +1296,8 @@ def _local_files(root: Path, *, stamps: bool = False) -> list[tuple[str, Stamp |
 
     A symlinked folder is listed like any other (``corpus/batch1 -> /mnt/nfs/batch1``: its
     files are under the folder as far as the caller can see, and a symlinked file always was
-    listed), except one leading back to a folder it is inside (a loop). The temporary files of
+    listed), except one leading back to a folder it is inside (a loop). A link that leads to
+    itself is skipped, as a dangling one is: neither names a file. The temporary files of
     unfinished or killed writes (``_TMP_NAME``) are not data and are skipped. Errors (an
     unreadable folder) raise instead of shrinking the listing silently.
     """
@@ -1309,6 +1310,8 @@ def _local_files(root: Path, *, stamps: bool = False) -> list[tuple[str, Stamp |
         folder, rel, above = stack.pop()
         with os.scandir(folder) as entries:
             for entry in entries:
+                if _link_loop(entry):  # a link to itself: as a dangling link, no file
+                    continue
                 if entry.is_dir():  # follows a symlink
                     est = entry.stat()
                     ident = (est.st_dev, est.st_ino)
@@ -1324,6 +1327,18 @@ def _local_files(root: Path, *, stamps: bool = False) -> list[tuple[str, Stamp |
                         continue
                     out.append((rel + entry.name, Stamp(fst.st_size, fst.st_mtime_ns)))
     return out
+
+
+def _link_loop(entry: os.DirEntry[str]) -> bool:
+    """A symlink that leads to itself (``x -> x``, or through others back): following it fails
+    with ELOOP, where a dangling link is simply neither a file nor a folder."""
+    try:
+        entry.is_dir()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return True
+        raise
+    return False
 
 
 def _parquet_parts(uri: str) -> list[str]:

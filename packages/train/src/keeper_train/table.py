@@ -47,6 +47,11 @@ def in_set(values: pd.Series, members: set[str]) -> np.ndarray:
     return np.fromiter((v in members for v in values.tolist()), dtype=bool, count=len(values))
 
 
+def _keys(uris: pd.Series) -> pd.Series:
+    """``storage.same_key`` of each URI."""
+    return pd.Series([storage.same_key(str(u)) for u in uris], index=uris.index, dtype=object)
+
+
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with ``schema``'s columns in its order: a missing one null (``retryable``:
     False, as ``ErrorRows`` reads it), other columns dropped, types cast."""
@@ -380,13 +385,16 @@ class ErrorRows:
         return set(self.rows()["image_uri"].astype(str))
 
     def remove(self, uris: set[str]) -> int:
-        """Delete the rows of ``uris`` (e.g. images embedded since). Returns rows removed.
+        """Delete the rows of ``uris`` (e.g. images embedded since), however each row spells
+        its file (``storage.same_key``: a photo that failed as ``lib/x.jpg`` and was embedded
+        as ``/home/me/lib/x.jpg`` is no failure). Returns rows removed.
 
-        Rows are looked up in ``uris`` (``in_set``): with ``Series.isin`` every errors part (one
+        Rows are looked up in a set (``in_set``): with ``Series.isin`` every errors part (one
         per decode task that failed an image) paid for the whole set, parts x embedded images.
         """
+        keys = {storage.same_key(u) for u in uris}
         return sum(
-            self._keep(part, (~in_set(df["image_uri"], uris)).tolist())
+            self._keep(part, (~in_set(_keys(df["image_uri"]), keys)).tolist())
             for part, df in sorted(self.by_part.items())
         )
 
@@ -399,19 +407,21 @@ class ErrorRows:
         return ErrorRows.read(self.folder, known=ErrorRows(self.folder, known))
 
     def dedupe(self) -> int:
-        """Keep one row per URI: the latest attempt's (by ``at``, then part name). One row in
-        two parts at the same ``at`` (a compaction killed before its deletes) is kept in the
-        larger part, so the small parts go whole instead of the large one being rewritten."""
+        """Keep one row per file (``storage.same_key``: one file failed under two spellings is
+        one failure): the latest attempt's (by ``at``, then part name). One row in two parts at
+        the same ``at`` (a compaction killed before its deletes) is kept in the larger part, so
+        the small parts go whole instead of the large one being rewritten."""
         latest: dict[str, tuple[str, int]] = {}
+        keyed = {part: _keys(df["image_uri"]).tolist() for part, df in self.by_part.items()}
         order = sorted(
-            (str(at), len(df), part, i, str(uri))
+            (str(at), len(df), part, i, key)
             for part, df in self.by_part.items()
-            for i, (uri, at) in enumerate(zip(df["image_uri"], df["at"], strict=True))
+            for i, (key, at) in enumerate(zip(keyed[part], df["at"], strict=True))
         )
-        for _, _, part, i, uri in order:
-            latest[uri] = (part, i)
+        for _, _, part, i, key in order:
+            latest[key] = (part, i)
         return sum(
-            self._keep(part, [latest[str(u)] == (part, i) for i, u in enumerate(df["image_uri"])])
+            self._keep(part, [latest[k] == (part, i) for i, k in enumerate(keyed[part])])
             for part, df in sorted(self.by_part.items())
         )
 

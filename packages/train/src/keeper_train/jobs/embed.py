@@ -1406,6 +1406,8 @@ def plan(cfg: EmbedConfig) -> Plan:
     removed = embedded.dedupe()  # a job killed after a retried write may have left a duplicate
     errors = ErrorRows.read(storage.join(dst, ERRORS))
     cleared = errors.remove(embedded.uris())  # a table written before successes cleared theirs
+    if members:  # a shard cut short, whole again: its own failure names no input now
+        cleared += errors.remove({str(m["shard"]) for m in members.values()} - set(index_failures))
     removed += errors.dedupe()
     # Every file listed, ``limit`` or not: a file past it is not gone.
     gone = (
