@@ -180,6 +180,27 @@ def test_list_inputs_local_folder(tmp_path: Path) -> None:
     assert all_ignored == 6
 
 
+def test_list_inputs_leaves_out_hidden_and_nas_folders(tmp_path: Path) -> None:
+    # A Synology keeps a thumbnail of every photo in @eaDir, a desktop its trash in .Trash-1000:
+    # they were embedded, grouped and picked as photos of the library.
+    lib = tmp_path / "lib"
+    kept = [lib / "2024" / "IMG_1.JPG", lib / "b" / "IMG_2.jpg"]
+    left_out = [
+        lib / "2024" / "@eaDir" / "IMG_1.JPG" / "SYNOPHOTO_THUMB_XL.jpg",
+        lib / ".Trash-1000" / "files" / "IMG_3.jpg",
+        lib / "#recycle" / "IMG_4.jpg",
+        lib / "$RECYCLE.BIN" / "S-1-5-21" / "IMG_5.jpg",
+    ]
+    for path in [*kept, *left_out]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        photo(32, 24).save(path, "JPEG")
+    uris, ignored = list_inputs(str(lib))
+    assert uris == [str(p) for p in kept]
+    assert ignored == len(left_out)
+    # A library that itself lies in a hidden folder is listed whole.
+    assert list_inputs(str(lib / ".Trash-1000"))[0] == [str(left_out[1])]
+
+
 def test_list_inputs_s3_prefix(s3_bucket: str) -> None:
     s3 = boto3.client("s3")
     jpg = encode(photo(20, 20, 1), "JPEG")

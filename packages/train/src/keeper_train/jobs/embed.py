@@ -474,11 +474,12 @@ def _scan(
     excluded = [exclude] if isinstance(exclude, str) else list(exclude or [])
     # Compared as same_key: an output named ./lib/out or /abs/lib/out is skipped either way.
     skip = folder_keys(excluded)
+    base = len(src.rstrip("/")) + 1
     for uri, stamp in storage.list_stamped(src):
         if skip and storage.same_key(uri).startswith(skip):
             continue
         name = uri.rsplit("/", 1)[-1].lower()
-        if name.startswith("."):
+        if name.startswith(".") or not_a_library_folder(uri[base:]):
             is_image = False  # hidden files: editor/OS droppings, never photos
         elif name.endswith(IMAGE_SUFFIXES):
             is_image = True
@@ -497,6 +498,21 @@ def _scan(
         else:
             ignored += 1
     return uris, ignored, 0, stamps
+
+
+#: Folders a NAS, an OS or a photo tool keeps beside a library, whose images are no photos of it:
+#: a Synology's thumbnails of every photo (``@eaDir/IMG_1.JPG/SYNOPHOTO_THUMB_XL.jpg``) and its
+#: recycle bin, Windows' recycle bin and volume information (lower case: compared so).
+NOT_LIBRARY_FOLDERS = frozenset(
+    {"@eadir", "#recycle", "#snapshot", "$recycle.bin", "system volume information"}
+)
+
+
+def not_a_library_folder(relative: str) -> bool:
+    """Whether a file at ``relative`` (its path under the input) lies in a hidden folder (a
+    ``.Trash-1000``, a ``.thumbnails``) or one of ``NOT_LIBRARY_FOLDERS``."""
+    folders = relative.split("/")[:-1]
+    return any(f.startswith(".") or f.lower() in NOT_LIBRARY_FOLDERS for f in folders)
 
 
 def folder_keys(folders: Sequence[str]) -> tuple[str, ...]:
