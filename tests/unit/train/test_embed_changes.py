@@ -989,3 +989,11 @@ def test_an_image_whose_thumbnail_cannot_be_written_leaves_nothing_in_the_batch(
     assert [(r["image_uri"], r["stage"], r["reason"]) for r in err] == [
         (uris[0], "thumbnail", "write_failed")
     ]
+
+
+def test_thumbnails_kept_under_the_input_are_no_inputs(library: list[Path], tmp_path: Path) -> None:
+    thumbs = library[0].parent / "thumbs"
+    thumbs.mkdir()
+    (thumbs / "ab12.jpg").write_bytes(jpeg((9, 9, 9)))  # one written by an earlier run
+    p = plan(config(library, tmp_path / "out", thumbnails=str(thumbs)))
+    assert sorted(p.inputs) == [str(x) for x in library]

@@ -1394,11 +1394,13 @@ def plan(cfg: EmbedConfig) -> Plan:
     bad_names: dict[str, str] = {}
     stamps: dict[str, storage.Stamp] = {}
     shards = names_shards(cfg.input)  # a .tar or a brace pattern: nothing to list first
+    # What keeper writes is never an input: the output, and thumbnails kept under the input.
+    not_inputs = [dst, *cfg.exclude, *([cfg.thumbnails] if cfg.thumbnails else [])]
     a_folder = not shards and not cfg.input.lower().endswith(MANIFEST_SUFFIXES)
     if cfg.prune and not a_folder:
         raise ConfigError(_prune_needs_a_folder(cfg.input))
     if not shards:
-        found = find_inputs(cfg.input, exclude=[dst, *cfg.exclude])
+        found = find_inputs(cfg.input, exclude=not_inputs)
         inputs, ignored, repeated = found.uris, found.ignored, found.repeated
         bad_names, stamps = found.bad_names, found.stamps
         # A folder of shards has no loose image: only then is it listed again, for its shards.
@@ -1427,7 +1429,7 @@ def plan(cfg: EmbedConfig) -> Plan:
     removed += errors.dedupe()
     # Every file listed, ``limit`` or not: a file past it is not gone.
     gone = (
-        find_gone(embedded, errors, cfg.input, stamps, set(keys), [dst, *cfg.exclude])
+        find_gone(embedded, errors, cfg.input, stamps, set(keys), not_inputs)
         if a_folder
         else Gone(set(), set(), 0)
     )
