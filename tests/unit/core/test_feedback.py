@@ -176,3 +176,14 @@ def test_a_resent_event_is_counted_once(tmp_path: Path) -> None:
     t = read_feedback(str(tmp_path))
     assert t.column("event_id").to_pylist()[:1] == ["e-1"]
     assert t.column("image_id").to_pylist() == ["a", "b"]
+
+
+def test_two_clients_numbering_their_events_alike_keep_both(tmp_path: Path) -> None:
+    # An event id is its client's idempotency key: a web app's "1" and a mobile app's "1" are
+    # two events (one was dropped).
+    log = FeedbackLog(str(tmp_path))
+    web = FeedbackEvent(event_id="1", request_id="r", image_id="a", action="accepted", client="web")
+    app = FeedbackEvent(event_id="1", request_id="r", image_id="b", action="rejected", client="app")
+    log.append([web, app, web], sync=True)
+    t = read_feedback(str(tmp_path))
+    assert t.column("image_id").to_pylist() == ["a", "b"]

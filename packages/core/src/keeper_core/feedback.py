@@ -452,7 +452,8 @@ def read_offers(root: str) -> pa.Table:
 
 def read_feedback(root: str) -> pa.Table:
     """Every event under ``root`` (all writers), oldest first (received_at, writer, seq), each
-    ``event_id`` once.
+    ``event_id`` once per client (an event id is the client's idempotency key: two apps that
+    both number their events 1, 2, ... are two clients, and neither drops the other's).
 
     Raises:
         StorageError: nothing readable at ``root``.
@@ -463,10 +464,10 @@ def read_feedback(root: str) -> pa.Table:
     if pc.any(bad).as_py():
         raise DataError("feedback rows with an unknown action", source=root)
     # A client that resent an event (its answer lost) gave it the same event_id: keep the first.
-    ids = t.column("event_id").to_pylist()
-    first_of: dict[str, int] = {}
-    for i, e in enumerate(ids):
-        first_of.setdefault(e, i)
+    ids = zip(t.column("client").to_pylist(), t.column("event_id").to_pylist(), strict=True)
+    first_of: dict[tuple[str | None, str], int] = {}
+    for i, key in enumerate(ids):
+        first_of.setdefault(key, i)
     first = sorted(first_of.values())
     return t.take(first) if len(first) < t.num_rows else t
 
