@@ -83,6 +83,20 @@ def test_thumbnails_only_of_the_runs_images(tmp_path: Path) -> None:
             run.thumbnail_uri(bad)
 
 
+def test_a_thumbnail_that_is_a_link_is_not_served(tmp_path: Path) -> None:
+    # A link in a shared run folder where a thumbnail goes served any file the server reads.
+    ids = write_run(tmp_path / "run", [2], thumbs=2)
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_secret_access_key = ...")
+    link = tmp_path / "run" / thumbnail_name(ids[1])
+    link.unlink()
+    link.symlink_to(secret)
+    run = read_run("demo", str(tmp_path / "run"))
+    assert run.thumbnail_uri(ids[0]).endswith(thumbnail_name(ids[0]))
+    with pytest.raises(UnknownImage, match="is a link"):
+        run.thumbnail_uri(ids[1])
+
+
 def test_offer_rows_fit_the_offers_schema(tmp_path: Path) -> None:
     ids = write_run(tmp_path / "run", [3, 2])
     run = read_run("demo", str(tmp_path / "run"))

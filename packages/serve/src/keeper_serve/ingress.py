@@ -58,6 +58,7 @@ from keeper_core.cascade import (
     NEUTRAL_PROMPT,
     CascadeLimits,
     CascadeStageError,
+    QueryRules,
     VlmScorer,
     VlmScores,
     check_limits,
@@ -91,7 +92,14 @@ from keeper_serve.api import ApiError, ImageRef
 from keeper_serve.config import KeeperAppArgs, vlm_disabled_info
 from keeper_serve.local import HAPROXY_FLAG
 from keeper_serve.references import CollectionUnusable, UnknownCollection
-from keeper_serve.review import ReviewRun, ReviewRuns, RunUnusable, UnknownImage, UnknownRun
+from keeper_serve.review import (
+    MAX_THUMB_BYTES,
+    ReviewRun,
+    ReviewRuns,
+    RunUnusable,
+    UnknownImage,
+    UnknownRun,
+)
 from keeper_serve.search import UnknownImageId
 
 log = logging.getLogger("keeper.serve")
@@ -1389,13 +1397,19 @@ class KeeperIngress:
                 n,
                 CascadeLimits(
                     max_candidates=max(limits.max_select_images, limits.max_select_ids),
-                    max_clip_keep=None,  # counts are bounded above; dedup stops at top_n
+                    # dedup compares each candidate with at most top_n kept ones, head or not
+                    max_clip_keep=None,
                     max_top_n=sel.max_top_n,
                     max_top_k=sel.max_top_k,
                 ),
             )
         except DataError as e:
             raise ApiError(400, "over_limit", str(e)) from e
+        query = req.vlm_query or req.positive[0]
+        if vlm_info["status"] == "ready" and (config.beta > 0 or req.rationale):
+            # The judge's own rules, before any image is read: refused there, the query would
+            # fail this request's VLM stage as a 503, after all the work before it.
+            req.check_vlm_query(QueryRules.from_info(vlm_info))
         texts = list(dict.fromkeys([*prompts, NEUTRAL_PROMPT]))
         if req.ids:
             rows = self._corpus_candidates(req.ids)
@@ -1429,7 +1443,6 @@ class KeeperIngress:
         pos = np.stack([by_text[t] for t in req.positive])
         neg = np.stack([by_text[t] for t in dict.fromkeys([*req.negative, NEUTRAL_PROMPT])])
         head = aesthetic_scores(emb, aesthetic_prompts, self.aesthetic).total
-        query = req.vlm_query or req.positive[0]
         judge = self._judge(view, query) if vlm_info["status"] == "ready" else None
         try:
             result = await asyncio.to_thread(
@@ -1448,7 +1461,7 @@ class KeeperIngress:
             raise ApiError(
                 503,
                 f"{e.stage}_unavailable",
-                f"the {e.stage} stage failed: {client_text(e.cause)}; retry",
+                f"the {e.stage} stage failed: {api.stage_cause(e)}; retry",
             ) from e
         out = result.as_dict(dropped=req.candidates == "all")
         rationales = None
@@ -1713,7 +1726,7 @@ class KeeperIngress:
         run = await asyncio.to_thread(self._review_run, name)
         try:
             uri = run.thumbnail_uri(image_id)
-            data = await asyncio.to_thread(storage.read_bytes, uri)
+            data = await asyncio.to_thread(storage.read_bytes, uri, max_bytes=MAX_THUMB_BYTES)
         except UnknownImage as e:
             raise ApiError(404, "unknown_image", str(e)) from e
         except StorageError as e:

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -56,6 +57,8 @@ _COLUMNS = (
     *FEATURE_NAMES,
 )
 _HEX_ID = re.compile(r"[0-9a-f]{64}")
+#: The most bytes a served thumbnail may have (keeper's are 256 px JPEGs of a few tens of KB).
+MAX_THUMB_BYTES = 1 << 20
 
 
 class UnknownRun(DataError):
@@ -179,7 +182,12 @@ class ReviewRun:
             raise UnknownImage(f"run {self.name!r} has no image {image_id[:80]!r}")
         if image_id not in self.thumbs:
             raise UnknownImage(f"run {self.name!r} has no thumbnail of {image_id}")
-        return storage.join(self.folder, thumbnail_name(image_id))
+        uri = storage.join(self.folder, thumbnail_name(image_id))
+        # A run folder on a shared disk may hold a link where a thumbnail goes: served, it would
+        # hand any file this process can read (a key, a credential) to whoever holds a token.
+        if not storage.is_s3(uri) and Path(uri.removeprefix("file://")).is_symlink():
+            raise UnknownImage(f"run {self.name!r}: the thumbnail of {image_id} is a link")
+        return uri
 
     def offer_rows(
         self,

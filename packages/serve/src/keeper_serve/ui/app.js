@@ -212,7 +212,7 @@
     ui.reviewView.hidden = true;
     ui.loginView.hidden = false;
     ui.help.hidden = true;
-    ui.loginError.textContent = message || "";
+    ui.loginError.textContent = message ? shown(message) : "";
     ui.loginError.hidden = !message;
     ui.token.value = "";
     ui.client.value = auth.client || sessionStorage.getItem(CLIENT_KEY) || ui.client.value;
@@ -389,7 +389,7 @@
     const r = state.run;
     ui.ranker.textContent = r ? shown(`ranker: ${r.ranker}`) : "";
     ui.clipModel.textContent = r ? shown(`CLIP: ${r.clip_model}`) : "";
-    ui.finished.textContent = r && r.finished ? `finished ${r.finished}` : "";
+    ui.finished.textContent = r && r.finished ? shown(`finished ${r.finished}`) : "";
     ui.weights.hidden = !(r && r.random_weights);
     if (!r) {
       ui.pageInfo.textContent = "";
@@ -443,9 +443,9 @@
     const a = r && r.answer;
     const models = (a && a.models) || {};
     ui.ranker.textContent = "";
-    ui.clipModel.textContent = models.clip_model ? `CLIP: ${models.clip_model}` : "";
+    ui.clipModel.textContent = models.clip_model ? shown(`CLIP: ${models.clip_model}`) : "";
     ui.finished.textContent = "";
-    ui.stages.textContent = a ? stagesText(a.stages) : "";
+    ui.stages.textContent = a ? shown(stagesText(a.stages)) : "";
     ui.weights.hidden = !(models.clip_random_weights || (models.vlm && models.vlm.random_weights));
     ui.pageInfo.textContent = r ? plural(r.count, "candidate", "candidates") : state.loading ? "searching…" : "";
     ui.queryGo.disabled = state.loading;
@@ -561,7 +561,7 @@
       ];
       if (score) {
         const span = el("span", null, score.value.toFixed(3));
-        span.title = score.name;
+        span.title = shown(score.name);
         meta.push(span);
       }
       if (pick === 0) meta.push(el("span", "star", "★ keeper"));
@@ -716,7 +716,7 @@
     tile.dataset.groupId = groupId;
     tile.dataset.index = String(state.tiles.length);
     tile.tabIndex = -1;
-    tile.title = d.title;
+    tile.title = shown(d.title);
     const thumb = el("div", "thumb");
     thumb.append(el("span", "none", d.url ? "…" : "no thumbnail"));
     const meta = el("div", "meta");
@@ -790,7 +790,7 @@
       const url = URL.createObjectURL(blob);
       page.urls.add(url);
       const img = document.createElement("img");
-      img.alt = t.alt;
+      img.alt = shown(t.alt);
       img.decoding = "async";
       img.addEventListener("error", () => thumbMissing(t, "thumbnail does not decode"), { once: true });
       img.src = url;
@@ -898,7 +898,7 @@
     cls.toggle("pending", !unsaved && sender.pending.has(k));
     t.el.dataset.state = action;
     t.mine.textContent = action ? `you: ${MINE[action]}` : "";
-    if (unsaved) t.mine.title = unsaved;
+    if (unsaved) t.mine.title = shown(unsaved);
     else t.mine.removeAttribute("title");
   }
 
@@ -1081,7 +1081,7 @@
 
   // A sticky note (a failed query) stays until the next note or mode.
   function note(text, bad, sticky) {
-    state.note = text;
+    state.note = text ? shown(text) : text; // an error may quote a file's name
     state.noteBad = Boolean(bad);
     state.noteSticky = Boolean(sticky && text);
     clearTimeout(state.noteTimer);
@@ -1112,7 +1112,7 @@
       bad = true;
     }
     if (state.note) parts.push(state.note);
-    ui.status.textContent = parts.join(" · ");
+    ui.status.textContent = shown(parts.join(" · ")); // errors may quote file names
     ui.status.classList.toggle("bad", bad);
   }
 
