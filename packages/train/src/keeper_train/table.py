@@ -384,15 +384,15 @@ class ErrorRows:
     def uris(self) -> set[str]:
         return set(self.rows()["image_uri"].astype(str))
 
-    def remove(self, uris: set[str]) -> int:
-        """Delete the rows of ``uris`` (e.g. images embedded since), however each row spells
-        its file (``storage.same_key``: a photo that failed as ``lib/x.jpg`` and was embedded
-        as ``/home/me/lib/x.jpg`` is no failure). Returns rows removed.
+    def remove(self, keys: set[str]) -> int:
+        """Delete the rows of the files ``keys`` name (``storage.same_key`` of their URIs, e.g.
+        of images embedded since), however each row spells its file: a photo that failed as
+        ``lib/x.jpg`` and was embedded as ``/home/me/lib/x.jpg`` is no failure. Returns rows
+        removed.
 
-        Rows are looked up in a set (``in_set``): with ``Series.isin`` every errors part (one
+        Rows are looked up in ``keys`` (``in_set``): with ``Series.isin`` every errors part (one
         per decode task that failed an image) paid for the whole set, parts x embedded images.
         """
-        keys = {storage.same_key(u) for u in uris}
         return sum(
             self._keep(part, (~in_set(_keys(df["image_uri"]), keys)).tolist())
             for part, df in sorted(self.by_part.items())

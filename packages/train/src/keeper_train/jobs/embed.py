@@ -1423,9 +1423,11 @@ def plan(cfg: EmbedConfig) -> Plan:
     embedded = EmbeddedParts.read(storage.join(dst, EMBEDDINGS))
     removed = embedded.dedupe()  # a job killed after a retried write may have left a duplicate
     errors = ErrorRows.read(storage.join(dst, ERRORS))
-    cleared = errors.remove(embedded.uris())  # a table written before successes cleared theirs
+    # A table written before successes cleared theirs.
+    cleared = errors.remove({storage.same_key(u) for u in embedded.uris()})
     if members:  # a shard cut short, whole again: its own failure names no input now
-        cleared += errors.remove({str(m["shard"]) for m in members.values()} - set(index_failures))
+        whole = {str(m["shard"]) for m in members.values()} - set(index_failures)
+        cleared += errors.remove({storage.same_key(u) for u in whole})
     removed += errors.dedupe()
     # Every file listed, ``limit`` or not: a file past it is not gone.
     gone = (
@@ -1439,7 +1441,7 @@ def plan(cfg: EmbedConfig) -> Plan:
     now = {k: stamps[u] for u, k in zip(inputs, keys, strict=True) if u in stamps}
     cap = max(cfg.max_bytes, cfg.max_raw_bytes)
     changes = check_changes(embedded, this_run, now, cap=cap)
-    done = embedded.uris()
+    done = embedded.uris()  # less the photos saved over since (check_changes)
     rows = errors.rows()
     failed_changed = _stamp_changed(rows, now)
     retry = rows["retryable"].astype(bool).to_numpy() | cfg.retry_errors | failed_changed
@@ -1468,7 +1470,8 @@ def plan(cfg: EmbedConfig) -> Plan:
     pruned = 0
     if cfg.prune and lost:
         check_prune(lost, gone.under, cfg, embedded)
-        pruned = embedded.remove(lost & gone.embedded) + errors.remove(lost & gone.failed)
+        failed_gone = {storage.same_key(u) for u in lost & gone.failed}
+        pruned = embedded.remove(lost & gone.embedded) + errors.remove(failed_gone)
     attempt = set(todo)  # looked up per bad name and failed shard: a list would be B x N
     if todo:  # the spec is recorded once there is something to embed with it
         check_table_meta(dst, cfg.model, embed_dim=dim, weights=weights)
@@ -2183,7 +2186,8 @@ def summarise(cfg: EmbedConfig, p: Plan, ex: Execution, t_start: float) -> Embed
     errors = p.errors.reread(lambda _, rows: not todo.isdisjoint(rows["image_uri"].tolist()))
     twins_embedded, errors = copy_twins(p, embedded, emb_all, errors)
     emb_all |= twins_embedded
-    cleared = errors.remove(emb_all)  # an image that failed once and then succeeded is embedded
+    # An image that failed once and then succeeded is embedded (under whichever spelling).
+    cleared = errors.remove({storage.same_key(u) for u in emb_all})
     removed += errors.dedupe()
     rows = errors.rows()
     this_run = rows[(rows["run_id"] == p.run_id).to_numpy() & in_set(rows["image_uri"], todo)]
