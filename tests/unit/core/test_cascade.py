@@ -126,15 +126,26 @@ def reference(
             and (cfg.min_aspect is None or w[i] / h[i] >= cfg.min_aspect)
             and (cfg.max_aspect is None or w[i] / h[i] <= cfg.max_aspect)
         ]
-    if cfg.dedup_threshold is not None:
-        sims = img @ img.T
-        kept: list[int] = []
-        for i in ranked(alive, head if head is not None else clip):
-            if not kept or sims[i, kept].max() < cfg.dedup_threshold - 1e-6:
-                kept.append(i)
-        alive = kept
     hs = head if head is not None else np.zeros(n)
     rer = cfg.alpha * clip + cfg.gamma * hs
+    if cfg.dedup_threshold is not None:
+        # Groups found in the rerank order until top_n leaders; each keeps its best member by
+        # the head (else S_clip); the candidates after the last leader are left to stage 4.
+        sims = img @ img.T
+        groups: dict[int, list[int]] = {}
+        walked = 0
+        for i in ranked(alive, rer):
+            if len(groups) >= cfg.top_n:
+                break
+            walked += 1
+            leaders = list(groups)
+            if leaders and sims[i, leaders].max() >= cfg.dedup_threshold - 1e-6:
+                groups[leaders[int(np.argmax(sims[i, leaders]))]].append(i)
+            else:
+                groups[i] = [i]
+        key = head if head is not None else clip
+        kept = [ranked(members, key)[0] for members in groups.values()]
+        alive = kept + ranked(alive, rer)[walked:]
     top = ranked(alive, rer)[: cfg.top_n]
     final = rer if vlm is None or cfg.beta == 0 else rer + cfg.beta * vlm
     return ranked(top, final)[: cfg.top_k]

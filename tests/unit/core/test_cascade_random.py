@@ -27,12 +27,13 @@ most cases use entries +-1/8 in 64 dimensions (unit rows, every cosine a multipl
 dedup's cosines are exact too and tie often); the rest use Gaussian clusters rounded to multiples
 of 2^-11 in 12 dimensions (rows within 8.5e-4 of unit norm, as check_embeddings allows; products
 exact in float32 in any summation order). There dedup's float32 cosines (of rows rescaled to unit
-norm) are not exact, so thresholds are drawn away from every pair's cosine and a duplicate may
-name any kept image within rounding of the most similar one.
+norm) are not exact, so thresholds are drawn away from every pair's cosine; a duplicate within
+rounding of two group leaders may join either group, and such a case checks accounting only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -345,7 +346,9 @@ class Expected:
     asked: list[int] | None = None  # the judge's one call; None: not called
     vlm_calls: int = 0
     stage_error: bool = False
-    dup_of_ok: dict[int, set[int]] = field(default_factory=dict)  # dedup drop -> fine j's
+    # grid mode: a duplicate within rounding of two leaders may join either group, and which
+    # member each group keeps (so the rest of the answer) may differ: only accounting is checked
+    ambiguous: bool = False
 
 
 def ranked(ids: list[int], score: np.ndarray) -> list[int]:
@@ -405,30 +408,30 @@ def reference(case: Case, cfg: CascadeConfig, raw: np.ndarray) -> Expected:
     else:
         report("heuristics", alive, alive, skipped=True)
 
-    # 3. dedup: greedy in order of the head score (else S_clip); each later candidate too close
-    # to a kept one leaves naming it.
+    # 3. dedup: walk the rerank order; a candidate too close to a leader joins the group of the
+    # most similar one (ties to the first leader), else it leads a new group, until top_n
+    # leaders; the undecided rest leave at stage 4 as beyond_top_n, near duplicates or not. Each
+    # group keeps its best member by the head score (else S_clip), ties to the lower index; the
+    # others leave naming it.
     if cfg.dedup_threshold is not None:
-        order = ranked(alive, head if head is not None else clip)
-        # Not in the module docstring, from the code (run_cascade's comment): when the dedup
-        # order is the rerank order, dedup stops once top_n are kept and the undecided rest
-        # leave at stage 4 as beyond_top_n, not here, even those that are near duplicates.
-        limit = cfg.top_n if order == ranked(alive, s_rerank) else None
-        kept: list[int] = []
-        for i in order:
-            if limit is not None and len(kept) >= limit:
+        leaders: list[int] = []
+        groups: dict[int, list[int]] = {}
+        for i in ranked(alive, s_rerank):
+            if len(leaders) >= cfg.top_n:
                 break
-            sims = [float(case.cos[i, k]) for k in kept]
+            sims = [float(case.cos[i, k]) for k in leaders]
             if sims and max(sims) >= cfg.dedup_threshold - COS_SLACK:
-                # The docstring does not say which kept one a duplicate names; the code names the
-                # most similar, ties to the first kept (in dedup order).
                 best = max(sims)
-                drop(i, "dedup", f"near_duplicate_of:{kept[sims.index(best)]}")
-                if case.cos_tol:
-                    exp.dup_of_ok[i] = {
-                        k for k, s in zip(kept, sims, strict=True) if s >= best - case.cos_tol
-                    }
+                groups[leaders[sims.index(best)]].append(i)
+                near = [k for k, s in zip(leaders, sims, strict=True) if s >= best - case.cos_tol]
+                exp.ambiguous |= len(near) > 1 and case.cos_tol > 0
             else:
-                kept.append(i)
+                leaders.append(i)
+                groups[i] = [i]
+        for members in groups.values():
+            kept, *rest = ranked(members, head if head is not None else clip)
+            for i in rest:
+                drop(i, "dedup", f"near_duplicate_of:{kept}")
         nxt = [i for i in alive if exp.dropped_at[i] is None]
         report("dedup", alive, nxt)
         alive = nxt
@@ -613,12 +616,7 @@ def assert_matches(res: CascadeResult, exp: Expected, case: Case) -> None:
     assert got_stages == exp.stages, what
     assert c.dropped_at == exp.dropped_at, what
     for i, (got, want) in enumerate(zip(c.reason, exp.reason, strict=True)):
-        if got != want and i in exp.dup_of_ok and got and got.startswith("near_duplicate_of:"):
-            # grid mode: the library's float32 cosines may prefer another kept one within
-            # rounding of the most similar.
-            assert int(got.rpartition(":")[2]) in exp.dup_of_ok[i], f"{what}: {i} {got} {want}"
-        else:
-            assert got == want, f"{what}: candidate {i}"
+        assert got == want, f"{what}: candidate {i}"
     np.testing.assert_array_equal(c.clip, exp.clip, err_msg=what)
     np.testing.assert_array_equal(c.rerank, exp.rerank, err_msg=what)
     np.testing.assert_array_equal(c.vlm, exp.vlm, err_msg=what)
@@ -732,7 +730,10 @@ def test_the_cascade_is_the_plain_reference_on_random_requests(seed: int) -> Non
     }
     exp = reference(case, cfg, case.exact_raw)
     res: CascadeResult | None = None
-    if exp.stage_error:  # never a ranking
+    if exp.ambiguous:  # which candidates the judge is asked about depends on float32 rounding
+        with contextlib.suppress(CascadeStageError):
+            res = run(case, cfg, image_emb=img, **listed)
+    elif exp.stage_error:  # never a ranking
         with pytest.raises(CascadeStageError) as failed:
             run(case, cfg, image_emb=img, **listed)
         assert failed.value.stage == "vlm", what
@@ -742,11 +743,14 @@ def test_the_cascade_is_the_plain_reference_on_random_requests(seed: int) -> Non
         assert (a is None and b is None) or (
             a is not None and b is not None and np.array_equal(a, b, equal_nan=True)
         ), what
+    if res is not None:
+        assert_accounting(res, case.n, what)
+    if exp.ambiguous:
+        return
     if case.judge is not None:
         assert case.judge.calls == ([] if exp.asked is None else [exp.asked]), what
     if res is None:
         return
-    assert_accounting(res, case.n, what)
     assert_matches(res, exp, case)
     out = json.loads(json.dumps(res.as_dict(), allow_nan=False))
     assert [r["reason"] for r in out["candidates"]] == exp.reason, what

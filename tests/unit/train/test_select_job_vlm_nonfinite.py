@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from support import noise_jpeg, write_unit_rows
 
-from keeper_core.cascade import CascadeConfig, CascadeStageError
+from keeper_core.cascade import CascadeConfig, CascadeStageError, QueryRules
 from keeper_core.errors import KeeperError
 from keeper_core.vlm import VlmConfig
 from keeper_train.jobs import select as S
@@ -120,6 +120,11 @@ def _in_process(judge: NanJudge) -> Any:
     return run
 
 
+def _no_processor(vlm: VlmConfig) -> QueryRules:
+    """The plan's query rules without a checkpoint to read them from (the judge is a fake)."""
+    return QueryRules(vlm.max_query_chars, ())
+
+
 def test_the_job_reports_the_image_as_vlm_failed_and_counts_add_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -128,10 +133,11 @@ def test_the_job_reports_the_image_as_vlm_failed_and_counts_add_up(
     write_unit_rows(str(tmp_path / "table"), uris, [f"{i:032x}" for i in range(N)])
     judge = NanJudge()
     monkeypatch.setattr(S, "judge_survivors", _in_process(judge))
+    monkeypatch.setattr(S, "vlm_query_rules", _no_processor)
     cfg = S.SelectJobConfig(
         table=str(tmp_path / "table"),
         output=str(tmp_path / "out"),
-        vlm=VlmConfig(source=str(tmp_path / "photos")),  # a folder: the plan checks no more
+        vlm=VlmConfig(source=str(tmp_path / "photos")),  # a folder: no processor is read
         queries=[S.Query(name="red", positive=["a red scene"])],
         cascade=CascadeConfig(top_n=N, top_k=3, dedup_threshold=None),
     )
@@ -182,6 +188,7 @@ def test_a_judge_that_scores_no_image_fails_the_job(
     judge = NanJudge()
     monkeypatch.setattr(sys.modules[__name__], "ODD", (64, 48))  # every photo is "odd" now
     monkeypatch.setattr(S, "judge_survivors", _in_process(judge))
+    monkeypatch.setattr(S, "vlm_query_rules", _no_processor)
     cfg = S.SelectJobConfig(
         table=str(tmp_path / "table"),
         output=str(tmp_path / "out"),

@@ -9,10 +9,14 @@
    (``S_clip < min_relevance``) and, of the rest, ``beyond_clip_keep``.
 2. ``heuristics``: minimum side and aspect ratio (``too_small``, ``aspect_ratio``); skipped
    when none is configured.
-3. ``dedup``: greedy near-duplicate removal by embedding cosine (``near_duplicate_of:<index>``),
-   keeping the best member of each group by the head score when given, else by ``S_clip``:
-   near duplicates match a query almost equally, so quality, not relevance, should decide.
-   Skipped when ``dedup_threshold`` is None.
+3. ``dedup``: greedy near-duplicate grouping by embedding cosine, walking the candidates in the
+   rerank order (stage 4's): each joins the group of the most similar earlier leader (cosine
+   >= ``dedup_threshold``) or leads a new group, until ``top_n`` groups are found. Each group
+   keeps its best member by the head score when given, else by ``S_clip``; the others leave as
+   ``near_duplicate_of:<kept>``: near duplicates match a query almost equally, so quality, not
+   relevance, should decide. The candidates after the ``top_n``-th leader rank below every group
+   and are left to stage 4 (``beyond_top_n``), so dedup compares at most N x ``top_n`` pairs
+   whatever N is. Skipped when ``dedup_threshold`` is None.
 4. ``rerank``: the ``top_n`` best by ``alpha * S_clip + gamma * S_head`` (``beyond_top_n``).
 5. ``vlm``: one call of the ``vlm`` callback with the top-N indices; ``S = alpha * S_clip +
    beta * S_vlm + gamma * S_head``; a candidate the judge could not judge (a batch job's
@@ -105,6 +109,50 @@ VlmScorer = Callable[[np.ndarray], "npt.ArrayLike | VlmScores"]
 _CLIP_REASONS = {"below_threshold": "below_relevance", "beyond_top_k": "beyond_clip_keep"}
 
 
+@dataclass(frozen=True)
+class QueryRules:
+    """What a VLM judge (``keeper_core.vlm.VlmJudge.query_rules``) accepts as the query of the
+    ``vlm`` stage: the one place its refusals are decided. Here, not in ``keeper_core.vlm``, so a
+    server's front end checks a request's query without importing torch.
+
+    Attributes:
+        max_chars: the longest query (``VlmConfig.max_query_chars``); longer is refused, never
+            truncated.
+        reserved: the tokenizer's special tokens and the processor's image token; a query
+            holding one is refused.
+    """
+
+    max_chars: int
+    reserved: tuple[str, ...]
+
+    def problem(self, query: object) -> str | None:
+        """Why a judge refuses ``query`` (``"empty"``, ``"600 characters, more than the limit
+        of 512"``, ``"contains the special token(s) ['</s>']"``), or None when it accepts it."""
+        if not isinstance(query, str):
+            return f"expected a string, got {type(query).__name__}"
+        if not query.strip():
+            return "empty"
+        if len(query) > self.max_chars:
+            return f"{len(query)} characters, more than the limit of {self.max_chars}"
+        found = [t for t in self.reserved if t in query]
+        if found:
+            return f"contains the special token(s) {found}"
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The keys ``VlmJudge.describe()`` carries them as."""
+        return {"max_query_chars": self.max_chars, "reserved_tokens": list(self.reserved)}
+
+    @classmethod
+    def from_info(cls, info: Mapping[str, Any]) -> QueryRules | None:
+        """The rules from a ``describe()`` (or a Serve VlmJudge's ``info()``); None when it does
+        not carry them."""
+        limit, reserved = info.get("max_query_chars"), info.get("reserved_tokens")
+        if not isinstance(limit, int) or not isinstance(reserved, list | tuple):
+            return None
+        return cls(limit, tuple(str(t) for t in reserved))
+
+
 class CascadeStageError(KeeperError):
     """A stage could not produce valid scores; no ranking is returned.
 
@@ -130,8 +178,8 @@ class CascadeConfig(BaseModel):
     Attributes:
         min_relevance: stage 1 drops ``S_clip`` below this (0 = no cut; 0.5 = "matches the
             query better than its negatives / the anchor").
-        clip_keep: stage 1 keeps at most this many (best ``S_clip`` first); None = all. It
-            bounds dedup's work, the one stage that is not linear in N.
+        clip_keep: stage 1 keeps at most this many (best ``S_clip`` first); None = all. Dedup's
+            work is at most (survivors of stages 1-2) x ``top_n`` cosines.
         min_side: stage 2 drops images whose shorter side is below this many pixels.
         min_aspect: stage 2 drops width / height below this.
         max_aspect: stage 2 drops width / height above this.
@@ -201,7 +249,8 @@ class CascadeLimits(BaseModel):
     Attributes:
         max_candidates: at most this many candidates (N) per request.
         max_clip_keep: with dedup on, at most this many may survive stage 1 (``clip_keep``, or
-            N when it is None): dedup compares each survivor with every kept one.
+            N when it is None). Dedup compares each survivor with at most ``top_n`` kept ones, so
+            this bounds memory and a linear cost; None where ``max_candidates`` bounds enough.
         max_top_n: at most this many VLM judgements per request.
         max_top_k: at most this many picks per request.
     """
@@ -345,6 +394,22 @@ class CascadeResult:
 def _rank(idx: np.ndarray, score: np.ndarray) -> np.ndarray:
     """``idx`` ordered by ``score[idx]`` descending, ties to the lower index."""
     return idx[np.lexsort((idx, -score[idx]))]
+
+
+def _best_of_groups(
+    leaders: list[int], dup_of: Mapping[int, int], score: np.ndarray
+) -> dict[int, str]:
+    """``near_duplicate_of:<kept>`` for every member of a group but its best by ``score`` (ties
+    to the lower index); a group is a leader and the duplicates ``dup_of`` maps to it."""
+    members: dict[int, list[int]] = {j: [j] for j in leaders}
+    for i, j in dup_of.items():
+        members[j].append(i)
+    drops: dict[int, str] = {}
+    for group in members.values():
+        if len(group) > 1:
+            ranked = _rank(np.asarray(group, dtype=np.int64), score).tolist()
+            drops.update(dict.fromkeys(ranked[1:], f"near_duplicate_of:{ranked[0]}"))
+    return drops
 
 
 def _split(
@@ -530,16 +595,16 @@ def run_cascade(
     else:
         alive = book.stage("heuristics", len(alive), alive, {}, t0, skipped=True)
 
-    # 3. dedup, in order of the head score (else S_clip). When that order is the rerank order
-    # (always without a head), stopping once top_n are kept yields the same top_n, and bounds
-    # the work as select() does; the undecided rest then leave at stage 4.
+    # 3. dedup: groups found in the rerank order, stopping at top_n leaders (the work is at most
+    # N x top_n cosines, with or without a head); each group keeps its best member by the head
+    # (else S_clip). Every kept member is one the walk reached, so each ranks above every
+    # candidate it did not reach: stage 4's top_n are exactly the kept ones, and the undecided
+    # rest leave there.
     t0 = time.perf_counter()
     if config.dedup_threshold is not None:
-        order = _rank(alive, head if head is not None else clip)
-        same = np.array_equal(order, _rank(alive, rerank_all))
-        limit = config.top_n if same else None
-        _, dup_of, _ = dedup_in_order(order, image_emb, config.dedup_threshold, limit)
-        drops = {i: f"near_duplicate_of:{j}" for i, j in dup_of.items()}
+        order = _rank(alive, rerank_all)
+        leaders, dup_of, _ = dedup_in_order(order, image_emb, config.dedup_threshold, config.top_n)
+        drops = _best_of_groups(leaders, dup_of, head if head is not None else clip)
         alive = book.stage("dedup", len(alive), *_split(alive, drops, n), t0)
     else:
         alive = book.stage("dedup", len(alive), alive, {}, t0, skipped=True)

@@ -123,7 +123,8 @@ DECODE_REASONS = (
 #: terminal colour codes (Ray colours its "ray::Deployment()" prefix).
 _RAY_WHERE = re.compile(r"\s*\((?:pid|ip)=[^)]*\)")
 _IPV4 = re.compile(r"(?<![\d.])\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?(?![\d.])")
-_PATH = re.compile(r"(?<![\w:/.~-])(?:~|\.{1,2})?/(?:[^\s/'\"(),;:]+/)*[^\s/'\"(),;:]+")
+# Not after "<": a closing tag (a tokenizer's ``</s>``) is no path.
+_PATH = re.compile(r"(?<![\w:/.~<-])(?:~|\.{1,2})?/(?:[^\s/'\"(),;:]+/)*[^\s/'\"(),;:]+")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _MAX_MESSAGE = 200
 

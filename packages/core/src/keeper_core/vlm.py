@@ -20,6 +20,17 @@ the probabilities of the distinct tokens found this way (a Llava-1.5 model answe
 as "yes"). A word with no such token, or a token claimed by two words, is a load error: the judge
 never scores with a token that is not the word.
 
+What a judge accepts as a query is ``keeper_core.cascade.QueryRules`` (``VlmJudge.query_rules``, in
+``describe()``; ``query_rules(config)`` reads them from the checkpoint's processor files alone, no
+weights): not empty, at most ``max_query_chars``, and no special token of the tokenizer (a query
+holding ``<image>`` would add image slots the pixels cannot fill, ``</s>`` would end the prompt
+early). Callers that batch the queries of several requests or queries check each with them first,
+so one refused query never fails the others.
+
+An image more than ``MAX_ASPECT`` times as long as it is wide (or the other way) is centre-cropped
+to that ratio before the processor sees it (``bound_aspect``): a 16 x 100,000 PNG of 14 kB would
+otherwise be resized by its shortest edge into gigabytes of pixels.
+
 An image whose logits are not all finite (a float16 overflow on one odd image, a NaN from its
 vision features) scores NaN, and only it: one such image must not fail the others of its batch,
 which in Serve are other requests' images. The callers turn the NaN into that image's failure.
@@ -55,6 +66,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keeper_core import storage
+from keeper_core.cascade import QueryRules
 from keeper_core.errors import DataError, ModelLoadError, StorageError
 from keeper_core.models import actor_memory_request
 
@@ -67,6 +79,25 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 _QUERY = "{query}"
 #: Renders the prompts once at load to find the answer tokens; any query gives the same tail.
 _PROBE_QUERY = "a photo"
+#: The most an image's long side may exceed its short side (4:1) when the VLM sees it; wider ones
+#: are centre-cropped to it (``bound_aspect``). The processors resize by the shortest edge, so a
+#: 16 x 100,000 image became 336 x 2,100,000 pixels (~3 GB, 11 s) before Llava-1.5's crop. 4:1
+#: takes nothing Llava-1.5 sees (it keeps the centre square of what it resized) and keeps every
+#: tile layout LLaVA-NeXT chooses from (its grids reach 3:1); it bounds the resized image to
+#: 336 x 1,344 there. Real panoramas (32:9 is 3.6:1) pass whole.
+MAX_ASPECT = 4.0
+#: Weight files: what ``query_rules`` does not download from an ``s3://`` checkpoint.
+_WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".gguf",
+)
 
 SourceKind = Literal["local", "s3", "hub"]
 
@@ -142,6 +173,27 @@ class VlmConfig(BaseModel):
         return self
 
 
+def reserved_tokens(processor: Any) -> tuple[str, ...]:
+    """The strings a query must not hold: the tokenizer's special tokens and the image token."""
+    tok = processor.tokenizer
+    image = getattr(processor, "image_token", None)
+    found = {str(t) for t in tok.all_special_tokens if t} | ({str(image)} if image else set())
+    return tuple(sorted(found))
+
+
+def bound_aspect(image: Any, max_aspect: float = MAX_ASPECT) -> Any:
+    """``image`` centre-cropped to at most ``max_aspect`` : 1 (long side to short side); an
+    image within it is returned as it is. Why 4:1: ``MAX_ASPECT``."""
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    if long <= short * max_aspect:
+        return image
+    keep = max(1, int(short * max_aspect))
+    start = (long - keep) // 2
+    box = (start, 0, start + keep, h) if w > h else (0, start, w, start + keep)
+    return image.crop(box)
+
+
 def _local_path(source: str) -> Path:
     """The folder a ``local`` source names (``file://`` and ``~`` resolved)."""
     return Path(source.strip().removeprefix("file://")).expanduser()
@@ -213,12 +265,9 @@ class VlmJudge:
         )
         self._level_groups = tuple(answer_token_ids[w] for w in config.level_words)
         self._weights = torch.tensor(config.level_weights, dtype=torch.float32)
-        tok = processor.tokenizer
         # A query holding "<image>" would add image slots the pixels cannot fill; "</s>" would
         # end the prompt early. Both are refused rather than scored.
-        self._reserved = sorted(
-            {str(t) for t in tok.all_special_tokens if t} | {str(processor.image_token)}
-        )
+        self.query_rules = QueryRules(config.max_query_chars, reserved_tokens(processor))
 
     # ----------------------------------------------------------------------------- prompts
 
@@ -334,6 +383,7 @@ class VlmJudge:
             "answer_tokens": {
                 w: tok.convert_ids_to_tokens(list(ids)) for w, ids in self.answer_token_ids.items()
             },
+            **self.query_rules.as_dict(),
         }
 
     # ----------------------------------------------------------------------------- internals
@@ -342,26 +392,21 @@ class VlmJudge:
         qs = [queries] * n if isinstance(queries, str) else list(queries)
         if len(qs) != n:
             raise DataError(f"{len(qs)} queries for {n} images: give one query, or one per image")
-        limit = self.config.max_query_chars
         for i, q in enumerate(qs):
-            if not isinstance(q, str):
-                raise DataError(f"query {i}: expected a string, got {type(q).__name__}", rows=[i])
-            if not q.strip():
-                raise DataError(f"query {i}: empty", rows=[i])
-            if len(q) > limit:
-                raise DataError(
-                    f"query {i}: {len(q)} characters, more than the limit of {limit}", rows=[i]
-                )
-            reserved = [t for t in self._reserved if t in q]
-            if reserved:
-                raise DataError(f"query {i}: contains the special token(s) {reserved}", rows=[i])
+            why = self.query_rules.problem(q)
+            if why is not None:
+                raise DataError(f"query {i}: {why}", rows=[i])
         return qs
 
     def _inputs(self, images: list[Any], prompts: list[str]) -> Any:
         # Left padding: every row's last position is its own last prompt token, so one batch of
         # mixed prompt lengths gives what each row alone gives.
         batch = self.processor(
-            images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt"
+            images=[bound_aspect(im) for im in images],
+            text=prompts,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
         )
         batch = batch.to(self.device)
         if "pixel_values" in batch:
@@ -551,6 +596,50 @@ def parameter_count(source: str, *, cache_dir: str | Path | None = None) -> int:
     except Exception as e:  # OSError, StorageError, ValueError (unknown architecture), ...
         raise ModelLoadError(source, f"cannot read its config: {type(e).__name__}: {e}") from e
     return sum(p.numel() for p in model.parameters())
+
+
+def query_rules(config: VlmConfig, *, cache_dir: str | Path | None = None) -> QueryRules:
+    """The :class:`QueryRules` a judge loaded from ``config`` applies, from the checkpoint's
+    processor alone (tokenizer, image processor and chat template files; no weights are read,
+    and from an ``s3://`` prefix none are downloaded), so a batch job can check its queries
+    before it starts any actor.
+
+    Raises:
+        ModelLoadError: transformers missing, or the processor cannot be read (no such folder,
+            an S3 prefix that cannot be listed, a hub id offline).
+    """
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelLoadError(
+            config.source, f"transformers is not installed ({INSTALL_HINT})"
+        ) from e
+    source = config.source.strip()
+    kind = source_kind(source)
+    extra: dict[str, Any] = {}
+    if kind == "hub" and cache_dir is not None:
+        extra["cache_dir"] = str(Path(cache_dir) / "hub")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            where = source
+            if kind == "local":
+                where = str(_local_path(source))
+            elif kind == "s3":
+                base = source.rstrip("/")
+                for uri in storage.list_files(base):
+                    rel = _relative_key(source, base, uri)
+                    if not rel.lower().endswith(_WEIGHT_SUFFIXES):
+                        target = Path(tmp) / rel
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(storage.read_bytes(uri))
+                where = tmp
+            processor = transformers.AutoProcessor.from_pretrained(where, **extra)
+            if getattr(processor, "tokenizer", None) is None:
+                raise ValueError(f"its processor is {type(processor).__name__}, with no tokenizer")
+            reserved = reserved_tokens(processor)
+    except Exception as e:  # OSError, StorageError, ValueError (unknown architecture), ...
+        raise ModelLoadError(source, f"cannot read its processor: {type(e).__name__}: {e}") from e
+    return QueryRules(config.max_query_chars, reserved)
 
 
 def actor_memory(config: VlmConfig, *, cache_dir: str | Path | None = None) -> int:

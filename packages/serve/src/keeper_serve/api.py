@@ -29,10 +29,17 @@ import pandas as pd
 from PIL import Image
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from keeper_core import storage
+from keeper_core import errors, storage
 from keeper_core.ab import Arm, assign
 from keeper_core.capture import CAPTURE_COLUMNS, Capture, capture_row, given_capture, read_capture
-from keeper_core.cascade import MAX_WEIGHT, STAGES, CascadeConfig, CascadeResult
+from keeper_core.cascade import (
+    MAX_WEIGHT,
+    STAGES,
+    CascadeConfig,
+    CascadeResult,
+    CascadeStageError,
+    QueryRules,
+)
 from keeper_core.culling import CullResult, cull
 from keeper_core.embedded_xmp import file_ids
 from keeper_core.errors import ConfigError, DataError, ImageDecodeError, StorageError
@@ -73,6 +80,21 @@ class ApiError(Exception):
         if self.index is not None:
             err["index"] = self.index
         return {"error": err}
+
+
+def stage_cause(e: CascadeStageError) -> str:
+    """Why a cascade stage failed, as a client may read it: the error the stage's callback
+    raised, by type and one scrubbed line (``client_text``), else the stage's own words."""
+    raised = e.__cause__
+    if raised is None:
+        return errors.client_text(e.cause)
+    cause = errors.remote_cause(raised)
+    try:
+        message = errors.client_text(str(cause))
+    except Exception:  # a broken __str__ must not turn a 503 into a 500
+        message = ""
+    what = type(cause).__name__ + (f": {message}" if message else "")
+    return f"the VLM scorer raised {what}" if e.stage == "vlm" else what
 
 
 #: decode_image's reasons -> (HTTP status, API code).
@@ -309,6 +331,27 @@ class SelectRequest(_Req):
         if bool(self.images) == bool(self.ids):
             raise ValueError("give the candidates as images or as ids (not both, not neither)")
         return self
+
+    def check_vlm_query(self, rules: QueryRules | None) -> None:
+        """Refuse a VLM question the judge would refuse (``QueryRules``, from its info):
+        ``vlm_query``, or the first positive prompt when there is none. None: the judge did not
+        say (it still refuses such a query itself).
+
+        Raises:
+            ApiError: 422 ``invalid_request`` naming the field and the judge's reason.
+        """
+        why = None if rules is None else rules.problem(self.vlm_query or self.positive[0])
+        if why is None:
+            return
+        if self.vlm_query:
+            raise ApiError(422, "invalid_request", f"vlm_query: the VLM judge refuses it: {why}")
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"positive.0: the VLM judge is asked it (no vlm_query given) and refuses it: {why}; "
+            "give a vlm_query",
+            index=0,
+        )
 
     def cascade(self, logit_scale: float, top_n: int, top_k: int) -> CascadeConfig:
         """The request's knobs as keeper_core's CascadeConfig (422 when they do not agree).

@@ -8,7 +8,11 @@ continuous batching merges the pairs of concurrent requests (different queries m
 pass) into batches of up to ``max_batch_size``, formed when the model frees up, as the encoder's
 are; the forward runs on a worker thread so the replica keeps accepting calls meanwhile. An image
 the model gives no finite answer for scores NaN, and only it: the other requests that shared its
-batch get their scores (the ingress reports the NaN as that candidate's ``vlm_failed``).
+batch get their scores (the ingress reports the NaN as that candidate's ``vlm_failed``). A call
+the judge would refuse (its query empty, too long or holding a special token, by the judge's own
+``QueryRules``; an image that is not HxWx3 uint8) fails alone, before it joins a batch: it never
+fails the other requests' calls. ``info()`` carries those rules (``max_query_chars``,
+``reserved_tokens``), so the ingress refuses such a query (422) before it runs the cascade.
 
 It is its own deployment so that a burst of ``/v1/select`` scales VLM replicas (their own
 autoscaling, their own ``num_gpus``, fractional where a GPU is shared) without scaling the CLIP
@@ -25,7 +29,7 @@ import torch
 from PIL import Image
 from ray import serve
 
-from keeper_core.errors import ConfigError
+from keeper_core.errors import ConfigError, DataError
 from keeper_core.torch_thread import TorchThread, pin_torch_threads
 from keeper_core.vlm import VlmConfig, load_vlm
 from keeper_core.vlm import VlmJudge as CoreJudge
@@ -83,29 +87,52 @@ class VlmJudge:
         self.batcher.apply_user_config("VlmJudge", user_config)
 
     def info(self) -> dict[str, Any]:
-        """What judges: ``status`` "ready" and ``VLM_INFO_KEYS`` (the keys a disabled VLM has)."""
+        """What judges: ``status`` "ready", ``VLM_INFO_KEYS`` (the keys a disabled VLM has) and
+        the queries it refuses (``max_query_chars``, ``reserved_tokens``: its ``QueryRules``)."""
         d = self.judge.describe()
-        return {"status": "ready", **{k: d[k] for k in VLM_INFO_KEYS}}
+        return {
+            "status": "ready",
+            **{k: d[k] for k in VLM_INFO_KEYS},
+            **self.judge.query_rules.as_dict(),
+        }
 
     async def relevance(self, images: list[np.ndarray], query: str) -> np.ndarray:
         """(H, W, 3) uint8 images and one query -> float32 (N,) relevance in [0, 1].
 
         NaN: the model gave no finite answer for this image (non-finite logits); per item, so
         it never fails the others of the batch.
+
+        Raises:
+            DataError: a query the judge refuses, or an image that is not HxWx3 uint8; checked
+                here, before the call joins a batch, so it fails this call alone.
         """
-        scores = await self.batcher.submit([(im, query) for im in images]) if images else []
+        why = self.judge.query_rules.problem(query)
+        if why is not None:
+            raise DataError(f"vlm query: {why}")
+        items = [(_pil(im, i), query) for i, im in enumerate(images)]
+        scores = await self.batcher.submit(items) if items else []
         return np.asarray(scores, dtype=np.float32)
 
     async def rationale(self, image: np.ndarray, query: str) -> str:
         """A short explanation of one judgement (bounded greedy generation), only when asked."""
-        im = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
-        return await self.torch_thread.run(self.judge.rationale, im, query)
+        return await self.torch_thread.run(self.judge.rationale, _pil(image, 0), query)
 
-    async def _judge(self, items: list[tuple[np.ndarray, str]]) -> list[float]:
-        judge = self.judge
-        images = [
-            Image.fromarray(np.ascontiguousarray(im, dtype=np.uint8), "RGB") for im, _ in items
-        ]
+    async def _judge(self, items: list[tuple[Image.Image, str]]) -> list[float]:
+        # Every item was checked as its call came in (relevance): a refusal here would fail the
+        # other calls of the batch.
+        images = [im for im, _ in items]
         queries = [q for _, q in items]
-        out = await self.torch_thread.run(judge.relevance, images, queries)
+        out = await self.torch_thread.run(self.judge.relevance, images, queries)
         return [float(x) for x in out]  # NaN stays NaN: that item's answer, not the batch's
+
+
+def _pil(image: np.ndarray, index: int) -> Image.Image:
+    """An (H, W, 3) uint8 view as the judge takes it.
+
+    Raises:
+        DataError: not such an array (naming its index in the call).
+    """
+    a = np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or 0 in a.shape:
+        raise DataError(f"image {index}: a view of {a.dtype} {a.shape}, not HxWx3 uint8")
+    return Image.fromarray(np.ascontiguousarray(a), "RGB")

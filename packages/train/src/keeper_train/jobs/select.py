@@ -71,6 +71,7 @@ from keeper_core.cascade import (
     CascadeConfig,
     CascadeResult,
     CascadeStageError,
+    QueryRules,
     VlmScores,
     run_cascade,
 )
@@ -88,6 +89,7 @@ from keeper_core.models import ModelSpec
 from keeper_core.report import thumbnail_data_uri
 from keeper_core.vlm import VlmConfig, source_kind
 from keeper_core.vlm import actor_memory as vlm_actor_memory
+from keeper_core.vlm import query_rules as vlm_query_rules
 from keeper_train.jobs import embed
 from keeper_train.table import ErrorRows
 
@@ -98,6 +100,9 @@ EXIT_LOST = 1
 #: Columns read from the embedding table (keeper embed writes all of them).
 #: A query's name is its output folder: one path segment, never hidden, never ``_SUMMARY``.
 QUERY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+#: The run's own files in OUTPUT (and a query's in OUTPUT/<name>/): no query may be named one,
+#: in any case (a case-blind disk): OUTPUT/failed.csv/ would stop failed.csv being written.
+RESERVED_NAMES = (SUMMARY, run_lock.LOCK_NAME, FAILED, SCORED, INDEX)
 THUMB_PX = 160
 #: How an image's error starts when the judge gave it no finite score.
 NON_FINITE = "judge: non-finite logits"
@@ -129,7 +134,7 @@ class Query(BaseModel):
     name: str
     positive: list[str] = Field(min_length=1)
     negative: list[str] = Field(default_factory=list)
-    vlm_query: str | None = Field(None, min_length=1)
+    vlm_query: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -139,7 +144,23 @@ class Query(BaseModel):
                 f"{v!r}: it names the output folder: 1-100 letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit"
             )
+        if v.lower() in {n.lower() for n in RESERVED_NAMES}:
+            raise ValueError(
+                f"{v!r}: it names the output folder, and the run writes a file of that name "
+                f"(in any case): choose a name other than {', '.join(RESERVED_NAMES)}"
+            )
         return v
+
+    @field_validator("vlm_query")
+    @classmethod
+    def _vlm_query(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("empty: give the VLM's question, or leave vlm_query out")
+        if not storage.valid_utf8(v):
+            raise ValueError("not valid UTF-8")
+        return v.strip()  # what the VLM is asked, and what its length limit counts
 
     @field_validator("positive", "negative")
     @classmethod
@@ -448,22 +469,39 @@ def refuse_other_queries(output: str, queries: Sequence[Query]) -> None:
         )
 
 
+def check_vlm_queries(queries: Sequence[Query], rules: QueryRules) -> None:
+    """Refuse the queries whose VLM question the judge would refuse, by its own rules.
+
+    Raises:
+        ConfigError: naming each such query and why.
+    """
+    bad = [(q, why) for q in queries if (why := rules.problem(q.vlm_text)) is not None]
+    if bad:
+        said = "; ".join(
+            f"query {q.name!r}: the VLM question {_clip_text(q.vlm_text)!r} is refused: {why}"
+            for q, why in bad
+        )
+        raise ConfigError(f"{said} (the VLM judge's rules; set vlm_query to another question)")
+
+
+def _clip_text(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def plan(cfg: SelectJobConfig) -> Plan:
     """Read the table and queries, embed the prompts, and run stages 1-4 of every query.
 
     Raises:
-        DataError: a missing or mixed table. ConfigError: bad queries. ModelLoadError: the
-            CLIP spec or the VLM source.
+        DataError: a missing or mixed table. ConfigError: bad queries, a VLM question the judge
+            would refuse (by its rules, read from the checkpoint's processor). ModelLoadError:
+            the CLIP spec, the VLM source or its processor.
     """
     t0 = time.perf_counter()
     queries = load_queries(cfg.queries)
     refuse_other_queries(cfg.output, queries)
     if cfg.vlm_active and cfg.vlm is not None:
         check_vlm_source(cfg.vlm)
-        limit = cfg.vlm.max_query_chars
-        long = [q.name for q in queries if len(q.vlm_text) > limit]
-        if long:
-            raise ConfigError(f"queries {long}: the VLM question is over {limit} characters")
+        check_vlm_queries(queries, vlm_query_rules(cfg.vlm))
     cands = load_candidates(cfg.table)
     seconds = {"load_table": time.perf_counter() - t0}
     t0 = time.perf_counter()
@@ -494,7 +532,8 @@ class SurvivorStage:
     A plain callable class (Ray Data runs it; a test can call it). The judge is loaded once
     per actor; without one (no VLM stage) the actor only makes thumbnails. An image that
     cannot be read or decoded, or that the judge scores NaN (non-finite logits: that image's,
-    not the batch's), gets ``error`` (its reason) and no score. A judge that cannot load, or
+    not the batch's), or whose query the judge refuses (its own rows, never the other queries'
+    in the batch), gets ``error`` (its reason) and no score. A judge that cannot load, or
     that fails on a batch (a KeeperError), answers every row with ``fatal``: raised
     in the actor, Ray would restart it again and again and print each try on the driver's
     screen; answered, the driver raises it once, by name.
@@ -510,10 +549,12 @@ class SurvivorStage:
         from keeper_core.vlm import load_vlm
 
         self.judge = None
+        self.rules: QueryRules | None = None  # the loaded judge's: what it refuses as a query
         self.fatal = ""
         if vlm is not None:
             try:
                 self.judge = load_vlm(vlm)
+                self.rules = self.judge.query_rules
             except ModelLoadError as e:
                 self.fatal = f"load: {e.cause}"
         self.info = json.dumps(self.judge.describe()) if self.judge is not None else ""
@@ -545,8 +586,19 @@ class SurvivorStage:
                     log.warning("no thumbnail for %s: %s", uri, e)
         if self.judge is not None and images:
             texts = [str(batch["vlm_query"][i]) for i in judged]
+            # plan() refused such questions by the judge's own rules; one that got here anyway
+            # fails its own rows, never the other queries' of this batch
+            for i, text in zip(judged, texts, strict=True):
+                why = None if self.rules is None else self.rules.problem(text)
+                if why is not None:
+                    error[i] = f"judge: the VLM question is refused: {why}"
+            ok = [k for k, i in enumerate(judged) if not error[i]]
+            judged = [judged[k] for k in ok]
             try:
-                score[judged] = self.judge.relevance(images, texts)
+                if judged:
+                    score[judged] = self.judge.relevance(
+                        [images[k] for k in ok], [texts[k] for k in ok]
+                    )
             except KeeperError as e:
                 fatal = f"judge: {e}"
             else:  # NaN: the model gave no finite answer for this image; the others stand
