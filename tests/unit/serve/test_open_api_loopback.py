@@ -141,6 +141,36 @@ def test_open_api_refuses_every_other_client(build: Callable[..., Front], client
     assert embed == refused()
 
 
+@pytest.mark.parametrize(
+    ("host", "origin", "answered"),
+    [
+        ("127.0.0.1:8000", None, True),
+        ("localhost:8000", "http://localhost:8000", True),
+        ("LOCALHOST.", None, True),
+        ("[::1]:8000", "http://[::1]:8000", True),
+        ("app.localhost:8000", None, True),
+        ("127.0.0.1:8000", "null", True),  # a file:// page or a sandboxed frame of this machine
+        # DNS rebinding: a page on the attacker's name, once it resolves to 127.0.0.1, sends
+        # its requests from the developer's own browser, on loopback (they were answered).
+        ("rebind.attacker.example:8000", "http://rebind.attacker.example:8000", False),
+        ("rebind.attacker.example:8000", None, False),
+        ("127.0.0.1.nip.io:8000", None, False),
+        ("localhost.attacker.example", None, False),
+        ("127.0.0.1:8000", "http://attacker.example", False),  # a cross-site form post
+        ("127.0.0.1:8000", "https://127.0.0.1.attacker.example", False),
+    ],
+)
+def test_open_api_answers_only_requests_naming_this_machine(
+    build: Callable[..., Front], host: str, origin: str | None, answered: bool
+) -> None:
+    build()
+    headers = {"Host": host, **({"Origin": origin} if origin else {})}
+    status, doc = call("/openapi.json", ("127.0.0.1", 50000), headers=headers)
+    assert (status == 200) == answered, doc
+    if not answered:
+        assert (status, doc) == refused()
+
+
 def test_refusal_is_json_counted_and_leaves_the_public_routes_open(
     build: Callable[..., Front],
 ) -> None:

@@ -207,8 +207,9 @@ OpenTo = Literal["loopback", "nobody"]
 
 #: Why an open API refused a client (403 ``open_api_loopback_only``), by whom it answers.
 OPEN_REFUSALS: dict[OpenTo, str] = {
-    "loopback": "this API runs open (auth.insecure_local) and answers loopback clients only; "
-    "set a token to serve others",
+    "loopback": "this API runs open (auth.insecure_local) and answers loopback clients only, "
+    "naming a loopback host (localhost, 127.0.0.1, [::1]) from no other origin; set a token to "
+    "serve others",
     "nobody": "this API runs open (auth.insecure_local) behind Serve's HAProxy on a host that "
     "is not loopback, where every client looks local: it answers no one; set a token, or bind "
     "http_options.host to loopback",
@@ -235,6 +236,34 @@ def loopback_client(client: object) -> bool:
     if not isinstance(client, tuple | list) or not client:
         return False
     return _loopback_ip(str(client[0]))
+
+
+def loopback_name(value: str | None) -> bool:
+    """Whether a Host header (``localhost``, ``127.0.0.1:8000``, ``[::1]:8000``) or an Origin
+    (``http://localhost:8000``) names this machine by a loopback name or address."""
+    if not value:
+        return False
+    host = value.split("://", 1)[-1].rsplit("@", 1)[-1]
+    if host.startswith("["):  # [::1]:8000
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    host = host.rstrip(".").lower()
+    return host == "localhost" or host.endswith(".localhost") or _loopback_ip(host)
+
+
+def local_request(request: Request) -> bool:
+    """A request an open API may answer: from a loopback client, naming a loopback host, and
+    from no page of another origin. A page on ``rebind.attacker.example``, once that name
+    resolves to 127.0.0.1, reaches the API from the developer's own browser (DNS rebinding):
+    its requests come from loopback, but name the attacker's host (and send its origin)."""
+    if not loopback_client(request.scope.get("client")):
+        return False
+    host = request.headers.get("host")  # none: no browser's request (HTTP/1.0 from a script)
+    if host is not None and not loopback_name(host):
+        return False
+    origin = request.headers.get("origin")
+    return origin is None or origin == "null" or loopback_name(origin)
 
 
 def open_to_whom(haproxy: bool, http_host: Callable[[], str | None]) -> OpenTo:
@@ -298,7 +327,7 @@ def _refusal(ingress: _Front | None, request: Request) -> Response | None:
             503, "auth_unavailable", "the server cannot check credentials; retry", retry_after=1
         )
     if ingress.open_to is not None:
-        if ingress.open_to == "loopback" and loopback_client(request.scope.get("client")):
+        if ingress.open_to == "loopback" and local_request(request):
             return None
         return error_response(403, "open_api_loopback_only", OPEN_REFUSALS[ingress.open_to])
     if not ingress._authorised(request):
