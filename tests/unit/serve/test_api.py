@@ -347,9 +347,20 @@ def test_base64_over_the_size_limit_is_refused_before_decoding(prep: ImagePrepar
 
 
 @pytest.mark.parametrize(
-    "uri", ["http://example.com/a.jpg", "https://x/y.png", "gs://b/k.jpg", "/etc/passwd", "s3://"]
+    "uri",
+    [
+        "http://example.com/a.jpg",
+        "https://x/y.png",
+        "gs://b/k.jpg",
+        "/etc/passwd",
+        "s3://",
+        # An allow-listed bucket, and a key a path-normalising proxy would read elsewhere.
+        "s3://allowed/../secret/k.jpg",
+        "s3://allowed/a/./b.jpg",
+    ],
 )
-def test_unsupported_uri(prep: ImagePreparer, uri: str) -> None:
+def test_unsupported_uri(uri: str) -> None:
+    prep = ImagePreparer(app_args(s3_allow_buckets=["allowed"]))
     e = refused(prep.prepare, [PNG, ImageRef(uri=uri)], quality=False)
     assert (e.status, e.code, e.index) == (400, "unsupported_uri", 1)
 

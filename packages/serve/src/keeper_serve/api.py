@@ -1276,9 +1276,15 @@ class ImagePreparer:
                 index=index,
             )
         try:
-            bucket, _ = storage.split_s3(uri)
+            bucket, key = storage.split_s3(uri)
         except Exception as e:
             raise ApiError(400, "unsupported_uri", f"image {index}: {e}", index=index) from e
+        if any(part in (".", "..") for part in key.split("/")):
+            # S3 keeps "a/../b" as it is, but a proxy or store that normalises paths before the
+            # bucket would read another bucket's object: the allow-list names buckets.
+            raise ApiError(
+                400, "unsupported_uri", f"image {index}: a key with . or .. segments", index=index
+            )
         if bucket not in self.allowed:
             raise ApiError(
                 403,
