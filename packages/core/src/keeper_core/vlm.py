@@ -57,7 +57,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -523,12 +523,7 @@ def load_vlm(config: VlmConfig, *, cache_dir: str | Path | None = None) -> VlmJu
             single token at the answer position, cuda asked for but absent. Never falls back to
             other weights.
     """
-    try:
-        import transformers
-    except ImportError as e:
-        raise ModelLoadError(
-            config.source, f"transformers is not installed ({INSTALL_HINT})"
-        ) from e
+    transformers = _transformers(config.source)
     source = config.source.strip()
     device, dtype = _device_dtype(config)
     kind = source_kind(source)
@@ -564,6 +559,43 @@ def load_vlm(config: VlmConfig, *, cache_dir: str | Path | None = None) -> VlmJu
     )
 
 
+def _transformers(source: str) -> Any:
+    """The transformers module, or a ModelLoadError naming ``source`` and what to install."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelLoadError(source, f"transformers is not installed ({INSTALL_HINT})") from e
+    return transformers
+
+
+@contextlib.contextmanager
+def _small_files(
+    source: str, cache_dir: str | Path | None, wanted: Callable[[str], bool]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Where transformers reads ``source``'s small files (config, processor) from, with its
+    keyword arguments: a local folder as it is, a hub id through keeper's cache, and of an
+    ``s3://`` prefix the files ``wanted`` (by key under the prefix) copied into a temporary
+    folder, for as long as the block runs."""
+    kind = source_kind(source)
+    extra: dict[str, Any] = {}
+    if kind == "hub" and cache_dir is not None:
+        extra["cache_dir"] = str(Path(cache_dir) / "hub")
+    with tempfile.TemporaryDirectory() as tmp:
+        where = source
+        if kind == "local":
+            where = str(_local_path(source))
+        elif kind == "s3":
+            base = source.rstrip("/")
+            for uri in storage.list_files(base):
+                rel = _relative_key(source, base, uri)
+                if wanted(rel):
+                    target = Path(tmp) / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(storage.read_bytes(uri))
+            where = tmp
+        yield where, extra
+
+
 def parameter_count(source: str, *, cache_dir: str | Path | None = None) -> int:
     """Parameters of the VLM at ``source``, from its ``config.json`` alone: the model is built on
     torch's meta device (no weights read, nothing downloaded but the config).
@@ -572,24 +604,10 @@ def parameter_count(source: str, *, cache_dir: str | Path | None = None) -> int:
         ModelLoadError: transformers missing, or the config cannot be read or built (no such
             folder, no ``config.json`` under the ``s3://`` prefix, a hub id offline).
     """
-    try:
-        import transformers
-    except ImportError as e:
-        raise ModelLoadError(source, f"transformers is not installed ({INSTALL_HINT})") from e
     source = source.strip()
-    kind = source_kind(source)
-    extra: dict[str, Any] = {}
-    if kind == "hub" and cache_dir is not None:
-        extra["cache_dir"] = str(Path(cache_dir) / "hub")
+    transformers = _transformers(source)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            where = source
-            if kind == "local":
-                where = str(_local_path(source))
-            elif kind == "s3":
-                data = storage.read_bytes(storage.join(source.rstrip("/"), "config.json"))
-                (Path(tmp) / "config.json").write_bytes(data)
-                where = tmp
+        with _small_files(source, cache_dir, lambda rel: rel == "config.json") as (where, extra):
             config = transformers.AutoConfig.from_pretrained(where, **extra)
             with torch.device("meta"):
                 model = transformers.AutoModelForImageTextToText.from_config(config)
@@ -608,31 +626,14 @@ def query_rules(config: VlmConfig, *, cache_dir: str | Path | None = None) -> Qu
         ModelLoadError: transformers missing, or the processor cannot be read (no such folder,
             an S3 prefix that cannot be listed, a hub id offline).
     """
-    try:
-        import transformers
-    except ImportError as e:
-        raise ModelLoadError(
-            config.source, f"transformers is not installed ({INSTALL_HINT})"
-        ) from e
     source = config.source.strip()
-    kind = source_kind(source)
-    extra: dict[str, Any] = {}
-    if kind == "hub" and cache_dir is not None:
-        extra["cache_dir"] = str(Path(cache_dir) / "hub")
+    transformers = _transformers(source)
+
+    def small(rel: str) -> bool:
+        return not rel.lower().endswith(_WEIGHT_SUFFIXES)
+
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            where = source
-            if kind == "local":
-                where = str(_local_path(source))
-            elif kind == "s3":
-                base = source.rstrip("/")
-                for uri in storage.list_files(base):
-                    rel = _relative_key(source, base, uri)
-                    if not rel.lower().endswith(_WEIGHT_SUFFIXES):
-                        target = Path(tmp) / rel
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(storage.read_bytes(uri))
-                where = tmp
+        with _small_files(source, cache_dir, small) as (where, extra):
             processor = transformers.AutoProcessor.from_pretrained(where, **extra)
             if getattr(processor, "tokenizer", None) is None:
                 raise ValueError(f"its processor is {type(processor).__name__}, with no tokenizer")
