@@ -32,9 +32,15 @@ applied by :func:`keeper_core.images.decode_image`):
   colours, visibly off (cyan ink comes out (0, 255, 255), a colour no press prints; the tests'
   SWOP-like profile gives (0, 150, 217));
 - a profile that says sRGB (its description), a missing one, a greyscale profile, and a
-  profile littlecms cannot read (logged, once per profile) leave the pixels as decoded.
+  profile littlecms cannot read (logged, once per profile) leave the pixels as decoded;
+- a profile over :data:`MAX_ICC_BYTES` (4 MiB) is one keeper does not use: it is neither
+  parsed nor cached, and the image is converted as one littlecms cannot use (RGB left as
+  decoded, CMYK by PIL's formula; logged, each time). Real profiles are far smaller, and a
+  JPEG's APP2 segments can carry ~16 MiB, which a client could send in image after image.
 
-Transforms are built once per profile per process (a few ms; ~25 ms for a CMYK one) and cost
+Transforms are built once per profile per process (a few ms; ~25 ms for a CMYK one), kept in
+LRUs of 64 keyed by the profile's SHA-256 (not by its bytes, which would stay alive as keys:
+64 profiles of up to 4 MiB per cache, chosen by whoever sends images), and cost
 ~2-4 ms on a 500x375 draft; a CMYK (LUT) one ~8 ms there and ~0.5 s on 12 MP, ~9x PIL's
 formula (measured on two busy cores). :func:`rgb_profile` writes a minimal ICC v2 matrix/TRC
 profile from chromaticities: how nclx boxes are converted, and how tests make Display P3, Adobe
@@ -60,12 +66,15 @@ converts it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import struct
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 from PIL import ExifTags, Image, ImageCms
@@ -78,6 +87,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ADOBE_RGB",
     "DISPLAY_P3",
+    "MAX_ICC_BYTES",
     "PROPHOTO_RGB",
     "SRGB",
     "ColorSpace",
@@ -90,6 +100,79 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: The largest embedded ICC profile keeper uses. A photo's RGB profile is a few KB (Display P3
+#: and Adobe RGB: under 1 KB, sRGB IEC61966-2.1: 3 KB); the largest in use are CMYK press
+#: profiles with 16-bit tables, at 0.5-2 MB. A larger one is treated as unusable, unread.
+MAX_ICC_BYTES = 4 * 1024 * 1024
+_T = TypeVar("_T")
+
+
+class _CacheInfo(NamedTuple):
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
+
+
+class _ByDigest(Generic[_T]):
+    """An LRU memo of what is built from an ICC profile, keyed by the profile's SHA-256.
+
+    ``functools.lru_cache`` keys on the profile's bytes and so keeps each alive: ``maxsize``
+    profiles per cache for the life of the process, chosen by whoever sends images. What is
+    built (a littlecms transform, a :class:`MatrixProfile`) holds no reference to the bytes.
+    ``cache_info`` and ``cache_clear`` as ``lru_cache``'s.
+    """
+
+    def __init__(self, build: Callable[[bytes], _T], maxsize: int = 64) -> None:
+        functools.update_wrapper(self, build)
+        self._build = build
+        self._maxsize = maxsize
+        self._items: OrderedDict[bytes, _T] = OrderedDict()
+        self._lock = threading.Lock()  # decode threads share the caches
+        self._hits = self._misses = 0
+
+    def __call__(self, icc: bytes) -> _T:
+        key = hashlib.sha256(icc).digest()
+        with self._lock:
+            if key in self._items:
+                self._hits += 1
+                self._items.move_to_end(key)
+                return self._items[key]
+            self._misses += 1
+        built = self._build(icc)  # unlocked: a CMYK transform takes ~25 ms
+        with self._lock:
+            value = self._items.setdefault(key, built)  # another thread's, if it was first
+            self._items.move_to_end(key)
+            while len(self._items) > self._maxsize:
+                self._items.popitem(last=False)
+        return value
+
+    def cache_info(self) -> _CacheInfo:
+        with self._lock:
+            return _CacheInfo(self._hits, self._misses, self._maxsize, len(self._items))
+
+    def cache_clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._hits = self._misses = 0
+
+
+_PIL_CMYK = "converted with PIL's CMYK formula instead (no ink or paper colours)"
+
+
+def _within_cap(icc: bytes | bytearray, instead: str) -> bool:
+    """Whether an embedded profile is at most MAX_ICC_BYTES; logs what happens instead if not."""
+    if len(icc) <= MAX_ICC_BYTES:
+        return True
+    log.warning(
+        "an embedded ICC profile of %d bytes, above MAX_ICC_BYTES (%d), is not used; %s",
+        len(icc),
+        MAX_ICC_BYTES,
+        instead,
+    )
+    return False
+
 
 #: Modes whose pixels an RGB profile describes (a palette's entries are RGB).
 _RGB_MODES = frozenset(("RGB", "RGBA", "RGBa", "RGBX", "P", "PA"))
@@ -143,9 +226,10 @@ def srgb_transform(
     """The transform to sRGB for an image with PIL ``info`` and ``mode``, or None.
 
     None when there is nothing to convert: no profile or nclx box, an sRGB one, a mode the
-    profile does not describe, HDR, or a profile littlecms cannot use (logged once). For an RGB
-    (or palette, alpha) mode the transform takes and gives 8-bit "RGB" (alpha and palettes are
-    resolved first); for "CMYK" with a CMYK profile it takes the "CMYK" pixels themselves.
+    profile does not describe, HDR, a profile littlecms cannot use (logged once), or one over
+    :data:`MAX_ICC_BYTES` (logged). For an RGB (or palette, alpha) mode the transform takes and
+    gives 8-bit "RGB" (alpha and palettes are resolved first); for "CMYK" with a CMYK profile
+    it takes the "CMYK" pixels themselves.
 
     Args:
         info: the decoded image's ``info`` (its ICC profile, nclx box, EXIF).
@@ -155,7 +239,9 @@ def srgb_transform(
     """
     if mode == "CMYK":
         icc = info.get("icc_profile")
-        return _cmyk_transform(bytes(icc)) if isinstance(icc, bytes | bytearray) and icc else None
+        if not (isinstance(icc, bytes | bytearray) and icc) or not _within_cap(icc, _PIL_CMYK):
+            return None
+        return _cmyk_transform(bytes(icc))
     icc = _source_profile(info, mode, raw_space)
     return None if icc is None else _icc_transform(icc)
 
@@ -181,7 +267,7 @@ def _source_profile(info: Mapping[Any, Any], mode: str, raw_space: str | None) -
         return None
     icc = info.get("icc_profile")
     if isinstance(icc, bytes | bytearray) and icc:
-        return bytes(icc)
+        return bytes(icc) if _within_cap(icc, "pixels left as sRGB") else None
     nclx = info.get("nclx_profile")
     if isinstance(nclx, Mapping):
         space = _nclx_space(nclx)
@@ -245,9 +331,9 @@ def convert_to_srgb(image: Image.Image, transform: ImageCms.ImageCmsTransform) -
     return out
 
 
-@functools.lru_cache(maxsize=64)
+@_ByDigest
 def _icc_transform(icc: bytes) -> ImageCms.ImageCmsTransform | None:
-    # Keyed by the profile's bytes: a library holds a handful of distinct profiles.
+    # Cached: a library holds a handful of distinct profiles. Callers cap the size.
     try:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         if profile.profile.xcolor_space.strip() != "RGB":
@@ -269,7 +355,7 @@ def _icc_transform(icc: bytes) -> ImageCms.ImageCmsTransform | None:
         return None
 
 
-@functools.lru_cache(maxsize=64)
+@_ByDigest
 def _cmyk_transform(icc: bytes) -> ImageCms.ImageCmsTransform | None:
     """littlecms's CMYK -> sRGB transform from a CMYK image's embedded profile, or None.
 
@@ -284,9 +370,7 @@ def _cmyk_transform(icc: bytes) -> ImageCms.ImageCmsTransform | None:
         space = profile.profile.xcolor_space.strip()
         if space != "CMYK":
             log.warning(
-                "a CMYK image whose embedded ICC profile is %s, not CMYK; converted with PIL's "
-                "CMYK formula instead (no ink or paper colours)",
-                space,
+                "a CMYK image whose embedded ICC profile is %s, not CMYK; %s", space, _PIL_CMYK
             )
             return None
         return ImageCms.buildTransform(
@@ -299,9 +383,7 @@ def _cmyk_transform(icc: bytes) -> ImageCms.ImageCmsTransform | None:
         )
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
         log.warning(
-            "a CMYK image's embedded ICC profile littlecms cannot use; converted with PIL's "
-            "CMYK formula instead (no ink or paper colours): %s",
-            e,
+            "a CMYK image's embedded ICC profile littlecms cannot use; %s: %s", _PIL_CMYK, e
         )
         return None
 
@@ -501,17 +583,21 @@ class MatrixProfile:
         return out
 
 
-@functools.lru_cache(maxsize=64)
 def matrix_profile(icc: bytes) -> MatrixProfile | None:
     """Read an ICC profile as a :class:`MatrixProfile`, or None when it is not one.
 
     None (never an exception) for a profile with A2B/D2B LUTs (littlecms prefers them), a
     grey, CMYK or other non-RGB one, a device link, an XYZ-less PCS, tone curves not 0 at black
-    (littlecms would black-point-compensate), sums beyond int32, and anything malformed.
-    Cached by the profile's bytes, like the littlecms transforms.
+    (littlecms would black-point-compensate), sums beyond int32, anything malformed, and one
+    over :data:`MAX_ICC_BYTES`. Cached by the profile's SHA-256, like the littlecms transforms.
     """
+    return None if len(icc) > MAX_ICC_BYTES else _matrix_profile(bytes(icc))
+
+
+@_ByDigest
+def _matrix_profile(icc: bytes) -> MatrixProfile | None:
     try:
-        return _parse_matrix_profile(bytes(icc))
+        return _parse_matrix_profile(icc)
     except (struct.error, ValueError, IndexError, KeyError, ZeroDivisionError, OverflowError):
         return None
 

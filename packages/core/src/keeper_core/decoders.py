@@ -93,6 +93,7 @@ from keeper_core.images import (
     _check_draft_size,
     _display_orientation,
     _jpeg_frame_offset,
+    _next_marker,
     _open,
     _sniff_format,
     check_header_size,
@@ -343,18 +344,14 @@ def _complete(jpeg: bytes) -> bool:
 
     Inside entropy-coded data 0xFF is always stuffed (FF 00) or a restart marker, so an FF D9
     after the first SOS is an EOI, not data. One found before it (an EXIF thumbnail's) is not.
+    The header is walked as ``images._jpeg_frame_offset`` walks it (junk skipped as libjpeg does).
     """
     i, n = 2, len(jpeg)
-    while i + 4 <= n:
+    while (i := _next_marker(jpeg, i)) >= 0 and i + 4 <= n:
         marker = jpeg[i + 1]
-        if jpeg[i] != 0xFF or marker == 0xFF:
-            i += 1
-        elif marker == _SOS:
+        if marker == _SOS:
             return jpeg.find(_EOI, i) != -1
-        elif marker in _JPEG_BARE:
-            i += 2
-        else:
-            i += 2 + struct.unpack_from(">H", jpeg, i + 2)[0]
+        i += 2 if marker in _JPEG_BARE else 2 + struct.unpack_from(">H", jpeg, i + 2)[0]
     return False
 
 

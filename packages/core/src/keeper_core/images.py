@@ -3,7 +3,8 @@
 Every image keeper looks at passes through :func:`decode_image`. It identifies the format from
 magic bytes (so only a short allow-list of photo formats ever reaches a PIL plugin: no EPS via
 Ghostscript, no exotic decoders), checks the declared size from the header before any pixel is
-decoded (decompression bombs are refused without allocating them), forces a full decode (so a
+decoded (decompression bombs are refused without allocating them; so are a TIFF's tiles far
+larger than its image, and a JPEG's scans beyond a limit), forces a full decode (so a
 truncated file is an error, never a grey-padded image), applies the EXIF orientation and
 converts every mode to 8-bit RGB (alpha composited on white) in sRGB: pixels tagged with another
 RGB colour space (an ICC profile, a HEIF nclx box, or a camera's EXIF mark for Adobe RGB) are
@@ -136,6 +137,11 @@ _JPEG_SOF = frozenset(
 _JPEG_BARE = frozenset((0x01, *range(0xD0, 0xD9)))
 # A band is whole 16-row stripes: the tallest MCU of common (4:2:0) sampling.
 _BAND_STEP = 16
+_TIFF_TILE_WIDTH, _TIFF_TILE_LENGTH = 322, 323
+# The largest tile side accepted whatever the image's size: writers tile a small image with
+# their default tile (libtiff's tiffcp 256x256, GDAL and COGs 256-512), and a 1024x1024 tile
+# costs 3 MB of 8-bit RGB. Larger tiles must fit the image (``check_tiff_tiles``).
+_TIFF_TILE_FLOOR = 1024
 
 
 def _sniff_format(head: bytes) -> str | None:
@@ -317,24 +323,42 @@ def image_size(data: bytes | RawPreview) -> tuple[int, int]:
     return (h, w) if _display_orientation(im, fallback) in _SWAPPED_ORIENTATIONS else (w, h)
 
 
+def _next_marker(data: bytes, i: int) -> int:
+    """Offset of the next marker at or after ``i`` between segments, or -1 at the end.
+
+    What libjpeg's ``next_marker`` (and PIL's header parser) skip there, skipped the same way:
+    bytes other than FF, an FF 00 pair (no marker: a stuffed zero out of place), and fill FFs
+    before a marker. Read as a segment instead, a 4-byte ``FF 00 FF FF`` sent the walk 64 KiB
+    astray, past the frame header and the scans that libjpeg decodes.
+    """
+    n = len(data)
+    while True:
+        i = data.find(b"\xff", i)
+        if i < 0 or i + 1 >= n:
+            return -1
+        following = data[i + 1]
+        if following == 0xFF:  # fill
+            i += 1
+        elif following == 0x00:
+            i += 2
+        else:
+            return i
+
+
 def _jpeg_frame_offset(data: bytes) -> int | None:
     """Offset of the first SOF marker, walking the header segment by segment (None if absent).
 
-    Walking by segment lengths, not searching, skips an EXIF thumbnail's own SOF.
+    Walking by segment lengths, not searching, skips an EXIF thumbnail's own SOF; junk between
+    segments is skipped as libjpeg skips it (:func:`_next_marker`).
     """
     i, n = 2, len(data)
-    while i + 4 <= n:
+    while (i := _next_marker(data, i)) >= 0 and i + 4 <= n:
         marker = data[i + 1]
-        if data[i] != 0xFF or marker == 0xFF:  # junk between segments (PIL skips it too), fill
-            i += 1
-        elif marker in _JPEG_SOF:
+        if marker in _JPEG_SOF:
             return i if i + 9 <= n else None
-        elif marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
+        if marker in (0xD9, 0xDA):  # EOI or SOS before any frame header
             return None
-        elif marker in _JPEG_BARE:
-            i += 2
-        else:
-            i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+        i += 2 if marker in _JPEG_BARE else 2 + struct.unpack_from(">H", data, i + 2)[0]
     return None
 
 
@@ -444,20 +468,13 @@ def jpeg_scan_count(data: bytes) -> int:
     """Start-of-scan markers of a JPEG's first image, walking it marker by marker to its EOI.
 
     Segment lengths skip metadata (an EXIF thumbnail's scans, bytes that happen to read FF DA in
-    an ICC profile); in entropy-coded data every FF is a stuffed FF 00, a restart marker or fill,
-    so the next other marker ends the scan. A file cut short counts the scans it has.
+    an ICC profile), junk between segments is skipped as libjpeg skips it (:func:`_next_marker`);
+    in entropy-coded data every FF is a stuffed FF 00, a restart marker or fill, so the next
+    other marker ends the scan. A file cut short counts the scans it has.
     """
     n, i, end = 0, 2, len(data)
-    while i + 4 <= end:
-        if data[i] != 0xFF:  # junk between segments: libjpeg skips to the next marker too
-            i = data.find(b"\xff", i)
-            if i < 0:
-                break
-            continue
+    while (i := _next_marker(data, i)) >= 0 and i + 4 <= end:
         marker = data[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            i += 1
-            continue
         if marker == 0xD9:  # EOI: the first image ends (an MPO's next pictures follow)
             break
         if marker in _JPEG_BARE:
@@ -556,6 +573,51 @@ def check_heif_coded_size(data: bytes, limits: DecodeLimits, source: str | None)
             )
 
 
+def _tag_int(value: object) -> int:
+    """A TIFF tag's value as one int (the largest, if a malformed entry has several); 0 if none."""
+    out = 0
+    for v in value if isinstance(value, tuple) else (value,):
+        try:
+            out = max(out, int(v))
+        except (TypeError, ValueError, OverflowError):  # None, bytes, a NaN rational
+            continue
+    return out
+
+
+def check_tiff_tiles(im: Image.Image, limits: DecodeLimits, source: str | None) -> None:
+    """Refuse a tiled TIFF whose tiles are far larger than its image, before any decode.
+
+    libtiff decodes a tile whole, into a buffer of the tile's declared size, however little of
+    it lies inside the image: a 64x64 image whose one tile is declared 26752x26752 inflates
+    2 GB (from 2 MB of deflated zeros) while its header's size passes every limit. So a tile
+    side may be at most the image's, rounded up to the multiple of 16 TIFF requires of tiles,
+    or ``_TIFF_TILE_FLOOR``, whichever is larger; the tile's area at most that of the image so
+    rounded (or the floor squared), and never above ``limits.max_pixels``. What a decode then
+    allocates beyond the image is at most one such tile. Strips need no check: libtiff caps a
+    strip's RowsPerStrip at the image's height, and the rows are the image's width.
+
+    Raises:
+        ImageDecodeError: "too_many_pixels".
+    """
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return
+    tw, th = _tag_int(tags.get(_TIFF_TILE_WIDTH)), _tag_int(tags.get(_TIFF_TILE_LENGTH))
+    if tw == 0 and th == 0:  # stripped
+        return
+    w, h = im.size
+    rw, rh = -(-w // 16) * 16, -(-h // 16) * 16
+    most_w, most_h = max(rw, _TIFF_TILE_FLOOR), max(rh, _TIFF_TILE_FLOOR)
+    most_area = min(max(rw * rh, _TIFF_TILE_FLOOR**2), max(limits.max_pixels, _TIFF_TILE_FLOOR**2))
+    if tw > most_w or th > most_h or tw * th > most_area:
+        raise ImageDecodeError(
+            "too_many_pixels",
+            f"TIFF tile {tw}x{th} = {tw * th} for a {w}x{h} image; libtiff decodes a tile "
+            f"whole, and a tile may be at most {most_w}x{most_h} and {most_area} pixels here",
+            source=source,
+        )
+
+
 def check_header_size(w: int, h: int, limits: DecodeLimits, source: str | None) -> None:
     """The pixel-count and shortest-side refusals, from the header's size, before any decode.
 
@@ -582,10 +644,11 @@ def decode_image(
     """Decode encoded image bytes into an 8-bit RGB image, safely.
 
     Order matters: byte limit, signature, header size checks (pixel count, shortest side), a
-    JPEG's scan count, optional JPEG draft, then a full decode, EXIF orientation and RGB
-    conversion (to sRGB where the file names another colour space). Animated images (GIF,
-    APNG, WebP) yield their first frame. A camera RAW file yields its embedded preview
-    (``max_raw_bytes`` applies to the RAW, every other limit to the preview).
+    JPEG's scan count, a HEIF's coded size, a TIFF's tile size (:func:`check_tiff_tiles`),
+    optional JPEG draft, then a full decode, EXIF orientation and RGB conversion (to sRGB where
+    the file names another colour space). Animated images (GIF, APNG, WebP) yield their first
+    frame. A camera RAW file yields its embedded preview (``max_raw_bytes`` applies to the RAW,
+    every other limit to the preview).
 
     Args:
         data: the encoded image, or a RAW file's :func:`raw_preview`.
@@ -644,6 +707,8 @@ def decode_image_alpha(
         check_jpeg_scans(encoded, limits, source)
     elif im.format in ("HEIF", "AVIF"):
         check_heif_coded_size(encoded, limits, source)
+    elif im.format == "TIFF":
+        check_tiff_tiles(im, limits, source)
     orientation = _display_orientation(im, fallback)
     if draft_size is not None and im.format in ("JPEG", "MPO"):
         tw, th = draft_size

@@ -21,7 +21,9 @@ confined to the rest of the frame, and a flat top (a clipped sky) reads ~1 whate
 quality, as a flat centre does for an undrafted image. For one photo, drafted and undrafted
 values differ by the content of the two regions, not systematically. Images that were not
 drafted (every non-JPEG, a JPEG under twice the draft size) are measured on their decoded
-pixels as before.
+pixels as before, and so is a drafted JPEG whose band does not decode (its header defeats the
+band's walk, though libjpeg decoded it): on the draft, which reads as clean, never by a second,
+full-resolution decode that the pixel limits of a request would not count.
 
 A camera RAW file is prepared from its embedded JPEG preview: width/height are its displayed size.
 An image with transparency keeps its alpha beside the pixels composited on white
@@ -48,7 +50,6 @@ from keeper_core.errors import ImageDecodeError
 from keeper_core.images import (
     DecodeLimits,
     RawPreview,
-    decode_image,
     decode_jpeg_band,
     image_size,
     raw_preview,
@@ -58,7 +59,6 @@ from keeper_core.quality import (
     BLOCK_CROP,
     FEATURE_NAMES,
     block_grid_ratio,
-    image_blockiness,
     quality_features,
 )
 
@@ -79,7 +79,8 @@ class DecodedImage:
         image: RGB pixels; a JPEG much larger than needed is draft-decoded (downscaled).
         width, height: the original displayed size (EXIF-oriented), before any draft.
         blockiness: for a drafted JPEG, blockiness measured on full-resolution pixels (the
-            draft has lost the block grid); None when ``image`` is at full resolution.
+            draft has lost the block grid); None when ``image`` is at full resolution, and for
+            a drafted JPEG whose band does not decode (then measured on the draft).
         alpha: the alpha composited into ``image`` (mode "L", its size), for an image with
             transparency: the quality features measure exposure where it is opaque. None for
             every other image (every JPEG).
@@ -146,15 +147,22 @@ class ImagePreparation:
             image=img, width=width, height=height, blockiness=blockiness, alpha=alpha
         )
 
-    def full_resolution_blockiness(self, src: bytes | RawPreview, source: str | None) -> float:
-        """Blockiness of a drafted JPEG, measured on a full-resolution band of the original."""
+    def full_resolution_blockiness(
+        self, src: bytes | RawPreview, source: str | None
+    ) -> float | None:
+        """Blockiness of a drafted JPEG, measured on a full-resolution band of the original.
+
+        None when no band decodes (a header the band's walk cannot follow, though the draft
+        decode could): the image is then measured on its drafted pixels, as given, which have
+        lost the grid and read as clean. Never a full-resolution decode instead: a caller counts
+        the pixels a decode allocates from the header (the draft's size, for a drafted JPEG), so
+        an uncounted decode 64 times that size is what a crafted header would buy.
+        """
         jpeg = src.data if isinstance(src, RawPreview) else src
         try:
             band = decode_jpeg_band(jpeg, pixels=BAND_PIXELS, source=source)
         except ImageDecodeError:
-            # A header the band's walk cannot follow, though the draft decode could: measure
-            # the slow, exact way rather than on pixels that have lost the grid.
-            return image_blockiness(decode_image(src, limits=self.limits, source=source))
+            return None
         return block_grid_ratio(np.asarray(band))
 
     def resize(self, decoded: DecodedImage) -> np.ndarray:
