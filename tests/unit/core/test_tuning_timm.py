@@ -25,7 +25,14 @@ from keeper_core.finetune import TunedRanker
 from keeper_core.heads import HeadConfig, series_softmax_loss
 from keeper_core.models import LoadedClip, load_clip
 from keeper_core.ranker import RankerConfig, load_ranker
-from keeper_core.tower import TIMM_VIT, TowerConfig, apply_tuning, base_name, tower_layout
+from keeper_core.tower import (
+    TIMM_VIT,
+    TowerConfig,
+    apply_tuning,
+    base_name,
+    lora_targets,
+    tower_layout,
+)
 
 ARCH = "keeper-tiny-timm-test"  # no "siglip" in it: open_clip would fetch SigLIP's tokenizer
 SPEC = f"{ARCH}:random"
@@ -182,3 +189,18 @@ def test_merged_checkpoint_and_saved_adapter_give_the_tuned_embeddings(tmp_path:
 def test_the_open_clip_vit_keeps_its_layout() -> None:
     clip: LoadedClip = load_clip("keeper-tiny:random", "cpu")
     assert tower_layout(clip.model.visual).blocks == "transformer.resblocks"
+
+
+def test_the_shipped_finetune_config_takes_each_towers_own_lora_modules(tmp_path: Path) -> None:
+    # It named open_clip's modules: `--config finetune.yaml model=<a SigLIP>` was refused
+    # ("LoRA target 'trunk.blocks.0.attn' is a Attention").
+    from keeper_train.config import load_config
+    from keeper_train.jobs.finetune import FinetuneConfig
+
+    shipped = Path(__file__).parents[3] / "packages" / "train" / "configs" / "finetune.yaml"
+    cfg = load_config(FinetuneConfig, shipped, [f"series={tmp_path / 's.csv'}", f"model={SPEC}"])
+    assert cfg.lora_modules is None
+    visual = load_clip(SPEC, "cpu").model.visual
+    targets = lora_targets(visual, tower(lora_modules=cfg.lora_modules))
+    assert targets
+    assert all(t.endswith(LINEARS) for t in targets)
