@@ -314,3 +314,21 @@ def test_error_rows_are_one_files_however_it_is_spelled(
     errors = ErrorRows.read(folder)
     assert errors.remove({storage.same_key("./lib/x.jpg")}) == 2
     assert ErrorRows.read(folder).rows().empty
+
+
+def test_rows_without_a_record_of_their_spec_refuse_another_spec(
+    corpus: list[str], tmp_path: Path
+) -> None:
+    # A table copied without _KEEPER_TABLE.json: a run of another spec recorded its own and
+    # mixed two specs' embeddings in one table.
+    from support import write_embed_table
+
+    from keeper_core.errors import DataError
+
+    dst = tmp_path / "out"
+    write_embed_table(dst, corpus[:1], spec="ViT-B-32:random")
+    with pytest.raises(DataError, match=r"holds embeddings of \['ViT-B-32:random'\]"):
+        plan(config(corpus, dst))
+    assert not (dst / embed.TABLE_META).exists()
+    write_embed_table(dst, corpus[:1], spec=SPEC)  # its own spec's rows: planned as ever
+    assert plan(config(corpus, dst)).todo == corpus[1:]

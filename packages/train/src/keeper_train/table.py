@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from keeper_core import storage
@@ -103,6 +104,8 @@ class EmbeddedParts:
     #: part -> (rows, 2) int64: each row's file size and mtime (ns), -1 where none; 16 bytes a
     #: row (not a tuple each: a million rows' ids would hold ~0.5 GB in the driver)
     stamps: dict[str, np.ndarray] = field(default_factory=dict)
+    #: part -> the model specs its rows hold (their ``model_spec`` column; none where it has none)
+    specs: dict[str, frozenset[str]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, folder: str, known: EmbeddedParts | None = None) -> EmbeddedParts:
@@ -112,8 +115,17 @@ class EmbeddedParts:
         seen = known if known is not None else cls(folder)
         new = [p for p in parts if p not in seen.by_part]
 
-        def one(part: str) -> tuple[list[str], np.ndarray]:
-            t = _read_columns(part, ("image_uri", *STAMP_COLUMNS))
+        def one(part: str) -> tuple[list[str], np.ndarray, frozenset[str]]:
+            t = _read_columns(part, ("image_uri", "model_spec", *STAMP_COLUMNS))
+            specs = frozenset(
+                str(v)
+                for v in (
+                    pc.unique(t.column("model_spec")).to_pylist()
+                    if "model_spec" in t.column_names
+                    else []
+                )
+                if v is not None
+            )
             stamps = np.stack(
                 [
                     t.column(c).fill_null(-1).to_numpy()
@@ -123,14 +135,19 @@ class EmbeddedParts:
                 ],
                 axis=1,
             ).astype(np.int64)
-            return t.column("image_uri").to_pylist(), stamps
+            return t.column("image_uri").to_pylist(), stamps, specs
 
         read = dict(zip(new, storage.map_in_threads(one, new, _IO_THREADS), strict=True))
         return cls(
             folder,
             {p: read[p][0] if p in read else seen.by_part[p] for p in parts},
             {p: read[p][1] if p in read else seen.stamps[p] for p in parts},
+            {p: read[p][2] if p in read else seen.specs.get(p, frozenset()) for p in parts},
         )
+
+    def model_specs(self) -> set[str]:
+        """The model specs the rows hold."""
+        return set().union(*self.specs.values())
 
     def uris(self) -> set[str]:
         return {u for uris in self.by_part.values() for u in uris}

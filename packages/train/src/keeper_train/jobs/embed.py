@@ -1421,6 +1421,14 @@ def plan(cfg: EmbedConfig) -> Plan:
     # `/home/me/photos` (a million URIs: 0.2 s absolute, already normal; ~0.7 s otherwise).
     keys = [storage.same_key(u) for u in inputs]
     embedded = EmbeddedParts.read(storage.join(dst, EMBEDDINGS))
+    # Rows and no record of their spec (a table copied without it, its record deleted): their
+    # own model_spec column says what they are, before a record names this run's spec.
+    held = embedded.model_specs()
+    if held - {cfg.model} and not storage.exists(storage.join(dst, TABLE_META)):
+        raise DataError(
+            f"{dst} holds embeddings of {sorted(held)} (and no {TABLE_META} recording it); this "
+            f"run uses {cfg.model!r}. Embeddings of two specs never mix: choose another output."
+        )
     removed = embedded.dedupe()  # a job killed after a retried write may have left a duplicate
     errors = ErrorRows.read(storage.join(dst, ERRORS))
     # A table written before successes cleared theirs.
