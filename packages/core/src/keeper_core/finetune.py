@@ -12,7 +12,9 @@ in one folder, loaded without pickle and without keeper_train:
 | ``blocks.safetensors`` | the blocks trained in full (the base tower's names); empty for ``lora`` |
 
 The frozen backbone is never copied: it is loaded from ``tower.base_spec`` (a hub tag, a file, an
-``s3://`` object), so the artifact of a LoRA fine-tune of ViT-B-32 is a few MB.
+``s3://`` object), so the artifact of a LoRA fine-tune of ViT-B-32 is a few MB. A file or object
+can be replaced under the same spec, so ``tower.base_weights`` records what it held (its sha256 or
+ETag) and the adapters load only onto those weights.
 
 ``embedding_spec`` names the tuned tower (``BASE+METHOD#SHA``), so embeddings of any other model,
 the base included, are refused where they would be mixed with its own. ``merged_state_dict``
@@ -25,6 +27,7 @@ folds the adapters into a full open_clip checkpoint, loadable as ``ARCH:PATH`` (
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +38,7 @@ from torch import nn
 
 from keeper_core.errors import DataError, KeeperError, ModelLoadError
 from keeper_core.heads import make_head
-from keeper_core.models import load_clip
+from keeper_core.models import ModelSpec, load_clip, weights_version
 from keeper_core.ranker import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -45,6 +48,7 @@ from keeper_core.ranker import (
     unreadable_errors,
 )
 from keeper_core.tower import (
+    TowerConfig,
     TrainableParts,
     TunedTower,
     apply_tuning,
@@ -55,6 +59,8 @@ from keeper_core.tower import (
 )
 
 ADAPTER_FILE, BLOCKS_FILE = "adapter.safetensors", "blocks.safetensors"
+
+log = logging.getLogger(__name__)
 
 
 class TunedRankerModel(nn.Module):
@@ -103,14 +109,52 @@ class TunedRankerModel(nn.Module):
 def tower_id(
     config: RankerConfig, adapter: dict[str, torch.Tensor], blocks: dict[str, torch.Tensor]
 ) -> str:
-    """``BASE+METHOD#SHA``: names the tuned tower's weights (its embeddings' spec)."""
+    """``BASE+METHOD#SHA``: names the tuned tower's weights (its embeddings' spec), the base
+    weights' version included where it is recorded."""
     assert config.tower is not None
-    h = hashlib.sha256(config.tower.model_dump_json().encode())
+    h = hashlib.sha256(config.tower.model_dump_json(exclude=_unrecorded(config.tower)).encode())
     for part in (adapter, blocks):
         for k in sorted(part):
             h.update(k.encode())
             h.update(part[k].float().numpy().tobytes())
     return f"{config.tower.base_spec}+{config.tower.method}#{h.hexdigest()[:12]}"
+
+
+def _unrecorded(tower: TowerConfig) -> set[str]:
+    # No base_weights recorded: the JSON of a tower config saved before the field existed, so its
+    # tower_id stays what it was and an older keeper still reads the ranker.json.
+    return {"base_weights"} if tower.base_weights is None else set()
+
+
+def check_base_weights(tower: TowerConfig) -> TowerConfig:
+    """Refuse a base checkpoint that no longer holds the weights the tower was tuned on; pin
+    them where nothing is recorded yet.
+
+    Adapters and unfrozen blocks are deltas against those weights: on others (a checkpoint
+    re-exported to the same path, an S3 object overwritten) they still load, and every embedding
+    is silently off.
+
+    Returns:
+        ``tower``, with ``base_weights`` set to the checkpoint's version now where it had none
+        (a file or S3 base; random init and hub tags have no version to pin).
+
+    Raises:
+        ModelLoadError: the versions differ, naming the spec and both; the S3 object cannot be
+            reached.
+    """
+    now = weights_version(tower.base_spec)
+    if now is None:  # random, a hub tag, or no file here (load_clip names it)
+        return tower
+    if tower.base_weights is None:
+        return tower.model_copy(update={"base_weights": now})
+    if now != tower.base_weights:
+        raise ModelLoadError(
+            tower.base_spec,
+            f"the tuned tower was made on base weights {tower.base_weights}, and the checkpoint "
+            f"now holds {now}: it was replaced since (re-exported or overwritten). Put those "
+            "weights back at that path, or fine-tune again on the new ones",
+        )
+    return tower
 
 
 class TunedRanker:
@@ -145,12 +189,20 @@ class TunedRanker:
     ) -> TunedRanker:  # fmt: skip
         """The base tower loaded, tuning applied (targets checked), a freshly seeded head.
 
+        The base checkpoint's version is checked against ``tower.base_weights``, or recorded
+        there when the config has none (``check_base_weights``): what is saved names the weights
+        it was tuned on.
+
         Raises:
             ConfigError: a LoRA target or block count the tower does not have.
-            ModelLoadError: the base spec cannot load.
+            ModelLoadError: the base spec cannot load, or holds other weights than
+                ``tower.base_weights`` records.
         """
         if config.tower is None:
             raise DataError("a TunedRanker needs a RankerConfig with a tower")
+        # Before the load: a checkpoint replaced meanwhile is refused later, never pinned unseen.
+        config = config.model_copy(update={"tower": check_base_weights(config.tower)})
+        assert config.tower is not None
         clip = load_clip(config.tower.base_spec, "cpu", cache_dir=cache_dir)
         visual = clip.model.visual
         assert isinstance(visual, nn.Module)
@@ -192,7 +244,9 @@ class TunedRanker:
         self.config = self.config.model_copy(
             update={"embedding_spec": tower_id(self.config, state["adapter"], state["blocks"])}
         )
-        (d / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2))
+        assert self.config.tower is not None
+        exclude = {"tower": _unrecorded(self.config.tower)}
+        (d / CONFIG_FILE).write_text(self.config.model_dump_json(indent=2, exclude=exclude))
         save_file(state["head"], str(d / WEIGHTS_FILE))
         save_file(state["adapter"], str(d / ADAPTER_FILE))
         save_file(state["blocks"], str(d / BLOCKS_FILE))
@@ -208,7 +262,8 @@ class TunedRanker:
         Raises:
             DataError: missing files, an invalid config, or a corrupt ``.safetensors`` file
                 (named).
-            ModelLoadError: the base cannot load, or the tensors do not fit it.
+            ModelLoadError: the base cannot load, holds other weights than the ranker was
+                tuned on, or the tensors do not fit it.
         """
         from safetensors.torch import load_file
 
@@ -229,7 +284,15 @@ class TunedRanker:
                 raise DataError(f"cannot load fine-tuned ranker: {e}", source=str(d / name)) from e
         if config.tower is None:
             raise DataError("not a fine-tuned ranker (ranker.json has no tower)", source=str(d))
+        base = ModelSpec.parse(config.tower.base_spec)
+        if config.tower.base_weights is None and base.weights_kind in ("file", "s3"):
+            log.info(
+                "%s: ranker.json records no version of its base %s (saved before keeper "
+                "recorded one): the base weights are not checked",
+                d, base,
+            )  # fmt: skip
         ranker = cls.build(config, device=device, cache_dir=cache_dir)
+        ranker.config = config  # as saved: an older one stays without the version build pins
         ranker.load_trained_state(state, source=str(d))
         got = tower_id(config, state["adapter"], state["blocks"])
         if config.embedding_spec != got:
@@ -241,6 +304,9 @@ class TunedRanker:
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """A full open_clip state dict of the base model with the tuned tower merged in."""
+        assert self.config.tower is not None
+        if self.config.tower.base_weights is not None:  # read again here: it may have changed
+            check_base_weights(self.config.tower)
         clip = load_clip(self.base_spec, "cpu")
         state = {k: v.detach().contiguous() for k, v in clip.model.state_dict().items()}
         visual = merged_visual_state(self.model.tower.visual)

@@ -85,6 +85,10 @@ class TowerConfig(BaseModel):
 
     Attributes:
         base_spec: the ModelSpec of the frozen tower (``ARCH[:WEIGHTS]``).
+        base_weights: what ``base_spec``'s checkpoint held when the tower was tuned
+            (``keeper_core.models.weights_version``: ``sha256:`` of a file, ``etag:`` of an S3
+            object); None for random init and hub tags (named versions), and in configs saved
+            before it was recorded. A tuned tower loads only onto these weights.
         method: see the module docstring.
         lora_blocks: LoRA on the last N blocks (of those not unfrozen); None = all of them.
         unfreeze_blocks: blocks trained in full (``last-blocks`` and ``last-blocks+lora``).
@@ -99,6 +103,7 @@ class TowerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     base_spec: str
+    base_weights: str | None = None
     method: TuneMethod = "lora"
     lora_blocks: int | None = Field(None, ge=1)
     unfreeze_blocks: int = Field(1, ge=1)

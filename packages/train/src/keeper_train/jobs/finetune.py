@@ -8,7 +8,9 @@
 Plan, execute, summarise:
 
 1. Plan (driver): read the manifest, split it (by series or by a group column such as
-   ``base_photo``), check the tuning targets against the base tower before anything else runs.
+   ``base_photo``), check the tuning targets against the base tower and load the base weights
+   once (a bad base fails here, not in every worker after decoding) before anything else runs;
+   record the base's version (sha256 / ETag) and a checkpoint path made absolute.
 2. Decode once (Ray Data): CPU tasks read every image (local or ``s3://``) and prepare it with
    keeper_core's ``ImagePreparation``, exactly as ``keeper embed`` and the Serve ingress do:
    uint8 model pixels and the quality features. Images that fail are recorded with the reason and
@@ -37,11 +39,14 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import resource
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +57,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keeper_core import registry, storage
-from keeper_core.errors import DataError, KeeperError
+from keeper_core.errors import DataError, KeeperError, remote_cause
 from keeper_core.heads import HeadConfig, series_softmax_loss
 from keeper_core.metrics import SeriesMetrics, format_table, series_metrics
 from keeper_core.quality import FEATURE_NAMES
@@ -210,12 +215,41 @@ class Plan(BaseModel):
     manifest_sha256: str
 
 
+def pin_base(spec: str) -> tuple[str, str | None]:
+    """The base ModelSpec as the run records it, and the version of its weights; loaded once.
+
+    A checkpoint path is made absolute: the tuned ranker is loaded later from other folders
+    (evaluate, serve, a Ray worker's own), where a relative one names another file or none. The
+    version (``keeper_core.models.weights_version``: a file's sha256, an S3 object's ETag) pins the
+    weights under that name. Then keeper's loader loads them, as every worker will: a missing
+    file or object, a checkpoint of another architecture, an unknown or unreachable hub tag fails
+    here, before any image is decoded, not in each worker after all of them are.
+
+    Raises:
+        ModelLoadError: the base cannot load (named, with the cause).
+    """
+    from keeper_core.models import ModelSpec, load_clip, weights_version
+
+    s = ModelSpec.parse(spec)
+    if s.weights_kind == "file":
+        path = Path(s.weights.removeprefix("file://")).expanduser()
+        s = ModelSpec(s.arch, os.path.abspath(path))  # abspath: a symlink stays the name
+        spec = str(s)
+    if s.is_random:
+        return spec, None
+    # Before the load: a file replaced in between fails the workers' check, never passes unseen.
+    version = weights_version(s)
+    load_clip(s, "cpu")
+    return spec, version
+
+
 def plan(cfg: FinetuneConfig) -> Plan:
-    """Read and split the manifest; check the tuning against the tower (no weights loaded).
+    """Read and split the manifest; check the tuning against the tower, then the base weights.
 
     Raises:
         ConfigError: a LoRA target or block count the tower does not have (named).
         DataError: a bad manifest or an empty split.
+        ModelLoadError: the base weights cannot load (``pin_base``).
         StorageError: the manifest cannot be read (checked before the tower is built).
     """
     from keeper_core.models import ModelSpec, load_clip, preprocess_config
@@ -224,11 +258,17 @@ def plan(cfg: FinetuneConfig) -> Plan:
     tower = cfg.tower_config()
     # The cheap check first: a manifest that is not there fails before the tower is built.
     manifest_bytes = storage.read_bytes(cfg.series)
-    # The structure check builds the architecture with random weights: nothing is downloaded.
+    # The structure check builds the architecture with random weights: a bad target fails
+    # before any weights are read or downloaded.
     arch = ModelSpec.parse(cfg.model).arch
     probe = load_clip(f"{arch}:random", "cpu").model.visual
     assert isinstance(probe, torch.nn.Module)
     apply_tuning(probe, tower)
+    del probe
+    spec, version = pin_base(cfg.model)
+    tower = TowerConfig.model_validate(
+        {**tower.model_dump(), "base_spec": spec, "base_weights": version}
+    )
     manifest = read_series_manifest(cfg.series)
     df = assign_split(
         manifest, by=cfg.split_by, fractions=cfg.split_fractions, seed=cfg.seed,
@@ -536,6 +576,73 @@ def optimizer_step(opt: torch.optim.Optimizer, sched: Any) -> float:
     return lr
 
 
+def epoch_rng(seed: int, epoch: int, rank: int) -> np.random.Generator:
+    """Seed one epoch's randomness on one worker from (seed, epoch, rank) alone: torch's
+    generators (dropout in the head and the LoRA adapters) are reseeded, and the numpy generator
+    of the augmentation is returned.
+
+    A checkpoint keeps no generator state, and the restarted worker's build reseeds torch with
+    ``seed``: without this, a resumed run would replay epoch 0's dropout masks, and train
+    otherwise than an uninterrupted one.
+    """
+    torch.manual_seed(
+        int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
+    )
+    return np.random.default_rng([seed, epoch, rank])
+
+
+@dataclass
+class EpochRun:
+    """What one epoch of training did on one worker."""
+
+    loss_sum: float = 0.0  # series-softmax loss summed over the series
+    series: int = 0
+    images: int = 0
+    wait_s: float = 0.0  # waiting for batches (and unpacking them)
+    lr_head: float = 0.0  # the head's lr of the epoch's last update
+
+
+def train_epoch(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, sched: Any,
+    batches: Iterable[dict[str, np.ndarray]], *, seed: int, epoch: int, rank: int, steps: int,
+    grad_accum: int, image_size: int, max_shift: int, flip: bool, device: torch.device,
+    autocast: Any,
+) -> EpochRun:  # fmt: skip
+    """One epoch over this worker's ``batches`` of series rows: forward and backward of each, an
+    optimizer and scheduler step at the end of every accumulation window.
+
+    Its randomness (augmentation, dropout) comes from ``epoch_rng(seed, epoch, rank)`` alone.
+
+    Raises:
+        DataError: the shard held another number of batches than ``steps`` (unequal shards).
+    """
+    rng = epoch_rng(seed, epoch, rank)
+    model.train()
+    out = EpochRun(lr_head=float(opt.param_groups[-1]["lr"]))
+    seen = 0
+    t_wait = time.perf_counter()
+    for i, batch in enumerate(batches):
+        pixels, mask, best, quality = unpack(
+            batch, image_size, rng=rng, max_shift=max_shift, flip=flip
+        )
+        out.wait_s += time.perf_counter() - t_wait
+        last, window = accumulation_window(i, steps, grad_accum)
+        loss = backward_batch(
+            model, pixels.to(device), mask.to(device), best.to(device), quality.to(device),
+            sync=last, scale=1.0 / window, autocast=autocast,
+        )  # fmt: skip
+        if last:
+            out.lr_head = optimizer_step(opt, sched)
+        out.loss_sum += float(loss) * len(best)
+        out.series += len(best)
+        out.images += len(pixels)
+        seen += 1
+        t_wait = time.perf_counter()
+    if seen != steps:
+        raise DataError(f"worker {rank} made {seen} steps, expected {steps}: unequal shards")
+    return out
+
+
 def _flat(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {f"{kind}/{k}": v for kind, part in state.items() for k, v in part.items()}
 
@@ -620,11 +727,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start, config["epochs"]):
         raytrain.maybe_fail(config, epoch, rank)
-        model.train()
         t_epoch = time.perf_counter()
-        wait, n_images, loss_sum, n_series, seen = 0.0, 0, 0.0, 0, 0
-        lr_head = float(opt.param_groups[-1]["lr"])  # the head's lr of this epoch's last update
-        rng = np.random.default_rng([config["seed"], epoch, rank])
         batches = train_it.iter_batches(
             batch_size=config["batch_size"],
             batch_format="numpy",
@@ -632,28 +735,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=4 * config["batch_size"],
             local_shuffle_seed=config["seed"] * 100_003 + epoch * 1_009 + rank,
         )
-        t_wait = time.perf_counter()
-        for i, batch in enumerate(batches):
-            pixels, mask, best, quality = unpack(
-                batch, image_size, rng=rng, max_shift=shift, flip=config["flip"]
-            )
-            wait += time.perf_counter() - t_wait
-            last, window = accumulation_window(i, steps, config["grad_accum"])
-            loss = backward_batch(
-                ddp, pixels.to(device), mask.to(device), best.to(device), quality.to(device),
-                sync=last, scale=1.0 / window, autocast=autocast,
-            )  # fmt: skip
-            if last:
-                lr_head = optimizer_step(opt, sched)
-            loss_sum += float(loss) * len(best)
-            n_series += len(best)
-            n_images += len(pixels)
-            seen += 1
-            t_wait = time.perf_counter()
-        if seen != steps:
-            raise DataError(f"worker {rank} made {seen} steps, expected {steps}: unequal shards")
+        ep = train_epoch(
+            ddp, opt, sched, batches, seed=config["seed"], epoch=epoch, rank=rank, steps=steps,
+            grad_accum=config["grad_accum"], image_size=image_size, max_shift=shift,
+            flip=config["flip"], device=device, autocast=autocast,
+        )  # fmt: skip
         seconds = time.perf_counter() - t_epoch
-        train_loss = raytrain.mean_over_workers(loss_sum / max(n_series, 1), world, device)
+        train_loss = raytrain.mean_over_workers(ep.loss_sum / max(ep.series, 1), world, device)
         val = _evaluate(model, val_it, image_size, device, autocast)
         if val.top1 > best_top1:
             best_top1, best_epoch, stale = val.top1, epoch, 0
@@ -667,9 +755,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "val_mrr": val.mrr,
             "best_val_top1": best_top1,
             "best_epoch": best_epoch,
-            "lr_head": lr_head,
-            "images_per_s": world * n_images / seconds,
-            "data_wait_share": wait / seconds,
+            "lr_head": ep.lr_head,
+            "images_per_s": world * ep.images / seconds,
+            "data_wait_share": ep.wait_s / seconds,
             "seconds": seconds,
             "peak_memory_mb": peak_memory_mb(device),
             "trainable_params": trainable,
@@ -761,11 +849,50 @@ def fit(
         ),
     )
     t = time.perf_counter()
-    with raytrain.controller_poll(cfg.report_poll_s):
-        result = trainer.fit()
+    try:
+        with raytrain.controller_poll(cfg.report_poll_s):
+            result = trainer.fit()
+    except Exception as e:  # Ray Train's TrainingFailedError, once max_failures are spent
+        cause = worker_error(e)
+        if cause is None:
+            raise
+        raise cause from e  # the CLI's one error line, not Ray's traceback of every worker
     if result.checkpoint is None:
         raise KeeperError(f"training produced no checkpoint: {result.error}")
     return result, time.perf_counter() - t
+
+
+def worker_error(e: BaseException) -> KeeperError | None:
+    """The KeeperError a Ray Train worker raised, out of what ``trainer.fit()`` raised; None if
+    there is none (a crash, a bug: Ray's own error says more).
+
+    Ray Train v2 raises ``WorkerGroupError``, whose ``worker_failures`` maps each failed rank to
+    its exception (sent back whole: KeeperErrors pickle); a ``ControllerError`` keeps its own in
+    ``controller_failure``, a ``RayTaskError`` in ``cause`` (``remote_cause``). Searched breadth
+    first, rank 0 first, through ``__cause__`` and ``__context__`` too.
+    """
+    seen: set[int] = set()
+    todo: deque[object] = deque([e])
+    while todo:
+        x = todo.popleft()
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        # A RayTaskError(ModelLoadError) is a KeeperError too, whose str() is a remote traceback.
+        x = remote_cause(x)
+        if isinstance(x, KeeperError):
+            return x
+        for name in ("worker_failures", "controller_failure"):
+            try:
+                inner = getattr(x, name, None)
+            except Exception:  # a wrapper's __getattr__ may itself fail
+                continue
+            if isinstance(inner, dict):  # worker_failures: rank -> exception
+                todo.extend(inner[rank] for rank in sorted(inner))
+            else:
+                todo.append(inner)
+        todo.extend((x.__cause__, x.__context__))
+    return None
 
 
 def test_metrics(ranker: Any, ds: Any, image_size: int) -> dict[str, SeriesMetrics]:
@@ -879,7 +1006,7 @@ def run(cfg: FinetuneConfig) -> FinetuneSummary:
             run_name=run_name,
             tracking_uri=uri,
             method=cfg.method,
-            base_spec=cfg.model,
+            base_spec=p.tower.base_spec,
             tower_id=recorded["tower_id"],
             images=prepared.images,
             series={**prepared.counts, "dropped": prepared.dropped_series},
