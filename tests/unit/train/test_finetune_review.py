@@ -137,20 +137,20 @@ def test_worker_error_finds_the_workers_keeper_error() -> None:
     from ray.train import ControllerError
 
     err = ModelLoadError("keeper-tiny:/x.safetensors", "checkpoint file not found: /x.safetensors")
-    found = finetune.worker_error(_worker_group_error({1: RuntimeError("peer"), 0: err}))
+    found = raytrain.worker_error(_worker_group_error({1: RuntimeError("peer"), 0: err}))
     assert isinstance(found, ModelLoadError)
     assert str(found) == str(err)
     nested = ControllerError(RuntimeError("controller"))
     nested.__cause__ = _worker_group_error({0: DataError("bad shard")})
-    assert isinstance(finetune.worker_error(nested), DataError)
+    assert isinstance(raytrain.worker_error(nested), DataError)
     # A RayTaskError(ModelLoadError) is a KeeperError too, but its str() is a remote traceback.
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
 
     wrapped = RayTaskError("f", "Traceback (most recent call last): ...", err).as_instanceof_cause()
-    assert type(finetune.worker_error(WorkerGroupError("", {0: wrapped}))) is ModelLoadError
+    assert type(raytrain.worker_error(WorkerGroupError("", {0: wrapped}))) is ModelLoadError
     # A crash or a bug has no KeeperError in it: Ray's own error stands.
-    assert finetune.worker_error(_worker_group_error({0: RuntimeError("boom")})) is None
+    assert raytrain.worker_error(_worker_group_error({0: RuntimeError("boom")})) is None
 
 
 def test_fit_raises_the_workers_keeper_error(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ import torch
 from pydantic import BaseModel, Field, field_validator
 
 from keeper_core import storage
+from keeper_core.errors import KeeperError, remote_cause
 from keeper_train.cluster import custom_resources
 
 HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -151,3 +153,50 @@ def worker_nodes(world: int) -> list[str]:
     out: list[Any] = [None] * world
     torch.distributed.all_gather_object(out, node)
     return [str(n) for n in out]
+
+
+def worker_error(e: BaseException) -> KeeperError | None:
+    """The KeeperError a Ray Train worker raised, out of what ``trainer.fit()`` raised; None if
+    there is none (a crash, a bug: Ray's own error says more).
+
+    Ray Train v2 raises ``WorkerGroupError``, whose ``worker_failures`` maps each failed rank to
+    its exception (sent back whole: KeeperErrors pickle); a ``ControllerError`` keeps its own in
+    ``controller_failure``, a ``RayTaskError`` in ``cause`` (``remote_cause``). Searched breadth
+    first, rank 0 first, through ``__cause__`` and ``__context__`` too.
+    """
+    seen: set[int] = set()
+    todo: deque[object] = deque([e])
+    while todo:
+        x = todo.popleft()
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        # A RayTaskError(ModelLoadError) is a KeeperError too, whose str() is a remote traceback.
+        x = remote_cause(x)
+        if isinstance(x, KeeperError):
+            return x
+        for name in ("worker_failures", "controller_failure"):
+            try:
+                inner = getattr(x, name, None)
+            except Exception:  # a wrapper's __getattr__ may itself fail
+                continue
+            if isinstance(inner, dict):  # worker_failures: rank -> exception
+                todo.extend(inner[rank] for rank in sorted(inner))
+            else:
+                todo.append(inner)
+        todo.extend((x.__cause__, x.__context__))
+    return None
+
+
+def fit(trainer: Any, poll_s: float) -> Any:
+    """``trainer.fit()`` under :func:`controller_poll`; a KeeperError a worker raised (a base
+    that cannot load, unequal shards) is raised as itself (:func:`worker_error`), so the CLI
+    prints its one line and exits 2, not Ray's traceback of every worker."""
+    try:
+        with controller_poll(poll_s):
+            return trainer.fit()
+    except Exception as e:  # Ray Train's TrainingFailedError, once max_failures are spent
+        cause = worker_error(e)
+        if cause is None:
+            raise
+        raise cause from e

@@ -44,7 +44,6 @@ import resource
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +56,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from keeper_core import registry, storage
-from keeper_core.errors import DataError, KeeperError, remote_cause
+from keeper_core.errors import DataError, KeeperError
 from keeper_core.heads import HeadConfig, series_softmax_loss
 from keeper_core.metrics import SeriesMetrics, format_table, series_metrics
 from keeper_core.quality import FEATURE_NAMES
@@ -849,50 +848,10 @@ def fit(
         ),
     )
     t = time.perf_counter()
-    try:
-        with raytrain.controller_poll(cfg.report_poll_s):
-            result = trainer.fit()
-    except Exception as e:  # Ray Train's TrainingFailedError, once max_failures are spent
-        cause = worker_error(e)
-        if cause is None:
-            raise
-        raise cause from e  # the CLI's one error line, not Ray's traceback of every worker
+    result = raytrain.fit(trainer, cfg.report_poll_s)
     if result.checkpoint is None:
         raise KeeperError(f"training produced no checkpoint: {result.error}")
     return result, time.perf_counter() - t
-
-
-def worker_error(e: BaseException) -> KeeperError | None:
-    """The KeeperError a Ray Train worker raised, out of what ``trainer.fit()`` raised; None if
-    there is none (a crash, a bug: Ray's own error says more).
-
-    Ray Train v2 raises ``WorkerGroupError``, whose ``worker_failures`` maps each failed rank to
-    its exception (sent back whole: KeeperErrors pickle); a ``ControllerError`` keeps its own in
-    ``controller_failure``, a ``RayTaskError`` in ``cause`` (``remote_cause``). Searched breadth
-    first, rank 0 first, through ``__cause__`` and ``__context__`` too.
-    """
-    seen: set[int] = set()
-    todo: deque[object] = deque([e])
-    while todo:
-        x = todo.popleft()
-        if not isinstance(x, BaseException) or id(x) in seen:
-            continue
-        seen.add(id(x))
-        # A RayTaskError(ModelLoadError) is a KeeperError too, whose str() is a remote traceback.
-        x = remote_cause(x)
-        if isinstance(x, KeeperError):
-            return x
-        for name in ("worker_failures", "controller_failure"):
-            try:
-                inner = getattr(x, name, None)
-            except Exception:  # a wrapper's __getattr__ may itself fail
-                continue
-            if isinstance(inner, dict):  # worker_failures: rank -> exception
-                todo.extend(inner[rank] for rank in sorted(inner))
-            else:
-                todo.append(inner)
-        todo.extend((x.__cause__, x.__context__))
-    return None
 
 
 def test_metrics(ranker: Any, ds: Any, image_size: int) -> dict[str, SeriesMetrics]:

@@ -493,8 +493,7 @@ def fit(
         ),
     )
     t_fit = time.perf_counter()
-    with raytrain.controller_poll(cfg.report_poll_s):
-        result = trainer.fit()
+    result = raytrain.fit(trainer, cfg.report_poll_s)
     fit_s = time.perf_counter() - t_fit
     if result.checkpoint is None:
         raise KeeperError(f"training produced no checkpoint: {result.error}")
