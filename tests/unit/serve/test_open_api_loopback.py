@@ -149,7 +149,7 @@ def test_open_api_refuses_every_other_client(build: Callable[..., Front], client
         ("LOCALHOST.", None, True),
         ("[::1]:8000", "http://[::1]:8000", True),
         ("app.localhost:8000", None, True),
-        ("127.0.0.1:8000", "null", True),  # a file:// page or a sandboxed frame of this machine
+        ("127.0.0.1:8000", "null", False),  # a sandboxed frame of any page: a cross-site post
         # DNS rebinding: a page on the attacker's name, once it resolves to 127.0.0.1, sends
         # its requests from the developer's own browser, on loopback (they were answered).
         ("rebind.attacker.example:8000", "http://rebind.attacker.example:8000", False),

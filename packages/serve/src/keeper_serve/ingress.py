@@ -262,8 +262,8 @@ def local_request(request: Request) -> bool:
     host = request.headers.get("host")  # none: no browser's request (HTTP/1.0 from a script)
     if host is not None and not loopback_name(host):
         return False
-    origin = request.headers.get("origin")
-    return origin is None or origin == "null" or loopback_name(origin)
+    origin = request.headers.get("origin")  # "null": a sandboxed frame of any page, refused
+    return origin is None or loopback_name(origin)
 
 
 def open_to_whom(haproxy: bool, http_host: Callable[[], str | None]) -> OpenTo:
