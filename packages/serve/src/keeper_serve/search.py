@@ -32,7 +32,7 @@ from ray import serve
 
 from keeper_core import storage
 from keeper_core.corpus import EMBEDDINGS, embedding_matrix
-from keeper_core.errors import ConfigError, DataError, StorageError
+from keeper_core.errors import ConfigError, DataError, ModelLoadError, StorageError
 from keeper_core.models import check_table
 from keeper_core.vector_index import META_FILE, VectorIndex
 from keeper_serve.api import SEARCH_FEATURES, SearchFilters, short_id
@@ -161,8 +161,10 @@ def load_snapshot(args: SearchArgs, clip_model: str) -> Snapshot:
     columns = ["image_id", "image_uri", "embedding", "model_spec", *SEARCH_FEATURES]
     try:
         table = storage.read_parquet(folder, columns=list(dict.fromkeys(columns)))
-    except StorageError as e:
-        raise DataError(f"no embedding table here: {e.cause}", source=table_uri) from e
+    except StorageError as e:  # a save in progress, a timeout: tried again at the next poll
+        raise StorageError(
+            table_uri, f"no embedding table here: {e.cause}", retryable=e.retryable
+        ) from e
     specs = set(pc.unique(table.column("model_spec")).to_pylist()) - {clip_model}
     if specs:
         raise DataError(
@@ -204,7 +206,11 @@ class SearchIndex:
 
     def _follow(self) -> None:
         while not self._stop.wait(self.args.poll_s):
-            self.refresh()
+            try:
+                self.refresh()
+            except Exception as e:  # a bug, or memory: the poller must outlive it, and say so
+                self._last_error = f"{type(e).__name__}: {e}"
+                log.exception("search index %s: poll failed", self.args.index)
 
     def refresh(self) -> bool:
         """Load the index again when its ``index.json`` changed; True when it was swapped in."""
@@ -214,10 +220,11 @@ class SearchIndex:
             if version in (self._snap.version, self._refused):
                 return False
             new = load_snapshot(self.args, self.clip_model)
-        except (StorageError, DataError, ConfigError) as e:
-            # Serving the older index beats serving none. A file missing is a save in progress
-            # (tried again next poll); a version refused for its content is not loaded again.
-            if not isinstance(e, StorageError):
+        except (StorageError, ModelLoadError, DataError, ConfigError) as e:
+            # Serving the older index beats serving none. A file missing is a save in progress,
+            # a checkpoint that cannot be reached now a passing fault (both tried again next
+            # poll); a version refused for its content is not loaded again.
+            if not isinstance(e, StorageError | ModelLoadError):
                 self._refused = version
             self._last_error = f"{type(e).__name__}: {e}"
             log.error("search index %s: keeping the loaded one: %s", self.args.index, e)
