@@ -478,6 +478,7 @@ def write_pick_run(
         "clip_model": "keeper-tiny:random",
         "random_weights": True,
         "finished": finished,
+        "picks_sha256": hashlib.sha256((folder / "picks.parquet").read_bytes()).hexdigest(),
     }
     (folder / "_SUMMARY.json").write_text(json.dumps(summary))
     return ids

@@ -7,6 +7,7 @@ tests/integration/test_review_ui.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def test_groups_keep_first_appearance_order_and_row_order_inside(tmp_path: Path)
     t = t.take(pa.array(order))
     t = t.set_column(0, "group_id", pa.array(["gb", "ga", "gb", "ga"]))
     pq.write_table(t, tmp_path / "run" / "picks.parquet")
+    summary = json.loads((tmp_path / "run" / "_SUMMARY.json").read_text())
+    digest = hashlib.sha256((tmp_path / "run" / "picks.parquet").read_bytes()).hexdigest()
+    (tmp_path / "run" / "_SUMMARY.json").write_text(json.dumps({**summary, "picks_sha256": digest}))
     run = read_run("x", str(tmp_path / "run"))
     groups = run.page(0, 10)["groups"]
     assert [g["group_id"] for g in groups] == ["gb", "ga"]
@@ -95,6 +99,26 @@ def test_a_thumbnail_that_is_a_link_is_not_served(tmp_path: Path) -> None:
     assert run.thumbnail_uri(ids[0]).endswith(thumbnail_name(ids[0]))
     with pytest.raises(UnknownImage, match="is a link"):
         run.thumbnail_uri(ids[1])
+
+
+def test_a_run_being_written_again_is_not_read_until_its_summary_lands(tmp_path: Path) -> None:
+    # keeper pick writes picks.parquet first and its summary last: a replica reading in between
+    # paired the old run's request id and ranker with the new run's rows.
+    import shutil
+
+    run = tmp_path / "run"
+    write_run(run, [3, 2], finished="2026-12-01T10:00:00Z")
+    old = ReviewRuns(ReviewArgs(runs={"r": str(run)}, check_s=0))
+    first = old.get("r")
+    write_run(tmp_path / "next", [2, 2, 2, 2], finished="2026-12-02T10:00:00Z")
+    shutil.copy(tmp_path / "next" / "picks.parquet", run / "picks.parquet")
+    new = ReviewRuns(ReviewArgs(runs={"r": str(run)}, check_s=0))  # a replica started now
+    with pytest.raises(RunUnusable, match="keeper pick is writing it"):
+        new.get("r")
+    assert old.get("r") is first  # a replica that read it before serves what it read
+    shutil.copy(tmp_path / "next" / "_SUMMARY.json", run / "_SUMMARY.json")  # the run finishes
+    assert len(new.get("r").groups) == 4
+    assert new.get("r").request_id != first.request_id
 
 
 def test_offer_rows_fit_the_offers_schema(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ This module holds no Ray: the ingress calls it on worker threads (it reads stora
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -28,6 +29,7 @@ from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from keeper_core import storage
 from keeper_core.contact_sheet import thumbnail_name
@@ -226,8 +228,17 @@ def read_run(name: str, folder: str) -> ReviewRun:
             f"{SUMMARY} says the run did not finish (status {summary.get('status')!r})"
         )
     try:
-        table = storage.read_parquet(storage.join(folder, PICKS))
+        data = storage.read_bytes(storage.join(folder, PICKS))
     except StorageError as e:
+        raise RunUnusable(f"{PICKS} unreadable: {e}") from e
+    recorded = summary.get("picks_sha256")
+    if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+        # A re-run writes picks.parquet first and its summary last: until then these rows are
+        # not the run the summary names (its request id, its ranker).
+        raise RunUnusable(f"{PICKS} is not the one {SUMMARY} describes: keeper pick is writing it")
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
         raise RunUnusable(f"{PICKS} unreadable: {e}") from e
     missing = [c for c in _COLUMNS if c not in table.column_names]
     if missing:

@@ -781,6 +781,9 @@ class PickSummary(BaseModel):
     xmp: str | None = None
     xmp_naming: str | None = None
     xmp_root: str | None = None
+    #: sha256 of the picks.parquet this summary describes: a reader that finds another one (a
+    #: re-run rewriting the folder: picks.parquet first, this summary last) reads none of them
+    picks_sha256: str | None = None
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=2).encode()
@@ -1234,6 +1237,7 @@ def _run(cfg: PickJobConfig) -> PickSummary:
         warnings=[f"{lib.lost} input(s) neither picked nor failed"] if lib.lost else [],
     )
     paths, out_seconds, sidecars, exported = write_outputs(cfg, lib, result, sheet)
+    picks_sha256 = hashlib.sha256(storage.read_bytes(paths["picks_parquet"])).hexdigest()
     counts["sidecars_failed"] = len(sidecars.failed)
     seconds.update(out_seconds)
     seconds["total"] = time.perf_counter() - t_start
@@ -1259,6 +1263,7 @@ def _run(cfg: PickJobConfig) -> PickSummary:
         xmp=cfg.xmp,
         xmp_naming=cfg.xmp_naming,
         xmp_root=cfg.input_root(lib.inputs) if cfg.xmp == "mirror" else None,
+        picks_sha256=picks_sha256,
     )
     storage.write_bytes(storage.join(cfg.out, SUMMARY), summary.to_json())
     return summary
