@@ -112,6 +112,43 @@ def test_serving_a_new_replica_under_a_pinned_user_config_never_answers_with_the
     assert (after["version"], after["alias"]) == (v2, "champion")
 
 
+def test_serving_a_new_replica_whose_pinned_version_fails_answers_nothing_until_it_loads(
+    reg: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pinned version's download failed once: the replica answered with the args' @champion
+    # (the bad version a rollback pins away from) for at least the 30 s backoff.
+    from keeper_core import registry
+    from keeper_core.errors import StorageError
+
+    v1, v2 = reg.version(), reg.version()
+    reg.alias("champion", v2)
+    real = registry.download_ranker
+    left = [1]
+
+    def flaky(client: Any, ref: Any, d: Any) -> Any:
+        if ref.version == v1 and left[0]:
+            left[0] -= 1
+            raise StorageError(ref.load_uri, "connection reset while downloading", retryable=True)
+        return real(client, ref, d)
+
+    monkeypatch.setattr(registry, "download_ranker", flaky)
+
+    async def go() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        obj = start(reg, f"models:/{NAME}@champion")
+        await obj.reconfigure({"model_uri": f"models:/{NAME}/{v1}"})
+        first = await obj.rank(np.zeros((2, DIM), np.float32), None, [2])
+        info = await obj.info()
+        await obj._refresh()  # the next poll: tried at once, no backoff
+        after = await answer(obj)
+        obj._poller.cancel()
+        return first, info, after
+
+    first, info, after = asyncio.run(go())
+    assert "connection reset" in first["unavailable"]  # the ingress answers 503
+    assert (info["uri"], info["status"]) == (f"models:/{NAME}/{v1}", "unavailable")
+    assert after["version"] == v1
+
+
 def test_serving_answers_name_the_followed_uri_after_pinning_the_same_version(
     reg: Registry,
 ) -> None:

@@ -379,7 +379,8 @@ class SeriesRanker:
         background while the current version keeps answering (Serve routes no requests to a
         replica while its reconfigure runs). The first call, which Serve makes before a new
         replica takes any request, loads it before returning instead: a replica started under a
-        pinned ``model_uri`` never answers with the version its constructor's ``args`` named.
+        pinned ``model_uri`` never answers with the version its constructor's ``args`` named
+        (where the pinned one does not load, it answers 503 until a poll loads it).
         """
         unknown = set(user_config) - {"model_uri", "poll_s"}
         if unknown:
@@ -398,6 +399,12 @@ class SeriesRanker:
             self._failed = None  # a new URI: whatever it names is tried at once
             if starting:
                 await self._refresh()
+                if self.error is not None and self.model_uri is not None:
+                    # The pinned version did not load: answering with the constructor's (the
+                    # version it was pinned away from, a rollback's bad champion) is what the
+                    # pin is there to prevent. Nothing answers (503) until the next poll loads
+                    # it, tried then without a backoff.
+                    self.current, self._failed = None, None
             else:
                 self._background.add(asyncio.get_running_loop().create_task(self._refresh()))
                 self._background = {t for t in self._background if not t.done()}
