@@ -570,12 +570,12 @@ def _transformers(source: str) -> Any:
 
 @contextlib.contextmanager
 def _small_files(
-    source: str, cache_dir: str | Path | None, wanted: Callable[[str], bool]
+    source: str, cache_dir: str | Path | None, wanted: Callable[[str], bool] | tuple[str, ...]
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """Where transformers reads ``source``'s small files (config, processor) from, with its
     keyword arguments: a local folder as it is, a hub id through keeper's cache, and of an
-    ``s3://`` prefix the files ``wanted`` (by key under the prefix) copied into a temporary
-    folder, for as long as the block runs."""
+    ``s3://`` prefix the files ``wanted`` copied into a temporary folder, for as long as the block
+    runs: by name (one GET each, no listing), or those whose key under the prefix it accepts."""
     kind = source_kind(source)
     extra: dict[str, Any] = {}
     if kind == "hub" and cache_dir is not None:
@@ -586,12 +586,15 @@ def _small_files(
             where = str(_local_path(source))
         elif kind == "s3":
             base = source.rstrip("/")
-            for uri in storage.list_files(base):
-                rel = _relative_key(source, base, uri)
-                if wanted(rel):
-                    target = Path(tmp) / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(storage.read_bytes(uri))
+            if isinstance(wanted, tuple):
+                named = [(name, storage.join(base, name)) for name in wanted]
+            else:
+                keys = ((_relative_key(source, base, u), u) for u in storage.list_files(base))
+                named = [(rel, uri) for rel, uri in keys if wanted(rel)]
+            for rel, uri in named:
+                target = Path(tmp) / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(storage.read_bytes(uri))
             where = tmp
         yield where, extra
 
@@ -607,7 +610,7 @@ def parameter_count(source: str, *, cache_dir: str | Path | None = None) -> int:
     source = source.strip()
     transformers = _transformers(source)
     try:
-        with _small_files(source, cache_dir, lambda rel: rel == "config.json") as (where, extra):
+        with _small_files(source, cache_dir, ("config.json",)) as (where, extra):
             config = transformers.AutoConfig.from_pretrained(where, **extra)
             with torch.device("meta"):
                 model = transformers.AutoModelForImageTextToText.from_config(config)
