@@ -400,24 +400,27 @@ def version_ab(
     Raises:
         DataError: offers with an arm other than champion or challenger.
     """
-    route = offers.column("route")
-    live = pc.invert(pc.fill_null(pc.is_in(route, value_set=pa.array([REVIEW, SELECT])), False))
-    arm = pc.fill_null(offers.column("arm"), "champion")
-    model = offers.column("model")
-    in_chall = pc.and_(live, pc.equal(arm, "challenger"))
-    served = sorted(str(m) for m in pc.unique(pc.filter(model, in_chall)).to_pylist())
-    mine = pc.fill_null(pc.and_(in_chall, pc.equal(model, challenger)), False)
-    theirs = pc.and_(live, pc.equal(arm, "champion"))
-    if champion is not None:
-        theirs = pc.and_(theirs, pc.equal(model, champion))
-    theirs = pc.fill_null(theirs, False)
-    ts = offers.column("received_at")
-    starts = [pc.min(pc.filter(ts, m)).as_py() for m in (mine, theirs)]
-    since = None if None in starts else max(starts)
-    keep = pc.or_(mine, theirs)
-    if since is not None:
-        keep = pc.and_(keep, pc.greater_equal(ts, pa.scalar(since, ts.type)))
-    chosen, about = window(offers.filter(keep), events, None)
+    # Each row's arm as every figure counts it (review and select answers are in no arm).
+    arms = [
+        arm_of(r, a)
+        for r, a in zip(
+            offers.column("route").to_pylist(), offers.column("arm").to_pylist(), strict=True
+        )
+    ]
+    models = offers.column("model").to_pylist()
+    times = offers.column("received_at").to_pylist()
+    rows = list(zip(arms, models, times, strict=True))
+    served = sorted({str(m) for a, m, _ in rows if a == "challenger"})
+    mine = [a == "challenger" and m == challenger for a, m, _ in rows]
+    theirs = [a == "champion" and (champion is None or m == champion) for a, m, _ in rows]
+    starts = [min((t for t, k in zip(times, side, strict=True) if k), default=None)
+              for side in (mine, theirs)]  # fmt: skip
+    since = None if starts[0] is None or starts[1] is None else max(starts[0], starts[1])
+    keep = [
+        (x or y) and (since is None or t >= since)
+        for x, y, t in zip(mine, theirs, times, strict=True)
+    ]
+    chosen, about = window(offers.filter(pa.array(keep, pa.bool_())), events, None)
     return VersionAB(ab_report(chosen, about, confidence), challenger, champion, since, served)
 
 
